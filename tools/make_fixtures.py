@@ -137,8 +137,10 @@ def main():
         model = model.to(case["dtype"])
         kw = {"max_shard_size": case["shard"]} if case["shard"] else {}
         model.save_pretrained(folder, **kw)
-        # Reference in fp32 from exactly the stored (possibly bf16-rounded) weights.
-        model = model.float()
+        # The reference is Transformers reading the saved folder in fp32 (so bf16-stored weights are
+        # widened exactly, and RoPE tables are computed in fp32 as from_pretrained does).
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                  attn_implementation="eager")
         model.eval()
         ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=gen)
         labels = ids.clone()

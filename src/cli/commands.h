@@ -1,0 +1,11 @@
+#pragma once
+#include <string>
+#include <vector>
+
+namespace moeforge::cli {
+
+int cmd_inspect(const std::vector<std::string>& args);
+int cmd_eval(const std::vector<std::string>& args);
+int cmd_convert(const std::vector<std::string>& args);
+
+}  // namespace moeforge::cli

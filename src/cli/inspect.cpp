@@ -1,0 +1,159 @@
+// moeforge inspect: what a model folder (or a bare config.json) holds and what training it costs.
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <variant>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "hf/safetensors.h"
+#include "models/registry.h"
+
+namespace moeforge::cli {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string human(double n, const char* unit = "") {
+  char buf[64];
+  if (n >= 1e12) std::snprintf(buf, sizeof buf, "%.2fT%s", n / 1e12, unit);
+  else if (n >= 1e9) std::snprintf(buf, sizeof buf, "%.2fB%s", n / 1e9, unit);
+  else if (n >= 1e6) std::snprintf(buf, sizeof buf, "%.2fM%s", n / 1e6, unit);
+  else if (n >= 1e3) std::snprintf(buf, sizeof buf, "%.2fK%s", n / 1e3, unit);
+  else std::snprintf(buf, sizeof buf, "%.0f%s", n, unit);
+  return buf;
+}
+
+std::string gib(double bytes) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f GiB", bytes / (1024.0 * 1024 * 1024));
+  return buf;
+}
+
+// Bytes per parameter for weights + gradients + AdamW state under each precision policy.
+struct Policy {
+  const char* name;
+  int bytes_per_param;
+  const char* what;
+};
+constexpr Policy kPolicies[] = {
+    {"fp32", 16, "fp32 weights 4 + grads 4 + AdamW moments 8"},
+    {"bf16-mixed", 16, "bf16 weights 2 + bf16 grads 2 + fp32 master 4 + fp32 moments 8"},
+    {"bf16", 8, "bf16 weights 2 + grads 2 + moments 4"},
+};
+
+}  // namespace
+
+int cmd_inspect(const std::vector<std::string>& argv) {
+  Args args(argv, {}, {"--json"});
+  MF_CHECK(args.positionals().size() == 1, "inspect takes one MODEL_DIR or CONFIG.json");
+  const std::string path = args.positionals()[0];
+  MF_CHECK(fs::exists(path), path, ": no such file or folder");
+  const hf::ModelConfig cfg = hf::load_config(path);
+  auto model = models::build_model(cfg);
+  const int64_t total = model->params().numel(), active = model->active_parameters();
+  int64_t moe_layers = 0;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) moe_layers += cfg.is_moe_layer(l);
+
+  nlohmann::ordered_json j;
+  j["path"] = path;
+  j["model_type"] = cfg.model_type;
+  if (cfg.raw.contains("architectures")) j["architectures"] = cfg.raw["architectures"];
+  j["layers"] = cfg.num_hidden_layers;
+  j["moe_layers"] = moe_layers;
+  j["hidden_size"] = cfg.hidden_size;
+  j["attention"] = {{"heads", cfg.num_attention_heads}, {"kv_heads", cfg.num_key_value_heads},
+                    {"head_dim", cfg.head_dim}, {"rope", cfg.rope.type}, {"rope_theta", cfg.rope.theta}};
+  if (cfg.sliding_window) j["attention"]["sliding_window"] = *cfg.sliding_window;
+  j["experts"] = {{"count", cfg.num_experts}, {"top_k", cfg.num_experts_per_tok},
+                  {"intermediate_size", cfg.moe_intermediate_size}, {"norm_topk_prob", cfg.norm_topk_prob}};
+  j["vocab_size"] = cfg.vocab_size;
+  j["tie_word_embeddings"] = cfg.tie_word_embeddings;
+  j["parameters"] = {{"total", total}, {"active", active}};
+
+  // Tensors: compare the checkpoint's headers with what the config implies (no weights are read).
+  const fs::path dir = fs::is_directory(path) ? fs::path(path) : fs::path(path).parent_path();
+  nlohmann::ordered_json tj;
+  bool have_weights = false;
+  for (const auto& de : fs::directory_iterator(dir.empty() ? fs::path(".") : dir))
+    if (de.path().extension() == ".safetensors") have_weights = true;
+  if (have_weights && fs::is_directory(path)) {
+    auto ckpt = hf::SafetensorsCheckpoint::open(dir.string());
+    std::map<std::string, Shape> expected;
+    for (auto& [n, s] : model->adapter().expected_hub_tensors(model->params())) expected[n] = s;
+    // A fused checkpoint stores the internal names for the expert groups instead.
+    for (const auto& p : model->params().all())
+      if (ckpt.contains(p.name) && !expected.count(p.name)) {
+        std::string prefix = p.name.substr(0, p.name.rfind('.') + 1);
+        for (auto it = expected.begin(); it != expected.end();)
+          it = (it->first.rfind(prefix, 0) == 0) ? expected.erase(it) : std::next(it);
+        expected[p.name] = p.shape;
+      }
+    std::vector<std::string> missing, wrong_shape, unexpected;
+    int64_t found = 0;
+    for (const auto& [n, s] : expected) {
+      if (!ckpt.contains(n)) missing.push_back(n);
+      else if (ckpt.entry(n).shape != s) wrong_shape.push_back(n + " " + shape_str(ckpt.entry(n).shape) + " != " + shape_str(s));
+      else ++found;
+    }
+    for (const auto& n : ckpt.names())
+      if (!expected.count(n) && !(cfg.tie_word_embeddings && n == "lm_head.weight")) unexpected.push_back(n);
+    std::map<std::string, int64_t> dtypes;
+    for (const auto& n : ckpt.names()) ++dtypes[std::string(dtype_name(ckpt.entry(n).dtype))];
+    tj = {{"expected", expected.size()}, {"found", found}, {"missing", missing.size()},
+          {"wrong_shape", wrong_shape.size()}, {"unexpected", unexpected.size()}, {"dtypes", dtypes}};
+    auto first = [](const std::vector<std::string>& v) {
+      return std::vector<std::string>(v.begin(), v.begin() + std::min<size_t>(v.size(), 5));
+    };
+    if (!missing.empty()) tj["missing_examples"] = first(missing);
+    if (!wrong_shape.empty()) tj["wrong_shape_examples"] = first(wrong_shape);
+    if (!unexpected.empty()) tj["unexpected_examples"] = first(unexpected);
+  } else {
+    tj = {{"expected", model->adapter().expected_hub_tensors(model->params()).size()}, {"found", 0},
+          {"note", "no safetensors weights in this folder"}};
+  }
+  j["tensors"] = tj;
+  nlohmann::ordered_json mem;
+  for (const auto& p : kPolicies)
+    mem[p.name] = {{"bytes_per_param", p.bytes_per_param}, {"bytes", static_cast<double>(total) * p.bytes_per_param}};
+  j["training_memory_excluding_activations"] = mem;
+
+  if (args.has("--json")) {
+    std::printf("%s\n", j.dump().c_str());
+    return 0;
+  }
+  std::printf("model       %s\n", path.c_str());
+  std::printf("type        %s%s\n", cfg.model_type.c_str(),
+              j.contains("architectures") ? (" (" + j["architectures"][0].get<std::string>() + ")").c_str() : "");
+  std::printf("layers      %lld (%lld MoE, %lld dense MLP)\n", (long long)cfg.num_hidden_layers, (long long)moe_layers,
+              (long long)(cfg.num_hidden_layers - moe_layers));
+  std::printf("attention   %lld q heads / %lld kv heads x %lld, RoPE %s theta %g%s\n", (long long)cfg.num_attention_heads,
+              (long long)cfg.num_key_value_heads, (long long)cfg.head_dim, cfg.rope.type.c_str(), cfg.rope.theta,
+              cfg.sliding_window ? (", sliding window " + std::to_string(*cfg.sliding_window)).c_str() : "");
+  std::printf("experts     %lld, top-%lld, %lld wide%s\n", (long long)cfg.num_experts, (long long)cfg.num_experts_per_tok,
+              (long long)cfg.moe_intermediate_size, cfg.norm_topk_prob ? ", renormalised" : "");
+  std::printf("parameters  %s total, %s active per token\n", human(static_cast<double>(total)).c_str(),
+              human(static_cast<double>(active)).c_str());
+  if (tj.contains("note")) {
+    std::printf("tensors     %lld expected; %s\n", (long long)tj["expected"].get<int64_t>(), tj["note"].get<std::string>().c_str());
+  } else {
+    std::printf("tensors     %lld expected, %lld found, %lld missing, %lld wrong shape, %lld unexpected\n",
+                (long long)tj["expected"].get<int64_t>(), (long long)tj["found"].get<int64_t>(),
+                (long long)tj["missing"].get<int64_t>(), (long long)tj["wrong_shape"].get<int64_t>(),
+                (long long)tj["unexpected"].get<int64_t>());
+    for (const char* k : {"missing_examples", "wrong_shape_examples", "unexpected_examples"})
+      if (tj.contains(k))
+        for (const auto& n : tj[k]) std::printf("              %s: %s\n", k, n.get<std::string>().c_str());
+  }
+  std::printf("training memory, weights + gradients + AdamW state (activations not included):\n");
+  for (const auto& p : kPolicies)
+    std::printf("  %-11s %2d B/param  %12s   (%s)\n", p.name, p.bytes_per_param,
+                gib(static_cast<double>(total) * p.bytes_per_param).c_str(), p.what);
+  return 0;
+}
+
+}  // namespace moeforge::cli

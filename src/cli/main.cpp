@@ -1,0 +1,46 @@
+// moeforge command line: one subcommand per job. Errors print one line and exit 1; usage errors exit 2.
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "cli/commands.h"
+#include "core/error.h"
+
+namespace {
+
+const char* kUsage =
+    "usage: moeforge <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  inspect MODEL_DIR|CONFIG.json [--json]\n"
+    "      architecture, total and active parameters, tensors found vs expected, training memory\n"
+    "  eval --model MODEL_DIR --tokens FILE.jsonl [--logits-out FILE.safetensors] [--threads N]\n"
+    "      per-line loss of {\"input_ids\": [...]} rows (optional \"labels\"), printed as one JSON object\n"
+    "  convert --model MODEL_DIR --out OUT_DIR [--max-shard-size 5GB] [--overwrite]\n"
+    "      load and save again: same tensor names, layout and dtypes; atomic\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string cmd = argv[1];
+  const std::vector<std::string> rest(argv + 2, argv + argc);
+  try {
+    if (cmd == "inspect") return moeforge::cli::cmd_inspect(rest);
+    if (cmd == "eval") return moeforge::cli::cmd_eval(rest);
+    if (cmd == "convert") return moeforge::cli::cmd_convert(rest);
+    std::fprintf(stderr, "moeforge: unknown command '%s'\n%s", cmd.c_str(), kUsage);
+    return 2;
+  } catch (const moeforge::Error& e) {
+    std::fprintf(stderr, "moeforge %s: error: %s\n", cmd.c_str(), e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moeforge %s: error: %s\n", cmd.c_str(), e.what());
+    return 1;
+  }
+}

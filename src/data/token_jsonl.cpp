@@ -1,0 +1,62 @@
+#include "data/token_jsonl.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace moeforge::data {
+
+namespace {
+std::vector<int64_t> int_list(const nlohmann::json& j, const char* field, const std::string& where) {
+  MF_CHECK(j.is_array(), where, ": field '", field, "' must be a list of integers");
+  std::vector<int64_t> v;
+  v.reserve(j.size());
+  for (const auto& x : j) {
+    MF_CHECK(x.is_number_integer(), where, ": field '", field, "' must be a list of integers, found ", x.dump());
+    v.push_back(x.get<int64_t>());
+  }
+  return v;
+}
+}  // namespace
+
+TokenRow parse_token_line(const std::string& text, const std::string& where) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    MF_THROW(where, ": invalid JSON (", e.what(), ")");
+  }
+  MF_CHECK(j.is_object(), where, ": each line must be a JSON object");
+  MF_CHECK(j.contains("input_ids"), where, ": missing field 'input_ids'");
+  TokenRow row;
+  row.input_ids = int_list(j["input_ids"], "input_ids", where);
+  MF_CHECK(!row.input_ids.empty(), where, ": field 'input_ids' is empty");
+  if (j.contains("labels") && !j["labels"].is_null()) {
+    row.labels = int_list(j["labels"], "labels", where);
+    MF_CHECK(row.labels->size() == row.input_ids.size(), where, ": field 'labels' has ", row.labels->size(),
+             " entries but 'input_ids' has ", row.input_ids.size());
+  }
+  return row;
+}
+
+std::vector<TokenRow> read_token_jsonl(const std::string& path) {
+  std::ifstream in(path);
+  MF_CHECK(in.good(), path, ": cannot open (", std::strerror(errno), ")");
+  std::vector<TokenRow> rows;
+  std::string line;
+  int64_t n = 0;
+  while (std::getline(in, line)) {
+    ++n;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    TokenRow r = parse_token_line(line, path + ":" + std::to_string(n));
+    r.line = n;
+    rows.push_back(std::move(r));
+  }
+  MF_CHECK(!rows.empty(), path, ": no rows");
+  return rows;
+}
+
+}  // namespace moeforge::data

@@ -1,0 +1,21 @@
+// Pre-tokenized jsonl: one {"input_ids": [...], "labels": [...]?} object per line. Blank lines are
+// skipped; anything else malformed is an error naming file:line and the field.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace moeforge::data {
+
+struct TokenRow {
+  int64_t line = 0;  // 1-based line number in the file
+  std::vector<int64_t> input_ids;
+  std::optional<std::vector<int64_t>> labels;
+};
+
+std::vector<TokenRow> read_token_jsonl(const std::string& path);
+// Parses one line (for tests and streaming readers); `where` is "file:line".
+TokenRow parse_token_line(const std::string& text, const std::string& where);
+
+}  // namespace moeforge::data

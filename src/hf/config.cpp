@@ -1,0 +1,222 @@
+#include "hf/config.h"
+
+#include <algorithm>
+#include <filesystem>
+
+#include "core/error.h"
+#include "hf/fs_util.h"
+
+namespace moeforge::hf {
+
+namespace fs = std::filesystem;
+using ojson = nlohmann::ordered_json;
+
+bool ModelConfig::is_moe_layer(int64_t layer) const {
+  // Transformers' rule for qwen2_moe/qwen3_moe: sparse unless listed in mlp_only_layers, and only
+  // every decoder_sparse_step-th layer (1-based).
+  if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end()) return false;
+  return num_experts > 0 && decoder_sparse_step > 0 && (layer + 1) % decoder_sparse_step == 0;
+}
+
+bool ConfigReader::has(const char* key) const { return j_.contains(key) && !j_[key].is_null(); }
+
+void ConfigReader::fail(const char* key, const std::string& why) const {
+  MF_THROW(source_, ": field '", key, "' ", why);
+}
+
+int64_t ConfigReader::req_int(const char* key) const {
+  if (!has(key)) fail(key, "is required but missing");
+  const auto& v = j_[key];
+  if (!v.is_number_integer()) fail(key, "must be an integer, got " + v.dump());
+  return v.get<int64_t>();
+}
+
+int64_t ConfigReader::req_int_any(std::initializer_list<const char*> keys) const {
+  for (const char* k : keys)
+    if (has(k)) return req_int(k);
+  std::string names;
+  for (const char* k : keys) names += std::string(names.empty() ? "" : " or ") + "'" + k + "'";
+  MF_THROW(source_, ": field ", names, " is required but missing");
+}
+
+int64_t ConfigReader::opt_int(const char* key, int64_t def) const { return has(key) ? req_int(key) : def; }
+
+double ConfigReader::opt_double(const char* key, double def) const {
+  if (!has(key)) return def;
+  const auto& v = j_[key];
+  if (!v.is_number()) fail(key, "must be a number, got " + v.dump());
+  return v.get<double>();
+}
+
+bool ConfigReader::opt_bool(const char* key, bool def) const {
+  if (!has(key)) return def;
+  const auto& v = j_[key];
+  if (!v.is_boolean()) fail(key, "must be true or false, got " + v.dump());
+  return v.get<bool>();
+}
+
+std::string ConfigReader::opt_string(const char* key, const std::string& def) const {
+  if (!has(key)) return def;
+  const auto& v = j_[key];
+  if (!v.is_string()) fail(key, "must be a string, got " + v.dump());
+  return v.get<std::string>();
+}
+
+std::optional<int64_t> ConfigReader::opt_nullable_int(const char* key) const {
+  if (!has(key)) return std::nullopt;
+  return req_int(key);
+}
+
+std::vector<int64_t> ConfigReader::opt_int_list(const char* key) const {
+  std::vector<int64_t> out;
+  if (!has(key)) return out;
+  const auto& v = j_[key];
+  if (!v.is_array()) fail(key, "must be a list of integers, got " + v.dump());
+  for (const auto& x : v) {
+    if (!x.is_number_integer()) fail(key, "must be a list of integers, got " + v.dump());
+    out.push_back(x.get<int64_t>());
+  }
+  return out;
+}
+
+RopeConfig parse_rope(const ConfigReader& r) {
+  RopeConfig rope;
+  // v5 keeps everything in `rope_parameters`; v4 has `rope_theta` at the top and `rope_scaling`
+  // (with `type` or `rope_type`) beside it.
+  const ojson* params = nullptr;
+  const char* where = nullptr;
+  if (r.has("rope_parameters")) {
+    params = &r.json()["rope_parameters"];
+    where = "rope_parameters";
+  } else if (r.has("rope_scaling")) {
+    params = &r.json()["rope_scaling"];
+    where = "rope_scaling";
+  }
+  rope.theta = r.opt_double("rope_theta", 10000.0);
+  rope.partial_rotary_factor = r.opt_double("partial_rotary_factor", 1.0);
+  if (params) {
+    if (!params->is_object()) r.fail(where, "must be an object, got " + params->dump());
+    // A per-layer-type dictionary ({"full_attention": {...}, ...}) is not used by these families.
+    if (params->contains("full_attention") || params->contains("sliding_attention"))
+      r.fail(where, "has per-layer-type RoPE parameters, which this model family does not use");
+    const std::string src = r.source() + " (" + where + ")";
+    ConfigReader p(*params, src);
+    rope.type = p.opt_string("rope_type", p.opt_string("type", "default"));
+    rope.theta = p.opt_double("rope_theta", rope.theta);
+    rope.partial_rotary_factor = p.opt_double("partial_rotary_factor", rope.partial_rotary_factor);
+    rope.factor = p.opt_double("factor", 1.0);
+    rope.original_max_position_embeddings = p.opt_nullable_int("original_max_position_embeddings");
+    if (p.has("attention_factor")) rope.attention_factor = p.opt_double("attention_factor", 1.0);
+    if (p.has("beta_fast")) rope.beta_fast = p.opt_double("beta_fast", 32.0);
+    if (p.has("beta_slow")) rope.beta_slow = p.opt_double("beta_slow", 1.0);
+    if (p.has("mscale")) rope.mscale = p.opt_double("mscale", 1.0);
+    if (p.has("mscale_all_dim")) rope.mscale_all_dim = p.opt_double("mscale_all_dim", 0.0);
+    rope.truncate = p.opt_bool("truncate", true);
+    rope.low_freq_factor = p.opt_double("low_freq_factor", 1.0);
+    rope.high_freq_factor = p.opt_double("high_freq_factor", 4.0);
+    static const char* known[] = {"default", "linear", "dynamic", "yarn", "llama3"};
+    if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return rope.type == k; }) ==
+        std::end(known))
+      MF_THROW(src, ": field 'rope_type' value '", rope.type,
+               "' is not supported (supported: default, linear, dynamic, yarn, llama3)");
+    if (rope.type != "default" && !p.has("factor")) p.fail("factor", "is required for rope_type '" + rope.type + "'");
+    if (rope.type == "llama3" && !rope.original_max_position_embeddings)
+      p.fail("original_max_position_embeddings", "is required for rope_type 'llama3'");
+  }
+  if (rope.theta <= 0) r.fail("rope_theta", "must be positive");
+  return rope;
+}
+
+namespace {
+
+void parse_common(const ConfigReader& r, ModelConfig& c) {
+  c.vocab_size = r.req_int("vocab_size");
+  c.hidden_size = r.req_int("hidden_size");
+  c.num_hidden_layers = r.req_int("num_hidden_layers");
+  c.num_attention_heads = r.req_int("num_attention_heads");
+  c.num_key_value_heads = r.opt_int("num_key_value_heads", c.num_attention_heads);
+  c.max_position_embeddings = r.opt_int("max_position_embeddings", 32768);
+  c.rms_norm_eps = r.opt_double("rms_norm_eps", 1e-6);
+  c.hidden_act = r.opt_string("hidden_act", "silu");
+  c.tie_word_embeddings = r.opt_bool("tie_word_embeddings", false);
+  c.attention_bias = r.opt_bool("attention_bias", false);
+  for (const char* k : {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"})
+    if (r.req_int(k) <= 0) r.fail(k, "must be positive");
+  if (c.num_key_value_heads <= 0 || c.num_attention_heads % c.num_key_value_heads != 0)
+    r.fail("num_key_value_heads", "must be positive and divide num_attention_heads (" +
+                                      std::to_string(c.num_attention_heads) + ")");
+  c.head_dim = r.opt_int("head_dim", c.hidden_size / c.num_attention_heads);
+  if (c.head_dim <= 0 || c.head_dim % 2 != 0) r.fail("head_dim", "must be a positive even number");
+  if (c.hidden_act != "silu") r.fail("hidden_act", "value '" + c.hidden_act + "' is not supported (supported: silu)");
+  const std::string dt = r.opt_string("dtype", r.opt_string("torch_dtype", ""));
+  if (!dt.empty()) {
+    c.dtype = dtype_from_torch_name(dt);
+    if (!c.dtype) r.fail(r.has("dtype") ? "dtype" : "torch_dtype", "has unknown value '" + dt + "'");
+  }
+  c.rope = parse_rope(r);
+}
+
+void parse_qwen3_moe(const ConfigReader& r, ModelConfig& c) {
+  parse_common(r, c);
+  c.intermediate_size = r.opt_int("intermediate_size", 6144);
+  // The hub spells the expert count `num_experts`; Transformers 5 writes `num_local_experts`.
+  c.num_experts = r.req_int_any({"num_experts", "num_local_experts"});
+  c.num_experts_per_tok = r.req_int("num_experts_per_tok");
+  c.moe_intermediate_size = r.req_int("moe_intermediate_size");
+  c.decoder_sparse_step = r.opt_int("decoder_sparse_step", 1);
+  c.mlp_only_layers = r.opt_int_list("mlp_only_layers");
+  c.norm_topk_prob = r.opt_bool("norm_topk_prob", false);
+  c.output_router_logits = r.opt_bool("output_router_logits", false);
+  c.router_aux_loss_coef = r.opt_double("router_aux_loss_coef", 0.001);
+  // Transformers keeps the window only when use_sliding_window is set (Qwen3MoeConfig.__post_init__).
+  if (r.opt_bool("use_sliding_window", false)) {
+    c.sliding_window = r.opt_nullable_int("sliding_window");
+    if (c.sliding_window && *c.sliding_window <= 0) r.fail("sliding_window", "must be positive");
+  }
+  if (c.num_experts < 0) r.fail("num_experts", "must not be negative");
+  if (c.num_experts > 0 && (c.num_experts_per_tok <= 0 || c.num_experts_per_tok > c.num_experts))
+    r.fail("num_experts_per_tok", "must be between 1 and num_experts (" + std::to_string(c.num_experts) + ")");
+  if (c.decoder_sparse_step <= 0) r.fail("decoder_sparse_step", "must be positive");
+  if (c.moe_intermediate_size <= 0) r.fail("moe_intermediate_size", "must be positive");
+  for (auto l : c.mlp_only_layers)
+    if (l < 0 || l >= c.num_hidden_layers)
+      r.fail("mlp_only_layers", "lists layer " + std::to_string(l) + " but the model has " +
+                                    std::to_string(c.num_hidden_layers) + " layers");
+}
+
+}  // namespace
+
+ModelConfig parse_config(const ojson& j, const std::string& source) {
+  MF_CHECK(j.is_object(), source, ": config must be a JSON object");
+  ConfigReader r(j, source);
+  ModelConfig c;
+  c.source = source;
+  c.raw = j;
+  if (!r.has("model_type")) r.fail("model_type", "is required but missing");
+  c.model_type = r.opt_string("model_type", "");
+  if (c.model_type == "qwen3_moe") {
+    parse_qwen3_moe(r, c);
+  } else {
+    r.fail("model_type", "value '" + c.model_type + "' is not supported (supported: qwen3_moe)");
+  }
+  return c;
+}
+
+ModelConfig load_config(const std::string& path) {
+  std::string file = path;
+  if (fs::is_directory(path)) file = (fs::path(path) / "config.json").string();
+  MF_CHECK(fs::exists(file), file, ": no such file (a model folder needs a config.json)");
+  ojson j;
+  try {
+    j = ojson::parse(read_text_file(file));
+  } catch (const ojson::parse_error& e) {
+    MF_THROW(file, ": invalid JSON (", e.what(), ")");
+  }
+  return parse_config(j, file);
+}
+
+void save_config(const ModelConfig& cfg, const std::string& path) {
+  write_text_file_atomic(path, cfg.raw.dump(2) + "\n");
+}
+
+}  // namespace moeforge::hf

@@ -1,0 +1,166 @@
+#include "hf/state_dict.h"
+
+#include <cstring>
+
+#include "core/error.h"
+#include "core/logging.h"
+
+namespace moeforge::hf {
+
+namespace {
+
+// Copies `src` (any float dtype) into rows [row0, row0 + src rows) of expert e of `dst` [E, R, C].
+void copy_into_expert(Tensor& dst, int64_t e, int64_t row0, const Tensor& src) {
+  const int64_t rows = dst.size(1), cols = dst.size(2);
+  char* base = static_cast<char*>(dst.raw()) +
+               static_cast<size_t>((e * rows + row0) * cols) * dtype_size(dst.dtype());
+  convert_elements(src.raw(), src.dtype(), base, dst.dtype(), src.numel());
+}
+
+Tensor expert_rows(const Tensor& fused, int64_t e, int64_t row0, int64_t nrows, DType dtype) {
+  const int64_t rows = fused.size(1), cols = fused.size(2);
+  Tensor out = Tensor::empty({nrows, cols}, dtype);
+  const char* base = static_cast<const char*>(fused.raw()) +
+                     static_cast<size_t>((e * rows + row0) * cols) * dtype_size(fused.dtype());
+  convert_elements(base, fused.dtype(), out.raw(), dtype, out.numel());
+  return out;
+}
+
+void check_shape(const SafetensorsCheckpoint& ckpt, const std::string& name, const Shape& want) {
+  const auto& e = ckpt.entry(name);
+  MF_CHECK(e.shape == want, ckpt.file_of(name), ": tensor '", name, "' has shape ", shape_str(e.shape),
+           " but the config implies ", shape_str(want));
+  MF_CHECK(is_floating(e.dtype) && e.dtype != DType::F8_E4M3 && e.dtype != DType::F8_E5M2, ckpt.file_of(name),
+           ": tensor '", name, "' has dtype ", dtype_name(e.dtype), " where a floating-point weight is expected");
+}
+
+}  // namespace
+
+void StateDictAdapter::add_expert_group(ExpertGroup g) {
+  group_index_[g.gate_up] = groups_.size();
+  group_index_[g.down] = groups_.size();
+  groups_.push_back(std::move(g));
+}
+
+const ExpertGroup* StateDictAdapter::group_of(const std::string& internal) const {
+  auto it = group_index_.find(internal);
+  return it == group_index_.end() ? nullptr : &groups_[it->second];
+}
+
+LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamStore& params, DType compute) {
+  LoadReport report;
+  std::set<std::string> used;
+  auto need = [&](const std::string& name) {
+    MF_CHECK(ckpt.contains(name), ckpt.dir(), ": missing tensor '", name, "'");
+    used.insert(name);
+    source_dtype_[name] = ckpt.entry(name).dtype;
+    ++report.tensors_found;
+  };
+  for (auto& p : params.all()) {
+    const ExpertGroup* g = group_of(p.name);
+    if (!g) {
+      ++report.tensors_expected;
+      need(p.name);
+      check_shape(ckpt, p.name, p.shape);
+      p.value = ckpt.get(p.name).to(compute);
+      continue;
+    }
+    const bool is_gate_up = p.name == g->gate_up;
+    p.value = Tensor::empty(p.shape, compute);
+    if (ckpt.contains(p.name)) {  // fused layout, stored as Transformers 5 holds it
+      ++report.tensors_expected;
+      need(p.name);
+      check_shape(ckpt, p.name, p.shape);
+      p.value = ckpt.get(p.name).to(compute);
+      fused_loaded_.insert(g->prefix);
+      continue;
+    }
+    MF_CHECK(!fused_loaded_.count(g->prefix), ckpt.dir(), ": expert group '", g->prefix,
+             "' mixes the fused and the per-expert layout");
+    const int64_t rows = p.shape[1], cols = p.shape[2];
+    for (int64_t e = 0; e < g->experts; ++e) {
+      const std::string pre = g->prefix + std::to_string(e) + ".";
+      if (is_gate_up) {
+        const int64_t inter = rows / 2;
+        for (int half = 0; half < 2; ++half) {
+          const std::string n = pre + (half == 0 ? g->gate_suffix : g->up_suffix);
+          ++report.tensors_expected;
+          need(n);
+          check_shape(ckpt, n, {inter, cols});
+          copy_into_expert(p.value, e, half * inter, ckpt.get(n));
+        }
+      } else {
+        const std::string n = pre + g->down_suffix;
+        ++report.tensors_expected;
+        need(n);
+        check_shape(ckpt, n, {rows, cols});
+        copy_into_expert(p.value, e, 0, ckpt.get(n));
+      }
+    }
+  }
+  for (const auto& n : ckpt.names()) {
+    if (used.count(n)) continue;
+    if (ignored_.count(n)) {
+      source_dtype_[n] = ckpt.entry(n).dtype;
+      continue;
+    }
+    report.unexpected.push_back(n);
+  }
+  if (!report.unexpected.empty())
+    log::warn(ckpt.dir(), ": ", report.unexpected.size(), " tensor(s) in the checkpoint are not used by the model, e.g. '",
+              report.unexpected.front(), "'");
+  return report;
+}
+
+NamedTensors StateDictAdapter::export_tensors(const nn::ParamStore& params, std::optional<DType> default_dtype) const {
+  NamedTensors out;
+  auto dtype_for = [&](const std::string& name, const Tensor& t) {
+    auto it = source_dtype_.find(name);
+    if (it != source_dtype_.end()) return it->second;
+    return default_dtype.value_or(t.dtype());
+  };
+  for (const auto& p : params.all()) {
+    MF_CHECK(p.value.defined(), "parameter '", p.name, "' has no value to save");
+    const ExpertGroup* g = group_of(p.name);
+    if (!g || fused_loaded_.count(g->prefix)) {
+      out.emplace_back(p.name, p.value.to(dtype_for(p.name, p.value)));
+      continue;
+    }
+    const int64_t rows = p.shape[1];
+    for (int64_t e = 0; e < g->experts; ++e) {
+      const std::string pre = g->prefix + std::to_string(e) + ".";
+      if (p.name == g->gate_up) {
+        const std::string gn = pre + g->gate_suffix, un = pre + g->up_suffix;
+        out.emplace_back(gn, expert_rows(p.value, e, 0, rows / 2, dtype_for(gn, p.value)));
+        out.emplace_back(un, expert_rows(p.value, e, rows / 2, rows / 2, dtype_for(un, p.value)));
+      } else {
+        const std::string dn = pre + g->down_suffix;
+        out.emplace_back(dn, expert_rows(p.value, e, 0, rows, dtype_for(dn, p.value)));
+      }
+    }
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, Shape>> StateDictAdapter::expected_hub_tensors(const nn::ParamStore& params) const {
+  std::vector<std::pair<std::string, Shape>> out;
+  for (const auto& p : params.all()) {
+    const ExpertGroup* g = group_of(p.name);
+    if (!g) {
+      out.emplace_back(p.name, p.shape);
+      continue;
+    }
+    for (int64_t e = 0; e < g->experts; ++e) {
+      const std::string pre = g->prefix + std::to_string(e) + ".";
+      if (p.name == g->gate_up) {
+        out.emplace_back(pre + g->gate_suffix, Shape{p.shape[1] / 2, p.shape[2]});
+        out.emplace_back(pre + g->up_suffix, Shape{p.shape[1] / 2, p.shape[2]});
+      } else {
+        out.emplace_back(pre + g->down_suffix, Shape{p.shape[1], p.shape[2]});
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace moeforge::hf

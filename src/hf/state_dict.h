@@ -1,0 +1,53 @@
+// State-dict adapters: Hugging Face tensor names <-> the internal fused layout, both ways.
+// Everything maps one to one except expert groups: the hub stores one tensor per expert and
+// projection (`...experts.{e}.gate_proj.weight`), Transformers 5 in memory (and some checkpoints)
+// a fused `...experts.gate_up_proj` [E, 2I, H] and `...experts.down_proj` [E, H, I]. Loading
+// accepts either per group and remembers which; saving writes the layout and dtypes it loaded.
+#pragma once
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "hf/safetensors.h"
+#include "nn/params.h"
+
+namespace moeforge::hf {
+
+struct ExpertGroup {
+  std::string prefix;        // "model.layers.3.mlp.experts."
+  std::string gate_up, down;  // internal names of the fused tensors
+  std::string gate_suffix = "gate_proj.weight", up_suffix = "up_proj.weight", down_suffix = "down_proj.weight";
+  int64_t experts = 0;
+};
+
+struct LoadReport {
+  int64_t tensors_expected = 0, tensors_found = 0;
+  std::vector<std::string> unexpected;  // in the checkpoint, used by nothing (warned about)
+};
+
+class StateDictAdapter {
+ public:
+  void add_expert_group(ExpertGroup g);
+  // Checkpoint names that are read and ignored (e.g. lm_head.weight when embeddings are tied).
+  void ignore(const std::string& name) { ignored_.insert(name); }
+
+  // Fills every parameter from the checkpoint, converting to `compute` dtype. Throws naming the
+  // file and tensor on a missing tensor or a shape the config does not imply.
+  LoadReport load(const SafetensorsCheckpoint& ckpt, nn::ParamStore& params, DType compute);
+  // The checkpoint spelling of every parameter, in the layout and dtypes that were loaded
+  // (per-expert hub names and the model's dtype when nothing was loaded).
+  NamedTensors export_tensors(const nn::ParamStore& params, std::optional<DType> default_dtype) const;
+  // The names a hub-layout checkpoint of this model holds, with shapes (for `inspect`).
+  std::vector<std::pair<std::string, Shape>> expected_hub_tensors(const nn::ParamStore& params) const;
+
+ private:
+  const ExpertGroup* group_of(const std::string& internal) const;
+  std::vector<ExpertGroup> groups_;
+  std::map<std::string, size_t> group_index_;  // internal fused name -> group
+  std::set<std::string> ignored_;
+  std::set<std::string> fused_loaded_;             // groups (by prefix) found fused in the checkpoint
+  std::map<std::string, DType> source_dtype_;      // checkpoint name -> dtype it had
+};
+
+}  // namespace moeforge::hf

@@ -1,0 +1,54 @@
+// A causal language model: config, parameters in the internal layout, the adapter that maps them
+// to the checkpoint's names, and a forward pass that returns logits and the Transformers loss.
+#pragma once
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "hf/config.h"
+#include "hf/state_dict.h"
+#include "nn/params.h"
+
+namespace moeforge::models {
+
+struct ForwardInputs {
+  Tensor input_ids;                 // [B, S] I64
+  const Tensor* labels = nullptr;   // [B, S] I64, -100 = ignored; shifted inside as Transformers does
+  const Tensor* position_ids = nullptr;  // [B, S] I64; default 0..S-1 per row
+  const Tensor* doc_ids = nullptr;       // [B, S] I64; packed documents do not attend to each other
+};
+
+struct ForwardOutputs {
+  Tensor logits;             // [B, S, V] F32
+  float loss = NAN;          // mean cross-entropy over counted tokens (+ coef * aux when enabled)
+  float aux_loss = NAN;      // load-balancing loss when the config asks for it
+  int64_t loss_tokens = 0;   // tokens the cross-entropy counted
+};
+
+class CausalLM {
+ public:
+  explicit CausalLM(hf::ModelConfig cfg) : cfg_(std::move(cfg)) {}
+  virtual ~CausalLM() = default;
+  virtual ForwardOutputs forward(const ForwardInputs& in) const = 0;
+
+  const hf::ModelConfig& config() const { return cfg_; }
+  nn::ParamStore& params() { return params_; }
+  const nn::ParamStore& params() const { return params_; }
+  hf::StateDictAdapter& adapter() { return adapter_; }
+  const hf::StateDictAdapter& adapter() const { return adapter_; }
+  // Parameters touched per token: everything except the experts a token is not routed to.
+  virtual int64_t active_parameters() const = 0;
+
+ protected:
+  hf::ModelConfig cfg_;
+  nn::ParamStore params_;
+  hf::StateDictAdapter adapter_;
+};
+
+// Shifted causal-LM cross-entropy, as Transformers' ForCausalLMLoss: position t predicts label t+1,
+// the last position of each row predicts nothing, -100 is ignored, mean over counted tokens.
+float causal_lm_loss(const Tensor& logits, const Tensor& labels, int64_t* counted);
+
+}  // namespace moeforge::models

@@ -1,0 +1,73 @@
+#include "models/pretrained.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "core/error.h"
+#include "hf/fs_util.h"
+#include "hf/safetensors.h"
+#include "models/registry.h"
+
+namespace moeforge::models {
+
+namespace fs = std::filesystem;
+
+LoadedModel from_pretrained(const std::string& dir, const LoadOptions& opts) {
+  MF_CHECK(fs::is_directory(dir), dir, ": model folder does not exist");
+  hf::ModelConfig cfg = hf::load_config(dir);
+  LoadedModel out;
+  out.source_dir = dir;
+  out.model = build_model(cfg);
+  auto ckpt = hf::SafetensorsCheckpoint::open(dir);
+  out.report = out.model->adapter().load(ckpt, out.model->params(), opts.compute_dtype);
+  return out;
+}
+
+namespace {
+// Files that travel with a model folder unchanged.
+const char* kCompanionFiles[] = {"generation_config.json", "tokenizer.json",        "tokenizer_config.json",
+                                 "special_tokens_map.json", "tokenizer.model",      "vocab.json",
+                                 "merges.txt",             "chat_template.jinja",  "chat_template.json",
+                                 "added_tokens.json"};
+}  // namespace
+
+void save_pretrained(const CausalLM& model, const std::string& source_dir, const std::string& out_dir,
+                     const SaveOptions& opts) {
+  const fs::path out = fs::path(out_dir).lexically_normal();
+  if (fs::exists(out)) {
+    MF_CHECK(opts.overwrite, out.string(), ": output folder exists (pass overwrite to replace it)");
+    MF_CHECK(fs::is_directory(out), out.string(), ": exists and is not a folder");
+  }
+  const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  fs::create_directories(parent);
+  const fs::path tmp = parent / (out.filename().string() + ".tmp." + std::to_string(::getpid()));
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  try {
+    hf::save_config(model.config(), (tmp / "config.json").string());
+    const auto tensors = model.adapter().export_tensors(model.params(), model.config().dtype);
+    hf::save_sharded(tmp.string(), tensors, opts.max_shard_bytes);
+    if (!source_dir.empty())
+      for (const char* f : kCompanionFiles) {
+        const fs::path src = fs::path(source_dir) / f;
+        if (fs::exists(src)) fs::copy_file(src, tmp / f, fs::copy_options::overwrite_existing);
+      }
+    hf::fsync_dir(tmp.string());
+  } catch (...) {
+    fs::remove_all(tmp);
+    throw;
+  }
+  // Swap into place: the old folder (if any) is moved aside first and removed only after the
+  // new one has its final name.
+  fs::path old;
+  if (fs::exists(out)) {
+    old = parent / (out.filename().string() + ".old." + std::to_string(::getpid()));
+    fs::rename(out, old);
+  }
+  fs::rename(tmp, out);
+  hf::fsync_dir(parent.string());
+  if (!old.empty()) fs::remove_all(old);
+}
+
+}  // namespace moeforge::models

@@ -1,0 +1,34 @@
+// from_pretrained / save_pretrained: a Hugging Face model folder in, the same kind of folder out.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "models/causal_lm.h"
+
+namespace moeforge::models {
+
+struct LoadOptions {
+  DType compute_dtype = DType::F32;  // the CPU reference computes in fp32
+};
+
+struct LoadedModel {
+  std::unique_ptr<CausalLM> model;
+  hf::LoadReport report;
+  std::string source_dir;
+};
+
+LoadedModel from_pretrained(const std::string& dir, const LoadOptions& opts = {});
+
+struct SaveOptions {
+  uint64_t max_shard_bytes = 5'000'000'000ull;  // Transformers' default "5GB"
+  bool overwrite = false;
+};
+
+// Writes config.json (every original field kept), the weights under the checkpoint's own names and
+// dtypes (sharded with an index when over max_shard_bytes), and copies generation_config.json and
+// tokenizer files from `source_dir` when present. The folder is built under a temporary name,
+// fsynced and renamed, so `out_dir` is never half written.
+void save_pretrained(const CausalLM& model, const std::string& source_dir, const std::string& out_dir,
+                     const SaveOptions& opts = {});
+
+}  // namespace moeforge::models

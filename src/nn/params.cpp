@@ -1,0 +1,30 @@
+#include "nn/params.h"
+
+#include "core/error.h"
+
+namespace moeforge::nn {
+
+size_t ParamStore::add(std::string name, Shape shape) {
+  MF_CHECK(!index_.count(name), "parameter '", name, "' registered twice");
+  index_[name] = params_.size();
+  params_.push_back({std::move(name), std::move(shape), Tensor()});
+  return params_.size() - 1;
+}
+
+Param* ParamStore::find(const std::string& name) {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &params_[it->second];
+}
+
+const Param* ParamStore::find(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &params_[it->second];
+}
+
+int64_t ParamStore::numel() const {
+  int64_t n = 0;
+  for (const auto& p : params_) n += shape_numel(p.shape);
+  return n;
+}
+
+}  // namespace moeforge::nn

@@ -1,0 +1,35 @@
+// The named parameters of a model in its internal layout (experts fused into [E, ...] tensors).
+// Order is stable: it is the order of registration, which is the order of the forward pass.
+#pragma once
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace moeforge::nn {
+
+struct Param {
+  std::string name;  // internal name, e.g. "model.layers.0.mlp.experts.gate_up_proj"
+  Shape shape;       // the shape the config implies
+  Tensor value;      // filled by the loader
+};
+
+class ParamStore {
+ public:
+  // Registers a parameter; returns its index for the layer to keep.
+  size_t add(std::string name, Shape shape);
+  Tensor& at(size_t i) { return params_[i].value; }
+  const Tensor& at(size_t i) const { return params_[i].value; }
+  std::vector<Param>& all() { return params_; }
+  const std::vector<Param>& all() const { return params_; }
+  Param* find(const std::string& name);
+  const Param* find(const std::string& name) const;
+  int64_t numel() const;
+
+ private:
+  std::vector<Param> params_;
+  std::map<std::string, size_t> index_;
+};
+
+}  // namespace moeforge::nn

@@ -1,0 +1,70 @@
+// Reference attention: for each (batch, head), scores = q k^T * scale with the causal, sliding
+// window and document masks, softmax in fp32, then the weighted sum of v. Memory is S x S per
+// thread, fine for the reference; the CUDA backend uses a flash kernel.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "core/error.h"
+#include "ops/ops.h"
+
+namespace moeforge::ops {
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, std::optional<int64_t> window,
+                 const Tensor* doc_ids) {
+  MF_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: expected [B,S,H,D] tensors");
+  const int64_t b = q.size(0), s = q.size(1), hq = q.size(2), d = q.size(3), hkv = k.size(2);
+  MF_CHECK(k.size(0) == b && k.size(1) == s && k.size(3) == d && v.shape() == k.shape() && hkv > 0 && hq % hkv == 0,
+           "attention: q ", shape_str(q.shape()), " and k/v ", shape_str(k.shape()), " do not agree");
+  if (doc_ids) MF_CHECK(doc_ids->shape() == Shape({b, s}), "attention: doc_ids must be [B, S]");
+  Tensor out = Tensor::empty(q.shape(), DType::F32);
+  const float* qp = q.f32();
+  const float* kp = k.f32();
+  const float* vp = v.f32();
+  float* op = out.f32();
+  const int64_t* docs = doc_ids ? doc_ids->i64() : nullptr;
+  const int64_t group = hq / hkv;
+#pragma omp parallel
+  {
+    std::vector<float> p(static_cast<size_t>(s));
+#pragma omp for collapse(3) schedule(static)
+    for (int64_t bi = 0; bi < b; ++bi)
+      for (int64_t h = 0; h < hq; ++h)
+        for (int64_t i = 0; i < s; ++i) {
+          const int64_t kh = h / group;
+          const float* qi = qp + ((bi * s + i) * hq + h) * d;
+          float mx = -std::numeric_limits<float>::infinity();
+          int64_t lo = window ? std::max<int64_t>(0, i - *window + 1) : 0;
+          for (int64_t j = 0; j <= i; ++j) {
+            const bool masked = j < lo || (docs && docs[bi * s + j] != docs[bi * s + i]);
+            if (masked) {
+              p[j] = -std::numeric_limits<float>::infinity();
+              continue;
+            }
+            const float* kj = kp + ((bi * s + j) * hkv + kh) * d;
+            float dot = 0.f;
+            for (int64_t x = 0; x < d; ++x) dot += qi[x] * kj[x];
+            p[j] = dot * scale;
+            mx = std::max(mx, p[j]);
+          }
+          double sum = 0;
+          for (int64_t j = 0; j <= i; ++j) {
+            p[j] = std::isinf(p[j]) && p[j] < 0 ? 0.f : std::exp(p[j] - mx);
+            sum += p[j];
+          }
+          float* oi = op + ((bi * s + i) * hq + h) * d;
+          std::fill(oi, oi + d, 0.f);
+          const float inv = sum > 0 ? static_cast<float>(1.0 / sum) : 0.f;
+          for (int64_t j = 0; j <= i; ++j) {
+            if (p[j] == 0.f) continue;
+            const float w = p[j] * inv;
+            const float* vj = vp + ((bi * s + j) * hkv + kh) * d;
+            for (int64_t x = 0; x < d; ++x) oi[x] += w * vj[x];
+          }
+        }
+  }
+  return out;
+}
+
+}  // namespace moeforge::ops

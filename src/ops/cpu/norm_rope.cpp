@@ -1,0 +1,51 @@
+// RMSNorm and rotary position embedding.
+#include <cmath>
+
+#include "core/error.h"
+#include "ops/ops.h"
+
+namespace moeforge::ops {
+
+Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps) {
+  const int64_t d = x.size(-1);
+  MF_CHECK(weight.numel() == d, "rms_norm: weight has ", weight.numel(), " elements for rows of ", d);
+  Tensor wf = weight.dtype() == DType::F32 ? weight : weight.to(DType::F32);
+  Tensor out = Tensor::empty(x.shape(), DType::F32);
+  const float* xp = x.f32();
+  const float* w = wf.f32();
+  float* o = out.f32();
+  const int64_t rows = d ? x.numel() / d : 0;
+#pragma omp parallel for if (rows > 64)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * d;
+    double ss = 0;
+    for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / d) + eps);
+    for (int64_t i = 0; i < d; ++i) o[r * d + i] = w[i] * (xr[i] * inv);
+  }
+  return out;
+}
+
+void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin) {
+  MF_CHECK(x.dim() == 3, "rope: expected [T, H, D], got ", shape_str(x.shape()));
+  const int64_t t = x.size(0), h = x.size(1), d = x.size(2), rot = cos.size(-1);
+  MF_CHECK(cos.size(0) == t && sin.shape() == cos.shape() && rot <= d && rot % 2 == 0, "rope: cos/sin ",
+           shape_str(cos.shape()), " do not fit x ", shape_str(x.shape()));
+  float* xp = x.f32();
+  const float* c = cos.f32();
+  const float* s = sin.f32();
+  const int64_t half = rot / 2;
+#pragma omp parallel for if (t * h > 256)
+  for (int64_t i = 0; i < t * h; ++i) {
+    float* v = xp + i * d;
+    const float* ci = c + (i / h) * rot;
+    const float* si = s + (i / h) * rot;
+    for (int64_t j = 0; j < half; ++j) {
+      const float a = v[j], b = v[j + half];
+      v[j] = a * ci[j] - b * si[j];
+      v[j + half] = b * ci[j + half] + a * si[j + half];
+    }
+  }
+}
+
+}  // namespace moeforge::ops

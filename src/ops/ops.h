@@ -1,0 +1,53 @@
+// Every op moeforge computes, as pure functions over tensors with no model knowledge.
+// ops/cpu/ holds the reference implementations (fp32 arithmetic, OpenMP, BLAS for GEMMs); a CUDA
+// implementation of an op must match its CPU reference within a stated tolerance.
+// Activations are F32 on the CPU; weight operands of GEMMs may be F32 or BF16.
+#pragma once
+#include <optional>
+
+#include "core/tensor.h"
+
+namespace moeforge::ops {
+
+// C[M,N] = A[M,K] * B[N,K]^T (+ C when accumulate). The layout of nn.Linear: y = x W^T.
+void matmul_nt(const Tensor& a, const Tensor& b, Tensor& c, bool accumulate = false);
+Tensor linear(const Tensor& x, const Tensor& weight);  // x [..., K], weight [N, K] -> [..., N]
+
+// Raw fp32 GEMM: C = alpha * op(A) op(B) + beta * C, row-major, op = transpose when the flag is set.
+void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+              const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// y = x * rsqrt(mean(x^2) + eps) * w over the last dimension (Transformers' RMSNorm, fp32 inside).
+Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps);
+
+// rows of token embeddings: out[i] = table[ids[i]]; ids are I64 and checked against the vocabulary.
+Tensor embedding(const Tensor& ids, const Tensor& table);
+
+// x [T, H, D] rotated in place by cos/sin [T, rot] over the first `rot` dims (rotate_half convention).
+void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin);
+
+// Scaled dot-product attention over one batch of packed rows.
+// q [B,S,Hq,D], k/v [B,S,Hkv,D] (Hq a multiple of Hkv) -> [B,S,Hq,D].
+// Causal; `window` keeps keys with q - k < window; `doc_ids` [B,S] (optional, I64) stops attention
+// across documents of a packed row.
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, std::optional<int64_t> window,
+                 const Tensor* doc_ids = nullptr);
+
+// out = silu(gate) * up, where gate_up [T, 2I] holds gate in the first half and up in the second.
+Tensor swiglu(const Tensor& gate_up);
+
+// Softmax over the last dimension, in place.
+void softmax_rows_inplace(Tensor& x);
+
+// The k largest values of each row (ties broken towards the lower index, as torch.topk on CPU does),
+// descending: values [T,k] F32 and indices [T,k] I64.
+void topk_rows(const Tensor& x, int64_t k, Tensor& values, Tensor& indices);
+
+// x += y (same shape).
+void add_inplace(Tensor& x, const Tensor& y);
+
+// Per-row cross-entropy of logits [N,V] against targets [N] (I64); rows whose target equals
+// `ignore_index` get 0 and are not counted. Returns the per-row losses [N] and the count.
+Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted);
+
+}  // namespace moeforge::ops

@@ -1,0 +1,144 @@
+// The moeforge binary end to end: inspect and eval work on the fixtures, and each bad input gives
+// exactly one error line naming the file and field, exit status 1, and no crash.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "hf/safetensors.h"
+#include "test_util.h"
+
+using namespace moeforge;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct CmdResult {
+  int status = -1;
+  std::string out, err;
+};
+
+CmdResult run(const std::string& args) {
+  test::TempDir tmp;
+  const std::string cmd = std::string(MOEFORGE_BIN) + " " + args + " >" + (tmp / "out") + " 2>" + (tmp / "err");
+  CmdResult r;
+  const int s = std::system(cmd.c_str());
+  r.status = WIFEXITED(s) ? WEXITSTATUS(s) : 128 + WTERMSIG(s);
+  std::stringstream o, e;
+  o << std::ifstream(tmp / "out").rdbuf();
+  e << std::ifstream(tmp / "err").rdbuf();
+  r.out = o.str();
+  r.err = e.str();
+  return r;
+}
+
+int lines(const std::string& s) { return static_cast<int>(std::count(s.begin(), s.end(), '\n')); }
+
+void expect_one_line_error(const CmdResult& r, const std::vector<std::string>& needles) {
+  EXPECT_EQ(r.status, 1) << r.err;
+  EXPECT_EQ(lines(r.err), 1) << r.err;
+  for (const auto& n : needles) EXPECT_NE(r.err.find(n), std::string::npos) << "missing '" << n << "' in: " << r.err;
+}
+
+void copy_dir(const std::string& src, const std::string& dst) {
+  fs::create_directories(dst);
+  for (const auto& de : fs::directory_iterator(src))
+    if (de.is_regular_file()) fs::copy_file(de.path(), fs::path(dst) / de.path().filename());
+}
+
+}  // namespace
+
+TEST(Cli, InspectReportsParametersAndTensors) {
+  CmdResult r = run("inspect " + test::fixture("qwen3_moe_a") + " --json");
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  // embed 128*32 + lm_head 128*32 + 3 layers of attention (q 64x32, k/v 32x32, o 32x64, norms)
+  // + 2 MoE layers (router 8x32 + 8 experts x 3 x 16x32) + 1 dense MLP (3 x 48x32) + norms.
+  const int64_t attn = 64 * 32 + 2 * 32 * 32 + 32 * 64 + 16 + 16;
+  const int64_t moe = 8 * 32 + 8 * 3 * 16 * 32, dense = 3 * 48 * 32;
+  const int64_t total = 2 * 128 * 32 + 3 * (attn + 2 * 32) + 2 * moe + dense + 32;
+  EXPECT_EQ(j["parameters"]["total"], total);
+  EXPECT_EQ(j["parameters"]["active"], total - 2 * 6 * 3 * 16 * 32);
+  EXPECT_EQ(j["tensors"]["found"], j["tensors"]["expected"]);
+  EXPECT_EQ(j["tensors"]["missing"], 0);
+  EXPECT_EQ(j["moe_layers"], 2);
+  EXPECT_EQ(j["training_memory_excluding_activations"]["bf16"]["bytes"], 8.0 * total);
+  CmdResult text = run("inspect " + test::fixture("qwen3_moe_b"));
+  ASSERT_EQ(text.status, 0);
+  EXPECT_NE(text.out.find("sliding window 5"), std::string::npos) << text.out;
+}
+
+TEST(Cli, InspectWorksOnABareConfig) {
+  CmdResult r = run("inspect " + std::string(MOEFORGE_FIXTURES) + "/../../../shared/configs/qwen3-30b-a3b.json --json");
+  if (r.status != 0 && r.err.find("no such file") != std::string::npos) GTEST_SKIP() << "shared/configs not beside the repo";
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  // Qwen3-30B-A3B is published as 30.5B total, 3.3B activated.
+  EXPECT_NEAR(j["parameters"]["total"].get<double>() / 1e9, 30.5, 0.1);
+  EXPECT_NEAR(j["parameters"]["active"].get<double>() / 1e9, 3.3, 0.1);
+}
+
+TEST(Cli, EvalMatchesTheReferenceLoss) {
+  test::TempDir tmp;
+  auto ref = hf::SafetensorsFile::open(test::fixture("qwen3_moe_b") + "/reference.safetensors");
+  Tensor ids = ref.get("input_ids");
+  std::ofstream f(tmp / "tok.jsonl");
+  for (int64_t b = 0; b < 2; ++b) {
+    nlohmann::json row;
+    row["input_ids"] = std::vector<int64_t>(ids.data<int64_t>() + b * 12, ids.data<int64_t>() + (b + 1) * 12);
+    f << row.dump() << "\n\n";
+  }
+  f.close();
+  CmdResult r = run("eval --model " + test::fixture("qwen3_moe_b") + " --tokens " + (tmp / "tok.jsonl") +
+              " --logits-out " + (tmp / "logits.safetensors"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["rows"].size(), 2u);
+  EXPECT_EQ(j["rows"][1]["line"], 3);  // blank lines skipped, numbering kept
+  EXPECT_EQ(j["rows"][0]["tokens"], 11);
+  // Row logits equal the reference batch's rows.
+  auto logits = hf::SafetensorsFile::open(tmp / "logits.safetensors");
+  Tensor want = ref.get("logits");
+  Tensor row1 = logits.get("logits.1");
+  float m = 0;
+  for (int64_t i = 0; i < row1.numel(); ++i)
+    m = std::max(m, std::abs(row1.f32()[i] - want.data<float>()[row1.numel() + i]));
+  EXPECT_LT(m, 1e-4f);
+}
+
+TEST(CliBadInput, EachProblemIsOneLine) {
+  test::TempDir tmp;
+  const std::string a = test::fixture("qwen3_moe_a");
+  std::ofstream(tmp / "ok.jsonl") << R"({"input_ids": [1, 2, 3]})" << "\n";
+  std::ofstream(tmp / "bad.jsonl") << R"({"input_ids": [1, 2, 3]})" << "\n" << R"({"input_ids": [1, "x"]})" << "\n";
+  std::ofstream(tmp / "big.jsonl") << R"({"input_ids": [1, 2, 999]})" << "\n";
+  std::ofstream(tmp / "nofield.jsonl") << R"({"text": "hello"})" << "\n";
+  expect_one_line_error(run("eval --model " + a + " --tokens " + (tmp / "bad.jsonl")), {"bad.jsonl:2", "input_ids"});
+  expect_one_line_error(run("eval --model " + a + " --tokens " + (tmp / "big.jsonl")), {"big.jsonl:1", "999"});
+  expect_one_line_error(run("eval --model " + a + " --tokens " + (tmp / "nofield.jsonl")), {"nofield.jsonl:1", "'input_ids'"});
+  expect_one_line_error(run("eval --model " + (tmp / "nope") + " --tokens " + (tmp / "ok.jsonl")), {"nope"});
+  expect_one_line_error(run("eval --model " + a), {"--tokens"});
+  expect_one_line_error(run("inspect " + (tmp / "nope")), {"nope"});
+
+  // A checkpoint with a truncated shard.
+  copy_dir(test::fixture("qwen3_moe_b"), tmp / "trunc");
+  fs::resize_file(tmp / "trunc/model.safetensors", 1000);
+  expect_one_line_error(run("eval --model " + (tmp / "trunc") + " --tokens " + (tmp / "ok.jsonl")),
+                        {"trunc/model.safetensors", "header length"});
+  // A config with an unsupported model type.
+  copy_dir(test::fixture("qwen3_moe_b"), tmp / "type");
+  auto cfg = nlohmann::ordered_json::parse(std::ifstream(tmp / "type/config.json"));
+  cfg["model_type"] = "mamba";
+  std::ofstream(tmp / "type/config.json") << cfg.dump();
+  expect_one_line_error(run("inspect " + (tmp / "type")), {"type/config.json", "model_type", "mamba"});
+  // A config missing a required field.
+  cfg["model_type"] = "qwen3_moe";
+  cfg.erase("num_attention_heads");
+  std::ofstream(tmp / "type/config.json") << cfg.dump();
+  expect_one_line_error(run("eval --model " + (tmp / "type") + " --tokens " + (tmp / "ok.jsonl")),
+                        {"config.json", "'num_attention_heads'"});
+}

@@ -1,0 +1,132 @@
+// Each CPU op against a direct (naive, double precision) computation of its definition.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "core/error.h"
+#include "ops/ops.h"
+#include "test_util.h"
+
+using namespace moeforge;
+using test::random_tensor;
+
+TEST(Ops, MatmulNtMatchesNaive) {
+  for (auto [m, n, k] : {std::tuple{1, 1, 1}, {7, 5, 3}, {33, 65, 70}, {130, 17, 257}}) {
+    Tensor a = random_tensor({m, k}, 1), b = random_tensor({n, k}, 2), c = Tensor::empty({m, n}, DType::F32);
+    ops::matmul_nt(a, b, c);
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < n; ++j) {
+        double s = 0;
+        for (int p = 0; p < k; ++p) s += double(a.f32()[i * k + p]) * b.f32()[j * k + p];
+        ASSERT_NEAR(c.f32()[i * n + j], s, 1e-4 * (1 + std::abs(s))) << m << "x" << n << "x" << k;
+      }
+  }
+}
+
+TEST(Ops, MatmulAcceptsBf16Weights) {
+  Tensor a = random_tensor({4, 8}, 3), b = random_tensor({5, 8}, 4, 1.f, DType::BF16);
+  Tensor c1 = Tensor::empty({4, 5}, DType::F32), c2 = Tensor::empty({4, 5}, DType::F32);
+  ops::matmul_nt(a, b, c1);
+  ops::matmul_nt(a, b.to(DType::F32), c2);
+  EXPECT_EQ(test::max_abs_diff(c1, c2), 0.f);
+}
+
+TEST(Ops, RmsNorm) {
+  Tensor x = random_tensor({3, 10}, 5), w = random_tensor({10}, 6);
+  Tensor y = ops::rms_norm(x, w, 1e-6f);
+  for (int r = 0; r < 3; ++r) {
+    double ss = 0;
+    for (int i = 0; i < 10; ++i) ss += double(x.f32()[r * 10 + i]) * x.f32()[r * 10 + i];
+    const double inv = 1 / std::sqrt(ss / 10 + 1e-6);
+    for (int i = 0; i < 10; ++i) EXPECT_NEAR(y.f32()[r * 10 + i], w.f32()[i] * x.f32()[r * 10 + i] * inv, 1e-5);
+  }
+}
+
+TEST(Ops, SoftmaxAndTopkPreferLowerIndexOnTies) {
+  Tensor x = Tensor::from_vector({1, 3, 3, 0, 2, 2, 2, 5}, {2, 4});
+  Tensor v, i;
+  ops::topk_rows(x, 2, v, i);
+  EXPECT_EQ(std::vector<int64_t>(i.i64(), i.i64() + 4), std::vector<int64_t>({1, 2, 3, 0}));
+  ops::softmax_rows_inplace(x);
+  double s = 0;
+  for (int j = 0; j < 4; ++j) s += x.f32()[j];
+  EXPECT_NEAR(s, 1.0, 1e-6);
+  EXPECT_NEAR(x.f32()[1] / x.f32()[0], std::exp(2.0), 1e-4);
+}
+
+TEST(Ops, RopeRotatesHalves) {
+  Tensor x = Tensor::from_vector({1, 2, 3, 4}, {1, 1, 4});
+  const float c0 = std::cos(0.5f), s0 = std::sin(0.5f), c1 = std::cos(0.25f), s1 = std::sin(0.25f);
+  Tensor cos = Tensor::from_vector({c0, c1, c0, c1}, {1, 4}), sin = Tensor::from_vector({s0, s1, s0, s1}, {1, 4});
+  ops::rope_inplace(x, cos, sin);
+  EXPECT_NEAR(x.f32()[0], 1 * c0 - 3 * s0, 1e-6);
+  EXPECT_NEAR(x.f32()[1], 2 * c1 - 4 * s1, 1e-6);
+  EXPECT_NEAR(x.f32()[2], 3 * c0 + 1 * s0, 1e-6);
+  EXPECT_NEAR(x.f32()[3], 4 * c1 + 2 * s1, 1e-6);
+}
+
+namespace {
+// Direct attention for one (batch, q-head) with an explicit mask predicate.
+template <typename Mask>
+void naive_attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, Mask allowed, Tensor& out) {
+  const int64_t b = q.size(0), s = q.size(1), hq = q.size(2), d = q.size(3), hkv = k.size(2);
+  for (int64_t bi = 0; bi < b; ++bi)
+    for (int64_t h = 0; h < hq; ++h)
+      for (int64_t i = 0; i < s; ++i) {
+        std::vector<double> p(s, 0.0);
+        double mx = -1e300, sum = 0;
+        for (int64_t j = 0; j < s; ++j) {
+          if (!allowed(bi, i, j)) continue;
+          double dot = 0;
+          for (int64_t x = 0; x < d; ++x)
+            dot += double(q.f32()[((bi * s + i) * hq + h) * d + x]) * k.f32()[((bi * s + j) * hkv + h / (hq / hkv)) * d + x];
+          p[j] = dot * scale;
+          mx = std::max(mx, p[j]);
+        }
+        for (int64_t j = 0; j < s; ++j) sum += allowed(bi, i, j) ? std::exp(p[j] - mx) : 0;
+        for (int64_t x = 0; x < d; ++x) {
+          double o = 0;
+          for (int64_t j = 0; j < s; ++j)
+            if (allowed(bi, i, j)) o += std::exp(p[j] - mx) / sum * v.f32()[((bi * s + j) * hkv + h / (hq / hkv)) * d + x];
+          out.f32()[((bi * s + i) * hq + h) * d + x] = static_cast<float>(o);
+        }
+      }
+}
+}  // namespace
+
+TEST(Ops, AttentionCausalWindowAndDocuments) {
+  const int64_t b = 2, s = 9, hq = 4, hkv = 2, d = 8;
+  Tensor q = random_tensor({b, s, hq, d}, 7), k = random_tensor({b, s, hkv, d}, 8), v = random_tensor({b, s, hkv, d}, 9);
+  Tensor ref = Tensor::empty({b, s, hq, d}, DType::F32);
+  const float scale = 0.35f;
+  naive_attention(q, k, v, scale, [](int64_t, int64_t i, int64_t j) { return j <= i; }, ref);
+  EXPECT_LT(test::max_abs_diff(ops::attention(q, k, v, scale, std::nullopt), ref), 1e-5);
+  naive_attention(q, k, v, scale, [](int64_t, int64_t i, int64_t j) { return j <= i && i - j < 3; }, ref);
+  EXPECT_LT(test::max_abs_diff(ops::attention(q, k, v, scale, 3), ref), 1e-5);
+  std::vector<int64_t> docs = {0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 0, 0, 0, 0, 5, 5, 5, 5};
+  Tensor doc_ids = Tensor::from_i64(docs, {b, s});
+  naive_attention(q, k, v, scale, [&](int64_t bi, int64_t i, int64_t j) {
+    return j <= i && docs[bi * s + i] == docs[bi * s + j];
+  }, ref);
+  EXPECT_LT(test::max_abs_diff(ops::attention(q, k, v, scale, std::nullopt, &doc_ids), ref), 1e-5);
+}
+
+TEST(Ops, CrossEntropyIgnoresIndex) {
+  Tensor logits = Tensor::from_vector({0, 1, 2, 3, 3, 3}, {2, 3});
+  int64_t n = 0;
+  Tensor l = ops::cross_entropy_rows(logits, Tensor::from_i64({2, -100}, {2}), -100, &n);
+  EXPECT_EQ(n, 1);
+  EXPECT_NEAR(l.f32()[0], std::log(std::exp(0.) + std::exp(1.) + std::exp(2.)) - 2.0, 1e-6);
+  EXPECT_EQ(l.f32()[1], 0.f);
+}
+
+TEST(Ops, SwigluAndEmbedding) {
+  Tensor gu = Tensor::from_vector({1, -2, 3, 4}, {1, 4});
+  Tensor y = ops::swiglu(gu);
+  EXPECT_NEAR(y.f32()[0], 1 / (1 + std::exp(-1.0)) * 3, 1e-6);
+  EXPECT_NEAR(y.f32()[1], -2 / (1 + std::exp(2.0)) * 4, 1e-6);
+  Tensor table = Tensor::from_vector({0, 1, 10, 11, 20, 21}, {3, 2}, DType::BF16);
+  Tensor e = ops::embedding(Tensor::from_i64({2, 0}, {2}), table);
+  EXPECT_EQ(e.to_f32_vector(), std::vector<float>({20, 21, 0, 1}));
+  EXPECT_THROW(ops::embedding(Tensor::from_i64({3}, {1}), table), Error);
+}

@@ -1,0 +1,50 @@
+// Helpers shared by the tests: temporary folders and the fixtures' paths.
+#pragma once
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace moeforge::test {
+
+inline std::string fixture(const std::string& name) { return std::string(MOEFORGE_FIXTURES) + "/" + name; }
+
+// A fresh folder under the system temp dir, removed when the object goes away.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    static int counter = 0;
+    path = std::filesystem::temp_directory_path() /
+           ("moeforge-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++));
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+inline void write_bytes(const std::string& path, const std::string& bytes) {
+  std::ofstream out(path, std::ios::binary);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+inline Tensor random_tensor(Shape shape, uint32_t seed, float scale = 1.f, DType dtype = DType::F32) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> v(static_cast<size_t>(shape_numel(shape)));
+  for (auto& x : v) x = d(gen);
+  return Tensor::from_vector(v, std::move(shape), dtype);
+}
+
+inline float max_abs_diff(const Tensor& a, const Tensor& b) {
+  auto x = a.to_f32_vector(), y = b.to_f32_vector();
+  float m = 0;
+  for (size_t i = 0; i < x.size(); ++i) m = std::max(m, std::abs(x[i] - y[i]));
+  return m;
+}
+
+}  // namespace moeforge::test
