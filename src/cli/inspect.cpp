@@ -28,9 +28,15 @@ std::string human(double n, const char* unit = "") {
   return buf;
 }
 
-std::string gib(double bytes) {
+std::string bytes_str(double bytes) {
+  static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (bytes >= 1024.0 && u < 4) {
+    bytes /= 1024.0;
+    ++u;
+  }
   char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f GiB", bytes / (1024.0 * 1024 * 1024));
+  std::snprintf(buf, sizeof buf, "%.1f %s", bytes, units[u]);
   return buf;
 }
 
@@ -152,7 +158,7 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   std::printf("training memory, weights + gradients + AdamW state (activations not included):\n");
   for (const auto& p : kPolicies)
     std::printf("  %-11s %2d B/param  %12s   (%s)\n", p.name, p.bytes_per_param,
-                gib(static_cast<double>(total) * p.bytes_per_param).c_str(), p.what);
+                bytes_str(static_cast<double>(total) * p.bytes_per_param).c_str(), p.what);
   return 0;
 }
 

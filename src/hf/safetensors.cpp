@@ -143,7 +143,14 @@ const TensorEntry& SafetensorsFile::entry(const std::string& name) const {
 
 Tensor SafetensorsFile::get(const std::string& name) const {
   const TensorEntry& e = entry(name);
-  auto storage = Storage::wrap(const_cast<char*>(data_) + e.begin, e.end - e.begin, mapping_);
+  const char* p = data_ + e.begin;
+  if (reinterpret_cast<uintptr_t>(p) % dtype_size(e.dtype) != 0) {
+    // Other writers may leave a tensor unaligned; typed access needs it aligned, so copy it.
+    Tensor t = Tensor::empty(e.shape, e.dtype);
+    std::memcpy(t.raw(), p, e.end - e.begin);
+    return t;
+  }
+  auto storage = Storage::wrap(const_cast<char*>(p), e.end - e.begin, mapping_);
   return Tensor(storage, 0, e.shape, e.dtype);
 }
 
@@ -226,8 +233,16 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
                       const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
+  // Data goes in order of decreasing element size (as the reference writer does), so every tensor
+  // starts aligned to its element size and readers can use it in place.
+  std::vector<size_t> order(tensors.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
+    return dtype_size(tensors[a].second.dtype()) > dtype_size(tensors[b].second.dtype());
+  });
   uint64_t offset = 0;
-  for (const auto& [name, t] : tensors) {
+  for (size_t i : order) {
+    const auto& [name, t] = tensors[i];
     MF_CHECK(t.device().is_cpu(), path, ": tensor '", name, "' must be on the CPU to be saved");
     MF_CHECK(!header.contains(name), path, ": tensor '", name, "' given twice");
     header[name] = {{"dtype", std::string(dtype_name(t.dtype()))},
@@ -242,7 +257,7 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
   for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>((text.size() >> (8 * i)) & 0xff);
   out.write(len, 8);
   out.write(text.data(), text.size());
-  for (const auto& [name, t] : tensors) out.write(t.raw(), t.nbytes());
+  for (size_t i : order) out.write(tensors[i].second.raw(), tensors[i].second.nbytes());
   out.commit();
 }
 

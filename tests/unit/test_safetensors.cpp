@@ -46,8 +46,9 @@ TEST(Safetensors, WriteThenReadGivesIdenticalTensors) {
   EXPECT_EQ(test::max_abs_diff(f.get("b"), b), 0.f);
   EXPECT_EQ(f.get("c").i64()[2], 3);
   EXPECT_EQ(f.get("empty").numel(), 0);
-  // The data area starts 8-byte aligned.
-  EXPECT_EQ(std::filesystem::file_size(dir / "x.safetensors") % 8, (3 * 4 * 4 + 5 * 2 + 3 * 8) % 8);
+  // Every tensor starts aligned to its element size (I64 first, then F32, then BF16).
+  for (const auto& e : f.entries()) EXPECT_EQ(e.begin % dtype_size(e.dtype), 0u) << e.name;
+  EXPECT_EQ(f.entry("c").begin, 0u);
 }
 
 TEST(Safetensors, ShardedSaveWritesAnIndexAndReadsBack) {
@@ -63,6 +64,18 @@ TEST(Safetensors, ShardedSaveWritesAnIndexAndReadsBack) {
   auto ckpt = hf::SafetensorsCheckpoint::open(dir.path.string());
   ASSERT_EQ(ckpt.names().size(), 5u);
   for (auto& [n, t] : ts) EXPECT_EQ(test::max_abs_diff(ckpt.get(n), t), 0.f);
+}
+
+TEST(Safetensors, UnalignedTensorsFromOtherWritersAreCopied) {
+  TempDir dir;
+  // A U8 tensor of 3 bytes first puts the I64 tensor at offset 3.
+  std::string data = std::string("\x01\x02\x03", 3) + std::string("\x07\0\0\0\0\0\0\0", 8);
+  std::string header = R"({"u":{"dtype":"U8","shape":[3],"data_offsets":[0,3]},"i":{"dtype":"I64","shape":[1],"data_offsets":[3,11]}})";
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>((header.size() >> (8 * i)) & 0xff);
+  test::write_bytes(dir / "u.safetensors", bytes + header + data);
+  auto f = hf::SafetensorsFile::open(dir / "u.safetensors");
+  EXPECT_EQ(f.get("i").i64()[0], 7);
 }
 
 TEST(Safetensors, ReadsTransformersShardedFixture) {
