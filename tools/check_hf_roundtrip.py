@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 def tensor_names(folder):
     names = set()
     for fn in os.listdir(folder):
-        if fn.endswith(".safetensors") and fn != "reference.safetensors":
+        if fn.endswith(".safetensors") and not fn.startswith("reference"):
             with safe_open(os.path.join(folder, fn), "pt") as f:
                 names |= set(f.keys())
     return names

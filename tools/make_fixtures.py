@@ -8,7 +8,9 @@ For every case it writes tests/fixtures/<case>/ containing
   - the checkpoint exactly as `save_pretrained` writes it (config.json, *.safetensors, index if sharded),
   - reference.safetensors: input_ids [B,S] i64, labels [B,S] i64 (some -100), logits [B,S,V] f32,
     loss [] f32, train_losses [3] f32 (loss before each of 3 AdamW steps),
-  - after_adamw/: the weights after those 3 steps, again via `save_pretrained`.
+  - after_adamw/: the weights after those 3 steps, again via `save_pretrained`,
+  - reference_grads.safetensors: the gradients of the first step, `grad.<name>` under Transformers'
+    in-memory names (fused experts), and `aux_grad.<name>` of the load-balancing loss alone.
 Cases with a `hub_layout` variant also get <case>_hub/: the same weights in the hub's v4 spelling
 (per-expert tensor names, `rope_theta`/`rope_scaling`, `num_experts`) so both spellings are tested.
 All reference numbers are computed on the CPU in float32 (no TF32), so they are deterministic.
@@ -156,12 +158,25 @@ def main():
         model.train()
         opt = torch.optim.AdamW(model.parameters(), **ADAMW)
         losses = []
-        for _ in range(3):
+        grads = {}
+        for step in range(3):
             opt.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=labels).loss
+            out_t = model(input_ids=ids, labels=labels)
+            loss = out_t.loss
             losses.append(loss.item())
+            if step == 0 and getattr(out_t, "aux_loss", None) is not None:
+                # The load-balancing loss's own gradient, to check it apart from the cross-entropy's.
+                aux_g = torch.autograd.grad(out_t.aux_loss, [p for _, p in model.named_parameters()],
+                                            retain_graph=True, allow_unused=True)
+                for (n, _), g in zip(model.named_parameters(), aux_g):
+                    if g is not None:
+                        grads["aux_grad." + n] = g.detach().float().contiguous()
             loss.backward()
+            if step == 0:
+                for n, p in model.named_parameters():
+                    grads["grad." + n] = p.grad.detach().float().contiguous()
             opt.step()
+        save_file(grads, os.path.join(folder, "reference_grads.safetensors"))
         ref["train_losses"] = torch.tensor(losses, dtype=torch.float32)
         model.save_pretrained(os.path.join(folder, "after_adamw"))
         save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(folder, "reference.safetensors"))
@@ -192,7 +207,7 @@ def main():
         folder = os.path.join(args.out, name)
         names = []
         for fn in sorted(os.listdir(folder)):
-            if fn.endswith(".safetensors") and fn != "reference.safetensors":
+            if fn.endswith(".safetensors") and not fn.startswith("reference"):
                 with safe_open(os.path.join(folder, fn), "pt") as f:
                     names += list(f.keys())
         manifest["cases"][name]["checkpoint_tensor_names"] = sorted(names)

@@ -5,15 +5,20 @@
 
 namespace moeforge::models {
 
+Tensor shifted_targets(const Tensor& labels) {
+  const int64_t b = labels.size(0), s = labels.size(1);
+  std::vector<int64_t> shifted(static_cast<size_t>(b * s), -100);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t t = 0; t + 1 < s; ++t) shifted[i * s + t] = labels.i64()[i * s + t + 1];
+  return Tensor::from_i64(shifted, {b * s});
+}
+
 float causal_lm_loss(const Tensor& logits, const Tensor& labels, int64_t* counted) {
   const int64_t b = logits.size(0), s = logits.size(1), v = logits.size(2);
   MF_CHECK(labels.shape() == Shape({b, s}), "labels ", shape_str(labels.shape()), " do not match logits ",
            shape_str(logits.shape()));
-  std::vector<int64_t> shifted(static_cast<size_t>(b * s), -100);
-  for (int64_t i = 0; i < b; ++i)
-    for (int64_t t = 0; t + 1 < s; ++t) shifted[i * s + t] = labels.i64()[i * s + t + 1];
   int64_t n = 0;
-  Tensor per = ops::cross_entropy_rows(logits.view({b * s, v}), Tensor::from_i64(shifted, {b * s}), -100, &n);
+  Tensor per = ops::cross_entropy_rows(logits.view({b * s, v}), shifted_targets(labels), -100, &n);
   double sum = 0;
   for (int64_t i = 0; i < b * s; ++i) sum += per.f32()[i];
   if (counted) *counted = n;

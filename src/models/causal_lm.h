@@ -27,11 +27,27 @@ struct ForwardOutputs {
   int64_t loss_tokens = 0;   // tokens the cross-entropy counted
 };
 
+// One training micro-step: forward with the saved state backward needs, the loss, and backward
+// accumulating into the parameters' gradients.
+struct TrainStepOptions {
+  float ce_scale = 1.f;   // gradient of the summed token cross-entropy (1 / tokens in the global batch)
+  float aux_scale = 0.f;  // gradient of the load-balancing loss (coef / micro-batches), if enabled
+  bool activation_checkpointing = false;  // keep only each layer's input; recompute in backward
+};
+
+struct TrainStepResult {
+  double ce_sum = 0;       // summed cross-entropy over counted tokens
+  int64_t tokens = 0;      // counted tokens
+  float aux_loss = NAN;    // load-balancing loss when the config asks for it
+};
+
 class CausalLM {
  public:
   explicit CausalLM(hf::ModelConfig cfg) : cfg_(std::move(cfg)) {}
   virtual ~CausalLM() = default;
   virtual ForwardOutputs forward(const ForwardInputs& in) const = 0;
+  // Needs labels in `in`. Gradients accumulate (call params().zero_grad() between optimizer steps).
+  virtual TrainStepResult forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) = 0;
 
   const hf::ModelConfig& config() const { return cfg_; }
   nn::ParamStore& params() { return params_; }
@@ -50,5 +66,7 @@ class CausalLM {
 // Shifted causal-LM cross-entropy, as Transformers' ForCausalLMLoss: position t predicts label t+1,
 // the last position of each row predicts nothing, -100 is ignored, mean over counted tokens.
 float causal_lm_loss(const Tensor& logits, const Tensor& labels, int64_t* counted);
+// The shifted targets [B*S]: label t+1 for position t, -100 at each row's last position.
+Tensor shifted_targets(const Tensor& labels);
 
 }  // namespace moeforge::models

@@ -1,6 +1,7 @@
 #include "nn/layers.h"
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/error.h"
@@ -8,22 +9,44 @@
 
 namespace moeforge::nn {
 
+namespace {
+
+Tensor as_f32(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); }
+
+// Gathers rows `idx[i] / div` of x [T, H] into [n, H].
+Tensor gather_rows(const Tensor& x, const std::vector<int64_t>& idx, int64_t div) {
+  const int64_t h = x.size(1), n = static_cast<int64_t>(idx.size());
+  Tensor out = Tensor::empty({n, h}, DType::F32);
+  for (int64_t i = 0; i < n; ++i) std::memcpy(out.f32() + i * h, x.f32() + (idx[i] / div) * h, h * sizeof(float));
+  return out;
+}
+
+}  // namespace
+
 void RMSNorm::init(ParamStore& ps, const std::string& name, int64_t dim, float eps_) {
   weight = ps.add(name, {dim});
+  ps.all()[weight].decay = false;
   eps = eps_;
 }
 
 Tensor RMSNorm::forward(const ParamStore& ps, const Tensor& x) const { return ops::rms_norm(x, ps.at(weight), eps); }
 
+Tensor RMSNorm::backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const {
+  return ops::rms_norm_backward(x, ps.at(weight), eps, dy, ps.grad(weight));
+}
+
 void Linear::init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t out, bool with_bias) {
   weight = ps.add(prefix + ".weight", {out, in});
-  if (with_bias) bias = ps.add(prefix + ".bias", {out});
+  if (with_bias) {
+    bias = ps.add(prefix + ".bias", {out});
+    ps.all()[*bias].decay = false;
+  }
 }
 
 Tensor Linear::forward(const ParamStore& ps, const Tensor& x) const {
   Tensor y = ops::linear(x, ps.at(weight));
   if (bias) {
-    const Tensor b = ps.at(*bias).dtype() == DType::F32 ? ps.at(*bias) : ps.at(*bias).to(DType::F32);
+    const Tensor b = as_f32(ps.at(*bias));
     const int64_t n = b.numel(), rows = y.numel() / n;
     float* yp = y.f32();
     const float* bp = b.f32();
@@ -31,6 +54,17 @@ Tensor Linear::forward(const ParamStore& ps, const Tensor& x) const {
       for (int64_t i = 0; i < n; ++i) yp[r * n + i] += bp[i];
   }
   return y;
+}
+
+Tensor Linear::backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const {
+  ops::linear_weight_grad(dy, x, ps.grad(weight));
+  if (bias) {
+    Tensor& db = ps.grad(*bias);
+    const int64_t n = db.numel(), rows = dy.numel() / n;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < n; ++i) db.f32()[i] += dy.f32()[r * n + i];
+  }
+  return ops::linear_input_grad(dy, ps.at(weight));
 }
 
 void Attention::init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_, int64_t kv_heads_,
@@ -52,21 +86,56 @@ void Attention::init(ParamStore& ps, const std::string& prefix, int64_t hidden, 
 }
 
 Tensor Attention::forward(const ParamStore& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
-                          const Tensor& sin, const Tensor* doc_ids) const {
+                          const Tensor& sin, const Tensor* doc_ids, Cache* cache) const {
   const int64_t t = batch * seq;
   Tensor q = q_proj.forward(ps, x).view({t, heads, head_dim});
   Tensor k = k_proj.forward(ps, x).view({t, kv_heads, head_dim});
   Tensor v = v_proj.forward(ps, x).view({batch, seq, kv_heads, head_dim});
+  if (cache) {
+    cache->x = x;
+    cache->q_pre = q;
+    cache->k_pre = k;
+  }
   if (q_norm) {
     q = q_norm->forward(ps, q);
     k = k_norm->forward(ps, k);
+  } else if (cache) {
+    q = q.clone();  // the rotation below is in place; keep the pre-rotation values intact
+    k = k.clone();
   }
   ops::rope_inplace(q, cos, sin);
   ops::rope_inplace(k, cos, sin);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  Tensor o = ops::attention(q.view({batch, seq, heads, head_dim}), k.view({batch, seq, kv_heads, head_dim}), v, scale,
-                            window, doc_ids);
+  Tensor q4 = q.view({batch, seq, heads, head_dim}), k4 = k.view({batch, seq, kv_heads, head_dim});
+  Tensor o = ops::attention(q4, k4, v, scale, window, doc_ids);
+  if (cache) {
+    cache->q = q4;
+    cache->k = k4;
+    cache->v = v;
+    cache->o = o.view({t, heads * head_dim});
+  }
   return o_proj.forward(ps, o.view({t, heads * head_dim}));
+}
+
+Tensor Attention::backward(ParamStore& ps, const Cache& c, int64_t batch, int64_t seq, const Tensor& cos,
+                           const Tensor& sin, const Tensor* doc_ids, const Tensor& dy) const {
+  const int64_t t = batch * seq;
+  Tensor d_o = o_proj.backward(ps, c.o, dy).view({batch, seq, heads, head_dim});
+  Tensor dq, dk, dv;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  ops::attention_backward(c.q, c.k, c.v, d_o, scale, window, doc_ids, dq, dk, dv);
+  dq = dq.view({t, heads, head_dim});
+  dk = dk.view({t, kv_heads, head_dim});
+  ops::rope_inplace(dq, cos, sin, /*inverse=*/true);
+  ops::rope_inplace(dk, cos, sin, /*inverse=*/true);
+  if (q_norm) {
+    dq = q_norm->backward(ps, c.q_pre, dq);
+    dk = k_norm->backward(ps, c.k_pre, dk);
+  }
+  Tensor dx = q_proj.backward(ps, c.x, dq.view({t, heads * head_dim}));
+  ops::add_inplace(dx, k_proj.backward(ps, c.x, dk.view({t, kv_heads * head_dim})));
+  ops::add_inplace(dx, v_proj.backward(ps, c.x, dv.view({t, kv_heads * head_dim})));
+  return dx;
 }
 
 void DenseMLP::init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter) {
@@ -75,15 +144,31 @@ void DenseMLP::init(ParamStore& ps, const std::string& prefix, int64_t hidden, i
   down_proj.init(ps, prefix + ".down_proj", inter, hidden, false);
 }
 
-Tensor DenseMLP::forward(const ParamStore& ps, const Tensor& x) const {
+Tensor DenseMLP::forward(const ParamStore& ps, const Tensor& x, Cache* cache) const {
   Tensor g = gate_proj.forward(ps, x), u = up_proj.forward(ps, x);
   const int64_t t = g.size(0), inter = g.size(1);
   Tensor gu = Tensor::empty({t, 2 * inter}, DType::F32);
   for (int64_t r = 0; r < t; ++r) {
-    std::copy(g.f32() + r * inter, g.f32() + (r + 1) * inter, gu.f32() + r * 2 * inter);
-    std::copy(u.f32() + r * inter, u.f32() + (r + 1) * inter, gu.f32() + r * 2 * inter + inter);
+    std::memcpy(gu.f32() + r * 2 * inter, g.f32() + r * inter, inter * sizeof(float));
+    std::memcpy(gu.f32() + r * 2 * inter + inter, u.f32() + r * inter, inter * sizeof(float));
   }
-  return down_proj.forward(ps, ops::swiglu(gu));
+  Tensor act = ops::swiglu(gu);
+  if (cache) *cache = {x, gu, act};
+  return down_proj.forward(ps, act);
+}
+
+Tensor DenseMLP::backward(ParamStore& ps, const Cache& c, const Tensor& dy) const {
+  Tensor dact = down_proj.backward(ps, c.act, dy);
+  Tensor dgu = ops::swiglu_backward(c.gate_up, dact);
+  const int64_t t = dgu.size(0), inter = dgu.size(1) / 2;
+  Tensor dg = Tensor::empty({t, inter}, DType::F32), du = Tensor::empty({t, inter}, DType::F32);
+  for (int64_t r = 0; r < t; ++r) {
+    std::memcpy(dg.f32() + r * inter, dgu.f32() + r * 2 * inter, inter * sizeof(float));
+    std::memcpy(du.f32() + r * inter, dgu.f32() + r * 2 * inter + inter, inter * sizeof(float));
+  }
+  Tensor dx = gate_proj.backward(ps, c.x, dg);
+  ops::add_inplace(dx, up_proj.backward(ps, c.x, du));
+  return dx;
 }
 
 void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
@@ -98,7 +183,7 @@ void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_,
   down = ps.add(prefix + ".experts.down_proj", {experts, hidden, inter});
 }
 
-Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, Tensor* router_logits) const {
+Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, Tensor* router_logits, Cache* cache) const {
   const int64_t t = x.size(0);
   Tensor logits = ops::linear(x, ps.at(router));
   if (router_logits) *router_logits = logits.clone();
@@ -106,17 +191,29 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, Tensor* router_
   ops::softmax_rows_inplace(probs);
   Tensor weights, chosen;
   ops::topk_rows(probs, top_k, weights, chosen);
+  Tensor topk_sum = Tensor::empty({t}, DType::F32);
   float* w = weights.f32();
-  if (norm_topk_prob)
-    for (int64_t r = 0; r < t; ++r) {
-      float s = 0.f;
-      for (int64_t j = 0; j < top_k; ++j) s += w[r * top_k + j];
+  for (int64_t r = 0; r < t; ++r) {
+    float s = 0.f;
+    for (int64_t j = 0; j < top_k; ++j) s += w[r * top_k + j];
+    topk_sum.f32()[r] = s;
+    if (norm_topk_prob)
       for (int64_t j = 0; j < top_k; ++j) w[r * top_k + j] /= s;
-    }
+  }
   // Group the (token, slot) pairs by expert, run each expert on its rows, scatter-add weighted.
   std::vector<std::vector<int64_t>> rows(static_cast<size_t>(experts));
   const int64_t* c = chosen.i64();
   for (int64_t i = 0; i < t * top_k; ++i) rows[c[i]].push_back(i);
+  if (cache) {
+    cache->x = x;
+    cache->probs = probs;
+    cache->chosen = chosen;
+    cache->weights = weights;
+    cache->topk_sum = topk_sum;
+    cache->h.assign(experts, Tensor());
+    cache->act.assign(experts, Tensor());
+    cache->y.assign(experts, Tensor());
+  }
   Tensor out = Tensor::zeros({t, hidden}, DType::F32);
   const Tensor& gu_all = ps.at(gate_up);
   const Tensor& dn_all = ps.at(down);
@@ -124,25 +221,94 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, Tensor* router_
     const auto& r = rows[e];
     if (r.empty()) continue;
     const int64_t n = static_cast<int64_t>(r.size());
-    Tensor xs = Tensor::empty({n, hidden}, DType::F32);
-    for (int64_t i = 0; i < n; ++i)
-      std::copy(x.f32() + (r[i] / top_k) * hidden, x.f32() + (r[i] / top_k + 1) * hidden, xs.f32() + i * hidden);
+    Tensor xs = gather_rows(x, r, top_k);
     Tensor h = ops::linear(xs, gu_all.slice0(e, 1).view({2 * inter, hidden}));
-    Tensor y = ops::linear(ops::swiglu(h), dn_all.slice0(e, 1).view({hidden, inter}));
+    Tensor act = ops::swiglu(h);
+    Tensor y = ops::linear(act, dn_all.slice0(e, 1).view({hidden, inter}));
     for (int64_t i = 0; i < n; ++i) {
       const float wi = w[r[i]];
       float* o = out.f32() + (r[i] / top_k) * hidden;
       const float* yi = y.f32() + i * hidden;
       for (int64_t d = 0; d < hidden; ++d) o[d] += wi * yi[d];
     }
+    if (cache) {
+      cache->h[e] = h;
+      cache->act[e] = act;
+      cache->y[e] = y;
+    }
   }
+  if (cache) cache->rows = std::move(rows);
   return out;
 }
 
-float load_balancing_loss(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k) {
-  if (router_logits.empty()) return 0.f;
-  std::vector<double> routed(static_cast<size_t>(experts), 0.0), prob(static_cast<size_t>(experts), 0.0);
+Tensor SparseMoE::backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const {
+  const int64_t t = c.x.size(0);
+  Tensor dx = Tensor::zeros({t, hidden}, DType::F32);
+  Tensor dweights = Tensor::zeros({t, top_k}, DType::F32);  // d loss / d (routing weight of each slot)
+  const Tensor& gu_all = ps.at(gate_up);
+  const Tensor& dn_all = ps.at(down);
+  Tensor& g_gu = ps.grad(gate_up);
+  Tensor& g_dn = ps.grad(down);
+  const float* w = c.weights.f32();
+  for (int64_t e = 0; e < experts; ++e) {
+    const auto& r = c.rows[e];
+    if (r.empty()) continue;
+    const int64_t n = static_cast<int64_t>(r.size());
+    const float* y = c.y[e].f32();
+    Tensor dyw = Tensor::empty({n, hidden}, DType::F32);  // gradient at the expert's output
+    for (int64_t i = 0; i < n; ++i) {
+      const float* g = dy.f32() + (r[i] / top_k) * hidden;
+      double dw = 0;
+      for (int64_t d = 0; d < hidden; ++d) {
+        dw += static_cast<double>(g[d]) * y[i * hidden + d];
+        dyw.f32()[i * hidden + d] = w[r[i]] * g[d];
+      }
+      dweights.f32()[r[i]] = static_cast<float>(dw);
+    }
+    Tensor dn_e = dn_all.slice0(e, 1).view({hidden, inter});
+    Tensor g_dn_e = g_dn.slice0(e, 1).view({hidden, inter});
+    ops::linear_weight_grad(dyw, c.act[e], g_dn_e);
+    Tensor dact = ops::linear_input_grad(dyw, dn_e);
+    Tensor dh = ops::swiglu_backward(c.h[e], dact);
+    Tensor gu_e = gu_all.slice0(e, 1).view({2 * inter, hidden});
+    Tensor g_gu_e = g_gu.slice0(e, 1).view({2 * inter, hidden});
+    Tensor xs = gather_rows(c.x, r, top_k);
+    ops::linear_weight_grad(dh, xs, g_gu_e);
+    Tensor dxs = ops::linear_input_grad(dh, gu_e);
+    for (int64_t i = 0; i < n; ++i) {
+      float* o = dx.f32() + (r[i] / top_k) * hidden;
+      for (int64_t d = 0; d < hidden; ++d) o[d] += dxs.f32()[i * hidden + d];
+    }
+  }
+  // Routing weights -> full probabilities (the discrete choice gets no gradient).
+  Tensor dprobs = dprobs_extra ? dprobs_extra->clone() : Tensor::zeros({t, experts}, DType::F32);
+  const int64_t* ch = c.chosen.i64();
+  for (int64_t r = 0; r < t; ++r) {
+    const float* dwr = dweights.f32() + r * top_k;
+    if (norm_topk_prob) {
+      // w_j = p_j / S with S = sum of the chosen p: dp_j = (dw_j - sum_i dw_i w_i) / S.
+      double dot = 0;
+      for (int64_t j = 0; j < top_k; ++j) dot += static_cast<double>(dwr[j]) * w[r * top_k + j];
+      const float s = c.topk_sum.f32()[r];
+      for (int64_t j = 0; j < top_k; ++j)
+        dprobs.f32()[r * experts + ch[r * top_k + j]] += static_cast<float>((dwr[j] - dot) / s);
+    } else {
+      for (int64_t j = 0; j < top_k; ++j) dprobs.f32()[r * experts + ch[r * top_k + j]] += dwr[j];
+    }
+  }
+  Tensor dlogits = ops::softmax_backward(c.probs, dprobs);
+  ops::add_inplace(dx, ops::linear_input_grad(dlogits, ps.at(router)));
+  ops::linear_weight_grad(dlogits, c.x, ps.grad(router));
+  return dx;
+}
+
+namespace {
+struct RoutingStats {
+  std::vector<double> routed, prob;
   int64_t rows = 0;
+};
+RoutingStats routing_stats(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k) {
+  RoutingStats st{std::vector<double>(experts, 0.0), std::vector<double>(experts, 0.0), 0};
   for (const Tensor& l : router_logits) {
     Tensor p = l.clone();
     ops::softmax_rows_inplace(p);
@@ -150,16 +316,32 @@ float load_balancing_loss(const std::vector<Tensor>& router_logits, int64_t expe
     ops::topk_rows(p, top_k, v, idx);
     const int64_t t = p.size(0);
     for (int64_t r = 0; r < t; ++r) {
-      for (int64_t e = 0; e < experts; ++e) prob[e] += p.f32()[r * experts + e];
-      for (int64_t j = 0; j < top_k; ++j) routed[idx.i64()[r * top_k + j]] += 1.0;
+      for (int64_t e = 0; e < experts; ++e) st.prob[e] += p.f32()[r * experts + e];
+      for (int64_t j = 0; j < top_k; ++j) st.routed[idx.i64()[r * top_k + j]] += 1.0;
     }
-    rows += t;
+    st.rows += t;
   }
+  return st;
+}
+}  // namespace
+
+float load_balancing_loss(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k) {
+  if (router_logits.empty()) return 0.f;
+  const RoutingStats st = routing_stats(router_logits, experts, top_k);
   // tokens_per_expert is a mean over rows of a [rows, top_k, E] one-hot, i.e. per slot; summing
   // over slots against the mean probability gives sum_e (routed_e / rows) * (prob_e / rows).
   double loss = 0;
-  for (int64_t e = 0; e < experts; ++e) loss += (routed[e] / rows) * (prob[e] / rows);
+  for (int64_t e = 0; e < experts; ++e) loss += (st.routed[e] / st.rows) * (st.prob[e] / st.rows);
   return static_cast<float>(loss * experts);
+}
+
+std::vector<float> load_balancing_prob_grad(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k) {
+  std::vector<float> g(static_cast<size_t>(experts), 0.f);
+  if (router_logits.empty()) return g;
+  const RoutingStats st = routing_stats(router_logits, experts, top_k);
+  for (int64_t e = 0; e < experts; ++e)
+    g[e] = static_cast<float>(experts * (st.routed[e] / st.rows) / st.rows);
+  return g;
 }
 
 }  // namespace moeforge::nn

@@ -1,9 +1,11 @@
-// Decoder building blocks with explicit forward passes. Each layer registers its parameters in the
-// model's ParamStore under their internal names and keeps the indices; backward passes (and the
-// state they need) arrive with the training work.
+// Decoder building blocks with explicit forward and backward passes (no autograd tape). Each layer
+// registers its parameters in the model's ParamStore under their internal names and keeps the
+// indices. forward() takes an optional cache: when given, it keeps exactly what backward() needs;
+// backward() accumulates parameter gradients into the ParamStore and returns the input gradient.
 #pragma once
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"
 #include "nn/params.h"
@@ -16,6 +18,7 @@ struct RMSNorm {
   float eps = 1e-6f;
   void init(ParamStore& ps, const std::string& name, int64_t dim, float eps_);
   Tensor forward(const ParamStore& ps, const Tensor& x) const;
+  Tensor backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const;
 };
 
 struct Linear {
@@ -23,10 +26,14 @@ struct Linear {
   std::optional<size_t> bias;
   void init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t out, bool with_bias);
   Tensor forward(const ParamStore& ps, const Tensor& x) const;
+  Tensor backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const;
 };
 
 // Grouped-query attention with optional per-head q/k RMSNorm (Qwen3) and an optional sliding window.
 struct Attention {
+  struct Cache {
+    Tensor x, q_pre, k_pre, q, k, v, o;  // input, q/k before norm, q/k after norm+RoPE, v, attention out
+  };
   Linear q_proj, k_proj, v_proj, o_proj;
   std::optional<RMSNorm> q_norm, k_norm;
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
@@ -35,30 +42,47 @@ struct Attention {
             int64_t head_dim_, bool bias, bool qk_norm, float eps, std::optional<int64_t> window_);
   // x [B*S, hidden]; cos/sin [B*S, rot]; doc_ids [B,S] optional.
   Tensor forward(const ParamStore& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
-                 const Tensor& sin, const Tensor* doc_ids) const;
+                 const Tensor& sin, const Tensor* doc_ids, Cache* cache = nullptr) const;
+  Tensor backward(ParamStore& ps, const Cache& c, int64_t batch, int64_t seq, const Tensor& cos, const Tensor& sin,
+                  const Tensor* doc_ids, const Tensor& dy) const;
 };
 
 // SwiGLU MLP: down(silu(gate(x)) * up(x)).
 struct DenseMLP {
+  struct Cache {
+    Tensor x, gate_up, act;
+  };
   Linear gate_proj, up_proj, down_proj;
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter);
-  Tensor forward(const ParamStore& ps, const Tensor& x) const;
+  Tensor forward(const ParamStore& ps, const Tensor& x, Cache* cache = nullptr) const;
+  Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy) const;
 };
 
 // Softmax router + top-k + SwiGLU experts held as one tensor per projection:
 // gate_up [E, 2I, H] (gate rows first, then up) and down [E, H, I].
 struct SparseMoE {
+  struct Cache {
+    Tensor x, probs, chosen, weights, topk_sum;  // probs [T,E]; chosen/weights [T,k]; topk_sum [T]
+    std::vector<std::vector<int64_t>> rows;      // per expert: the (token * k + slot) it serves
+    std::vector<Tensor> h, act, y;               // per expert: gate_up out, SwiGLU out, expert out
+  };
   size_t router = 0, gate_up = 0, down = 0;
   int64_t experts = 0, top_k = 0, inter = 0, hidden = 0;
   bool norm_topk_prob = false;
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
             int64_t inter_, bool norm_topk);
   // x [T, H] -> [T, H]; router_logits [T, E] is returned for the auxiliary loss.
-  Tensor forward(const ParamStore& ps, const Tensor& x, Tensor* router_logits) const;
+  Tensor forward(const ParamStore& ps, const Tensor& x, Tensor* router_logits, Cache* cache = nullptr) const;
+  // `dprobs_extra` [T, E] (optional) is a gradient on the router probabilities from elsewhere (the
+  // load-balancing loss).
+  Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const;
 };
 
 // Switch-Transformer load-balancing loss as Transformers computes it over all MoE layers' router
 // logits (concatenated), with no attention mask: E * sum_e(fraction routed to e * mean prob of e).
 float load_balancing_loss(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k);
+// d(loss)/d(probs) of one layer's rows: E * f_e / rows_total, the same for every row; f_e is the
+// routed fraction over all layers. Returns [E].
+std::vector<float> load_balancing_prob_grad(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k);
 
 }  // namespace moeforge::nn

@@ -1,5 +1,7 @@
 #include "nn/params.h"
 
+#include <cstring>
+
 #include "core/error.h"
 
 namespace moeforge::nn {
@@ -25,6 +27,16 @@ int64_t ParamStore::numel() const {
   int64_t n = 0;
   for (const auto& p : params_) n += shape_numel(p.shape);
   return n;
+}
+
+void ParamStore::ensure_grads() {
+  for (auto& p : params_)
+    if (!p.grad.defined()) p.grad = Tensor::zeros(p.shape, DType::F32);
+}
+
+void ParamStore::zero_grad() {
+  for (auto& p : params_)
+    if (p.grad.defined()) std::memset(p.grad.raw(), 0, p.grad.nbytes());
 }
 
 }  // namespace moeforge::nn

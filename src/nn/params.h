@@ -13,6 +13,8 @@ struct Param {
   std::string name;  // internal name, e.g. "model.layers.0.mlp.experts.gate_up_proj"
   Shape shape;       // the shape the config implies
   Tensor value;      // filled by the loader
+  Tensor grad;       // F32, same shape; allocated by ensure_grads()
+  bool decay = true;  // AdamW weight decay applies (false for norms and biases when excluded)
 };
 
 class ParamStore {
@@ -26,6 +28,10 @@ class ParamStore {
   Param* find(const std::string& name);
   const Param* find(const std::string& name) const;
   int64_t numel() const;
+  Tensor& grad(size_t i) { return params_[i].grad; }
+  // Allocates (zeroed) gradients for every parameter that has none; zero_grad() clears them.
+  void ensure_grads();
+  void zero_grad();
 
  private:
   std::vector<Param> params_;

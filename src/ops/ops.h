@@ -24,7 +24,8 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps);
 Tensor embedding(const Tensor& ids, const Tensor& table);
 
 // x [T, H, D] rotated in place by cos/sin [T, rot] over the first `rot` dims (rotate_half convention).
-void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin);
+// `inverse` rotates by the opposite angle: the backward of the rotation (it is orthogonal).
+void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse = false);
 
 // Scaled dot-product attention over one batch of packed rows.
 // q [B,S,Hq,D], k/v [B,S,Hkv,D] (Hq a multiple of Hkv) -> [B,S,Hq,D].
@@ -49,5 +50,33 @@ void add_inplace(Tensor& x, const Tensor& y);
 // Per-row cross-entropy of logits [N,V] against targets [N] (I64); rows whose target equals
 // `ignore_index` get 0 and are not counted. Returns the per-row losses [N] and the count.
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted);
+
+// ---- Backward passes. "accumulate" outputs are added to; the rest are written.
+
+// dW [N,K] += dy[M,N]^T x[M,K]
+void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw);
+// dx [M,K] = dy[M,N] W[N,K]
+Tensor linear_input_grad(const Tensor& dy, const Tensor& weight);
+
+// RMSNorm over the last dimension: returns dx; dw (F32) accumulates.
+Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy, Tensor& dw);
+
+// Attention backward (probabilities recomputed, as a flash kernel would): returns dq, dk, dv.
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, float scale,
+                        std::optional<int64_t> window, const Tensor* doc_ids, Tensor& dq, Tensor& dk, Tensor& dv);
+
+// d(gate_up) [T, 2I] from d(silu(gate) * up) [T, I].
+Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);
+
+// table_grad [V, D] += rows of dx [N, D] at ids [N].
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad);
+
+// Softmax backward over the last dimension given the probabilities: dlogits = p * (dp - sum(p * dp)).
+Tensor softmax_backward(const Tensor& probs, const Tensor& dprobs);
+
+// Cross-entropy rows fused with its gradient: dlogits = scale * (softmax - onehot) on counted rows, 0
+// elsewhere. Returns the summed loss over counted rows.
+double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
+                              Tensor& dlogits, int64_t* counted);
 
 }  // namespace moeforge::ops

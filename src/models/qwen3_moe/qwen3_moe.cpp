@@ -41,42 +41,79 @@ Qwen3Moe::Qwen3Moe(hf::ModelConfig c)
   }
 }
 
-ForwardOutputs Qwen3Moe::forward(const ForwardInputs& in) const {
+Qwen3Moe::Batch Qwen3Moe::prepare(const ForwardInputs& in) const {
   const Tensor& ids = in.input_ids;
   MF_CHECK(ids.dim() == 2 && ids.dtype() == DType::I64, "input_ids must be an I64 [batch, seq] tensor, got ",
            dtype_name(ids.dtype()), " ", shape_str(ids.shape()));
-  const int64_t b = ids.size(0), s = ids.size(1), t = b * s, h = cfg_.hidden_size;
+  Batch bt;
+  bt.b = ids.size(0);
+  bt.s = ids.size(1);
+  bt.doc_ids = in.doc_ids;
   Tensor positions;
   if (in.position_ids) {
     MF_CHECK(in.position_ids->shape() == ids.shape(), "position_ids must match input_ids");
     positions = *in.position_ids;
   } else {
-    std::vector<int64_t> p(static_cast<size_t>(t));
-    for (int64_t i = 0; i < t; ++i) p[i] = i % s;
-    positions = Tensor::from_i64(p, {b, s});
+    std::vector<int64_t> p(static_cast<size_t>(bt.b * bt.s));
+    for (int64_t i = 0; i < bt.b * bt.s; ++i) p[i] = i % bt.s;
+    positions = Tensor::from_i64(p, {bt.b, bt.s});
   }
-  Tensor cos, sin;
-  rope_.tables(positions, cos, sin);
+  rope_.tables(positions, bt.cos, bt.sin);
+  return bt;
+}
 
-  Tensor x = ops::embedding(ids, params_.at(embed_)).view({t, h});
+Tensor Qwen3Moe::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, LayerCache* c,
+                               Tensor* router_logits) const {
+  const Layer& L = layers_[l];
+  Tensor x = x_in.clone();
+  Tensor a = L.attn.forward(params_, L.input_norm.forward(params_, x_in), bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids,
+                            c ? &c->attn : nullptr);
+  ops::add_inplace(x, a);
+  if (c) {
+    c->x_in = x_in;
+    c->x_mid = x.clone();
+  }
+  Tensor n = L.post_attention_norm.forward(params_, x);
+  Tensor m;
+  if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
+    m = moe->forward(params_, n, router_logits, c ? &c->moe : nullptr);
+  } else {
+    m = std::get<nn::DenseMLP>(L.mlp).forward(params_, n, c ? &c->dense : nullptr);
+  }
+  ops::add_inplace(x, m);
+  return x;
+}
+
+Tensor Qwen3Moe::layer_backward(size_t l, const LayerCache& c, const Batch& bt, const Tensor& dy,
+                                const Tensor* dprobs_extra) {
+  const Layer& L = layers_[l];
+  Tensor dn;
+  if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
+    dn = moe->backward(params_, c.moe, dy, dprobs_extra);
+  } else {
+    dn = std::get<nn::DenseMLP>(L.mlp).backward(params_, c.dense, dy);
+  }
+  Tensor dmid = dy.clone();
+  ops::add_inplace(dmid, L.post_attention_norm.backward(params_, c.x_mid, dn));
+  Tensor da = L.attn.backward(params_, c.attn, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dmid);
+  Tensor dx = dmid;
+  ops::add_inplace(dx, L.input_norm.backward(params_, c.x_in, da));
+  return dx;
+}
+
+ForwardOutputs Qwen3Moe::forward(const ForwardInputs& in) const {
+  const Batch bt = prepare(in);
+  const int64_t t = bt.b * bt.s, h = cfg_.hidden_size;
+  Tensor x = ops::embedding(in.input_ids, params_.at(embed_)).view({t, h});
   std::vector<Tensor> router_logits;
-  for (const Layer& L : layers_) {
-    Tensor a = L.attn.forward(params_, L.input_norm.forward(params_, x), b, s, cos, sin, in.doc_ids);
-    ops::add_inplace(x, a);
-    Tensor n = L.post_attention_norm.forward(params_, x);
-    Tensor m;
-    if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
-      Tensor logits;
-      m = moe->forward(params_, n, cfg_.output_router_logits ? &logits : nullptr);
-      if (cfg_.output_router_logits) router_logits.push_back(logits);
-    } else {
-      m = std::get<nn::DenseMLP>(L.mlp).forward(params_, n);
-    }
-    ops::add_inplace(x, m);
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    Tensor logits;
+    x = layer_forward(l, x, bt, nullptr, cfg_.output_router_logits ? &logits : nullptr);
+    if (logits.defined()) router_logits.push_back(logits);
   }
   x = final_norm_.forward(params_, x);
   ForwardOutputs out;
-  out.logits = ops::linear(x, params_.at(lm_head_)).view({b, s, cfg_.vocab_size});
+  out.logits = ops::linear(x, params_.at(lm_head_)).view({bt.b, bt.s, cfg_.vocab_size});
   if (cfg_.output_router_logits)
     out.aux_loss = nn::load_balancing_loss(router_logits, cfg_.num_experts, cfg_.num_experts_per_tok);
   if (in.labels) {
@@ -84,6 +121,62 @@ ForwardOutputs Qwen3Moe::forward(const ForwardInputs& in) const {
     if (cfg_.output_router_logits) out.loss += static_cast<float>(cfg_.router_aux_loss_coef) * out.aux_loss;
   }
   return out;
+}
+
+TrainStepResult Qwen3Moe::forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) {
+  MF_CHECK(in.labels, "forward_backward needs labels");
+  params_.ensure_grads();
+  const Batch bt = prepare(in);
+  const int64_t t = bt.b * bt.s, h = cfg_.hidden_size;
+  const bool ckpt = opts.activation_checkpointing;
+  // Forward, keeping each layer's state (or only its input under activation checkpointing).
+  std::vector<LayerCache> caches(layers_.size());
+  std::vector<Tensor> router_logits(layers_.size());
+  Tensor x = ops::embedding(in.input_ids, params_.at(embed_)).view({t, h});
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    Tensor* rl = cfg_.output_router_logits ? &router_logits[l] : nullptr;
+    if (ckpt) {
+      caches[l].x_in = x;
+      x = layer_forward(l, x, bt, nullptr, rl);
+    } else {
+      x = layer_forward(l, x, bt, &caches[l], rl);
+    }
+  }
+  const Tensor x_final = x;
+  Tensor xn = final_norm_.forward(params_, x_final);
+  Tensor logits = ops::linear(xn, params_.at(lm_head_));
+  TrainStepResult res;
+  Tensor dlogits;
+  res.ce_sum = ops::cross_entropy_backward(logits, shifted_targets(*in.labels), -100, opts.ce_scale, dlogits, &res.tokens);
+  logits = Tensor();  // free before backward
+  // Load-balancing loss: its gradient on every MoE layer's router probabilities.
+  std::vector<Tensor> moe_logits;
+  for (auto& rl : router_logits)
+    if (rl.defined()) moe_logits.push_back(rl);
+  Tensor dprobs_aux;
+  if (cfg_.output_router_logits && !moe_logits.empty()) {
+    res.aux_loss = nn::load_balancing_loss(moe_logits, cfg_.num_experts, cfg_.num_experts_per_tok);
+    const auto g = nn::load_balancing_prob_grad(moe_logits, cfg_.num_experts, cfg_.num_experts_per_tok);
+    dprobs_aux = Tensor::empty({t, cfg_.num_experts}, DType::F32);
+    for (int64_t r = 0; r < t; ++r)
+      for (int64_t e = 0; e < cfg_.num_experts; ++e) dprobs_aux.f32()[r * cfg_.num_experts + e] = g[e] * opts.aux_scale;
+  }
+  // Backward.
+  Tensor dxn = ops::linear_input_grad(dlogits, params_.at(lm_head_));
+  ops::linear_weight_grad(dlogits, xn, params_.grad(lm_head_));
+  dlogits = Tensor();
+  Tensor dx = final_norm_.backward(params_, x_final, dxn);
+  for (size_t l = layers_.size(); l-- > 0;) {
+    if (ckpt) {
+      Tensor x_in = caches[l].x_in;
+      layer_forward(l, x_in, bt, &caches[l], nullptr);
+    }
+    const Tensor* extra = router_logits[l].defined() && dprobs_aux.defined() ? &dprobs_aux : nullptr;
+    dx = layer_backward(l, caches[l], bt, dx, extra);
+    caches[l] = LayerCache();
+  }
+  ops::embedding_backward(in.input_ids, dx, params_.grad(embed_));
+  return res;
 }
 
 int64_t Qwen3Moe::active_parameters() const {

@@ -1,6 +1,7 @@
 // Qwen3-MoE (Qwen3MoeForCausalLM): GQA attention with per-head q/k RMSNorm and RoPE, softmax top-k
 // routing (renormalised when norm_topk_prob), SwiGLU experts, dense-MLP layers where
-// mlp_only_layers / decoder_sparse_step say so, optional sliding window, tied or untied LM head.
+// mlp_only_layers / decoder_sparse_step say so, optional sliding window, tied or untied LM head,
+// and the load-balancing loss when output_router_logits is set.
 #pragma once
 #include <memory>
 #include <variant>
@@ -14,6 +15,7 @@ class Qwen3Moe : public CausalLM {
  public:
   explicit Qwen3Moe(hf::ModelConfig cfg);
   ForwardOutputs forward(const ForwardInputs& in) const override;
+  TrainStepResult forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) override;
   int64_t active_parameters() const override;
 
  private:
@@ -22,6 +24,23 @@ class Qwen3Moe : public CausalLM {
     nn::Attention attn;
     std::variant<nn::DenseMLP, nn::SparseMoE> mlp;
   };
+  // What one decoder layer keeps for backward.
+  struct LayerCache {
+    Tensor x_in, x_mid;  // layer input; input of the post-attention norm
+    nn::Attention::Cache attn;
+    nn::DenseMLP::Cache dense;
+    nn::SparseMoE::Cache moe;
+  };
+  struct Batch {
+    int64_t b = 0, s = 0;
+    Tensor cos, sin;
+    const Tensor* doc_ids = nullptr;
+  };
+  Batch prepare(const ForwardInputs& in) const;
+  // One decoder layer; `cache` may be null (inference); `router_logits` receives the MoE logits.
+  Tensor layer_forward(size_t l, const Tensor& x, const Batch& bt, LayerCache* cache, Tensor* router_logits) const;
+  Tensor layer_backward(size_t l, const LayerCache& c, const Batch& bt, const Tensor& dy, const Tensor* dprobs_extra);
+
   size_t embed_ = 0, lm_head_ = 0;
   std::vector<Layer> layers_;
   nn::RMSNorm final_norm_;

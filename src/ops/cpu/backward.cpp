@@ -1,0 +1,169 @@
+// Backward passes of the CPU reference ops (the norm and rotation backwards sit beside their
+// forwards in norm_rope.cpp).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "core/error.h"
+#include "ops/ops.h"
+
+namespace moeforge::ops {
+
+void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw) {
+  const int64_t n = dy.size(-1), k = x.size(-1), m = dy.numel() / std::max<int64_t>(n, 1);
+  MF_CHECK(x.numel() == m * k && dw.numel() == n * k, "linear_weight_grad: dy ", shape_str(dy.shape()), " x ",
+           shape_str(x.shape()), " -> dw ", shape_str(dw.shape()));
+  gemm_f32(true, false, n, k, m, 1.f, dy.f32(), n, x.f32(), k, 1.f, dw.f32(), k);
+}
+
+Tensor linear_input_grad(const Tensor& dy, const Tensor& weight) {
+  const int64_t n = weight.size(0), k = weight.size(1), m = dy.numel() / std::max<int64_t>(n, 1);
+  Shape shape = dy.shape();
+  shape.back() = k;
+  Tensor dx = Tensor::empty(shape, DType::F32);
+  Tensor wf = weight.dtype() == DType::F32 ? weight : weight.to(DType::F32);
+  gemm_f32(false, false, m, k, n, 1.f, dy.f32(), n, wf.f32(), k, 0.f, dx.f32(), k);
+  return dx;
+}
+
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, float scale,
+                        std::optional<int64_t> window, const Tensor* doc_ids, Tensor& dq, Tensor& dk, Tensor& dv) {
+  const int64_t b = q.size(0), s = q.size(1), hq = q.size(2), d = q.size(3), hkv = k.size(2), group = hq / hkv;
+  dq = Tensor::zeros(q.shape(), DType::F32);
+  dk = Tensor::zeros(k.shape(), DType::F32);
+  dv = Tensor::zeros(v.shape(), DType::F32);
+  const float *qp = q.f32(), *kp = k.f32(), *vp = v.f32(), *gp = dout.f32();
+  float *dqp = dq.f32(), *dkp = dk.f32(), *dvp = dv.f32();
+  const int64_t* docs = doc_ids ? doc_ids->i64() : nullptr;
+  // One task per (batch, kv head): every write to dk/dv of that head stays in the task.
+#pragma omp parallel
+  {
+    std::vector<float> p(static_cast<size_t>(s)), dp(static_cast<size_t>(s));
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t bi = 0; bi < b; ++bi)
+      for (int64_t kh = 0; kh < hkv; ++kh)
+        for (int64_t h = kh * group; h < (kh + 1) * group; ++h)
+          for (int64_t i = 0; i < s; ++i) {
+            const float* qi = qp + ((bi * s + i) * hq + h) * d;
+            const float* gi = gp + ((bi * s + i) * hq + h) * d;
+            const int64_t lo = window ? std::max<int64_t>(0, i - *window + 1) : 0;
+            float mx = -std::numeric_limits<float>::infinity();
+            for (int64_t j = 0; j <= i; ++j) {
+              if (j < lo || (docs && docs[bi * s + j] != docs[bi * s + i])) {
+                p[j] = -std::numeric_limits<float>::infinity();
+                continue;
+              }
+              const float* kj = kp + ((bi * s + j) * hkv + kh) * d;
+              float dot = 0.f;
+              for (int64_t x = 0; x < d; ++x) dot += qi[x] * kj[x];
+              p[j] = dot * scale;
+              mx = std::max(mx, p[j]);
+            }
+            double sum = 0;
+            for (int64_t j = 0; j <= i; ++j) {
+              p[j] = std::isinf(p[j]) && p[j] < 0 ? 0.f : std::exp(p[j] - mx);
+              sum += p[j];
+            }
+            const float inv = sum > 0 ? static_cast<float>(1.0 / sum) : 0.f;
+            double dsum = 0;
+            for (int64_t j = 0; j <= i; ++j) {
+              p[j] *= inv;
+              if (p[j] == 0.f) {
+                dp[j] = 0.f;
+                continue;
+              }
+              const float* vj = vp + ((bi * s + j) * hkv + kh) * d;
+              float* dvj = dvp + ((bi * s + j) * hkv + kh) * d;
+              float dot = 0.f;
+              for (int64_t x = 0; x < d; ++x) {
+                dot += gi[x] * vj[x];
+                dvj[x] += p[j] * gi[x];
+              }
+              dp[j] = dot;
+              dsum += static_cast<double>(p[j]) * dot;
+            }
+            float* dqi = dqp + ((bi * s + i) * hq + h) * d;
+            for (int64_t j = 0; j <= i; ++j) {
+              if (p[j] == 0.f) continue;
+              const float ds = p[j] * (dp[j] - static_cast<float>(dsum)) * scale;
+              const float* kj = kp + ((bi * s + j) * hkv + kh) * d;
+              float* dkj = dkp + ((bi * s + j) * hkv + kh) * d;
+              for (int64_t x = 0; x < d; ++x) {
+                dqi[x] += ds * kj[x];
+                dkj[x] += ds * qi[x];
+              }
+            }
+          }
+  }
+}
+
+Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout) {
+  const int64_t t = gate_up.size(0), two_i = gate_up.size(1), inter = two_i / 2;
+  Tensor dgu = Tensor::empty({t, two_i}, DType::F32);
+  const float* g = gate_up.f32();
+  const float* d = dout.f32();
+  float* o = dgu.f32();
+#pragma omp parallel for if (t * inter > 65536)
+  for (int64_t r = 0; r < t; ++r)
+    for (int64_t i = 0; i < inter; ++i) {
+      const float a = g[r * two_i + i], u = g[r * two_i + inter + i], dy = d[r * inter + i];
+      const float sig = 1.f / (1.f + std::exp(-a));
+      const float silu = a * sig;
+      o[r * two_i + i] = dy * u * sig * (1.f + a * (1.f - sig));
+      o[r * two_i + inter + i] = dy * silu;
+    }
+  return dgu;
+}
+
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad) {
+  const int64_t n = ids.numel(), d = table_grad.size(1);
+  const int64_t* id = ids.i64();
+  float* g = table_grad.f32();
+  const float* x = dx.f32();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < d; ++j) g[id[i] * d + j] += x[i * d + j];
+}
+
+Tensor softmax_backward(const Tensor& probs, const Tensor& dprobs) {
+  const int64_t d = probs.size(-1), rows = probs.numel() / std::max<int64_t>(d, 1);
+  Tensor out = Tensor::empty(probs.shape(), DType::F32);
+  const float *p = probs.f32(), *g = dprobs.f32();
+  float* o = out.f32();
+  for (int64_t r = 0; r < rows; ++r) {
+    double dot = 0;
+    for (int64_t i = 0; i < d; ++i) dot += static_cast<double>(p[r * d + i]) * g[r * d + i];
+    for (int64_t i = 0; i < d; ++i) o[r * d + i] = p[r * d + i] * (g[r * d + i] - static_cast<float>(dot));
+  }
+  return out;
+}
+
+double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
+                              Tensor& dlogits, int64_t* counted) {
+  const int64_t n = logits.size(0), v = logits.size(1);
+  dlogits = Tensor::zeros({n, v}, DType::F32);
+  const float* lp = logits.f32();
+  const int64_t* t = targets.i64();
+  float* g = dlogits.f32();
+  for (int64_t r = 0; r < n; ++r)
+    MF_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < v), "cross_entropy: label ", t[r], " at row ", r,
+             " is outside the vocabulary (", v, " tokens)");
+  double total = 0;
+  int64_t count = 0;
+#pragma omp parallel for reduction(+ : total, count) if (n * v > 65536)
+  for (int64_t r = 0; r < n; ++r) {
+    if (t[r] == ignore_index) continue;
+    const float* row = lp + r * v;
+    const float mx = *std::max_element(row, row + v);
+    double sum = 0;
+    for (int64_t i = 0; i < v; ++i) sum += std::exp(static_cast<double>(row[i] - mx));
+    total += std::log(sum) + mx - row[t[r]];
+    ++count;
+    for (int64_t i = 0; i < v; ++i) g[r * v + i] = static_cast<float>(std::exp(row[i] - mx - std::log(sum))) * scale;
+    g[r * v + t[r]] -= scale;
+  }
+  if (counted) *counted = count;
+  return total;
+}
+
+}  // namespace moeforge::ops

@@ -1,0 +1,113 @@
+#include "train/optimizer.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace moeforge::train {
+
+AdamW::AdamW(nn::ParamStore& params, AdamWOptions opts) : params_(params), opts_(opts) {
+  for (const auto& p : params_.all()) {
+    exp_avg_.push_back(Tensor::zeros(p.shape, DType::F32));
+    exp_avg_sq_.push_back(Tensor::zeros(p.shape, DType::F32));
+  }
+}
+
+void AdamW::step(double lr) {
+  ++step_;
+  const double b1 = opts_.beta1, b2 = opts_.beta2;
+  // As torch (single-tensor path): fp32 tensors, python-float scalars.
+  const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step_));
+  const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step_));
+  const double step_size = lr / bc1;
+  const double bc2_sqrt = std::sqrt(bc2);
+  auto& all = params_.all();
+  for (size_t i = 0; i < all.size(); ++i) {
+    auto& p = all[i];
+    MF_CHECK(p.value.dtype() == DType::F32, "AdamW: parameter '", p.name, "' must be F32 (the CPU policy is fp32)");
+    MF_CHECK(p.grad.defined(), "AdamW: parameter '", p.name, "' has no gradient");
+    const bool decay = opts_.decay_norms_and_biases || p.decay;
+    const float wd_mul = static_cast<float>(1.0 - lr * (decay ? opts_.weight_decay : 0.0));
+    float* w = p.value.f32();
+    const float* g = p.grad.f32();
+    float* m = exp_avg_[i].f32();
+    float* v = exp_avg_sq_[i].f32();
+    const int64_t n = p.value.numel();
+    const float one_minus_b1 = static_cast<float>(1.0 - b1), fb2 = static_cast<float>(b2);
+    const float one_minus_b2 = static_cast<float>(1.0 - b2);
+    const float fbc2 = static_cast<float>(bc2_sqrt), feps = static_cast<float>(opts_.eps);
+    const float fstep = static_cast<float>(step_size);
+#pragma omp parallel for if (n > 65536)
+    for (int64_t j = 0; j < n; ++j) {
+      w[j] *= wd_mul;
+      m[j] += (g[j] - m[j]) * one_minus_b1;  // exp_avg.lerp_(grad, 1 - beta1)
+      v[j] = v[j] * fb2 + one_minus_b2 * g[j] * g[j];
+      const float denom = std::sqrt(v[j]) / fbc2 + feps;
+      w[j] += -fstep * (m[j] / denom);
+    }
+  }
+}
+
+hf::NamedTensors AdamW::state() const {
+  hf::NamedTensors out;
+  const auto& all = params_.all();
+  for (size_t i = 0; i < all.size(); ++i) {
+    out.emplace_back("exp_avg." + all[i].name, exp_avg_[i]);
+    out.emplace_back("exp_avg_sq." + all[i].name, exp_avg_sq_[i]);
+  }
+  return out;
+}
+
+void AdamW::load_state(const hf::SafetensorsFile& f, int64_t step) {
+  const auto& all = params_.all();
+  for (size_t i = 0; i < all.size(); ++i) {
+    for (auto [prefix, dst] : {std::pair{"exp_avg.", &exp_avg_[i]}, std::pair{"exp_avg_sq.", &exp_avg_sq_[i]}}) {
+      const std::string name = prefix + all[i].name;
+      MF_CHECK(f.contains(name), f.path(), ": missing optimizer state '", name, "'");
+      Tensor t = f.get(name);
+      MF_CHECK(t.shape() == all[i].shape && t.dtype() == DType::F32, f.path(), ": optimizer state '", name,
+               "' has ", dtype_name(t.dtype()), " ", shape_str(t.shape()), ", expected F32 ", shape_str(all[i].shape));
+      std::memcpy(dst->raw(), t.raw(), t.nbytes());
+    }
+  }
+  step_ = step;
+}
+
+double global_grad_norm(const nn::ParamStore& params) {
+  double ss = 0;
+  for (const auto& p : params.all()) {
+    if (!p.grad.defined()) continue;
+    const float* g = p.grad.f32();
+    const int64_t n = p.grad.numel();
+#pragma omp parallel for reduction(+ : ss) if (n > 65536)
+    for (int64_t j = 0; j < n; ++j) ss += static_cast<double>(g[j]) * g[j];
+  }
+  return std::sqrt(ss);
+}
+
+double clip_grad_norm(nn::ParamStore& params, double max_norm) {
+  const double norm = global_grad_norm(params);
+  const double coef = max_norm / (norm + 1e-6);
+  if (coef < 1.0)
+    for (auto& p : params.all()) {
+      if (!p.grad.defined()) continue;
+      float* g = p.grad.f32();
+      const float c = static_cast<float>(coef);
+      for (int64_t j = 0; j < p.grad.numel(); ++j) g[j] *= c;
+    }
+  return norm;
+}
+
+double lr_multiplier(const ScheduleOptions& s, int64_t step, int64_t total) {
+  if (step < s.warmup_steps) return static_cast<double>(step) / std::max<int64_t>(1, s.warmup_steps);
+  if (s.type == "constant") return 1.0;
+  const double progress = static_cast<double>(step - s.warmup_steps) / std::max<int64_t>(1, total - s.warmup_steps);
+  double m = 1.0;
+  if (s.type == "linear") m = std::max(0.0, 1.0 - progress);
+  else if (s.type == "cosine") m = std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
+  else MF_THROW("unknown schedule '", s.type, "' (expected constant, linear or cosine)");
+  return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * m;
+}
+
+}  // namespace moeforge::train

@@ -1,0 +1,51 @@
+// AdamW with exactly torch.optim.AdamW's update (decoupled weight decay applied first, bias
+// corrections, eps added outside the square root), global gradient-norm clipping as
+// torch.nn.utils.clip_grad_norm_, and learning-rate schedules as Transformers' get_scheduler.
+#pragma once
+#include <string>
+
+#include "hf/safetensors.h"
+#include "nn/params.h"
+
+namespace moeforge::train {
+
+struct AdamWOptions {
+  double lr = 1e-5;
+  double beta1 = 0.9, beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  bool decay_norms_and_biases = true;  // false: parameters marked decay=false get no weight decay
+};
+
+class AdamW {
+ public:
+  AdamW(nn::ParamStore& params, AdamWOptions opts);
+  // One update with learning rate `lr` (the schedule's value for this step).
+  void step(double lr);
+  int64_t steps() const { return step_; }
+  const AdamWOptions& options() const { return opts_; }
+  // State for exact resume: exp_avg.<name>, exp_avg_sq.<name> (F32) and the step count.
+  hf::NamedTensors state() const;
+  void load_state(const hf::SafetensorsFile& f, int64_t step);
+
+ private:
+  nn::ParamStore& params_;
+  AdamWOptions opts_;
+  std::vector<Tensor> exp_avg_, exp_avg_sq_;
+  int64_t step_ = 0;
+};
+
+// sqrt(sum of squared gradients), accumulated in double.
+double global_grad_norm(const nn::ParamStore& params);
+// Scales gradients by max_norm / (norm + 1e-6) when that is below 1 (torch's rule). Returns the norm.
+double clip_grad_norm(nn::ParamStore& params, double max_norm);
+
+struct ScheduleOptions {
+  std::string type = "constant";  // constant | linear | cosine
+  int64_t warmup_steps = 0;
+  double min_lr_ratio = 0.0;  // cosine/linear floor as a fraction of the peak
+};
+// Multiplier of the peak learning rate for optimizer step `step` (0-based) of `total`.
+double lr_multiplier(const ScheduleOptions& s, int64_t step, int64_t total);
+
+}  // namespace moeforge::train
