@@ -13,11 +13,19 @@
 
 namespace moeforge::models {
 
+// Routing control for the MoE layers: Record stores each MoE layer's choice of experts, Replay uses
+// stored choices instead of the top-k (for gradient checks, and for balanced-routing benchmarks).
+struct RoutingControl {
+  enum class Mode { Record, Replay } mode = Mode::Record;
+  std::vector<Tensor> chosen;  // one [T, k] I64 tensor per MoE layer, in layer order
+};
+
 struct ForwardInputs {
   Tensor input_ids;                 // [B, S] I64
   const Tensor* labels = nullptr;   // [B, S] I64, -100 = ignored; shifted inside as Transformers does
   const Tensor* position_ids = nullptr;  // [B, S] I64; default 0..S-1 per row
   const Tensor* doc_ids = nullptr;       // [B, S] I64; packed documents do not attend to each other
+  RoutingControl* routing = nullptr;
 };
 
 struct ForwardOutputs {

@@ -183,14 +183,27 @@ void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_,
   down = ps.add(prefix + ".experts.down_proj", {experts, hidden, inter});
 }
 
-Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, Tensor* router_logits, Cache* cache) const {
+Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* router_out, Cache* cache,
+                          const Tensor* forced) const {
   const int64_t t = x.size(0);
   Tensor logits = ops::linear(x, ps.at(router));
-  if (router_logits) *router_logits = logits.clone();
+  if (router_out) router_out->logits = logits.clone();
   Tensor probs = logits;  // softmax in place: `logits` is not needed afterwards
   ops::softmax_rows_inplace(probs);
   Tensor weights, chosen;
-  ops::topk_rows(probs, top_k, weights, chosen);
+  if (forced) {
+    MF_CHECK(forced->shape() == Shape({t, top_k}) && forced->dtype() == DType::I64, "forced routing must be I64 [",
+             t, ", ", top_k, "], got ", shape_str(forced->shape()));
+    chosen = forced->clone();
+    weights = Tensor::empty({t, top_k}, DType::F32);
+    for (int64_t i = 0; i < t * top_k; ++i) {
+      const int64_t e = chosen.i64()[i];
+      MF_CHECK(e >= 0 && e < experts, "forced routing names expert ", e, " of ", experts);
+      weights.f32()[i] = probs.f32()[(i / top_k) * experts + e];
+    }
+  } else {
+    ops::topk_rows(probs, top_k, weights, chosen);
+  }
   Tensor topk_sum = Tensor::empty({t}, DType::F32);
   float* w = weights.f32();
   for (int64_t r = 0; r < t; ++r) {
@@ -200,6 +213,7 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, Tensor* router_
     if (norm_topk_prob)
       for (int64_t j = 0; j < top_k; ++j) w[r * top_k + j] /= s;
   }
+  if (router_out) router_out->chosen = chosen;
   // Group the (token, slot) pairs by expert, run each expert on its rows, scatter-add weighted.
   std::vector<std::vector<int64_t>> rows(static_cast<size_t>(experts));
   const int64_t* c = chosen.i64();
@@ -307,17 +321,15 @@ struct RoutingStats {
   std::vector<double> routed, prob;
   int64_t rows = 0;
 };
-RoutingStats routing_stats(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k) {
+RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts) {
   RoutingStats st{std::vector<double>(experts, 0.0), std::vector<double>(experts, 0.0), 0};
-  for (const Tensor& l : router_logits) {
-    Tensor p = l.clone();
+  for (const auto& r : routers) {
+    Tensor p = r.logits.clone();
     ops::softmax_rows_inplace(p);
-    Tensor v, idx;
-    ops::topk_rows(p, top_k, v, idx);
-    const int64_t t = p.size(0);
-    for (int64_t r = 0; r < t; ++r) {
-      for (int64_t e = 0; e < experts; ++e) st.prob[e] += p.f32()[r * experts + e];
-      for (int64_t j = 0; j < top_k; ++j) st.routed[idx.i64()[r * top_k + j]] += 1.0;
+    const int64_t t = p.size(0), k = r.chosen.size(1);
+    for (int64_t i = 0; i < t; ++i) {
+      for (int64_t e = 0; e < experts; ++e) st.prob[e] += p.f32()[i * experts + e];
+      for (int64_t j = 0; j < k; ++j) st.routed[r.chosen.i64()[i * k + j]] += 1.0;
     }
     st.rows += t;
   }
@@ -325,9 +337,9 @@ RoutingStats routing_stats(const std::vector<Tensor>& router_logits, int64_t exp
 }
 }  // namespace
 
-float load_balancing_loss(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k) {
-  if (router_logits.empty()) return 0.f;
-  const RoutingStats st = routing_stats(router_logits, experts, top_k);
+float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts) {
+  if (routers.empty()) return 0.f;
+  const RoutingStats st = routing_stats(routers, experts);
   // tokens_per_expert is a mean over rows of a [rows, top_k, E] one-hot, i.e. per slot; summing
   // over slots against the mean probability gives sum_e (routed_e / rows) * (prob_e / rows).
   double loss = 0;
@@ -335,12 +347,11 @@ float load_balancing_loss(const std::vector<Tensor>& router_logits, int64_t expe
   return static_cast<float>(loss * experts);
 }
 
-std::vector<float> load_balancing_prob_grad(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k) {
+std::vector<float> load_balancing_prob_grad(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts) {
   std::vector<float> g(static_cast<size_t>(experts), 0.f);
-  if (router_logits.empty()) return g;
-  const RoutingStats st = routing_stats(router_logits, experts, top_k);
-  for (int64_t e = 0; e < experts; ++e)
-    g[e] = static_cast<float>(experts * (st.routed[e] / st.rows) / st.rows);
+  if (routers.empty()) return g;
+  const RoutingStats st = routing_stats(routers, experts);
+  for (int64_t e = 0; e < experts; ++e) g[e] = static_cast<float>(experts * (st.routed[e] / st.rows) / st.rows);
   return g;
 }
 

@@ -71,8 +71,15 @@ struct SparseMoE {
   bool norm_topk_prob = false;
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
             int64_t inter_, bool norm_topk);
-  // x [T, H] -> [T, H]; router_logits [T, E] is returned for the auxiliary loss.
-  Tensor forward(const ParamStore& ps, const Tensor& x, Tensor* router_logits, Cache* cache = nullptr) const;
+  // x [T, H] -> [T, H]. `router` receives the logits [T, E] and the chosen experts [T, k] for the
+  // load-balancing loss. `forced` [T, k]
+  // (I64), when given, replaces the top-k choice of experts (replayed or balanced routing); the
+  // routing weights are still the router's probabilities at those experts, so gradients flow.
+  struct RouterOut {
+    Tensor logits, chosen;
+  };
+  Tensor forward(const ParamStore& ps, const Tensor& x, RouterOut* router, Cache* cache = nullptr,
+                 const Tensor* forced = nullptr) const;
   // `dprobs_extra` [T, E] (optional) is a gradient on the router probabilities from elsewhere (the
   // load-balancing loss).
   Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const;
@@ -80,9 +87,11 @@ struct SparseMoE {
 
 // Switch-Transformer load-balancing loss as Transformers computes it over all MoE layers' router
 // logits (concatenated), with no attention mask: E * sum_e(fraction routed to e * mean prob of e).
-float load_balancing_loss(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k);
+// The routed fractions count the experts each layer chose (Transformers recomputes the same top-k
+// from the same softmax; taking the layers' choice keeps replayed routing consistent).
+float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts);
 // d(loss)/d(probs) of one layer's rows: E * f_e / rows_total, the same for every row; f_e is the
 // routed fraction over all layers. Returns [E].
-std::vector<float> load_balancing_prob_grad(const std::vector<Tensor>& router_logits, int64_t experts, int64_t top_k);
+std::vector<float> load_balancing_prob_grad(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts);
 
 }  // namespace moeforge::nn

@@ -49,6 +49,7 @@ Qwen3Moe::Batch Qwen3Moe::prepare(const ForwardInputs& in) const {
   bt.b = ids.size(0);
   bt.s = ids.size(1);
   bt.doc_ids = in.doc_ids;
+  bt.routing = in.routing;
   Tensor positions;
   if (in.position_ids) {
     MF_CHECK(in.position_ids->shape() == ids.shape(), "position_ids must match input_ids");
@@ -63,7 +64,7 @@ Qwen3Moe::Batch Qwen3Moe::prepare(const ForwardInputs& in) const {
 }
 
 Tensor Qwen3Moe::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, LayerCache* c,
-                               Tensor* router_logits) const {
+                               nn::SparseMoE::RouterOut* router) const {
   const Layer& L = layers_[l];
   Tensor x = x_in.clone();
   Tensor a = L.attn.forward(params_, L.input_norm.forward(params_, x_in), bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids,
@@ -76,7 +77,21 @@ Tensor Qwen3Moe::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, La
   Tensor n = L.post_attention_norm.forward(params_, x);
   Tensor m;
   if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
-    m = moe->forward(params_, n, router_logits, c ? &c->moe : nullptr);
+    // The MoE layer's index among MoE layers selects its routing record.
+    size_t slot = 0;
+    for (size_t i = 0; i < l; ++i) slot += std::holds_alternative<nn::SparseMoE>(layers_[i].mlp);
+    const Tensor* forced = nullptr;
+    if (bt.routing && bt.routing->mode == RoutingControl::Mode::Replay) {
+      MF_CHECK(slot < bt.routing->chosen.size(), "routing replay has no record for MoE layer ", slot);
+      forced = &bt.routing->chosen[slot];
+    }
+    nn::SparseMoE::Cache local;
+    nn::SparseMoE::Cache* mc = c ? &c->moe : (bt.routing ? &local : nullptr);
+    m = moe->forward(params_, n, router, mc, forced);
+    if (bt.routing && bt.routing->mode == RoutingControl::Mode::Record) {
+      if (bt.routing->chosen.size() <= slot) bt.routing->chosen.resize(slot + 1);
+      bt.routing->chosen[slot] = mc->chosen;
+    }
   } else {
     m = std::get<nn::DenseMLP>(L.mlp).forward(params_, n, c ? &c->dense : nullptr);
   }
@@ -105,17 +120,17 @@ ForwardOutputs Qwen3Moe::forward(const ForwardInputs& in) const {
   const Batch bt = prepare(in);
   const int64_t t = bt.b * bt.s, h = cfg_.hidden_size;
   Tensor x = ops::embedding(in.input_ids, params_.at(embed_)).view({t, h});
-  std::vector<Tensor> router_logits;
+  std::vector<nn::SparseMoE::RouterOut> routers;
   for (size_t l = 0; l < layers_.size(); ++l) {
-    Tensor logits;
-    x = layer_forward(l, x, bt, nullptr, cfg_.output_router_logits ? &logits : nullptr);
-    if (logits.defined()) router_logits.push_back(logits);
+    nn::SparseMoE::RouterOut r;
+    x = layer_forward(l, x, bt, nullptr, cfg_.output_router_logits ? &r : nullptr);
+    if (r.logits.defined()) routers.push_back(r);
   }
   x = final_norm_.forward(params_, x);
   ForwardOutputs out;
   out.logits = ops::linear(x, params_.at(lm_head_)).view({bt.b, bt.s, cfg_.vocab_size});
   if (cfg_.output_router_logits)
-    out.aux_loss = nn::load_balancing_loss(router_logits, cfg_.num_experts, cfg_.num_experts_per_tok);
+    out.aux_loss = nn::load_balancing_loss(routers, cfg_.num_experts);
   if (in.labels) {
     out.loss = causal_lm_loss(out.logits, *in.labels, &out.loss_tokens);
     if (cfg_.output_router_logits) out.loss += static_cast<float>(cfg_.router_aux_loss_coef) * out.aux_loss;
@@ -131,10 +146,10 @@ TrainStepResult Qwen3Moe::forward_backward(const ForwardInputs& in, const TrainS
   const bool ckpt = opts.activation_checkpointing;
   // Forward, keeping each layer's state (or only its input under activation checkpointing).
   std::vector<LayerCache> caches(layers_.size());
-  std::vector<Tensor> router_logits(layers_.size());
+  std::vector<nn::SparseMoE::RouterOut> routers(layers_.size());
   Tensor x = ops::embedding(in.input_ids, params_.at(embed_)).view({t, h});
   for (size_t l = 0; l < layers_.size(); ++l) {
-    Tensor* rl = cfg_.output_router_logits ? &router_logits[l] : nullptr;
+    nn::SparseMoE::RouterOut* rl = cfg_.output_router_logits ? &routers[l] : nullptr;
     if (ckpt) {
       caches[l].x_in = x;
       x = layer_forward(l, x, bt, nullptr, rl);
@@ -150,13 +165,13 @@ TrainStepResult Qwen3Moe::forward_backward(const ForwardInputs& in, const TrainS
   res.ce_sum = ops::cross_entropy_backward(logits, shifted_targets(*in.labels), -100, opts.ce_scale, dlogits, &res.tokens);
   logits = Tensor();  // free before backward
   // Load-balancing loss: its gradient on every MoE layer's router probabilities.
-  std::vector<Tensor> moe_logits;
-  for (auto& rl : router_logits)
-    if (rl.defined()) moe_logits.push_back(rl);
+  std::vector<nn::SparseMoE::RouterOut> moe_routers;
+  for (auto& r : routers)
+    if (r.logits.defined()) moe_routers.push_back(r);
   Tensor dprobs_aux;
-  if (cfg_.output_router_logits && !moe_logits.empty()) {
-    res.aux_loss = nn::load_balancing_loss(moe_logits, cfg_.num_experts, cfg_.num_experts_per_tok);
-    const auto g = nn::load_balancing_prob_grad(moe_logits, cfg_.num_experts, cfg_.num_experts_per_tok);
+  if (cfg_.output_router_logits && !moe_routers.empty()) {
+    res.aux_loss = nn::load_balancing_loss(moe_routers, cfg_.num_experts);
+    const auto g = nn::load_balancing_prob_grad(moe_routers, cfg_.num_experts);
     dprobs_aux = Tensor::empty({t, cfg_.num_experts}, DType::F32);
     for (int64_t r = 0; r < t; ++r)
       for (int64_t e = 0; e < cfg_.num_experts; ++e) dprobs_aux.f32()[r * cfg_.num_experts + e] = g[e] * opts.aux_scale;
@@ -171,7 +186,7 @@ TrainStepResult Qwen3Moe::forward_backward(const ForwardInputs& in, const TrainS
       Tensor x_in = caches[l].x_in;
       layer_forward(l, x_in, bt, &caches[l], nullptr);
     }
-    const Tensor* extra = router_logits[l].defined() && dprobs_aux.defined() ? &dprobs_aux : nullptr;
+    const Tensor* extra = routers[l].logits.defined() && dprobs_aux.defined() ? &dprobs_aux : nullptr;
     dx = layer_backward(l, caches[l], bt, dx, extra);
     caches[l] = LayerCache();
   }

@@ -35,10 +35,12 @@ class Qwen3Moe : public CausalLM {
     int64_t b = 0, s = 0;
     Tensor cos, sin;
     const Tensor* doc_ids = nullptr;
+    RoutingControl* routing = nullptr;
   };
   Batch prepare(const ForwardInputs& in) const;
-  // One decoder layer; `cache` may be null (inference); `router_logits` receives the MoE logits.
-  Tensor layer_forward(size_t l, const Tensor& x, const Batch& bt, LayerCache* cache, Tensor* router_logits) const;
+  // One decoder layer; `cache` may be null (inference); `router` receives the MoE routing.
+  Tensor layer_forward(size_t l, const Tensor& x, const Batch& bt, LayerCache* cache,
+                       nn::SparseMoE::RouterOut* router) const;
   Tensor layer_backward(size_t l, const LayerCache& c, const Batch& bt, const Tensor& dy, const Tensor* dprobs_extra);
 
   size_t embed_ = 0, lm_head_ = 0;

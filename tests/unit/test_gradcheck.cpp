@@ -1,0 +1,186 @@
+// Finite-difference checks of every backward pass, in fp32: for a random direction v, the
+// derivative of L(p + h v) at h = 0 must equal <dL/dp, v>. The numeric derivative is a Richardson-
+// extrapolated central difference, (4 D(h) - D(2h)) / 3 with D(h) = (L(h) - L(-h)) / 2h and h = 3e-3:
+// its truncation error is O(h^4), and fp32 rounding of the forward pass (unit roundoff 6e-8) costs
+// about 6e-8 * |L| / h. The tolerance is 2e-3 relative to |<g, v>| plus 20x that rounding bound: above
+// both, and far below what a wrong term (a missing factor, a transposed index) produces.
+// The MoE router's discrete top-k choice has no gradient (it is piecewise constant): the checks hold
+// the choice of experts fixed at the unperturbed point (replayed routing), so the loss is smooth and
+// the routing weights, router and everything upstream are still differentiated.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <random>
+
+#include "hf/safetensors.h"
+#include "models/pretrained.h"
+#include "nn/layers.h"
+#include "ops/ops.h"
+#include "test_util.h"
+
+using namespace moeforge;
+
+namespace {
+
+constexpr double kH = 3e-3;
+
+double dot_double(const Tensor& a, const Tensor& b) {
+  double s = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) s += static_cast<double>(a.f32()[i]) * b.f32()[i];
+  return s;
+}
+
+// Checks d loss / d t along a random direction against `grad`.
+void check_direction(Tensor t, const Tensor& grad, const std::function<double()>& loss, uint32_t seed,
+                     const std::string& what) {
+  Tensor v = test::random_tensor(t.shape(), seed);
+  const Tensor saved = t.clone();
+  float* p = t.f32();
+  auto set = [&](double s) {
+    for (int64_t i = 0; i < t.numel(); ++i) p[i] = saved.f32()[i] + static_cast<float>(s * v.f32()[i]);
+  };
+  auto central = [&](double h) {
+    set(h);
+    const double up = loss();
+    set(-h);
+    const double down = loss();
+    return (up - down) / (2 * h);
+  };
+  const double numeric = (4 * central(kH) - central(2 * kH)) / 3;
+  std::memcpy(t.raw(), saved.raw(), t.nbytes());
+  const double analytic = dot_double(grad, v);
+  const double rounding = 20 * 6e-8 * std::abs(loss()) / kH;
+  EXPECT_NEAR(numeric, analytic, 2e-3 * std::abs(analytic) + rounding) << what;
+}
+
+// A parameter store with random values for every registered parameter (norm weights around 1).
+void fill_random(nn::ParamStore& ps, uint32_t seed, float scale) {
+  for (auto& p : ps.all()) {
+    const bool norm = p.name.find("norm") != std::string::npos;
+    p.value = test::random_tensor(p.shape, seed++, norm ? 0.2f : scale);
+    if (norm)
+      for (int64_t i = 0; i < p.value.numel(); ++i) p.value.f32()[i] += 1.f;
+  }
+  ps.ensure_grads();
+}
+
+}  // namespace
+
+TEST(GradCheck, RMSNormAndLinear) {
+  nn::ParamStore ps;
+  nn::RMSNorm norm;
+  norm.init(ps, "norm.weight", 12, 1e-6f);
+  nn::Linear lin;
+  lin.init(ps, "lin", 12, 7, /*bias=*/true);
+  fill_random(ps, 1, 0.3f);
+  Tensor x = test::random_tensor({5, 12}, 10), r = test::random_tensor({5, 7}, 11);
+  auto loss = [&] { return dot_double(lin.forward(ps, norm.forward(ps, x)), r); };
+  Tensor xn = norm.forward(ps, x);
+  Tensor dxn = lin.backward(ps, xn, r);
+  Tensor dx = norm.backward(ps, x, dxn);
+  check_direction(x, dx, loss, 100, "dx");
+  for (auto& p : ps.all()) check_direction(p.value, p.grad, loss, 200, p.name);
+}
+
+TEST(GradCheck, AttentionWithQkNormGqaWindowAndDocuments) {
+  const int64_t b = 2, s = 6, hidden = 16;
+  for (bool qk_norm : {true, false})
+    for (std::optional<int64_t> window : {std::optional<int64_t>(), std::optional<int64_t>(3)}) {
+      nn::ParamStore ps;
+      nn::Attention attn;
+      attn.init(ps, "attn", hidden, 4, 2, 8, /*bias=*/!qk_norm, qk_norm, 1e-6f, window);
+      fill_random(ps, 3, 0.4f);
+      nn::RotaryEmbedding rope(hf::RopeConfig{}, 8, 64);
+      std::vector<int64_t> pos, docs;
+      for (int64_t i = 0; i < b * s; ++i) {
+        pos.push_back(i % s);
+        docs.push_back(i < 4 ? 0 : 1);
+      }
+      Tensor cos, sin, doc_ids = Tensor::from_i64(docs, {b, s});
+      rope.tables(Tensor::from_i64(pos, {b, s}), cos, sin);
+      Tensor x = test::random_tensor({b * s, hidden}, 20), r = test::random_tensor({b * s, hidden}, 21);
+      auto loss = [&] { return dot_double(attn.forward(ps, x, b, s, cos, sin, &doc_ids), r); };
+      nn::Attention::Cache c;
+      attn.forward(ps, x, b, s, cos, sin, &doc_ids, &c);
+      Tensor dx = attn.backward(ps, c, b, s, cos, sin, &doc_ids, r);
+      const std::string tag = std::string(qk_norm ? "qk_norm" : "bias") + (window ? " window" : "");
+      check_direction(x, dx, loss, 300, tag + " dx");
+      for (auto& p : ps.all()) check_direction(p.value, p.grad, loss, 400, tag + " " + p.name);
+    }
+}
+
+TEST(GradCheck, DenseMLP) {
+  nn::ParamStore ps;
+  nn::DenseMLP mlp;
+  mlp.init(ps, "mlp", 10, 14);
+  fill_random(ps, 5, 0.4f);
+  Tensor x = test::random_tensor({7, 10}, 30), r = test::random_tensor({7, 10}, 31);
+  auto loss = [&] { return dot_double(mlp.forward(ps, x), r); };
+  nn::DenseMLP::Cache c;
+  mlp.forward(ps, x, &c);
+  Tensor dx = mlp.backward(ps, c, r);
+  check_direction(x, dx, loss, 500, "dx");
+  for (auto& p : ps.all()) check_direction(p.value, p.grad, loss, 600, p.name);
+}
+
+TEST(GradCheck, SparseMoEWithAndWithoutRenormalisation) {
+  for (bool norm : {true, false}) {
+    nn::ParamStore ps;
+    nn::SparseMoE moe;
+    moe.init(ps, "moe", 12, 6, 2, 8, norm);
+    fill_random(ps, 7, 0.5f);
+    Tensor x = test::random_tensor({9, 12}, 40), r = test::random_tensor({9, 12}, 41);
+    // A gradient arriving on the router probabilities from elsewhere (as the aux loss sends).
+    Tensor extra = test::random_tensor({9, 6}, 42);
+    nn::SparseMoE::Cache c;
+    moe.forward(ps, x, nullptr, &c);
+    const Tensor chosen = c.chosen.clone();
+    auto loss = [&] {
+      nn::SparseMoE::Cache cc;
+      Tensor y = moe.forward(ps, x, nullptr, &cc, &chosen);
+      return dot_double(y, r) + dot_double(cc.probs, extra);
+    };
+    Tensor dx = moe.backward(ps, c, r, &extra);
+    const std::string tag = norm ? "norm_topk " : "plain ";
+    check_direction(x, dx, loss, 700, tag + "dx");
+    for (auto& p : ps.all()) check_direction(p.value, p.grad, loss, 800, tag + p.name);
+  }
+}
+
+// Whole models from the fixtures: embedding, every layer, final norm, LM head, cross-entropy and
+// the load-balancing loss, with and without activation checkpointing.
+class ModelGradCheck : public ::testing::TestWithParam<std::tuple<const char*, bool>> {};
+
+TEST_P(ModelGradCheck, EveryParameter) {
+  const auto [name, ckpt] = GetParam();
+  auto m = models::from_pretrained(test::fixture(name));
+  auto& model = *m.model;
+  auto ref = hf::SafetensorsFile::open(test::fixture(name) + "/reference.safetensors");
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  const double coef = model.config().output_router_logits ? 0.7 : 0.0;
+  models::TrainStepOptions o;
+  o.ce_scale = 1.f;
+  o.aux_scale = static_cast<float>(coef);
+  o.activation_checkpointing = ckpt;
+  models::RoutingControl routing;
+  models::ForwardInputs in{ids, &labels};
+  in.routing = &routing;
+  model.forward_backward(in, o);  // records the routing
+  ASSERT_FALSE(routing.chosen.empty());
+  routing.mode = models::RoutingControl::Mode::Replay;
+  auto loss = [&] {
+    auto out = model.forward(in);
+    // forward's loss is mean CE + coef_config * aux; rebuild sum CE + coef * aux.
+    const double ce_mean = out.loss - (model.config().output_router_logits
+                                           ? model.config().router_aux_loss_coef * out.aux_loss
+                                           : 0.0);
+    return ce_mean * out.loss_tokens + (coef ? coef * out.aux_loss : 0.0);
+  };
+  uint32_t seed = 900;
+  for (auto& p : model.params().all()) check_direction(p.value, p.grad, loss, seed++, p.name);
+}
+
+INSTANTIATE_TEST_SUITE_P(Qwen3Moe, ModelGradCheck,
+                         ::testing::Combine(::testing::Values("qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux"),
+                                            ::testing::Values(false, true)));
