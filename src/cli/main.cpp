@@ -18,6 +18,8 @@ const char* kUsage =
     "      architecture, total and active parameters, tensors found vs expected, training memory\n"
     "  eval --model MODEL_DIR --tokens FILE.jsonl [--logits-out FILE.safetensors] [--threads N]\n"
     "      per-line loss of {\"input_ids\": [...]} rows (optional \"labels\"), printed as one JSON object\n"
+    "  train RECIPE.yaml [key=value ...]\n"
+    "      full fine-tuning (docs/training.md); resume=true continues from the latest checkpoint\n"
     "  convert --model MODEL_DIR --out OUT_DIR [--max-shard-size 5GB] [--overwrite]\n"
     "      load and save again: same tensor names, layout and dtypes; atomic\n";
 
@@ -34,6 +36,7 @@ int main(int argc, char** argv) {
     if (cmd == "inspect") return moeforge::cli::cmd_inspect(rest);
     if (cmd == "eval") return moeforge::cli::cmd_eval(rest);
     if (cmd == "convert") return moeforge::cli::cmd_convert(rest);
+    if (cmd == "train") return moeforge::cli::cmd_train(rest);
     std::fprintf(stderr, "moeforge: unknown command '%s'\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const moeforge::Error& e) {

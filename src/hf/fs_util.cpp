@@ -5,6 +5,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -36,6 +37,12 @@ AtomicFile::~AtomicFile() {
 }
 
 void AtomicFile::write(const void* data, size_t n) {
+  // Test hook: MOEFORGE_TEST_SLOW_WRITE_MS slows every write so a test can kill a save midway.
+  static const int slow_ms = [] {
+    const char* e = std::getenv("MOEFORGE_TEST_SLOW_WRITE_MS");
+    return e ? std::atoi(e) : 0;
+  }();
+  if (slow_ms > 0) ::usleep(static_cast<useconds_t>(slow_ms) * 1000);
   const char* p = static_cast<const char*>(data);
   while (n > 0) {
     const ssize_t w = ::write(fd_, p, n);

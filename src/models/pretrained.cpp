@@ -32,6 +32,20 @@ const char* kCompanionFiles[] = {"generation_config.json", "tokenizer.json",    
                                  "added_tokens.json"};
 }  // namespace
 
+void write_pretrained_files(const CausalLM& model, const std::string& source_dir, const std::string& dir,
+                            const SaveOptions& opts) {
+  const fs::path tmp(dir);
+  hf::save_config(model.config(), (tmp / "config.json").string());
+  const auto tensors = model.adapter().export_tensors(model.params(), model.config().dtype);
+  hf::save_sharded(tmp.string(), tensors, opts.max_shard_bytes);
+  if (!source_dir.empty())
+    for (const char* f : kCompanionFiles) {
+      const fs::path src = fs::path(source_dir) / f;
+      if (fs::exists(src)) fs::copy_file(src, tmp / f, fs::copy_options::overwrite_existing);
+    }
+  hf::fsync_dir(tmp.string());
+}
+
 void save_pretrained(const CausalLM& model, const std::string& source_dir, const std::string& out_dir,
                      const SaveOptions& opts) {
   const fs::path out = fs::path(out_dir).lexically_normal();
@@ -45,15 +59,7 @@ void save_pretrained(const CausalLM& model, const std::string& source_dir, const
   fs::remove_all(tmp);
   fs::create_directories(tmp);
   try {
-    hf::save_config(model.config(), (tmp / "config.json").string());
-    const auto tensors = model.adapter().export_tensors(model.params(), model.config().dtype);
-    hf::save_sharded(tmp.string(), tensors, opts.max_shard_bytes);
-    if (!source_dir.empty())
-      for (const char* f : kCompanionFiles) {
-        const fs::path src = fs::path(source_dir) / f;
-        if (fs::exists(src)) fs::copy_file(src, tmp / f, fs::copy_options::overwrite_existing);
-      }
-    hf::fsync_dir(tmp.string());
+    write_pretrained_files(model, source_dir, tmp.string(), opts);
   } catch (...) {
     fs::remove_all(tmp);
     throw;

@@ -31,4 +31,9 @@ struct SaveOptions {
 void save_pretrained(const CausalLM& model, const std::string& source_dir, const std::string& out_dir,
                      const SaveOptions& opts = {});
 
+// The files of save_pretrained written into an existing folder, without the folder swap (for
+// callers that build a larger folder atomically themselves, such as training checkpoints).
+void write_pretrained_files(const CausalLM& model, const std::string& source_dir, const std::string& dir,
+                            const SaveOptions& opts = {});
+
 }  // namespace moeforge::models

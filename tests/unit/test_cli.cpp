@@ -142,3 +142,27 @@ TEST(CliBadInput, EachProblemIsOneLine) {
   expect_one_line_error(run("eval --model " + (tmp / "type") + " --tokens " + (tmp / "ok.jsonl")),
                         {"config.json", "'num_attention_heads'"});
 }
+
+TEST(Cli, TrainPrintsPlainProgressLinesWhenNotATerminal) {
+  test::TempDir tmp;
+  std::ofstream(tmp / "r.yaml") << "model: " << test::fixture("qwen3_moe_a") << "\ndata: " << MOEFORGE_FIXTURES
+                                << "/../../examples/data/arith.jsonl\noutput_dir: " << (tmp / "out")
+                                << "\nseq_len: 16\nglobal_batch: 2\nsteps: 4\nlog_every: 2\n";
+  CmdResult r = run("train " + (tmp / "r.yaml") + " optimizer.lr=1e-3");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.err.find("data: 512 documents"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("step 2/4 | loss "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("step 4/4 | loss "), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find('\r'), std::string::npos) << "no in-place updates when stderr is a file";
+  EXPECT_TRUE(fs::exists(tmp / "out/final/config.json"));
+}
+
+TEST(CliBadInput, TrainRecipeErrorsAreOneLine) {
+  test::TempDir tmp;
+  std::ofstream(tmp / "r.yaml") << "model: " << test::fixture("qwen3_moe_a") << "\ndata: x.jsonl\noutput_dir: "
+                                << (tmp / "out") << "\nsteps: 1\nlerning_rate: 3\n";
+  expect_one_line_error(run("train " + (tmp / "r.yaml")), {"r.yaml", "unknown key 'lerning_rate'"});
+  std::ofstream(tmp / "bad.yaml") << "model: [unclosed\n";
+  expect_one_line_error(run("train " + (tmp / "bad.yaml")), {"bad.yaml", "invalid YAML"});
+  expect_one_line_error(run("train " + (tmp / "missing.yaml")), {"missing.yaml"});
+}

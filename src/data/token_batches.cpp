@@ -1,0 +1,65 @@
+#include "data/token_batches.h"
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+
+#include "core/error.h"
+
+namespace moeforge::data {
+
+TokenBatches::TokenBatches(std::vector<TokenRow> rows, int64_t seq_len, uint64_t seed) : seed_(seed) {
+  for (auto& r : rows) {
+    ++stats_.documents;
+    if (static_cast<int64_t>(r.input_ids.size()) > seq_len) {
+      ++stats_.truncated;
+      r.input_ids.resize(static_cast<size_t>(seq_len));
+      if (r.labels) r.labels->resize(static_cast<size_t>(seq_len));
+    }
+    if (r.input_ids.size() < 2) {  // nothing to predict
+      ++stats_.dropped;
+      continue;
+    }
+    stats_.tokens += static_cast<int64_t>(r.input_ids.size());
+    rows_.push_back(std::move(r));
+  }
+  MF_CHECK(!rows_.empty(), "dataset: no row has the 2 tokens a causal-LM loss needs");
+}
+
+const std::vector<int64_t>& TokenBatches::order(int64_t epoch) const {
+  if (epoch != cached_epoch_) {
+    cached_order_.resize(rows_.size());
+    std::iota(cached_order_.begin(), cached_order_.end(), 0);
+    std::mt19937_64 gen(seed_ * 1000003ull + static_cast<uint64_t>(epoch));
+    // Fisher-Yates with our own index draw, so the order does not depend on the standard library.
+    for (size_t i = cached_order_.size(); i > 1; --i) std::swap(cached_order_[i - 1], cached_order_[gen() % i]);
+    cached_epoch_ = epoch;
+  }
+  return cached_order_;
+}
+
+const TokenRow& TokenBatches::row_at(int64_t cursor) const {
+  const int64_t n = rows();
+  return rows_[order(cursor / n)[cursor % n]];
+}
+
+TokenBatches::MicroBatch TokenBatches::micro_batch(int64_t cursor, int64_t n) const {
+  int64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s = std::max<int64_t>(s, static_cast<int64_t>(row_at(cursor + i).input_ids.size()));
+  std::vector<int64_t> ids(static_cast<size_t>(n * s), 0), labels(static_cast<size_t>(n * s), -100);
+  MicroBatch mb;
+  for (int64_t i = 0; i < n; ++i) {
+    const TokenRow& r = row_at(cursor + i);
+    const auto& lab = r.labels ? *r.labels : r.input_ids;
+    for (size_t t = 0; t < r.input_ids.size(); ++t) {
+      ids[i * s + t] = r.input_ids[t];
+      labels[i * s + t] = lab[t];
+      if (t > 0 && lab[t] != -100) ++mb.loss_tokens;
+    }
+  }
+  mb.input_ids = Tensor::from_i64(ids, {n, s});
+  mb.labels = Tensor::from_i64(labels, {n, s});
+  return mb;
+}
+
+}  // namespace moeforge::data

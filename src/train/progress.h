@@ -1,0 +1,34 @@
+// Progress while training: one line updated in place on a terminal (step/total, loss, lr, grad norm,
+// tokens/s, ETA), plain lines otherwise; and metrics.jsonl with one record per logged step.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+namespace moeforge::train {
+
+struct StepMetrics {
+  int64_t step = 0, total = 0;
+  double loss = 0, lr = 0, grad_norm = 0;
+  double aux_loss = -1;  // < 0: not computed
+  int64_t tokens = 0;    // tokens in this step's global batch
+};
+
+class Progress {
+ public:
+  Progress(const std::string& metrics_path, int64_t first_step, bool append);
+  ~Progress();
+  // Records a step; prints and writes metrics when `log` is set.
+  void step(const StepMetrics& m, bool log);
+  void message(const std::string& line);  // a plain line that does not clobber the progress line
+  void finish();
+
+ private:
+  FILE* metrics_ = nullptr;
+  bool tty_ = false, line_open_ = false;
+  std::chrono::steady_clock::time_point start_;
+  int64_t first_step_ = 0, tokens_since_start_ = 0;
+};
+
+}  // namespace moeforge::train

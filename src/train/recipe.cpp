@@ -1,0 +1,239 @@
+#include "train/recipe.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <algorithm>
+#include <functional>
+#include <map>
+#include <sstream>
+
+#include "core/error.h"
+
+namespace moeforge::train {
+
+namespace {
+
+using Setter = std::function<void(Recipe&, const YAML::Node&, const std::string& where)>;
+
+std::string scalar_text(const YAML::Node& n) {
+  if (n.IsScalar()) return n.Scalar();
+  YAML::Emitter e;
+  e << YAML::Flow << n;
+  return e.c_str();
+}
+
+template <typename T>
+T as(const YAML::Node& n, const std::string& key, const std::string& where, const char* type) {
+  if (!n.IsScalar()) MF_THROW(where, ": key '", key, "' must be ", type, ", got ", scalar_text(n));
+  try {
+    return n.as<T>();
+  } catch (const YAML::Exception&) {
+    MF_THROW(where, ": key '", key, "' must be ", type, ", got '", n.Scalar(), "'");
+  }
+}
+
+struct Key {
+  const char* name;
+  Setter set;
+  std::function<std::string(const Recipe&)> get;
+};
+
+template <typename Field>
+Key int_key(const char* name, Field f, int64_t min) {
+  return {name,
+          [=](Recipe& r, const YAML::Node& n, const std::string& w) {
+            const int64_t v = as<int64_t>(n, name, w, "an integer");
+            if (v < min) MF_THROW(w, ": key '", name, "' must be >= ", min, ", got ", v);
+            r.*f = v;
+          },
+          [=](const Recipe& r) { return std::to_string(r.*f); }};
+}
+
+std::string fmt_double(double v) {
+  std::ostringstream os;
+  os.precision(17);
+  os << v;
+  return os.str();
+}
+
+std::vector<Key> make_keys() {
+  auto str = [](const char* name, std::string Recipe::*f) -> Key {
+    return {name, [=](Recipe& r, const YAML::Node& n, const std::string& w) { r.*f = as<std::string>(n, name, w, "a string"); },
+            [=](const Recipe& r) { return "\"" + r.*f + "\""; }};
+  };
+  auto boolean = [](const char* name, bool Recipe::*f) -> Key {
+    return {name, [=](Recipe& r, const YAML::Node& n, const std::string& w) { r.*f = as<bool>(n, name, w, "true or false"); },
+            [=](const Recipe& r) { return std::string(r.*f ? "true" : "false"); }};
+  };
+  auto dbl = [](const char* name, std::function<double&(Recipe&)> f, double min) -> Key {
+    return {name,
+            [=](Recipe& r, const YAML::Node& n, const std::string& w) {
+              const double v = as<double>(n, name, w, "a number");
+              if (!(v >= min)) MF_THROW(w, ": key '", name, "' must be >= ", min, ", got ", v);
+              f(r) = v;
+            },
+            [=](const Recipe& r) { return fmt_double(f(const_cast<Recipe&>(r))); }};
+  };
+  std::vector<Key> keys = {
+      str("model", &Recipe::model),
+      str("data", &Recipe::data),
+      str("output_dir", &Recipe::output_dir),
+      int_key("seq_len", &Recipe::seq_len, 2),
+      int_key("micro_batch", &Recipe::micro_batch, 1),
+      int_key("global_batch", &Recipe::global_batch, 1),
+      int_key("steps", &Recipe::steps, 0),
+      dbl("epochs", [](Recipe& r) -> double& { return r.epochs; }, 0),
+      dbl("optimizer.lr", [](Recipe& r) -> double& { return r.optimizer.lr; }, 0),
+      dbl("optimizer.beta1", [](Recipe& r) -> double& { return r.optimizer.beta1; }, 0),
+      dbl("optimizer.beta2", [](Recipe& r) -> double& { return r.optimizer.beta2; }, 0),
+      dbl("optimizer.eps", [](Recipe& r) -> double& { return r.optimizer.eps; }, 0),
+      dbl("optimizer.weight_decay", [](Recipe& r) -> double& { return r.optimizer.weight_decay; }, 0),
+      {"optimizer.decay_norms_and_biases",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         r.optimizer.decay_norms_and_biases = as<bool>(n, "optimizer.decay_norms_and_biases", w, "true or false");
+       },
+       [](const Recipe& r) { return std::string(r.optimizer.decay_norms_and_biases ? "true" : "false"); }},
+      {"schedule.type",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         const auto v = as<std::string>(n, "schedule.type", w, "a string");
+         if (v != "constant" && v != "linear" && v != "cosine")
+           MF_THROW(w, ": key 'schedule.type' must be constant, linear or cosine, got '", v, "'");
+         r.schedule.type = v;
+       },
+       [](const Recipe& r) { return r.schedule.type; }},
+      {"schedule.warmup_steps",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         r.schedule.warmup_steps = as<int64_t>(n, "schedule.warmup_steps", w, "an integer");
+         if (r.schedule.warmup_steps < 0) MF_THROW(w, ": key 'schedule.warmup_steps' must be >= 0");
+       },
+       [](const Recipe& r) { return std::to_string(r.schedule.warmup_steps); }},
+      dbl("schedule.min_lr_ratio", [](Recipe& r) -> double& { return r.schedule.min_lr_ratio; }, 0),
+      dbl("max_grad_norm", [](Recipe& r) -> double& { return r.max_grad_norm; }, 0),
+      {"precision",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         const auto v = as<std::string>(n, "precision", w, "a string");
+         if (v != "fp32")
+           MF_THROW(w, ": key 'precision' value '", v,
+                    "' is not available on the CPU backend (CPU trains in fp32; bf16-mixed and bf16 need the CUDA backend)");
+         r.precision = v;
+       },
+       [](const Recipe& r) { return r.precision; }},
+      boolean("activation_checkpointing", &Recipe::activation_checkpointing),
+      int_key("log_every", &Recipe::log_every, 1),
+      int_key("save_every", &Recipe::save_every, 0),
+      int_key("save_total_limit", &Recipe::save_total_limit, 1),
+      str("max_shard_size", &Recipe::max_shard_size),
+      {"seed", [](Recipe& r, const YAML::Node& n, const std::string& w) { r.seed = as<uint64_t>(n, "seed", w, "a non-negative integer"); },
+       [](const Recipe& r) { return std::to_string(r.seed); }},
+      boolean("overwrite", &Recipe::overwrite),
+      {"resume",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         const auto v = as<std::string>(n, "resume", w, "true, false or a checkpoint path");
+         r.resume = (v == "false" || v == "no" || v.empty()) ? "" : (v == "yes" ? "true" : v);
+       },
+       [](const Recipe& r) { return r.resume.empty() ? std::string("false") : "\"" + r.resume + "\""; }},
+      int_key("threads", &Recipe::threads, 0),
+  };
+  return keys;
+}
+
+const std::vector<Key>& keys() {
+  static const std::vector<Key> k = make_keys();
+  return k;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+void apply(Recipe& r, const std::string& key, const YAML::Node& value, const std::string& where) {
+  for (const auto& k : keys())
+    if (key == k.name) {
+      k.set(r, value, where);
+      return;
+    }
+  std::string best;
+  size_t best_d = 1000;
+  for (const auto& k : keys()) {
+    // Compare with the whole key and with its last part, so "lr" suggests "optimizer.lr".
+    std::string name = k.name;
+    const std::string tail = name.substr(name.rfind('.') + 1);
+    const size_t d = std::min(edit_distance(key, name), edit_distance(key, tail));
+    if (d < best_d) {
+      best_d = d;
+      best = name;
+    }
+  }
+  if (best_d <= std::max<size_t>(2, key.size() / 3)) MF_THROW(where, ": unknown key '", key, "' (did you mean '", best, "'?)");
+  MF_THROW(where, ": unknown key '", key, "'");
+}
+
+void flatten(const YAML::Node& node, const std::string& prefix, Recipe& r, const std::string& where) {
+  for (auto it = node.begin(); it != node.end(); ++it) {
+    const std::string key = prefix + it->first.as<std::string>();
+    if (it->second.IsMap()) flatten(it->second, key + ".", r, where);
+    else apply(r, key, it->second, where);
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> recipe_keys() {
+  std::vector<std::string> v;
+  for (const auto& k : keys()) v.push_back(k.name);
+  return v;
+}
+
+Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
+  Recipe r;
+  r.source = path;
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::BadFile&) {
+    MF_THROW(path, ": cannot open recipe");
+  } catch (const YAML::Exception& e) {
+    MF_THROW(path, ": invalid YAML at line ", e.mark.line + 1, " (", e.msg, ")");
+  }
+  if (root.IsDefined() && !root.IsNull()) {
+    MF_CHECK(root.IsMap(), path, ": a recipe must be a mapping of keys to values");
+    flatten(root, "", r, path);
+  }
+  for (const auto& o : overrides) {
+    const auto eq = o.find('=');
+    MF_CHECK(eq != std::string::npos && eq > 0, "command line: override '", o, "' must look like key=value");
+    YAML::Node v;
+    try {
+      v = YAML::Load(o.substr(eq + 1));
+    } catch (const YAML::Exception& e) {
+      MF_THROW("command line: override '", o, "' has an invalid value (", e.msg, ")");
+    }
+    if (v.IsNull()) v = YAML::Node(std::string());
+    apply(r, o.substr(0, eq), v, "command line");
+  }
+  for (const char* req : {"model", "data", "output_dir"}) {
+    const std::string& v = std::string(req) == "model" ? r.model : std::string(req) == "data" ? r.data : r.output_dir;
+    MF_CHECK(!v.empty(), path, ": key '", req, "' is required");
+  }
+  MF_CHECK(r.steps > 0 || r.epochs > 0, path, ": set 'steps' or 'epochs'");
+  MF_CHECK(r.global_batch % r.micro_batch == 0, path, ": key 'global_batch' (", r.global_batch,
+           ") must be a multiple of 'micro_batch' (", r.micro_batch, ")");
+  return r;
+}
+
+std::string Recipe::to_yaml() const {
+  std::ostringstream os;
+  os << "# resolved recipe (every key, defaults included)\n";
+  for (const auto& k : keys()) os << k.name << ": " << k.get(*this) << "\n";
+  return os.str();
+}
+
+}  // namespace moeforge::train

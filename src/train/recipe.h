@@ -1,0 +1,48 @@
+// A training recipe: YAML (nested maps are flattened to dotted keys) plus key=value overrides from
+// the command line. Every key is declared with its type; an unknown key is an error with a
+// did-you-mean, a wrong type names the key and the value.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "train/optimizer.h"
+
+namespace moeforge::train {
+
+struct Recipe {
+  std::string source;  // file the recipe came from, for messages
+
+  std::string model;       // Hugging Face model folder
+  std::string data;        // pre-tokenized jsonl ({"input_ids": [...], "labels"?: [...]})
+  std::string output_dir;  // checkpoints, metrics.jsonl and the final model (output_dir/final)
+  int64_t seq_len = 2048;  // rows longer than this are truncated
+  int64_t micro_batch = 1;
+  int64_t global_batch = 1;  // rows per optimizer step; a multiple of micro_batch
+  int64_t steps = 0;         // optimizer steps; 0 = derive from epochs
+  double epochs = 0;
+  AdamWOptions optimizer;
+  ScheduleOptions schedule;
+  double max_grad_norm = 1.0;  // 0 = no clipping
+  std::string precision = "fp32";
+  bool activation_checkpointing = false;
+  int64_t log_every = 1;
+  int64_t save_every = 0;       // 0 = only at the end
+  int64_t save_total_limit = 2;  // training checkpoints kept (oldest removed first)
+  std::string max_shard_size = "5GB";
+  uint64_t seed = 42;
+  bool overwrite = false;  // replace an existing output_dir
+  std::string resume;      // "" (no), "true" (latest checkpoint in output_dir) or a checkpoint path
+  int64_t threads = 0;     // 0 = OpenMP's default
+
+  // The resolved recipe as YAML (every key, defaults included), for the output folder.
+  std::string to_yaml() const;
+};
+
+// Reads `path` and applies `overrides` ("key=value", value parsed as YAML). Throws naming the file
+// (or "command line") and the key.
+Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides);
+// All keys a recipe accepts, dotted.
+std::vector<std::string> recipe_keys();
+
+}  // namespace moeforge::train

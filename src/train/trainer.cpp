@@ -1,0 +1,192 @@
+#include "train/trainer.h"
+
+#include <cmath>
+#include <filesystem>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "core/error.h"
+#include "core/logging.h"
+#include "data/token_batches.h"
+#include "hf/fs_util.h"
+#include "hf/safetensors.h"
+#include "models/pretrained.h"
+#include "train/checkpoint.h"
+#include "train/progress.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace moeforge::train {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string hash_text(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+// Decides where the run starts: a fresh output folder, or a checkpoint to resume from.
+std::string prepare_output(const Recipe& r) {
+  const fs::path out(r.output_dir);
+  std::string resume_from;
+  if (!r.resume.empty()) {
+    if (r.resume == "true") {
+      auto cks = list_checkpoints(r.output_dir);
+      MF_CHECK(!cks.empty(), r.source, ": resume=true but ", r.output_dir, " holds no complete checkpoint-* folder");
+      resume_from = cks.back();
+    } else {
+      MF_CHECK(fs::is_directory(r.resume), r.source, ": key 'resume' names ", r.resume, ", which is not a folder");
+      resume_from = r.resume;
+    }
+    fs::create_directories(out);
+    remove_partial_checkpoints(r.output_dir);
+    return resume_from;
+  }
+  if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out))) {
+    MF_CHECK(r.overwrite, r.source, ": output_dir ", r.output_dir,
+             " already exists (set overwrite=true to replace it, or resume=true to continue)");
+    // Only replace what looks like a moeforge output, never an arbitrary folder.
+    MF_CHECK(fs::exists(out / "recipe.yaml"), r.source, ": output_dir ", r.output_dir,
+             " exists and is not a moeforge output folder (no recipe.yaml); refusing to delete it");
+    fs::remove_all(out);
+  }
+  fs::create_directories(out);
+  return "";
+}
+
+}  // namespace
+
+TrainResult run_training(const Recipe& r) {
+#ifdef _OPENMP
+  if (r.threads > 0) omp_set_num_threads(static_cast<int>(r.threads));
+#endif
+  MF_CHECK(fs::is_directory(r.model), r.source, ": key 'model': folder ", r.model, " does not exist");
+  MF_CHECK(fs::exists(r.data), r.source, ": key 'data': file ", r.data, " does not exist");
+  const uint64_t shard_bytes = hf::parse_size(r.max_shard_size);
+
+  // Model first: the sequence length is checked against it before any output is touched.
+  auto loaded = models::from_pretrained(r.model);
+  auto& model = *loaded.model;
+  const auto& cfg = model.config();
+  MF_CHECK(r.seq_len <= cfg.max_position_embeddings, r.source, ": seq_len ", r.seq_len,
+           " is longer than the model allows (max_position_embeddings ", cfg.max_position_embeddings, " in ",
+           cfg.source, ")");
+  data::TokenBatches data(data::read_token_jsonl(r.data), r.seq_len, r.seed);
+  for (int64_t i = 0; i < data.rows(); ++i)
+    for (int64_t id : data.row_at(i).input_ids)
+      MF_CHECK(id >= 0 && id < cfg.vocab_size, r.data, ":", data.row_at(i).line, ": token id ", id,
+               " is outside the model's vocabulary (", cfg.vocab_size, " tokens)");
+
+  const std::string resume_from = prepare_output(r);
+  const std::string recipe_text = r.to_yaml();
+  const std::string recipe_hash = hash_text(recipe_text.substr(0, std::string::npos));
+  hf::write_text_file_atomic((fs::path(r.output_dir) / "recipe.yaml").string(), recipe_text);
+
+  const int64_t accumulation = r.global_batch / r.micro_batch;
+  const int64_t total_steps =
+      r.steps > 0 ? r.steps : static_cast<int64_t>(std::ceil(r.epochs * data.rows() / r.global_batch));
+  AdamW opt(model.params(), r.optimizer);
+  TrainerState st;
+  st.seed = r.seed;
+  st.total_steps = total_steps;
+  st.recipe_hash = recipe_hash;
+  if (!resume_from.empty()) {
+    const TrainerState saved = load_checkpoint(resume_from, model, opt);
+    if (saved.seed != r.seed) log::warn("resuming with seed ", r.seed, " but the checkpoint used ", saved.seed);
+    st.step = saved.step;
+    st.cursor = saved.cursor;
+  }
+
+  const auto& ds = data.stats();
+  std::ostringstream intro;
+  intro << "data: " << ds.documents << " documents, " << ds.tokens << " tokens, " << ds.truncated
+        << " truncated to seq_len " << r.seq_len << ", " << ds.dropped << " dropped (under 2 tokens)\n"
+        << "model: " << cfg.model_type << ", " << model.params().numel() << " parameters; " << total_steps
+        << " steps of " << r.global_batch << " rows (" << accumulation << " micro-batches of " << r.micro_batch << ")";
+  if (!resume_from.empty()) intro << "\nresuming from " << resume_from << " at step " << st.step;
+
+  // metrics.jsonl keeps only the steps before the resume point.
+  const std::string metrics_path = (fs::path(r.output_dir) / "metrics.jsonl").string();
+  if (!resume_from.empty() && fs::exists(metrics_path)) {
+    std::istringstream in(hf::read_text_file(metrics_path));
+    std::string line, kept;
+    while (std::getline(in, line)) {
+      try {
+        if (nlohmann::json::parse(line).value("step", int64_t{0}) <= st.step) kept += line + "\n";
+      } catch (const nlohmann::json::exception&) {
+      }
+    }
+    hf::write_text_file_atomic(metrics_path, kept);
+  }
+  Progress progress(metrics_path, st.step, !resume_from.empty());
+  progress.message(intro.str());
+
+  TrainResult result;
+  const bool aux = cfg.output_router_logits;
+  for (; st.step < total_steps;) {
+    model.params().zero_grad();
+    std::vector<data::TokenBatches::MicroBatch> micro;
+    int64_t tokens = 0;
+    for (int64_t a = 0; a < accumulation; ++a) {
+      micro.push_back(data.micro_batch(st.cursor + a * r.micro_batch, r.micro_batch));
+      tokens += micro.back().loss_tokens;
+    }
+    models::TrainStepOptions o;
+    o.ce_scale = tokens > 0 ? 1.f / static_cast<float>(tokens) : 0.f;
+    o.aux_scale = aux ? static_cast<float>(cfg.router_aux_loss_coef / accumulation) : 0.f;
+    o.activation_checkpointing = r.activation_checkpointing;
+    double ce = 0, aux_sum = 0;
+    for (auto& mb : micro) {
+      auto res = model.forward_backward({mb.input_ids, &mb.labels}, o);
+      ce += res.ce_sum;
+      if (aux) aux_sum += res.aux_loss;
+    }
+    st.cursor += r.global_batch;
+    const double grad_norm =
+        r.max_grad_norm > 0 ? clip_grad_norm(model.params(), r.max_grad_norm) : global_grad_norm(model.params());
+    const double lr = r.optimizer.lr * lr_multiplier(r.schedule, st.step, total_steps);
+    opt.step(lr);
+    ++st.step;
+    StepMetrics m;
+    m.step = st.step;
+    m.total = total_steps;
+    m.loss = (tokens ? ce / tokens : 0.0) + (aux ? cfg.router_aux_loss_coef * aux_sum / accumulation : 0.0);
+    if (aux) m.aux_loss = aux_sum / accumulation;
+    m.lr = lr;
+    m.grad_norm = grad_norm;
+    m.tokens = tokens;
+    MF_CHECK(std::isfinite(m.loss), "training diverged: loss is ", m.loss, " at step ", st.step,
+             " (lower optimizer.lr or set max_grad_norm)");
+    result.losses.push_back(m.loss);
+    progress.step(m, st.step % r.log_every == 0 || st.step == total_steps);
+    if (r.save_every > 0 && st.step % r.save_every == 0 && st.step < total_steps) {
+      const std::string dir = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
+      save_checkpoint(dir, model, r.model, opt, st, shard_bytes);
+      auto cks = list_checkpoints(r.output_dir);
+      for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
+    }
+  }
+  progress.finish();
+  const std::string last = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
+  save_checkpoint(last, model, r.model, opt, st, shard_bytes);
+  auto cks = list_checkpoints(r.output_dir);
+  for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
+  models::SaveOptions so;
+  so.max_shard_bytes = shard_bytes;
+  so.overwrite = true;
+  result.final_dir = (fs::path(r.output_dir) / "final").string();
+  models::save_pretrained(model, r.model, result.final_dir, so);
+  progress.message("saved " + result.final_dir + " (Hugging Face folder) and " + last);
+  result.steps_done = static_cast<int64_t>(result.losses.size());
+  return result;
+}
+
+}  // namespace moeforge::train
