@@ -34,18 +34,20 @@ test-asan: deps
 demo: build
 	@if [ -f $(DEMO_CONFIG) ]; then echo "== moeforge inspect $(DEMO_CONFIG)  (config only: no weights)"; \
 	  $(BUILD)/moeforge inspect $(DEMO_CONFIG); echo; fi
-	@echo "== moeforge inspect $(DEMO_MODEL)"
+	@echo "== moeforge inspect $(DEMO_MODEL)  (a bundled tiny Qwen3-MoE)"
 	@$(BUILD)/moeforge inspect $(DEMO_MODEL)
 	@echo
-	@echo "== moeforge eval on 3 rows of token ids"
-	@printf '%s\n' '{"input_ids": [1, 5, 9, 2, 7, 3, 11, 4]}' '{"input_ids": [100, 17, 42, 42, 8]}' \
-	  '{"input_ids": [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], "labels": [-100, -100, -100, 1, 5, 9, 2, 6, 5, 3, 5]}' \
-	  > $(BUILD)/demo_tokens.jsonl
-	@$(BUILD)/moeforge eval --model $(DEMO_MODEL) --tokens $(BUILD)/demo_tokens.jsonl
+	@echo "== fine-tune it on arithmetic progressions (examples/demo_recipe.yaml), on the CPU"
+	@$(BUILD)/moeforge train examples/demo_recipe.yaml output_dir=$(BUILD)/demo_run
 	@echo
-	@echo "== moeforge convert (load + save again; same names, layout and dtypes)"
-	@$(BUILD)/moeforge convert --model $(DEMO_MODEL) --out $(BUILD)/demo_converted --overwrite
-	@$(BUILD)/moeforge eval --model $(BUILD)/demo_converted --tokens $(BUILD)/demo_tokens.jsonl
+	@echo "== held-out loss before and after (moeforge eval on examples/data/arith_eval.jsonl)"
+	@printf 'before: '; $(BUILD)/moeforge eval --model $(DEMO_MODEL) --tokens examples/data/arith_eval.jsonl \
+	  | sed -e 's/.*"mean_loss":\([0-9.]*\).*/mean loss \1/'
+	@printf 'after:  '; $(BUILD)/moeforge eval --model $(BUILD)/demo_run/final --tokens examples/data/arith_eval.jsonl \
+	  | sed -e 's/.*"mean_loss":\([0-9.]*\).*/mean loss \1/'
+	@echo
+	@echo "The fine-tuned model is a standard Hugging Face folder: $(BUILD)/demo_run/final"
+	@ls $(BUILD)/demo_run/final
 
 clean:
 	rm -rf $(BUILD) $(ASAN_BUILD)
