@@ -9,7 +9,10 @@ namespace moeforge::nn {
 size_t ParamStore::add(std::string name, Shape shape) {
   MF_CHECK(!index_.count(name), "parameter '", name, "' registered twice");
   index_[name] = params_.size();
-  params_.push_back({std::move(name), std::move(shape), Tensor()});
+  Param p;
+  p.name = std::move(name);
+  p.shape = std::move(shape);
+  params_.push_back(std::move(p));
   return params_.size() - 1;
 }
 

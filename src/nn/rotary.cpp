@@ -31,11 +31,11 @@ RotaryEmbedding::RotaryEmbedding(const hf::RopeConfig& rope, int64_t head_dim, i
   if (t == "linear") {
     for (auto& f : inv_freq_) f /= rope.factor;
   } else if (t == "yarn") {
-    double factor = rope.factor;
+    // As Transformers 5: the explicit factor is used (it only warns when it differs from
+    // max_position_embeddings / original_max_position_embeddings); the original context defaults to
+    // max_position_embeddings.
+    const double factor = rope.factor;
     const int64_t orig = rope.original_max_position_embeddings.value_or(max_pos);
-    // As Transformers: when the original context is given, the factor used for the attention scale
-    // and the interpolation is the ratio of the two context lengths.
-    if (rope.original_max_position_embeddings) factor = static_cast<double>(max_pos) / static_cast<double>(orig);
     if (rope.attention_factor) {
       attention_scaling_ = static_cast<float>(*rope.attention_factor);
     } else if (rope.mscale && rope.mscale_all_dim && *rope.mscale != 0 && *rope.mscale_all_dim != 0) {

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "nn/rotary.h"
 #include "ops/ops.h"
 #include "test_util.h"
 
@@ -129,4 +130,34 @@ TEST(Ops, SwigluAndEmbedding) {
   Tensor e = ops::embedding(Tensor::from_i64({2, 0}, {2}), table);
   EXPECT_EQ(e.to_f32_vector(), std::vector<float>({20, 21, 0, 1}));
   EXPECT_THROW(ops::embedding(Tensor::from_i64({3}, {1}), table), Error);
+}
+
+TEST(Rotary, YarnUsesTheExplicitFactorAsTransformers5) {
+  hf::RopeConfig r;
+  r.type = "yarn";
+  r.theta = 10000;
+  r.factor = 4.0;
+  r.original_max_position_embeddings = 32;  // max_position_embeddings / original = 2, not 4
+  nn::RotaryEmbedding rope(r, 16, 64);
+  EXPECT_NEAR(rope.attention_scaling(), 0.1 * std::log(4.0) + 1.0, 1e-6);
+  // The lowest frequency is fully interpolated: base frequency / factor.
+  const double base_lowest = 1.0 / std::pow(10000.0, 14.0 / 16.0);
+  EXPECT_NEAR(rope.inv_freq().back(), base_lowest / 4.0, 1e-9);
+  EXPECT_NEAR(rope.inv_freq().front(), 1.0, 1e-7);  // the highest is extrapolated (unchanged)
+}
+
+TEST(Rotary, LinearAndLlama3) {
+  hf::RopeConfig r;
+  r.type = "linear";
+  r.factor = 2.0;
+  nn::RotaryEmbedding lin(r, 8, 64);
+  EXPECT_NEAR(lin.inv_freq()[1], 1.0 / std::pow(10000.0, 2.0 / 8.0) / 2.0, 1e-9);
+  r.type = "llama3";
+  r.factor = 8.0;
+  r.original_max_position_embeddings = 64;
+  nn::RotaryEmbedding l3(r, 8, 128);
+  // wavelength 2*pi/inv_freq: > 64 (low_freq_factor 1) divided by 8; < 16 (high 4) unchanged.
+  EXPECT_NEAR(l3.inv_freq()[0], 1.0, 1e-7);
+  const double f3 = 1.0 / std::pow(10000.0, 6.0 / 8.0);
+  EXPECT_NEAR(l3.inv_freq()[3], f3 / 8.0, 1e-9);
 }
