@@ -7,9 +7,12 @@
 #include <vector>
 
 #include "core/error.h"
+#include "ops/cpu/attention_row.h"
 #include "ops/ops.h"
 
 namespace moeforge::ops {
+
+using cpu::attention_row_probs;
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, std::optional<int64_t> window,
                  const Tensor* doc_ids) {
@@ -34,31 +37,13 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
         for (int64_t i = 0; i < s; ++i) {
           const int64_t kh = h / group;
           const float* qi = qp + ((bi * s + i) * hq + h) * d;
-          float mx = -std::numeric_limits<float>::infinity();
-          int64_t lo = window ? std::max<int64_t>(0, i - *window + 1) : 0;
-          for (int64_t j = 0; j <= i; ++j) {
-            const bool masked = j < lo || (docs && docs[bi * s + j] != docs[bi * s + i]);
-            if (masked) {
-              p[j] = -std::numeric_limits<float>::infinity();
-              continue;
-            }
-            const float* kj = kp + ((bi * s + j) * hkv + kh) * d;
-            float dot = 0.f;
-            for (int64_t x = 0; x < d; ++x) dot += qi[x] * kj[x];
-            p[j] = dot * scale;
-            mx = std::max(mx, p[j]);
-          }
-          double sum = 0;
-          for (int64_t j = 0; j <= i; ++j) {
-            p[j] = std::isinf(p[j]) && p[j] < 0 ? 0.f : std::exp(p[j] - mx);
-            sum += p[j];
-          }
+          attention_row_probs(qi, kp + (bi * s * hkv + kh) * d, hkv * d, d, i, scale, window,
+                              docs ? docs + bi * s : nullptr, p.data());
           float* oi = op + ((bi * s + i) * hq + h) * d;
           std::fill(oi, oi + d, 0.f);
-          const float inv = sum > 0 ? static_cast<float>(1.0 / sum) : 0.f;
           for (int64_t j = 0; j <= i; ++j) {
             if (p[j] == 0.f) continue;
-            const float w = p[j] * inv;
+            const float w = p[j];
             const float* vj = vp + ((bi * s + j) * hkv + kh) * d;
             for (int64_t x = 0; x < d; ++x) oi[x] += w * vj[x];
           }

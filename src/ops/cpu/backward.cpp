@@ -6,9 +6,12 @@
 #include <vector>
 
 #include "core/error.h"
+#include "ops/cpu/attention_row.h"
 #include "ops/ops.h"
 
 namespace moeforge::ops {
+
+using cpu::attention_row_probs;
 
 void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw) {
   const int64_t n = dy.size(-1), k = x.size(-1), m = dy.numel() / std::max<int64_t>(n, 1);
@@ -47,28 +50,10 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
           for (int64_t i = 0; i < s; ++i) {
             const float* qi = qp + ((bi * s + i) * hq + h) * d;
             const float* gi = gp + ((bi * s + i) * hq + h) * d;
-            const int64_t lo = window ? std::max<int64_t>(0, i - *window + 1) : 0;
-            float mx = -std::numeric_limits<float>::infinity();
-            for (int64_t j = 0; j <= i; ++j) {
-              if (j < lo || (docs && docs[bi * s + j] != docs[bi * s + i])) {
-                p[j] = -std::numeric_limits<float>::infinity();
-                continue;
-              }
-              const float* kj = kp + ((bi * s + j) * hkv + kh) * d;
-              float dot = 0.f;
-              for (int64_t x = 0; x < d; ++x) dot += qi[x] * kj[x];
-              p[j] = dot * scale;
-              mx = std::max(mx, p[j]);
-            }
-            double sum = 0;
-            for (int64_t j = 0; j <= i; ++j) {
-              p[j] = std::isinf(p[j]) && p[j] < 0 ? 0.f : std::exp(p[j] - mx);
-              sum += p[j];
-            }
-            const float inv = sum > 0 ? static_cast<float>(1.0 / sum) : 0.f;
+            attention_row_probs(qi, kp + (bi * s * hkv + kh) * d, hkv * d, d, i, scale, window,
+                                docs ? docs + bi * s : nullptr, p.data());
             double dsum = 0;
             for (int64_t j = 0; j <= i; ++j) {
-              p[j] *= inv;
               if (p[j] == 0.f) {
                 dp[j] = 0.f;
                 continue;

@@ -1,0 +1,40 @@
+// One query row of masked attention probabilities, shared by the CPU attention forward and backward
+// so the mask (causal, sliding window, documents) is defined in one place.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+namespace moeforge::ops::cpu {
+
+// Writes p[0..i] = softmax over the allowed keys j <= i of scale * q_i . k_j (0 where masked).
+// `k` points at key 0 of this (batch, kv head); keys are `k_stride` floats apart. `docs` (optional)
+// holds the row's document ids. Returns false when no key is allowed (p is all zero).
+inline bool attention_row_probs(const float* qi, const float* k, int64_t k_stride, int64_t d, int64_t i,
+                                float scale, std::optional<int64_t> window, const int64_t* docs, float* p) {
+  const int64_t lo = window ? std::max<int64_t>(0, i - *window + 1) : 0;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j <= i; ++j) {
+    if (j < lo || (docs && docs[j] != docs[i])) {
+      p[j] = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    const float* kj = k + j * k_stride;
+    float dot = 0.f;
+    for (int64_t x = 0; x < d; ++x) dot += qi[x] * kj[x];
+    p[j] = dot * scale;
+    mx = std::max(mx, p[j]);
+  }
+  double sum = 0;
+  for (int64_t j = 0; j <= i; ++j) {
+    p[j] = std::isinf(p[j]) && p[j] < 0 ? 0.f : std::exp(p[j] - mx);
+    sum += p[j];
+  }
+  const float inv = sum > 0 ? static_cast<float>(1.0 / sum) : 0.f;
+  for (int64_t j = 0; j <= i; ++j) p[j] *= inv;
+  return sum > 0;
+}
+
+}  // namespace moeforge::ops::cpu
