@@ -1,0 +1,207 @@
+#include "hf/tokenizer/tokenizer.h"
+
+#include <algorithm>
+#include <filesystem>
+
+#include "core/error.h"
+#include "hf/fs_util.h"
+
+namespace moeforge::hf {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+Tokenizer Tokenizer::load(const std::string& path) {
+  std::string file = path;
+  if (fs::is_directory(path)) file = (fs::path(path) / "tokenizer.json").string();
+  MF_CHECK(fs::exists(file), file, ": no such file (a tokenizer folder needs a tokenizer.json)");
+  json j;
+  try {
+    j = json::parse(read_text_file(file));
+  } catch (const json::parse_error& e) {
+    MF_THROW(file, ": invalid JSON (", e.what(), ")");
+  }
+  MF_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), file, ": missing object field 'model'");
+  Tokenizer t;
+  t.source_ = file;
+  const std::string model_type = j["model"].value("type", std::string("BPE"));
+  MF_CHECK(model_type == "BPE", file, ": field 'model.type' value '", model_type,
+           "' is not supported (supported: BPE, as in Qwen, Llama, DeepSeek, GPT-OSS and Mixtral tokenizers)");
+  try {
+    t.model_ = std::make_unique<tok::Bpe>(j["model"], file);
+    t.normalizer_ = tok::make_normalizer(j.value("normalizer", json()), file + ": normalizer");
+    t.pre_tokenizer_ = tok::make_pre_tokenizer(j.value("pre_tokenizer", json()), file + ": pre_tokenizer");
+    t.post_processor_ = tok::make_post_processor(j.value("post_processor", json()), file + ": post_processor");
+    t.decoder_ = tok::make_decoder(j.value("decoder", json()), file + ": decoder");
+  } catch (const json::exception& e) {
+    MF_THROW(file, ": ", e.what());
+  }
+  if (j.contains("added_tokens") && !j["added_tokens"].is_null()) {
+    MF_CHECK(j["added_tokens"].is_array(), file, ": field 'added_tokens' must be a list");
+    for (const auto& a : j["added_tokens"]) {
+      AddedToken at;
+      try {
+        at.id = a.at("id").get<int64_t>();
+        at.content = a.at("content").get<std::string>();
+        at.special = a.value("special", false);
+        at.lstrip = a.value("lstrip", false);
+        at.rstrip = a.value("rstrip", false);
+        at.single_word = a.value("single_word", false);
+        at.normalized = a.value("normalized", !at.special);
+      } catch (const json::exception& e) {
+        MF_THROW(file, ": added_tokens entry ", a.dump(), ": ", e.what());
+      }
+      MF_CHECK(!at.content.empty(), file, ": added token ", at.id, " has empty content");
+      t.added_.push_back(at);
+    }
+  }
+  for (size_t i = 0; i < t.added_.size(); ++i) {
+    const AddedToken& a = t.added_[i];
+    std::string m = a.content;
+    if (a.normalized && t.normalizer_) m = t.normalizer_->apply(m);
+    t.match_text_.push_back(m);
+    if (!m.empty()) t.by_first_byte_[a.normalized ? 1 : 0][static_cast<uint8_t>(m[0])].push_back(i);
+  }
+  for (auto& kind : t.by_first_byte_)
+    for (auto& v : kind)
+      std::stable_sort(v.begin(), v.end(), [&](size_t a, size_t b) { return t.match_text_[a].size() > t.match_text_[b].size(); });
+  return t;
+}
+
+void Tokenizer::split_added(const std::string& s, bool normalized_kind, bool at_start, std::vector<Segment>& out) const {
+  const auto& index = by_first_byte_[normalized_kind ? 1 : 0];
+  size_t start_offset = 0, pos = 0;
+  auto char_before_is_word = [&](size_t p) {
+    if (p == 0) return false;
+    size_t q = p - 1;
+    while (q > 0 && (static_cast<uint8_t>(s[q]) & 0xC0) == 0x80) --q;
+    size_t i = q;
+    const char32_t c = text::next_codepoint(s, i);
+    return text::is_alphanumeric(c) || c == U'_';
+  };
+  auto char_after_is_word = [&](size_t p) {
+    if (p >= s.size()) return false;
+    const char32_t c = text::next_codepoint(s, p);
+    return text::is_alphanumeric(c) || c == U'_';
+  };
+  while (pos < s.size()) {
+    // Leftmost-longest: the first position where any token matches, the longest token there.
+    const size_t* found = nullptr;
+    for (const size_t& idx : index[static_cast<uint8_t>(s[pos])]) {
+      const std::string& m = match_text_[idx];
+      if (s.compare(pos, m.size(), m) != 0) continue;
+      const AddedToken& a = added_[idx];
+      if (a.single_word && (char_before_is_word(pos) || char_after_is_word(pos + m.size()))) continue;
+      found = &idx;
+      break;
+    }
+    if (!found) {
+      ++pos;
+      continue;
+    }
+    const AddedToken& a = added_[*found];
+    size_t start = pos, stop = pos + match_text_[*found].size();
+    if (a.lstrip) {  // swallow the whitespace before it, back to the previous split
+      size_t b = start;
+      while (b > start_offset) {
+        size_t q = b - 1;
+        while (q > start_offset && (static_cast<uint8_t>(s[q]) & 0xC0) == 0x80) --q;
+        size_t i = q;
+        if (!text::is_whitespace(text::next_codepoint(s, i))) break;
+        b = q;
+      }
+      start = b;
+    }
+    if (a.rstrip) {
+      size_t e = stop;
+      while (e < s.size()) {
+        size_t i = e;
+        if (!text::is_whitespace(text::next_codepoint(s, i))) break;
+        e = i;
+      }
+      stop = e;
+    }
+    if (start_offset < start) out.push_back({s.substr(start_offset, start - start_offset), -1, at_start && start_offset == 0});
+    out.push_back({s.substr(start, stop - start), a.id, false});
+    start_offset = stop;
+    pos = stop;
+  }
+  if (start_offset < s.size()) out.push_back({s.substr(start_offset), -1, at_start && start_offset == 0});
+}
+
+tok::Encoded Tokenizer::encode_with_tokens(const std::string& input, bool add_special_tokens) const {
+  const std::string text = text::utf8_lossy(input);
+  // 1. Added tokens that match the raw text; 2. normalize the rest; 3. added tokens that match
+  // normalized text; 4. pre-tokenize and run the model on what is left.
+  std::vector<Segment> raw, segs;
+  split_added(text, false, true, raw);
+  for (auto& r : raw) {
+    if (r.added_id >= 0) {
+      segs.push_back(std::move(r));
+      continue;
+    }
+    std::string n = normalizer_ ? normalizer_->apply(r.text) : r.text;
+    split_added(n, true, r.at_input_start, segs);
+  }
+  tok::Encoded e;
+  for (const auto& sg : segs) {
+    if (sg.added_id >= 0) {
+      e.ids.push_back(sg.added_id);
+      e.tokens.push_back(sg.text);  // the matched span, stripped whitespace included (as tokenizers)
+      continue;
+    }
+    std::vector<tok::Piece> pieces{{sg.text, sg.at_input_start}};
+    if (pre_tokenizer_) pre_tokenizer_->apply(pieces);
+    const size_t first = e.ids.size();
+    for (const auto& p : pieces) model_->encode_word(p.text, e.ids);
+    for (size_t i = first; i < e.ids.size(); ++i) e.tokens.push_back(*model_->id_to_token(e.ids[i]));
+  }
+  if (post_processor_) e = post_processor_->apply(std::move(e), add_special_tokens);
+  return e;
+}
+
+std::vector<int64_t> Tokenizer::encode(const std::string& text, bool add_special_tokens) const {
+  return encode_with_tokens(text, add_special_tokens).ids;
+}
+
+std::optional<int64_t> Tokenizer::token_to_id(const std::string& token) const {
+  for (const auto& a : added_)
+    if (a.content == token) return a.id;
+  return model_->token_to_id(token);
+}
+
+std::string Tokenizer::id_to_token(int64_t id) const {
+  for (const auto& a : added_)
+    if (a.id == id) return a.content;
+  const std::string* t = model_->id_to_token(id);
+  return t ? *t : std::string();
+}
+
+int64_t Tokenizer::vocab_size() const {
+  int64_t n = model_->vocab_size();
+  for (const auto& a : added_) n = std::max(n, a.id + 1);
+  return n;
+}
+
+std::string Tokenizer::decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const {
+  std::vector<std::string> tokens;
+  for (int64_t id : ids) {
+    const AddedToken* added = nullptr;
+    for (const auto& a : added_)
+      if (a.id == id) added = &a;
+    if (added && added->special && skip_special_tokens) continue;
+    std::string t = id_to_token(id);
+    MF_CHECK(!t.empty(), source_, ": cannot decode id ", id, " (not in the vocabulary)");
+    tokens.push_back(std::move(t));
+  }
+  if (!decoder_) {
+    std::string s;
+    for (size_t i = 0; i < tokens.size(); ++i) s += (i ? " " : "") + tokens[i];
+    return s;
+  }
+  std::string s;
+  for (auto& t : decoder_->apply(std::move(tokens))) s += t;
+  return s;
+}
+
+}  // namespace moeforge::hf
