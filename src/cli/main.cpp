@@ -20,6 +20,8 @@ const char* kUsage =
     "      per-line loss of {\"input_ids\": [...]} rows (optional \"labels\"), printed as one JSON object\n"
     "  train RECIPE.yaml [key=value ...]\n"
     "      full fine-tuning (docs/training.md); resume=true continues from the latest checkpoint\n"
+    "  tokenize --tokenizer DIR (--text TEXT | --file FILE | --decode ID,ID,...) [--no-special-tokens]\n"
+    "      encode with a tokenizer.json as the tokenizers library does (ids and tokens as JSON)\n"
     "  convert --model MODEL_DIR --out OUT_DIR [--max-shard-size 5GB] [--overwrite]\n"
     "      load and save again: same tensor names, layout and dtypes; atomic\n";
 
@@ -37,6 +39,7 @@ int main(int argc, char** argv) {
     if (cmd == "eval") return moeforge::cli::cmd_eval(rest);
     if (cmd == "convert") return moeforge::cli::cmd_convert(rest);
     if (cmd == "train") return moeforge::cli::cmd_train(rest);
+    if (cmd == "tokenize") return moeforge::cli::cmd_tokenize(rest);
     std::fprintf(stderr, "moeforge: unknown command '%s'\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const moeforge::Error& e) {

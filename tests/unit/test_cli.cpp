@@ -166,3 +166,18 @@ TEST(CliBadInput, TrainRecipeErrorsAreOneLine) {
   expect_one_line_error(run("train " + (tmp / "bad.yaml")), {"bad.yaml", "invalid YAML"});
   expect_one_line_error(run("train " + (tmp / "missing.yaml")), {"missing.yaml"});
 }
+
+TEST(Cli, TokenizeEncodesAndDecodes) {
+  const std::string dir = test::fixture("tokenizers/llama3");
+  CmdResult r = run("tokenize --tokenizer " + dir + " --text 'Hello world'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["tokens"][0], "<|begin_of_text|>");
+  std::string ids;
+  for (size_t i = 1; i < j["ids"].size(); ++i) ids += (i > 1 ? "," : "") + std::to_string(j["ids"][i].get<int64_t>());
+  CmdResult d = run("tokenize --tokenizer " + dir + " --decode " + ids);
+  ASSERT_EQ(d.status, 0) << d.err;
+  EXPECT_EQ(nlohmann::json::parse(d.out)["text"], "Hello world");
+  expect_one_line_error(run("tokenize --tokenizer " + dir + " --decode 1,x"), {"'x' is not a token id"});
+  expect_one_line_error(run("tokenize --tokenizer /nonexistent --text hi"), {"/nonexistent", "tokenizer.json"});
+}
