@@ -14,7 +14,11 @@ struct Recipe {
   std::string source;  // file the recipe came from, for messages
 
   std::string model;       // Hugging Face model folder
-  std::string data;        // pre-tokenized jsonl ({"input_ids": [...], "labels"?: [...]})
+  std::string data;        // jsonl file, folder or glob (data/dataset.h lists the row forms)
+  std::string tokenizer;   // folder with tokenizer.json for text rows; "" = the model folder
+  bool packing = false;    // pack documents into rows of seq_len (boundaries kept)
+  bool skip_bad_lines = false;  // malformed data lines: skip and count instead of failing
+  bool add_eos = true;     // append the tokenizer's EOS to text and completion rows
   std::string output_dir;  // checkpoints, metrics.jsonl and the final model (output_dir/final)
   int64_t seq_len = 2048;  // rows longer than this are truncated
   int64_t micro_batch = 1;

@@ -8,7 +8,9 @@
 
 #include "core/error.h"
 #include "core/logging.h"
+#include "data/dataset.h"
 #include "data/token_batches.h"
+#include "hf/tokenizer/tokenizer.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
@@ -62,6 +64,26 @@ std::string prepare_output(const Recipe& r) {
   return "";
 }
 
+// EOS for text rows: generation_config.json's, else config.json's eos_token_id (first if a list).
+std::optional<int64_t> eos_token_id(const hf::ModelConfig& cfg, const hf::Tokenizer&, const std::string& model_dir) {
+  for (const std::string f : {"generation_config.json", "config.json"}) {
+    const fs::path p = fs::path(model_dir) / f;
+    if (!fs::exists(p)) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(hf::read_text_file(p.string()));
+    } catch (const nlohmann::json::exception&) {
+      continue;  // config.json was validated already; a broken generation_config.json only loses EOS
+    }
+    if (!j.is_object() || !j.contains("eos_token_id")) continue;
+    const auto& e = j["eos_token_id"];
+    if (e.is_number_integer()) return e.get<int64_t>();
+    if (e.is_array() && !e.empty() && e[0].is_number_integer()) return e[0].get<int64_t>();
+  }
+  (void)cfg;
+  return std::nullopt;
+}
+
 }  // namespace
 
 TrainResult run_training(const Recipe& r) {
@@ -69,7 +91,8 @@ TrainResult run_training(const Recipe& r) {
   if (r.threads > 0) omp_set_num_threads(static_cast<int>(r.threads));
 #endif
   MF_CHECK(fs::is_directory(r.model), r.source, ": key 'model': folder ", r.model, " does not exist");
-  MF_CHECK(fs::exists(r.data), r.source, ": key 'data': file ", r.data, " does not exist");
+  MF_CHECK(fs::exists(r.data) || r.data.find_first_of("*?[") != std::string::npos, r.source, ": key 'data': ",
+           r.data, " does not exist");
   const uint64_t shard_bytes = hf::parse_size(r.max_shard_size);
 
   // Model first: the sequence length is checked against it before any output is touched.
@@ -79,7 +102,17 @@ TrainResult run_training(const Recipe& r) {
   MF_CHECK(r.seq_len <= cfg.max_position_embeddings, r.source, ": seq_len ", r.seq_len,
            " is longer than the model allows (max_position_embeddings ", cfg.max_position_embeddings, " in ",
            cfg.source, ")");
-  data::TokenBatches data(data::read_token_jsonl(r.data), r.seq_len, r.seed);
+  // A tokenizer is loaded when there is one (text rows need it; pre-tokenized rows do not).
+  const std::string tok_dir = r.tokenizer.empty() ? r.model : r.tokenizer;
+  std::optional<hf::Tokenizer> tokenizer;
+  if (fs::exists(fs::path(tok_dir) / "tokenizer.json") || !r.tokenizer.empty()) tokenizer = hf::Tokenizer::load(tok_dir);
+  data::DatasetOptions dopts;
+  dopts.path = r.data;
+  dopts.tokenizer = tokenizer ? &*tokenizer : nullptr;
+  dopts.skip_bad_lines = r.skip_bad_lines;
+  if (tokenizer && r.add_eos) dopts.eos_id = eos_token_id(cfg, *tokenizer, r.model);
+  data::Dataset dataset = data::load_dataset(dopts);
+  data::TokenBatches data(std::move(dataset.rows), r.seq_len, r.seed, r.packing);
   for (int64_t i = 0; i < data.rows(); ++i)
     for (int64_t id : data.row_at(i).input_ids)
       MF_CHECK(id >= 0 && id < cfg.vocab_size, r.data, ":", data.row_at(i).line, ": token id ", id,
@@ -108,7 +141,10 @@ TrainResult run_training(const Recipe& r) {
   const auto& ds = data.stats();
   std::ostringstream intro;
   intro << "data: " << ds.documents << " documents, " << ds.tokens << " tokens, " << ds.truncated
-        << " truncated to seq_len " << r.seq_len << ", " << ds.dropped << " dropped (under 2 tokens)\n"
+        << " truncated to seq_len " << r.seq_len << ", " << ds.dropped << " dropped (under 2 tokens)";
+  if (dataset.skipped_lines) intro << ", " << dataset.skipped_lines << " malformed lines skipped";
+  if (r.packing) intro << ", packed into " << ds.packed_rows << " rows";
+  intro << "\n"
         << "model: " << cfg.model_type << ", " << model.params().numel() << " parameters; " << total_steps
         << " steps of " << r.global_batch << " rows (" << accumulation << " micro-batches of " << r.micro_batch << ")";
   if (!resume_from.empty()) intro << "\nresuming from " << resume_from << " at step " << st.step;
@@ -145,7 +181,12 @@ TrainResult run_training(const Recipe& r) {
     o.activation_checkpointing = r.activation_checkpointing;
     double ce = 0, aux_sum = 0;
     for (auto& mb : micro) {
-      auto res = model.forward_backward({mb.input_ids, &mb.labels}, o);
+      models::ForwardInputs in{mb.input_ids, &mb.labels};
+      if (data.packing()) {
+        in.position_ids = &mb.position_ids;
+        in.doc_ids = &mb.doc_ids;
+      }
+      auto res = model.forward_backward(in, o);
       ce += res.ce_sum;
       if (aux) aux_sum += res.aux_loss;
     }

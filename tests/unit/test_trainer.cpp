@@ -119,6 +119,16 @@ TEST(Trainer, FinalFolderIsAStandardCheckpointAndMetricsAreWritten) {
   EXPECT_LE(j["grad_norm"].get<double>(), 1e6);
 }
 
+TEST(Trainer, PackingRunsAndResumesExactly) {
+  test::TempDir full, half;
+  auto straight = train::run_training(train::load_recipe(write_recipe(full), {"packing=true", "seq_len=48"}));
+  train::run_training(train::load_recipe(write_recipe(half), {"packing=true", "seq_len=48", "steps=3"}));
+  auto rest = train::run_training(train::load_recipe(write_recipe(half), {"packing=true", "seq_len=48", "resume=true"}));
+  ASSERT_EQ(rest.losses.size(), 3u);
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(rest.losses[i], straight.losses[3 + i]);
+  for (double l : straight.losses) EXPECT_TRUE(std::isfinite(l));
+}
+
 TEST(Optimizer, SchedulesMatchTransformers) {
   train::ScheduleOptions s{"linear", 10, 0.0};
   EXPECT_DOUBLE_EQ(train::lr_multiplier(s, 0, 110), 0.0);

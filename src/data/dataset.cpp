@@ -1,0 +1,118 @@
+#include "data/dataset.h"
+
+#include <glob.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/logging.h"
+#include "hf/tokenizer/tokenizer.h"
+
+namespace moeforge::data {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+std::vector<std::string> resolve_files(const std::string& path) {
+  std::vector<std::string> files;
+  if (fs::is_directory(path)) {
+    for (const auto& de : fs::directory_iterator(path))
+      if (de.is_regular_file() && de.path().extension() == ".jsonl") files.push_back(de.path().string());
+    std::sort(files.begin(), files.end());
+    MF_CHECK(!files.empty(), path, ": folder has no *.jsonl files");
+    return files;
+  }
+  if (path.find_first_of("*?[") != std::string::npos) {
+    glob_t g{};
+    if (::glob(path.c_str(), 0, nullptr, &g) == 0)
+      for (size_t i = 0; i < g.gl_pathc; ++i) files.push_back(g.gl_pathv[i]);
+    ::globfree(&g);
+    std::sort(files.begin(), files.end());
+    MF_CHECK(!files.empty(), path, ": no file matches");
+    return files;
+  }
+  MF_CHECK(fs::exists(path), path, ": no such file");
+  return {path};
+}
+
+std::string string_field(const json& j, const char* key, const std::string& where) {
+  MF_CHECK(j[key].is_string(), where, ": field '", key, "' must be a string");
+  return j[key].get<std::string>();
+}
+
+TokenRow parse_row(const std::string& line, const std::string& where, const DatasetOptions& o) {
+  json j;
+  try {
+    j = json::parse(line);
+  } catch (const json::parse_error& e) {
+    MF_THROW(where, ": invalid JSON (", e.what(), ")");
+  }
+  MF_CHECK(j.is_object(), where, ": each line must be a JSON object");
+  if (j.contains("input_ids")) {
+    TokenRow r = parse_token_line(line, where);
+    if (!r.labels) r.labels = r.input_ids;
+    return r;
+  }
+  if (j.contains("messages"))
+    MF_THROW(where, ": 'messages' rows need chat templates, which this version does not implement yet "
+                    "(use text, prompt/completion or input_ids rows)");
+  const bool text = j.contains("text"), pc = j.contains("prompt") || j.contains("completion");
+  MF_CHECK(text || pc, where, ": row has none of the known fields (input_ids, text, prompt/completion, messages)");
+  MF_CHECK(o.tokenizer, where, ": text rows need a tokenizer (the model folder's tokenizer.json, or set 'tokenizer')");
+  TokenRow r;
+  if (text) {
+    r.input_ids = o.tokenizer->encode(string_field(j, "text", where), true);
+    if (o.eos_id) r.input_ids.push_back(*o.eos_id);
+    r.labels = r.input_ids;
+  } else {
+    MF_CHECK(j.contains("prompt") && j.contains("completion"), where, ": a prompt row needs both 'prompt' and 'completion'");
+    // The prompt gets the tokenizer's special tokens (BOS), the completion none; loss on the completion.
+    auto p = o.tokenizer->encode(string_field(j, "prompt", where), true);
+    auto c = o.tokenizer->encode(string_field(j, "completion", where), false);
+    if (o.eos_id) c.push_back(*o.eos_id);
+    r.input_ids = p;
+    r.input_ids.insert(r.input_ids.end(), c.begin(), c.end());
+    r.labels = std::vector<int64_t>(p.size(), -100);
+    r.labels->insert(r.labels->end(), c.begin(), c.end());
+  }
+  MF_CHECK(!r.input_ids.empty(), where, ": row encodes to no tokens");
+  return r;
+}
+
+}  // namespace
+
+Dataset load_dataset(const DatasetOptions& o) {
+  Dataset d;
+  d.files = resolve_files(o.path);
+  for (const auto& file : d.files) {
+    std::ifstream in(file);
+    MF_CHECK(in.good(), file, ": cannot open (", std::strerror(errno), ")");
+    std::string line;
+    int64_t n = 0;
+    while (std::getline(in, line)) {
+      ++n;
+      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+      const std::string where = file + ":" + std::to_string(n);
+      try {
+        TokenRow r = parse_row(line, where, o);
+        r.line = n;
+        d.rows.push_back(std::move(r));
+      } catch (const Error& e) {
+        if (!o.skip_bad_lines) throw;
+        if (d.skipped_lines < 5) log::warn("skipping ", e.what());
+        ++d.skipped_lines;
+      }
+    }
+  }
+  MF_CHECK(!d.rows.empty(), o.path, ": no usable rows", d.skipped_lines ? " (all malformed lines were skipped)" : "");
+  return d;
+}
+
+}  // namespace moeforge::data

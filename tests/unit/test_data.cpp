@@ -1,0 +1,162 @@
+// Datasets (jsonl forms, files/folders/globs, bad lines), packing, and the packing invariant: packed
+// documents get exactly the per-token losses they get alone.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+
+#include "core/error.h"
+#include "data/dataset.h"
+#include "data/token_batches.h"
+#include "hf/safetensors.h"
+#include "hf/tokenizer/tokenizer.h"
+#include "models/pretrained.h"
+#include "ops/ops.h"
+#include "test_util.h"
+
+using namespace moeforge;
+
+namespace {
+
+// Per-position next-token losses of one [1, S] row (position t predicts t+1; last is unused).
+std::vector<float> token_losses(const models::CausalLM& m, const std::vector<int64_t>& ids, const Tensor* pos = nullptr,
+                                const Tensor* docs = nullptr) {
+  const int64_t s = static_cast<int64_t>(ids.size());
+  Tensor in = Tensor::from_i64(ids, {1, s});
+  models::ForwardInputs fi{in};
+  fi.position_ids = pos;
+  fi.doc_ids = docs;
+  auto out = m.forward(fi);
+  std::vector<int64_t> targets(static_cast<size_t>(s), -100);
+  for (int64_t t = 0; t + 1 < s; ++t) targets[t] = ids[t + 1];
+  Tensor l = ops::cross_entropy_rows(out.logits.view({s, -1}), Tensor::from_i64(targets, {s}), -100, nullptr);
+  return l.to_f32_vector();
+}
+
+}  // namespace
+
+TEST(Packing, PackedDocumentsHaveTheLossesTheyHaveAlone) {
+  for (const char* name : {"qwen3_moe_a", "qwen3_moe_b"}) {  // b: sliding window + MQA
+    auto m = models::from_pretrained(test::fixture(name));
+    const std::vector<int64_t> a = {5, 17, 3, 9, 22, 41, 7}, b = {11, 2, 30, 30, 8, 15, 1, 19, 4};
+    auto la = token_losses(*m.model, a), lb = token_losses(*m.model, b);
+    std::vector<int64_t> packed = a, pos, docs;
+    packed.insert(packed.end(), b.begin(), b.end());
+    for (size_t i = 0; i < a.size(); ++i) pos.push_back(static_cast<int64_t>(i)), docs.push_back(0);
+    for (size_t i = 0; i < b.size(); ++i) pos.push_back(static_cast<int64_t>(i)), docs.push_back(1);
+    const int64_t s = static_cast<int64_t>(packed.size());
+    Tensor tp = Tensor::from_i64(pos, {1, s}), td = Tensor::from_i64(docs, {1, s});
+    auto lp = token_losses(*m.model, packed, &tp, &td);
+    for (size_t i = 0; i + 1 < a.size(); ++i) EXPECT_NEAR(lp[i], la[i], 1e-5) << name << " a[" << i << "]";
+    for (size_t i = 0; i + 1 < b.size(); ++i) EXPECT_NEAR(lp[a.size() + i], lb[i], 1e-5) << name << " b[" << i << "]";
+    // Without the document mask the second document would see the first: the test can fail.
+    auto lx = token_losses(*m.model, packed, &tp, nullptr);
+    float worst = 0;
+    for (size_t i = 1; i + 1 < b.size(); ++i) worst = std::max(worst, std::abs(lx[a.size() + i] - lb[i]));
+    EXPECT_GT(worst, 1e-3) << name;
+  }
+}
+
+TEST(Packing, RowsKeepDocumentBoundaries) {
+  std::vector<data::TokenRow> rows;
+  for (int d = 0; d < 5; ++d) {
+    data::TokenRow r;
+    for (int t = 0; t < 4 + d; ++t) r.input_ids.push_back(100 * d + t);
+    rows.push_back(r);
+  }
+  data::TokenBatches tb(rows, 12, 7, /*packing=*/true);
+  EXPECT_EQ(tb.stats().documents, 5);
+  EXPECT_LT(tb.rows(), 5);
+  int64_t tokens = 0;
+  for (int64_t i = 0; i < tb.rows(); ++i) {
+    auto mb = tb.micro_batch(i, 1);
+    const int64_t s = mb.input_ids.size(1);
+    EXPECT_LE(s, 12);
+    for (int64_t t = 0; t < s; ++t) {
+      const int64_t id = mb.input_ids.i64()[t], doc = mb.doc_ids.i64()[t];
+      if (doc < 0) continue;
+      ++tokens;
+      EXPECT_EQ(mb.position_ids.i64()[t], id % 100) << "positions restart per document";
+      if (id % 100 == 0) EXPECT_EQ(mb.labels.i64()[t], -100) << "no prediction across a boundary";
+      else EXPECT_EQ(mb.labels.i64()[t], id);
+      if (t > 0 && mb.doc_ids.i64()[t - 1] == doc) EXPECT_EQ(mb.input_ids.i64()[t - 1] / 100, id / 100);
+    }
+  }
+  EXPECT_EQ(tokens, 4 + 5 + 6 + 7 + 8);
+}
+
+TEST(Dataset, TextAndPromptCompletionRows) {
+  test::TempDir dir;
+  auto tok = hf::Tokenizer::load(test::fixture("tokenizers/llama3"));
+  std::ofstream(dir / "d.jsonl") << R"({"text": "Hello world"})" << "\n"
+                                 << R"({"prompt": "Question: 2+2?", "completion": " 4"})" << "\n"
+                                 << R"({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]})" << "\n";
+  data::DatasetOptions o;
+  o.path = dir / "d.jsonl";
+  o.tokenizer = &tok;
+  o.eos_id = 1;
+  auto d = data::load_dataset(o);
+  ASSERT_EQ(d.rows.size(), 3u);
+  auto want = tok.encode("Hello world", true);
+  want.push_back(1);
+  EXPECT_EQ(d.rows[0].input_ids, want);
+  EXPECT_EQ(*d.rows[0].labels, want);
+  const auto p = tok.encode("Question: 2+2?", true), c = tok.encode(" 4", false);
+  ASSERT_EQ(d.rows[1].input_ids.size(), p.size() + c.size() + 1);
+  for (size_t i = 0; i < p.size(); ++i) EXPECT_EQ((*d.rows[1].labels)[i], -100);
+  EXPECT_EQ((*d.rows[1].labels)[p.size()], c[0]);
+  EXPECT_EQ(d.rows[1].input_ids.back(), 1);
+  EXPECT_EQ(*d.rows[2].labels, std::vector<int64_t>({-100, 6, 7}));
+}
+
+TEST(Dataset, FoldersAndGlobs) {
+  test::TempDir dir;
+  std::ofstream(dir / "b.jsonl") << R"({"input_ids": [2, 3]})" << "\n";
+  std::ofstream(dir / "a.jsonl") << R"({"input_ids": [1, 2]})" << "\n";
+  std::ofstream(dir / "c.txt") << "ignored\n";
+  data::DatasetOptions o;
+  o.path = dir.path.string();
+  auto d = data::load_dataset(o);
+  ASSERT_EQ(d.files.size(), 2u);
+  EXPECT_EQ(d.rows[0].input_ids[0], 1);
+  o.path = dir / "b*.jsonl";
+  EXPECT_EQ(data::load_dataset(o).rows.size(), 1u);
+}
+
+TEST(DatasetBadInput, MalformedLinesFailOrAreSkippedAndCounted) {
+  test::TempDir dir;
+  std::ofstream(dir / "d.jsonl") << R"({"input_ids": [1, 2]})" << "\n"
+                                 << R"({"input_ids": [1, )" << "\n"
+                                 << R"({"title": "no known field"})" << "\n"
+                                 << R"({"messages": [{"role": "user", "content": "hi"}]})" << "\n"
+                                 << R"({"input_ids": [3, 4]})" << "\n";
+  data::DatasetOptions o;
+  o.path = dir / "d.jsonl";
+  try {
+    data::load_dataset(o);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("d.jsonl:2: invalid JSON"), std::string::npos) << e.what();
+  }
+  o.skip_bad_lines = true;
+  auto d = data::load_dataset(o);
+  EXPECT_EQ(d.rows.size(), 2u);
+  EXPECT_EQ(d.skipped_lines, 3);
+  std::ofstream(dir / "e.jsonl") << R"({"title": "x"})" << "\n";
+  o.path = dir / "e.jsonl";
+  o.skip_bad_lines = false;
+  try {
+    data::load_dataset(o);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("e.jsonl:1: row has none of the known fields"), std::string::npos) << e.what();
+  }
+  std::ofstream(dir / "t.jsonl") << R"({"text": "needs a tokenizer"})" << "\n";
+  o.path = dir / "t.jsonl";
+  try {
+    data::load_dataset(o);
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("t.jsonl:1: text rows need a tokenizer"), std::string::npos) << e.what();
+  }
+}
