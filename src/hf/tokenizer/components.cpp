@@ -269,8 +269,9 @@ struct ReplaceDec final : Decoder {
 struct ByteFallbackDec final : Decoder {
   static int byte_of(const std::string& t) {
     if (t.size() != 6 || t.compare(0, 3, "<0x") != 0 || t[5] != '>') return -1;
+    const std::string hex = t.substr(3, 2);  // must outlive `end`, which points into it
     char* end = nullptr;
-    const long v = std::strtol(t.substr(3, 2).c_str(), &end, 16);
+    const long v = std::strtol(hex.c_str(), &end, 16);
     return *end == 0 ? static_cast<int>(v) : -1;
   }
   std::vector<std::string> apply(std::vector<std::string> tokens) const override {
