@@ -211,10 +211,6 @@ void convert_elements(const void* src, DType src_t, void* dst, DType dst_t, int6
     for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(s[i]);
     return;
   }
-  if (src_t == DType::I64 && dst_t != DType::F64 && !is_floating(dst_t)) {
-    for (int64_t i = 0; i < n; ++i) store_double(dst, dst_t, i, static_cast<double>(static_cast<const int64_t*>(src)[i]));
-    return;
-  }
   for (int64_t i = 0; i < n; ++i) store_double(dst, dst_t, i, load_as_double(src, src_t, i));
 }
 

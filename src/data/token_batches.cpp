@@ -88,8 +88,8 @@ TokenBatches::MicroBatch TokenBatches::micro_batch(int64_t cursor, int64_t n) co
       labels[i * s + t] = lab[t];
       if (t > 0 && lab[t] != -100) ++mb.loss_tokens;
     }
-    for (int64_t t = 0; t < s; ++t) pos[i * s + t] = t;  // pads: any position; they are never trained
     if (packing_) {
+      for (int64_t t = 0; t < s; ++t) pos[i * s + t] = t;  // pads: any position; they are never trained
       int64_t t = 0, doc = 0;
       for (int64_t len : doc_lengths_[row_index(rows_, r)]) {
         for (int64_t k = 0; k < len; ++k, ++t) {

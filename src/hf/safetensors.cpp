@@ -281,7 +281,7 @@ std::vector<std::string> save_sharded(const std::string& dir, const NamedTensors
   }
   nlohmann::ordered_json index;
   index["metadata"] = {{"total_size", total}};
-  nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
+  std::map<std::string, std::string> weight_map;  // Hugging Face writes it sorted by tensor name
   char name[64];
   for (size_t i = 0; i < shards.size(); ++i) {
     std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
@@ -289,10 +289,7 @@ std::vector<std::string> save_sharded(const std::string& dir, const NamedTensors
     for (const auto& nt : shards[i]) weight_map[nt.first] = name;
     written.push_back(name);
   }
-  // Hugging Face writes the weight map sorted by tensor name.
-  std::map<std::string, std::string> sorted;
-  for (auto it = weight_map.begin(); it != weight_map.end(); ++it) sorted[it.key()] = it.value().get<std::string>();
-  index["weight_map"] = sorted;
+  index["weight_map"] = weight_map;
   write_text_file_atomic((fs::path(dir) / "model.safetensors.index.json").string(), index.dump(2) + "\n");
   written.push_back("model.safetensors.index.json");
   return written;

@@ -65,7 +65,7 @@ std::string prepare_output(const Recipe& r) {
 }
 
 // EOS for text rows: generation_config.json's, else config.json's eos_token_id (first if a list).
-std::optional<int64_t> eos_token_id(const hf::ModelConfig& cfg, const hf::Tokenizer&, const std::string& model_dir) {
+std::optional<int64_t> eos_token_id(const std::string& model_dir) {
   for (const std::string f : {"generation_config.json", "config.json"}) {
     const fs::path p = fs::path(model_dir) / f;
     if (!fs::exists(p)) continue;
@@ -80,7 +80,6 @@ std::optional<int64_t> eos_token_id(const hf::ModelConfig& cfg, const hf::Tokeni
     if (e.is_number_integer()) return e.get<int64_t>();
     if (e.is_array() && !e.empty() && e[0].is_number_integer()) return e[0].get<int64_t>();
   }
-  (void)cfg;
   return std::nullopt;
 }
 
@@ -110,7 +109,7 @@ TrainResult run_training(const Recipe& r) {
   dopts.path = r.data;
   dopts.tokenizer = tokenizer ? &*tokenizer : nullptr;
   dopts.skip_bad_lines = r.skip_bad_lines;
-  if (tokenizer && r.add_eos) dopts.eos_id = eos_token_id(cfg, *tokenizer, r.model);
+  if (tokenizer && r.add_eos) dopts.eos_id = eos_token_id(r.model);
   data::Dataset dataset = data::load_dataset(dopts);
   data::TokenBatches data(std::move(dataset.rows), r.seq_len, r.seed, r.packing);
   for (int64_t i = 0; i < data.rows(); ++i)
@@ -120,7 +119,7 @@ TrainResult run_training(const Recipe& r) {
 
   const std::string resume_from = prepare_output(r);
   const std::string recipe_text = r.to_yaml();
-  const std::string recipe_hash = hash_text(recipe_text.substr(0, std::string::npos));
+  const std::string recipe_hash = hash_text(recipe_text);
   hf::write_text_file_atomic((fs::path(r.output_dir) / "recipe.yaml").string(), recipe_text);
 
   const int64_t accumulation = r.global_batch / r.micro_batch;
@@ -165,6 +164,14 @@ TrainResult run_training(const Recipe& r) {
   Progress progress(metrics_path, st.step, !resume_from.empty());
   progress.message(intro.str());
 
+  // Writes checkpoint-<step> and removes the oldest beyond save_total_limit; returns its folder.
+  auto save_and_prune = [&] {
+    const std::string dir = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
+    save_checkpoint(dir, model, r.model, opt, st, shard_bytes);
+    auto cks = list_checkpoints(r.output_dir);
+    for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
+    return dir;
+  };
   TrainResult result;
   const bool aux = cfg.output_router_logits;
   for (; st.step < total_steps;) {
@@ -208,18 +215,10 @@ TrainResult run_training(const Recipe& r) {
              " (lower optimizer.lr or set max_grad_norm)");
     result.losses.push_back(m.loss);
     progress.step(m, st.step % r.log_every == 0 || st.step == total_steps);
-    if (r.save_every > 0 && st.step % r.save_every == 0 && st.step < total_steps) {
-      const std::string dir = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
-      save_checkpoint(dir, model, r.model, opt, st, shard_bytes);
-      auto cks = list_checkpoints(r.output_dir);
-      for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
-    }
+    if (r.save_every > 0 && st.step % r.save_every == 0 && st.step < total_steps) save_and_prune();
   }
   progress.finish();
-  const std::string last = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
-  save_checkpoint(last, model, r.model, opt, st, shard_bytes);
-  auto cks = list_checkpoints(r.output_dir);
-  for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
+  const std::string last = save_and_prune();
   models::SaveOptions so;
   so.max_shard_bytes = shard_bytes;
   so.overwrite = true;

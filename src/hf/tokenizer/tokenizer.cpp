@@ -57,6 +57,8 @@ Tokenizer Tokenizer::load(const std::string& path) {
   }
   for (size_t i = 0; i < t.added_.size(); ++i) {
     const AddedToken& a = t.added_[i];
+    t.added_index_by_id_.emplace(a.id, i);
+    t.added_index_by_content_.emplace(a.content, i);
     std::string m = a.content;
     if (a.normalized && t.normalizer_) m = t.normalizer_->apply(m);
     t.match_text_.push_back(m);
@@ -164,15 +166,19 @@ std::vector<int64_t> Tokenizer::encode(const std::string& text, bool add_special
   return encode_with_tokens(text, add_special_tokens).ids;
 }
 
+const AddedToken* Tokenizer::added_by_id(int64_t id) const {
+  auto it = added_index_by_id_.find(id);
+  return it == added_index_by_id_.end() ? nullptr : &added_[it->second];
+}
+
 std::optional<int64_t> Tokenizer::token_to_id(const std::string& token) const {
-  for (const auto& a : added_)
-    if (a.content == token) return a.id;
+  auto it = added_index_by_content_.find(token);
+  if (it != added_index_by_content_.end()) return added_[it->second].id;
   return model_->token_to_id(token);
 }
 
 std::string Tokenizer::id_to_token(int64_t id) const {
-  for (const auto& a : added_)
-    if (a.id == id) return a.content;
+  if (const AddedToken* a = added_by_id(id)) return a->content;
   const std::string* t = model_->id_to_token(id);
   return t ? *t : std::string();
 }
@@ -186,9 +192,7 @@ int64_t Tokenizer::vocab_size() const {
 std::string Tokenizer::decode(const std::vector<int64_t>& ids, bool skip_special_tokens) const {
   std::vector<std::string> tokens;
   for (int64_t id : ids) {
-    const AddedToken* added = nullptr;
-    for (const auto& a : added_)
-      if (a.id == id) added = &a;
+    const AddedToken* added = added_by_id(id);
     if (added && added->special && skip_special_tokens) continue;
     std::string t = id_to_token(id);
     MF_CHECK(!t.empty(), source_, ": cannot decode id ", id, " (not in the vocabulary)");

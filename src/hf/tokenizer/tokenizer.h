@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "hf/tokenizer/bpe.h"
@@ -49,6 +50,9 @@ class Tokenizer {
   std::unique_ptr<tok::PostProcessor> post_processor_;
   std::unique_ptr<tok::Decoder> decoder_;
   std::vector<AddedToken> added_;
+  const AddedToken* added_by_id(int64_t id) const;
+  std::unordered_map<int64_t, size_t> added_index_by_id_;          // id -> index in added_
+  std::unordered_map<std::string, size_t> added_index_by_content_;  // content -> index in added_
   // Added tokens by the first byte of their (normalized) content, longest first.
   std::vector<size_t> by_first_byte_[2][256];
   std::vector<std::string> match_text_;  // per added token: content, normalized when `normalized`

@@ -11,6 +11,7 @@ Qwen3Moe::Qwen3Moe(hf::ModelConfig c)
   const float eps = static_cast<float>(c_.rms_norm_eps);
   embed_ = params_.add("model.embed_tokens.weight", {c_.vocab_size, c_.hidden_size});
   layers_.resize(static_cast<size_t>(c_.num_hidden_layers));
+  size_t moe_layers = 0;
   for (int64_t l = 0; l < c_.num_hidden_layers; ++l) {
     const std::string pre = "model.layers." + std::to_string(l);
     Layer& L = layers_[l];
@@ -26,6 +27,7 @@ Qwen3Moe::Qwen3Moe(hf::ModelConfig c)
                                  pre + ".mlp.experts.down_proj", "gate_proj.weight", "up_proj.weight",
                                  "down_proj.weight", c_.num_experts});
       L.mlp = moe;
+      L.moe_slot = moe_layers++;
     } else {
       nn::DenseMLP mlp;
       mlp.init(params_, pre + ".mlp", c_.hidden_size, c_.intermediate_size);
@@ -77,9 +79,7 @@ Tensor Qwen3Moe::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, La
   Tensor n = L.post_attention_norm.forward(params_, x);
   Tensor m;
   if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
-    // The MoE layer's index among MoE layers selects its routing record.
-    size_t slot = 0;
-    for (size_t i = 0; i < l; ++i) slot += std::holds_alternative<nn::SparseMoE>(layers_[i].mlp);
+    const size_t slot = L.moe_slot;
     const Tensor* forced = nullptr;
     if (bt.routing && bt.routing->mode == RoutingControl::Mode::Replay) {
       MF_CHECK(slot < bt.routing->chosen.size(), "routing replay has no record for MoE layer ", slot);

@@ -23,6 +23,7 @@ class Qwen3Moe : public CausalLM {
     nn::RMSNorm input_norm, post_attention_norm;
     nn::Attention attn;
     std::variant<nn::DenseMLP, nn::SparseMoE> mlp;
+    size_t moe_slot = 0;  // index among the MoE layers (selects the layer's routing record)
   };
   // What one decoder layer keeps for backward.
   struct LayerCache {
