@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <filesystem>
+#include <functional>
 
 #include "core/error.h"
 #include "hf/fs_util.h"
@@ -27,6 +28,19 @@ Tokenizer Tokenizer::load(const std::string& path) {
   const std::string model_type = j["model"].value("type", std::string("BPE"));
   MF_CHECK(model_type == "BPE", file, ": field 'model.type' value '", model_type,
            "' is not supported (supported: BPE, as in Qwen, Llama, DeepSeek, GPT-OSS and Mixtral tokenizers)");
+  // Byte-level tokenizers name a ByteLevel pre-tokenizer or decoder (possibly inside a Sequence).
+  const std::function<bool(const json&)> mentions_byte_level = [&](const json& x) {
+    if (x.is_object()) {
+      if (x.value("type", std::string()) == "ByteLevel") return true;
+      for (const auto& [k, v] : x.items())
+        if (mentions_byte_level(v)) return true;
+    } else if (x.is_array()) {
+      for (const auto& v : x)
+        if (mentions_byte_level(v)) return true;
+    }
+    return false;
+  };
+  t.byte_level_ = mentions_byte_level(j.value("pre_tokenizer", json())) || mentions_byte_level(j.value("decoder", json()));
   try {
     t.model_ = std::make_unique<tok::Bpe>(j["model"], file);
     t.normalizer_ = tok::make_normalizer(j.value("normalizer", json()), file + ": normalizer");
@@ -206,6 +220,90 @@ std::string Tokenizer::decode(const std::vector<int64_t>& ids, bool skip_special
   std::string s;
   for (auto& t : decoder_->apply(std::move(tokens))) s += t;
   return s;
+}
+
+}  // namespace moeforge::hf
+
+namespace moeforge::hf {
+
+std::optional<std::vector<std::pair<size_t, size_t>>> Tokenizer::token_offsets(const std::string& input,
+                                                                              const tok::Encoded& e) const {
+  const std::string text = text::utf8_lossy(input);
+  std::vector<std::pair<size_t, size_t>> out(e.ids.size());
+  size_t cursor = 0;
+  std::string pending;
+  std::vector<size_t> pending_tokens;
+  auto place_group = [&]() {
+    const size_t limit = std::min(text.size() - cursor, pending.size() * 4 + 16);
+    for (size_t len = 1; len <= limit; ++len) {
+      if (normalizer_->apply(text.substr(cursor, len)) != pending) continue;
+      for (size_t t : pending_tokens) out[t] = {cursor, cursor + len};
+      cursor += len;
+      pending.clear();
+      pending_tokens.clear();
+      return true;
+    }
+    return false;
+  };
+  for (size_t k = 0; k < e.ids.size(); ++k) {
+    // What this token stands for in the input.
+    std::string surface;
+    if (added_by_id(e.ids[k])) {
+      surface = e.tokens[k];
+    } else if (byte_level_) {
+      const std::string& t = e.tokens[k];
+      size_t i = 0;
+      while (i < t.size()) {
+        const int b = text::char_to_byte(text::next_codepoint(t, i));
+        if (b < 0) return std::nullopt;
+        surface += static_cast<char>(b);
+      }
+    } else {
+      const std::string& t = e.tokens[k];
+      if (t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>') {
+        surface += static_cast<char>(std::stoi(t.substr(3, 2), nullptr, 16));
+      } else {
+        for (size_t i = 0; i < t.size();) {
+          if (t.compare(i, 3, "\xE2\x96\x81") == 0) {  // U+2581, SentencePiece's space
+            surface += ' ';
+            i += 3;
+          } else {
+            surface += t[i++];
+          }
+        }
+      }
+    }
+    auto matches = [&](size_t at, const std::string& s) { return text.compare(at, s.size(), s) == 0; };
+    if (!pending.empty()) {  // inside a group of tokens that spell normalized text, see below
+      pending += surface;
+      pending_tokens.push_back(k);
+      place_group();
+      continue;
+    }
+    // Whitespace that a pre-tokenizer removed belongs to no token.
+    size_t at = cursor;
+    while (!matches(at, surface) && !(surface.size() > 1 && surface[0] == ' ' && matches(at, surface.substr(1))) &&
+           at < text.size() && (text[at] == ' ' || text[at] == '\t' || text[at] == '\n' || text[at] == '\r'))
+      ++at;
+    if (matches(at, surface)) {
+      out[k] = {at, at + surface.size()};
+      cursor = at + surface.size();
+    } else if (!surface.empty() && surface[0] == ' ' && matches(at, surface.substr(1))) {
+      // A space the normalizer or Metaspace prepended: no input byte of its own.
+      out[k] = {at, at + surface.size() - 1};
+      cursor = at + surface.size() - 1;
+    } else if (normalizer_) {
+      // The normalizer rewrote this part (NFC composing "e\u0301" into "é", ...): collect tokens
+      // until their text is the normalization of some input span, and give them all that span.
+      pending = surface;
+      pending_tokens.assign(1, k);
+      place_group();
+    } else {
+      return std::nullopt;
+    }
+  }
+  if (!pending.empty()) return std::nullopt;
+  return out;
 }
 
 }  // namespace moeforge::hf

@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
+#include <utility>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -27,6 +29,11 @@ class Tokenizer {
   std::vector<int64_t> encode(const std::string& text, bool add_special_tokens = true) const;
   tok::Encoded encode_with_tokens(const std::string& text, bool add_special_tokens = true) const;
   std::string decode(const std::vector<int64_t>& ids, bool skip_special_tokens = false) const;
+  // Byte ranges [begin, end) of `text` that the tokens of `encoded` (an encoding of `text` without
+  // special tokens) stand for, as the offsets of the `tokenizers` library. nullopt when a
+  // normalizer rewrote the text so that the tokens no longer spell it.
+  std::optional<std::vector<std::pair<size_t, size_t>>> token_offsets(const std::string& text,
+                                                                      const tok::Encoded& encoded) const;
 
   std::optional<int64_t> token_to_id(const std::string& token) const;
   std::string id_to_token(int64_t id) const;  // "" when unknown
@@ -44,6 +51,7 @@ class Tokenizer {
   void split_added(const std::string& s, bool normalized_kind, bool at_start, std::vector<Segment>& out) const;
 
   std::string source_;
+  bool byte_level_ = false;  // tokens spell bytes through the GPT-2 byte alphabet
   std::unique_ptr<tok::Bpe> model_;
   std::unique_ptr<tok::Normalizer> normalizer_;
   std::unique_ptr<tok::PreTokenizer> pre_tokenizer_;
