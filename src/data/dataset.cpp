@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/logging.h"
+#include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
 
 namespace moeforge::data {
@@ -42,16 +43,57 @@ std::vector<std::string> resolve_files(const std::string& path) {
   return {path};
 }
 
-std::string string_field(const json& j, const char* key, const std::string& where) {
+std::string string_field(const nlohmann::ordered_json& j, const char* key, const std::string& where) {
   MF_CHECK(j[key].is_string(), where, ": field '", key, "' must be a string");
   return j[key].get<std::string>();
 }
 
-TokenRow parse_row(const std::string& line, const std::string& where, const DatasetOptions& o) {
-  json j;
+TokenRow messages_row(const nlohmann::ordered_json& j, const std::string& where, const DatasetOptions& o) {
+  const auto& messages = j["messages"];
+  MF_CHECK(messages.is_array() && !messages.empty(), where, ": field 'messages' must be a non-empty list");
+  for (size_t i = 0; i < messages.size(); ++i) {
+    const auto& m = messages[i];
+    MF_CHECK(m.is_object() && m.contains("role") && m["role"].is_string(), where, ": messages[", i,
+             "] must be an object with a string 'role'");
+    MF_CHECK(!m.contains("content") || m["content"].is_string() || m["content"].is_null() || m["content"].is_array(),
+             where, ": messages[", i, "].content must be a string, a list of parts or null");
+  }
+  MF_CHECK(o.tokenizer, where, ": messages rows need a tokenizer (the model folder's tokenizer.json, or set 'tokenizer')");
+  MF_CHECK(o.chat_template, where, ": messages rows need a chat template, and ", o.chat_template_origin,
+           " has none (tokenizer_config.json 'chat_template' or chat_template.jinja); or set recipe key chat_template");
+  hf::ChatOptions opts;
+  if (j.contains("tools") && !j["tools"].is_null()) {
+    MF_CHECK(j["tools"].is_array(), where, ": field 'tools' must be a list");
+    opts.tools = j["tools"];
+  }
+  if (j.contains("chat_template_kwargs")) {
+    MF_CHECK(j["chat_template_kwargs"].is_object(), where, ": field 'chat_template_kwargs' must be an object");
+    opts.extra = j["chat_template_kwargs"];
+  }
+  hf::ChatEncoding enc;
   try {
-    j = json::parse(line);
-  } catch (const json::parse_error& e) {
+    enc = o.chat_template->encode(*o.tokenizer, messages, opts);
+  } catch (const Error& e) {
+    MF_THROW(where, ": ", e.what());
+  }
+  TokenRow r;
+  r.input_ids = std::move(enc.ids);
+  r.labels = std::vector<int64_t>(r.input_ids.size(), -100);
+  int64_t trained = 0;
+  for (size_t k = 0; k < r.input_ids.size(); ++k)
+    if (enc.assistant_mask[k]) {
+      (*r.labels)[k] = r.input_ids[k];
+      ++trained;
+    }
+  MF_CHECK(trained > 0, where, ": the conversation has no assistant tokens to train on");
+  return r;
+}
+
+TokenRow parse_row(const std::string& line, const std::string& where, const DatasetOptions& o) {
+  nlohmann::ordered_json j;  // ordered: chat templates see the keys in the file's order (tojson)
+  try {
+    j = nlohmann::ordered_json::parse(line);
+  } catch (const nlohmann::ordered_json::parse_error& e) {
     MF_THROW(where, ": invalid JSON (", e.what(), ")");
   }
   MF_CHECK(j.is_object(), where, ": each line must be a JSON object");
@@ -60,9 +102,7 @@ TokenRow parse_row(const std::string& line, const std::string& where, const Data
     if (!r.labels) r.labels = r.input_ids;
     return r;
   }
-  if (j.contains("messages"))
-    MF_THROW(where, ": 'messages' rows need chat templates, which this version does not implement yet "
-                    "(use text, prompt/completion or input_ids rows)");
+  if (j.contains("messages")) return messages_row(j, where, o);
   const bool text = j.contains("text"), pc = j.contains("prompt") || j.contains("completion");
   MF_CHECK(text || pc, where, ": row has none of the known fields (input_ids, text, prompt/completion, messages)");
   MF_CHECK(o.tokenizer, where, ": text rows need a tokenizer (the model folder's tokenizer.json, or set 'tokenizer')");
@@ -113,6 +153,14 @@ Dataset load_dataset(const DatasetOptions& o) {
   }
   MF_CHECK(!d.rows.empty(), o.path, ": no usable rows", d.skipped_lines ? " (all malformed lines were skipped)" : "");
   return d;
+}
+
+RankSlice rank_slice(int64_t global_batch, int64_t rank, int64_t world) {
+  MF_CHECK(world >= 1 && rank >= 0 && rank < world, "data rank ", rank, " is outside a world of ", world);
+  MF_CHECK(global_batch % world == 0, "global_batch ", global_batch, " must be a multiple of the data-parallel size ",
+           world);
+  const int64_t count = global_batch / world;
+  return {rank * count, count};
 }
 
 }  // namespace moeforge::data

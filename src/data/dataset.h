@@ -2,7 +2,9 @@
 //   {"input_ids": [...], "labels": [...]?}   pre-tokenized (labels default to input_ids, -100 = no loss)
 //   {"text": "..."}                          every token trained
 //   {"prompt": "...", "completion": "..."}   loss on the completion only
-// ("messages" rows need chat templates, which are not implemented yet: they are refused by name.)
+//   {"messages": [{"role": ..., "content": ...}, ...], "tools": [...]?, "chat_template_kwargs": {...}?}
+//                                            rendered by the chat template; loss on assistant tokens
+
 // `path` is a file, a folder (every *.jsonl in it, sorted) or a glob. Malformed lines are fatal, or
 // skipped and counted when `skip_bad_lines`; every error names file:line.
 #pragma once
@@ -15,13 +17,16 @@
 
 namespace moeforge::hf {
 class Tokenizer;
+class ChatTemplate;
 }
 
 namespace moeforge::data {
 
 struct DatasetOptions {
   std::string path;
-  const hf::Tokenizer* tokenizer = nullptr;  // needed for text and prompt/completion rows
+  const hf::Tokenizer* tokenizer = nullptr;  // needed for text, prompt/completion and messages rows
+  const hf::ChatTemplate* chat_template = nullptr;  // needed for messages rows
+  std::string chat_template_origin;  // where a template was looked for, for the error when there is none
   bool skip_bad_lines = false;
   std::optional<int64_t> eos_id;  // appended to text and completion rows when set
 };
@@ -33,5 +38,13 @@ struct Dataset {
 };
 
 Dataset load_dataset(const DatasetOptions& opts);
+
+// Data parallelism: each optimizer step takes `global_batch` consecutive rows of the shuffled
+// stream; rank r of `world` trains rows [offset, offset + count) of them. The stream does not
+// depend on the world size, so a run resumes on a different number of ranks at the same place.
+struct RankSlice {
+  int64_t offset = 0, count = 0;
+};
+RankSlice rank_slice(int64_t global_batch, int64_t rank, int64_t world);
 
 }  // namespace moeforge::data

@@ -79,6 +79,7 @@ std::vector<Key> make_keys() {
       str("data", &Recipe::data),
       str("output_dir", &Recipe::output_dir),
       str("tokenizer", &Recipe::tokenizer),
+      str("chat_template", &Recipe::chat_template),
       boolean("packing", &Recipe::packing),
       boolean("skip_bad_lines", &Recipe::skip_bad_lines),
       boolean("add_eos", &Recipe::add_eos),

@@ -16,6 +16,7 @@ struct Recipe {
   std::string model;       // Hugging Face model folder
   std::string data;        // jsonl file, folder or glob (data/dataset.h lists the row forms)
   std::string tokenizer;   // folder with tokenizer.json for text rows; "" = the model folder
+  std::string chat_template;  // a .jinja file for messages rows; "" = the tokenizer folder's template
   bool packing = false;    // pack documents into rows of seq_len (boundaries kept)
   bool skip_bad_lines = false;  // malformed data lines: skip and count instead of failing
   bool add_eos = true;     // append the tokenizer's EOS to text and completion rows

@@ -10,6 +10,7 @@
 #include "core/logging.h"
 #include "data/dataset.h"
 #include "data/token_batches.h"
+#include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
@@ -105,9 +106,19 @@ TrainResult run_training(const Recipe& r) {
   const std::string tok_dir = r.tokenizer.empty() ? r.model : r.tokenizer;
   std::optional<hf::Tokenizer> tokenizer;
   if (fs::exists(fs::path(tok_dir) / "tokenizer.json") || !r.tokenizer.empty()) tokenizer = hf::Tokenizer::load(tok_dir);
+  // The chat template for messages rows: the recipe's file, else the tokenizer folder's own.
+  std::optional<hf::ChatTemplate> chat;
+  if (!r.chat_template.empty()) {
+    MF_CHECK(fs::exists(r.chat_template), r.source, ": chat_template ", r.chat_template, ": no such file");
+    chat = hf::ChatTemplate::from_source(hf::read_text_file(r.chat_template), r.chat_template, tok_dir);
+  } else if (fs::is_directory(tok_dir)) {
+    chat = hf::ChatTemplate::load(tok_dir);
+  }
   data::DatasetOptions dopts;
   dopts.path = r.data;
   dopts.tokenizer = tokenizer ? &*tokenizer : nullptr;
+  dopts.chat_template = chat ? &*chat : nullptr;
+  dopts.chat_template_origin = tok_dir;
   dopts.skip_bad_lines = r.skip_bad_lines;
   if (tokenizer && r.add_eos) dopts.eos_id = eos_token_id(r.model);
   data::Dataset dataset = data::load_dataset(dopts);

@@ -9,6 +9,7 @@
 #include "data/dataset.h"
 #include "data/token_batches.h"
 #include "hf/safetensors.h"
+#include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
 #include "models/pretrained.h"
 #include "ops/ops.h"
@@ -141,7 +142,7 @@ TEST(DatasetBadInput, MalformedLinesFailOrAreSkippedAndCounted) {
   o.skip_bad_lines = true;
   auto d = data::load_dataset(o);
   EXPECT_EQ(d.rows.size(), 2u);
-  EXPECT_EQ(d.skipped_lines, 3);
+  EXPECT_EQ(d.skipped_lines, 3);  // bad JSON, no known field, and a messages row with no tokenizer
   std::ofstream(dir / "e.jsonl") << R"({"title": "x"})" << "\n";
   o.path = dir / "e.jsonl";
   o.skip_bad_lines = false;
@@ -159,4 +160,78 @@ TEST(DatasetBadInput, MalformedLinesFailOrAreSkippedAndCounted) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("t.jsonl:1: text rows need a tokenizer"), std::string::npos) << e.what();
   }
+}
+
+// messages rows: the chat template renders them (as apply_chat_template does) and only assistant
+// tokens carry labels; the row's tools and chat_template_kwargs reach the template.
+TEST(Dataset, MessagesRowsTrainAssistantTokensOnly) {
+  const std::string dir = test::fixture("chat/qwen3");
+  auto tok = hf::Tokenizer::load(dir);
+  auto chat = hf::ChatTemplate::load(dir);
+  ASSERT_TRUE(chat.has_value());
+  test::TempDir tmp;
+  std::ofstream(tmp / "chat.jsonl")
+      << R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]})"
+      << "\n"
+      << R"({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "chat_template_kwargs": {"enable_thinking": false}})"
+      << "\n";
+  data::DatasetOptions o;
+  o.path = tmp / "chat.jsonl";
+  o.tokenizer = &tok;
+  o.chat_template = &*chat;
+  auto d = data::load_dataset(o);
+  ASSERT_EQ(d.rows.size(), 2u);
+  for (const auto& row : d.rows) {
+    std::vector<int64_t> trained;
+    for (size_t k = 0; k < row.input_ids.size(); ++k)
+      if ((*row.labels)[k] != -100) {
+        EXPECT_EQ((*row.labels)[k], row.input_ids[k]);
+        trained.push_back(row.input_ids[k]);
+      }
+    const std::string text = tok.decode(trained, false);
+    EXPECT_EQ(text.find("user"), std::string::npos) << text;
+    EXPECT_NE(text.find("<|im_end|>"), std::string::npos) << text;  // the model learns to stop
+  }
+  EXPECT_NE(tok.decode(d.rows[0].input_ids, false).find("<|im_start|>system\nBe brief."), std::string::npos);
+}
+
+TEST(DatasetBadInput, MessagesRows) {
+  const std::string dir = test::fixture("chat/qwen3");
+  auto tok = hf::Tokenizer::load(dir);
+  auto chat = hf::ChatTemplate::load(dir);
+  test::TempDir tmp;
+  data::DatasetOptions o;
+  o.tokenizer = &tok;
+  o.chat_template_origin = "somewhere";
+  auto expect_error = [&](const std::string& row, const std::string& what, bool with_template = true) {
+    std::ofstream(tmp / "m.jsonl") << row << "\n";
+    o.path = tmp / "m.jsonl";
+    o.chat_template = with_template ? &*chat : nullptr;
+    try {
+      data::load_dataset(o);
+      ADD_FAILURE() << "no error for " << row;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("m.jsonl:1: " + what), std::string::npos) << e.what();
+    }
+  };
+  expect_error(R"({"messages": []})", "field 'messages' must be a non-empty list");
+  expect_error(R"({"messages": [{"content": "no role"}]})", "messages[0] must be an object with a string 'role'");
+  expect_error(R"({"messages": [{"role": "user", "content": 5}]})", "messages[0].content must be a string");
+  expect_error(R"({"messages": [{"role": "user", "content": "only a question"}]})", "the conversation has no assistant tokens to train on");
+  expect_error(R"({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]})",
+               "messages rows need a chat template, and somewhere has none", false);
+}
+
+TEST(DataParallel, RankSlicesPartitionEachGlobalBatch) {
+  for (int64_t world : {1, 2, 4, 8}) {
+    std::vector<int> seen(16, 0);
+    for (int64_t r = 0; r < world; ++r) {
+      const auto s = data::rank_slice(16, r, world);
+      EXPECT_EQ(s.count, 16 / world);
+      for (int64_t k = s.offset; k < s.offset + s.count; ++k) ++seen[static_cast<size_t>(k)];
+    }
+    for (int n : seen) EXPECT_EQ(n, 1) << "world " << world;
+  }
+  EXPECT_THROW(data::rank_slice(6, 0, 4), Error);  // 6 rows cannot split over 4 ranks
+  EXPECT_THROW(data::rank_slice(8, 4, 4), Error);
 }
