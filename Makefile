@@ -1,13 +1,15 @@
 # Entry points: `make demo`, `make test`. Both install missing build dependencies first.
 BUILD ?= build
 ASAN_BUILD ?= build-asan
+FUZZ_BUILD ?= build-fuzz
+FUZZ_SECONDS ?= 20
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 DEMO_MODEL ?= tests/fixtures/qwen3_moe_a
 DEMO_CONFIG ?= ../shared/configs/qwen3-30b-a3b.json
 MAKEFLAGS += --no-print-directory
 
-.PHONY: all deps build test test-asan demo clean
+.PHONY: all deps build test test-asan test-fuzz demo clean
 
 all: build
 
@@ -25,11 +27,19 @@ build: deps $(BUILD)/CMakeCache.txt
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 	$(MAKE) test-asan
+	$(MAKE) test-fuzz
 
 test-asan: deps
 	cmake -S . -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DMOEFORGE_ASAN=ON -DMOEFORGE_CUDA=OFF $(CMAKE_FLAGS) >/dev/null
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
 	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --output-on-failure -j $(JOBS)
+
+# libFuzzer (clang) on the parsers of untrusted input: tokenizer.json, dataset lines, chat
+# templates; FUZZ_SECONDS each.
+test-fuzz: deps
+	CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) -DMOEFORGE_FUZZ=ON -DMOEFORGE_FUZZ_SECONDS=$(FUZZ_SECONDS) $(CMAKE_FLAGS) >/dev/null
+	cmake --build $(FUZZ_BUILD) -j $(JOBS)
+	cd $(FUZZ_BUILD) && ctest -L fuzz --output-on-failure -j $(JOBS)
 
 demo: build
 	@if [ -f $(DEMO_CONFIG) ]; then echo "== moeforge inspect $(DEMO_CONFIG)  (config only: no weights)"; \

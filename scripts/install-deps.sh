@@ -5,10 +5,10 @@ set -euo pipefail
 
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for cmd_pkg in cmake:cmake g++:g++ make:make; do
+for cmd_pkg in cmake:cmake g++:g++ make:make clang++:clang; do
   command -v "${cmd_pkg%%:*}" >/dev/null 2>&1 || need+=("${cmd_pkg##*:}")
 done
-for pkg in nlohmann-json3-dev libopenblas-dev libgtest-dev libyaml-cpp-dev libpcre2-dev libutf8proc-dev pkg-config; do
+for pkg in nlohmann-json3-dev libopenblas-dev libgtest-dev libyaml-cpp-dev libpcre2-dev libutf8proc-dev pkg-config libclang-rt-14-dev; do
   have_pkg "$pkg" || need+=("$pkg")
 done
 [ ${#need[@]} -eq 0 ] && exit 0

@@ -93,7 +93,7 @@ TokenRow parse_row(const std::string& line, const std::string& where, const Data
   nlohmann::ordered_json j;  // ordered: chat templates see the keys in the file's order (tojson)
   try {
     j = nlohmann::ordered_json::parse(line);
-  } catch (const nlohmann::ordered_json::parse_error& e) {
+  } catch (const nlohmann::ordered_json::exception& e) {
     MF_THROW(where, ": invalid JSON (", e.what(), ")");
   }
   MF_CHECK(j.is_object(), where, ": each line must be a JSON object");
@@ -128,6 +128,10 @@ TokenRow parse_row(const std::string& line, const std::string& where, const Data
 
 }  // namespace
 
+TokenRow parse_dataset_line(const std::string& line, const std::string& where, const DatasetOptions& o) {
+  return parse_row(line, where, o);
+}
+
 Dataset load_dataset(const DatasetOptions& o) {
   Dataset d;
   d.files = resolve_files(o.path);
@@ -141,7 +145,7 @@ Dataset load_dataset(const DatasetOptions& o) {
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
       const std::string where = file + ":" + std::to_string(n);
       try {
-        TokenRow r = parse_row(line, where, o);
+        TokenRow r = parse_dataset_line(line, where, o);
         r.line = n;
         d.rows.push_back(std::move(r));
       } catch (const Error& e) {

@@ -38,6 +38,8 @@ struct Dataset {
 };
 
 Dataset load_dataset(const DatasetOptions& opts);
+// One line of a dataset file as a row (labels set); `where` is "file:line" for errors.
+TokenRow parse_dataset_line(const std::string& line, const std::string& where, const DatasetOptions& opts);
 
 // Data parallelism: each optimizer step takes `global_batch` consecutive rows of the shuffled
 // stream; rank r of `world` trains rows [offset, offset + count) of them. The stream does not

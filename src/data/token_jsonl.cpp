@@ -26,7 +26,7 @@ TokenRow parse_token_line(const std::string& text, const std::string& where) {
   nlohmann::json j;
   try {
     j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
     MF_THROW(where, ": invalid JSON (", e.what(), ")");
   }
   MF_CHECK(j.is_object(), where, ": each line must be a JSON object");

@@ -209,7 +209,7 @@ ModelConfig load_config(const std::string& path) {
   ojson j;
   try {
     j = ojson::parse(read_text_file(file));
-  } catch (const ojson::parse_error& e) {
+  } catch (const ojson::exception& e) {
     MF_THROW(file, ": invalid JSON (", e.what(), ")");
   }
   return parse_config(j, file);

@@ -42,7 +42,7 @@ std::vector<TensorEntry> SafetensorsFile::parse_header(const std::string& text, 
   json header;
   try {
     header = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {
     MF_THROW(where, ": invalid JSON header (", e.what(), ")");
   }
   MF_CHECK(header.is_object(), where, ": header must be a JSON object");
@@ -165,7 +165,7 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open(const std::string& dir) {
     json j;
     try {
       j = json::parse(read_text_file(index.string()));
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
       MF_THROW(index.string(), ": invalid JSON (", e.what(), ")");
     }
     MF_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), index.string(),

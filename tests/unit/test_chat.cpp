@@ -213,3 +213,20 @@ TEST(ChatBadInput, ErrorsNameTheFileAndLine) {
     EXPECT_NE(std::string(e.what()).find("inline: chat template line 2"), std::string::npos) << e.what();
   }
 }
+
+// Templates arrive inside downloaded checkpoints: runaway ones stop with an error.
+TEST(ChatBadInput, RunawayTemplatesAreBounded) {
+  auto expect_error = [](const std::string& src, const std::string& what) {
+    try {
+      jinja::Template(src).render({});
+      ADD_FAILURE() << "no error for " << src;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+    }
+  };
+  expect_error("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "maximum recursion depth exceeded");
+  expect_error("{{ " + std::string(500, '(') + "1" + std::string(500, ')') + " }}", "nests deeper than 200 levels");
+  expect_error("{{ 'x' * 1000000000000 }}", "repetition result too large");
+  expect_error("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "evaluation steps");
+  expect_error("{{ range(1000000000)|length }}", "range too big");
+}

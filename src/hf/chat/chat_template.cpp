@@ -17,7 +17,7 @@ namespace {
 ojson read_json_file(const std::string& path) {
   try {
     return ojson::parse(read_text_file(path));
-  } catch (const ojson::parse_error& e) {
+  } catch (const ojson::exception& e) {
     MF_THROW(path, ": invalid JSON (", e.what(), ")");
   }
 }

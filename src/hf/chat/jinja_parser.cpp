@@ -21,6 +21,14 @@ class Parser {
  private:
   const std::vector<Token>& toks_;
   size_t p_ = 0;
+  int depth_ = 0;  // nesting of blocks and parenthesised expressions: bounded so hostile input cannot overflow the stack
+  struct Nest {
+    Parser& p;
+    explicit Nest(Parser& q) : p(q) {
+      if (++p.depth_ > 200) p.fail("template nests deeper than 200 levels");
+    }
+    ~Nest() { --p.depth_; }
+  };
   std::string end_tag_seen_;
 
   const Token& peek(size_t k = 0) const { return toks_[std::min(p_ + k, toks_.size() - 1)]; }
@@ -54,6 +62,7 @@ class Parser {
   // Parses statements until a block tag whose first name is in `stops` (left unconsumed, after
   // its BlockBegin) or the end of the template.
   Body parse_body(const std::vector<std::string>& stops) {
+    Nest nest(*this);
     Body body;
     while (true) {
       const Token& t = peek();
@@ -235,6 +244,7 @@ class Parser {
   }
 
   ExprPtr parse_expression() {
+    Nest nest(*this);
     ExprPtr e = parse_or();
     while (is_name("if")) {
       next();
@@ -275,6 +285,7 @@ class Parser {
     return e;
   }
   ExprPtr parse_not() {
+    Nest nest(*this);
     if (is_name("not")) {
       next();
       auto u = make(ExprKind::Unary);
@@ -344,6 +355,7 @@ class Parser {
     return e;
   }
   ExprPtr parse_unary(bool with_filter) {
+    Nest nest(*this);
     ExprPtr e;
     if (is_op("-") || is_op("+")) {
       auto u = make(ExprKind::Unary);

@@ -12,6 +12,12 @@ namespace moeforge::hf::jinja {
 
 namespace {
 
+// Templates come from downloaded checkpoints: bound what one render may cost, so a hostile or
+// broken template is an error instead of a hang, a stack overflow or an exhausted memory.
+constexpr int64_t kMaxSteps = 2'000'000;          // statements and expressions evaluated
+constexpr size_t kMaxOutputBytes = 256u << 20;      // rendered text
+constexpr int kMaxCallDepth = 256;                  // nested macro calls (Python's limit is ~1000)
+
 struct Scope {
   std::unordered_map<std::string, Value> vars;
   std::shared_ptr<Scope> parent;
@@ -62,6 +68,9 @@ Value arith(const std::string& op, const Value& a, const Value& b, int line) {
     const Value* cnt = seq == &a ? &b : &a;
     if (seq && (cnt->kind == Kind::Int || cnt->kind == Kind::Bool)) {
       const int64_t n = std::max<int64_t>(0, to_int(*cnt, line));
+      const size_t unit = seq->is_string() ? seq->s.size() : seq->list->size();
+      if (unit > 0 && static_cast<double>(n) * static_cast<double>(unit) > static_cast<double>(kMaxOutputBytes))
+        fail_at(line, "repetition result too large");
       if (seq->is_string()) {
         std::string s;
         for (int64_t k = 0; k < n; ++k) s += seq->s;
@@ -121,6 +130,12 @@ Value arith(const std::string& op, const Value& a, const Value& b, int line) {
 class Interp {
  public:
   RenderResult result;
+  int64_t steps = 0;
+  int call_depth = 0;
+
+  void tick(int line) {
+    if (++steps > kMaxSteps) fail_at(line, "template exceeded " + std::to_string(kMaxSteps) + " evaluation steps");
+  }
 
   void exec_body(const Body& body, const ScopePtr& scope, Flow& flow) {
     for (const auto& s : body) {
@@ -130,6 +145,7 @@ class Interp {
   }
 
   Value eval(const Expr& e, const ScopePtr& scope) {
+    tick(e.line);
     switch (e.kind) {
       case ExprKind::Literal: return e.literal;
       case ExprKind::Name: {
@@ -287,7 +303,10 @@ class Interp {
     return arith(op, l, r, e.line);
   }
 
-  void output(const std::string& s) { result.text += s; }
+  void output(const std::string& s) {
+    if (result.text.size() + s.size() > kMaxOutputBytes) MF_THROW("rendered text exceeds ", kMaxOutputBytes >> 20, " MiB");
+    result.text += s;
+  }
 
   void assign(const Stmt& s, const ScopePtr& scope, const Value& v) {
     if (s.targets.size() == 1) {
@@ -301,6 +320,7 @@ class Interp {
   }
 
   void exec(const Stmt& s, const ScopePtr& scope, Flow& flow) {
+    tick(s.line);
     switch (s.kind) {
       case StmtKind::Text: output(s.text); return;
       case StmtKind::Output: {
@@ -405,6 +425,12 @@ class Interp {
         for (const auto& p : def->params) known = known || p.first == kn;
         if (!known) MF_THROW("macro '", def->text, "' takes no keyword argument '", kn, "'");
       }
+      if (call_depth >= kMaxCallDepth) MF_THROW("macro '", def->text, "': maximum recursion depth exceeded");
+      ++call_depth;
+      struct Leave {
+        int& d;
+        ~Leave() { --d; }
+      } leave{call_depth};
       return capture(def->body, local);
     });
   }
@@ -444,6 +470,7 @@ class Interp {
     }
     const int64_t n = static_cast<int64_t>(items.size());
     for (int64_t k = 0; k < n; ++k) {
+      tick(s.line);
       auto iter_scope = std::make_shared<Scope>();
       iter_scope->parent = scope;
       bind(iter_scope, items[static_cast<size_t>(k)]);

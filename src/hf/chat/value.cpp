@@ -308,7 +308,16 @@ std::string to_json(const Value& v, int indent, const std::string* item_sep, con
   return out;
 }
 
-Value from_json(const nlohmann::ordered_json& j) {
+namespace {
+Value from_json_at(const nlohmann::ordered_json& j, int depth);
+}
+
+Value from_json(const nlohmann::ordered_json& j) { return from_json_at(j, 0); }
+
+namespace {
+Value from_json_at(const nlohmann::ordered_json& j, int depth) {
+  // Chat data nests a few levels; a limit keeps hostile input from exhausting the stack.
+  MF_CHECK(depth < 256, "JSON nested deeper than 256 levels");
   switch (j.type()) {
     case nlohmann::ordered_json::value_t::null: return Value::none();
     case nlohmann::ordered_json::value_t::boolean: return Value::boolean(j.get<bool>());
@@ -318,16 +327,18 @@ Value from_json(const nlohmann::ordered_json& j) {
     case nlohmann::ordered_json::value_t::string: return Value::string(j.get<std::string>());
     case nlohmann::ordered_json::value_t::array: {
       List l;
-      for (const auto& e : j) l.push_back(from_json(e));
+      for (const auto& e : j) l.push_back(from_json_at(e, depth + 1));
       return Value::make_list(std::move(l));
     }
     case nlohmann::ordered_json::value_t::object: {
       Dict d;
-      for (auto it = j.begin(); it != j.end(); ++it) d.emplace_back(Value::string(it.key()), from_json(it.value()));
+      for (auto it = j.begin(); it != j.end(); ++it) d.emplace_back(Value::string(it.key()), from_json_at(it.value(), depth + 1));
       return Value::make_dict(std::move(d));
     }
     default: return Value::none();
   }
 }
+
+}  // namespace
 
 }  // namespace moeforge::hf::jinja

@@ -16,12 +16,25 @@ Tokenizer Tokenizer::load(const std::string& path) {
   std::string file = path;
   if (fs::is_directory(path)) file = (fs::path(path) / "tokenizer.json").string();
   MF_CHECK(fs::exists(file), file, ": no such file (a tokenizer folder needs a tokenizer.json)");
+  return parse(read_text_file(file), file);
+}
+
+Tokenizer Tokenizer::parse(const std::string& json_text, const std::string& file) {
   json j;
   try {
-    j = json::parse(read_text_file(file));
-  } catch (const json::parse_error& e) {
+    j = json::parse(json_text);
+  } catch (const json::exception& e) {
     MF_THROW(file, ": invalid JSON (", e.what(), ")");
   }
+  // Any JSON type mismatch the checks below miss still becomes one error naming the file.
+  try {
+    return from_json(j, file);
+  } catch (const json::exception& e) {
+    MF_THROW(file, ": ", e.what());
+  }
+}
+
+Tokenizer Tokenizer::from_json(const nlohmann::json& j, const std::string& file) {
   MF_CHECK(j.is_object() && j.contains("model") && j["model"].is_object(), file, ": missing object field 'model'");
   Tokenizer t;
   t.source_ = file;
@@ -29,18 +42,19 @@ Tokenizer Tokenizer::load(const std::string& path) {
   MF_CHECK(model_type == "BPE", file, ": field 'model.type' value '", model_type,
            "' is not supported (supported: BPE, as in Qwen, Llama, DeepSeek, GPT-OSS and Mixtral tokenizers)");
   // Byte-level tokenizers name a ByteLevel pre-tokenizer or decoder (possibly inside a Sequence).
-  const std::function<bool(const json&)> mentions_byte_level = [&](const json& x) {
+  const std::function<bool(const json&, int)> mentions_byte_level = [&](const json& x, int depth) {
+    MF_CHECK(depth < 64, file, ": pre_tokenizer/decoder nested too deeply");
     if (x.is_object()) {
-      if (x.value("type", std::string()) == "ByteLevel") return true;
+      if (x.contains("type") && x["type"].is_string() && x["type"] == "ByteLevel") return true;
       for (const auto& [k, v] : x.items())
-        if (mentions_byte_level(v)) return true;
+        if (mentions_byte_level(v, depth + 1)) return true;
     } else if (x.is_array()) {
       for (const auto& v : x)
-        if (mentions_byte_level(v)) return true;
+        if (mentions_byte_level(v, depth + 1)) return true;
     }
     return false;
   };
-  t.byte_level_ = mentions_byte_level(j.value("pre_tokenizer", json())) || mentions_byte_level(j.value("decoder", json()));
+  t.byte_level_ = mentions_byte_level(j.value("pre_tokenizer", json()), 0) || mentions_byte_level(j.value("decoder", json()), 0);
   try {
     t.model_ = std::make_unique<tok::Bpe>(j["model"], file);
     t.normalizer_ = tok::make_normalizer(j.value("normalizer", json()), file + ": normalizer");

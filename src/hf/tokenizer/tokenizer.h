@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <utility>
 #include <string>
@@ -25,6 +26,9 @@ class Tokenizer {
  public:
   // `path` is a tokenizer.json or a folder holding one.
   static Tokenizer load(const std::string& path);
+  // The contents of a tokenizer.json; `file` names it in errors.
+  static Tokenizer parse(const std::string& json_text, const std::string& file);
+  static Tokenizer from_json(const nlohmann::json& j, const std::string& file);
 
   std::vector<int64_t> encode(const std::string& text, bool add_special_tokens = true) const;
   tok::Encoded encode_with_tokens(const std::string& text, bool add_special_tokens = true) const;
