@@ -22,6 +22,9 @@ const char* kUsage =
     "      full fine-tuning (docs/training.md); resume=true continues from the latest checkpoint\n"
     "  tokenize --tokenizer DIR (--text TEXT | --file FILE | --decode ID,ID,...) [--no-special-tokens]\n"
     "      encode with a tokenizer.json as the tokenizers library does (ids and tokens as JSON)\n"
+    "  tokenize --tokenizer DIR --messages FILE.json [--chat-template T.jinja] [--add-generation-prompt]\n"
+    "      render a conversation with the chat template as apply_chat_template does; ids and the\n"
+    "      assistant-token mask that training uses for the loss\n"
     "  convert --model MODEL_DIR --out OUT_DIR [--max-shard-size 5GB] [--overwrite]\n"
     "      load and save again: same tensor names, layout and dtypes; atomic\n";
 

@@ -181,3 +181,22 @@ TEST(Cli, TokenizeEncodesAndDecodes) {
   expect_one_line_error(run("tokenize --tokenizer " + dir + " --decode 1,x"), {"'x' is not a token id"});
   expect_one_line_error(run("tokenize --tokenizer /nonexistent --text hi"), {"/nonexistent", "tokenizer.json"});
 }
+
+TEST(Cli, TokenizeRendersConversations) {
+  const std::string dir = test::fixture("chat/qwen3");
+  test::TempDir tmp;
+  std::ofstream(tmp / "conv.json") << R"([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])";
+  CmdResult r = run("tokenize --tokenizer " + dir + " --messages " + (tmp / "conv.json"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["text"], "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\nhello<|im_end|>\n");
+  EXPECT_EQ(j["ids"].size(), j["assistant_mask"].size());
+  int trained = 0;
+  for (const auto& m : j["assistant_mask"]) trained += m.get<int>();
+  EXPECT_GT(trained, 0);
+  std::ofstream(tmp / "bad.json") << R"({"conversation": []})";
+  expect_one_line_error(run("tokenize --tokenizer " + dir + " --messages " + (tmp / "bad.json")),
+                        {"bad.json", "expected a list of messages"});
+  expect_one_line_error(run("tokenize --tokenizer " + test::fixture("tokenizers/llama3") + " --messages " + (tmp / "conv.json")),
+                        {"no chat template"});
+}

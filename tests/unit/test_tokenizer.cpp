@@ -57,3 +57,25 @@ TEST(TokenizerBadInput, UnsupportedModelTypeAndMalformedFiles) {
     EXPECT_NE(std::string(e.what()).find("pre_tokenizer type 'Nope' is not supported"), std::string::npos) << e.what();
   }
 }
+
+TEST(TokenizerBadInput, UnknownSpecialTokens) {
+  test::TempDir dir;
+  // A post-processor template that names a special token it does not define.
+  test::write_bytes(dir / "tokenizer.json", R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []},
+    "post_processor": {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<bos>", "type_id": 0}},
+      {"Sequence": {"id": "A", "type_id": 0}}], "pair": [], "special_tokens": {}}})");
+  try {
+    hf::Tokenizer::load(dir.path.string());
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("special token '<bos>' missing from special_tokens"), std::string::npos) << e.what();
+  }
+  // Decoding an id that no token has.
+  auto tok = hf::Tokenizer::load(test::fixture("tokenizers/qwen3"));
+  try {
+    tok.decode({0, 999999});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cannot decode id 999999"), std::string::npos) << e.what();
+  }
+}
