@@ -21,7 +21,8 @@ struct Device {
   static Device parse(const std::string& s);  // "cpu", "cuda", "cuda:1"
   bool is_cpu() const { return kind == Kind::CPU; }
   std::string str() const;
-  bool operator==(const Device&) const = default;
+  bool operator==(const Device& o) const { return kind == o.kind && index == o.index; }
+  bool operator!=(const Device& o) const { return !(*this == o); }
 };
 
 using Shape = std::vector<int64_t>;

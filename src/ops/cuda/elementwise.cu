@@ -1,0 +1,170 @@
+// Element-wise and gather/scatter kernels: SwiGLU (forward, backward), RoPE in place, embedding
+// lookup and its scatter-add backward. All memory-bound; grid-stride loops over the elements.
+#include "ops/cuda/check.h"
+#include "ops/cuda/kernel_util.cuh"
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::cuda {
+
+using namespace detail;
+
+namespace {
+
+constexpr int kThreads = 256;
+inline int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
+
+template <typename T>
+__device__ __forceinline__ float round_like(float v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return __bfloat162float(__float2bfloat16(v));
+}
+
+template <typename T>
+__global__ void swiglu_kernel(const T* gu, T* out, int64_t rows, int64_t inter) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * inter; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / inter, j = i % inter;
+    const float g = load(gu, r * 2 * inter + j), u = load(gu, r * 2 * inter + inter + j);
+    // act_fn(gate) is a tensor of the activation dtype before it multiplies up.
+    const float s = round_like<T>(g / (1.f + __expf(-g)));
+    store(out, i, s * u);
+  }
+}
+
+template <typename T>
+__global__ void swiglu_backward_kernel(const T* gu, const T* dout, T* dgu, int64_t rows, int64_t inter) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * inter; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / inter, j = i % inter;
+    const float g = load(gu, r * 2 * inter + j), u = load(gu, r * 2 * inter + inter + j), d = load(dout, i);
+    const float sig = 1.f / (1.f + __expf(-g));
+    const float silu = g * sig;
+    store(dgu, r * 2 * inter + j, d * u * sig * (1.f + g * (1.f - sig)));
+    store(dgu, r * 2 * inter + inter + j, d * silu);
+  }
+}
+
+template <typename T>
+__global__ void rope_kernel(T* x, const float* cos, const float* sin, int64_t t, int64_t h, int64_t d, int64_t rot,
+                            float sign) {
+  const int64_t half = rot / 2;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < t * h * half; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t j = i % half, th = i / half, tok = th / h;
+    T* v = x + th * d;
+    const float* c = cos + tok * rot;
+    const float* s = sin + tok * rot;
+    const float a = load(v, j), b = load(v, j + half);
+    store(v, j, a * c[j] - sign * b * s[j]);
+    store(v, j + half, b * c[j + half] + sign * a * s[j + half]);
+  }
+}
+
+template <typename T, typename S>
+__global__ void embedding_kernel(const int64_t* ids, const S* table, T* out, int64_t n, int64_t d, int64_t vocab,
+                                 int* bad) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * d; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t row = i / d, col = i % d;
+    const int64_t id = ids[row];
+    if (id < 0 || id >= vocab) {
+      if (col == 0) atomicExch(bad, 1);
+      store(out, i, 0.f);
+      continue;
+    }
+    store(out, i, load(table, id * d + col));
+  }
+}
+
+template <typename T>
+__global__ void embedding_backward_kernel(const int64_t* ids, const T* dx, float* grad, int64_t n, int64_t d, int64_t vocab) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * d; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t id = ids[i / d];
+    if (id >= 0 && id < vocab) atomicAdd(grad + id * d + i % d, load(dx, i));
+  }
+}
+
+}  // namespace
+
+Tensor swiglu(const Tensor& gate_up) {
+  require_float(gate_up, "swiglu");
+  const int64_t two_i = gate_up.shape().back(), rows = gate_up.numel() / two_i, inter = two_i / 2;
+  MF_CHECK(two_i % 2 == 0, "swiglu: last dimension must be even, got ", two_i);
+  Shape s = gate_up.shape();
+  s.back() = inter;
+  Tensor out = empty(s, gate_up.dtype(), "swiglu output");
+  if (rows * inter == 0) return out;
+  dispatch_float(gate_up.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    swiglu_kernel<<<blocks_for(rows * inter), kThreads, 0, current_stream()>>>(gate_up.data<T>(), out.data<T>(), rows, inter);
+  });
+  MF_CUDA_CHECK_LAUNCH("swiglu");
+  return out;
+}
+
+Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout) {
+  require_float(gate_up, "swiglu_backward");
+  const int64_t two_i = gate_up.shape().back(), rows = gate_up.numel() / two_i, inter = two_i / 2;
+  MF_CHECK(dout.numel() == rows * inter && dout.dtype() == gate_up.dtype(), "swiglu_backward: dout does not match");
+  Tensor dgu = empty(gate_up.shape(), gate_up.dtype(), "swiglu input gradient");
+  if (rows * inter == 0) return dgu;
+  dispatch_float(gate_up.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    swiglu_backward_kernel<<<blocks_for(rows * inter), kThreads, 0, current_stream()>>>(gate_up.data<T>(), dout.data<T>(),
+                                                                                       dgu.data<T>(), rows, inter);
+  });
+  MF_CUDA_CHECK_LAUNCH("swiglu_backward");
+  return dgu;
+}
+
+void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse) {
+  require_float(x, "rope");
+  MF_CHECK(x.dim() == 3, "rope: expected [T, H, D], got ", shape_str(x.shape()));
+  const int64_t t = x.shape()[0], h = x.shape()[1], d = x.shape()[2], rot = cos.shape().back();
+  MF_CHECK(cos.dtype() == DType::F32 && sin.dtype() == DType::F32 && cos.shape()[0] == t && sin.shape() == cos.shape() &&
+               rot <= d && rot % 2 == 0,
+           "rope: cos/sin ", shape_str(cos.shape()), " do not fit x ", shape_str(x.shape()));
+  if (t * h == 0) return;
+  dispatch_float(x.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    rope_kernel<<<blocks_for(t * h * rot / 2), kThreads, 0, current_stream()>>>(
+        x.data<T>(), cos.data<float>(), sin.data<float>(), t, h, d, rot, inverse ? -1.f : 1.f);
+  });
+  MF_CUDA_CHECK_LAUNCH("rope");
+}
+
+Tensor embedding(const Tensor& ids, const Tensor& table) {
+  MF_CHECK(ids.dtype() == DType::I64, "embedding: ids must be I64");
+  require_float(table, "embedding");
+  const int64_t n = ids.numel(), vocab = table.shape()[0], d = table.shape()[1];
+  Shape s = ids.shape();
+  s.push_back(d);
+  Tensor out = empty(s, table.dtype(), "embedding output");
+  if (n == 0) return out;
+  Tensor bad = empty({1}, DType::I32, "embedding range flag");
+  MF_CUDA_CHECK(cudaMemsetAsync(bad.raw(), 0, sizeof(int), current_stream()));
+  dispatch_float(table.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    embedding_kernel<<<blocks_for(n * d), kThreads, 0, current_stream()>>>(ids.data<int64_t>(), table.data<T>(), out.data<T>(),
+                                                                          n, d, vocab, bad.data<int>());
+  });
+  MF_CUDA_CHECK_LAUNCH("embedding");
+  int flag = 0;
+  MF_CUDA_CHECK(cudaMemcpyAsync(&flag, bad.raw(), sizeof(int), cudaMemcpyDeviceToHost, current_stream()));
+  MF_CUDA_CHECK(cudaStreamSynchronize(current_stream()));
+  MF_CHECK(flag == 0, "embedding: a token id is outside the vocabulary (", vocab, " tokens)");
+  return out;
+}
+
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad) {
+  MF_CHECK(ids.dtype() == DType::I64 && table_grad.dtype() == DType::F32, "embedding_backward: ids I64, grad F32");
+  require_float(dx, "embedding_backward");
+  const int64_t n = ids.numel(), vocab = table_grad.shape()[0], d = table_grad.shape()[1];
+  MF_CHECK(dx.numel() == n * d, "embedding_backward: dx has ", dx.numel(), " elements, expected ", n * d);
+  if (n == 0) return;
+  dispatch_float(dx.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    embedding_backward_kernel<<<blocks_for(n * d), kThreads, 0, current_stream()>>>(ids.data<int64_t>(), dx.data<T>(),
+                                                                                   table_grad.data<float>(), n, d, vocab);
+  });
+  MF_CUDA_CHECK_LAUNCH("embedding_backward");
+}
+
+}  // namespace moeforge::cuda

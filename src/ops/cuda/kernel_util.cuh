@@ -1,0 +1,62 @@
+// Internal to ops/cuda kernels: element loads/stores as F32 whatever the storage dtype, block
+// reductions, and dispatch over the activation dtypes (F32, BF16).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "core/error.h"
+#include "core/tensor.h"
+
+namespace moeforge::cuda::detail {
+
+__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// Sum over a block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+__device__ __forceinline__ float block_sum(float v) {
+  __shared__ float partial[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  v = lane < warps ? partial[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float partial[32];
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  v = lane < warps ? partial[lane] : -INFINITY;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+inline void require_float(const Tensor& t, const char* op) {
+  MF_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::BF16, op, ": activations must be F32 or BF16, got ",
+           dtype_name(t.dtype()));
+  MF_CHECK(!t.device().is_cpu(), op, ": tensor is on the CPU; move it with cuda::to_device");
+}
+
+template <typename F>
+void dispatch_float(DType t, F&& f) {
+  if (t == DType::F32) f(static_cast<float*>(nullptr));
+  else f(static_cast<__nv_bfloat16*>(nullptr));
+}
+
+inline int threads_for(int64_t n) {
+  int t = 32;
+  while (t < n && t < 1024) t <<= 1;
+  return t;
+}
+
+}  // namespace moeforge::cuda::detail

@@ -1,0 +1,172 @@
+// The MoE router's softmax + top-k (one block per token; k rounds of a block arg-max, ties to the
+// lower expert index as torch.topk) and the cross-entropy rows fused with their gradient (one block
+// per row: max, sum of exponentials, then softmax - onehot written once).
+#include <vector>
+
+#include "ops/cuda/check.h"
+#include "ops/cuda/kernel_util.cuh"
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::cuda {
+
+using namespace detail;
+
+namespace {
+
+// Block arg-max of (value, index) with ties to the lower index; -inf/-1 for threads without data.
+__device__ void block_argmax(float& v, int& idx) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  auto better = [](float a, int ia, float b, int ib) { return a > b || (a == b && ia != -1 && (ib == -1 || ia < ib)); };
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (better(ov, oi, v, idx)) {
+      v = ov;
+      idx = oi;
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) {
+    sv[warp] = v;
+    si[warp] = idx;
+  }
+  __syncthreads();
+  const int warps = blockDim.x >> 5;
+  v = lane < warps ? sv[lane] : -INFINITY;
+  idx = lane < warps ? si[lane] : -1;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+    if (better(ov, oi, v, idx)) {
+      v = ov;
+      idx = oi;
+    }
+  }
+}
+
+template <typename T>
+__global__ void router_kernel(const T* logits, float* probs, float* weights, int64_t* indices, int e, int k, bool normalize) {
+  extern __shared__ float p[];  // this row's probabilities
+  const int64_t row = blockIdx.x;
+  float m = -INFINITY;
+  for (int i = threadIdx.x; i < e; i += blockDim.x) {
+    p[i] = load(logits, row * e + i);
+    m = fmaxf(m, p[i]);
+  }
+  m = block_max(m);
+  float s = 0.f;
+  for (int i = threadIdx.x; i < e; i += blockDim.x) {
+    p[i] = __expf(p[i] - m);
+    s += p[i];
+  }
+  s = block_sum(s);
+  for (int i = threadIdx.x; i < e; i += blockDim.x) {
+    p[i] /= s;
+    probs[row * e + i] = p[i];
+  }
+  __syncthreads();
+  __shared__ float chosen_sum;
+  if (threadIdx.x == 0) chosen_sum = 0.f;
+  for (int j = 0; j < k; ++j) {
+    float v = -INFINITY;
+    int idx = -1;
+    for (int i = threadIdx.x; i < e; i += blockDim.x) {
+      const float x = p[i];
+      if (x > v || (x == v && idx == -1)) {
+        v = x;
+        idx = i;
+      }
+    }
+    block_argmax(v, idx);
+    if (threadIdx.x == 0) {
+      weights[row * k + j] = v;
+      indices[row * k + j] = idx;
+      chosen_sum += v;
+      p[idx] = -INFINITY;  // taken
+    }
+    __syncthreads();
+  }
+  if (normalize && threadIdx.x < k) weights[row * k + threadIdx.x] /= chosen_sum;
+}
+
+template <typename T>
+__global__ void cross_entropy_kernel(const T* logits, const int64_t* targets, T* dlogits, float* row_loss, int64_t v,
+                                     int64_t ignore, float scale) {
+  const int64_t row = blockIdx.x;
+  const T* x = logits + row * v;
+  T* dx = dlogits + row * v;
+  const int64_t target = targets[row];
+  if (target == ignore) {
+    for (int64_t i = threadIdx.x; i < v; i += blockDim.x) store(dx, i, 0.f);
+    if (threadIdx.x == 0) row_loss[row] = nanf("");  // marks "not counted"
+    return;
+  }
+  float m = -INFINITY;
+  for (int64_t i = threadIdx.x; i < v; i += blockDim.x) m = fmaxf(m, load(x, i));
+  m = block_max(m);
+  float s = 0.f;
+  for (int64_t i = threadIdx.x; i < v; i += blockDim.x) s += __expf(load(x, i) - m);
+  s = block_sum(s);
+  const float inv = 1.f / s;
+  for (int64_t i = threadIdx.x; i < v; i += blockDim.x) {
+    const float pr = __expf(load(x, i) - m) * inv;
+    store(dx, i, scale * (pr - (i == target ? 1.f : 0.f)));
+  }
+  if (threadIdx.x == 0) row_loss[row] = logf(s) + m - load(x, target);
+}
+
+}  // namespace
+
+void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor& probs, Tensor& weights, Tensor& indices) {
+  require_float(logits, "router");
+  const int64_t e = logits.shape().back(), rows = logits.numel() / e;
+  MF_CHECK(k >= 1 && k <= e && k <= 1024 && e <= 16384, "router: top-", k, " of ", e, " experts is not supported");
+  probs = empty({rows, e}, DType::F32, "router probabilities");
+  weights = empty({rows, k}, DType::F32, "router weights");
+  indices = empty({rows, k}, DType::I64, "router expert indices");
+  if (rows == 0) return;
+  const int threads = threads_for(std::max<int64_t>(e, k));
+  dispatch_float(logits.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    router_kernel<<<rows, threads, e * sizeof(float), current_stream()>>>(logits.data<T>(), probs.data<float>(),
+                                                                         weights.data<float>(), indices.data<int64_t>(),
+                                                                         static_cast<int>(e), static_cast<int>(k), normalize);
+  });
+  MF_CUDA_CHECK_LAUNCH("router");
+}
+
+double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
+                              Tensor& dlogits, int64_t* counted) {
+  require_float(logits, "cross_entropy");
+  MF_CHECK(targets.dtype() == DType::I64, "cross_entropy: targets must be I64");
+  const int64_t v = logits.shape().back(), rows = logits.numel() / v;
+  MF_CHECK(targets.numel() == rows, "cross_entropy: ", targets.numel(), " targets for ", rows, " rows");
+  dlogits = empty(logits.shape(), logits.dtype(), "cross-entropy logit gradient");
+  Tensor losses = empty({rows}, DType::F32, "cross-entropy row losses");
+  if (rows > 0) {
+    dispatch_float(logits.dtype(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      cross_entropy_kernel<<<rows, 1024, 0, current_stream()>>>(logits.data<T>(), targets.data<int64_t>(), dlogits.data<T>(),
+                                                                losses.data<float>(), v, ignore_index, scale);
+    });
+    MF_CUDA_CHECK_LAUNCH("cross_entropy");
+  }
+  std::vector<float> host(static_cast<size_t>(rows));
+  if (rows > 0)
+    MF_CUDA_CHECK(cudaMemcpyAsync(host.data(), losses.raw(), rows * sizeof(float), cudaMemcpyDeviceToHost, current_stream()));
+  MF_CUDA_CHECK(cudaStreamSynchronize(current_stream()));
+  double total = 0;
+  int64_t n = 0;
+  for (float l : host)
+    if (!std::isnan(l)) {
+      total += l;
+      ++n;
+    }
+  if (counted) *counted = n;
+  return total;
+}
+
+}  // namespace moeforge::cuda

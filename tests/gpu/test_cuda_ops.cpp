@@ -1,0 +1,243 @@
+// Every CUDA op against its CPU reference (ops/cpu) on fresh random inputs, in F32 (tight) and BF16
+// (loose: inputs are rounded to BF16 for the reference too, so the difference is the kernels' own
+// rounding). Outputs are poisoned with NaN bytes before each call. Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "core/error.h"
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+#include "ops/ops.h"
+
+using namespace moeforge;
+
+namespace {
+
+#define REQUIRE_GPU() \
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine"
+
+Tensor randn(Shape s, uint32_t seed, float scale = 1.f) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> v(static_cast<size_t>(shape_numel(s)));
+  for (auto& x : v) x = d(g);
+  return Tensor::from_vector(v, std::move(s));
+}
+
+// The host tensor as the device will see it in `dt` (rounded), back in F32.
+Tensor rounded(const Tensor& t, DType dt) { return dt == DType::F32 ? t : t.to(dt).to(DType::F32); }
+
+struct Tol {
+  float atol, rtol;
+};
+Tol tol_for(DType dt) { return dt == DType::F32 ? Tol{2e-5f, 2e-5f} : Tol{2e-2f, 2e-2f}; }
+
+void expect_close(const Tensor& got_dev_or_host, const Tensor& want, Tol tol, const std::string& what) {
+  Tensor got = got_dev_or_host.device().is_cpu() ? got_dev_or_host : cuda::to_host_f32(got_dev_or_host);
+  ASSERT_EQ(got.numel(), want.numel()) << what;
+  const auto g = got.to_f32_vector(), w = want.to_f32_vector();
+  int64_t bad = 0;
+  double worst = 0;
+  for (size_t i = 0; i < g.size(); ++i) {
+    const double err = std::fabs(static_cast<double>(g[i]) - w[i]);
+    const double lim = tol.atol + tol.rtol * std::fabs(w[i]);
+    if (!(err <= lim)) {  // NaN (a poisoned element left unwritten) fails too
+      if (bad == 0) ADD_FAILURE() << what << ": element " << i << " got " << g[i] << " want " << w[i];
+      ++bad;
+    }
+    if (std::isfinite(err)) worst = std::max(worst, err);
+  }
+  EXPECT_EQ(bad, 0) << what << ": " << bad << " of " << g.size() << " elements off (max abs err " << worst << ")";
+}
+
+class CudaOps : public ::testing::TestWithParam<DType> {};
+
+TEST_P(CudaOps, GemmAllTransposes) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t m = 67, n = 129, k = 96;
+  for (int ta = 0; ta < 2; ++ta)
+    for (int tb = 0; tb < 2; ++tb) {
+      Tensor a = randn(ta ? Shape{k, m} : Shape{m, k}, 1 + ta), b = randn(tb ? Shape{n, k} : Shape{k, n}, 3 + tb);
+      Tensor ar = rounded(a, dt), br = rounded(b, dt);
+      Tensor c0 = randn({m, n}, 9);
+      Tensor want = c0.clone();
+      ops::gemm_f32(ta, tb, m, n, k, 1.f, ar.f32(), ta ? m : k, br.f32(), tb ? k : n, 1.f, want.f32(), n);
+      Tensor c = cuda::to_device(c0, DType::F32);
+      cuda::gemm(cuda::to_device(a, dt), ta, cuda::to_device(b, dt), tb, c, /*accumulate=*/true);
+      expect_close(c, want, {1e-4f, 1e-4f}, "gemm ta=" + std::to_string(ta) + " tb=" + std::to_string(tb));
+      // Overwrite (beta = 0) into a poisoned output.
+      Tensor c2 = cuda::empty({m, n}, DType::F32);
+      cuda::poison(c2);
+      cuda::gemm(cuda::to_device(a, dt), ta, cuda::to_device(b, dt), tb, c2);
+      Tensor want2 = Tensor::zeros({m, n}, DType::F32);
+      ops::gemm_f32(ta, tb, m, n, k, 1.f, ar.f32(), ta ? m : k, br.f32(), tb ? k : n, 0.f, want2.f32(), n);
+      expect_close(c2, want2, {1e-4f, 1e-4f}, "gemm overwrite");
+    }
+}
+
+TEST_P(CudaOps, LinearMatchesCpu) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  Tensor x = randn({3, 37, 64}, 5), w = randn({80, 64}, 6, 0.1f);
+  Tensor y = cuda::linear(cuda::to_device(x, dt), cuda::to_device(w, dt));
+  EXPECT_EQ(y.shape(), (Shape{3, 37, 80}));
+  expect_close(y, ops::linear(rounded(x, dt), rounded(w, dt)), dt == DType::F32 ? Tol{1e-4f, 1e-4f} : tol_for(dt), "linear");
+}
+
+TEST_P(CudaOps, RmsNormForwardBackwardAndFusedAdd) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const float eps = 1e-6f;
+  Tensor x = randn({45, 384}, 11), w = randn({384}, 12, 0.5f), dy = randn({45, 384}, 13), res = randn({45, 384}, 14);
+  Tensor xr = rounded(x, dt), wr = rounded(w, dt), dyr = rounded(dy, dt);
+  Tensor rstd;
+  Tensor y = cuda::rms_norm(cuda::to_device(x, dt), cuda::to_device(w, dt), eps, &rstd);
+  expect_close(y, ops::rms_norm(xr, wr, eps), tol_for(dt), "rms_norm");
+  Tensor dw_want = Tensor::zeros({384}, DType::F32);
+  Tensor dx_want = ops::rms_norm_backward(xr, wr, eps, dyr, dw_want);
+  Tensor dw = cuda::to_device(Tensor::zeros({384}, DType::F32), DType::F32);
+  Tensor dx = cuda::rms_norm_backward(cuda::to_device(x, dt), cuda::to_device(w, dt), rstd, cuda::to_device(dy, dt), dw);
+  expect_close(dx, dx_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{5e-2f, 5e-2f}, "rms_norm_backward dx");
+  expect_close(dw, dw_want, dt == DType::F32 ? Tol{1e-3f, 1e-4f} : Tol{0.5f, 5e-2f}, "rms_norm_backward dw");
+  // Fused: residual += x, y = norm(residual).
+  Tensor resd = cuda::to_device(res, dt);
+  Tensor yf = cuda::add_rms_norm(cuda::to_device(x, dt), resd, cuda::to_device(w, dt), eps);
+  Tensor sum = rounded(res, dt);
+  ops::add_inplace(sum, xr);
+  expect_close(resd, rounded(sum, dt), tol_for(dt), "add_rms_norm residual");
+  expect_close(yf, ops::rms_norm(rounded(sum, dt), wr, eps), tol_for(dt), "add_rms_norm output");
+}
+
+TEST_P(CudaOps, SwigluForwardBackward) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  Tensor gu = randn({33, 2 * 96}, 21, 2.f), dout = randn({33, 96}, 22);
+  Tensor gur = rounded(gu, dt);
+  expect_close(cuda::swiglu(cuda::to_device(gu, dt)), ops::swiglu(gur), tol_for(dt), "swiglu");
+  expect_close(cuda::swiglu_backward(cuda::to_device(gu, dt), cuda::to_device(dout, dt)),
+               ops::swiglu_backward(gur, rounded(dout, dt)), dt == DType::F32 ? Tol{1e-5f, 1e-4f} : tol_for(dt),
+               "swiglu_backward");
+}
+
+TEST_P(CudaOps, RopeForwardAndInverse) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  Tensor x = randn({19, 4, 128}, 31), ang = randn({19, 128}, 32, 3.f);
+  std::vector<float> c(ang.numel()), s(ang.numel());
+  for (int64_t i = 0; i < ang.numel(); ++i) {
+    c[i] = std::cos(ang.f32()[i]);
+    s[i] = std::sin(ang.f32()[i]);
+  }
+  Tensor cos = Tensor::from_vector(c, {19, 128}), sin = Tensor::from_vector(s, {19, 128});
+  for (bool inverse : {false, true}) {
+    Tensor want = rounded(x, dt);
+    ops::rope_inplace(want, cos, sin, inverse);
+    Tensor xd = cuda::to_device(x, dt);
+    cuda::rope_inplace(xd, cuda::to_device(cos, DType::F32), cuda::to_device(sin, DType::F32), inverse);
+    expect_close(xd, want, tol_for(dt), inverse ? "rope inverse" : "rope");
+  }
+}
+
+TEST_P(CudaOps, EmbeddingAndBackward) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  Tensor table = randn({50, 72}, 41);
+  std::vector<int64_t> idv = {3, 0, 49, 3, 17, 3, 8};
+  Tensor ids = Tensor::from_i64(idv, {7});
+  expect_close(cuda::embedding(cuda::to_device(ids, DType::I64), cuda::to_device(table, dt)),
+               ops::embedding(ids, rounded(table, dt)), {0, 0}, "embedding");
+  Tensor dx = randn({7, 72}, 42);
+  Tensor want = Tensor::zeros({50, 72}, DType::F32);
+  ops::embedding_backward(ids, rounded(dx, dt), want);
+  Tensor grad = cuda::to_device(Tensor::zeros({50, 72}, DType::F32), DType::F32);
+  cuda::embedding_backward(cuda::to_device(ids, DType::I64), cuda::to_device(dx, dt), grad);
+  expect_close(grad, want, {1e-5f, 1e-5f}, "embedding_backward");
+  Tensor bad_ids = Tensor::from_i64({1, 50}, {2});
+  EXPECT_THROW(cuda::embedding(cuda::to_device(bad_ids, DType::I64), cuda::to_device(table, dt)), Error);
+}
+
+TEST_P(CudaOps, RouterSoftmaxTopk) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  for (auto [e, k] : {std::pair<int64_t, int64_t>{128, 8}, {64, 6}, {8, 2}}) {
+    Tensor logits = randn({77, e}, 51 + static_cast<uint32_t>(e), 2.f);
+    Tensor want_p = rounded(logits, dt);
+    ops::softmax_rows_inplace(want_p);
+    Tensor want_v, want_i;
+    ops::topk_rows(want_p, k, want_v, want_i);
+    for (bool normalize : {false, true}) {
+      Tensor probs, weights, indices;
+      cuda::router_softmax_topk(cuda::to_device(logits, dt), k, normalize, probs, weights, indices);
+      expect_close(probs, want_p, {1e-6f, 1e-5f}, "router probs");
+      Tensor wv = want_v.clone();
+      if (normalize)
+        for (int64_t r = 0; r < 77; ++r) {
+          float s = 0;
+          for (int64_t j = 0; j < k; ++j) s += wv.f32()[r * k + j];
+          for (int64_t j = 0; j < k; ++j) wv.f32()[r * k + j] /= s;
+        }
+      expect_close(weights, wv, {1e-6f, 1e-5f}, "router weights");
+      Tensor got_i = cuda::to_host_f32(indices);
+      EXPECT_EQ(std::vector<int64_t>(got_i.i64(), got_i.i64() + got_i.numel()),
+                std::vector<int64_t>(want_i.i64(), want_i.i64() + want_i.numel()))
+          << "router indices e=" << e;
+    }
+  }
+}
+
+TEST_P(CudaOps, CrossEntropyFusedGradient) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t n = 29, v = 5003;
+  Tensor logits = randn({n, v}, 61, 3.f);
+  std::vector<int64_t> t(n);
+  for (int64_t i = 0; i < n; ++i) t[i] = (i * 977) % v;
+  t[4] = -100;
+  t[11] = -100;
+  Tensor targets = Tensor::from_i64(t, {n});
+  Tensor want_d = Tensor::zeros({n, v}, DType::F32);
+  int64_t want_n = 0, got_n = 0;
+  const double want = ops::cross_entropy_backward(rounded(logits, dt), targets, -100, 0.25f, want_d, &want_n);
+  Tensor dlogits;
+  const double got = cuda::cross_entropy_backward(cuda::to_device(logits, dt), cuda::to_device(targets, DType::I64), -100,
+                                                  0.25f, dlogits, &got_n);
+  EXPECT_EQ(got_n, want_n);
+  EXPECT_NEAR(got, want, 1e-4 * std::fabs(want) + 1e-4);
+  expect_close(dlogits, want_d, dt == DType::F32 ? Tol{1e-6f, 1e-4f} : Tol{2e-3f, 2e-2f}, "cross_entropy dlogits");
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaOps, ::testing::Values(DType::F32, DType::BF16),
+                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+TEST(CudaAllocator, SteadyStateReusesBlocksAndReportsPeak) {
+  REQUIRE_GPU();
+  cuda::synchronize();
+  for (int step = 0; step < 3; ++step) {
+    const auto before = cuda::allocator_stats();
+    {
+      Tensor a = cuda::empty({1 << 20}, DType::F32), b = cuda::empty({3000}, DType::BF16);
+    }
+    const auto after = cuda::allocator_stats();
+    if (step > 0) EXPECT_EQ(after.cuda_malloc_calls, before.cuda_malloc_calls) << "step " << step;
+    EXPECT_EQ(after.allocated_bytes, before.allocated_bytes);
+    EXPECT_GE(after.peak_allocated_bytes, before.allocated_bytes + (4 << 20));
+  }
+}
+
+TEST(CudaAllocator, OutOfMemoryIsOneClearError) {
+  REQUIRE_GPU();
+  try {
+    cuda::empty({int64_t{1} << 40}, DType::F32, "a test tensor");  // 4 TiB
+    FAIL();
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("out of GPU memory allocating"), std::string::npos) << m;
+    EXPECT_NE(m.find("for a test tensor"), std::string::npos) << m;
+    EXPECT_NE(m.find("activation_checkpointing"), std::string::npos) << m;
+  }
+}
+
+}  // namespace
