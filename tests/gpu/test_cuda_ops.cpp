@@ -27,7 +27,7 @@ Tensor randn(Shape s, uint32_t seed, float scale = 1.f) {
 }
 
 // The host tensor as the device will see it in `dt` (rounded), back in F32.
-Tensor rounded(const Tensor& t, DType dt) { return dt == DType::F32 ? t : t.to(dt).to(DType::F32); }
+Tensor rounded(const Tensor& t, DType dt) { return dt == DType::F32 ? t.clone() : t.to(dt).to(DType::F32); }
 
 struct Tol {
   float atol, rtol;

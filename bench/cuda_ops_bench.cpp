@@ -1,0 +1,105 @@
+// Times the CUDA ops at the Qwen3-30B-A3B training shapes (tokens = seq 4096 x batch 1, hidden 2048,
+// expert intermediate 768, vocabulary 151936) and prints each one's time, achieved TFLOP/s or GB/s
+// and the fraction of its floor (989 dense BF16 TFLOP/s, 3.35 TB/s HBM3 on H100 SXM). One JSON line
+// per op; docs/perf-notes.md records the results.
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+
+using namespace moeforge;
+
+namespace {
+
+Tensor dev_randn(Shape s, DType dt, float scale = 1.f) {
+  std::mt19937 g(7);
+  std::normal_distribution<float> d(0.f, scale);
+  std::vector<float> v(static_cast<size_t>(shape_numel(s)));
+  for (auto& x : v) x = d(g);
+  return cuda::to_device(Tensor::from_vector(v, s), dt);
+}
+
+double time_ms(const std::function<void()>& fn, int iters = 20) {
+  for (int i = 0; i < 3; ++i) fn();
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  cudaEventRecord(a);
+  for (int i = 0; i < iters; ++i) fn();
+  cudaEventRecord(b);
+  cudaEventSynchronize(b);
+  float ms = 0;
+  cudaEventElapsedTime(&ms, a, b);
+  return ms / iters;
+}
+
+void report(const std::string& op, const std::string& shape, double ms, double flops, double bytes) {
+  const double tflops = flops / ms / 1e9, gbs = bytes / ms / 1e6;
+  std::printf("{\"op\": \"%s\", \"shape\": \"%s\", \"ms\": %.4f, \"tflops\": %.1f, \"gb_s\": %.0f, \"of_floor\": %.2f}\n",
+              op.c_str(), shape.c_str(), ms, tflops, gbs, flops > 0 ? tflops / 989.0 : gbs / 3350.0);
+}
+
+}  // namespace
+
+int main() {
+  if (!cuda::available()) {
+    std::printf("{\"skipped\": \"no CUDA device\"}\n");
+    return 0;
+  }
+  std::fprintf(stderr, "device: %s\n", cuda::device_name().c_str());
+  const int64_t T = 4096, H = 2048, I = 768, V = 151936;
+  const DType bf = DType::BF16;
+  // Dense GEMMs at the model's shapes (x W^T).
+  for (auto [m, n, k, name] : std::vector<std::tuple<int64_t, int64_t, int64_t, const char*>>{
+           {T, 2 * I, H, "gate_up all tokens"}, {T, H, I, "down all tokens"}, {8192, 8192, 8192, "square"},
+           {T, 4096 + 2 * 512, H, "qkv proj"}, {T, H, 4096, "o proj"}}) {
+    Tensor a = dev_randn({m, k}, bf), w = dev_randn({n, k}, bf, 0.02f), c = cuda::empty({m, n}, bf);
+    const double ms = time_ms([&] { cuda::gemm(a, false, w, true, c); });
+    report(std::string("gemm ") + name, std::to_string(m) + "x" + std::to_string(n) + "x" + std::to_string(k), ms,
+           2.0 * m * n * k, 2.0 * (m * k + n * k + m * n));
+  }
+  {
+    Tensor x = dev_randn({T, H}, bf), res = dev_randn({T, H}, bf), w = dev_randn({H}, bf);
+    double ms = time_ms([&] { cuda::rms_norm(x, w, 1e-6f); });
+    report("rms_norm", "4096x2048 bf16", ms, 0, 2.0 * T * H * 2 + 4.0 * T);
+    ms = time_ms([&] { cuda::add_rms_norm(x, res, w, 1e-6f); });
+    report("add_rms_norm", "4096x2048 bf16", ms, 0, 2.0 * T * H * 4 + 4.0 * T);
+    Tensor rstd;
+    cuda::rms_norm(x, w, 1e-6f, &rstd);
+    Tensor dw = cuda::empty({H}, DType::F32);
+    ms = time_ms([&] { cuda::rms_norm_backward(x, w, rstd, res, dw); });
+    report("rms_norm_backward", "4096x2048 bf16", ms, 0, 2.0 * T * H * 3);
+  }
+  {
+    // SwiGLU over every routed token copy: 4096 tokens x top-8.
+    Tensor gu = dev_randn({T * 8, 2 * I}, bf), d = dev_randn({T * 8, I}, bf);
+    double ms = time_ms([&] { cuda::swiglu(gu); });
+    report("swiglu", "32768x1536 bf16", ms, 0, 2.0 * T * 8 * 3 * I);
+    ms = time_ms([&] { cuda::swiglu_backward(gu, d); });
+    report("swiglu_backward", "32768x1536 bf16", ms, 0, 2.0 * T * 8 * 5 * I);
+  }
+  {
+    Tensor logits = dev_randn({T, 128}, bf), p, w, idx;
+    const double ms = time_ms([&] { cuda::router_softmax_topk(logits, 8, true, p, w, idx); });
+    report("router_softmax_topk", "4096x128 top-8", ms, 0, 2.0 * T * 128 + 4.0 * T * 128 + 12.0 * T * 8);
+  }
+  {
+    Tensor logits = dev_randn({T, V}, bf, 2.f), dl;
+    std::vector<int64_t> t(T);
+    for (int64_t i = 0; i < T; ++i) t[i] = (i * 7919) % V;
+    Tensor targets = cuda::to_device(Tensor::from_i64(t, {T}), DType::I64);
+    int64_t n = 0;
+    const double ms = time_ms([&] { cuda::cross_entropy_backward(logits, targets, -100, 1.f / T, dl, &n); }, 5);
+    report("cross_entropy_backward", "4096x151936 bf16", ms, 0, 2.0 * T * V * 3);
+  }
+  const auto st = cuda::allocator_stats();
+  std::printf("{\"allocator_peak_gib\": %.2f, \"cuda_malloc_calls\": %ld}\n", st.peak_allocated_bytes / 1073741824.0,
+              static_cast<long>(st.cuda_malloc_calls));
+  return 0;
+}
