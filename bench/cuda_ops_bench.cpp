@@ -98,6 +98,37 @@ int main() {
     const double ms = time_ms([&] { cuda::cross_entropy_backward(logits, targets, -100, 1.f / T, dl, &n); }, 5);
     report("cross_entropy_backward", "4096x151936 bf16", ms, 0, 2.0 * T * V * 3);
   }
+  // Grouped expert GEMMs at the q30 shapes against one dense GEMM of the same FLOPs.
+  for (auto [experts, per_expert] : std::vector<std::pair<int64_t, int64_t>>{{128, 256}, {128, 2048}, {16, 2048}}) {
+    const int64_t rows = experts * per_expert;
+    std::vector<int64_t> off(experts + 1);
+    for (int64_t e = 0; e <= experts; ++e) off[e] = e * per_expert;
+    for (auto [n, k, name] : std::vector<std::tuple<int64_t, int64_t, const char*>>{{2 * I, H, "gate_up"}, {H, I, "down"}}) {
+      Tensor x = dev_randn({rows, k}, bf), w = dev_randn({experts, n, k}, bf, 0.02f), y = cuda::empty({rows, n}, bf);
+      const double ms = time_ms([&] { cuda::grouped_linear(x, w, off, y); });
+      Tensor wd = dev_randn({n, k}, bf, 0.02f);
+      const double dense_ms = time_ms([&] { cuda::gemm(x, false, wd, true, y); });
+      const std::string shape = std::to_string(experts) + "x" + std::to_string(per_expert) + " " + name;
+      report("grouped_gemm " + std::string(name), shape, ms, 2.0 * rows * n * k, 0);
+      std::printf("{\"op\": \"grouped vs dense\", \"shape\": \"%s\", \"grouped_ms\": %.4f, \"dense_ms\": %.4f, \"ratio\": %.2f}\n",
+                  shape.c_str(), ms, dense_ms, dense_ms / ms);
+    }
+  }
+  {
+    // Token permutation for 4096 tokens x top-8 of 128 experts, hidden 2048.
+    std::vector<int64_t> idx(T * 8);
+    for (int64_t i = 0; i < T * 8; ++i) idx[i] = ((i / 8) * 37 + (i % 8) * 16) % 128;
+    Tensor ids = cuda::to_device(Tensor::from_i64(idx, {T, 8}), DType::I64);
+    cuda::RoutingPlan plan;
+    double ms = time_ms([&] { plan = cuda::plan_routing(ids, 128); });
+    report("plan_routing", "4096x8 of 128", ms, 0, 0);
+    Tensor x = dev_randn({T, H}, bf), w = dev_randn({T, 8}, DType::F32);
+    Tensor xp;
+    ms = time_ms([&] { xp = cuda::permute_tokens(x, plan); });
+    report("permute_tokens", "4096x2048 -> 32768x2048 bf16", ms, 0, 2.0 * T * H * 9);
+    ms = time_ms([&] { cuda::unpermute_tokens(xp, w, plan); });
+    report("unpermute_tokens", "32768x2048 -> 4096x2048 bf16", ms, 0, 2.0 * T * H * 9);
+  }
   const auto st = cuda::allocator_stats();
   std::printf("{\"allocator_peak_gib\": %.2f, \"cuda_malloc_calls\": %ld}\n", st.peak_allocated_bytes / 1073741824.0,
               static_cast<long>(st.cuda_malloc_calls));

@@ -14,14 +14,17 @@ AdamW::AdamW(nn::ParamStore& params, AdamWOptions opts) : params_(params), opts_
   }
 }
 
+ops::AdamWScalars adamw_scalars(const AdamWOptions& o, double lr, int64_t step) {
+  // As torch (single-tensor path): fp32 tensors, python-float scalars.
+  const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(step));
+  const double bc2 = 1.0 - std::pow(o.beta2, static_cast<double>(step));
+  return {static_cast<float>(1.0 - o.beta1), static_cast<float>(o.beta2), static_cast<float>(1.0 - o.beta2),
+          static_cast<float>(std::sqrt(bc2)), static_cast<float>(o.eps), static_cast<float>(lr / bc1)};
+}
+
 void AdamW::step(double lr) {
   ++step_;
-  const double b1 = opts_.beta1, b2 = opts_.beta2;
-  // As torch (single-tensor path): fp32 tensors, python-float scalars.
-  const double bc1 = 1.0 - std::pow(b1, static_cast<double>(step_));
-  const double bc2 = 1.0 - std::pow(b2, static_cast<double>(step_));
-  const double step_size = lr / bc1;
-  const double bc2_sqrt = std::sqrt(bc2);
+  const ops::AdamWScalars sc = adamw_scalars(opts_, lr, step_);
   auto& all = params_.all();
   for (size_t i = 0; i < all.size(); ++i) {
     auto& p = all[i];
@@ -34,18 +37,8 @@ void AdamW::step(double lr) {
     float* m = exp_avg_[i].f32();
     float* v = exp_avg_sq_[i].f32();
     const int64_t n = p.value.numel();
-    const float one_minus_b1 = static_cast<float>(1.0 - b1), fb2 = static_cast<float>(b2);
-    const float one_minus_b2 = static_cast<float>(1.0 - b2);
-    const float fbc2 = static_cast<float>(bc2_sqrt), feps = static_cast<float>(opts_.eps);
-    const float fstep = static_cast<float>(step_size);
 #pragma omp parallel for if (n > 65536)
-    for (int64_t j = 0; j < n; ++j) {
-      w[j] *= wd_mul;
-      m[j] += (g[j] - m[j]) * one_minus_b1;  // exp_avg.lerp_(grad, 1 - beta1)
-      v[j] = v[j] * fb2 + one_minus_b2 * g[j] * g[j];
-      const float denom = std::sqrt(v[j]) / fbc2 + feps;
-      w[j] += -fstep * (m[j] / denom);
-    }
+    for (int64_t j = 0; j < n; ++j) ops::adamw_element(w[j], g[j], m[j], v[j], wd_mul, sc);
   }
 }
 

@@ -6,6 +6,7 @@
 
 #include "hf/safetensors.h"
 #include "nn/params.h"
+#include "ops/adamw_math.h"
 
 namespace moeforge::train {
 
@@ -16,6 +17,9 @@ struct AdamWOptions {
   double weight_decay = 0.0;
   bool decay_norms_and_biases = true;  // false: parameters marked decay=false get no weight decay
 };
+
+// The scalars of update number `step` (1-based) at learning rate `lr`.
+ops::AdamWScalars adamw_scalars(const AdamWOptions& o, double lr, int64_t step);
 
 class AdamW {
  public:

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <algorithm>
 #include <random>
 
 #include "core/error.h"
@@ -238,6 +239,163 @@ TEST(CudaAllocator, OutOfMemoryIsOneClearError) {
     EXPECT_NE(m.find("for a test tensor"), std::string::npos) << m;
     EXPECT_NE(m.find("activation_checkpointing"), std::string::npos) << m;
   }
+}
+
+}  // namespace
+
+#include "nn/params.h"
+#include "train/optimizer.h"
+
+namespace {
+
+// Three AdamW steps with clipping on the GPU against the CPU optimizer (torch-exact), over tensors
+// that straddle the kernel's chunk boundary, with and without weight decay per tensor.
+TEST(CudaOptimizer, AdamWAndGradNormMatchTheCpuOptimizer) {
+  REQUIRE_GPU();
+  nn::ParamStore cpu;
+  const std::vector<Shape> shapes = {{300, 257}, {65536 + 17}, {5}, {64, 64}};
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    cpu.add("p" + std::to_string(i), shapes[i]);
+    cpu.all()[i].value = randn(shapes[i], 100 + static_cast<uint32_t>(i), 0.1f);
+    cpu.all()[i].decay = i % 2 == 0;
+  }
+  cpu.ensure_grads();
+  train::AdamWOptions o;
+  o.lr = 1e-3;
+  o.weight_decay = 0.1;
+  o.decay_norms_and_biases = false;
+  train::AdamW opt(cpu, o);
+  std::vector<cuda::AdamWTensors> dev;
+  for (auto& p : cpu.all())
+    dev.push_back({cuda::to_device(p.value, DType::F32), cuda::empty(p.value.shape(), DType::F32),
+                   cuda::to_device(Tensor::zeros(p.value.shape(), DType::F32), DType::F32),
+                   cuda::to_device(Tensor::zeros(p.value.shape(), DType::F32), DType::F32)});
+  for (int step = 1; step <= 3; ++step) {
+    const double lr = o.lr * (1.0 - 0.1 * step);
+    std::vector<Tensor> dev_grads;
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      Tensor g = randn(shapes[i], 1000 * step + static_cast<uint32_t>(i), 2.f);
+      cpu.all()[i].grad = g;
+      dev[i].grad = cuda::to_device(g, DType::F32);
+      dev_grads.push_back(dev[i].grad);
+    }
+    const double want_norm = train::clip_grad_norm(cpu, 1.0);
+    const double got_norm = cuda::global_grad_norm(dev_grads);
+    EXPECT_NEAR(got_norm, want_norm, 1e-5 * want_norm);
+    cuda::scale_inplace(dev_grads, static_cast<float>(1.0 / (got_norm + 1e-6)));
+    opt.step(lr);
+    for (size_t i = 0; i < shapes.size(); ++i)
+      dev[i].weight_decay_mul = static_cast<float>(1.0 - lr * (cpu.all()[i].decay ? o.weight_decay : 0.0));
+    cuda::adamw_multi_tensor(dev, train::adamw_scalars(o, lr, step));
+  }
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    expect_close(dev[i].param, cpu.all()[i].value, {1e-6f, 1e-5f}, "param " + std::to_string(i));
+    expect_close(dev[i].exp_avg_sq, opt.state()[2 * i + 1].second, {1e-9f, 1e-5f}, "exp_avg_sq " + std::to_string(i));
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// Expert row counts with empty experts, one-row experts and large ones.
+std::vector<int64_t> ragged_offsets(int64_t experts, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::vector<int64_t> off{0};
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t r = e % 5 == 1 ? 0 : (e % 7 == 3 ? 1 : static_cast<int64_t>(g() % 90));
+    off.push_back(off.back() + r);
+  }
+  return off;
+}
+
+TEST_P(CudaOps, GroupedLinearForwardAndBothBackwards) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t e = 12, n = 48, k = 40;
+  const auto off = ragged_offsets(e, 77);
+  const int64_t rows = off.back();
+  Tensor x = randn({rows, k}, 81), w = randn({e, n, k}, 82, 0.2f), dy = randn({rows, n}, 83);
+  Tensor xr = rounded(x, dt), wr = rounded(w, dt), dyr = rounded(dy, dt);
+  Tensor y_want = Tensor::zeros({rows, n}, DType::F32), dx_want = Tensor::zeros({rows, k}, DType::F32);
+  Tensor dw_want = Tensor::zeros({e, n, k}, DType::F32);
+  for (int64_t i = 0; i < e; ++i) {
+    const int64_t r = off[i + 1] - off[i];
+    if (r == 0) continue;
+    const float* we = wr.f32() + i * n * k;
+    ops::gemm_f32(false, true, r, n, k, 1.f, xr.f32() + off[i] * k, k, we, k, 0.f, y_want.f32() + off[i] * n, n);
+    ops::gemm_f32(false, false, r, k, n, 1.f, dyr.f32() + off[i] * n, n, we, k, 0.f, dx_want.f32() + off[i] * k, k);
+    ops::gemm_f32(true, false, n, k, r, 1.f, dyr.f32() + off[i] * n, n, xr.f32() + off[i] * k, k, 0.f,
+                  dw_want.f32() + i * n * k, k);
+  }
+  const Tol t = dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{3e-2f, 2e-2f};
+  Tensor xd = cuda::to_device(x, dt), wd = cuda::to_device(w, dt), dyd = cuda::to_device(dy, dt);
+  Tensor y = cuda::empty({rows, n}, dt), dx = cuda::empty({rows, k}, dt), dw = cuda::empty({e, n, k}, DType::F32);
+  cuda::poison(y);
+  cuda::poison(dx);
+  cuda::poison(dw);
+  cuda::grouped_linear(xd, wd, off, y);
+  cuda::grouped_linear_input_grad(dyd, wd, off, dx);
+  cuda::grouped_linear_weight_grad(dyd, xd, off, dw, /*accumulate=*/false);
+  expect_close(y, y_want, t, "grouped forward");
+  expect_close(dx, dx_want, t, "grouped input grad");
+  expect_close(dw, dw_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{0.1f, 3e-2f}, "grouped weight grad (empty experts zeroed)");
+  // Accumulating adds to what is there.
+  cuda::grouped_linear_weight_grad(dyd, xd, off, dw, /*accumulate=*/true);
+  Tensor twice = dw_want.clone();
+  ops::add_inplace(twice, dw_want);
+  expect_close(dw, twice, dt == DType::F32 ? Tol{2e-4f, 1e-4f} : Tol{0.2f, 3e-2f}, "grouped weight grad accumulate");
+}
+
+TEST_P(CudaOps, RoutingPermuteUnpermuteAndBackward) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t t = 300, k = 4, e = 16, h = 72;
+  std::mt19937 g(91);
+  std::vector<int64_t> idx(t * k);
+  for (int64_t i = 0; i < t; ++i) {
+    std::vector<int64_t> pool(e);
+    for (int64_t j = 0; j < e; ++j) pool[j] = j;
+    std::shuffle(pool.begin(), pool.end(), g);
+    for (int64_t j = 0; j < k; ++j) idx[i * k + j] = (i % 3 == 0 && j == 0) ? 5 : pool[j] == 5 ? 6 : pool[j];
+  }
+  for (int64_t i = 0; i < t * k; ++i) idx[i] = idx[i] == 9 ? 10 : idx[i];  // expert 9 gets no tokens
+  // Reference plan: rows grouped by expert, token order inside.
+  std::vector<int64_t> off(e + 1, 0), dest(t * k);
+  for (int64_t a : idx) ++off[a + 1];
+  for (int64_t i = 0; i < e; ++i) off[i + 1] += off[i];
+  std::vector<int64_t> fill(off.begin(), off.end() - 1);
+  for (int64_t a = 0; a < t * k; ++a) dest[a] = fill[idx[a]]++;
+  Tensor x = randn({t, h}, 92), w = randn({t, k}, 93, 0.5f), dy = randn({t, h}, 94), yp = randn({t * k, h}, 95);
+  Tensor xr = rounded(x, dt), ypr = rounded(yp, dt), dyr = rounded(dy, dt);
+
+  const auto plan = cuda::plan_routing(cuda::to_device(Tensor::from_i64(idx, {t, k}), DType::I64), e);
+  EXPECT_EQ(plan.offsets, off);
+  Tensor got_dest = cuda::to_host_f32(plan.dest_row);
+  EXPECT_EQ(std::vector<int64_t>(got_dest.i64(), got_dest.i64() + t * k), dest);
+
+  Tensor xp_want = Tensor::zeros({t * k, h}, DType::F32), y_want = Tensor::zeros({t, h}, DType::F32);
+  Tensor dx_want = Tensor::zeros({t, h}, DType::F32), dyp_want = Tensor::zeros({t * k, h}, DType::F32);
+  Tensor dw_want = Tensor::zeros({t, k}, DType::F32);
+  for (int64_t a = 0; a < t * k; ++a) {
+    const int64_t tok = a / k;
+    for (int64_t c = 0; c < h; ++c) {
+      xp_want.f32()[dest[a] * h + c] = xr.f32()[tok * h + c];
+      y_want.f32()[tok * h + c] += w.f32()[a] * ypr.f32()[dest[a] * h + c];
+      dyp_want.f32()[dest[a] * h + c] = w.f32()[a] * dyr.f32()[tok * h + c];
+      dw_want.f32()[a] += dyr.f32()[tok * h + c] * ypr.f32()[dest[a] * h + c];
+      dx_want.f32()[tok * h + c] += ypr.f32()[dest[a] * h + c];  // permute backward of d_xp = yp
+    }
+  }
+  Tensor wd = cuda::to_device(w, DType::F32), ypd = cuda::to_device(yp, dt);
+  expect_close(cuda::permute_tokens(cuda::to_device(x, dt), plan), xp_want, {0, 0}, "permute");
+  expect_close(cuda::unpermute_tokens(ypd, wd, plan), y_want, tol_for(dt), "unpermute");
+  Tensor dyp, dwt;
+  cuda::unpermute_tokens_backward(cuda::to_device(dy, dt), ypd, wd, plan, dyp, dwt);
+  expect_close(dyp, dyp_want, tol_for(dt), "unpermute backward d_yp");
+  expect_close(dwt, dw_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{0.1f, 2e-2f}, "unpermute backward d_weights");
+  expect_close(cuda::permute_tokens_backward(ypd, plan), dx_want, tol_for(dt), "permute backward");
+  EXPECT_THROW(cuda::plan_routing(cuda::to_device(Tensor::from_i64({0, 16}, {1, 2}), DType::I64), e), Error);
 }
 
 }  // namespace

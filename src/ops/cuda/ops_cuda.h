@@ -4,7 +4,10 @@
 #pragma once
 #include <cstdint>
 
+#include <vector>
+
 #include "core/tensor.h"
+#include "ops/adamw_math.h"
 
 namespace moeforge::cuda {
 
@@ -42,5 +45,55 @@ void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor
 // scale * (softmax - onehot) on counted rows, 0 on ignored ones. Returns the summed loss.
 double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
                               Tensor& dlogits, int64_t* counted);
+
+}  // namespace moeforge::cuda
+
+namespace moeforge::cuda {
+
+// Multi-tensor AdamW: one launch updates every parameter (F32 or BF16 values, F32 or BF16
+// gradients, F32 moments) with the arithmetic of ops/adamw_math.h, the same as the CPU optimizer.
+struct AdamWTensors {
+  Tensor param, grad, exp_avg, exp_avg_sq;
+  float weight_decay_mul = 1.f;  // 1 - lr * weight_decay, or 1 where no decay applies
+};
+void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const ops::AdamWScalars& scalars);
+
+// sqrt of the sum of squares of every gradient (F32 or BF16), accumulated in F32 per block and
+// F64 across blocks; and every tensor scaled in place (gradient clipping).
+double global_grad_norm(const std::vector<Tensor>& grads);
+void scale_inplace(const std::vector<Tensor>& tensors, float factor);
+
+}  // namespace moeforge::cuda
+
+namespace moeforge::cuda {
+
+// ---- Mixture-of-experts token flow. `offsets` [E+1] (host) delimit each expert's rows in the
+// permuted buffer; experts with no rows are skipped (and get a zero weight gradient).
+
+// y[rows of e] = x[rows of e] W[e]^T           x [R,K], W [E,N,K], y [R,N]
+void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y);
+// dx[rows of e] = dy[rows of e] W[e]           dy [R,N], W [E,N,K], dx [R,K]
+void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& dx);
+// dW[e] (+)= dy[rows of e]^T x[rows of e]      dW [E,N,K] (F32 or the weights' dtype)
+void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
+                                bool accumulate);
+
+// Routing plan from the router's expert indices [T,k] (I64): every (token, slot) pair gets a row of
+// the permuted buffer, grouped by expert and in token order inside an expert (deterministic).
+struct RoutingPlan {
+  Tensor dest_row;               // [T,k] I64: row of (t, j) in the permuted buffer
+  std::vector<int64_t> offsets;  // [E+1] on the host
+  int64_t num_experts = 0, top_k = 0;
+};
+RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts);
+// xp[dest_row(t,j)] = x[t]                                     x [T,H] -> xp [T*k,H]
+Tensor permute_tokens(const Tensor& x, const RoutingPlan& plan);
+// y[t] = sum_j weights[t,j] * yp[dest_row(t,j)] (summed in F32, in slot order)   -> y [T,H]
+Tensor unpermute_tokens(const Tensor& yp, const Tensor& weights, const RoutingPlan& plan);
+// Backward of unpermute: d_yp[dest(t,j)] = weights[t,j] * dy[t] and d_weights[t,j] = <dy[t], yp[dest(t,j)]>.
+void unpermute_tokens_backward(const Tensor& dy, const Tensor& yp, const Tensor& weights, const RoutingPlan& plan,
+                               Tensor& d_yp, Tensor& d_weights);
+// Backward of permute: dx[t] = sum_j d_xp[dest_row(t,j)].
+Tensor permute_tokens_backward(const Tensor& d_xp, const RoutingPlan& plan);
 
 }  // namespace moeforge::cuda

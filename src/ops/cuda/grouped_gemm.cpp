@@ -1,0 +1,181 @@
+// Grouped expert GEMMs through cublasGemmGroupedBatchedEx: one call runs every expert's product,
+// each expert a group of one with its own row count, pointers and leading dimensions. Row-major
+// products are issued as their column-major transposes, as in gemm_cublaslt.cpp. Experts without
+// rows are left out of the call (cuBLAS requires m, n, k > 0).
+#include <cublas_v2.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "ops/cuda/check.h"
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::cuda {
+
+namespace {
+
+cublasHandle_t handle() {
+  static cublasHandle_t h = [] {
+    cublasHandle_t x = nullptr;
+    MF_CUBLAS_CHECK(cublasCreate(&x));
+    static Tensor ws = empty({32 << 20}, DType::U8, "the cuBLAS workspace");
+    MF_CUBLAS_CHECK(cublasSetWorkspace(x, ws.raw(), ws.nbytes()));
+    return x;
+  }();
+  MF_CUBLAS_CHECK(cublasSetStream(h, current_stream()));
+  return h;
+}
+
+cudaDataType_t dtype_of(const Tensor& t) {
+  if (t.dtype() == DType::F32) return CUDA_R_32F;
+  if (t.dtype() == DType::BF16) return CUDA_R_16BF;
+  MF_THROW("grouped gemm: dtype ", dtype_name(t.dtype()), " is not supported");
+}
+
+// One row-major product per group: C (M x N) = op(A) op(B), A/B/C given by pointer and row stride.
+struct Product {
+  const void* a;
+  int64_t lda;
+  bool trans_a;
+  const void* b;
+  int64_t ldb;
+  bool trans_b;
+  void* c;
+  int64_t ldc;
+  int64_t m, n, k;
+};
+
+// One cuBLASLt GEMM per expert instead of the grouped call: when the dtypes are mixed (the grouped
+// call takes one dtype for A, B and C; BF16 inputs with an F32 weight gradient are not), and when
+// experts are large: measured on H100 (docs/perf-notes.md), the grouped call reaches ~300 TFLOP/s
+// at any size while a loop of cuBLASLt calls reaches ~630 at 2048 rows per expert but only ~120 at
+// 256 (launch-bound). MOEFORGE_GROUPED_GEMM=loop|grouped forces one.
+bool use_loop(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc) {
+  static const std::string forced = [] {
+    const char* v = std::getenv("MOEFORGE_GROUPED_GEMM");
+    return std::string(v ? v : "");
+  }();
+  if (ta != tc || tb != tc) return true;
+  if (forced == "loop") return true;
+  if (forced == "grouped") return false;
+  // Mean FLOPs per expert: 2048 tokens x (2048 -> 1536) is 12.9 GFLOP, 256 tokens 1.6 GFLOP.
+  double flops = 0;
+  for (const Product& p : ps) flops += 2.0 * static_cast<double>(p.m) * static_cast<double>(p.n) * static_cast<double>(p.k);
+  return flops / static_cast<double>(ps.size()) >= 3e9;
+}
+
+DType dtype_from(cudaDataType_t t) { return t == CUDA_R_32F ? DType::F32 : DType::BF16; }
+
+void run_loop(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
+  for (const Product& p : ps) {
+    // Wrap the operands as 2-D tensors (row stride = leading dimension = their width here).
+    auto wrap = [](const void* ptr, int64_t rows, int64_t cols, DType dt) {
+      auto st = Storage::wrap(const_cast<void*>(ptr), static_cast<size_t>(rows * cols) * dtype_size(dt), nullptr, Device::cuda(0));
+      return Tensor(st, 0, {rows, cols}, dt);
+    };
+    Tensor a = wrap(p.a, p.trans_a ? p.k : p.m, p.trans_a ? p.m : p.k, dtype_from(ta));
+    Tensor b = wrap(p.b, p.trans_b ? p.n : p.k, p.trans_b ? p.k : p.n, dtype_from(tb));
+    Tensor c = wrap(p.c, p.m, p.n, dtype_from(tc));
+    gemm(a, p.trans_a, b, p.trans_b, c, beta != 0.f);
+  }
+}
+
+void run_grouped(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
+  if (ps.empty()) return;
+  if (use_loop(ps, ta, tb, tc)) return run_loop(ps, ta, tb, tc, beta);
+  const size_t g = ps.size();
+  std::vector<cublasOperation_t> opa(g), opb(g);
+  std::vector<int64_t> m(g), n(g), k(g), lda(g), ldb(g), ldc(g), sizes(g, 1);
+  std::vector<float> alpha(g, 1.f), betas(g, beta);
+  std::vector<const void*> pa(g), pb(g);
+  std::vector<void*> pc(g);
+  for (size_t i = 0; i < g; ++i) {
+    const Product& p = ps[i];
+    // Column-major C^T (N x M) = op(B)^T op(A)^T: cuBLAS's first operand is B, its second A.
+    opa[i] = p.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+    opb[i] = p.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    m[i] = p.n;
+    n[i] = p.m;
+    k[i] = p.k;
+    pa[i] = p.b;
+    lda[i] = p.ldb;
+    pb[i] = p.a;
+    ldb[i] = p.lda;
+    pc[i] = p.c;
+    ldc[i] = p.ldc;
+  }
+  // The pointer arrays live in device memory.
+  Tensor dev_ptrs = empty({static_cast<int64_t>(3 * g * sizeof(void*))}, DType::U8, "grouped gemm pointer arrays");
+  std::vector<const void*> all(3 * g);
+  for (size_t i = 0; i < g; ++i) {
+    all[i] = pa[i];
+    all[g + i] = pb[i];
+    all[2 * g + i] = pc[i];
+  }
+  MF_CUDA_CHECK(cudaMemcpyAsync(dev_ptrs.raw(), all.data(), all.size() * sizeof(void*), cudaMemcpyHostToDevice, current_stream()));
+  auto** base = static_cast<const void**>(dev_ptrs.raw());
+  auto* const* c_ptrs = static_cast<void* const*>(static_cast<void*>(static_cast<char*>(dev_ptrs.raw()) + 2 * g * sizeof(void*)));
+  MF_CUBLAS_CHECK(cublasGemmGroupedBatchedEx_64(handle(), opa.data(), opb.data(), m.data(), n.data(), k.data(), alpha.data(),
+                                                base, ta, lda.data(), base + g, tb, ldb.data(), betas.data(),
+                                                c_ptrs, tc, ldc.data(),
+                                                static_cast<int64_t>(g), sizes.data(), CUBLAS_COMPUTE_32F));
+}
+
+void check_offsets(const std::vector<int64_t>& offsets, int64_t experts, int64_t rows, const char* op) {
+  MF_CHECK(static_cast<int64_t>(offsets.size()) == experts + 1 && offsets.front() == 0 && offsets.back() == rows, op,
+           ": offsets must have E+1 entries from 0 to the row count (", rows, ")");
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) MF_CHECK(offsets[e] <= offsets[e + 1], op, ": offsets must not decrease");
+}
+
+const char* at(const Tensor& t, int64_t elem) { return static_cast<const char*>(t.raw()) + elem * dtype_size(t.dtype()); }
+char* at(Tensor& t, int64_t elem) { return static_cast<char*>(t.raw()) + elem * dtype_size(t.dtype()); }
+
+}  // namespace
+
+void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y) {
+  const int64_t e = w.shape()[0], n = w.shape()[1], k = w.shape()[2], rows = x.shape()[0];
+  check_offsets(offsets, e, rows, "grouped_linear");
+  MF_CHECK(x.shape()[1] == k && y.shape()[0] == rows && y.shape()[1] == n, "grouped_linear: x ", shape_str(x.shape()),
+           " W ", shape_str(w.shape()), " y ", shape_str(y.shape()));
+  std::vector<Product> ps;
+  for (int64_t i = 0; i < e; ++i) {
+    const int64_t r = offsets[i + 1] - offsets[i];
+    if (r == 0) continue;
+    ps.push_back({at(x, offsets[i] * k), k, false, at(w, i * n * k), k, true, at(y, offsets[i] * n), n, r, n, k});
+  }
+  run_grouped(ps, dtype_of(x), dtype_of(w), dtype_of(y), 0.f);
+}
+
+void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& dx) {
+  const int64_t e = w.shape()[0], n = w.shape()[1], k = w.shape()[2], rows = dy.shape()[0];
+  check_offsets(offsets, e, rows, "grouped_linear_input_grad");
+  MF_CHECK(dy.shape()[1] == n && dx.shape()[0] == rows && dx.shape()[1] == k, "grouped_linear_input_grad: shapes");
+  std::vector<Product> ps;
+  for (int64_t i = 0; i < e; ++i) {
+    const int64_t r = offsets[i + 1] - offsets[i];
+    if (r == 0) continue;
+    ps.push_back({at(dy, offsets[i] * n), n, false, at(w, i * n * k), k, false, at(dx, offsets[i] * k), k, r, k, n});
+  }
+  run_grouped(ps, dtype_of(dy), dtype_of(w), dtype_of(dx), 0.f);
+}
+
+void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
+                                bool accumulate) {
+  const int64_t e = dw.shape()[0], n = dw.shape()[1], k = dw.shape()[2], rows = dy.shape()[0];
+  check_offsets(offsets, e, rows, "grouped_linear_weight_grad");
+  MF_CHECK(dy.shape()[1] == n && x.shape()[0] == rows && x.shape()[1] == k, "grouped_linear_weight_grad: shapes");
+  std::vector<Product> ps;
+  for (int64_t i = 0; i < e; ++i) {
+    const int64_t r = offsets[i + 1] - offsets[i];
+    if (r == 0) {
+      if (!accumulate) MF_CUDA_CHECK(cudaMemsetAsync(at(dw, i * n * k), 0, n * k * dtype_size(dw.dtype()), current_stream()));
+      continue;
+    }
+    ps.push_back({at(dy, offsets[i] * n), n, true, at(x, offsets[i] * k), k, false, at(dw, i * n * k), k, n, k, r});
+  }
+  run_grouped(ps, dtype_of(dy), dtype_of(x), dtype_of(dw), accumulate ? 1.f : 0.f);
+}
+
+}  // namespace moeforge::cuda

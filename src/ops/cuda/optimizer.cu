@@ -1,0 +1,146 @@
+// Multi-tensor optimizer kernels. A chunk table (tensor index, element range) goes to the device
+// once per call and each block takes one 64K-element chunk, so a model's hundreds of parameters
+// cost one launch instead of one each. AdamW reads w, g, m, v and writes w, m, v: 16-28 bytes per
+// element, so its floor is the parameter count times that at HBM bandwidth.
+#include <vector>
+
+#include "ops/cuda/check.h"
+#include "ops/cuda/kernel_util.cuh"
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::cuda {
+
+using namespace detail;
+
+namespace {
+
+constexpr int64_t kChunk = 65536;
+constexpr int kThreads = 512;
+
+struct TensorRef {
+  void* w;
+  void* g;
+  float* m;
+  float* v;
+  int64_t n;
+  float wd_mul;
+  uint8_t w_bf16, g_bf16;
+};
+struct Chunk {
+  int32_t tensor;
+  int64_t begin, end;
+};
+
+__device__ __forceinline__ float ld(const void* p, bool bf16, int64_t i) {
+  return bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+__device__ __forceinline__ void st(void* p, bool bf16, int64_t i, float v) {
+  if (bf16) static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v);
+  else static_cast<float*>(p)[i] = v;
+}
+
+__global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::AdamWScalars s) {
+  const Chunk c = chunks[blockIdx.x];
+  const TensorRef r = refs[c.tensor];
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
+    float w = ld(r.w, r.w_bf16, i), m = r.m[i], v = r.v[i];
+    ops::adamw_element(w, ld(r.g, r.g_bf16, i), m, v, r.wd_mul, s);
+    st(r.w, r.w_bf16, i, w);
+    r.m[i] = m;
+    r.v[i] = v;
+  }
+}
+
+__global__ void sumsq_kernel(const TensorRef* refs, const Chunk* chunks, float* partial) {
+  const Chunk c = chunks[blockIdx.x];
+  const TensorRef r = refs[c.tensor];
+  float acc = 0.f;
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
+    const float g = ld(r.g, r.g_bf16, i);
+    acc += g * g;
+  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+__global__ void scale_kernel(const TensorRef* refs, const Chunk* chunks, float factor) {
+  const Chunk c = chunks[blockIdx.x];
+  const TensorRef r = refs[c.tensor];
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) st(r.g, r.g_bf16, i, ld(r.g, r.g_bf16, i) * factor);
+}
+
+bool is_bf16(const Tensor& t, const char* what) {
+  MF_CHECK(t.dtype() == DType::F32 || t.dtype() == DType::BF16, what, " must be F32 or BF16, got ", dtype_name(t.dtype()));
+  return t.dtype() == DType::BF16;
+}
+
+// Uploads the tensor and chunk tables; the returned device tensors must live until the launch is done.
+struct Tables {
+  Tensor refs, chunks;
+  int64_t n_chunks = 0;
+};
+Tables upload(const std::vector<TensorRef>& refs) {
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < refs.size(); ++t)
+    for (int64_t b = 0; b < refs[t].n; b += kChunk) chunks.push_back({static_cast<int32_t>(t), b, std::min(refs[t].n, b + kChunk)});
+  Tables out;
+  out.n_chunks = static_cast<int64_t>(chunks.size());
+  if (chunks.empty()) return out;
+  out.refs = empty({static_cast<int64_t>(refs.size() * sizeof(TensorRef))}, DType::U8, "optimizer tensor table");
+  out.chunks = empty({static_cast<int64_t>(chunks.size() * sizeof(Chunk))}, DType::U8, "optimizer chunk table");
+  MF_CUDA_CHECK(cudaMemcpyAsync(out.refs.raw(), refs.data(), refs.size() * sizeof(TensorRef), cudaMemcpyHostToDevice, current_stream()));
+  MF_CUDA_CHECK(cudaMemcpyAsync(out.chunks.raw(), chunks.data(), chunks.size() * sizeof(Chunk), cudaMemcpyHostToDevice, current_stream()));
+  return out;
+}
+
+std::vector<TensorRef> grad_refs(const std::vector<Tensor>& ts) {
+  std::vector<TensorRef> refs;
+  for (const auto& t : ts) refs.push_back({nullptr, t.raw(), nullptr, nullptr, t.numel(), 1.f, 0, is_bf16(t, "gradient")});
+  return refs;
+}
+
+}  // namespace
+
+void adamw_multi_tensor(const std::vector<AdamWTensors>& ts, const ops::AdamWScalars& s) {
+  std::vector<TensorRef> refs;
+  for (const auto& t : ts) {
+    const int64_t n = t.param.numel();
+    MF_CHECK(t.grad.numel() == n && t.exp_avg.numel() == n && t.exp_avg_sq.numel() == n, "adamw: tensor sizes differ");
+    MF_CHECK(t.exp_avg.dtype() == DType::F32 && t.exp_avg_sq.dtype() == DType::F32, "adamw: moments must be F32");
+    refs.push_back({t.param.raw(), t.grad.raw(), t.exp_avg.data<float>(), t.exp_avg_sq.data<float>(), n, t.weight_decay_mul,
+                    is_bf16(t.param, "parameter"), is_bf16(t.grad, "gradient")});
+  }
+  Tables tab = upload(refs);
+  if (tab.n_chunks == 0) return;
+  adamw_kernel<<<tab.n_chunks, kThreads, 0, current_stream()>>>(static_cast<const TensorRef*>(tab.refs.raw()),
+                                                               static_cast<const Chunk*>(tab.chunks.raw()), s);
+  MF_CUDA_CHECK_LAUNCH("adamw");
+  // No synchronisation: the tables were copied from pageable memory (the copy returns once the
+  // source is read) and their device blocks are reused only by later work on the same stream.
+}
+
+double global_grad_norm(const std::vector<Tensor>& grads) {
+  Tables tab = upload(grad_refs(grads));
+  if (tab.n_chunks == 0) return 0.0;
+  Tensor partial = empty({tab.n_chunks}, DType::F32, "grad-norm partial sums");
+  sumsq_kernel<<<tab.n_chunks, kThreads, 0, current_stream()>>>(static_cast<const TensorRef*>(tab.refs.raw()),
+                                                               static_cast<const Chunk*>(tab.chunks.raw()), partial.data<float>());
+  MF_CUDA_CHECK_LAUNCH("grad_norm");
+  std::vector<float> host(static_cast<size_t>(tab.n_chunks));
+  MF_CUDA_CHECK(cudaMemcpyAsync(host.data(), partial.raw(), host.size() * sizeof(float), cudaMemcpyDeviceToHost, current_stream()));
+  synchronize();
+  double ss = 0;
+  for (float x : host) ss += x;
+  return std::sqrt(ss);
+}
+
+void scale_inplace(const std::vector<Tensor>& ts, float factor) {
+  Tables tab = upload(grad_refs(ts));
+  if (tab.n_chunks == 0) return;
+  scale_kernel<<<tab.n_chunks, kThreads, 0, current_stream()>>>(static_cast<const TensorRef*>(tab.refs.raw()),
+                                                               static_cast<const Chunk*>(tab.chunks.raw()), factor);
+  MF_CUDA_CHECK_LAUNCH("scale");
+}
+
+}  // namespace moeforge::cuda

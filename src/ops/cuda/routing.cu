@@ -1,0 +1,205 @@
+// Token permutation for the experts. plan_routing gives every (token, slot) a row of the permuted
+// buffer: one block per expert walks the T*k assignments in order and numbers its own with a
+// block-wide prefix count, so rows are grouped by expert and in token order within an expert,
+// identically on every run. The gathers (permute, unpermute and their backward) read whole rows;
+// unpermute sums a token's k expert outputs in slot order in F32, with no atomics.
+#include <vector>
+
+#include "ops/cuda/check.h"
+#include "ops/cuda/kernel_util.cuh"
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::cuda {
+
+using namespace detail;
+
+namespace {
+
+constexpr int kPlanThreads = 1024;
+
+__global__ void count_kernel(const int64_t* idx, int64_t n, int64_t experts, int64_t* counts, int* bad) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t e = idx[i];
+    if (e < 0 || e >= experts) {
+      atomicExch(bad, 1);
+      continue;
+    }
+    atomicAdd(reinterpret_cast<unsigned long long*>(counts + e), 1ull);
+  }
+}
+
+// Block e numbers the assignments to expert e in order: rank = offsets[e] + (earlier matches).
+__global__ void rank_kernel(const int64_t* idx, int64_t n, const int64_t* offsets, int64_t* dest) {
+  const int64_t e = blockIdx.x;
+  __shared__ int64_t base;
+  __shared__ int warp_counts[kPlanThreads / 32];
+  if (threadIdx.x == 0) base = offsets[e];
+  __syncthreads();
+  for (int64_t start = 0; start < n; start += blockDim.x) {
+    const int64_t i = start + threadIdx.x;
+    const bool mine = i < n && idx[i] == e;
+    const unsigned ballot = __ballot_sync(0xffffffffu, mine);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int64_t before = 0;
+    for (int w = 0; w < warp; ++w) before += warp_counts[w];
+    before += __popc(ballot & ((1u << lane) - 1u));
+    if (mine) dest[i] = base + before;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t total = 0;
+      for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += warp_counts[w];
+      base += total;
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T>
+__global__ void permute_kernel(const T* x, const int64_t* dest, T* xp, int64_t tk, int64_t k, int64_t h) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < tk * h; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t a = i / h, c = i % h;  // assignment a = t * k + j
+    xp[dest[a] * h + c] = x[(a / k) * h + c];
+  }
+}
+
+template <typename T>
+__global__ void unpermute_kernel(const T* yp, const float* w, const int64_t* dest, T* y, int64_t t, int64_t k, int64_t h) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < t * h; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t tok = i / h, c = i % h;
+    float acc = 0.f;
+    for (int64_t j = 0; j < k; ++j) acc += w[tok * k + j] * load(yp, dest[tok * k + j] * h + c);
+    store(y, i, acc);
+  }
+}
+
+template <typename T>
+__global__ void permute_backward_kernel(const T* dxp, const int64_t* dest, T* dx, int64_t t, int64_t k, int64_t h) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < t * h; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t tok = i / h, c = i % h;
+    float acc = 0.f;
+    for (int64_t j = 0; j < k; ++j) acc += load(dxp, dest[tok * k + j] * h + c);
+    store(dx, i, acc);
+  }
+}
+
+// One block per (token, slot): d_yp row = w * dy row, and d_w = <dy, yp row>.
+template <typename T>
+__global__ void unpermute_backward_kernel(const T* dy, const T* yp, const float* w, const int64_t* dest, T* dyp,
+                                          float* dw, int64_t k, int64_t h) {
+  const int64_t a = blockIdx.x, tok = a / k, row = dest[a];
+  const float wa = w[a];
+  float dot = 0.f;
+  for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
+    const float g = load(dy, tok * h + c);
+    store(dyp, row * h + c, wa * g);
+    dot += g * load(yp, row * h + c);
+  }
+  dot = block_sum(dot);
+  if (threadIdx.x == 0) dw[a] = dot;
+}
+
+constexpr int kThreads = 256;
+inline int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
+
+void check_plan(const RoutingPlan& p, const Tensor& x, int64_t rows_expected, const char* op) {
+  MF_CHECK(p.dest_row.defined(), op, ": empty routing plan");
+  MF_CHECK(x.dim() == 2 && x.shape()[0] == rows_expected, op, ": expected ", rows_expected, " rows, got ", shape_str(x.shape()));
+}
+
+}  // namespace
+
+RoutingPlan plan_routing(const Tensor& idx, int64_t experts) {
+  MF_CHECK(idx.dtype() == DType::I64 && idx.dim() == 2, "plan_routing: expert indices must be I64 [T,k]");
+  RoutingPlan p;
+  p.num_experts = experts;
+  p.top_k = idx.shape()[1];
+  const int64_t n = idx.numel();
+  Tensor counts = empty({experts + 1}, DType::I64, "routing counts");
+  MF_CUDA_CHECK(cudaMemsetAsync(counts.raw(), 0, counts.nbytes(), current_stream()));
+  Tensor bad = empty({1}, DType::I32, "routing range flag");
+  MF_CUDA_CHECK(cudaMemsetAsync(bad.raw(), 0, sizeof(int), current_stream()));
+  if (n > 0) count_kernel<<<blocks_for(n), kThreads, 0, current_stream()>>>(idx.data<int64_t>(), n, experts, counts.data<int64_t>(), bad.data<int>());
+  MF_CUDA_CHECK_LAUNCH("routing count");
+  std::vector<int64_t> host(static_cast<size_t>(experts));
+  int flag = 0;
+  MF_CUDA_CHECK(cudaMemcpyAsync(host.data(), counts.raw(), experts * sizeof(int64_t), cudaMemcpyDeviceToHost, current_stream()));
+  MF_CUDA_CHECK(cudaMemcpyAsync(&flag, bad.raw(), sizeof(int), cudaMemcpyDeviceToHost, current_stream()));
+  synchronize();
+  MF_CHECK(flag == 0, "plan_routing: an expert index is outside [0, ", experts, ")");
+  p.offsets.assign(static_cast<size_t>(experts + 1), 0);
+  for (int64_t e = 0; e < experts; ++e) p.offsets[e + 1] = p.offsets[e] + host[e];
+  Tensor offsets = to_device(Tensor::from_i64(p.offsets, {experts + 1}), DType::I64);
+  p.dest_row = empty(idx.shape(), DType::I64, "routing destination rows");
+  if (n > 0 && experts > 0)
+    rank_kernel<<<experts, kPlanThreads, 0, current_stream()>>>(idx.data<int64_t>(), n, offsets.data<int64_t>(), p.dest_row.data<int64_t>());
+  MF_CUDA_CHECK_LAUNCH("routing rank");
+  return p;
+}
+
+Tensor permute_tokens(const Tensor& x, const RoutingPlan& p) {
+  require_float(x, "permute_tokens");
+  const int64_t t = p.dest_row.shape()[0], h = x.shape()[1];
+  check_plan(p, x, t, "permute_tokens");
+  Tensor xp = empty({t * p.top_k, h}, x.dtype(), "permuted tokens");
+  if (t * h == 0) return xp;
+  dispatch_float(x.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    permute_kernel<<<blocks_for(t * p.top_k * h), kThreads, 0, current_stream()>>>(x.data<T>(), p.dest_row.data<int64_t>(),
+                                                                                  xp.data<T>(), t * p.top_k, p.top_k, h);
+  });
+  MF_CUDA_CHECK_LAUNCH("permute");
+  return xp;
+}
+
+Tensor unpermute_tokens(const Tensor& yp, const Tensor& weights, const RoutingPlan& p) {
+  require_float(yp, "unpermute_tokens");
+  const int64_t t = p.dest_row.shape()[0], h = yp.shape()[1];
+  check_plan(p, yp, t * p.top_k, "unpermute_tokens");
+  MF_CHECK(weights.dtype() == DType::F32 && weights.numel() == t * p.top_k, "unpermute_tokens: weights must be F32 [T,k]");
+  Tensor y = empty({t, h}, yp.dtype(), "unpermuted tokens");
+  if (t * h == 0) return y;
+  dispatch_float(yp.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    unpermute_kernel<<<blocks_for(t * h), kThreads, 0, current_stream()>>>(yp.data<T>(), weights.data<float>(),
+                                                                          p.dest_row.data<int64_t>(), y.data<T>(), t, p.top_k, h);
+  });
+  MF_CUDA_CHECK_LAUNCH("unpermute");
+  return y;
+}
+
+void unpermute_tokens_backward(const Tensor& dy, const Tensor& yp, const Tensor& weights, const RoutingPlan& p,
+                               Tensor& d_yp, Tensor& d_weights) {
+  require_float(dy, "unpermute_tokens_backward");
+  const int64_t t = p.dest_row.shape()[0], h = dy.shape()[1];
+  check_plan(p, yp, t * p.top_k, "unpermute_tokens_backward");
+  d_yp = empty(yp.shape(), yp.dtype(), "permuted output gradient");
+  d_weights = empty({t, p.top_k}, DType::F32, "routing weight gradient");
+  if (t == 0) return;
+  dispatch_float(dy.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    unpermute_backward_kernel<<<t * p.top_k, threads_for(std::min<int64_t>(h, 1024)), 0, current_stream()>>>(
+        dy.data<T>(), yp.data<T>(), weights.data<float>(), p.dest_row.data<int64_t>(), d_yp.data<T>(), d_weights.data<float>(),
+        p.top_k, h);
+  });
+  MF_CUDA_CHECK_LAUNCH("unpermute backward");
+}
+
+Tensor permute_tokens_backward(const Tensor& d_xp, const RoutingPlan& p) {
+  require_float(d_xp, "permute_tokens_backward");
+  const int64_t t = p.dest_row.shape()[0], h = d_xp.shape()[1];
+  check_plan(p, d_xp, t * p.top_k, "permute_tokens_backward");
+  Tensor dx = empty({t, h}, d_xp.dtype(), "token gradient");
+  if (t * h == 0) return dx;
+  dispatch_float(d_xp.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    permute_backward_kernel<<<blocks_for(t * h), kThreads, 0, current_stream()>>>(d_xp.data<T>(), p.dest_row.data<int64_t>(),
+                                                                                 dx.data<T>(), t, p.top_k, h);
+  });
+  MF_CUDA_CHECK_LAUNCH("permute backward");
+  return dx;
+}
+
+}  // namespace moeforge::cuda
