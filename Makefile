@@ -9,7 +9,8 @@ DEMO_MODEL ?= tests/fixtures/qwen3_moe_a
 DEMO_CONFIG ?= ../shared/configs/qwen3-30b-a3b.json
 MAKEFLAGS += --no-print-directory
 
-.PHONY: all deps build test test-asan test-fuzz demo clean
+GPU_BUILD ?= build-gpu
+.PHONY: all deps build test test-asan test-fuzz test-gpu demo clean
 
 all: build
 
@@ -40,6 +41,12 @@ test-fuzz: deps
 	CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) -DMOEFORGE_FUZZ=ON -DMOEFORGE_FUZZ_SECONDS=$(FUZZ_SECONDS) $(CMAKE_FLAGS) >/dev/null
 	cmake --build $(FUZZ_BUILD) -j $(JOBS)
 	cd $(FUZZ_BUILD) && ctest -L fuzz --output-on-failure -j $(JOBS)
+
+# The CUDA backend's tests against the CPU reference (skipped, not passed, without a GPU).
+test-gpu: deps
+	cmake -S . -B $(GPU_BUILD) -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_CUDA=ON $(CMAKE_FLAGS) >/dev/null
+	cmake --build $(GPU_BUILD) -j $(JOBS) --target test_cuda_ops cuda_ops_bench
+	cd $(GPU_BUILD) && ctest -L gpu --output-on-failure -j 1
 
 demo: build
 	@if [ -f $(DEMO_CONFIG) ]; then echo "== moeforge inspect $(DEMO_CONFIG)  (config only: no weights)"; \
