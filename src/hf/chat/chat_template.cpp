@@ -103,18 +103,12 @@ std::optional<ChatTemplate> ChatTemplate::load(const std::string& dir) {
   } else {
     return std::nullopt;
   }
-  ChatTemplate t;
-  try {
-    t.tmpl_ = std::make_shared<jinja::Template>(source);
-  } catch (const Error& e) {
-    MF_THROW(origin, ": ", e.what());
-  }
-  t.origin_ = origin;
+  ChatTemplate t = compile(source, origin);
   t.special_tokens_ = special_tokens_of(cfg, cfg_path);
   return t;
 }
 
-ChatTemplate ChatTemplate::from_source(const std::string& source, const std::string& origin, const std::string& dir) {
+ChatTemplate ChatTemplate::compile(const std::string& source, const std::string& origin) {
   ChatTemplate t;
   try {
     t.tmpl_ = std::make_shared<jinja::Template>(source);
@@ -122,6 +116,11 @@ ChatTemplate ChatTemplate::from_source(const std::string& source, const std::str
     MF_THROW(origin, ": ", e.what());
   }
   t.origin_ = origin;
+  return t;
+}
+
+ChatTemplate ChatTemplate::from_source(const std::string& source, const std::string& origin, const std::string& dir) {
+  ChatTemplate t = compile(source, origin);
   const std::string cfg_path = (fs::path(dir) / "tokenizer_config.json").string();
   if (fs::exists(cfg_path)) t.special_tokens_ = special_tokens_of(read_json_file(cfg_path), cfg_path);
   return t;

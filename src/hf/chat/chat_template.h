@@ -50,6 +50,7 @@ class ChatTemplate {
   const std::string& origin() const { return origin_; }
 
  private:
+  static ChatTemplate compile(const std::string& source, const std::string& origin);
   std::shared_ptr<jinja::Template> tmpl_;
   std::string origin_;  // file (and field) the template came from, for errors
   std::vector<std::pair<std::string, std::string>> special_tokens_;  // bos_token, eos_token, ...

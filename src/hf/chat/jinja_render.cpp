@@ -308,6 +308,7 @@ class Interp {
     result.text += s;
   }
 
+  // Binds a set's or a for-loop's target names, unpacking when there are several.
   void assign(const Stmt& s, const ScopePtr& scope, const Value& v) {
     if (s.targets.size() == 1) {
       scope->vars[s.targets[0]] = v;
@@ -442,22 +443,12 @@ class Interp {
     List items = iterate(iterable);
     const ExprPtr& filter = s.branches[0].first;
     const Body& body = s.branches[0].second;
-    auto bind = [&](const ScopePtr& iter_scope, const Value& item) {
-      if (s.targets.size() == 1) {
-        iter_scope->vars[s.targets[0]] = item;
-        return;
-      }
-      List parts = iterate(item);
-      if (parts.size() != s.targets.size())
-        fail_at(s.line, "cannot unpack " + std::to_string(parts.size()) + " values into " + std::to_string(s.targets.size()));
-      for (size_t k = 0; k < parts.size(); ++k) iter_scope->vars[s.targets[k]] = parts[k];
-    };
     if (filter) {  // `for x in xs if cond`: the loop sees only the items that pass
       List kept;
       for (const auto& item : items) {
         auto probe = std::make_shared<Scope>();
         probe->parent = scope;
-        bind(probe, item);
+        assign(s, probe, item);
         if (truthy(eval(*filter, probe))) kept.push_back(item);
       }
       items = std::move(kept);
@@ -473,7 +464,7 @@ class Interp {
       tick(s.line);
       auto iter_scope = std::make_shared<Scope>();
       iter_scope->parent = scope;
-      bind(iter_scope, items[static_cast<size_t>(k)]);
+      assign(s, iter_scope, items[static_cast<size_t>(k)]);
       Dict loop;
       auto put = [&](const char* name, Value v) { loop.emplace_back(Value::string(name), std::move(v)); };
       put("index", Value::integer(k + 1));

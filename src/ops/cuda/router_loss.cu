@@ -14,11 +14,11 @@ using namespace detail;
 
 namespace {
 
-// Block arg-max of (value, index) with ties to the lower index; -inf/-1 for threads without data.
-__device__ void block_argmax(float& v, int& idx) {
-  __shared__ float sv[32];
-  __shared__ int si[32];
-  auto better = [](float a, int ia, float b, int ib) { return a > b || (a == b && ia != -1 && (ib == -1 || ia < ib)); };
+__device__ __forceinline__ bool better(float a, int ia, float b, int ib) {
+  return a > b || (a == b && ia != -1 && (ib == -1 || ia < ib));
+}
+
+__device__ __forceinline__ void warp_argmax(float& v, int& idx) {
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, v, o);
     const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
@@ -27,6 +27,13 @@ __device__ void block_argmax(float& v, int& idx) {
       idx = oi;
     }
   }
+}
+
+// Block arg-max of (value, index) with ties to the lower index; -inf/-1 for threads without data.
+__device__ void block_argmax(float& v, int& idx) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  warp_argmax(v, idx);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();
   if (lane == 0) {
@@ -37,14 +44,7 @@ __device__ void block_argmax(float& v, int& idx) {
   const int warps = blockDim.x >> 5;
   v = lane < warps ? sv[lane] : -INFINITY;
   idx = lane < warps ? si[lane] : -1;
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-    if (better(ov, oi, v, idx)) {
-      v = ov;
-      idx = oi;
-    }
-  }
+  warp_argmax(v, idx);
 }
 
 template <typename T>
