@@ -4,6 +4,7 @@
 // per op; docs/perf-notes.md records the results.
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <random>
@@ -128,6 +129,20 @@ int main() {
     report("permute_tokens", "4096x2048 -> 32768x2048 bf16", ms, 0, 2.0 * T * H * 9);
     ms = time_ms([&] { cuda::unpermute_tokens(xp, w, plan); });
     report("unpermute_tokens", "32768x2048 -> 4096x2048 bf16", ms, 0, 2.0 * T * H * 9);
+  }
+  {
+    // Attention at seq 4096, 32 query / 4 kv heads, head_dim 128, causal; FLOPs counted as in
+    // shared/GPU.md: 2*S*S*D*H forward (the causal half), 2.5x that backward.
+    const int64_t S = 4096, HQ = 32, HKV = 4, D = 128;
+    Tensor q = dev_randn({1, S, HQ, D}, bf), k = dev_randn({1, S, HKV, D}, bf), v = dev_randn({1, S, HKV, D}, bf);
+    Tensor lse, out;
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    const double fwd_flops = 2.0 * S * S * D * HQ;
+    double ms = time_ms([&] { out = cuda::attention(q, k, v, scale, 0, nullptr, &lse); }, 3);
+    report("attention forward (CUDA cores)", "4096 causal 32/4 heads d128", ms, fwd_flops, 0);
+    Tensor dq, dk, dv;
+    ms = time_ms([&] { cuda::attention_backward(q, k, v, out, lse, out, scale, 0, nullptr, dq, dk, dv); }, 3);
+    report("attention backward (CUDA cores)", "4096 causal 32/4 heads d128", ms, 2.5 * fwd_flops, 0);
   }
   const auto st = cuda::allocator_stats();
   std::printf("{\"allocator_peak_gib\": %.2f, \"cuda_malloc_calls\": %ld}\n", st.peak_allocated_bytes / 1073741824.0,

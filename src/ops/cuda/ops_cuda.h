@@ -97,3 +97,21 @@ void unpermute_tokens_backward(const Tensor& dy, const Tensor& yp, const Tensor&
 Tensor permute_tokens_backward(const Tensor& d_xp, const RoutingPlan& plan);
 
 }  // namespace moeforge::cuda
+
+namespace moeforge::cuda {
+
+// Causal attention with GQA, an optional sliding window (keys with q - k < window) and optional
+// document ids [B,S] (I64; no attention across documents of a packed row), flash-style: scores are
+// never stored; the log-sum-exp per (b, head, query) [B,Hq,S] F32 is kept for the backward.
+// q [B,S,Hq,D], k/v [B,S,Hkv,D], D in {32, 64, 96, 128}. This first version computes on CUDA
+// cores in F32 (correctness reference for the tensor-core kernels that replace it).
+// window <= 0: no sliding window.
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, int64_t window, const Tensor* doc_ids,
+                 Tensor* lse);
+// dq, dk, dv from dout, the forward's output and lse (probabilities recomputed; no atomics:
+// dk/dv are accumulated per key row over every query head of its group).
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                        const Tensor& dout, float scale, int64_t window, const Tensor* doc_ids, Tensor& dq, Tensor& dk,
+                        Tensor& dv);
+
+}  // namespace moeforge::cuda

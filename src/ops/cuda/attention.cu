@@ -1,0 +1,297 @@
+// Attention forward and backward, flash-style (online softmax, scores never written to memory).
+// Each query (or key) row is owned by 4 threads holding D/4 of its dimensions; dot products finish
+// with two warp shuffles. Key/value (or query/dout) tiles of 32 rows are staged in shared memory in
+// F32. This is the straightforward CUDA-core version: correct for every mask the model uses, and
+// the reference the tensor-core (WGMMA) kernels will be tested against. perf-notes.md has its speed.
+#include <cmath>
+
+#include "ops/cuda/check.h"
+#include "ops/cuda/kernel_util.cuh"
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::cuda {
+
+using namespace detail;
+
+namespace {
+
+constexpr int kLanesPerRow = 4;
+constexpr int kRowsPerBlock = 32;
+constexpr int kTile = 32;
+constexpr int kThreads = kRowsPerBlock * kLanesPerRow;
+
+struct Shape4 {
+  int64_t b, s, hq, hkv, d;
+};
+
+__device__ __forceinline__ float row_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+
+__device__ __forceinline__ bool visible(int64_t i, int64_t j, int64_t window, const int64_t* docs) {
+  if (j > i) return false;
+  if (window > 0 && i - j >= window) return false;
+  if (docs && docs[i] != docs[j]) return false;
+  return true;
+}
+
+// Loads rows [r0, r0 + kTile) of a [B,S,H,D] tensor at (b, h) into smem as F32 (zeros past S).
+template <typename T, int D>
+__device__ void load_tile(const T* x, float* smem, int64_t b, int64_t h, int64_t r0, const Shape4& sh, int64_t heads) {
+  for (int idx = threadIdx.x; idx < kTile * D; idx += blockDim.x) {
+    const int r = idx / D, c = idx % D;
+    const int64_t row = r0 + r;
+    smem[idx] = row < sh.s ? load(x, ((b * sh.s + row) * heads + h) * D + c) : 0.f;
+  }
+}
+
+template <typename T, int D>
+__global__ void attention_fwd_kernel(const T* q, const T* k, const T* v, T* out, float* lse, const int64_t* doc_ids,
+                                     Shape4 sh, float scale, int64_t window) {
+  constexpr int DPT = D / kLanesPerRow;
+  __shared__ float ks[kTile * D], vs[kTile * D];
+  const int64_t b = blockIdx.z, h = blockIdx.y, kh = h / (sh.hq / sh.hkv);
+  const int row_in_block = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock, i = q0 + row_in_block;
+  const bool active = i < sh.s;
+  const int64_t* docs = doc_ids ? doc_ids + b * sh.s : nullptr;
+  float qr[DPT], acc[DPT];
+  for (int x = 0; x < DPT; ++x) {
+    qr[x] = active ? load(q, ((b * sh.s + i) * sh.hq + h) * D + lane * DPT + x) * scale : 0.f;
+    acc[x] = 0.f;
+  }
+  float m = -INFINITY, l = 0.f;
+  const int64_t last_q = min(q0 + (int64_t)kRowsPerBlock, sh.s) - 1;
+  int64_t first_k = 0;
+  if (window > 0) first_k = max((int64_t)0, q0 - window + 1) / kTile * kTile;
+  for (int64_t k0 = first_k; k0 <= last_q; k0 += kTile) {
+    __syncthreads();
+    load_tile<T, D>(k, ks, b, kh, k0, sh, sh.hkv);
+    load_tile<T, D>(v, vs, b, kh, k0, sh, sh.hkv);
+    __syncthreads();
+    for (int jj = 0; jj < kTile; ++jj) {
+      const int64_t j = k0 + jj;
+      // Every lane takes part in the shuffles (a full-warp mask), masked rows just drop the result.
+      const bool vis = active && j < sh.s && visible(i, j, window, docs);
+      float s = 0.f;
+      for (int x = 0; x < DPT; ++x) s += qr[x] * ks[jj * D + lane * DPT + x];
+      s = row_sum(s);
+      if (!vis) continue;
+      const float m_new = fmaxf(m, s), corr = __expf(m - m_new), p = __expf(s - m_new);
+      l = l * corr + p;
+      for (int x = 0; x < DPT; ++x) acc[x] = acc[x] * corr + p * vs[jj * D + lane * DPT + x];
+      m = m_new;
+    }
+  }
+  if (!active) return;
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  for (int x = 0; x < DPT; ++x) store(out, ((b * sh.s + i) * sh.hq + h) * D + lane * DPT + x, acc[x] * inv);
+  if (lane == 0 && lse) lse[(b * sh.hq + h) * sh.s + i] = m + logf(l);
+}
+
+// delta[b,h,i] = sum_d dout * out (the softmax backward's row term).
+template <typename T, int D>
+__global__ void attention_delta_kernel(const T* out, const T* dout, float* delta, Shape4 sh) {
+  const int64_t n = sh.b * sh.s * sh.hq;
+  for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < n; r += (int64_t)gridDim.x * blockDim.x) {
+    float acc = 0.f;
+    for (int x = 0; x < D; ++x) acc += load(out, r * D + x) * load(dout, r * D + x);
+    const int64_t h = r % sh.hq, i = (r / sh.hq) % sh.s, b = r / (sh.hq * sh.s);
+    delta[(b * sh.hq + h) * sh.s + i] = acc;
+  }
+}
+
+// dq for a block of query rows: dq_i = scale * sum_j p_ij (dout_i . v_j - delta_i) k_j.
+template <typename T, int D>
+__global__ void attention_dq_kernel(const T* q, const T* k, const T* v, const T* dout, const float* lse,
+                                    const float* delta, T* dq, const int64_t* doc_ids, Shape4 sh, float scale,
+                                    int64_t window) {
+  constexpr int DPT = D / kLanesPerRow;
+  __shared__ float ks[kTile * D], vs[kTile * D];
+  const int64_t b = blockIdx.z, h = blockIdx.y, kh = h / (sh.hq / sh.hkv);
+  const int row_in_block = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock, i = q0 + row_in_block;
+  const bool active = i < sh.s;
+  const int64_t* docs = doc_ids ? doc_ids + b * sh.s : nullptr;
+  float qr[DPT], dor[DPT], acc[DPT];
+  for (int x = 0; x < DPT; ++x) {
+    const int64_t off = ((b * sh.s + i) * sh.hq + h) * D + lane * DPT + x;
+    qr[x] = active ? load(q, off) * scale : 0.f;
+    dor[x] = active ? load(dout, off) : 0.f;
+    acc[x] = 0.f;
+  }
+  const float li = active ? lse[(b * sh.hq + h) * sh.s + i] : 0.f, di = active ? delta[(b * sh.hq + h) * sh.s + i] : 0.f;
+  const int64_t last_q = min(q0 + (int64_t)kRowsPerBlock, sh.s) - 1;
+  int64_t first_k = 0;
+  if (window > 0) first_k = max((int64_t)0, q0 - window + 1) / kTile * kTile;
+  for (int64_t k0 = first_k; k0 <= last_q; k0 += kTile) {
+    __syncthreads();
+    load_tile<T, D>(k, ks, b, kh, k0, sh, sh.hkv);
+    load_tile<T, D>(v, vs, b, kh, k0, sh, sh.hkv);
+    __syncthreads();
+    for (int jj = 0; jj < kTile; ++jj) {
+      const int64_t j = k0 + jj;
+      const bool vis = active && j < sh.s && visible(i, j, window, docs);
+      float s = 0.f, dp = 0.f;
+      for (int x = 0; x < DPT; ++x) {
+        s += qr[x] * ks[jj * D + lane * DPT + x];
+        dp += dor[x] * vs[jj * D + lane * DPT + x];
+      }
+      s = row_sum(s);
+      dp = row_sum(dp);
+      if (!vis) continue;
+      const float ds = __expf(s - li) * (dp - di);
+      for (int x = 0; x < DPT; ++x) acc[x] += ds * ks[jj * D + lane * DPT + x];
+    }
+  }
+  if (!active) return;
+  for (int x = 0; x < DPT; ++x) store(dq, ((b * sh.s + i) * sh.hq + h) * D + lane * DPT + x, acc[x] * scale);
+}
+
+// dk, dv for a block of key rows of one kv head, summed over every query head of its group and
+// every query that sees the key: dv_j = sum p_ij dout_i; dk_j = scale * sum p_ij (dout_i.v_j - delta_i) q_i.
+template <typename T, int D>
+__global__ void attention_dkv_kernel(const T* q, const T* k, const T* v, const T* dout, const float* lse,
+                                     const float* delta, T* dk, T* dv, const int64_t* doc_ids, Shape4 sh, float scale,
+                                     int64_t window) {
+  constexpr int DPT = D / kLanesPerRow;
+  __shared__ float qs[kTile * D], dos[kTile * D];
+  __shared__ float ls[kTile], ds_[kTile];
+  const int64_t b = blockIdx.z, kh = blockIdx.y, group = sh.hq / sh.hkv;
+  const int row_in_block = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
+  const int64_t k0b = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock, j = k0b + row_in_block;
+  const bool active = j < sh.s;
+  const int64_t* docs = doc_ids ? doc_ids + b * sh.s : nullptr;
+  float kr[DPT], vr[DPT], dka[DPT], dva[DPT];
+  for (int x = 0; x < DPT; ++x) {
+    const int64_t off = ((b * sh.s + j) * sh.hkv + kh) * D + lane * DPT + x;
+    kr[x] = active ? load(k, off) : 0.f;
+    vr[x] = active ? load(v, off) : 0.f;
+    dka[x] = dva[x] = 0.f;
+  }
+  int64_t last_q = sh.s - 1;
+  if (window > 0) last_q = min(sh.s - 1, min(k0b + (int64_t)kRowsPerBlock, sh.s) - 1 + window - 1);
+  for (int64_t hh = 0; hh < group; ++hh) {
+    const int64_t h = kh * group + hh;
+    for (int64_t i0 = k0b / kTile * kTile; i0 <= last_q; i0 += kTile) {
+      __syncthreads();
+      load_tile<T, D>(q, qs, b, h, i0, sh, sh.hq);
+      load_tile<T, D>(dout, dos, b, h, i0, sh, sh.hq);
+      for (int r = threadIdx.x; r < kTile; r += blockDim.x) {
+        const int64_t i = i0 + r;
+        ls[r] = i < sh.s ? lse[(b * sh.hq + h) * sh.s + i] : 0.f;
+        ds_[r] = i < sh.s ? delta[(b * sh.hq + h) * sh.s + i] : 0.f;
+      }
+      __syncthreads();
+      for (int ii = 0; ii < kTile; ++ii) {
+        const int64_t i = i0 + ii;
+        const bool vis = active && i < sh.s && visible(i, j, window, docs);
+        float s = 0.f, dp = 0.f;
+        for (int x = 0; x < DPT; ++x) {
+          s += qs[ii * D + lane * DPT + x] * kr[x];
+          dp += dos[ii * D + lane * DPT + x] * vr[x];
+        }
+        s = row_sum(s) * scale;
+        dp = row_sum(dp);
+        if (!vis) continue;
+        const float p = __expf(s - ls[ii]), dsc = p * (dp - ds_[ii]) * scale;
+        for (int x = 0; x < DPT; ++x) {
+          dva[x] += p * dos[ii * D + lane * DPT + x];
+          dka[x] += dsc * qs[ii * D + lane * DPT + x];
+        }
+      }
+    }
+  }
+  if (!active) return;
+  for (int x = 0; x < DPT; ++x) {
+    const int64_t off = ((b * sh.s + j) * sh.hkv + kh) * D + lane * DPT + x;
+    store(dk, off, dka[x]);
+    store(dv, off, dva[x]);
+  }
+}
+
+Shape4 check_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* doc_ids) {
+  MF_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: expected [B,S,H,D] tensors");
+  Shape4 sh{q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2], q.shape()[3]};
+  MF_CHECK(k.shape()[0] == sh.b && k.shape()[1] == sh.s && k.shape()[3] == sh.d && v.shape() == k.shape() && sh.hkv > 0 &&
+               sh.hq % sh.hkv == 0 && k.dtype() == q.dtype() && v.dtype() == q.dtype(),
+           "attention: q ", shape_str(q.shape()), " and k/v ", shape_str(k.shape()), " do not agree");
+  if (doc_ids) MF_CHECK(doc_ids->dtype() == DType::I64 && doc_ids->shape() == Shape({sh.b, sh.s}), "attention: doc_ids must be I64 [B, S]");
+  require_float(q, "attention");
+  return sh;
+}
+
+template <typename F>
+void dispatch_head_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    case 128: f(std::integral_constant<int, 128>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    case 96: f(std::integral_constant<int, 96>{}); break;
+    // 192/256 (MLA, some dense models) need more than the 48 KB of static shared memory these
+    // tiles use; they come with the tensor-core kernels.
+    default: MF_THROW("attention: head_dim ", d, " is not supported on the GPU yet (32, 64, 96, 128)");
+  }
+}
+
+}  // namespace
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, int64_t window, const Tensor* doc_ids,
+                 Tensor* lse_out) {
+  const Shape4 sh = check_shapes(q, k, v, doc_ids);
+  Tensor out = empty(q.shape(), q.dtype(), "attention output");
+  Tensor lse = empty({sh.b, sh.hq, sh.s}, DType::F32, "attention log-sum-exp");
+  if (sh.b * sh.s * sh.hq == 0) return out;
+  const dim3 grid(static_cast<unsigned>((sh.s + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(sh.hq),
+                  static_cast<unsigned>(sh.b));
+  dispatch_float(q.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_head_dim(sh.d, [&](auto dc) {
+      constexpr int D = decltype(dc)::value;
+      attention_fwd_kernel<T, D><<<grid, kThreads, 0, current_stream()>>>(
+          q.data<T>(), k.data<T>(), v.data<T>(), out.data<T>(), lse.data<float>(),
+          doc_ids ? doc_ids->data<int64_t>() : nullptr, sh, scale, window);
+    });
+  });
+  MF_CUDA_CHECK_LAUNCH("attention forward");
+  if (lse_out) *lse_out = lse;
+  return out;
+}
+
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                        const Tensor& dout, float scale, int64_t window, const Tensor* doc_ids, Tensor& dq, Tensor& dk,
+                        Tensor& dv) {
+  const Shape4 sh = check_shapes(q, k, v, doc_ids);
+  MF_CHECK(out.shape() == q.shape() && dout.shape() == q.shape() && dout.dtype() == q.dtype(), "attention_backward: out/dout must match q");
+  dq = empty(q.shape(), q.dtype(), "attention dq");
+  dk = empty(k.shape(), k.dtype(), "attention dk");
+  dv = empty(v.shape(), v.dtype(), "attention dv");
+  if (sh.b * sh.s * sh.hq == 0) return;
+  Tensor delta = empty({sh.b, sh.hq, sh.s}, DType::F32, "attention backward row terms");
+  const int64_t rows = sh.b * sh.s * sh.hq;
+  const dim3 qgrid(static_cast<unsigned>((sh.s + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(sh.hq),
+                   static_cast<unsigned>(sh.b));
+  const dim3 kgrid(static_cast<unsigned>((sh.s + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(sh.hkv),
+                   static_cast<unsigned>(sh.b));
+  const int64_t* docs = doc_ids ? doc_ids->data<int64_t>() : nullptr;
+  dispatch_float(q.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dispatch_head_dim(sh.d, [&](auto dc) {
+      constexpr int D = decltype(dc)::value;
+      attention_delta_kernel<T, D><<<static_cast<int>(std::min<int64_t>((rows + 255) / 256, 65535)), 256, 0, current_stream()>>>(
+          out.data<T>(), dout.data<T>(), delta.data<float>(), sh);
+      attention_dq_kernel<T, D><<<qgrid, kThreads, 0, current_stream()>>>(q.data<T>(), k.data<T>(), v.data<T>(), dout.data<T>(),
+                                                                          lse.data<float>(), delta.data<float>(), dq.data<T>(),
+                                                                          docs, sh, scale, window);
+      attention_dkv_kernel<T, D><<<kgrid, kThreads, 0, current_stream()>>>(q.data<T>(), k.data<T>(), v.data<T>(), dout.data<T>(),
+                                                                           lse.data<float>(), delta.data<float>(), dk.data<T>(),
+                                                                           dv.data<T>(), docs, sh, scale, window);
+    });
+  });
+  MF_CUDA_CHECK_LAUNCH("attention backward");
+}
+
+}  // namespace moeforge::cuda
