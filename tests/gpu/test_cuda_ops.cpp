@@ -440,3 +440,37 @@ TEST_P(CudaOps, AttentionForwardBackwardMatchCpu) {
 }
 
 }  // namespace
+
+namespace {
+
+// Against the unfused CPU path: logits = h W^T, cross-entropy with its gradient, then both linear
+// gradients; chunks of 7 rows over 40 tokens (a partial last chunk, ignored targets).
+TEST_P(CudaOps, FusedLinearCrossEntropyMatchesUnfused) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t n = 40, h = 64, v = 1000;
+  Tensor hid = randn({n, h}, 601), w = randn({v, h}, 602, 0.2f);
+  std::vector<int64_t> t(n);
+  for (int64_t i = 0; i < n; ++i) t[i] = i % 9 == 4 ? -100 : (i * 131) % v;
+  Tensor targets = Tensor::from_i64(t, {n});
+  Tensor hr = rounded(hid, dt), wr = rounded(w, dt);
+  Tensor logits = rounded(ops::linear(hr, wr), dt);  // logits exist in the activation dtype
+  Tensor dlogits = Tensor::zeros({n, v}, DType::F32);
+  int64_t want_n = 0;
+  const double want = ops::cross_entropy_backward(logits, targets, -100, 0.03f, dlogits, &want_n);
+  Tensor dl = rounded(dlogits, dt);
+  Tensor dh_want = ops::linear_input_grad(dl, wr);
+  Tensor dw_want = Tensor::zeros({v, h}, DType::F32);
+  ops::linear_weight_grad(dl, hr, dw_want);
+  Tensor dh, dw = cuda::to_device(Tensor::zeros({v, h}, DType::F32), DType::F32);
+  int64_t got_n = 0;
+  const double got = cuda::fused_linear_cross_entropy(cuda::to_device(hid, dt), cuda::to_device(w, dt),
+                                                      cuda::to_device(targets, DType::I64), -100, 0.03f, dh, dw, &got_n, 7);
+  EXPECT_EQ(got_n, want_n);
+  EXPECT_NEAR(got, want, (dt == DType::F32 ? 1e-4 : 2e-2) * std::fabs(want));
+  const Tol t2 = dt == DType::F32 ? Tol{1e-5f, 1e-4f} : Tol{3e-3f, 5e-2f};
+  expect_close(dh, dh_want, t2, "fused CE d_hidden");
+  expect_close(dw, dw_want, t2, "fused CE dW");
+}
+
+}  // namespace

@@ -115,3 +115,16 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
                         Tensor& dv);
 
 }  // namespace moeforge::cuda
+
+namespace moeforge::cuda {
+
+// The LM head and cross-entropy fused over chunks of `chunk_rows` tokens: for each chunk, logits =
+// h W^T (in h's dtype, as Transformers rounds them before upcasting), the fused softmax gradient,
+// d_hidden = dlogits W and dW += dlogits^T h. Only one chunk's logits ever exist (chunk_rows x V
+// instead of N x V: 0.3 GB instead of 1.2 GB at 4096 tokens and a 151936 vocabulary in BF16).
+// targets [N] I64 (already shifted), `scale` multiplies the gradient (1 / counted tokens for a
+// mean). Returns the summed loss; dw (F32 or W's dtype) accumulates.
+double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t ignore_index,
+                                  float scale, Tensor& d_hidden, Tensor& dw, int64_t* counted, int64_t chunk_rows = 1024);
+
+}  // namespace moeforge::cuda
