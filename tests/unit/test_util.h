@@ -1,5 +1,6 @@
 // Helpers shared by the tests: temporary folders and the fixtures' paths.
 #pragma once
+#include <cstdlib>
 #include <unistd.h>
 
 #include <filesystem>
@@ -11,7 +12,12 @@
 
 namespace moeforge::test {
 
-inline std::string fixture(const std::string& name) { return std::string(MOEFORGE_FIXTURES) + "/" + name; }
+// MOEFORGE_FIXTURES_DIR overrides the compiled-in path (test binaries run from another checkout, as
+// on the GPU machine).
+inline std::string fixture(const std::string& name) {
+  const char* dir = std::getenv("MOEFORGE_FIXTURES_DIR");
+  return std::string(dir ? dir : MOEFORGE_FIXTURES) + "/" + name;
+}
 
 // A fresh folder under the system temp dir, removed when the object goes away.
 struct TempDir {

@@ -230,10 +230,12 @@ void dispatch_head_dim(int64_t d, F&& f) {
     case 64: f(std::integral_constant<int, 64>{}); break;
     case 128: f(std::integral_constant<int, 128>{}); break;
     case 32: f(std::integral_constant<int, 32>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;  // the tiny test models
+    case 8: f(std::integral_constant<int, 8>{}); break;
     case 96: f(std::integral_constant<int, 96>{}); break;
     // 192/256 (MLA, some dense models) need more than the 48 KB of static shared memory these
     // tiles use; they come with the tensor-core kernels.
-    default: MF_THROW("attention: head_dim ", d, " is not supported on the GPU yet (32, 64, 96, 128)");
+    default: MF_THROW("attention: head_dim ", d, " is not supported on the GPU yet (8, 16, 32, 64, 96, 128)");
   }
 }
 

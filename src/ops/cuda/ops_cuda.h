@@ -103,7 +103,7 @@ namespace moeforge::cuda {
 // Causal attention with GQA, an optional sliding window (keys with q - k < window) and optional
 // document ids [B,S] (I64; no attention across documents of a packed row), flash-style: scores are
 // never stored; the log-sum-exp per (b, head, query) [B,Hq,S] F32 is kept for the backward.
-// q [B,S,Hq,D], k/v [B,S,Hkv,D], D in {32, 64, 96, 128}. This first version computes on CUDA
+// q [B,S,Hq,D], k/v [B,S,Hkv,D], D in {8, 16, 32, 64, 96, 128}. This first version computes on CUDA
 // cores in F32 (correctness reference for the tensor-core kernels that replace it).
 // window <= 0: no sliding window.
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, int64_t window, const Tensor* doc_ids,

@@ -1,0 +1,32 @@
+// The Qwen3-MoE fixtures' forward on the GPU, from the CUDA ops, against Transformers' logits (the
+// fixtures' reference.safetensors) in fp32: tight. Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include "hf/safetensors.h"
+#include "models/pretrained.h"
+#include "models/qwen3_moe/qwen3_moe.h"
+#include "ops/cuda/runtime.h"
+#include "test_util.h"
+
+using namespace moeforge;
+
+class CudaModel : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(CudaModel, Fp32LogitsMatchTransformers) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine";
+  const std::string dir = test::fixture(GetParam());
+  auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
+  auto loaded = models::from_pretrained(dir);
+  const auto* model = dynamic_cast<const models::Qwen3Moe*>(loaded.model.get());
+  ASSERT_NE(model, nullptr);
+  Tensor ids = ref.get("input_ids").clone();
+  Tensor got = model->forward_logits_on_gpu({ids}, DType::F32);
+  Tensor want = ref.get("logits");
+  ASSERT_EQ(got.shape(), want.shape());
+  const float diff = test::max_abs_diff(got, want);
+  EXPECT_LT(diff, 1e-4f) << GetParam() << ": GPU fp32 logits vs Transformers";
+  Tensor cpu = loaded.model->forward({ids}).logits;
+  EXPECT_LT(test::max_abs_diff(got, cpu), 1e-4f) << "GPU vs CPU";
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModel, ::testing::Values("qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux"));
