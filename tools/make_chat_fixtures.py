@@ -162,6 +162,7 @@ JINJA_CASES = [
     ("compare_logic", "{{ 1 < 2 < 3 }} {{ 1 == 1.0 }} {{ 'a' ~ 1 ~ none }} {{ not 0 }} {{ 0 or 'x' }} {{ 1 and 2 }} {{ 'b' in 'abc' }} {{ 3 not in [1, 2] }}", {}),
     ("conditional_expr", "{{ 'y' if x else 'n' }}{{ 'y' if not x else 'n' }}[{{ 'only' if false }}]", {"x": True}),
     ("string_methods", "{{ s.strip() }}|{{ s.lstrip() }}|{{ s.rstrip() }}|{{ s.split() }}|{{ 'a,b,,c'.split(',') }}|{{ 'a,b,c'.split(',', 1) }}|{{ 'a,b,c'.rsplit(',', 1) }}|{{ s.upper() }}|{{ s.lower() }}|{{ 'hello world'.title() }}|{{ 'xhix'.strip('x') }}|{{ s.replace('b', 'B') }}|{{ s.startswith(' a') }}|{{ s.endswith(('z', 'c ')) }}|{{ s.find('b') }}|{{ s.count(' ') }}|{{ '-'.join(['a', 'b']) }}", {"s": " a b\tc "}),
+    ("rsplit_whitespace", "{{ s.rsplit(None, 1) }}|{{ s.rsplit(None, 0) }}|{{ '   '.rsplit(None, 1) }}|{{ 'x  y z'.rsplit(None, 2) }}", {"s": "  a b\t c  "}),
     ("unicode_index", "{{ s[0] }}|{{ s[-1] }}|{{ s[1:3] }}|{{ s[::-1] }}|{{ s|length }}|{{ s[::2] }}|{{ s[10:] }}|{{ [1,2,3,4][1:-1] }}|{{ [1,2,3][::-1] }}", {"s": "héllo→🎉"}),
     ("for_loop", "{% for x in xs %}{{ loop.index }}/{{ loop.index0 }}/{{ loop.revindex }}/{{ loop.first }}/{{ loop.last }}/{{ loop.length }}:{{ x }};{% endfor %}", {"xs": ["a", "b", "c"]}),
     ("for_else_filter", "{% for x in xs if x > 1 %}{{ x }}{% else %}empty{% endfor %}|{% for x in [] %}{{ x }}{% else %}none{% endfor %}", {"xs": [1, 2, 3]}),

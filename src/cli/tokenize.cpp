@@ -22,12 +22,7 @@ int cmd_tokenize(const std::vector<std::string>& argv) {
   nlohmann::ordered_json out;
   if (auto messages_file = args.get("--messages")) {
     // A JSON list of messages, or a dataset row {"messages": [...], "tools": [...]?, "chat_template_kwargs": {...}?}.
-    nlohmann::ordered_json row;
-    try {
-      row = nlohmann::ordered_json::parse(hf::read_text_file(*messages_file));
-    } catch (const nlohmann::ordered_json::exception& e) {
-      MF_THROW(*messages_file, ": invalid JSON (", e.what(), ")");
-    }
+    nlohmann::ordered_json row = hf::read_json_file(*messages_file);
     if (row.is_array()) row = nlohmann::ordered_json{{"messages", row}};
     MF_CHECK(row.is_object() && row.contains("messages") && row["messages"].is_array(), *messages_file,
              ": expected a list of messages or an object with 'messages'");

@@ -77,4 +77,12 @@ void fsync_dir(const std::string& dir) {
   ::close(fd);
 }
 
+nlohmann::ordered_json read_json_file(const std::string& path) {
+  try {
+    return nlohmann::ordered_json::parse(read_text_file(path));
+  } catch (const nlohmann::ordered_json::exception& e) {
+    MF_THROW(path, ": invalid JSON (", e.what(), ")");
+  }
+}
+
 }  // namespace moeforge::hf

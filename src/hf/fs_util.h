@@ -1,11 +1,14 @@
 // File helpers shared by the readers and writers: whole-file reads and atomic writes.
 #pragma once
 #include <cstddef>
+#include <nlohmann/json.hpp>
 #include <string>
 
 namespace moeforge::hf {
 
 std::string read_text_file(const std::string& path);
+// A JSON file with its key order kept; malformed JSON is one error naming the file.
+nlohmann::ordered_json read_json_file(const std::string& path);
 
 // Writes to `path.tmp.<pid>`, fsyncs on commit() and renames over `path`; an uncommitted
 // AtomicFile removes its temporary file, so `path` is either the old or the complete new file.

@@ -14,14 +14,6 @@ using ojson = nlohmann::ordered_json;
 
 namespace {
 
-ojson read_json_file(const std::string& path) {
-  try {
-    return ojson::parse(read_text_file(path));
-  } catch (const ojson::exception& e) {
-    MF_THROW(path, ": invalid JSON (", e.what(), ")");
-  }
-}
-
 // The special-token attributes transformers passes to templates (its special_tokens_map).
 std::vector<std::pair<std::string, std::string>> special_tokens_of(const ojson& cfg, const std::string& where) {
   std::vector<std::pair<std::string, std::string>> out;

@@ -107,23 +107,24 @@ List py_split(const std::string& s, const Value* sep, int64_t maxsplit) {
 }
 
 List py_rsplit(const std::string& s, const Value* sep, int64_t maxsplit) {
-  if (!sep || sep->is_none() || maxsplit < 0) {
-    if (maxsplit < 0) return py_split(s, sep, -1);
-    // rsplit on whitespace with a limit: split fully, then re-join the head.
-    List parts = py_split(s, nullptr, -1);
-    if (static_cast<int64_t>(parts.size()) <= maxsplit + 1) return parts;
-    const size_t head = parts.size() - static_cast<size_t>(maxsplit);
-    // The head keeps its original inner spacing: find where the tail starts.
-    std::string rest = s;
-    size_t end = rest.size();
-    for (size_t k = parts.size(); k > head; --k) {
-      size_t f = rest.rfind(parts[k - 1].s, end);
-      end = f;
-      while (end > 0 && py_space(static_cast<unsigned char>(rest[end - 1]))) --end;
+  if (maxsplit < 0) return py_split(s, sep, -1);  // without a limit both directions agree
+  if (!sep || sep->is_none()) {  // whitespace runs, taken from the end
+    auto cps = codepoints(s);
+    List rev;
+    size_t k = cps.size();
+    for (int64_t splits = 0;; ++splits) {
+      while (k > 0 && py_space(cps[k - 1])) --k;
+      if (k == 0) break;
+      if (splits == maxsplit) {  // CPython keeps the remainder's leading whitespace
+        rev.push_back(Value::string(from_cps(cps, 0, k)));
+        break;
+      }
+      const size_t e = k;
+      while (k > 0 && !py_space(cps[k - 1])) --k;
+      rev.push_back(Value::string(from_cps(cps, k, e)));
     }
-    List out{Value::string(py_strip(rest.substr(0, end), nullptr, true, false))};
-    out.insert(out.end(), parts.begin() + static_cast<long>(head), parts.end());
-    return out;
+    std::reverse(rev.begin(), rev.end());
+    return rev;
   }
   MF_CHECK(sep->is_string() && !sep->s.empty(), "rsplit(): separator must be a non-empty string");
   List rev;

@@ -38,6 +38,11 @@ __device__ __forceinline__ bool visible(int64_t i, int64_t j, int64_t window, co
   return true;
 }
 
+// The first key tile any query of the block starting at q0 can see (all of them without a window).
+__device__ __forceinline__ int64_t first_key_tile(int64_t q0, int64_t window) {
+  return window > 0 ? max((int64_t)0, q0 - window + 1) / kTile * kTile : 0;
+}
+
 // Loads rows [r0, r0 + kTile) of a [B,S,H,D] tensor at (b, h) into smem as F32 (zeros past S).
 template <typename T, int D>
 __device__ void load_tile(const T* x, float* smem, int64_t b, int64_t h, int64_t r0, const Shape4& sh, int64_t heads) {
@@ -65,8 +70,7 @@ __global__ void attention_fwd_kernel(const T* q, const T* k, const T* v, T* out,
   }
   float m = -INFINITY, l = 0.f;
   const int64_t last_q = min(q0 + (int64_t)kRowsPerBlock, sh.s) - 1;
-  int64_t first_k = 0;
-  if (window > 0) first_k = max((int64_t)0, q0 - window + 1) / kTile * kTile;
+  const int64_t first_k = first_key_tile(q0, window);
   for (int64_t k0 = first_k; k0 <= last_q; k0 += kTile) {
     __syncthreads();
     load_tile<T, D>(k, ks, b, kh, k0, sh, sh.hkv);
@@ -125,8 +129,7 @@ __global__ void attention_dq_kernel(const T* q, const T* k, const T* v, const T*
   }
   const float li = active ? lse[(b * sh.hq + h) * sh.s + i] : 0.f, di = active ? delta[(b * sh.hq + h) * sh.s + i] : 0.f;
   const int64_t last_q = min(q0 + (int64_t)kRowsPerBlock, sh.s) - 1;
-  int64_t first_k = 0;
-  if (window > 0) first_k = max((int64_t)0, q0 - window + 1) / kTile * kTile;
+  const int64_t first_k = first_key_tile(q0, window);
   for (int64_t k0 = first_k; k0 <= last_q; k0 += kTile) {
     __syncthreads();
     load_tile<T, D>(k, ks, b, kh, k0, sh, sh.hkv);
@@ -283,7 +286,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
     using T = std::remove_pointer_t<decltype(tag)>;
     dispatch_head_dim(sh.d, [&](auto dc) {
       constexpr int D = decltype(dc)::value;
-      attention_delta_kernel<T, D><<<static_cast<int>(std::min<int64_t>((rows + 255) / 256, 65535)), 256, 0, current_stream()>>>(
+      attention_delta_kernel<T, D><<<grid_stride_blocks(rows), kGridStrideThreads, 0, current_stream()>>>(
           out.data<T>(), dout.data<T>(), delta.data<float>(), sh);
       attention_dq_kernel<T, D><<<qgrid, kThreads, 0, current_stream()>>>(q.data<T>(), k.data<T>(), v.data<T>(), dout.data<T>(),
                                                                           lse.data<float>(), delta.data<float>(), dq.data<T>(),

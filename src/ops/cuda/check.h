@@ -18,7 +18,11 @@
   } while (0)
 
 // Checks the launch that just happened (asynchronous errors surface at the next synchronising call).
-#define MF_CUDA_CHECK_LAUNCH(name) MF_CUDA_CHECK(cudaGetLastError())
+#define MF_CUDA_CHECK_LAUNCH(name)                                                                  \
+  do {                                                                                              \
+    cudaError_t mf_err_ = cudaGetLastError();                                                       \
+    if (mf_err_ != cudaSuccess) MF_THROW("CUDA error launching ", name, ": ", cudaGetErrorString(mf_err_)); \
+  } while (0)
 
 namespace moeforge::cuda {
 // The stream moeforge's kernels run on (the legacy default stream for now; one per device).

@@ -11,8 +11,6 @@ using namespace detail;
 
 namespace {
 
-constexpr int kThreads = 256;
-inline int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
 
 template <typename T>
 __device__ __forceinline__ float round_like(float v) {
@@ -93,7 +91,7 @@ Tensor swiglu(const Tensor& gate_up) {
   if (rows * inter == 0) return out;
   dispatch_float(gate_up.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    swiglu_kernel<<<blocks_for(rows * inter), kThreads, 0, current_stream()>>>(gate_up.data<T>(), out.data<T>(), rows, inter);
+    swiglu_kernel<<<grid_stride_blocks(rows * inter), kGridStrideThreads, 0, current_stream()>>>(gate_up.data<T>(), out.data<T>(), rows, inter);
   });
   MF_CUDA_CHECK_LAUNCH("swiglu");
   return out;
@@ -107,7 +105,7 @@ Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout) {
   if (rows * inter == 0) return dgu;
   dispatch_float(gate_up.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    swiglu_backward_kernel<<<blocks_for(rows * inter), kThreads, 0, current_stream()>>>(gate_up.data<T>(), dout.data<T>(),
+    swiglu_backward_kernel<<<grid_stride_blocks(rows * inter), kGridStrideThreads, 0, current_stream()>>>(gate_up.data<T>(), dout.data<T>(),
                                                                                        dgu.data<T>(), rows, inter);
   });
   MF_CUDA_CHECK_LAUNCH("swiglu_backward");
@@ -124,7 +122,7 @@ void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse)
   if (t * h == 0) return;
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    rope_kernel<<<blocks_for(t * h * rot / 2), kThreads, 0, current_stream()>>>(
+    rope_kernel<<<grid_stride_blocks(t * h * rot / 2), kGridStrideThreads, 0, current_stream()>>>(
         x.data<T>(), cos.data<float>(), sin.data<float>(), t, h, d, rot, inverse ? -1.f : 1.f);
   });
   MF_CUDA_CHECK_LAUNCH("rope");
@@ -142,7 +140,7 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
   MF_CUDA_CHECK(cudaMemsetAsync(bad.raw(), 0, sizeof(int), current_stream()));
   dispatch_float(table.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    embedding_kernel<<<blocks_for(n * d), kThreads, 0, current_stream()>>>(ids.data<int64_t>(), table.data<T>(), out.data<T>(),
+    embedding_kernel<<<grid_stride_blocks(n * d), kGridStrideThreads, 0, current_stream()>>>(ids.data<int64_t>(), table.data<T>(), out.data<T>(),
                                                                           n, d, vocab, bad.data<int>());
   });
   MF_CUDA_CHECK_LAUNCH("embedding");
@@ -161,7 +159,7 @@ void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad)
   if (n == 0) return;
   dispatch_float(dx.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    embedding_backward_kernel<<<blocks_for(n * d), kThreads, 0, current_stream()>>>(ids.data<int64_t>(), dx.data<T>(),
+    embedding_backward_kernel<<<grid_stride_blocks(n * d), kGridStrideThreads, 0, current_stream()>>>(ids.data<int64_t>(), dx.data<T>(),
                                                                                    table_grad.data<float>(), n, d, vocab);
   });
   MF_CUDA_CHECK_LAUNCH("embedding_backward");

@@ -1,6 +1,7 @@
 // Internal to ops/cuda kernels: element loads/stores as F32 whatever the storage dtype, block
 // reductions, and dispatch over the activation dtypes (F32, BF16).
 #pragma once
+#include <algorithm>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -51,6 +52,12 @@ template <typename F>
 void dispatch_float(DType t, F&& f) {
   if (t == DType::F32) f(static_cast<float*>(nullptr));
   else f(static_cast<__nv_bfloat16*>(nullptr));
+}
+
+// Launch shape of the element-wise grid-stride kernels.
+constexpr int kGridStrideThreads = 256;
+inline int grid_stride_blocks(int64_t n) {
+  return static_cast<int>(std::min<int64_t>((n + kGridStrideThreads - 1) / kGridStrideThreads, 65535));
 }
 
 inline int threads_for(int64_t n) {

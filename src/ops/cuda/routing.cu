@@ -101,8 +101,6 @@ __global__ void unpermute_backward_kernel(const T* dy, const T* yp, const float*
   if (threadIdx.x == 0) dw[a] = dot;
 }
 
-constexpr int kThreads = 256;
-inline int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
 
 void check_plan(const RoutingPlan& p, const Tensor& x, int64_t rows_expected, const char* op) {
   MF_CHECK(p.dest_row.defined(), op, ": empty routing plan");
@@ -121,7 +119,7 @@ RoutingPlan plan_routing(const Tensor& idx, int64_t experts) {
   MF_CUDA_CHECK(cudaMemsetAsync(counts.raw(), 0, counts.nbytes(), current_stream()));
   Tensor bad = empty({1}, DType::I32, "routing range flag");
   MF_CUDA_CHECK(cudaMemsetAsync(bad.raw(), 0, sizeof(int), current_stream()));
-  if (n > 0) count_kernel<<<blocks_for(n), kThreads, 0, current_stream()>>>(idx.data<int64_t>(), n, experts, counts.data<int64_t>(), bad.data<int>());
+  if (n > 0) count_kernel<<<grid_stride_blocks(n), kGridStrideThreads, 0, current_stream()>>>(idx.data<int64_t>(), n, experts, counts.data<int64_t>(), bad.data<int>());
   MF_CUDA_CHECK_LAUNCH("routing count");
   std::vector<int64_t> host(static_cast<size_t>(experts));
   int flag = 0;
@@ -147,7 +145,7 @@ Tensor permute_tokens(const Tensor& x, const RoutingPlan& p) {
   if (t * h == 0) return xp;
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    permute_kernel<<<blocks_for(t * p.top_k * h), kThreads, 0, current_stream()>>>(x.data<T>(), p.dest_row.data<int64_t>(),
+    permute_kernel<<<grid_stride_blocks(t * p.top_k * h), kGridStrideThreads, 0, current_stream()>>>(x.data<T>(), p.dest_row.data<int64_t>(),
                                                                                   xp.data<T>(), t * p.top_k, p.top_k, h);
   });
   MF_CUDA_CHECK_LAUNCH("permute");
@@ -163,7 +161,7 @@ Tensor unpermute_tokens(const Tensor& yp, const Tensor& weights, const RoutingPl
   if (t * h == 0) return y;
   dispatch_float(yp.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    unpermute_kernel<<<blocks_for(t * h), kThreads, 0, current_stream()>>>(yp.data<T>(), weights.data<float>(),
+    unpermute_kernel<<<grid_stride_blocks(t * h), kGridStrideThreads, 0, current_stream()>>>(yp.data<T>(), weights.data<float>(),
                                                                           p.dest_row.data<int64_t>(), y.data<T>(), t, p.top_k, h);
   });
   MF_CUDA_CHECK_LAUNCH("unpermute");
@@ -195,7 +193,7 @@ Tensor permute_tokens_backward(const Tensor& d_xp, const RoutingPlan& p) {
   if (t * h == 0) return dx;
   dispatch_float(d_xp.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    permute_backward_kernel<<<blocks_for(t * h), kThreads, 0, current_stream()>>>(d_xp.data<T>(), p.dest_row.data<int64_t>(),
+    permute_backward_kernel<<<grid_stride_blocks(t * h), kGridStrideThreads, 0, current_stream()>>>(d_xp.data<T>(), p.dest_row.data<int64_t>(),
                                                                                  dx.data<T>(), t, p.top_k, h);
   });
   MF_CUDA_CHECK_LAUNCH("permute backward");
