@@ -404,10 +404,23 @@ namespace {
 
 // Attention forward and backward against the CPU reference: causal with GQA, head dims 64 and 128,
 // plain, with a sliding window, and with document ids of a packed row.
+// Runs each case on both backends: the native kernels (MOEFORGE_ATTENTION=native) and the default
+// choice, which is cuDNN for BF16 without document ids when this build has it; the test checks
+// that the backend it meant to exercise is the one that ran.
+void attention_case(DType dt, int64_t s, bool want_native);
+
 TEST_P(CudaOps, AttentionForwardBackwardMatchCpu) {
   REQUIRE_GPU();
-  const DType dt = GetParam();
-  const int64_t b = 2, s = 77, hq = 8, hkv = 2;
+  for (int64_t s : {77, 300}) {
+    attention_case(GetParam(), s, true);
+    attention_case(GetParam(), s, false);
+  }
+}
+
+void attention_case(DType dt, int64_t s, bool want_native) {
+  if (want_native) setenv("MOEFORGE_ATTENTION", "native", 1);
+  else unsetenv("MOEFORGE_ATTENTION");
+  const int64_t b = 2, hq = 8, hkv = 2;
   std::vector<int64_t> docs(b * s);
   for (int64_t i = 0; i < b * s; ++i) docs[i] = (i % s) < 30 ? 0 : ((i % s) < 31 ? 1 : 2);  // a one-token document too
   Tensor doc_ids = Tensor::from_i64(docs, {b, s});
@@ -425,8 +438,15 @@ TEST_P(CudaOps, AttentionForwardBackwardMatchCpu) {
       Tensor qd = cuda::to_device(q, dt), kd = cuda::to_device(k, dt), vd = cuda::to_device(v, dt);
       Tensor dd = mode == 2 ? cuda::to_device(doc_ids, DType::I64) : Tensor();
       Tensor lse;
+      const std::string backend = cuda::attention_backend(qd, window ? *window : 0, mode == 2 ? &dd : nullptr);
+#ifdef MOEFORGE_HAVE_CUDNN
+      const bool cudnn_expected = !want_native && dt == DType::BF16 && mode != 2;
+#else
+      const bool cudnn_expected = false;
+#endif
+      EXPECT_EQ(backend, cudnn_expected ? "cudnn" : "native");
       Tensor out = cuda::attention(qd, kd, vd, scale, window ? *window : 0, mode == 2 ? &dd : nullptr, &lse);
-      const std::string what = "d=" + std::to_string(d) + " mode=" + std::to_string(mode);
+      const std::string what = backend + " s=" + std::to_string(s) + " d=" + std::to_string(d) + " mode=" + std::to_string(mode);
       const Tol t = dt == DType::F32 ? Tol{2e-5f, 2e-4f} : Tol{3e-2f, 3e-2f};
       expect_close(out, want, t, "attention forward " + what);
       Tensor dq, dk, dv;
@@ -437,6 +457,7 @@ TEST_P(CudaOps, AttentionForwardBackwardMatchCpu) {
       expect_close(dk, dk_w, tb, "attention dk " + what);
       expect_close(dv, dv_w, tb, "attention dv " + what);
     }
+  unsetenv("MOEFORGE_ATTENTION");
 }
 
 }  // namespace

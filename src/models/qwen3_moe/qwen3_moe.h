@@ -9,6 +9,10 @@
 #include "models/causal_lm.h"
 #include "nn/layers.h"
 
+namespace moeforge::gpu {
+class Qwen3MoeGpu;  // the GPU training step (src/gpu), which reads the layer structure
+}
+
 namespace moeforge::models {
 
 class Qwen3Moe : public CausalLM {
@@ -22,6 +26,7 @@ class Qwen3Moe : public CausalLM {
   Tensor forward_logits_on_gpu(const ForwardInputs& in, DType dtype) const;
 
  private:
+  friend class gpu::Qwen3MoeGpu;
   struct Layer {
     nn::RMSNorm input_norm, post_attention_norm;
     nn::Attention attn;

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "ops/cuda/check.h"
+#include "ops/cuda/cudnn/attention_cudnn.h"
 #include "ops/cuda/kernel_util.cuh"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
@@ -250,6 +251,11 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
   Tensor out = empty(q.shape(), q.dtype(), "attention output");
   Tensor lse = empty({sh.b, sh.hq, sh.s}, DType::F32, "attention log-sum-exp");
   if (sh.b * sh.s * sh.hq == 0) return out;
+  if (cudnn_attention::usable(q, window, doc_ids)) {
+    cudnn_attention::forward(q, k, v, scale, window, out, lse);
+    if (lse_out) *lse_out = lse;
+    return out;
+  }
   const dim3 grid(static_cast<unsigned>((sh.s + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(sh.hq),
                   static_cast<unsigned>(sh.b));
   dispatch_float(q.dtype(), [&](auto* tag) {
@@ -266,6 +272,10 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
   return out;
 }
 
+const char* attention_backend(const Tensor& q, int64_t window, const Tensor* doc_ids) {
+  return cudnn_attention::usable(q, window, doc_ids) ? "cudnn" : "native";
+}
+
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& dout, float scale, int64_t window, const Tensor* doc_ids, Tensor& dq, Tensor& dk,
                         Tensor& dv) {
@@ -275,6 +285,10 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   dk = empty(k.shape(), k.dtype(), "attention dk");
   dv = empty(v.shape(), v.dtype(), "attention dv");
   if (sh.b * sh.s * sh.hq == 0) return;
+  if (cudnn_attention::usable(q, window, doc_ids)) {
+    cudnn_attention::backward(q, k, v, out, lse, dout, scale, window, dq, dk, dv);
+    return;
+  }
   Tensor delta = empty({sh.b, sh.hq, sh.s}, DType::F32, "attention backward row terms");
   const int64_t rows = sh.b * sh.s * sh.hq;
   const dim3 qgrid(static_cast<unsigned>((sh.s + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(sh.hq),

@@ -71,12 +71,22 @@ __global__ void embedding_kernel(const int64_t* ids, const S* table, T* out, int
   }
 }
 
-template <typename T>
-__global__ void embedding_backward_kernel(const int64_t* ids, const T* dx, float* grad, int64_t n, int64_t d, int64_t vocab) {
+__device__ __forceinline__ void grad_atomic_add(float* p, float v) { atomicAdd(p, v); }
+__device__ __forceinline__ void grad_atomic_add(__nv_bfloat16* p, float v) { atomicAdd(p, __float2bfloat16(v)); }
+
+template <typename T, typename G>
+__global__ void embedding_backward_kernel(const int64_t* ids, const T* dx, G* grad, int64_t n, int64_t d, int64_t vocab) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * d; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t id = ids[i / d];
-    if (id >= 0 && id < vocab) atomicAdd(grad + id * d + i % d, load(dx, i));
+    if (id >= 0 && id < vocab) grad_atomic_add(grad + id * d + i % d, load(dx, i));
   }
+}
+
+// y += x elementwise (same dtype and size), and a device copy.
+template <typename T>
+__global__ void add_kernel(T* y, const T* x, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    store(y, i, load(y, i) + load(x, i));
 }
 
 }  // namespace
@@ -152,17 +162,45 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
 }
 
 void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad) {
-  MF_CHECK(ids.dtype() == DType::I64 && table_grad.dtype() == DType::F32, "embedding_backward: ids I64, grad F32");
+  MF_CHECK(ids.dtype() == DType::I64 && (table_grad.dtype() == DType::F32 || table_grad.dtype() == DType::BF16),
+           "embedding_backward: ids I64, grad F32 or BF16");
   require_float(dx, "embedding_backward");
   const int64_t n = ids.numel(), vocab = table_grad.shape()[0], d = table_grad.shape()[1];
   MF_CHECK(dx.numel() == n * d, "embedding_backward: dx has ", dx.numel(), " elements, expected ", n * d);
   if (n == 0) return;
   dispatch_float(dx.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    embedding_backward_kernel<<<grid_stride_blocks(n * d), kGridStrideThreads, 0, current_stream()>>>(ids.data<int64_t>(), dx.data<T>(),
-                                                                                   table_grad.data<float>(), n, d, vocab);
+    if (table_grad.dtype() == DType::F32)
+      embedding_backward_kernel<<<grid_stride_blocks(n * d), kGridStrideThreads, 0, current_stream()>>>(
+          ids.data<int64_t>(), dx.data<T>(), table_grad.data<float>(), n, d, vocab);
+    else
+      embedding_backward_kernel<<<grid_stride_blocks(n * d), kGridStrideThreads, 0, current_stream()>>>(
+          ids.data<int64_t>(), dx.data<T>(), table_grad.data<__nv_bfloat16>(), n, d, vocab);
   });
   MF_CUDA_CHECK_LAUNCH("embedding_backward");
+}
+
+void add_inplace(Tensor& y, const Tensor& x) {
+  require_float(y, "add_inplace");
+  MF_CHECK(x.dtype() == y.dtype() && x.numel() == y.numel(), "add_inplace: operands differ: ", dtype_name(y.dtype()),
+           shape_str(y.shape()), " and ", dtype_name(x.dtype()), shape_str(x.shape()));
+  if (y.numel() == 0) return;
+  dispatch_float(y.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    add_kernel<<<grid_stride_blocks(y.numel()), kGridStrideThreads, 0, current_stream()>>>(y.data<T>(), x.data<T>(), y.numel());
+  });
+  MF_CUDA_CHECK_LAUNCH("add_inplace");
+}
+
+Tensor copy(const Tensor& x, const char* what) {
+  Tensor y = empty(x.shape(), x.dtype(), what);
+  if (x.nbytes() > 0)
+    MF_CUDA_CHECK(cudaMemcpyAsync(y.raw(), x.raw(), x.nbytes(), cudaMemcpyDeviceToDevice, current_stream()));
+  return y;
+}
+
+void zero(Tensor& x) {
+  if (x.nbytes() > 0) MF_CUDA_CHECK(cudaMemsetAsync(x.raw(), 0, x.nbytes(), current_stream()));
 }
 
 }  // namespace moeforge::cuda

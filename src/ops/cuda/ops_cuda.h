@@ -17,6 +17,11 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& 
 // y = x W^T: the nn.Linear layout (x [M,K], W [N,K]).
 Tensor linear(const Tensor& x, const Tensor& weight);
 
+// y += x (same dtype and size); a device copy of x; x set to zero bytes.
+void add_inplace(Tensor& y, const Tensor& x);
+Tensor copy(const Tensor& x, const char* what = "copy");
+void zero(Tensor& x);
+
 // RMSNorm over the last dimension; rstd [rows] F32 is kept for the backward.
 Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd = nullptr);
 // residual += x, then y = rms_norm(residual): the pre-norm block's add and norm in one pass.
@@ -32,14 +37,21 @@ Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);
 void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse = false);
 
 // out[i] = table[ids[i]] (ids I64, checked on the device: an id out of range sets an error flag
-// that is reported here); table_grad (F32) [V,D] += rows of dx at ids.
+// that is reported here); table_grad (F32 or BF16) [V,D] += rows of dx at ids.
 Tensor embedding(const Tensor& ids, const Tensor& table);
 void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad);
 
 // Router: probs = softmax(logits) [T,E] F32, then the k largest per row (ties to the lower index)
-// as weights [T,k] F32 (renormalised to sum 1 when `normalize`) and indices [T,k] I64.
+// as weights [T,k] F32 (renormalised to sum 1 when `normalize`) and indices [T,k] I64. `forced`
+// (device I64 [T,k], ids in range) replaces the top-k choice (balanced or replayed routing); the
+// weights are then the router's probabilities at those experts, so the router still learns.
 void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor& probs, Tensor& weights,
-                         Tensor& indices);
+                         Tensor& indices, const Tensor* forced = nullptr);
+// The router's backward: d(logits) [T,E] in `dtype` from d(weights) [T,k] F32, through the
+// renormalisation and the softmax (the discrete choice gets no gradient). `dprobs_extra` (device
+// F32 [E], optional) is added to every row's d(probs): the load-balancing loss's gradient.
+Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor& weights, const Tensor& d_weights,
+                       bool normalize, DType dtype, const Tensor* dprobs_extra = nullptr);
 
 // Cross-entropy of logits [N,V] against targets [N] (I64) fused with its gradient: dlogits =
 // scale * (softmax - onehot) on counted rows, 0 on ignored ones. Returns the summed loss.
@@ -50,11 +62,14 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
 
 namespace moeforge::cuda {
 
-// Multi-tensor AdamW: one launch updates every parameter (F32 or BF16 values, F32 or BF16
-// gradients, F32 moments) with the arithmetic of ops/adamw_math.h, the same as the CPU optimizer.
+// Multi-tensor AdamW: one launch updates every parameter (F32 or BF16 values, gradients and
+// moments, each read into F32) with the arithmetic of ops/adamw_math.h, the same as the CPU
+// optimizer. BF16 moments are the `bf16` policy (torch AdamW on a BF16 model); F32 master weights
+// with a BF16 working copy, refreshed in the same pass, are `bf16-mixed`.
 struct AdamWTensors {
   Tensor param, grad, exp_avg, exp_avg_sq;
   float weight_decay_mul = 1.f;  // 1 - lr * weight_decay, or 1 where no decay applies
+  Tensor param_bf16_copy;        // optional: the BF16 copy of an F32 `param` that the model computes with
 };
 void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const ops::AdamWScalars& scalars);
 
@@ -104,7 +119,8 @@ namespace moeforge::cuda {
 // document ids [B,S] (I64; no attention across documents of a packed row), flash-style: scores are
 // never stored; the log-sum-exp per (b, head, query) [B,Hq,S] F32 is kept for the backward.
 // q [B,S,Hq,D], k/v [B,S,Hkv,D], D in {8, 16, 32, 64, 96, 128}. This first version computes on CUDA
-// cores in F32 (correctness reference for the tensor-core kernels that replace it).
+// cores in F32 (the correctness reference); BF16 calls without document ids go to cuDNN's fused
+// attention when the build has it (attention_backend says which).
 // window <= 0: no sliding window.
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, int64_t window, const Tensor* doc_ids,
                  Tensor* lse);
@@ -113,6 +129,10 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& dout, float scale, int64_t window, const Tensor* doc_ids, Tensor& dq, Tensor& dk,
                         Tensor& dv);
+// Which implementation attention() / attention_backward() take for these arguments: "cudnn"
+// (cuDNN's fused attention: BF16/F16, no document ids, when built with cuDNN) or "native" (the
+// kernels above; forced with MOEFORGE_ATTENTION=native).
+const char* attention_backend(const Tensor& q, int64_t window, const Tensor* doc_ids);
 
 }  // namespace moeforge::cuda
 

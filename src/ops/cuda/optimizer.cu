@@ -21,11 +21,12 @@ constexpr int kThreads = 512;
 struct TensorRef {
   void* w;
   void* g;
-  float* m;
-  float* v;
+  void* m;
+  void* v;
+  __nv_bfloat16* w_copy;  // optional BF16 working copy of F32 master weights, refreshed after the update
   int64_t n;
   float wd_mul;
-  uint8_t w_bf16, g_bf16;
+  uint8_t w_bf16, g_bf16, mv_bf16;
 };
 struct Chunk {
   int32_t tensor;
@@ -44,11 +45,12 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
-    float w = ld(r.w, r.w_bf16, i), m = r.m[i], v = r.v[i];
+    float w = ld(r.w, r.w_bf16, i), m = ld(r.m, r.mv_bf16, i), v = ld(r.v, r.mv_bf16, i);
     ops::adamw_element(w, ld(r.g, r.g_bf16, i), m, v, r.wd_mul, s);
     st(r.w, r.w_bf16, i, w);
-    r.m[i] = m;
-    r.v[i] = v;
+    st(r.m, r.mv_bf16, i, m);
+    st(r.v, r.mv_bf16, i, v);
+    if (r.w_copy) r.w_copy[i] = __float2bfloat16(w);
   }
 }
 
@@ -96,7 +98,7 @@ Tables upload(const std::vector<TensorRef>& refs) {
 
 std::vector<TensorRef> grad_refs(const std::vector<Tensor>& ts) {
   std::vector<TensorRef> refs;
-  for (const auto& t : ts) refs.push_back({nullptr, t.raw(), nullptr, nullptr, t.numel(), 1.f, 0, is_bf16(t, "gradient")});
+  for (const auto& t : ts) refs.push_back({nullptr, t.raw(), nullptr, nullptr, nullptr, t.numel(), 1.f, 0, is_bf16(t, "gradient"), 0});
   return refs;
 }
 
@@ -107,9 +109,15 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& ts, const ops::AdamWSca
   for (const auto& t : ts) {
     const int64_t n = t.param.numel();
     MF_CHECK(t.grad.numel() == n && t.exp_avg.numel() == n && t.exp_avg_sq.numel() == n, "adamw: tensor sizes differ");
-    MF_CHECK(t.exp_avg.dtype() == DType::F32 && t.exp_avg_sq.dtype() == DType::F32, "adamw: moments must be F32");
-    refs.push_back({t.param.raw(), t.grad.raw(), t.exp_avg.data<float>(), t.exp_avg_sq.data<float>(), n, t.weight_decay_mul,
-                    is_bf16(t.param, "parameter"), is_bf16(t.grad, "gradient")});
+    MF_CHECK(t.exp_avg.dtype() == t.exp_avg_sq.dtype(), "adamw: both moments must have one dtype");
+    __nv_bfloat16* copy = nullptr;
+    if (t.param_bf16_copy.defined()) {
+      MF_CHECK(t.param_bf16_copy.dtype() == DType::BF16 && t.param_bf16_copy.numel() == n && t.param.dtype() == DType::F32,
+               "adamw: the working copy must be BF16 of an F32 master parameter");
+      copy = t.param_bf16_copy.data<__nv_bfloat16>();
+    }
+    refs.push_back({t.param.raw(), t.grad.raw(), t.exp_avg.raw(), t.exp_avg_sq.raw(), copy, n, t.weight_decay_mul,
+                    is_bf16(t.param, "parameter"), is_bf16(t.grad, "gradient"), is_bf16(t.exp_avg, "exp_avg")});
   }
   Tables tab = upload(refs);
   if (tab.n_chunks == 0) return;

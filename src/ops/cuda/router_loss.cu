@@ -48,7 +48,8 @@ __device__ void block_argmax(float& v, int& idx) {
 }
 
 template <typename T>
-__global__ void router_kernel(const T* logits, float* probs, float* weights, int64_t* indices, int e, int k, bool normalize) {
+__global__ void router_kernel(const T* logits, const int64_t* forced, float* probs, float* weights, int64_t* indices, int e,
+                              int k, bool normalize) {
   extern __shared__ float p[];  // this row's probabilities
   const int64_t row = blockIdx.x;
   float m = -INFINITY;
@@ -70,6 +71,20 @@ __global__ void router_kernel(const T* logits, float* probs, float* weights, int
   __syncthreads();
   __shared__ float chosen_sum;
   if (threadIdx.x == 0) chosen_sum = 0.f;
+  if (forced) {  // the assignment is given (balanced or replayed routing); the weights are still the router's
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int j = 0; j < k; ++j) {
+        int64_t idx = forced[row * k + j];
+        idx = idx < 0 ? 0 : (idx >= e ? e - 1 : idx);  // range-checked on the host
+        weights[row * k + j] = p[idx];
+        indices[row * k + j] = idx;
+        chosen_sum += p[idx];
+      }
+    __syncthreads();
+    if (normalize && threadIdx.x < k) weights[row * k + threadIdx.x] /= chosen_sum;
+    return;
+  }
   for (int j = 0; j < k; ++j) {
     float v = -INFINITY;
     int idx = -1;
@@ -120,22 +135,81 @@ __global__ void cross_entropy_kernel(const T* logits, const int64_t* targets, T*
 
 }  // namespace
 
-void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor& probs, Tensor& weights, Tensor& indices) {
+// One block per token: the gradient at the chosen probabilities (through the renormalisation
+// w_j = p_j / S: dp_j = (dw_j - sum_i dw_i w_i) / S), plus `extra` [E] when given (the
+// load-balancing loss's gradient, the same for every row), then the softmax backward
+// dl_e = p_e (dp_e - sum_i p_i dp_i).
+template <typename T>
+__global__ void router_backward_kernel(const float* probs, const int64_t* indices, const float* weights, const float* dw,
+                                       const float* extra, T* dlogits, int e, int k, bool normalize) {
+  const int64_t row = blockIdx.x;
+  __shared__ float dp_chosen[64];
+  if (threadIdx.x == 0) {
+    float dot = 0.f, sum = 0.f;
+    for (int j = 0; j < k; ++j) {
+      dot += dw[row * k + j] * weights[row * k + j];
+      sum += probs[row * e + indices[row * k + j]];
+    }
+    for (int j = 0; j < k; ++j) dp_chosen[j] = normalize ? (dw[row * k + j] - dot) / sum : dw[row * k + j];
+  }
+  __syncthreads();
+  extern __shared__ float dp[];  // this row's dp, E floats
+  float pdp = 0.f;
+  for (int i = threadIdx.x; i < e; i += blockDim.x) {
+    float d = extra ? extra[i] : 0.f;
+    for (int j = 0; j < k; ++j)
+      if (indices[row * k + j] == i) d += dp_chosen[j];
+    dp[i] = d;
+    pdp += probs[row * e + i] * d;
+  }
+  pdp = block_sum(pdp);
+  for (int i = threadIdx.x; i < e; i += blockDim.x) store(dlogits, row * e + i, probs[row * e + i] * (dp[i] - pdp));
+}
+
+void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor& probs, Tensor& weights, Tensor& indices,
+                         const Tensor* forced) {
   require_float(logits, "router");
   const int64_t e = logits.shape().back(), rows = logits.numel() / e;
   MF_CHECK(k >= 1 && k <= e && k <= 1024 && e <= 16384, "router: top-", k, " of ", e, " experts is not supported");
   probs = empty({rows, e}, DType::F32, "router probabilities");
   weights = empty({rows, k}, DType::F32, "router weights");
   indices = empty({rows, k}, DType::I64, "router expert indices");
+  if (forced)
+    MF_CHECK(forced->dtype() == DType::I64 && forced->numel() == rows * k && !forced->device().is_cpu(),
+             "router: forced routing must be a device I64 [", rows, ", ", k, "] tensor");
   if (rows == 0) return;
   const int threads = threads_for(std::max<int64_t>(e, k));
   dispatch_float(logits.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    router_kernel<<<rows, threads, e * sizeof(float), current_stream()>>>(logits.data<T>(), probs.data<float>(),
+    router_kernel<<<rows, threads, e * sizeof(float), current_stream()>>>(logits.data<T>(),
+                                                                         forced ? forced->data<int64_t>() : nullptr,
+                                                                         probs.data<float>(),
                                                                          weights.data<float>(), indices.data<int64_t>(),
                                                                          static_cast<int>(e), static_cast<int>(k), normalize);
   });
   MF_CUDA_CHECK_LAUNCH("router");
+}
+
+Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor& weights, const Tensor& d_weights,
+                       bool normalize, DType dtype, const Tensor* dprobs_extra) {
+  const int64_t e = probs.shape().back(), rows = probs.numel() / e, k = indices.shape().back();
+  MF_CHECK(probs.dtype() == DType::F32 && weights.dtype() == DType::F32 && d_weights.dtype() == DType::F32 &&
+               indices.dtype() == DType::I64 && indices.numel() == rows * k && weights.numel() == rows * k &&
+               d_weights.numel() == rows * k && k <= 64,
+           "router_backward: expects F32 probs [T,E], I64 indices and F32 weights/d_weights [T,k] (k <= 64)");
+  if (dprobs_extra)
+    MF_CHECK(dprobs_extra->dtype() == DType::F32 && dprobs_extra->numel() == e, "router_backward: dprobs_extra must be F32 [E]");
+  Tensor dlogits = empty({rows, e}, dtype, "router logit gradient");
+  if (rows == 0) return dlogits;
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    router_backward_kernel<<<rows, threads_for(e), e * sizeof(float), current_stream()>>>(
+        probs.data<float>(), indices.data<int64_t>(), weights.data<float>(), d_weights.data<float>(),
+        dprobs_extra ? dprobs_extra->data<float>() : nullptr, dlogits.data<T>(), static_cast<int>(e),
+                                                                          static_cast<int>(k), normalize);
+  });
+  MF_CUDA_CHECK_LAUNCH("router_backward");
+  return dlogits;
 }
 
 double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,

@@ -1,0 +1,39 @@
+// A model's parameters on the GPU, index for index with its host ParamStore: the compute copy
+// (in the policy's compute dtype), the gradient, and under bf16-mixed the F32 master copy the
+// optimizer updates. Uploaded once; the training step never moves weights across PCIe.
+#pragma once
+#include <vector>
+
+#include "core/tensor.h"
+#include "gpu/precision.h"
+#include "nn/params.h"
+
+namespace moeforge::gpu {
+
+class DeviceParams {
+ public:
+  DeviceParams(const nn::ParamStore& host, Precision precision);
+
+  Precision precision() const { return precision_; }
+  size_t size() const { return values_.size(); }
+  const Tensor& value(size_t i) const { return values_.at(i); }
+  Tensor& grad(size_t i) { return grads_.at(i); }
+  const Tensor& grad(size_t i) const { return grads_.at(i); }
+  // What the optimizer updates: the F32 master under bf16-mixed, the compute copy otherwise.
+  Tensor& master(size_t i) { return masters_.empty() ? values_.at(i) : masters_.at(i); }
+  bool has_masters() const { return !masters_.empty(); }
+  bool decay(size_t i) const { return decay_.at(i); }
+
+  void zero_grad();
+  // Every parameter's current value into the host store (F32 from the master when there is one).
+  void copy_to_host(nn::ParamStore& host) const;
+  // Bytes held on the device by values, gradients and masters.
+  int64_t bytes() const;
+
+ private:
+  Precision precision_;
+  std::vector<Tensor> values_, grads_, masters_;
+  std::vector<bool> decay_;
+};
+
+}  // namespace moeforge::gpu

@@ -1,0 +1,15 @@
+#include "gpu/gpu_model.h"
+
+#include "core/error.h"
+#include "models/qwen3_moe/qwen3_moe.h"
+
+namespace moeforge::gpu {
+
+std::unique_ptr<GpuModel> make_qwen3_moe_gpu(const models::CausalLM& model, Precision p);
+
+std::unique_ptr<GpuModel> make_gpu_model(const models::CausalLM& model, Precision precision) {
+  if (dynamic_cast<const models::Qwen3Moe*>(&model)) return make_qwen3_moe_gpu(model, precision);
+  MF_THROW("model_type '", model.config().model_type, "' has no GPU training path yet (qwen3_moe has)");
+}
+
+}  // namespace moeforge::gpu

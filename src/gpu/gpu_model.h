@@ -1,0 +1,42 @@
+// A model's training step on the GPU: forward, fused LM-head cross-entropy and backward composed
+// from the CUDA ops, on device-resident parameters (DeviceParams), gradients accumulating there.
+// The same computation as the model's CPU forward_backward, within the policy's rounding.
+#pragma once
+#include <cmath>
+#include <memory>
+
+#include "gpu/device_params.h"
+#include "models/causal_lm.h"
+
+namespace moeforge::gpu {
+
+struct GpuStepOptions {
+  float ce_scale = 1.f;    // gradient of the summed token cross-entropy (1 / counted tokens for a mean)
+  float aux_scale = 0.f;   // gradient of the load-balancing loss, when the config enables it
+  bool balanced_routing = false;  // experts assigned round-robin (benchmarks); the router still learns
+  bool activation_checkpointing = false;  // keep each layer's input only; recompute it in backward
+};
+
+struct GpuStepResult {
+  double ce_sum = 0;       // summed cross-entropy over counted tokens
+  int64_t tokens = 0;      // counted tokens
+  float aux_loss = NAN;
+  // Wall time of the forward through the fused LM head + loss (which also produces the head's
+  // gradients), and of the rest of the backward; each ends with a device synchronisation.
+  double forward_ms = 0, backward_ms = 0;
+};
+
+class GpuModel {
+ public:
+  virtual ~GpuModel() = default;
+  // One micro-batch (host tensors in `in`; labels required).
+  virtual GpuStepResult forward_backward(const models::ForwardInputs& in, const GpuStepOptions& opts) = 0;
+  // Host F32 logits [B,S,V] of a forward pass with the device weights (parity checks).
+  virtual Tensor forward_logits(const models::ForwardInputs& in) = 0;
+  virtual DeviceParams& params() = 0;
+};
+
+// Uploads `model`'s parameters under `precision`. Throws for families without a GPU path yet.
+std::unique_ptr<GpuModel> make_gpu_model(const models::CausalLM& model, Precision precision);
+
+}  // namespace moeforge::gpu

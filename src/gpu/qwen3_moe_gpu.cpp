@@ -1,0 +1,296 @@
+// Qwen3-MoE's training step on the GPU. Per decoder layer:
+//   n1 = rms(x); q,k,v = n1 W^T; per-head rms on q,k; RoPE; o = attention; x2 = x + o Wo^T
+//   n2 = rms(x2); router softmax/top-k (or round-robin when balanced); permute by expert;
+//   gate_up and down as grouped GEMMs around SwiGLU; weighted unpermute; x3 = x2 + moe
+// and the backward mirrors it. Kept per layer for backward: the layer input, norm statistics,
+// q/k before and after norm+RoPE, v, the attention output and its log-sum-exp, the router's
+// probabilities and choice, the routing plan, the experts' gate_up output and their output. The
+// permuted input and the SwiGLU output are recomputed (a gather and an elementwise pass) rather
+// than kept. Under activation checkpointing only the layer input is kept and the layer is re-run.
+#include <chrono>
+#include <cmath>
+
+#include "core/error.h"
+#include "gpu/gpu_model.h"
+#include "models/qwen3_moe/qwen3_moe.h"
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::gpu {
+
+namespace {
+
+struct LayerState {
+  Tensor x, rstd1, n1;
+  Tensor q_pre, k_pre, rstd_q, rstd_k, q, k, v, o, lse;
+  Tensor x2, rstd2, n2;
+  Tensor probs, weights, chosen, gu, y;
+  cuda::RoutingPlan plan;
+};
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+class Qwen3MoeGpu : public GpuModel {
+ public:
+  Qwen3MoeGpu(const models::Qwen3Moe& m, Precision p) : m_(m), params_(m.params(), p), dt_(compute_dtype(p)) {
+    for (const auto& L : m_.layers_) {
+      MF_CHECK(std::holds_alternative<nn::SparseMoE>(L.mlp),
+               "GPU training: dense-MLP decoder layers (mlp_only_layers / decoder_sparse_step) are not supported on "
+               "the GPU yet");
+      const auto& A = L.attn;
+      MF_CHECK(!A.q_proj.bias && !A.k_proj.bias && !A.v_proj.bias && !A.o_proj.bias,
+               "GPU training: attention_bias is not supported on the GPU yet");
+      MF_CHECK(A.q_norm.has_value(), "GPU training: Qwen3-MoE layers must have q/k norms");
+    }
+  }
+
+  DeviceParams& params() override { return params_; }
+
+  GpuStepResult forward_backward(const models::ForwardInputs& in, const GpuStepOptions& opts) override {
+    MF_CHECK(in.labels, "forward_backward needs labels");
+    MF_CHECK(!in.routing, "GPU training: routing record/replay is not supported on the GPU (use balanced_routing)");
+    const auto t0 = std::chrono::steady_clock::now();
+    Inputs bt = upload(in, opts.balanced_routing);
+    const size_t nl = m_.layers_.size();
+    std::vector<LayerState> st(nl);
+    Tensor x = cuda::embedding(bt.ids, value(m_.embed_));
+    for (size_t l = 0; l < nl; ++l) {
+      if (opts.activation_checkpointing) {
+        LayerState tmp;
+        Tensor next = layer_forward(l, x, bt, tmp);
+        st[l].x = x;
+        st[l].plan = tmp.plan;  // the aux loss needs every layer's counts
+        if (aux_enabled()) st[l].probs = tmp.probs;
+        x = next;
+      } else {
+        x = layer_forward(l, x, bt, st[l]);
+      }
+    }
+    Tensor rstd_f;
+    Tensor xf = cuda::rms_norm(x, value(m_.final_norm_.weight), m_.final_norm_.eps, &rstd_f);
+    Tensor targets = cuda::to_device(models::shifted_targets(*in.labels), DType::I64);
+    GpuStepResult res;
+    Tensor d_xf;
+    res.ce_sum = cuda::fused_linear_cross_entropy(xf, value(m_.lm_head_), targets, -100, opts.ce_scale, d_xf,
+                                                  params_.grad(m_.lm_head_), &res.tokens);
+    cuda::synchronize();
+    res.forward_ms = ms_since(t0);
+    const auto t1 = std::chrono::steady_clock::now();
+    Tensor dprobs_aux = aux_gradient(st, opts.aux_scale, &res.aux_loss);
+    xf = Tensor();
+    Tensor dx = cuda::rms_norm_backward(x, value(m_.final_norm_.weight), rstd_f, d_xf, params_.grad(m_.final_norm_.weight));
+    d_xf = Tensor();
+    for (size_t l = nl; l-- > 0;) {
+      if (opts.activation_checkpointing) {
+        Tensor x_in = st[l].x;
+        st[l] = LayerState();
+        layer_forward(l, x_in, bt, st[l], &bt.chosen_record[l]);
+      }
+      dx = layer_backward(l, st[l], bt, dx, dprobs_aux.defined() ? &dprobs_aux : nullptr);
+      st[l] = LayerState();
+    }
+    cuda::embedding_backward(bt.ids, dx, params_.grad(m_.embed_));
+    cuda::synchronize();
+    res.backward_ms = ms_since(t1);
+    return res;
+  }
+
+  Tensor forward_logits(const models::ForwardInputs& in) override {
+    Inputs bt = upload(in, false);
+    Tensor x = cuda::embedding(bt.ids, value(m_.embed_));
+    for (size_t l = 0; l < m_.layers_.size(); ++l) {
+      LayerState s;
+      x = layer_forward(l, x, bt, s);
+    }
+    Tensor xf = cuda::rms_norm(x, value(m_.final_norm_.weight), m_.final_norm_.eps);
+    Tensor logits = cuda::linear(xf, value(m_.lm_head_));
+    return cuda::to_host_f32(logits).view({bt.b, bt.s, m_.cfg_.vocab_size});
+  }
+
+ private:
+  struct Inputs {
+    int64_t b = 0, s = 0, t = 0;
+    Tensor ids, cos, sin, docs, balanced;
+    const Tensor* doc_ids = nullptr;
+    // Under activation checkpointing, each layer's expert choice in the first forward, replayed by
+    // the recomputation so backward sees the same routing even where near-ties could flip.
+    std::vector<Tensor> chosen_record;
+  };
+
+  bool aux_enabled() const { return m_.cfg_.output_router_logits; }
+  const Tensor& value(size_t i) const { return params_.value(i); }
+
+  Inputs upload(const models::ForwardInputs& in, bool balanced) {
+    const models::Qwen3Moe::Batch hb = m_.prepare(in);
+    Inputs bt;
+    bt.b = hb.b;
+    bt.s = hb.s;
+    bt.t = hb.b * hb.s;
+    bt.ids = cuda::to_device(in.input_ids.view({bt.t}), DType::I64);
+    bt.cos = cuda::to_device(hb.cos, DType::F32);
+    bt.sin = cuda::to_device(hb.sin, DType::F32);
+    if (hb.doc_ids) {
+      bt.docs = cuda::to_device(*hb.doc_ids, DType::I64);
+      bt.doc_ids = &bt.docs;
+    }
+    if (balanced) {
+      // Token t's slot j goes to expert (t*k + j) mod E: every expert gets the same number of rows
+      // (when E divides T*k) and a token's k experts are distinct (k <= E).
+      const int64_t k = m_.cfg_.num_experts_per_tok, e = m_.cfg_.num_experts;
+      std::vector<int64_t> idx(static_cast<size_t>(bt.t * k));
+      for (int64_t i = 0; i < bt.t * k; ++i) idx[i] = i % e;
+      bt.balanced = cuda::to_device(Tensor::from_i64(idx, {bt.t, k}), DType::I64);
+    }
+    bt.chosen_record.resize(m_.layers_.size());
+    return bt;
+  }
+
+  Tensor layer_forward(size_t l, const Tensor& x, Inputs& bt, LayerState& c, const Tensor* replay = nullptr) {
+    const auto& L = m_.layers_[l];
+    const auto& A = L.attn;
+    const int64_t t = bt.t, hd = A.head_dim;
+    c.x = x;
+    c.n1 = cuda::rms_norm(x, value(L.input_norm.weight), L.input_norm.eps, &c.rstd1);
+    c.q_pre = cuda::linear(c.n1, value(A.q_proj.weight)).view({t * A.heads, hd});
+    c.k_pre = cuda::linear(c.n1, value(A.k_proj.weight)).view({t * A.kv_heads, hd});
+    c.v = cuda::linear(c.n1, value(A.v_proj.weight)).view({bt.b, bt.s, A.kv_heads, hd});
+    c.q = cuda::rms_norm(c.q_pre, value(A.q_norm->weight), A.q_norm->eps, &c.rstd_q).view({t, A.heads, hd});
+    c.k = cuda::rms_norm(c.k_pre, value(A.k_norm->weight), A.k_norm->eps, &c.rstd_k).view({t, A.kv_heads, hd});
+    cuda::rope_inplace(c.q, bt.cos, bt.sin);
+    cuda::rope_inplace(c.k, bt.cos, bt.sin);
+    c.q = c.q.view({bt.b, bt.s, A.heads, hd});
+    c.k = c.k.view({bt.b, bt.s, A.kv_heads, hd});
+    c.o = cuda::attention(c.q, c.k, c.v, scale(A), window(A), bt.doc_ids, &c.lse);
+    Tensor a = cuda::linear(c.o.view({t, A.heads * hd}), value(A.o_proj.weight));
+    c.x2 = cuda::copy(x, "the residual stream");
+    c.n2 = cuda::add_rms_norm(a, c.x2, value(L.post_attention_norm.weight), L.post_attention_norm.eps, &c.rstd2);
+    a = Tensor();
+    const auto& moe = std::get<nn::SparseMoE>(L.mlp);
+    Tensor logits = cuda::linear(c.n2, value(moe.router));
+    const Tensor* forced = replay ? replay : (bt.balanced.defined() ? &bt.balanced : nullptr);
+    cuda::router_softmax_topk(logits, moe.top_k, moe.norm_topk_prob, c.probs, c.weights, c.chosen, forced);
+    if (!replay) bt.chosen_record[l] = c.chosen;
+    c.plan = cuda::plan_routing(c.chosen, moe.experts);
+    Tensor xp = cuda::permute_tokens(c.n2, c.plan);
+    c.gu = cuda::empty({t * moe.top_k, 2 * moe.inter}, dt_, "expert gate_up output");
+    cuda::grouped_linear(xp, value(moe.gate_up), c.plan.offsets, c.gu);
+    xp = Tensor();
+    Tensor act = cuda::swiglu(c.gu);
+    c.y = cuda::empty({t * moe.top_k, moe.hidden}, dt_, "expert output");
+    cuda::grouped_linear(act, value(moe.down), c.plan.offsets, c.y);
+    act = Tensor();
+    Tensor out = cuda::unpermute_tokens(c.y, c.weights, c.plan);
+    cuda::add_inplace(out, c.x2);
+    return out;
+  }
+
+  // dy: gradient at the layer's output; returns the gradient at its input.
+  Tensor layer_backward(size_t l, LayerState& c, const Inputs& bt, const Tensor& dy, const Tensor* dprobs_aux) {
+    const auto& L = m_.layers_[l];
+    const auto& A = L.attn;
+    const auto& moe = std::get<nn::SparseMoE>(L.mlp);
+    const int64_t t = bt.t, hd = A.head_dim;
+    // Experts.
+    Tensor d_yp, d_weights;
+    cuda::unpermute_tokens_backward(dy, c.y, c.weights, c.plan, d_yp, d_weights);
+    c.y = Tensor();
+    Tensor act = cuda::swiglu(c.gu);
+    cuda::grouped_linear_weight_grad(d_yp, act, c.plan.offsets, params_.grad(moe.down), /*accumulate=*/true);
+    Tensor d_act = cuda::empty(act.shape(), dt_, "expert activation gradient");
+    cuda::grouped_linear_input_grad(d_yp, value(moe.down), c.plan.offsets, d_act);
+    act = Tensor();
+    d_yp = Tensor();
+    Tensor d_gu = cuda::swiglu_backward(c.gu, d_act);
+    d_act = Tensor();
+    c.gu = Tensor();
+    Tensor xp = cuda::permute_tokens(c.n2, c.plan);
+    cuda::grouped_linear_weight_grad(d_gu, xp, c.plan.offsets, params_.grad(moe.gate_up), true);
+    xp = Tensor();
+    Tensor d_xp = cuda::empty({t * moe.top_k, moe.hidden}, dt_, "expert input gradient");
+    cuda::grouped_linear_input_grad(d_gu, value(moe.gate_up), c.plan.offsets, d_xp);
+    d_gu = Tensor();
+    Tensor d_n2 = cuda::permute_tokens_backward(d_xp, c.plan);
+    d_xp = Tensor();
+    // Router.
+    Tensor d_logits = cuda::router_backward(c.probs, c.chosen, c.weights, d_weights, moe.norm_topk_prob, dt_, dprobs_aux);
+    cuda::gemm(d_logits, false, value(moe.router), false, d_n2, /*accumulate=*/true);
+    cuda::gemm(d_logits, true, c.n2, false, params_.grad(moe.router), true);
+    d_logits = Tensor();
+    // Post-attention norm and the residual.
+    Tensor d_x2 = cuda::rms_norm_backward(c.x2, value(L.post_attention_norm.weight), c.rstd2, d_n2,
+                                          params_.grad(L.post_attention_norm.weight));
+    cuda::add_inplace(d_x2, dy);
+    d_n2 = Tensor();
+    // Attention.
+    Tensor o2 = c.o.view({t, A.heads * hd});
+    Tensor d_o = cuda::empty({t, A.heads * hd}, dt_, "attention output gradient");
+    cuda::gemm(d_x2, false, value(A.o_proj.weight), false, d_o);
+    cuda::gemm(d_x2, true, o2, false, params_.grad(A.o_proj.weight), true);
+    Tensor dq, dk, dv;
+    cuda::attention_backward(c.q, c.k, c.v, c.o, c.lse, d_o.view(c.q.shape()), scale(A), window(A), bt.doc_ids, dq, dk, dv);
+    d_o = Tensor();
+    dq = dq.view({t, A.heads, hd});
+    dk = dk.view({t, A.kv_heads, hd});
+    cuda::rope_inplace(dq, bt.cos, bt.sin, /*inverse=*/true);
+    cuda::rope_inplace(dk, bt.cos, bt.sin, true);
+    Tensor dq_pre = cuda::rms_norm_backward(c.q_pre, value(A.q_norm->weight), c.rstd_q, dq.view({t * A.heads, hd}),
+                                            params_.grad(A.q_norm->weight)).view({t, A.heads * hd});
+    Tensor dk_pre = cuda::rms_norm_backward(c.k_pre, value(A.k_norm->weight), c.rstd_k, dk.view({t * A.kv_heads, hd}),
+                                            params_.grad(A.k_norm->weight)).view({t, A.kv_heads * hd});
+    Tensor dv2 = dv.view({t, A.kv_heads * hd});
+    Tensor d_n1 = cuda::empty({t, m_.cfg_.hidden_size}, dt_, "attention input gradient");
+    cuda::gemm(dq_pre, false, value(A.q_proj.weight), false, d_n1);
+    cuda::gemm(dk_pre, false, value(A.k_proj.weight), false, d_n1, true);
+    cuda::gemm(dv2, false, value(A.v_proj.weight), false, d_n1, true);
+    cuda::gemm(dq_pre, true, c.n1, false, params_.grad(A.q_proj.weight), true);
+    cuda::gemm(dk_pre, true, c.n1, false, params_.grad(A.k_proj.weight), true);
+    cuda::gemm(dv2, true, c.n1, false, params_.grad(A.v_proj.weight), true);
+    Tensor dx = cuda::rms_norm_backward(c.x, value(L.input_norm.weight), c.rstd1, d_n1, params_.grad(L.input_norm.weight));
+    cuda::add_inplace(dx, d_x2);
+    return dx;
+  }
+
+  // The load-balancing loss over every layer's routing (Transformers' definition, as
+  // nn::load_balancing_loss) and its gradient on the router probabilities, scaled: [E] on the device.
+  Tensor aux_gradient(const std::vector<LayerState>& st, float aux_scale, float* aux_loss) {
+    if (!aux_enabled()) return Tensor();
+    const int64_t e = m_.cfg_.num_experts;
+    std::vector<double> routed(static_cast<size_t>(e), 0.0), prob(static_cast<size_t>(e), 0.0);
+    int64_t rows = 0;
+    for (const LayerState& s : st) {
+      for (int64_t i = 0; i < e; ++i) routed[i] += static_cast<double>(s.plan.offsets[i + 1] - s.plan.offsets[i]);
+      Tensor p = cuda::to_host_f32(s.probs);
+      const int64_t t = p.size(0);
+      for (int64_t r = 0; r < t; ++r)
+        for (int64_t i = 0; i < e; ++i) prob[i] += p.f32()[r * e + i];
+      rows += t;
+    }
+    double loss = 0;
+    std::vector<float> g(static_cast<size_t>(e));
+    for (int64_t i = 0; i < e; ++i) {
+      loss += (routed[i] / rows) * (prob[i] / rows);
+      g[i] = static_cast<float>(e * (routed[i] / rows) / rows) * aux_scale;
+    }
+    *aux_loss = static_cast<float>(loss * e);
+    return cuda::to_device(Tensor::from_vector(g, {e}), DType::F32);
+  }
+
+  static float scale(const nn::Attention& a) { return 1.0f / std::sqrt(static_cast<float>(a.head_dim)); }
+  static int64_t window(const nn::Attention& a) { return a.window ? *a.window : 0; }
+
+  const models::Qwen3Moe& m_;
+  DeviceParams params_;
+  DType dt_;
+};
+
+std::unique_ptr<GpuModel> make_qwen3_moe_gpu(const models::CausalLM& model, Precision p) {
+  const auto* q = dynamic_cast<const models::Qwen3Moe*>(&model);
+  MF_CHECK(q, "internal: make_qwen3_moe_gpu on another family");
+  return std::make_unique<Qwen3MoeGpu>(*q, p);
+}
+
+}  // namespace moeforge::gpu
