@@ -9,5 +9,6 @@ int cmd_eval(const std::vector<std::string>& args);
 int cmd_convert(const std::vector<std::string>& args);
 int cmd_train(const std::vector<std::string>& args);
 int cmd_tokenize(const std::vector<std::string>& args);
+int cmd_bench(const std::vector<std::string>& args);
 
 }  // namespace moeforge::cli

@@ -26,7 +26,11 @@ const char* kUsage =
     "      render a conversation with the chat template as apply_chat_template does; ids and the\n"
     "      assistant-token mask that training uses for the loss\n"
     "  convert --model MODEL_DIR --out OUT_DIR [--max-shard-size 5GB] [--overwrite]\n"
-    "      load and save again: same tensor names, layout and dtypes; atomic\n";
+    "      load and save again: same tensor names, layout and dtypes; atomic\n"
+    "  bench CONFIG.json|MODEL_DIR [--layers N] [--seq 4096] [--batch 1] [--steps 10] [--warmup 3]\n"
+    "        [--routing native|balanced] [--precision bf16-mixed|bf16|fp32] [--activation-checkpointing]\n"
+    "      training-step benchmark on the GPU (random weights and tokens): tokens/s, TFLOP/s, peak\n"
+    "      memory, forward/backward/optimizer times, as a table and one JSON line (docs/benchmarks.md)\n";
 
 }  // namespace
 
@@ -43,6 +47,7 @@ int main(int argc, char** argv) {
     if (cmd == "convert") return moeforge::cli::cmd_convert(rest);
     if (cmd == "train") return moeforge::cli::cmd_train(rest);
     if (cmd == "tokenize") return moeforge::cli::cmd_tokenize(rest);
+    if (cmd == "bench") return moeforge::cli::cmd_bench(rest);
     std::fprintf(stderr, "moeforge: unknown command '%s'\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const moeforge::Error& e) {

@@ -11,13 +11,38 @@ DeviceParams::DeviceParams(const nn::ParamStore& host, Precision precision) : pr
   for (const nn::Param& p : host.all()) {
     MF_CHECK(p.value.defined(), "parameter ", p.name, " has no value (was the checkpoint loaded?)");
     values_.push_back(cuda::to_device(p.value, dt));
-    // 1-D parameters (norm weights, biases) keep F32 gradients: their kernels accumulate in F32.
-    const DType gdt = p.value.dim() == 1 ? DType::F32 : dt;
-    grads_.push_back(cuda::empty(p.value.shape(), gdt, "a parameter gradient"));
-    cuda::zero(grads_.back());
     if (precision == Precision::BF16Mixed) masters_.push_back(cuda::to_device(p.value, DType::F32));
-    decay_.push_back(p.decay);
+    add_grad(p.value.shape(), p.value.dim() == 1, p.decay);
   }
+}
+
+DeviceParams DeviceParams::random(const nn::ParamStore& shapes, Precision precision, float std, uint64_t seed) {
+  DeviceParams d(precision);
+  const DType dt = compute_dtype(precision);
+  for (const nn::Param& p : shapes.all()) {
+    const bool one_dim = p.shape.size() == 1;
+    Tensor v = cuda::empty(p.shape, precision == Precision::BF16Mixed ? DType::F32 : dt, "a parameter");
+    if (one_dim) cuda::fill(v, 1.f);
+    else cuda::fill_normal(v, 0.f, std, seed + 0x1000 * d.values_.size());
+    if (precision == Precision::BF16Mixed) {
+      d.masters_.push_back(v);
+      Tensor c = cuda::empty(p.shape, DType::BF16, "a parameter");
+      d.values_.push_back(c);
+    } else {
+      d.values_.push_back(v);
+    }
+    d.add_grad(p.shape, one_dim, p.decay);
+  }
+  if (precision == Precision::BF16Mixed)
+    for (size_t i = 0; i < d.values_.size(); ++i) cuda::convert(d.masters_[i], d.values_[i]);
+  return d;
+}
+
+void DeviceParams::add_grad(const Shape& shape, bool one_dim, bool decay) {
+  // 1-D parameters (norm weights, biases) keep F32 gradients: their kernels accumulate in F32.
+  grads_.push_back(cuda::empty(shape, one_dim ? DType::F32 : compute_dtype(precision_), "a parameter gradient"));
+  cuda::zero(grads_.back());
+  decay_.push_back(decay);
 }
 
 void DeviceParams::zero_grad() {

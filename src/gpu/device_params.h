@@ -13,6 +13,9 @@ namespace moeforge::gpu {
 class DeviceParams {
  public:
   DeviceParams(const nn::ParamStore& host, Precision precision);
+  // Random weights on the device for the store's shapes (no host values needed): N(0, std) for
+  // matrices, 1 for 1-D parameters (norm weights), as Transformers' _init_weights; for benchmarks.
+  static DeviceParams random(const nn::ParamStore& shapes, Precision precision, float std, uint64_t seed);
 
   Precision precision() const { return precision_; }
   size_t size() const { return values_.size(); }
@@ -31,6 +34,8 @@ class DeviceParams {
   int64_t bytes() const;
 
  private:
+  explicit DeviceParams(Precision p) : precision_(p) {}
+  void add_grad(const Shape& shape, bool one_dim, bool decay);
   Precision precision_;
   std::vector<Tensor> values_, grads_, masters_;
   std::vector<bool> decay_;

@@ -36,7 +36,8 @@ class GpuModel {
   virtual DeviceParams& params() = 0;
 };
 
-// Uploads `model`'s parameters under `precision`. Throws for families without a GPU path yet.
-std::unique_ptr<GpuModel> make_gpu_model(const models::CausalLM& model, Precision precision);
+// The GPU path of `model`'s family over `params` (DeviceParams(model.params(), precision) to
+// upload loaded weights, DeviceParams::random for benchmarks). Throws for families without one.
+std::unique_ptr<GpuModel> make_gpu_model(const models::CausalLM& model, DeviceParams params);
 
 }  // namespace moeforge::gpu

@@ -36,11 +36,9 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 class Qwen3MoeGpu : public GpuModel {
  public:
-  Qwen3MoeGpu(const models::Qwen3Moe& m, Precision p) : m_(m), params_(m.params(), p), dt_(compute_dtype(p)) {
+  Qwen3MoeGpu(const models::Qwen3Moe& m, DeviceParams params)
+      : m_(m), params_(std::move(params)), dt_(compute_dtype(params_.precision())) {
     for (const auto& L : m_.layers_) {
-      MF_CHECK(std::holds_alternative<nn::SparseMoE>(L.mlp),
-               "GPU training: dense-MLP decoder layers (mlp_only_layers / decoder_sparse_step) are not supported on "
-               "the GPU yet");
       const auto& A = L.attn;
       MF_CHECK(!A.q_proj.bias && !A.k_proj.bias && !A.v_proj.bias && !A.o_proj.bias,
                "GPU training: attention_bias is not supported on the GPU yet");
@@ -169,6 +167,13 @@ class Qwen3MoeGpu : public GpuModel {
     c.x2 = cuda::copy(x, "the residual stream");
     c.n2 = cuda::add_rms_norm(a, c.x2, value(L.post_attention_norm.weight), L.post_attention_norm.eps, &c.rstd2);
     a = Tensor();
+    Tensor out;
+    if (const auto* dense = std::get_if<nn::DenseMLP>(&L.mlp)) {
+      c.gu = cuda::linear(c.n2, dense_gate_up(*dense));
+      out = cuda::linear(cuda::swiglu(c.gu), value(dense->down_proj.weight));
+      cuda::add_inplace(out, c.x2);
+      return out;
+    }
     const auto& moe = std::get<nn::SparseMoE>(L.mlp);
     Tensor logits = cuda::linear(c.n2, value(moe.router));
     const Tensor* forced = replay ? replay : (bt.balanced.defined() ? &bt.balanced : nullptr);
@@ -183,18 +188,60 @@ class Qwen3MoeGpu : public GpuModel {
     c.y = cuda::empty({t * moe.top_k, moe.hidden}, dt_, "expert output");
     cuda::grouped_linear(act, value(moe.down), c.plan.offsets, c.y);
     act = Tensor();
-    Tensor out = cuda::unpermute_tokens(c.y, c.weights, c.plan);
+    out = cuda::unpermute_tokens(c.y, c.weights, c.plan);
     cuda::add_inplace(out, c.x2);
     return out;
+  }
+
+  // A dense layer's gate and up weights [I,H] each, stacked as one [2I,H] (gate rows first) so one
+  // GEMM yields SwiGLU's input; two device copies per call (dense layers are the rare fallback).
+  Tensor dense_gate_up(const nn::DenseMLP& mlp) const {
+    const Tensor& g = value(mlp.gate_proj.weight);
+    const Tensor& u = value(mlp.up_proj.weight);
+    Tensor w = cuda::empty({g.size(0) + u.size(0), g.size(1)}, dt_, "dense gate_up weight");
+    Tensor top = w.slice0(0, g.size(0)), bottom = w.slice0(g.size(0), u.size(0));
+    cuda::convert(g, top);
+    cuda::convert(u, bottom);
+    return w;
+  }
+
+  // Dense MLP backward: accumulates its weight gradients, returns d(n2).
+  Tensor dense_backward(const nn::DenseMLP& mlp, LayerState& c, const Tensor& dy) {
+    const int64_t t = dy.size(0), inter = c.gu.size(1) / 2;
+    Tensor act = cuda::swiglu(c.gu);
+    cuda::gemm(dy, true, act, false, params_.grad(mlp.down_proj.weight), /*accumulate=*/true);
+    act = Tensor();
+    Tensor d_act = cuda::empty({t, inter}, dt_, "dense activation gradient");
+    cuda::gemm(dy, false, value(mlp.down_proj.weight), false, d_act);
+    Tensor d_gu = cuda::swiglu_backward(c.gu, d_act);
+    d_act = Tensor();
+    c.gu = Tensor();
+    Tensor d_n2 = cuda::empty({t, c.n2.size(1)}, dt_, "dense input gradient");
+    cuda::gemm(d_gu, false, dense_gate_up(mlp), false, d_n2);
+    Tensor dw = cuda::empty({2 * inter, c.n2.size(1)}, params_.grad(mlp.gate_proj.weight).dtype(), "dense gate_up gradient");
+    cuda::gemm(d_gu, true, c.n2, false, dw);
+    cuda::add_inplace(params_.grad(mlp.gate_proj.weight), dw.slice0(0, inter));
+    cuda::add_inplace(params_.grad(mlp.up_proj.weight), dw.slice0(inter, inter));
+    return d_n2;
   }
 
   // dy: gradient at the layer's output; returns the gradient at its input.
   Tensor layer_backward(size_t l, LayerState& c, const Inputs& bt, const Tensor& dy, const Tensor* dprobs_aux) {
     const auto& L = m_.layers_[l];
-    const auto& A = L.attn;
-    const auto& moe = std::get<nn::SparseMoE>(L.mlp);
-    const int64_t t = bt.t, hd = A.head_dim;
-    // Experts.
+    Tensor d_n2 = std::holds_alternative<nn::DenseMLP>(L.mlp)
+                      ? dense_backward(std::get<nn::DenseMLP>(L.mlp), c, dy)
+                      : moe_backward(std::get<nn::SparseMoE>(L.mlp), c, dy, dprobs_aux);
+    // Post-attention norm and the residual.
+    Tensor d_x2 = cuda::rms_norm_backward(c.x2, value(L.post_attention_norm.weight), c.rstd2, d_n2,
+                                          params_.grad(L.post_attention_norm.weight));
+    cuda::add_inplace(d_x2, dy);
+    d_n2 = Tensor();
+    return attention_backward(L, c, bt, d_x2);
+  }
+
+  // Experts and router backward: accumulates their weight gradients, returns d(n2).
+  Tensor moe_backward(const nn::SparseMoE& moe, LayerState& c, const Tensor& dy, const Tensor* dprobs_aux) {
+    const int64_t t = dy.size(0);
     Tensor d_yp, d_weights;
     cuda::unpermute_tokens_backward(dy, c.y, c.weights, c.plan, d_yp, d_weights);
     c.y = Tensor();
@@ -219,13 +266,14 @@ class Qwen3MoeGpu : public GpuModel {
     Tensor d_logits = cuda::router_backward(c.probs, c.chosen, c.weights, d_weights, moe.norm_topk_prob, dt_, dprobs_aux);
     cuda::gemm(d_logits, false, value(moe.router), false, d_n2, /*accumulate=*/true);
     cuda::gemm(d_logits, true, c.n2, false, params_.grad(moe.router), true);
-    d_logits = Tensor();
-    // Post-attention norm and the residual.
-    Tensor d_x2 = cuda::rms_norm_backward(c.x2, value(L.post_attention_norm.weight), c.rstd2, d_n2,
-                                          params_.grad(L.post_attention_norm.weight));
-    cuda::add_inplace(d_x2, dy);
-    d_n2 = Tensor();
-    // Attention.
+    return d_n2;
+  }
+
+  // Attention backward from d(x2) (the gradient at the post-attention residual stream): accumulates
+  // the projection and q/k-norm gradients, returns d(x) = d(x2) + the input norm's backward.
+  Tensor attention_backward(const models::Qwen3Moe::Layer& L, LayerState& c, const Inputs& bt, const Tensor& d_x2) {
+    const auto& A = L.attn;
+    const int64_t t = bt.t, hd = A.head_dim;
     Tensor o2 = c.o.view({t, A.heads * hd});
     Tensor d_o = cuda::empty({t, A.heads * hd}, dt_, "attention output gradient");
     cuda::gemm(d_x2, false, value(A.o_proj.weight), false, d_o);
@@ -262,6 +310,7 @@ class Qwen3MoeGpu : public GpuModel {
     std::vector<double> routed(static_cast<size_t>(e), 0.0), prob(static_cast<size_t>(e), 0.0);
     int64_t rows = 0;
     for (const LayerState& s : st) {
+      if (!s.probs.defined()) continue;  // a dense layer
       for (int64_t i = 0; i < e; ++i) routed[i] += static_cast<double>(s.plan.offsets[i + 1] - s.plan.offsets[i]);
       Tensor p = cuda::to_host_f32(s.probs);
       const int64_t t = p.size(0);
@@ -287,10 +336,10 @@ class Qwen3MoeGpu : public GpuModel {
   DType dt_;
 };
 
-std::unique_ptr<GpuModel> make_qwen3_moe_gpu(const models::CausalLM& model, Precision p) {
+std::unique_ptr<GpuModel> make_qwen3_moe_gpu(const models::CausalLM& model, DeviceParams params) {
   const auto* q = dynamic_cast<const models::Qwen3Moe*>(&model);
   MF_CHECK(q, "internal: make_qwen3_moe_gpu on another family");
-  return std::make_unique<Qwen3MoeGpu>(*q, p);
+  return std::make_unique<Qwen3MoeGpu>(*q, std::move(params));
 }
 
 }  // namespace moeforge::gpu

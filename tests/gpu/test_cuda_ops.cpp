@@ -189,6 +189,121 @@ TEST_P(CudaOps, RouterSoftmaxTopk) {
   }
 }
 
+// Forced routing (the weights are the router's probabilities at the given experts) and the
+// router backward (renormalisation, an extra per-expert gradient, softmax) against a host
+// computation through ops::softmax_backward.
+TEST_P(CudaOps, RouterForcedAndBackward) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t t = 53, e = 16, k = 4;
+  Tensor logits = randn({t, e}, 61, 2.f);
+  Tensor p = rounded(logits, dt);
+  ops::softmax_rows_inplace(p);
+  std::vector<int64_t> forced(static_cast<size_t>(t * k));
+  for (int64_t i = 0; i < t * k; ++i) forced[i] = (i * 5 + 3) % e;  // distinct within a row
+  Tensor forced_h = Tensor::from_i64(forced, {t, k});
+  Tensor forced_d = cuda::to_device(forced_h, DType::I64);
+  Tensor dw = randn({t, k}, 62), extra = randn({e}, 63, 0.1f);
+  for (bool normalize : {false, true}) {
+    Tensor probs, weights, indices;
+    cuda::router_softmax_topk(cuda::to_device(logits, dt), k, normalize, probs, weights, indices, &forced_d);
+    Tensor want_w = Tensor::empty({t, k}, DType::F32), want_dp = Tensor::zeros({t, e}, DType::F32);
+    for (int64_t r = 0; r < t; ++r) {
+      double sum = 0, dot = 0;
+      for (int64_t j = 0; j < k; ++j) sum += p.f32()[r * e + forced[r * k + j]];
+      for (int64_t j = 0; j < k; ++j) {
+        const float pj = p.f32()[r * e + forced[r * k + j]];
+        want_w.f32()[r * k + j] = normalize ? static_cast<float>(pj / sum) : pj;
+        dot += static_cast<double>(dw.f32()[r * k + j]) * want_w.f32()[r * k + j];
+      }
+      for (int64_t i = 0; i < e; ++i) want_dp.f32()[r * e + i] = extra.f32()[i];
+      for (int64_t j = 0; j < k; ++j)
+        want_dp.f32()[r * e + forced[r * k + j]] +=
+            normalize ? static_cast<float>((dw.f32()[r * k + j] - dot) / sum) : dw.f32()[r * k + j];
+    }
+    expect_close(weights, want_w, {1e-6f, 1e-5f}, "forced router weights");
+    Tensor got_i = cuda::to_host_f32(indices);
+    EXPECT_EQ(std::vector<int64_t>(got_i.i64(), got_i.i64() + got_i.numel()), forced);
+    Tensor extra_d = cuda::to_device(extra, DType::F32);
+    Tensor dl = cuda::router_backward(probs, indices, weights, cuda::to_device(dw, DType::F32), normalize, dt, &extra_d);
+    const Tol tl = dt == DType::F32 ? Tol{1e-6f, 1e-5f} : Tol{1e-2f, 1e-2f};
+    expect_close(dl, ops::softmax_backward(p, want_dp), tl, normalize ? "router backward (renormalised)" : "router backward");
+  }
+}
+
+// AdamW with BF16 moments (the bf16 policy) and with F32 masters refreshing a BF16 copy
+// (bf16-mixed), against adamw_element on the host with the same roundings.
+TEST(CudaOptimizer, Bf16MomentsAndMasterCopy) {
+  REQUIRE_GPU();
+  const int64_t n = 70003;  // more than one chunk, and a tail that is not a whole vector
+  Tensor w = randn({n}, 71), g = randn({n}, 72, 0.1f), m = randn({n}, 73, 0.01f), v = randn({n}, 74, 0.001f);
+  for (int64_t i = 0; i < n; ++i) v.f32()[i] = std::abs(v.f32()[i]);
+  const ops::AdamWScalars sc{0.1f, 0.95f, 0.05f, std::sqrt(1 - 0.95f), 1e-8f, 1e-3f / 0.1f};
+  auto bf = [](float x) { return Tensor::from_vector({x}, {1}).to(DType::BF16).item_f32(); };
+  // bf16 policy: every tensor BF16.
+  {
+    cuda::AdamWTensors t{cuda::to_device(w, DType::BF16), cuda::to_device(g, DType::BF16), cuda::to_device(m, DType::BF16),
+                         cuda::to_device(v, DType::BF16), 0.999f, Tensor()};
+    cuda::adamw_multi_tensor({t}, sc);
+    Tensor want_w = Tensor::empty({n}, DType::F32), want_m = Tensor::empty({n}, DType::F32);
+    for (int64_t i = 0; i < n; ++i) {
+      float wi = bf(w.f32()[i]), mi = bf(m.f32()[i]), vi = bf(v.f32()[i]);
+      ops::adamw_element(wi, bf(g.f32()[i]), mi, vi, 0.999f, sc);
+      want_w.f32()[i] = bf(wi);
+      want_m.f32()[i] = bf(mi);
+    }
+    expect_close(t.param, want_w, {1e-6f, 8e-3f}, "bf16 AdamW weights");
+    expect_close(t.exp_avg, want_m, {1e-7f, 8e-3f}, "bf16 AdamW exp_avg");
+  }
+  // bf16-mixed: F32 master and moments, BF16 gradient, BF16 copy written in the same pass.
+  {
+    Tensor copy = cuda::empty({n}, DType::BF16);
+    cuda::poison(copy);
+    cuda::AdamWTensors t{cuda::to_device(w, DType::F32), cuda::to_device(g, DType::BF16), cuda::to_device(m, DType::F32),
+                         cuda::to_device(v, DType::F32), 0.999f, copy};
+    cuda::adamw_multi_tensor({t}, sc);
+    Tensor want = Tensor::empty({n}, DType::F32);
+    for (int64_t i = 0; i < n; ++i) {
+      float wi = w.f32()[i], mi = m.f32()[i], vi = v.f32()[i];
+      ops::adamw_element(wi, bf(g.f32()[i]), mi, vi, 0.999f, sc);
+      want.f32()[i] = wi;
+    }
+    expect_close(t.param, want, {1e-6f, 1e-5f}, "bf16-mixed master weights");
+    expect_close(copy, want, {1e-6f, 8e-3f}, "bf16-mixed working copy");
+  }
+}
+
+// The small device helpers the training step uses: add, copy, convert, fill, and the normal
+// generator's moments (and its determinism for one seed).
+TEST(CudaHelpers, AddCopyConvertFill) {
+  REQUIRE_GPU();
+  Tensor a = randn({1000}, 81), b = randn({1000}, 82);
+  Tensor ad = cuda::to_device(a, DType::F32), bd = cuda::to_device(b, DType::F32);
+  Tensor c = cuda::copy(ad);
+  cuda::add_inplace(c, bd);
+  Tensor want = a.clone();
+  for (int64_t i = 0; i < 1000; ++i) want.f32()[i] += b.f32()[i];
+  expect_close(c, want, {1e-6f, 1e-6f}, "add_inplace");
+  expect_close(ad, a, {0.f, 0.f}, "copy leaves the source");
+  Tensor h = cuda::empty({1000}, DType::BF16);
+  cuda::convert(ad, h);
+  expect_close(h, rounded(a, DType::BF16), {0.f, 0.f}, "convert to bf16");
+  Tensor n1 = cuda::empty({1 << 20}, DType::F32), n2 = cuda::empty({1 << 20}, DType::F32);
+  cuda::fill_normal(n1, 0.5f, 2.f, 7);
+  cuda::fill_normal(n2, 0.5f, 2.f, 7);
+  const auto x = cuda::to_host_f32(n1).to_f32_vector();
+  double mean = 0, var = 0;
+  for (float xi : x) mean += xi;
+  mean /= static_cast<double>(x.size());
+  for (float xi : x) var += (xi - mean) * (xi - mean);
+  var /= static_cast<double>(x.size());
+  EXPECT_NEAR(mean, 0.5, 0.01);
+  EXPECT_NEAR(std::sqrt(var), 2.0, 0.01);
+  EXPECT_EQ(x, cuda::to_host_f32(n2).to_f32_vector()) << "same seed, same values";
+  cuda::fill(n1, 3.f);
+  EXPECT_EQ(cuda::to_host_f32(n1).item_f32(12345), 3.f);
+}
+
 TEST_P(CudaOps, CrossEntropyFusedGradient) {
   REQUIRE_GPU();
   const DType dt = GetParam();

@@ -19,29 +19,12 @@ using namespace moeforge;
 
 namespace {
 
-int64_t counted_tokens(const Tensor& labels) {
-  int64_t n = 0;
-  for (int64_t i = 0; i < labels.numel(); ++i) n += (i % labels.size(1)) != 0 && labels.i64()[i] != -100;
-  return n;
-}
-
 models::TrainStepOptions step_options(const models::CausalLM& m, const Tensor& labels, bool ckpt) {
   models::TrainStepOptions o;
-  o.ce_scale = 1.f / static_cast<float>(counted_tokens(labels));
+  o.ce_scale = 1.f / static_cast<float>(test::counted_tokens(labels));
   o.aux_scale = m.config().output_router_logits ? static_cast<float>(m.config().router_aux_loss_coef) : 0.f;
   o.activation_checkpointing = ckpt;
   return o;
-}
-
-// max |a - b| / max |b| over a tensor.
-double tensor_rel_diff(const Tensor& a, const Tensor& b) {
-  auto x = a.to_f32_vector(), y = b.to_f32_vector();
-  double d = 0, m = 0;
-  for (size_t i = 0; i < x.size(); ++i) {
-    d = std::max(d, std::abs(static_cast<double>(x[i]) - y[i]));
-    m = std::max(m, std::abs(static_cast<double>(y[i])));
-  }
-  return m > 0 ? d / m : d;
 }
 
 }  // namespace
@@ -58,7 +41,7 @@ TEST_P(TrainParity, FirstStepGradientsMatchTorch) {
   m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, ckpt));
   for (const auto& p : m.model->params().all()) {
     ASSERT_TRUE(grads.contains("grad." + p.name)) << p.name;
-    EXPECT_LT(tensor_rel_diff(p.grad, grads.get("grad." + p.name)), 2e-5) << p.name;
+    EXPECT_LT(test::tensor_rel_diff(p.grad, grads.get("grad." + p.name)), 2e-5) << p.name;
   }
   if (!m.model->config().output_router_logits) return;
   // The load-balancing loss alone (coefficient 1, no cross-entropy).
@@ -71,7 +54,7 @@ TEST_P(TrainParity, FirstStepGradientsMatchTorch) {
   int checked = 0;
   for (const auto& p : m.model->params().all()) {
     if (!grads.contains("aux_grad." + p.name)) continue;  // unused by the aux loss in torch's graph
-    EXPECT_LT(tensor_rel_diff(p.grad, grads.get("aux_grad." + p.name)), 2e-5) << p.name;
+    EXPECT_LT(test::tensor_rel_diff(p.grad, grads.get("aux_grad." + p.name)), 2e-5) << p.name;
     ++checked;
   }
   EXPECT_GT(checked, 10);

@@ -58,4 +58,22 @@ inline float max_abs_diff(const Tensor& a, const Tensor& b) {
   return m;
 }
 
+// max |a - b| / max |b| over a tensor (the tensor-relative error the parity tests bound).
+inline double tensor_rel_diff(const Tensor& a, const Tensor& b) {
+  auto x = a.to_f32_vector(), y = b.to_f32_vector();
+  double d = 0, m = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    d = std::max(d, std::abs(static_cast<double>(x[i]) - y[i]));
+    m = std::max(m, std::abs(static_cast<double>(y[i])));
+  }
+  return m > 0 ? d / m : d;
+}
+
+// Tokens the shifted causal-LM loss counts in [B,S] labels (-100 ignored, first column never a target).
+inline int64_t counted_tokens(const Tensor& labels) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < labels.numel(); ++i) n += (i % labels.size(1)) != 0 && labels.i64()[i] != -100;
+  return n;
+}
+
 }  // namespace moeforge::test

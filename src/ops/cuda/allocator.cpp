@@ -145,6 +145,13 @@ std::string device_name() {
 }
 
 AllocatorStats allocator_stats() { return allocator().stats(); }
+
+int64_t device_used_bytes() {
+  size_t free_b = 0, total_b = 0;
+  MF_CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  return static_cast<int64_t>(total_b - free_b);
+}
+
 void reset_peak_stats() { allocator().reset_peak(); }
 void empty_cache() { allocator().empty_cache(); }
 

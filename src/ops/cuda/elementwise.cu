@@ -89,7 +89,73 @@ __global__ void add_kernel(T* y, const T* x, int64_t n) {
     store(y, i, load(y, i) + load(x, i));
 }
 
+// Counter-based normal samples: element i's two uniforms come from splitmix64(seed, i), so the
+// values depend on neither the launch shape nor the order (Box-Muller, one sample per element).
+__device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+template <typename T>
+__global__ void fill_normal_kernel(T* x, int64_t n, float mean, float std, uint64_t seed) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const uint64_t r = splitmix64(seed ^ splitmix64(static_cast<uint64_t>(i)));
+    const float u1 = (static_cast<float>(r >> 40) + 1.f) * (1.f / 16777217.f);  // (0, 1]
+    const float u2 = static_cast<float>((r >> 16) & 0xFFFFFFu) * (1.f / 16777216.f);
+    store(x, i, mean + std * sqrtf(-2.f * logf(u1)) * cospif(2.f * u2));
+  }
+}
+
+template <typename T>
+__global__ void fill_kernel(T* x, int64_t n, float v) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) store(x, i, v);
+}
+
+template <typename S, typename T>
+__global__ void convert_kernel(const S* x, T* y, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) store(y, i, load(x, i));
+}
+
 }  // namespace
+
+void convert(const Tensor& src, Tensor& dst) {
+  require_float(src, "convert");
+  require_float(dst, "convert");
+  MF_CHECK(src.numel() == dst.numel(), "convert: ", src.numel(), " elements into ", dst.numel());
+  if (src.numel() == 0) return;
+  dispatch_float(src.dtype(), [&](auto* stag) {
+    using S = std::remove_pointer_t<decltype(stag)>;
+    dispatch_float(dst.dtype(), [&](auto* ttag) {
+      using T = std::remove_pointer_t<decltype(ttag)>;
+      convert_kernel<<<grid_stride_blocks(src.numel()), kGridStrideThreads, 0, current_stream()>>>(src.data<S>(), dst.data<T>(),
+                                                                                                  src.numel());
+    });
+  });
+  MF_CUDA_CHECK_LAUNCH("convert");
+}
+
+void fill_normal(Tensor& x, float mean, float std, uint64_t seed) {
+  require_float(x, "fill_normal");
+  if (x.numel() == 0) return;
+  dispatch_float(x.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    fill_normal_kernel<<<grid_stride_blocks(x.numel()), kGridStrideThreads, 0, current_stream()>>>(x.data<T>(), x.numel(), mean,
+                                                                                                  std, seed);
+  });
+  MF_CUDA_CHECK_LAUNCH("fill_normal");
+}
+
+void fill(Tensor& x, float value) {
+  require_float(x, "fill");
+  if (x.numel() == 0) return;
+  dispatch_float(x.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    fill_kernel<<<grid_stride_blocks(x.numel()), kGridStrideThreads, 0, current_stream()>>>(x.data<T>(), x.numel(), value);
+  });
+  MF_CUDA_CHECK_LAUNCH("fill");
+}
 
 Tensor swiglu(const Tensor& gate_up) {
   require_float(gate_up, "swiglu");

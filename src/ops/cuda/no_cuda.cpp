@@ -15,6 +15,7 @@ namespace {
 bool available() { return false; }
 std::string device_name() { return ""; }
 AllocatorStats allocator_stats() { return {}; }
+int64_t device_used_bytes() { return 0; }
 void reset_peak_stats() {}
 void empty_cache() {}
 Tensor empty(const Shape&, DType, const char*) { unavailable(); }

@@ -40,20 +40,38 @@ __global__ void rms_norm_kernel(const T* x, T* residual, const W* w, T* y, float
   }
 }
 
+// Backward: each block walks rows blockIdx.x, +gridDim.x, ... and keeps its share of dw in
+// registers (element i belongs to thread i % blockDim.x), so dw receives one atomic add per block
+// and element instead of one per row (per-head q/k norms have T*heads rows of 128).
+constexpr int kMaxPerThread = 8;  // d <= 8 * 1024
+
 template <typename T, typename W>
 __global__ void rms_norm_backward_kernel(const T* x, const W* w, const float* rstd, const T* dy, T* dx, float* dw,
-                                         int64_t d) {
-  const int64_t row = blockIdx.x;
-  const float r = rstd[row];
-  float dot = 0.f;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) dot += load(dy + row * d, i) * load(w, i) * load(x + row * d, i);
-  dot = block_sum(dot);
-  // dx = r * (dy*w) - x * r^3 * mean(dy*w*x)
-  const float c = dot * r * r * r / static_cast<float>(d);
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    const float xi = load(x + row * d, i), g = load(dy + row * d, i);
-    store(dx + row * d, i, r * g * load(w, i) - xi * c);
-    atomicAdd(dw + i, g * xi * r);
+                                         int64_t rows, int64_t d) {
+  float dw_part[kMaxPerThread];
+#pragma unroll
+  for (int j = 0; j < kMaxPerThread; ++j) dw_part[j] = 0.f;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float r = rstd[row];
+    float dot = 0.f;
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) dot += load(dy + row * d, i) * load(w, i) * load(x + row * d, i);
+    dot = block_sum(dot);
+    // dx = r * (dy*w) - x * r^3 * mean(dy*w*x)
+    const float c = dot * r * r * r / static_cast<float>(d);
+#pragma unroll
+    for (int j = 0; j < kMaxPerThread; ++j) {
+      const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+      if (i < d) {
+        const float xi = load(x + row * d, i), g = load(dy + row * d, i);
+        store(dx + row * d, i, r * g * load(w, i) - xi * c);
+        dw_part[j] += g * xi * r;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kMaxPerThread; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    if (i < d) atomicAdd(dw + i, dw_part[j]);
   }
 }
 
@@ -103,11 +121,13 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rs
   Tensor dx = empty(x.shape(), x.dtype(), "rms_norm input gradient");
   if (rows == 0) return dx;
   const int threads = std::min(threads_for(d), 1024);
+  MF_CHECK(d <= static_cast<int64_t>(kMaxPerThread) * threads, "rms_norm_backward: rows of ", d, " are too long");
+  const int64_t blocks = std::min<int64_t>(rows, 1024);
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_weight(weight, [&](auto* wp) {
-      rms_norm_backward_kernel<<<rows, threads, 0, current_stream()>>>(x.data<T>(), wp, rstd.data<float>(), dy.data<T>(),
-                                                                       dx.data<T>(), dw.data<float>(), d);
+      rms_norm_backward_kernel<<<blocks, threads, 0, current_stream()>>>(x.data<T>(), wp, rstd.data<float>(), dy.data<T>(),
+                                                                         dx.data<T>(), dw.data<float>(), rows, d);
     });
   });
   MF_CUDA_CHECK_LAUNCH("rms_norm_backward");

@@ -17,6 +17,13 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& 
 // y = x W^T: the nn.Linear layout (x [M,K], W [N,K]).
 Tensor linear(const Tensor& x, const Tensor& weight);
 
+// Random initialisation on the device: N(mean, std) from a counter-based generator (the same
+// values for the same seed on any GPU), or a constant.
+void fill_normal(Tensor& x, float mean, float std, uint64_t seed);
+void fill(Tensor& x, float value);
+// dst = src converted elementwise (F32 / BF16 / F16, same element count).
+void convert(const Tensor& src, Tensor& dst);
+
 // y += x (same dtype and size); a device copy of x; x set to zero bytes.
 void add_inplace(Tensor& y, const Tensor& x);
 Tensor copy(const Tensor& x, const char* what = "copy");

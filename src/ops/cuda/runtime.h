@@ -22,6 +22,8 @@ struct AllocatorStats {
   int64_t cuda_free_calls = 0;
 };
 AllocatorStats allocator_stats();
+// Memory in use on the device by every client (what nvidia-smi shows): total - free.
+int64_t device_used_bytes();
 void reset_peak_stats();
 // Returns every cached block to the driver (after synchronising).
 void empty_cache();

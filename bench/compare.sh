@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs `moeforge bench` and bench/hf_baseline.py on the same workload in one call (on the GPU
+# machine) and prints both rows and the ratios (moeforge / Transformers: tokens/s and peak memory).
+# usage: bench/compare.sh CONFIG [bench flags: --layers N --seq S --routing R --steps N --warmup N]
+#        MOEFORGE=path/to/moeforge PRECISION=bf16 PYTHON=python3 (environment)
+set -euo pipefail
+config=$1; shift
+MOEFORGE=${MOEFORGE:-build/moeforge}
+PYTHON=${PYTHON:-python3}
+PRECISION=${PRECISION:-bf16}
+mf_json=$("$MOEFORGE" bench "$config" --precision "$PRECISION" "$@" | tail -n 1)
+hf_json=$("$PYTHON" "$(dirname "$0")/hf_baseline.py" "$config" "$@" | tail -n 1)
+"$PYTHON" - "$mf_json" "$hf_json" <<'PY'
+import json, sys
+mf, hf = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+cols = [("tokens_per_s_per_gpu", "tok/s/GPU", "%10.0f"), ("model_tflops_per_gpu", "TFLOP/s", "%8.1f"),
+        ("peak_allocated_gib", "peak GiB", "%9.2f"), ("device_used_gib", "dev used", "%9.2f"),
+        ("fwd_loss_ms", "fwd+loss", "%9.1f"), ("bwd_ms", "bwd ms", "%8.1f"), ("optimizer_ms", "opt ms", "%8.1f"),
+        ("step_ms", "step ms", "%8.1f")]
+print("%-24s" % "impl" + "".join(" %*s" % (len(f % 0) , n) for _, n, f in cols))
+for r in (mf, hf):
+    name = r["impl"] + ("/" + r.get("precision", "")) 
+    print("%-24s" % name + "".join(" " + f % r[k] for k, _, f in cols))
+print("ratio moeforge/transformers: tokens/s %.2fx, peak allocated %.2fx  (%s routing, %d layers, seq %d)" % (
+    mf["tokens_per_s_per_gpu"] / hf["tokens_per_s_per_gpu"], mf["peak_allocated_gib"] / hf["peak_allocated_gib"],
+    mf["routing"], mf["layers"], mf["seq"]))
+print("MF_JSON " + json.dumps(mf))
+print("HF_JSON " + json.dumps(hf))
+PY

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""The training-step benchmark of shared/BENCHMARKS.md in Hugging Face Transformers v5: the same
+workload as `moeforge bench` (random init in a config's architecture, vocab-uniform random tokens,
+forward + loss, backward, AdamW), bf16 parameters, sdpa attention, `grouped_mm` experts,
+torch.optim.AdamW(fused=True) on the bf16 parameters (so its moments are bf16 too). Prints a
+table row and one JSON line with the same keys as moeforge's.
+
+Balanced routing replaces each router's top-k choice with the round-robin assignment
+(token t's slot j -> expert (t*k + j) mod E); the weights are still the router's probabilities
+at those experts, so the router trains, as in moeforge."""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+
+def flops_per_token(c, seq):
+    h, q = c.hidden_size, c.num_attention_heads * c.head_dim
+    kv = c.num_key_value_heads * c.head_dim
+    layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * seq * q
+    layer += c.num_experts_per_tok * 3 * 2 * h * c.moe_intermediate_size + 2 * h * c.num_experts
+    return 3 * (c.num_hidden_layers * layer + 2 * h * c.vocab_size)
+
+
+def balanced_gate_forward(gate):
+    def forward(hidden_states):
+        hidden_states = hidden_states.reshape(-1, gate.hidden_dim)
+        logits = torch.nn.functional.linear(hidden_states, gate.weight)
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        t = probs.shape[0]
+        idx = (torch.arange(t * gate.top_k, device=probs.device) % gate.num_experts).view(t, gate.top_k)
+        w = probs.gather(1, idx)
+        if gate.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return logits, w.to(logits.dtype), idx
+    return forward
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config")
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--routing", choices=["native", "balanced"], default="native")
+    ap.add_argument("--experts", default="grouped_mm", help="experts_implementation")
+    ap.add_argument("--seed", type=int, default=1234)
+    a = ap.parse_args()
+
+    cfg = AutoConfig.from_pretrained(a.config)
+    if a.layers:
+        cfg.num_hidden_layers = a.layers
+    torch.manual_seed(a.seed)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", experts_implementation=a.experts,
+                                                 dtype=torch.bfloat16)
+    model.train()
+    if a.routing == "balanced":
+        n = 0
+        for mod in model.modules():
+            if hasattr(mod, "top_k") and hasattr(mod, "num_experts") and hasattr(mod, "weight") and mod.weight.dim() == 2:
+                mod.forward = balanced_gate_forward(mod)
+                n += 1
+        assert n > 0, "no router found to patch"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(a.seed)
+    fwd, bwd, optm, step = [], [], [], []
+    first = last = None
+    torch.cuda.reset_peak_memory_stats()
+    peak_used = 0
+    for i in range(a.warmup + a.steps):
+        ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device="cuda", generator=gen)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        loss.backward()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        free, total = torch.cuda.mem_get_info()
+        peak_used = max(peak_used, total - free)
+        lv = loss.item()
+        first = lv if first is None else first
+        last = lv
+        print(f"  step {i + 1}/{a.warmup + a.steps}  loss {lv:.4f}  {(t3 - t0) * 1e3:.1f} ms", file=sys.stderr)
+        if i >= a.warmup:
+            fwd.append((t1 - t0) * 1e3)
+            bwd.append((t2 - t1) * 1e3)
+            optm.append((t3 - t2) * 1e3)
+            step.append((t3 - t0) * 1e3)
+    step_ms = statistics.median(step)
+    tps = a.batch * a.seq / (step_ms / 1e3)
+    gib = 1024 ** 3
+    r = {
+        "impl": "transformers", "transformers": transformers.__version__, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(), "config": a.config, "layers": cfg.num_hidden_layers,
+        "params": sum(p.numel() for p in model.parameters()), "seq": a.seq, "batch": a.batch,
+        "routing": a.routing, "precision": "bf16", "experts_implementation": a.experts, "steps": a.steps,
+        "warmup": a.warmup, "tokens_per_s_per_gpu": tps, "model_tflops_per_gpu": flops_per_token(cfg, a.seq) * tps / 1e12,
+        "flops_per_token": flops_per_token(cfg, a.seq),
+        "peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / gib, "device_used_gib": peak_used / gib,
+        "fwd_loss_ms": statistics.median(fwd), "bwd_ms": statistics.median(bwd),
+        "optimizer_ms": statistics.median(optm), "step_ms": step_ms, "first_loss": first, "last_loss": last,
+    }
+    print(f"{'transformers':<14} {tps:10.0f} {r['model_tflops_per_gpu']:8.1f} {r['peak_allocated_gib']:9.2f} "
+          f"{r['peak_reserved_gib']:9.2f} {r['device_used_gib']:9.2f} {r['fwd_loss_ms']:9.1f} {r['bwd_ms']:8.1f} "
+          f"{r['optimizer_ms']:8.1f} {step_ms:8.1f}")
+    print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+// moeforge bench: the training-step benchmark (shared/BENCHMARKS.md) on this machine's GPU, printed
+// as a table and as one JSON line that bench/compare.sh pairs with bench/hf_baseline.py's.
+#include <cstdio>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "cli/args.h"
+#include "cli/commands.h"
+#include "core/error.h"
+#include "hf/config.h"
+#include "models/flops.h"
+
+#ifdef MOEFORGE_HAVE_CUDA
+#include "gpu/bench.h"
+#endif
+
+namespace moeforge::cli {
+
+namespace {
+
+int64_t int_flag(const Args& a, const char* flag, int64_t def) {
+  const auto v = a.get(flag);
+  if (!v) return def;
+  try {
+    size_t used = 0;
+    const long long x = std::stoll(*v, &used);
+    if (used == v->size()) return x;
+  } catch (const std::exception&) {
+  }
+  MF_THROW("bench: ", flag, " needs an integer, got '", *v, "'");
+}
+
+}  // namespace
+
+int cmd_bench(const std::vector<std::string>& argv) {
+  Args args(argv, {"--layers", "--seq", "--batch", "--steps", "--warmup", "--routing", "--precision", "--seed"},
+            {"--activation-checkpointing"});
+  MF_CHECK(args.positionals().size() == 1, "bench takes one CONFIG.json or MODEL_DIR");
+  const std::string path = args.positionals()[0];
+  MF_CHECK(std::filesystem::exists(path), path, ": no such file or folder");
+  hf::ModelConfig cfg = hf::load_config(path);
+  if (const auto l = args.get("--layers")) {
+    const int64_t n = int_flag(args, "--layers", 0);
+    MF_CHECK(n >= 1, "bench: --layers must be at least 1, got ", *l);
+    cfg.raw["num_hidden_layers"] = n;
+    cfg = hf::parse_config(cfg.raw, cfg.source);
+  }
+  const std::string routing = args.get("--routing").value_or("native");
+  MF_CHECK(routing == "native" || routing == "balanced", "bench: --routing must be native or balanced, got '", routing, "'");
+  const std::string precision = args.get("--precision").value_or("bf16-mixed");
+#ifndef MOEFORGE_HAVE_CUDA
+  (void)precision;
+  MF_THROW("bench runs on the GPU, and this moeforge was built without the CUDA backend");
+#else
+  gpu::BenchOptions o;
+  o.seq = int_flag(args, "--seq", 4096);
+  o.batch = int_flag(args, "--batch", 1);
+  o.steps = int_flag(args, "--steps", 10);
+  o.warmup = int_flag(args, "--warmup", 3);
+  o.seed = static_cast<uint64_t>(int_flag(args, "--seed", 1234));
+  o.balanced_routing = routing == "balanced";
+  o.precision = gpu::parse_precision(precision, "bench --precision");
+  o.activation_checkpointing = args.has("--activation-checkpointing");
+  std::fprintf(stderr, "bench: %s, %lld layers, seq %lld, batch %lld, %s routing, %s, %lld warm-up + %lld timed steps\n",
+               cfg.source.c_str(), static_cast<long long>(cfg.num_hidden_layers), static_cast<long long>(o.seq),
+               static_cast<long long>(o.batch), routing.c_str(), precision.c_str(), static_cast<long long>(o.warmup),
+               static_cast<long long>(o.steps));
+  const gpu::BenchResult r = gpu::run_bench(cfg, o, [](int64_t i, int64_t n, double loss, double ms) {
+    std::fprintf(stderr, "  step %lld/%lld  loss %.4f  %.1f ms\n", static_cast<long long>(i), static_cast<long long>(n), loss, ms);
+  });
+  std::printf("%-14s %10s %8s %9s %9s %9s %9s %8s %8s %8s\n", "impl", "tok/s/GPU", "TFLOP/s", "peak GiB", "reserved",
+              "dev used", "fwd+loss", "bwd ms", "opt ms", "step ms");
+  std::printf("%-14s %10.0f %8.1f %9.2f %9.2f %9.2f %9.1f %8.1f %8.1f %8.1f\n", "moeforge", r.tokens_per_s, r.tflops,
+              r.peak_allocated_gib, r.peak_reserved_gib, r.device_used_gib, r.forward_ms, r.backward_ms, r.optimizer_ms,
+              r.step_ms);
+  nlohmann::ordered_json j;
+  j["impl"] = "moeforge";
+  j["device"] = r.device;
+  j["config"] = cfg.source;
+  j["layers"] = cfg.num_hidden_layers;
+  j["params"] = r.params;
+  j["seq"] = o.seq;
+  j["batch"] = o.batch;
+  j["routing"] = routing;
+  j["precision"] = precision;
+  j["activation_checkpointing"] = o.activation_checkpointing;
+  j["steps"] = o.steps;
+  j["warmup"] = o.warmup;
+  j["tokens_per_s_per_gpu"] = r.tokens_per_s;
+  j["model_tflops_per_gpu"] = r.tflops;
+  j["flops_per_token"] = models::flops_per_token(cfg, o.seq).training;
+  j["peak_allocated_gib"] = r.peak_allocated_gib;
+  j["peak_reserved_gib"] = r.peak_reserved_gib;
+  j["device_used_gib"] = r.device_used_gib;
+  j["fwd_loss_ms"] = r.forward_ms;
+  j["bwd_ms"] = r.backward_ms;
+  j["optimizer_ms"] = r.optimizer_ms;
+  j["step_ms"] = r.step_ms;
+  j["first_loss"] = r.first_loss;
+  j["last_loss"] = r.last_loss;
+  std::printf("%s\n", j.dump().c_str());
+  return 0;
+#endif
+}
+
+}  // namespace moeforge::cli

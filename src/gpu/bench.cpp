@@ -1,0 +1,94 @@
+#include "gpu/bench.h"
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+#include <vector>
+
+#include "core/error.h"
+#include "gpu/adamw.h"
+#include "gpu/gpu_model.h"
+#include "models/flops.h"
+#include "models/registry.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::gpu {
+
+namespace {
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
+}
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+}  // namespace
+
+BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*progress)(int64_t, int64_t, double, double)) {
+  MF_CHECK(cuda::available(), "bench: no CUDA device is available on this machine");
+  MF_CHECK(o.seq >= 2 && o.batch >= 1 && o.steps >= 1 && o.warmup >= 0, "bench: seq >= 2, batch >= 1, steps >= 1, warmup >= 0");
+  auto model = models::build_model(cfg);
+  const float init_std = cfg.raw.contains("initializer_range") && cfg.raw["initializer_range"].is_number()
+                             ? cfg.raw["initializer_range"].get<float>()
+                             : 0.02f;
+  auto gm = make_gpu_model(*model, DeviceParams::random(model->params(), o.precision, init_std, o.seed));
+  train::AdamWOptions ao;
+  ao.lr = o.lr;
+  ao.weight_decay = o.weight_decay;
+  DeviceAdamW opt(gm->params(), ao);
+  cuda::synchronize();
+
+  std::mt19937_64 rng(o.seed);
+  std::uniform_int_distribution<int64_t> tok(0, cfg.vocab_size - 1);
+  const int64_t n = o.batch * o.seq;
+  GpuStepOptions so;
+  so.ce_scale = 1.f / static_cast<float>(o.batch * (o.seq - 1));
+  so.balanced_routing = o.balanced_routing;
+  so.activation_checkpointing = o.activation_checkpointing;
+  std::vector<double> fwd, bwd, optm, step;
+  BenchResult r;
+  const int64_t total = o.warmup + o.steps;
+  for (int64_t i = 0; i < total; ++i) {
+    std::vector<int64_t> ids(static_cast<size_t>(n));
+    for (auto& t : ids) t = tok(rng);
+    Tensor input = Tensor::from_i64(ids, {o.batch, o.seq});
+    models::ForwardInputs in;
+    in.input_ids = input;
+    in.labels = &input;
+    const auto t0 = std::chrono::steady_clock::now();
+    const GpuStepResult sr = gm->forward_backward(in, so);
+    const auto t1 = std::chrono::steady_clock::now();
+    opt.step(o.lr);
+    gm->params().zero_grad();
+    cuda::synchronize();
+    const auto t2 = std::chrono::steady_clock::now();
+    const double loss = sr.ce_sum / static_cast<double>(std::max<int64_t>(sr.tokens, 1));
+    const double step_ms = std::chrono::duration<double, std::milli>(t2 - t0).count();
+    if (i == 0) r.first_loss = loss;
+    r.last_loss = loss;
+    if (i >= o.warmup) {
+      fwd.push_back(sr.forward_ms);
+      bwd.push_back(sr.backward_ms);
+      optm.push_back(std::chrono::duration<double, std::milli>(t2 - t1).count());
+      step.push_back(step_ms);
+    }
+    if (progress) progress(i + 1, total, loss, step_ms);
+  }
+  r.forward_ms = median(fwd);
+  r.backward_ms = median(bwd);
+  r.optimizer_ms = median(optm);
+  r.step_ms = median(step);
+  r.tokens_per_s = static_cast<double>(n) / (r.step_ms / 1000.0);
+  r.tflops = models::flops_per_token(cfg, o.seq).training * r.tokens_per_s / 1e12;
+  const auto st = cuda::allocator_stats();
+  r.peak_allocated_gib = static_cast<double>(st.peak_allocated_bytes) / kGiB;
+  r.peak_reserved_gib = static_cast<double>(st.peak_reserved_bytes) / kGiB;
+  r.device_used_gib = static_cast<double>(cuda::device_used_bytes()) / kGiB;
+  r.params = model->params().numel();
+  r.device = cuda::device_name();
+  return r;
+}
+
+}  // namespace moeforge::gpu

@@ -1,0 +1,35 @@
+// The training-step benchmark of shared/BENCHMARKS.md on one GPU: random weights in a config's
+// architecture, vocab-uniform random tokens, forward + loss + backward + AdamW per step; medians
+// over the timed steps after warm-up; model FLOPs counted from the config.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "gpu/precision.h"
+#include "hf/config.h"
+
+namespace moeforge::gpu {
+
+struct BenchOptions {
+  int64_t seq = 4096, batch = 1, steps = 10, warmup = 3;
+  bool balanced_routing = false;
+  Precision precision = Precision::BF16;
+  bool activation_checkpointing = false;
+  uint64_t seed = 1234;
+  double lr = 1e-5, weight_decay = 0.01;  // torch.optim.AdamW's default decay, as the baseline
+};
+
+struct BenchResult {
+  double tokens_per_s = 0, tflops = 0;
+  double forward_ms = 0, backward_ms = 0, optimizer_ms = 0, step_ms = 0;  // medians
+  double peak_allocated_gib = 0, peak_reserved_gib = 0, device_used_gib = 0;
+  double first_loss = 0, last_loss = 0;
+  int64_t params = 0;
+  std::string device;
+};
+
+// `progress` is called after every step with (step, steps in all, loss, step ms).
+BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& opts,
+                      void (*progress)(int64_t, int64_t, double, double) = nullptr);
+
+}  // namespace moeforge::gpu
