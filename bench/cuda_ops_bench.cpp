@@ -138,11 +138,17 @@ int main() {
     Tensor lse, out;
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
     const double fwd_flops = 2.0 * S * S * D * HQ;
-    double ms = time_ms([&] { out = cuda::attention(q, k, v, scale, 0, nullptr, &lse); }, 3);
-    report("attention forward (CUDA cores)", "4096 causal 32/4 heads d128", ms, fwd_flops, 0);
-    Tensor dq, dk, dv;
-    ms = time_ms([&] { cuda::attention_backward(q, k, v, out, lse, out, scale, 0, nullptr, dq, dk, dv); }, 3);
-    report("attention backward (CUDA cores)", "4096 causal 32/4 heads d128", ms, 2.5 * fwd_flops, 0);
+    // Both backends: the native CUDA-core kernels, then the default (cuDNN when built with it).
+    for (const char* backend : {"native", "default"}) {
+      if (std::string(backend) == "native") setenv("MOEFORGE_ATTENTION", "native", 1);
+      else unsetenv("MOEFORGE_ATTENTION");
+      const std::string name = cuda::attention_backend(q, 0, nullptr);
+      double ms = time_ms([&] { out = cuda::attention(q, k, v, scale, 0, nullptr, &lse); }, 3);
+      report(("attention forward (" + name + ")").c_str(), "4096 causal 32/4 heads d128", ms, fwd_flops, 0);
+      Tensor dq, dk, dv;
+      ms = time_ms([&] { cuda::attention_backward(q, k, v, out, lse, out, scale, 0, nullptr, dq, dk, dv); }, 3);
+      report(("attention backward (" + name + ")").c_str(), "4096 causal 32/4 heads d128", ms, 2.5 * fwd_flops, 0);
+    }
   }
   {
     // Fused linear cross-entropy over 4096 tokens, hidden 2048, vocabulary 151936: 3 GEMMs of

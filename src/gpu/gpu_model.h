@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "gpu/device_params.h"
+#include "gpu/phase_times.h"
 #include "models/causal_lm.h"
 
 namespace moeforge::gpu {
@@ -34,6 +35,11 @@ class GpuModel {
   // Host F32 logits [B,S,V] of a forward pass with the device weights (parity checks).
   virtual Tensor forward_logits(const models::ForwardInputs& in) = 0;
   virtual DeviceParams& params() = 0;
+  // Per-phase times (MOEFORGE_PHASE_TIMES=1), summed over the calls since the last clear().
+  PhaseTimes& phase_times() { return phases_; }
+
+ protected:
+  PhaseTimes phases_;
 };
 
 // The GPU path of `model`'s family over `params` (DeviceParams(model.params(), precision) to

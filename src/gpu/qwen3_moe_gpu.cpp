@@ -52,10 +52,12 @@ class Qwen3MoeGpu : public GpuModel {
     MF_CHECK(in.labels, "forward_backward needs labels");
     MF_CHECK(!in.routing, "GPU training: routing record/replay is not supported on the GPU (use balanced_routing)");
     const auto t0 = std::chrono::steady_clock::now();
+    phases_.start();
     Inputs bt = upload(in, opts.balanced_routing);
     const size_t nl = m_.layers_.size();
     std::vector<LayerState> st(nl);
     Tensor x = cuda::embedding(bt.ids, value(m_.embed_));
+    phases_.mark("fwd: inputs + embedding");
     for (size_t l = 0; l < nl; ++l) {
       if (opts.activation_checkpointing) {
         LayerState tmp;
@@ -71,10 +73,12 @@ class Qwen3MoeGpu : public GpuModel {
     Tensor rstd_f;
     Tensor xf = cuda::rms_norm(x, value(m_.final_norm_.weight), m_.final_norm_.eps, &rstd_f);
     Tensor targets = cuda::to_device(models::shifted_targets(*in.labels), DType::I64);
+    phases_.mark("fwd: final norm");
     GpuStepResult res;
     Tensor d_xf;
     res.ce_sum = cuda::fused_linear_cross_entropy(xf, value(m_.lm_head_), targets, -100, opts.ce_scale, d_xf,
                                                   params_.grad(m_.lm_head_), &res.tokens);
+    phases_.mark("fused LM head + loss (fwd and its grads)");
     cuda::synchronize();
     res.forward_ms = ms_since(t0);
     const auto t1 = std::chrono::steady_clock::now();
@@ -92,6 +96,7 @@ class Qwen3MoeGpu : public GpuModel {
       st[l] = LayerState();
     }
     cuda::embedding_backward(bt.ids, dx, params_.grad(m_.embed_));
+    phases_.mark("bwd: embedding");
     cuda::synchronize();
     res.backward_ms = ms_since(t1);
     return res;
@@ -162,11 +167,14 @@ class Qwen3MoeGpu : public GpuModel {
     cuda::rope_inplace(c.k, bt.cos, bt.sin);
     c.q = c.q.view({bt.b, bt.s, A.heads, hd});
     c.k = c.k.view({bt.b, bt.s, A.kv_heads, hd});
+    phases_.mark("fwd: norm + qkv + rope");
     c.o = cuda::attention(c.q, c.k, c.v, scale(A), window(A), bt.doc_ids, &c.lse);
+    phases_.mark("fwd: attention core");
     Tensor a = cuda::linear(c.o.view({t, A.heads * hd}), value(A.o_proj.weight));
     c.x2 = cuda::copy(x, "the residual stream");
     c.n2 = cuda::add_rms_norm(a, c.x2, value(L.post_attention_norm.weight), L.post_attention_norm.eps, &c.rstd2);
     a = Tensor();
+    phases_.mark("fwd: attention block");
     Tensor out;
     if (const auto* dense = std::get_if<nn::DenseMLP>(&L.mlp)) {
       c.gu = cuda::linear(c.n2, dense_gate_up(*dense));
@@ -181,6 +189,7 @@ class Qwen3MoeGpu : public GpuModel {
     if (!replay) bt.chosen_record[l] = c.chosen;
     c.plan = cuda::plan_routing(c.chosen, moe.experts);
     Tensor xp = cuda::permute_tokens(c.n2, c.plan);
+    phases_.mark("fwd: router + plan + permute");
     c.gu = cuda::empty({t * moe.top_k, 2 * moe.inter}, dt_, "expert gate_up output");
     cuda::grouped_linear(xp, value(moe.gate_up), c.plan.offsets, c.gu);
     xp = Tensor();
@@ -188,8 +197,10 @@ class Qwen3MoeGpu : public GpuModel {
     c.y = cuda::empty({t * moe.top_k, moe.hidden}, dt_, "expert output");
     cuda::grouped_linear(act, value(moe.down), c.plan.offsets, c.y);
     act = Tensor();
+    phases_.mark("fwd: expert GEMMs + SwiGLU");
     out = cuda::unpermute_tokens(c.y, c.weights, c.plan);
     cuda::add_inplace(out, c.x2);
+    phases_.mark("fwd: unpermute + residual");
     return out;
   }
 
@@ -243,8 +254,10 @@ class Qwen3MoeGpu : public GpuModel {
   Tensor moe_backward(const nn::SparseMoE& moe, LayerState& c, const Tensor& dy, const Tensor* dprobs_aux) {
     const int64_t t = dy.size(0);
     Tensor d_yp, d_weights;
+    phases_.mark("bwd: (before experts)");
     cuda::unpermute_tokens_backward(dy, c.y, c.weights, c.plan, d_yp, d_weights);
     c.y = Tensor();
+    phases_.mark("bwd: unpermute");
     Tensor act = cuda::swiglu(c.gu);
     cuda::grouped_linear_weight_grad(d_yp, act, c.plan.offsets, params_.grad(moe.down), /*accumulate=*/true);
     Tensor d_act = cuda::empty(act.shape(), dt_, "expert activation gradient");
@@ -260,12 +273,14 @@ class Qwen3MoeGpu : public GpuModel {
     Tensor d_xp = cuda::empty({t * moe.top_k, moe.hidden}, dt_, "expert input gradient");
     cuda::grouped_linear_input_grad(d_gu, value(moe.gate_up), c.plan.offsets, d_xp);
     d_gu = Tensor();
+    phases_.mark("bwd: expert GEMMs + SwiGLU");
     Tensor d_n2 = cuda::permute_tokens_backward(d_xp, c.plan);
     d_xp = Tensor();
     // Router.
     Tensor d_logits = cuda::router_backward(c.probs, c.chosen, c.weights, d_weights, moe.norm_topk_prob, dt_, dprobs_aux);
     cuda::gemm(d_logits, false, value(moe.router), false, d_n2, /*accumulate=*/true);
     cuda::gemm(d_logits, true, c.n2, false, params_.grad(moe.router), true);
+    phases_.mark("bwd: permute + router");
     return d_n2;
   }
 
@@ -279,7 +294,9 @@ class Qwen3MoeGpu : public GpuModel {
     cuda::gemm(d_x2, false, value(A.o_proj.weight), false, d_o);
     cuda::gemm(d_x2, true, o2, false, params_.grad(A.o_proj.weight), true);
     Tensor dq, dk, dv;
+    phases_.mark("bwd: norm + o_proj");
     cuda::attention_backward(c.q, c.k, c.v, c.o, c.lse, d_o.view(c.q.shape()), scale(A), window(A), bt.doc_ids, dq, dk, dv);
+    phases_.mark("bwd: attention core");
     d_o = Tensor();
     dq = dq.view({t, A.heads, hd});
     dk = dk.view({t, A.kv_heads, hd});
@@ -299,6 +316,7 @@ class Qwen3MoeGpu : public GpuModel {
     cuda::gemm(dv2, true, c.n1, false, params_.grad(A.v_proj.weight), true);
     Tensor dx = cuda::rms_norm_backward(c.x, value(L.input_norm.weight), c.rstd1, d_n1, params_.grad(L.input_norm.weight));
     cuda::add_inplace(dx, d_x2);
+    phases_.mark("bwd: attention block");
     return dx;
   }
 
