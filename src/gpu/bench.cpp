@@ -76,12 +76,13 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
       step.push_back(step_ms);
     }
     if (progress) progress(i + 1, total, loss, step_ms);
+    if (i + 1 == o.warmup) gm->phase_times().clear();  // phases count the timed steps only
   }
   if (gm->phase_times().enabled()) {
-    std::fprintf(stderr, "phase times (MOEFORGE_PHASE_TIMES=1; ms per step over all %lld steps):\n",
-                 static_cast<long long>(total));
+    std::fprintf(stderr, "phase times (MOEFORGE_PHASE_TIMES=1; ms per step, mean of the %lld timed steps):\n",
+                 static_cast<long long>(o.steps));
     for (const auto& [phase, ms] : gm->phase_times().totals())
-      std::fprintf(stderr, "  %8.2f  %s\n", ms / static_cast<double>(total), phase.c_str());
+      std::fprintf(stderr, "  %8.2f  %s\n", ms / static_cast<double>(o.steps), phase.c_str());
   }
   r.forward_ms = median(fwd);
   r.backward_ms = median(bwd);
