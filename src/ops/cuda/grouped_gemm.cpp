@@ -52,20 +52,19 @@ struct Product {
 // experts are large: measured on H100 (docs/perf-notes.md), the grouped call reaches ~300 TFLOP/s
 // at any size while a loop of cuBLASLt calls reaches ~630 at 2048 rows per expert but only ~120 at
 // 256 (launch-bound). MOEFORGE_GROUPED_GEMM=loop|grouped forces one.
-const std::string& forced_mode() {
+bool use_loop(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc) {
   static const std::string forced = [] {
     const char* v = std::getenv("MOEFORGE_GROUPED_GEMM");
     return std::string(v ? v : "");
   }();
-  return forced;
+  if (ta != tc || tb != tc) return true;
+  if (forced == "loop") return true;
+  if (forced == "grouped") return false;
+  // Mean FLOPs per expert: 2048 tokens x (2048 -> 1536) is 12.9 GFLOP, 256 tokens 1.6 GFLOP.
+  double flops = 0;
+  for (const Product& p : ps) flops += 2.0 * static_cast<double>(p.m) * static_cast<double>(p.n) * static_cast<double>(p.k);
+  return flops / static_cast<double>(ps.size()) >= 3e9;
 }
-
-double product_flops(const Product& p) {
-  return 2.0 * static_cast<double>(p.m) * static_cast<double>(p.n) * static_cast<double>(p.k);
-}
-
-// 2048 tokens x (2048 -> 1536) is 12.9 GFLOP, 256 tokens 1.6 GFLOP.
-constexpr double kLoopFlops = 3e9;
 
 DType dtype_from(cudaDataType_t t) { return t == CUDA_R_32F ? DType::F32 : DType::BF16; }
 
@@ -83,23 +82,9 @@ void run_loop(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t 
   }
 }
 
-void run_grouped_call(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta);
-
-// Dispatch: mixed dtypes -> the loop; otherwise experts of at least kLoopFlops run as single
-// cuBLASLt GEMMs and the rest in one grouped call. Under native routing a few experts get many
-// times the mean row count, and the grouped call was measured ~4x slower on such skewed groups
-// than on balanced ones (docs/perf-notes.md); MOEFORGE_GROUPED_GEMM=loop|grouped forces one path.
 void run_grouped(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
   if (ps.empty()) return;
-  if (ta != tc || tb != tc || forced_mode() == "loop") return run_loop(ps, ta, tb, tc, beta);
-  if (forced_mode() == "grouped") return run_grouped_call(ps, ta, tb, tc, beta);
-  std::vector<Product> big, small;
-  for (const Product& p : ps) (product_flops(p) >= kLoopFlops ? big : small).push_back(p);
-  if (!big.empty()) run_loop(big, ta, tb, tc, beta);
-  if (!small.empty()) run_grouped_call(small, ta, tb, tc, beta);
-}
-
-void run_grouped_call(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
+  if (use_loop(ps, ta, tb, tc)) return run_loop(ps, ta, tb, tc, beta);
   const size_t g = ps.size();
   std::vector<cublasOperation_t> opa(g), opb(g);
   std::vector<int64_t> m(g), n(g), k(g), lda(g), ldb(g), ldc(g), sizes(g, 1);
