@@ -2,13 +2,14 @@
 # Runs `moeforge bench` and bench/hf_baseline.py on the same workload in one call (on the GPU
 # machine) and prints both rows and the ratios (moeforge / Transformers: tokens/s and peak memory).
 # usage: bench/compare.sh CONFIG [bench flags: --layers N --seq S --routing R --steps N --warmup N]
-#        MOEFORGE=path/to/moeforge PRECISION=bf16 PYTHON=python3 (environment)
+#        MOEFORGE=path/to/moeforge PRECISION=bf16 PYTHON=python3 (environment); MF_FLAGS: flags for
+#        moeforge only (e.g. --optimizer-in-backward)
 set -euo pipefail
 config=$1; shift
 MOEFORGE=${MOEFORGE:-build/moeforge}
 PYTHON=${PYTHON:-python3}
 PRECISION=${PRECISION:-bf16}
-mf_json=$("$MOEFORGE" bench "$config" --precision "$PRECISION" "$@" | tail -n 1)
+mf_json=$("$MOEFORGE" bench "$config" --precision "$PRECISION" ${MF_FLAGS:-} "$@" | tail -n 1)
 hf_json=$("$PYTHON" "$(dirname "$0")/hf_baseline.py" "$config" "$@" | tail -n 1)
 "$PYTHON" - "$mf_json" "$hf_json" <<'PY'
 import json, sys
@@ -19,7 +20,7 @@ cols = [("tokens_per_s_per_gpu", "tok/s/GPU", "%10.0f"), ("model_tflops_per_gpu"
         ("step_ms", "step ms", "%8.1f")]
 print("%-24s" % "impl" + "".join(" %*s" % (len(f % 0) , n) for _, n, f in cols))
 for r in (mf, hf):
-    name = r["impl"] + ("/" + r.get("precision", "")) 
+    name = r["impl"] + "/" + r.get("precision", "") + ("/opt-in-bwd" if r.get("optimizer_in_backward") else "")
     print("%-24s" % name + "".join(" " + f % r[k] for k, _, f in cols))
 print("ratio moeforge/transformers: tokens/s %.2fx, peak allocated %.2fx  (%s routing, %d layers, seq %d)" % (
     mf["tokens_per_s_per_gpu"] / hf["tokens_per_s_per_gpu"], mf["peak_allocated_gib"] / hf["peak_allocated_gib"],

@@ -34,7 +34,7 @@ int64_t int_flag(const Args& a, const char* flag, int64_t def) {
 
 int cmd_bench(const std::vector<std::string>& argv) {
   Args args(argv, {"--layers", "--seq", "--batch", "--steps", "--warmup", "--routing", "--precision", "--seed"},
-            {"--activation-checkpointing"});
+            {"--activation-checkpointing", "--optimizer-in-backward"});
   MF_CHECK(args.positionals().size() == 1, "bench takes one CONFIG.json or MODEL_DIR");
   const std::string path = args.positionals()[0];
   MF_CHECK(std::filesystem::exists(path), path, ": no such file or folder");
@@ -61,6 +61,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
   o.balanced_routing = routing == "balanced";
   o.precision = gpu::parse_precision(precision, "bench --precision");
   o.activation_checkpointing = args.has("--activation-checkpointing");
+  o.optimizer_in_backward = args.has("--optimizer-in-backward");
   std::fprintf(stderr, "bench: %s, %lld layers, seq %lld, batch %lld, %s routing, %s, %lld warm-up + %lld timed steps\n",
                cfg.source.c_str(), static_cast<long long>(cfg.num_hidden_layers), static_cast<long long>(o.seq),
                static_cast<long long>(o.batch), routing.c_str(), precision.c_str(), static_cast<long long>(o.warmup),
@@ -84,6 +85,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
   j["routing"] = routing;
   j["precision"] = precision;
   j["activation_checkpointing"] = o.activation_checkpointing;
+  j["optimizer_in_backward"] = o.optimizer_in_backward;
   j["steps"] = o.steps;
   j["warmup"] = o.warmup;
   j["tokens_per_s_per_gpu"] = r.tokens_per_s;

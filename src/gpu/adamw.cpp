@@ -28,21 +28,32 @@ double DeviceAdamW::clip_grad_norm(double max_norm) {
 }
 
 void DeviceAdamW::step(double lr) {
+  begin_step(lr);
+  std::vector<size_t> all(params_.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+  update(all);
+}
+
+void DeviceAdamW::begin_step(double lr) {
   ++step_;
-  const ops::AdamWScalars sc = train::adamw_scalars(opts_, lr, step_);
+  lr_ = lr;
+  scalars_ = train::adamw_scalars(opts_, lr, step_);
+}
+
+void DeviceAdamW::update(const std::vector<size_t>& indices) {
   std::vector<cuda::AdamWTensors> ts;
-  for (size_t i = 0; i < params_.size(); ++i) {
+  for (size_t i : indices) {
     const bool decay = opts_.decay_norms_and_biases || params_.decay(i);
     cuda::AdamWTensors t;
     t.param = params_.master(i);
-    t.grad = params_.grad(i);
+    t.grad = params_.grad(i);  // zeros if backward never wrote it (an unused parameter)
     t.exp_avg = exp_avg_[i];
     t.exp_avg_sq = exp_avg_sq_[i];
-    t.weight_decay_mul = static_cast<float>(1.0 - lr * (decay ? opts_.weight_decay : 0.0));
+    t.weight_decay_mul = static_cast<float>(1.0 - lr_ * (decay ? opts_.weight_decay : 0.0));
     if (params_.has_masters()) t.param_bf16_copy = params_.value(i);
     ts.push_back(std::move(t));
   }
-  cuda::adamw_multi_tensor(ts, sc);
+  cuda::adamw_multi_tensor(ts, scalars_);
 }
 
 int64_t DeviceAdamW::bytes() const {

@@ -16,7 +16,12 @@ class DeviceAdamW {
   // The global gradient norm, and the gradients scaled to max_norm when above it (max_norm <= 0:
   // the norm only). torch.nn.utils.clip_grad_norm_'s rule, as train::clip_grad_norm.
   double clip_grad_norm(double max_norm);
+  // One full step: begin_step(lr) then update(every parameter).
   void step(double lr);
+  // A step applied in pieces (optimizer in backward): begin_step counts the step and fixes its
+  // scalars; update applies them to the given parameters, each exactly once per step.
+  void begin_step(double lr);
+  void update(const std::vector<size_t>& indices);
   int64_t steps() const { return step_; }
   int64_t bytes() const;
 
@@ -25,6 +30,8 @@ class DeviceAdamW {
   train::AdamWOptions opts_;
   std::vector<Tensor> exp_avg_, exp_avg_sq_;
   int64_t step_ = 0;
+  double lr_ = 0;
+  ops::AdamWScalars scalars_{};
 };
 
 }  // namespace moeforge::gpu

@@ -59,10 +59,19 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     in.input_ids = input;
     in.labels = &input;
     const auto t0 = std::chrono::steady_clock::now();
+    if (o.optimizer_in_backward) {
+      opt.begin_step(o.lr);
+      so.on_grads_ready = [&](const std::vector<size_t>& idx) {
+        opt.update(idx);
+        gm->params().release_grads(idx);
+      };
+    }
     const GpuStepResult sr = gm->forward_backward(in, so);
     const auto t1 = std::chrono::steady_clock::now();
-    opt.step(o.lr);
-    gm->params().zero_grad();
+    if (!o.optimizer_in_backward) {
+      opt.step(o.lr);
+      gm->params().zero_grad();
+    }
     cuda::synchronize();
     const auto t2 = std::chrono::steady_clock::now();
     const double loss = sr.ce_sum / static_cast<double>(std::max<int64_t>(sr.tokens, 1));

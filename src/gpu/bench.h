@@ -15,6 +15,9 @@ struct BenchOptions {
   bool balanced_routing = false;
   Precision precision = Precision::BF16;
   bool activation_checkpointing = false;
+  // AdamW applied layer by layer during backward, each layer's gradients freed once applied (the
+  // same update as a step after backward when, as here, there is no clipping or accumulation).
+  bool optimizer_in_backward = false;
   uint64_t seed = 1234;
   double lr = 1e-5, weight_decay = 0.01;  // torch.optim.AdamW's default decay, as the baseline
 };

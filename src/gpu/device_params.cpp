@@ -12,7 +12,7 @@ DeviceParams::DeviceParams(const nn::ParamStore& host, Precision precision) : pr
     MF_CHECK(p.value.defined(), "parameter ", p.name, " has no value (was the checkpoint loaded?)");
     values_.push_back(cuda::to_device(p.value, dt));
     if (precision == Precision::BF16Mixed) masters_.push_back(cuda::to_device(p.value, DType::F32));
-    add_grad(p.value.shape(), p.value.dim() == 1, p.decay);
+    add_param_slot(p.decay);
   }
 }
 
@@ -31,22 +31,36 @@ DeviceParams DeviceParams::random(const nn::ParamStore& shapes, Precision precis
     } else {
       d.values_.push_back(v);
     }
-    d.add_grad(p.shape, one_dim, p.decay);
+    d.add_param_slot(p.decay);
   }
   if (precision == Precision::BF16Mixed)
     for (size_t i = 0; i < d.values_.size(); ++i) cuda::convert(d.masters_[i], d.values_[i]);
   return d;
 }
 
-void DeviceParams::add_grad(const Shape& shape, bool one_dim, bool decay) {
-  // 1-D parameters (norm weights, biases) keep F32 gradients: their kernels accumulate in F32.
-  grads_.push_back(cuda::empty(shape, one_dim ? DType::F32 : compute_dtype(precision_), "a parameter gradient"));
-  cuda::zero(grads_.back());
+void DeviceParams::add_param_slot(bool decay) {
+  grads_.emplace_back();
   decay_.push_back(decay);
 }
 
+Tensor& DeviceParams::grad(size_t i) {
+  Tensor& g = grads_.at(i);
+  if (!g.defined()) {
+    // 1-D parameters (norm weights, biases) keep F32 gradients: their kernels accumulate in F32.
+    const Shape& shape = values_.at(i).shape();
+    g = cuda::empty(shape, shape.size() == 1 ? DType::F32 : compute_dtype(precision_), "a parameter gradient");
+    cuda::zero(g);
+  }
+  return g;
+}
+
+void DeviceParams::release_grads(const std::vector<size_t>& indices) {
+  for (size_t i : indices) grads_.at(i) = Tensor();
+}
+
 void DeviceParams::zero_grad() {
-  for (Tensor& g : grads_) cuda::zero(g);
+  for (Tensor& g : grads_)
+    if (g.defined()) cuda::zero(g);
 }
 
 void DeviceParams::copy_to_host(nn::ParamStore& host) const {

@@ -1,6 +1,8 @@
 // A model's parameters on the GPU, index for index with its host ParamStore: the compute copy
 // (in the policy's compute dtype), the gradient, and under bf16-mixed the F32 master copy the
-// optimizer updates. Uploaded once; the training step never moves weights across PCIe.
+// optimizer updates. Uploaded once; the training step never moves weights across PCIe. Gradients
+// are allocated when backward first writes them, so a path that applies and frees them layer by
+// layer (optimizer in backward) never holds them all.
 #pragma once
 #include <vector>
 
@@ -20,8 +22,11 @@ class DeviceParams {
   Precision precision() const { return precision_; }
   size_t size() const { return values_.size(); }
   const Tensor& value(size_t i) const { return values_.at(i); }
-  Tensor& grad(size_t i) { return grads_.at(i); }
-  const Tensor& grad(size_t i) const { return grads_.at(i); }
+  // The gradient, allocated (zeroed) on first use: F32 for 1-D parameters, the compute dtype else.
+  Tensor& grad(size_t i);
+  bool has_grad(size_t i) const { return grads_.at(i).defined(); }
+  // Frees these gradients (the optimizer-in-backward path, once they have been applied).
+  void release_grads(const std::vector<size_t>& indices);
   // What the optimizer updates: the F32 master under bf16-mixed, the compute copy otherwise.
   Tensor& master(size_t i) { return masters_.empty() ? values_.at(i) : masters_.at(i); }
   bool has_masters() const { return !masters_.empty(); }
@@ -35,7 +40,7 @@ class DeviceParams {
 
  private:
   explicit DeviceParams(Precision p) : precision_(p) {}
-  void add_grad(const Shape& shape, bool one_dim, bool decay);
+  void add_param_slot(bool decay);
   Precision precision_;
   std::vector<Tensor> values_, grads_, masters_;
   std::vector<bool> decay_;

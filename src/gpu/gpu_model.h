@@ -3,7 +3,9 @@
 // The same computation as the model's CPU forward_backward, within the policy's rounding.
 #pragma once
 #include <cmath>
+#include <functional>
 #include <memory>
+#include <vector>
 
 #include "gpu/device_params.h"
 #include "gpu/phase_times.h"
@@ -16,6 +18,10 @@ struct GpuStepOptions {
   float aux_scale = 0.f;   // gradient of the load-balancing loss, when the config enables it
   bool balanced_routing = false;  // experts assigned round-robin (benchmarks); the router still learns
   bool activation_checkpointing = false;  // keep each layer's input only; recompute it in backward
+  // Called during backward with the parameters whose gradients are complete for this micro-batch
+  // (a layer's, once its backward is done): the optimizer-in-backward path applies AdamW to them
+  // and frees their gradients, so all the gradients never exist at once.
+  std::function<void(const std::vector<size_t>&)> on_grads_ready;
 };
 
 struct GpuStepResult {

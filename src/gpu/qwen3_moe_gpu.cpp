@@ -44,6 +44,12 @@ class Qwen3MoeGpu : public GpuModel {
                "GPU training: attention_bias is not supported on the GPU yet");
       MF_CHECK(A.q_norm.has_value(), "GPU training: Qwen3-MoE layers must have q/k norms");
     }
+    // Each decoder layer's parameters, by their internal names' "model.layers.<l>." prefix.
+    layer_params_.resize(m_.layers_.size());
+    const auto& all = m_.params().all();
+    for (size_t i = 0; i < all.size(); ++i)
+      for (size_t l = 0; l < m_.layers_.size(); ++l)
+        if (all[i].name.rfind("model.layers." + std::to_string(l) + ".", 0) == 0) layer_params_[l].push_back(i);
   }
 
   DeviceParams& params() override { return params_; }
@@ -79,6 +85,10 @@ class Qwen3MoeGpu : public GpuModel {
     res.ce_sum = cuda::fused_linear_cross_entropy(xf, value(m_.lm_head_), targets, -100, opts.ce_scale, d_xf,
                                                   params_.grad(m_.lm_head_), &res.tokens);
     phases_.mark("fused LM head + loss (fwd and its grads)");
+    auto ready = [&](std::vector<size_t> idx) {
+      if (opts.on_grads_ready) opts.on_grads_ready(idx);
+    };
+    if (m_.lm_head_ != m_.embed_) ready({m_.lm_head_});  // tied: complete after the embedding backward
     cuda::synchronize();
     res.forward_ms = ms_since(t0);
     const auto t1 = std::chrono::steady_clock::now();
@@ -86,6 +96,7 @@ class Qwen3MoeGpu : public GpuModel {
     xf = Tensor();
     Tensor dx = cuda::rms_norm_backward(x, value(m_.final_norm_.weight), rstd_f, d_xf, params_.grad(m_.final_norm_.weight));
     d_xf = Tensor();
+    ready({m_.final_norm_.weight});
     for (size_t l = nl; l-- > 0;) {
       if (opts.activation_checkpointing) {
         Tensor x_in = st[l].x;
@@ -94,8 +105,11 @@ class Qwen3MoeGpu : public GpuModel {
       }
       dx = layer_backward(l, st[l], bt, dx, dprobs_aux.defined() ? &dprobs_aux : nullptr);
       st[l] = LayerState();
+      ready(layer_params_[l]);
+      phases_.mark("bwd: optimizer in backward");
     }
     cuda::embedding_backward(bt.ids, dx, params_.grad(m_.embed_));
+    ready({m_.embed_});
     phases_.mark("bwd: embedding");
     cuda::synchronize();
     res.backward_ms = ms_since(t1);
@@ -128,29 +142,48 @@ class Qwen3MoeGpu : public GpuModel {
   const Tensor& value(size_t i) const { return params_.value(i); }
 
   Inputs upload(const models::ForwardInputs& in, bool balanced) {
-    const models::Qwen3Moe::Batch hb = m_.prepare(in);
+    MF_CHECK(in.input_ids.dim() == 2 && in.input_ids.dtype() == DType::I64, "input_ids must be an I64 [batch, seq] tensor");
     Inputs bt;
-    bt.b = hb.b;
-    bt.s = hb.s;
-    bt.t = hb.b * hb.s;
+    bt.b = in.input_ids.size(0);
+    bt.s = in.input_ids.size(1);
+    bt.t = bt.b * bt.s;
     bt.ids = cuda::to_device(in.input_ids.view({bt.t}), DType::I64);
-    bt.cos = cuda::to_device(hb.cos, DType::F32);
-    bt.sin = cuda::to_device(hb.sin, DType::F32);
-    if (hb.doc_ids) {
-      bt.docs = cuda::to_device(*hb.doc_ids, DType::I64);
+    // The RoPE tables of the default positions depend on the shape only: computed on the host and
+    // uploaded once per shape (they cost milliseconds per step otherwise).
+    if (in.position_ids || cached_.b != bt.b || cached_.s != bt.s) {
+      const models::Qwen3Moe::Batch hb = m_.prepare(in);
+      bt.cos = cuda::to_device(hb.cos, DType::F32);
+      bt.sin = cuda::to_device(hb.sin, DType::F32);
+      if (!in.position_ids) cached_ = {bt.b, bt.s, bt.cos, bt.sin, Tensor()};
+    } else {
+      bt.cos = cached_.cos;
+      bt.sin = cached_.sin;
+    }
+    if (in.doc_ids) {
+      MF_CHECK(in.doc_ids->shape() == in.input_ids.shape(), "doc_ids must match input_ids");
+      bt.docs = cuda::to_device(*in.doc_ids, DType::I64);
       bt.doc_ids = &bt.docs;
     }
     if (balanced) {
-      // Token t's slot j goes to expert (t*k + j) mod E: every expert gets the same number of rows
-      // (when E divides T*k) and a token's k experts are distinct (k <= E).
-      const int64_t k = m_.cfg_.num_experts_per_tok, e = m_.cfg_.num_experts;
-      std::vector<int64_t> idx(static_cast<size_t>(bt.t * k));
-      for (int64_t i = 0; i < bt.t * k; ++i) idx[i] = i % e;
-      bt.balanced = cuda::to_device(Tensor::from_i64(idx, {bt.t, k}), DType::I64);
+      if (!cached_.balanced.defined() || cached_.balanced.size(0) != bt.t) {
+        // Token t's slot j goes to expert (t*k + j) mod E: every expert gets the same number of
+        // rows (when E divides T*k) and a token's k experts are distinct (k <= E).
+        const int64_t k = m_.cfg_.num_experts_per_tok, e = m_.cfg_.num_experts;
+        std::vector<int64_t> idx(static_cast<size_t>(bt.t * k));
+        for (int64_t i = 0; i < bt.t * k; ++i) idx[i] = i % e;
+        cached_.balanced = cuda::to_device(Tensor::from_i64(idx, {bt.t, k}), DType::I64);
+      }
+      bt.balanced = cached_.balanced;
     }
     bt.chosen_record.resize(m_.layers_.size());
     return bt;
   }
+
+  // Device copies reused across steps of the same shape.
+  struct Cached {
+    int64_t b = -1, s = -1;
+    Tensor cos, sin, balanced;
+  } cached_;
 
   Tensor layer_forward(size_t l, const Tensor& x, Inputs& bt, LayerState& c, const Tensor* replay = nullptr) {
     const auto& L = m_.layers_[l];
@@ -350,6 +383,7 @@ class Qwen3MoeGpu : public GpuModel {
   static int64_t window(const nn::Attention& a) { return a.window ? *a.window : 0; }
 
   const models::Qwen3Moe& m_;
+  std::vector<std::vector<size_t>> layer_params_;
   DeviceParams params_;
   DType dt_;
 };

@@ -304,25 +304,33 @@ TEST(CudaHelpers, AddCopyConvertFill) {
   EXPECT_EQ(cuda::to_host_f32(n1).item_f32(12345), 3.f);
 }
 
+// Rows of 5003 (scalar path) and 5008 (16-byte vector path); out of place and in place.
 TEST_P(CudaOps, CrossEntropyFusedGradient) {
   REQUIRE_GPU();
   const DType dt = GetParam();
-  const int64_t n = 29, v = 5003;
-  Tensor logits = randn({n, v}, 61, 3.f);
-  std::vector<int64_t> t(n);
-  for (int64_t i = 0; i < n; ++i) t[i] = (i * 977) % v;
-  t[4] = -100;
-  t[11] = -100;
-  Tensor targets = Tensor::from_i64(t, {n});
-  Tensor want_d = Tensor::zeros({n, v}, DType::F32);
-  int64_t want_n = 0, got_n = 0;
-  const double want = ops::cross_entropy_backward(rounded(logits, dt), targets, -100, 0.25f, want_d, &want_n);
-  Tensor dlogits;
-  const double got = cuda::cross_entropy_backward(cuda::to_device(logits, dt), cuda::to_device(targets, DType::I64), -100,
-                                                  0.25f, dlogits, &got_n);
-  EXPECT_EQ(got_n, want_n);
-  EXPECT_NEAR(got, want, 1e-4 * std::fabs(want) + 1e-4);
-  expect_close(dlogits, want_d, dt == DType::F32 ? Tol{1e-6f, 1e-4f} : Tol{2e-3f, 2e-2f}, "cross_entropy dlogits");
+  const int64_t n = 29;
+  for (int64_t v : {5003, 5008})
+    for (bool in_place : {false, true}) {
+      Tensor logits = randn({n, v}, 61, 3.f);
+      std::vector<int64_t> t(n);
+      for (int64_t i = 0; i < n; ++i) t[i] = (i * 977) % v;
+      t[4] = -100;
+      t[11] = -100;
+      t[12] = v - 1;  // the last element, in the vector path's final group
+      Tensor targets = Tensor::from_i64(t, {n});
+      Tensor want_d = Tensor::zeros({n, v}, DType::F32);
+      int64_t want_n = 0, got_n = 0;
+      const double want = ops::cross_entropy_backward(rounded(logits, dt), targets, -100, 0.25f, want_d, &want_n);
+      Tensor dev_logits = cuda::to_device(logits, dt);
+      Tensor dlogits = in_place ? dev_logits : Tensor();
+      const double got =
+          cuda::cross_entropy_backward(dev_logits, cuda::to_device(targets, DType::I64), -100, 0.25f, dlogits, &got_n);
+      if (in_place) EXPECT_EQ(dlogits.raw(), dev_logits.raw()) << "in place means no new buffer";
+      const std::string what = "cross_entropy v=" + std::to_string(v) + (in_place ? " in place" : "");
+      EXPECT_EQ(got_n, want_n) << what;
+      EXPECT_NEAR(got, want, 1e-4 * std::fabs(want) + 1e-4) << what;
+      expect_close(dlogits, want_d, dt == DType::F32 ? Tol{1e-6f, 1e-4f} : Tol{2e-3f, 2e-2f}, what);
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaOps, ::testing::Values(DType::F32, DType::BF16),

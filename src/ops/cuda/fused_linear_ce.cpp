@@ -24,7 +24,7 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
     const Tensor h = hidden.slice0(r0, rows);
     Tensor logits = empty({rows, v}, hidden.dtype(), "a chunk of logits");
     gemm(h, false, weight, true, logits);
-    Tensor dlogits;
+    Tensor dlogits = logits;  // in place: one chunk-sized buffer
     int64_t c = 0;
     total += cross_entropy_backward(logits, targets.slice0(r0, rows), ignore_index, scale, dlogits, &c);
     count += c;

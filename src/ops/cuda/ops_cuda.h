@@ -62,6 +62,7 @@ Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor&
 
 // Cross-entropy of logits [N,V] against targets [N] (I64) fused with its gradient: dlogits =
 // scale * (softmax - onehot) on counted rows, 0 on ignored ones. Returns the summed loss.
+// Passing `dlogits` = `logits` computes the gradient in place (no second logits-sized buffer).
 double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
                               Tensor& dlogits, int64_t* counted);
 

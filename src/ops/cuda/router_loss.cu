@@ -107,7 +107,49 @@ __global__ void router_kernel(const T* logits, const int64_t* forced, float* pro
   if (normalize && threadIdx.x < k) weights[row * k + threadIdx.x] /= chosen_sum;
 }
 
-template <typename T>
+// Eight elements at a 16-byte aligned position as F32, and back.
+__device__ __forceinline__ void load8(const float* p, float* o) {
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  o[0] = a.x, o[1] = a.y, o[2] = a.z, o[3] = a.w, o[4] = b.x, o[5] = b.y, o[6] = b.z, o[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* o) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) o[k] = __bfloat162float(h[k]);
+}
+__device__ __forceinline__ void store8(float* p, const float* v) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float* v) {
+  uint4 raw;
+  __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) h[k] = __float2bfloat16(v[k]);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// Running (max, sum of exp(x - max)) pairs: adding x, and merging two pairs.
+__device__ __forceinline__ void online_add(float& m, float& s, float x) {
+  if (x > m) {
+    s = s * __expf(m - x) + 1.f;
+    m = x;
+  } else {
+    s += __expf(x - m);
+  }
+}
+__device__ __forceinline__ void online_merge(float& m, float& s, float m2, float s2) {
+  const float mm = fmaxf(m, m2);
+  if (mm == -INFINITY) return;
+  s = s * __expf(m - mm) + s2 * __expf(m2 - mm);
+  m = mm;
+}
+
+// One block per row, two passes over it: the online (max, sum) in one read, then the gradient
+// written once. `dlogits` may alias `logits` (in place): the target's logit is read before any
+// write. With VEC, rows are 16-byte aligned and a multiple of 8 elements: 16-byte accesses.
+template <typename T, bool VEC>
 __global__ void cross_entropy_kernel(const T* logits, const int64_t* targets, T* dlogits, float* row_loss, int64_t v,
                                      int64_t ignore, float scale) {
   const int64_t row = blockIdx.x;
@@ -119,18 +161,45 @@ __global__ void cross_entropy_kernel(const T* logits, const int64_t* targets, T*
     if (threadIdx.x == 0) row_loss[row] = nanf("");  // marks "not counted"
     return;
   }
-  float m = -INFINITY;
-  for (int64_t i = threadIdx.x; i < v; i += blockDim.x) m = fmaxf(m, load(x, i));
-  m = block_max(m);
-  float s = 0.f;
-  for (int64_t i = threadIdx.x; i < v; i += blockDim.x) s += __expf(load(x, i) - m);
-  s = block_sum(s);
-  const float inv = 1.f / s;
-  for (int64_t i = threadIdx.x; i < v; i += blockDim.x) {
-    const float pr = __expf(load(x, i) - m) * inv;
-    store(dx, i, scale * (pr - (i == target ? 1.f : 0.f)));
+  float m = -INFINITY, s = 0.f;
+  if constexpr (VEC) {
+    for (int64_t i = threadIdx.x * 8; i < v; i += blockDim.x * 8) {
+      float e[8];
+      load8(x + i, e);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) online_add(m, s, e[k]);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < v; i += blockDim.x) online_add(m, s, load(x, i));
   }
-  if (threadIdx.x == 0) row_loss[row] = logf(s) + m - load(x, target);
+  for (int o = 16; o > 0; o >>= 1) online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+  __shared__ float wm[32], ws[32], x_target;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    wm[warp] = m;
+    ws[warp] = s;
+  }
+  if (threadIdx.x == 0) x_target = load(x, target);
+  __syncthreads();
+  m = lane < (blockDim.x >> 5) ? wm[lane] : -INFINITY;
+  s = lane < (blockDim.x >> 5) ? ws[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+  const float inv = 1.f / s;
+  if constexpr (VEC) {
+    for (int64_t i = threadIdx.x * 8; i < v; i += blockDim.x * 8) {
+      float e[8];
+      load8(x + i, e);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) e[k] = scale * (__expf(e[k] - m) * inv - (i + k == target ? 1.f : 0.f));
+      store8(dx + i, e);
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < v; i += blockDim.x) {
+      const float pr = __expf(load(x, i) - m) * inv;
+      store(dx, i, scale * (pr - (i == target ? 1.f : 0.f)));
+    }
+  }
+  if (threadIdx.x == 0) row_loss[row] = logf(s) + m - x_target;
 }
 
 }  // namespace
@@ -218,13 +287,18 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
   MF_CHECK(targets.dtype() == DType::I64, "cross_entropy: targets must be I64");
   const int64_t v = logits.shape().back(), rows = logits.numel() / v;
   MF_CHECK(targets.numel() == rows, "cross_entropy: ", targets.numel(), " targets for ", rows, " rows");
-  dlogits = empty(logits.shape(), logits.dtype(), "cross-entropy logit gradient");
+  const bool in_place = dlogits.defined() && dlogits.raw() == logits.raw() && dlogits.numel() == logits.numel() &&
+                        dlogits.dtype() == logits.dtype();
+  if (!in_place) dlogits = empty(logits.shape(), logits.dtype(), "cross-entropy logit gradient");
   Tensor losses = empty({rows}, DType::F32, "cross-entropy row losses");
   if (rows > 0) {
     dispatch_float(logits.dtype(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      cross_entropy_kernel<<<rows, 1024, 0, current_stream()>>>(logits.data<T>(), targets.data<int64_t>(), dlogits.data<T>(),
-                                                                losses.data<float>(), v, ignore_index, scale);
+      auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+      const bool vec = (v * static_cast<int64_t>(sizeof(T))) % 16 == 0 && aligned(logits.raw()) && aligned(dlogits.raw());
+      auto kernel = vec ? cross_entropy_kernel<T, true> : cross_entropy_kernel<T, false>;
+      kernel<<<rows, 1024, 0, current_stream()>>>(logits.data<T>(), targets.data<int64_t>(), dlogits.data<T>(),
+                                                 losses.data<float>(), v, ignore_index, scale);
     });
     MF_CUDA_CHECK_LAUNCH("cross_entropy");
   }
