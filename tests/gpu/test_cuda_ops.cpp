@@ -432,11 +432,20 @@ std::vector<int64_t> ragged_offsets(int64_t experts, uint32_t seed) {
   return off;
 }
 
+void grouped_case(DType dt, const std::vector<int64_t>& off, const std::string& kind);
+
+// Ragged experts (some empty: the grouped call or the loop) and equal ones (one strided-batched GEMM).
 TEST_P(CudaOps, GroupedLinearForwardAndBothBackwards) {
   REQUIRE_GPU();
-  const DType dt = GetParam();
-  const int64_t e = 12, n = 48, k = 40;
-  const auto off = ragged_offsets(e, 77);
+  const int64_t e = 12;
+  std::vector<int64_t> uniform(e + 1);
+  for (int64_t i = 0; i <= e; ++i) uniform[i] = 9 * i;
+  grouped_case(GetParam(), ragged_offsets(e, 77), "ragged");
+  grouped_case(GetParam(), uniform, "uniform");
+}
+
+void grouped_case(DType dt, const std::vector<int64_t>& off, const std::string& kind) {
+  const int64_t e = static_cast<int64_t>(off.size()) - 1, n = 48, k = 40;
   const int64_t rows = off.back();
   Tensor x = randn({rows, k}, 81), w = randn({e, n, k}, 82, 0.2f), dy = randn({rows, n}, 83);
   Tensor xr = rounded(x, dt), wr = rounded(w, dt), dyr = rounded(dy, dt);
@@ -460,14 +469,15 @@ TEST_P(CudaOps, GroupedLinearForwardAndBothBackwards) {
   cuda::grouped_linear(xd, wd, off, y);
   cuda::grouped_linear_input_grad(dyd, wd, off, dx);
   cuda::grouped_linear_weight_grad(dyd, xd, off, dw, /*accumulate=*/false);
-  expect_close(y, y_want, t, "grouped forward");
-  expect_close(dx, dx_want, t, "grouped input grad");
-  expect_close(dw, dw_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{0.1f, 3e-2f}, "grouped weight grad (empty experts zeroed)");
+  expect_close(y, y_want, t, "grouped forward " + kind);
+  expect_close(dx, dx_want, t, "grouped input grad " + kind);
+  expect_close(dw, dw_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{0.1f, 3e-2f},
+               "grouped weight grad (empty experts zeroed) " + kind);
   // Accumulating adds to what is there.
   cuda::grouped_linear_weight_grad(dyd, xd, off, dw, /*accumulate=*/true);
   Tensor twice = dw_want.clone();
   ops::add_inplace(twice, dw_want);
-  expect_close(dw, twice, dt == DType::F32 ? Tol{2e-4f, 1e-4f} : Tol{0.2f, 3e-2f}, "grouped weight grad accumulate");
+  expect_close(dw, twice, dt == DType::F32 ? Tol{2e-4f, 1e-4f} : Tol{0.2f, 3e-2f}, "grouped weight grad accumulate " + kind);
 }
 
 TEST_P(CudaOps, RoutingPermuteUnpermuteAndBackward) {

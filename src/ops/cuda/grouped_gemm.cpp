@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "ops/cuda/check.h"
+#include "ops/cuda/gemm_raw.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
 
@@ -49,14 +50,19 @@ struct Product {
 
 // One cuBLASLt GEMM per expert instead of the grouped call: when the dtypes are mixed (the grouped
 // call takes one dtype for A, B and C; BF16 inputs with an F32 weight gradient are not), and when
-// experts are large: measured on H100 (docs/perf-notes.md), the grouped call reaches ~300 TFLOP/s
+// experts are large (forced_mode() "" / "loop" / "grouped"): measured on H100 (docs/perf-notes.md), the grouped call reaches ~300 TFLOP/s
 // at any size while a loop of cuBLASLt calls reaches ~630 at 2048 rows per expert but only ~120 at
 // 256 (launch-bound). MOEFORGE_GROUPED_GEMM=loop|grouped forces one.
-bool use_loop(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc) {
+const std::string& forced_mode() {
   static const std::string forced = [] {
     const char* v = std::getenv("MOEFORGE_GROUPED_GEMM");
     return std::string(v ? v : "");
   }();
+  return forced;
+}
+
+bool use_loop(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc) {
+  const std::string& forced = forced_mode();
   if (ta != tc || tb != tc) return true;
   if (forced == "loop") return true;
   if (forced == "grouped") return false;
@@ -68,22 +74,60 @@ bool use_loop(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t 
 
 DType dtype_from(cudaDataType_t t) { return t == CUDA_R_32F ? DType::F32 : DType::BF16; }
 
+GemmArgs args_of(const Product& p, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
+  GemmArgs g;
+  g.m = p.m;
+  g.n = p.n;
+  g.k = p.k;
+  g.a = p.a;
+  g.lda = p.lda;
+  g.trans_a = p.trans_a;
+  g.b = p.b;
+  g.ldb = p.ldb;
+  g.trans_b = p.trans_b;
+  g.c = p.c;
+  g.ldc = p.ldc;
+  g.ta = dtype_from(ta);
+  g.tb = dtype_from(tb);
+  g.tc = dtype_from(tc);
+  g.accumulate = beta != 0.f;
+  return g;
+}
+
 void run_loop(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
-  for (const Product& p : ps) {
-    // Wrap the operands as 2-D tensors (row stride = leading dimension = their width here).
-    auto wrap = [](const void* ptr, int64_t rows, int64_t cols, DType dt) {
-      auto st = Storage::wrap(const_cast<void*>(ptr), static_cast<size_t>(rows * cols) * dtype_size(dt), nullptr, Device::cuda(0));
-      return Tensor(st, 0, {rows, cols}, dt);
-    };
-    Tensor a = wrap(p.a, p.trans_a ? p.k : p.m, p.trans_a ? p.m : p.k, dtype_from(ta));
-    Tensor b = wrap(p.b, p.trans_b ? p.n : p.k, p.trans_b ? p.k : p.n, dtype_from(tb));
-    Tensor c = wrap(p.c, p.m, p.n, dtype_from(tc));
-    gemm(a, p.trans_a, b, p.trans_b, c, beta != 0.f);
+  for (const Product& p : ps) gemm_raw(args_of(p, ta, tb, tc, beta));
+}
+
+// Equal-sized experts laid out at constant strides (balanced routing: every expert the same row
+// count) are one strided-batched GEMM, which cuBLASLt runs at dense-GEMM speed.
+bool run_if_uniform(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
+  if (ps.size() < 2) return false;
+  const Product& p0 = ps[0];
+  const auto diff = [](const void* x, const void* y) { return static_cast<const char*>(x) - static_cast<const char*>(y); };
+  const int64_t da = diff(ps[1].a, p0.a), db = diff(ps[1].b, p0.b), dc = diff(ps[1].c, p0.c);
+  for (size_t i = 0; i < ps.size(); ++i) {
+    const Product& p = ps[i];
+    const int64_t ii = static_cast<int64_t>(i);
+    if (p.m != p0.m || p.n != p0.n || p.k != p0.k || p.lda != p0.lda || p.ldb != p0.ldb || p.ldc != p0.ldc ||
+        p.trans_a != p0.trans_a || p.trans_b != p0.trans_b || diff(p.a, p0.a) != ii * da || diff(p.b, p0.b) != ii * db ||
+        diff(p.c, p0.c) != ii * dc)
+      return false;
   }
+  const int64_t ea = static_cast<int64_t>(dtype_size(dtype_from(ta))), eb = static_cast<int64_t>(dtype_size(dtype_from(tb))),
+                ec = static_cast<int64_t>(dtype_size(dtype_from(tc)));
+  if (da % ea || db % eb || dc % ec || da < 0 || db < 0 || dc < 0) return false;
+  GemmArgs g = args_of(p0, ta, tb, tc, beta);
+  g.batch = static_cast<int64_t>(ps.size());
+  g.stride_a = da / ea;
+  g.stride_b = db / eb;
+  g.stride_c = dc / ec;
+  gemm_raw(g);
+  return true;
 }
 
 void run_grouped(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
   if (ps.empty()) return;
+  if (forced_mode().empty() && run_if_uniform(ps, ta, tb, tc, beta)) return;
   if (use_loop(ps, ta, tb, tc)) return run_loop(ps, ta, tb, tc, beta);
   const size_t g = ps.size();
   std::vector<cublasOperation_t> opa(g), opb(g);
