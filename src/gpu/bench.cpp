@@ -92,6 +92,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
                  static_cast<long long>(o.steps));
     for (const auto& [phase, ms] : gm->phase_times().totals())
       std::fprintf(stderr, "  %8.2f  %s\n", ms / static_cast<double>(o.steps), phase.c_str());
+    for (const auto& [key, text] : gm->phase_times().notes()) std::fprintf(stderr, "  %s: %s\n", key.c_str(), text.c_str());
   }
   r.forward_ms = median(fwd);
   r.backward_ms = median(bwd);

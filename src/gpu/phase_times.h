@@ -15,14 +15,18 @@ class PhaseTimes {
   bool enabled() const { return enabled_; }
   void start();                  // begins a step: the next mark measures from here
   void mark(const char* phase);  // charges the time since the last mark to `phase`
-  // Milliseconds per phase summed over every measured step, in first-seen order.
+  // Milliseconds per phase summed over every measured step, by name.
   const std::map<std::string, double>& totals() const { return totals_; }
+  // Free-form observations (the latest per key), printed with the times.
+  void note(const std::string& key, const std::string& text) { notes_[key] = text; }
+  const std::map<std::string, std::string>& notes() const { return notes_; }
   void clear() { totals_.clear(); }
 
  private:
   bool enabled_ = false;
   std::chrono::steady_clock::time_point last_;
   std::map<std::string, double> totals_;
+  std::map<std::string, std::string> notes_;
 };
 
 }  // namespace moeforge::gpu

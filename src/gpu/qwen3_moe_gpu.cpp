@@ -7,7 +7,9 @@
 // probabilities and choice, the routing plan, the experts' gate_up output and their output. The
 // permuted input and the SwiGLU output are recomputed (a gather and an elementwise pass) rather
 // than kept. Under activation checkpointing only the layer input is kept and the layer is re-run.
+#include <algorithm>
 #include <chrono>
+#include <cstdint>
 #include <cmath>
 
 #include "core/error.h"
@@ -221,20 +223,36 @@ class Qwen3MoeGpu : public GpuModel {
     cuda::router_softmax_topk(logits, moe.top_k, moe.norm_topk_prob, c.probs, c.weights, c.chosen, forced);
     if (!replay) bt.chosen_record[l] = c.chosen;
     c.plan = cuda::plan_routing(c.chosen, moe.experts);
+    if (phases_.enabled()) note_routing(l, c.plan.offsets);
     Tensor xp = cuda::permute_tokens(c.n2, c.plan);
     phases_.mark("fwd: router + plan + permute");
     c.gu = cuda::empty({t * moe.top_k, 2 * moe.inter}, dt_, "expert gate_up output");
     cuda::grouped_linear(xp, value(moe.gate_up), c.plan.offsets, c.gu);
     xp = Tensor();
+    phases_.mark("fwd: expert gate_up GEMM");
     Tensor act = cuda::swiglu(c.gu);
+    phases_.mark("fwd: SwiGLU");
     c.y = cuda::empty({t * moe.top_k, moe.hidden}, dt_, "expert output");
     cuda::grouped_linear(act, value(moe.down), c.plan.offsets, c.y);
     act = Tensor();
-    phases_.mark("fwd: expert GEMMs + SwiGLU");
+    phases_.mark("fwd: expert down GEMM");
     out = cuda::unpermute_tokens(c.y, c.weights, c.plan);
     cuda::add_inplace(out, c.x2);
     phases_.mark("fwd: unpermute + residual");
     return out;
+  }
+
+  // Under MOEFORGE_PHASE_TIMES: the spread of rows over experts per layer (the load native routing gives).
+  void note_routing(size_t l, const std::vector<int64_t>& off) {
+    int64_t used = 0, mx = 0, mn = INT64_MAX;
+    for (size_t e = 0; e + 1 < off.size(); ++e) {
+      const int64_t r = off[e + 1] - off[e];
+      used += r > 0;
+      mx = std::max(mx, r);
+      mn = std::min(mn, r);
+    }
+    phases_.note("routing layer " + std::to_string(l), "experts used " + std::to_string(used) + ", rows min " +
+                                                          std::to_string(mn) + " max " + std::to_string(mx));
   }
 
   // A dense layer's gate and up weights [I,H] each, stacked as one [2I,H] (gate rows first) so one

@@ -1,7 +1,9 @@
-// Grouped expert GEMMs through cublasGemmGroupedBatchedEx: one call runs every expert's product,
-// each expert a group of one with its own row count, pointers and leading dimensions. Row-major
-// products are issued as their column-major transposes, as in gemm_cublaslt.cpp. Experts without
-// rows are left out of the call (cuBLAS requires m, n, k > 0).
+// Grouped expert GEMMs. Three paths: experts of equal size at constant strides (balanced routing)
+// as one strided-batched cuBLASLt GEMM; ragged experts through cublasGemmGroupedBatchedEx, one call
+// for every expert's product (each a group of one with its own row count); and, when the operand
+// dtypes differ, one cuBLASLt GEMM per expert. Row-major products are issued as their column-major
+// transposes, as in gemm_cublaslt.cpp. Experts without rows are left out (cuBLAS requires m, n,
+// k > 0; an empty expert's weight gradient is left as it was).
 #include <cublas_v2.h>
 
 #include <cstdlib>
@@ -48,11 +50,6 @@ struct Product {
   int64_t m, n, k;
 };
 
-// One cuBLASLt GEMM per expert instead of the grouped call: when the dtypes are mixed (the grouped
-// call takes one dtype for A, B and C; BF16 inputs with an F32 weight gradient are not), and when
-// experts are large (forced_mode() "" / "loop" / "grouped"): measured on H100 (docs/perf-notes.md), the grouped call reaches ~300 TFLOP/s
-// at any size while a loop of cuBLASLt calls reaches ~630 at 2048 rows per expert but only ~120 at
-// 256 (launch-bound). MOEFORGE_GROUPED_GEMM=loop|grouped forces one.
 const std::string& forced_mode() {
   static const std::string forced = [] {
     const char* v = std::getenv("MOEFORGE_GROUPED_GEMM");
@@ -61,15 +58,15 @@ const std::string& forced_mode() {
   return forced;
 }
 
-bool use_loop(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc) {
-  const std::string& forced = forced_mode();
+// One cuBLASLt GEMM per expert instead of the grouped call when the dtypes are mixed (the grouped
+// call takes one dtype for A, B and C; BF16 inputs with an F32 weight gradient are not).
+// MOEFORGE_GROUPED_GEMM=loop|grouped forces one path. An earlier rule also looped when the mean
+// expert was large (>= 3 GFLOP): right for equal experts, but under native routing's skew (a few
+// experts with thousands of rows, many empty) it made the q30-L4 forward's gate_up 37 ms against
+// 3 ms for the grouped call (docs/perf-notes.md); equal experts now take the strided batch.
+bool use_loop(cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc) {
   if (ta != tc || tb != tc) return true;
-  if (forced == "loop") return true;
-  if (forced == "grouped") return false;
-  // Mean FLOPs per expert: 2048 tokens x (2048 -> 1536) is 12.9 GFLOP, 256 tokens 1.6 GFLOP.
-  double flops = 0;
-  for (const Product& p : ps) flops += 2.0 * static_cast<double>(p.m) * static_cast<double>(p.n) * static_cast<double>(p.k);
-  return flops / static_cast<double>(ps.size()) >= 3e9;
+  return forced_mode() == "loop";
 }
 
 DType dtype_from(cudaDataType_t t) { return t == CUDA_R_32F ? DType::F32 : DType::BF16; }
@@ -128,7 +125,7 @@ bool run_if_uniform(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataT
 void run_grouped(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
   if (ps.empty()) return;
   if (forced_mode().empty() && run_if_uniform(ps, ta, tb, tc, beta)) return;
-  if (use_loop(ps, ta, tb, tc)) return run_loop(ps, ta, tb, tc, beta);
+  if (use_loop(ta, tb, tc)) return run_loop(ps, ta, tb, tc, beta);
   const size_t g = ps.size();
   std::vector<cublasOperation_t> opa(g), opb(g);
   std::vector<int64_t> m(g), n(g), k(g), lda(g), ldb(g), ldc(g), sizes(g, 1);
