@@ -3,7 +3,7 @@
 // for every expert's product (each a group of one with its own row count); and, when the operand
 // dtypes differ, one cuBLASLt GEMM per expert. Row-major products are issued as their column-major
 // transposes, as in gemm_cublaslt.cpp. Experts without rows are left out (cuBLAS requires m, n,
-// k > 0; an empty expert's weight gradient is left as it was).
+// k > 0): an empty expert's weight gradient is zeroed, or left as it is when accumulating.
 #include <cublas_v2.h>
 
 #include <cstdlib>
