@@ -434,7 +434,8 @@ std::vector<int64_t> ragged_offsets(int64_t experts, uint32_t seed) {
 
 void grouped_case(DType dt, const std::vector<int64_t>& off, const std::string& kind);
 
-// Ragged experts (some empty: the grouped call or the loop) and equal ones (one strided-batched GEMM).
+// Ragged experts (some empty: the grouped call or the loop), equal ones (one strided-batched GEMM),
+// and a large one among small ones.
 TEST_P(CudaOps, GroupedLinearForwardAndBothBackwards) {
   REQUIRE_GPU();
   const int64_t e = 12;
@@ -442,6 +443,8 @@ TEST_P(CudaOps, GroupedLinearForwardAndBothBackwards) {
   for (int64_t i = 0; i <= e; ++i) uniform[i] = 9 * i;
   grouped_case(GetParam(), ragged_offsets(e, 77), "ragged");
   grouped_case(GetParam(), uniform, "uniform");
+  // One expert with more than 1024 rows: its weight gradient runs alone, the rest grouped.
+  grouped_case(GetParam(), {0, 1100, 1105, 1105, 1200}, "one large expert");
 }
 
 void grouped_case(DType dt, const std::vector<int64_t>& off, const std::string& kind) {

@@ -122,10 +122,31 @@ bool run_if_uniform(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataT
   return true;
 }
 
-void run_grouped(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
+void run_grouped_call(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta);
+
+// `split_large_k`: products with a reduction of at least kLargeK rows run as single GEMMs and the
+// rest as one grouped call. For weight gradients under native routing's skew the grouped call
+// reached 137 TFLOP/s (cuda_ops_bench, skewed case) against ~550 for a dense GEMM of that size.
+constexpr int64_t kLargeK = 1024;
+
+void run_grouped(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta,
+                 bool split_large_k = false) {
   if (ps.empty()) return;
   if (forced_mode().empty() && run_if_uniform(ps, ta, tb, tc, beta)) return;
   if (use_loop(ta, tb, tc)) return run_loop(ps, ta, tb, tc, beta);
+  if (split_large_k && forced_mode().empty()) {
+    std::vector<Product> large, rest;
+    for (const Product& p : ps) (p.k >= kLargeK ? large : rest).push_back(p);
+    if (!large.empty()) {
+      run_loop(large, ta, tb, tc, beta);
+      if (!rest.empty()) run_grouped_call(rest, ta, tb, tc, beta);
+      return;
+    }
+  }
+  run_grouped_call(ps, ta, tb, tc, beta);
+}
+
+void run_grouped_call(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
   const size_t g = ps.size();
   std::vector<cublasOperation_t> opa(g), opb(g);
   std::vector<int64_t> m(g), n(g), k(g), lda(g), ldb(g), ldc(g), sizes(g, 1);
@@ -216,7 +237,7 @@ void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::ve
     }
     ps.push_back({at(dy, offsets[i] * n), n, true, at(x, offsets[i] * k), k, false, at(dw, i * n * k), k, n, k, r});
   }
-  run_grouped(ps, dtype_of(dy), dtype_of(x), dtype_of(dw), accumulate ? 1.f : 0.f);
+  run_grouped(ps, dtype_of(dy), dtype_of(x), dtype_of(dw), accumulate ? 1.f : 0.f, /*split_large_k=*/true);
 }
 
 }  // namespace moeforge::cuda
