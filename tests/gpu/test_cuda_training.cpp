@@ -92,34 +92,13 @@ TEST_P(CudaTraining, Fp32ThreeAdamWStepsMatchTorch) {
     gm->params().zero_grad();
     const auto r = gm->forward_backward({ids, &labels}, step_options(*m.model, labels, ckpt));
     EXPECT_NEAR(step_loss(*m.model, r), want_losses.item_f32(step), 1e-5) << "step " << step;
-    for (size_t i = 0; i < params.size(); ++i) {
-      const auto g = cuda::to_host_f32(gm->params().grad(i)).to_f32_vector();
-      float gmax = 0;
-      for (float x : g) gmax = std::max(gmax, std::abs(x));
-      for (size_t j = 0; j < g.size(); ++j)
-        if (g[j] != 0.f && std::abs(g[j]) < 1e-5f * gmax) noisy[i][j] = true;
-    }
+    for (size_t i = 0; i < params.size(); ++i)
+      test::note_noise(noisy[i], cuda::to_host_f32(gm->params().grad(i)).to_f32_vector());
     opt.step(lr);
   }
   gm->params().copy_to_host(m.model->params());
   auto after = models::from_pretrained(dir + "/after_adamw");
-  const double adam_bound = 2 * 3 * lr / (1 - 0.9);
-  int64_t noisy_total = 0, total = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    auto got = params[i].value.to_f32_vector(), want = after.model->params().all()[i].value.to_f32_vector();
-    double wmax = 0;
-    for (float w : want) wmax = std::max(wmax, std::abs(static_cast<double>(w)));
-    for (size_t j = 0; j < got.size(); ++j) {
-      const double d = std::abs(static_cast<double>(got[j]) - want[j]);
-      if (noisy[i][j]) {
-        ++noisy_total;
-        ASSERT_LE(d, adam_bound) << params[i].name << "[" << j << "]";
-      } else {
-        ASSERT_LE(d, 1e-5 * wmax) << params[i].name << "[" << j << "]: " << got[j] << " vs " << want[j];
-      }
-    }
-    total += static_cast<int64_t>(got.size());
-  }
+  const auto [noisy_total, total] = test::weights_match(params, after.model->params().all(), noisy, 2 * 3 * lr / (1 - 0.9));
   EXPECT_LT(noisy_total, total / 100);
 }
 

@@ -80,33 +80,11 @@ TEST_P(TrainParity, ThreeAdamWStepsMatchTorch) {
     double loss = r.ce_sum / r.tokens;
     if (model.config().output_router_logits) loss += model.config().router_aux_loss_coef * r.aux_loss;
     EXPECT_NEAR(loss, want_losses.item_f32(step), 1e-5) << "step " << step;
-    for (size_t i = 0; i < params.size(); ++i) {
-      const float* g = params[i].grad.f32();
-      float gmax = 0;
-      for (int64_t j = 0; j < params[i].grad.numel(); ++j) gmax = std::max(gmax, std::abs(g[j]));
-      for (int64_t j = 0; j < params[i].grad.numel(); ++j)
-        if (g[j] != 0.f && std::abs(g[j]) < 1e-5f * gmax) noisy[i][j] = true;
-    }
+    for (size_t i = 0; i < params.size(); ++i) test::note_noise(noisy[i], params[i].grad.to_f32_vector());
     opt.step(lr);
   }
   auto after = models::from_pretrained(dir + "/after_adamw");
-  const double adam_bound = 2 * 3 * lr / (1 - 0.9);
-  int64_t noisy_total = 0, total = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    auto got = params[i].value.to_f32_vector(), want = after.model->params().all()[i].value.to_f32_vector();
-    double wmax = 0;
-    for (float w : want) wmax = std::max(wmax, std::abs(static_cast<double>(w)));
-    for (size_t j = 0; j < got.size(); ++j) {
-      const double d = std::abs(static_cast<double>(got[j]) - want[j]);
-      if (noisy[i][j]) {
-        ++noisy_total;
-        ASSERT_LE(d, adam_bound) << params[i].name << "[" << j << "]";
-      } else {
-        ASSERT_LE(d, 1e-5 * wmax) << params[i].name << "[" << j << "]: " << got[j] << " vs " << want[j];
-      }
-    }
-    total += static_cast<int64_t>(got.size());
-  }
+  const auto [noisy_total, total] = test::weights_match(params, after.model->params().all(), noisy, 2 * 3 * lr / (1 - 0.9));
   RecordProperty("noise_level_elements", std::to_string(noisy_total) + " of " + std::to_string(total));
   EXPECT_LT(noisy_total, total / 100) << "too many elements at fp32 noise level for the test to mean much";
 }

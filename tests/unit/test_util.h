@@ -1,5 +1,7 @@
-// Helpers shared by the tests: temporary folders and the fixtures' paths.
+// Helpers shared by the tests: temporary folders, the fixtures' paths, and the parity comparisons.
 #pragma once
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <unistd.h>
 
@@ -8,7 +10,10 @@
 #include <random>
 #include <string>
 
+#include <gtest/gtest.h>
+
 #include "core/tensor.h"
+#include "nn/params.h"
 
 namespace moeforge::test {
 
@@ -74,6 +79,40 @@ inline int64_t counted_tokens(const Tensor& labels) {
   int64_t n = 0;
   for (int64_t i = 0; i < labels.numel(); ++i) n += (i % labels.size(1)) != 0 && labels.i64()[i] != -100;
   return n;
+}
+
+// The AdamW parity rule of test_train_parity.cpp: an element whose gradient is nonzero but below
+// 1e-5 of its tensor's largest in any step is set by fp32 rounding, and Adam's g / sqrt(v) turns
+// that into a full +-lr step. note_noise marks such elements of one tensor from one step's
+// gradient; weights_match then holds marked elements to `adam_bound` and all others to 1e-5 of
+// the tensor's largest weight, reports the first failure per tensor, and returns
+// {marked elements, all elements}.
+inline void note_noise(std::vector<bool>& noisy, const std::vector<float>& grad) {
+  float gmax = 0;
+  for (float x : grad) gmax = std::max(gmax, std::abs(x));
+  for (size_t j = 0; j < grad.size(); ++j)
+    if (grad[j] != 0.f && std::abs(grad[j]) < 1e-5f * gmax) noisy[j] = true;
+}
+
+inline std::pair<int64_t, int64_t> weights_match(const std::vector<nn::Param>& got, const std::vector<nn::Param>& want,
+                                                 const std::vector<std::vector<bool>>& noisy, double adam_bound) {
+  int64_t noisy_total = 0, total = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const auto g = got[i].value.to_f32_vector(), w = want[i].value.to_f32_vector();
+    double wmax = 0;
+    for (float x : w) wmax = std::max(wmax, std::abs(static_cast<double>(x)));
+    for (size_t j = 0; j < g.size(); ++j) {
+      const double d = std::abs(static_cast<double>(g[j]) - w[j]);
+      const bool noise = noisy[i][j];
+      noisy_total += noise;
+      if (noise ? d > adam_bound : d > 1e-5 * wmax) {
+        ADD_FAILURE() << got[i].name << "[" << j << "]: " << g[j] << " vs " << w[j] << (noise ? " (noise level)" : "");
+        break;
+      }
+    }
+    total += static_cast<int64_t>(g.size());
+  }
+  return {noisy_total, total};
 }
 
 }  // namespace moeforge::test
