@@ -23,6 +23,10 @@ class DeviceAdamW {
   void begin_step(double lr);
   void update(const std::vector<size_t>& indices);
   int64_t steps() const { return step_; }
+  // Parameter i's moments on the device and the step count (checkpoints move them to the host).
+  Tensor& exp_avg(size_t i) { return exp_avg_.at(i); }
+  Tensor& exp_avg_sq(size_t i) { return exp_avg_sq_.at(i); }
+  void set_steps(int64_t steps) { step_ = steps; }
   int64_t bytes() const;
 
  private:

@@ -31,6 +31,10 @@ class AdamW {
   // State for exact resume: exp_avg.<name>, exp_avg_sq.<name> (F32) and the step count.
   hf::NamedTensors state() const;
   void load_state(const hf::SafetensorsFile& f, int64_t step);
+  // Parameter i's moments (F32, host) and the step count, for moving the state to and from a device.
+  Tensor& exp_avg(size_t i) { return exp_avg_.at(i); }
+  Tensor& exp_avg_sq(size_t i) { return exp_avg_sq_.at(i); }
+  void set_steps(int64_t steps) { step_ = steps; }
 
  private:
   nn::ParamStore& params_;

@@ -114,12 +114,18 @@ std::vector<Key> make_keys() {
        [](const Recipe& r) { return std::to_string(r.schedule.warmup_steps); }},
       dbl("schedule.min_lr_ratio", [](Recipe& r) -> double& { return r.schedule.min_lr_ratio; }, 0),
       dbl("max_grad_norm", [](Recipe& r) -> double& { return r.max_grad_norm; }, 0),
+      {"device",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         const auto v = as<std::string>(n, "device", w, "a string");
+         if (v != "cpu" && v != "cuda") MF_THROW(w, ": key 'device' must be cpu or cuda, got '", v, "'");
+         r.device = v;
+       },
+       [](const Recipe& r) { return r.device; }},
       {"precision",
        [](Recipe& r, const YAML::Node& n, const std::string& w) {
          const auto v = as<std::string>(n, "precision", w, "a string");
-         if (v != "fp32")
-           MF_THROW(w, ": key 'precision' value '", v,
-                    "' is not available on the CPU backend (CPU trains in fp32; bf16-mixed and bf16 need the CUDA backend)");
+         if (v != "fp32" && v != "bf16-mixed" && v != "bf16")
+           MF_THROW(w, ": key 'precision' must be fp32, bf16-mixed or bf16, got '", v, "'");
          r.precision = v;
        },
        [](const Recipe& r) { return r.precision; }},
@@ -231,6 +237,9 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   MF_CHECK(r.steps > 0 || r.epochs > 0, path, ": set 'steps' or 'epochs'");
   MF_CHECK(r.global_batch % r.micro_batch == 0, path, ": key 'global_batch' (", r.global_batch,
            ") must be a multiple of 'micro_batch' (", r.micro_batch, ")");
+  if (r.precision.empty()) r.precision = r.device == "cuda" ? "bf16-mixed" : "fp32";
+  MF_CHECK(r.device == "cuda" || r.precision == "fp32", path, ": key 'precision' value '", r.precision,
+           "' is not available on the CPU backend (CPU trains in fp32; bf16-mixed and bf16 need device: cuda)");
   return r;
 }
 

@@ -29,7 +29,8 @@ struct Recipe {
   AdamWOptions optimizer;
   ScheduleOptions schedule;
   double max_grad_norm = 1.0;  // 0 = no clipping
-  std::string precision = "fp32";
+  std::string device = "cpu";  // cpu | cuda (one GPU)
+  std::string precision;        // fp32 | bf16-mixed | bf16; "" = the device's default (cpu fp32, cuda bf16-mixed)
   bool activation_checkpointing = false;
   int64_t log_every = 1;
   int64_t save_every = 0;       // 0 = only at the end

@@ -15,6 +15,8 @@
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
+#include "ops/cuda/runtime.h"
+#include "train/backend.h"
 #include "train/checkpoint.h"
 #include "train/progress.h"
 
@@ -91,6 +93,8 @@ TrainResult run_training(const Recipe& r) {
   if (r.threads > 0) omp_set_num_threads(static_cast<int>(r.threads));
 #endif
   MF_CHECK(fs::is_directory(r.model), r.source, ": key 'model': folder ", r.model, " does not exist");
+  MF_CHECK(r.device != "cuda" || cuda::available(), r.source,
+           ": key 'device': cuda, but no CUDA device answers here (or this moeforge was built without the CUDA backend)");
   MF_CHECK(fs::exists(r.data) || r.data.find_first_of("*?[") != std::string::npos, r.source, ": key 'data': ",
            r.data, " does not exist");
   const uint64_t shard_bytes = hf::parse_size(r.max_shard_size);
@@ -147,6 +151,9 @@ TrainResult run_training(const Recipe& r) {
     st.step = saved.step;
     st.cursor = saved.cursor;
   }
+  // After a resume has loaded the host state, so a GPU backend uploads what was restored.
+  std::unique_ptr<StepBackend> backend =
+      r.device == "cuda" ? make_gpu_backend(model, opt, r.precision) : make_cpu_backend(model, opt);
 
   const auto& ds = data.stats();
   std::ostringstream intro;
@@ -156,7 +163,8 @@ TrainResult run_training(const Recipe& r) {
   if (r.packing) intro << ", packed into " << ds.packed_rows << " rows";
   intro << "\n"
         << "model: " << cfg.model_type << ", " << model.params().numel() << " parameters; " << total_steps
-        << " steps of " << r.global_batch << " rows (" << accumulation << " micro-batches of " << r.micro_batch << ")";
+        << " steps of " << r.global_batch << " rows (" << accumulation << " micro-batches of " << r.micro_batch << ")"
+        << " on " << backend->describe();
   if (!resume_from.empty()) intro << "\nresuming from " << resume_from << " at step " << st.step;
 
   // metrics.jsonl keeps only the steps before the resume point.
@@ -177,6 +185,7 @@ TrainResult run_training(const Recipe& r) {
 
   // Writes checkpoint-<step> and removes the oldest beyond save_total_limit; returns its folder.
   auto save_and_prune = [&] {
+    backend->sync_to_host();
     const std::string dir = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
     save_checkpoint(dir, model, r.model, opt, st, shard_bytes);
     auto cks = list_checkpoints(r.output_dir);
@@ -186,7 +195,7 @@ TrainResult run_training(const Recipe& r) {
   TrainResult result;
   const bool aux = cfg.output_router_logits;
   for (; st.step < total_steps;) {
-    model.params().zero_grad();
+    backend->zero_grad();
     std::vector<data::TokenBatches::MicroBatch> micro;
     int64_t tokens = 0;
     for (int64_t a = 0; a < accumulation; ++a) {
@@ -204,15 +213,14 @@ TrainResult run_training(const Recipe& r) {
         in.position_ids = &mb.position_ids;
         in.doc_ids = &mb.doc_ids;
       }
-      auto res = model.forward_backward(in, o);
+      auto res = backend->forward_backward(in, o);
       ce += res.ce_sum;
       if (aux) aux_sum += res.aux_loss;
     }
     st.cursor += r.global_batch;
-    const double grad_norm =
-        r.max_grad_norm > 0 ? clip_grad_norm(model.params(), r.max_grad_norm) : global_grad_norm(model.params());
+    const double grad_norm = backend->clip_grad_norm(r.max_grad_norm);
     const double lr = r.optimizer.lr * lr_multiplier(r.schedule, st.step, total_steps);
-    opt.step(lr);
+    backend->step(lr);
     ++st.step;
     StepMetrics m;
     m.step = st.step;

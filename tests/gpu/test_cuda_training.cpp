@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 
 #include "gpu/adamw.h"
 #include "gpu/gpu_model.h"
@@ -14,6 +15,7 @@
 #include "models/pretrained.h"
 #include "ops/cuda/runtime.h"
 #include "test_util.h"
+#include "train/trainer.h"
 
 using namespace moeforge;
 
@@ -212,3 +214,49 @@ TEST_P(CudaTrainingPolicies, OptimizerInBackwardMatchesStepAfterBackward) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Qwen3Moe, CudaTrainingPolicies, ::testing::Values("qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux"));
+
+// `moeforge train` with device: cuda (fp32) against the same recipe on the CPU: accumulation,
+// clipping, a cosine schedule and the load-balancing loss on qwen3_moe_aux, six steps with a
+// checkpoint at 3; then a GPU run stopped at 3 and resumed continues as the straight GPU run.
+namespace {
+
+std::string gpu_recipe(const test::TempDir& dir) {
+  std::ofstream f(dir / "recipe.yaml");
+  f << "model: " << test::fixture("qwen3_moe_aux") << "\n"
+    << "data: " << std::string(MOEFORGE_FIXTURES) << "/../data/arith64.jsonl\n"
+    << "output_dir: " << (dir / "out") << "\n"
+    << "seq_len: 16\nmicro_batch: 2\nglobal_batch: 4\nsteps: 6\nsave_every: 3\n"
+    << "optimizer:\n  lr: 2.0e-3\n  weight_decay: 0.1\nschedule:\n  type: cosine\n  warmup_steps: 2\n"
+    << "max_grad_norm: 0.5\nseed: 3\n";
+  return dir / "recipe.yaml";
+}
+
+}  // namespace
+
+TEST(CudaTrainer, Fp32RunMatchesTheCpuRunAndResumes) {
+  REQUIRE_GPU();
+  test::TempDir cpu_dir, gpu_dir, half_dir;
+  const auto cpu = train::run_training(train::load_recipe(gpu_recipe(cpu_dir), {}));
+  const auto gpu = train::run_training(train::load_recipe(gpu_recipe(gpu_dir), {"device=cuda", "precision=fp32"}));
+  ASSERT_EQ(cpu.losses.size(), 6u);
+  ASSERT_EQ(gpu.losses.size(), 6u);
+  for (size_t i = 0; i < 6; ++i) EXPECT_NEAR(gpu.losses[i], cpu.losses[i], 1e-4 * std::abs(cpu.losses[i])) << "step " << i;
+  // Final weights: AdamW turns fp32-noise-level gradient differences into full +-lr steps on a few
+  // elements (test_train_parity.cpp), so at least 99% of each tensor within 1e-4 of its largest.
+  auto a = models::from_pretrained(cpu.final_dir), b = models::from_pretrained(gpu.final_dir);
+  for (size_t i = 0; i < a.model->params().all().size(); ++i) {
+    const auto x = a.model->params().all()[i].value.to_f32_vector(), y = b.model->params().all()[i].value.to_f32_vector();
+    float wmax = 0;
+    for (float v : x) wmax = std::max(wmax, std::abs(v));
+    size_t close = 0;
+    for (size_t j = 0; j < x.size(); ++j) close += std::abs(x[j] - y[j]) <= 1e-4f * wmax;
+    EXPECT_GE(close, x.size() * 99 / 100) << a.model->params().all()[i].name;
+  }
+  const auto first = train::run_training(train::load_recipe(gpu_recipe(half_dir), {"device=cuda", "precision=fp32", "steps=3"}));
+  const auto second = train::run_training(train::load_recipe(gpu_recipe(half_dir), {"device=cuda", "precision=fp32", "resume=true"}));
+  ASSERT_EQ(second.losses.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_NEAR(first.losses[i], gpu.losses[i], 1e-5 * std::abs(gpu.losses[i])) << i;
+    EXPECT_NEAR(second.losses[i], gpu.losses[3 + i], 1e-5 * std::abs(gpu.losses[3 + i])) << 3 + i;
+  }
+}

@@ -15,6 +15,7 @@
 #include "core/error.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
+#include "ops/cuda/runtime.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
 #include "train/optimizer.h"
@@ -187,6 +188,23 @@ TEST(RecipeBadInput, WrongType) {
   EXPECT_NE(e3.find("'global_batch' (3) must be a multiple of 'micro_batch' (2)"), std::string::npos) << e3;
   const std::string e4 = error_of([&] { train::load_recipe(write_recipe(dir), {"precision=bf16"}); });
   EXPECT_NE(e4.find("'precision' value 'bf16' is not available on the CPU backend"), std::string::npos) << e4;
+}
+
+// device and precision: the allowed values, the device's default policy, and device: cuda where
+// no GPU answers (CI) failing before anything is written.
+TEST(RecipeBadInput, DeviceAndPrecision) {
+  test::TempDir dir;
+  const std::string e = error_of([&] { train::load_recipe(write_recipe(dir), {"device=tpu"}); });
+  EXPECT_NE(e.find("key 'device' must be cpu or cuda, got 'tpu'"), std::string::npos) << e;
+  const std::string e2 = error_of([&] { train::load_recipe(write_recipe(dir), {"device=cuda", "precision=fp16"}); });
+  EXPECT_NE(e2.find("key 'precision' must be fp32, bf16-mixed or bf16, got 'fp16'"), std::string::npos) << e2;
+  EXPECT_EQ(train::load_recipe(write_recipe(dir), {}).precision, "fp32");
+  EXPECT_EQ(train::load_recipe(write_recipe(dir), {"device=cuda"}).precision, "bf16-mixed");
+  EXPECT_EQ(train::load_recipe(write_recipe(dir), {"device=cuda", "precision=bf16"}).precision, "bf16");
+  if (cuda::available()) return;  // the GPU run itself is tests/gpu/test_cuda_training.cpp
+  const std::string e3 = error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {"device=cuda"})); });
+  EXPECT_NE(e3.find("key 'device': cuda, but no CUDA device answers here"), std::string::npos) << e3;
+  EXPECT_FALSE(fs::exists(dir / "out")) << "nothing is written before the inputs are checked";
 }
 
 TEST(RecipeBadInput, MissingModelFolder) {

@@ -1,0 +1,11 @@
+// Built instead of src/gpu/*.cpp when there is no CUDA backend: asking for the GPU is an error.
+#include "core/error.h"
+#include "train/backend.h"
+
+namespace moeforge::train {
+
+std::unique_ptr<StepBackend> make_gpu_backend(models::CausalLM&, AdamW&, const std::string&) {
+  MF_THROW("device: cuda needs the CUDA backend, and this moeforge was built without it");
+}
+
+}  // namespace moeforge::train

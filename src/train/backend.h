@@ -1,0 +1,34 @@
+// Where the training step runs: the trainer's loop is the same on the CPU and on a GPU; a backend
+// owns the step's arithmetic (forward/backward, gradient norm and clipping, AdamW) and keeps the
+// host model and optimizer current when the trainer needs them (checkpoints, the final save).
+#pragma once
+#include <memory>
+#include <string>
+
+#include "models/causal_lm.h"
+#include "train/optimizer.h"
+
+namespace moeforge::train {
+
+class StepBackend {
+ public:
+  virtual ~StepBackend() = default;
+  virtual void zero_grad() = 0;
+  // One micro-batch; gradients accumulate.
+  virtual models::TrainStepResult forward_backward(const models::ForwardInputs& in, const models::TrainStepOptions& o) = 0;
+  // The global gradient norm; gradients scaled to max_norm when above it (max_norm <= 0: no clipping).
+  virtual double clip_grad_norm(double max_norm) = 0;
+  virtual void step(double lr) = 0;
+  // Copies parameters and optimizer state into the host model and `AdamW` (a no-op on the CPU).
+  virtual void sync_to_host() = 0;
+  virtual std::string describe() const = 0;
+};
+
+// The CPU reference: the model and optimizer themselves.
+std::unique_ptr<StepBackend> make_cpu_backend(models::CausalLM& model, AdamW& opt);
+// One GPU under a precision policy ("fp32" | "bf16-mixed" | "bf16"): uploads the model's
+// parameters and `opt`'s state (so a resumed run continues from them). Defined in src/gpu; a build
+// without the CUDA backend throws.
+std::unique_ptr<StepBackend> make_gpu_backend(models::CausalLM& model, AdamW& opt, const std::string& precision);
+
+}  // namespace moeforge::train
