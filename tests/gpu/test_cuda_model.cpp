@@ -1,10 +1,11 @@
-// The Qwen3-MoE fixtures' forward on the GPU, from the CUDA ops, against Transformers' logits (the
-// fixtures' reference.safetensors) in fp32: tight. Skipped without a GPU.
+// The Qwen3-MoE fixtures' forward on the GPU (gpu::GpuModel::forward_logits over device-resident
+// fp32 weights) against Transformers' logits (the fixtures' reference.safetensors): tight. Skipped
+// without a GPU.
 #include <gtest/gtest.h>
 
+#include "gpu/gpu_model.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
-#include "models/qwen3_moe/qwen3_moe.h"
 #include "ops/cuda/runtime.h"
 #include "test_util.h"
 
@@ -17,10 +18,9 @@ TEST_P(CudaModel, Fp32LogitsMatchTransformers) {
   const std::string dir = test::fixture(GetParam());
   auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
   auto loaded = models::from_pretrained(dir);
-  const auto* model = dynamic_cast<const models::Qwen3Moe*>(loaded.model.get());
-  ASSERT_NE(model, nullptr);
+  auto gm = gpu::make_gpu_model(*loaded.model, gpu::DeviceParams(loaded.model->params(), gpu::Precision::FP32));
   Tensor ids = ref.get("input_ids").clone();
-  Tensor got = model->forward_logits_on_gpu({ids}, DType::F32);
+  Tensor got = gm->forward_logits({ids});
   Tensor want = ref.get("logits");
   ASSERT_EQ(got.shape(), want.shape());
   const float diff = test::max_abs_diff(got, want);

@@ -21,9 +21,6 @@ class Qwen3Moe : public CausalLM {
   ForwardOutputs forward(const ForwardInputs& in) const override;
   TrainStepResult forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) override;
   int64_t active_parameters() const override;
-  // The forward on the GPU (the CUDA ops, weights and activations in `dtype`), returning host F32
-  // logits; no loss. Uploads the weights on every call: a parity check, not the training path.
-  Tensor forward_logits_on_gpu(const ForwardInputs& in, DType dtype) const;
 
  private:
   friend class gpu::Qwen3MoeGpu;
