@@ -31,7 +31,11 @@ const char* kUsage =
     "        [--routing native|balanced] [--precision bf16-mixed|bf16|fp32] [--activation-checkpointing]\n"
     "        [--optimizer-in-backward]\n"
     "      training-step benchmark on the GPU (random weights and tokens): tokens/s, TFLOP/s, peak\n"
-    "      memory, forward/backward/optimizer times, as a table and one JSON line (docs/benchmarks.md)\n";
+    "      memory, forward/backward/optimizer times, as a table and one JSON line (docs/benchmarks.md)\n"
+    "  launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A --master-port P] -- COMMAND...\n"
+    "      one process per GPU with the torchrun variables set; stops them all when one fails\n"
+    "  dist-check [--timeout 60] [--fingerprint S]\n"
+    "      join the rendezvous from the torchrun/Slurm environment and report (checks a job's setup)\n";
 
 }  // namespace
 
@@ -49,6 +53,8 @@ int main(int argc, char** argv) {
     if (cmd == "train") return moeforge::cli::cmd_train(rest);
     if (cmd == "tokenize") return moeforge::cli::cmd_tokenize(rest);
     if (cmd == "bench") return moeforge::cli::cmd_bench(rest);
+    if (cmd == "launch") return moeforge::cli::cmd_launch(rest);
+    if (cmd == "dist-check") return moeforge::cli::cmd_dist_check(rest);
     std::fprintf(stderr, "moeforge: unknown command '%s'\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const moeforge::Error& e) {

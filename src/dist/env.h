@@ -1,0 +1,24 @@
+// Where this process sits in a distributed job, read from the launcher's environment: torchrun's
+// (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT; also what `moeforge
+// launch` sets) or Slurm's (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_NTASKS_PER_NODE, with
+// MASTER_ADDR given by the job script or SLURM_LAUNCH_NODE_IPADDR). With neither, one process.
+#pragma once
+#include <functional>
+#include <string>
+
+namespace moeforge::dist {
+
+struct DistEnv {
+  int rank = 0, local_rank = 0, world_size = 1, local_world_size = 1;
+  std::string master_addr = "127.0.0.1";
+  int master_port = 29500;
+  std::string source = "single process";  // "torchrun", "slurm" or "single process"
+};
+
+// Looks variables up through `get` (returns nullptr when unset), so tests can pass their own.
+// Throws naming the variable when one is malformed or the set is inconsistent.
+DistEnv dist_env_from(const std::function<const char*(const char*)>& get);
+// From the process environment.
+DistEnv dist_env();
+
+}  // namespace moeforge::dist

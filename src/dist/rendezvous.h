@@ -1,0 +1,41 @@
+// Start-up of a multi-process job: every rank reaches rank 0's store (dist/tcp_store.h) at
+// MASTER_ADDR:MASTER_PORT, announces itself with a fingerprint (the hash of its resolved recipe),
+// and rank 0 rules: all joined within the timeout and all fingerprints equal, or one error that
+// names the ranks that never joined or disagree, which every rank then raises. Afterwards rank 0
+// can broadcast bytes (the NCCL unique id) the same way.
+#pragma once
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dist/env.h"
+#include "dist/tcp_store.h"
+
+namespace moeforge::dist {
+
+class Rendezvous {
+ public:
+  Rendezvous(const DistEnv& env, const std::string& fingerprint, std::chrono::milliseconds timeout);
+  ~Rendezvous();
+  const DistEnv& env() const { return env_; }
+  // Host name of every rank, by rank.
+  const std::vector<std::string>& hosts() const { return hosts_; }
+  // Rank 0's `value` on every rank (others pass anything); returns once every rank has it.
+  std::string broadcast(const std::string& key, const std::string& value);
+
+ private:
+  // Every rank announces `key`; rank 0 waits for them all (listing absentees in the error).
+  void barrier(const std::string& key);
+  DistEnv env_;
+  std::chrono::milliseconds timeout_;
+  std::unique_ptr<TcpStoreServer> server_;
+  std::unique_ptr<TcpStoreClient> client_;
+  std::vector<std::string> hosts_;
+  int round_ = 0;
+};
+
+// "2, 3 and 7" style lists of ranks for messages.
+std::string rank_list(const std::vector<int>& ranks);
+
+}  // namespace moeforge::dist
