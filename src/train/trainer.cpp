@@ -15,6 +15,7 @@
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
+#include "dist/env.h"
 #include "ops/cuda/runtime.h"
 #include "train/backend.h"
 #include "train/checkpoint.h"
@@ -92,6 +93,11 @@ TrainResult run_training(const Recipe& r) {
 #ifdef _OPENMP
   if (r.threads > 0) omp_set_num_threads(static_cast<int>(r.threads));
 #endif
+  // Until data and expert parallelism exist, several ranks would train identical copies into one
+  // output folder: refuse instead.
+  const dist::DistEnv denv = dist::dist_env();
+  MF_CHECK(denv.world_size == 1, "train: started as rank ", denv.rank, " of ", denv.world_size, " (", denv.source,
+           "), but multi-process training is not built yet; run one process");
   MF_CHECK(fs::is_directory(r.model), r.source, ": key 'model': folder ", r.model, " does not exist");
   MF_CHECK(r.device != "cuda" || cuda::available(), r.source,
            ": key 'device': cuda, but no CUDA device answers here (or this moeforge was built without the CUDA backend)");

@@ -207,6 +207,19 @@ TEST(RecipeBadInput, DeviceAndPrecision) {
   EXPECT_FALSE(fs::exists(dir / "out")) << "nothing is written before the inputs are checked";
 }
 
+// Several ranks (moeforge launch, torchrun, srun) would train identical copies: refused for now.
+TEST(RecipeBadInput, MultiProcessTrainingIsRefusedForNow) {
+  test::TempDir dir;
+  setenv("RANK", "1", 1);
+  setenv("WORLD_SIZE", "2", 1);
+  const std::string e = error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {})); });
+  unsetenv("RANK");
+  unsetenv("WORLD_SIZE");
+  EXPECT_NE(e.find("started as rank 1 of 2 (torchrun), but multi-process training is not built yet"), std::string::npos)
+      << e;
+  EXPECT_FALSE(fs::exists(dir / "out"));
+}
+
 TEST(RecipeBadInput, MissingModelFolder) {
   test::TempDir dir;
   const std::string e = error_of([&] {
