@@ -46,4 +46,16 @@ std::string Args::require(const std::string& flag) const {
   return *v;
 }
 
+int64_t Args::get_int(const std::string& flag, int64_t def) const {
+  const auto v = get(flag);
+  if (!v) return def;
+  try {
+    size_t used = 0;
+    const long long x = std::stoll(*v, &used);
+    if (used == v->size()) return x;
+  } catch (const std::exception&) {
+  }
+  MF_THROW(flag, " needs an integer, got '", *v, "'");
+}
+
 }  // namespace moeforge::cli

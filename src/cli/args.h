@@ -1,6 +1,7 @@
 // A small argument parser for the subcommands: --flag value, --flag=value, boolean switches and
 // positionals, with errors that name the flag.
 #pragma once
+#include <cstdint>
 #include <map>
 #include <optional>
 #include <set>
@@ -15,6 +16,8 @@ class Args {
   Args(const std::vector<std::string>& argv, const std::set<std::string>& valued, const std::set<std::string>& switches);
   std::optional<std::string> get(const std::string& flag) const;
   std::string require(const std::string& flag) const;
+  // The flag's integer value, `def` when absent; an error naming the flag when it is not an integer.
+  int64_t get_int(const std::string& flag, int64_t def) const;
   bool has(const std::string& flag) const { return switches_.count(flag) != 0; }
   const std::vector<std::string>& positionals() const { return positionals_; }
 

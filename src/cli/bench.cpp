@@ -16,22 +16,6 @@
 
 namespace moeforge::cli {
 
-namespace {
-
-int64_t int_flag(const Args& a, const char* flag, int64_t def) {
-  const auto v = a.get(flag);
-  if (!v) return def;
-  try {
-    size_t used = 0;
-    const long long x = std::stoll(*v, &used);
-    if (used == v->size()) return x;
-  } catch (const std::exception&) {
-  }
-  MF_THROW("bench: ", flag, " needs an integer, got '", *v, "'");
-}
-
-}  // namespace
-
 int cmd_bench(const std::vector<std::string>& argv) {
   Args args(argv, {"--layers", "--seq", "--batch", "--steps", "--warmup", "--routing", "--precision", "--seed"},
             {"--activation-checkpointing", "--optimizer-in-backward"});
@@ -40,7 +24,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
   MF_CHECK(std::filesystem::exists(path), path, ": no such file or folder");
   hf::ModelConfig cfg = hf::load_config(path);
   if (const auto l = args.get("--layers")) {
-    const int64_t n = int_flag(args, "--layers", 0);
+    const int64_t n = args.get_int("--layers", 0);
     MF_CHECK(n >= 1, "bench: --layers must be at least 1, got ", *l);
     cfg.raw["num_hidden_layers"] = n;
     cfg = hf::parse_config(cfg.raw, cfg.source);
@@ -53,11 +37,11 @@ int cmd_bench(const std::vector<std::string>& argv) {
   MF_THROW("bench runs on the GPU, and this moeforge was built without the CUDA backend");
 #else
   gpu::BenchOptions o;
-  o.seq = int_flag(args, "--seq", 4096);
-  o.batch = int_flag(args, "--batch", 1);
-  o.steps = int_flag(args, "--steps", 10);
-  o.warmup = int_flag(args, "--warmup", 3);
-  o.seed = static_cast<uint64_t>(int_flag(args, "--seed", 1234));
+  o.seq = args.get_int("--seq", 4096);
+  o.batch = args.get_int("--batch", 1);
+  o.steps = args.get_int("--steps", 10);
+  o.warmup = args.get_int("--warmup", 3);
+  o.seed = static_cast<uint64_t>(args.get_int("--seed", 1234));
   o.balanced_routing = routing == "balanced";
   o.precision = gpu::parse_precision(precision, "bench --precision");
   o.activation_checkpointing = args.has("--activation-checkpointing");

@@ -17,18 +17,6 @@ namespace moeforge::cli {
 
 namespace {
 
-int int_value(const Args& a, const char* flag, int def) {
-  const auto v = a.get(flag);
-  if (!v) return def;
-  try {
-    size_t used = 0;
-    const int x = std::stoi(*v, &used);
-    if (used == v->size()) return x;
-  } catch (const std::exception&) {
-  }
-  MF_THROW("launch: ", flag, " needs an integer, got '", *v, "'");
-}
-
 // A moeforge subcommand after -- runs this same binary.
 const std::set<std::string> kSubcommands = {"train", "eval", "bench", "inspect", "convert", "tokenize", "dist-check"};
 
@@ -49,11 +37,11 @@ int cmd_launch(const std::vector<std::string>& argv) {
            "' (the command goes after --)");
   MF_CHECK(!command.empty(), "launch: no command; usage: moeforge launch --nproc-per-node N -- train RECIPE.yaml");
   dist::LaunchOptions o;
-  o.nproc_per_node = int_value(args, "--nproc-per-node", 1);
-  o.nnodes = int_value(args, "--nnodes", 1);
-  o.node_rank = int_value(args, "--node-rank", 0);
+  o.nproc_per_node = static_cast<int>(args.get_int("--nproc-per-node", 1));
+  o.nnodes = static_cast<int>(args.get_int("--nnodes", 1));
+  o.node_rank = static_cast<int>(args.get_int("--node-rank", 0));
   o.master_addr = args.get("--master-addr").value_or("127.0.0.1");
-  o.master_port = int_value(args, "--master-port", 29500);
+  o.master_port = static_cast<int>(args.get_int("--master-port", 29500));
   if (kSubcommands.count(command[0])) {
     char self[4096] = {0};
     const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);

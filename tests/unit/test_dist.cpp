@@ -28,15 +28,6 @@ dist::DistEnv env_of(const std::map<std::string, std::string>& vars) {
   });
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 // A port nobody listens on right now (the kernel's pick for a socket bound to port 0).
 int free_port() {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
@@ -70,7 +61,7 @@ std::vector<std::string> run_ranks(int world, int present, std::chrono::millisec
   std::vector<std::thread> ts;
   for (int r = 0; r < present; ++r)
     ts.emplace_back([&, r] {
-      errors[r] = error_of([&] {
+      errors[r] = test::error_of([&] {
         dist::Rendezvous rv(local_env(r, world, port), fingerprint(r), timeout);
         const std::string v = rv.broadcast("token", r == 0 ? "from rank 0" : "not this");
         if (got) (*got)[r] = v;
@@ -107,12 +98,12 @@ TEST(DistEnv, TorchrunSlurmAndSingleProcess) {
 }
 
 TEST(DistEnv, BadVariablesAreNamed) {
-  EXPECT_NE(error_of([] { env_of({{"RANK", "0"}}); }).find("RANK and WORLD_SIZE must be set together"), std::string::npos);
-  EXPECT_NE(error_of([] { env_of({{"RANK", "4"}, {"WORLD_SIZE", "4"}}); }).find("rank 4 is not below the world size 4"),
+  EXPECT_NE(test::error_of([] { env_of({{"RANK", "0"}}); }).find("RANK and WORLD_SIZE must be set together"), std::string::npos);
+  EXPECT_NE(test::error_of([] { env_of({{"RANK", "4"}, {"WORLD_SIZE", "4"}}); }).find("rank 4 is not below the world size 4"),
             std::string::npos);
-  EXPECT_NE(error_of([] { env_of({{"RANK", "x"}, {"WORLD_SIZE", "4"}}); }).find("RANK='x' is not an integer"),
+  EXPECT_NE(test::error_of([] { env_of({{"RANK", "x"}, {"WORLD_SIZE", "4"}}); }).find("RANK='x' is not an integer"),
             std::string::npos);
-  EXPECT_NE(error_of([] { env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "70000"}}); })
+  EXPECT_NE(test::error_of([] { env_of({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"MASTER_PORT", "70000"}}); })
                 .find("MASTER_PORT=70000 is not a TCP port"),
             std::string::npos);
 }

@@ -41,15 +41,6 @@ std::string write_recipe(const test::TempDir& dir, const std::string& extra = ""
   return dir / "recipe.yaml";
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 void expect_same_params(const std::string& a, const std::string& b) {
   auto x = hf::SafetensorsFile::open(a + "/training_state/params.safetensors");
   auto y = hf::SafetensorsFile::open(b + "/training_state/params.safetensors");
@@ -170,23 +161,23 @@ TEST(Optimizer, NormsAndBiasesCanBeExcludedFromWeightDecay) {
 
 TEST(RecipeBadInput, UnknownKeyWithSuggestion) {
   test::TempDir dir;
-  const std::string e = error_of([&] { train::load_recipe(write_recipe(dir, "optimzer:\n  lr: 1\n"), {}); });
+  const std::string e = test::error_of([&] { train::load_recipe(write_recipe(dir, "optimzer:\n  lr: 1\n"), {}); });
   EXPECT_NE(e.find("recipe.yaml: unknown key 'optimzer.lr' (did you mean 'optimizer.lr'?)"), std::string::npos) << e;
-  const std::string e2 = error_of([&] { train::load_recipe(write_recipe(dir), {"lr=1e-4"}); });
+  const std::string e2 = test::error_of([&] { train::load_recipe(write_recipe(dir), {"lr=1e-4"}); });
   EXPECT_NE(e2.find("command line: unknown key 'lr' (did you mean 'optimizer.lr'?)"), std::string::npos) << e2;
-  const std::string e3 = error_of([&] { train::load_recipe(write_recipe(dir), {"stepz=4"}); });
+  const std::string e3 = test::error_of([&] { train::load_recipe(write_recipe(dir), {"stepz=4"}); });
   EXPECT_NE(e3.find("did you mean 'steps'"), std::string::npos) << e3;
 }
 
 TEST(RecipeBadInput, WrongType) {
   test::TempDir dir;
-  const std::string e = error_of([&] { train::load_recipe(write_recipe(dir), {"steps=ten"}); });
+  const std::string e = test::error_of([&] { train::load_recipe(write_recipe(dir), {"steps=ten"}); });
   EXPECT_NE(e.find("command line: key 'steps' must be an integer, got 'ten'"), std::string::npos) << e;
-  const std::string e2 = error_of([&] { train::load_recipe(write_recipe(dir, "seq_len: [1, 2]\n"), {}); });
+  const std::string e2 = test::error_of([&] { train::load_recipe(write_recipe(dir, "seq_len: [1, 2]\n"), {}); });
   EXPECT_NE(e2.find("key 'seq_len' must be an integer"), std::string::npos) << e2;
-  const std::string e3 = error_of([&] { train::load_recipe(write_recipe(dir), {"global_batch=3"}); });
+  const std::string e3 = test::error_of([&] { train::load_recipe(write_recipe(dir), {"global_batch=3"}); });
   EXPECT_NE(e3.find("'global_batch' (3) must be a multiple of 'micro_batch' (2)"), std::string::npos) << e3;
-  const std::string e4 = error_of([&] { train::load_recipe(write_recipe(dir), {"precision=bf16"}); });
+  const std::string e4 = test::error_of([&] { train::load_recipe(write_recipe(dir), {"precision=bf16"}); });
   EXPECT_NE(e4.find("'precision' value 'bf16' is not available on the CPU backend"), std::string::npos) << e4;
 }
 
@@ -194,15 +185,15 @@ TEST(RecipeBadInput, WrongType) {
 // no GPU answers (CI) failing before anything is written.
 TEST(RecipeBadInput, DeviceAndPrecision) {
   test::TempDir dir;
-  const std::string e = error_of([&] { train::load_recipe(write_recipe(dir), {"device=tpu"}); });
+  const std::string e = test::error_of([&] { train::load_recipe(write_recipe(dir), {"device=tpu"}); });
   EXPECT_NE(e.find("key 'device' must be cpu or cuda, got 'tpu'"), std::string::npos) << e;
-  const std::string e2 = error_of([&] { train::load_recipe(write_recipe(dir), {"device=cuda", "precision=fp16"}); });
+  const std::string e2 = test::error_of([&] { train::load_recipe(write_recipe(dir), {"device=cuda", "precision=fp16"}); });
   EXPECT_NE(e2.find("key 'precision' must be fp32, bf16-mixed or bf16, got 'fp16'"), std::string::npos) << e2;
   EXPECT_EQ(train::load_recipe(write_recipe(dir), {}).precision, "fp32");
   EXPECT_EQ(train::load_recipe(write_recipe(dir), {"device=cuda"}).precision, "bf16-mixed");
   EXPECT_EQ(train::load_recipe(write_recipe(dir), {"device=cuda", "precision=bf16"}).precision, "bf16");
   if (cuda::available()) return;  // the GPU run itself is tests/gpu/test_cuda_training.cpp
-  const std::string e3 = error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {"device=cuda"})); });
+  const std::string e3 = test::error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {"device=cuda"})); });
   EXPECT_NE(e3.find("key 'device': cuda, but no CUDA device answers here"), std::string::npos) << e3;
   EXPECT_FALSE(fs::exists(dir / "out")) << "nothing is written before the inputs are checked";
 }
@@ -212,7 +203,7 @@ TEST(RecipeBadInput, MultiProcessTrainingIsRefusedForNow) {
   test::TempDir dir;
   setenv("RANK", "1", 1);
   setenv("WORLD_SIZE", "2", 1);
-  const std::string e = error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {})); });
+  const std::string e = test::error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {})); });
   unsetenv("RANK");
   unsetenv("WORLD_SIZE");
   EXPECT_NE(e.find("started as rank 1 of 2 (torchrun), but multi-process training is not built yet"), std::string::npos)
@@ -222,7 +213,7 @@ TEST(RecipeBadInput, MultiProcessTrainingIsRefusedForNow) {
 
 TEST(RecipeBadInput, MissingModelFolder) {
   test::TempDir dir;
-  const std::string e = error_of([&] {
+  const std::string e = test::error_of([&] {
     train::run_training(train::load_recipe(write_recipe(dir), {"model=" + (dir / "nope")}));
   });
   EXPECT_NE(e.find("key 'model': folder"), std::string::npos) << e;
@@ -232,14 +223,14 @@ TEST(RecipeBadInput, MissingModelFolder) {
 TEST(RecipeBadInput, ExistingOutputFolderIsRefused) {
   test::TempDir dir;
   train::run_training(train::load_recipe(write_recipe(dir), {"steps=1"}));
-  const std::string e = error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {"steps=1"})); });
+  const std::string e = test::error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {"steps=1"})); });
   EXPECT_NE(e.find("already exists (set overwrite=true"), std::string::npos) << e;
   EXPECT_TRUE(fs::exists(dir / "out/checkpoint-1")) << "the refused run must not touch the old output";
   train::run_training(train::load_recipe(write_recipe(dir), {"steps=1", "overwrite=true"}));
   // A folder that is not a moeforge output is never deleted, even with overwrite.
   fs::create_directories(dir / "precious");
   std::ofstream(dir / "precious/notes.txt") << "keep me";
-  const std::string e2 = error_of([&] {
+  const std::string e2 = test::error_of([&] {
     train::run_training(train::load_recipe(write_recipe(dir), {"output_dir=" + (dir / "precious"), "overwrite=true"}));
   });
   EXPECT_NE(e2.find("not a moeforge output folder"), std::string::npos) << e2;
@@ -248,7 +239,7 @@ TEST(RecipeBadInput, ExistingOutputFolderIsRefused) {
 
 TEST(RecipeBadInput, SequenceLongerThanTheModelAllows) {
   test::TempDir dir;
-  const std::string e = error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {"seq_len=65"})); });
+  const std::string e = test::error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {"seq_len=65"})); });
   EXPECT_NE(e.find("seq_len 65 is longer than the model allows (max_position_embeddings 64"), std::string::npos) << e;
 }
 

@@ -6,12 +6,14 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <random>
 #include <string>
 
 #include <gtest/gtest.h>
 
+#include "core/error.h"
 #include "core/tensor.h"
 #include "nn/params.h"
 
@@ -61,6 +63,16 @@ inline float max_abs_diff(const Tensor& a, const Tensor& b) {
   float m = 0;
   for (size_t i = 0; i < x.size(); ++i) m = std::max(m, std::abs(x[i] - y[i]));
   return m;
+}
+
+// The message of the moeforge::Error that f throws ("" when it throws none).
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
 }
 
 // max |a - b| / max |b| over a tensor (the tensor-relative error the parity tests bound).
