@@ -19,8 +19,6 @@ class Rendezvous {
   Rendezvous(const DistEnv& env, const std::string& fingerprint, std::chrono::milliseconds timeout);
   ~Rendezvous();
   const DistEnv& env() const { return env_; }
-  // Host name of every rank, by rank.
-  const std::vector<std::string>& hosts() const { return hosts_; }
   // Rank 0's `value` on every rank (others pass anything); returns once every rank has it.
   std::string broadcast(const std::string& key, const std::string& value);
 
@@ -31,11 +29,10 @@ class Rendezvous {
   std::chrono::milliseconds timeout_;
   std::unique_ptr<TcpStoreServer> server_;
   std::unique_ptr<TcpStoreClient> client_;
-  std::vector<std::string> hosts_;
   int round_ = 0;
 };
 
-// "2, 3 and 7" style lists of ranks for messages.
-std::string rank_list(const std::vector<int>& ranks);
+// "rank 2" or "ranks 2, 3 and 7", for messages.
+std::string ranks_phrase(const std::vector<int>& ranks);
 
 }  // namespace moeforge::dist
