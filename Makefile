@@ -14,8 +14,11 @@ GPU_BUILD ?= build-gpu
 
 all: build
 
+# CUTLASS's headers (6 MB from PyPI) so that every CUDA build, CI's included, compiles the
+# grouped expert GEMMs.
 deps:
 	@bash scripts/install-deps.sh
+	@bash scripts/install-cutlass.sh
 
 $(BUILD)/CMakeCache.txt: | deps
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)

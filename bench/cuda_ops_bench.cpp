@@ -110,7 +110,7 @@ int main() {
       Tensor wd = dev_randn({n, k}, bf, 0.02f);
       const double dense_ms = time_ms([&] { cuda::gemm(x, false, wd, true, y); });
       const std::string shape = std::to_string(experts) + "x" + std::to_string(per_expert) + " " + name;
-      report("grouped_gemm " + std::string(name), shape, ms, 2.0 * rows * n * k, 0);
+      report("grouped_gemm " + std::string(name), shape + " " + cuda::last_grouped_gemm_path(), ms, 2.0 * rows * n * k, 0);
       std::printf("{\"op\": \"grouped vs dense\", \"shape\": \"%s\", \"grouped_ms\": %.4f, \"dense_ms\": %.4f, \"ratio\": %.2f}\n",
                   shape.c_str(), ms, dense_ms, dense_ms / ms);
     }
@@ -118,7 +118,7 @@ int main() {
   {
     // Skewed routing, as the native router at random init gives (most tokens agree on a few
     // experts): 8 experts with 3968 rows and 120 with 8 (32704 rows); forward, input and weight
-    // gradients of gate_up. MOEFORGE_GROUPED_GEMM=loop|grouped forces a path.
+    // gradients of gate_up. MOEFORGE_GROUPED_GEMM=loop|grouped|cutlass forces a path.
     std::vector<int64_t> off(129, 0);
     for (int64_t e = 0; e < 128; ++e) off[e + 1] = off[e] + (e % 16 == 0 ? 3968 : 8);
     const int64_t rows = off.back(), n = 2 * I, k = H;
@@ -126,11 +126,11 @@ int main() {
     Tensor dx = cuda::empty({rows, k}, bf), dw = cuda::empty({128, n, k}, bf);
     const double flops = 2.0 * rows * n * k;
     double ms = time_ms([&] { cuda::grouped_linear(x, w, off, y); });
-    report("grouped_gemm skewed forward", "8x3968+120x8 gate_up", ms, flops, 0);
+    report("grouped_gemm skewed forward", std::string("8x3968+120x8 gate_up ") + cuda::last_grouped_gemm_path(), ms, flops, 0);
     ms = time_ms([&] { cuda::grouped_linear_input_grad(y, w, off, dx); });
-    report("grouped_gemm skewed input grad", "8x3968+120x8 gate_up", ms, flops, 0);
+    report("grouped_gemm skewed input grad", std::string("8x3968+120x8 gate_up ") + cuda::last_grouped_gemm_path(), ms, flops, 0);
     ms = time_ms([&] { cuda::grouped_linear_weight_grad(y, x, off, dw, true); });
-    report("grouped_gemm skewed weight grad", "8x3968+120x8 gate_up", ms, flops, 0);
+    report("grouped_gemm skewed weight grad", std::string("8x3968+120x8 gate_up ") + cuda::last_grouped_gemm_path(), ms, flops, 0);
   }
   {
     // Token permutation for 4096 tokens x top-8 of 128 experts, hidden 2048.

@@ -1,7 +1,8 @@
-// Grouped expert GEMMs. Three paths: experts of equal size at constant strides (balanced routing)
-// as one strided-batched cuBLASLt GEMM; ragged experts through cublasGemmGroupedBatchedEx, one call
-// for every expert's product (each a group of one with its own row count); and, when the operand
-// dtypes differ, one cuBLASLt GEMM per expert. Row-major products are issued as their column-major
+// Grouped expert GEMMs. Four paths: experts of equal size at constant strides (balanced routing)
+// as one strided-batched cuBLASLt GEMM; ragged BF16 experts as one CUTLASS grouped GEMM on Hopper
+// (cutlass/, when the build has it); otherwise ragged experts through cublasGemmGroupedBatchedEx,
+// one call for every expert's product (each a group of one with its own row count); and, when the
+// operand dtypes differ and CUTLASS cannot take them, one cuBLASLt GEMM per expert. Row-major products are issued as their column-major
 // transposes, as in gemm_cublaslt.cpp. Experts without rows are left out (cuBLAS requires m, n,
 // k > 0): an empty expert's weight gradient is zeroed, or left as it is when accumulating.
 #include <cublas_v2.h>
@@ -11,7 +12,9 @@
 #include <vector>
 
 #include "ops/cuda/check.h"
+#include "ops/cuda/cutlass/grouped_gemm_cutlass.h"
 #include "ops/cuda/gemm_raw.h"
+#include "ops/cuda/grouped_product.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
 
@@ -37,18 +40,9 @@ cudaDataType_t dtype_of(const Tensor& t) {
   MF_THROW("grouped gemm: dtype ", dtype_name(t.dtype()), " is not supported");
 }
 
-// One row-major product per group: C (M x N) = op(A) op(B), A/B/C given by pointer and row stride.
-struct Product {
-  const void* a;
-  int64_t lda;
-  bool trans_a;
-  const void* b;
-  int64_t ldb;
-  bool trans_b;
-  void* c;
-  int64_t ldc;
-  int64_t m, n, k;
-};
+using Product = GroupedProduct;
+
+const char* g_last_path = "none";
 
 const std::string& forced_mode() {
   static const std::string forced = [] {
@@ -60,7 +54,7 @@ const std::string& forced_mode() {
 
 // One cuBLASLt GEMM per expert instead of the grouped call when the dtypes are mixed (the grouped
 // call takes one dtype for A, B and C; BF16 inputs with an F32 weight gradient are not).
-// MOEFORGE_GROUPED_GEMM=loop|grouped forces one path. An earlier rule also looped when the mean
+// MOEFORGE_GROUPED_GEMM=loop|grouped|cutlass forces one path (cublas: never CUTLASS). An earlier rule also looped when the mean
 // expert was large (>= 3 GFLOP): right for equal experts, but under native routing's skew (a few
 // experts with thousands of rows, many empty) it made the q30-L4 forward's gate_up 37 ms against
 // 3 ms for the grouped call (docs/perf-notes.md); equal experts now take the strided batch.
@@ -92,6 +86,7 @@ GemmArgs args_of(const Product& p, cudaDataType_t ta, cudaDataType_t tb, cudaDat
 }
 
 void run_loop(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
+  g_last_path = "loop";
   for (const Product& p : ps) gemm_raw(args_of(p, ta, tb, tc, beta));
 }
 
@@ -118,6 +113,7 @@ bool run_if_uniform(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataT
   g.stride_a = da / ea;
   g.stride_b = db / eb;
   g.stride_c = dc / ec;
+  g_last_path = "strided";
   gemm_raw(g);
   return true;
 }
@@ -133,6 +129,10 @@ void run_grouped(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType
                  bool split_large_k = false) {
   if (ps.empty()) return;
   if (forced_mode().empty() && run_if_uniform(ps, ta, tb, tc, beta)) return;
+  if (cutlass_grouped::usable(ps, dtype_from(ta), dtype_from(tc)) && ta == tb) {
+    g_last_path = "cutlass";
+    return cutlass_grouped::run(ps, dtype_from(ta), dtype_from(tc), beta);
+  }
   if (use_loop(ta, tb, tc)) return run_loop(ps, ta, tb, tc, beta);
   if (split_large_k && forced_mode().empty()) {
     std::vector<Product> large, rest;
@@ -140,6 +140,7 @@ void run_grouped(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType
     if (!large.empty()) {
       run_loop(large, ta, tb, tc, beta);
       if (!rest.empty()) run_grouped_call(rest, ta, tb, tc, beta);
+      g_last_path = "split";
       return;
     }
   }
@@ -147,6 +148,7 @@ void run_grouped(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType
 }
 
 void run_grouped_call(const std::vector<Product>& ps, cudaDataType_t ta, cudaDataType_t tb, cudaDataType_t tc, float beta) {
+  g_last_path = "cublas-grouped";
   const size_t g = ps.size();
   std::vector<cublasOperation_t> opa(g), opb(g);
   std::vector<int64_t> m(g), n(g), k(g), lda(g), ldb(g), ldc(g), sizes(g, 1);
@@ -195,6 +197,8 @@ const char* at(const Tensor& t, int64_t elem) { return static_cast<const char*>(
 char* at(Tensor& t, int64_t elem) { return static_cast<char*>(t.raw()) + elem * dtype_size(t.dtype()); }
 
 }  // namespace
+
+const char* last_grouped_gemm_path() { return g_last_path; }
 
 void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y) {
   const int64_t e = w.shape()[0], n = w.shape()[1], k = w.shape()[2], rows = x.shape()[0];

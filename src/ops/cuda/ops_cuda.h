@@ -100,6 +100,9 @@ void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vec
 // dW[e] (+)= dy[rows of e]^T x[rows of e]      dW [E,N,K] (F32 or the weights' dtype)
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
                                 bool accumulate);
+// Which path the last grouped GEMM took: "strided" (equal experts), "cutlass" (ragged BF16 on
+// Hopper), "cublas-grouped", "split" (large weight gradients alone, the rest grouped) or "loop".
+const char* last_grouped_gemm_path();
 
 // Routing plan from the router's expert indices [T,k] (I64): every (token, slot) pair gets a row of
 // the permuted buffer, grouped by expert and in token order inside an expert (deterministic).

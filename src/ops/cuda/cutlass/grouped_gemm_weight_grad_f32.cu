@@ -1,0 +1,11 @@
+// One CUTLASS grouped-GEMM instantiation (grouped_gemm_instances.h says which product).
+#include "ops/cuda/cutlass/grouped_gemm_instances.h"
+#include "ops/cuda/cutlass/grouped_gemm_kernel.cuh"
+
+namespace moeforge::cuda::cutlass_grouped {
+
+void run_weight_grad_f32(const std::vector<GroupedProduct>& ps, float beta) {
+  GroupedGemm<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor, float>::run(ps, beta);
+}
+
+}  // namespace moeforge::cuda::cutlass_grouped
