@@ -1,0 +1,56 @@
+// Collectives between the ranks of a job (or of a group of them: the expert-parallel group, the
+// expert-data-parallel group), behind one interface: gloo over TCP for host tensors (the CPU
+// backend and CI), NCCL for device tensors. Every call is collective: all ranks of the group make
+// the same calls in the same order. A peer that dies or stops answering turns into an error that
+// names the collective and the group, within the group's timeout, never a hang.
+#pragma once
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "dist/tcp_store.h"
+
+namespace moeforge::dist {
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;  // within the group
+  virtual int size() const = 0;
+  virtual const std::string& name() const = 0;  // the group's name, for messages
+  virtual const char* backend() const = 0;      // "gloo", "nccl", "self"
+
+  // In place: every rank ends with the elementwise sum over ranks.
+  virtual void all_reduce_sum(Tensor& t) = 0;
+  // `in` [size * n ...] on every rank -> `out` [n ...]: rank r gets the sum over ranks of block r.
+  virtual void reduce_scatter_sum(const Tensor& in, Tensor& out) = 0;
+  // `in` [n ...] -> `out` [size * n ...], blocks in rank order.
+  virtual void all_gather(const Tensor& in, Tensor& out) = 0;
+  // Row exchange (rows = first dimension): the first send_rows[0] rows of `in` go to rank 0, the
+  // next send_rows[1] to rank 1, ...; `out` receives recv_rows[p] rows from each rank p, in rank
+  // order. The counts must agree pairwise (exchange_counts gives the receive side).
+  virtual void all_to_all(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
+                          const std::vector<int64_t>& recv_rows) = 0;
+  // In place: `t` takes root's value on every rank.
+  virtual void broadcast(Tensor& t, int root) = 0;
+  virtual void barrier() = 0;
+};
+
+// What each rank will send me, from what I send each rank (an all-to-all of one count per pair).
+std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send_counts);
+
+// The one-rank group: every collective is a copy (a single-process run takes the same code path).
+std::unique_ptr<Communicator> self_communicator(const std::string& name);
+
+// Whether this build has gloo (libgloo-dev).
+bool gloo_available();
+
+// Connects `group_size` ranks over TCP through the key-value store (keys under "gloo/<name>/"):
+// every member calls this with its rank in the group. `host` is the address peers reach this rank
+// at. Collectives that do not complete within `timeout` fail, naming the collective and the group.
+std::unique_ptr<Communicator> connect_gloo(TcpStoreClient& store, const std::string& name, int rank, int group_size,
+                                           const std::string& host, std::chrono::milliseconds timeout);
+
+}  // namespace moeforge::dist
