@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "core/tensor.h"
+#include "dist/communicator.h"
 #include "hf/config.h"
 #include "hf/state_dict.h"
 #include "nn/params.h"
@@ -18,6 +19,12 @@ namespace moeforge::models {
 struct RoutingControl {
   enum class Mode { Record, Replay } mode = Mode::Record;
   std::vector<Tensor> chosen;  // one [T, k] I64 tensor per MoE layer, in layer order
+};
+
+// How this rank takes part in a multi-rank run; all null in a single process.
+struct Parallel {
+  dist::Communicator* world = nullptr;  // every rank; they split the batch (load-balancing statistics)
+  dist::Communicator* ep = nullptr;     // the expert-parallel group: MoE layers hold E / its size experts
 };
 
 struct ForwardInputs {

@@ -9,17 +9,17 @@
 namespace moeforge::models {
 
 namespace {
-using Builder = std::function<std::unique_ptr<CausalLM>(const hf::ModelConfig&)>;
+using Builder = std::function<std::unique_ptr<CausalLM>(const hf::ModelConfig&, const Parallel&)>;
 const std::map<std::string, Builder>& builders() {
   static const std::map<std::string, Builder> m = {{"qwen3_moe", make_qwen3_moe}};
   return m;
 }
 }  // namespace
 
-std::unique_ptr<CausalLM> build_model(const hf::ModelConfig& cfg) {
+std::unique_ptr<CausalLM> build_model(const hf::ModelConfig& cfg, const Parallel& par) {
   auto it = builders().find(cfg.model_type);
   MF_CHECK(it != builders().end(), cfg.source, ": field 'model_type' value '", cfg.model_type, "' is not supported");
-  return it->second(cfg);
+  return it->second(cfg, par);
 }
 
 std::vector<std::string> supported_model_types() {

@@ -8,7 +8,8 @@
 
 namespace moeforge::models {
 
-std::unique_ptr<CausalLM> build_model(const hf::ModelConfig& cfg);
+// `par`: the rank's groups in a multi-rank run (they must outlive the model).
+std::unique_ptr<CausalLM> build_model(const hf::ModelConfig& cfg, const Parallel& par = {});
 std::vector<std::string> supported_model_types();
 
 }  // namespace moeforge::models

@@ -14,11 +14,18 @@ namespace {
 Tensor as_f32(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); }
 
 // Gathers rows `idx[i] / div` of x [T, H] into [n, H].
-Tensor gather_rows(const Tensor& x, const std::vector<int64_t>& idx, int64_t div) {
-  const int64_t h = x.size(1), n = static_cast<int64_t>(idx.size());
-  Tensor out = Tensor::empty({n, h}, DType::F32);
-  for (int64_t i = 0; i < n; ++i) std::memcpy(out.f32() + i * h, x.f32() + (idx[i] / div) * h, h * sizeof(float));
+// [T*k, H]: row i is token i / k's row (each pair carries its token's activations).
+Tensor pair_rows(const Tensor& x, int64_t k) {
+  const int64_t t = x.size(0), h = x.size(1);
+  Tensor out = Tensor::empty({t * k, h}, DType::F32);
+  for (int64_t i = 0; i < t * k; ++i) std::memcpy(out.f32() + i * h, x.f32() + (i / k) * h, h * sizeof(float));
   return out;
+}
+
+// Without expert parallelism the dispatch runs over a group of one (stateless, shared).
+dist::Communicator& one_rank_group() {
+  static const std::unique_ptr<dist::Communicator> self = dist::self_communicator("experts");
+  return *self;
 }
 
 }  // namespace
@@ -172,15 +179,17 @@ Tensor DenseMLP::backward(ParamStore& ps, const Cache& c, const Tensor& dy) cons
 }
 
 void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
-                     int64_t inter_, bool norm_topk) {
+                     int64_t inter_, bool norm_topk, dist::Communicator* ep_group) {
   hidden = hidden_;
   experts = experts_;
   top_k = top_k_;
   inter = inter_;
   norm_topk_prob = norm_topk;
+  ep = ep_group;
+  shard = ep ? dist::ExpertShard::of(experts, ep->rank(), ep->size()) : dist::ExpertShard{0, experts};
   router = ps.add(prefix + ".gate.weight", {experts, hidden});
-  gate_up = ps.add(prefix + ".experts.gate_up_proj", {experts, 2 * inter, hidden});
-  down = ps.add(prefix + ".experts.down_proj", {experts, hidden, inter});
+  gate_up = ps.add(prefix + ".experts.gate_up_proj", {shard.count, 2 * inter, hidden});
+  down = ps.add(prefix + ".experts.down_proj", {shard.count, hidden, inter});
 }
 
 Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* router_out, Cache* cache,
@@ -214,44 +223,45 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
       for (int64_t j = 0; j < top_k; ++j) w[r * top_k + j] /= s;
   }
   if (router_out) router_out->chosen = chosen;
-  // Group the (token, slot) pairs by expert, run each expert on its rows, scatter-add weighted.
-  std::vector<std::vector<int64_t>> rows(static_cast<size_t>(experts));
-  const int64_t* c = chosen.i64();
-  for (int64_t i = 0; i < t * top_k; ++i) rows[c[i]].push_back(i);
+  // Every (token, slot) pair goes to its expert's rank (here, with one rank), the local experts
+  // run on their rows, and the outputs come back in pair order to be summed with their weights.
+  const int64_t pairs = t * top_k;
+  const std::vector<int64_t> pair_expert(chosen.i64(), chosen.i64() + pairs);
+  auto plan = std::make_shared<dist::ExpertDispatch>(ep ? *ep : one_rank_group(), pair_expert, experts);
+  Tensor xs = plan->dispatch(pair_rows(x, top_k));
+  const std::vector<int64_t>& off = plan->local_offsets();
+  Tensor ys = Tensor::zeros({plan->received(), hidden}, DType::F32);
+  std::vector<Tensor> hs(static_cast<size_t>(shard.count)), acts(static_cast<size_t>(shard.count));
+  const Tensor& gu_all = ps.at(gate_up);
+  const Tensor& dn_all = ps.at(down);
+  for (int64_t e = 0; e < shard.count; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    hs[e] = ops::linear(xs.slice0(off[e], n), gu_all.slice0(e, 1).view({2 * inter, hidden}));
+    acts[e] = ops::swiglu(hs[e]);
+    Tensor y = ops::linear(acts[e], dn_all.slice0(e, 1).view({hidden, inter}));
+    std::memcpy(ys.f32() + off[e] * hidden, y.f32(), y.nbytes());
+  }
+  Tensor y_pairs = plan->combine(ys);
+  Tensor out = Tensor::zeros({t, hidden}, DType::F32);
+  for (int64_t i = 0; i < pairs; ++i) {
+    const float wi = w[i];
+    float* o = out.f32() + (i / top_k) * hidden;
+    const float* yi = y_pairs.f32() + i * hidden;
+    for (int64_t d = 0; d < hidden; ++d) o[d] += wi * yi[d];
+  }
   if (cache) {
     cache->x = x;
     cache->probs = probs;
     cache->chosen = chosen;
     cache->weights = weights;
     cache->topk_sum = topk_sum;
-    cache->h.assign(experts, Tensor());
-    cache->act.assign(experts, Tensor());
-    cache->y.assign(experts, Tensor());
+    cache->plan = std::move(plan);
+    cache->xs = xs;
+    cache->h = std::move(hs);
+    cache->act = std::move(acts);
+    cache->y_pairs = y_pairs;
   }
-  Tensor out = Tensor::zeros({t, hidden}, DType::F32);
-  const Tensor& gu_all = ps.at(gate_up);
-  const Tensor& dn_all = ps.at(down);
-  for (int64_t e = 0; e < experts; ++e) {
-    const auto& r = rows[e];
-    if (r.empty()) continue;
-    const int64_t n = static_cast<int64_t>(r.size());
-    Tensor xs = gather_rows(x, r, top_k);
-    Tensor h = ops::linear(xs, gu_all.slice0(e, 1).view({2 * inter, hidden}));
-    Tensor act = ops::swiglu(h);
-    Tensor y = ops::linear(act, dn_all.slice0(e, 1).view({hidden, inter}));
-    for (int64_t i = 0; i < n; ++i) {
-      const float wi = w[r[i]];
-      float* o = out.f32() + (r[i] / top_k) * hidden;
-      const float* yi = y.f32() + i * hidden;
-      for (int64_t d = 0; d < hidden; ++d) o[d] += wi * yi[d];
-    }
-    if (cache) {
-      cache->h[e] = h;
-      cache->act[e] = act;
-      cache->y[e] = y;
-    }
-  }
-  if (cache) cache->rows = std::move(rows);
   return out;
 }
 
@@ -264,35 +274,43 @@ Tensor SparseMoE::backward(ParamStore& ps, const Cache& c, const Tensor& dy, con
   Tensor& g_gu = ps.grad(gate_up);
   Tensor& g_dn = ps.grad(down);
   const float* w = c.weights.f32();
-  for (int64_t e = 0; e < experts; ++e) {
-    const auto& r = c.rows[e];
-    if (r.empty()) continue;
-    const int64_t n = static_cast<int64_t>(r.size());
-    const float* y = c.y[e].f32();
-    Tensor dyw = Tensor::empty({n, hidden}, DType::F32);  // gradient at the expert's output
-    for (int64_t i = 0; i < n; ++i) {
-      const float* g = dy.f32() + (r[i] / top_k) * hidden;
-      double dw = 0;
-      for (int64_t d = 0; d < hidden; ++d) {
-        dw += static_cast<double>(g[d]) * y[i * hidden + d];
-        dyw.f32()[i * hidden + d] = w[r[i]] * g[d];
-      }
-      dweights.f32()[r[i]] = static_cast<float>(dw);
+  // Per pair: the gradient at its expert output (weight * dy of its token) and at its weight.
+  const int64_t pairs = t * top_k;
+  Tensor dyw = Tensor::empty({pairs, hidden}, DType::F32);
+  for (int64_t i = 0; i < pairs; ++i) {
+    const float* g = dy.f32() + (i / top_k) * hidden;
+    const float* y = c.y_pairs.f32() + i * hidden;
+    double dw = 0;
+    for (int64_t d = 0; d < hidden; ++d) {
+      dw += static_cast<double>(g[d]) * y[d];
+      dyw.f32()[i * hidden + d] = w[i] * g[d];
     }
+    dweights.f32()[i] = static_cast<float>(dw);
+  }
+  // The same trip as forward: gradients to the experts' ranks, input gradients back.
+  Tensor dys = c.plan->dispatch(dyw);
+  const std::vector<int64_t>& off = c.plan->local_offsets();
+  Tensor dxs = Tensor::zeros({c.plan->received(), hidden}, DType::F32);
+  for (int64_t e = 0; e < shard.count; ++e) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n == 0) continue;
+    Tensor dy_e = dys.slice0(off[e], n);
     Tensor dn_e = dn_all.slice0(e, 1).view({hidden, inter});
     Tensor g_dn_e = g_dn.slice0(e, 1).view({hidden, inter});
-    ops::linear_weight_grad(dyw, c.act[e], g_dn_e);
-    Tensor dact = ops::linear_input_grad(dyw, dn_e);
+    ops::linear_weight_grad(dy_e, c.act[e], g_dn_e);
+    Tensor dact = ops::linear_input_grad(dy_e, dn_e);
     Tensor dh = ops::swiglu_backward(c.h[e], dact);
     Tensor gu_e = gu_all.slice0(e, 1).view({2 * inter, hidden});
     Tensor g_gu_e = g_gu.slice0(e, 1).view({2 * inter, hidden});
-    Tensor xs = gather_rows(c.x, r, top_k);
-    ops::linear_weight_grad(dh, xs, g_gu_e);
-    Tensor dxs = ops::linear_input_grad(dh, gu_e);
-    for (int64_t i = 0; i < n; ++i) {
-      float* o = dx.f32() + (r[i] / top_k) * hidden;
-      for (int64_t d = 0; d < hidden; ++d) o[d] += dxs.f32()[i * hidden + d];
-    }
+    ops::linear_weight_grad(dh, c.xs.slice0(off[e], n), g_gu_e);
+    Tensor dx_e = ops::linear_input_grad(dh, gu_e);
+    std::memcpy(dxs.f32() + off[e] * hidden, dx_e.f32(), dx_e.nbytes());
+  }
+  Tensor dx_pairs = c.plan->combine(dxs);
+  for (int64_t i = 0; i < pairs; ++i) {
+    float* o = dx.f32() + (i / top_k) * hidden;
+    const float* g = dx_pairs.f32() + i * hidden;
+    for (int64_t d = 0; d < hidden; ++d) o[d] += g[d];
   }
   // Routing weights -> full probabilities (the discrete choice gets no gradient).
   Tensor dprobs = dprobs_extra ? dprobs_extra->clone() : Tensor::zeros({t, experts}, DType::F32);
@@ -321,7 +339,7 @@ struct RoutingStats {
   std::vector<double> routed, prob;
   int64_t rows = 0;
 };
-RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts) {
+RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, dist::Communicator* dp) {
   RoutingStats st{std::vector<double>(experts, 0.0), std::vector<double>(experts, 0.0), 0};
   for (const auto& r : routers) {
     Tensor p = r.logits.clone();
@@ -333,13 +351,29 @@ RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int
     }
     st.rows += t;
   }
+  if (dp && dp->size() > 1) {
+    // Sums over the ranks that split the batch (F64: the same sums the one-rank run makes).
+    Tensor all = Tensor::empty({2 * experts + 1}, DType::F64);
+    double* a = all.data<double>();
+    for (int64_t e = 0; e < experts; ++e) {
+      a[e] = st.routed[e];
+      a[experts + e] = st.prob[e];
+    }
+    a[2 * experts] = static_cast<double>(st.rows);
+    dp->all_reduce_sum(all);
+    for (int64_t e = 0; e < experts; ++e) {
+      st.routed[e] = a[e];
+      st.prob[e] = a[experts + e];
+    }
+    st.rows = static_cast<int64_t>(a[2 * experts]);
+  }
   return st;
 }
 }  // namespace
 
-float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts) {
+float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, dist::Communicator* dp) {
   if (routers.empty()) return 0.f;
-  const RoutingStats st = routing_stats(routers, experts);
+  const RoutingStats st = routing_stats(routers, experts, dp);
   // tokens_per_expert is a mean over rows of a [rows, top_k, E] one-hot, i.e. per slot; summing
   // over slots against the mean probability gives sum_e (routed_e / rows) * (prob_e / rows).
   double loss = 0;
@@ -347,10 +381,11 @@ float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int6
   return static_cast<float>(loss * experts);
 }
 
-std::vector<float> load_balancing_prob_grad(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts) {
+std::vector<float> load_balancing_prob_grad(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts,
+                                            dist::Communicator* dp) {
   std::vector<float> g(static_cast<size_t>(experts), 0.f);
   if (routers.empty()) return g;
-  const RoutingStats st = routing_stats(routers, experts);
+  const RoutingStats st = routing_stats(routers, experts, dp);
   for (int64_t e = 0; e < experts; ++e) g[e] = static_cast<float>(experts * (st.routed[e] / st.rows) / st.rows);
   return g;
 }

@@ -3,11 +3,14 @@
 // indices. forward() takes an optional cache: when given, it keeps exactly what backward() needs;
 // backward() accumulates parameter gradients into the ParamStore and returns the input gradient.
 #pragma once
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "core/tensor.h"
+#include "dist/communicator.h"
+#include "dist/expert_dispatch.h"
 #include "nn/params.h"
 #include "nn/rotary.h"
 
@@ -59,18 +62,25 @@ struct DenseMLP {
 };
 
 // Softmax router + top-k + SwiGLU experts held as one tensor per projection:
-// gate_up [E, 2I, H] (gate rows first, then up) and down [E, H, I].
+// gate_up [E, 2I, H] (gate rows first, then up) and down [E, H, I]. Under expert parallelism the
+// layer holds only its shard of the experts (gate_up [E/ep, 2I, H], ...), and the (token, slot)
+// pairs travel to the rank of their expert and back (dist::ExpertDispatch); with one rank the
+// same path runs with a one-rank group.
 struct SparseMoE {
   struct Cache {
     Tensor x, probs, chosen, weights, topk_sum;  // probs [T,E]; chosen/weights [T,k]; topk_sum [T]
-    std::vector<std::vector<int64_t>> rows;      // per expert: the (token * k + slot) it serves
-    std::vector<Tensor> h, act, y;               // per expert: gate_up out, SwiGLU out, expert out
+    std::shared_ptr<dist::ExpertDispatch> plan;  // where each pair went
+    Tensor xs;                                   // this rank's expert inputs, grouped by local expert
+    std::vector<Tensor> h, act;                  // per local expert: gate_up out, SwiGLU out
+    Tensor y_pairs;                              // [T*k, H]: each pair's expert output, back home
   };
   size_t router = 0, gate_up = 0, down = 0;
   int64_t experts = 0, top_k = 0, inter = 0, hidden = 0;
   bool norm_topk_prob = false;
+  dist::Communicator* ep = nullptr;  // the expert-parallel group; null: every expert is here
+  dist::ExpertShard shard;           // the experts this rank holds
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
-            int64_t inter_, bool norm_topk);
+            int64_t inter_, bool norm_topk, dist::Communicator* ep_group = nullptr);
   // x [T, H] -> [T, H]. `router` receives the logits [T, E] and the chosen experts [T, k] for the
   // load-balancing loss. `forced` [T, k]
   // (I64), when given, replaces the top-k choice of experts (replayed or balanced routing); the
@@ -89,9 +99,13 @@ struct SparseMoE {
 // logits (concatenated), with no attention mask: E * sum_e(fraction routed to e * mean prob of e).
 // The routed fractions count the experts each layer chose (Transformers recomputes the same top-k
 // from the same softmax; taking the layers' choice keeps replayed routing consistent).
-float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts);
+// `dp`, when given, is the group whose ranks split the batch: the statistics are summed over it, so
+// the loss is that of the whole batch.
+float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts,
+                          dist::Communicator* dp = nullptr);
 // d(loss)/d(probs) of one layer's rows: E * f_e / rows_total, the same for every row; f_e is the
 // routed fraction over all layers. Returns [E].
-std::vector<float> load_balancing_prob_grad(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts);
+std::vector<float> load_balancing_prob_grad(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts,
+                                            dist::Communicator* dp = nullptr);
 
 }  // namespace moeforge::nn

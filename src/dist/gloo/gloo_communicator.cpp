@@ -97,6 +97,8 @@ class GlooCommunicator final : public Communicator {
     exchange_bytes("reduce_scatter", in, counts, recv, counts, dtype_size(in.dtype()));
     if (in.dtype() == DType::F32) {
       sum_blocks(recv.f32(), out.f32(), block);
+    } else if (in.dtype() == DType::F64) {
+      sum_blocks(recv.data<double>(), out.data<double>(), block);
     } else {
       sum_blocks(recv.i64(), out.i64(), block);
     }
@@ -172,13 +174,16 @@ class GlooCommunicator final : public Communicator {
 
   ReduceFn sum_fn(DType dt, const char* op) const {
     if (dt == DType::F32) return static_cast<ReduceFn>(&gloo::sum<float>);
+    if (dt == DType::F64) return static_cast<ReduceFn>(&gloo::sum<double>);
     if (dt == DType::I64) return static_cast<ReduceFn>(&gloo::sum<int64_t>);
-    MF_THROW(op, " on group '", name_, "': sums of ", dtype_name(dt), " are not supported (F32, I64)");
+    MF_THROW(op, " on group '", name_, "': sums of ", dtype_name(dt), " are not supported (F32, F64, I64)");
   }
 
   void set_typed_output(gloo::AllreduceOptions& opts, Tensor& t) const {
     if (t.dtype() == DType::F32)
       opts.setOutput(t.f32(), static_cast<size_t>(t.numel()));
+    else if (t.dtype() == DType::F64)
+      opts.setOutput(t.data<double>(), static_cast<size_t>(t.numel()));
     else
       opts.setOutput(t.i64(), static_cast<size_t>(t.numel()));
   }

@@ -5,8 +5,8 @@
 
 namespace moeforge::models {
 
-Qwen3Moe::Qwen3Moe(hf::ModelConfig c)
-    : CausalLM(std::move(c)), rope_(cfg_.rope, cfg_.head_dim, cfg_.max_position_embeddings) {
+Qwen3Moe::Qwen3Moe(hf::ModelConfig c, Parallel par)
+    : CausalLM(std::move(c)), rope_(cfg_.rope, cfg_.head_dim, cfg_.max_position_embeddings), par_(par) {
   const auto& c_ = cfg_;
   const float eps = static_cast<float>(c_.rms_norm_eps);
   embed_ = params_.add("model.embed_tokens.weight", {c_.vocab_size, c_.hidden_size});
@@ -22,7 +22,7 @@ Qwen3Moe::Qwen3Moe(hf::ModelConfig c)
     if (c_.is_moe_layer(l)) {
       nn::SparseMoE moe;
       moe.init(params_, pre + ".mlp", c_.hidden_size, c_.num_experts, c_.num_experts_per_tok,
-               c_.moe_intermediate_size, c_.norm_topk_prob);
+               c_.moe_intermediate_size, c_.norm_topk_prob, par_.ep);
       adapter_.add_expert_group({pre + ".mlp.experts.", pre + ".mlp.experts.gate_up_proj",
                                  pre + ".mlp.experts.down_proj", "gate_proj.weight", "up_proj.weight",
                                  "down_proj.weight", c_.num_experts});
@@ -170,8 +170,8 @@ TrainStepResult Qwen3Moe::forward_backward(const ForwardInputs& in, const TrainS
     if (r.logits.defined()) moe_routers.push_back(r);
   Tensor dprobs_aux;
   if (cfg_.output_router_logits && !moe_routers.empty()) {
-    res.aux_loss = nn::load_balancing_loss(moe_routers, cfg_.num_experts);
-    const auto g = nn::load_balancing_prob_grad(moe_routers, cfg_.num_experts);
+    res.aux_loss = nn::load_balancing_loss(moe_routers, cfg_.num_experts, par_.world);
+    const auto g = nn::load_balancing_prob_grad(moe_routers, cfg_.num_experts, par_.world);
     dprobs_aux = Tensor::empty({t, cfg_.num_experts}, DType::F32);
     for (int64_t r = 0; r < t; ++r)
       for (int64_t e = 0; e < cfg_.num_experts; ++e) dprobs_aux.f32()[r * cfg_.num_experts + e] = g[e] * opts.aux_scale;
@@ -204,6 +204,8 @@ int64_t Qwen3Moe::active_parameters() const {
   return total;
 }
 
-std::unique_ptr<CausalLM> make_qwen3_moe(const hf::ModelConfig& cfg) { return std::make_unique<Qwen3Moe>(cfg); }
+std::unique_ptr<CausalLM> make_qwen3_moe(const hf::ModelConfig& cfg, const Parallel& par) {
+  return std::make_unique<Qwen3Moe>(cfg, par);
+}
 
 }  // namespace moeforge::models

@@ -17,7 +17,7 @@ namespace moeforge::models {
 
 class Qwen3Moe : public CausalLM {
  public:
-  explicit Qwen3Moe(hf::ModelConfig cfg);
+  explicit Qwen3Moe(hf::ModelConfig cfg, Parallel par = {});
   ForwardOutputs forward(const ForwardInputs& in) const override;
   TrainStepResult forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) override;
   int64_t active_parameters() const override;
@@ -53,8 +53,9 @@ class Qwen3Moe : public CausalLM {
   std::vector<Layer> layers_;
   nn::RMSNorm final_norm_;
   nn::RotaryEmbedding rope_;
+  Parallel par_;
 };
 
-std::unique_ptr<CausalLM> make_qwen3_moe(const hf::ModelConfig& cfg);
+std::unique_ptr<CausalLM> make_qwen3_moe(const hf::ModelConfig& cfg, const Parallel& par = {});
 
 }  // namespace moeforge::models
