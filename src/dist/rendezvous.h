@@ -21,6 +21,8 @@ class Rendezvous {
   const DistEnv& env() const { return env_; }
   // Rank 0's `value` on every rank (others pass anything); returns once every rank has it.
   std::string broadcast(const std::string& key, const std::string& value);
+  // This rank's connection to rank 0's store (the communicators set up through it).
+  TcpStoreClient& store() { return *client_; }
 
  private:
   // Every rank announces `key`; rank 0 waits for them all (listing absentees in the error).

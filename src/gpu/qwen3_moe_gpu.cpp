@@ -45,6 +45,9 @@ class Qwen3MoeGpu : public GpuModel {
       MF_CHECK(!A.q_proj.bias && !A.k_proj.bias && !A.v_proj.bias && !A.o_proj.bias,
                "GPU training: attention_bias is not supported on the GPU yet");
       MF_CHECK(A.q_norm.has_value(), "GPU training: Qwen3-MoE layers must have q/k norms");
+      if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp))
+        MF_CHECK(moe->shard.count == moe->experts,
+                 "GPU training: expert parallelism (ep_size > 1) is not available on the GPU yet (it needs NCCL)");
     }
     // Each decoder layer's parameters, by their internal names' "model.layers.<l>." prefix.
     layer_params_.resize(m_.layers_.size());

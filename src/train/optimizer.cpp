@@ -81,6 +81,11 @@ double global_grad_norm(const nn::ParamStore& params) {
 
 double clip_grad_norm(nn::ParamStore& params, double max_norm) {
   const double norm = global_grad_norm(params);
+  scale_grads_to_norm(params, norm, max_norm);
+  return norm;
+}
+
+void scale_grads_to_norm(nn::ParamStore& params, double norm, double max_norm) {
   const double coef = max_norm / (norm + 1e-6);
   if (coef < 1.0)
     for (auto& p : params.all()) {
@@ -89,7 +94,6 @@ double clip_grad_norm(nn::ParamStore& params, double max_norm) {
       const float c = static_cast<float>(coef);
       for (int64_t j = 0; j < p.grad.numel(); ++j) g[j] *= c;
     }
-  return norm;
 }
 
 double lr_multiplier(const ScheduleOptions& s, int64_t step, int64_t total) {

@@ -47,6 +47,8 @@ class AdamW {
 double global_grad_norm(const nn::ParamStore& params);
 // Scales gradients by max_norm / (norm + 1e-6) when that is below 1 (torch's rule). Returns the norm.
 double clip_grad_norm(nn::ParamStore& params, double max_norm);
+// The scaling step of clip_grad_norm for a norm computed elsewhere (across ranks).
+void scale_grads_to_norm(nn::ParamStore& params, double norm, double max_norm);
 
 struct ScheduleOptions {
   std::string type = "constant";  // constant | linear | cosine

@@ -144,6 +144,7 @@ std::vector<Key> make_keys() {
        },
        [](const Recipe& r) { return r.resume.empty() ? std::string("false") : "\"" + r.resume + "\""; }},
       int_key("threads", &Recipe::threads, 0),
+      int_key("ep_size", &Recipe::ep_size, 1),
   };
   return keys;
 }

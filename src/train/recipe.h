@@ -40,6 +40,9 @@ struct Recipe {
   bool overwrite = false;  // replace an existing output_dir
   std::string resume;      // "" (no), "true" (latest checkpoint in output_dir) or a checkpoint path
   int64_t threads = 0;     // 0 = OpenMP's default
+  // Expert parallelism in a multi-rank run: each group of ep_size ranks shares out the experts
+  // (E / ep_size each); world / ep_size such groups hold copies. Must divide the world and E.
+  int64_t ep_size = 1;
 
   // The resolved recipe as YAML (every key, defaults included), for the output folder.
   std::string to_yaml() const;

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -14,12 +15,14 @@
 #include "hf/tokenizer/tokenizer.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
+#include "models/expert_shards.h"
 #include "models/pretrained.h"
 #include "dist/env.h"
 #include "ops/cuda/runtime.h"
 #include "train/backend.h"
 #include "train/checkpoint.h"
 #include "train/progress.h"
+#include "train/ranks.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -87,17 +90,39 @@ std::optional<int64_t> eos_token_id(const std::string& model_dir) {
   return std::nullopt;
 }
 
+// This rank's rows of a micro-batch (ranks take equal consecutive slices).
+data::TokenBatches::MicroBatch rows_for_rank(const data::TokenBatches::MicroBatch& mb, int rank, int world) {
+  const int64_t n = mb.input_ids.size(0) / world, first = rank * n;
+  const auto part = [&](const Tensor& t) { return t.defined() ? t.slice0(first, n).clone() : Tensor(); };
+  data::TokenBatches::MicroBatch out;
+  out.input_ids = part(mb.input_ids);
+  out.labels = part(mb.labels);
+  out.position_ids = part(mb.position_ids);
+  out.doc_ids = part(mb.doc_ids);
+  return out;
+}
+
 }  // namespace
 
 TrainResult run_training(const Recipe& r) {
 #ifdef _OPENMP
   if (r.threads > 0) omp_set_num_threads(static_cast<int>(r.threads));
 #endif
-  // Until data and expert parallelism exist, several ranks would train identical copies into one
-  // output folder: refuse instead.
+  // Several ranks (launched by moeforge launch, torchrun or srun) split every micro-batch's rows
+  // and share out the experts (ep_size); CPU only for now.
   const dist::DistEnv denv = dist::dist_env();
-  MF_CHECK(denv.world_size == 1, "train: started as rank ", denv.rank, " of ", denv.world_size, " (", denv.source,
-           "), but multi-process training is not built yet; run one process");
+  const bool multi = denv.world_size > 1;
+  if (multi) {
+    MF_CHECK(r.device == "cpu", r.source, ": key 'device': ", r.device, " with ", denv.world_size,
+             " ranks; multi-rank training runs on the CPU only for now (the NCCL path is not built)");
+    MF_CHECK(r.micro_batch % denv.world_size == 0, r.source, ": key 'micro_batch': ", r.micro_batch,
+             " rows cannot be split evenly over ", denv.world_size, " ranks");
+    MF_CHECK(r.save_every == 0 && r.resume.empty(), r.source, ": keys 'save_every'/'resume': training checkpoints of "
+             "multi-rank runs are not built yet (the final Hugging Face folder is written); set save_every: 0");
+  } else {
+    MF_CHECK(r.ep_size == 1, r.source, ": key 'ep_size': ", r.ep_size, " needs as many ranks (this is one process; "
+             "start it with moeforge launch --nproc-per-node N)");
+  }
   MF_CHECK(fs::is_directory(r.model), r.source, ": key 'model': folder ", r.model, " does not exist");
   MF_CHECK(r.device != "cuda" || cuda::available(), r.source,
            ": key 'device': cuda, but no CUDA device answers here (or this moeforge was built without the CUDA backend)");
@@ -107,8 +132,7 @@ TrainResult run_training(const Recipe& r) {
 
   // Model first: the sequence length is checked against it before any output is touched.
   auto loaded = models::from_pretrained(r.model);
-  auto& model = *loaded.model;
-  const auto& cfg = model.config();
+  const auto& cfg = loaded.model->config();
   MF_CHECK(r.seq_len <= cfg.max_position_embeddings, r.source, ": seq_len ", r.seq_len,
            " is longer than the model allows (max_position_embeddings ", cfg.max_position_embeddings, " in ",
            cfg.source, ")");
@@ -138,10 +162,22 @@ TrainResult run_training(const Recipe& r) {
       MF_CHECK(id >= 0 && id < cfg.vocab_size, r.data, ":", data.row_at(i).line, ": token id ", id,
                " is outside the model's vocabulary (", cfg.vocab_size, " tokens)");
 
-  const std::string resume_from = prepare_output(r);
   const std::string recipe_text = r.to_yaml();
   const std::string recipe_hash = hash_text(recipe_text);
-  hf::write_text_file_atomic((fs::path(r.output_dir) / "recipe.yaml").string(), recipe_text);
+  // Every rank joins (with the same recipe) before rank 0 touches the output folder.
+  std::unique_ptr<RankGroups> groups;
+  models::ShardedModel shards;
+  if (multi) {
+    groups = join_ranks(denv, r.ep_size, cfg.num_experts, recipe_hash, r.source);
+    shards = models::shard_experts(*loaded.model, groups->parallel());
+  }
+  const bool main_rank = !groups || groups->is_main();
+  auto& model = multi ? *shards.model : *loaded.model;
+  std::string resume_from;
+  if (main_rank) {
+    resume_from = prepare_output(r);
+    hf::write_text_file_atomic((fs::path(r.output_dir) / "recipe.yaml").string(), recipe_text);
+  }
 
   const int64_t accumulation = r.global_batch / r.micro_batch;
   const int64_t total_steps =
@@ -168,14 +204,17 @@ TrainResult run_training(const Recipe& r) {
   if (dataset.skipped_lines) intro << ", " << dataset.skipped_lines << " malformed lines skipped";
   if (r.packing) intro << ", packed into " << ds.packed_rows << " rows";
   intro << "\n"
-        << "model: " << cfg.model_type << ", " << model.params().numel() << " parameters; " << total_steps
+        << "model: " << cfg.model_type << ", " << loaded.model->params().numel() << " parameters; " << total_steps
         << " steps of " << r.global_batch << " rows (" << accumulation << " micro-batches of " << r.micro_batch << ")"
         << " on " << backend->describe();
   if (!resume_from.empty()) intro << "\nresuming from " << resume_from << " at step " << st.step;
 
   // metrics.jsonl keeps only the steps before the resume point.
+  if (multi) intro << "\nranks: " << denv.world_size << " (" << denv.source << "), ep_size " << r.ep_size << ": "
+                     << cfg.num_experts / r.ep_size << " experts and " << r.micro_batch / denv.world_size
+                     << " rows of each micro-batch per rank";
   const std::string metrics_path = (fs::path(r.output_dir) / "metrics.jsonl").string();
-  if (!resume_from.empty() && fs::exists(metrics_path)) {
+  if (main_rank && !resume_from.empty() && fs::exists(metrics_path)) {
     std::istringstream in(hf::read_text_file(metrics_path));
     std::string line, kept;
     while (std::getline(in, line)) {
@@ -186,8 +225,12 @@ TrainResult run_training(const Recipe& r) {
     }
     hf::write_text_file_atomic(metrics_path, kept);
   }
-  Progress progress(metrics_path, st.step, !resume_from.empty());
-  progress.message(intro.str());
+  // Rank 0 prints and writes metrics; the others compute the same numbers silently.
+  std::optional<Progress> progress;
+  if (main_rank) {
+    progress.emplace(metrics_path, st.step, !resume_from.empty());
+    progress->message(intro.str());
+  }
 
   // Writes checkpoint-<step> and removes the oldest beyond save_total_limit; returns its folder.
   auto save_and_prune = [&] {
@@ -206,7 +249,8 @@ TrainResult run_training(const Recipe& r) {
     int64_t tokens = 0;
     for (int64_t a = 0; a < accumulation; ++a) {
       micro.push_back(data.micro_batch(st.cursor + a * r.micro_batch, r.micro_batch));
-      tokens += micro.back().loss_tokens;
+      tokens += micro.back().loss_tokens;  // of the whole micro-batch: the loss is its mean
+      if (multi) micro.back() = rows_for_rank(micro.back(), denv.rank, denv.world_size);
     }
     models::TrainStepOptions o;
     o.ce_scale = tokens > 0 ? 1.f / static_cast<float>(tokens) : 0.f;
@@ -224,7 +268,14 @@ TrainResult run_training(const Recipe& r) {
       if (aux) aux_sum += res.aux_loss;
     }
     st.cursor += r.global_batch;
-    const double grad_norm = backend->clip_grad_norm(r.max_grad_norm);
+    double grad_norm = 0;
+    if (multi) {
+      reduce_gradients(*groups, model.params(), shards.sharded);
+      ce = sum_over_world(*groups, ce);
+      grad_norm = clip_grad_norm_across(*groups, model.params(), shards.sharded, r.max_grad_norm);
+    } else {
+      grad_norm = backend->clip_grad_norm(r.max_grad_norm);
+    }
     const double lr = r.optimizer.lr * lr_multiplier(r.schedule, st.step, total_steps);
     backend->step(lr);
     ++st.step;
@@ -239,18 +290,29 @@ TrainResult run_training(const Recipe& r) {
     MF_CHECK(std::isfinite(m.loss), "training diverged: loss is ", m.loss, " at step ", st.step,
              " (lower optimizer.lr or set max_grad_norm)");
     result.losses.push_back(m.loss);
-    progress.step(m, st.step % r.log_every == 0 || st.step == total_steps);
+    if (progress) progress->step(m, st.step % r.log_every == 0 || st.step == total_steps);
     if (r.save_every > 0 && st.step % r.save_every == 0 && st.step < total_steps) save_and_prune();
   }
-  progress.finish();
-  const std::string last = save_and_prune();
   models::SaveOptions so;
   so.max_shard_bytes = shard_bytes;
   so.overwrite = true;
   result.final_dir = (fs::path(r.output_dir) / "final").string();
-  models::save_pretrained(model, r.model, result.final_dir, so);
-  progress.message("saved " + result.final_dir + " (Hugging Face folder) and " + last);
   result.steps_done = static_cast<int64_t>(result.losses.size());
+  if (multi) {
+    // The expert shards come together on every rank of each group; rank 0 writes one folder.
+    models::gather_experts(shards, groups->parallel(), *loaded.model);
+    if (main_rank) {
+      progress->finish();
+      models::save_pretrained(*loaded.model, r.model, result.final_dir, so);
+      progress->message("saved " + result.final_dir + " (Hugging Face folder)");
+    }
+    groups->world_group->barrier();  // no rank reports success before the folder exists
+    return result;
+  }
+  progress->finish();
+  const std::string last = save_and_prune();
+  models::save_pretrained(model, r.model, result.final_dir, so);
+  progress->message("saved " + result.final_dir + " (Hugging Face folder) and " + last);
   return result;
 }
 

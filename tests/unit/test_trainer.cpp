@@ -198,16 +198,19 @@ TEST(RecipeBadInput, DeviceAndPrecision) {
   EXPECT_FALSE(fs::exists(dir / "out")) << "nothing is written before the inputs are checked";
 }
 
-// Several ranks (moeforge launch, torchrun, srun) would train identical copies: refused for now.
-TEST(RecipeBadInput, MultiProcessTrainingIsRefusedForNow) {
+// What multi-rank training does not do yet is refused with one line before any rank writes
+// (the runs themselves are in test_dist_training.cpp).
+TEST(RecipeBadInput, MultiRankLimitsAreOneErrorBeforeAnythingIsWritten) {
   test::TempDir dir;
   setenv("RANK", "1", 1);
+  setenv("WORLD_SIZE", "3", 1);
+  const std::string e1 = test::error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {})); });
   setenv("WORLD_SIZE", "2", 1);
-  const std::string e = test::error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {})); });
+  const std::string e2 = test::error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {})); });
   unsetenv("RANK");
   unsetenv("WORLD_SIZE");
-  EXPECT_NE(e.find("started as rank 1 of 2 (torchrun), but multi-process training is not built yet"), std::string::npos)
-      << e;
+  EXPECT_NE(e1.find("key 'micro_batch': 2 rows cannot be split evenly over 3 ranks"), std::string::npos) << e1;
+  EXPECT_NE(e2.find("training checkpoints of multi-rank runs are not built yet"), std::string::npos) << e2;
   EXPECT_FALSE(fs::exists(dir / "out"));
 }
 

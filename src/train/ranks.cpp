@@ -1,0 +1,92 @@
+#include "train/ranks.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+
+#include "core/error.h"
+#include "train/optimizer.h"
+
+namespace moeforge::train {
+
+namespace {
+
+// MOEFORGE_DIST_TIMEOUT (seconds, default 120): how long start-up and each collective may wait.
+std::chrono::milliseconds dist_timeout() {
+  const char* v = std::getenv("MOEFORGE_DIST_TIMEOUT");
+  const double s = v ? std::atof(v) : 120.0;
+  MF_CHECK(s > 0, "MOEFORGE_DIST_TIMEOUT must be a positive number of seconds, got '", v ? v : "", "'");
+  return std::chrono::milliseconds(static_cast<int64_t>(s * 1000));
+}
+
+// The address peers reach this rank at: loopback when every rank is on this machine.
+std::string this_host(const dist::DistEnv& env) {
+  if (env.world_size == env.local_world_size) return "127.0.0.1";
+  char name[256] = {0};
+  MF_CHECK(gethostname(name, sizeof name - 1) == 0, "gethostname failed");
+  return name;
+}
+
+double squared_norm(const Tensor& g) {
+  double ss = 0;
+  const float* p = g.f32();
+  for (int64_t j = 0; j < g.numel(); ++j) ss += static_cast<double>(p[j]) * p[j];
+  return ss;
+}
+
+}  // namespace
+
+std::unique_ptr<RankGroups> join_ranks(const dist::DistEnv& env, int64_t ep_size, int64_t experts,
+                                       const std::string& recipe_hash, const std::string& where) {
+  MF_CHECK(ep_size >= 1 && env.world_size % ep_size == 0, where, ": key 'ep_size': ", ep_size,
+           " does not divide the world size ", env.world_size);
+  MF_CHECK(experts % ep_size == 0, where, ": key 'ep_size': ", ep_size, " does not divide the model's ", experts,
+           " experts");
+  MF_CHECK(dist::gloo_available(), where, ": a multi-rank run on the CPU needs gloo, and this moeforge was built without it "
+           "(install libgloo-dev: scripts/install-deps.sh)");
+  const auto timeout = dist_timeout();
+  auto g = std::make_unique<RankGroups>();
+  g->rank = env.rank;
+  g->world = env.world_size;
+  g->ep_size = static_cast<int>(ep_size);
+  g->rendezvous = std::make_unique<dist::Rendezvous>(env, recipe_hash, timeout);
+  const std::string host = this_host(env);
+  const int ep = g->ep_size, dp_index = env.rank / ep, ep_index = env.rank % ep;
+  auto& store = g->rendezvous->store();
+  g->world_group = dist::connect_gloo(store, "world", env.rank, env.world_size, host, timeout);
+  g->ep = dist::connect_gloo(store, "ep" + std::to_string(dp_index), ep_index, ep, host, timeout);
+  g->edp = dist::connect_gloo(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, host, timeout);
+  return g;
+}
+
+void reduce_gradients(RankGroups& g, nn::ParamStore& params, const std::vector<bool>& sharded) {
+  auto& all = params.all();
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (!all[i].grad.defined()) continue;
+    (sharded[i] ? *g.edp : *g.world_group).all_reduce_sum(all[i].grad);
+  }
+}
+
+double clip_grad_norm_across(RankGroups& g, nn::ParamStore& params, const std::vector<bool>& sharded, double max_norm) {
+  double dense = 0, experts = 0;
+  const auto& all = params.all();
+  for (size_t i = 0; i < all.size(); ++i)
+    if (all[i].grad.defined()) (sharded[i] ? experts : dense) += squared_norm(all[i].grad);
+  Tensor t = Tensor::empty({1}, DType::F64);
+  t.data<double>()[0] = experts;
+  g.ep->all_reduce_sum(t);
+  const double norm = std::sqrt(dense + t.data<double>()[0]);
+  if (max_norm > 0) scale_grads_to_norm(params, norm, max_norm);
+  return norm;
+}
+
+double sum_over_world(RankGroups& g, double v) {
+  Tensor t = Tensor::empty({1}, DType::F64);
+  t.data<double>()[0] = v;
+  g.world_group->all_reduce_sum(t);
+  return t.data<double>()[0];
+}
+
+}  // namespace moeforge::train

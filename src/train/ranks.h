@@ -1,0 +1,41 @@
+// This process's place in a multi-rank training run (CPU, gloo): every rank joins rank 0's store
+// with the hash of its resolved recipe (a rank that never joins, or runs another recipe, is named),
+// then the groups of the dp x ep mesh are connected: rank = dp_index * ep_size + ep_index; the
+// expert-parallel group shares one dp_index, the expert-data-parallel group one ep_index.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dist/communicator.h"
+#include "dist/env.h"
+#include "dist/rendezvous.h"
+#include "models/causal_lm.h"
+#include "nn/params.h"
+
+namespace moeforge::train {
+
+struct RankGroups {
+  int rank = 0, world = 1, ep_size = 1;
+  std::unique_ptr<dist::Rendezvous> rendezvous;  // kept: rank 0 serves the store until the end
+  std::unique_ptr<dist::Communicator> world_group, ep, edp;
+  models::Parallel parallel() const { return {world_group.get(), ep.get()}; }
+  bool is_main() const { return rank == 0; }
+};
+
+// `where`: the recipe file, for messages. Checks that ep_size divides the world and the experts.
+std::unique_ptr<RankGroups> join_ranks(const dist::DistEnv& env, int64_t ep_size, int64_t experts,
+                                       const std::string& recipe_hash, const std::string& where);
+
+// Sums the gradients the ranks computed: dense ones over the world, expert shards over the
+// expert-data-parallel group. Same order of collectives on every rank.
+void reduce_gradients(RankGroups& g, nn::ParamStore& params, const std::vector<bool>& sharded);
+
+// The norm of the whole model's gradient (dense counted once, expert shards summed over the
+// expert-parallel group), and clipping to max_norm (> 0) as train::clip_grad_norm.
+double clip_grad_norm_across(RankGroups& g, nn::ParamStore& params, const std::vector<bool>& sharded, double max_norm);
+
+// A sum over the world of one number per rank (the cross-entropy sums of the micro-batches).
+double sum_over_world(RankGroups& g, double v);
+
+}  // namespace moeforge::train

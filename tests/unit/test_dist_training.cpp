@@ -1,0 +1,137 @@
+// Multi-rank training on the CPU, as users start it: `moeforge launch --nproc-per-node N -- train`
+// (processes on this machine, gloo between them). 2 ranks with ep 2, 4 with ep 4 and 4 with
+// dp x ep = 2 x 2 give the one-rank run's losses and final weights; a bad ep_size is one error line;
+// a rank that dies mid-run makes the others fail, naming the collective, instead of hanging.
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "dist/communicator.h"
+#include "hf/safetensors.h"
+#include "test_util.h"
+#include "train/recipe.h"
+#include "train/trainer.h"
+
+using namespace moeforge;
+
+namespace {
+
+const std::string kData = std::string(MOEFORGE_FIXTURES) + "/../data/arith64.jsonl";
+
+// qwen3_moe_aux: 4 experts, the load-balancing loss on; clipping active (max_grad_norm 0.5).
+std::string write_recipe(const test::TempDir& dir) {
+  std::ofstream f(dir / "recipe.yaml");
+  f << "model: " << test::fixture("qwen3_moe_aux") << "\n"
+    << "data: " << kData << "\n"
+    << "output_dir: " << (dir / "single") << "\n"
+    << "seq_len: 16\nmicro_batch: 4\nglobal_batch: 8\nsteps: 4\nlog_every: 1\nsave_every: 0\n"
+    << "optimizer:\n  lr: 2.0e-3\n  weight_decay: 0.1\nschedule:\n  type: cosine\n  warmup_steps: 1\n"
+    << "max_grad_norm: 0.5\nseed: 3\nthreads: 1\n";
+  return dir / "recipe.yaml";
+}
+
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
+  socklen_t len = sizeof a;
+  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+struct ShellRun {
+  int code;
+  std::string out, err;
+};
+
+ShellRun shell(const std::string& cmd) {
+  test::TempDir tmp;
+  const std::string full = "(" + cmd + ") >" + (tmp / "out") + " 2>" + (tmp / "err");
+  const int st = std::system(full.c_str());
+  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, test::read_text(tmp / "out"), test::read_text(tmp / "err")};
+}
+
+std::vector<double> losses_of(const std::string& metrics) {
+  std::ifstream in(metrics);
+  std::vector<double> v;
+  std::string line;
+  while (std::getline(in, line)) v.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return v;
+}
+
+void expect_same_model(const std::string& a, const std::string& b) {
+  auto x = hf::SafetensorsCheckpoint::open(a), y = hf::SafetensorsCheckpoint::open(b);
+  ASSERT_EQ(x.names(), y.names());
+  for (const auto& name : x.names()) EXPECT_LT(test::tensor_rel_diff(x.get(name), y.get(name)), 1e-5) << name;
+}
+
+class DistTraining : public ::testing::TestWithParam<std::pair<int, int>> {};
+
+TEST_P(DistTraining, MatchesTheOneRankRun) {
+  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  const auto [world, ep] = GetParam();
+  test::TempDir dir;
+  const std::string recipe = write_recipe(dir);
+  const auto one = train::run_training(train::load_recipe(recipe, {}));
+  const std::string out = dir / "multi";
+  const ShellRun r = shell(std::string(MOEFORGE_BIN) + " launch --nproc-per-node " + std::to_string(world) +
+                      " --master-port " + std::to_string(free_port()) + " -- train " + recipe +
+                      " ep_size=" + std::to_string(ep) + " output_dir=" + out);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE((r.out + r.err).find("ranks: " + std::to_string(world)), std::string::npos) << r.out << r.err;
+  const auto losses = losses_of(out + "/metrics.jsonl");
+  ASSERT_EQ(losses.size(), one.losses.size());
+  for (size_t i = 0; i < losses.size(); ++i) EXPECT_NEAR(losses[i], one.losses[i], 1e-5 * std::abs(one.losses[i])) << "step " << i + 1;
+  expect_same_model(out + "/final", one.final_dir);
+}
+
+INSTANTIATE_TEST_SUITE_P(WorldAndEp, DistTraining,
+                         ::testing::Values(std::make_pair(2, 2), std::make_pair(4, 4), std::make_pair(4, 2)),
+                         [](const auto& info) {
+                           return "world" + std::to_string(info.param.first) + "_ep" + std::to_string(info.param.second);
+                         });
+
+TEST(DistTrainingBadInput, EpSizeThatDoesNotDivideIsOneError) {
+  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  test::TempDir dir;
+  const std::string recipe = write_recipe(dir);
+  // 3 does not divide 2 ranks (nor the 4 experts).
+  const ShellRun r = shell(std::string(MOEFORGE_BIN) + " launch --nproc-per-node 2 --master-port " +
+                      std::to_string(free_port()) + " -- train " + recipe + " ep_size=3 output_dir=" + (dir / "m"));
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("key 'ep_size': 3 does not divide the world size 2"), std::string::npos) << r.err;
+  // One process cannot shard experts.
+  const std::string err = test::error_of([&] { train::run_training(train::load_recipe(recipe, {"ep_size=2"})); });
+  EXPECT_NE(err.find("key 'ep_size': 2 needs as many ranks"), std::string::npos) << err;
+}
+
+// Two ranks started as torchrun would (no launcher to stop the survivor): rank 1 is killed a
+// moment into a long run; rank 0 must exit with an error naming a collective, not hang.
+TEST(DistTrainingFaults, ARankThatDiesMidRunStopsTheOthersWithAnError) {
+  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  test::TempDir dir;
+  const std::string recipe = write_recipe(dir);
+  const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port()) +
+                          " WORLD_SIZE=2 LOCAL_WORLD_SIZE=2 MOEFORGE_DIST_TIMEOUT=20";
+  const std::string train = std::string(MOEFORGE_BIN) + " train " + recipe + " steps=1000000 ep_size=2 output_dir=" +
+                            (dir / "m");
+  const auto t0 = std::chrono::steady_clock::now();
+  const ShellRun r = shell(env + " RANK=0 LOCAL_RANK=0 " + train + " & " + env + " RANK=1 LOCAL_RANK=1 timeout -s KILL 3 " +
+                      train + " >/dev/null 2>&1; wait %1");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("collective "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("a peer died"), std::string::npos) << r.err;
+  EXPECT_LT(secs, 30.0);
+}
+
+}  // namespace
