@@ -34,6 +34,8 @@ class AdamW {
   // Parameter i's moments (F32, host) and the step count, for moving the state to and from a device.
   Tensor& exp_avg(size_t i) { return exp_avg_.at(i); }
   Tensor& exp_avg_sq(size_t i) { return exp_avg_sq_.at(i); }
+  const Tensor& exp_avg(size_t i) const { return exp_avg_.at(i); }
+  const Tensor& exp_avg_sq(size_t i) const { return exp_avg_sq_.at(i); }
   void set_steps(int64_t steps) { step_ = steps; }
 
  private:

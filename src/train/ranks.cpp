@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 
 #include "core/error.h"
 #include "train/optimizer.h"
@@ -62,10 +63,28 @@ std::unique_ptr<RankGroups> join_ranks(const dist::DistEnv& env, int64_t ep_size
 }
 
 void reduce_gradients(RankGroups& g, nn::ParamStore& params, const std::vector<bool>& sharded) {
+  // Two flat buffers (dense, expert shards), one all-reduce each: per-tensor collectives cost a
+  // round trip apiece, which dominates on small models.
   auto& all = params.all();
-  for (size_t i = 0; i < all.size(); ++i) {
-    if (!all[i].grad.defined()) continue;
-    (sharded[i] ? *g.edp : *g.world_group).all_reduce_sum(all[i].grad);
+  for (const bool experts : {false, true}) {
+    int64_t total = 0;
+    for (size_t i = 0; i < all.size(); ++i)
+      if (sharded[i] == experts && all[i].grad.defined()) total += all[i].grad.numel();
+    if (total == 0) continue;
+    Tensor flat = Tensor::empty({total}, DType::F32);
+    int64_t at = 0;
+    for (size_t i = 0; i < all.size(); ++i)
+      if (sharded[i] == experts && all[i].grad.defined()) {
+        std::memcpy(flat.f32() + at, all[i].grad.f32(), all[i].grad.nbytes());
+        at += all[i].grad.numel();
+      }
+    (experts ? *g.edp : *g.world_group).all_reduce_sum(flat);
+    at = 0;
+    for (size_t i = 0; i < all.size(); ++i)
+      if (sharded[i] == experts && all[i].grad.defined()) {
+        std::memcpy(all[i].grad.f32(), flat.f32() + at, all[i].grad.nbytes());
+        at += all[i].grad.numel();
+      }
   }
 }
 

@@ -23,6 +23,7 @@
 #include "train/checkpoint.h"
 #include "train/progress.h"
 #include "train/ranks.h"
+#include "train/sharded_state.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -117,8 +118,6 @@ TrainResult run_training(const Recipe& r) {
              " ranks; multi-rank training runs on the CPU only for now (the NCCL path is not built)");
     MF_CHECK(r.micro_batch % denv.world_size == 0, r.source, ": key 'micro_batch': ", r.micro_batch,
              " rows cannot be split evenly over ", denv.world_size, " ranks");
-    MF_CHECK(r.save_every == 0 && r.resume.empty(), r.source, ": keys 'save_every'/'resume': training checkpoints of "
-             "multi-rank runs are not built yet (the final Hugging Face folder is written); set save_every: 0");
   } else {
     MF_CHECK(r.ep_size == 1, r.source, ": key 'ep_size': ", r.ep_size, " needs as many ranks (this is one process; "
              "start it with moeforge launch --nproc-per-node N)");
@@ -166,33 +165,41 @@ TrainResult run_training(const Recipe& r) {
   const std::string recipe_hash = hash_text(recipe_text);
   // Every rank joins (with the same recipe) before rank 0 touches the output folder.
   std::unique_ptr<RankGroups> groups;
-  models::ShardedModel shards;
-  if (multi) {
-    groups = join_ranks(denv, r.ep_size, cfg.num_experts, recipe_hash, r.source);
-    shards = models::shard_experts(*loaded.model, groups->parallel());
-  }
+  if (multi) groups = join_ranks(denv, r.ep_size, cfg.num_experts, recipe_hash, r.source);
   const bool main_rank = !groups || groups->is_main();
-  auto& model = multi ? *shards.model : *loaded.model;
   std::string resume_from;
   if (main_rank) {
     resume_from = prepare_output(r);
     hf::write_text_file_atomic((fs::path(r.output_dir) / "recipe.yaml").string(), recipe_text);
   }
+  if (multi) resume_from = groups->rendezvous->broadcast("resume_from", resume_from);
 
   const int64_t accumulation = r.global_batch / r.micro_batch;
   const int64_t total_steps =
       r.steps > 0 ? r.steps : static_cast<int64_t>(std::ceil(r.epochs * data.rows() / r.global_batch));
-  AdamW opt(model.params(), r.optimizer);
   TrainerState st;
   st.seed = r.seed;
   st.total_steps = total_steps;
   st.recipe_hash = recipe_hash;
+  // The full model's optimizer: the one that trains in a single process. Several ranks keep it (and
+  // the full model) beside their shards: checkpoints are written from them (gathered) and read into
+  // them (then sliced), so a run resumes on any world size (train/sharded_state.h).
+  AdamW full_opt(loaded.model->params(), r.optimizer);
   if (!resume_from.empty()) {
-    const TrainerState saved = load_checkpoint(resume_from, model, opt);
+    const TrainerState saved = load_checkpoint(resume_from, *loaded.model, full_opt);
     if (saved.seed != r.seed) log::warn("resuming with seed ", r.seed, " but the checkpoint used ", saved.seed);
     st.step = saved.step;
     st.cursor = saved.cursor;
   }
+  models::ShardedModel shards;
+  std::optional<AdamW> shard_opt;
+  if (multi) {
+    shards = models::shard_experts(*loaded.model, groups->parallel());
+    shard_opt.emplace(shards.model->params(), r.optimizer);
+    if (!resume_from.empty()) slice_optimizer(shards, full_opt, groups->parallel(), *shard_opt);
+  }
+  auto& model = multi ? *shards.model : *loaded.model;
+  AdamW& opt = multi ? *shard_opt : full_opt;
   // After a resume has loaded the host state, so a GPU backend uploads what was restored.
   std::unique_ptr<StepBackend> backend =
       r.device == "cuda" ? make_gpu_backend(model, opt, r.precision) : make_cpu_backend(model, opt);
@@ -209,10 +216,10 @@ TrainResult run_training(const Recipe& r) {
         << " on " << backend->describe();
   if (!resume_from.empty()) intro << "\nresuming from " << resume_from << " at step " << st.step;
 
-  // metrics.jsonl keeps only the steps before the resume point.
   if (multi) intro << "\nranks: " << denv.world_size << " (" << denv.source << "), ep_size " << r.ep_size << ": "
                      << cfg.num_experts / r.ep_size << " experts and " << r.micro_batch / denv.world_size
                      << " rows of each micro-batch per rank";
+  // metrics.jsonl keeps only the steps before the resume point.
   const std::string metrics_path = (fs::path(r.output_dir) / "metrics.jsonl").string();
   if (main_rank && !resume_from.empty() && fs::exists(metrics_path)) {
     std::istringstream in(hf::read_text_file(metrics_path));
@@ -233,12 +240,20 @@ TrainResult run_training(const Recipe& r) {
   }
 
   // Writes checkpoint-<step> and removes the oldest beyond save_total_limit; returns its folder.
+  // Under several ranks every rank gathers its shards and rank 0 writes.
   auto save_and_prune = [&] {
     backend->sync_to_host();
     const std::string dir = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
-    save_checkpoint(dir, model, r.model, opt, st, shard_bytes);
-    auto cks = list_checkpoints(r.output_dir);
-    for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
+    if (multi) {
+      models::gather_experts(shards, groups->parallel(), *loaded.model);
+      gather_optimizer(shards, opt, groups->parallel(), full_opt);
+    }
+    if (main_rank) {
+      save_checkpoint(dir, *loaded.model, r.model, full_opt, st, shard_bytes);
+      auto cks = list_checkpoints(r.output_dir);
+      for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
+    }
+    if (multi) groups->world_group->barrier();  // the checkpoint exists before any rank goes on
     return dir;
   };
   TrainResult result;
@@ -298,21 +313,14 @@ TrainResult run_training(const Recipe& r) {
   so.overwrite = true;
   result.final_dir = (fs::path(r.output_dir) / "final").string();
   result.steps_done = static_cast<int64_t>(result.losses.size());
-  if (multi) {
-    // The expert shards come together on every rank of each group; rank 0 writes one folder.
-    models::gather_experts(shards, groups->parallel(), *loaded.model);
-    if (main_rank) {
-      progress->finish();
-      models::save_pretrained(*loaded.model, r.model, result.final_dir, so);
-      progress->message("saved " + result.final_dir + " (Hugging Face folder)");
-    }
-    groups->world_group->barrier();  // no rank reports success before the folder exists
-    return result;
-  }
-  progress->finish();
+  if (progress) progress->finish();
+  // save_and_prune gathers the expert shards into the full model under several ranks.
   const std::string last = save_and_prune();
-  models::save_pretrained(model, r.model, result.final_dir, so);
-  progress->message("saved " + result.final_dir + " (Hugging Face folder) and " + last);
+  if (main_rank) {
+    models::save_pretrained(*loaded.model, r.model, result.final_dir, so);
+    progress->message("saved " + result.final_dir + " (Hugging Face folder) and " + last);
+  }
+  if (multi) groups->world_group->barrier();  // no rank reports success before the folder exists
   return result;
 }
 

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -99,6 +100,35 @@ INSTANTIATE_TEST_SUITE_P(WorldAndEp, DistTraining,
                          [](const auto& info) {
                            return "world" + std::to_string(info.param.first) + "_ep" + std::to_string(info.param.second);
                          });
+
+// A checkpoint written by 2 ranks (ep 2) resumes on 4 ranks (ep 4) and on one process, and both
+// finish where the straight one-rank run does: checkpoints hold the whole model and optimizer in
+// the one-rank format, and each rank slices its shard on load.
+TEST(DistTrainingCheckpoints, ResumeOnAnotherWorldSize) {
+  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  test::TempDir dir;
+  const std::string recipe = write_recipe(dir);
+  const auto one = train::run_training(train::load_recipe(recipe, {}));
+  const auto launch = [&](int world, int ep, const std::string& extra) {
+    return shell(std::string(MOEFORGE_BIN) + " launch --nproc-per-node " + std::to_string(world) + " --master-port " +
+                 std::to_string(free_port()) + " -- train " + recipe + " ep_size=" + std::to_string(ep) + " " + extra);
+  };
+  const std::string first = dir / "two";
+  ShellRun r = launch(2, 2, "save_every=2 output_dir=" + first);
+  ASSERT_EQ(r.code, 0) << r.err;
+  ASSERT_TRUE(std::filesystem::is_directory(first + "/checkpoint-2")) << r.out << r.err;
+  const std::string four = dir / "four";
+  r = launch(4, 4, "resume=" + first + "/checkpoint-2 output_dir=" + four);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE((r.out + r.err).find("resuming from " + first + "/checkpoint-2 at step 2"), std::string::npos) << r.err;
+  const auto losses = losses_of(four + "/metrics.jsonl");
+  ASSERT_EQ(losses.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) EXPECT_NEAR(losses[i], one.losses[i + 2], 1e-5 * std::abs(one.losses[i + 2]));
+  expect_same_model(four + "/final", one.final_dir);
+  const auto single = train::run_training(train::load_recipe(recipe, {"resume=" + first + "/checkpoint-2",
+                                                                       "output_dir=" + (dir / "single_resumed")}));
+  expect_same_model(single.final_dir, one.final_dir);
+}
 
 TEST(DistTrainingBadInput, EpSizeThatDoesNotDivideIsOneError) {
   if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
