@@ -1,7 +1,7 @@
 // Collectives between the ranks of a job (or of a group of them: the expert-parallel group, the
 // expert-data-parallel group), behind one interface: gloo over TCP for host tensors (the CPU
-// backend and CI), NCCL for device tensors. Every call is collective: all ranks of the group make
-// the same calls in the same order. A peer that dies or stops answering turns into an error that
+// backend and CI); NCCL for device tensors is the next backend (not built yet). Every call is
+// collective: all ranks of the group make the same calls in the same order. A peer that dies or stops answering turns into an error that
 // names the collective and the group, within the group's timeout, never a hang.
 #pragma once
 #include <chrono>
