@@ -48,7 +48,7 @@ test-fuzz: deps
 # The CUDA backend's tests against the CPU reference (skipped, not passed, without a GPU).
 test-gpu: deps
 	cmake -S . -B $(GPU_BUILD) -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_CUDA=ON $(CMAKE_FLAGS) >/dev/null
-	cmake --build $(GPU_BUILD) -j $(JOBS) --target test_cuda_ops test_cuda_model test_cuda_training cuda_ops_bench moeforge
+	cmake --build $(GPU_BUILD) -j $(JOBS) --target test_cuda_ops test_cuda_model test_cuda_training test_cuda_dist cuda_ops_bench moeforge
 	cd $(GPU_BUILD) && ctest -L gpu --output-on-failure -j 1
 
 demo: build

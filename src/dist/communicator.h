@@ -1,6 +1,6 @@
 // Collectives between the ranks of a job (or of a group of them: the expert-parallel group, the
 // expert-data-parallel group), behind one interface: gloo over TCP for host tensors (the CPU
-// backend and CI); NCCL for device tensors is the next backend (not built yet). Every call is
+// backend and CI), NCCL for device tensors (not yet used by training). Every call is
 // collective: all ranks of the group make the same calls in the same order. A peer that dies or stops answering turns into an error that
 // names the collective and the group, within the group's timeout, never a hang.
 #pragma once
@@ -52,5 +52,14 @@ bool gloo_available();
 // at. Collectives that do not complete within `timeout` fail, naming the collective and the group.
 std::unique_ptr<Communicator> connect_gloo(TcpStoreClient& store, const std::string& name, int rank, int group_size,
                                            const std::string& host, std::chrono::milliseconds timeout);
+
+// Whether this build has NCCL (the CUDA backend with NCCL found).
+bool nccl_available();
+
+// NCCL over device tensors on the current CUDA device; rank 0 of the group publishes the NCCL id
+// under "nccl/<name>/id". Collectives that do not finish within `timeout` abort the communicator
+// and fail naming the collective and the group.
+std::unique_ptr<Communicator> connect_nccl(TcpStoreClient& store, const std::string& name, int rank, int group_size,
+                                           std::chrono::milliseconds timeout);
 
 }  // namespace moeforge::dist

@@ -1,0 +1,210 @@
+// The Communicator over NCCL for device tensors (on the current CUDA device). The unique id goes
+// from the group's rank 0 to the others through moeforge's TCP store. Communicators are
+// non-blocking: initialisation and every collective are polled against the group's deadline and
+// NCCL's asynchronous error, so a dead or silent peer becomes an error naming the collective
+// (after aborting the communicator), not a hang. Each call waits for its collective to finish,
+// which keeps the semantics of the gloo backend; overlapping communication with compute is the
+// next step (issue 6).
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "core/error.h"
+#include "dist/communicator.h"
+#include "ops/cuda/check.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::dist {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+ncclDataType_t nccl_type(DType dt, const std::string& where) {
+  switch (dt) {
+    case DType::F32: return ncclFloat32;
+    case DType::F64: return ncclFloat64;
+    case DType::BF16: return ncclBfloat16;
+    case DType::F16: return ncclFloat16;
+    case DType::I64: return ncclInt64;
+    case DType::I32: return ncclInt32;
+    case DType::U8: return ncclUint8;
+    default: MF_THROW(where, ": dtype ", dtype_name(dt), " is not supported by NCCL");
+  }
+}
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(TcpStoreClient& store, std::string name, int rank, int size, std::chrono::milliseconds timeout)
+      : name_(std::move(name)), rank_(rank), size_(size), timeout_(timeout) {
+    MF_CHECK(size >= 1 && rank >= 0 && rank < size, "nccl group '", name_, "': rank ", rank, " of ", size);
+    ncclUniqueId id;
+    const std::string key = "nccl/" + name_ + "/id";
+    if (rank == 0) {
+      check(ncclGetUniqueId(&id), "ncclGetUniqueId");
+      store.set(key, std::string(reinterpret_cast<const char*>(&id), sizeof id));
+    } else {
+      const auto v = store.get(key, timeout);
+      MF_CHECK(v && v->size() == sizeof id, "nccl group '", name_, "': rank 0 never published the NCCL id within ",
+               timeout.count() / 1000.0, " s");
+      std::memcpy(&id, v->data(), sizeof id);
+    }
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 0;
+    const ncclResult_t r = ncclCommInitRankConfig(&comm_, size, id, rank, &config);
+    if (r != ncclSuccess && r != ncclInProgress) fail("init", r);
+    wait_comm("init");
+    barrier_buf_ = cuda::empty({1}, DType::F32, "the NCCL barrier word");
+  }
+
+  ~NcclCommunicator() override {
+    if (comm_) ncclCommDestroy(comm_);
+  }
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const std::string& name() const override { return name_; }
+  const char* backend() const override { return "nccl"; }
+
+  void all_reduce_sum(Tensor& t) override {
+    if (t.numel() == 0) return;
+    launch("all_reduce", ncclAllReduce(t.raw(), t.raw(), t.numel(), nccl_type(t.dtype(), where("all_reduce")), ncclSum,
+                                       comm_, cuda::current_stream()));
+  }
+
+  void reduce_scatter_sum(const Tensor& in, Tensor& out) override {
+    MF_CHECK(in.dtype() == out.dtype() && in.numel() == out.numel() * size_, where("reduce_scatter"), ": input ",
+             shape_str(in.shape()), " must hold ", size_, " blocks of the output ", shape_str(out.shape()));
+    launch("reduce_scatter", ncclReduceScatter(in.raw(), out.raw(), out.numel(), nccl_type(in.dtype(), where("reduce_scatter")),
+                                               ncclSum, comm_, cuda::current_stream()));
+  }
+
+  void all_gather(const Tensor& in, Tensor& out) override {
+    MF_CHECK(in.dtype() == out.dtype() && out.numel() == in.numel() * size_, where("all_gather"), ": output ",
+             shape_str(out.shape()), " must hold ", size_, " copies of the input ", shape_str(in.shape()));
+    launch("all_gather", ncclAllGather(in.raw(), out.raw(), in.numel(), nccl_type(in.dtype(), where("all_gather")), comm_,
+                                       cuda::current_stream()));
+  }
+
+  void all_to_all(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
+                  const std::vector<int64_t>& recv_rows) override {
+    MF_CHECK(static_cast<int>(send_rows.size()) == size_ && static_cast<int>(recv_rows.size()) == size_,
+             where("all_to_all"), ": need one send and one receive count per rank (", size_, ")");
+    MF_CHECK(in.dtype() == out.dtype(), where("all_to_all"), ": input and output dtypes differ");
+    const auto row_bytes = [](const Tensor& t) -> int64_t {
+      return t.shape().empty() || t.shape()[0] == 0 ? -1 : static_cast<int64_t>(t.nbytes()) / t.shape()[0];
+    };
+    const int64_t rb_in = row_bytes(in), rb_out = row_bytes(out), rb = rb_in >= 0 ? rb_in : rb_out;
+    MF_CHECK(rb_in < 0 || rb_out < 0 || rb_in == rb_out, where("all_to_all"), ": rows of ", shape_str(in.shape()), " and ",
+             shape_str(out.shape()), " differ");
+    int64_t s = 0, r = 0;
+    for (int p = 0; p < size_; ++p) {
+      s += send_rows[p];
+      r += recv_rows[p];
+    }
+    MF_CHECK(s == (in.shape().empty() ? 0 : in.shape()[0]) && r == (out.shape().empty() ? 0 : out.shape()[0]),
+             where("all_to_all"), ": counts sum to ", s, " sent and ", r, " received, tensors have ", shape_str(in.shape()),
+             " and ", shape_str(out.shape()));
+    const char* src = static_cast<const char*>(in.raw());
+    char* dst = static_cast<char*>(out.raw());
+    // One group of point-to-point calls: NCCL pairs every send with its peer's receive.
+    ncclResult_t res = ncclGroupStart();
+    int64_t so = 0, ro = 0;
+    for (int p = 0; p < size_ && res == ncclSuccess; ++p) {
+      const size_t sb = static_cast<size_t>(send_rows[p] * std::max<int64_t>(rb, 0));
+      const size_t rbytes = static_cast<size_t>(recv_rows[p] * std::max<int64_t>(rb, 0));
+      if (sb) res = ncclSend(src + so, sb, ncclUint8, p, comm_, cuda::current_stream());
+      if (res == ncclSuccess && rbytes) res = ncclRecv(dst + ro, rbytes, ncclUint8, p, comm_, cuda::current_stream());
+      so += static_cast<int64_t>(sb);
+      ro += static_cast<int64_t>(rbytes);
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    launch("all_to_all", res != ncclSuccess ? res : end);
+  }
+
+  void broadcast(Tensor& t, int root) override {
+    MF_CHECK(root >= 0 && root < size_, where("broadcast"), ": root ", root, " is not a rank");
+    if (t.numel() == 0) return;
+    launch("broadcast", ncclBroadcast(t.raw(), t.raw(), t.numel(), nccl_type(t.dtype(), where("broadcast")), root, comm_,
+                                      cuda::current_stream()));
+  }
+
+  void barrier() override {
+    launch("barrier", ncclAllReduce(barrier_buf_.raw(), barrier_buf_.raw(), 1, ncclFloat32, ncclSum, comm_,
+                                    cuda::current_stream()));
+  }
+
+ private:
+  std::string where(const char* op) const { return std::string(op) + " on group '" + name_ + "'"; }
+
+  void check(ncclResult_t r, const char* what) const {
+    MF_CHECK(r == ncclSuccess, "nccl group '", name_, "': ", what, " failed: ", ncclGetErrorString(r));
+  }
+
+  [[noreturn]] void fail(const char* op, ncclResult_t r) {
+    const std::string msg = ncclGetErrorString(r);
+    const char* last = ncclGetLastError(comm_);
+    if (comm_) ncclCommAbort(comm_);
+    comm_ = nullptr;
+    MF_THROW("collective ", op, " on group '", name_, "' failed at rank ", rank_, " of ", size_, ": ", msg,
+             last && *last ? std::string(" (") + last + ")" : std::string());
+  }
+
+  // Polls the communicator until it is ready (ncclInProgress while a non-blocking call runs).
+  void wait_comm(const char* op) {
+    const auto deadline = Clock::now() + timeout_;
+    for (;;) {
+      ncclResult_t st = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &st);
+      if (st == ncclSuccess) return;
+      if (st != ncclInProgress) fail(op, st);
+      if (Clock::now() > deadline) timed_out(op);
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+
+  // Enqueued: wait for the stream, watching NCCL's asynchronous error and the deadline.
+  void launch(const char* op, ncclResult_t r) {
+    if (!comm_) MF_THROW("collective ", op, " on group '", name_, "': the communicator was aborted by an earlier failure");
+    if (r != ncclSuccess && r != ncclInProgress) fail(op, r);
+    wait_comm(op);
+    const auto deadline = Clock::now() + timeout_;
+    for (;;) {
+      const cudaError_t q = cudaStreamQuery(cuda::current_stream());
+      if (q == cudaSuccess) return;
+      if (q != cudaErrorNotReady) MF_THROW("collective ", op, " on group '", name_, "': CUDA error ", cudaGetErrorString(q));
+      ncclResult_t st = ncclSuccess;
+      ncclCommGetAsyncError(comm_, &st);
+      if (st != ncclSuccess && st != ncclInProgress) fail(op, st);
+      if (Clock::now() > deadline) timed_out(op);
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+
+  [[noreturn]] void timed_out(const char* op) {
+    if (comm_) ncclCommAbort(comm_);
+    comm_ = nullptr;
+    MF_THROW("collective ", op, " on group '", name_, "' did not complete within ", timeout_.count() / 1000.0,
+             " s at rank ", rank_, " of ", size_, " (a peer died or is not taking part)");
+  }
+
+  std::string name_;
+  int rank_, size_;
+  std::chrono::milliseconds timeout_;
+  ncclComm_t comm_ = nullptr;
+  Tensor barrier_buf_;
+};
+
+}  // namespace
+
+bool nccl_available() { return true; }
+
+std::unique_ptr<Communicator> connect_nccl(TcpStoreClient& store, const std::string& name, int rank, int group_size,
+                                           std::chrono::milliseconds timeout) {
+  return std::make_unique<NcclCommunicator>(store, name, rank, group_size, timeout);
+}
+
+}  // namespace moeforge::dist
