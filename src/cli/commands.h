@@ -13,4 +13,9 @@ int cmd_bench(const std::vector<std::string>& args);
 int cmd_launch(const std::vector<std::string>& args);
 int cmd_dist_check(const std::vector<std::string>& args);
 
+// Every subcommand by name: main() dispatches through it, and `launch` uses it to know that a
+// command after -- is one of ours (run with this binary).
+using CommandFn = int (*)(const std::vector<std::string>&);
+CommandFn find_command(const std::string& name);  // nullptr when unknown
+
 }  // namespace moeforge::cli

@@ -5,7 +5,6 @@
 
 #include <chrono>
 #include <cstdio>
-#include <set>
 
 #include "cli/args.h"
 #include "cli/commands.h"
@@ -14,13 +13,6 @@
 #include "dist/rendezvous.h"
 
 namespace moeforge::cli {
-
-namespace {
-
-// A moeforge subcommand after -- runs this same binary.
-const std::set<std::string> kSubcommands = {"train", "eval", "bench", "inspect", "convert", "tokenize", "dist-check"};
-
-}  // namespace
 
 int cmd_launch(const std::vector<std::string>& argv) {
   std::vector<std::string> own, command;
@@ -42,7 +34,8 @@ int cmd_launch(const std::vector<std::string>& argv) {
   o.node_rank = static_cast<int>(args.get_int("--node-rank", 0));
   o.master_addr = args.get("--master-addr").value_or("127.0.0.1");
   o.master_port = static_cast<int>(args.get_int("--master-port", 29500));
-  if (kSubcommands.count(command[0])) {
+  // A moeforge subcommand after -- runs this same binary.
+  if (command[0] != "launch" && find_command(command[0])) {
     char self[4096] = {0};
     const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
     MF_CHECK(n > 0, "launch: cannot find this moeforge binary (/proc/self/exe)");

@@ -47,14 +47,7 @@ int main(int argc, char** argv) {
   const std::string cmd = argv[1];
   const std::vector<std::string> rest(argv + 2, argv + argc);
   try {
-    if (cmd == "inspect") return moeforge::cli::cmd_inspect(rest);
-    if (cmd == "eval") return moeforge::cli::cmd_eval(rest);
-    if (cmd == "convert") return moeforge::cli::cmd_convert(rest);
-    if (cmd == "train") return moeforge::cli::cmd_train(rest);
-    if (cmd == "tokenize") return moeforge::cli::cmd_tokenize(rest);
-    if (cmd == "bench") return moeforge::cli::cmd_bench(rest);
-    if (cmd == "launch") return moeforge::cli::cmd_launch(rest);
-    if (cmd == "dist-check") return moeforge::cli::cmd_dist_check(rest);
+    if (const auto run = moeforge::cli::find_command(cmd)) return run(rest);
     std::fprintf(stderr, "moeforge: unknown command '%s'\n%s", cmd.c_str(), kUsage);
     return 2;
   } catch (const moeforge::Error& e) {
