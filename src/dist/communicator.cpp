@@ -1,11 +1,39 @@
 // The parts of the Communicator that do not depend on a transport: counts exchange, the one-rank group.
 #include "dist/communicator.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/error.h"
+#include "dist/collective_shapes.h"
 
 namespace moeforge::dist {
+
+void check_blocks(const Communicator& c, const char* op, const Tensor& whole, const Tensor& block) {
+  MF_CHECK(whole.dtype() == block.dtype() && whole.numel() == block.numel() * c.size(), op, " on group '", c.name(),
+           "': ", shape_str(whole.shape()), " must hold ", c.size(), " blocks of ", shape_str(block.shape()));
+}
+
+int64_t check_all_to_all(const Communicator& c, const Tensor& in, const std::vector<int64_t>& send_rows,
+                         const Tensor& out, const std::vector<int64_t>& recv_rows) {
+  const int n = c.size();
+  MF_CHECK(static_cast<int>(send_rows.size()) == n && static_cast<int>(recv_rows.size()) == n, "all_to_all on group '",
+           c.name(), "': need one send and one receive count per rank (", n, ")");
+  MF_CHECK(in.dtype() == out.dtype(), "all_to_all on group '", c.name(), "': input and output dtypes differ");
+  const auto rows = [](const Tensor& t) { return t.shape().empty() ? int64_t{0} : t.shape()[0]; };
+  const auto row_bytes = [&](const Tensor& t) { return rows(t) == 0 ? int64_t{-1} : static_cast<int64_t>(t.nbytes()) / rows(t); };
+  const int64_t rb_in = row_bytes(in), rb_out = row_bytes(out);
+  MF_CHECK(rb_in < 0 || rb_out < 0 || rb_in == rb_out, "all_to_all on group '", c.name(), "': rows of ",
+           shape_str(in.shape()), " and ", shape_str(out.shape()), " differ");
+  int64_t s = 0, r = 0;
+  for (int p = 0; p < n; ++p) {
+    s += send_rows[p];
+    r += recv_rows[p];
+  }
+  MF_CHECK(s == rows(in) && r == rows(out), "all_to_all on group '", c.name(), "': counts sum to ", s, " sent and ", r,
+           " received, tensors have ", shape_str(in.shape()), " and ", shape_str(out.shape()));
+  return std::max<int64_t>(rb_in >= 0 ? rb_in : rb_out, 0);
+}
 
 std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send_counts) {
   const int n = comm.size();
@@ -31,8 +59,7 @@ class SelfCommunicator final : public Communicator {
   void all_gather(const Tensor& in, Tensor& out) override { copy(in, out, "all_gather"); }
   void all_to_all(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
                   const std::vector<int64_t>& recv_rows) override {
-    MF_CHECK(send_rows.size() == 1 && recv_rows.size() == 1 && send_rows[0] == recv_rows[0],
-             "all_to_all on group '", name_, "': counts do not match one rank");
+    check_all_to_all(*this, in, send_rows, out, recv_rows);
     copy(in, out, "all_to_all");
   }
   void broadcast(Tensor&, int root) override {

@@ -15,6 +15,7 @@
 #include <functional>
 
 #include "core/error.h"
+#include "dist/collective_shapes.h"
 #include "dist/communicator.h"
 
 namespace moeforge::dist {
@@ -87,8 +88,7 @@ class GlooCommunicator final : public Communicator {
   }
 
   void reduce_scatter_sum(const Tensor& in, Tensor& out) override {
-    MF_CHECK(in.dtype() == out.dtype() && in.numel() == out.numel() * size_, "reduce_scatter on group '", name_,
-             "': input ", shape_str(in.shape()), " must hold ", size_, " blocks of the output ", shape_str(out.shape()));
+    check_blocks(*this, "reduce_scatter", in, out);
     sum_fn(in.dtype(), "reduce_scatter");
     // Block p goes to rank p; the received blocks are summed in rank order (deterministic).
     const int64_t block = out.numel();
@@ -105,8 +105,7 @@ class GlooCommunicator final : public Communicator {
   }
 
   void all_gather(const Tensor& in, Tensor& out) override {
-    MF_CHECK(in.dtype() == out.dtype() && out.numel() == in.numel() * size_, "all_gather on group '", name_,
-             "': output ", shape_str(out.shape()), " must hold ", size_, " copies of the input ", shape_str(in.shape()));
+    check_blocks(*this, "all_gather", out, in);
     if (in.numel() == 0) return;
     guard("all_gather", [&] {
       gloo::AllgatherOptions opts(context_);
@@ -119,23 +118,8 @@ class GlooCommunicator final : public Communicator {
 
   void all_to_all(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
                   const std::vector<int64_t>& recv_rows) override {
-    MF_CHECK(static_cast<int>(send_rows.size()) == size_ && static_cast<int>(recv_rows.size()) == size_,
-             "all_to_all on group '", name_, "': need one send and one receive count per rank (", size_, ")");
-    MF_CHECK(in.dtype() == out.dtype(), "all_to_all on group '", name_, "': input and output dtypes differ");
-    const int64_t row_elems_in = in.shape().empty() || in.shape()[0] == 0 ? -1 : in.numel() / in.shape()[0];
-    const int64_t row_elems_out = out.shape().empty() || out.shape()[0] == 0 ? -1 : out.numel() / out.shape()[0];
-    const int64_t row_elems = row_elems_in >= 0 ? row_elems_in : row_elems_out;
-    MF_CHECK(row_elems_in < 0 || row_elems_out < 0 || row_elems_in == row_elems_out, "all_to_all on group '", name_,
-             "': rows of ", shape_str(in.shape()), " and ", shape_str(out.shape()), " differ");
-    int64_t s = 0, r = 0;
-    for (int p = 0; p < size_; ++p) {
-      s += send_rows[p];
-      r += recv_rows[p];
-    }
-    MF_CHECK(s == (in.shape().empty() ? 0 : in.shape()[0]) && r == (out.shape().empty() ? 0 : out.shape()[0]),
-             "all_to_all on group '", name_, "': counts sum to ", s, " sent and ", r, " received, tensors have ",
-             shape_str(in.shape()), " and ", shape_str(out.shape()));
-    exchange_bytes("all_to_all", in, send_rows, out, recv_rows, std::max<int64_t>(row_elems, 0) * dtype_size(in.dtype()));
+    const int64_t row_bytes = check_all_to_all(*this, in, send_rows, out, recv_rows);
+    exchange_bytes("all_to_all", in, send_rows, out, recv_rows, row_bytes);
   }
 
   void broadcast(Tensor& t, int root) override {

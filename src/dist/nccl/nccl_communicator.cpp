@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "core/error.h"
+#include "dist/collective_shapes.h"
 #include "dist/communicator.h"
 #include "ops/cuda/check.h"
 #include "ops/cuda/runtime.h"
@@ -76,46 +77,28 @@ class NcclCommunicator final : public Communicator {
   }
 
   void reduce_scatter_sum(const Tensor& in, Tensor& out) override {
-    MF_CHECK(in.dtype() == out.dtype() && in.numel() == out.numel() * size_, where("reduce_scatter"), ": input ",
-             shape_str(in.shape()), " must hold ", size_, " blocks of the output ", shape_str(out.shape()));
+    check_blocks(*this, "reduce_scatter", in, out);
     launch("reduce_scatter", ncclReduceScatter(in.raw(), out.raw(), out.numel(), nccl_type(in.dtype(), where("reduce_scatter")),
                                                ncclSum, comm_, cuda::current_stream()));
   }
 
   void all_gather(const Tensor& in, Tensor& out) override {
-    MF_CHECK(in.dtype() == out.dtype() && out.numel() == in.numel() * size_, where("all_gather"), ": output ",
-             shape_str(out.shape()), " must hold ", size_, " copies of the input ", shape_str(in.shape()));
+    check_blocks(*this, "all_gather", out, in);
     launch("all_gather", ncclAllGather(in.raw(), out.raw(), in.numel(), nccl_type(in.dtype(), where("all_gather")), comm_,
                                        cuda::current_stream()));
   }
 
   void all_to_all(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
                   const std::vector<int64_t>& recv_rows) override {
-    MF_CHECK(static_cast<int>(send_rows.size()) == size_ && static_cast<int>(recv_rows.size()) == size_,
-             where("all_to_all"), ": need one send and one receive count per rank (", size_, ")");
-    MF_CHECK(in.dtype() == out.dtype(), where("all_to_all"), ": input and output dtypes differ");
-    const auto row_bytes = [](const Tensor& t) -> int64_t {
-      return t.shape().empty() || t.shape()[0] == 0 ? -1 : static_cast<int64_t>(t.nbytes()) / t.shape()[0];
-    };
-    const int64_t rb_in = row_bytes(in), rb_out = row_bytes(out), rb = rb_in >= 0 ? rb_in : rb_out;
-    MF_CHECK(rb_in < 0 || rb_out < 0 || rb_in == rb_out, where("all_to_all"), ": rows of ", shape_str(in.shape()), " and ",
-             shape_str(out.shape()), " differ");
-    int64_t s = 0, r = 0;
-    for (int p = 0; p < size_; ++p) {
-      s += send_rows[p];
-      r += recv_rows[p];
-    }
-    MF_CHECK(s == (in.shape().empty() ? 0 : in.shape()[0]) && r == (out.shape().empty() ? 0 : out.shape()[0]),
-             where("all_to_all"), ": counts sum to ", s, " sent and ", r, " received, tensors have ", shape_str(in.shape()),
-             " and ", shape_str(out.shape()));
+    const int64_t rb = check_all_to_all(*this, in, send_rows, out, recv_rows);
     const char* src = static_cast<const char*>(in.raw());
     char* dst = static_cast<char*>(out.raw());
     // One group of point-to-point calls: NCCL pairs every send with its peer's receive.
     ncclResult_t res = ncclGroupStart();
     int64_t so = 0, ro = 0;
     for (int p = 0; p < size_ && res == ncclSuccess; ++p) {
-      const size_t sb = static_cast<size_t>(send_rows[p] * std::max<int64_t>(rb, 0));
-      const size_t rbytes = static_cast<size_t>(recv_rows[p] * std::max<int64_t>(rb, 0));
+      const size_t sb = static_cast<size_t>(send_rows[p] * rb);
+      const size_t rbytes = static_cast<size_t>(recv_rows[p] * rb);
       if (sb) res = ncclSend(src + so, sb, ncclUint8, p, comm_, cuda::current_stream());
       if (res == ncclSuccess && rbytes) res = ncclRecv(dst + ro, rbytes, ncclUint8, p, comm_, cuda::current_stream());
       so += static_cast<int64_t>(sb);
