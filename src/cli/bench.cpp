@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "hf/config.h"
+#include "dist/env.h"
 #include "models/flops.h"
 
 #ifdef MOEFORGE_HAVE_CUDA
@@ -17,7 +18,7 @@
 namespace moeforge::cli {
 
 int cmd_bench(const std::vector<std::string>& argv) {
-  Args args(argv, {"--layers", "--seq", "--batch", "--steps", "--warmup", "--routing", "--precision", "--seed"},
+  Args args(argv, {"--layers", "--seq", "--batch", "--steps", "--warmup", "--routing", "--precision", "--seed", "--ep-size"},
             {"--activation-checkpointing", "--optimizer-in-backward"});
   MF_CHECK(args.positionals().size() == 1, "bench takes one CONFIG.json or MODEL_DIR");
   const std::string path = args.positionals()[0];
@@ -42,17 +43,25 @@ int cmd_bench(const std::vector<std::string>& argv) {
   o.steps = args.get_int("--steps", 10);
   o.warmup = args.get_int("--warmup", 3);
   o.seed = static_cast<uint64_t>(args.get_int("--seed", 1234));
+  o.ep_size = args.get_int("--ep-size", 0);
+  MF_CHECK(o.ep_size >= 0, "bench: --ep-size must be at least 1 (or 0: every rank)");
+  const bool main_rank = dist::dist_env().rank == 0;
   o.balanced_routing = routing == "balanced";
   o.precision = gpu::parse_precision(precision, "bench --precision");
   o.activation_checkpointing = args.has("--activation-checkpointing");
   o.optimizer_in_backward = args.has("--optimizer-in-backward");
-  std::fprintf(stderr, "bench: %s, %lld layers, seq %lld, batch %lld, %s routing, %s, %lld warm-up + %lld timed steps\n",
+  if (main_rank)
+    std::fprintf(stderr, "bench: %s, %lld layers, seq %lld, batch %lld, %s routing, %s, %lld warm-up + %lld timed steps\n",
                cfg.source.c_str(), static_cast<long long>(cfg.num_hidden_layers), static_cast<long long>(o.seq),
                static_cast<long long>(o.batch), routing.c_str(), precision.c_str(), static_cast<long long>(o.warmup),
                static_cast<long long>(o.steps));
-  const gpu::BenchResult r = gpu::run_bench(cfg, o, [](int64_t i, int64_t n, double loss, double ms) {
+  const auto progress = [](int64_t i, int64_t n, double loss, double ms) {
     std::fprintf(stderr, "  step %lld/%lld  loss %.4f  %.1f ms\n", static_cast<long long>(i), static_cast<long long>(n), loss, ms);
-  });
+  };
+  // Under several ranks only rank 0 prints (its steps, and the per-GPU figures of all).
+  const gpu::BenchResult r = gpu::run_bench(cfg, o, main_rank ? +progress : nullptr);
+  if (!main_rank) return 0;
+  if (r.world > 1) std::printf("%d GPUs, experts split over %d (EP), dense weights replicated\n", r.world, r.ep_size);
   std::printf("%-14s %10s %8s %9s %9s %9s %9s %8s %8s %8s\n", "impl", "tok/s/GPU", "TFLOP/s", "peak GiB", "reserved",
               "dev used", "fwd+loss", "bwd ms", "opt ms", "step ms");
   std::printf("%-14s %10.0f %8.1f %9.2f %9.2f %9.2f %9.1f %8.1f %8.1f %8.1f\n", "moeforge", r.tokens_per_s, r.tflops,
@@ -61,6 +70,8 @@ int cmd_bench(const std::vector<std::string>& argv) {
   nlohmann::ordered_json j;
   j["impl"] = "moeforge";
   j["device"] = r.device;
+  j["gpus"] = r.world;
+  j["ep_size"] = r.ep_size;
   j["config"] = cfg.source;
   j["layers"] = cfg.num_hidden_layers;
   j["params"] = r.params;

@@ -7,11 +7,13 @@
 #include <vector>
 
 #include "core/error.h"
+#include "dist/env.h"
 #include "gpu/adamw.h"
 #include "gpu/gpu_model.h"
 #include "models/flops.h"
 #include "models/registry.h"
 #include "ops/cuda/runtime.h"
+#include "train/ranks.h"
 
 namespace moeforge::gpu {
 
@@ -25,23 +27,65 @@ double median(std::vector<double> v) {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
+// The largest of one number per rank (host, over gloo).
+double max_over(dist::Communicator& world, double v) {
+  Tensor mine = Tensor::empty({1}, DType::F64), all = Tensor::empty({world.size()}, DType::F64);
+  mine.data<double>()[0] = v;
+  world.all_gather(mine, all);
+  return *std::max_element(all.data<double>(), all.data<double>() + world.size());
+}
+
 }  // namespace
 
 BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*progress)(int64_t, int64_t, double, double)) {
   MF_CHECK(cuda::available(), "bench: no CUDA device is available on this machine");
   MF_CHECK(o.seq >= 2 && o.batch >= 1 && o.steps >= 1 && o.warmup >= 0, "bench: seq >= 2, batch >= 1, steps >= 1, warmup >= 0");
-  auto model = models::build_model(cfg);
+  // Several ranks: one GPU each, joined with the bench's own arguments as the "recipe" so ranks
+  // started with different ones are refused.
+  const dist::DistEnv env = dist::dist_env();
+  std::unique_ptr<train::RankGroups> groups;
+  if (env.world_size > 1) {
+    MF_CHECK(cuda::device_count() >= env.local_world_size, "bench: ", env.local_world_size,
+             " ranks on this node but ", cuda::device_count(), " GPU(s)");
+    cuda::set_device(env.local_rank);
+    const int64_t ep = o.ep_size > 0 ? o.ep_size : env.world_size;
+    const std::string args = cfg.source + " layers " + std::to_string(cfg.num_hidden_layers) + " seq " +
+                             std::to_string(o.seq) + " batch " + std::to_string(o.batch) + " ep " + std::to_string(ep) +
+                             (o.balanced_routing ? " balanced" : " native") + " " + precision_name(o.precision);
+    groups = train::join_ranks(env, ep, cfg.num_experts, args, "bench", /*gpus=*/true);
+  }
+  auto model = models::build_model(cfg, groups ? groups->parallel() : models::Parallel{});
+  // Which parameters are expert shards: their first dimension is split over the group.
+  std::vector<bool> sharded(model->params().all().size(), false);
+  int64_t full_params = model->params().numel();
+  if (groups) {
+    auto full = models::build_model(cfg);
+    full_params = full->params().numel();
+    for (size_t i = 0; i < sharded.size(); ++i)
+      sharded[i] = model->params().all()[i].shape != full->params().all()[i].shape;
+  }
   const float init_std = cfg.raw.contains("initializer_range") && cfg.raw["initializer_range"].is_number()
                              ? cfg.raw["initializer_range"].get<float>()
                              : 0.02f;
-  auto gm = make_gpu_model(*model, DeviceParams::random(model->params(), o.precision, init_std, o.seed));
+  const GpuParallel par = groups ? GpuParallel{groups->dev_ep.get(), groups->world_group.get()} : GpuParallel{};
+  auto gm = make_gpu_model(*model, DeviceParams::random(model->params(), o.precision, init_std, o.seed), par);
+  // Sums gradients over the ranks holding copies of them (nothing on one GPU).
+  auto sum_grads = [&](const std::vector<size_t>& idx) {
+    if (!groups) return;
+    for (size_t i : idx) {
+      dist::Communicator& c = sharded[i] ? *groups->dev_edp : *groups->dev_world;
+      if (c.size() > 1) c.all_reduce_sum(gm->params().grad(i));
+    }
+  };
+  std::vector<size_t> every(gm->params().size());
+  for (size_t i = 0; i < every.size(); ++i) every[i] = i;
   train::AdamWOptions ao;
   ao.lr = o.lr;
   ao.weight_decay = o.weight_decay;
   DeviceAdamW opt(gm->params(), ao);
   cuda::synchronize();
 
-  std::mt19937_64 rng(o.seed);
+  std::mt19937_64 rng(o.seed + static_cast<uint64_t>(env.rank));
   std::uniform_int_distribution<int64_t> tok(0, cfg.vocab_size - 1);
   const int64_t n = o.batch * o.seq;
   GpuStepOptions so;
@@ -62,6 +106,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     if (o.optimizer_in_backward) {
       opt.begin_step(o.lr);
       so.on_grads_ready = [&](const std::vector<size_t>& idx) {
+        sum_grads(idx);
         opt.update(idx);
         gm->params().release_grads(idx);
       };
@@ -69,6 +114,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     const GpuStepResult sr = gm->forward_backward(in, so);
     const auto t1 = std::chrono::steady_clock::now();
     if (!o.optimizer_in_backward) {
+      sum_grads(every);
       opt.step(o.lr);
       gm->params().zero_grad();
     }
@@ -98,13 +144,21 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   r.backward_ms = median(bwd);
   r.optimizer_ms = median(optm);
   r.step_ms = median(step);
-  r.tokens_per_s = static_cast<double>(n) / (r.step_ms / 1000.0);
-  r.tflops = models::flops_per_token(cfg, o.seq).training * r.tokens_per_s / 1e12;
   const auto st = cuda::allocator_stats();
   r.peak_allocated_gib = static_cast<double>(st.peak_allocated_bytes) / kGiB;
   r.peak_reserved_gib = static_cast<double>(st.peak_reserved_bytes) / kGiB;
   r.device_used_gib = static_cast<double>(cuda::device_used_bytes()) / kGiB;
-  r.params = model->params().numel();
+  if (groups) {  // per GPU: the slowest rank's times, the largest memory
+    dist::Communicator& w = *groups->world_group;
+    for (double* v : {&r.forward_ms, &r.backward_ms, &r.optimizer_ms, &r.step_ms, &r.peak_allocated_gib,
+                      &r.peak_reserved_gib, &r.device_used_gib})
+      *v = max_over(w, *v);
+    r.world = env.world_size;
+    r.ep_size = groups->ep_size;
+  }
+  r.tokens_per_s = static_cast<double>(n) / (r.step_ms / 1000.0);
+  r.tflops = models::flops_per_token(cfg, o.seq).training * r.tokens_per_s / 1e12;
+  r.params = full_params;
   r.device = cuda::device_name();
   return r;
 }

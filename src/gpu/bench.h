@@ -1,6 +1,10 @@
-// The training-step benchmark of shared/BENCHMARKS.md on one GPU: random weights in a config's
-// architecture, vocab-uniform random tokens, forward + loss + backward + AdamW per step; medians
-// over the timed steps after warm-up; model FLOPs counted from the config.
+// The training-step benchmark of shared/BENCHMARKS.md: random weights in a config's architecture,
+// vocab-uniform random tokens, forward + loss + backward + AdamW per step; medians over the timed
+// steps after warm-up; model FLOPs counted from the config. Started by moeforge launch / torchrun /
+// srun it runs on one GPU per rank: experts split over ep_size ranks (NCCL all-to-all), dense
+// weights replicated with their gradients summed over all ranks (and expert gradients over the
+// expert-data-parallel group) before each update; every rank its own batch. Figures are per GPU:
+// the slowest rank's step time and the largest peak memory.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -18,6 +22,7 @@ struct BenchOptions {
   // AdamW applied layer by layer during backward, each layer's gradients freed once applied (the
   // same update as a step after backward when, as here, there is no clipping or accumulation).
   bool optimizer_in_backward = false;
+  int64_t ep_size = 0;  // several ranks: experts split over this many (0: all of them)
   uint64_t seed = 1234;
   double lr = 1e-5, weight_decay = 0.01;  // torch.optim.AdamW's default decay, as the baseline
 };
@@ -27,8 +32,9 @@ struct BenchResult {
   double forward_ms = 0, backward_ms = 0, optimizer_ms = 0, step_ms = 0;  // medians
   double peak_allocated_gib = 0, peak_reserved_gib = 0, device_used_gib = 0;
   double first_loss = 0, last_loss = 0;
-  int64_t params = 0;
+  int64_t params = 0;  // of the whole model
   std::string device;
+  int world = 1, ep_size = 1;
 };
 
 // `progress` is called after every step with (step, steps in all, loss, step ms).

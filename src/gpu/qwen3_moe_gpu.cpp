@@ -2,6 +2,10 @@
 //   n1 = rms(x); q,k,v = n1 W^T; per-head rms on q,k; RoPE; o = attention; x2 = x + o Wo^T
 //   n2 = rms(x2); router softmax/top-k (or round-robin when balanced); permute by expert;
 //   gate_up and down as grouped GEMMs around SwiGLU; weighted unpermute; x3 = x2 + moe
+// Under expert parallelism the permuted rows go to the ranks holding their experts between the
+// permute and the GEMMs and come back before the unpermute (gpu/expert_exchange.h); the rows a rank
+// received are then kept for the backward instead of being recomputed (that would be a second
+// exchange).
 // and the backward mirrors it. Kept per layer for backward: the layer input, norm statistics,
 // q/k before and after norm+RoPE, v, the attention output and its log-sum-exp, the router's
 // probabilities and choice, the routing plan, the experts' gate_up output and their output. The
@@ -11,8 +15,10 @@
 #include <chrono>
 #include <cstdint>
 #include <cmath>
+#include <memory>
 
 #include "core/error.h"
+#include "gpu/expert_exchange.h"
 #include "gpu/gpu_model.h"
 #include "models/qwen3_moe/qwen3_moe.h"
 #include "ops/cuda/ops_cuda.h"
@@ -28,6 +34,8 @@ struct LayerState {
   Tensor x2, rstd2, n2;
   Tensor probs, weights, chosen, gu, y;
   cuda::RoutingPlan plan;
+  std::shared_ptr<ExpertExchange> exchange;  // expert parallelism: where the pairs went
+  Tensor xs;                                 // expert parallelism: the rows received, by local expert
 };
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -38,16 +46,18 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 class Qwen3MoeGpu : public GpuModel {
  public:
-  Qwen3MoeGpu(const models::Qwen3Moe& m, DeviceParams params)
-      : m_(m), params_(std::move(params)), dt_(compute_dtype(params_.precision())) {
+  Qwen3MoeGpu(const models::Qwen3Moe& m, DeviceParams params, GpuParallel par)
+      : m_(m), par_(par), params_(std::move(params)), dt_(compute_dtype(params_.precision())) {
     for (const auto& L : m_.layers_) {
       const auto& A = L.attn;
       MF_CHECK(!A.q_proj.bias && !A.k_proj.bias && !A.v_proj.bias && !A.o_proj.bias,
                "GPU training: attention_bias is not supported on the GPU yet");
       MF_CHECK(A.q_norm.has_value(), "GPU training: Qwen3-MoE layers must have q/k norms");
-      if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp))
-        MF_CHECK(moe->shard.count == moe->experts,
-                 "GPU training: expert parallelism (ep_size > 1) is not available on the GPU yet (it needs NCCL)");
+      if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
+        const int ep = par_.ep ? par_.ep->size() : 1;
+        MF_CHECK(moe->shard.count * ep == moe->experts, "GPU model: the layers hold ", moe->shard.count, " of ",
+                 moe->experts, " experts, but the expert-parallel group has ", ep, " ranks");
+      }
     }
     // Each decoder layer's parameters, by their internal names' "model.layers.<l>." prefix.
     layer_params_.resize(m_.layers_.size());
@@ -144,6 +154,12 @@ class Qwen3MoeGpu : public GpuModel {
   };
 
   bool aux_enabled() const { return m_.cfg_.output_router_logits; }
+  bool expert_parallel() const { return par_.ep && par_.ep->size() > 1; }
+  // The row offsets the grouped GEMMs take: this rank's local experts' under expert parallelism,
+  // every expert's otherwise.
+  static const std::vector<int64_t>& expert_offsets(const LayerState& c) {
+    return c.exchange ? c.exchange->local_offsets() : c.plan.offsets;
+  }
   const Tensor& value(size_t i) const { return params_.value(i); }
 
   Inputs upload(const models::ForwardInputs& in, bool balanced) {
@@ -229,16 +245,28 @@ class Qwen3MoeGpu : public GpuModel {
     if (phases_.enabled()) note_routing(l, c.plan.offsets);
     Tensor xp = cuda::permute_tokens(c.n2, c.plan);
     phases_.mark("fwd: router + plan + permute");
-    c.gu = cuda::empty({t * moe.top_k, 2 * moe.inter}, dt_, "expert gate_up output");
-    cuda::grouped_linear(xp, value(moe.gate_up), c.plan.offsets, c.gu);
+    if (expert_parallel()) {
+      c.exchange = std::make_shared<ExpertExchange>(*par_.ep, c.plan.offsets);
+      c.xs = c.exchange->dispatch(xp);
+      xp = c.xs;
+      phases_.mark("fwd: expert dispatch (all-to-all)");
+    }
+    const std::vector<int64_t>& offsets = expert_offsets(c);
+    const int64_t rows = offsets.back();
+    c.gu = cuda::empty({rows, 2 * moe.inter}, dt_, "expert gate_up output");
+    cuda::grouped_linear(xp, value(moe.gate_up), offsets, c.gu);
     xp = Tensor();
     phases_.mark("fwd: expert gate_up GEMM");
     Tensor act = cuda::swiglu(c.gu);
     phases_.mark("fwd: SwiGLU");
-    c.y = cuda::empty({t * moe.top_k, moe.hidden}, dt_, "expert output");
-    cuda::grouped_linear(act, value(moe.down), c.plan.offsets, c.y);
+    c.y = cuda::empty({rows, moe.hidden}, dt_, "expert output");
+    cuda::grouped_linear(act, value(moe.down), offsets, c.y);
     act = Tensor();
     phases_.mark("fwd: expert down GEMM");
+    if (c.exchange) {
+      c.y = c.exchange->combine(c.y);
+      phases_.mark("fwd: expert combine (all-to-all)");
+    }
     out = cuda::unpermute_tokens(c.y, c.weights, c.plan);
     cuda::add_inplace(out, c.x2);
     phases_.mark("fwd: unpermute + residual");
@@ -306,28 +334,38 @@ class Qwen3MoeGpu : public GpuModel {
 
   // Experts and router backward: accumulates their weight gradients, returns d(n2).
   Tensor moe_backward(const nn::SparseMoE& moe, LayerState& c, const Tensor& dy, const Tensor* dprobs_aux) {
-    const int64_t t = dy.size(0);
     Tensor d_yp, d_weights;
     phases_.mark("bwd: (before experts)");
     cuda::unpermute_tokens_backward(dy, c.y, c.weights, c.plan, d_yp, d_weights);
     c.y = Tensor();
     phases_.mark("bwd: unpermute");
+    if (c.exchange) {
+      d_yp = c.exchange->dispatch(d_yp);  // combine's backward
+      phases_.mark("bwd: expert output gradient dispatch (all-to-all)");
+    }
+    const std::vector<int64_t>& offsets = expert_offsets(c);
+    const int64_t rows = offsets.back();
     Tensor act = cuda::swiglu(c.gu);
-    cuda::grouped_linear_weight_grad(d_yp, act, c.plan.offsets, params_.grad(moe.down), /*accumulate=*/true);
+    cuda::grouped_linear_weight_grad(d_yp, act, offsets, params_.grad(moe.down), /*accumulate=*/true);
     Tensor d_act = cuda::empty(act.shape(), dt_, "expert activation gradient");
-    cuda::grouped_linear_input_grad(d_yp, value(moe.down), c.plan.offsets, d_act);
+    cuda::grouped_linear_input_grad(d_yp, value(moe.down), offsets, d_act);
     act = Tensor();
     d_yp = Tensor();
     Tensor d_gu = cuda::swiglu_backward(c.gu, d_act);
     d_act = Tensor();
     c.gu = Tensor();
-    Tensor xp = cuda::permute_tokens(c.n2, c.plan);
-    cuda::grouped_linear_weight_grad(d_gu, xp, c.plan.offsets, params_.grad(moe.gate_up), true);
+    Tensor xp = c.exchange ? c.xs : cuda::permute_tokens(c.n2, c.plan);
+    c.xs = Tensor();
+    cuda::grouped_linear_weight_grad(d_gu, xp, offsets, params_.grad(moe.gate_up), true);
     xp = Tensor();
-    Tensor d_xp = cuda::empty({t * moe.top_k, moe.hidden}, dt_, "expert input gradient");
-    cuda::grouped_linear_input_grad(d_gu, value(moe.gate_up), c.plan.offsets, d_xp);
+    Tensor d_xp = cuda::empty({rows, moe.hidden}, dt_, "expert input gradient");
+    cuda::grouped_linear_input_grad(d_gu, value(moe.gate_up), offsets, d_xp);
     d_gu = Tensor();
     phases_.mark("bwd: expert GEMMs + SwiGLU");
+    if (c.exchange) {
+      d_xp = c.exchange->combine(d_xp);  // dispatch's backward
+      phases_.mark("bwd: expert input gradient combine (all-to-all)");
+    }
     Tensor d_n2 = cuda::permute_tokens_backward(d_xp, c.plan);
     d_xp = Tensor();
     // Router.
@@ -390,6 +428,22 @@ class Qwen3MoeGpu : public GpuModel {
         for (int64_t i = 0; i < e; ++i) prob[i] += p.f32()[r * e + i];
       rows += t;
     }
+    if (par_.dp && par_.dp->size() > 1) {
+      // Sums over the ranks that split the batch (F64: the same sums the one-rank run makes).
+      Tensor all = Tensor::empty({2 * e + 1}, DType::F64);
+      double* a = all.data<double>();
+      for (int64_t i = 0; i < e; ++i) {
+        a[i] = routed[i];
+        a[e + i] = prob[i];
+      }
+      a[2 * e] = static_cast<double>(rows);
+      par_.dp->all_reduce_sum(all);
+      for (int64_t i = 0; i < e; ++i) {
+        routed[i] = a[i];
+        prob[i] = a[e + i];
+      }
+      rows = static_cast<int64_t>(a[2 * e]);
+    }
     double loss = 0;
     std::vector<float> g(static_cast<size_t>(e));
     for (int64_t i = 0; i < e; ++i) {
@@ -404,15 +458,16 @@ class Qwen3MoeGpu : public GpuModel {
   static int64_t window(const nn::Attention& a) { return a.window ? *a.window : 0; }
 
   const models::Qwen3Moe& m_;
+  GpuParallel par_;
   std::vector<std::vector<size_t>> layer_params_;
   DeviceParams params_;
   DType dt_;
 };
 
-std::unique_ptr<GpuModel> make_qwen3_moe_gpu(const models::CausalLM& model, DeviceParams params) {
+std::unique_ptr<GpuModel> make_qwen3_moe_gpu(const models::CausalLM& model, DeviceParams params, GpuParallel par) {
   const auto* q = dynamic_cast<const models::Qwen3Moe*>(&model);
   MF_CHECK(q, "internal: make_qwen3_moe_gpu on another family");
-  return std::make_unique<Qwen3MoeGpu>(*q, std::move(params));
+  return std::make_unique<Qwen3MoeGpu>(*q, std::move(params), par);
 }
 
 }  // namespace moeforge::gpu

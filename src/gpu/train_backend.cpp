@@ -1,5 +1,11 @@
-// The trainer's step on one GPU: GpuModel + DeviceAdamW behind train::StepBackend.
+// The trainer's step on a GPU: GpuModel + DeviceAdamW behind train::StepBackend. Under several
+// ranks (one GPU each) the model computes its experts across the NCCL expert-parallel group, and
+// the gradients are summed over NCCL before the norm: dense ones over the world, expert shards over
+// the expert-data-parallel group.
+#include <cmath>
+
 #include "core/error.h"
+#include "ops/cuda/ops_cuda.h"
 #include "gpu/adamw.h"
 #include "gpu/gpu_model.h"
 #include "ops/cuda/runtime.h"
@@ -11,10 +17,11 @@ namespace {
 
 class GpuBackend : public StepBackend {
  public:
-  GpuBackend(models::CausalLM& model, AdamW& host_opt, gpu::Precision p)
+  GpuBackend(models::CausalLM& model, AdamW& host_opt, gpu::Precision p, RankShare ranks)
       : model_(model),
         host_opt_(host_opt),
-        gm_(gpu::make_gpu_model(model, gpu::DeviceParams(model.params(), p))),
+        ranks_(ranks),
+        gm_(gpu::make_gpu_model(model, gpu::DeviceParams(model.params(), p), parallel_of(ranks))),
         opt_(gm_->params(), host_opt.options()),
         precision_(p) {
     // A resumed run: continue from the host optimizer's state.
@@ -37,7 +44,34 @@ class GpuBackend : public StepBackend {
     out.aux_loss = r.aux_loss;
     return out;
   }
-  double clip_grad_norm(double max_norm) override { return opt_.clip_grad_norm(max_norm); }
+  double finish_gradients(double max_norm) override {
+    if (!ranks_.groups) return opt_.clip_grad_norm(max_norm);
+    RankGroups& g = *ranks_.groups;
+    auto& params = gm_->params();
+    // Every rank sums every parameter's gradient in the same order (a missing one is zero).
+    std::vector<Tensor> dense, experts;
+    for (size_t i = 0; i < params.size(); ++i) {
+      const bool shard = (*ranks_.sharded)[i];
+      dist::Communicator& group = shard ? *g.dev_edp : *g.dev_world;
+      if (group.size() > 1) group.all_reduce_sum(params.grad(i));
+      (shard ? experts : dense).push_back(params.grad(i));
+    }
+    // Dense gradients are now the same everywhere; expert shards' squares add up over the
+    // expert-parallel group (host F64 through gloo: one number).
+    const double d = cuda::global_grad_norm(dense), e = cuda::global_grad_norm(experts);
+    Tensor sq = Tensor::empty({1}, DType::F64);
+    sq.data<double>()[0] = e * e;
+    g.ep->all_reduce_sum(sq);
+    const double norm = std::sqrt(d * d + sq.data<double>()[0]);
+    if (max_norm > 0) {
+      const double coef = max_norm / (norm + 1e-6);  // torch.nn.utils.clip_grad_norm_'s rule
+      if (coef < 1.0) {
+        dense.insert(dense.end(), experts.begin(), experts.end());
+        cuda::scale_inplace(dense, static_cast<float>(coef));
+      }
+    }
+    return norm;
+  }
   void step(double lr) override { opt_.step(lr); }
   void sync_to_host() override {
     gm_->params().copy_to_host(model_.params());
@@ -52,8 +86,15 @@ class GpuBackend : public StepBackend {
   }
 
  private:
+  static gpu::GpuParallel parallel_of(const RankShare& r) {
+    if (!r.groups) return {};
+    MF_CHECK(r.groups->dev_ep && r.groups->dev_world && r.groups->dev_edp, "internal: a multi-GPU run without NCCL groups");
+    return {r.groups->dev_ep.get(), r.groups->world_group.get()};
+  }
+
   models::CausalLM& model_;
   AdamW& host_opt_;
+  RankShare ranks_;
   std::unique_ptr<gpu::GpuModel> gm_;
   gpu::DeviceAdamW opt_;
   gpu::Precision precision_;
@@ -61,9 +102,10 @@ class GpuBackend : public StepBackend {
 
 }  // namespace
 
-std::unique_ptr<StepBackend> make_gpu_backend(models::CausalLM& model, AdamW& opt, const std::string& precision) {
+std::unique_ptr<StepBackend> make_gpu_backend(models::CausalLM& model, AdamW& opt, const std::string& precision,
+                                              RankShare ranks) {
   MF_CHECK(cuda::available(), "device: cuda, but no CUDA device is available on this machine");
-  return std::make_unique<GpuBackend>(model, opt, gpu::parse_precision(precision, "recipe"));
+  return std::make_unique<GpuBackend>(model, opt, gpu::parse_precision(precision, "recipe"), ranks);
 }
 
 }  // namespace moeforge::train

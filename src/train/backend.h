@@ -7,6 +7,7 @@
 
 #include "models/causal_lm.h"
 #include "train/optimizer.h"
+#include "train/ranks.h"
 
 namespace moeforge::train {
 
@@ -16,19 +17,29 @@ class StepBackend {
   virtual void zero_grad() = 0;
   // One micro-batch; gradients accumulate.
   virtual models::TrainStepResult forward_backward(const models::ForwardInputs& in, const models::TrainStepOptions& o) = 0;
-  // The global gradient norm; gradients scaled to max_norm when above it (max_norm <= 0: no clipping).
-  virtual double clip_grad_norm(double max_norm) = 0;
+  // Ends the step's gradients: sums them over the ranks (when several share the run), returns
+  // the whole model's gradient norm and scales them to max_norm when above it (<= 0: no clipping).
+  virtual double finish_gradients(double max_norm) = 0;
   virtual void step(double lr) = 0;
   // Copies parameters and optimizer state into the host model and `AdamW` (a no-op on the CPU).
   virtual void sync_to_host() = 0;
   virtual std::string describe() const = 0;
 };
 
+// This rank's place in a multi-rank run: its groups, and which of `model`'s parameters are expert
+// shards (summed over the expert-data-parallel group, not the world). Null: one process.
+struct RankShare {
+  RankGroups* groups = nullptr;
+  const std::vector<bool>* sharded = nullptr;
+};
+
 // The CPU reference: the model and optimizer themselves.
-std::unique_ptr<StepBackend> make_cpu_backend(models::CausalLM& model, AdamW& opt);
+std::unique_ptr<StepBackend> make_cpu_backend(models::CausalLM& model, AdamW& opt, RankShare ranks = {});
 // One GPU under a precision policy ("fp32" | "bf16-mixed" | "bf16"): uploads the model's
-// parameters and `opt`'s state (so a resumed run continues from them). Defined in src/gpu; a build
-// without the CUDA backend throws.
-std::unique_ptr<StepBackend> make_gpu_backend(models::CausalLM& model, AdamW& opt, const std::string& precision);
+// parameters and `opt`'s state (so a resumed run continues from them). Under several ranks the
+// groups must have their device (NCCL) communicators. Defined in src/gpu; a build without the
+// CUDA backend throws.
+std::unique_ptr<StepBackend> make_gpu_backend(models::CausalLM& model, AdamW& opt, const std::string& precision,
+                                              RankShare ranks = {});
 
 }  // namespace moeforge::train

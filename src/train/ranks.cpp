@@ -40,13 +40,14 @@ double squared_norm(const Tensor& g) {
 }  // namespace
 
 std::unique_ptr<RankGroups> join_ranks(const dist::DistEnv& env, int64_t ep_size, int64_t experts,
-                                       const std::string& recipe_hash, const std::string& where) {
+                                       const std::string& recipe_hash, const std::string& where, bool gpus) {
   MF_CHECK(ep_size >= 1 && env.world_size % ep_size == 0, where, ": key 'ep_size': ", ep_size,
            " does not divide the world size ", env.world_size);
   MF_CHECK(experts % ep_size == 0, where, ": key 'ep_size': ", ep_size, " does not divide the model's ", experts,
            " experts");
-  MF_CHECK(dist::gloo_available(), where, ": a multi-rank run on the CPU needs gloo, and this moeforge was built without it "
-           "(install libgloo-dev: scripts/install-deps.sh)");
+  MF_CHECK(dist::gloo_available(), where, ": a multi-rank run needs gloo (host-side collectives), and this moeforge was "
+           "built without it (install libgloo-dev: scripts/install-deps.sh)");
+  MF_CHECK(!gpus || dist::nccl_available(), where, ": a multi-GPU run needs NCCL, and this moeforge was built without it");
   const auto timeout = dist_timeout();
   auto g = std::make_unique<RankGroups>();
   g->rank = env.rank;
@@ -59,6 +60,11 @@ std::unique_ptr<RankGroups> join_ranks(const dist::DistEnv& env, int64_t ep_size
   g->world_group = dist::connect_gloo(store, "world", env.rank, env.world_size, host, timeout);
   g->ep = dist::connect_gloo(store, "ep" + std::to_string(dp_index), ep_index, ep, host, timeout);
   g->edp = dist::connect_gloo(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, host, timeout);
+  if (gpus) {
+    g->dev_world = dist::connect_nccl(store, "world", env.rank, env.world_size, timeout);
+    g->dev_ep = dist::connect_nccl(store, "ep" + std::to_string(dp_index), ep_index, ep, timeout);
+    g->dev_edp = dist::connect_nccl(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, timeout);
+  }
   return g;
 }
 

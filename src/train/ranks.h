@@ -1,4 +1,4 @@
-// This process's place in a multi-rank training run (CPU, gloo): every rank joins rank 0's store
+// This process's place in a multi-rank training run (gloo between hosts' tensors, NCCL between GPUs'): every rank joins rank 0's store
 // with the hash of its resolved recipe (a rank that never joins, or runs another recipe, is named),
 // then the groups of the dp x ep mesh are connected: rank = dp_index * ep_size + ep_index; the
 // expert-parallel group shares one dp_index, the expert-data-parallel group one ep_index.
@@ -18,14 +18,17 @@ namespace moeforge::train {
 struct RankGroups {
   int rank = 0, world = 1, ep_size = 1;
   std::unique_ptr<dist::Rendezvous> rendezvous;  // kept: rank 0 serves the store until the end
-  std::unique_ptr<dist::Communicator> world_group, ep, edp;
+  std::unique_ptr<dist::Communicator> world_group, ep, edp;  // gloo, host tensors
+  // The same groups over NCCL for device tensors, when the run trains on GPUs (else null).
+  std::unique_ptr<dist::Communicator> dev_world, dev_ep, dev_edp;
   models::Parallel parallel() const { return {world_group.get(), ep.get()}; }
   bool is_main() const { return rank == 0; }
 };
 
 // `where`: the recipe file, for messages. Checks that ep_size divides the world and the experts.
+// `gpus`: also connect the NCCL groups (on the CUDA device already chosen for this rank).
 std::unique_ptr<RankGroups> join_ranks(const dist::DistEnv& env, int64_t ep_size, int64_t experts,
-                                       const std::string& recipe_hash, const std::string& where);
+                                       const std::string& recipe_hash, const std::string& where, bool gpus = false);
 
 // Sums the gradients the ranks computed: dense ones over the world, expert shards over the
 // expert-data-parallel group. Same order of collectives on every rank.

@@ -110,12 +110,16 @@ TrainResult run_training(const Recipe& r) {
   if (r.threads > 0) omp_set_num_threads(static_cast<int>(r.threads));
 #endif
   // Several ranks (launched by moeforge launch, torchrun or srun) split every micro-batch's rows
-  // and share out the experts (ep_size); CPU only for now.
+  // and share out the experts (ep_size), on the CPU (gloo) or one GPU each (NCCL).
   const dist::DistEnv denv = dist::dist_env();
   const bool multi = denv.world_size > 1;
   if (multi) {
-    MF_CHECK(r.device == "cpu", r.source, ": key 'device': ", r.device, " with ", denv.world_size,
-             " ranks; multi-rank training runs on the CPU only for now (the NCCL path is not built)");
+    if (r.device == "cuda") {
+      // One GPU per rank, by its place on this node, before anything touches a device.
+      MF_CHECK(cuda::device_count() >= denv.local_world_size, r.source, ": key 'device': cuda with ",
+               denv.local_world_size, " ranks on this node, but it has ", cuda::device_count(), " GPU(s)");
+      cuda::set_device(denv.local_rank);
+    }
     MF_CHECK(r.micro_batch % denv.world_size == 0, r.source, ": key 'micro_batch': ", r.micro_batch,
              " rows cannot be split evenly over ", denv.world_size, " ranks");
   } else {
@@ -165,7 +169,7 @@ TrainResult run_training(const Recipe& r) {
   const std::string recipe_hash = hash_text(recipe_text);
   // Every rank joins (with the same recipe) before rank 0 touches the output folder.
   std::unique_ptr<RankGroups> groups;
-  if (multi) groups = join_ranks(denv, r.ep_size, cfg.num_experts, recipe_hash, r.source);
+  if (multi) groups = join_ranks(denv, r.ep_size, cfg.num_experts, recipe_hash, r.source, r.device == "cuda");
   const bool main_rank = !groups || groups->is_main();
   std::string resume_from;
   if (main_rank) {
@@ -201,8 +205,9 @@ TrainResult run_training(const Recipe& r) {
   auto& model = multi ? *shards.model : *loaded.model;
   AdamW& opt = multi ? *shard_opt : full_opt;
   // After a resume has loaded the host state, so a GPU backend uploads what was restored.
-  std::unique_ptr<StepBackend> backend =
-      r.device == "cuda" ? make_gpu_backend(model, opt, r.precision) : make_cpu_backend(model, opt);
+  const RankShare share = multi ? RankShare{groups.get(), &shards.sharded} : RankShare{};
+  std::unique_ptr<StepBackend> backend = r.device == "cuda" ? make_gpu_backend(model, opt, r.precision, share)
+                                                            : make_cpu_backend(model, opt, share);
 
   const auto& ds = data.stats();
   std::ostringstream intro;
@@ -283,14 +288,8 @@ TrainResult run_training(const Recipe& r) {
       if (aux) aux_sum += res.aux_loss;
     }
     st.cursor += r.global_batch;
-    double grad_norm = 0;
-    if (multi) {
-      reduce_gradients(*groups, model.params(), shards.sharded);
-      ce = sum_over_world(*groups, ce);
-      grad_norm = clip_grad_norm_across(*groups, model.params(), shards.sharded, r.max_grad_norm);
-    } else {
-      grad_norm = backend->clip_grad_norm(r.max_grad_norm);
-    }
+    if (multi) ce = sum_over_world(*groups, ce);
+    const double grad_norm = backend->finish_gradients(r.max_grad_norm);
     const double lr = r.optimizer.lr * lr_multiplier(r.schedule, st.step, total_steps);
     backend->step(lr);
     ++st.step;

@@ -562,6 +562,26 @@ TEST_P(CudaOps, RoutingPermuteUnpermuteAndBackward) {
   EXPECT_THROW(cuda::plan_routing(cuda::to_device(Tensor::from_i64({0, 16}, {1, 2}), DType::I64), e), Error);
 }
 
+// The row gather of the expert-parallel exchange: repeats, skipped rows, reversed order; exact.
+TEST_P(CudaOps, GatherRowsMatchesAHostGather) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t r = 57, h = 40;
+  std::mt19937 g(17);
+  std::uniform_int_distribution<int64_t> pick(0, r - 1);
+  std::vector<int64_t> index(200);
+  for (auto& i : index) i = pick(g);
+  index[0] = r - 1;
+  Tensor x = randn({r, h}, 18), xr = rounded(x, dt);
+  Tensor want = Tensor::zeros({static_cast<int64_t>(index.size()), h}, DType::F32);
+  for (size_t i = 0; i < index.size(); ++i)
+    for (int64_t c = 0; c < h; ++c) want.f32()[i * h + c] = xr.f32()[index[i] * h + c];
+  Tensor idx = cuda::to_device(Tensor::from_i64(index, {static_cast<int64_t>(index.size())}), DType::I64);
+  expect_close(cuda::gather_rows(cuda::to_device(x, dt), idx), want, {0, 0}, "gather_rows");
+  Tensor none = cuda::to_device(Tensor::from_i64(std::vector<int64_t>{}, {0}), DType::I64);
+  EXPECT_EQ(cuda::gather_rows(cuda::to_device(x, dt), none).size(0), 0);
+}
+
 }  // namespace
 
 namespace {

@@ -139,9 +139,25 @@ bool available() {
 
 std::string device_name() {
   if (!available()) return "";
+  int dev = 0;
+  MF_CUDA_CHECK(cudaGetDevice(&dev));
   cudaDeviceProp p{};
-  MF_CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
+  MF_CUDA_CHECK(cudaGetDeviceProperties(&p, dev));
   return p.name;
+}
+
+int device_count() {
+  if (!available()) return 0;
+  int n = 0;
+  MF_CUDA_CHECK(cudaGetDeviceCount(&n));
+  return n;
+}
+
+void set_device(int index) {
+  const int n = device_count();
+  MF_CHECK(index >= 0 && index < n, "CUDA device ", index, " does not exist (this process sees ", n,
+           " device(s); check LOCAL_RANK and CUDA_VISIBLE_DEVICES)");
+  MF_CUDA_CHECK(cudaSetDevice(index));
 }
 
 AllocatorStats allocator_stats() { return allocator().stats(); }
@@ -160,7 +176,7 @@ Tensor empty(const Shape& shape, DType dtype, const char* what) {
   const size_t bytes = static_cast<size_t>(shape_numel(shape)) * dtype_size(dtype);
   void* ptr = allocator().allocate(bytes, current_stream(), what);
   std::shared_ptr<void> owner(ptr, [](void* p) { allocator().free(p); });
-  auto storage = Storage::wrap(ptr, bytes, owner, Device::cuda(0));
+  auto storage = Storage::wrap(ptr, bytes, owner, Device::cuda(0));  // index unused: one device per process
   return Tensor(storage, 0, shape, dtype);
 }
 

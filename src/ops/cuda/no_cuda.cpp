@@ -14,6 +14,8 @@ namespace {
 
 bool available() { return false; }
 std::string device_name() { return ""; }
+int device_count() { return 0; }
+void set_device(int) { unavailable(); }
 AllocatorStats allocator_stats() { return {}; }
 int64_t device_used_bytes() { return 0; }
 void reset_peak_stats() {}

@@ -121,6 +121,10 @@ void unpermute_tokens_backward(const Tensor& dy, const Tensor& yp, const Tensor&
                                Tensor& d_yp, Tensor& d_weights);
 // Backward of permute: dx[t] = sum_j d_xp[dest_row(t,j)].
 Tensor permute_tokens_backward(const Tensor& d_xp, const RoutingPlan& plan);
+// out[i] = in[index[i]] for rows: in [R,H], index device I64 [n] (values in [0, R)) -> out [n,H].
+// Reorders rows between the expert-parallel exchange's (source rank, expert) and (expert, source
+// rank) orders.
+Tensor gather_rows(const Tensor& in, const Tensor& index);
 
 }  // namespace moeforge::cuda
 

@@ -85,6 +85,12 @@ __global__ void permute_backward_kernel(const T* dxp, const int64_t* dest, T* dx
   }
 }
 
+template <typename T>
+__global__ void gather_rows_kernel(const T* in, const int64_t* index, T* out, int64_t n, int64_t h) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * h; i += (int64_t)gridDim.x * blockDim.x)
+    out[i] = in[index[i / h] * h + i % h];
+}
+
 // One block per (token, slot): d_yp row = w * dy row, and d_w = <dy, yp row>.
 template <typename T>
 __global__ void unpermute_backward_kernel(const T* dy, const T* yp, const float* w, const int64_t* dest, T* dyp,
@@ -198,6 +204,22 @@ Tensor permute_tokens_backward(const Tensor& d_xp, const RoutingPlan& p) {
   });
   MF_CUDA_CHECK_LAUNCH("permute backward");
   return dx;
+}
+
+Tensor gather_rows(const Tensor& in, const Tensor& index) {
+  require_float(in, "gather_rows");
+  MF_CHECK(in.dim() == 2, "gather_rows: expected [rows, H], got ", shape_str(in.shape()));
+  MF_CHECK(index.dtype() == DType::I64 && index.dim() == 1, "gather_rows: index must be I64 [n]");
+  const int64_t n = index.numel(), h = in.shape()[1];
+  Tensor out = empty({n, h}, in.dtype(), "gathered rows");
+  if (n * h == 0) return out;
+  dispatch_float(in.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    gather_rows_kernel<<<grid_stride_blocks(n * h), kGridStrideThreads, 0, current_stream()>>>(
+        in.data<T>(), index.data<int64_t>(), out.data<T>(), n, h);
+  });
+  MF_CUDA_CHECK_LAUNCH("gather rows");
+  return out;
 }
 
 }  // namespace moeforge::cuda

@@ -11,7 +11,11 @@ namespace moeforge::cuda {
 // True when this build has the CUDA backend and a device answers (false on a machine without a GPU
 // or driver, never an error).
 bool available();
-std::string device_name();  // "" when unavailable
+std::string device_name();  // "" when unavailable (else the current device's)
+// How many devices this process sees (0 without CUDA), and choosing the one every later call uses:
+// each rank of a multi-GPU run takes the device of its LOCAL_RANK before allocating anything.
+int device_count();
+void set_device(int index);
 
 struct AllocatorStats {
   int64_t allocated_bytes = 0;       // handed out now

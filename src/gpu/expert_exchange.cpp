@@ -1,0 +1,73 @@
+#include "gpu/expert_exchange.h"
+
+#include "core/error.h"
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::gpu {
+
+ExpertExchange::ExpertExchange(dist::Communicator& ep, const std::vector<int64_t>& offsets)
+    : ep_(&ep),
+      shard_(dist::ExpertShard::of(static_cast<int64_t>(offsets.size()) - 1, ep.rank(), ep.size())),
+      pairs_(offsets.back()) {
+  const int n = ep.size();
+  const int64_t experts = static_cast<int64_t>(offsets.size()) - 1, per = shard_.count;
+  std::vector<int64_t> send_counts(static_cast<size_t>(experts));
+  send_rows_.assign(n, 0);
+  for (int64_t e = 0; e < experts; ++e) {
+    send_counts[e] = offsets[e + 1] - offsets[e];
+    send_rows_[e / per] += send_counts[e];
+  }
+  // recv_counts[p * per + j]: the rows rank p sends for my local expert j.
+  const std::vector<int64_t> per_peer(n, per);
+  Tensor sc = cuda::to_device(Tensor::from_i64(send_counts, {experts, 1}), DType::I64);
+  Tensor rc = cuda::empty({experts, 1}, DType::I64, "expert counts received");
+  ep.all_to_all(sc, per_peer, rc, per_peer);
+  const Tensor host = cuda::to_host_f32(rc);
+  const int64_t* recv_counts = host.i64();
+  recv_rows_.assign(n, 0);
+  std::vector<int64_t> recv_start(static_cast<size_t>(experts));  // row of (p, j) in the received buffer
+  int64_t at = 0;
+  for (int p = 0; p < n; ++p)
+    for (int64_t j = 0; j < per; ++j) {
+      recv_start[p * per + j] = at;
+      at += recv_counts[p * per + j];
+      recv_rows_[p] += recv_counts[p * per + j];
+    }
+  local_offsets_.assign(per + 1, 0);
+  std::vector<int64_t> to_local, to_peer(static_cast<size_t>(at));
+  to_local.reserve(static_cast<size_t>(at));
+  for (int64_t j = 0; j < per; ++j) {
+    for (int p = 0; p < n; ++p)
+      for (int64_t r = 0; r < recv_counts[p * per + j]; ++r) {
+        to_peer[recv_start[p * per + j] + r] = static_cast<int64_t>(to_local.size());
+        to_local.push_back(recv_start[p * per + j] + r);
+      }
+    local_offsets_[j + 1] = static_cast<int64_t>(to_local.size());
+  }
+  if (n > 1) {
+    to_local_ = cuda::to_device(Tensor::from_i64(to_local, {at}), DType::I64);
+    to_peer_ = cuda::to_device(Tensor::from_i64(to_peer, {at}), DType::I64);
+  }
+}
+
+Tensor ExpertExchange::dispatch(const Tensor& permuted) const {
+  MF_CHECK(permuted.dim() == 2 && permuted.size(0) == pairs_, "expert dispatch: expected [", pairs_, ", H] rows, got ",
+           shape_str(permuted.shape()));
+  if (ep_->size() == 1) return permuted;  // one rank: local order is global order
+  Tensor recv = cuda::empty({local_offsets_.back(), permuted.size(1)}, permuted.dtype(), "rows received for my experts");
+  ep_->all_to_all(permuted, send_rows_, recv, recv_rows_);
+  return cuda::gather_rows(recv, to_local_);
+}
+
+Tensor ExpertExchange::combine(const Tensor& local) const {
+  MF_CHECK(local.dim() == 2 && local.size(0) == local_offsets_.back(), "expert combine: expected [",
+           local_offsets_.back(), ", H] rows, got ", shape_str(local.shape()));
+  if (ep_->size() == 1) return local;
+  Tensor send = cuda::gather_rows(local, to_peer_);
+  Tensor back = cuda::empty({pairs_, local.size(1)}, local.dtype(), "expert outputs returned");
+  ep_->all_to_all(send, recv_rows_, back, send_rows_);
+  return back;
+}
+
+}  // namespace moeforge::gpu
