@@ -1,6 +1,6 @@
 // Collectives between the ranks of a job (or of a group of them: the expert-parallel group, the
 // expert-data-parallel group), behind one interface: gloo over TCP for host tensors (the CPU
-// backend and CI), NCCL for device tensors (not yet used by training). Every call is
+// backend and CI), NCCL for device tensors (multi-GPU training and the multi-GPU bench). Every call is
 // collective: all ranks of the group make the same calls in the same order. A peer that dies or stops answering turns into an error that
 // names the collective and the group, within the group's timeout, never a hang.
 #pragma once
@@ -24,6 +24,11 @@ class Communicator {
 
   // In place: every rank ends with the elementwise sum over ranks.
   virtual void all_reduce_sum(Tensor& t) = 0;
+  // Several tensors summed in place, as one collective where the backend can (NCCL groups them
+  // into one launch); the same result as all_reduce_sum on each in turn.
+  virtual void all_reduce_sum_many(const std::vector<Tensor*>& ts) {
+    for (Tensor* t : ts) all_reduce_sum(*t);
+  }
   // `in` [size * n ...] on every rank -> `out` [n ...]: rank r gets the sum over ranks of block r.
   virtual void reduce_scatter_sum(const Tensor& in, Tensor& out) = 0;
   // `in` [n ...] -> `out` [size * n ...], blocks in rank order.

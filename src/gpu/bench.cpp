@@ -72,10 +72,10 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   // Sums gradients over the ranks holding copies of them (nothing on one GPU).
   auto sum_grads = [&](const std::vector<size_t>& idx) {
     if (!groups) return;
-    for (size_t i : idx) {
-      dist::Communicator& c = sharded[i] ? *groups->dev_edp : *groups->dev_world;
-      if (c.size() > 1) c.all_reduce_sum(gm->params().grad(i));
-    }
+    std::vector<Tensor*> dense, experts;
+    for (size_t i : idx) (sharded[i] ? experts : dense).push_back(&gm->params().grad(i));
+    if (groups->dev_world->size() > 1 && !dense.empty()) groups->dev_world->all_reduce_sum_many(dense);
+    if (groups->dev_edp->size() > 1 && !experts.empty()) groups->dev_edp->all_reduce_sum_many(experts);
   };
   std::vector<size_t> every(gm->params().size());
   for (size_t i = 0; i < every.size(); ++i) every[i] = i;

@@ -45,9 +45,11 @@ ExpertExchange::ExpertExchange(dist::Communicator& ep, const std::vector<int64_t
       }
     local_offsets_[j + 1] = static_cast<int64_t>(to_local.size());
   }
-  if (n > 1) {
-    to_local_ = cuda::to_device(Tensor::from_i64(to_local, {at}), DType::I64);
-    to_peer_ = cuda::to_device(Tensor::from_i64(to_peer, {at}), DType::I64);
+  if (n > 1) {  // one upload for both index vectors
+    to_local.insert(to_local.end(), to_peer.begin(), to_peer.end());
+    Tensor both = cuda::to_device(Tensor::from_i64(to_local, {2 * at}), DType::I64);
+    to_local_ = both.slice0(0, at);
+    to_peer_ = both.slice0(at, at);
   }
 }
 

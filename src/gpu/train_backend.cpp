@@ -50,12 +50,14 @@ class GpuBackend : public StepBackend {
     auto& params = gm_->params();
     // Every rank sums every parameter's gradient in the same order (a missing one is zero).
     std::vector<Tensor> dense, experts;
+    std::vector<Tensor*> dense_grads, expert_grads;
     for (size_t i = 0; i < params.size(); ++i) {
       const bool shard = (*ranks_.sharded)[i];
-      dist::Communicator& group = shard ? *g.dev_edp : *g.dev_world;
-      if (group.size() > 1) group.all_reduce_sum(params.grad(i));
+      (shard ? expert_grads : dense_grads).push_back(&params.grad(i));
       (shard ? experts : dense).push_back(params.grad(i));
     }
+    if (g.dev_world->size() > 1) g.dev_world->all_reduce_sum_many(dense_grads);
+    if (g.dev_edp->size() > 1) g.dev_edp->all_reduce_sum_many(expert_grads);
     // Dense gradients are now the same everywhere; expert shards' squares add up over the
     // expert-parallel group (host F64 through gloo: one number).
     const double d = cuda::global_grad_norm(dense), e = cuda::global_grad_norm(experts);

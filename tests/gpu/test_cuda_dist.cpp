@@ -46,6 +46,10 @@ TEST(NcclCommunicator, OneRankGroupRunsEveryCollective) {
   Tensor a = cuda::to_device(Tensor::from_vector(v, {3, 2}), DType::F32);
   c->all_reduce_sum(a);
   EXPECT_EQ(host(a), v);
+  Tensor b16 = cuda::to_device(Tensor::from_vector(v, {6}), DType::BF16);
+  c->all_reduce_sum_many({&a, &b16});
+  EXPECT_EQ(host(a), v);
+  EXPECT_EQ(host(b16), v);
   Tensor out = cuda::empty({3, 2}, DType::F32);
   cuda::poison(out);
   c->all_gather(a, out);

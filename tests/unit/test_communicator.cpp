@@ -62,6 +62,12 @@ TEST_P(Collectives, EveryCollectiveMatchesItsDefinition) {
     c.all_reduce_sum(ti);
     EXPECT_EQ(ti.i64()[0], n * (n + 1) / 2);
     EXPECT_EQ(ti.i64()[1], 10 * n * (n + 1) / 2);
+    // all_reduce_sum_many: each tensor as all_reduce_sum would leave it (mixed dtypes and sizes).
+    Tensor m1 = Tensor::from_vector({static_cast<float>(r), 1.f, 2.f}, {3}), m2 = Tensor::from_i64({r}, {1});
+    c.all_reduce_sum_many({&m1, &m2});
+    EXPECT_EQ(m1.f32()[0], static_cast<float>(n * (n - 1) / 2));
+    EXPECT_EQ(m1.f32()[2], 2.f * n);
+    EXPECT_EQ(m2.i64()[0], n * (n - 1) / 2);
     // reduce_scatter: block q of rank p is tag(p, q, i); rank r gets sum_p tag(p, r, i).
     Tensor rs_in = Tensor::empty({n * len}, DType::F32), rs_out = Tensor::empty({len}, DType::F32);
     for (int q = 0; q < n; ++q)
