@@ -9,6 +9,25 @@
 
 namespace moeforge::dist {
 
+Block block_of(int64_t n, int rank, int ranks) {
+  MF_CHECK(ranks >= 1 && rank >= 0 && rank < ranks, "block_of: rank ", rank, " of ", ranks);
+  const int64_t chunk = (n + ranks - 1) / ranks;
+  const int64_t first = std::min(n, rank * chunk);
+  return {first, std::min(n, first + chunk) - first};
+}
+
+void Communicator::all_gather_blocks(const std::vector<Tensor>& ts) {
+  for (const Tensor& t : ts) {
+    Tensor flat = t.view({t.numel()});
+    for (int p = 0; p < size(); ++p) {
+      const Block b = block_of(t.numel(), p, size());
+      if (b.count == 0) continue;
+      Tensor part = flat.slice0(b.first, b.count);
+      broadcast(part, p);
+    }
+  }
+}
+
 void check_blocks(const Communicator& c, const char* op, const Tensor& whole, const Tensor& block) {
   MF_CHECK(whole.dtype() == block.dtype() && whole.numel() == block.numel() * c.size(), op, " on group '", c.name(),
            "': ", shape_str(whole.shape()), " must hold ", c.size(), " blocks of ", shape_str(block.shape()));

@@ -40,8 +40,20 @@ class Communicator {
                           const std::vector<int64_t>& recv_rows) = 0;
   // In place: `t` takes root's value on every rank.
   virtual void broadcast(Tensor& t, int root) = 0;
+  // In place (the handles share their storage with the caller's tensors), for each tensor: rank p's block of its flat elements (block_of(numel, p, size()))
+  // goes to every rank, so each ends with every rank's block (an all-gather of uneven blocks that
+  // live inside the tensors themselves: the sharded optimizer's updated slices). NCCL does it as
+  // one group of broadcasts; the default broadcasts block by block.
+  virtual void all_gather_blocks(const std::vector<Tensor>& ts);
   virtual void barrier() = 0;
 };
+
+// Rank `rank`'s block of `n` elements split over `ranks`: ceil(n / ranks) each, the last ones
+// shorter or empty. [first, first + count).
+struct Block {
+  int64_t first = 0, count = 0;
+};
+Block block_of(int64_t n, int rank, int ranks);
 
 // What each rank will send me, from what I send each rank (an all-to-all of one count per pair).
 std::vector<int64_t> exchange_counts(Communicator& comm, const std::vector<int64_t>& send_counts);

@@ -1,19 +1,58 @@
 #include "gpu/adamw.h"
 
+#include "core/error.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
 
 namespace moeforge::gpu {
 
-DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts) : params_(params), opts_(opts) {
+namespace {
+
+// The flat elements [b.first, b.first + b.count) of a device tensor, as a 1-D view.
+Tensor flat_block(const Tensor& t, dist::Block b) { return t.view({t.numel()}).slice0(b.first, b.count); }
+
+}  // namespace
+
+DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, OptimizerSharding sharding)
+    : params_(params), opts_(opts), sharding_(std::move(sharding)) {
+  const bool sharded = sharding_.group && sharding_.group->size() > 1;
+  MF_CHECK(!sharded || sharding_.replicated.size() == params.size(), "internal: optimizer sharding for ",
+           sharding_.replicated.size(), " of ", params.size(), " parameters");
   const DType mdt = params.precision() == Precision::BF16 ? DType::BF16 : DType::F32;
   for (size_t i = 0; i < params.size(); ++i) {
-    const Shape& s = params.value(i).shape();
+    split_.push_back(sharded && sharding_.replicated[i]);
+    const Shape s = split_[i] ? Shape{block(i).count} : params.value(i).shape();
     exp_avg_.push_back(cuda::empty(s, mdt, "AdamW exp_avg"));
     exp_avg_sq_.push_back(cuda::empty(s, mdt, "AdamW exp_avg_sq"));
     cuda::zero(exp_avg_.back());
     cuda::zero(exp_avg_sq_.back());
   }
+}
+
+dist::Block DeviceAdamW::block(size_t i) const {
+  return dist::block_of(params_.value(i).numel(), sharding_.group->rank(), sharding_.group->size());
+}
+
+Tensor DeviceAdamW::moment_host(const Tensor& m, size_t i) {
+  const Shape& shape = params_.value(i).shape();
+  if (!split_[i]) return cuda::to_host_f32(m).view(shape);
+  Tensor whole = cuda::empty(shape, m.dtype(), "gathered AdamW moment");
+  cuda::zero(whole);
+  Tensor mine = flat_block(whole, block(i));
+  if (mine.numel() > 0) cuda::convert(m, mine);
+  sharding_.group->all_gather_blocks({whole});
+  return cuda::to_host_f32(whole).view(shape);
+}
+
+void DeviceAdamW::load_moments(size_t i, const Tensor& exp_avg, const Tensor& exp_avg_sq) {
+  const auto upload = [&](const Tensor& host, Tensor& dst) {
+    MF_CHECK(host.numel() == params_.value(i).numel(), "internal: AdamW moment of ", host.numel(), " elements for a ",
+             params_.value(i).numel(), "-element parameter");
+    Tensor part = split_[i] ? host.view({host.numel()}).slice0(block(i).first, block(i).count).clone() : host;
+    dst = cuda::to_device(part, dst.dtype()).view(dst.shape());
+  };
+  upload(exp_avg, exp_avg_.at(i));
+  upload(exp_avg_sq, exp_avg_sq_.at(i));
 }
 
 double DeviceAdamW::clip_grad_norm(double max_norm) {
@@ -42,6 +81,7 @@ void DeviceAdamW::begin_step(double lr) {
 
 void DeviceAdamW::update(const std::vector<size_t>& indices) {
   std::vector<cuda::AdamWTensors> ts;
+  std::vector<Tensor> exchange;  // split parameters: every rank's updated block goes to all
   for (size_t i : indices) {
     const bool decay = opts_.decay_norms_and_biases || params_.decay(i);
     cuda::AdamWTensors t;
@@ -51,9 +91,18 @@ void DeviceAdamW::update(const std::vector<size_t>& indices) {
     t.exp_avg_sq = exp_avg_sq_[i];
     t.weight_decay_mul = static_cast<float>(1.0 - lr_ * (decay ? opts_.weight_decay : 0.0));
     if (params_.has_masters()) t.param_bf16_copy = params_.value(i);
-    ts.push_back(std::move(t));
+    if (split_[i]) {
+      const dist::Block b = block(i);
+      t.param = flat_block(t.param, b);
+      t.grad = flat_block(t.grad, b);
+      if (t.param_bf16_copy.defined()) t.param_bf16_copy = flat_block(t.param_bf16_copy, b);
+      exchange.push_back(params_.master(i));
+      if (params_.has_masters()) exchange.push_back(params_.value(i));
+    }
+    if (t.param.numel() > 0) ts.push_back(std::move(t));
   }
   cuda::adamw_multi_tensor(ts, scalars_);
+  if (!exchange.empty()) sharding_.group->all_gather_blocks(exchange);
 }
 
 int64_t DeviceAdamW::bytes() const {

@@ -2,17 +2,30 @@
 // AdamW keeps them on a BF16 model; F32 otherwise), and a step is one multi-tensor launch with the
 // CPU optimizer's per-element arithmetic (ops/adamw_math.h). Under bf16-mixed the F32 masters are
 // updated and the BF16 compute copies refreshed in the same pass.
+//
+// ZeRO-1 under several ranks: the moments of parameters that every rank of a group holds a copy of
+// (dense weights; their gradients already summed over the group) are split over the group, each
+// rank keeping and updating only its block of each one (dist::block_of over the flat elements); the
+// updated blocks are then exchanged in place (Communicator::all_gather_blocks), so every copy
+// again holds the same values. The same update as the unsharded optimizer, element for element.
 #pragma once
 #include <vector>
 
+#include "dist/communicator.h"
 #include "gpu/device_params.h"
 #include "train/optimizer.h"
 
 namespace moeforge::gpu {
 
+// Which parameters' optimizer state is split, and over which device group.
+struct OptimizerSharding {
+  dist::Communicator* group = nullptr;  // null or one rank: nothing is split
+  std::vector<bool> replicated;         // per parameter: every rank of `group` holds a copy of it
+};
+
 class DeviceAdamW {
  public:
-  DeviceAdamW(DeviceParams& params, train::AdamWOptions opts);
+  DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, OptimizerSharding sharding = {});
   // The global gradient norm, and the gradients scaled to max_norm when above it (max_norm <= 0:
   // the norm only). torch.nn.utils.clip_grad_norm_'s rule, as train::clip_grad_norm.
   double clip_grad_norm(double max_norm);
@@ -23,16 +36,25 @@ class DeviceAdamW {
   void begin_step(double lr);
   void update(const std::vector<size_t>& indices);
   int64_t steps() const { return step_; }
-  // Parameter i's moments on the device and the step count (checkpoints move them to the host).
-  Tensor& exp_avg(size_t i) { return exp_avg_.at(i); }
-  Tensor& exp_avg_sq(size_t i) { return exp_avg_sq_.at(i); }
+  // Parameter i's whole moments, F32 on the host (gathered from every rank's block when split: a
+  // collective then, every rank of the group calls it for the same i), and setting them from the
+  // whole host moments (each rank keeps its block). Checkpoints and resumes go through these.
+  Tensor exp_avg_host(size_t i) { return moment_host(exp_avg_.at(i), i); }
+  Tensor exp_avg_sq_host(size_t i) { return moment_host(exp_avg_sq_.at(i), i); }
+  void load_moments(size_t i, const Tensor& exp_avg, const Tensor& exp_avg_sq);
   void set_steps(int64_t steps) { step_ = steps; }
-  int64_t bytes() const;
+  bool split(size_t i) const { return split_.at(i); }
+  int64_t bytes() const;  // device bytes of the moments this rank holds
 
  private:
+  Tensor moment_host(const Tensor& m, size_t i);
+  dist::Block block(size_t i) const;
+
   DeviceParams& params_;
   train::AdamWOptions opts_;
-  std::vector<Tensor> exp_avg_, exp_avg_sq_;
+  OptimizerSharding sharding_;
+  std::vector<bool> split_;
+  std::vector<Tensor> exp_avg_, exp_avg_sq_;  // the block of a split parameter, else the whole
   int64_t step_ = 0;
   double lr_ = 0;
   ops::AdamWScalars scalars_{};

@@ -82,7 +82,11 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   train::AdamWOptions ao;
   ao.lr = o.lr;
   ao.weight_decay = o.weight_decay;
-  DeviceAdamW opt(gm->params(), ao);
+  // ZeRO-1 over the ranks: each keeps the AdamW moments of its block of every dense parameter.
+  OptimizerSharding zero;
+  if (groups) zero = {groups->dev_world.get(), std::vector<bool>(sharded.size())};
+  for (size_t i = 0; groups && i < sharded.size(); ++i) zero.replicated[i] = !sharded[i];
+  DeviceAdamW opt(gm->params(), ao, zero);
   cuda::synchronize();
 
   std::mt19937_64 rng(o.seed + static_cast<uint64_t>(env.rank));

@@ -22,13 +22,10 @@ class GpuBackend : public StepBackend {
         host_opt_(host_opt),
         ranks_(ranks),
         gm_(gpu::make_gpu_model(model, gpu::DeviceParams(model.params(), p), parallel_of(ranks))),
-        opt_(gm_->params(), host_opt.options()),
+        opt_(gm_->params(), host_opt.options(), sharding_of(ranks)),
         precision_(p) {
     // A resumed run: continue from the host optimizer's state.
-    for (size_t i = 0; i < gm_->params().size(); ++i) {
-      opt_.exp_avg(i) = cuda::to_device(host_opt.exp_avg(i), opt_.exp_avg(i).dtype());
-      opt_.exp_avg_sq(i) = cuda::to_device(host_opt.exp_avg_sq(i), opt_.exp_avg_sq(i).dtype());
-    }
+    for (size_t i = 0; i < gm_->params().size(); ++i) opt_.load_moments(i, host_opt.exp_avg(i), host_opt.exp_avg_sq(i));
     opt_.set_steps(host_opt.steps());
   }
   void zero_grad() override { gm_->params().zero_grad(); }
@@ -77,9 +74,9 @@ class GpuBackend : public StepBackend {
   void step(double lr) override { opt_.step(lr); }
   void sync_to_host() override {
     gm_->params().copy_to_host(model_.params());
-    for (size_t i = 0; i < gm_->params().size(); ++i) {
-      host_opt_.exp_avg(i) = cuda::to_host_f32(opt_.exp_avg(i)).view(host_opt_.exp_avg(i).shape());
-      host_opt_.exp_avg_sq(i) = cuda::to_host_f32(opt_.exp_avg_sq(i)).view(host_opt_.exp_avg_sq(i).shape());
+    for (size_t i = 0; i < gm_->params().size(); ++i) {  // collectives for split moments: same order on every rank
+      host_opt_.exp_avg(i) = opt_.exp_avg_host(i);
+      host_opt_.exp_avg_sq(i) = opt_.exp_avg_sq_host(i);
     }
     host_opt_.set_steps(opt_.steps());
   }
@@ -88,6 +85,14 @@ class GpuBackend : public StepBackend {
   }
 
  private:
+  // ZeRO-1: the moments of the dense (replicated) parameters split over all ranks.
+  static gpu::OptimizerSharding sharding_of(const RankShare& r) {
+    if (!r.groups) return {};
+    gpu::OptimizerSharding s{r.groups->dev_world.get(), {}};
+    for (bool expert : *r.sharded) s.replicated.push_back(!expert);
+    return s;
+  }
+
   static gpu::GpuParallel parallel_of(const RankShare& r) {
     if (!r.groups) return {};
     MF_CHECK(r.groups->dev_ep && r.groups->dev_world && r.groups->dev_edp, "internal: a multi-GPU run without NCCL groups");

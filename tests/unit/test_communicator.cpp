@@ -68,6 +68,16 @@ TEST_P(Collectives, EveryCollectiveMatchesItsDefinition) {
     EXPECT_EQ(m1.f32()[0], static_cast<float>(n * (n - 1) / 2));
     EXPECT_EQ(m1.f32()[2], 2.f * n);
     EXPECT_EQ(m2.i64()[0], n * (n - 1) / 2);
+    // all_gather_blocks: element e of a 10-element tensor is written by the rank whose block holds
+    // it (the others start with garbage there) and ends the same everywhere.
+    Tensor gb = Tensor::from_vector(std::vector<float>(10, -1.f), {2, 5});
+    const dist::Block mine = dist::block_of(10, r, n);
+    for (int64_t e = mine.first; e < mine.first + mine.count; ++e) gb.f32()[e] = 100.f * r + e;
+    c.all_gather_blocks({gb});
+    for (int p = 0; p < n; ++p) {
+      const dist::Block b = dist::block_of(10, p, n);
+      for (int64_t e = b.first; e < b.first + b.count; ++e) EXPECT_EQ(gb.f32()[e], 100.f * p + e) << "rank " << r;
+    }
     // reduce_scatter: block q of rank p is tag(p, q, i); rank r gets sum_p tag(p, r, i).
     Tensor rs_in = Tensor::empty({n * len}, DType::F32), rs_out = Tensor::empty({len}, DType::F32);
     for (int q = 0; q < n; ++q)
@@ -174,6 +184,22 @@ TEST(Communicator, AMemberThatNeverConnectsIsNamed) {
   const std::string err = test::error_of([&] { dist::connect_gloo(client, "world", 0, 2, "127.0.0.1", 1s); });
   EXPECT_NE(err.find("gloo group 'world'"), std::string::npos) << err;
   EXPECT_NE(err.find("never connected"), std::string::npos) << err;
+}
+
+TEST(Communicator, BlocksCoverEveryElementOnce) {
+  for (int64_t n : {0, 1, 7, 10, 64}) {
+    for (int ranks : {1, 2, 3, 4, 8}) {
+      int64_t next = 0;
+      for (int r = 0; r < ranks; ++r) {
+        const dist::Block b = dist::block_of(n, r, ranks);
+        EXPECT_EQ(b.first, next) << n << " over " << ranks;
+        EXPECT_GE(b.count, 0);
+        EXPECT_LE(b.count, (n + ranks - 1) / ranks);
+        next = b.first + b.count;
+      }
+      EXPECT_EQ(next, n) << n << " over " << ranks;
+    }
+  }
 }
 
 TEST(Communicator, TheOneRankGroupCopies) {

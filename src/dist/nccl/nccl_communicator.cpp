@@ -143,6 +143,22 @@ class NcclCommunicator final : public Communicator {
                                       cuda::current_stream()));
   }
 
+  void all_gather_blocks(const std::vector<Tensor>& ts) override {
+    ncclResult_t res = ncclGroupStart();
+    for (const Tensor& t : ts) {
+      const size_t es = dtype_size(t.dtype());
+      char* base = static_cast<char*>(t.raw());
+      for (int p = 0; p < size_ && res == ncclSuccess; ++p) {
+        const Block b = block_of(t.numel(), p, size_);
+        if (b.count == 0) continue;
+        char* at = base + b.first * es;
+        res = ncclBroadcast(at, at, static_cast<size_t>(b.count) * es, ncclUint8, p, comm_, cuda::current_stream());
+      }
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    launch("all_gather_blocks", res != ncclSuccess ? res : end);
+  }
+
   void barrier() override {
     launch("barrier", ncclAllReduce(barrier_buf_.raw(), barrier_buf_.raw(), 1, ncclFloat32, ncclSum, comm_,
                                     cuda::current_stream()));
