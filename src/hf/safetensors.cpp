@@ -261,19 +261,26 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
   out.commit();
 }
 
-std::vector<std::string> save_sharded(const std::string& dir, const NamedTensors& tensors, uint64_t max_shard_bytes) {
-  std::vector<NamedTensors> shards(1);
-  uint64_t in_shard = 0, total = 0;
+std::vector<NamedTensors> split_into_shards(const NamedTensors& tensors, uint64_t max_shard_bytes) {
+  std::vector<NamedTensors> shards;
+  uint64_t in_shard = 0;
   for (const auto& nt : tensors) {
     const uint64_t b = nt.second.nbytes();
-    if (!shards.back().empty() && in_shard + b > max_shard_bytes) {
+    if (shards.empty() || (!shards.back().empty() && in_shard + b > max_shard_bytes)) {
       shards.emplace_back();
       in_shard = 0;
     }
     shards.back().push_back(nt);
     in_shard += b;
-    total += b;
   }
+  return shards;
+}
+
+std::vector<std::string> save_sharded(const std::string& dir, const NamedTensors& tensors, uint64_t max_shard_bytes) {
+  std::vector<NamedTensors> shards = split_into_shards(tensors, max_shard_bytes);
+  if (shards.empty()) shards.emplace_back();
+  uint64_t total = 0;
+  for (const auto& nt : tensors) total += nt.second.nbytes();
   std::vector<std::string> written;
   if (shards.size() == 1) {
     save_safetensors((fs::path(dir) / "model.safetensors").string(), shards[0]);

@@ -79,6 +79,9 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
 std::vector<std::string> save_sharded(const std::string& dir, const NamedTensors& tensors,
                                       uint64_t max_shard_bytes);
 
+// save_sharded's grouping: tensors in order, a new shard whenever the next would pass the limit.
+std::vector<NamedTensors> split_into_shards(const NamedTensors& tensors, uint64_t max_shard_bytes);
+
 // "5GB", "500MB", "24KB", "1GiB", or a plain byte count.
 uint64_t parse_size(const std::string& text);
 

@@ -42,6 +42,12 @@ void StateDictAdapter::add_expert_group(ExpertGroup g) {
   groups_.push_back(std::move(g));
 }
 
+bool StateDictAdapter::in_expert_group(const std::string& name) const {
+  for (const auto& g : groups_)
+    if (name.compare(0, g.prefix.size(), g.prefix) == 0) return true;
+  return false;
+}
+
 const ExpertGroup* StateDictAdapter::group_of(const std::string& internal) const {
   auto it = group_index_.find(internal);
   return it == group_index_.end() ? nullptr : &groups_[it->second];
@@ -49,6 +55,7 @@ const ExpertGroup* StateDictAdapter::group_of(const std::string& internal) const
 
 LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamStore& params, DType compute) {
   LoadReport report;
+  bool sliced = false;  // this model holds only some of the experts
   std::set<std::string> used;
   auto need = [&](const std::string& name) {
     MF_CHECK(ckpt.contains(name), ckpt.dir(), ": missing tensor '", name, "'");
@@ -66,19 +73,27 @@ LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamSt
       continue;
     }
     const bool is_gate_up = p.name == g->gate_up;
+    const int64_t here = p.shape[0];  // experts this model holds: [g->first, g->first + here)
+    sliced = sliced || here < g->experts;
+    MF_CHECK(g->first >= 0 && g->first + here <= g->experts, "internal: expert slice [", g->first, ", ",
+             g->first + here, ") of ", g->experts);
     p.value = Tensor::empty(p.shape, compute);
     if (ckpt.contains(p.name)) {  // fused layout, stored as Transformers 5 holds it
       ++report.tensors_expected;
       need(p.name);
-      check_shape(ckpt, p.name, p.shape);
-      p.value = ckpt.get(p.name).to(compute);
+      Shape whole = p.shape;
+      whole[0] = g->experts;
+      check_shape(ckpt, p.name, whole);
+      const Tensor all = ckpt.get(p.name);
+      p.value = (here == g->experts ? all : all.slice0(g->first, here)).to(compute);
       fused_loaded_.insert(g->prefix);
       continue;
     }
     MF_CHECK(!fused_loaded_.count(g->prefix), ckpt.dir(), ": expert group '", g->prefix,
              "' mixes the fused and the per-expert layout");
     const int64_t rows = p.shape[1], cols = p.shape[2];
-    for (int64_t e = 0; e < g->experts; ++e) {
+    for (int64_t local = 0; local < here; ++local) {
+      const int64_t e = g->first + local;
       const std::string pre = g->prefix + std::to_string(e) + ".";
       if (is_gate_up) {
         const int64_t inter = rows / 2;
@@ -87,19 +102,20 @@ LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamSt
           ++report.tensors_expected;
           need(n);
           check_shape(ckpt, n, {inter, cols});
-          copy_into_expert(p.value, e, half * inter, ckpt.get(n));
+          copy_into_expert(p.value, local, half * inter, ckpt.get(n));
         }
       } else {
         const std::string n = pre + g->down_suffix;
         ++report.tensors_expected;
         need(n);
         check_shape(ckpt, n, {rows, cols});
-        copy_into_expert(p.value, e, 0, ckpt.get(n));
+        copy_into_expert(p.value, local, 0, ckpt.get(n));
       }
     }
   }
   for (const auto& n : ckpt.names()) {
     if (used.count(n)) continue;
+    if (sliced && in_expert_group(n)) continue;  // experts another rank holds
     if (ignored_.count(n)) {
       source_dtype_[n] = ckpt.entry(n).dtype;
       continue;
@@ -123,19 +139,21 @@ NamedTensors StateDictAdapter::export_tensors(const nn::ParamStore& params, std:
     MF_CHECK(p.value.defined(), "parameter '", p.name, "' has no value to save");
     const ExpertGroup* g = group_of(p.name);
     if (!g || fused_loaded_.count(g->prefix)) {
+      MF_CHECK(!g || p.shape[0] == g->experts, "internal: exporting ", p.shape[0], " of ", g ? g->experts : 0,
+               " experts of '", p.name, "' in the fused layout (one tensor cannot be split over files)");
       out.emplace_back(p.name, p.value.to(dtype_for(p.name, p.value)));
       continue;
     }
     const int64_t rows = p.shape[1];
-    for (int64_t e = 0; e < g->experts; ++e) {
-      const std::string pre = g->prefix + std::to_string(e) + ".";
+    for (int64_t local = 0; local < p.shape[0]; ++local) {
+      const std::string pre = g->prefix + std::to_string(g->first + local) + ".";
       if (p.name == g->gate_up) {
         const std::string gn = pre + g->gate_suffix, un = pre + g->up_suffix;
-        out.emplace_back(gn, expert_rows(p.value, e, 0, rows / 2, dtype_for(gn, p.value)));
-        out.emplace_back(un, expert_rows(p.value, e, rows / 2, rows / 2, dtype_for(un, p.value)));
+        out.emplace_back(gn, expert_rows(p.value, local, 0, rows / 2, dtype_for(gn, p.value)));
+        out.emplace_back(un, expert_rows(p.value, local, rows / 2, rows / 2, dtype_for(un, p.value)));
       } else {
         const std::string dn = pre + g->down_suffix;
-        out.emplace_back(dn, expert_rows(p.value, e, 0, rows, dtype_for(dn, p.value)));
+        out.emplace_back(dn, expert_rows(p.value, local, 0, rows, dtype_for(dn, p.value)));
       }
     }
   }

@@ -3,6 +3,7 @@
 // projection (`...experts.{e}.gate_proj.weight`), Transformers 5 in memory (and some checkpoints)
 // a fused `...experts.gate_up_proj` [E, 2I, H] and `...experts.down_proj` [E, H, I]. Loading
 // accepts either per group and remembers which; saving writes the layout and dtypes it loaded.
+// A model that holds a slice of the experts (expert parallelism) loads and exports that slice.
 #pragma once
 #include <map>
 #include <set>
@@ -18,7 +19,10 @@ struct ExpertGroup {
   std::string prefix;        // "model.layers.3.mlp.experts."
   std::string gate_up, down;  // internal names of the fused tensors
   std::string gate_suffix = "gate_proj.weight", up_suffix = "up_proj.weight", down_suffix = "down_proj.weight";
-  int64_t experts = 0;
+  int64_t experts = 0;  // in the whole model
+  // Under expert parallelism the fused tensors hold experts [first, first + their first dimension)
+  // of the model's; loading reads those experts only, and export names them by their model index.
+  int64_t first = 0;
 };
 
 struct LoadReport {
@@ -41,8 +45,20 @@ class StateDictAdapter {
   // The names a hub-layout checkpoint of this model holds, with shapes (for `inspect`).
   std::vector<std::pair<std::string, Shape>> expected_hub_tensors(const nn::ParamStore& params) const;
 
- private:
+  // The expert group an internal parameter belongs to (null for every other parameter).
   const ExpertGroup* group_of(const std::string& internal) const;
+  // Whether a checkpoint tensor name belongs to an expert group (per-expert or fused).
+  bool in_expert_group(const std::string& name) const;
+  // Whether any expert group was loaded in the fused layout (export then writes fused tensors).
+  bool any_fused() const { return !fused_loaded_.empty(); }
+  // Takes the layout and dtypes another adapter of the same architecture loaded (a whole-model copy
+  // of an expert-parallel model, written in the layout its shards were read from).
+  void adopt_layout(const StateDictAdapter& other) {
+    fused_loaded_ = other.fused_loaded_;
+    source_dtype_ = other.source_dtype_;
+  }
+
+ private:
   std::vector<ExpertGroup> groups_;
   std::map<std::string, size_t> group_index_;  // internal fused name -> group
   std::set<std::string> ignored_;

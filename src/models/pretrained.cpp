@@ -13,12 +13,12 @@ namespace moeforge::models {
 
 namespace fs = std::filesystem;
 
-LoadedModel from_pretrained(const std::string& dir, const LoadOptions& opts) {
+LoadedModel from_pretrained(const std::string& dir, const LoadOptions& opts, const Parallel& par) {
   MF_CHECK(fs::is_directory(dir), dir, ": model folder does not exist");
   hf::ModelConfig cfg = hf::load_config(dir);
   LoadedModel out;
   out.source_dir = dir;
-  out.model = build_model(cfg);
+  out.model = build_model(cfg, par);
   auto ckpt = hf::SafetensorsCheckpoint::open(dir);
   out.report = out.model->adapter().load(ckpt, out.model->params(), opts.compute_dtype);
   return out;
@@ -32,38 +32,42 @@ const char* kCompanionFiles[] = {"generation_config.json", "tokenizer.json",    
                                  "added_tokens.json"};
 }  // namespace
 
-void write_pretrained_files(const CausalLM& model, const std::string& source_dir, const std::string& dir,
-                            const SaveOptions& opts) {
+void write_config_and_companions(const CausalLM& model, const std::string& source_dir, const std::string& dir) {
   const fs::path tmp(dir);
   hf::save_config(model.config(), (tmp / "config.json").string());
-  const auto tensors = model.adapter().export_tensors(model.params(), model.config().dtype);
-  hf::save_sharded(tmp.string(), tensors, opts.max_shard_bytes);
   if (!source_dir.empty())
     for (const char* f : kCompanionFiles) {
       const fs::path src = fs::path(source_dir) / f;
       if (fs::exists(src)) fs::copy_file(src, tmp / f, fs::copy_options::overwrite_existing);
     }
-  hf::fsync_dir(tmp.string());
 }
 
-void save_pretrained(const CausalLM& model, const std::string& source_dir, const std::string& out_dir,
-                     const SaveOptions& opts) {
+void write_pretrained_files(const CausalLM& model, const std::string& source_dir, const std::string& dir,
+                            const SaveOptions& opts) {
+  write_config_and_companions(model, source_dir, dir);
+  const auto tensors = model.adapter().export_tensors(model.params(), model.config().dtype);
+  hf::save_sharded(dir, tensors, opts.max_shard_bytes);
+  hf::fsync_dir(dir);
+}
+
+std::string begin_folder(const std::string& out_dir, bool overwrite, const std::string& tag) {
   const fs::path out = fs::path(out_dir).lexically_normal();
   if (fs::exists(out)) {
-    MF_CHECK(opts.overwrite, out.string(), ": output folder exists (pass overwrite to replace it)");
+    MF_CHECK(overwrite, out.string(), ": output folder exists (pass overwrite to replace it)");
     MF_CHECK(fs::is_directory(out), out.string(), ": exists and is not a folder");
   }
   const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
   fs::create_directories(parent);
-  const fs::path tmp = parent / (out.filename().string() + ".tmp." + std::to_string(::getpid()));
+  const fs::path tmp = parent / (out.filename().string() + ".tmp." + tag);
   fs::remove_all(tmp);
   fs::create_directories(tmp);
-  try {
-    write_pretrained_files(model, source_dir, tmp.string(), opts);
-  } catch (...) {
-    fs::remove_all(tmp);
-    throw;
-  }
+  return tmp.string();
+}
+
+void finish_folder(const std::string& tmp_dir, const std::string& out_dir) {
+  const fs::path out = fs::path(out_dir).lexically_normal(), tmp(tmp_dir);
+  const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  hf::fsync_dir(tmp.string());
   // Swap into place: the old folder (if any) is moved aside first and removed only after the
   // new one has its final name.
   fs::path old;
@@ -74,6 +78,18 @@ void save_pretrained(const CausalLM& model, const std::string& source_dir, const
   fs::rename(tmp, out);
   hf::fsync_dir(parent.string());
   if (!old.empty()) fs::remove_all(old);
+}
+
+void save_pretrained(const CausalLM& model, const std::string& source_dir, const std::string& out_dir,
+                     const SaveOptions& opts) {
+  const std::string tmp = begin_folder(out_dir, opts.overwrite, std::to_string(::getpid()));
+  try {
+    write_pretrained_files(model, source_dir, tmp, opts);
+  } catch (...) {
+    fs::remove_all(tmp);
+    throw;
+  }
+  finish_folder(tmp, out_dir);
 }
 
 }  // namespace moeforge::models

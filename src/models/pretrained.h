@@ -17,7 +17,9 @@ struct LoadedModel {
   std::string source_dir;
 };
 
-LoadedModel from_pretrained(const std::string& dir, const LoadOptions& opts = {});
+// `par`: build the model for this rank's groups (its shard of the experts) and read only what it
+// holds from the checkpoint.
+LoadedModel from_pretrained(const std::string& dir, const LoadOptions& opts = {}, const Parallel& par = {});
 
 struct SaveOptions {
   uint64_t max_shard_bytes = 5'000'000'000ull;  // Transformers' default "5GB"
@@ -35,5 +37,12 @@ void save_pretrained(const CausalLM& model, const std::string& source_dir, const
 // callers that build a larger folder atomically themselves, such as training checkpoints).
 void write_pretrained_files(const CausalLM& model, const std::string& source_dir, const std::string& dir,
                             const SaveOptions& opts = {});
+
+// Pieces of the above for writers that share a folder (models/save_across_ranks.h):
+// config.json and the companion files; the empty temporary folder `out_dir` is built in (named
+// with `tag`; an existing `out_dir` needs `overwrite`); and its swap into place once complete.
+void write_config_and_companions(const CausalLM& model, const std::string& source_dir, const std::string& dir);
+std::string begin_folder(const std::string& out_dir, bool overwrite, const std::string& tag);
+void finish_folder(const std::string& tmp_dir, const std::string& out_dir);
 
 }  // namespace moeforge::models

@@ -15,15 +15,14 @@
 #include "hf/tokenizer/tokenizer.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
-#include "models/expert_shards.h"
 #include "models/pretrained.h"
+#include "models/save_across_ranks.h"
 #include "dist/env.h"
 #include "ops/cuda/runtime.h"
 #include "train/backend.h"
 #include "train/checkpoint.h"
 #include "train/progress.h"
 #include "train/ranks.h"
-#include "train/sharded_state.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -91,6 +90,16 @@ std::optional<int64_t> eos_token_id(const std::string& model_dir) {
   return std::nullopt;
 }
 
+// The whole model's parameter count from a model that may hold a slice of the experts.
+int64_t whole_model_parameters(const models::CausalLM& m) {
+  int64_t n = 0;
+  for (const auto& p : m.params().all()) {
+    const hf::ExpertGroup* g = m.adapter().group_of(p.name);
+    n += g ? p.value.numel() / p.shape[0] * g->experts : p.value.numel();
+  }
+  return n;
+}
+
 // This rank's rows of a micro-batch (ranks take equal consecutive slices).
 data::TokenBatches::MicroBatch rows_for_rank(const data::TokenBatches::MicroBatch& mb, int rank, int world) {
   const int64_t n = mb.input_ids.size(0) / world, first = rank * n;
@@ -133,9 +142,9 @@ TrainResult run_training(const Recipe& r) {
            r.data, " does not exist");
   const uint64_t shard_bytes = hf::parse_size(r.max_shard_size);
 
-  // Model first: the sequence length is checked against it before any output is touched.
-  auto loaded = models::from_pretrained(r.model);
-  const auto& cfg = loaded.model->config();
+  // The config first: the sequence length is checked against it before any output is touched (the
+  // weights are read once the ranks have joined, each rank only its shard of the experts).
+  const hf::ModelConfig cfg = hf::load_config(r.model);
   MF_CHECK(r.seq_len <= cfg.max_position_embeddings, r.source, ": seq_len ", r.seq_len,
            " is longer than the model allows (max_position_embeddings ", cfg.max_position_embeddings, " in ",
            cfg.source, ")");
@@ -171,6 +180,11 @@ TrainResult run_training(const Recipe& r) {
   std::unique_ptr<RankGroups> groups;
   if (multi) groups = join_ranks(denv, r.ep_size, cfg.num_experts, recipe_hash, r.source, r.device == "cuda");
   const bool main_rank = !groups || groups->is_main();
+  // The weights, before the output folder is touched: under several ranks each reads (and later
+  // holds, updates and writes) only its shard of the experts.
+  const models::Parallel par = multi ? groups->parallel() : models::Parallel{};
+  auto loaded = models::from_pretrained(r.model, {}, par);
+  models::CausalLM& model = *loaded.model;
   std::string resume_from;
   if (main_rank) {
     resume_from = prepare_output(r);
@@ -185,27 +199,17 @@ TrainResult run_training(const Recipe& r) {
   st.seed = r.seed;
   st.total_steps = total_steps;
   st.recipe_hash = recipe_hash;
-  // The full model's optimizer: the one that trains in a single process. Several ranks keep it (and
-  // the full model) beside their shards: checkpoints are written from them (gathered) and read into
-  // them (then sliced), so a run resumes on any world size (train/sharded_state.h).
-  AdamW full_opt(loaded.model->params(), r.optimizer);
+  // A checkpoint from any world size is resharded on load.
+  AdamW opt(model.params(), r.optimizer);
   if (!resume_from.empty()) {
-    const TrainerState saved = load_checkpoint(resume_from, *loaded.model, full_opt);
+    const TrainerState saved = load_checkpoint(resume_from, model, opt);
     if (saved.seed != r.seed) log::warn("resuming with seed ", r.seed, " but the checkpoint used ", saved.seed);
     st.step = saved.step;
     st.cursor = saved.cursor;
   }
-  models::ShardedModel shards;
-  std::optional<AdamW> shard_opt;
-  if (multi) {
-    shards = models::shard_experts(*loaded.model, groups->parallel());
-    shard_opt.emplace(shards.model->params(), r.optimizer);
-    if (!resume_from.empty()) slice_optimizer(shards, full_opt, groups->parallel(), *shard_opt);
-  }
-  auto& model = multi ? *shards.model : *loaded.model;
-  AdamW& opt = multi ? *shard_opt : full_opt;
+  const std::vector<bool> sharded = models::expert_sharded_params(model, par);
   // After a resume has loaded the host state, so a GPU backend uploads what was restored.
-  const RankShare share = multi ? RankShare{groups.get(), &shards.sharded} : RankShare{};
+  const RankShare share = multi ? RankShare{groups.get(), &sharded} : RankShare{};
   std::unique_ptr<StepBackend> backend = r.device == "cuda" ? make_gpu_backend(model, opt, r.precision, share)
                                                             : make_cpu_backend(model, opt, share);
 
@@ -216,7 +220,7 @@ TrainResult run_training(const Recipe& r) {
   if (dataset.skipped_lines) intro << ", " << dataset.skipped_lines << " malformed lines skipped";
   if (r.packing) intro << ", packed into " << ds.packed_rows << " rows";
   intro << "\n"
-        << "model: " << cfg.model_type << ", " << loaded.model->params().numel() << " parameters; " << total_steps
+        << "model: " << cfg.model_type << ", " << whole_model_parameters(model) << " parameters; " << total_steps
         << " steps of " << r.global_batch << " rows (" << accumulation << " micro-batches of " << r.micro_batch << ")"
         << " on " << backend->describe();
   if (!resume_from.empty()) intro << "\nresuming from " << resume_from << " at step " << st.step;
@@ -245,20 +249,16 @@ TrainResult run_training(const Recipe& r) {
   }
 
   // Writes checkpoint-<step> and removes the oldest beyond save_total_limit; returns its folder.
-  // Under several ranks every rank gathers its shards and rank 0 writes.
+  // Under several ranks every rank writes its part.
   auto save_and_prune = [&] {
     backend->sync_to_host();
     const std::string dir = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
-    if (multi) {
-      models::gather_experts(shards, groups->parallel(), *loaded.model);
-      gather_optimizer(shards, opt, groups->parallel(), full_opt);
-    }
+    save_checkpoint(dir, model, r.model, opt, st, shard_bytes, multi ? &par : nullptr);
     if (main_rank) {
-      save_checkpoint(dir, *loaded.model, r.model, full_opt, st, shard_bytes);
       auto cks = list_checkpoints(r.output_dir);
       for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
     }
-    if (multi) groups->world_group->barrier();  // the checkpoint exists before any rank goes on
+    if (multi) groups->world_group->barrier();  // pruned before any rank goes on
     return dir;
   };
   TrainResult result;
@@ -313,13 +313,12 @@ TrainResult run_training(const Recipe& r) {
   result.final_dir = (fs::path(r.output_dir) / "final").string();
   result.steps_done = static_cast<int64_t>(result.losses.size());
   if (progress) progress->finish();
-  // save_and_prune gathers the expert shards into the full model under several ranks.
   const std::string last = save_and_prune();
-  if (main_rank) {
-    models::save_pretrained(*loaded.model, r.model, result.final_dir, so);
-    progress->message("saved " + result.final_dir + " (Hugging Face folder) and " + last);
-  }
-  if (multi) groups->world_group->barrier();  // no rank reports success before the folder exists
+  if (multi)
+    models::save_pretrained_across(model, par, r.model, result.final_dir, so);  // ends with a barrier
+  else
+    models::save_pretrained(model, r.model, result.final_dir, so);
+  if (main_rank) progress->message("saved " + result.final_dir + " (Hugging Face folder) and " + last);
   return result;
 }
 

@@ -12,9 +12,11 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "dist/communicator.h"
 #include "hf/safetensors.h"
+#include "models/pretrained.h"
 #include "test_util.h"
 #include "train/recipe.h"
 #include "train/trainer.h"
@@ -107,6 +109,13 @@ TEST(DistTrainingCheckpoints, ResumeOnAnotherWorldSize) {
   ShellRun r = launch(2, 2, "save_every=2 output_dir=" + first);
   ASSERT_EQ(r.code, 0) << r.err;
   ASSERT_TRUE(std::filesystem::is_directory(first + "/checkpoint-2")) << r.out << r.err;
+  // Each rank of the expert-parallel group wrote its part: rank 1 its experts [2, 4) only.
+  auto part1 = hf::SafetensorsFile::open(first + "/checkpoint-2/training_state/part-00001-of-00002.safetensors");
+  EXPECT_FALSE(part1.contains("param.model.embed_tokens.weight"));
+  EXPECT_EQ(part1.get("param.model.layers.0.mlp.experts.gate_up_proj").size(0), 2);
+  EXPECT_EQ(part1.get("exp_avg.model.layers.0.mlp.experts.gate_up_proj").size(0), 2);
+  EXPECT_TRUE(hf::SafetensorsFile::open(first + "/checkpoint-2/training_state/part-00000-of-00002.safetensors")
+                  .contains("param.model.embed_tokens.weight"));
   const std::string four = dir / "four";
   r = launch(4, 4, "resume=" + first + "/checkpoint-2 output_dir=" + four);
   ASSERT_EQ(r.code, 0) << r.err;
@@ -115,9 +124,41 @@ TEST(DistTrainingCheckpoints, ResumeOnAnotherWorldSize) {
   ASSERT_EQ(losses.size(), 2u);
   for (size_t i = 0; i < 2; ++i) EXPECT_NEAR(losses[i], one.losses[i + 2], 1e-5 * std::abs(one.losses[i + 2]));
   expect_same_model(four + "/final", one.final_dir);
+  // The 4-rank final folder was written by 4 writers: shards numbered across them, one index.
+  const auto index = nlohmann::json::parse(test::read_text(four + "/final/model.safetensors.index.json"));
+  std::set<std::string> files;
+  for (const auto& [name, file] : index["weight_map"].items()) files.insert(file.get<std::string>());
+  EXPECT_GE(files.size(), 4u);
+  EXPECT_TRUE(files.count("model-00001-of-0000" + std::to_string(files.size()) + ".safetensors")) << *files.begin();
   const auto single = train::run_training(train::load_recipe(recipe, {"resume=" + first + "/checkpoint-2",
                                                                        "output_dir=" + (dir / "single_resumed")}));
   expect_same_model(single.final_dir, one.final_dir);
+}
+
+// A checkpoint in the fused expert layout (Transformers 5's in-memory spelling) cannot be split
+// over files: 2 ranks gather the experts and rank 0 writes the fused tensors, as the one-rank run.
+TEST(DistTrainingCheckpoints, FusedLayoutIsWrittenWhole) {
+  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  test::TempDir dir;
+  const std::string fused = dir / "fused_model";
+  std::filesystem::create_directories(fused);
+  for (const char* f : {"config.json", "generation_config.json"})
+    std::filesystem::copy_file(test::fixture("qwen3_moe_aux") + "/" + f, fused + "/" + f);
+  auto m = models::from_pretrained(test::fixture("qwen3_moe_aux"));
+  hf::NamedTensors tensors;
+  for (const auto& p : m.model->params().all()) tensors.emplace_back(p.name, p.value);
+  hf::save_safetensors(fused + "/model.safetensors", tensors);
+  const std::string recipe = write_recipe(dir);
+  const auto one = train::run_training(train::load_recipe(recipe, {"model=" + fused}));
+  const std::string out = dir / "two";
+  const ShellRun r = shell(std::string(MOEFORGE_BIN) + " launch --nproc-per-node 2 --master-port " +
+                           std::to_string(free_port()) + " -- train " + recipe + " ep_size=2 model=" + fused +
+                           " output_dir=" + out);
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto saved = hf::SafetensorsCheckpoint::open(out + "/final");
+  EXPECT_TRUE(saved.contains("model.layers.0.mlp.experts.gate_up_proj"));
+  EXPECT_EQ(saved.get("model.layers.0.mlp.experts.gate_up_proj").size(0), 4);
+  expect_same_model(out + "/final", one.final_dir);
 }
 
 TEST(DistTrainingBadInput, EpSizeThatDoesNotDivideIsOneError) {

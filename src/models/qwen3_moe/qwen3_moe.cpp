@@ -25,7 +25,7 @@ Qwen3Moe::Qwen3Moe(hf::ModelConfig c, Parallel par)
                c_.moe_intermediate_size, c_.norm_topk_prob, par_.ep);
       adapter_.add_expert_group({pre + ".mlp.experts.", pre + ".mlp.experts.gate_up_proj",
                                  pre + ".mlp.experts.down_proj", "gate_proj.weight", "up_proj.weight",
-                                 "down_proj.weight", c_.num_experts});
+                                 "down_proj.weight", c_.num_experts, moe.shard.first});
       L.mlp = moe;
       L.moe_slot = moe_layers++;
     } else {
