@@ -94,8 +94,8 @@ INSTANTIATE_TEST_SUITE_P(WorldAndEp, DistTraining,
                          });
 
 // A checkpoint written by 2 ranks (ep 2) resumes on 4 ranks (ep 4) and on one process, and both
-// finish where the straight one-rank run does: checkpoints hold the whole model and optimizer in
-// the one-rank format, and each rank slices its shard on load.
+// finish where the straight one-rank run does: each rank writes its part of the checkpoint, and on
+// load each takes its experts' rows from whichever parts hold them.
 TEST(DistTrainingCheckpoints, ResumeOnAnotherWorldSize) {
   if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
   test::TempDir dir;
