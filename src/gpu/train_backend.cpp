@@ -24,9 +24,15 @@ class GpuBackend : public StepBackend {
         gm_(gpu::make_gpu_model(model, gpu::DeviceParams(model.params(), p), parallel_of(ranks))),
         opt_(gm_->params(), host_opt.options(), sharding_of(ranks)),
         precision_(p) {
-    // A resumed run: continue from the host optimizer's state.
-    for (size_t i = 0; i < gm_->params().size(); ++i) opt_.load_moments(i, host_opt.exp_avg(i), host_opt.exp_avg_sq(i));
+    // A resumed run: continue from the host optimizer's state (none: zero moments).
+    for (size_t i = 0; i < gm_->params().size(); ++i)
+      if (host_opt.exp_avg(i).defined()) opt_.load_moments(i, host_opt.exp_avg(i), host_opt.exp_avg_sq(i));
     opt_.set_steps(host_opt.steps());
+    release_host_copies();  // the device holds the state now
+  }
+  void release_host_copies() override {
+    for (auto& p : model_.params().all()) p.value = Tensor();
+    host_opt_.release_state();
   }
   void zero_grad() override { gm_->params().zero_grad(); }
   models::TrainStepResult forward_backward(const models::ForwardInputs& in, const models::TrainStepOptions& o) override {

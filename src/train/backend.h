@@ -21,8 +21,11 @@ class StepBackend {
   // the whole model's gradient norm and scales them to max_norm when above it (<= 0: no clipping).
   virtual double finish_gradients(double max_norm) = 0;
   virtual void step(double lr) = 0;
-  // Copies parameters and optimizer state into the host model and `AdamW` (a no-op on the CPU).
+  // Copies parameters and optimizer state into the host model and `AdamW` (a no-op on the CPU),
+  // and frees those host copies again once a checkpoint has been written from them (a no-op on the
+  // CPU, where they are the state itself; on a GPU the state lives on the device).
   virtual void sync_to_host() = 0;
+  virtual void release_host_copies() {}
   virtual std::string describe() const = 0;
 };
 

@@ -210,6 +210,7 @@ TrainerState load_checkpoint(const std::string& dir, models::CausalLM& model, Ad
     MF_THROW(state_file, ": ", e.what());
   }
   auto& all = model.params().all();
+  opt.ensure_state();
   for (size_t i = 0; i < all.size(); ++i) {
     const bool expert = model.adapter().group_of(all[i].name) != nullptr;
     fill_from_parts(parts, parts[0].param_prefix + all[i].name, expert, mine, all[i].value, dir);

@@ -7,11 +7,23 @@
 
 namespace moeforge::train {
 
-AdamW::AdamW(nn::ParamStore& params, AdamWOptions opts) : params_(params), opts_(opts) {
-  for (const auto& p : params_.all()) {
-    exp_avg_.push_back(Tensor::zeros(p.shape, DType::F32));
-    exp_avg_sq_.push_back(Tensor::zeros(p.shape, DType::F32));
+AdamW::AdamW(nn::ParamStore& params, AdamWOptions opts, bool allocate_state) : params_(params), opts_(opts) {
+  exp_avg_.resize(params_.all().size());
+  exp_avg_sq_.resize(params_.all().size());
+  if (allocate_state) ensure_state();
+}
+
+void AdamW::ensure_state() {
+  const auto& all = params_.all();
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (!exp_avg_[i].defined()) exp_avg_[i] = Tensor::zeros(all[i].shape, DType::F32);
+    if (!exp_avg_sq_[i].defined()) exp_avg_sq_[i] = Tensor::zeros(all[i].shape, DType::F32);
   }
+}
+
+void AdamW::release_state() {
+  for (auto* list : {&exp_avg_, &exp_avg_sq_})
+    for (Tensor& t : *list) t = Tensor();
 }
 
 ops::AdamWScalars adamw_scalars(const AdamWOptions& o, double lr, int64_t step) {
@@ -23,6 +35,7 @@ ops::AdamWScalars adamw_scalars(const AdamWOptions& o, double lr, int64_t step) 
 }
 
 void AdamW::step(double lr) {
+  ensure_state();
   ++step_;
   const ops::AdamWScalars sc = adamw_scalars(opts_, lr, step_);
   auto& all = params_.all();
@@ -46,6 +59,7 @@ hf::NamedTensors AdamW::state() const {
   hf::NamedTensors out;
   const auto& all = params_.all();
   for (size_t i = 0; i < all.size(); ++i) {
+    MF_CHECK(exp_avg_[i].defined(), "AdamW state of '", all[i].name, "' is not on the host");
     out.emplace_back("exp_avg." + all[i].name, exp_avg_[i]);
     out.emplace_back("exp_avg_sq." + all[i].name, exp_avg_sq_[i]);
   }
@@ -53,6 +67,7 @@ hf::NamedTensors AdamW::state() const {
 }
 
 void AdamW::load_state(const hf::SafetensorsFile& f, int64_t step) {
+  ensure_state();
   const auto& all = params_.all();
   for (size_t i = 0; i < all.size(); ++i) {
     for (auto [prefix, dst] : {std::pair{"exp_avg.", &exp_avg_[i]}, std::pair{"exp_avg_sq.", &exp_avg_sq_[i]}}) {

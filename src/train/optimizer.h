@@ -23,7 +23,13 @@ ops::AdamWScalars adamw_scalars(const AdamWOptions& o, double lr, int64_t step);
 
 class AdamW {
  public:
-  AdamW(nn::ParamStore& params, AdamWOptions opts);
+  // `allocate_state` false: the moments are allocated when first needed (step, load, ensure_state),
+  // for a GPU run whose state lives on the device and comes to the host only for checkpoints.
+  AdamW(nn::ParamStore& params, AdamWOptions opts, bool allocate_state = true);
+  // Zero moments for every parameter that has none; and freeing them all (the GPU backend keeps
+  // host copies only while a checkpoint is written).
+  void ensure_state();
+  void release_state();
   // One update with learning rate `lr` (the schedule's value for this step).
   void step(double lr);
   int64_t steps() const { return step_; }

@@ -95,7 +95,8 @@ int64_t whole_model_parameters(const models::CausalLM& m) {
   int64_t n = 0;
   for (const auto& p : m.params().all()) {
     const hf::ExpertGroup* g = m.adapter().group_of(p.name);
-    n += g ? p.value.numel() / p.shape[0] * g->experts : p.value.numel();
+    const int64_t numel = shape_numel(p.shape);
+    n += g ? numel / p.shape[0] * g->experts : numel;
   }
   return n;
 }
@@ -200,7 +201,8 @@ TrainResult run_training(const Recipe& r) {
   st.total_steps = total_steps;
   st.recipe_hash = recipe_hash;
   // A checkpoint from any world size is resharded on load.
-  AdamW opt(model.params(), r.optimizer);
+  // On a GPU the moments live on the device: host ones exist only to resume from and to write.
+  AdamW opt(model.params(), r.optimizer, /*allocate_state=*/r.device != "cuda");
   if (!resume_from.empty()) {
     const TrainerState saved = load_checkpoint(resume_from, model, opt);
     if (saved.seed != r.seed) log::warn("resuming with seed ", r.seed, " but the checkpoint used ", saved.seed);
@@ -250,7 +252,7 @@ TrainResult run_training(const Recipe& r) {
 
   // Writes checkpoint-<step> and removes the oldest beyond save_total_limit; returns its folder.
   // Under several ranks every rank writes its part.
-  auto save_and_prune = [&] {
+  auto save_and_prune = [&](bool keep_host_copies) {
     backend->sync_to_host();
     const std::string dir = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
     save_checkpoint(dir, model, r.model, opt, st, shard_bytes, multi ? &par : nullptr);
@@ -259,6 +261,7 @@ TrainResult run_training(const Recipe& r) {
       for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
     }
     if (multi) groups->world_group->barrier();  // pruned before any rank goes on
+    if (!keep_host_copies) backend->release_host_copies();
     return dir;
   };
   TrainResult result;
@@ -305,7 +308,7 @@ TrainResult run_training(const Recipe& r) {
              " (lower optimizer.lr or set max_grad_norm)");
     result.losses.push_back(m.loss);
     if (progress) progress->step(m, st.step % r.log_every == 0 || st.step == total_steps);
-    if (r.save_every > 0 && st.step % r.save_every == 0 && st.step < total_steps) save_and_prune();
+    if (r.save_every > 0 && st.step % r.save_every == 0 && st.step < total_steps) save_and_prune(false);
   }
   models::SaveOptions so;
   so.max_shard_bytes = shard_bytes;
@@ -313,7 +316,7 @@ TrainResult run_training(const Recipe& r) {
   result.final_dir = (fs::path(r.output_dir) / "final").string();
   result.steps_done = static_cast<int64_t>(result.losses.size());
   if (progress) progress->finish();
-  const std::string last = save_and_prune();
+  const std::string last = save_and_prune(/*keep_host_copies=*/true);  // the final folder is written from them
   if (multi)
     models::save_pretrained_across(model, par, r.model, result.final_dir, so);  // ends with a barrier
   else
