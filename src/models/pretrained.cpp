@@ -50,6 +50,12 @@ void write_pretrained_files(const CausalLM& model, const std::string& source_dir
   hf::fsync_dir(dir);
 }
 
+std::string temp_folder_of(const std::string& out_dir, const std::string& tag) {
+  const fs::path out = fs::path(out_dir).lexically_normal();
+  const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
+  return (parent / (out.filename().string() + ".tmp." + tag)).string();
+}
+
 std::string begin_folder(const std::string& out_dir, bool overwrite, const std::string& tag) {
   const fs::path out = fs::path(out_dir).lexically_normal();
   if (fs::exists(out)) {
@@ -58,7 +64,7 @@ std::string begin_folder(const std::string& out_dir, bool overwrite, const std::
   }
   const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
   fs::create_directories(parent);
-  const fs::path tmp = parent / (out.filename().string() + ".tmp." + tag);
+  const fs::path tmp = temp_folder_of(out_dir, tag);
   fs::remove_all(tmp);
   fs::create_directories(tmp);
   return tmp.string();

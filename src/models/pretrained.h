@@ -39,9 +39,11 @@ void write_pretrained_files(const CausalLM& model, const std::string& source_dir
                             const SaveOptions& opts = {});
 
 // Pieces of the above for writers that share a folder (models/save_across_ranks.h):
-// config.json and the companion files; the empty temporary folder `out_dir` is built in (named
-// with `tag`; an existing `out_dir` needs `overwrite`); and its swap into place once complete.
+// config.json and the companion files; the temporary folder `out_dir` is built in (its name, from
+// `tag`; begin_folder creates it empty, and an existing `out_dir` needs `overwrite`); and its swap
+// into place once complete.
 void write_config_and_companions(const CausalLM& model, const std::string& source_dir, const std::string& dir);
+std::string temp_folder_of(const std::string& out_dir, const std::string& tag);
 std::string begin_folder(const std::string& out_dir, bool overwrite, const std::string& tag);
 void finish_folder(const std::string& tmp_dir, const std::string& out_dir);
 

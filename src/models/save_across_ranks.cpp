@@ -114,8 +114,7 @@ void save_pretrained_across(const CausalLM& part, const Parallel& par, const std
                             const std::string& out_dir, const SaveOptions& opts) {
   dist::Communicator& world = *par.world;
   // One temporary folder for all ranks (a shared file system), prepared by rank 0.
-  const std::string tmp = (fs::path(out_dir).lexically_normal().parent_path() /
-                           (fs::path(out_dir).lexically_normal().filename().string() + ".tmp.ranks")).string();
+  const std::string tmp = temp_folder_of(out_dir, "ranks");
   if (world.rank() == 0) begin_folder(out_dir, opts.overwrite, "ranks");
   world.barrier();
   write_pretrained_files_across(part, par, source_dir, tmp, opts);
