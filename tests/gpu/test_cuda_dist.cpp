@@ -151,7 +151,6 @@ TEST(MultiGpuTrainingPolicies, TwoGpusBf16MixedTrackOneGpu) {
   const auto losses = losses_of(out + "/metrics.jsonl");
   ASSERT_EQ(losses.size(), one.losses.size());
   for (size_t i = 0; i < losses.size(); ++i) EXPECT_NEAR(losses[i], one.losses[i], 1e-2 * std::abs(one.losses[i])) << "step " << i + 1;
-  EXPECT_LT(losses.back(), losses.front());
 }
 
 // A checkpoint written by 2 GPUs (experts split, dense AdamW moments split ZeRO-1 style: gathered
