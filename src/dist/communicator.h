@@ -38,6 +38,19 @@ class Communicator {
   // order. The counts must agree pairwise (exchange_counts gives the receive side).
   virtual void all_to_all(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
                           const std::vector<int64_t>& recv_rows) = 0;
+  // A collective under way (all_to_all_async): wait() returns once it has completed, or throws as
+  // the blocking call would have.
+  class Pending {
+   public:
+    virtual ~Pending() = default;
+    virtual void wait() = 0;
+  };
+  // all_to_all that returns before completing where the backend can: NCCL runs it on the group's
+  // own stream, after the device work enqueued so far, so device work enqueued after this call
+  // overlaps it. `in` and `out` must stay alive until wait() returns, and `out` must not be read
+  // before. The default completes it before returning.
+  virtual std::unique_ptr<Pending> all_to_all_async(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
+                                                    const std::vector<int64_t>& recv_rows);
   // In place: `t` takes root's value on every rank.
   virtual void broadcast(Tensor& t, int root) = 0;
   // In place (the handles share their storage with the caller's tensors), for each tensor: rank p's block of its flat elements (block_of(numel, p, size()))

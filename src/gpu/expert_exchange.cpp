@@ -53,23 +53,57 @@ ExpertExchange::ExpertExchange(dist::Communicator& ep, const std::vector<int64_t
   }
 }
 
-Tensor ExpertExchange::dispatch(const Tensor& permuted) const {
+ExpertExchange::InFlight ExpertExchange::start_dispatch(const Tensor& permuted) const {
   MF_CHECK(permuted.dim() == 2 && permuted.size(0) == pairs_, "expert dispatch: expected [", pairs_, ", H] rows, got ",
            shape_str(permuted.shape()));
-  if (ep_->size() == 1) return permuted;  // one rank: local order is global order
-  Tensor recv = cuda::empty({local_offsets_.back(), permuted.size(1)}, permuted.dtype(), "rows received for my experts");
-  ep_->all_to_all(permuted, send_rows_, recv, recv_rows_);
-  return cuda::gather_rows(recv, to_local_);
+  InFlight f;
+  f.sent = permuted;
+  if (ep_->size() == 1) {  // one rank: local order is global order
+    f.buffer = permuted;
+    return f;
+  }
+  f.buffer = cuda::empty({local_offsets_.back(), permuted.size(1)}, permuted.dtype(), "rows received for my experts");
+  f.op = ep_->all_to_all_async(permuted, send_rows_, f.buffer, recv_rows_);
+  return f;
+}
+
+Tensor ExpertExchange::finish_dispatch(InFlight& f) const {
+  if (!f.op) return f.buffer;
+  f.op->wait();
+  f.op.reset();
+  return cuda::gather_rows(f.buffer, to_local_);
+}
+
+ExpertExchange::InFlight ExpertExchange::start_combine(const Tensor& local) const {
+  MF_CHECK(local.dim() == 2 && local.size(0) == local_offsets_.back(), "expert combine: expected [",
+           local_offsets_.back(), ", H] rows, got ", shape_str(local.shape()));
+  InFlight f;
+  if (ep_->size() == 1) {
+    f.buffer = local;
+    return f;
+  }
+  f.sent = cuda::gather_rows(local, to_peer_);
+  f.buffer = cuda::empty({pairs_, local.size(1)}, local.dtype(), "expert outputs returned");
+  f.op = ep_->all_to_all_async(f.sent, recv_rows_, f.buffer, send_rows_);
+  return f;
+}
+
+Tensor ExpertExchange::finish_combine(InFlight& f) const {
+  if (f.op) {
+    f.op->wait();
+    f.op.reset();
+  }
+  return f.buffer;
+}
+
+Tensor ExpertExchange::dispatch(const Tensor& permuted) const {
+  InFlight f = start_dispatch(permuted);
+  return finish_dispatch(f);
 }
 
 Tensor ExpertExchange::combine(const Tensor& local) const {
-  MF_CHECK(local.dim() == 2 && local.size(0) == local_offsets_.back(), "expert combine: expected [",
-           local_offsets_.back(), ", H] rows, got ", shape_str(local.shape()));
-  if (ep_->size() == 1) return local;
-  Tensor send = cuda::gather_rows(local, to_peer_);
-  Tensor back = cuda::empty({pairs_, local.size(1)}, local.dtype(), "expert outputs returned");
-  ep_->all_to_all(send, recv_rows_, back, send_rows_);
-  return back;
+  InFlight f = start_combine(local);
+  return finish_combine(f);
 }
 
 }  // namespace moeforge::gpu

@@ -8,6 +8,7 @@
 // versa). Every rank makes the same collectives whatever the routing (empty counts included).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "core/tensor.h"
@@ -26,6 +27,17 @@ class ExpertExchange {
   Tensor dispatch(const Tensor& permuted) const;
   // [received, H] grouped by local expert -> [pairs, H] in this rank's global-expert order.
   Tensor combine(const Tensor& local) const;
+
+  // The same moves in two halves, so that device work enqueued between start and finish runs
+  // while the rows travel (the all-to-all is on the group's own stream).
+  struct InFlight {
+    Tensor sent, buffer;  // kept alive until finished
+    std::unique_ptr<dist::Communicator::Pending> op;
+  };
+  InFlight start_dispatch(const Tensor& permuted) const;
+  Tensor finish_dispatch(InFlight& f) const;
+  InFlight start_combine(const Tensor& local) const;
+  Tensor finish_combine(InFlight& f) const;
 
   // Where each local expert's rows start in dispatch's output, [count + 1] (host).
   const std::vector<int64_t>& local_offsets() const { return local_offsets_; }

@@ -3,8 +3,9 @@
 //   n2 = rms(x2); router softmax/top-k (or round-robin when balanced); permute by expert;
 //   gate_up and down as grouped GEMMs around SwiGLU; weighted unpermute; x3 = x2 + moe
 // Under expert parallelism the permuted rows go to the ranks holding their experts between the
-// permute and the GEMMs and come back before the unpermute (gpu/expert_exchange.h); the rows a rank
-// received are then kept for the backward instead of being recomputed (that would be a second
+// permute and the GEMMs and come back before the unpermute (gpu/expert_exchange.h), in token
+// chunks whose exchanges run on the group's stream while other chunks' experts compute; the rows
+// a rank received are kept for the backward instead of being recomputed (that would be a second
 // exchange).
 // and the backward mirrors it. Kept per layer for backward: the layer input, norm statistics,
 // q/k before and after norm+RoPE, v, the attention output and its log-sum-exp, the router's
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cmath>
 #include <memory>
 
@@ -28,14 +30,25 @@ namespace moeforge::gpu {
 
 namespace {
 
+// A MoE layer's pairs of one chunk of tokens [t0, t0 + tc): their routing plan and, under expert
+// parallelism, their exchange and the rows this rank received for its experts.
+struct ExpertChunk {
+  int64_t t0 = 0, tc = 0;
+  cuda::RoutingPlan plan;
+  std::shared_ptr<ExpertExchange> exchange;  // null: every expert is on this GPU
+  Tensor xs;      // expert parallelism: the rows received, by local expert
+  Tensor gu, y;   // the experts' gate_up output (their rows), and their output back in pair order
+  // The row offsets the grouped GEMMs take: this rank's local experts' under expert parallelism.
+  const std::vector<int64_t>& offsets() const { return exchange ? exchange->local_offsets() : plan.offsets; }
+};
+
 struct LayerState {
   Tensor x, rstd1, n1;
   Tensor q_pre, k_pre, rstd_q, rstd_k, q, k, v, o, lse;
   Tensor x2, rstd2, n2;
-  Tensor probs, weights, chosen, gu, y;
-  cuda::RoutingPlan plan;
-  std::shared_ptr<ExpertExchange> exchange;  // expert parallelism: where the pairs went
-  Tensor xs;                                 // expert parallelism: the rows received, by local expert
+  Tensor probs, weights, chosen, gu;  // gu: a dense layer's gate_up output
+  std::vector<ExpertChunk> chunks;
+  std::vector<int64_t> expert_rows;   // pairs routed to each expert (the load-balancing loss)
 };
 
 double ms_since(std::chrono::steady_clock::time_point t0) {
@@ -84,7 +97,7 @@ class Qwen3MoeGpu : public GpuModel {
         LayerState tmp;
         Tensor next = layer_forward(l, x, bt, tmp);
         st[l].x = x;
-        st[l].plan = tmp.plan;  // the aux loss needs every layer's counts
+        st[l].expert_rows = tmp.expert_rows;  // the aux loss needs every layer's counts
         if (aux_enabled()) st[l].probs = tmp.probs;
         x = next;
       } else {
@@ -155,10 +168,16 @@ class Qwen3MoeGpu : public GpuModel {
 
   bool aux_enabled() const { return m_.cfg_.output_router_logits; }
   bool expert_parallel() const { return par_.ep && par_.ep->size() > 1; }
-  // The row offsets the grouped GEMMs take: this rank's local experts' under expert parallelism,
-  // every expert's otherwise.
-  static const std::vector<int64_t>& expert_offsets(const LayerState& c) {
-    return c.exchange ? c.exchange->local_offsets() : c.plan.offsets;
+  // Token chunks of a MoE layer under expert parallelism (MOEFORGE_EP_CHUNKS, default 2; 1: no
+  // overlap of the exchange with the experts).
+  static int ep_chunks(int64_t tokens) {
+    static const int configured = [] {
+      const char* v = std::getenv("MOEFORGE_EP_CHUNKS");
+      const int n = v ? std::atoi(v) : 2;
+      MF_CHECK(n >= 1 && n <= 16, "MOEFORGE_EP_CHUNKS must be 1..16, got '", v ? v : "", "'");
+      return n;
+    }();
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(configured, tokens)));
   }
   const Tensor& value(size_t i) const { return params_.value(i); }
 
@@ -241,43 +260,77 @@ class Qwen3MoeGpu : public GpuModel {
     const Tensor* forced = replay ? replay : (bt.balanced.defined() ? &bt.balanced : nullptr);
     cuda::router_softmax_topk(logits, moe.top_k, moe.norm_topk_prob, c.probs, c.weights, c.chosen, forced);
     if (!replay) bt.chosen_record[l] = c.chosen;
-    c.plan = cuda::plan_routing(c.chosen, moe.experts);
-    if (phases_.enabled()) note_routing(l, c.plan.offsets);
-    Tensor xp = cuda::permute_tokens(c.n2, c.plan);
-    phases_.mark("fwd: router + plan + permute");
-    if (expert_parallel()) {
-      c.exchange = std::make_shared<ExpertExchange>(*par_.ep, c.plan.offsets);
-      c.xs = c.exchange->dispatch(xp);
-      xp = c.xs;
-      phases_.mark("fwd: expert dispatch (all-to-all)");
+    // The pairs in token chunks (one without expert parallelism): every chunk's rows start
+    // travelling, then each chunk's experts run while later chunks' rows travel and earlier
+    // chunks' outputs travel back.
+    const int n = expert_parallel() ? ep_chunks(t) : 1;
+    const bool fine_phases = n == 1;  // phase marks synchronise: only where nothing overlaps
+    c.chunks.assign(static_cast<size_t>(n), ExpertChunk{});
+    c.expert_rows.assign(static_cast<size_t>(moe.experts), 0);
+    for (int i = 0; i < n; ++i) {
+      ExpertChunk& ch = c.chunks[i];
+      ch.t0 = t * i / n;
+      ch.tc = t * (i + 1) / n - ch.t0;
+      ch.plan = cuda::plan_routing(n == 1 ? c.chosen : c.chosen.slice0(ch.t0, ch.tc), moe.experts);
+      for (int64_t e = 0; e < moe.experts; ++e) c.expert_rows[e] += ch.plan.offsets[e + 1] - ch.plan.offsets[e];
+      if (expert_parallel()) ch.exchange = std::make_shared<ExpertExchange>(*par_.ep, ch.plan.offsets);
     }
-    const std::vector<int64_t>& offsets = expert_offsets(c);
-    const int64_t rows = offsets.back();
-    c.gu = cuda::empty({rows, 2 * moe.inter}, dt_, "expert gate_up output");
-    cuda::grouped_linear(xp, value(moe.gate_up), offsets, c.gu);
-    xp = Tensor();
-    phases_.mark("fwd: expert gate_up GEMM");
-    Tensor act = cuda::swiglu(c.gu);
-    phases_.mark("fwd: SwiGLU");
-    c.y = cuda::empty({rows, moe.hidden}, dt_, "expert output");
-    cuda::grouped_linear(act, value(moe.down), offsets, c.y);
-    act = Tensor();
-    phases_.mark("fwd: expert down GEMM");
-    if (c.exchange) {
-      c.y = c.exchange->combine(c.y);
-      phases_.mark("fwd: expert combine (all-to-all)");
+    if (phases_.enabled()) note_routing(l, c.expert_rows);
+    std::vector<ExpertExchange::InFlight> going(n), coming(n);
+    for (int i = 0; i < n; ++i) {
+      ExpertChunk& ch = c.chunks[i];
+      Tensor xp = cuda::permute_tokens(n == 1 ? c.n2 : c.n2.slice0(ch.t0, ch.tc), ch.plan);
+      if (ch.exchange)
+        going[i] = ch.exchange->start_dispatch(xp);
+      else
+        going[i].buffer = xp;
     }
-    out = cuda::unpermute_tokens(c.y, c.weights, c.plan);
+    phases_.mark(fine_phases ? "fwd: router + plan + permute" : "fwd: router + plan + permute + exchange plans");
+    for (int i = 0; i < n; ++i) {
+      ExpertChunk& ch = c.chunks[i];
+      Tensor xs = ch.exchange ? ch.exchange->finish_dispatch(going[i]) : going[i].buffer;
+      going[i] = {};
+      if (ch.exchange) ch.xs = xs;  // kept: recomputing it would be a second exchange
+      const std::vector<int64_t>& offsets = ch.offsets();
+      const int64_t rows = offsets.back();
+      ch.gu = cuda::empty({rows, 2 * moe.inter}, dt_, "expert gate_up output");
+      cuda::grouped_linear(xs, value(moe.gate_up), offsets, ch.gu);
+      xs = Tensor();
+      if (fine_phases) phases_.mark("fwd: expert gate_up GEMM");
+      Tensor act = cuda::swiglu(ch.gu);
+      if (fine_phases) phases_.mark("fwd: SwiGLU");
+      Tensor y = cuda::empty({rows, moe.hidden}, dt_, "expert output");
+      cuda::grouped_linear(act, value(moe.down), offsets, y);
+      act = Tensor();
+      if (fine_phases) phases_.mark("fwd: expert down GEMM");
+      if (ch.exchange)
+        coming[i] = ch.exchange->start_combine(y);
+      else
+        coming[i].buffer = y;
+    }
+    out = n == 1 ? Tensor() : cuda::empty({t, moe.hidden}, dt_, "MoE output");
+    for (int i = 0; i < n; ++i) {
+      ExpertChunk& ch = c.chunks[i];
+      ch.y = ch.exchange ? ch.exchange->finish_combine(coming[i]) : coming[i].buffer;
+      coming[i] = {};
+      Tensor o = cuda::unpermute_tokens(ch.y, n == 1 ? c.weights : c.weights.slice0(ch.t0, ch.tc), ch.plan);
+      if (n == 1) {
+        out = o;
+      } else {
+        Tensor rows_out = out.slice0(ch.t0, ch.tc);
+        cuda::convert(o, rows_out);
+      }
+    }
+    if (!fine_phases) phases_.mark("fwd: experts + exchanges (overlapped)");
     cuda::add_inplace(out, c.x2);
     phases_.mark("fwd: unpermute + residual");
     return out;
   }
 
   // Under MOEFORGE_PHASE_TIMES: the spread of rows over experts per layer (the load native routing gives).
-  void note_routing(size_t l, const std::vector<int64_t>& off) {
+  void note_routing(size_t l, const std::vector<int64_t>& rows_per_expert) {
     int64_t used = 0, mx = 0, mn = INT64_MAX;
-    for (size_t e = 0; e + 1 < off.size(); ++e) {
-      const int64_t r = off[e + 1] - off[e];
+    for (const int64_t r : rows_per_expert) {
       used += r > 0;
       mx = std::max(mx, r);
       mn = std::min(mn, r);
@@ -334,40 +387,73 @@ class Qwen3MoeGpu : public GpuModel {
 
   // Experts and router backward: accumulates their weight gradients, returns d(n2).
   Tensor moe_backward(const nn::SparseMoE& moe, LayerState& c, const Tensor& dy, const Tensor* dprobs_aux) {
-    Tensor d_yp, d_weights;
+    const int n = static_cast<int>(c.chunks.size());
+    const bool fine_phases = n == 1;
+    const int64_t t = dy.size(0);
     phases_.mark("bwd: (before experts)");
-    cuda::unpermute_tokens_backward(dy, c.y, c.weights, c.plan, d_yp, d_weights);
-    c.y = Tensor();
-    phases_.mark("bwd: unpermute");
-    if (c.exchange) {
-      d_yp = c.exchange->dispatch(d_yp);  // combine's backward
-      phases_.mark("bwd: expert output gradient dispatch (all-to-all)");
+    // Backward of the unpermute, and each chunk's output gradient on its way to the experts.
+    Tensor d_weights = n == 1 ? Tensor() : cuda::empty({t, moe.top_k}, DType::F32, "routing weight gradient");
+    std::vector<ExpertExchange::InFlight> going(n), coming(n);
+    for (int i = 0; i < n; ++i) {
+      ExpertChunk& ch = c.chunks[i];
+      Tensor d_yp, dw;
+      cuda::unpermute_tokens_backward(n == 1 ? dy : dy.slice0(ch.t0, ch.tc), ch.y,
+                                      n == 1 ? c.weights : c.weights.slice0(ch.t0, ch.tc), ch.plan, d_yp, dw);
+      ch.y = Tensor();
+      if (n == 1) {
+        d_weights = dw;
+      } else {
+        Tensor rows_dw = d_weights.slice0(ch.t0, ch.tc);
+        cuda::convert(dw, rows_dw);
+      }
+      if (ch.exchange)
+        going[i] = ch.exchange->start_dispatch(d_yp);  // combine's backward
+      else
+        going[i].buffer = d_yp;
     }
-    const std::vector<int64_t>& offsets = expert_offsets(c);
-    const int64_t rows = offsets.back();
-    Tensor act = cuda::swiglu(c.gu);
-    cuda::grouped_linear_weight_grad(d_yp, act, offsets, params_.grad(moe.down), /*accumulate=*/true);
-    Tensor d_act = cuda::empty(act.shape(), dt_, "expert activation gradient");
-    cuda::grouped_linear_input_grad(d_yp, value(moe.down), offsets, d_act);
-    act = Tensor();
-    d_yp = Tensor();
-    Tensor d_gu = cuda::swiglu_backward(c.gu, d_act);
-    d_act = Tensor();
-    c.gu = Tensor();
-    Tensor xp = c.exchange ? c.xs : cuda::permute_tokens(c.n2, c.plan);
-    c.xs = Tensor();
-    cuda::grouped_linear_weight_grad(d_gu, xp, offsets, params_.grad(moe.gate_up), true);
-    xp = Tensor();
-    Tensor d_xp = cuda::empty({rows, moe.hidden}, dt_, "expert input gradient");
-    cuda::grouped_linear_input_grad(d_gu, value(moe.gate_up), offsets, d_xp);
-    d_gu = Tensor();
-    phases_.mark("bwd: expert GEMMs + SwiGLU");
-    if (c.exchange) {
-      d_xp = c.exchange->combine(d_xp);  // dispatch's backward
-      phases_.mark("bwd: expert input gradient combine (all-to-all)");
+    if (fine_phases) phases_.mark("bwd: unpermute");
+    for (int i = 0; i < n; ++i) {
+      ExpertChunk& ch = c.chunks[i];
+      Tensor d_y = ch.exchange ? ch.exchange->finish_dispatch(going[i]) : going[i].buffer;
+      going[i] = {};
+      const std::vector<int64_t>& offsets = ch.offsets();
+      const int64_t rows = offsets.back();
+      Tensor act = cuda::swiglu(ch.gu);
+      cuda::grouped_linear_weight_grad(d_y, act, offsets, params_.grad(moe.down), /*accumulate=*/true);
+      Tensor d_act = cuda::empty(act.shape(), dt_, "expert activation gradient");
+      cuda::grouped_linear_input_grad(d_y, value(moe.down), offsets, d_act);
+      act = Tensor();
+      d_y = Tensor();
+      Tensor d_gu = cuda::swiglu_backward(ch.gu, d_act);
+      d_act = Tensor();
+      ch.gu = Tensor();
+      Tensor xs = ch.exchange ? ch.xs : cuda::permute_tokens(n == 1 ? c.n2 : c.n2.slice0(ch.t0, ch.tc), ch.plan);
+      ch.xs = Tensor();
+      cuda::grouped_linear_weight_grad(d_gu, xs, offsets, params_.grad(moe.gate_up), true);
+      xs = Tensor();
+      Tensor d_xs = cuda::empty({rows, moe.hidden}, dt_, "expert input gradient");
+      cuda::grouped_linear_input_grad(d_gu, value(moe.gate_up), offsets, d_xs);
+      d_gu = Tensor();
+      if (ch.exchange)
+        coming[i] = ch.exchange->start_combine(d_xs);  // dispatch's backward
+      else
+        coming[i].buffer = d_xs;
     }
-    Tensor d_n2 = cuda::permute_tokens_backward(d_xp, c.plan);
-    d_xp = Tensor();
+    if (fine_phases) phases_.mark("bwd: expert GEMMs + SwiGLU");
+    Tensor d_n2 = n == 1 ? Tensor() : cuda::empty({t, moe.hidden}, dt_, "MoE input gradient");
+    for (int i = 0; i < n; ++i) {
+      ExpertChunk& ch = c.chunks[i];
+      Tensor d_xp = ch.exchange ? ch.exchange->finish_combine(coming[i]) : coming[i].buffer;
+      coming[i] = {};
+      Tensor dn = cuda::permute_tokens_backward(d_xp, ch.plan);
+      if (n == 1) {
+        d_n2 = dn;
+      } else {
+        Tensor rows_dn = d_n2.slice0(ch.t0, ch.tc);
+        cuda::convert(dn, rows_dn);
+      }
+    }
+    if (!fine_phases) phases_.mark("bwd: experts + exchanges (overlapped)");
     // Router.
     Tensor d_logits = cuda::router_backward(c.probs, c.chosen, c.weights, d_weights, moe.norm_topk_prob, dt_, dprobs_aux);
     cuda::gemm(d_logits, false, value(moe.router), false, d_n2, /*accumulate=*/true);
@@ -421,7 +507,7 @@ class Qwen3MoeGpu : public GpuModel {
     int64_t rows = 0;
     for (const LayerState& s : st) {
       if (!s.probs.defined()) continue;  // a dense layer
-      for (int64_t i = 0; i < e; ++i) routed[i] += static_cast<double>(s.plan.offsets[i + 1] - s.plan.offsets[i]);
+      for (int64_t i = 0; i < e; ++i) routed[i] += static_cast<double>(s.expert_rows[i]);
       Tensor p = cuda::to_host_f32(s.probs);
       const int64_t t = p.size(0);
       for (int64_t r = 0; r < t; ++r)

@@ -76,11 +76,17 @@ class NcclCommunicator final : public Communicator {
     comm_ = child;
     wait_comm("init (split)");
     barrier_buf_ = cuda::empty({1}, DType::F32, "the NCCL barrier word");
+    // The group's own stream: collectives start after the device work enqueued before them (an
+    // event on the compute stream) and run beside whatever is enqueued after (overlap).
+    MF_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    MF_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
   }
 
   ~NcclCommunicator() override {
     if (comm_) ncclCommDestroy(comm_);
     if (parent_) ncclCommDestroy(parent_);
+    if (ready_) cudaEventDestroy(ready_);
+    if (stream_) cudaStreamDestroy(stream_);
   }
 
   int rank() const override { return rank_; }
@@ -91,7 +97,7 @@ class NcclCommunicator final : public Communicator {
   void all_reduce_sum(Tensor& t) override {
     if (t.numel() == 0) return;
     launch("all_reduce", ncclAllReduce(t.raw(), t.raw(), t.numel(), nccl_type(t.dtype(), where("all_reduce")), ncclSum,
-                                       comm_, cuda::current_stream()));
+                                       comm_, stream()));
   }
 
   void all_reduce_sum_many(const std::vector<Tensor*>& ts) override {
@@ -99,7 +105,7 @@ class NcclCommunicator final : public Communicator {
     for (Tensor* t : ts)
       if (res == ncclSuccess && t->numel() > 0)
         res = ncclAllReduce(t->raw(), t->raw(), t->numel(), nccl_type(t->dtype(), where("all_reduce")), ncclSum, comm_,
-                            cuda::current_stream());
+                            stream());
     const ncclResult_t end = ncclGroupEnd();
     launch("all_reduce (grouped)", res != ncclSuccess ? res : end);
   }
@@ -107,17 +113,59 @@ class NcclCommunicator final : public Communicator {
   void reduce_scatter_sum(const Tensor& in, Tensor& out) override {
     check_blocks(*this, "reduce_scatter", in, out);
     launch("reduce_scatter", ncclReduceScatter(in.raw(), out.raw(), out.numel(), nccl_type(in.dtype(), where("reduce_scatter")),
-                                               ncclSum, comm_, cuda::current_stream()));
+                                               ncclSum, comm_, stream()));
   }
 
   void all_gather(const Tensor& in, Tensor& out) override {
     check_blocks(*this, "all_gather", out, in);
     launch("all_gather", ncclAllGather(in.raw(), out.raw(), in.numel(), nccl_type(in.dtype(), where("all_gather")), comm_,
-                                       cuda::current_stream()));
+                                       stream()));
   }
 
   void all_to_all(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
                   const std::vector<int64_t>& recv_rows) override {
+    launch("all_to_all", enqueue_all_to_all(in, send_rows, out, recv_rows));
+  }
+
+  std::unique_ptr<Pending> all_to_all_async(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
+                                            const std::vector<int64_t>& recv_rows) override {
+    const ncclResult_t r = enqueue_all_to_all(in, send_rows, out, recv_rows);
+    if (!comm_) MF_THROW("collective all_to_all on group '", name_, "': the communicator was aborted by an earlier failure");
+    if (r != ncclSuccess && r != ncclInProgress) fail("all_to_all", r);
+    return std::make_unique<InFlight>(*this, "all_to_all");
+  }
+
+  // A collective enqueued on the group's stream: done once an event recorded after it fires.
+  class InFlight final : public Pending {
+   public:
+    InFlight(NcclCommunicator& c, const char* op) : c_(c), op_(op) {
+      MF_CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+      MF_CUDA_CHECK(cudaEventRecord(done_, c.stream_));
+    }
+    ~InFlight() override {
+      if (done_) cudaEventDestroy(done_);
+    }
+    void wait() override {
+      const auto start = Clock::now(), deadline = start + c_.timeout_;
+      for (;;) {
+        const cudaError_t q = cudaEventQuery(done_);
+        if (q == cudaSuccess) return;
+        if (q != cudaErrorNotReady) MF_THROW("collective ", op_, " on group '", c_.name_, "': CUDA error ", cudaGetErrorString(q));
+        c_.check_async(op_);
+        if (Clock::now() > deadline) c_.timed_out(op_);
+        pause(start);
+      }
+    }
+
+   private:
+    NcclCommunicator& c_;
+    const char* op_;
+    cudaEvent_t done_ = nullptr;
+  };
+
+ private:
+  ncclResult_t enqueue_all_to_all(const Tensor& in, const std::vector<int64_t>& send_rows, Tensor& out,
+                                  const std::vector<int64_t>& recv_rows) {
     const int64_t rb = check_all_to_all(*this, in, send_rows, out, recv_rows);
     const char* src = static_cast<const char*>(in.raw());
     char* dst = static_cast<char*>(out.raw());
@@ -127,20 +175,21 @@ class NcclCommunicator final : public Communicator {
     for (int p = 0; p < size_ && res == ncclSuccess; ++p) {
       const size_t sb = static_cast<size_t>(send_rows[p] * rb);
       const size_t rbytes = static_cast<size_t>(recv_rows[p] * rb);
-      if (sb) res = ncclSend(src + so, sb, ncclUint8, p, comm_, cuda::current_stream());
-      if (res == ncclSuccess && rbytes) res = ncclRecv(dst + ro, rbytes, ncclUint8, p, comm_, cuda::current_stream());
+      if (sb) res = ncclSend(src + so, sb, ncclUint8, p, comm_, stream());
+      if (res == ncclSuccess && rbytes) res = ncclRecv(dst + ro, rbytes, ncclUint8, p, comm_, stream());
       so += static_cast<int64_t>(sb);
       ro += static_cast<int64_t>(rbytes);
     }
     const ncclResult_t end = ncclGroupEnd();
-    launch("all_to_all", res != ncclSuccess ? res : end);
+    return res != ncclSuccess ? res : end;
   }
 
+ public:
   void broadcast(Tensor& t, int root) override {
     MF_CHECK(root >= 0 && root < size_, where("broadcast"), ": root ", root, " is not a rank");
     if (t.numel() == 0) return;
     launch("broadcast", ncclBroadcast(t.raw(), t.raw(), t.numel(), nccl_type(t.dtype(), where("broadcast")), root, comm_,
-                                      cuda::current_stream()));
+                                      stream()));
   }
 
   void all_gather_blocks(const std::vector<Tensor>& ts) override {
@@ -152,7 +201,7 @@ class NcclCommunicator final : public Communicator {
         const Block b = block_of(t.numel(), p, size_);
         if (b.count == 0) continue;
         char* at = base + b.first * es;
-        res = ncclBroadcast(at, at, static_cast<size_t>(b.count) * es, ncclUint8, p, comm_, cuda::current_stream());
+        res = ncclBroadcast(at, at, static_cast<size_t>(b.count) * es, ncclUint8, p, comm_, stream());
       }
     }
     const ncclResult_t end = ncclGroupEnd();
@@ -161,7 +210,7 @@ class NcclCommunicator final : public Communicator {
 
   void barrier() override {
     launch("barrier", ncclAllReduce(barrier_buf_.raw(), barrier_buf_.raw(), 1, ncclFloat32, ncclSum, comm_,
-                                    cuda::current_stream()));
+                                    stream()));
   }
 
  private:
@@ -202,6 +251,19 @@ class NcclCommunicator final : public Communicator {
       std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
 
+  // The group's stream, made to wait for the device work enqueued so far on the compute stream.
+  cudaStream_t stream() {
+    MF_CUDA_CHECK(cudaEventRecord(ready_, cuda::current_stream()));
+    MF_CUDA_CHECK(cudaStreamWaitEvent(stream_, ready_, 0));
+    return stream_;
+  }
+
+  void check_async(const char* op) {
+    ncclResult_t st = ncclSuccess;
+    if (comm_) ncclCommGetAsyncError(comm_, &st);
+    if (st != ncclSuccess && st != ncclInProgress) fail(op, st);
+  }
+
   // Enqueued: wait for the stream, watching NCCL's asynchronous error and the deadline.
   void launch(const char* op, ncclResult_t r) {
     if (!comm_) MF_THROW("collective ", op, " on group '", name_, "': the communicator was aborted by an earlier failure");
@@ -209,7 +271,7 @@ class NcclCommunicator final : public Communicator {
     wait_comm(op);
     const auto start = Clock::now(), deadline = start + timeout_;
     for (;;) {
-      const cudaError_t q = cudaStreamQuery(cuda::current_stream());
+      const cudaError_t q = cudaStreamQuery(stream_);
       if (q == cudaSuccess) return;
       if (q != cudaErrorNotReady) MF_THROW("collective ", op, " on group '", name_, "': CUDA error ", cudaGetErrorString(q));
       ncclResult_t st = ncclSuccess;
@@ -237,6 +299,8 @@ class NcclCommunicator final : public Communicator {
   std::chrono::milliseconds timeout_;
   ncclComm_t comm_ = nullptr;
   ncclComm_t parent_ = nullptr;  // the non-blocking communicator the group was initialised on
+  cudaStream_t stream_ = nullptr;
+  cudaEvent_t ready_ = nullptr;
   Tensor barrier_buf_;
 };
 
