@@ -3,8 +3,8 @@
 //   n2 = rms(x2); router softmax/top-k (or round-robin when balanced); permute by expert;
 //   gate_up and down as grouped GEMMs around SwiGLU; weighted unpermute; x3 = x2 + moe
 // Under expert parallelism the permuted rows go to the ranks holding their experts between the
-// permute and the GEMMs and come back before the unpermute (gpu/expert_exchange.h), in token
-// chunks whose exchanges run on the group's stream while other chunks' experts compute; the rows
+// permute and the GEMMs and come back before the unpermute (gpu/expert_exchange.h), optionally in
+// token chunks whose exchanges run on the group's stream while other chunks' experts compute; the rows
 // a rank received are kept for the backward instead of being recomputed (that would be a second
 // exchange).
 // and the backward mirrors it. Kept per layer for backward: the layer input, norm statistics,
@@ -168,12 +168,16 @@ class Qwen3MoeGpu : public GpuModel {
 
   bool aux_enabled() const { return m_.cfg_.output_router_logits; }
   bool expert_parallel() const { return par_.ep && par_.ep->size() > 1; }
-  // Token chunks of a MoE layer under expert parallelism (MOEFORGE_EP_CHUNKS, default 2; 1: no
-  // overlap of the exchange with the experts).
+  // Token chunks of a MoE layer under expert parallelism (MOEFORGE_EP_CHUNKS, default 1: no
+  // overlap of the exchange with the experts). 2 chunks measured slower on 2 H200s at EP 2 (8,443
+  // against 8,895 tok/s, q30 48 layers): half-size expert GEMMs, twice the routing plans and
+  // count exchanges, and NCCL's copies taking SMs from the GEMMs cost more than the hidden
+  // exchange saved (docs/perf-notes.md). Kept for larger expert-parallel groups, where the
+  // exchange is a larger share.
   static int ep_chunks(int64_t tokens) {
     static const int configured = [] {
       const char* v = std::getenv("MOEFORGE_EP_CHUNKS");
-      const int n = v ? std::atoi(v) : 2;
+      const int n = v ? std::atoi(v) : 1;
       MF_CHECK(n >= 1 && n <= 16, "MOEFORGE_EP_CHUNKS must be 1..16, got '", v ? v : "", "'");
       return n;
     }();
