@@ -27,6 +27,8 @@ using namespace std::chrono_literals;
 
 namespace {
 
+using test::losses_of;
+
 #define REQUIRE_NCCL_GPU()                                                          \
   if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine";         \
   if (!dist::nccl_available()) GTEST_SKIP() << "built without NCCL"
@@ -81,14 +83,6 @@ TEST(NcclCommunicator, AMemberThatNeverComesIsATimeoutNamingTheGroup) {
 std::string moeforge_bin() {
   const char* v = std::getenv("MOEFORGE_BIN_PATH");
   return v ? v : MOEFORGE_BIN;
-}
-
-std::vector<double> losses_of(const std::string& metrics) {
-  std::ifstream in(metrics);
-  std::vector<double> v;
-  std::string line;
-  while (std::getline(in, line)) v.push_back(nlohmann::json::parse(line)["loss"].get<double>());
-  return v;
 }
 
 // qwen3_moe_aux (4 experts, the load-balancing loss on), clipping active, fp32 on the GPU.

@@ -40,6 +40,7 @@ std::string write_recipe(const test::TempDir& dir) {
 }
 
 using test::free_port;
+using test::losses_of;
 
 struct ShellRun {
   int code;
@@ -51,14 +52,6 @@ ShellRun shell(const std::string& cmd) {
   const std::string full = "(" + cmd + ") >" + (tmp / "out") + " 2>" + (tmp / "err");
   const int st = std::system(full.c_str());
   return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, test::read_text(tmp / "out"), test::read_text(tmp / "err")};
-}
-
-std::vector<double> losses_of(const std::string& metrics) {
-  std::ifstream in(metrics);
-  std::vector<double> v;
-  std::string line;
-  while (std::getline(in, line)) v.push_back(nlohmann::json::parse(line)["loss"].get<double>());
-  return v;
 }
 
 void expect_same_model(const std::string& a, const std::string& b) {

@@ -14,6 +14,7 @@
 #include <string>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/tensor.h"
@@ -127,6 +128,15 @@ inline std::pair<int64_t, int64_t> weights_match(const std::vector<nn::Param>& g
     total += static_cast<int64_t>(g.size());
   }
   return {noisy_total, total};
+}
+
+// The "loss" of every line of a run's metrics.jsonl, in order.
+inline std::vector<double> losses_of(const std::string& metrics) {
+  std::ifstream in(metrics);
+  std::vector<double> v;
+  std::string line;
+  while (std::getline(in, line)) v.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  return v;
 }
 
 // A TCP port that was free a moment ago on the loopback interface (for stores and launches).
