@@ -96,14 +96,4 @@ Tensor ExpertExchange::finish_combine(InFlight& f) const {
   return f.buffer;
 }
 
-Tensor ExpertExchange::dispatch(const Tensor& permuted) const {
-  InFlight f = start_dispatch(permuted);
-  return finish_dispatch(f);
-}
-
-Tensor ExpertExchange::combine(const Tensor& local) const {
-  InFlight f = start_combine(local);
-  return finish_combine(f);
-}
-
 }  // namespace moeforge::gpu

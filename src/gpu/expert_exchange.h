@@ -23,13 +23,10 @@ class ExpertExchange {
   // (one small all-to-all) so both directions know their sizes.
   ExpertExchange(dist::Communicator& ep, const std::vector<int64_t>& offsets);
 
-  // [pairs, H] in global-expert order -> [received, H] grouped by local expert.
-  Tensor dispatch(const Tensor& permuted) const;
-  // [received, H] grouped by local expert -> [pairs, H] in this rank's global-expert order.
-  Tensor combine(const Tensor& local) const;
-
-  // The same moves in two halves, so that device work enqueued between start and finish runs
-  // while the rows travel (the all-to-all is on the group's own stream).
+  // Dispatch: [pairs, H] in global-expert order -> [received, H] grouped by local expert; combine:
+  // [received, H] grouped by local expert -> [pairs, H] in this rank's global-expert order. Each in
+  // two halves, so that device work enqueued between start and finish runs while the rows travel
+  // (the all-to-all is on the group's own stream).
   struct InFlight {
     Tensor sent, buffer;  // kept alive until finished
     std::unique_ptr<dist::Communicator::Pending> op;
