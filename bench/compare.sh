@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
 # Runs `moeforge bench` and bench/hf_baseline.py on the same workload in one call (on the GPU
 # machine) and prints both rows and the ratios (moeforge / Transformers: tokens/s and peak memory).
+# With NPROC=N (N > 1) both run on N GPUs: `moeforge launch --nproc-per-node N -- bench` (experts
+# split over every rank unless MF_FLAGS has --ep-size) against Transformers + FSDP2
+# (bench/hf_baseline_fsdp.py under torch.distributed.run); figures are per GPU.
 # usage: bench/compare.sh CONFIG [bench flags: --layers N --seq S --routing R --steps N --warmup N]
-#        MOEFORGE=path/to/moeforge PRECISION=bf16 PYTHON=python3 (environment); MF_FLAGS: flags for
-#        moeforge only (e.g. --optimizer-in-backward)
+#        MOEFORGE=path/to/moeforge PRECISION=bf16 PYTHON=python3 NPROC=1 (environment); MF_FLAGS:
+#        flags for moeforge only (e.g. --optimizer-in-backward)
 set -euo pipefail
 config=$1; shift
 MOEFORGE=${MOEFORGE:-build/moeforge}
 PYTHON=${PYTHON:-python3}
 PRECISION=${PRECISION:-bf16}
-mf_json=$("$MOEFORGE" bench "$config" --precision "$PRECISION" ${MF_FLAGS:-} "$@" | tail -n 1)
-hf_json=$("$PYTHON" "$(dirname "$0")/hf_baseline.py" "$config" "$@" | tail -n 1)
+NPROC=${NPROC:-1}
+here=$(dirname "$0")
+if [ "$NPROC" -gt 1 ]; then
+  mf_json=$("$MOEFORGE" launch --nproc-per-node "$NPROC" -- bench "$config" --precision "$PRECISION" ${MF_FLAGS:-} "$@" | tail -n 1)
+  hf_json=$("$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" "$here/hf_baseline_fsdp.py" "$config" "$@" | tail -n 1)
+else
+  mf_json=$("$MOEFORGE" bench "$config" --precision "$PRECISION" ${MF_FLAGS:-} "$@" | tail -n 1)
+  hf_json=$("$PYTHON" "$here/hf_baseline.py" "$config" "$@" | tail -n 1)
+fi
 "$PYTHON" - "$mf_json" "$hf_json" <<'PY'
 import json, sys
 mf, hf = json.loads(sys.argv[1]), json.loads(sys.argv[2])
@@ -22,9 +32,9 @@ print("%-24s" % "impl" + "".join(" %*s" % (len(f % 0) , n) for _, n, f in cols))
 for r in (mf, hf):
     name = r["impl"] + "/" + r.get("precision", "") + ("/opt-in-bwd" if r.get("optimizer_in_backward") else "")
     print("%-24s" % name + "".join(" " + f % r[k] for k, _, f in cols))
-print("ratio moeforge/transformers: tokens/s %.2fx, peak allocated %.2fx  (%s routing, %d layers, seq %d)" % (
+print("ratio moeforge/transformers: tokens/s %.2fx, peak allocated %.2fx  (%s routing, %d layers, seq %d, %d GPU(s))" % (
     mf["tokens_per_s_per_gpu"] / hf["tokens_per_s_per_gpu"], mf["peak_allocated_gib"] / hf["peak_allocated_gib"],
-    mf["routing"], mf["layers"], mf["seq"]))
+    mf["routing"], mf["layers"], mf["seq"], mf.get("gpus", 1)))
 print("MF_JSON " + json.dumps(mf))
 print("HF_JSON " + json.dumps(hf))
 PY
