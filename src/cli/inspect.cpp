@@ -54,8 +54,28 @@ constexpr Policy kPolicies[] = {
 
 }  // namespace
 
+// Per GPU under a run of `gpus` ranks with experts split over `ep` of them (what moeforge's
+// multi-GPU trainer holds): expert weights, gradients and moments for E / ep experts; dense weights
+// and gradients whole on every GPU, their AdamW moments split over all GPUs (ZeRO-1); bf16-mixed's
+// F32 masters whole. Gradients held for a whole step (the optimizer in backward frees most).
+struct PerGpu {
+  double weights = 0, grads = 0, moments = 0, masters = 0;
+  double total() const { return weights + grads + moments + masters; }
+};
+PerGpu per_gpu_bytes(const Policy& p, double expert_params, double dense_params, int64_t gpus, int64_t ep) {
+  const double here = expert_params / static_cast<double>(ep) + dense_params;
+  const bool mixed = std::string(p.name) == "bf16-mixed";
+  const double w = std::string(p.name) == "fp32" ? 4 : 2, m = std::string(p.name) == "bf16" ? 4 : 8;
+  PerGpu r;
+  r.weights = here * w;
+  r.grads = here * w;
+  r.moments = (expert_params / static_cast<double>(ep) + dense_params / static_cast<double>(gpus)) * m;
+  r.masters = mixed ? here * 4 : 0;
+  return r;
+}
+
 int cmd_inspect(const std::vector<std::string>& argv) {
-  Args args(argv, {}, {"--json"});
+  Args args(argv, {"--gpus", "--ep-size"}, {"--json"});
   MF_CHECK(args.positionals().size() == 1, "inspect takes one MODEL_DIR or CONFIG.json");
   const std::string path = args.positionals()[0];
   MF_CHECK(fs::exists(path), path, ": no such file or folder");
@@ -127,6 +147,27 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   for (const auto& p : kPolicies)
     mem[p.name] = {{"bytes_per_param", p.bytes_per_param}, {"bytes", static_cast<double>(total) * p.bytes_per_param}};
   j["training_memory_excluding_activations"] = mem;
+  // Several GPUs: what each holds (experts split over --ep-size, default all GPUs).
+  const int64_t gpus = args.get_int("--gpus", 1);
+  const int64_t ep = args.get_int("--ep-size", gpus);
+  MF_CHECK(gpus >= 1, "--gpus must be at least 1, got ", gpus);
+  MF_CHECK(ep >= 1 && gpus % ep == 0, "--ep-size ", ep, " does not divide --gpus ", gpus);
+  MF_CHECK(cfg.num_experts % ep == 0 || ep == 1, "--ep-size ", ep, " does not divide the model's ",
+           cfg.num_experts, " experts");
+  double expert_params = 0;
+  for (const auto& p : model->params().all())
+    if (model->adapter().group_of(p.name)) expert_params += static_cast<double>(shape_numel(p.shape));
+  const double dense_params = static_cast<double>(total) - expert_params;
+  if (gpus > 1) {
+    nlohmann::ordered_json pg = {{"gpus", gpus}, {"ep_size", ep}, {"expert_parameters", expert_params},
+                                 {"dense_parameters", dense_params}};
+    for (const auto& p : kPolicies) {
+      const PerGpu b = per_gpu_bytes(p, expert_params, dense_params, gpus, ep);
+      pg[p.name] = {{"weights", b.weights}, {"grads", b.grads}, {"moments", b.moments}, {"masters", b.masters},
+                    {"bytes", b.total()}};
+    }
+    j["training_memory_per_gpu_excluding_activations"] = pg;
+  }
 
   if (args.has("--json")) {
     std::printf("%s\n", j.dump().c_str());
@@ -159,6 +200,18 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   for (const auto& p : kPolicies)
     std::printf("  %-11s %2d B/param  %12s   (%s)\n", p.name, p.bytes_per_param,
                 bytes_str(static_cast<double>(total) * p.bytes_per_param).c_str(), p.what);
+  if (gpus > 1) {
+    std::printf("per GPU on %lld GPUs, experts split over %lld (%s expert + %s dense parameters here; dense AdamW\n"
+                "moments split over all GPUs; gradients held for a whole step):\n",
+                (long long)gpus, (long long)ep, human(expert_params / static_cast<double>(ep)).c_str(),
+                human(dense_params).c_str());
+    for (const auto& p : kPolicies) {
+      const PerGpu b = per_gpu_bytes(p, expert_params, dense_params, gpus, ep);
+      std::printf("  %-11s %12s   (weights %s, grads %s, moments %s%s%s)\n", p.name, bytes_str(b.total()).c_str(),
+                  bytes_str(b.weights).c_str(), bytes_str(b.grads).c_str(), bytes_str(b.moments).c_str(),
+                  b.masters > 0 ? ", masters " : "", b.masters > 0 ? bytes_str(b.masters).c_str() : "");
+    }
+  }
   return 0;
 }
 

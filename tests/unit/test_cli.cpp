@@ -72,6 +72,26 @@ TEST(Cli, InspectReportsParametersAndTensors) {
   EXPECT_NE(text.out.find("sliding window 5"), std::string::npos) << text.out;
 }
 
+// Per-GPU memory under expert parallelism: experts split over --ep-size, dense weights and
+// gradients whole, dense moments split over every GPU (what the multi-GPU trainer holds).
+TEST(Cli, InspectEstimatesMemoryPerGpu) {
+  CmdResult r = run("inspect " + test::fixture("qwen3_moe_a") + " --json --gpus 4 --ep-size 2");
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  const double experts = 2 * 8 * 3 * 16 * 32;  // 2 MoE layers of 8 experts (gate, up, down 16x32)
+  const double dense = j["parameters"]["total"].get<double>() - experts;
+  const auto& pg = j["training_memory_per_gpu_excluding_activations"];
+  EXPECT_EQ(pg["expert_parameters"].get<double>(), experts);
+  EXPECT_EQ(pg["bf16"]["weights"].get<double>(), (experts / 2 + dense) * 2);
+  EXPECT_EQ(pg["bf16"]["moments"].get<double>(), (experts / 2 + dense / 4) * 4);
+  EXPECT_EQ(pg["bf16-mixed"]["masters"].get<double>(), (experts / 2 + dense) * 4);
+  EXPECT_EQ(pg["fp32"]["bytes"].get<double>(), (experts / 2 + dense) * 8 + (experts / 2 + dense / 4) * 8);
+  expect_one_line_error(run("inspect " + test::fixture("qwen3_moe_a") + " --gpus 4 --ep-size 3"),
+                        {"--ep-size 3 does not divide --gpus 4"});
+  expect_one_line_error(run("inspect " + test::fixture("qwen3_moe_a") + " --gpus 16 --ep-size 16"),
+                        {"--ep-size 16 does not divide the model's 8 experts"});
+}
+
 TEST(Cli, InspectWorksOnABareConfig) {
   CmdResult r = run("inspect " + std::string(MOEFORGE_FIXTURES) + "/../../../shared/configs/qwen3-30b-a3b.json --json");
   if (r.status != 0 && r.err.find("no such file") != std::string::npos) GTEST_SKIP() << "shared/configs not beside the repo";
