@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# On the development machine: packs a CUDA build's GPU test binaries and moeforge, with the shared
+# libraries the GPU machine lacks (everything ldd resolves outside glibc, libstdc++/libgcc, the
+# driver and /usr/local/cuda, whose libraries come from the GPU machine's torch venv there), and
+# shared/configs, into .gpu_check/gpu_pack.tar.xz (git-ignored; the device tool's carry limit is
+# 64 MiB, this is ~15 MB). Then: run(command="bash tools/gpu/run.sh tests", carry=[".gpu_check"]).
+# usage: tools/gpu/pack.sh [BUILD_DIR=build]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+build=${1:-build}
+stage=.gpu_check/stage
+rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/lib" "$stage/configs"
+for b in tests/test_cuda_ops tests/test_cuda_model tests/test_cuda_training tests/test_cuda_dist moeforge cuda_ops_bench; do
+  if [ -f "$build/$b" ]; then cp "$build/$b" "$stage/bin/" && strip "$stage/bin/$(basename "$b")"; fi
+done
+[ -f "$stage/bin/moeforge" ] || { echo "pack: $build/moeforge not found (build with the CUDA backend first)" >&2; exit 1; }
+for b in "$stage"/bin/*; do ldd "$b" | awk '/=>/ {print $3}'; done | sort -u | while read -r lib; do
+  case "$lib" in
+    */libc.so*|*/libm.so*|*/libpthread*|*/libdl.so*|*/librt.so*|*/ld-linux*|*/libcuda.so*|/usr/local/cuda*|*/libgcc_s*|*/libstdc++*) ;;
+    *) cp -L "$lib" "$stage/lib/" ;;
+  esac
+done
+if [ -d ../shared/configs ]; then cp ../shared/configs/*.json "$stage/configs/"; fi
+tar -C "$stage" -cJf .gpu_check/gpu_pack.tar.xz .
+rm -rf "$stage"
+ls -la .gpu_check/gpu_pack.tar.xz
