@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
+#include "dist/expert_dispatch.h"
 #include "models/pretrained.h"
 #include "models/save_across_ranks.h"
 
@@ -60,8 +61,7 @@ void save_checkpoint(const std::string& dir, const models::CausalLM& model, cons
   const int parts = multi && par->ep ? par->ep->size() : 1;  // the first expert-parallel group writes
   const fs::path out(dir);
   // One temporary folder for every rank (a shared file system), prepared by rank 0.
-  const fs::path tmp =
-      out.parent_path() / (out.filename().string() + ".tmp." + (multi ? std::string("ranks") : std::to_string(::getpid())));
+  const fs::path tmp = models::temp_folder_of(dir, multi ? std::string("ranks") : std::to_string(::getpid()));
   const auto barrier = [&] {
     if (multi) par->world->barrier();
   };
@@ -83,10 +83,9 @@ void save_checkpoint(const std::string& dir, const models::CausalLM& model, cons
     if (rank == 0) {
       const ExpertRange mine = expert_range(model);
       nlohmann::ordered_json list = nlohmann::ordered_json::array();
-      for (int p = 0; p < parts; ++p) {
-        // Part p holds the experts of rank p of the expert-parallel group: equal consecutive slices.
-        const int64_t per = mine.experts / parts;
-        list.push_back({{"file", part_name(p, parts)}, {"expert_first", p * per}, {"expert_count", per}});
+      for (int p = 0; p < parts; ++p) {  // part p holds the experts of rank p of the expert-parallel group
+        const dist::ExpertShard shard = dist::ExpertShard::of(mine.experts, p, parts);
+        list.push_back({{"file", part_name(p, parts)}, {"expert_first", shard.first}, {"expert_count", shard.count}});
       }
       nlohmann::ordered_json j = {{"format", 2},           {"step", st.step},
                                   {"cursor", st.cursor},    {"seed", st.seed},

@@ -66,22 +66,6 @@ hf::NamedTensors AdamW::state() const {
   return out;
 }
 
-void AdamW::load_state(const hf::SafetensorsFile& f, int64_t step) {
-  ensure_state();
-  const auto& all = params_.all();
-  for (size_t i = 0; i < all.size(); ++i) {
-    for (auto [prefix, dst] : {std::pair{"exp_avg.", &exp_avg_[i]}, std::pair{"exp_avg_sq.", &exp_avg_sq_[i]}}) {
-      const std::string name = prefix + all[i].name;
-      MF_CHECK(f.contains(name), f.path(), ": missing optimizer state '", name, "'");
-      Tensor t = f.get(name);
-      MF_CHECK(t.shape() == all[i].shape && t.dtype() == DType::F32, f.path(), ": optimizer state '", name,
-               "' has ", dtype_name(t.dtype()), " ", shape_str(t.shape()), ", expected F32 ", shape_str(all[i].shape));
-      std::memcpy(dst->raw(), t.raw(), t.nbytes());
-    }
-  }
-  step_ = step;
-}
-
 double global_grad_norm(const nn::ParamStore& params) {
   double ss = 0;
   for (const auto& p : params.all()) {

@@ -34,9 +34,8 @@ class AdamW {
   void step(double lr);
   int64_t steps() const { return step_; }
   const AdamWOptions& options() const { return opts_; }
-  // State for exact resume: exp_avg.<name>, exp_avg_sq.<name> (F32) and the step count.
+  // The moments as exp_avg.<name>, exp_avg_sq.<name> (F32), the names checkpoints use.
   hf::NamedTensors state() const;
-  void load_state(const hf::SafetensorsFile& f, int64_t step);
   // Parameter i's moments (F32, host) and the step count, for moving the state to and from a device.
   Tensor& exp_avg(size_t i) { return exp_avg_.at(i); }
   Tensor& exp_avg_sq(size_t i) { return exp_avg_sq_.at(i); }

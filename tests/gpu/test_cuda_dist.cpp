@@ -98,6 +98,19 @@ std::string write_gpu_recipe(const test::TempDir& dir) {
   return dir / "recipe.yaml";
 }
 
+// `moeforge launch --nproc-per-node 2 -- train RECIPE ARGS`: the exit status and the output.
+struct LaunchRun {
+  bool ok;
+  std::string text;
+};
+LaunchRun launch_two(const test::TempDir& dir, const std::string& recipe, const std::string& args) {
+  const std::string log = dir / "launch.log";
+  const std::string cmd = moeforge_bin() + " launch --nproc-per-node 2 --master-port " + std::to_string(test::free_port()) +
+                          " -- train " + recipe + " " + args + " >" + log + " 2>&1";
+  const int st = std::system(cmd.c_str());
+  return {WIFEXITED(st) && WEXITSTATUS(st) == 0, test::read_text(log)};
+}
+
 class MultiGpuTraining : public ::testing::TestWithParam<int> {};
 
 TEST_P(MultiGpuTraining, TwoGpusMatchOneGpuInFp32) {
@@ -109,13 +122,9 @@ TEST_P(MultiGpuTraining, TwoGpusMatchOneGpuInFp32) {
   const std::string recipe = write_gpu_recipe(dir);
   const auto one = train::run_training(train::load_recipe(recipe, {}));
   const std::string out = dir / "two";
-  const std::string log = dir / "launch.log";
-  const std::string cmd = moeforge_bin() + " launch --nproc-per-node 2 --master-port " + std::to_string(test::free_port()) +
-                          " -- train " + recipe + " ep_size=" + std::to_string(ep) + " output_dir=" + out + " >" + log +
-                          " 2>&1";
-  const int st = std::system(cmd.c_str());
-  const std::string text = test::read_text(log);
-  ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << text;
+  const LaunchRun run = launch_two(dir, recipe, "ep_size=" + std::to_string(ep) + " output_dir=" + out);
+  const std::string& text = run.text;
+  ASSERT_TRUE(run.ok) << text;
   EXPECT_NE(text.find("ranks: 2"), std::string::npos) << text;
   EXPECT_NE(text.find("on cuda"), std::string::npos) << text;
   const auto losses = losses_of(out + "/metrics.jsonl");
@@ -137,11 +146,9 @@ TEST(MultiGpuTrainingPolicies, TwoGpusBf16MixedTrackOneGpu) {
   test::TempDir dir;
   const std::string recipe = write_gpu_recipe(dir);
   const auto one = train::run_training(train::load_recipe(recipe, {"precision=bf16-mixed"}));
-  const std::string out = dir / "two", log = dir / "launch.log";
-  const std::string cmd = moeforge_bin() + " launch --nproc-per-node 2 --master-port " + std::to_string(test::free_port()) +
-                          " -- train " + recipe + " precision=bf16-mixed ep_size=2 output_dir=" + out + " >" + log + " 2>&1";
-  const int st = std::system(cmd.c_str());
-  ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << test::read_text(log);
+  const std::string out = dir / "two";
+  const LaunchRun run = launch_two(dir, recipe, "precision=bf16-mixed ep_size=2 output_dir=" + out);
+  ASSERT_TRUE(run.ok) << run.text;
   const auto losses = losses_of(out + "/metrics.jsonl");
   ASSERT_EQ(losses.size(), one.losses.size());
   for (size_t i = 0; i < losses.size(); ++i) EXPECT_NEAR(losses[i], one.losses[i], 1e-2 * std::abs(one.losses[i])) << "step " << i + 1;
@@ -156,11 +163,9 @@ TEST(MultiGpuCheckpoints, TwoGpuCheckpointResumesOnOneGpu) {
   test::TempDir dir;
   const std::string recipe = write_gpu_recipe(dir);
   const auto one = train::run_training(train::load_recipe(recipe, {}));
-  const std::string two = dir / "two", log = dir / "launch.log";
-  const std::string cmd = moeforge_bin() + " launch --nproc-per-node 2 --master-port " + std::to_string(test::free_port()) +
-                          " -- train " + recipe + " ep_size=2 save_every=2 output_dir=" + two + " >" + log + " 2>&1";
-  const int st = std::system(cmd.c_str());
-  ASSERT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) == 0) << test::read_text(log);
+  const std::string two = dir / "two";
+  const LaunchRun run = launch_two(dir, recipe, "ep_size=2 save_every=2 output_dir=" + two);
+  ASSERT_TRUE(run.ok) << run.text;
   const auto resumed = train::run_training(
       train::load_recipe(recipe, {"resume=" + two + "/checkpoint-2", "output_dir=" + (dir / "resumed")}));
   ASSERT_EQ(resumed.losses.size(), 2u);
