@@ -12,7 +12,9 @@ For every case it writes tests/fixtures/<case>/ containing
   - reference_grads.safetensors: the gradients of the first step, `grad.<name>` under Transformers'
     in-memory names (fused experts), and `aux_grad.<name>` of the load-balancing loss alone.
 Cases with a `hub_layout` variant also get <case>_hub/: the same weights in the hub's v4 spelling
-(per-expert tensor names, `rope_theta`/`rope_scaling`, `num_experts`) so both spellings are tested.
+(per-expert tensor names, `rope_theta`/`rope_scaling`, `num_experts`) so both spellings are tested;
+cases with `v4_config` get <case>_v4/: the same weight files with the config in the v4 spelling.
+`--cases a,b` writes only those cases (MANIFEST.json keeps the others' entries).
 All reference numbers are computed on the CPU in float32 (no TF32), so they are deterministic.
 """
 import argparse
@@ -27,9 +29,12 @@ from safetensors.torch import save_file
 
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
+ROPE_DEFAULT = {"rope_type": "default", "rope_theta": 10000.0}
+
 CASES = {
     # head_dim != hidden/heads, GQA 4:2, renormalised top-k, one dense-MLP layer, untied head, sharded save.
     "qwen3_moe_a": dict(
+        model_type="qwen3_moe",
         config=dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
                     num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
@@ -40,6 +45,7 @@ CASES = {
     # head_dim = hidden/heads, multi-query (1 KV head), no renormalisation, decoder_sparse_step 2,
     # tied embeddings, linear RoPE scaling, sliding window, bf16 storage.
     "qwen3_moe_b": dict(
+        model_type="qwen3_moe",
         config=dict(vocab_size=96, hidden_size=48, intermediate_size=40, num_hidden_layers=4,
                     num_attention_heads=6, num_key_value_heads=1, head_dim=8, num_experts=6,
                     num_experts_per_tok=3, moe_intermediate_size=12, norm_topk_prob=False,
@@ -50,6 +56,7 @@ CASES = {
         dtype=torch.bfloat16, shard=None, hub_layout=False),
     # The load-balancing auxiliary loss is part of the loss (output_router_logits), YaRN RoPE.
     "qwen3_moe_aux": dict(
+        model_type="qwen3_moe",
         config=dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4,
                     num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
@@ -58,6 +65,163 @@ CASES = {
                     rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
                                      "original_max_position_embeddings": 16}),
         dtype=torch.float32, shard=None, hub_layout=False),
+    # Mixtral: plain GQA, top-2 of 4, sharded save (hub names block_sparse_moe.experts.E.w1/w2/w3).
+    "mixtral_a": dict(
+        model_type="mixtral",
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                    num_experts_per_tok=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        dtype=torch.float32, shard="20KB", v4_config=True),
+    # Every option: sliding window, head_dim != hidden/heads, tied head, load-balancing loss in the
+    # loss, top-3 of 6, YaRN, bf16 storage.
+    "mixtral_b": dict(
+        model_type="mixtral",
+        config=dict(vocab_size=80, hidden_size=48, intermediate_size=20, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=16, num_local_experts=6,
+                    num_experts_per_tok=3, sliding_window=5, tie_word_embeddings=True,
+                    output_router_logits=True, router_aux_loss_coef=0.05, max_position_embeddings=64,
+                    rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0,
+                                     "original_max_position_embeddings": 32}),
+        dtype=torch.bfloat16, shard=None),
+    # Qwen2-MoE: QKV bias, shared expert with its sigmoid gate, no renormalisation, one dense layer.
+    "qwen2_moe_a": dict(
+        model_type="qwen2_moe",
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=40, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, num_experts=6, num_experts_per_tok=2,
+                    moe_intermediate_size=12, shared_expert_intermediate_size=20, mlp_only_layers=[1],
+                    norm_topk_prob=False, max_position_embeddings=64, rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None, v4_config=True),
+    # Every option: sliding window on the layers layer_types picks, decoder_sparse_step 2, renormalised
+    # top-k, load-balancing loss, tied head, linear RoPE, bf16.
+    "qwen2_moe_b": dict(
+        model_type="qwen2_moe",
+        config=dict(vocab_size=80, hidden_size=48, intermediate_size=24, num_hidden_layers=4,
+                    num_attention_heads=6, num_key_value_heads=3, num_experts=8, num_experts_per_tok=3,
+                    moe_intermediate_size=10, shared_expert_intermediate_size=16, decoder_sparse_step=2,
+                    norm_topk_prob=True, use_sliding_window=True, sliding_window=4, max_window_layers=3,
+                    output_router_logits=True, router_aux_loss_coef=0.05, tie_word_embeddings=True,
+                    max_position_embeddings=64,
+                    rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}),
+        dtype=torch.bfloat16, shard=None),
+    # OLMoE: q/k RMSNorm over the whole projection, top-2 of 8, no renormalisation.
+    "olmoe_a": dict(
+        model_type="olmoe",
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                    max_position_embeddings=64, rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None),
+    # Every option: clip_qkv (clamps some values here), attention bias, GQA, renormalised top-k,
+    # load-balancing loss, tied head.
+    "olmoe_b": dict(
+        model_type="olmoe",
+        config=dict(vocab_size=80, hidden_size=48, intermediate_size=12, num_hidden_layers=3,
+                    num_attention_heads=6, num_key_value_heads=2, num_experts=6, num_experts_per_tok=3,
+                    clip_qkv=1.5, attention_bias=True, norm_topk_prob=True, output_router_logits=True,
+                    router_aux_loss_coef=0.05, tie_word_embeddings=True, max_position_embeddings=64,
+                    rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}),
+        dtype=torch.float32, shard=None),
+    # Dense fallbacks.
+    "llama_a": dict(
+        model_type="llama",
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None),
+    # Every option: attention and MLP biases, head_dim != hidden/heads, Llama-3 RoPE, tied head, bf16.
+    "llama_b": dict(
+        model_type="llama",
+        config=dict(vocab_size=80, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=16, attention_bias=True,
+                    mlp_bias=True, tie_word_embeddings=True, max_position_embeddings=64,
+                    rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 500000.0,
+                                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                     "original_max_position_embeddings": 16}),
+        dtype=torch.bfloat16, shard=None, v4_config=True),
+    "mistral_a": dict(
+        model_type="mistral",
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                    max_position_embeddings=64, rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None),
+    "mistral_b": dict(
+        model_type="mistral",
+        config=dict(vocab_size=80, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+                    num_attention_heads=6, num_key_value_heads=2, head_dim=12, sliding_window=5,
+                    tie_word_embeddings=True, max_position_embeddings=64, rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None),
+    "qwen2_a": dict(
+        model_type="qwen2",
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None),
+    # Sliding window on layers >= max_window_layers, tied head.
+    "qwen2_b": dict(
+        model_type="qwen2",
+        config=dict(vocab_size=80, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
+                    num_attention_heads=6, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                    max_window_layers=1, tie_word_embeddings=True, max_position_embeddings=64,
+                    rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None),
+    "qwen3_a": dict(
+        model_type="qwen3",
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                    rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None),
+    # Every option: attention bias, sliding window layers, head_dim 16 (!= 48/4), tied head.
+    "qwen3_b": dict(
+        model_type="qwen3",
+        config=dict(vocab_size=80, hidden_size=48, intermediate_size=40, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,
+                    use_sliding_window=True, sliding_window=4, max_window_layers=1, tie_word_embeddings=True,
+                    max_position_embeddings=64, rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None),
+    # DeepSeek-V3 (for the next family to land): MLA with q LoRA, grouped sigmoid routing with the
+    # correction bias, shared expert, first dense layer, routed scaling, YaRN with mscale, interleaved RoPE.
+    "deepseek_v3_a": dict(
+        model_type="deepseek_v3",
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=12,
+                    num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                    n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
+                    qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, n_group=4, topk_group=2,
+                    num_experts_per_tok=3, first_k_dense_replace=1, norm_topk_prob=True,
+                    rope_interleave=True, max_position_embeddings=64,
+                    rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                     "original_max_position_embeddings": 16, "beta_fast": 32.0,
+                                     "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}),
+        dtype=torch.float32, shard=None),
+    # No q LoRA, one group, no renormalisation, plain RoPE, no interleave, two shared experts.
+    "deepseek_v3_b": dict(
+        model_type="deepseek_v3",
+        config=dict(vocab_size=80, hidden_size=48, intermediate_size=40, moe_intermediate_size=10,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2,
+                    n_routed_experts=6, routed_scaling_factor=1.0, kv_lora_rank=12, q_lora_rank=None,
+                    qk_rope_head_dim=4, v_head_dim=8, qk_nope_head_dim=8, n_group=1, topk_group=1,
+                    num_experts_per_tok=2, first_k_dense_replace=0, norm_topk_prob=False,
+                    rope_interleave=False, tie_word_embeddings=True, max_position_embeddings=64,
+                    rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None),
+    # GPT-OSS (for a later family): sinks, alternating sliding/full attention, biases, clamped SwiGLU,
+    # router bias, YaRN.
+    "gpt_oss_a": dict(
+        model_type="gpt_oss",
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+                    num_experts_per_tok=2, sliding_window=4, max_position_embeddings=64,
+                    rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 150000.0,
+                                     "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                     "original_max_position_embeddings": 16}),
+        dtype=torch.float32, shard=None),
+    "gpt_oss_b": dict(
+        model_type="gpt_oss",
+        config=dict(vocab_size=80, hidden_size=48, intermediate_size=12, num_hidden_layers=3,
+                    num_attention_heads=6, num_key_value_heads=3, head_dim=8, num_local_experts=6,
+                    num_experts_per_tok=3, sliding_window=5, output_router_logits=True,
+                    router_aux_loss_coef=0.05, tie_word_embeddings=True, max_position_embeddings=64,
+                    rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+        dtype=torch.bfloat16, shard=None),
 }
 
 BATCH, SEQ = 2, 12
@@ -69,20 +233,26 @@ def perturb_(model, gen):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias") or name.endswith("sinks"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
             else:
                 fan_in = p.shape[-1]
                 p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / fan_in ** 0.5))
+        # DeepSeek-V3's routing correction bias is a buffer; nonzero so that it changes the choice.
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
 def build(case):
-    cfg = transformers.Qwen3MoeConfig(**case["config"])
+    cfg = transformers.AutoConfig.for_model(case["model_type"], **case["config"])
     cfg._attn_implementation = "eager"
     try:
         cfg._experts_implementation = "eager"
     except Exception:
         pass
     torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
     gen = torch.Generator().manual_seed(1234)
     perturb_(model, gen)
     return model, gen
@@ -110,110 +280,154 @@ def hub_state_dict(model, cfg):
     return out
 
 
-def hub_config(folder):
+def hub_config(folder, model_type):
+    """config.json in the v4 hub spelling: rope_theta/rope_scaling, and num_experts where the hub used it."""
     with open(os.path.join(folder, "config.json")) as f:
         c = json.load(f)
     rp = c.pop("rope_parameters", None) or {}
     c["rope_theta"] = rp.get("rope_theta", 10000.0)
     extra = {k: v for k, v in rp.items() if k != "rope_theta"}
     c["rope_scaling"] = None if extra.get("rope_type", "default") == "default" else extra
-    if "num_local_experts" in c:
+    if "num_local_experts" in c and model_type != "mixtral":
         c["num_experts"] = c.pop("num_local_experts")
+    c.pop("layer_types", None)
     c["transformers_version"] = "4.51.0"
     return c
+
+
+def checkpoint_tensor_names(folder):
+    from safetensors import safe_open
+    names = []
+    for fn in sorted(os.listdir(folder)):
+        if fn.endswith(".safetensors") and not fn.startswith("reference"):
+            with safe_open(os.path.join(folder, fn), "pt") as f:
+                names += list(f.keys())
+    return sorted(names)
+
+
+def reload_diff(folder, ids, logits):
+    """Transformers must read a derived folder back to the same logits, or the fixture is wrong."""
+    back = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    back.eval()
+    with torch.no_grad():
+        return (back(input_ids=ids).logits - logits).abs().max().item()
+
+
+def make_case(name, case, out_dir):
+    folder = os.path.join(out_dir, name)
+    shutil.rmtree(folder, ignore_errors=True)
+    model, gen = build(case)
+    model = model.to(case["dtype"])
+    kw = {"max_shard_size": case["shard"]} if case.get("shard") else {}
+    model.save_pretrained(folder, **kw)
+    # The reference is Transformers reading the saved folder in fp32 (so bf16-stored weights are
+    # widened exactly, and RoPE tables are computed in fp32 as from_pretrained does).
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                              attn_implementation="eager")
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=gen)
+    labels = ids.clone()
+    labels[0, 3] = -100
+    labels[1, -2] = -100
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    ref = {"input_ids": ids, "labels": labels, "logits": out.logits.float().contiguous(),
+           "loss": out.loss.detach().float().reshape(())}
+    if getattr(out, "aux_loss", None) is not None:
+        ref["aux_loss"] = torch.as_tensor(out.aux_loss).detach().float().reshape(())
+    # Three AdamW steps on the same batch, fp32, no clipping.
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
+    losses = []
+    grads = {}
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        out_t = model(input_ids=ids, labels=labels)
+        loss = out_t.loss
+        losses.append(loss.item())
+        if step == 0 and getattr(out_t, "aux_loss", None) is not None:
+            # The load-balancing loss's own gradient, to check it apart from the cross-entropy's.
+            aux_g = torch.autograd.grad(out_t.aux_loss, [p for _, p in model.named_parameters()],
+                                        retain_graph=True, allow_unused=True)
+            for (n, _), g in zip(model.named_parameters(), aux_g):
+                if g is not None:
+                    grads["aux_grad." + n] = g.detach().float().contiguous()
+        loss.backward()
+        if step == 0:
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    grads["grad." + n] = p.grad.detach().float().contiguous()
+        opt.step()
+    save_file(grads, os.path.join(folder, "reference_grads.safetensors"))
+    ref["train_losses"] = torch.tensor(losses, dtype=torch.float32)
+    model.save_pretrained(os.path.join(folder, "after_adamw"))
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(folder, "reference.safetensors"))
+    entry = {"model_type": case["model_type"], "files": sorted(os.listdir(folder)),
+             "state_dict_keys": sorted(model.state_dict().keys()),
+             "checkpoint_tensor_names": checkpoint_tensor_names(folder)}
+    print(name, "loss", out.loss.item(), "train", losses, flush=True)
+    variants = {}
+    if case.get("hub_layout"):
+        # Per-expert tensors written by hand (Transformers 5 writes them too, but keep the v4 file
+        # as the hub has it) and the v4 config spelling.
+        model2, _ = build(case)
+        hub = os.path.join(out_dir, name + "_hub")
+        shutil.rmtree(hub, ignore_errors=True)
+        os.makedirs(hub)
+        save_file(hub_state_dict(model2, model2.config), os.path.join(hub, "model.safetensors"),
+                  metadata={"format": "pt"})
+        variants[name + "_hub"] = hub
+    if case.get("v4_config"):
+        # The same weight files with the config in the v4 hub spelling.
+        hub = os.path.join(out_dir, name + "_v4")
+        shutil.rmtree(hub, ignore_errors=True)
+        os.makedirs(hub)
+        for fn in os.listdir(folder):
+            if fn.endswith(".safetensors") and not fn.startswith("reference") or fn == "model.safetensors.index.json":
+                shutil.copy(os.path.join(folder, fn), hub)
+        variants[name + "_v4"] = hub
+    for vname, hub in variants.items():
+        with open(os.path.join(hub, "config.json"), "w") as f:
+            json.dump(hub_config(folder, case["model_type"]), f, indent=2)
+        # The reference is the same as the case's: same weights, other spelling.
+        shutil.copy(os.path.join(folder, "reference.safetensors"), hub)
+        diff = reload_diff(hub, ids, out.logits)
+        print(vname, "reload max|dlogits|", diff, flush=True)
+        assert diff < 1e-5, diff
+    return entry
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(4)
     os.makedirs(args.out, exist_ok=True)
-    manifest = {"transformers_version": transformers.__version__, "torch_version": torch.__version__,
-                "adamw": {k: list(v) if isinstance(v, tuple) else v for k, v in ADAMW.items()},
-                "cases": {}}
-    for name, case in CASES.items():
-        folder = os.path.join(args.out, name)
-        shutil.rmtree(folder, ignore_errors=True)
-        model, gen = build(case)
-        model = model.to(case["dtype"])
-        kw = {"max_shard_size": case["shard"]} if case["shard"] else {}
-        model.save_pretrained(folder, **kw)
-        # The reference is Transformers reading the saved folder in fp32 (so bf16-stored weights are
-        # widened exactly, and RoPE tables are computed in fp32 as from_pretrained does).
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                                  attn_implementation="eager")
-        model.eval()
-        ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=gen)
-        labels = ids.clone()
-        labels[0, 3] = -100
-        labels[1, -2] = -100
-        with torch.no_grad():
-            out = model(input_ids=ids, labels=labels)
-        ref = {"input_ids": ids, "labels": labels, "logits": out.logits.float().contiguous(),
-               "loss": out.loss.detach().float().reshape(())}
-        if getattr(out, "aux_loss", None) is not None:
-            ref["aux_loss"] = torch.as_tensor(out.aux_loss).detach().float().reshape(())
-        # Three AdamW steps on the same batch, fp32, no clipping.
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), **ADAMW)
-        losses = []
-        grads = {}
-        for step in range(3):
-            opt.zero_grad(set_to_none=True)
-            out_t = model(input_ids=ids, labels=labels)
-            loss = out_t.loss
-            losses.append(loss.item())
-            if step == 0 and getattr(out_t, "aux_loss", None) is not None:
-                # The load-balancing loss's own gradient, to check it apart from the cross-entropy's.
-                aux_g = torch.autograd.grad(out_t.aux_loss, [p for _, p in model.named_parameters()],
-                                            retain_graph=True, allow_unused=True)
-                for (n, _), g in zip(model.named_parameters(), aux_g):
-                    if g is not None:
-                        grads["aux_grad." + n] = g.detach().float().contiguous()
-            loss.backward()
-            if step == 0:
-                for n, p in model.named_parameters():
-                    grads["grad." + n] = p.grad.detach().float().contiguous()
-            opt.step()
-        save_file(grads, os.path.join(folder, "reference_grads.safetensors"))
-        ref["train_losses"] = torch.tensor(losses, dtype=torch.float32)
-        model.save_pretrained(os.path.join(folder, "after_adamw"))
-        save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(folder, "reference.safetensors"))
-        keys = sorted(model.state_dict().keys())
-        manifest["cases"][name] = {"files": sorted(os.listdir(folder)), "state_dict_keys": keys[:12]}
-        print(name, "saved files:", sorted(os.listdir(folder)), "loss", out.loss.item(), "train", losses)
-        if case["hub_layout"]:
-            model2, _ = build(case)
-            hub = os.path.join(args.out, name + "_hub")
-            shutil.rmtree(hub, ignore_errors=True)
-            os.makedirs(hub)
-            save_file(hub_state_dict(model2, model2.config), os.path.join(hub, "model.safetensors"),
-                      metadata={"format": "pt"})
-            with open(os.path.join(hub, "config.json"), "w") as f:
-                json.dump(hub_config(folder), f, indent=2)
-            # The reference is the same as the case's: same weights, other spelling.
-            shutil.copy(os.path.join(folder, "reference.safetensors"), hub)
-            # Transformers must read this spelling back to the same logits, or the fixture is wrong.
-            back = transformers.AutoModelForCausalLM.from_pretrained(hub, dtype=torch.float32)
-            back.eval()
-            with torch.no_grad():
-                diff = (back(input_ids=ids).logits - out.logits).abs().max().item()
-            print(name + "_hub reload max|dlogits|", diff)
-            assert diff < 1e-5, diff
-    # What save_pretrained wrote, so the adapter is checked against the real spelling.
-    for name in CASES:
-        from safetensors import safe_open
-        folder = os.path.join(args.out, name)
-        names = []
-        for fn in sorted(os.listdir(folder)):
-            if fn.endswith(".safetensors") and not fn.startswith("reference"):
-                with safe_open(os.path.join(folder, fn), "pt") as f:
-                    names += list(f.keys())
-        manifest["cases"][name]["checkpoint_tensor_names"] = sorted(names)
-    with open(os.path.join(args.out, "MANIFEST.json"), "w") as f:
+    wanted = [c for c in args.cases.split(",") if c] or list(CASES)
+    unknown = [c for c in wanted if c not in CASES]
+    if unknown:
+        sys.exit(f"unknown case(s): {unknown}; known: {list(CASES)}")
+    path = os.path.join(args.out, "MANIFEST.json")
+    manifest = {"cases": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            manifest = json.load(f)
+    manifest.update({"transformers_version": transformers.__version__, "torch_version": torch.__version__,
+                     "adamw": {k: list(v) if isinstance(v, tuple) else v for k, v in ADAMW.items()}})
+    failed = []
+    for name in wanted:
+        try:
+            manifest["cases"][name] = make_case(name, CASES[name], args.out)
+        except Exception as e:  # keep going: one family's failure should not cost the others
+            import traceback
+            traceback.print_exc()
+            failed.append(name)
+            shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
+    with open(path, "w") as f:
         json.dump(manifest, f, indent=1)
-    print("transformers", transformers.__version__, "torch", torch.__version__)
+    print("transformers", transformers.__version__, "torch", torch.__version__, "failed:", failed)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
