@@ -305,9 +305,17 @@ def checkpoint_tensor_names(folder):
     return sorted(names)
 
 
+def load_fp32(folder):
+    """Transformers reading a folder in fp32 with the eager attention and experts (the grouped_mm
+    experts need 16-byte strides, which these tiny widths do not have)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model.config._experts_implementation = "eager"  # the experts modules share this config object
+    return model
+
+
 def reload_diff(folder, ids, logits):
     """Transformers must read a derived folder back to the same logits, or the fixture is wrong."""
-    back = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    back = load_fp32(folder)
     back.eval()
     with torch.no_grad():
         return (back(input_ids=ids).logits - logits).abs().max().item()
@@ -322,8 +330,7 @@ def make_case(name, case, out_dir):
     model.save_pretrained(folder, **kw)
     # The reference is Transformers reading the saved folder in fp32 (so bf16-stored weights are
     # widened exactly, and RoPE tables are computed in fp32 as from_pretrained does).
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                              attn_implementation="eager")
+    model = load_fp32(folder)
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=gen)
     labels = ids.clone()
