@@ -22,7 +22,7 @@
 #include "core/error.h"
 #include "gpu/expert_exchange.h"
 #include "gpu/gpu_model.h"
-#include "models/qwen3_moe/qwen3_moe.h"
+#include "models/decoder/decoder.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
 
@@ -59,13 +59,19 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 class Qwen3MoeGpu : public GpuModel {
  public:
-  Qwen3MoeGpu(const models::Qwen3Moe& m, DeviceParams params, GpuParallel par)
+  Qwen3MoeGpu(const models::Decoder& m, DeviceParams params, GpuParallel par)
       : m_(m), par_(par), params_(std::move(params)), dt_(compute_dtype(params_.precision())) {
+    // The decoder variants this GPU path computes so far: Qwen3-MoE's. Others train on the CPU.
+    const std::string family = "GPU training of model_type '" + m_.config().model_type + "': ";
     for (const auto& L : m_.layers_) {
       const auto& A = L.attn;
-      MF_CHECK(!A.q_proj.bias && !A.k_proj.bias && !A.v_proj.bias && !A.o_proj.bias,
-               "GPU training: attention_bias is not supported on the GPU yet");
-      MF_CHECK(A.q_norm.has_value(), "GPU training: Qwen3-MoE layers must have q/k norms");
+      MF_CHECK(!A.q_proj.bias && !A.k_proj.bias && !A.v_proj.bias && !A.o_proj.bias, family,
+               "attention biases are not supported on the GPU yet (device: cpu trains it)");
+      MF_CHECK(A.q_norm.has_value() && !A.full_qk_norm && !A.clip, family,
+               "only per-head q/k norms without clip_qkv are supported on the GPU yet (device: cpu trains it)");
+      MF_CHECK(!L.shared, family, "shared experts are not supported on the GPU yet (device: cpu trains it)");
+      if (const auto* d = std::get_if<nn::DenseMLP>(&L.mlp))
+        MF_CHECK(!d->gate_proj.bias, family, "MLP biases are not supported on the GPU yet (device: cpu trains it)");
       if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
         const int ep = par_.ep ? par_.ep->size() : 1;
         MF_CHECK(moe->shard.count * ep == moe->experts, "GPU model: the layers hold ", moe->shard.count, " of ",
@@ -136,7 +142,7 @@ class Qwen3MoeGpu : public GpuModel {
       ready(layer_params_[l]);
       phases_.mark("bwd: optimizer in backward");
     }
-    cuda::embedding_backward(bt.ids, dx, params_.grad(m_.embed_));
+    cuda::embedding_backward(bt.ids, dx, params_.grad(m_.embed_), m_.config().pad_token_id.value_or(-1));
     ready({m_.embed_});
     phases_.mark("bwd: embedding");
     cuda::synchronize();
@@ -195,7 +201,7 @@ class Qwen3MoeGpu : public GpuModel {
     // The RoPE tables of the default positions depend on the shape only: computed on the host and
     // uploaded once per shape (they cost milliseconds per step otherwise).
     if (in.position_ids || cached_.b != bt.b || cached_.s != bt.s) {
-      const models::Qwen3Moe::Batch hb = m_.prepare(in);
+      const models::Decoder::Batch hb = m_.prepare(in);
       bt.cos = cuda::to_device(hb.cos, DType::F32);
       bt.sin = cuda::to_device(hb.sin, DType::F32);
       if (!in.position_ids) cached_ = {bt.b, bt.s, bt.cos, bt.sin, Tensor()};
@@ -468,7 +474,7 @@ class Qwen3MoeGpu : public GpuModel {
 
   // Attention backward from d(x2) (the gradient at the post-attention residual stream): accumulates
   // the projection and q/k-norm gradients, returns d(x) = d(x2) + the input norm's backward.
-  Tensor attention_backward(const models::Qwen3Moe::Layer& L, LayerState& c, const Inputs& bt, const Tensor& d_x2) {
+  Tensor attention_backward(const models::Decoder::Layer& L, LayerState& c, const Inputs& bt, const Tensor& d_x2) {
     const auto& A = L.attn;
     const int64_t t = bt.t, hd = A.head_dim;
     Tensor o2 = c.o.view({t, A.heads * hd});
@@ -547,7 +553,7 @@ class Qwen3MoeGpu : public GpuModel {
   static float scale(const nn::Attention& a) { return 1.0f / std::sqrt(static_cast<float>(a.head_dim)); }
   static int64_t window(const nn::Attention& a) { return a.window ? *a.window : 0; }
 
-  const models::Qwen3Moe& m_;
+  const models::Decoder& m_;
   GpuParallel par_;
   std::vector<std::vector<size_t>> layer_params_;
   DeviceParams params_;
@@ -555,7 +561,7 @@ class Qwen3MoeGpu : public GpuModel {
 };
 
 std::unique_ptr<GpuModel> make_qwen3_moe_gpu(const models::CausalLM& model, DeviceParams params, GpuParallel par) {
-  const auto* q = dynamic_cast<const models::Qwen3Moe*>(&model);
+  const auto* q = dynamic_cast<const models::Decoder*>(&model);
   MF_CHECK(q, "internal: make_qwen3_moe_gpu on another family");
   return std::make_unique<Qwen3MoeGpu>(*q, std::move(params), par);
 }

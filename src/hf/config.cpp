@@ -18,6 +18,12 @@ bool ModelConfig::is_moe_layer(int64_t layer) const {
   return num_experts > 0 && decoder_sparse_step > 0 && (layer + 1) % decoder_sparse_step == 0;
 }
 
+std::optional<int64_t> ModelConfig::window_of(int64_t layer) const {
+  if (!sliding_window) return std::nullopt;
+  if (sliding_layers.empty()) return sliding_window;
+  return sliding_layers.at(static_cast<size_t>(layer)) ? sliding_window : std::nullopt;
+}
+
 bool ConfigReader::has(const char* key) const { return j_.contains(key) && !j_[key].is_null(); }
 
 void ConfigReader::fail(const char* key, const std::string& why) const {
@@ -79,7 +85,7 @@ std::vector<int64_t> ConfigReader::opt_int_list(const char* key) const {
   return out;
 }
 
-RopeConfig parse_rope(const ConfigReader& r) {
+RopeConfig parse_rope(const ConfigReader& r, double default_theta) {
   RopeConfig rope;
   // v5 keeps everything in `rope_parameters`; v4 has `rope_theta` at the top and `rope_scaling`
   // (with `type` or `rope_type`) beside it.
@@ -92,7 +98,7 @@ RopeConfig parse_rope(const ConfigReader& r) {
     params = &r.json()["rope_scaling"];
     where = "rope_scaling";
   }
-  rope.theta = r.opt_double("rope_theta", 10000.0);
+  rope.theta = r.opt_double("rope_theta", default_theta);
   rope.partial_rotary_factor = r.opt_double("partial_rotary_factor", 1.0);
   if (params) {
     if (!params->is_object()) r.fail(where, "must be an object, got " + params->dump());
@@ -127,25 +133,22 @@ RopeConfig parse_rope(const ConfigReader& r) {
   return rope;
 }
 
-namespace {
-
-void parse_common(const ConfigReader& r, ModelConfig& c) {
+void parse_common(const ConfigReader& r, ModelConfig& c, const FamilyDefaults& d) {
   c.vocab_size = r.req_int("vocab_size");
   c.hidden_size = r.req_int("hidden_size");
   c.num_hidden_layers = r.req_int("num_hidden_layers");
   c.num_attention_heads = r.req_int("num_attention_heads");
-  c.num_key_value_heads = r.opt_int("num_key_value_heads", c.num_attention_heads);
-  c.max_position_embeddings = r.opt_int("max_position_embeddings", 32768);
-  c.rms_norm_eps = r.opt_double("rms_norm_eps", 1e-6);
+  c.num_key_value_heads = r.opt_int("num_key_value_heads", d.num_key_value_heads.value_or(c.num_attention_heads));
+  c.max_position_embeddings = r.opt_int("max_position_embeddings", d.max_position_embeddings);
+  c.rms_norm_eps = r.opt_double("rms_norm_eps", d.rms_norm_eps);
   c.hidden_act = r.opt_string("hidden_act", "silu");
   c.tie_word_embeddings = r.opt_bool("tie_word_embeddings", false);
-  c.attention_bias = r.opt_bool("attention_bias", false);
   for (const char* k : {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"})
     if (r.req_int(k) <= 0) r.fail(k, "must be positive");
   if (c.num_key_value_heads <= 0 || c.num_attention_heads % c.num_key_value_heads != 0)
     r.fail("num_key_value_heads", "must be positive and divide num_attention_heads (" +
                                       std::to_string(c.num_attention_heads) + ")");
-  c.head_dim = r.opt_int("head_dim", c.hidden_size / c.num_attention_heads);
+  c.head_dim = r.opt_int("head_dim", d.head_dim.value_or(c.hidden_size / c.num_attention_heads));
   if (c.head_dim <= 0 || c.head_dim % 2 != 0) r.fail("head_dim", "must be a positive even number");
   if (c.hidden_act != "silu") r.fail("hidden_act", "value '" + c.hidden_act + "' is not supported (supported: silu)");
   const std::string dt = r.opt_string("dtype", r.opt_string("torch_dtype", ""));
@@ -153,38 +156,17 @@ void parse_common(const ConfigReader& r, ModelConfig& c) {
     c.dtype = dtype_from_torch_name(dt);
     if (!c.dtype) r.fail(r.has("dtype") ? "dtype" : "torch_dtype", "has unknown value '" + dt + "'");
   }
-  c.rope = parse_rope(r);
-}
-
-void parse_qwen3_moe(const ConfigReader& r, ModelConfig& c) {
-  parse_common(r, c);
-  c.intermediate_size = r.opt_int("intermediate_size", 6144);
-  // The hub spells the expert count `num_experts`; Transformers 5 writes `num_local_experts`.
-  c.num_experts = r.req_int_any({"num_experts", "num_local_experts"});
-  c.num_experts_per_tok = r.req_int("num_experts_per_tok");
-  c.moe_intermediate_size = r.req_int("moe_intermediate_size");
-  c.decoder_sparse_step = r.opt_int("decoder_sparse_step", 1);
-  c.mlp_only_layers = r.opt_int_list("mlp_only_layers");
-  c.norm_topk_prob = r.opt_bool("norm_topk_prob", false);
-  c.output_router_logits = r.opt_bool("output_router_logits", false);
-  c.router_aux_loss_coef = r.opt_double("router_aux_loss_coef", 0.001);
-  // Transformers keeps the window only when use_sliding_window is set (Qwen3MoeConfig.__post_init__).
-  if (r.opt_bool("use_sliding_window", false)) {
-    c.sliding_window = r.opt_nullable_int("sliding_window");
-    if (c.sliding_window && *c.sliding_window <= 0) r.fail("sliding_window", "must be positive");
+  c.rope = parse_rope(r, d.rope_theta);
+  const bool pad_given = r.json().contains("pad_token_id");  // null given means none
+  if (r.has("pad_token_id") || (!pad_given && d.pad_token_id)) {
+    int64_t pad = r.has("pad_token_id") ? r.req_int("pad_token_id") : *d.pad_token_id;
+    if (pad < 0) pad += c.vocab_size;  // as torch's nn.Embedding reads a negative padding_idx
+    if (pad < 0 || pad >= c.vocab_size)
+      r.fail("pad_token_id", "is " + std::to_string(pad) + ", outside the vocabulary of " +
+                                 std::to_string(c.vocab_size));
+    c.pad_token_id = pad;
   }
-  if (c.num_experts < 0) r.fail("num_experts", "must not be negative");
-  if (c.num_experts > 0 && (c.num_experts_per_tok <= 0 || c.num_experts_per_tok > c.num_experts))
-    r.fail("num_experts_per_tok", "must be between 1 and num_experts (" + std::to_string(c.num_experts) + ")");
-  if (c.decoder_sparse_step <= 0) r.fail("decoder_sparse_step", "must be positive");
-  if (c.moe_intermediate_size <= 0) r.fail("moe_intermediate_size", "must be positive");
-  for (auto l : c.mlp_only_layers)
-    if (l < 0 || l >= c.num_hidden_layers)
-      r.fail("mlp_only_layers", "lists layer " + std::to_string(l) + " but the model has " +
-                                    std::to_string(c.num_hidden_layers) + " layers");
 }
-
-}  // namespace
 
 ModelConfig parse_config(const ojson& j, const std::string& source) {
   MF_CHECK(j.is_object(), source, ": config must be a JSON object");
@@ -194,11 +176,7 @@ ModelConfig parse_config(const ojson& j, const std::string& source) {
   c.raw = j;
   if (!r.has("model_type")) r.fail("model_type", "is required but missing");
   c.model_type = r.opt_string("model_type", "");
-  if (c.model_type == "qwen3_moe") {
-    parse_qwen3_moe(r, c);
-  } else {
-    r.fail("model_type", "value '" + c.model_type + "' is not supported (supported: qwen3_moe)");
-  }
+  parse_family(r, c);
   return c;
 }
 

@@ -37,8 +37,20 @@ struct ModelConfig {
   double rms_norm_eps = 1e-6;
   std::string hidden_act = "silu";
   bool tie_word_embeddings = false;
-  bool attention_bias = false;
-  std::optional<int64_t> sliding_window;  // effective window (null when the model does not use one)
+  // The embedding row that gets no gradient from the lookup (Transformers builds nn.Embedding with
+  // padding_idx = pad_token_id); null when the config has none.
+  std::optional<int64_t> pad_token_id;
+  // Attention and MLP variants of the families.
+  bool qkv_bias = false;  // bias on q_proj/k_proj/v_proj (attention_bias, or Qwen2's always-on QKV bias)
+  bool o_bias = false;    // bias on o_proj
+  bool mlp_bias = false;  // bias on the dense MLP's projections (Llama's mlp_bias)
+  enum class QkNorm { None, PerHead, Full };
+  // RMSNorm on q and k: per head of head_dim (Qwen3) or over the whole projection (OLMoE).
+  QkNorm qk_norm = QkNorm::None;
+  std::optional<double> clip_qkv;  // OLMoE: q, k, v clamped to [-clip, clip] after the norms
+  std::optional<int64_t> sliding_window;  // the window of the layers that use one (null: none does)
+  // Per layer, whether it uses sliding_window (from `layer_types` or the family's rule); empty: all.
+  std::vector<bool> sliding_layers;
   RopeConfig rope;
   std::optional<DType> dtype;  // `dtype` (v5) or `torch_dtype` (v4)
 
@@ -49,8 +61,13 @@ struct ModelConfig {
   bool norm_topk_prob = false;
   bool output_router_logits = false;
   double router_aux_loss_coef = 0.001;
+  // Qwen2-MoE: a shared expert of this width beside the routed ones, scaled by sigmoid(x . gate)
+  // (0: none).
+  int64_t shared_expert_intermediate_size = 0;
 
   bool is_moe_layer(int64_t layer) const;
+  // The attention window of a layer (null: full causal attention).
+  std::optional<int64_t> window_of(int64_t layer) const;
 };
 
 // `path` is a config.json file or a folder holding one. Throws naming the file and field.
@@ -82,6 +99,22 @@ class ConfigReader {
   std::string source_;
 };
 
-RopeConfig parse_rope(const ConfigReader& r);
+// `default_theta`: the family's rope_theta when the config names none (Mixtral's is 1e6).
+RopeConfig parse_rope(const ConfigReader& r, double default_theta = 10000.0);
+
+// What a family's configuration class fills in for fields config.json leaves out.
+struct FamilyDefaults {
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  int64_t max_position_embeddings = 32768;
+  std::optional<int64_t> num_key_value_heads;  // null: as many as attention heads
+  std::optional<int64_t> head_dim;             // null: hidden_size / num_attention_heads
+  std::optional<int64_t> pad_token_id;         // OLMoE's class defaults it to 1
+};
+// The fields every family shares (sizes, norms, RoPE, dtype), checked; throws naming the field.
+void parse_common(const ConfigReader& r, ModelConfig& c, const FamilyDefaults& d);
+// Each supported family's own fields (hf/family_configs.cpp); throws for other model types.
+void parse_family(const ConfigReader& r, ModelConfig& c);
+std::vector<std::string> supported_config_types();
 
 }  // namespace moeforge::hf

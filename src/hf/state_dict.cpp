@@ -67,9 +67,12 @@ LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamSt
     const ExpertGroup* g = group_of(p.name);
     if (!g) {
       ++report.tensors_expected;
-      need(p.name);
-      check_shape(ckpt, p.name, p.shape);
-      p.value = ckpt.get(p.name).to(compute);
+      std::string name = checkpoint_name(p.name);
+      if (name != p.name && !ckpt.contains(name) && ckpt.contains(p.name)) name = p.name;  // in-memory spelling
+      need(name);
+      check_shape(ckpt, name, p.shape);
+      p.value = ckpt.get(name).to(compute);
+      loaded_as_[p.name] = name;
       continue;
     }
     const bool is_gate_up = p.name == g->gate_up;
@@ -128,6 +131,12 @@ LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamSt
   return report;
 }
 
+std::string StateDictAdapter::checkpoint_name(const std::string& internal) const {
+  if (auto it = loaded_as_.find(internal); it != loaded_as_.end()) return it->second;
+  if (auto it = renames_.find(internal); it != renames_.end()) return it->second;
+  return internal;
+}
+
 NamedTensors StateDictAdapter::export_tensors(const nn::ParamStore& params, std::optional<DType> default_dtype) const {
   NamedTensors out;
   auto dtype_for = [&](const std::string& name, const Tensor& t) {
@@ -141,7 +150,8 @@ NamedTensors StateDictAdapter::export_tensors(const nn::ParamStore& params, std:
     if (!g || fused_loaded_.count(g->prefix)) {
       MF_CHECK(!g || p.shape[0] == g->experts, "internal: exporting ", p.shape[0], " of ", g ? g->experts : 0,
                " experts of '", p.name, "' in the fused layout (one tensor cannot be split over files)");
-      out.emplace_back(p.name, p.value.to(dtype_for(p.name, p.value)));
+      const std::string name = g ? p.name : checkpoint_name(p.name);
+      out.emplace_back(name, p.value.to(dtype_for(name, p.value)));
       continue;
     }
     const int64_t rows = p.shape[1];
@@ -165,7 +175,7 @@ std::vector<std::pair<std::string, Shape>> StateDictAdapter::expected_hub_tensor
   for (const auto& p : params.all()) {
     const ExpertGroup* g = group_of(p.name);
     if (!g) {
-      out.emplace_back(p.name, p.shape);
+      out.emplace_back(checkpoint_name(p.name), p.shape);
       continue;
     }
     for (int64_t e = 0; e < g->experts; ++e) {

@@ -35,6 +35,10 @@ class StateDictAdapter {
   void add_expert_group(ExpertGroup g);
   // Checkpoint names that are read and ignored (e.g. lm_head.weight when embeddings are tied).
   void ignore(const std::string& name) { ignored_.insert(name); }
+  // A parameter the checkpoint names differently from Transformers' in-memory name (Mixtral's
+  // router: block_sparse_moe.gate.weight on disk, mlp.gate.weight in memory). Loading takes either;
+  // saving writes the one loaded (the checkpoint name when nothing was).
+  void rename(const std::string& internal, const std::string& checkpoint) { renames_[internal] = checkpoint; }
 
   // Fills every parameter from the checkpoint, converting to `compute` dtype. Throws naming the
   // file and tensor on a missing tensor or a shape the config does not imply.
@@ -56,6 +60,7 @@ class StateDictAdapter {
   void adopt_layout(const StateDictAdapter& other) {
     fused_loaded_ = other.fused_loaded_;
     source_dtype_ = other.source_dtype_;
+    loaded_as_ = other.loaded_as_;
   }
 
  private:
@@ -64,6 +69,10 @@ class StateDictAdapter {
   std::set<std::string> ignored_;
   std::set<std::string> fused_loaded_;             // groups (by prefix) found fused in the checkpoint
   std::map<std::string, DType> source_dtype_;      // checkpoint name -> dtype it had
+  std::map<std::string, std::string> renames_;     // internal -> checkpoint name
+  std::map<std::string, std::string> loaded_as_;   // internal -> the name it was loaded under
+  // The name an ungrouped parameter is saved under.
+  std::string checkpoint_name(const std::string& internal) const;
 };
 
 }  // namespace moeforge::hf

@@ -11,7 +11,10 @@ FlopsPerToken flops_per_token(const hf::ModelConfig& c, int64_t seq) {
     layers += attention;
     if (c.is_moe_layer(l))
       layers += static_cast<double>(c.num_experts_per_tok) * 3 * 2 * h * static_cast<double>(c.moe_intermediate_size) +
-                2 * h * static_cast<double>(c.num_experts);
+                2 * h * static_cast<double>(c.num_experts) +
+                (c.shared_expert_intermediate_size > 0  // the shared expert and its gate
+                     ? 3 * 2 * h * static_cast<double>(c.shared_expert_intermediate_size) + 2 * h
+                     : 0);
     else
       layers += 3 * 2 * h * static_cast<double>(c.intermediate_size);
   }

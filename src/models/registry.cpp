@@ -4,14 +4,30 @@
 #include <map>
 
 #include "core/error.h"
-#include "models/qwen3_moe/qwen3_moe.h"
+#include "models/decoder/decoder.h"
 
 namespace moeforge::models {
 
 namespace {
 using Builder = std::function<std::unique_ptr<CausalLM>(const hf::ModelConfig&, const Parallel&)>;
+
+// The families built on models::Decoder differ only in their config (hf/family_configs.cpp) and in
+// where their checkpoints keep the experts.
+Builder decoder_family(ExpertNaming naming = {}) {
+  return [naming](const hf::ModelConfig& cfg, const Parallel& par) { return make_decoder(cfg, par, naming); };
+}
+
 const std::map<std::string, Builder>& builders() {
-  static const std::map<std::string, Builder> m = {{"qwen3_moe", make_qwen3_moe}};
+  static const std::map<std::string, Builder> m = {
+      {"qwen3_moe", decoder_family()},
+      {"qwen2_moe", decoder_family()},
+      {"olmoe", decoder_family()},
+      {"mixtral", decoder_family({"block_sparse_moe", "w1.weight", "w3.weight", "w2.weight"})},
+      {"llama", decoder_family()},
+      {"mistral", decoder_family()},
+      {"qwen2", decoder_family()},
+      {"qwen3", decoder_family()},
+  };
   return m;
 }
 }  // namespace

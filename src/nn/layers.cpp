@@ -1,5 +1,6 @@
 #include "nn/layers.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -75,41 +76,85 @@ Tensor Linear::backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const
 }
 
 void Attention::init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_, int64_t kv_heads_,
-                     int64_t head_dim_, bool bias, bool qk_norm, float eps, std::optional<int64_t> window_) {
+                     int64_t head_dim_, const AttentionOptions& opts) {
   heads = heads_;
   kv_heads = kv_heads_;
   head_dim = head_dim_;
-  window = window_;
-  q_proj.init(ps, prefix + ".q_proj", hidden, heads * head_dim, bias);
-  k_proj.init(ps, prefix + ".k_proj", hidden, kv_heads * head_dim, bias);
-  v_proj.init(ps, prefix + ".v_proj", hidden, kv_heads * head_dim, bias);
-  o_proj.init(ps, prefix + ".o_proj", heads * head_dim, hidden, bias);
-  if (qk_norm) {
+  window = opts.window;
+  clip = opts.clip_qkv;
+  q_proj.init(ps, prefix + ".q_proj", hidden, heads * head_dim, opts.qkv_bias);
+  k_proj.init(ps, prefix + ".k_proj", hidden, kv_heads * head_dim, opts.qkv_bias);
+  v_proj.init(ps, prefix + ".v_proj", hidden, kv_heads * head_dim, opts.qkv_bias);
+  o_proj.init(ps, prefix + ".o_proj", heads * head_dim, hidden, opts.o_bias);
+  if (opts.qk_norm != hf::ModelConfig::QkNorm::None) {
+    full_qk_norm = opts.qk_norm == hf::ModelConfig::QkNorm::Full;
     q_norm.emplace();
-    q_norm->init(ps, prefix + ".q_norm.weight", head_dim, eps);
+    q_norm->init(ps, prefix + ".q_norm.weight", full_qk_norm ? heads * head_dim : head_dim, opts.eps);
     k_norm.emplace();
-    k_norm->init(ps, prefix + ".k_norm.weight", head_dim, eps);
+    k_norm->init(ps, prefix + ".k_norm.weight", full_qk_norm ? kv_heads * head_dim : head_dim, opts.eps);
   }
+}
+
+namespace {
+
+// Clamps x to [-c, c] in place (torch.clamp_).
+void clamp_inplace(Tensor& x, float c) {
+  float* p = x.f32();
+  for (int64_t i = 0; i < x.numel(); ++i) p[i] = std::min(std::max(p[i], -c), c);
+}
+
+// The clamp's backward: torch passes the gradient where -c <= x <= c and stops it elsewhere.
+Tensor clamp_backward(const Tensor& unclipped, const Tensor& dy, float c) {
+  Tensor d = dy.clone();
+  const float* u = unclipped.f32();
+  float* p = d.f32();
+  for (int64_t i = 0; i < d.numel(); ++i)
+    if (u[i] < -c || u[i] > c) p[i] = 0.f;
+  return d;
+}
+
+}  // namespace
+
+Tensor Attention::normalise(const ParamStore& ps, const std::optional<RMSNorm>& norm, const Tensor& x, int64_t n,
+                            Tensor* unclipped) const {
+  const int64_t t = x.size(0);
+  Tensor y;
+  if (!norm) y = x.clone();  // RoPE rotates in place; the projection's values stay as they were
+  else if (full_qk_norm) y = norm->forward(ps, x);
+  else y = norm->forward(ps, x.view({t, n, head_dim})).view({t, n * head_dim});
+  if (clip) {
+    if (unclipped) *unclipped = y.clone();
+    clamp_inplace(y, *clip);
+  }
+  return y;
+}
+
+Tensor Attention::normalise_backward(ParamStore& ps, const std::optional<RMSNorm>& norm, const Tensor& pre,
+                                     const Tensor& unclipped, const Tensor& dy, int64_t n) const {
+  const int64_t t = dy.size(0);
+  Tensor d = clip ? clamp_backward(unclipped, dy, *clip) : dy;
+  if (!norm) return d;
+  if (full_qk_norm) return norm->backward(ps, pre, d);
+  return norm->backward(ps, pre.view({t, n, head_dim}), d.view({t, n, head_dim})).view({t, n * head_dim});
 }
 
 Tensor Attention::forward(const ParamStore& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
                           const Tensor& sin, const Tensor* doc_ids, Cache* cache) const {
   const int64_t t = batch * seq;
-  Tensor q = q_proj.forward(ps, x).view({t, heads, head_dim});
-  Tensor k = k_proj.forward(ps, x).view({t, kv_heads, head_dim});
-  Tensor v = v_proj.forward(ps, x).view({batch, seq, kv_heads, head_dim});
+  Tensor q_pre = q_proj.forward(ps, x), k_pre = k_proj.forward(ps, x);
+  Tensor v = v_proj.forward(ps, x);
   if (cache) {
     cache->x = x;
-    cache->q_pre = q;
-    cache->k_pre = k;
+    cache->q_pre = q_pre;
+    cache->k_pre = k_pre;
   }
-  if (q_norm) {
-    q = q_norm->forward(ps, q);
-    k = k_norm->forward(ps, k);
-  } else if (cache) {
-    q = q.clone();  // the rotation below is in place; keep the pre-rotation values intact
-    k = k.clone();
+  Tensor q = normalise(ps, q_norm, q_pre, heads, cache ? &cache->q_unclipped : nullptr).view({t, heads, head_dim});
+  Tensor k = normalise(ps, k_norm, k_pre, kv_heads, cache ? &cache->k_unclipped : nullptr).view({t, kv_heads, head_dim});
+  if (clip) {
+    if (cache) cache->v_unclipped = v.clone();
+    clamp_inplace(v, *clip);
   }
+  v = v.view({batch, seq, kv_heads, head_dim});
   ops::rope_inplace(q, cos, sin);
   ops::rope_inplace(k, cos, sin);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
@@ -135,20 +180,20 @@ Tensor Attention::backward(ParamStore& ps, const Cache& c, int64_t batch, int64_
   dk = dk.view({t, kv_heads, head_dim});
   ops::rope_inplace(dq, cos, sin, /*inverse=*/true);
   ops::rope_inplace(dk, cos, sin, /*inverse=*/true);
-  if (q_norm) {
-    dq = q_norm->backward(ps, c.q_pre, dq);
-    dk = k_norm->backward(ps, c.k_pre, dk);
-  }
-  Tensor dx = q_proj.backward(ps, c.x, dq.view({t, heads * head_dim}));
-  ops::add_inplace(dx, k_proj.backward(ps, c.x, dk.view({t, kv_heads * head_dim})));
-  ops::add_inplace(dx, v_proj.backward(ps, c.x, dv.view({t, kv_heads * head_dim})));
+  dq = normalise_backward(ps, q_norm, c.q_pre, c.q_unclipped, dq.view({t, heads * head_dim}), heads);
+  dk = normalise_backward(ps, k_norm, c.k_pre, c.k_unclipped, dk.view({t, kv_heads * head_dim}), kv_heads);
+  dv = dv.view({t, kv_heads * head_dim});
+  if (clip) dv = clamp_backward(c.v_unclipped, dv, *clip);
+  Tensor dx = q_proj.backward(ps, c.x, dq);
+  ops::add_inplace(dx, k_proj.backward(ps, c.x, dk));
+  ops::add_inplace(dx, v_proj.backward(ps, c.x, dv));
   return dx;
 }
 
-void DenseMLP::init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter) {
-  gate_proj.init(ps, prefix + ".gate_proj", hidden, inter, false);
-  up_proj.init(ps, prefix + ".up_proj", hidden, inter, false);
-  down_proj.init(ps, prefix + ".down_proj", inter, hidden, false);
+void DenseMLP::init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter, bool bias) {
+  gate_proj.init(ps, prefix + ".gate_proj", hidden, inter, bias);
+  up_proj.init(ps, prefix + ".up_proj", hidden, inter, bias);
+  down_proj.init(ps, prefix + ".down_proj", inter, hidden, bias);
 }
 
 Tensor DenseMLP::forward(const ParamStore& ps, const Tensor& x, Cache* cache) const {
@@ -175,6 +220,45 @@ Tensor DenseMLP::backward(ParamStore& ps, const Cache& c, const Tensor& dy) cons
   }
   Tensor dx = gate_proj.backward(ps, c.x, dg);
   ops::add_inplace(dx, up_proj.backward(ps, c.x, du));
+  return dx;
+}
+
+void GatedSharedExpert::init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter) {
+  mlp.init(ps, prefix + ".shared_expert", hidden, inter);
+  gate.init(ps, prefix + ".shared_expert_gate", hidden, 1, false);
+}
+
+Tensor GatedSharedExpert::forward(const ParamStore& ps, const Tensor& x, Cache* cache) const {
+  Tensor y = mlp.forward(ps, x, cache ? &cache->mlp : nullptr);
+  Tensor g = gate.forward(ps, x);  // [T, 1]
+  const int64_t t = y.size(0), h = y.size(1);
+  Tensor out = Tensor::empty({t, h}, DType::F32);
+  for (int64_t r = 0; r < t; ++r) {
+    float& gr = g.f32()[r];
+    gr = 1.f / (1.f + std::exp(-gr));
+    for (int64_t i = 0; i < h; ++i) out.f32()[r * h + i] = gr * y.f32()[r * h + i];
+  }
+  if (cache) {
+    cache->y = y;
+    cache->gate = g;
+  }
+  return out;
+}
+
+Tensor GatedSharedExpert::backward(ParamStore& ps, const Cache& c, const Tensor& dy) const {
+  const int64_t t = dy.size(0), h = dy.size(1);
+  Tensor dmlp = Tensor::empty({t, h}, DType::F32), dlogit = Tensor::empty({t, 1}, DType::F32);
+  for (int64_t r = 0; r < t; ++r) {
+    const float g = c.gate.f32()[r];
+    double dg = 0;
+    for (int64_t i = 0; i < h; ++i) {
+      dmlp.f32()[r * h + i] = g * dy.f32()[r * h + i];
+      dg += static_cast<double>(dy.f32()[r * h + i]) * c.y.f32()[r * h + i];
+    }
+    dlogit.f32()[r] = static_cast<float>(dg) * g * (1.f - g);  // sigmoid' = g (1 - g)
+  }
+  Tensor dx = mlp.backward(ps, c.mlp, dmlp);
+  ops::add_inplace(dx, gate.backward(ps, c.mlp.x, dlogit));
   return dx;
 }
 

@@ -11,6 +11,7 @@
 #include "core/tensor.h"
 #include "dist/communicator.h"
 #include "dist/expert_dispatch.h"
+#include "hf/config.h"
 #include "nn/params.h"
 #include "nn/rotary.h"
 
@@ -32,22 +33,43 @@ struct Linear {
   Tensor backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const;
 };
 
-// Grouped-query attention with optional per-head q/k RMSNorm (Qwen3) and an optional sliding window.
+// Grouped-query attention. Variants: biases on q/k/v and on o; RMSNorm on q and k per head (Qwen3)
+// or over the whole projection (OLMoE); q/k/v clamped to [-clip, clip] (OLMoE's clip_qkv); a
+// sliding window.
+struct AttentionOptions {
+  bool qkv_bias = false, o_bias = false;
+  hf::ModelConfig::QkNorm qk_norm = hf::ModelConfig::QkNorm::None;
+  std::optional<float> clip_qkv;
+  std::optional<int64_t> window;
+  float eps = 1e-6f;  // of the q/k norms
+};
+
 struct Attention {
   struct Cache {
     Tensor x, q_pre, k_pre, q, k, v, o;  // input, q/k before norm, q/k after norm+RoPE, v, attention out
+    Tensor q_unclipped, k_unclipped, v_unclipped;  // clip_qkv only: the values before the clamp
   };
   Linear q_proj, k_proj, v_proj, o_proj;
   std::optional<RMSNorm> q_norm, k_norm;
+  bool full_qk_norm = false;  // the norms span all heads' values of a token (else one head's)
+  std::optional<float> clip;
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   std::optional<int64_t> window;
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_, int64_t kv_heads_,
-            int64_t head_dim_, bool bias, bool qk_norm, float eps, std::optional<int64_t> window_);
+            int64_t head_dim_, const AttentionOptions& opts);
   // x [B*S, hidden]; cos/sin [B*S, rot]; doc_ids [B,S] optional.
   Tensor forward(const ParamStore& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
                  const Tensor& sin, const Tensor* doc_ids, Cache* cache = nullptr) const;
   Tensor backward(ParamStore& ps, const Cache& c, int64_t batch, int64_t seq, const Tensor& cos, const Tensor& sin,
                   const Tensor* doc_ids, const Tensor& dy) const;
+
+ private:
+  // q or k [T, n * head_dim] through its norm (when any) and the clamp (when set).
+  // `unclipped` (optional) receives the values before the clamp.
+  Tensor normalise(const ParamStore& ps, const std::optional<RMSNorm>& norm, const Tensor& x, int64_t n,
+                   Tensor* unclipped) const;
+  Tensor normalise_backward(ParamStore& ps, const std::optional<RMSNorm>& norm, const Tensor& pre,
+                            const Tensor& unclipped, const Tensor& dy, int64_t n) const;
 };
 
 // SwiGLU MLP: down(silu(gate(x)) * up(x)).
@@ -56,6 +78,21 @@ struct DenseMLP {
     Tensor x, gate_up, act;
   };
   Linear gate_proj, up_proj, down_proj;
+  void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter, bool bias = false);
+  Tensor forward(const ParamStore& ps, const Tensor& x, Cache* cache = nullptr) const;
+  Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy) const;
+};
+
+// Qwen2-MoE's shared expert: a SwiGLU MLP every token goes through, scaled per token by
+// sigmoid(x . w) with its own [1, hidden] gate, added to the routed experts' output.
+struct GatedSharedExpert {
+  struct Cache {
+    DenseMLP::Cache mlp;
+    Tensor y, gate;  // the MLP's output [T, H]; the sigmoid gate [T, 1]
+  };
+  DenseMLP mlp;
+  Linear gate;
+  // prefix: the MoE block ("model.layers.3.mlp"): prefix.shared_expert.*, prefix.shared_expert_gate.
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter);
   Tensor forward(const ParamStore& ps, const Tensor& x, Cache* cache = nullptr) const;
   Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy) const;

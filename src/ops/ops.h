@@ -68,8 +68,9 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 // d(gate_up) [T, 2I] from d(silu(gate) * up) [T, I].
 Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);
 
-// table_grad [V, D] += rows of dx [N, D] at ids [N].
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad);
+// table_grad [V, D] += rows of dx [N, D] at ids [N]. Rows whose id is `padding_idx` (when >= 0) add
+// nothing, as torch's nn.Embedding(padding_idx=...) that Transformers builds from pad_token_id.
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1);
 
 // Softmax backward over the last dimension given the probabilities: dlogits = p * (dp - sum(p * dp)).
 Tensor softmax_backward(const Tensor& probs, const Tensor& dprobs);

@@ -156,6 +156,13 @@ TEST_P(CudaOps, EmbeddingAndBackward) {
   Tensor grad = cuda::to_device(Tensor::zeros({50, 72}, DType::F32), DType::F32);
   cuda::embedding_backward(cuda::to_device(ids, DType::I64), cuda::to_device(dx, dt), grad);
   expect_close(grad, want, {1e-5f, 1e-5f}, "embedding_backward");
+  // Id 3 as the padding row: its three occurrences add nothing on either side.
+  Tensor want_pad = Tensor::zeros({50, 72}, DType::F32);
+  ops::embedding_backward(ids, rounded(dx, dt), want_pad, 3);
+  Tensor grad_pad = cuda::to_device(Tensor::zeros({50, 72}, DType::F32), DType::F32);
+  cuda::embedding_backward(cuda::to_device(ids, DType::I64), cuda::to_device(dx, dt), grad_pad, 3);
+  expect_close(grad_pad, want_pad, {1e-5f, 1e-5f}, "embedding_backward with padding_idx");
+  for (int64_t j = 0; j < 72; ++j) EXPECT_EQ(want_pad.f32()[3 * 72 + j], 0.f);
   Tensor bad_ids = Tensor::from_i64({1, 50}, {2});
   EXPECT_THROW(cuda::embedding(cuda::to_device(bad_ids, DType::I64), cuda::to_device(table, dt)), Error);
 }

@@ -15,7 +15,7 @@
 #include "dist/tcp_store.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
-#include "models/qwen3_moe/qwen3_moe.h"
+#include "models/decoder/decoder.h"
 #include "test_util.h"
 
 using namespace moeforge;
@@ -70,7 +70,7 @@ std::vector<RankResult> run_parallel(const std::string& name, int world, int ep)
         auto world_comm = dist::connect_gloo(store, "world", r, world, "127.0.0.1", 20s);
         auto ep_comm = dist::connect_gloo(store, "ep" + std::to_string(dp_index), ep_index, ep, "127.0.0.1", 20s);
         auto edp_comm = dist::connect_gloo(store, "edp" + std::to_string(ep_index), dp_index, dp, "127.0.0.1", 20s);
-        models::Qwen3Moe model(full.model->config(), {world_comm.get(), ep_comm.get()});
+        models::Decoder model(full.model->config(), {world_comm.get(), ep_comm.get()});
         const dist::ExpertShard shard = dist::ExpertShard::of(full.model->config().num_experts, ep_index, ep);
         for (auto& p : model.params().all()) {
           const nn::Param* src = full.model->params().find(p.name);

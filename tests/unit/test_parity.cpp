@@ -41,5 +41,9 @@ TEST_P(Parity, LogitsAndLossMatchTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Qwen3Moe, Parity,
                          ::testing::Values("qwen3_moe_a", "qwen3_moe_a_hub", "qwen3_moe_b", "qwen3_moe_aux"));
+INSTANTIATE_TEST_SUITE_P(Families, Parity,
+                         ::testing::Values("mixtral_a", "mixtral_a_v4", "mixtral_b", "qwen2_moe_a", "qwen2_moe_a_v4",
+                                           "qwen2_moe_b", "olmoe_a", "olmoe_b", "llama_a", "llama_b", "llama_b_v4",
+                                           "mistral_a", "mistral_b", "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b"));
 
 }  // namespace

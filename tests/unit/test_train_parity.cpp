@@ -92,3 +92,8 @@ TEST_P(TrainParity, ThreeAdamWStepsMatchTorch) {
 INSTANTIATE_TEST_SUITE_P(Qwen3Moe, TrainParity,
                          ::testing::Combine(::testing::Values("qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux"),
                                             ::testing::Values(false, true)));
+INSTANTIATE_TEST_SUITE_P(Families, TrainParity,
+                         ::testing::Combine(::testing::Values("mixtral_a", "mixtral_b", "qwen2_moe_a", "qwen2_moe_b",
+                                                              "olmoe_a", "olmoe_b", "llama_a", "llama_b", "mistral_a",
+                                                              "mistral_b", "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b"),
+                                            ::testing::Values(false)));

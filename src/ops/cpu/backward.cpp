@@ -101,13 +101,15 @@ Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout) {
   return dgu;
 }
 
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad) {
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx) {
   const int64_t n = ids.numel(), d = table_grad.size(1);
   const int64_t* id = ids.i64();
   float* g = table_grad.f32();
   const float* x = dx.f32();
-  for (int64_t i = 0; i < n; ++i)
+  for (int64_t i = 0; i < n; ++i) {
+    if (id[i] == padding_idx) continue;
     for (int64_t j = 0; j < d; ++j) g[id[i] * d + j] += x[i * d + j];
+  }
 }
 
 Tensor softmax_backward(const Tensor& probs, const Tensor& dprobs) {

@@ -75,10 +75,11 @@ __device__ __forceinline__ void grad_atomic_add(float* p, float v) { atomicAdd(p
 __device__ __forceinline__ void grad_atomic_add(__nv_bfloat16* p, float v) { atomicAdd(p, __float2bfloat16(v)); }
 
 template <typename T, typename G>
-__global__ void embedding_backward_kernel(const int64_t* ids, const T* dx, G* grad, int64_t n, int64_t d, int64_t vocab) {
+__global__ void embedding_backward_kernel(const int64_t* ids, const T* dx, G* grad, int64_t n, int64_t d, int64_t vocab,
+                                          int64_t padding_idx) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * d; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t id = ids[i / d];
-    if (id >= 0 && id < vocab) grad_atomic_add(grad + id * d + i % d, load(dx, i));
+    if (id >= 0 && id < vocab && id != padding_idx) grad_atomic_add(grad + id * d + i % d, load(dx, i));
   }
 }
 
@@ -227,7 +228,7 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
   return out;
 }
 
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad) {
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx) {
   MF_CHECK(ids.dtype() == DType::I64 && (table_grad.dtype() == DType::F32 || table_grad.dtype() == DType::BF16),
            "embedding_backward: ids I64, grad F32 or BF16");
   require_float(dx, "embedding_backward");
@@ -238,10 +239,10 @@ void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad)
     using T = std::remove_pointer_t<decltype(tag)>;
     if (table_grad.dtype() == DType::F32)
       embedding_backward_kernel<<<grid_stride_blocks(n * d), kGridStrideThreads, 0, current_stream()>>>(
-          ids.data<int64_t>(), dx.data<T>(), table_grad.data<float>(), n, d, vocab);
+          ids.data<int64_t>(), dx.data<T>(), table_grad.data<float>(), n, d, vocab, padding_idx);
     else
       embedding_backward_kernel<<<grid_stride_blocks(n * d), kGridStrideThreads, 0, current_stream()>>>(
-          ids.data<int64_t>(), dx.data<T>(), table_grad.data<__nv_bfloat16>(), n, d, vocab);
+          ids.data<int64_t>(), dx.data<T>(), table_grad.data<__nv_bfloat16>(), n, d, vocab, padding_idx);
   });
   MF_CUDA_CHECK_LAUNCH("embedding_backward");
 }

@@ -46,7 +46,7 @@ void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse 
 // out[i] = table[ids[i]] (ids I64, checked on the device: an id out of range sets an error flag
 // that is reported here); table_grad (F32 or BF16) [V,D] += rows of dx at ids.
 Tensor embedding(const Tensor& ids, const Tensor& table);
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad);
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1);
 
 // Router: probs = softmax(logits) [T,E] F32, then the k largest per row (ties to the lower index)
 // as weights [T,k] F32 (renormalised to sum 1 when `normalize`) and indices [T,k] I64. `forced`

@@ -1,11 +1,11 @@
-#include "models/qwen3_moe/qwen3_moe.h"
+#include "models/decoder/decoder.h"
 
 #include "core/error.h"
 #include "ops/ops.h"
 
 namespace moeforge::models {
 
-Qwen3Moe::Qwen3Moe(hf::ModelConfig c, Parallel par)
+Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
     : CausalLM(std::move(c)), rope_(cfg_.rope, cfg_.head_dim, cfg_.max_position_embeddings), par_(par) {
   const auto& c_ = cfg_;
   const float eps = static_cast<float>(c_.rms_norm_eps);
@@ -16,21 +16,33 @@ Qwen3Moe::Qwen3Moe(hf::ModelConfig c, Parallel par)
     const std::string pre = "model.layers." + std::to_string(l);
     Layer& L = layers_[l];
     L.input_norm.init(params_, pre + ".input_layernorm.weight", c_.hidden_size, eps);
+    nn::AttentionOptions ao;
+    ao.qkv_bias = c_.qkv_bias;
+    ao.o_bias = c_.o_bias;
+    ao.qk_norm = c_.qk_norm;
+    if (c_.clip_qkv) ao.clip_qkv = static_cast<float>(*c_.clip_qkv);
+    ao.window = c_.window_of(l);
+    ao.eps = eps;
     L.attn.init(params_, pre + ".self_attn", c_.hidden_size, c_.num_attention_heads, c_.num_key_value_heads,
-                c_.head_dim, c_.attention_bias, /*qk_norm=*/true, eps, c_.sliding_window);
+                c_.head_dim, ao);
     L.post_attention_norm.init(params_, pre + ".post_attention_layernorm.weight", c_.hidden_size, eps);
     if (c_.is_moe_layer(l)) {
       nn::SparseMoE moe;
       moe.init(params_, pre + ".mlp", c_.hidden_size, c_.num_experts, c_.num_experts_per_tok,
                c_.moe_intermediate_size, c_.norm_topk_prob, par_.ep);
-      adapter_.add_expert_group({pre + ".mlp.experts.", pre + ".mlp.experts.gate_up_proj",
-                                 pre + ".mlp.experts.down_proj", "gate_proj.weight", "up_proj.weight",
-                                 "down_proj.weight", c_.num_experts, moe.shard.first});
+      const std::string hub = pre + "." + naming.block;
+      adapter_.add_expert_group({hub + ".experts.", pre + ".mlp.experts.gate_up_proj", pre + ".mlp.experts.down_proj",
+                                 naming.gate, naming.up, naming.down, c_.num_experts, moe.shard.first});
+      if (naming.block != "mlp") adapter_.rename(pre + ".mlp.gate.weight", hub + ".gate.weight");
       L.mlp = moe;
       L.moe_slot = moe_layers++;
+      if (c_.shared_expert_intermediate_size > 0) {
+        L.shared.emplace();
+        L.shared->init(params_, pre + ".mlp", c_.hidden_size, c_.shared_expert_intermediate_size);
+      }
     } else {
       nn::DenseMLP mlp;
-      mlp.init(params_, pre + ".mlp", c_.hidden_size, c_.intermediate_size);
+      mlp.init(params_, pre + ".mlp", c_.hidden_size, c_.intermediate_size, c_.mlp_bias);
       L.mlp = mlp;
     }
   }
@@ -43,7 +55,7 @@ Qwen3Moe::Qwen3Moe(hf::ModelConfig c, Parallel par)
   }
 }
 
-Qwen3Moe::Batch Qwen3Moe::prepare(const ForwardInputs& in) const {
+Decoder::Batch Decoder::prepare(const ForwardInputs& in) const {
   const Tensor& ids = in.input_ids;
   MF_CHECK(ids.dim() == 2 && ids.dtype() == DType::I64, "input_ids must be an I64 [batch, seq] tensor, got ",
            dtype_name(ids.dtype()), " ", shape_str(ids.shape()));
@@ -65,7 +77,7 @@ Qwen3Moe::Batch Qwen3Moe::prepare(const ForwardInputs& in) const {
   return bt;
 }
 
-Tensor Qwen3Moe::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, LayerCache* c,
+Tensor Decoder::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, LayerCache* c,
                                nn::SparseMoE::RouterOut* router) const {
   const Layer& L = layers_[l];
   Tensor x = x_in.clone();
@@ -92,6 +104,7 @@ Tensor Qwen3Moe::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, La
       if (bt.routing->chosen.size() <= slot) bt.routing->chosen.resize(slot + 1);
       bt.routing->chosen[slot] = mc->chosen;
     }
+    if (L.shared) ops::add_inplace(m, L.shared->forward(params_, n, c ? &c->shared : nullptr));
   } else {
     m = std::get<nn::DenseMLP>(L.mlp).forward(params_, n, c ? &c->dense : nullptr);
   }
@@ -99,12 +112,13 @@ Tensor Qwen3Moe::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, La
   return x;
 }
 
-Tensor Qwen3Moe::layer_backward(size_t l, const LayerCache& c, const Batch& bt, const Tensor& dy,
+Tensor Decoder::layer_backward(size_t l, const LayerCache& c, const Batch& bt, const Tensor& dy,
                                 const Tensor* dprobs_extra) {
   const Layer& L = layers_[l];
   Tensor dn;
   if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
     dn = moe->backward(params_, c.moe, dy, dprobs_extra);
+    if (L.shared) ops::add_inplace(dn, L.shared->backward(params_, c.shared, dy));
   } else {
     dn = std::get<nn::DenseMLP>(L.mlp).backward(params_, c.dense, dy);
   }
@@ -116,7 +130,7 @@ Tensor Qwen3Moe::layer_backward(size_t l, const LayerCache& c, const Batch& bt, 
   return dx;
 }
 
-ForwardOutputs Qwen3Moe::forward(const ForwardInputs& in) const {
+ForwardOutputs Decoder::forward(const ForwardInputs& in) const {
   const Batch bt = prepare(in);
   const int64_t t = bt.b * bt.s, h = cfg_.hidden_size;
   Tensor x = ops::embedding(in.input_ids, params_.at(embed_)).view({t, h});
@@ -138,7 +152,7 @@ ForwardOutputs Qwen3Moe::forward(const ForwardInputs& in) const {
   return out;
 }
 
-TrainStepResult Qwen3Moe::forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) {
+TrainStepResult Decoder::forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) {
   MF_CHECK(in.labels, "forward_backward needs labels");
   params_.ensure_grads();
   const Batch bt = prepare(in);
@@ -190,11 +204,11 @@ TrainStepResult Qwen3Moe::forward_backward(const ForwardInputs& in, const TrainS
     dx = layer_backward(l, caches[l], bt, dx, extra);
     caches[l] = LayerCache();
   }
-  ops::embedding_backward(in.input_ids, dx, params_.grad(embed_));
+  ops::embedding_backward(in.input_ids, dx, params_.grad(embed_), cfg_.pad_token_id.value_or(-1));
   return res;
 }
 
-int64_t Qwen3Moe::active_parameters() const {
+int64_t Decoder::active_parameters() const {
   int64_t total = params_.numel();
   for (const Layer& L : layers_)
     if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
@@ -204,8 +218,8 @@ int64_t Qwen3Moe::active_parameters() const {
   return total;
 }
 
-std::unique_ptr<CausalLM> make_qwen3_moe(const hf::ModelConfig& cfg, const Parallel& par) {
-  return std::make_unique<Qwen3Moe>(cfg, par);
+std::unique_ptr<CausalLM> make_decoder(const hf::ModelConfig& cfg, const Parallel& par, const ExpertNaming& naming) {
+  return std::make_unique<Decoder>(cfg, par, naming);
 }
 
 }  // namespace moeforge::models

@@ -1,9 +1,14 @@
-// Qwen3-MoE (Qwen3MoeForCausalLM): GQA attention with per-head q/k RMSNorm and RoPE, softmax top-k
-// routing (renormalised when norm_topk_prob), SwiGLU experts, dense-MLP layers where
-// mlp_only_layers / decoder_sparse_step say so, optional sliding window, tied or untied LM head,
-// and the load-balancing loss when output_router_logits is set.
+// The pre-norm decoder that Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE and the dense Llama / Mistral /
+// Qwen2 / Qwen3 share, with the variants their configs select (hf::ModelConfig): GQA attention
+// with RoPE, optional q/k/v and o biases, q/k RMSNorm per head or over the whole projection,
+// clip_qkv, sliding windows per layer; per layer a SwiGLU MLP (optionally biased) or a MoE block
+// (softmax top-k routing, renormalised when norm_topk_prob; SwiGLU experts; Qwen2-MoE's gated
+// shared expert); tied or untied LM head; the load-balancing loss when output_router_logits is set.
+// Internal tensor names are Transformers 5's in-memory names; ExpertNaming gives the checkpoint's.
 #pragma once
 #include <memory>
+#include <optional>
+#include <string>
 #include <variant>
 
 #include "models/causal_lm.h"
@@ -15,9 +20,16 @@ class Qwen3MoeGpu;  // the GPU training step (src/gpu), which reads the layer st
 
 namespace moeforge::models {
 
-class Qwen3Moe : public CausalLM {
+// Where a family's checkpoints keep the MoE block and its experts (the v4 hub spelling, which
+// Transformers 5 also writes); the fused in-memory spelling is accepted on load too.
+struct ExpertNaming {
+  std::string block = "mlp";  // Mixtral: "block_sparse_moe" (router block.gate, experts block.experts.E.*)
+  std::string gate = "gate_proj.weight", up = "up_proj.weight", down = "down_proj.weight";
+};
+
+class Decoder : public CausalLM {
  public:
-  explicit Qwen3Moe(hf::ModelConfig cfg, Parallel par = {});
+  explicit Decoder(hf::ModelConfig cfg, Parallel par = {}, ExpertNaming naming = {});
   ForwardOutputs forward(const ForwardInputs& in) const override;
   TrainStepResult forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) override;
   int64_t active_parameters() const override;
@@ -28,6 +40,7 @@ class Qwen3Moe : public CausalLM {
     nn::RMSNorm input_norm, post_attention_norm;
     nn::Attention attn;
     std::variant<nn::DenseMLP, nn::SparseMoE> mlp;
+    std::optional<nn::GatedSharedExpert> shared;  // beside the routed experts (Qwen2-MoE)
     size_t moe_slot = 0;  // index among the MoE layers (selects the layer's routing record)
   };
   // What one decoder layer keeps for backward.
@@ -36,6 +49,7 @@ class Qwen3Moe : public CausalLM {
     nn::Attention::Cache attn;
     nn::DenseMLP::Cache dense;
     nn::SparseMoE::Cache moe;
+    nn::GatedSharedExpert::Cache shared;
   };
   struct Batch {
     int64_t b = 0, s = 0;
@@ -56,6 +70,6 @@ class Qwen3Moe : public CausalLM {
   Parallel par_;
 };
 
-std::unique_ptr<CausalLM> make_qwen3_moe(const hf::ModelConfig& cfg, const Parallel& par = {});
+std::unique_ptr<CausalLM> make_decoder(const hf::ModelConfig& cfg, const Parallel& par = {}, const ExpertNaming& naming = {});
 
 }  // namespace moeforge::models

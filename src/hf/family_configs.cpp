@@ -1,0 +1,216 @@
+// Each family's config.json fields, read as its Transformers configuration class reads them
+// (defaults for fields left out, the derived per-layer choices of __post_init__).
+#include <algorithm>
+#include <functional>
+#include <map>
+
+#include "core/error.h"
+#include "hf/config.h"
+
+namespace moeforge::hf {
+
+namespace {
+
+// The MoE fields the routed families share; `experts_keys` are the expert count's spellings.
+void parse_routed_experts(const ConfigReader& r, ModelConfig& c, std::initializer_list<const char*> experts_keys,
+                          int64_t default_top_k, double default_aux_coef) {
+  c.num_experts = r.req_int_any(experts_keys);
+  c.num_experts_per_tok = r.opt_int("num_experts_per_tok", default_top_k);
+  c.output_router_logits = r.opt_bool("output_router_logits", false);
+  c.router_aux_loss_coef = r.opt_double("router_aux_loss_coef", default_aux_coef);
+  if (c.num_experts <= 0) r.fail(*experts_keys.begin(), "must be positive");
+  if (c.num_experts_per_tok <= 0 || c.num_experts_per_tok > c.num_experts)
+    r.fail("num_experts_per_tok", "must be between 1 and the number of experts (" + std::to_string(c.num_experts) + ")");
+}
+
+// decoder_sparse_step / mlp_only_layers (Qwen2-MoE, Qwen3-MoE).
+void parse_sparse_layers(const ConfigReader& r, ModelConfig& c) {
+  c.decoder_sparse_step = r.opt_int("decoder_sparse_step", 1);
+  c.mlp_only_layers = r.opt_int_list("mlp_only_layers");
+  if (c.decoder_sparse_step <= 0) r.fail("decoder_sparse_step", "must be positive");
+  for (auto l : c.mlp_only_layers)
+    if (l < 0 || l >= c.num_hidden_layers)
+      r.fail("mlp_only_layers", "lists layer " + std::to_string(l) + " but the model has " +
+                                    std::to_string(c.num_hidden_layers) + " layers");
+}
+
+void check_positive(const ConfigReader& r, const char* key, int64_t v) {
+  if (v <= 0) r.fail(key, "must be positive");
+}
+
+// `layer_types` when config.json has it (Transformers 5 writes it), else `rule(layer)`.
+void parse_layer_types(const ConfigReader& r, ModelConfig& c, const std::function<bool(int64_t)>& rule) {
+  c.sliding_layers.assign(static_cast<size_t>(c.num_hidden_layers), false);
+  if (!r.has("layer_types")) {
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) c.sliding_layers[l] = rule(l);
+    return;
+  }
+  const auto& v = r.json()["layer_types"];
+  if (!v.is_array() || static_cast<int64_t>(v.size()) != c.num_hidden_layers)
+    r.fail("layer_types", "must list one entry per layer (" + std::to_string(c.num_hidden_layers) + ")");
+  for (size_t l = 0; l < v.size(); ++l) {
+    const std::string t = v[l].is_string() ? v[l].get<std::string>() : v[l].dump();
+    if (t != "full_attention" && t != "sliding_attention")
+      r.fail("layer_types", "entry " + std::to_string(l) + " is '" + t +
+                                "' (supported: full_attention, sliding_attention)");
+    c.sliding_layers[l] = t == "sliding_attention";
+  }
+}
+
+// use_sliding_window + sliding_window, as Qwen2/Qwen3/Qwen2-MoE/Qwen3-MoE keep them.
+void parse_optional_window(const ConfigReader& r, ModelConfig& c) {
+  if (!r.opt_bool("use_sliding_window", false)) return;
+  // Left out, the classes' default 4096 applies; null means no window.
+  c.sliding_window = r.json().contains("sliding_window") ? r.opt_nullable_int("sliding_window") : 4096;
+  if (c.sliding_window && *c.sliding_window <= 0) r.fail("sliding_window", "must be positive");
+}
+
+void parse_qwen3_moe(const ConfigReader& r, ModelConfig& c) {
+  parse_common(r, c, {});
+  c.intermediate_size = r.opt_int("intermediate_size", 6144);
+  // The hub spells the expert count `num_experts`; Transformers 5 writes `num_local_experts`.
+  parse_routed_experts(r, c, {"num_experts", "num_local_experts"}, 8, 0.001);
+  c.moe_intermediate_size = r.req_int("moe_intermediate_size");
+  check_positive(r, "moe_intermediate_size", c.moe_intermediate_size);
+  parse_sparse_layers(r, c);
+  c.norm_topk_prob = r.opt_bool("norm_topk_prob", false);
+  c.qk_norm = ModelConfig::QkNorm::PerHead;
+  c.qkv_bias = c.o_bias = r.opt_bool("attention_bias", false);
+  parse_optional_window(r, c);  // every layer (Qwen3MoeConfig has no layer_types)
+}
+
+void parse_qwen2_moe(const ConfigReader& r, ModelConfig& c) {
+  parse_common(r, c, {});
+  c.intermediate_size = r.opt_int("intermediate_size", 5632);
+  parse_routed_experts(r, c, {"num_experts", "num_local_experts"}, 4, 0.001);
+  c.moe_intermediate_size = r.opt_int("moe_intermediate_size", 1408);
+  c.shared_expert_intermediate_size = r.opt_int("shared_expert_intermediate_size", 5632);
+  check_positive(r, "moe_intermediate_size", c.moe_intermediate_size);
+  check_positive(r, "shared_expert_intermediate_size", c.shared_expert_intermediate_size);
+  parse_sparse_layers(r, c);
+  c.norm_topk_prob = r.opt_bool("norm_topk_prob", false);
+  c.qkv_bias = r.opt_bool("qkv_bias", true);
+  const bool use = r.opt_bool("use_sliding_window", false);
+  parse_optional_window(r, c);
+  const int64_t max_window_layers = r.opt_int("max_window_layers", 28);
+  // Qwen2MoeConfig.__post_init__: the even layers below max_window_layers, when enabled.
+  parse_layer_types(r, c, [&](int64_t l) { return use && l % 2 == 0 && l < max_window_layers; });
+}
+
+void parse_mixtral(const ConfigReader& r, ModelConfig& c) {
+  FamilyDefaults d;
+  d.rms_norm_eps = 1e-5;
+  d.rope_theta = 1e6;
+  d.max_position_embeddings = 4096 * 32;
+  d.num_key_value_heads = 8;
+  parse_common(r, c, d);
+  parse_routed_experts(r, c, {"num_local_experts", "num_experts"}, 2, 0.001);
+  // Every layer is sparse; the experts are intermediate_size wide; the top-k is always renormalised.
+  c.intermediate_size = c.moe_intermediate_size = r.opt_int("intermediate_size", 14336);
+  check_positive(r, "intermediate_size", c.intermediate_size);
+  c.norm_topk_prob = true;
+  c.sliding_window = r.opt_nullable_int("sliding_window");
+  if (c.sliding_window && *c.sliding_window <= 0) r.fail("sliding_window", "must be positive");
+  const double jitter = r.opt_double("router_jitter_noise", 0.0);
+  if (jitter != 0.0)
+    r.fail("router_jitter_noise", "is " + std::to_string(jitter) +
+                                      "; moeforge does not apply router jitter (set it to 0 to train without it)");
+}
+
+void parse_olmoe(const ConfigReader& r, ModelConfig& c) {
+  FamilyDefaults d;
+  d.rms_norm_eps = 1e-5;
+  d.max_position_embeddings = 4096;
+  d.pad_token_id = 1;
+  parse_common(r, c, d);
+  parse_routed_experts(r, c, {"num_experts", "num_local_experts"}, 8, 0.01);
+  c.intermediate_size = c.moe_intermediate_size = r.opt_int("intermediate_size", 2048);
+  check_positive(r, "intermediate_size", c.intermediate_size);
+  c.norm_topk_prob = r.opt_bool("norm_topk_prob", false);
+  c.qkv_bias = c.o_bias = r.opt_bool("attention_bias", false);
+  // OlmoeAttention normalises q over hidden_size and k over (hidden / heads) * kv_heads values.
+  c.qk_norm = ModelConfig::QkNorm::Full;
+  if (c.head_dim * c.num_attention_heads != c.hidden_size)
+    r.fail("head_dim", "must be hidden_size / num_attention_heads for olmoe (its q/k norms span hidden_size)");
+  if (r.has("clip_qkv")) {
+    c.clip_qkv = r.opt_double("clip_qkv", 0.0);
+    if (*c.clip_qkv <= 0) r.fail("clip_qkv", "must be positive or null");
+  }
+}
+
+void parse_dense(const ConfigReader& r, ModelConfig& c, const FamilyDefaults& d, int64_t default_inter) {
+  parse_common(r, c, d);
+  c.intermediate_size = r.opt_int("intermediate_size", default_inter);
+  check_positive(r, "intermediate_size", c.intermediate_size);
+}
+
+void parse_llama(const ConfigReader& r, ModelConfig& c) {
+  FamilyDefaults d;
+  d.max_position_embeddings = 2048;
+  parse_dense(r, c, d, 11008);
+  c.qkv_bias = c.o_bias = r.opt_bool("attention_bias", false);
+  c.mlp_bias = r.opt_bool("mlp_bias", false);
+}
+
+void parse_mistral(const ConfigReader& r, ModelConfig& c) {
+  FamilyDefaults d;
+  d.max_position_embeddings = 4096 * 32;
+  d.num_key_value_heads = 8;
+  parse_dense(r, c, d, 14336);
+  // MistralConfig's sliding_window defaults to 4096 and applies to every layer.
+  c.sliding_window = r.json().contains("sliding_window") ? r.opt_nullable_int("sliding_window") : 4096;
+  if (c.sliding_window && *c.sliding_window <= 0) r.fail("sliding_window", "must be positive");
+}
+
+// Qwen2 and Qwen3 (dense): the layers from max_window_layers on slide, when enabled.
+void parse_qwen_dense_window(const ConfigReader& r, ModelConfig& c) {
+  parse_optional_window(r, c);
+  const int64_t max_window_layers = r.opt_int("max_window_layers", 28);
+  const bool use = c.sliding_window.has_value();
+  parse_layer_types(r, c, [&](int64_t l) { return use && l >= max_window_layers; });
+}
+
+void parse_qwen2(const ConfigReader& r, ModelConfig& c) {
+  parse_dense(r, c, {}, 22016);
+  c.qkv_bias = true;  // Qwen2Attention: bias on q/k/v always, none on o
+  parse_qwen_dense_window(r, c);
+}
+
+void parse_qwen3(const ConfigReader& r, ModelConfig& c) {
+  FamilyDefaults d;
+  d.head_dim = 128;  // Qwen3Config's default, not hidden / heads
+  parse_dense(r, c, d, 22016);
+  c.qk_norm = ModelConfig::QkNorm::PerHead;
+  c.qkv_bias = c.o_bias = r.opt_bool("attention_bias", false);
+  parse_qwen_dense_window(r, c);
+}
+
+using Parser = void (*)(const ConfigReader&, ModelConfig&);
+const std::map<std::string, Parser>& parsers() {
+  static const std::map<std::string, Parser> m = {
+      {"qwen3_moe", parse_qwen3_moe}, {"qwen2_moe", parse_qwen2_moe}, {"mixtral", parse_mixtral},
+      {"olmoe", parse_olmoe},         {"llama", parse_llama},         {"mistral", parse_mistral},
+      {"qwen2", parse_qwen2},         {"qwen3", parse_qwen3},
+  };
+  return m;
+}
+
+}  // namespace
+
+std::vector<std::string> supported_config_types() {
+  std::vector<std::string> v;
+  for (const auto& [k, _] : parsers()) v.push_back(k);
+  return v;
+}
+
+void parse_family(const ConfigReader& r, ModelConfig& c) {
+  auto it = parsers().find(c.model_type);
+  if (it == parsers().end()) {
+    std::string list;
+    for (const auto& k : supported_config_types()) list += (list.empty() ? "" : ", ") + k;
+    r.fail("model_type", "value '" + c.model_type + "' is not supported (supported: " + list + ")");
+  }
+  it->second(r, c);
+}
+
+}  // namespace moeforge::hf
