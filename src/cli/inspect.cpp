@@ -82,8 +82,11 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   const hf::ModelConfig cfg = hf::load_config(path);
   auto model = models::build_model(cfg);
   const int64_t total = model->params().numel(), active = model->active_parameters();
-  int64_t moe_layers = 0;
-  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) moe_layers += cfg.is_moe_layer(l);
+  int64_t moe_layers = 0, window_layers = 0;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    moe_layers += cfg.is_moe_layer(l);
+    window_layers += cfg.window_of(l).has_value();
+  }
 
   nlohmann::ordered_json j;
   j["path"] = path;
@@ -94,9 +97,13 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   j["hidden_size"] = cfg.hidden_size;
   j["attention"] = {{"heads", cfg.num_attention_heads}, {"kv_heads", cfg.num_key_value_heads},
                     {"head_dim", cfg.head_dim}, {"rope", cfg.rope.type}, {"rope_theta", cfg.rope.theta}};
-  if (cfg.sliding_window) j["attention"]["sliding_window"] = *cfg.sliding_window;
+  if (window_layers) {
+    j["attention"]["sliding_window"] = *cfg.sliding_window;
+    j["attention"]["sliding_window_layers"] = window_layers;
+  }
   j["experts"] = {{"count", cfg.num_experts}, {"top_k", cfg.num_experts_per_tok},
                   {"intermediate_size", cfg.moe_intermediate_size}, {"norm_topk_prob", cfg.norm_topk_prob}};
+  if (cfg.shared_expert_intermediate_size) j["experts"]["shared_intermediate_size"] = cfg.shared_expert_intermediate_size;
   j["vocab_size"] = cfg.vocab_size;
   j["tie_word_embeddings"] = cfg.tie_word_embeddings;
   j["parameters"] = {{"total", total}, {"active", active}};
@@ -180,9 +187,18 @@ int cmd_inspect(const std::vector<std::string>& argv) {
               (long long)(cfg.num_hidden_layers - moe_layers));
   std::printf("attention   %lld q heads / %lld kv heads x %lld, RoPE %s theta %g%s\n", (long long)cfg.num_attention_heads,
               (long long)cfg.num_key_value_heads, (long long)cfg.head_dim, cfg.rope.type.c_str(), cfg.rope.theta,
-              cfg.sliding_window ? (", sliding window " + std::to_string(*cfg.sliding_window)).c_str() : "");
-  std::printf("experts     %lld, top-%lld, %lld wide%s\n", (long long)cfg.num_experts, (long long)cfg.num_experts_per_tok,
-              (long long)cfg.moe_intermediate_size, cfg.norm_topk_prob ? ", renormalised" : "");
+              window_layers ? (", sliding window " + std::to_string(*cfg.sliding_window) + " on " +
+                               std::to_string(window_layers) + " of " + std::to_string(cfg.num_hidden_layers) + " layers")
+                                  .c_str()
+                            : "");
+  if (cfg.num_experts == 0)
+    std::printf("experts     none (dense MLP, %lld wide)\n", (long long)cfg.intermediate_size);
+  else
+    std::printf("experts     %lld, top-%lld, %lld wide%s%s\n", (long long)cfg.num_experts, (long long)cfg.num_experts_per_tok,
+                (long long)cfg.moe_intermediate_size, cfg.norm_topk_prob ? ", renormalised" : "",
+                cfg.shared_expert_intermediate_size
+                    ? (", shared expert " + std::to_string(cfg.shared_expert_intermediate_size) + " wide").c_str()
+                    : "");
   std::printf("parameters  %s total, %s active per token\n", human(static_cast<double>(total)).c_str(),
               human(static_cast<double>(active)).c_str());
   if (tj.contains("note")) {

@@ -11,10 +11,16 @@ namespace moeforge::hf {
 
 namespace {
 
-// The MoE fields the routed families share; `experts_keys` are the expert count's spellings.
+// The MoE fields the routed families share; `experts_keys` are the expert count's spellings (the
+// first is the class's own), `default_experts` the class's default when none is given.
 void parse_routed_experts(const ConfigReader& r, ModelConfig& c, std::initializer_list<const char*> experts_keys,
-                          int64_t default_top_k, double default_aux_coef) {
-  c.num_experts = r.req_int_any(experts_keys);
+                          int64_t default_experts, int64_t default_top_k, double default_aux_coef) {
+  c.num_experts = default_experts;
+  for (const char* k : experts_keys)
+    if (r.has(k)) {
+      c.num_experts = r.req_int(k);
+      break;
+    }
   c.num_experts_per_tok = r.opt_int("num_experts_per_tok", default_top_k);
   c.output_router_logits = r.opt_bool("output_router_logits", false);
   c.router_aux_loss_coef = r.opt_double("router_aux_loss_coef", default_aux_coef);
@@ -69,8 +75,8 @@ void parse_qwen3_moe(const ConfigReader& r, ModelConfig& c) {
   parse_common(r, c, {});
   c.intermediate_size = r.opt_int("intermediate_size", 6144);
   // The hub spells the expert count `num_experts`; Transformers 5 writes `num_local_experts`.
-  parse_routed_experts(r, c, {"num_experts", "num_local_experts"}, 8, 0.001);
-  c.moe_intermediate_size = r.req_int("moe_intermediate_size");
+  parse_routed_experts(r, c, {"num_experts", "num_local_experts"}, 128, 8, 0.001);
+  c.moe_intermediate_size = r.opt_int("moe_intermediate_size", 768);
   check_positive(r, "moe_intermediate_size", c.moe_intermediate_size);
   parse_sparse_layers(r, c);
   c.norm_topk_prob = r.opt_bool("norm_topk_prob", false);
@@ -82,7 +88,7 @@ void parse_qwen3_moe(const ConfigReader& r, ModelConfig& c) {
 void parse_qwen2_moe(const ConfigReader& r, ModelConfig& c) {
   parse_common(r, c, {});
   c.intermediate_size = r.opt_int("intermediate_size", 5632);
-  parse_routed_experts(r, c, {"num_experts", "num_local_experts"}, 4, 0.001);
+  parse_routed_experts(r, c, {"num_experts", "num_local_experts"}, 60, 4, 0.001);
   c.moe_intermediate_size = r.opt_int("moe_intermediate_size", 1408);
   c.shared_expert_intermediate_size = r.opt_int("shared_expert_intermediate_size", 5632);
   check_positive(r, "moe_intermediate_size", c.moe_intermediate_size);
@@ -104,7 +110,7 @@ void parse_mixtral(const ConfigReader& r, ModelConfig& c) {
   d.max_position_embeddings = 4096 * 32;
   d.num_key_value_heads = 8;
   parse_common(r, c, d);
-  parse_routed_experts(r, c, {"num_local_experts", "num_experts"}, 2, 0.001);
+  parse_routed_experts(r, c, {"num_local_experts", "num_experts"}, 8, 2, 0.001);
   // Every layer is sparse; the experts are intermediate_size wide; the top-k is always renormalised.
   c.intermediate_size = c.moe_intermediate_size = r.opt_int("intermediate_size", 14336);
   check_positive(r, "intermediate_size", c.intermediate_size);
@@ -123,7 +129,7 @@ void parse_olmoe(const ConfigReader& r, ModelConfig& c) {
   d.max_position_embeddings = 4096;
   d.pad_token_id = 1;
   parse_common(r, c, d);
-  parse_routed_experts(r, c, {"num_experts", "num_local_experts"}, 8, 0.01);
+  parse_routed_experts(r, c, {"num_experts", "num_local_experts"}, 64, 8, 0.01);
   c.intermediate_size = c.moe_intermediate_size = r.opt_int("intermediate_size", 2048);
   check_positive(r, "intermediate_size", c.intermediate_size);
   c.norm_topk_prob = r.opt_bool("norm_topk_prob", false);

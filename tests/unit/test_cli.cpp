@@ -93,13 +93,19 @@ TEST(Cli, InspectEstimatesMemoryPerGpu) {
 }
 
 TEST(Cli, InspectWorksOnABareConfig) {
-  CmdResult r = run("inspect " + std::string(MOEFORGE_FIXTURES) + "/../../../shared/configs/qwen3-30b-a3b.json --json");
-  if (r.status != 0 && r.err.find("no such file") != std::string::npos) GTEST_SKIP() << "shared/configs not beside the repo";
-  ASSERT_EQ(r.status, 0) << r.err;
-  auto j = nlohmann::json::parse(r.out);
-  // Qwen3-30B-A3B is published as 30.5B total, 3.3B activated.
-  EXPECT_NEAR(j["parameters"]["total"].get<double>() / 1e9, 30.5, 0.1);
-  EXPECT_NEAR(j["parameters"]["active"].get<double>() / 1e9, 3.3, 0.1);
+  // The published parameter counts (total, activated) of the real configs in ../shared/configs.
+  struct Published {
+    const char* config;
+    double total_b, active_b;
+  };
+  for (const Published& p : {Published{"qwen3-30b-a3b", 30.5, 3.3}, Published{"mixtral-8x7b", 46.7, 12.9}}) {
+    CmdResult r = run("inspect " + std::string(MOEFORGE_FIXTURES) + "/../../../shared/configs/" + p.config + ".json --json");
+    if (r.status != 0 && r.err.find("no such file") != std::string::npos) GTEST_SKIP() << "shared/configs not beside the repo";
+    ASSERT_EQ(r.status, 0) << r.err;
+    auto j = nlohmann::json::parse(r.out);
+    EXPECT_NEAR(j["parameters"]["total"].get<double>() / 1e9, p.total_b, 0.1) << p.config;
+    EXPECT_NEAR(j["parameters"]["active"].get<double>() / 1e9, p.active_b, 0.1) << p.config;
+  }
 }
 
 TEST(Cli, EvalMatchesTheReferenceLoss) {

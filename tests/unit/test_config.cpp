@@ -77,8 +77,8 @@ TEST(ConfigBadInput, MissingRequiredField) {
   j.erase("hidden_size");
   EXPECT_EQ(error_of(j), "m/config.json: field 'hidden_size' is required but missing");
   j = base_v4();
-  j.erase("num_experts");
-  EXPECT_NE(error_of(j).find("'num_experts' or 'num_local_experts' is required"), std::string::npos);
+  j.erase("num_experts");  // Qwen3MoeConfig's default then, as Transformers reads it
+  EXPECT_EQ(hf::parse_config(j, "x").num_experts, 128);
 }
 
 TEST(ConfigBadInput, UnsupportedModelType) {
@@ -117,4 +117,117 @@ TEST(ConfigBadInput, MissingOrInvalidFile) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("config.json: invalid JSON"), std::string::npos);
   }
+}
+
+namespace {
+// The smallest config.json of a family: sizes only, everything else from the class's defaults.
+ojson minimal(const std::string& type) {
+  ojson j = {{"model_type", type},          {"vocab_size", 64},          {"hidden_size", 32},
+             {"num_hidden_layers", 4},      {"num_attention_heads", 4}};
+  if (type == "mixtral" || type == "mistral") {  // their classes default to 8 KV heads
+    j["hidden_size"] = 128;
+    j["num_attention_heads"] = 16;
+  }
+  return j;
+}
+}  // namespace
+
+TEST(ConfigFamilies, DefaultsOfEachConfigurationClass) {
+  auto mixtral = hf::parse_config(minimal("mixtral"), "x");
+  EXPECT_EQ(mixtral.rope.theta, 1e6);                    // MixtralConfig.default_theta
+  EXPECT_EQ(mixtral.num_key_value_heads, 8);             // MixtralConfig's default is 8, not the heads
+  EXPECT_EQ(mixtral.num_experts, 8);                     // num_local_experts
+  EXPECT_EQ(mixtral.num_experts_per_tok, 2);
+  EXPECT_EQ(mixtral.moe_intermediate_size, 14336);       // the experts are intermediate_size wide
+  EXPECT_TRUE(mixtral.norm_topk_prob);                   // Mixtral always renormalises
+  EXPECT_DOUBLE_EQ(mixtral.rms_norm_eps, 1e-5);
+  for (int l = 0; l < 4; ++l) EXPECT_TRUE(mixtral.is_moe_layer(l));
+
+  auto qwen3 = hf::parse_config(minimal("qwen3"), "x");
+  EXPECT_EQ(qwen3.head_dim, 128);  // Qwen3Config's default, not hidden / heads
+  EXPECT_EQ(qwen3.qk_norm, hf::ModelConfig::QkNorm::PerHead);
+  EXPECT_EQ(qwen3.num_experts, 0);
+
+  auto qwen2 = hf::parse_config(minimal("qwen2"), "x");
+  EXPECT_TRUE(qwen2.qkv_bias);
+  EXPECT_FALSE(qwen2.o_bias);
+  EXPECT_EQ(qwen2.head_dim, 8);
+
+  auto mistral = hf::parse_config(minimal("mistral"), "x");
+  EXPECT_EQ(mistral.window_of(0), 4096);  // MistralConfig's sliding_window default, on every layer
+  ojson no_window = minimal("mistral");
+  no_window["sliding_window"] = nullptr;
+  EXPECT_FALSE(hf::parse_config(no_window, "x").window_of(0).has_value());
+
+  auto olmoe = hf::parse_config(minimal("olmoe"), "x");
+  EXPECT_EQ(olmoe.qk_norm, hf::ModelConfig::QkNorm::Full);
+  EXPECT_EQ(olmoe.pad_token_id, 1);  // OlmoeConfig's default
+  EXPECT_DOUBLE_EQ(olmoe.router_aux_loss_coef, 0.01);
+  EXPECT_FALSE(olmoe.clip_qkv.has_value());
+
+  auto qwen3_moe = hf::parse_config(minimal("qwen3_moe"), "x");
+  EXPECT_EQ(qwen3_moe.num_experts, 128);
+  EXPECT_EQ(qwen3_moe.moe_intermediate_size, 768);
+  EXPECT_EQ(olmoe.num_experts, 64);
+
+  auto qwen2_moe = hf::parse_config(minimal("qwen2_moe"), "x");
+  EXPECT_EQ(qwen2_moe.num_experts, 60);
+  EXPECT_EQ(qwen2_moe.shared_expert_intermediate_size, 5632);
+  EXPECT_TRUE(qwen2_moe.qkv_bias);
+  EXPECT_EQ(qwen2_moe.num_experts_per_tok, 4);
+
+  auto llama = hf::parse_config(minimal("llama"), "x");
+  EXPECT_FALSE(llama.qkv_bias || llama.o_bias || llama.mlp_bias);
+  EXPECT_FALSE(llama.pad_token_id.has_value());
+}
+
+TEST(ConfigFamilies, SlidingLayersFollowEachFamilysRule) {
+  auto windows = [](const hf::ModelConfig& c) {
+    std::vector<bool> w;
+    for (int64_t l = 0; l < c.num_hidden_layers; ++l) w.push_back(c.window_of(l).has_value());
+    return w;
+  };
+  ojson q2 = minimal("qwen2");
+  q2["use_sliding_window"] = true;
+  q2["sliding_window"] = 16;
+  q2["max_window_layers"] = 2;
+  EXPECT_EQ(windows(hf::parse_config(q2, "x")), std::vector<bool>({false, false, true, true}));  // l >= 2
+  ojson q2moe = minimal("qwen2_moe");
+  q2moe["use_sliding_window"] = true;
+  q2moe["sliding_window"] = 16;
+  q2moe["max_window_layers"] = 3;
+  EXPECT_EQ(windows(hf::parse_config(q2moe, "x")), std::vector<bool>({true, false, true, false}));  // even, < 3
+  q2moe["use_sliding_window"] = false;
+  EXPECT_EQ(windows(hf::parse_config(q2moe, "x")), std::vector<bool>(4, false));
+  // layer_types, as Transformers 5 writes it, decides over the rule.
+  q2["layer_types"] = {"sliding_attention", "full_attention", "full_attention", "sliding_attention"};
+  EXPECT_EQ(windows(hf::parse_config(q2, "x")), std::vector<bool>({true, false, false, true}));
+}
+
+TEST(ConfigFamiliesBadInput, EachNamesTheField) {
+  ojson j = minimal("qwen2");
+  j["layer_types"] = {"full_attention", "chunked_attention", "full_attention", "full_attention"};
+  EXPECT_NE(error_of(j).find("field 'layer_types' entry 1 is 'chunked_attention'"), std::string::npos);
+  j["layer_types"] = {"full_attention"};
+  EXPECT_NE(error_of(j).find("field 'layer_types' must list one entry per layer (4)"), std::string::npos);
+  j = minimal("mixtral");
+  j["router_jitter_noise"] = 0.1;
+  EXPECT_NE(error_of(j).find("field 'router_jitter_noise'"), std::string::npos);
+  j = minimal("olmoe");
+  j["head_dim"] = 16;
+  EXPECT_NE(error_of(j).find("field 'head_dim' must be hidden_size / num_attention_heads for olmoe"), std::string::npos);
+  j = minimal("olmoe");
+  j["clip_qkv"] = -1.0;
+  EXPECT_NE(error_of(j).find("field 'clip_qkv' must be positive"), std::string::npos);
+  j = minimal("llama");
+  j["pad_token_id"] = 64;
+  EXPECT_EQ(error_of(j), "m/config.json: field 'pad_token_id' is 64, outside the vocabulary of 64");
+  j["pad_token_id"] = -1;  // torch reads it as the last row
+  EXPECT_EQ(hf::parse_config(j, "x").pad_token_id, 63);
+  j = minimal("qwen2_moe");
+  j["shared_expert_intermediate_size"] = 0;
+  EXPECT_NE(error_of(j).find("field 'shared_expert_intermediate_size' must be positive"), std::string::npos);
+  j = minimal("bert");
+  EXPECT_NE(error_of(j).find("(supported: llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe)"),
+            std::string::npos);
 }
