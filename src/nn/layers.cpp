@@ -12,7 +12,6 @@ namespace moeforge::nn {
 
 namespace {
 
-Tensor as_f32(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); }
 
 // Gathers rows `idx[i] / div` of x [T, H] into [n, H].
 // [T*k, H]: row i is token i / k's row (each pair carries its token's activations).
@@ -53,25 +52,13 @@ void Linear::init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t
 
 Tensor Linear::forward(const ParamStore& ps, const Tensor& x) const {
   Tensor y = ops::linear(x, ps.at(weight));
-  if (bias) {
-    const Tensor b = as_f32(ps.at(*bias));
-    const int64_t n = b.numel(), rows = y.numel() / n;
-    float* yp = y.f32();
-    const float* bp = b.f32();
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t i = 0; i < n; ++i) yp[r * n + i] += bp[i];
-  }
+  if (bias) ops::add_bias_rows(y, ps.at(*bias));
   return y;
 }
 
 Tensor Linear::backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const {
   ops::linear_weight_grad(dy, x, ps.grad(weight));
-  if (bias) {
-    Tensor& db = ps.grad(*bias);
-    const int64_t n = db.numel(), rows = dy.numel() / n;
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t i = 0; i < n; ++i) db.f32()[i] += dy.f32()[r * n + i];
-  }
+  if (bias) ops::bias_grad(dy, ps.grad(*bias));
   return ops::linear_input_grad(dy, ps.at(weight));
 }
 
@@ -97,19 +84,9 @@ void Attention::init(ParamStore& ps, const std::string& prefix, int64_t hidden, 
 
 namespace {
 
-// Clamps x to [-c, c] in place (torch.clamp_).
-void clamp_inplace(Tensor& x, float c) {
-  float* p = x.f32();
-  for (int64_t i = 0; i < x.numel(); ++i) p[i] = std::min(std::max(p[i], -c), c);
-}
-
-// The clamp's backward: torch passes the gradient where -c <= x <= c and stops it elsewhere.
 Tensor clamp_backward(const Tensor& unclipped, const Tensor& dy, float c) {
   Tensor d = dy.clone();
-  const float* u = unclipped.f32();
-  float* p = d.f32();
-  for (int64_t i = 0; i < d.numel(); ++i)
-    if (u[i] < -c || u[i] > c) p[i] = 0.f;
+  ops::clamp_backward_inplace(unclipped, d, c);
   return d;
 }
 
@@ -124,7 +101,7 @@ Tensor Attention::normalise(const ParamStore& ps, const std::optional<RMSNorm>& 
   else y = norm->forward(ps, x.view({t, n, head_dim})).view({t, n * head_dim});
   if (clip) {
     if (unclipped) *unclipped = y.clone();
-    clamp_inplace(y, *clip);
+    ops::clamp_inplace(y, *clip);
   }
   return y;
 }
@@ -152,7 +129,7 @@ Tensor Attention::forward(const ParamStore& ps, const Tensor& x, int64_t batch, 
   Tensor k = normalise(ps, k_norm, k_pre, kv_heads, cache ? &cache->k_unclipped : nullptr).view({t, kv_heads, head_dim});
   if (clip) {
     if (cache) cache->v_unclipped = v.clone();
-    clamp_inplace(v, *clip);
+    ops::clamp_inplace(v, *clip);
   }
   v = v.view({batch, seq, kv_heads, head_dim});
   ops::rope_inplace(q, cos, sin);
@@ -230,33 +207,19 @@ void GatedSharedExpert::init(ParamStore& ps, const std::string& prefix, int64_t 
 
 Tensor GatedSharedExpert::forward(const ParamStore& ps, const Tensor& x, Cache* cache) const {
   Tensor y = mlp.forward(ps, x, cache ? &cache->mlp : nullptr);
-  Tensor g = gate.forward(ps, x);  // [T, 1]
-  const int64_t t = y.size(0), h = y.size(1);
-  Tensor out = Tensor::empty({t, h}, DType::F32);
-  for (int64_t r = 0; r < t; ++r) {
-    float& gr = g.f32()[r];
-    gr = 1.f / (1.f + std::exp(-gr));
-    for (int64_t i = 0; i < h; ++i) out.f32()[r * h + i] = gr * y.f32()[r * h + i];
-  }
+  Tensor logit = gate.forward(ps, x);  // [T, 1]
+  Tensor out = Tensor::zeros(y.shape(), DType::F32);
+  ops::add_sigmoid_gated(out, y, logit);
   if (cache) {
     cache->y = y;
-    cache->gate = g;
+    cache->logit = logit;
   }
   return out;
 }
 
 Tensor GatedSharedExpert::backward(ParamStore& ps, const Cache& c, const Tensor& dy) const {
-  const int64_t t = dy.size(0), h = dy.size(1);
-  Tensor dmlp = Tensor::empty({t, h}, DType::F32), dlogit = Tensor::empty({t, 1}, DType::F32);
-  for (int64_t r = 0; r < t; ++r) {
-    const float g = c.gate.f32()[r];
-    double dg = 0;
-    for (int64_t i = 0; i < h; ++i) {
-      dmlp.f32()[r * h + i] = g * dy.f32()[r * h + i];
-      dg += static_cast<double>(dy.f32()[r * h + i]) * c.y.f32()[r * h + i];
-    }
-    dlogit.f32()[r] = static_cast<float>(dg) * g * (1.f - g);  // sigmoid' = g (1 - g)
-  }
+  Tensor dmlp, dlogit;
+  ops::sigmoid_gated_backward(dy, c.y, c.logit, dmlp, dlogit);
   Tensor dx = mlp.backward(ps, c.mlp, dmlp);
   ops::add_inplace(dx, gate.backward(ps, c.mlp.x, dlogit));
   return dx;

@@ -88,7 +88,7 @@ struct DenseMLP {
 struct GatedSharedExpert {
   struct Cache {
     DenseMLP::Cache mlp;
-    Tensor y, gate;  // the MLP's output [T, H]; the sigmoid gate [T, 1]
+    Tensor y, logit;  // the MLP's output [T, H]; the gate's logit [T, 1]
   };
   DenseMLP mlp;
   Linear gate;

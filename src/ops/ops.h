@@ -51,6 +51,13 @@ void add_inplace(Tensor& x, const Tensor& y);
 // `ignore_index` get 0 and are not counted. Returns the per-row losses [N] and the count.
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted);
 
+// y [rows, n] += bias [n] on every row (bias F32 or BF16).
+void add_bias_rows(Tensor& y, const Tensor& bias);
+// x clamped to [-c, c] in place (OLMoE's clip_qkv).
+void clamp_inplace(Tensor& x, float c);
+// out [T, H] += sigmoid(logit [T, 1]) * y [T, H]: a shared expert's output through its gate.
+void add_sigmoid_gated(Tensor& out, const Tensor& y, const Tensor& logit);
+
 // ---- Backward passes. "accumulate" outputs are added to; the rest are written.
 
 // dW [N,K] += dy[M,N]^T x[M,K]
@@ -67,6 +74,14 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 
 // d(gate_up) [T, 2I] from d(silu(gate) * up) [T, I].
 Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);
+
+// db [n] (F32) += column sums of dy [rows, n]: a bias's gradient.
+void bias_grad(const Tensor& dy, Tensor& db);
+// The clamp's backward in place: dy is zeroed where the value before the clamp was outside
+// [-c, c] (torch.clamp passes the gradient on the boundary).
+void clamp_backward_inplace(const Tensor& unclipped, Tensor& dy, float c);
+// add_sigmoid_gated's backward: d_y = sigmoid(logit) * dy, d_logit = sum_h(dy * y) * s (1 - s).
+void sigmoid_gated_backward(const Tensor& dy, const Tensor& y, const Tensor& logit, Tensor& d_y, Tensor& d_logit);
 
 // table_grad [V, D] += rows of dx [N, D] at ids [N]. Rows whose id is `padding_idx` (when >= 0) add
 // nothing, as torch's nn.Embedding(padding_idx=...) that Transformers builds from pad_token_id.
