@@ -31,6 +31,7 @@ def tensor_names(folder):
 
 def logits(folder, ids):
     m = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    m.config._experts_implementation = "eager"  # grouped_mm needs 16-byte strides the tiny fixtures lack
     m.eval()
     with torch.no_grad():
         return m(input_ids=ids).logits
@@ -50,7 +51,15 @@ def main():
         if not os.path.exists(os.path.join(src, "reference.safetensors")):
             continue
         out = os.path.join(args.work, case)
-        subprocess.run([args.moeforge, "convert", "--model", src, "--out", out, "--overwrite"], check=True)
+        conv = subprocess.run([args.moeforge, "convert", "--model", src, "--out", out, "--overwrite"],
+                              capture_output=True, text=True)
+        if conv.returncode != 0:
+            if "is not supported" in conv.stderr:  # a family moeforge does not build yet: reported, not passed
+                print(f"{case}: SKIPPED, {conv.stderr.strip()}")
+                results[case] = {"skipped": conv.stderr.strip()}
+                continue
+            print(conv.stderr, file=sys.stderr)
+            return 1
         ref = load_file(os.path.join(src, "reference.safetensors"))
         a, b = logits(src, ref["input_ids"]), logits(out, ref["input_ids"])
         d = (a - b).abs().max().item()

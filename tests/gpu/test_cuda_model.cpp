@@ -1,4 +1,4 @@
-// The Qwen3-MoE fixtures' forward on the GPU (gpu::GpuModel::forward_logits over device-resident
+// The decoder families' fixtures' forward on the GPU (gpu::GpuModel::forward_logits over device-resident
 // fp32 weights) against Transformers' logits (the fixtures' reference.safetensors): tight. Skipped
 // without a GPU.
 #include <gtest/gtest.h>
@@ -30,3 +30,7 @@ TEST_P(CudaModel, Fp32LogitsMatchTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModel, ::testing::Values("qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux"));
+INSTANTIATE_TEST_SUITE_P(Families, CudaModel,
+                         ::testing::Values("mixtral_a", "mixtral_b", "qwen2_moe_a", "qwen2_moe_b", "olmoe_a", "olmoe_b",
+                                           "llama_a", "llama_b", "mistral_a", "mistral_b", "qwen2_a", "qwen2_b",
+                                           "qwen3_a", "qwen3_b"));

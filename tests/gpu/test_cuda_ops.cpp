@@ -123,6 +123,58 @@ TEST_P(CudaOps, SwigluForwardBackward) {
                "swiglu_backward");
 }
 
+TEST_P(CudaOps, BiasRowsAndBiasGradient) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  // 600 rows: more than one row slice of the gradient's reduction.
+  Tensor y = randn({600, 37}, 50), b = randn({37}, 51), dy = randn({600, 37}, 52), db0 = randn({37}, 53);
+  Tensor want = rounded(y, dt);
+  ops::add_bias_rows(want, rounded(b, dt));
+  Tensor yd = cuda::to_device(y, dt);
+  cuda::add_bias_rows(yd, cuda::to_device(b, dt));
+  expect_close(yd, want, tol_for(dt), "add_bias_rows");
+  Tensor db_want = db0.clone();
+  ops::bias_grad(rounded(dy, dt), db_want);
+  Tensor dbd = cuda::to_device(db0, DType::F32);
+  cuda::bias_grad(cuda::to_device(dy, dt), dbd);
+  expect_close(dbd, db_want, {1e-4f, 1e-4f}, "bias_grad");
+}
+
+TEST_P(CudaOps, ClampAndItsBackward) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  Tensor x = randn({50, 24}, 54), dy = randn({50, 24}, 55);
+  Tensor want = rounded(x, dt);
+  ops::clamp_inplace(want, 0.7f);
+  Tensor xd = cuda::to_device(x, dt);
+  cuda::clamp_inplace(xd, 0.7f);
+  expect_close(xd, want, tol_for(dt), "clamp");
+  Tensor dy_want = rounded(dy, dt);
+  ops::clamp_backward_inplace(rounded(x, dt), dy_want, 0.7f);
+  Tensor dyd = cuda::to_device(dy, dt);
+  cuda::clamp_backward_inplace(cuda::to_device(x, dt), dyd, 0.7f);
+  expect_close(dyd, dy_want, tol_for(dt), "clamp backward");
+  int zeroed = 0;
+  for (float v : dy_want.to_f32_vector()) zeroed += v == 0.f;
+  EXPECT_GT(zeroed, 200);  // about half the values are outside [-0.7, 0.7]
+}
+
+TEST_P(CudaOps, SigmoidGatedAddAndBackward) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  Tensor out = randn({9, 300}, 56), y = randn({9, 300}, 57), logit = randn({9, 1}, 58, 2.f), dy = randn({9, 300}, 59);
+  Tensor want = rounded(out, dt);
+  ops::add_sigmoid_gated(want, rounded(y, dt), rounded(logit, dt));
+  Tensor od = cuda::to_device(out, dt);
+  cuda::add_sigmoid_gated(od, cuda::to_device(y, dt), cuda::to_device(logit, dt));
+  expect_close(od, want, tol_for(dt), "add_sigmoid_gated");
+  Tensor dy_want, dl_want, dy_got, dl_got;
+  ops::sigmoid_gated_backward(rounded(dy, dt), rounded(y, dt), rounded(logit, dt), dy_want, dl_want);
+  cuda::sigmoid_gated_backward(cuda::to_device(dy, dt), cuda::to_device(y, dt), cuda::to_device(logit, dt), dy_got, dl_got);
+  expect_close(dy_got, dy_want, tol_for(dt), "sigmoid_gated_backward d_y");
+  expect_close(dl_got, dl_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{0.1f, 2e-2f}, "sigmoid_gated_backward d_logit");
+}
+
 TEST_P(CudaOps, RopeForwardAndInverse) {
   REQUIRE_GPU();
   const DType dt = GetParam();

@@ -107,6 +107,11 @@ TEST_P(CudaTraining, Fp32ThreeAdamWStepsMatchTorch) {
 INSTANTIATE_TEST_SUITE_P(Qwen3Moe, CudaTraining,
                          ::testing::Combine(::testing::Values("qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux"),
                                             ::testing::Values(false, true)));
+INSTANTIATE_TEST_SUITE_P(Families, CudaTraining,
+                         ::testing::Combine(::testing::Values("mixtral_a", "mixtral_b", "qwen2_moe_a", "qwen2_moe_b",
+                                                              "olmoe_a", "olmoe_b", "llama_a", "llama_b", "mistral_a",
+                                                              "mistral_b", "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b"),
+                                            ::testing::Values(false, true)));
 
 class CudaTrainingPolicies : public ::testing::TestWithParam<const char*> {};
 
@@ -214,6 +219,8 @@ TEST_P(CudaTrainingPolicies, OptimizerInBackwardMatchesStepAfterBackward) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Qwen3Moe, CudaTrainingPolicies, ::testing::Values("qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux"));
+// The MoE families with their optional pieces (shared expert, clip_qkv, window layers, biases).
+INSTANTIATE_TEST_SUITE_P(Families, CudaTrainingPolicies, ::testing::Values("mixtral_b", "qwen2_moe_b", "olmoe_b"));
 
 // `moeforge train` with device: cuda (fp32) against the same recipe on the CPU: accumulation,
 // clipping, a cosine schedule and the load-balancing loss on qwen3_moe_aux, six steps with a

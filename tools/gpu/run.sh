@@ -3,6 +3,8 @@
 # tools/gpu/pack.sh's tarball and
 #   tests               runs the GPU tests (summary lines in $OUT/summary.txt, logs beside it); with
 #                       2+ GPUs the multi-GPU ones again with MOEFORGE_EP_CHUNKS=2
+#   roundtrip           tools/check_hf_roundtrip.py: every fixture through `moeforge convert`, loaded
+#                       by the machine's Transformers next to its source (log in $OUT/roundtrip.log)
 #   compare ARGS...     bench/compare.sh CONFIG-NAME ARGS with the packed moeforge and the machine's
 #                       Transformers (NPROC=N for N GPUs), e.g.
 #                       NPROC=8 bash tools/gpu/run.sh compare qwen3-30b-a3b --routing native --seq 4096
@@ -30,10 +32,13 @@ case "${1:-tests}" in
       grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$OUT/test_cuda_dist_chunks2.log" >> "$OUT/summary.txt"
     fi
     cat "$OUT/summary.txt" ;;
+  roundtrip)
+    /opt/torch/.venv/bin/python tools/check_hf_roundtrip.py --moeforge "$P/bin/moeforge" --fixtures tests/fixtures \
+      --work /tmp/roundtrip 2>&1 | grep -v -E "Loading weights|Writing model" | tee "$OUT/roundtrip.log" ;;
   compare)
     shift
     name=$1; shift
     MOEFORGE=$P/bin/moeforge PYTHON=/opt/torch/.venv/bin/python MF_FLAGS=${MF_FLAGS:---optimizer-in-backward} \
       bash bench/compare.sh "$P/configs/$name.json" "$@" 2>&1 | tee -a "$OUT/compare.log" ;;
-  *) echo "run.sh: unknown part '$1' (tests | compare)" >&2; exit 2 ;;
+  *) echo "run.sh: unknown part '$1' (tests | roundtrip | compare)" >&2; exit 2 ;;
 esac

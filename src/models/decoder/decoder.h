@@ -15,7 +15,7 @@
 #include "nn/layers.h"
 
 namespace moeforge::gpu {
-class Qwen3MoeGpu;  // the GPU training step (src/gpu), which reads the layer structure
+class DecoderGpu;  // the GPU training step (src/gpu), which reads the layer structure
 }
 
 namespace moeforge::models {
@@ -35,7 +35,7 @@ class Decoder : public CausalLM {
   int64_t active_parameters() const override;
 
  private:
-  friend class gpu::Qwen3MoeGpu;
+  friend class gpu::DecoderGpu;
   struct Layer {
     nn::RMSNorm input_norm, post_attention_norm;
     nn::Attention attn;

@@ -36,6 +36,17 @@ Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, flo
 // dx from dy; dw (F32) accumulates.
 Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy, Tensor& dw);
 
+// The family variants' small pieces (ops.h has their CPU references): y [rows, n] += bias on
+// every row; db [n] (F32 or BF16) += column sums of dy; clamp to [-c, c] in place and its backward
+// (dy zeroed where the unclipped value was outside); out += sigmoid(logit [T,1]) * y [T,H] and its
+// backward (d_y, d_logit allocated here in y's and logit's dtypes).
+void add_bias_rows(Tensor& y, const Tensor& bias);
+void bias_grad(const Tensor& dy, Tensor& db);
+void clamp_inplace(Tensor& x, float c);
+void clamp_backward_inplace(const Tensor& unclipped, Tensor& dy, float c);
+void add_sigmoid_gated(Tensor& out, const Tensor& y, const Tensor& logit);
+void sigmoid_gated_backward(const Tensor& dy, const Tensor& y, const Tensor& logit, Tensor& d_y, Tensor& d_logit);
+
 // silu(gate) * up with gate_up [T, 2I] (gate first); and d(gate_up) from d(out).
 Tensor swiglu(const Tensor& gate_up);
 Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);

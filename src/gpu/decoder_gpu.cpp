@@ -1,7 +1,10 @@
-// Qwen3-MoE's training step on the GPU. Per decoder layer:
-//   n1 = rms(x); q,k,v = n1 W^T; per-head rms on q,k; RoPE; o = attention; x2 = x + o Wo^T
+// The decoder families' training step on the GPU (models::Decoder: Qwen3-MoE, Qwen2-MoE, Mixtral,
+// OLMoE and the dense Llama / Mistral / Qwen2 / Qwen3). Per decoder layer:
+//   n1 = rms(x); q,k,v = n1 W^T (+ biases); rms on q,k (per head, over the projection, or none);
+//   clip_qkv clamp; RoPE; o = attention; x2 = x + o Wo^T (+ bias)
 //   n2 = rms(x2); router softmax/top-k (or round-robin when balanced); permute by expert;
-//   gate_up and down as grouped GEMMs around SwiGLU; weighted unpermute; x3 = x2 + moe
+//   gate_up and down as grouped GEMMs around SwiGLU; weighted unpermute; the gated shared expert
+//   beside them; x3 = x2 + moe (or x2 + the dense SwiGLU MLP)
 // Under expert parallelism the permuted rows go to the ranks holding their experts between the
 // permute and the GEMMs and come back before the unpermute (gpu/expert_exchange.h), optionally in
 // token chunks whose exchanges run on the group's stream while other chunks' experts compute; the rows
@@ -44,9 +47,11 @@ struct ExpertChunk {
 
 struct LayerState {
   Tensor x, rstd1, n1;
-  Tensor q_pre, k_pre, rstd_q, rstd_k, q, k, v, o, lse;
+  Tensor q_pre, k_pre, rstd_q, rstd_k, q, k, v, o, lse;  // q_pre/k_pre [T, heads * head_dim]
+  Tensor q_unclipped, k_unclipped, v_unclipped;           // clip_qkv: the values before the clamp
   Tensor x2, rstd2, n2;
   Tensor probs, weights, chosen, gu;  // gu: a dense layer's gate_up output
+  Tensor shared_gu, shared_y, shared_logit;  // the shared expert's gate_up, output and gate logit
   std::vector<ExpertChunk> chunks;
   std::vector<int64_t> expert_rows;   // pairs routed to each expert (the load-balancing loss)
 };
@@ -57,21 +62,11 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 
 }  // namespace
 
-class Qwen3MoeGpu : public GpuModel {
+class DecoderGpu : public GpuModel {
  public:
-  Qwen3MoeGpu(const models::Decoder& m, DeviceParams params, GpuParallel par)
+  DecoderGpu(const models::Decoder& m, DeviceParams params, GpuParallel par)
       : m_(m), par_(par), params_(std::move(params)), dt_(compute_dtype(params_.precision())) {
-    // The decoder variants this GPU path computes so far: Qwen3-MoE's. Others train on the CPU.
-    const std::string family = "GPU training of model_type '" + m_.config().model_type + "': ";
     for (const auto& L : m_.layers_) {
-      const auto& A = L.attn;
-      MF_CHECK(!A.q_proj.bias && !A.k_proj.bias && !A.v_proj.bias && !A.o_proj.bias, family,
-               "attention biases are not supported on the GPU yet (device: cpu trains it)");
-      MF_CHECK(A.q_norm.has_value() && !A.full_qk_norm && !A.clip, family,
-               "only per-head q/k norms without clip_qkv are supported on the GPU yet (device: cpu trains it)");
-      MF_CHECK(!L.shared, family, "shared experts are not supported on the GPU yet (device: cpu trains it)");
-      if (const auto* d = std::get_if<nn::DenseMLP>(&L.mlp))
-        MF_CHECK(!d->gate_proj.bias, family, "MLP biases are not supported on the GPU yet (device: cpu trains it)");
       if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
         const int ep = par_.ep ? par_.ep->size() : 1;
         MF_CHECK(moe->shard.count * ep == moe->experts, "GPU model: the layers hold ", moe->shard.count, " of ",
@@ -241,11 +236,16 @@ class Qwen3MoeGpu : public GpuModel {
     const int64_t t = bt.t, hd = A.head_dim;
     c.x = x;
     c.n1 = cuda::rms_norm(x, value(L.input_norm.weight), L.input_norm.eps, &c.rstd1);
-    c.q_pre = cuda::linear(c.n1, value(A.q_proj.weight)).view({t * A.heads, hd});
-    c.k_pre = cuda::linear(c.n1, value(A.k_proj.weight)).view({t * A.kv_heads, hd});
-    c.v = cuda::linear(c.n1, value(A.v_proj.weight)).view({bt.b, bt.s, A.kv_heads, hd});
-    c.q = cuda::rms_norm(c.q_pre, value(A.q_norm->weight), A.q_norm->eps, &c.rstd_q).view({t, A.heads, hd});
-    c.k = cuda::rms_norm(c.k_pre, value(A.k_norm->weight), A.k_norm->eps, &c.rstd_k).view({t, A.kv_heads, hd});
+    c.q_pre = projection(A.q_proj, c.n1);
+    c.k_pre = projection(A.k_proj, c.n1);
+    c.v = projection(A.v_proj, c.n1);
+    c.q = qk_normalise(A, A.q_norm, c.q_pre, A.heads, c.rstd_q, c.q_unclipped).view({t, A.heads, hd});
+    c.k = qk_normalise(A, A.k_norm, c.k_pre, A.kv_heads, c.rstd_k, c.k_unclipped).view({t, A.kv_heads, hd});
+    if (A.clip) {
+      c.v_unclipped = cuda::copy(c.v, "v before the clamp");
+      cuda::clamp_inplace(c.v, *A.clip);
+    }
+    c.v = c.v.view({bt.b, bt.s, A.kv_heads, hd});
     cuda::rope_inplace(c.q, bt.cos, bt.sin);
     cuda::rope_inplace(c.k, bt.cos, bt.sin);
     c.q = c.q.view({bt.b, bt.s, A.heads, hd});
@@ -253,15 +253,14 @@ class Qwen3MoeGpu : public GpuModel {
     phases_.mark("fwd: norm + qkv + rope");
     c.o = cuda::attention(c.q, c.k, c.v, scale(A), window(A), bt.doc_ids, &c.lse);
     phases_.mark("fwd: attention core");
-    Tensor a = cuda::linear(c.o.view({t, A.heads * hd}), value(A.o_proj.weight));
+    Tensor a = projection(A.o_proj, c.o.view({t, A.heads * hd}));
     c.x2 = cuda::copy(x, "the residual stream");
     c.n2 = cuda::add_rms_norm(a, c.x2, value(L.post_attention_norm.weight), L.post_attention_norm.eps, &c.rstd2);
     a = Tensor();
     phases_.mark("fwd: attention block");
     Tensor out;
     if (const auto* dense = std::get_if<nn::DenseMLP>(&L.mlp)) {
-      c.gu = cuda::linear(c.n2, dense_gate_up(*dense));
-      out = cuda::linear(cuda::swiglu(c.gu), value(dense->down_proj.weight));
+      out = dense_forward(*dense, c.n2, c.gu);
       cuda::add_inplace(out, c.x2);
       return out;
     }
@@ -332,6 +331,11 @@ class Qwen3MoeGpu : public GpuModel {
       }
     }
     if (!fine_phases) phases_.mark("fwd: experts + exchanges (overlapped)");
+    if (L.shared) {  // Qwen2-MoE: sigmoid(n2 . w) * mlp(n2) beside the routed experts
+      c.shared_y = dense_forward(L.shared->mlp, c.n2, c.shared_gu);
+      c.shared_logit = cuda::linear(c.n2, value(L.shared->gate.weight));
+      cuda::add_sigmoid_gated(out, c.shared_y, c.shared_logit);
+    }
     cuda::add_inplace(out, c.x2);
     phases_.mark("fwd: unpermute + residual");
     return out;
@@ -349,44 +353,112 @@ class Qwen3MoeGpu : public GpuModel {
                                                           std::to_string(mn) + " max " + std::to_string(mx));
   }
 
-  // A dense layer's gate and up weights [I,H] each, stacked as one [2I,H] (gate rows first) so one
-  // GEMM yields SwiGLU's input; two device copies per call (dense layers are the rare fallback).
-  Tensor dense_gate_up(const nn::DenseMLP& mlp) const {
-    const Tensor& g = value(mlp.gate_proj.weight);
-    const Tensor& u = value(mlp.up_proj.weight);
-    Tensor w = cuda::empty({g.size(0) + u.size(0), g.size(1)}, dt_, "dense gate_up weight");
+  // y = x W^T (+ b) of a projection, biased or not.
+  Tensor projection(const nn::Linear& lin, const Tensor& x) const {
+    Tensor y = cuda::linear(x, value(lin.weight));
+    if (lin.bias) cuda::add_bias_rows(y, value(*lin.bias));
+    return y;
+  }
+
+  // A projection's backward from dy: its weight (and bias) gradients accumulate; d(x) is added to
+  // `dx` when `accumulate_dx`, else written.
+  void projection_backward(const nn::Linear& lin, const Tensor& x, const Tensor& dy, Tensor& dx, bool accumulate_dx) {
+    cuda::gemm(dy, false, value(lin.weight), false, dx, accumulate_dx);
+    cuda::gemm(dy, true, x, false, params_.grad(lin.weight), true);
+    if (lin.bias) cuda::bias_grad(dy, params_.grad(*lin.bias));
+  }
+
+  // q or k [T, n * head_dim] through its RMSNorm (per head, or over the whole projection; none:
+  // returned as is, RoPE then rotates `pre` itself, which backward does not need) and the clamp.
+  Tensor qk_normalise(const nn::Attention& A, const std::optional<nn::RMSNorm>& norm, const Tensor& pre, int64_t n,
+                      Tensor& rstd, Tensor& unclipped) {
+    const int64_t t = pre.size(0), hd = A.head_dim;
+    Tensor y = pre;
+    if (norm && A.full_qk_norm) y = cuda::rms_norm(pre, value(norm->weight), norm->eps, &rstd);
+    else if (norm) y = cuda::rms_norm(pre.view({t * n, hd}), value(norm->weight), norm->eps, &rstd).view({t, n * hd});
+    if (A.clip) {
+      unclipped = cuda::copy(y, "q/k before the clamp");
+      cuda::clamp_inplace(y, *A.clip);
+    }
+    return y;
+  }
+
+  // d(pre) from d(q or k) [T, n * head_dim] (modified in place by the clamp's backward).
+  Tensor qk_normalise_backward(const nn::Attention& A, const std::optional<nn::RMSNorm>& norm, const Tensor& pre,
+                               const Tensor& rstd, const Tensor& unclipped, Tensor dy, int64_t n) {
+    const int64_t t = dy.size(0), hd = A.head_dim;
+    if (A.clip) cuda::clamp_backward_inplace(unclipped, dy, *A.clip);
+    if (!norm) return dy;
+    if (A.full_qk_norm) return cuda::rms_norm_backward(pre, value(norm->weight), rstd, dy, params_.grad(norm->weight));
+    return cuda::rms_norm_backward(pre.view({t * n, hd}), value(norm->weight), rstd, dy.view({t * n, hd}),
+                                   params_.grad(norm->weight))
+        .view({t, n * hd});
+  }
+
+  // A dense MLP's gate and up weights [I,H] each (and biases [I]), stacked as one [2I,H] ([2I])
+  // with gate rows first so one GEMM yields SwiGLU's input; device copies per call (dense layers
+  // and shared experts are the smaller part of a MoE model).
+  Tensor stacked(const nn::DenseMLP& mlp, bool bias) const {
+    const Tensor& g = value(bias ? *mlp.gate_proj.bias : mlp.gate_proj.weight);
+    const Tensor& u = value(bias ? *mlp.up_proj.bias : mlp.up_proj.weight);
+    Shape shape = g.shape();
+    shape[0] += u.size(0);
+    Tensor w = cuda::empty(shape, dt_, "dense gate_up weight");
     Tensor top = w.slice0(0, g.size(0)), bottom = w.slice0(g.size(0), u.size(0));
     cuda::convert(g, top);
     cuda::convert(u, bottom);
     return w;
   }
 
-  // Dense MLP backward: accumulates its weight gradients, returns d(n2).
-  Tensor dense_backward(const nn::DenseMLP& mlp, LayerState& c, const Tensor& dy) {
-    const int64_t t = dy.size(0), inter = c.gu.size(1) / 2;
-    Tensor act = cuda::swiglu(c.gu);
-    cuda::gemm(dy, true, act, false, params_.grad(mlp.down_proj.weight), /*accumulate=*/true);
-    act = Tensor();
+  // down(silu(gate(x)) * up(x)); keeps the gate_up output in `gu` for the backward.
+  Tensor dense_forward(const nn::DenseMLP& mlp, const Tensor& x, Tensor& gu) {
+    gu = cuda::linear(x, stacked(mlp, false));
+    if (mlp.gate_proj.bias) cuda::add_bias_rows(gu, stacked(mlp, true));
+    return projection(mlp.down_proj, cuda::swiglu(gu));
+  }
+
+  // Dense MLP backward: accumulates its weight (and bias) gradients, returns d(x); frees `gu`.
+  Tensor dense_backward(const nn::DenseMLP& mlp, Tensor& gu, const Tensor& x, const Tensor& dy) {
+    const int64_t t = dy.size(0), inter = gu.size(1) / 2;
+    Tensor act = cuda::swiglu(gu);
     Tensor d_act = cuda::empty({t, inter}, dt_, "dense activation gradient");
-    cuda::gemm(dy, false, value(mlp.down_proj.weight), false, d_act);
-    Tensor d_gu = cuda::swiglu_backward(c.gu, d_act);
+    projection_backward(mlp.down_proj, act, dy, d_act, false);
+    act = Tensor();
+    Tensor d_gu = cuda::swiglu_backward(gu, d_act);
     d_act = Tensor();
-    c.gu = Tensor();
-    Tensor d_n2 = cuda::empty({t, c.n2.size(1)}, dt_, "dense input gradient");
-    cuda::gemm(d_gu, false, dense_gate_up(mlp), false, d_n2);
-    Tensor dw = cuda::empty({2 * inter, c.n2.size(1)}, params_.grad(mlp.gate_proj.weight).dtype(), "dense gate_up gradient");
-    cuda::gemm(d_gu, true, c.n2, false, dw);
+    gu = Tensor();
+    Tensor d_x = cuda::empty({t, x.size(1)}, dt_, "dense input gradient");
+    cuda::gemm(d_gu, false, stacked(mlp, false), false, d_x);
+    Tensor dw = cuda::empty({2 * inter, x.size(1)}, params_.grad(mlp.gate_proj.weight).dtype(), "dense gate_up gradient");
+    cuda::gemm(d_gu, true, x, false, dw);
     cuda::add_inplace(params_.grad(mlp.gate_proj.weight), dw.slice0(0, inter));
     cuda::add_inplace(params_.grad(mlp.up_proj.weight), dw.slice0(inter, inter));
-    return d_n2;
+    if (mlp.gate_proj.bias) {
+      Tensor db = cuda::empty({2 * inter}, params_.grad(*mlp.gate_proj.bias).dtype(), "dense gate_up bias gradient");
+      cuda::zero(db);
+      cuda::bias_grad(d_gu, db);
+      cuda::add_inplace(params_.grad(*mlp.gate_proj.bias), db.slice0(0, inter));
+      cuda::add_inplace(params_.grad(*mlp.up_proj.bias), db.slice0(inter, inter));
+    }
+    return d_x;
+  }
+
+  // The shared expert's backward (gate and MLP) from the layer's output gradient, added to d(n2).
+  void shared_backward(const nn::GatedSharedExpert& S, LayerState& c, const Tensor& dy, Tensor& d_n2) {
+    Tensor d_y, d_logit;
+    cuda::sigmoid_gated_backward(dy, c.shared_y, c.shared_logit, d_y, d_logit);
+    c.shared_y = c.shared_logit = Tensor();
+    projection_backward(S.gate, c.n2, d_logit, d_n2, /*accumulate_dx=*/true);
+    cuda::add_inplace(d_n2, dense_backward(S.mlp, c.shared_gu, c.n2, d_y));
   }
 
   // dy: gradient at the layer's output; returns the gradient at its input.
   Tensor layer_backward(size_t l, LayerState& c, const Inputs& bt, const Tensor& dy, const Tensor* dprobs_aux) {
     const auto& L = m_.layers_[l];
     Tensor d_n2 = std::holds_alternative<nn::DenseMLP>(L.mlp)
-                      ? dense_backward(std::get<nn::DenseMLP>(L.mlp), c, dy)
+                      ? dense_backward(std::get<nn::DenseMLP>(L.mlp), c.gu, c.n2, dy)
                       : moe_backward(std::get<nn::SparseMoE>(L.mlp), c, dy, dprobs_aux);
+    if (L.shared) shared_backward(*L.shared, c, dy, d_n2);
     // Post-attention norm and the residual.
     Tensor d_x2 = cuda::rms_norm_backward(c.x2, value(L.post_attention_norm.weight), c.rstd2, d_n2,
                                           params_.grad(L.post_attention_norm.weight));
@@ -479,8 +551,7 @@ class Qwen3MoeGpu : public GpuModel {
     const int64_t t = bt.t, hd = A.head_dim;
     Tensor o2 = c.o.view({t, A.heads * hd});
     Tensor d_o = cuda::empty({t, A.heads * hd}, dt_, "attention output gradient");
-    cuda::gemm(d_x2, false, value(A.o_proj.weight), false, d_o);
-    cuda::gemm(d_x2, true, o2, false, params_.grad(A.o_proj.weight), true);
+    projection_backward(A.o_proj, o2, d_x2, d_o, false);
     Tensor dq, dk, dv;
     phases_.mark("bwd: norm + o_proj");
     cuda::attention_backward(c.q, c.k, c.v, c.o, c.lse, d_o.view(c.q.shape()), scale(A), window(A), bt.doc_ids, dq, dk, dv);
@@ -490,18 +561,15 @@ class Qwen3MoeGpu : public GpuModel {
     dk = dk.view({t, A.kv_heads, hd});
     cuda::rope_inplace(dq, bt.cos, bt.sin, /*inverse=*/true);
     cuda::rope_inplace(dk, bt.cos, bt.sin, true);
-    Tensor dq_pre = cuda::rms_norm_backward(c.q_pre, value(A.q_norm->weight), c.rstd_q, dq.view({t * A.heads, hd}),
-                                            params_.grad(A.q_norm->weight)).view({t, A.heads * hd});
-    Tensor dk_pre = cuda::rms_norm_backward(c.k_pre, value(A.k_norm->weight), c.rstd_k, dk.view({t * A.kv_heads, hd}),
-                                            params_.grad(A.k_norm->weight)).view({t, A.kv_heads * hd});
+    Tensor dq_pre = qk_normalise_backward(A, A.q_norm, c.q_pre, c.rstd_q, c.q_unclipped, dq.view({t, A.heads * hd}), A.heads);
+    Tensor dk_pre =
+        qk_normalise_backward(A, A.k_norm, c.k_pre, c.rstd_k, c.k_unclipped, dk.view({t, A.kv_heads * hd}), A.kv_heads);
     Tensor dv2 = dv.view({t, A.kv_heads * hd});
+    if (A.clip) cuda::clamp_backward_inplace(c.v_unclipped, dv2, *A.clip);
     Tensor d_n1 = cuda::empty({t, m_.cfg_.hidden_size}, dt_, "attention input gradient");
-    cuda::gemm(dq_pre, false, value(A.q_proj.weight), false, d_n1);
-    cuda::gemm(dk_pre, false, value(A.k_proj.weight), false, d_n1, true);
-    cuda::gemm(dv2, false, value(A.v_proj.weight), false, d_n1, true);
-    cuda::gemm(dq_pre, true, c.n1, false, params_.grad(A.q_proj.weight), true);
-    cuda::gemm(dk_pre, true, c.n1, false, params_.grad(A.k_proj.weight), true);
-    cuda::gemm(dv2, true, c.n1, false, params_.grad(A.v_proj.weight), true);
+    projection_backward(A.q_proj, c.n1, dq_pre, d_n1, false);
+    projection_backward(A.k_proj, c.n1, dk_pre, d_n1, true);
+    projection_backward(A.v_proj, c.n1, dv2, d_n1, true);
     Tensor dx = cuda::rms_norm_backward(c.x, value(L.input_norm.weight), c.rstd1, d_n1, params_.grad(L.input_norm.weight));
     cuda::add_inplace(dx, d_x2);
     phases_.mark("bwd: attention block");
@@ -560,10 +628,10 @@ class Qwen3MoeGpu : public GpuModel {
   DType dt_;
 };
 
-std::unique_ptr<GpuModel> make_qwen3_moe_gpu(const models::CausalLM& model, DeviceParams params, GpuParallel par) {
+std::unique_ptr<GpuModel> make_decoder_gpu(const models::CausalLM& model, DeviceParams params, GpuParallel par) {
   const auto* q = dynamic_cast<const models::Decoder*>(&model);
-  MF_CHECK(q, "internal: make_qwen3_moe_gpu on another family");
-  return std::make_unique<Qwen3MoeGpu>(*q, std::move(params), par);
+  MF_CHECK(q, "internal: make_decoder_gpu on another family");
+  return std::make_unique<DecoderGpu>(*q, std::move(params), par);
 }
 
 }  // namespace moeforge::gpu

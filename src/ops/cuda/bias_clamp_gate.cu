@@ -1,0 +1,180 @@
+// Bias rows and their gradient, the clip_qkv clamp and the shared expert's sigmoid gate on the
+// device (CPU references in ops/cpu/bias_clamp_gate.cpp). All memory-bound: one read and at most one
+// write of the activation; the bias gradient reduces rows in column tiles with F32 atomics.
+#include "ops/cuda/check.h"
+#include "ops/cuda/kernel_util.cuh"
+#include "ops/cuda/ops_cuda.h"
+#include "ops/cuda/runtime.h"
+
+namespace moeforge::cuda {
+
+using namespace detail;
+
+namespace {
+
+template <typename T, typename B>
+__global__ void add_bias_rows_kernel(T* y, const B* b, int64_t rows, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * n; i += (int64_t)gridDim.x * blockDim.x)
+    store(y, i, load(y, i) + load(b, i % n));
+}
+
+// Block (x: 256 columns, y: a slice of rows): each thread sums its column over the slice, one
+// atomic per thread into the F32 scratch sum.
+constexpr int kBiasRowsPerBlock = 256;
+template <typename T>
+__global__ void bias_grad_kernel(const T* dy, float* sum, int64_t rows, int64_t n) {
+  const int64_t col = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (col >= n) return;
+  const int64_t r0 = blockIdx.y * (int64_t)kBiasRowsPerBlock, r1 = min(rows, r0 + kBiasRowsPerBlock);
+  float s = 0.f;
+  for (int64_t r = r0; r < r1; ++r) s += load(dy, r * n + col);
+  atomicAdd(sum + col, s);
+}
+
+template <typename G>
+__global__ void add_sum_kernel(G* db, const float* sum, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    store(db, i, load(db, i) + sum[i]);
+}
+
+template <typename T>
+__global__ void clamp_kernel(T* x, int64_t n, float c) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    store(x, i, fminf(fmaxf(load(x, i), -c), c));
+}
+
+template <typename T, typename U>
+__global__ void clamp_backward_kernel(const U* u, T* dy, int64_t n, float c) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const float v = load(u, i);
+    if (v < -c || v > c) store(dy, i, 0.f);
+  }
+}
+
+template <typename T, typename L>
+__global__ void add_sigmoid_gated_kernel(T* out, const T* y, const L* logit, int64_t t, int64_t h) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < t * h; i += (int64_t)gridDim.x * blockDim.x) {
+    const float g = 1.f / (1.f + __expf(-load(logit, i / h)));
+    store(out, i, load(out, i) + g * load(y, i));
+  }
+}
+
+// One block per row: d_y = g dy; d_logit = sum(dy y) g (1 - g).
+template <typename T, typename L>
+__global__ void sigmoid_gated_backward_kernel(const T* dy, const T* y, const L* logit, T* d_y, L* d_logit, int64_t h) {
+  const int64_t r = blockIdx.x;
+  const float g = 1.f / (1.f + __expf(-load(logit, r)));
+  float dot = 0.f;
+  for (int64_t i = threadIdx.x; i < h; i += blockDim.x) {
+    const float d = load(dy, r * h + i);
+    dot += d * load(y, r * h + i);
+    store(d_y, r * h + i, g * d);
+  }
+  dot = block_sum(dot);
+  if (threadIdx.x == 0) store(d_logit, r, dot * g * (1.f - g));
+}
+
+}  // namespace
+
+void add_bias_rows(Tensor& y, const Tensor& bias) {
+  require_float(y, "add_bias_rows");
+  require_float(bias, "add_bias_rows");
+  const int64_t n = bias.numel(), rows = y.numel() / std::max<int64_t>(n, 1);
+  MF_CHECK(rows * n == y.numel(), "add_bias_rows: ", y.numel(), " values are not rows of ", n);
+  if (y.numel() == 0) return;
+  dispatch_float(y.dtype(), [&](auto* ty) {
+    using T = std::remove_pointer_t<decltype(ty)>;
+    dispatch_float(bias.dtype(), [&](auto* tb) {
+      using B = std::remove_pointer_t<decltype(tb)>;
+      add_bias_rows_kernel<<<grid_stride_blocks(rows * n), kGridStrideThreads, 0, current_stream()>>>(
+          y.data<T>(), bias.data<B>(), rows, n);
+    });
+  });
+  MF_CUDA_CHECK_LAUNCH("add_bias_rows");
+}
+
+void bias_grad(const Tensor& dy, Tensor& db) {
+  require_float(dy, "bias_grad");
+  require_float(db, "bias_grad");
+  const int64_t n = db.numel(), rows = dy.numel() / std::max<int64_t>(n, 1);
+  MF_CHECK(rows * n == dy.numel(), "bias_grad: ", dy.numel(), " values are not rows of ", n);
+  if (dy.numel() == 0) return;
+  Tensor sum = empty({n}, DType::F32, "bias gradient sum");
+  zero(sum);
+  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>((rows + kBiasRowsPerBlock - 1) / kBiasRowsPerBlock));
+  dispatch_float(dy.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    bias_grad_kernel<<<grid, 256, 0, current_stream()>>>(dy.data<T>(), sum.data<float>(), rows, n);
+  });
+  dispatch_float(db.dtype(), [&](auto* tag) {
+    using G = std::remove_pointer_t<decltype(tag)>;
+    add_sum_kernel<<<grid_stride_blocks(n), kGridStrideThreads, 0, current_stream()>>>(db.data<G>(), sum.data<float>(), n);
+  });
+  MF_CUDA_CHECK_LAUNCH("bias_grad");
+}
+
+void clamp_inplace(Tensor& x, float c) {
+  require_float(x, "clamp_inplace");
+  if (x.numel() == 0) return;
+  dispatch_float(x.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    clamp_kernel<<<grid_stride_blocks(x.numel()), kGridStrideThreads, 0, current_stream()>>>(x.data<T>(), x.numel(), c);
+  });
+  MF_CUDA_CHECK_LAUNCH("clamp_inplace");
+}
+
+void clamp_backward_inplace(const Tensor& unclipped, Tensor& dy, float c) {
+  require_float(unclipped, "clamp_backward");
+  require_float(dy, "clamp_backward");
+  MF_CHECK(unclipped.numel() == dy.numel(), "clamp_backward: sizes differ");
+  if (dy.numel() == 0) return;
+  dispatch_float(dy.dtype(), [&](auto* td) {
+    using T = std::remove_pointer_t<decltype(td)>;
+    dispatch_float(unclipped.dtype(), [&](auto* tu) {
+      using U = std::remove_pointer_t<decltype(tu)>;
+      clamp_backward_kernel<<<grid_stride_blocks(dy.numel()), kGridStrideThreads, 0, current_stream()>>>(
+          unclipped.data<U>(), dy.data<T>(), dy.numel(), c);
+    });
+  });
+  MF_CUDA_CHECK_LAUNCH("clamp_backward");
+}
+
+void add_sigmoid_gated(Tensor& out, const Tensor& y, const Tensor& logit) {
+  require_float(out, "add_sigmoid_gated");
+  MF_CHECK(out.dtype() == y.dtype() && out.numel() == y.numel(), "add_sigmoid_gated: out and y differ");
+  require_float(logit, "add_sigmoid_gated");
+  const int64_t t = logit.numel(), h = y.numel() / std::max<int64_t>(t, 1);
+  MF_CHECK(t * h == y.numel(), "add_sigmoid_gated: ", y.numel(), " values are not ", t, " rows");
+  if (y.numel() == 0) return;
+  dispatch_float(y.dtype(), [&](auto* ty) {
+    using T = std::remove_pointer_t<decltype(ty)>;
+    dispatch_float(logit.dtype(), [&](auto* tl) {
+      using L = std::remove_pointer_t<decltype(tl)>;
+      add_sigmoid_gated_kernel<<<grid_stride_blocks(t * h), kGridStrideThreads, 0, current_stream()>>>(
+          out.data<T>(), y.data<T>(), logit.data<L>(), t, h);
+    });
+  });
+  MF_CUDA_CHECK_LAUNCH("add_sigmoid_gated");
+}
+
+void sigmoid_gated_backward(const Tensor& dy, const Tensor& y, const Tensor& logit, Tensor& d_y, Tensor& d_logit) {
+  require_float(dy, "sigmoid_gated_backward");
+  MF_CHECK(dy.dtype() == y.dtype() && dy.numel() == y.numel(), "sigmoid_gated_backward: dy and y differ");
+  require_float(logit, "sigmoid_gated_backward");
+  const int64_t t = logit.numel(), h = y.numel() / std::max<int64_t>(t, 1);
+  MF_CHECK(t * h == y.numel(), "sigmoid_gated_backward: ", y.numel(), " values are not ", t, " rows");
+  d_y = empty(y.shape(), y.dtype(), "gated output gradient");
+  d_logit = empty(logit.shape(), logit.dtype(), "gate logit gradient");
+  if (t == 0) return;
+  dispatch_float(y.dtype(), [&](auto* ty) {
+    using T = std::remove_pointer_t<decltype(ty)>;
+    dispatch_float(logit.dtype(), [&](auto* tl) {
+      using L = std::remove_pointer_t<decltype(tl)>;
+      sigmoid_gated_backward_kernel<<<static_cast<unsigned>(t), threads_for(h), 0, current_stream()>>>(
+          dy.data<T>(), y.data<T>(), logit.data<L>(), d_y.data<T>(), d_logit.data<L>(), h);
+    });
+  });
+  MF_CUDA_CHECK_LAUNCH("sigmoid_gated_backward");
+}
+
+}  // namespace moeforge::cuda
