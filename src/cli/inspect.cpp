@@ -82,6 +82,10 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   const hf::ModelConfig cfg = hf::load_config(path);
   auto model = models::build_model(cfg);
   const int64_t total = model->params().numel(), active = model->active_parameters();
+  // Vendors count "active" two ways: Qwen and Mistral include the input embedding table, OpenAI
+  // (GPT-OSS) leaves it out (a lookup, not a product); both are reported. Tied, the table is the
+  // LM head too and stays in.
+  const int64_t embedding = cfg.tie_word_embeddings ? 0 : cfg.vocab_size * cfg.hidden_size;
   int64_t moe_layers = 0, window_layers = 0;
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     moe_layers += cfg.is_moe_layer(l);
@@ -106,7 +110,7 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   if (cfg.shared_expert_intermediate_size) j["experts"]["shared_intermediate_size"] = cfg.shared_expert_intermediate_size;
   j["vocab_size"] = cfg.vocab_size;
   j["tie_word_embeddings"] = cfg.tie_word_embeddings;
-  j["parameters"] = {{"total", total}, {"active", active}};
+  j["parameters"] = {{"total", total}, {"active", active}, {"active_without_embedding", active - embedding}};
 
   // Tensors: compare the checkpoint's headers with what the config implies (no weights are read).
   const fs::path dir = fs::is_directory(path) ? fs::path(path) : fs::path(path).parent_path();
@@ -199,8 +203,9 @@ int cmd_inspect(const std::vector<std::string>& argv) {
                 cfg.shared_expert_intermediate_size
                     ? (", shared expert " + std::to_string(cfg.shared_expert_intermediate_size) + " wide").c_str()
                     : "");
-  std::printf("parameters  %s total, %s active per token\n", human(static_cast<double>(total)).c_str(),
-              human(static_cast<double>(active)).c_str());
+  std::printf("parameters  %s total, %s active per token (%s without the input embedding)\n",
+              human(static_cast<double>(total)).c_str(), human(static_cast<double>(active)).c_str(),
+              human(static_cast<double>(active - embedding)).c_str());
   if (tj.contains("note")) {
     std::printf("tensors     %lld expected; %s\n", (long long)tj["expected"].get<int64_t>(), tj["note"].get<std::string>().c_str());
   } else {

@@ -66,7 +66,11 @@ class DecoderGpu : public GpuModel {
  public:
   DecoderGpu(const models::Decoder& m, DeviceParams params, GpuParallel par)
       : m_(m), par_(par), params_(std::move(params)), dt_(compute_dtype(params_.precision())) {
+    const std::string family = "GPU training of model_type '" + m_.config().model_type + "': ";
     for (const auto& L : m_.layers_) {
+      MF_CHECK(!L.attn.sinks, family, "attention sinks are not supported on the GPU yet (device: cpu trains it)");
+      if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp))
+        MF_CHECK(!moe->gpt_oss, family, "GPT-OSS experts are not supported on the GPU yet (device: cpu trains it)");
       if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
         const int ep = par_.ep ? par_.ep->size() : 1;
         MF_CHECK(moe->shard.count * ep == moe->experts, "GPU model: the layers hold ", moe->shard.count, " of ",

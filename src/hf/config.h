@@ -48,6 +48,7 @@ struct ModelConfig {
   // RMSNorm on q and k: per head of head_dim (Qwen3) or over the whole projection (OLMoE).
   QkNorm qk_norm = QkNorm::None;
   std::optional<double> clip_qkv;  // OLMoE: q, k, v clamped to [-clip, clip] after the norms
+  bool attention_sinks = false;    // GPT-OSS: a learned logit per head joins every softmax
   std::optional<int64_t> sliding_window;  // the window of the layers that use one (null: none does)
   // Per layer, whether it uses sliding_window (from `layer_types` or the family's rule); empty: all.
   std::vector<bool> sliding_layers;
@@ -64,6 +65,10 @@ struct ModelConfig {
   // Qwen2-MoE: a shared expert of this width beside the routed ones, scaled by sigmoid(x . gate)
   // (0: none).
   int64_t shared_expert_intermediate_size = 0;
+  // GPT-OSS's MoE (nn::SparseMoE::GptOssStyle): biased router softmaxing its top-k logits, biased
+  // experts in Transformers' [E, H, 2I] interleaved layout with the clamped SwiGLU.
+  bool gpt_oss_moe = false;
+  double swiglu_limit = 7.0;
 
   bool is_moe_layer(int64_t layer) const;
   // The attention window of a layer (null: full causal attention).

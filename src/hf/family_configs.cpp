@@ -191,12 +191,44 @@ void parse_qwen3(const ConfigReader& r, ModelConfig& c) {
   parse_qwen_dense_window(r, c);
 }
 
+void parse_gpt_oss(const ConfigReader& r, ModelConfig& c) {
+  FamilyDefaults d;
+  d.rms_norm_eps = 1e-5;
+  d.rope_theta = 150000.0;
+  d.max_position_embeddings = 131072;
+  d.num_key_value_heads = 8;
+  d.head_dim = 64;
+  parse_common(r, c, d);
+  if (!r.has("rope_parameters") && !r.has("rope_scaling")) {
+    // GptOssConfig.__post_init__'s YaRN when the config names no RoPE parameters.
+    c.rope.type = "yarn";
+    c.rope.factor = 32.0;
+    c.rope.beta_fast = 32.0;
+    c.rope.beta_slow = 1.0;
+    c.rope.truncate = false;
+    c.rope.original_max_position_embeddings = 4096;
+  }
+  parse_routed_experts(r, c, {"num_local_experts", "num_experts"}, 128, 4, 0.001);
+  c.intermediate_size = c.moe_intermediate_size = r.opt_int("intermediate_size", 2880);
+  check_positive(r, "intermediate_size", c.intermediate_size);
+  c.qkv_bias = c.o_bias = r.opt_bool("attention_bias", true);
+  c.attention_sinks = true;
+  c.gpt_oss_moe = true;
+  // Transformers' GptOssExperts hard-codes 7.0, the value every GPT-OSS config.json carries.
+  c.swiglu_limit = r.opt_double("swiglu_limit", 7.0);
+  if (c.swiglu_limit <= 0) r.fail("swiglu_limit", "must be positive");
+  c.sliding_window = r.json().contains("sliding_window") ? r.opt_nullable_int("sliding_window") : 128;
+  if (c.sliding_window && *c.sliding_window <= 0) r.fail("sliding_window", "must be positive");
+  // GptOssConfig.__post_init__: even layers slide, odd layers attend to everything.
+  parse_layer_types(r, c, [](int64_t l) { return l % 2 == 0; });
+}
+
 using Parser = void (*)(const ConfigReader&, ModelConfig&);
 const std::map<std::string, Parser>& parsers() {
   static const std::map<std::string, Parser> m = {
       {"qwen3_moe", parse_qwen3_moe}, {"qwen2_moe", parse_qwen2_moe}, {"mixtral", parse_mixtral},
       {"olmoe", parse_olmoe},         {"llama", parse_llama},         {"mistral", parse_mistral},
-      {"qwen2", parse_qwen2},         {"qwen3", parse_qwen3},
+      {"qwen2", parse_qwen2},         {"qwen3", parse_qwen3},         {"gpt_oss", parse_gpt_oss},
   };
   return m;
 }

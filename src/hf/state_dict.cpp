@@ -4,6 +4,7 @@
 
 #include "core/error.h"
 #include "core/logging.h"
+#include "hf/dequantize.h"
 
 namespace moeforge::hf {
 
@@ -15,6 +16,18 @@ void copy_into_expert(Tensor& dst, int64_t e, int64_t row0, const Tensor& src) {
   char* base = static_cast<char*>(dst.raw()) +
                static_cast<size_t>((e * rows + row0) * cols) * dtype_size(dst.dtype());
   convert_elements(src.raw(), src.dtype(), base, dst.dtype(), src.numel());
+}
+
+// [E, R, C] F32 -> [E, C, R].
+Tensor transpose_last_two(const Tensor& x) {
+  const int64_t e = x.size(0), r = x.size(1), c = x.size(2);
+  Tensor out = Tensor::empty({e, c, r}, DType::F32);
+  const float* in = x.f32();
+  float* o = out.f32();
+  for (int64_t i = 0; i < e; ++i)
+    for (int64_t a = 0; a < r; ++a)
+      for (int64_t b = 0; b < c; ++b) o[(i * c + b) * r + a] = in[(i * r + a) * c + b];
+  return out;
 }
 
 Tensor expert_rows(const Tensor& fused, int64_t e, int64_t row0, int64_t nrows, DType dtype) {
@@ -39,6 +52,7 @@ void check_shape(const SafetensorsCheckpoint& ckpt, const std::string& name, con
 void StateDictAdapter::add_expert_group(ExpertGroup g) {
   group_index_[g.gate_up] = groups_.size();
   group_index_[g.down] = groups_.size();
+  for (const auto& n : g.fused_extra) group_index_[n] = groups_.size();
   groups_.push_back(std::move(g));
 }
 
@@ -90,6 +104,24 @@ LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamSt
       const Tensor all = ckpt.get(p.name);
       p.value = (here == g->experts ? all : all.slice0(g->first, here)).to(compute);
       fused_loaded_.insert(g->prefix);
+      continue;
+    }
+    if (!g->per_expert) {  // fused only: the tensor, or its MXFP4 blocks and scales
+      const std::string blocks = p.name + "_blocks", scales = p.name + "_scales";
+      MF_CHECK(ckpt.contains(blocks) && ckpt.contains(scales), ckpt.dir(), ": missing tensor '", p.name,
+               "' (nor its MXFP4 '", blocks, "' and '", scales, "')");
+      ++report.tensors_expected;
+      need(blocks);
+      need(scales);
+      // [E, R, G*32] as the blocks hold the rows, then Transformers' transpose(1, 2) to [E, C, R].
+      const Tensor rows = dequantize_mxfp4(ckpt.get(blocks), ckpt.get(scales), DType::F32, ckpt.file_of(blocks));
+      MF_CHECK(rows.dim() == 3 && rows.size(0) == g->experts && rows.size(2) == p.shape[1] && rows.size(1) == p.shape[2],
+               ckpt.file_of(blocks), ": tensor '", blocks, "' dequantises to ", shape_str(rows.shape()),
+               " but the config implies ", shape_str({g->experts, p.shape[2], p.shape[1]}), " (before the transpose)");
+      Tensor whole = transpose_last_two(rows);
+      p.value = (here == g->experts ? whole : whole.slice0(g->first, here)).to(compute);
+      fused_loaded_.insert(g->prefix);
+      dequantized_.insert(p.name);
       continue;
     }
     MF_CHECK(!fused_loaded_.count(g->prefix), ckpt.dir(), ": expert group '", g->prefix,
@@ -147,7 +179,7 @@ NamedTensors StateDictAdapter::export_tensors(const nn::ParamStore& params, std:
   for (const auto& p : params.all()) {
     MF_CHECK(p.value.defined(), "parameter '", p.name, "' has no value to save");
     const ExpertGroup* g = group_of(p.name);
-    if (!g || fused_loaded_.count(g->prefix)) {
+    if (!g || !g->per_expert || fused_loaded_.count(g->prefix)) {
       MF_CHECK(!g || p.shape[0] == g->experts, "internal: exporting ", p.shape[0], " of ", g ? g->experts : 0,
                " experts of '", p.name, "' in the fused layout (one tensor cannot be split over files)");
       const std::string name = g ? p.name : checkpoint_name(p.name);
@@ -176,6 +208,12 @@ std::vector<std::pair<std::string, Shape>> StateDictAdapter::expected_hub_tensor
     const ExpertGroup* g = group_of(p.name);
     if (!g) {
       out.emplace_back(checkpoint_name(p.name), p.shape);
+      continue;
+    }
+    if (!g->per_expert) {
+      Shape whole = p.shape;
+      whole[0] = g->experts;
+      out.emplace_back(p.name, whole);
       continue;
     }
     for (int64_t e = 0; e < g->experts; ++e) {

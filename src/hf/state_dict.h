@@ -23,6 +23,11 @@ struct ExpertGroup {
   // Under expert parallelism the fused tensors hold experts [first, first + their first dimension)
   // of the model's; loading reads those experts only, and export names them by their model index.
   int64_t first = 0;
+  // False where checkpoints hold only the fused tensors (GPT-OSS), possibly MXFP4-quantised as
+  // `<name>_blocks` + `<name>_scales` (dequantised on load, transposed as Transformers does).
+  bool per_expert = true;
+  // More fused tensors of the group, expert-major like gate_up/down (GPT-OSS's biases).
+  std::vector<std::string> fused_extra;
 };
 
 struct LoadReport {
@@ -55,12 +60,16 @@ class StateDictAdapter {
   bool in_expert_group(const std::string& name) const;
   // Whether any expert group was loaded in the fused layout (export then writes fused tensors).
   bool any_fused() const { return !fused_loaded_.empty(); }
+  // Whether any tensor was dequantised on load (the saved folder then holds plain weights, and its
+  // config.json drops `quantization_config`).
+  bool dequantized() const { return !dequantized_.empty(); }
   // Takes the layout and dtypes another adapter of the same architecture loaded (a whole-model copy
   // of an expert-parallel model, written in the layout its shards were read from).
   void adopt_layout(const StateDictAdapter& other) {
     fused_loaded_ = other.fused_loaded_;
     source_dtype_ = other.source_dtype_;
     loaded_as_ = other.loaded_as_;
+    dequantized_ = other.dequantized_;
   }
 
  private:
@@ -71,6 +80,7 @@ class StateDictAdapter {
   std::map<std::string, DType> source_dtype_;      // checkpoint name -> dtype it had
   std::map<std::string, std::string> renames_;     // internal -> checkpoint name
   std::map<std::string, std::string> loaded_as_;   // internal -> the name it was loaded under
+  std::set<std::string> dequantized_;              // internal names read from quantised tensors
   // The name an ungrouped parameter is saved under.
   std::string checkpoint_name(const std::string& internal) const;
 };

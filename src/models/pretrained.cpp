@@ -34,7 +34,14 @@ const char* kCompanionFiles[] = {"generation_config.json", "tokenizer.json",    
 
 void write_config_and_companions(const CausalLM& model, const std::string& source_dir, const std::string& dir) {
   const fs::path tmp(dir);
-  hf::save_config(model.config(), (tmp / "config.json").string());
+  if (model.adapter().dequantized()) {
+    // The weights were dequantised on load and are saved plain: the folder is no longer quantised.
+    hf::ModelConfig plain = model.config();
+    plain.raw.erase("quantization_config");
+    hf::save_config(plain, (tmp / "config.json").string());
+  } else {
+    hf::save_config(model.config(), (tmp / "config.json").string());
+  }
   if (!source_dir.empty())
     for (const char* f : kCompanionFiles) {
       const fs::path src = fs::path(source_dir) / f;

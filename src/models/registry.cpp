@@ -27,6 +27,7 @@ const std::map<std::string, Builder>& builders() {
       {"mistral", decoder_family()},
       {"qwen2", decoder_family()},
       {"qwen3", decoder_family()},
+      {"gpt_oss", decoder_family()},
   };
   return m;
 }

@@ -73,6 +73,7 @@ void Attention::init(ParamStore& ps, const std::string& prefix, int64_t hidden, 
   k_proj.init(ps, prefix + ".k_proj", hidden, kv_heads * head_dim, opts.qkv_bias);
   v_proj.init(ps, prefix + ".v_proj", hidden, kv_heads * head_dim, opts.qkv_bias);
   o_proj.init(ps, prefix + ".o_proj", heads * head_dim, hidden, opts.o_bias);
+  if (opts.sinks) sinks = ps.add(prefix + ".sinks", {heads});
   if (opts.qk_norm != hf::ModelConfig::QkNorm::None) {
     full_qk_norm = opts.qk_norm == hf::ModelConfig::QkNorm::Full;
     q_norm.emplace();
@@ -136,7 +137,7 @@ Tensor Attention::forward(const ParamStore& ps, const Tensor& x, int64_t batch, 
   ops::rope_inplace(k, cos, sin);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   Tensor q4 = q.view({batch, seq, heads, head_dim}), k4 = k.view({batch, seq, kv_heads, head_dim});
-  Tensor o = ops::attention(q4, k4, v, scale, window, doc_ids);
+  Tensor o = ops::attention(q4, k4, v, scale, window, doc_ids, sinks ? &ps.at(*sinks) : nullptr);
   if (cache) {
     cache->q = q4;
     cache->k = k4;
@@ -152,7 +153,10 @@ Tensor Attention::backward(ParamStore& ps, const Cache& c, int64_t batch, int64_
   Tensor d_o = o_proj.backward(ps, c.o, dy).view({batch, seq, heads, head_dim});
   Tensor dq, dk, dv;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  ops::attention_backward(c.q, c.k, c.v, d_o, scale, window, doc_ids, dq, dk, dv);
+  Tensor dsinks;
+  ops::attention_backward(c.q, c.k, c.v, d_o, scale, window, doc_ids, dq, dk, dv, sinks ? &ps.at(*sinks) : nullptr,
+                          sinks ? &dsinks : nullptr);
+  if (sinks) ops::add_inplace(ps.grad(*sinks), dsinks);
   dq = dq.view({t, heads, head_dim});
   dk = dk.view({t, kv_heads, head_dim});
   ops::rope_inplace(dq, cos, sin, /*inverse=*/true);
@@ -226,28 +230,76 @@ Tensor GatedSharedExpert::backward(ParamStore& ps, const Cache& c, const Tensor&
 }
 
 void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
-                     int64_t inter_, bool norm_topk, dist::Communicator* ep_group) {
+                     int64_t inter_, bool norm_topk, dist::Communicator* ep_group,
+                     std::optional<GptOssStyle> gpt_oss_style) {
   hidden = hidden_;
   experts = experts_;
   top_k = top_k_;
   inter = inter_;
   norm_topk_prob = norm_topk;
+  gpt_oss = gpt_oss_style;
   ep = ep_group;
   shard = ep ? dist::ExpertShard::of(experts, ep->rank(), ep->size()) : dist::ExpertShard{0, experts};
-  router = ps.add(prefix + ".gate.weight", {experts, hidden});
-  gate_up = ps.add(prefix + ".experts.gate_up_proj", {shard.count, 2 * inter, hidden});
-  down = ps.add(prefix + ".experts.down_proj", {shard.count, hidden, inter});
+  if (!gpt_oss) {
+    router = ps.add(prefix + ".gate.weight", {experts, hidden});
+    gate_up = ps.add(prefix + ".experts.gate_up_proj", {shard.count, 2 * inter, hidden});
+    down = ps.add(prefix + ".experts.down_proj", {shard.count, hidden, inter});
+    return;
+  }
+  router = ps.add(prefix + ".router.weight", {experts, hidden});
+  router_bias = ps.add(prefix + ".router.bias", {experts});
+  gate_up = ps.add(prefix + ".experts.gate_up_proj", {shard.count, hidden, 2 * inter});
+  gate_up_bias = ps.add(prefix + ".experts.gate_up_proj_bias", {shard.count, 2 * inter});
+  down = ps.add(prefix + ".experts.down_proj", {shard.count, inter, hidden});
+  down_bias = ps.add(prefix + ".experts.down_proj_bias", {shard.count, hidden});
+  for (size_t b : {*router_bias, *gate_up_bias, *down_bias}) ps.all()[b].decay = false;
 }
+
+int64_t SparseMoE::params_per_expert() const { return 3 * inter * hidden + (gpt_oss ? 2 * inter + hidden : 0); }
+
+namespace {
+
+// The tensor as F32 (CPU weights are F32 unless loaded in another compute dtype).
+Tensor f32_of(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); }
+
+// y [n, N] = x [n, K] @ w [K, N] (the GPT-OSS expert layout: no transpose).
+Tensor matmul_nn(const Tensor& x, const Tensor& w) {
+  const int64_t n = x.size(0), k = x.size(1), cols = w.size(1);
+  Tensor y = Tensor::empty({n, cols}, DType::F32);
+  const Tensor wf = f32_of(w);
+  ops::gemm_f32(false, false, n, cols, k, 1.f, x.f32(), k, wf.f32(), cols, 0.f, y.f32(), cols);
+  return y;
+}
+
+}  // namespace
 
 Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* router_out, Cache* cache,
                           const Tensor* forced) const {
   const int64_t t = x.size(0);
   Tensor logits = ops::linear(x, ps.at(router));
+  if (router_bias) ops::add_bias_rows(logits, ps.at(*router_bias));
   if (router_out) router_out->logits = logits.clone();
-  Tensor probs = logits;  // softmax in place: `logits` is not needed afterwards
+  // Softmax in place unless GPT-OSS's routing still needs the logits.
+  Tensor probs = gpt_oss ? logits.clone() : logits;
   ops::softmax_rows_inplace(probs);
   Tensor weights, chosen;
-  if (forced) {
+  if (gpt_oss) {
+    // The top-k logits (or the forced experts'), softmaxed among themselves.
+    if (forced) {
+      MF_CHECK(forced->shape() == Shape({t, top_k}) && forced->dtype() == DType::I64, "forced routing must be I64 [",
+               t, ", ", top_k, "], got ", shape_str(forced->shape()));
+      chosen = forced->clone();
+      weights = Tensor::empty({t, top_k}, DType::F32);
+      for (int64_t i = 0; i < t * top_k; ++i) {
+        const int64_t e = chosen.i64()[i];
+        MF_CHECK(e >= 0 && e < experts, "forced routing names expert ", e, " of ", experts);
+        weights.f32()[i] = logits.f32()[(i / top_k) * experts + e];
+      }
+    } else {
+      ops::topk_rows(logits, top_k, weights, chosen);
+    }
+    ops::softmax_rows_inplace(weights);
+  } else if (forced) {
     MF_CHECK(forced->shape() == Shape({t, top_k}) && forced->dtype() == DType::I64, "forced routing must be I64 [",
              t, ", ", top_k, "], got ", shape_str(forced->shape()));
     chosen = forced->clone();
@@ -266,7 +318,7 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
     float s = 0.f;
     for (int64_t j = 0; j < top_k; ++j) s += w[r * top_k + j];
     topk_sum.f32()[r] = s;
-    if (norm_topk_prob)
+    if (norm_topk_prob && !gpt_oss)
       for (int64_t j = 0; j < top_k; ++j) w[r * top_k + j] /= s;
   }
   if (router_out) router_out->chosen = chosen;
@@ -284,9 +336,18 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
   for (int64_t e = 0; e < shard.count; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
-    hs[e] = ops::linear(xs.slice0(off[e], n), gu_all.slice0(e, 1).view({2 * inter, hidden}));
-    acts[e] = ops::swiglu(hs[e]);
-    Tensor y = ops::linear(acts[e], dn_all.slice0(e, 1).view({hidden, inter}));
+    Tensor y;
+    if (gpt_oss) {
+      hs[e] = matmul_nn(xs.slice0(off[e], n), gu_all.slice0(e, 1).view({hidden, 2 * inter}));
+      ops::add_bias_rows(hs[e], ps.at(*gate_up_bias).slice0(e, 1).view({2 * inter}));
+      acts[e] = ops::clamped_swiglu(hs[e], gpt_oss->alpha, gpt_oss->limit);
+      y = matmul_nn(acts[e], dn_all.slice0(e, 1).view({inter, hidden}));
+      ops::add_bias_rows(y, ps.at(*down_bias).slice0(e, 1).view({hidden}));
+    } else {
+      hs[e] = ops::linear(xs.slice0(off[e], n), gu_all.slice0(e, 1).view({2 * inter, hidden}));
+      acts[e] = ops::swiglu(hs[e]);
+      y = ops::linear(acts[e], dn_all.slice0(e, 1).view({hidden, inter}));
+    }
     std::memcpy(ys.f32() + off[e] * hidden, y.f32(), y.nbytes());
   }
   Tensor y_pairs = plan->combine(ys);
@@ -310,6 +371,29 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
     cache->y_pairs = y_pairs;
   }
   return out;
+}
+
+Tensor SparseMoE::gpt_oss_expert_backward(ParamStore& ps, int64_t e, const Tensor& dy, const Tensor& x, const Tensor& h,
+                                          const Tensor& act) const {
+  const int64_t n = dy.size(0);
+  const Tensor w_dn = f32_of(ps.at(down).slice0(e, 1).view({inter, hidden}));
+  const Tensor w_gu = f32_of(ps.at(gate_up).slice0(e, 1).view({hidden, 2 * inter}));
+  Tensor g_dn = ps.grad(down).slice0(e, 1).view({inter, hidden});
+  Tensor g_gu = ps.grad(gate_up).slice0(e, 1).view({hidden, 2 * inter});
+  Tensor g_dn_b = ps.grad(*down_bias).slice0(e, 1).view({hidden});
+  Tensor g_gu_b = ps.grad(*gate_up_bias).slice0(e, 1).view({2 * inter});
+  // y = act @ W_dn + b: dW_dn += act^T dy, db += sum(dy), d(act) = dy W_dn^T.
+  ops::gemm_f32(true, false, inter, hidden, n, 1.f, act.f32(), inter, dy.f32(), hidden, 1.f, g_dn.f32(), hidden);
+  ops::bias_grad(dy, g_dn_b);
+  Tensor dact = Tensor::empty({n, inter}, DType::F32);
+  ops::gemm_f32(false, true, n, inter, hidden, 1.f, dy.f32(), hidden, w_dn.f32(), hidden, 0.f, dact.f32(), inter);
+  Tensor dh = ops::clamped_swiglu_backward(h, dact, gpt_oss->alpha, gpt_oss->limit);
+  // h = x @ W_gu + b.
+  ops::gemm_f32(true, false, hidden, 2 * inter, n, 1.f, x.f32(), hidden, dh.f32(), 2 * inter, 1.f, g_gu.f32(), 2 * inter);
+  ops::bias_grad(dh, g_gu_b);
+  Tensor dx = Tensor::empty({n, hidden}, DType::F32);
+  ops::gemm_f32(false, true, n, hidden, 2 * inter, 1.f, dh.f32(), 2 * inter, w_gu.f32(), 2 * inter, 0.f, dx.f32(), hidden);
+  return dx;
 }
 
 Tensor SparseMoE::backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const {
@@ -342,6 +426,11 @@ Tensor SparseMoE::backward(ParamStore& ps, const Cache& c, const Tensor& dy, con
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
     Tensor dy_e = dys.slice0(off[e], n);
+    if (gpt_oss) {
+      Tensor dx_e = gpt_oss_expert_backward(ps, e, dy_e, c.xs.slice0(off[e], n), c.h[e], c.act[e]);
+      std::memcpy(dxs.f32() + off[e] * hidden, dx_e.f32(), dx_e.nbytes());
+      continue;
+    }
     Tensor dn_e = dn_all.slice0(e, 1).view({hidden, inter});
     Tensor g_dn_e = g_dn.slice0(e, 1).view({hidden, inter});
     ops::linear_weight_grad(dy_e, c.act[e], g_dn_e);
@@ -359,9 +448,25 @@ Tensor SparseMoE::backward(ParamStore& ps, const Cache& c, const Tensor& dy, con
     const float* g = dx_pairs.f32() + i * hidden;
     for (int64_t d = 0; d < hidden; ++d) o[d] += g[d];
   }
+  const int64_t* ch = c.chosen.i64();
+  if (gpt_oss) {
+    // Weights = softmax of the chosen logits: d(logit_j) = w_j (dw_j - sum_i w_i dw_i); the
+    // load-balancing loss's gradient arrives on the full softmax.
+    Tensor dlogits = dprobs_extra ? ops::softmax_backward(c.probs, *dprobs_extra) : Tensor::zeros({t, experts}, DType::F32);
+    for (int64_t r = 0; r < t; ++r) {
+      const float* dwr = dweights.f32() + r * top_k;
+      double dot = 0;
+      for (int64_t j = 0; j < top_k; ++j) dot += static_cast<double>(dwr[j]) * w[r * top_k + j];
+      for (int64_t j = 0; j < top_k; ++j)
+        dlogits.f32()[r * experts + ch[r * top_k + j]] += static_cast<float>(w[r * top_k + j] * (dwr[j] - dot));
+    }
+    ops::add_inplace(dx, ops::linear_input_grad(dlogits, ps.at(router)));
+    ops::linear_weight_grad(dlogits, c.x, ps.grad(router));
+    ops::bias_grad(dlogits, ps.grad(*router_bias));
+    return dx;
+  }
   // Routing weights -> full probabilities (the discrete choice gets no gradient).
   Tensor dprobs = dprobs_extra ? dprobs_extra->clone() : Tensor::zeros({t, experts}, DType::F32);
-  const int64_t* ch = c.chosen.i64();
   for (int64_t r = 0; r < t; ++r) {
     const float* dwr = dweights.f32() + r * top_k;
     if (norm_topk_prob) {

@@ -42,6 +42,7 @@ struct AttentionOptions {
   std::optional<float> clip_qkv;
   std::optional<int64_t> window;
   float eps = 1e-6f;  // of the q/k norms
+  bool sinks = false;  // GPT-OSS: a learned logit per head in every softmax (param prefix.sinks)
 };
 
 struct Attention {
@@ -53,6 +54,7 @@ struct Attention {
   std::optional<RMSNorm> q_norm, k_norm;
   bool full_qk_norm = false;  // the norms span all heads' values of a token (else one head's)
   std::optional<float> clip;
+  std::optional<size_t> sinks;
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   std::optional<int64_t> window;
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_, int64_t kv_heads_,
@@ -111,13 +113,25 @@ struct SparseMoE {
     std::vector<Tensor> h, act;                  // per local expert: gate_up out, SwiGLU out
     Tensor y_pairs;                              // [T*k, H]: each pair's expert output, back home
   };
+  // GPT-OSS's variant: the router (prefix.router, with a bias) softmaxes its top-k logits; the
+  // experts keep Transformers' layout gate_up [E, H, 2I] with gate and up interleaved and down
+  // [E, I, H], have biases (gate_up_proj_bias [E, 2I], down_proj_bias [E, H]), and use
+  // ops::clamped_swiglu(alpha, limit).
+  struct GptOssStyle {
+    float alpha = 1.702f, limit = 7.f;
+  };
   size_t router = 0, gate_up = 0, down = 0;
+  std::optional<size_t> router_bias, gate_up_bias, down_bias;  // GPT-OSS
   int64_t experts = 0, top_k = 0, inter = 0, hidden = 0;
   bool norm_topk_prob = false;
+  std::optional<GptOssStyle> gpt_oss;
   dist::Communicator* ep = nullptr;  // the expert-parallel group; null: every expert is here
   dist::ExpertShard shard;           // the experts this rank holds
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
-            int64_t inter_, bool norm_topk, dist::Communicator* ep_group = nullptr);
+            int64_t inter_, bool norm_topk, dist::Communicator* ep_group = nullptr,
+            std::optional<GptOssStyle> gpt_oss_style = std::nullopt);
+  // Parameters per expert (weights and biases), for active-parameter counts.
+  int64_t params_per_expert() const;
   // x [T, H] -> [T, H]. `router` receives the logits [T, E] and the chosen experts [T, k] for the
   // load-balancing loss. `forced` [T, k]
   // (I64), when given, replaces the top-k choice of experts (replayed or balanced routing); the
@@ -130,6 +144,12 @@ struct SparseMoE {
   // `dprobs_extra` [T, E] (optional) is a gradient on the router probabilities from elsewhere (the
   // load-balancing loss).
   Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const;
+
+ private:
+  // One local GPT-OSS expert's backward on its rows: accumulates its weight and bias gradients,
+  // returns d(x).
+  Tensor gpt_oss_expert_backward(ParamStore& ps, int64_t e, const Tensor& dy, const Tensor& x, const Tensor& h,
+                                 const Tensor& act) const;
 };
 
 // Switch-Transformer load-balancing loss as Transformers computes it over all MoE layers' router

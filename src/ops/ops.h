@@ -31,11 +31,17 @@ void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse 
 // q [B,S,Hq,D], k/v [B,S,Hkv,D] (Hq a multiple of Hkv) -> [B,S,Hq,D].
 // Causal; `window` keeps keys with q - k < window; `doc_ids` [B,S] (optional, I64) stops attention
 // across documents of a packed row.
+// `sinks` [Hq] (optional; GPT-OSS): a per-head logit that joins each row's softmax without a value,
+// so a row's key probabilities sum to less than 1. v's head dim may differ from q/k's (MLA).
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, std::optional<int64_t> window,
-                 const Tensor* doc_ids = nullptr);
+                 const Tensor* doc_ids = nullptr, const Tensor* sinks = nullptr);
 
 // out = silu(gate) * up, where gate_up [T, 2I] holds gate in the first half and up in the second.
 Tensor swiglu(const Tensor& gate_up);
+
+// GPT-OSS's expert activation: gate_up [T, 2I] with gate and up interleaved (columns 2j and 2j+1)
+// -> (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit); [T, I].
+Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit);
 
 // Softmax over the last dimension, in place.
 void softmax_rows_inplace(Tensor& x);
@@ -69,8 +75,13 @@ Tensor linear_input_grad(const Tensor& dy, const Tensor& weight);
 Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy, Tensor& dw);
 
 // Attention backward (probabilities recomputed, as a flash kernel would): returns dq, dk, dv.
+// With `sinks`, `dsinks` (optional) receives their gradient [Hq].
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, float scale,
-                        std::optional<int64_t> window, const Tensor* doc_ids, Tensor& dq, Tensor& dk, Tensor& dv);
+                        std::optional<int64_t> window, const Tensor* doc_ids, Tensor& dq, Tensor& dk, Tensor& dv,
+                        const Tensor* sinks = nullptr, Tensor* dsinks = nullptr);
+
+// d(gate_up) [T, 2I] (interleaved) from d(clamped_swiglu) [T, I].
+Tensor clamped_swiglu_backward(const Tensor& gate_up, const Tensor& dout, float alpha, float limit);
 
 // d(gate_up) [T, 2I] from d(silu(gate) * up) [T, I].
 Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);

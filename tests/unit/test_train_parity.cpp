@@ -95,5 +95,6 @@ INSTANTIATE_TEST_SUITE_P(Qwen3Moe, TrainParity,
 INSTANTIATE_TEST_SUITE_P(Families, TrainParity,
                          ::testing::Combine(::testing::Values("mixtral_a", "mixtral_b", "qwen2_moe_a", "qwen2_moe_b",
                                                               "olmoe_a", "olmoe_b", "llama_a", "llama_b", "mistral_a",
-                                                              "mistral_b", "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b"),
+                                                              "mistral_b", "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b",
+                                                              "gpt_oss_a", "gpt_oss_b"),
                                             ::testing::Values(false)));

@@ -23,16 +23,24 @@ Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
     if (c_.clip_qkv) ao.clip_qkv = static_cast<float>(*c_.clip_qkv);
     ao.window = c_.window_of(l);
     ao.eps = eps;
+    ao.sinks = c_.attention_sinks;
     L.attn.init(params_, pre + ".self_attn", c_.hidden_size, c_.num_attention_heads, c_.num_key_value_heads,
                 c_.head_dim, ao);
     L.post_attention_norm.init(params_, pre + ".post_attention_layernorm.weight", c_.hidden_size, eps);
     if (c_.is_moe_layer(l)) {
       nn::SparseMoE moe;
+      std::optional<nn::SparseMoE::GptOssStyle> gpt_oss;
+      if (c_.gpt_oss_moe) gpt_oss = nn::SparseMoE::GptOssStyle{1.702f, static_cast<float>(c_.swiglu_limit)};
       moe.init(params_, pre + ".mlp", c_.hidden_size, c_.num_experts, c_.num_experts_per_tok,
-               c_.moe_intermediate_size, c_.norm_topk_prob, par_.ep);
+               c_.moe_intermediate_size, c_.norm_topk_prob, par_.ep, gpt_oss);
       const std::string hub = pre + "." + naming.block;
-      adapter_.add_expert_group({hub + ".experts.", pre + ".mlp.experts.gate_up_proj", pre + ".mlp.experts.down_proj",
-                                 naming.gate, naming.up, naming.down, c_.num_experts, moe.shard.first});
+      hf::ExpertGroup group{hub + ".experts.", pre + ".mlp.experts.gate_up_proj", pre + ".mlp.experts.down_proj",
+                            naming.gate, naming.up, naming.down, c_.num_experts, moe.shard.first};
+      if (gpt_oss) {  // stored fused only (and MXFP4-quantised in hub checkpoints), biases beside
+        group.per_expert = false;
+        group.fused_extra = {pre + ".mlp.experts.gate_up_proj_bias", pre + ".mlp.experts.down_proj_bias"};
+      }
+      adapter_.add_expert_group(group);
       if (naming.block != "mlp") adapter_.rename(pre + ".mlp.gate.weight", hub + ".gate.weight");
       L.mlp = moe;
       L.moe_slot = moe_layers++;
@@ -212,8 +220,7 @@ int64_t Decoder::active_parameters() const {
   int64_t total = params_.numel();
   for (const Layer& L : layers_)
     if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
-      const int64_t per_expert = 3 * moe->inter * moe->hidden;
-      total -= (moe->experts - moe->top_k) * per_expert;
+      total -= (moe->experts - moe->top_k) * moe->params_per_expert();
     }
   return total;
 }

@@ -1,5 +1,6 @@
 // Reference attention: for each (batch, head), scores = q k^T * scale with the causal, sliding
-// window and document masks, softmax in fp32, then the weighted sum of v. Memory is S x S per
+// window and document masks, softmax in fp32 (with the head's sink logit when given), then the
+// weighted sum of v (whose head dim may differ from q/k's, as in MLA). Memory is S x S per
 // thread, fine for the reference; the CUDA backend uses a flash kernel.
 #include <algorithm>
 #include <cmath>
@@ -15,13 +16,17 @@ namespace moeforge::ops {
 using cpu::attention_row_probs;
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, std::optional<int64_t> window,
-                 const Tensor* doc_ids) {
+                 const Tensor* doc_ids, const Tensor* sinks) {
   MF_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: expected [B,S,H,D] tensors");
-  const int64_t b = q.size(0), s = q.size(1), hq = q.size(2), d = q.size(3), hkv = k.size(2);
-  MF_CHECK(k.size(0) == b && k.size(1) == s && k.size(3) == d && v.shape() == k.shape() && hkv > 0 && hq % hkv == 0,
-           "attention: q ", shape_str(q.shape()), " and k/v ", shape_str(k.shape()), " do not agree");
+  const int64_t b = q.size(0), s = q.size(1), hq = q.size(2), d = q.size(3), hkv = k.size(2), dv = v.size(3);
+  MF_CHECK(k.size(0) == b && k.size(1) == s && k.size(3) == d && v.size(0) == b && v.size(1) == s && v.size(2) == hkv &&
+               hkv > 0 && hq % hkv == 0,
+           "attention: q ", shape_str(q.shape()), ", k ", shape_str(k.shape()), " and v ", shape_str(v.shape()),
+           " do not agree");
   if (doc_ids) MF_CHECK(doc_ids->shape() == Shape({b, s}), "attention: doc_ids must be [B, S]");
-  Tensor out = Tensor::empty(q.shape(), DType::F32);
+  if (sinks) MF_CHECK(sinks->numel() == hq, "attention: sinks must have one value per query head (", hq, ")");
+  const Tensor sinks32 = sinks ? sinks->to(DType::F32) : Tensor();
+  Tensor out = Tensor::empty({b, s, hq, dv}, DType::F32);
   const float* qp = q.f32();
   const float* kp = k.f32();
   const float* vp = v.f32();
@@ -38,14 +43,15 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
           const int64_t kh = h / group;
           const float* qi = qp + ((bi * s + i) * hq + h) * d;
           attention_row_probs(qi, kp + (bi * s * hkv + kh) * d, hkv * d, d, i, scale, window,
-                              docs ? docs + bi * s : nullptr, p.data());
-          float* oi = op + ((bi * s + i) * hq + h) * d;
-          std::fill(oi, oi + d, 0.f);
+                              docs ? docs + bi * s : nullptr, p.data(),
+                              sinks ? sinks32.f32()[h] : -std::numeric_limits<float>::infinity());
+          float* oi = op + ((bi * s + i) * hq + h) * dv;
+          std::fill(oi, oi + dv, 0.f);
           for (int64_t j = 0; j <= i; ++j) {
             if (p[j] == 0.f) continue;
             const float w = p[j];
-            const float* vj = vp + ((bi * s + j) * hkv + kh) * d;
-            for (int64_t x = 0; x < d; ++x) oi[x] += w * vj[x];
+            const float* vj = vp + ((bi * s + j) * hkv + kh) * dv;
+            for (int64_t x = 0; x < dv; ++x) oi[x] += w * vj[x];
           }
         }
   }

@@ -31,11 +31,16 @@ Tensor linear_input_grad(const Tensor& dy, const Tensor& weight) {
 }
 
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, float scale,
-                        std::optional<int64_t> window, const Tensor* doc_ids, Tensor& dq, Tensor& dk, Tensor& dv) {
-  const int64_t b = q.size(0), s = q.size(1), hq = q.size(2), d = q.size(3), hkv = k.size(2), group = hq / hkv;
+                        std::optional<int64_t> window, const Tensor* doc_ids, Tensor& dq, Tensor& dk, Tensor& dv,
+                        const Tensor* sinks, Tensor* dsinks) {
+  const int64_t b = q.size(0), s = q.size(1), hq = q.size(2), d = q.size(3), hkv = k.size(2), group = hq / hkv,
+                vd = v.size(3);
   dq = Tensor::zeros(q.shape(), DType::F32);
   dk = Tensor::zeros(k.shape(), DType::F32);
   dv = Tensor::zeros(v.shape(), DType::F32);
+  const Tensor sinks32 = sinks ? sinks->to(DType::F32) : Tensor();
+  // d(sink_h) = -sum over rows of p_sink * sum_j p_j dp_j, per (batch, kv head) task then summed.
+  std::vector<double> dsink(static_cast<size_t>(b * hq), 0.0);
   const float *qp = q.f32(), *kp = k.f32(), *vp = v.f32(), *gp = dout.f32();
   float *dqp = dq.f32(), *dkp = dk.f32(), *dvp = dv.f32();
   const int64_t* docs = doc_ids ? doc_ids->i64() : nullptr;
@@ -49,25 +54,28 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
         for (int64_t h = kh * group; h < (kh + 1) * group; ++h)
           for (int64_t i = 0; i < s; ++i) {
             const float* qi = qp + ((bi * s + i) * hq + h) * d;
-            const float* gi = gp + ((bi * s + i) * hq + h) * d;
+            const float* gi = gp + ((bi * s + i) * hq + h) * vd;
+            float p_sink = 0.f;
             attention_row_probs(qi, kp + (bi * s * hkv + kh) * d, hkv * d, d, i, scale, window,
-                                docs ? docs + bi * s : nullptr, p.data());
+                                docs ? docs + bi * s : nullptr, p.data(),
+                                sinks ? sinks32.f32()[h] : -std::numeric_limits<float>::infinity(), &p_sink);
             double dsum = 0;
             for (int64_t j = 0; j <= i; ++j) {
               if (p[j] == 0.f) {
                 dp[j] = 0.f;
                 continue;
               }
-              const float* vj = vp + ((bi * s + j) * hkv + kh) * d;
-              float* dvj = dvp + ((bi * s + j) * hkv + kh) * d;
+              const float* vj = vp + ((bi * s + j) * hkv + kh) * vd;
+              float* dvj = dvp + ((bi * s + j) * hkv + kh) * vd;
               float dot = 0.f;
-              for (int64_t x = 0; x < d; ++x) {
+              for (int64_t x = 0; x < vd; ++x) {
                 dot += gi[x] * vj[x];
                 dvj[x] += p[j] * gi[x];
               }
               dp[j] = dot;
               dsum += static_cast<double>(p[j]) * dot;
             }
+            dsink[bi * hq + h] -= static_cast<double>(p_sink) * dsum;
             float* dqi = dqp + ((bi * s + i) * hq + h) * d;
             for (int64_t j = 0; j <= i; ++j) {
               if (p[j] == 0.f) continue;
@@ -80,6 +88,10 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
               }
             }
           }
+  }
+  if (dsinks) {
+    *dsinks = Tensor::zeros({hq}, DType::F32);
+    for (int64_t i = 0; i < b * hq; ++i) dsinks->f32()[i % hq] += static_cast<float>(dsink[i]);
   }
 }
 
