@@ -124,7 +124,7 @@ namespace {
 ojson minimal(const std::string& type) {
   ojson j = {{"model_type", type},          {"vocab_size", 64},          {"hidden_size", 32},
              {"num_hidden_layers", 4},      {"num_attention_heads", 4}};
-  if (type == "mixtral" || type == "mistral") {  // their classes default to 8 KV heads
+  if (type == "mixtral" || type == "mistral" || type == "gpt_oss") {  // their classes default to 8 KV heads
     j["hidden_size"] = 128;
     j["num_attention_heads"] = 16;
   }
@@ -175,6 +175,20 @@ TEST(ConfigFamilies, DefaultsOfEachConfigurationClass) {
   EXPECT_EQ(qwen2_moe.shared_expert_intermediate_size, 5632);
   EXPECT_TRUE(qwen2_moe.qkv_bias);
   EXPECT_EQ(qwen2_moe.num_experts_per_tok, 4);
+
+  auto gpt_oss = hf::parse_config(minimal("gpt_oss"), "x");
+  EXPECT_EQ(gpt_oss.rope.type, "yarn");  // GptOssConfig's RoPE when none is named
+  EXPECT_EQ(gpt_oss.rope.factor, 32.0);
+  EXPECT_FALSE(gpt_oss.rope.truncate);
+  EXPECT_EQ(gpt_oss.rope.original_max_position_embeddings, 4096);
+  EXPECT_EQ(gpt_oss.rope.theta, 150000.0);
+  EXPECT_EQ(gpt_oss.head_dim, 64);
+  EXPECT_EQ(gpt_oss.window_of(0), 128);  // even layers slide
+  EXPECT_FALSE(gpt_oss.window_of(1).has_value());
+  EXPECT_TRUE(gpt_oss.attention_sinks && gpt_oss.gpt_oss_moe && gpt_oss.qkv_bias && gpt_oss.o_bias);
+  EXPECT_EQ(gpt_oss.num_experts, 128);
+  EXPECT_EQ(gpt_oss.num_experts_per_tok, 4);
+  EXPECT_EQ(gpt_oss.swiglu_limit, 7.0);
 
   auto llama = hf::parse_config(minimal("llama"), "x");
   EXPECT_FALSE(llama.qkv_bias || llama.o_bias || llama.mlp_bias);
@@ -228,6 +242,6 @@ TEST(ConfigFamiliesBadInput, EachNamesTheField) {
   j["shared_expert_intermediate_size"] = 0;
   EXPECT_NE(error_of(j).find("field 'shared_expert_intermediate_size' must be positive"), std::string::npos);
   j = minimal("bert");
-  EXPECT_NE(error_of(j).find("(supported: llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe)"),
+  EXPECT_NE(error_of(j).find("(supported: gpt_oss, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe)"),
             std::string::npos);
 }

@@ -1,17 +1,25 @@
 // Dequantisation of hub checkpoints' quantized weights on synthetic blocks: float8 e4m3 codes
 // against values from the OCP 8-bit floating point spec (normals, subnormals, the maximum, NaN),
 // FP8 block scales with partial edge blocks against a direct per-element reference, and MXFP4 rows
-// (nibble order, E8M0 scales) against hand-computed values; bad shapes are one clear error.
+// (nibble order, E8M0 scales) against hand-computed values; bad shapes are one clear error. A GPT-OSS
+// checkpoint with MXFP4 experts loads to the values the spec decodes.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 
+#include "core/error.h"
 #include "hf/dequantize.h"
+#include "hf/safetensors.h"
+#include "models/pretrained.h"
 #include "test_util.h"
 
 using namespace moeforge;
+namespace fs = std::filesystem;
 
 namespace {
 
@@ -101,3 +109,125 @@ TEST(Dequantize, Mxfp4RowsLowNibbleFirstWithE8M0Scales) {
 }
 
 }  // namespace
+
+namespace {
+
+// MXFP4 as the OCP spec defines it (independently of hf/dequantize.cpp): the e2m1 magnitudes, and
+// for a row of 32 values one power-of-two scale with the largest magnitude at most 6.
+constexpr float kE2M1[8] = {0.f, 0.5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+
+uint8_t nearest_e2m1(float v) {
+  uint8_t best = 0;
+  for (uint8_t c = 1; c < 8; ++c)
+    if (std::abs(std::abs(v) - kE2M1[c]) < std::abs(std::abs(v) - kE2M1[best])) best = c;
+  return static_cast<uint8_t>(best | (v < 0 && best ? 8 : 0));
+}
+
+struct Mxfp4 {
+  Tensor blocks, scales, values;  // [E, R, G, 16] U8, [E, R, G] U8, and the decoded [E, R, G * 32] F32
+};
+
+// Quantises w [E, R, C] (C a multiple of 32) row group by row group.
+Mxfp4 quantize_mxfp4(const Tensor& w) {
+  const int64_t e = w.size(0), r = w.size(1), c = w.size(2), g = c / 32;
+  Mxfp4 q{Tensor::empty({e, r, g, 16}, DType::U8), Tensor::empty({e, r, g}, DType::U8), Tensor::empty({e, r, c}, DType::F32)};
+  auto* blocks = q.blocks.data<uint8_t>();
+  auto* scales = q.scales.data<uint8_t>();
+  for (int64_t row = 0; row < e * r; ++row)
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const float* v = w.f32() + row * c + gi * 32;
+      float amax = 0.f;
+      for (int i = 0; i < 32; ++i) amax = std::max(amax, std::abs(v[i]));
+      const int s = amax > 0 ? static_cast<int>(std::ceil(std::log2(amax / 6.f))) : 0;
+      scales[row * g + gi] = static_cast<uint8_t>(s + 127);
+      for (int i = 0; i < 32; i += 2) {
+        const uint8_t lo = nearest_e2m1(std::ldexp(v[i], -s)), hi = nearest_e2m1(std::ldexp(v[i + 1], -s));
+        blocks[(row * g + gi) * 16 + i / 2] = static_cast<uint8_t>(lo | (hi << 4));  // the low nibble first
+        for (int k = 0; k < 2; ++k) {
+          const uint8_t code = k == 0 ? lo : hi;
+          q.values.f32()[row * c + gi * 32 + i + k] = std::ldexp((code & 8 ? -1.f : 1.f) * kE2M1[code & 7], s);
+        }
+      }
+    }
+  return q;
+}
+
+// [E, A, B] -> [E, B, A].
+Tensor swap_last_two(const Tensor& x) {
+  const int64_t e = x.size(0), a = x.size(1), b = x.size(2);
+  Tensor out = Tensor::empty({e, b, a}, DType::F32);
+  for (int64_t i = 0; i < e; ++i)
+    for (int64_t p = 0; p < a; ++p)
+      for (int64_t q = 0; q < b; ++q) out.f32()[(i * b + q) * a + p] = x.f32()[(i * a + p) * b + q];
+  return out;
+}
+
+}  // namespace
+
+// A GPT-OSS checkpoint whose experts' gate_up_proj is stored as the hub stores it (MXFP4 blocks and
+// scales of the transposed [E, 2I, H] rows, quantization_config in config.json) loads to exactly the
+// weights of a plain checkpoint holding the decoded values, and saves as that plain checkpoint.
+TEST(Dequantize, GptOssMxfp4ExpertsLoadAsTheirValues) {
+  test::TempDir tmp;
+  const std::string src = test::fixture("gpt_oss_a");
+  auto base = hf::SafetensorsCheckpoint::open(src);
+  hf::NamedTensors quantised, plain;
+  for (const auto& n : base.names()) {
+    Tensor t = base.get(n).to(DType::F32);
+    if (n.size() > 12 && n.compare(n.size() - 12, 12, "gate_up_proj") == 0) {
+      const Mxfp4 q = quantize_mxfp4(swap_last_two(t));  // rows of [E, 2I, H]: H = 32 values, one group
+      quantised.emplace_back(n + "_blocks", q.blocks);
+      quantised.emplace_back(n + "_scales", q.scales);
+      plain.emplace_back(n, swap_last_two(q.values));
+    } else {
+      quantised.emplace_back(n, t);
+      plain.emplace_back(n, t);
+    }
+  }
+  auto cfg = nlohmann::ordered_json::parse(std::ifstream(src + "/config.json"));
+  for (const char* d : {"q", "p"}) fs::create_directories(tmp / d);
+  hf::save_safetensors(tmp / "p/model.safetensors", plain);
+  test::write_bytes(tmp / "p/config.json", cfg.dump(2));
+  cfg["quantization_config"] = {{"quant_method", "mxfp4"}, {"modules_to_not_convert", {"model.layers.*.self_attn"}}};
+  hf::save_safetensors(tmp / "q/model.safetensors", quantised);
+  test::write_bytes(tmp / "q/config.json", cfg.dump(2));
+
+  auto q = models::from_pretrained(tmp / "q"), p = models::from_pretrained(tmp / "p");
+  int quantised_params = 0;
+  for (size_t i = 0; i < q.model->params().all().size(); ++i) {
+    const auto& a = q.model->params().all()[i];
+    ASSERT_EQ(test::max_abs_diff(a.value, p.model->params().all()[i].value), 0.f) << a.name;
+    quantised_params += a.name.find("gate_up_proj") != std::string::npos && a.name.find("bias") == std::string::npos;
+  }
+  EXPECT_EQ(quantised_params, 2);  // both layers' experts came from MXFP4
+  // The decoded values differ from the fixture's (the test would prove nothing otherwise).
+  EXPECT_GT(test::max_abs_diff(p.model->params().find("model.layers.0.mlp.experts.gate_up_proj")->value,
+                               base.get("model.layers.0.mlp.experts.gate_up_proj")),
+            1e-3f);
+  models::save_pretrained(*q.model, q.source_dir, tmp / "out");
+  auto out = hf::SafetensorsCheckpoint::open(tmp / "out");
+  EXPECT_TRUE(out.contains("model.layers.0.mlp.experts.gate_up_proj"));
+  EXPECT_FALSE(out.contains("model.layers.0.mlp.experts.gate_up_proj_blocks"));
+  EXPECT_FALSE(nlohmann::ordered_json::parse(std::ifstream(tmp / "out/config.json")).contains("quantization_config"));
+}
+
+TEST(DequantizeBadInput, Mxfp4WithoutScalesNamesTheTensor) {
+  test::TempDir tmp;
+  const std::string src = test::fixture("gpt_oss_a");
+  auto base = hf::SafetensorsCheckpoint::open(src);
+  hf::NamedTensors tensors;
+  for (const auto& n : base.names())
+    if (n != "model.layers.1.mlp.experts.gate_up_proj") tensors.emplace_back(n, base.get(n));
+  tensors.emplace_back("model.layers.1.mlp.experts.gate_up_proj_blocks", Tensor::zeros({4, 32, 1, 16}, DType::U8));
+  fs::create_directories(tmp / "m");
+  hf::save_safetensors(tmp / "m/model.safetensors", tensors);
+  fs::copy_file(src + "/config.json", tmp / "m/config.json");
+  try {
+    models::from_pretrained(tmp / "m");
+    FAIL() << "loaded without the scales";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("missing tensor 'model.layers.1.mlp.experts.gate_up_proj' (nor its MXFP4"),
+              std::string::npos)
+        << e.what();
+  }
+}

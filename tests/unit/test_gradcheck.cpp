@@ -103,6 +103,7 @@ TEST(GradCheck, AttentionVariantsGqaWindowAndDocuments) {
       {"qk_norm", {false, false, QkNorm::PerHead, std::nullopt, std::nullopt, 1e-6f}},
       {"bias", {true, true, QkNorm::None, std::nullopt, std::nullopt, 1e-6f}},
       {"full_norm", {true, true, QkNorm::Full, std::nullopt, std::nullopt, 1e-6f}},
+      {"sinks", {true, true, QkNorm::None, std::nullopt, std::nullopt, 1e-6f, /*sinks=*/true}},
   };
   for (const Variant& var : variants)
     for (std::optional<int64_t> window : {std::optional<int64_t>(), std::optional<int64_t>(3)}) {
@@ -160,6 +161,42 @@ TEST(GradCheck, GatedSharedExpert) {
   Tensor dx = shared.backward(ps, c, r);
   check_direction(x, dx, loss, 510, "dx");
   for (auto& p : ps.all()) check_direction(p.value, p.grad, loss, 610, p.name);
+}
+
+TEST(GradCheck, ClampedSwiGLU) {
+  // Values well inside the clamps (their kinks would defeat finite differences); the clamps' cut
+  // gradients are held to torch's by the GPT-OSS fixtures (test_train_parity).
+  Tensor h = test::random_tensor({6, 10}, 34, 1.5f), r = test::random_tensor({6, 5}, 35);
+  auto loss = [&] { return dot_double(ops::clamped_swiglu(h, 1.702f, 7.f), r); };
+  Tensor dh = ops::clamped_swiglu_backward(h, r, 1.702f, 7.f);
+  check_direction(h, dh, loss, 520, "clamped_swiglu");
+  // Beyond the limits the clamps stop the gradient: gate above 7, up outside [-7, 7].
+  Tensor big = Tensor::from_vector({9.f, -8.f, 2.f, 8.f}, {1, 4});
+  Tensor d = ops::clamped_swiglu_backward(big, Tensor::from_vector({1.f, 1.f}, {1, 2}), 1.702f, 7.f);
+  EXPECT_EQ(d.f32()[0], 0.f);  // gate 9 > 7
+  EXPECT_EQ(d.f32()[1], 0.f);  // up -8 < -7
+  EXPECT_NE(d.f32()[2], 0.f);  // gate 2
+  EXPECT_EQ(d.f32()[3], 0.f);  // up 8 > 7
+}
+
+TEST(GradCheck, GptOssStyleMoE) {
+  nn::ParamStore ps;
+  nn::SparseMoE moe;
+  moe.init(ps, "moe", 12, 6, 3, 8, false, nullptr, nn::SparseMoE::GptOssStyle{1.702f, 7.f});
+  fill_random(ps, 11, 0.5f);
+  Tensor x = test::random_tensor({9, 12}, 43), r = test::random_tensor({9, 12}, 44);
+  Tensor extra = test::random_tensor({9, 6}, 45);
+  nn::SparseMoE::Cache c;
+  moe.forward(ps, x, nullptr, &c);
+  const Tensor chosen = c.chosen.clone();
+  auto loss = [&] {
+    nn::SparseMoE::Cache cc;
+    Tensor y = moe.forward(ps, x, nullptr, &cc, &chosen);
+    return dot_double(y, r) + dot_double(cc.probs, extra);
+  };
+  Tensor dx = moe.backward(ps, c, r, &extra);
+  check_direction(x, dx, loss, 820, "gpt_oss dx");
+  for (auto& p : ps.all()) check_direction(p.value, p.grad, loss, 830, "gpt_oss " + p.name);
 }
 
 TEST(GradCheck, SparseMoEWithAndWithoutRenormalisation) {
@@ -228,5 +265,5 @@ INSTANTIATE_TEST_SUITE_P(Qwen3Moe, ModelGradCheck,
 // norms, MLP biases, windows on some layers); olmoe_a rather than olmoe_b, whose clip_qkv has kinks.
 INSTANTIATE_TEST_SUITE_P(Families, ModelGradCheck,
                          ::testing::Combine(::testing::Values("mixtral_b", "qwen2_moe_b", "olmoe_a", "llama_b",
-                                                              "qwen2_b", "qwen3_b"),
+                                                              "qwen2_b", "qwen3_b", "gpt_oss_a", "gpt_oss_b"),
                                             ::testing::Values(false)));
