@@ -83,6 +83,7 @@ void DeviceAdamW::update(const std::vector<size_t>& indices) {
   std::vector<cuda::AdamWTensors> ts;
   std::vector<Tensor> exchange;  // split parameters: every rank's updated block goes to all
   for (size_t i : indices) {
+    if (!params_.trainable(i)) continue;
     const bool decay = opts_.decay_norms_and_biases || params_.decay(i);
     cuda::AdamWTensors t;
     t.param = params_.master(i);

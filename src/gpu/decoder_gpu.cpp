@@ -69,8 +69,11 @@ class DecoderGpu : public GpuModel {
     const std::string family = "GPU training of model_type '" + m_.config().model_type + "': ";
     for (const auto& L : m_.layers_) {
       MF_CHECK(!L.attn.sinks, family, "attention sinks are not supported on the GPU yet (device: cpu trains it)");
+      MF_CHECK(!L.mla, family, "latent attention (MLA) is not supported on the GPU yet (device: cpu trains it)");
+      MF_CHECK(!L.shared_experts, family, "DeepSeek's shared experts are not supported on the GPU yet");
       if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp))
-        MF_CHECK(!moe->gpt_oss, family, "GPT-OSS experts are not supported on the GPU yet (device: cpu trains it)");
+        MF_CHECK(!moe->gpt_oss && !moe->grouped, family,
+                 "GPT-OSS / DeepSeek routing is not supported on the GPU yet (device: cpu trains it)");
       if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
         const int ep = par_.ep ? par_.ep->size() : 1;
         MF_CHECK(moe->shard.count * ep == moe->experts, "GPU model: the layers hold ", moe->shard.count, " of ",

@@ -12,7 +12,7 @@ DeviceParams::DeviceParams(const nn::ParamStore& host, Precision precision) : pr
     MF_CHECK(p.value.defined(), "parameter ", p.name, " has no value (was the checkpoint loaded?)");
     values_.push_back(cuda::to_device(p.value, dt));
     if (precision == Precision::BF16Mixed) masters_.push_back(cuda::to_device(p.value, DType::F32));
-    add_param_slot(p.decay);
+    add_param_slot(p.decay, p.trainable);
   }
 }
 
@@ -31,16 +31,17 @@ DeviceParams DeviceParams::random(const nn::ParamStore& shapes, Precision precis
     } else {
       d.values_.push_back(v);
     }
-    d.add_param_slot(p.decay);
+    d.add_param_slot(p.decay, p.trainable);
   }
   if (precision == Precision::BF16Mixed)
     for (size_t i = 0; i < d.values_.size(); ++i) cuda::convert(d.masters_[i], d.values_[i]);
   return d;
 }
 
-void DeviceParams::add_param_slot(bool decay) {
+void DeviceParams::add_param_slot(bool decay, bool trainable) {
   grads_.emplace_back();
   decay_.push_back(decay);
+  trainable_.push_back(trainable);
 }
 
 Tensor& DeviceParams::grad(size_t i) {

@@ -31,6 +31,7 @@ class DeviceParams {
   Tensor& master(size_t i) { return masters_.empty() ? values_.at(i) : masters_.at(i); }
   bool has_masters() const { return !masters_.empty(); }
   bool decay(size_t i) const { return decay_.at(i); }
+  bool trainable(size_t i) const { return trainable_.at(i); }  // false: a buffer AdamW leaves alone
 
   void zero_grad();
   // Every parameter's current value into the host store (F32 from the master when there is one).
@@ -40,10 +41,10 @@ class DeviceParams {
 
  private:
   explicit DeviceParams(Precision p) : precision_(p) {}
-  void add_param_slot(bool decay);
+  void add_param_slot(bool decay, bool trainable);
   Precision precision_;
   std::vector<Tensor> values_, grads_, masters_;
-  std::vector<bool> decay_;
+  std::vector<bool> decay_, trainable_;
 };
 
 }  // namespace moeforge::gpu

@@ -70,6 +70,25 @@ struct ModelConfig {
   bool gpt_oss_moe = false;
   double swiglu_limit = 7.0;
 
+  // DeepSeek-V3's multi-head latent attention. head_dim then holds qk_rope_head_dim (the RoPE width),
+  // as DeepseekV3Config sets it.
+  struct LatentAttention {
+    int64_t q_lora_rank = 0;  // 0: q_proj straight from the hidden state
+    int64_t kv_lora_rank = 0, qk_nope_head_dim = 0, qk_rope_head_dim = 0, v_head_dim = 0;
+    bool rope_interleave = true;
+  };
+  std::optional<LatentAttention> mla;
+  // DeepSeek-V3's routing: sigmoid scores; the choice adds e_score_correction_bias and keeps the
+  // topk_group best of n_group groups (a group's score: its two best); weights scaled by
+  // routed_scaling_factor (after the renormalisation of norm_topk_prob).
+  struct GroupedSigmoidRouting {
+    int64_t n_group = 1, topk_group = 1;
+    double routed_scaling_factor = 1.0;
+  };
+  std::optional<GroupedSigmoidRouting> grouped_sigmoid_routing;
+  int64_t n_shared_experts = 0;  // DeepSeek-V3: ungated shared experts, n * moe_intermediate_size wide
+  int64_t num_nextn_predict_layers = 0;  // DeepSeek-V3's multi-token prediction layers in checkpoints
+
   bool is_moe_layer(int64_t layer) const;
   // The attention window of a layer (null: full causal attention).
   std::optional<int64_t> window_of(int64_t layer) const;

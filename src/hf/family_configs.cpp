@@ -223,12 +223,60 @@ void parse_gpt_oss(const ConfigReader& r, ModelConfig& c) {
   parse_layer_types(r, c, [](int64_t l) { return l % 2 == 0; });
 }
 
+void parse_deepseek_v3(const ConfigReader& r, ModelConfig& c) {
+  FamilyDefaults d;
+  d.max_position_embeddings = 4096;
+  parse_common(r, c, d);
+  ModelConfig::LatentAttention mla;
+  mla.q_lora_rank = r.has("q_lora_rank") ? r.req_int("q_lora_rank") : (r.json().contains("q_lora_rank") ? 0 : 1536);
+  mla.kv_lora_rank = r.opt_int("kv_lora_rank", 512);
+  mla.qk_nope_head_dim = r.opt_int("qk_nope_head_dim", 128);
+  mla.qk_rope_head_dim = r.opt_int("qk_rope_head_dim", 64);
+  mla.v_head_dim = r.opt_int("v_head_dim", 128);
+  mla.rope_interleave = r.opt_bool("rope_interleave", true);
+  for (auto [k, v] : {std::pair{"kv_lora_rank", mla.kv_lora_rank}, std::pair{"qk_nope_head_dim", mla.qk_nope_head_dim},
+                      std::pair{"v_head_dim", mla.v_head_dim}})
+    check_positive(r, k, v);
+  if (mla.q_lora_rank < 0) r.fail("q_lora_rank", "must be positive or null");
+  if (mla.qk_rope_head_dim <= 0 || mla.qk_rope_head_dim % 2) r.fail("qk_rope_head_dim", "must be a positive even number");
+  c.mla = mla;
+  c.head_dim = mla.qk_rope_head_dim;  // DeepseekV3Config.__post_init__: the RoPE tables' width
+  c.qkv_bias = c.o_bias = r.opt_bool("attention_bias", false);
+  c.intermediate_size = r.opt_int("intermediate_size", 18432);
+  check_positive(r, "intermediate_size", c.intermediate_size);
+  parse_routed_experts(r, c, {"n_routed_experts", "num_local_experts"}, 256, 8, 0.001);
+  c.output_router_logits = false;  // DeepseekV3ForCausalLM has no load-balancing loss
+  c.moe_intermediate_size = r.opt_int("moe_intermediate_size", 2048);
+  check_positive(r, "moe_intermediate_size", c.moe_intermediate_size);
+  c.n_shared_experts = r.opt_int("n_shared_experts", 1);
+  if (c.n_shared_experts < 0) r.fail("n_shared_experts", "must not be negative");
+  c.norm_topk_prob = r.opt_bool("norm_topk_prob", true);
+  ModelConfig::GroupedSigmoidRouting g;
+  g.n_group = r.opt_int("n_group", 8);
+  g.topk_group = r.opt_int("topk_group", 4);
+  g.routed_scaling_factor = r.opt_double("routed_scaling_factor", 2.5);
+  if (g.n_group <= 0 || c.num_experts % g.n_group != 0)
+    r.fail("n_group", "must divide the " + std::to_string(c.num_experts) + " routed experts");
+  if (g.n_group > 1 && c.num_experts / g.n_group < 2)
+    r.fail("n_group", "leaves fewer than 2 experts per group (a group scores its best two)");
+  if (g.topk_group <= 0 || g.topk_group > g.n_group) r.fail("topk_group", "must be between 1 and n_group");
+  if (c.num_experts_per_tok > g.topk_group * (c.num_experts / g.n_group))
+    r.fail("num_experts_per_tok", "exceeds the experts of the topk_group groups kept");
+  c.grouped_sigmoid_routing = g;
+  // The first first_k_dense_replace layers have a dense MLP, the rest experts.
+  const int64_t dense = r.opt_int("first_k_dense_replace", 3);
+  if (dense < 0) r.fail("first_k_dense_replace", "must not be negative");
+  for (int64_t l = 0; l < std::min(dense, c.num_hidden_layers); ++l) c.mlp_only_layers.push_back(l);
+  c.num_nextn_predict_layers = r.opt_int("num_nextn_predict_layers", r.opt_int("num_mtp_layers", 1));
+}
+
 using Parser = void (*)(const ConfigReader&, ModelConfig&);
 const std::map<std::string, Parser>& parsers() {
   static const std::map<std::string, Parser> m = {
       {"qwen3_moe", parse_qwen3_moe}, {"qwen2_moe", parse_qwen2_moe}, {"mixtral", parse_mixtral},
       {"olmoe", parse_olmoe},         {"llama", parse_llama},         {"mistral", parse_mistral},
       {"qwen2", parse_qwen2},         {"qwen3", parse_qwen3},         {"gpt_oss", parse_gpt_oss},
+      {"deepseek_v3", parse_deepseek_v3},
   };
   return m;
 }

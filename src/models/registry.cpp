@@ -28,6 +28,7 @@ const std::map<std::string, Builder>& builders() {
       {"qwen2", decoder_family()},
       {"qwen3", decoder_family()},
       {"gpt_oss", decoder_family()},
+      {"deepseek_v3", decoder_family()},
   };
   return m;
 }

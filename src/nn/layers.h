@@ -120,16 +120,26 @@ struct SparseMoE {
   struct GptOssStyle {
     float alpha = 1.702f, limit = 7.f;
   };
+  // DeepSeek-V3's router: sigmoid scores; the choice adds the correction bias (a buffer,
+  // prefix.gate.e_score_correction_bias) and keeps the topk_group best of n_group groups; the
+  // weights are the chosen scores (renormalised when norm_topk_prob, with +1e-20) times `scaling`.
+  struct GroupedSigmoid {
+    int64_t n_group = 1, topk_group = 1;
+    float scaling = 1.f;
+  };
   size_t router = 0, gate_up = 0, down = 0;
   std::optional<size_t> router_bias, gate_up_bias, down_bias;  // GPT-OSS
+  std::optional<size_t> correction_bias;                        // DeepSeek-V3
   int64_t experts = 0, top_k = 0, inter = 0, hidden = 0;
   bool norm_topk_prob = false;
   std::optional<GptOssStyle> gpt_oss;
+  std::optional<GroupedSigmoid> grouped;
   dist::Communicator* ep = nullptr;  // the expert-parallel group; null: every expert is here
   dist::ExpertShard shard;           // the experts this rank holds
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
             int64_t inter_, bool norm_topk, dist::Communicator* ep_group = nullptr,
-            std::optional<GptOssStyle> gpt_oss_style = std::nullopt);
+            std::optional<GptOssStyle> gpt_oss_style = std::nullopt,
+            std::optional<GroupedSigmoid> grouped_sigmoid = std::nullopt);
   // Parameters per expert (weights and biases), for active-parameter counts.
   int64_t params_per_expert() const;
   // x [T, H] -> [T, H]. `router` receives the logits [T, E] and the chosen experts [T, k] for the
@@ -146,6 +156,8 @@ struct SparseMoE {
   Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const;
 
  private:
+  // DeepSeek-V3's choice of experts for each row of `scores` [T, E] (sigmoid of the logits).
+  Tensor grouped_choice(const ParamStore& ps, const Tensor& scores) const;
   // One local GPT-OSS expert's backward on its rows: accumulates its weight and bias gradients,
   // returns d(x).
   Tensor gpt_oss_expert_backward(ParamStore& ps, int64_t e, const Tensor& dy, const Tensor& x, const Tensor& h,

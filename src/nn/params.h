@@ -15,6 +15,9 @@ struct Param {
   Tensor value;      // filled by the loader
   Tensor grad;       // F32, same shape; allocated by ensure_grads()
   bool decay = true;  // AdamW weight decay applies (false for norms and biases when excluded)
+  // False for a buffer that is loaded and saved but never updated (DeepSeek-V3's routing
+  // correction bias): it gets no gradient and the optimizers leave it as it is.
+  bool trainable = true;
 };
 
 class ParamStore {

@@ -41,6 +41,7 @@ void AdamW::step(double lr) {
   auto& all = params_.all();
   for (size_t i = 0; i < all.size(); ++i) {
     auto& p = all[i];
+    if (!p.trainable) continue;
     MF_CHECK(p.value.dtype() == DType::F32, "AdamW: parameter '", p.name, "' must be F32 (the CPU policy is fp32)");
     MF_CHECK(p.grad.defined(), "AdamW: parameter '", p.name, "' has no gradient");
     const bool decay = opts_.decay_norms_and_biases || p.decay;

@@ -16,6 +16,11 @@ Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
     const std::string pre = "model.layers." + std::to_string(l);
     Layer& L = layers_[l];
     L.input_norm.init(params_, pre + ".input_layernorm.weight", c_.hidden_size, eps);
+    if (c_.mla) {
+      L.mla.emplace();
+      L.mla->init(params_, pre + ".self_attn", c_.hidden_size, c_.num_attention_heads, *c_.mla, c_.qkv_bias,
+                  nn::latent_attention_scale(c_.rope, c_.mla->qk_nope_head_dim + c_.mla->qk_rope_head_dim));
+    }
     nn::AttentionOptions ao;
     ao.qkv_bias = c_.qkv_bias;
     ao.o_bias = c_.o_bias;
@@ -24,15 +29,19 @@ Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
     ao.window = c_.window_of(l);
     ao.eps = eps;
     ao.sinks = c_.attention_sinks;
-    L.attn.init(params_, pre + ".self_attn", c_.hidden_size, c_.num_attention_heads, c_.num_key_value_heads,
-                c_.head_dim, ao);
+    if (!L.mla)
+      L.attn.init(params_, pre + ".self_attn", c_.hidden_size, c_.num_attention_heads, c_.num_key_value_heads,
+                  c_.head_dim, ao);
     L.post_attention_norm.init(params_, pre + ".post_attention_layernorm.weight", c_.hidden_size, eps);
     if (c_.is_moe_layer(l)) {
       nn::SparseMoE moe;
       std::optional<nn::SparseMoE::GptOssStyle> gpt_oss;
       if (c_.gpt_oss_moe) gpt_oss = nn::SparseMoE::GptOssStyle{1.702f, static_cast<float>(c_.swiglu_limit)};
+      std::optional<nn::SparseMoE::GroupedSigmoid> grouped;
+      if (const auto& g = c_.grouped_sigmoid_routing)
+        grouped = nn::SparseMoE::GroupedSigmoid{g->n_group, g->topk_group, static_cast<float>(g->routed_scaling_factor)};
       moe.init(params_, pre + ".mlp", c_.hidden_size, c_.num_experts, c_.num_experts_per_tok,
-               c_.moe_intermediate_size, c_.norm_topk_prob, par_.ep, gpt_oss);
+               c_.moe_intermediate_size, c_.norm_topk_prob, par_.ep, gpt_oss, grouped);
       const std::string hub = pre + "." + naming.block;
       hf::ExpertGroup group{hub + ".experts.", pre + ".mlp.experts.gate_up_proj", pre + ".mlp.experts.down_proj",
                             naming.gate, naming.up, naming.down, c_.num_experts, moe.shard.first};
@@ -47,6 +56,11 @@ Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
       if (c_.shared_expert_intermediate_size > 0) {
         L.shared.emplace();
         L.shared->init(params_, pre + ".mlp", c_.hidden_size, c_.shared_expert_intermediate_size);
+      }
+      if (c_.n_shared_experts > 0) {
+        L.shared_experts.emplace();
+        L.shared_experts->init(params_, pre + ".mlp.shared_experts", c_.hidden_size,
+                               c_.moe_intermediate_size * c_.n_shared_experts);
       }
     } else {
       nn::DenseMLP mlp;
@@ -89,8 +103,9 @@ Tensor Decoder::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, Lay
                                nn::SparseMoE::RouterOut* router) const {
   const Layer& L = layers_[l];
   Tensor x = x_in.clone();
-  Tensor a = L.attn.forward(params_, L.input_norm.forward(params_, x_in), bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids,
-                            c ? &c->attn : nullptr);
+  const Tensor n1 = L.input_norm.forward(params_, x_in);
+  Tensor a = L.mla ? L.mla->forward(params_, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->mla : nullptr)
+                   : L.attn.forward(params_, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr);
   ops::add_inplace(x, a);
   if (c) {
     c->x_in = x_in;
@@ -113,6 +128,7 @@ Tensor Decoder::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, Lay
       bt.routing->chosen[slot] = mc->chosen;
     }
     if (L.shared) ops::add_inplace(m, L.shared->forward(params_, n, c ? &c->shared : nullptr));
+    if (L.shared_experts) ops::add_inplace(m, L.shared_experts->forward(params_, n, c ? &c->shared_experts : nullptr));
   } else {
     m = std::get<nn::DenseMLP>(L.mlp).forward(params_, n, c ? &c->dense : nullptr);
   }
@@ -127,12 +143,14 @@ Tensor Decoder::layer_backward(size_t l, const LayerCache& c, const Batch& bt, c
   if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
     dn = moe->backward(params_, c.moe, dy, dprobs_extra);
     if (L.shared) ops::add_inplace(dn, L.shared->backward(params_, c.shared, dy));
+    if (L.shared_experts) ops::add_inplace(dn, L.shared_experts->backward(params_, c.shared_experts, dy));
   } else {
     dn = std::get<nn::DenseMLP>(L.mlp).backward(params_, c.dense, dy);
   }
   Tensor dmid = dy.clone();
   ops::add_inplace(dmid, L.post_attention_norm.backward(params_, c.x_mid, dn));
-  Tensor da = L.attn.backward(params_, c.attn, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dmid);
+  Tensor da = L.mla ? L.mla->backward(params_, c.mla, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dmid)
+                    : L.attn.backward(params_, c.attn, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dmid);
   Tensor dx = dmid;
   ops::add_inplace(dx, L.input_norm.backward(params_, c.x_in, da));
   return dx;

@@ -1,9 +1,11 @@
-// The pre-norm decoder that Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE and the dense Llama / Mistral /
-// Qwen2 / Qwen3 share, with the variants their configs select (hf::ModelConfig): GQA attention
-// with RoPE, optional q/k/v and o biases, q/k RMSNorm per head or over the whole projection,
-// clip_qkv, sliding windows per layer; per layer a SwiGLU MLP (optionally biased) or a MoE block
-// (softmax top-k routing, renormalised when norm_topk_prob; SwiGLU experts; Qwen2-MoE's gated
-// shared expert); tied or untied LM head; the load-balancing loss when output_router_logits is set.
+// The pre-norm decoder that Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, GPT-OSS, DeepSeek-V3 and the
+// dense Llama / Mistral / Qwen2 / Qwen3 share, with the variants their configs select
+// (hf::ModelConfig): GQA attention with RoPE, optional q/k/v and o biases, q/k RMSNorm per head or
+// over the whole projection, clip_qkv, attention sinks, sliding windows per layer, or DeepSeek's
+// latent attention; per layer a SwiGLU MLP (optionally biased) or a MoE block (softmax top-k
+// routing, renormalised when norm_topk_prob, GPT-OSS's or DeepSeek's routing; SwiGLU or GPT-OSS
+// experts; Qwen2-MoE's gated or DeepSeek's plain shared experts); tied or untied LM head; the
+// load-balancing loss when output_router_logits is set.
 // Internal tensor names are Transformers 5's in-memory names; ExpertNaming gives the checkpoint's.
 #pragma once
 #include <memory>
@@ -12,6 +14,7 @@
 #include <variant>
 
 #include "models/causal_lm.h"
+#include "nn/latent_attention.h"
 #include "nn/layers.h"
 
 namespace moeforge::gpu {
@@ -39,17 +42,21 @@ class Decoder : public CausalLM {
   struct Layer {
     nn::RMSNorm input_norm, post_attention_norm;
     nn::Attention attn;
+    std::optional<nn::LatentAttention> mla;  // DeepSeek-V3: replaces `attn`
     std::variant<nn::DenseMLP, nn::SparseMoE> mlp;
     std::optional<nn::GatedSharedExpert> shared;  // beside the routed experts (Qwen2-MoE)
+    std::optional<nn::DenseMLP> shared_experts;   // beside the routed experts, ungated (DeepSeek-V3)
     size_t moe_slot = 0;  // index among the MoE layers (selects the layer's routing record)
   };
   // What one decoder layer keeps for backward.
   struct LayerCache {
     Tensor x_in, x_mid;  // layer input; input of the post-attention norm
     nn::Attention::Cache attn;
+    nn::LatentAttention::Cache mla;
     nn::DenseMLP::Cache dense;
     nn::SparseMoE::Cache moe;
     nn::GatedSharedExpert::Cache shared;
+    nn::DenseMLP::Cache shared_experts;
   };
   struct Batch {
     int64_t b = 0, s = 0;

@@ -1,0 +1,178 @@
+#include "nn/latent_attention.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "core/error.h"
+#include "ops/ops.h"
+
+namespace moeforge::nn {
+
+namespace {
+
+constexpr float kLatentNormEps = 1e-6f;  // DeepseekV3RMSNorm's default, used by q_a/kv_a norms
+
+// Columns [c0, c0 + n) of each of the rows of x viewed as [rows, width] (F32), as [rows, n].
+Tensor columns(const Tensor& x, int64_t rows, int64_t width, int64_t c0, int64_t n) {
+  Tensor out = Tensor::empty({rows, n}, DType::F32);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(out.f32() + r * n, x.f32() + r * width + c0, n * sizeof(float));
+  return out;
+}
+
+// Writes y [rows, n] into columns [c0, c0 + n) of x [rows, width] (adding when `add`).
+void put_columns(Tensor& x, int64_t rows, int64_t width, int64_t c0, const Tensor& y, int64_t n, bool add = false) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = x.f32() + r * width + c0;
+    const float* src = y.f32() + r * n;
+    if (add)
+      for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+    else
+      std::memcpy(dst, src, n * sizeof(float));
+  }
+}
+
+// DeepSeek's interleaved RoPE rotates pairs (x0, x1), (x2, x3), ... and returns the rotated pairs
+// de-interleaved ([evens | odds] rotated): the same as de-interleaving first and applying the
+// rotate_half rotation. Rows of `d` values, in place through a copy.
+Tensor deinterleave(const Tensor& x, int64_t d) {
+  Tensor out = Tensor::empty(x.shape(), DType::F32);
+  const int64_t rows = x.numel() / d, half = d / 2;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < half; ++i) {
+      out.f32()[r * d + i] = x.f32()[r * d + 2 * i];
+      out.f32()[r * d + half + i] = x.f32()[r * d + 2 * i + 1];
+    }
+  return out;
+}
+
+Tensor reinterleave(const Tensor& x, int64_t d) {
+  Tensor out = Tensor::empty(x.shape(), DType::F32);
+  const int64_t rows = x.numel() / d, half = d / 2;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < half; ++i) {
+      out.f32()[r * d + 2 * i] = x.f32()[r * d + i];
+      out.f32()[r * d + 2 * i + 1] = x.f32()[r * d + half + i];
+    }
+  return out;
+}
+
+// x [T, n, rope] rotated by position (a new tensor).
+Tensor rotate(const Tensor& x, const Tensor& cos, const Tensor& sin, bool interleave) {
+  Tensor y = interleave ? deinterleave(x, x.size(2)) : x.clone();
+  ops::rope_inplace(y, cos, sin);
+  return y;
+}
+
+// The rotation's backward: d(x) from d(rotate(x)).
+Tensor rotate_backward(const Tensor& dy, const Tensor& cos, const Tensor& sin, bool interleave) {
+  Tensor d = dy.clone();
+  ops::rope_inplace(d, cos, sin, /*inverse=*/true);
+  return interleave ? reinterleave(d, d.size(2)) : d;
+}
+
+}  // namespace
+
+float latent_attention_scale(const hf::RopeConfig& rope, int64_t qk_head_dim) {
+  double scale = 1.0 / std::sqrt(static_cast<double>(qk_head_dim));
+  if (rope.type != "default" && rope.mscale_all_dim && *rope.mscale_all_dim != 0.0 && rope.factor > 1.0) {
+    const double m = 0.1 * *rope.mscale_all_dim * std::log(rope.factor) + 1.0;
+    scale *= m * m;
+  }
+  return static_cast<float>(scale);
+}
+
+void LatentAttention::init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_,
+                           const hf::ModelConfig::LatentAttention& mla, bool bias, float scale_) {
+  heads = heads_;
+  nope = mla.qk_nope_head_dim;
+  rope = mla.qk_rope_head_dim;
+  v_dim = mla.v_head_dim;
+  kv_rank = mla.kv_lora_rank;
+  interleave = mla.rope_interleave;
+  scale = scale_;
+  const int64_t qk = nope + rope;
+  if (mla.q_lora_rank > 0) {
+    q_a_proj.emplace();
+    q_a_proj->init(ps, prefix + ".q_a_proj", hidden, mla.q_lora_rank, bias);
+    q_a_norm.emplace();
+    q_a_norm->init(ps, prefix + ".q_a_layernorm.weight", mla.q_lora_rank, kLatentNormEps);
+    q_b_proj.emplace();
+    q_b_proj->init(ps, prefix + ".q_b_proj", mla.q_lora_rank, heads * qk, false);
+  } else {
+    q_proj.emplace();
+    q_proj->init(ps, prefix + ".q_proj", hidden, heads * qk, false);
+  }
+  kv_a_proj.init(ps, prefix + ".kv_a_proj_with_mqa", hidden, kv_rank + rope, bias);
+  kv_a_norm.init(ps, prefix + ".kv_a_layernorm.weight", kv_rank, kLatentNormEps);
+  kv_b_proj.init(ps, prefix + ".kv_b_proj", kv_rank, heads * (nope + v_dim), false);
+  o_proj.init(ps, prefix + ".o_proj", heads * v_dim, hidden, bias);
+}
+
+Tensor LatentAttention::forward(const ParamStore& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
+                                const Tensor& sin, const Tensor* doc_ids, Cache* cache) const {
+  const int64_t t = batch * seq, qk = nope + rope;
+  Tensor qa, qn, q;
+  if (q_proj) {
+    q = q_proj->forward(ps, x);
+  } else {
+    qa = q_a_proj->forward(ps, x);
+    qn = q_a_norm->forward(ps, qa);
+    q = q_b_proj->forward(ps, qn);
+  }
+  const Tensor ckv = kv_a_proj.forward(ps, x);
+  const Tensor latent = columns(ckv, t, kv_rank + rope, 0, kv_rank);
+  const Tensor k_rope = rotate(columns(ckv, t, kv_rank + rope, kv_rank, rope).view({t, 1, rope}), cos, sin, interleave);
+  const Tensor latent_n = kv_a_norm.forward(ps, latent);
+  const Tensor kvb = kv_b_proj.forward(ps, latent_n);  // [T, H * (nope + v)]
+  // Per head: q = [q_nope | rotated q_rope], k = [k_nope | the shared rotated k_rope], v.
+  const Tensor q_rope = rotate(columns(q, t * heads, qk, nope, rope).view({t, heads, rope}), cos, sin, interleave);
+  Tensor qf = q.clone(), kf = Tensor::empty({t * heads, qk}, DType::F32);
+  put_columns(qf, t * heads, qk, nope, q_rope, rope);
+  put_columns(kf, t * heads, qk, 0, columns(kvb, t * heads, nope + v_dim, 0, nope), nope);
+  for (int64_t r = 0; r < t * heads; ++r)
+    std::memcpy(kf.f32() + r * qk + nope, k_rope.f32() + (r / heads) * rope, rope * sizeof(float));
+  Tensor v = columns(kvb, t * heads, nope + v_dim, nope, v_dim);
+  Tensor q4 = qf.view({batch, seq, heads, qk}), k4 = kf.view({batch, seq, heads, qk}),
+         v4 = v.view({batch, seq, heads, v_dim});
+  Tensor o = ops::attention(q4, k4, v4, scale, std::nullopt, doc_ids).view({t, heads * v_dim});
+  if (cache) *cache = {x, qa, qn, latent, latent_n, q4, k4, v4, o};
+  return o_proj.forward(ps, o);
+}
+
+Tensor LatentAttention::backward(ParamStore& ps, const Cache& c, int64_t batch, int64_t seq, const Tensor& cos,
+                                 const Tensor& sin, const Tensor* doc_ids, const Tensor& dy) const {
+  const int64_t t = batch * seq, qk = nope + rope;
+  Tensor d_o = o_proj.backward(ps, c.o, dy).view({batch, seq, heads, v_dim});
+  Tensor dq, dk, dv;
+  ops::attention_backward(c.q, c.k, c.v, d_o, scale, std::nullopt, doc_ids, dq, dk, dv);
+  // Queries: the rope part back through its rotation.
+  dq = dq.view({t * heads, qk});
+  const Tensor dq_rope =
+      rotate_backward(columns(dq, t * heads, qk, nope, rope).view({t, heads, rope}), cos, sin, interleave);
+  put_columns(dq, t * heads, qk, nope, dq_rope, rope);
+  dq = dq.view({t, heads * qk});
+  // Keys and values: [k_nope | v] per head into kv_b; the shared k_rope sums over the heads.
+  dk = dk.view({t * heads, qk});
+  Tensor dkvb = Tensor::empty({t * heads, nope + v_dim}, DType::F32);
+  put_columns(dkvb, t * heads, nope + v_dim, 0, columns(dk, t * heads, qk, 0, nope), nope);
+  put_columns(dkvb, t * heads, nope + v_dim, nope, dv.view({t * heads, v_dim}), v_dim);
+  Tensor dk_rope = Tensor::zeros({t, 1, rope}, DType::F32);
+  for (int64_t r = 0; r < t * heads; ++r)
+    for (int64_t i = 0; i < rope; ++i) dk_rope.f32()[(r / heads) * rope + i] += dk.f32()[r * qk + nope + i];
+  dk_rope = rotate_backward(dk_rope, cos, sin, interleave);
+  const Tensor dlatent_n = kv_b_proj.backward(ps, c.latent_n, dkvb.view({t, heads * (nope + v_dim)}));
+  const Tensor dlatent = kv_a_norm.backward(ps, c.latent, dlatent_n);
+  Tensor dckv = Tensor::empty({t, kv_rank + rope}, DType::F32);
+  put_columns(dckv, t, kv_rank + rope, 0, dlatent, kv_rank);
+  put_columns(dckv, t, kv_rank + rope, kv_rank, dk_rope.view({t, rope}), rope);
+  Tensor dx = kv_a_proj.backward(ps, c.x, dckv);
+  if (q_proj) {
+    ops::add_inplace(dx, q_proj->backward(ps, c.x, dq));
+  } else {
+    const Tensor dqn = q_b_proj->backward(ps, c.qn, dq);
+    ops::add_inplace(dx, q_a_proj->backward(ps, c.x, q_a_norm->backward(ps, c.qa, dqn)));
+  }
+  return dx;
+}
+
+}  // namespace moeforge::nn
