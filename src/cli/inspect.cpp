@@ -86,6 +86,17 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   // (GPT-OSS) leaves it out (a lookup, not a product); both are reported. Tied, the table is the
   // LM head too and stays in.
   const int64_t embedding = cfg.tie_word_embeddings ? 0 : cfg.vocab_size * cfg.hidden_size;
+  // DeepSeek-V3's checkpoints carry multi-token prediction layers beyond num_hidden_layers: each a
+  // decoder layer like the last plus enorm/hnorm, eh_proj [H, 2H], its norm, head and embedding.
+  int64_t mtp = 0;
+  if (cfg.num_nextn_predict_layers > 0) {
+    const std::string last = "model.layers." + std::to_string(cfg.num_hidden_layers - 1) + ".";
+    int64_t layer = 0;
+    for (const auto& p : model->params().all())
+      if (p.name.rfind(last, 0) == 0) layer += shape_numel(p.shape);
+    const int64_t h = cfg.hidden_size;
+    mtp = cfg.num_nextn_predict_layers * (layer + 3 * h + 2 * h * h + 2 * cfg.vocab_size * h);
+  }
   int64_t moe_layers = 0, window_layers = 0;
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     moe_layers += cfg.is_moe_layer(l);
@@ -111,6 +122,7 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   j["vocab_size"] = cfg.vocab_size;
   j["tie_word_embeddings"] = cfg.tie_word_embeddings;
   j["parameters"] = {{"total", total}, {"active", active}, {"active_without_embedding", active - embedding}};
+  if (mtp) j["parameters"]["total_with_mtp"] = total + mtp;
 
   // Tensors: compare the checkpoint's headers with what the config implies (no weights are read).
   const fs::path dir = fs::is_directory(path) ? fs::path(path) : fs::path(path).parent_path();
@@ -206,6 +218,9 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   std::printf("parameters  %s total, %s active per token (%s without the input embedding)\n",
               human(static_cast<double>(total)).c_str(), human(static_cast<double>(active)).c_str(),
               human(static_cast<double>(active - embedding)).c_str());
+  if (mtp)
+    std::printf("            %s with the %lld multi-token prediction layer(s) checkpoints carry (not trained)\n",
+                human(static_cast<double>(total + mtp)).c_str(), (long long)cfg.num_nextn_predict_layers);
   if (tj.contains("note")) {
     std::printf("tensors     %lld expected; %s\n", (long long)tj["expected"].get<int64_t>(), tj["note"].get<std::string>().c_str());
   } else {

@@ -157,6 +157,25 @@ void parse_common(const ConfigReader& r, ModelConfig& c, const FamilyDefaults& d
     if (!c.dtype) r.fail(r.has("dtype") ? "dtype" : "torch_dtype", "has unknown value '" + dt + "'");
   }
   c.rope = parse_rope(r, d.rope_theta);
+  if (r.has("quantization_config")) {
+    const auto& q = r.json()["quantization_config"];
+    if (!q.is_object()) r.fail("quantization_config", "must be an object");
+    ConfigReader qr(q, r.source() + " (quantization_config)");
+    c.quant_method = qr.opt_string("quant_method", "");
+    if (c.quant_method == "fp8") {
+      if (qr.opt_string("fmt", "e4m3") != "e4m3")
+        qr.fail("fmt", "is '" + qr.opt_string("fmt", "") + "'; moeforge dequantises e4m3 FP8 checkpoints only");
+      const auto block = qr.opt_int_list("weight_block_size");
+      if (block.size() != 2 || block[0] <= 0 || block[1] <= 0)
+        qr.fail("weight_block_size", "must be two positive integers [rows, cols]");
+      c.fp8_block_rows = block[0];
+      c.fp8_block_cols = block[1];
+    } else if (c.quant_method != "mxfp4") {
+      qr.fail("quant_method", "is '" + c.quant_method +
+                                  "'; moeforge loads fp8 (block-scaled e4m3) and mxfp4 checkpoints, dequantised to "
+                                  "train (convert others to bf16 first)");
+    }
+  }
   const bool pad_given = r.json().contains("pad_token_id");  // null given means none
   if (r.has("pad_token_id") || (!pad_given && d.pad_token_id)) {
     int64_t pad = r.has("pad_token_id") ? r.req_int("pad_token_id") : *d.pad_token_id;

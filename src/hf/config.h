@@ -54,6 +54,10 @@ struct ModelConfig {
   std::vector<bool> sliding_layers;
   RopeConfig rope;
   std::optional<DType> dtype;  // `dtype` (v5) or `torch_dtype` (v4)
+  // quantization_config of a quantised checkpoint, dequantised on load: "fp8" (block-scaled e4m3,
+  // DeepSeek-V3 and Qwen3-FP8 style) with its [rows, cols] blocks, or "mxfp4" (GPT-OSS's experts).
+  std::string quant_method;
+  int64_t fp8_block_rows = 0, fp8_block_cols = 0;
 
   // Mixture of experts.
   int64_t num_experts = 0, num_experts_per_tok = 0, moe_intermediate_size = 0;

@@ -39,12 +39,14 @@ Tensor expert_rows(const Tensor& fused, int64_t e, int64_t row0, int64_t nrows, 
   return out;
 }
 
-void check_shape(const SafetensorsCheckpoint& ckpt, const std::string& name, const Shape& want) {
+void check_shape(const SafetensorsCheckpoint& ckpt, const std::string& name, const Shape& want, bool fp8_ok = false) {
   const auto& e = ckpt.entry(name);
   MF_CHECK(e.shape == want, ckpt.file_of(name), ": tensor '", name, "' has shape ", shape_str(e.shape),
            " but the config implies ", shape_str(want));
-  MF_CHECK(is_floating(e.dtype) && e.dtype != DType::F8_E4M3 && e.dtype != DType::F8_E5M2, ckpt.file_of(name),
-           ": tensor '", name, "' has dtype ", dtype_name(e.dtype), " where a floating-point weight is expected");
+  MF_CHECK(is_floating(e.dtype) && (fp8_ok || (e.dtype != DType::F8_E4M3 && e.dtype != DType::F8_E5M2)), ckpt.file_of(name),
+           ": tensor '", name, "' has dtype ", dtype_name(e.dtype),
+           " where a floating-point weight is expected (an FP8 checkpoint needs quantization_config and "
+           "'<name>_scale_inv' tensors)");
 }
 
 }  // namespace
@@ -84,8 +86,7 @@ LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamSt
       std::string name = checkpoint_name(p.name);
       if (name != p.name && !ckpt.contains(name) && ckpt.contains(p.name)) name = p.name;  // in-memory spelling
       need(name);
-      check_shape(ckpt, name, p.shape);
-      p.value = ckpt.get(name).to(compute);
+      p.value = read_weight(ckpt, name, p.shape, used).to(compute);
       loaded_as_[p.name] = name;
       continue;
     }
@@ -136,31 +137,56 @@ LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamSt
           const std::string n = pre + (half == 0 ? g->gate_suffix : g->up_suffix);
           ++report.tensors_expected;
           need(n);
-          check_shape(ckpt, n, {inter, cols});
-          copy_into_expert(p.value, local, half * inter, ckpt.get(n));
+          copy_into_expert(p.value, local, half * inter, read_weight(ckpt, n, {inter, cols}, used));
         }
       } else {
         const std::string n = pre + g->down_suffix;
         ++report.tensors_expected;
         need(n);
-        check_shape(ckpt, n, {rows, cols});
-        copy_into_expert(p.value, local, 0, ckpt.get(n));
+        copy_into_expert(p.value, local, 0, read_weight(ckpt, n, {rows, cols}, used));
       }
     }
   }
+  std::vector<int64_t> ignored_by_prefix(ignored_prefixes_.size(), 0);
   for (const auto& n : ckpt.names()) {
     if (used.count(n)) continue;
     if (sliced && in_expert_group(n)) continue;  // experts another rank holds
+    if (sliced && n.size() > 10 && n.compare(n.size() - 10, 10, "_scale_inv") == 0 &&
+        in_expert_group(n.substr(0, n.size() - 10)))
+      continue;  // the FP8 scales of experts another rank holds
+    bool by_prefix = false;
+    for (size_t i = 0; i < ignored_prefixes_.size() && !by_prefix; ++i)
+      if (n.rfind(ignored_prefixes_[i].first, 0) == 0) {
+        ++ignored_by_prefix[i];
+        by_prefix = true;
+      }
+    if (by_prefix) continue;
     if (ignored_.count(n)) {
       source_dtype_[n] = ckpt.entry(n).dtype;
       continue;
     }
     report.unexpected.push_back(n);
   }
+  for (size_t i = 0; i < ignored_prefixes_.size(); ++i)
+    if (ignored_by_prefix[i])
+      log::info(ckpt.dir(), ": ", ignored_by_prefix[i], " tensor(s) under '", ignored_prefixes_[i].first, "' are not used (",
+                ignored_prefixes_[i].second, ")");
   if (!report.unexpected.empty())
     log::warn(ckpt.dir(), ": ", report.unexpected.size(), " tensor(s) in the checkpoint are not used by the model, e.g. '",
               report.unexpected.front(), "'");
   return report;
+}
+
+Tensor StateDictAdapter::read_weight(const SafetensorsCheckpoint& ckpt, const std::string& name, const Shape& want,
+                                     std::set<std::string>& used) {
+  const std::string scales = name + "_scale_inv";
+  const bool fp8 = fp8_rows_ > 0 && ckpt.entry(name).dtype == DType::F8_E4M3 && ckpt.contains(scales);
+  check_shape(ckpt, name, want, fp8);
+  if (!fp8) return ckpt.get(name);
+  used.insert(scales);
+  dequantized_.insert(name);
+  source_dtype_.erase(name);  // saved in the model's dtype, not as FP8
+  return dequantize_fp8_blocks(ckpt.get(name), ckpt.get(scales), fp8_rows_, fp8_cols_, DType::F32, ckpt.file_of(name) + ": " + name);
 }
 
 std::string StateDictAdapter::checkpoint_name(const std::string& internal) const {

@@ -44,6 +44,15 @@ class StateDictAdapter {
   // router: block_sparse_moe.gate.weight on disk, mlp.gate.weight in memory). Loading takes either;
   // saving writes the one loaded (the checkpoint name when nothing was).
   void rename(const std::string& internal, const std::string& checkpoint) { renames_[internal] = checkpoint; }
+  // Checkpoint tensors under `prefix` that the model knowingly does not use (DeepSeek-V3's
+  // multi-token prediction layers): reported once, not as unexpected, and not saved.
+  void ignore_prefix(const std::string& prefix, std::string why) { ignored_prefixes_.emplace_back(prefix, std::move(why)); }
+  // FP8 checkpoints (quantization_config fp8): weights stored as e4m3 with `<name>_scale_inv` per
+  // [rows, cols] block are dequantised on load.
+  void set_fp8_blocks(int64_t rows, int64_t cols) {
+    fp8_rows_ = rows;
+    fp8_cols_ = cols;
+  }
 
   // Fills every parameter from the checkpoint, converting to `compute` dtype. Throws naming the
   // file and tensor on a missing tensor or a shape the config does not imply.
@@ -81,8 +90,13 @@ class StateDictAdapter {
   std::map<std::string, std::string> renames_;     // internal -> checkpoint name
   std::map<std::string, std::string> loaded_as_;   // internal -> the name it was loaded under
   std::set<std::string> dequantized_;              // internal names read from quantised tensors
+  std::vector<std::pair<std::string, std::string>> ignored_prefixes_;  // prefix, why
+  int64_t fp8_rows_ = 0, fp8_cols_ = 0;
   // The name an ungrouped parameter is saved under.
   std::string checkpoint_name(const std::string& internal) const;
+  // A checkpoint tensor of the shape the config implies, dequantised when it is FP8 with scales.
+  Tensor read_weight(const SafetensorsCheckpoint& ckpt, const std::string& name, const Shape& want,
+                     std::set<std::string>& used);
 };
 
 }  // namespace moeforge::hf

@@ -231,3 +231,129 @@ TEST(DequantizeBadInput, Mxfp4WithoutScalesNamesTheTensor) {
         << e.what();
   }
 }
+
+namespace {
+
+// e4m3 ("fn") as the OCP FP8 spec defines it, written here apart from hf/dequantize.cpp.
+float e4m3_value(uint8_t code) {
+  const int e = (code >> 3) & 15, m = code & 7;
+  const float mag = e == 0 ? std::ldexp(static_cast<float>(m), -9) : std::ldexp(1.f + m / 8.f, e - 7);
+  return code & 0x80 ? -mag : mag;
+}
+
+uint8_t nearest_e4m3(float v) {
+  uint8_t best = 0;
+  for (int c = 1; c < 127; ++c)  // 127 is NaN
+    if (std::abs(std::abs(v) - e4m3_value(static_cast<uint8_t>(c))) < std::abs(std::abs(v) - e4m3_value(best)))
+      best = static_cast<uint8_t>(c);
+  return static_cast<uint8_t>(best | (v < 0 ? 0x80 : 0));
+}
+
+// w [N, K] as e4m3 codes with one scale per [bn, bk] block (edge blocks partial), and the values
+// the codes decode to.
+struct Fp8 {
+  Tensor codes, scale_inv, values;
+};
+Fp8 quantize_fp8(const Tensor& w, int64_t bn, int64_t bk) {
+  const int64_t n = w.size(0), k = w.size(1), gn = (n + bn - 1) / bn, gk = (k + bk - 1) / bk;
+  Fp8 q{Tensor::empty({n, k}, DType::F8_E4M3), Tensor::empty({gn, gk}, DType::F32), Tensor::empty({n, k}, DType::F32)};
+  for (int64_t bi = 0; bi < gn; ++bi)
+    for (int64_t bj = 0; bj < gk; ++bj) {
+      float amax = 0.f;
+      for (int64_t i = bi * bn; i < std::min(n, (bi + 1) * bn); ++i)
+        for (int64_t j = bj * bk; j < std::min(k, (bj + 1) * bk); ++j) amax = std::max(amax, std::abs(w.f32()[i * k + j]));
+      const float s = amax > 0 ? amax / 448.f : 1.f;
+      q.scale_inv.f32()[bi * gk + bj] = s;
+      for (int64_t i = bi * bn; i < std::min(n, (bi + 1) * bn); ++i)
+        for (int64_t j = bj * bk; j < std::min(k, (bj + 1) * bk); ++j) {
+          const uint8_t c = nearest_e4m3(w.f32()[i * k + j] / s);
+          static_cast<uint8_t*>(q.codes.raw())[i * k + j] = c;
+          q.values.f32()[i * k + j] = e4m3_value(c) * s;
+        }
+    }
+  return q;
+}
+
+}  // namespace
+
+// A DeepSeek-V3 checkpoint as the hub stores it: linear weights in FP8 e4m3 with weight_scale_inv
+// per block (16 x 16 here, so edge blocks are partial), quantization_config in config.json, and a
+// multi-token prediction layer beyond num_hidden_layers. It loads to exactly the weights of a plain
+// checkpoint holding the decoded values; the MTP layer is set aside; the save is plain.
+TEST(Dequantize, DeepSeekFp8CheckpointLoadsAsItsValues) {
+  test::TempDir tmp;
+  const std::string src = test::fixture("deepseek_v3_a");
+  auto base = hf::SafetensorsCheckpoint::open(src);
+  hf::NamedTensors quantised, plain;
+  int fp8_tensors = 0;
+  for (const auto& n : base.names()) {
+    Tensor t = base.get(n).to(DType::F32);
+    const bool linear = t.dim() == 2 && n.find("proj") != std::string::npos;
+    if (linear) {
+      const Fp8 q = quantize_fp8(t, 16, 16);
+      quantised.emplace_back(n, q.codes);
+      quantised.emplace_back(n + "_scale_inv", q.scale_inv);
+      plain.emplace_back(n, q.values);
+      ++fp8_tensors;
+    } else {
+      quantised.emplace_back(n, t);
+      plain.emplace_back(n, t);
+    }
+  }
+  ASSERT_GT(fp8_tensors, 30);  // attention, dense MLP, experts and shared experts
+  quantised.emplace_back("model.layers.3.eh_proj.weight", Tensor::zeros({32, 64}, DType::F32));  // the MTP layer
+  auto cfg = nlohmann::ordered_json::parse(std::ifstream(src + "/config.json"));
+  for (const char* d : {"q", "p"}) fs::create_directories(tmp / d);
+  hf::save_safetensors(tmp / "p/model.safetensors", plain);
+  test::write_bytes(tmp / "p/config.json", cfg.dump(2));
+  cfg["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
+                                {"weight_block_size", {16, 16}}};
+  hf::save_safetensors(tmp / "q/model.safetensors", quantised);
+  test::write_bytes(tmp / "q/config.json", cfg.dump(2));
+
+  auto q = models::from_pretrained(tmp / "q"), p = models::from_pretrained(tmp / "p");
+  EXPECT_TRUE(q.report.unexpected.empty()) << q.report.unexpected.front();
+  for (size_t i = 0; i < q.model->params().all().size(); ++i)
+    ASSERT_EQ(test::max_abs_diff(q.model->params().all()[i].value, p.model->params().all()[i].value), 0.f)
+        << q.model->params().all()[i].name;
+  EXPECT_GT(test::max_abs_diff(p.model->params().find("model.layers.0.self_attn.kv_b_proj.weight")->value,
+                               base.get("model.layers.0.self_attn.kv_b_proj.weight")),
+            1e-4f);  // FP8 changed the values: the equality above is not trivial
+  models::save_pretrained(*q.model, q.source_dir, tmp / "out");
+  auto out = hf::SafetensorsCheckpoint::open(tmp / "out");
+  EXPECT_EQ(out.entry("model.layers.0.self_attn.kv_b_proj.weight").dtype, DType::F32);  // the model's dtype
+  EXPECT_FALSE(out.contains("model.layers.0.self_attn.kv_b_proj.weight_scale_inv"));
+  EXPECT_FALSE(out.contains("model.layers.3.eh_proj.weight"));
+  EXPECT_FALSE(nlohmann::ordered_json::parse(std::ifstream(tmp / "out/config.json")).contains("quantization_config"));
+}
+
+TEST(DequantizeBadInput, Fp8WithoutQuantizationConfigNamesTheTensor) {
+  test::TempDir tmp;
+  const std::string src = test::fixture("deepseek_v3_b");
+  auto base = hf::SafetensorsCheckpoint::open(src);
+  hf::NamedTensors tensors;
+  for (const auto& n : base.names())
+    tensors.emplace_back(n, n == "model.layers.0.self_attn.o_proj.weight" ? Tensor::zeros(base.entry(n).shape, DType::F8_E4M3)
+                                                                          : base.get(n));
+  fs::create_directories(tmp / "m");
+  hf::save_safetensors(tmp / "m/model.safetensors", tensors);
+  fs::copy_file(src + "/config.json", tmp / "m/config.json");
+  try {
+    models::from_pretrained(tmp / "m");
+    FAIL() << "an FP8 tensor loaded without quantization_config";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tensor 'model.layers.0.self_attn.o_proj.weight' has dtype F8_E4M3"),
+              std::string::npos)
+        << e.what();
+  }
+  auto cfg = nlohmann::ordered_json::parse(std::ifstream(src + "/config.json"));
+  cfg["quantization_config"] = {{"quant_method", "gptq"}};
+  test::write_bytes(tmp / "m/config.json", cfg.dump(2));
+  try {
+    models::from_pretrained(tmp / "m");
+    FAIL() << "gptq accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("(quantization_config): field 'quant_method' is 'gptq'"), std::string::npos)
+        << e.what();
+  }
+}

@@ -69,6 +69,10 @@ Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
     }
   }
   final_norm_.init(params_, "model.norm.weight", c_.hidden_size, eps);
+  if (c_.quant_method == "fp8") adapter_.set_fp8_blocks(c_.fp8_block_rows, c_.fp8_block_cols);
+  for (int64_t i = 0; i < c_.num_nextn_predict_layers; ++i)
+    adapter_.ignore_prefix("model.layers." + std::to_string(c_.num_hidden_layers + i) + ".",
+                           "a multi-token prediction layer, which moeforge does not train yet and does not save");
   if (c_.tie_word_embeddings) {
     lm_head_ = embed_;
     adapter_.ignore("lm_head.weight");  // Transformers ties it to the embedding whatever is stored
