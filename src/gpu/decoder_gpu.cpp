@@ -68,12 +68,10 @@ class DecoderGpu : public GpuModel {
       : m_(m), par_(par), params_(std::move(params)), dt_(compute_dtype(params_.precision())) {
     const std::string family = "GPU training of model_type '" + m_.config().model_type + "': ";
     for (const auto& L : m_.layers_) {
-      MF_CHECK(!L.attn.sinks, family, "attention sinks are not supported on the GPU yet (device: cpu trains it)");
       MF_CHECK(!L.mla, family, "latent attention (MLA) is not supported on the GPU yet (device: cpu trains it)");
       MF_CHECK(!L.shared_experts, family, "DeepSeek's shared experts are not supported on the GPU yet");
       if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp))
-        MF_CHECK(!moe->gpt_oss && !moe->grouped, family,
-                 "GPT-OSS / DeepSeek routing is not supported on the GPU yet (device: cpu trains it)");
+        MF_CHECK(!moe->grouped, family, "DeepSeek's grouped sigmoid routing is not supported on the GPU yet (device: cpu trains it)");
       if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
         const int ep = par_.ep ? par_.ep->size() : 1;
         MF_CHECK(moe->shard.count * ep == moe->experts, "GPU model: the layers hold ", moe->shard.count, " of ",
@@ -258,7 +256,7 @@ class DecoderGpu : public GpuModel {
     c.q = c.q.view({bt.b, bt.s, A.heads, hd});
     c.k = c.k.view({bt.b, bt.s, A.kv_heads, hd});
     phases_.mark("fwd: norm + qkv + rope");
-    c.o = cuda::attention(c.q, c.k, c.v, scale(A), window(A), bt.doc_ids, &c.lse);
+    c.o = cuda::attention(c.q, c.k, c.v, scale(A), window(A), bt.doc_ids, &c.lse, A.sinks ? &value(*A.sinks) : nullptr);
     phases_.mark("fwd: attention core");
     Tensor a = projection(A.o_proj, c.o.view({t, A.heads * hd}));
     c.x2 = cuda::copy(x, "the residual stream");
@@ -273,8 +271,9 @@ class DecoderGpu : public GpuModel {
     }
     const auto& moe = std::get<nn::SparseMoE>(L.mlp);
     Tensor logits = cuda::linear(c.n2, value(moe.router));
+    if (moe.router_bias) cuda::add_bias_rows(logits, value(*moe.router_bias));
     const Tensor* forced = replay ? replay : (bt.balanced.defined() ? &bt.balanced : nullptr);
-    cuda::router_softmax_topk(logits, moe.top_k, moe.norm_topk_prob, c.probs, c.weights, c.chosen, forced);
+    cuda::router_softmax_topk(logits, moe.top_k, renormalised(moe), c.probs, c.weights, c.chosen, forced);
     if (!replay) bt.chosen_record[l] = c.chosen;
     // The pairs in token chunks (one without expert parallelism): every chunk's rows start
     // travelling, then each chunk's experts run while later chunks' rows travel and earlier
@@ -310,13 +309,23 @@ class DecoderGpu : public GpuModel {
       const std::vector<int64_t>& offsets = ch.offsets();
       const int64_t rows = offsets.back();
       ch.gu = cuda::empty({rows, 2 * moe.inter}, dt_, "expert gate_up output");
-      cuda::grouped_linear(xs, value(moe.gate_up), offsets, ch.gu);
+      if (moe.gpt_oss) {  // x @ W with W [E, H, 2I]: the input-gradient product of a [E, H, 2I] weight
+        cuda::grouped_linear_input_grad(xs, value(moe.gate_up), offsets, ch.gu);
+        cuda::grouped_add_bias(ch.gu, value(*moe.gate_up_bias), offsets);
+      } else {
+        cuda::grouped_linear(xs, value(moe.gate_up), offsets, ch.gu);
+      }
       xs = Tensor();
       if (fine_phases) phases_.mark("fwd: expert gate_up GEMM");
-      Tensor act = cuda::swiglu(ch.gu);
+      Tensor act = expert_activation(moe, ch.gu);
       if (fine_phases) phases_.mark("fwd: SwiGLU");
       Tensor y = cuda::empty({rows, moe.hidden}, dt_, "expert output");
-      cuda::grouped_linear(act, value(moe.down), offsets, y);
+      if (moe.gpt_oss) {
+        cuda::grouped_linear_input_grad(act, value(moe.down), offsets, y);
+        cuda::grouped_add_bias(y, value(*moe.down_bias), offsets);
+      } else {
+        cuda::grouped_linear(act, value(moe.down), offsets, y);
+      }
       act = Tensor();
       if (fine_phases) phases_.mark("fwd: expert down GEMM");
       if (ch.exchange)
@@ -358,6 +367,14 @@ class DecoderGpu : public GpuModel {
     }
     phases_.note("routing layer " + std::to_string(l), "experts used " + std::to_string(used) + ", rows min " +
                                                           std::to_string(mn) + " max " + std::to_string(mx));
+  }
+
+  // GPT-OSS's routing weights, the softmax of the top-k logits, are the chosen probabilities
+  // renormalised: the same kernel as norm_topk_prob.
+  static bool renormalised(const nn::SparseMoE& moe) { return moe.norm_topk_prob || moe.gpt_oss.has_value(); }
+
+  Tensor expert_activation(const nn::SparseMoE& moe, const Tensor& gu) const {
+    return moe.gpt_oss ? cuda::clamped_swiglu(gu, moe.gpt_oss->alpha, moe.gpt_oss->limit) : cuda::swiglu(gu);
   }
 
   // y = x W^T (+ b) of a projection, biased or not.
@@ -507,21 +524,35 @@ class DecoderGpu : public GpuModel {
       going[i] = {};
       const std::vector<int64_t>& offsets = ch.offsets();
       const int64_t rows = offsets.back();
-      Tensor act = cuda::swiglu(ch.gu);
-      cuda::grouped_linear_weight_grad(d_y, act, offsets, params_.grad(moe.down), /*accumulate=*/true);
+      Tensor act = expert_activation(moe, ch.gu);
       Tensor d_act = cuda::empty(act.shape(), dt_, "expert activation gradient");
-      cuda::grouped_linear_input_grad(d_y, value(moe.down), offsets, d_act);
+      if (moe.gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y, d(act) = d_y W^T
+        cuda::grouped_linear_weight_grad(act, d_y, offsets, params_.grad(moe.down), /*accumulate=*/true);
+        cuda::grouped_bias_grad(d_y, offsets, params_.grad(*moe.down_bias));
+        cuda::grouped_linear(d_y, value(moe.down), offsets, d_act);
+      } else {
+        cuda::grouped_linear_weight_grad(d_y, act, offsets, params_.grad(moe.down), /*accumulate=*/true);
+        cuda::grouped_linear_input_grad(d_y, value(moe.down), offsets, d_act);
+      }
       act = Tensor();
       d_y = Tensor();
-      Tensor d_gu = cuda::swiglu_backward(ch.gu, d_act);
+      Tensor d_gu = moe.gpt_oss ? cuda::clamped_swiglu_backward(ch.gu, d_act, moe.gpt_oss->alpha, moe.gpt_oss->limit)
+                                : cuda::swiglu_backward(ch.gu, d_act);
       d_act = Tensor();
       ch.gu = Tensor();
       Tensor xs = ch.exchange ? ch.xs : cuda::permute_tokens(n == 1 ? c.n2 : c.n2.slice0(ch.t0, ch.tc), ch.plan);
       ch.xs = Tensor();
-      cuda::grouped_linear_weight_grad(d_gu, xs, offsets, params_.grad(moe.gate_up), true);
-      xs = Tensor();
       Tensor d_xs = cuda::empty({rows, moe.hidden}, dt_, "expert input gradient");
-      cuda::grouped_linear_input_grad(d_gu, value(moe.gate_up), offsets, d_xs);
+      if (moe.gpt_oss) {
+        cuda::grouped_linear_weight_grad(xs, d_gu, offsets, params_.grad(moe.gate_up), true);
+        cuda::grouped_bias_grad(d_gu, offsets, params_.grad(*moe.gate_up_bias));
+        xs = Tensor();
+        cuda::grouped_linear(d_gu, value(moe.gate_up), offsets, d_xs);
+      } else {
+        cuda::grouped_linear_weight_grad(d_gu, xs, offsets, params_.grad(moe.gate_up), true);
+        xs = Tensor();
+        cuda::grouped_linear_input_grad(d_gu, value(moe.gate_up), offsets, d_xs);
+      }
       d_gu = Tensor();
       if (ch.exchange)
         coming[i] = ch.exchange->start_combine(d_xs);  // dispatch's backward
@@ -544,9 +575,10 @@ class DecoderGpu : public GpuModel {
     }
     if (!fine_phases) phases_.mark("bwd: experts + exchanges (overlapped)");
     // Router.
-    Tensor d_logits = cuda::router_backward(c.probs, c.chosen, c.weights, d_weights, moe.norm_topk_prob, dt_, dprobs_aux);
+    Tensor d_logits = cuda::router_backward(c.probs, c.chosen, c.weights, d_weights, renormalised(moe), dt_, dprobs_aux);
     cuda::gemm(d_logits, false, value(moe.router), false, d_n2, /*accumulate=*/true);
     cuda::gemm(d_logits, true, c.n2, false, params_.grad(moe.router), true);
+    if (moe.router_bias) cuda::bias_grad(d_logits, params_.grad(*moe.router_bias));
     phases_.mark("bwd: permute + router");
     return d_n2;
   }
@@ -561,7 +593,10 @@ class DecoderGpu : public GpuModel {
     projection_backward(A.o_proj, o2, d_x2, d_o, false);
     Tensor dq, dk, dv;
     phases_.mark("bwd: norm + o_proj");
-    cuda::attention_backward(c.q, c.k, c.v, c.o, c.lse, d_o.view(c.q.shape()), scale(A), window(A), bt.doc_ids, dq, dk, dv);
+    Tensor dsinks;
+    cuda::attention_backward(c.q, c.k, c.v, c.o, c.lse, d_o.view(c.q.shape()), scale(A), window(A), bt.doc_ids, dq, dk, dv,
+                             A.sinks ? &value(*A.sinks) : nullptr, A.sinks ? &dsinks : nullptr);
+    if (A.sinks) cuda::add_inplace(params_.grad(*A.sinks), dsinks);
     phases_.mark("bwd: attention core");
     d_o = Tensor();
     dq = dq.view({t, A.heads, hd});

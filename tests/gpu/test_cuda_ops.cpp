@@ -140,6 +140,42 @@ TEST_P(CudaOps, BiasRowsAndBiasGradient) {
   expect_close(dbd, db_want, {1e-4f, 1e-4f}, "bias_grad");
 }
 
+TEST_P(CudaOps, GroupedBiasAndItsGradient) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  // 5 experts, one empty, 700 rows (several row slices of the reduction, experts crossing them).
+  const std::vector<int64_t> off = {0, 130, 130, 400, 401, 700};
+  const int64_t n = 20, experts = 5;
+  Tensor y = randn({700, n}, 60), b = randn({experts, n}, 61), dy = randn({700, n}, 62), db0 = randn({experts, n}, 63);
+  Tensor want = rounded(y, dt), db_want = db0.clone();
+  const Tensor br = rounded(b, dt), dyr = rounded(dy, dt);
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t rows = off[e + 1] - off[e];
+    if (rows == 0) continue;
+    Tensor ye = want.slice0(off[e], rows), dbe = db_want.slice0(e, 1);
+    ops::add_bias_rows(ye, br.slice0(e, 1));
+    ops::bias_grad(dyr.slice0(off[e], rows), dbe);
+  }
+  Tensor yd = cuda::to_device(y, dt);
+  cuda::grouped_add_bias(yd, cuda::to_device(b, dt), off);
+  expect_close(yd, want, tol_for(dt), "grouped_add_bias");
+  Tensor dbd = cuda::to_device(db0, DType::F32);
+  cuda::grouped_bias_grad(cuda::to_device(dy, dt), off, dbd);
+  expect_close(dbd, db_want, {1e-4f, 1e-4f}, "grouped_bias_grad");
+}
+
+TEST_P(CudaOps, ClampedSwigluForwardBackward) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  Tensor gu = randn({33, 40}, 64, 5.f), dout = randn({33, 20}, 65);  // scale 5: the clamps at 7 engage
+  const Tensor gr = rounded(gu, dt);
+  expect_close(cuda::clamped_swiglu(cuda::to_device(gu, dt), 1.702f, 7.f), ops::clamped_swiglu(gr, 1.702f, 7.f),
+               tol_for(dt), "clamped_swiglu");
+  expect_close(cuda::clamped_swiglu_backward(cuda::to_device(gu, dt), cuda::to_device(dout, dt), 1.702f, 7.f),
+               ops::clamped_swiglu_backward(gr, rounded(dout, dt), 1.702f, 7.f), dt == DType::F32 ? Tol{1e-5f, 1e-5f} : Tol{5e-2f, 2e-2f},
+               "clamped_swiglu_backward");
+}
+
 TEST_P(CudaOps, ClampAndItsBackward) {
   REQUIRE_GPU();
   const DType dt = GetParam();
@@ -700,6 +736,52 @@ void attention_case(DType dt, int64_t s, bool want_native) {
       expect_close(dk, dk_w, tb, "attention dk " + what);
       expect_close(dv, dv_w, tb, "attention dv " + what);
     }
+  unsetenv("MOEFORGE_ATTENTION");
+}
+
+// GPT-OSS's sinks (on both backends, with a window on some cases) and MLA's different q/k and v
+// head dims (192 / 128, and the test fixtures' 24 / 12) against the CPU reference, gradients of the
+// sinks included.
+TEST_P(CudaOps, AttentionSinksAndMlaHeadDimsMatchCpu) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t b = 2, s = 70, hq = 4, hkv = 2;
+  struct Case {
+    int64_t d, dv;
+    bool sinks;
+    std::optional<int64_t> window;
+    bool native;
+  };
+  const Case cases[] = {{64, 64, true, std::nullopt, true}, {64, 64, true, 5, true},   {64, 64, true, std::nullopt, false},
+                        {64, 64, true, 5, false},           {192, 128, false, std::nullopt, true}, {24, 12, false, std::nullopt, true},
+                        {12, 8, true, std::nullopt, true}};
+  for (const Case& c : cases) {
+    if (c.native) setenv("MOEFORGE_ATTENTION", "native", 1);
+    else unsetenv("MOEFORGE_ATTENTION");
+    const float scale = 1.f / std::sqrt(static_cast<float>(c.d));
+    Tensor q = randn({b, s, hq, c.d}, 710), k = randn({b, s, hkv, c.d}, 711), v = randn({b, s, hkv, c.dv}, 712),
+           dout = randn({b, s, hq, c.dv}, 713), sinks = randn({hq}, 714, 2.f);
+    Tensor qr = rounded(q, dt), kr = rounded(k, dt), vr = rounded(v, dt), dor = rounded(dout, dt);
+    const Tensor* sk = c.sinks ? &sinks : nullptr;
+    Tensor want = ops::attention(qr, kr, vr, scale, c.window, nullptr, sk);
+    Tensor dq_w, dk_w, dv_w, ds_w;
+    ops::attention_backward(qr, kr, vr, dor, scale, c.window, nullptr, dq_w, dk_w, dv_w, sk, c.sinks ? &ds_w : nullptr);
+    Tensor qd = cuda::to_device(q, dt), kd = cuda::to_device(k, dt), vd = cuda::to_device(v, dt),
+           sd = cuda::to_device(sinks, DType::F32), lse;
+    const Tensor* skd = c.sinks ? &sd : nullptr;
+    const std::string what = "d=" + std::to_string(c.d) + "/" + std::to_string(c.dv) + (c.sinks ? " sinks" : "") +
+                             (c.window ? " window" : "") + (c.native ? " native" : " default backend");
+    Tensor out = cuda::attention(qd, kd, vd, scale, c.window ? *c.window : 0, nullptr, &lse, skd);
+    expect_close(out, want, dt == DType::F32 ? Tol{2e-5f, 2e-4f} : Tol{3e-2f, 3e-2f}, "attention forward " + what);
+    Tensor dq, dk, dv, ds;
+    cuda::attention_backward(qd, kd, vd, out, lse, cuda::to_device(dout, dt), scale, c.window ? *c.window : 0, nullptr,
+                             dq, dk, dv, skd, c.sinks ? &ds : nullptr);
+    const Tol tb = dt == DType::F32 ? Tol{1e-4f, 1e-3f} : Tol{6e-2f, 5e-2f};
+    expect_close(dq, dq_w, tb, "attention dq " + what);
+    expect_close(dk, dk_w, tb, "attention dk " + what);
+    expect_close(dv, dv_w, tb, "attention dv " + what);
+    if (c.sinks) expect_close(ds, ds_w, dt == DType::F32 ? Tol{1e-3f, 1e-3f} : Tol{0.3f, 5e-2f}, "attention dsinks " + what);
+  }
   unsetenv("MOEFORGE_ATTENTION");
 }
 

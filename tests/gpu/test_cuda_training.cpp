@@ -123,7 +123,8 @@ INSTANTIATE_TEST_SUITE_P(Qwen3Moe, CudaTraining,
 INSTANTIATE_TEST_SUITE_P(Families, CudaTraining,
                          ::testing::Combine(::testing::Values("mixtral_a", "mixtral_b", "qwen2_moe_a", "qwen2_moe_b",
                                                               "olmoe_a", "olmoe_b", "llama_a", "llama_b", "mistral_a",
-                                                              "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b"),
+                                                              "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b", "gpt_oss_a",
+                                                              "gpt_oss_b"),
                                             ::testing::Values(false, true)));
 
 class CudaTrainingPolicies : public ::testing::TestWithParam<const char*> {};
@@ -233,7 +234,7 @@ TEST_P(CudaTrainingPolicies, OptimizerInBackwardMatchesStepAfterBackward) {
 
 INSTANTIATE_TEST_SUITE_P(Qwen3Moe, CudaTrainingPolicies, ::testing::Values("qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux"));
 // The MoE families with their optional pieces (shared expert, clip_qkv, window layers, biases).
-INSTANTIATE_TEST_SUITE_P(Families, CudaTrainingPolicies, ::testing::Values("mixtral_b", "qwen2_moe_b", "olmoe_b"));
+INSTANTIATE_TEST_SUITE_P(Families, CudaTrainingPolicies, ::testing::Values("mixtral_b", "qwen2_moe_b", "olmoe_b", "gpt_oss_b"));
 
 // `moeforge train` with device: cuda (fp32) against the same recipe on the CPU: accumulation,
 // clipping, a cosine schedule and the load-balancing loss on qwen3_moe_aux, six steps with a

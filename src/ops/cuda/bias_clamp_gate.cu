@@ -74,7 +74,93 @@ __global__ void sigmoid_gated_backward_kernel(const T* dy, const T* y, const L* 
   if (threadIdx.x == 0) store(d_logit, r, dot * g * (1.f - g));
 }
 
+// Rows grouped by expert (offsets [E+1]): each row adds its expert's bias row.
+template <typename T, typename B>
+__global__ void grouped_add_bias_kernel(T* y, const B* b, const int64_t* offsets, int64_t experts, int64_t rows, int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = i / n;
+    int64_t lo = 0, hi = experts;  // the expert e with offsets[e] <= r < offsets[e + 1]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (offsets[mid] <= r) lo = mid;
+      else hi = mid;
+    }
+    store(y, i, load(y, i) + load(b, lo * n + i % n));
+  }
+}
+
+// The bias gradient of rows grouped by expert: each thread sums its column over a slice of rows,
+// flushing its running sum into the expert's row of `sum` (F32) whenever the expert changes.
+template <typename T>
+__global__ void grouped_bias_grad_kernel(const T* dy, const int64_t* offsets, int64_t experts, float* sum, int64_t rows,
+                                         int64_t n) {
+  const int64_t col = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (col >= n) return;
+  const int64_t r0 = blockIdx.y * (int64_t)kBiasRowsPerBlock, r1 = min(rows, r0 + kBiasRowsPerBlock);
+  if (r0 >= r1) return;
+  int64_t e = 0;
+  while (e + 1 < experts && offsets[e + 1] <= r0) ++e;
+  float s = 0.f;
+  for (int64_t r = r0; r < r1; ++r) {
+    while (offsets[e + 1] <= r) {
+      if (s != 0.f) atomicAdd(sum + e * n + col, s);
+      s = 0.f;
+      ++e;
+    }
+    s += load(dy, r * n + col);
+  }
+  if (s != 0.f) atomicAdd(sum + e * n + col, s);
+}
+
+Tensor device_offsets(const std::vector<int64_t>& offsets) {
+  return to_device(Tensor::from_i64(offsets, {static_cast<int64_t>(offsets.size())}), DType::I64);
+}
+
 }  // namespace
+
+void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets) {
+  require_float(y, "grouped_add_bias");
+  require_float(bias, "grouped_add_bias");
+  const int64_t experts = static_cast<int64_t>(offsets.size()) - 1, n = y.numel() / std::max<int64_t>(offsets.back(), 1);
+  MF_CHECK(experts >= 1 && bias.numel() == experts * n && y.numel() == offsets.back() * n,
+           "grouped_add_bias: bias [", experts, ", ", n, "] for ", offsets.back(), " rows, got ", shape_str(bias.shape()));
+  if (y.numel() == 0) return;
+  const Tensor off = device_offsets(offsets);
+  dispatch_float(y.dtype(), [&](auto* ty) {
+    using T = std::remove_pointer_t<decltype(ty)>;
+    dispatch_float(bias.dtype(), [&](auto* tb) {
+      using B = std::remove_pointer_t<decltype(tb)>;
+      grouped_add_bias_kernel<<<grid_stride_blocks(y.numel()), kGridStrideThreads, 0, current_stream()>>>(
+          y.data<T>(), bias.data<B>(), off.data<int64_t>(), experts, offsets.back(), n);
+    });
+  });
+  MF_CUDA_CHECK_LAUNCH("grouped_add_bias");
+}
+
+void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db) {
+  require_float(dy, "grouped_bias_grad");
+  require_float(db, "grouped_bias_grad");
+  const int64_t experts = static_cast<int64_t>(offsets.size()) - 1, rows = offsets.back();
+  const int64_t n = experts >= 1 ? db.numel() / experts : 0;
+  MF_CHECK(experts >= 1 && db.numel() == experts * n && dy.numel() == rows * n, "grouped_bias_grad: dy ",
+           shape_str(dy.shape()), " and db ", shape_str(db.shape()), " do not agree with ", experts, " experts");
+  if (dy.numel() == 0) return;
+  Tensor sum = empty({experts, n}, DType::F32, "grouped bias gradient sum");
+  zero(sum);
+  const Tensor off = device_offsets(offsets);
+  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>((rows + kBiasRowsPerBlock - 1) / kBiasRowsPerBlock));
+  dispatch_float(dy.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    grouped_bias_grad_kernel<<<grid, 256, 0, current_stream()>>>(dy.data<T>(), off.data<int64_t>(), experts,
+                                                                 sum.data<float>(), rows, n);
+  });
+  dispatch_float(db.dtype(), [&](auto* tag) {
+    using G = std::remove_pointer_t<decltype(tag)>;
+    add_sum_kernel<<<grid_stride_blocks(experts * n), kGridStrideThreads, 0, current_stream()>>>(db.data<G>(),
+                                                                                                sum.data<float>(), experts * n);
+  });
+  MF_CUDA_CHECK_LAUNCH("grouped_bias_grad");
+}
 
 void add_bias_rows(Tensor& y, const Tensor& bias) {
   require_float(y, "add_bias_rows");

@@ -45,6 +45,13 @@ void bias_grad(const Tensor& dy, Tensor& db);
 void clamp_inplace(Tensor& x, float c);
 void clamp_backward_inplace(const Tensor& unclipped, Tensor& dy, float c);
 void add_sigmoid_gated(Tensor& out, const Tensor& y, const Tensor& logit);
+// Rows grouped by expert (offsets [E+1] on the host, as the grouped GEMMs take them): y [rows, n]
+// += bias [E, n] of each row's expert; db [E, n] (F32 or BF16) += each expert's column sums of dy.
+void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets);
+void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db);
+// GPT-OSS's expert activation (gate/up interleaved, ops::clamped_swiglu) and its backward.
+Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit);
+Tensor clamped_swiglu_backward(const Tensor& gate_up, const Tensor& dout, float alpha, float limit);
 void sigmoid_gated_backward(const Tensor& dy, const Tensor& y, const Tensor& logit, Tensor& d_y, Tensor& d_logit);
 
 // silu(gate) * up with gate_up [T, 2I] (gate first); and d(gate_up) from d(out).
@@ -144,17 +151,21 @@ namespace moeforge::cuda {
 // Causal attention with GQA, an optional sliding window (keys with q - k < window) and optional
 // document ids [B,S] (I64; no attention across documents of a packed row), flash-style: scores are
 // never stored; the log-sum-exp per (b, head, query) [B,Hq,S] F32 is kept for the backward.
-// q [B,S,Hq,D], k/v [B,S,Hkv,D], D in {8, 16, 32, 64, 96, 128}. This first version computes on CUDA
-// cores in F32 (the correctness reference); BF16 calls without document ids go to cuDNN's fused
-// attention when the build has it (attention_backend says which).
+// q/k [B,S,H,D], v [B,S,Hkv,DV] -> [B,S,Hq,DV]: D = DV in {8, 16, 32, 64, 96, 128}, or MLA's
+// D 192 with DV 128. This first version computes on CUDA cores in F32 (the correctness
+// reference); BF16 calls with D = DV and without document ids go to cuDNN's fused attention when
+// the build has it (attention_backend says which). `sinks` [Hq] (GPT-OSS, optional): one more
+// logit per head in every softmax, applied to the finished attention (the output rescaled by the
+// keys' share, the log-sum-exp extended), so either backend takes them.
 // window <= 0: no sliding window.
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, int64_t window, const Tensor* doc_ids,
-                 Tensor* lse);
+                 Tensor* lse, const Tensor* sinks = nullptr);
 // dq, dk, dv from dout, the forward's output and lse (probabilities recomputed; no atomics:
-// dk/dv are accumulated per key row over every query head of its group).
+// dk/dv are accumulated per key row over every query head of its group). With sinks, `dsinks`
+// (optional) receives their gradient [Hq] F32.
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& dout, float scale, int64_t window, const Tensor* doc_ids, Tensor& dq, Tensor& dk,
-                        Tensor& dv);
+                        Tensor& dv, const Tensor* sinks = nullptr, Tensor* dsinks = nullptr);
 // Which implementation attention() / attention_backward() take for these arguments: "cudnn"
 // (cuDNN's fused attention: BF16/F16, no document ids, when built with cuDNN) or "native" (the
 // kernels above; forced with MOEFORGE_ATTENTION=native).
