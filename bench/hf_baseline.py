@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The training-step benchmark of shared/BENCHMARKS.md in Hugging Face Transformers v5: the same
 workload as `moeforge bench` (random init in a config's architecture, vocab-uniform random tokens,
-forward + loss, backward, AdamW), bf16 parameters, sdpa attention, `grouped_mm` experts,
+forward + loss, backward, AdamW), bf16 parameters, sdpa attention (flex attention where the
+model class has no sdpa path: GPT-OSS), `grouped_mm` experts,
 torch.optim.AdamW(fused=True) on the bf16 parameters (so its moments are bf16 too). Prints a
 table row and one JSON line with the same keys as moeforge's.
 
@@ -20,22 +21,42 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 
 def flops_per_token(c, seq):
-    h, q = c.hidden_size, c.num_attention_heads * c.head_dim
-    kv = c.num_key_value_heads * c.head_dim
+    """shared/BENCHMARKS.md's count (the same as moeforge's for the softmax-routed families)."""
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    h, q = c.hidden_size, c.num_attention_heads * head_dim
+    kv = c.num_key_value_heads * head_dim
+    experts = getattr(c, "num_local_experts", None) or c.num_experts
+    width = getattr(c, "moe_intermediate_size", None) or c.intermediate_size  # Mixtral, OLMoE, GPT-OSS
     layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * seq * q
-    layer += c.num_experts_per_tok * 3 * 2 * h * c.moe_intermediate_size + 2 * h * c.num_experts
+    layer += c.num_experts_per_tok * 3 * 2 * h * width + 2 * h * experts
     return 3 * (c.num_hidden_layers * layer + 2 * h * c.vocab_size)
 
 
+def best_attention(cfg):
+    """The fastest attention the model class takes without hub kernels (none can be downloaded on
+    the GPU machine): sdpa, else flex attention (GPT-OSS's sinks), else eager."""
+    cls = transformers.AutoModelForCausalLM._model_mapping[type(cfg)]
+    if getattr(cls, "_supports_sdpa", False):
+        return "sdpa"
+    if getattr(cls, "_supports_flex_attn", False):
+        return "flex_attention"
+    return "eager"
+
+
 def balanced_gate_forward(gate):
+    """Round-robin experts with the router's own weights at them: softmax probabilities,
+    renormalised where the family renormalises (Mixtral always; GPT-OSS's softmax over its top-k
+    logits is the same renormalisation), the router's bias included."""
+    normalize = getattr(gate, "norm_topk_prob", True)
+
     def forward(hidden_states):
         hidden_states = hidden_states.reshape(-1, gate.hidden_dim)
-        logits = torch.nn.functional.linear(hidden_states, gate.weight)
+        logits = torch.nn.functional.linear(hidden_states, gate.weight, getattr(gate, "bias", None))
         probs = torch.softmax(logits, dtype=torch.float, dim=-1)
         t = probs.shape[0]
         idx = (torch.arange(t * gate.top_k, device=probs.device) % gate.num_experts).view(t, gate.top_k)
         w = probs.gather(1, idx)
-        if gate.norm_topk_prob:
+        if normalize:
             w = w / w.sum(dim=-1, keepdim=True)
         return logits, w.to(logits.dtype), idx
     return forward
@@ -59,7 +80,7 @@ def main():
         cfg.num_hidden_layers = a.layers
     torch.manual_seed(a.seed)
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", experts_implementation=a.experts,
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=best_attention(cfg), experts_implementation=a.experts,
                                                  dtype=torch.bfloat16)
     model.train()
     if a.routing == "balanced":
@@ -107,7 +128,8 @@ def main():
         "impl": "transformers", "transformers": transformers.__version__, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(), "config": a.config, "layers": cfg.num_hidden_layers,
         "params": sum(p.numel() for p in model.parameters()), "seq": a.seq, "batch": a.batch,
-        "routing": a.routing, "precision": "bf16", "experts_implementation": a.experts, "steps": a.steps,
+        "routing": a.routing, "precision": "bf16", "experts_implementation": a.experts,
+        "attn_implementation": best_attention(cfg), "steps": a.steps,
         "warmup": a.warmup, "tokens_per_s_per_gpu": tps, "model_tflops_per_gpu": flops_per_token(cfg, a.seq) * tps / 1e12,
         "flops_per_token": flops_per_token(cfg, a.seq),
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,

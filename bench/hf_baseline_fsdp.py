@@ -21,7 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_baseline import balanced_gate_forward, flops_per_token  # noqa: E402
+from hf_baseline import balanced_gate_forward, best_attention, flops_per_token  # noqa: E402
 
 
 def max_over_ranks(v):
@@ -52,7 +52,7 @@ def main():
         cfg.num_hidden_layers = a.layers
     torch.manual_seed(a.seed)  # the same initial weights on every rank
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", experts_implementation=a.experts,
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=best_attention(cfg), experts_implementation=a.experts,
                                                  dtype=torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     model.train()
@@ -106,7 +106,7 @@ def main():
         "impl": "transformers+fsdp2", "transformers": transformers.__version__, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(), "gpus": world, "config": a.config, "layers": cfg.num_hidden_layers,
         "params": params, "seq": a.seq, "batch": a.batch, "routing": a.routing, "precision": "bf16",
-        "experts_implementation": a.experts, "steps": a.steps, "warmup": a.warmup, "tokens_per_s_per_gpu": tps,
+        "experts_implementation": a.experts, "attn_implementation": best_attention(cfg), "steps": a.steps, "warmup": a.warmup, "tokens_per_s_per_gpu": tps,
         "model_tflops_per_gpu": flops_per_token(cfg, a.seq) * tps / 1e12, "flops_per_token": flops_per_token(cfg, a.seq),
         "peak_allocated_gib": max_over_ranks(torch.cuda.max_memory_allocated() / gib),
         "peak_reserved_gib": max_over_ranks(torch.cuda.max_memory_reserved() / gib),
