@@ -242,6 +242,6 @@ TEST(ConfigFamiliesBadInput, EachNamesTheField) {
   j["shared_expert_intermediate_size"] = 0;
   EXPECT_NE(error_of(j).find("field 'shared_expert_intermediate_size' must be positive"), std::string::npos);
   j = minimal("bert");
-  EXPECT_NE(error_of(j).find("(supported: gpt_oss, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe)"),
+  EXPECT_NE(error_of(j).find("(supported: deepseek_v3, gpt_oss, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe)"),
             std::string::npos);
 }
