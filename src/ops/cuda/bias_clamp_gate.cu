@@ -1,6 +1,6 @@
 // Bias rows and their gradient, the clip_qkv clamp and the shared expert's sigmoid gate on the
 // device (CPU references in ops/cpu/bias_clamp_gate.cpp). All memory-bound: one read and at most one
-// write of the activation; the bias gradient reduces rows in column tiles with F32 atomics.
+// write of the activation; the bias gradients reduce rows in chunks, then the chunks in order.
 #include "ops/cuda/check.h"
 #include "ops/cuda/kernel_util.cuh"
 #include "ops/cuda/ops_cuda.h"
@@ -18,24 +18,31 @@ __global__ void add_bias_rows_kernel(T* y, const B* b, int64_t rows, int64_t n) 
     store(y, i, load(y, i) + load(b, i % n));
 }
 
-// Block (x: 256 columns, y: a slice of rows): each thread sums its column over the slice, one
-// atomic per thread into the F32 scratch sum.
-constexpr int kBiasRowsPerBlock = 256;
+// Bias gradients are deterministic (the same bits on every run, which the parity tests rely on):
+// rows are cut into chunks that never cross an expert boundary, each chunk's column sums go to its
+// own row of a scratch buffer, and a second pass adds each expert's chunks in order.
+constexpr int kBiasRowsPerChunk = 256;
+
 template <typename T>
-__global__ void bias_grad_kernel(const T* dy, float* sum, int64_t rows, int64_t n) {
-  const int64_t col = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+__global__ void chunk_column_sums_kernel(const T* dy, const int64_t* chunk_rows, float* partial, int64_t n) {
+  const int64_t col = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, c = blockIdx.y;
   if (col >= n) return;
-  const int64_t r0 = blockIdx.y * (int64_t)kBiasRowsPerBlock, r1 = min(rows, r0 + kBiasRowsPerBlock);
   float s = 0.f;
-  for (int64_t r = r0; r < r1; ++r) s += load(dy, r * n + col);
-  atomicAdd(sum + col, s);
+  for (int64_t r = chunk_rows[2 * c]; r < chunk_rows[2 * c + 1]; ++r) s += load(dy, r * n + col);
+  partial[c * n + col] = s;
 }
 
 template <typename G>
-__global__ void add_sum_kernel(G* db, const float* sum, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    store(db, i, load(db, i) + sum[i]);
+__global__ void expert_chunk_sums_kernel(G* db, const float* partial, const int64_t* expert_chunks, int64_t experts,
+                                         int64_t n) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < experts * n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t e = i / n, col = i % n;
+    float s = 0.f;
+    for (int64_t c = expert_chunks[e]; c < expert_chunks[e + 1]; ++c) s += partial[c * n + col];
+    store(db, i, load(db, i) + s);
+  }
 }
+
 
 template <typename T>
 __global__ void clamp_kernel(T* x, int64_t n, float c) {
@@ -89,29 +96,6 @@ __global__ void grouped_add_bias_kernel(T* y, const B* b, const int64_t* offsets
   }
 }
 
-// The bias gradient of rows grouped by expert: each thread sums its column over a slice of rows,
-// flushing its running sum into the expert's row of `sum` (F32) whenever the expert changes.
-template <typename T>
-__global__ void grouped_bias_grad_kernel(const T* dy, const int64_t* offsets, int64_t experts, float* sum, int64_t rows,
-                                         int64_t n) {
-  const int64_t col = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (col >= n) return;
-  const int64_t r0 = blockIdx.y * (int64_t)kBiasRowsPerBlock, r1 = min(rows, r0 + kBiasRowsPerBlock);
-  if (r0 >= r1) return;
-  int64_t e = 0;
-  while (e + 1 < experts && offsets[e + 1] <= r0) ++e;
-  float s = 0.f;
-  for (int64_t r = r0; r < r1; ++r) {
-    while (offsets[e + 1] <= r) {
-      if (s != 0.f) atomicAdd(sum + e * n + col, s);
-      s = 0.f;
-      ++e;
-    }
-    s += load(dy, r * n + col);
-  }
-  if (s != 0.f) atomicAdd(sum + e * n + col, s);
-}
-
 Tensor device_offsets(const std::vector<int64_t>& offsets) {
   return to_device(Tensor::from_i64(offsets, {static_cast<int64_t>(offsets.size())}), DType::I64);
 }
@@ -145,19 +129,29 @@ void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Te
   MF_CHECK(experts >= 1 && db.numel() == experts * n && dy.numel() == rows * n, "grouped_bias_grad: dy ",
            shape_str(dy.shape()), " and db ", shape_str(db.shape()), " do not agree with ", experts, " experts");
   if (dy.numel() == 0) return;
-  Tensor sum = empty({experts, n}, DType::F32, "grouped bias gradient sum");
-  zero(sum);
-  const Tensor off = device_offsets(offsets);
-  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>((rows + kBiasRowsPerBlock - 1) / kBiasRowsPerBlock));
+  // The chunks (host-side: the offsets are host values already).
+  std::vector<int64_t> chunk_rows, expert_chunks{0};
+  for (int64_t e = 0; e < experts; ++e) {
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; r += kBiasRowsPerChunk) {
+      chunk_rows.push_back(r);
+      chunk_rows.push_back(std::min(offsets[e + 1], r + kBiasRowsPerChunk));
+    }
+    expert_chunks.push_back(static_cast<int64_t>(chunk_rows.size() / 2));
+  }
+  const int64_t chunks = expert_chunks.back();
+  const Tensor rows_d = to_device(Tensor::from_i64(chunk_rows, {2 * chunks}), DType::I64);
+  const Tensor experts_d = to_device(Tensor::from_i64(expert_chunks, {experts + 1}), DType::I64);
+  Tensor partial = empty({chunks, n}, DType::F32, "bias gradient partial sums");
+  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>(chunks));
   dispatch_float(dy.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    grouped_bias_grad_kernel<<<grid, 256, 0, current_stream()>>>(dy.data<T>(), off.data<int64_t>(), experts,
-                                                                 sum.data<float>(), rows, n);
+    chunk_column_sums_kernel<<<grid, 256, 0, current_stream()>>>(dy.data<T>(), rows_d.data<int64_t>(),
+                                                                 partial.data<float>(), n);
   });
   dispatch_float(db.dtype(), [&](auto* tag) {
     using G = std::remove_pointer_t<decltype(tag)>;
-    add_sum_kernel<<<grid_stride_blocks(experts * n), kGridStrideThreads, 0, current_stream()>>>(db.data<G>(),
-                                                                                                sum.data<float>(), experts * n);
+    expert_chunk_sums_kernel<<<grid_stride_blocks(experts * n), kGridStrideThreads, 0, current_stream()>>>(
+        db.data<G>(), partial.data<float>(), experts_d.data<int64_t>(), experts, n);
   });
   MF_CUDA_CHECK_LAUNCH("grouped_bias_grad");
 }
@@ -181,22 +175,9 @@ void add_bias_rows(Tensor& y, const Tensor& bias) {
 
 void bias_grad(const Tensor& dy, Tensor& db) {
   require_float(dy, "bias_grad");
-  require_float(db, "bias_grad");
   const int64_t n = db.numel(), rows = dy.numel() / std::max<int64_t>(n, 1);
   MF_CHECK(rows * n == dy.numel(), "bias_grad: ", dy.numel(), " values are not rows of ", n);
-  if (dy.numel() == 0) return;
-  Tensor sum = empty({n}, DType::F32, "bias gradient sum");
-  zero(sum);
-  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>((rows + kBiasRowsPerBlock - 1) / kBiasRowsPerBlock));
-  dispatch_float(dy.dtype(), [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    bias_grad_kernel<<<grid, 256, 0, current_stream()>>>(dy.data<T>(), sum.data<float>(), rows, n);
-  });
-  dispatch_float(db.dtype(), [&](auto* tag) {
-    using G = std::remove_pointer_t<decltype(tag)>;
-    add_sum_kernel<<<grid_stride_blocks(n), kGridStrideThreads, 0, current_stream()>>>(db.data<G>(), sum.data<float>(), n);
-  });
-  MF_CUDA_CHECK_LAUNCH("bias_grad");
+  grouped_bias_grad(dy, {0, rows}, db);  // one group
 }
 
 void clamp_inplace(Tensor& x, float c) {
