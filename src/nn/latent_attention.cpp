@@ -1,7 +1,6 @@
 #include "nn/latent_attention.h"
 
 #include <cmath>
-#include <cstring>
 
 #include "core/error.h"
 #include "ops/ops.h"
@@ -12,53 +11,17 @@ namespace {
 
 constexpr float kLatentNormEps = 1e-6f;  // DeepseekV3RMSNorm's default, used by q_a/kv_a norms
 
-// Columns [c0, c0 + n) of each of the rows of x viewed as [rows, width] (F32), as [rows, n].
+// Columns [c0, c0 + n) of the rows of x viewed as [rows, width], as [rows, n].
 Tensor columns(const Tensor& x, int64_t rows, int64_t width, int64_t c0, int64_t n) {
   Tensor out = Tensor::empty({rows, n}, DType::F32);
-  for (int64_t r = 0; r < rows; ++r) std::memcpy(out.f32() + r * n, x.f32() + r * width + c0, n * sizeof(float));
+  ops::copy_columns(x, width, c0, 1, out, n, 0, n);
   return out;
 }
 
-// Writes y [rows, n] into columns [c0, c0 + n) of x [rows, width] (adding when `add`).
-void put_columns(Tensor& x, int64_t rows, int64_t width, int64_t c0, const Tensor& y, int64_t n, bool add = false) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* dst = x.f32() + r * width + c0;
-    const float* src = y.f32() + r * n;
-    if (add)
-      for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-    else
-      std::memcpy(dst, src, n * sizeof(float));
-  }
-}
-
-// DeepSeek's interleaved RoPE rotates pairs (x0, x1), (x2, x3), ... and returns the rotated pairs
-// de-interleaved ([evens | odds] rotated): the same as de-interleaving first and applying the
-// rotate_half rotation. Rows of `d` values, in place through a copy.
-Tensor deinterleave(const Tensor& x, int64_t d) {
-  Tensor out = Tensor::empty(x.shape(), DType::F32);
-  const int64_t rows = x.numel() / d, half = d / 2;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < half; ++i) {
-      out.f32()[r * d + i] = x.f32()[r * d + 2 * i];
-      out.f32()[r * d + half + i] = x.f32()[r * d + 2 * i + 1];
-    }
-  return out;
-}
-
-Tensor reinterleave(const Tensor& x, int64_t d) {
-  Tensor out = Tensor::empty(x.shape(), DType::F32);
-  const int64_t rows = x.numel() / d, half = d / 2;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < half; ++i) {
-      out.f32()[r * d + 2 * i] = x.f32()[r * d + i];
-      out.f32()[r * d + 2 * i + 1] = x.f32()[r * d + half + i];
-    }
-  return out;
-}
-
-// x [T, n, rope] rotated by position (a new tensor).
+// x [T, n, rope] rotated by position (a new tensor); DeepSeek's interleaved pairs are de-interleaved
+// first, which is what its apply_rotary_pos_emb_interleave computes.
 Tensor rotate(const Tensor& x, const Tensor& cos, const Tensor& sin, bool interleave) {
-  Tensor y = interleave ? deinterleave(x, x.size(2)) : x.clone();
+  Tensor y = interleave ? ops::deinterleave_pairs(x, x.size(2)) : x.clone();
   ops::rope_inplace(y, cos, sin);
   return y;
 }
@@ -67,7 +30,7 @@ Tensor rotate(const Tensor& x, const Tensor& cos, const Tensor& sin, bool interl
 Tensor rotate_backward(const Tensor& dy, const Tensor& cos, const Tensor& sin, bool interleave) {
   Tensor d = dy.clone();
   ops::rope_inplace(d, cos, sin, /*inverse=*/true);
-  return interleave ? reinterleave(d, d.size(2)) : d;
+  return interleave ? ops::interleave_pairs(d, d.size(2)) : d;
 }
 
 }  // namespace
@@ -127,10 +90,9 @@ Tensor LatentAttention::forward(const ParamStore& ps, const Tensor& x, int64_t b
   // Per head: q = [q_nope | rotated q_rope], k = [k_nope | the shared rotated k_rope], v.
   const Tensor q_rope = rotate(columns(q, t * heads, qk, nope, rope).view({t, heads, rope}), cos, sin, interleave);
   Tensor qf = q.clone(), kf = Tensor::empty({t * heads, qk}, DType::F32);
-  put_columns(qf, t * heads, qk, nope, q_rope, rope);
-  put_columns(kf, t * heads, qk, 0, columns(kvb, t * heads, nope + v_dim, 0, nope), nope);
-  for (int64_t r = 0; r < t * heads; ++r)
-    std::memcpy(kf.f32() + r * qk + nope, k_rope.f32() + (r / heads) * rope, rope * sizeof(float));
+  ops::copy_columns(q_rope, rope, 0, 1, qf, qk, nope, rope);
+  ops::copy_columns(kvb, nope + v_dim, 0, 1, kf, qk, 0, nope);
+  ops::copy_columns(k_rope, rope, 0, heads, kf, qk, nope, rope);  // the shared key, to every head
   Tensor v = columns(kvb, t * heads, nope + v_dim, nope, v_dim);
   Tensor q4 = qf.view({batch, seq, heads, qk}), k4 = kf.view({batch, seq, heads, qk}),
          v4 = v.view({batch, seq, heads, v_dim});
@@ -149,22 +111,19 @@ Tensor LatentAttention::backward(ParamStore& ps, const Cache& c, int64_t batch, 
   dq = dq.view({t * heads, qk});
   const Tensor dq_rope =
       rotate_backward(columns(dq, t * heads, qk, nope, rope).view({t, heads, rope}), cos, sin, interleave);
-  put_columns(dq, t * heads, qk, nope, dq_rope, rope);
+  ops::copy_columns(dq_rope, rope, 0, 1, dq, qk, nope, rope);
   dq = dq.view({t, heads * qk});
   // Keys and values: [k_nope | v] per head into kv_b; the shared k_rope sums over the heads.
   dk = dk.view({t * heads, qk});
   Tensor dkvb = Tensor::empty({t * heads, nope + v_dim}, DType::F32);
-  put_columns(dkvb, t * heads, nope + v_dim, 0, columns(dk, t * heads, qk, 0, nope), nope);
-  put_columns(dkvb, t * heads, nope + v_dim, nope, dv.view({t * heads, v_dim}), v_dim);
-  Tensor dk_rope = Tensor::zeros({t, 1, rope}, DType::F32);
-  for (int64_t r = 0; r < t * heads; ++r)
-    for (int64_t i = 0; i < rope; ++i) dk_rope.f32()[(r / heads) * rope + i] += dk.f32()[r * qk + nope + i];
-  dk_rope = rotate_backward(dk_rope, cos, sin, interleave);
+  ops::copy_columns(dk, qk, 0, 1, dkvb, nope + v_dim, 0, nope);
+  ops::copy_columns(dv, v_dim, 0, 1, dkvb, nope + v_dim, nope, v_dim);
+  Tensor dk_rope = rotate_backward(ops::sum_row_groups(dk, qk, nope, rope, heads).view({t, 1, rope}), cos, sin, interleave);
   const Tensor dlatent_n = kv_b_proj.backward(ps, c.latent_n, dkvb.view({t, heads * (nope + v_dim)}));
   const Tensor dlatent = kv_a_norm.backward(ps, c.latent, dlatent_n);
   Tensor dckv = Tensor::empty({t, kv_rank + rope}, DType::F32);
-  put_columns(dckv, t, kv_rank + rope, 0, dlatent, kv_rank);
-  put_columns(dckv, t, kv_rank + rope, kv_rank, dk_rope.view({t, rope}), rope);
+  ops::copy_columns(dlatent, kv_rank, 0, 1, dckv, kv_rank + rope, 0, kv_rank);
+  ops::copy_columns(dk_rope, rope, 0, 1, dckv, kv_rank + rope, kv_rank, rope);
   Tensor dx = kv_a_proj.backward(ps, c.x, dckv);
   if (q_proj) {
     ops::add_inplace(dx, q_proj->backward(ps, c.x, dq));

@@ -286,26 +286,18 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
   Tensor logits = ops::linear(x, ps.at(router));
   if (router_bias) ops::add_bias_rows(logits, ps.at(*router_bias));
   if (router_out) router_out->logits = logits.clone();
-  // Softmax in place unless GPT-OSS's routing still needs the logits; DeepSeek-V3 scores with a sigmoid.
+  // Softmax in place unless GPT-OSS's routing still needs the logits; DeepSeek-V3 scores with a
+  // sigmoid (its weights come out final: renormalised and scaled).
   Tensor probs = gpt_oss ? logits.clone() : logits;
-  if (grouped)
-    for (int64_t i = 0; i < probs.numel(); ++i) probs.f32()[i] = 1.f / (1.f + std::exp(-probs.f32()[i]));
-  else
-    ops::softmax_rows_inplace(probs);
   Tensor weights, chosen;
   if (grouped) {
-    if (forced) {
-      MF_CHECK(forced->shape() == Shape({t, top_k}) && forced->dtype() == DType::I64, "forced routing must be I64 [",
-               t, ", ", top_k, "], got ", shape_str(forced->shape()));
-      chosen = forced->clone();
-      for (int64_t i = 0; i < t * top_k; ++i)
-        MF_CHECK(chosen.i64()[i] >= 0 && chosen.i64()[i] < experts, "forced routing names expert ", chosen.i64()[i],
-                 " of ", experts);
-    } else {
-      chosen = grouped_choice(ps, probs);
-    }
-    weights = Tensor::empty({t, top_k}, DType::F32);
-    for (int64_t i = 0; i < t * top_k; ++i) weights.f32()[i] = probs.f32()[(i / top_k) * experts + chosen.i64()[i]];
+    ops::grouped_sigmoid_route(logits, ps.at(*correction_bias), grouped->n_group, grouped->topk_group, top_k,
+                               norm_topk_prob, grouped->scaling, probs, weights, chosen, forced);
+  } else {
+    ops::softmax_rows_inplace(probs);
+  }
+  if (grouped) {
+    // routed above
   } else if (gpt_oss) {
     // The top-k logits (or the forced experts'), softmaxed among themselves.
     if (forced) {
@@ -341,10 +333,7 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
     float s = 0.f;
     for (int64_t j = 0; j < top_k; ++j) s += w[r * top_k + j];
     topk_sum.f32()[r] = s;
-    if (grouped) {
-      const float mul = grouped->scaling / (norm_topk_prob ? s + 1e-20f : 1.f);
-      for (int64_t j = 0; j < top_k; ++j) w[r * top_k + j] *= mul;
-    } else if (norm_topk_prob && !gpt_oss) {
+    if (norm_topk_prob && !gpt_oss && !grouped) {
       for (int64_t j = 0; j < top_k; ++j) w[r * top_k + j] /= s;
     }
   }
@@ -398,42 +387,6 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
     cache->y_pairs = y_pairs;
   }
   return out;
-}
-
-Tensor SparseMoE::grouped_choice(const ParamStore& ps, const Tensor& scores) const {
-  const int64_t t = scores.size(0), per_group = experts / grouped->n_group;
-  const Tensor bias = f32_of(ps.at(*correction_bias));
-  Tensor choice = Tensor::empty({t, experts}, DType::F32);
-  for (int64_t i = 0; i < t * experts; ++i) choice.f32()[i] = scores.f32()[i] + bias.f32()[i % experts];
-  if (grouped->n_group > 1) {
-    // A group's score is the sum of its two best; experts outside the topk_group best groups drop out.
-    Tensor group_scores = Tensor::empty({t, grouped->n_group}, DType::F32);
-    for (int64_t r = 0; r < t; ++r)
-      for (int64_t g = 0; g < grouped->n_group; ++g) {
-        const float* v = choice.f32() + r * experts + g * per_group;
-        float a = -INFINITY, b = -INFINITY;
-        for (int64_t i = 0; i < per_group; ++i) {
-          if (v[i] > a) {
-            b = a;
-            a = v[i];
-          } else if (v[i] > b) {
-            b = v[i];
-          }
-        }
-        group_scores.f32()[r * grouped->n_group + g] = a + b;
-      }
-    Tensor kept_scores, kept;
-    ops::topk_rows(group_scores, grouped->topk_group, kept_scores, kept);
-    for (int64_t r = 0; r < t; ++r) {
-      std::vector<bool> keep(static_cast<size_t>(grouped->n_group), false);
-      for (int64_t j = 0; j < grouped->topk_group; ++j) keep[kept.i64()[r * grouped->topk_group + j]] = true;
-      for (int64_t e = 0; e < experts; ++e)
-        if (!keep[e / per_group]) choice.f32()[r * experts + e] = -INFINITY;
-    }
-  }
-  Tensor values, chosen;
-  ops::topk_rows(choice, top_k, values, chosen);
-  return chosen;
 }
 
 Tensor SparseMoE::gpt_oss_expert_backward(ParamStore& ps, int64_t e, const Tensor& dy, const Tensor& x, const Tensor& h,
@@ -513,23 +466,8 @@ Tensor SparseMoE::backward(ParamStore& ps, const Cache& c, const Tensor& dy, con
   }
   const int64_t* ch = c.chosen.i64();
   if (grouped) {
-    // w_j = scaling * s_j / (S + 1e-20) (or scaling * s_j): d s_i, then the sigmoid's s (1 - s).
     MF_CHECK(!dprobs_extra, "internal: DeepSeek-V3 routing has no load-balancing loss");
-    Tensor dlogits = Tensor::zeros({t, experts}, DType::F32);
-    for (int64_t r = 0; r < t; ++r) {
-      const float* dwr = dweights.f32() + r * top_k;
-      const float denom = norm_topk_prob ? c.topk_sum.f32()[r] + 1e-20f : 1.f;
-      double dot = 0;  // sum_j dw_j * s_j / denom
-      if (norm_topk_prob)
-        for (int64_t j = 0; j < top_k; ++j)
-          dot += static_cast<double>(dwr[j]) * c.probs.f32()[r * experts + ch[r * top_k + j]] / denom;
-      for (int64_t j = 0; j < top_k; ++j) {
-        const int64_t e = ch[r * top_k + j];
-        const float s = c.probs.f32()[r * experts + e];
-        const float ds = grouped->scaling / denom * static_cast<float>(dwr[j] - dot);
-        dlogits.f32()[r * experts + e] += ds * s * (1.f - s);
-      }
-    }
+    Tensor dlogits = ops::grouped_sigmoid_route_backward(c.probs, c.chosen, dweights, norm_topk_prob, grouped->scaling);
     ops::add_inplace(dx, ops::linear_input_grad(dlogits, ps.at(router)));
     ops::linear_weight_grad(dlogits, c.x, ps.grad(router));
     return dx;

@@ -156,8 +156,6 @@ struct SparseMoE {
   Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const;
 
  private:
-  // DeepSeek-V3's choice of experts for each row of `scores` [T, E] (sigmoid of the logits).
-  Tensor grouped_choice(const ParamStore& ps, const Tensor& scores) const;
   // One local GPT-OSS expert's backward on its rows: accumulates its weight and bias gradients,
   // returns d(x).
   Tensor gpt_oss_expert_backward(ParamStore& ps, int64_t e, const Tensor& dy, const Tensor& x, const Tensor& h,

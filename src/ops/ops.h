@@ -50,6 +50,27 @@ void softmax_rows_inplace(Tensor& x);
 // descending: values [T,k] F32 and indices [T,k] I64.
 void topk_rows(const Tensor& x, int64_t k, Tensor& values, Tensor& indices);
 
+// DeepSeek-V3's router on logits [T, E]: scores = sigmoid(logits) [T, E] F32; the choice adds
+// `bias` [E] (e_score_correction_bias), keeps the topk_group best of n_group groups (a group scores
+// its two best) and takes the top k (ties to the lower index); weights [T, k] = the chosen scores,
+// divided by (their sum + 1e-20) when `normalize`, times `scaling`; indices [T, k] I64. `forced`
+// [T, k] (I64) replaces the choice.
+void grouped_sigmoid_route(const Tensor& logits, const Tensor& bias, int64_t n_group, int64_t topk_group, int64_t k,
+                           bool normalize, float scaling, Tensor& scores, Tensor& weights, Tensor& indices,
+                           const Tensor* forced = nullptr);
+
+// Column moves for latent attention. copy_columns: dst[r, dst_c0 + c] (+)= src[r / src_row_div,
+// src_c0 + c] for c < n over every row of dst ([rows, dst_width]); src_row_div > 1 broadcasts a
+// row to several (the shared rotary key to every head). sum_row_groups: out[r, c] = sum over g of
+// src[r * group + g, src_c0 + c] ([rows, n]). deinterleave_pairs: each row of d values (x0, x1),
+// (x2, x3), ... becomes [x0, x2, ... | x1, x3, ...] (DeepSeek's interleaved RoPE before the
+// rotate_half rotation); interleave_pairs undoes it.
+void copy_columns(const Tensor& src, int64_t src_width, int64_t src_c0, int64_t src_row_div, Tensor& dst,
+                  int64_t dst_width, int64_t dst_c0, int64_t n, bool add = false);
+Tensor sum_row_groups(const Tensor& src, int64_t src_width, int64_t src_c0, int64_t n, int64_t group);
+Tensor deinterleave_pairs(const Tensor& x, int64_t d);
+Tensor interleave_pairs(const Tensor& x, int64_t d);
+
 // x += y (same shape).
 void add_inplace(Tensor& x, const Tensor& y);
 
@@ -97,6 +118,10 @@ void sigmoid_gated_backward(const Tensor& dy, const Tensor& y, const Tensor& log
 // table_grad [V, D] += rows of dx [N, D] at ids [N]. Rows whose id is `padding_idx` (when >= 0) add
 // nothing, as torch's nn.Embedding(padding_idx=...) that Transformers builds from pad_token_id.
 void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1);
+
+// d(logits) [T, E] of grouped_sigmoid_route from d(weights) [T, k] (the choice gets no gradient).
+Tensor grouped_sigmoid_route_backward(const Tensor& scores, const Tensor& indices, const Tensor& d_weights,
+                                      bool normalize, float scaling);
 
 // Softmax backward over the last dimension given the probabilities: dlogits = p * (dp - sum(p * dp)).
 Tensor softmax_backward(const Tensor& probs, const Tensor& dprobs);
