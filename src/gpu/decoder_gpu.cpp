@@ -52,6 +52,8 @@ struct LayerState {
   Tensor x2, rstd2, n2;
   Tensor probs, weights, chosen, gu;  // gu: a dense layer's gate_up output
   Tensor shared_gu, shared_y, shared_logit;  // the shared expert's gate_up, output and gate logit
+  Tensor plain_shared_gu;                     // DeepSeek's ungated shared experts' gate_up output
+  Tensor qa, qn, rstd_qa, latent, latent_n, rstd_kv;  // latent attention: q LoRA and the kv latent
   std::vector<ExpertChunk> chunks;
   std::vector<int64_t> expert_rows;   // pairs routed to each expert (the load-balancing loss)
 };
@@ -66,12 +68,7 @@ class DecoderGpu : public GpuModel {
  public:
   DecoderGpu(const models::Decoder& m, DeviceParams params, GpuParallel par)
       : m_(m), par_(par), params_(std::move(params)), dt_(compute_dtype(params_.precision())) {
-    const std::string family = "GPU training of model_type '" + m_.config().model_type + "': ";
     for (const auto& L : m_.layers_) {
-      MF_CHECK(!L.mla, family, "latent attention (MLA) is not supported on the GPU yet (device: cpu trains it)");
-      MF_CHECK(!L.shared_experts, family, "DeepSeek's shared experts are not supported on the GPU yet");
-      if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp))
-        MF_CHECK(!moe->grouped, family, "DeepSeek's grouped sigmoid routing is not supported on the GPU yet (device: cpu trains it)");
       if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
         const int ep = par_.ep ? par_.ep->size() : 1;
         MF_CHECK(moe->shard.count * ep == moe->experts, "GPU model: the layers hold ", moe->shard.count, " of ",
@@ -237,10 +234,26 @@ class DecoderGpu : public GpuModel {
 
   Tensor layer_forward(size_t l, const Tensor& x, Inputs& bt, LayerState& c, const Tensor* replay = nullptr) {
     const auto& L = m_.layers_[l];
-    const auto& A = L.attn;
-    const int64_t t = bt.t, hd = A.head_dim;
     c.x = x;
     c.n1 = cuda::rms_norm(x, value(L.input_norm.weight), L.input_norm.eps, &c.rstd1);
+    Tensor a = L.mla ? latent_attention_forward(*L.mla, c, bt) : attention_forward(L.attn, c, bt);
+    c.x2 = cuda::copy(x, "the residual stream");
+    c.n2 = cuda::add_rms_norm(a, c.x2, value(L.post_attention_norm.weight), L.post_attention_norm.eps, &c.rstd2);
+    a = Tensor();
+    phases_.mark("fwd: attention block");
+    Tensor out;
+    if (const auto* dense = std::get_if<nn::DenseMLP>(&L.mlp)) {
+      out = dense_forward(*dense, c.n2, c.gu);
+      cuda::add_inplace(out, c.x2);
+      return out;
+    }
+    return moe_forward(l, L, c, bt, replay);
+  }
+
+  // GQA attention with the family's variants: q/k/v (+ biases), norms, clamp, RoPE, the attention
+  // core (+ sinks), o_proj. Returns the attention block's output [T, hidden].
+  Tensor attention_forward(const nn::Attention& A, LayerState& c, Inputs& bt) {
+    const int64_t t = bt.t, hd = A.head_dim;
     c.q_pre = projection(A.q_proj, c.n1);
     c.k_pre = projection(A.k_proj, c.n1);
     c.v = projection(A.v_proj, c.n1);
@@ -258,22 +271,73 @@ class DecoderGpu : public GpuModel {
     phases_.mark("fwd: norm + qkv + rope");
     c.o = cuda::attention(c.q, c.k, c.v, scale(A), window(A), bt.doc_ids, &c.lse, A.sinks ? &value(*A.sinks) : nullptr);
     phases_.mark("fwd: attention core");
-    Tensor a = projection(A.o_proj, c.o.view({t, A.heads * hd}));
-    c.x2 = cuda::copy(x, "the residual stream");
-    c.n2 = cuda::add_rms_norm(a, c.x2, value(L.post_attention_norm.weight), L.post_attention_norm.eps, &c.rstd2);
-    a = Tensor();
-    phases_.mark("fwd: attention block");
-    Tensor out;
-    if (const auto* dense = std::get_if<nn::DenseMLP>(&L.mlp)) {
-      out = dense_forward(*dense, c.n2, c.gu);
-      cuda::add_inplace(out, c.x2);
-      return out;
+    return projection(A.o_proj, c.o.view({t, A.heads * hd}));
+  }
+
+  // DeepSeek-V3's latent attention, as nn::LatentAttention::forward computes it.
+  Tensor latent_attention_forward(const nn::LatentAttention& M, LayerState& c, Inputs& bt) {
+    const int64_t t = bt.t, h = M.heads, qk = M.nope + M.rope, kvw = M.nope + M.v_dim;
+    Tensor q;
+    if (M.q_proj) {
+      q = projection(*M.q_proj, c.n1);
+    } else {
+      c.qa = projection(*M.q_a_proj, c.n1);
+      c.qn = cuda::rms_norm(c.qa, value(M.q_a_norm->weight), M.q_a_norm->eps, &c.rstd_qa);
+      q = projection(*M.q_b_proj, c.qn);
     }
+    const Tensor ckv = projection(M.kv_a_proj, c.n1);
+    c.latent = cuda::empty({t, M.kv_rank}, dt_, "kv latent");
+    cuda::copy_columns(ckv, M.kv_rank + M.rope, 0, 1, c.latent, M.kv_rank, 0, M.kv_rank);
+    Tensor k_rope = cuda::empty({t, 1, M.rope}, dt_, "shared rotary key");
+    cuda::copy_columns(ckv, M.kv_rank + M.rope, M.kv_rank, 1, k_rope, M.rope, 0, M.rope);
+    k_rope = rotate(k_rope, bt, M.interleave);
+    c.latent_n = cuda::rms_norm(c.latent, value(M.kv_a_norm.weight), M.kv_a_norm.eps, &c.rstd_kv);
+    const Tensor kvb = cuda::linear(c.latent_n, value(M.kv_b_proj.weight));  // [T, H * (nope + v)]
+    Tensor q_rope = cuda::empty({t, h, M.rope}, dt_, "rotary queries");
+    cuda::copy_columns(q, qk, M.nope, 1, q_rope, M.rope, 0, M.rope);
+    q_rope = rotate(q_rope, bt, M.interleave);
+    cuda::copy_columns(q_rope, M.rope, 0, 1, q, qk, M.nope, M.rope);
+    Tensor k = cuda::empty({t * h, qk}, dt_, "keys");
+    cuda::copy_columns(kvb, kvw, 0, 1, k, qk, 0, M.nope);
+    cuda::copy_columns(k_rope, M.rope, 0, h, k, qk, M.nope, M.rope);  // the shared key, to every head
+    Tensor v = cuda::empty({t * h, M.v_dim}, dt_, "values");
+    cuda::copy_columns(kvb, kvw, M.nope, 1, v, M.v_dim, 0, M.v_dim);
+    c.q = q.view({bt.b, bt.s, h, qk});
+    c.k = k.view({bt.b, bt.s, h, qk});
+    c.v = v.view({bt.b, bt.s, h, M.v_dim});
+    phases_.mark("fwd: latent projections + rope");
+    c.o = cuda::attention(c.q, c.k, c.v, M.scale, 0, bt.doc_ids, &c.lse);
+    phases_.mark("fwd: attention core");
+    return projection(M.o_proj, c.o.view({t, h * M.v_dim}));
+  }
+
+  // x [T, n, rope] rotated by position (a new tensor; DeepSeek's interleaved pairs de-interleaved first).
+  Tensor rotate(const Tensor& x, const Inputs& bt, bool interleave) {
+    Tensor y = interleave ? cuda::deinterleave_pairs(x, x.size(2)) : cuda::copy(x, "rotary part");
+    cuda::rope_inplace(y, bt.cos, bt.sin);
+    return y;
+  }
+
+  Tensor rotate_backward(const Tensor& dy, const Inputs& bt, bool interleave) {
+    Tensor d = cuda::copy(dy, "rotary gradient");
+    cuda::rope_inplace(d, bt.cos, bt.sin, /*inverse=*/true);
+    return interleave ? cuda::interleave_pairs(d, d.size(2)) : d;
+  }
+
+  // The MoE block from n2: routing, the experts (exchanged under expert parallelism), the shared
+  // experts, and the residual.
+  Tensor moe_forward(size_t l, const models::Decoder::Layer& L, LayerState& c, Inputs& bt, const Tensor* replay) {
+    const int64_t t = bt.t;
+    Tensor out;
     const auto& moe = std::get<nn::SparseMoE>(L.mlp);
     Tensor logits = cuda::linear(c.n2, value(moe.router));
     if (moe.router_bias) cuda::add_bias_rows(logits, value(*moe.router_bias));
     const Tensor* forced = replay ? replay : (bt.balanced.defined() ? &bt.balanced : nullptr);
-    cuda::router_softmax_topk(logits, moe.top_k, renormalised(moe), c.probs, c.weights, c.chosen, forced);
+    if (moe.grouped)
+      cuda::grouped_sigmoid_route(logits, value(*moe.correction_bias), moe.grouped->n_group, moe.grouped->topk_group,
+                                  moe.top_k, moe.norm_topk_prob, moe.grouped->scaling, c.probs, c.weights, c.chosen, forced);
+    else
+      cuda::router_softmax_topk(logits, moe.top_k, renormalised(moe), c.probs, c.weights, c.chosen, forced);
     if (!replay) bt.chosen_record[l] = c.chosen;
     // The pairs in token chunks (one without expert parallelism): every chunk's rows start
     // travelling, then each chunk's experts run while later chunks' rows travel and earlier
@@ -352,6 +416,7 @@ class DecoderGpu : public GpuModel {
       c.shared_logit = cuda::linear(c.n2, value(L.shared->gate.weight));
       cuda::add_sigmoid_gated(out, c.shared_y, c.shared_logit);
     }
+    if (L.shared_experts) cuda::add_inplace(out, dense_forward(*L.shared_experts, c.n2, c.plain_shared_gu));
     cuda::add_inplace(out, c.x2);
     phases_.mark("fwd: unpermute + residual");
     return out;
@@ -483,12 +548,13 @@ class DecoderGpu : public GpuModel {
                       ? dense_backward(std::get<nn::DenseMLP>(L.mlp), c.gu, c.n2, dy)
                       : moe_backward(std::get<nn::SparseMoE>(L.mlp), c, dy, dprobs_aux);
     if (L.shared) shared_backward(*L.shared, c, dy, d_n2);
+    if (L.shared_experts) cuda::add_inplace(d_n2, dense_backward(*L.shared_experts, c.plain_shared_gu, c.n2, dy));
     // Post-attention norm and the residual.
     Tensor d_x2 = cuda::rms_norm_backward(c.x2, value(L.post_attention_norm.weight), c.rstd2, d_n2,
                                           params_.grad(L.post_attention_norm.weight));
     cuda::add_inplace(d_x2, dy);
     d_n2 = Tensor();
-    return attention_backward(L, c, bt, d_x2);
+    return L.mla ? latent_attention_backward(L, c, bt, d_x2) : attention_backward(L, c, bt, d_x2);
   }
 
   // Experts and router backward: accumulates their weight gradients, returns d(n2).
@@ -575,7 +641,10 @@ class DecoderGpu : public GpuModel {
     }
     if (!fine_phases) phases_.mark("bwd: experts + exchanges (overlapped)");
     // Router.
-    Tensor d_logits = cuda::router_backward(c.probs, c.chosen, c.weights, d_weights, renormalised(moe), dt_, dprobs_aux);
+    Tensor d_logits = moe.grouped ? cuda::grouped_sigmoid_route_backward(c.probs, c.chosen, d_weights, moe.norm_topk_prob,
+                                                                         moe.grouped->scaling, dt_)
+                                  : cuda::router_backward(c.probs, c.chosen, c.weights, d_weights, renormalised(moe),
+                                                          dt_, dprobs_aux);
     cuda::gemm(d_logits, false, value(moe.router), false, d_n2, /*accumulate=*/true);
     cuda::gemm(d_logits, true, c.n2, false, params_.grad(moe.router), true);
     if (moe.router_bias) cuda::bias_grad(d_logits, params_.grad(*moe.router_bias));
@@ -585,6 +654,49 @@ class DecoderGpu : public GpuModel {
 
   // Attention backward from d(x2) (the gradient at the post-attention residual stream): accumulates
   // the projection and q/k-norm gradients, returns d(x) = d(x2) + the input norm's backward.
+  // The latent attention's backward (nn::LatentAttention::backward's steps); returns d(x).
+  Tensor latent_attention_backward(const models::Decoder::Layer& L, LayerState& c, const Inputs& bt, const Tensor& d_x2) {
+    const nn::LatentAttention& M = *L.mla;
+    const int64_t t = bt.t, h = M.heads, qk = M.nope + M.rope, kvw = M.nope + M.v_dim;
+    Tensor d_o = cuda::empty({t, h * M.v_dim}, dt_, "attention output gradient");
+    projection_backward(M.o_proj, c.o.view({t, h * M.v_dim}), d_x2, d_o, false);
+    Tensor dq, dk, dv;
+    cuda::attention_backward(c.q, c.k, c.v, c.o, c.lse, d_o.view(c.o.shape()), M.scale, 0, bt.doc_ids, dq, dk, dv);
+    phases_.mark("bwd: attention core");
+    d_o = Tensor();
+    dq = dq.view({t, h * qk});
+    Tensor dq_rope = cuda::empty({t, h, M.rope}, dt_, "rotary query gradient");
+    cuda::copy_columns(dq, qk, M.nope, 1, dq_rope, M.rope, 0, M.rope);
+    cuda::copy_columns(rotate_backward(dq_rope, bt, M.interleave), M.rope, 0, 1, dq, qk, M.nope, M.rope);
+    Tensor dkvb = cuda::empty({t, h * kvw}, dt_, "kv_b output gradient");
+    cuda::copy_columns(dk, qk, 0, 1, dkvb, kvw, 0, M.nope);
+    cuda::copy_columns(dv, M.v_dim, 0, 1, dkvb, kvw, M.nope, M.v_dim);
+    const Tensor dk_rope = rotate_backward(cuda::sum_row_groups(dk, qk, M.nope, M.rope, h).view({t, 1, M.rope}), bt, M.interleave);
+    dk = dv = Tensor();
+    Tensor dlatent_n = cuda::empty({t, M.kv_rank}, dt_, "latent gradient");
+    projection_backward(M.kv_b_proj, c.latent_n, dkvb, dlatent_n, false);
+    const Tensor dlatent = cuda::rms_norm_backward(c.latent, value(M.kv_a_norm.weight), c.rstd_kv, dlatent_n,
+                                                   params_.grad(M.kv_a_norm.weight));
+    Tensor dckv = cuda::empty({t, M.kv_rank + M.rope}, dt_, "kv_a output gradient");
+    cuda::copy_columns(dlatent, M.kv_rank, 0, 1, dckv, M.kv_rank + M.rope, 0, M.kv_rank);
+    cuda::copy_columns(dk_rope, M.rope, 0, 1, dckv, M.kv_rank + M.rope, M.kv_rank, M.rope);
+    Tensor d_n1 = cuda::empty({t, m_.cfg_.hidden_size}, dt_, "attention input gradient");
+    projection_backward(M.kv_a_proj, c.n1, dckv, d_n1, false);
+    if (M.q_proj) {
+      projection_backward(*M.q_proj, c.n1, dq, d_n1, true);
+    } else {
+      Tensor dqn = cuda::empty(c.qn.shape(), dt_, "q LoRA gradient");
+      projection_backward(*M.q_b_proj, c.qn, dq, dqn, false);
+      const Tensor dqa = cuda::rms_norm_backward(c.qa, value(M.q_a_norm->weight), c.rstd_qa, dqn,
+                                                 params_.grad(M.q_a_norm->weight));
+      projection_backward(*M.q_a_proj, c.n1, dqa, d_n1, true);
+    }
+    Tensor dx = cuda::rms_norm_backward(c.x, value(L.input_norm.weight), c.rstd1, d_n1, params_.grad(L.input_norm.weight));
+    cuda::add_inplace(dx, d_x2);
+    phases_.mark("bwd: attention block");
+    return dx;
+  }
+
   Tensor attention_backward(const models::Decoder::Layer& L, LayerState& c, const Inputs& bt, const Tensor& d_x2) {
     const auto& A = L.attn;
     const int64_t t = bt.t, hd = A.head_dim;

@@ -164,6 +164,62 @@ TEST_P(CudaOps, GroupedBiasAndItsGradient) {
   expect_close(dbd, db_want, {1e-4f, 1e-4f}, "grouped_bias_grad");
 }
 
+TEST_P(CudaOps, LatentAttentionColumnMoves) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t t = 9, heads = 3;
+  Tensor src = randn({t, 40}, 66), dst0 = randn({t * heads, 24}, 67), wide = randn({t * heads, 30}, 68);
+  // Broadcast columns [32, 40) of each token row to its 3 head rows at [10, 18), then add [0, 5).
+  Tensor want = rounded(dst0, dt);
+  const Tensor sr = rounded(src, dt);
+  ops::copy_columns(sr, 40, 32, heads, want, 24, 10, 8);
+  ops::copy_columns(sr, 40, 0, heads, want, 24, 0, 5, /*add=*/true);
+  Tensor got = cuda::to_device(dst0, dt);
+  cuda::copy_columns(cuda::to_device(src, dt), 40, 32, heads, got, 24, 10, 8);
+  cuda::copy_columns(cuda::to_device(src, dt), 40, 0, heads, got, 24, 0, 5, true);
+  expect_close(got, want, tol_for(dt), "copy_columns");
+  expect_close(cuda::sum_row_groups(cuda::to_device(wide, dt), 30, 6, 8, heads),
+               ops::sum_row_groups(rounded(wide, dt), 30, 6, 8, heads), tol_for(dt), "sum_row_groups");
+  Tensor pairs = randn({t * heads, 8}, 69);
+  Tensor de = cuda::deinterleave_pairs(cuda::to_device(pairs, dt), 8);
+  expect_close(de, ops::deinterleave_pairs(rounded(pairs, dt), 8), {0, 0}, "deinterleave_pairs");
+  expect_close(cuda::interleave_pairs(de, 8), rounded(pairs, dt), {0, 0}, "interleave_pairs (round trip)");
+}
+
+TEST_P(CudaOps, GroupedSigmoidRoutingMatchesCpu) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t t = 40, e = 32, k = 4;
+  Tensor logits = randn({t, e}, 70, 2.f), bias = randn({e}, 71, 0.3f), dw = randn({t, k}, 72);
+  for (bool normalize : {true, false})
+    for (auto [n_group, topk_group] : {std::pair<int64_t, int64_t>{8, 3}, std::pair<int64_t, int64_t>{1, 1}}) {
+      const std::string what = "n_group " + std::to_string(n_group) + (normalize ? " normalised" : "");
+      Tensor s_w, w_w, i_w, s_g, w_g, i_g;
+      const Tensor lr = rounded(logits, dt);
+      ops::grouped_sigmoid_route(lr, bias, n_group, topk_group, k, normalize, 2.5f, s_w, w_w, i_w);
+      cuda::grouped_sigmoid_route(cuda::to_device(logits, dt), cuda::to_device(bias, DType::F32), n_group, topk_group, k,
+                                  normalize, 2.5f, s_g, w_g, i_g);
+      const Tensor ih = cuda::to_host_f32(i_g);  // I64 stays I64
+      EXPECT_EQ(std::vector<int64_t>(ih.i64(), ih.i64() + ih.numel()), std::vector<int64_t>(i_w.i64(), i_w.i64() + i_w.numel()))
+          << what;  // the same experts, in the same order
+      expect_close(s_g, s_w, {1e-6f, 1e-5f}, "scores " + what);
+      expect_close(w_g, w_w, {1e-6f, 1e-5f}, "weights " + what);
+      Tensor dl_w = ops::grouped_sigmoid_route_backward(s_w, i_w, dw, normalize, 2.5f);
+      Tensor dl_g = cuda::grouped_sigmoid_route_backward(s_g, i_g, cuda::to_device(dw, DType::F32), normalize, 2.5f, dt);
+      expect_close(dl_g, dl_w, dt == DType::F32 ? Tol{1e-6f, 1e-5f} : Tol{1e-2f, 1e-2f}, "d_logits " + what);
+    }
+  // Forced (balanced) choice: the router's weights at the given experts.
+  std::vector<int64_t> rr(t * k);
+  for (int64_t i = 0; i < t * k; ++i) rr[i] = i % e;
+  Tensor forced = Tensor::from_i64(rr, {t, k});
+  Tensor s_w, w_w, i_w, s_g, w_g, i_g;
+  ops::grouped_sigmoid_route(rounded(logits, dt), bias, 8, 3, k, true, 2.5f, s_w, w_w, i_w, &forced);
+  const Tensor fd = cuda::to_device(forced, DType::I64);
+  cuda::grouped_sigmoid_route(cuda::to_device(logits, dt), cuda::to_device(bias, DType::F32), 8, 3, k, true, 2.5f, s_g,
+                              w_g, i_g, &fd);
+  expect_close(w_g, w_w, {1e-6f, 1e-5f}, "forced weights");
+}
+
 TEST_P(CudaOps, ClampedSwigluForwardBackward) {
   REQUIRE_GPU();
   const DType dt = GetParam();

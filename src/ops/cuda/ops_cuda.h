@@ -49,6 +49,20 @@ void add_sigmoid_gated(Tensor& out, const Tensor& y, const Tensor& logit);
 // += bias [E, n] of each row's expert; db [E, n] (F32 or BF16) += each expert's column sums of dy.
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets);
 void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db);
+// Latent attention's column moves (ops.h: copy_columns, sum_row_groups, (de)interleave_pairs).
+void copy_columns(const Tensor& src, int64_t src_width, int64_t src_c0, int64_t src_row_div, Tensor& dst,
+                  int64_t dst_width, int64_t dst_c0, int64_t n, bool add = false);
+Tensor sum_row_groups(const Tensor& src, int64_t src_width, int64_t src_c0, int64_t n, int64_t group);
+Tensor deinterleave_pairs(const Tensor& x, int64_t d);
+Tensor interleave_pairs(const Tensor& x, int64_t d);
+// DeepSeek-V3's routing (ops::grouped_sigmoid_route): scores [T,E] F32, weights [T,k] F32 (final:
+// renormalised and scaled), indices [T,k] I64; bias [E] (F32 or BF16); E <= 1024, k <= 64. And the
+// backward to d(logits) [T,E] in `dtype`.
+void grouped_sigmoid_route(const Tensor& logits, const Tensor& bias, int64_t n_group, int64_t topk_group, int64_t k,
+                           bool normalize, float scaling, Tensor& scores, Tensor& weights, Tensor& indices,
+                           const Tensor* forced = nullptr);
+Tensor grouped_sigmoid_route_backward(const Tensor& scores, const Tensor& indices, const Tensor& d_weights,
+                                      bool normalize, float scaling, DType dtype);
 // GPT-OSS's expert activation (gate/up interleaved, ops::clamped_swiglu) and its backward.
 Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit);
 Tensor clamped_swiglu_backward(const Tensor& gate_up, const Tensor& dout, float alpha, float limit);

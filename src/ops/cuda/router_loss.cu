@@ -107,6 +107,106 @@ __global__ void router_kernel(const T* logits, const int64_t* forced, float* pro
   if (normalize && threadIdx.x < k) weights[row * k + threadIdx.x] /= chosen_sum;
 }
 
+// DeepSeek-V3's router, one block per token (ops::grouped_sigmoid_route): sigmoid scores; the choice
+// (scores + bias) keeps the topk_group best groups (thread 0 scores the few groups serially), then k
+// block arg-maxes; weights are the chosen scores, renormalised and scaled.
+template <typename T, typename B>
+__global__ void grouped_sigmoid_kernel(const T* logits, const B* bias, const int64_t* forced, float* scores,
+                                       float* weights, int64_t* indices, int e, int k, int n_group, int topk_group,
+                                       bool normalize, float scaling) {
+  extern __shared__ float smem[];
+  float* sc = smem;      // this row's scores
+  float* ch = smem + e;  // this row's choice values (-inf once dropped or taken)
+  const int64_t row = blockIdx.x;
+  for (int i = threadIdx.x; i < e; i += blockDim.x) {
+    const float s = 1.f / (1.f + __expf(-load(logits, row * e + i)));
+    sc[i] = s;
+    scores[row * e + i] = s;
+    ch[i] = s + load(bias, i);
+  }
+  __syncthreads();
+  if (forced) {
+    if (threadIdx.x < k) {
+      int64_t idx = forced[row * k + threadIdx.x];
+      idx = idx < 0 ? 0 : (idx >= e ? e - 1 : idx);  // range-checked on the host
+      indices[row * k + threadIdx.x] = idx;
+      weights[row * k + threadIdx.x] = sc[idx];
+    }
+  } else {
+    if (n_group > 1 && threadIdx.x == 0) {
+      const int per = e / n_group;
+      float gs[64];
+      bool keep[64];
+      for (int g = 0; g < n_group; ++g) {
+        float a = -INFINITY, b = -INFINITY;
+        for (int i = g * per; i < (g + 1) * per; ++i) {
+          if (ch[i] > a) {
+            b = a;
+            a = ch[i];
+          } else if (ch[i] > b) {
+            b = ch[i];
+          }
+        }
+        gs[g] = a + b;
+        keep[g] = false;
+      }
+      for (int j = 0; j < topk_group; ++j) {  // the best remaining group, ties to the lower index
+        int best = -1;
+        for (int g = 0; g < n_group; ++g)
+          if (!keep[g] && (best < 0 || gs[g] > gs[best])) best = g;
+        keep[best] = true;
+      }
+      for (int i = 0; i < e; ++i)
+        if (!keep[i / per]) ch[i] = -INFINITY;
+    }
+    __syncthreads();
+    for (int j = 0; j < k; ++j) {
+      float v = -INFINITY;
+      int idx = -1;
+      for (int i = threadIdx.x; i < e; i += blockDim.x)
+        if (ch[i] > v || (ch[i] == v && idx == -1)) {
+          v = ch[i];
+          idx = i;
+        }
+      block_argmax(v, idx);
+      if (threadIdx.x == 0) {
+        indices[row * k + j] = idx;
+        weights[row * k + j] = sc[idx];
+        ch[idx] = -INFINITY;  // taken
+      }
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.f;
+    for (int j = 0; j < k; ++j) s += weights[row * k + j];
+    const float mul = scaling / (normalize ? s + 1e-20f : 1.f);
+    for (int j = 0; j < k; ++j) weights[row * k + j] *= mul;
+  }
+}
+
+template <typename T>
+__global__ void grouped_sigmoid_backward_kernel(const float* scores, const int64_t* indices, const float* dw, T* dlogits,
+                                                int e, int k, bool normalize, float scaling) {
+  const int64_t row = blockIdx.x;
+  for (int i = threadIdx.x; i < e; i += blockDim.x) store(dlogits, row * e + i, 0.f);
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  float s_sum = 0.f;
+  for (int j = 0; j < k; ++j) s_sum += scores[row * e + indices[row * k + j]];
+  const float denom = normalize ? s_sum + 1e-20f : 1.f;
+  float dot = 0.f;
+  if (normalize)
+    for (int j = 0; j < k; ++j) dot += dw[row * k + j] * scores[row * e + indices[row * k + j]] / denom;
+  for (int j = 0; j < k; ++j) {
+    const int64_t idx = indices[row * k + j];
+    const float s = scores[row * e + idx];
+    const float ds = scaling / denom * (dw[row * k + j] - dot);
+    store(dlogits, row * e + idx, load(dlogits, row * e + idx) + ds * s * (1.f - s));
+  }
+}
+
 // Eight elements at a 16-byte aligned position as F32, and back.
 __device__ __forceinline__ void load8(const float* p, float* o) {
   const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
@@ -257,6 +357,54 @@ void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor
                                                                          static_cast<int>(e), static_cast<int>(k), normalize);
   });
   MF_CUDA_CHECK_LAUNCH("router");
+}
+
+void grouped_sigmoid_route(const Tensor& logits, const Tensor& bias, int64_t n_group, int64_t topk_group, int64_t k,
+                           bool normalize, float scaling, Tensor& scores, Tensor& weights, Tensor& indices,
+                           const Tensor* forced) {
+  require_float(logits, "grouped_sigmoid_route");
+  require_float(bias, "grouped_sigmoid_route");
+  const int64_t e = logits.shape().back(), rows = logits.numel() / e;
+  MF_CHECK(n_group >= 1 && n_group <= 64 && e % n_group == 0 && topk_group >= 1 && topk_group <= n_group && k >= 1 &&
+               k <= 64 && k <= e && e <= 1024 && bias.numel() == e,
+           "grouped_sigmoid_route: ", e, " experts in ", n_group, " groups keeping ", topk_group, ", top-", k,
+           " is not supported on the GPU");
+  scores = empty({rows, e}, DType::F32, "router scores");
+  weights = empty({rows, k}, DType::F32, "router weights");
+  indices = empty({rows, k}, DType::I64, "router expert indices");
+  if (forced)
+    MF_CHECK(forced->dtype() == DType::I64 && forced->numel() == rows * k && !forced->device().is_cpu(),
+             "router: forced routing must be a device I64 [", rows, ", ", k, "] tensor");
+  if (rows == 0) return;
+  dispatch_float(logits.dtype(), [&](auto* tl) {
+    using T = std::remove_pointer_t<decltype(tl)>;
+    dispatch_float(bias.dtype(), [&](auto* tb) {
+      using B = std::remove_pointer_t<decltype(tb)>;
+      grouped_sigmoid_kernel<<<rows, threads_for(std::max<int64_t>(e, k)), 2 * e * sizeof(float), current_stream()>>>(
+          logits.data<T>(), bias.data<B>(), forced ? forced->data<int64_t>() : nullptr, scores.data<float>(),
+          weights.data<float>(), indices.data<int64_t>(), static_cast<int>(e), static_cast<int>(k),
+          static_cast<int>(n_group), static_cast<int>(topk_group), normalize, scaling);
+    });
+  });
+  MF_CUDA_CHECK_LAUNCH("grouped_sigmoid_route");
+}
+
+Tensor grouped_sigmoid_route_backward(const Tensor& scores, const Tensor& indices, const Tensor& d_weights,
+                                      bool normalize, float scaling, DType dtype) {
+  const int64_t e = scores.shape().back(), rows = scores.numel() / e, k = indices.shape().back();
+  MF_CHECK(scores.dtype() == DType::F32 && d_weights.dtype() == DType::F32 && indices.dtype() == DType::I64 &&
+               indices.numel() == rows * k && d_weights.numel() == rows * k,
+           "grouped_sigmoid_route_backward: expects F32 scores [T,E], I64 indices and F32 d_weights [T,k]");
+  Tensor dlogits = empty({rows, e}, dtype, "router logit gradient");
+  if (rows == 0) return dlogits;
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    grouped_sigmoid_backward_kernel<<<rows, threads_for(e), 0, current_stream()>>>(
+        scores.data<float>(), indices.data<int64_t>(), d_weights.data<float>(), dlogits.data<T>(), static_cast<int>(e),
+        static_cast<int>(k), normalize, scaling);
+  });
+  MF_CUDA_CHECK_LAUNCH("grouped_sigmoid_route_backward");
+  return dlogits;
 }
 
 Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor& weights, const Tensor& d_weights,
