@@ -330,7 +330,13 @@ class DecoderGpu : public GpuModel {
     const int64_t t = bt.t;
     Tensor out;
     const auto& moe = std::get<nn::SparseMoE>(L.mlp);
-    Tensor logits = cuda::linear(c.n2, value(moe.router));
+    Tensor logits;
+    if (moe.grouped) {  // DeepseekV3TopkRouter computes its logits in fp32 whatever the model's dtype
+      logits = cuda::empty({t, moe.experts}, DType::F32, "router logits");
+      cuda::gemm(c.n2, false, value(moe.router), true, logits);
+    } else {
+      logits = cuda::linear(c.n2, value(moe.router));
+    }
     if (moe.router_bias) cuda::add_bias_rows(logits, value(*moe.router_bias));
     const Tensor* forced = replay ? replay : (bt.balanced.defined() ? &bt.balanced : nullptr);
     if (moe.grouped)
