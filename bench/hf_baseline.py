@@ -21,15 +21,27 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 
 def flops_per_token(c, seq):
-    """shared/BENCHMARKS.md's count (the same as moeforge's for the softmax-routed families)."""
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    h, q = c.hidden_size, c.num_attention_heads * head_dim
-    kv = c.num_key_value_heads * head_dim
+    """shared/BENCHMARKS.md's count, as moeforge's models/flops.cpp makes it (latent attention with
+    its own projections and q/k, v widths; shared experts; DeepSeek's first dense layers)."""
+    h, heads = c.hidden_size, c.num_attention_heads
+    if getattr(c, "kv_lora_rank", None):  # DeepSeek-V3's MLA
+        qk, v = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
+        qr, kvr = c.q_lora_rank or 0, c.kv_lora_rank
+        attn = (2 * h * qr + 2 * qr * heads * qk) if qr else 2 * h * heads * qk
+        attn += 2 * h * (kvr + c.qk_rope_head_dim) + 2 * kvr * heads * (c.qk_nope_head_dim + v)
+        attn += 2 * heads * v * h + seq * heads * (qk + v)
+    else:
+        head_dim = getattr(c, "head_dim", None) or h // heads
+        q, kv = heads * head_dim, c.num_key_value_heads * head_dim
+        attn = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * seq * q
     experts = getattr(c, "num_local_experts", None) or c.num_experts
     width = getattr(c, "moe_intermediate_size", None) or c.intermediate_size  # Mixtral, OLMoE, GPT-OSS
-    layer = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * seq * q
-    layer += c.num_experts_per_tok * 3 * 2 * h * width + 2 * h * experts
-    return 3 * (c.num_hidden_layers * layer + 2 * h * c.vocab_size)
+    moe = c.num_experts_per_tok * 3 * 2 * h * width + 2 * h * experts
+    moe += 3 * 2 * h * width * (getattr(c, "n_shared_experts", 0) or 0)
+    dense = 3 * 2 * h * c.intermediate_size
+    first_dense = min(getattr(c, "first_k_dense_replace", 0) or 0, c.num_hidden_layers)
+    layers = c.num_hidden_layers * attn + first_dense * dense + (c.num_hidden_layers - first_dense) * moe
+    return 3 * (layers + 2 * h * c.vocab_size)
 
 
 def best_attention(cfg):
@@ -48,16 +60,23 @@ def balanced_gate_forward(gate):
     renormalised where the family renormalises (Mixtral always; GPT-OSS's softmax over its top-k
     logits is the same renormalisation), the router's bias included."""
     normalize = getattr(gate, "norm_topk_prob", True)
+    sigmoid = hasattr(gate, "e_score_correction_bias")  # DeepSeek-V3: sigmoid scores, routed scaling
 
     def forward(hidden_states):
         hidden_states = hidden_states.reshape(-1, gate.hidden_dim)
-        logits = torch.nn.functional.linear(hidden_states, gate.weight, getattr(gate, "bias", None))
-        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        if sigmoid:
+            logits = torch.nn.functional.linear(hidden_states.float(), gate.weight.float())
+            probs = logits.sigmoid()
+        else:
+            logits = torch.nn.functional.linear(hidden_states, gate.weight, getattr(gate, "bias", None))
+            probs = torch.softmax(logits, dtype=torch.float, dim=-1)
         t = probs.shape[0]
         idx = (torch.arange(t * gate.top_k, device=probs.device) % gate.num_experts).view(t, gate.top_k)
         w = probs.gather(1, idx)
         if normalize:
-            w = w / w.sum(dim=-1, keepdim=True)
+            w = w / (w.sum(dim=-1, keepdim=True) + (1e-20 if sigmoid else 0.0))
+        if sigmoid:
+            w = w * gate.routed_scaling_factor
         return logits, w.to(logits.dtype), idx
     return forward
 

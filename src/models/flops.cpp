@@ -2,21 +2,41 @@
 
 namespace moeforge::models {
 
+namespace {
+
+// Attention projections and the causal core of one token (shared/BENCHMARKS.md: QK^T and PV over
+// half the square). Latent attention counts its LoRA-style projections and its own q/k and v widths.
+double attention_flops(const hf::ModelConfig& c, double s) {
+  const double h = static_cast<double>(c.hidden_size), heads = static_cast<double>(c.num_attention_heads);
+  if (const auto& m = c.mla) {
+    const double qk = static_cast<double>(m->qk_nope_head_dim + m->qk_rope_head_dim), v = static_cast<double>(m->v_head_dim);
+    const double qr = static_cast<double>(m->q_lora_rank), kvr = static_cast<double>(m->kv_lora_rank);
+    const double q = qr > 0 ? 2 * h * qr + 2 * qr * heads * qk : 2 * h * heads * qk;
+    const double kv = 2 * h * (kvr + static_cast<double>(m->qk_rope_head_dim)) + 2 * kvr * heads * (qk - m->qk_rope_head_dim + v);
+    return q + kv + 2 * heads * v * h + s * heads * (qk + v);
+  }
+  const double q = heads * static_cast<double>(c.head_dim),
+               kv = static_cast<double>(c.num_key_value_heads * c.head_dim);
+  return 2 * h * (q + 2 * kv) + 2 * q * h + 2 * s * q;
+}
+
+}  // namespace
+
 FlopsPerToken flops_per_token(const hf::ModelConfig& c, int64_t seq) {
-  const double h = static_cast<double>(c.hidden_size), q = static_cast<double>(c.num_attention_heads * c.head_dim),
-               kv = static_cast<double>(c.num_key_value_heads * c.head_dim), s = static_cast<double>(seq);
-  const double attention = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * s * q;
+  const double h = static_cast<double>(c.hidden_size), s = static_cast<double>(seq);
   double layers = 0;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    layers += attention;
-    if (c.is_moe_layer(l))
+    layers += attention_flops(c, s);
+    if (c.is_moe_layer(l)) {
       layers += static_cast<double>(c.num_experts_per_tok) * 3 * 2 * h * static_cast<double>(c.moe_intermediate_size) +
-                2 * h * static_cast<double>(c.num_experts) +
-                (c.shared_expert_intermediate_size > 0  // the shared expert and its gate
-                     ? 3 * 2 * h * static_cast<double>(c.shared_expert_intermediate_size) + 2 * h
-                     : 0);
-    else
+                2 * h * static_cast<double>(c.num_experts);
+      if (c.shared_expert_intermediate_size > 0)  // Qwen2-MoE's shared expert and its gate
+        layers += 3 * 2 * h * static_cast<double>(c.shared_expert_intermediate_size) + 2 * h;
+      if (c.n_shared_experts > 0)  // DeepSeek-V3's shared experts
+        layers += 3 * 2 * h * static_cast<double>(c.n_shared_experts * c.moe_intermediate_size);
+    } else {
       layers += 3 * 2 * h * static_cast<double>(c.intermediate_size);
+    }
   }
   FlopsPerToken f;
   f.forward = layers + 2 * h * static_cast<double>(c.vocab_size);

@@ -1,9 +1,11 @@
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 
 #include "core/error.h"
 #include "hf/config.h"
+#include "models/flops.h"
 #include "test_util.h"
 
 using namespace moeforge;
@@ -244,4 +246,28 @@ TEST(ConfigFamiliesBadInput, EachNamesTheField) {
   j = minimal("bert");
   EXPECT_NE(error_of(j).find("(supported: deepseek_v3, gpt_oss, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe)"),
             std::string::npos);
+}
+
+// shared/BENCHMARKS.md's anchor: Qwen3-30B-A3B at S = 4096 is 147.3 MFLOP per layer-token forward
+// and 23.1 GFLOP per token for training.
+TEST(Flops, Qwen3_30B_A3BMatchesTheProtocolsAnchor) {
+  const std::string path = std::string(MOEFORGE_FIXTURES) + "/../../../shared/configs/qwen3-30b-a3b.json";
+  if (!std::filesystem::exists(path)) GTEST_SKIP() << "shared/configs not beside the repo";
+  const auto c = hf::load_config(path);
+  const auto f = models::flops_per_token(c, 4096);
+  const double head = 2.0 * c.hidden_size * c.vocab_size;
+  EXPECT_NEAR((f.forward - head) / c.num_hidden_layers / 1e6, 147.3, 0.1);
+  EXPECT_NEAR(f.training / 1e9, 23.1, 0.1);
+}
+
+// Latent attention counted by hand for a small MLA config: q LoRA, kv LoRA, kv_b, o, and the core
+// with q/k width 24 and v width 12 over half of S = 100.
+TEST(Flops, LatentAttentionCountsItsOwnProjections) {
+  const auto c = hf::load_config(test::fixture("deepseek_v3_a"));
+  const double h = 32, heads = 4, qr = 24, kvr = 16, rope = 8, nope = 16, v = 12, qk = 24, s = 100;
+  const double attn = 2 * h * qr + 2 * qr * heads * qk + 2 * h * (kvr + rope) + 2 * kvr * heads * (nope + v) +
+                      2 * heads * v * h + s * heads * (qk + v);
+  const double dense = 3 * 2 * h * 48, moe = 3 * 3 * 2 * h * 12 + 2 * h * 8 + 3 * 2 * h * 12;  // top-3, router, 1 shared
+  const double want = 3 * (3 * attn + dense + 2 * moe + 2 * h * 96);  // layer 0 dense, layers 1-2 MoE
+  EXPECT_DOUBLE_EQ(models::flops_per_token(c, 100).training, want);
 }
