@@ -300,15 +300,35 @@ class DecoderGpu : public GpuModel {
     Tensor k = cuda::empty({t * h, qk}, dt_, "keys");
     cuda::copy_columns(kvb, kvw, 0, 1, k, qk, 0, M.nope);
     cuda::copy_columns(k_rope, M.rope, 0, h, k, qk, M.nope, M.rope);  // the shared key, to every head
-    Tensor v = cuda::empty({t * h, M.v_dim}, dt_, "values");
-    cuda::copy_columns(kvb, kvw, M.nope, 1, v, M.v_dim, 0, M.v_dim);
     c.q = q.view({bt.b, bt.s, h, qk});
     c.k = k.view({bt.b, bt.s, h, qk});
-    c.v = v.view({bt.b, bt.s, h, M.v_dim});
+    // The fused (cuDNN) attention here takes one head dim: v is zero-padded to q/k's width, which
+    // leaves the output's first v_dim columns exact and the rest zero (PV over 192 instead of 128
+    // columns, against the CUDA-core kernels' several times slower exact-width path).
+    const int64_t vw = mla_v_width(M, c.q, bt);
+    Tensor v = cuda::empty({t * h, vw}, dt_, "values");
+    if (vw != M.v_dim) cuda::zero(v);
+    cuda::copy_columns(kvb, kvw, M.nope, 1, v, vw, 0, M.v_dim);
+    c.v = v.view({bt.b, bt.s, h, vw});
     phases_.mark("fwd: latent projections + rope");
     c.o = cuda::attention(c.q, c.k, c.v, M.scale, 0, bt.doc_ids, &c.lse);
     phases_.mark("fwd: attention core");
-    return projection(M.o_proj, c.o.view({t, h * M.v_dim}));
+    return projection(M.o_proj, mla_output(M, c.o, t));
+  }
+
+  // The width v gets for the attention core: v_dim, or q/k's where the fused attention takes it.
+  static int64_t mla_v_width(const nn::LatentAttention& M, const Tensor& q, const Inputs& bt) {
+    const int64_t qk = M.nope + M.rope;
+    return M.v_dim < qk && std::string(cuda::attention_backend(q, 0, bt.doc_ids)) == "cudnn" ? qk : M.v_dim;
+  }
+
+  // The attention output's real columns [T, H * v_dim] (a copy when v was padded).
+  Tensor mla_output(const nn::LatentAttention& M, const Tensor& o, int64_t t) const {
+    const int64_t vw = o.size(3);
+    if (vw == M.v_dim) return o.view({t, M.heads * M.v_dim});
+    Tensor real = cuda::empty({t, M.heads * M.v_dim}, dt_, "attention output");
+    cuda::copy_columns(o, vw, 0, 1, real, M.v_dim, 0, M.v_dim);
+    return real;
   }
 
   // x [T, n, rope] rotated by position (a new tensor; DeepSeek's interleaved pairs de-interleaved first).
@@ -665,7 +685,14 @@ class DecoderGpu : public GpuModel {
     const nn::LatentAttention& M = *L.mla;
     const int64_t t = bt.t, h = M.heads, qk = M.nope + M.rope, kvw = M.nope + M.v_dim;
     Tensor d_o = cuda::empty({t, h * M.v_dim}, dt_, "attention output gradient");
-    projection_backward(M.o_proj, c.o.view({t, h * M.v_dim}), d_x2, d_o, false);
+    projection_backward(M.o_proj, mla_output(M, c.o, t), d_x2, d_o, false);
+    const int64_t vw = c.v.size(3);
+    if (vw != M.v_dim) {  // padded v: the padding columns' output gradient is zero
+      Tensor padded = cuda::empty({t * h, vw}, dt_, "attention output gradient");
+      cuda::zero(padded);
+      cuda::copy_columns(d_o, M.v_dim, 0, 1, padded, vw, 0, M.v_dim);
+      d_o = padded;
+    }
     Tensor dq, dk, dv;
     cuda::attention_backward(c.q, c.k, c.v, c.o, c.lse, d_o.view(c.o.shape()), M.scale, 0, bt.doc_ids, dq, dk, dv);
     phases_.mark("bwd: attention core");
@@ -676,7 +703,7 @@ class DecoderGpu : public GpuModel {
     cuda::copy_columns(rotate_backward(dq_rope, bt, M.interleave), M.rope, 0, 1, dq, qk, M.nope, M.rope);
     Tensor dkvb = cuda::empty({t, h * kvw}, dt_, "kv_b output gradient");
     cuda::copy_columns(dk, qk, 0, 1, dkvb, kvw, 0, M.nope);
-    cuda::copy_columns(dv, M.v_dim, 0, 1, dkvb, kvw, M.nope, M.v_dim);
+    cuda::copy_columns(dv, vw, 0, 1, dkvb, kvw, M.nope, M.v_dim);
     const Tensor dk_rope = rotate_backward(cuda::sum_row_groups(dk, qk, M.nope, M.rope, h).view({t, 1, M.rope}), bt, M.interleave);
     dk = dv = Tensor();
     Tensor dlatent_n = cuda::empty({t, M.kv_rank}, dt_, "latent gradient");
