@@ -296,10 +296,10 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
   } else {
     ops::softmax_rows_inplace(probs);
   }
-  if (grouped) {
-    // routed above
-  } else if (gpt_oss) {
-    // The top-k logits (or the forced experts'), softmaxed among themselves.
+  if (!grouped) {
+    // The top-k (or the forced experts) of the probabilities; GPT-OSS picks by its logits and
+    // softmaxes the chosen ones among themselves.
+    const Tensor& by = gpt_oss ? logits : probs;
     if (forced) {
       MF_CHECK(forced->shape() == Shape({t, top_k}) && forced->dtype() == DType::I64, "forced routing must be I64 [",
                t, ", ", top_k, "], got ", shape_str(forced->shape()));
@@ -308,24 +308,12 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
       for (int64_t i = 0; i < t * top_k; ++i) {
         const int64_t e = chosen.i64()[i];
         MF_CHECK(e >= 0 && e < experts, "forced routing names expert ", e, " of ", experts);
-        weights.f32()[i] = logits.f32()[(i / top_k) * experts + e];
+        weights.f32()[i] = by.f32()[(i / top_k) * experts + e];
       }
     } else {
-      ops::topk_rows(logits, top_k, weights, chosen);
+      ops::topk_rows(by, top_k, weights, chosen);
     }
-    ops::softmax_rows_inplace(weights);
-  } else if (forced) {
-    MF_CHECK(forced->shape() == Shape({t, top_k}) && forced->dtype() == DType::I64, "forced routing must be I64 [",
-             t, ", ", top_k, "], got ", shape_str(forced->shape()));
-    chosen = forced->clone();
-    weights = Tensor::empty({t, top_k}, DType::F32);
-    for (int64_t i = 0; i < t * top_k; ++i) {
-      const int64_t e = chosen.i64()[i];
-      MF_CHECK(e >= 0 && e < experts, "forced routing names expert ", e, " of ", experts);
-      weights.f32()[i] = probs.f32()[(i / top_k) * experts + e];
-    }
-  } else {
-    ops::topk_rows(probs, top_k, weights, chosen);
+    if (gpt_oss) ops::softmax_rows_inplace(weights);
   }
   Tensor topk_sum = Tensor::empty({t}, DType::F32);
   float* w = weights.f32();

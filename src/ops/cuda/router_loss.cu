@@ -335,6 +335,15 @@ __global__ void router_backward_kernel(const float* probs, const int64_t* indice
   for (int i = threadIdx.x; i < e; i += blockDim.x) store(dlogits, row * e + i, probs[row * e + i] * (dp[i] - pdp));
 }
 
+namespace {
+// A forced routing (balanced or replayed) is a device I64 [rows, k] tensor.
+void check_forced(const Tensor* forced, int64_t rows, int64_t k) {
+  if (forced)
+    MF_CHECK(forced->dtype() == DType::I64 && forced->numel() == rows * k && !forced->device().is_cpu(),
+             "router: forced routing must be a device I64 [", rows, ", ", k, "] tensor");
+}
+}  // namespace
+
 void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor& probs, Tensor& weights, Tensor& indices,
                          const Tensor* forced) {
   require_float(logits, "router");
@@ -343,9 +352,7 @@ void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor
   probs = empty({rows, e}, DType::F32, "router probabilities");
   weights = empty({rows, k}, DType::F32, "router weights");
   indices = empty({rows, k}, DType::I64, "router expert indices");
-  if (forced)
-    MF_CHECK(forced->dtype() == DType::I64 && forced->numel() == rows * k && !forced->device().is_cpu(),
-             "router: forced routing must be a device I64 [", rows, ", ", k, "] tensor");
+  check_forced(forced, rows, k);
   if (rows == 0) return;
   const int threads = threads_for(std::max<int64_t>(e, k));
   dispatch_float(logits.dtype(), [&](auto* tag) {
@@ -372,9 +379,7 @@ void grouped_sigmoid_route(const Tensor& logits, const Tensor& bias, int64_t n_g
   scores = empty({rows, e}, DType::F32, "router scores");
   weights = empty({rows, k}, DType::F32, "router weights");
   indices = empty({rows, k}, DType::I64, "router expert indices");
-  if (forced)
-    MF_CHECK(forced->dtype() == DType::I64 && forced->numel() == rows * k && !forced->device().is_cpu(),
-             "router: forced routing must be a device I64 [", rows, ", ", k, "] tensor");
+  check_forced(forced, rows, k);
   if (rows == 0) return;
   dispatch_float(logits.dtype(), [&](auto* tl) {
     using T = std::remove_pointer_t<decltype(tl)>;
