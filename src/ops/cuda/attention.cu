@@ -83,7 +83,7 @@ __global__ void attention_fwd_kernel(const T* q, const T* k, const T* v, T* out,
       for (int x = 0; x < DPT; ++x) s += qr[x] * ks[jj * D + lane * DPT + x];
       s = row_sum(s);
       if (!vis) continue;
-      const float m_new = fmaxf(m, s), corr = __expf(m - m_new), p = __expf(s - m_new);
+      const float m_new = fmaxf(m, s), corr = exp_for<T>(m - m_new), p = exp_for<T>(s - m_new);
       l = l * corr + p;
       for (int x = 0; x < VPT; ++x) acc[x] = acc[x] * corr + p * vs[jj * DV + lane * VPT + x];
       m = m_new;
@@ -142,7 +142,7 @@ __global__ void attention_dq_kernel(const T* q, const T* k, const T* v, const T*
       s = row_sum(s);
       dp = row_sum(dp);
       if (!vis) continue;
-      const float ds = __expf(s - li) * (dp - di);
+      const float ds = exp_for<T>(s - li) * (dp - di);
       for (int x = 0; x < DPT; ++x) acc[x] += ds * ks[jj * D + lane * DPT + x];
     }
   }
@@ -196,7 +196,7 @@ __global__ void attention_dkv_kernel(const T* q, const T* k, const T* v, const T
         s = row_sum(s) * scale;
         dp = row_sum(dp);
         if (!vis) continue;
-        const float p = __expf(s - ls[ii]), dsc = p * (dp - ds_[ii]) * scale;
+        const float p = exp_for<T>(s - ls[ii]), dsc = p * (dp - ds_[ii]) * scale;
         for (int x = 0; x < VPT; ++x) dva[x] += p * dos[ii * DV + lane * VPT + x];
         for (int x = 0; x < DPT; ++x) dka[x] += dsc * qs[ii * D + lane * DPT + x];
       }
@@ -217,8 +217,8 @@ __global__ void attention_sink_fixup_kernel(T* out, float* lse, const S* sinks, 
   for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
     const int64_t i = r % sh.s, h = (r / sh.s) % sh.hq, b = r / (sh.s * sh.hq);
     const float l = lse[r], sink = load(sinks, h);
-    const float share = 1.f / (1.f + __expf(sink - l));
-    lse[r] = fmaxf(l, sink) + log1pf(__expf(-fabsf(l - sink)));
+    const float share = 1.f / (1.f + exp_for<T>(sink - l));
+    lse[r] = fmaxf(l, sink) + log1pf(exp_for<T>(-fabsf(l - sink)));
     T* o = out + ((b * sh.s + i) * sh.hq + h) * sh.dv;
     for (int64_t x = 0; x < sh.dv; ++x) store(o, x, load(o, x) * share);
   }
@@ -236,7 +236,7 @@ __global__ void attention_sink_grad_kernel(const T* out, const T* dout, const fl
     const int64_t off = ((b * sh.s + i) * sh.hq + h) * sh.dv;
     float d = 0.f;
     for (int64_t x = 0; x < sh.dv; ++x) d += load(out, off + x) * load(dout, off + x);
-    acc -= __expf(sink - lse[(b * sh.hq + h) * sh.s + i]) * d;
+    acc -= exp_for<T>(sink - lse[(b * sh.hq + h) * sh.s + i]) * d;
   }
   acc = block_sum(acc);
   if (threadIdx.x == 0) dsinks[h] = acc;

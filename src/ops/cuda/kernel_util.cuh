@@ -2,6 +2,7 @@
 // reductions, and dispatch over the activation dtypes (F32, BF16).
 #pragma once
 #include <algorithm>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -40,6 +41,17 @@ __device__ __forceinline__ float block_max(float v) {
   v = lane < warps ? partial[lane] : -INFINITY;
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
+}
+
+// exp for a kernel computing on T: the accurate expf for F32 (the parity runs), __expf for BF16.
+// The attention kernels take it: with __expf, llama_b's key-bias gradient (a cancellation-dominated
+// sum) flipped an Adam step in the fp32 three-step parity test. (Taking it in the router, SwiGLU
+// and cross-entropy kernels as well moved mixtral_b's step-1 loss by 2e-3 instead of 3e-5 -- a
+// routing near-tie in that fixture -- so they keep __expf; docs/testing.md.)
+template <typename T>
+__device__ __forceinline__ float exp_for(float x) {
+  if constexpr (std::is_same_v<T, float>) return expf(x);
+  else return __expf(x);
 }
 
 inline void require_float(const Tensor& t, const char* op) {
