@@ -33,26 +33,24 @@ Tensor sum_row_groups(const Tensor& src, int64_t src_width, int64_t src_c0, int6
   return out;
 }
 
-Tensor deinterleave_pairs(const Tensor& x, int64_t d) {
+namespace {
+
+// Row by row: interleaved (x0, x1), (x2, x3), ... <-> [x0, x2, ... | x1, x3, ...].
+Tensor move_pairs(const Tensor& x, int64_t d, bool deinterleave) {
   Tensor out = Tensor::empty(x.shape(), DType::F32);
   const int64_t rows = x.numel() / d, half = d / 2;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < half; ++i) {
-      out.f32()[r * d + i] = x.f32()[r * d + 2 * i];
-      out.f32()[r * d + half + i] = x.f32()[r * d + 2 * i + 1];
-    }
+    for (int64_t i = 0; i < half; ++i)
+      for (int64_t odd = 0; odd < 2; ++odd) {
+        const int64_t paired = r * d + 2 * i + odd, split = r * d + odd * half + i;
+        out.f32()[deinterleave ? split : paired] = x.f32()[deinterleave ? paired : split];
+      }
   return out;
 }
 
-Tensor interleave_pairs(const Tensor& x, int64_t d) {
-  Tensor out = Tensor::empty(x.shape(), DType::F32);
-  const int64_t rows = x.numel() / d, half = d / 2;
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t i = 0; i < half; ++i) {
-      out.f32()[r * d + 2 * i] = x.f32()[r * d + i];
-      out.f32()[r * d + 2 * i + 1] = x.f32()[r * d + half + i];
-    }
-  return out;
-}
+}  // namespace
+
+Tensor deinterleave_pairs(const Tensor& x, int64_t d) { return move_pairs(x, d, true); }
+Tensor interleave_pairs(const Tensor& x, int64_t d) { return move_pairs(x, d, false); }
 
 }  // namespace moeforge::ops
