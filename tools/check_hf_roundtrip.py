@@ -63,7 +63,8 @@ def main():
         ref = load_file(os.path.join(src, "reference.safetensors"))
         a, b = logits(src, ref["input_ids"]), logits(out, ref["input_ids"])
         d = (a - b).abs().max().item()
-        d_ref = (b - ref["logits"]).abs().max().item()
+        # Fixtures whose reference is a training run only (deepseek_v3_mtp) have no logits.
+        d_ref = (b - ref["logits"]).abs().max().item() if "logits" in ref else float("nan")
         same_names = tensor_names(src) == tensor_names(out)
         results[case] = {"max_abs_diff_vs_source_in_transformers": d, "max_abs_diff_vs_reference": d_ref,
                          "same_tensor_names": same_names}

@@ -222,6 +222,19 @@ CASES = {
                     router_aux_loss_coef=0.05, tie_word_embeddings=True, max_position_embeddings=64,
                     rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
         dtype=torch.bfloat16, shard=None),
+    # DeepSeek-V3 with two multi-token prediction depths in the checkpoint, trained with its loss
+    # (Transformers has no MTP: the reference is make_mtp_case's torch module around Transformers'
+    # own decoder layer, RMSNorm and rotary embedding).
+    "deepseek_v3_mtp": dict(
+        model_type="deepseek_v3",
+        config=dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=12,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+                    n_routed_experts=8, routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24,
+                    qk_rope_head_dim=8, v_head_dim=12, qk_nope_head_dim=16, n_group=4, topk_group=2,
+                    num_experts_per_tok=3, first_k_dense_replace=1, norm_topk_prob=True,
+                    rope_interleave=True, max_position_embeddings=64, num_nextn_predict_layers=2,
+                    rope_parameters=ROPE_DEFAULT),
+        dtype=torch.float32, shard=None, mtp=dict(depths=2, loss_scale=0.3)),
 }
 
 BATCH, SEQ = 2, 12
@@ -404,6 +417,131 @@ def make_case(name, case, out_dir):
     return entry
 
 
+class MTPDepth(torch.nn.Module):
+    """DeepSeek-V3's multi-token prediction module (the DeepSeek-V3 report; vLLM's and Megatron's
+    layout): eh_proj([enorm(embedding of token t+k), hnorm(h_{k-1})]) -> decoder layer -> head norm;
+    the embedding and output head are the main model's."""
+
+    def __init__(self, config, layer_idx, modeling):
+        super().__init__()
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.enorm = modeling.DeepseekV3RMSNorm(h, eps=eps)
+        self.hnorm = modeling.DeepseekV3RMSNorm(h, eps=eps)
+        self.eh_proj = torch.nn.Linear(2 * h, h, bias=False)
+        self.layer = modeling.DeepseekV3DecoderLayer(config, layer_idx)
+        self.head_norm = modeling.DeepseekV3RMSNorm(h, eps=eps)
+
+    def checkpoint_tensors(self, prefix, model):
+        """This depth under the checkpoint's names (per-expert spelling), with the copies of the
+        shared embedding and head that DeepSeek's checkpoints hold."""
+        out = {prefix + "enorm.weight": self.enorm.weight, prefix + "hnorm.weight": self.hnorm.weight,
+               prefix + "eh_proj.weight": self.eh_proj.weight, prefix + "shared_head.norm.weight": self.head_norm.weight,
+               prefix + "embed_tokens.weight": model.model.embed_tokens.weight,
+               prefix + "shared_head.head.weight": model.lm_head.weight}
+        layer = hub_state_dict(self.layer, model.config)
+        out.update({prefix + n: t for n, t in layer.items()})
+        return {n: t.detach().float().contiguous().clone() for n, t in out.items()}
+
+
+def mtp_losses(model, depths, ids, labels):
+    """The main loss and each depth's: depth k at position t sees token t+k (a zero embedding past
+    the row's end) and predicts label t+1+k."""
+    from transformers.masking_utils import create_causal_mask
+    b, s = ids.shape
+    v = model.config.vocab_size
+    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    h = model.model(input_ids=ids).last_hidden_state  # after the final norm
+    main = torch.nn.functional.cross_entropy(model.lm_head(h)[:, :-1].reshape(-1, v), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100)
+    emb_all = model.model.embed_tokens(ids)
+    mask = create_causal_mask(config=model.config, inputs_embeds=emb_all, attention_mask=None,
+                              past_key_values=None, position_ids=pos)
+    rope = model.model.rotary_emb(emb_all, position_ids=pos)
+    losses, prev = [], h
+    for k, d in enumerate(depths, start=1):
+        emb = torch.cat([emb_all[:, k:], torch.zeros_like(emb_all[:, :k])], dim=1)
+        x = d.eh_proj(torch.cat([d.enorm(emb), d.hnorm(prev)], dim=-1))
+        y = d.layer(x, attention_mask=mask, position_ids=pos, position_embeddings=rope)
+        prev = d.head_norm(y)
+        target = torch.cat([labels[:, k + 1:], torch.full((b, k + 1), -100, dtype=labels.dtype)], dim=1)
+        losses.append(torch.nn.functional.cross_entropy(model.lm_head(prev).reshape(-1, v), target.reshape(-1),
+                                                        ignore_index=-100))
+    return main, losses
+
+
+def add_tensors(folder, extra):
+    """Adds tensors to the folder's single model.safetensors."""
+    from safetensors.torch import load_file
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    tensors.update(extra)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def make_mtp_case(name, case, out_dir):
+    """reference.safetensors as make_case's plus `main_loss`, `mtp_losses` [depths] and
+    `mtp_loss_scale`; train_losses are main + scale / depths * sum(mtp); gradients under the internal
+    names (the depths' as model.layers.<num_hidden_layers + k - 1>.*, experts fused)."""
+    import importlib
+    folder = os.path.join(out_dir, name)
+    shutil.rmtree(folder, ignore_errors=True)
+    model, gen = build(case)
+    cfg = model.config
+    modeling = importlib.import_module(type(model).__module__)
+    n = case["mtp"]["depths"]
+    scale = case["mtp"]["loss_scale"]
+    depths = torch.nn.ModuleList([MTPDepth(cfg, cfg.num_hidden_layers + k, modeling) for k in range(n)])
+    perturb_(depths, gen)
+    prefixes = [f"model.layers.{cfg.num_hidden_layers + k}." for k in range(n)]
+
+    def save(dst):
+        model.save_pretrained(dst)
+        extra = {}
+        for d, pre in zip(depths, prefixes):
+            extra.update(d.checkpoint_tensors(pre, model))
+        add_tensors(dst, extra)
+
+    save(folder)
+    model = load_fp32(folder)  # the main model as Transformers reads it (the MTP tensors are unexpected to it)
+    depths.float()
+    model.config._experts_implementation = "eager"
+    ids = torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=gen)
+    labels = ids.clone()
+    labels[0, 3] = -100
+    labels[1, -2] = -100
+    model.train()
+    params = list(model.parameters()) + [p for p in depths.parameters()]
+    opt = torch.optim.AdamW(params, **ADAMW)
+    losses, grads, first = [], {}, None
+    for step in range(3):
+        opt.zero_grad(set_to_none=True)
+        main, mtp = mtp_losses(model, depths, ids, labels)
+        loss = main + scale / n * sum(mtp)
+        losses.append(loss.item())
+        if first is None:
+            first = (main.detach(), torch.stack([m.detach() for m in mtp]))
+        loss.backward()
+        if step == 0:
+            for pn, p in model.named_parameters():
+                grads["grad." + pn] = p.grad.detach().float().contiguous()
+            for d, pre in zip(depths, prefixes):
+                for pn, p in d.named_parameters():
+                    internal = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+                                "eh_proj.weight": "eh_proj.weight", "head_norm.weight": "shared_head.norm.weight"}.get(pn)
+                    internal = internal or pn[len("layer."):]
+                    grads["grad." + pre + internal] = p.grad.detach().float().contiguous()
+        opt.step()
+    save_file(grads, os.path.join(folder, "reference_grads.safetensors"))
+    ref = {"input_ids": ids, "labels": labels, "main_loss": first[0].reshape(()), "mtp_losses": first[1],
+           "mtp_loss_scale": torch.tensor(scale, dtype=torch.float32),
+           "train_losses": torch.tensor(losses, dtype=torch.float32)}
+    save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(folder, "reference.safetensors"))
+    save(os.path.join(folder, "after_adamw"))
+    print(name, "main", first[0].item(), "mtp", first[1].tolist(), "train", losses, flush=True)
+    return {"model_type": case["model_type"], "files": sorted(os.listdir(folder)),
+            "checkpoint_tensor_names": checkpoint_tensor_names(folder)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -425,7 +563,8 @@ def main():
     failed = []
     for name in wanted:
         try:
-            manifest["cases"][name] = make_case(name, CASES[name], args.out)
+            maker = make_mtp_case if "mtp" in CASES[name] else make_case
+            manifest["cases"][name] = maker(name, CASES[name], args.out)
         except Exception as e:  # keep going: one family's failure should not cost the others
             import traceback
             traceback.print_exc()

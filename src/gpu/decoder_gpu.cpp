@@ -90,8 +90,10 @@ class DecoderGpu : public GpuModel {
     MF_CHECK(!in.routing, "GPU training: routing record/replay is not supported on the GPU (use balanced_routing)");
     const auto t0 = std::chrono::steady_clock::now();
     phases_.start();
+    MF_CHECK(opts.mtp_scales.empty() || opts.mtp_scales.size() == m_.mtp_.size(), "training asks for ",
+             opts.mtp_scales.size(), " multi-token prediction depths, the model has ", m_.mtp_.size());
     Inputs bt = upload(in, opts.balanced_routing);
-    const size_t nl = m_.layers_.size();
+    const size_t nl = m_.main_layers_;
     std::vector<LayerState> st(nl);
     Tensor x = cuda::embedding(bt.ids, value(m_.embed_));
     phases_.mark("fwd: inputs + embedding");
@@ -119,6 +121,10 @@ class DecoderGpu : public GpuModel {
     auto ready = [&](std::vector<size_t> idx) {
       if (opts.on_grads_ready) opts.on_grads_ready(idx);
     };
+    if (!opts.mtp_scales.empty()) {
+      cuda::add_inplace(d_xf, mtp_train(in, bt, xf, opts, res, ready));
+      phases_.mark("multi-token prediction (fwd and bwd)");
+    }
     if (m_.lm_head_ != m_.embed_) ready({m_.lm_head_});  // tied: complete after the embedding backward
     cuda::synchronize();
     res.forward_ms = ms_since(t0);
@@ -150,7 +156,7 @@ class DecoderGpu : public GpuModel {
   Tensor forward_logits(const models::ForwardInputs& in) override {
     Inputs bt = upload(in, false);
     Tensor x = cuda::embedding(bt.ids, value(m_.embed_));
-    for (size_t l = 0; l < m_.layers_.size(); ++l) {
+    for (size_t l = 0; l < m_.main_layers_; ++l) {
       LayerState s;
       x = layer_forward(l, x, bt, s);
     }
@@ -168,6 +174,77 @@ class DecoderGpu : public GpuModel {
     // the recomputation so backward sees the same routing even where near-ties could flip.
     std::vector<Tensor> chosen_record;
   };
+
+  // DeepSeek-V3's multi-token prediction depths, forward then backward (the computation of
+  // models::Decoder::mtp_train): `h0` is the main model's final-norm output; returns d(h0) from the
+  // depths. The LM head's gradient accumulates each depth's; a depth's own parameters are reported
+  // ready once its backward is done.
+  struct MtpState {
+    Tensor ids, embed, rstd_e, rstd_h, joined, y, rstd_y, h;
+    LayerState layer;
+  };
+  template <typename Ready>
+  Tensor mtp_train(const models::ForwardInputs& in, Inputs& bt, const Tensor& h0, const GpuStepOptions& opts,
+                   GpuStepResult& res, Ready& ready) {
+    const auto& mtp = m_.mtp_;
+    const int64_t t = bt.t, h = m_.cfg_.hidden_size;
+    std::vector<MtpState> st(mtp.size());
+    res.mtp_ce_sums.assign(mtp.size(), 0.0);
+    res.mtp_tokens.assign(mtp.size(), 0);
+    Tensor prev = h0;
+    for (size_t k = 0; k < mtp.size(); ++k) {
+      const auto& d = mtp[k];
+      MtpState& c = st[k];
+      const int64_t depth = static_cast<int64_t>(k + 1);
+      c.ids = cuda::to_device(models::mtp_input_ids(in.input_ids, depth, nullptr).view({t}), DType::I64);
+      c.embed = cuda::embedding(c.ids, value(m_.embed_));
+      zero_row_ends(c.embed, bt, depth);  // no token t+k there (models::Decoder does the same)
+      c.joined = cuda::empty({t, 2 * h}, dt_, "MTP [enorm | hnorm]");
+      cuda::copy_columns(cuda::rms_norm(c.embed, value(d.enorm.weight), d.enorm.eps, &c.rstd_e), h, 0, 1, c.joined,
+                         2 * h, 0, h);
+      cuda::copy_columns(cuda::rms_norm(prev, value(d.hnorm.weight), d.hnorm.eps, &c.rstd_h), h, 0, 1, c.joined,
+                         2 * h, h, h);
+      c.y = layer_forward(d.layer, projection(d.eh_proj, c.joined), bt, c.layer);
+      c.h = cuda::rms_norm(c.y, value(d.head_norm.weight), d.head_norm.eps, &c.rstd_y);
+      prev = c.h;
+    }
+    Tensor d_next;
+    for (size_t k = mtp.size(); k-- > 0;) {
+      const auto& d = mtp[k];
+      MtpState& c = st[k];
+      const int64_t depth = static_cast<int64_t>(k + 1);
+      const Tensor targets = cuda::to_device(models::mtp_targets(*in.labels, in.doc_ids, depth), DType::I64);
+      Tensor dh;
+      res.mtp_ce_sums[k] = cuda::fused_linear_cross_entropy(c.h, value(m_.lm_head_), targets, -100, opts.mtp_scales[k],
+                                                            dh, params_.grad(m_.lm_head_), &res.mtp_tokens[k]);
+      if (d_next.defined()) cuda::add_inplace(dh, d_next);
+      const Tensor dy = cuda::rms_norm_backward(c.y, value(d.head_norm.weight), c.rstd_y, dh, params_.grad(d.head_norm.weight));
+      dh = Tensor();
+      const Tensor dx = layer_backward(d.layer, c.layer, bt, dy, nullptr);
+      Tensor djoined = cuda::empty({t, 2 * h}, dt_, "MTP [enorm | hnorm] gradient");
+      projection_backward(d.eh_proj, c.joined, dx, djoined, false);
+      Tensor den = cuda::empty({t, h}, dt_, "MTP enorm gradient"), dhn = cuda::empty({t, h}, dt_, "MTP hnorm gradient");
+      cuda::copy_columns(djoined, 2 * h, 0, 1, den, h, 0, h);
+      cuda::copy_columns(djoined, 2 * h, h, 1, dhn, h, 0, h);
+      Tensor de = cuda::rms_norm_backward(c.embed, value(d.enorm.weight), c.rstd_e, den, params_.grad(d.enorm.weight));
+      zero_row_ends(de, bt, depth);
+      cuda::embedding_backward(c.ids, de, params_.grad(m_.embed_), m_.config().pad_token_id.value_or(-1));
+      d_next = cuda::rms_norm_backward(k == 0 ? h0 : st[k - 1].h, value(d.hnorm.weight), c.rstd_h, dhn,
+                                       params_.grad(d.hnorm.weight));
+      st[k] = MtpState();
+      ready(layer_params_[d.layer]);
+    }
+    return d_next;
+  }
+
+  // Zeroes the last `n` positions of every row of x [B*S, ...].
+  static void zero_row_ends(Tensor& x, const Inputs& bt, int64_t n) {
+    const int64_t tail = std::min(n, bt.s);
+    for (int64_t b = 0; b < bt.b; ++b) {
+      Tensor rows = x.slice0(b * bt.s + bt.s - tail, tail);
+      cuda::zero(rows);
+    }
+  }
 
   bool aux_enabled() const { return m_.cfg_.output_router_logits; }
   bool expert_parallel() const { return par_.ep && par_.ep->size() > 1; }

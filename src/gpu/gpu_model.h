@@ -19,6 +19,7 @@ struct GpuStepOptions {
   float aux_scale = 0.f;   // gradient of the load-balancing loss, when the config enables it
   bool balanced_routing = false;  // experts assigned round-robin (benchmarks); the router still learns
   bool activation_checkpointing = false;  // keep each layer's input only; recompute it in backward
+  std::vector<float> mtp_scales;  // multi-token prediction depths to train (models::TrainStepOptions)
   // Called during backward with the parameters whose gradients are complete for this micro-batch
   // (a layer's, once its backward is done): the optimizer-in-backward path applies AdamW to them
   // and frees their gradients, so all the gradients never exist at once.
@@ -29,6 +30,8 @@ struct GpuStepResult {
   double ce_sum = 0;       // summed cross-entropy over counted tokens
   int64_t tokens = 0;      // counted tokens
   float aux_loss = NAN;
+  std::vector<double> mtp_ce_sums;  // per multi-token prediction depth trained
+  std::vector<int64_t> mtp_tokens;
   // Wall time of the forward through the fused LM head + loss (which also produces the head's
   // gradients), and of the rest of the backward; each ends with a device synchronisation.
   double forward_ms = 0, backward_ms = 0;

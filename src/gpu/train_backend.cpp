@@ -40,11 +40,14 @@ class GpuBackend : public StepBackend {
     go.ce_scale = o.ce_scale;
     go.aux_scale = o.aux_scale;
     go.activation_checkpointing = o.activation_checkpointing;
+    go.mtp_scales = o.mtp_scales;
     const gpu::GpuStepResult r = gm_->forward_backward(in, go);
     models::TrainStepResult out;
     out.ce_sum = r.ce_sum;
     out.tokens = r.tokens;
     out.aux_loss = r.aux_loss;
+    out.mtp_ce_sums = r.mtp_ce_sums;
+    out.mtp_tokens = r.mtp_tokens;
     return out;
   }
   double finish_gradients(double max_norm) override {

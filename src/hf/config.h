@@ -92,6 +92,9 @@ struct ModelConfig {
   std::optional<GroupedSigmoidRouting> grouped_sigmoid_routing;
   int64_t n_shared_experts = 0;  // DeepSeek-V3: ungated shared experts, n * moe_intermediate_size wide
   int64_t num_nextn_predict_layers = 0;  // DeepSeek-V3's multi-token prediction layers in checkpoints
+  // The multi-token prediction layers the model builds: those of the num_nextn_predict_layers that
+  // the checkpoint holds (from_pretrained sets it; Transformers writes none). Not a config.json field.
+  int64_t mtp_layers = 0;
 
   bool is_moe_layer(int64_t layer) const;
   // The attention window of a layer (null: full causal attention).

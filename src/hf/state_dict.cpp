@@ -165,6 +165,11 @@ LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamSt
       source_dtype_[n] = ckpt.entry(n).dtype;
       continue;
     }
+    if (copies_.count(n)) {
+      source_dtype_[n] = ckpt.entry(n).dtype;
+      copies_found_.insert(n);
+      continue;
+    }
     report.unexpected.push_back(n);
   }
   for (size_t i = 0; i < ignored_prefixes_.size(); ++i)
@@ -224,6 +229,11 @@ NamedTensors StateDictAdapter::export_tensors(const nn::ParamStore& params, std:
         out.emplace_back(dn, expert_rows(p.value, local, 0, rows, dtype_for(dn, p.value)));
       }
     }
+  }
+  for (const auto& name : copies_found_) {
+    const nn::Param* p = params.find(copies_.at(name));
+    MF_CHECK(p, "internal: '", name, "' copies '", copies_.at(name), "', which is not a parameter");
+    out.emplace_back(name, p->value.to(dtype_for(name, p->value)));
   }
   return out;
 }

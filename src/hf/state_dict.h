@@ -47,6 +47,11 @@ class StateDictAdapter {
   // Checkpoint tensors under `prefix` that the model knowingly does not use (DeepSeek-V3's
   // multi-token prediction layers): reported once, not as unexpected, and not saved.
   void ignore_prefix(const std::string& prefix, std::string why) { ignored_prefixes_.emplace_back(prefix, std::move(why)); }
+  // A checkpoint tensor that is a stored copy of another parameter (DeepSeek-V3's multi-token
+  // prediction layers keep copies of the embedding and output head they share with the main model):
+  // not read on load (the parameter comes from its own name; the copy may be absent), and written
+  // on save with the parameter's value when the loaded checkpoint had it.
+  void copy_of(const std::string& checkpoint, const std::string& internal) { copies_[checkpoint] = internal; }
   // FP8 checkpoints (quantization_config fp8): weights stored as e4m3 with `<name>_scale_inv` per
   // [rows, cols] block are dequantised on load.
   void set_fp8_blocks(int64_t rows, int64_t cols) {
@@ -79,6 +84,7 @@ class StateDictAdapter {
     source_dtype_ = other.source_dtype_;
     loaded_as_ = other.loaded_as_;
     dequantized_ = other.dequantized_;
+    copies_found_ = other.copies_found_;
   }
 
  private:
@@ -88,6 +94,8 @@ class StateDictAdapter {
   std::set<std::string> fused_loaded_;             // groups (by prefix) found fused in the checkpoint
   std::map<std::string, DType> source_dtype_;      // checkpoint name -> dtype it had
   std::map<std::string, std::string> renames_;     // internal -> checkpoint name
+  std::map<std::string, std::string> copies_;      // checkpoint name -> the internal parameter it copies
+  std::set<std::string> copies_found_;             // the copies the loaded checkpoint held
   std::map<std::string, std::string> loaded_as_;   // internal -> the name it was loaded under
   std::set<std::string> dequantized_;              // internal names read from quantised tensors
   std::vector<std::pair<std::string, std::string>> ignored_prefixes_;  // prefix, why

@@ -13,6 +13,38 @@ Tensor shifted_targets(const Tensor& labels) {
   return Tensor::from_i64(shifted, {b * s});
 }
 
+Tensor mtp_targets(const Tensor& labels, const Tensor* doc_ids, int64_t depth) {
+  MF_CHECK(depth >= 1, "multi-token prediction depth must be >= 1, got ", depth);
+  const int64_t b = labels.size(0), s = labels.size(1), ahead = depth + 1;
+  MF_CHECK(!doc_ids || doc_ids->shape() == labels.shape(), "doc_ids must match labels");
+  std::vector<int64_t> out(static_cast<size_t>(b * s), -100);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t t = 0; t + ahead < s; ++t) {
+      const int64_t src = i * s + t + ahead;
+      if (doc_ids && doc_ids->i64()[src] != doc_ids->i64()[i * s + t]) continue;
+      out[i * s + t] = labels.i64()[src];
+    }
+  return Tensor::from_i64(out, {b * s});
+}
+
+Tensor mtp_input_ids(const Tensor& input_ids, int64_t depth, std::vector<uint8_t>* valid) {
+  const int64_t b = input_ids.size(0), s = input_ids.size(1);
+  std::vector<int64_t> out(static_cast<size_t>(b * s), 0);
+  if (valid) valid->assign(static_cast<size_t>(b * s), 0);
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t t = 0; t + depth < s; ++t) {
+      out[i * s + t] = input_ids.i64()[i * s + t + depth];
+      if (valid) (*valid)[i * s + t] = 1;
+    }
+  return Tensor::from_i64(out, {b, s});
+}
+
+int64_t counted_targets(const Tensor& targets) {
+  int64_t n = 0;
+  for (int64_t i = 0; i < targets.numel(); ++i) n += targets.i64()[i] != -100;
+  return n;
+}
+
 float causal_lm_loss(const Tensor& logits, const Tensor& labels, int64_t* counted) {
   const int64_t b = logits.size(0), s = logits.size(1), v = logits.size(2);
   MF_CHECK(labels.shape() == Shape({b, s}), "labels ", shape_str(labels.shape()), " do not match logits ",

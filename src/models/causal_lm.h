@@ -48,12 +48,18 @@ struct TrainStepOptions {
   float ce_scale = 1.f;   // gradient of the summed token cross-entropy (1 / tokens in the global batch)
   float aux_scale = 0.f;  // gradient of the load-balancing loss (coef / micro-batches), if enabled
   bool activation_checkpointing = false;  // keep only each layer's input; recompute in backward
+  // Multi-token prediction (DeepSeek-V3): per depth, the gradient scale of its summed
+  // cross-entropy (mtp_loss_scale / depths / the depth's counted targets in the global batch).
+  // Empty: the MTP layers are not run (they are kept, unchanged, for saving).
+  std::vector<float> mtp_scales;
 };
 
 struct TrainStepResult {
   double ce_sum = 0;       // summed cross-entropy over counted tokens
   int64_t tokens = 0;      // counted tokens
   float aux_loss = NAN;    // load-balancing loss when the config asks for it
+  std::vector<double> mtp_ce_sums;   // per multi-token prediction depth run: summed cross-entropy
+  std::vector<int64_t> mtp_tokens;   // and the targets it counted
 };
 
 class CausalLM {
@@ -71,6 +77,10 @@ class CausalLM {
   const hf::StateDictAdapter& adapter() const { return adapter_; }
   // Parameters touched per token: everything except the experts a token is not routed to.
   virtual int64_t active_parameters() const = 0;
+  // Multi-token prediction depths the model holds (DeepSeek-V3 checkpoints with their MTP layers),
+  // and whether their own parameters train (they are frozen unless a recipe asks for their loss).
+  virtual int64_t mtp_depths() const { return 0; }
+  virtual void set_mtp_trainable(bool) {}
 
  protected:
   hf::ModelConfig cfg_;
@@ -83,5 +93,12 @@ class CausalLM {
 float causal_lm_loss(const Tensor& logits, const Tensor& labels, int64_t* counted);
 // The shifted targets [B*S]: label t+1 for position t, -100 at each row's last position.
 Tensor shifted_targets(const Tensor& labels);
+// Multi-token prediction at `depth` k >= 1: position t predicts label t+1+k (-100 past the row's
+// end, and where `doc_ids` puts that label in another packed document than position t), from
+// the embedding of token t+k. mtp_input_ids gives those tokens [B, S] (0 past the end) and
+// `valid` [B*S] marks the positions that have one (the others get a zero embedding).
+Tensor mtp_targets(const Tensor& labels, const Tensor* doc_ids, int64_t depth);
+Tensor mtp_input_ids(const Tensor& input_ids, int64_t depth, std::vector<uint8_t>* valid);
+int64_t counted_targets(const Tensor& targets);
 
 }  // namespace moeforge::models

@@ -18,8 +18,13 @@ LoadedModel from_pretrained(const std::string& dir, const LoadOptions& opts, con
   hf::ModelConfig cfg = hf::load_config(dir);
   LoadedModel out;
   out.source_dir = dir;
-  out.model = build_model(cfg, par);
   auto ckpt = hf::SafetensorsCheckpoint::open(dir);
+  // The multi-token prediction layers the checkpoint holds (DeepSeek's releases do, Transformers
+  // writes none): built, loaded, and saved back; trained when a recipe asks.
+  while (cfg.mtp_layers < cfg.num_nextn_predict_layers &&
+         ckpt.contains("model.layers." + std::to_string(cfg.num_hidden_layers + cfg.mtp_layers) + ".eh_proj.weight"))
+    ++cfg.mtp_layers;
+  out.model = build_model(cfg, par);
   out.report = out.model->adapter().load(ckpt, out.model->params(), opts.compute_dtype);
   return out;
 }

@@ -40,11 +40,14 @@ void Progress::step(const StepMetrics& m, bool log) {
   nlohmann::ordered_json j = {{"step", m.step}, {"loss", m.loss}, {"lr", m.lr}, {"grad_norm", m.grad_norm},
                               {"tokens", m.tokens}, {"tokens_per_s", tps}, {"elapsed_s", elapsed}};
   if (m.aux_loss >= 0) j["aux_loss"] = m.aux_loss;
+  if (m.mtp_loss >= 0) j["mtp_loss"] = m.mtp_loss;
   std::fprintf(metrics_, "%s\n", j.dump().c_str());
   std::fflush(metrics_);
-  char line[256];
-  std::snprintf(line, sizeof line, "step %lld/%lld | loss %.4f | lr %.3e | grad-norm %.3f | %.0f tok/s | ETA %s",
-                static_cast<long long>(m.step), static_cast<long long>(m.total), m.loss, m.lr, m.grad_norm, tps,
+  char mtp[48] = "";
+  if (m.mtp_loss >= 0) std::snprintf(mtp, sizeof mtp, " | mtp-loss %.4f", m.mtp_loss);
+  char line[288];
+  std::snprintf(line, sizeof line, "step %lld/%lld | loss %.4f%s | lr %.3e | grad-norm %.3f | %.0f tok/s | ETA %s",
+                static_cast<long long>(m.step), static_cast<long long>(m.total), m.loss, mtp, m.lr, m.grad_norm, tps,
                 duration(eta).c_str());
   if (tty_) {
     std::fprintf(stderr, "\r\033[K%s", line);

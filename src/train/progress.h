@@ -12,6 +12,7 @@ struct StepMetrics {
   int64_t step = 0, total = 0;
   double loss = 0, lr = 0, grad_norm = 0;
   double aux_loss = -1;  // < 0: not computed
+  double mtp_loss = -1;  // multi-token prediction: the depths' mean cross-entropy, averaged; < 0: not trained
   int64_t tokens = 0;    // tokens in this step's global batch
 };
 

@@ -145,6 +145,7 @@ std::vector<Key> make_keys() {
        [](const Recipe& r) { return r.resume.empty() ? std::string("false") : "\"" + r.resume + "\""; }},
       int_key("threads", &Recipe::threads, 0),
       int_key("ep_size", &Recipe::ep_size, 1),
+      dbl("mtp_loss_scale", [](Recipe& r) -> double& { return r.mtp_loss_scale; }, 0),
   };
   return keys;
 }

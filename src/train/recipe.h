@@ -43,6 +43,10 @@ struct Recipe {
   // Expert parallelism in a multi-rank run: each group of ep_size ranks shares out the experts
   // (E / ep_size each); world / ep_size such groups hold copies. Must divide the world and E.
   int64_t ep_size = 1;
+  // DeepSeek-V3's multi-token prediction layers (when the model folder holds them): > 0 trains
+  // them, adding mtp_loss_scale / depths * each depth's mean cross-entropy to the loss (DeepSeek
+  // used 0.3, then 0.1); 0 keeps them frozen and saves them back unchanged.
+  double mtp_loss_scale = 0;
 
   // The resolved recipe as YAML (every key, defaults included), for the output folder.
   std::string to_yaml() const;

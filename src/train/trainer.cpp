@@ -186,6 +186,11 @@ TrainResult run_training(const Recipe& r) {
   const models::Parallel par = multi ? groups->parallel() : models::Parallel{};
   auto loaded = models::from_pretrained(r.model, {}, par);
   models::CausalLM& model = *loaded.model;
+  const int64_t mtp_depths = r.mtp_loss_scale > 0 ? model.mtp_depths() : 0;
+  MF_CHECK(r.mtp_loss_scale <= 0 || mtp_depths > 0, r.source, ": key 'mtp_loss_scale': ", r.mtp_loss_scale,
+           ", but ", r.model, " holds no multi-token prediction layers (config.json num_nextn_predict_layers ",
+           cfg.num_nextn_predict_layers, ", none of them in the weights)");
+  model.set_mtp_trainable(mtp_depths > 0);
   std::string resume_from;
   if (main_rank) {
     resume_from = prepare_output(r);
@@ -270,16 +275,23 @@ TrainResult run_training(const Recipe& r) {
     backend->zero_grad();
     std::vector<data::TokenBatches::MicroBatch> micro;
     int64_t tokens = 0;
+    std::vector<int64_t> mtp_tokens(static_cast<size_t>(mtp_depths), 0);
     for (int64_t a = 0; a < accumulation; ++a) {
       micro.push_back(data.micro_batch(st.cursor + a * r.micro_batch, r.micro_batch));
       tokens += micro.back().loss_tokens;  // of the whole micro-batch: the loss is its mean
+      for (int64_t k = 0; k < mtp_depths; ++k)
+        mtp_tokens[k] += models::counted_targets(
+            models::mtp_targets(micro.back().labels, data.packing() ? &micro.back().doc_ids : nullptr, k + 1));
       if (multi) micro.back() = rows_for_rank(micro.back(), denv.rank, denv.world_size);
     }
     models::TrainStepOptions o;
     o.ce_scale = tokens > 0 ? 1.f / static_cast<float>(tokens) : 0.f;
+    for (int64_t k = 0; k < mtp_depths; ++k)
+      o.mtp_scales.push_back(mtp_tokens[k] > 0 ? static_cast<float>(r.mtp_loss_scale / mtp_depths / mtp_tokens[k]) : 0.f);
     o.aux_scale = aux ? static_cast<float>(cfg.router_aux_loss_coef / accumulation) : 0.f;
     o.activation_checkpointing = r.activation_checkpointing;
     double ce = 0, aux_sum = 0;
+    std::vector<double> mtp_ce(static_cast<size_t>(mtp_depths), 0.0);
     for (auto& mb : micro) {
       models::ForwardInputs in{mb.input_ids, &mb.labels};
       if (data.packing()) {
@@ -289,9 +301,13 @@ TrainResult run_training(const Recipe& r) {
       auto res = backend->forward_backward(in, o);
       ce += res.ce_sum;
       if (aux) aux_sum += res.aux_loss;
+      for (size_t k = 0; k < res.mtp_ce_sums.size(); ++k) mtp_ce[k] += res.mtp_ce_sums[k];
     }
     st.cursor += r.global_batch;
-    if (multi) ce = sum_over_world(*groups, ce);
+    if (multi) {
+      ce = sum_over_world(*groups, ce);
+      for (double& v : mtp_ce) v = sum_over_world(*groups, v);
+    }
     const double grad_norm = backend->finish_gradients(r.max_grad_norm);
     const double lr = r.optimizer.lr * lr_multiplier(r.schedule, st.step, total_steps);
     backend->step(lr);
@@ -301,6 +317,10 @@ TrainResult run_training(const Recipe& r) {
     m.total = total_steps;
     m.loss = (tokens ? ce / tokens : 0.0) + (aux ? cfg.router_aux_loss_coef * aux_sum / accumulation : 0.0);
     if (aux) m.aux_loss = aux_sum / accumulation;
+    if (mtp_depths > 0) {
+      m.mtp_loss = 0;
+      for (int64_t k = 0; k < mtp_depths; ++k) m.mtp_loss += (mtp_tokens[k] ? mtp_ce[k] / mtp_tokens[k] : 0.0) / mtp_depths;
+    }
     m.lr = lr;
     m.grad_norm = grad_norm;
     m.tokens = tokens;

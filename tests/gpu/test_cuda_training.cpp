@@ -24,17 +24,30 @@ namespace {
 #define REQUIRE_GPU() \
   if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine"
 
-gpu::GpuStepOptions step_options(const models::CausalLM& m, const Tensor& labels, bool ckpt) {
+// The multi-token prediction loss's weight in a fixture that trains it (0: none).
+double mtp_loss_scale(const hf::SafetensorsFile& ref) {
+  return ref.contains("mtp_loss_scale") ? ref.get("mtp_loss_scale").item_f32() : 0.0;
+}
+
+// Call before the model is uploaded: the MTP layers' parameters train only when mtp_scale > 0.
+gpu::GpuStepOptions step_options(models::CausalLM& m, const Tensor& labels, bool ckpt, double mtp_scale = 0) {
   gpu::GpuStepOptions o;
   o.ce_scale = 1.f / static_cast<float>(test::counted_tokens(labels));
   o.aux_scale = m.config().output_router_logits ? static_cast<float>(m.config().router_aux_loss_coef) : 0.f;
   o.activation_checkpointing = ckpt;
+  m.set_mtp_trainable(mtp_scale > 0);
+  const int64_t depths = mtp_scale > 0 ? m.mtp_depths() : 0;
+  for (int64_t k = 1; k <= depths; ++k)
+    o.mtp_scales.push_back(static_cast<float>(
+        mtp_scale / depths / models::counted_targets(models::mtp_targets(labels, nullptr, k))));
   return o;
 }
 
-double step_loss(const models::CausalLM& m, const gpu::GpuStepResult& r) {
+double step_loss(const models::CausalLM& m, const gpu::GpuStepResult& r, double mtp_scale = 0) {
   double loss = r.ce_sum / static_cast<double>(r.tokens);
   if (m.config().output_router_logits) loss += m.config().router_aux_loss_coef * r.aux_loss;
+  for (size_t k = 0; k < r.mtp_ce_sums.size(); ++k)
+    loss += mtp_scale / static_cast<double>(r.mtp_ce_sums.size()) * r.mtp_ce_sums[k] / r.mtp_tokens[k];
   return loss;
 }
 
@@ -49,14 +62,18 @@ TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
   auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
   auto grads = hf::SafetensorsFile::open(dir + "/reference_grads.safetensors");
   auto m = models::from_pretrained(dir);
-  auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  gm->forward_backward({ids, &labels}, step_options(*m.model, labels, ckpt));
+  const gpu::GpuStepOptions opts = step_options(*m.model, labels, ckpt, mtp_loss_scale(ref));
+  auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+  gm->forward_backward({ids, &labels}, opts);
   const auto& params = m.model->params().all();
   // The CPU model's gradients too: where the GPU's distance to torch exceeds the CPU's by far, the
   // tensor is printed (a diagnostic for the three-step test, which amplifies small differences).
-  m.model->forward_backward({ids, &labels}, {step_options(*m.model, labels, ckpt).ce_scale,
-                                             step_options(*m.model, labels, ckpt).aux_scale, false});
+  models::TrainStepOptions cpu_opts;
+  cpu_opts.ce_scale = opts.ce_scale;
+  cpu_opts.aux_scale = opts.aux_scale;
+  cpu_opts.mtp_scales = opts.mtp_scales;
+  m.model->forward_backward({ids, &labels}, cpu_opts);
   double worst = 0;
   std::string worst_name;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -96,18 +113,20 @@ TEST_P(CudaTraining, Fp32ThreeAdamWStepsMatchTorch) {
   const std::string dir = test::fixture(name);
   auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
   auto m = models::from_pretrained(dir);
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  const double mtp_scale = mtp_loss_scale(ref);
+  const gpu::GpuStepOptions opts = step_options(*m.model, labels, ckpt, mtp_scale);
   auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   const double lr = 1e-3;
   gpu::DeviceAdamW opt(gm->params(), {lr, 0.9, 0.95, 1e-8, 0.1, true});
-  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
   Tensor want_losses = ref.get("train_losses");
   auto& params = m.model->params().all();
   std::vector<std::vector<bool>> noisy(params.size());
   for (size_t i = 0; i < params.size(); ++i) noisy[i].assign(static_cast<size_t>(shape_numel(params[i].shape)), false);
   for (int step = 0; step < 3; ++step) {
     gm->params().zero_grad();
-    const auto r = gm->forward_backward({ids, &labels}, step_options(*m.model, labels, ckpt));
-    EXPECT_NEAR(step_loss(*m.model, r), want_losses.item_f32(step), 1e-5) << "step " << step;
+    const auto r = gm->forward_backward({ids, &labels}, opts);
+    EXPECT_NEAR(step_loss(*m.model, r, mtp_scale), want_losses.item_f32(step), 1e-5) << "step " << step;
     for (size_t i = 0; i < params.size(); ++i)
       test::note_noise(noisy[i], cuda::to_host_f32(gm->params().grad(i)).to_f32_vector());
     opt.step(lr);
@@ -125,7 +144,7 @@ INSTANTIATE_TEST_SUITE_P(Families, CudaTraining,
                          ::testing::Combine(::testing::Values("mixtral_a", "mixtral_b", "qwen2_moe_a", "qwen2_moe_b",
                                                               "olmoe_a", "olmoe_b", "llama_a", "llama_b", "mistral_a",
                                                               "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b", "gpt_oss_a",
-                                                              "gpt_oss_b", "deepseek_v3_a", "deepseek_v3_b"),
+                                                              "gpt_oss_b", "deepseek_v3_a", "deepseek_v3_b", "deepseek_v3_mtp"),
                                             ::testing::Values(false, true)));
 
 class CudaTrainingPolicies : public ::testing::TestWithParam<const char*> {};
@@ -208,9 +227,14 @@ TEST_P(CudaTrainingPolicies, OptimizerInBackwardMatchesStepAfterBackward) {
   auto a = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   auto b = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   gpu::DeviceAdamW opt_a(a->params(), ao), opt_b(b->params(), ao);
+  const auto& params = m.model->params().all();
+  std::vector<std::vector<bool>> noisy(params.size());
+  for (size_t i = 0; i < params.size(); ++i) noisy[i].assign(static_cast<size_t>(shape_numel(params[i].shape)), false);
   for (int step = 0; step < 3; ++step) {
     a->params().zero_grad();
     const auto ra = a->forward_backward({ids, &labels}, step_options(*m.model, labels, false));
+    for (size_t i = 0; i < params.size(); ++i)
+      test::note_noise(noisy[i], cuda::to_host_f32(a->params().grad(i)).to_f32_vector());
     opt_a.step(1e-3);
     gpu::GpuStepOptions ob = step_options(*m.model, labels, false);
     opt_b.begin_step(1e-3);
@@ -225,12 +249,17 @@ TEST_P(CudaTrainingPolicies, OptimizerInBackwardMatchesStepAfterBackward) {
     for (size_t i = 0; i < b->params().size(); ++i) EXPECT_FALSE(b->params().has_grad(i)) << "gradient " << i << " kept";
     EXPECT_NEAR(step_loss(*m.model, ra), step_loss(*m.model, rb), 1e-6) << "step " << step;
   }
+  // The two runs differ only in when AdamW runs, but their gradients are not bit-identical (some
+  // backward reductions, e.g. cuDNN's attention and the float atomics of the embedding gradient, do
+  // not fix their order), so the weights are held as in the parity tests: 1e-5 of each tensor's
+  // largest, and elements whose gradient sits at fp32 noise level (where Adam's g / sqrt(v)
+  // amplifies a last-bit difference to a full step) to the Adam step bound. Measured: 7 of 20
+  // repetitions differed by up to 3.3e-5 in one such element of a router weight.
   auto ma = models::from_pretrained(dir), mb = models::from_pretrained(dir);
   a->params().copy_to_host(ma.model->params());
   b->params().copy_to_host(mb.model->params());
-  for (size_t i = 0; i < ma.model->params().all().size(); ++i)
-    EXPECT_LE(test::max_abs_diff(ma.model->params().all()[i].value, mb.model->params().all()[i].value), 1e-6f)
-        << ma.model->params().all()[i].name;
+  const auto [noisy_total, total] = test::weights_match(mb.model->params().all(), ma.model->params().all(), noisy, 2 * 3 * 1e-3 / (1 - 0.9));
+  EXPECT_LT(noisy_total, total / 100);
 }
 
 INSTANTIATE_TEST_SUITE_P(Qwen3Moe, CudaTrainingPolicies, ::testing::Values("qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux"));

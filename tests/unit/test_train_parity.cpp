@@ -19,12 +19,31 @@ using namespace moeforge;
 
 namespace {
 
-models::TrainStepOptions step_options(const models::CausalLM& m, const Tensor& labels, bool ckpt) {
+// The multi-token prediction loss's weight in a fixture that trains it (0: none).
+double mtp_loss_scale(const hf::SafetensorsFile& ref) {
+  return ref.contains("mtp_loss_scale") ? ref.get("mtp_loss_scale").item_f32() : 0.0;
+}
+
+models::TrainStepOptions step_options(models::CausalLM& m, const Tensor& labels, bool ckpt, double mtp_scale) {
   models::TrainStepOptions o;
   o.ce_scale = 1.f / static_cast<float>(test::counted_tokens(labels));
   o.aux_scale = m.config().output_router_logits ? static_cast<float>(m.config().router_aux_loss_coef) : 0.f;
   o.activation_checkpointing = ckpt;
+  m.set_mtp_trainable(mtp_scale > 0);
+  const int64_t depths = mtp_scale > 0 ? m.mtp_depths() : 0;
+  for (int64_t k = 1; k <= depths; ++k)
+    o.mtp_scales.push_back(static_cast<float>(
+        mtp_scale / depths / models::counted_targets(models::mtp_targets(labels, nullptr, k))));
   return o;
+}
+
+// The loss a fixture's reference reports: cross-entropy (+ aux) (+ the MTP depths').
+double total_loss(const models::CausalLM& m, const models::TrainStepResult& r, double mtp_scale) {
+  double loss = r.ce_sum / r.tokens;
+  if (m.config().output_router_logits) loss += m.config().router_aux_loss_coef * r.aux_loss;
+  for (size_t k = 0; k < r.mtp_ce_sums.size(); ++k)
+    loss += mtp_scale / static_cast<double>(r.mtp_ce_sums.size()) * r.mtp_ce_sums[k] / r.mtp_tokens[k];
+  return loss;
 }
 
 }  // namespace
@@ -38,7 +57,7 @@ TEST_P(TrainParity, FirstStepGradientsMatchTorch) {
   auto grads = hf::SafetensorsFile::open(dir + "/reference_grads.safetensors");
   auto m = models::from_pretrained(dir);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, ckpt));
+  m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, ckpt, mtp_loss_scale(ref)));
   for (const auto& p : m.model->params().all()) {
     if (!p.trainable) {  // a buffer (DeepSeek-V3's correction bias): torch has no gradient for it either
       EXPECT_FALSE(grads.contains("grad." + p.name)) << p.name;
@@ -80,10 +99,8 @@ TEST_P(TrainParity, ThreeAdamWStepsMatchTorch) {
   for (size_t i = 0; i < params.size(); ++i) noisy[i].assign(static_cast<size_t>(shape_numel(params[i].shape)), false);
   for (int step = 0; step < 3; ++step) {
     model.params().zero_grad();
-    auto r = model.forward_backward({ids, &labels}, step_options(model, labels, ckpt));
-    double loss = r.ce_sum / r.tokens;
-    if (model.config().output_router_logits) loss += model.config().router_aux_loss_coef * r.aux_loss;
-    EXPECT_NEAR(loss, want_losses.item_f32(step), 1e-5) << "step " << step;
+    auto r = model.forward_backward({ids, &labels}, step_options(model, labels, ckpt, mtp_loss_scale(ref)));
+    EXPECT_NEAR(total_loss(model, r, mtp_loss_scale(ref)), want_losses.item_f32(step), 1e-5) << "step " << step;
     for (size_t i = 0; i < params.size(); ++i) test::note_noise(noisy[i], params[i].grad.to_f32_vector());
     opt.step(lr);
   }
@@ -91,6 +108,58 @@ TEST_P(TrainParity, ThreeAdamWStepsMatchTorch) {
   const auto [noisy_total, total] = test::weights_match(params, after.model->params().all(), noisy, 2 * 3 * lr / (1 - 0.9));
   RecordProperty("noise_level_elements", std::to_string(noisy_total) + " of " + std::to_string(total));
   EXPECT_LT(noisy_total, total / 100) << "too many elements at fp32 noise level for the test to mean much";
+}
+
+// DeepSeek-V3's multi-token prediction: the fixture holds two depths and trains with their loss.
+TEST(MtpTraining, FirstStepLossesPerDepthMatchTorch) {
+  const std::string dir = test::fixture("deepseek_v3_mtp");
+  auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
+  auto m = models::from_pretrained(dir);
+  ASSERT_EQ(m.model->mtp_depths(), 2);
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  const auto r = m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, false, mtp_loss_scale(ref)));
+  EXPECT_NEAR(r.ce_sum / r.tokens, ref.get("main_loss").item_f32(), 1e-5);
+  ASSERT_EQ(r.mtp_ce_sums.size(), 2u);
+  for (size_t k = 0; k < 2; ++k)
+    EXPECT_NEAR(r.mtp_ce_sums[k] / r.mtp_tokens[k], ref.get("mtp_losses").to_f32_vector()[k], 1e-5) << "depth " << k + 1;
+}
+
+TEST(MtpTraining, FrozenWithoutTheLossAndSavedBackUnchanged) {
+  const std::string dir = test::fixture("deepseek_v3_mtp");
+  auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
+  auto m = models::from_pretrained(dir);
+  m.model->set_mtp_trainable(false);
+  int frozen = 0;
+  for (const auto& p : m.model->params().all())
+    if (p.name.rfind("model.layers.2.", 0) == 0 || p.name.rfind("model.layers.3.", 0) == 0) {
+      EXPECT_FALSE(p.trainable) << p.name;
+      ++frozen;
+    }
+  EXPECT_GT(frozen, 10);
+  // No MTP loss asked: the step is the main model's alone, and AdamW leaves the depths as loaded.
+  train::AdamW opt(m.model->params(), {1e-3, 0.9, 0.95, 1e-8, 0.1, true});
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  const auto r = m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, false, 0.0));
+  EXPECT_TRUE(r.mtp_ce_sums.empty());
+  EXPECT_NEAR(r.ce_sum / r.tokens, ref.get("main_loss").item_f32(), 1e-5);
+  opt.step(1e-3);
+  auto fresh = models::from_pretrained(dir);
+  const auto& got = m.model->params().all();
+  const auto& want = fresh.model->params().all();
+  for (size_t i = 0; i < got.size(); ++i)
+    if (!got[i].trainable) EXPECT_EQ(test::max_abs_diff(got[i].value, want[i].value), 0.f) << got[i].name;
+}
+
+TEST(MtpTraining, AskedOfAModelWithoutMtpLayersIsAnError) {
+  // Transformers writes no MTP tensors: the config's num_nextn_predict_layers builds nothing.
+  auto m = models::from_pretrained(test::fixture("deepseek_v3_a"));
+  EXPECT_EQ(m.model->config().num_nextn_predict_layers, 1);
+  EXPECT_EQ(m.model->mtp_depths(), 0);
+  models::TrainStepOptions o;
+  o.mtp_scales = {0.1f};
+  Tensor ids = Tensor::from_i64({1, 2, 3, 4}, {1, 4}), labels = ids.clone();
+  EXPECT_NE(test::error_of([&] { m.model->forward_backward({ids, &labels}, o); }).find("multi-token prediction"),
+            std::string::npos);
 }
 
 INSTANTIATE_TEST_SUITE_P(Qwen3Moe, TrainParity,
@@ -102,3 +171,5 @@ INSTANTIATE_TEST_SUITE_P(Families, TrainParity,
                                                               "mistral_b", "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b",
                                                               "gpt_oss_a", "gpt_oss_b", "deepseek_v3_a", "deepseek_v3_b"),
                                             ::testing::Values(false)));
+INSTANTIATE_TEST_SUITE_P(DeepseekMtp, TrainParity,
+                         ::testing::Combine(::testing::Values("deepseek_v3_mtp"), ::testing::Values(false, true)));

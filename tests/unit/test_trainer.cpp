@@ -140,6 +140,43 @@ TEST(Trainer, FinalFolderIsAStandardCheckpointAndMetricsAreWritten) {
   EXPECT_LE(j["grad_norm"].get<double>(), 1e6);
 }
 
+// DeepSeek-V3's multi-token prediction layers: trained when mtp_loss_scale > 0, frozen otherwise,
+// and saved back under the checkpoint's names either way (with the shared embedding and head
+// copies written from the main model's).
+TEST(Trainer, MultiTokenPredictionLayersTrainOnRequestAndAreSavedBack) {
+  const std::string src_dir = test::fixture("deepseek_v3_mtp");
+  auto src = hf::SafetensorsCheckpoint::open(src_dir);
+  const std::string eh = "model.layers.2.eh_proj.weight";
+  for (const double scale : {0.3, 0.0}) {
+    test::TempDir dir;
+    auto r = train::run_training(train::load_recipe(
+        write_recipe(dir), {"model=" + src_dir, "steps=2", "mtp_loss_scale=" + std::to_string(scale)}));
+    auto out = hf::SafetensorsCheckpoint::open(r.final_dir);
+    EXPECT_EQ(src.names(), out.names());
+    EXPECT_EQ(test::max_abs_diff(out.get("model.layers.3.embed_tokens.weight"), out.get("model.embed_tokens.weight")), 0.f);
+    EXPECT_EQ(test::max_abs_diff(out.get("model.layers.2.shared_head.head.weight"), out.get("lm_head.weight")), 0.f);
+    const float moved = test::max_abs_diff(out.get(eh), src.get(eh));
+    std::ifstream m(dir / "out/metrics.jsonl");
+    std::string line;
+    std::getline(m, line);
+    const auto j = nlohmann::json::parse(line);
+    if (scale > 0) {
+      EXPECT_GT(moved, 0.f);
+      ASSERT_TRUE(j.contains("mtp_loss"));
+      EXPECT_GT(j["mtp_loss"].get<double>(), 0.0);
+    } else {
+      EXPECT_EQ(moved, 0.f);
+      EXPECT_FALSE(j.contains("mtp_loss"));
+    }
+  }
+  test::TempDir bad;
+  const std::string e = test::error_of([&] {
+    train::run_training(train::load_recipe(write_recipe(bad), {"mtp_loss_scale=0.1"}));
+  });
+  EXPECT_NE(e.find("mtp_loss_scale"), std::string::npos) << e;
+  EXPECT_NE(e.find("no multi-token prediction layers"), std::string::npos) << e;
+}
+
 TEST(Trainer, PackingRunsAndResumesExactly) {
   test::TempDir full, half;
   auto straight = train::run_training(train::load_recipe(write_recipe(full), {"packing=true", "seq_len=48"}));

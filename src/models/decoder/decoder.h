@@ -6,6 +6,15 @@
 // routing, renormalised when norm_topk_prob, GPT-OSS's or DeepSeek's routing; SwiGLU or GPT-OSS
 // experts; Qwen2-MoE's gated or DeepSeek's plain shared experts); tied or untied LM head; the
 // load-balancing loss when output_router_logits is set.
+// DeepSeek-V3's multi-token prediction layers (when the checkpoint holds them): depth k (1-based)
+// takes h_{k-1} at position t (the main model's final-norm output for k = 1, else depth k-1's
+// head-norm output) and the embedding of token t+k (zero past the row's end):
+//   x = eh_proj([enorm(embed(token t+k)), hnorm(h_{k-1})]); y = its decoder layer(x);
+//   h_k = shared_head.norm(y); logits = lm_head(h_k), predicting token t+1+k.
+// The embedding and output head are the main model's (the checkpoint's copies under
+// model.layers.N.embed_tokens / shared_head.head are written from them on save). The loss adds
+// mtp_loss_scale / depths * the mean cross-entropy of each depth (DeepSeek-V3's report, Megatron's
+// mtp_loss_scaling_factor); the MTP routers take no part in the load-balancing loss.
 // Internal tensor names are Transformers 5's in-memory names; ExpertNaming gives the checkpoint's.
 #pragma once
 #include <memory>
@@ -36,6 +45,8 @@ class Decoder : public CausalLM {
   ForwardOutputs forward(const ForwardInputs& in) const override;
   TrainStepResult forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) override;
   int64_t active_parameters() const override;
+  int64_t mtp_depths() const override { return static_cast<int64_t>(mtp_.size()); }
+  void set_mtp_trainable(bool on) override;
 
  private:
   friend class gpu::DecoderGpu;
@@ -58,6 +69,18 @@ class Decoder : public CausalLM {
     nn::GatedSharedExpert::Cache shared;
     nn::DenseMLP::Cache shared_experts;
   };
+  // One multi-token prediction depth.
+  struct MtpDepth {
+    size_t layer = 0;  // its decoder layer in layers_ (num_hidden_layers + depth - 1)
+    nn::RMSNorm enorm, hnorm, head_norm;
+    nn::Linear eh_proj;  // [hidden, 2 * hidden]
+  };
+  // What a depth keeps for backward.
+  struct MtpCache {
+    Tensor ids, embed, joined, y, h;  // its tokens; their embeddings; [enorm | hnorm]; layer output; head norm of it
+    std::vector<uint8_t> valid;
+    LayerCache layer;
+  };
   struct Batch {
     int64_t b = 0, s = 0;
     Tensor cos, sin;
@@ -69,9 +92,17 @@ class Decoder : public CausalLM {
   Tensor layer_forward(size_t l, const Tensor& x, const Batch& bt, LayerCache* cache,
                        nn::SparseMoE::RouterOut* router) const;
   Tensor layer_backward(size_t l, const LayerCache& c, const Batch& bt, const Tensor& dy, const Tensor* dprobs_extra);
+  void add_layer(int64_t l, const ExpertNaming& naming, size_t& moe_layers);
+  void add_mtp_depth(int64_t depth, const ExpertNaming& naming, size_t& moe_layers);
+  // The MTP depths' forward and backward for a training step: `h0` is the main model's final-norm
+  // output; returns d(loss)/d(h0) from the depths (to add to the main model's).
+  Tensor mtp_train(const ForwardInputs& in, const Batch& bt, const Tensor& h0, const TrainStepOptions& opts,
+                   TrainStepResult& res);
 
   size_t embed_ = 0, lm_head_ = 0;
-  std::vector<Layer> layers_;
+  std::vector<Layer> layers_;  // the main model's num_hidden_layers, then one per MTP depth
+  size_t main_layers_ = 0;
+  std::vector<MtpDepth> mtp_;
   nn::RMSNorm final_norm_;
   nn::RotaryEmbedding rope_;
   Parallel par_;
