@@ -160,6 +160,11 @@ TEST_P(CudaTrainingPolicies, Bf16PoliciesTrackTorchLosses) {
   auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
   Tensor want = ref.get("train_losses");
+  // How far Transformers itself moves from its fp32 losses under torch's bf16 autocast (fp32
+  // weights, bf16 matmuls: bf16-mixed's arrangement), where the fixture records it: bf16-mixed may
+  // move up to twice that (it also keeps activations, attention and norms' outputs in BF16).
+  const bool anchored = ref.contains("train_losses_bf16_autocast");
+  const Tensor autocast = anchored ? ref.get("train_losses_bf16_autocast") : Tensor();
   for (gpu::Precision p : {gpu::Precision::BF16, gpu::Precision::BF16Mixed}) {
     auto m = models::from_pretrained(dir);
     auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), p));
@@ -169,7 +174,13 @@ TEST_P(CudaTrainingPolicies, Bf16PoliciesTrackTorchLosses) {
       gm->params().zero_grad();
       const auto r = gm->forward_backward({ids, &labels}, step_options(*m.model, labels, false));
       losses.push_back(step_loss(*m.model, r));
-      const double rel = step == 0 || p == gpu::Precision::BF16Mixed ? 0.02 : 0.05;
+      double rel = step == 0 || p == gpu::Precision::BF16Mixed ? 0.02 : 0.05;
+      if (anchored && p == gpu::Precision::BF16Mixed) {
+        const double torch_rel = std::abs(autocast.item_f32(step) - want.item_f32(step)) / want.item_f32(step);
+        rel = std::max(rel, 2 * torch_rel);
+        std::printf("  [%s] bf16-mixed step %d: %.4f off fp32 (Transformers' autocast %.4f)\n", GetParam(), step,
+                    std::abs(losses.back() - want.item_f32(step)) / want.item_f32(step), torch_rel);
+      }
       EXPECT_NEAR(losses.back(), want.item_f32(step), rel * want.item_f32(step))
           << gpu::precision_name(p) << " step " << step;
       opt.step(1e-3);
