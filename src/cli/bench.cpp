@@ -18,7 +18,7 @@
 namespace moeforge::cli {
 
 int cmd_bench(const std::vector<std::string>& argv) {
-  Args args(argv, {"--layers", "--seq", "--batch", "--steps", "--warmup", "--routing", "--precision", "--seed", "--ep-size"},
+  Args args(argv, {"--layers", "--seq", "--batch", "--steps", "--warmup", "--routing", "--precision", "--seed", "--ep-size", "--zero-stage"},
             {"--activation-checkpointing", "--optimizer-in-backward"});
   MF_CHECK(args.positionals().size() == 1, "bench takes one CONFIG.json or MODEL_DIR");
   const std::string path = args.positionals()[0];
@@ -50,6 +50,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
   o.precision = gpu::parse_precision(precision, "bench --precision");
   o.activation_checkpointing = args.has("--activation-checkpointing");
   o.optimizer_in_backward = args.has("--optimizer-in-backward");
+  o.zero_stage = static_cast<int>(args.get_int("--zero-stage", 1));
   if (main_rank)
     std::fprintf(stderr, "bench: %s, %lld layers, seq %lld, batch %lld, %s routing, %s, %lld warm-up + %lld timed steps\n",
                cfg.source.c_str(), static_cast<long long>(cfg.num_hidden_layers), static_cast<long long>(o.seq),
@@ -61,7 +62,9 @@ int cmd_bench(const std::vector<std::string>& argv) {
   // Under several ranks only rank 0 prints (its steps, and the per-GPU figures of all).
   const gpu::BenchResult r = gpu::run_bench(cfg, o, main_rank ? +progress : nullptr);
   if (!main_rank) return 0;
-  if (r.world > 1) std::printf("%d GPUs, experts split over %d (EP), dense weights replicated\n", r.world, r.ep_size);
+  if (r.world > 1)
+    std::printf("%d GPUs, experts split over %d (EP), dense weights %s\n", r.world, r.ep_size,
+                o.zero_stage == 3 ? "split (ZeRO-3)" : "replicated, their AdamW moments split (ZeRO-1)");
   std::printf("%-14s %10s %8s %9s %9s %9s %9s %8s %8s %8s\n", "impl", "tok/s/GPU", "TFLOP/s", "peak GiB", "reserved",
               "dev used", "fwd+loss", "bwd ms", "opt ms", "step ms");
   std::printf("%-14s %10.0f %8.1f %9.2f %9.2f %9.2f %9.1f %8.1f %8.1f %8.1f\n", "moeforge", r.tokens_per_s, r.tflops,
@@ -81,6 +84,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
   j["precision"] = precision;
   j["activation_checkpointing"] = o.activation_checkpointing;
   j["optimizer_in_backward"] = o.optimizer_in_backward;
+  j["zero_stage"] = o.zero_stage;
   j["steps"] = o.steps;
   j["warmup"] = o.warmup;
   j["tokens_per_s_per_gpu"] = r.tokens_per_s;

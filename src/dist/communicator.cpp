@@ -40,6 +40,13 @@ void Communicator::all_gather_blocks(const std::vector<Tensor>& ts) {
   }
 }
 
+void Communicator::reduce_scatter_blocks(const std::vector<Tensor>& ts) {
+  for (const Tensor& t : ts) {
+    Tensor whole = t;
+    all_reduce_sum(whole);
+  }
+}
+
 void check_blocks(const Communicator& c, const char* op, const Tensor& whole, const Tensor& block) {
   MF_CHECK(whole.dtype() == block.dtype() && whole.numel() == block.numel() * c.size(), op, " on group '", c.name(),
            "': ", shape_str(whole.shape()), " must hold ", c.size(), " blocks of ", shape_str(block.shape()));

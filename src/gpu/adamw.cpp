@@ -21,7 +21,7 @@ DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, Optimiz
   const DType mdt = params.precision() == Precision::BF16 ? DType::BF16 : DType::F32;
   for (size_t i = 0; i < params.size(); ++i) {
     split_.push_back(sharded && sharding_.replicated[i]);
-    const Shape s = split_[i] ? Shape{block(i).count} : params.value(i).shape();
+    const Shape s = split_[i] ? Shape{block(i).count} : params.shape(i);
     exp_avg_.push_back(cuda::empty(s, mdt, "AdamW exp_avg"));
     exp_avg_sq_.push_back(cuda::empty(s, mdt, "AdamW exp_avg_sq"));
     cuda::zero(exp_avg_.back());
@@ -30,11 +30,11 @@ DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, Optimiz
 }
 
 dist::Block DeviceAdamW::block(size_t i) const {
-  return dist::block_of(params_.value(i).numel(), sharding_.group->rank(), sharding_.group->size());
+  return dist::block_of(params_.numel(i), sharding_.group->rank(), sharding_.group->size());
 }
 
 Tensor DeviceAdamW::moment_host(const Tensor& m, size_t i) {
-  const Shape& shape = params_.value(i).shape();
+  const Shape& shape = params_.shape(i);
   if (!split_[i]) return cuda::to_host_f32(m).view(shape);
   Tensor whole = cuda::empty(shape, m.dtype(), "gathered AdamW moment");
   cuda::zero(whole);
@@ -46,8 +46,8 @@ Tensor DeviceAdamW::moment_host(const Tensor& m, size_t i) {
 
 void DeviceAdamW::load_moments(size_t i, const Tensor& exp_avg, const Tensor& exp_avg_sq) {
   const auto upload = [&](const Tensor& host, Tensor& dst) {
-    MF_CHECK(host.numel() == params_.value(i).numel(), "internal: AdamW moment of ", host.numel(), " elements for a ",
-             params_.value(i).numel(), "-element parameter");
+    MF_CHECK(host.numel() == params_.numel(i), "internal: AdamW moment of ", host.numel(), " elements for a ",
+             params_.numel(i), "-element parameter");
     Tensor part = split_[i] ? host.view({host.numel()}).slice0(block(i).first, block(i).count).clone() : host;
     dst = cuda::to_device(part, dst.dtype()).view(dst.shape());
   };
@@ -87,10 +87,17 @@ void DeviceAdamW::update(const std::vector<size_t>& indices) {
     const bool decay = opts_.decay_norms_and_biases || params_.decay(i);
     cuda::AdamWTensors t;
     t.param = params_.master(i);
-    t.grad = params_.grad(i);  // zeros if backward never wrote it (an unused parameter)
+    // zeros if backward never wrote it (an unused parameter)
+    t.grad = params_.sharded(i) ? params_.shard_grad(i) : params_.grad(i);
     t.exp_avg = exp_avg_[i];
     t.exp_avg_sq = exp_avg_sq_[i];
     t.weight_decay_mul = static_cast<float>(1.0 - lr_ * (decay ? opts_.weight_decay : 0.0));
+    if (params_.sharded(i)) {  // ZeRO-3: the block is all this rank holds; nothing to exchange
+      MF_CHECK(split_[i], "internal: a ZeRO-3 parameter without its moments split over the same group");
+      if (params_.has_masters()) t.param_bf16_copy = params_.shard_value(i);
+      if (t.param.numel() > 0) ts.push_back(std::move(t));
+      continue;
+    }
     if (params_.has_masters()) t.param_bf16_copy = params_.value(i);
     if (split_[i]) {
       const dist::Block b = block(i);

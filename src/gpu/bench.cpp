@@ -68,12 +68,21 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
                              ? cfg.raw["initializer_range"].get<float>()
                              : 0.02f;
   const GpuParallel par = groups ? GpuParallel{groups->dev_ep.get(), groups->world_group.get()} : GpuParallel{};
-  auto gm = make_gpu_model(*model, DeviceParams::random(model->params(), o.precision, init_std, o.seed), par);
-  // Sums gradients over the ranks holding copies of them (nothing on one GPU).
+  DeviceParams device = DeviceParams::random(model->params(), o.precision, init_std, o.seed);
+  MF_CHECK(o.zero_stage == 1 || o.zero_stage == 3, "bench: --zero-stage must be 1 or 3, got ", o.zero_stage);
+  if (groups && o.zero_stage == 3) {
+    std::vector<bool> replicated(sharded.size());
+    for (size_t i = 0; i < sharded.size(); ++i) replicated[i] = !sharded[i];
+    device.shard_replicated(groups->dev_world.get(), replicated);
+  }
+  auto gm = make_gpu_model(*model, std::move(device), par);
+  // Sums gradients over the ranks holding copies of them (nothing on one GPU; ZeRO-3 blocks were
+  // summed in backward).
   auto sum_grads = [&](const std::vector<size_t>& idx) {
     if (!groups) return;
     std::vector<Tensor*> dense, experts;
-    for (size_t i : idx) (sharded[i] ? experts : dense).push_back(&gm->params().grad(i));
+    for (size_t i : idx)
+      if (!gm->params().sharded(i)) (sharded[i] ? experts : dense).push_back(&gm->params().grad(i));
     if (groups->dev_world->size() > 1 && !dense.empty()) groups->dev_world->all_reduce_sum_many(dense);
     if (groups->dev_edp->size() > 1 && !experts.empty()) groups->dev_edp->all_reduce_sum_many(experts);
   };

@@ -3,7 +3,8 @@
 // steps after warm-up; model FLOPs counted from the config. Started by moeforge launch / torchrun /
 // srun it runs on one GPU per rank: experts split over ep_size ranks (NCCL all-to-all), dense
 // weights replicated with their gradients summed over all ranks (and expert gradients over the
-// expert-data-parallel group) before each update; every rank its own batch. Figures are per GPU:
+// expert-data-parallel group) before each update, or under zero_stage 3 split over the ranks and
+// gathered layer by layer (gradients reduce-scattered); every rank its own batch. Figures are per GPU:
 // the slowest rank's step time and the largest peak memory.
 #pragma once
 #include <cstdint>
@@ -23,6 +24,7 @@ struct BenchOptions {
   // same update as a step after backward when, as here, there is no clipping or accumulation).
   bool optimizer_in_backward = false;
   int64_t ep_size = 0;  // several ranks: experts split over this many (0: all of them)
+  int zero_stage = 1;   // several ranks: 1 splits dense AdamW moments; 3 also dense weights and gradients
   uint64_t seed = 1234;
   double lr = 1e-5, weight_decay = 0.01;  // torch.optim.AdamW's default decay, as the baseline
 };

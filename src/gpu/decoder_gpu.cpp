@@ -95,9 +95,14 @@ class DecoderGpu : public GpuModel {
     Inputs bt = upload(in, opts.balanced_routing);
     const size_t nl = m_.main_layers_;
     std::vector<LayerState> st(nl);
+    // Under ZeRO-3 (DeviceParams::sharded) a group of parameters exists whole only from gather()
+    // until release(), or until `ready` has summed its gradients into this rank's blocks.
+    params_.gather({m_.embed_});
     Tensor x = cuda::embedding(bt.ids, value(m_.embed_));
+    if (m_.embed_ != m_.lm_head_) params_.release({m_.embed_});
     phases_.mark("fwd: inputs + embedding");
     for (size_t l = 0; l < nl; ++l) {
+      params_.gather(layer_params_[l]);
       if (opts.activation_checkpointing) {
         LayerState tmp;
         Tensor next = layer_forward(l, x, bt, tmp);
@@ -108,7 +113,9 @@ class DecoderGpu : public GpuModel {
       } else {
         x = layer_forward(l, x, bt, st[l]);
       }
+      params_.release(layer_params_[l]);
     }
+    params_.gather({m_.final_norm_.weight, m_.lm_head_});
     Tensor rstd_f;
     Tensor xf = cuda::rms_norm(x, value(m_.final_norm_.weight), m_.final_norm_.eps, &rstd_f);
     Tensor targets = cuda::to_device(models::shifted_targets(*in.labels), DType::I64);
@@ -118,7 +125,11 @@ class DecoderGpu : public GpuModel {
     res.ce_sum = cuda::fused_linear_cross_entropy(xf, value(m_.lm_head_), targets, -100, opts.ce_scale, d_xf,
                                                   params_.grad(m_.lm_head_), &res.tokens);
     phases_.mark("fused LM head + loss (fwd and its grads)");
+    // Parameters whose gradients are complete: ZeRO-3 sums them into this rank's blocks and frees
+    // the whole values; then the optimizer-in-backward callback, if any.
     auto ready = [&](std::vector<size_t> idx) {
+      params_.scatter_grads(idx);
+      params_.release(idx);
       if (opts.on_grads_ready) opts.on_grads_ready(idx);
     };
     if (!opts.mtp_scales.empty()) {
@@ -135,6 +146,7 @@ class DecoderGpu : public GpuModel {
     d_xf = Tensor();
     ready({m_.final_norm_.weight});
     for (size_t l = nl; l-- > 0;) {
+      params_.gather(layer_params_[l]);
       if (opts.activation_checkpointing) {
         Tensor x_in = st[l].x;
         st[l] = LayerState();
@@ -155,13 +167,19 @@ class DecoderGpu : public GpuModel {
 
   Tensor forward_logits(const models::ForwardInputs& in) override {
     Inputs bt = upload(in, false);
+    params_.gather({m_.embed_});
     Tensor x = cuda::embedding(bt.ids, value(m_.embed_));
+    params_.release({m_.embed_});
     for (size_t l = 0; l < m_.main_layers_; ++l) {
       LayerState s;
+      params_.gather(layer_params_[l]);
       x = layer_forward(l, x, bt, s);
+      params_.release(layer_params_[l]);
     }
+    params_.gather({m_.final_norm_.weight, m_.lm_head_});
     Tensor xf = cuda::rms_norm(x, value(m_.final_norm_.weight), m_.final_norm_.eps);
     Tensor logits = cuda::linear(xf, value(m_.lm_head_));
+    params_.release({m_.final_norm_.weight, m_.lm_head_});
     return cuda::to_host_f32(logits).view({bt.b, bt.s, m_.cfg_.vocab_size});
   }
 
@@ -192,10 +210,12 @@ class DecoderGpu : public GpuModel {
     res.mtp_ce_sums.assign(mtp.size(), 0.0);
     res.mtp_tokens.assign(mtp.size(), 0);
     Tensor prev = h0;
+    params_.gather({m_.embed_});  // the embedding of tokens t+k (ZeRO-3: whole for the depths' run)
     for (size_t k = 0; k < mtp.size(); ++k) {
       const auto& d = mtp[k];
       MtpState& c = st[k];
       const int64_t depth = static_cast<int64_t>(k + 1);
+      params_.gather(layer_params_[d.layer]);
       c.ids = cuda::to_device(models::mtp_input_ids(in.input_ids, depth, nullptr).view({t}), DType::I64);
       c.embed = cuda::embedding(c.ids, value(m_.embed_));
       zero_row_ends(c.embed, bt, depth);  // no token t+k there (models::Decoder does the same)
@@ -207,12 +227,14 @@ class DecoderGpu : public GpuModel {
       c.y = layer_forward(d.layer, projection(d.eh_proj, c.joined), bt, c.layer);
       c.h = cuda::rms_norm(c.y, value(d.head_norm.weight), d.head_norm.eps, &c.rstd_y);
       prev = c.h;
+      params_.release(layer_params_[d.layer]);
     }
     Tensor d_next;
     for (size_t k = mtp.size(); k-- > 0;) {
       const auto& d = mtp[k];
       MtpState& c = st[k];
       const int64_t depth = static_cast<int64_t>(k + 1);
+      params_.gather(layer_params_[d.layer]);
       const Tensor targets = cuda::to_device(models::mtp_targets(*in.labels, in.doc_ids, depth), DType::I64);
       Tensor dh;
       res.mtp_ce_sums[k] = cuda::fused_linear_cross_entropy(c.h, value(m_.lm_head_), targets, -100, opts.mtp_scales[k],
@@ -234,6 +256,7 @@ class DecoderGpu : public GpuModel {
       st[k] = MtpState();
       ready(layer_params_[d.layer]);
     }
+    if (m_.embed_ != m_.lm_head_) params_.release({m_.embed_});
     return d_next;
   }
 
@@ -505,13 +528,7 @@ class DecoderGpu : public GpuModel {
       ExpertChunk& ch = c.chunks[i];
       ch.y = ch.exchange ? ch.exchange->finish_combine(coming[i]) : coming[i].buffer;
       coming[i] = {};
-      Tensor o = cuda::unpermute_tokens(ch.y, n == 1 ? c.weights : c.weights.slice0(ch.t0, ch.tc), ch.plan);
-      if (n == 1) {
-        out = o;
-      } else {
-        Tensor rows_out = out.slice0(ch.t0, ch.tc);
-        cuda::convert(o, rows_out);
-      }
+      put_chunk(out, cuda::unpermute_tokens(ch.y, n == 1 ? c.weights : c.weights.slice0(ch.t0, ch.tc), ch.plan), n, ch);
     }
     if (!fine_phases) phases_.mark("fwd: experts + exchanges (overlapped)");
     if (L.shared) {  // Qwen2-MoE: sigmoid(n2 . w) * mlp(n2) beside the routed experts
@@ -535,6 +552,17 @@ class DecoderGpu : public GpuModel {
     }
     phases_.note("routing layer " + std::to_string(l), "experts used " + std::to_string(used) + ", rows min " +
                                                           std::to_string(mn) + " max " + std::to_string(mx));
+  }
+
+  // A whole-batch tensor from one chunk's rows: with one chunk the chunk's tensor is taken as it
+  // is; with several they are copied into `whole` (allocated by the caller) at the chunk's rows.
+  static void put_chunk(Tensor& whole, const Tensor& part, int chunks, const ExpertChunk& ch) {
+    if (chunks == 1) {
+      whole = part;
+      return;
+    }
+    Tensor rows = whole.slice0(ch.t0, ch.tc);
+    cuda::convert(part, rows);
   }
 
   // GPT-OSS's routing weights, the softmax of the top-k logits, are the chosen probabilities
@@ -675,12 +703,7 @@ class DecoderGpu : public GpuModel {
       cuda::unpermute_tokens_backward(n == 1 ? dy : dy.slice0(ch.t0, ch.tc), ch.y,
                                       n == 1 ? c.weights : c.weights.slice0(ch.t0, ch.tc), ch.plan, d_yp, dw);
       ch.y = Tensor();
-      if (n == 1) {
-        d_weights = dw;
-      } else {
-        Tensor rows_dw = d_weights.slice0(ch.t0, ch.tc);
-        cuda::convert(dw, rows_dw);
-      }
+      put_chunk(d_weights, dw, n, ch);
       if (ch.exchange)
         going[i] = ch.exchange->start_dispatch(d_yp);  // combine's backward
       else
@@ -734,13 +757,7 @@ class DecoderGpu : public GpuModel {
       ExpertChunk& ch = c.chunks[i];
       Tensor d_xp = ch.exchange ? ch.exchange->finish_combine(coming[i]) : coming[i].buffer;
       coming[i] = {};
-      Tensor dn = cuda::permute_tokens_backward(d_xp, ch.plan);
-      if (n == 1) {
-        d_n2 = dn;
-      } else {
-        Tensor rows_dn = d_n2.slice0(ch.t0, ch.tc);
-        cuda::convert(dn, rows_dn);
-      }
+      put_chunk(d_n2, cuda::permute_tokens_backward(d_xp, ch.plan), n, ch);
     }
     if (!fine_phases) phases_.mark("bwd: experts + exchanges (overlapped)");
     // Router.

@@ -12,6 +12,7 @@ DeviceParams::DeviceParams(const nn::ParamStore& host, Precision precision) : pr
     MF_CHECK(p.value.defined(), "parameter ", p.name, " has no value (was the checkpoint loaded?)");
     values_.push_back(cuda::to_device(p.value, dt));
     if (precision == Precision::BF16Mixed) masters_.push_back(cuda::to_device(p.value, DType::F32));
+    shapes_.push_back(p.shape);
     add_param_slot(p.decay, p.trainable);
   }
 }
@@ -31,6 +32,7 @@ DeviceParams DeviceParams::random(const nn::ParamStore& shapes, Precision precis
     } else {
       d.values_.push_back(v);
     }
+    d.shapes_.push_back(p.shape);
     d.add_param_slot(p.decay, p.trainable);
   }
   if (precision == Precision::BF16Mixed)
@@ -44,24 +46,117 @@ void DeviceParams::add_param_slot(bool decay, bool trainable) {
   trainable_.push_back(trainable);
 }
 
+namespace {
+
+// The flat elements [b.first, b.first + b.count) of a device tensor, as a 1-D view.
+Tensor flat_block(const Tensor& t, dist::Block b) { return t.view({t.numel()}).slice0(b.first, b.count); }
+
+}  // namespace
+
+const Tensor& DeviceParams::value(size_t i) const {
+  const Tensor& v = values_.at(i);
+  MF_CHECK(v.defined(), "internal: parameter ", i, " is sharded (ZeRO-3) and was used without being gathered");
+  return v;
+}
+
+Tensor& DeviceParams::master(size_t i) {
+  if (sharded(i)) return shard_masters_.at(i).defined() ? shard_masters_.at(i) : shard_values_.at(i);
+  return masters_.empty() ? values_.at(i) : masters_.at(i);
+}
+
 Tensor& DeviceParams::grad(size_t i) {
   Tensor& g = grads_.at(i);
   if (!g.defined()) {
     // 1-D parameters (norm weights, biases) keep F32 gradients: their kernels accumulate in F32.
-    const Shape& shape = values_.at(i).shape();
+    const Shape& shape = shapes_.at(i);
     g = cuda::empty(shape, shape.size() == 1 ? DType::F32 : compute_dtype(precision_), "a parameter gradient");
     cuda::zero(g);
   }
   return g;
 }
 
+Tensor& DeviceParams::shard_grad(size_t i) {
+  MF_CHECK(sharded(i), "internal: parameter ", i, " has no block gradient (not sharded)");
+  Tensor& g = shard_grads_.at(i);
+  if (!g.defined()) {
+    const DType dt = shapes_.at(i).size() == 1 ? DType::F32 : compute_dtype(precision_);
+    g = cuda::empty({shard_values_.at(i).numel()}, dt, "a parameter's block gradient");
+    cuda::zero(g);
+  }
+  return g;
+}
+
+void DeviceParams::shard_replicated(dist::Communicator* group, const std::vector<bool>& replicated) {
+  MF_CHECK(replicated.size() == values_.size(), "internal: ZeRO-3 flags for ", replicated.size(), " of ",
+           values_.size(), " parameters");
+  if (!group || group->size() == 1) return;
+  group_ = group;
+  shard_values_.resize(values_.size());
+  shard_masters_.resize(values_.size());
+  shard_grads_.resize(values_.size());
+  for (size_t i = 0; i < values_.size(); ++i) {
+    // Every rank needs a block (block_of leaves the last ones empty when there are few elements).
+    if (!replicated[i] || !trainable_[i] || dist::block_of(numel(i), group->size() - 1, group->size()).count == 0)
+      continue;
+    const dist::Block b = dist::block_of(numel(i), group->rank(), group->size());
+    shard_values_[i] = cuda::copy(flat_block(values_[i], b), "a parameter's block");
+    values_[i] = Tensor();
+    if (!masters_.empty()) {
+      shard_masters_[i] = cuda::copy(flat_block(masters_[i], b), "a parameter's F32 master block");
+      masters_[i] = Tensor();
+    }
+    grads_[i] = Tensor();
+  }
+}
+
+void DeviceParams::gather(const std::vector<size_t>& indices) {
+  std::vector<Tensor> fill;
+  for (size_t i : indices) {
+    if (!sharded(i) || values_[i].defined()) continue;
+    values_[i] = cuda::empty(shapes_[i], shard_values_[i].dtype(), "a gathered parameter");
+    Tensor mine = flat_block(values_[i], dist::block_of(numel(i), group_->rank(), group_->size()));
+    cuda::convert(shard_values_[i], mine);
+    fill.push_back(values_[i]);
+  }
+  if (!fill.empty()) group_->all_gather_blocks(fill);
+}
+
+void DeviceParams::release(const std::vector<size_t>& indices) {
+  for (size_t i : indices)
+    if (sharded(i)) values_[i] = Tensor();
+}
+
+void DeviceParams::scatter_grads(const std::vector<size_t>& indices) {
+  std::vector<size_t> which;
+  std::vector<Tensor> whole;
+  for (size_t i : indices) {
+    if (!sharded(i)) continue;
+    which.push_back(i);
+    whole.push_back(grad(i));  // zeros where backward never wrote it: every rank sends the same list
+  }
+  if (whole.empty()) return;
+  group_->reduce_scatter_blocks(whole);
+  for (size_t k = 0; k < which.size(); ++k) {
+    const size_t i = which[k];
+    cuda::add_inplace(shard_grad(i), flat_block(whole[k], dist::block_of(numel(i), group_->rank(), group_->size())));
+    grads_[i] = Tensor();
+  }
+}
+
 void DeviceParams::release_grads(const std::vector<size_t>& indices) {
-  for (size_t i : indices) grads_.at(i) = Tensor();
+  for (size_t i : indices) {
+    grads_.at(i) = Tensor();
+    if (sharded(i)) shard_grads_.at(i) = Tensor();
+  }
 }
 
 void DeviceParams::zero_grad() {
-  for (Tensor& g : grads_)
-    if (g.defined()) cuda::zero(g);
+  for (const auto* list : {&grads_, &shard_grads_})
+    for (const Tensor& t : *list)
+      if (t.defined()) {
+        Tensor g = t;
+        cuda::zero(g);
+      }
 }
 
 void DeviceParams::copy_to_host(nn::ParamStore& host) const {
@@ -69,6 +164,15 @@ void DeviceParams::copy_to_host(nn::ParamStore& host) const {
   MF_CHECK(all.size() == values_.size(), "copy_to_host: the host store has ", all.size(), " parameters, the device ",
            values_.size());
   for (size_t i = 0; i < all.size(); ++i) {
+    if (sharded(i)) {  // the blocks of every rank into one whole (a collective)
+      const Tensor& block = shard_masters_[i].defined() ? shard_masters_[i] : shard_values_[i];
+      Tensor whole = cuda::empty(shapes_[i], block.dtype(), "a gathered parameter for the host");
+      Tensor mine = flat_block(whole, dist::block_of(numel(i), group_->rank(), group_->size()));
+      cuda::convert(block, mine);
+      group_->all_gather_blocks({whole});
+      all[i].value = cuda::to_host_f32(whole).view(all[i].shape);
+      continue;
+    }
     Tensor v = cuda::to_host_f32(masters_.empty() ? values_[i] : masters_[i]);
     all[i].value = v.view(all[i].shape);
   }
@@ -76,7 +180,7 @@ void DeviceParams::copy_to_host(nn::ParamStore& host) const {
 
 int64_t DeviceParams::bytes() const {
   int64_t b = 0;
-  for (const auto* list : {&values_, &grads_, &masters_})
+  for (const auto* list : {&values_, &grads_, &masters_, &shard_values_, &shard_masters_, &shard_grads_})
     for (const Tensor& t : *list) b += static_cast<int64_t>(t.nbytes());
   return b;
 }

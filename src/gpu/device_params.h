@@ -3,10 +3,17 @@
 // optimizer updates. Uploaded once; the training step never moves weights across PCIe. Gradients
 // are allocated when backward first writes them, so a path that applies and frees them layer by
 // layer (optimizer in backward) never holds them all.
+//
+// ZeRO-3 (shard_replicated): the parameters every rank of a group holds a copy of keep only this
+// rank's block (dist::block_of over the flat elements) of their value, master and gradient. The
+// whole value exists between gather() and release() (the model gathers a layer's before it runs
+// and releases them after), the whole gradient from backward's first write until scatter_grads(),
+// which sums it over the group and adds this rank's block to the block gradient.
 #pragma once
 #include <vector>
 
 #include "core/tensor.h"
+#include "dist/communicator.h"
 #include "gpu/precision.h"
 #include "nn/params.h"
 
@@ -21,21 +28,43 @@ class DeviceParams {
 
   Precision precision() const { return precision_; }
   size_t size() const { return values_.size(); }
-  const Tensor& value(size_t i) const { return values_.at(i); }
+  const Shape& shape(size_t i) const { return shapes_.at(i); }
+  int64_t numel(size_t i) const { return shape_numel(shapes_.at(i)); }
+  // The whole value (of a sharded parameter: only while gathered).
+  const Tensor& value(size_t i) const;
   // The gradient, allocated (zeroed) on first use: F32 for 1-D parameters, the compute dtype else.
   Tensor& grad(size_t i);
   bool has_grad(size_t i) const { return grads_.at(i).defined(); }
   // Frees these gradients (the optimizer-in-backward path, once they have been applied).
   void release_grads(const std::vector<size_t>& indices);
-  // What the optimizer updates: the F32 master under bf16-mixed, the compute copy otherwise.
-  Tensor& master(size_t i) { return masters_.empty() ? values_.at(i) : masters_.at(i); }
+  // What the optimizer updates: the F32 master under bf16-mixed, the compute copy otherwise (of a
+  // sharded parameter: its block).
+  Tensor& master(size_t i);
   bool has_masters() const { return !masters_.empty(); }
   bool decay(size_t i) const { return decay_.at(i); }
   bool trainable(size_t i) const { return trainable_.at(i); }  // false: a buffer AdamW leaves alone
 
   void zero_grad();
-  // Every parameter's current value into the host store (F32 from the master when there is one).
+  // Every parameter's current value into the host store (F32 from the master when there is one);
+  // with sharded parameters a collective over their group (every rank calls it).
   void copy_to_host(nn::ParamStore& host) const;
+
+  // ZeRO-3 over `group` for the trainable parameters marked `replicated` (large enough for every
+  // rank to get a block); their whole values are freed. A no-op for a group of one.
+  void shard_replicated(dist::Communicator* group, const std::vector<bool>& replicated);
+  bool sharded(size_t i) const { return !shard_values_.empty() && shard_values_.at(i).defined(); }
+  bool any_sharded() const { return group_ != nullptr; }
+  dist::Communicator* shard_group() const { return group_; }
+  // Whole values of these parameters (the sharded ones not gathered yet: one collective), and
+  // freeing them again. Unsharded parameters are left alone.
+  void gather(const std::vector<size_t>& indices);
+  void release(const std::vector<size_t>& indices);
+  // The whole gradients of these sharded parameters summed over the group (one collective, every
+  // rank passes the same list), this rank's block added to its block gradient, the whole freed.
+  void scatter_grads(const std::vector<size_t>& indices);
+  // A sharded parameter's block: value (compute dtype) and gradient (allocated zeroed on first use).
+  Tensor& shard_value(size_t i) { return shard_values_.at(i); }
+  Tensor& shard_grad(size_t i);
   // Bytes held on the device by values, gradients and masters.
   int64_t bytes() const;
 
@@ -43,8 +72,11 @@ class DeviceParams {
   explicit DeviceParams(Precision p) : precision_(p) {}
   void add_param_slot(bool decay, bool trainable);
   Precision precision_;
+  std::vector<Shape> shapes_;
   std::vector<Tensor> values_, grads_, masters_;
   std::vector<bool> decay_, trainable_;
+  dist::Communicator* group_ = nullptr;  // ZeRO-3's group (null: nothing sharded)
+  std::vector<Tensor> shard_values_, shard_masters_, shard_grads_;  // per parameter; undefined: not sharded
 };
 
 }  // namespace moeforge::gpu

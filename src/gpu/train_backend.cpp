@@ -21,7 +21,7 @@ class GpuBackend : public StepBackend {
       : model_(model),
         host_opt_(host_opt),
         ranks_(ranks),
-        gm_(gpu::make_gpu_model(model, gpu::DeviceParams(model.params(), p), parallel_of(ranks))),
+        gm_(gpu::make_gpu_model(model, device_params(model, p, ranks), parallel_of(ranks))),
         opt_(gm_->params(), host_opt.options(), sharding_of(ranks)),
         precision_(p) {
     // A resumed run: continue from the host optimizer's state (none: zero moments).
@@ -55,9 +55,13 @@ class GpuBackend : public StepBackend {
     RankGroups& g = *ranks_.groups;
     auto& params = gm_->params();
     // Every rank sums every parameter's gradient in the same order (a missing one is zero).
-    std::vector<Tensor> dense, experts;
+    std::vector<Tensor> dense, experts, blocks;
     std::vector<Tensor*> dense_grads, expert_grads;
     for (size_t i = 0; i < params.size(); ++i) {
+      if (params.sharded(i)) {  // ZeRO-3: summed over the world in backward, this rank's block
+        blocks.push_back(params.shard_grad(i));
+        continue;
+      }
       const bool shard = (*ranks_.sharded)[i];
       (shard ? expert_grads : dense_grads).push_back(&params.grad(i));
       (shard ? experts : dense).push_back(params.grad(i));
@@ -65,16 +69,24 @@ class GpuBackend : public StepBackend {
     if (g.dev_world->size() > 1) g.dev_world->all_reduce_sum_many(dense_grads);
     if (g.dev_edp->size() > 1) g.dev_edp->all_reduce_sum_many(expert_grads);
     // Dense gradients are now the same everywhere; expert shards' squares add up over the
-    // expert-parallel group (host F64 through gloo: one number).
+    // expert-parallel group, ZeRO-3 blocks' over the world (host F64 through gloo: one number each).
     const double d = cuda::global_grad_norm(dense), e = cuda::global_grad_norm(experts);
     Tensor sq = Tensor::empty({1}, DType::F64);
     sq.data<double>()[0] = e * e;
     g.ep->all_reduce_sum(sq);
-    const double norm = std::sqrt(d * d + sq.data<double>()[0]);
+    double total = d * d + sq.data<double>()[0];
+    if (params.any_sharded()) {
+      const double b = cuda::global_grad_norm(blocks);
+      sq.data<double>()[0] = b * b;
+      g.world_group->all_reduce_sum(sq);
+      total += sq.data<double>()[0];
+    }
+    const double norm = std::sqrt(total);
     if (max_norm > 0) {
       const double coef = max_norm / (norm + 1e-6);  // torch.nn.utils.clip_grad_norm_'s rule
       if (coef < 1.0) {
         dense.insert(dense.end(), experts.begin(), experts.end());
+        dense.insert(dense.end(), blocks.begin(), blocks.end());
         cuda::scale_inplace(dense, static_cast<float>(coef));
       }
     }
@@ -94,6 +106,18 @@ class GpuBackend : public StepBackend {
   }
 
  private:
+  // The device copy of the model's parameters; under ZeRO-3 (recipe zero_stage: 3) the dense
+  // (replicated) ones keep only this rank's block, gathered layer by layer as the model runs.
+  static gpu::DeviceParams device_params(const models::CausalLM& model, gpu::Precision p, const RankShare& r) {
+    gpu::DeviceParams d(model.params(), p);
+    if (r.groups && r.zero3) {
+      std::vector<bool> replicated;
+      for (bool expert : *r.sharded) replicated.push_back(!expert);
+      d.shard_replicated(r.groups->dev_world.get(), replicated);
+    }
+    return d;
+  }
+
   // ZeRO-1: the moments of the dense (replicated) parameters split over all ranks.
   static gpu::OptimizerSharding sharding_of(const RankShare& r) {
     if (!r.groups) return {};

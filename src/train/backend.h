@@ -34,6 +34,9 @@ class StepBackend {
 struct RankShare {
   RankGroups* groups = nullptr;
   const std::vector<bool>* sharded = nullptr;
+  // ZeRO-3 on GPUs: dense parameters and their gradients split over the world (each rank keeps
+  // a block; layers gather them as they run). Otherwise ZeRO-1: only their AdamW moments are split.
+  bool zero3 = false;
 };
 
 // The CPU reference: the model and optimizer themselves.

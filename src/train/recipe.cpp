@@ -146,6 +146,13 @@ std::vector<Key> make_keys() {
       int_key("threads", &Recipe::threads, 0),
       int_key("ep_size", &Recipe::ep_size, 1),
       dbl("mtp_loss_scale", [](Recipe& r) -> double& { return r.mtp_loss_scale; }, 0),
+      {"zero_stage",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         const auto v = as<int64_t>(n, "zero_stage", w, "an integer");
+         if (v != 1 && v != 3) MF_THROW(w, ": key 'zero_stage' must be 1 or 3, got ", v);
+         r.zero_stage = v;
+       },
+       [](const Recipe& r) { return std::to_string(r.zero_stage); }},
   };
   return keys;
 }

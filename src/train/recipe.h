@@ -47,6 +47,10 @@ struct Recipe {
   // them, adding mtp_loss_scale / depths * each depth's mean cross-entropy to the loss (DeepSeek
   // used 0.3, then 0.1); 0 keeps them frozen and saves them back unchanged.
   double mtp_loss_scale = 0;
+  // Multi-GPU runs: 1 splits the dense parameters' AdamW moments over the ranks (ZeRO-1); 3 also
+  // their values and gradients (ZeRO-3: each layer's are gathered before it runs and its gradients
+  // reduce-scattered after its backward). One process, or the CPU: nothing to split.
+  int64_t zero_stage = 1;
 
   // The resolved recipe as YAML (every key, defaults included), for the output folder.
   std::string to_yaml() const;

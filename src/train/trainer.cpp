@@ -136,6 +136,8 @@ TrainResult run_training(const Recipe& r) {
     MF_CHECK(r.ep_size == 1, r.source, ": key 'ep_size': ", r.ep_size, " needs as many ranks (this is one process; "
              "start it with moeforge launch --nproc-per-node N)");
   }
+  MF_CHECK(r.zero_stage == 1 || r.device == "cuda", r.source, ": key 'zero_stage': ", r.zero_stage,
+           " shards parameters over GPUs (device: cuda); the CPU ranks keep whole copies");
   MF_CHECK(fs::is_directory(r.model), r.source, ": key 'model': folder ", r.model, " does not exist");
   MF_CHECK(r.device != "cuda" || cuda::available(), r.source,
            ": key 'device': cuda, but no CUDA device answers here (or this moeforge was built without the CUDA backend)");
@@ -216,7 +218,7 @@ TrainResult run_training(const Recipe& r) {
   }
   const std::vector<bool> sharded = models::expert_sharded_params(model, par);
   // After a resume has loaded the host state, so a GPU backend uploads what was restored.
-  const RankShare share = multi ? RankShare{groups.get(), &sharded} : RankShare{};
+  const RankShare share = multi ? RankShare{groups.get(), &sharded, r.zero_stage == 3} : RankShare{};
   std::unique_ptr<StepBackend> backend = r.device == "cuda" ? make_gpu_backend(model, opt, r.precision, share)
                                                             : make_cpu_backend(model, opt, share);
 
@@ -234,7 +236,10 @@ TrainResult run_training(const Recipe& r) {
 
   if (multi) intro << "\nranks: " << denv.world_size << " (" << denv.source << "), ep_size " << r.ep_size << ": "
                      << cfg.num_experts / r.ep_size << " experts and " << r.micro_batch / denv.world_size
-                     << " rows of each micro-batch per rank";
+                     << " rows of each micro-batch per rank"
+                     << (r.device == "cuda" ? (r.zero_stage == 3 ? "; ZeRO-3: dense weights, gradients and AdamW moments split"
+                                                                  : "; ZeRO-1: dense AdamW moments split")
+                                            : "");
   // metrics.jsonl keeps only the steps before the resume point.
   const std::string metrics_path = (fs::path(r.output_dir) / "metrics.jsonl").string();
   if (main_rank && !resume_from.empty() && fs::exists(metrics_path)) {

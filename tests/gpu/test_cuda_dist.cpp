@@ -65,6 +65,11 @@ TEST(NcclCommunicator, OneRankGroupRunsEveryCollective) {
   Tensor b = cuda::to_device(Tensor::from_vector(v, {6}), DType::BF16);
   c->broadcast(b, 0);
   EXPECT_EQ(host(b), v);  // every value is exact in BF16
+  c->all_gather_blocks({b});
+  EXPECT_EQ(host(b), v);
+  c->reduce_scatter_blocks({a, b});
+  EXPECT_EQ(host(a), v);
+  EXPECT_EQ(host(b), v);
   c->barrier();
   EXPECT_NE(test::error_of([&] { c->all_to_all(a, {2}, out, {3}); }).find("all_to_all on group 'solo'"), std::string::npos);
 }
@@ -111,22 +116,26 @@ LaunchRun launch_two(const test::TempDir& dir, const std::string& recipe, const 
   return {WIFEXITED(st) && WEXITSTATUS(st) == 0, test::read_text(log)};
 }
 
-class MultiGpuTraining : public ::testing::TestWithParam<int> {};
+// (ep_size, zero_stage): experts split or not; dense AdamW moments split (ZeRO-1) or the dense
+// weights and gradients too (ZeRO-3, gathered layer by layer and reduce-scattered).
+class MultiGpuTraining : public ::testing::TestWithParam<std::tuple<int, int>> {};
 
 TEST_P(MultiGpuTraining, TwoGpusMatchOneGpuInFp32) {
   REQUIRE_NCCL_GPU();
   if (cuda::device_count() < 2) GTEST_SKIP() << "needs 2 GPUs; this machine has " << cuda::device_count();
   if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
-  const int ep = GetParam();
+  const auto [ep, zero] = GetParam();
   test::TempDir dir;
   const std::string recipe = write_gpu_recipe(dir);
   const auto one = train::run_training(train::load_recipe(recipe, {}));
   const std::string out = dir / "two";
-  const LaunchRun run = launch_two(dir, recipe, "ep_size=" + std::to_string(ep) + " output_dir=" + out);
+  const LaunchRun run = launch_two(dir, recipe, "ep_size=" + std::to_string(ep) + " zero_stage=" + std::to_string(zero) +
+                                                    " output_dir=" + out);
   const std::string& text = run.text;
   ASSERT_TRUE(run.ok) << text;
   EXPECT_NE(text.find("ranks: 2"), std::string::npos) << text;
   EXPECT_NE(text.find("on cuda"), std::string::npos) << text;
+  EXPECT_NE(text.find(zero == 3 ? "ZeRO-3" : "ZeRO-1"), std::string::npos) << text;
   const auto losses = losses_of(out + "/metrics.jsonl");
   ASSERT_EQ(losses.size(), one.losses.size());
   for (size_t i = 0; i < losses.size(); ++i)
@@ -136,7 +145,8 @@ TEST_P(MultiGpuTraining, TwoGpusMatchOneGpuInFp32) {
   for (const auto& name : a.names()) EXPECT_LT(test::tensor_rel_diff(a.get(name), b.get(name)), 1e-5) << name;
 }
 
-// bf16-mixed on 2 GPUs (experts split; ZeRO-1 exchanging both the F32 masters and the BF16 copies)
+// bf16-mixed on 2 GPUs (experts split; ZeRO-1 exchanging both the F32 masters and the BF16 copies,
+// or ZeRO-3 keeping blocks of both)
 // tracks the one-GPU bf16-mixed run: the same updates up to BF16 rounding of differently ordered
 // sums, so losses within 1%.
 TEST(MultiGpuTrainingPolicies, TwoGpusBf16MixedTrackOneGpu) {
@@ -146,17 +156,24 @@ TEST(MultiGpuTrainingPolicies, TwoGpusBf16MixedTrackOneGpu) {
   test::TempDir dir;
   const std::string recipe = write_gpu_recipe(dir);
   const auto one = train::run_training(train::load_recipe(recipe, {"precision=bf16-mixed"}));
-  const std::string out = dir / "two";
-  const LaunchRun run = launch_two(dir, recipe, "precision=bf16-mixed ep_size=2 output_dir=" + out);
-  ASSERT_TRUE(run.ok) << run.text;
-  const auto losses = losses_of(out + "/metrics.jsonl");
-  ASSERT_EQ(losses.size(), one.losses.size());
-  for (size_t i = 0; i < losses.size(); ++i) EXPECT_NEAR(losses[i], one.losses[i], 1e-2 * std::abs(one.losses[i])) << "step " << i + 1;
+  for (const char* zero : {"1", "3"}) {
+    const std::string out = dir / (std::string("two-zero") + zero);
+    const LaunchRun run =
+        launch_two(dir, recipe, std::string("precision=bf16-mixed ep_size=2 zero_stage=") + zero + " output_dir=" + out);
+    ASSERT_TRUE(run.ok) << run.text;
+    const auto losses = losses_of(out + "/metrics.jsonl");
+    ASSERT_EQ(losses.size(), one.losses.size());
+    for (size_t i = 0; i < losses.size(); ++i)
+      EXPECT_NEAR(losses[i], one.losses[i], 1e-2 * std::abs(one.losses[i])) << "ZeRO-" << zero << " step " << i + 1;
+  }
 }
 
-// A checkpoint written by 2 GPUs (experts split, dense AdamW moments split ZeRO-1 style: gathered
-// for the checkpoint) resumes on one GPU and finishes where the straight one-GPU run does.
-TEST(MultiGpuCheckpoints, TwoGpuCheckpointResumesOnOneGpu) {
+// A checkpoint written by 2 GPUs (experts split, dense AdamW moments split ZeRO-1 style, or the
+// dense weights too under ZeRO-3: gathered for the checkpoint) resumes on one GPU and finishes
+// where the straight one-GPU run does.
+class MultiGpuCheckpoints : public ::testing::TestWithParam<int> {};
+
+TEST_P(MultiGpuCheckpoints, TwoGpuCheckpointResumesOnOneGpu) {
   REQUIRE_NCCL_GPU();
   if (cuda::device_count() < 2) GTEST_SKIP() << "needs 2 GPUs; this machine has " << cuda::device_count();
   if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
@@ -164,7 +181,8 @@ TEST(MultiGpuCheckpoints, TwoGpuCheckpointResumesOnOneGpu) {
   const std::string recipe = write_gpu_recipe(dir);
   const auto one = train::run_training(train::load_recipe(recipe, {}));
   const std::string two = dir / "two";
-  const LaunchRun run = launch_two(dir, recipe, "ep_size=2 save_every=2 output_dir=" + two);
+  const LaunchRun run =
+      launch_two(dir, recipe, "ep_size=2 save_every=2 zero_stage=" + std::to_string(GetParam()) + " output_dir=" + two);
   ASSERT_TRUE(run.ok) << run.text;
   const auto resumed = train::run_training(
       train::load_recipe(recipe, {"resume=" + two + "/checkpoint-2", "output_dir=" + (dir / "resumed")}));
@@ -175,7 +193,13 @@ TEST(MultiGpuCheckpoints, TwoGpuCheckpointResumesOnOneGpu) {
   for (const auto& name : a.names()) EXPECT_LT(test::tensor_rel_diff(a.get(name), b.get(name)), 1e-5) << name;
 }
 
-INSTANTIATE_TEST_SUITE_P(Ep, MultiGpuTraining, ::testing::Values(2, 1),
-                         [](const auto& info) { return "ep" + std::to_string(info.param); });
+INSTANTIATE_TEST_SUITE_P(Ep, MultiGpuTraining,
+                         ::testing::Values(std::tuple{2, 1}, std::tuple{1, 1}, std::tuple{2, 3}, std::tuple{1, 3}),
+                         [](const auto& info) {
+                           return "ep" + std::to_string(std::get<0>(info.param)) + "_zero" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
+INSTANTIATE_TEST_SUITE_P(Zero, MultiGpuCheckpoints, ::testing::Values(1, 3),
+                         [](const auto& info) { return "zero" + std::to_string(info.param); });
 
 }  // namespace

@@ -78,6 +78,17 @@ TEST_P(Collectives, EveryCollectiveMatchesItsDefinition) {
       const dist::Block b = dist::block_of(10, p, n);
       for (int64_t e = b.first; e < b.first + b.count; ++e) EXPECT_EQ(gb.f32()[e], 100.f * p + e) << "rank " << r;
     }
+    // reduce_scatter_blocks: every rank's own block of an 11-element tensor ends as the sum of
+    // that block over ranks (element e of rank p holds tag(p, 0, e)).
+    Tensor rb = Tensor::empty({11}, DType::F32);
+    for (int64_t e = 0; e < 11; ++e) rb.f32()[e] = tag(r, 0, e);
+    c.reduce_scatter_blocks({rb});
+    const dist::Block own = dist::block_of(11, r, n);
+    for (int64_t e = own.first; e < own.first + own.count; ++e) {
+      float want = 0;
+      for (int p = 0; p < n; ++p) want += tag(p, 0, e);
+      EXPECT_EQ(rb.f32()[e], want) << "reduce_scatter_blocks rank " << r << " e " << e;
+    }
     // reduce_scatter: block q of rank p is tag(p, q, i); rank r gets sum_p tag(p, r, i).
     Tensor rs_in = Tensor::empty({n * len}, DType::F32), rs_out = Tensor::empty({len}, DType::F32);
     for (int q = 0; q < n; ++q)

@@ -249,6 +249,18 @@ TEST(RecipeBadInput, WrongType) {
 
 // device and precision: the allowed values, the device's default policy, and device: cuda where
 // no GPU answers (CI) failing before anything is written.
+TEST(RecipeBadInput, ZeroStage) {
+  test::TempDir dir;
+  const std::string e = test::error_of([&] { train::load_recipe(write_recipe(dir), {"zero_stage=2"}); });
+  EXPECT_NE(e.find("key 'zero_stage' must be 1 or 3, got 2"), std::string::npos) << e;
+  EXPECT_EQ(train::load_recipe(write_recipe(dir), {}).zero_stage, 1);
+  // ZeRO-3 splits parameters over GPUs; on the CPU it is one clear error before anything is written.
+  const std::string e2 =
+      test::error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {"zero_stage=3"})); });
+  EXPECT_NE(e2.find("key 'zero_stage': 3 shards parameters over GPUs"), std::string::npos) << e2;
+  EXPECT_FALSE(fs::exists(dir / "out"));
+}
+
 TEST(RecipeBadInput, DeviceAndPrecision) {
   test::TempDir dir;
   const std::string e = test::error_of([&] { train::load_recipe(write_recipe(dir), {"device=tpu"}); });

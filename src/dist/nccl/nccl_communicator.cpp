@@ -208,6 +208,23 @@ class NcclCommunicator final : public Communicator {
     launch("all_gather_blocks", res != ncclSuccess ? res : end);
   }
 
+  void reduce_scatter_blocks(const std::vector<Tensor>& ts) override {
+    ncclResult_t res = ncclGroupStart();
+    for (const Tensor& t : ts) {
+      const size_t es = dtype_size(t.dtype());
+      const ncclDataType_t type = nccl_type(t.dtype(), where("reduce_scatter_blocks"));
+      char* base = static_cast<char*>(t.raw());
+      for (int p = 0; p < size_ && res == ncclSuccess; ++p) {
+        const Block b = block_of(t.numel(), p, size_);
+        if (b.count == 0) continue;
+        char* at = base + b.first * es;
+        res = ncclReduce(at, at, static_cast<size_t>(b.count), type, ncclSum, p, comm_, stream());
+      }
+    }
+    const ncclResult_t end = ncclGroupEnd();
+    launch("reduce_scatter_blocks", res != ncclSuccess ? res : end);
+  }
+
   void barrier() override {
     launch("barrier", ncclAllReduce(barrier_buf_.raw(), barrier_buf_.raw(), 1, ncclFloat32, ncclSum, comm_,
                                     stream()));

@@ -23,24 +23,51 @@ __global__ void add_bias_rows_kernel(T* y, const B* b, int64_t rows, int64_t n) 
 // own row of a scratch buffer, and a second pass adds each expert's chunks in order.
 constexpr int kBiasRowsPerChunk = 256;
 
+// `chunk_rows` [2 * chunks] holds each chunk's [begin, end) rows; null: one group of `rows`, cut
+// every kBiasRowsPerChunk (bias_grad, which then needs no upload and no host synchronisation).
 template <typename T>
-__global__ void chunk_column_sums_kernel(const T* dy, const int64_t* chunk_rows, float* partial, int64_t n) {
+__global__ void chunk_column_sums_kernel(const T* dy, const int64_t* chunk_rows, int64_t rows, float* partial,
+                                         int64_t n) {
   const int64_t col = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, c = blockIdx.y;
   if (col >= n) return;
+  const int64_t r0 = chunk_rows ? chunk_rows[2 * c] : c * kBiasRowsPerChunk;
+  const int64_t r1 = chunk_rows ? chunk_rows[2 * c + 1] : min(rows, r0 + kBiasRowsPerChunk);
   float s = 0.f;
-  for (int64_t r = chunk_rows[2 * c]; r < chunk_rows[2 * c + 1]; ++r) s += load(dy, r * n + col);
+  for (int64_t r = r0; r < r1; ++r) s += load(dy, r * n + col);
   partial[c * n + col] = s;
 }
 
+// `expert_chunks` [experts + 1]: each expert's chunk range; null: one expert owning all `chunks`.
 template <typename G>
-__global__ void expert_chunk_sums_kernel(G* db, const float* partial, const int64_t* expert_chunks, int64_t experts,
-                                         int64_t n) {
+__global__ void expert_chunk_sums_kernel(G* db, const float* partial, const int64_t* expert_chunks, int64_t chunks,
+                                         int64_t experts, int64_t n) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < experts * n; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t e = i / n, col = i % n;
+    const int64_t c0 = expert_chunks ? expert_chunks[e] : 0, c1 = expert_chunks ? expert_chunks[e + 1] : chunks;
     float s = 0.f;
-    for (int64_t c = expert_chunks[e]; c < expert_chunks[e + 1]; ++c) s += partial[c * n + col];
+    for (int64_t c = c0; c < c1; ++c) s += partial[c * n + col];
     store(db, i, load(db, i) + s);
   }
+}
+
+// The two passes over `chunks` chunks of dy [rows, n]; `plan` (device I64: the chunks' row ranges,
+// then the experts' chunk ranges) or, undefined, one group.
+void column_sums_in_chunks(const Tensor& dy, const Tensor& plan, int64_t rows, int64_t chunks, int64_t experts,
+                           int64_t n, Tensor& db) {
+  Tensor partial = empty({chunks, n}, DType::F32, "bias gradient partial sums");
+  const int64_t* chunk_rows = plan.defined() ? plan.data<int64_t>() : nullptr;
+  const int64_t* expert_chunks = plan.defined() ? plan.data<int64_t>() + 2 * chunks : nullptr;
+  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>(chunks));
+  dispatch_float(dy.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    chunk_column_sums_kernel<<<grid, 256, 0, current_stream()>>>(dy.data<T>(), chunk_rows, rows, partial.data<float>(), n);
+  });
+  dispatch_float(db.dtype(), [&](auto* tag) {
+    using G = std::remove_pointer_t<decltype(tag)>;
+    expert_chunk_sums_kernel<<<grid_stride_blocks(experts * n), kGridStrideThreads, 0, current_stream()>>>(
+        db.data<G>(), partial.data<float>(), expert_chunks, chunks, experts, n);
+  });
+  MF_CUDA_CHECK_LAUNCH("bias gradient");
 }
 
 
@@ -129,7 +156,8 @@ void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Te
   MF_CHECK(experts >= 1 && db.numel() == experts * n && dy.numel() == rows * n, "grouped_bias_grad: dy ",
            shape_str(dy.shape()), " and db ", shape_str(db.shape()), " do not agree with ", experts, " experts");
   if (dy.numel() == 0) return;
-  // The chunks (host-side: the offsets are host values already).
+  // The chunks (host-side: the offsets are host values already), uploaded in one copy: each
+  // chunk's row range, then each expert's chunk range.
   std::vector<int64_t> chunk_rows, expert_chunks{0};
   for (int64_t e = 0; e < experts; ++e) {
     for (int64_t r = offsets[e]; r < offsets[e + 1]; r += kBiasRowsPerChunk) {
@@ -139,21 +167,9 @@ void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Te
     expert_chunks.push_back(static_cast<int64_t>(chunk_rows.size() / 2));
   }
   const int64_t chunks = expert_chunks.back();
-  const Tensor rows_d = to_device(Tensor::from_i64(chunk_rows, {2 * chunks}), DType::I64);
-  const Tensor experts_d = to_device(Tensor::from_i64(expert_chunks, {experts + 1}), DType::I64);
-  Tensor partial = empty({chunks, n}, DType::F32, "bias gradient partial sums");
-  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>(chunks));
-  dispatch_float(dy.dtype(), [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    chunk_column_sums_kernel<<<grid, 256, 0, current_stream()>>>(dy.data<T>(), rows_d.data<int64_t>(),
-                                                                 partial.data<float>(), n);
-  });
-  dispatch_float(db.dtype(), [&](auto* tag) {
-    using G = std::remove_pointer_t<decltype(tag)>;
-    expert_chunk_sums_kernel<<<grid_stride_blocks(experts * n), kGridStrideThreads, 0, current_stream()>>>(
-        db.data<G>(), partial.data<float>(), experts_d.data<int64_t>(), experts, n);
-  });
-  MF_CUDA_CHECK_LAUNCH("grouped_bias_grad");
+  chunk_rows.insert(chunk_rows.end(), expert_chunks.begin(), expert_chunks.end());
+  const Tensor plan = to_device(Tensor::from_i64(chunk_rows, {static_cast<int64_t>(chunk_rows.size())}), DType::I64);
+  column_sums_in_chunks(dy, plan, rows, chunks, experts, n, db);
 }
 
 void add_bias_rows(Tensor& y, const Tensor& bias) {
@@ -175,9 +191,12 @@ void add_bias_rows(Tensor& y, const Tensor& bias) {
 
 void bias_grad(const Tensor& dy, Tensor& db) {
   require_float(dy, "bias_grad");
+  require_float(db, "bias_grad");
   const int64_t n = db.numel(), rows = dy.numel() / std::max<int64_t>(n, 1);
   MF_CHECK(rows * n == dy.numel(), "bias_grad: ", dy.numel(), " values are not rows of ", n);
-  grouped_bias_grad(dy, {0, rows}, db);  // one group
+  if (dy.numel() == 0) return;
+  // One group: the chunks follow from `rows` on the device (no upload, no host synchronisation).
+  column_sums_in_chunks(dy, Tensor(), rows, (rows + kBiasRowsPerChunk - 1) / kBiasRowsPerChunk, 1, n, db);
 }
 
 void clamp_inplace(Tensor& x, float c) {
