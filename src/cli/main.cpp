@@ -29,7 +29,7 @@ const char* kUsage =
     "      load and save again: same tensor names, layout and dtypes; atomic\n"
     "  bench CONFIG.json|MODEL_DIR [--layers N] [--seq 4096] [--batch 1] [--steps 10] [--warmup 3]\n"
     "        [--routing native|balanced] [--precision bf16-mixed|bf16|fp32] [--activation-checkpointing]\n"
-    "        [--optimizer-in-backward]\n"
+    "        [--optimizer-in-backward] [--ep-size E] [--zero-stage 1|3]\n"
     "      training-step benchmark on the GPU (random weights and tokens): tokens/s, TFLOP/s, peak\n"
     "      memory, forward/backward/optimizer times, as a table and one JSON line (docs/benchmarks.md)\n"
     "  launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A --master-port P] -- COMMAND...\n"

@@ -40,6 +40,11 @@ void Communicator::all_gather_blocks(const std::vector<Tensor>& ts) {
   }
 }
 
+std::unique_ptr<Communicator::Pending> Communicator::all_gather_blocks_async(const std::vector<Tensor>& ts) {
+  all_gather_blocks(ts);
+  return std::make_unique<Completed>();
+}
+
 void Communicator::reduce_scatter_blocks(const std::vector<Tensor>& ts) {
   for (const Tensor& t : ts) {
     Tensor whole = t;

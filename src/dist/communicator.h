@@ -58,6 +58,9 @@ class Communicator {
   // live inside the tensors themselves: the sharded optimizer's updated slices). NCCL does it as
   // one group of broadcasts; the default broadcasts block by block.
   virtual void all_gather_blocks(const std::vector<Tensor>& ts);
+  // all_gather_blocks that returns before completing where the backend can (NCCL: on the group's
+  // stream, after the device work enqueued so far), as all_to_all_async; the default completes it.
+  virtual std::unique_ptr<Pending> all_gather_blocks_async(const std::vector<Tensor>& ts);
   // In place, the converse: for each tensor, rank p's block ends holding the sum over ranks of that
   // block (the other blocks are left undefined): ZeRO-3's gradients, each rank keeping the sum of
   // its own block. NCCL does it as one group of reduces; the default sums the whole tensor.

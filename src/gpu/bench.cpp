@@ -97,6 +97,10 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   for (size_t i = 0; groups && i < sharded.size(); ++i) zero.replicated[i] = !sharded[i];
   DeviceAdamW opt(gm->params(), ao, zero);
   cuda::synchronize();
+  if (gm->phase_times().enabled() && env.rank == 0)
+    std::fprintf(stderr, "before the first step: %.2f GiB allocated (weights %.2f, AdamW moments %.2f)\n",
+                 static_cast<double>(cuda::allocator_stats().allocated_bytes) / kGiB,
+                 static_cast<double>(gm->params().bytes()) / kGiB, static_cast<double>(opt.bytes()) / kGiB);
 
   std::mt19937_64 rng(o.seed + static_cast<uint64_t>(env.rank));
   std::uniform_int_distribution<int64_t> tok(0, cfg.vocab_size - 1);
@@ -150,7 +154,8 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     std::fprintf(stderr, "phase times (MOEFORGE_PHASE_TIMES=1; ms per step, mean of the %lld timed steps):\n",
                  static_cast<long long>(o.steps));
     for (const auto& [phase, ms] : gm->phase_times().totals())
-      std::fprintf(stderr, "  %8.2f  %s\n", ms / static_cast<double>(o.steps), phase.c_str());
+      std::fprintf(stderr, "  %8.2f  %s (allocated at its end, at most %.2f GiB)\n", ms / static_cast<double>(o.steps),
+                   phase.c_str(), gm->phase_times().allocated_gib().at(phase));
     for (const auto& [key, text] : gm->phase_times().notes()) std::fprintf(stderr, "  %s: %s\n", key.c_str(), text.c_str());
   }
   r.forward_ms = median(fwd);

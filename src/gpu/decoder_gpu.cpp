@@ -103,6 +103,9 @@ class DecoderGpu : public GpuModel {
     phases_.mark("fwd: inputs + embedding");
     for (size_t l = 0; l < nl; ++l) {
       params_.gather(layer_params_[l]);
+      // The next layer's (or the head's) weights travel while this layer computes.
+      if (l + 1 < nl) params_.prefetch(layer_params_[l + 1]);
+      else params_.prefetch({m_.final_norm_.weight, m_.lm_head_});
       if (opts.activation_checkpointing) {
         LayerState tmp;
         Tensor next = layer_forward(l, x, bt, tmp);
@@ -147,6 +150,7 @@ class DecoderGpu : public GpuModel {
     ready({m_.final_norm_.weight});
     for (size_t l = nl; l-- > 0;) {
       params_.gather(layer_params_[l]);
+      if (l > 0) params_.prefetch(layer_params_[l - 1]);
       if (opts.activation_checkpointing) {
         Tensor x_in = st[l].x;
         st[l] = LayerState();

@@ -94,36 +94,90 @@ void DeviceParams::shard_replicated(dist::Communicator* group, const std::vector
   shard_values_.resize(values_.size());
   shard_masters_.resize(values_.size());
   shard_grads_.resize(values_.size());
+  // Every block is copied out before any whole value is freed, and the freed memory goes back to
+  // the device: otherwise the caching allocator hands a block the whole value's freed memory
+  // (it reuses blocks up to twice the size asked for), and nothing would be saved.
   for (size_t i = 0; i < values_.size(); ++i) {
     // Every rank needs a block (block_of leaves the last ones empty when there are few elements).
     if (!replicated[i] || !trainable_[i] || dist::block_of(numel(i), group->size() - 1, group->size()).count == 0)
       continue;
     const dist::Block b = dist::block_of(numel(i), group->rank(), group->size());
     shard_values_[i] = cuda::copy(flat_block(values_[i], b), "a parameter's block");
+    if (!masters_.empty()) shard_masters_[i] = cuda::copy(flat_block(masters_[i], b), "a parameter's F32 master block");
+  }
+  for (size_t i = 0; i < values_.size(); ++i) {
+    if (!sharded(i)) continue;
     values_[i] = Tensor();
-    if (!masters_.empty()) {
-      shard_masters_[i] = cuda::copy(flat_block(masters_[i], b), "a parameter's F32 master block");
-      masters_[i] = Tensor();
-    }
+    if (!masters_.empty()) masters_[i] = Tensor();
     grads_[i] = Tensor();
   }
+  cuda::synchronize();
+  cuda::empty_cache();
+}
+
+Tensor DeviceParams::whole_buffer(size_t i) {
+  const DType dt = shard_values_[i].dtype();
+  for (size_t k = 0; k < spare_.size(); ++k)
+    if (spare_[k].numel() == numel(i) && spare_[k].dtype() == dt) {
+      Tensor t = spare_[k].view(shapes_[i]);
+      spare_.erase(spare_.begin() + static_cast<std::ptrdiff_t>(k));
+      return t;
+    }
+  return cuda::empty(shapes_[i], dt, "a gathered parameter");
+}
+
+std::vector<size_t> DeviceParams::start_gather(const std::vector<size_t>& indices, std::vector<Tensor>& buffers) {
+  std::vector<size_t> started;
+  for (size_t i : indices) {
+    if (!sharded(i) || values_[i].defined()) continue;
+    values_[i] = whole_buffer(i);
+    Tensor mine = flat_block(values_[i], dist::block_of(numel(i), group_->rank(), group_->size()));
+    cuda::convert(shard_values_[i], mine);
+    buffers.push_back(values_[i]);
+    started.push_back(i);
+  }
+  return started;
 }
 
 void DeviceParams::gather(const std::vector<size_t>& indices) {
-  std::vector<Tensor> fill;
-  for (size_t i : indices) {
-    if (!sharded(i) || values_[i].defined()) continue;
-    values_[i] = cuda::empty(shapes_[i], shard_values_[i].dtype(), "a gathered parameter");
-    Tensor mine = flat_block(values_[i], dist::block_of(numel(i), group_->rank(), group_->size()));
-    cuda::convert(shard_values_[i], mine);
-    fill.push_back(values_[i]);
+  if (!group_) return;
+  // Prefetches covering any of these: wait for them.
+  for (size_t k = 0; k < inflight_.size();) {
+    bool needed = false;
+    for (size_t i : inflight_[k].indices)
+      for (size_t j : indices) needed = needed || i == j;
+    if (!needed) {
+      ++k;
+      continue;
+    }
+    inflight_[k].pending->wait();
+    inflight_.erase(inflight_.begin() + static_cast<std::ptrdiff_t>(k));
   }
+  std::vector<Tensor> fill;
+  start_gather(indices, fill);
   if (!fill.empty()) group_->all_gather_blocks(fill);
 }
 
+void DeviceParams::prefetch(const std::vector<size_t>& indices) {
+  if (!group_) return;
+  std::vector<Tensor> fill;
+  std::vector<size_t> started = start_gather(indices, fill);
+  if (!fill.empty()) inflight_.push_back({std::move(started), group_->all_gather_blocks_async(fill)});
+}
+
 void DeviceParams::release(const std::vector<size_t>& indices) {
-  for (size_t i : indices)
-    if (sharded(i)) values_[i] = Tensor();
+  for (size_t i : indices) {
+    if (!sharded(i) || !values_[i].defined()) continue;
+    for (const InFlight& f : inflight_)
+      for (size_t j : f.indices)
+        MF_CHECK(j != i, "internal: parameter ", i, " released while its gather is under way");
+    // Spare buffers per size: enough for two layers in flight with two tensors of a size each
+    // (k and v projections, q and k norms).
+    int same = 0;
+    for (const Tensor& t : spare_) same += t.numel() == values_[i].numel() && t.dtype() == values_[i].dtype();
+    if (same < 4) spare_.push_back(values_[i]);
+    values_[i] = Tensor();
+  }
 }
 
 void DeviceParams::scatter_grads(const std::vector<size_t>& indices) {

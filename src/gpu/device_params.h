@@ -10,6 +10,7 @@
 // and releases them after), the whole gradient from backward's first write until scatter_grads(),
 // which sums it over the group and adds this rank's block to the block gradient.
 #pragma once
+#include <memory>
 #include <vector>
 
 #include "core/tensor.h"
@@ -55,9 +56,13 @@ class DeviceParams {
   bool sharded(size_t i) const { return !shard_values_.empty() && shard_values_.at(i).defined(); }
   bool any_sharded() const { return group_ != nullptr; }
   dist::Communicator* shard_group() const { return group_; }
-  // Whole values of these parameters (the sharded ones not gathered yet: one collective), and
-  // freeing them again. Unsharded parameters are left alone.
+  // Whole values of these parameters (the sharded ones not gathered yet: one collective; those a
+  // prefetch started: waited for), and freeing them again. Unsharded parameters are left alone.
+  // prefetch() starts the gather and returns (on the group's stream, overlapping the compute
+  // enqueued after it). Released buffers are kept for the next gather of the same size (the next
+  // layer's), a few per size, so the per-layer churn does not fragment the caching allocator.
   void gather(const std::vector<size_t>& indices);
+  void prefetch(const std::vector<size_t>& indices);
   void release(const std::vector<size_t>& indices);
   // The whole gradients of these sharded parameters summed over the group (one collective, every
   // rank passes the same list), this rank's block added to its block gradient, the whole freed.
@@ -77,6 +82,17 @@ class DeviceParams {
   std::vector<bool> decay_, trainable_;
   dist::Communicator* group_ = nullptr;  // ZeRO-3's group (null: nothing sharded)
   std::vector<Tensor> shard_values_, shard_masters_, shard_grads_;  // per parameter; undefined: not sharded
+  // Gathers under way: the parameters each covers.
+  struct InFlight {
+    std::vector<size_t> indices;
+    std::unique_ptr<dist::Communicator::Pending> pending;
+  };
+  std::vector<InFlight> inflight_;
+  std::vector<Tensor> spare_;  // released whole-value buffers, for reuse
+  // Starts the gather of the sharded, not yet gathered parameters of `indices` (a whole buffer
+  // each, this rank's block copied in); returns the ones it started.
+  std::vector<size_t> start_gather(const std::vector<size_t>& indices, std::vector<Tensor>& buffers);
+  Tensor whole_buffer(size_t i);
 };
 
 }  // namespace moeforge::gpu

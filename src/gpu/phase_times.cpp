@@ -1,5 +1,6 @@
 #include "gpu/phase_times.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -23,6 +24,8 @@ void PhaseTimes::mark(const char* phase) {
   cuda::synchronize();
   const auto now = std::chrono::steady_clock::now();
   totals_[phase] += std::chrono::duration<double, std::milli>(now - last_).count();
+  double& gib = allocated_gib_[phase];
+  gib = std::max(gib, static_cast<double>(cuda::allocator_stats().allocated_bytes) / (1024.0 * 1024.0 * 1024.0));
   last_ = now;
 }
 

@@ -17,6 +17,9 @@ class PhaseTimes {
   void mark(const char* phase);  // charges the time since the last mark to `phase`
   // Milliseconds per phase summed over every measured step, by name.
   const std::map<std::string, double>& totals() const { return totals_; }
+  // The most device memory the allocator had handed out at the end of each phase (GiB): where a
+  // step's peak builds up.
+  const std::map<std::string, double>& allocated_gib() const { return allocated_gib_; }
   // Free-form observations (the latest per key), printed with the times.
   void note(const std::string& key, const std::string& text) { notes_[key] = text; }
   const std::map<std::string, std::string>& notes() const { return notes_; }
@@ -25,7 +28,7 @@ class PhaseTimes {
  private:
   bool enabled_ = false;
   std::chrono::steady_clock::time_point last_;
-  std::map<std::string, double> totals_;
+  std::map<std::string, double> totals_, allocated_gib_;
   std::map<std::string, std::string> notes_;
 };
 

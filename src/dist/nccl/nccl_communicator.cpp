@@ -193,6 +193,18 @@ class NcclCommunicator final : public Communicator {
   }
 
   void all_gather_blocks(const std::vector<Tensor>& ts) override {
+    launch("all_gather_blocks", enqueue_all_gather_blocks(ts));
+  }
+
+  std::unique_ptr<Pending> all_gather_blocks_async(const std::vector<Tensor>& ts) override {
+    const ncclResult_t r = enqueue_all_gather_blocks(ts);
+    if (!comm_) MF_THROW("collective all_gather_blocks on group '", name_, "': the communicator was aborted by an earlier failure");
+    if (r != ncclSuccess && r != ncclInProgress) fail("all_gather_blocks", r);
+    return std::make_unique<InFlight>(*this, "all_gather_blocks");
+  }
+
+  // One group of broadcasts: rank p's block of every tensor from p to all.
+  ncclResult_t enqueue_all_gather_blocks(const std::vector<Tensor>& ts) {
     ncclResult_t res = ncclGroupStart();
     for (const Tensor& t : ts) {
       const size_t es = dtype_size(t.dtype());
@@ -205,7 +217,7 @@ class NcclCommunicator final : public Communicator {
       }
     }
     const ncclResult_t end = ncclGroupEnd();
-    launch("all_gather_blocks", res != ncclSuccess ? res : end);
+    return res != ncclSuccess ? res : end;
   }
 
   void reduce_scatter_blocks(const std::vector<Tensor>& ts) override {
