@@ -15,12 +15,14 @@ Tensor flat_block(const Tensor& t, dist::Block b) { return t.view({t.numel()}).s
 
 DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, OptimizerSharding sharding)
     : params_(params), opts_(opts), sharding_(std::move(sharding)) {
-  const bool sharded = sharding_.group && sharding_.group->size() > 1;
-  MF_CHECK(!sharded || sharding_.replicated.size() == params.size(), "internal: optimizer sharding for ",
-           sharding_.replicated.size(), " of ", params.size(), " parameters");
+  MF_CHECK(sharding_.group_of.empty() || sharding_.group_of.size() == params.size(), "internal: optimizer sharding for ",
+           sharding_.group_of.size(), " of ", params.size(), " parameters");
   const DType mdt = params.precision() == Precision::BF16 ? DType::BF16 : DType::F32;
   for (size_t i = 0; i < params.size(); ++i) {
-    split_.push_back(sharded && sharding_.replicated[i]);
+    dist::Communicator* g = sharding_.group_of.empty() ? nullptr : sharding_.group_of[i];
+    split_.push_back(g && g->size() > 1);
+    MF_CHECK(!params.sharded(i) || params.shard_group(i) == g,
+             "internal: a ZeRO-3 parameter's moments split over another group than its weight");
     const Shape s = split_[i] ? Shape{block(i).count} : params.shape(i);
     exp_avg_.push_back(cuda::empty(s, mdt, "AdamW exp_avg"));
     exp_avg_sq_.push_back(cuda::empty(s, mdt, "AdamW exp_avg_sq"));
@@ -30,7 +32,8 @@ DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, Optimiz
 }
 
 dist::Block DeviceAdamW::block(size_t i) const {
-  return dist::block_of(params_.numel(i), sharding_.group->rank(), sharding_.group->size());
+  const dist::Communicator* g = sharding_.group_of.at(i);
+  return dist::block_of(params_.numel(i), g->rank(), g->size());
 }
 
 Tensor DeviceAdamW::moment_host(const Tensor& m, size_t i) {
@@ -40,7 +43,7 @@ Tensor DeviceAdamW::moment_host(const Tensor& m, size_t i) {
   cuda::zero(whole);
   Tensor mine = flat_block(whole, block(i));
   if (mine.numel() > 0) cuda::convert(m, mine);
-  sharding_.group->all_gather_blocks({whole});
+  sharding_.group_of[i]->all_gather_blocks({whole});
   return cuda::to_host_f32(whole).view(shape);
 }
 
@@ -81,7 +84,15 @@ void DeviceAdamW::begin_step(double lr) {
 
 void DeviceAdamW::update(const std::vector<size_t>& indices) {
   std::vector<cuda::AdamWTensors> ts;
-  std::vector<Tensor> exchange;  // split parameters: every rank's updated block goes to all
+  // Split parameters: every rank's updated block goes to all, one exchange per group (the groups
+  // in parameter order, the same on every rank).
+  std::vector<std::pair<dist::Communicator*, std::vector<Tensor>>> exchange;
+  auto exchange_in = [&](dist::Communicator* g) -> std::vector<Tensor>& {
+    for (auto& [group, ts2] : exchange)
+      if (group == g) return ts2;
+    exchange.emplace_back(g, std::vector<Tensor>{});
+    return exchange.back().second;
+  };
   for (size_t i : indices) {
     if (!params_.trainable(i)) continue;
     const bool decay = opts_.decay_norms_and_biases || params_.decay(i);
@@ -104,13 +115,14 @@ void DeviceAdamW::update(const std::vector<size_t>& indices) {
       t.param = flat_block(t.param, b);
       t.grad = flat_block(t.grad, b);
       if (t.param_bf16_copy.defined()) t.param_bf16_copy = flat_block(t.param_bf16_copy, b);
-      exchange.push_back(params_.master(i));
-      if (params_.has_masters()) exchange.push_back(params_.value(i));
+      std::vector<Tensor>& ex = exchange_in(sharding_.group_of[i]);
+      ex.push_back(params_.master(i));
+      if (params_.has_masters()) ex.push_back(params_.value(i));
     }
     if (t.param.numel() > 0) ts.push_back(std::move(t));
   }
   cuda::adamw_multi_tensor(ts, scalars_);
-  if (!exchange.empty()) sharding_.group->all_gather_blocks(exchange);
+  for (auto& [g, ts2] : exchange) g->all_gather_blocks(ts2);
 }
 
 int64_t DeviceAdamW::bytes() const {

@@ -4,7 +4,8 @@
 // updated and the BF16 compute copies refreshed in the same pass.
 //
 // ZeRO-1 under several ranks: the moments of parameters that every rank of a group holds a copy of
-// (dense weights; their gradients already summed over the group) are split over the group, each
+// (dense weights over the world, expert shards over their expert-data-parallel group; their
+// gradients already summed over the group) are split over the group, each
 // rank keeping and updating only its block of each one (dist::block_of over the flat elements); the
 // updated blocks are then exchanged in place (Communicator::all_gather_blocks), so every copy
 // again holds the same values. The same update as the unsharded optimizer, element for element.
@@ -17,10 +18,11 @@
 
 namespace moeforge::gpu {
 
-// Which parameters' optimizer state is split, and over which device group.
+// Which parameters' optimizer state is split, and over which device group: per parameter, the
+// ranks that hold copies of it (the world for dense weights, the expert-data-parallel group for an
+// expert shard); null or a one-rank group: not split. Empty: nothing is split.
 struct OptimizerSharding {
-  dist::Communicator* group = nullptr;  // null or one rank: nothing is split
-  std::vector<bool> replicated;         // per parameter: every rank of `group` holds a copy of it
+  std::vector<dist::Communicator*> group_of;
 };
 
 class DeviceAdamW {

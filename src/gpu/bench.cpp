@@ -70,11 +70,12 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   const GpuParallel par = groups ? GpuParallel{groups->dev_ep.get(), groups->world_group.get()} : GpuParallel{};
   DeviceParams device = DeviceParams::random(model->params(), o.precision, init_std, o.seed);
   MF_CHECK(o.zero_stage == 1 || o.zero_stage == 3, "bench: --zero-stage must be 1 or 3, got ", o.zero_stage);
-  if (groups && o.zero_stage == 3) {
-    std::vector<bool> replicated(sharded.size());
-    for (size_t i = 0; i < sharded.size(); ++i) replicated[i] = !sharded[i];
-    device.shard_replicated(groups->dev_world.get(), replicated);
-  }
+  // Per parameter, the device group holding copies of it: the world for dense weights, the
+  // expert-data-parallel group for expert shards.
+  std::vector<dist::Communicator*> copy_group;
+  for (size_t i = 0; groups && i < sharded.size(); ++i)
+    copy_group.push_back(sharded[i] ? groups->dev_edp.get() : groups->dev_world.get());
+  if (groups && o.zero_stage == 3) device.shard(copy_group);
   auto gm = make_gpu_model(*model, std::move(device), par);
   // Sums gradients over the ranks holding copies of them (nothing on one GPU; ZeRO-3 blocks were
   // summed in backward).
@@ -91,11 +92,9 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   train::AdamWOptions ao;
   ao.lr = o.lr;
   ao.weight_decay = o.weight_decay;
-  // ZeRO-1 over the ranks: each keeps the AdamW moments of its block of every dense parameter.
-  OptimizerSharding zero;
-  if (groups) zero = {groups->dev_world.get(), std::vector<bool>(sharded.size())};
-  for (size_t i = 0; groups && i < sharded.size(); ++i) zero.replicated[i] = !sharded[i];
-  DeviceAdamW opt(gm->params(), ao, zero);
+  // ZeRO-1 over the ranks: each keeps the AdamW moments of its block of every parameter it holds a
+  // copy of (dense ones over the world, expert shards over their copies).
+  DeviceAdamW opt(gm->params(), ao, OptimizerSharding{copy_group});
   cuda::synchronize();
   if (gm->phase_times().enabled() && env.rank == 0)
     std::fprintf(stderr, "before the first step: %.2f GiB allocated (weights %.2f, AdamW moments %.2f)\n",

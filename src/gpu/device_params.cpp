@@ -1,5 +1,7 @@
 #include "gpu/device_params.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
@@ -86,11 +88,10 @@ Tensor& DeviceParams::shard_grad(size_t i) {
   return g;
 }
 
-void DeviceParams::shard_replicated(dist::Communicator* group, const std::vector<bool>& replicated) {
-  MF_CHECK(replicated.size() == values_.size(), "internal: ZeRO-3 flags for ", replicated.size(), " of ",
-           values_.size(), " parameters");
-  if (!group || group->size() == 1) return;
-  group_ = group;
+void DeviceParams::shard(const std::vector<dist::Communicator*>& group_of) {
+  MF_CHECK(group_of.size() == values_.size(), "internal: ZeRO-3 groups for ", group_of.size(), " of ", values_.size(),
+           " parameters");
+  group_of_.assign(values_.size(), nullptr);
   shard_values_.resize(values_.size());
   shard_masters_.resize(values_.size());
   shard_grads_.resize(values_.size());
@@ -98,12 +99,15 @@ void DeviceParams::shard_replicated(dist::Communicator* group, const std::vector
   // the device: otherwise the caching allocator hands a block the whole value's freed memory
   // (it reuses blocks up to twice the size asked for), and nothing would be saved.
   for (size_t i = 0; i < values_.size(); ++i) {
+    dist::Communicator* g = group_of[i];
     // Every rank needs a block (block_of leaves the last ones empty when there are few elements).
-    if (!replicated[i] || !trainable_[i] || dist::block_of(numel(i), group->size() - 1, group->size()).count == 0)
+    if (!g || g->size() == 1 || !trainable_[i] || dist::block_of(numel(i), g->size() - 1, g->size()).count == 0)
       continue;
-    const dist::Block b = dist::block_of(numel(i), group->rank(), group->size());
+    group_of_[i] = g;
+    const dist::Block b = block(i);
     shard_values_[i] = cuda::copy(flat_block(values_[i], b), "a parameter's block");
     if (!masters_.empty()) shard_masters_[i] = cuda::copy(flat_block(masters_[i], b), "a parameter's F32 master block");
+    if (std::find(groups_.begin(), groups_.end(), g) == groups_.end()) groups_.push_back(g);
   }
   for (size_t i = 0; i < values_.size(); ++i) {
     if (!sharded(i)) continue;
@@ -113,6 +117,11 @@ void DeviceParams::shard_replicated(dist::Communicator* group, const std::vector
   }
   cuda::synchronize();
   cuda::empty_cache();
+}
+
+dist::Block DeviceParams::block(size_t i) const {
+  const dist::Communicator* g = group_of_.at(i);
+  return dist::block_of(numel(i), g->rank(), g->size());
 }
 
 Tensor DeviceParams::whole_buffer(size_t i) {
@@ -126,21 +135,25 @@ Tensor DeviceParams::whole_buffer(size_t i) {
   return cuda::empty(shapes_[i], dt, "a gathered parameter");
 }
 
-std::vector<size_t> DeviceParams::start_gather(const std::vector<size_t>& indices, std::vector<Tensor>& buffers) {
-  std::vector<size_t> started;
+std::vector<std::pair<dist::Communicator*, std::vector<Tensor>>> DeviceParams::start_gather(
+    const std::vector<size_t>& indices, std::vector<size_t>& started) {
+  // One collective per group, the groups in a fixed order: every rank issues the same sequence.
+  std::vector<std::pair<dist::Communicator*, std::vector<Tensor>>> per_group;
+  for (dist::Communicator* g : groups_) per_group.emplace_back(g, std::vector<Tensor>{});
   for (size_t i : indices) {
     if (!sharded(i) || values_[i].defined()) continue;
     values_[i] = whole_buffer(i);
-    Tensor mine = flat_block(values_[i], dist::block_of(numel(i), group_->rank(), group_->size()));
+    Tensor mine = flat_block(values_[i], block(i));
     cuda::convert(shard_values_[i], mine);
-    buffers.push_back(values_[i]);
+    for (auto& [g, ts] : per_group)
+      if (g == group_of_[i]) ts.push_back(values_[i]);
     started.push_back(i);
   }
-  return started;
+  return per_group;
 }
 
 void DeviceParams::gather(const std::vector<size_t>& indices) {
-  if (!group_) return;
+  if (groups_.empty()) return;
   // Prefetches covering any of these: wait for them.
   for (size_t k = 0; k < inflight_.size();) {
     bool needed = false;
@@ -150,19 +163,20 @@ void DeviceParams::gather(const std::vector<size_t>& indices) {
       ++k;
       continue;
     }
-    inflight_[k].pending->wait();
+    for (auto& p : inflight_[k].pending) p->wait();
     inflight_.erase(inflight_.begin() + static_cast<std::ptrdiff_t>(k));
   }
-  std::vector<Tensor> fill;
-  start_gather(indices, fill);
-  if (!fill.empty()) group_->all_gather_blocks(fill);
+  std::vector<size_t> started;
+  for (auto& [g, ts] : start_gather(indices, started))
+    if (!ts.empty()) g->all_gather_blocks(ts);
 }
 
 void DeviceParams::prefetch(const std::vector<size_t>& indices) {
-  if (!group_) return;
-  std::vector<Tensor> fill;
-  std::vector<size_t> started = start_gather(indices, fill);
-  if (!fill.empty()) inflight_.push_back({std::move(started), group_->all_gather_blocks_async(fill)});
+  if (groups_.empty()) return;
+  InFlight f;
+  for (auto& [g, ts] : start_gather(indices, f.indices))
+    if (!ts.empty()) f.pending.push_back(g->all_gather_blocks_async(ts));
+  if (!f.indices.empty()) inflight_.push_back(std::move(f));
 }
 
 void DeviceParams::release(const std::vector<size_t>& indices) {
@@ -181,19 +195,21 @@ void DeviceParams::release(const std::vector<size_t>& indices) {
 }
 
 void DeviceParams::scatter_grads(const std::vector<size_t>& indices) {
-  std::vector<size_t> which;
-  std::vector<Tensor> whole;
-  for (size_t i : indices) {
-    if (!sharded(i)) continue;
-    which.push_back(i);
-    whole.push_back(grad(i));  // zeros where backward never wrote it: every rank sends the same list
-  }
-  if (whole.empty()) return;
-  group_->reduce_scatter_blocks(whole);
-  for (size_t k = 0; k < which.size(); ++k) {
-    const size_t i = which[k];
-    cuda::add_inplace(shard_grad(i), flat_block(whole[k], dist::block_of(numel(i), group_->rank(), group_->size())));
-    grads_[i] = Tensor();
+  for (dist::Communicator* g : groups_) {  // one collective per group, in a fixed order
+    std::vector<size_t> which;
+    std::vector<Tensor> whole;
+    for (size_t i : indices) {
+      if (!sharded(i) || group_of_[i] != g) continue;
+      which.push_back(i);
+      whole.push_back(grad(i));  // zeros where backward never wrote it: every rank sends the same list
+    }
+    if (whole.empty()) continue;
+    g->reduce_scatter_blocks(whole);
+    for (size_t k = 0; k < which.size(); ++k) {
+      const size_t i = which[k];
+      cuda::add_inplace(shard_grad(i), flat_block(whole[k], block(i)));
+      grads_[i] = Tensor();
+    }
   }
 }
 
@@ -219,11 +235,11 @@ void DeviceParams::copy_to_host(nn::ParamStore& host) const {
            values_.size());
   for (size_t i = 0; i < all.size(); ++i) {
     if (sharded(i)) {  // the blocks of every rank into one whole (a collective)
-      const Tensor& block = shard_masters_[i].defined() ? shard_masters_[i] : shard_values_[i];
-      Tensor whole = cuda::empty(shapes_[i], block.dtype(), "a gathered parameter for the host");
-      Tensor mine = flat_block(whole, dist::block_of(numel(i), group_->rank(), group_->size()));
-      cuda::convert(block, mine);
-      group_->all_gather_blocks({whole});
+      const Tensor& part = shard_masters_[i].defined() ? shard_masters_[i] : shard_values_[i];
+      Tensor whole = cuda::empty(shapes_[i], part.dtype(), "a gathered parameter for the host");
+      Tensor mine = flat_block(whole, block(i));
+      cuda::convert(part, mine);
+      group_of_[i]->all_gather_blocks({whole});
       all[i].value = cuda::to_host_f32(whole).view(all[i].shape);
       continue;
     }

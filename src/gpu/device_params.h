@@ -11,6 +11,7 @@
 // which sums it over the group and adds this rank's block to the block gradient.
 #pragma once
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "core/tensor.h"
@@ -50,12 +51,15 @@ class DeviceParams {
   // with sharded parameters a collective over their group (every rank calls it).
   void copy_to_host(nn::ParamStore& host) const;
 
-  // ZeRO-3 over `group` for the trainable parameters marked `replicated` (large enough for every
-  // rank to get a block); their whole values are freed. A no-op for a group of one.
-  void shard_replicated(dist::Communicator* group, const std::vector<bool>& replicated);
-  bool sharded(size_t i) const { return !shard_values_.empty() && shard_values_.at(i).defined(); }
-  bool any_sharded() const { return group_ != nullptr; }
-  dist::Communicator* shard_group() const { return group_; }
+  // ZeRO-3: each trainable parameter with a group in `group_of` (the ranks that hold copies of it:
+  // the world for dense weights, the expert-data-parallel group for an expert shard) keeps only
+  // this rank's block, if the parameter is large enough for every rank of it to get one; their
+  // whole values are freed. Null or one-rank groups: left whole.
+  void shard(const std::vector<dist::Communicator*>& group_of);
+  bool sharded(size_t i) const { return !group_of_.empty() && group_of_.at(i) != nullptr; }
+  bool any_sharded() const { return !groups_.empty(); }
+  dist::Communicator* shard_group(size_t i) const { return group_of_.empty() ? nullptr : group_of_.at(i); }
+  dist::Block block(size_t i) const;  // a sharded parameter's block of its flat elements
   // Whole values of these parameters (the sharded ones not gathered yet: one collective; those a
   // prefetch started: waited for), and freeing them again. Unsharded parameters are left alone.
   // prefetch() starts the gather and returns (on the group's stream, overlapping the compute
@@ -80,18 +84,20 @@ class DeviceParams {
   std::vector<Shape> shapes_;
   std::vector<Tensor> values_, grads_, masters_;
   std::vector<bool> decay_, trainable_;
-  dist::Communicator* group_ = nullptr;  // ZeRO-3's group (null: nothing sharded)
+  std::vector<dist::Communicator*> group_of_;  // ZeRO-3: per parameter, its group (null: whole)
+  std::vector<dist::Communicator*> groups_;    // the distinct groups, in first-use order
   std::vector<Tensor> shard_values_, shard_masters_, shard_grads_;  // per parameter; undefined: not sharded
-  // Gathers under way: the parameters each covers.
+  // Gathers under way: the parameters each covers, one collective per group.
   struct InFlight {
     std::vector<size_t> indices;
-    std::unique_ptr<dist::Communicator::Pending> pending;
+    std::vector<std::unique_ptr<dist::Communicator::Pending>> pending;
   };
   std::vector<InFlight> inflight_;
   std::vector<Tensor> spare_;  // released whole-value buffers, for reuse
-  // Starts the gather of the sharded, not yet gathered parameters of `indices` (a whole buffer
-  // each, this rank's block copied in); returns the ones it started.
-  std::vector<size_t> start_gather(const std::vector<size_t>& indices, std::vector<Tensor>& buffers);
+  // Sets up the gather of the sharded, not yet gathered parameters of `indices` (a whole buffer
+  // each, this rank's block copied in; appended to `started`); returns the buffers per group.
+  std::vector<std::pair<dist::Communicator*, std::vector<Tensor>>> start_gather(const std::vector<size_t>& indices,
+                                                                                std::vector<size_t>& started);
   Tensor whole_buffer(size_t i);
 };
 

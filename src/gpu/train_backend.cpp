@@ -58,7 +58,7 @@ class GpuBackend : public StepBackend {
     std::vector<Tensor> dense, experts, blocks;
     std::vector<Tensor*> dense_grads, expert_grads;
     for (size_t i = 0; i < params.size(); ++i) {
-      if (params.sharded(i)) {  // ZeRO-3: summed over the world in backward, this rank's block
+      if (params.sharded(i)) {  // ZeRO-3: summed over its copy group in backward, this rank's block
         blocks.push_back(params.shard_grad(i));
         continue;
       }
@@ -69,7 +69,8 @@ class GpuBackend : public StepBackend {
     if (g.dev_world->size() > 1) g.dev_world->all_reduce_sum_many(dense_grads);
     if (g.dev_edp->size() > 1) g.dev_edp->all_reduce_sum_many(expert_grads);
     // Dense gradients are now the same everywhere; expert shards' squares add up over the
-    // expert-parallel group, ZeRO-3 blocks' over the world (host F64 through gloo: one number each).
+    // expert-parallel group, ZeRO-3 blocks' over the world, where every rank holds distinct pieces
+    // (host F64 through gloo: one number each).
     const double d = cuda::global_grad_norm(dense), e = cuda::global_grad_norm(experts);
     Tensor sq = Tensor::empty({1}, DType::F64);
     sq.data<double>()[0] = e * e;
@@ -106,24 +107,26 @@ class GpuBackend : public StepBackend {
   }
 
  private:
-  // The device copy of the model's parameters; under ZeRO-3 (recipe zero_stage: 3) the dense
-  // (replicated) ones keep only this rank's block, gathered layer by layer as the model runs.
+  // Per parameter, the device group holding copies of it: the world for dense (replicated)
+  // parameters, the expert-data-parallel group for expert shards (one rank when dp = 1).
+  static std::vector<dist::Communicator*> copy_groups(const RankShare& r) {
+    std::vector<dist::Communicator*> g;
+    for (bool expert : *r.sharded) g.push_back(expert ? r.groups->dev_edp.get() : r.groups->dev_world.get());
+    return g;
+  }
+
+  // The device copy of the model's parameters; under ZeRO-3 (recipe zero_stage: 3) each keeps
+  // only this rank's block over its copy group, gathered layer by layer as the model runs.
   static gpu::DeviceParams device_params(const models::CausalLM& model, gpu::Precision p, const RankShare& r) {
     gpu::DeviceParams d(model.params(), p);
-    if (r.groups && r.zero3) {
-      std::vector<bool> replicated;
-      for (bool expert : *r.sharded) replicated.push_back(!expert);
-      d.shard_replicated(r.groups->dev_world.get(), replicated);
-    }
+    if (r.groups && r.zero3) d.shard(copy_groups(r));
     return d;
   }
 
-  // ZeRO-1: the moments of the dense (replicated) parameters split over all ranks.
+  // ZeRO-1: the moments split over each parameter's copy group.
   static gpu::OptimizerSharding sharding_of(const RankShare& r) {
     if (!r.groups) return {};
-    gpu::OptimizerSharding s{r.groups->dev_world.get(), {}};
-    for (bool expert : *r.sharded) s.replicated.push_back(!expert);
-    return s;
+    return {copy_groups(r)};
   }
 
   static gpu::GpuParallel parallel_of(const RankShare& r) {
