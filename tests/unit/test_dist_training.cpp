@@ -86,6 +86,36 @@ INSTANTIATE_TEST_SUITE_P(WorldAndEp, DistTraining,
                            return "world" + std::to_string(info.param.first) + "_ep" + std::to_string(info.param.second);
                          });
 
+// DeepSeek-V3's multi-token prediction layers trained on 2 ranks (their MoE experts split too) as
+// in one process: the same losses, MTP losses and final weights (MTP layers included).
+TEST(DistTrainingMtp, MatchesTheOneRankRun) {
+  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  test::TempDir dir;
+  const std::string recipe = write_recipe(dir);
+  const std::vector<std::string> mtp = {"model=" + test::fixture("deepseek_v3_mtp"), "mtp_loss_scale=0.3"};
+  const auto one = train::run_training(train::load_recipe(recipe, mtp));
+  const std::string out = dir / "multi";
+  const ShellRun r = shell(std::string(MOEFORGE_BIN) + " launch --nproc-per-node 2 --master-port " +
+                           std::to_string(free_port()) + " -- train " + recipe + " " + mtp[0] + " " + mtp[1] +
+                           " ep_size=2 output_dir=" + out);
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto losses = losses_of(out + "/metrics.jsonl");
+  ASSERT_EQ(losses.size(), one.losses.size());
+  for (size_t i = 0; i < losses.size(); ++i) EXPECT_NEAR(losses[i], one.losses[i], 1e-5 * std::abs(one.losses[i])) << "step " << i + 1;
+  // The MTP loss of each step, rank 0's metrics against the one-rank run's.
+  std::ifstream a(out + "/metrics.jsonl"), b(std::filesystem::path(one.final_dir).parent_path() / "metrics.jsonl");
+  std::string la, lb;
+  int compared = 0;
+  while (std::getline(a, la) && std::getline(b, lb)) {
+    const auto ja = nlohmann::json::parse(la), jb = nlohmann::json::parse(lb);
+    ASSERT_TRUE(ja.contains("mtp_loss") && jb.contains("mtp_loss"));
+    EXPECT_NEAR(ja["mtp_loss"].get<double>(), jb["mtp_loss"].get<double>(), 1e-5 * jb["mtp_loss"].get<double>());
+    ++compared;
+  }
+  EXPECT_EQ(compared, 4);
+  expect_same_model(out + "/final", one.final_dir);
+}
+
 // A checkpoint written by 2 ranks (ep 2) resumes on 4 ranks (ep 4) and on one process, and both
 // finish where the straight one-rank run does: each rank writes its part of the checkpoint, and on
 // load each takes its experts' rows from whichever parts hold them.
