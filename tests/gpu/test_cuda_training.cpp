@@ -175,11 +175,12 @@ TEST_P(CudaTrainingPolicies, Bf16PoliciesTrackTorchLosses) {
       const auto r = gm->forward_backward({ids, &labels}, step_options(*m.model, labels, false));
       losses.push_back(step_loss(*m.model, r));
       double rel = step == 0 || p == gpu::Precision::BF16Mixed ? 0.02 : 0.05;
-      if (anchored && p == gpu::Precision::BF16Mixed) {
+      if (anchored) {
         const double torch_rel = std::abs(autocast.item_f32(step) - want.item_f32(step)) / want.item_f32(step);
-        rel = std::max(rel, 2 * torch_rel);
-        std::printf("  [%s] bf16-mixed step %d: %.4f off fp32 (Transformers' autocast %.4f)\n", GetParam(), step,
-                    std::abs(losses.back() - want.item_f32(step)) / want.item_f32(step), torch_rel);
+        if (p == gpu::Precision::BF16Mixed) rel = std::max(rel, 2 * torch_rel);
+        std::printf("  [%s] %s step %d: %.4f off fp32 (Transformers' autocast %.4f)\n", GetParam(),
+                    gpu::precision_name(p), step, std::abs(losses.back() - want.item_f32(step)) / want.item_f32(step),
+                    torch_rel);
       }
       EXPECT_NEAR(losses.back(), want.item_f32(step), rel * want.item_f32(step))
           << gpu::precision_name(p) << " step " << step;
