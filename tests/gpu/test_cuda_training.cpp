@@ -24,31 +24,18 @@ namespace {
 #define REQUIRE_GPU() \
   if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine"
 
-// The multi-token prediction loss's weight in a fixture that trains it (0: none).
-double mtp_loss_scale(const hf::SafetensorsFile& ref) {
-  return ref.contains("mtp_loss_scale") ? ref.get("mtp_loss_scale").item_f32() : 0.0;
-}
-
 // Call before the model is uploaded: the MTP layers' parameters train only when mtp_scale > 0.
 gpu::GpuStepOptions step_options(models::CausalLM& m, const Tensor& labels, bool ckpt, double mtp_scale = 0) {
   gpu::GpuStepOptions o;
   o.ce_scale = 1.f / static_cast<float>(test::counted_tokens(labels));
   o.aux_scale = m.config().output_router_logits ? static_cast<float>(m.config().router_aux_loss_coef) : 0.f;
   o.activation_checkpointing = ckpt;
-  m.set_mtp_trainable(mtp_scale > 0);
-  const int64_t depths = mtp_scale > 0 ? m.mtp_depths() : 0;
-  for (int64_t k = 1; k <= depths; ++k)
-    o.mtp_scales.push_back(static_cast<float>(
-        mtp_scale / depths / models::counted_targets(models::mtp_targets(labels, nullptr, k))));
+  o.mtp_scales = test::mtp_scales(m, labels, mtp_scale);
   return o;
 }
 
 double step_loss(const models::CausalLM& m, const gpu::GpuStepResult& r, double mtp_scale = 0) {
-  double loss = r.ce_sum / static_cast<double>(r.tokens);
-  if (m.config().output_router_logits) loss += m.config().router_aux_loss_coef * r.aux_loss;
-  for (size_t k = 0; k < r.mtp_ce_sums.size(); ++k)
-    loss += mtp_scale / static_cast<double>(r.mtp_ce_sums.size()) * r.mtp_ce_sums[k] / r.mtp_tokens[k];
-  return loss;
+  return test::reference_loss(m, r, mtp_scale);
 }
 
 }  // namespace
@@ -63,7 +50,7 @@ TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
   auto grads = hf::SafetensorsFile::open(dir + "/reference_grads.safetensors");
   auto m = models::from_pretrained(dir);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  const gpu::GpuStepOptions opts = step_options(*m.model, labels, ckpt, mtp_loss_scale(ref));
+  const gpu::GpuStepOptions opts = step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref));
   auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   gm->forward_backward({ids, &labels}, opts);
   const auto& params = m.model->params().all();
@@ -114,7 +101,7 @@ TEST_P(CudaTraining, Fp32ThreeAdamWStepsMatchTorch) {
   auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
   auto m = models::from_pretrained(dir);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  const double mtp_scale = mtp_loss_scale(ref);
+  const double mtp_scale = test::mtp_loss_scale(ref);
   const gpu::GpuStepOptions opts = step_options(*m.model, labels, ckpt, mtp_scale);
   auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   const double lr = 1e-3;

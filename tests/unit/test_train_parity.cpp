@@ -19,31 +19,13 @@ using namespace moeforge;
 
 namespace {
 
-// The multi-token prediction loss's weight in a fixture that trains it (0: none).
-double mtp_loss_scale(const hf::SafetensorsFile& ref) {
-  return ref.contains("mtp_loss_scale") ? ref.get("mtp_loss_scale").item_f32() : 0.0;
-}
-
 models::TrainStepOptions step_options(models::CausalLM& m, const Tensor& labels, bool ckpt, double mtp_scale) {
   models::TrainStepOptions o;
   o.ce_scale = 1.f / static_cast<float>(test::counted_tokens(labels));
   o.aux_scale = m.config().output_router_logits ? static_cast<float>(m.config().router_aux_loss_coef) : 0.f;
   o.activation_checkpointing = ckpt;
-  m.set_mtp_trainable(mtp_scale > 0);
-  const int64_t depths = mtp_scale > 0 ? m.mtp_depths() : 0;
-  for (int64_t k = 1; k <= depths; ++k)
-    o.mtp_scales.push_back(static_cast<float>(
-        mtp_scale / depths / models::counted_targets(models::mtp_targets(labels, nullptr, k))));
+  o.mtp_scales = test::mtp_scales(m, labels, mtp_scale);
   return o;
-}
-
-// The loss a fixture's reference reports: cross-entropy (+ aux) (+ the MTP depths').
-double total_loss(const models::CausalLM& m, const models::TrainStepResult& r, double mtp_scale) {
-  double loss = r.ce_sum / r.tokens;
-  if (m.config().output_router_logits) loss += m.config().router_aux_loss_coef * r.aux_loss;
-  for (size_t k = 0; k < r.mtp_ce_sums.size(); ++k)
-    loss += mtp_scale / static_cast<double>(r.mtp_ce_sums.size()) * r.mtp_ce_sums[k] / r.mtp_tokens[k];
-  return loss;
 }
 
 }  // namespace
@@ -57,7 +39,7 @@ TEST_P(TrainParity, FirstStepGradientsMatchTorch) {
   auto grads = hf::SafetensorsFile::open(dir + "/reference_grads.safetensors");
   auto m = models::from_pretrained(dir);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, ckpt, mtp_loss_scale(ref)));
+  m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref)));
   for (const auto& p : m.model->params().all()) {
     if (!p.trainable) {  // a buffer (DeepSeek-V3's correction bias): torch has no gradient for it either
       EXPECT_FALSE(grads.contains("grad." + p.name)) << p.name;
@@ -99,8 +81,8 @@ TEST_P(TrainParity, ThreeAdamWStepsMatchTorch) {
   for (size_t i = 0; i < params.size(); ++i) noisy[i].assign(static_cast<size_t>(shape_numel(params[i].shape)), false);
   for (int step = 0; step < 3; ++step) {
     model.params().zero_grad();
-    auto r = model.forward_backward({ids, &labels}, step_options(model, labels, ckpt, mtp_loss_scale(ref)));
-    EXPECT_NEAR(total_loss(model, r, mtp_loss_scale(ref)), want_losses.item_f32(step), 1e-5) << "step " << step;
+    auto r = model.forward_backward({ids, &labels}, step_options(model, labels, ckpt, test::mtp_loss_scale(ref)));
+    EXPECT_NEAR(test::reference_loss(model, r, test::mtp_loss_scale(ref)), want_losses.item_f32(step), 1e-5) << "step " << step;
     for (size_t i = 0; i < params.size(); ++i) test::note_noise(noisy[i], params[i].grad.to_f32_vector());
     opt.step(lr);
   }
@@ -117,7 +99,7 @@ TEST(MtpTraining, FirstStepLossesPerDepthMatchTorch) {
   auto m = models::from_pretrained(dir);
   ASSERT_EQ(m.model->mtp_depths(), 2);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  const auto r = m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, false, mtp_loss_scale(ref)));
+  const auto r = m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, false, test::mtp_loss_scale(ref)));
   EXPECT_NEAR(r.ce_sum / r.tokens, ref.get("main_loss").item_f32(), 1e-5);
   ASSERT_EQ(r.mtp_ce_sums.size(), 2u);
   for (size_t k = 0; k < 2; ++k)

@@ -18,6 +18,8 @@
 
 #include "core/error.h"
 #include "core/tensor.h"
+#include "hf/safetensors.h"
+#include "models/causal_lm.h"
 #include "nn/params.h"
 
 namespace moeforge::test {
@@ -94,6 +96,34 @@ inline int64_t counted_tokens(const Tensor& labels) {
   int64_t n = 0;
   for (int64_t i = 0; i < labels.numel(); ++i) n += (i % labels.size(1)) != 0 && labels.i64()[i] != -100;
   return n;
+}
+
+// A fixture that trains DeepSeek-V3's multi-token prediction records its loss weight
+// (reference.safetensors `mtp_loss_scale`); 0 for every other fixture.
+inline double mtp_loss_scale(const hf::SafetensorsFile& ref) {
+  return ref.contains("mtp_loss_scale") ? ref.get("mtp_loss_scale").item_f32() : 0.0;
+}
+
+// Makes the model's MTP layers trainable when `scale` > 0 (call before a GPU upload) and returns
+// each depth's gradient scale for a batch of these labels: scale / depths / its counted targets.
+inline std::vector<float> mtp_scales(models::CausalLM& m, const Tensor& labels, double scale) {
+  m.set_mtp_trainable(scale > 0);
+  std::vector<float> out;
+  const int64_t depths = scale > 0 ? m.mtp_depths() : 0;
+  for (int64_t k = 1; k <= depths; ++k)
+    out.push_back(static_cast<float>(scale / depths / models::counted_targets(models::mtp_targets(labels, nullptr, k))));
+  return out;
+}
+
+// The loss a fixture's reference reports for a step's result (CPU or GPU): cross-entropy, + the
+// load-balancing loss when the config has it, + scale / depths x each MTP depth's mean.
+template <typename StepResult>
+double reference_loss(const models::CausalLM& m, const StepResult& r, double mtp_scale) {
+  double loss = r.ce_sum / static_cast<double>(r.tokens);
+  if (m.config().output_router_logits) loss += m.config().router_aux_loss_coef * r.aux_loss;
+  for (size_t k = 0; k < r.mtp_ce_sums.size(); ++k)
+    loss += mtp_scale / static_cast<double>(r.mtp_ce_sums.size()) * r.mtp_ce_sums[k] / static_cast<double>(r.mtp_tokens[k]);
+  return loss;
 }
 
 // The AdamW parity rule of test_train_parity.cpp: an element whose gradient is nonzero but below
