@@ -166,7 +166,15 @@ class DecoderGpu : public GpuModel {
     phases_.mark("bwd: embedding");
     cuda::synchronize();
     res.backward_ms = ms_since(t1);
+    last_chosen_.assign(bt.chosen_record.begin(), bt.chosen_record.begin() + static_cast<std::ptrdiff_t>(nl));
     return res;
+  }
+
+  std::vector<Tensor> last_routing() const override {
+    std::vector<Tensor> out;
+    for (const Tensor& c : last_chosen_)
+      if (c.defined()) out.push_back(cuda::to_host_f32(c));  // I64 stays I64
+    return out;
   }
 
   Tensor forward_logits(const models::ForwardInputs& in) override {
@@ -909,6 +917,7 @@ class DecoderGpu : public GpuModel {
   const models::Decoder& m_;
   GpuParallel par_;
   std::vector<std::vector<size_t>> layer_params_;
+  std::vector<Tensor> last_chosen_;  // the last step's expert choice per main layer (undefined: dense)
   DeviceParams params_;
   DType dt_;
 };

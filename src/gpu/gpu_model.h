@@ -45,6 +45,9 @@ class GpuModel {
   // Host F32 logits [B,S,V] of a forward pass with the device weights (parity checks).
   virtual Tensor forward_logits(const models::ForwardInputs& in) = 0;
   virtual DeviceParams& params() = 0;
+  // The experts each main-model MoE layer chose in the last forward_backward (host I64 [T, k] per
+  // MoE layer, in layer order): tests compare runs' routing with it.
+  virtual std::vector<Tensor> last_routing() const = 0;
   // Per-phase times (MOEFORGE_PHASE_TIMES=1), summed over the calls since the last clear().
   PhaseTimes& phase_times() { return phases_; }
 
