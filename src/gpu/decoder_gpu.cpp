@@ -471,8 +471,11 @@ class DecoderGpu : public GpuModel {
     }
     if (moe.router_bias) cuda::add_bias_rows(logits, value(*moe.router_bias));
     const Tensor* forced = replay ? replay : (bt.balanced.defined() ? &bt.balanced : nullptr);
+    // The correction bias in F32 under bf16-mixed (the F32 master: an F32 buffer under autocast in
+    // Transformers), in BF16 under bf16 (as on a BF16 model).
     if (moe.grouped)
-      cuda::grouped_sigmoid_route(logits, value(*moe.correction_bias), moe.grouped->n_group, moe.grouped->topk_group,
+      cuda::grouped_sigmoid_route(logits, params_.has_masters() ? params_.master(*moe.correction_bias) : value(*moe.correction_bias),
+                                  moe.grouped->n_group, moe.grouped->topk_group,
                                   moe.top_k, moe.norm_topk_prob, moe.grouped->scaling, c.probs, c.weights, c.chosen, forced);
     else
       cuda::router_softmax_topk(logits, moe.top_k, renormalised(moe), c.probs, c.weights, c.chosen, forced);
