@@ -70,11 +70,8 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   const GpuParallel par = groups ? GpuParallel{groups->dev_ep.get(), groups->world_group.get()} : GpuParallel{};
   DeviceParams device = DeviceParams::random(model->params(), o.precision, init_std, o.seed);
   MF_CHECK(o.zero_stage == 1 || o.zero_stage == 3, "bench: --zero-stage must be 1 or 3, got ", o.zero_stage);
-  // Per parameter, the device group holding copies of it: the world for dense weights, the
-  // expert-data-parallel group for expert shards.
-  std::vector<dist::Communicator*> copy_group;
-  for (size_t i = 0; groups && i < sharded.size(); ++i)
-    copy_group.push_back(sharded[i] ? groups->dev_edp.get() : groups->dev_world.get());
+  const std::vector<dist::Communicator*> copy_group =
+      groups ? groups->device_copy_groups(sharded) : std::vector<dist::Communicator*>{};
   if (groups && o.zero_stage == 3) device.shard(copy_group);
   auto gm = make_gpu_model(*model, std::move(device), par);
   // Sums gradients over the ranks holding copies of them (nothing on one GPU; ZeRO-3 blocks were

@@ -107,26 +107,18 @@ class GpuBackend : public StepBackend {
   }
 
  private:
-  // Per parameter, the device group holding copies of it: the world for dense (replicated)
-  // parameters, the expert-data-parallel group for expert shards (one rank when dp = 1).
-  static std::vector<dist::Communicator*> copy_groups(const RankShare& r) {
-    std::vector<dist::Communicator*> g;
-    for (bool expert : *r.sharded) g.push_back(expert ? r.groups->dev_edp.get() : r.groups->dev_world.get());
-    return g;
-  }
-
   // The device copy of the model's parameters; under ZeRO-3 (recipe zero_stage: 3) each keeps
   // only this rank's block over its copy group, gathered layer by layer as the model runs.
   static gpu::DeviceParams device_params(const models::CausalLM& model, gpu::Precision p, const RankShare& r) {
     gpu::DeviceParams d(model.params(), p);
-    if (r.groups && r.zero3) d.shard(copy_groups(r));
+    if (r.groups && r.zero3) d.shard(r.groups->device_copy_groups(*r.sharded));
     return d;
   }
 
   // ZeRO-1: the moments split over each parameter's copy group.
   static gpu::OptimizerSharding sharding_of(const RankShare& r) {
     if (!r.groups) return {};
-    return {copy_groups(r)};
+    return {r.groups->device_copy_groups(*r.sharded)};
   }
 
   static gpu::GpuParallel parallel_of(const RankShare& r) {

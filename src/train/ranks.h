@@ -23,6 +23,13 @@ struct RankGroups {
   std::unique_ptr<dist::Communicator> dev_world, dev_ep, dev_edp;
   models::Parallel parallel() const { return {world_group.get(), ep.get()}; }
   bool is_main() const { return rank == 0; }
+  // Per parameter, the device group of the ranks holding copies of it (ZeRO's split groups): the
+  // world for dense parameters, the expert-data-parallel group for expert shards (`expert_sharded`).
+  std::vector<dist::Communicator*> device_copy_groups(const std::vector<bool>& expert_sharded) const {
+    std::vector<dist::Communicator*> g;
+    for (bool expert : expert_sharded) g.push_back(expert ? dev_edp.get() : dev_world.get());
+    return g;
+  }
 };
 
 // `where`: the recipe file, for messages. Checks that ep_size divides the world and the experts.

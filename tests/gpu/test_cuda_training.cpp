@@ -35,10 +35,6 @@ gpu::GpuStepOptions step_options(models::CausalLM& m, const Tensor& labels, bool
   return o;
 }
 
-double step_loss(const models::CausalLM& m, const gpu::GpuStepResult& r, double mtp_scale = 0) {
-  return test::reference_loss(m, r, mtp_scale);
-}
-
 }  // namespace
 
 class CudaTraining : public ::testing::TestWithParam<std::tuple<const char*, bool>> {};
@@ -114,7 +110,7 @@ TEST_P(CudaTraining, Fp32ThreeAdamWStepsMatchTorch) {
   for (int step = 0; step < 3; ++step) {
     gm->params().zero_grad();
     const auto r = gm->forward_backward({ids, &labels}, opts);
-    EXPECT_NEAR(step_loss(*m.model, r, mtp_scale), want_losses.item_f32(step), 1e-5) << "step " << step;
+    EXPECT_NEAR(test::reference_loss(*m.model, r, mtp_scale), want_losses.item_f32(step), 1e-5) << "step " << step;
     for (size_t i = 0; i < params.size(); ++i)
       test::note_noise(noisy[i], cuda::to_host_f32(gm->params().grad(i)).to_f32_vector());
     opt.step(lr);
@@ -193,7 +189,7 @@ TEST_P(CudaTrainingPolicies, Bf16PoliciesTrackTorchLosses) {
     for (int step = 0; step < 3; ++step) {
       gm->params().zero_grad();
       const auto r = gm->forward_backward({ids, &labels}, step_options(*m.model, labels, false));
-      losses.push_back(step_loss(*m.model, r));
+      losses.push_back(test::reference_loss(*m.model, r, 0.0));
       int64_t choices = 0;
       const int64_t differ = routing_differences(gm->last_routing(), fp32_routing[step], &choices);
       double rel = step == 0 || p == gpu::Precision::BF16Mixed ? 0.02 : 0.05;
@@ -284,7 +280,7 @@ TEST_P(CudaTrainingPolicies, OptimizerInBackwardMatchesStepAfterBackward) {
     const auto rb = b->forward_backward({ids, &labels}, ob);
     EXPECT_EQ(applied, m.model->params().all().size()) << "every parameter applied exactly once";
     for (size_t i = 0; i < b->params().size(); ++i) EXPECT_FALSE(b->params().has_grad(i)) << "gradient " << i << " kept";
-    EXPECT_NEAR(step_loss(*m.model, ra), step_loss(*m.model, rb), 1e-6) << "step " << step;
+    EXPECT_NEAR(test::reference_loss(*m.model, ra, 0.0), test::reference_loss(*m.model, rb, 0.0), 1e-6) << "step " << step;
   }
   // The two runs differ only in when AdamW runs, but their gradients are not bit-identical (some
   // backward reductions, e.g. cuDNN's attention and the float atomics of the embedding gradient, do

@@ -105,12 +105,15 @@ void Decoder::add_mtp_depth(int64_t depth, const ExpertNaming& naming, size_t& m
   mtp_.push_back(d);
 }
 
+bool Decoder::is_mtp_param(const std::string& name) const {
+  for (const MtpDepth& d : mtp_)
+    if (name.rfind("model.layers." + std::to_string(d.layer) + ".", 0) == 0) return true;
+  return false;
+}
+
 void Decoder::set_mtp_trainable(bool on) {
-  for (const MtpDepth& d : mtp_) {
-    const std::string pre = "model.layers." + std::to_string(d.layer) + ".";
-    for (auto& p : params_.all())
-      if (p.name.rfind(pre, 0) == 0 && !p.name.ends_with("e_score_correction_bias")) p.trainable = on;
-  }
+  for (auto& p : params_.all())
+    if (is_mtp_param(p.name) && !p.name.ends_with("e_score_correction_bias")) p.trainable = on;
 }
 
 Decoder::Batch Decoder::prepare(const ForwardInputs& in) const {
@@ -331,11 +334,8 @@ Tensor Decoder::mtp_train(const ForwardInputs& in, const Batch& bt, const Tensor
 int64_t Decoder::active_parameters() const {
   // The main model's: the MTP layers run in training only (as DeepSeek-V3's 37B counts them).
   int64_t total = params_.numel();
-  for (const MtpDepth& d : mtp_) {
-    const std::string pre = "model.layers." + std::to_string(d.layer) + ".";
-    for (const auto& p : params_.all())
-      if (p.name.rfind(pre, 0) == 0) total -= shape_numel(p.shape);
-  }
+  for (const auto& p : params_.all())
+    if (is_mtp_param(p.name)) total -= shape_numel(p.shape);
   for (size_t l = 0; l < main_layers_; ++l)
     if (const auto* moe = std::get_if<nn::SparseMoE>(&layers_[l].mlp)) {
       total -= (moe->experts - moe->top_k) * moe->params_per_expert();

@@ -93,6 +93,8 @@ class Decoder : public CausalLM {
                        nn::SparseMoE::RouterOut* router) const;
   Tensor layer_backward(size_t l, const LayerCache& c, const Batch& bt, const Tensor& dy, const Tensor* dprobs_extra);
   void add_layer(int64_t l, const ExpertNaming& naming, size_t& moe_layers);
+  // Whether a parameter belongs to an MTP depth (its layer's prefix, enorm/hnorm/eh_proj/head norm included).
+  bool is_mtp_param(const std::string& name) const;
   void add_mtp_depth(int64_t depth, const ExpertNaming& naming, size_t& moe_layers);
   // The MTP depths' forward and backward for a training step: `h0` is the main model's final-norm
   // output; returns d(loss)/d(h0) from the depths (to add to the main model's).
