@@ -27,7 +27,7 @@ case "${1:-tests}" in
       grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$OUT/$t.log" >> "$OUT/summary.txt"
     done
     if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-      MOEFORGE_EP_CHUNKS=2 timeout 300 "$P/bin/test_cuda_dist" --gtest_filter='MultiGpu*' > "$OUT/test_cuda_dist_chunks2.log" 2>&1
+      MOEFORGE_EP_CHUNKS=2 timeout 300 "$P/bin/test_cuda_dist" --gtest_filter='*MultiGpu*' > "$OUT/test_cuda_dist_chunks2.log" 2>&1
       echo "test_cuda_dist (MOEFORGE_EP_CHUNKS=2) rc=$?" >> "$OUT/summary.txt"
       grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$OUT/test_cuda_dist_chunks2.log" >> "$OUT/summary.txt"
     fi
