@@ -13,15 +13,6 @@ namespace moeforge::nn {
 namespace {
 
 
-// Gathers rows `idx[i] / div` of x [T, H] into [n, H].
-// [T*k, H]: row i is token i / k's row (each pair carries its token's activations).
-Tensor pair_rows(const Tensor& x, int64_t k) {
-  const int64_t t = x.size(0), h = x.size(1);
-  Tensor out = Tensor::empty({t * k, h}, DType::F32);
-  for (int64_t i = 0; i < t * k; ++i) std::memcpy(out.f32() + i * h, x.f32() + (i / k) * h, h * sizeof(float));
-  return out;
-}
-
 // Without expert parallelism the dispatch runs over a group of one (stateless, shared).
 dist::Communicator& one_rank_group() {
   static const std::unique_ptr<dist::Communicator> self = dist::self_communicator("experts");
@@ -264,236 +255,100 @@ void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_,
 
 int64_t SparseMoE::params_per_expert() const { return 3 * inter * hidden + (gpt_oss ? 2 * inter + hidden : 0); }
 
-namespace {
-
-// The tensor as F32 (CPU weights are F32 unless loaded in another compute dtype).
-Tensor f32_of(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); }
-
-// y [n, N] = x [n, K] @ w [K, N] (the GPT-OSS expert layout: no transpose).
-Tensor matmul_nn(const Tensor& x, const Tensor& w) {
-  const int64_t n = x.size(0), k = x.size(1), cols = w.size(1);
-  Tensor y = Tensor::empty({n, cols}, DType::F32);
-  const Tensor wf = f32_of(w);
-  ops::gemm_f32(false, false, n, cols, k, 1.f, x.f32(), k, wf.f32(), cols, 0.f, y.f32(), cols);
-  return y;
-}
-
-}  // namespace
-
 Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* router_out, Cache* cache,
                           const Tensor* forced) const {
   const int64_t t = x.size(0);
   Tensor logits = ops::linear(x, ps.at(router));
   if (router_bias) ops::add_bias_rows(logits, ps.at(*router_bias));
   if (router_out) router_out->logits = logits.clone();
-  // Softmax in place unless GPT-OSS's routing still needs the logits; DeepSeek-V3 scores with a
-  // sigmoid (its weights come out final: renormalised and scaled).
-  Tensor probs = gpt_oss ? logits.clone() : logits;
-  Tensor weights, chosen;
-  if (grouped) {
+  if (forced)
+    MF_CHECK(forced->shape() == Shape({t, top_k}) && forced->dtype() == DType::I64, "forced routing must be I64 [", t,
+             ", ", top_k, "], got ", shape_str(forced->shape()));
+  // probs: the softmax (DeepSeek-V3: the sigmoid scores); weights come out final. GPT-OSS softmaxes
+  // its top-k logits among themselves: the top-k of the softmax, renormalised, is the same.
+  Tensor probs, weights, chosen;
+  if (grouped)
     ops::grouped_sigmoid_route(logits, ps.at(*correction_bias), grouped->n_group, grouped->topk_group, top_k,
                                norm_topk_prob, grouped->scaling, probs, weights, chosen, forced);
-  } else {
-    ops::softmax_rows_inplace(probs);
-  }
-  if (!grouped) {
-    // The top-k (or the forced experts) of the probabilities; GPT-OSS picks by its logits and
-    // softmaxes the chosen ones among themselves.
-    const Tensor& by = gpt_oss ? logits : probs;
-    if (forced) {
-      MF_CHECK(forced->shape() == Shape({t, top_k}) && forced->dtype() == DType::I64, "forced routing must be I64 [",
-               t, ", ", top_k, "], got ", shape_str(forced->shape()));
-      chosen = forced->clone();
-      weights = Tensor::empty({t, top_k}, DType::F32);
-      for (int64_t i = 0; i < t * top_k; ++i) {
-        const int64_t e = chosen.i64()[i];
-        MF_CHECK(e >= 0 && e < experts, "forced routing names expert ", e, " of ", experts);
-        weights.f32()[i] = by.f32()[(i / top_k) * experts + e];
-      }
-    } else {
-      ops::topk_rows(by, top_k, weights, chosen);
-    }
-    if (gpt_oss) ops::softmax_rows_inplace(weights);
-  }
-  Tensor topk_sum = Tensor::empty({t}, DType::F32);
-  float* w = weights.f32();
-  for (int64_t r = 0; r < t; ++r) {
-    float s = 0.f;
-    for (int64_t j = 0; j < top_k; ++j) s += w[r * top_k + j];
-    topk_sum.f32()[r] = s;
-    if (norm_topk_prob && !gpt_oss && !grouped) {
-      for (int64_t j = 0; j < top_k; ++j) w[r * top_k + j] /= s;
-    }
-  }
+  else
+    ops::router_softmax_topk(logits, top_k, renormalised(), probs, weights, chosen, forced);
   if (router_out) router_out->chosen = chosen;
-  // Every (token, slot) pair goes to its expert's rank (here, with one rank), the local experts
-  // run on their rows, and the outputs come back in pair order to be summed with their weights.
-  const int64_t pairs = t * top_k;
-  const std::vector<int64_t> pair_expert(chosen.i64(), chosen.i64() + pairs);
-  auto plan = std::make_shared<dist::ExpertDispatch>(ep ? *ep : one_rank_group(), pair_expert, experts);
-  Tensor xs = plan->dispatch(pair_rows(x, top_k));
-  const std::vector<int64_t>& off = plan->local_offsets();
-  Tensor ys = Tensor::zeros({plan->received(), hidden}, DType::F32);
-  std::vector<Tensor> hs(static_cast<size_t>(shard.count)), acts(static_cast<size_t>(shard.count));
-  const Tensor& gu_all = ps.at(gate_up);
-  const Tensor& dn_all = ps.at(down);
-  for (int64_t e = 0; e < shard.count; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    Tensor y;
-    if (gpt_oss) {
-      hs[e] = matmul_nn(xs.slice0(off[e], n), gu_all.slice0(e, 1).view({hidden, 2 * inter}));
-      ops::add_bias_rows(hs[e], ps.at(*gate_up_bias).slice0(e, 1).view({2 * inter}));
-      acts[e] = ops::clamped_swiglu(hs[e], gpt_oss->alpha, gpt_oss->limit);
-      y = matmul_nn(acts[e], dn_all.slice0(e, 1).view({inter, hidden}));
-      ops::add_bias_rows(y, ps.at(*down_bias).slice0(e, 1).view({hidden}));
-    } else {
-      hs[e] = ops::linear(xs.slice0(off[e], n), gu_all.slice0(e, 1).view({2 * inter, hidden}));
-      acts[e] = ops::swiglu(hs[e]);
-      y = ops::linear(acts[e], dn_all.slice0(e, 1).view({hidden, inter}));
-    }
-    std::memcpy(ys.f32() + off[e] * hidden, y.f32(), y.nbytes());
+  // The pairs grouped by global expert (hence by the rank holding it) go to their experts' ranks
+  // (here, with one rank), the local experts run on their rows as grouped GEMMs, and the outputs
+  // come back to be summed with their weights.
+  ops::RoutingPlan plan = ops::plan_routing(chosen, experts);
+  auto exchange = std::make_shared<dist::ExpertExchange>(ep ? *ep : one_rank_group(), plan.offsets, x.device());
+  Tensor xs = exchange->dispatch(ops::permute_tokens(x, plan));
+  const std::vector<int64_t>& off = exchange->local_offsets();
+  const int64_t rows = xs.size(0);
+  Tensor h = ops::empty({rows, 2 * inter}, x.dtype(), x.device(), "expert gate_up output");
+  Tensor y = ops::empty({rows, hidden}, x.dtype(), x.device(), "expert output");
+  Tensor act;
+  if (gpt_oss) {  // x @ W with W [E, H, 2I]: the input-gradient product of that layout
+    ops::grouped_linear_input_grad(xs, ps.at(gate_up), off, h);
+    ops::grouped_add_bias(h, ps.at(*gate_up_bias), off);
+    act = ops::clamped_swiglu(h, gpt_oss->alpha, gpt_oss->limit);
+    ops::grouped_linear_input_grad(act, ps.at(down), off, y);
+    ops::grouped_add_bias(y, ps.at(*down_bias), off);
+  } else {
+    ops::grouped_linear(xs, ps.at(gate_up), off, h);
+    act = ops::swiglu(h);
+    ops::grouped_linear(act, ps.at(down), off, y);
   }
-  Tensor y_pairs = plan->combine(ys);
-  Tensor out = Tensor::zeros({t, hidden}, DType::F32);
-  for (int64_t i = 0; i < pairs; ++i) {
-    const float wi = w[i];
-    float* o = out.f32() + (i / top_k) * hidden;
-    const float* yi = y_pairs.f32() + i * hidden;
-    for (int64_t d = 0; d < hidden; ++d) o[d] += wi * yi[d];
-  }
+  Tensor y_perm = exchange->combine(y);
+  Tensor out = ops::unpermute_tokens(y_perm, weights, plan);
   if (cache) {
     cache->x = x;
     cache->probs = probs;
     cache->chosen = chosen;
     cache->weights = weights;
-    cache->topk_sum = topk_sum;
     cache->plan = std::move(plan);
+    cache->exchange = std::move(exchange);
     cache->xs = xs;
-    cache->h = std::move(hs);
-    cache->act = std::move(acts);
-    cache->y_pairs = y_pairs;
+    cache->h = h;
+    cache->act = act;
+    cache->y_perm = y_perm;
   }
   return out;
 }
 
-Tensor SparseMoE::gpt_oss_expert_backward(ParamStore& ps, int64_t e, const Tensor& dy, const Tensor& x, const Tensor& h,
-                                          const Tensor& act) const {
-  const int64_t n = dy.size(0);
-  const Tensor w_dn = f32_of(ps.at(down).slice0(e, 1).view({inter, hidden}));
-  const Tensor w_gu = f32_of(ps.at(gate_up).slice0(e, 1).view({hidden, 2 * inter}));
-  Tensor g_dn = ps.grad(down).slice0(e, 1).view({inter, hidden});
-  Tensor g_gu = ps.grad(gate_up).slice0(e, 1).view({hidden, 2 * inter});
-  Tensor g_dn_b = ps.grad(*down_bias).slice0(e, 1).view({hidden});
-  Tensor g_gu_b = ps.grad(*gate_up_bias).slice0(e, 1).view({2 * inter});
-  // y = act @ W_dn + b: dW_dn += act^T dy, db += sum(dy), d(act) = dy W_dn^T.
-  ops::gemm_f32(true, false, inter, hidden, n, 1.f, act.f32(), inter, dy.f32(), hidden, 1.f, g_dn.f32(), hidden);
-  ops::bias_grad(dy, g_dn_b);
-  Tensor dact = Tensor::empty({n, inter}, DType::F32);
-  ops::gemm_f32(false, true, n, inter, hidden, 1.f, dy.f32(), hidden, w_dn.f32(), hidden, 0.f, dact.f32(), inter);
-  Tensor dh = ops::clamped_swiglu_backward(h, dact, gpt_oss->alpha, gpt_oss->limit);
-  // h = x @ W_gu + b.
-  ops::gemm_f32(true, false, hidden, 2 * inter, n, 1.f, x.f32(), hidden, dh.f32(), 2 * inter, 1.f, g_gu.f32(), 2 * inter);
-  ops::bias_grad(dh, g_gu_b);
-  Tensor dx = Tensor::empty({n, hidden}, DType::F32);
-  ops::gemm_f32(false, true, n, hidden, 2 * inter, 1.f, dh.f32(), 2 * inter, w_gu.f32(), 2 * inter, 0.f, dx.f32(), hidden);
-  return dx;
-}
-
 Tensor SparseMoE::backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const {
-  const int64_t t = c.x.size(0);
-  Tensor dx = Tensor::zeros({t, hidden}, DType::F32);
-  Tensor dweights = Tensor::zeros({t, top_k}, DType::F32);  // d loss / d (routing weight of each slot)
-  const Tensor& gu_all = ps.at(gate_up);
-  const Tensor& dn_all = ps.at(down);
-  Tensor& g_gu = ps.grad(gate_up);
-  Tensor& g_dn = ps.grad(down);
-  const float* w = c.weights.f32();
-  // Per pair: the gradient at its expert output (weight * dy of its token) and at its weight.
-  const int64_t pairs = t * top_k;
-  Tensor dyw = Tensor::empty({pairs, hidden}, DType::F32);
-  for (int64_t i = 0; i < pairs; ++i) {
-    const float* g = dy.f32() + (i / top_k) * hidden;
-    const float* y = c.y_pairs.f32() + i * hidden;
-    double dw = 0;
-    for (int64_t d = 0; d < hidden; ++d) {
-      dw += static_cast<double>(g[d]) * y[d];
-      dyw.f32()[i * hidden + d] = w[i] * g[d];
-    }
-    dweights.f32()[i] = static_cast<float>(dw);
-  }
   // The same trip as forward: gradients to the experts' ranks, input gradients back.
-  Tensor dys = c.plan->dispatch(dyw);
-  const std::vector<int64_t>& off = c.plan->local_offsets();
-  Tensor dxs = Tensor::zeros({c.plan->received(), hidden}, DType::F32);
-  for (int64_t e = 0; e < shard.count; ++e) {
-    const int64_t n = off[e + 1] - off[e];
-    if (n == 0) continue;
-    Tensor dy_e = dys.slice0(off[e], n);
-    if (gpt_oss) {
-      Tensor dx_e = gpt_oss_expert_backward(ps, e, dy_e, c.xs.slice0(off[e], n), c.h[e], c.act[e]);
-      std::memcpy(dxs.f32() + off[e] * hidden, dx_e.f32(), dx_e.nbytes());
-      continue;
-    }
-    Tensor dn_e = dn_all.slice0(e, 1).view({hidden, inter});
-    Tensor g_dn_e = g_dn.slice0(e, 1).view({hidden, inter});
-    ops::linear_weight_grad(dy_e, c.act[e], g_dn_e);
-    Tensor dact = ops::linear_input_grad(dy_e, dn_e);
-    Tensor dh = ops::swiglu_backward(c.h[e], dact);
-    Tensor gu_e = gu_all.slice0(e, 1).view({2 * inter, hidden});
-    Tensor g_gu_e = g_gu.slice0(e, 1).view({2 * inter, hidden});
-    ops::linear_weight_grad(dh, c.xs.slice0(off[e], n), g_gu_e);
-    Tensor dx_e = ops::linear_input_grad(dh, gu_e);
-    std::memcpy(dxs.f32() + off[e] * hidden, dx_e.f32(), dx_e.nbytes());
+  Tensor d_yperm, dweights;
+  ops::unpermute_tokens_backward(dy, c.y_perm, c.weights, c.plan, d_yperm, dweights);
+  const Tensor d_y = c.exchange->dispatch(d_yperm);
+  const std::vector<int64_t>& off = c.exchange->local_offsets();
+  const int64_t rows = c.xs.size(0);
+  const Device dev = dy.device();
+  Tensor d_act = ops::empty({rows, inter}, dy.dtype(), dev, "expert activation gradient");
+  Tensor d_xs = ops::empty({rows, hidden}, dy.dtype(), dev, "expert input gradient");
+  if (gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y, d(act) = d_y W^T; likewise for gate_up
+    ops::grouped_linear_weight_grad(c.act, d_y, off, ps.grad(down), /*accumulate=*/true);
+    ops::grouped_bias_grad(d_y, off, ps.grad(*down_bias));
+    ops::grouped_linear(d_y, ps.at(down), off, d_act);
+    const Tensor d_h = ops::clamped_swiglu_backward(c.h, d_act, gpt_oss->alpha, gpt_oss->limit);
+    ops::grouped_linear_weight_grad(c.xs, d_h, off, ps.grad(gate_up), true);
+    ops::grouped_bias_grad(d_h, off, ps.grad(*gate_up_bias));
+    ops::grouped_linear(d_h, ps.at(gate_up), off, d_xs);
+  } else {
+    ops::grouped_linear_weight_grad(d_y, c.act, off, ps.grad(down), true);
+    ops::grouped_linear_input_grad(d_y, ps.at(down), off, d_act);
+    const Tensor d_h = ops::swiglu_backward(c.h, d_act);
+    ops::grouped_linear_weight_grad(d_h, c.xs, off, ps.grad(gate_up), true);
+    ops::grouped_linear_input_grad(d_h, ps.at(gate_up), off, d_xs);
   }
-  Tensor dx_pairs = c.plan->combine(dxs);
-  for (int64_t i = 0; i < pairs; ++i) {
-    float* o = dx.f32() + (i / top_k) * hidden;
-    const float* g = dx_pairs.f32() + i * hidden;
-    for (int64_t d = 0; d < hidden; ++d) o[d] += g[d];
-  }
-  const int64_t* ch = c.chosen.i64();
+  Tensor dx = ops::permute_tokens_backward(c.exchange->combine(d_xs), c.plan);
+  // The router: routing weights -> logits (the discrete choice gets no gradient).
+  Tensor dlogits;
   if (grouped) {
     MF_CHECK(!dprobs_extra, "internal: DeepSeek-V3 routing has no load-balancing loss");
-    Tensor dlogits = ops::grouped_sigmoid_route_backward(c.probs, c.chosen, dweights, norm_topk_prob, grouped->scaling);
-    ops::add_inplace(dx, ops::linear_input_grad(dlogits, ps.at(router)));
-    ops::linear_weight_grad(dlogits, c.x, ps.grad(router));
-    return dx;
+    dlogits = ops::grouped_sigmoid_route_backward(c.probs, c.chosen, dweights, norm_topk_prob, grouped->scaling);
+  } else {
+    dlogits = ops::router_backward(c.probs, c.chosen, c.weights, dweights, renormalised(), dprobs_extra);
   }
-  if (gpt_oss) {
-    // Weights = softmax of the chosen logits: d(logit_j) = w_j (dw_j - sum_i w_i dw_i); the
-    // load-balancing loss's gradient arrives on the full softmax.
-    Tensor dlogits = dprobs_extra ? ops::softmax_backward(c.probs, *dprobs_extra) : Tensor::zeros({t, experts}, DType::F32);
-    for (int64_t r = 0; r < t; ++r) {
-      const float* dwr = dweights.f32() + r * top_k;
-      double dot = 0;
-      for (int64_t j = 0; j < top_k; ++j) dot += static_cast<double>(dwr[j]) * w[r * top_k + j];
-      for (int64_t j = 0; j < top_k; ++j)
-        dlogits.f32()[r * experts + ch[r * top_k + j]] += static_cast<float>(w[r * top_k + j] * (dwr[j] - dot));
-    }
-    ops::add_inplace(dx, ops::linear_input_grad(dlogits, ps.at(router)));
-    ops::linear_weight_grad(dlogits, c.x, ps.grad(router));
-    ops::bias_grad(dlogits, ps.grad(*router_bias));
-    return dx;
-  }
-  // Routing weights -> full probabilities (the discrete choice gets no gradient).
-  Tensor dprobs = dprobs_extra ? dprobs_extra->clone() : Tensor::zeros({t, experts}, DType::F32);
-  for (int64_t r = 0; r < t; ++r) {
-    const float* dwr = dweights.f32() + r * top_k;
-    if (norm_topk_prob) {
-      // w_j = p_j / S with S = sum of the chosen p: dp_j = (dw_j - sum_i dw_i w_i) / S.
-      double dot = 0;
-      for (int64_t j = 0; j < top_k; ++j) dot += static_cast<double>(dwr[j]) * w[r * top_k + j];
-      const float s = c.topk_sum.f32()[r];
-      for (int64_t j = 0; j < top_k; ++j)
-        dprobs.f32()[r * experts + ch[r * top_k + j]] += static_cast<float>((dwr[j] - dot) / s);
-    } else {
-      for (int64_t j = 0; j < top_k; ++j) dprobs.f32()[r * experts + ch[r * top_k + j]] += dwr[j];
-    }
-  }
-  Tensor dlogits = ops::softmax_backward(c.probs, dprobs);
   ops::add_inplace(dx, ops::linear_input_grad(dlogits, ps.at(router)));
   ops::linear_weight_grad(dlogits, c.x, ps.grad(router));
+  if (router_bias) ops::bias_grad(dlogits, ps.grad(*router_bias));
   return dx;
 }
 
@@ -505,8 +360,8 @@ struct RoutingStats {
 RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, dist::Communicator* dp) {
   RoutingStats st{std::vector<double>(experts, 0.0), std::vector<double>(experts, 0.0), 0};
   for (const auto& r : routers) {
-    Tensor p = r.logits.clone();
-    ops::softmax_rows_inplace(p);
+    Tensor p, w, idx;  // the softmax of the logits (the router's own probabilities)
+    ops::router_softmax_topk(r.logits, 1, false, p, w, idx);
     const int64_t t = p.size(0), k = r.chosen.size(1);
     for (int64_t i = 0; i < t; ++i) {
       for (int64_t e = 0; e < experts; ++e) st.prob[e] += p.f32()[i * experts + e];

@@ -10,9 +10,10 @@
 
 #include "core/tensor.h"
 #include "dist/communicator.h"
-#include "dist/expert_dispatch.h"
+#include "dist/expert_exchange.h"
 #include "hf/config.h"
 #include "nn/params.h"
+#include "ops/op_types.h"
 #include "nn/rotary.h"
 
 namespace moeforge::nn {
@@ -103,15 +104,17 @@ struct GatedSharedExpert {
 // Softmax router + top-k + SwiGLU experts held as one tensor per projection:
 // gate_up [E, 2I, H] (gate rows first, then up) and down [E, H, I]. Under expert parallelism the
 // layer holds only its shard of the experts (gate_up [E/ep, 2I, H], ...), and the (token, slot)
-// pairs travel to the rank of their expert and back (dist::ExpertDispatch); with one rank the
-// same path runs with a one-rank group.
+// pairs, grouped by expert (ops::plan_routing), travel to the rank of their expert and back
+// (dist::ExpertExchange); with one rank the same path runs with a one-rank group. The local
+// experts run as grouped GEMMs over their rows.
 struct SparseMoE {
   struct Cache {
-    Tensor x, probs, chosen, weights, topk_sum;  // probs [T,E]; chosen/weights [T,k]; topk_sum [T]
-    std::shared_ptr<dist::ExpertDispatch> plan;  // where each pair went
-    Tensor xs;                                   // this rank's expert inputs, grouped by local expert
-    std::vector<Tensor> h, act;                  // per local expert: gate_up out, SwiGLU out
-    Tensor y_pairs;                              // [T*k, H]: each pair's expert output, back home
+    Tensor x, probs, chosen, weights;                // probs (DeepSeek: scores) [T,E]; chosen/weights [T,k]
+    ops::RoutingPlan plan;                           // each pair's row, grouped by global expert
+    std::shared_ptr<dist::ExpertExchange> exchange;  // their trip to the experts' ranks
+    Tensor xs;                                       // this rank's expert inputs, grouped by local expert
+    Tensor h, act;                                   // the local experts' gate_up output and activation
+    Tensor y_perm;                                   // [T*k, H]: each pair's expert output, back home
   };
   // GPT-OSS's variant: the router (prefix.router, with a bias) softmaxes its top-k logits; the
   // experts keep Transformers' layout gate_up [E, H, 2I] with gate and up interleaved and down
@@ -142,6 +145,9 @@ struct SparseMoE {
             std::optional<GroupedSigmoid> grouped_sigmoid = std::nullopt);
   // Parameters per expert (weights and biases), for active-parameter counts.
   int64_t params_per_expert() const;
+  // Whether the routing weights are renormalised over the chosen experts (GPT-OSS's softmax over
+  // its top-k logits is the top-k of the softmax, renormalised).
+  bool renormalised() const { return norm_topk_prob || gpt_oss.has_value(); }
   // x [T, H] -> [T, H]. `router` receives the logits [T, E] and the chosen experts [T, k] for the
   // load-balancing loss. `forced` [T, k]
   // (I64), when given, replaces the top-k choice of experts (replayed or balanced routing); the
@@ -151,15 +157,10 @@ struct SparseMoE {
   };
   Tensor forward(const ParamStore& ps, const Tensor& x, RouterOut* router, Cache* cache = nullptr,
                  const Tensor* forced = nullptr) const;
-  // `dprobs_extra` [T, E] (optional) is a gradient on the router probabilities from elsewhere (the
-  // load-balancing loss).
+  // `dprobs_extra` [E] (optional) is a gradient on every row's router probabilities from elsewhere
+  // (the load-balancing loss).
   Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const;
 
- private:
-  // One local GPT-OSS expert's backward on its rows: accumulates its weight and bias gradients,
-  // returns d(x).
-  Tensor gpt_oss_expert_backward(ParamStore& ps, int64_t e, const Tensor& dy, const Tensor& x, const Tensor& h,
-                                 const Tensor& act) const;
 };
 
 // Switch-Transformer load-balancing loss as Transformers computes it over all MoE layers' router

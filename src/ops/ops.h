@@ -1,63 +1,102 @@
-// Every op moeforge computes, as pure functions over tensors with no model knowledge.
-// ops/cpu/ holds the reference implementations (fp32 arithmetic, OpenMP, BLAS for GEMMs); a CUDA
-// implementation of an op must match its CPU reference within a stated tolerance.
-// Activations are F32 on the CPU; weight operands of GEMMs may be F32 or BF16.
+// Every op moeforge computes, as pure functions over tensors with no model knowledge: one
+// signature per op, dispatched on the device of its tensors (ops/dispatch.cpp) to the CPU reference
+// (ops/cpu/cpu_ops.h: fp32 arithmetic, OpenMP, OpenBLAS) or the CUDA kernels (ops/cuda/ops_cuda.h).
+// Every op exists on both devices; tests/unit/test_backend_ops.cpp runs one table of cases on
+// both and compares them.
+// Dtypes: on the CPU activations are F32 and weight operands F32 or BF16; on CUDA activations are
+// F32 or BF16 (an output takes its input's dtype) with F32 arithmetic. Outputs that a caller may
+// not need (rstd, lse, dsinks) are optional pointers on both devices.
+// C++17-clean: CUDA units include it.
 #pragma once
 #include <optional>
+#include <vector>
 
 #include "core/tensor.h"
+#include "ops/op_types.h"
 
 namespace moeforge::ops {
 
-// C[M,N] = A[M,K] * B[N,K]^T (+ C when accumulate). The layout of nn.Linear: y = x W^T.
-void matmul_nt(const Tensor& a, const Tensor& b, Tensor& c, bool accumulate = false);
-Tensor linear(const Tensor& x, const Tensor& weight);  // x [..., K], weight [N, K] -> [..., N]
+// ---- Tensors on a device
 
-// Raw fp32 GEMM: C = alpha * op(A) op(B) + beta * C, row-major, op = transpose when the flag is set.
-void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-              const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+// An uninitialised tensor on `device` (the heap, or the CUDA caching allocator; `what` names it in
+// an out-of-memory error), and a copy of `t` on `device` converted to `dtype`.
+Tensor empty(const Shape& shape, DType dtype, Device device, const char* what = "tensor");
+Tensor to_device(const Tensor& t, Device device, DType dtype);
 
-// y = x * rsqrt(mean(x^2) + eps) * w over the last dimension (Transformers' RMSNorm, fp32 inside).
-Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps);
+// ---- GEMMs
 
-// rows of token embeddings: out[i] = table[ids[i]]; ids are I64 and checked against the vocabulary.
+// Row-major C[M,N] = op(A) op(B) (+ C when accumulate); A is [M,K] ([K,M] when trans_a), B is [K,N]
+// ([N,K] when trans_b). C is F32 (or A's dtype on CUDA); arithmetic in F32.
+void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, bool accumulate = false);
+// y = x W^T: nn.Linear's layout (x [..., K], weight [N, K] -> [..., N]).
+Tensor linear(const Tensor& x, const Tensor& weight);
+// dW [N,K] += dy[M,N]^T x[M,K]
+void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw);
+// dx [M,K] = dy[M,N] W[N,K]
+Tensor linear_input_grad(const Tensor& dy, const Tensor& weight);
+
+// ---- Norms, embeddings, rotary
+
+// y = x * rsqrt(mean(x^2) + eps) * w over the last dimension (Transformers' RMSNorm, fp32 inside);
+// `rstd` (optional) receives the per-row 1/rms [rows] F32 that the backward can reuse.
+Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd = nullptr);
+// residual += x, then y = rms_norm(residual): a pre-norm block's add and norm in one pass.
+Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor* rstd = nullptr);
+// dx from dy; dw (F32) accumulates. `rstd` (optional) is the forward's; without it it is recomputed.
+Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy, Tensor& dw,
+                         const Tensor* rstd = nullptr);
+
+// out[i] = table[ids[i]]; ids are I64 and checked against the vocabulary.
 Tensor embedding(const Tensor& ids, const Tensor& table);
+// table_grad [V, D] += rows of dx [N, D] at ids [N]. Rows whose id is `padding_idx` (when >= 0) add
+// nothing, as torch's nn.Embedding(padding_idx=...) that Transformers builds from pad_token_id.
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1);
 
-// x [T, H, D] rotated in place by cos/sin [T, rot] over the first `rot` dims (rotate_half convention).
-// `inverse` rotates by the opposite angle: the backward of the rotation (it is orthogonal).
+// x [T, H, D] rotated in place by cos/sin [T, rot] (F32) over the first `rot` dims (rotate_half
+// convention). `inverse` rotates by the opposite angle: the backward of the rotation (orthogonal).
 void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse = false);
 
-// Scaled dot-product attention over one batch of packed rows.
-// q [B,S,Hq,D], k/v [B,S,Hkv,D] (Hq a multiple of Hkv) -> [B,S,Hq,D].
-// Causal; `window` keeps keys with q - k < window; `doc_ids` [B,S] (optional, I64) stops attention
-// across documents of a packed row.
-// `sinks` [Hq] (optional; GPT-OSS): a per-head logit that joins each row's softmax without a value,
-// so a row's key probabilities sum to less than 1. v's head dim may differ from q/k's (MLA).
+// ---- Attention
+
+// Scaled dot-product attention over one batch of packed rows: q [B,S,Hq,D], k [B,S,Hkv,D],
+// v [B,S,Hkv,DV] (Hq a multiple of Hkv; DV may differ from D, as in MLA) -> [B,S,Hq,DV]. Causal;
+// `window` keeps keys with q - k < window; `doc_ids` [B,S] (I64, optional) stops attention across
+// the documents of a packed row; `sinks` [Hq] (optional; GPT-OSS) is a per-head logit that joins
+// each row's softmax without a value. `lse` (optional) receives the log-sum-exp of each row's scaled
+// logits [B,Hq,S] F32 (the sink included), which the CUDA backward reuses.
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, std::optional<int64_t> window,
-                 const Tensor* doc_ids = nullptr, const Tensor* sinks = nullptr);
+                 const Tensor* doc_ids = nullptr, const Tensor* sinks = nullptr, Tensor* lse = nullptr);
+// dq, dk, dv (written) from dout; with sinks, `dsinks` (optional) receives their gradient [Hq] F32.
+// `out` and `lse` (optional) are the forward's: the CUDA kernels need them and recompute them when
+// absent; the CPU recomputes the probabilities row by row whatever is given.
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, float scale,
+                        std::optional<int64_t> window, const Tensor* doc_ids, Tensor& dq, Tensor& dk, Tensor& dv,
+                        const Tensor* sinks = nullptr, Tensor* dsinks = nullptr, const Tensor* out = nullptr,
+                        const Tensor* lse = nullptr);
 
-// out = silu(gate) * up, where gate_up [T, 2I] holds gate in the first half and up in the second.
+// ---- Activations and small pieces of the family variants
+
+// out = silu(gate) * up, with gate_up [T, 2I] holding gate in the first half; and d(gate_up).
 Tensor swiglu(const Tensor& gate_up);
-
+Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);
 // GPT-OSS's expert activation: gate_up [T, 2I] with gate and up interleaved (columns 2j and 2j+1)
-// -> (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit); [T, I].
+// -> (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit); [T, I]. And back.
 Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit);
+Tensor clamped_swiglu_backward(const Tensor& gate_up, const Tensor& dout, float alpha, float limit);
 
-// Softmax over the last dimension, in place.
-void softmax_rows_inplace(Tensor& x);
-
-// The k largest values of each row (ties broken towards the lower index, as torch.topk on CPU does),
-// descending: values [T,k] F32 and indices [T,k] I64.
-void topk_rows(const Tensor& x, int64_t k, Tensor& values, Tensor& indices);
-
-// DeepSeek-V3's router on logits [T, E]: scores = sigmoid(logits) [T, E] F32; the choice adds
-// `bias` [E] (e_score_correction_bias), keeps the topk_group best of n_group groups (a group scores
-// its two best) and takes the top k (ties to the lower index); weights [T, k] = the chosen scores,
-// divided by (their sum + 1e-20) when `normalize`, times `scaling`; indices [T, k] I64. `forced`
-// [T, k] (I64) replaces the choice.
-void grouped_sigmoid_route(const Tensor& logits, const Tensor& bias, int64_t n_group, int64_t topk_group, int64_t k,
-                           bool normalize, float scaling, Tensor& scores, Tensor& weights, Tensor& indices,
-                           const Tensor* forced = nullptr);
+// x += y (same shape and dtype).
+void add_inplace(Tensor& x, const Tensor& y);
+// y [rows, n] += bias [n] on every row (bias F32 or BF16); db [n] (F32) += column sums of dy.
+void add_bias_rows(Tensor& y, const Tensor& bias);
+void bias_grad(const Tensor& dy, Tensor& db);
+// x clamped to [-c, c] in place (OLMoE's clip_qkv); its backward zeroes dy where the value before
+// the clamp was outside [-c, c] (torch.clamp passes the gradient on the boundary).
+void clamp_inplace(Tensor& x, float c);
+void clamp_backward_inplace(const Tensor& unclipped, Tensor& dy, float c);
+// out [T, H] += sigmoid(logit [T, 1]) * y [T, H] (a shared expert through its gate); its backward:
+// d_y = sigmoid(logit) * dy, d_logit = sum_h(dy * y) * s (1 - s) (both allocated here).
+void add_sigmoid_gated(Tensor& out, const Tensor& y, const Tensor& logit);
+void sigmoid_gated_backward(const Tensor& dy, const Tensor& y, const Tensor& logit, Tensor& d_y, Tensor& d_logit);
 
 // Column moves for latent attention. copy_columns: dst[r, dst_c0 + c] (+)= src[r / src_row_div,
 // src_c0 + c] for c < n over every row of dst ([rows, dst_width]); src_row_div > 1 broadcasts a
@@ -71,64 +110,82 @@ Tensor sum_row_groups(const Tensor& src, int64_t src_width, int64_t src_c0, int6
 Tensor deinterleave_pairs(const Tensor& x, int64_t d);
 Tensor interleave_pairs(const Tensor& x, int64_t d);
 
-// x += y (same shape).
-void add_inplace(Tensor& x, const Tensor& y);
+// ---- Routers
+
+// Softmax router: probs = softmax(logits) [T,E] F32, then the k largest per row (ties to the lower
+// index, as torch.topk on CPU) as weights [T,k] F32 (renormalised to sum 1 when `normalize`) and
+// indices [T,k] I64. `forced` ([T,k] I64 on the logits' device) replaces the choice (balanced or
+// replayed routing); the weights are then the probabilities at those experts, so the router learns.
+// GPT-OSS's softmax over its top-k logits is this with `normalize`.
+void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor& probs, Tensor& weights,
+                         Tensor& indices, const Tensor* forced = nullptr);
+// d(logits) [T,E] in `dtype` from d(weights) [T,k] F32 through the renormalisation and the softmax
+// (the discrete choice gets no gradient). `dprobs_extra` [E] F32 (optional) is added to every row's
+// d(probs): the load-balancing loss's gradient. The CPU computes in F32 only.
+Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor& weights, const Tensor& d_weights,
+                       bool normalize, const Tensor* dprobs_extra = nullptr, DType dtype = DType::F32);
+// DeepSeek-V3's router on logits [T, E]: scores = sigmoid(logits) [T, E] F32; the choice adds
+// `bias` [E] (e_score_correction_bias), keeps the topk_group best of n_group groups (a group scores
+// its two best) and takes the top k (ties to the lower index); weights [T, k] = the chosen scores,
+// divided by (their sum + 1e-20) when `normalize`, times `scaling`; indices [T, k] I64. `forced`
+// [T, k] (I64) replaces the choice. Its backward gives d(logits) [T, E] in `dtype`.
+void grouped_sigmoid_route(const Tensor& logits, const Tensor& bias, int64_t n_group, int64_t topk_group, int64_t k,
+                           bool normalize, float scaling, Tensor& scores, Tensor& weights, Tensor& indices,
+                           const Tensor* forced = nullptr);
+Tensor grouped_sigmoid_route_backward(const Tensor& scores, const Tensor& indices, const Tensor& d_weights,
+                                      bool normalize, float scaling, DType dtype = DType::F32);
+
+// ---- Expert token flow and grouped GEMMs. `offsets` [E+1] (host) delimit each expert's rows;
+// experts with no rows are skipped (and get a zero weight gradient when not accumulating).
+
+// y[rows of e] = x[rows of e] W[e]^T           x [R,K], W [E,N,K], y [R,N] (allocated by the caller)
+void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y);
+// dx[rows of e] = dy[rows of e] W[e]           dy [R,N], W [E,N,K], dx [R,K]
+void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& dx);
+// dW[e] (+)= dy[rows of e]^T x[rows of e]      dW [E,N,K] (F32 or the weights' dtype)
+void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
+                                bool accumulate);
+// y [rows, n] += bias [E, n] of each row's expert; db [E, n] += each expert's column sums of dy.
+void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets);
+void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db);
+
+// The plan of a routing (ops/op_types.h) from expert indices [T,k] (I64).
+RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts);
+// xp[dest_row(t,j)] = x[t]: x [T,H] -> xp [T*k,H]
+Tensor permute_tokens(const Tensor& x, const RoutingPlan& plan);
+// y[t] = sum_j weights[t,j] * yp[dest_row(t,j)] (summed in F32, in slot order) -> y [T,H]
+Tensor unpermute_tokens(const Tensor& yp, const Tensor& weights, const RoutingPlan& plan);
+// unpermute's backward: d_yp[dest(t,j)] = weights[t,j] * dy[t], d_weights[t,j] = <dy[t], yp[dest(t,j)]>.
+void unpermute_tokens_backward(const Tensor& dy, const Tensor& yp, const Tensor& weights, const RoutingPlan& plan,
+                               Tensor& d_yp, Tensor& d_weights);
+// permute's backward: dx[t] = sum_j d_xp[dest_row(t,j)].
+Tensor permute_tokens_backward(const Tensor& d_xp, const RoutingPlan& plan);
+// out[i] = in[index[i]] for rows: in [R,H], index I64 [n] on in's device (values in [0, R)).
+Tensor gather_rows(const Tensor& in, const Tensor& index);
+
+// ---- Losses
 
 // Per-row cross-entropy of logits [N,V] against targets [N] (I64); rows whose target equals
-// `ignore_index` get 0 and are not counted. Returns the per-row losses [N] and the count.
+// `ignore_index` get 0 and are not counted. Returns the per-row losses [N] F32 and the count.
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted);
-
-// y [rows, n] += bias [n] on every row (bias F32 or BF16).
-void add_bias_rows(Tensor& y, const Tensor& bias);
-// x clamped to [-c, c] in place (OLMoE's clip_qkv).
-void clamp_inplace(Tensor& x, float c);
-// out [T, H] += sigmoid(logit [T, 1]) * y [T, H]: a shared expert's output through its gate.
-void add_sigmoid_gated(Tensor& out, const Tensor& y, const Tensor& logit);
-
-// ---- Backward passes. "accumulate" outputs are added to; the rest are written.
-
-// dW [N,K] += dy[M,N]^T x[M,K]
-void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw);
-// dx [M,K] = dy[M,N] W[N,K]
-Tensor linear_input_grad(const Tensor& dy, const Tensor& weight);
-
-// RMSNorm over the last dimension: returns dx; dw (F32) accumulates.
-Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy, Tensor& dw);
-
-// Attention backward (probabilities recomputed, as a flash kernel would): returns dq, dk, dv.
-// With `sinks`, `dsinks` (optional) receives their gradient [Hq].
-void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& dout, float scale,
-                        std::optional<int64_t> window, const Tensor* doc_ids, Tensor& dq, Tensor& dk, Tensor& dv,
-                        const Tensor* sinks = nullptr, Tensor* dsinks = nullptr);
-
-// d(gate_up) [T, 2I] (interleaved) from d(clamped_swiglu) [T, I].
-Tensor clamped_swiglu_backward(const Tensor& gate_up, const Tensor& dout, float alpha, float limit);
-
-// d(gate_up) [T, 2I] from d(silu(gate) * up) [T, I].
-Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);
-
-// db [n] (F32) += column sums of dy [rows, n]: a bias's gradient.
-void bias_grad(const Tensor& dy, Tensor& db);
-// The clamp's backward in place: dy is zeroed where the value before the clamp was outside
-// [-c, c] (torch.clamp passes the gradient on the boundary).
-void clamp_backward_inplace(const Tensor& unclipped, Tensor& dy, float c);
-// add_sigmoid_gated's backward: d_y = sigmoid(logit) * dy, d_logit = sum_h(dy * y) * s (1 - s).
-void sigmoid_gated_backward(const Tensor& dy, const Tensor& y, const Tensor& logit, Tensor& d_y, Tensor& d_logit);
-
-// table_grad [V, D] += rows of dx [N, D] at ids [N]. Rows whose id is `padding_idx` (when >= 0) add
-// nothing, as torch's nn.Embedding(padding_idx=...) that Transformers builds from pad_token_id.
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1);
-
-// d(logits) [T, E] of grouped_sigmoid_route from d(weights) [T, k] (the choice gets no gradient).
-Tensor grouped_sigmoid_route_backward(const Tensor& scores, const Tensor& indices, const Tensor& d_weights,
-                                      bool normalize, float scaling);
-
-// Softmax backward over the last dimension given the probabilities: dlogits = p * (dp - sum(p * dp)).
-Tensor softmax_backward(const Tensor& probs, const Tensor& dprobs);
-
-// Cross-entropy rows fused with its gradient: dlogits = scale * (softmax - onehot) on counted rows, 0
-// elsewhere. Returns the summed loss over counted rows.
+// Cross-entropy fused with its gradient: dlogits = scale * (softmax - onehot) on counted rows, 0 on
+// ignored ones (allocated here unless it is `logits` itself: then in place). Returns the summed loss.
 double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
                               Tensor& dlogits, int64_t* counted);
+// The LM head and cross-entropy fused over chunks of `chunk_rows` tokens: per chunk, logits = h W^T,
+// the softmax gradient, d_hidden = dlogits W and dW += dlogits^T h; only one chunk's logits ever
+// exist. targets [N] I64 (already shifted); `scale` multiplies the gradient. Returns the summed loss.
+double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                                  int64_t ignore_index, float scale, Tensor& d_hidden, Tensor& dw, int64_t* counted,
+                                  int64_t chunk_rows = 1024);
+
+// ---- Optimizer
+
+// Multi-tensor AdamW (ops/adamw_math.h's arithmetic on every element: values, gradients and
+// moments F32 or BF16, read into F32); refreshes param_bf16_copy when given (bf16-mixed).
+void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWScalars& scalars);
+// sqrt of the sum of squares of every gradient (F64 across tensors); and every tensor scaled in place.
+double global_grad_norm(const std::vector<Tensor>& grads);
+void scale_inplace(const std::vector<Tensor>& tensors, float factor);
 
 }  // namespace moeforge::ops

@@ -10,7 +10,7 @@
 #include "core/error.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
-#include "dist/expert_dispatch.h"
+#include "dist/expert_exchange.h"
 #include "models/pretrained.h"
 #include "models/save_across_ranks.h"
 

@@ -10,6 +10,7 @@
 #include "core/error.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
+#include "ops/cpu/cpu_ops.h"
 #include "ops/ops.h"
 
 using namespace moeforge;
@@ -65,7 +66,7 @@ TEST_P(CudaOps, GemmAllTransposes) {
       Tensor ar = rounded(a, dt), br = rounded(b, dt);
       Tensor c0 = randn({m, n}, 9);
       Tensor want = c0.clone();
-      ops::gemm_f32(ta, tb, m, n, k, 1.f, ar.f32(), ta ? m : k, br.f32(), tb ? k : n, 1.f, want.f32(), n);
+      ops::cpu::gemm_f32(ta, tb, m, n, k, 1.f, ar.f32(), ta ? m : k, br.f32(), tb ? k : n, 1.f, want.f32(), n);
       Tensor c = cuda::to_device(c0, DType::F32);
       cuda::gemm(cuda::to_device(a, dt), ta, cuda::to_device(b, dt), tb, c, /*accumulate=*/true);
       expect_close(c, want, {1e-4f, 1e-4f}, "gemm ta=" + std::to_string(ta) + " tb=" + std::to_string(tb));
@@ -74,7 +75,7 @@ TEST_P(CudaOps, GemmAllTransposes) {
       cuda::poison(c2);
       cuda::gemm(cuda::to_device(a, dt), ta, cuda::to_device(b, dt), tb, c2);
       Tensor want2 = Tensor::zeros({m, n}, DType::F32);
-      ops::gemm_f32(ta, tb, m, n, k, 1.f, ar.f32(), ta ? m : k, br.f32(), tb ? k : n, 0.f, want2.f32(), n);
+      ops::cpu::gemm_f32(ta, tb, m, n, k, 1.f, ar.f32(), ta ? m : k, br.f32(), tb ? k : n, 0.f, want2.f32(), n);
       expect_close(c2, want2, {1e-4f, 1e-4f}, "gemm overwrite");
     }
 }
@@ -317,9 +318,9 @@ TEST_P(CudaOps, RouterSoftmaxTopk) {
   for (auto [e, k] : {std::pair<int64_t, int64_t>{128, 8}, {64, 6}, {8, 2}}) {
     Tensor logits = randn({77, e}, 51 + static_cast<uint32_t>(e), 2.f);
     Tensor want_p = rounded(logits, dt);
-    ops::softmax_rows_inplace(want_p);
+    ops::cpu::softmax_rows_inplace(want_p);
     Tensor want_v, want_i;
-    ops::topk_rows(want_p, k, want_v, want_i);
+    ops::cpu::topk_rows(want_p, k, want_v, want_i);
     for (bool normalize : {false, true}) {
       Tensor probs, weights, indices;
       cuda::router_softmax_topk(cuda::to_device(logits, dt), k, normalize, probs, weights, indices);
@@ -342,14 +343,14 @@ TEST_P(CudaOps, RouterSoftmaxTopk) {
 
 // Forced routing (the weights are the router's probabilities at the given experts) and the
 // router backward (renormalisation, an extra per-expert gradient, softmax) against a host
-// computation through ops::softmax_backward.
+// computation through ops::cpu::softmax_backward.
 TEST_P(CudaOps, RouterForcedAndBackward) {
   REQUIRE_GPU();
   const DType dt = GetParam();
   const int64_t t = 53, e = 16, k = 4;
   Tensor logits = randn({t, e}, 61, 2.f);
   Tensor p = rounded(logits, dt);
-  ops::softmax_rows_inplace(p);
+  ops::cpu::softmax_rows_inplace(p);
   std::vector<int64_t> forced(static_cast<size_t>(t * k));
   for (int64_t i = 0; i < t * k; ++i) forced[i] = (i * 5 + 3) % e;  // distinct within a row
   Tensor forced_h = Tensor::from_i64(forced, {t, k});
@@ -378,7 +379,7 @@ TEST_P(CudaOps, RouterForcedAndBackward) {
     Tensor extra_d = cuda::to_device(extra, DType::F32);
     Tensor dl = cuda::router_backward(probs, indices, weights, cuda::to_device(dw, DType::F32), normalize, dt, &extra_d);
     const Tol tl = dt == DType::F32 ? Tol{1e-6f, 1e-5f} : Tol{1e-2f, 1e-2f};
-    expect_close(dl, ops::softmax_backward(p, want_dp), tl, normalize ? "router backward (renormalised)" : "router backward");
+    expect_close(dl, ops::cpu::softmax_backward(p, want_dp), tl, normalize ? "router backward (renormalised)" : "router backward");
   }
 }
 
@@ -628,9 +629,9 @@ void grouped_case(DType dt, DType dw_dtype, const std::vector<int64_t>& off, Gro
     const int64_t r = off[i + 1] - off[i];
     if (r == 0) continue;
     const float* we = wr.f32() + i * n * k;
-    ops::gemm_f32(false, true, r, n, k, 1.f, xr.f32() + off[i] * k, k, we, k, 0.f, y_want.f32() + off[i] * n, n);
-    ops::gemm_f32(false, false, r, k, n, 1.f, dyr.f32() + off[i] * n, n, we, k, 0.f, dx_want.f32() + off[i] * k, k);
-    ops::gemm_f32(true, false, n, k, r, 1.f, dyr.f32() + off[i] * n, n, xr.f32() + off[i] * k, k, 0.f,
+    ops::cpu::gemm_f32(false, true, r, n, k, 1.f, xr.f32() + off[i] * k, k, we, k, 0.f, y_want.f32() + off[i] * n, n);
+    ops::cpu::gemm_f32(false, false, r, k, n, 1.f, dyr.f32() + off[i] * n, n, we, k, 0.f, dx_want.f32() + off[i] * k, k);
+    ops::cpu::gemm_f32(true, false, n, k, r, 1.f, dyr.f32() + off[i] * n, n, xr.f32() + off[i] * k, k, 0.f,
                   dw_want.f32() + i * n * k, k);
   }
   const Tol t = dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{3e-2f, 2e-2f};

@@ -11,7 +11,7 @@
 #include <thread>
 
 #include "dist/communicator.h"
-#include "dist/expert_dispatch.h"
+#include "dist/expert_exchange.h"
 #include "dist/tcp_store.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"

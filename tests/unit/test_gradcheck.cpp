@@ -208,8 +208,11 @@ TEST(GradCheck, SparseMoEEveryRouting) {
     moe.init(ps, "moe", 12, 6, 2, 8, v.norm, nullptr, v.gpt_oss, v.grouped);
     fill_random(ps, 7, 0.5f);
     Tensor x = test::random_tensor({9, 12}, 40), r = test::random_tensor({9, 12}, 41);
-    // A gradient arriving on the router probabilities from elsewhere (as the aux loss sends).
-    Tensor extra = test::random_tensor({9, 6}, 42);
+    // A gradient arriving on every row's router probabilities from elsewhere (as the aux loss
+    // sends: one value per expert): the loss term is sum over rows of probs_row . extra.
+    Tensor extra = test::random_tensor({6}, 42);
+    Tensor extra_rows = Tensor::empty({9, 6}, DType::F32);
+    for (int64_t i = 0; i < 9 * 6; ++i) extra_rows.f32()[i] = extra.f32()[i % 6];
     const Tensor* ex = v.grouped ? nullptr : &extra;
     nn::SparseMoE::Cache c;
     moe.forward(ps, x, nullptr, &c);
@@ -217,7 +220,7 @@ TEST(GradCheck, SparseMoEEveryRouting) {
     auto loss = [&] {
       nn::SparseMoE::Cache cc;
       Tensor y = moe.forward(ps, x, nullptr, &cc, &chosen);
-      return dot_double(y, r) + (ex ? dot_double(cc.probs, extra) : 0.0);
+      return dot_double(y, r) + (ex ? dot_double(cc.probs, extra_rows) : 0.0);
     };
     Tensor dx = moe.backward(ps, c, r, ex);
     const std::string tag = std::string(v.tag) + " ";

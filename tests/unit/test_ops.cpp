@@ -5,6 +5,7 @@
 
 #include "core/error.h"
 #include "nn/rotary.h"
+#include "ops/cpu/cpu_ops.h"
 #include "ops/ops.h"
 #include "test_util.h"
 
@@ -14,7 +15,7 @@ using test::random_tensor;
 TEST(Ops, MatmulNtMatchesNaive) {
   for (auto [m, n, k] : {std::tuple{1, 1, 1}, {7, 5, 3}, {33, 65, 70}, {130, 17, 257}}) {
     Tensor a = random_tensor({m, k}, 1), b = random_tensor({n, k}, 2), c = Tensor::empty({m, n}, DType::F32);
-    ops::matmul_nt(a, b, c);
+    ops::cpu::matmul_nt(a, b, c);
     for (int i = 0; i < m; ++i)
       for (int j = 0; j < n; ++j) {
         double s = 0;
@@ -27,8 +28,8 @@ TEST(Ops, MatmulNtMatchesNaive) {
 TEST(Ops, MatmulAcceptsBf16Weights) {
   Tensor a = random_tensor({4, 8}, 3), b = random_tensor({5, 8}, 4, 1.f, DType::BF16);
   Tensor c1 = Tensor::empty({4, 5}, DType::F32), c2 = Tensor::empty({4, 5}, DType::F32);
-  ops::matmul_nt(a, b, c1);
-  ops::matmul_nt(a, b.to(DType::F32), c2);
+  ops::cpu::matmul_nt(a, b, c1);
+  ops::cpu::matmul_nt(a, b.to(DType::F32), c2);
   EXPECT_EQ(test::max_abs_diff(c1, c2), 0.f);
 }
 
@@ -46,9 +47,9 @@ TEST(Ops, RmsNorm) {
 TEST(Ops, SoftmaxAndTopkPreferLowerIndexOnTies) {
   Tensor x = Tensor::from_vector({1, 3, 3, 0, 2, 2, 2, 5}, {2, 4});
   Tensor v, i;
-  ops::topk_rows(x, 2, v, i);
+  ops::cpu::topk_rows(x, 2, v, i);
   EXPECT_EQ(std::vector<int64_t>(i.i64(), i.i64() + 4), std::vector<int64_t>({1, 2, 3, 0}));
-  ops::softmax_rows_inplace(x);
+  ops::cpu::softmax_rows_inplace(x);
   double s = 0;
   for (int j = 0; j < 4; ++j) s += x.f32()[j];
   EXPECT_NEAR(s, 1.0, 1e-6);

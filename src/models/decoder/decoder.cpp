@@ -253,9 +253,8 @@ TrainStepResult Decoder::forward_backward(const ForwardInputs& in, const TrainSt
   if (cfg_.output_router_logits && !moe_routers.empty()) {
     res.aux_loss = nn::load_balancing_loss(moe_routers, cfg_.num_experts, par_.world);
     const auto g = nn::load_balancing_prob_grad(moe_routers, cfg_.num_experts, par_.world);
-    dprobs_aux = Tensor::empty({t, cfg_.num_experts}, DType::F32);
-    for (int64_t r = 0; r < t; ++r)
-      for (int64_t e = 0; e < cfg_.num_experts; ++e) dprobs_aux.f32()[r * cfg_.num_experts + e] = g[e] * opts.aux_scale;
+    dprobs_aux = Tensor::empty({cfg_.num_experts}, DType::F32);  // the same for every row
+    for (int64_t e = 0; e < cfg_.num_experts; ++e) dprobs_aux.f32()[e] = g[e] * opts.aux_scale;
   }
   // Backward.
   Tensor dxn = ops::linear_input_grad(dlogits, params_.at(lm_head_));

@@ -9,14 +9,13 @@
 
 #include "core/error.h"
 #include "ops/cpu/attention_row.h"
-#include "ops/ops.h"
+#include "ops/cpu/cpu_ops.h"
 
-namespace moeforge::ops {
+namespace moeforge::ops::cpu {
 
-using cpu::attention_row_probs;
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, std::optional<int64_t> window,
-                 const Tensor* doc_ids, const Tensor* sinks) {
+                 const Tensor* doc_ids, const Tensor* sinks, Tensor* lse) {
   MF_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: expected [B,S,H,D] tensors");
   const int64_t b = q.size(0), s = q.size(1), hq = q.size(2), d = q.size(3), hkv = k.size(2), dv = v.size(3);
   MF_CHECK(k.size(0) == b && k.size(1) == s && k.size(3) == d && v.size(0) == b && v.size(1) == s && v.size(2) == hkv &&
@@ -27,6 +26,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
   if (sinks) MF_CHECK(sinks->numel() == hq, "attention: sinks must have one value per query head (", hq, ")");
   const Tensor sinks32 = sinks ? sinks->to(DType::F32) : Tensor();
   Tensor out = Tensor::empty({b, s, hq, dv}, DType::F32);
+  if (lse) *lse = Tensor::empty({b, hq, s}, DType::F32);
+  float* lp = lse ? lse->f32() : nullptr;
   const float* qp = q.f32();
   const float* kp = k.f32();
   const float* vp = v.f32();
@@ -44,7 +45,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
           const float* qi = qp + ((bi * s + i) * hq + h) * d;
           attention_row_probs(qi, kp + (bi * s * hkv + kh) * d, hkv * d, d, i, scale, window,
                               docs ? docs + bi * s : nullptr, p.data(),
-                              sinks ? sinks32.f32()[h] : -std::numeric_limits<float>::infinity());
+                              sinks ? sinks32.f32()[h] : -std::numeric_limits<float>::infinity(), nullptr,
+                              lp ? lp + (bi * hq + h) * s + i : nullptr);
           float* oi = op + ((bi * s + i) * hq + h) * dv;
           std::fill(oi, oi + dv, 0.f);
           for (int64_t j = 0; j <= i; ++j) {
@@ -58,4 +60,4 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
   return out;
 }
 
-}  // namespace moeforge::ops
+}  // namespace moeforge::ops::cpu

@@ -13,10 +13,12 @@ namespace moeforge::ops::cpu {
 // `k` points at key 0 of this (batch, kv head); keys are `k_stride` floats apart. `docs` (optional)
 // holds the row's document ids. `sink` (GPT-OSS; -inf: none) is one more logit in the softmax that
 // belongs to no key: it takes probability `*p_sink` from the keys. Returns false when no key is
-// allowed (p is all zero).
+// allowed (p is all zero). `lse` (optional) receives the row's log-sum-exp of the scaled logits (the
+// sink's included), as the fused kernels keep it for their backward.
 inline bool attention_row_probs(const float* qi, const float* k, int64_t k_stride, int64_t d, int64_t i,
                                 float scale, std::optional<int64_t> window, const int64_t* docs, float* p,
-                                float sink = -std::numeric_limits<float>::infinity(), float* p_sink = nullptr) {
+                                float sink = -std::numeric_limits<float>::infinity(), float* p_sink = nullptr,
+                                float* lse = nullptr) {
   const int64_t lo = window ? std::max<int64_t>(0, i - *window + 1) : 0;
   float mx = sink;
   for (int64_t j = 0; j <= i; ++j) {
@@ -42,6 +44,7 @@ inline bool attention_row_probs(const float* qi, const float* k, int64_t k_strid
   const float inv = sum > 0 ? static_cast<float>(1.0 / sum) : 0.f;
   for (int64_t j = 0; j <= i; ++j) p[j] *= inv;
   if (p_sink) *p_sink = e_sink * inv;
+  if (lse) *lse = any ? mx + static_cast<float>(std::log(sum)) : -std::numeric_limits<float>::infinity();
   return keys;
 }
 

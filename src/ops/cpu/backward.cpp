@@ -7,11 +7,10 @@
 
 #include "core/error.h"
 #include "ops/cpu/attention_row.h"
-#include "ops/ops.h"
+#include "ops/cpu/cpu_ops.h"
 
-namespace moeforge::ops {
+namespace moeforge::ops::cpu {
 
-using cpu::attention_row_probs;
 
 void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw) {
   const int64_t n = dy.size(-1), k = x.size(-1), m = dy.numel() / std::max<int64_t>(n, 1);
@@ -165,4 +164,4 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
   return total;
 }
 
-}  // namespace moeforge::ops
+}  // namespace moeforge::ops::cpu

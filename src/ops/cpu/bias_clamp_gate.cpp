@@ -4,9 +4,9 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "ops/ops.h"
+#include "ops/cpu/cpu_ops.h"
 
-namespace moeforge::ops {
+namespace moeforge::ops::cpu {
 
 void add_bias_rows(Tensor& y, const Tensor& bias) {
   const int64_t n = bias.numel(), rows = y.numel() / std::max<int64_t>(n, 1);
@@ -65,4 +65,4 @@ void sigmoid_gated_backward(const Tensor& dy, const Tensor& y, const Tensor& log
   }
 }
 
-}  // namespace moeforge::ops
+}  // namespace moeforge::ops::cpu

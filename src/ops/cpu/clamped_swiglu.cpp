@@ -5,9 +5,9 @@
 #include <cmath>
 
 #include "core/error.h"
-#include "ops/ops.h"
+#include "ops/cpu/cpu_ops.h"
 
-namespace moeforge::ops {
+namespace moeforge::ops::cpu {
 
 Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit) {
   const int64_t t = gate_up.size(0), inter = gate_up.size(1) / 2;
@@ -45,4 +45,4 @@ Tensor clamped_swiglu_backward(const Tensor& gate_up, const Tensor& dout, float 
   return dgu;
 }
 
-}  // namespace moeforge::ops
+}  // namespace moeforge::ops::cpu

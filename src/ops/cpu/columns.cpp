@@ -4,9 +4,9 @@
 #include <cstring>
 
 #include "core/error.h"
-#include "ops/ops.h"
+#include "ops/cpu/cpu_ops.h"
 
-namespace moeforge::ops {
+namespace moeforge::ops::cpu {
 
 void copy_columns(const Tensor& src, int64_t src_width, int64_t src_c0, int64_t src_row_div, Tensor& dst,
                   int64_t dst_width, int64_t dst_c0, int64_t n, bool add) {
@@ -53,4 +53,4 @@ Tensor move_pairs(const Tensor& x, int64_t d, bool deinterleave) {
 Tensor deinterleave_pairs(const Tensor& x, int64_t d) { return move_pairs(x, d, true); }
 Tensor interleave_pairs(const Tensor& x, int64_t d) { return move_pairs(x, d, false); }
 
-}  // namespace moeforge::ops
+}  // namespace moeforge::ops::cpu

@@ -6,9 +6,9 @@
 #include <vector>
 
 #include "core/error.h"
-#include "ops/ops.h"
+#include "ops/cpu/cpu_ops.h"
 
-namespace moeforge::ops {
+namespace moeforge::ops::cpu {
 
 Tensor embedding(const Tensor& ids, const Tensor& table) {
   const int64_t n = ids.numel(), vocab = table.size(0), d = table.size(1);
@@ -115,4 +115,4 @@ Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t i
   return loss;
 }
 
-}  // namespace moeforge::ops
+}  // namespace moeforge::ops::cpu

@@ -4,13 +4,13 @@
 #include <vector>
 
 #include "core/error.h"
-#include "ops/ops.h"
+#include "ops/cpu/cpu_ops.h"
 
 #ifdef MOEFORGE_HAVE_BLAS
 #include <cblas.h>
 #endif
 
-namespace moeforge::ops {
+namespace moeforge::ops::cpu {
 
 namespace {
 
@@ -74,6 +74,18 @@ void matmul_nt(const Tensor& a, const Tensor& b, Tensor& c, bool accumulate) {
   gemm_f32(false, true, m, n, k, 1.f, a.f32(), k, bf.f32(), k, accumulate ? 1.f : 0.f, c.f32(), n);
 }
 
+void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, bool accumulate) {
+  MF_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "gemm: expected 2-D operands");
+  const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
+  const int64_t n = trans_b ? b.size(0) : b.size(1);
+  MF_CHECK((trans_b ? b.size(1) : b.size(0)) == k && c.size(0) == m && c.size(1) == n, "gemm: ",
+           shape_str(a.shape()), (trans_a ? "^T" : ""), " x ", shape_str(b.shape()), (trans_b ? "^T" : ""), " -> ",
+           shape_str(c.shape()), " do not agree");
+  const Tensor af = a.dtype() == DType::F32 ? a : a.to(DType::F32);
+  const Tensor bf = b.dtype() == DType::F32 ? b : b.to(DType::F32);
+  gemm_f32(trans_a, trans_b, m, n, k, 1.f, af.f32(), a.size(1), bf.f32(), b.size(1), accumulate ? 1.f : 0.f, c.f32(), n);
+}
+
 Tensor linear(const Tensor& x, const Tensor& weight) {
   const int64_t k = x.size(-1);
   Shape out_shape = x.shape();
@@ -85,4 +97,4 @@ Tensor linear(const Tensor& x, const Tensor& weight) {
   return out;
 }
 
-}  // namespace moeforge::ops
+}  // namespace moeforge::ops::cpu

@@ -3,11 +3,11 @@
 #include <vector>
 
 #include "core/error.h"
-#include "ops/ops.h"
+#include "ops/cpu/cpu_ops.h"
 
-namespace moeforge::ops {
+namespace moeforge::ops::cpu {
 
-Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps) {
+Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd) {
   const int64_t d = x.size(-1);
   MF_CHECK(weight.numel() == d, "rms_norm: weight has ", weight.numel(), " elements for rows of ", d);
   Tensor wf = weight.dtype() == DType::F32 ? weight : weight.to(DType::F32);
@@ -16,6 +16,8 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps) {
   const float* w = wf.f32();
   float* o = out.f32();
   const int64_t rows = d ? x.numel() / d : 0;
+  if (rstd) *rstd = Tensor::empty({rows}, DType::F32);
+  float* rs = rstd ? rstd->f32() : nullptr;
 #pragma omp parallel for if (rows > 64)
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = xp + r * d;
@@ -23,8 +25,14 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps) {
     for (int64_t i = 0; i < d; ++i) ss += static_cast<double>(xr[i]) * xr[i];
     const float inv = 1.0f / std::sqrt(static_cast<float>(ss / d) + eps);
     for (int64_t i = 0; i < d; ++i) o[r * d + i] = w[i] * (xr[i] * inv);
+    if (rs) rs[r] = inv;
   }
   return out;
+}
+
+Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor* rstd) {
+  add_inplace(residual, x);
+  return rms_norm(residual, weight, eps, rstd);
 }
 
 void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse) {
@@ -84,4 +92,4 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const
   return dx;
 }
 
-}  // namespace moeforge::ops
+}  // namespace moeforge::ops::cpu

@@ -6,9 +6,9 @@
 #include <vector>
 
 #include "core/error.h"
-#include "ops/ops.h"
+#include "ops/cpu/cpu_ops.h"
 
-namespace moeforge::ops {
+namespace moeforge::ops::cpu {
 
 void grouped_sigmoid_route(const Tensor& logits, const Tensor& bias, int64_t n_group, int64_t topk_group, int64_t k,
                            bool normalize, float scaling, Tensor& scores, Tensor& weights, Tensor& indices,
@@ -90,4 +90,4 @@ Tensor grouped_sigmoid_route_backward(const Tensor& scores, const Tensor& indice
   return dlogits;
 }
 
-}  // namespace moeforge::ops
+}  // namespace moeforge::ops::cpu

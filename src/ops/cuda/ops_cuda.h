@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "ops/adamw_math.h"
+#include "ops/op_types.h"
 
 namespace moeforge::cuda {
 
@@ -97,6 +97,8 @@ Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor&
 // Passing `dlogits` = `logits` computes the gradient in place (no second logits-sized buffer).
 double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
                               Tensor& dlogits, int64_t* counted);
+// Per-row losses [N] F32 (0 on ignored rows) and the count of counted rows (ops::cross_entropy_rows).
+Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted);
 
 }  // namespace moeforge::cuda
 
@@ -106,11 +108,7 @@ namespace moeforge::cuda {
 // moments, each read into F32) with the arithmetic of ops/adamw_math.h, the same as the CPU
 // optimizer. BF16 moments are the `bf16` policy (torch AdamW on a BF16 model); F32 master weights
 // with a BF16 working copy, refreshed in the same pass, are `bf16-mixed`.
-struct AdamWTensors {
-  Tensor param, grad, exp_avg, exp_avg_sq;
-  float weight_decay_mul = 1.f;  // 1 - lr * weight_decay, or 1 where no decay applies
-  Tensor param_bf16_copy;        // optional: the BF16 copy of an F32 `param` that the model computes with
-};
+using AdamWTensors = ops::AdamWTensors;
 void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const ops::AdamWScalars& scalars);
 
 // sqrt of the sum of squares of every gradient (F32 or BF16), accumulated in F32 per block and
@@ -138,11 +136,7 @@ const char* last_grouped_gemm_path();
 
 // Routing plan from the router's expert indices [T,k] (I64): every (token, slot) pair gets a row of
 // the permuted buffer, grouped by expert and in token order inside an expert (deterministic).
-struct RoutingPlan {
-  Tensor dest_row;               // [T,k] I64: row of (t, j) in the permuted buffer
-  std::vector<int64_t> offsets;  // [E+1] on the host
-  int64_t num_experts = 0, top_k = 0;
-};
+using RoutingPlan = ops::RoutingPlan;
 RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts);
 // xp[dest_row(t,j)] = x[t]                                     x [T,H] -> xp [T*k,H]
 Tensor permute_tokens(const Tensor& x, const RoutingPlan& plan);

@@ -471,3 +471,31 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
 }
 
 }  // namespace moeforge::cuda
+
+namespace moeforge::cuda {
+
+Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted) {
+  // The fused kernel with a zero gradient scale into a scratch buffer: its row losses are what the
+  // forward needs (an evaluation path, where the V-wide scratch costs what the logits already do).
+  const int64_t v = logits.shape().back(), rows = logits.numel() / v;
+  Tensor scratch = empty(logits.shape(), logits.dtype(), "cross-entropy scratch");
+  Tensor losses = empty({rows}, DType::F32, "cross-entropy row losses");
+  if (rows > 0) {
+    dispatch_float(logits.dtype(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      cross_entropy_kernel<T, false><<<rows, 1024, 0, current_stream()>>>(
+          logits.data<T>(), targets.data<int64_t>(), scratch.data<T>(), losses.data<float>(), v, ignore_index, 0.f);
+    });
+    MF_CUDA_CHECK_LAUNCH("cross_entropy_rows");
+  }
+  Tensor host = to_host_f32(losses);  // ignored rows come back NaN: 0 and not counted, as on the CPU
+  int64_t n = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    if (std::isnan(host.f32()[i])) host.f32()[i] = 0.f;
+    else ++n;
+  }
+  if (counted) *counted = n;
+  return to_device(host, DType::F32);
+}
+
+}  // namespace moeforge::cuda

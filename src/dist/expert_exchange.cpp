@@ -1,14 +1,20 @@
-#include "gpu/expert_exchange.h"
+#include "dist/expert_exchange.h"
 
 #include "core/error.h"
-#include "ops/cuda/ops_cuda.h"
-#include "ops/cuda/runtime.h"
+#include "ops/ops.h"
 
-namespace moeforge::gpu {
+namespace moeforge::dist {
 
-ExpertExchange::ExpertExchange(dist::Communicator& ep, const std::vector<int64_t>& offsets)
+ExpertShard ExpertShard::of(int64_t experts, int rank, int ranks) {
+  MF_CHECK(ranks >= 1 && experts % ranks == 0, "expert parallelism: ", experts, " experts cannot be split evenly over ",
+           ranks, " ranks (ep_size must divide the expert count)");
+  const int64_t per = experts / ranks;
+  return {rank * per, per};
+}
+
+ExpertExchange::ExpertExchange(Communicator& ep, const std::vector<int64_t>& offsets, Device device)
     : ep_(&ep),
-      shard_(dist::ExpertShard::of(static_cast<int64_t>(offsets.size()) - 1, ep.rank(), ep.size())),
+      shard_(ExpertShard::of(static_cast<int64_t>(offsets.size()) - 1, ep.rank(), ep.size())),
       pairs_(offsets.back()) {
   const int n = ep.size();
   const int64_t experts = static_cast<int64_t>(offsets.size()) - 1, per = shard_.count;
@@ -20,10 +26,10 @@ ExpertExchange::ExpertExchange(dist::Communicator& ep, const std::vector<int64_t
   }
   // recv_counts[p * per + j]: the rows rank p sends for my local expert j.
   const std::vector<int64_t> per_peer(n, per);
-  Tensor sc = cuda::to_device(Tensor::from_i64(send_counts, {experts, 1}), DType::I64);
-  Tensor rc = cuda::empty({experts, 1}, DType::I64, "expert counts received");
+  Tensor sc = ops::to_device(Tensor::from_i64(send_counts, {experts, 1}), device, DType::I64);
+  Tensor rc = ops::empty({experts, 1}, DType::I64, device, "expert counts received");
   ep.all_to_all(sc, per_peer, rc, per_peer);
-  const Tensor host = cuda::to_host_f32(rc);
+  const Tensor host = ops::to_device(rc, Device::cpu(), DType::I64);
   const int64_t* recv_counts = host.i64();
   recv_rows_.assign(n, 0);
   std::vector<int64_t> recv_start(static_cast<size_t>(experts));  // row of (p, j) in the received buffer
@@ -47,7 +53,7 @@ ExpertExchange::ExpertExchange(dist::Communicator& ep, const std::vector<int64_t
   }
   if (n > 1) {  // one upload for both index vectors
     to_local.insert(to_local.end(), to_peer.begin(), to_peer.end());
-    Tensor both = cuda::to_device(Tensor::from_i64(to_local, {2 * at}), DType::I64);
+    Tensor both = ops::to_device(Tensor::from_i64(to_local, {2 * at}), device, DType::I64);
     to_local_ = both.slice0(0, at);
     to_peer_ = both.slice0(at, at);
   }
@@ -62,7 +68,8 @@ ExpertExchange::InFlight ExpertExchange::start_dispatch(const Tensor& permuted) 
     f.buffer = permuted;
     return f;
   }
-  f.buffer = cuda::empty({local_offsets_.back(), permuted.size(1)}, permuted.dtype(), "rows received for my experts");
+  f.buffer = ops::empty({local_offsets_.back(), permuted.size(1)}, permuted.dtype(), permuted.device(),
+                        "rows received for my experts");
   f.op = ep_->all_to_all_async(permuted, send_rows_, f.buffer, recv_rows_);
   return f;
 }
@@ -71,7 +78,7 @@ Tensor ExpertExchange::finish_dispatch(InFlight& f) const {
   if (!f.op) return f.buffer;
   f.op->wait();
   f.op.reset();
-  return cuda::gather_rows(f.buffer, to_local_);
+  return ops::gather_rows(f.buffer, to_local_);
 }
 
 ExpertExchange::InFlight ExpertExchange::start_combine(const Tensor& local) const {
@@ -82,8 +89,8 @@ ExpertExchange::InFlight ExpertExchange::start_combine(const Tensor& local) cons
     f.buffer = local;
     return f;
   }
-  f.sent = cuda::gather_rows(local, to_peer_);
-  f.buffer = cuda::empty({pairs_, local.size(1)}, local.dtype(), "expert outputs returned");
+  f.sent = ops::gather_rows(local, to_peer_);
+  f.buffer = ops::empty({pairs_, local.size(1)}, local.dtype(), local.device(), "expert outputs returned");
   f.op = ep_->all_to_all_async(f.sent, recv_rows_, f.buffer, send_rows_);
   return f;
 }
@@ -96,4 +103,14 @@ Tensor ExpertExchange::finish_combine(InFlight& f) const {
   return f.buffer;
 }
 
-}  // namespace moeforge::gpu
+Tensor ExpertExchange::dispatch(const Tensor& permuted) const {
+  InFlight f = start_dispatch(permuted);
+  return finish_dispatch(f);
+}
+
+Tensor ExpertExchange::combine(const Tensor& local) const {
+  InFlight f = start_combine(local);
+  return finish_combine(f);
+}
+
+}  // namespace moeforge::dist

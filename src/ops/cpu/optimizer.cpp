@@ -1,0 +1,55 @@
+// Multi-tensor AdamW, the global gradient norm and scaling on the CPU: the reference for
+// ops/cuda/optimizer.cu, element by element the arithmetic of ops/adamw_math.h.
+#include <cmath>
+
+#include "core/error.h"
+#include "ops/cpu/cpu_ops.h"
+
+namespace moeforge::ops::cpu {
+
+namespace {
+// A tensor's values as F32 to compute with, and how to write them back into its own dtype.
+Tensor widened(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); }
+void store(const Tensor& f32, const Tensor& dst) {
+  if (f32.raw() != dst.raw()) convert_elements(f32.raw(), DType::F32, dst.raw(), dst.dtype(), dst.numel());
+}
+}  // namespace
+
+void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWScalars& scalars) {
+  for (const AdamWTensors& t : tensors) {
+    const int64_t n = t.param.numel();
+    MF_CHECK(t.grad.numel() == n && t.exp_avg.numel() == n && t.exp_avg_sq.numel() == n,
+             "adamw: a parameter of ", n, " values has a gradient or moments of another size");
+    Tensor w = widened(t.param), g = widened(t.grad), m = widened(t.exp_avg), v = widened(t.exp_avg_sq);
+    float* wp = w.f32();
+    const float* gp = g.f32();
+    float* mp = m.f32();
+    float* vp = v.f32();
+#pragma omp parallel for if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) adamw_element(wp[i], gp[i], mp[i], vp[i], t.weight_decay_mul, scalars);
+    store(w, t.param);
+    store(m, t.exp_avg);
+    store(v, t.exp_avg_sq);
+    if (t.param_bf16_copy.defined()) store(w, t.param_bf16_copy);
+  }
+}
+
+double global_grad_norm(const std::vector<Tensor>& grads) {
+  double ss = 0;
+  for (const Tensor& g : grads) {
+    const Tensor f = widened(g);
+    const float* p = f.f32();
+    for (int64_t i = 0; i < f.numel(); ++i) ss += static_cast<double>(p[i]) * p[i];
+  }
+  return std::sqrt(ss);
+}
+
+void scale_inplace(const std::vector<Tensor>& tensors, float factor) {
+  for (const Tensor& t : tensors) {
+    Tensor f = widened(t);
+    for (int64_t i = 0; i < f.numel(); ++i) f.f32()[i] *= factor;
+    store(f, t);
+  }
+}
+
+}  // namespace moeforge::ops::cpu

@@ -1,0 +1,28 @@
+// The few structured values that ops take or return besides tensors, shared by ops/ops.h and the
+// two implementations (ops/cpu/cpu_ops.h, ops/cuda/ops_cuda.h). C++17-clean: CUDA units include it.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+#include "ops/adamw_math.h"
+
+namespace moeforge::ops {
+
+// Where every (token, slot) pair of a routing goes in the permuted buffer: grouped by expert and in
+// token order inside an expert (deterministic). dest_row lives on the device of the routing's
+// indices; the offsets are always on the host, since the grouped GEMMs take them there.
+struct RoutingPlan {
+  Tensor dest_row;               // [T,k] I64: row of (t, j) in the permuted buffer
+  std::vector<int64_t> offsets;  // [E+1] on the host
+  int64_t num_experts = 0, top_k = 0;
+};
+
+// One parameter of a multi-tensor AdamW step (ops::adamw_multi_tensor).
+struct AdamWTensors {
+  Tensor param, grad, exp_avg, exp_avg_sq;
+  float weight_decay_mul = 1.f;  // 1 - lr * weight_decay, or 1 where no decay applies
+  Tensor param_bf16_copy;        // optional: the BF16 copy of an F32 `param` that the model computes with
+};
+
+}  // namespace moeforge::ops
