@@ -8,7 +8,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "hf/config.h"
-#include "dist/env.h"
+#include "parallel/env.h"
 #include "models/flops.h"
 
 #ifdef MOEFORGE_HAVE_CUDA
@@ -45,7 +45,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
   o.seed = static_cast<uint64_t>(args.get_int("--seed", 1234));
   o.ep_size = args.get_int("--ep-size", 0);
   MF_CHECK(o.ep_size >= 0, "bench: --ep-size must be at least 1 (or 0: every rank)");
-  const bool main_rank = dist::dist_env().rank == 0;
+  const bool main_rank = parallel::dist_env().rank == 0;
   o.balanced_routing = routing == "balanced";
   o.precision = gpu::parse_precision(precision, "bench --precision");
   o.activation_checkpointing = args.has("--activation-checkpointing");

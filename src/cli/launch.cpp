@@ -9,8 +9,8 @@
 #include "cli/args.h"
 #include "cli/commands.h"
 #include "core/error.h"
-#include "dist/launcher.h"
-#include "dist/rendezvous.h"
+#include "parallel/launcher.h"
+#include "parallel/rendezvous.h"
 
 namespace moeforge::cli {
 
@@ -28,7 +28,7 @@ int cmd_launch(const std::vector<std::string>& argv) {
   MF_CHECK(args.positionals().empty(), "launch: unexpected '", args.positionals().empty() ? "" : args.positionals()[0],
            "' (the command goes after --)");
   MF_CHECK(!command.empty(), "launch: no command; usage: moeforge launch --nproc-per-node N -- train RECIPE.yaml");
-  dist::LaunchOptions o;
+  parallel::LaunchOptions o;
   o.nproc_per_node = static_cast<int>(args.get_int("--nproc-per-node", 1));
   o.nnodes = static_cast<int>(args.get_int("--nnodes", 1));
   o.node_rank = static_cast<int>(args.get_int("--node-rank", 0));
@@ -41,7 +41,7 @@ int cmd_launch(const std::vector<std::string>& argv) {
     MF_CHECK(n > 0, "launch: cannot find this moeforge binary (/proc/self/exe)");
     command.insert(command.begin(), std::string(self, static_cast<size_t>(n)));
   }
-  return dist::launch_local(o, command);
+  return parallel::launch_local(o, command);
 }
 
 int cmd_dist_check(const std::vector<std::string>& argv) {
@@ -54,8 +54,8 @@ int cmd_dist_check(const std::vector<std::string>& argv) {
       MF_THROW("dist-check: --timeout needs seconds, got '", *t, "'");
     }
   }
-  const dist::DistEnv env = dist::dist_env();
-  dist::Rendezvous rv(env, args.get("--fingerprint").value_or(""),
+  const parallel::DistEnv env = parallel::dist_env();
+  parallel::Rendezvous rv(env, args.get("--fingerprint").value_or(""),
                       std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
   const std::string token = rv.broadcast("check", "hello from rank 0");
   char host[256] = {0};

@@ -9,7 +9,7 @@ namespace moeforge::gpu {
 namespace {
 
 // The flat elements [b.first, b.first + b.count) of a device tensor, as a 1-D view.
-Tensor flat_block(const Tensor& t, dist::Block b) { return t.view({t.numel()}).slice0(b.first, b.count); }
+Tensor flat_block(const Tensor& t, parallel::Block b) { return t.view({t.numel()}).slice0(b.first, b.count); }
 
 }  // namespace
 
@@ -19,7 +19,7 @@ DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, Optimiz
            sharding_.group_of.size(), " of ", params.size(), " parameters");
   const DType mdt = params.precision() == Precision::BF16 ? DType::BF16 : DType::F32;
   for (size_t i = 0; i < params.size(); ++i) {
-    dist::Communicator* g = sharding_.group_of.empty() ? nullptr : sharding_.group_of[i];
+    parallel::Communicator* g = sharding_.group_of.empty() ? nullptr : sharding_.group_of[i];
     split_.push_back(g && g->size() > 1);
     MF_CHECK(!params.sharded(i) || params.shard_group(i) == g,
              "internal: a ZeRO-3 parameter's moments split over another group than its weight");
@@ -31,9 +31,9 @@ DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, Optimiz
   }
 }
 
-dist::Block DeviceAdamW::block(size_t i) const {
-  const dist::Communicator* g = sharding_.group_of.at(i);
-  return dist::block_of(params_.numel(i), g->rank(), g->size());
+parallel::Block DeviceAdamW::block(size_t i) const {
+  const parallel::Communicator* g = sharding_.group_of.at(i);
+  return parallel::block_of(params_.numel(i), g->rank(), g->size());
 }
 
 Tensor DeviceAdamW::moment_host(const Tensor& m, size_t i) {
@@ -86,8 +86,8 @@ void DeviceAdamW::update(const std::vector<size_t>& indices) {
   std::vector<cuda::AdamWTensors> ts;
   // Split parameters: every rank's updated block goes to all, one exchange per group (the groups
   // in parameter order, the same on every rank).
-  std::vector<std::pair<dist::Communicator*, std::vector<Tensor>>> exchange;
-  auto exchange_in = [&](dist::Communicator* g) -> std::vector<Tensor>& {
+  std::vector<std::pair<parallel::Communicator*, std::vector<Tensor>>> exchange;
+  auto exchange_in = [&](parallel::Communicator* g) -> std::vector<Tensor>& {
     for (auto& [group, ts2] : exchange)
       if (group == g) return ts2;
     exchange.emplace_back(g, std::vector<Tensor>{});
@@ -111,7 +111,7 @@ void DeviceAdamW::update(const std::vector<size_t>& indices) {
     }
     if (params_.has_masters()) t.param_bf16_copy = params_.value(i);
     if (split_[i]) {
-      const dist::Block b = block(i);
+      const parallel::Block b = block(i);
       t.param = flat_block(t.param, b);
       t.grad = flat_block(t.grad, b);
       if (t.param_bf16_copy.defined()) t.param_bf16_copy = flat_block(t.param_bf16_copy, b);

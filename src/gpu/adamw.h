@@ -6,13 +6,13 @@
 // ZeRO-1 under several ranks: the moments of parameters that every rank of a group holds a copy of
 // (dense weights over the world, expert shards over their expert-data-parallel group; their
 // gradients already summed over the group) are split over the group, each
-// rank keeping and updating only its block of each one (dist::block_of over the flat elements); the
+// rank keeping and updating only its block of each one (parallel::block_of over the flat elements); the
 // updated blocks are then exchanged in place (Communicator::all_gather_blocks), so every copy
 // again holds the same values. The same update as the unsharded optimizer, element for element.
 #pragma once
 #include <vector>
 
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 #include "gpu/device_params.h"
 #include "train/optimizer.h"
 
@@ -22,7 +22,7 @@ namespace moeforge::gpu {
 // ranks that hold copies of it (the world for dense weights, the expert-data-parallel group for an
 // expert shard); null or a one-rank group: not split. Empty: nothing is split.
 struct OptimizerSharding {
-  std::vector<dist::Communicator*> group_of;
+  std::vector<parallel::Communicator*> group_of;
 };
 
 class DeviceAdamW {
@@ -50,7 +50,7 @@ class DeviceAdamW {
 
  private:
   Tensor moment_host(const Tensor& m, size_t i);
-  dist::Block block(size_t i) const;
+  parallel::Block block(size_t i) const;
 
   DeviceParams& params_;
   train::AdamWOptions opts_;

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "core/error.h"
-#include "dist/env.h"
+#include "parallel/env.h"
 #include "gpu/adamw.h"
 #include "gpu/gpu_model.h"
 #include "models/flops.h"
@@ -28,7 +28,7 @@ double median(std::vector<double> v) {
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
 // The largest of one number per rank (host, over gloo).
-double max_over(dist::Communicator& world, double v) {
+double max_over(parallel::Communicator& world, double v) {
   Tensor mine = Tensor::empty({1}, DType::F64), all = Tensor::empty({world.size()}, DType::F64);
   mine.data<double>()[0] = v;
   world.all_gather(mine, all);
@@ -42,7 +42,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   MF_CHECK(o.seq >= 2 && o.batch >= 1 && o.steps >= 1 && o.warmup >= 0, "bench: seq >= 2, batch >= 1, steps >= 1, warmup >= 0");
   // Several ranks: one GPU each, joined with the bench's own arguments as the "recipe" so ranks
   // started with different ones are refused.
-  const dist::DistEnv env = dist::dist_env();
+  const parallel::DistEnv env = parallel::dist_env();
   std::unique_ptr<train::RankGroups> groups;
   if (env.world_size > 1) {
     MF_CHECK(cuda::device_count() >= env.local_world_size, "bench: ", env.local_world_size,
@@ -70,8 +70,8 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   const GpuParallel par = groups ? GpuParallel{groups->dev_ep.get(), groups->world_group.get()} : GpuParallel{};
   DeviceParams device = DeviceParams::random(model->params(), o.precision, init_std, o.seed);
   MF_CHECK(o.zero_stage == 1 || o.zero_stage == 3, "bench: --zero-stage must be 1 or 3, got ", o.zero_stage);
-  const std::vector<dist::Communicator*> copy_group =
-      groups ? groups->device_copy_groups(sharded) : std::vector<dist::Communicator*>{};
+  const std::vector<parallel::Communicator*> copy_group =
+      groups ? groups->device_copy_groups(sharded) : std::vector<parallel::Communicator*>{};
   if (groups && o.zero_stage == 3) device.shard(copy_group);
   auto gm = make_gpu_model(*model, std::move(device), par);
   // Sums gradients over the ranks holding copies of them (nothing on one GPU; ZeRO-3 blocks were
@@ -163,7 +163,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   r.peak_reserved_gib = static_cast<double>(st.peak_reserved_bytes) / kGiB;
   r.device_used_gib = static_cast<double>(cuda::device_used_bytes()) / kGiB;
   if (groups) {  // per GPU: the slowest rank's times, the largest memory
-    dist::Communicator& w = *groups->world_group;
+    parallel::Communicator& w = *groups->world_group;
     for (double* v : {&r.forward_ms, &r.backward_ms, &r.optimizer_ms, &r.step_ms, &r.peak_allocated_gib,
                       &r.peak_reserved_gib, &r.device_used_gib})
       *v = max_over(w, *v);

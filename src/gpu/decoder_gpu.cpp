@@ -23,7 +23,7 @@
 #include <memory>
 
 #include "core/error.h"
-#include "dist/expert_exchange.h"
+#include "parallel/expert_exchange.h"
 #include "gpu/gpu_model.h"
 #include "models/decoder/decoder.h"
 #include "ops/cuda/ops_cuda.h"
@@ -38,7 +38,7 @@ namespace {
 struct ExpertChunk {
   int64_t t0 = 0, tc = 0;
   cuda::RoutingPlan plan;
-  std::shared_ptr<dist::ExpertExchange> exchange;  // null: every expert is on this GPU
+  std::shared_ptr<parallel::ExpertExchange> exchange;  // null: every expert is on this GPU
   Tensor xs;      // expert parallelism: the rows received, by local expert
   Tensor gu, y;   // the experts' gate_up output (their rows), and their output back in pair order
   // The row offsets the grouped GEMMs take: this rank's local experts' under expert parallelism.
@@ -493,10 +493,10 @@ class DecoderGpu : public GpuModel {
       ch.tc = t * (i + 1) / n - ch.t0;
       ch.plan = cuda::plan_routing(n == 1 ? c.chosen : c.chosen.slice0(ch.t0, ch.tc), moe.experts);
       for (int64_t e = 0; e < moe.experts; ++e) c.expert_rows[e] += ch.plan.offsets[e + 1] - ch.plan.offsets[e];
-      if (expert_parallel()) ch.exchange = std::make_shared<dist::ExpertExchange>(*par_.ep, ch.plan.offsets, ch.plan.dest_row.device());
+      if (expert_parallel()) ch.exchange = std::make_shared<parallel::ExpertExchange>(*par_.ep, ch.plan.offsets, ch.plan.dest_row.device());
     }
     if (phases_.enabled()) note_routing(l, c.expert_rows);
-    std::vector<dist::ExpertExchange::InFlight> going(n), coming(n);
+    std::vector<parallel::ExpertExchange::InFlight> going(n), coming(n);
     for (int i = 0; i < n; ++i) {
       ExpertChunk& ch = c.chunks[i];
       Tensor xp = cuda::permute_tokens(n == 1 ? c.n2 : c.n2.slice0(ch.t0, ch.tc), ch.plan);
@@ -711,7 +711,7 @@ class DecoderGpu : public GpuModel {
     phases_.mark("bwd: (before experts)");
     // Backward of the unpermute, and each chunk's output gradient on its way to the experts.
     Tensor d_weights = n == 1 ? Tensor() : cuda::empty({t, moe.top_k}, DType::F32, "routing weight gradient");
-    std::vector<dist::ExpertExchange::InFlight> going(n), coming(n);
+    std::vector<parallel::ExpertExchange::InFlight> going(n), coming(n);
     for (int i = 0; i < n; ++i) {
       ExpertChunk& ch = c.chunks[i];
       Tensor d_yp, dw;

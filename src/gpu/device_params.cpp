@@ -51,7 +51,7 @@ void DeviceParams::add_param_slot(bool decay, bool trainable) {
 namespace {
 
 // The flat elements [b.first, b.first + b.count) of a device tensor, as a 1-D view.
-Tensor flat_block(const Tensor& t, dist::Block b) { return t.view({t.numel()}).slice0(b.first, b.count); }
+Tensor flat_block(const Tensor& t, parallel::Block b) { return t.view({t.numel()}).slice0(b.first, b.count); }
 
 }  // namespace
 
@@ -88,7 +88,7 @@ Tensor& DeviceParams::shard_grad(size_t i) {
   return g;
 }
 
-void DeviceParams::shard(const std::vector<dist::Communicator*>& group_of) {
+void DeviceParams::shard(const std::vector<parallel::Communicator*>& group_of) {
   MF_CHECK(group_of.size() == values_.size(), "internal: ZeRO-3 groups for ", group_of.size(), " of ", values_.size(),
            " parameters");
   group_of_.assign(values_.size(), nullptr);
@@ -99,12 +99,12 @@ void DeviceParams::shard(const std::vector<dist::Communicator*>& group_of) {
   // the device: otherwise the caching allocator hands a block the whole value's freed memory
   // (it reuses blocks up to twice the size asked for), and nothing would be saved.
   for (size_t i = 0; i < values_.size(); ++i) {
-    dist::Communicator* g = group_of[i];
+    parallel::Communicator* g = group_of[i];
     // Every rank needs a block (block_of leaves the last ones empty when there are few elements).
-    if (!g || g->size() == 1 || !trainable_[i] || dist::block_of(numel(i), g->size() - 1, g->size()).count == 0)
+    if (!g || g->size() == 1 || !trainable_[i] || parallel::block_of(numel(i), g->size() - 1, g->size()).count == 0)
       continue;
     group_of_[i] = g;
-    const dist::Block b = block(i);
+    const parallel::Block b = block(i);
     shard_values_[i] = cuda::copy(flat_block(values_[i], b), "a parameter's block");
     if (!masters_.empty()) shard_masters_[i] = cuda::copy(flat_block(masters_[i], b), "a parameter's F32 master block");
     if (std::find(groups_.begin(), groups_.end(), g) == groups_.end()) groups_.push_back(g);
@@ -119,9 +119,9 @@ void DeviceParams::shard(const std::vector<dist::Communicator*>& group_of) {
   cuda::empty_cache();
 }
 
-dist::Block DeviceParams::block(size_t i) const {
-  const dist::Communicator* g = group_of_.at(i);
-  return dist::block_of(numel(i), g->rank(), g->size());
+parallel::Block DeviceParams::block(size_t i) const {
+  const parallel::Communicator* g = group_of_.at(i);
+  return parallel::block_of(numel(i), g->rank(), g->size());
 }
 
 Tensor DeviceParams::whole_buffer(size_t i) {
@@ -135,11 +135,11 @@ Tensor DeviceParams::whole_buffer(size_t i) {
   return cuda::empty(shapes_[i], dt, "a gathered parameter");
 }
 
-std::vector<std::pair<dist::Communicator*, std::vector<Tensor>>> DeviceParams::start_gather(
+std::vector<std::pair<parallel::Communicator*, std::vector<Tensor>>> DeviceParams::start_gather(
     const std::vector<size_t>& indices, std::vector<size_t>& started) {
   // One collective per group, the groups in a fixed order: every rank issues the same sequence.
-  std::vector<std::pair<dist::Communicator*, std::vector<Tensor>>> per_group;
-  for (dist::Communicator* g : groups_) per_group.emplace_back(g, std::vector<Tensor>{});
+  std::vector<std::pair<parallel::Communicator*, std::vector<Tensor>>> per_group;
+  for (parallel::Communicator* g : groups_) per_group.emplace_back(g, std::vector<Tensor>{});
   for (size_t i : indices) {
     if (!sharded(i) || values_[i].defined()) continue;
     values_[i] = whole_buffer(i);
@@ -195,7 +195,7 @@ void DeviceParams::release(const std::vector<size_t>& indices) {
 }
 
 void DeviceParams::scatter_grads(const std::vector<size_t>& indices) {
-  for (dist::Communicator* g : groups_) {  // one collective per group, in a fixed order
+  for (parallel::Communicator* g : groups_) {  // one collective per group, in a fixed order
     std::vector<size_t> which;
     std::vector<Tensor> whole;
     for (size_t i : indices) {

@@ -5,7 +5,7 @@
 // layer (optimizer in backward) never holds them all.
 //
 // ZeRO-3 (shard_replicated): the parameters every rank of a group holds a copy of keep only this
-// rank's block (dist::block_of over the flat elements) of their value, master and gradient. The
+// rank's block (parallel::block_of over the flat elements) of their value, master and gradient. The
 // whole value exists between gather() and release() (the model gathers a layer's before it runs
 // and releases them after), the whole gradient from backward's first write until scatter_grads(),
 // which sums it over the group and adds this rank's block to the block gradient.
@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 #include "gpu/precision.h"
 #include "nn/params.h"
 
@@ -55,11 +55,11 @@ class DeviceParams {
   // the world for dense weights, the expert-data-parallel group for an expert shard) keeps only
   // this rank's block, if the parameter is large enough for every rank of it to get one; their
   // whole values are freed. Null or one-rank groups: left whole.
-  void shard(const std::vector<dist::Communicator*>& group_of);
+  void shard(const std::vector<parallel::Communicator*>& group_of);
   bool sharded(size_t i) const { return !group_of_.empty() && group_of_.at(i) != nullptr; }
   bool any_sharded() const { return !groups_.empty(); }
-  dist::Communicator* shard_group(size_t i) const { return group_of_.empty() ? nullptr : group_of_.at(i); }
-  dist::Block block(size_t i) const;  // a sharded parameter's block of its flat elements
+  parallel::Communicator* shard_group(size_t i) const { return group_of_.empty() ? nullptr : group_of_.at(i); }
+  parallel::Block block(size_t i) const;  // a sharded parameter's block of its flat elements
   // Whole values of these parameters (the sharded ones not gathered yet: one collective; those a
   // prefetch started: waited for), and freeing them again. Unsharded parameters are left alone.
   // prefetch() starts the gather and returns (on the group's stream, overlapping the compute
@@ -84,19 +84,19 @@ class DeviceParams {
   std::vector<Shape> shapes_;
   std::vector<Tensor> values_, grads_, masters_;
   std::vector<bool> decay_, trainable_;
-  std::vector<dist::Communicator*> group_of_;  // ZeRO-3: per parameter, its group (null: whole)
-  std::vector<dist::Communicator*> groups_;    // the distinct groups, in first-use order
+  std::vector<parallel::Communicator*> group_of_;  // ZeRO-3: per parameter, its group (null: whole)
+  std::vector<parallel::Communicator*> groups_;    // the distinct groups, in first-use order
   std::vector<Tensor> shard_values_, shard_masters_, shard_grads_;  // per parameter; undefined: not sharded
   // Gathers under way: the parameters each covers, one collective per group.
   struct InFlight {
     std::vector<size_t> indices;
-    std::vector<std::unique_ptr<dist::Communicator::Pending>> pending;
+    std::vector<std::unique_ptr<parallel::Communicator::Pending>> pending;
   };
   std::vector<InFlight> inflight_;
   std::vector<Tensor> spare_;  // released whole-value buffers, for reuse
   // Sets up the gather of the sharded, not yet gathered parameters of `indices` (a whole buffer
   // each, this rank's block copied in; appended to `started`); returns the buffers per group.
-  std::vector<std::pair<dist::Communicator*, std::vector<Tensor>>> start_gather(const std::vector<size_t>& indices,
+  std::vector<std::pair<parallel::Communicator*, std::vector<Tensor>>> start_gather(const std::vector<size_t>& indices,
                                                                                 std::vector<size_t>& started);
   Tensor whole_buffer(size_t i);
 };

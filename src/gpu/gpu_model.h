@@ -7,7 +7,7 @@
 #include <memory>
 #include <vector>
 
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 #include "gpu/device_params.h"
 #include "gpu/phase_times.h"
 #include "models/causal_lm.h"
@@ -59,10 +59,10 @@ class GpuModel {
 struct GpuParallel {
   // Device (NCCL) group over which the model's experts are split; `model` must hold this rank's
   // shard of them (models::shard_experts). Null: every expert is on this GPU.
-  dist::Communicator* ep = nullptr;
+  parallel::Communicator* ep = nullptr;
   // Host group of the ranks that split each batch: the load-balancing loss sums its statistics
   // over it, so it is the whole batch's loss. Null: this rank's batch is the whole batch.
-  dist::Communicator* dp = nullptr;
+  parallel::Communicator* dp = nullptr;
 };
 
 // The GPU path of `model`'s family over `params` (DeviceParams(model.params(), precision) to

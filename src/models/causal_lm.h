@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 #include "hf/config.h"
 #include "hf/state_dict.h"
 #include "nn/params.h"
@@ -23,8 +23,8 @@ struct RoutingControl {
 
 // How this rank takes part in a multi-rank run; all null in a single process.
 struct Parallel {
-  dist::Communicator* world = nullptr;  // every rank; they split the batch (load-balancing statistics)
-  dist::Communicator* ep = nullptr;     // the expert-parallel group: MoE layers hold E / its size experts
+  parallel::Communicator* world = nullptr;  // every rank; they split the batch (load-balancing statistics)
+  parallel::Communicator* ep = nullptr;     // the expert-parallel group: MoE layers hold E / its size experts
 };
 
 struct ForwardInputs {

@@ -6,7 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
 #include "models/registry.h"
@@ -52,7 +52,7 @@ void gather_and_write_on_rank0(const CausalLM& part, const Parallel& par, const 
 void write_pretrained_files_across(const CausalLM& part, const Parallel& par, const std::string& source_dir,
                                    const std::string& dir, const SaveOptions& opts) {
   MF_CHECK(par.world, "internal: write_pretrained_files_across without a world group");
-  dist::Communicator& world = *par.world;
+  parallel::Communicator& world = *par.world;
   const int ep = par.ep ? par.ep->size() : 1, rank = world.rank();
   if (ep > 1 && part.adapter().any_fused()) {
     gather_and_write_on_rank0(part, par, source_dir, dir, opts);
@@ -112,7 +112,7 @@ void write_pretrained_files_across(const CausalLM& part, const Parallel& par, co
 
 void save_pretrained_across(const CausalLM& part, const Parallel& par, const std::string& source_dir,
                             const std::string& out_dir, const SaveOptions& opts) {
-  dist::Communicator& world = *par.world;
+  parallel::Communicator& world = *par.world;
   // One temporary folder for all ranks (a shared file system), prepared by rank 0.
   const std::string tmp = temp_folder_of(out_dir, "ranks");
   if (world.rank() == 0) begin_folder(out_dir, opts.overwrite, "ranks");

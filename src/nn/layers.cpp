@@ -14,8 +14,8 @@ namespace {
 
 
 // Without expert parallelism the dispatch runs over a group of one (stateless, shared).
-dist::Communicator& one_rank_group() {
-  static const std::unique_ptr<dist::Communicator> self = dist::self_communicator("experts");
+parallel::Communicator& one_rank_group() {
+  static const std::unique_ptr<parallel::Communicator> self = parallel::self_communicator("experts");
   return *self;
 }
 
@@ -221,7 +221,7 @@ Tensor GatedSharedExpert::backward(ParamStore& ps, const Cache& c, const Tensor&
 }
 
 void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
-                     int64_t inter_, bool norm_topk, dist::Communicator* ep_group,
+                     int64_t inter_, bool norm_topk, parallel::Communicator* ep_group,
                      std::optional<GptOssStyle> gpt_oss_style, std::optional<GroupedSigmoid> grouped_sigmoid) {
   hidden = hidden_;
   experts = experts_;
@@ -232,7 +232,7 @@ void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_,
   grouped = grouped_sigmoid;
   MF_CHECK(!(gpt_oss && grouped), "internal: a MoE layer is GPT-OSS or DeepSeek style, not both");
   ep = ep_group;
-  shard = ep ? dist::ExpertShard::of(experts, ep->rank(), ep->size()) : dist::ExpertShard{0, experts};
+  shard = ep ? parallel::ExpertShard::of(experts, ep->rank(), ep->size()) : parallel::ExpertShard{0, experts};
   if (!gpt_oss) {
     router = ps.add(prefix + ".gate.weight", {experts, hidden});
     if (grouped) {
@@ -277,7 +277,7 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
   // (here, with one rank), the local experts run on their rows as grouped GEMMs, and the outputs
   // come back to be summed with their weights.
   ops::RoutingPlan plan = ops::plan_routing(chosen, experts);
-  auto exchange = std::make_shared<dist::ExpertExchange>(ep ? *ep : one_rank_group(), plan.offsets, x.device());
+  auto exchange = std::make_shared<parallel::ExpertExchange>(ep ? *ep : one_rank_group(), plan.offsets, x.device());
   Tensor xs = exchange->dispatch(ops::permute_tokens(x, plan));
   const std::vector<int64_t>& off = exchange->local_offsets();
   const int64_t rows = xs.size(0);
@@ -357,7 +357,7 @@ struct RoutingStats {
   std::vector<double> routed, prob;
   int64_t rows = 0;
 };
-RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, dist::Communicator* dp) {
+RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, parallel::Communicator* dp) {
   RoutingStats st{std::vector<double>(experts, 0.0), std::vector<double>(experts, 0.0), 0};
   for (const auto& r : routers) {
     Tensor p, w, idx;  // the softmax of the logits (the router's own probabilities)
@@ -389,7 +389,7 @@ RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int
 }
 }  // namespace
 
-float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, dist::Communicator* dp) {
+float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, parallel::Communicator* dp) {
   if (routers.empty()) return 0.f;
   const RoutingStats st = routing_stats(routers, experts, dp);
   // tokens_per_expert is a mean over rows of a [rows, top_k, E] one-hot, i.e. per slot; summing
@@ -400,7 +400,7 @@ float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int6
 }
 
 std::vector<float> load_balancing_prob_grad(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts,
-                                            dist::Communicator* dp) {
+                                            parallel::Communicator* dp) {
   std::vector<float> g(static_cast<size_t>(experts), 0.f);
   if (routers.empty()) return g;
   const RoutingStats st = routing_stats(routers, experts, dp);

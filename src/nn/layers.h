@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "dist/communicator.h"
-#include "dist/expert_exchange.h"
+#include "parallel/communicator.h"
+#include "parallel/expert_exchange.h"
 #include "hf/config.h"
 #include "nn/params.h"
 #include "ops/op_types.h"
@@ -105,13 +105,13 @@ struct GatedSharedExpert {
 // gate_up [E, 2I, H] (gate rows first, then up) and down [E, H, I]. Under expert parallelism the
 // layer holds only its shard of the experts (gate_up [E/ep, 2I, H], ...), and the (token, slot)
 // pairs, grouped by expert (ops::plan_routing), travel to the rank of their expert and back
-// (dist::ExpertExchange); with one rank the same path runs with a one-rank group. The local
+// (parallel::ExpertExchange); with one rank the same path runs with a one-rank group. The local
 // experts run as grouped GEMMs over their rows.
 struct SparseMoE {
   struct Cache {
     Tensor x, probs, chosen, weights;                // probs (DeepSeek: scores) [T,E]; chosen/weights [T,k]
     ops::RoutingPlan plan;                           // each pair's row, grouped by global expert
-    std::shared_ptr<dist::ExpertExchange> exchange;  // their trip to the experts' ranks
+    std::shared_ptr<parallel::ExpertExchange> exchange;  // their trip to the experts' ranks
     Tensor xs;                                       // this rank's expert inputs, grouped by local expert
     Tensor h, act;                                   // the local experts' gate_up output and activation
     Tensor y_perm;                                   // [T*k, H]: each pair's expert output, back home
@@ -137,10 +137,10 @@ struct SparseMoE {
   bool norm_topk_prob = false;
   std::optional<GptOssStyle> gpt_oss;
   std::optional<GroupedSigmoid> grouped;
-  dist::Communicator* ep = nullptr;  // the expert-parallel group; null: every expert is here
-  dist::ExpertShard shard;           // the experts this rank holds
+  parallel::Communicator* ep = nullptr;  // the expert-parallel group; null: every expert is here
+  parallel::ExpertShard shard;           // the experts this rank holds
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
-            int64_t inter_, bool norm_topk, dist::Communicator* ep_group = nullptr,
+            int64_t inter_, bool norm_topk, parallel::Communicator* ep_group = nullptr,
             std::optional<GptOssStyle> gpt_oss_style = std::nullopt,
             std::optional<GroupedSigmoid> grouped_sigmoid = std::nullopt);
   // Parameters per expert (weights and biases), for active-parameter counts.
@@ -170,10 +170,10 @@ struct SparseMoE {
 // `dp`, when given, is the group whose ranks split the batch: the statistics are summed over it, so
 // the loss is that of the whole batch.
 float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts,
-                          dist::Communicator* dp = nullptr);
+                          parallel::Communicator* dp = nullptr);
 // d(loss)/d(probs) of one layer's rows: E * f_e / rows_total, the same for every row; f_e is the
 // routed fraction over all layers. Returns [E].
 std::vector<float> load_balancing_prob_grad(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts,
-                                            dist::Communicator* dp = nullptr);
+                                            parallel::Communicator* dp = nullptr);
 
 }  // namespace moeforge::nn

@@ -10,7 +10,7 @@
 #include "core/error.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
-#include "dist/expert_exchange.h"
+#include "parallel/expert_exchange.h"
 #include "models/pretrained.h"
 #include "models/save_across_ranks.h"
 
@@ -84,7 +84,7 @@ void save_checkpoint(const std::string& dir, const models::CausalLM& model, cons
       const ExpertRange mine = expert_range(model);
       nlohmann::ordered_json list = nlohmann::ordered_json::array();
       for (int p = 0; p < parts; ++p) {  // part p holds the experts of rank p of the expert-parallel group
-        const dist::ExpertShard shard = dist::ExpertShard::of(mine.experts, p, parts);
+        const parallel::ExpertShard shard = parallel::ExpertShard::of(mine.experts, p, parts);
         list.push_back({{"file", part_name(p, parts)}, {"expert_first", shard.first}, {"expert_count", shard.count}});
       }
       nlohmann::ordered_json j = {{"format", 2},           {"step", st.step},

@@ -23,7 +23,7 @@ std::chrono::milliseconds dist_timeout() {
 }
 
 // The address peers reach this rank at: loopback when every rank is on this machine.
-std::string this_host(const dist::DistEnv& env) {
+std::string this_host(const parallel::DistEnv& env) {
   if (env.world_size == env.local_world_size) return "127.0.0.1";
   char name[256] = {0};
   MF_CHECK(gethostname(name, sizeof name - 1) == 0, "gethostname failed");
@@ -39,31 +39,31 @@ double squared_norm(const Tensor& g) {
 
 }  // namespace
 
-std::unique_ptr<RankGroups> join_ranks(const dist::DistEnv& env, int64_t ep_size, int64_t experts,
+std::unique_ptr<RankGroups> join_ranks(const parallel::DistEnv& env, int64_t ep_size, int64_t experts,
                                        const std::string& recipe_hash, const std::string& where, bool gpus) {
   MF_CHECK(ep_size >= 1 && env.world_size % ep_size == 0, where, ": key 'ep_size': ", ep_size,
            " does not divide the world size ", env.world_size);
   MF_CHECK(experts % ep_size == 0, where, ": key 'ep_size': ", ep_size, " does not divide the model's ", experts,
            " experts");
-  MF_CHECK(dist::gloo_available(), where, ": a multi-rank run needs gloo (host-side collectives), and this moeforge was "
+  MF_CHECK(parallel::gloo_available(), where, ": a multi-rank run needs gloo (host-side collectives), and this moeforge was "
            "built without it (install libgloo-dev: scripts/install-deps.sh)");
-  MF_CHECK(!gpus || dist::nccl_available(), where, ": a multi-GPU run needs NCCL, and this moeforge was built without it");
+  MF_CHECK(!gpus || parallel::nccl_available(), where, ": a multi-GPU run needs NCCL, and this moeforge was built without it");
   const auto timeout = dist_timeout();
   auto g = std::make_unique<RankGroups>();
   g->rank = env.rank;
   g->world = env.world_size;
   g->ep_size = static_cast<int>(ep_size);
-  g->rendezvous = std::make_unique<dist::Rendezvous>(env, recipe_hash, timeout);
+  g->rendezvous = std::make_unique<parallel::Rendezvous>(env, recipe_hash, timeout);
   const std::string host = this_host(env);
   const int ep = g->ep_size, dp_index = env.rank / ep, ep_index = env.rank % ep;
   auto& store = g->rendezvous->store();
-  g->world_group = dist::connect_gloo(store, "world", env.rank, env.world_size, host, timeout);
-  g->ep = dist::connect_gloo(store, "ep" + std::to_string(dp_index), ep_index, ep, host, timeout);
-  g->edp = dist::connect_gloo(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, host, timeout);
+  g->world_group = parallel::connect_gloo(store, "world", env.rank, env.world_size, host, timeout);
+  g->ep = parallel::connect_gloo(store, "ep" + std::to_string(dp_index), ep_index, ep, host, timeout);
+  g->edp = parallel::connect_gloo(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, host, timeout);
   if (gpus) {
-    g->dev_world = dist::connect_nccl(store, "world", env.rank, env.world_size, timeout);
-    g->dev_ep = dist::connect_nccl(store, "ep" + std::to_string(dp_index), ep_index, ep, timeout);
-    g->dev_edp = dist::connect_nccl(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, timeout);
+    g->dev_world = parallel::connect_nccl(store, "world", env.rank, env.world_size, timeout);
+    g->dev_ep = parallel::connect_nccl(store, "ep" + std::to_string(dp_index), ep_index, ep, timeout);
+    g->dev_edp = parallel::connect_nccl(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, timeout);
   }
   return g;
 }

@@ -7,9 +7,9 @@
 #include <string>
 #include <vector>
 
-#include "dist/communicator.h"
-#include "dist/env.h"
-#include "dist/rendezvous.h"
+#include "parallel/communicator.h"
+#include "parallel/env.h"
+#include "parallel/rendezvous.h"
 #include "models/causal_lm.h"
 #include "nn/params.h"
 
@@ -17,16 +17,16 @@ namespace moeforge::train {
 
 struct RankGroups {
   int rank = 0, world = 1, ep_size = 1;
-  std::unique_ptr<dist::Rendezvous> rendezvous;  // kept: rank 0 serves the store until the end
-  std::unique_ptr<dist::Communicator> world_group, ep, edp;  // gloo, host tensors
+  std::unique_ptr<parallel::Rendezvous> rendezvous;  // kept: rank 0 serves the store until the end
+  std::unique_ptr<parallel::Communicator> world_group, ep, edp;  // gloo, host tensors
   // The same groups over NCCL for device tensors, when the run trains on GPUs (else null).
-  std::unique_ptr<dist::Communicator> dev_world, dev_ep, dev_edp;
+  std::unique_ptr<parallel::Communicator> dev_world, dev_ep, dev_edp;
   models::Parallel parallel() const { return {world_group.get(), ep.get()}; }
   bool is_main() const { return rank == 0; }
   // Per parameter, the device group of the ranks holding copies of it (ZeRO's split groups): the
   // world for dense parameters, the expert-data-parallel group for expert shards (`expert_sharded`).
-  std::vector<dist::Communicator*> device_copy_groups(const std::vector<bool>& expert_sharded) const {
-    std::vector<dist::Communicator*> g;
+  std::vector<parallel::Communicator*> device_copy_groups(const std::vector<bool>& expert_sharded) const {
+    std::vector<parallel::Communicator*> g;
     for (bool expert : expert_sharded) g.push_back(expert ? dev_edp.get() : dev_world.get());
     return g;
   }
@@ -34,7 +34,7 @@ struct RankGroups {
 
 // `where`: the recipe file, for messages. Checks that ep_size divides the world and the experts.
 // `gpus`: also connect the NCCL groups (on the CUDA device already chosen for this rank).
-std::unique_ptr<RankGroups> join_ranks(const dist::DistEnv& env, int64_t ep_size, int64_t experts,
+std::unique_ptr<RankGroups> join_ranks(const parallel::DistEnv& env, int64_t ep_size, int64_t experts,
                                        const std::string& recipe_hash, const std::string& where, bool gpus = false);
 
 // Sums the gradients the ranks computed: dense ones over the world, expert shards over the

@@ -17,7 +17,7 @@
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
 #include "models/save_across_ranks.h"
-#include "dist/env.h"
+#include "parallel/env.h"
 #include "ops/cuda/runtime.h"
 #include "train/backend.h"
 #include "train/checkpoint.h"
@@ -121,7 +121,7 @@ TrainResult run_training(const Recipe& r) {
 #endif
   // Several ranks (launched by moeforge launch, torchrun or srun) split every micro-batch's rows
   // and share out the experts (ep_size), on the CPU (gloo) or one GPU each (NCCL).
-  const dist::DistEnv denv = dist::dist_env();
+  const parallel::DistEnv denv = parallel::dist_env();
   const bool multi = denv.world_size > 1;
   if (multi) {
     if (r.device == "cuda") {

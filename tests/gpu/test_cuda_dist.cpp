@@ -14,8 +14,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "dist/communicator.h"
-#include "dist/tcp_store.h"
+#include "parallel/communicator.h"
+#include "parallel/tcp_store.h"
 #include "hf/safetensors.h"
 #include "ops/cuda/runtime.h"
 #include "test_util.h"
@@ -31,7 +31,7 @@ using test::losses_of;
 
 #define REQUIRE_NCCL_GPU()                                                          \
   if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine";         \
-  if (!dist::nccl_available()) GTEST_SKIP() << "built without NCCL"
+  if (!parallel::nccl_available()) GTEST_SKIP() << "built without NCCL"
 
 std::vector<float> host(const Tensor& d) {
   Tensor h = cuda::to_host_f32(d);
@@ -40,9 +40,9 @@ std::vector<float> host(const Tensor& d) {
 
 TEST(NcclCommunicator, OneRankGroupRunsEveryCollective) {
   REQUIRE_NCCL_GPU();
-  dist::TcpStoreServer server(0);
-  dist::TcpStoreClient store("127.0.0.1", server.port(), 5s);
-  auto c = dist::connect_nccl(store, "solo", 0, 1, 20s);
+  parallel::TcpStoreServer server(0);
+  parallel::TcpStoreClient store("127.0.0.1", server.port(), 5s);
+  auto c = parallel::connect_nccl(store, "solo", 0, 1, 20s);
   EXPECT_STREQ(c->backend(), "nccl");
   const std::vector<float> v{1.f, -2.f, 3.5f, 4.f, 5.f, 6.f};
   Tensor a = cuda::to_device(Tensor::from_vector(v, {3, 2}), DType::F32);
@@ -76,10 +76,10 @@ TEST(NcclCommunicator, OneRankGroupRunsEveryCollective) {
 
 TEST(NcclCommunicator, AMemberThatNeverComesIsATimeoutNamingTheGroup) {
   REQUIRE_NCCL_GPU();
-  dist::TcpStoreServer server(0);
-  dist::TcpStoreClient store("127.0.0.1", server.port(), 5s);
+  parallel::TcpStoreServer server(0);
+  parallel::TcpStoreClient store("127.0.0.1", server.port(), 5s);
   const auto t0 = std::chrono::steady_clock::now();
-  const std::string err = test::error_of([&] { dist::connect_nccl(store, "pair", 0, 2, 3s); });
+  const std::string err = test::error_of([&] { parallel::connect_nccl(store, "pair", 0, 2, 3s); });
   EXPECT_NE(err.find("collective init on group 'pair' did not complete within 3 s"), std::string::npos) << err;
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 20s);
 }
@@ -123,7 +123,7 @@ class MultiGpuTraining : public ::testing::TestWithParam<std::tuple<int, int>> {
 TEST_P(MultiGpuTraining, TwoGpusMatchOneGpuInFp32) {
   REQUIRE_NCCL_GPU();
   if (cuda::device_count() < 2) GTEST_SKIP() << "needs 2 GPUs; this machine has " << cuda::device_count();
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   const auto [ep, zero] = GetParam();
   test::TempDir dir;
   const std::string recipe = write_gpu_recipe(dir);
@@ -152,7 +152,7 @@ TEST_P(MultiGpuTraining, TwoGpusMatchOneGpuInFp32) {
 TEST(MultiGpuTrainingPolicies, TwoGpusBf16MixedTrackOneGpu) {
   REQUIRE_NCCL_GPU();
   if (cuda::device_count() < 2) GTEST_SKIP() << "needs 2 GPUs; this machine has " << cuda::device_count();
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   test::TempDir dir;
   const std::string recipe = write_gpu_recipe(dir);
   const auto one = train::run_training(train::load_recipe(recipe, {"precision=bf16-mixed"}));
@@ -176,7 +176,7 @@ class MultiGpuCheckpoints : public ::testing::TestWithParam<int> {};
 TEST_P(MultiGpuCheckpoints, TwoGpuCheckpointResumesOnOneGpu) {
   REQUIRE_NCCL_GPU();
   if (cuda::device_count() < 2) GTEST_SKIP() << "needs 2 GPUs; this machine has " << cuda::device_count();
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   test::TempDir dir;
   const std::string recipe = write_gpu_recipe(dir);
   const auto one = train::run_training(train::load_recipe(recipe, {}));

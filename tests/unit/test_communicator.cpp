@@ -10,8 +10,8 @@
 #include <mutex>
 #include <thread>
 
-#include "dist/communicator.h"
-#include "dist/tcp_store.h"
+#include "parallel/communicator.h"
+#include "parallel/tcp_store.h"
 #include "test_util.h"
 
 using namespace moeforge;
@@ -20,16 +20,16 @@ using namespace std::chrono_literals;
 namespace {
 
 // Runs fn(rank, comm) on `n` threads joined into group `name`; returns each rank's error ("" if none).
-std::vector<std::string> run_ranks(int n, const std::function<void(int, dist::Communicator&)>& fn,
+std::vector<std::string> run_ranks(int n, const std::function<void(int, parallel::Communicator&)>& fn,
                                    std::chrono::milliseconds timeout = 10s) {
-  dist::TcpStoreServer server(0);
+  parallel::TcpStoreServer server(0);
   std::vector<std::string> errors(n);
   std::vector<std::thread> threads;
   for (int r = 0; r < n; ++r)
     threads.emplace_back([&, r] {
       errors[r] = test::error_of([&] {
-        dist::TcpStoreClient client("127.0.0.1", server.port(), 5s);
-        auto comm = dist::connect_gloo(client, "world", r, n, "127.0.0.1", timeout);
+        parallel::TcpStoreClient client("127.0.0.1", server.port(), 5s);
+        auto comm = parallel::connect_gloo(client, "world", r, n, "127.0.0.1", timeout);
         fn(r, *comm);
       });
     });
@@ -43,10 +43,10 @@ float tag(int rank, int other, int64_t i) { return static_cast<float>(rank * 100
 class Collectives : public ::testing::TestWithParam<int> {};
 
 TEST_P(Collectives, EveryCollectiveMatchesItsDefinition) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   const int n = GetParam();
   const int64_t len = 7;
-  const auto errors = run_ranks(n, [&](int r, dist::Communicator& c) {
+  const auto errors = run_ranks(n, [&](int r, parallel::Communicator& c) {
     ASSERT_EQ(c.rank(), r);
     ASSERT_EQ(c.size(), n);
     // all_reduce: the sum over ranks of tag(p, 0, i).
@@ -71,11 +71,11 @@ TEST_P(Collectives, EveryCollectiveMatchesItsDefinition) {
     // all_gather_blocks: element e of a 10-element tensor is written by the rank whose block holds
     // it (the others start with garbage there) and ends the same everywhere.
     Tensor gb = Tensor::from_vector(std::vector<float>(10, -1.f), {2, 5});
-    const dist::Block mine = dist::block_of(10, r, n);
+    const parallel::Block mine = parallel::block_of(10, r, n);
     for (int64_t e = mine.first; e < mine.first + mine.count; ++e) gb.f32()[e] = 100.f * r + e;
     c.all_gather_blocks({gb});
     for (int p = 0; p < n; ++p) {
-      const dist::Block b = dist::block_of(10, p, n);
+      const parallel::Block b = parallel::block_of(10, p, n);
       for (int64_t e = b.first; e < b.first + b.count; ++e) EXPECT_EQ(gb.f32()[e], 100.f * p + e) << "rank " << r;
     }
     // reduce_scatter_blocks: every rank's own block of an 11-element tensor ends as the sum of
@@ -83,7 +83,7 @@ TEST_P(Collectives, EveryCollectiveMatchesItsDefinition) {
     Tensor rb = Tensor::empty({11}, DType::F32);
     for (int64_t e = 0; e < 11; ++e) rb.f32()[e] = tag(r, 0, e);
     c.reduce_scatter_blocks({rb});
-    const dist::Block own = dist::block_of(11, r, n);
+    const parallel::Block own = parallel::block_of(11, r, n);
     for (int64_t e = own.first; e < own.first + own.count; ++e) {
       float want = 0;
       for (int p = 0; p < n; ++p) want += tag(p, 0, e);
@@ -110,7 +110,7 @@ TEST_P(Collectives, EveryCollectiveMatchesItsDefinition) {
     std::vector<int64_t> send(n), recv(n);
     int64_t total_send = 0;
     for (int q = 0; q < n; ++q) total_send += send[q] = rows_from_to(r, q);
-    const std::vector<int64_t> recv_counts = dist::exchange_counts(c, send);
+    const std::vector<int64_t> recv_counts = parallel::exchange_counts(c, send);
     int64_t total_recv = 0;
     for (int p = 0; p < n; ++p) {
       recv[p] = rows_from_to(p, r);
@@ -142,17 +142,17 @@ INSTANTIATE_TEST_SUITE_P(Ranks, Collectives, ::testing::Values(2, 3, 4));
 // Four ranks in two groups of two (as the expert-parallel groups of dp x ep = 2 x 2): each group's
 // sums stay inside it.
 TEST(Communicator, GroupsAreIndependent) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
-  dist::TcpStoreServer server(0);
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
+  parallel::TcpStoreServer server(0);
   std::vector<std::string> errors(4);
   std::vector<float> sums(4);
   std::vector<std::thread> threads;
   for (int r = 0; r < 4; ++r)
     threads.emplace_back([&, r] {
       errors[r] = test::error_of([&] {
-        dist::TcpStoreClient client("127.0.0.1", server.port(), 5s);
+        parallel::TcpStoreClient client("127.0.0.1", server.port(), 5s);
         const int group = r / 2;
-        auto comm = dist::connect_gloo(client, "ep" + std::to_string(group), r % 2, 2, "127.0.0.1", 10s);
+        auto comm = parallel::connect_gloo(client, "ep" + std::to_string(group), r % 2, 2, "127.0.0.1", 10s);
         EXPECT_EQ(comm->name(), "ep" + std::to_string(group));
         Tensor t = Tensor::from_vector({static_cast<float>(r + 1)}, {1});
         comm->all_reduce_sum(t);
@@ -170,11 +170,11 @@ TEST(Communicator, GroupsAreIndependent) {
 // A rank that goes away mid-job (its connections close) makes the others' next collective fail
 // with the collective's and the group's name, not hang.
 TEST(Communicator, ADeadPeerIsAnErrorNamingTheCollective) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   const auto start = std::chrono::steady_clock::now();
   const auto errors = run_ranks(
       2,
-      [](int r, dist::Communicator& c) {
+      [](int r, parallel::Communicator& c) {
         Tensor t = Tensor::from_vector({1.f}, {1});
         c.all_reduce_sum(t);  // both alive
         if (r == 1) return;   // rank 1 leaves: its communicator is destroyed
@@ -189,10 +189,10 @@ TEST(Communicator, ADeadPeerIsAnErrorNamingTheCollective) {
 
 // A member that never connects: the others fail at connect, naming the missing member.
 TEST(Communicator, AMemberThatNeverConnectsIsNamed) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
-  dist::TcpStoreServer server(0);
-  dist::TcpStoreClient client("127.0.0.1", server.port(), 5s);
-  const std::string err = test::error_of([&] { dist::connect_gloo(client, "world", 0, 2, "127.0.0.1", 1s); });
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
+  parallel::TcpStoreServer server(0);
+  parallel::TcpStoreClient client("127.0.0.1", server.port(), 5s);
+  const std::string err = test::error_of([&] { parallel::connect_gloo(client, "world", 0, 2, "127.0.0.1", 1s); });
   EXPECT_NE(err.find("gloo group 'world'"), std::string::npos) << err;
   EXPECT_NE(err.find("never connected"), std::string::npos) << err;
 }
@@ -202,7 +202,7 @@ TEST(Communicator, BlocksCoverEveryElementOnce) {
     for (int ranks : {1, 2, 3, 4, 8}) {
       int64_t next = 0;
       for (int r = 0; r < ranks; ++r) {
-        const dist::Block b = dist::block_of(n, r, ranks);
+        const parallel::Block b = parallel::block_of(n, r, ranks);
         EXPECT_EQ(b.first, next) << n << " over " << ranks;
         EXPECT_GE(b.count, 0);
         EXPECT_LE(b.count, (n + ranks - 1) / ranks);
@@ -214,12 +214,12 @@ TEST(Communicator, BlocksCoverEveryElementOnce) {
 }
 
 TEST(Communicator, TheOneRankGroupCopies) {
-  auto c = dist::self_communicator("solo");
+  auto c = parallel::self_communicator("solo");
   EXPECT_EQ(c->size(), 1);
   Tensor in = Tensor::from_vector({1.f, 2.f}, {2, 1}), out = Tensor::zeros({2, 1}, DType::F32);
   c->all_to_all(in, {2}, out, {2});
   EXPECT_EQ(out.f32()[1], 2.f);
-  EXPECT_EQ(dist::exchange_counts(*c, {5}), std::vector<int64_t>{5});
+  EXPECT_EQ(parallel::exchange_counts(*c, {5}), std::vector<int64_t>{5});
   EXPECT_NE(test::error_of([&] { c->all_to_all(in, {1}, out, {2}); }).find("group 'solo'"), std::string::npos);
 }
 

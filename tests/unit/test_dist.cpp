@@ -12,8 +12,8 @@
 #include <thread>
 
 #include "core/error.h"
-#include "dist/env.h"
-#include "dist/rendezvous.h"
+#include "parallel/env.h"
+#include "parallel/rendezvous.h"
 #include "test_util.h"
 
 using namespace moeforge;
@@ -21,8 +21,8 @@ using namespace std::chrono_literals;
 
 namespace {
 
-dist::DistEnv env_of(const std::map<std::string, std::string>& vars) {
-  return dist::dist_env_from([&](const char* name) -> const char* {
+parallel::DistEnv env_of(const std::map<std::string, std::string>& vars) {
+  return parallel::dist_env_from([&](const char* name) -> const char* {
     auto it = vars.find(name);
     return it == vars.end() ? nullptr : it->second.c_str();
   });
@@ -31,8 +31,8 @@ dist::DistEnv env_of(const std::map<std::string, std::string>& vars) {
 // A port nobody listens on right now (the kernel's pick for a socket bound to port 0).
 using test::free_port;
 
-dist::DistEnv local_env(int rank, int world, int port) {
-  dist::DistEnv e;
+parallel::DistEnv local_env(int rank, int world, int port) {
+  parallel::DistEnv e;
   e.rank = rank;
   e.world_size = world;
   e.local_rank = rank;
@@ -52,7 +52,7 @@ std::vector<std::string> run_ranks(int world, int present, std::chrono::millisec
   for (int r = 0; r < present; ++r)
     ts.emplace_back([&, r] {
       errors[r] = test::error_of([&] {
-        dist::Rendezvous rv(local_env(r, world, port), fingerprint(r), timeout);
+        parallel::Rendezvous rv(local_env(r, world, port), fingerprint(r), timeout);
         const std::string v = rv.broadcast("token", r == 0 ? "from rank 0" : "not this");
         if (got) (*got)[r] = v;
       });

@@ -14,7 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
 #include "test_util.h"
@@ -63,7 +63,7 @@ void expect_same_model(const std::string& a, const std::string& b) {
 class DistTraining : public ::testing::TestWithParam<std::pair<int, int>> {};
 
 TEST_P(DistTraining, MatchesTheOneRankRun) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   const auto [world, ep] = GetParam();
   test::TempDir dir;
   const std::string recipe = write_recipe(dir);
@@ -89,7 +89,7 @@ INSTANTIATE_TEST_SUITE_P(WorldAndEp, DistTraining,
 // DeepSeek-V3's multi-token prediction layers trained on 2 ranks (their MoE experts split too) as
 // in one process: the same losses, MTP losses and final weights (MTP layers included).
 TEST(DistTrainingMtp, MatchesTheOneRankRun) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   test::TempDir dir;
   const std::string recipe = write_recipe(dir);
   const std::vector<std::string> mtp = {"model=" + test::fixture("deepseek_v3_mtp"), "mtp_loss_scale=0.3"};
@@ -120,7 +120,7 @@ TEST(DistTrainingMtp, MatchesTheOneRankRun) {
 // finish where the straight one-rank run does: each rank writes its part of the checkpoint, and on
 // load each takes its experts' rows from whichever parts hold them.
 TEST(DistTrainingCheckpoints, ResumeOnAnotherWorldSize) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   test::TempDir dir;
   const std::string recipe = write_recipe(dir);
   const auto one = train::run_training(train::load_recipe(recipe, {}));
@@ -161,7 +161,7 @@ TEST(DistTrainingCheckpoints, ResumeOnAnotherWorldSize) {
 // A checkpoint in the fused expert layout (Transformers 5's in-memory spelling) cannot be split
 // over files: 2 ranks gather the experts and rank 0 writes the fused tensors, as the one-rank run.
 TEST(DistTrainingCheckpoints, FusedLayoutIsWrittenWhole) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   test::TempDir dir;
   const std::string fused = dir / "fused_model";
   std::filesystem::create_directories(fused);
@@ -185,7 +185,7 @@ TEST(DistTrainingCheckpoints, FusedLayoutIsWrittenWhole) {
 }
 
 TEST(DistTrainingBadInput, EpSizeThatDoesNotDivideIsOneError) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   test::TempDir dir;
   const std::string recipe = write_recipe(dir);
   // 3 does not divide 2 ranks (nor the 4 experts).
@@ -201,7 +201,7 @@ TEST(DistTrainingBadInput, EpSizeThatDoesNotDivideIsOneError) {
 // Two ranks started as torchrun would (no launcher to stop the survivor): rank 1 is killed a
 // moment into a long run; rank 0 must exit with an error naming a collective, not hang.
 TEST(DistTrainingFaults, ARankThatDiesMidRunStopsTheOthersWithAnError) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   test::TempDir dir;
   const std::string recipe = write_recipe(dir);
   const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port()) +

@@ -10,9 +10,9 @@
 #include <chrono>
 #include <thread>
 
-#include "dist/communicator.h"
-#include "dist/expert_exchange.h"
-#include "dist/tcp_store.h"
+#include "parallel/communicator.h"
+#include "parallel/expert_exchange.h"
+#include "parallel/tcp_store.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
 #include "models/decoder/decoder.h"
@@ -58,20 +58,20 @@ std::vector<RankResult> run_parallel(const std::string& name, int world, int ep)
   const int64_t global_tokens = test::counted_tokens(labels);
   const int dp = world / ep;
 
-  dist::TcpStoreServer server(0);
+  parallel::TcpStoreServer server(0);
   std::vector<RankResult> results(world);
   std::vector<std::thread> threads;
   for (int r = 0; r < world; ++r)
     threads.emplace_back([&, r] {
       results[r].error = test::error_of([&] {
-        dist::TcpStoreClient store("127.0.0.1", server.port(), 5s);
+        parallel::TcpStoreClient store("127.0.0.1", server.port(), 5s);
         // Mesh: rank = dp_index * ep + ep_index.
         const int dp_index = r / ep, ep_index = r % ep;
-        auto world_comm = dist::connect_gloo(store, "world", r, world, "127.0.0.1", 20s);
-        auto ep_comm = dist::connect_gloo(store, "ep" + std::to_string(dp_index), ep_index, ep, "127.0.0.1", 20s);
-        auto edp_comm = dist::connect_gloo(store, "edp" + std::to_string(ep_index), dp_index, dp, "127.0.0.1", 20s);
+        auto world_comm = parallel::connect_gloo(store, "world", r, world, "127.0.0.1", 20s);
+        auto ep_comm = parallel::connect_gloo(store, "ep" + std::to_string(dp_index), ep_index, ep, "127.0.0.1", 20s);
+        auto edp_comm = parallel::connect_gloo(store, "edp" + std::to_string(ep_index), dp_index, dp, "127.0.0.1", 20s);
         models::Decoder model(full.model->config(), {world_comm.get(), ep_comm.get()});
-        const dist::ExpertShard shard = dist::ExpertShard::of(full.model->config().num_experts, ep_index, ep);
+        const parallel::ExpertShard shard = parallel::ExpertShard::of(full.model->config().num_experts, ep_index, ep);
         for (auto& p : model.params().all()) {
           const nn::Param* src = full.model->params().find(p.name);
           if (!src) throw Error("no parameter " + p.name + " in the one-rank model");
@@ -108,7 +108,7 @@ std::vector<RankResult> run_parallel(const std::string& name, int world, int ep)
 }
 
 void expect_parallel_matches_one_rank(const std::string& name, int world, int ep) {
-  if (!dist::gloo_available()) GTEST_SKIP() << "built without gloo";
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
   // The one-rank run of the same batch.
   auto one = models::from_pretrained(test::fixture(name));
   auto ref = hf::SafetensorsFile::open(test::fixture(name) + "/reference.safetensors");
@@ -134,7 +134,7 @@ TEST(ExpertParallel, LoadBalancingLossOverTheWorld) { expect_parallel_matches_on
 TEST(ExpertParallel, TwoRanksDenseLayersAndThreeExpertsEach) { expect_parallel_matches_one_rank("qwen3_moe_b", 2, 2); }
 
 TEST(ExpertParallel, AnEpSizeThatDoesNotDivideTheExpertsIsRefused) {
-  const std::string err = test::error_of([] { dist::ExpertShard::of(6, 0, 4); });
+  const std::string err = test::error_of([] { parallel::ExpertShard::of(6, 0, 4); });
   EXPECT_NE(err.find("6 experts cannot be split evenly over 4 ranks"), std::string::npos) << err;
 }
 

@@ -1,9 +1,9 @@
-#include "dist/expert_exchange.h"
+#include "parallel/expert_exchange.h"
 
 #include "core/error.h"
 #include "ops/ops.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 ExpertShard ExpertShard::of(int64_t experts, int rank, int ranks) {
   MF_CHECK(ranks >= 1 && experts % ranks == 0, "expert parallelism: ", experts, " experts cannot be split evenly over ",
@@ -113,4 +113,4 @@ Tensor ExpertExchange::combine(const Tensor& local) const {
   return finish_combine(f);
 }
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

@@ -15,10 +15,10 @@
 #include <functional>
 
 #include "core/error.h"
-#include "dist/collective_shapes.h"
-#include "dist/communicator.h"
+#include "parallel/collective_shapes.h"
+#include "parallel/communicator.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 namespace {
 
@@ -216,4 +216,4 @@ std::unique_ptr<Communicator> connect_gloo(TcpStoreClient& store, const std::str
   return std::make_unique<GlooCommunicator>(store, name, rank, group_size, host, timeout);
 }
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

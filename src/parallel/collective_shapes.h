@@ -5,9 +5,9 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 // `in` holds size() blocks of `out` (reduce-scatter), or `out` size() copies of `in` (all-gather).
 void check_blocks(const Communicator& c, const char* op, const Tensor& whole, const Tensor& block);
@@ -17,4 +17,4 @@ void check_blocks(const Communicator& c, const char* op, const Tensor& whole, co
 int64_t check_all_to_all(const Communicator& c, const Tensor& in, const std::vector<int64_t>& send_rows,
                          const Tensor& out, const std::vector<int64_t>& recv_rows);
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

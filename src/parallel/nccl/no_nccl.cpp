@@ -1,8 +1,8 @@
 // Built without the CUDA backend (or without NCCL): device collectives are unavailable.
 #include "core/error.h"
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 bool nccl_available() { return false; }
 
@@ -11,4 +11,4 @@ std::unique_ptr<Communicator> connect_nccl(TcpStoreClient&, const std::string& n
   MF_THROW("group '", name, "': this moeforge was built without NCCL (it needs the CUDA backend)");
 }
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

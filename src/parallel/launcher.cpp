@@ -1,4 +1,4 @@
-#include "dist/launcher.h"
+#include "parallel/launcher.h"
 
 #include <signal.h>
 #include <sys/wait.h>
@@ -11,7 +11,7 @@
 
 #include "core/error.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 namespace {
 
@@ -121,4 +121,4 @@ int launch_local(const LaunchOptions& o, const std::vector<std::string>& argv) {
   return result;
 }
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

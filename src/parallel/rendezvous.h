@@ -9,10 +9,10 @@
 #include <string>
 #include <vector>
 
-#include "dist/env.h"
-#include "dist/tcp_store.h"
+#include "parallel/env.h"
+#include "parallel/tcp_store.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 class Rendezvous {
  public:
@@ -37,4 +37,4 @@ class Rendezvous {
 // "rank 2" or "ranks 2, 3 and 7", for messages.
 std::string ranks_phrase(const std::vector<int>& ranks);
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

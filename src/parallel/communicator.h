@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "dist/tcp_store.h"
+#include "parallel/tcp_store.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 class Communicator {
  public:
@@ -99,4 +99,4 @@ bool nccl_available();
 std::unique_ptr<Communicator> connect_nccl(TcpStoreClient& store, const std::string& name, int rank, int group_size,
                                            std::chrono::milliseconds timeout);
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

@@ -1,8 +1,8 @@
 // Built when gloo (libgloo-dev) was not found: multi-rank CPU runs are unavailable.
 #include "core/error.h"
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 bool gloo_available() { return false; }
 
@@ -12,4 +12,4 @@ std::unique_ptr<Communicator> connect_gloo(TcpStoreClient&, const std::string& n
            "(install libgloo-dev: scripts/install-deps.sh)");
 }
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

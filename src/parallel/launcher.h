@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 struct LaunchOptions {
   int nproc_per_node = 1, nnodes = 1, node_rank = 0;
@@ -21,4 +21,4 @@ struct LaunchOptions {
 // exit code (128 + signal for a process killed by a signal).
 int launch_local(const LaunchOptions& o, const std::vector<std::string>& argv);
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

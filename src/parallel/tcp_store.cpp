@@ -1,4 +1,4 @@
-#include "dist/tcp_store.h"
+#include "parallel/tcp_store.h"
 
 #include <arpa/inet.h>
 #include <netdb.h>
@@ -13,7 +13,7 @@
 
 #include "core/error.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 namespace {
 
@@ -207,4 +207,4 @@ std::optional<std::string> TcpStoreClient::get(const std::string& key, std::chro
   return value;
 }
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

@@ -6,7 +6,7 @@
 #include <functional>
 #include <string>
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 struct DistEnv {
   int rank = 0, local_rank = 0, world_size = 1, local_world_size = 1;
@@ -21,4 +21,4 @@ DistEnv dist_env_from(const std::function<const char*(const char*)>& get);
 // From the process environment.
 DistEnv dist_env();
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

@@ -15,12 +15,12 @@
 #include <thread>
 
 #include "core/error.h"
-#include "dist/collective_shapes.h"
-#include "dist/communicator.h"
+#include "parallel/collective_shapes.h"
+#include "parallel/communicator.h"
 #include "ops/cuda/check.h"
 #include "ops/cuda/runtime.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 namespace {
 
@@ -342,4 +342,4 @@ std::unique_ptr<Communicator> connect_nccl(TcpStoreClient& store, const std::str
   return std::make_unique<NcclCommunicator>(store, name, rank, group_size, timeout);
 }
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

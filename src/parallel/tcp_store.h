@@ -14,7 +14,7 @@
 #include <thread>
 #include <vector>
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 class TcpStoreServer {
  public:
@@ -60,4 +60,4 @@ class TcpStoreClient {
   std::string where_;
 };
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

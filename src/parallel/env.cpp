@@ -1,11 +1,11 @@
-#include "dist/env.h"
+#include "parallel/env.h"
 
 #include <cstdlib>
 #include <string>
 
 #include "core/error.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 namespace {
 
@@ -69,4 +69,4 @@ DistEnv dist_env() {
   return dist_env_from([](const char* name) { return static_cast<const char*>(std::getenv(name)); });
 }
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

@@ -1,4 +1,4 @@
-#include "dist/rendezvous.h"
+#include "parallel/rendezvous.h"
 
 #include <algorithm>
 #include <optional>
@@ -6,7 +6,7 @@
 
 #include "core/error.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 namespace {
 
@@ -121,4 +121,4 @@ std::string Rendezvous::broadcast(const std::string& key, const std::string& val
   return *v;
 }
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "core/tensor.h"
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 // This rank's share of a layer's E experts: [first, first + count), split evenly and in order.
 struct ExpertShard {
@@ -59,4 +59,4 @@ class ExpertExchange {
   Tensor to_local_, to_peer_;  // I64 row indices on the rows' device: received -> local order, and back
 };
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel

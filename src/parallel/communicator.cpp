@@ -1,13 +1,13 @@
 // The parts of the Communicator that do not depend on a transport: counts exchange, the one-rank group.
-#include "dist/communicator.h"
+#include "parallel/communicator.h"
 
 #include <algorithm>
 #include <cstring>
 
 #include "core/error.h"
-#include "dist/collective_shapes.h"
+#include "parallel/collective_shapes.h"
 
-namespace moeforge::dist {
+namespace moeforge::parallel {
 
 Block block_of(int64_t n, int rank, int ranks) {
   MF_CHECK(ranks >= 1 && rank >= 0 && rank < ranks, "block_of: rank ", rank, " of ", ranks);
@@ -125,4 +125,4 @@ std::unique_ptr<Communicator> self_communicator(const std::string& name) {
   return std::make_unique<SelfCommunicator>(name);
 }
 
-}  // namespace moeforge::dist
+}  // namespace moeforge::parallel
