@@ -1,12 +1,15 @@
 // The decoder families' training step on the GPU (models::Decoder: Qwen3-MoE, Qwen2-MoE, Mixtral,
-// OLMoE and the dense Llama / Mistral / Qwen2 / Qwen3). Per decoder layer:
+// OLMoE, GPT-OSS, DeepSeek-V3 with its MTP depths, and the dense Llama / Mistral / Qwen2 / Qwen3).
+// Issue 16 replaces this file by the one layer loop of models/decoder running on ops:: (which
+// dispatch on the device); until that runs on a GPU it is the GPU path. Per decoder layer:
 //   n1 = rms(x); q,k,v = n1 W^T (+ biases); rms on q,k (per head, over the projection, or none);
 //   clip_qkv clamp; RoPE; o = attention; x2 = x + o Wo^T (+ bias)
 //   n2 = rms(x2); router softmax/top-k (or round-robin when balanced); permute by expert;
 //   gate_up and down as grouped GEMMs around SwiGLU; weighted unpermute; the gated shared expert
 //   beside them; x3 = x2 + moe (or x2 + the dense SwiGLU MLP)
 // Under expert parallelism the permuted rows go to the ranks holding their experts between the
-// permute and the GEMMs and come back before the unpermute (gpu/expert_exchange.h), optionally in
+// permute and the GEMMs and come back before the unpermute (parallel/expert_exchange.h, the one
+// exchange the CPU layers use too), optionally in
 // token chunks whose exchanges run on the group's stream while other chunks' experts compute; the rows
 // a rank received are kept for the backward instead of being recomputed (that would be a second
 // exchange).
@@ -493,7 +496,8 @@ class DecoderGpu : public GpuModel {
       ch.tc = t * (i + 1) / n - ch.t0;
       ch.plan = cuda::plan_routing(n == 1 ? c.chosen : c.chosen.slice0(ch.t0, ch.tc), moe.experts);
       for (int64_t e = 0; e < moe.experts; ++e) c.expert_rows[e] += ch.plan.offsets[e + 1] - ch.plan.offsets[e];
-      if (expert_parallel()) ch.exchange = std::make_shared<parallel::ExpertExchange>(*par_.ep, ch.plan.offsets, ch.plan.dest_row.device());
+      if (expert_parallel())
+        ch.exchange = std::make_shared<parallel::ExpertExchange>(*par_.ep, ch.plan.offsets, ch.plan.dest_row.device());
     }
     if (phases_.enabled()) note_routing(l, c.expert_rows);
     std::vector<parallel::ExpertExchange::InFlight> going(n), coming(n);

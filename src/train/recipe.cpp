@@ -118,9 +118,9 @@ std::vector<Key> make_keys() {
        [](Recipe& r, const YAML::Node& n, const std::string& w) {
          const auto v = as<std::string>(n, "device", w, "a string");
          if (v != "cpu" && v != "cuda") MF_THROW(w, ": key 'device' must be cpu or cuda, got '", v, "'");
-         r.device = v;
+         r.device = v == "cuda" ? Device::Kind::CUDA : Device::Kind::CPU;
        },
-       [](const Recipe& r) { return r.device; }},
+       [](const Recipe& r) { return std::string(r.device == Device::Kind::CUDA ? "cuda" : "cpu"); }},
       {"precision",
        [](Recipe& r, const YAML::Node& n, const std::string& w) {
          const auto v = as<std::string>(n, "precision", w, "a string");
@@ -246,8 +246,8 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   MF_CHECK(r.steps > 0 || r.epochs > 0, path, ": set 'steps' or 'epochs'");
   MF_CHECK(r.global_batch % r.micro_batch == 0, path, ": key 'global_batch' (", r.global_batch,
            ") must be a multiple of 'micro_batch' (", r.micro_batch, ")");
-  if (r.precision.empty()) r.precision = r.device == "cuda" ? "bf16-mixed" : "fp32";
-  MF_CHECK(r.device == "cuda" || r.precision == "fp32", path, ": key 'precision' value '", r.precision,
+  if (r.precision.empty()) r.precision = r.device == Device::Kind::CUDA ? "bf16-mixed" : "fp32";
+  MF_CHECK(r.device == Device::Kind::CUDA || r.precision == "fp32", path, ": key 'precision' value '", r.precision,
            "' is not available on the CPU backend (CPU trains in fp32; bf16-mixed and bf16 need device: cuda)");
   return r;
 }

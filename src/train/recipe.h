@@ -29,7 +29,7 @@ struct Recipe {
   AdamWOptions optimizer;
   ScheduleOptions schedule;
   double max_grad_norm = 1.0;  // 0 = no clipping
-  std::string device = "cpu";  // cpu | cuda (one GPU)
+  Device::Kind device = Device::Kind::CPU;  // cpu | cuda (one GPU per rank)
   std::string precision;        // fp32 | bf16-mixed | bf16; "" = the device's default (cpu fp32, cuda bf16-mixed)
   bool activation_checkpointing = false;
   int64_t log_every = 1;

@@ -124,7 +124,7 @@ TrainResult run_training(const Recipe& r) {
   const parallel::DistEnv denv = parallel::dist_env();
   const bool multi = denv.world_size > 1;
   if (multi) {
-    if (r.device == "cuda") {
+    if (r.device == Device::Kind::CUDA) {
       // One GPU per rank, by its place on this node, before anything touches a device.
       MF_CHECK(cuda::device_count() >= denv.local_world_size, r.source, ": key 'device': cuda with ",
                denv.local_world_size, " ranks on this node, but it has ", cuda::device_count(), " GPU(s)");
@@ -136,10 +136,10 @@ TrainResult run_training(const Recipe& r) {
     MF_CHECK(r.ep_size == 1, r.source, ": key 'ep_size': ", r.ep_size, " needs as many ranks (this is one process; "
              "start it with moeforge launch --nproc-per-node N)");
   }
-  MF_CHECK(r.zero_stage == 1 || r.device == "cuda", r.source, ": key 'zero_stage': ", r.zero_stage,
+  MF_CHECK(r.zero_stage == 1 || r.device == Device::Kind::CUDA, r.source, ": key 'zero_stage': ", r.zero_stage,
            " shards parameters over GPUs (device: cuda); the CPU ranks keep whole copies");
   MF_CHECK(fs::is_directory(r.model), r.source, ": key 'model': folder ", r.model, " does not exist");
-  MF_CHECK(r.device != "cuda" || cuda::available(), r.source,
+  MF_CHECK(r.device != Device::Kind::CUDA || cuda::available(), r.source,
            ": key 'device': cuda, but no CUDA device answers here (or this moeforge was built without the CUDA backend)");
   MF_CHECK(fs::exists(r.data) || r.data.find_first_of("*?[") != std::string::npos, r.source, ": key 'data': ",
            r.data, " does not exist");
@@ -181,7 +181,7 @@ TrainResult run_training(const Recipe& r) {
   const std::string recipe_hash = hash_text(recipe_text);
   // Every rank joins (with the same recipe) before rank 0 touches the output folder.
   std::unique_ptr<RankGroups> groups;
-  if (multi) groups = join_ranks(denv, r.ep_size, cfg.num_experts, recipe_hash, r.source, r.device == "cuda");
+  if (multi) groups = join_ranks(denv, r.ep_size, cfg.num_experts, recipe_hash, r.source, r.device == Device::Kind::CUDA);
   const bool main_rank = !groups || groups->is_main();
   // The weights, before the output folder is touched: under several ranks each reads (and later
   // holds, updates and writes) only its shard of the experts.
@@ -209,7 +209,7 @@ TrainResult run_training(const Recipe& r) {
   st.recipe_hash = recipe_hash;
   // A checkpoint from any world size is resharded on load.
   // On a GPU the moments live on the device: host ones exist only to resume from and to write.
-  AdamW opt(model.params(), r.optimizer, /*allocate_state=*/r.device != "cuda");
+  AdamW opt(model.params(), r.optimizer, /*allocate_state=*/r.device != Device::Kind::CUDA);
   if (!resume_from.empty()) {
     const TrainerState saved = load_checkpoint(resume_from, model, opt);
     if (saved.seed != r.seed) log::warn("resuming with seed ", r.seed, " but the checkpoint used ", saved.seed);
@@ -219,7 +219,7 @@ TrainResult run_training(const Recipe& r) {
   const std::vector<bool> sharded = models::expert_sharded_params(model, par);
   // After a resume has loaded the host state, so a GPU backend uploads what was restored.
   const RankShare share = multi ? RankShare{groups.get(), &sharded, r.zero_stage == 3} : RankShare{};
-  std::unique_ptr<StepBackend> backend = r.device == "cuda" ? make_gpu_backend(model, opt, r.precision, share)
+  std::unique_ptr<StepBackend> backend = r.device == Device::Kind::CUDA ? make_gpu_backend(model, opt, r.precision, share)
                                                             : make_cpu_backend(model, opt, share);
 
   const auto& ds = data.stats();
@@ -237,7 +237,7 @@ TrainResult run_training(const Recipe& r) {
   if (multi) intro << "\nranks: " << denv.world_size << " (" << denv.source << "), ep_size " << r.ep_size << ": "
                      << cfg.num_experts / r.ep_size << " experts and " << r.micro_batch / denv.world_size
                      << " rows of each micro-batch per rank"
-                     << (r.device == "cuda" ? (r.zero_stage == 3 ? "; ZeRO-3: dense weights, gradients and AdamW moments split"
+                     << (r.device == Device::Kind::CUDA ? (r.zero_stage == 3 ? "; ZeRO-3: dense weights, gradients and AdamW moments split"
                                                                   : "; ZeRO-1: dense AdamW moments split")
                                             : "");
   // metrics.jsonl keeps only the steps before the resume point.
