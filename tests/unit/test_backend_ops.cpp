@@ -446,6 +446,9 @@ std::vector<OpCase> cases() {
   return c;
 }
 
+// gtest prints a failing case by its name, not its bytes.
+void PrintTo(const OpCase& c, std::ostream* os) { *os << c.name; }
+
 class BackendOps : public ::testing::TestWithParam<OpCase> {};
 class BackendOpsDirect : public ::testing::TestWithParam<OpCase> {};
 
