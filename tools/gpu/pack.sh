@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 build=${1:-build}
 stage=.gpu_check/stage
 rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/lib" "$stage/configs"
-for b in tests/test_cuda_ops tests/test_cuda_model tests/test_cuda_training tests/test_cuda_dist moeforge cuda_ops_bench; do
+for b in tests/test_backend_ops tests/test_cuda_ops tests/test_cuda_model tests/test_cuda_training tests/test_cuda_dist moeforge cuda_ops_bench; do
   if [ -f "$build/$b" ]; then cp "$build/$b" "$stage/bin/" && strip "$stage/bin/$(basename "$b")"; fi
 done
 [ -f "$stage/bin/moeforge" ] || { echo "pack: $build/moeforge not found (build with the CUDA backend first)" >&2; exit 1; }

@@ -22,7 +22,7 @@ export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off on the shared machines
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 case "${1:-tests}" in
   tests)
-    for t in test_cuda_dist test_cuda_ops test_cuda_training test_cuda_model; do
+    for t in test_backend_ops test_cuda_dist test_cuda_ops test_cuda_training test_cuda_model; do
       timeout 300 "$P/bin/$t" > "$OUT/$t.log" 2>&1; echo "$t rc=$?" >> "$OUT/summary.txt"
       grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$OUT/$t.log" >> "$OUT/summary.txt"
     done
