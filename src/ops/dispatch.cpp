@@ -21,7 +21,7 @@ bool on_device(const Tensor& t) { return !t.device().is_cpu(); }
 template <typename... Ts>
 bool same_device(const char* op, const Tensor& first, const Ts&... rest) {
   const Device d = first.device();
-  auto check = [&](const Tensor& t) {
+  [[maybe_unused]] auto check = [&](const Tensor& t) {  // unused when the op has one tensor
     MF_CHECK(!t.defined() || t.device() == d, op, ": its tensors are on ", d.str(), " and ", t.device().str());
   };
   (check(rest), ...);

@@ -58,6 +58,23 @@ TEST(TokenizerBadInput, UnsupportedModelTypeAndMalformedFiles) {
   }
 }
 
+// An id the JSON parser keeps as a float (beyond int64), or a fractional one, is refused naming the
+// file and field; converting it was undefined behaviour (found by fuzz_tokenizer_json).
+TEST(TokenizerBadInput, TokenIdsThatAreNotIntegersInRangeAreOneClearError) {
+  test::TempDir dir;
+  const std::string bpe = R"("model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]})";
+  for (const char* id : {"9999999999999999999999999999994", "1.5", "-3", "4294967296"}) {
+    test::write_bytes(dir / "tokenizer.json",
+                      "{" + bpe + R"(, "added_tokens": [{"id": )" + id + R"(, "content": "<x>", "special": true}]})");
+    const std::string err = test::error_of([&] { hf::Tokenizer::load(dir.path.string()); });
+    EXPECT_NE(err.find("tokenizer.json: added_tokens[].id"), std::string::npos) << id << ": " << err;
+  }
+  test::write_bytes(dir / "tokenizer.json", "{" + bpe + R"(, "post_processor": {"type": "BertProcessing",
+                    "cls": ["[CLS]", 1e31], "sep": ["[SEP]", 2]}})");
+  const std::string err = test::error_of([&] { hf::Tokenizer::load(dir.path.string()); });
+  EXPECT_NE(err.find("post_processor BertProcessing.cls must be an integer token id"), std::string::npos) << err;
+}
+
 TEST(TokenizerBadInput, UnknownSpecialTokens) {
   test::TempDir dir;
   // A post-processor template that names a special token it does not define.

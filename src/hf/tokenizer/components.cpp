@@ -4,6 +4,14 @@
 
 namespace moeforge::hf::tok {
 
+int64_t token_id(const nlohmann::json& v, const std::string& what) {
+  MF_CHECK(v.is_number_integer(), what, " must be an integer token id, got ", v.dump());
+  MF_CHECK(v.is_number_unsigned() ? v.get<uint64_t>() < (1ull << 31) : (v.get<int64_t>() >= 0 && v.get<int64_t>() < (1ll << 31)),
+           what, " is a token id out of range: ", v.dump());
+  return v.get<int64_t>();
+}
+
+
 namespace {
 
 std::string type_of(const json& j, const std::string& where) {
@@ -563,9 +571,9 @@ std::unique_ptr<PostProcessor> make_post_processor(const json& j, const std::str
   if (t == "RobertaProcessing" || t == "BertProcessing") {
     auto p = std::make_unique<ClsSep>();
     p->cls = j.at("cls")[0].get<std::string>();
-    p->cls_id = j.at("cls")[1].get<int64_t>();
+    p->cls_id = token_id(j.at("cls")[1], where + ": post_processor " + t + ".cls");
     p->sep = j.at("sep")[0].get<std::string>();
-    p->sep_id = j.at("sep")[1].get<int64_t>();
+    p->sep_id = token_id(j.at("sep")[1], where + ": post_processor " + t + ".sep");
     return p;
   }
   MF_THROW(where, ": post_processor type '", t, "' is not supported");

@@ -10,6 +10,10 @@
 
 namespace moeforge::hf::tok {
 
+// A token id from tokenizer.json: an integer JSON number in [0, 2^31) (a float, or an integer
+// beyond int64 that the JSON parser kept as a float, is an error naming `what`, never a conversion).
+int64_t token_id(const nlohmann::json& v, const std::string& what);
+
 using json = nlohmann::json;
 
 // A span of text between added tokens, split further by pre-tokenizers.

@@ -69,7 +69,7 @@ Tokenizer Tokenizer::from_json(const nlohmann::json& j, const std::string& file)
     for (const auto& a : j["added_tokens"]) {
       AddedToken at;
       try {
-        at.id = a.at("id").get<int64_t>();
+        at.id = tok::token_id(a.at("id"), file + ": added_tokens[].id");
         at.content = a.at("content").get<std::string>();
         at.special = a.value("special", false);
         at.lstrip = a.value("lstrip", false);
