@@ -481,7 +481,7 @@ class DecoderGpu : public GpuModel {
                                   moe.grouped->n_group, moe.grouped->topk_group,
                                   moe.top_k, moe.norm_topk_prob, moe.grouped->scaling, c.probs, c.weights, c.chosen, forced);
     else
-      cuda::router_softmax_topk(logits, moe.top_k, renormalised(moe), c.probs, c.weights, c.chosen, forced);
+      cuda::router_softmax_topk(logits, moe.top_k, moe.renormalised(), c.probs, c.weights, c.chosen, forced);
     if (!replay) bt.chosen_record[l] = c.chosen;
     // The pairs in token chunks (one without expert parallelism): every chunk's rows start
     // travelling, then each chunk's experts run while later chunks' rows travel and earlier
@@ -583,10 +583,6 @@ class DecoderGpu : public GpuModel {
     Tensor rows = whole.slice0(ch.t0, ch.tc);
     cuda::convert(part, rows);
   }
-
-  // GPT-OSS's routing weights, the softmax of the top-k logits, are the chosen probabilities
-  // renormalised: the same kernel as norm_topk_prob.
-  static bool renormalised(const nn::SparseMoE& moe) { return moe.norm_topk_prob || moe.gpt_oss.has_value(); }
 
   Tensor expert_activation(const nn::SparseMoE& moe, const Tensor& gu) const {
     return moe.gpt_oss ? cuda::clamped_swiglu(gu, moe.gpt_oss->alpha, moe.gpt_oss->limit) : cuda::swiglu(gu);
@@ -782,7 +778,7 @@ class DecoderGpu : public GpuModel {
     // Router.
     Tensor d_logits = moe.grouped ? cuda::grouped_sigmoid_route_backward(c.probs, c.chosen, d_weights, moe.norm_topk_prob,
                                                                          moe.grouped->scaling, dt_)
-                                  : cuda::router_backward(c.probs, c.chosen, c.weights, d_weights, renormalised(moe),
+                                  : cuda::router_backward(c.probs, c.chosen, c.weights, d_weights, moe.renormalised(),
                                                           dt_, dprobs_aux);
     cuda::gemm(d_logits, false, value(moe.router), false, d_n2, /*accumulate=*/true);
     cuda::gemm(d_logits, true, c.n2, false, params_.grad(moe.router), true);

@@ -260,7 +260,6 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
   const int64_t t = x.size(0);
   Tensor logits = ops::linear(x, ps.at(router));
   if (router_bias) ops::add_bias_rows(logits, ps.at(*router_bias));
-  if (router_out) router_out->logits = logits.clone();
   if (forced)
     MF_CHECK(forced->shape() == Shape({t, top_k}) && forced->dtype() == DType::I64, "forced routing must be I64 [", t,
              ", ", top_k, "], got ", shape_str(forced->shape()));
@@ -272,7 +271,10 @@ Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* rout
                                norm_topk_prob, grouped->scaling, probs, weights, chosen, forced);
   else
     ops::router_softmax_topk(logits, top_k, renormalised(), probs, weights, chosen, forced);
-  if (router_out) router_out->chosen = chosen;
+  if (router_out) {
+    if (!grouped) router_out->probs = probs;
+    router_out->chosen = chosen;
+  }
   // The pairs grouped by global expert (hence by the rank holding it) go to their experts' ranks
   // (here, with one rank), the local experts run on their rows as grouped GEMMs, and the outputs
   // come back to be summed with their weights.
@@ -360,8 +362,8 @@ struct RoutingStats {
 RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, parallel::Communicator* dp) {
   RoutingStats st{std::vector<double>(experts, 0.0), std::vector<double>(experts, 0.0), 0};
   for (const auto& r : routers) {
-    Tensor p, w, idx;  // the softmax of the logits (the router's own probabilities)
-    ops::router_softmax_topk(r.logits, 1, false, p, w, idx);
+    const Tensor& p = r.probs;
+    MF_CHECK(p.defined(), "internal: the load-balancing loss needs a softmax router's probabilities");
     const int64_t t = p.size(0), k = r.chosen.size(1);
     for (int64_t i = 0; i < t; ++i) {
       for (int64_t e = 0; e < experts; ++e) st.prob[e] += p.f32()[i * experts + e];

@@ -148,12 +148,13 @@ struct SparseMoE {
   // Whether the routing weights are renormalised over the chosen experts (GPT-OSS's softmax over
   // its top-k logits is the top-k of the softmax, renormalised).
   bool renormalised() const { return norm_topk_prob || gpt_oss.has_value(); }
-  // x [T, H] -> [T, H]. `router` receives the logits [T, E] and the chosen experts [T, k] for the
-  // load-balancing loss. `forced` [T, k]
-  // (I64), when given, replaces the top-k choice of experts (replayed or balanced routing); the
-  // routing weights are still the router's probabilities at those experts, so gradients flow.
+  // x [T, H] -> [T, H]. `router` receives the router's softmax probabilities [T, E] (the
+  // load-balancing loss's input; none from DeepSeek-V3's sigmoid router, which has no such loss)
+  // and the chosen experts [T, k]. `forced` [T, k] (I64), when given, replaces the top-k choice of
+  // experts (replayed or balanced routing); the routing weights are still the router's
+  // probabilities at those experts, so gradients flow.
   struct RouterOut {
-    Tensor logits, chosen;
+    Tensor probs, chosen;
   };
   Tensor forward(const ParamStore& ps, const Tensor& x, RouterOut* router, Cache* cache = nullptr,
                  const Tensor* forced = nullptr) const;
@@ -164,7 +165,7 @@ struct SparseMoE {
 };
 
 // Switch-Transformer load-balancing loss as Transformers computes it over all MoE layers' router
-// logits (concatenated), with no attention mask: E * sum_e(fraction routed to e * mean prob of e).
+// probabilities (concatenated), with no attention mask: E * sum_e(fraction routed to e * mean prob of e).
 // The routed fractions count the experts each layer chose (Transformers recomputes the same top-k
 // from the same softmax; taking the layers' choice keeps replayed routing consistent).
 // `dp`, when given, is the group whose ranks split the batch: the statistics are summed over it, so

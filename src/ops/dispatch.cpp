@@ -350,32 +350,36 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
 }
 
 namespace {
-const Tensor& first_param(const std::vector<AdamWTensors>& t) {
-  static const Tensor none;
-  return t.empty() ? none : t.front().param;
-}
-const Tensor& first(const std::vector<Tensor>& t) {
-  static const Tensor none;
-  return t.empty() ? none : t.front();
+// Whether a list of tensors lives on the device (all where the first is; an empty list: the host).
+bool list_on_device(const char* op, const std::vector<Tensor>& ts) {
+  for (const Tensor& t : ts) same_device(op, ts.front(), t);
+  return !ts.empty() && on_device(ts.front());
 }
 }  // namespace
 
 void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWScalars& scalars) {
+  [[maybe_unused]] bool dev = false;
   for (const AdamWTensors& t : tensors)
-    same_device("adamw", first_param(tensors), t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.param_bf16_copy);
-  MF_ON_CUDA("adamw", first_param(tensors), cuda::adamw_multi_tensor(tensors, scalars));
+    dev = same_device("adamw", tensors.front().param, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.param_bf16_copy);
+#ifdef MOEFORGE_HAVE_CUDA
+  if (dev) return cuda::adamw_multi_tensor(tensors, scalars);
+#endif
   cpu::adamw_multi_tensor(tensors, scalars);
 }
 
 double global_grad_norm(const std::vector<Tensor>& grads) {
-  for (const Tensor& g : grads) same_device("global_grad_norm", first(grads), g);
-  MF_ON_CUDA("global_grad_norm", first(grads), cuda::global_grad_norm(grads));
+  [[maybe_unused]] const bool dev = list_on_device("global_grad_norm", grads);
+#ifdef MOEFORGE_HAVE_CUDA
+  if (dev) return cuda::global_grad_norm(grads);
+#endif
   return cpu::global_grad_norm(grads);
 }
 
 void scale_inplace(const std::vector<Tensor>& tensors, float factor) {
-  for (const Tensor& t : tensors) same_device("scale_inplace", first(tensors), t);
-  MF_ON_CUDA("scale_inplace", first(tensors), cuda::scale_inplace(tensors, factor));
+  [[maybe_unused]] const bool dev = list_on_device("scale_inplace", tensors);
+#ifdef MOEFORGE_HAVE_CUDA
+  if (dev) return cuda::scale_inplace(tensors, factor);
+#endif
   cpu::scale_inplace(tensors, factor);
 }
 

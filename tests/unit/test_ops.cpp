@@ -15,7 +15,7 @@ using test::random_tensor;
 TEST(Ops, MatmulNtMatchesNaive) {
   for (auto [m, n, k] : {std::tuple{1, 1, 1}, {7, 5, 3}, {33, 65, 70}, {130, 17, 257}}) {
     Tensor a = random_tensor({m, k}, 1), b = random_tensor({n, k}, 2), c = Tensor::empty({m, n}, DType::F32);
-    ops::cpu::matmul_nt(a, b, c);
+    ops::gemm(a, false, b, true, c);
     for (int i = 0; i < m; ++i)
       for (int j = 0; j < n; ++j) {
         double s = 0;
@@ -28,8 +28,8 @@ TEST(Ops, MatmulNtMatchesNaive) {
 TEST(Ops, MatmulAcceptsBf16Weights) {
   Tensor a = random_tensor({4, 8}, 3), b = random_tensor({5, 8}, 4, 1.f, DType::BF16);
   Tensor c1 = Tensor::empty({4, 5}, DType::F32), c2 = Tensor::empty({4, 5}, DType::F32);
-  ops::cpu::matmul_nt(a, b, c1);
-  ops::cpu::matmul_nt(a, b.to(DType::F32), c2);
+  ops::gemm(a, false, b, true, c1);
+  ops::gemm(a, false, b.to(DType::F32), true, c2);
   EXPECT_EQ(test::max_abs_diff(c1, c2), 0.f);
 }
 

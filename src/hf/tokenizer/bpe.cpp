@@ -3,6 +3,7 @@
 #include <queue>
 
 #include "core/error.h"
+#include "hf/tokenizer/components.h"
 #include "hf/tokenizer/text.h"
 
 namespace moeforge::hf::tok {
@@ -10,9 +11,7 @@ namespace moeforge::hf::tok {
 Bpe::Bpe(const nlohmann::json& m, const std::string& where) {
   MF_CHECK(m.contains("vocab") && m["vocab"].is_object(), where, ": model.vocab must be an object");
   for (auto it = m["vocab"].begin(); it != m["vocab"].end(); ++it) {
-    MF_CHECK(it.value().is_number_integer(), where, ": model.vocab['", it.key(), "'] must be an integer id");
-    const int64_t id = it.value().get<int64_t>();
-    MF_CHECK(id >= 0 && id < (1ll << 31), where, ": model.vocab['", it.key(), "'] has id ", id, " out of range");
+    const int64_t id = token_id(it.value(), where + ": model.vocab['" + it.key() + "']");
     vocab_[it.key()] = id;
     if (static_cast<int64_t>(id_to_token_.size()) <= id) id_to_token_.resize(static_cast<size_t>(id) + 1);
     id_to_token_[id] = it.key();

@@ -203,7 +203,7 @@ ForwardOutputs Decoder::forward(const ForwardInputs& in) const {
   for (size_t l = 0; l < main_layers_; ++l) {
     nn::SparseMoE::RouterOut r;
     x = layer_forward(l, x, bt, nullptr, cfg_.output_router_logits ? &r : nullptr);
-    if (r.logits.defined()) routers.push_back(r);
+    if (r.chosen.defined()) routers.push_back(r);
   }
   x = final_norm_.forward(params_, x);
   ForwardOutputs out;
@@ -248,7 +248,7 @@ TrainStepResult Decoder::forward_backward(const ForwardInputs& in, const TrainSt
   // Load-balancing loss: its gradient on every MoE layer's router probabilities.
   std::vector<nn::SparseMoE::RouterOut> moe_routers;
   for (auto& r : routers)
-    if (r.logits.defined()) moe_routers.push_back(r);
+    if (r.chosen.defined()) moe_routers.push_back(r);
   Tensor dprobs_aux;
   if (cfg_.output_router_logits && !moe_routers.empty()) {
     res.aux_loss = nn::load_balancing_loss(moe_routers, cfg_.num_experts, par_.world);
@@ -267,7 +267,7 @@ TrainStepResult Decoder::forward_backward(const ForwardInputs& in, const TrainSt
       Tensor x_in = caches[l].x_in;
       layer_forward(l, x_in, bt, &caches[l], nullptr);
     }
-    const Tensor* extra = routers[l].logits.defined() && dprobs_aux.defined() ? &dprobs_aux : nullptr;
+    const Tensor* extra = routers[l].chosen.defined() && dprobs_aux.defined() ? &dprobs_aux : nullptr;
     dx = layer_backward(l, caches[l], bt, dx, extra);
     caches[l] = LayerCache();
   }

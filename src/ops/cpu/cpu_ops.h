@@ -11,11 +11,13 @@
 
 namespace moeforge::ops::cpu {
 
+// The tensor itself when F32, else a widened copy (BF16 weights are widened exactly).
+inline Tensor as_f32(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); }
+
 // Raw fp32 GEMM: C = alpha * op(A) op(B) + beta * C, row-major (OpenBLAS or a blocked fallback).
 void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
               const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, bool accumulate);
-void matmul_nt(const Tensor& a, const Tensor& b, Tensor& c, bool accumulate = false);
 Tensor linear(const Tensor& x, const Tensor& weight);
 void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw);
 Tensor linear_input_grad(const Tensor& dy, const Tensor& weight);

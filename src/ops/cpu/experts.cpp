@@ -11,18 +11,20 @@ namespace moeforge::ops::cpu {
 
 namespace {
 
-void check_offsets(const std::vector<int64_t>& offsets, int64_t experts, int64_t rows, const char* op) {
+// Checks `offsets` ([E+1], from 0 to `rows`, not decreasing) and calls fn(e, first_row, rows_of_e)
+// for every expert that has rows.
+template <typename Fn>
+void for_each_expert(const std::vector<int64_t>& offsets, int64_t experts, int64_t rows, const char* op, Fn fn) {
   MF_CHECK(static_cast<int64_t>(offsets.size()) == experts + 1 && offsets.front() == 0 && offsets.back() == rows, op,
            ": ", offsets.size(), " offsets for ", experts, " experts and ", rows, " rows");
   for (int64_t e = 0; e < experts; ++e)
     MF_CHECK(offsets[e] <= offsets[e + 1], op, ": offsets decrease at expert ", e);
+  for (int64_t e = 0; e < experts; ++e)
+    if (offsets[e + 1] > offsets[e]) fn(e, offsets[e], offsets[e + 1] - offsets[e]);
 }
 
-// Expert e's [N, K] slice of a [E, N, K] weight, widened to F32.
-Tensor expert_f32(const Tensor& w, int64_t e) {
-  Tensor s = w.slice0(e, 1).view({w.size(1), w.size(2)});
-  return s.dtype() == DType::F32 ? s : s.to(DType::F32);
-}
+// Expert e's [N, K] matrix of a [E, N, K] tensor (a view).
+Tensor expert_matrix(const Tensor& w, int64_t e) { return w.slice0(e, 1).view({w.size(1), w.size(2)}); }
 
 void check_plan(const RoutingPlan& p, int64_t tokens, const char* op) {
   MF_CHECK(p.dest_row.dtype() == DType::I64 && p.dest_row.numel() == tokens * p.top_k, op, ": the routing plan has ",
@@ -33,74 +35,55 @@ void check_plan(const RoutingPlan& p, int64_t tokens, const char* op) {
 
 void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y) {
   MF_CHECK(x.dim() == 2 && w.dim() == 3 && y.dim() == 2, "grouped_linear: expected x [R,K], w [E,N,K], y [R,N]");
-  const int64_t experts = w.size(0), n = w.size(1), k = w.size(2), rows = x.size(0);
-  MF_CHECK(x.size(1) == k && y.size(0) == rows && y.size(1) == n, "grouped_linear: x ", shape_str(x.shape()), ", w ",
-           shape_str(w.shape()), " and y ", shape_str(y.shape()), " do not agree");
-  check_offsets(offsets, experts, rows, "grouped_linear");
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t r = offsets[e + 1] - offsets[e];
-    if (r == 0) continue;
-    const Tensor we = expert_f32(w, e);
-    gemm_f32(false, true, r, n, k, 1.f, x.f32() + offsets[e] * k, k, we.f32(), k, 0.f, y.f32() + offsets[e] * n, n);
-  }
+  MF_CHECK(x.size(1) == w.size(2) && y.size(0) == x.size(0) && y.size(1) == w.size(1), "grouped_linear: x ",
+           shape_str(x.shape()), ", w ", shape_str(w.shape()), " and y ", shape_str(y.shape()), " do not agree");
+  for_each_expert(offsets, w.size(0), x.size(0), "grouped_linear", [&](int64_t e, int64_t r0, int64_t r) {
+    Tensor ye = y.slice0(r0, r);
+    gemm(x.slice0(r0, r), false, expert_matrix(w, e), true, ye, false);
+  });
 }
 
 void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& dx) {
   MF_CHECK(dy.dim() == 2 && w.dim() == 3 && dx.dim() == 2, "grouped_linear_input_grad: expected dy [R,N], w [E,N,K]");
-  const int64_t experts = w.size(0), n = w.size(1), k = w.size(2), rows = dy.size(0);
-  MF_CHECK(dy.size(1) == n && dx.size(0) == rows && dx.size(1) == k, "grouped_linear_input_grad: shapes");
-  check_offsets(offsets, experts, rows, "grouped_linear_input_grad");
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t r = offsets[e + 1] - offsets[e];
-    if (r == 0) continue;
-    const Tensor we = expert_f32(w, e);
-    gemm_f32(false, false, r, k, n, 1.f, dy.f32() + offsets[e] * n, n, we.f32(), k, 0.f, dx.f32() + offsets[e] * k, k);
-  }
+  MF_CHECK(dy.size(1) == w.size(1) && dx.size(0) == dy.size(0) && dx.size(1) == w.size(2),
+           "grouped_linear_input_grad: shapes");
+  for_each_expert(offsets, w.size(0), dy.size(0), "grouped_linear_input_grad", [&](int64_t e, int64_t r0, int64_t r) {
+    Tensor dxe = dx.slice0(r0, r);
+    gemm(dy.slice0(r0, r), false, expert_matrix(w, e), false, dxe, false);
+  });
 }
 
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
                                 bool accumulate) {
   MF_CHECK(dy.dim() == 2 && x.dim() == 2 && dw.dim() == 3, "grouped_linear_weight_grad: expected dW [E,N,K]");
-  const int64_t experts = dw.size(0), n = dw.size(1), k = dw.size(2), rows = dy.size(0);
-  MF_CHECK(dy.size(1) == n && x.size(0) == rows && x.size(1) == k, "grouped_linear_weight_grad: shapes");
-  check_offsets(offsets, experts, rows, "grouped_linear_weight_grad");
-  // Accumulated in F32 whatever dW's dtype (BF16 gradients are rounded once, after the sum).
-  Tensor acc = dw.dtype() == DType::F32 ? dw : (accumulate ? dw.to(DType::F32) : Tensor::zeros(dw.shape(), DType::F32));
-  for (int64_t e = 0; e < experts; ++e) {
-    const int64_t r = offsets[e + 1] - offsets[e];
-    float* de = acc.f32() + e * n * k;
-    if (r == 0) {
-      if (!accumulate) std::memset(de, 0, static_cast<size_t>(n * k) * sizeof(float));
-      continue;
-    }
-    gemm_f32(true, false, n, k, r, 1.f, dy.f32() + offsets[e] * n, n, x.f32() + offsets[e] * k, k,
-             accumulate ? 1.f : 0.f, de, k);
-  }
+  MF_CHECK(dy.size(1) == dw.size(1) && x.size(0) == dy.size(0) && x.size(1) == dw.size(2),
+           "grouped_linear_weight_grad: shapes");
+  // Summed in F32 whatever dW's dtype (BF16 gradients are rounded once, after the sum); without
+  // `accumulate` every expert starts from zero, so experts without rows end with a zero gradient.
+  Tensor acc = accumulate ? as_f32(dw) : Tensor::zeros(dw.shape(), DType::F32);
+  for_each_expert(offsets, dw.size(0), dy.size(0), "grouped_linear_weight_grad", [&](int64_t e, int64_t r0, int64_t r) {
+    Tensor de = expert_matrix(acc, e);
+    gemm(dy.slice0(r0, r), true, x.slice0(r0, r), false, de, true);
+  });
   if (acc.raw() != dw.raw()) convert_elements(acc.raw(), DType::F32, dw.raw(), dw.dtype(), dw.numel());
 }
 
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets) {
-  const int64_t experts = bias.size(0), n = bias.size(1);
-  MF_CHECK(y.dim() == 2 && y.size(1) == n, "grouped_add_bias: y ", shape_str(y.shape()), " for a bias ",
-           shape_str(bias.shape()));
-  check_offsets(offsets, experts, y.size(0), "grouped_add_bias");
-  for (int64_t e = 0; e < experts; ++e)
-    if (offsets[e + 1] > offsets[e]) {
-      Tensor rows = y.slice0(offsets[e], offsets[e + 1] - offsets[e]);
-      add_bias_rows(rows, bias.slice0(e, 1).view({n}));
-    }
+  MF_CHECK(y.dim() == 2 && bias.dim() == 2 && y.size(1) == bias.size(1), "grouped_add_bias: y ", shape_str(y.shape()),
+           " for a bias ", shape_str(bias.shape()));
+  for_each_expert(offsets, bias.size(0), y.size(0), "grouped_add_bias", [&](int64_t e, int64_t r0, int64_t r) {
+    Tensor rows = y.slice0(r0, r);
+    add_bias_rows(rows, bias.slice0(e, 1).view({bias.size(1)}));
+  });
 }
 
 void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db) {
-  const int64_t experts = db.size(0), n = db.size(1);
-  MF_CHECK(dy.dim() == 2 && dy.size(1) == n, "grouped_bias_grad: dy ", shape_str(dy.shape()), " for db ",
-           shape_str(db.shape()));
-  check_offsets(offsets, experts, dy.size(0), "grouped_bias_grad");
-  for (int64_t e = 0; e < experts; ++e)
-    if (offsets[e + 1] > offsets[e]) {
-      Tensor g = db.slice0(e, 1).view({n});
-      bias_grad(dy.slice0(offsets[e], offsets[e + 1] - offsets[e]), g);
-    }
+  MF_CHECK(dy.dim() == 2 && db.dim() == 2 && dy.size(1) == db.size(1), "grouped_bias_grad: dy ", shape_str(dy.shape()),
+           " for db ", shape_str(db.shape()));
+  for_each_expert(offsets, db.size(0), dy.size(0), "grouped_bias_grad", [&](int64_t e, int64_t r0, int64_t r) {
+    Tensor g = db.slice0(e, 1).view({db.size(1)});
+    bias_grad(dy.slice0(r0, r), g);
+  });
 }
 
 RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts) {

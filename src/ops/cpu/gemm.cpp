@@ -64,16 +64,6 @@ void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float
 #endif
 }
 
-void matmul_nt(const Tensor& a, const Tensor& b, Tensor& c, bool accumulate) {
-  MF_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "matmul_nt: expected 2-D operands, got ", shape_str(a.shape()),
-           " x ", shape_str(b.shape()));
-  const int64_t m = a.size(0), k = a.size(1), n = b.size(0);
-  MF_CHECK(b.size(1) == k && c.size(0) == m && c.size(1) == n, "matmul_nt: shapes ", shape_str(a.shape()), " x ",
-           shape_str(b.shape()), "^T -> ", shape_str(c.shape()), " do not agree");
-  Tensor bf = b.dtype() == DType::F32 ? b : b.to(DType::F32);
-  gemm_f32(false, true, m, n, k, 1.f, a.f32(), k, bf.f32(), k, accumulate ? 1.f : 0.f, c.f32(), n);
-}
-
 void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, bool accumulate) {
   MF_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2, "gemm: expected 2-D operands");
   const int64_t m = trans_a ? a.size(1) : a.size(0), k = trans_a ? a.size(0) : a.size(1);
@@ -81,8 +71,7 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& 
   MF_CHECK((trans_b ? b.size(1) : b.size(0)) == k && c.size(0) == m && c.size(1) == n, "gemm: ",
            shape_str(a.shape()), (trans_a ? "^T" : ""), " x ", shape_str(b.shape()), (trans_b ? "^T" : ""), " -> ",
            shape_str(c.shape()), " do not agree");
-  const Tensor af = a.dtype() == DType::F32 ? a : a.to(DType::F32);
-  const Tensor bf = b.dtype() == DType::F32 ? b : b.to(DType::F32);
+  const Tensor af = as_f32(a), bf = as_f32(b);
   gemm_f32(trans_a, trans_b, m, n, k, 1.f, af.f32(), a.size(1), bf.f32(), b.size(1), accumulate ? 1.f : 0.f, c.f32(), n);
 }
 
@@ -93,7 +82,7 @@ Tensor linear(const Tensor& x, const Tensor& weight) {
   Tensor out = Tensor::empty(out_shape, DType::F32);
   Tensor x2 = x.view({-1, k});
   Tensor o2 = out.view({-1, weight.size(0)});
-  matmul_nt(x2, weight, o2);
+  gemm(x2, false, weight, true, o2, /*accumulate=*/false);
   return out;
 }
 

@@ -8,8 +8,7 @@
 namespace moeforge::ops::cpu {
 
 namespace {
-// A tensor's values as F32 to compute with, and how to write them back into its own dtype.
-Tensor widened(const Tensor& t) { return t.dtype() == DType::F32 ? t : t.to(DType::F32); }
+// Writes F32 values computed from as_f32(dst) back into dst's own dtype (nothing when they are dst).
 void store(const Tensor& f32, const Tensor& dst) {
   if (f32.raw() != dst.raw()) convert_elements(f32.raw(), DType::F32, dst.raw(), dst.dtype(), dst.numel());
 }
@@ -20,7 +19,7 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
     const int64_t n = t.param.numel();
     MF_CHECK(t.grad.numel() == n && t.exp_avg.numel() == n && t.exp_avg_sq.numel() == n,
              "adamw: a parameter of ", n, " values has a gradient or moments of another size");
-    Tensor w = widened(t.param), g = widened(t.grad), m = widened(t.exp_avg), v = widened(t.exp_avg_sq);
+    Tensor w = as_f32(t.param), g = as_f32(t.grad), m = as_f32(t.exp_avg), v = as_f32(t.exp_avg_sq);
     float* wp = w.f32();
     const float* gp = g.f32();
     float* mp = m.f32();
@@ -37,7 +36,7 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
 double global_grad_norm(const std::vector<Tensor>& grads) {
   double ss = 0;
   for (const Tensor& g : grads) {
-    const Tensor f = widened(g);
+    const Tensor f = as_f32(g);
     const float* p = f.f32();
     for (int64_t i = 0; i < f.numel(); ++i) ss += static_cast<double>(p[i]) * p[i];
   }
@@ -46,7 +45,7 @@ double global_grad_norm(const std::vector<Tensor>& grads) {
 
 void scale_inplace(const std::vector<Tensor>& tensors, float factor) {
   for (const Tensor& t : tensors) {
-    Tensor f = widened(t);
+    Tensor f = as_f32(t);
     for (int64_t i = 0; i < f.numel(); ++i) f.f32()[i] *= factor;
     store(f, t);
   }
