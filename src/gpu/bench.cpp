@@ -67,7 +67,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   const float init_std = cfg.raw.contains("initializer_range") && cfg.raw["initializer_range"].is_number()
                              ? cfg.raw["initializer_range"].get<float>()
                              : 0.02f;
-  const GpuParallel par = groups ? GpuParallel{groups->dev_ep.get(), groups->world_group.get()} : GpuParallel{};
+  const models::Parallel par = groups ? groups->device_parallel() : models::Parallel{};
   DeviceParams device = DeviceParams::random(model->params(), o.precision, init_std, o.seed);
   MF_CHECK(o.zero_stage == 1 || o.zero_stage == 3, "bench: --zero-stage must be 1 or 3, got ", o.zero_stage);
   const std::vector<parallel::Communicator*> copy_group =
@@ -101,10 +101,10 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   std::mt19937_64 rng(o.seed + static_cast<uint64_t>(env.rank));
   std::uniform_int_distribution<int64_t> tok(0, cfg.vocab_size - 1);
   const int64_t n = o.batch * o.seq;
-  GpuStepOptions so;
+  models::TrainStepOptions so;
   so.ce_scale = 1.f / static_cast<float>(o.batch * (o.seq - 1));
-  so.balanced_routing = o.balanced_routing;
   so.activation_checkpointing = o.activation_checkpointing;
+  models::RoutingControl balanced{models::RoutingControl::Mode::Balanced, {}};
   std::vector<double> fwd, bwd, optm, step;
   BenchResult r;
   const int64_t total = o.warmup + o.steps;
@@ -115,6 +115,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     models::ForwardInputs in;
     in.input_ids = input;
     in.labels = &input;
+    if (o.balanced_routing) in.routing = &balanced;
     const auto t0 = std::chrono::steady_clock::now();
     if (o.optimizer_in_backward) {
       opt.begin_step(o.lr);
@@ -124,7 +125,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
         gm->params().release_grads(idx);
       };
     }
-    const GpuStepResult sr = gm->forward_backward(in, so);
+    const models::TrainStepResult sr = gm->forward_backward(in, so);
     const auto t1 = std::chrono::steady_clock::now();
     if (!o.optimizer_in_backward) {
       sum_grads(every);

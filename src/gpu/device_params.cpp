@@ -9,7 +9,7 @@
 namespace moeforge::gpu {
 
 DeviceParams::DeviceParams(const nn::ParamStore& host, Precision precision) : precision_(precision) {
-  const DType dt = compute_dtype(precision);
+  const DType dt = gpu::compute_dtype(precision);
   for (const nn::Param& p : host.all()) {
     MF_CHECK(p.value.defined(), "parameter ", p.name, " has no value (was the checkpoint loaded?)");
     values_.push_back(cuda::to_device(p.value, dt));
@@ -21,7 +21,7 @@ DeviceParams::DeviceParams(const nn::ParamStore& host, Precision precision) : pr
 
 DeviceParams DeviceParams::random(const nn::ParamStore& shapes, Precision precision, float std, uint64_t seed) {
   DeviceParams d(precision);
-  const DType dt = compute_dtype(precision);
+  const DType dt = gpu::compute_dtype(precision);
   for (const nn::Param& p : shapes.all()) {
     const bool one_dim = p.shape.size() == 1;
     Tensor v = cuda::empty(p.shape, precision == Precision::BF16Mixed ? DType::F32 : dt, "a parameter");
@@ -61,6 +61,13 @@ const Tensor& DeviceParams::value(size_t i) const {
   return v;
 }
 
+const Tensor& DeviceParams::exact(size_t i) const {
+  if (masters_.empty() || sharded(i)) return value(i);
+  return masters_.at(i).defined() ? masters_.at(i) : value(i);
+}
+
+Device DeviceParams::device() const { return Device::cuda(0); }  // one device per process (allocator.cpp)
+
 Tensor& DeviceParams::master(size_t i) {
   if (sharded(i)) return shard_masters_.at(i).defined() ? shard_masters_.at(i) : shard_values_.at(i);
   return masters_.empty() ? values_.at(i) : masters_.at(i);
@@ -71,7 +78,7 @@ Tensor& DeviceParams::grad(size_t i) {
   if (!g.defined()) {
     // 1-D parameters (norm weights, biases) keep F32 gradients: their kernels accumulate in F32.
     const Shape& shape = shapes_.at(i);
-    g = cuda::empty(shape, shape.size() == 1 ? DType::F32 : compute_dtype(precision_), "a parameter gradient");
+    g = cuda::empty(shape, shape.size() == 1 ? DType::F32 : gpu::compute_dtype(precision_), "a parameter gradient");
     cuda::zero(g);
   }
   return g;
@@ -81,7 +88,7 @@ Tensor& DeviceParams::shard_grad(size_t i) {
   MF_CHECK(sharded(i), "internal: parameter ", i, " has no block gradient (not sharded)");
   Tensor& g = shard_grads_.at(i);
   if (!g.defined()) {
-    const DType dt = shapes_.at(i).size() == 1 ? DType::F32 : compute_dtype(precision_);
+    const DType dt = shapes_.at(i).size() == 1 ? DType::F32 : gpu::compute_dtype(precision_);
     g = cuda::empty({shard_values_.at(i).numel()}, dt, "a parameter's block gradient");
     cuda::zero(g);
   }

@@ -21,7 +21,7 @@
 
 namespace moeforge::gpu {
 
-class DeviceParams {
+class DeviceParams : public nn::ParamAccess {
  public:
   DeviceParams(const nn::ParamStore& host, Precision precision);
   // Random weights on the device for the store's shapes (no host values needed): N(0, std) for
@@ -33,9 +33,13 @@ class DeviceParams {
   const Shape& shape(size_t i) const { return shapes_.at(i); }
   int64_t numel(size_t i) const { return shape_numel(shapes_.at(i)); }
   // The whole value (of a sharded parameter: only while gathered).
-  const Tensor& value(size_t i) const;
+  const Tensor& value(size_t i) const override;
   // The gradient, allocated (zeroed) on first use: F32 for 1-D parameters, the compute dtype else.
-  Tensor& grad(size_t i);
+  Tensor& grad(size_t i) override;
+  // The F32 master under bf16-mixed (whole parameters only), else the value.
+  const Tensor& exact(size_t i) const override;
+  Device device() const override;
+  DType compute_dtype() const override { return gpu::compute_dtype(precision_); }
   bool has_grad(size_t i) const { return grads_.at(i).defined(); }
   // Frees these gradients (the optimizer-in-backward path, once they have been applied).
   void release_grads(const std::vector<size_t>& indices);
@@ -65,12 +69,12 @@ class DeviceParams {
   // prefetch() starts the gather and returns (on the group's stream, overlapping the compute
   // enqueued after it). Released buffers are kept for the next gather of the same size (the next
   // layer's), a few per size, so the per-layer churn does not fragment the caching allocator.
-  void gather(const std::vector<size_t>& indices);
-  void prefetch(const std::vector<size_t>& indices);
-  void release(const std::vector<size_t>& indices);
+  void gather(const std::vector<size_t>& indices) override;
+  void prefetch(const std::vector<size_t>& indices) override;
+  void release(const std::vector<size_t>& indices) override;
   // The whole gradients of these sharded parameters summed over the group (one collective, every
   // rank passes the same list), this rank's block added to its block gradient, the whole freed.
-  void scatter_grads(const std::vector<size_t>& indices);
+  void scatter_grads(const std::vector<size_t>& indices) override;
   // A sharded parameter's block: value (compute dtype) and gradient (allocated zeroed on first use).
   Tensor& shard_value(size_t i) { return shard_values_.at(i); }
   Tensor& shard_grad(size_t i);

@@ -36,19 +36,7 @@ class GpuBackend : public StepBackend {
   }
   void zero_grad() override { gm_->params().zero_grad(); }
   models::TrainStepResult forward_backward(const models::ForwardInputs& in, const models::TrainStepOptions& o) override {
-    gpu::GpuStepOptions go;
-    go.ce_scale = o.ce_scale;
-    go.aux_scale = o.aux_scale;
-    go.activation_checkpointing = o.activation_checkpointing;
-    go.mtp_scales = o.mtp_scales;
-    const gpu::GpuStepResult r = gm_->forward_backward(in, go);
-    models::TrainStepResult out;
-    out.ce_sum = r.ce_sum;
-    out.tokens = r.tokens;
-    out.aux_loss = r.aux_loss;
-    out.mtp_ce_sums = r.mtp_ce_sums;
-    out.mtp_tokens = r.mtp_tokens;
-    return out;
+    return gm_->forward_backward(in, o);
   }
   double finish_gradients(double max_norm) override {
     if (!ranks_.groups) return opt_.clip_grad_norm(max_norm);
@@ -121,10 +109,10 @@ class GpuBackend : public StepBackend {
     return {r.groups->device_copy_groups(*r.sharded)};
   }
 
-  static gpu::GpuParallel parallel_of(const RankShare& r) {
+  static models::Parallel parallel_of(const RankShare& r) {
     if (!r.groups) return {};
     MF_CHECK(r.groups->dev_ep && r.groups->dev_world && r.groups->dev_edp, "internal: a multi-GPU run without NCCL groups");
-    return {r.groups->dev_ep.get(), r.groups->world_group.get()};
+    return r.groups->device_parallel();
   }
 
   models::CausalLM& model_;

@@ -5,6 +5,17 @@
 
 namespace moeforge::models {
 
+ForwardOutputs CausalLM::forward(const ForwardInputs& in) const {
+  // The host store is only read here (its residency hooks do nothing): the cast is for the
+  // interface's non-const hooks, which device storage needs.
+  return forward(const_cast<nn::ParamStore&>(params_), in, par_);
+}
+
+TrainStepResult CausalLM::forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) {
+  params_.ensure_grads();  // every parameter has one (zero where nothing flows, as a frozen buffer's)
+  return forward_backward(params_, in, opts, par_);
+}
+
 Tensor shifted_targets(const Tensor& labels) {
   const int64_t b = labels.size(0), s = labels.size(1);
   std::vector<int64_t> shifted(static_cast<size_t>(b * s), -100);

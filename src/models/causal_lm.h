@@ -2,6 +2,7 @@
 // to the checkpoint's names, and a forward pass that returns logits and the Transformers loss.
 #pragma once
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,16 +15,21 @@
 
 namespace moeforge::models {
 
-// Routing control for the MoE layers: Record stores each MoE layer's choice of experts, Replay uses
-// stored choices instead of the top-k (for gradient checks, and for balanced-routing benchmarks).
+// Routing control for the MoE layers (on every device): Record stores each MoE layer's choice of
+// experts; Replay uses stored choices instead of the top-k (gradient checks); Balanced sends token
+// t's slot j to expert (t*k + j) mod E, every expert getting the same rows (the benchmarks'
+// balanced routing). Under Replay and Balanced the routing weights are still the router's
+// probabilities at the experts given, so the router learns.
 struct RoutingControl {
-  enum class Mode { Record, Replay } mode = Mode::Record;
-  std::vector<Tensor> chosen;  // one [T, k] I64 tensor per MoE layer, in layer order
+  enum class Mode { Record, Replay, Balanced } mode = Mode::Record;
+  std::vector<Tensor> chosen;  // one [T, k] I64 tensor per MoE layer, in layer order (Record, Replay)
 };
 
-// How this rank takes part in a multi-rank run; all null in a single process.
+// How this rank takes part in a multi-rank run; all null in a single process. The same groups
+// over gloo (host tensors) or NCCL (device tensors): a model's layers are built for the
+// expert-parallel group's size, and a run on GPUs passes its NCCL group for the exchange.
 struct Parallel {
-  parallel::Communicator* world = nullptr;  // every rank; they split the batch (load-balancing statistics)
+  parallel::Communicator* world = nullptr;  // every rank; they split the batch (load-balancing statistics, host)
   parallel::Communicator* ep = nullptr;     // the expert-parallel group: MoE layers hold E / its size experts
 };
 
@@ -52,6 +58,15 @@ struct TrainStepOptions {
   // cross-entropy (mtp_loss_scale / depths / the depth's counted targets in the global batch).
   // Empty: the MTP layers are not run (they are kept, unchanged, for saving).
   std::vector<float> mtp_scales;
+  // Called during backward with the parameters whose gradients are complete for this micro-batch
+  // (a layer's, once its backward is done; under ZeRO-3 after they were summed into this rank's
+  // blocks): the optimizer-in-backward path applies AdamW to them and frees their gradients, so
+  // all the gradients never exist at once.
+  std::function<void(const std::vector<size_t>&)> on_grads_ready;
+  // Token chunks a MoE layer splits its expert exchange into (nn::RunContext::ep_chunks).
+  int ep_chunks = 1;
+  // Marks the end of a named phase of the step (gpu::PhaseTimes; null: not measured).
+  std::function<void(const char*)> mark_phase;
 };
 
 struct TrainStepResult {
@@ -60,15 +75,28 @@ struct TrainStepResult {
   float aux_loss = NAN;    // load-balancing loss when the config asks for it
   std::vector<double> mtp_ce_sums;   // per multi-token prediction depth run: summed cross-entropy
   std::vector<int64_t> mtp_tokens;   // and the targets it counted
+  // Wall time of the forward through the fused LM head + loss (which also produces the head's
+  // gradients), and of the rest of the backward; each ends with a device synchronisation.
+  double forward_ms = 0, backward_ms = 0;
+  // The experts each main-model MoE layer chose [T, k] I64 (on the parameters' device), in layer order.
+  std::vector<Tensor> routing;
 };
 
 class CausalLM {
  public:
-  explicit CausalLM(hf::ModelConfig cfg) : cfg_(std::move(cfg)) {}
+  explicit CausalLM(hf::ModelConfig cfg, Parallel par = {}) : cfg_(std::move(cfg)), par_(par) {}
   virtual ~CausalLM() = default;
-  virtual ForwardOutputs forward(const ForwardInputs& in) const = 0;
-  // Needs labels in `in`. Gradients accumulate (call params().zero_grad() between optimizer steps).
-  virtual TrainStepResult forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) = 0;
+  // On the parameters in `ps` (the model's own host ParamStore, or a device copy of it: the
+  // computation runs where they live, in their compute dtype), over the groups of `par`. Inputs
+  // are host tensors; logits come back as host F32.
+  virtual ForwardOutputs forward(nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const = 0;
+  // Needs labels in `in`. Gradients accumulate in `ps` (zero them between optimizer steps).
+  virtual TrainStepResult forward_backward(nn::ParamAccess& ps, const ForwardInputs& in, const TrainStepOptions& opts,
+                                           const Parallel& par) const = 0;
+  // The same on the model's own host parameters, over the groups it was built for.
+  ForwardOutputs forward(const ForwardInputs& in) const;
+  TrainStepResult forward_backward(const ForwardInputs& in, const TrainStepOptions& opts);
+  const Parallel& parallel() const { return par_; }
 
   const hf::ModelConfig& config() const { return cfg_; }
   nn::ParamStore& params() { return params_; }
@@ -84,6 +112,7 @@ class CausalLM {
 
  protected:
   hf::ModelConfig cfg_;
+  Parallel par_;
   nn::ParamStore params_;
   hf::StateDictAdapter adapter_;
 };

@@ -13,7 +13,7 @@ constexpr float kLatentNormEps = 1e-6f;  // DeepseekV3RMSNorm's default, used by
 
 // Columns [c0, c0 + n) of the rows of x viewed as [rows, width], as [rows, n].
 Tensor columns(const Tensor& x, int64_t rows, int64_t width, int64_t c0, int64_t n) {
-  Tensor out = Tensor::empty({rows, n}, DType::F32);
+  Tensor out = ops::empty({rows, n}, x.dtype(), x.device(), "latent attention columns");
   ops::copy_columns(x, width, c0, 1, out, n, 0, n);
   return out;
 }
@@ -21,14 +21,14 @@ Tensor columns(const Tensor& x, int64_t rows, int64_t width, int64_t c0, int64_t
 // x [T, n, rope] rotated by position (a new tensor); DeepSeek's interleaved pairs are de-interleaved
 // first, which is what its apply_rotary_pos_emb_interleave computes.
 Tensor rotate(const Tensor& x, const Tensor& cos, const Tensor& sin, bool interleave) {
-  Tensor y = interleave ? ops::deinterleave_pairs(x, x.size(2)) : x.clone();
+  Tensor y = interleave ? ops::deinterleave_pairs(x, x.size(2)) : ops::copy(x);
   ops::rope_inplace(y, cos, sin);
   return y;
 }
 
 // The rotation's backward: d(x) from d(rotate(x)).
 Tensor rotate_backward(const Tensor& dy, const Tensor& cos, const Tensor& sin, bool interleave) {
-  Tensor d = dy.clone();
+  Tensor d = ops::copy(dy);
   ops::rope_inplace(d, cos, sin, /*inverse=*/true);
   return interleave ? ops::interleave_pairs(d, d.size(2)) : d;
 }
@@ -71,42 +71,49 @@ void LatentAttention::init(ParamStore& ps, const std::string& prefix, int64_t hi
   o_proj.init(ps, prefix + ".o_proj", heads * v_dim, hidden, bias);
 }
 
-Tensor LatentAttention::forward(const ParamStore& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
+Tensor LatentAttention::forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
                                 const Tensor& sin, const Tensor* doc_ids, Cache* cache) const {
   const int64_t t = batch * seq, qk = nope + rope;
-  Tensor qa, qn, q;
+  Tensor qa, qn, rstd_qa, q;
   if (q_proj) {
     q = q_proj->forward(ps, x);
   } else {
     qa = q_a_proj->forward(ps, x);
-    qn = q_a_norm->forward(ps, qa);
+    qn = q_a_norm->forward(ps, qa, &rstd_qa);
     q = q_b_proj->forward(ps, qn);
   }
   const Tensor ckv = kv_a_proj.forward(ps, x);
   const Tensor latent = columns(ckv, t, kv_rank + rope, 0, kv_rank);
   const Tensor k_rope = rotate(columns(ckv, t, kv_rank + rope, kv_rank, rope).view({t, 1, rope}), cos, sin, interleave);
-  const Tensor latent_n = kv_a_norm.forward(ps, latent);
+  Tensor rstd_kv;
+  const Tensor latent_n = kv_a_norm.forward(ps, latent, &rstd_kv);
   const Tensor kvb = kv_b_proj.forward(ps, latent_n);  // [T, H * (nope + v)]
-  // Per head: q = [q_nope | rotated q_rope], k = [k_nope | the shared rotated k_rope], v.
+  // Per head: q = [q_nope | rotated q_rope] (in place), k = [k_nope | the shared rotated k_rope], v.
   const Tensor q_rope = rotate(columns(q, t * heads, qk, nope, rope).view({t, heads, rope}), cos, sin, interleave);
-  Tensor qf = q.clone(), kf = Tensor::empty({t * heads, qk}, DType::F32);
-  ops::copy_columns(q_rope, rope, 0, 1, qf, qk, nope, rope);
+  ops::copy_columns(q_rope, rope, 0, 1, q, qk, nope, rope);
+  Tensor kf = ops::empty({t * heads, qk}, kvb.dtype(), kvb.device(), "latent attention keys");
   ops::copy_columns(kvb, nope + v_dim, 0, 1, kf, qk, 0, nope);
   ops::copy_columns(k_rope, rope, 0, heads, kf, qk, nope, rope);  // the shared key, to every head
   Tensor v = columns(kvb, t * heads, nope + v_dim, nope, v_dim);
-  Tensor q4 = qf.view({batch, seq, heads, qk}), k4 = kf.view({batch, seq, heads, qk}),
+  Tensor q4 = q.view({batch, seq, heads, qk}), k4 = kf.view({batch, seq, heads, qk}),
          v4 = v.view({batch, seq, heads, v_dim});
-  Tensor o = ops::attention(q4, k4, v4, scale, std::nullopt, doc_ids).view({t, heads * v_dim});
-  if (cache) *cache = {x, qa, qn, latent, latent_n, q4, k4, v4, o};
+  Tensor lse;
+  Tensor o = ops::attention(q4, k4, v4, scale, std::nullopt, doc_ids, nullptr, cache ? &lse : nullptr)
+                 .view({t, heads * v_dim});
+  if (cache) *cache = {x, qa, qn, rstd_qa, latent, latent_n, rstd_kv, q4, k4, v4, o, lse};
   return o_proj.forward(ps, o);
 }
 
-Tensor LatentAttention::backward(ParamStore& ps, const Cache& c, int64_t batch, int64_t seq, const Tensor& cos,
+Tensor LatentAttention::backward(ParamAccess& ps, Cache& c, int64_t batch, int64_t seq, const Tensor& cos,
                                  const Tensor& sin, const Tensor* doc_ids, const Tensor& dy) const {
   const int64_t t = batch * seq, qk = nope + rope;
   Tensor d_o = o_proj.backward(ps, c.o, dy).view({batch, seq, heads, v_dim});
   Tensor dq, dk, dv;
-  ops::attention_backward(c.q, c.k, c.v, d_o, scale, std::nullopt, doc_ids, dq, dk, dv);
+  const Tensor o4 = c.o.view({batch, seq, heads, v_dim});
+  ops::attention_backward(c.q, c.k, c.v, d_o, scale, std::nullopt, doc_ids, dq, dk, dv, nullptr, nullptr, &o4,
+                          c.lse.defined() ? &c.lse : nullptr);
+  d_o = Tensor();
+  c.q = c.k = c.v = c.o = c.lse = Tensor();
   // Queries: the rope part back through its rotation.
   dq = dq.view({t * heads, qk});
   const Tensor dq_rope =
@@ -115,21 +122,25 @@ Tensor LatentAttention::backward(ParamStore& ps, const Cache& c, int64_t batch, 
   dq = dq.view({t, heads * qk});
   // Keys and values: [k_nope | v] per head into kv_b; the shared k_rope sums over the heads.
   dk = dk.view({t * heads, qk});
-  Tensor dkvb = Tensor::empty({t * heads, nope + v_dim}, DType::F32);
+  Tensor dkvb = ops::empty({t * heads, nope + v_dim}, dk.dtype(), dk.device(), "kv_b output gradient");
   ops::copy_columns(dk, qk, 0, 1, dkvb, nope + v_dim, 0, nope);
   ops::copy_columns(dv, v_dim, 0, 1, dkvb, nope + v_dim, nope, v_dim);
   Tensor dk_rope = rotate_backward(ops::sum_row_groups(dk, qk, nope, rope, heads).view({t, 1, rope}), cos, sin, interleave);
+  dk = dv = Tensor();
   const Tensor dlatent_n = kv_b_proj.backward(ps, c.latent_n, dkvb.view({t, heads * (nope + v_dim)}));
-  const Tensor dlatent = kv_a_norm.backward(ps, c.latent, dlatent_n);
-  Tensor dckv = Tensor::empty({t, kv_rank + rope}, DType::F32);
+  dkvb = Tensor();
+  const Tensor dlatent = kv_a_norm.backward(ps, c.latent, dlatent_n, c.rstd_kv.defined() ? &c.rstd_kv : nullptr);
+  Tensor dckv = ops::empty({t, kv_rank + rope}, dlatent.dtype(), dlatent.device(), "kv_a output gradient");
   ops::copy_columns(dlatent, kv_rank, 0, 1, dckv, kv_rank + rope, 0, kv_rank);
   ops::copy_columns(dk_rope, rope, 0, 1, dckv, kv_rank + rope, kv_rank, rope);
-  Tensor dx = kv_a_proj.backward(ps, c.x, dckv);
+  Tensor dx = ops::empty({t, c.x.size(1)}, dy.dtype(), dy.device(), "latent attention input gradient");
+  kv_a_proj.backward_into(ps, c.x, dckv, dx, false);
   if (q_proj) {
-    ops::add_inplace(dx, q_proj->backward(ps, c.x, dq));
+    q_proj->backward_into(ps, c.x, dq, dx, true);
   } else {
     const Tensor dqn = q_b_proj->backward(ps, c.qn, dq);
-    ops::add_inplace(dx, q_a_proj->backward(ps, c.x, q_a_norm->backward(ps, c.qa, dqn)));
+    const Tensor dqa = q_a_norm->backward(ps, c.qa, dqn, c.rstd_qa.defined() ? &c.rstd_qa : nullptr);
+    q_a_proj->backward_into(ps, c.x, dqa, dx, true);
   }
   return dx;
 }

@@ -18,9 +18,9 @@ namespace moeforge::nn {
 
 struct LatentAttention {
   struct Cache {
-    Tensor x, qa, qn;       // input; q LoRA's projection and its normalised value (q LoRA only)
-    Tensor latent, latent_n;  // the kv latent before and after its norm
-    Tensor q, k, v, o;      // attention inputs [B,S,H,*] (after RoPE) and output
+    Tensor x, qa, qn, rstd_qa;         // input; q LoRA's projection, its normalised value and statistics
+    Tensor latent, latent_n, rstd_kv;  // the kv latent before and after its norm, and its statistics
+    Tensor q, k, v, o, lse;            // attention inputs [B,S,H,*] (after RoPE), output [T, H*v], log-sum-exp
   };
   std::optional<Linear> q_proj, q_a_proj, q_b_proj;
   std::optional<RMSNorm> q_a_norm;
@@ -34,9 +34,9 @@ struct LatentAttention {
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_,
             const hf::ModelConfig::LatentAttention& mla, bool bias, float scale_);
   // x [B*S, hidden]; cos/sin [B*S, rope]; doc_ids [B,S] optional.
-  Tensor forward(const ParamStore& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
+  Tensor forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
                  const Tensor& sin, const Tensor* doc_ids, Cache* cache = nullptr) const;
-  Tensor backward(ParamStore& ps, const Cache& c, int64_t batch, int64_t seq, const Tensor& cos, const Tensor& sin,
+  Tensor backward(ParamAccess& ps, Cache& c, int64_t batch, int64_t seq, const Tensor& cos, const Tensor& sin,
                   const Tensor* doc_ids, const Tensor& dy) const;
 };
 

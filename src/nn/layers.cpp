@@ -27,10 +27,12 @@ void RMSNorm::init(ParamStore& ps, const std::string& name, int64_t dim, float e
   eps = eps_;
 }
 
-Tensor RMSNorm::forward(const ParamStore& ps, const Tensor& x) const { return ops::rms_norm(x, ps.at(weight), eps); }
+Tensor RMSNorm::forward(const ParamAccess& ps, const Tensor& x, Tensor* rstd) const {
+  return ops::rms_norm(x, ps.value(weight), eps, rstd);
+}
 
-Tensor RMSNorm::backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const {
-  return ops::rms_norm_backward(x, ps.at(weight), eps, dy, ps.grad(weight));
+Tensor RMSNorm::backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, const Tensor* rstd) const {
+  return ops::rms_norm_backward(x, ps.value(weight), eps, dy, ps.grad(weight), rstd);
 }
 
 void Linear::init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t out, bool with_bias) {
@@ -41,16 +43,22 @@ void Linear::init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t
   }
 }
 
-Tensor Linear::forward(const ParamStore& ps, const Tensor& x) const {
-  Tensor y = ops::linear(x, ps.at(weight));
-  if (bias) ops::add_bias_rows(y, ps.at(*bias));
+Tensor Linear::forward(const ParamAccess& ps, const Tensor& x) const {
+  Tensor y = ops::linear(x, ps.value(weight));
+  if (bias) ops::add_bias_rows(y, ps.value(*bias));
   return y;
 }
 
-Tensor Linear::backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const {
+Tensor Linear::backward(ParamAccess& ps, const Tensor& x, const Tensor& dy) const {
   ops::linear_weight_grad(dy, x, ps.grad(weight));
   if (bias) ops::bias_grad(dy, ps.grad(*bias));
-  return ops::linear_input_grad(dy, ps.at(weight));
+  return ops::linear_input_grad(dy, ps.value(weight));
+}
+
+void Linear::backward_into(ParamAccess& ps, const Tensor& x, const Tensor& dy, Tensor& dx, bool accumulate) const {
+  ops::gemm(dy, false, ps.value(weight), false, dx, accumulate);
+  ops::linear_weight_grad(dy, x, ps.grad(weight));
+  if (bias) ops::bias_grad(dy, ps.grad(*bias));
 }
 
 void Attention::init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_, int64_t kv_heads_,
@@ -74,91 +82,90 @@ void Attention::init(ParamStore& ps, const std::string& prefix, int64_t hidden, 
   }
 }
 
-namespace {
+float Attention::scale() const { return 1.0f / std::sqrt(static_cast<float>(head_dim)); }
 
-Tensor clamp_backward(const Tensor& unclipped, const Tensor& dy, float c) {
-  Tensor d = dy.clone();
-  ops::clamp_backward_inplace(unclipped, d, c);
-  return d;
-}
-
-}  // namespace
-
-Tensor Attention::normalise(const ParamStore& ps, const std::optional<RMSNorm>& norm, const Tensor& x, int64_t n,
-                            Tensor* unclipped) const {
+Tensor Attention::normalise(const ParamAccess& ps, const std::optional<RMSNorm>& norm, const Tensor& x, int64_t n,
+                            Tensor* rstd, Tensor* unclipped) const {
   const int64_t t = x.size(0);
-  Tensor y;
-  if (!norm) y = x.clone();  // RoPE rotates in place; the projection's values stay as they were
-  else if (full_qk_norm) y = norm->forward(ps, x);
-  else y = norm->forward(ps, x.view({t, n, head_dim})).view({t, n * head_dim});
+  Tensor y = x;
+  if (norm && full_qk_norm) y = norm->forward(ps, x, rstd);
+  else if (norm) y = norm->forward(ps, x.view({t * n, head_dim}), rstd).view({t, n * head_dim});
   if (clip) {
-    if (unclipped) *unclipped = y.clone();
+    if (unclipped) *unclipped = ops::copy(y);
     ops::clamp_inplace(y, *clip);
   }
   return y;
 }
 
-Tensor Attention::normalise_backward(ParamStore& ps, const std::optional<RMSNorm>& norm, const Tensor& pre,
-                                     const Tensor& unclipped, const Tensor& dy, int64_t n) const {
+Tensor Attention::normalise_backward(ParamAccess& ps, const std::optional<RMSNorm>& norm, const Tensor& pre,
+                                     const Tensor& rstd, const Tensor& unclipped, Tensor dy, int64_t n) const {
   const int64_t t = dy.size(0);
-  Tensor d = clip ? clamp_backward(unclipped, dy, *clip) : dy;
-  if (!norm) return d;
-  if (full_qk_norm) return norm->backward(ps, pre, d);
-  return norm->backward(ps, pre.view({t, n, head_dim}), d.view({t, n, head_dim})).view({t, n * head_dim});
+  if (clip) ops::clamp_backward_inplace(unclipped, dy, *clip);
+  if (!norm) return dy;
+  const Tensor* r = rstd.defined() ? &rstd : nullptr;
+  if (full_qk_norm) return norm->backward(ps, pre, dy, r);
+  return norm->backward(ps, pre.view({t * n, head_dim}), dy.view({t * n, head_dim}), r).view({t, n * head_dim});
 }
 
-Tensor Attention::forward(const ParamStore& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
+Tensor Attention::forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
                           const Tensor& sin, const Tensor* doc_ids, Cache* cache) const {
   const int64_t t = batch * seq;
   Tensor q_pre = q_proj.forward(ps, x), k_pre = k_proj.forward(ps, x);
   Tensor v = v_proj.forward(ps, x);
-  if (cache) {
-    cache->x = x;
-    cache->q_pre = q_pre;
-    cache->k_pre = k_pre;
+  Cache* c = cache;
+  if (c) {
+    c->x = x;
+    if (q_norm) {  // without norms RoPE rotates the projections in place and backward needs neither
+      c->q_pre = q_pre;
+      c->k_pre = k_pre;
+    }
   }
-  Tensor q = normalise(ps, q_norm, q_pre, heads, cache ? &cache->q_unclipped : nullptr).view({t, heads, head_dim});
-  Tensor k = normalise(ps, k_norm, k_pre, kv_heads, cache ? &cache->k_unclipped : nullptr).view({t, kv_heads, head_dim});
+  Tensor q = normalise(ps, q_norm, q_pre, heads, c ? &c->rstd_q : nullptr, c ? &c->q_unclipped : nullptr)
+                 .view({t, heads, head_dim});
+  Tensor k = normalise(ps, k_norm, k_pre, kv_heads, c ? &c->rstd_k : nullptr, c ? &c->k_unclipped : nullptr)
+                 .view({t, kv_heads, head_dim});
   if (clip) {
-    if (cache) cache->v_unclipped = v.clone();
+    if (c) c->v_unclipped = ops::copy(v);
     ops::clamp_inplace(v, *clip);
   }
   v = v.view({batch, seq, kv_heads, head_dim});
   ops::rope_inplace(q, cos, sin);
   ops::rope_inplace(k, cos, sin);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   Tensor q4 = q.view({batch, seq, heads, head_dim}), k4 = k.view({batch, seq, kv_heads, head_dim});
-  Tensor o = ops::attention(q4, k4, v, scale, window, doc_ids, sinks ? &ps.at(*sinks) : nullptr);
-  if (cache) {
-    cache->q = q4;
-    cache->k = k4;
-    cache->v = v;
-    cache->o = o.view({t, heads * head_dim});
+  Tensor o = ops::attention(q4, k4, v, scale(), window, doc_ids, sinks ? &ps.value(*sinks) : nullptr,
+                            c ? &c->lse : nullptr);
+  if (c) {
+    c->q = q4;
+    c->k = k4;
+    c->v = v;
+    c->o = o.view({t, heads * head_dim});
   }
   return o_proj.forward(ps, o.view({t, heads * head_dim}));
 }
 
-Tensor Attention::backward(ParamStore& ps, const Cache& c, int64_t batch, int64_t seq, const Tensor& cos,
+Tensor Attention::backward(ParamAccess& ps, Cache& c, int64_t batch, int64_t seq, const Tensor& cos,
                            const Tensor& sin, const Tensor* doc_ids, const Tensor& dy) const {
   const int64_t t = batch * seq;
   Tensor d_o = o_proj.backward(ps, c.o, dy).view({batch, seq, heads, head_dim});
-  Tensor dq, dk, dv;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  Tensor dsinks;
-  ops::attention_backward(c.q, c.k, c.v, d_o, scale, window, doc_ids, dq, dk, dv, sinks ? &ps.at(*sinks) : nullptr,
-                          sinks ? &dsinks : nullptr);
+  Tensor dq, dk, dv, dsinks;
+  const Tensor o4 = c.o.view({batch, seq, heads, head_dim});
+  ops::attention_backward(c.q, c.k, c.v, d_o, scale(), window, doc_ids, dq, dk, dv, sinks ? &ps.value(*sinks) : nullptr,
+                          sinks ? &dsinks : nullptr, &o4, c.lse.defined() ? &c.lse : nullptr);
   if (sinks) ops::add_inplace(ps.grad(*sinks), dsinks);
+  d_o = Tensor();
+  c.q = c.k = c.v = c.o = c.lse = Tensor();
   dq = dq.view({t, heads, head_dim});
   dk = dk.view({t, kv_heads, head_dim});
   ops::rope_inplace(dq, cos, sin, /*inverse=*/true);
   ops::rope_inplace(dk, cos, sin, /*inverse=*/true);
-  dq = normalise_backward(ps, q_norm, c.q_pre, c.q_unclipped, dq.view({t, heads * head_dim}), heads);
-  dk = normalise_backward(ps, k_norm, c.k_pre, c.k_unclipped, dk.view({t, kv_heads * head_dim}), kv_heads);
+  dq = normalise_backward(ps, q_norm, c.q_pre, c.rstd_q, c.q_unclipped, dq.view({t, heads * head_dim}), heads);
+  dk = normalise_backward(ps, k_norm, c.k_pre, c.rstd_k, c.k_unclipped, dk.view({t, kv_heads * head_dim}), kv_heads);
   dv = dv.view({t, kv_heads * head_dim});
-  if (clip) dv = clamp_backward(c.v_unclipped, dv, *clip);
-  Tensor dx = q_proj.backward(ps, c.x, dq);
-  ops::add_inplace(dx, k_proj.backward(ps, c.x, dk));
-  ops::add_inplace(dx, v_proj.backward(ps, c.x, dv));
+  if (clip) ops::clamp_backward_inplace(c.v_unclipped, dv, *clip);
+  Tensor dx = ops::empty({t, c.x.size(1)}, dy.dtype(), dy.device(), "attention input gradient");
+  q_proj.backward_into(ps, c.x, dq, dx, false);
+  k_proj.backward_into(ps, c.x, dk, dx, true);
+  v_proj.backward_into(ps, c.x, dv, dx, true);
   return dx;
 }
 
@@ -168,30 +175,30 @@ void DenseMLP::init(ParamStore& ps, const std::string& prefix, int64_t hidden, i
   down_proj.init(ps, prefix + ".down_proj", inter, hidden, bias);
 }
 
-Tensor DenseMLP::forward(const ParamStore& ps, const Tensor& x, Cache* cache) const {
-  Tensor g = gate_proj.forward(ps, x), u = up_proj.forward(ps, x);
+Tensor DenseMLP::forward(const ParamAccess& ps, const Tensor& x, Cache* cache) const {
+  const Tensor g = gate_proj.forward(ps, x), u = up_proj.forward(ps, x);
   const int64_t t = g.size(0), inter = g.size(1);
-  Tensor gu = Tensor::empty({t, 2 * inter}, DType::F32);
-  for (int64_t r = 0; r < t; ++r) {
-    std::memcpy(gu.f32() + r * 2 * inter, g.f32() + r * inter, inter * sizeof(float));
-    std::memcpy(gu.f32() + r * 2 * inter + inter, u.f32() + r * inter, inter * sizeof(float));
-  }
-  Tensor act = ops::swiglu(gu);
-  if (cache) *cache = {x, gu, act};
-  return down_proj.forward(ps, act);
+  // [gate | up] per row: swiglu's input layout.
+  Tensor gu = ops::empty({t, 2 * inter}, g.dtype(), g.device(), "dense gate_up output");
+  ops::copy_columns(g, inter, 0, 1, gu, 2 * inter, 0, inter);
+  ops::copy_columns(u, inter, 0, 1, gu, 2 * inter, inter, inter);
+  if (cache) *cache = {x, gu};
+  return down_proj.forward(ps, ops::swiglu(gu));
 }
 
-Tensor DenseMLP::backward(ParamStore& ps, const Cache& c, const Tensor& dy) const {
-  Tensor dact = down_proj.backward(ps, c.act, dy);
-  Tensor dgu = ops::swiglu_backward(c.gate_up, dact);
+Tensor DenseMLP::backward(ParamAccess& ps, Cache& c, const Tensor& dy) const {
+  Tensor dact = down_proj.backward(ps, ops::swiglu(c.gate_up), dy);
+  const Tensor dgu = ops::swiglu_backward(c.gate_up, dact);
+  dact = Tensor();
+  c.gate_up = Tensor();
   const int64_t t = dgu.size(0), inter = dgu.size(1) / 2;
-  Tensor dg = Tensor::empty({t, inter}, DType::F32), du = Tensor::empty({t, inter}, DType::F32);
-  for (int64_t r = 0; r < t; ++r) {
-    std::memcpy(dg.f32() + r * inter, dgu.f32() + r * 2 * inter, inter * sizeof(float));
-    std::memcpy(du.f32() + r * inter, dgu.f32() + r * 2 * inter + inter, inter * sizeof(float));
-  }
-  Tensor dx = gate_proj.backward(ps, c.x, dg);
-  ops::add_inplace(dx, up_proj.backward(ps, c.x, du));
+  Tensor dg = ops::empty({t, inter}, dgu.dtype(), dgu.device(), "dense gate gradient");
+  Tensor du = ops::empty({t, inter}, dgu.dtype(), dgu.device(), "dense up gradient");
+  ops::copy_columns(dgu, 2 * inter, 0, 1, dg, inter, 0, inter);
+  ops::copy_columns(dgu, 2 * inter, inter, 1, du, inter, 0, inter);
+  Tensor dx = ops::empty({t, c.x.size(1)}, dy.dtype(), dy.device(), "dense input gradient");
+  gate_proj.backward_into(ps, c.x, dg, dx, false);
+  up_proj.backward_into(ps, c.x, du, dx, true);
   return dx;
 }
 
@@ -200,23 +207,23 @@ void GatedSharedExpert::init(ParamStore& ps, const std::string& prefix, int64_t 
   gate.init(ps, prefix + ".shared_expert_gate", hidden, 1, false);
 }
 
-Tensor GatedSharedExpert::forward(const ParamStore& ps, const Tensor& x, Cache* cache) const {
+void GatedSharedExpert::forward_add(const ParamAccess& ps, const Tensor& x, Tensor& out, Cache* cache) const {
   Tensor y = mlp.forward(ps, x, cache ? &cache->mlp : nullptr);
   Tensor logit = gate.forward(ps, x);  // [T, 1]
-  Tensor out = Tensor::zeros(y.shape(), DType::F32);
   ops::add_sigmoid_gated(out, y, logit);
   if (cache) {
     cache->y = y;
     cache->logit = logit;
   }
-  return out;
 }
 
-Tensor GatedSharedExpert::backward(ParamStore& ps, const Cache& c, const Tensor& dy) const {
+Tensor GatedSharedExpert::backward(ParamAccess& ps, Cache& c, const Tensor& dy) const {
   Tensor dmlp, dlogit;
   ops::sigmoid_gated_backward(dy, c.y, c.logit, dmlp, dlogit);
+  c.y = c.logit = Tensor();
+  const Tensor x = c.mlp.x;
   Tensor dx = mlp.backward(ps, c.mlp, dmlp);
-  ops::add_inplace(dx, gate.backward(ps, c.mlp.x, dlogit));
+  gate.backward_into(ps, x, dlogit, dx, true);
   return dx;
 }
 
@@ -231,8 +238,8 @@ void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_,
   gpt_oss = gpt_oss_style;
   grouped = grouped_sigmoid;
   MF_CHECK(!(gpt_oss && grouped), "internal: a MoE layer is GPT-OSS or DeepSeek style, not both");
-  ep = ep_group;
-  shard = ep ? parallel::ExpertShard::of(experts, ep->rank(), ep->size()) : parallel::ExpertShard{0, experts};
+  ep_size = ep_group ? ep_group->size() : 1;
+  shard = ep_group ? parallel::ExpertShard::of(experts, ep_group->rank(), ep_size) : parallel::ExpertShard{0, experts};
   if (!gpt_oss) {
     router = ps.add(prefix + ".gate.weight", {experts, hidden});
     if (grouped) {
@@ -255,102 +262,204 @@ void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_,
 
 int64_t SparseMoE::params_per_expert() const { return 3 * inter * hidden + (gpt_oss ? 2 * inter + hidden : 0); }
 
-Tensor SparseMoE::forward(const ParamStore& ps, const Tensor& x, RouterOut* router_out, Cache* cache,
-                          const Tensor* forced) const {
+namespace {
+
+// A whole-batch tensor from one chunk's rows: with one chunk the chunk's tensor is the whole; with
+// several they are copied into `whole` (allocated by the caller) at the chunk's rows.
+void put_chunk(Tensor& whole, const Tensor& part, size_t chunks, const SparseMoE::Chunk& ch) {
+  if (chunks == 1) {
+    whole = part;
+    return;
+  }
+  Tensor rows = whole.slice0(ch.t0, ch.tc);
+  const int64_t w = part.numel() / std::max<int64_t>(ch.tc, 1);
+  ops::copy_columns(part, w, 0, 1, rows, w, 0, w);
+}
+
+Tensor rows_of(const Tensor& whole, size_t chunks, const SparseMoE::Chunk& ch) {
+  return chunks == 1 ? whole : whole.slice0(ch.t0, ch.tc);
+}
+
+}  // namespace
+
+Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Tensor& x, RouterOut* router_out,
+                          Cache* cache, const Tensor* forced) const {
   const int64_t t = x.size(0);
-  Tensor logits = ops::linear(x, ps.at(router));
-  if (router_bias) ops::add_bias_rows(logits, ps.at(*router_bias));
+  const Device dev = x.device();
+  const DType dt = x.dtype();
+  parallel::Communicator& group = ctx.ep ? *ctx.ep : one_rank_group();
+  MF_CHECK(group.size() == ep_size, "internal: a MoE layer built for ", ep_size, " expert-parallel ranks runs over ",
+           group.size());
+  Tensor logits;
+  if (grouped) {  // DeepseekV3TopkRouter computes its logits in fp32 whatever the model's dtype
+    logits = ops::empty({t, experts}, DType::F32, dev, "router logits");
+    ops::gemm(x, false, ps.value(router), true, logits);
+  } else {
+    logits = ops::linear(x, ps.value(router));
+  }
+  if (router_bias) ops::add_bias_rows(logits, ps.value(*router_bias));
   if (forced)
     MF_CHECK(forced->shape() == Shape({t, top_k}) && forced->dtype() == DType::I64, "forced routing must be I64 [", t,
              ", ", top_k, "], got ", shape_str(forced->shape()));
   // probs: the softmax (DeepSeek-V3: the sigmoid scores); weights come out final. GPT-OSS softmaxes
-  // its top-k logits among themselves: the top-k of the softmax, renormalised, is the same.
+  // its top-k logits among themselves: the top-k of the softmax, renormalised, is the same. The
+  // correction bias is read at full precision (an F32 buffer under autocast in Transformers).
   Tensor probs, weights, chosen;
   if (grouped)
-    ops::grouped_sigmoid_route(logits, ps.at(*correction_bias), grouped->n_group, grouped->topk_group, top_k,
+    ops::grouped_sigmoid_route(logits, ps.exact(*correction_bias), grouped->n_group, grouped->topk_group, top_k,
                                norm_topk_prob, grouped->scaling, probs, weights, chosen, forced);
   else
     ops::router_softmax_topk(logits, top_k, renormalised(), probs, weights, chosen, forced);
+  logits = Tensor();
+  // The pairs in token chunks (one unless asked): each chunk's pairs, grouped by global expert
+  // (hence by the rank holding it), go to their experts' ranks (here, with one rank), the local
+  // experts run on their rows as grouped GEMMs, and the outputs come back to be summed with their
+  // weights.
+  const size_t n = static_cast<size_t>(std::max<int64_t>(1, std::min<int64_t>(ctx.ep_chunks, t)));
+  std::vector<Chunk> chunks(n);
+  std::vector<int64_t> expert_rows(static_cast<size_t>(experts), 0);
+  for (size_t i = 0; i < n; ++i) {
+    Chunk& ch = chunks[i];
+    ch.t0 = t * static_cast<int64_t>(i) / static_cast<int64_t>(n);
+    ch.tc = t * static_cast<int64_t>(i + 1) / static_cast<int64_t>(n) - ch.t0;
+    ch.plan = ops::plan_routing(rows_of(chosen, n, ch), experts);
+    for (int64_t e = 0; e < experts; ++e) expert_rows[e] += ch.plan.offsets[e + 1] - ch.plan.offsets[e];
+    ch.exchange = std::make_shared<parallel::ExpertExchange>(group, ch.plan.offsets, dev);
+  }
+  const bool remote = group.size() > 1, fine_phases = n == 1;  // phase marks synchronise: not while overlapping
+  std::vector<parallel::ExpertExchange::InFlight> going(n), coming(n);
+  for (size_t i = 0; i < n; ++i) going[i] = chunks[i].exchange->start_dispatch(ops::permute_tokens(rows_of(x, n, chunks[i]), chunks[i].plan));
+  if (fine_phases) ctx.phase("fwd: router + plan + permute");
+  for (size_t i = 0; i < n; ++i) {
+    Chunk& ch = chunks[i];
+    const Tensor xs = ch.exchange->finish_dispatch(going[i]);
+    going[i] = {};
+    const std::vector<int64_t>& off = ch.exchange->local_offsets();
+    const int64_t rows = xs.size(0);
+    Tensor h = ops::empty({rows, 2 * inter}, dt, dev, "expert gate_up output");
+    if (gpt_oss) {  // x @ W with W [E, H, 2I]: the input-gradient product of that layout
+      ops::grouped_linear_input_grad(xs, ps.value(gate_up), off, h);
+      ops::grouped_add_bias(h, ps.value(*gate_up_bias), off);
+    } else {
+      ops::grouped_linear(xs, ps.value(gate_up), off, h);
+    }
+    if (fine_phases) ctx.phase("fwd: expert gate_up GEMM");
+    const Tensor act = gpt_oss ? ops::clamped_swiglu(h, gpt_oss->alpha, gpt_oss->limit) : ops::swiglu(h);
+    Tensor y = ops::empty({rows, hidden}, dt, dev, "expert output");
+    if (gpt_oss) {
+      ops::grouped_linear_input_grad(act, ps.value(down), off, y);
+      ops::grouped_add_bias(y, ps.value(*down_bias), off);
+    } else {
+      ops::grouped_linear(act, ps.value(down), off, y);
+    }
+    if (fine_phases) ctx.phase("fwd: SwiGLU + expert down GEMM");
+    coming[i] = ch.exchange->start_combine(y);
+    if (cache) {
+      ch.h = h;
+      if (remote) ch.xs = xs;
+    }
+  }
+  Tensor out = n == 1 ? Tensor() : ops::empty({t, hidden}, dt, dev, "MoE output");
+  for (size_t i = 0; i < n; ++i) {
+    Chunk& ch = chunks[i];
+    ch.y_perm = ch.exchange->finish_combine(coming[i]);
+    coming[i] = {};
+    put_chunk(out, ops::unpermute_tokens(ch.y_perm, rows_of(weights, n, ch), ch.plan), n, ch);
+    if (!cache) ch = Chunk();
+  }
+  ctx.phase(fine_phases ? "fwd: unpermute" : "fwd: experts + exchanges (overlapped)");
   if (router_out) {
     if (!grouped) router_out->probs = probs;
     router_out->chosen = chosen;
+    router_out->expert_rows = std::move(expert_rows);
   }
-  // The pairs grouped by global expert (hence by the rank holding it) go to their experts' ranks
-  // (here, with one rank), the local experts run on their rows as grouped GEMMs, and the outputs
-  // come back to be summed with their weights.
-  ops::RoutingPlan plan = ops::plan_routing(chosen, experts);
-  auto exchange = std::make_shared<parallel::ExpertExchange>(ep ? *ep : one_rank_group(), plan.offsets, x.device());
-  Tensor xs = exchange->dispatch(ops::permute_tokens(x, plan));
-  const std::vector<int64_t>& off = exchange->local_offsets();
-  const int64_t rows = xs.size(0);
-  Tensor h = ops::empty({rows, 2 * inter}, x.dtype(), x.device(), "expert gate_up output");
-  Tensor y = ops::empty({rows, hidden}, x.dtype(), x.device(), "expert output");
-  Tensor act;
-  if (gpt_oss) {  // x @ W with W [E, H, 2I]: the input-gradient product of that layout
-    ops::grouped_linear_input_grad(xs, ps.at(gate_up), off, h);
-    ops::grouped_add_bias(h, ps.at(*gate_up_bias), off);
-    act = ops::clamped_swiglu(h, gpt_oss->alpha, gpt_oss->limit);
-    ops::grouped_linear_input_grad(act, ps.at(down), off, y);
-    ops::grouped_add_bias(y, ps.at(*down_bias), off);
-  } else {
-    ops::grouped_linear(xs, ps.at(gate_up), off, h);
-    act = ops::swiglu(h);
-    ops::grouped_linear(act, ps.at(down), off, y);
-  }
-  Tensor y_perm = exchange->combine(y);
-  Tensor out = ops::unpermute_tokens(y_perm, weights, plan);
   if (cache) {
     cache->x = x;
     cache->probs = probs;
     cache->chosen = chosen;
     cache->weights = weights;
-    cache->plan = std::move(plan);
-    cache->exchange = std::move(exchange);
-    cache->xs = xs;
-    cache->h = h;
-    cache->act = act;
-    cache->y_perm = y_perm;
+    cache->chunks = std::move(chunks);
   }
   return out;
 }
 
-Tensor SparseMoE::backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const {
-  // The same trip as forward: gradients to the experts' ranks, input gradients back.
-  Tensor d_yperm, dweights;
-  ops::unpermute_tokens_backward(dy, c.y_perm, c.weights, c.plan, d_yperm, dweights);
-  const Tensor d_y = c.exchange->dispatch(d_yperm);
-  const std::vector<int64_t>& off = c.exchange->local_offsets();
-  const int64_t rows = c.xs.size(0);
+Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, const Tensor& dy,
+                           const Tensor* dprobs_extra) const {
+  // The same trips as forward: gradients to the experts' ranks, input gradients back.
+  const size_t n = c.chunks.size();
+  const bool fine_phases = n == 1;
+  const int64_t t = dy.size(0);
   const Device dev = dy.device();
-  Tensor d_act = ops::empty({rows, inter}, dy.dtype(), dev, "expert activation gradient");
-  Tensor d_xs = ops::empty({rows, hidden}, dy.dtype(), dev, "expert input gradient");
-  if (gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y, d(act) = d_y W^T; likewise for gate_up
-    ops::grouped_linear_weight_grad(c.act, d_y, off, ps.grad(down), /*accumulate=*/true);
-    ops::grouped_bias_grad(d_y, off, ps.grad(*down_bias));
-    ops::grouped_linear(d_y, ps.at(down), off, d_act);
-    const Tensor d_h = ops::clamped_swiglu_backward(c.h, d_act, gpt_oss->alpha, gpt_oss->limit);
-    ops::grouped_linear_weight_grad(c.xs, d_h, off, ps.grad(gate_up), true);
-    ops::grouped_bias_grad(d_h, off, ps.grad(*gate_up_bias));
-    ops::grouped_linear(d_h, ps.at(gate_up), off, d_xs);
-  } else {
-    ops::grouped_linear_weight_grad(d_y, c.act, off, ps.grad(down), true);
-    ops::grouped_linear_input_grad(d_y, ps.at(down), off, d_act);
-    const Tensor d_h = ops::swiglu_backward(c.h, d_act);
-    ops::grouped_linear_weight_grad(d_h, c.xs, off, ps.grad(gate_up), true);
-    ops::grouped_linear_input_grad(d_h, ps.at(gate_up), off, d_xs);
+  const DType dt = dy.dtype();
+  Tensor dweights = n == 1 ? Tensor() : ops::empty({t, top_k}, DType::F32, dev, "routing weight gradient");
+  std::vector<parallel::ExpertExchange::InFlight> going(n), coming(n);
+  for (size_t i = 0; i < n; ++i) {
+    Chunk& ch = c.chunks[i];
+    Tensor d_yperm, dw;
+    ops::unpermute_tokens_backward(rows_of(dy, n, ch), ch.y_perm, rows_of(c.weights, n, ch), ch.plan, d_yperm, dw);
+    ch.y_perm = Tensor();
+    put_chunk(dweights, dw, n, ch);
+    going[i] = ch.exchange->start_dispatch(d_yperm);  // combine's backward
   }
-  Tensor dx = ops::permute_tokens_backward(c.exchange->combine(d_xs), c.plan);
+  if (fine_phases) ctx.phase("bwd: unpermute");
+  for (size_t i = 0; i < n; ++i) {
+    Chunk& ch = c.chunks[i];
+    Tensor d_y = ch.exchange->finish_dispatch(going[i]);
+    going[i] = {};
+    const std::vector<int64_t>& off = ch.exchange->local_offsets();
+    const int64_t rows = d_y.size(0);
+    Tensor act = gpt_oss ? ops::clamped_swiglu(ch.h, gpt_oss->alpha, gpt_oss->limit) : ops::swiglu(ch.h);
+    Tensor d_act = ops::empty({rows, inter}, dt, dev, "expert activation gradient");
+    if (gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y, d(act) = d_y W^T; likewise for gate_up
+      ops::grouped_linear_weight_grad(act, d_y, off, ps.grad(down), /*accumulate=*/true);
+      ops::grouped_bias_grad(d_y, off, ps.grad(*down_bias));
+      ops::grouped_linear(d_y, ps.value(down), off, d_act);
+    } else {
+      ops::grouped_linear_weight_grad(d_y, act, off, ps.grad(down), true);
+      ops::grouped_linear_input_grad(d_y, ps.value(down), off, d_act);
+    }
+    act = d_y = Tensor();
+    Tensor d_h = gpt_oss ? ops::clamped_swiglu_backward(ch.h, d_act, gpt_oss->alpha, gpt_oss->limit)
+                         : ops::swiglu_backward(ch.h, d_act);
+    d_act = ch.h = Tensor();
+    // The expert inputs: kept when they came from other ranks, else the permute again.
+    Tensor xs = ch.xs.defined() ? ch.xs : ops::permute_tokens(rows_of(c.x, n, ch), ch.plan);
+    ch.xs = Tensor();
+    Tensor d_xs = ops::empty({rows, hidden}, dt, dev, "expert input gradient");
+    if (gpt_oss) {
+      ops::grouped_linear_weight_grad(xs, d_h, off, ps.grad(gate_up), true);
+      ops::grouped_bias_grad(d_h, off, ps.grad(*gate_up_bias));
+      xs = Tensor();
+      ops::grouped_linear(d_h, ps.value(gate_up), off, d_xs);
+    } else {
+      ops::grouped_linear_weight_grad(d_h, xs, off, ps.grad(gate_up), true);
+      xs = Tensor();
+      ops::grouped_linear_input_grad(d_h, ps.value(gate_up), off, d_xs);
+    }
+    d_h = Tensor();
+    coming[i] = ch.exchange->start_combine(d_xs);  // dispatch's backward
+  }
+  if (fine_phases) ctx.phase("bwd: expert GEMMs + SwiGLU");
+  Tensor dx = n == 1 ? Tensor() : ops::empty({t, hidden}, dt, dev, "MoE input gradient");
+  for (size_t i = 0; i < n; ++i) {
+    Chunk& ch = c.chunks[i];
+    put_chunk(dx, ops::permute_tokens_backward(ch.exchange->finish_combine(coming[i]), ch.plan), n, ch);
+    coming[i] = {};
+  }
+  if (!fine_phases) ctx.phase("bwd: experts + exchanges (overlapped)");
+  c.chunks.clear();
   // The router: routing weights -> logits (the discrete choice gets no gradient).
   Tensor dlogits;
   if (grouped) {
     MF_CHECK(!dprobs_extra, "internal: DeepSeek-V3 routing has no load-balancing loss");
-    dlogits = ops::grouped_sigmoid_route_backward(c.probs, c.chosen, dweights, norm_topk_prob, grouped->scaling);
+    dlogits = ops::grouped_sigmoid_route_backward(c.probs, c.chosen, dweights, norm_topk_prob, grouped->scaling, dt);
   } else {
-    dlogits = ops::router_backward(c.probs, c.chosen, c.weights, dweights, renormalised(), dprobs_extra);
+    dlogits = ops::router_backward(c.probs, c.chosen, c.weights, dweights, renormalised(), dprobs_extra, dt);
   }
-  ops::add_inplace(dx, ops::linear_input_grad(dlogits, ps.at(router)));
+  ops::gemm(dlogits, false, ps.value(router), false, dx, /*accumulate=*/true);
   ops::linear_weight_grad(dlogits, c.x, ps.grad(router));
   if (router_bias) ops::bias_grad(dlogits, ps.grad(*router_bias));
+  ctx.phase("bwd: permute + router");
   return dx;
 }
 
@@ -362,13 +471,13 @@ struct RoutingStats {
 RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, parallel::Communicator* dp) {
   RoutingStats st{std::vector<double>(experts, 0.0), std::vector<double>(experts, 0.0), 0};
   for (const auto& r : routers) {
-    const Tensor& p = r.probs;
-    MF_CHECK(p.defined(), "internal: the load-balancing loss needs a softmax router's probabilities");
-    const int64_t t = p.size(0), k = r.chosen.size(1);
-    for (int64_t i = 0; i < t; ++i) {
+    MF_CHECK(r.probs.defined() && static_cast<int64_t>(r.expert_rows.size()) == experts,
+             "internal: the load-balancing loss needs a softmax router's probabilities and its routed rows");
+    const Tensor p = r.probs.device().is_cpu() ? r.probs : ops::to_device(r.probs, Device::cpu(), DType::F32);
+    const int64_t t = p.size(0);
+    for (int64_t i = 0; i < t; ++i)
       for (int64_t e = 0; e < experts; ++e) st.prob[e] += p.f32()[i * experts + e];
-      for (int64_t j = 0; j < k; ++j) st.routed[r.chosen.i64()[i * k + j]] += 1.0;
-    }
+    for (int64_t e = 0; e < experts; ++e) st.routed[e] += static_cast<double>(r.expert_rows[e]);
     st.rows += t;
   }
   if (dp && dp->size() > 1) {

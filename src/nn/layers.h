@@ -1,8 +1,14 @@
-// Decoder building blocks with explicit forward and backward passes (no autograd tape). Each layer
+// Decoder building blocks with explicit forward and backward passes (no autograd tape), written
+// once for every device: they compute only through ops:: (which dispatch on the tensors' device)
+// and read weights / write gradients through nn::ParamAccess (the host ParamStore, or a device
+// copy under a precision policy), so activations come in the storage's compute dtype. Each layer
 // registers its parameters in the model's ParamStore under their internal names and keeps the
-// indices. forward() takes an optional cache: when given, it keeps exactly what backward() needs;
-// backward() accumulates parameter gradients into the ParamStore and returns the input gradient.
+// indices. forward() takes an optional cache: when given, it keeps what backward() needs (what is
+// cheap to recompute, such as an activation or a permutation, is recomputed instead of kept, to
+// keep the memory a step holds down); backward() takes the cache, frees what it has used,
+// accumulates parameter gradients and returns the input gradient.
 #pragma once
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -18,20 +24,36 @@
 
 namespace moeforge::nn {
 
+// What a step's layers share beyond their inputs: the expert-parallel group the MoE exchange runs
+// over (null: every expert is on this rank), how many token chunks a MoE layer splits its exchange
+// into (each chunk's rows travel while another chunk's experts compute), and the hook that marks
+// the step's phases (MOEFORGE_PHASE_TIMES; null: none).
+struct RunContext {
+  parallel::Communicator* ep = nullptr;
+  int ep_chunks = 1;
+  std::function<void(const char*)> mark;
+  void phase(const char* name) const {
+    if (mark) mark(name);
+  }
+};
+
 struct RMSNorm {
   size_t weight = 0;
   float eps = 1e-6f;
   void init(ParamStore& ps, const std::string& name, int64_t dim, float eps_);
-  Tensor forward(const ParamStore& ps, const Tensor& x) const;
-  Tensor backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const;
+  // `rstd` (optional) keeps the per-row statistics for the backward, which recomputes them without.
+  Tensor forward(const ParamAccess& ps, const Tensor& x, Tensor* rstd = nullptr) const;
+  Tensor backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, const Tensor* rstd = nullptr) const;
 };
 
 struct Linear {
   size_t weight = 0;
   std::optional<size_t> bias;
   void init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t out, bool with_bias);
-  Tensor forward(const ParamStore& ps, const Tensor& x) const;
-  Tensor backward(ParamStore& ps, const Tensor& x, const Tensor& dy) const;
+  Tensor forward(const ParamAccess& ps, const Tensor& x) const;
+  Tensor backward(ParamAccess& ps, const Tensor& x, const Tensor& dy) const;
+  // The backward with d(x) written into `dx` (added to it when `accumulate`), saving a buffer.
+  void backward_into(ParamAccess& ps, const Tensor& x, const Tensor& dy, Tensor& dx, bool accumulate) const;
 };
 
 // Grouped-query attention. Variants: biases on q/k/v and on o; RMSNorm on q and k per head (Qwen3)
@@ -48,7 +70,8 @@ struct AttentionOptions {
 
 struct Attention {
   struct Cache {
-    Tensor x, q_pre, k_pre, q, k, v, o;  // input, q/k before norm, q/k after norm+RoPE, v, attention out
+    Tensor x, q_pre, k_pre, rstd_q, rstd_k;  // input; q/k before their norms (with norms only) and its statistics
+    Tensor q, k, v, o, lse;  // attention inputs [B,S,heads,D] after norm + RoPE, output [T, heads*D], log-sum-exp
     Tensor q_unclipped, k_unclipped, v_unclipped;  // clip_qkv only: the values before the clamp
   };
   Linear q_proj, k_proj, v_proj, o_proj;
@@ -61,29 +84,33 @@ struct Attention {
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_, int64_t kv_heads_,
             int64_t head_dim_, const AttentionOptions& opts);
   // x [B*S, hidden]; cos/sin [B*S, rot]; doc_ids [B,S] optional.
-  Tensor forward(const ParamStore& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
+  Tensor forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
                  const Tensor& sin, const Tensor* doc_ids, Cache* cache = nullptr) const;
-  Tensor backward(ParamStore& ps, const Cache& c, int64_t batch, int64_t seq, const Tensor& cos, const Tensor& sin,
+  Tensor backward(ParamAccess& ps, Cache& c, int64_t batch, int64_t seq, const Tensor& cos, const Tensor& sin,
                   const Tensor* doc_ids, const Tensor& dy) const;
+  float scale() const;
 
  private:
-  // q or k [T, n * head_dim] through its norm (when any) and the clamp (when set).
-  // `unclipped` (optional) receives the values before the clamp.
-  Tensor normalise(const ParamStore& ps, const std::optional<RMSNorm>& norm, const Tensor& x, int64_t n,
-                   Tensor* unclipped) const;
-  Tensor normalise_backward(ParamStore& ps, const std::optional<RMSNorm>& norm, const Tensor& pre,
-                            const Tensor& unclipped, const Tensor& dy, int64_t n) const;
+  // q or k [T, n * head_dim] through its norm (when any; without one `x` itself is returned, for
+  // RoPE to rotate in place) and the clamp (when set). `rstd` and `unclipped` (optional) receive
+  // the norm's statistics and the values before the clamp.
+  Tensor normalise(const ParamAccess& ps, const std::optional<RMSNorm>& norm, const Tensor& x, int64_t n,
+                   Tensor* rstd, Tensor* unclipped) const;
+  // d(pre) from d(q or k) [T, n * head_dim] (which the clamp's backward modifies in place).
+  Tensor normalise_backward(ParamAccess& ps, const std::optional<RMSNorm>& norm, const Tensor& pre,
+                            const Tensor& rstd, const Tensor& unclipped, Tensor dy, int64_t n) const;
 };
 
-// SwiGLU MLP: down(silu(gate(x)) * up(x)).
+// SwiGLU MLP: down(silu(gate(x)) * up(x)). Keeps its input and the [T, 2I] gate|up projection;
+// the activation is recomputed in backward (one elementwise pass, against [T, I] kept per layer).
 struct DenseMLP {
   struct Cache {
-    Tensor x, gate_up, act;
+    Tensor x, gate_up;
   };
   Linear gate_proj, up_proj, down_proj;
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter, bool bias = false);
-  Tensor forward(const ParamStore& ps, const Tensor& x, Cache* cache = nullptr) const;
-  Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy) const;
+  Tensor forward(const ParamAccess& ps, const Tensor& x, Cache* cache = nullptr) const;
+  Tensor backward(ParamAccess& ps, Cache& c, const Tensor& dy) const;
 };
 
 // Qwen2-MoE's shared expert: a SwiGLU MLP every token goes through, scaled per token by
@@ -97,24 +124,33 @@ struct GatedSharedExpert {
   Linear gate;
   // prefix: the MoE block ("model.layers.3.mlp"): prefix.shared_expert.*, prefix.shared_expert_gate.
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter);
-  Tensor forward(const ParamStore& ps, const Tensor& x, Cache* cache = nullptr) const;
-  Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy) const;
+  // Adds the gated expert's output for x to `out` (the routed experts' output).
+  void forward_add(const ParamAccess& ps, const Tensor& x, Tensor& out, Cache* cache = nullptr) const;
+  Tensor backward(ParamAccess& ps, Cache& c, const Tensor& dy) const;
 };
 
 // Softmax router + top-k + SwiGLU experts held as one tensor per projection:
 // gate_up [E, 2I, H] (gate rows first, then up) and down [E, H, I]. Under expert parallelism the
 // layer holds only its shard of the experts (gate_up [E/ep, 2I, H], ...), and the (token, slot)
 // pairs, grouped by expert (ops::plan_routing), travel to the rank of their expert and back
-// (parallel::ExpertExchange); with one rank the same path runs with a one-rank group. The local
-// experts run as grouped GEMMs over their rows.
+// (parallel::ExpertExchange over RunContext::ep); with one rank the same path runs with a one-rank
+// group. The local experts run as grouped GEMMs over their rows. With RunContext::ep_chunks > 1
+// the tokens go in chunks: every chunk's rows start travelling, then each chunk's experts run
+// while later chunks' rows travel and earlier chunks' outputs travel back.
 struct SparseMoE {
-  struct Cache {
-    Tensor x, probs, chosen, weights;                // probs (DeepSeek: scores) [T,E]; chosen/weights [T,k]
-    ops::RoutingPlan plan;                           // each pair's row, grouped by global expert
+  // One chunk of tokens [t0, t0 + tc): its routing plan, its exchange, and what its backward needs.
+  struct Chunk {
+    int64_t t0 = 0, tc = 0;
+    ops::RoutingPlan plan;                               // each pair's row, grouped by global expert
     std::shared_ptr<parallel::ExpertExchange> exchange;  // their trip to the experts' ranks
-    Tensor xs;                                       // this rank's expert inputs, grouped by local expert
-    Tensor h, act;                                   // the local experts' gate_up output and activation
-    Tensor y_perm;                                   // [T*k, H]: each pair's expert output, back home
+    Tensor xs;      // the rows received, by local expert: kept only when they came from other ranks
+                    // (recomputing them would be a second exchange; else a permute recomputes them)
+    Tensor h;       // the local experts' gate_up output (the activation is recomputed from it)
+    Tensor y_perm;  // each pair's expert output, back home [tc*k, H]
+  };
+  struct Cache {
+    Tensor x, probs, chosen, weights;  // probs (DeepSeek: scores) [T,E]; chosen/weights [T,k]
+    std::vector<Chunk> chunks;
   };
   // GPT-OSS's variant: the router (prefix.router, with a bias) softmaxes its top-k logits; the
   // experts keep Transformers' layout gate_up [E, H, 2I] with gate and up interleaved and down
@@ -137,8 +173,8 @@ struct SparseMoE {
   bool norm_topk_prob = false;
   std::optional<GptOssStyle> gpt_oss;
   std::optional<GroupedSigmoid> grouped;
-  parallel::Communicator* ep = nullptr;  // the expert-parallel group; null: every expert is here
-  parallel::ExpertShard shard;           // the experts this rank holds
+  parallel::ExpertShard shard;  // the experts this rank holds (of the expert-parallel group's size)
+  int ep_size = 1;
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
             int64_t inter_, bool norm_topk, parallel::Communicator* ep_group = nullptr,
             std::optional<GptOssStyle> gpt_oss_style = std::nullopt,
@@ -149,25 +185,28 @@ struct SparseMoE {
   // its top-k logits is the top-k of the softmax, renormalised).
   bool renormalised() const { return norm_topk_prob || gpt_oss.has_value(); }
   // x [T, H] -> [T, H]. `router` receives the router's softmax probabilities [T, E] (the
-  // load-balancing loss's input; none from DeepSeek-V3's sigmoid router, which has no such loss)
-  // and the chosen experts [T, k]. `forced` [T, k] (I64), when given, replaces the top-k choice of
-  // experts (replayed or balanced routing); the routing weights are still the router's
-  // probabilities at those experts, so gradients flow.
+  // load-balancing loss's input; none from DeepSeek-V3's sigmoid router, which has no such loss),
+  // the chosen experts [T, k] and the rows routed to each expert (host, [E]). `forced` [T, k]
+  // (I64, on x's device), when given, replaces the top-k choice of experts (replayed or balanced
+  // routing); the routing weights are still the router's probabilities at those experts, so
+  // gradients flow.
   struct RouterOut {
     Tensor probs, chosen;
+    std::vector<int64_t> expert_rows;
   };
-  Tensor forward(const ParamStore& ps, const Tensor& x, RouterOut* router, Cache* cache = nullptr,
-                 const Tensor* forced = nullptr) const;
-  // `dprobs_extra` [E] (optional) is a gradient on every row's router probabilities from elsewhere
-  // (the load-balancing loss).
-  Tensor backward(ParamStore& ps, const Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const;
+  Tensor forward(const ParamAccess& ps, const RunContext& ctx, const Tensor& x, RouterOut* router,
+                 Cache* cache = nullptr, const Tensor* forced = nullptr) const;
+  // `dprobs_extra` [E] F32 (optional) is a gradient on every row's router probabilities from
+  // elsewhere (the load-balancing loss).
+  Tensor backward(ParamAccess& ps, const RunContext& ctx, Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const;
 
 };
 
 // Switch-Transformer load-balancing loss as Transformers computes it over all MoE layers' router
 // probabilities (concatenated), with no attention mask: E * sum_e(fraction routed to e * mean prob of e).
 // The routed fractions count the experts each layer chose (Transformers recomputes the same top-k
-// from the same softmax; taking the layers' choice keeps replayed routing consistent).
+// from the same softmax; taking the layers' choice keeps replayed routing consistent). The
+// probabilities may live on any device (they are summed on the host).
 // `dp`, when given, is the group whose ranks split the batch: the statistics are summed over it, so
 // the loss is that of the whole batch.
 float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts,

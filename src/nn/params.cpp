@@ -32,6 +32,12 @@ int64_t ParamStore::numel() const {
   return n;
 }
 
+Tensor& ParamStore::grad(size_t i) {
+  Param& p = params_.at(i);
+  if (!p.grad.defined()) p.grad = Tensor::zeros(p.shape, DType::F32);
+  return p.grad;
+}
+
 void ParamStore::ensure_grads() {
   for (auto& p : params_)
     if (!p.grad.defined()) p.grad = Tensor::zeros(p.shape, DType::F32);

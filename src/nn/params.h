@@ -9,6 +9,33 @@
 
 namespace moeforge::nn {
 
+// What the layers read their weights from and write their gradients into, by parameter index:
+// the model's own host ParamStore (the CPU reference, F32) or a device copy of it
+// (gpu::DeviceParams: the policy's compute dtype, F32 masters, ZeRO-3 blocks). The layers and the
+// decoder are written once against this; the storage decides where and in what dtype they run.
+class ParamAccess {
+ public:
+  virtual ~ParamAccess() = default;
+  // The whole value (of a ZeRO-3 sharded parameter: only between gather() and release()).
+  virtual const Tensor& value(size_t i) const = 0;
+  // The gradient, allocated zeroed on first use; gradients accumulate.
+  virtual Tensor& grad(size_t i) = 0;
+  // The value at full precision: the F32 master where the storage keeps one beside a BF16 compute
+  // copy (a buffer Transformers keeps in F32 under autocast, such as DeepSeek's correction bias).
+  virtual const Tensor& exact(size_t i) const { return value(i); }
+  virtual Device device() const = 0;
+  // The dtype activations are computed in (F32 on the host; the precision policy's on a GPU).
+  virtual DType compute_dtype() const = 0;
+  // ZeRO-3 residency, called by the layer loop around each layer (no-ops where every value is
+  // whole): gather makes these values whole (waiting for a prefetch that started it), prefetch
+  // starts that and returns, release frees the whole values again, scatter_grads sums the whole
+  // gradients over the parameters' group into this rank's blocks and frees them.
+  virtual void gather(const std::vector<size_t>&) {}
+  virtual void prefetch(const std::vector<size_t>&) {}
+  virtual void release(const std::vector<size_t>&) {}
+  virtual void scatter_grads(const std::vector<size_t>&) {}
+};
+
 struct Param {
   std::string name;  // internal name, e.g. "model.layers.0.mlp.experts.gate_up_proj"
   Shape shape;       // the shape the config implies
@@ -20,7 +47,7 @@ struct Param {
   bool trainable = true;
 };
 
-class ParamStore {
+class ParamStore : public ParamAccess {
  public:
   // Registers a parameter; returns its index for the layer to keep.
   size_t add(std::string name, Shape shape);
@@ -31,7 +58,11 @@ class ParamStore {
   Param* find(const std::string& name);
   const Param* find(const std::string& name) const;
   int64_t numel() const;
-  Tensor& grad(size_t i) { return params_[i].grad; }
+  // ParamAccess: the host values (F32 compute); a gradient is allocated (zeroed, F32) on first use.
+  const Tensor& value(size_t i) const override { return params_[i].value; }
+  Tensor& grad(size_t i) override;
+  Device device() const override { return Device::cpu(); }
+  DType compute_dtype() const override { return DType::F32; }
   // Allocates (zeroed) gradients for every parameter that has none; zero_grad() clears them.
   void ensure_grads();
   void zero_grad();

@@ -3,6 +3,10 @@
 // device tensor (cuda::empty refuses), so only the CPU branch is compiled there.
 #include "ops/ops.h"
 
+#include <algorithm>
+#include <cstring>
+#include <string>
+
 #include "core/error.h"
 #include "ops/cpu/cpu_ops.h"
 #include "ops/cuda/runtime.h"
@@ -134,10 +138,50 @@ void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse)
   cpu::rope_inplace(x, cos, sin, inverse);
 }
 
+Tensor copy(const Tensor& x) { return to_device(x, x.device(), x.dtype()); }
+
+void zero(Tensor& x) {
+  MF_ON_CUDA("zero", x, cuda::zero(x));
+  if (x.nbytes() > 0) std::memset(x.raw(), 0, x.nbytes());
+}
+
+void synchronize(Device device) {
+  if (!device.is_cpu()) cuda::synchronize();
+}
+
+#ifdef MOEFORGE_HAVE_CUDA
+namespace {
+
+// The fused (cuDNN) attention takes one head dim for q, k and v: a narrower v (latent attention:
+// 128 columns against q/k's 192) is zero-padded to q's width, which leaves the output's first DV
+// columns exact and the rest zero (PV over 192 columns costs less than the CUDA-core kernels'
+// several times slower exact-width path).
+bool pad_values(const Tensor& q, const Tensor& v, std::optional<int64_t> window, const Tensor* doc_ids) {
+  return v.size(3) < q.size(3) && std::string(cuda::attention_backend(q, window.value_or(0), doc_ids)) == "cudnn";
+}
+
+// x [B,S,H,D] with its heads' columns widened to `width` (zeros) or narrowed to it.
+Tensor head_columns(const Tensor& x, int64_t width) {
+  const int64_t d = x.size(3);
+  Tensor out = cuda::empty({x.size(0), x.size(1), x.size(2), width}, x.dtype(), "attention head columns");
+  if (width > d) cuda::zero(out);
+  cuda::copy_columns(x, d, 0, 1, out, width, 0, std::min(d, width));
+  return out;
+}
+
+}  // namespace
+#endif
+
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, std::optional<int64_t> window,
                  const Tensor* doc_ids, const Tensor* sinks, Tensor* lse) {
-  MF_ON_CUDA("attention", MF_T(q, k, v, doc_ids ? *doc_ids : Tensor(), sinks ? *sinks : Tensor()),
-             cuda::attention(q, k, v, scale, window.value_or(0), doc_ids, lse, sinks));
+#ifdef MOEFORGE_HAVE_CUDA
+  if (same_device("attention", q, k, v, doc_ids ? *doc_ids : Tensor(), sinks ? *sinks : Tensor())) {
+    if (pad_values(q, v, window, doc_ids))
+      return head_columns(cuda::attention(q, k, head_columns(v, q.size(3)), scale, window.value_or(0), doc_ids, lse, sinks),
+                          v.size(3));
+    return cuda::attention(q, k, v, scale, window.value_or(0), doc_ids, lse, sinks);
+  }
+#endif
   return cpu::attention(q, k, v, scale, window, doc_ids, sinks, lse);
 }
 
@@ -146,6 +190,16 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
                         const Tensor* sinks, Tensor* dsinks, const Tensor* out, const Tensor* lse) {
 #ifdef MOEFORGE_HAVE_CUDA
   if (same_device("attention_backward", q, k, v, dout)) {
+    if (pad_values(q, v, window, doc_ids)) {  // as the forward: run at q's width, keep v's columns
+      const int64_t w = q.size(3);
+      const Tensor vp = head_columns(v, w);
+      Tensor out_p, dvp;
+      if (out) out_p = head_columns(*out, w);
+      attention_backward(q, k, vp, head_columns(dout, w), scale, window, doc_ids, dq, dk, dvp, sinks, dsinks,
+                         out ? &out_p : nullptr, lse);
+      dv = head_columns(dvp, v.size(3));
+      return;
+    }
     Tensor own_out, own_lse;
     if (!out || !lse) {  // the kernels start from the forward's output and log-sum-exp
       own_out = cuda::attention(q, k, v, scale, window.value_or(0), doc_ids, &own_lse, sinks);

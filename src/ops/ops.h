@@ -22,6 +22,11 @@ namespace moeforge::ops {
 // an out-of-memory error), and a copy of `t` on `device` converted to `dtype`.
 Tensor empty(const Shape& shape, DType dtype, Device device, const char* what = "tensor");
 Tensor to_device(const Tensor& t, Device device, DType dtype);
+// A copy of x on its device; x's elements set to 0; waiting until `device` has done the work queued
+// on it (nothing to wait for on the CPU).
+Tensor copy(const Tensor& x);
+void zero(Tensor& x);
+void synchronize(Device device);
 
 // ---- GEMMs
 

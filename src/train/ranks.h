@@ -22,6 +22,9 @@ struct RankGroups {
   // The same groups over NCCL for device tensors, when the run trains on GPUs (else null).
   std::unique_ptr<parallel::Communicator> dev_world, dev_ep, dev_edp;
   models::Parallel parallel() const { return {world_group.get(), ep.get()}; }
+  // The same for a model running on GPUs: the exchange over the NCCL expert-parallel group (the
+  // load-balancing statistics still sum over gloo, on the host).
+  models::Parallel device_parallel() const { return {world_group.get(), dev_ep.get()}; }
   bool is_main() const { return rank == 0; }
   // Per parameter, the device group of the ranks holding copies of it (ZeRO's split groups): the
   // world for dense parameters, the expert-data-parallel group for expert shards (`expert_sharded`).

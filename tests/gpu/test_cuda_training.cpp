@@ -26,8 +26,8 @@ namespace {
   if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine"
 
 // Call before the model is uploaded: the MTP layers' parameters train only when mtp_scale > 0.
-gpu::GpuStepOptions step_options(models::CausalLM& m, const Tensor& labels, bool ckpt, double mtp_scale = 0) {
-  gpu::GpuStepOptions o;
+models::TrainStepOptions step_options(models::CausalLM& m, const Tensor& labels, bool ckpt, double mtp_scale = 0) {
+  models::TrainStepOptions o;
   o.ce_scale = 1.f / static_cast<float>(test::counted_tokens(labels));
   o.aux_scale = m.config().output_router_logits ? static_cast<float>(m.config().router_aux_loss_coef) : 0.f;
   o.activation_checkpointing = ckpt;
@@ -47,7 +47,7 @@ TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
   auto grads = hf::SafetensorsFile::open(dir + "/reference_grads.safetensors");
   auto m = models::from_pretrained(dir);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  const gpu::GpuStepOptions opts = step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref));
+  const models::TrainStepOptions opts = step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref));
   auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   gm->forward_backward({ids, &labels}, opts);
   const auto& params = m.model->params().all();
@@ -75,7 +75,7 @@ TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
   if (worst > 1e-5) std::printf("  [%s] largest GPU-only gradient difference: %.3g at %s\n", name, worst, worst_name.c_str());
   if (!m.model->config().output_router_logits) return;
   gm->params().zero_grad();
-  gpu::GpuStepOptions aux_only = step_options(*m.model, labels, ckpt);
+  models::TrainStepOptions aux_only = step_options(*m.model, labels, ckpt);
   aux_only.ce_scale = 0.f;
   aux_only.aux_scale = 1.f;
   gm->forward_backward({ids, &labels}, aux_only);
@@ -99,7 +99,7 @@ TEST_P(CudaTraining, Fp32ThreeAdamWStepsMatchTorch) {
   auto m = models::from_pretrained(dir);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
   const double mtp_scale = test::mtp_loss_scale(ref);
-  const gpu::GpuStepOptions opts = step_options(*m.model, labels, ckpt, mtp_scale);
+  const models::TrainStepOptions opts = step_options(*m.model, labels, ckpt, mtp_scale);
   auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   const double lr = 1e-3;
   gpu::DeviceAdamW opt(gm->params(), {lr, 0.9, 0.95, 1e-8, 0.1, true});
@@ -222,9 +222,11 @@ TEST_P(CudaTrainingPolicies, BalancedRoutingMatchesCpuReplay) {
   auto m = models::from_pretrained(dir);
   const auto& cfg = m.model->config();
   auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
-  gpu::GpuStepOptions go = step_options(*m.model, labels, false);
-  go.balanced_routing = true;
-  const auto gr = gm->forward_backward({ids, &labels}, go);
+  models::TrainStepOptions go = step_options(*m.model, labels, false);
+  models::RoutingControl balanced{models::RoutingControl::Mode::Balanced, {}};
+  models::ForwardInputs bin{ids, &labels};
+  bin.routing = &balanced;
+  const auto gr = gm->forward_backward(bin, go);
 
   const int64_t t = ids.numel(), k = cfg.num_experts_per_tok;
   std::vector<int64_t> rr(static_cast<size_t>(t * k));
@@ -269,7 +271,7 @@ TEST_P(CudaTrainingPolicies, OptimizerInBackwardMatchesStepAfterBackward) {
     for (size_t i = 0; i < params.size(); ++i)
       test::note_noise(noisy[i], cuda::to_host_f32(a->params().grad(i)).to_f32_vector());
     opt_a.step(1e-3);
-    gpu::GpuStepOptions ob = step_options(*m.model, labels, false);
+    models::TrainStepOptions ob = step_options(*m.model, labels, false);
     opt_b.begin_step(1e-3);
     size_t applied = 0;
     ob.on_grads_ready = [&](const std::vector<size_t>& idx) {

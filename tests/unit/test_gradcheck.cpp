@@ -164,9 +164,14 @@ TEST(GradCheck, GatedSharedExpert) {
   shared.init(ps, "mlp", 10, 6);
   fill_random(ps, 9, 0.5f);
   Tensor x = test::random_tensor({7, 10}, 32), r = test::random_tensor({7, 10}, 33);
-  auto loss = [&] { return dot_double(shared.forward(ps, x), r); };
+  auto forward = [&](nn::GatedSharedExpert::Cache* c) {
+    Tensor out = Tensor::zeros({7, 10}, DType::F32);
+    shared.forward_add(ps, x, out, c);
+    return out;
+  };
+  auto loss = [&] { return dot_double(forward(nullptr), r); };
   nn::GatedSharedExpert::Cache c;
-  shared.forward(ps, x, &c);
+  forward(&c);
   Tensor dx = shared.backward(ps, c, r);
   check_direction(x, dx, loss, 510, "dx");
   for (auto& p : ps.all()) check_direction(p.value, p.grad, loss, 610, p.name);
@@ -190,7 +195,9 @@ TEST(GradCheck, ClampedSwiGLU) {
 
 // The MoE block with each routing: softmax top-k renormalised or not, GPT-OSS's (biased router,
 // softmax of the top-k logits, biased clamped-SwiGLU experts in their [E, H, 2I] layout) and
-// DeepSeek-V3's (sigmoid scores, 3 groups keep 2, scaled weights; no load-balancing loss).
+// DeepSeek-V3's (sigmoid scores, 3 groups keep 2, scaled weights; no load-balancing loss); each
+// with the tokens in one chunk and in three (the expert exchange split as under expert
+// parallelism with overlap).
 TEST(GradCheck, SparseMoEEveryRouting) {
   struct Variant {
     const char* tag;
@@ -202,7 +209,10 @@ TEST(GradCheck, SparseMoEEveryRouting) {
                               {"plain", false, std::nullopt, std::nullopt},
                               {"gpt_oss", false, nn::SparseMoE::GptOssStyle{1.702f, 7.f}, std::nullopt},
                               {"deepseek", true, std::nullopt, nn::SparseMoE::GroupedSigmoid{3, 2, 2.5f}}};
-  for (const Variant& v : variants) {
+  for (const Variant& v : variants)
+  for (const int chunks : {1, 3}) {
+    nn::RunContext ctx;
+    ctx.ep_chunks = chunks;
     nn::ParamStore ps;
     nn::SparseMoE moe;
     moe.init(ps, "moe", 12, 6, 2, 8, v.norm, nullptr, v.gpt_oss, v.grouped);
@@ -215,15 +225,15 @@ TEST(GradCheck, SparseMoEEveryRouting) {
     for (int64_t i = 0; i < 9 * 6; ++i) extra_rows.f32()[i] = extra.f32()[i % 6];
     const Tensor* ex = v.grouped ? nullptr : &extra;
     nn::SparseMoE::Cache c;
-    moe.forward(ps, x, nullptr, &c);
+    moe.forward(ps, ctx, x, nullptr, &c);
     const Tensor chosen = c.chosen.clone();
     auto loss = [&] {
       nn::SparseMoE::Cache cc;
-      Tensor y = moe.forward(ps, x, nullptr, &cc, &chosen);
+      Tensor y = moe.forward(ps, ctx, x, nullptr, &cc, &chosen);
       return dot_double(y, r) + (ex ? dot_double(cc.probs, extra_rows) : 0.0);
     };
-    Tensor dx = moe.backward(ps, c, r, ex);
-    const std::string tag = std::string(v.tag) + " ";
+    Tensor dx = moe.backward(ps, ctx, c, r, ex);
+    const std::string tag = std::string(v.tag) + " chunks " + std::to_string(chunks) + " ";
     check_direction(x, dx, loss, 700, tag + "dx");
     for (auto& p : ps.all())
       if (p.trainable) check_direction(p.value, p.grad, loss, 800, tag + p.name);

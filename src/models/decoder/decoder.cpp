@@ -1,12 +1,15 @@
 #include "models/decoder/decoder.h"
 
+#include <algorithm>
+#include <chrono>
+
 #include "core/error.h"
 #include "ops/ops.h"
 
 namespace moeforge::models {
 
 Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
-    : CausalLM(std::move(c)), rope_(cfg_.rope, cfg_.head_dim, cfg_.max_position_embeddings), par_(par) {
+    : CausalLM(std::move(c), par), rope_(cfg_.rope, cfg_.head_dim, cfg_.max_position_embeddings) {
   const auto& c_ = cfg_;
   MF_CHECK(c_.mtp_layers >= 0 && c_.mtp_layers <= c_.num_nextn_predict_layers, "internal: ", c_.mtp_layers,
            " multi-token prediction layers built of the config's ", c_.num_nextn_predict_layers);
@@ -27,6 +30,12 @@ Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
   for (int64_t i = c_.mtp_layers; i < c_.num_nextn_predict_layers; ++i)
     adapter_.ignore_prefix("model.layers." + std::to_string(c_.num_hidden_layers + i) + ".",
                            "a multi-token prediction layer the checkpoint holds only in part");
+  // Each decoder layer's parameters, by their internal names' "model.layers.<l>." prefix.
+  layer_params_.resize(layers_.size());
+  const auto& all = params_.all();
+  for (size_t i = 0; i < all.size(); ++i)
+    for (size_t l = 0; l < layers_.size(); ++l)
+      if (all[i].name.rfind("model.layers." + std::to_string(l) + ".", 0) == 0) layer_params_[l].push_back(i);
 }
 
 void Decoder::add_layer(int64_t l, const ExpertNaming& naming, size_t& moe_layers) {
@@ -116,100 +125,157 @@ void Decoder::set_mtp_trainable(bool on) {
     if (is_mtp_param(p.name) && !p.name.ends_with("e_score_correction_bias")) p.trainable = on;
 }
 
-Decoder::Batch Decoder::prepare(const ForwardInputs& in) const {
+Decoder::Batch Decoder::prepare(const nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const {
   const Tensor& ids = in.input_ids;
   MF_CHECK(ids.dim() == 2 && ids.dtype() == DType::I64, "input_ids must be an I64 [batch, seq] tensor, got ",
            dtype_name(ids.dtype()), " ", shape_str(ids.shape()));
   Batch bt;
   bt.b = ids.size(0);
   bt.s = ids.size(1);
-  bt.doc_ids = in.doc_ids;
+  bt.t = bt.b * bt.s;
+  bt.device = ps.device();
+  bt.ids = ops::to_device(ids.view({bt.t}), bt.device, DType::I64);
   bt.routing = in.routing;
-  Tensor positions;
+  bt.ctx.ep = par.ep;
+  const bool same_shape = tables_.b == bt.b && tables_.s == bt.s && tables_.device == bt.device;
   if (in.position_ids) {
     MF_CHECK(in.position_ids->shape() == ids.shape(), "position_ids must match input_ids");
-    positions = *in.position_ids;
+    Tensor cos, sin;
+    rope_.tables(*in.position_ids, cos, sin);
+    bt.cos = ops::to_device(cos, bt.device, DType::F32);
+    bt.sin = ops::to_device(sin, bt.device, DType::F32);
   } else {
-    std::vector<int64_t> p(static_cast<size_t>(bt.b * bt.s));
-    for (int64_t i = 0; i < bt.b * bt.s; ++i) p[i] = i % bt.s;
-    positions = Tensor::from_i64(p, {bt.b, bt.s});
+    if (!same_shape) {
+      std::vector<int64_t> p(static_cast<size_t>(bt.t));
+      for (int64_t i = 0; i < bt.t; ++i) p[i] = i % bt.s;
+      Tensor cos, sin;
+      rope_.tables(Tensor::from_i64(p, {bt.b, bt.s}), cos, sin);
+      tables_ = {bt.b, bt.s, bt.device, ops::to_device(cos, bt.device, DType::F32),
+                 ops::to_device(sin, bt.device, DType::F32), Tensor()};
+    }
+    bt.cos = tables_.cos;
+    bt.sin = tables_.sin;
   }
-  rope_.tables(positions, bt.cos, bt.sin);
+  if (in.doc_ids) {
+    MF_CHECK(in.doc_ids->shape() == ids.shape(), "doc_ids must match input_ids");
+    bt.docs = ops::to_device(*in.doc_ids, bt.device, DType::I64);
+    bt.doc_ids = &bt.docs;
+  }
+  if (in.routing && in.routing->mode == RoutingControl::Mode::Balanced && cfg_.num_experts > 0) {
+    const int64_t k = cfg_.num_experts_per_tok, e = cfg_.num_experts;
+    if (!tables_.balanced.defined() || tables_.balanced.size(0) != bt.t || tables_.device != bt.device) {
+      // Token t's slot j goes to expert (t*k + j) mod E: every expert gets the same number of rows
+      // (when E divides T*k) and a token's k experts are distinct (k <= E).
+      std::vector<int64_t> idx(static_cast<size_t>(bt.t * k));
+      for (int64_t i = 0; i < bt.t * k; ++i) idx[i] = i % e;
+      tables_.balanced = ops::to_device(Tensor::from_i64(idx, {bt.t, k}), bt.device, DType::I64);
+    }
+    bt.balanced = tables_.balanced;
+  }
+  bt.chosen.resize(layers_.size());
   return bt;
 }
 
-Tensor Decoder::layer_forward(size_t l, const Tensor& x_in, const Batch& bt, LayerCache* c,
-                               nn::SparseMoE::RouterOut* router) const {
+Tensor Decoder::layer_forward(const nn::ParamAccess& ps, size_t l, const Tensor& x_in, Batch& bt, LayerCache* c,
+                               nn::SparseMoE::RouterOut* router, const Tensor* replay) const {
   const Layer& L = layers_[l];
-  Tensor x = x_in.clone();
-  const Tensor n1 = L.input_norm.forward(params_, x_in);
-  Tensor a = L.mla ? L.mla->forward(params_, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->mla : nullptr)
-                   : L.attn.forward(params_, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr);
-  ops::add_inplace(x, a);
+  const Tensor n1 = L.input_norm.forward(ps, x_in, c ? &c->rstd1 : nullptr);
+  Tensor a = L.mla ? L.mla->forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->mla : nullptr)
+                   : L.attn.forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr);
+  // The residual stream after attention, and the post-attention norm of it, in one pass.
+  Tensor x = ops::copy(x_in);
+  const Tensor n = ops::add_rms_norm(a, x, ps.value(L.post_attention_norm.weight), L.post_attention_norm.eps,
+                                     c ? &c->rstd2 : nullptr);
+  a = Tensor();
   if (c) {
     c->x_in = x_in;
-    c->x_mid = x.clone();
+    c->x_mid = x;
   }
-  Tensor n = L.post_attention_norm.forward(params_, x);
+  bt.ctx.phase("fwd: attention block");
   Tensor m;
   if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
     const size_t slot = L.moe_slot;
-    const Tensor* forced = nullptr;
-    if (bt.routing && bt.routing->mode == RoutingControl::Mode::Replay) {
+    const Tensor* forced = replay;
+    Tensor replayed;
+    if (!forced && bt.routing && bt.routing->mode == RoutingControl::Mode::Replay) {
       MF_CHECK(slot < bt.routing->chosen.size(), "routing replay has no record for MoE layer ", slot);
-      forced = &bt.routing->chosen[slot];
+      replayed = ops::to_device(bt.routing->chosen[slot], bt.device, DType::I64);
+      forced = &replayed;
     }
-    nn::SparseMoE::Cache local;
-    nn::SparseMoE::Cache* mc = c ? &c->moe : (bt.routing ? &local : nullptr);
-    m = moe->forward(params_, n, router, mc, forced);
-    if (bt.routing && bt.routing->mode == RoutingControl::Mode::Record) {
+    if (!forced && bt.balanced.defined()) forced = &bt.balanced;
+    nn::SparseMoE::RouterOut local;
+    nn::SparseMoE::RouterOut* r = router ? router : &local;
+    m = moe->forward(ps, bt.ctx, n, r, c ? &c->moe : nullptr, forced);
+    if (!replay) bt.chosen[l] = r->chosen;
+    if (bt.routing && bt.routing->mode == RoutingControl::Mode::Record && !replay) {
       if (bt.routing->chosen.size() <= slot) bt.routing->chosen.resize(slot + 1);
-      bt.routing->chosen[slot] = mc->chosen;
+      bt.routing->chosen[slot] = r->chosen;
     }
-    if (L.shared) ops::add_inplace(m, L.shared->forward(params_, n, c ? &c->shared : nullptr));
-    if (L.shared_experts) ops::add_inplace(m, L.shared_experts->forward(params_, n, c ? &c->shared_experts : nullptr));
+    if (L.shared) L.shared->forward_add(ps, n, m, c ? &c->shared : nullptr);
+    if (L.shared_experts) ops::add_inplace(m, L.shared_experts->forward(ps, n, c ? &c->shared_experts : nullptr));
   } else {
-    m = std::get<nn::DenseMLP>(L.mlp).forward(params_, n, c ? &c->dense : nullptr);
+    m = std::get<nn::DenseMLP>(L.mlp).forward(ps, n, c ? &c->dense : nullptr);
   }
-  ops::add_inplace(x, m);
-  return x;
+  ops::add_inplace(m, x);
+  bt.ctx.phase("fwd: MLP block + residual");
+  return m;
 }
 
-Tensor Decoder::layer_backward(size_t l, const LayerCache& c, const Batch& bt, const Tensor& dy,
-                                const Tensor* dprobs_extra) {
+Tensor Decoder::layer_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const Batch& bt, const Tensor& dy,
+                                const Tensor* dprobs_extra) const {
   const Layer& L = layers_[l];
   Tensor dn;
   if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
-    dn = moe->backward(params_, c.moe, dy, dprobs_extra);
-    if (L.shared) ops::add_inplace(dn, L.shared->backward(params_, c.shared, dy));
-    if (L.shared_experts) ops::add_inplace(dn, L.shared_experts->backward(params_, c.shared_experts, dy));
+    dn = moe->backward(ps, bt.ctx, c.moe, dy, dprobs_extra);
+    if (L.shared) ops::add_inplace(dn, L.shared->backward(ps, c.shared, dy));
+    if (L.shared_experts) ops::add_inplace(dn, L.shared_experts->backward(ps, c.shared_experts, dy));
   } else {
-    dn = std::get<nn::DenseMLP>(L.mlp).backward(params_, c.dense, dy);
+    dn = std::get<nn::DenseMLP>(L.mlp).backward(ps, c.dense, dy);
   }
-  Tensor dmid = dy.clone();
-  ops::add_inplace(dmid, L.post_attention_norm.backward(params_, c.x_mid, dn));
-  Tensor da = L.mla ? L.mla->backward(params_, c.mla, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dmid)
-                    : L.attn.backward(params_, c.attn, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dmid);
-  Tensor dx = dmid;
-  ops::add_inplace(dx, L.input_norm.backward(params_, c.x_in, da));
+  Tensor dmid = L.post_attention_norm.backward(ps, c.x_mid, dn, c.rstd2.defined() ? &c.rstd2 : nullptr);
+  dn = Tensor();
+  ops::add_inplace(dmid, dy);
+  Tensor da = L.mla ? L.mla->backward(ps, c.mla, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dmid)
+                    : L.attn.backward(ps, c.attn, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dmid);
+  bt.ctx.phase("bwd: attention block");
+  Tensor dx = L.input_norm.backward(ps, c.x_in, da, c.rstd1.defined() ? &c.rstd1 : nullptr);
+  ops::add_inplace(dx, dmid);
   return dx;
 }
 
-ForwardOutputs Decoder::forward(const ForwardInputs& in) const {
-  const Batch bt = prepare(in);
-  const int64_t t = bt.b * bt.s, h = cfg_.hidden_size;
-  Tensor x = ops::embedding(in.input_ids, params_.at(embed_)).view({t, h});
+Tensor Decoder::aux_gradient(const std::vector<nn::SparseMoE::RouterOut>& routers, const Parallel& par, float scale,
+                             float* loss, Device device) const {
+  std::vector<nn::SparseMoE::RouterOut> moe;
+  for (const auto& r : routers)
+    if (r.probs.defined()) moe.push_back(r);
+  if (!cfg_.output_router_logits || moe.empty()) return Tensor();
+  *loss = nn::load_balancing_loss(moe, cfg_.num_experts, par.world);
+  std::vector<float> g = nn::load_balancing_prob_grad(moe, cfg_.num_experts, par.world);
+  for (float& v : g) v *= scale;  // the same for every row
+  return ops::to_device(Tensor::from_vector(g, {cfg_.num_experts}), device, DType::F32);
+}
+
+ForwardOutputs Decoder::forward(nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const {
+  Batch bt = prepare(ps, in, par);
+  ps.gather({embed_});
+  Tensor x = ops::embedding(bt.ids, ps.value(embed_));
+  if (embed_ != lm_head_) ps.release({embed_});
   std::vector<nn::SparseMoE::RouterOut> routers;
   for (size_t l = 0; l < main_layers_; ++l) {
+    ps.gather(layer_params_[l]);
     nn::SparseMoE::RouterOut r;
-    x = layer_forward(l, x, bt, nullptr, cfg_.output_router_logits ? &r : nullptr);
+    x = layer_forward(ps, l, x, bt, nullptr, cfg_.output_router_logits ? &r : nullptr);
     if (r.chosen.defined()) routers.push_back(r);
+    ps.release(layer_params_[l]);
   }
-  x = final_norm_.forward(params_, x);
+  ps.gather({final_norm_.weight, lm_head_});
+  x = final_norm_.forward(ps, x);
   ForwardOutputs out;
-  out.logits = ops::linear(x, params_.at(lm_head_)).view({bt.b, bt.s, cfg_.vocab_size});
-  if (cfg_.output_router_logits)
-    out.aux_loss = nn::load_balancing_loss(routers, cfg_.num_experts);
+  Tensor logits = ops::linear(x, ps.value(lm_head_));
+  if (!logits.device().is_cpu() || logits.dtype() != DType::F32) logits = ops::to_device(logits, Device::cpu(), DType::F32);
+  out.logits = logits.view({bt.b, bt.s, cfg_.vocab_size});
+  ps.release({final_norm_.weight, lm_head_});
+  if (cfg_.output_router_logits) out.aux_loss = nn::load_balancing_loss(routers, cfg_.num_experts);
   if (in.labels) {
     out.loss = causal_lm_loss(out.logits, *in.labels, &out.loss_tokens);
     if (cfg_.output_router_logits) out.loss += static_cast<float>(cfg_.router_aux_loss_coef) * out.aux_loss;
@@ -217,87 +283,45 @@ ForwardOutputs Decoder::forward(const ForwardInputs& in) const {
   return out;
 }
 
-TrainStepResult Decoder::forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) {
-  MF_CHECK(in.labels, "forward_backward needs labels");
-  params_.ensure_grads();
-  const Batch bt = prepare(in);
-  const int64_t t = bt.b * bt.s, h = cfg_.hidden_size;
-  const bool ckpt = opts.activation_checkpointing;
-  MF_CHECK(opts.mtp_scales.empty() || opts.mtp_scales.size() == mtp_.size(), "training asks for ",
-           opts.mtp_scales.size(), " multi-token prediction depths, the model has ", mtp_.size());
-  // Forward, keeping each layer's state (or only its input under activation checkpointing).
-  std::vector<LayerCache> caches(main_layers_);
-  std::vector<nn::SparseMoE::RouterOut> routers(main_layers_);
-  Tensor x = ops::embedding(in.input_ids, params_.at(embed_)).view({t, h});
-  for (size_t l = 0; l < main_layers_; ++l) {
-    nn::SparseMoE::RouterOut* rl = cfg_.output_router_logits ? &routers[l] : nullptr;
-    if (ckpt) {
-      caches[l].x_in = x;
-      x = layer_forward(l, x, bt, nullptr, rl);
-    } else {
-      x = layer_forward(l, x, bt, &caches[l], rl);
-    }
+// Zeroes the last `n` positions of every row of x [B*S, ...]: there is no token t+n there.
+namespace {
+void zero_row_ends(Tensor& x, int64_t b, int64_t s, int64_t n) {
+  const int64_t tail = std::min(n, s);
+  for (int64_t i = 0; i < b; ++i) {
+    Tensor rows = x.slice0(i * s + s - tail, tail);
+    ops::zero(rows);
   }
-  const Tensor x_final = x;
-  Tensor xn = final_norm_.forward(params_, x_final);
-  Tensor logits = ops::linear(xn, params_.at(lm_head_));
-  TrainStepResult res;
-  Tensor dlogits;
-  res.ce_sum = ops::cross_entropy_backward(logits, shifted_targets(*in.labels), -100, opts.ce_scale, dlogits, &res.tokens);
-  logits = Tensor();  // free before backward
-  // Load-balancing loss: its gradient on every MoE layer's router probabilities.
-  std::vector<nn::SparseMoE::RouterOut> moe_routers;
-  for (auto& r : routers)
-    if (r.chosen.defined()) moe_routers.push_back(r);
-  Tensor dprobs_aux;
-  if (cfg_.output_router_logits && !moe_routers.empty()) {
-    res.aux_loss = nn::load_balancing_loss(moe_routers, cfg_.num_experts, par_.world);
-    const auto g = nn::load_balancing_prob_grad(moe_routers, cfg_.num_experts, par_.world);
-    dprobs_aux = Tensor::empty({cfg_.num_experts}, DType::F32);  // the same for every row
-    for (int64_t e = 0; e < cfg_.num_experts; ++e) dprobs_aux.f32()[e] = g[e] * opts.aux_scale;
-  }
-  // Backward.
-  Tensor dxn = ops::linear_input_grad(dlogits, params_.at(lm_head_));
-  ops::linear_weight_grad(dlogits, xn, params_.grad(lm_head_));
-  dlogits = Tensor();
-  if (!opts.mtp_scales.empty()) ops::add_inplace(dxn, mtp_train(in, bt, xn, opts, res));
-  Tensor dx = final_norm_.backward(params_, x_final, dxn);
-  for (size_t l = main_layers_; l-- > 0;) {
-    if (ckpt) {
-      Tensor x_in = caches[l].x_in;
-      layer_forward(l, x_in, bt, &caches[l], nullptr);
-    }
-    const Tensor* extra = routers[l].chosen.defined() && dprobs_aux.defined() ? &dprobs_aux : nullptr;
-    dx = layer_backward(l, caches[l], bt, dx, extra);
-    caches[l] = LayerCache();
-  }
-  ops::embedding_backward(in.input_ids, dx, params_.grad(embed_), cfg_.pad_token_id.value_or(-1));
-  return res;
 }
+}  // namespace
 
-Tensor Decoder::mtp_train(const ForwardInputs& in, const Batch& bt, const Tensor& h0, const TrainStepOptions& opts,
-                          TrainStepResult& res) {
-  const int64_t t = bt.b * bt.s, h = cfg_.hidden_size;
+template <typename Ready>
+Tensor Decoder::mtp_train(nn::ParamAccess& ps, const ForwardInputs& in, Batch& bt, const Tensor& h0,
+                          const TrainStepOptions& opts, TrainStepResult& res, Ready& ready) const {
+  const int64_t t = bt.t, h = cfg_.hidden_size;
   const size_t depths = mtp_.size();
   std::vector<MtpCache> caches(depths);
   res.mtp_ce_sums.assign(depths, 0.0);
   res.mtp_tokens.assign(depths, 0);
+  const DType dt = h0.dtype();
   // Forward through the depths, each keeping what its backward needs.
+  ps.gather({embed_});  // the embedding of tokens t+k (ZeRO-3: whole for the depths' run)
   Tensor prev = h0;
   for (size_t k = 0; k < depths; ++k) {
     const MtpDepth& d = mtp_[k];
     MtpCache& c = caches[k];
-    c.ids = mtp_input_ids(in.input_ids, static_cast<int64_t>(k + 1), &c.valid);
-    c.embed = ops::embedding(c.ids, params_.at(embed_)).view({t, h});
-    for (int64_t r = 0; r < t; ++r)  // no token t+k there: a zero embedding, as vLLM feeds position 0
-      if (!c.valid[r]) std::fill_n(c.embed.f32() + r * h, h, 0.f);
-    c.joined = Tensor::zeros({t, 2 * h}, DType::F32);
-    ops::copy_columns(d.enorm.forward(params_, c.embed), h, 0, 1, c.joined, 2 * h, 0, h);
-    ops::copy_columns(d.hnorm.forward(params_, prev), h, 0, 1, c.joined, 2 * h, h, h);
-    c.layer.x_in = d.eh_proj.forward(params_, c.joined);
-    c.y = layer_forward(d.layer, c.layer.x_in, bt, &c.layer, nullptr);
-    c.h = d.head_norm.forward(params_, c.y);
+    const int64_t depth = static_cast<int64_t>(k + 1);
+    ps.gather(layer_params_[d.layer]);
+    c.ids = ops::to_device(mtp_input_ids(in.input_ids, depth, nullptr).view({t}), bt.device, DType::I64);
+    c.embed = ops::embedding(c.ids, ps.value(embed_));
+    zero_row_ends(c.embed, bt.b, bt.s, depth);  // no token t+k there: a zero embedding, as vLLM feeds position 0
+    c.joined = ops::empty({t, 2 * h}, dt, bt.device, "MTP [enorm | hnorm]");
+    ops::copy_columns(d.enorm.forward(ps, c.embed, &c.rstd_e), h, 0, 1, c.joined, 2 * h, 0, h);
+    ops::copy_columns(d.hnorm.forward(ps, prev, &c.rstd_h), h, 0, 1, c.joined, 2 * h, h, h);
+    c.layer.x_in = d.eh_proj.forward(ps, c.joined);
+    c.y = layer_forward(ps, d.layer, c.layer.x_in, bt, &c.layer, nullptr);
+    c.h = d.head_norm.forward(ps, c.y, &c.rstd_y);
     prev = c.h;
+    ps.release(layer_params_[d.layer]);
   }
   // Backward from the last depth: each depth's loss, plus the gradient its successor sent back
   // through hnorm, reaches its head norm; what reaches its hnorm goes to the depth before.
@@ -305,29 +329,126 @@ Tensor Decoder::mtp_train(const ForwardInputs& in, const Batch& bt, const Tensor
   for (size_t k = depths; k-- > 0;) {
     const MtpDepth& d = mtp_[k];
     MtpCache& c = caches[k];
-    const Tensor targets = mtp_targets(*in.labels, in.doc_ids, static_cast<int64_t>(k + 1));
-    Tensor dlogits;
-    Tensor logits = ops::linear(c.h, params_.at(lm_head_));
-    res.mtp_ce_sums[k] = ops::cross_entropy_backward(logits, targets, -100, opts.mtp_scales[k], dlogits, &res.mtp_tokens[k]);
-    logits = Tensor();
-    Tensor dh = ops::linear_input_grad(dlogits, params_.at(lm_head_));
-    ops::linear_weight_grad(dlogits, c.h, params_.grad(lm_head_));
-    dlogits = Tensor();
+    const int64_t depth = static_cast<int64_t>(k + 1);
+    ps.gather(layer_params_[d.layer]);
+    const Tensor targets = ops::to_device(mtp_targets(*in.labels, in.doc_ids, depth), bt.device, DType::I64);
+    Tensor dh;
+    res.mtp_ce_sums[k] = ops::fused_linear_cross_entropy(c.h, ps.value(lm_head_), targets, -100, opts.mtp_scales[k], dh,
+                                                         ps.grad(lm_head_), &res.mtp_tokens[k]);
     if (d_next.defined()) ops::add_inplace(dh, d_next);
-    const Tensor dy = d.head_norm.backward(params_, c.y, dh);
-    const Tensor dx = layer_backward(d.layer, c.layer, bt, dy, nullptr);
-    const Tensor djoined = d.eh_proj.backward(params_, c.joined, dx);
-    Tensor den = Tensor::zeros({t, h}, DType::F32), dhn = Tensor::zeros({t, h}, DType::F32);
+    const Tensor dy = d.head_norm.backward(ps, c.y, dh, &c.rstd_y);
+    dh = Tensor();
+    const Tensor dx = layer_backward(ps, d.layer, c.layer, bt, dy, nullptr);
+    const Tensor djoined = d.eh_proj.backward(ps, c.joined, dx);
+    Tensor den = ops::empty({t, h}, dt, bt.device, "MTP enorm gradient");
+    Tensor dhn = ops::empty({t, h}, dt, bt.device, "MTP hnorm gradient");
     ops::copy_columns(djoined, 2 * h, 0, 1, den, h, 0, h);
     ops::copy_columns(djoined, 2 * h, h, 1, dhn, h, 0, h);
-    Tensor de = d.enorm.backward(params_, c.embed, den);
-    for (int64_t r = 0; r < t; ++r)
-      if (!c.valid[r]) std::fill_n(de.f32() + r * h, h, 0.f);
-    ops::embedding_backward(c.ids.view({t}), de, params_.grad(embed_), cfg_.pad_token_id.value_or(-1));
-    d_next = d.hnorm.backward(params_, k == 0 ? h0 : caches[k - 1].h, dhn);
+    Tensor de = d.enorm.backward(ps, c.embed, den, &c.rstd_e);
+    zero_row_ends(de, bt.b, bt.s, depth);
+    ops::embedding_backward(c.ids, de, ps.grad(embed_), cfg_.pad_token_id.value_or(-1));
+    d_next = d.hnorm.backward(ps, k == 0 ? h0 : caches[k - 1].h, dhn, &c.rstd_h);
     c = MtpCache();
+    ready(layer_params_[d.layer]);
   }
+  if (embed_ != lm_head_) ps.release({embed_});
   return d_next;
+}
+
+namespace {
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+TrainStepResult Decoder::forward_backward(nn::ParamAccess& ps, const ForwardInputs& in, const TrainStepOptions& opts,
+                                          const Parallel& par) const {
+  MF_CHECK(in.labels, "forward_backward needs labels");
+  MF_CHECK(opts.mtp_scales.empty() || opts.mtp_scales.size() == mtp_.size(), "training asks for ",
+           opts.mtp_scales.size(), " multi-token prediction depths, the model has ", mtp_.size());
+  const auto t0 = std::chrono::steady_clock::now();
+  Batch bt = prepare(ps, in, par);
+  bt.ctx.ep_chunks = opts.ep_chunks;
+  bt.ctx.mark = opts.mark_phase;
+  const bool ckpt = opts.activation_checkpointing, aux = cfg_.output_router_logits;
+  // Forward, keeping each layer's state (or only its input under activation checkpointing). Under
+  // ZeRO-3 a layer's parameters exist whole only from gather() until release(), or until `ready`
+  // has summed their gradients into this rank's blocks; the next layer's travel while one computes.
+  std::vector<LayerCache> caches(main_layers_);
+  std::vector<nn::SparseMoE::RouterOut> routers(main_layers_);
+  ps.gather({embed_});
+  Tensor x = ops::embedding(bt.ids, ps.value(embed_));
+  if (embed_ != lm_head_) ps.release({embed_});
+  bt.ctx.phase("fwd: inputs + embedding");
+  for (size_t l = 0; l < main_layers_; ++l) {
+    ps.gather(layer_params_[l]);
+    if (l + 1 < main_layers_) ps.prefetch(layer_params_[l + 1]);
+    else ps.prefetch({final_norm_.weight, lm_head_});
+    if (ckpt) {
+      caches[l].x_in = x;
+      x = layer_forward(ps, l, x, bt, nullptr, &routers[l]);
+      if (!aux) routers[l].probs = Tensor();  // only the load-balancing loss reads them
+    } else {
+      x = layer_forward(ps, l, x, bt, &caches[l], &routers[l]);
+    }
+    ps.release(layer_params_[l]);
+  }
+  ps.gather({final_norm_.weight, lm_head_});
+  Tensor rstd_f;
+  Tensor xf = final_norm_.forward(ps, x, &rstd_f);
+  const Tensor targets = ops::to_device(shifted_targets(*in.labels), bt.device, DType::I64);
+  bt.ctx.phase("fwd: final norm");
+  // The LM head and the loss fused over chunks of tokens: the [T, V] logits never exist whole.
+  TrainStepResult res;
+  Tensor d_xf;
+  res.ce_sum = ops::fused_linear_cross_entropy(xf, ps.value(lm_head_), targets, -100, opts.ce_scale, d_xf,
+                                               ps.grad(lm_head_), &res.tokens);
+  bt.ctx.phase("fused LM head + loss (fwd and its grads)");
+  // Parameters whose gradients are complete: ZeRO-3 sums them into this rank's blocks and frees
+  // the whole values; then the optimizer-in-backward callback, if any.
+  auto ready = [&](const std::vector<size_t>& idx) {
+    ps.scatter_grads(idx);
+    ps.release(idx);
+    if (opts.on_grads_ready) opts.on_grads_ready(idx);
+  };
+  if (!opts.mtp_scales.empty()) {
+    ops::add_inplace(d_xf, mtp_train(ps, in, bt, xf, opts, res, ready));
+    bt.ctx.phase("multi-token prediction (fwd and bwd)");
+  }
+  if (lm_head_ != embed_) ready({lm_head_});  // tied: complete after the embedding backward
+  ops::synchronize(bt.device);
+  res.forward_ms = ms_since(t0);
+  const auto t1 = std::chrono::steady_clock::now();
+  // Backward.
+  const Tensor dprobs_aux = aux_gradient(routers, par, opts.aux_scale, &res.aux_loss, bt.device);
+  xf = Tensor();
+  Tensor dx = final_norm_.backward(ps, x, d_xf, &rstd_f);
+  d_xf = x = Tensor();
+  ready({final_norm_.weight});
+  for (size_t l = main_layers_; l-- > 0;) {
+    ps.gather(layer_params_[l]);
+    if (l > 0) ps.prefetch(layer_params_[l - 1]);
+    if (ckpt) {  // recompute the layer, repeating its first forward's choice of experts
+      const Tensor x_in = caches[l].x_in;
+      caches[l] = LayerCache();
+      layer_forward(ps, l, x_in, bt, &caches[l], nullptr, bt.chosen[l].defined() ? &bt.chosen[l] : nullptr);
+    }
+    const Tensor* extra = routers[l].probs.defined() && dprobs_aux.defined() ? &dprobs_aux : nullptr;
+    dx = layer_backward(ps, l, caches[l], bt, dx, extra);
+    caches[l] = LayerCache();
+    ready(layer_params_[l]);
+    bt.ctx.phase("bwd: layer's gradients ready (optimizer in backward)");
+  }
+  ops::embedding_backward(bt.ids, dx, ps.grad(embed_), cfg_.pad_token_id.value_or(-1));
+  ready({embed_});
+  bt.ctx.phase("bwd: embedding");
+  ops::synchronize(bt.device);
+  res.backward_ms = ms_since(t1);
+  for (size_t l = 0; l < main_layers_; ++l)
+    if (bt.chosen[l].defined()) res.routing.push_back(bt.chosen[l]);
+  return res;
 }
 
 int64_t Decoder::active_parameters() const {

@@ -16,6 +16,12 @@
 // mtp_loss_scale / depths * the mean cross-entropy of each depth (DeepSeek-V3's report, Megatron's
 // mtp_loss_scaling_factor); the MTP routers take no part in the load-balancing loss.
 // Internal tensor names are Transformers 5's in-memory names; ExpertNaming gives the checkpoint's.
+//
+// One model for every device: the layer loop below runs through ops:: on whatever nn::ParamAccess
+// it is given (the host ParamStore, or gpu::DeviceParams under a precision policy), and what only
+// a GPU run needs is a hook of that loop: ZeRO-3's gather / prefetch / release / scatter_grads
+// (no-ops on a store that holds every value whole), TrainStepOptions::on_grads_ready (the
+// optimizer applied inside backward), phase marks, expert-exchange chunks (nn::RunContext).
 #pragma once
 #include <memory>
 #include <optional>
@@ -25,10 +31,6 @@
 #include "models/causal_lm.h"
 #include "nn/latent_attention.h"
 #include "nn/layers.h"
-
-namespace moeforge::gpu {
-class DecoderGpu;  // the GPU training step (src/gpu), which reads the layer structure
-}
 
 namespace moeforge::models {
 
@@ -42,14 +44,16 @@ struct ExpertNaming {
 class Decoder : public CausalLM {
  public:
   explicit Decoder(hf::ModelConfig cfg, Parallel par = {}, ExpertNaming naming = {});
-  ForwardOutputs forward(const ForwardInputs& in) const override;
-  TrainStepResult forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) override;
+  using CausalLM::forward;
+  using CausalLM::forward_backward;
+  ForwardOutputs forward(nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const override;
+  TrainStepResult forward_backward(nn::ParamAccess& ps, const ForwardInputs& in, const TrainStepOptions& opts,
+                                   const Parallel& par) const override;
   int64_t active_parameters() const override;
   int64_t mtp_depths() const override { return static_cast<int64_t>(mtp_.size()); }
   void set_mtp_trainable(bool on) override;
 
  private:
-  friend class gpu::DecoderGpu;
   struct Layer {
     nn::RMSNorm input_norm, post_attention_norm;
     nn::Attention attn;
@@ -61,7 +65,8 @@ class Decoder : public CausalLM {
   };
   // What one decoder layer keeps for backward.
   struct LayerCache {
-    Tensor x_in, x_mid;  // layer input; input of the post-attention norm
+    Tensor x_in, x_mid;    // layer input; input of the post-attention norm (the residual after attention)
+    Tensor rstd1, rstd2;   // the two norms' statistics
     nn::Attention::Cache attn;
     nn::LatentAttention::Cache mla;
     nn::DenseMLP::Cache dense;
@@ -78,36 +83,55 @@ class Decoder : public CausalLM {
   // What a depth keeps for backward.
   struct MtpCache {
     Tensor ids, embed, joined, y, h;  // its tokens; their embeddings; [enorm | hnorm]; layer output; head norm of it
-    std::vector<uint8_t> valid;
+    Tensor rstd_e, rstd_h, rstd_y;    // the enorm, hnorm and head norm statistics
     LayerCache layer;
   };
+  // One step's inputs on the parameters' device, and what its layers share.
   struct Batch {
-    int64_t b = 0, s = 0;
-    Tensor cos, sin;
+    int64_t b = 0, s = 0, t = 0;
+    Device device;
+    Tensor ids, cos, sin, docs, balanced;  // ids [T]; RoPE tables; doc ids; the balanced routing [T, k]
     const Tensor* doc_ids = nullptr;
     RoutingControl* routing = nullptr;
+    nn::RunContext ctx;
+    std::vector<Tensor> chosen;  // per layer, the expert choice of its first forward (replayed when recomputed)
   };
-  Batch prepare(const ForwardInputs& in) const;
-  // One decoder layer; `cache` may be null (inference); `router` receives the MoE routing.
-  Tensor layer_forward(size_t l, const Tensor& x, const Batch& bt, LayerCache* cache,
-                       nn::SparseMoE::RouterOut* router) const;
-  Tensor layer_backward(size_t l, const LayerCache& c, const Batch& bt, const Tensor& dy, const Tensor* dprobs_extra);
+  Batch prepare(const nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const;
+  // One decoder layer; `cache` may be null (inference); `router` receives the MoE routing; `replay`
+  // (optional) is the choice of experts to repeat (a checkpointed layer's recomputation).
+  Tensor layer_forward(const nn::ParamAccess& ps, size_t l, const Tensor& x, Batch& bt, LayerCache* cache,
+                       nn::SparseMoE::RouterOut* router, const Tensor* replay = nullptr) const;
+  Tensor layer_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const Batch& bt, const Tensor& dy,
+                        const Tensor* dprobs_extra) const;
   void add_layer(int64_t l, const ExpertNaming& naming, size_t& moe_layers);
   // Whether a parameter belongs to an MTP depth (its layer's prefix, enorm/hnorm/eh_proj/head norm included).
   bool is_mtp_param(const std::string& name) const;
   void add_mtp_depth(int64_t depth, const ExpertNaming& naming, size_t& moe_layers);
   // The MTP depths' forward and backward for a training step: `h0` is the main model's final-norm
   // output; returns d(loss)/d(h0) from the depths (to add to the main model's).
-  Tensor mtp_train(const ForwardInputs& in, const Batch& bt, const Tensor& h0, const TrainStepOptions& opts,
-                   TrainStepResult& res);
+  template <typename Ready>
+  Tensor mtp_train(nn::ParamAccess& ps, const ForwardInputs& in, Batch& bt, const Tensor& h0,
+                   const TrainStepOptions& opts, TrainStepResult& res, Ready& ready) const;
+  // The load-balancing loss over the layers' routing and its gradient on the router probabilities,
+  // scaled: [E] F32 on the device (undefined when the config has no such loss).
+  Tensor aux_gradient(const std::vector<nn::SparseMoE::RouterOut>& routers, const Parallel& par, float scale,
+                      float* loss, Device device) const;
 
   size_t embed_ = 0, lm_head_ = 0;
   std::vector<Layer> layers_;  // the main model's num_hidden_layers, then one per MTP depth
+  std::vector<std::vector<size_t>> layer_params_;  // each layer's parameters (ZeRO-3 gathers them together)
   size_t main_layers_ = 0;
   std::vector<MtpDepth> mtp_;
   nn::RMSNorm final_norm_;
   nn::RotaryEmbedding rope_;
-  Parallel par_;
+  // The default positions' RoPE tables and the balanced routing depend on the shape only: made
+  // once per shape and device (they cost milliseconds per step otherwise).
+  struct ShapeTables {
+    int64_t b = -1, s = -1;
+    Device device;
+    Tensor cos, sin, balanced;
+  };
+  mutable ShapeTables tables_;
 };
 
 std::unique_ptr<CausalLM> make_decoder(const hf::ModelConfig& cfg, const Parallel& par = {}, const ExpertNaming& naming = {});
