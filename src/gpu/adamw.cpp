@@ -1,6 +1,7 @@
 #include "gpu/adamw.h"
 
 #include "core/error.h"
+#include "ops/ops.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
 
@@ -61,10 +62,10 @@ void DeviceAdamW::load_moments(size_t i, const Tensor& exp_avg, const Tensor& ex
 double DeviceAdamW::clip_grad_norm(double max_norm) {
   std::vector<Tensor> grads;
   for (size_t i = 0; i < params_.size(); ++i) grads.push_back(params_.grad(i));
-  const double norm = cuda::global_grad_norm(grads);
+  const double norm = ops::global_grad_norm(grads);
   if (max_norm > 0) {
     const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) cuda::scale_inplace(grads, static_cast<float>(coef));
+    if (coef < 1.0) ops::scale_inplace(grads, static_cast<float>(coef));
   }
   return norm;
 }
@@ -83,7 +84,7 @@ void DeviceAdamW::begin_step(double lr) {
 }
 
 void DeviceAdamW::update(const std::vector<size_t>& indices) {
-  std::vector<cuda::AdamWTensors> ts;
+  std::vector<ops::AdamWTensors> ts;
   // Split parameters: every rank's updated block goes to all, one exchange per group (the groups
   // in parameter order, the same on every rank).
   std::vector<std::pair<parallel::Communicator*, std::vector<Tensor>>> exchange;
@@ -96,7 +97,7 @@ void DeviceAdamW::update(const std::vector<size_t>& indices) {
   for (size_t i : indices) {
     if (!params_.trainable(i)) continue;
     const bool decay = opts_.decay_norms_and_biases || params_.decay(i);
-    cuda::AdamWTensors t;
+    ops::AdamWTensors t;
     t.param = params_.master(i);
     // zeros if backward never wrote it (an unused parameter)
     t.grad = params_.sharded(i) ? params_.shard_grad(i) : params_.grad(i);
@@ -121,7 +122,7 @@ void DeviceAdamW::update(const std::vector<size_t>& indices) {
     }
     if (t.param.numel() > 0) ts.push_back(std::move(t));
   }
-  cuda::adamw_multi_tensor(ts, scalars_);
+  ops::adamw_multi_tensor(ts, scalars_);
   for (auto& [g, ts2] : exchange) g->all_gather_blocks(ts2);
 }
 

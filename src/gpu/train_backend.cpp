@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "ops/ops.h"
 #include "ops/cuda/ops_cuda.h"
 #include "gpu/adamw.h"
 #include "gpu/gpu_model.h"
@@ -59,13 +60,13 @@ class GpuBackend : public StepBackend {
     // Dense gradients are now the same everywhere; expert shards' squares add up over the
     // expert-parallel group, ZeRO-3 blocks' over the world, where every rank holds distinct pieces
     // (host F64 through gloo: one number each).
-    const double d = cuda::global_grad_norm(dense), e = cuda::global_grad_norm(experts);
+    const double d = ops::global_grad_norm(dense), e = ops::global_grad_norm(experts);
     Tensor sq = Tensor::empty({1}, DType::F64);
     sq.data<double>()[0] = e * e;
     g.ep->all_reduce_sum(sq);
     double total = d * d + sq.data<double>()[0];
     if (params.any_sharded()) {
-      const double b = cuda::global_grad_norm(blocks);
+      const double b = ops::global_grad_norm(blocks);
       sq.data<double>()[0] = b * b;
       g.world_group->all_reduce_sum(sq);
       total += sq.data<double>()[0];
@@ -76,7 +77,7 @@ class GpuBackend : public StepBackend {
       if (coef < 1.0) {
         dense.insert(dense.end(), experts.begin(), experts.end());
         dense.insert(dense.end(), blocks.begin(), blocks.end());
-        cuda::scale_inplace(dense, static_cast<float>(coef));
+        ops::scale_inplace(dense, static_cast<float>(coef));
       }
     }
     return norm;

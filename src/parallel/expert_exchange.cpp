@@ -25,6 +25,11 @@ ExpertExchange::ExpertExchange(Communicator& ep, const std::vector<int64_t>& off
     send_rows_[e / per] += send_counts[e];
   }
   // recv_counts[p * per + j]: the rows rank p sends for my local expert j.
+  if (n == 1) {  // one rank: nothing travels, the local order is the global order (no host work per layer)
+    recv_rows_ = send_rows_;
+    local_offsets_ = offsets;
+    return;
+  }
   const std::vector<int64_t> per_peer(n, per);
   Tensor sc = ops::to_device(Tensor::from_i64(send_counts, {experts, 1}), device, DType::I64);
   Tensor rc = ops::empty({experts, 1}, DType::I64, device, "expert counts received");
@@ -51,12 +56,11 @@ ExpertExchange::ExpertExchange(Communicator& ep, const std::vector<int64_t>& off
       }
     local_offsets_[j + 1] = static_cast<int64_t>(to_local.size());
   }
-  if (n > 1) {  // one upload for both index vectors
-    to_local.insert(to_local.end(), to_peer.begin(), to_peer.end());
-    Tensor both = ops::to_device(Tensor::from_i64(to_local, {2 * at}), device, DType::I64);
-    to_local_ = both.slice0(0, at);
-    to_peer_ = both.slice0(at, at);
-  }
+  // One upload for both index vectors.
+  to_local.insert(to_local.end(), to_peer.begin(), to_peer.end());
+  Tensor both = ops::to_device(Tensor::from_i64(to_local, {2 * at}), device, DType::I64);
+  to_local_ = both.slice0(0, at);
+  to_peer_ = both.slice0(at, at);
 }
 
 ExpertExchange::InFlight ExpertExchange::start_dispatch(const Tensor& permuted) const {

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "ops/ops.h"
 
 namespace moeforge::train {
 
@@ -35,25 +36,34 @@ ops::AdamWScalars adamw_scalars(const AdamWOptions& o, double lr, int64_t step) 
 }
 
 void AdamW::step(double lr) {
+  begin_step(lr);
+  std::vector<size_t> every(params_.all().size());
+  for (size_t i = 0; i < every.size(); ++i) every[i] = i;
+  update(every);
+}
+
+void AdamW::begin_step(double lr) {
   ensure_state();
   ++step_;
-  const ops::AdamWScalars sc = adamw_scalars(opts_, lr, step_);
+  lr_ = lr;
+  scalars_ = adamw_scalars(opts_, lr, step_);
+}
+
+void AdamW::update(const std::vector<size_t>& indices) {
+  MF_CHECK(step_ > 0, "internal: AdamW::update before begin_step");
+  std::vector<ops::AdamWTensors> ts;
   auto& all = params_.all();
-  for (size_t i = 0; i < all.size(); ++i) {
-    auto& p = all[i];
+  for (const size_t i : indices) {
+    auto& p = all.at(i);
     if (!p.trainable) continue;
     MF_CHECK(p.value.dtype() == DType::F32, "AdamW: parameter '", p.name, "' must be F32 (the CPU policy is fp32)");
     MF_CHECK(p.grad.defined(), "AdamW: parameter '", p.name, "' has no gradient");
     const bool decay = opts_.decay_norms_and_biases || p.decay;
-    const float wd_mul = static_cast<float>(1.0 - lr * (decay ? opts_.weight_decay : 0.0));
-    float* w = p.value.f32();
-    const float* g = p.grad.f32();
-    float* m = exp_avg_[i].f32();
-    float* v = exp_avg_sq_[i].f32();
-    const int64_t n = p.value.numel();
-#pragma omp parallel for if (n > 65536)
-    for (int64_t j = 0; j < n; ++j) ops::adamw_element(w[j], g[j], m[j], v[j], wd_mul, sc);
+    ops::AdamWTensors t{p.value, p.grad, exp_avg_[i], exp_avg_sq_[i],
+                        static_cast<float>(1.0 - lr_ * (decay ? opts_.weight_decay : 0.0)), Tensor()};
+    ts.push_back(t);
   }
+  ops::adamw_multi_tensor(ts, scalars_);
 }
 
 hf::NamedTensors AdamW::state() const {
@@ -67,17 +77,16 @@ hf::NamedTensors AdamW::state() const {
   return out;
 }
 
-double global_grad_norm(const nn::ParamStore& params) {
-  double ss = 0;
-  for (const auto& p : params.all()) {
-    if (!p.grad.defined()) continue;
-    const float* g = p.grad.f32();
-    const int64_t n = p.grad.numel();
-#pragma omp parallel for reduction(+ : ss) if (n > 65536)
-    for (int64_t j = 0; j < n; ++j) ss += static_cast<double>(g[j]) * g[j];
-  }
-  return std::sqrt(ss);
+namespace {
+std::vector<Tensor> defined_grads(const nn::ParamStore& params) {
+  std::vector<Tensor> grads;
+  for (const auto& p : params.all())
+    if (p.grad.defined()) grads.push_back(p.grad);
+  return grads;
 }
+}  // namespace
+
+double global_grad_norm(const nn::ParamStore& params) { return ops::global_grad_norm(defined_grads(params)); }
 
 double clip_grad_norm(nn::ParamStore& params, double max_norm) {
   const double norm = global_grad_norm(params);
@@ -86,14 +95,8 @@ double clip_grad_norm(nn::ParamStore& params, double max_norm) {
 }
 
 void scale_grads_to_norm(nn::ParamStore& params, double norm, double max_norm) {
-  const double coef = max_norm / (norm + 1e-6);
-  if (coef < 1.0)
-    for (auto& p : params.all()) {
-      if (!p.grad.defined()) continue;
-      float* g = p.grad.f32();
-      const float c = static_cast<float>(coef);
-      for (int64_t j = 0; j < p.grad.numel(); ++j) g[j] *= c;
-    }
+  const double coef = max_norm / (norm + 1e-6);  // torch.nn.utils.clip_grad_norm_'s rule
+  if (coef < 1.0) ops::scale_inplace(defined_grads(params), static_cast<float>(coef));
 }
 
 double lr_multiplier(const ScheduleOptions& s, int64_t step, int64_t total) {

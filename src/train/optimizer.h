@@ -3,6 +3,7 @@
 // torch.nn.utils.clip_grad_norm_, and learning-rate schedules as Transformers' get_scheduler.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "hf/safetensors.h"
 #include "nn/params.h"
@@ -30,8 +31,13 @@ class AdamW {
   // host copies only while a checkpoint is written).
   void ensure_state();
   void release_state();
-  // One update with learning rate `lr` (the schedule's value for this step).
+  // One update with learning rate `lr` (the schedule's value for this step): begin_step(lr) then
+  // update(every parameter). A step applied in pieces (optimizer in backward): begin_step counts
+  // the step and fixes its scalars; update applies them to the given parameters (each exactly once
+  // per step). The arithmetic is ops::adamw_multi_tensor's, the same op the GPU optimizer runs.
   void step(double lr);
+  void begin_step(double lr);
+  void update(const std::vector<size_t>& indices);
   int64_t steps() const { return step_; }
   const AdamWOptions& options() const { return opts_; }
   // The moments as exp_avg.<name>, exp_avg_sq.<name> (F32), the names checkpoints use.
@@ -48,6 +54,8 @@ class AdamW {
   AdamWOptions opts_;
   std::vector<Tensor> exp_avg_, exp_avg_sq_;
   int64_t step_ = 0;
+  double lr_ = 0;
+  ops::AdamWScalars scalars_{};
 };
 
 // sqrt(sum of squared gradients), accumulated in double.

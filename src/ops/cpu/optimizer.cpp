@@ -38,7 +38,9 @@ double global_grad_norm(const std::vector<Tensor>& grads) {
   for (const Tensor& g : grads) {
     const Tensor f = as_f32(g);
     const float* p = f.f32();
-    for (int64_t i = 0; i < f.numel(); ++i) ss += static_cast<double>(p[i]) * p[i];
+    const int64_t n = f.numel();
+#pragma omp parallel for reduction(+ : ss) if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(p[i]) * p[i];
   }
   return std::sqrt(ss);
 }
@@ -46,7 +48,10 @@ double global_grad_norm(const std::vector<Tensor>& grads) {
 void scale_inplace(const std::vector<Tensor>& tensors, float factor) {
   for (const Tensor& t : tensors) {
     Tensor f = as_f32(t);
-    for (int64_t i = 0; i < f.numel(); ++i) f.f32()[i] *= factor;
+    float* p = f.f32();
+    const int64_t n = f.numel();
+#pragma omp parallel for if (n > 65536)
+    for (int64_t i = 0; i < n; ++i) p[i] *= factor;
     store(f, t);
   }
 }
