@@ -2,6 +2,7 @@
 // ranks (one GPU each) the model computes its experts across the NCCL expert-parallel group, and
 // the gradients are summed over NCCL before the norm: dense ones over the world, expert shards over
 // the expert-data-parallel group.
+#include <array>
 #include <cmath>
 
 #include "core/error.h"
@@ -83,6 +84,48 @@ class GpuBackend : public StepBackend {
     return norm;
   }
   void step(double lr) override { opt_.step(lr); }
+  std::function<void(const std::vector<size_t>&)> begin_step_in_backward(double lr) override {
+    opt_.begin_step(lr);
+    squares_ = {0, 0, 0};
+    return [this](const std::vector<size_t>& idx) {
+      auto& params = gm_->params();
+      // Sums over the ranks holding copies (ZeRO-3 blocks were summed by the layer loop already).
+      std::vector<Tensor> dense, experts, blocks;
+      std::vector<Tensor*> dense_grads, expert_grads;
+      for (const size_t i : idx) {
+        if (params.sharded(i)) {
+          blocks.push_back(params.shard_grad(i));
+          continue;
+        }
+        const bool shard = ranks_.groups && (*ranks_.sharded)[i];
+        (shard ? expert_grads : dense_grads).push_back(&params.grad(i));
+        (shard ? experts : dense).push_back(params.grad(i));
+      }
+      if (ranks_.groups) {
+        RankGroups& g = *ranks_.groups;
+        if (g.dev_world->size() > 1 && !dense_grads.empty()) g.dev_world->all_reduce_sum_many(dense_grads);
+        if (g.dev_edp->size() > 1 && !expert_grads.empty()) g.dev_edp->all_reduce_sum_many(expert_grads);
+      }
+      const double d = ops::global_grad_norm(dense), e = ops::global_grad_norm(experts), b = ops::global_grad_norm(blocks);
+      squares_[0] += d * d;
+      squares_[1] += e * e;
+      squares_[2] += b * b;
+      opt_.update(idx);
+      params.release_grads(idx);
+    };
+  }
+  double end_step_in_backward() override {
+    if (!ranks_.groups) return std::sqrt(squares_[0] + squares_[1] + squares_[2]);
+    // Dense squares count once; expert shards' add up over the expert-parallel group, ZeRO-3
+    // blocks' over the world (host F64 through gloo).
+    RankGroups& g = *ranks_.groups;
+    double total = norm_across(g, squares_[0], squares_[1]);
+    total *= total;
+    Tensor sq = Tensor::empty({1}, DType::F64);
+    sq.data<double>()[0] = squares_[2];
+    g.world_group->all_reduce_sum(sq);
+    return std::sqrt(total + sq.data<double>()[0]);
+  }
   void sync_to_host() override {
     gm_->params().copy_to_host(model_.params());
     for (size_t i = 0; i < gm_->params().size(); ++i) {  // collectives for split moments: same order on every rank
@@ -122,6 +165,7 @@ class GpuBackend : public StepBackend {
   std::unique_ptr<gpu::GpuModel> gm_;
   gpu::DeviceAdamW opt_;
   gpu::Precision precision_;
+  std::array<double, 3> squares_{};  // this step's gradient squares (dense, expert shards, ZeRO-3 blocks)
 };
 
 }  // namespace

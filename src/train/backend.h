@@ -2,6 +2,7 @@
 // owns the step's arithmetic (forward/backward, gradient norm and clipping, AdamW) and keeps the
 // host model and optimizer current when the trainer needs them (checkpoints, the final save).
 #pragma once
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -21,6 +22,13 @@ class StepBackend {
   // the whole model's gradient norm and scales them to max_norm when above it (<= 0: no clipping).
   virtual double finish_gradients(double max_norm) = 0;
   virtual void step(double lr) = 0;
+  // The optimizer applied inside backward (recipe optimizer_in_backward), instead of
+  // finish_gradients + step: begin_step_in_backward(lr) counts the step and returns the callback
+  // for TrainStepOptions::on_grads_ready, which sums a group of finished gradients over the ranks,
+  // adds their squares to the step's gradient norm and applies AdamW to them;
+  // end_step_in_backward returns that norm (the whole model's, as finish_gradients').
+  virtual std::function<void(const std::vector<size_t>&)> begin_step_in_backward(double lr) = 0;
+  virtual double end_step_in_backward() = 0;
   // Copies parameters and optimizer state into the host model and `AdamW` (a no-op on the CPU),
   // and frees those host copies again once a checkpoint has been written from them (a no-op on the
   // CPU, where they are the state itself; on a GPU the state lives on the device).

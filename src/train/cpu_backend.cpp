@@ -1,5 +1,9 @@
 #include "train/backend.h"
 
+#include <cmath>
+
+#include "ops/ops.h"
+
 namespace moeforge::train {
 
 namespace {
@@ -21,6 +25,23 @@ class CpuBackend : public StepBackend {
     return max_norm > 0 ? train::clip_grad_norm(model_.params(), max_norm) : global_grad_norm(model_.params());
   }
   void step(double lr) override { opt_.step(lr); }
+  std::function<void(const std::vector<size_t>&)> begin_step_in_backward(double lr) override {
+    opt_.begin_step(lr);
+    dense_squares_ = expert_squares_ = 0;
+    return [this](const std::vector<size_t>& idx) {
+      nn::ParamStore& ps = model_.params();
+      if (ranks_.groups) reduce_gradients(*ranks_.groups, ps, *ranks_.sharded, &idx);
+      for (const size_t i : idx) {
+        const double n = ops::global_grad_norm({ps.grad(i)});
+        (ranks_.groups && (*ranks_.sharded)[i] ? expert_squares_ : dense_squares_) += n * n;
+      }
+      opt_.update(idx);
+    };
+  }
+  double end_step_in_backward() override {
+    return ranks_.groups ? norm_across(*ranks_.groups, dense_squares_, expert_squares_)
+                         : std::sqrt(dense_squares_ + expert_squares_);
+  }
   void sync_to_host() override {}
   std::string describe() const override { return "cpu, fp32"; }
 
@@ -28,6 +49,7 @@ class CpuBackend : public StepBackend {
   models::CausalLM& model_;
   AdamW& opt_;
   RankShare ranks_;
+  double dense_squares_ = 0, expert_squares_ = 0;  // this step's, under optimizer_in_backward
 };
 
 }  // namespace

@@ -130,6 +130,7 @@ std::vector<Key> make_keys() {
        },
        [](const Recipe& r) { return r.precision; }},
       boolean("activation_checkpointing", &Recipe::activation_checkpointing),
+      boolean("optimizer_in_backward", &Recipe::optimizer_in_backward),
       int_key("log_every", &Recipe::log_every, 1),
       int_key("save_every", &Recipe::save_every, 0),
       int_key("save_total_limit", &Recipe::save_total_limit, 1),

@@ -32,6 +32,10 @@ struct Recipe {
   Device::Kind device = Device::Kind::CPU;  // cpu | cuda (one GPU per rank)
   std::string precision;        // fp32 | bf16-mixed | bf16; "" = the device's default (cpu fp32, cuda bf16-mixed)
   bool activation_checkpointing = false;
+  // AdamW applied layer by layer during backward, each layer's gradients freed once applied (on a
+  // GPU), so all the gradients never exist at once: the same update as a step after backward,
+  // which it needs to be (no clipping, max_grad_norm 0; no accumulation, global_batch = micro_batch).
+  bool optimizer_in_backward = false;
   int64_t log_every = 1;
   int64_t save_every = 0;       // 0 = only at the end
   int64_t save_total_limit = 2;  // training checkpoints kept (oldest removed first)

@@ -138,6 +138,12 @@ TrainResult run_training(const Recipe& r) {
   }
   MF_CHECK(r.zero_stage == 1 || r.device == Device::Kind::CUDA, r.source, ": key 'zero_stage': ", r.zero_stage,
            " shards parameters over GPUs (device: cuda); the CPU ranks keep whole copies");
+  MF_CHECK(!r.optimizer_in_backward || r.max_grad_norm <= 0, r.source,
+           ": key 'optimizer_in_backward': true applies each layer's update before the whole gradient's norm "
+           "exists, so it cannot clip: set max_grad_norm: 0 (it is ", r.max_grad_norm, ")");
+  MF_CHECK(!r.optimizer_in_backward || r.global_batch == r.micro_batch, r.source,
+           ": key 'optimizer_in_backward': true updates during each backward, so a step cannot accumulate "
+           "micro-batches: set global_batch equal to micro_batch (", r.global_batch, " and ", r.micro_batch, ")");
   MF_CHECK(fs::is_directory(r.model), r.source, ": key 'model': folder ", r.model, " does not exist");
   MF_CHECK(r.device != Device::Kind::CUDA || cuda::available(), r.source,
            ": key 'device': cuda, but no CUDA device answers here (or this moeforge was built without the CUDA backend)");
@@ -295,6 +301,8 @@ TrainResult run_training(const Recipe& r) {
       o.mtp_scales.push_back(mtp_tokens[k] > 0 ? static_cast<float>(r.mtp_loss_scale / mtp_depths / mtp_tokens[k]) : 0.f);
     o.aux_scale = aux ? static_cast<float>(cfg.router_aux_loss_coef / accumulation) : 0.f;
     o.activation_checkpointing = r.activation_checkpointing;
+    const double lr = r.optimizer.lr * lr_multiplier(r.schedule, st.step, total_steps);
+    if (r.optimizer_in_backward) o.on_grads_ready = backend->begin_step_in_backward(lr);
     double ce = 0, aux_sum = 0;
     std::vector<double> mtp_ce(static_cast<size_t>(mtp_depths), 0.0);
     for (auto& mb : micro) {
@@ -313,9 +321,13 @@ TrainResult run_training(const Recipe& r) {
       ce = sum_over_world(*groups, ce);
       for (double& v : mtp_ce) v = sum_over_world(*groups, v);
     }
-    const double grad_norm = backend->finish_gradients(r.max_grad_norm);
-    const double lr = r.optimizer.lr * lr_multiplier(r.schedule, st.step, total_steps);
-    backend->step(lr);
+    double grad_norm;
+    if (r.optimizer_in_backward) {
+      grad_norm = backend->end_step_in_backward();
+    } else {
+      grad_norm = backend->finish_gradients(r.max_grad_norm);
+      backend->step(lr);
+    }
     ++st.step;
     StepMetrics m;
     m.step = st.step;

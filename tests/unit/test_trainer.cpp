@@ -119,6 +119,36 @@ TEST(Trainer, AccumulationMatchesOneBigBatch) {
   EXPECT_EQ(acc.losses.size(), big.losses.size());
 }
 
+// optimizer_in_backward applies each layer's AdamW update as soon as its gradients are complete:
+// with no clipping and no accumulation that is the same update, bit for bit, and the logged
+// gradient norm (summed layer by layer) is the whole model's. With activation checkpointing too
+// (a recomputed layer reads only its own weights, not yet updated).
+TEST(Trainer, OptimizerInBackwardIsTheSameUpdate) {
+  for (const char* ckpt : {"false", "true"}) {
+    test::TempDir a, b;
+    const std::vector<std::string> common = {"steps=3", "micro_batch=2", "global_batch=2", "max_grad_norm=0",
+                                             std::string("activation_checkpointing=") + ckpt};
+    auto after = train::run_training(train::load_recipe(write_recipe(a), common));
+    std::vector<std::string> in_bwd = common;
+    in_bwd.push_back("optimizer_in_backward=true");
+    auto during = train::run_training(train::load_recipe(write_recipe(b), in_bwd));
+    ASSERT_EQ(after.losses.size(), 3u);
+    ASSERT_EQ(during.losses.size(), 3u);
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(after.losses[i], during.losses[i]) << "checkpointing " << ckpt << " step " << i;
+    expect_same_params(a / "out/checkpoint-3", b / "out/checkpoint-3");
+    std::ifstream ma(a / "out/metrics.jsonl"), mb(b / "out/metrics.jsonl");
+    std::string la, lb;
+    int lines = 0;
+    while (std::getline(ma, la) && std::getline(mb, lb)) {
+      const double na = nlohmann::json::parse(la)["grad_norm"], nb = nlohmann::json::parse(lb)["grad_norm"];
+      EXPECT_GT(na, 0);
+      EXPECT_NEAR(na, nb, 1e-9 * na) << la << "\n" << lb;
+      ++lines;
+    }
+    EXPECT_EQ(lines, 3);
+  }
+}
+
 TEST(Trainer, FinalFolderIsAStandardCheckpointAndMetricsAreWritten) {
   test::TempDir dir;
   auto r = train::run_training(train::load_recipe(write_recipe(dir), {}));
@@ -259,6 +289,26 @@ TEST(RecipeBadInput, ZeroStage) {
       test::error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), {"zero_stage=3"})); });
   EXPECT_NE(e2.find("key 'zero_stage': 3 shards parameters over GPUs"), std::string::npos) << e2;
   EXPECT_FALSE(fs::exists(dir / "out"));
+}
+
+// The optimizer inside backward cannot clip or accumulate: one error naming the key, nothing written.
+TEST(RecipeBadInput, OptimizerInBackwardNeedsNoClippingAndNoAccumulation) {
+  test::TempDir dir;
+  const std::string e = test::error_of([&] {
+    train::run_training(train::load_recipe(write_recipe(dir), {"optimizer_in_backward=true", "global_batch=2"}));
+  });
+  EXPECT_NE(e.find("key 'optimizer_in_backward': true applies each layer's update before the whole gradient's norm "
+                   "exists, so it cannot clip: set max_grad_norm: 0"),
+            std::string::npos)
+      << e;
+  const std::string e2 = test::error_of([&] {
+    train::run_training(train::load_recipe(write_recipe(dir), {"optimizer_in_backward=true", "max_grad_norm=0"}));
+  });
+  EXPECT_NE(e2.find("set global_batch equal to micro_batch (4 and 2)"), std::string::npos) << e2;
+  EXPECT_FALSE(fs::exists(dir / "out"));
+  const std::string e3 =
+      test::error_of([&] { train::load_recipe(write_recipe(dir), {"optimizer_in_backward=sometimes"}); });
+  EXPECT_NE(e3.find("optimizer_in_backward"), std::string::npos) << e3;
 }
 
 TEST(RecipeBadInput, DeviceAndPrecision) {

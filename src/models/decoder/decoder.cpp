@@ -76,8 +76,15 @@ void Decoder::add_layer(int64_t l, const ExpertNaming& naming, size_t& moe_layer
   moe.init(params_, pre + ".mlp", c_.hidden_size, c_.num_experts, c_.num_experts_per_tok, c_.moe_intermediate_size,
            c_.norm_topk_prob, par_.ep, gpt_oss, grouped);
   const std::string hub = pre + "." + naming.block;
-  hf::ExpertGroup group{hub + ".experts.", pre + ".mlp.experts.gate_up_proj", pre + ".mlp.experts.down_proj",
-                        naming.gate, naming.up, naming.down, c_.num_experts, moe.shard.first};
+  hf::ExpertGroup group;
+  group.prefix = hub + ".experts.";
+  group.gate_up = pre + ".mlp.experts.gate_up_proj";
+  group.down = pre + ".mlp.experts.down_proj";
+  group.gate_suffix = naming.gate;
+  group.up_suffix = naming.up;
+  group.down_suffix = naming.down;
+  group.experts = c_.num_experts;
+  group.first = moe.shard.first;
   if (gpt_oss) {  // stored fused only (and MXFP4-quantised in hub checkpoints), biases beside
     group.per_expert = false;
     group.fused_extra = {pre + ".mlp.experts.gate_up_proj_bias", pre + ".mlp.experts.down_proj_bias"};
