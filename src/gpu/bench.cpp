@@ -63,6 +63,8 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     full_params = full->params().numel();
     for (size_t i = 0; i < sharded.size(); ++i)
       sharded[i] = model->params().all()[i].shape != full->params().all()[i].shape;
+    groups->expert_sharded = sharded;
+    groups->zero_stage = o.zero_stage;
   }
   const float init_std = cfg.raw.contains("initializer_range") && cfg.raw["initializer_range"].is_number()
                              ? cfg.raw["initializer_range"].get<float>()
@@ -71,7 +73,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   DeviceParams device = DeviceParams::random(model->params(), o.precision, init_std, o.seed);
   MF_CHECK(o.zero_stage == 1 || o.zero_stage == 3, "bench: --zero-stage must be 1 or 3, got ", o.zero_stage);
   const std::vector<parallel::Communicator*> copy_group =
-      groups ? groups->device_copy_groups(sharded) : std::vector<parallel::Communicator*>{};
+      groups ? groups->device_copy_groups() : std::vector<parallel::Communicator*>{};
   if (groups && o.zero_stage == 3) device.shard(copy_group);
   auto gm = make_gpu_model(*model, std::move(device), par);
   // Sums gradients over the ranks holding copies of them (nothing on one GPU; ZeRO-3 blocks were

@@ -19,12 +19,12 @@ namespace {
 
 class GpuBackend : public StepBackend {
  public:
-  GpuBackend(models::CausalLM& model, AdamW& host_opt, gpu::Precision p, RankShare ranks)
+  GpuBackend(models::CausalLM& model, AdamW& host_opt, gpu::Precision p, RankGroups* groups)
       : model_(model),
         host_opt_(host_opt),
-        ranks_(ranks),
-        gm_(gpu::make_gpu_model(model, device_params(model, p, ranks), parallel_of(ranks))),
-        opt_(gm_->params(), host_opt.options(), sharding_of(ranks)),
+        groups_(groups),
+        gm_(gpu::make_gpu_model(model, device_params(model, p, groups), parallel_of(groups))),
+        opt_(gm_->params(), host_opt.options(), sharding_of(groups)),
         precision_(p) {
     // A resumed run: continue from the host optimizer's state (none: zero moments).
     for (size_t i = 0; i < gm_->params().size(); ++i)
@@ -41,8 +41,8 @@ class GpuBackend : public StepBackend {
     return gm_->forward_backward(in, o);
   }
   double finish_gradients(double max_norm) override {
-    if (!ranks_.groups) return opt_.clip_grad_norm(max_norm);
-    RankGroups& g = *ranks_.groups;
+    if (!groups_) return opt_.clip_grad_norm(max_norm);
+    RankGroups& g = *groups_;
     auto& params = gm_->params();
     // Every rank sums every parameter's gradient in the same order (a missing one is zero).
     std::vector<Tensor> dense, experts, blocks;
@@ -52,7 +52,7 @@ class GpuBackend : public StepBackend {
         blocks.push_back(params.shard_grad(i));
         continue;
       }
-      const bool shard = (*ranks_.sharded)[i];
+      const bool shard = g.expert_sharded[i];
       (shard ? expert_grads : dense_grads).push_back(&params.grad(i));
       (shard ? experts : dense).push_back(params.grad(i));
     }
@@ -97,12 +97,12 @@ class GpuBackend : public StepBackend {
           blocks.push_back(params.shard_grad(i));
           continue;
         }
-        const bool shard = ranks_.groups && (*ranks_.sharded)[i];
+        const bool shard = groups_ && groups_->expert_sharded[i];
         (shard ? expert_grads : dense_grads).push_back(&params.grad(i));
         (shard ? experts : dense).push_back(params.grad(i));
       }
-      if (ranks_.groups) {
-        RankGroups& g = *ranks_.groups;
+      if (groups_) {
+        RankGroups& g = *groups_;
         if (g.dev_world->size() > 1 && !dense_grads.empty()) g.dev_world->all_reduce_sum_many(dense_grads);
         if (g.dev_edp->size() > 1 && !expert_grads.empty()) g.dev_edp->all_reduce_sum_many(expert_grads);
       }
@@ -115,10 +115,10 @@ class GpuBackend : public StepBackend {
     };
   }
   double end_step_in_backward() override {
-    if (!ranks_.groups) return std::sqrt(squares_[0] + squares_[1] + squares_[2]);
+    if (!groups_) return std::sqrt(squares_[0] + squares_[1] + squares_[2]);
     // Dense squares count once; expert shards' add up over the expert-parallel group, ZeRO-3
     // blocks' over the world (host F64 through gloo).
-    RankGroups& g = *ranks_.groups;
+    RankGroups& g = *groups_;
     double total = norm_across(g, squares_[0], squares_[1]);
     total *= total;
     Tensor sq = Tensor::empty({1}, DType::F64);
@@ -141,27 +141,27 @@ class GpuBackend : public StepBackend {
  private:
   // The device copy of the model's parameters; under ZeRO-3 (recipe zero_stage: 3) each keeps
   // only this rank's block over its copy group, gathered layer by layer as the model runs.
-  static gpu::DeviceParams device_params(const models::CausalLM& model, gpu::Precision p, const RankShare& r) {
+  static gpu::DeviceParams device_params(const models::CausalLM& model, gpu::Precision p, const RankGroups* g) {
     gpu::DeviceParams d(model.params(), p);
-    if (r.groups && r.zero3) d.shard(r.groups->device_copy_groups(*r.sharded));
+    if (g && g->zero_stage == 3) d.shard(g->device_copy_groups());
     return d;
   }
 
   // ZeRO-1: the moments split over each parameter's copy group.
-  static gpu::OptimizerSharding sharding_of(const RankShare& r) {
-    if (!r.groups) return {};
-    return {r.groups->device_copy_groups(*r.sharded)};
+  static gpu::OptimizerSharding sharding_of(const RankGroups* g) {
+    if (!g) return {};
+    return {g->device_copy_groups()};
   }
 
-  static models::Parallel parallel_of(const RankShare& r) {
-    if (!r.groups) return {};
-    MF_CHECK(r.groups->dev_ep && r.groups->dev_world && r.groups->dev_edp, "internal: a multi-GPU run without NCCL groups");
-    return r.groups->device_parallel();
+  static models::Parallel parallel_of(const RankGroups* g) {
+    if (!g) return {};
+    MF_CHECK(g->dev_ep && g->dev_world && g->dev_edp, "internal: a multi-GPU run without NCCL groups");
+    return g->device_parallel();
   }
 
   models::CausalLM& model_;
   AdamW& host_opt_;
-  RankShare ranks_;
+  RankGroups* groups_;
   std::unique_ptr<gpu::GpuModel> gm_;
   gpu::DeviceAdamW opt_;
   gpu::Precision precision_;
@@ -171,9 +171,9 @@ class GpuBackend : public StepBackend {
 }  // namespace
 
 std::unique_ptr<StepBackend> make_gpu_backend(models::CausalLM& model, AdamW& opt, const std::string& precision,
-                                              RankShare ranks) {
+                                              RankGroups* groups) {
   MF_CHECK(cuda::available(), "device: cuda, but no CUDA device is available on this machine");
-  return std::make_unique<GpuBackend>(model, opt, gpu::parse_precision(precision, "recipe"), ranks);
+  return std::make_unique<GpuBackend>(model, opt, gpu::parse_precision(precision, "recipe"), groups);
 }
 
 }  // namespace moeforge::train

@@ -37,23 +37,14 @@ class StepBackend {
   virtual std::string describe() const = 0;
 };
 
-// This rank's place in a multi-rank run: its groups, and which of `model`'s parameters are expert
-// shards (summed over the expert-data-parallel group, not the world). Null: one process.
-struct RankShare {
-  RankGroups* groups = nullptr;
-  const std::vector<bool>* sharded = nullptr;
-  // ZeRO-3 on GPUs: dense parameters and their gradients split over the world (each rank keeps
-  // a block; layers gather them as they run). Otherwise ZeRO-1: only their AdamW moments are split.
-  bool zero3 = false;
-};
-
 // The CPU reference: the model and optimizer themselves.
-std::unique_ptr<StepBackend> make_cpu_backend(models::CausalLM& model, AdamW& opt, RankShare ranks = {});
+// `groups`: this rank's place in a multi-rank run (its expert_sharded and zero_stage set); null: one process.
+std::unique_ptr<StepBackend> make_cpu_backend(models::CausalLM& model, AdamW& opt, RankGroups* groups = nullptr);
 // One GPU under a precision policy ("fp32" | "bf16-mixed" | "bf16"): uploads the model's
 // parameters and `opt`'s state (so a resumed run continues from them). Under several ranks the
 // groups must have their device (NCCL) communicators. Defined in src/gpu; a build without the
 // CUDA backend throws.
 std::unique_ptr<StepBackend> make_gpu_backend(models::CausalLM& model, AdamW& opt, const std::string& precision,
-                                              RankShare ranks = {});
+                                              RankGroups* groups = nullptr);
 
 }  // namespace moeforge::train

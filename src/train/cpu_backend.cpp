@@ -10,7 +10,7 @@ namespace {
 
 class CpuBackend : public StepBackend {
  public:
-  CpuBackend(models::CausalLM& model, AdamW& opt, RankShare ranks) : model_(model), opt_(opt), ranks_(ranks) {
+  CpuBackend(models::CausalLM& model, AdamW& opt, RankGroups* groups) : model_(model), opt_(opt), groups_(groups) {
     model_.params().ensure_grads();
   }
   void zero_grad() override { model_.params().zero_grad(); }
@@ -18,9 +18,9 @@ class CpuBackend : public StepBackend {
     return model_.forward_backward(in, o);
   }
   double finish_gradients(double max_norm) override {
-    if (ranks_.groups) {
-      reduce_gradients(*ranks_.groups, model_.params(), *ranks_.sharded);
-      return clip_grad_norm_across(*ranks_.groups, model_.params(), *ranks_.sharded, max_norm);
+    if (groups_) {
+      reduce_gradients(*groups_, model_.params());
+      return clip_grad_norm_across(*groups_, model_.params(), max_norm);
     }
     return max_norm > 0 ? train::clip_grad_norm(model_.params(), max_norm) : global_grad_norm(model_.params());
   }
@@ -30,16 +30,16 @@ class CpuBackend : public StepBackend {
     dense_squares_ = expert_squares_ = 0;
     return [this](const std::vector<size_t>& idx) {
       nn::ParamStore& ps = model_.params();
-      if (ranks_.groups) reduce_gradients(*ranks_.groups, ps, *ranks_.sharded, &idx);
+      if (groups_) reduce_gradients(*groups_, ps, &idx);
       for (const size_t i : idx) {
         const double n = ops::global_grad_norm({ps.grad(i)});
-        (ranks_.groups && (*ranks_.sharded)[i] ? expert_squares_ : dense_squares_) += n * n;
+        (groups_ && groups_->expert_sharded[i] ? expert_squares_ : dense_squares_) += n * n;
       }
       opt_.update(idx);
     };
   }
   double end_step_in_backward() override {
-    return ranks_.groups ? norm_across(*ranks_.groups, dense_squares_, expert_squares_)
+    return groups_ ? norm_across(*groups_, dense_squares_, expert_squares_)
                          : std::sqrt(dense_squares_ + expert_squares_);
   }
   void sync_to_host() override {}
@@ -48,14 +48,14 @@ class CpuBackend : public StepBackend {
  private:
   models::CausalLM& model_;
   AdamW& opt_;
-  RankShare ranks_;
+  RankGroups* groups_;
   double dense_squares_ = 0, expert_squares_ = 0;  // this step's, under optimizer_in_backward
 };
 
 }  // namespace
 
-std::unique_ptr<StepBackend> make_cpu_backend(models::CausalLM& model, AdamW& opt, RankShare ranks) {
-  return std::make_unique<CpuBackend>(model, opt, ranks);
+std::unique_ptr<StepBackend> make_cpu_backend(models::CausalLM& model, AdamW& opt, RankGroups* groups) {
+  return std::make_unique<CpuBackend>(model, opt, groups);
 }
 
 }  // namespace moeforge::train

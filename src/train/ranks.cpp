@@ -68,8 +68,8 @@ std::unique_ptr<RankGroups> join_ranks(const parallel::DistEnv& env, int64_t ep_
   return g;
 }
 
-void reduce_gradients(RankGroups& g, nn::ParamStore& params, const std::vector<bool>& sharded,
-                      const std::vector<size_t>* only) {
+void reduce_gradients(RankGroups& g, nn::ParamStore& params, const std::vector<size_t>* only) {
+  const std::vector<bool>& sharded = g.expert_sharded;
   // Two flat buffers (dense, expert shards), one all-reduce each: per-tensor collectives cost a
   // round trip apiece, which dominates on small models.
   auto& all = params.all();
@@ -107,7 +107,8 @@ double norm_across(RankGroups& g, double dense_squares, double expert_squares) {
   return std::sqrt(dense_squares + t.data<double>()[0]);
 }
 
-double clip_grad_norm_across(RankGroups& g, nn::ParamStore& params, const std::vector<bool>& sharded, double max_norm) {
+double clip_grad_norm_across(RankGroups& g, nn::ParamStore& params, double max_norm) {
+  const std::vector<bool>& sharded = g.expert_sharded;
   double dense = 0, experts = 0;
   const auto& all = params.all();
   for (size_t i = 0; i < all.size(); ++i)

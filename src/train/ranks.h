@@ -15,8 +15,16 @@
 
 namespace moeforge::train {
 
+// The one description of a multi-rank run a model, a backend or the bench needs (models::Parallel
+// is the view of it a model's layers take).
 struct RankGroups {
   int rank = 0, world = 1, ep_size = 1;
+  // Per parameter of this rank's model: whether it is a shard of the experts (summed over the
+  // expert-data-parallel group, not the world). Set by whoever built the model (models::expert_sharded_params).
+  std::vector<bool> expert_sharded;
+  // GPU ranks: 1 splits the dense parameters' AdamW moments (ZeRO-1); 3 also their values and
+  // gradients (ZeRO-3, gathered layer by layer).
+  int64_t zero_stage = 1;
   std::unique_ptr<parallel::Rendezvous> rendezvous;  // kept: rank 0 serves the store until the end
   std::unique_ptr<parallel::Communicator> world_group, ep, edp;  // gloo, host tensors
   // The same groups over NCCL for device tensors, when the run trains on GPUs (else null).
@@ -28,7 +36,7 @@ struct RankGroups {
   bool is_main() const { return rank == 0; }
   // Per parameter, the device group of the ranks holding copies of it (ZeRO's split groups): the
   // world for dense parameters, the expert-data-parallel group for expert shards (`expert_sharded`).
-  std::vector<parallel::Communicator*> device_copy_groups(const std::vector<bool>& expert_sharded) const {
+  std::vector<parallel::Communicator*> device_copy_groups() const {
     std::vector<parallel::Communicator*> g;
     for (bool expert : expert_sharded) g.push_back(expert ? dev_edp.get() : dev_world.get());
     return g;
@@ -40,11 +48,10 @@ struct RankGroups {
 std::unique_ptr<RankGroups> join_ranks(const parallel::DistEnv& env, int64_t ep_size, int64_t experts,
                                        const std::string& recipe_hash, const std::string& where, bool gpus = false);
 
-// Sums the gradients the ranks computed: dense ones over the world, expert shards over the
-// expert-data-parallel group. Same order of collectives on every rank.
+// Sums the gradients the ranks computed: dense ones over the world, expert shards
+// (g.expert_sharded) over the expert-data-parallel group. Same order of collectives on every rank.
 // `only` (optional): just these parameters (the optimizer-in-backward path, a layer at a time).
-void reduce_gradients(RankGroups& g, nn::ParamStore& params, const std::vector<bool>& sharded,
-                      const std::vector<size_t>* only = nullptr);
+void reduce_gradients(RankGroups& g, nn::ParamStore& params, const std::vector<size_t>* only = nullptr);
 
 // The whole model's gradient norm from this rank's sums of squares: dense gradients are the same
 // on every rank (counted once), expert shards' squares add up over the expert-parallel group.
@@ -52,7 +59,7 @@ double norm_across(RankGroups& g, double dense_squares, double expert_squares);
 
 // The norm of the whole model's gradient (dense counted once, expert shards summed over the
 // expert-parallel group), and clipping to max_norm (> 0) as train::clip_grad_norm.
-double clip_grad_norm_across(RankGroups& g, nn::ParamStore& params, const std::vector<bool>& sharded, double max_norm);
+double clip_grad_norm_across(RankGroups& g, nn::ParamStore& params, double max_norm);
 
 // A sum over the world of one number per rank (the cross-entropy sums of the micro-batches).
 double sum_over_world(RankGroups& g, double v);

@@ -222,11 +222,14 @@ TrainResult run_training(const Recipe& r) {
     st.step = saved.step;
     st.cursor = saved.cursor;
   }
-  const std::vector<bool> sharded = models::expert_sharded_params(model, par);
+  if (multi) {
+    groups->expert_sharded = models::expert_sharded_params(model, par);
+    groups->zero_stage = r.zero_stage;
+  }
   // After a resume has loaded the host state, so a GPU backend uploads what was restored.
-  const RankShare share = multi ? RankShare{groups.get(), &sharded, r.zero_stage == 3} : RankShare{};
-  std::unique_ptr<StepBackend> backend = r.device == Device::Kind::CUDA ? make_gpu_backend(model, opt, r.precision, share)
-                                                            : make_cpu_backend(model, opt, share);
+  std::unique_ptr<StepBackend> backend = r.device == Device::Kind::CUDA
+                                             ? make_gpu_backend(model, opt, r.precision, groups.get())
+                                             : make_cpu_backend(model, opt, groups.get());
 
   const auto& ds = data.stats();
   std::ostringstream intro;

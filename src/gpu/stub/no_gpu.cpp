@@ -4,7 +4,7 @@
 
 namespace moeforge::train {
 
-std::unique_ptr<StepBackend> make_gpu_backend(models::CausalLM&, AdamW&, const std::string&, RankShare) {
+std::unique_ptr<StepBackend> make_gpu_backend(models::CausalLM&, AdamW&, const std::string&, RankGroups*) {
   MF_THROW("device: cuda needs the CUDA backend, and this moeforge was built without it");
 }
 
