@@ -59,17 +59,6 @@ void DeviceAdamW::load_moments(size_t i, const Tensor& exp_avg, const Tensor& ex
   upload(exp_avg_sq, exp_avg_sq_.at(i));
 }
 
-double DeviceAdamW::clip_grad_norm(double max_norm) {
-  std::vector<Tensor> grads;
-  for (size_t i = 0; i < params_.size(); ++i) grads.push_back(params_.grad(i));
-  const double norm = ops::global_grad_norm(grads);
-  if (max_norm > 0) {
-    const double coef = max_norm / (norm + 1e-6);
-    if (coef < 1.0) ops::scale_inplace(grads, static_cast<float>(coef));
-  }
-  return norm;
-}
-
 void DeviceAdamW::step(double lr) {
   begin_step(lr);
   std::vector<size_t> all(params_.size());

@@ -28,9 +28,6 @@ struct OptimizerSharding {
 class DeviceAdamW {
  public:
   DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, OptimizerSharding sharding = {});
-  // The global gradient norm, and the gradients scaled to max_norm when above it (max_norm <= 0:
-  // the norm only). torch.nn.utils.clip_grad_norm_'s rule, as train::clip_grad_norm.
-  double clip_grad_norm(double max_norm);
   // One full step: begin_step(lr) then update(every parameter).
   void step(double lr);
   // A step applied in pieces (optimizer in backward): begin_step counts the step and fixes its

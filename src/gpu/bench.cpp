@@ -13,6 +13,7 @@
 #include "models/flops.h"
 #include "models/registry.h"
 #include "ops/cuda/runtime.h"
+#include "train/gradients.h"
 #include "train/ranks.h"
 
 namespace moeforge::gpu {
@@ -78,14 +79,8 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   auto gm = make_gpu_model(*model, std::move(device), par);
   // Sums gradients over the ranks holding copies of them (nothing on one GPU; ZeRO-3 blocks were
   // summed in backward).
-  auto sum_grads = [&](const std::vector<size_t>& idx) {
-    if (!groups) return;
-    std::vector<Tensor*> dense, experts;
-    for (size_t i : idx)
-      if (!gm->params().sharded(i)) (sharded[i] ? experts : dense).push_back(&gm->params().grad(i));
-    if (groups->dev_world->size() > 1 && !dense.empty()) groups->dev_world->all_reduce_sum_many(dense);
-    if (groups->dev_edp->size() > 1 && !experts.empty()) groups->dev_edp->all_reduce_sum_many(experts);
-  };
+  train::GradSquares unused;
+  auto sum_grads = [&](const std::vector<size_t>& idx) { train::sum_gradients(groups.get(), gm->params(), idx, unused); };
   std::vector<size_t> every(gm->params().size());
   for (size_t i = 0; i < every.size(); ++i) every[i] = i;
   train::AdamWOptions ao;

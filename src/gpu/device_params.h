@@ -29,7 +29,8 @@ class DeviceParams : public nn::ParamAccess {
   static DeviceParams random(const nn::ParamStore& shapes, Precision precision, float std, uint64_t seed);
 
   Precision precision() const { return precision_; }
-  size_t size() const { return values_.size(); }
+  size_t size() const override { return values_.size(); }
+  Tensor* block_grad(size_t i) override { return sharded(i) ? &shard_grad(i) : nullptr; }
   const Shape& shape(size_t i) const { return shapes_.at(i); }
   int64_t numel(size_t i) const { return shape_numel(shapes_.at(i)); }
   // The whole value (of a sharded parameter: only while gathered).

@@ -34,6 +34,10 @@ class ParamAccess {
   virtual void prefetch(const std::vector<size_t>&) {}
   virtual void release(const std::vector<size_t>&) {}
   virtual void scatter_grads(const std::vector<size_t>&) {}
+  // ZeRO-3: this rank's block of a sharded parameter's gradient (what scatter_grads summed into);
+  // null where the parameter is whole.
+  virtual Tensor* block_grad(size_t) { return nullptr; }
+  virtual size_t size() const = 0;  // parameters, index for index with the model's ParamStore
 };
 
 struct Param {
@@ -63,6 +67,7 @@ class ParamStore : public ParamAccess {
   Tensor& grad(size_t i) override;
   Device device() const override { return Device::cpu(); }
   DType compute_dtype() const override { return DType::F32; }
+  size_t size() const override { return params_.size(); }
   // Allocates (zeroed) gradients for every parameter that has none; zero_grad() clears them.
   void ensure_grads();
   void zero_grad();

@@ -1,8 +1,5 @@
 #include "train/backend.h"
-
-#include <cmath>
-
-#include "ops/ops.h"
+#include "train/gradients.h"
 
 namespace moeforge::train {
 
@@ -17,31 +14,17 @@ class CpuBackend : public StepBackend {
   models::TrainStepResult forward_backward(const models::ForwardInputs& in, const models::TrainStepOptions& o) override {
     return model_.forward_backward(in, o);
   }
-  double finish_gradients(double max_norm) override {
-    if (groups_) {
-      reduce_gradients(*groups_, model_.params());
-      return clip_grad_norm_across(*groups_, model_.params(), max_norm);
-    }
-    return max_norm > 0 ? train::clip_grad_norm(model_.params(), max_norm) : global_grad_norm(model_.params());
-  }
+  double finish_gradients(double max_norm) override { return train::finish_gradients(groups_, model_.params(), max_norm); }
   void step(double lr) override { opt_.step(lr); }
   std::function<void(const std::vector<size_t>&)> begin_step_in_backward(double lr) override {
     opt_.begin_step(lr);
-    dense_squares_ = expert_squares_ = 0;
+    squares_ = {};
     return [this](const std::vector<size_t>& idx) {
-      nn::ParamStore& ps = model_.params();
-      if (groups_) reduce_gradients(*groups_, ps, &idx);
-      for (const size_t i : idx) {
-        const double n = ops::global_grad_norm({ps.grad(i)});
-        (groups_ && groups_->expert_sharded[i] ? expert_squares_ : dense_squares_) += n * n;
-      }
+      sum_gradients(groups_, model_.params(), idx, squares_);
       opt_.update(idx);
     };
   }
-  double end_step_in_backward() override {
-    return groups_ ? norm_across(*groups_, dense_squares_, expert_squares_)
-                         : std::sqrt(dense_squares_ + expert_squares_);
-  }
+  double end_step_in_backward() override { return whole_norm(groups_, squares_); }
   void sync_to_host() override {}
   std::string describe() const override { return "cpu, fp32"; }
 
@@ -49,7 +32,7 @@ class CpuBackend : public StepBackend {
   models::CausalLM& model_;
   AdamW& opt_;
   RankGroups* groups_;
-  double dense_squares_ = 0, expert_squares_ = 0;  // this step's, under optimizer_in_backward
+  GradSquares squares_;  // this step's, under optimizer_in_backward
 };
 
 }  // namespace

@@ -77,28 +77,6 @@ hf::NamedTensors AdamW::state() const {
   return out;
 }
 
-namespace {
-std::vector<Tensor> defined_grads(const nn::ParamStore& params) {
-  std::vector<Tensor> grads;
-  for (const auto& p : params.all())
-    if (p.grad.defined()) grads.push_back(p.grad);
-  return grads;
-}
-}  // namespace
-
-double global_grad_norm(const nn::ParamStore& params) { return ops::global_grad_norm(defined_grads(params)); }
-
-double clip_grad_norm(nn::ParamStore& params, double max_norm) {
-  const double norm = global_grad_norm(params);
-  scale_grads_to_norm(params, norm, max_norm);
-  return norm;
-}
-
-void scale_grads_to_norm(nn::ParamStore& params, double norm, double max_norm) {
-  const double coef = max_norm / (norm + 1e-6);  // torch.nn.utils.clip_grad_norm_'s rule
-  if (coef < 1.0) ops::scale_inplace(defined_grads(params), static_cast<float>(coef));
-}
-
 double lr_multiplier(const ScheduleOptions& s, int64_t step, int64_t total) {
   if (step < s.warmup_steps) return static_cast<double>(step) / std::max<int64_t>(1, s.warmup_steps);
   if (s.type == "constant") return 1.0;

@@ -1,6 +1,6 @@
 // AdamW with exactly torch.optim.AdamW's update (decoupled weight decay applied first, bias
-// corrections, eps added outside the square root), global gradient-norm clipping as
-// torch.nn.utils.clip_grad_norm_, and learning-rate schedules as Transformers' get_scheduler.
+// corrections, eps added outside the square root), and learning-rate schedules as Transformers'
+// get_scheduler. Gradient norms and clipping: train/gradients.h.
 #pragma once
 #include <string>
 #include <vector>
@@ -57,13 +57,6 @@ class AdamW {
   double lr_ = 0;
   ops::AdamWScalars scalars_{};
 };
-
-// sqrt(sum of squared gradients), accumulated in double.
-double global_grad_norm(const nn::ParamStore& params);
-// Scales gradients by max_norm / (norm + 1e-6) when that is below 1 (torch's rule). Returns the norm.
-double clip_grad_norm(nn::ParamStore& params, double max_norm);
-// The scaling step of clip_grad_norm for a norm computed elsewhere (across ranks).
-void scale_grads_to_norm(nn::ParamStore& params, double norm, double max_norm);
 
 struct ScheduleOptions {
   std::string type = "constant";  // constant | linear | cosine

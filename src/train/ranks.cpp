@@ -8,7 +8,6 @@
 #include <cstring>
 
 #include "core/error.h"
-#include "train/optimizer.h"
 
 namespace moeforge::train {
 
@@ -30,12 +29,6 @@ std::string this_host(const parallel::DistEnv& env) {
   return name;
 }
 
-double squared_norm(const Tensor& g) {
-  double ss = 0;
-  const float* p = g.f32();
-  for (int64_t j = 0; j < g.numel(); ++j) ss += static_cast<double>(p[j]) * p[j];
-  return ss;
-}
 
 }  // namespace
 
@@ -66,56 +59,6 @@ std::unique_ptr<RankGroups> join_ranks(const parallel::DistEnv& env, int64_t ep_
     g->dev_edp = parallel::connect_nccl(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, timeout);
   }
   return g;
-}
-
-void reduce_gradients(RankGroups& g, nn::ParamStore& params, const std::vector<size_t>* only) {
-  const std::vector<bool>& sharded = g.expert_sharded;
-  // Two flat buffers (dense, expert shards), one all-reduce each: per-tensor collectives cost a
-  // round trip apiece, which dominates on small models.
-  auto& all = params.all();
-  std::vector<size_t> every;
-  if (!only) {
-    for (size_t i = 0; i < all.size(); ++i) every.push_back(i);
-    only = &every;
-  }
-  for (const bool experts : {false, true}) {
-    int64_t total = 0;
-    for (const size_t i : *only)
-      if (sharded[i] == experts && all[i].grad.defined()) total += all[i].grad.numel();
-    if (total == 0) continue;
-    Tensor flat = Tensor::empty({total}, DType::F32);
-    int64_t at = 0;
-    for (const size_t i : *only)
-      if (sharded[i] == experts && all[i].grad.defined()) {
-        std::memcpy(flat.f32() + at, all[i].grad.f32(), all[i].grad.nbytes());
-        at += all[i].grad.numel();
-      }
-    (experts ? *g.edp : *g.world_group).all_reduce_sum(flat);
-    at = 0;
-    for (const size_t i : *only)
-      if (sharded[i] == experts && all[i].grad.defined()) {
-        std::memcpy(all[i].grad.f32(), flat.f32() + at, all[i].grad.nbytes());
-        at += all[i].grad.numel();
-      }
-  }
-}
-
-double norm_across(RankGroups& g, double dense_squares, double expert_squares) {
-  Tensor t = Tensor::empty({1}, DType::F64);
-  t.data<double>()[0] = expert_squares;
-  g.ep->all_reduce_sum(t);
-  return std::sqrt(dense_squares + t.data<double>()[0]);
-}
-
-double clip_grad_norm_across(RankGroups& g, nn::ParamStore& params, double max_norm) {
-  const std::vector<bool>& sharded = g.expert_sharded;
-  double dense = 0, experts = 0;
-  const auto& all = params.all();
-  for (size_t i = 0; i < all.size(); ++i)
-    if (all[i].grad.defined()) (sharded[i] ? experts : dense) += squared_norm(all[i].grad);
-  const double norm = norm_across(g, dense, experts);
-  if (max_norm > 0) scale_grads_to_norm(params, norm, max_norm);
-  return norm;
 }
 
 double sum_over_world(RankGroups& g, double v) {

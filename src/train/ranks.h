@@ -48,19 +48,6 @@ struct RankGroups {
 std::unique_ptr<RankGroups> join_ranks(const parallel::DistEnv& env, int64_t ep_size, int64_t experts,
                                        const std::string& recipe_hash, const std::string& where, bool gpus = false);
 
-// Sums the gradients the ranks computed: dense ones over the world, expert shards
-// (g.expert_sharded) over the expert-data-parallel group. Same order of collectives on every rank.
-// `only` (optional): just these parameters (the optimizer-in-backward path, a layer at a time).
-void reduce_gradients(RankGroups& g, nn::ParamStore& params, const std::vector<size_t>* only = nullptr);
-
-// The whole model's gradient norm from this rank's sums of squares: dense gradients are the same
-// on every rank (counted once), expert shards' squares add up over the expert-parallel group.
-double norm_across(RankGroups& g, double dense_squares, double expert_squares);
-
-// The norm of the whole model's gradient (dense counted once, expert shards summed over the
-// expert-parallel group), and clipping to max_norm (> 0) as train::clip_grad_norm.
-double clip_grad_norm_across(RankGroups& g, nn::ParamStore& params, double max_norm);
-
 // A sum over the world of one number per rank (the cross-entropy sums of the micro-batches).
 double sum_over_world(RankGroups& g, double v);
 

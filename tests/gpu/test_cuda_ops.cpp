@@ -519,6 +519,7 @@ TEST(CudaAllocator, OutOfMemoryIsOneClearError) {
 }  // namespace
 
 #include "nn/params.h"
+#include "train/gradients.h"
 #include "train/optimizer.h"
 
 namespace {

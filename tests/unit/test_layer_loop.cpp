@@ -30,6 +30,7 @@ class StrictStore : public nn::ParamAccess {
   }
   Device device() const override { return Device::cpu(); }
   DType compute_dtype() const override { return DType::F32; }
+  size_t size() const override { return host_.size(); }
   void gather(const std::vector<size_t>& idx) override {
     for (size_t i : idx) whole_[i] = true;
   }

@@ -18,6 +18,7 @@
 #include "ops/cuda/runtime.h"
 #include "test_util.h"
 #include "train/checkpoint.h"
+#include "train/gradients.h"
 #include "train/optimizer.h"
 #include "train/trainer.h"
 

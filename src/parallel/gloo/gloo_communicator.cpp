@@ -87,6 +87,29 @@ class GlooCommunicator final : public Communicator {
     });
   }
 
+  // F32 tensors as one flat buffer, one round trip (a collective per tensor costs a round trip
+  // each, which dominates a step's gradient sums on small models).
+  void all_reduce_sum_many(const std::vector<Tensor*>& ts) override {
+    int64_t total = 0;
+    for (const Tensor* t : ts) {
+      if (t->dtype() != DType::F32) return Communicator::all_reduce_sum_many(ts);
+      total += t->numel();
+    }
+    if (total == 0) return;
+    Tensor flat = Tensor::empty({total}, DType::F32);
+    int64_t at = 0;
+    for (const Tensor* t : ts) {
+      std::memcpy(flat.f32() + at, t->f32(), t->nbytes());
+      at += t->numel();
+    }
+    all_reduce_sum(flat);
+    at = 0;
+    for (Tensor* t : ts) {
+      std::memcpy(t->f32(), flat.f32() + at, t->nbytes());
+      at += t->numel();
+    }
+  }
+
   void reduce_scatter_sum(const Tensor& in, Tensor& out) override {
     check_blocks(*this, "reduce_scatter", in, out);
     sum_fn(in.dtype(), "reduce_scatter");

@@ -1,0 +1,83 @@
+#include "train/gradients.h"
+
+#include <cmath>
+
+#include "ops/ops.h"
+
+namespace moeforge::train {
+
+namespace {
+
+std::vector<size_t> every_param(const nn::ParamAccess& ps) {
+  std::vector<size_t> idx(ps.size());
+  for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+  return idx;
+}
+
+double squared(const std::vector<Tensor>& grads) {
+  const double n = ops::global_grad_norm(grads);
+  return n * n;
+}
+
+// Each gradient of `idx` this rank holds: its ZeRO-3 block, or the whole.
+std::vector<Tensor> held_gradients(nn::ParamAccess& ps, const std::vector<size_t>& idx) {
+  std::vector<Tensor> grads;
+  for (const size_t i : idx) grads.push_back(ps.block_grad(i) ? *ps.block_grad(i) : ps.grad(i));
+  return grads;
+}
+
+}  // namespace
+
+void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>& idx, GradSquares& sq) {
+  std::vector<Tensor> dense, experts, blocks;
+  for (const size_t i : idx) {
+    if (Tensor* b = ps.block_grad(i)) blocks.push_back(*b);
+    else (g && g->expert_sharded.at(i) ? experts : dense).push_back(ps.grad(i));
+  }
+  if (g) {
+    // One collective per group for all of them (per-tensor collectives cost a round trip each).
+    const bool device = !ps.device().is_cpu();
+    parallel::Communicator& world = device ? *g->dev_world : *g->world_group;
+    parallel::Communicator& edp = device ? *g->dev_edp : *g->edp;
+    for (auto [list, group] : {std::pair{&dense, &world}, std::pair{&experts, &edp}}) {
+      if (group->size() == 1 || list->empty()) continue;
+      std::vector<Tensor*> ptrs;
+      for (Tensor& t : *list) ptrs.push_back(&t);
+      group->all_reduce_sum_many(ptrs);
+    }
+  }
+  sq.dense += squared(dense);
+  sq.experts += squared(experts);
+  sq.blocks += squared(blocks);
+}
+
+double whole_norm(RankGroups* g, const GradSquares& sq) {
+  if (!g) return std::sqrt(sq.dense + sq.experts + sq.blocks);
+  // Dense squares count once; expert shards' add up over the expert-parallel group, ZeRO-3 blocks'
+  // over the world (host F64 through gloo).
+  auto sum_over = [](parallel::Communicator& group, double v) {
+    Tensor t = Tensor::empty({1}, DType::F64);
+    t.data<double>()[0] = v;
+    group.all_reduce_sum(t);
+    return t.data<double>()[0];
+  };
+  double total = sq.dense + sum_over(*g->ep, sq.experts);
+  if (g->zero_stage == 3) total += sum_over(*g->world_group, sq.blocks);
+  return std::sqrt(total);
+}
+
+double finish_gradients(RankGroups* g, nn::ParamAccess& ps, double max_norm) {
+  const std::vector<size_t> idx = every_param(ps);
+  GradSquares sq;
+  sum_gradients(g, ps, idx, sq);
+  const double norm = whole_norm(g, sq);
+  const double coef = max_norm / (norm + 1e-6);
+  if (max_norm > 0 && coef < 1.0) ops::scale_inplace(held_gradients(ps, idx), static_cast<float>(coef));
+  return norm;
+}
+
+double clip_grad_norm(nn::ParamAccess& ps, double max_norm) { return finish_gradients(nullptr, ps, max_norm); }
+
+double global_grad_norm(nn::ParamAccess& ps) { return finish_gradients(nullptr, ps, 0); }
+
+}  // namespace moeforge::train
