@@ -78,9 +78,8 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   if (groups && o.zero_stage == 3) device.shard(copy_group);
   auto gm = make_gpu_model(*model, std::move(device), par);
   // Sums gradients over the ranks holding copies of them (nothing on one GPU; ZeRO-3 blocks were
-  // summed in backward).
-  train::GradSquares unused;
-  auto sum_grads = [&](const std::vector<size_t>& idx) { train::sum_gradients(groups.get(), gm->params(), idx, unused); };
+  // summed in backward); no norm (the benchmark does not clip).
+  auto sum_grads = [&](const std::vector<size_t>& idx) { train::sum_gradients(groups.get(), gm->params(), idx, nullptr); };
   std::vector<size_t> every(gm->params().size());
   for (size_t i = 0; i < every.size(); ++i) every[i] = i;
   train::AdamWOptions ao;

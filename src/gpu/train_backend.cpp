@@ -46,7 +46,7 @@ class GpuBackend : public StepBackend {
     opt_.begin_step(lr);
     squares_ = {};
     return [this](const std::vector<size_t>& idx) {
-      sum_gradients(groups_, gm_->params(), idx, squares_);
+      sum_gradients(groups_, gm_->params(), idx, &squares_);
       opt_.update(idx);
       gm_->params().release_grads(idx);  // applied: all the gradients never exist at once
     };

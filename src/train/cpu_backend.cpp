@@ -20,7 +20,7 @@ class CpuBackend : public StepBackend {
     opt_.begin_step(lr);
     squares_ = {};
     return [this](const std::vector<size_t>& idx) {
-      sum_gradients(groups_, model_.params(), idx, squares_);
+      sum_gradients(groups_, model_.params(), idx, &squares_);
       opt_.update(idx);
     };
   }

@@ -28,7 +28,8 @@ std::vector<Tensor> held_gradients(nn::ParamAccess& ps, const std::vector<size_t
 
 }  // namespace
 
-void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>& idx, GradSquares& sq) {
+void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>& idx, GradSquares* sq) {
+  if (!g && !sq) return;
   std::vector<Tensor> dense, experts, blocks;
   for (const size_t i : idx) {
     if (Tensor* b = ps.block_grad(i)) blocks.push_back(*b);
@@ -46,9 +47,10 @@ void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>
       group->all_reduce_sum_many(ptrs);
     }
   }
-  sq.dense += squared(dense);
-  sq.experts += squared(experts);
-  sq.blocks += squared(blocks);
+  if (!sq) return;
+  sq->dense += squared(dense);
+  sq->experts += squared(experts);
+  sq->blocks += squared(blocks);
 }
 
 double whole_norm(RankGroups* g, const GradSquares& sq) {
@@ -69,7 +71,7 @@ double whole_norm(RankGroups* g, const GradSquares& sq) {
 double finish_gradients(RankGroups* g, nn::ParamAccess& ps, double max_norm) {
   const std::vector<size_t> idx = every_param(ps);
   GradSquares sq;
-  sum_gradients(g, ps, idx, sq);
+  sum_gradients(g, ps, idx, &sq);
   const double norm = whole_norm(g, sq);
   const double coef = max_norm / (norm + 1e-6);
   if (max_norm > 0 && coef < 1.0) ops::scale_inplace(held_gradients(ps, idx), static_cast<float>(coef));

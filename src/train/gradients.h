@@ -20,8 +20,8 @@ struct GradSquares {
 // nothing to sum): dense ones over the world, expert shards (g->expert_sharded) over the
 // expert-data-parallel group, through the host groups or, for parameters on a GPU, the NCCL ones;
 // ZeRO-3 blocks (ParamAccess::block_grad) were summed by the layer loop. Adds their squares to
-// `sq`. Every rank passes the same list.
-void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>& idx, GradSquares& sq);
+// `sq` (null: no norm wanted, nothing read). Every rank passes the same list.
+void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>& idx, GradSquares* sq);
 // The whole model's gradient norm from every rank's squares (a collective when `g` is set).
 double whole_norm(RankGroups* g, const GradSquares& sq);
 // Every gradient: sum_gradients, whole_norm, and torch.nn.utils.clip_grad_norm_'s rule (scaled by
