@@ -43,6 +43,11 @@ bool same_device(const char* op, const Tensor& first, const Ts&... rest) {
 #endif
 // Several tensors as one macro argument.
 #define MF_T(...) __VA_ARGS__
+// An op whose CUDA and CPU implementations take the same call: `call` is written once and made
+// in namespace cuda:: or cpu:: by the tensors' device (returning its result, if any).
+#define MF_DISPATCH(op, tensors, call) \
+  MF_ON_CUDA(op, MF_T(tensors), cuda::call); \
+  return cpu::call
 
 Tensor empty(const Shape& shape, DType dtype, Device device, const char* what) {
   return device.is_cpu() ? Tensor::empty(shape, dtype) : cuda::empty(shape, dtype, what);
@@ -66,13 +71,11 @@ Tensor to_device(const Tensor& t, Device device, DType dtype) {
 }
 
 void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, bool accumulate) {
-  MF_ON_CUDA("gemm", MF_T(a, b, c), cuda::gemm(a, trans_a, b, trans_b, c, accumulate));
-  cpu::gemm(a, trans_a, b, trans_b, c, accumulate);
+  MF_DISPATCH("gemm", MF_T(a, b, c), gemm(a, trans_a, b, trans_b, c, accumulate));
 }
 
 Tensor linear(const Tensor& x, const Tensor& weight) {
-  MF_ON_CUDA("linear", MF_T(x, weight), cuda::linear(x, weight));
-  return cpu::linear(x, weight);
+  MF_DISPATCH("linear", MF_T(x, weight), linear(x, weight));
 }
 
 void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw) {
@@ -102,13 +105,11 @@ Tensor linear_input_grad(const Tensor& dy, const Tensor& weight) {
 }
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd) {
-  MF_ON_CUDA("rms_norm", MF_T(x, weight), cuda::rms_norm(x, weight, eps, rstd));
-  return cpu::rms_norm(x, weight, eps, rstd);
+  MF_DISPATCH("rms_norm", MF_T(x, weight), rms_norm(x, weight, eps, rstd));
 }
 
 Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor* rstd) {
-  MF_ON_CUDA("add_rms_norm", MF_T(x, residual, weight), cuda::add_rms_norm(x, residual, weight, eps, rstd));
-  return cpu::add_rms_norm(x, residual, weight, eps, rstd);
+  MF_DISPATCH("add_rms_norm", MF_T(x, residual, weight), add_rms_norm(x, residual, weight, eps, rstd));
 }
 
 Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy, Tensor& dw,
@@ -124,18 +125,15 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const
 }
 
 Tensor embedding(const Tensor& ids, const Tensor& table) {
-  MF_ON_CUDA("embedding", MF_T(ids, table), cuda::embedding(ids, table));
-  return cpu::embedding(ids, table);
+  MF_DISPATCH("embedding", MF_T(ids, table), embedding(ids, table));
 }
 
 void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx) {
-  MF_ON_CUDA("embedding_backward", MF_T(ids, dx, table_grad), cuda::embedding_backward(ids, dx, table_grad, padding_idx));
-  cpu::embedding_backward(ids, dx, table_grad, padding_idx);
+  MF_DISPATCH("embedding_backward", MF_T(ids, dx, table_grad), embedding_backward(ids, dx, table_grad, padding_idx));
 }
 
 void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse) {
-  MF_ON_CUDA("rope", MF_T(x, cos, sin), cuda::rope_inplace(x, cos, sin, inverse));
-  cpu::rope_inplace(x, cos, sin, inverse);
+  MF_DISPATCH("rope", MF_T(x, cos, sin), rope_inplace(x, cos, sin, inverse));
 }
 
 Tensor copy(const Tensor& x) { return to_device(x, x.device(), x.dtype()); }
@@ -214,87 +212,71 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 }
 
 Tensor swiglu(const Tensor& gate_up) {
-  MF_ON_CUDA("swiglu", gate_up, cuda::swiglu(gate_up));
-  return cpu::swiglu(gate_up);
+  MF_DISPATCH("swiglu", gate_up, swiglu(gate_up));
 }
 
 Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout) {
-  MF_ON_CUDA("swiglu_backward", MF_T(gate_up, dout), cuda::swiglu_backward(gate_up, dout));
-  return cpu::swiglu_backward(gate_up, dout);
+  MF_DISPATCH("swiglu_backward", MF_T(gate_up, dout), swiglu_backward(gate_up, dout));
 }
 
 Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit) {
-  MF_ON_CUDA("clamped_swiglu", gate_up, cuda::clamped_swiglu(gate_up, alpha, limit));
-  return cpu::clamped_swiglu(gate_up, alpha, limit);
+  MF_DISPATCH("clamped_swiglu", gate_up, clamped_swiglu(gate_up, alpha, limit));
 }
 
 Tensor clamped_swiglu_backward(const Tensor& gate_up, const Tensor& dout, float alpha, float limit) {
-  MF_ON_CUDA("clamped_swiglu_backward", MF_T(gate_up, dout), cuda::clamped_swiglu_backward(gate_up, dout, alpha, limit));
-  return cpu::clamped_swiglu_backward(gate_up, dout, alpha, limit);
+  MF_DISPATCH("clamped_swiglu_backward", MF_T(gate_up, dout), clamped_swiglu_backward(gate_up, dout, alpha, limit));
 }
 
 void add_inplace(Tensor& x, const Tensor& y) {
-  MF_ON_CUDA("add_inplace", MF_T(x, y), cuda::add_inplace(x, y));
-  cpu::add_inplace(x, y);
+  MF_DISPATCH("add_inplace", MF_T(x, y), add_inplace(x, y));
 }
 
 void add_bias_rows(Tensor& y, const Tensor& bias) {
-  MF_ON_CUDA("add_bias_rows", MF_T(y, bias), cuda::add_bias_rows(y, bias));
-  cpu::add_bias_rows(y, bias);
+  MF_DISPATCH("add_bias_rows", MF_T(y, bias), add_bias_rows(y, bias));
 }
 
 void bias_grad(const Tensor& dy, Tensor& db) {
-  MF_ON_CUDA("bias_grad", MF_T(dy, db), cuda::bias_grad(dy, db));
-  cpu::bias_grad(dy, db);
+  MF_DISPATCH("bias_grad", MF_T(dy, db), bias_grad(dy, db));
 }
 
 void clamp_inplace(Tensor& x, float c) {
-  MF_ON_CUDA("clamp_inplace", x, cuda::clamp_inplace(x, c));
-  cpu::clamp_inplace(x, c);
+  MF_DISPATCH("clamp_inplace", x, clamp_inplace(x, c));
 }
 
 void clamp_backward_inplace(const Tensor& unclipped, Tensor& dy, float c) {
-  MF_ON_CUDA("clamp_backward_inplace", MF_T(unclipped, dy), cuda::clamp_backward_inplace(unclipped, dy, c));
-  cpu::clamp_backward_inplace(unclipped, dy, c);
+  MF_DISPATCH("clamp_backward_inplace", MF_T(unclipped, dy), clamp_backward_inplace(unclipped, dy, c));
 }
 
 void add_sigmoid_gated(Tensor& out, const Tensor& y, const Tensor& logit) {
-  MF_ON_CUDA("add_sigmoid_gated", MF_T(out, y, logit), cuda::add_sigmoid_gated(out, y, logit));
-  cpu::add_sigmoid_gated(out, y, logit);
+  MF_DISPATCH("add_sigmoid_gated", MF_T(out, y, logit), add_sigmoid_gated(out, y, logit));
 }
 
 void sigmoid_gated_backward(const Tensor& dy, const Tensor& y, const Tensor& logit, Tensor& d_y, Tensor& d_logit) {
-  MF_ON_CUDA("sigmoid_gated_backward", MF_T(dy, y, logit), cuda::sigmoid_gated_backward(dy, y, logit, d_y, d_logit));
-  cpu::sigmoid_gated_backward(dy, y, logit, d_y, d_logit);
+  MF_DISPATCH("sigmoid_gated_backward", MF_T(dy, y, logit), sigmoid_gated_backward(dy, y, logit, d_y, d_logit));
 }
 
 void copy_columns(const Tensor& src, int64_t src_width, int64_t src_c0, int64_t src_row_div, Tensor& dst,
                   int64_t dst_width, int64_t dst_c0, int64_t n, bool add) {
-  MF_ON_CUDA("copy_columns", MF_T(src, dst),
-             cuda::copy_columns(src, src_width, src_c0, src_row_div, dst, dst_width, dst_c0, n, add));
-  cpu::copy_columns(src, src_width, src_c0, src_row_div, dst, dst_width, dst_c0, n, add);
+  MF_DISPATCH("copy_columns", MF_T(src, dst),
+              copy_columns(src, src_width, src_c0, src_row_div, dst, dst_width, dst_c0, n, add));
 }
 
 Tensor sum_row_groups(const Tensor& src, int64_t src_width, int64_t src_c0, int64_t n, int64_t group) {
-  MF_ON_CUDA("sum_row_groups", src, cuda::sum_row_groups(src, src_width, src_c0, n, group));
-  return cpu::sum_row_groups(src, src_width, src_c0, n, group);
+  MF_DISPATCH("sum_row_groups", src, sum_row_groups(src, src_width, src_c0, n, group));
 }
 
 Tensor deinterleave_pairs(const Tensor& x, int64_t d) {
-  MF_ON_CUDA("deinterleave_pairs", x, cuda::deinterleave_pairs(x, d));
-  return cpu::deinterleave_pairs(x, d);
+  MF_DISPATCH("deinterleave_pairs", x, deinterleave_pairs(x, d));
 }
 
 Tensor interleave_pairs(const Tensor& x, int64_t d) {
-  MF_ON_CUDA("interleave_pairs", x, cuda::interleave_pairs(x, d));
-  return cpu::interleave_pairs(x, d);
+  MF_DISPATCH("interleave_pairs", x, interleave_pairs(x, d));
 }
 
 void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor& probs, Tensor& weights,
                          Tensor& indices, const Tensor* forced) {
-  MF_ON_CUDA("router_softmax_topk", MF_T(logits, forced ? *forced : Tensor()),
-             cuda::router_softmax_topk(logits, k, normalize, probs, weights, indices, forced));
-  cpu::router_softmax_topk(logits, k, normalize, probs, weights, indices, forced);
+  MF_DISPATCH("router_softmax_topk", MF_T(logits, forced ? *forced : Tensor()),
+              router_softmax_topk(logits, k, normalize, probs, weights, indices, forced));
 }
 
 Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor& weights, const Tensor& d_weights,
@@ -308,10 +290,8 @@ Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor&
 void grouped_sigmoid_route(const Tensor& logits, const Tensor& bias, int64_t n_group, int64_t topk_group, int64_t k,
                            bool normalize, float scaling, Tensor& scores, Tensor& weights, Tensor& indices,
                            const Tensor* forced) {
-  MF_ON_CUDA("grouped_sigmoid_route", MF_T(logits, bias, forced ? *forced : Tensor()),
-             cuda::grouped_sigmoid_route(logits, bias, n_group, topk_group, k, normalize, scaling, scores, weights,
-                                         indices, forced));
-  cpu::grouped_sigmoid_route(logits, bias, n_group, topk_group, k, normalize, scaling, scores, weights, indices, forced);
+  MF_DISPATCH("grouped_sigmoid_route", MF_T(logits, bias, forced ? *forced : Tensor()),
+              grouped_sigmoid_route(logits, bias, n_group, topk_group, k, normalize, scaling, scores, weights, indices, forced));
 }
 
 Tensor grouped_sigmoid_route_backward(const Tensor& scores, const Tensor& indices, const Tensor& d_weights,
@@ -323,84 +303,68 @@ Tensor grouped_sigmoid_route_backward(const Tensor& scores, const Tensor& indice
 }
 
 void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y) {
-  MF_ON_CUDA("grouped_linear", MF_T(x, w, y), cuda::grouped_linear(x, w, offsets, y));
-  cpu::grouped_linear(x, w, offsets, y);
+  MF_DISPATCH("grouped_linear", MF_T(x, w, y), grouped_linear(x, w, offsets, y));
 }
 
 void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& dx) {
-  MF_ON_CUDA("grouped_linear_input_grad", MF_T(dy, w, dx), cuda::grouped_linear_input_grad(dy, w, offsets, dx));
-  cpu::grouped_linear_input_grad(dy, w, offsets, dx);
+  MF_DISPATCH("grouped_linear_input_grad", MF_T(dy, w, dx), grouped_linear_input_grad(dy, w, offsets, dx));
 }
 
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
                                 bool accumulate) {
-  MF_ON_CUDA("grouped_linear_weight_grad", MF_T(dy, x, dw),
-             cuda::grouped_linear_weight_grad(dy, x, offsets, dw, accumulate));
-  cpu::grouped_linear_weight_grad(dy, x, offsets, dw, accumulate);
+  MF_DISPATCH("grouped_linear_weight_grad", MF_T(dy, x, dw),
+              grouped_linear_weight_grad(dy, x, offsets, dw, accumulate));
 }
 
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets) {
-  MF_ON_CUDA("grouped_add_bias", MF_T(y, bias), cuda::grouped_add_bias(y, bias, offsets));
-  cpu::grouped_add_bias(y, bias, offsets);
+  MF_DISPATCH("grouped_add_bias", MF_T(y, bias), grouped_add_bias(y, bias, offsets));
 }
 
 void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db) {
-  MF_ON_CUDA("grouped_bias_grad", MF_T(dy, db), cuda::grouped_bias_grad(dy, offsets, db));
-  cpu::grouped_bias_grad(dy, offsets, db);
+  MF_DISPATCH("grouped_bias_grad", MF_T(dy, db), grouped_bias_grad(dy, offsets, db));
 }
 
 RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts) {
-  MF_ON_CUDA("plan_routing", expert_indices, cuda::plan_routing(expert_indices, num_experts));
-  return cpu::plan_routing(expert_indices, num_experts);
+  MF_DISPATCH("plan_routing", expert_indices, plan_routing(expert_indices, num_experts));
 }
 
 Tensor permute_tokens(const Tensor& x, const RoutingPlan& plan) {
-  MF_ON_CUDA("permute_tokens", MF_T(x, plan.dest_row), cuda::permute_tokens(x, plan));
-  return cpu::permute_tokens(x, plan);
+  MF_DISPATCH("permute_tokens", MF_T(x, plan.dest_row), permute_tokens(x, plan));
 }
 
 Tensor unpermute_tokens(const Tensor& yp, const Tensor& weights, const RoutingPlan& plan) {
-  MF_ON_CUDA("unpermute_tokens", MF_T(yp, weights, plan.dest_row), cuda::unpermute_tokens(yp, weights, plan));
-  return cpu::unpermute_tokens(yp, weights, plan);
+  MF_DISPATCH("unpermute_tokens", MF_T(yp, weights, plan.dest_row), unpermute_tokens(yp, weights, plan));
 }
 
 void unpermute_tokens_backward(const Tensor& dy, const Tensor& yp, const Tensor& weights, const RoutingPlan& plan,
                                Tensor& d_yp, Tensor& d_weights) {
-  MF_ON_CUDA("unpermute_tokens_backward", MF_T(dy, yp, weights, plan.dest_row),
-             cuda::unpermute_tokens_backward(dy, yp, weights, plan, d_yp, d_weights));
-  cpu::unpermute_tokens_backward(dy, yp, weights, plan, d_yp, d_weights);
+  MF_DISPATCH("unpermute_tokens_backward", MF_T(dy, yp, weights, plan.dest_row),
+              unpermute_tokens_backward(dy, yp, weights, plan, d_yp, d_weights));
 }
 
 Tensor permute_tokens_backward(const Tensor& d_xp, const RoutingPlan& plan) {
-  MF_ON_CUDA("permute_tokens_backward", MF_T(d_xp, plan.dest_row), cuda::permute_tokens_backward(d_xp, plan));
-  return cpu::permute_tokens_backward(d_xp, plan);
+  MF_DISPATCH("permute_tokens_backward", MF_T(d_xp, plan.dest_row), permute_tokens_backward(d_xp, plan));
 }
 
 Tensor gather_rows(const Tensor& in, const Tensor& index) {
-  MF_ON_CUDA("gather_rows", MF_T(in, index), cuda::gather_rows(in, index));
-  return cpu::gather_rows(in, index);
+  MF_DISPATCH("gather_rows", MF_T(in, index), gather_rows(in, index));
 }
 
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted) {
-  MF_ON_CUDA("cross_entropy_rows", MF_T(logits, targets), cuda::cross_entropy_rows(logits, targets, ignore_index, counted));
-  return cpu::cross_entropy_rows(logits, targets, ignore_index, counted);
+  MF_DISPATCH("cross_entropy_rows", MF_T(logits, targets), cross_entropy_rows(logits, targets, ignore_index, counted));
 }
 
 double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
                               Tensor& dlogits, int64_t* counted) {
-  MF_ON_CUDA("cross_entropy_backward", MF_T(logits, targets),
-             cuda::cross_entropy_backward(logits, targets, ignore_index, scale, dlogits, counted));
-  return cpu::cross_entropy_backward(logits, targets, ignore_index, scale, dlogits, counted);
+  MF_DISPATCH("cross_entropy_backward", MF_T(logits, targets),
+              cross_entropy_backward(logits, targets, ignore_index, scale, dlogits, counted));
 }
 
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                   int64_t ignore_index, float scale, Tensor& d_hidden, Tensor& dw, int64_t* counted,
                                   int64_t chunk_rows) {
-  MF_ON_CUDA("fused_linear_cross_entropy", MF_T(hidden, weight, targets, dw),
-             cuda::fused_linear_cross_entropy(hidden, weight, targets, ignore_index, scale, d_hidden, dw, counted,
-                                              chunk_rows));
-  return cpu::fused_linear_cross_entropy(hidden, weight, targets, ignore_index, scale, d_hidden, dw, counted,
-                                         chunk_rows);
+  MF_DISPATCH("fused_linear_cross_entropy", MF_T(hidden, weight, targets, dw),
+              fused_linear_cross_entropy(hidden, weight, targets, ignore_index, scale, d_hidden, dw, counted, chunk_rows));
 }
 
 namespace {
