@@ -9,7 +9,8 @@
 #include "core/error.h"
 #include "parallel/env.h"
 #include "gpu/adamw.h"
-#include "gpu/gpu_model.h"
+#include "gpu/device_params.h"
+#include "gpu/phase_times.h"
 #include "models/flops.h"
 #include "models/registry.h"
 #include "ops/cuda/runtime.h"
@@ -76,23 +77,23 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   const std::vector<parallel::Communicator*> copy_group =
       groups ? groups->device_copy_groups() : std::vector<parallel::Communicator*>{};
   if (groups && o.zero_stage == 3) device.shard(copy_group);
-  auto gm = make_gpu_model(*model, std::move(device), par);
+  PhaseTimes phases;  // MOEFORGE_PHASE_TIMES=1
   // Sums gradients over the ranks holding copies of them (nothing on one GPU; ZeRO-3 blocks were
   // summed in backward); no norm (the benchmark does not clip).
-  auto sum_grads = [&](const std::vector<size_t>& idx) { train::sum_gradients(groups.get(), gm->params(), idx, nullptr); };
-  std::vector<size_t> every(gm->params().size());
+  auto sum_grads = [&](const std::vector<size_t>& idx) { train::sum_gradients(groups.get(), device, idx, nullptr); };
+  std::vector<size_t> every(device.size());
   for (size_t i = 0; i < every.size(); ++i) every[i] = i;
   train::AdamWOptions ao;
   ao.lr = o.lr;
   ao.weight_decay = o.weight_decay;
   // ZeRO-1 over the ranks: each keeps the AdamW moments of its block of every parameter it holds a
   // copy of (dense ones over the world, expert shards over their copies).
-  DeviceAdamW opt(gm->params(), ao, OptimizerSharding{copy_group});
+  DeviceAdamW opt(device, ao, OptimizerSharding{copy_group});
   cuda::synchronize();
-  if (gm->phase_times().enabled() && env.rank == 0)
+  if (phases.enabled() && env.rank == 0)
     std::fprintf(stderr, "before the first step: %.2f GiB allocated (weights %.2f, AdamW moments %.2f)\n",
                  static_cast<double>(cuda::allocator_stats().allocated_bytes) / kGiB,
-                 static_cast<double>(gm->params().bytes()) / kGiB, static_cast<double>(opt.bytes()) / kGiB);
+                 static_cast<double>(device.bytes()) / kGiB, static_cast<double>(opt.bytes()) / kGiB);
 
   std::mt19937_64 rng(o.seed + static_cast<uint64_t>(env.rank));
   std::uniform_int_distribution<int64_t> tok(0, cfg.vocab_size - 1);
@@ -100,6 +101,8 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   models::TrainStepOptions so;
   so.ce_scale = 1.f / static_cast<float>(o.batch * (o.seq - 1));
   so.activation_checkpointing = o.activation_checkpointing;
+  so.ep_chunks = groups && groups->ep_size > 1 ? parallel::ep_chunks_from_env() : 1;
+  if (phases.enabled()) so.mark_phase = [&](const char* phase) { phases.mark(phase); };
   models::RoutingControl balanced{models::RoutingControl::Mode::Balanced, {}};
   std::vector<double> fwd, bwd, optm, step;
   BenchResult r;
@@ -118,15 +121,16 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
       so.on_grads_ready = [&](const std::vector<size_t>& idx) {
         sum_grads(idx);
         opt.update(idx);
-        gm->params().release_grads(idx);
+        device.release_grads(idx);
       };
     }
-    const models::TrainStepResult sr = gm->forward_backward(in, so);
+    phases.start();
+    const models::TrainStepResult sr = model->forward_backward(device, in, so, par);
     const auto t1 = std::chrono::steady_clock::now();
     if (!o.optimizer_in_backward) {
       sum_grads(every);
       opt.step(o.lr);
-      gm->params().zero_grad();
+      device.zero_grad();
     }
     cuda::synchronize();
     const auto t2 = std::chrono::steady_clock::now();
@@ -141,15 +145,15 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
       step.push_back(step_ms);
     }
     if (progress) progress(i + 1, total, loss, step_ms);
-    if (i + 1 == o.warmup) gm->phase_times().clear();  // phases count the timed steps only
+    if (i + 1 == o.warmup) phases.clear();  // phases count the timed steps only
   }
-  if (gm->phase_times().enabled()) {
+  if (phases.enabled()) {
     std::fprintf(stderr, "phase times (MOEFORGE_PHASE_TIMES=1; ms per step, mean of the %lld timed steps):\n",
                  static_cast<long long>(o.steps));
-    for (const auto& [phase, ms] : gm->phase_times().totals())
+    for (const auto& [phase, ms] : phases.totals())
       std::fprintf(stderr, "  %8.2f  %s (allocated at its end, at most %.2f GiB)\n", ms / static_cast<double>(o.steps),
-                   phase.c_str(), gm->phase_times().allocated_gib().at(phase));
-    for (const auto& [key, text] : gm->phase_times().notes()) std::fprintf(stderr, "  %s: %s\n", key.c_str(), text.c_str());
+                   phase.c_str(), phases.allocated_gib().at(phase));
+    for (const auto& [key, text] : phases.notes()) std::fprintf(stderr, "  %s: %s\n", key.c_str(), text.c_str());
   }
   r.forward_ms = median(fwd);
   r.backward_ms = median(bwd);

@@ -1,4 +1,5 @@
-// The trainer's step on a GPU: GpuModel + DeviceAdamW behind train::StepBackend. Under several
+// The trainer's step on a GPU: the model's one layer loop over its DeviceParams, and DeviceAdamW,
+// behind train::StepBackend. Under several
 // ranks (one GPU each) the model computes its experts across the NCCL expert-parallel group, and
 // the gradients are summed over NCCL before the norm: dense ones over the world, expert shards over
 // the expert-data-parallel group.
@@ -8,7 +9,8 @@
 #include "ops/ops.h"
 #include "ops/cuda/ops_cuda.h"
 #include "gpu/adamw.h"
-#include "gpu/gpu_model.h"
+#include "gpu/device_params.h"
+#include "parallel/env.h"
 #include "ops/cuda/runtime.h"
 #include "train/backend.h"
 #include "train/gradients.h"
@@ -23,11 +25,12 @@ class GpuBackend : public StepBackend {
       : model_(model),
         host_opt_(host_opt),
         groups_(groups),
-        gm_(gpu::make_gpu_model(model, device_params(model, p, groups), parallel_of(groups))),
-        opt_(gm_->params(), host_opt.options(), sharding_of(groups)),
+        params_(device_params(model, p, groups)),
+        par_(parallel_of(groups)),
+        opt_(params_, host_opt.options(), sharding_of(groups)),
         precision_(p) {
     // A resumed run: continue from the host optimizer's state (none: zero moments).
-    for (size_t i = 0; i < gm_->params().size(); ++i)
+    for (size_t i = 0; i < params_.size(); ++i)
       if (host_opt.exp_avg(i).defined()) opt_.load_moments(i, host_opt.exp_avg(i), host_opt.exp_avg_sq(i));
     opt_.set_steps(host_opt.steps());
     release_host_copies();  // the device holds the state now
@@ -36,25 +39,27 @@ class GpuBackend : public StepBackend {
     for (auto& p : model_.params().all()) p.value = Tensor();
     host_opt_.release_state();
   }
-  void zero_grad() override { gm_->params().zero_grad(); }
+  void zero_grad() override { params_.zero_grad(); }
   models::TrainStepResult forward_backward(const models::ForwardInputs& in, const models::TrainStepOptions& o) override {
-    return gm_->forward_backward(in, o);
+    models::TrainStepOptions run = o;
+    run.ep_chunks = par_.ep && par_.ep->size() > 1 ? parallel::ep_chunks_from_env() : 1;
+    return model_.forward_backward(params_, in, run, par_);
   }
-  double finish_gradients(double max_norm) override { return train::finish_gradients(groups_, gm_->params(), max_norm); }
+  double finish_gradients(double max_norm) override { return train::finish_gradients(groups_, params_, max_norm); }
   void step(double lr) override { opt_.step(lr); }
   std::function<void(const std::vector<size_t>&)> begin_step_in_backward(double lr) override {
     opt_.begin_step(lr);
     squares_ = {};
     return [this](const std::vector<size_t>& idx) {
-      sum_gradients(groups_, gm_->params(), idx, &squares_);
+      sum_gradients(groups_, params_, idx, &squares_);
       opt_.update(idx);
-      gm_->params().release_grads(idx);  // applied: all the gradients never exist at once
+      params_.release_grads(idx);  // applied: all the gradients never exist at once
     };
   }
   double end_step_in_backward() override { return whole_norm(groups_, squares_); }
   void sync_to_host() override {
-    gm_->params().copy_to_host(model_.params());
-    for (size_t i = 0; i < gm_->params().size(); ++i) {  // collectives for split moments: same order on every rank
+    params_.copy_to_host(model_.params());
+    for (size_t i = 0; i < params_.size(); ++i) {  // collectives for split moments: same order on every rank
       host_opt_.exp_avg(i) = opt_.exp_avg_host(i);
       host_opt_.exp_avg_sq(i) = opt_.exp_avg_sq_host(i);
     }
@@ -88,7 +93,8 @@ class GpuBackend : public StepBackend {
   models::CausalLM& model_;
   AdamW& host_opt_;
   RankGroups* groups_;
-  std::unique_ptr<gpu::GpuModel> gm_;
+  gpu::DeviceParams params_;
+  models::Parallel par_;
   gpu::DeviceAdamW opt_;
   gpu::Precision precision_;
   GradSquares squares_;  // this step's, under optimizer_in_backward

@@ -69,4 +69,14 @@ DistEnv dist_env() {
   return dist_env_from([](const char* name) { return static_cast<const char*>(std::getenv(name)); });
 }
 
+int ep_chunks_from_env() {
+  static const int configured = [] {
+    const char* v = std::getenv("MOEFORGE_EP_CHUNKS");
+    const int n = v ? std::atoi(v) : 1;
+    MF_CHECK(n >= 1 && n <= 16, "MOEFORGE_EP_CHUNKS must be 1..16, got '", v ? v : "", "'");
+    return n;
+  }();
+  return configured;
+}
+
 }  // namespace moeforge::parallel

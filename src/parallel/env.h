@@ -21,4 +21,12 @@ DistEnv dist_env_from(const std::function<const char*(const char*)>& get);
 // From the process environment.
 DistEnv dist_env();
 
+// MOEFORGE_EP_CHUNKS: the token chunks a MoE layer splits its expert exchange into under expert
+// parallelism (nn::RunContext::ep_chunks; default 1, no overlap of the exchange with the experts).
+// 2 chunks measured slower on 2 H200s at EP 2 (8,443 against 8,895 tok/s, q30 48 layers):
+// half-size expert GEMMs, twice the routing plans and count exchanges, and NCCL's copies taking
+// SMs from the GEMMs cost more than the hidden exchange saved (docs/perf-notes.md). Kept for
+// larger expert-parallel groups, where the exchange is a larger share. Throws outside 1..16.
+int ep_chunks_from_env();
+
 }  // namespace moeforge::parallel

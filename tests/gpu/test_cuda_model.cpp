@@ -1,10 +1,10 @@
-// The decoder families' fixtures' forward on the GPU (gpu::GpuModel::forward_logits over device-resident
+// The decoder families' fixtures' forward on the GPU (the one layer loop's forward over device-resident
 // fp32 weights) against Transformers' logits (the fixtures' reference.safetensors): tight. Skipped
 // without a GPU.
 #include <gtest/gtest.h>
 
 #include "core/error.h"
-#include "gpu/gpu_model.h"
+#include "device_run.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
 #include "ops/cuda/runtime.h"
@@ -19,7 +19,7 @@ TEST_P(CudaModel, Fp32LogitsMatchTransformers) {
   const std::string dir = test::fixture(GetParam());
   auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
   auto loaded = models::from_pretrained(dir);
-  auto gm = gpu::make_gpu_model(*loaded.model, gpu::DeviceParams(loaded.model->params(), gpu::Precision::FP32));
+  auto gm = test::on_device(*loaded.model, gpu::DeviceParams(loaded.model->params(), gpu::Precision::FP32));
   Tensor ids = ref.get("input_ids").clone();
   Tensor got = gm->forward_logits({ids});
   Tensor want = ref.get("logits");
@@ -40,7 +40,7 @@ INSTANTIATE_TEST_SUITE_P(Families, CudaModel,
 TEST(CudaModelBadInput, UnsupportedHeadDimIsOneClearError) {
   if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine";
   auto loaded = models::from_pretrained(test::fixture("mistral_b"));  // head_dim 12
-  auto gm = gpu::make_gpu_model(*loaded.model, gpu::DeviceParams(loaded.model->params(), gpu::Precision::FP32));
+  auto gm = test::on_device(*loaded.model, gpu::DeviceParams(loaded.model->params(), gpu::Precision::FP32));
   auto ref = hf::SafetensorsFile::open(test::fixture("mistral_b") + "/reference.safetensors");
   try {
     gm->forward_logits({ref.get("input_ids").clone()});

@@ -11,7 +11,7 @@
 #include <fstream>
 
 #include "gpu/adamw.h"
-#include "gpu/gpu_model.h"
+#include "device_run.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
 #include "ops/cuda/runtime.h"
@@ -48,7 +48,7 @@ TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
   auto m = models::from_pretrained(dir);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
   const models::TrainStepOptions opts = step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref));
-  auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+  auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   gm->forward_backward({ids, &labels}, opts);
   const auto& params = m.model->params().all();
   // The CPU model's gradients too: where the GPU's distance to torch exceeds the CPU's by far, the
@@ -100,7 +100,7 @@ TEST_P(CudaTraining, Fp32ThreeAdamWStepsMatchTorch) {
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
   const double mtp_scale = test::mtp_loss_scale(ref);
   const models::TrainStepOptions opts = step_options(*m.model, labels, ckpt, mtp_scale);
-  auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+  auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   const double lr = 1e-3;
   gpu::DeviceAdamW opt(gm->params(), {lr, 0.9, 0.95, 1e-8, 0.1, true});
   Tensor want_losses = ref.get("train_losses");
@@ -172,7 +172,7 @@ TEST_P(CudaTrainingPolicies, Bf16PoliciesTrackTorchLosses) {
   std::vector<std::vector<Tensor>> fp32_routing;
   {
     auto m = models::from_pretrained(dir);
-    auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+    auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
     gpu::DeviceAdamW opt(gm->params(), ao);
     for (int step = 0; step < 3; ++step) {
       gm->params().zero_grad();
@@ -183,7 +183,7 @@ TEST_P(CudaTrainingPolicies, Bf16PoliciesTrackTorchLosses) {
   }
   for (gpu::Precision p : {gpu::Precision::BF16, gpu::Precision::BF16Mixed}) {
     auto m = models::from_pretrained(dir);
-    auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), p));
+    auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), p));
     gpu::DeviceAdamW opt(gm->params(), ao);
     std::vector<double> losses;
     for (int step = 0; step < 3; ++step) {
@@ -221,7 +221,7 @@ TEST_P(CudaTrainingPolicies, BalancedRoutingMatchesCpuReplay) {
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
   auto m = models::from_pretrained(dir);
   const auto& cfg = m.model->config();
-  auto gm = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+  auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   models::TrainStepOptions go = step_options(*m.model, labels, false);
   models::RoutingControl balanced{models::RoutingControl::Mode::Balanced, {}};
   models::ForwardInputs bin{ids, &labels};
@@ -259,8 +259,8 @@ TEST_P(CudaTrainingPolicies, OptimizerInBackwardMatchesStepAfterBackward) {
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
   auto m = models::from_pretrained(dir);
   const train::AdamWOptions ao{1e-3, 0.9, 0.95, 1e-8, 0.1, true};
-  auto a = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
-  auto b = gpu::make_gpu_model(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+  auto a = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+  auto b = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   gpu::DeviceAdamW opt_a(a->params(), ao), opt_b(b->params(), ao);
   const auto& params = m.model->params().all();
   std::vector<std::vector<bool>> noisy(params.size());
