@@ -38,15 +38,11 @@ Tensor mtp_targets(const Tensor& labels, const Tensor* doc_ids, int64_t depth) {
   return Tensor::from_i64(out, {b * s});
 }
 
-Tensor mtp_input_ids(const Tensor& input_ids, int64_t depth, std::vector<uint8_t>* valid) {
+Tensor mtp_input_ids(const Tensor& input_ids, int64_t depth) {
   const int64_t b = input_ids.size(0), s = input_ids.size(1);
   std::vector<int64_t> out(static_cast<size_t>(b * s), 0);
-  if (valid) valid->assign(static_cast<size_t>(b * s), 0);
   for (int64_t i = 0; i < b; ++i)
-    for (int64_t t = 0; t + depth < s; ++t) {
-      out[i * s + t] = input_ids.i64()[i * s + t + depth];
-      if (valid) (*valid)[i * s + t] = 1;
-    }
+    for (int64_t t = 0; t + depth < s; ++t) out[i * s + t] = input_ids.i64()[i * s + t + depth];
   return Tensor::from_i64(out, {b, s});
 }
 

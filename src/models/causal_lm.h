@@ -124,10 +124,10 @@ float causal_lm_loss(const Tensor& logits, const Tensor& labels, int64_t* counte
 Tensor shifted_targets(const Tensor& labels);
 // Multi-token prediction at `depth` k >= 1: position t predicts label t+1+k (-100 past the row's
 // end, and where `doc_ids` puts that label in another packed document than position t), from
-// the embedding of token t+k. mtp_input_ids gives those tokens [B, S] (0 past the end) and
-// `valid` [B*S] marks the positions that have one (the others get a zero embedding).
+// the embedding of token t+k. mtp_input_ids gives those tokens [B, S] (0 past the row's end, where
+// the model uses a zero embedding instead).
 Tensor mtp_targets(const Tensor& labels, const Tensor* doc_ids, int64_t depth);
-Tensor mtp_input_ids(const Tensor& input_ids, int64_t depth, std::vector<uint8_t>* valid);
+Tensor mtp_input_ids(const Tensor& input_ids, int64_t depth);
 int64_t counted_targets(const Tensor& targets);
 
 }  // namespace moeforge::models

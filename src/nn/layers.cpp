@@ -471,8 +471,8 @@ struct RoutingStats {
 RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, parallel::Communicator* dp) {
   RoutingStats st{std::vector<double>(experts, 0.0), std::vector<double>(experts, 0.0), 0};
   for (const auto& r : routers) {
-    MF_CHECK(r.probs.defined() && static_cast<int64_t>(r.expert_rows.size()) == experts,
-             "internal: the load-balancing loss needs a softmax router's probabilities and its routed rows");
+    if (!r.probs.defined()) continue;  // a dense layer, or a router without the loss (DeepSeek's)
+    MF_CHECK(static_cast<int64_t>(r.expert_rows.size()) == experts, "internal: a router's routed rows are missing");
     const Tensor p = r.probs.device().is_cpu() ? r.probs : ops::to_device(r.probs, Device::cpu(), DType::F32);
     const int64_t t = p.size(0);
     for (int64_t i = 0; i < t; ++i)
@@ -501,8 +501,8 @@ RoutingStats routing_stats(const std::vector<SparseMoE::RouterOut>& routers, int
 }  // namespace
 
 float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts, parallel::Communicator* dp) {
-  if (routers.empty()) return 0.f;
   const RoutingStats st = routing_stats(routers, experts, dp);
+  if (st.rows == 0) return 0.f;
   // tokens_per_expert is a mean over rows of a [rows, top_k, E] one-hot, i.e. per slot; summing
   // over slots against the mean probability gives sum_e (routed_e / rows) * (prob_e / rows).
   double loss = 0;
@@ -513,8 +513,8 @@ float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int6
 std::vector<float> load_balancing_prob_grad(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts,
                                             parallel::Communicator* dp) {
   std::vector<float> g(static_cast<size_t>(experts), 0.f);
-  if (routers.empty()) return g;
   const RoutingStats st = routing_stats(routers, experts, dp);
+  if (st.rows == 0) return g;
   for (int64_t e = 0; e < experts; ++e) g[e] = static_cast<float>(experts * (st.routed[e] / st.rows) / st.rows);
   return g;
 }

@@ -206,7 +206,8 @@ struct SparseMoE {
 // probabilities (concatenated), with no attention mask: E * sum_e(fraction routed to e * mean prob of e).
 // The routed fractions count the experts each layer chose (Transformers recomputes the same top-k
 // from the same softmax; taking the layers' choice keeps replayed routing consistent). The
-// probabilities may live on any device (they are summed on the host).
+// probabilities may live on any device (they are summed on the host); entries without them (dense
+// layers) take no part.
 // `dp`, when given, is the group whose ranks split the batch: the statistics are summed over it, so
 // the loss is that of the whole batch.
 float load_balancing_loss(const std::vector<SparseMoE::RouterOut>& routers, int64_t experts,

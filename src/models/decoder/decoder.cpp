@@ -252,31 +252,37 @@ Tensor Decoder::layer_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, con
 
 Tensor Decoder::aux_gradient(const std::vector<nn::SparseMoE::RouterOut>& routers, const Parallel& par, float scale,
                              float* loss, Device device) const {
-  std::vector<nn::SparseMoE::RouterOut> moe;
-  for (const auto& r : routers)
-    if (r.probs.defined()) moe.push_back(r);
-  if (!cfg_.output_router_logits || moe.empty()) return Tensor();
-  *loss = nn::load_balancing_loss(moe, cfg_.num_experts, par.world);
-  std::vector<float> g = nn::load_balancing_prob_grad(moe, cfg_.num_experts, par.world);
+  if (!cfg_.output_router_logits || cfg_.num_experts == 0) return Tensor();
+  *loss = nn::load_balancing_loss(routers, cfg_.num_experts, par.world);
+  std::vector<float> g = nn::load_balancing_prob_grad(routers, cfg_.num_experts, par.world);
   for (float& v : g) v *= scale;  // the same for every row
   return ops::to_device(Tensor::from_vector(g, {cfg_.num_experts}), device, DType::F32);
 }
 
-ForwardOutputs Decoder::forward(nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const {
-  Batch bt = prepare(ps, in, par);
+Tensor Decoder::main_forward(nn::ParamAccess& ps, Batch& bt, std::vector<LayerCache>* caches, bool ckpt,
+                             std::vector<nn::SparseMoE::RouterOut>& routers) const {
   ps.gather({embed_});
   Tensor x = ops::embedding(bt.ids, ps.value(embed_));
   if (embed_ != lm_head_) ps.release({embed_});
-  std::vector<nn::SparseMoE::RouterOut> routers;
+  bt.ctx.phase("fwd: inputs + embedding");
+  routers.assign(main_layers_, {});
   for (size_t l = 0; l < main_layers_; ++l) {
     ps.gather(layer_params_[l]);
-    nn::SparseMoE::RouterOut r;
-    x = layer_forward(ps, l, x, bt, nullptr, cfg_.output_router_logits ? &r : nullptr);
-    if (r.chosen.defined()) routers.push_back(r);
+    if (l + 1 < main_layers_) ps.prefetch(layer_params_[l + 1]);
+    else ps.prefetch({final_norm_.weight, lm_head_});
+    if (caches && ckpt) (*caches)[l].x_in = x;
+    x = layer_forward(ps, l, x, bt, caches && !ckpt ? &(*caches)[l] : nullptr, &routers[l]);
+    if (!cfg_.output_router_logits) routers[l].probs = Tensor();  // only the load-balancing loss reads them
     ps.release(layer_params_[l]);
   }
   ps.gather({final_norm_.weight, lm_head_});
-  x = final_norm_.forward(ps, x);
+  return x;
+}
+
+ForwardOutputs Decoder::forward(nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const {
+  Batch bt = prepare(ps, in, par);
+  std::vector<nn::SparseMoE::RouterOut> routers;
+  const Tensor x = final_norm_.forward(ps, main_forward(ps, bt, nullptr, false, routers));
   ForwardOutputs out;
   Tensor logits = ops::linear(x, ps.value(lm_head_));
   if (!logits.device().is_cpu() || logits.dtype() != DType::F32) logits = ops::to_device(logits, Device::cpu(), DType::F32);
@@ -318,7 +324,7 @@ Tensor Decoder::mtp_train(nn::ParamAccess& ps, const ForwardInputs& in, Batch& b
     MtpCache& c = caches[k];
     const int64_t depth = static_cast<int64_t>(k + 1);
     ps.gather(layer_params_[d.layer]);
-    c.ids = ops::to_device(mtp_input_ids(in.input_ids, depth, nullptr).view({t}), bt.device, DType::I64);
+    c.ids = ops::to_device(mtp_input_ids(in.input_ids, depth).view({t}), bt.device, DType::I64);
     c.embed = ops::embedding(c.ids, ps.value(embed_));
     zero_row_ends(c.embed, bt.b, bt.s, depth);  // no token t+k there: a zero embedding, as vLLM feeds position 0
     c.joined = ops::empty({t, 2 * h}, dt, bt.device, "MTP [enorm | hnorm]");
@@ -379,30 +385,13 @@ TrainStepResult Decoder::forward_backward(nn::ParamAccess& ps, const ForwardInpu
   Batch bt = prepare(ps, in, par);
   bt.ctx.ep_chunks = opts.ep_chunks;
   bt.ctx.mark = opts.mark_phase;
-  const bool ckpt = opts.activation_checkpointing, aux = cfg_.output_router_logits;
+  const bool ckpt = opts.activation_checkpointing;
   // Forward, keeping each layer's state (or only its input under activation checkpointing). Under
   // ZeRO-3 a layer's parameters exist whole only from gather() until release(), or until `ready`
   // has summed their gradients into this rank's blocks; the next layer's travel while one computes.
   std::vector<LayerCache> caches(main_layers_);
-  std::vector<nn::SparseMoE::RouterOut> routers(main_layers_);
-  ps.gather({embed_});
-  Tensor x = ops::embedding(bt.ids, ps.value(embed_));
-  if (embed_ != lm_head_) ps.release({embed_});
-  bt.ctx.phase("fwd: inputs + embedding");
-  for (size_t l = 0; l < main_layers_; ++l) {
-    ps.gather(layer_params_[l]);
-    if (l + 1 < main_layers_) ps.prefetch(layer_params_[l + 1]);
-    else ps.prefetch({final_norm_.weight, lm_head_});
-    if (ckpt) {
-      caches[l].x_in = x;
-      x = layer_forward(ps, l, x, bt, nullptr, &routers[l]);
-      if (!aux) routers[l].probs = Tensor();  // only the load-balancing loss reads them
-    } else {
-      x = layer_forward(ps, l, x, bt, &caches[l], &routers[l]);
-    }
-    ps.release(layer_params_[l]);
-  }
-  ps.gather({final_norm_.weight, lm_head_});
+  std::vector<nn::SparseMoE::RouterOut> routers;
+  Tensor x = main_forward(ps, bt, &caches, ckpt, routers);
   Tensor rstd_f;
   Tensor xf = final_norm_.forward(ps, x, &rstd_f);
   const Tensor targets = ops::to_device(shifted_targets(*in.labels), bt.device, DType::I64);

@@ -97,6 +97,11 @@ class Decoder : public CausalLM {
     std::vector<Tensor> chosen;  // per layer, the expert choice of its first forward (replayed when recomputed)
   };
   Batch prepare(const nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const;
+  // The embedding and the main layers, each gathered (the next one prefetched), run and released;
+  // `caches` (null: inference) keeps each layer's state, or only its input when `ckpt`. Returns
+  // the last layer's output with the final norm and LM head gathered.
+  Tensor main_forward(nn::ParamAccess& ps, Batch& bt, std::vector<LayerCache>* caches, bool ckpt,
+                      std::vector<nn::SparseMoE::RouterOut>& routers) const;
   // One decoder layer; `cache` may be null (inference); `router` receives the MoE routing; `replay`
   // (optional) is the choice of experts to repeat (a checkpointed layer's recomputation).
   Tensor layer_forward(const nn::ParamAccess& ps, size_t l, const Tensor& x, Batch& bt, LayerCache* cache,
