@@ -25,4 +25,10 @@ struct AdamWTensors {
   Tensor param_bf16_copy;        // optional: the BF16 copy of an F32 `param` that the model computes with
 };
 
+// The gradients ops::ssm_scan_backward returns (F32): of x [T,H,P], of the raw dt [T,H] and the
+// dt bias [H], of A_log [H], of B and C [T,G,N], and of D [H].
+struct SsmScanGrads {
+  Tensor dx, ddt_raw, ddt_bias, da_log, db, dc, dd;
+};
+
 }  // namespace moeforge::ops

@@ -168,6 +168,36 @@ Tensor permute_tokens_backward(const Tensor& d_xp, const RoutingPlan& plan);
 // out[i] = in[index[i]] for rows: in [R,H], index I64 [n] on in's device (values in [0, R)).
 Tensor gather_rows(const Tensor& in, const Tensor& index);
 
+// ---- Mamba2 (Nemotron-H's mixer). Tokens are [T = batch * S] rows; with `doc_ids` [T] (I64,
+// optional) each document of a packed row is its own sequence: the conv window and the scan state
+// start afresh at its first token.
+
+// relu(x)^2 (Nemotron-H's experts and MLPs) and its backward.
+Tensor relu2(const Tensor& x);
+Tensor relu2_backward(const Tensor& x, const Tensor& dy);
+// Depthwise causal conv1d over each sequence: y[t, c] = bias[c] + sum_j w[c, j] x[t - (K-1) + j, c]
+// (taps before the sequence's start read zeros), then SiLU when `silu`. x [T, C], w [C, K] or
+// [C, 1, K], bias [C] (optional). The backward recomputes the pre-activation; dw (and dbias, F32)
+// accumulate, dx is written.
+Tensor causal_conv1d(const Tensor& x, const Tensor& w, const Tensor* bias, int64_t batch, const Tensor* doc_ids,
+                     bool silu);
+void causal_conv1d_backward(const Tensor& x, const Tensor& w, const Tensor* bias, int64_t batch, const Tensor* doc_ids,
+                            bool silu, const Tensor& dy, Tensor& dx, Tensor& dw, Tensor* dbias);
+// The selective scan of Mamba2 per head h (of G groups sharing B and C): dt = max(softplus(dt_raw +
+// dt_bias), dt_min), A = -exp(A_log), state_t = exp(dt A) state_{t-1} + dt x_t B_t^T ([P, N]),
+// y_t = state_t C_t + D x_t. x [T,H,P], dt_raw [T,H], B and C [T,G,N], dt_bias/A_log/D [H] -> y
+// [T,H,P] F32. The backward returns every input's gradient (ops/op_types.h).
+Tensor ssm_scan(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
+                const Tensor& c, const Tensor& d, float dt_min, int64_t batch, const Tensor* doc_ids);
+void ssm_scan_backward(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log,
+                       const Tensor& b, const Tensor& c, const Tensor& d, float dt_min, int64_t batch,
+                       const Tensor* doc_ids, const Tensor& dy, SsmScanGrads& grads);
+// Mamba2's output norm: h = y * silu(z), RMS-normalised over each of `groups` equal column groups
+// of a row (eps), times w [I]. y, z [T, I]. The backward writes dy, dz and accumulates dw (F32).
+Tensor gated_rms_norm(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps);
+void gated_rms_norm_backward(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps,
+                             const Tensor& dout, Tensor& dy, Tensor& dz, Tensor& dw);
+
 // ---- Losses
 
 // Per-row cross-entropy of logits [N,V] against targets [N] (I64); rows whose target equals

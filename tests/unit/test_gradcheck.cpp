@@ -286,3 +286,63 @@ INSTANTIATE_TEST_SUITE_P(Families, ModelGradCheck,
                                                               "qwen2_b", "qwen3_b", "gpt_oss_a", "gpt_oss_b",
                                                               "deepseek_v3_a", "deepseek_v3_b"),
                                             ::testing::Values(false)));
+
+// Mamba2's pieces (Nemotron-H): relu^2, the causal conv1d with SiLU, the selective scan with its dt
+// preprocessing, and the gated grouped RMSNorm, each on two rows of which the second packs two
+// documents (a state or window reaching across the boundary would change both the loss and the
+// gradients).
+TEST(GradCheck, Mamba2Ops) {
+  const int64_t batch = 2, seq = 7, t = batch * seq;
+  Tensor docs = Tensor::from_i64({0, 0, 0, 0, 0, 0, 0, 5, 5, 5, 6, 6, 6, 6}, {t});
+  {
+    Tensor x = test::random_tensor({5, 6}, 90), r = test::random_tensor({5, 6}, 91);
+    auto loss = [&] { return dot_double(ops::relu2(x), r); };
+    check_direction(x, ops::relu2_backward(x, r), loss, 92, "relu2");
+  }
+  {
+    const int64_t c = 5, k = 4;
+    Tensor x = test::random_tensor({t, c}, 93), w = test::random_tensor({c, 1, k}, 94), b = test::random_tensor({c}, 95);
+    Tensor r = test::random_tensor({t, c}, 96);
+    auto loss = [&] { return dot_double(ops::causal_conv1d(x, w, &b, batch, &docs, true), r); };
+    Tensor dx, dw = Tensor::zeros(w.shape(), DType::F32), db = Tensor::zeros({c}, DType::F32);
+    ops::causal_conv1d_backward(x, w, &b, batch, &docs, true, r, dx, dw, &db);
+    check_direction(x, dx, loss, 97, "conv1d dx");
+    check_direction(w, dw, loss, 98, "conv1d dw");
+    check_direction(b, db, loss, 99, "conv1d dbias");
+  }
+  {
+    const int64_t h = 4, p = 3, g = 2, n = 5;
+    Tensor x = test::random_tensor({t, h, p}, 100), dt = test::random_tensor({t, h}, 101);
+    Tensor dt_bias = test::random_tensor({h}, 102), a_log = test::random_tensor({h}, 103, 0.5f);
+    Tensor b = test::random_tensor({t, g, n}, 104), c = test::random_tensor({t, g, n}, 105);
+    Tensor d = test::random_tensor({h}, 106), r = test::random_tensor({t, h, p}, 107);
+    // dt_min low enough that no dt sits on the floor (where the gradient is cut).
+    auto loss = [&] { return dot_double(ops::ssm_scan(x, dt, dt_bias, a_log, b, c, d, 1e-4f, batch, &docs), r); };
+    ops::SsmScanGrads gr;
+    ops::ssm_scan_backward(x, dt, dt_bias, a_log, b, c, d, 1e-4f, batch, &docs, r, gr);
+    check_direction(x, gr.dx, loss, 108, "scan dx");
+    check_direction(dt, gr.ddt_raw, loss, 109, "scan ddt");
+    check_direction(dt_bias, gr.ddt_bias, loss, 110, "scan ddt_bias");
+    check_direction(a_log, gr.da_log, loss, 111, "scan dA_log");
+    check_direction(b, gr.db, loss, 112, "scan dB");
+    check_direction(c, gr.dc, loss, 113, "scan dC");
+    check_direction(d, gr.dd, loss, 114, "scan dD");
+    // Documents are separate sequences: the second document of row 2 alone gives the same outputs.
+    const Tensor y = ops::ssm_scan(x, dt, dt_bias, a_log, b, c, d, 1e-4f, batch, &docs);
+    auto rows = [](const Tensor& v, int64_t r0, int64_t n_rows) { return v.slice0(r0, n_rows).clone(); };
+    const Tensor alone = ops::ssm_scan(rows(x, 10, 4), rows(dt, 10, 4), dt_bias, a_log, rows(b, 10, 4), rows(c, 10, 4),
+                                       d, 1e-4f, 1, nullptr);
+    EXPECT_EQ(test::tensor_rel_diff(rows(y, 10, 4), alone), 0.0);
+  }
+  {
+    const int64_t width = 8, groups = 2;
+    Tensor y = test::random_tensor({t, width}, 115), z = test::random_tensor({t, width}, 116);
+    Tensor w = test::random_tensor({width}, 117), r = test::random_tensor({t, width}, 118);
+    auto loss = [&] { return dot_double(ops::gated_rms_norm(y, z, w, groups, 1e-5f), r); };
+    Tensor dy, dz, dw = Tensor::zeros({width}, DType::F32);
+    ops::gated_rms_norm_backward(y, z, w, groups, 1e-5f, r, dy, dz, dw);
+    check_direction(y, dy, loss, 119, "gated norm dy");
+    check_direction(z, dz, loss, 120, "gated norm dz");
+    check_direction(w, dw, loss, 121, "gated norm dw");
+  }
+}

@@ -96,4 +96,21 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
 double global_grad_norm(const std::vector<Tensor>& grads);
 void scale_inplace(const std::vector<Tensor>& tensors, float factor);
 
+
+// Mamba2 (ops/cpu/mamba.cpp).
+Tensor relu2(const Tensor& x);
+Tensor relu2_backward(const Tensor& x, const Tensor& dy);
+Tensor causal_conv1d(const Tensor& x, const Tensor& w, const Tensor* bias, int64_t batch, const Tensor* doc_ids,
+                     bool silu);
+void causal_conv1d_backward(const Tensor& x, const Tensor& w, const Tensor* bias, int64_t batch, const Tensor* doc_ids,
+                            bool silu, const Tensor& dy, Tensor& dx, Tensor& dw, Tensor* dbias);
+Tensor ssm_scan(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
+                const Tensor& c, const Tensor& d, float dt_min, int64_t batch, const Tensor* doc_ids);
+void ssm_scan_backward(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log,
+                       const Tensor& b, const Tensor& c, const Tensor& d, float dt_min, int64_t batch,
+                       const Tensor* doc_ids, const Tensor& dy, SsmScanGrads& grads);
+Tensor gated_rms_norm(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps);
+void gated_rms_norm_backward(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps,
+                             const Tensor& dout, Tensor& dy, Tensor& dz, Tensor& dw);
+
 }  // namespace moeforge::ops::cpu
