@@ -236,6 +236,31 @@ CASES = {
                     rope_interleave=True, max_position_embeddings=64, num_nextn_predict_layers=2,
                     rope_parameters=ROPE_DEFAULT),
         dtype=torch.float32, shard=None, mtp=dict(depths=2, loss_scale=0.3)),
+    # Nemotron-H (hybrid Mamba2 + MoE + attention): every block kind but the dense MLP, Mamba2 with
+    # two groups and two scan chunks over the sequence, sigmoid routing with the correction bias,
+    # relu^2 experts and shared expert, GQA without RoPE.
+    "nemotron_h_a": dict(
+        model_type="nemotron_h",
+        config=dict(vocab_size=96, hidden_size=32, hybrid_override_pattern="MEM*E", num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=8, intermediate_size=24, mamba_num_heads=4, mamba_head_dim=8,
+                    n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=8, expand=2, n_routed_experts=6,
+                    num_experts_per_tok=2, moe_intermediate_size=12, moe_shared_expert_intermediate_size=16,
+                    n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+                    time_step_min=0.001, layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+                    max_position_embeddings=64),
+        dtype=torch.float32, shard=None),
+    # Grouped routing (4 groups keep 2), no renormalisation, a dense relu^2 MLP block, biases on the
+    # Mamba and MLP projections, Nemotron 3 Super's latent MoE projections, tied head, bf16 storage.
+    "nemotron_h_b": dict(
+        model_type="nemotron_h",
+        config=dict(vocab_size=80, hidden_size=48, hybrid_override_pattern="M-E*ME", num_attention_heads=6,
+                    num_key_value_heads=3, head_dim=8, intermediate_size=20, mamba_num_heads=6, mamba_head_dim=4,
+                    n_groups=3, ssm_state_size=6, conv_kernel=3, chunk_size=5, expand=2, n_routed_experts=8,
+                    num_experts_per_tok=3, moe_intermediate_size=10, moe_shared_expert_intermediate_size=14,
+                    moe_latent_size=16, n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.5,
+                    use_bias=True, mlp_bias=True, use_conv_bias=True, time_step_min=0.01, layer_norm_epsilon=1e-6,
+                    tie_word_embeddings=True, max_position_embeddings=64),
+        dtype=torch.bfloat16, shard=None),
 }
 
 BATCH, SEQ = 2, 12
@@ -287,7 +312,7 @@ class RoutingMargins:
 
     def __init__(self, c, *modules):
         self.k = getattr(c, "num_experts_per_tok", 0)
-        self.n_group = getattr(c, "n_group", None) if c.model_type == "deepseek_v3" else None
+        self.n_group = getattr(c, "n_group", None) if c.model_type in ("deepseek_v3", "nemotron_h") else None
         self.topk_group = getattr(c, "topk_group", None)
         self.smallest = float("inf")
         self.handles = []
@@ -455,7 +480,8 @@ def make_case(name, case, out_dir, seed=1234):
     save_file({k: v.contiguous() for k, v in ref.items()}, os.path.join(folder, "reference.safetensors"))
     entry = {"model_type": case["model_type"], "files": sorted(os.listdir(folder)),
              "state_dict_keys": sorted(model.state_dict().keys()),
-             "checkpoint_tensor_names": checkpoint_tensor_names(folder), "seed": seed, "routing_margin": margin}
+             "checkpoint_tensor_names": checkpoint_tensor_names(folder), "seed": seed, "routing_margin": margin,
+             "transformers_version": transformers.__version__, "torch_version": torch.__version__}
     print(name, "seed", seed, "routing margin", margin, "loss", out.loss.item(), "train", losses,
           "bf16 autocast", auto_losses, flush=True)
     if margin is not None and margin < MIN_ROUTING_MARGIN:

@@ -12,6 +12,7 @@ namespace fs = std::filesystem;
 using ojson = nlohmann::ordered_json;
 
 bool ModelConfig::is_moe_layer(int64_t layer) const {
+  if (!blocks.empty()) return blocks.at(static_cast<size_t>(layer)) == Block::Moe;
   // Transformers' rule for qwen2_moe/qwen3_moe: sparse unless listed in mlp_only_layers, and only
   // every decoder_sparse_step-th layer (1-based).
   if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), layer) != mlp_only_layers.end()) return false;
@@ -136,15 +137,16 @@ RopeConfig parse_rope(const ConfigReader& r, double default_theta) {
 void parse_common(const ConfigReader& r, ModelConfig& c, const FamilyDefaults& d) {
   c.vocab_size = r.req_int("vocab_size");
   c.hidden_size = r.req_int("hidden_size");
-  c.num_hidden_layers = r.req_int("num_hidden_layers");
+  c.num_hidden_layers = d.num_hidden_layers ? *d.num_hidden_layers : r.req_int("num_hidden_layers");
   c.num_attention_heads = r.req_int("num_attention_heads");
   c.num_key_value_heads = r.opt_int("num_key_value_heads", d.num_key_value_heads.value_or(c.num_attention_heads));
   c.max_position_embeddings = r.opt_int("max_position_embeddings", d.max_position_embeddings);
   c.rms_norm_eps = r.opt_double("rms_norm_eps", d.rms_norm_eps);
   c.hidden_act = r.opt_string("hidden_act", "silu");
   c.tie_word_embeddings = r.opt_bool("tie_word_embeddings", false);
-  for (const char* k : {"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"})
+  for (const char* k : {"vocab_size", "hidden_size", "num_attention_heads"})
     if (r.req_int(k) <= 0) r.fail(k, "must be positive");
+  if (c.num_hidden_layers <= 0) r.fail("num_hidden_layers", "must be positive");
   if (c.num_key_value_heads <= 0 || c.num_attention_heads % c.num_key_value_heads != 0)
     r.fail("num_key_value_heads", "must be positive and divide num_attention_heads (" +
                                       std::to_string(c.num_attention_heads) + ")");

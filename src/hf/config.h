@@ -95,6 +95,24 @@ struct ModelConfig {
   // The multi-token prediction layers the model builds: those of the num_nextn_predict_layers that
   // the checkpoint holds (from_pretrained sets it; Transformers writes none). Not a config.json field.
   int64_t mtp_layers = 0;
+  // Nemotron-H's hybrid stack: each layer is one pre-norm block of one kind (layers_block_type, or
+  // the older hybrid_override_pattern); empty for the attention + MLP layers of the other families.
+  enum class Block { Mamba, Attention, Moe, Mlp };
+  std::vector<Block> blocks;
+  // Mamba2's mixer (Nemotron-H): heads x head_dim channels in n_groups groups sharing B and C.
+  struct Mamba2 {
+    int64_t heads = 0, head_dim = 0, groups = 1, state = 0, conv_kernel = 4, chunk = 128;
+    bool conv_bias = true, proj_bias = false;
+    double dt_min = 0.001;  // dt floored here (Transformers' torch path: time_step_limit (time_step_min, inf))
+  };
+  std::optional<Mamba2> mamba;
+  // Nemotron-H's MLPs and experts: down(relu(up(x))^2), ungated; its MoE adds one such shared
+  // expert of this width, and with a latent size runs the experts in that width between two
+  // projections (Nemotron 3 Super).
+  bool relu2_mlp = false;
+  int64_t relu2_shared_intermediate_size = 0;
+  int64_t moe_latent_size = 0;
+  bool no_rope = false;  // attention without position encoding (Nemotron-H's)
 
   bool is_moe_layer(int64_t layer) const;
   // The attention window of a layer (null: full causal attention).
@@ -141,6 +159,7 @@ struct FamilyDefaults {
   std::optional<int64_t> num_key_value_heads;  // null: as many as attention heads
   std::optional<int64_t> head_dim;             // null: hidden_size / num_attention_heads
   std::optional<int64_t> pad_token_id;         // OLMoE's class defaults it to 1
+  std::optional<int64_t> num_hidden_layers;    // derived by the family (Nemotron-H: its block list)
 };
 // The fields every family shares (sizes, norms, RoPE, dtype), checked; throws naming the field.
 void parse_common(const ConfigReader& r, ModelConfig& c, const FamilyDefaults& d);

@@ -270,13 +270,123 @@ void parse_deepseek_v3(const ConfigReader& r, ModelConfig& c) {
   c.num_nextn_predict_layers = r.opt_int("num_nextn_predict_layers", r.opt_int("num_mtp_layers", 1));
 }
 
+// NemotronHConfig: the block kinds first (the layer count is their number), then the Mamba2 mixer,
+// the relu^2 MoE with DeepSeek's grouped sigmoid routing, and GQA without RoPE.
+std::vector<ModelConfig::Block> nemotron_blocks(const ConfigReader& r) {
+  using B = ModelConfig::Block;
+  std::vector<B> out;
+  if (r.has("layers_block_type") || r.has("layer_types")) {
+    const char* key = r.has("layers_block_type") ? "layers_block_type" : "layer_types";
+    const auto& v = r.json()[key];
+    if (!v.is_array() || v.empty()) r.fail(key, "must be a non-empty list of block types");
+    for (size_t l = 0; l < v.size(); ++l) {
+      const std::string t = v[l].is_string() ? v[l].get<std::string>() : v[l].dump();
+      // Transformers' names and their legacy spellings (remap_legacy_layer_types).
+      if (t == "linear_attention" || t == "mamba") out.push_back(B::Mamba);
+      else if (t == "full_attention" || t == "attention") out.push_back(B::Attention);
+      else if (t == "moe") out.push_back(B::Moe);
+      else if (t == "mlp") out.push_back(B::Mlp);
+      else r.fail(key, "entry " + std::to_string(l) + " is '" + t + "' (supported: linear_attention or mamba, "
+                       "full_attention or attention, moe, mlp)");
+    }
+    return out;
+  }
+  if (!r.has("hybrid_override_pattern")) return {B::Mamba, B::Moe, B::Attention, B::Mlp};  // the class's default
+  const std::string p = r.opt_string("hybrid_override_pattern", "");
+  if (p.empty()) r.fail("hybrid_override_pattern", "must not be empty");
+  for (size_t l = 0; l < p.size(); ++l) {
+    switch (p[l]) {
+      case 'M': out.push_back(B::Mamba); break;
+      case '*': out.push_back(B::Attention); break;
+      case 'E': out.push_back(B::Moe); break;
+      case '-': out.push_back(B::Mlp); break;
+      default:
+        r.fail("hybrid_override_pattern", std::string("has '") + p[l] + "' at position " + std::to_string(l) +
+                                              " (M mamba, * attention, E moe, - mlp)");
+    }
+  }
+  return out;
+}
+
+void parse_nemotron_h(const ConfigReader& r, ModelConfig& c) {
+  c.blocks = nemotron_blocks(r);
+  FamilyDefaults d;
+  d.max_position_embeddings = 4096;
+  d.num_key_value_heads = 8;
+  d.head_dim = 128;
+  d.num_hidden_layers = static_cast<int64_t>(c.blocks.size());
+  parse_common(r, c, d);
+  c.rms_norm_eps = r.opt_double("layer_norm_epsilon", 1e-5);  // every norm's, the Mamba one's too
+  c.pad_token_id.reset();  // NemotronHModel's embedding has no padding_idx
+  // NemotronHForCausalLM declares no tied weights (_tied_weights_keys is empty): its lm_head is its
+  // own tensor whatever tie_word_embeddings says.
+  c.tie_word_embeddings = false;
+  c.no_rope = true;
+  // (Transformers builds q/k/v/o without biases whatever attention_bias says.)
+  auto either = [&](const char* key, const char* legacy, int64_t def) {
+    return r.has(key) ? r.req_int(key) : r.opt_int(legacy, def);
+  };
+  ModelConfig::Mamba2 m;
+  m.heads = r.opt_int("mamba_num_heads", 128);
+  m.head_dim = r.opt_int("mamba_head_dim", 64);
+  m.groups = either("n_groups", "mamba_n_groups", 8);
+  m.state = r.opt_int("ssm_state_size", 128);
+  m.conv_kernel = either("conv_kernel", "mamba_d_conv", 4);
+  m.chunk = either("chunk_size", "mamba_chunk_size", 128);
+  m.conv_bias = r.has("use_conv_bias") ? r.opt_bool("use_conv_bias", true) : r.opt_bool("mamba_conv_bias", true);
+  m.proj_bias = r.opt_bool("use_bias", false);
+  m.dt_min = r.has("time_step_min") ? r.opt_double("time_step_min", 0.001) : r.opt_double("mamba_dt_min", 0.001);
+  for (auto [k, v] : {std::pair{"mamba_num_heads", m.heads}, std::pair{"mamba_head_dim", m.head_dim},
+                      std::pair{"n_groups", m.groups}, std::pair{"ssm_state_size", m.state},
+                      std::pair{"conv_kernel", m.conv_kernel}, std::pair{"chunk_size", m.chunk}})
+    check_positive(r, k, v);
+  if (m.heads % m.groups != 0) r.fail("n_groups", "must divide mamba_num_heads (" + std::to_string(m.heads) + ")");
+  if (r.opt_string("mamba_hidden_act", "silu") != "silu")
+    r.fail("mamba_hidden_act", "value '" + r.opt_string("mamba_hidden_act", "") + "' is not supported (supported: silu)");
+  c.mamba = m;
+  c.relu2_mlp = true;
+  if (r.opt_string("mlp_hidden_act", "relu2") != "relu2")
+    r.fail("mlp_hidden_act", "value '" + r.opt_string("mlp_hidden_act", "") + "' is not supported (supported: relu2)");
+  c.mlp_bias = r.opt_bool("mlp_bias", false);
+  c.intermediate_size = r.opt_int("intermediate_size", 21504);
+  check_positive(r, "intermediate_size", c.intermediate_size);
+  const bool any_moe = std::count(c.blocks.begin(), c.blocks.end(), ModelConfig::Block::Moe) > 0;
+  parse_routed_experts(r, c, {"n_routed_experts", "num_local_experts"}, 8, 2, 0.001);
+  c.output_router_logits = false;  // NemotronHForCausalLM has no load-balancing loss
+  if (!any_moe) c.num_experts = 0;
+  c.moe_intermediate_size = r.opt_int("moe_intermediate_size", 7688);
+  c.relu2_shared_intermediate_size = r.opt_int("moe_shared_expert_intermediate_size", 7688);
+  c.moe_latent_size = r.has("moe_latent_size") ? r.req_int("moe_latent_size") : 0;
+  if (any_moe) {
+    check_positive(r, "moe_intermediate_size", c.moe_intermediate_size);
+    check_positive(r, "moe_shared_expert_intermediate_size", c.relu2_shared_intermediate_size);
+    if (c.moe_latent_size < 0) r.fail("moe_latent_size", "must be positive or null");
+  }
+  c.norm_topk_prob = r.opt_bool("norm_topk_prob", true);
+  ModelConfig::GroupedSigmoidRouting g;
+  g.n_group = r.opt_int("n_group", 1);
+  g.topk_group = r.opt_int("topk_group", 1);
+  g.routed_scaling_factor = r.opt_double("routed_scaling_factor", 1.0);
+  if (any_moe) {
+    if (g.n_group <= 0 || c.num_experts % g.n_group != 0)
+      r.fail("n_group", "must divide the " + std::to_string(c.num_experts) + " routed experts");
+    if (g.n_group > 1 && c.num_experts / g.n_group < 2)
+      r.fail("n_group", "leaves fewer than 2 experts per group (a group scores its best two)");
+    if (g.topk_group <= 0 || g.topk_group > g.n_group) r.fail("topk_group", "must be between 1 and n_group");
+    if (c.num_experts_per_tok > g.topk_group * (c.num_experts / g.n_group))
+      r.fail("num_experts_per_tok", "exceeds the experts of the topk_group groups kept");
+    c.grouped_sigmoid_routing = g;
+  }
+  // Multi-token prediction layers (mtp.*) are not part of NemotronHForCausalLM: ignored on load.
+}
+
 using Parser = void (*)(const ConfigReader&, ModelConfig&);
 const std::map<std::string, Parser>& parsers() {
   static const std::map<std::string, Parser> m = {
       {"qwen3_moe", parse_qwen3_moe}, {"qwen2_moe", parse_qwen2_moe}, {"mixtral", parse_mixtral},
       {"olmoe", parse_olmoe},         {"llama", parse_llama},         {"mistral", parse_mistral},
       {"qwen2", parse_qwen2},         {"qwen3", parse_qwen3},         {"gpt_oss", parse_gpt_oss},
-      {"deepseek_v3", parse_deepseek_v3},
+      {"deepseek_v3", parse_deepseek_v3}, {"nemotron_h", parse_nemotron_h},
   };
   return m;
 }

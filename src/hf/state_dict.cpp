@@ -132,12 +132,13 @@ LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamSt
       const int64_t e = g->first + local;
       const std::string pre = g->prefix + std::to_string(e) + ".";
       if (is_gate_up) {
-        const int64_t inter = rows / 2;
-        for (int half = 0; half < 2; ++half) {
-          const std::string n = pre + (half == 0 ? g->gate_suffix : g->up_suffix);
+        const std::vector<std::string> parts = g->gate_up_parts();
+        const int64_t inter = rows / static_cast<int64_t>(parts.size());
+        for (size_t part = 0; part < parts.size(); ++part) {
+          const std::string n = pre + parts[part];
           ++report.tensors_expected;
           need(n);
-          copy_into_expert(p.value, local, half * inter, read_weight(ckpt, n, {inter, cols}, used));
+          copy_into_expert(p.value, local, static_cast<int64_t>(part) * inter, read_weight(ckpt, n, {inter, cols}, used));
         }
       } else {
         const std::string n = pre + g->down_suffix;
@@ -221,9 +222,13 @@ NamedTensors StateDictAdapter::export_tensors(const nn::ParamStore& params, std:
     for (int64_t local = 0; local < p.shape[0]; ++local) {
       const std::string pre = g->prefix + std::to_string(g->first + local) + ".";
       if (p.name == g->gate_up) {
-        const std::string gn = pre + g->gate_suffix, un = pre + g->up_suffix;
-        out.emplace_back(gn, expert_rows(p.value, local, 0, rows / 2, dtype_for(gn, p.value)));
-        out.emplace_back(un, expert_rows(p.value, local, rows / 2, rows / 2, dtype_for(un, p.value)));
+        const std::vector<std::string> parts = g->gate_up_parts();
+        const int64_t part_rows = rows / static_cast<int64_t>(parts.size());
+        for (size_t part = 0; part < parts.size(); ++part) {
+          const std::string n = pre + parts[part];
+          out.emplace_back(n, expert_rows(p.value, local, static_cast<int64_t>(part) * part_rows, part_rows,
+                                          dtype_for(n, p.value)));
+        }
       } else {
         const std::string dn = pre + g->down_suffix;
         out.emplace_back(dn, expert_rows(p.value, local, 0, rows, dtype_for(dn, p.value)));
@@ -255,8 +260,9 @@ std::vector<std::pair<std::string, Shape>> StateDictAdapter::expected_hub_tensor
     for (int64_t e = 0; e < g->experts; ++e) {
       const std::string pre = g->prefix + std::to_string(e) + ".";
       if (p.name == g->gate_up) {
-        out.emplace_back(pre + g->gate_suffix, Shape{p.shape[1] / 2, p.shape[2]});
-        out.emplace_back(pre + g->up_suffix, Shape{p.shape[1] / 2, p.shape[2]});
+        const std::vector<std::string> parts = g->gate_up_parts();
+        for (const std::string& part : parts)
+          out.emplace_back(pre + part, Shape{p.shape[1] / static_cast<int64_t>(parts.size()), p.shape[2]});
       } else {
         out.emplace_back(pre + g->down_suffix, Shape{p.shape[1], p.shape[2]});
       }

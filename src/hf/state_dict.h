@@ -18,7 +18,12 @@ namespace moeforge::hf {
 struct ExpertGroup {
   std::string prefix;        // "model.layers.3.mlp.experts."
   std::string gate_up, down;  // internal names of the fused tensors
+  // gate_suffix empty: ungated experts (Nemotron-H), whose fused `gate_up` tensor holds only up rows.
   std::string gate_suffix = "gate_proj.weight", up_suffix = "up_proj.weight", down_suffix = "down_proj.weight";
+  // The per-expert tensors the fused `gate_up` tensor stacks by rows, in order.
+  std::vector<std::string> gate_up_parts() const {
+    return gate_suffix.empty() ? std::vector<std::string>{up_suffix} : std::vector<std::string>{gate_suffix, up_suffix};
+  }
   int64_t experts = 0;  // in the whole model
   // Under expert parallelism the fused tensors hold experts [first, first + their first dimension)
   // of the model's; loading reads those experts only, and export names them by their model index.

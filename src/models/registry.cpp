@@ -29,6 +29,7 @@ const std::map<std::string, Builder>& builders() {
       {"qwen3", decoder_family()},
       {"gpt_oss", decoder_family()},
       {"deepseek_v3", decoder_family()},
+      {"nemotron_h", decoder_family()},  // its hybrid blocks: ModelConfig::blocks
   };
   return m;
 }

@@ -68,6 +68,7 @@ void Attention::init(ParamStore& ps, const std::string& prefix, int64_t hidden, 
   head_dim = head_dim_;
   window = opts.window;
   clip = opts.clip_qkv;
+  rope = opts.rope;
   q_proj.init(ps, prefix + ".q_proj", hidden, heads * head_dim, opts.qkv_bias);
   k_proj.init(ps, prefix + ".k_proj", hidden, kv_heads * head_dim, opts.qkv_bias);
   v_proj.init(ps, prefix + ".v_proj", hidden, kv_heads * head_dim, opts.qkv_bias);
@@ -129,8 +130,10 @@ Tensor Attention::forward(const ParamAccess& ps, const Tensor& x, int64_t batch,
     ops::clamp_inplace(v, *clip);
   }
   v = v.view({batch, seq, kv_heads, head_dim});
-  ops::rope_inplace(q, cos, sin);
-  ops::rope_inplace(k, cos, sin);
+  if (rope) {
+    ops::rope_inplace(q, cos, sin);
+    ops::rope_inplace(k, cos, sin);
+  }
   Tensor q4 = q.view({batch, seq, heads, head_dim}), k4 = k.view({batch, seq, kv_heads, head_dim});
   Tensor o = ops::attention(q4, k4, v, scale(), window, doc_ids, sinks ? &ps.value(*sinks) : nullptr,
                             c ? &c->lse : nullptr);
@@ -156,8 +159,10 @@ Tensor Attention::backward(ParamAccess& ps, Cache& c, int64_t batch, int64_t seq
   c.q = c.k = c.v = c.o = c.lse = Tensor();
   dq = dq.view({t, heads, head_dim});
   dk = dk.view({t, kv_heads, head_dim});
-  ops::rope_inplace(dq, cos, sin, /*inverse=*/true);
-  ops::rope_inplace(dk, cos, sin, /*inverse=*/true);
+  if (rope) {
+    ops::rope_inplace(dq, cos, sin, /*inverse=*/true);
+    ops::rope_inplace(dk, cos, sin, /*inverse=*/true);
+  }
   dq = normalise_backward(ps, q_norm, c.q_pre, c.rstd_q, c.q_unclipped, dq.view({t, heads * head_dim}), heads);
   dk = normalise_backward(ps, k_norm, c.k_pre, c.rstd_k, c.k_unclipped, dk.view({t, kv_heads * head_dim}), kv_heads);
   dv = dv.view({t, kv_heads * head_dim});
@@ -229,7 +234,8 @@ Tensor GatedSharedExpert::backward(ParamAccess& ps, Cache& c, const Tensor& dy) 
 
 void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
                      int64_t inter_, bool norm_topk, parallel::Communicator* ep_group,
-                     std::optional<GptOssStyle> gpt_oss_style, std::optional<GroupedSigmoid> grouped_sigmoid) {
+                     std::optional<GptOssStyle> gpt_oss_style, std::optional<GroupedSigmoid> grouped_sigmoid,
+                     std::optional<Relu2Experts> relu2_experts) {
   hidden = hidden_;
   experts = experts_;
   top_k = top_k_;
@@ -237,7 +243,9 @@ void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_,
   norm_topk_prob = norm_topk;
   gpt_oss = gpt_oss_style;
   grouped = grouped_sigmoid;
-  MF_CHECK(!(gpt_oss && grouped), "internal: a MoE layer is GPT-OSS or DeepSeek style, not both");
+  relu2 = relu2_experts;
+  expert_width = hidden;
+  MF_CHECK(!(gpt_oss && (grouped || relu2)), "internal: a GPT-OSS MoE layer has its own router and experts");
   ep_size = ep_group ? ep_group->size() : 1;
   shard = ep_group ? parallel::ExpertShard::of(experts, ep_group->rank(), ep_size) : parallel::ExpertShard{0, experts};
   if (!gpt_oss) {
@@ -246,6 +254,18 @@ void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_,
       correction_bias = ps.add(prefix + ".gate.e_score_correction_bias", {experts});
       ps.all()[*correction_bias].trainable = false;
       ps.all()[*correction_bias].decay = false;
+    }
+    if (relu2) {
+      if (relu2->latent > 0) {
+        expert_width = relu2->latent;
+        latent_in.emplace();
+        latent_in->init(ps, prefix + ".fc1_latent_proj", hidden, expert_width, relu2->latent_bias);
+        latent_out.emplace();
+        latent_out->init(ps, prefix + ".fc2_latent_proj", expert_width, hidden, relu2->latent_bias);
+      }
+      gate_up = ps.add(prefix + ".experts.up_proj", {shard.count, inter, expert_width});
+      down = ps.add(prefix + ".experts.down_proj", {shard.count, expert_width, inter});
+      return;
     }
     gate_up = ps.add(prefix + ".experts.gate_up_proj", {shard.count, 2 * inter, hidden});
     down = ps.add(prefix + ".experts.down_proj", {shard.count, hidden, inter});
@@ -260,7 +280,10 @@ void SparseMoE::init(ParamStore& ps, const std::string& prefix, int64_t hidden_,
   for (size_t b : {*router_bias, *gate_up_bias, *down_bias}) ps.all()[b].decay = false;
 }
 
-int64_t SparseMoE::params_per_expert() const { return 3 * inter * hidden + (gpt_oss ? 2 * inter + hidden : 0); }
+int64_t SparseMoE::params_per_expert() const {
+  if (relu2) return 2 * inter * expert_width;
+  return 3 * inter * hidden + (gpt_oss ? 2 * inter + hidden : 0);
+}
 
 namespace {
 
@@ -281,6 +304,16 @@ Tensor rows_of(const Tensor& whole, size_t chunks, const SparseMoE::Chunk& ch) {
 }
 
 }  // namespace
+
+Tensor SparseMoE::activation(const Tensor& h) const {
+  if (relu2) return ops::relu2(h);
+  return gpt_oss ? ops::clamped_swiglu(h, gpt_oss->alpha, gpt_oss->limit) : ops::swiglu(h);
+}
+
+Tensor SparseMoE::activation_backward(const Tensor& h, const Tensor& d_act) const {
+  if (relu2) return ops::relu2_backward(h, d_act);
+  return gpt_oss ? ops::clamped_swiglu_backward(h, d_act, gpt_oss->alpha, gpt_oss->limit) : ops::swiglu_backward(h, d_act);
+}
 
 Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Tensor& x, RouterOut* router_out,
                           Cache* cache, const Tensor* forced) const {
@@ -327,8 +360,9 @@ Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Te
     ch.exchange = std::make_shared<parallel::ExpertExchange>(group, ch.plan.offsets, dev);
   }
   const bool remote = group.size() > 1, fine_phases = n == 1;  // phase marks synchronise: not while overlapping
+  const Tensor xe = latent_in ? latent_in->forward(ps, x) : x;  // the experts' input
   std::vector<parallel::ExpertExchange::InFlight> going(n), coming(n);
-  for (size_t i = 0; i < n; ++i) going[i] = chunks[i].exchange->start_dispatch(ops::permute_tokens(rows_of(x, n, chunks[i]), chunks[i].plan));
+  for (size_t i = 0; i < n; ++i) going[i] = chunks[i].exchange->start_dispatch(ops::permute_tokens(rows_of(xe, n, chunks[i]), chunks[i].plan));
   if (fine_phases) ctx.phase("fwd: router + plan + permute");
   for (size_t i = 0; i < n; ++i) {
     Chunk& ch = chunks[i];
@@ -336,7 +370,7 @@ Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Te
     going[i] = {};
     const std::vector<int64_t>& off = ch.exchange->local_offsets();
     const int64_t rows = xs.size(0);
-    Tensor h = ops::empty({rows, 2 * inter}, dt, dev, "expert gate_up output");
+    Tensor h = ops::empty({rows, relu2 ? inter : 2 * inter}, dt, dev, "expert gate_up output");
     if (gpt_oss) {  // x @ W with W [E, H, 2I]: the input-gradient product of that layout
       ops::grouped_linear_input_grad(xs, ps.value(gate_up), off, h);
       ops::grouped_add_bias(h, ps.value(*gate_up_bias), off);
@@ -344,8 +378,8 @@ Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Te
       ops::grouped_linear(xs, ps.value(gate_up), off, h);
     }
     if (fine_phases) ctx.phase("fwd: expert gate_up GEMM");
-    const Tensor act = gpt_oss ? ops::clamped_swiglu(h, gpt_oss->alpha, gpt_oss->limit) : ops::swiglu(h);
-    Tensor y = ops::empty({rows, hidden}, dt, dev, "expert output");
+    const Tensor act = activation(h);
+    Tensor y = ops::empty({rows, expert_width}, dt, dev, "expert output");
     if (gpt_oss) {
       ops::grouped_linear_input_grad(act, ps.value(down), off, y);
       ops::grouped_add_bias(y, ps.value(*down_bias), off);
@@ -359,7 +393,7 @@ Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Te
       if (remote) ch.xs = xs;
     }
   }
-  Tensor out = n == 1 ? Tensor() : ops::empty({t, hidden}, dt, dev, "MoE output");
+  Tensor out = n == 1 ? Tensor() : ops::empty({t, expert_width}, dt, dev, "MoE output");
   for (size_t i = 0; i < n; ++i) {
     Chunk& ch = chunks[i];
     ch.y_perm = ch.exchange->finish_combine(coming[i]);
@@ -368,6 +402,11 @@ Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Te
     if (!cache) ch = Chunk();
   }
   ctx.phase(fine_phases ? "fwd: unpermute" : "fwd: experts + exchanges (overlapped)");
+  if (cache && latent_out) {
+    cache->xe = xe;
+    cache->out_latent = out;
+  }
+  if (latent_out) out = latent_out->forward(ps, out);
   if (router_out) {
     if (!grouped) router_out->probs = probs;
     router_out->chosen = chosen;
@@ -391,12 +430,16 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
   const int64_t t = dy.size(0);
   const Device dev = dy.device();
   const DType dt = dy.dtype();
+  // Latent MoE: back through fc2 first; the experts' path then runs in the latent width.
+  const Tensor d_out = latent_out ? latent_out->backward(ps, c.out_latent, dy) : dy;
+  c.out_latent = Tensor();
+  const Tensor& xe = latent_in ? c.xe : c.x;
   Tensor dweights = n == 1 ? Tensor() : ops::empty({t, top_k}, DType::F32, dev, "routing weight gradient");
   std::vector<parallel::ExpertExchange::InFlight> going(n), coming(n);
   for (size_t i = 0; i < n; ++i) {
     Chunk& ch = c.chunks[i];
     Tensor d_yperm, dw;
-    ops::unpermute_tokens_backward(rows_of(dy, n, ch), ch.y_perm, rows_of(c.weights, n, ch), ch.plan, d_yperm, dw);
+    ops::unpermute_tokens_backward(rows_of(d_out, n, ch), ch.y_perm, rows_of(c.weights, n, ch), ch.plan, d_yperm, dw);
     ch.y_perm = Tensor();
     put_chunk(dweights, dw, n, ch);
     going[i] = ch.exchange->start_dispatch(d_yperm);  // combine's backward
@@ -408,7 +451,7 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     going[i] = {};
     const std::vector<int64_t>& off = ch.exchange->local_offsets();
     const int64_t rows = d_y.size(0);
-    Tensor act = gpt_oss ? ops::clamped_swiglu(ch.h, gpt_oss->alpha, gpt_oss->limit) : ops::swiglu(ch.h);
+    Tensor act = activation(ch.h);
     Tensor d_act = ops::empty({rows, inter}, dt, dev, "expert activation gradient");
     if (gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y, d(act) = d_y W^T; likewise for gate_up
       ops::grouped_linear_weight_grad(act, d_y, off, ps.grad(down), /*accumulate=*/true);
@@ -419,13 +462,12 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
       ops::grouped_linear_input_grad(d_y, ps.value(down), off, d_act);
     }
     act = d_y = Tensor();
-    Tensor d_h = gpt_oss ? ops::clamped_swiglu_backward(ch.h, d_act, gpt_oss->alpha, gpt_oss->limit)
-                         : ops::swiglu_backward(ch.h, d_act);
+    Tensor d_h = activation_backward(ch.h, d_act);
     d_act = ch.h = Tensor();
     // The expert inputs: kept when they came from other ranks, else the permute again.
-    Tensor xs = ch.xs.defined() ? ch.xs : ops::permute_tokens(rows_of(c.x, n, ch), ch.plan);
+    Tensor xs = ch.xs.defined() ? ch.xs : ops::permute_tokens(rows_of(xe, n, ch), ch.plan);
     ch.xs = Tensor();
-    Tensor d_xs = ops::empty({rows, hidden}, dt, dev, "expert input gradient");
+    Tensor d_xs = ops::empty({rows, expert_width}, dt, dev, "expert input gradient");
     if (gpt_oss) {
       ops::grouped_linear_weight_grad(xs, d_h, off, ps.grad(gate_up), true);
       ops::grouped_bias_grad(d_h, off, ps.grad(*gate_up_bias));
@@ -440,7 +482,7 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     coming[i] = ch.exchange->start_combine(d_xs);  // dispatch's backward
   }
   if (fine_phases) ctx.phase("bwd: expert GEMMs + SwiGLU");
-  Tensor dx = n == 1 ? Tensor() : ops::empty({t, hidden}, dt, dev, "MoE input gradient");
+  Tensor dx = n == 1 ? Tensor() : ops::empty({t, expert_width}, dt, dev, "MoE input gradient");
   for (size_t i = 0; i < n; ++i) {
     Chunk& ch = c.chunks[i];
     put_chunk(dx, ops::permute_tokens_backward(ch.exchange->finish_combine(coming[i]), ch.plan), n, ch);
@@ -448,6 +490,8 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
   }
   if (!fine_phases) ctx.phase("bwd: experts + exchanges (overlapped)");
   c.chunks.clear();
+  if (latent_in) dx = latent_in->backward(ps, c.x, dx);  // the experts' input gradient, back to the hidden width
+  c.xe = Tensor();
   // The router: routing weights -> logits (the discrete choice gets no gradient).
   Tensor dlogits;
   if (grouped) {

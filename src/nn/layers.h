@@ -66,6 +66,7 @@ struct AttentionOptions {
   std::optional<int64_t> window;
   float eps = 1e-6f;  // of the q/k norms
   bool sinks = false;  // GPT-OSS: a learned logit per head in every softmax (param prefix.sinks)
+  bool rope = true;    // false: no position encoding (Nemotron-H's attention)
 };
 
 struct Attention {
@@ -81,6 +82,7 @@ struct Attention {
   std::optional<size_t> sinks;
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   std::optional<int64_t> window;
+  bool rope = true;
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_, int64_t kv_heads_,
             int64_t head_dim_, const AttentionOptions& opts);
   // x [B*S, hidden]; cos/sin [B*S, rot]; doc_ids [B,S] optional.
@@ -150,7 +152,15 @@ struct SparseMoE {
   };
   struct Cache {
     Tensor x, probs, chosen, weights;  // probs (DeepSeek: scores) [T,E]; chosen/weights [T,k]
+    Tensor xe, out_latent;             // latent MoE: the experts' input [T, L] and summed output [T, L]
     std::vector<Chunk> chunks;
+  };
+  // Nemotron-H's experts: down(relu(up(x))^2), ungated: up [E, I, in] (param prefix.experts.up_proj)
+  // and down [E, in, I]. With a latent width L the experts run on fc1_latent_proj(x) [T, L] and their
+  // summed output goes through fc2_latent_proj back to the hidden width (Nemotron 3 Super).
+  struct Relu2Experts {
+    int64_t latent = 0;  // 0: the experts take the hidden state itself
+    bool latent_bias = false;
   };
   // GPT-OSS's variant: the router (prefix.router, with a bias) softmaxes its top-k logits; the
   // experts keep Transformers' layout gate_up [E, H, 2I] with gate and up interleaved and down
@@ -173,12 +183,16 @@ struct SparseMoE {
   bool norm_topk_prob = false;
   std::optional<GptOssStyle> gpt_oss;
   std::optional<GroupedSigmoid> grouped;
+  std::optional<Relu2Experts> relu2;
+  std::optional<Linear> latent_in, latent_out;  // fc1_latent_proj, fc2_latent_proj
+  int64_t expert_width = 0;                     // the experts' input and output width (hidden, or latent)
   parallel::ExpertShard shard;  // the experts this rank holds (of the expert-parallel group's size)
   int ep_size = 1;
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden_, int64_t experts_, int64_t top_k_,
             int64_t inter_, bool norm_topk, parallel::Communicator* ep_group = nullptr,
             std::optional<GptOssStyle> gpt_oss_style = std::nullopt,
-            std::optional<GroupedSigmoid> grouped_sigmoid = std::nullopt);
+            std::optional<GroupedSigmoid> grouped_sigmoid = std::nullopt,
+            std::optional<Relu2Experts> relu2_experts = std::nullopt);
   // Parameters per expert (weights and biases), for active-parameter counts.
   int64_t params_per_expert() const;
   // Whether the routing weights are renormalised over the chosen experts (GPT-OSS's softmax over
@@ -199,6 +213,9 @@ struct SparseMoE {
   // `dprobs_extra` [E] F32 (optional) is a gradient on every row's router probabilities from
   // elsewhere (the load-balancing loss).
   Tensor backward(ParamAccess& ps, const RunContext& ctx, Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const;
+  // The experts' activation on their gate_up (or up) output, and its backward.
+  Tensor activation(const Tensor& h) const;
+  Tensor activation_backward(const Tensor& h, const Tensor& d_act) const;
 
 };
 

@@ -48,3 +48,7 @@ INSTANTIATE_TEST_SUITE_P(Families, Parity,
                                            "gpt_oss_a", "gpt_oss_b", "deepseek_v3_a", "deepseek_v3_b"));
 
 }  // namespace
+
+namespace {
+INSTANTIATE_TEST_SUITE_P(NemotronH, Parity, ::testing::Values("nemotron_h_a", "nemotron_h_b"));
+}  // namespace

@@ -13,12 +13,14 @@ Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
   const auto& c_ = cfg_;
   MF_CHECK(c_.mtp_layers >= 0 && c_.mtp_layers <= c_.num_nextn_predict_layers, "internal: ", c_.mtp_layers,
            " multi-token prediction layers built of the config's ", c_.num_nextn_predict_layers);
-  embed_ = params_.add("model.embed_tokens.weight", {c_.vocab_size, c_.hidden_size});
+  const bool hybrid = !c_.blocks.empty();  // Nemotron-H's names: embeddings, norm_f
+  embed_ = params_.add(hybrid ? "model.embeddings.weight" : "model.embed_tokens.weight", {c_.vocab_size, c_.hidden_size});
   main_layers_ = static_cast<size_t>(c_.num_hidden_layers);
   layers_.resize(main_layers_ + static_cast<size_t>(c_.mtp_layers));
   size_t moe_layers = 0;
   for (int64_t l = 0; l < c_.num_hidden_layers; ++l) add_layer(l, naming, moe_layers);
-  final_norm_.init(params_, "model.norm.weight", c_.hidden_size, static_cast<float>(c_.rms_norm_eps));
+  final_norm_.init(params_, hybrid ? "model.norm_f.weight" : "model.norm.weight", c_.hidden_size,
+                   static_cast<float>(c_.rms_norm_eps));
   if (c_.quant_method == "fp8") adapter_.set_fp8_blocks(c_.fp8_block_rows, c_.fp8_block_cols);
   if (c_.tie_word_embeddings) {
     lm_head_ = embed_;
@@ -30,6 +32,13 @@ Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
   for (int64_t i = c_.mtp_layers; i < c_.num_nextn_predict_layers; ++i)
     adapter_.ignore_prefix("model.layers." + std::to_string(c_.num_hidden_layers + i) + ".",
                            "a multi-token prediction layer the checkpoint holds only in part");
+  if (hybrid) {
+    // Nemotron-H checkpoints keep the backbone under `backbone.` (Transformers 5 reads it as
+    // `model.` and writes it back); its multi-token prediction layers are not part of the model.
+    for (const auto& p : params_.all())
+      if (p.name.rfind("model.", 0) == 0) adapter_.rename(p.name, "backbone." + p.name.substr(6));
+    adapter_.ignore_prefix("mtp.", "a multi-token prediction layer (NemotronHForCausalLM has none)");
+  }
   // Each decoder layer's parameters, by their internal names' "model.layers.<l>." prefix.
   layer_params_.resize(layers_.size());
   const auto& all = params_.all();
@@ -40,6 +49,7 @@ Decoder::Decoder(hf::ModelConfig c, Parallel par, ExpertNaming naming)
 
 void Decoder::add_layer(int64_t l, const ExpertNaming& naming, size_t& moe_layers) {
   const auto& c_ = cfg_;
+  if (!c_.blocks.empty()) return add_block(l, naming, moe_layers);
   const float eps = static_cast<float>(c_.rms_norm_eps);
   const std::string pre = "model.layers." + std::to_string(l);
   Layer& L = layers_[static_cast<size_t>(l)];
@@ -101,6 +111,53 @@ void Decoder::add_layer(int64_t l, const ExpertNaming& naming, size_t& moe_layer
     L.shared_experts.emplace();
     L.shared_experts->init(params_, pre + ".mlp.shared_experts", c_.hidden_size,
                            c_.moe_intermediate_size * c_.n_shared_experts);
+  }
+}
+
+void Decoder::add_block(int64_t l, const ExpertNaming&, size_t& moe_layers) {
+  const auto& c_ = cfg_;
+  const float eps = static_cast<float>(c_.rms_norm_eps);
+  const std::string pre = "model.layers." + std::to_string(l), mix = pre + ".mixer";
+  Layer& L = layers_[static_cast<size_t>(l)];
+  L.block = c_.blocks.at(static_cast<size_t>(l));
+  L.input_norm.init(params_, pre + ".norm.weight", c_.hidden_size, eps);
+  switch (*L.block) {
+    case hf::ModelConfig::Block::Mamba:
+      L.mamba.emplace();
+      L.mamba->init(params_, mix, c_.hidden_size, *c_.mamba, eps);
+      return;
+    case hf::ModelConfig::Block::Attention: {
+      nn::AttentionOptions ao;
+      ao.rope = !c_.no_rope;
+      L.attn.init(params_, mix, c_.hidden_size, c_.num_attention_heads, c_.num_key_value_heads, c_.head_dim, ao);
+      return;
+    }
+    case hf::ModelConfig::Block::Mlp:
+      L.relu2_mlp.emplace();
+      L.relu2_mlp->init(params_, mix, c_.hidden_size, c_.intermediate_size, c_.mlp_bias);
+      return;
+    case hf::ModelConfig::Block::Moe: {
+      const auto& g = *c_.grouped_sigmoid_routing;
+      nn::SparseMoE moe;
+      moe.init(params_, mix, c_.hidden_size, c_.num_experts, c_.num_experts_per_tok, c_.moe_intermediate_size,
+               c_.norm_topk_prob, par_.ep, std::nullopt,
+               nn::SparseMoE::GroupedSigmoid{g.n_group, g.topk_group, static_cast<float>(g.routed_scaling_factor)},
+               nn::SparseMoE::Relu2Experts{c_.moe_latent_size, c_.mlp_bias});
+      hf::ExpertGroup group;
+      group.prefix = "backbone.layers." + std::to_string(l) + ".mixer.experts.";
+      group.gate_up = mix + ".experts.up_proj";
+      group.down = mix + ".experts.down_proj";
+      group.gate_suffix = "";  // ungated: the fused tensor holds up rows only
+      group.experts = c_.num_experts;
+      group.first = moe.shard.first;
+      adapter_.add_expert_group(group);
+      L.mlp = moe;
+      L.moe_slot = moe_layers++;
+      L.relu2_shared.emplace();
+      L.relu2_shared->init(params_, mix + ".shared_experts", c_.hidden_size, c_.relu2_shared_intermediate_size,
+                           c_.mlp_bias);
+      return;
+    }
   }
 }
 
@@ -183,9 +240,84 @@ Decoder::Batch Decoder::prepare(const nn::ParamAccess& ps, const ForwardInputs& 
   return bt;
 }
 
+Tensor Decoder::moe_forward(const nn::ParamAccess& ps, size_t l, const Tensor& n, Batch& bt, LayerCache* c,
+                             nn::SparseMoE::RouterOut* router, const Tensor* replay) const {
+  const Layer& L = layers_[l];
+  const auto& moe = std::get<nn::SparseMoE>(L.mlp);
+  const size_t slot = L.moe_slot;
+  const Tensor* forced = replay;
+  Tensor replayed;
+  if (!forced && bt.routing && bt.routing->mode == RoutingControl::Mode::Replay) {
+    MF_CHECK(slot < bt.routing->chosen.size(), "routing replay has no record for MoE layer ", slot);
+    replayed = ops::to_device(bt.routing->chosen[slot], bt.device, DType::I64);
+    forced = &replayed;
+  }
+  if (!forced && bt.balanced.defined()) forced = &bt.balanced;
+  nn::SparseMoE::RouterOut local;
+  nn::SparseMoE::RouterOut* r = router ? router : &local;
+  Tensor m = moe.forward(ps, bt.ctx, n, r, c ? &c->moe : nullptr, forced);
+  if (!replay) bt.chosen[l] = r->chosen;
+  if (bt.routing && bt.routing->mode == RoutingControl::Mode::Record && !replay) {
+    if (bt.routing->chosen.size() <= slot) bt.routing->chosen.resize(slot + 1);
+    bt.routing->chosen[slot] = r->chosen;
+  }
+  if (L.shared) L.shared->forward_add(ps, n, m, c ? &c->shared : nullptr);
+  if (L.shared_experts) ops::add_inplace(m, L.shared_experts->forward(ps, n, c ? &c->shared_experts : nullptr));
+  if (L.relu2_shared) ops::add_inplace(m, L.relu2_shared->forward(ps, n, c ? &c->relu2_shared : nullptr));
+  return m;
+}
+
+Tensor Decoder::moe_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const Batch& bt, const Tensor& dy,
+                              const Tensor* dprobs_extra) const {
+  const Layer& L = layers_[l];
+  Tensor dn = std::get<nn::SparseMoE>(L.mlp).backward(ps, bt.ctx, c.moe, dy, dprobs_extra);
+  if (L.shared) ops::add_inplace(dn, L.shared->backward(ps, c.shared, dy));
+  if (L.shared_experts) ops::add_inplace(dn, L.shared_experts->backward(ps, c.shared_experts, dy));
+  if (L.relu2_shared) ops::add_inplace(dn, L.relu2_shared->backward(ps, c.relu2_shared, dy));
+  return dn;
+}
+
+Tensor Decoder::block_forward(const nn::ParamAccess& ps, size_t l, const Tensor& x, Batch& bt, LayerCache* c,
+                               nn::SparseMoE::RouterOut* router, const Tensor* replay) const {
+  const Layer& L = layers_[l];
+  const Tensor n = L.input_norm.forward(ps, x, c ? &c->rstd1 : nullptr);
+  Tensor m;
+  switch (*L.block) {
+    case hf::ModelConfig::Block::Mamba: m = L.mamba->forward(ps, n, bt.b, bt.doc_ids, c ? &c->mamba : nullptr); break;
+    case hf::ModelConfig::Block::Attention:
+      m = L.attn.forward(ps, n, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr);
+      break;
+    case hf::ModelConfig::Block::Mlp: m = L.relu2_mlp->forward(ps, n, c ? &c->relu2 : nullptr); break;
+    case hf::ModelConfig::Block::Moe: m = moe_forward(ps, l, n, bt, c, router, replay); break;
+  }
+  if (c) c->x_in = x;
+  ops::add_inplace(m, x);
+  bt.ctx.phase("fwd: block");
+  return m;
+}
+
+Tensor Decoder::block_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const Batch& bt, const Tensor& dy,
+                                const Tensor* dprobs_extra) const {
+  const Layer& L = layers_[l];
+  Tensor dn;
+  switch (*L.block) {
+    case hf::ModelConfig::Block::Mamba: dn = L.mamba->backward(ps, c.mamba, bt.b, bt.doc_ids, dy); break;
+    case hf::ModelConfig::Block::Attention:
+      dn = L.attn.backward(ps, c.attn, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dy);
+      break;
+    case hf::ModelConfig::Block::Mlp: dn = L.relu2_mlp->backward(ps, c.relu2, dy); break;
+    case hf::ModelConfig::Block::Moe: dn = moe_backward(ps, l, c, bt, dy, dprobs_extra); break;
+  }
+  Tensor dx = L.input_norm.backward(ps, c.x_in, dn, c.rstd1.defined() ? &c.rstd1 : nullptr);
+  ops::add_inplace(dx, dy);
+  bt.ctx.phase("bwd: block");
+  return dx;
+}
+
 Tensor Decoder::layer_forward(const nn::ParamAccess& ps, size_t l, const Tensor& x_in, Batch& bt, LayerCache* c,
                                nn::SparseMoE::RouterOut* router, const Tensor* replay) const {
   const Layer& L = layers_[l];
+  if (L.block) return block_forward(ps, l, x_in, bt, c, router, replay);
   const Tensor n1 = L.input_norm.forward(ps, x_in, c ? &c->rstd1 : nullptr);
   Tensor a = L.mla ? L.mla->forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->mla : nullptr)
                    : L.attn.forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr);
@@ -199,30 +331,9 @@ Tensor Decoder::layer_forward(const nn::ParamAccess& ps, size_t l, const Tensor&
     c->x_mid = x;
   }
   bt.ctx.phase("fwd: attention block");
-  Tensor m;
-  if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
-    const size_t slot = L.moe_slot;
-    const Tensor* forced = replay;
-    Tensor replayed;
-    if (!forced && bt.routing && bt.routing->mode == RoutingControl::Mode::Replay) {
-      MF_CHECK(slot < bt.routing->chosen.size(), "routing replay has no record for MoE layer ", slot);
-      replayed = ops::to_device(bt.routing->chosen[slot], bt.device, DType::I64);
-      forced = &replayed;
-    }
-    if (!forced && bt.balanced.defined()) forced = &bt.balanced;
-    nn::SparseMoE::RouterOut local;
-    nn::SparseMoE::RouterOut* r = router ? router : &local;
-    m = moe->forward(ps, bt.ctx, n, r, c ? &c->moe : nullptr, forced);
-    if (!replay) bt.chosen[l] = r->chosen;
-    if (bt.routing && bt.routing->mode == RoutingControl::Mode::Record && !replay) {
-      if (bt.routing->chosen.size() <= slot) bt.routing->chosen.resize(slot + 1);
-      bt.routing->chosen[slot] = r->chosen;
-    }
-    if (L.shared) L.shared->forward_add(ps, n, m, c ? &c->shared : nullptr);
-    if (L.shared_experts) ops::add_inplace(m, L.shared_experts->forward(ps, n, c ? &c->shared_experts : nullptr));
-  } else {
-    m = std::get<nn::DenseMLP>(L.mlp).forward(ps, n, c ? &c->dense : nullptr);
-  }
+  Tensor m = std::holds_alternative<nn::SparseMoE>(L.mlp)
+                 ? moe_forward(ps, l, n, bt, c, router, replay)
+                 : std::get<nn::DenseMLP>(L.mlp).forward(ps, n, c ? &c->dense : nullptr);
   ops::add_inplace(m, x);
   bt.ctx.phase("fwd: MLP block + residual");
   return m;
@@ -231,14 +342,9 @@ Tensor Decoder::layer_forward(const nn::ParamAccess& ps, size_t l, const Tensor&
 Tensor Decoder::layer_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const Batch& bt, const Tensor& dy,
                                 const Tensor* dprobs_extra) const {
   const Layer& L = layers_[l];
-  Tensor dn;
-  if (const auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
-    dn = moe->backward(ps, bt.ctx, c.moe, dy, dprobs_extra);
-    if (L.shared) ops::add_inplace(dn, L.shared->backward(ps, c.shared, dy));
-    if (L.shared_experts) ops::add_inplace(dn, L.shared_experts->backward(ps, c.shared_experts, dy));
-  } else {
-    dn = std::get<nn::DenseMLP>(L.mlp).backward(ps, c.dense, dy);
-  }
+  if (L.block) return block_backward(ps, l, c, bt, dy, dprobs_extra);
+  Tensor dn = std::holds_alternative<nn::SparseMoE>(L.mlp) ? moe_backward(ps, l, c, bt, dy, dprobs_extra)
+                                                           : std::get<nn::DenseMLP>(L.mlp).backward(ps, c.dense, dy);
   Tensor dmid = L.post_attention_norm.backward(ps, c.x_mid, dn, c.rstd2.defined() ? &c.rstd2 : nullptr);
   dn = Tensor();
   ops::add_inplace(dmid, dy);

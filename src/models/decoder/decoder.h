@@ -31,6 +31,7 @@
 #include "models/causal_lm.h"
 #include "nn/latent_attention.h"
 #include "nn/layers.h"
+#include "nn/mamba2.h"
 
 namespace moeforge::models {
 
@@ -62,6 +63,12 @@ class Decoder : public CausalLM {
     std::optional<nn::GatedSharedExpert> shared;  // beside the routed experts (Qwen2-MoE)
     std::optional<nn::DenseMLP> shared_experts;   // beside the routed experts, ungated (DeepSeek-V3)
     size_t moe_slot = 0;  // index among the MoE layers (selects the layer's routing record)
+    // Nemotron-H: the layer is one pre-norm block (input_norm, this mixer, the residual) instead of
+    // the attention + MLP pair: Mamba2, attention (`attn`), the MoE (`mlp`, with its relu^2 shared
+    // expert) or a relu^2 MLP.
+    std::optional<hf::ModelConfig::Block> block;
+    std::optional<nn::Mamba2Mixer> mamba;
+    std::optional<nn::Relu2MLP> relu2_mlp, relu2_shared;
   };
   // What one decoder layer keeps for backward.
   struct LayerCache {
@@ -73,6 +80,8 @@ class Decoder : public CausalLM {
     nn::SparseMoE::Cache moe;
     nn::GatedSharedExpert::Cache shared;
     nn::DenseMLP::Cache shared_experts;
+    nn::Mamba2Mixer::Cache mamba;
+    nn::Relu2MLP::Cache relu2, relu2_shared;
   };
   // One multi-token prediction depth.
   struct MtpDepth {
@@ -108,6 +117,18 @@ class Decoder : public CausalLM {
                        nn::SparseMoE::RouterOut* router, const Tensor* replay = nullptr) const;
   Tensor layer_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const Batch& bt, const Tensor& dy,
                         const Tensor* dprobs_extra) const;
+  // A Nemotron-H block's forward and backward (layer_forward / layer_backward call them).
+  Tensor block_forward(const nn::ParamAccess& ps, size_t l, const Tensor& x, Batch& bt, LayerCache* cache,
+                       nn::SparseMoE::RouterOut* router, const Tensor* replay) const;
+  Tensor block_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const Batch& bt, const Tensor& dy,
+                        const Tensor* dprobs_extra) const;
+  // A MoE layer's routed experts with the routing control applied (replay, balanced, record) and
+  // its shared experts added; and the backward of both.
+  Tensor moe_forward(const nn::ParamAccess& ps, size_t l, const Tensor& n, Batch& bt, LayerCache* c,
+                     nn::SparseMoE::RouterOut* router, const Tensor* replay) const;
+  Tensor moe_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const Batch& bt, const Tensor& dy,
+                      const Tensor* dprobs_extra) const;
+  void add_block(int64_t l, const ExpertNaming& naming, size_t& moe_layers);
   void add_layer(int64_t l, const ExpertNaming& naming, size_t& moe_layers);
   // Whether a parameter belongs to an MTP depth (its layer's prefix, enorm/hnorm/eh_proj/head norm included).
   bool is_mtp_param(const std::string& name) const;
