@@ -284,7 +284,8 @@ INSTANTIATE_TEST_SUITE_P(Qwen3Moe, ModelGradCheck,
 INSTANTIATE_TEST_SUITE_P(Families, ModelGradCheck,
                          ::testing::Combine(::testing::Values("mixtral_b", "qwen2_moe_b", "olmoe_a", "llama_b",
                                                               "qwen2_b", "qwen3_b", "gpt_oss_a", "gpt_oss_b",
-                                                              "deepseek_v3_a", "deepseek_v3_b"),
+                                                              "deepseek_v3_a", "deepseek_v3_b", "nemotron_h_a",
+                                                              "nemotron_h_b"),
                                             ::testing::Values(false)));
 
 // Mamba2's pieces (Nemotron-H): relu^2, the causal conv1d with SiLU, the selective scan with its dt

@@ -108,5 +108,6 @@ TEST_P(LayerLoop, ZeroThreeAndOptimizerInBackwardHooksKeepTheirRules) {
 
 INSTANTIATE_TEST_SUITE_P(Families, LayerLoop,
                          ::testing::Combine(::testing::Values("qwen3_moe_aux", "mixtral_a", "qwen2_moe_a", "olmoe_a",
-                                                              "llama_a", "gpt_oss_a", "deepseek_v3_a", "deepseek_v3_mtp"),
+                                                              "llama_a", "gpt_oss_a", "deepseek_v3_a", "deepseek_v3_mtp",
+                                                              "nemotron_h_a", "nemotron_h_b"),
                                             ::testing::Values(false, true)));

@@ -47,7 +47,7 @@ TEST(RoundTrip, LoadSaveLoadIsIdentical) {
   for (const char* name : {"qwen3_moe_a", "qwen3_moe_a_hub", "qwen3_moe_b", "mixtral_a", "mixtral_a_v4", "mixtral_b",
                            "qwen2_moe_a", "qwen2_moe_a_v4", "qwen2_moe_b", "olmoe_a", "olmoe_b", "llama_a", "llama_b",
                            "llama_b_v4", "mistral_a", "mistral_b", "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b",
-                           "gpt_oss_a", "gpt_oss_b", "deepseek_v3_mtp"}) {
+                           "gpt_oss_a", "gpt_oss_b", "deepseek_v3_mtp", "nemotron_h_a", "nemotron_h_b"}) {
     SCOPED_TRACE(name);
     test::TempDir tmp;
     auto m = models::from_pretrained(test::fixture(name));

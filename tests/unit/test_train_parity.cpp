@@ -153,5 +153,7 @@ INSTANTIATE_TEST_SUITE_P(Families, TrainParity,
                                                               "mistral_b", "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b",
                                                               "gpt_oss_a", "gpt_oss_b", "deepseek_v3_a", "deepseek_v3_b"),
                                             ::testing::Values(false)));
+INSTANTIATE_TEST_SUITE_P(NemotronH, TrainParity,
+                         ::testing::Combine(::testing::Values("nemotron_h_a", "nemotron_h_b"), ::testing::Values(false, true)));
 INSTANTIATE_TEST_SUITE_P(DeepseekMtp, TrainParity,
                          ::testing::Combine(::testing::Values("deepseek_v3_mtp"), ::testing::Values(false, true)));
