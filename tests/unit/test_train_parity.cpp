@@ -157,3 +157,49 @@ INSTANTIATE_TEST_SUITE_P(NemotronH, TrainParity,
                          ::testing::Combine(::testing::Values("nemotron_h_a", "nemotron_h_b"), ::testing::Values(false, true)));
 INSTANTIATE_TEST_SUITE_P(DeepseekMtp, TrainParity,
                          ::testing::Combine(::testing::Values("deepseek_v3_mtp"), ::testing::Values(false, true)));
+
+// Packed rows (`packing: true`) and Nemotron-H's Mamba2 mixer: each document of a packed row is
+// its own sequence (the conv window and the scan state restart at its first token, attention stays
+// inside it), so a row packing two documents gives the losses and gradients of the two run apart.
+TEST(NemotronHPacking, APackedRowIsItsDocumentsRunApart) {
+  auto m = models::from_pretrained(test::fixture("nemotron_h_a"));
+  auto& model = *m.model;
+  const std::vector<int64_t> doc1 = {5, 17, 3, 40, 22}, doc2 = {9, 61, 8, 8, 30, 2, 77};
+  auto run = [&](const std::vector<int64_t>& ids, const std::vector<int64_t>& labels, const std::vector<int64_t>* docs) {
+    const int64_t s = static_cast<int64_t>(ids.size());
+    Tensor in = Tensor::from_i64(ids, {1, s}), lab = Tensor::from_i64(labels, {1, s}), doc, pos;
+    models::ForwardInputs fi{in, &lab};
+    std::vector<int64_t> p(static_cast<size_t>(s));
+    if (docs) {
+      doc = Tensor::from_i64(*docs, {1, s});
+      for (int64_t i = 0; i < s; ++i) p[i] = i == 0 || (*docs)[i] != (*docs)[i - 1] ? 0 : p[i - 1] + 1;
+      pos = Tensor::from_i64(p, {1, s});
+      fi.doc_ids = &doc;
+      fi.position_ids = &pos;
+    }
+    models::TrainStepOptions o;  // summed cross-entropy: the two runs add up to the packed one
+    return model.forward_backward(fi, o);
+  };
+  model.params().ensure_grads();
+  model.params().zero_grad();
+  const auto a = run(doc1, doc1, nullptr);
+  const auto b = run(doc2, doc2, nullptr);
+  std::vector<Tensor> apart;
+  for (const auto& p : model.params().all()) apart.push_back(p.grad.clone());
+  model.params().zero_grad();
+  std::vector<int64_t> ids = doc1, labels = doc1, docs(doc1.size(), 0);
+  ids.insert(ids.end(), doc2.begin(), doc2.end());
+  labels.insert(labels.end(), doc2.begin(), doc2.end());
+  labels[doc1.size()] = -100;  // doc 1's last token predicts nothing across the boundary
+  docs.resize(ids.size(), 1);
+  const auto packed = run(ids, labels, &docs);
+  EXPECT_EQ(packed.tokens, a.tokens + b.tokens);
+  EXPECT_NEAR(packed.ce_sum, a.ce_sum + b.ce_sum, 1e-5 * std::abs(a.ce_sum + b.ce_sum));
+  const auto& params = model.params().all();
+  for (size_t i = 0; i < params.size(); ++i)
+    if (params[i].trainable) EXPECT_LT(test::tensor_rel_diff(params[i].grad, apart[i]), 1e-5) << params[i].name;
+  // And the boundary matters: without doc_ids the packed row is one sequence, with other gradients.
+  model.params().zero_grad();
+  const auto joined = run(ids, labels, nullptr);
+  EXPECT_GT(std::abs(joined.ce_sum - packed.ce_sum), 1e-3);
+}
