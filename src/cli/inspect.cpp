@@ -109,6 +109,14 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   if (cfg.raw.contains("architectures")) j["architectures"] = cfg.raw["architectures"];
   j["layers"] = cfg.num_hidden_layers;
   j["moe_layers"] = moe_layers;
+  // Nemotron-H: how many blocks of each kind, and the Mamba2 mixer's shape.
+  int64_t kinds[4] = {0, 0, 0, 0};
+  for (const auto b : cfg.blocks) ++kinds[static_cast<int>(b)];
+  if (const auto& m = cfg.mamba) {
+    j["blocks"] = {{"mamba", kinds[0]}, {"attention", kinds[1]}, {"moe", kinds[2]}, {"mlp", kinds[3]}};
+    j["mamba"] = {{"heads", m->heads}, {"head_dim", m->head_dim}, {"groups", m->groups}, {"state", m->state},
+                  {"conv_kernel", m->conv_kernel}};
+  }
   j["hidden_size"] = cfg.hidden_size;
   j["attention"] = {{"heads", cfg.num_attention_heads}, {"kv_heads", cfg.num_key_value_heads},
                     {"head_dim", cfg.head_dim}, {"rope", cfg.rope.type}, {"rope_theta", cfg.rope.theta}};
@@ -199,10 +207,22 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   std::printf("model       %s\n", path.c_str());
   std::printf("type        %s%s\n", cfg.model_type.c_str(),
               j.contains("architectures") ? (" (" + j["architectures"][0].get<std::string>() + ")").c_str() : "");
-  std::printf("layers      %lld (%lld MoE, %lld dense MLP)\n", (long long)cfg.num_hidden_layers, (long long)moe_layers,
-              (long long)(cfg.num_hidden_layers - moe_layers));
-  std::printf("attention   %lld q heads / %lld kv heads x %lld, RoPE %s theta %g%s\n", (long long)cfg.num_attention_heads,
-              (long long)cfg.num_key_value_heads, (long long)cfg.head_dim, cfg.rope.type.c_str(), cfg.rope.theta,
+  if (const auto& m = cfg.mamba) {
+    std::printf("layers      %lld blocks (%lld Mamba2, %lld attention, %lld MoE, %lld MLP)\n",
+                (long long)cfg.num_hidden_layers, (long long)kinds[0], (long long)kinds[1], (long long)kinds[2],
+                (long long)kinds[3]);
+    std::printf("mamba2      %lld heads x %lld, %lld groups, state %lld, conv %lld\n", (long long)m->heads,
+                (long long)m->head_dim, (long long)m->groups, (long long)m->state, (long long)m->conv_kernel);
+  } else {
+    std::printf("layers      %lld (%lld MoE, %lld dense MLP)\n", (long long)cfg.num_hidden_layers, (long long)moe_layers,
+                (long long)(cfg.num_hidden_layers - moe_layers));
+  }
+  char theta[32];
+  std::snprintf(theta, sizeof theta, "%g", cfg.rope.theta);
+  const std::string position =
+      cfg.no_rope ? std::string("no position encoding") : "RoPE " + cfg.rope.type + " theta " + theta;
+  std::printf("attention   %lld q heads / %lld kv heads x %lld, %s%s\n", (long long)cfg.num_attention_heads,
+              (long long)cfg.num_key_value_heads, (long long)cfg.head_dim, position.c_str(),
               window_layers ? (", sliding window " + std::to_string(*cfg.sliding_window) + " on " +
                                std::to_string(window_layers) + " of " + std::to_string(cfg.num_hidden_layers) + " layers")
                                   .c_str()

@@ -244,7 +244,7 @@ TEST(ConfigFamiliesBadInput, EachNamesTheField) {
   j["shared_expert_intermediate_size"] = 0;
   EXPECT_NE(error_of(j).find("field 'shared_expert_intermediate_size' must be positive"), std::string::npos);
   j = minimal("bert");
-  EXPECT_NE(error_of(j).find("(supported: deepseek_v3, gpt_oss, llama, mistral, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe)"),
+  EXPECT_NE(error_of(j).find("(supported: deepseek_v3, gpt_oss, llama, mistral, mixtral, nemotron_h, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe)"),
             std::string::npos);
 }
 
@@ -258,6 +258,19 @@ TEST(Flops, Qwen3_30B_A3BMatchesTheProtocolsAnchor) {
   const double head = 2.0 * c.hidden_size * c.vocab_size;
   EXPECT_NEAR((f.forward - head) / c.num_hidden_layers / 1e6, 147.3, 0.1);
   EXPECT_NEAR(f.training / 1e9, 23.1, 0.1);
+}
+
+// Nemotron-H counted by hand for nemotron_h_a (blocks M E M * E, S = 100): Mamba2 with 4 heads of 8
+// (32 channels; conv over 32 + 2 groups x 8 x 2 = 64), attention 4 q / 2 kv heads of 8 without
+// RoPE, top-2 of 6 relu^2 experts 12 wide plus a 16-wide shared expert and the router.
+TEST(Flops, NemotronHCountsEachBlockKind) {
+  const auto c = hf::load_config(test::fixture("nemotron_h_a"));
+  const double h = 32, s = 100;
+  const double mamba = 2 * h * (32 + 64 + 4) + 2 * 4 * 64 + 4 * (5 * 8 * 8 + 2 * 8) + 2 * 32 * h;
+  const double attn = 2 * h * (32 + 2 * 16) + 2 * 32 * h + 2 * s * 32;
+  const double moe = 2 * (2 * 2 * h * 12) + 2 * h * 6 + 2 * 2 * h * 16;
+  const double want = 3 * (2 * mamba + attn + 2 * moe + 2 * h * 96);
+  EXPECT_DOUBLE_EQ(models::flops_per_token(c, 100).training, want);
 }
 
 // Latent attention counted by hand for a small MLA config: q LoRA, kv LoRA, kv_b, o, and the core
