@@ -14,6 +14,11 @@ for b in tests/test_backend_ops tests/test_cuda_ops tests/test_cuda_model tests/
   if [ -f "$build/$b" ]; then cp "$build/$b" "$stage/bin/" && strip "$stage/bin/$(basename "$b")"; fi
 done
 [ -f "$stage/bin/moeforge" ] || { echo "pack: $build/moeforge not found (build with the CUDA backend first)" >&2; exit 1; }
+# A baseline build of another commit (tools/gpu/build_baseline.sh), for run.sh ab.
+if [ -f .gpu_check/moeforge_baseline ]; then
+  cp .gpu_check/moeforge_baseline "$stage/bin/moeforge_baseline" && strip "$stage/bin/moeforge_baseline"
+  cp .gpu_check/moeforge_baseline.commit "$stage/bin/"
+fi
 for b in "$stage"/bin/*; do ldd "$b" | awk '/=>/ {print $3}'; done | sort -u | while read -r lib; do
   case "$lib" in
     */libc.so*|*/libm.so*|*/libpthread*|*/libdl.so*|*/librt.so*|*/ld-linux*|*/libcuda.so*|/usr/local/cuda*|*/libgcc_s*|*/libstdc++*) ;;

@@ -9,6 +9,11 @@
 #                       Transformers (NPROC=N for N GPUs), e.g.
 #                       NPROC=8 bash tools/gpu/run.sh compare qwen3-30b-a3b --routing native --seq 4096
 #                       (CONFIG-NAME: a file of shared/configs without .json)
+#   ab [BENCH FLAGS]    the packed moeforge against the packed baseline build of another commit
+#                       (tools/gpu/build_baseline.sh), alternating per case: q30 cut to 4 and 8 layers,
+#                       native and balanced routing, bf16, optimizer in backward, seq 4096; with 2+
+#                       GPUs also the 48-layer EP 2 run. One JSON row per run in $OUT/ab.log and a
+#                       table of ratios (issue 16: within 2%, peak memory not higher).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -40,5 +45,49 @@ case "${1:-tests}" in
     name=$1; shift
     MOEFORGE=$P/bin/moeforge PYTHON=/opt/torch/.venv/bin/python MF_FLAGS=${MF_FLAGS:---optimizer-in-backward} \
       bash bench/compare.sh "$P/configs/$name.json" "$@" 2>&1 | tee -a "$OUT/compare.log" ;;
-  *) echo "run.sh: unknown part '$1' (tests | roundtrip | compare)" >&2; exit 2 ;;
+  ab)
+    shift
+    [ -x "$P/bin/moeforge_baseline" ] || { echo "run.sh ab: the pack has no moeforge_baseline (tools/gpu/build_baseline.sh)" >&2; exit 2; }
+    cfg=$P/configs/qwen3-30b-a3b.json
+    common=(--seq 4096 --steps 6 --warmup 2 --precision bf16 --optimizer-in-backward "$@")
+    run_case() {  # label, then the bench arguments; baseline first, then the current build
+      local label=$1; shift
+      for bin in moeforge_baseline moeforge; do
+        row=$("$@" 2>>"$OUT/ab.err" | tail -n 1)
+        echo "$label $bin $row" >> "$OUT/ab.log"
+        set -- "${@/moeforge_baseline/moeforge}"
+      done
+    }
+    for layers in 4 8; do
+      for routing in native balanced; do
+        run_case "q30-L$layers-$routing" "$P/bin/moeforge_baseline" bench "$cfg" --layers "$layers" --routing "$routing" "${common[@]}"
+      done
+    done
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+      for routing in native balanced; do
+        run_case "q30-48-ep2-$routing" "$P/bin/moeforge_baseline" launch --nproc-per-node 2 -- bench "$cfg" --routing "$routing" "${common[@]}"
+      done
+    fi
+    /opt/torch/.venv/bin/python - "$OUT/ab.log" "$(cat "$P/bin/moeforge_baseline.commit" 2>/dev/null)" <<'PY' | tee "$OUT/ab.txt"
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    label, impl, js = line.split(" ", 2)
+    try:
+        rows.setdefault(label, {})[impl] = json.loads(js)
+    except ValueError:
+        rows.setdefault(label, {})[impl] = None
+print("baseline commit", sys.argv[2])
+print("%-22s %12s %12s %7s %10s %10s %7s" % ("case", "base tok/s", "new tok/s", "ratio", "base GiB", "new GiB", "ratio"))
+for label, r in rows.items():
+    a, b = r.get("moeforge_baseline"), r.get("moeforge")
+    if not a or not b:
+        print("%-22s failed (see ab.err)" % label)
+        continue
+    ta, tb = a["tokens_per_s_per_gpu"], b["tokens_per_s_per_gpu"]
+    ma, mb = a["peak_allocated_gib"], b["peak_allocated_gib"]
+    print("%-22s %12.0f %12.0f %6.3fx %10.2f %10.2f %6.3fx" % (label, ta, tb, tb / ta, ma, mb, mb / ma))
+PY
+    ;;
+  *) echo "run.sh: unknown part '$1' (tests | roundtrip | compare | ab)" >&2; exit 2 ;;
 esac
