@@ -14,9 +14,11 @@ Tensor columns(const Tensor& x, int64_t c0, int64_t n) {
   return out;
 }
 
-// `part` [T, n] into columns [c0, c0 + n) of `whole` [T, width].
+// `part` [T, n] into columns [c0, c0 + n) of `whole` [T, width] (converted to its dtype: on a GPU
+// the scan's gradients are F32 beside activations in the compute dtype).
 void put_columns(const Tensor& part, Tensor& whole, int64_t c0) {
-  ops::copy_columns(part, part.numel() / part.size(0), 0, 1, whole, whole.size(1), c0, part.numel() / part.size(0));
+  const Tensor p = part.dtype() == whole.dtype() ? part : ops::to_device(part, part.device(), whole.dtype());
+  ops::copy_columns(p, p.numel() / p.size(0), 0, 1, whole, whole.size(1), c0, p.numel() / p.size(0));
 }
 
 }  // namespace

@@ -350,57 +350,45 @@ Tensor gather_rows(const Tensor& in, const Tensor& index) {
   MF_DISPATCH("gather_rows", MF_T(in, index), gather_rows(in, index));
 }
 
-// Mamba2's ops have no CUDA kernels yet (issue 17): on device tensors they are one clear error.
-namespace {
-void cpu_only(const char* op, const Tensor& t) {
-  MF_CHECK(t.device().is_cpu(), op, ": no CUDA kernel yet (Nemotron-H's Mamba2 mixer runs on the CPU only so far)");
-}
-}  // namespace
-
-Tensor relu2(const Tensor& x) {
-  cpu_only("relu2", x);
-  return cpu::relu2(x);
-}
+Tensor relu2(const Tensor& x) { MF_DISPATCH("relu2", x, relu2(x)); }
 
 Tensor relu2_backward(const Tensor& x, const Tensor& dy) {
-  cpu_only("relu2_backward", x);
-  return cpu::relu2_backward(x, dy);
+  MF_DISPATCH("relu2_backward", MF_T(x, dy), relu2_backward(x, dy));
 }
 
 Tensor causal_conv1d(const Tensor& x, const Tensor& w, const Tensor* bias, int64_t batch, const Tensor* doc_ids,
                      bool silu) {
-  cpu_only("causal_conv1d", x);
-  return cpu::causal_conv1d(x, w, bias, batch, doc_ids, silu);
+  MF_DISPATCH("causal_conv1d", MF_T(x, w, bias ? *bias : Tensor(), doc_ids ? *doc_ids : Tensor()),
+              causal_conv1d(x, w, bias, batch, doc_ids, silu));
 }
 
 void causal_conv1d_backward(const Tensor& x, const Tensor& w, const Tensor* bias, int64_t batch, const Tensor* doc_ids,
                             bool silu, const Tensor& dy, Tensor& dx, Tensor& dw, Tensor* dbias) {
-  cpu_only("causal_conv1d_backward", x);
-  cpu::causal_conv1d_backward(x, w, bias, batch, doc_ids, silu, dy, dx, dw, dbias);
+  MF_DISPATCH("causal_conv1d_backward", MF_T(x, w, dy, dw, doc_ids ? *doc_ids : Tensor()),
+              causal_conv1d_backward(x, w, bias, batch, doc_ids, silu, dy, dx, dw, dbias));
 }
 
 Tensor ssm_scan(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
                 const Tensor& c, const Tensor& d, float dt_min, int64_t batch, const Tensor* doc_ids) {
-  cpu_only("ssm_scan", x);
-  return cpu::ssm_scan(x, dt_raw, dt_bias, a_log, b, c, d, dt_min, batch, doc_ids);
+  MF_DISPATCH("ssm_scan", MF_T(x, dt_raw, dt_bias, a_log, b, c, d, doc_ids ? *doc_ids : Tensor()),
+              ssm_scan(x, dt_raw, dt_bias, a_log, b, c, d, dt_min, batch, doc_ids));
 }
 
 void ssm_scan_backward(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log,
                        const Tensor& b, const Tensor& c, const Tensor& d, float dt_min, int64_t batch,
                        const Tensor* doc_ids, const Tensor& dy, SsmScanGrads& grads) {
-  cpu_only("ssm_scan_backward", x);
-  cpu::ssm_scan_backward(x, dt_raw, dt_bias, a_log, b, c, d, dt_min, batch, doc_ids, dy, grads);
+  MF_DISPATCH("ssm_scan_backward", MF_T(x, dt_raw, dt_bias, a_log, b, c, d, dy, doc_ids ? *doc_ids : Tensor()),
+              ssm_scan_backward(x, dt_raw, dt_bias, a_log, b, c, d, dt_min, batch, doc_ids, dy, grads));
 }
 
 Tensor gated_rms_norm(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps) {
-  cpu_only("gated_rms_norm", y);
-  return cpu::gated_rms_norm(y, z, w, groups, eps);
+  MF_DISPATCH("gated_rms_norm", MF_T(y, z, w), gated_rms_norm(y, z, w, groups, eps));
 }
 
 void gated_rms_norm_backward(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps,
                              const Tensor& dout, Tensor& dy, Tensor& dz, Tensor& dw) {
-  cpu_only("gated_rms_norm_backward", y);
-  cpu::gated_rms_norm_backward(y, z, w, groups, eps, dout, dy, dz, dw);
+  MF_DISPATCH("gated_rms_norm_backward", MF_T(y, z, w, dout, dw),
+              gated_rms_norm_backward(y, z, w, groups, eps, dout, dy, dz, dw));
 }
 
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted) {

@@ -36,6 +36,8 @@ INSTANTIATE_TEST_SUITE_P(Families, CudaModel,
                          ::testing::Values("mixtral_a", "mixtral_b", "qwen2_moe_a", "qwen2_moe_b", "olmoe_a", "olmoe_b",
                                            "llama_a", "llama_b", "mistral_a", "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b",
                                            "gpt_oss_a", "gpt_oss_b", "deepseek_v3_a", "deepseek_v3_b"));
+// Nemotron-H: the Mamba2 ops' first CUDA versions (ops/cuda/mamba.cu), attention without RoPE.
+INSTANTIATE_TEST_SUITE_P(NemotronH, CudaModel, ::testing::Values("nemotron_h_a", "nemotron_h_b"));
 
 TEST(CudaModelBadInput, UnsupportedHeadDimIsOneClearError) {
   if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine";

@@ -130,6 +130,8 @@ INSTANTIATE_TEST_SUITE_P(Families, CudaTraining,
                                                               "qwen2_a", "qwen2_b", "qwen3_a", "qwen3_b", "gpt_oss_a",
                                                               "gpt_oss_b", "deepseek_v3_a", "deepseek_v3_b", "deepseek_v3_mtp"),
                                             ::testing::Values(false, true)));
+INSTANTIATE_TEST_SUITE_P(NemotronH, CudaTraining,
+                         ::testing::Combine(::testing::Values("nemotron_h_a", "nemotron_h_b"), ::testing::Values(false, true)));
 
 class CudaTrainingPolicies : public ::testing::TestWithParam<const char*> {};
 

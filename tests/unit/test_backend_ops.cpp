@@ -423,6 +423,91 @@ std::vector<OpCase> cases() {
                  return Tensors{dst, sums, de, ops::interleave_pairs(de, 8)};
                }});
 
+  // Mamba2 (Nemotron-H): two rows of 9 tokens, the second packing two documents.
+  auto docs = [] { return ids({0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 7, 7, 7, 7, 7}, {18}); };
+  c.push_back({"relu2_and_backward/odd",
+               [=](uint32_t s) { return Tensors{rnd({7, 9}, s), rnd({7, 9}, s + 1)}; },
+               [](const Tensors& in, DType act) {
+                 return Tensors{ops::relu2(as(in[0], act)), ops::relu2_backward(as(in[0], act), as(in[1], act))};
+               },
+               [](const Tensors& in) {
+                 Tensor y = in[0].clone(), dx = in[0].clone();
+                 for (int64_t i = 0; i < y.numel(); ++i) {
+                   const float r = std::max(in[0].f32()[i], 0.f);
+                   y.f32()[i] = r * r;
+                   dx.f32()[i] = 2.f * r * in[1].f32()[i];
+                 }
+                 return Tensors{y, dx};
+               }});
+  c.push_back({"causal_conv1d_silu_and_backward/documents",
+               [=](uint32_t s) {
+                 return Tensors{rnd({18, 11}, s), rnd({11, 1, 4}, s + 1, 0.5f), rnd({11}, s + 2), rnd({18, 11}, s + 3),
+                                docs()};
+               },
+               [](const Tensors& in, DType act) {
+                 const Tensor x = as(in[0], act), dyv = as(in[3], act);
+                 Tensor y = ops::causal_conv1d(x, in[1], &in[2], 2, &in[4], true);
+                 Tensor dx, dw = zeros_like_shape(in[1], in[1].shape()), db = zeros_like_shape(in[2], {11});
+                 ops::causal_conv1d_backward(x, in[1], &in[2], 2, &in[4], true, dyv, dx, dw, &db);
+                 return Tensors{y, dx, dw, db};
+               }});
+  c.push_back({"gated_rms_norm_and_backward/groups",
+               [=](uint32_t s) { return Tensors{rnd({6, 12}, s), rnd({6, 12}, s + 1), rnd({12}, s + 2), rnd({6, 12}, s + 3)}; },
+               [](const Tensors& in, DType act) {
+                 const Tensor y = as(in[0], act), z = as(in[1], act);
+                 Tensor out = ops::gated_rms_norm(y, z, in[2], 3, 1e-5f);
+                 Tensor dy, dz, dw = zeros_like_shape(in[2], {12});
+                 ops::gated_rms_norm_backward(y, z, in[2], 3, 1e-5f, as(in[3], act), dy, dz, dw);
+                 return Tensors{out, dy, dz, dw};
+               }});
+  {
+    auto scan_inputs = [=](uint32_t s) {
+      return Tensors{rnd({18, 4, 3}, s), rnd({18, 4}, s + 1), rnd({4}, s + 2), rnd({4}, s + 3, 0.5f),
+                     rnd({18, 2, 5}, s + 4), rnd({18, 2, 5}, s + 5), rnd({4}, s + 6), rnd({18, 4, 3}, s + 7), docs()};
+    };
+    // The scan against its recurrence written out (state per head, decayed, plus dt x B^T; y =
+    // state C + D x); its gradients are held by the finite differences of test_gradcheck's Mamba2Ops.
+    OpCase scan{"ssm_scan/groups_documents", scan_inputs,
+                [](const Tensors& in, DType act) {
+                  return Tensors{ops::ssm_scan(as(in[0], act), in[1], in[2], in[3], as(in[4], act), as(in[5], act), in[6],
+                                               1e-3f, 2, &in[8])};
+                }};
+    scan.direct = [](const Tensors& in) {
+      Tensor y = Tensor::zeros({18, 4, 3}, DType::F32);
+      for (int64_t hd = 0; hd < 4; ++hd) {
+        double st[3][5] = {};
+        const double a = -std::exp(in[3].f32()[hd]);
+        for (int64_t i = 0; i < 18; ++i) {
+          if (i % 9 == 0 || in[8].i64()[i] != in[8].i64()[i - 1])
+            for (auto& row : st) std::fill(row, row + 5, 0.0);
+          const double u = in[1].f32()[i * 4 + hd] + in[2].f32()[hd];
+          const double dt = std::max(u > 20 ? u : std::log1p(std::exp(u)), 1e-3), decay = std::exp(dt * a);
+          const int64_t g = hd / 2;
+          for (int64_t p = 0; p < 3; ++p) {
+            double out = in[6].f32()[hd] * in[0].f32()[(i * 4 + hd) * 3 + p];
+            for (int64_t n = 0; n < 5; ++n) {
+              st[p][n] = decay * st[p][n] + dt * in[0].f32()[(i * 4 + hd) * 3 + p] * in[4].f32()[(i * 2 + g) * 5 + n];
+              out += st[p][n] * in[5].f32()[(i * 2 + g) * 5 + n];
+            }
+            y.f32()[(i * 4 + hd) * 3 + p] = static_cast<float>(out);
+          }
+        }
+      }
+      return Tensors{y};
+    };
+    scan.tol_bf16 = 5e-2f;
+    c.push_back(scan);
+    OpCase scan_bwd{"ssm_scan_backward/groups_documents", scan_inputs,
+                    [](const Tensors& in, DType act) {
+                      ops::SsmScanGrads g;
+                      ops::ssm_scan_backward(as(in[0], act), in[1], in[2], in[3], as(in[4], act), as(in[5], act), in[6],
+                                             1e-3f, 2, &in[8], as(in[7], act), g);
+                      return Tensors{g.dx, g.ddt_raw, g.ddt_bias, g.da_log, g.db, g.dc, g.dd};
+                    }};
+    scan_bwd.tol_bf16 = 5e-2f;
+    c.push_back(scan_bwd);
+  }
+
   c.push_back({"bias_clamp_gate/odd",
                [=](uint32_t s) { return Tensors{rnd({5, 7}, s, 2.f), rnd({7}, s + 1), rnd({5, 1}, s + 2), rnd({5, 7}, s + 3)}; },
                [](const Tensors& in, DType act) {

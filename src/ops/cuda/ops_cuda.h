@@ -116,4 +116,21 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 // "cudnn" or "native" (forced with MOEFORGE_ATTENTION=native) for these arguments.
 const char* attention_backend(const Tensor& q, int64_t window, const Tensor* doc_ids);
 
+// Mamba2 (mamba.cu): first versions following the CPU reference step for step (the scan token by
+// token per (row, head)); outputs in x's dtype (the scan's gradients F32); doc_ids on the device.
+Tensor relu2(const Tensor& x);
+Tensor relu2_backward(const Tensor& x, const Tensor& dy);
+Tensor causal_conv1d(const Tensor& x, const Tensor& w, const Tensor* bias, int64_t batch, const Tensor* doc_ids,
+                     bool silu);
+void causal_conv1d_backward(const Tensor& x, const Tensor& w, const Tensor* bias, int64_t batch, const Tensor* doc_ids,
+                            bool silu, const Tensor& dy, Tensor& dx, Tensor& dw, Tensor* dbias);
+Tensor ssm_scan(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
+                const Tensor& c, const Tensor& d, float dt_min, int64_t batch, const Tensor* doc_ids);
+void ssm_scan_backward(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log,
+                       const Tensor& b, const Tensor& c, const Tensor& d, float dt_min, int64_t batch,
+                       const Tensor* doc_ids, const Tensor& dy, ops::SsmScanGrads& grads);
+Tensor gated_rms_norm(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps);
+void gated_rms_norm_backward(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps,
+                             const Tensor& dout, Tensor& dy, Tensor& dz, Tensor& dw);
+
 }  // namespace moeforge::cuda
