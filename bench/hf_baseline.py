@@ -20,9 +20,44 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 
+def mamba_path():
+    """Which Mamba2 implementation Transformers runs: the hub's or mamba_ssm's CUDA kernels when
+    either package is importable, else its torch path (chunked SSD in PyTorch)."""
+    import importlib.util
+    return "kernels" if importlib.util.find_spec("kernels") or importlib.util.find_spec("mamba_ssm") else "torch"
+
+
+def cut_layers(cfg, n):
+    """The first n layers (a hybrid model's block pattern cut to its prefix, per-layer lists too)."""
+    if getattr(cfg, "model_type", "") == "nemotron_h":
+        cfg.layers_block_type = list(cfg.layers_block_type)[:n]  # num_hidden_layers derives from it
+        return
+    cfg.num_hidden_layers = n
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[:n]
+
+
+def nemotron_flops_per_token(c, seq):
+    """models/flops.cpp's count of Nemotron-H's blocks (Mamba2 in its recurrent form, relu^2 MLPs)."""
+    h = c.hidden_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    attn = 2 * h * (q + 2 * kv) + 2 * q * h + 2 * seq * q
+    heads, p, n = c.mamba_num_heads, c.mamba_head_dim, c.ssm_state_size
+    inner = heads * p
+    conv = inner + 2 * c.n_groups * n
+    mamba = 2 * h * (inner + conv + heads) + 2 * c.conv_kernel * conv + heads * (5 * p * n + 2 * p) + 2 * inner * h
+    width = c.moe_latent_size or h
+    moe = c.num_experts_per_tok * 4 * width * c.moe_intermediate_size + 2 * h * c.n_routed_experts
+    moe += 4 * h * c.moe_shared_expert_intermediate_size + (4 * h * width if c.moe_latent_size else 0)
+    per = {"linear_attention": mamba, "full_attention": attn, "moe": moe, "mlp": 4 * h * c.intermediate_size}
+    return 3 * (sum(per[b] for b in c.layers_block_type) + 2 * h * c.vocab_size)
+
+
 def flops_per_token(c, seq):
     """shared/BENCHMARKS.md's count, as moeforge's models/flops.cpp makes it (latent attention with
     its own projections and q/k, v widths; shared experts; DeepSeek's first dense layers)."""
+    if getattr(c, "model_type", "") == "nemotron_h":
+        return nemotron_flops_per_token(c, seq)
     h, heads = c.hidden_size, c.num_attention_heads
     if getattr(c, "kv_lora_rank", None):  # DeepSeek-V3's MLA
         qk, v = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
@@ -96,7 +131,7 @@ def main():
 
     cfg = AutoConfig.from_pretrained(a.config)
     if a.layers:
-        cfg.num_hidden_layers = a.layers
+        cut_layers(cfg, a.layers)
     torch.manual_seed(a.seed)
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=best_attention(cfg), experts_implementation=a.experts,
@@ -149,6 +184,7 @@ def main():
         "params": sum(p.numel() for p in model.parameters()), "seq": a.seq, "batch": a.batch,
         "routing": a.routing, "precision": "bf16", "experts_implementation": a.experts,
         "attn_implementation": best_attention(cfg), "steps": a.steps,
+        **({"mamba_path": mamba_path()} if cfg.model_type == "nemotron_h" else {}),
         "warmup": a.warmup, "tokens_per_s_per_gpu": tps, "model_tflops_per_gpu": flops_per_token(cfg, a.seq) * tps / 1e12,
         "flops_per_token": flops_per_token(cfg, a.seq),
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,

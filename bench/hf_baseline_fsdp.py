@@ -21,7 +21,7 @@ from torch.distributed.fsdp import fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_baseline import balanced_gate_forward, best_attention, flops_per_token  # noqa: E402
+from hf_baseline import balanced_gate_forward, best_attention, cut_layers, flops_per_token, mamba_path  # noqa: E402
 
 
 def max_over_ranks(v):
@@ -49,7 +49,7 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = AutoConfig.from_pretrained(a.config)
     if a.layers:
-        cfg.num_hidden_layers = a.layers
+        cut_layers(cfg, a.layers)
     torch.manual_seed(a.seed)  # the same initial weights on every rank
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=best_attention(cfg), experts_implementation=a.experts,
@@ -105,6 +105,7 @@ def main():
     r = {
         "impl": "transformers+fsdp2", "transformers": transformers.__version__, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(), "gpus": world, "config": a.config, "layers": cfg.num_hidden_layers,
+        **({"mamba_path": mamba_path()} if cfg.model_type == "nemotron_h" else {}),
         "params": params, "seq": a.seq, "batch": a.batch, "routing": a.routing, "precision": "bf16",
         "experts_implementation": a.experts, "attn_implementation": best_attention(cfg), "steps": a.steps, "warmup": a.warmup, "tokens_per_s_per_gpu": tps,
         "model_tflops_per_gpu": flops_per_token(cfg, a.seq) * tps / 1e12, "flops_per_token": flops_per_token(cfg, a.seq),

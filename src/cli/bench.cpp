@@ -27,7 +27,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
   if (const auto l = args.get("--layers")) {
     const int64_t n = args.get_int("--layers", 0);
     MF_CHECK(n >= 1, "bench: --layers must be at least 1, got ", *l);
-    cfg.raw["num_hidden_layers"] = n;
+    hf::cut_to_layers(cfg.raw, n);
     cfg = hf::parse_config(cfg.raw, cfg.source);
   }
   const std::string routing = args.get("--routing").value_or("native");

@@ -189,6 +189,17 @@ void parse_common(const ConfigReader& r, ModelConfig& c, const FamilyDefaults& d
   }
 }
 
+void cut_to_layers(ojson& raw, int64_t layers) {
+  raw["num_hidden_layers"] = layers;
+  for (const char* key : {"layer_types", "layers_block_type"})
+    if (raw.contains(key) && raw[key].is_array() && static_cast<int64_t>(raw[key].size()) > layers)
+      raw[key] = ojson(std::vector<ojson>(raw[key].begin(), raw[key].begin() + layers));
+  if (raw.contains("hybrid_override_pattern") && raw["hybrid_override_pattern"].is_string()) {
+    const std::string p = raw["hybrid_override_pattern"].get<std::string>();
+    if (static_cast<int64_t>(p.size()) > layers) raw["hybrid_override_pattern"] = p.substr(0, static_cast<size_t>(layers));
+  }
+}
+
 ModelConfig parse_config(const ojson& j, const std::string& source) {
   MF_CHECK(j.is_object(), source, ": config must be a JSON object");
   ConfigReader r(j, source);

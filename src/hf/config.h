@@ -122,6 +122,9 @@ struct ModelConfig {
 // `path` is a config.json file or a folder holding one. Throws naming the file and field.
 ModelConfig load_config(const std::string& path);
 ModelConfig parse_config(const nlohmann::ordered_json& j, const std::string& source);
+// config.json cut to its first `layers` layers: num_hidden_layers, and the per-layer lists
+// (layer_types, Nemotron-H's layers_block_type or hybrid_override_pattern) cut to their prefix.
+void cut_to_layers(nlohmann::ordered_json& raw, int64_t layers);
 // Writes `raw` (every original field, in order) atomically to `path`.
 void save_config(const ModelConfig& cfg, const std::string& path);
 

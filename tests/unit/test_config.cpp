@@ -284,3 +284,24 @@ TEST(Flops, LatentAttentionCountsItsOwnProjections) {
   const double want = 3 * (3 * attn + dense + 2 * moe + 2 * h * 96);  // layer 0 dense, layers 1-2 MoE
   EXPECT_DOUBLE_EQ(models::flops_per_token(c, 100).training, want);
 }
+
+// `moeforge bench --layers N`: a hybrid model's block pattern (either spelling) and the per-layer
+// layer_types are cut to their first N entries with num_hidden_layers.
+TEST(Config, CutToLayersCutsThePerLayerLists) {
+  auto raw = nlohmann::ordered_json::parse(std::ifstream(test::fixture("nemotron_h_b") + "/config.json"));
+  hf::cut_to_layers(raw, 3);
+  auto c = hf::parse_config(raw, "cut");
+  EXPECT_EQ(c.num_hidden_layers, 3);
+  using B = hf::ModelConfig::Block;
+  EXPECT_EQ(c.blocks, (std::vector<B>{B::Mamba, B::Mlp, B::Moe}));
+  raw.erase("layers_block_type");
+  raw["hybrid_override_pattern"] = "M*EME";
+  hf::cut_to_layers(raw, 2);
+  EXPECT_EQ(raw["hybrid_override_pattern"], "M*");
+  EXPECT_EQ(hf::parse_config(raw, "cut").blocks, (std::vector<B>{B::Mamba, B::Attention}));
+  auto gpt = nlohmann::ordered_json::parse(std::ifstream(test::fixture("gpt_oss_b") + "/config.json"));
+  ASSERT_TRUE(gpt.contains("layer_types"));
+  hf::cut_to_layers(gpt, 2);
+  EXPECT_EQ(gpt["layer_types"].size(), 2u);
+  EXPECT_EQ(hf::parse_config(gpt, "cut").num_hidden_layers, 2);
+}
