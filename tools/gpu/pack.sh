@@ -17,11 +17,12 @@ done
 # A baseline build of another commit (tools/gpu/build_baseline.sh), for run.sh ab.
 if [ -f .gpu_check/moeforge_baseline ]; then
   cp .gpu_check/moeforge_baseline "$stage/bin/moeforge_baseline" && strip "$stage/bin/moeforge_baseline"
-  cp .gpu_check/moeforge_baseline.commit "$stage/bin/"
+  cp .gpu_check/moeforge_baseline.commit "$stage/"
 fi
 for b in "$stage"/bin/*; do ldd "$b" | awk '/=>/ {print $3}'; done | sort -u | while read -r lib; do
   case "$lib" in
     */libc.so*|*/libm.so*|*/libpthread*|*/libdl.so*|*/librt.so*|*/ld-linux*|*/libcuda.so*|/usr/local/cuda*|*/libgcc_s*|*/libstdc++*) ;;
+    */libcudnn*) ;;  # the GPU machine's torch venv has cuDNN (run.sh puts it first on LD_LIBRARY_PATH)
     *) cp -L "$lib" "$stage/lib/" ;;
   esac
 done

@@ -68,7 +68,7 @@ case "${1:-tests}" in
         run_case "q30-48-ep2-$routing" "$P/bin/moeforge_baseline" launch --nproc-per-node 2 -- bench "$cfg" --routing "$routing" "${common[@]}"
       done
     fi
-    /opt/torch/.venv/bin/python - "$OUT/ab.log" "$(cat "$P/bin/moeforge_baseline.commit" 2>/dev/null)" <<'PY' | tee "$OUT/ab.txt"
+    /opt/torch/.venv/bin/python - "$OUT/ab.log" "$(cat "$P/moeforge_baseline.commit" 2>/dev/null)" <<'PY' | tee "$OUT/ab.txt"
 import json, sys
 rows = {}
 for line in open(sys.argv[1]):
