@@ -83,6 +83,11 @@ int cmd_eval(const std::vector<std::string>& argv) {
     out["logits_out"] = *path;
   }
   std::printf("%s\n", out.dump().c_str());
+  // A loss that is not finite on counted tokens means broken weights: the numbers above are kept
+  // for inspection, but the command fails.
+  for (size_t i = 0; i < losses.size(); ++i)
+    MF_CHECK(counted[i] == 0 || std::isfinite(losses[i]), "the loss of line ", rows[i].line, " is ", losses[i],
+             ": the model's weights hold NaN or Inf");
   return 0;
 }
 

@@ -1,6 +1,7 @@
 // moeforge command line: one subcommand per job. Errors print one line and exit 1; usage errors exit 2.
 #include <cstdio>
 #include <cstring>
+#include <new>
 #include <exception>
 #include <string>
 #include <vector>
@@ -53,8 +54,15 @@ int main(int argc, char** argv) {
   } catch (const moeforge::Error& e) {
     std::fprintf(stderr, "moeforge %s: error: %s\n", cmd.c_str(), e.what());
     return 1;
+  } catch (const std::bad_alloc&) {
+    // A library's "std::bad_alloc" says nothing to a user: name what ran out.
+    std::fprintf(stderr, "moeforge %s: error: out of host memory (an input asked for more than this machine has; "
+                 "check the sizes in the config, recipe or dataset)\n", cmd.c_str());
+    return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "moeforge %s: error: %s\n", cmd.c_str(), e.what());
+    // Not one of moeforge's own errors: a bug or an unchecked input, reported as such.
+    std::fprintf(stderr, "moeforge %s: error: internal error (%s); please report it with the command that caused it\n",
+                 cmd.c_str(), e.what());
     return 1;
   }
 }

@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <functional>
 #include <map>
+#include <cmath>
+#include <limits>
+#include <set>
 #include <sstream>
 
 #include "core/error.h"
@@ -65,11 +68,16 @@ std::vector<Key> make_keys() {
     return {name, [=](Recipe& r, const YAML::Node& n, const std::string& w) { r.*f = as<bool>(n, name, w, "true or false"); },
             [=](const Recipe& r) { return std::string(r.*f ? "true" : "false"); }};
   };
-  auto dbl = [](const char* name, std::function<double&(Recipe&)> f, double min) -> Key {
+  // A finite number in [min, max] (max_exclusive: [min, max)).
+  auto dbl = [](const char* name, std::function<double&(Recipe&)> f, double min,
+                double max = std::numeric_limits<double>::max(), bool max_exclusive = false) -> Key {
     return {name,
             [=](Recipe& r, const YAML::Node& n, const std::string& w) {
               const double v = as<double>(n, name, w, "a number");
-              if (!(v >= min)) MF_THROW(w, ": key '", name, "' must be >= ", min, ", got ", v);
+              if (!std::isfinite(v)) MF_THROW(w, ": key '", name, "' must be a finite number, got ", n.Scalar());
+              if (v < min) MF_THROW(w, ": key '", name, "' must be >= ", min, ", got ", v);
+              if (max_exclusive ? v >= max : v > max)
+                MF_THROW(w, ": key '", name, "' must be ", max_exclusive ? "< " : "<= ", max, ", got ", v);
               f(r) = v;
             },
             [=](const Recipe& r) { return fmt_double(f(const_cast<Recipe&>(r))); }};
@@ -89,8 +97,8 @@ std::vector<Key> make_keys() {
       int_key("steps", &Recipe::steps, 0),
       dbl("epochs", [](Recipe& r) -> double& { return r.epochs; }, 0),
       dbl("optimizer.lr", [](Recipe& r) -> double& { return r.optimizer.lr; }, 0),
-      dbl("optimizer.beta1", [](Recipe& r) -> double& { return r.optimizer.beta1; }, 0),
-      dbl("optimizer.beta2", [](Recipe& r) -> double& { return r.optimizer.beta2; }, 0),
+      dbl("optimizer.beta1", [](Recipe& r) -> double& { return r.optimizer.beta1; }, 0, 1, /*max_exclusive=*/true),
+      dbl("optimizer.beta2", [](Recipe& r) -> double& { return r.optimizer.beta2; }, 0, 1, /*max_exclusive=*/true),
       dbl("optimizer.eps", [](Recipe& r) -> double& { return r.optimizer.eps; }, 0),
       dbl("optimizer.weight_decay", [](Recipe& r) -> double& { return r.optimizer.weight_decay; }, 0),
       {"optimizer.decay_norms_and_biases",
@@ -112,7 +120,7 @@ std::vector<Key> make_keys() {
          if (r.schedule.warmup_steps < 0) MF_THROW(w, ": key 'schedule.warmup_steps' must be >= 0");
        },
        [](const Recipe& r) { return std::to_string(r.schedule.warmup_steps); }},
-      dbl("schedule.min_lr_ratio", [](Recipe& r) -> double& { return r.schedule.min_lr_ratio; }, 0),
+      dbl("schedule.min_lr_ratio", [](Recipe& r) -> double& { return r.schedule.min_lr_ratio; }, 0, 1),
       dbl("max_grad_norm", [](Recipe& r) -> double& { return r.max_grad_norm; }, 0),
       {"device",
        [](Recipe& r, const YAML::Node& n, const std::string& w) {
@@ -197,10 +205,13 @@ void apply(Recipe& r, const std::string& key, const YAML::Node& value, const std
   MF_THROW(where, ": unknown key '", key, "'");
 }
 
-void flatten(const YAML::Node& node, const std::string& prefix, Recipe& r, const std::string& where) {
+// `seen`: the keys the file gave so far (a key given twice is an error, not "the last one wins").
+void flatten(const YAML::Node& node, const std::string& prefix, Recipe& r, const std::string& where,
+             std::set<std::string>& seen) {
   for (auto it = node.begin(); it != node.end(); ++it) {
     const std::string key = prefix + it->first.as<std::string>();
-    if (it->second.IsMap()) flatten(it->second, key + ".", r, where);
+    if (!seen.insert(key).second) MF_THROW(where, ": key '", key, "' is given twice");
+    if (it->second.IsMap()) flatten(it->second, key + ".", r, where, seen);
     else apply(r, key, it->second, where);
   }
 }
@@ -226,7 +237,8 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   }
   if (root.IsDefined() && !root.IsNull()) {
     MF_CHECK(root.IsMap(), path, ": a recipe must be a mapping of keys to values");
-    flatten(root, "", r, path);
+    std::set<std::string> seen;
+    flatten(root, "", r, path, seen);
   }
   for (const auto& o : overrides) {
     const auto eq = o.find('=');
@@ -245,6 +257,8 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
     MF_CHECK(!v.empty(), path, ": key '", req, "' is required");
   }
   MF_CHECK(r.steps > 0 || r.epochs > 0, path, ": set 'steps' or 'epochs'");
+  MF_CHECK(r.steps == 0 || r.epochs == 0, path, ": set one of 'steps' and 'epochs', not both (steps ", r.steps,
+           ", epochs ", r.epochs, ")");
   MF_CHECK(r.global_batch % r.micro_batch == 0, path, ": key 'global_batch' (", r.global_batch,
            ") must be a multiple of 'micro_batch' (", r.micro_batch, ")");
   if (r.precision.empty()) r.precision = r.device == Device::Kind::CUDA ? "bf16-mixed" : "fp32";

@@ -6,8 +6,10 @@
 #include <optional>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "core/error.h"
+#include "ops/ops.h"
 #include "core/logging.h"
 #include "data/dataset.h"
 #include "data/token_batches.h"
@@ -117,7 +119,12 @@ data::TokenBatches::MicroBatch rows_for_rank(const data::TokenBatches::MicroBatc
 
 TrainResult run_training(const Recipe& r) {
 #ifdef _OPENMP
-  if (r.threads > 0) omp_set_num_threads(static_cast<int>(r.threads));
+  if (r.threads > 0) {
+    const unsigned hw = std::thread::hardware_concurrency();
+    MF_CHECK(hw == 0 || r.threads <= 16 * static_cast<int64_t>(hw), r.source, ": key 'threads': ", r.threads,
+             " is far more than this machine's ", hw, " hardware threads");
+    omp_set_num_threads(static_cast<int>(r.threads));
+  }
 #endif
   // Several ranks (launched by moeforge launch, torchrun or srun) split every micro-batch's rows
   // and share out the experts (ep_size), on the CPU (gloo) or one GPU each (NCCL).
@@ -271,8 +278,20 @@ TrainResult run_training(const Recipe& r) {
 
   // Writes checkpoint-<step> and removes the oldest beyond save_total_limit; returns its folder.
   // Under several ranks every rank writes its part.
+  // Nothing non-finite is ever saved: the weights (each rank its part, the verdict agreed over the
+  // world) are checked before a checkpoint or the final folder is written from them.
+  auto check_finite_weights = [&] {
+    std::vector<Tensor> values;
+    for (const auto& p : model.params().all())
+      if (p.value.defined()) values.push_back(p.value);
+    double bad = std::isfinite(ops::global_grad_norm(values)) ? 0.0 : 1.0;
+    if (multi) bad = sum_over_world(*groups, bad);
+    MF_CHECK(bad == 0, "training diverged: the weights hold NaN or Inf after step ", st.step,
+             "; nothing was saved from them (the last checkpoint is intact; lower optimizer.lr or set max_grad_norm)");
+  };
   auto save_and_prune = [&](bool keep_host_copies) {
     backend->sync_to_host();
+    check_finite_weights();
     const std::string dir = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
     save_checkpoint(dir, model, r.model, opt, st, shard_bytes, multi ? &par : nullptr);
     if (main_rank) {
@@ -329,6 +348,10 @@ TrainResult run_training(const Recipe& r) {
       grad_norm = backend->end_step_in_backward();
     } else {
       grad_norm = backend->finish_gradients(r.max_grad_norm);
+      // A non-finite gradient would make every weight NaN: stop before applying it.
+      MF_CHECK(std::isfinite(grad_norm), "training diverged: the gradient norm is ", grad_norm, " at step ",
+               st.step + 1, "; the update was not applied and nothing was saved from it (lower optimizer.lr or set "
+               "max_grad_norm)");
       backend->step(lr);
     }
     ++st.step;

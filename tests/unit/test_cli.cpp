@@ -170,6 +170,22 @@ TEST(CliBadInput, EachProblemIsOneLine) {
   cfg["model_type"] = "mamba";
   std::ofstream(tmp / "type/config.json") << cfg.dump();
   expect_one_line_error(run("inspect " + (tmp / "type")), {"type/config.json", "model_type", "mamba"});
+  // Weights holding NaN: eval prints what it computed but fails with one line naming the line.
+  copy_dir(test::fixture("qwen3_moe_b"), tmp / "nan");
+  {
+    auto ck = hf::SafetensorsCheckpoint::open(tmp / "nan");
+    hf::NamedTensors all;
+    for (const auto& n : ck.names()) {
+      Tensor t = ck.get(n).to(DType::F32);
+      if (n == "model.norm.weight") t.f32()[0] = NAN;
+      all.emplace_back(n, t);
+    }
+    fs::remove(tmp / "nan/model.safetensors");
+    hf::save_safetensors(tmp / "nan/model.safetensors", all);
+  }
+  const CmdResult nan = run("eval --model " + (tmp / "nan") + " --tokens " + (tmp / "ok.jsonl"));
+  expect_one_line_error(nan, {"the loss of line 1 is nan", "NaN or Inf"});
+  EXPECT_NE(nan.out.find("\"rows\""), std::string::npos);
   // A config missing a required field.
   cfg["model_type"] = "qwen3_moe";
   cfg.erase("num_attention_heads");

@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <thread>
 
 #include "core/error.h"
@@ -288,12 +289,70 @@ TEST(RecipeBadInput, UnknownKeyWithSuggestion) {
   EXPECT_NE(e3.find("did you mean 'steps'"), std::string::npos) << e3;
 }
 
+// Numbers out of their range or not finite, both steps and epochs, a key given twice: each one
+// error naming the key (issue 22: these were accepted and trained nonsense).
+TEST(RecipeBadInput, OutOfRangeNonFiniteAndRepeatedKeys) {
+  test::TempDir dir;
+  auto error = [&](const std::vector<std::string>& o, const std::string& extra = "") {
+    return test::error_of([&] { train::load_recipe(write_recipe(dir, extra), o); });
+  };
+  std::string e = error({"optimizer.lr=.inf"});
+  EXPECT_NE(e.find("key 'optimizer.lr' must be a finite number, got .inf"), std::string::npos) << e;
+  e = error({"optimizer.beta1=1.0"});
+  EXPECT_NE(e.find("key 'optimizer.beta1' must be < 1, got 1"), std::string::npos) << e;
+  e = error({"optimizer.beta2=-0.5"});
+  EXPECT_NE(e.find("key 'optimizer.beta2' must be >= 0"), std::string::npos) << e;
+  e = error({"schedule.min_lr_ratio=1.5"});
+  EXPECT_NE(e.find("key 'schedule.min_lr_ratio' must be <= 1, got 1.5"), std::string::npos) << e;
+  e = error({"max_grad_norm=.nan"});
+  EXPECT_NE(e.find("key 'max_grad_norm' must be a finite number"), std::string::npos) << e;
+  e = error({"epochs=2"});
+  EXPECT_NE(e.find("set one of 'steps' and 'epochs', not both (steps 6, epochs 2)"), std::string::npos) << e;
+  e = error({}, "seq_len: 32\n");
+  EXPECT_NE(e.find("key 'seq_len' is given twice"), std::string::npos) << e;
+  e = error({}, "schedule:\n  type: linear\n");
+  EXPECT_NE(e.find("key 'schedule' is given twice"), std::string::npos) << e;
+  // An override on the command line is not a repetition.
+  EXPECT_EQ(train::load_recipe(write_recipe(dir), {"seq_len=8"}).seq_len, 8);
+}
+
+// A learning rate that blows the weights up: nothing non-finite is ever written. Either the
+// gradient norm of the next step is not finite (the update is not applied) or the weights are not
+// finite when a checkpoint is due; the run stops with one line naming the step.
+TEST(TrainerFaults, DivergenceStopsBeforeAnythingNonFiniteIsSaved) {
+  for (const char* lr : {"1e30", "1e39"}) {
+    test::TempDir dir;
+    const std::string e = test::error_of([&] {
+      train::run_training(train::load_recipe(
+          write_recipe(dir), {std::string("optimizer.lr=") + lr, "max_grad_norm=0", "schedule.warmup_steps=0",
+                              "save_every=1", "steps=4"}));
+    });
+    EXPECT_NE(e.find("training diverged"), std::string::npos) << lr << ": " << e;
+    EXPECT_FALSE(fs::exists(dir / "out/final")) << lr;
+    // What was saved before the divergence (1e30: step 1's huge but finite weights) is finite.
+    for (const auto& d : fs::directory_iterator(dir / "out")) {
+      if (d.path().filename().string().rfind("checkpoint-", 0) != 0) continue;
+      auto ck = hf::SafetensorsCheckpoint::open(d.path().string());
+      for (const auto& n : ck.names())
+        for (float v : ck.get(n).to_f32_vector()) ASSERT_TRUE(std::isfinite(v)) << lr << ": " << d.path() << " " << n;
+    }
+  }
+  // 1e39 overflows the first update itself: stopped at step 1, before any checkpoint.
+  test::TempDir dir;
+  const std::string e = test::error_of([&] {
+    train::run_training(train::load_recipe(write_recipe(dir), {"optimizer.lr=1e39", "max_grad_norm=0",
+                                                               "schedule.warmup_steps=0", "save_every=1", "steps=4"}));
+  });
+  EXPECT_NE(e.find("the weights hold NaN or Inf after step 1; nothing was saved"), std::string::npos) << e;
+  EXPECT_FALSE(fs::exists(dir / "out/checkpoint-1"));
+}
+
 TEST(RecipeBadInput, WrongType) {
   test::TempDir dir;
   const std::string e = test::error_of([&] { train::load_recipe(write_recipe(dir), {"steps=ten"}); });
   EXPECT_NE(e.find("command line: key 'steps' must be an integer, got 'ten'"), std::string::npos) << e;
-  const std::string e2 = test::error_of([&] { train::load_recipe(write_recipe(dir, "seq_len: [1, 2]\n"), {}); });
-  EXPECT_NE(e2.find("key 'seq_len' must be an integer"), std::string::npos) << e2;
+  const std::string e2 = test::error_of([&] { train::load_recipe(write_recipe(dir, "threads: [1, 2]\n"), {}); });
+  EXPECT_NE(e2.find("key 'threads' must be an integer"), std::string::npos) << e2;
   const std::string e3 = test::error_of([&] { train::load_recipe(write_recipe(dir), {"global_batch=3"}); });
   EXPECT_NE(e3.find("'global_batch' (3) must be a multiple of 'micro_batch' (2)"), std::string::npos) << e3;
   const std::string e4 = test::error_of([&] { train::load_recipe(write_recipe(dir), {"precision=bf16"}); });
@@ -400,7 +459,16 @@ TEST(RecipeBadInput, SequenceLongerThanTheModelAllows) {
 
 TEST(TrainerFaults, KillDuringSaveLeavesThePreviousCheckpointLoadable) {
   test::TempDir dir;
-  const std::string recipe = write_recipe(dir, "save_every: 1\nsave_total_limit: 5\nsteps: 4\n");
+  // The base recipe with a checkpoint every step (a key given twice is an error, so edited in place).
+  const std::string recipe = write_recipe(dir, "save_total_limit: 5\n");
+  {
+    std::stringstream text;
+    text << std::ifstream(recipe).rdbuf();
+    std::string r = text.str();
+    r.replace(r.find("save_every: 3"), 13, "save_every: 1");
+    r.replace(r.find("steps: 6"), 8, "steps: 4");
+    std::ofstream(recipe) << r;
+  }
   const pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
