@@ -277,6 +277,19 @@ Tensor Decoder::moe_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const
   return dn;
 }
 
+namespace {
+// The phase a hybrid block's time is charged to (MOEFORGE_PHASE_TIMES), by its kind.
+const char* block_phase(hf::ModelConfig::Block b, bool forward) {
+  switch (b) {
+    case hf::ModelConfig::Block::Mamba: return forward ? "fwd: Mamba2 block" : "bwd: Mamba2 block";
+    case hf::ModelConfig::Block::Attention: return forward ? "fwd: attention block" : "bwd: attention block";
+    case hf::ModelConfig::Block::Moe: return forward ? "fwd: MoE block" : "bwd: MoE block";
+    case hf::ModelConfig::Block::Mlp: return forward ? "fwd: MLP block" : "bwd: MLP block";
+  }
+  return "block";
+}
+}  // namespace
+
 Tensor Decoder::block_forward(const nn::ParamAccess& ps, size_t l, const Tensor& x, Batch& bt, LayerCache* c,
                                nn::SparseMoE::RouterOut* router, const Tensor* replay) const {
   const Layer& L = layers_[l];
@@ -292,7 +305,7 @@ Tensor Decoder::block_forward(const nn::ParamAccess& ps, size_t l, const Tensor&
   }
   if (c) c->x_in = x;
   ops::add_inplace(m, x);
-  bt.ctx.phase("fwd: block");
+  bt.ctx.phase(block_phase(*L.block, true));
   return m;
 }
 
@@ -310,7 +323,7 @@ Tensor Decoder::block_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, con
   }
   Tensor dx = L.input_norm.backward(ps, c.x_in, dn, c.rstd1.defined() ? &c.rstd1 : nullptr);
   ops::add_inplace(dx, dy);
-  bt.ctx.phase("bwd: block");
+  bt.ctx.phase(block_phase(*L.block, false));
   return dx;
 }
 
