@@ -223,6 +223,23 @@ void parse_gpt_oss(const ConfigReader& r, ModelConfig& c) {
   parse_layer_types(r, c, [](int64_t l) { return l % 2 == 0; });
 }
 
+// DeepSeek-V3's grouped sigmoid routing (n_group, topk_group, routed_scaling_factor, with the
+// class's defaults in `d`), checked against the expert count and top-k; Nemotron-H reads the same.
+void parse_grouped_sigmoid(const ConfigReader& r, ModelConfig& c, const ModelConfig::GroupedSigmoidRouting& d) {
+  ModelConfig::GroupedSigmoidRouting g;
+  g.n_group = r.opt_int("n_group", d.n_group);
+  g.topk_group = r.opt_int("topk_group", d.topk_group);
+  g.routed_scaling_factor = r.opt_double("routed_scaling_factor", d.routed_scaling_factor);
+  if (g.n_group <= 0 || c.num_experts % g.n_group != 0)
+    r.fail("n_group", "must divide the " + std::to_string(c.num_experts) + " routed experts");
+  if (g.n_group > 1 && c.num_experts / g.n_group < 2)
+    r.fail("n_group", "leaves fewer than 2 experts per group (a group scores its best two)");
+  if (g.topk_group <= 0 || g.topk_group > g.n_group) r.fail("topk_group", "must be between 1 and n_group");
+  if (c.num_experts_per_tok > g.topk_group * (c.num_experts / g.n_group))
+    r.fail("num_experts_per_tok", "exceeds the experts of the topk_group groups kept");
+  c.grouped_sigmoid_routing = g;
+}
+
 void parse_deepseek_v3(const ConfigReader& r, ModelConfig& c) {
   FamilyDefaults d;
   d.max_position_embeddings = 4096;
@@ -251,18 +268,7 @@ void parse_deepseek_v3(const ConfigReader& r, ModelConfig& c) {
   c.n_shared_experts = r.opt_int("n_shared_experts", 1);
   if (c.n_shared_experts < 0) r.fail("n_shared_experts", "must not be negative");
   c.norm_topk_prob = r.opt_bool("norm_topk_prob", true);
-  ModelConfig::GroupedSigmoidRouting g;
-  g.n_group = r.opt_int("n_group", 8);
-  g.topk_group = r.opt_int("topk_group", 4);
-  g.routed_scaling_factor = r.opt_double("routed_scaling_factor", 2.5);
-  if (g.n_group <= 0 || c.num_experts % g.n_group != 0)
-    r.fail("n_group", "must divide the " + std::to_string(c.num_experts) + " routed experts");
-  if (g.n_group > 1 && c.num_experts / g.n_group < 2)
-    r.fail("n_group", "leaves fewer than 2 experts per group (a group scores its best two)");
-  if (g.topk_group <= 0 || g.topk_group > g.n_group) r.fail("topk_group", "must be between 1 and n_group");
-  if (c.num_experts_per_tok > g.topk_group * (c.num_experts / g.n_group))
-    r.fail("num_experts_per_tok", "exceeds the experts of the topk_group groups kept");
-  c.grouped_sigmoid_routing = g;
+  parse_grouped_sigmoid(r, c, {8, 4, 2.5});
   // The first first_k_dense_replace layers have a dense MLP, the rest experts.
   const int64_t dense = r.opt_int("first_k_dense_replace", 3);
   if (dense < 0) r.fail("first_k_dense_replace", "must not be negative");
@@ -363,20 +369,7 @@ void parse_nemotron_h(const ConfigReader& r, ModelConfig& c) {
     if (c.moe_latent_size < 0) r.fail("moe_latent_size", "must be positive or null");
   }
   c.norm_topk_prob = r.opt_bool("norm_topk_prob", true);
-  ModelConfig::GroupedSigmoidRouting g;
-  g.n_group = r.opt_int("n_group", 1);
-  g.topk_group = r.opt_int("topk_group", 1);
-  g.routed_scaling_factor = r.opt_double("routed_scaling_factor", 1.0);
-  if (any_moe) {
-    if (g.n_group <= 0 || c.num_experts % g.n_group != 0)
-      r.fail("n_group", "must divide the " + std::to_string(c.num_experts) + " routed experts");
-    if (g.n_group > 1 && c.num_experts / g.n_group < 2)
-      r.fail("n_group", "leaves fewer than 2 experts per group (a group scores its best two)");
-    if (g.topk_group <= 0 || g.topk_group > g.n_group) r.fail("topk_group", "must be between 1 and n_group");
-    if (c.num_experts_per_tok > g.topk_group * (c.num_experts / g.n_group))
-      r.fail("num_experts_per_tok", "exceeds the experts of the topk_group groups kept");
-    c.grouped_sigmoid_routing = g;
-  }
+  if (any_moe) parse_grouped_sigmoid(r, c, {1, 1, 1.0});
   // Multi-token prediction layers (mtp.*) are not part of NemotronHForCausalLM: ignored on load.
 }
 

@@ -26,14 +26,6 @@ namespace {
   if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine"
 
 // Call before the model is uploaded: the MTP layers' parameters train only when mtp_scale > 0.
-models::TrainStepOptions step_options(models::CausalLM& m, const Tensor& labels, bool ckpt, double mtp_scale = 0) {
-  models::TrainStepOptions o;
-  o.ce_scale = 1.f / static_cast<float>(test::counted_tokens(labels));
-  o.aux_scale = m.config().output_router_logits ? static_cast<float>(m.config().router_aux_loss_coef) : 0.f;
-  o.activation_checkpointing = ckpt;
-  o.mtp_scales = test::mtp_scales(m, labels, mtp_scale);
-  return o;
-}
 
 }  // namespace
 
@@ -47,7 +39,7 @@ TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
   auto grads = hf::SafetensorsFile::open(dir + "/reference_grads.safetensors");
   auto m = models::from_pretrained(dir);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  const models::TrainStepOptions opts = step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref));
+  const models::TrainStepOptions opts = test::step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref));
   auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   gm->forward_backward({ids, &labels}, opts);
   const auto& params = m.model->params().all();
@@ -75,7 +67,7 @@ TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
   if (worst > 1e-5) std::printf("  [%s] largest GPU-only gradient difference: %.3g at %s\n", name, worst, worst_name.c_str());
   if (!m.model->config().output_router_logits) return;
   gm->params().zero_grad();
-  models::TrainStepOptions aux_only = step_options(*m.model, labels, ckpt);
+  models::TrainStepOptions aux_only = test::step_options(*m.model, labels, ckpt);
   aux_only.ce_scale = 0.f;
   aux_only.aux_scale = 1.f;
   gm->forward_backward({ids, &labels}, aux_only);
@@ -99,7 +91,7 @@ TEST_P(CudaTraining, Fp32ThreeAdamWStepsMatchTorch) {
   auto m = models::from_pretrained(dir);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
   const double mtp_scale = test::mtp_loss_scale(ref);
-  const models::TrainStepOptions opts = step_options(*m.model, labels, ckpt, mtp_scale);
+  const models::TrainStepOptions opts = test::step_options(*m.model, labels, ckpt, mtp_scale);
   auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   const double lr = 1e-3;
   gpu::DeviceAdamW opt(gm->params(), {lr, 0.9, 0.95, 1e-8, 0.1, true});
@@ -178,7 +170,7 @@ TEST_P(CudaTrainingPolicies, Bf16PoliciesTrackTorchLosses) {
     gpu::DeviceAdamW opt(gm->params(), ao);
     for (int step = 0; step < 3; ++step) {
       gm->params().zero_grad();
-      gm->forward_backward({ids, &labels}, step_options(*m.model, labels, false));
+      gm->forward_backward({ids, &labels}, test::step_options(*m.model, labels, false));
       fp32_routing.push_back(gm->last_routing());
       opt.step(1e-3);
     }
@@ -190,7 +182,7 @@ TEST_P(CudaTrainingPolicies, Bf16PoliciesTrackTorchLosses) {
     std::vector<double> losses;
     for (int step = 0; step < 3; ++step) {
       gm->params().zero_grad();
-      const auto r = gm->forward_backward({ids, &labels}, step_options(*m.model, labels, false));
+      const auto r = gm->forward_backward({ids, &labels}, test::step_options(*m.model, labels, false));
       losses.push_back(test::reference_loss(*m.model, r, 0.0));
       int64_t choices = 0;
       const int64_t differ = routing_differences(gm->last_routing(), fp32_routing[step], &choices);
@@ -224,7 +216,7 @@ TEST_P(CudaTrainingPolicies, BalancedRoutingMatchesCpuReplay) {
   auto m = models::from_pretrained(dir);
   const auto& cfg = m.model->config();
   auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
-  models::TrainStepOptions go = step_options(*m.model, labels, false);
+  models::TrainStepOptions go = test::step_options(*m.model, labels, false);
   models::RoutingControl balanced{models::RoutingControl::Mode::Balanced, {}};
   models::ForwardInputs bin{ids, &labels};
   bin.routing = &balanced;
@@ -269,11 +261,11 @@ TEST_P(CudaTrainingPolicies, OptimizerInBackwardMatchesStepAfterBackward) {
   for (size_t i = 0; i < params.size(); ++i) noisy[i].assign(static_cast<size_t>(shape_numel(params[i].shape)), false);
   for (int step = 0; step < 3; ++step) {
     a->params().zero_grad();
-    const auto ra = a->forward_backward({ids, &labels}, step_options(*m.model, labels, false));
+    const auto ra = a->forward_backward({ids, &labels}, test::step_options(*m.model, labels, false));
     for (size_t i = 0; i < params.size(); ++i)
       test::note_noise(noisy[i], cuda::to_host_f32(a->params().grad(i)).to_f32_vector());
     opt_a.step(1e-3);
-    models::TrainStepOptions ob = step_options(*m.model, labels, false);
+    models::TrainStepOptions ob = test::step_options(*m.model, labels, false);
     opt_b.begin_step(1e-3);
     size_t applied = 0;
     ob.on_grads_ready = [&](const std::vector<size_t>& idx) {

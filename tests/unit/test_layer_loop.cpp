@@ -51,14 +51,6 @@ class StrictStore : public nn::ParamAccess {
   std::vector<int> ready_;
 };
 
-models::TrainStepOptions options(models::CausalLM& m, const Tensor& labels, bool ckpt, double mtp_scale) {
-  models::TrainStepOptions o;
-  o.ce_scale = 1.f / static_cast<float>(test::counted_tokens(labels));
-  o.aux_scale = m.config().output_router_logits ? static_cast<float>(m.config().router_aux_loss_coef) : 0.f;
-  o.activation_checkpointing = ckpt;
-  o.mtp_scales = test::mtp_scales(m, labels, mtp_scale);
-  return o;
-}
 
 }  // namespace
 
@@ -72,10 +64,10 @@ TEST_P(LayerLoop, ZeroThreeAndOptimizerInBackwardHooksKeepTheirRules) {
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
   // The plain store's step.
   auto plain = models::from_pretrained(dir);
-  const models::TrainStepResult want = plain.model->forward_backward({ids, &labels}, options(*plain.model, labels, ckpt, mtp));
+  const models::TrainStepResult want = plain.model->forward_backward({ids, &labels}, test::step_options(*plain.model, labels, ckpt, mtp));
   // The strict store's, over a second copy, reporting every group of finished gradients.
   auto m = models::from_pretrained(dir);
-  models::TrainStepOptions o = options(*m.model, labels, ckpt, mtp);
+  models::TrainStepOptions o = test::step_options(*m.model, labels, ckpt, mtp);
   std::vector<int> reported(m.model->params().all().size(), 0);
   o.on_grads_ready = [&](const std::vector<size_t>& idx) {
     for (size_t i : idx) ++reported[i];

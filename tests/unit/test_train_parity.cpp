@@ -17,19 +17,6 @@
 
 using namespace moeforge;
 
-namespace {
-
-models::TrainStepOptions step_options(models::CausalLM& m, const Tensor& labels, bool ckpt, double mtp_scale) {
-  models::TrainStepOptions o;
-  o.ce_scale = 1.f / static_cast<float>(test::counted_tokens(labels));
-  o.aux_scale = m.config().output_router_logits ? static_cast<float>(m.config().router_aux_loss_coef) : 0.f;
-  o.activation_checkpointing = ckpt;
-  o.mtp_scales = test::mtp_scales(m, labels, mtp_scale);
-  return o;
-}
-
-}  // namespace
-
 class TrainParity : public ::testing::TestWithParam<std::tuple<const char*, bool>> {};
 
 TEST_P(TrainParity, FirstStepGradientsMatchTorch) {
@@ -39,7 +26,7 @@ TEST_P(TrainParity, FirstStepGradientsMatchTorch) {
   auto grads = hf::SafetensorsFile::open(dir + "/reference_grads.safetensors");
   auto m = models::from_pretrained(dir);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref)));
+  m.model->forward_backward({ids, &labels}, test::step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref)));
   for (const auto& p : m.model->params().all()) {
     if (!p.trainable) {  // a buffer (DeepSeek-V3's correction bias): torch has no gradient for it either
       EXPECT_FALSE(grads.contains("grad." + p.name)) << p.name;
@@ -81,7 +68,7 @@ TEST_P(TrainParity, ThreeAdamWStepsMatchTorch) {
   for (size_t i = 0; i < params.size(); ++i) noisy[i].assign(static_cast<size_t>(shape_numel(params[i].shape)), false);
   for (int step = 0; step < 3; ++step) {
     model.params().zero_grad();
-    auto r = model.forward_backward({ids, &labels}, step_options(model, labels, ckpt, test::mtp_loss_scale(ref)));
+    auto r = model.forward_backward({ids, &labels}, test::step_options(model, labels, ckpt, test::mtp_loss_scale(ref)));
     EXPECT_NEAR(test::reference_loss(model, r, test::mtp_loss_scale(ref)), want_losses.item_f32(step), 1e-5) << "step " << step;
     for (size_t i = 0; i < params.size(); ++i) test::note_noise(noisy[i], params[i].grad.to_f32_vector());
     opt.step(lr);
@@ -99,7 +86,7 @@ TEST(MtpTraining, FirstStepLossesPerDepthMatchTorch) {
   auto m = models::from_pretrained(dir);
   ASSERT_EQ(m.model->mtp_depths(), 2);
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  const auto r = m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, false, test::mtp_loss_scale(ref)));
+  const auto r = m.model->forward_backward({ids, &labels}, test::step_options(*m.model, labels, false, test::mtp_loss_scale(ref)));
   EXPECT_NEAR(r.ce_sum / r.tokens, ref.get("main_loss").item_f32(), 1e-5);
   ASSERT_EQ(r.mtp_ce_sums.size(), 2u);
   for (size_t k = 0; k < 2; ++k)
@@ -121,7 +108,7 @@ TEST(MtpTraining, FrozenWithoutTheLossAndSavedBackUnchanged) {
   // No MTP loss asked: the step is the main model's alone, and AdamW leaves the depths as loaded.
   train::AdamW opt(m.model->params(), {1e-3, 0.9, 0.95, 1e-8, 0.1, true});
   Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  const auto r = m.model->forward_backward({ids, &labels}, step_options(*m.model, labels, false, 0.0));
+  const auto r = m.model->forward_backward({ids, &labels}, test::step_options(*m.model, labels, false, 0.0));
   EXPECT_TRUE(r.mtp_ce_sums.empty());
   EXPECT_NEAR(r.ce_sum / r.tokens, ref.get("main_loss").item_f32(), 1e-5);
   opt.step(1e-3);

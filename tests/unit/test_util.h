@@ -115,6 +115,18 @@ inline std::vector<float> mtp_scales(models::CausalLM& m, const Tensor& labels, 
   return out;
 }
 
+// The options of one training step on a fixture as the parity tests run it: the mean token
+// cross-entropy, the config's load-balancing coefficient, and the MTP depths' scales.
+inline models::TrainStepOptions step_options(models::CausalLM& m, const Tensor& labels, bool ckpt,
+                                             double mtp_scale = 0) {
+  models::TrainStepOptions o;
+  o.ce_scale = 1.f / static_cast<float>(counted_tokens(labels));
+  o.aux_scale = m.config().output_router_logits ? static_cast<float>(m.config().router_aux_loss_coef) : 0.f;
+  o.activation_checkpointing = ckpt;
+  o.mtp_scales = mtp_scales(m, labels, mtp_scale);
+  return o;
+}
+
 // The loss a fixture's reference reports for a step's result (CPU or GPU): cross-entropy, + the
 // load-balancing loss when the config has it, + scale / depths x each MTP depth's mean.
 template <typename StepResult>
