@@ -451,6 +451,33 @@ std::vector<OpCase> cases() {
                  ops::causal_conv1d_backward(x, in[1], &in[2], 2, &in[4], true, dyv, dx, dw, &db);
                  return Tensors{y, dx, dw, db};
                }});
+  // Rows of 1,200 tokens: the sequence starts are scanned 1,024 tokens at a time (a document begins
+  // past the first tile, at 1,030) and the weight gradients sum over several 256-token slices.
+  c.push_back({"causal_conv1d_silu_and_backward/long_documents",
+               [=](uint32_t s) {
+                 std::vector<int64_t> d(2400, 0);
+                 for (int64_t k = 0; k < 1200; ++k) d[1200 + k] = k < 300 ? 5 : k < 1030 ? 6 : 9;
+                 return Tensors{rnd({2400, 5}, s), rnd({5, 1, 4}, s + 1, 0.5f), rnd({5}, s + 2), rnd({2400, 5}, s + 3),
+                                ids(d, {2400})};
+               },
+               [](const Tensors& in, DType act) {
+                 const Tensor x = as(in[0], act), dyv = as(in[3], act);
+                 Tensor y = ops::causal_conv1d(x, in[1], &in[2], 2, &in[4], true);
+                 Tensor dx, dw = zeros_like_shape(in[1], in[1].shape()), db = zeros_like_shape(in[2], {5});
+                 ops::causal_conv1d_backward(x, in[1], &in[2], 2, &in[4], true, dyv, dx, dw, &db);
+                 return Tensors{y, dx, dw, db};
+               }});
+  c.push_back({"gated_rms_norm_and_backward/long",
+               [=](uint32_t s) {
+                 return Tensors{rnd({700, 12}, s), rnd({700, 12}, s + 1), rnd({12}, s + 2), rnd({700, 12}, s + 3)};
+               },
+               [](const Tensors& in, DType act) {
+                 const Tensor y = as(in[0], act), z = as(in[1], act);
+                 Tensor out = ops::gated_rms_norm(y, z, in[2], 3, 1e-5f);
+                 Tensor dy, dz, dw = zeros_like_shape(in[2], {12});
+                 ops::gated_rms_norm_backward(y, z, in[2], 3, 1e-5f, as(in[3], act), dy, dz, dw);
+                 return Tensors{out, dy, dz, dw};
+               }});
   c.push_back({"gated_rms_norm_and_backward/groups",
                [=](uint32_t s) { return Tensors{rnd({6, 12}, s), rnd({6, 12}, s + 1), rnd({12}, s + 2), rnd({6, 12}, s + 3)}; },
                [](const Tensors& in, DType act) {
@@ -506,6 +533,35 @@ std::vector<OpCase> cases() {
                     }};
     scan_bwd.tol_bf16 = 5e-2f;
     c.push_back(scan_bwd);
+  }
+  {
+    // Longer rows (2 x 150 tokens, H 4 x P 8, 2 groups of state 16), so the CUDA scan cuts them into
+    // several chunks: the first row one sequence through every chunk edge, the second packing three
+    // documents, one starting mid-chunk and one on a chunk edge (token 64 of the row).
+    auto long_docs = [] {
+      std::vector<int64_t> d(300, 0);
+      for (int64_t k = 0; k < 150; ++k) d[150 + k] = k < 37 ? 1 : k < 64 ? 2 : 3;
+      return ids(d, {300});
+    };
+    auto inputs = [=](uint32_t s) {
+      return Tensors{rnd({300, 4, 8}, s), rnd({300, 4}, s + 1), rnd({4}, s + 2), rnd({4}, s + 3, 0.5f),
+                     rnd({300, 2, 16}, s + 4), rnd({300, 2, 16}, s + 5), rnd({4}, s + 6), rnd({300, 4, 8}, s + 7),
+                     long_docs()};
+    };
+    OpCase fwd{"ssm_scan/chunks_documents", inputs, [](const Tensors& in, DType act) {
+                 return Tensors{ops::ssm_scan(as(in[0], act), in[1], in[2], in[3], as(in[4], act), as(in[5], act), in[6],
+                                              1e-3f, 2, &in[8])};
+               }};
+    fwd.tol_bf16 = 5e-2f;
+    c.push_back(fwd);
+    OpCase bwd{"ssm_scan_backward/chunks_documents", inputs, [](const Tensors& in, DType act) {
+                 ops::SsmScanGrads g;
+                 ops::ssm_scan_backward(as(in[0], act), in[1], in[2], in[3], as(in[4], act), as(in[5], act), in[6], 1e-3f,
+                                        2, &in[8], as(in[7], act), g);
+                 return Tensors{g.dx, g.ddt_raw, g.ddt_bias, g.da_log, g.db, g.dc, g.dd};
+               }};
+    bwd.tol_bf16 = 5e-2f;
+    c.push_back(bwd);
   }
 
   c.push_back({"bias_clamp_gate/odd",

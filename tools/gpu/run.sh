@@ -9,6 +9,9 @@
 #                       Transformers (NPROC=N for N GPUs), e.g.
 #                       NPROC=8 bash tools/gpu/run.sh compare qwen3-30b-a3b --routing native --seq 4096
 #                       (CONFIG-NAME: a file of shared/configs without .json)
+#   only BIN [FILTER]   one packed test binary, with an optional gtest filter ($OUT/BIN.log)
+#   bench ARGS...       the packed `moeforge bench ARGS` (configs by name: $P/configs/NAME.json), with
+#                       MOEFORGE_PHASE_TIMES=1 for the per-phase times ($OUT/bench.log)
 #   ab [BENCH FLAGS]    the packed moeforge against the packed baseline build of another commit
 #                       (tools/gpu/build_baseline.sh), alternating per case: q30 cut to 4 and 8 layers,
 #                       native and balanced routing, bf16, optimizer in backward, seq 4096; with 2+
@@ -40,6 +43,13 @@ case "${1:-tests}" in
   roundtrip)
     /opt/torch/.venv/bin/python tools/check_hf_roundtrip.py --moeforge "$P/bin/moeforge" --fixtures tests/fixtures \
       --work /tmp/roundtrip 2>&1 | grep -v -E "Loading weights|Writing model" | tee "$OUT/roundtrip.log" ;;
+  only)
+    timeout 300 "$P/bin/$2" ${3:+--gtest_filter="$3"} > "$OUT/$2.log" 2>&1; echo "$2 rc=$?" | tee -a "$OUT/summary.txt"
+    grep -E "^\[  (PASSED|FAILED|SKIPPED|  OK) |Failure|error" "$OUT/$2.log" | tail -n 60 ;;
+  bench)
+    shift
+    name=$1; shift
+    MOEFORGE_PHASE_TIMES=1 timeout 500 "$P/bin/moeforge" bench "$P/configs/$name.json" "$@" 2>&1 | tee -a "$OUT/bench.log" ;;
   compare)
     shift
     name=$1; shift
@@ -89,5 +99,5 @@ for label, r in rows.items():
     print("%-22s %12.0f %12.0f %6.3fx %10.2f %10.2f %6.3fx" % (label, ta, tb, tb / ta, ma, mb, mb / ma))
 PY
     ;;
-  *) echo "run.sh: unknown part '$1' (tests | roundtrip | compare | ab)" >&2; exit 2 ;;
+  *) echo "run.sh: unknown part '$1' (tests | only | bench | roundtrip | compare | ab)" >&2; exit 2 ;;
 esac
