@@ -116,8 +116,8 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 // "cudnn" or "native" (forced with MOEFORGE_ATTENTION=native) for these arguments.
 const char* attention_backend(const Tensor& q, int64_t window, const Tensor* doc_ids);
 
-// Mamba2 (mamba.cu): first versions following the CPU reference step for step (the scan token by
-// token per (row, head)); outputs in x's dtype (the scan's gradients F32); doc_ids on the device.
+// Mamba2 (mamba.cu; the scan in ssd_scan.cu, chunked state-space-duality form): outputs in x's
+// dtype (the scan's gradients F32); doc_ids on the device.
 Tensor relu2(const Tensor& x);
 Tensor relu2_backward(const Tensor& x, const Tensor& dy);
 Tensor causal_conv1d(const Tensor& x, const Tensor& w, const Tensor* bias, int64_t batch, const Tensor* doc_ids,
