@@ -25,7 +25,7 @@ import sys
 
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -645,11 +645,78 @@ def make_mtp_case(name, case, out_dir, seed=1234):
             "checkpoint_tensor_names": checkpoint_tensor_names(folder), "seed": seed, "routing_margin": margin}
 
 
+# LoRA cases: (base fixture, PEFT target_modules). Each writes <base>/lora/: adapter_init/ (PEFT's
+# save of the starting adapter: A as PEFT initialises it, B random so the first step moves A too),
+# reference.safetensors (logits of base + that adapter, the three training losses) and
+# adapter_after/ (PEFT's save after three AdamW steps on the adapters alone, fp32, no clipping).
+LORA_CASES = {
+    "llama_a": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3_moe_a": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    # Not its shared experts: PEFT 0.21 maps gate_proj/up_proj/down_proj targets of a DeepSeek-V3 (and
+    # Qwen3-MoE, OLMoE) model onto the routed experts' fused parameters, whatever the prefix.
+    "deepseek_v3_a": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
+    "nemotron_h_a": ["in_proj", "q_proj", "k_proj", "v_proj", "o_proj", "shared_experts.up_proj",
+                     "shared_experts.down_proj"],
+}
+LORA_RANK, LORA_ALPHA = 4, 8
+
+
+def make_lora_case(name, out_dir, seed=4321):
+    from peft import LoraConfig, get_peft_model
+    folder = os.path.join(out_dir, name)
+    lora_dir = os.path.join(folder, "lora")
+    shutil.rmtree(lora_dir, ignore_errors=True)
+    os.makedirs(lora_dir)
+    base_ref = load_file(os.path.join(folder, "reference.safetensors"))
+    ids, labels = base_ref["input_ids"], base_ref["labels"]
+    torch.manual_seed(seed)
+    model = get_peft_model(load_fp32(folder), LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                                         target_modules=LORA_CASES[name]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(os.path.join(lora_dir, "adapter_init"))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float().contiguous()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=labels).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    model.save_pretrained(os.path.join(lora_dir, "adapter_after"))
+    save_file({"input_ids": ids, "labels": labels, "logits": logits,
+               "train_losses": torch.tensor(losses, dtype=torch.float32)},
+              os.path.join(lora_dir, "reference.safetensors"))
+    return {"targets": LORA_CASES[name], "rank": LORA_RANK, "alpha": LORA_ALPHA, "seed": seed}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--lora-cases", default=None,
+                    help="only (re)make the LoRA references of these existing cases (comma-separated, 'all')")
     args = ap.parse_args()
+    if args.lora_cases is not None:
+        import peft
+        wanted = list(LORA_CASES) if args.lora_cases == "all" else [c for c in args.lora_cases.split(",") if c]
+        path = os.path.join(args.out, "MANIFEST.json")
+        with open(path) as f:
+            manifest = json.load(f)
+        manifest.setdefault("lora", {"peft_version": peft.__version__})
+        manifest["lora"]["peft_version"] = peft.__version__
+        for name in wanted:
+            manifest["lora"][name] = make_lora_case(name, args.out)
+        with open(path, "w") as f:
+            json.dump(manifest, f, indent=1)
+        print("LoRA references made for", wanted, "with peft", peft.__version__)
+        return 0
     torch.set_num_threads(4)
     os.makedirs(args.out, exist_ok=True)
     wanted = [c for c in args.cases.split(",") if c] or list(CASES)

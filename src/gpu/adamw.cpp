@@ -24,6 +24,11 @@ DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, Optimiz
     split_.push_back(g && g->size() > 1);
     MF_CHECK(!params.sharded(i) || params.shard_group(i) == g,
              "internal: a ZeRO-3 parameter's moments split over another group than its weight");
+    if (params.frozen(i)) {  // LoRA's frozen base: never updated, no moments
+      exp_avg_.emplace_back();
+      exp_avg_sq_.emplace_back();
+      continue;
+    }
     const Shape s = split_[i] ? Shape{block(i).count} : params.shape(i);
     exp_avg_.push_back(cuda::empty(s, mdt, "AdamW exp_avg"));
     exp_avg_sq_.push_back(cuda::empty(s, mdt, "AdamW exp_avg_sq"));
@@ -38,6 +43,7 @@ parallel::Block DeviceAdamW::block(size_t i) const {
 }
 
 Tensor DeviceAdamW::moment_host(const Tensor& m, size_t i) {
+  if (!m.defined()) return Tensor();  // a frozen parameter's (none)
   const Shape& shape = params_.shape(i);
   if (!split_[i]) return cuda::to_host_f32(m).view(shape);
   Tensor whole = cuda::empty(shape, m.dtype(), "gathered AdamW moment");

@@ -13,9 +13,11 @@ DeviceParams::DeviceParams(const nn::ParamStore& host, Precision precision) : pr
   for (const nn::Param& p : host.all()) {
     MF_CHECK(p.value.defined(), "parameter ", p.name, " has no value (was the checkpoint loaded?)");
     values_.push_back(cuda::to_device(p.value, dt));
-    if (precision == Precision::BF16Mixed) masters_.push_back(cuda::to_device(p.value, DType::F32));
+    // A frozen base weight (LoRA) is only read: no F32 master beside its compute copy.
+    if (precision == Precision::BF16Mixed)
+      masters_.push_back(p.frozen ? Tensor() : cuda::to_device(p.value, DType::F32));
     shapes_.push_back(p.shape);
-    add_param_slot(p.decay, p.trainable);
+    add_param_slot(p.decay, p.trainable, p.frozen);
   }
 }
 
@@ -35,17 +37,18 @@ DeviceParams DeviceParams::random(const nn::ParamStore& shapes, Precision precis
       d.values_.push_back(v);
     }
     d.shapes_.push_back(p.shape);
-    d.add_param_slot(p.decay, p.trainable);
+    d.add_param_slot(p.decay, p.trainable, p.frozen);
   }
   if (precision == Precision::BF16Mixed)
     for (size_t i = 0; i < d.values_.size(); ++i) cuda::convert(d.masters_[i], d.values_[i]);
   return d;
 }
 
-void DeviceParams::add_param_slot(bool decay, bool trainable) {
+void DeviceParams::add_param_slot(bool decay, bool trainable, bool frozen) {
   grads_.emplace_back();
   decay_.push_back(decay);
   trainable_.push_back(trainable);
+  frozen_.push_back(frozen);
 }
 
 namespace {
@@ -241,6 +244,7 @@ void DeviceParams::copy_to_host(nn::ParamStore& host) const {
   MF_CHECK(all.size() == values_.size(), "copy_to_host: the host store has ", all.size(), " parameters, the device ",
            values_.size());
   for (size_t i = 0; i < all.size(); ++i) {
+    if (frozen_[i]) continue;  // unchanged since the load (and freed on the host): LoRA saves only adapters
     if (sharded(i)) {  // the blocks of every rank into one whole (a collective)
       const Tensor& part = shard_masters_[i].defined() ? shard_masters_[i] : shard_values_[i];
       Tensor whole = cuda::empty(shapes_[i], part.dtype(), "a gathered parameter for the host");
@@ -250,7 +254,7 @@ void DeviceParams::copy_to_host(nn::ParamStore& host) const {
       all[i].value = cuda::to_host_f32(whole).view(all[i].shape);
       continue;
     }
-    Tensor v = cuda::to_host_f32(masters_.empty() ? values_[i] : masters_[i]);
+    Tensor v = cuda::to_host_f32(masters_.empty() || !masters_[i].defined() ? values_[i] : masters_[i]);
     all[i].value = v.view(all[i].shape);
   }
 }

@@ -49,7 +49,9 @@ class DeviceParams : public nn::ParamAccess {
   Tensor& master(size_t i);
   bool has_masters() const { return !masters_.empty(); }
   bool decay(size_t i) const { return decay_.at(i); }
-  bool trainable(size_t i) const { return trainable_.at(i); }  // false: a buffer AdamW leaves alone
+  bool trainable(size_t i) const override { return trainable_.at(i); }
+  // A base weight frozen under LoRA: no master, no moments, not copied back to the host.
+  bool frozen(size_t i) const { return frozen_.at(i); }  // false: a buffer AdamW leaves alone
 
   void zero_grad();
   // Every parameter's current value into the host store (F32 from the master when there is one);
@@ -84,11 +86,11 @@ class DeviceParams : public nn::ParamAccess {
 
  private:
   explicit DeviceParams(Precision p) : precision_(p) {}
-  void add_param_slot(bool decay, bool trainable);
+  void add_param_slot(bool decay, bool trainable, bool frozen);
   Precision precision_;
   std::vector<Shape> shapes_;
   std::vector<Tensor> values_, grads_, masters_;
-  std::vector<bool> decay_, trainable_;
+  std::vector<bool> decay_, trainable_, frozen_;
   std::vector<parallel::Communicator*> group_of_;  // ZeRO-3: per parameter, its group (null: whole)
   std::vector<parallel::Communicator*> groups_;    // the distinct groups, in first-use order
   std::vector<Tensor> shard_values_, shard_masters_, shard_grads_;  // per parameter; undefined: not sharded

@@ -80,6 +80,7 @@ LoadReport StateDictAdapter::load(const SafetensorsCheckpoint& ckpt, nn::ParamSt
     ++report.tensors_found;
   };
   for (auto& p : params.all()) {
+    if (p.lora) continue;  // LoRA adapters are not base weights (models/lora.h saves them apart)
     const ExpertGroup* g = group_of(p.name);
     if (!g) {
       ++report.tensors_expected;
@@ -209,6 +210,7 @@ NamedTensors StateDictAdapter::export_tensors(const nn::ParamStore& params, std:
     return default_dtype.value_or(t.dtype());
   };
   for (const auto& p : params.all()) {
+    if (p.lora) continue;
     MF_CHECK(p.value.defined(), "parameter '", p.name, "' has no value to save");
     const ExpertGroup* g = group_of(p.name);
     if (!g || !g->per_expert || fused_loaded_.count(g->prefix)) {
@@ -246,6 +248,7 @@ NamedTensors StateDictAdapter::export_tensors(const nn::ParamStore& params, std:
 std::vector<std::pair<std::string, Shape>> StateDictAdapter::expected_hub_tensors(const nn::ParamStore& params) const {
   std::vector<std::pair<std::string, Shape>> out;
   for (const auto& p : params.all()) {
+    if (p.lora) continue;
     const ExpertGroup* g = group_of(p.name);
     if (!g) {
       out.emplace_back(checkpoint_name(p.name), p.shape);

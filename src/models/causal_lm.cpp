@@ -5,6 +5,10 @@
 
 namespace moeforge::models {
 
+std::vector<std::string> CausalLM::add_lora(int64_t, float, const std::function<bool(const std::string&)>&) {
+  MF_THROW(cfg_.model_type, ": this model has no LoRA support");
+}
+
 ForwardOutputs CausalLM::forward(const ForwardInputs& in) const {
   // The host store is only read here (its residency hooks do nothing): the cast is for the
   // interface's non-const hooks, which device storage needs.

@@ -109,6 +109,11 @@ class CausalLM {
   // and whether their own parameters train (they are frozen unless a recipe asks for their loss).
   virtual int64_t mtp_depths() const { return 0; }
   virtual void set_mtp_trainable(bool) {}
+  // LoRA (models/lora.h): every projection of the main layers whose module name `wants` returns
+  // true for gets an adapter of `rank` and `scale`, registered in the ParamStore (and in its
+  // layer's ZeRO-3 residency group). Returns the adapted modules' names.
+  virtual std::vector<std::string> add_lora(int64_t rank, float scale,
+                                            const std::function<bool(const std::string& module)>& wants);
 
  protected:
   hf::ModelConfig cfg_;

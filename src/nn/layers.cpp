@@ -32,7 +32,9 @@ Tensor RMSNorm::forward(const ParamAccess& ps, const Tensor& x, Tensor* rstd) co
 }
 
 Tensor RMSNorm::backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, const Tensor* rstd) const {
-  return ops::rms_norm_backward(x, ps.value(weight), eps, dy, ps.grad(weight), rstd);
+  if (ps.trainable(weight)) return ops::rms_norm_backward(x, ps.value(weight), eps, dy, ps.grad(weight), rstd);
+  Tensor unused = ops::zeros({ps.value(weight).numel()}, DType::F32, x.device());  // a frozen weight's gradient
+  return ops::rms_norm_backward(x, ps.value(weight), eps, dy, unused, rstd);
 }
 
 void Linear::init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t out, bool with_bias) {
@@ -46,19 +48,26 @@ void Linear::init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t
 Tensor Linear::forward(const ParamAccess& ps, const Tensor& x) const {
   Tensor y = ops::linear(x, ps.value(weight));
   if (bias) ops::add_bias_rows(y, ps.value(*bias));
+  if (lora) lora->forward_add(ps, x, y);
   return y;
 }
 
 Tensor Linear::backward(ParamAccess& ps, const Tensor& x, const Tensor& dy) const {
-  ops::linear_weight_grad(dy, x, ps.grad(weight));
-  if (bias) ops::bias_grad(dy, ps.grad(*bias));
-  return ops::linear_input_grad(dy, ps.value(weight));
+  Tensor dx = ops::linear_input_grad(dy, ps.value(weight));
+  weight_grads(ps, x, dy);
+  if (lora) lora->backward(ps, x, dy, dx);
+  return dx;
 }
 
 void Linear::backward_into(ParamAccess& ps, const Tensor& x, const Tensor& dy, Tensor& dx, bool accumulate) const {
   ops::gemm(dy, false, ps.value(weight), false, dx, accumulate);
-  ops::linear_weight_grad(dy, x, ps.grad(weight));
-  if (bias) ops::bias_grad(dy, ps.grad(*bias));
+  weight_grads(ps, x, dy);
+  if (lora) lora->backward(ps, x, dy, dx);
+}
+
+void Linear::weight_grads(ParamAccess& ps, const Tensor& x, const Tensor& dy) const {
+  if (ps.trainable(weight)) ops::linear_weight_grad(dy, x, ps.grad(weight));
+  if (bias && ps.trainable(*bias)) ops::bias_grad(dy, ps.grad(*bias));
 }
 
 void Attention::init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_, int64_t kv_heads_,
@@ -154,7 +163,7 @@ Tensor Attention::backward(ParamAccess& ps, Cache& c, int64_t batch, int64_t seq
   const Tensor o4 = c.o.view({batch, seq, heads, head_dim});
   ops::attention_backward(c.q, c.k, c.v, d_o, scale(), window, doc_ids, dq, dk, dv, sinks ? &ps.value(*sinks) : nullptr,
                           sinks ? &dsinks : nullptr, &o4, c.lse.defined() ? &c.lse : nullptr);
-  if (sinks) ops::add_inplace(ps.grad(*sinks), dsinks);
+  if (sinks && ps.trainable(*sinks)) ops::add_inplace(ps.grad(*sinks), dsinks);
   d_o = Tensor();
   c.q = c.k = c.v = c.o = c.lse = Tensor();
   dq = dq.view({t, heads, head_dim});
@@ -454,11 +463,11 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     Tensor act = activation(ch.h);
     Tensor d_act = ops::empty({rows, inter}, dt, dev, "expert activation gradient");
     if (gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y, d(act) = d_y W^T; likewise for gate_up
-      ops::grouped_linear_weight_grad(act, d_y, off, ps.grad(down), /*accumulate=*/true);
-      ops::grouped_bias_grad(d_y, off, ps.grad(*down_bias));
+      if (ps.trainable(down)) ops::grouped_linear_weight_grad(act, d_y, off, ps.grad(down), /*accumulate=*/true);
+      if (ps.trainable(*down_bias)) ops::grouped_bias_grad(d_y, off, ps.grad(*down_bias));
       ops::grouped_linear(d_y, ps.value(down), off, d_act);
     } else {
-      ops::grouped_linear_weight_grad(d_y, act, off, ps.grad(down), true);
+      if (ps.trainable(down)) ops::grouped_linear_weight_grad(d_y, act, off, ps.grad(down), true);
       ops::grouped_linear_input_grad(d_y, ps.value(down), off, d_act);
     }
     act = d_y = Tensor();
@@ -469,12 +478,12 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     ch.xs = Tensor();
     Tensor d_xs = ops::empty({rows, expert_width}, dt, dev, "expert input gradient");
     if (gpt_oss) {
-      ops::grouped_linear_weight_grad(xs, d_h, off, ps.grad(gate_up), true);
-      ops::grouped_bias_grad(d_h, off, ps.grad(*gate_up_bias));
+      if (ps.trainable(gate_up)) ops::grouped_linear_weight_grad(xs, d_h, off, ps.grad(gate_up), true);
+      if (ps.trainable(*gate_up_bias)) ops::grouped_bias_grad(d_h, off, ps.grad(*gate_up_bias));
       xs = Tensor();
       ops::grouped_linear(d_h, ps.value(gate_up), off, d_xs);
     } else {
-      ops::grouped_linear_weight_grad(d_h, xs, off, ps.grad(gate_up), true);
+      if (ps.trainable(gate_up)) ops::grouped_linear_weight_grad(d_h, xs, off, ps.grad(gate_up), true);
       xs = Tensor();
       ops::grouped_linear_input_grad(d_h, ps.value(gate_up), off, d_xs);
     }
@@ -501,8 +510,8 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     dlogits = ops::router_backward(c.probs, c.chosen, c.weights, dweights, renormalised(), dprobs_extra, dt);
   }
   ops::gemm(dlogits, false, ps.value(router), false, dx, /*accumulate=*/true);
-  ops::linear_weight_grad(dlogits, c.x, ps.grad(router));
-  if (router_bias) ops::bias_grad(dlogits, ps.grad(*router_bias));
+  if (ps.trainable(router)) ops::linear_weight_grad(dlogits, c.x, ps.grad(router));
+  if (router_bias && ps.trainable(*router_bias)) ops::bias_grad(dlogits, ps.grad(*router_bias));
   ctx.phase("bwd: permute + router");
   return dx;
 }

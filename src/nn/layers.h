@@ -18,6 +18,7 @@
 #include "parallel/communicator.h"
 #include "parallel/expert_exchange.h"
 #include "hf/config.h"
+#include "nn/lora.h"
 #include "nn/params.h"
 #include "ops/op_types.h"
 #include "nn/rotary.h"
@@ -49,11 +50,15 @@ struct RMSNorm {
 struct Linear {
   size_t weight = 0;
   std::optional<size_t> bias;
+  std::optional<LoraAdapter> lora;  // set by CausalLM::add_lora on the targeted projections
   void init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t out, bool with_bias);
   Tensor forward(const ParamAccess& ps, const Tensor& x) const;
   Tensor backward(ParamAccess& ps, const Tensor& x, const Tensor& dy) const;
   // The backward with d(x) written into `dx` (added to it when `accumulate`), saving a buffer.
   void backward_into(ParamAccess& ps, const Tensor& x, const Tensor& dy, Tensor& dx, bool accumulate) const;
+
+ private:
+  void weight_grads(ParamAccess& ps, const Tensor& x, const Tensor& dy) const;  // of the trainable ones
 };
 
 // Grouped-query attention. Variants: biases on q/k/v and on o; RMSNorm on q and k per head (Qwen3)

@@ -71,7 +71,10 @@ Tensor Mamba2Mixer::backward(ParamAccess& ps, Cache& c, int64_t batch, const Ten
   // Output projection and the gated norm (its output recomputed).
   const Tensor dg = out_proj.backward(ps, ops::gated_rms_norm(c.y, z, ps.value(norm_weight), groups, eps), dy);
   Tensor dscan, dz;
-  ops::gated_rms_norm_backward(c.y, z, ps.value(norm_weight), groups, eps, dg, dscan, dz, ps.grad(norm_weight));
+  Tensor frozen_norm;  // a frozen norm weight's gradient, discarded
+  if (!ps.trainable(norm_weight)) frozen_norm = ops::zeros({inner}, DType::F32, dy.device());
+  ops::gated_rms_norm_backward(c.y, z, ps.value(norm_weight), groups, eps, dg, dscan, dz,
+                               ps.trainable(norm_weight) ? ps.grad(norm_weight) : frozen_norm);
   c.y = Tensor();
   // The scan.
   ops::SsmScanGrads g;
@@ -79,9 +82,8 @@ Tensor Mamba2Mixer::backward(ParamAccess& ps, Cache& c, int64_t batch, const Ten
                          ps.value(dt_bias), ps.value(a_log), columns(c.conv, inner, gn).view({t, groups, state}),
                          columns(c.conv, inner + gn, gn).view({t, groups, state}), ps.value(d), dt_min, batch, doc_ids,
                          dscan.view({t, heads, head_dim}), g);
-  ops::add_inplace(ps.grad(dt_bias), g.ddt_bias);
-  ops::add_inplace(ps.grad(a_log), g.da_log);
-  ops::add_inplace(ps.grad(d), g.dd);
+  for (auto [param, gradient] : {std::pair{dt_bias, &g.ddt_bias}, std::pair{a_log, &g.da_log}, std::pair{d, &g.dd}})
+    if (ps.trainable(param)) ops::add_inplace(ps.grad(param), *gradient);
   c.conv = Tensor();
   // The conv (its input is the projection's xBC columns), then the projection.
   Tensor dconv = ops::empty({t, conv_dim}, g.dx.dtype(), g.dx.device(), "Mamba2 conv output gradient");
@@ -89,9 +91,17 @@ Tensor Mamba2Mixer::backward(ParamAccess& ps, Cache& c, int64_t batch, const Ten
   put_columns(g.db.view({t, gn}), dconv, inner);
   put_columns(g.dc.view({t, gn}), dconv, inner + gn);
   Tensor dxbc;
+  // Frozen conv weights (LoRA) take their gradient into scratch: the op writes dx and dw in one pass.
+  const bool conv_trains = ps.trainable(conv_weight);
+  Tensor scratch_w, scratch_b;
+  if (!conv_trains) {
+    scratch_w = ops::zeros({ps.value(conv_weight).numel()}, DType::F32, dy.device());
+    if (conv_bias) scratch_b = ops::zeros({conv_dim}, DType::F32, dy.device());
+  }
   ops::causal_conv1d_backward(columns(c.proj, inner, conv_dim), ps.value(conv_weight),
                               conv_bias ? &ps.value(*conv_bias) : nullptr, batch, doc_ids, true, dconv, dxbc,
-                              ps.grad(conv_weight), conv_bias ? &ps.grad(*conv_bias) : nullptr);
+                              conv_trains ? ps.grad(conv_weight) : scratch_w,
+                              conv_bias ? (conv_trains ? &ps.grad(*conv_bias) : &scratch_b) : nullptr);
   Tensor dproj = ops::empty(c.proj.shape(), dy.dtype(), dy.device(), "Mamba2 in_proj output gradient");
   put_columns(dz, dproj, 0);
   put_columns(dxbc, dproj, inner);

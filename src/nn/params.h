@@ -23,6 +23,9 @@ class ParamAccess {
   // The value at full precision: the F32 master where the storage keeps one beside a BF16 compute
   // copy (a buffer Transformers keeps in F32 under autocast, such as DeepSeek's correction bias).
   virtual const Tensor& exact(size_t i) const { return value(i); }
+  // Whether the parameter takes a gradient: false for buffers and for weights frozen under LoRA, whose
+  // gradient sites are skipped (no gradient is allocated or computed).
+  virtual bool trainable(size_t i) const = 0;
   virtual Device device() const = 0;
   // The dtype activations are computed in (F32 on the host; the precision policy's on a GPU).
   virtual DType compute_dtype() const = 0;
@@ -49,6 +52,11 @@ struct Param {
   // False for a buffer that is loaded and saved but never updated (DeepSeek-V3's routing
   // correction bias): it gets no gradient and the optimizers leave it as it is.
   bool trainable = true;
+  // A LoRA adapter's A or B (nn/lora.h): not in the base checkpoint, saved as a PEFT adapter.
+  bool lora = false;
+  // A base weight frozen under LoRA (trainable false too): no gradient, no optimizer state, and no
+  // F32 master copy on a GPU (it stays in the compute dtype).
+  bool frozen = false;
 };
 
 class ParamStore : public ParamAccess {
@@ -67,6 +75,7 @@ class ParamStore : public ParamAccess {
   Tensor& grad(size_t i) override;
   Device device() const override { return Device::cpu(); }
   DType compute_dtype() const override { return DType::F32; }
+  bool trainable(size_t i) const override { return params_[i].trainable; }
   size_t size() const override { return params_.size(); }
   // Allocates (zeroed) gradients for every parameter that has none; zero_grad() clears them.
   void ensure_grads();

@@ -138,6 +138,12 @@ void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse)
 
 Tensor copy(const Tensor& x) { return to_device(x, x.device(), x.dtype()); }
 
+Tensor zeros(const Shape& shape, DType dtype, Device device, const char* what) {
+  Tensor t = empty(shape, dtype, device, what);
+  zero(t);
+  return t;
+}
+
 void zero(Tensor& x) {
   MF_ON_CUDA("zero", x, cuda::zero(x));
   if (x.nbytes() > 0) std::memset(x.raw(), 0, x.nbytes());
@@ -402,9 +408,9 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
 }
 
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
-                                  int64_t ignore_index, float scale, Tensor& d_hidden, Tensor& dw, int64_t* counted,
+                                  int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
                                   int64_t chunk_rows) {
-  MF_DISPATCH("fused_linear_cross_entropy", MF_T(hidden, weight, targets, dw),
+  MF_DISPATCH("fused_linear_cross_entropy", MF_T(hidden, weight, targets, dw ? *dw : Tensor()),
               fused_linear_cross_entropy(hidden, weight, targets, ignore_index, scale, d_hidden, dw, counted, chunk_rows));
 }
 

@@ -26,6 +26,8 @@ Tensor to_device(const Tensor& t, Device device, DType dtype);
 // on it (nothing to wait for on the CPU).
 Tensor copy(const Tensor& x);
 void zero(Tensor& x);
+// A zeroed tensor on `device`.
+Tensor zeros(const Shape& shape, DType dtype, Device device, const char* what = "tensor");
 void synchronize(Device device);
 
 // ---- GEMMs
@@ -210,8 +212,9 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
 // The LM head and cross-entropy fused over chunks of `chunk_rows` tokens: per chunk, logits = h W^T,
 // the softmax gradient, d_hidden = dlogits W and dW += dlogits^T h; only one chunk's logits ever
 // exist. targets [N] I64 (already shifted); `scale` multiplies the gradient. Returns the summed loss.
+// `dw` null: no weight gradient (a frozen LM head).
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
-                                  int64_t ignore_index, float scale, Tensor& d_hidden, Tensor& dw, int64_t* counted,
+                                  int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
                                   int64_t chunk_rows = 1024);
 
 // ---- Optimizer

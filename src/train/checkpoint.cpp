@@ -39,6 +39,7 @@ hf::NamedTensors part_tensors(const models::CausalLM& model, const AdamW& opt, b
   const auto& all = model.params().all();
   for (size_t i = 0; i < all.size(); ++i) {
     if (!with_dense && !model.adapter().group_of(all[i].name)) continue;
+    if (all[i].frozen) continue;  // LoRA's frozen base: it comes from the recipe's model on resume
     out.emplace_back("param." + all[i].name, all[i].value);
     out.emplace_back("exp_avg." + all[i].name, opt.exp_avg(i));
     out.emplace_back("exp_avg_sq." + all[i].name, opt.exp_avg_sq(i));
@@ -55,7 +56,8 @@ std::string part_name(int index, int parts) {
 }  // namespace
 
 void save_checkpoint(const std::string& dir, const models::CausalLM& model, const std::string& source_dir,
-                     const AdamW& opt, const TrainerState& st, uint64_t max_shard_bytes, const models::Parallel* par) {
+                     const AdamW& opt, const TrainerState& st, uint64_t max_shard_bytes, const models::Parallel* par,
+                     const models::LoraState* lora) {
   const bool multi = par && par->world && par->world->size() > 1;
   const int rank = multi ? par->world->rank() : 0;
   const int parts = multi && par->ep ? par->ep->size() : 1;  // the first expert-parallel group writes
@@ -73,10 +75,14 @@ void save_checkpoint(const std::string& dir, const models::CausalLM& model, cons
   try {
     models::SaveOptions so;
     so.max_shard_bytes = max_shard_bytes;
-    if (multi)
+    if (lora) {
+      // A LoRA run's checkpoint holds its adapter (whole on every rank), not the frozen base.
+      if (rank == 0) models::write_adapter_files(model, *lora, source_dir, tmp.string());
+    } else if (multi) {
       models::write_pretrained_files_across(model, *par, source_dir, tmp.string(), so);
-    else
+    } else {
       models::write_pretrained_files(model, source_dir, tmp.string(), so);
+    }
     if (rank < parts)
       hf::save_safetensors((tmp / "training_state" / part_name(rank, parts)).string(), part_tensors(model, opt, rank == 0));
     barrier();  // every part exists
@@ -211,6 +217,7 @@ TrainerState load_checkpoint(const std::string& dir, models::CausalLM& model, Ad
   auto& all = model.params().all();
   opt.ensure_state();
   for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i].frozen) continue;
     const bool expert = model.adapter().group_of(all[i].name) != nullptr;
     fill_from_parts(parts, parts[0].param_prefix + all[i].name, expert, mine, all[i].value, dir);
     fill_from_parts(parts, "exp_avg." + all[i].name, expert, mine, opt.exp_avg(i), dir);

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "models/lora.h"
 #include "models/causal_lm.h"
 #include "train/optimizer.h"
 
@@ -28,7 +29,7 @@ struct TrainerState {
 // `par` (several ranks): every rank calls it with its own shard of the model and optimizer.
 void save_checkpoint(const std::string& dir, const models::CausalLM& model, const std::string& source_dir,
                      const AdamW& opt, const TrainerState& st, uint64_t max_shard_bytes,
-                     const models::Parallel* par = nullptr);
+                     const models::Parallel* par = nullptr, const models::LoraState* lora = nullptr);
 
 // Restores parameters and optimizer state into an already built model/optimizer (whole, or this
 // rank's shard of the experts). Reads format 2 (parts) and format 1 (params.safetensors +

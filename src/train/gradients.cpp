@@ -8,9 +8,11 @@ namespace moeforge::train {
 
 namespace {
 
+// The parameters that take gradients (buffers and LoRA-frozen weights have none).
 std::vector<size_t> every_param(const nn::ParamAccess& ps) {
-  std::vector<size_t> idx(ps.size());
-  for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+  std::vector<size_t> idx;
+  for (size_t i = 0; i < ps.size(); ++i)
+    if (ps.trainable(i)) idx.push_back(i);
   return idx;
 }
 
@@ -32,6 +34,7 @@ void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>
   if (!g && !sq) return;
   std::vector<Tensor> dense, experts, blocks;
   for (const size_t i : idx) {
+    if (!ps.trainable(i)) continue;
     if (Tensor* b = ps.block_grad(i)) blocks.push_back(*b);
     else (g && g->expert_sharded.at(i) ? experts : dense).push_back(ps.grad(i));
   }

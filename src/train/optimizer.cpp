@@ -17,6 +17,7 @@ AdamW::AdamW(nn::ParamStore& params, AdamWOptions opts, bool allocate_state) : p
 void AdamW::ensure_state() {
   const auto& all = params_.all();
   for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i].frozen) continue;  // a base weight under LoRA: never updated, no moments
     if (!exp_avg_[i].defined()) exp_avg_[i] = Tensor::zeros(all[i].shape, DType::F32);
     if (!exp_avg_sq_[i].defined()) exp_avg_sq_[i] = Tensor::zeros(all[i].shape, DType::F32);
   }
@@ -70,6 +71,7 @@ hf::NamedTensors AdamW::state() const {
   hf::NamedTensors out;
   const auto& all = params_.all();
   for (size_t i = 0; i < all.size(); ++i) {
+    if (all[i].frozen) continue;
     MF_CHECK(exp_avg_[i].defined(), "AdamW state of '", all[i].name, "' is not on the host");
     out.emplace_back("exp_avg." + all[i].name, exp_avg_[i]);
     out.emplace_back("exp_avg_sq." + all[i].name, exp_avg_sq_[i]);

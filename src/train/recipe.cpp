@@ -162,6 +162,44 @@ std::vector<Key> make_keys() {
          r.zero_stage = v;
        },
        [](const Recipe& r) { return std::to_string(r.zero_stage); }},
+      {"peft.method",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         const auto v = as<std::string>(n, "peft.method", w, "a string");
+         if (v != "lora" && v != "none" && !v.empty()) MF_THROW(w, ": key 'peft.method' must be lora or none, got '", v, "'");
+         r.peft_method = v == "lora" ? v : "";
+       },
+       [](const Recipe& r) { return r.peft_method.empty() ? std::string("none") : r.peft_method; }},
+      {"peft.rank",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         r.lora.rank = as<int64_t>(n, "peft.rank", w, "an integer");
+         if (r.lora.rank < 1 || r.lora.rank > 65536) MF_THROW(w, ": key 'peft.rank' must be in [1, 65536], got ", r.lora.rank);
+       },
+       [](const Recipe& r) { return std::to_string(r.lora.rank); }},
+      dbl("peft.alpha", [](Recipe& r) -> double& { return r.lora.alpha; }, 1e-12),
+      dbl("peft.dropout", [](Recipe& r) -> double& { return r.lora.dropout; }, 0, 1, /*max_exclusive=*/true),
+      {"peft.use_rslora",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) { r.lora.rslora = as<bool>(n, "peft.use_rslora", w, "true or false"); },
+       [](const Recipe& r) { return std::string(r.lora.rslora ? "true" : "false"); }},
+      {"peft.target_modules",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         r.lora.targets.clear();
+         if (n.IsScalar()) {
+           r.lora.targets.push_back(n.Scalar());
+         } else if (n.IsSequence()) {
+           for (const auto& e : n) r.lora.targets.push_back(as<std::string>(e, "peft.target_modules", w, "a module name"));
+         } else {
+           MF_THROW(w, ": key 'peft.target_modules' must be a list of module names or all-linear");
+         }
+         if (r.lora.targets.empty()) MF_THROW(w, ": key 'peft.target_modules' is empty");
+       },
+       [](const Recipe& r) {
+         std::string s = "[";
+         for (size_t i = 0; i < r.lora.targets.size(); ++i) s += (i ? ", " : "") + r.lora.targets[i];
+         return s + "]";
+       }},
+      {"peft.adapter",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) { r.lora.init_adapter = as<std::string>(n, "peft.adapter", w, "a folder"); },
+       [](const Recipe& r) { return "\"" + r.lora.init_adapter + "\""; }},
   };
   return keys;
 }
@@ -261,6 +299,9 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
            ", epochs ", r.epochs, ")");
   MF_CHECK(r.global_batch % r.micro_batch == 0, path, ": key 'global_batch' (", r.global_batch,
            ") must be a multiple of 'micro_batch' (", r.micro_batch, ")");
+  MF_CHECK(r.peft_method.empty() || r.mtp_loss_scale == 0, path,
+           ": key 'mtp_loss_scale' must be 0 with peft.method lora (LoRA adapts the main layers only)");
+  MF_CHECK(r.peft_method == "lora" || r.lora.init_adapter.empty(), path, ": key 'peft.adapter' needs peft.method: lora");
   if (r.precision.empty()) r.precision = r.device == Device::Kind::CUDA ? "bf16-mixed" : "fp32";
   MF_CHECK(r.device == Device::Kind::CUDA || r.precision == "fp32", path, ": key 'precision' value '", r.precision,
            "' is not available on the CPU backend (CPU trains in fp32; bf16-mixed and bf16 need device: cuda)");

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "models/lora.h"
 #include "train/optimizer.h"
 
 namespace moeforge::train {
@@ -55,6 +56,10 @@ struct Recipe {
   // their values and gradients (ZeRO-3: each layer's are gathered before it runs and its gradients
   // reduce-scattered after its backward). One process, or the CPU: nothing to split.
   int64_t zero_stage = 1;
+  // Parameter-efficient fine-tuning: "" (full fine-tuning) or "lora" (peft.method), with LoRA's
+  // options (peft.rank, peft.alpha, peft.dropout, peft.use_rslora, peft.target_modules, peft.adapter).
+  std::string peft_method;
+  models::LoraOptions lora;
 
   // The resolved recipe as YAML (every key, defaults included), for the output folder.
   std::string to_yaml() const;

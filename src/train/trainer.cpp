@@ -17,6 +17,7 @@
 #include "hf/tokenizer/tokenizer.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
+#include "models/lora.h"
 #include "models/pretrained.h"
 #include "models/save_across_ranks.h"
 #include "parallel/env.h"
@@ -206,6 +207,10 @@ TrainResult run_training(const Recipe& r) {
            ", but ", r.model, " holds no multi-token prediction layers (config.json num_nextn_predict_layers ",
            cfg.num_nextn_predict_layers, ", none of them in the weights)");
   model.set_mtp_trainable(mtp_depths > 0);
+  // LoRA: adapters on the targeted projections, everything else frozen (before the optimizer and the
+  // device copy are made, so neither holds state for the frozen weights).
+  std::optional<models::LoraState> lora;
+  if (r.peft_method == "lora") lora = models::apply_lora(model, r.lora, r.seed, r.source);
   std::string resume_from;
   if (main_rank) {
     resume_from = prepare_output(r);
@@ -248,6 +253,13 @@ TrainResult run_training(const Recipe& r) {
         << "model: " << cfg.model_type << ", " << whole_model_parameters(model) << " parameters; " << total_steps
         << " steps of " << r.global_batch << " rows (" << accumulation << " micro-batches of " << r.micro_batch << ")"
         << " on " << backend->describe();
+  if (lora) {
+    int64_t trainable = 0;
+    for (const auto& p : model.params().all())
+      if (p.lora) trainable += shape_numel(p.shape);
+    intro << "\nLoRA: rank " << r.lora.rank << ", alpha " << r.lora.alpha << " on " << lora->modules.size()
+          << " projections (" << trainable << " trainable parameters; the base is frozen)";
+  }
   if (!resume_from.empty()) intro << "\nresuming from " << resume_from << " at step " << st.step;
 
   if (multi) intro << "\nranks: " << denv.world_size << " (" << denv.source << "), ep_size " << r.ep_size << ": "
@@ -293,7 +305,7 @@ TrainResult run_training(const Recipe& r) {
     backend->sync_to_host();
     check_finite_weights();
     const std::string dir = (fs::path(r.output_dir) / ("checkpoint-" + std::to_string(st.step))).string();
-    save_checkpoint(dir, model, r.model, opt, st, shard_bytes, multi ? &par : nullptr);
+    save_checkpoint(dir, model, r.model, opt, st, shard_bytes, multi ? &par : nullptr, lora ? &*lora : nullptr);
     if (main_rank) {
       auto cks = list_checkpoints(r.output_dir);
       for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
@@ -380,6 +392,13 @@ TrainResult run_training(const Recipe& r) {
   result.steps_done = static_cast<int64_t>(result.losses.size());
   if (progress) progress->finish();
   const std::string last = save_and_prune(/*keep_host_copies=*/true);  // the final folder is written from them
+  if (lora) {
+    // The adapters are whole on every rank: the main one writes them.
+    if (main_rank) models::save_adapter(model, *lora, r.model, result.final_dir, /*overwrite=*/true);
+    if (multi) groups->world_group->barrier();
+    if (main_rank) progress->message("saved " + result.final_dir + " (PEFT LoRA adapter) and " + last);
+    return result;
+  }
   if (multi)
     models::save_pretrained_across(model, par, r.model, result.final_dir, so);  // ends with a barrier
   else

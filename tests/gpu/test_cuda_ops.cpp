@@ -869,7 +869,7 @@ TEST_P(CudaOps, FusedLinearCrossEntropyMatchesUnfused) {
   Tensor dh, dw = cuda::to_device(Tensor::zeros({v, h}, DType::F32), DType::F32);
   int64_t got_n = 0;
   const double got = cuda::fused_linear_cross_entropy(cuda::to_device(hid, dt), cuda::to_device(w, dt),
-                                                      cuda::to_device(targets, DType::I64), -100, 0.03f, dh, dw, &got_n, 7);
+                                                      cuda::to_device(targets, DType::I64), -100, 0.03f, dh, &dw, &got_n, 7);
   EXPECT_EQ(got_n, want_n);
   EXPECT_NEAR(got, want, (dt == DType::F32 ? 1e-4 : 2e-2) * std::fabs(want));
   const Tol t2 = dt == DType::F32 ? Tol{1e-5f, 1e-4f} : Tol{3e-3f, 5e-2f};

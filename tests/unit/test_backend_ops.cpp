@@ -377,7 +377,7 @@ std::vector<OpCase> cases() {
                  Tensor dh, dw = zeros_like_shape(in[0], {19, 8});
                  int64_t n = 0;
                  const double sum = ops::fused_linear_cross_entropy(as(in[0], act), as(in[1], act), in[2], -100, 0.5f, dh,
-                                                                    dw, &n, /*chunk_rows=*/4);
+                                                                    &dw, &n, /*chunk_rows=*/4);
                  return Tensors{dh, dw, Tensor::from_vector({static_cast<float>(sum), float(n)}, {2})};
                },
                [](const Tensors& in) {  // the unfused pieces: the whole logits at once

@@ -30,6 +30,7 @@ class StrictStore : public nn::ParamAccess {
   }
   Device device() const override { return Device::cpu(); }
   DType compute_dtype() const override { return DType::F32; }
+  bool trainable(size_t i) const override { return host_.trainable(i); }
   size_t size() const override { return host_.size(); }
   void gather(const std::vector<size_t>& idx) override {
     for (size_t i : idx) whole_[i] = true;

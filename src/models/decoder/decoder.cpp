@@ -184,6 +184,58 @@ bool Decoder::is_mtp_param(const std::string& name) const {
   return false;
 }
 
+std::vector<nn::Linear*> Decoder::projections(Layer& L) {
+  std::vector<nn::Linear*> out;
+  const auto add_mlp = [&](nn::DenseMLP& m) {
+    for (nn::Linear* p : {&m.gate_proj, &m.up_proj, &m.down_proj}) out.push_back(p);
+  };
+  const bool block = L.block.has_value();
+  if (L.mla) {
+    for (auto* p : {&L.mla->q_proj, &L.mla->q_a_proj, &L.mla->q_b_proj})
+      if (p->has_value()) out.push_back(&**p);
+    for (nn::Linear* p : {&L.mla->kv_a_proj, &L.mla->kv_b_proj, &L.mla->o_proj}) out.push_back(p);
+  } else if (!block || *L.block == hf::ModelConfig::Block::Attention) {
+    for (nn::Linear* p : {&L.attn.q_proj, &L.attn.k_proj, &L.attn.v_proj, &L.attn.o_proj}) out.push_back(p);
+  }
+  if (L.mamba)
+    for (nn::Linear* p : {&L.mamba->in_proj, &L.mamba->out_proj}) out.push_back(p);
+  if (!block || *L.block == hf::ModelConfig::Block::Moe) {
+    if (auto* dense = std::get_if<nn::DenseMLP>(&L.mlp); dense && !block) add_mlp(*dense);
+    if (auto* moe = std::get_if<nn::SparseMoE>(&L.mlp)) {
+      if (moe->latent_in) out.push_back(&*moe->latent_in);
+      if (moe->latent_out) out.push_back(&*moe->latent_out);
+    }
+  }
+  if (L.shared) {
+    add_mlp(L.shared->mlp);
+    out.push_back(&L.shared->gate);
+  }
+  if (L.shared_experts) add_mlp(*L.shared_experts);
+  for (auto* m : {&L.relu2_mlp, &L.relu2_shared})
+    if (m->has_value())
+      for (nn::Linear* p : {&(*m)->up_proj, &(*m)->down_proj}) out.push_back(p);
+  return out;
+}
+
+std::vector<std::string> Decoder::add_lora(int64_t rank, float scale,
+                                           const std::function<bool(const std::string& module)>& wants) {
+  std::vector<std::string> adapted;
+  for (size_t l = 0; l < main_layers_; ++l)
+    for (nn::Linear* lin : projections(layers_[l])) {
+      const nn::Param& w = params_.all()[lin->weight];
+      const std::string module = w.name.substr(0, w.name.size() - std::string(".weight").size());
+      if (!wants(module)) continue;
+      MF_CHECK(!lin->lora, module, ": has a LoRA adapter already");
+      const int64_t out = w.shape[0], in = w.shape[1];
+      lin->lora.emplace();
+      lin->lora->init(params_, module, in, out, rank, scale);
+      layer_params_[l].push_back(lin->lora->a);
+      layer_params_[l].push_back(lin->lora->b);
+      adapted.push_back(module);
+    }
+  return adapted;
+}
+
 void Decoder::set_mtp_trainable(bool on) {
   for (auto& p : params_.all())
     if (is_mtp_param(p.name) && !p.name.ends_with("e_score_correction_bias")) p.trainable = on;
@@ -466,7 +518,7 @@ Tensor Decoder::mtp_train(nn::ParamAccess& ps, const ForwardInputs& in, Batch& b
     const Tensor targets = ops::to_device(mtp_targets(*in.labels, in.doc_ids, depth), bt.device, DType::I64);
     Tensor dh;
     res.mtp_ce_sums[k] = ops::fused_linear_cross_entropy(c.h, ps.value(lm_head_), targets, -100, opts.mtp_scales[k], dh,
-                                                         ps.grad(lm_head_), &res.mtp_tokens[k]);
+                                                         head_grad(ps), &res.mtp_tokens[k]);
     if (d_next.defined()) ops::add_inplace(dh, d_next);
     const Tensor dy = d.head_norm.backward(ps, c.y, dh, &c.rstd_y);
     dh = Tensor();
@@ -478,7 +530,7 @@ Tensor Decoder::mtp_train(nn::ParamAccess& ps, const ForwardInputs& in, Batch& b
     ops::copy_columns(djoined, 2 * h, h, 1, dhn, h, 0, h);
     Tensor de = d.enorm.backward(ps, c.embed, den, &c.rstd_e);
     zero_row_ends(de, bt.b, bt.s, depth);
-    ops::embedding_backward(c.ids, de, ps.grad(embed_), cfg_.pad_token_id.value_or(-1));
+    if (ps.trainable(embed_)) ops::embedding_backward(c.ids, de, ps.grad(embed_), cfg_.pad_token_id.value_or(-1));
     d_next = d.hnorm.backward(ps, k == 0 ? h0 : caches[k - 1].h, dhn, &c.rstd_h);
     c = MtpCache();
     ready(layer_params_[d.layer]);
@@ -519,7 +571,7 @@ TrainStepResult Decoder::forward_backward(nn::ParamAccess& ps, const ForwardInpu
   TrainStepResult res;
   Tensor d_xf;
   res.ce_sum = ops::fused_linear_cross_entropy(xf, ps.value(lm_head_), targets, -100, opts.ce_scale, d_xf,
-                                               ps.grad(lm_head_), &res.tokens);
+                                               head_grad(ps), &res.tokens);
   bt.ctx.phase("fused LM head + loss (fwd and its grads)");
   // Parameters whose gradients are complete: ZeRO-3 sums them into this rank's blocks and frees
   // the whole values; then the optimizer-in-backward callback, if any.
@@ -556,7 +608,7 @@ TrainStepResult Decoder::forward_backward(nn::ParamAccess& ps, const ForwardInpu
     ready(layer_params_[l]);
     bt.ctx.phase("bwd: layer's gradients ready (optimizer in backward)");
   }
-  ops::embedding_backward(bt.ids, dx, ps.grad(embed_), cfg_.pad_token_id.value_or(-1));
+  if (ps.trainable(embed_)) ops::embedding_backward(bt.ids, dx, ps.grad(embed_), cfg_.pad_token_id.value_or(-1));
   ready({embed_});
   bt.ctx.phase("bwd: embedding");
   ops::synchronize(bt.device);

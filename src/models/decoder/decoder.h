@@ -53,6 +53,8 @@ class Decoder : public CausalLM {
   int64_t active_parameters() const override;
   int64_t mtp_depths() const override { return static_cast<int64_t>(mtp_.size()); }
   void set_mtp_trainable(bool on) override;
+  std::vector<std::string> add_lora(int64_t rank, float scale,
+                                    const std::function<bool(const std::string& module)>& wants) override;
 
  private:
   struct Layer {
@@ -128,6 +130,8 @@ class Decoder : public CausalLM {
                      nn::SparseMoE::RouterOut* router, const Tensor* replay) const;
   Tensor moe_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const Batch& bt, const Tensor& dy,
                       const Tensor* dprobs_extra) const;
+  // A main layer's projections (the Linear layers LoRA can adapt), whichever its kind.
+  static std::vector<nn::Linear*> projections(Layer& L);
   void add_block(int64_t l, const ExpertNaming& naming, size_t& moe_layers);
   void add_layer(int64_t l, const ExpertNaming& naming, size_t& moe_layers);
   // Whether a parameter belongs to an MTP depth (its layer's prefix, enorm/hnorm/eh_proj/head norm included).
@@ -143,6 +147,8 @@ class Decoder : public CausalLM {
   Tensor aux_gradient(const std::vector<nn::SparseMoE::RouterOut>& routers, const Parallel& par, float scale,
                       float* loss, Device device) const;
 
+  // The LM head's gradient, or null when it is frozen (LoRA).
+  Tensor* head_grad(nn::ParamAccess& ps) const { return ps.trainable(lm_head_) ? &ps.grad(lm_head_) : nullptr; }
   size_t embed_ = 0, lm_head_ = 0;
   std::vector<Layer> layers_;  // the main model's num_hidden_layers, then one per MTP depth
   std::vector<std::vector<size_t>> layer_params_;  // each layer's parameters (ZeRO-3 gathers them together)

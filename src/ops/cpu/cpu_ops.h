@@ -73,7 +73,7 @@ Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t i
 double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
                               Tensor& dlogits, int64_t* counted);
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
-                                  int64_t ignore_index, float scale, Tensor& d_hidden, Tensor& dw, int64_t* counted,
+                                  int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
                                   int64_t chunk_rows);
 
 // Expert token flow and grouped GEMMs (ops/cpu/experts.cpp).

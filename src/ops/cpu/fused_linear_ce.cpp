@@ -8,14 +8,14 @@
 namespace moeforge::ops::cpu {
 
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
-                                  int64_t ignore_index, float scale, Tensor& d_hidden, Tensor& dw, int64_t* counted,
+                                  int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
                                   int64_t chunk_rows) {
   MF_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
            "fused_linear_cross_entropy: hidden ", shape_str(hidden.shape()), " and lm_head ",
            shape_str(weight.shape()), " do not agree");
   const int64_t n = hidden.size(0);
   MF_CHECK(targets.dtype() == DType::I64 && targets.numel() == n, "fused_linear_cross_entropy: targets must be I64 [N]");
-  MF_CHECK(dw.shape() == weight.shape(), "fused_linear_cross_entropy: dw must have the lm_head's shape");
+  MF_CHECK(!dw || dw->shape() == weight.shape(), "fused_linear_cross_entropy: dw must have the lm_head's shape");
   MF_CHECK(chunk_rows > 0, "fused_linear_cross_entropy: chunk_rows must be positive");
   d_hidden = Tensor::empty(hidden.shape(), DType::F32);
   double total = 0;
@@ -30,7 +30,7 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
     count += c;
     Tensor dh = linear_input_grad(dlogits, weight);
     std::copy(dh.f32(), dh.f32() + dh.numel(), d_hidden.f32() + r0 * hidden.size(1));
-    linear_weight_grad(dlogits, h, dw);
+    if (dw) linear_weight_grad(dlogits, h, *dw);
   }
   if (counted) *counted = count;
   return total;

@@ -8,13 +8,13 @@
 namespace moeforge::cuda {
 
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t ignore_index,
-                                  float scale, Tensor& d_hidden, Tensor& dw, int64_t* counted, int64_t chunk_rows) {
+                                  float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted, int64_t chunk_rows) {
   MF_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.shape()[1] == weight.shape()[1],
            "fused_linear_cross_entropy: hidden ", shape_str(hidden.shape()), " and lm_head ", shape_str(weight.shape()),
            " do not agree");
   const int64_t n = hidden.shape()[0], v = weight.shape()[0];
   MF_CHECK(targets.dtype() == DType::I64 && targets.numel() == n, "fused_linear_cross_entropy: targets must be I64 [N]");
-  MF_CHECK(dw.shape() == weight.shape(), "fused_linear_cross_entropy: dw must have the lm_head's shape");
+  MF_CHECK(!dw || dw->shape() == weight.shape(), "fused_linear_cross_entropy: dw must have the lm_head's shape");
   MF_CHECK(chunk_rows > 0, "fused_linear_cross_entropy: chunk_rows must be positive");
   d_hidden = empty(hidden.shape(), hidden.dtype(), "fused cross-entropy hidden gradient");
   double total = 0;
@@ -30,7 +30,7 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
     count += c;
     Tensor dh = d_hidden.slice0(r0, rows);
     gemm(dlogits, false, weight, false, dh);
-    gemm(dlogits, true, h, false, dw, /*accumulate=*/true);
+    if (dw) gemm(dlogits, true, h, false, *dw, /*accumulate=*/true);
   }
   if (counted) *counted = count;
   return total;

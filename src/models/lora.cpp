@@ -1,0 +1,233 @@
+#include "models/lora.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <set>
+
+#include "core/error.h"
+#include "hf/fs_util.h"
+#include "hf/safetensors.h"
+#include "models/pretrained.h"
+
+namespace moeforge::models {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kPeftPrefix = "base_model.model.";
+
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// How `target` selects `module`, as the target_modules entry to write ("": it does not). PEFT
+// matches a module by its whole name or by its trailing dotted components; a container ("the
+// projections inside shared_expert") is written as the suffix that names each projection in it.
+std::string match(const std::string& module, const std::string& target) {
+  if (target == "all-linear") return module.substr(module.rfind('.') + 1);  // (the caller filters per family)
+  if (module == target || ends_with(module, "." + target)) return target;
+  const size_t pos = module.find("." + target + ".");
+  if (pos != std::string::npos) return module.substr(pos + 1);
+  return "";
+}
+
+uint64_t name_hash(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+std::string adapter_key(const std::string& param_name) { return kPeftPrefix + param_name; }
+
+}  // namespace
+
+float LoraOptions::scale() const {
+  return static_cast<float>(rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank));
+}
+
+bool has_lora(const CausalLM& model) {
+  for (const auto& p : model.params().all())
+    if (p.lora) return true;
+  return false;
+}
+
+LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const std::string& source) {
+  MF_CHECK(o.rank > 0, source, ": key 'peft.rank': ", o.rank, " must be positive");
+  MF_CHECK(std::isfinite(o.alpha) && o.alpha > 0, source, ": key 'peft.alpha': ", o.alpha, " must be positive");
+  MF_CHECK(o.dropout == 0, source, ": key 'peft.dropout': ", o.dropout,
+           " (LoRA dropout is not built; only 0.0 is accepted)");
+  MF_CHECK(!o.targets.empty(), source, ": key 'peft.target_modules' is empty");
+  MF_CHECK(!has_lora(model), source, ": the model has LoRA adapters already");
+  const std::string type = model.config().model_type;
+  std::set<std::string> written;
+  std::vector<bool> used(o.targets.size(), false);
+  // Families whose PEFT load (PEFT 0.21 on Transformers 5) maps any gate_proj / up_proj / down_proj
+  // target onto the routed experts' fused parameters, whatever module the name is under.
+  const bool peft_remaps_mlp = type == "qwen3_moe" || type == "deepseek_v3" || type == "olmoe";
+  for (const std::string& t : o.targets) {
+    const std::string leaf = t.substr(t.rfind('.') + 1);
+    MF_CHECK(!peft_remaps_mlp || (leaf != "gate_proj" && leaf != "up_proj" && leaf != "down_proj" && t != "shared_expert" &&
+                                  t != "shared_experts"),
+             source, ": key 'peft.target_modules': '", t, "' on ", type,
+             ": PEFT would load an adapter on it onto the routed experts (it maps every gate_proj/up_proj/down_proj "
+             "target of this family to their fused parameters), so it cannot be saved in PEFT's format");
+    MF_CHECK(t != "experts" && !ends_with(t, ".experts") && t != "gate_up_proj",
+             source, ": key 'peft.target_modules': '", t,
+             "' (LoRA on the routed experts is not built yet; the attention, dense MLP and shared-expert "
+             "projections can be adapted)");
+    // PEFT refuses these on Mamba models (its fused Mamba kernels read the weights directly), so an
+    // adapter on them would not load there.
+    MF_CHECK(type != "nemotron_h" || (t != "out_proj" && t != "conv1d"), source, ": key 'peft.target_modules': '",
+             t, "' cannot be adapted on nemotron_h (PEFT refuses out_proj and conv1d on Mamba models)");
+  }
+  LoraState st;
+  st.options = o;
+  st.modules = model.add_lora(o.rank, o.scale(), [&](const std::string& module) {
+    bool hit = false;
+    for (size_t i = 0; i < o.targets.size(); ++i) {
+      std::string w = match(module, o.targets[i]);
+      if (w.empty()) continue;
+      if (type == "nemotron_h" && ends_with(module, ".mixer.out_proj")) continue;  // see above (all-linear)
+      if (peft_remaps_mlp && o.targets[i] == "all-linear" &&
+          (ends_with(module, "gate_proj") || ends_with(module, "up_proj") || ends_with(module, "down_proj")))
+        continue;  // see above
+      used[i] = true;
+      written.insert(w);
+      hit = true;
+    }
+    return hit;
+  });
+  for (size_t i = 0; i < o.targets.size(); ++i)
+    MF_CHECK(used[i], source, ": key 'peft.target_modules': '", o.targets[i], "' matches no projection of this ",
+             type, " model");
+  st.written_targets.assign(written.begin(), written.end());
+  // Initialise as PEFT does: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a = sqrt(5)), B = 0.
+  for (auto& p : model.params().all()) {
+    if (!p.lora) {
+      if (p.trainable) p.frozen = true;
+      p.trainable = false;
+      continue;
+    }
+    p.value = Tensor::zeros(p.shape, DType::F32);
+    if (ends_with(p.name, ".lora_A.weight")) {
+      std::mt19937_64 rng(seed ^ name_hash(p.name));
+      const float bound = 1.f / std::sqrt(static_cast<float>(p.shape[1]));
+      std::uniform_real_distribution<float> u(-bound, bound);
+      for (int64_t i = 0; i < p.value.numel(); ++i) p.value.f32()[i] = u(rng);
+    }
+  }
+  if (!o.init_adapter.empty()) load_adapter_weights(model, o.init_adapter);
+  return st;
+}
+
+void write_adapter_files(const CausalLM& model, const LoraState& lora, const std::string& base_model,
+                         const std::string& dir) {
+  hf::NamedTensors tensors;
+  for (const auto& p : model.params().all())
+    if (p.lora) {
+      MF_CHECK(p.value.defined(), "internal: LoRA parameter ", p.name, " is not on the host");
+      tensors.emplace_back(adapter_key(p.name), p.value.dtype() == DType::F32 ? p.value : p.value.to(DType::F32));
+    }
+  hf::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors);
+  const LoraOptions& o = lora.options;
+  nlohmann::ordered_json j = {{"peft_type", "LORA"},
+                              {"task_type", "CAUSAL_LM"},
+                              {"base_model_name_or_path", base_model},
+                              {"r", o.rank},
+                              {"lora_alpha", o.alpha},
+                              {"lora_dropout", o.dropout},
+                              {"target_modules", lora.written_targets},
+                              {"bias", "none"},
+                              {"fan_in_fan_out", false},
+                              {"use_rslora", o.rslora},
+                              {"use_dora", false},
+                              {"init_lora_weights", true},
+                              {"modules_to_save", nullptr},
+                              {"layers_to_transform", nullptr},
+                              {"layers_pattern", nullptr},
+                              {"rank_pattern", nlohmann::json::object()},
+                              {"alpha_pattern", nlohmann::json::object()},
+                              {"inference_mode", true},
+                              {"revision", nullptr}};
+  hf::write_text_file_atomic((fs::path(dir) / "adapter_config.json").string(), j.dump(2) + "\n");
+}
+
+void save_adapter(const CausalLM& model, const LoraState& lora, const std::string& base_model, const std::string& dir,
+                  bool overwrite) {
+  const std::string tmp = begin_folder(dir, overwrite, "adapter");
+  try {
+    write_adapter_files(model, lora, base_model, tmp);
+  } catch (...) {
+    fs::remove_all(tmp);
+    throw;
+  }
+  finish_folder(tmp, dir);
+}
+
+LoraOptions read_adapter_config(const std::string& dir) {
+  const std::string path = (fs::path(dir) / "adapter_config.json").string();
+  MF_CHECK(fs::exists(path), dir, ": not a PEFT adapter folder (no adapter_config.json)");
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(hf::read_text_file(path));
+  } catch (const nlohmann::json::exception& e) {
+    MF_THROW(path, ": invalid JSON (", e.what(), ")");
+  }
+  MF_CHECK(j.is_object(), path, ": expected a JSON object");
+  LoraOptions o;
+  const auto field = [&](const char* key) -> const nlohmann::json& {
+    MF_CHECK(j.contains(key), path, ": missing field '", key, "'");
+    return j[key];
+  };
+  MF_CHECK(field("peft_type").is_string() && field("peft_type").get<std::string>() == "LORA", path,
+           ": field 'peft_type' must be \"LORA\"");
+  MF_CHECK(field("r").is_number_integer() && field("r").get<int64_t>() > 0, path, ": field 'r' must be a positive integer");
+  o.rank = field("r").get<int64_t>();
+  MF_CHECK(field("lora_alpha").is_number() && field("lora_alpha").get<double>() > 0, path,
+           ": field 'lora_alpha' must be a positive number");
+  o.alpha = field("lora_alpha").get<double>();
+  o.dropout = j.value("lora_dropout", 0.0);
+  o.rslora = j.value("use_rslora", false);
+  MF_CHECK(!j.value("use_dora", false), path, ": field 'use_dora': DoRA adapters are not supported");
+  MF_CHECK(!j.contains("bias") || j["bias"] == "none", path, ": field 'bias': only \"none\" is supported");
+  for (const char* k : {"rank_pattern", "alpha_pattern"})
+    MF_CHECK(!j.contains(k) || j[k].is_null() || j[k].empty(), path, ": field '", k, "': per-module ranks are not supported");
+  const auto& t = field("target_modules");
+  o.targets.clear();
+  if (t.is_string()) {
+    o.targets.push_back(t.get<std::string>());
+  } else {
+    MF_CHECK(t.is_array(), path, ": field 'target_modules' must be a list of names or a string");
+    for (const auto& e : t) {
+      MF_CHECK(e.is_string(), path, ": field 'target_modules' must hold strings");
+      o.targets.push_back(e.get<std::string>());
+    }
+  }
+  o.dropout = 0;  // dropout only acts in training; a loaded adapter's forward is the same
+  return o;
+}
+
+void load_adapter_weights(CausalLM& model, const std::string& dir) {
+  const std::string path = (fs::path(dir) / "adapter_model.safetensors").string();
+  MF_CHECK(fs::exists(path), dir, ": no adapter_model.safetensors");
+  const auto file = hf::SafetensorsFile::open(path);
+  std::set<std::string> used;
+  for (auto& p : model.params().all()) {
+    if (!p.lora) continue;
+    const std::string key = adapter_key(p.name);
+    MF_CHECK(file.contains(key), path, ": missing '", key, "' (the adapter does not cover this model's targets)");
+    const Tensor t = file.get(key);
+    MF_CHECK(t.shape() == p.shape, path, ": '", key, "' is ", shape_str(t.shape()), ", the model needs ",
+             shape_str(p.shape));
+    p.value = t.to(DType::F32).clone();
+    used.insert(key);
+  }
+  for (const auto& e : file.entries())
+    MF_CHECK(used.count(e.name), path, ": '", e.name, "' belongs to no adapted module of this model");
+}
+
+}  // namespace moeforge::models
