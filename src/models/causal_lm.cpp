@@ -16,7 +16,7 @@ ForwardOutputs CausalLM::forward(const ForwardInputs& in) const {
 }
 
 TrainStepResult CausalLM::forward_backward(const ForwardInputs& in, const TrainStepOptions& opts) {
-  params_.ensure_grads();  // every parameter has one (zero where nothing flows, as a frozen buffer's)
+  params_.ensure_grads();  // every parameter has one (zero where nothing flows, as a buffer's), LoRA's frozen base none
   return forward_backward(params_, in, opts, par_);
 }
 

@@ -40,7 +40,7 @@ Tensor& ParamStore::grad(size_t i) {
 
 void ParamStore::ensure_grads() {
   for (auto& p : params_)
-    if (!p.grad.defined()) p.grad = Tensor::zeros(p.shape, DType::F32);
+    if (!p.frozen && !p.grad.defined()) p.grad = Tensor::zeros(p.shape, DType::F32);
 }
 
 void ParamStore::zero_grad() {

@@ -77,7 +77,8 @@ class ParamStore : public ParamAccess {
   DType compute_dtype() const override { return DType::F32; }
   bool trainable(size_t i) const override { return params_[i].trainable; }
   size_t size() const override { return params_.size(); }
-  // Allocates (zeroed) gradients for every parameter that has none; zero_grad() clears them.
+  // Allocates (zeroed) gradients for every parameter that has none (LoRA's frozen base excepted);
+  // zero_grad() clears them.
   void ensure_grads();
   void zero_grad();
 

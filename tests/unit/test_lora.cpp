@@ -1,0 +1,256 @@
+// LoRA against Transformers 5.17 + PEFT 0.21 (tools/make_fixtures.py --lora-cases: each fixture's
+// lora/ folder holds PEFT's starting adapter, the logits and three training losses with it, and
+// PEFT's adapter after three AdamW steps on the adapters alone): the same logits, losses and adapter
+// weights; the frozen base untouched and without gradients; the adapter folder in PEFT's format;
+// the recipe's errors; and LoRA runs through the trainer, checkpoints and resume.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "hf/safetensors.h"
+#include "models/lora.h"
+#include "models/pretrained.h"
+#include "test_util.h"
+#include "train/optimizer.h"
+#include "train/recipe.h"
+#include "train/trainer.h"
+
+using namespace moeforge;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A fixture's model with PEFT's starting adapter applied.
+models::LoadedModel with_peft_adapter(const std::string& name, models::LoraState* state = nullptr) {
+  const std::string dir = test::fixture(name);
+  auto m = models::from_pretrained(dir);
+  models::LoraOptions o = models::read_adapter_config(dir + "/lora/adapter_init");
+  o.init_adapter = dir + "/lora/adapter_init";
+  const models::LoraState st = models::apply_lora(*m.model, o, 1, "test");
+  if (state) *state = st;
+  return m;
+}
+
+std::string peft_key(const std::string& param) { return "base_model.model." + param; }
+
+}  // namespace
+
+class LoraParity : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(LoraParity, LogitsWithTheAdapterMatchPeft) {
+  auto ref = hf::SafetensorsFile::open(test::fixture(GetParam()) + "/lora/reference.safetensors");
+  auto m = with_peft_adapter(GetParam());
+  const Tensor want = ref.get("logits");
+  const Tensor got = m.model->forward({ref.get("input_ids").clone()}).logits;
+  float scale = 1.f;
+  for (float v : want.to_f32_vector()) scale = std::max(scale, std::abs(v));
+  EXPECT_LT(test::max_abs_diff(got.view(want.shape()), want), 1e-4f * scale);
+  // The adapter changes the logits: without it they differ (B starts random in the fixture).
+  auto base = models::from_pretrained(test::fixture(GetParam()));
+  EXPECT_GT(test::max_abs_diff(base.model->forward({ref.get("input_ids").clone()}).logits.view(want.shape()), want),
+            1e-3f);
+}
+
+TEST_P(LoraParity, ThreeAdamWStepsMatchPeftAndTheBaseStaysFrozen) {
+  const std::string dir = test::fixture(GetParam());
+  auto ref = hf::SafetensorsFile::open(dir + "/lora/reference.safetensors");
+  auto m = with_peft_adapter(GetParam());
+  auto& model = *m.model;
+  const double lr = 1e-3;
+  train::AdamW opt(model.params(), {lr, 0.9, 0.95, 1e-8, 0.1, true});
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  const std::vector<float> want_losses = ref.get("train_losses").to_f32_vector();
+  auto& params = model.params().all();
+  std::vector<std::vector<bool>> noisy(params.size());
+  for (size_t i = 0; i < params.size(); ++i) noisy[i].assign(static_cast<size_t>(shape_numel(params[i].shape)), false);
+  for (int step = 0; step < 3; ++step) {
+    model.params().zero_grad();
+    auto r = model.forward_backward({ids, &labels}, test::step_options(model, labels, false, 0.0));
+    EXPECT_NEAR(test::reference_loss(model, r, 0.0), want_losses[step], 1e-5) << "step " << step;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!params[i].lora) {  // frozen (or a buffer, as DeepSeek's correction bias, with a zero one)
+        if (params[i].frozen) EXPECT_FALSE(params[i].grad.defined()) << params[i].name << ": a frozen weight got a gradient";
+        continue;
+      }
+      test::note_noise(noisy[i], params[i].grad.to_f32_vector());
+    }
+    opt.step(lr);
+  }
+  // The adapters against PEFT's after three steps; the base bit for bit as loaded.
+  auto after = hf::SafetensorsFile::open(dir + "/lora/adapter_after/adapter_model.safetensors");
+  auto fresh = models::from_pretrained(dir);
+  std::vector<nn::Param> got, want;
+  std::vector<std::vector<bool>> got_noise;
+  size_t frozen = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!params[i].lora) {
+      const nn::Param* base = fresh.model->params().find(params[i].name);
+      ASSERT_NE(base, nullptr) << params[i].name;
+      EXPECT_EQ(test::max_abs_diff(params[i].value, base->value), 0.f) << params[i].name;
+      frozen += params[i].frozen;
+      continue;
+    }
+    ASSERT_TRUE(after.contains(peft_key(params[i].name))) << params[i].name;
+    got.push_back(params[i]);
+    nn::Param w = params[i];
+    w.value = after.get(peft_key(params[i].name)).clone();
+    want.push_back(w);
+    got_noise.push_back(noisy[i]);
+  }
+  EXPECT_GT(frozen, 10u);
+  EXPECT_EQ(got.size(), after.entries().size());
+  const auto [noisy_total, total] = test::weights_match(got, want, got_noise, 2 * 3 * lr / (1 - 0.9));
+  EXPECT_LT(noisy_total, total / 100 + 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, LoraParity,
+                         ::testing::Values("llama_a", "qwen3_moe_a", "deepseek_v3_a", "nemotron_h_a"));
+
+TEST(Lora, AdapterFolderIsPeftsFormatAndReloads) {
+  auto m = models::from_pretrained(test::fixture("llama_a"));
+  models::LoraOptions o;
+  o.rank = 2;
+  o.alpha = 5;
+  o.targets = {"all-linear"};
+  const models::LoraState st = models::apply_lora(*m.model, o, 7, "test");
+  EXPECT_EQ(st.modules.size(), 2u * 7u);  // two layers, seven projections each
+  // PEFT's initialisation: A in +-1/sqrt(in) and not all zero, B zero.
+  for (const auto& p : m.model->params().all()) {
+    if (!p.lora) continue;
+    const auto v = p.value.to_f32_vector();
+    float amax = 0;
+    for (float x : v) amax = std::max(amax, std::abs(x));
+    if (p.name.ends_with("lora_B.weight")) EXPECT_EQ(amax, 0.f) << p.name;
+    else EXPECT_TRUE(amax > 0.f && amax <= 1.f / std::sqrt(static_cast<float>(p.shape[1]))) << p.name;
+  }
+  for (auto& p : m.model->params().all())  // something to tell apart on reload
+    if (p.lora) p.value = test::random_tensor(p.shape, 11);
+  test::TempDir tmp;
+  models::save_adapter(*m.model, st, "/models/base", tmp / "adapter", false);
+  auto j = nlohmann::json::parse(test::read_text(tmp / "adapter/adapter_config.json"));
+  EXPECT_EQ(j["peft_type"], "LORA");
+  EXPECT_EQ(j["r"], 2);
+  EXPECT_EQ(j["lora_alpha"], 5.0);
+  EXPECT_EQ(j["base_model_name_or_path"], "/models/base");
+  EXPECT_EQ(j["target_modules"], nlohmann::json({"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}));
+  auto file = hf::SafetensorsFile::open(tmp / "adapter/adapter_model.safetensors");
+  EXPECT_TRUE(file.contains("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+  EXPECT_TRUE(file.contains("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"));
+  EXPECT_EQ(file.entries().size(), 2u * 14u);
+  // Read back into a fresh model: the same values, the same options.
+  auto again = models::from_pretrained(test::fixture("llama_a"));
+  models::LoraOptions o2 = models::read_adapter_config(tmp / "adapter");
+  EXPECT_EQ(o2.rank, 2);
+  EXPECT_FLOAT_EQ(o2.scale(), 2.5f);
+  o2.init_adapter = tmp / "adapter";
+  models::apply_lora(*again.model, o2, 99, "test");
+  for (const auto& p : m.model->params().all())
+    if (p.lora) EXPECT_EQ(test::max_abs_diff(p.value, again.model->params().find(p.name)->value), 0.f) << p.name;
+  // Writing over an existing folder needs overwrite.
+  EXPECT_NE(test::error_of([&] { models::save_adapter(*m.model, st, "", tmp / "adapter", false); }).find("exists"),
+            std::string::npos);
+}
+
+TEST(Lora, TargetsItCannotAdaptAreErrorsNamingTheKey) {
+  const auto error_for = [](const char* fixture, std::vector<std::string> targets, double dropout = 0) {
+    auto m = models::from_pretrained(test::fixture(fixture));
+    models::LoraOptions o;
+    o.targets = std::move(targets);
+    o.dropout = dropout;
+    return test::error_of([&] { models::apply_lora(*m.model, o, 1, "recipe.yaml"); });
+  };
+  EXPECT_NE(error_for("qwen3_moe_a", {"q_proj", "experts"}).find("routed experts"), std::string::npos);
+  EXPECT_NE(error_for("qwen3_moe_a", {"gate_proj"}).find("PEFT would load"), std::string::npos);
+  EXPECT_NE(error_for("llama_a", {"q_proj", "qq_proj"}).find("'qq_proj' matches no projection"), std::string::npos);
+  EXPECT_NE(error_for("nemotron_h_a", {"out_proj"}).find("PEFT refuses"), std::string::npos);
+  EXPECT_NE(error_for("llama_a", {"q_proj"}, 0.1).find("peft.dropout"), std::string::npos);
+  for (const char* f : {"qwen3_moe_a", "llama_a"})
+    EXPECT_EQ(error_for(f, {"q_proj"}).rfind("recipe.yaml: ", 0), std::string::npos) << "no error expected";
+}
+
+TEST(Lora, ABrokenAdapterFolderIsAnErrorNamingTheFile) {
+  test::TempDir tmp;
+  fs::create_directories(tmp / "a");
+  std::ofstream(tmp / "a/adapter_config.json") << R"({"peft_type": "LORA", "r": 0, "lora_alpha": 8, "target_modules": ["q_proj"]})";
+  EXPECT_NE(test::error_of([&] { models::read_adapter_config(tmp / "a"); }).find("adapter_config.json: field 'r'"),
+            std::string::npos);
+  std::ofstream(tmp / "a/adapter_config.json") << R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]})";
+  auto m = models::from_pretrained(test::fixture("llama_a"));
+  models::LoraOptions o = models::read_adapter_config(tmp / "a");
+  o.init_adapter = tmp / "a";
+  EXPECT_NE(test::error_of([&] { models::apply_lora(*m.model, o, 1, "t"); }).find("no adapter_model.safetensors"),
+            std::string::npos);
+  // An adapter of another rank than the model's targets.
+  auto other = models::from_pretrained(test::fixture("llama_a"));
+  o.rank = 3;
+  o.init_adapter = test::fixture("llama_a") + "/lora/adapter_init";
+  EXPECT_NE(test::error_of([&] { models::apply_lora(*other.model, o, 1, "t"); }).find("the model needs"),
+            std::string::npos);
+}
+
+namespace {
+
+const std::string kData = std::string(MOEFORGE_FIXTURES) + "/../data/arith64.jsonl";
+
+std::string lora_recipe(const test::TempDir& dir, const std::string& extra = "") {
+  std::ofstream f(dir / "recipe.yaml");
+  f << "model: " << test::fixture("qwen3_moe_aux") << "\n"
+    << "data: " << kData << "\n"
+    << "output_dir: " << (dir / "out") << "\n"
+    << "seq_len: 16\nmicro_batch: 2\nglobal_batch: 4\nsteps: 6\nlog_every: 1\nsave_every: 3\n"
+    << "optimizer:\n  lr: 1.0e-2\nmax_grad_norm: 1.0\nseed: 3\n"
+    << "peft:\n  method: lora\n  rank: 4\n  alpha: 8\n  target_modules: [q_proj, v_proj, o_proj]\n"
+    << extra;
+  return dir / "recipe.yaml";
+}
+
+}  // namespace
+
+TEST(LoraTraining, WritesAPeftAdapterAndResumesBitExactly) {
+  test::TempDir full, half;
+  auto straight = train::run_training(train::load_recipe(lora_recipe(full), {}));
+  ASSERT_EQ(straight.losses.size(), 6u);
+  const fs::path final_dir = full / "out/final";
+  EXPECT_TRUE(fs::exists(final_dir / "adapter_model.safetensors"));
+  EXPECT_TRUE(fs::exists(final_dir / "adapter_config.json"));
+  EXPECT_FALSE(fs::exists(final_dir / "model.safetensors"));  // the base is not copied
+  // A checkpoint holds the adapter and the adapters' optimizer state only.
+  const fs::path ck = full / "out/checkpoint-3";
+  EXPECT_TRUE(fs::exists(ck / "adapter_model.safetensors"));
+  auto part = hf::SafetensorsFile::open(ck / "training_state/part-00000-of-00001.safetensors");
+  for (const auto& e : part.entries()) EXPECT_NE(e.name.find("lora_"), std::string::npos) << e.name;
+  // Stop at 3, resume: the same losses.
+  auto first = train::run_training(train::load_recipe(lora_recipe(half), {"steps=3"}));
+  auto second = train::run_training(train::load_recipe(lora_recipe(half), {"resume=true"}));
+  ASSERT_EQ(second.losses.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(first.losses[i], straight.losses[i]) << i;
+    EXPECT_EQ(second.losses[i], straight.losses[3 + i]) << 3 + i;
+  }
+  // The final adapter continues a run (peft.adapter) and is what the model then computes with.
+  auto m = models::from_pretrained(test::fixture("qwen3_moe_aux"));
+  models::LoraOptions o = models::read_adapter_config(final_dir.string());
+  o.init_adapter = final_dir.string();
+  models::apply_lora(*m.model, o, 1, "t");
+  EXPECT_EQ(o.targets, (std::vector<std::string>{"o_proj", "q_proj", "v_proj"}));
+}
+
+TEST(LoraTraining, RecipeKeysAreChecked) {
+  test::TempDir d;
+  const auto error_with = [&](const std::string& extra) {
+    return test::error_of([&] { train::load_recipe(lora_recipe(d, extra), {}); });
+  };
+  EXPECT_NE(test::error_of([&] { train::load_recipe(lora_recipe(d), {"peft.method=qlora"}); }).find("peft.method"),
+            std::string::npos);
+  EXPECT_NE(test::error_of([&] { train::load_recipe(lora_recipe(d), {"peft.rank=0"}); }).find("peft.rank"),
+            std::string::npos);
+  EXPECT_NE(test::error_of([&] { train::load_recipe(lora_recipe(d), {"peft.dropout=1.5"}); }).find("peft.dropout"),
+            std::string::npos);
+  EXPECT_NE(error_with("mtp_loss_scale: 0.1\n").find("mtp_loss_scale"), std::string::npos);
+  const train::Recipe r = train::load_recipe(lora_recipe(d), {});
+  EXPECT_EQ(r.peft_method, "lora");
+  EXPECT_EQ(r.lora.targets, (std::vector<std::string>{"q_proj", "v_proj", "o_proj"}));
+  EXPECT_NE(r.to_yaml().find("peft.target_modules: [q_proj, v_proj, o_proj]"), std::string::npos);
+}
