@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "data/token_jsonl.h"
 #include "hf/safetensors.h"
+#include "models/lora.h"
 #include "models/pretrained.h"
 
 #ifdef _OPENMP
@@ -20,7 +21,7 @@
 namespace moeforge::cli {
 
 int cmd_eval(const std::vector<std::string>& argv) {
-  Args args(argv, {"--model", "--tokens", "--logits-out", "--threads"}, {});
+  Args args(argv, {"--model", "--tokens", "--logits-out", "--threads", "--adapter"}, {});
   MF_CHECK(args.positionals().empty(), "eval: unexpected argument '", args.positionals().front(), "'");
   const std::string model_dir = args.require("--model");
   const std::string tokens = args.require("--tokens");
@@ -29,6 +30,8 @@ int cmd_eval(const std::vector<std::string>& argv) {
 #endif
   const auto rows = data::read_token_jsonl(tokens);
   auto loaded = models::from_pretrained(model_dir);
+  // A PEFT LoRA adapter runs beside the base weights, unmerged.
+  if (const auto adapter = args.get("--adapter")) models::apply_adapter_folder(*loaded.model, *adapter);
   const auto& cfg = loaded.model->config();
   const bool tty = ::isatty(STDERR_FILENO);
 

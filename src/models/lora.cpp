@@ -11,6 +11,7 @@
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
+#include "ops/ops.h"
 
 namespace moeforge::models {
 
@@ -228,6 +229,29 @@ void load_adapter_weights(CausalLM& model, const std::string& dir) {
   }
   for (const auto& e : file.entries())
     MF_CHECK(used.count(e.name), path, ": '", e.name, "' belongs to no adapted module of this model");
+}
+
+LoraState apply_adapter_folder(CausalLM& model, const std::string& dir) {
+  LoraOptions o = read_adapter_config(dir);
+  o.init_adapter = dir;
+  return apply_lora(model, o, 0, (fs::path(dir) / "adapter_config.json").string());
+}
+
+void merge_lora(CausalLM& model, const LoraState& lora) {
+  auto& ps = model.params();
+  const float scale = lora.options.scale();
+  for (const std::string& module : lora.modules) {
+    nn::Param* w = ps.find(module + ".weight");
+    nn::Param* a = ps.find(module + ".lora_A.weight");
+    nn::Param* b = ps.find(module + ".lora_B.weight");
+    MF_CHECK(w && a && b, "internal: LoRA module ", module, " lacks its weight or adapters");
+    MF_CHECK(w->value.defined() && w->value.dtype() == DType::F32, "merge: ", module, " is not on the host in F32");
+    Tensor delta = Tensor::zeros(w->shape, DType::F32);
+    ops::gemm(b->value, false, a->value, false, delta);  // B [out, r] A [r, in]
+    ops::scale_inplace({delta}, scale);
+    ops::add_inplace(w->value, delta);
+    ops::zero(b->value);
+  }
 }
 
 }  // namespace moeforge::models

@@ -57,4 +57,12 @@ void load_adapter_weights(CausalLM& model, const std::string& dir);
 // Whether the model carries LoRA adapters.
 bool has_lora(const CausalLM& model);
 
+// The model with a PEFT adapter folder applied (its adapter_config.json and weights), base frozen.
+LoraState apply_adapter_folder(CausalLM& model, const std::string& dir);
+
+// Folds every adapter into its base weight, W += scale * B A (F32 on the host), and zeroes B: the
+// model computes what it did, and exports (export_tensors skips adapters) merged weights under
+// the checkpoint's names, in its dtypes.
+void merge_lora(CausalLM& model, const LoraState& lora);
+
 }  // namespace moeforge::models

@@ -13,6 +13,7 @@
 #include "gpu/adamw.h"
 #include "device_run.h"
 #include "hf/safetensors.h"
+#include "models/lora.h"
 #include "models/pretrained.h"
 #include "ops/cuda/runtime.h"
 #include "test_util.h"
@@ -124,6 +125,71 @@ INSTANTIATE_TEST_SUITE_P(Families, CudaTraining,
                                             ::testing::Values(false, true)));
 INSTANTIATE_TEST_SUITE_P(NemotronH, CudaTraining,
                          ::testing::Combine(::testing::Values("nemotron_h_a", "nemotron_h_b"), ::testing::Values(false, true)));
+
+// LoRA on the GPU against Transformers + PEFT (the fixtures' lora/ folders, as tests/unit/test_lora.cpp
+// on the CPU): three AdamW steps in fp32, the adapters' weights after them; and under bf16-mixed the
+// frozen base keeps no F32 master.
+class CudaLora : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(CudaLora, Fp32ThreeAdamWStepsMatchPeft) {
+  REQUIRE_GPU();
+  const std::string dir = test::fixture(GetParam());
+  auto ref = hf::SafetensorsFile::open(dir + "/lora/reference.safetensors");
+  auto m = models::from_pretrained(dir);
+  models::LoraOptions o = models::read_adapter_config(dir + "/lora/adapter_init");
+  o.init_adapter = dir + "/lora/adapter_init";
+  models::apply_lora(*m.model, o, 1, "test");
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  const models::TrainStepOptions opts = test::step_options(*m.model, labels, false, 0.0);
+  auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+  const double lr = 1e-3;
+  gpu::DeviceAdamW opt(gm->params(), {lr, 0.9, 0.95, 1e-8, 0.1, true});
+  const std::vector<float> want_losses = ref.get("train_losses").to_f32_vector();
+  auto& params = m.model->params().all();
+  std::vector<std::vector<bool>> noisy(params.size());
+  for (size_t i = 0; i < params.size(); ++i) noisy[i].assign(static_cast<size_t>(shape_numel(params[i].shape)), false);
+  for (int step = 0; step < 3; ++step) {
+    gm->params().zero_grad();
+    const auto r = gm->forward_backward({ids, &labels}, opts);
+    EXPECT_NEAR(test::reference_loss(*m.model, r, 0.0), want_losses[step], 1e-5) << "step " << step;
+    for (size_t i = 0; i < params.size(); ++i)
+      if (params[i].lora) test::note_noise(noisy[i], cuda::to_host_f32(gm->params().grad(i)).to_f32_vector());
+    opt.step(lr);
+  }
+  gm->params().copy_to_host(m.model->params());
+  auto after = hf::SafetensorsFile::open(dir + "/lora/adapter_after/adapter_model.safetensors");
+  std::vector<nn::Param> got, want;
+  std::vector<std::vector<bool>> got_noise;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!params[i].lora) continue;
+    got.push_back(params[i]);
+    nn::Param w = params[i];
+    w.value = after.get("base_model.model." + params[i].name).clone();
+    want.push_back(w);
+    got_noise.push_back(noisy[i]);
+  }
+  ASSERT_EQ(got.size(), after.entries().size());
+  const auto [noisy_total, total] = test::weights_match(got, want, got_noise, 2 * 3 * lr / (1 - 0.9));
+  EXPECT_LT(noisy_total, total / 100 + 1);
+}
+
+TEST_P(CudaLora, FrozenBaseKeepsNoF32MasterUnderBf16Mixed) {
+  REQUIRE_GPU();
+  const std::string dir = test::fixture(GetParam());
+  auto full = models::from_pretrained(dir);
+  const int64_t full_bytes = gpu::DeviceParams(full.model->params(), gpu::Precision::BF16Mixed).bytes();
+  auto m = models::from_pretrained(dir);
+  models::LoraOptions o = models::read_adapter_config(dir + "/lora/adapter_init");
+  models::apply_lora(*m.model, o, 1, "test");
+  int64_t lora_numel = 0, base_numel = 0;
+  for (const auto& p : m.model->params().all()) (p.lora ? lora_numel : base_numel) += shape_numel(p.shape);
+  const int64_t lora_bytes = gpu::DeviceParams(m.model->params(), gpu::Precision::BF16Mixed).bytes();
+  // Full: BF16 copy + F32 master of everything (6 bytes each); LoRA: BF16 base (2 bytes), the adapters 6.
+  EXPECT_EQ(full_bytes, 6 * base_numel);
+  EXPECT_LE(lora_bytes, 2 * base_numel + 6 * lora_numel + 4 * 1024);  // + the few buffers that keep masters
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, CudaLora, ::testing::Values("llama_a", "qwen3_moe_a", "deepseek_v3_a", "nemotron_h_a"));
 
 class CudaTrainingPolicies : public ::testing::TestWithParam<const char*> {};
 

@@ -145,6 +145,52 @@ TEST(Cli, EvalMatchesTheReferenceLoss) {
   EXPECT_LT(m, 1e-4f);
 }
 
+// LoRA adapters from the command line: eval runs one beside the base (unmerged) and merge folds it
+// in; both give the logits Transformers + PEFT computed with the fixture's starting adapter.
+TEST(Cli, EvalWithAnAdapterAndMergeMatchPeft) {
+  test::TempDir tmp;
+  const std::string base = test::fixture("llama_a"), adapter = base + "/lora/adapter_init";
+  auto ref = hf::SafetensorsFile::open(base + "/lora/reference.safetensors");
+  Tensor ids = ref.get("input_ids");
+  const int64_t seq = ids.size(1);
+  std::ofstream f(tmp / "tok.jsonl");
+  for (int64_t b = 0; b < ids.size(0); ++b) {
+    nlohmann::json row;
+    row["input_ids"] = std::vector<int64_t>(ids.data<int64_t>() + b * seq, ids.data<int64_t>() + (b + 1) * seq);
+    f << row.dump() << "\n";
+  }
+  f.close();
+  const Tensor want = ref.get("logits");
+  const auto row1_error = [&](const std::string& logits_file) {
+    Tensor row1 = hf::SafetensorsFile::open(logits_file).get("logits.1");
+    float m = 0;
+    for (int64_t i = 0; i < row1.numel(); ++i) m = std::max(m, std::abs(row1.f32()[i] - want.data<float>()[row1.numel() + i]));
+    return m;
+  };
+  CmdResult r = run("eval --model " + base + " --tokens " + (tmp / "tok.jsonl") + " --adapter " + adapter +
+                    " --logits-out " + (tmp / "unmerged.safetensors"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_LT(row1_error(tmp / "unmerged.safetensors"), 1e-4f);
+  r = run("merge --model " + base + " --adapter " + adapter + " --out " + (tmp / "merged"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("14 projections merged"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(tmp / "merged/adapter_model.safetensors"));
+  r = run("eval --model " + (tmp / "merged") + " --tokens " + (tmp / "tok.jsonl") + " --logits-out " +
+          (tmp / "merged.safetensors"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_LT(row1_error(tmp / "merged.safetensors"), 1e-4f);
+  // Without the adapter the base's logits are elsewhere (the test can fail).
+  r = run("eval --model " + base + " --tokens " + (tmp / "tok.jsonl") + " --logits-out " + (tmp / "base.safetensors"));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_GT(row1_error(tmp / "base.safetensors"), 1e-3f);
+  // Bad input: an existing output, a folder that is not an adapter.
+  expect_one_line_error(run("merge --model " + base + " --adapter " + adapter + " --out " + (tmp / "merged")),
+                        {"exists", "overwrite"});
+  expect_one_line_error(run("merge --model " + base + " --adapter " + base + " --out " + (tmp / "m2")),
+                        {"adapter_config.json"});
+  EXPECT_FALSE(fs::exists(tmp / "m2"));
+}
+
 TEST(CliBadInput, EachProblemIsOneLine) {
   test::TempDir tmp;
   const std::string a = test::fixture("qwen3_moe_a");
