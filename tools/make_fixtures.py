@@ -696,6 +696,104 @@ def make_lora_case(name, out_dir, seed=4321):
     return {"targets": LORA_CASES[name], "rank": LORA_RANK, "alpha": LORA_ALPHA, "seed": seed}
 
 
+# LoRA on the routed experts, per expert as PEFT and vLLM name them for checkpoints with per-expert
+# modules (v4 hub names: experts.{e}.gate_proj / up_proj / down_proj), plus q_proj. PEFT on
+# Transformers 5 loads such an adapter into the fused experts (A of gate and up stacked along the
+# rank, B block-diagonal); its training would fill B's off-diagonal blocks, which per-expert LoRA
+# does not have, so their gradient is zeroed here (what moeforge trains), and the result is read
+# back per expert. Writes <base>/lora_experts/ like make_lora_case's lora/.
+LORA_EXPERT_CASES = {"qwen3_moe_a": ("gate_proj", "up_proj", "down_proj")}
+
+
+def make_lora_experts_case(name, out_dir, seed=2468):
+    from peft import PeftModel
+    folder = os.path.join(out_dir, name)
+    lora_dir = os.path.join(folder, "lora_experts")
+    shutil.rmtree(lora_dir, ignore_errors=True)
+    init_dir = os.path.join(lora_dir, "adapter_init")
+    os.makedirs(init_dir)
+    base_ref = load_file(os.path.join(folder, "reference.safetensors"))
+    ids, labels = base_ref["input_ids"], base_ref["labels"]
+    model = load_fp32(folder)
+    cfg = model.config
+    gate, up, down = LORA_EXPERT_CASES[name]
+    r, alpha = LORA_RANK, LORA_ALPHA
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    moe_layers = [l for l, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "experts")]
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    for l, layer in enumerate(model.model.layers):
+        q = layer.self_attn.q_proj
+        sd[f"base_model.model.model.layers.{l}.self_attn.q_proj.lora_A.weight"] = torch.randn(r, q.in_features, generator=gen) * 0.2
+        sd[f"base_model.model.model.layers.{l}.self_attn.q_proj.lora_B.weight"] = torch.randn(q.out_features, r, generator=gen) * 0.05
+    for l in moe_layers:
+        for e in range(cfg.num_experts):
+            for proj, (fi, fo) in ((gate, (H, I)), (up, (H, I)), (down, (I, H))):
+                key = f"base_model.model.model.layers.{l}.mlp.experts.{e}.{proj}"
+                sd[key + ".lora_A.weight"] = torch.randn(r, fi, generator=gen) * 0.2
+                sd[key + ".lora_B.weight"] = torch.randn(fo, r, generator=gen) * 0.05
+    save_file(sd, os.path.join(init_dir, "adapter_model.safetensors"))
+    with open(os.path.join(init_dir, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": 0.0,
+                   "target_modules": ["q_proj", gate, up, down], "bias": "none", "base_model_name_or_path": folder}, f,
+                  indent=2)
+    pm = PeftModel.from_pretrained(model, init_dir, is_trainable=True)
+    pm.eval()
+    with torch.no_grad():
+        logits = pm(input_ids=ids).logits.float().contiguous()
+    E = cfg.num_experts
+    fused_b = {n: p for n, p in pm.named_parameters() if "experts.base_layer.lora_B" in n}  # gate_up's B [2I, 2r*E]
+
+    def mask(grad):  # zero B's off-diagonal blocks, per expert: B.reshape(2I, 2r, E)
+        g = grad.reshape(2 * I, 2 * r, E).clone()
+        g[:I, r:, :] = 0
+        g[I:, :r, :] = 0
+        return g.reshape(grad.shape)
+
+    for p in fused_b.values():
+        p.register_hook(mask)
+    pm.train()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], **ADAMW)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = pm(input_ids=ids, labels=labels).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    # Back to per-expert tensors: A [E*R, in] -> (E, R, in); B [out, R*E] -> (out, R, E) (PEFT's layout).
+    params = dict(pm.named_parameters())
+    after = {}
+    for l in range(len(model.model.layers)):
+        for w in ("A", "B"):
+            after[f"base_model.model.model.layers.{l}.self_attn.q_proj.lora_{w}.weight"] = \
+                params[f"base_model.model.model.layers.{l}.self_attn.q_proj.lora_{w}.default.weight"].detach().clone()
+    for l in moe_layers:
+        pre = f"base_model.model.model.layers.{l}.mlp.experts"
+        a_gu = params[pre + ".base_layer.lora_A.default.weight"].detach().reshape(E, 2 * r, H)
+        b_gu = params[pre + ".base_layer.lora_B.default.weight"].detach().reshape(2 * I, 2 * r, E)
+        a_d = params[pre + ".lora_A.default.weight"].detach().reshape(E, r, I)
+        b_d = params[pre + ".lora_B.default.weight"].detach().reshape(H, r, E)
+        assert float(b_gu[:I, r:, :].abs().max()) == 0 and float(b_gu[I:, :r, :].abs().max()) == 0
+        for e in range(E):
+            k = f"{pre}.{e}"
+            after[f"{k}.{gate}.lora_A.weight"] = a_gu[e, :r].clone()
+            after[f"{k}.{up}.lora_A.weight"] = a_gu[e, r:].clone()
+            after[f"{k}.{gate}.lora_B.weight"] = b_gu[:I, :r, e].clone()
+            after[f"{k}.{up}.lora_B.weight"] = b_gu[I:, r:, e].clone()
+            after[f"{k}.{down}.lora_A.weight"] = a_d[e].clone()
+            after[f"{k}.{down}.lora_B.weight"] = b_d[:, :, e].clone()
+    assert set(after) == set(sd), set(after) ^ set(sd)
+    after_dir = os.path.join(lora_dir, "adapter_after")
+    os.makedirs(after_dir)
+    save_file({k: v.contiguous() for k, v in after.items()}, os.path.join(after_dir, "adapter_model.safetensors"))
+    shutil.copy(os.path.join(init_dir, "adapter_config.json"), after_dir)
+    save_file({"input_ids": ids, "labels": labels, "logits": logits,
+               "train_losses": torch.tensor(losses, dtype=torch.float32)},
+              os.path.join(lora_dir, "reference.safetensors"))
+    return {"targets": ["q_proj", gate, up, down], "rank": r, "alpha": alpha, "seed": seed}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -713,6 +811,8 @@ def main():
         manifest["lora"]["peft_version"] = peft.__version__
         for name in wanted:
             manifest["lora"][name] = make_lora_case(name, args.out)
+            if name in LORA_EXPERT_CASES:
+                manifest["lora"][name + "/experts"] = make_lora_experts_case(name, args.out)
         with open(path, "w") as f:
             json.dump(manifest, f, indent=1)
         print("LoRA references made for", wanted, "with peft", peft.__version__)

@@ -110,10 +110,12 @@ class CausalLM {
   virtual int64_t mtp_depths() const { return 0; }
   virtual void set_mtp_trainable(bool) {}
   // LoRA (models/lora.h): every projection of the main layers whose module name `wants` returns
-  // true for gets an adapter of `rank` and `scale`, registered in the ParamStore (and in its
-  // layer's ZeRO-3 residency group). Returns the adapted modules' names.
+  // true for gets an adapter of `rank` and `scale`, and with `experts` every MoE layer's routed
+  // experts too (nn::ExpertLora); registered in the ParamStore (and in its layer's ZeRO-3 residency
+  // group). Returns the adapted modules' names (for experts, the experts' internal prefix).
   virtual std::vector<std::string> add_lora(int64_t rank, float scale,
-                                            const std::function<bool(const std::string& module)>& wants);
+                                            const std::function<bool(const std::string& module)>& wants,
+                                            bool experts = false);
 
  protected:
   hf::ModelConfig cfg_;

@@ -44,6 +44,31 @@ uint64_t name_hash(const std::string& s) {
 
 std::string adapter_key(const std::string& param_name) { return kPeftPrefix + param_name; }
 
+// A fused expert adapter (a 3-D LoRA parameter, nn::ExpertLora) holds one PEFT tensor per expert
+// and projection: `key`, at expert x, rows [r0, r0 + nr) and columns [c0, c0 + nc) of its slice.
+struct ExpertPiece {
+  std::string key;
+  int64_t x, r0, nr, c0, nc;
+};
+
+std::vector<ExpertPiece> expert_pieces(const CausalLM& model, const nn::Param& p) {
+  const bool is_a = ends_with(p.name, ".lora_A.weight");
+  const std::string fused = p.name.substr(0, p.name.size() - std::string(".lora_A.weight").size());
+  const hf::ExpertGroup* g = model.adapter().group_of(fused);
+  MF_CHECK(g, "internal: expert LoRA parameter ", p.name, " belongs to no expert group");
+  const std::vector<std::string> parts = fused == g->gate_up ? g->gate_up_parts() : std::vector<std::string>{g->down_suffix};
+  const int64_t n = static_cast<int64_t>(parts.size()), rows = p.shape[1] / n, cols = is_a ? p.shape[2] : p.shape[2] / n;
+  std::vector<ExpertPiece> out;
+  for (int64_t x = 0; x < p.shape[0]; ++x)
+    for (int64_t k = 0; k < n; ++k) {
+      const std::string leaf = parts[k].substr(0, parts[k].size() - std::string(".weight").size());
+      out.push_back({kPeftPrefix + g->prefix + std::to_string(g->first + x) + "." + leaf +
+                         (is_a ? ".lora_A.weight" : ".lora_B.weight"),
+                     x, k * rows, rows, is_a ? 0 : k * cols, cols});
+    }
+  return out;
+}
+
 }  // namespace
 
 float LoraOptions::scale() const {
@@ -64,44 +89,68 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
   MF_CHECK(!o.targets.empty(), source, ": key 'peft.target_modules' is empty");
   MF_CHECK(!has_lora(model), source, ": the model has LoRA adapters already");
   const std::string type = model.config().model_type;
-  std::set<std::string> written;
-  std::vector<bool> used(o.targets.size(), false);
-  // Families whose PEFT load (PEFT 0.21 on Transformers 5) maps any gate_proj / up_proj / down_proj
-  // target onto the routed experts' fused parameters, whatever module the name is under.
-  const bool peft_remaps_mlp = type == "qwen3_moe" || type == "deepseek_v3" || type == "olmoe";
+  // The families whose routed experts PEFT (0.21, on Transformers 5) loads per-expert adapters into:
+  // it maps the per-expert projection names onto the fused experts, so on these families those names
+  // mean the routed experts (and only them: the same names on dense or shared-expert MLPs are never
+  // adapted, since PEFT would put them on the experts too).
+  const bool mixtral = type == "mixtral";
+  const bool expert_family = mixtral || type == "qwen3_moe" || type == "deepseek_v3" || type == "olmoe";
+  const std::set<std::string> expert_leaves =
+      mixtral ? std::set<std::string>{"w1", "w2", "w3"} : std::set<std::string>{"gate_proj", "up_proj", "down_proj"};
+  std::set<std::string> expert_named;
+  bool experts = false;
   for (const std::string& t : o.targets) {
     const std::string leaf = t.substr(t.rfind('.') + 1);
-    MF_CHECK(!peft_remaps_mlp || (leaf != "gate_proj" && leaf != "up_proj" && leaf != "down_proj" && t != "shared_expert" &&
-                                  t != "shared_experts"),
-             source, ": key 'peft.target_modules': '", t, "' on ", type,
-             ": PEFT would load an adapter on it onto the routed experts (it maps every gate_proj/up_proj/down_proj "
-             "target of this family to their fused parameters), so it cannot be saved in PEFT's format");
-    MF_CHECK(t != "experts" && !ends_with(t, ".experts") && t != "gate_up_proj",
-             source, ": key 'peft.target_modules': '", t,
-             "' (LoRA on the routed experts is not built yet; the attention, dense MLP and shared-expert "
-             "projections can be adapted)");
+    if (t == "experts" || (expert_family && expert_leaves.count(leaf))) {
+      MF_CHECK(expert_family, source, ": key 'peft.target_modules': '", t, "': LoRA on the routed experts of ", type,
+               " is not built (PEFT cannot load per-expert adapters of this family into Transformers 5's fused "
+               "experts); the attention and other projections can be adapted");
+      if (t == "experts") expert_named = expert_leaves;
+      else expert_named.insert(leaf);
+      experts = true;
+    }
     // PEFT refuses these on Mamba models (its fused Mamba kernels read the weights directly), so an
     // adapter on them would not load there.
     MF_CHECK(type != "nemotron_h" || (t != "out_proj" && t != "conv1d"), source, ": key 'peft.target_modules': '",
              t, "' cannot be adapted on nemotron_h (PEFT refuses out_proj and conv1d on Mamba models)");
   }
+  MF_CHECK(!experts || expert_named == expert_leaves, source, ": key 'peft.target_modules': LoRA on the routed experts "
+           "takes all of their projections (give 'experts', or all of the per-expert names)");
+  MF_CHECK(!experts || !model.parallel().ep || model.parallel().ep->size() == 1, source,
+           ": LoRA on the routed experts under expert parallelism (ep_size > 1) is not built yet");
+  std::set<std::string> written;
+  std::vector<bool> used(o.targets.size(), false);
   LoraState st;
   st.options = o;
-  st.modules = model.add_lora(o.rank, o.scale(), [&](const std::string& module) {
-    bool hit = false;
+  st.modules = model.add_lora(
+      o.rank, o.scale(),
+      [&](const std::string& module) {
+        const std::string leaf = module.substr(module.rfind('.') + 1);
+        if (expert_family && expert_leaves.count(leaf)) return false;  // never a dense MLP's (see above)
+        if (type == "nemotron_h" && ends_with(module, ".mixer.out_proj")) return false;  // see above
+        bool hit = false;
+        for (size_t i = 0; i < o.targets.size(); ++i) {
+          if (o.targets[i] == "experts") continue;
+          std::string w = match(module, o.targets[i]);
+          if (w.empty()) continue;
+          used[i] = true;
+          written.insert(w);
+          hit = true;
+        }
+        return hit;
+      },
+      experts);
+  if (experts) {
+    bool any = false;
+    for (const auto& p : model.params().all()) any = any || (p.lora && p.shape.size() == 3);
+    MF_CHECK(any, source, ": key 'peft.target_modules' names the routed experts, but this ", type,
+             " model has no MoE layers");
     for (size_t i = 0; i < o.targets.size(); ++i) {
-      std::string w = match(module, o.targets[i]);
-      if (w.empty()) continue;
-      if (type == "nemotron_h" && ends_with(module, ".mixer.out_proj")) continue;  // see above (all-linear)
-      if (peft_remaps_mlp && o.targets[i] == "all-linear" &&
-          (ends_with(module, "gate_proj") || ends_with(module, "up_proj") || ends_with(module, "down_proj")))
-        continue;  // see above
-      used[i] = true;
-      written.insert(w);
-      hit = true;
+      const std::string leaf = o.targets[i].substr(o.targets[i].rfind('.') + 1);
+      if (o.targets[i] == "experts" || expert_leaves.count(leaf)) used[i] = true;
     }
-    return hit;
-  });
+    written.insert(expert_leaves.begin(), expert_leaves.end());
+  }
   for (size_t i = 0; i < o.targets.size(); ++i)
     MF_CHECK(used[i], source, ": key 'peft.target_modules': '", o.targets[i], "' matches no projection of this ",
              type, " model");
@@ -116,7 +165,7 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
     p.value = Tensor::zeros(p.shape, DType::F32);
     if (ends_with(p.name, ".lora_A.weight")) {
       std::mt19937_64 rng(seed ^ name_hash(p.name));
-      const float bound = 1.f / std::sqrt(static_cast<float>(p.shape[1]));
+      const float bound = 1.f / std::sqrt(static_cast<float>(p.shape.back()));  // 1/sqrt(in features)
       std::uniform_real_distribution<float> u(-bound, bound);
       for (int64_t i = 0; i < p.value.numel(); ++i) p.value.f32()[i] = u(rng);
     }
@@ -128,11 +177,22 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
 void write_adapter_files(const CausalLM& model, const LoraState& lora, const std::string& base_model,
                          const std::string& dir) {
   hf::NamedTensors tensors;
-  for (const auto& p : model.params().all())
-    if (p.lora) {
-      MF_CHECK(p.value.defined(), "internal: LoRA parameter ", p.name, " is not on the host");
-      tensors.emplace_back(adapter_key(p.name), p.value.dtype() == DType::F32 ? p.value : p.value.to(DType::F32));
+  for (const auto& p : model.params().all()) {
+    if (!p.lora) continue;
+    MF_CHECK(p.value.defined(), "internal: LoRA parameter ", p.name, " is not on the host");
+    const Tensor v = p.value.dtype() == DType::F32 ? p.value : p.value.to(DType::F32);
+    if (p.shape.size() != 3) {
+      tensors.emplace_back(adapter_key(p.name), v);
+      continue;
     }
+    for (const ExpertPiece& piece : expert_pieces(model, p)) {  // per expert, as PEFT and vLLM name them
+      Tensor t = Tensor::empty({piece.nr, piece.nc}, DType::F32);
+      for (int64_t i = 0; i < piece.nr; ++i)
+        std::copy_n(v.f32() + (piece.x * p.shape[1] + piece.r0 + i) * p.shape[2] + piece.c0, piece.nc,
+                    t.f32() + i * piece.nc);
+      tensors.emplace_back(piece.key, t);
+    }
+  }
   hf::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors);
   const LoraOptions& o = lora.options;
   nlohmann::ordered_json j = {{"peft_type", "LORA"},
@@ -219,6 +279,21 @@ void load_adapter_weights(CausalLM& model, const std::string& dir) {
   std::set<std::string> used;
   for (auto& p : model.params().all()) {
     if (!p.lora) continue;
+    if (p.shape.size() == 3) {  // a fused expert adapter, from its per-expert tensors
+      Tensor v = Tensor::zeros(p.shape, DType::F32);
+      for (const ExpertPiece& piece : expert_pieces(model, p)) {
+        MF_CHECK(file.contains(piece.key), path, ": missing '", piece.key, "' (the adapter does not cover this model's targets)");
+        const Tensor t = file.get(piece.key).to(DType::F32);
+        MF_CHECK(t.shape() == Shape({piece.nr, piece.nc}), path, ": '", piece.key, "' is ", shape_str(t.shape()),
+                 ", the model needs [", piece.nr, ", ", piece.nc, "]");
+        for (int64_t i = 0; i < piece.nr; ++i)
+          std::copy_n(t.f32() + i * piece.nc, piece.nc,
+                      v.f32() + (piece.x * p.shape[1] + piece.r0 + i) * p.shape[2] + piece.c0);
+        used.insert(piece.key);
+      }
+      p.value = v;
+      continue;
+    }
     const std::string key = adapter_key(p.name);
     MF_CHECK(file.contains(key), path, ": missing '", key, "' (the adapter does not cover this model's targets)");
     const Tensor t = file.get(key);
@@ -240,16 +315,25 @@ LoraState apply_adapter_folder(CausalLM& model, const std::string& dir) {
 void merge_lora(CausalLM& model, const LoraState& lora) {
   auto& ps = model.params();
   const float scale = lora.options.scale();
-  for (const std::string& module : lora.modules) {
-    nn::Param* w = ps.find(module + ".weight");
-    nn::Param* a = ps.find(module + ".lora_A.weight");
-    nn::Param* b = ps.find(module + ".lora_B.weight");
-    MF_CHECK(w && a && b, "internal: LoRA module ", module, " lacks its weight or adapters");
-    MF_CHECK(w->value.defined() && w->value.dtype() == DType::F32, "merge: ", module, " is not on the host in F32");
-    Tensor delta = Tensor::zeros(w->shape, DType::F32);
-    ops::gemm(b->value, false, a->value, false, delta);  // B [out, r] A [r, in]
-    ops::scale_inplace({delta}, scale);
-    ops::add_inplace(w->value, delta);
+  for (auto& a : ps.all()) {
+    if (!a.lora || !ends_with(a.name, ".lora_A.weight")) continue;
+    const std::string stem = a.name.substr(0, a.name.size() - std::string(".lora_A.weight").size());
+    nn::Param* b = ps.find(stem + ".lora_B.weight");
+    nn::Param* w = ps.find(stem + ".weight");  // a projection's weight
+    if (!w) w = ps.find(stem);                  // fused experts [E, out, in]
+    MF_CHECK(w && b, "internal: LoRA adapter ", a.name, " lacks its weight or B");
+    MF_CHECK(w->value.defined() && w->value.dtype() == DType::F32, "merge: ", w->name, " is not on the host in F32");
+    const int64_t experts = a.shape.size() == 3 ? a.shape[0] : 1;
+    const int64_t out = b->shape[b->shape.size() - 2], in = a.shape.back(), r = a.shape[a.shape.size() - 2];
+    for (int64_t x = 0; x < experts; ++x) {  // W[x] += scale * B[x] A[x] (a block-diagonal B: gate and up apart)
+      const Tensor bx = b->value.view({experts, out, r}).slice0(x, 1).view({out, r});
+      const Tensor ax = a.value.view({experts, r, in}).slice0(x, 1).view({r, in});
+      Tensor delta = Tensor::zeros({out, in}, DType::F32);
+      ops::gemm(bx, false, ax, false, delta);
+      ops::scale_inplace({delta}, scale);
+      Tensor wx = w->value.view({experts, out, in}).slice0(x, 1).view({out, in});
+      ops::add_inplace(wx, delta);
+    }
     ops::zero(b->value);
   }
 }

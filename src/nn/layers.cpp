@@ -386,6 +386,7 @@ Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Te
     } else {
       ops::grouped_linear(xs, ps.value(gate_up), off, h);
     }
+    if (lora) lora->gate_up_forward(ps, xs, off, h);
     if (fine_phases) ctx.phase("fwd: expert gate_up GEMM");
     const Tensor act = activation(h);
     Tensor y = ops::empty({rows, expert_width}, dt, dev, "expert output");
@@ -395,6 +396,7 @@ Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Te
     } else {
       ops::grouped_linear(act, ps.value(down), off, y);
     }
+    if (lora) lora->down_forward(ps, act, off, y);
     if (fine_phases) ctx.phase("fwd: SwiGLU + expert down GEMM");
     coming[i] = ch.exchange->start_combine(y);
     if (cache) {
@@ -470,6 +472,7 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
       if (ps.trainable(down)) ops::grouped_linear_weight_grad(d_y, act, off, ps.grad(down), true);
       ops::grouped_linear_input_grad(d_y, ps.value(down), off, d_act);
     }
+    if (lora) lora->down_backward(ps, act, off, d_y, d_act);
     act = d_y = Tensor();
     Tensor d_h = activation_backward(ch.h, d_act);
     d_act = ch.h = Tensor();
@@ -484,8 +487,9 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
       ops::grouped_linear(d_h, ps.value(gate_up), off, d_xs);
     } else {
       if (ps.trainable(gate_up)) ops::grouped_linear_weight_grad(d_h, xs, off, ps.grad(gate_up), true);
-      xs = Tensor();
       ops::grouped_linear_input_grad(d_h, ps.value(gate_up), off, d_xs);
+      if (lora) lora->gate_up_backward(ps, xs, off, d_h, d_xs);
+      xs = Tensor();
     }
     d_h = Tensor();
     coming[i] = ch.exchange->start_combine(d_xs);  // dispatch's backward

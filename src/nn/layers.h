@@ -190,6 +190,7 @@ struct SparseMoE {
   std::optional<GroupedSigmoid> grouped;
   std::optional<Relu2Experts> relu2;
   std::optional<Linear> latent_in, latent_out;  // fc1_latent_proj, fc2_latent_proj
+  std::optional<ExpertLora> lora;               // LoRA on the local experts (CausalLM::add_lora)
   int64_t expert_width = 0;                     // the experts' input and output width (hidden, or latent)
   parallel::ExpertShard shard;  // the experts this rank holds (of the expert-parallel group's size)
   int ep_size = 1;

@@ -28,4 +28,68 @@ void LoraAdapter::backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, T
   ops::gemm(dh, false, ps.value(a), false, dx, /*accumulate=*/true);
 }
 
+namespace {
+
+// out += scale * grouped(grouped(x, A), B), per expert's rows.
+void lowrank_forward(const ParamAccess& ps, size_t a, size_t b, float scale, const Tensor& x,
+                     const std::vector<int64_t>& off, Tensor& out) {
+  const int64_t rows = x.size(0);
+  Tensor t = ops::empty({rows, ps.value(a).size(1)}, x.dtype(), x.device(), "expert LoRA inner");
+  ops::grouped_linear(x, ps.value(a), off, t);
+  ops::scale_inplace({t}, scale);
+  Tensor u = ops::empty(out.shape(), out.dtype(), out.device(), "expert LoRA output");
+  ops::grouped_linear(t, ps.value(b), off, u);
+  ops::add_inplace(out, u);
+}
+
+void lowrank_backward(ParamAccess& ps, size_t a, size_t b, float scale, int64_t parts, const Tensor& x,
+                      const std::vector<int64_t>& off, const Tensor& dy, Tensor& dx) {
+  const int64_t rows = x.size(0);
+  Tensor t = ops::empty({rows, ps.value(a).size(1)}, x.dtype(), x.device(), "expert LoRA inner");
+  ops::grouped_linear(x, ps.value(a), off, t);  // recomputed, [rows, R]
+  ops::scale_inplace({t}, scale);
+  ops::grouped_linear_weight_grad(dy, t, off, ps.grad(b), /*accumulate=*/true);
+  if (parts > 1) ops::zero_off_diagonal_blocks(ps.grad(b), parts);
+  Tensor dt = ops::empty(t.shape(), dy.dtype(), dy.device(), "expert LoRA inner gradient");
+  ops::grouped_linear_input_grad(dy, ps.value(b), off, dt);
+  ops::scale_inplace({dt}, scale);
+  ops::grouped_linear_weight_grad(dt, x, off, ps.grad(a), true);
+  Tensor d = ops::empty(dx.shape(), dx.dtype(), dx.device(), "expert LoRA input gradient");
+  ops::grouped_linear_input_grad(dt, ps.value(a), off, d);
+  ops::add_inplace(dx, d);
+}
+
+}  // namespace
+
+void ExpertLora::init(ParamStore& ps, const std::string& gate_up_name, const std::string& down_name, int64_t experts,
+                      int64_t width, int64_t inter, int64_t parts_, int64_t rank, float scale_) {
+  parts = parts_;
+  scale = scale_;
+  gate_up_a = ps.add(gate_up_name + ".lora_A.weight", {experts, parts * rank, width});
+  gate_up_b = ps.add(gate_up_name + ".lora_B.weight", {experts, parts * inter, parts * rank});
+  down_a = ps.add(down_name + ".lora_A.weight", {experts, rank, inter});
+  down_b = ps.add(down_name + ".lora_B.weight", {experts, width, rank});
+  for (size_t i : {gate_up_a, gate_up_b, down_a, down_b}) ps.all()[i].lora = true;
+}
+
+void ExpertLora::gate_up_forward(const ParamAccess& ps, const Tensor& xs, const std::vector<int64_t>& off,
+                                 Tensor& h) const {
+  lowrank_forward(ps, gate_up_a, gate_up_b, scale, xs, off, h);
+}
+
+void ExpertLora::down_forward(const ParamAccess& ps, const Tensor& act, const std::vector<int64_t>& off,
+                              Tensor& y) const {
+  lowrank_forward(ps, down_a, down_b, scale, act, off, y);
+}
+
+void ExpertLora::gate_up_backward(ParamAccess& ps, const Tensor& xs, const std::vector<int64_t>& off,
+                                  const Tensor& d_h, Tensor& d_xs) const {
+  lowrank_backward(ps, gate_up_a, gate_up_b, scale, parts, xs, off, d_h, d_xs);
+}
+
+void ExpertLora::down_backward(ParamAccess& ps, const Tensor& act, const std::vector<int64_t>& off, const Tensor& d_y,
+                               Tensor& d_act) const {
+  lowrank_backward(ps, down_a, down_b, scale, 1, act, off, d_y, d_act);
+}
+
 }  // namespace moeforge::nn

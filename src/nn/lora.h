@@ -4,6 +4,7 @@
 // module names (`<module>.lora_A.weight`, `<module>.lora_B.weight`) and flagged `lora`.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "core/tensor.h"
 #include "nn/params.h"
@@ -19,6 +20,34 @@ struct LoraAdapter {
   void forward_add(const ParamAccess& ps, const Tensor& x, Tensor& y) const;
   // Accumulates the gradients of A and B and adds the adapter's part of d(x) into dx.
   void backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, Tensor& dx) const;
+};
+
+// LoRA on a MoE layer's local experts, per expert and projection as PEFT names them for checkpoints
+// with per-expert modules (experts.{e}.gate_proj / up_proj / down_proj: A [r, in], B [out, r]),
+// held fused for the grouped GEMMs (no per-expert loop):
+//   `<gate_up>.lora_A.weight` [E, parts*r, width]  (gate rows, then up rows)
+//   `<gate_up>.lora_B.weight` [E, parts*I, parts*r] block-diagonal: the off-diagonal
+//       blocks stay zero (their gradient is zeroed), so gate and up adapt apart as PEFT's per-expert
+//       modules do (costing (parts-1)/parts of B's memory more than separate tensors)
+//   `<down>.lora_A.weight` [E, r, I], `<down>.lora_B.weight` [E, width, r]
+// (<gate_up>, <down>: the fused expert weights' internal names).
+// parts: 2 for gated experts (gate|up), 1 for relu^2 experts (up only).
+struct ExpertLora {
+  size_t gate_up_a = 0, gate_up_b = 0, down_a = 0, down_b = 0;
+  int64_t parts = 2;
+  float scale = 1.f;
+  // gate_up_name, down_name: the fused expert weights' internal names (the adapters are named after
+  // them: "<gate_up_name>.lora_A.weight", ...); experts: this rank's.
+  void init(ParamStore& ps, const std::string& gate_up_name, const std::string& down_name, int64_t experts,
+            int64_t width, int64_t inter, int64_t parts_, int64_t rank, float scale_);
+  // h [rows, parts*I] += the adapters' gate|up output for the expert rows xs; y [rows, width] likewise for down.
+  void gate_up_forward(const ParamAccess& ps, const Tensor& xs, const std::vector<int64_t>& off, Tensor& h) const;
+  void down_forward(const ParamAccess& ps, const Tensor& act, const std::vector<int64_t>& off, Tensor& y) const;
+  // Accumulate A's and B's gradients and add the adapters' part of the input gradient.
+  void gate_up_backward(ParamAccess& ps, const Tensor& xs, const std::vector<int64_t>& off, const Tensor& d_h,
+                        Tensor& d_xs) const;
+  void down_backward(ParamAccess& ps, const Tensor& act, const std::vector<int64_t>& off, const Tensor& d_y,
+                     Tensor& d_act) const;
 };
 
 }  // namespace moeforge::nn

@@ -448,4 +448,10 @@ void scale_inplace(const std::vector<Tensor>& tensors, float factor) {
   cpu::scale_inplace(tensors, factor);
 }
 
+void zero_off_diagonal_blocks(Tensor& b, int64_t parts) {
+  MF_CHECK(b.dim() == 3 && parts > 0 && b.size(1) % parts == 0 && b.size(2) % parts == 0,
+           "zero_off_diagonal_blocks: b [E, parts*N, parts*R] ", shape_str(b.shape()), " for ", parts, " parts");
+  MF_DISPATCH("zero_off_diagonal_blocks", b, zero_off_diagonal_blocks(b, parts));
+}
+
 }  // namespace moeforge::ops

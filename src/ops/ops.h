@@ -149,6 +149,9 @@ Tensor grouped_sigmoid_route_backward(const Tensor& scores, const Tensor& indice
 void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y);
 // dx[rows of e] = dy[rows of e] W[e]           dy [R,N], W [E,N,K], dx [R,K]
 void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& dx);
+// b [E, parts*N, parts*R] holds per expert a parts x parts grid of [N, R] blocks: every block off the
+// diagonal is set to zero (LoRA's fused gate|up B stays block-diagonal: gate and up adapt apart).
+void zero_off_diagonal_blocks(Tensor& b, int64_t parts);
 // dW[e] (+)= dy[rows of e]^T x[rows of e]      dW [E,N,K] (F32 or the weights' dtype)
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
                                 bool accumulate);

@@ -161,8 +161,12 @@ TEST(Lora, TargetsItCannotAdaptAreErrorsNamingTheKey) {
     o.dropout = dropout;
     return test::error_of([&] { models::apply_lora(*m.model, o, 1, "recipe.yaml"); });
   };
-  EXPECT_NE(error_for("qwen3_moe_a", {"q_proj", "experts"}).find("routed experts"), std::string::npos);
-  EXPECT_NE(error_for("qwen3_moe_a", {"gate_proj"}).find("PEFT would load"), std::string::npos);
+  // Experts where PEFT cannot load per-expert adapters; a partial set of the experts' projections.
+  EXPECT_NE(error_for("nemotron_h_a", {"q_proj", "experts"}).find("routed experts of nemotron_h is not built"),
+            std::string::npos);
+  EXPECT_NE(error_for("qwen2_moe_a", {"experts"}).find("routed experts of qwen2_moe"), std::string::npos);
+  EXPECT_NE(error_for("qwen3_moe_a", {"gate_proj", "up_proj"}).find("takes all of their projections"),
+            std::string::npos);
   EXPECT_NE(error_for("llama_a", {"q_proj", "qq_proj"}).find("'qq_proj' matches no projection"), std::string::npos);
   EXPECT_NE(error_for("nemotron_h_a", {"out_proj"}).find("PEFT refuses"), std::string::npos);
   EXPECT_NE(error_for("llama_a", {"q_proj"}, 0.1).find("peft.dropout"), std::string::npos);
@@ -253,4 +257,73 @@ TEST(LoraTraining, RecipeKeysAreChecked) {
   EXPECT_EQ(r.peft_method, "lora");
   EXPECT_EQ(r.lora.targets, (std::vector<std::string>{"q_proj", "v_proj", "o_proj"}));
   EXPECT_NE(r.to_yaml().find("peft.target_modules: [q_proj, v_proj, o_proj]"), std::string::npos);
+}
+
+// LoRA on the routed experts (qwen3_moe_a's lora_experts/: a per-expert adapter as PEFT and vLLM
+// name it, loaded by PEFT into Transformers 5's fused experts; trained there with B's off-diagonal
+// blocks held at zero, i.e. per expert and projection, as moeforge trains it).
+TEST(LoraExperts, PerExpertAdapterMatchesPeftLogitsAndThreeAdamWSteps) {
+  const std::string dir = test::fixture("qwen3_moe_a"), lora_dir = dir + "/lora_experts";
+  auto ref = hf::SafetensorsFile::open(lora_dir + "/reference.safetensors");
+  auto m = models::from_pretrained(dir);
+  const models::LoraState st = models::apply_adapter_folder(*m.model, lora_dir + "/adapter_init");
+  auto& model = *m.model;
+  int fused = 0;
+  for (const auto& p : model.params().all()) fused += p.lora && p.shape.size() == 3;
+  EXPECT_EQ(fused, 4 * 2);  // gate_up A, B and down A, B in each of the two MoE layers
+  const Tensor want = ref.get("logits");
+  float scale = 1.f;
+  for (float v : want.to_f32_vector()) scale = std::max(scale, std::abs(v));
+  EXPECT_LT(test::max_abs_diff(model.forward({ref.get("input_ids").clone()}).logits.view(want.shape()), want),
+            1e-4f * scale);
+  const double lr = 1e-3;
+  train::AdamW opt(model.params(), {lr, 0.9, 0.95, 1e-8, 0.1, true});
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  const std::vector<float> want_losses = ref.get("train_losses").to_f32_vector();
+  for (int step = 0; step < 3; ++step) {
+    model.params().zero_grad();
+    auto r = model.forward_backward({ids, &labels}, test::step_options(model, labels, false, 0.0));
+    EXPECT_NEAR(test::reference_loss(model, r, 0.0), want_losses[step], 1e-5) << "step " << step;
+    opt.step(lr);
+  }
+  // gate|up's B stayed block-diagonal.
+  for (const auto& p : model.params().all()) {
+    if (!p.lora || p.shape.size() != 3 || !p.name.ends_with("gate_up_proj.lora_B.weight")) continue;
+    const int64_t n = p.shape[1] / 2, r = p.shape[2] / 2;
+    for (int64_t x = 0; x < p.shape[0]; ++x)
+      for (int64_t i = 0; i < p.shape[1]; ++i)
+        for (int64_t j = 0; j < p.shape[2]; ++j)
+          if (i / n != j / r) ASSERT_EQ(p.value.f32()[(x * p.shape[1] + i) * p.shape[2] + j], 0.f) << p.name;
+  }
+  // Written per expert, every tensor against PEFT's after three steps: within 1e-5 of its largest,
+  // or (at most 1% of them, gradients at fp32 noise level that Adam turns into full steps) within
+  // the Adam step bound.
+  test::TempDir tmp;
+  models::save_adapter(model, st, dir, tmp / "after", false);
+  auto got = hf::SafetensorsFile::open(tmp / "after/adapter_model.safetensors");
+  auto peft = hf::SafetensorsFile::open(lora_dir + "/adapter_after/adapter_model.safetensors");
+  ASSERT_EQ(got.entries().size(), peft.entries().size());
+  int64_t off = 0, total = 0;
+  for (const auto& e : peft.entries()) {
+    ASSERT_TRUE(got.contains(e.name)) << e.name;
+    const auto g = got.get(e.name).to_f32_vector(), w = peft.get(e.name).to_f32_vector();
+    ASSERT_EQ(g.size(), w.size()) << e.name;
+    float wmax = 0;
+    for (float v : w) wmax = std::max(wmax, std::abs(v));
+    for (size_t i = 0; i < g.size(); ++i) {
+      const float d = std::abs(g[i] - w[i]);
+      if (d > 1e-5f * wmax) {
+        ++off;
+        EXPECT_LT(d, 2 * 3 * lr / (1 - 0.9)) << e.name << "[" << i << "]";
+      }
+    }
+    total += static_cast<int64_t>(g.size());
+  }
+  EXPECT_LT(off, total / 100 + 1);
+  auto j = nlohmann::json::parse(test::read_text(tmp / "after/adapter_config.json"));
+  EXPECT_EQ(j["target_modules"], nlohmann::json({"down_proj", "gate_proj", "q_proj", "up_proj"}));
+  // Merged into the experts' weights, the model computes what it did with the adapters beside them.
+  const Tensor before = model.forward({ids}).logits;
+  models::merge_lora(model, st);
+  EXPECT_LT(test::max_abs_diff(model.forward({ids}).logits, before), 1e-4f * scale);
 }

@@ -218,8 +218,22 @@ std::vector<nn::Linear*> Decoder::projections(Layer& L) {
 }
 
 std::vector<std::string> Decoder::add_lora(int64_t rank, float scale,
-                                           const std::function<bool(const std::string& module)>& wants) {
+                                           const std::function<bool(const std::string& module)>& wants, bool experts) {
   std::vector<std::string> adapted;
+  for (size_t l = 0; l < main_layers_ && experts; ++l) {
+    auto* moe = std::get_if<nn::SparseMoE>(&layers_[l].mlp);
+    if (!moe || (layers_[l].block && *layers_[l].block != hf::ModelConfig::Block::Moe)) continue;
+    MF_CHECK(!moe->gpt_oss, cfg_.model_type, ": LoRA on GPT-OSS's experts (their transposed, interleaved layout) is not built");
+    MF_CHECK(!moe->lora, "internal: the experts of layer ", l, " have LoRA adapters already");
+    const nn::Param& gu = params_.all()[moe->gate_up];
+    const std::string prefix = gu.name.substr(0, gu.name.rfind('.'));
+    moe->lora.emplace();
+    moe->lora->init(params_, gu.name, params_.all()[moe->down].name, gu.shape[0], moe->expert_width, moe->inter,
+                    moe->relu2 ? 1 : 2, rank, scale);
+    for (size_t i : {moe->lora->gate_up_a, moe->lora->gate_up_b, moe->lora->down_a, moe->lora->down_b})
+      layer_params_[l].push_back(i);
+    adapted.push_back(prefix);
+  }
   for (size_t l = 0; l < main_layers_; ++l)
     for (nn::Linear* lin : projections(layers_[l])) {
       const nn::Param& w = params_.all()[lin->weight];

@@ -54,7 +54,8 @@ class Decoder : public CausalLM {
   int64_t mtp_depths() const override { return static_cast<int64_t>(mtp_.size()); }
   void set_mtp_trainable(bool on) override;
   std::vector<std::string> add_lora(int64_t rank, float scale,
-                                    const std::function<bool(const std::string& module)>& wants) override;
+                                    const std::function<bool(const std::string& module)>& wants,
+                                    bool experts = false) override;
 
  private:
   struct Layer {

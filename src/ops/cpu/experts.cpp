@@ -86,6 +86,18 @@ void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Te
   });
 }
 
+void zero_off_diagonal_blocks(Tensor& b, int64_t parts) {
+  const int64_t e = b.size(0), rows = b.size(1), cols = b.size(2), n = rows / parts, r = cols / parts;
+  for (int64_t x = 0; x < e; ++x)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j)
+        if (i / n != j / r) {
+          const int64_t at = (x * rows + i) * cols + j;
+          if (b.dtype() == DType::F32) b.f32()[at] = 0.f;
+          else std::memset(static_cast<char*>(b.raw()) + at * dtype_size(b.dtype()), 0, dtype_size(b.dtype()));
+        }
+}
+
 RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts) {
   MF_CHECK(expert_indices.dtype() == DType::I64 && expert_indices.dim() == 2, "plan_routing: indices must be I64 [T,k]");
   const int64_t t = expert_indices.size(0), k = expert_indices.size(1);
