@@ -564,6 +564,24 @@ std::vector<OpCase> cases() {
     c.push_back(bwd);
   }
 
+  {
+    // LoRA's fused gate|up B: 3 experts of a 2 x 2 grid of [5, 3] blocks; the off-diagonal ones zeroed.
+    OpCase blocks{"zero_off_diagonal_blocks/two_parts", [=](uint32_t s) { return Tensors{rnd({3, 10, 6}, s)}; },
+                  [](const Tensors& in, DType act) {
+                    Tensor b = ops::to_device(in[0], in[0].device(), act);
+                    ops::zero_off_diagonal_blocks(b, 2);
+                    return Tensors{b};
+                  }};
+    blocks.direct = [](const Tensors& in) {
+      Tensor b = in[0].clone();
+      for (int64_t x = 0; x < 3; ++x)
+        for (int64_t i = 0; i < 10; ++i)
+          for (int64_t j = 0; j < 6; ++j)
+            if ((i < 5) != (j < 3)) b.f32()[(x * 10 + i) * 6 + j] = 0.f;
+      return Tensors{b};
+    };
+    c.push_back(blocks);
+  }
   c.push_back({"bias_clamp_gate/odd",
                [=](uint32_t s) { return Tensors{rnd({5, 7}, s, 2.f), rnd({7}, s + 1), rnd({5, 1}, s + 2), rnd({5, 7}, s + 3)}; },
                [](const Tensors& in, DType act) {
