@@ -127,6 +127,10 @@ def main():
     ap.add_argument("--routing", choices=["native", "balanced"], default="native")
     ap.add_argument("--experts", default="grouped_mm", help="experts_implementation")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--lora-rank", type=int, help="LoRA through PEFT (the base frozen) instead of full fine-tuning")
+    ap.add_argument("--lora-alpha", type=int)
+    ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,experts",
+                    help="PEFT target_modules; 'experts' = gate_proj,up_proj,down_proj (PEFT puts them on the fused experts)")
     a = ap.parse_args()
 
     cfg = AutoConfig.from_pretrained(a.config)
@@ -144,7 +148,16 @@ def main():
                 mod.forward = balanced_gate_forward(mod)
                 n += 1
         assert n > 0, "no router found to patch"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    if a.lora_rank:
+        from peft import LoraConfig, get_peft_model
+        import peft
+        targets = []
+        for t in a.lora_targets.split(","):
+            targets += ["gate_proj", "up_proj", "down_proj"] if t == "experts" else [t]
+        model = get_peft_model(model, LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha or 2 * a.lora_rank,
+                                                 lora_dropout=0.0, target_modules=targets))
+        model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     gen = torch.Generator(device="cuda").manual_seed(a.seed)
     fwd, bwd, optm, step = [], [], [], []
     first = last = None
@@ -181,7 +194,10 @@ def main():
     r = {
         "impl": "transformers", "transformers": transformers.__version__, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(), "config": a.config, "layers": cfg.num_hidden_layers,
-        "params": sum(p.numel() for p in model.parameters()), "seq": a.seq, "batch": a.batch,
+        "params": sum(p.numel() for p in model.parameters() if not a.lora_rank or not p.requires_grad),
+        **({"lora_rank": a.lora_rank, "lora_targets": a.lora_targets.split(","), "peft": __import__("peft").__version__,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)} if a.lora_rank else {}),
+        "seq": a.seq, "batch": a.batch,
         "routing": a.routing, "precision": "bf16", "experts_implementation": a.experts,
         "attn_implementation": best_attention(cfg), "steps": a.steps,
         **({"mamba_path": mamba_path()} if cfg.model_type == "nemotron_h" else {}),

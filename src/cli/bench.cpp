@@ -18,7 +18,8 @@
 namespace moeforge::cli {
 
 int cmd_bench(const std::vector<std::string>& argv) {
-  Args args(argv, {"--layers", "--seq", "--batch", "--steps", "--warmup", "--routing", "--precision", "--seed", "--ep-size", "--zero-stage"},
+  Args args(argv, {"--layers", "--seq", "--batch", "--steps", "--warmup", "--routing", "--precision", "--seed", "--ep-size",
+                   "--zero-stage", "--lora-rank", "--lora-alpha", "--lora-targets"},
             {"--activation-checkpointing", "--optimizer-in-backward"});
   MF_CHECK(args.positionals().size() == 1, "bench takes one CONFIG.json or MODEL_DIR");
   const std::string path = args.positionals()[0];
@@ -51,6 +52,20 @@ int cmd_bench(const std::vector<std::string>& argv) {
   o.activation_checkpointing = args.has("--activation-checkpointing");
   o.optimizer_in_backward = args.has("--optimizer-in-backward");
   o.zero_stage = static_cast<int>(args.get_int("--zero-stage", 1));
+  if (const auto r = args.get("--lora-rank")) {
+    models::LoraOptions lo;
+    lo.rank = args.get_int("--lora-rank", 16);
+    MF_CHECK(lo.rank >= 1, "bench: --lora-rank must be at least 1, got ", *r);
+    lo.alpha = static_cast<double>(args.get_int("--lora-alpha", 2 * lo.rank));
+    lo.targets.clear();
+    std::string targets = args.get("--lora-targets").value_or("q_proj,k_proj,v_proj,o_proj,experts");
+    for (size_t at = 0; at <= targets.size();) {
+      const size_t comma = std::min(targets.find(',', at), targets.size());
+      if (comma > at) lo.targets.push_back(targets.substr(at, comma - at));
+      at = comma + 1;
+    }
+    o.lora = lo;
+  }
   if (main_rank)
     std::fprintf(stderr, "bench: %s, %lld layers, seq %lld, batch %lld, %s routing, %s, %lld warm-up + %lld timed steps\n",
                cfg.source.c_str(), static_cast<long long>(cfg.num_hidden_layers), static_cast<long long>(o.seq),
@@ -78,6 +93,11 @@ int cmd_bench(const std::vector<std::string>& argv) {
   j["config"] = cfg.source;
   j["layers"] = cfg.num_hidden_layers;
   j["params"] = r.params;
+  if (o.lora) {
+    j["lora_rank"] = o.lora->rank;
+    j["lora_targets"] = o.lora->targets;
+    j["trainable_params"] = r.trainable_params;
+  }
   j["seq"] = o.seq;
   j["batch"] = o.batch;
   j["routing"] = routing;

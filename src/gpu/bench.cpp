@@ -57,6 +57,12 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     groups = train::join_ranks(env, ep, cfg.num_experts, args, "bench", /*gpus=*/true);
   }
   auto model = models::build_model(cfg, groups ? groups->parallel() : models::Parallel{});
+  MF_CHECK(!o.lora || !groups, "bench: LoRA is benchmarked on one GPU");
+  int64_t lora_params = 0;
+  if (o.lora) {
+    models::apply_lora(*model, *o.lora, o.seed, "bench");
+    for (const auto& p : model->params().all()) lora_params += p.lora ? shape_numel(p.shape) : 0;
+  }
   // Which parameters are expert shards: their first dimension is split over the group.
   std::vector<bool> sharded(model->params().all().size(), false);
   int64_t full_params = model->params().numel();
@@ -174,6 +180,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   r.tokens_per_s = static_cast<double>(n) / (r.step_ms / 1000.0);
   r.tflops = models::flops_per_token(cfg, o.seq).training * r.tokens_per_s / 1e12;
   r.params = full_params;
+  r.trainable_params = o.lora ? lora_params : full_params;
   r.device = cuda::device_name();
   return r;
 }

@@ -7,9 +7,11 @@
 // gathered layer by layer (gradients reduce-scattered); every rank its own batch. Figures are per GPU:
 // the slowest rank's step time and the largest peak memory.
 #pragma once
+#include <optional>
 #include <cstdint>
 #include <string>
 
+#include "models/lora.h"
 #include "gpu/precision.h"
 #include "hf/config.h"
 
@@ -27,6 +29,8 @@ struct BenchOptions {
   int zero_stage = 1;   // several ranks: 1 splits dense AdamW moments; 3 also dense weights and gradients
   uint64_t seed = 1234;
   double lr = 1e-5, weight_decay = 0.01;  // torch.optim.AdamW's default decay, as the baseline
+  // LoRA (one GPU): adapters on these targets, the base frozen in the compute dtype.
+  std::optional<models::LoraOptions> lora;
 };
 
 struct BenchResult {
@@ -34,7 +38,8 @@ struct BenchResult {
   double forward_ms = 0, backward_ms = 0, optimizer_ms = 0, step_ms = 0;  // medians
   double peak_allocated_gib = 0, peak_reserved_gib = 0, device_used_gib = 0;
   double first_loss = 0, last_loss = 0;
-  int64_t params = 0;  // of the whole model
+  int64_t params = 0;            // of the whole model (the base's, with LoRA)
+  int64_t trainable_params = 0;  // those trained (LoRA: the adapters')
   std::string device;
   int world = 1, ep_size = 1;
 };

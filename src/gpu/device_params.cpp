@@ -26,21 +26,24 @@ DeviceParams DeviceParams::random(const nn::ParamStore& shapes, Precision precis
   const DType dt = gpu::compute_dtype(precision);
   for (const nn::Param& p : shapes.all()) {
     const bool one_dim = p.shape.size() == 1;
-    Tensor v = cuda::empty(p.shape, precision == Precision::BF16Mixed ? DType::F32 : dt, "a parameter");
+    const bool master = precision == Precision::BF16Mixed && !p.frozen;  // a frozen base weight keeps none
+    Tensor v = cuda::empty(p.shape, master ? DType::F32 : dt, "a parameter");
     if (one_dim) cuda::fill(v, 1.f);
     else cuda::fill_normal(v, 0.f, std, seed + 0x1000 * d.values_.size());
-    if (precision == Precision::BF16Mixed) {
+    if (master) {
       d.masters_.push_back(v);
       Tensor c = cuda::empty(p.shape, DType::BF16, "a parameter");
       d.values_.push_back(c);
     } else {
+      if (precision == Precision::BF16Mixed) d.masters_.emplace_back();  // index for index with the values
       d.values_.push_back(v);
     }
     d.shapes_.push_back(p.shape);
     d.add_param_slot(p.decay, p.trainable, p.frozen);
   }
   if (precision == Precision::BF16Mixed)
-    for (size_t i = 0; i < d.values_.size(); ++i) cuda::convert(d.masters_[i], d.values_[i]);
+    for (size_t i = 0; i < d.values_.size(); ++i)
+      if (d.masters_[i].defined()) cuda::convert(d.masters_[i], d.values_[i]);
   return d;
 }
 

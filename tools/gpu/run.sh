@@ -28,6 +28,17 @@ export LD_LIBRARY_PATH=$V/cudnn/lib:$V/nccl/lib:$V/cublas/lib:$V/cu13/lib:$P/lib
 export MOEFORGE_FIXTURES_DIR=$PWD/tests/fixtures MOEFORGE_BIN_PATH=$P/bin/moeforge
 export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off on the shared machines
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/nvidia-smi.txt" 2>&1
+# Python packages the machine's venv lacks (tools/gpu/fetch_wheels.sh: PEFT for the LoRA baseline),
+# unpacked onto PYTHONPATH (wheels are zip files; these need no build step).
+if [ -d .gpu_check/wheels ]; then
+  mkdir -p /tmp/pyextra
+  for w in .gpu_check/wheels/*.whl; do
+    mod=$(basename "$w" | cut -d- -f1 | tr 'A-Z' 'a-z'); [ "$mod" = pyyaml ] && mod=yaml
+    /opt/torch/.venv/bin/python -c "import $mod" 2>/dev/null ||
+      /opt/torch/.venv/bin/python -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/pyextra')" "$w"
+  done
+  export PYTHONPATH=/tmp/pyextra${PYTHONPATH:+:$PYTHONPATH}
+fi
 case "${1:-tests}" in
   tests)
     for t in test_backend_ops test_cuda_dist test_cuda_ops test_cuda_training test_cuda_model; do
