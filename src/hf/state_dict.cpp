@@ -66,6 +66,15 @@ bool StateDictAdapter::in_expert_group(const std::string& name) const {
 
 const ExpertGroup* StateDictAdapter::group_of(const std::string& internal) const {
   auto it = group_index_.find(internal);
+  if (it == group_index_.end()) {
+    // The experts' LoRA adapters (nn::ExpertLora: "<fused>.lora_A.weight") are sharded with them.
+    for (const char* tail : {".lora_A.weight", ".lora_B.weight"}) {
+      const std::string t = tail;
+      if (internal.size() > t.size() && internal.compare(internal.size() - t.size(), t.size(), t) == 0)
+        it = group_index_.find(internal.substr(0, internal.size() - t.size()));
+      if (it != group_index_.end()) break;
+    }
+  }
   return it == group_index_.end() ? nullptr : &groups_[it->second];
 }
 

@@ -73,7 +73,8 @@ class StateDictAdapter {
   // The names a hub-layout checkpoint of this model holds, with shapes (for `inspect`).
   std::vector<std::pair<std::string, Shape>> expected_hub_tensors(const nn::ParamStore& params) const;
 
-  // The expert group an internal parameter belongs to (null for every other parameter).
+  // The expert group an internal parameter belongs to (null for every other parameter); an expert
+  // LoRA adapter ("<fused>.lora_A.weight", "<fused>.lora_B.weight") belongs to its experts' group.
   const ExpertGroup* group_of(const std::string& internal) const;
   // Whether a checkpoint tensor name belongs to an expert group (per-expert or fused).
   bool in_expert_group(const std::string& name) const;

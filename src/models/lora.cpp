@@ -51,18 +51,21 @@ struct ExpertPiece {
   int64_t x, r0, nr, c0, nc;
 };
 
-std::vector<ExpertPiece> expert_pieces(const CausalLM& model, const nn::Param& p) {
+// `whole`: name the pieces of all the model's experts (a tensor gathered over the expert-parallel
+// group, or the keys a whole adapter file holds), else of this rank's.
+std::vector<ExpertPiece> expert_pieces(const CausalLM& model, const nn::Param& p, bool whole = false) {
   const bool is_a = ends_with(p.name, ".lora_A.weight");
   const std::string fused = p.name.substr(0, p.name.size() - std::string(".lora_A.weight").size());
   const hf::ExpertGroup* g = model.adapter().group_of(fused);
   MF_CHECK(g, "internal: expert LoRA parameter ", p.name, " belongs to no expert group");
   const std::vector<std::string> parts = fused == g->gate_up ? g->gate_up_parts() : std::vector<std::string>{g->down_suffix};
   const int64_t n = static_cast<int64_t>(parts.size()), rows = p.shape[1] / n, cols = is_a ? p.shape[2] : p.shape[2] / n;
+  const int64_t first = whole ? 0 : g->first, count = whole ? g->experts : p.shape[0];
   std::vector<ExpertPiece> out;
-  for (int64_t x = 0; x < p.shape[0]; ++x)
+  for (int64_t x = 0; x < count; ++x)
     for (int64_t k = 0; k < n; ++k) {
       const std::string leaf = parts[k].substr(0, parts[k].size() - std::string(".weight").size());
-      out.push_back({kPeftPrefix + g->prefix + std::to_string(g->first + x) + "." + leaf +
+      out.push_back({kPeftPrefix + g->prefix + std::to_string(first + x) + "." + leaf +
                          (is_a ? ".lora_A.weight" : ".lora_B.weight"),
                      x, k * rows, rows, is_a ? 0 : k * cols, cols});
     }
@@ -116,8 +119,6 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
   }
   MF_CHECK(!experts || expert_named == expert_leaves, source, ": key 'peft.target_modules': LoRA on the routed experts "
            "takes all of their projections (give 'experts', or all of the per-expert names)");
-  MF_CHECK(!experts || !model.parallel().ep || model.parallel().ep->size() == 1, source,
-           ": LoRA on the routed experts under expert parallelism (ep_size > 1) is not built yet");
   std::set<std::string> written;
   std::vector<bool> used(o.targets.size(), false);
   LoraState st;
@@ -164,36 +165,84 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
     }
     p.value = Tensor::zeros(p.shape, DType::F32);
     if (ends_with(p.name, ".lora_A.weight")) {
-      std::mt19937_64 rng(seed ^ name_hash(p.name));
+      // One stream per (adapter, global expert): the same draw however the experts are split over ranks.
+      const hf::ExpertGroup* g = p.shape.size() == 3 ? model.adapter().group_of(p.name) : nullptr;
+      const int64_t blocks = p.shape.size() == 3 ? p.shape[0] : 1, per = p.value.numel() / blocks;
       const float bound = 1.f / std::sqrt(static_cast<float>(p.shape.back()));  // 1/sqrt(in features)
       std::uniform_real_distribution<float> u(-bound, bound);
-      for (int64_t i = 0; i < p.value.numel(); ++i) p.value.f32()[i] = u(rng);
+      for (int64_t x = 0; x < blocks; ++x) {
+        std::mt19937_64 rng(seed ^ name_hash(p.name) ^ (g ? name_hash(std::to_string(g->first + x)) : 0));
+        for (int64_t i = 0; i < per; ++i) p.value.f32()[x * per + i] = u(rng);
+      }
     }
   }
   if (!o.init_adapter.empty()) load_adapter_weights(model, o.init_adapter);
   return st;
 }
 
-void write_adapter_files(const CausalLM& model, const LoraState& lora, const std::string& base_model,
-                         const std::string& dir) {
+namespace {
+
+// The adapter's tensors in PEFT's names; `gathered` (index for index with the parameters, may be
+// empty) holds whole-model copies of expert adapters sharded over an expert-parallel group.
+hf::NamedTensors adapter_tensors(const CausalLM& model, const std::vector<Tensor>& gathered) {
   hf::NamedTensors tensors;
-  for (const auto& p : model.params().all()) {
+  const auto& all = model.params().all();
+  for (size_t i = 0; i < all.size(); ++i) {
+    const nn::Param& p = all[i];
     if (!p.lora) continue;
     MF_CHECK(p.value.defined(), "internal: LoRA parameter ", p.name, " is not on the host");
-    const Tensor v = p.value.dtype() == DType::F32 ? p.value : p.value.to(DType::F32);
+    const bool whole = i < gathered.size() && gathered[i].defined();
+    const Tensor src = whole ? gathered[i] : p.value;
+    const Tensor v = src.dtype() == DType::F32 ? src : src.to(DType::F32);
     if (p.shape.size() != 3) {
       tensors.emplace_back(adapter_key(p.name), v);
       continue;
     }
-    for (const ExpertPiece& piece : expert_pieces(model, p)) {  // per expert, as PEFT and vLLM name them
+    for (const ExpertPiece& piece : expert_pieces(model, p, whole)) {  // per expert, as PEFT and vLLM name them
       Tensor t = Tensor::empty({piece.nr, piece.nc}, DType::F32);
-      for (int64_t i = 0; i < piece.nr; ++i)
-        std::copy_n(v.f32() + (piece.x * p.shape[1] + piece.r0 + i) * p.shape[2] + piece.c0, piece.nc,
-                    t.f32() + i * piece.nc);
+      for (int64_t r = 0; r < piece.nr; ++r)
+        std::copy_n(v.f32() + (piece.x * p.shape[1] + piece.r0 + r) * p.shape[2] + piece.c0, piece.nc,
+                    t.f32() + r * piece.nc);
       tensors.emplace_back(piece.key, t);
     }
   }
-  hf::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), tensors);
+  return tensors;
+}
+
+void write_adapter_config(const LoraState& lora, const std::string& base_model, const std::string& dir);
+
+}  // namespace
+
+void write_adapter_files(const CausalLM& model, const LoraState& lora, const std::string& base_model,
+                         const std::string& dir) {
+  hf::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), adapter_tensors(model, {}));
+  write_adapter_config(lora, base_model, dir);
+}
+
+void write_adapter_files_across(const CausalLM& model, const LoraState& lora, const Parallel& par,
+                                const std::string& base_model, const std::string& dir) {
+  const bool ep = par.ep && par.ep->size() > 1;
+  std::vector<Tensor> gathered;
+  if (ep) {  // the experts' adapters whole, from every rank of the group (in rank order = expert order)
+    const auto& all = model.params().all();
+    gathered.resize(all.size());
+    for (size_t i = 0; i < all.size(); ++i) {
+      const hf::ExpertGroup* g = model.adapter().group_of(all[i].name);
+      if (!all[i].lora || !g || all[i].shape[0] == g->experts) continue;
+      Shape whole = all[i].shape;
+      whole[0] = g->experts;
+      gathered[i] = Tensor::empty(whole, all[i].value.dtype());
+      par.ep->all_gather(all[i].value, gathered[i]);
+    }
+  }
+  if (par.world && par.world->rank() != 0) return;
+  hf::save_safetensors((fs::path(dir) / "adapter_model.safetensors").string(), adapter_tensors(model, gathered));
+  write_adapter_config(lora, base_model, dir);
+}
+
+namespace {
+
+void write_adapter_config(const LoraState& lora, const std::string& base_model, const std::string& dir) {
   const LoraOptions& o = lora.options;
   nlohmann::ordered_json j = {{"peft_type", "LORA"},
                               {"task_type", "CAUSAL_LM"},
@@ -215,6 +264,23 @@ void write_adapter_files(const CausalLM& model, const LoraState& lora, const std
                               {"inference_mode", true},
                               {"revision", nullptr}};
   hf::write_text_file_atomic((fs::path(dir) / "adapter_config.json").string(), j.dump(2) + "\n");
+}
+
+}  // namespace
+
+void save_adapter_across(const CausalLM& model, const LoraState& lora, const Parallel& par,
+                         const std::string& base_model, const std::string& dir) {
+  const bool main = !par.world || par.world->rank() == 0;
+  std::string tmp;
+  if (main) tmp = begin_folder(dir, /*overwrite=*/true, "adapter");
+  try {
+    write_adapter_files_across(model, lora, par, base_model, tmp);
+  } catch (...) {
+    if (main) fs::remove_all(tmp);
+    throw;
+  }
+  if (main) finish_folder(tmp, dir);
+  if (par.world) par.world->barrier();
 }
 
 void save_adapter(const CausalLM& model, const LoraState& lora, const std::string& base_model, const std::string& dir,
@@ -302,6 +368,10 @@ void load_adapter_weights(CausalLM& model, const std::string& dir) {
     p.value = t.to(DType::F32).clone();
     used.insert(key);
   }
+  // Under expert parallelism the other ranks' experts are in the file too.
+  for (const auto& p : model.params().all())
+    if (p.lora && p.shape.size() == 3)
+      for (const ExpertPiece& piece : expert_pieces(model, p, /*whole=*/true)) used.insert(piece.key);
   for (const auto& e : file.entries())
     MF_CHECK(used.count(e.name), path, ": '", e.name, "' belongs to no adapted module of this model");
 }

@@ -46,6 +46,13 @@ void save_adapter(const CausalLM& model, const LoraState& lora, const std::strin
 // The same files into an existing folder (a training checkpoint's).
 void write_adapter_files(const CausalLM& model, const LoraState& lora, const std::string& base_model,
                          const std::string& dir);
+// Under several ranks (every rank calls it): the experts' adapters gathered over the expert-parallel
+// group, the files written by world rank 0 (into `dir`, which only rank 0 needs).
+void write_adapter_files_across(const CausalLM& model, const LoraState& lora, const Parallel& par,
+                                const std::string& base_model, const std::string& dir);
+// save_adapter across ranks (always replacing `dir`); ends with a barrier.
+void save_adapter_across(const CausalLM& model, const LoraState& lora, const Parallel& par,
+                         const std::string& base_model, const std::string& dir);
 
 // Reads a PEFT LoRA folder's adapter_config.json into options (rank, alpha, dropout, rslora,
 // target_modules); throws naming the file and field on anything moeforge cannot apply.

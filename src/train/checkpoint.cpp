@@ -76,8 +76,10 @@ void save_checkpoint(const std::string& dir, const models::CausalLM& model, cons
     models::SaveOptions so;
     so.max_shard_bytes = max_shard_bytes;
     if (lora) {
-      // A LoRA run's checkpoint holds its adapter (whole on every rank), not the frozen base.
-      if (rank == 0) models::write_adapter_files(model, *lora, source_dir, tmp.string());
+      // A LoRA run's checkpoint holds its adapter (experts gathered over the expert-parallel group),
+      // not the frozen base.
+      if (multi) models::write_adapter_files_across(model, *lora, *par, source_dir, tmp.string());
+      else models::write_adapter_files(model, *lora, source_dir, tmp.string());
     } else if (multi) {
       models::write_pretrained_files_across(model, *par, source_dir, tmp.string(), so);
     } else {

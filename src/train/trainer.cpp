@@ -393,9 +393,8 @@ TrainResult run_training(const Recipe& r) {
   if (progress) progress->finish();
   const std::string last = save_and_prune(/*keep_host_copies=*/true);  // the final folder is written from them
   if (lora) {
-    // The adapters are whole on every rank: the main one writes them.
-    if (main_rank) models::save_adapter(model, *lora, r.model, result.final_dir, /*overwrite=*/true);
-    if (multi) groups->world_group->barrier();
+    if (multi) models::save_adapter_across(model, *lora, par, r.model, result.final_dir);  // ends with a barrier
+    else models::save_adapter(model, *lora, r.model, result.final_dir, /*overwrite=*/true);
     if (main_rank) progress->message("saved " + result.final_dir + " (PEFT LoRA adapter) and " + last);
     return result;
   }
