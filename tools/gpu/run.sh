@@ -4,7 +4,8 @@
 #   tests               runs the GPU tests (summary lines in $OUT/summary.txt, logs beside it); with
 #                       2+ GPUs the multi-GPU ones again with MOEFORGE_EP_CHUNKS=2
 #   roundtrip           tools/check_hf_roundtrip.py: every fixture through `moeforge convert`, loaded
-#                       by the machine's Transformers next to its source (log in $OUT/roundtrip.log)
+#                       by the machine's Transformers next to its source (log in $OUT/roundtrip.log);
+#                       then tools/check_peft_roundtrip.py (LoRA adapters into PEFT; $OUT/peft_roundtrip.log)
 #   compare ARGS...     bench/compare.sh CONFIG-NAME ARGS with the packed moeforge and the machine's
 #                       Transformers (NPROC=N for N GPUs), e.g.
 #                       NPROC=8 bash tools/gpu/run.sh compare qwen3-30b-a3b --routing native --seq 4096
@@ -53,7 +54,9 @@ case "${1:-tests}" in
     cat "$OUT/summary.txt" ;;
   roundtrip)
     /opt/torch/.venv/bin/python tools/check_hf_roundtrip.py --moeforge "$P/bin/moeforge" --fixtures tests/fixtures \
-      --work /tmp/roundtrip 2>&1 | grep -v -E "Loading weights|Writing model" | tee "$OUT/roundtrip.log" ;;
+      --work /tmp/roundtrip 2>&1 | grep -v -E "Loading weights|Writing model" | tee "$OUT/roundtrip.log"
+    /opt/torch/.venv/bin/python tools/check_peft_roundtrip.py --moeforge "$P/bin/moeforge" --fixtures tests/fixtures \
+      --work /tmp/peft_roundtrip 2>&1 | grep -v -E "Loading weights|Writing model" | tee "$OUT/peft_roundtrip.log" ;;
   only)
     timeout 300 "$P/bin/$2" ${3:+--gtest_filter="$3"} > "$OUT/$2.log" 2>&1; echo "$2 rc=$?" | tee -a "$OUT/summary.txt"
     grep -E "^\[  (PASSED|FAILED|SKIPPED|  OK) |Failure|error" "$OUT/$2.log" | tail -n 60 ;;
