@@ -63,6 +63,8 @@ struct TrainStepOptions {
   // blocks): the optimizer-in-backward path applies AdamW to them and frees their gradients, so
   // all the gradients never exist at once.
   std::function<void(const std::vector<size_t>&)> on_grads_ready;
+  // LoRA dropout (nn::LoraDropoutScope): this micro-step's seed; none, no dropout.
+  std::optional<uint64_t> lora_dropout_seed;
   // Token chunks a MoE layer splits its expert exchange into (nn::RunContext::ep_chunks).
   int ep_chunks = 1;
   // Marks the end of a named phase of the step (gpu::PhaseTimes; null: not measured).
@@ -115,7 +117,7 @@ class CausalLM {
   // group). Returns the adapted modules' names (for experts, the experts' internal prefix).
   virtual std::vector<std::string> add_lora(int64_t rank, float scale,
                                             const std::function<bool(const std::string& module)>& wants,
-                                            bool experts = false);
+                                            bool experts = false, float dropout = 0.f);
 
  protected:
   hf::ModelConfig cfg_;

@@ -87,8 +87,7 @@ bool has_lora(const CausalLM& model) {
 LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const std::string& source) {
   MF_CHECK(o.rank > 0, source, ": key 'peft.rank': ", o.rank, " must be positive");
   MF_CHECK(std::isfinite(o.alpha) && o.alpha > 0, source, ": key 'peft.alpha': ", o.alpha, " must be positive");
-  MF_CHECK(o.dropout == 0, source, ": key 'peft.dropout': ", o.dropout,
-           " (LoRA dropout is not built; only 0.0 is accepted)");
+  MF_CHECK(o.dropout >= 0 && o.dropout < 1, source, ": key 'peft.dropout': ", o.dropout, " must be in [0, 1)");
   MF_CHECK(!o.targets.empty(), source, ": key 'peft.target_modules' is empty");
   MF_CHECK(!has_lora(model), source, ": the model has LoRA adapters already");
   const std::string type = model.config().model_type;
@@ -117,6 +116,8 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
     MF_CHECK(type != "nemotron_h" || (t != "out_proj" && t != "conv1d"), source, ": key 'peft.target_modules': '",
              t, "' cannot be adapted on nemotron_h (PEFT refuses out_proj and conv1d on Mamba models)");
   }
+  MF_CHECK(!experts || o.dropout == 0, source, ": key 'peft.dropout': ", o.dropout, " with the routed experts "
+           "targeted (PEFT's LoRA on fused experts has no dropout; set 0.0)");
   MF_CHECK(!experts || expert_named == expert_leaves, source, ": key 'peft.target_modules': LoRA on the routed experts "
            "takes all of their projections (give 'experts', or all of the per-expert names)");
   std::set<std::string> written;
@@ -140,7 +141,7 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
         }
         return hit;
       },
-      experts);
+      experts, static_cast<float>(o.dropout));
   if (experts) {
     bool any = false;
     for (const auto& p : model.params().all()) any = any || (p.lora && p.shape.size() == 3);
@@ -334,7 +335,7 @@ LoraOptions read_adapter_config(const std::string& dir) {
       o.targets.push_back(e.get<std::string>());
     }
   }
-  o.dropout = 0;  // dropout only acts in training; a loaded adapter's forward is the same
+  MF_CHECK(o.dropout >= 0 && o.dropout < 1, path, ": field 'lora_dropout' must be in [0, 1)");
   return o;
 }
 
@@ -379,6 +380,7 @@ void load_adapter_weights(CausalLM& model, const std::string& dir) {
 LoraState apply_adapter_folder(CausalLM& model, const std::string& dir) {
   LoraOptions o = read_adapter_config(dir);
   o.init_adapter = dir;
+  o.dropout = 0;  // dropout acts only in training: the adapter's function is the same without it
   return apply_lora(model, o, 0, (fs::path(dir) / "adapter_config.json").string());
 }
 

@@ -4,28 +4,53 @@
 
 namespace moeforge::nn {
 
-void LoraAdapter::init(ParamStore& ps, const std::string& module, int64_t in, int64_t out, int64_t rank, float scale_) {
+namespace {
+
+thread_local std::optional<uint64_t> step_dropout_seed;
+
+}  // namespace
+
+LoraDropoutScope::LoraDropoutScope(std::optional<uint64_t> seed) : saved_(step_dropout_seed) { step_dropout_seed = seed; }
+LoraDropoutScope::~LoraDropoutScope() { step_dropout_seed = saved_; }
+std::optional<uint64_t> lora_dropout_seed() { return step_dropout_seed; }
+
+void LoraAdapter::init(ParamStore& ps, const std::string& module, int64_t in, int64_t out, int64_t rank, float scale_,
+                       float dropout_) {
   a = ps.add(module + ".lora_A.weight", {rank, in});
   b = ps.add(module + ".lora_B.weight", {out, rank});
   for (size_t i : {a, b}) ps.all()[i].lora = true;
   scale = scale_;
+  dropout = dropout_;
+  salt = 1469598103934665603ull;  // FNV-1a of the module's name
+  for (unsigned char c : module) salt = (salt ^ c) * 1099511628211ull;
 }
 
-void LoraAdapter::forward_add(const ParamAccess& ps, const Tensor& x, Tensor& y) const {
+Tensor LoraAdapter::dropped(const Tensor& x) const {
+  const std::optional<uint64_t> seed = lora_dropout_seed();
+  return dropout > 0.f && seed ? ops::dropout_scaled(x, dropout, *seed ^ salt) : x;
+}
+
+void LoraAdapter::forward_add(const ParamAccess& ps, const Tensor& x_in, Tensor& y) const {
+  const Tensor x = dropped(x_in);
   Tensor h = ops::linear(x, ps.value(a));  // [T, r]
   ops::scale_inplace({h}, scale);
   ops::gemm(h, false, ps.value(b), true, y, /*accumulate=*/true);
 }
 
-void LoraAdapter::backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, Tensor& dx) const {
-  // h = scale x A^T is recomputed (T x r, cheap) rather than kept.
+void LoraAdapter::backward(ParamAccess& ps, const Tensor& x_in, const Tensor& dy, Tensor& dx) const {
+  // h = scale x A^T is recomputed (T x r, cheap) rather than kept; so is the dropout mask.
+  const Tensor x = dropped(x_in);
   Tensor h = ops::linear(x, ps.value(a));
   ops::scale_inplace({h}, scale);
   ops::linear_weight_grad(dy, h, ps.grad(b));          // dB += dy^T h
   Tensor dh = ops::linear_input_grad(dy, ps.value(b));  // dy B [T, r]
   ops::scale_inplace({dh}, scale);
   ops::linear_weight_grad(dh, x, ps.grad(a));           // dA += scale (dy B)^T x
-  ops::gemm(dh, false, ps.value(a), false, dx, /*accumulate=*/true);
+  if (dropout > 0.f && lora_dropout_seed()) {
+    ops::add_inplace(dx, dropped(ops::linear_input_grad(dh, ps.value(a))));  // the mask again, on d(x)
+  } else {
+    ops::gemm(dh, false, ps.value(a), false, dx, /*accumulate=*/true);
+  }
 }
 
 namespace {

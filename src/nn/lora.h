@@ -3,6 +3,8 @@
 // ordinary parameters of the model's ParamStore, registered beside the base weight under PEFT's
 // module names (`<module>.lora_A.weight`, `<module>.lora_B.weight`) and flagged `lora`.
 #pragma once
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -11,15 +13,39 @@
 
 namespace moeforge::nn {
 
+// The LoRA dropout of the training step running on this thread: its seed while a scope is alive
+// (Decoder::forward_backward opens one from TrainStepOptions::lora_dropout_seed); no scope, no
+// dropout (inference and eval, as PEFT in eval mode).
+class LoraDropoutScope {
+ public:
+  explicit LoraDropoutScope(std::optional<uint64_t> seed);
+  ~LoraDropoutScope();
+  LoraDropoutScope(const LoraDropoutScope&) = delete;
+  LoraDropoutScope& operator=(const LoraDropoutScope&) = delete;
+
+ private:
+  std::optional<uint64_t> saved_;
+};
+std::optional<uint64_t> lora_dropout_seed();
+
 struct LoraAdapter {
   size_t a = 0, b = 0;
   float scale = 1.f;
+  // PEFT's lora_dropout on the adapter's input (y = W x + scale B A dropout(x)); the mask of a step
+  // comes from its seed and `salt` (the module's name), so backward and recomputation reproduce it.
+  float dropout = 0.f;
+  uint64_t salt = 0;
   // module: the adapted layer's name without ".weight" ("model.layers.0.self_attn.q_proj").
-  void init(ParamStore& ps, const std::string& module, int64_t in, int64_t out, int64_t rank, float scale_);
+  void init(ParamStore& ps, const std::string& module, int64_t in, int64_t out, int64_t rank, float scale_,
+            float dropout_ = 0.f);
   // y += scale * (x A^T) B^T.
   void forward_add(const ParamAccess& ps, const Tensor& x, Tensor& y) const;
   // Accumulates the gradients of A and B and adds the adapter's part of d(x) into dx.
   void backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, Tensor& dx) const;
+
+ private:
+  // The adapter's view of an input (or of a gradient w.r.t. it): dropped out when a step's seed is set.
+  Tensor dropped(const Tensor& x) const;
 };
 
 // LoRA on a MoE layer's local experts, per expert and projection as PEFT names them for checkpoints

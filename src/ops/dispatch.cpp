@@ -454,4 +454,9 @@ void zero_off_diagonal_blocks(Tensor& b, int64_t parts) {
   MF_DISPATCH("zero_off_diagonal_blocks", b, zero_off_diagonal_blocks(b, parts));
 }
 
+Tensor dropout_scaled(const Tensor& x, float p, uint64_t seed) {
+  MF_CHECK(p >= 0.f && p < 1.f, "dropout_scaled: p must be in [0, 1), got ", p);
+  MF_DISPATCH("dropout_scaled", x, dropout_scaled(x, p, seed));
+}
+
 }  // namespace moeforge::ops

@@ -26,6 +26,10 @@ Tensor to_device(const Tensor& t, Device device, DType dtype);
 // on it (nothing to wait for on the CPU).
 Tensor copy(const Tensor& x);
 void zero(Tensor& x);
+// Inverted dropout: x * keep / (1 - p), keep_i = 0 with probability p, drawn from a counter-based
+// hash of (seed, i): the same mask on both devices for the same seed and shape, and again for the
+// same seed (how a backward or a recomputation reproduces its forward's mask). F32 or BF16.
+Tensor dropout_scaled(const Tensor& x, float p, uint64_t seed);
 // A zeroed tensor on `device`.
 Tensor zeros(const Shape& shape, DType dtype, Device device, const char* what = "tensor");
 void synchronize(Device device);

@@ -45,6 +45,18 @@ std::string hash_text(const std::string& s) {
   return buf;
 }
 
+// A seed from a run's seed, its step and a micro-batch index (splitmix64 steps).
+uint64_t hash_seed(uint64_t seed, uint64_t step, uint64_t micro) {
+  uint64_t x = seed;
+  for (uint64_t v : {step, micro}) {
+    x ^= v + 0x9E3779B97F4A7C15ull + (x << 6) + (x >> 2);
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    x ^= x >> 31;
+  }
+  return x;
+}
+
 // Decides where the run starts: a fresh output folder, or a checkpoint to resume from.
 std::string prepare_output(const Recipe& r) {
   const fs::path out(r.output_dir);
@@ -339,7 +351,11 @@ TrainResult run_training(const Recipe& r) {
     if (r.optimizer_in_backward) o.on_grads_ready = backend->begin_step_in_backward(lr);
     double ce = 0, aux_sum = 0;
     std::vector<double> mtp_ce(static_cast<size_t>(mtp_depths), 0.0);
-    for (auto& mb : micro) {
+    for (size_t k = 0; k < micro.size(); ++k) {
+      auto& mb = micro[k];
+      // LoRA dropout: a fresh mask per micro-step, the same on every rank of it (from the step and index).
+      if (lora && r.lora.dropout > 0)
+        o.lora_dropout_seed = hash_seed(r.seed, static_cast<uint64_t>(st.step), static_cast<uint64_t>(k));
       models::ForwardInputs in{mb.input_ids, &mb.labels};
       if (data.packing()) {
         in.position_ids = &mb.position_ids;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "ops/cuda/runtime.h"
+#include "ops/dropout_hash.h"
 #include "ops/ops.h"
 #include "test_util.h"
 
@@ -581,6 +582,31 @@ std::vector<OpCase> cases() {
       return Tensors{b};
     };
     c.push_back(blocks);
+  }
+  {
+    // LoRA's input dropout: the CUDA mask equals the CPU's for a seed; the CPU's drops about p of the
+    // elements and scales the rest by 1 / (1 - p).
+    OpCase drop{"dropout_scaled/p0.3", [=](uint32_t s) { return Tensors{rnd({64, 33}, s)}; },
+                [](const Tensors& in, DType act) {
+                  return Tensors{ops::dropout_scaled(as(in[0], act), 0.3f, 77), ops::dropout_scaled(as(in[0], act), 0.3f, 78)};
+                }};
+    drop.direct = [](const Tensors& in) {
+      Tensors out;
+      for (uint64_t seed : {77ull, 78ull}) {
+        Tensor y = in[0].clone();
+        int64_t dropped = 0;
+        for (int64_t i = 0; i < y.numel(); ++i) {
+          const bool keep = ops::dropout_keeps(seed, i, 0.3f);
+          dropped += !keep;
+          y.f32()[i] = keep ? in[0].f32()[i] / 0.7f : 0.f;
+        }
+        EXPECT_NEAR(static_cast<double>(dropped) / y.numel(), 0.3, 0.03);
+        out.push_back(y);
+      }
+      EXPECT_GT(test::max_abs_diff(out[0], out[1]), 0.f);  // another seed, another mask
+      return out;
+    };
+    c.push_back(drop);
   }
   c.push_back({"bias_clamp_gate/odd",
                [=](uint32_t s) { return Tensors{rnd({5, 7}, s, 2.f), rnd({7}, s + 1), rnd({5, 1}, s + 2), rnd({5, 7}, s + 3)}; },

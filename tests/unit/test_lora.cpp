@@ -169,7 +169,7 @@ TEST(Lora, TargetsItCannotAdaptAreErrorsNamingTheKey) {
             std::string::npos);
   EXPECT_NE(error_for("llama_a", {"q_proj", "qq_proj"}).find("'qq_proj' matches no projection"), std::string::npos);
   EXPECT_NE(error_for("nemotron_h_a", {"out_proj"}).find("PEFT refuses"), std::string::npos);
-  EXPECT_NE(error_for("llama_a", {"q_proj"}, 0.1).find("peft.dropout"), std::string::npos);
+  EXPECT_NE(error_for("llama_a", {"q_proj"}, 1.0).find("peft.dropout"), std::string::npos);
   for (const char* f : {"qwen3_moe_a", "llama_a"})
     EXPECT_EQ(error_for(f, {"q_proj"}).rfind("recipe.yaml: ", 0), std::string::npos) << "no error expected";
 }
@@ -326,4 +326,74 @@ TEST(LoraExperts, PerExpertAdapterMatchesPeftLogitsAndThreeAdamWSteps) {
   const Tensor before = model.forward({ids}).logits;
   models::merge_lora(model, st);
   EXPECT_LT(test::max_abs_diff(model.forward({ids}).logits, before), 1e-4f * scale);
+}
+
+// LoRA dropout (PEFT's lora_dropout on the adapter's input): active only inside a training step with
+// a seed; the same seed gives the same mask (forward, recomputation and backward agree), and the
+// gradients are those of the dropped-out function (finite differences).
+TEST(LoraDropout, OnlyInTrainingStepsAndItsGradientsAreTheMaskedFunctions) {
+  auto m = models::from_pretrained(test::fixture("llama_a"));
+  auto plain = models::from_pretrained(test::fixture("llama_a"));
+  models::LoraOptions o;
+  o.rank = 2;
+  o.alpha = 4;
+  o.dropout = 0.5;
+  o.targets = {"q_proj", "v_proj", "down_proj"};
+  models::apply_lora(*m.model, o, 3, "t");
+  models::LoraOptions o0 = o;
+  o0.dropout = 0;
+  models::apply_lora(*plain.model, o0, 3, "t");
+  for (auto* model : {m.model.get(), plain.model.get()})  // the same non-zero adapters in both
+    for (auto& p : model->params().all())
+      if (p.lora) p.value = test::random_tensor(p.shape, 5, 0.3f);
+  auto ref = hf::SafetensorsFile::open(test::fixture("llama_a") + "/reference.safetensors");
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  // Inference: no dropout.
+  EXPECT_EQ(test::max_abs_diff(m.model->forward({ids}).logits, plain.model->forward({ids}).logits), 0.f);
+  models::TrainStepOptions so = test::step_options(*m.model, labels, false, 0.0);
+  const auto loss = [&](std::optional<uint64_t> seed, bool keep_grads = false) {
+    so.lora_dropout_seed = seed;
+    if (!keep_grads) m.model->params().zero_grad();
+    return m.model->forward_backward({ids, &labels}, so).ce_sum;
+  };
+  so.lora_dropout_seed = std::nullopt;
+  const double none = plain.model->forward_backward({ids, &labels}, so).ce_sum;
+  EXPECT_DOUBLE_EQ(loss(std::nullopt), none);
+  const double a = loss(11), b = loss(11), c = loss(12);
+  EXPECT_EQ(a, b);
+  EXPECT_NE(a, none);
+  EXPECT_NE(a, c);
+  // Activation checkpointing recomputes the layers under the same mask: the same step.
+  so.activation_checkpointing = true;
+  EXPECT_EQ(loss(11), a);
+  so.activation_checkpointing = false;
+  // d(loss)/d(adapter) by central differences on a few elements of each adapter, seed 11.
+  loss(11);
+  std::vector<std::pair<size_t, Tensor>> grads;
+  for (size_t i = 0; i < m.model->params().all().size(); ++i)
+    if (m.model->params().all()[i].lora) grads.emplace_back(i, m.model->params().all()[i].grad.clone());
+  int checked = 0;
+  for (const auto& [i, g] : grads) {
+    auto& p = m.model->params().all()[i];
+    for (int64_t e : {int64_t{0}, p.value.numel() / 2, p.value.numel() - 1}) {
+      const float keep = p.value.f32()[e], h = 1e-2f;
+      p.value.f32()[e] = keep + h;
+      const double up = loss(11);
+      p.value.f32()[e] = keep - h;
+      const double down = loss(11);
+      p.value.f32()[e] = keep;
+      const double fd = so.ce_scale * (up - down) / (2 * h), an = g.f32()[e];  // the step's loss is ce_scale * ce_sum
+      EXPECT_NEAR(an, fd, 2e-3 + 2e-2 * std::abs(fd)) << p.name << "[" << e << "]";
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, 3 * 2 * 3 * 2);  // 3 elements of A and B of q, v and down in both layers
+}
+
+TEST(LoraDropout, WithTheExpertsTargetedIsAnError) {
+  auto m = models::from_pretrained(test::fixture("qwen3_moe_a"));
+  models::LoraOptions o;
+  o.dropout = 0.1;
+  o.targets = {"q_proj", "experts"};
+  EXPECT_NE(test::error_of([&] { models::apply_lora(*m.model, o, 1, "r.yaml"); }).find("no dropout"), std::string::npos);
 }

@@ -218,7 +218,8 @@ std::vector<nn::Linear*> Decoder::projections(Layer& L) {
 }
 
 std::vector<std::string> Decoder::add_lora(int64_t rank, float scale,
-                                           const std::function<bool(const std::string& module)>& wants, bool experts) {
+                                           const std::function<bool(const std::string& module)>& wants, bool experts,
+                                           float dropout) {
   std::vector<std::string> adapted;
   for (size_t l = 0; l < main_layers_ && experts; ++l) {
     auto* moe = std::get_if<nn::SparseMoE>(&layers_[l].mlp);
@@ -242,7 +243,7 @@ std::vector<std::string> Decoder::add_lora(int64_t rank, float scale,
       MF_CHECK(!lin->lora, module, ": has a LoRA adapter already");
       const int64_t out = w.shape[0], in = w.shape[1];
       lin->lora.emplace();
-      lin->lora->init(params_, module, in, out, rank, scale);
+      lin->lora->init(params_, module, in, out, rank, scale, dropout);
       layer_params_[l].push_back(lin->lora->a);
       layer_params_[l].push_back(lin->lora->b);
       adapted.push_back(module);
@@ -567,6 +568,7 @@ TrainStepResult Decoder::forward_backward(nn::ParamAccess& ps, const ForwardInpu
   MF_CHECK(opts.mtp_scales.empty() || opts.mtp_scales.size() == mtp_.size(), "training asks for ",
            opts.mtp_scales.size(), " multi-token prediction depths, the model has ", mtp_.size());
   const auto t0 = std::chrono::steady_clock::now();
+  const nn::LoraDropoutScope dropout(opts.lora_dropout_seed);  // the forward, its recomputations and the backward
   Batch bt = prepare(ps, in, par);
   bt.ctx.ep_chunks = opts.ep_chunks;
   bt.ctx.mark = opts.mark_phase;

@@ -55,7 +55,7 @@ class Decoder : public CausalLM {
   void set_mtp_trainable(bool on) override;
   std::vector<std::string> add_lora(int64_t rank, float scale,
                                     const std::function<bool(const std::string& module)>& wants,
-                                    bool experts = false) override;
+                                    bool experts = false, float dropout = 0.f) override;
 
  private:
   struct Layer {

@@ -111,6 +111,7 @@ void ssm_scan_backward(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_b
                        const Tensor* doc_ids, const Tensor& dy, SsmScanGrads& grads);
 Tensor gated_rms_norm(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps);
 void zero_off_diagonal_blocks(Tensor& b, int64_t parts);
+Tensor dropout_scaled(const Tensor& x, float p, uint64_t seed);
 void gated_rms_norm_backward(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps,
                              const Tensor& dout, Tensor& dy, Tensor& dz, Tensor& dw);
 

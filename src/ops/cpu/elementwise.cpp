@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "ops/cpu/cpu_ops.h"
+#include "ops/dropout_hash.h"
 
 namespace moeforge::ops::cpu {
 
@@ -90,6 +91,15 @@ void add_inplace(Tensor& x, const Tensor& y) {
   const int64_t n = x.numel();
 #pragma omp parallel for if (n > 65536)
   for (int64_t i = 0; i < n; ++i) a[i] += b[i];
+}
+
+Tensor dropout_scaled(const Tensor& x, float p, uint64_t seed) {
+  const Tensor f = as_f32(x);
+  Tensor y = Tensor::empty(x.shape(), DType::F32);
+  const float keep_scale = 1.f / (1.f - p);
+  for (int64_t i = 0; i < f.numel(); ++i)
+    y.f32()[i] = dropout_keeps(seed, i, p) ? f.f32()[i] * keep_scale : 0.f;
+  return y;
 }
 
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted) {

@@ -119,6 +119,7 @@ const char* attention_backend(const Tensor& q, int64_t window, const Tensor* doc
 // Mamba2 (mamba.cu; the scan in ssd_scan.cu, chunked state-space-duality form): outputs in x's
 // dtype (the scan's gradients F32); doc_ids on the device.
 void zero_off_diagonal_blocks(Tensor& b, int64_t parts);
+Tensor dropout_scaled(const Tensor& x, float p, uint64_t seed);
 Tensor relu2(const Tensor& x);
 Tensor relu2_backward(const Tensor& x, const Tensor& dy);
 Tensor causal_conv1d(const Tensor& x, const Tensor& w, const Tensor* bias, int64_t batch, const Tensor* doc_ids,

@@ -1,4 +1,6 @@
-// LoRA's fused gate|up B kept block-diagonal (ops::zero_off_diagonal_blocks).
+// LoRA's ops: the fused gate|up B kept block-diagonal (ops::zero_off_diagonal_blocks) and the
+// adapters' input dropout (ops::dropout_scaled, the CPU's mask: ops/dropout_hash.h).
+#include "ops/dropout_hash.h"
 #include "ops/cuda/check.h"
 #include "ops/cuda/kernel_util.cuh"
 #include "ops/cuda/ops_cuda.h"
@@ -18,7 +20,26 @@ __global__ void zero_off_diagonal_kernel(T* b, int64_t total, int64_t rows, int6
   }
 }
 
+template <typename T>
+__global__ void dropout_kernel(const T* x, T* y, int64_t n, float p, float keep_scale, uint64_t seed) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+    store(y, i, ops::dropout_keeps(seed, i, p) ? load(x, i) * keep_scale : 0.f);
+}
+
 }  // namespace
+
+Tensor dropout_scaled(const Tensor& x, float p, uint64_t seed) {
+  require_float(x, "dropout_scaled");
+  Tensor y = empty(x.shape(), x.dtype(), "dropout output");
+  if (x.numel() == 0) return y;
+  dispatch_float(x.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dropout_kernel<<<grid_stride_blocks(x.numel()), kGridStrideThreads, 0, current_stream()>>>(
+        x.data<T>(), y.data<T>(), x.numel(), p, 1.f / (1.f - p), seed);
+  });
+  MF_CUDA_CHECK_LAUNCH("dropout_scaled");
+  return y;
+}
 
 void zero_off_diagonal_blocks(Tensor& b, int64_t parts) {
   require_float(b, "zero_off_diagonal_blocks");
