@@ -114,12 +114,16 @@ void DeviceParams::shard(const std::vector<parallel::Communicator*>& group_of) {
   for (size_t i = 0; i < values_.size(); ++i) {
     parallel::Communicator* g = group_of[i];
     // Every rank needs a block (block_of leaves the last ones empty when there are few elements).
-    if (!g || g->size() == 1 || !trainable_[i] || parallel::block_of(numel(i), g->size() - 1, g->size()).count == 0)
+    // Buffers stay whole; LoRA's frozen base weights are split like trained ones (gathered per layer,
+    // no gradient blocks).
+    if (!g || g->size() == 1 || (!trainable_[i] && !frozen_[i]) ||
+        parallel::block_of(numel(i), g->size() - 1, g->size()).count == 0)
       continue;
     group_of_[i] = g;
     const parallel::Block b = block(i);
     shard_values_[i] = cuda::copy(flat_block(values_[i], b), "a parameter's block");
-    if (!masters_.empty()) shard_masters_[i] = cuda::copy(flat_block(masters_[i], b), "a parameter's F32 master block");
+    if (!masters_.empty() && masters_[i].defined())
+      shard_masters_[i] = cuda::copy(flat_block(masters_[i], b), "a parameter's F32 master block");
     if (std::find(groups_.begin(), groups_.end(), g) == groups_.end()) groups_.push_back(g);
   }
   for (size_t i = 0; i < values_.size(); ++i) {
@@ -212,7 +216,7 @@ void DeviceParams::scatter_grads(const std::vector<size_t>& indices) {
     std::vector<size_t> which;
     std::vector<Tensor> whole;
     for (size_t i : indices) {
-      if (!sharded(i) || group_of_[i] != g) continue;
+      if (!sharded(i) || group_of_[i] != g || !trainable_[i]) continue;  // a frozen weight has no gradient
       which.push_back(i);
       whole.push_back(grad(i));  // zeros where backward never wrote it: every rank sends the same list
     }

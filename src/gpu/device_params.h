@@ -58,7 +58,7 @@ class DeviceParams : public nn::ParamAccess {
   // with sharded parameters a collective over their group (every rank calls it).
   void copy_to_host(nn::ParamStore& host) const;
 
-  // ZeRO-3: each trainable parameter with a group in `group_of` (the ranks that hold copies of it:
+  // ZeRO-3: each trainable (or LoRA-frozen) parameter with a group in `group_of` (the ranks that hold copies of it:
   // the world for dense weights, the expert-data-parallel group for an expert shard) keeps only
   // this rank's block, if the parameter is large enough for every rank of it to get one; their
   // whole values are freed. Null or one-rank groups: left whole.
