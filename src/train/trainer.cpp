@@ -198,6 +198,11 @@ TrainResult run_training(const Recipe& r) {
   if (tokenizer && r.add_eos) dopts.eos_id = eos_token_id(r.model);
   data::Dataset dataset = data::load_dataset(dopts);
   data::TokenBatches data(std::move(dataset.rows), r.seq_len, r.seed, r.packing);
+  // A step larger than the dataset would repeat rows inside it (and an absurd value would allocate or
+  // loop for ever before the first line of output).
+  MF_CHECK(r.global_batch <= data.rows(), r.source, ": key 'global_batch': ", r.global_batch,
+           " rows per step, but the dataset has ", data.rows(), r.packing ? " packed" : "",
+           " rows; lower global_batch (and micro_batch) to at most that");
   for (int64_t i = 0; i < data.rows(); ++i)
     for (int64_t id : data.row_at(i).input_ids)
       MF_CHECK(id >= 0 && id < cfg.vocab_size, r.data, ":", data.row_at(i).line, ": token id ", id,

@@ -347,6 +347,24 @@ TEST(TrainerFaults, DivergenceStopsBeforeAnythingNonFiniteIsSaved) {
   EXPECT_FALSE(fs::exists(dir / "out/checkpoint-1"));
 }
 
+// Batch sizes beyond the dataset (an absurd value used to allocate or loop without a word): one
+// error naming the key, before the output folder is touched.
+TEST(TrainerBadInput, ABatchLargerThanTheDatasetIsAnError) {
+  for (const std::vector<std::string>& o : {std::vector<std::string>{"micro_batch=100000000", "global_batch=100000000"},
+                                            std::vector<std::string>{"micro_batch=1", "global_batch=100000000000000"},
+                                            std::vector<std::string>{"micro_batch=65", "global_batch=65"}}) {
+    test::TempDir dir;
+    const std::string e = test::error_of([&] { train::run_training(train::load_recipe(write_recipe(dir), o)); });
+    EXPECT_NE(e.find("key 'global_batch'"), std::string::npos) << e;
+    EXPECT_NE(e.find("the dataset has 64 rows"), std::string::npos) << e;
+    EXPECT_FALSE(fs::exists(dir / "out")) << o[0];
+  }
+  test::TempDir ok;
+  EXPECT_EQ(train::run_training(train::load_recipe(write_recipe(ok), {"micro_batch=64", "global_batch=64", "steps=1"}))
+                .losses.size(),
+            1u);
+}
+
 TEST(RecipeBadInput, WrongType) {
   test::TempDir dir;
   const std::string e = test::error_of([&] { train::load_recipe(write_recipe(dir), {"steps=ten"}); });
