@@ -13,6 +13,7 @@
 #include "core/logging.h"
 #include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
+#include "hf/fs_util.h"
 
 namespace moeforge::data {
 
@@ -91,6 +92,7 @@ TokenRow messages_row(const nlohmann::ordered_json& j, const std::string& where,
 
 TokenRow parse_row(const std::string& line, const std::string& where, const DatasetOptions& o) {
   nlohmann::ordered_json j;  // ordered: chat templates see the keys in the file's order (tojson)
+  hf::check_json_depth(line, where);
   try {
     j = nlohmann::ordered_json::parse(line);
   } catch (const nlohmann::ordered_json::exception& e) {

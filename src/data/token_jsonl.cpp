@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "hf/fs_util.h"
 
 namespace moeforge::data {
 
@@ -24,6 +25,7 @@ std::vector<int64_t> int_list(const nlohmann::json& j, const char* field, const 
 
 TokenRow parse_token_line(const std::string& text, const std::string& where) {
   nlohmann::json j;
+  hf::check_json_depth(text, where);
   try {
     j = nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception& e) {

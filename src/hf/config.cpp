@@ -217,8 +217,10 @@ ModelConfig load_config(const std::string& path) {
   if (fs::is_directory(path)) file = (fs::path(path) / "config.json").string();
   MF_CHECK(fs::exists(file), file, ": no such file (a model folder needs a config.json)");
   ojson j;
+  const std::string text = read_text_file(file);
+  check_json_depth(text, file);
   try {
-    j = ojson::parse(read_text_file(file));
+    j = ojson::parse(text);
   } catch (const ojson::exception& e) {
     MF_THROW(file, ": invalid JSON (", e.what(), ")");
   }

@@ -77,9 +77,30 @@ void fsync_dir(const std::string& dir) {
   ::close(fd);
 }
 
+void check_json_depth(const std::string& text, const std::string& where) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;  // the escaped character cannot end the string
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      MF_CHECK(++depth <= kMaxJsonDepth, where, ": JSON nested deeper than ", kMaxJsonDepth,
+               " levels (at byte ", i, "); refusing to parse it");
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+}
+
 nlohmann::ordered_json read_json_file(const std::string& path) {
+  const std::string text = read_text_file(path);
+  check_json_depth(text, path);
   try {
-    return nlohmann::ordered_json::parse(read_text_file(path));
+    return nlohmann::ordered_json::parse(text);
   } catch (const nlohmann::ordered_json::exception& e) {
     MF_THROW(path, ": invalid JSON (", e.what(), ")");
   }

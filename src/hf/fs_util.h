@@ -7,6 +7,11 @@
 namespace moeforge::hf {
 
 std::string read_text_file(const std::string& path);
+// Untrusted JSON is checked with this before it is parsed: nesting deeper than kMaxJsonDepth arrays
+// and objects is one error naming `where` (the JSON library parses, copies and frees nested values
+// recursively, so a hostile file of a few hundred kilobytes of brackets would overflow the stack).
+constexpr int kMaxJsonDepth = 512;
+void check_json_depth(const std::string& text, const std::string& where);
 // A JSON file with its key order kept; malformed JSON is one error naming the file.
 nlohmann::ordered_json read_json_file(const std::string& path);
 

@@ -40,6 +40,7 @@ std::vector<TensorEntry> SafetensorsFile::parse_header(const std::string& text, 
                                                        const std::string& where,
                                                        std::map<std::string, std::string>* metadata) {
   json header;
+  check_json_depth(text, where);
   try {
     header = json::parse(text);
   } catch (const json::exception& e) {
@@ -163,8 +164,10 @@ SafetensorsCheckpoint SafetensorsCheckpoint::open(const std::string& dir) {
   std::vector<std::string> files;
   if (fs::exists(index)) {
     json j;
+    const std::string text = read_text_file(index.string());
+    check_json_depth(text, index.string());
     try {
-      j = json::parse(read_text_file(index.string()));
+      j = json::parse(text);
     } catch (const json::exception& e) {
       MF_THROW(index.string(), ": invalid JSON (", e.what(), ")");
     }

@@ -301,7 +301,9 @@ LoraOptions read_adapter_config(const std::string& dir) {
   MF_CHECK(fs::exists(path), dir, ": not a PEFT adapter folder (no adapter_config.json)");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(hf::read_text_file(path));
+    const std::string text = hf::read_text_file(path);
+    hf::check_json_depth(text, path);
+    j = nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception& e) {
     MF_THROW(path, ": invalid JSON (", e.what(), ")");
   }

@@ -180,7 +180,9 @@ TrainerState load_checkpoint(const std::string& dir, models::CausalLM& model, Ad
   MF_CHECK(fs::exists(state_file), dir, ": not a moeforge training checkpoint (no training_state/trainer_state.json)");
   nlohmann::json j;
   try {
-    j = nlohmann::json::parse(hf::read_text_file(state_file));
+    const std::string text = hf::read_text_file(state_file);
+    hf::check_json_depth(text, state_file);
+    j = nlohmann::json::parse(text);
   } catch (const nlohmann::json::exception& e) {
     MF_THROW(state_file, ": invalid JSON (", e.what(), ")");
   }

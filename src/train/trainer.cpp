@@ -93,7 +93,9 @@ std::optional<int64_t> eos_token_id(const std::string& model_dir) {
     if (!fs::exists(p)) continue;
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(hf::read_text_file(p.string()));
+      const std::string text = hf::read_text_file(p.string());
+      hf::check_json_depth(text, p.string());
+      j = nlohmann::json::parse(text);
     } catch (const nlohmann::json::exception&) {
       continue;  // config.json was validated already; a broken generation_config.json only loses EOS
     }

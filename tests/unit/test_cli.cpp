@@ -191,6 +191,38 @@ TEST(Cli, EvalWithAnAdapterAndMergeMatchPeft) {
   EXPECT_FALSE(fs::exists(tmp / "m2"));
 }
 
+// JSON nested far deeper than any real file (the JSON library recurses: this used to end in a
+// segmentation fault): one line naming the file, for a dataset line, a config.json, a tokenizer.json,
+// a safetensors header and a recipe's training run.
+TEST(CliBadInput, DeeplyNestedJsonIsOneLineNotACrash) {
+  test::TempDir tmp;
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  std::ofstream(tmp / "deep.jsonl") << "{\"input_ids\": " << deep << "}\n";
+  expect_one_line_error(run("eval --model " + test::fixture("llama_a") + " --tokens " + (tmp / "deep.jsonl")),
+                        {"deep.jsonl:1", "nested deeper than 512"});
+  fs::create_directories(tmp / "model");
+  std::ofstream(tmp / "model/config.json") << "{\"model_type\": \"llama\", \"x\": " << deep << "}";
+  expect_one_line_error(run("inspect " + (tmp / "model")), {"config.json", "nested deeper than 512"});
+  // A model folder whose tokenizer.json, or whose weights' header, nests that deep.
+  copy_dir(test::fixture("llama_a"), tmp / "tok");
+  std::ofstream(tmp / "tok/tokenizer.json") << "{\"model\": " << deep << "}";
+  std::ofstream(tmp / "r.yaml") << "model: " << (tmp / "tok") << "\ndata: " << (tmp / "deep.jsonl")
+                                << "\noutput_dir: " << (tmp / "out") << "\nseq_len: 8\nsteps: 1\n";
+  expect_one_line_error(run("train " + (tmp / "r.yaml")), {"tokenizer.json", "nested deeper than 512"});
+  copy_dir(test::fixture("llama_a"), tmp / "st");
+  for (const auto& de : fs::directory_iterator(tmp / "st"))
+    if (de.path().extension() == ".safetensors") fs::remove(de.path());
+  fs::remove(tmp / "st/model.safetensors.index.json");
+  {
+    std::ofstream f(tmp / "st/model.safetensors", std::ios::binary);
+    const std::string header = "{\"a\": " + deep + "}";
+    const uint64_t n = header.size();
+    f.write(reinterpret_cast<const char*>(&n), 8);
+    f << header;
+  }
+  expect_one_line_error(run("inspect " + (tmp / "st")), {"model.safetensors", "nested deeper than 512"});
+}
+
 TEST(CliBadInput, EachProblemIsOneLine) {
   test::TempDir tmp;
   const std::string a = test::fixture("qwen3_moe_a");

@@ -21,6 +21,7 @@ Tokenizer Tokenizer::load(const std::string& path) {
 
 Tokenizer Tokenizer::parse(const std::string& json_text, const std::string& file) {
   json j;
+  check_json_depth(json_text, file);
   try {
     j = json::parse(json_text);
   } catch (const json::exception& e) {
