@@ -200,6 +200,40 @@ void cut_to_layers(ojson& raw, int64_t layers) {
   }
 }
 
+namespace {
+
+// Sizes beyond any model moeforge can hold are refused before anything is built or counted from
+// them (an absurd expert count used to make `inspect` allocate until the kernel killed it, and
+// parameter counts overflow 64 bits long before that).
+void check_sizes(const ConfigReader& r, const ModelConfig& c) {
+  const struct {
+    const char* key;
+    int64_t value, max;
+  } limits[] = {{"vocab_size", c.vocab_size, int64_t{1} << 24},
+                {"hidden_size", c.hidden_size, int64_t{1} << 17},
+                {"num_hidden_layers", c.num_hidden_layers, int64_t{1} << 12},
+                {"num_attention_heads", c.num_attention_heads, int64_t{1} << 12},
+                {"head_dim", c.head_dim, int64_t{1} << 12},
+                {"intermediate_size", c.intermediate_size, int64_t{1} << 20},
+                {"moe_intermediate_size", c.moe_intermediate_size, int64_t{1} << 20},
+                {"num_experts", c.num_experts, int64_t{1} << 14}};
+  for (const auto& l : limits)
+    if (l.value > l.max)
+      r.fail(l.key, "is " + std::to_string(l.value) + ", beyond any model moeforge can hold (at most " +
+                        std::to_string(l.max) + ")");
+  // Each within bounds, the product can still be absurd: the weights' count, roughly, in floating point.
+  const double h = static_cast<double>(c.hidden_size), layers = static_cast<double>(c.num_hidden_layers);
+  const double attention = 4.0 * h * static_cast<double>(c.num_attention_heads) * static_cast<double>(c.head_dim);
+  const double mlp = 3.0 * h * (static_cast<double>(c.intermediate_size) +
+                                static_cast<double>(c.num_experts) * static_cast<double>(c.moe_intermediate_size));
+  const double total = layers * (attention + mlp) + 2.0 * static_cast<double>(c.vocab_size) * h;
+  if (total > 0x1p50)
+    r.fail("num_hidden_layers", "with these sizes the model has about " + std::to_string(total) +
+                                    " parameters, beyond what moeforge can hold (2^50)");
+}
+
+}  // namespace
+
 ModelConfig parse_config(const ojson& j, const std::string& source) {
   MF_CHECK(j.is_object(), source, ": config must be a JSON object");
   ConfigReader r(j, source);
@@ -209,6 +243,7 @@ ModelConfig parse_config(const ojson& j, const std::string& source) {
   if (!r.has("model_type")) r.fail("model_type", "is required but missing");
   c.model_type = r.opt_string("model_type", "");
   parse_family(r, c);
+  check_sizes(r, c);
   return c;
 }
 

@@ -109,6 +109,26 @@ TEST(ConfigBadInput, WrongTypesAndValues) {
   EXPECT_NE(error_of(j).find("lists layer 7"), std::string::npos);
 }
 
+// Sizes no model has (an absurd expert count used to make inspect allocate until it was killed):
+// each beyond its bound, or a product of in-bound sizes beyond 2^50 parameters, is one error.
+TEST(ConfigBadInput, AbsurdSizesAreRefusedBeforeAnythingIsBuilt) {
+  ojson j = base_v4();
+  j["num_experts"] = 100000000;
+  EXPECT_NE(error_of(j).find("field 'num_experts' is 100000000, beyond any model moeforge can hold"), std::string::npos);
+  j = base_v4();
+  j["num_hidden_layers"] = int64_t{1} << 40;
+  EXPECT_NE(error_of(j).find("field 'num_hidden_layers'"), std::string::npos);
+  j = base_v4();
+  j["hidden_size"] = 65536;
+  j["num_experts"] = 16384;
+  j["moe_intermediate_size"] = 1 << 20;
+  j["num_hidden_layers"] = 4096;
+  EXPECT_NE(error_of(j).find("beyond what moeforge can hold (2^50)"), std::string::npos);
+  j = base_v4();
+  j["num_experts"] = 16384;  // large but possible
+  EXPECT_EQ(error_of(j), "");
+}
+
 TEST(ConfigBadInput, MissingOrInvalidFile) {
   test::TempDir dir;
   EXPECT_THROW(hf::load_config(dir.path.string()), Error);
