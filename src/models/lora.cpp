@@ -299,17 +299,10 @@ void save_adapter(const CausalLM& model, const LoraState& lora, const std::strin
 LoraOptions read_adapter_config(const std::string& dir) {
   const std::string path = (fs::path(dir) / "adapter_config.json").string();
   MF_CHECK(fs::exists(path), dir, ": not a PEFT adapter folder (no adapter_config.json)");
-  nlohmann::json j;
-  try {
-    const std::string text = hf::read_text_file(path);
-    hf::check_json_depth(text, path);
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    MF_THROW(path, ": invalid JSON (", e.what(), ")");
-  }
+  const nlohmann::ordered_json j = hf::read_json_file(path);  // depth-checked, one error naming the file
   MF_CHECK(j.is_object(), path, ": expected a JSON object");
   LoraOptions o;
-  const auto field = [&](const char* key) -> const nlohmann::json& {
+  const auto field = [&](const char* key) -> const nlohmann::ordered_json& {
     MF_CHECK(j.contains(key), path, ": missing field '", key, "'");
     return j[key];
   };

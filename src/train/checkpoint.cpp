@@ -178,14 +178,7 @@ TrainerState load_checkpoint(const std::string& dir, models::CausalLM& model, Ad
   const fs::path state_dir = fs::path(dir) / "training_state";
   const std::string state_file = (state_dir / "trainer_state.json").string();
   MF_CHECK(fs::exists(state_file), dir, ": not a moeforge training checkpoint (no training_state/trainer_state.json)");
-  nlohmann::json j;
-  try {
-    const std::string text = hf::read_text_file(state_file);
-    hf::check_json_depth(text, state_file);
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    MF_THROW(state_file, ": invalid JSON (", e.what(), ")");
-  }
+  const nlohmann::ordered_json j = hf::read_json_file(state_file);  // depth-checked, one error naming the file
   TrainerState st;
   std::vector<StatePart> parts;
   const ExpertRange mine = expert_range(model);

@@ -300,26 +300,8 @@ TEST(LoraExperts, PerExpertAdapterMatchesPeftLogitsAndThreeAdamWSteps) {
   // the Adam step bound.
   test::TempDir tmp;
   models::save_adapter(model, st, dir, tmp / "after", false);
-  auto got = hf::SafetensorsFile::open(tmp / "after/adapter_model.safetensors");
-  auto peft = hf::SafetensorsFile::open(lora_dir + "/adapter_after/adapter_model.safetensors");
-  ASSERT_EQ(got.entries().size(), peft.entries().size());
-  int64_t off = 0, total = 0;
-  for (const auto& e : peft.entries()) {
-    ASSERT_TRUE(got.contains(e.name)) << e.name;
-    const auto g = got.get(e.name).to_f32_vector(), w = peft.get(e.name).to_f32_vector();
-    ASSERT_EQ(g.size(), w.size()) << e.name;
-    float wmax = 0;
-    for (float v : w) wmax = std::max(wmax, std::abs(v));
-    for (size_t i = 0; i < g.size(); ++i) {
-      const float d = std::abs(g[i] - w[i]);
-      if (d > 1e-5f * wmax) {
-        ++off;
-        EXPECT_LT(d, 2 * 3 * lr / (1 - 0.9)) << e.name << "[" << i << "]";
-      }
-    }
-    total += static_cast<int64_t>(g.size());
-  }
-  EXPECT_LT(off, total / 100 + 1);
+  test::expect_adapters_match(tmp / "after/adapter_model.safetensors",
+                              lora_dir + "/adapter_after/adapter_model.safetensors", 2 * 3 * lr / (1 - 0.9));
   auto j = nlohmann::json::parse(test::read_text(tmp / "after/adapter_config.json"));
   EXPECT_EQ(j["target_modules"], nlohmann::json({"down_proj", "gate_proj", "q_proj", "up_proj"}));
   // Merged into the experts' weights, the model computes what it did with the adapters beside them.

@@ -173,6 +173,32 @@ inline std::pair<int64_t, int64_t> weights_match(const std::vector<nn::Param>& g
 }
 
 // The "loss" of every line of a run's metrics.jsonl, in order.
+// Two adapter files, tensor by tensor, as the LoRA parity tests hold them: within 1e-5 of each
+// tensor's largest, or (at most 1% of the elements: fp32-noise gradients that Adam turns into full
+// steps) within the Adam step bound `adam_bound`.
+inline void expect_adapters_match(const std::string& got_file, const std::string& want_file, double adam_bound) {
+  auto got = hf::SafetensorsFile::open(got_file);
+  auto want = hf::SafetensorsFile::open(want_file);
+  ASSERT_EQ(got.entries().size(), want.entries().size());
+  int64_t off = 0, total = 0;
+  for (const auto& e : want.entries()) {
+    ASSERT_TRUE(got.contains(e.name)) << e.name;
+    const auto g = got.get(e.name).to_f32_vector(), w = want.get(e.name).to_f32_vector();
+    ASSERT_EQ(g.size(), w.size()) << e.name;
+    float wmax = 0;
+    for (float v : w) wmax = std::max(wmax, std::abs(v));
+    for (size_t i = 0; i < g.size(); ++i) {
+      const float d = std::abs(g[i] - w[i]);
+      if (d > 1e-5f * wmax) {
+        ++off;
+        EXPECT_LT(d, adam_bound) << e.name << "[" << i << "]";
+      }
+    }
+    total += static_cast<int64_t>(g.size());
+  }
+  EXPECT_LT(off, total / 100 + 1);
+}
+
 inline std::vector<double> losses_of(const std::string& metrics) {
   std::ifstream in(metrics);
   std::vector<double> v;
