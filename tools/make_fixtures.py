@@ -794,13 +794,58 @@ def make_lora_experts_case(name, out_dir, seed=2468):
     return {"targets": ["q_proj", gate, up, down], "rank": r, "alpha": alpha, "seed": seed}
 
 
+# Greedy generation references: Transformers' generate(do_sample=False) from a random prompt, no
+# stop token (a fixed count, so a random model's chance eos does not end it early), with the gap
+# between the best and second-best logit at every step (a step whose gap is tiny could flip on
+# rounding; the prompt seed is the first whose gaps all stay above GENERATE_MIN_GAP).
+GENERATE_PROMPT, GENERATE_NEW, GENERATE_MIN_GAP = 7, 12, 1e-3
+
+
+def make_generate_case(name, out_dir):
+    folder = os.path.join(out_dir, name)
+    model = load_fp32(folder)
+    model.eval()
+    for seed in range(99, 99 + 20):
+        gen = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, model.config.vocab_size, (1, GENERATE_PROMPT), generator=gen)
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                 max_new_tokens=GENERATE_NEW, min_new_tokens=GENERATE_NEW, eos_token_id=None,
+                                 pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+        gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+        if min(gaps) >= GENERATE_MIN_GAP:
+            break
+    else:
+        raise RuntimeError(f"{name}: no prompt seed keeps every greedy step's logit gap >= {GENERATE_MIN_GAP}")
+    new = out.sequences[0, GENERATE_PROMPT:]
+    assert new.numel() == GENERATE_NEW, new
+    save_file({"prompt_ids": prompt[0].contiguous(), "generated_ids": new.contiguous(),
+               "step_logits": torch.stack([s[0].float() for s in out.scores]).contiguous()},
+              os.path.join(folder, "generate_reference.safetensors"))
+    print(name, "generate seed", seed, "min gap", min(gaps), "ids", new.tolist(), flush=True)
+    return {"seed": seed, "prompt_tokens": GENERATE_PROMPT, "new_tokens": GENERATE_NEW, "min_gap": min(gaps)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--lora-cases", default=None,
                     help="only (re)make the LoRA references of these existing cases (comma-separated, 'all')")
+    ap.add_argument("--generate-cases", default=None,
+                    help="only (re)make the greedy generation references of these existing cases (comma-separated, 'all')")
     args = ap.parse_args()
+    if args.generate_cases is not None:
+        path = os.path.join(args.out, "MANIFEST.json")
+        with open(path) as f:
+            manifest = json.load(f)
+        wanted = list(manifest["cases"]) if args.generate_cases == "all" else [c for c in args.generate_cases.split(",") if c]
+        manifest.setdefault("generate", {})
+        for name in wanted:
+            manifest["generate"][name] = make_generate_case(name, args.out)
+        with open(path, "w") as f:
+            json.dump(manifest, f, indent=1)
+        return 0
     if args.lora_cases is not None:
         import peft
         wanted = list(LORA_CASES) if args.lora_cases == "all" else [c for c in args.lora_cases.split(",") if c]

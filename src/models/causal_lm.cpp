@@ -9,6 +9,14 @@ std::vector<std::string> CausalLM::add_lora(int64_t, float, const std::function<
   MF_THROW(cfg_.model_type, ": this model has no LoRA support");
 }
 
+std::unique_ptr<GenerationCache> CausalLM::start_generation(int64_t) const {
+  MF_THROW(cfg_.model_type, ": this model cannot generate");
+}
+
+Tensor CausalLM::generation_step(nn::ParamAccess&, const std::vector<int64_t>&, GenerationCache&, bool) const {
+  MF_THROW(cfg_.model_type, ": this model cannot generate");
+}
+
 ForwardOutputs CausalLM::forward(const ForwardInputs& in) const {
   // The host store is only read here (its residency hooks do nothing): the cast is for the
   // interface's non-const hooks, which device storage needs.

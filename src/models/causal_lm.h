@@ -84,6 +84,14 @@ struct TrainStepResult {
   std::vector<Tensor> routing;
 };
 
+// A generation's state between steps (the layers' key/value caches and recurrent states), made by
+// CausalLM::start_generation for one sequence of at most `capacity` positions.
+struct GenerationCache {
+  virtual ~GenerationCache() = default;
+  int64_t capacity = 0;
+  int64_t length = 0;  // positions consumed so far
+};
+
 class CausalLM {
  public:
   explicit CausalLM(hf::ModelConfig cfg, Parallel par = {}) : cfg_(std::move(cfg)), par_(par) {}
@@ -105,6 +113,14 @@ class CausalLM {
   const nn::ParamStore& params() const { return params_; }
   hf::StateDictAdapter& adapter() { return adapter_; }
   const hf::StateDictAdapter& adapter() const { return adapter_; }
+  // Generation (models/generate.h): a cache for one sequence of up to `capacity` positions, and a
+  // step that runs `ids` (the prompt, then one token at a time) at the positions after those the
+  // cache has seen, through the layers on `ps` (the host store or a device copy), and returns the
+  // logits [V] of its last token as host F32 ([ids, V]: every token's, when `all_positions`).
+  // The logits equal forward()'s over the whole sequence at the same positions.
+  virtual std::unique_ptr<GenerationCache> start_generation(int64_t capacity) const;
+  virtual Tensor generation_step(nn::ParamAccess& ps, const std::vector<int64_t>& ids, GenerationCache& cache,
+                                 bool all_positions = false) const;
   // Parameters touched per token: everything except the experts a token is not routed to.
   virtual int64_t active_parameters() const = 0;
   // Multi-token prediction depths the model holds (DeepSeek-V3 checkpoints with their MTP layers),

@@ -72,7 +72,7 @@ void LatentAttention::init(ParamStore& ps, const std::string& prefix, int64_t hi
 }
 
 Tensor LatentAttention::forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
-                                const Tensor& sin, const Tensor* doc_ids, Cache* cache) const {
+                                const Tensor& sin, const Tensor* doc_ids, Cache* cache, KvCache* kv) const {
   const int64_t t = batch * seq, qk = nope + rope;
   Tensor qa, qn, rstd_qa, q;
   if (q_proj) {
@@ -97,8 +97,10 @@ Tensor LatentAttention::forward(const ParamAccess& ps, const Tensor& x, int64_t 
   Tensor v = columns(kvb, t * heads, nope + v_dim, nope, v_dim);
   Tensor q4 = q.view({batch, seq, heads, qk}), k4 = kf.view({batch, seq, heads, qk}),
          v4 = v.view({batch, seq, heads, v_dim});
+  Tensor k_att = k4, v_att = v4;
+  if (kv) kv->append(kf.view({t, heads, qk}), v.view({t, heads, v_dim}), k_att, v_att);
   Tensor lse;
-  Tensor o = ops::attention(q4, k4, v4, scale, std::nullopt, doc_ids, nullptr, cache ? &lse : nullptr)
+  Tensor o = ops::attention(q4, k_att, v_att, scale, std::nullopt, doc_ids, nullptr, cache ? &lse : nullptr)
                  .view({t, heads * v_dim});
   if (cache) *cache = {x, qa, qn, rstd_qa, latent, latent_n, rstd_kv, q4, k4, v4, o, lse};
   return o_proj.forward(ps, o);

@@ -11,6 +11,7 @@
 
 #include "core/tensor.h"
 #include "hf/config.h"
+#include "nn/generation_state.h"
 #include "nn/layers.h"
 #include "nn/params.h"
 
@@ -33,9 +34,10 @@ struct LatentAttention {
   // `scale`: the softmax scale (DeepSeek-V3 multiplies qk_head_dim^-0.5 by YaRN's mscale squared).
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_,
             const hf::ModelConfig::LatentAttention& mla, bool bias, float scale_);
-  // x [B*S, hidden]; cos/sin [B*S, rope]; doc_ids [B,S] optional.
+  // x [B*S, hidden]; cos/sin [B*S, rope]; doc_ids [B,S] optional. `kv` (generation, batch 1): every
+  // earlier position's per-head keys [nope | rope] and values (Transformers' cache holds the same).
   Tensor forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
-                 const Tensor& sin, const Tensor* doc_ids, Cache* cache = nullptr) const;
+                 const Tensor& sin, const Tensor* doc_ids, Cache* cache = nullptr, KvCache* kv = nullptr) const;
   Tensor backward(ParamAccess& ps, Cache& c, int64_t batch, int64_t seq, const Tensor& cos, const Tensor& sin,
                   const Tensor* doc_ids, const Tensor& dy) const;
 };

@@ -118,7 +118,7 @@ Tensor Attention::normalise_backward(ParamAccess& ps, const std::optional<RMSNor
 }
 
 Tensor Attention::forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
-                          const Tensor& sin, const Tensor* doc_ids, Cache* cache) const {
+                          const Tensor& sin, const Tensor* doc_ids, Cache* cache, KvCache* kv) const {
   const int64_t t = batch * seq;
   Tensor q_pre = q_proj.forward(ps, x), k_pre = k_proj.forward(ps, x);
   Tensor v = v_proj.forward(ps, x);
@@ -144,7 +144,9 @@ Tensor Attention::forward(const ParamAccess& ps, const Tensor& x, int64_t batch,
     ops::rope_inplace(k, cos, sin);
   }
   Tensor q4 = q.view({batch, seq, heads, head_dim}), k4 = k.view({batch, seq, kv_heads, head_dim});
-  Tensor o = ops::attention(q4, k4, v, scale(), window, doc_ids, sinks ? &ps.value(*sinks) : nullptr,
+  Tensor k_att = k4, v_att = v;
+  if (kv) kv->append(k.view({t, kv_heads, head_dim}), v.view({t, kv_heads, head_dim}), k_att, v_att);
+  Tensor o = ops::attention(q4, k_att, v_att, scale(), window, doc_ids, sinks ? &ps.value(*sinks) : nullptr,
                             c ? &c->lse : nullptr);
   if (c) {
     c->q = q4;

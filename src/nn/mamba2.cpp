@@ -50,10 +50,11 @@ void Mamba2Mixer::init(ParamStore& ps, const std::string& prefix, int64_t hidden
 }
 
 Tensor Mamba2Mixer::forward(const ParamAccess& ps, const Tensor& x, int64_t batch, const Tensor* doc_ids,
-                            Cache* cache) const {
+                            Cache* cache, MambaState* carried) const {
   const int64_t t = x.size(0), gn = groups * state;
   const Tensor proj = in_proj.forward(ps, x);
   const Tensor z = columns(proj, 0, inner), dt = columns(proj, inner + conv_dim, heads);
+  if (carried) return out_proj.forward(ps, ops::gated_rms_norm(step(ps, proj, *carried), z, ps.value(norm_weight), groups, eps));
   const Tensor conv = ops::causal_conv1d(columns(proj, inner, conv_dim), ps.value(conv_weight),
                                          conv_bias ? &ps.value(*conv_bias) : nullptr, batch, doc_ids, /*silu=*/true);
   const Tensor y = ops::ssm_scan(columns(conv, 0, inner).view({t, heads, head_dim}), dt, ps.value(dt_bias),
@@ -63,6 +64,29 @@ Tensor Mamba2Mixer::forward(const ParamAccess& ps, const Tensor& x, int64_t batc
                        .view({t, inner});
   if (cache) *cache = {x, proj, conv, y};
   return out_proj.forward(ps, ops::gated_rms_norm(y, z, ps.value(norm_weight), groups, eps));
+}
+
+Tensor Mamba2Mixer::step(const ParamAccess& ps, const Tensor& proj, MambaState& st) const {
+  const int64_t t = proj.size(0), gn = groups * state;
+  const int64_t k = ps.value(conv_weight).size(-1);
+  const Device dev = proj.device();
+  if (!st.window.defined()) {  // the sequence's start: the taps before it read zeros, the state is zero
+    st.window = ops::zeros({k - 1, conv_dim}, proj.dtype(), dev, "Mamba2 conv window");
+    st.ssm = ops::zeros({heads, head_dim, state}, DType::F32, dev, "Mamba2 scan state");
+  }
+  // The conv over [window | new inputs]: its last t outputs are the new tokens'; the last k-1 inputs
+  // are the next window.
+  Tensor joined = ops::empty({k - 1 + t, conv_dim}, proj.dtype(), dev, "Mamba2 conv inputs");
+  copy_rows(st.window, joined, 0);
+  copy_rows(columns(proj, inner, conv_dim), joined, k - 1);
+  const Tensor conv = ops::causal_conv1d(joined, ps.value(conv_weight), conv_bias ? &ps.value(*conv_bias) : nullptr, 1,
+                                         nullptr, /*silu=*/true)
+                          .slice0(k - 1, t);
+  st.window = ops::copy(joined.slice0(t, k - 1));
+  return ops::ssm_step(columns(conv, 0, inner).view({t, heads, head_dim}), columns(proj, inner + conv_dim, heads),
+                       ps.value(dt_bias), ps.value(a_log), columns(conv, inner, gn).view({t, groups, state}),
+                       columns(conv, inner + gn, gn).view({t, groups, state}), ps.value(d), dt_min, st.ssm)
+      .view({t, inner});
 }
 
 Tensor Mamba2Mixer::backward(ParamAccess& ps, Cache& c, int64_t batch, const Tensor* doc_ids, const Tensor& dy) const {

@@ -11,6 +11,7 @@
 
 #include "core/tensor.h"
 #include "hf/config.h"
+#include "nn/generation_state.h"
 #include "nn/layers.h"
 #include "nn/params.h"
 
@@ -27,9 +28,16 @@ struct Mamba2Mixer {
   float dt_min = 0.f, eps = 1e-5f;
   // prefix: "model.layers.3.mixer"; eps: the gated norm's (layer_norm_epsilon).
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, const hf::ModelConfig::Mamba2& m, float eps_);
-  // x [B*S, hidden]; doc_ids [B, S] (optional).
-  Tensor forward(const ParamAccess& ps, const Tensor& x, int64_t batch, const Tensor* doc_ids, Cache* cache = nullptr) const;
+  // x [B*S, hidden]; doc_ids [B, S] (optional). `state` (generation, batch 1): the conv window and
+  // scan state the sequence has reached, which x's tokens continue and update (Transformers' cached
+  // decode: causal_conv1d_update and selective_state_update); empty tensors: the sequence's start.
+  Tensor forward(const ParamAccess& ps, const Tensor& x, int64_t batch, const Tensor* doc_ids, Cache* cache = nullptr,
+                 MambaState* state = nullptr) const;
   Tensor backward(ParamAccess& ps, Cache& c, int64_t batch, const Tensor* doc_ids, const Tensor& dy) const;
+
+ private:
+  // The conv and scan of a generation step from the in_proj output `proj` [T, ...]: the scan output [T, I].
+  Tensor step(const ParamAccess& ps, const Tensor& proj, MambaState& st) const;
 };
 
 // down(relu(up(x))^2): Nemotron-H's dense MLP and shared expert.

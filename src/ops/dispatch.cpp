@@ -180,7 +180,7 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
                  const Tensor* doc_ids, const Tensor* sinks, Tensor* lse) {
 #ifdef MOEFORGE_HAVE_CUDA
   if (same_device("attention", q, k, v, doc_ids ? *doc_ids : Tensor(), sinks ? *sinks : Tensor())) {
-    if (pad_values(q, v, window, doc_ids))
+    if (k.size(1) == q.size(1) && pad_values(q, v, window, doc_ids))  // (generation steps run natively)
       return head_columns(cuda::attention(q, k, head_columns(v, q.size(3)), scale, window.value_or(0), doc_ids, lse, sinks),
                           v.size(3));
     return cuda::attention(q, k, v, scale, window.value_or(0), doc_ids, lse, sinks);
@@ -378,6 +378,12 @@ Tensor ssm_scan(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, co
                 const Tensor& c, const Tensor& d, float dt_min, int64_t batch, const Tensor* doc_ids) {
   MF_DISPATCH("ssm_scan", MF_T(x, dt_raw, dt_bias, a_log, b, c, d, doc_ids ? *doc_ids : Tensor()),
               ssm_scan(x, dt_raw, dt_bias, a_log, b, c, d, dt_min, batch, doc_ids));
+}
+
+Tensor ssm_step(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
+                const Tensor& c, const Tensor& d, float dt_min, Tensor& state) {
+  MF_DISPATCH("ssm_step", MF_T(x, dt_raw, dt_bias, a_log, b, c, d, state),
+              ssm_step(x, dt_raw, dt_bias, a_log, b, c, d, dt_min, state));
 }
 
 void ssm_scan_backward(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log,

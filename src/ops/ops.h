@@ -75,6 +75,9 @@ void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse 
 // the documents of a packed row; `sinks` [Hq] (optional; GPT-OSS) is a per-head logit that joins
 // each row's softmax without a value. `lse` (optional) receives the log-sum-exp of each row's scaled
 // logits [B,Hq,S] F32 (the sink included), which the CUDA backward reuses.
+// Generation: k and v may hold more positions Sk > S than q (a KV cache); q's rows are then the
+// last S positions (query i at position Sk - S + i, as a cached decode step), without doc_ids.
+// The backward takes Sk == S only.
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, std::optional<int64_t> window,
                  const Tensor* doc_ids = nullptr, const Tensor* sinks = nullptr, Tensor* lse = nullptr);
 // dq, dk, dv (written) from dout; with sinks, `dsinks` (optional) receives their gradient [Hq] F32.
@@ -201,6 +204,12 @@ Tensor ssm_scan(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, co
 void ssm_scan_backward(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log,
                        const Tensor& b, const Tensor& c, const Tensor& d, float dt_min, int64_t batch,
                        const Tensor* doc_ids, const Tensor& dy, SsmScanGrads& grads);
+// The same recurrence one token after another from a carried state (generation: a prompt, then one
+// token per step): `state` [H, P, N] F32 on x's device (zeros before a sequence's first token) is
+// updated in place; x [T,H,P] etc. are one sequence's next T tokens. Returns y [T,H,P] as ssm_scan. Equal to
+// ssm_scan over the whole sequence, token for token.
+Tensor ssm_step(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
+                const Tensor& c, const Tensor& d, float dt_min, Tensor& state);
 // Mamba2's output norm: h = y * silu(z), RMS-normalised over each of `groups` equal column groups
 // of a row (eps), times w [I]. y, z [T, I]. The backward writes dy, dz and accumulates dw (F32).
 Tensor gated_rms_norm(const Tensor& y, const Tensor& z, const Tensor& w, int64_t groups, float eps);

@@ -363,9 +363,12 @@ Tensor Decoder::block_forward(const nn::ParamAccess& ps, size_t l, const Tensor&
   const Tensor n = L.input_norm.forward(ps, x, c ? &c->rstd1 : nullptr);
   Tensor m;
   switch (*L.block) {
-    case hf::ModelConfig::Block::Mamba: m = L.mamba->forward(ps, n, bt.b, bt.doc_ids, c ? &c->mamba : nullptr); break;
+    case hf::ModelConfig::Block::Mamba:
+      m = L.mamba->forward(ps, n, bt.b, bt.doc_ids, c ? &c->mamba : nullptr, bt.gen ? &bt.gen->mamba[l] : nullptr);
+      break;
     case hf::ModelConfig::Block::Attention:
-      m = L.attn.forward(ps, n, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr);
+      m = L.attn.forward(ps, n, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr,
+                         bt.gen ? &bt.gen->kv[l] : nullptr);
       break;
     case hf::ModelConfig::Block::Mlp: m = L.relu2_mlp->forward(ps, n, c ? &c->relu2 : nullptr); break;
     case hf::ModelConfig::Block::Moe: m = moe_forward(ps, l, n, bt, c, router, replay); break;
@@ -399,8 +402,9 @@ Tensor Decoder::layer_forward(const nn::ParamAccess& ps, size_t l, const Tensor&
   const Layer& L = layers_[l];
   if (L.block) return block_forward(ps, l, x_in, bt, c, router, replay);
   const Tensor n1 = L.input_norm.forward(ps, x_in, c ? &c->rstd1 : nullptr);
-  Tensor a = L.mla ? L.mla->forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->mla : nullptr)
-                   : L.attn.forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr);
+  nn::KvCache* kv = bt.gen ? &bt.gen->kv[l] : nullptr;
+  Tensor a = L.mla ? L.mla->forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->mla : nullptr, kv)
+                   : L.attn.forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr, kv);
   // The residual stream after attention, and the post-attention norm of it, in one pass.
   Tensor x = ops::copy(x_in);
   const Tensor n = ops::add_rms_norm(a, x, ps.value(L.post_attention_norm.weight), L.post_attention_norm.eps,
@@ -463,6 +467,41 @@ Tensor Decoder::main_forward(nn::ParamAccess& ps, Batch& bt, std::vector<LayerCa
   }
   ps.gather({final_norm_.weight, lm_head_});
   return x;
+}
+
+std::unique_ptr<GenerationCache> Decoder::start_generation(int64_t capacity) const {
+  MF_CHECK(capacity > 0, "generation: the cache needs room for at least one position");
+  auto g = std::make_unique<Generation>();
+  g->capacity = capacity;
+  g->kv.resize(main_layers_);
+  for (auto& kv : g->kv) kv.capacity = capacity;
+  g->mamba.resize(main_layers_);
+  return g;
+}
+
+Tensor Decoder::generation_step(nn::ParamAccess& ps, const std::vector<int64_t>& ids, GenerationCache& cache,
+                                bool all_positions) const {
+  auto* gen = dynamic_cast<Generation*>(&cache);
+  MF_CHECK(gen, "internal: a generation cache made by another model");
+  const int64_t n = static_cast<int64_t>(ids.size());
+  MF_CHECK(n > 0, "generation: a step needs at least one token");
+  MF_CHECK(gen->length + n <= gen->capacity, "generation: ", gen->length + n, " positions exceed the cache's ",
+           gen->capacity);
+  std::vector<int64_t> positions(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) positions[i] = gen->length + i;
+  const Tensor input_ids = Tensor::from_i64(ids, {1, n}), position_ids = Tensor::from_i64(positions, {1, n});
+  ForwardInputs in{input_ids};
+  in.position_ids = &position_ids;
+  Batch bt = prepare(ps, in, Parallel{});
+  bt.gen = gen;
+  std::vector<nn::SparseMoE::RouterOut> routers;
+  Tensor h = main_forward(ps, bt, nullptr, false, routers);
+  if (!all_positions) h = h.slice0(n - 1, 1);
+  const Tensor x = final_norm_.forward(ps, h);
+  Tensor logits = ops::to_device(ops::linear(x, ps.value(lm_head_)), Device::cpu(), DType::F32);
+  ps.release({final_norm_.weight, lm_head_});
+  gen->length += n;
+  return all_positions ? logits.view({n, cfg_.vocab_size}) : logits.view({cfg_.vocab_size});
 }
 
 ForwardOutputs Decoder::forward(nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const {

@@ -51,6 +51,9 @@ class Decoder : public CausalLM {
   TrainStepResult forward_backward(nn::ParamAccess& ps, const ForwardInputs& in, const TrainStepOptions& opts,
                                    const Parallel& par) const override;
   int64_t active_parameters() const override;
+  std::unique_ptr<GenerationCache> start_generation(int64_t capacity) const override;
+  Tensor generation_step(nn::ParamAccess& ps, const std::vector<int64_t>& ids, GenerationCache& cache,
+                         bool all_positions = false) const override;
   int64_t mtp_depths() const override { return static_cast<int64_t>(mtp_.size()); }
   void set_mtp_trainable(bool on) override;
   std::vector<std::string> add_lora(int64_t rank, float scale,
@@ -98,6 +101,12 @@ class Decoder : public CausalLM {
     Tensor rstd_e, rstd_h, rstd_y;    // the enorm, hnorm and head norm statistics
     LayerCache layer;
   };
+  // A generation's per-layer state: the attention layers' key/value caches and the Mamba2 mixers'
+  // conv windows and scan states (each layer uses the one its kind needs).
+  struct Generation : GenerationCache {
+    std::vector<nn::KvCache> kv;
+    std::vector<nn::MambaState> mamba;
+  };
   // One step's inputs on the parameters' device, and what its layers share.
   struct Batch {
     int64_t b = 0, s = 0, t = 0;
@@ -107,6 +116,7 @@ class Decoder : public CausalLM {
     RoutingControl* routing = nullptr;
     nn::RunContext ctx;
     std::vector<Tensor> chosen;  // per layer, the expert choice of its first forward (replayed when recomputed)
+    Generation* gen = nullptr;   // a generation step: the layers read and extend its state
   };
   Batch prepare(const nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const;
   // The embedding and the main layers, each gathered (the next one prefetched), run and released;

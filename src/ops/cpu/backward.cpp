@@ -34,6 +34,8 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
                         const Tensor* sinks, Tensor* dsinks) {
   const int64_t b = q.size(0), s = q.size(1), hq = q.size(2), d = q.size(3), hkv = k.size(2), group = hq / hkv,
                 vd = v.size(3);
+  MF_CHECK(k.size(1) == s && v.size(1) == s, "attention backward: keys and queries must be as many (got ", k.size(1),
+           " and ", s, ")");
   dq = Tensor::zeros(q.shape(), DType::F32);
   dk = Tensor::zeros(k.shape(), DType::F32);
   dv = Tensor::zeros(v.shape(), DType::F32);

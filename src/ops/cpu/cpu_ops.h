@@ -106,6 +106,8 @@ void causal_conv1d_backward(const Tensor& x, const Tensor& w, const Tensor* bias
                             bool silu, const Tensor& dy, Tensor& dx, Tensor& dw, Tensor* dbias);
 Tensor ssm_scan(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
                 const Tensor& c, const Tensor& d, float dt_min, int64_t batch, const Tensor* doc_ids);
+Tensor ssm_step(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
+                const Tensor& c, const Tensor& d, float dt_min, Tensor& state);
 void ssm_scan_backward(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log,
                        const Tensor& b, const Tensor& c, const Tensor& d, float dt_min, int64_t batch,
                        const Tensor* doc_ids, const Tensor& dy, SsmScanGrads& grads);

@@ -178,6 +178,37 @@ Tensor ssm_scan(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, co
   return y;
 }
 
+Tensor ssm_step(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
+                const Tensor& c, const Tensor& d, float dt_min, Tensor& state) {
+  const ScanInputs s = scan_inputs(x, dt_raw, dt_bias, a_log, b, dt_min, 1, nullptr);
+  MF_CHECK(state.dtype() == DType::F32 && state.shape() == Shape({s.h, s.p, s.n}), "ssm_step: state must be F32 [",
+           s.h, ", ", s.p, ", ", s.n, "], got ", dtype_name(state.dtype()), " ", shape_str(state.shape()));
+  const Tensor df = as_f32(d);
+  Tensor y = Tensor::empty(x.shape(), DType::F32);
+  float* st = state.f32();
+#pragma omp parallel for
+  for (int64_t hd = 0; hd < s.h; ++hd) {
+    const int64_t grp = hd / s.heads_per_group;
+    for (int64_t i = 0; i < s.t; ++i) {
+      const double dt = s.dt[i * s.h + hd], decay = std::exp(dt * s.a[hd]);
+      const float* xi = x.f32() + (i * s.h + hd) * s.p;
+      const float* bi = b.f32() + (i * s.g + grp) * s.n;
+      const float* ci = c.f32() + (i * s.g + grp) * s.n;
+      float* yi = y.f32() + (i * s.h + hd) * s.p;
+      for (int64_t pp = 0; pp < s.p; ++pp) {
+        double out = 0;
+        float* row = st + (hd * s.p + pp) * s.n;
+        for (int64_t nn = 0; nn < s.n; ++nn) {
+          row[nn] = static_cast<float>(decay * row[nn] + dt * xi[pp] * bi[nn]);
+          out += static_cast<double>(row[nn]) * ci[nn];
+        }
+        yi[pp] = static_cast<float>(out + static_cast<double>(df.f32()[hd]) * xi[pp]);
+      }
+    }
+  }
+  return y;
+}
+
 void ssm_scan_backward(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log,
                        const Tensor& b, const Tensor& c, const Tensor& d, float dt_min, int64_t batch,
                        const Tensor* doc_ids, const Tensor& dy, SsmScanGrads& g) {

@@ -24,6 +24,9 @@ constexpr int kThreads = kRowsPerBlock * kLanesPerRow;
 
 struct Shape4 {
   int64_t b, s, hq, hkv, d, dv;  // d: q/k head dim; dv: v (and output) head dim (MLA: 192 / 128)
+  // Keys (the forward only: a generation step's queries are the last s of sk positions, so query i
+  // sits at position i + sk - s); the backward needs sk == s.
+  int64_t sk;
 };
 
 __device__ __forceinline__ float row_sum(float v) {
@@ -44,13 +47,13 @@ __device__ __forceinline__ int64_t first_key_tile(int64_t q0, int64_t window) {
   return window > 0 ? max((int64_t)0, q0 - window + 1) / kTile * kTile : 0;
 }
 
-// Loads rows [r0, r0 + kTile) of a [B,S,H,D] tensor at (b, h) into smem as F32 (zeros past S).
+// Loads rows [r0, r0 + kTile) of a [B,rows,H,D] tensor at (b, h) into smem as F32 (zeros past rows).
 template <typename T, int D>
-__device__ void load_tile(const T* x, float* smem, int64_t b, int64_t h, int64_t r0, const Shape4& sh, int64_t heads) {
+__device__ void load_tile(const T* x, float* smem, int64_t b, int64_t h, int64_t r0, int64_t rows, int64_t heads) {
   for (int idx = threadIdx.x; idx < kTile * D; idx += blockDim.x) {
     const int r = idx / D, c = idx % D;
     const int64_t row = r0 + r;
-    smem[idx] = row < sh.s ? load(x, ((b * sh.s + row) * heads + h) * D + c) : 0.f;
+    smem[idx] = row < rows ? load(x, ((b * rows + row) * heads + h) * D + c) : 0.f;
   }
 }
 
@@ -62,23 +65,24 @@ __global__ void attention_fwd_kernel(const T* q, const T* k, const T* v, T* out,
   const int64_t b = blockIdx.z, h = blockIdx.y, kh = h / (sh.hq / sh.hkv);
   const int row_in_block = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock, i = q0 + row_in_block;
+  const int64_t offset = sh.sk - sh.s;  // query i's position among the keys (0 but in generation)
   const bool active = i < sh.s;
   const int64_t* docs = doc_ids ? doc_ids + b * sh.s : nullptr;
   float qr[DPT], acc[VPT];
   for (int x = 0; x < DPT; ++x) qr[x] = active ? load(q, ((b * sh.s + i) * sh.hq + h) * D + lane * DPT + x) * scale : 0.f;
   for (int x = 0; x < VPT; ++x) acc[x] = 0.f;
   float m = -INFINITY, l = 0.f;
-  const int64_t last_q = min(q0 + (int64_t)kRowsPerBlock, sh.s) - 1;
-  const int64_t first_k = first_key_tile(q0, window);
+  const int64_t last_q = min(q0 + (int64_t)kRowsPerBlock, sh.s) - 1 + offset;
+  const int64_t first_k = first_key_tile(q0 + offset, window);
   for (int64_t k0 = first_k; k0 <= last_q; k0 += kTile) {
     __syncthreads();
-    load_tile<T, D>(k, ks, b, kh, k0, sh, sh.hkv);
-    load_tile<T, DV>(v, vs, b, kh, k0, sh, sh.hkv);
+    load_tile<T, D>(k, ks, b, kh, k0, sh.sk, sh.hkv);
+    load_tile<T, DV>(v, vs, b, kh, k0, sh.sk, sh.hkv);
     __syncthreads();
     for (int jj = 0; jj < kTile; ++jj) {
       const int64_t j = k0 + jj;
       // Every lane takes part in the shuffles (a full-warp mask), masked rows just drop the result.
-      const bool vis = active && j < sh.s && visible(i, j, window, docs);
+      const bool vis = active && j < sh.sk && visible(i + offset, j, window, docs);
       float s = 0.f;
       for (int x = 0; x < DPT; ++x) s += qr[x] * ks[jj * D + lane * DPT + x];
       s = row_sum(s);
@@ -130,8 +134,8 @@ __global__ void attention_dq_kernel(const T* q, const T* k, const T* v, const T*
   const int64_t first_k = first_key_tile(q0, window);
   for (int64_t k0 = first_k; k0 <= last_q; k0 += kTile) {
     __syncthreads();
-    load_tile<T, D>(k, ks, b, kh, k0, sh, sh.hkv);
-    load_tile<T, DV>(v, vs, b, kh, k0, sh, sh.hkv);
+    load_tile<T, D>(k, ks, b, kh, k0, sh.s, sh.hkv);
+    load_tile<T, DV>(v, vs, b, kh, k0, sh.s, sh.hkv);
     __syncthreads();
     for (int jj = 0; jj < kTile; ++jj) {
       const int64_t j = k0 + jj;
@@ -179,8 +183,8 @@ __global__ void attention_dkv_kernel(const T* q, const T* k, const T* v, const T
     const int64_t h = kh * group + hh;
     for (int64_t i0 = k0b / kTile * kTile; i0 <= last_q; i0 += kTile) {
       __syncthreads();
-      load_tile<T, D>(q, qs, b, h, i0, sh, sh.hq);
-      load_tile<T, DV>(dout, dos, b, h, i0, sh, sh.hq);
+      load_tile<T, D>(q, qs, b, h, i0, sh.s, sh.hq);
+      load_tile<T, DV>(dout, dos, b, h, i0, sh.s, sh.hq);
       for (int r = threadIdx.x; r < kTile; r += blockDim.x) {
         const int64_t i = i0 + r;
         ls[r] = i < sh.s ? lse[(b * sh.hq + h) * sh.s + i] : 0.f;
@@ -242,15 +246,18 @@ __global__ void attention_sink_grad_kernel(const T* out, const T* dout, const fl
   if (threadIdx.x == 0) dsinks[h] = acc;
 }
 
-Shape4 check_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* doc_ids) {
+// `more_keys`: k and v may have more positions than q (a generation step's queries are the last ones).
+Shape4 check_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor* doc_ids, bool more_keys = false) {
   MF_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: expected [B,S,H,D] tensors");
-  Shape4 sh{q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2], q.shape()[3], v.shape()[3]};
-  MF_CHECK(k.shape()[0] == sh.b && k.shape()[1] == sh.s && k.shape()[3] == sh.d && v.shape()[0] == sh.b &&
-               v.shape()[1] == sh.s && v.shape()[2] == sh.hkv && sh.hkv > 0 && sh.hq % sh.hkv == 0 &&
+  Shape4 sh{q.shape()[0], q.shape()[1], q.shape()[2], k.shape()[2], q.shape()[3], v.shape()[3], k.shape()[1]};
+  MF_CHECK(k.shape()[0] == sh.b && (sh.sk == sh.s || (more_keys && sh.sk > sh.s)) && k.shape()[3] == sh.d &&
+               v.shape()[0] == sh.b && v.shape()[1] == sh.sk && v.shape()[2] == sh.hkv && sh.hkv > 0 &&
+               sh.hq % sh.hkv == 0 &&
                k.dtype() == q.dtype() && v.dtype() == q.dtype(),
            "attention: q ", shape_str(q.shape()), ", k ", shape_str(k.shape()), " and v ", shape_str(v.shape()),
            " do not agree");
-  if (doc_ids) MF_CHECK(doc_ids->dtype() == DType::I64 && doc_ids->shape() == Shape({sh.b, sh.s}), "attention: doc_ids must be I64 [B, S]");
+  if (doc_ids) MF_CHECK(doc_ids->dtype() == DType::I64 && doc_ids->shape() == Shape({sh.b, sh.s}) && sh.sk == sh.s,
+                        "attention: doc_ids must be I64 [B, S] (and keys as many as queries)");
   require_float(q, "attention");
   return sh;
 }
@@ -307,12 +314,12 @@ void check_sinks(const Tensor* sinks, const Shape4& sh) {
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, int64_t window, const Tensor* doc_ids,
                  Tensor* lse_out, const Tensor* sinks) {
-  const Shape4 sh = check_shapes(q, k, v, doc_ids);
+  const Shape4 sh = check_shapes(q, k, v, doc_ids, /*more_keys=*/true);
   check_sinks(sinks, sh);
   Tensor out = empty({sh.b, sh.s, sh.hq, sh.dv}, q.dtype(), "attention output");
   Tensor lse = empty({sh.b, sh.hq, sh.s}, DType::F32, "attention log-sum-exp");
   if (sh.b * sh.s * sh.hq == 0) return out;
-  if (use_cudnn(sh, q, window, doc_ids)) {
+  if (sh.sk == sh.s && use_cudnn(sh, q, window, doc_ids)) {  // generation steps (fewer queries) run natively
     cudnn_attention::forward(q, k, v, scale, window, out, lse);
   } else {
     const dim3 grid(static_cast<unsigned>((sh.s + kRowsPerBlock - 1) / kRowsPerBlock), static_cast<unsigned>(sh.hq),

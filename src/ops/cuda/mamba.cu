@@ -238,6 +238,32 @@ __global__ void column_sum_into_kernel(const float* partial, G* dst, int64_t sli
   }
 }
 
+// Generation's scan: one thread per (head, channel) carries its N state values through the T tokens
+// in order (T is a prompt or one token; the chunked scan is for training's long rows). Per token
+// ~2N reads of B and C (shared by the group's heads, L1/L2 hits) and 3N FMAs.
+__global__ void ssm_step_kernel(const float* x, const float* raw, const float* bias, const float* a_log, const float* b,
+                                const float* c, const float* d, float dt_min, float* state, float* y, int64_t t,
+                                int64_t h, int64_t p, int64_t g, int64_t n) {
+  const int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (idx >= h * p) return;
+  const int64_t hd = idx / p, pp = idx % p, grp = hd / (h / g);
+  const float a = -expf(a_log[hd]);
+  float* st = state + (hd * p + pp) * n;
+  for (int64_t i = 0; i < t; ++i) {
+    const float u = raw[i * h + hd] + bias[hd], v = u > 20.f ? u : log1pf(expf(u)), dt = v < dt_min ? dt_min : v;
+    const float decay = expf(dt * a), xv = x[(i * h + hd) * p + pp];
+    const float* bi = b + (i * g + grp) * n;
+    const float* ci = c + (i * g + grp) * n;
+    float out = 0.f;
+    for (int64_t k = 0; k < n; ++k) {
+      const float sv = decay * st[k] + dt * xv * bi[k];
+      st[k] = sv;
+      out += sv * ci[k];
+    }
+    y[(i * h + hd) * p + pp] = out + d[hd] * xv;
+  }
+}
+
 }  // namespace
 
 Tensor relu2(const Tensor& x) {
@@ -355,6 +381,28 @@ void gated_rms_norm_backward(const Tensor& y, const Tensor& z, const Tensor& w, 
   MF_CUDA_CHECK_LAUNCH("gated_rms_norm_backward");
   dy = in_dtype(dyf, y.dtype());
   dz = in_dtype(dzf, y.dtype());
+}
+
+Tensor ssm_step(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
+                const Tensor& c, const Tensor& d, float dt_min, Tensor& state) {
+  require_float(x, "ssm_step");
+  MF_CHECK(x.dim() == 3 && b.dim() == 3 && c.shape() == b.shape() && b.size(0) == x.size(0) &&
+               dt_raw.numel() == x.size(0) * x.size(1) && x.size(1) % b.size(1) == 0,
+           "ssm_step: x [T,H,P] ", shape_str(x.shape()), ", dt [T,H] ", shape_str(dt_raw.shape()), ", B [T,G,N] ",
+           shape_str(b.shape()));
+  const int64_t t = x.size(0), h = x.size(1), p = x.size(2), g = b.size(1), n = b.size(2);
+  MF_CHECK(state.dtype() == DType::F32 && state.shape() == Shape({h, p, n}), "ssm_step: state must be F32 [", h, ", ",
+           p, ", ", n, "], got ", shape_str(state.shape()));
+  Tensor y = empty(x.shape(), DType::F32, "scan step output");
+  if (t == 0) return y;
+  const Tensor xf = f32_copy(x), rawf = f32_copy(dt_raw), biasf = f32_copy(dt_bias), alf = f32_copy(a_log),
+               bf = f32_copy(b), cf = f32_copy(c), df = f32_copy(d);
+  constexpr int kThreads = 128;
+  ssm_step_kernel<<<static_cast<unsigned>((h * p + kThreads - 1) / kThreads), kThreads, 0, current_stream()>>>(
+      xf.data<float>(), rawf.data<float>(), biasf.data<float>(), alf.data<float>(), bf.data<float>(), cf.data<float>(),
+      df.data<float>(), dt_min, state.data<float>(), y.data<float>(), t, h, p, g, n);
+  MF_CUDA_CHECK_LAUNCH("ssm_step");
+  return in_dtype(y, x.dtype());  // as ssm_scan: in the activations' dtype
 }
 
 }  // namespace moeforge::cuda

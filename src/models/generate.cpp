@@ -1,0 +1,131 @@
+#include "models/generate.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <unordered_set>
+
+#include "core/error.h"
+
+namespace moeforge::models {
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// The warpers of Transformers' sampling, in its order, on scores in place.
+void warp(std::vector<float>& s, const SamplingOptions& o) {
+  if (o.temperature != 1.0)
+    for (float& v : s) v = static_cast<float>(v / o.temperature);
+  const int64_t v_size = static_cast<int64_t>(s.size());
+  if (o.top_k > 0 && o.top_k < v_size) {
+    // Keep every score >= the k-th largest (ties at the threshold stay, as torch's `<` comparison).
+    std::vector<float> sorted = s;
+    std::nth_element(sorted.begin(), sorted.begin() + (o.top_k - 1), sorted.end(), std::greater<float>());
+    const float kth = sorted[static_cast<size_t>(o.top_k - 1)];
+    for (float& v : s)
+      if (v < kth) v = kNegInf;
+  }
+  if (o.top_p < 1.0) {
+    // Sorted ascending, drop the tokens whose cumulative probability is <= 1 - top_p (the least
+    // likely ones), always keeping the most likely token.
+    std::vector<int64_t> order(s.size());
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return s[a] < s[b]; });
+    const float mx = s[order.back()];
+    double total = 0;
+    for (float v : s) total += std::isinf(v) ? 0.0 : std::exp(static_cast<double>(v - mx));
+    double cum = 0;
+    for (size_t i = 0; i + 1 < order.size(); ++i) {
+      const float v = s[order[i]];
+      cum += std::isinf(v) ? 0.0 : std::exp(static_cast<double>(v - mx)) / total;
+      if (cum <= 1.0 - o.top_p) s[order[i]] = kNegInf;
+    }
+  }
+}
+
+}  // namespace
+
+int64_t next_token(const Tensor& logits, const std::vector<int64_t>& context, const SamplingOptions& o,
+                   std::mt19937_64& rng, const std::vector<int64_t>& banned) {
+  MF_CHECK(logits.dtype() == DType::F32 && logits.device().is_cpu(), "internal: next_token takes host F32 logits");
+  const int64_t v_size = logits.numel();
+  std::vector<float> s(logits.f32(), logits.f32() + v_size);
+  for (int64_t id : banned)
+    if (id >= 0 && id < v_size) s[id] = kNegInf;
+  if (o.repetition_penalty != 1.0) {
+    std::unordered_set<int64_t> seen(context.begin(), context.end());
+    for (int64_t id : seen)
+      if (id >= 0 && id < v_size)
+        s[id] = static_cast<float>(s[id] < 0 ? s[id] * o.repetition_penalty : s[id] / o.repetition_penalty);
+  }
+  if (!o.sample) return std::max_element(s.begin(), s.end()) - s.begin();  // the first of equal maxima
+  warp(s, o);
+  const float mx = *std::max_element(s.begin(), s.end());
+  MF_CHECK(!std::isinf(mx), "generation: every token's logit is -inf (NaN weights, or everything banned)");
+  std::vector<double> p(s.size());
+  double total = 0;
+  for (size_t i = 0; i < s.size(); ++i) total += p[i] = std::isinf(s[i]) ? 0.0 : std::exp(static_cast<double>(s[i] - mx));
+  const double u = std::uniform_real_distribution<double>(0.0, total)(rng);
+  double cum = 0;
+  int64_t last = 0;
+  for (size_t i = 0; i < p.size(); ++i) {
+    if (p[i] == 0.0) continue;
+    cum += p[i];
+    last = static_cast<int64_t>(i);
+    if (u < cum) return last;
+  }
+  return last;  // u rounded to the total
+}
+
+GenerateResult generate(const CausalLM& model, nn::ParamAccess& ps, const std::vector<int64_t>& prompt,
+                        const GenerateOptions& opts, const std::function<bool(int64_t)>& on_token) {
+  const auto& cfg = model.config();
+  MF_CHECK(!prompt.empty(), "generation: the prompt has no tokens");
+  MF_CHECK(opts.max_new_tokens >= 0, "generation: max_new_tokens must be >= 0, got ", opts.max_new_tokens);
+  const auto& so = opts.sampling;
+  MF_CHECK(!so.sample || so.temperature > 0, "generation: temperature must be > 0 when sampling, got ", so.temperature);
+  MF_CHECK(so.top_p > 0 && so.top_p <= 1, "generation: top_p must be in (0, 1], got ", so.top_p);
+  MF_CHECK(so.top_k >= 0, "generation: top_k must be >= 0, got ", so.top_k);
+  MF_CHECK(so.repetition_penalty > 0, "generation: repetition_penalty must be > 0, got ", so.repetition_penalty);
+  for (int64_t id : prompt)
+    MF_CHECK(id >= 0 && id < cfg.vocab_size, "generation: prompt token id ", id, " is outside the vocabulary (",
+             cfg.vocab_size, " tokens)");
+  GenerateResult res;
+  res.stop_reason = "length";
+  std::mt19937_64 rng(so.seed);
+  std::vector<int64_t> context = prompt;
+  const int64_t capacity = static_cast<int64_t>(prompt.size()) + std::max<int64_t>(opts.max_new_tokens, 1);
+  auto cache = model.start_generation(capacity);
+  auto t0 = std::chrono::steady_clock::now();
+  Tensor logits = model.generation_step(ps, prompt, *cache);
+  res.prefill_seconds = seconds_since(t0);
+  t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < opts.max_new_tokens; ++i) {
+    const std::vector<int64_t> none, &banned = i < opts.min_new_tokens ? opts.eos_token_ids : none;
+    const int64_t id = next_token(logits, context, so, rng, banned);
+    res.ids.push_back(id);
+    context.push_back(id);
+    const bool eos = std::find(opts.eos_token_ids.begin(), opts.eos_token_ids.end(), id) != opts.eos_token_ids.end();
+    const bool go_on = !on_token || on_token(id);
+    if (eos) {
+      res.stop_reason = "eos";
+      break;
+    }
+    if (!go_on) {
+      res.stop_reason = "stopped";
+      break;
+    }
+    if (i + 1 < opts.max_new_tokens) logits = model.generation_step(ps, {id}, *cache);
+  }
+  res.decode_seconds = seconds_since(t0);
+  return res;
+}
+
+}  // namespace moeforge::models

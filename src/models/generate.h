@@ -1,0 +1,52 @@
+// Text generation from a causal LM, one sequence at a time: the prompt in one step through the
+// model's generation cache (CausalLM::start_generation), then one token per step. Greedy, or
+// sampled as Transformers' generate(do_sample=True) transforms the logits: repetition penalty,
+// then temperature, top-k and top-p, then a draw from the softmax (a seeded generator: the same
+// seed gives the same tokens; not Transformers' torch generator, so sampled tokens differ from it).
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+#include "models/causal_lm.h"
+#include "nn/params.h"
+
+namespace moeforge::models {
+
+struct SamplingOptions {
+  bool sample = false;        // false: greedy (the largest logit; ties to the lower id, as torch.argmax)
+  double temperature = 1.0;   // > 0
+  int64_t top_k = 0;          // 0: off
+  double top_p = 1.0;         // in (0, 1]; 1: off
+  double repetition_penalty = 1.0;  // Transformers' (CTRL's): logits of tokens seen so far / p (or * p when negative)
+  uint64_t seed = 0;
+};
+
+struct GenerateOptions {
+  int64_t max_new_tokens = 256;
+  int64_t min_new_tokens = 0;           // eos ids are not chosen before this many
+  std::vector<int64_t> eos_token_ids;   // generating one of them ends the sequence (it is kept)
+  SamplingOptions sampling;
+};
+
+struct GenerateResult {
+  std::vector<int64_t> ids;   // the generated tokens (not the prompt)
+  std::string stop_reason;    // "eos", "stopped" (the callback asked), "length"
+  double prefill_seconds = 0, decode_seconds = 0;  // the prompt's step; the other steps together
+};
+
+// Picks the next token from logits [V] (F32, host) given the tokens so far (for the repetition
+// penalty). `rng` is only drawn from when sampling.
+int64_t next_token(const Tensor& logits, const std::vector<int64_t>& context, const SamplingOptions& opts,
+                   std::mt19937_64& rng, const std::vector<int64_t>& banned = {});
+
+// Generates after `prompt` on the parameters `ps` (the model's host store or a device copy).
+// `on_token` (optional) sees each new token as it is chosen and returns false to stop there (stop
+// strings, a consumer that has enough).
+GenerateResult generate(const CausalLM& model, nn::ParamAccess& ps, const std::vector<int64_t>& prompt,
+                        const GenerateOptions& opts, const std::function<bool(int64_t)>& on_token = {});
+
+}  // namespace moeforge::models
