@@ -217,6 +217,31 @@ std::vector<OpCase> cases() {
     c.push_back(a);
   }
 
+  // Generation's attention: 3 queries at the last of 11 key positions (a KV cache), GQA 4/2; with a
+  // window of 4, with sinks, and MLA's narrower values (24 / 12). Direct: the full-length attention
+  // with the queries put at those positions (the rows before them zero), its last 3 rows.
+  for (int variant = 0; variant < 3; ++variant) {
+    const char* names[] = {"attention/more_keys_window", "attention/more_keys_sinks", "attention/more_keys_latent"};
+    const int64_t d = variant == 2 ? 24 : 32, dv = variant == 2 ? 12 : 32;
+    OpCase a;
+    a.name = names[variant];
+    a.inputs = [=](uint32_t s) {
+      return Tensors{rnd({1, 3, 4, d}, s), rnd({1, 11, 2, d}, s + 1), rnd({1, 11, 2, dv}, s + 2), rnd({4}, s + 3)};
+    };
+    auto window = [=] { return variant == 0 ? std::optional<int64_t>(4) : std::nullopt; };
+    a.run = [=](const Tensors& in, DType act) {
+      return Tensors{ops::attention(as(in[0], act), as(in[1], act), as(in[2], act), 0.21f, window(), nullptr,
+                                    variant == 1 ? &in[3] : nullptr)};
+    };
+    a.direct = [=](const Tensors& in) {
+      Tensor q = Tensor::zeros({1, 11, 4, d}, DType::F32);
+      std::copy(in[0].f32(), in[0].f32() + in[0].numel(), q.f32() + 8 * 4 * d);
+      const Tensor full = ops::attention(q, in[1], in[2], 0.21f, window(), nullptr, variant == 1 ? &in[3] : nullptr);
+      return Tensors{full.view({11, 4 * dv}).slice0(8, 3).clone().view({1, 3, 4, dv})};
+    };
+    c.push_back(a);
+  }
+
   c.push_back({"embedding_and_backward/padding_row",
                [=](uint32_t s) { return Tensors{ids({3, 0, 7, 3, 1}, {5}), rnd({8, 12}, s), rnd({5, 12}, s + 1)}; },
                [](const Tensors& in, DType act) {
@@ -565,6 +590,44 @@ std::vector<OpCase> cases() {
     c.push_back(bwd);
   }
 
+  {
+    // Generation's scan: 5 prompt tokens, then one, then one, carrying the state; direct: the scan
+    // over all 7 at once (H 4 x P 3, 2 groups of state 5).
+    OpCase step{"ssm_step/prompt_then_tokens",
+                [=](uint32_t s) {
+                  return Tensors{rnd({7, 4, 3}, s), rnd({7, 4}, s + 1), rnd({4}, s + 2), rnd({4}, s + 3, 0.5f),
+                                 rnd({7, 2, 5}, s + 4), rnd({7, 2, 5}, s + 5), rnd({4}, s + 6)};
+                },
+                [](const Tensors& in, DType act) {
+                  Tensor state = zeros_like_shape(in[0], {4, 3, 5});
+                  Tensors out;
+                  for (auto [t0, n] : {std::pair<int64_t, int64_t>{0, 5}, {5, 1}, {6, 1}}) {
+                    auto rows = [&](const Tensor& x) { return as(x, act).slice0(t0, n); };
+                    out.push_back(ops::ssm_step(rows(in[0]), in[1].slice0(t0, n), in[2], in[3], rows(in[4]), rows(in[5]),
+                                                in[6], 1e-3f, state));
+                  }
+                  out.push_back(state);
+                  return out;
+                }};
+    step.direct = [](const Tensors& in) {
+      const Tensor y = ops::ssm_scan(in[0], in[1], in[2], in[3], in[4], in[5], in[6], 1e-3f, 1, nullptr).view({7, 12});
+      // The state after the 7 tokens, from the recurrence written out.
+      Tensor state = Tensor::zeros({4, 3, 5}, DType::F32);
+      for (int64_t hd = 0; hd < 4; ++hd)
+        for (int64_t i = 0; i < 7; ++i) {
+          const double u = in[1].f32()[i * 4 + hd] + in[2].f32()[hd];
+          const double dt = std::max(u > 20 ? u : std::log1p(std::exp(u)), 1e-3), decay = std::exp(dt * -std::exp(in[3].f32()[hd]));
+          for (int64_t p = 0; p < 3; ++p)
+            for (int64_t n = 0; n < 5; ++n) {
+              float& st = state.f32()[(hd * 3 + p) * 5 + n];
+              st = static_cast<float>(decay * st + dt * in[0].f32()[(i * 4 + hd) * 3 + p] * in[4].f32()[(i * 2 + hd / 2) * 5 + n]);
+            }
+        }
+      return Tensors{y.slice0(0, 5).clone(), y.slice0(5, 1).clone(), y.slice0(6, 1).clone(), state};
+    };
+    step.tol_bf16 = 5e-2f;
+    c.push_back(step);
+  }
   {
     // LoRA's fused gate|up B: 3 experts of a 2 x 2 grid of [5, 3] blocks; the off-diagonal ones zeroed.
     OpCase blocks{"zero_off_diagonal_blocks/two_parts", [=](uint32_t s) { return Tensors{rnd({3, 10, 6}, s)}; },
