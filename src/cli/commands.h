@@ -6,6 +6,7 @@ namespace moeforge::cli {
 
 int cmd_inspect(const std::vector<std::string>& args);
 int cmd_eval(const std::vector<std::string>& args);
+int cmd_generate(const std::vector<std::string>& args);
 int cmd_convert(const std::vector<std::string>& args);
 int cmd_merge(const std::vector<std::string>& args);
 int cmd_train(const std::vector<std::string>& args);
