@@ -174,6 +174,9 @@ int cmd_generate(const std::vector<std::string>& argv) {
   go.max_new_tokens = *o_max ? max_new : gc.max_new_tokens.value_or(256);
   go.min_new_tokens = min_new;
   if (!ignore_eos) go.eos_token_ids = gc.eos_token_ids;
+  for (int64_t id : ids)
+    MF_CHECK(id >= 0 && id < cfg.vocab_size, "prompt token id ", id, " is outside the vocabulary (", cfg.vocab_size,
+             " tokens) of ", cfg.source);
   const int64_t prompt_len = static_cast<int64_t>(ids.size());
   MF_CHECK(prompt_len < cfg.max_position_embeddings, "the prompt's ", prompt_len,
            " tokens leave no room under max_position_embeddings (", cfg.max_position_embeddings, ") of ", cfg.source);

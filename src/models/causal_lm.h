@@ -39,6 +39,9 @@ struct ForwardInputs {
   const Tensor* position_ids = nullptr;  // [B, S] I64; default 0..S-1 per row
   const Tensor* doc_ids = nullptr;       // [B, S] I64; packed documents do not attend to each other
   RoutingControl* routing = nullptr;
+  // false: no logits, only the loss (the LM head and cross-entropy fused in chunks on the
+  // parameters' device: evaluation without [B, S, V] logits on the host). Needs labels.
+  bool logits = true;
 };
 
 struct ForwardOutputs {
@@ -46,6 +49,7 @@ struct ForwardOutputs {
   float loss = NAN;          // mean cross-entropy over counted tokens (+ coef * aux when enabled)
   float aux_loss = NAN;      // load-balancing loss when the config asks for it
   int64_t loss_tokens = 0;   // tokens the cross-entropy counted
+  double ce_sum = 0;         // the summed cross-entropy over them (loss = ce_sum / loss_tokens + aux)
 };
 
 // One training micro-step: forward with the saved state backward needs, the loss, and backward

@@ -12,6 +12,7 @@
 #include "ops/ops.h"
 #include "core/logging.h"
 #include "data/dataset.h"
+#include "data/model_text.h"
 #include "data/token_batches.h"
 #include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
@@ -86,27 +87,6 @@ std::string prepare_output(const Recipe& r) {
   return "";
 }
 
-// EOS for text rows: generation_config.json's, else config.json's eos_token_id (first if a list).
-std::optional<int64_t> eos_token_id(const std::string& model_dir) {
-  for (const std::string f : {"generation_config.json", "config.json"}) {
-    const fs::path p = fs::path(model_dir) / f;
-    if (!fs::exists(p)) continue;
-    nlohmann::json j;
-    try {
-      const std::string text = hf::read_text_file(p.string());
-      hf::check_json_depth(text, p.string());
-      j = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::exception&) {
-      continue;  // config.json was validated already; a broken generation_config.json only loses EOS
-    }
-    if (!j.is_object() || !j.contains("eos_token_id")) continue;
-    const auto& e = j["eos_token_id"];
-    if (e.is_number_integer()) return e.get<int64_t>();
-    if (e.is_array() && !e.empty() && e[0].is_number_integer()) return e[0].get<int64_t>();
-  }
-  return std::nullopt;
-}
-
 // The whole model's parameter count from a model that may hold a slice of the experts.
 int64_t whole_model_parameters(const models::CausalLM& m) {
   int64_t n = 0;
@@ -179,26 +159,10 @@ TrainResult run_training(const Recipe& r) {
   MF_CHECK(r.seq_len <= cfg.max_position_embeddings, r.source, ": seq_len ", r.seq_len,
            " is longer than the model allows (max_position_embeddings ", cfg.max_position_embeddings, " in ",
            cfg.source, ")");
-  // A tokenizer is loaded when there is one (text rows need it; pre-tokenized rows do not).
-  const std::string tok_dir = r.tokenizer.empty() ? r.model : r.tokenizer;
-  std::optional<hf::Tokenizer> tokenizer;
-  if (fs::exists(fs::path(tok_dir) / "tokenizer.json") || !r.tokenizer.empty()) tokenizer = hf::Tokenizer::load(tok_dir);
-  // The chat template for messages rows: the recipe's file, else the tokenizer folder's own.
-  std::optional<hf::ChatTemplate> chat;
-  if (!r.chat_template.empty()) {
-    MF_CHECK(fs::exists(r.chat_template), r.source, ": chat_template ", r.chat_template, ": no such file");
-    chat = hf::ChatTemplate::from_source(hf::read_text_file(r.chat_template), r.chat_template, tok_dir);
-  } else if (fs::is_directory(tok_dir)) {
-    chat = hf::ChatTemplate::load(tok_dir);
-  }
-  data::DatasetOptions dopts;
-  dopts.path = r.data;
-  dopts.tokenizer = tokenizer ? &*tokenizer : nullptr;
-  dopts.chat_template = chat ? &*chat : nullptr;
-  dopts.chat_template_origin = tok_dir;
-  dopts.skip_bad_lines = r.skip_bad_lines;
-  if (tokenizer && r.add_eos) dopts.eos_id = eos_token_id(r.model);
-  data::Dataset dataset = data::load_dataset(dopts);
+  // The tokenizer when there is one (text rows need it; pre-tokenized rows do not), the chat template
+  // for messages rows, the eos id for text rows.
+  const data::ModelText text = data::load_model_text(r.model, r.tokenizer, r.chat_template, r.add_eos, r.source);
+  data::Dataset dataset = data::load_model_dataset(r.data, text, r.skip_bad_lines);
   data::TokenBatches data(std::move(dataset.rows), r.seq_len, r.seed, r.packing);
   // A step larger than the dataset would repeat rows inside it (and an absurd value would allocate or
   // loop for ever before the first line of output).

@@ -9,7 +9,9 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "data/model_text.h"
 #include "hf/safetensors.h"
+#include "models/pretrained.h"
 #include "test_util.h"
 
 using namespace moeforge;
@@ -232,9 +234,12 @@ TEST(CliBadInput, EachProblemIsOneLine) {
   std::ofstream(tmp / "nofield.jsonl") << R"({"text": "hello"})" << "\n";
   expect_one_line_error(run("eval --model " + a + " --tokens " + (tmp / "bad.jsonl")), {"bad.jsonl:2", "input_ids"});
   expect_one_line_error(run("eval --model " + a + " --tokens " + (tmp / "big.jsonl")), {"big.jsonl:1", "999"});
-  expect_one_line_error(run("eval --model " + a + " --tokens " + (tmp / "nofield.jsonl")), {"nofield.jsonl:1", "'input_ids'"});
+  // A text row without a tokenizer in the model folder, and a row of no known form.
+  expect_one_line_error(run("eval --model " + a + " --data " + (tmp / "nofield.jsonl")), {"nofield.jsonl:1", "tokenizer"});
+  std::ofstream(tmp / "noform.jsonl") << R"({"foo": 1})" << "\n";
+  expect_one_line_error(run("eval --model " + a + " --data " + (tmp / "noform.jsonl")), {"noform.jsonl:1", "input_ids"});
   expect_one_line_error(run("eval --model " + (tmp / "nope") + " --tokens " + (tmp / "ok.jsonl")), {"nope"});
-  expect_one_line_error(run("eval --model " + a), {"--tokens"});
+  expect_one_line_error(run("eval --model " + a), {"--data"});
   expect_one_line_error(run("inspect " + (tmp / "nope")), {"nope"});
 
   // A checkpoint with a truncated shard.
@@ -328,4 +333,97 @@ TEST(Cli, TokenizeRendersConversations) {
                         {"bad.json", "expected a list of messages"});
   expect_one_line_error(run("tokenize --tokenizer " + test::fixture("tokenizers/llama3") + " --messages " + (tmp / "conv.json")),
                         {"no chat template"});
+}
+
+// eval on every training format: per-row losses are the model's loss on the rows as training
+// tokenizes them (the messages row counting only the assistant's tokens), the totals their
+// token-weighted mean and its exponential.
+TEST(Cli, EvalTakesEveryTrainingFormat) {
+  test::TempDir tmp;
+  const std::string model = std::string(MOEFORGE_SOURCE_DIR) + "/examples/demo_model";
+  const std::string file = (tmp / "rows.jsonl");
+  std::ofstream(file) << R"({"text": "Count from 1 to 3."})" << "\n"
+                      << R"({"prompt": "Count from 4 to 6.", "completion": " 4 5 6"})" << "\n"
+                      << R"({"messages": [{"role": "user", "content": "Count from 7 to 9."}, {"role": "assistant", "content": "7 8 9"}]})"
+                      << "\n"
+                      << R"({"input_ids": [5, 6, 7, 8]})" << "\n";
+  const CmdResult r = run("eval --model " + model + " --data " + file);
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  ASSERT_EQ(j["rows"].size(), 4u);
+  const data::ModelText text = data::load_model_text(model, "", "", true, "test");
+  const data::Dataset ds = data::load_model_dataset(file, text, false);
+  auto m = models::from_pretrained(model);
+  double sum = 0;
+  int64_t tokens = 0;
+  for (size_t i = 0; i < 4; ++i) {
+    const auto& row = ds.rows[i];
+    const int64_t s = static_cast<int64_t>(row.input_ids.size());
+    Tensor ids = Tensor::from_i64(row.input_ids, {1, s}), labels = Tensor::from_i64(*row.labels, {1, s});
+    const auto o = m.model->forward({ids, &labels});
+    EXPECT_NEAR(j["rows"][i]["loss"].get<double>(), o.loss, 1e-5) << "row " << i;
+    EXPECT_EQ(j["rows"][i]["tokens"].get<int64_t>(), o.loss_tokens) << "row " << i;
+    sum += static_cast<double>(o.loss) * o.loss_tokens;
+    tokens += o.loss_tokens;
+  }
+  // The messages row counts the assistant's "7 8 9" and end-of-turn tokens only.
+  const auto enc = text.chat->encode(*text.tokenizer, nlohmann::ordered_json::parse(
+      R"([{"role": "user", "content": "Count from 7 to 9."}, {"role": "assistant", "content": "7 8 9"}])"), {});
+  EXPECT_EQ(j["rows"][2]["tokens"].get<int64_t>(), std::count(enc.assistant_mask.begin(), enc.assistant_mask.end(), 1));
+  EXPECT_NEAR(j["token_weighted_loss"].get<double>(), sum / tokens, 1e-5);
+  EXPECT_NEAR(j["perplexity"].get<double>(), std::exp(sum / tokens), 1e-3);
+  const CmdResult s = run("eval --model " + model + " --data " + file + " --summary");
+  ASSERT_EQ(s.status, 0) << s.err;
+  EXPECT_FALSE(nlohmann::json::parse(s.out).contains("rows"));
+  EXPECT_EQ(nlohmann::json::parse(s.out)["loss_tokens"].get<int64_t>(), tokens);
+}
+
+// generate: greedy ids equal Transformers' (the fixture's reference), --json carries them, stop
+// strings end the text after them, and the command-line errors are usage errors (exit 2).
+TEST(Cli, GenerateGreedyJsonStopsAndErrors) {
+  const std::string a = test::fixture("llama_a");
+  auto ref = hf::SafetensorsFile::open(a + "/generate_reference.safetensors");
+  const Tensor p = ref.get("prompt_ids").clone(), g = ref.get("generated_ids").clone();
+  std::string prompt;
+  for (int64_t i = 0; i < p.numel(); ++i) prompt += (i ? "," : "") + std::to_string(p.i64()[i]);
+  CmdResult r = run("generate --model " + a + " --prompt-ids " + prompt + " --max-new-tokens " +
+                    std::to_string(g.numel()) + " --json");
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["generated_ids"].get<std::vector<int64_t>>(), std::vector<int64_t>(g.i64(), g.i64() + g.numel()));
+  EXPECT_EQ(j["sampling"], "greedy");
+  EXPECT_EQ(j["stop_reason"], "length");
+
+  const std::string demo = std::string(MOEFORGE_SOURCE_DIR) + "/examples/demo_model";
+  r = run("generate --model " + demo + " --chat --prompt 'Count from 3 to 7.' --max-new-tokens 12 --json --ignore-eos");
+  ASSERT_EQ(r.status, 0) << r.err;
+  j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["prompt"], "<|im_start|>user\nCount from 3 to 7.<|im_end|>\n<|im_start|>assistant\n");
+  EXPECT_EQ(j["generated_ids"].size(), 12u);
+  const std::string text = j["text"];
+  ASSERT_GE(text.size(), 2u);
+  // The same run stopped at a piece of its own text: the text ends right after that piece.
+  const std::string stop = text.substr(text.size() / 2, 1);
+  r = run("generate --model " + demo + " --chat --prompt 'Count from 3 to 7.' --max-new-tokens 12 --json --ignore-eos "
+          "--stop '" + stop + "'");
+  ASSERT_EQ(r.status, 0) << r.err;
+  j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["stop_reason"], "stop_string");
+  EXPECT_EQ(j["text"].get<std::string>(), text.substr(0, text.find(stop) + 1));
+  // Streaming prints the text itself.
+  r = run("generate --model " + demo + " --prompt 'Count from' --max-new-tokens 5 --ignore-eos");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.err.find("tokens/s"), std::string::npos) << r.err;
+
+  r = run("generate --help");
+  EXPECT_EQ(r.status, 0);
+  EXPECT_NE(r.out.find("--max-new-tokens"), std::string::npos);
+  r = run("generate --model " + a + " --prompt-ids 1 --max-new-tokens many");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(lines(r.err), 1) << r.err;
+  EXPECT_NE(r.err.find("--max-new-tokens"), std::string::npos) << r.err;
+  expect_one_line_error(run("generate --model " + a), {"prompt"});
+  expect_one_line_error(run("generate --model " + a + " --prompt hello"), {"tokenizer.json"});
+  expect_one_line_error(run("generate --model " + a + " --prompt-ids 1,x"), {"--prompt-ids", "'x'"});
+  expect_one_line_error(run("generate --model " + a + " --prompt-ids 1,99999"), {"99999", "vocabulary"});
 }

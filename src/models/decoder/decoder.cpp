@@ -509,13 +509,25 @@ ForwardOutputs Decoder::forward(nn::ParamAccess& ps, const ForwardInputs& in, co
   std::vector<nn::SparseMoE::RouterOut> routers;
   const Tensor x = final_norm_.forward(ps, main_forward(ps, bt, nullptr, false, routers));
   ForwardOutputs out;
+  if (cfg_.output_router_logits) out.aux_loss = nn::load_balancing_loss(routers, cfg_.num_experts);
+  if (!in.logits) {
+    MF_CHECK(in.labels, "internal: a forward without logits needs labels");
+    const Tensor targets = ops::to_device(shifted_targets(*in.labels), bt.device, DType::I64);
+    Tensor unused_grad;  // the fused op's input gradient, at scale 0
+    out.ce_sum = ops::fused_linear_cross_entropy(x, ps.value(lm_head_), targets, -100, 0.f, unused_grad, nullptr,
+                                                 &out.loss_tokens);
+    ps.release({final_norm_.weight, lm_head_});
+    out.loss = out.loss_tokens ? static_cast<float>(out.ce_sum / out.loss_tokens) : NAN;
+    if (cfg_.output_router_logits) out.loss += static_cast<float>(cfg_.router_aux_loss_coef) * out.aux_loss;
+    return out;
+  }
   Tensor logits = ops::linear(x, ps.value(lm_head_));
   if (!logits.device().is_cpu() || logits.dtype() != DType::F32) logits = ops::to_device(logits, Device::cpu(), DType::F32);
   out.logits = logits.view({bt.b, bt.s, cfg_.vocab_size});
   ps.release({final_norm_.weight, lm_head_});
-  if (cfg_.output_router_logits) out.aux_loss = nn::load_balancing_loss(routers, cfg_.num_experts);
   if (in.labels) {
     out.loss = causal_lm_loss(out.logits, *in.labels, &out.loss_tokens);
+    out.ce_sum = static_cast<double>(out.loss) * out.loss_tokens;
     if (cfg_.output_router_logits) out.loss += static_cast<float>(cfg_.router_aux_loss_coef) * out.aux_loss;
   }
   return out;
