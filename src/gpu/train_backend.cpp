@@ -46,6 +46,7 @@ class GpuBackend : public StepBackend {
     return model_.forward_backward(params_, in, run, par_);
   }
   double finish_gradients(double max_norm) override { return train::finish_gradients(groups_, params_, max_norm); }
+  models::ForwardOutputs evaluate(const models::ForwardInputs& in) override { return model_.forward(params_, in, par_); }
   void step(double lr) override { opt_.step(lr); }
   std::function<void(const std::vector<size_t>&)> begin_step_in_backward(double lr) override {
     opt_.begin_step(lr);

@@ -21,6 +21,9 @@ class StepBackend {
   // Ends the step's gradients: sums them over the ranks (when several share the run), returns
   // the whole model's gradient norm and scales them to max_norm when above it (<= 0: no clipping).
   virtual double finish_gradients(double max_norm) = 0;
+  // A forward without gradients (validation): the summed cross-entropy of the micro-batch's
+  // counted tokens and their count (ForwardOutputs::ce_sum, loss_tokens; no host logits).
+  virtual models::ForwardOutputs evaluate(const models::ForwardInputs& in) = 0;
   virtual void step(double lr) = 0;
   // The optimizer applied inside backward (recipe optimizer_in_backward), instead of
   // finish_gradients + step: begin_step_in_backward(lr) counts the step and returns the callback

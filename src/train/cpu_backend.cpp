@@ -15,6 +15,7 @@ class CpuBackend : public StepBackend {
     return model_.forward_backward(in, o);
   }
   double finish_gradients(double max_norm) override { return train::finish_gradients(groups_, model_.params(), max_norm); }
+  models::ForwardOutputs evaluate(const models::ForwardInputs& in) override { return model_.forward(in); }
   void step(double lr) override { opt_.step(lr); }
   std::function<void(const std::vector<size_t>&)> begin_step_in_backward(double lr) override {
     opt_.begin_step(lr);

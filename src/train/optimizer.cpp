@@ -79,14 +79,35 @@ hf::NamedTensors AdamW::state() const {
   return out;
 }
 
+int64_t ScheduleOptions::warmup_of(int64_t total) const {
+  return warmup_ratio > 0 ? static_cast<int64_t>(std::ceil(warmup_ratio * static_cast<double>(total))) : warmup_steps;
+}
+
 double lr_multiplier(const ScheduleOptions& s, int64_t step, int64_t total) {
-  if (step < s.warmup_steps) return static_cast<double>(step) / std::max<int64_t>(1, s.warmup_steps);
+  const int64_t warmup = s.warmup_of(total);
+  const double warm = static_cast<double>(step) / std::max<int64_t>(1, warmup);
+  // Transformers' wsd warms up from min_lr_ratio, the other schedules from 0.
+  if (step < warmup) return s.type == "wsd" ? s.min_lr_ratio + (1.0 - s.min_lr_ratio) * warm : warm;
   if (s.type == "constant") return 1.0;
-  const double progress = static_cast<double>(step - s.warmup_steps) / std::max<int64_t>(1, total - s.warmup_steps);
+  if (s.type == "wsd") {
+    const int64_t decay = s.decay_steps > 0 ? s.decay_steps
+                                            : static_cast<int64_t>(std::ceil(s.decay_ratio * static_cast<double>(total)));
+    const int64_t stable = std::max<int64_t>(0, total - warmup - decay);
+    if (step < warmup + stable) return 1.0;
+    if (step >= warmup + stable + decay) return s.min_lr_ratio;
+    const double p = static_cast<double>(step - warmup - stable) / std::max<int64_t>(1, decay);
+    double f = 0;
+    if (s.decay_type == "linear") f = 1.0 - p;
+    else if (s.decay_type == "cosine") f = 0.5 * (1.0 + std::cos(M_PI * p));
+    else if (s.decay_type == "1-sqrt") f = 1.0 - std::sqrt(p);
+    else MF_THROW("unknown wsd decay_type '", s.decay_type, "' (expected linear, cosine or 1-sqrt)");
+    return std::max(0.0, f * (1.0 - s.min_lr_ratio) + s.min_lr_ratio);
+  }
+  const double progress = static_cast<double>(step - warmup) / std::max<int64_t>(1, total - warmup);
   double m = 1.0;
   if (s.type == "linear") m = std::max(0.0, 1.0 - progress);
   else if (s.type == "cosine") m = std::max(0.0, 0.5 * (1.0 + std::cos(M_PI * progress)));
-  else MF_THROW("unknown schedule '", s.type, "' (expected constant, linear or cosine)");
+  else MF_THROW("unknown schedule '", s.type, "' (expected constant, linear, cosine or wsd)");
   return s.min_lr_ratio + (1.0 - s.min_lr_ratio) * m;
 }
 

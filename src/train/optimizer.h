@@ -58,10 +58,18 @@ class AdamW {
   ops::AdamWScalars scalars_{};
 };
 
+// Learning-rate schedules as Transformers' get_scheduler builds them: a linear warmup, then
+// constant, linear or cosine decay to min_lr_ratio, or warmup-stable-decay (wsd: the peak held
+// until the last decay_steps -- or decay_ratio of the steps -- which decay as decay_type).
 struct ScheduleOptions {
-  std::string type = "constant";  // constant | linear | cosine
+  std::string type = "constant";  // constant | linear | cosine | wsd
   int64_t warmup_steps = 0;
-  double min_lr_ratio = 0.0;  // cosine/linear floor as a fraction of the peak
+  double warmup_ratio = 0.0;  // > 0: warmup_steps = ceil(warmup_ratio * total) (TrainingArguments' rule)
+  double min_lr_ratio = 0.0;  // the floor of the decay as a fraction of the peak
+  int64_t decay_steps = 0;    // wsd: the decay's length; 0 = decay_ratio of the steps
+  double decay_ratio = 0.1;
+  std::string decay_type = "cosine";  // wsd: linear | cosine | 1-sqrt
+  int64_t warmup_of(int64_t total) const;
 };
 // Multiplier of the peak learning rate for optimizer step `step` (0-based) of `total`.
 double lr_multiplier(const ScheduleOptions& s, int64_t step, int64_t total);

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -43,8 +44,10 @@ void Progress::step(const StepMetrics& m, bool log) {
   if (m.mtp_loss >= 0) j["mtp_loss"] = m.mtp_loss;
   std::fprintf(metrics_, "%s\n", j.dump().c_str());
   std::fflush(metrics_);
-  char mtp[48] = "";
+  char mtp[96] = "";
   if (m.mtp_loss >= 0) std::snprintf(mtp, sizeof mtp, " | mtp-loss %.4f", m.mtp_loss);
+  if (last_eval_ >= 0)
+    std::snprintf(mtp + std::strlen(mtp), sizeof mtp - std::strlen(mtp), " | eval-loss %.4f", last_eval_);
   char line[288];
   std::snprintf(line, sizeof line, "step %lld/%lld | loss %.4f%s | lr %.3e | grad-norm %.3f | %.0f tok/s | ETA %s",
                 static_cast<long long>(m.step), static_cast<long long>(m.total), m.loss, mtp, m.lr, m.grad_norm, tps,
@@ -56,6 +59,18 @@ void Progress::step(const StepMetrics& m, bool log) {
     std::fprintf(stderr, "%s\n", line);
   }
   std::fflush(stderr);
+}
+
+void Progress::eval(int64_t step, double loss, int64_t tokens) {
+  last_eval_ = loss;
+  const nlohmann::ordered_json j = {
+      {"step", step}, {"eval_loss", loss}, {"eval_perplexity", std::exp(loss)}, {"eval_tokens", tokens}};
+  std::fprintf(metrics_, "%s\n", j.dump().c_str());
+  std::fflush(metrics_);
+  char line[160];
+  std::snprintf(line, sizeof line, "eval at step %lld | eval-loss %.4f | perplexity %.3f | %lld tokens",
+                static_cast<long long>(step), loss, std::exp(loss), static_cast<long long>(tokens));
+  message(line);
 }
 
 void Progress::message(const std::string& msg) {

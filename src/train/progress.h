@@ -22,6 +22,9 @@ class Progress {
   ~Progress();
   // Records a step; prints and writes metrics when `log` is set.
   void step(const StepMetrics& m, bool log);
+  // A validation result: its own line and metrics.jsonl record ({"step", "eval_loss",
+  // "eval_perplexity", "eval_tokens"}); later progress lines show the latest eval loss.
+  void eval(int64_t step, double loss, int64_t tokens);
   void message(const std::string& line);  // a plain line that does not clobber the progress line
   void finish();
 
@@ -30,6 +33,7 @@ class Progress {
   bool tty_ = false, line_open_ = false;
   std::chrono::steady_clock::time_point start_;
   int64_t first_step_ = 0, tokens_since_start_ = 0;
+  double last_eval_ = -1;  // < 0: none yet
 };
 
 }  // namespace moeforge::train

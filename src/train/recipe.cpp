@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <cmath>
@@ -15,6 +16,8 @@
 namespace moeforge::train {
 
 namespace {
+
+namespace fs = std::filesystem;
 
 using Setter = std::function<void(Recipe&, const YAML::Node&, const std::string& where)>;
 
@@ -91,7 +94,18 @@ std::vector<Key> make_keys() {
       boolean("packing", &Recipe::packing),
       boolean("skip_bad_lines", &Recipe::skip_bad_lines),
       boolean("add_eos", &Recipe::add_eos),
-      int_key("seq_len", &Recipe::seq_len, 2),
+      {"seq_len",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         const int64_t v = as<int64_t>(n, "seq_len", w, "an integer");
+         if (v != 0 && v < 2) MF_THROW(w, ": key 'seq_len' must be >= 2 (or 0: the model's length up to 2048), got ", v);
+         r.seq_len = v;
+       },
+       [](const Recipe& r) { return std::to_string(r.seq_len); }},
+      str("eval_data", &Recipe::eval_data),
+      int_key("eval_every", &Recipe::eval_every, 0),
+      int_key("eval_max_batches", &Recipe::eval_max_batches, 0),
+      boolean("save_best", &Recipe::save_best),
+      boolean("resume_allow_changes", &Recipe::resume_allow_changes),
       int_key("micro_batch", &Recipe::micro_batch, 1),
       int_key("global_batch", &Recipe::global_batch, 1),
       int_key("steps", &Recipe::steps, 0),
@@ -109,8 +123,8 @@ std::vector<Key> make_keys() {
       {"schedule.type",
        [](Recipe& r, const YAML::Node& n, const std::string& w) {
          const auto v = as<std::string>(n, "schedule.type", w, "a string");
-         if (v != "constant" && v != "linear" && v != "cosine")
-           MF_THROW(w, ": key 'schedule.type' must be constant, linear or cosine, got '", v, "'");
+         if (v != "constant" && v != "linear" && v != "cosine" && v != "wsd")
+           MF_THROW(w, ": key 'schedule.type' must be constant, linear, cosine or wsd, got '", v, "'");
          r.schedule.type = v;
        },
        [](const Recipe& r) { return r.schedule.type; }},
@@ -121,6 +135,22 @@ std::vector<Key> make_keys() {
        },
        [](const Recipe& r) { return std::to_string(r.schedule.warmup_steps); }},
       dbl("schedule.min_lr_ratio", [](Recipe& r) -> double& { return r.schedule.min_lr_ratio; }, 0, 1),
+      dbl("schedule.warmup_ratio", [](Recipe& r) -> double& { return r.schedule.warmup_ratio; }, 0, 1),
+      {"schedule.decay_steps",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         r.schedule.decay_steps = as<int64_t>(n, "schedule.decay_steps", w, "an integer");
+         if (r.schedule.decay_steps < 0) MF_THROW(w, ": key 'schedule.decay_steps' must be >= 0");
+       },
+       [](const Recipe& r) { return std::to_string(r.schedule.decay_steps); }},
+      dbl("schedule.decay_ratio", [](Recipe& r) -> double& { return r.schedule.decay_ratio; }, 0, 1),
+      {"schedule.decay_type",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         const auto v = as<std::string>(n, "schedule.decay_type", w, "a string");
+         if (v != "linear" && v != "cosine" && v != "1-sqrt")
+           MF_THROW(w, ": key 'schedule.decay_type' must be linear, cosine or 1-sqrt, got '", v, "'");
+         r.schedule.decay_type = v;
+       },
+       [](const Recipe& r) { return r.schedule.decay_type; }},
       dbl("max_grad_norm", [](Recipe& r) -> double& { return r.max_grad_norm; }, 0),
       {"device",
        [](Recipe& r, const YAML::Node& n, const std::string& w) {
@@ -244,6 +274,23 @@ void apply(Recipe& r, const std::string& key, const YAML::Node& value, const std
 }
 
 // `seen`: the keys the file gave so far (a key given twice is an error, not "the last one wins").
+// Paths a recipe file gives are relative to the file's folder (command-line overrides stay
+// relative to the current directory, where the shell typed them).
+void resolve_paths(Recipe& r, const std::set<std::string>& from_file, const fs::path& folder) {
+  auto fix = [&](const char* key, std::string& v) {
+    if (!from_file.count(key) || v.empty() || fs::path(v).is_absolute()) return;
+    v = (folder / v).lexically_normal().string();
+  };
+  fix("model", r.model);
+  fix("data", r.data);
+  fix("output_dir", r.output_dir);
+  fix("tokenizer", r.tokenizer);
+  fix("chat_template", r.chat_template);
+  fix("eval_data", r.eval_data);
+  fix("peft.adapter", r.lora.init_adapter);
+  if (r.resume != "true") fix("resume", r.resume);
+}
+
 void flatten(const YAML::Node& node, const std::string& prefix, Recipe& r, const std::string& where,
              std::set<std::string>& seen) {
   for (auto it = node.begin(); it != node.end(); ++it) {
@@ -262,6 +309,39 @@ std::vector<std::string> recipe_keys() {
   return v;
 }
 
+namespace {
+std::map<std::string, std::string> yaml_lines(const std::string& text) {
+  std::map<std::string, std::string> out;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#') continue;
+    const auto colon = line.find(": ");
+    if (colon != std::string::npos) out[line.substr(0, colon)] = line.substr(colon + 2);
+  }
+  return out;
+}
+}  // namespace
+
+std::vector<std::string> changed_training_keys(const std::string& old_yaml, const std::string& new_yaml) {
+  static const std::set<std::string> not_compared = {
+      "output_dir", "overwrite", "resume", "resume_allow_changes", "threads", "log_every", "save_every",
+      "save_total_limit", "max_shard_size", "device", "precision", "ep_size", "zero_stage", "skip_bad_lines",
+      "eval_data", "eval_every", "eval_max_batches", "save_best", "activation_checkpointing", "optimizer_in_backward",
+      "report_to",
+      // A run may be extended (or cut short) on resume; the schedule then follows the new length.
+      "steps", "epochs"};
+  const auto a = yaml_lines(old_yaml), b = yaml_lines(new_yaml);
+  std::vector<std::string> out;
+  for (const auto& [key, value] : b) {
+    if (not_compared.count(key)) continue;
+    const auto it = a.find(key);
+    if (it == a.end()) continue;  // a key the older run did not know
+    if (it->second != value) out.push_back(key + ": " + it->second + " -> " + value);
+  }
+  return out;
+}
+
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
   Recipe r;
   r.source = path;
@@ -277,6 +357,7 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
     MF_CHECK(root.IsMap(), path, ": a recipe must be a mapping of keys to values");
     std::set<std::string> seen;
     flatten(root, "", r, path, seen);
+    resolve_paths(r, seen, fs::path(path).parent_path());
   }
   for (const auto& o : overrides) {
     const auto eq = o.find('=');
@@ -297,6 +378,9 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   MF_CHECK(r.steps > 0 || r.epochs > 0, path, ": set 'steps' or 'epochs'");
   MF_CHECK(r.steps == 0 || r.epochs == 0, path, ": set one of 'steps' and 'epochs', not both (steps ", r.steps,
            ", epochs ", r.epochs, ")");
+  MF_CHECK(r.schedule.warmup_steps == 0 || r.schedule.warmup_ratio == 0, path,
+           ": set one of 'schedule.warmup_steps' and 'schedule.warmup_ratio', not both");
+  MF_CHECK(!r.save_best || !r.eval_data.empty(), path, ": key 'save_best' needs 'eval_data' (the loss it keeps the best of)");
   MF_CHECK(r.global_batch % r.micro_batch == 0, path, ": key 'global_batch' (", r.global_batch,
            ") must be a multiple of 'micro_batch' (", r.micro_batch, ")");
   MF_CHECK(r.peft_method.empty() || r.mtp_loss_scale == 0, path,

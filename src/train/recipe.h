@@ -22,7 +22,9 @@ struct Recipe {
   bool skip_bad_lines = false;  // malformed data lines: skip and count instead of failing
   bool add_eos = true;     // append the tokenizer's EOS to text and completion rows
   std::string output_dir;  // checkpoints, metrics.jsonl and the final model (output_dir/final)
-  int64_t seq_len = 2048;  // rows longer than this are truncated
+  // Rows longer than this are truncated; 0 = 2048 or the model's max_position_embeddings when
+  // smaller (resolved by the trainer).
+  int64_t seq_len = 0;
   int64_t micro_batch = 1;
   int64_t global_batch = 1;  // rows per optimizer step; a multiple of micro_batch
   int64_t steps = 0;         // optimizer steps; 0 = derive from epochs
@@ -44,6 +46,17 @@ struct Recipe {
   uint64_t seed = 42;
   bool overwrite = false;  // replace an existing output_dir
   std::string resume;      // "" (no), "true" (latest checkpoint in output_dir) or a checkpoint path
+  // A resumed run whose recipe differs from the one that wrote the checkpoint in what changes the
+  // training (data, model, lr, schedule, seq_len, batch sizes, seed, ...) is an error unless this is set.
+  bool resume_allow_changes = false;
+  // Validation: eval_data (the same row forms as data) evaluated every eval_every steps (0: only
+  // at the end) over at most eval_max_batches micro-batches (0: all of it); the loss goes to the
+  // progress line and metrics.jsonl. save_best writes output_dir/best (as final/) whenever the
+  // validation loss is the lowest so far.
+  std::string eval_data;
+  int64_t eval_every = 0;
+  int64_t eval_max_batches = 0;
+  bool save_best = false;
   int64_t threads = 0;     // 0 = OpenMP's default
   // Expert parallelism in a multi-rank run: each group of ep_size ranks shares out the experts
   // (E / ep_size each); world / ep_size such groups hold copies. Must divide the world and E.
@@ -70,5 +83,10 @@ struct Recipe {
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides);
 // All keys a recipe accepts, dotted.
 std::vector<std::string> recipe_keys();
+// The keys that change what a run computes (data, model, optimizer, schedule, batch shapes, seed,
+// LoRA, ...) whose values differ between two resolved recipes (Recipe::to_yaml texts), as
+// "key: old -> new"; what only changes where or how it runs (threads, logging, saving, device,
+// ep_size) is not compared, nor steps and epochs (extending a run is what resume is for).
+std::vector<std::string> changed_training_keys(const std::string& old_yaml, const std::string& new_yaml);
 
 }  // namespace moeforge::train

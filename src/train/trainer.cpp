@@ -3,11 +3,13 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
+#include "core/cpus.h"
 #include "core/error.h"
 #include "ops/ops.h"
 #include "core/logging.h"
@@ -112,19 +114,25 @@ data::TokenBatches::MicroBatch rows_for_rank(const data::TokenBatches::MicroBatc
 
 }  // namespace
 
-TrainResult run_training(const Recipe& r) {
-#ifdef _OPENMP
-  if (r.threads > 0) {
-    const unsigned hw = std::thread::hardware_concurrency();
-    MF_CHECK(hw == 0 || r.threads <= 16 * static_cast<int64_t>(hw), r.source, ": key 'threads': ", r.threads,
-             " is far more than this machine's ", hw, " hardware threads");
-    omp_set_num_threads(static_cast<int>(r.threads));
-  }
-#endif
+TrainResult run_training(const Recipe& recipe) {
+  Recipe r = recipe;  // seq_len 0 is resolved below, from the model's config
   // Several ranks (launched by moeforge launch, torchrun or srun) split every micro-batch's rows
   // and share out the experts (ep_size), on the CPU (gloo) or one GPU each (NCCL).
   const parallel::DistEnv denv = parallel::dist_env();
   const bool multi = denv.world_size > 1;
+  // CPU threads: the recipe's, else this rank's share of the CPUs that are idle now (not the
+  // recipe's value: ranks may see different loads, and their recipes must hash the same).
+  int64_t threads = r.threads;
+  if (threads > 0) {
+    const unsigned hw = std::thread::hardware_concurrency();
+    MF_CHECK(hw == 0 || threads <= 16 * static_cast<int64_t>(hw), r.source, ": key 'threads': ", threads,
+             " is far more than this machine's ", hw, " hardware threads");
+  } else {
+    threads = std::max<int64_t>(1, core::idle_cpus() / std::max(1, denv.local_world_size));
+  }
+#ifdef _OPENMP
+  omp_set_num_threads(static_cast<int>(threads));
+#endif
   if (multi) {
     if (r.device == Device::Kind::CUDA) {
       // One GPU per rank, by its place on this node, before anything touches a device.
@@ -156,6 +164,7 @@ TrainResult run_training(const Recipe& r) {
   // The config first: the sequence length is checked against it before any output is touched (the
   // weights are read once the ranks have joined, each rank only its shard of the experts).
   const hf::ModelConfig cfg = hf::load_config(r.model);
+  if (r.seq_len == 0) r.seq_len = std::min<int64_t>(2048, cfg.max_position_embeddings);
   MF_CHECK(r.seq_len <= cfg.max_position_embeddings, r.source, ": seq_len ", r.seq_len,
            " is longer than the model allows (max_position_embeddings ", cfg.max_position_embeddings, " in ",
            cfg.source, ")");
@@ -163,6 +172,18 @@ TrainResult run_training(const Recipe& r) {
   // for messages rows, the eos id for text rows.
   const data::ModelText text = data::load_model_text(r.model, r.tokenizer, r.chat_template, r.add_eos, r.source);
   data::Dataset dataset = data::load_model_dataset(r.data, text, r.skip_bad_lines);
+  // Validation rows, batched as the training rows are.
+  std::optional<data::TokenBatches> eval_data;
+  if (!r.eval_data.empty()) {
+    MF_CHECK(fs::exists(r.eval_data) || r.eval_data.find_first_of("*?[") != std::string::npos, r.source,
+             ": key 'eval_data': ", r.eval_data, " does not exist");
+    eval_data.emplace(data::load_model_dataset(r.eval_data, text, r.skip_bad_lines).rows, r.seq_len, r.seed, r.packing);
+    MF_CHECK(eval_data->rows() > 0, r.source, ": key 'eval_data': ", r.eval_data, " has no rows of 2 or more tokens");
+    for (int64_t i = 0; i < eval_data->rows(); ++i)
+      for (int64_t id : eval_data->row_at(i).input_ids)
+        MF_CHECK(id >= 0 && id < cfg.vocab_size, r.eval_data, ":", eval_data->row_at(i).line, ": token id ", id,
+                 " is outside the model's vocabulary (", cfg.vocab_size, " tokens)");
+  }
   data::TokenBatches data(std::move(dataset.rows), r.seq_len, r.seed, r.packing);
   // A step larger than the dataset would repeat rows inside it (and an absurd value would allocate or
   // loop for ever before the first line of output).
@@ -197,7 +218,16 @@ TrainResult run_training(const Recipe& r) {
   std::string resume_from;
   if (main_rank) {
     resume_from = prepare_output(r);
-    hf::write_text_file_atomic((fs::path(r.output_dir) / "recipe.yaml").string(), recipe_text);
+    // A resumed run continues the same training: what would change it is an error unless asked for.
+    const fs::path saved_recipe = fs::path(r.output_dir) / "recipe.yaml";
+    if (!resume_from.empty() && !r.resume_allow_changes && fs::exists(saved_recipe)) {
+      const auto changed = changed_training_keys(hf::read_text_file(saved_recipe.string()), recipe_text);
+      std::string list;
+      for (const auto& c : changed) list += (list.empty() ? "" : "; ") + c;
+      MF_CHECK(changed.empty(), r.source, ": resuming with a recipe that changes the training (", list,
+               "); set resume_allow_changes: true to continue anyway");
+    }
+    hf::write_text_file_atomic(saved_recipe.string(), recipe_text);
   }
   if (multi) resume_from = groups->rendezvous->broadcast("resume_from", resume_from);
 
@@ -236,6 +266,11 @@ TrainResult run_training(const Recipe& r) {
         << "model: " << cfg.model_type << ", " << whole_model_parameters(model) << " parameters; " << total_steps
         << " steps of " << r.global_batch << " rows (" << accumulation << " micro-batches of " << r.micro_batch << ")"
         << " on " << backend->describe();
+  if (r.device == Device::Kind::CPU) intro << ", " << threads << " threads";
+  if (eval_data)
+    intro << "\nvalidation: " << eval_data->rows() << " rows of " << r.eval_data << ", every "
+          << (r.eval_every > 0 ? std::to_string(r.eval_every) + " steps and " : std::string()) << "at the end"
+          << (r.save_best ? "; the best kept in " + (fs::path(r.output_dir) / "best").string() : std::string());
   if (lora) {
     int64_t trainable = 0;
     for (const auto& p : model.params().all())
@@ -296,6 +331,68 @@ TrainResult run_training(const Recipe& r) {
     if (multi) groups->world_group->barrier();  // pruned before any rank goes on
     if (!keep_host_copies) backend->release_host_copies();
     return dir;
+  };
+  // The model as a folder: a Hugging Face folder, or the PEFT adapter under LoRA (from the host
+  // copies the backend last synchronised).
+  models::SaveOptions so;
+  so.max_shard_bytes = shard_bytes;
+  so.overwrite = true;
+  auto save_model_folder = [&](const std::string& dir) {
+    if (lora) {
+      if (multi) models::save_adapter_across(model, *lora, par, r.model, dir);  // ends with a barrier
+      else models::save_adapter(model, *lora, r.model, dir, /*overwrite=*/true);
+    } else if (multi) {
+      models::save_pretrained_across(model, par, r.model, dir, so);  // ends with a barrier
+    } else {
+      models::save_pretrained(model, r.model, dir, so);
+    }
+  };
+  // Validation: the token-weighted cross-entropy over eval_data (at most eval_max_batches
+  // micro-batches), every rank taking its slice of each micro-batch as in training.
+  double best_eval = std::numeric_limits<double>::infinity();
+  auto validate = [&] {
+    const int64_t rows = eval_data->rows();
+    int64_t batches = (rows + r.micro_batch - 1) / r.micro_batch;
+    if (r.eval_max_batches > 0) batches = std::min(batches, r.eval_max_batches);
+    double ce = 0;
+    int64_t tokens = 0;
+    for (int64_t b = 0; b < batches; ++b) {
+      // The last micro-batch takes the rows left (rounded up to a multiple of the ranks, the extra
+      // ones from the start of the data).
+      int64_t n = std::min(r.micro_batch, rows - b * r.micro_batch);
+      if (multi) n = std::min(r.micro_batch, (n + denv.world_size - 1) / denv.world_size * denv.world_size);
+      auto mb = eval_data->micro_batch(b * r.micro_batch, n);
+      if (multi) mb = rows_for_rank(mb, denv.rank, denv.world_size);
+      models::ForwardInputs in{mb.input_ids, &mb.labels};
+      in.logits = false;
+      if (eval_data->packing()) {
+        in.position_ids = &mb.position_ids;
+        in.doc_ids = &mb.doc_ids;
+      }
+      const auto o = backend->evaluate(in);
+      ce += o.ce_sum;
+      tokens += o.loss_tokens;
+    }
+    if (multi) {
+      ce = sum_over_world(*groups, ce);
+      tokens = static_cast<int64_t>(sum_over_world(*groups, static_cast<double>(tokens)));
+    }
+    const double loss = tokens ? ce / static_cast<double>(tokens) : NAN;
+    MF_CHECK(std::isfinite(loss), "validation loss is ", loss, " at step ", st.step, " (", tokens,
+             " counted tokens in eval_data)");
+    if (progress) progress->eval(st.step, loss, tokens);
+    if (r.save_best && loss < best_eval) {
+      best_eval = loss;
+      backend->sync_to_host();
+      check_finite_weights();
+      const std::string best = (fs::path(r.output_dir) / "best").string();
+      save_model_folder(best);
+      if (main_rank)
+        hf::write_text_file_atomic((fs::path(best) / "best.json").string(),
+                                   nlohmann::ordered_json{{"step", st.step}, {"eval_loss", loss}}.dump() + "\n");
+      backend->release_host_copies();
+      if (progress) progress->message("saved " + best + " (the lowest validation loss so far)");
+    }
   };
   TrainResult result;
   const bool aux = cfg.output_router_logits;
@@ -370,26 +467,18 @@ TrainResult run_training(const Recipe& r) {
              " (lower optimizer.lr or set max_grad_norm)");
     result.losses.push_back(m.loss);
     if (progress) progress->step(m, st.step % r.log_every == 0 || st.step == total_steps);
+    if (eval_data && r.eval_every > 0 && st.step % r.eval_every == 0) validate();
     if (r.save_every > 0 && st.step % r.save_every == 0 && st.step < total_steps) save_and_prune(false);
   }
-  models::SaveOptions so;
-  so.max_shard_bytes = shard_bytes;
-  so.overwrite = true;
+  if (eval_data && !(r.eval_every > 0 && st.step % r.eval_every == 0)) validate();  // once at the end
   result.final_dir = (fs::path(r.output_dir) / "final").string();
   result.steps_done = static_cast<int64_t>(result.losses.size());
   if (progress) progress->finish();
   const std::string last = save_and_prune(/*keep_host_copies=*/true);  // the final folder is written from them
-  if (lora) {
-    if (multi) models::save_adapter_across(model, *lora, par, r.model, result.final_dir);  // ends with a barrier
-    else models::save_adapter(model, *lora, r.model, result.final_dir, /*overwrite=*/true);
-    if (main_rank) progress->message("saved " + result.final_dir + " (PEFT LoRA adapter) and " + last);
-    return result;
-  }
-  if (multi)
-    models::save_pretrained_across(model, par, r.model, result.final_dir, so);  // ends with a barrier
-  else
-    models::save_pretrained(model, r.model, result.final_dir, so);
-  if (main_rank) progress->message("saved " + result.final_dir + " (Hugging Face folder) and " + last);
+  save_model_folder(result.final_dir);
+  if (main_rank)
+    progress->message("saved " + result.final_dir + (lora ? " (PEFT LoRA adapter) and " : " (Hugging Face folder) and ") +
+                      last);
   return result;
 }
 

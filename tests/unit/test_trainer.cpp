@@ -18,6 +18,9 @@
 #include "models/pretrained.h"
 #include "ops/cuda/runtime.h"
 #include "test_util.h"
+#include "data/model_text.h"
+#include "data/token_batches.h"
+#include "models/pretrained.h"
 #include "train/checkpoint.h"
 #include "train/gradients.h"
 #include "train/optimizer.h"
@@ -251,6 +254,119 @@ TEST(Optimizer, SchedulesMatchTransformers) {
   EXPECT_NEAR(train::lr_multiplier(s, 35, 110), 0.5 * (1 + std::cos(M_PI * 0.25)), 1e-12);
   s.type = "constant";
   EXPECT_DOUBLE_EQ(train::lr_multiplier(s, 50, 110), 1.0);
+}
+
+// Warmup-stable-decay against transformers.get_wsd_schedule(num_warmup_steps=10, num_decay_steps=20,
+// num_training_steps=100, min_lr_ratio=0.1) at steps 0, 5, 10, 50, 79, 80, 85, 90, 99, 100 (values
+// printed by Transformers 5.17 for each decay_type); warmup_ratio as TrainingArguments' ceil.
+TEST(Optimizer, WarmupStableDecayMatchesTransformers) {
+  train::ScheduleOptions s;
+  s.type = "wsd";
+  s.warmup_steps = 10;
+  s.decay_steps = 20;
+  s.min_lr_ratio = 0.1;
+  const std::vector<int64_t> steps = {0, 5, 10, 50, 79, 80, 85, 90, 99, 100};
+  const std::vector<std::pair<const char*, std::vector<double>>> want = {
+      {"cosine", {0.1, 0.55, 1.0, 1.0, 1.0, 1.0, 0.868198051534, 0.55, 0.105540246732, 0.1}},
+      {"linear", {0.1, 0.55, 1.0, 1.0, 1.0, 1.0, 0.775, 0.55, 0.145, 0.1}},
+      {"1-sqrt", {0.1, 0.55, 1.0, 1.0, 1.0, 1.0, 0.55, 0.363603896932, 0.122788508967, 0.1}}};
+  for (const auto& [type, values] : want) {
+    s.decay_type = type;
+    for (size_t i = 0; i < steps.size(); ++i)
+      EXPECT_NEAR(train::lr_multiplier(s, steps[i], 100), values[i], 1e-9) << type << " at step " << steps[i];
+  }
+  // decay_ratio 0.2 of 100 steps is the same 20-step decay.
+  s.decay_steps = 0;
+  s.decay_ratio = 0.2;
+  s.decay_type = "linear";
+  EXPECT_NEAR(train::lr_multiplier(s, 85, 100), 0.775, 1e-12);
+  // warmup_ratio 0.05 of 100 steps: 5 warmup steps.
+  train::ScheduleOptions c{"cosine"};
+  c.warmup_ratio = 0.05;
+  EXPECT_EQ(c.warmup_of(100), 5);
+  EXPECT_DOUBLE_EQ(train::lr_multiplier(c, 2, 100), 0.4);
+  EXPECT_DOUBLE_EQ(train::lr_multiplier(c, 5, 100), 1.0);
+}
+
+// Validation: eval_data's token-weighted loss in metrics.jsonl at every eval_every steps and at the
+// end (equal to the loss of the saved model on those rows), the progress line carrying it, and
+// save_best keeping the folder of the lowest one.
+TEST(Trainer, ValidationLossIsRecordedAndTheBestIsKept) {
+  test::TempDir dir;
+  const std::string recipe = write_recipe(dir, "eval_data: " + kData + "\neval_every: 2\nsave_best: true\n");
+  auto r = train::run_training(train::load_recipe(recipe, {"steps=5", "save_every=0"}));
+  std::vector<std::pair<int64_t, double>> evals;
+  std::ifstream in(dir / "out/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("eval_loss")) evals.emplace_back(j["step"].get<int64_t>(), j["eval_loss"].get<double>());
+  }
+  ASSERT_EQ(evals.size(), 3u);  // steps 2, 4 and the end (5)
+  EXPECT_EQ(evals[0].first, 2);
+  EXPECT_EQ(evals[2].first, 5);
+  // The last one is the final model's loss on the rows, as training batches them (seq_len 16).
+  auto m = models::from_pretrained(r.final_dir);
+  data::TokenBatches rows(data::load_model_dataset(kData, data::ModelText{}, false).rows, 16, 3);
+  double ce = 0;
+  int64_t tokens = 0;
+  for (int64_t b = 0; b * 2 < rows.rows(); ++b) {
+    auto mb = rows.micro_batch(b * 2, std::min<int64_t>(2, rows.rows() - b * 2));
+    const auto o = m.model->forward({mb.input_ids, &mb.labels});
+    ce += o.ce_sum;
+    tokens += o.loss_tokens;
+  }
+  EXPECT_NEAR(evals[2].second, ce / tokens, 1e-5);
+  auto best = std::min_element(evals.begin(), evals.end(), [](auto& a, auto& b) { return a.second < b.second; });
+  const auto saved = nlohmann::json::parse(test::read_text((dir / "out/best/best.json")));
+  EXPECT_EQ(saved["step"].template get<int64_t>(), best->first);
+  EXPECT_TRUE(fs::exists(dir / "out/best/model.safetensors") || fs::exists(dir / "out/best/model.safetensors.index.json"));
+}
+
+// Recipe paths are relative to the recipe's folder; command-line overrides to the current one.
+TEST(Recipe, PathsResolveFromTheRecipeFolder) {
+  test::TempDir dir;
+  fs::create_directories(dir / "sub");
+  std::ofstream(dir / "sub/r.yaml") << "model: ../models/m\ndata: data/*.jsonl\noutput_dir: out\nsteps: 1\n"
+                                    << "eval_data: /abs/eval.jsonl\n";
+  const auto r = train::load_recipe((dir / "sub/r.yaml"), {"tokenizer=tok"});
+  EXPECT_EQ(r.model, (dir / "models/m"));
+  EXPECT_EQ(r.data, (dir / "sub/data/*.jsonl"));
+  EXPECT_EQ(r.output_dir, (dir / "sub/out"));
+  EXPECT_EQ(r.eval_data, "/abs/eval.jsonl");
+  EXPECT_EQ(r.tokenizer, "tok");
+  EXPECT_EQ(r.seq_len, 0);  // resolved by the trainer from the model
+}
+
+// seq_len unset: 2048 or the model's max_position_embeddings when smaller (64 for the fixture).
+TEST(Trainer, SeqLenDefaultsToTheModelsLength) {
+  test::TempDir dir;
+  std::ofstream(dir / "r.yaml") << "model: " << test::fixture("qwen3_moe_aux") << "\ndata: " << kData
+                                << "\noutput_dir: " << (dir / "out") << "\nsteps: 1\nmicro_batch: 2\nglobal_batch: 2\n";
+  train::run_training(train::load_recipe((dir / "r.yaml"), {}));
+  EXPECT_NE(test::read_text((dir / "out/recipe.yaml")).find("\nseq_len: 64\n"), std::string::npos);
+}
+
+// Resuming with a recipe that changes the training is an error naming what changed, unless allowed.
+TEST(TrainerBadInput, ResumeWithChangedTrainingIsAnError) {
+  test::TempDir dir;
+  train::run_training(train::load_recipe(write_recipe(dir), {"steps=3"}));
+  const std::string e = test::error_of(
+      [&] { train::run_training(train::load_recipe(write_recipe(dir), {"resume=true", "optimizer.lr=0.01"})); });
+  EXPECT_NE(e.find("optimizer.lr"), std::string::npos) << e;
+  EXPECT_NE(e.find("resume_allow_changes"), std::string::npos) << e;
+  const std::string e2 = test::error_of(
+      [&] { train::run_training(train::load_recipe(write_recipe(dir), {"resume=true", "seq_len=12"})); });
+  EXPECT_NE(e2.find("seq_len: 16 -> 12"), std::string::npos) << e2;
+  // Allowed: it runs on from step 3 (steps 6 is not a change: it is the recipe's own value).
+  auto r = train::run_training(
+      train::load_recipe(write_recipe(dir), {"resume=true", "optimizer.lr=0.01", "resume_allow_changes=true"}));
+  EXPECT_EQ(r.steps_done, 3);
+  // Against the recipe that run saved (lr 0.01), changing only where and how it runs: no error.
+  EXPECT_EQ(test::error_of([&] {
+              train::run_training(train::load_recipe(
+                  write_recipe(dir), {"resume=true", "optimizer.lr=0.01", "threads=1", "log_every=2"}));
+            }),
+            "");
 }
 
 TEST(Optimizer, ClippingScalesToTheMaxNorm) {

@@ -203,7 +203,10 @@ inline std::vector<double> losses_of(const std::string& metrics) {
   std::ifstream in(metrics);
   std::vector<double> v;
   std::string line;
-  while (std::getline(in, line)) v.push_back(nlohmann::json::parse(line)["loss"].get<double>());
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) v.push_back(j["loss"].get<double>());  // (validation records hold eval_loss)
+  }
   return v;
 }
 
