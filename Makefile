@@ -5,8 +5,8 @@ FUZZ_BUILD ?= build-fuzz
 FUZZ_SECONDS ?= 20
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
-DEMO_MODEL ?= tests/fixtures/qwen3_moe_a
-DEMO_CONFIG ?= ../shared/configs/qwen3-30b-a3b.json
+DEMO_MODEL ?= examples/demo_model
+DEMO_CONFIG ?= examples/configs/qwen3-30b-a3b.json
 MAKEFLAGS += --no-print-directory
 
 GPU_BUILD ?= build-gpu
@@ -26,10 +26,12 @@ $(BUILD)/CMakeCache.txt: | deps
 build: deps $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j $(JOBS)
 
-# Everything this machine can run: the unit, parity and bad-input tests, then the whole suite
-# again under AddressSanitizer + UBSan (bad input must never crash or read out of bounds).
+# Everything this machine can run: the unit, parity and bad-input tests, the Python tests of tools/
+# (scripts/pytest.sh), then the whole suite again under AddressSanitizer + UBSan (bad input must
+# never crash or read out of bounds), then the fuzzers.
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+	bash scripts/pytest.sh $(BUILD)
 	$(MAKE) test-asan
 	$(MAKE) test-fuzz
 
@@ -54,17 +56,25 @@ test-gpu: deps
 demo: build
 	@if [ -f $(DEMO_CONFIG) ]; then echo "== moeforge inspect $(DEMO_CONFIG)  (config only: no weights)"; \
 	  $(BUILD)/moeforge inspect $(DEMO_CONFIG); echo; fi
-	@echo "== moeforge inspect $(DEMO_MODEL)  (a bundled tiny Qwen3-MoE)"
+	@echo "== moeforge inspect $(DEMO_MODEL)  (a bundled tiny Qwen3-MoE chat model with its own tokenizer)"
 	@$(BUILD)/moeforge inspect $(DEMO_MODEL)
 	@echo
-	@echo "== fine-tune it on arithmetic progressions (examples/demo_recipe.yaml), on the CPU"
+	@echo "== before fine-tuning: moeforge generate --chat --prompt 'Count from 12 to 17.'"
+	@$(BUILD)/moeforge generate --model $(DEMO_MODEL) --chat --prompt 'Count from 12 to 17.' --max-new-tokens 24
+	@echo
+	@echo "== fine-tune it on counting conversations (examples/demo_recipe.yaml), on the CPU"
 	@$(BUILD)/moeforge train examples/demo_recipe.yaml output_dir=$(BUILD)/demo_run
 	@echo
-	@echo "== held-out loss before and after (moeforge eval on examples/data/arith_eval.jsonl)"
-	@printf 'before: '; $(BUILD)/moeforge eval --model $(DEMO_MODEL) --tokens examples/data/arith_eval.jsonl \
-	  | sed -e 's/.*"mean_loss":\([0-9.]*\).*/mean loss \1/'
-	@printf 'after:  '; $(BUILD)/moeforge eval --model $(BUILD)/demo_run/final --tokens examples/data/arith_eval.jsonl \
-	  | sed -e 's/.*"mean_loss":\([0-9.]*\).*/mean loss \1/'
+	@echo "== held-out conversations before and after (moeforge eval --data examples/data/count_chat_eval.jsonl)"
+	@printf 'before: '; $(BUILD)/moeforge eval --model $(DEMO_MODEL) --data examples/data/count_chat_eval.jsonl --summary \
+	  | sed -e 's/.*"token_weighted_loss":\([0-9.]*\),"perplexity":\([0-9.]*\).*/loss \1, perplexity \2/'
+	@printf 'after:  '; $(BUILD)/moeforge eval --model $(BUILD)/demo_run/final --data examples/data/count_chat_eval.jsonl --summary \
+	  | sed -e 's/.*"token_weighted_loss":\([0-9.]*\),"perplexity":\([0-9.]*\).*/loss \1, perplexity \2/'
+	@echo
+	@echo "== after fine-tuning: the same prompt, and one held out of training (29 to 35)"
+	@$(BUILD)/moeforge generate --model $(BUILD)/demo_run/final --chat --prompt 'Count from 12 to 17.' --max-new-tokens 24
+	@$(BUILD)/moeforge generate --model $(BUILD)/demo_run/final --chat --prompt 'Count from 29 to 35.' --max-new-tokens 24
+	@$(BUILD)/moeforge plot $(BUILD)/demo_run
 	@echo
 	@echo "The fine-tuned model is a standard Hugging Face folder: $(BUILD)/demo_run/final"
 	@ls $(BUILD)/demo_run/final

@@ -4,7 +4,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
-#include "cli/args.h"
+#include "cli/app.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "hf/config.h"
@@ -18,50 +18,66 @@
 namespace moeforge::cli {
 
 int cmd_bench(const std::vector<std::string>& argv) {
-  Args args(argv, {"--layers", "--seq", "--batch", "--steps", "--warmup", "--routing", "--precision", "--seed", "--ep-size",
-                   "--zero-stage", "--lora-rank", "--lora-alpha", "--lora-targets"},
-            {"--activation-checkpointing", "--optimizer-in-backward"});
-  MF_CHECK(args.positionals().size() == 1, "bench takes one CONFIG.json or MODEL_DIR");
-  const std::string path = args.positionals()[0];
+  auto app = make_app("bench", "Training-step benchmark on the GPU (random weights and tokens): tokens/s, TFLOP/s, peak "
+                      "memory,\nforward/backward/optimizer times, as a table and one JSON line (docs/benchmarks.md).",
+                      "\nExample: moeforge bench ../shared/configs/qwen3-30b-a3b.json --layers 4 --routing balanced\n"
+                      "Several GPUs: moeforge launch --nproc-per-node 8 -- bench CONFIG --ep-size 8");
+  std::string path, routing = "native", precision = "bf16-mixed", lora_targets = "q_proj,k_proj,v_proj,o_proj,experts";
+  int64_t layers = 0, seq = 4096, batch = 1, steps = 10, warmup = 3, ep_size = 0, zero_stage = 1, lora_rank = 0,
+          lora_alpha = 0;
+  uint64_t seed = 1234;
+  bool ckpt = false, in_backward = false;
+  app->add_option("config", path, "config.json or model folder")->required();
+  app->add_option("--layers", layers, "cut the model to its first N layers (0: all)")->check(at_least(0));
+  app->add_option("--seq", seq, "tokens per row")->check(at_least(1));
+  app->add_option("--batch", batch, "rows per step and GPU")->check(at_least(1));
+  app->add_option("--steps", steps, "timed steps")->check(at_least(1));
+  app->add_option("--warmup", warmup, "untimed steps first")->check(at_least(0));
+  app->add_option("--routing", routing, "native (the router's choice) or balanced (every expert the same rows)")
+      ->check(CLI::IsMember({"native", "balanced"}));
+  app->add_option("--precision", precision, "bf16-mixed, bf16 or fp32")->check(CLI::IsMember({"bf16-mixed", "bf16", "fp32"}));
+  app->add_option("--seed", seed, "weights and tokens seed");
+  app->add_option("--ep-size", ep_size, "experts split over this many ranks (0: all of them)")->check(at_least(0));
+  app->add_option("--zero-stage", zero_stage, "1 (AdamW moments split) or 3 (weights and gradients too)")
+      ->check(CLI::IsMember({1, 3}));
+  app->add_flag("--activation-checkpointing", ckpt, "keep only each layer's input; recompute in backward");
+  app->add_flag("--optimizer-in-backward", in_backward, "apply AdamW layer by layer during backward");
+  auto* o_rank = app->add_option("--lora-rank", lora_rank, "train LoRA adapters of this rank instead of every weight")
+                     ->check(at_least(1));
+  app->add_option("--lora-alpha", lora_alpha, "LoRA alpha (default: 2 x rank)")->check(at_least(1));
+  app->add_option("--lora-targets", lora_targets, "comma-separated LoRA target modules ('experts': the routed experts)");
+  if (auto code = parse(*app, argv)) return *code;
   MF_CHECK(std::filesystem::exists(path), path, ": no such file or folder");
   hf::ModelConfig cfg = hf::load_config(path);
-  if (const auto l = args.get("--layers")) {
-    const int64_t n = args.get_int("--layers", 0);
-    MF_CHECK(n >= 1, "bench: --layers must be at least 1, got ", *l);
-    hf::cut_to_layers(cfg.raw, n);
+  if (layers > 0) {
+    hf::cut_to_layers(cfg.raw, layers);
     cfg = hf::parse_config(cfg.raw, cfg.source);
   }
-  const std::string routing = args.get("--routing").value_or("native");
-  MF_CHECK(routing == "native" || routing == "balanced", "bench: --routing must be native or balanced, got '", routing, "'");
-  const std::string precision = args.get("--precision").value_or("bf16-mixed");
 #ifndef MOEFORGE_HAVE_CUDA
-  (void)precision;
+  (void)precision, (void)o_rank;
   MF_THROW("bench runs on the GPU, and this moeforge was built without the CUDA backend");
 #else
   gpu::BenchOptions o;
-  o.seq = args.get_int("--seq", 4096);
-  o.batch = args.get_int("--batch", 1);
-  o.steps = args.get_int("--steps", 10);
-  o.warmup = args.get_int("--warmup", 3);
-  o.seed = static_cast<uint64_t>(args.get_int("--seed", 1234));
-  o.ep_size = args.get_int("--ep-size", 0);
-  MF_CHECK(o.ep_size >= 0, "bench: --ep-size must be at least 1 (or 0: every rank)");
+  o.seq = seq;
+  o.batch = batch;
+  o.steps = steps;
+  o.warmup = warmup;
+  o.seed = seed;
+  o.ep_size = ep_size;
   const bool main_rank = parallel::dist_env().rank == 0;
   o.balanced_routing = routing == "balanced";
   o.precision = gpu::parse_precision(precision, "bench --precision");
-  o.activation_checkpointing = args.has("--activation-checkpointing");
-  o.optimizer_in_backward = args.has("--optimizer-in-backward");
-  o.zero_stage = static_cast<int>(args.get_int("--zero-stage", 1));
-  if (const auto r = args.get("--lora-rank")) {
+  o.activation_checkpointing = ckpt;
+  o.optimizer_in_backward = in_backward;
+  o.zero_stage = static_cast<int>(zero_stage);
+  if (*o_rank) {
     models::LoraOptions lo;
-    lo.rank = args.get_int("--lora-rank", 16);
-    MF_CHECK(lo.rank >= 1, "bench: --lora-rank must be at least 1, got ", *r);
-    lo.alpha = static_cast<double>(args.get_int("--lora-alpha", 2 * lo.rank));
+    lo.rank = lora_rank;
+    lo.alpha = static_cast<double>(lora_alpha > 0 ? lora_alpha : 2 * lora_rank);
     lo.targets.clear();
-    std::string targets = args.get("--lora-targets").value_or("q_proj,k_proj,v_proj,o_proj,experts");
-    for (size_t at = 0; at <= targets.size();) {
-      const size_t comma = std::min(targets.find(',', at), targets.size());
-      if (comma > at) lo.targets.push_back(targets.substr(at, comma - at));
+    for (size_t at = 0; at <= lora_targets.size();) {
+      const size_t comma = std::min(lora_targets.find(',', at), lora_targets.size());
+      if (comma > at) lo.targets.push_back(lora_targets.substr(at, comma - at));
       at = comma + 1;
     }
     o.lora = lo;

@@ -227,6 +227,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
       for (size_t i = 0; i < res.ids.size(); ++i) std::printf("%s%lld", i ? "," : "", static_cast<long long>(res.ids[i]));
     }
     std::printf("\n");
+    std::fflush(stdout);  // the text's end before the summary on stderr
     std::fprintf(stderr, "generate: %zu tokens in %.2f s (%.1f tokens/s; the %lld-token prompt in %.2f s), stopped: %s\n",
                  res.ids.size(), res.decode_seconds, decode_tps, static_cast<long long>(prompt_len),
                  res.prefill_seconds, reason.c_str());

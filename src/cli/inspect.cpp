@@ -6,7 +6,7 @@
 #include <set>
 #include <variant>
 
-#include "cli/args.h"
+#include "cli/app.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "hf/safetensors.h"
@@ -75,9 +75,18 @@ PerGpu per_gpu_bytes(const Policy& p, double expert_params, double dense_params,
 }
 
 int cmd_inspect(const std::vector<std::string>& argv) {
-  Args args(argv, {"--gpus", "--ep-size"}, {"--json"});
-  MF_CHECK(args.positionals().size() == 1, "inspect takes one MODEL_DIR or CONFIG.json");
-  const std::string path = args.positionals()[0];
+  auto app = make_app("inspect", "Architecture, total and active parameters, checkpoint tensors found vs expected, and "
+                      "the memory\nweights + gradients + AdamW state take under each precision policy (per GPU with --gpus).",
+                      "\nExamples:\n  moeforge inspect examples/configs/qwen3-30b-a3b.json\n"
+                      "  moeforge inspect MODEL_DIR --gpus 8 --json");
+  std::string path;
+  int64_t gpus = 1, ep_flag = 0;
+  bool json = false;
+  app->add_option("path", path, "model folder or config.json")->required();
+  app->add_option("--gpus", gpus, "estimate the memory of each of this many GPUs")->check(at_least(1));
+  app->add_option("--ep-size", ep_flag, "experts split over this many GPUs (default: --gpus)")->check(at_least(1));
+  app->add_flag("--json", json, "one JSON object instead of the report");
+  if (auto code = parse(*app, argv)) return *code;
   MF_CHECK(fs::exists(path), path, ": no such file or folder");
   const hf::ModelConfig cfg = hf::load_config(path);
   auto model = models::build_model(cfg);
@@ -179,9 +188,7 @@ int cmd_inspect(const std::vector<std::string>& argv) {
     mem[p.name] = {{"bytes_per_param", p.bytes_per_param}, {"bytes", static_cast<double>(total) * p.bytes_per_param}};
   j["training_memory_excluding_activations"] = mem;
   // Several GPUs: what each holds (experts split over --ep-size, default all GPUs).
-  const int64_t gpus = args.get_int("--gpus", 1);
-  const int64_t ep = args.get_int("--ep-size", gpus);
-  MF_CHECK(gpus >= 1, "--gpus must be at least 1, got ", gpus);
+  const int64_t ep = ep_flag > 0 ? ep_flag : gpus;
   MF_CHECK(ep >= 1 && gpus % ep == 0, "--ep-size ", ep, " does not divide --gpus ", gpus);
   MF_CHECK(cfg.num_experts % ep == 0 || ep == 1, "--ep-size ", ep, " does not divide the model's ",
            cfg.num_experts, " experts");
@@ -200,7 +207,7 @@ int cmd_inspect(const std::vector<std::string>& argv) {
     j["training_memory_per_gpu_excluding_activations"] = pg;
   }
 
-  if (args.has("--json")) {
+  if (json) {
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }

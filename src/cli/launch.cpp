@@ -6,7 +6,7 @@
 #include <chrono>
 #include <cstdio>
 
-#include "cli/args.h"
+#include "cli/app.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "parallel/launcher.h"
@@ -24,16 +24,21 @@ int cmd_launch(const std::vector<std::string>& argv) {
     }
     (after ? command : own).push_back(a);
   }
-  Args args(own, {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr", "--master-port"}, {});
-  MF_CHECK(args.positionals().empty(), "launch: unexpected '", args.positionals().empty() ? "" : args.positionals()[0],
-           "' (the command goes after --)");
-  MF_CHECK(!command.empty(), "launch: no command; usage: moeforge launch --nproc-per-node N -- train RECIPE.yaml");
+  auto app = make_app("launch", "One process per GPU on this node with the torchrun variables set (RANK, WORLD_SIZE, "
+                      "LOCAL_RANK,\nMASTER_ADDR, MASTER_PORT, ...); stops them all when one fails. The command goes "
+                      "after --: a moeforge\ncommand runs this binary, anything else as given.",
+                      "\nExamples:\n  moeforge launch --nproc-per-node 8 -- train recipe.yaml device=cuda ep_size=8\n"
+                      "  moeforge launch --nnodes 2 --node-rank 0 --master-addr HOST --nproc-per-node 8 -- dist-check");
   parallel::LaunchOptions o;
-  o.nproc_per_node = static_cast<int>(args.get_int("--nproc-per-node", 1));
-  o.nnodes = static_cast<int>(args.get_int("--nnodes", 1));
-  o.node_rank = static_cast<int>(args.get_int("--node-rank", 0));
-  o.master_addr = args.get("--master-addr").value_or("127.0.0.1");
-  o.master_port = static_cast<int>(args.get_int("--master-port", 29500));
+  o.master_addr = "127.0.0.1";
+  o.master_port = 29500;
+  app->add_option("--nproc-per-node", o.nproc_per_node, "processes (GPUs) on this node")->check(at_least(1));
+  app->add_option("--nnodes", o.nnodes, "nodes in the job")->check(at_least(1));
+  app->add_option("--node-rank", o.node_rank, "this node's index")->check(at_least(0));
+  app->add_option("--master-addr", o.master_addr, "the rendezvous host (node 0)");
+  app->add_option("--master-port", o.master_port, "the rendezvous port")->check(CLI::Range(1, 65535));
+  if (auto code = parse(*app, own)) return *code;
+  MF_CHECK(!command.empty(), "launch: no command; usage: moeforge launch --nproc-per-node N -- train RECIPE.yaml");
   // A moeforge subcommand after -- runs this same binary.
   if (command[0] != "launch" && find_command(command[0])) {
     char self[4096] = {0};
@@ -45,17 +50,16 @@ int cmd_launch(const std::vector<std::string>& argv) {
 }
 
 int cmd_dist_check(const std::vector<std::string>& argv) {
-  Args args(argv, {"--timeout", "--fingerprint"}, {});
+  auto app = make_app("dist-check", "Join the rendezvous from the torchrun or Slurm environment and report: checks a "
+                      "job's setup\nbefore a long run.",
+                      "\nExample: moeforge launch --nproc-per-node 4 -- dist-check");
   double timeout_s = 60;
-  if (const auto t = args.get("--timeout")) {
-    try {
-      timeout_s = std::stod(*t);
-    } catch (const std::exception&) {
-      MF_THROW("dist-check: --timeout needs seconds, got '", *t, "'");
-    }
-  }
+  std::string fingerprint;
+  app->add_option("--timeout", timeout_s, "seconds to wait for every rank")->check(at_least(0.001));
+  app->add_option("--fingerprint", fingerprint, "a string every rank must agree on (e.g. a recipe's hash)");
+  if (auto code = parse(*app, argv)) return *code;
   const parallel::DistEnv env = parallel::dist_env();
-  parallel::Rendezvous rv(env, args.get("--fingerprint").value_or(""),
+  parallel::Rendezvous rv(env, fingerprint,
                       std::chrono::milliseconds(static_cast<int64_t>(timeout_s * 1000)));
   const std::string token = rv.broadcast("check", "hello from rank 0");
   char host[256] = {0};

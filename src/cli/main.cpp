@@ -1,8 +1,10 @@
-// moeforge command line: one subcommand per job. Errors print one line and exit 1; usage errors exit 2.
+// moeforge command line: one subcommand per job (cli/commands.cpp lists them). Exit status: 0 on
+// success (and after --help), 1 for an error in the work (one line naming the file and field), 2
+// for a usage error (an unknown command or option, a bad option value).
 #include <cstdio>
 #include <cstring>
-#include <new>
 #include <exception>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -11,47 +13,41 @@
 
 namespace {
 
-const char* kUsage =
-    "usage: moeforge <command> [options]\n"
-    "\n"
-    "commands:\n"
-    "  inspect MODEL_DIR|CONFIG.json [--json]\n"
-    "      architecture, total and active parameters, tensors found vs expected, training memory\n"
-    "  eval --model MODEL_DIR --tokens FILE.jsonl [--adapter LORA_DIR] [--logits-out FILE.safetensors] [--threads N]\n"
-    "      per-line loss of {\"input_ids\": [...]} rows (optional \"labels\"), printed as one JSON object\n"
-    "  train RECIPE.yaml [key=value ...]\n"
-    "      full or LoRA fine-tuning (docs/training.md); resume=true continues from the latest checkpoint\n"
-    "  tokenize --tokenizer DIR (--text TEXT | --file FILE | --decode ID,ID,...) [--no-special-tokens]\n"
-    "      encode with a tokenizer.json as the tokenizers library does (ids and tokens as JSON)\n"
-    "  tokenize --tokenizer DIR --messages FILE.json [--chat-template T.jinja] [--add-generation-prompt]\n"
-    "      render a conversation with the chat template as apply_chat_template does; ids and the\n"
-    "      assistant-token mask that training uses for the loss\n"
-    "  convert --model MODEL_DIR --out OUT_DIR [--max-shard-size 5GB] [--overwrite]\n"
-    "      load and save again: same tensor names, layout and dtypes; atomic\n"
-    "  merge --model BASE_DIR --adapter ADAPTER_DIR --out OUT_DIR [--max-shard-size 5GB] [--overwrite]\n"
-    "      fold a PEFT LoRA adapter into the base: a standard Hugging Face folder, the base's names and dtypes\n"
-    "  bench CONFIG.json|MODEL_DIR [--layers N] [--seq 4096] [--batch 1] [--steps 10] [--warmup 3]\n"
-    "        [--routing native|balanced] [--precision bf16-mixed|bf16|fp32] [--activation-checkpointing]\n"
-    "        [--optimizer-in-backward] [--ep-size E] [--zero-stage 1|3]\n"
-    "      training-step benchmark on the GPU (random weights and tokens): tokens/s, TFLOP/s, peak\n"
-    "      memory, forward/backward/optimizer times, as a table and one JSON line (docs/benchmarks.md)\n"
-    "  launch --nproc-per-node N [--nnodes M --node-rank R --master-addr A --master-port P] -- COMMAND...\n"
-    "      one process per GPU with the torchrun variables set; stops them all when one fails\n"
-    "  dist-check [--timeout 60] [--fingerprint S]\n"
-    "      join the rendezvous from the torchrun/Slurm environment and report (checks a job's setup)\n";
+std::string usage() {
+  std::string s = "usage: moeforge <command> [options]   (moeforge help <command>, or <command> --help, for its options)\n\ncommands:\n";
+  for (const auto& c : moeforge::cli::commands()) {
+    s += std::string("  ") + c.name + " " + c.usage + "\n";
+    s += std::string("      ") + c.summary + "\n";
+  }
+  s += "\n  help [COMMAND]    this list, or a command's options\n  --version         version, git commit, CUDA/cuDNN/NCCL compiled in\n";
+  return s;
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h")) {
-    std::fputs(kUsage, argc < 2 ? stderr : stdout);
-    return argc < 2 ? 2 : 0;
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty()) {
+    std::fputs(usage().c_str(), stderr);
+    return 2;
   }
-  const std::string cmd = argv[1];
-  const std::vector<std::string> rest(argv + 2, argv + argc);
+  std::string cmd = args[0];
+  std::vector<std::string> rest(args.begin() + 1, args.end());
+  if (cmd == "--help" || cmd == "-h" || (cmd == "help" && rest.empty())) {
+    std::fputs(usage().c_str(), stdout);
+    return 0;
+  }
+  if (cmd == "--version" || cmd == "version") {
+    std::fputs(moeforge::cli::version_text().c_str(), stdout);
+    return 0;
+  }
+  if (cmd == "help") {  // moeforge help COMMAND = moeforge COMMAND --help
+    cmd = rest[0];
+    rest = {"--help"};
+  }
   try {
     if (const auto run = moeforge::cli::find_command(cmd)) return run(rest);
-    std::fprintf(stderr, "moeforge: unknown command '%s'\n%s", cmd.c_str(), kUsage);
+    std::fprintf(stderr, "moeforge: unknown command '%s' (moeforge --help lists them)\n", cmd.c_str());
     return 2;
   } catch (const moeforge::Error& e) {
     std::fprintf(stderr, "moeforge %s: error: %s\n", cmd.c_str(), e.what());

@@ -2,7 +2,7 @@
 // folder (the base's tensor names, layout and dtypes; merged weights = base + scale * B @ A).
 #include <cstdio>
 
-#include "cli/args.h"
+#include "cli/app.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "hf/safetensors.h"
@@ -12,21 +12,22 @@
 namespace moeforge::cli {
 
 int cmd_merge(const std::vector<std::string>& argv) {
-  Args args(argv, {"--model", "--adapter", "--out", "--max-shard-size"}, {"--overwrite", "--help"});
-  if (args.has("--help")) {
-    std::puts("usage: moeforge merge --model BASE_DIR --adapter ADAPTER_DIR --out OUT_DIR [--max-shard-size 5GB]\n"
-              "                      [--overwrite]\n"
-              "  folds a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, as moeforge train\n"
-              "  or PEFT writes it) into the base model: W + (lora_alpha / r) * B @ A per adapted projection,\n"
-              "  saved as a standard Hugging Face folder in the base's names and dtypes (written to a\n"
-              "  temporary folder, then renamed)");
-    return 0;
-  }
-  MF_CHECK(args.positionals().empty(), "merge: unexpected argument '", args.positionals().front(), "'");
-  const std::string base = args.require("--model"), adapter = args.require("--adapter"), out = args.require("--out");
+  auto app = make_app("merge", "Fold a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, as moeforge "
+                      "train or PEFT\nwrites it) into its base model: W + (lora_alpha / r) * B @ A per adapted "
+                      "projection, saved as a\nstandard Hugging Face folder in the base's names and dtypes (written "
+                      "to a temporary folder, then renamed).",
+                      "\nExample: moeforge merge --model BASE --adapter out/final --out merged");
+  std::string base, adapter, out, shard = "5GB";
+  bool overwrite = false;
+  app->add_option("--model", base, "the base model folder")->required();
+  app->add_option("--adapter", adapter, "the PEFT adapter folder")->required();
+  app->add_option("--out", out, "output folder")->required();
+  app->add_option("--max-shard-size", shard, "largest safetensors file");
+  app->add_flag("--overwrite", overwrite, "replace an existing output folder");
+  if (auto code = parse(*app, argv)) return *code;
   models::SaveOptions opts;
-  opts.overwrite = args.has("--overwrite");
-  if (auto s = args.get("--max-shard-size")) opts.max_shard_bytes = hf::parse_size(*s);
+  opts.overwrite = overwrite;
+  opts.max_shard_bytes = hf::parse_size(shard);
   auto loaded = models::from_pretrained(base);
   const models::LoraState lora = models::apply_adapter_folder(*loaded.model, adapter);
   models::merge_lora(*loaded.model, lora);

@@ -4,7 +4,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "cli/args.h"
+#include "cli/app.h"
 #include "cli/commands.h"
 #include "core/error.h"
 #include "hf/chat/chat_template.h"
@@ -14,24 +14,42 @@
 namespace moeforge::cli {
 
 int cmd_tokenize(const std::vector<std::string>& argv) {
-  Args args(argv, {"--tokenizer", "--text", "--file", "--decode", "--messages", "--chat-template"},
-            {"--no-special-tokens", "--add-generation-prompt"});
-  MF_CHECK(args.positionals().empty(), "tokenize: unexpected argument '", args.positionals().front(), "'");
-  const std::string dir = args.require("--tokenizer");
+  auto app = make_app("tokenize", "Encode text (or decode ids) with a tokenizer.json as the tokenizers library does, or "
+                      "render a\nconversation with the chat template as apply_chat_template does (ids, and the "
+                      "assistant-token\nmask training uses for the loss). Prints one JSON object.",
+                      "\nExamples:\n  moeforge tokenize --tokenizer MODEL_DIR --text 'Hello world'\n"
+                      "  moeforge tokenize --tokenizer MODEL_DIR --messages conv.json --add-generation-prompt");
+  std::string dir, text_arg, file_arg, decode_arg, messages_arg, template_arg;
+  bool no_special = false, gen_prompt = false;
+  app->add_option("--tokenizer", dir, "folder with tokenizer.json")->required();
+  auto* o_text = app->add_option("--text", text_arg, "text to encode");
+  auto* o_file = app->add_option("--file", file_arg, "a file whose text to encode");
+  auto* o_decode = app->add_option("--decode", decode_arg, "ids to decode, comma-separated");
+  auto* o_messages = app->add_option("--messages", messages_arg,
+                                     "conversation: a JSON list of messages or a dataset row {\"messages\": [...]}");
+  for (auto* a : {o_text, o_file, o_decode, o_messages})
+    for (auto* b : {o_text, o_file, o_decode, o_messages})
+      if (a != b) a->excludes(b);
+  app->add_option("--chat-template", template_arg, "a chat template file instead of the tokenizer folder's");
+  app->add_flag("--no-special-tokens", no_special, "encode without the post-processor's special tokens; decode skipping them");
+  app->add_flag("--add-generation-prompt", gen_prompt, "end the rendered conversation with the assistant's turn opening");
+  if (auto code = parse(*app, argv)) return *code;
   auto tok = hf::Tokenizer::load(dir);
   nlohmann::ordered_json out;
-  if (auto messages_file = args.get("--messages")) {
+  if (*o_messages) {
+    const std::string* messages_file = &messages_arg;
     // A JSON list of messages, or a dataset row {"messages": [...], "tools": [...]?, "chat_template_kwargs": {...}?}.
     nlohmann::ordered_json row = hf::read_json_file(*messages_file);
     if (row.is_array()) row = nlohmann::ordered_json{{"messages", row}};
     MF_CHECK(row.is_object() && row.contains("messages") && row["messages"].is_array(), *messages_file,
              ": expected a list of messages or an object with 'messages'");
     std::optional<hf::ChatTemplate> chat;
-    if (auto t = args.get("--chat-template")) chat = hf::ChatTemplate::from_source(hf::read_text_file(*t), *t, dir);
+    if (!template_arg.empty())
+      chat = hf::ChatTemplate::from_source(hf::read_text_file(template_arg), template_arg, dir);
     else chat = hf::ChatTemplate::load(dir);
     MF_CHECK(chat, dir, ": no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja); pass --chat-template");
     hf::ChatOptions opts;
-    opts.add_generation_prompt = args.has("--add-generation-prompt");
+    opts.add_generation_prompt = gen_prompt;
     if (row.contains("tools")) opts.tools = row["tools"];
     if (row.contains("chat_template_kwargs") && row["chat_template_kwargs"].is_object()) opts.extra = row["chat_template_kwargs"];
     const auto enc = chat->encode(tok, row["messages"], opts, !opts.add_generation_prompt);
@@ -40,24 +58,12 @@ int cmd_tokenize(const std::vector<std::string>& argv) {
     out["ids"] = enc.ids;
     out["assistant_mask"] = enc.assistant_mask;
     out["template"] = chat->origin();
-  } else if (auto ids_text = args.get("--decode")) {
-    std::vector<int64_t> ids;
-    std::stringstream ss(*ids_text);
-    std::string item;
-    while (std::getline(ss, item, ',')) {
-      try {
-        ids.push_back(std::stoll(item));
-      } catch (const std::exception&) {
-        MF_THROW("--decode: '", item, "' is not a token id (expected comma-separated integers)");
-      }
-    }
-    out["text"] = tok.decode(ids, args.has("--no-special-tokens"));
+  } else if (*o_decode) {
+    out["text"] = tok.decode(parse_id_list(decode_arg, "--decode"), no_special);
   } else {
-    const auto t = args.get("--text");
-    const auto f = args.get("--file");
-    MF_CHECK(t.has_value() != f.has_value(), "tokenize needs exactly one of --text, --file, --messages or --decode");
-    const std::string text = t ? *t : hf::read_text_file(*f);
-    auto e = tok.encode_with_tokens(text, !args.has("--no-special-tokens"));
+    MF_CHECK(*o_text || *o_file, "tokenize needs one of --text, --file, --messages or --decode");
+    const std::string text = *o_text ? text_arg : hf::read_text_file(file_arg);
+    auto e = tok.encode_with_tokens(text, !no_special);
     out["count"] = e.ids.size();
     out["ids"] = e.ids;
     out["tokens"] = e.tokens;

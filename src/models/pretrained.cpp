@@ -71,7 +71,7 @@ std::string temp_folder_of(const std::string& out_dir, const std::string& tag) {
 std::string begin_folder(const std::string& out_dir, bool overwrite, const std::string& tag) {
   const fs::path out = fs::path(out_dir).lexically_normal();
   if (fs::exists(out)) {
-    MF_CHECK(overwrite, out.string(), ": output folder exists (pass overwrite to replace it)");
+    MF_CHECK(overwrite, out.string(), ": output folder exists (pass --overwrite to replace it)");
     MF_CHECK(fs::is_directory(out), out.string(), ": exists and is not a folder");
   }
   const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");

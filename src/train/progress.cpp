@@ -44,6 +44,15 @@ void Progress::step(const StepMetrics& m, bool log) {
   if (m.mtp_loss >= 0) j["mtp_loss"] = m.mtp_loss;
   std::fprintf(metrics_, "%s\n", j.dump().c_str());
   std::fflush(metrics_);
+  if (tensorboard_) {
+    tensorboard_->scalar("train/loss", m.step, m.loss);
+    tensorboard_->scalar("train/learning_rate", m.step, m.lr);
+    tensorboard_->scalar("train/grad_norm", m.step, m.grad_norm);
+    tensorboard_->scalar("train/tokens_per_second", m.step, tps);
+    if (m.aux_loss >= 0) tensorboard_->scalar("train/aux_loss", m.step, m.aux_loss);
+    if (m.mtp_loss >= 0) tensorboard_->scalar("train/mtp_loss", m.step, m.mtp_loss);
+    tensorboard_->flush();
+  }
   char mtp[96] = "";
   if (m.mtp_loss >= 0) std::snprintf(mtp, sizeof mtp, " | mtp-loss %.4f", m.mtp_loss);
   if (last_eval_ >= 0)
@@ -67,11 +76,18 @@ void Progress::eval(int64_t step, double loss, int64_t tokens) {
       {"step", step}, {"eval_loss", loss}, {"eval_perplexity", std::exp(loss)}, {"eval_tokens", tokens}};
   std::fprintf(metrics_, "%s\n", j.dump().c_str());
   std::fflush(metrics_);
+  if (tensorboard_) {
+    tensorboard_->scalar("eval/loss", step, loss);
+    tensorboard_->scalar("eval/perplexity", step, std::exp(loss));
+    tensorboard_->flush();
+  }
   char line[160];
   std::snprintf(line, sizeof line, "eval at step %lld | eval-loss %.4f | perplexity %.3f | %lld tokens",
                 static_cast<long long>(step), loss, std::exp(loss), static_cast<long long>(tokens));
   message(line);
 }
+
+void Progress::report_to_tensorboard(const std::string& dir) { tensorboard_ = std::make_unique<report::EventWriter>(dir); }
 
 void Progress::message(const std::string& msg) {
   if (line_open_) std::fprintf(stderr, "\n");

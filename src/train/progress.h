@@ -4,7 +4,10 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <memory>
 #include <string>
+
+#include "report/tensorboard.h"
 
 namespace moeforge::train {
 
@@ -26,6 +29,9 @@ class Progress {
   // "eval_perplexity", "eval_tokens"}); later progress lines show the latest eval loss.
   void eval(int64_t step, double loss, int64_t tokens);
   void message(const std::string& line);  // a plain line that does not clobber the progress line
+  // Also writes every logged value as TensorBoard scalars (train/loss, train/learning_rate,
+  // train/grad_norm, ..., eval/loss) into event files under `dir`.
+  void report_to_tensorboard(const std::string& dir);
   void finish();
 
  private:
@@ -34,6 +40,7 @@ class Progress {
   std::chrono::steady_clock::time_point start_;
   int64_t first_step_ = 0, tokens_since_start_ = 0;
   double last_eval_ = -1;  // < 0: none yet
+  std::unique_ptr<report::EventWriter> tensorboard_;
 };
 
 }  // namespace moeforge::train

@@ -105,6 +105,13 @@ std::vector<Key> make_keys() {
       int_key("eval_every", &Recipe::eval_every, 0),
       int_key("eval_max_batches", &Recipe::eval_max_batches, 0),
       boolean("save_best", &Recipe::save_best),
+      {"report_to",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         const auto v = as<std::string>(n, "report_to", w, "a string");
+         if (v != "none" && v != "tensorboard") MF_THROW(w, ": key 'report_to' must be none or tensorboard, got '", v, "'");
+         r.report_to = v;
+       },
+       [](const Recipe& r) { return r.report_to; }},
       boolean("resume_allow_changes", &Recipe::resume_allow_changes),
       int_key("micro_batch", &Recipe::micro_batch, 1),
       int_key("global_batch", &Recipe::global_batch, 1),

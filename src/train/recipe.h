@@ -57,6 +57,9 @@ struct Recipe {
   int64_t eval_every = 0;
   int64_t eval_max_batches = 0;
   bool save_best = false;
+  // Where logged metrics go besides metrics.jsonl: "none" or "tensorboard" (event files in
+  // output_dir/tensorboard, for `tensorboard --logdir`).
+  std::string report_to = "none";
   int64_t threads = 0;     // 0 = OpenMP's default
   // Expert parallelism in a multi-rank run: each group of ep_size ranks shares out the experts
   // (E / ep_size each); world / ep_size such groups hold copies. Must divide the world and E.

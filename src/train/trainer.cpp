@@ -303,6 +303,7 @@ TrainResult run_training(const Recipe& recipe) {
   std::optional<Progress> progress;
   if (main_rank) {
     progress.emplace(metrics_path, st.step, !resume_from.empty());
+    if (r.report_to == "tensorboard") progress->report_to_tensorboard((fs::path(r.output_dir) / "tensorboard").string());
     progress->message(intro.str());
   }
 

@@ -427,3 +427,32 @@ TEST(Cli, GenerateGreedyJsonStopsAndErrors) {
   expect_one_line_error(run("generate --model " + a + " --prompt-ids 1,x"), {"--prompt-ids", "'x'"});
   expect_one_line_error(run("generate --model " + a + " --prompt-ids 1,99999"), {"99999", "vocabulary"});
 }
+
+// Help everywhere: `moeforge help`, `help COMMAND`, `COMMAND --help` and -h exit 0 with the full
+// option list; --version names the commit; an unknown command or option is a usage error (2).
+TEST(Cli, HelpAndVersionForEveryCommand) {
+  CmdResult top = run("help");
+  ASSERT_EQ(top.status, 0);
+  for (const char* cmd : {"train", "generate", "eval", "plot", "inspect", "tokenize", "convert", "merge", "bench", "launch",
+                          "dist-check"}) {
+    EXPECT_NE(top.out.find(std::string("  ") + cmd + " "), std::string::npos) << cmd;
+    for (const std::string form : {std::string("help ") + cmd, std::string(cmd) + " --help", std::string(cmd) + " -h"}) {
+      const CmdResult r = run(form);
+      EXPECT_EQ(r.status, 0) << form << ": " << r.err;
+      EXPECT_NE(r.out.find("Usage: moeforge " + std::string(cmd)), std::string::npos) << form << ": " << r.out;
+    }
+  }
+  EXPECT_NE(run("inspect --help").out.find("--gpus"), std::string::npos);
+  EXPECT_NE(run("train --help").out.find("eval_every: 0"), std::string::npos);  // the recipe keys with defaults
+  const CmdResult v = run("--version");
+  EXPECT_EQ(v.status, 0);
+  EXPECT_NE(v.out.find("moeforge "), std::string::npos);
+  EXPECT_NE(v.out.find("commit "), std::string::npos);
+  EXPECT_NE(v.out.find("CUDA"), std::string::npos);
+  EXPECT_EQ(run("frobnicate").status, 2);
+  const CmdResult bad = run("convert --model a --out b --shard 3");
+  EXPECT_EQ(bad.status, 2);
+  EXPECT_EQ(lines(bad.err), 1) << bad.err;
+  EXPECT_NE(bad.err.find("--shard"), std::string::npos) << bad.err;
+  EXPECT_EQ(run("").status, 2);  // no command: the usage on stderr
+}

@@ -172,8 +172,8 @@ TEST(Launch, ARankThatNeverJoinsFailsTheJobWithItsName) {
 
 TEST(Launch, BadArgumentsAreOneLine) {
   const auto r = run_cli("launch --nproc-per-node 0 -- true");
-  EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.err.find("need --nproc-per-node >= 1"), std::string::npos) << r.err;
+  EXPECT_EQ(r.code, 2);  // a bad option value is a usage error
+  EXPECT_NE(r.err.find("--nproc-per-node: must be >= 1"), std::string::npos) << r.err;
   const auto r2 = run_cli("launch --nproc-per-node 2");
   EXPECT_EQ(r2.code, 1);
   EXPECT_NE(r2.err.find("launch: no command"), std::string::npos) << r2.err;
