@@ -51,6 +51,16 @@ case "${1:-tests}" in
       echo "test_cuda_dist (MOEFORGE_EP_CHUNKS=2) rc=$?" >> "$OUT/summary.txt"
       grep -E "^\[  (PASSED|FAILED|SKIPPED) " "$OUT/test_cuda_dist_chunks2.log" >> "$OUT/summary.txt"
     fi
+    # The generate command on the GPU: the demo chat model, greedy, bf16 and fp32 (ids against the CPU's).
+    for prec in fp32 bf16; do
+      "$P/bin/moeforge" generate --model examples/demo_model --chat --prompt 'Count from 3 to 9.' --max-new-tokens 16 \
+        --json --device cuda --precision $prec > "$OUT/generate_$prec.json" 2>> "$OUT/generate.log"
+      echo "generate --device cuda --precision $prec rc=$?" >> "$OUT/summary.txt"
+    done
+    "$P/bin/moeforge" generate --model examples/demo_model --chat --prompt 'Count from 3 to 9.' --max-new-tokens 16 \
+      --json > "$OUT/generate_cpu.json" 2>> "$OUT/generate.log"
+    python3 -c "import json,sys; a,b=(json.load(open(sys.argv[i]))['generated_ids'] for i in (1,2)); print('generate fp32 cuda == cpu:', a==b)" \
+      "$OUT/generate_fp32.json" "$OUT/generate_cpu.json" >> "$OUT/summary.txt"
     cat "$OUT/summary.txt" ;;
   roundtrip)
     /opt/torch/.venv/bin/python tools/check_hf_roundtrip.py --moeforge "$P/bin/moeforge" --fixtures tests/fixtures \
