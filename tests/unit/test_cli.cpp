@@ -456,3 +456,20 @@ TEST(Cli, HelpAndVersionForEveryCommand) {
   EXPECT_NE(bad.err.find("--shard"), std::string::npos) << bad.err;
   EXPECT_EQ(run("").status, 2);  // no command: the usage on stderr
 }
+
+// generate --adapter (the LoRA adapter unmerged) gives the ids the merged folder gives, and they
+// differ from the base model's.
+TEST(Cli, GenerateWithAnAdapterEqualsTheMergedModel) {
+  test::TempDir tmp;
+  const std::string base = test::fixture("llama_a"), adapter = base + "/lora/adapter_after";
+  const std::string args = " --prompt-ids 3,1,4,1,5,9,2,6 --max-new-tokens 16 --json --ignore-eos";
+  CmdResult with = run("generate --model " + base + " --adapter " + adapter + args);
+  ASSERT_EQ(with.status, 0) << with.err;
+  ASSERT_EQ(run("merge --model " + base + " --adapter " + adapter + " --out " + (tmp / "merged")).status, 0);
+  CmdResult merged = run("generate --model " + (tmp / "merged") + args);
+  ASSERT_EQ(merged.status, 0) << merged.err;
+  CmdResult plain = run("generate --model " + base + args);
+  const auto ids = [](const CmdResult& r) { return nlohmann::json::parse(r.out)["generated_ids"].get<std::vector<int64_t>>(); };
+  EXPECT_EQ(ids(with), ids(merged));
+  EXPECT_NE(ids(with), ids(plain)) << "the adapter changed nothing: the test would prove little";
+}
