@@ -349,9 +349,12 @@ std::vector<std::string> changed_training_keys(const std::string& old_yaml, cons
   return out;
 }
 
+namespace {
+Recipe recipe_from(const YAML::Node& root, const std::string& path, const fs::path& base_dir,
+                   const std::vector<std::string>& overrides);
+}  // namespace
+
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
-  Recipe r;
-  r.source = path;
   YAML::Node root;
   try {
     root = YAML::LoadFile(path);
@@ -360,11 +363,30 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   } catch (const YAML::Exception& e) {
     MF_THROW(path, ": invalid YAML at line ", e.mark.line + 1, " (", e.msg, ")");
   }
+  return recipe_from(root, path, fs::path(path).parent_path(), overrides);
+}
+
+Recipe load_recipe_text(const std::string& yaml, const std::string& origin, const std::string& base_dir,
+                        const std::vector<std::string>& overrides) {
+  YAML::Node root;
+  try {
+    root = YAML::Load(yaml);
+  } catch (const YAML::Exception& e) {
+    MF_THROW(origin, ": invalid YAML at line ", e.mark.line + 1, " (", e.msg, ")");
+  }
+  return recipe_from(root, origin, base_dir, overrides);
+}
+
+namespace {
+Recipe recipe_from(const YAML::Node& root, const std::string& path, const fs::path& base_dir,
+                   const std::vector<std::string>& overrides) {
+  Recipe r;
+  r.source = path;
   if (root.IsDefined() && !root.IsNull()) {
     MF_CHECK(root.IsMap(), path, ": a recipe must be a mapping of keys to values");
     std::set<std::string> seen;
     flatten(root, "", r, path, seen);
-    resolve_paths(r, seen, fs::path(path).parent_path());
+    resolve_paths(r, seen, base_dir);
   }
   for (const auto& o : overrides) {
     const auto eq = o.find('=');
@@ -398,6 +420,8 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
            "' is not available on the CPU backend (CPU trains in fp32; bf16-mixed and bf16 need device: cuda)");
   return r;
 }
+
+}  // namespace
 
 std::string Recipe::to_yaml() const {
   std::ostringstream os;

@@ -84,6 +84,10 @@ struct Recipe {
 // Reads `path` and applies `overrides` ("key=value", value parsed as YAML). Throws naming the file
 // (or "command line") and the key.
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides);
+// The same from YAML text (a dict from Python, as JSON); `origin` names it in errors, relative paths
+// resolve from `base_dir`.
+Recipe load_recipe_text(const std::string& yaml, const std::string& origin, const std::string& base_dir,
+                        const std::vector<std::string>& overrides);
 // All keys a recipe accepts, dotted.
 std::vector<std::string> recipe_keys();
 // The keys that change what a run computes (data, model, optimizer, schedule, batch shapes, seed,

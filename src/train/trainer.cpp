@@ -114,7 +114,7 @@ data::TokenBatches::MicroBatch rows_for_rank(const data::TokenBatches::MicroBatc
 
 }  // namespace
 
-TrainResult run_training(const Recipe& recipe) {
+TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) {
   Recipe r = recipe;  // seq_len 0 is resolved below, from the model's config
   // Several ranks (launched by moeforge launch, torchrun or srun) split every micro-batch's rows
   // and share out the experts (ep_size), on the CPU (gloo) or one GPU each (NCCL).
@@ -382,6 +382,7 @@ TrainResult run_training(const Recipe& recipe) {
     MF_CHECK(std::isfinite(loss), "validation loss is ", loss, " at step ", st.step, " (", tokens,
              " counted tokens in eval_data)");
     if (progress) progress->eval(st.step, loss, tokens);
+    if (main_rank && callbacks.on_eval) callbacks.on_eval(st.step, loss);
     if (r.save_best && loss < best_eval) {
       best_eval = loss;
       backend->sync_to_host();
@@ -468,6 +469,7 @@ TrainResult run_training(const Recipe& recipe) {
              " (lower optimizer.lr or set max_grad_norm)");
     result.losses.push_back(m.loss);
     if (progress) progress->step(m, st.step % r.log_every == 0 || st.step == total_steps);
+    if (main_rank && callbacks.on_step) callbacks.on_step(m);
     if (eval_data && r.eval_every > 0 && st.step % r.eval_every == 0) validate();
     if (r.save_every > 0 && st.step % r.save_every == 0 && st.step < total_steps) save_and_prune(false);
   }

@@ -2,9 +2,11 @@
 // (loss = summed token cross-entropy / tokens in the global batch, as Transformers' Trainer with
 // num_items_in_batch), clipping, AdamW, schedule, progress, checkpoints and exact resume.
 #pragma once
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "train/progress.h"
 #include "train/recipe.h"
 
 namespace moeforge::train {
@@ -15,6 +17,13 @@ struct TrainResult {
   std::string final_dir;
 };
 
-TrainResult run_training(const Recipe& recipe);
+// Called on the main rank after every optimizer step and every validation (the Python Trainer's
+// callbacks); an exception thrown from one stops the run.
+struct TrainCallbacks {
+  std::function<void(const StepMetrics&)> on_step;
+  std::function<void(int64_t step, double eval_loss)> on_eval;
+};
+
+TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks = {});
 
 }  // namespace moeforge::train

@@ -1,0 +1,122 @@
+"""The Python API against Transformers' references (the fixtures' reference.safetensors, made by
+tools/make_fixtures.py) and against the CLI: the same numbers, the same errors."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import moeforge
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+BIN = os.environ.get("MOEFORGE_BIN", os.path.join(ROOT, "build", "moeforge"))
+FAMILIES = ["qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux", "mixtral_a", "mixtral_b", "qwen2_moe_a", "qwen2_moe_b",
+            "olmoe_a", "olmoe_b", "llama_a", "llama_b", "mistral_a", "mistral_b", "qwen2_a", "qwen2_b", "qwen3_a",
+            "qwen3_b", "gpt_oss_a", "gpt_oss_b", "deepseek_v3_a", "deepseek_v3_b", "nemotron_h_a", "nemotron_h_b"]
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_logits_and_loss_match_transformers(case):
+    ref = load_file(os.path.join(FIXTURES, case, "reference.safetensors"))
+    model = moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, case))
+    out = model(ref["input_ids"], labels=ref["labels"])
+    assert out.logits.shape == ref["logits"].shape
+    assert np.abs(out.logits - ref["logits"]).max() < 1e-4
+    assert out.loss == pytest.approx(float(ref["loss"]), abs=1e-5)
+    assert model.config["model_type"] == json.load(open(os.path.join(FIXTURES, case, "config.json")))["model_type"]
+    # The loss alone (no logits materialised) is the same number.
+    assert model(ref["input_ids"], labels=ref["labels"], return_logits=False).loss == pytest.approx(out.loss, abs=1e-5)
+
+
+def test_logits_cross_to_torch_without_a_copy():
+    torch = pytest.importorskip("torch")
+    ref = load_file(os.path.join(FIXTURES, "llama_a", "reference.safetensors"))
+    out = moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "llama_a"))(torch.from_numpy(ref["input_ids"]))
+    t = torch.from_dlpack(out.logits)
+    assert t.data_ptr() == out.logits.ctypes.data
+    assert tuple(t.shape) == out.logits.shape
+
+
+def test_save_pretrained_round_trips(tmp_path):
+    src = os.path.join(FIXTURES, "qwen3_moe_a")
+    model = moeforge.AutoModelForCausalLM.from_pretrained(src)
+    model.save_pretrained(tmp_path / "out")
+    again = moeforge.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = load_file(os.path.join(src, "reference.safetensors"))["input_ids"]
+    assert np.array_equal(model(ids).logits, again(ids).logits)
+    # The checkpoint's own tensor names and dtypes (re-sharded: the fixture is in 24 KB shards).
+    def tensors(folder):
+        out = {}
+        for f in sorted(os.listdir(folder)):
+            if f.startswith("model") and f.endswith(".safetensors"):
+                out.update(load_file(os.path.join(folder, f)))
+        return out
+    a, b = tensors(src), tensors(tmp_path / "out")
+    assert a.keys() == b.keys()
+    assert all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_generate_matches_transformers_greedy():
+    ref = load_file(os.path.join(FIXTURES, "qwen3_moe_b", "generate_reference.safetensors"))
+    model = moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "qwen3_moe_b"))
+    seen = []
+    out = model.generate(ref["prompt_ids"], max_new_tokens=len(ref["generated_ids"]), do_sample=False,
+                         eos_token_id=[], streamer=seen.append)
+    assert out.tolist() == [ref["prompt_ids"].tolist() + ref["generated_ids"].tolist()]
+    assert seen == ref["generated_ids"].tolist()
+
+
+def test_train_equals_the_cli(tmp_path):
+    recipe = {"model": os.path.join(FIXTURES, "qwen3_moe_aux"), "data": os.path.join(ROOT, "tests", "data", "arith64.jsonl"),
+              "output_dir": str(tmp_path / "py"), "seq_len": 16, "micro_batch": 2, "global_batch": 4, "steps": 4,
+              "optimizer": {"lr": 2e-3}, "seed": 3, "threads": 1}
+    steps = []
+    res = moeforge.train(recipe, on_step=steps.append)
+    assert res["steps_done"] == 4 and [m["step"] for m in steps] == [1, 2, 3, 4]
+    assert [m["loss"] for m in steps] == pytest.approx(res["losses"], abs=0)
+    with open(tmp_path / "r.yaml", "w") as f:
+        json.dump(dict(recipe, output_dir=str(tmp_path / "cli")), f)
+    subprocess.run([BIN, "train", str(tmp_path / "r.yaml")], check=True, capture_output=True)
+    cli = [json.loads(l)["loss"] for l in open(tmp_path / "cli" / "metrics.jsonl") if '"loss"' in l]
+    assert cli == pytest.approx(res["losses"], abs=0)
+    a = load_file(str(tmp_path / "py" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cli" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # Keyword overrides with dotted keys, as on the command line.
+    res2 = moeforge.Trainer(recipe, **{"output_dir": str(tmp_path / "py2"), "optimizer.lr": 1e-3, "steps": 2}).train()
+    assert res2["steps_done"] == 2
+
+
+def test_tokenizer_and_chat_template():
+    demo = os.path.join(ROOT, "examples", "demo_model")
+    tok = moeforge.load_tokenizer(demo)
+    ids = tok.encode("Count from 3 to 7.")
+    assert tok.decode(ids) == "Count from 3 to 7."
+    messages = [{"role": "user", "content": "Count from 3 to 5."}, {"role": "assistant", "content": "3 4 5"}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text == "<|im_start|>user\nCount from 3 to 5.<|im_end|>\n<|im_start|>assistant\n3 4 5<|im_end|>\n"
+    enc = tok.apply_chat_template(messages, return_assistant_tokens_mask=True)
+    assert len(enc["input_ids"]) == len(enc["assistant_masks"]) and 0 < sum(enc["assistant_masks"]) < len(enc["input_ids"])
+
+
+def test_bad_input_raises_one_line_errors(tmp_path):
+    with pytest.raises(moeforge.Error, match="nope"):
+        moeforge.AutoModelForCausalLM.from_pretrained(tmp_path / "nope")
+    model = moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "llama_a"))
+    with pytest.raises(moeforge.Error, match="vocabulary"):
+        model(np.array([[1, 2, 10 ** 6]]))
+    with pytest.raises(moeforge.Error, match="must have input_ids' shape"):
+        model(np.array([[1, 2, 3]]), labels=np.array([[1, 2]]))
+    with pytest.raises(moeforge.Error, match="unknown key 'optimzer.lr'"):
+        moeforge.train({"model": "m", "data": "d", "output_dir": "o", "steps": 1, "optimzer": {"lr": 1}})
+    with pytest.raises(moeforge.Error, match="device must be"):
+        moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "llama_a"), device="tpu")
+    with pytest.raises(ValueError, match="stop"):  # a callback's exception stops the run and comes back
+        def boom(m):
+            raise ValueError("stop")
+        moeforge.train({"model": os.path.join(FIXTURES, "llama_a"), "data": os.path.join(ROOT, "tests", "data", "arith64.jsonl"),
+                        "output_dir": str(tmp_path / "x"), "steps": 3, "seq_len": 8, "micro_batch": 2, "global_batch": 2},
+                       on_step=boom)
