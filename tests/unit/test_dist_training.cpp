@@ -250,4 +250,25 @@ TEST(DistTrainingFaults, ARankThatDiesMidRunStopsTheOthersWithAnError) {
   EXPECT_LT(secs, 30.0);
 }
 
+// A frozen rank (SIGSTOPped: its connections stay open, it just never answers) is reported by the
+// others within MOEFORGE_DIST_TIMEOUT, not twice it (the store server's shutdown waited a second
+// timeout for the frozen rank's connection before the error came out).
+TEST(DistTrainingFaults, AFrozenRankIsReportedWithinTheTimeout) {
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
+  test::TempDir dir;
+  const std::string recipe = write_recipe(dir);
+  const std::string env = "MASTER_ADDR=127.0.0.1 MASTER_PORT=" + std::to_string(free_port()) +
+                          " WORLD_SIZE=2 LOCAL_WORLD_SIZE=2 MOEFORGE_DIST_TIMEOUT=6";
+  const std::string train = std::string(MOEFORGE_BIN) + " train " + recipe + " steps=1000000 log_every=100000 ep_size=2";
+  // Rank 1 in the background, stopped 3 s in (the time written down); rank 0 in the foreground.
+  const std::string stop_file = dir / "stopped_at", end_file = dir / "ended_at";
+  const ShellRun r = shell(env + " RANK=1 LOCAL_RANK=1 " + train + " >/dev/null 2>&1 & p1=$!; (sleep 3; kill -STOP $p1; date +%s.%N > " +
+                           stop_file + ") & " + env + " RANK=0 LOCAL_RANK=0 " + train + "; rc=$?; date +%s.%N > " + end_file +
+                           "; kill -KILL $p1; exit $rc");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("a peer died, or did not take part within 6 s"), std::string::npos) << r.err;
+  const double stopped = std::stod(test::read_text(stop_file)), ended = std::stod(test::read_text(end_file));
+  EXPECT_LT(ended - stopped, 6.0 + 2.5) << "seconds from the stop to the error";
+}
+
 }  // namespace
