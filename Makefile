@@ -10,7 +10,7 @@ DEMO_CONFIG ?= examples/configs/qwen3-30b-a3b.json
 MAKEFLAGS += --no-print-directory
 
 GPU_BUILD ?= build-gpu
-.PHONY: all deps build test test-asan test-fuzz test-gpu demo clean
+.PHONY: all deps build test test-asan test-fuzz test-faults test-gpu demo clean
 
 all: build
 
@@ -46,6 +46,11 @@ test-fuzz: deps
 	CC=clang CXX=clang++ cmake -S . -B $(FUZZ_BUILD) -DMOEFORGE_FUZZ=ON -DMOEFORGE_FUZZ_SECONDS=$(FUZZ_SECONDS) $(CMAKE_FLAGS) >/dev/null
 	cmake --build $(FUZZ_BUILD) -j $(JOBS)
 	cd $(FUZZ_BUILD) && ctest -L fuzz --output-on-failure -j $(JOBS)
+
+# The crash-safety sweep: a run killed at every file-system step of its saves in turn, resumed each
+# time (`make test` tries every 7th step).
+test-faults: build
+	cd $(BUILD) && MOEFORGE_FAULT_SWEEP=1 ./tests/test_cli --gtest_filter='CliFaults.*'
 
 # The CUDA backend's tests against the CPU reference (skipped, not passed, without a GPU).
 test-gpu: deps

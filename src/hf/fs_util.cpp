@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/fault_injection.h"
 
 namespace moeforge::hf {
 
@@ -25,6 +26,7 @@ std::string read_text_file(const std::string& path) {
 
 AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
   tmp_ = path_ + ".tmp." + std::to_string(::getpid());
+  core::fault_point("create a temporary file");
   fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   MF_CHECK(fd_ >= 0, tmp_, ": cannot create (", std::strerror(errno), ")");
 }
@@ -43,6 +45,7 @@ void AtomicFile::write(const void* data, size_t n) {
     return e ? std::atoi(e) : 0;
   }();
   if (slow_ms > 0) ::usleep(static_cast<useconds_t>(slow_ms) * 1000);
+  core::fault_point("write a file");
   const char* p = static_cast<const char*>(data);
   while (n > 0) {
     const ssize_t w = ::write(fd_, p, n);
@@ -54,14 +57,17 @@ void AtomicFile::write(const void* data, size_t n) {
 }
 
 void AtomicFile::commit() {
+  core::fault_point("fsync a file");
   MF_CHECK(::fsync(fd_) == 0, tmp_, ": fsync failed (", std::strerror(errno), ")");
   ::close(fd_);
   fd_ = -1;
+  core::fault_point("rename a file into place");
   if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
     const int e = errno;
     ::unlink(tmp_.c_str());
     MF_THROW(path_, ": cannot rename into place (", std::strerror(e), ")");
   }
+  core::fault_point("after renaming a file into place");
 }
 
 void write_text_file_atomic(const std::string& path, const std::string& text) {
@@ -71,6 +77,7 @@ void write_text_file_atomic(const std::string& path, const std::string& text) {
 }
 
 void fsync_dir(const std::string& dir) {
+  core::fault_point("fsync a folder");
   const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (fd < 0) return;
   ::fsync(fd);

@@ -5,6 +5,7 @@
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/fault_injection.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
 #include "models/registry.h"
@@ -77,7 +78,9 @@ std::string begin_folder(const std::string& out_dir, bool overwrite, const std::
   const fs::path parent = out.has_parent_path() ? out.parent_path() : fs::path(".");
   fs::create_directories(parent);
   const fs::path tmp = temp_folder_of(out_dir, tag);
+  core::fault_point("remove a stale temporary folder");
   fs::remove_all(tmp);
+  core::fault_point("create a temporary folder");
   fs::create_directories(tmp);
   return tmp.string();
 }
@@ -91,10 +94,13 @@ void finish_folder(const std::string& tmp_dir, const std::string& out_dir) {
   fs::path old;
   if (fs::exists(out)) {
     old = parent / (out.filename().string() + ".old." + std::to_string(::getpid()));
+    core::fault_point("move the old folder aside");
     fs::rename(out, old);
   }
+  core::fault_point("rename the new folder into place");
   fs::rename(tmp, out);
   hf::fsync_dir(parent.string());
+  core::fault_point("remove the old folder");
   if (!old.empty()) fs::remove_all(old);
 }
 

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/fault_injection.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
 #include "parallel/expert_exchange.h"
@@ -68,7 +69,9 @@ void save_checkpoint(const std::string& dir, const models::CausalLM& model, cons
     if (multi) par->world->barrier();
   };
   if (rank == 0) {
+    core::fault_point("remove a stale temporary checkpoint");
     fs::remove_all(tmp);
+    core::fault_point("create the temporary checkpoint");
     fs::create_directories(tmp / "training_state");
   }
   barrier();
@@ -109,9 +112,22 @@ void save_checkpoint(const std::string& dir, const models::CausalLM& model, cons
     throw;
   }
   if (rank == 0) {
-    fs::remove_all(out);
+    // Swapped into place: a checkpoint being re-saved (resume after a kill) is moved aside, not
+    // deleted, until the new copy has its name; at every point one complete copy exists under
+    // checkpoint-N or checkpoint-N.old.* (which resume puts back: remove_partial_checkpoints).
+    const fs::path old = out.parent_path() / (out.filename().string() + ".old." + std::to_string(::getpid()));
+    const bool had = fs::exists(out);
+    if (had) {
+      core::fault_point("move the old checkpoint aside");
+      fs::rename(out, old);
+    }
+    core::fault_point("rename the checkpoint into place");
     fs::rename(tmp, out);
     hf::fsync_dir(out.parent_path().string());
+    if (had) {
+      core::fault_point("remove the old checkpoint");
+      fs::remove_all(old);
+    }
   }
   barrier();  // the checkpoint exists before any rank goes on
 }
@@ -224,6 +240,37 @@ TrainerState load_checkpoint(const std::string& dir, models::CausalLM& model, Ad
   return st;
 }
 
+namespace {
+// Complete: its trainer_state.json parses and every part file it lists is there (a checkpoint
+// folder can only be incomplete if something other than moeforge touched it: saves are renamed
+// into place whole).
+bool complete_checkpoint(const fs::path& dir) {
+  const fs::path state = dir / "training_state" / "trainer_state.json";
+  if (!fs::exists(state)) return false;
+  try {
+    const auto j = nlohmann::json::parse(hf::read_text_file(state.string()));
+    if (!j.contains("parts"))  // format 1
+      return fs::exists(dir / "training_state" / "params.safetensors") &&
+             fs::exists(dir / "training_state" / "optimizer.safetensors");
+    for (const auto& p : j["parts"])
+      if (!fs::exists(dir / "training_state" / p.at("file").get<std::string>())) return false;
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+void fsync_dir_of(const std::string& dir) { hf::fsync_dir(dir); }
+}  // namespace
+
+void prune_checkpoint(const std::string& dir) {
+  // Renamed first (atomic), so a kill while the files go leaves no half-deleted checkpoint-N.
+  const std::string doomed = dir + ".pruned";
+  core::fault_point("move a pruned checkpoint aside");
+  fs::rename(dir, doomed);
+  core::fault_point("remove a pruned checkpoint");
+  fs::remove_all(doomed);
+}
+
 std::vector<std::string> list_checkpoints(const std::string& output_dir) {
   std::vector<std::pair<int64_t, std::string>> found;
   if (!fs::is_directory(output_dir)) return {};
@@ -233,7 +280,7 @@ std::vector<std::string> list_checkpoints(const std::string& output_dir) {
     try {
       size_t pos = 0;
       const int64_t step = std::stoll(name.substr(11), &pos);
-      if (pos == name.size() - 11) found.emplace_back(step, de.path().string());
+      if (pos == name.size() - 11 && complete_checkpoint(de.path())) found.emplace_back(step, de.path().string());
     } catch (const std::exception&) {
     }
   }
@@ -245,10 +292,25 @@ std::vector<std::string> list_checkpoints(const std::string& output_dir) {
 
 void remove_partial_checkpoints(const std::string& output_dir) {
   if (!fs::is_directory(output_dir)) return;
+  // A folder moved aside by a save that was killed before its replacement got the name goes back
+  // first (it is complete: it was only ever renamed); then every temporary and old copy goes.
+  std::vector<fs::path> entries;
+  for (const auto& de : fs::directory_iterator(output_dir)) entries.push_back(de.path());
+  for (const fs::path& p : entries) {
+    const std::string name = p.filename().string();
+    const auto at = name.find(".old.");
+    if (at == std::string::npos) continue;
+    const fs::path original = p.parent_path() / name.substr(0, at);
+    const bool checkpoint = name.rfind("checkpoint-", 0) == 0;
+    if (!fs::exists(original) && (!checkpoint || complete_checkpoint(p))) fs::rename(p, original);
+  }
   for (const auto& de : fs::directory_iterator(output_dir)) {
     const std::string name = de.path().filename().string();
-    if (name.find(".tmp.") != std::string::npos) fs::remove_all(de.path());
+    if (name.find(".tmp.") != std::string::npos || name.find(".old.") != std::string::npos ||
+        name.find(".pruned") != std::string::npos)
+      fs::remove_all(de.path());
   }
+  fsync_dir_of(output_dir);
 }
 
 }  // namespace moeforge::train

@@ -38,7 +38,10 @@ TrainerState load_checkpoint(const std::string& dir, models::CausalLM& model, Ad
 
 // Checkpoint folders in output_dir, oldest first (complete ones only: temporary folders are skipped).
 std::vector<std::string> list_checkpoints(const std::string& output_dir);
-// Removes temporary folders a killed save left behind.
+// Removes an old checkpoint (renamed aside first: a kill midway leaves no half-deleted checkpoint-N).
+void prune_checkpoint(const std::string& dir);
+// After a kill: puts back a folder a save had moved aside when its replacement never got the name,
+// then removes the temporary, old and pruned folders left behind.
 void remove_partial_checkpoints(const std::string& output_dir);
 
 }  // namespace moeforge::train

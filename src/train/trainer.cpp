@@ -65,6 +65,8 @@ std::string prepare_output(const Recipe& r) {
   const fs::path out(r.output_dir);
   std::string resume_from;
   if (!r.resume.empty()) {
+    // What a killed save left: a checkpoint moved aside goes back before the newest is picked.
+    if (fs::is_directory(out)) remove_partial_checkpoints(r.output_dir);
     if (r.resume == "true") {
       auto cks = list_checkpoints(r.output_dir);
       MF_CHECK(!cks.empty(), r.source, ": resume=true but ", r.output_dir, " holds no complete checkpoint-* folder");
@@ -74,7 +76,6 @@ std::string prepare_output(const Recipe& r) {
       resume_from = r.resume;
     }
     fs::create_directories(out);
-    remove_partial_checkpoints(r.output_dir);
     return resume_from;
   }
   if (fs::exists(out) && !(fs::is_directory(out) && fs::is_empty(out))) {
@@ -327,7 +328,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
     save_checkpoint(dir, model, r.model, opt, st, shard_bytes, multi ? &par : nullptr, lora ? &*lora : nullptr);
     if (main_rank) {
       auto cks = list_checkpoints(r.output_dir);
-      for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) fs::remove_all(cks[i]);
+      for (size_t i = 0; i + static_cast<size_t>(r.save_total_limit) < cks.size(); ++i) prune_checkpoint(cks[i]);
     }
     if (multi) groups->world_group->barrier();  // pruned before any rank goes on
     if (!keep_host_copies) backend->release_host_copies();
