@@ -10,7 +10,7 @@ DEMO_CONFIG ?= examples/configs/qwen3-30b-a3b.json
 MAKEFLAGS += --no-print-directory
 
 GPU_BUILD ?= build-gpu
-.PHONY: all deps build test test-asan test-fuzz test-faults test-gpu demo clean
+.PHONY: all deps build test test-asan test-fuzz test-faults test-gpu demo demo-build clean
 
 all: build
 
@@ -58,28 +58,37 @@ test-gpu: deps
 	cmake --build $(GPU_BUILD) -j $(JOBS) --target test_cuda_ops test_cuda_model test_cuda_training test_cuda_dist cuda_ops_bench moeforge
 	cd $(GPU_BUILD) && ctest -L gpu --output-on-failure -j 1
 
-demo: build
+# The demo runs on the CPU: where no GPU answers it builds a CPU-only moeforge in build-cpu/ (no
+# CUDA compile to wait for: most of a full build's time on 2 cores); with a GPU, the full build.
+HAVE_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+DEMO_BUILD ?= $(if $(HAVE_GPU),$(BUILD),build-cpu)
+demo-build: deps
+	@if [ "$(DEMO_BUILD)" = "$(BUILD)" ]; then $(MAKE) build; else \
+	  cmake -S . -B $(DEMO_BUILD) -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_CUDA=OFF -DMOEFORGE_TESTS=OFF $(CMAKE_FLAGS) >/dev/null && \
+	  cmake --build $(DEMO_BUILD) -j $(JOBS) --target moeforge; fi
+
+demo: demo-build
 	@if [ -f $(DEMO_CONFIG) ]; then echo "== moeforge inspect $(DEMO_CONFIG)  (config only: no weights)"; \
-	  $(BUILD)/moeforge inspect $(DEMO_CONFIG); echo; fi
+	  $(DEMO_BUILD)/moeforge inspect $(DEMO_CONFIG); echo; fi
 	@echo "== moeforge inspect $(DEMO_MODEL)  (a bundled tiny Qwen3-MoE chat model with its own tokenizer)"
-	@$(BUILD)/moeforge inspect $(DEMO_MODEL)
+	@$(DEMO_BUILD)/moeforge inspect $(DEMO_MODEL)
 	@echo
 	@echo "== before fine-tuning: moeforge generate --chat --prompt 'Count from 12 to 17.'"
-	@$(BUILD)/moeforge generate --model $(DEMO_MODEL) --chat --prompt 'Count from 12 to 17.' --max-new-tokens 24
+	@$(DEMO_BUILD)/moeforge generate --model $(DEMO_MODEL) --chat --prompt 'Count from 12 to 17.' --max-new-tokens 24
 	@echo
 	@echo "== fine-tune it on counting conversations (examples/demo_recipe.yaml), on the CPU"
-	@$(BUILD)/moeforge train examples/demo_recipe.yaml output_dir=$(BUILD)/demo_run
+	@$(DEMO_BUILD)/moeforge train examples/demo_recipe.yaml output_dir=$(BUILD)/demo_run
 	@echo
 	@echo "== held-out conversations before and after (moeforge eval --data examples/data/count_chat_eval.jsonl)"
-	@printf 'before: '; $(BUILD)/moeforge eval --model $(DEMO_MODEL) --data examples/data/count_chat_eval.jsonl --summary \
+	@printf 'before: '; $(DEMO_BUILD)/moeforge eval --model $(DEMO_MODEL) --data examples/data/count_chat_eval.jsonl --summary \
 	  | sed -e 's/.*"token_weighted_loss":\([0-9.]*\),"perplexity":\([0-9.]*\).*/loss \1, perplexity \2/'
-	@printf 'after:  '; $(BUILD)/moeforge eval --model $(BUILD)/demo_run/final --data examples/data/count_chat_eval.jsonl --summary \
+	@printf 'after:  '; $(DEMO_BUILD)/moeforge eval --model $(BUILD)/demo_run/final --data examples/data/count_chat_eval.jsonl --summary \
 	  | sed -e 's/.*"token_weighted_loss":\([0-9.]*\),"perplexity":\([0-9.]*\).*/loss \1, perplexity \2/'
 	@echo
 	@echo "== after fine-tuning: the same prompt, and one held out of training (29 to 35)"
-	@$(BUILD)/moeforge generate --model $(BUILD)/demo_run/final --chat --prompt 'Count from 12 to 17.' --max-new-tokens 24
-	@$(BUILD)/moeforge generate --model $(BUILD)/demo_run/final --chat --prompt 'Count from 29 to 35.' --max-new-tokens 24
-	@$(BUILD)/moeforge plot $(BUILD)/demo_run
+	@$(DEMO_BUILD)/moeforge generate --model $(BUILD)/demo_run/final --chat --prompt 'Count from 12 to 17.' --max-new-tokens 24
+	@$(DEMO_BUILD)/moeforge generate --model $(BUILD)/demo_run/final --chat --prompt 'Count from 29 to 35.' --max-new-tokens 24
+	@$(DEMO_BUILD)/moeforge plot $(BUILD)/demo_run
 	@echo
 	@echo "The fine-tuned model is a standard Hugging Face folder: $(BUILD)/demo_run/final"
 	@ls $(BUILD)/demo_run/final

@@ -13,6 +13,7 @@
 
 #ifdef MOEFORGE_HAVE_CUDA
 #include "gpu/bench.h"
+#include "gpu/fast_paths.h"
 #endif
 
 namespace moeforge::cli {
@@ -82,6 +83,9 @@ int cmd_bench(const std::vector<std::string>& argv) {
     }
     o.lora = lo;
   }
+  if (main_rank)
+    for (const std::string& n : gpu::fast_path_notes(cfg, o.precision != gpu::Precision::FP32, false))
+      std::fprintf(stderr, "note: %s\n", n.c_str());
   if (main_rank)
     std::fprintf(stderr, "bench: %s, %lld layers, seq %lld, batch %lld, %s routing, %s, %lld warm-up + %lld timed steps\n",
                cfg.source.c_str(), static_cast<long long>(cfg.num_hidden_layers), static_cast<long long>(o.seq),

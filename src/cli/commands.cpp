@@ -1,5 +1,7 @@
 #include "cli/commands.h"
 
+#include <algorithm>
+
 #include "build_info.h"
 
 namespace moeforge::cli {
@@ -36,23 +38,15 @@ CommandFn find_command(const std::string& name) {
 }
 
 std::string version_text() {
+  // The build's accelerated paths, each on or off with the reason (CMakeLists.txt's summary).
   std::string s = std::string("moeforge ") + MOEFORGE_VERSION + " (commit " + MOEFORGE_GIT_COMMIT + ")\n";
-#ifdef MOEFORGE_CUDA_VERSION
-  s += std::string("CUDA ") + MOEFORGE_CUDA_VERSION;
-#ifdef MOEFORGE_CUDNN_VERSION
-  s += std::string(", cuDNN ") + MOEFORGE_CUDNN_VERSION;
-#else
-  s += ", cuDNN: not compiled in (native attention kernels)";
-#endif
-#ifdef MOEFORGE_NCCL_VERSION
-  s += std::string(", NCCL ") + MOEFORGE_NCCL_VERSION;
-#else
-  s += ", NCCL: not compiled in";
-#endif
-  s += "\n";
-#else
-  s += "CUDA: not compiled in (CPU backend only)\n";
-#endif
+  const std::string features = MOEFORGE_BUILD_FEATURES;
+  size_t at = 0;
+  while (at <= features.size()) {
+    const size_t nl = std::min(features.find('\n', at), features.size());
+    if (nl > at) s += "  " + features.substr(at, nl - at) + "\n";
+    at = nl + 1;
+  }
   return s;
 }
 

@@ -13,6 +13,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "data/model_text.h"
+#include "gpu/fast_paths.h"
 #include "gpu/inference.h"
 #include "hf/safetensors.h"
 #include "models/lora.h"
@@ -61,6 +62,8 @@ int cmd_eval(const std::vector<std::string>& argv) {
   nn::ParamAccess* ps = &loaded.model->params();
   if (device == "cuda") {
     on_device = gpu::upload_for_inference(loaded.model->params(), precision, "--precision");
+    for (const std::string& n : gpu::fast_path_notes(cfg, precision == "bf16", false))
+      std::fprintf(stderr, "note: %s\n", n.c_str());
     ps = on_device.get();
   }
   const bool tty = ::isatty(STDERR_FILENO);

@@ -12,6 +12,7 @@
 #include "cli/app.h"
 #include "cli/commands.h"
 #include "core/error.h"
+#include "gpu/fast_paths.h"
 #include "gpu/inference.h"
 #include "hf/chat/chat_template.h"
 #include "hf/fs_util.h"
@@ -199,6 +200,8 @@ int cmd_generate(const std::vector<std::string>& argv) {
   nn::ParamAccess* ps = &loaded.model->params();
   if (device == "cuda") {
     on_device = gpu::upload_for_inference(loaded.model->params(), precision, "--precision");
+    for (const std::string& n : gpu::fast_path_notes(cfg, precision == "bf16", false))
+      std::fprintf(stderr, "note: %s\n", n.c_str());
     ps = on_device.get();
   }
   TextStream stream(tok ? &*tok : nullptr, stops, !json);

@@ -19,6 +19,7 @@
 #include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
 #include "hf/fs_util.h"
+#include "gpu/fast_paths.h"
 #include "hf/safetensors.h"
 #include "models/lora.h"
 #include "models/pretrained.h"
@@ -268,6 +269,8 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
         << " steps of " << r.global_batch << " rows (" << accumulation << " micro-batches of " << r.micro_batch << ")"
         << " on " << backend->describe();
   if (r.device == Device::Kind::CPU) intro << ", " << threads << " threads";
+  if (r.device == Device::Kind::CUDA)
+    for (const std::string& n : gpu::fast_path_notes(cfg, r.precision != "fp32", r.packing)) intro << "\nnote: " << n;
   if (eval_data)
     intro << "\nvalidation: " << eval_data->rows() << " rows of " << r.eval_data << ", every "
           << (r.eval_every > 0 ? std::to_string(r.eval_every) + " steps and " : std::string()) << "at the end"

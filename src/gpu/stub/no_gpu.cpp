@@ -1,5 +1,6 @@
 // Built instead of src/gpu/*.cpp when there is no CUDA backend: asking for the GPU is an error.
 #include "core/error.h"
+#include "gpu/fast_paths.h"
 #include "gpu/inference.h"
 #include "train/backend.h"
 
@@ -16,5 +17,11 @@ namespace moeforge::gpu {
 std::unique_ptr<nn::ParamAccess> upload_for_inference(const nn::ParamStore&, const std::string&, const std::string& where) {
   MF_THROW(where, ": cuda needs the CUDA backend, and this moeforge was built without it");
 }
+
+}  // namespace moeforge::gpu
+
+namespace moeforge::gpu {
+
+std::vector<std::string> fast_path_notes(const hf::ModelConfig&, bool, bool) { return {}; }
 
 }  // namespace moeforge::gpu
