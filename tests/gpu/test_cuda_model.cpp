@@ -6,6 +6,8 @@
 #include "core/error.h"
 #include "device_run.h"
 #include "hf/safetensors.h"
+#include "gpu/fast_paths.h"
+#include "hf/config.h"
 #include "models/generate.h"
 #include "models/pretrained.h"
 #include "ops/cuda/runtime.h"
@@ -90,3 +92,25 @@ INSTANTIATE_TEST_SUITE_P(Families, CudaGenerate,
                          ::testing::Values("qwen3_moe_a", "qwen3_moe_b", "mixtral_b", "qwen2_moe_a", "olmoe_a", "llama_a",
                                            "mistral_a", "qwen3_a", "gpt_oss_a", "gpt_oss_b", "deepseek_v3_a",
                                            "deepseek_v3_b", "nemotron_h_a", "nemotron_h_b"));
+
+// The notes a GPU run prints at its start about slower paths (needs no device: they come from the
+// build and the model's config).
+TEST(CudaFastPaths, NotesNameTheFallbackAndTheFix) {
+  const auto join = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (const auto& x : v) s += x + "\n";
+    return s;
+  };
+  const hf::ModelConfig q = hf::load_config(test::fixture("qwen3_moe_a")), m = hf::load_config(test::fixture("mistral_b"));
+#ifdef MOEFORGE_HAVE_CUDNN
+  EXPECT_EQ(join(gpu::fast_path_notes(q, /*bf16=*/true, /*packed=*/false)).find("attention"), std::string::npos);
+  EXPECT_NE(join(gpu::fast_path_notes(q, false, false)).find("takes bf16"), std::string::npos);
+  EXPECT_NE(join(gpu::fast_path_notes(m, true, false)).find("head dimension 12"), std::string::npos);
+  EXPECT_NE(join(gpu::fast_path_notes(q, true, true)).find("packed documents"), std::string::npos);
+#else
+  EXPECT_NE(join(gpu::fast_path_notes(q, true, false)).find("no cuDNN"), std::string::npos);
+#endif
+#ifndef MOEFORGE_HAVE_CUTLASS
+  EXPECT_NE(join(gpu::fast_path_notes(q, true, false)).find("no CUTLASS"), std::string::npos);
+#endif
+}
