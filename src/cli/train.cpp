@@ -11,7 +11,8 @@ namespace moeforge::cli {
 int cmd_train(const std::vector<std::string>& argv) {
   // The footer lists every recipe key with its default (the resolved form of an empty recipe).
   std::ostringstream keys;
-  std::istringstream defaults(train::Recipe{}.to_yaml());
+  const train::Recipe defaults_of_an_empty_recipe;
+  std::istringstream defaults(defaults_of_an_empty_recipe.to_yaml());
   keys << "\nRecipe keys and their defaults (docs/training.md explains each):\n";
   for (std::string line; std::getline(defaults, line);)
     if (!line.empty() && line[0] != '#') keys << "  " << line << "\n";

@@ -268,7 +268,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
         << "model: " << cfg.model_type << ", " << whole_model_parameters(model) << " parameters; " << total_steps
         << " steps of " << r.global_batch << " rows (" << accumulation << " micro-batches of " << r.micro_batch << ")"
         << " on " << backend->describe();
-  if (r.device == Device::Kind::CPU) intro << ", " << threads << " threads";
+  if (r.device == Device::Kind::CPU) intro << ", " << threads << (threads == 1 ? " thread" : " threads");
   if (r.device == Device::Kind::CUDA)
     for (const std::string& n : gpu::fast_path_notes(cfg, r.precision != "fp32", r.packing)) intro << "\nnote: " << n;
   if (eval_data)
