@@ -11,17 +11,13 @@
 
 #include "cli/app.h"
 #include "cli/commands.h"
+#include "cli/inference_options.h"
 #include "core/error.h"
 #include "data/model_text.h"
-#include "gpu/fast_paths.h"
-#include "gpu/inference.h"
 #include "hf/safetensors.h"
 #include "models/lora.h"
 #include "models/pretrained.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace moeforge::cli {
 
@@ -31,8 +27,7 @@ int cmd_eval(const std::vector<std::string>& argv) {
                       "(loss on the\nassistant's tokens, through the chat template) or {\"input_ids\", \"labels\"?}. "
                       "Text rows get the\nend-of-sequence token appended, as in training (--no-eos: not).\n"
                       "Example: moeforge eval --model out/final --data held_out.jsonl");
-  std::string model_dir, data, adapter, tokenizer, chat_template, logits_out, device = "cpu", precision = "bf16";
-  int64_t threads = 0;
+  std::string model_dir, data, adapter, tokenizer, chat_template, logits_out;
   bool no_eos = false, summary = false;
   app->add_option("--model", model_dir, "Hugging Face model folder")->required();
   auto* o_data = app->add_option("--data", data, "dataset: a .jsonl file, a folder of them or a glob");
@@ -44,14 +39,11 @@ int cmd_eval(const std::vector<std::string>& argv) {
   app->add_flag("--no-eos", no_eos, "do not append the end-of-sequence token to text and completion rows");
   app->add_option("--logits-out", logits_out, "write each row's logits as logits.<row> [S, V] float32 (safetensors)");
   app->add_flag("--summary", summary, "print only the totals, not every row");
-  app->add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  app->add_option("--precision", precision, "weights on the GPU: bf16 or fp32")->check(CLI::IsMember({"bf16", "fp32"}));
-  app->add_option("--threads", threads, "CPU threads (0: OpenMP's default)")->check(at_least(0));
+  InferenceOptions run;
+  run.add_to(*app);
   if (auto code = parse(*app, argv)) return *code;
   MF_CHECK(*o_data || *o_tokens, "eval needs --data FILE.jsonl");
-#ifdef _OPENMP
-  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
-#endif
+  run.apply_threads();
   const data::ModelText text = data::load_model_text(model_dir, tokenizer, chat_template, !no_eos, "eval");
   const data::Dataset ds = data::load_model_dataset(data, text, /*skip_bad_lines=*/false);
   auto loaded = models::from_pretrained(model_dir);
@@ -59,13 +51,7 @@ int cmd_eval(const std::vector<std::string>& argv) {
   if (!adapter.empty()) models::apply_adapter_folder(*loaded.model, adapter);
   const auto& cfg = loaded.model->config();
   std::unique_ptr<nn::ParamAccess> on_device;
-  nn::ParamAccess* ps = &loaded.model->params();
-  if (device == "cuda") {
-    on_device = gpu::upload_for_inference(loaded.model->params(), precision, "--precision");
-    for (const std::string& n : gpu::fast_path_notes(cfg, precision == "bf16", false))
-      std::fprintf(stderr, "note: %s\n", n.c_str());
-    ps = on_device.get();
-  }
+  nn::ParamAccess* ps = &run.params_for(*loaded.model, on_device);
   const bool tty = ::isatty(STDERR_FILENO);
 
   nlohmann::ordered_json out;

@@ -11,9 +11,8 @@
 
 #include "cli/app.h"
 #include "cli/commands.h"
+#include "cli/inference_options.h"
 #include "core/error.h"
-#include "gpu/fast_paths.h"
-#include "gpu/inference.h"
 #include "hf/chat/chat_template.h"
 #include "hf/fs_util.h"
 #include "hf/generation_config.h"
@@ -22,9 +21,6 @@
 #include "models/lora.h"
 #include "models/pretrained.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace moeforge::cli {
 
@@ -95,8 +91,8 @@ int cmd_generate(const std::vector<std::string>& argv) {
                       "  moeforge generate --model DIR --messages conv.json --json\n"
                       "Sampling defaults come from the folder's generation_config.json (do_sample, temperature,\n"
                       "top_k, top_p); --temperature 0 or --greedy picks the most likely token each step.");
-  std::string model_dir, adapter, tokenizer_dir, prompt, messages_file, prompt_ids, device = "cpu", precision = "bf16";
-  int64_t max_new = 256, min_new = 0, top_k = 0, threads = 0;
+  std::string model_dir, adapter, tokenizer_dir, prompt, messages_file, prompt_ids;
+  int64_t max_new = 256, min_new = 0, top_k = 0;
   double temperature = 1.0, top_p = 1.0, repetition_penalty = 1.0;
   uint64_t seed = 0;
   std::vector<std::string> stops;
@@ -126,15 +122,12 @@ int cmd_generate(const std::vector<std::string>& argv) {
   app->add_flag("--greedy", greedy, "the most likely token every step, whatever generation_config.json says");
   app->add_flag("--ignore-eos", ignore_eos, "do not stop at the end-of-sequence tokens");
   app->add_flag("--json", json, "print one JSON object at the end (prompt and generated ids, text, timing) instead of streaming");
-  app->add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  app->add_option("--precision", precision, "weights on the GPU: bf16 or fp32")->check(CLI::IsMember({"bf16", "fp32"}));
-  app->add_option("--threads", threads, "CPU threads (0: OpenMP's default)")->check(at_least(0));
+  InferenceOptions run;
+  run.add_to(*app);
   if (auto code = parse(*app, argv)) return *code;
   MF_CHECK(*o_prompt || *o_messages || *o_ids, "generate needs a prompt: --prompt TEXT, --messages FILE.json or --prompt-ids IDS");
   MF_CHECK(!chat || *o_prompt, "--chat wraps --prompt; with --messages the conversation is rendered already");
-#ifdef _OPENMP
-  if (threads > 0) omp_set_num_threads(static_cast<int>(threads));
-#endif
+  run.apply_threads();
 
   if (tokenizer_dir.empty()) tokenizer_dir = model_dir;
   std::optional<hf::Tokenizer> tok;
@@ -146,18 +139,14 @@ int cmd_generate(const std::vector<std::string>& argv) {
   if (*o_ids) {
     ids = parse_id_list(prompt_ids, "--prompt-ids");
   } else if (*o_messages || chat) {
-    Json row = *o_messages ? Json(hf::read_json_file(messages_file))
-                           : Json{{"messages", Json::array({Json{{"role", "user"}, {"content", prompt}}})}};
-    if (row.is_array()) row = Json{{"messages", row}};
     const std::string where = *o_messages ? messages_file : "--prompt";
-    MF_CHECK(row.is_object() && row.contains("messages") && row["messages"].is_array(), where,
-             ": expected a list of messages or an object with 'messages'");
+    const Json row = hf::conversation_row(
+        *o_messages ? Json(hf::read_json_file(messages_file)) : Json::array({Json{{"role", "user"}, {"content", prompt}}}),
+        where);
     auto tmpl = hf::ChatTemplate::load(tokenizer_dir);
     MF_CHECK(tmpl, tokenizer_dir, ": no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja)");
-    hf::ChatOptions co;
+    hf::ChatOptions co = hf::chat_options_of(row, where);
     co.add_generation_prompt = true;
-    if (row.contains("tools")) co.tools = row["tools"];
-    if (row.contains("chat_template_kwargs") && row["chat_template_kwargs"].is_object()) co.extra = row["chat_template_kwargs"];
     const auto enc = tmpl->encode(*tok, row["messages"], co, /*with_mask=*/false);
     ids = enc.ids;
     prompt_text = enc.text;
@@ -197,13 +186,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
   so.seed = seed;
 
   std::unique_ptr<nn::ParamAccess> on_device;
-  nn::ParamAccess* ps = &loaded.model->params();
-  if (device == "cuda") {
-    on_device = gpu::upload_for_inference(loaded.model->params(), precision, "--precision");
-    for (const std::string& n : gpu::fast_path_notes(cfg, precision == "bf16", false))
-      std::fprintf(stderr, "note: %s\n", n.c_str());
-    ps = on_device.get();
-  }
+  nn::ParamAccess* ps = &run.params_for(*loaded.model, on_device);
   TextStream stream(tok ? &*tok : nullptr, stops, !json);
   const auto res = models::generate(*loaded.model, *ps, ids, go, [&](int64_t id) { return stream.add(id); });
   stream.finish();

@@ -37,21 +37,14 @@ int cmd_tokenize(const std::vector<std::string>& argv) {
   auto tok = hf::Tokenizer::load(dir);
   nlohmann::ordered_json out;
   if (*o_messages) {
-    const std::string* messages_file = &messages_arg;
-    // A JSON list of messages, or a dataset row {"messages": [...], "tools": [...]?, "chat_template_kwargs": {...}?}.
-    nlohmann::ordered_json row = hf::read_json_file(*messages_file);
-    if (row.is_array()) row = nlohmann::ordered_json{{"messages", row}};
-    MF_CHECK(row.is_object() && row.contains("messages") && row["messages"].is_array(), *messages_file,
-             ": expected a list of messages or an object with 'messages'");
+    const nlohmann::ordered_json row = hf::conversation_row(hf::read_json_file(messages_arg), messages_arg);
     std::optional<hf::ChatTemplate> chat;
     if (!template_arg.empty())
       chat = hf::ChatTemplate::from_source(hf::read_text_file(template_arg), template_arg, dir);
     else chat = hf::ChatTemplate::load(dir);
     MF_CHECK(chat, dir, ": no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja); pass --chat-template");
-    hf::ChatOptions opts;
+    hf::ChatOptions opts = hf::chat_options_of(row, messages_arg);
     opts.add_generation_prompt = gen_prompt;
-    if (row.contains("tools")) opts.tools = row["tools"];
-    if (row.contains("chat_template_kwargs") && row["chat_template_kwargs"].is_object()) opts.extra = row["chat_template_kwargs"];
     const auto enc = chat->encode(tok, row["messages"], opts, !opts.add_generation_prompt);
     out["text"] = enc.text;
     out["count"] = enc.ids.size();

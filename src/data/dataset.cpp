@@ -62,15 +62,7 @@ TokenRow messages_row(const nlohmann::ordered_json& j, const std::string& where,
   MF_CHECK(o.tokenizer, where, ": messages rows need a tokenizer (the model folder's tokenizer.json, or set 'tokenizer')");
   MF_CHECK(o.chat_template, where, ": messages rows need a chat template, and ", o.chat_template_origin,
            " has none (tokenizer_config.json 'chat_template' or chat_template.jinja); or set recipe key chat_template");
-  hf::ChatOptions opts;
-  if (j.contains("tools") && !j["tools"].is_null()) {
-    MF_CHECK(j["tools"].is_array(), where, ": field 'tools' must be a list");
-    opts.tools = j["tools"];
-  }
-  if (j.contains("chat_template_kwargs")) {
-    MF_CHECK(j["chat_template_kwargs"].is_object(), where, ": field 'chat_template_kwargs' must be an object");
-    opts.extra = j["chat_template_kwargs"];
-  }
+  const hf::ChatOptions opts = hf::chat_options_of(j, where);
   hf::ChatEncoding enc;
   try {
     enc = o.chat_template->encode(*o.tokenizer, messages, opts);

@@ -91,6 +91,14 @@ std::string prepare_output(const Recipe& r) {
   return "";
 }
 
+// Every token id of `rows` (read from `file`) is one the model has.
+void check_vocabulary(const data::TokenBatches& rows, const std::string& file, const hf::ModelConfig& cfg) {
+  for (int64_t i = 0; i < rows.rows(); ++i)
+    for (int64_t id : rows.row_at(i).input_ids)
+      MF_CHECK(id >= 0 && id < cfg.vocab_size, file, ":", rows.row_at(i).line, ": token id ", id,
+               " is outside the model's vocabulary (", cfg.vocab_size, " tokens)");
+}
+
 // The whole model's parameter count from a model that may hold a slice of the experts.
 int64_t whole_model_parameters(const models::CausalLM& m) {
   int64_t n = 0;
@@ -181,10 +189,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
              ": key 'eval_data': ", r.eval_data, " does not exist");
     eval_data.emplace(data::load_model_dataset(r.eval_data, text, r.skip_bad_lines).rows, r.seq_len, r.seed, r.packing);
     MF_CHECK(eval_data->rows() > 0, r.source, ": key 'eval_data': ", r.eval_data, " has no rows of 2 or more tokens");
-    for (int64_t i = 0; i < eval_data->rows(); ++i)
-      for (int64_t id : eval_data->row_at(i).input_ids)
-        MF_CHECK(id >= 0 && id < cfg.vocab_size, r.eval_data, ":", eval_data->row_at(i).line, ": token id ", id,
-                 " is outside the model's vocabulary (", cfg.vocab_size, " tokens)");
+    check_vocabulary(*eval_data, r.eval_data, cfg);
   }
   data::TokenBatches data(std::move(dataset.rows), r.seq_len, r.seed, r.packing);
   // A step larger than the dataset would repeat rows inside it (and an absurd value would allocate or
@@ -192,10 +197,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   MF_CHECK(r.global_batch <= data.rows(), r.source, ": key 'global_batch': ", r.global_batch,
            " rows per step, but the dataset has ", data.rows(), r.packing ? " packed" : "",
            " rows; lower global_batch (and micro_batch) to at most that");
-  for (int64_t i = 0; i < data.rows(); ++i)
-    for (int64_t id : data.row_at(i).input_ids)
-      MF_CHECK(id >= 0 && id < cfg.vocab_size, r.data, ":", data.row_at(i).line, ": token id ", id,
-               " is outside the model's vocabulary (", cfg.vocab_size, " tokens)");
+  check_vocabulary(data, r.data, cfg);
 
   const std::string recipe_text = r.to_yaml();
   const std::string recipe_hash = hash_text(recipe_text);

@@ -236,4 +236,24 @@ ChatEncoding ChatTemplate::encode(const Tokenizer& tok, const ojson& messages, c
   return out;
 }
 
+nlohmann::ordered_json conversation_row(nlohmann::ordered_json value, const std::string& where) {
+  if (value.is_array()) value = nlohmann::ordered_json{{"messages", std::move(value)}};
+  MF_CHECK(value.is_object() && value.contains("messages") && value["messages"].is_array(), where,
+           ": expected a list of messages or an object with 'messages'");
+  return value;
+}
+
+ChatOptions chat_options_of(const nlohmann::ordered_json& row, const std::string& where) {
+  ChatOptions opts;
+  if (row.contains("tools") && !row["tools"].is_null()) {
+    MF_CHECK(row["tools"].is_array(), where, ": field 'tools' must be a list");
+    opts.tools = row["tools"];
+  }
+  if (row.contains("chat_template_kwargs")) {
+    MF_CHECK(row["chat_template_kwargs"].is_object(), where, ": field 'chat_template_kwargs' must be an object");
+    opts.extra = row["chat_template_kwargs"];
+  }
+  return opts;
+}
+
 }  // namespace moeforge::hf

@@ -23,6 +23,12 @@ struct ChatOptions {
   nlohmann::ordered_json extra = nlohmann::ordered_json::object();  // enable_thinking, reasoning_effort, ...
 };
 
+// A conversation as a file or dataset row gives it: {"messages": [...], "tools"?: [...],
+// "chat_template_kwargs"?: {...}}, or a bare list of messages (wrapped into that form). Errors name `where`.
+nlohmann::ordered_json conversation_row(nlohmann::ordered_json value, const std::string& where);
+// The row's rendering options: its tools and chat_template_kwargs (checked for type).
+ChatOptions chat_options_of(const nlohmann::ordered_json& row, const std::string& where);
+
 struct ChatEncoding {
   std::string text;
   std::vector<int64_t> ids;

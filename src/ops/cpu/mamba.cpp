@@ -144,6 +144,28 @@ ScanInputs scan_inputs(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_b
   return s;
 }
 
+// One token of token i through head hd's state [P, N] (kept in S: double for the whole-sequence
+// scan, F32 for the carried generation state): state = decay state + dt x B^T, y = state C + D x.
+template <typename S>
+void scan_token(const ScanInputs& s, int64_t i, int64_t hd, const Tensor& x, const Tensor& b, const Tensor& c,
+                const Tensor& d, S* state, Tensor& y) {
+  const int64_t grp = hd / s.heads_per_group;
+  const double dt = s.dt[i * s.h + hd], decay = std::exp(dt * s.a[hd]);
+  const float* xi = x.f32() + (i * s.h + hd) * s.p;
+  const float* bi = b.f32() + (i * s.g + grp) * s.n;
+  const float* ci = c.f32() + (i * s.g + grp) * s.n;
+  float* yi = y.f32() + (i * s.h + hd) * s.p;
+  for (int64_t pp = 0; pp < s.p; ++pp) {
+    double out = 0;
+    S* row = state + pp * s.n;
+    for (int64_t nn = 0; nn < s.n; ++nn) {
+      row[nn] = static_cast<S>(decay * row[nn] + dt * xi[pp] * bi[nn]);
+      out += static_cast<double>(row[nn]) * ci[nn];
+    }
+    yi[pp] = static_cast<float>(out + static_cast<double>(d.f32()[hd]) * xi[pp]);
+  }
+}
+
 }  // namespace
 
 Tensor ssm_scan(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, const Tensor& a_log, const Tensor& b,
@@ -155,24 +177,10 @@ Tensor ssm_scan(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, co
 #pragma omp parallel for collapse(2)
   for (int64_t r = 0; r < batch; ++r)
     for (int64_t hd = 0; hd < s.h; ++hd) {
-      const int64_t grp = hd / s.heads_per_group;
       std::vector<double> state(static_cast<size_t>(s.p * s.n), 0.0);
       for (int64_t i = r * rows; i < (r + 1) * rows; ++i) {
         if (s.start[i] == i) std::fill(state.begin(), state.end(), 0.0);
-        const double dt = s.dt[i * s.h + hd], decay = std::exp(dt * s.a[hd]);
-        const float* xi = x.f32() + (i * s.h + hd) * s.p;
-        const float* bi = b.f32() + (i * s.g + grp) * s.n;
-        const float* ci = c.f32() + (i * s.g + grp) * s.n;
-        float* yi = y.f32() + (i * s.h + hd) * s.p;
-        for (int64_t pp = 0; pp < s.p; ++pp) {
-          double out = 0;
-          double* row = state.data() + pp * s.n;
-          for (int64_t nn = 0; nn < s.n; ++nn) {
-            row[nn] = decay * row[nn] + dt * xi[pp] * bi[nn];
-            out += row[nn] * ci[nn];
-          }
-          yi[pp] = static_cast<float>(out + static_cast<double>(df.f32()[hd]) * xi[pp]);
-        }
+        scan_token(s, i, hd, x, b, c, df, state.data(), y);
       }
     }
   return y;
@@ -185,27 +193,9 @@ Tensor ssm_step(const Tensor& x, const Tensor& dt_raw, const Tensor& dt_bias, co
            s.h, ", ", s.p, ", ", s.n, "], got ", dtype_name(state.dtype()), " ", shape_str(state.shape()));
   const Tensor df = as_f32(d);
   Tensor y = Tensor::empty(x.shape(), DType::F32);
-  float* st = state.f32();
 #pragma omp parallel for
-  for (int64_t hd = 0; hd < s.h; ++hd) {
-    const int64_t grp = hd / s.heads_per_group;
-    for (int64_t i = 0; i < s.t; ++i) {
-      const double dt = s.dt[i * s.h + hd], decay = std::exp(dt * s.a[hd]);
-      const float* xi = x.f32() + (i * s.h + hd) * s.p;
-      const float* bi = b.f32() + (i * s.g + grp) * s.n;
-      const float* ci = c.f32() + (i * s.g + grp) * s.n;
-      float* yi = y.f32() + (i * s.h + hd) * s.p;
-      for (int64_t pp = 0; pp < s.p; ++pp) {
-        double out = 0;
-        float* row = st + (hd * s.p + pp) * s.n;
-        for (int64_t nn = 0; nn < s.n; ++nn) {
-          row[nn] = static_cast<float>(decay * row[nn] + dt * xi[pp] * bi[nn]);
-          out += static_cast<double>(row[nn]) * ci[nn];
-        }
-        yi[pp] = static_cast<float>(out + static_cast<double>(df.f32()[hd]) * xi[pp]);
-      }
-    }
-  }
+  for (int64_t hd = 0; hd < s.h; ++hd)
+    for (int64_t i = 0; i < s.t; ++i) scan_token(s, i, hd, x, b, c, df, state.f32() + hd * s.p * s.n, y);
   return y;
 }
 
