@@ -21,10 +21,10 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from . import _moeforge
-from ._moeforge import Error
+from ._moeforge import Error, cuda_device_count
 
-__all__ = ["AutoModelForCausalLM", "CausalLM", "CausalLMOutput", "Error", "Tokenizer", "Trainer", "load_tokenizer",
-           "train"]
+__all__ = ["AutoModelForCausalLM", "CausalLM", "CausalLMOutput", "Error", "Tokenizer", "Trainer", "cuda_device_count",
+           "load_tokenizer", "train"]
 __version__ = "0.1.0"
 
 
@@ -43,7 +43,9 @@ def _ids(x, name: str) -> np.ndarray:
 @dataclasses.dataclass
 class CausalLMOutput:
     loss: Optional[float]
-    logits: Optional[np.ndarray]   # [batch, seq, vocab] float32
+    # [batch, seq, vocab] float32 without a copy: a NumPy array for a model on the CPU; for one on the
+    # GPU a DLPack array in GPU memory (torch.from_dlpack(out.logits) is a CUDA tensor).
+    logits: Optional[Any]
     aux_loss: Optional[float] = None
     loss_tokens: int = 0
 
@@ -55,6 +57,7 @@ class CausalLM:
         self._m = impl
         self.config = json.loads(impl.config_json())
         self.device = impl.device
+        self.rank, self.world_size = impl.rank, impl.world_size  # 0 and 1 unless loaded with ep_size > 1
         self.name_or_path = impl.source_dir
 
     def __call__(self, input_ids, labels=None, attention_mask=None, return_logits: bool = True) -> CausalLMOutput:
@@ -123,16 +126,19 @@ class AutoModelForCausalLM:
                         adapter: Optional[str] = None, ep_size: int = 1, zero_stage: int = 1, **kwargs) -> CausalLM:
         """A Hugging Face model folder (config.json + safetensors; both config spellings). device
         'cpu' (float32) or 'cuda' (float32 or bfloat16 weights for inference). `adapter`: a PEFT
-        LoRA folder applied unmerged. ep_size / zero_stage > 1 shard a model for training: use
-        moeforge.train under torchrun (from_pretrained holds one process's whole model)."""
+        LoRA folder applied unmerged. ep_size > 1: run the same script under torchrun / srun /
+        `moeforge launch`; each rank loads only its share of the experts (world size / ep_size
+        groups), every rank calls the model (each with its own batch) and save_pretrained together,
+        which writes one standard folder. zero_stage shards optimizer state for training (moeforge.train);
+        a model loaded here keeps its dense weights whole (1)."""
         if kwargs:
             raise Error(f"from_pretrained: unknown argument(s) {sorted(kwargs)}")
-        if ep_size != 1 or zero_stage != 1:
-            raise Error("from_pretrained: ep_size and zero_stage shard a model over training ranks; run moeforge.train "
-                        "(a recipe with ep_size / zero_stage) under torchrun for that")
+        if zero_stage != 1:
+            raise Error(f"from_pretrained: zero_stage {zero_stage} shards optimizer state and dense weights for training; "
+                        "run moeforge.train (a recipe with zero_stage) for that, or pass zero_stage=1")
         dtype = {"bf16": "bfloat16", "fp32": "float32"}.get(str(dtype).replace("torch.", ""), str(dtype).replace("torch.", ""))
         return CausalLM(_moeforge.Model.from_pretrained(os.fspath(pretrained_model_name_or_path), device, dtype,
-                                                        os.fspath(adapter) if adapter else ""))
+                                                        os.fspath(adapter) if adapter else "", int(ep_size)))
 
 
 def _recipe_args(recipe, overrides: dict) -> tuple:

@@ -1,6 +1,6 @@
 // moeforge's Python extension (_moeforge): the model, generation, training and tokenizer behind the
-// Transformers-shaped API of python/moeforge/__init__.py. Arrays cross as NumPy arrays (the logits
-// without a copy: the array owns the tensor's memory); moeforge errors become moeforge.Error with
+// Transformers-shaped API of python/moeforge/__init__.py. Logits cross without a copy: NumPy arrays
+// on the CPU, DLPack arrays on the GPU (the array owns the tensor's memory); moeforge errors become moeforge.Error with
 // the same one-line message; long calls release the GIL.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
@@ -23,6 +23,11 @@
 #include "models/generate.h"
 #include "models/lora.h"
 #include "models/pretrained.h"
+#include "models/save_across_ranks.h"
+#include "parallel/env.h"
+#include "hf/config.h"
+#include "train/ranks.h"
+#include "ops/cuda/runtime.h"
 #include "train/trainer.h"
 
 namespace nb = nanobind;
@@ -38,31 +43,63 @@ Tensor ids_tensor(const IdArray& a) {
   return Tensor::from_i64(v, {static_cast<int64_t>(a.shape(0)), static_cast<int64_t>(a.shape(1))});
 }
 
-// A host F32 tensor as a NumPy array that keeps the tensor's storage alive (no copy).
-F32Array to_numpy(const Tensor& t) {
-  MF_CHECK(t.device().is_cpu() && t.dtype() == DType::F32, "internal: only host F32 tensors become arrays");
+// An F32 tensor as an array that keeps the tensor's storage alive (no copy): a NumPy array on the
+// host; on the GPU a framework-neutral DLPack array (torch.from_dlpack / cupy.from_dlpack take it
+// as a device tensor; NumPy cannot hold device memory).
+nb::object to_array(const Tensor& t) {
+  MF_CHECK(t.dtype() == DType::F32, "internal: only F32 tensors become arrays");
   auto* keep = new Tensor(t);
   nb::capsule owner(keep, [](void* p) noexcept { delete static_cast<Tensor*>(p); });
   std::vector<size_t> shape(t.shape().begin(), t.shape().end());
-  return F32Array(t.f32(), shape.size(), shape.data(), owner);
+  if (t.device().is_cpu()) return nb::cast(F32Array(keep->f32(), shape.size(), shape.data(), owner));
+  return nb::cast(nb::ndarray<float>(keep->data<float>(), shape.size(), shape.data(), owner, nullptr,
+                                     nb::dtype<float>(), nb::device::cuda::value, t.device().index));
 }
 
-// A loaded model, on the CPU (its own parameters) or uploaded to the GPU for inference.
+// A loaded model, on the CPU (its own parameters) or uploaded to the GPU for inference; with
+// ep_size > 1, this rank's share of the experts, its layers exchanging tokens with the other ranks.
 struct Model {
+  std::unique_ptr<train::RankGroups> groups;  // first: the model's layers point into its groups
   models::LoadedModel loaded;
   std::unique_ptr<nn::ParamAccess> device;
   std::string device_name = "cpu";
   nn::ParamAccess& params() { return device ? *device : loaded.model->params(); }
+  models::Parallel parallel() const {
+    if (!groups) return {};
+    return device ? groups->device_parallel() : groups->parallel();
+  }
 };
 
+// ep_size > 1: every rank of the launcher's world (torchrun / srun / moeforge launch variables)
+// joins as the trainer's ranks do, and loads only its experts.
+std::unique_ptr<train::RankGroups> join_for_experts(const std::string& path, const std::string& device,
+                                                    const std::string& dtype, int64_t ep_size) {
+  const parallel::DistEnv env = parallel::dist_env();
+  MF_CHECK(env.world_size > 1, "from_pretrained: ep_size ", ep_size, " splits the experts over ", ep_size,
+           " ranks, but this process runs alone: start one per rank (torchrun, srun or moeforge launch)");
+  if (device == "cuda") {
+    MF_CHECK(cuda::device_count() >= env.local_world_size, "from_pretrained: device='cuda' with ", env.local_world_size,
+             " ranks on this node, but it has ", cuda::device_count(), " GPU(s)");
+    cuda::set_device(env.local_rank);
+  }
+  const hf::ModelConfig cfg = hf::load_config(path);
+  return train::join_ranks(env, ep_size, cfg.num_experts,
+                           "from_pretrained " + path + " " + device + " " + dtype + " ep " + std::to_string(ep_size),
+                           "from_pretrained(" + path + ")", device == "cuda");
+}
+
 std::unique_ptr<Model> from_pretrained(const std::string& path, const std::string& device, const std::string& dtype,
-                                       const std::string& adapter) {
+                                       const std::string& adapter, int64_t ep_size) {
   MF_CHECK(device == "cpu" || device == "cuda", "from_pretrained: device must be 'cpu' or 'cuda', got '", device, "'");
   MF_CHECK(dtype == "float32" || dtype == "bfloat16", "from_pretrained: dtype must be 'float32' or 'bfloat16', got '",
            dtype, "'");
   MF_CHECK(device == "cuda" || dtype == "float32", "from_pretrained: the CPU computes in float32 (dtype='bfloat16' needs device='cuda')");
+  MF_CHECK(ep_size >= 1, "from_pretrained: ep_size must be 1 or more, got ", ep_size);
+  MF_CHECK(adapter.empty() || ep_size == 1, "from_pretrained: an adapter with ep_size > 1 is not supported; load it "
+           "with ep_size=1, or merge it into the model first (moeforge merge)");
   auto m = std::make_unique<Model>();
-  m->loaded = models::from_pretrained(path);
+  if (ep_size > 1) m->groups = join_for_experts(path, device, dtype, ep_size);
+  m->loaded = models::from_pretrained(path, {}, m->groups ? m->groups->parallel() : models::Parallel{});
   if (!adapter.empty()) models::apply_adapter_folder(*m->loaded.model, adapter);
   if (device == "cuda") {
     m->device = gpu::upload_for_inference(m->loaded.model->params(), dtype == "bfloat16" ? "bf16" : "fp32", "dtype");
@@ -78,7 +115,8 @@ NB_MODULE(_moeforge, mod) {
 
   nb::class_<Model>(mod, "Model")
       .def_static("from_pretrained", &from_pretrained, nb::arg("path"), nb::arg("device") = "cpu",
-                  nb::arg("dtype") = "float32", nb::arg("adapter") = "", nb::call_guard<nb::gil_scoped_release>())
+                  nb::arg("dtype") = "float32", nb::arg("adapter") = "", nb::arg("ep_size") = 1,
+                  nb::call_guard<nb::gil_scoped_release>())
       .def(
           "forward",
           [](Model& m, const IdArray& ids, std::optional<IdArray> labels, bool want_logits) {
@@ -91,12 +129,13 @@ NB_MODULE(_moeforge, mod) {
               in.labels = &in_labels;
             }
             in.logits = want_logits || !labels;
+            in.logits_on_device = true;  // a model on the GPU hands its logits over there
             models::ForwardOutputs out;
             {
               nb::gil_scoped_release release;
-              out = m.loaded.model->forward(m.params(), in, m.loaded.model->parallel());
+              out = m.loaded.model->forward(m.params(), in, m.parallel());
             }
-            nb::object logits = out.logits.defined() ? nb::cast(to_numpy(out.logits)) : nb::none();
+            nb::object logits = out.logits.defined() ? to_array(out.logits) : nb::none();
             nb::object loss = labels ? nb::cast(static_cast<double>(out.loss)) : nb::none();
             nb::object aux = std::isnan(out.aux_loss) ? nb::none() : nb::cast(static_cast<double>(out.aux_loss));
             return nb::make_tuple(loss, logits, aux, out.loss_tokens);
@@ -107,6 +146,8 @@ NB_MODULE(_moeforge, mod) {
           [](Model& m, const std::vector<int64_t>& prompt, int64_t max_new_tokens, int64_t min_new_tokens,
              const std::vector<int64_t>& eos, bool sample, double temperature, int64_t top_k, double top_p,
              double repetition_penalty, uint64_t seed, std::optional<nb::callable> streamer) {
+            MF_CHECK(!m.groups, "generate: a model loaded with ep_size > 1 does not generate yet; load it with "
+                     "ep_size=1 (one process holds every expert)");
             models::GenerateOptions o;
             o.max_new_tokens = max_new_tokens;
             o.min_new_tokens = min_new_tokens;
@@ -134,16 +175,29 @@ NB_MODULE(_moeforge, mod) {
             models::SaveOptions o;
             o.max_shard_bytes = hf::parse_size(max_shard_size);
             o.overwrite = overwrite;
-            models::save_pretrained(*m.loaded.model, m.loaded.source_dir, dir, o);
+            if (m.groups)  // every rank calls it: each writes its experts into the one folder
+              models::save_pretrained_across(*m.loaded.model, m.groups->parallel(), m.loaded.source_dir, dir, o);
+            else
+              models::save_pretrained(*m.loaded.model, m.loaded.source_dir, dir, o);
           },
           nb::arg("save_directory"), nb::arg("max_shard_size") = "5GB", nb::arg("overwrite") = true,
           nb::call_guard<nb::gil_scoped_release>())
       .def("config_json", [](const Model& m) { return m.loaded.model->config().raw.dump(); })
       .def("model_type", [](const Model& m) { return m.loaded.model->config().model_type; })
       .def("vocab_size", [](const Model& m) { return m.loaded.model->config().vocab_size; })
-      .def("num_parameters", [](const Model& m) { return m.loaded.model->params().numel(); })
+      .def("num_parameters",
+           [](const Model& m) {  // the whole model's, also where this rank holds a share of the experts
+             if (!m.groups) return m.loaded.model->params().numel();
+             const auto sharded = models::expert_sharded_params(*m.loaded.model, m.groups->parallel());
+             const auto& all = m.loaded.model->params().all();
+             int64_t n = 0;
+             for (size_t i = 0; i < all.size(); ++i) n += shape_numel(all[i].shape) * (sharded[i] ? m.groups->ep_size : 1);
+             return n;
+           })
       .def("active_parameters", [](const Model& m) { return m.loaded.model->active_parameters(); })
       .def_prop_ro("device", [](const Model& m) { return m.device_name; })
+      .def_prop_ro("rank", [](const Model& m) { return m.groups ? m.groups->rank : 0; })
+      .def_prop_ro("world_size", [](const Model& m) { return m.groups ? m.groups->world : 1; })
       .def_prop_ro("source_dir", [](const Model& m) { return m.loaded.source_dir; });
 
   mod.def(
@@ -189,6 +243,9 @@ NB_MODULE(_moeforge, mod) {
       },
       nb::arg("yaml"), nb::arg("origin"), nb::arg("base_dir"), nb::arg("overrides"), nb::arg("on_step") = nb::none(),
       nb::arg("on_eval") = nb::none());
+
+  mod.def("cuda_device_count", &cuda::device_count,
+          "GPUs this process can use (0 without a GPU or without the CUDA backend in this build)");
 
   nb::class_<hf::Tokenizer>(mod, "Tokenizer")
       .def_static("load", &hf::Tokenizer::load, nb::arg("path"))

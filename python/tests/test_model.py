@@ -114,6 +114,10 @@ def test_bad_input_raises_one_line_errors(tmp_path):
         moeforge.train({"model": "m", "data": "d", "output_dir": "o", "steps": 1, "optimzer": {"lr": 1}})
     with pytest.raises(moeforge.Error, match="device must be"):
         moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "llama_a"), device="tpu")
+    with pytest.raises(moeforge.Error, match="this process runs alone"):
+        moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "qwen3_moe_a"), ep_size=2)
+    with pytest.raises(moeforge.Error, match="zero_stage 3"):
+        moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "qwen3_moe_a"), zero_stage=3)
     with pytest.raises(ValueError, match="stop"):  # a callback's exception stops the run and comes back
         def boom(m):
             raise ValueError("stop")
@@ -125,23 +129,59 @@ def test_bad_input_raises_one_line_errors(tmp_path):
 def test_train_under_a_launcher_splits_the_experts(tmp_path):
     """The same Python script under `moeforge launch` (torchrun's variables): two CPU ranks, the
     experts split over them (ep_size 2, gloo), give the one-process run's losses."""
-    import socket
     recipe = {"model": os.path.join(FIXTURES, "qwen3_moe_a"), "data": os.path.join(ROOT, "tests", "data", "arith64.jsonl"),
               "seq_len": 16, "micro_batch": 2, "global_batch": 4, "steps": 3, "optimizer": {"lr": 2e-3}, "seed": 3,
               "threads": 1}
     one = moeforge.train(dict(recipe, output_dir=str(tmp_path / "one")))
+    _launch("import json, sys, moeforge\nmoeforge.train(json.loads(sys.argv[1]), ep_size=2)\n", tmp_path,
+            json.dumps(dict(recipe, output_dir=str(tmp_path / "two"))))
+    two = [json.loads(l)["loss"] for l in open(tmp_path / "two" / "metrics.jsonl") if '"loss"' in l]
+    assert two == pytest.approx(one["losses"], rel=1e-5)
+
+
+def _launch(script_text, tmp_path, *args):
+    """Runs a Python script as two CPU ranks under `moeforge launch` (torchrun's variables)."""
+    import socket
+    import sys
     script = tmp_path / "run.py"
-    script.write_text("import json, sys, moeforge\n"
-                      f"moeforge.train(json.loads(sys.argv[1]), ep_size=2)\n")
+    script.write_text(script_text)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    import sys
     r = subprocess.run([BIN, "launch", "--nproc-per-node", "2", "--master-port", str(port), "--", sys.executable,
-                        str(script), json.dumps(dict(recipe, output_dir=str(tmp_path / "two")))],
-                       capture_output=True, text=True, timeout=300)
+                        str(script), *args], capture_output=True, text=True, timeout=300)
     if r.returncode != 0 and "gloo" in r.stderr:
         pytest.skip("this build has no CPU collectives (gloo)")
     assert r.returncode == 0, r.stderr
-    two = [json.loads(l)["loss"] for l in open(tmp_path / "two" / "metrics.jsonl") if '"loss"' in l]
-    assert two == pytest.approx(one["losses"], rel=1e-5)
+    return r
+
+
+def test_from_pretrained_with_experts_split_over_ranks(tmp_path):
+    """from_pretrained(ep_size=2) under a launcher: each rank holds half the experts, exchanges its
+    tokens with the other, and gets Transformers' logits and loss for its own batch; the model counts
+    all its parameters; save_pretrained from both ranks writes the source's tensors."""
+    case = os.path.join(FIXTURES, "qwen3_moe_a")
+    whole = moeforge.AutoModelForCausalLM.from_pretrained(case)
+    script = ("import json, sys, numpy as np, moeforge\n"
+              "from safetensors.numpy import load_file\n"
+              "case, out = sys.argv[1], sys.argv[2]\n"
+              "ref = load_file(case + '/reference.safetensors')\n"
+              "m = moeforge.AutoModelForCausalLM.from_pretrained(case, ep_size=2)\n"
+              "ids, labels = ref['input_ids'], ref['labels']\n"
+              "if m.rank == 1:\n"  # another batch on rank 1: the reference's rows reversed
+              "    ids, labels = ids[::-1].copy(), labels[::-1].copy()\n"
+              "o = m(ids, labels=labels)\n"
+              "want = ref['logits'] if m.rank == 0 else ref['logits'][::-1]\n"
+              "json.dump({'rank': m.rank, 'world': m.world_size, 'params': m.num_parameters(), 'loss': o.loss,\n"
+              "           'err': float(np.abs(o.logits - want).max())}, open(out + '/rank%d.json' % m.rank, 'w'))\n"
+              "m.save_pretrained(out + '/saved')\n")
+    _launch(script, tmp_path, case, str(tmp_path))
+    ref = load_file(os.path.join(case, "reference.safetensors"))
+    for rank in (0, 1):
+        got = json.load(open(tmp_path / f"rank{rank}.json"))
+        assert got["rank"] == rank and got["world"] == 2
+        assert got["params"] == whole.num_parameters()
+        assert got["err"] < 1e-4
+        assert got["loss"] == pytest.approx(float(ref["loss"]), abs=1e-5)  # the same tokens, rows reordered
+    again = moeforge.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert np.array_equal(again(ref["input_ids"]).logits, whole(ref["input_ids"]).logits)

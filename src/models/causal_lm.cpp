@@ -69,7 +69,9 @@ float causal_lm_loss(const Tensor& logits, const Tensor& labels, int64_t* counte
   MF_CHECK(labels.shape() == Shape({b, s}), "labels ", shape_str(labels.shape()), " do not match logits ",
            shape_str(logits.shape()));
   int64_t n = 0;
-  Tensor per = ops::cross_entropy_rows(logits.view({b * s, v}), shifted_targets(labels), -100, &n);
+  const Tensor targets = ops::to_device(shifted_targets(labels), logits.device(), DType::I64);
+  const Tensor per = ops::to_device(ops::cross_entropy_rows(logits.view({b * s, v}), targets, -100, &n), Device::cpu(),
+                                    DType::F32);
   double sum = 0;
   for (int64_t i = 0; i < b * s; ++i) sum += per.f32()[i];
   if (counted) *counted = n;

@@ -42,10 +42,13 @@ struct ForwardInputs {
   // false: no logits, only the loss (the LM head and cross-entropy fused in chunks on the
   // parameters' device: evaluation without [B, S, V] logits on the host). Needs labels.
   bool logits = true;
+  // true: the logits stay where the parameters are (F32 on the GPU for a model uploaded there), for
+  // the Python API's DLPack export without a host copy; false: F32 on the host.
+  bool logits_on_device = false;
 };
 
 struct ForwardOutputs {
-  Tensor logits;             // [B, S, V] F32
+  Tensor logits;             // [B, S, V] F32 (on the host unless ForwardInputs::logits_on_device)
   float loss = NAN;          // mean cross-entropy over counted tokens (+ coef * aux when enabled)
   float aux_loss = NAN;      // load-balancing loss when the config asks for it
   int64_t loss_tokens = 0;   // tokens the cross-entropy counted

@@ -4,11 +4,7 @@
 #pragma once
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define MF_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define MF_HOST_DEVICE inline
-#endif
+#include "core/host_device.h"
 
 namespace moeforge::ops {
 

@@ -522,7 +522,8 @@ ForwardOutputs Decoder::forward(nn::ParamAccess& ps, const ForwardInputs& in, co
     return out;
   }
   Tensor logits = ops::linear(x, ps.value(lm_head_));
-  if (!logits.device().is_cpu() || logits.dtype() != DType::F32) logits = ops::to_device(logits, Device::cpu(), DType::F32);
+  const Device to = in.logits_on_device ? logits.device() : Device::cpu();
+  if (logits.device() != to || logits.dtype() != DType::F32) logits = ops::to_device(logits, to, DType::F32);
   out.logits = logits.view({bt.b, bt.s, cfg_.vocab_size});
   ps.release({final_norm_.weight, lm_head_});
   if (in.labels) {

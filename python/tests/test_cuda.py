@@ -1,0 +1,71 @@
+"""The Python API on the GPU (device="cuda"): Transformers' numbers, logits handed to torch in GPU
+memory without a copy, generation and training as on the CPU. Skipped (reported as skipped) where
+this build has no CUDA backend or no GPU answers."""
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import moeforge
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+FAMILIES = ["qwen3_moe_a", "mixtral_a", "qwen2_moe_a", "olmoe_a", "llama_a", "mistral_a", "qwen2_a", "qwen3_a",
+            "gpt_oss_a", "deepseek_v3_a", "nemotron_h_a"]
+
+pytestmark = pytest.mark.skipif(moeforge.cuda_device_count() == 0,
+                                reason="no GPU here (or this build has no CUDA backend)")
+
+
+def _reference(case):
+    return load_file(os.path.join(FIXTURES, case, "reference.safetensors"))
+
+
+@pytest.mark.parametrize("case", FAMILIES)
+def test_cuda_fp32_logits_and_loss_match_transformers(case):
+    torch = pytest.importorskip("torch")
+    ref = _reference(case)
+    model = moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, case), device="cuda")
+    assert model.device == "cuda"
+    out = model(ref["input_ids"], labels=ref["labels"])
+    logits = torch.from_dlpack(out.logits)
+    assert logits.is_cuda and tuple(logits.shape) == ref["logits"].shape
+    assert np.abs(logits.cpu().numpy() - ref["logits"]).max() < 1e-4
+    assert out.loss == pytest.approx(float(ref["loss"]), abs=1e-5)
+    assert model(ref["input_ids"], labels=ref["labels"], return_logits=False).loss == pytest.approx(out.loss, abs=1e-5)
+
+
+def test_cuda_logits_cross_to_torch_without_a_copy():
+    torch = pytest.importorskip("torch")
+    ref = _reference("llama_a")
+    out = moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "llama_a"), device="cuda")(ref["input_ids"])
+    a, b = torch.from_dlpack(out.logits), torch.from_dlpack(out.logits)
+    assert a.is_cuda and a.data_ptr() == b.data_ptr()  # both views of the model's own buffer
+    a[0, 0, 0] = 12345.0
+    assert float(b[0, 0, 0]) == 12345.0
+
+
+def test_cuda_bf16_tracks_fp32():
+    ref = _reference("qwen3_moe_a")
+    model = moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "qwen3_moe_a"), device="cuda",
+                                                         dtype="bfloat16")
+    out = model(ref["input_ids"], labels=ref["labels"], return_logits=False)
+    assert out.loss == pytest.approx(float(ref["loss"]), rel=0.02)
+
+
+def test_cuda_generate_matches_transformers_greedy():
+    ref = load_file(os.path.join(FIXTURES, "qwen3_moe_b", "generate_reference.safetensors"))
+    model = moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "qwen3_moe_b"), device="cuda")
+    out = model.generate(ref["prompt_ids"], max_new_tokens=len(ref["generated_ids"]), do_sample=False, eos_token_id=[])
+    assert out.tolist() == [ref["prompt_ids"].tolist() + ref["generated_ids"].tolist()]
+
+
+def test_cuda_train_tracks_the_cpu_run(tmp_path):
+    recipe = {"model": os.path.join(FIXTURES, "qwen3_moe_aux"), "data": os.path.join(ROOT, "tests", "data", "arith64.jsonl"),
+              "seq_len": 16, "micro_batch": 2, "global_batch": 4, "steps": 4, "optimizer": {"lr": 2e-3}, "seed": 3,
+              "threads": 1}
+    cpu = moeforge.train(dict(recipe, output_dir=str(tmp_path / "cpu")))
+    gpu = moeforge.train(dict(recipe, output_dir=str(tmp_path / "gpu"), device="cuda", precision="fp32"))
+    assert gpu["steps_done"] == 4
+    assert gpu["losses"] == pytest.approx(cpu["losses"], rel=1e-4)
