@@ -40,11 +40,21 @@ def _ids(x, name: str) -> np.ndarray:
     return a
 
 
+def _from_device_array(a):
+    """GPU logits as a torch CUDA tensor sharing their memory (DLPack, no copy), where torch is installed."""
+    try:
+        import torch
+    except ImportError:
+        return a
+    return torch.from_dlpack(a)
+
+
 @dataclasses.dataclass
 class CausalLMOutput:
     loss: Optional[float]
     # [batch, seq, vocab] float32 without a copy: a NumPy array for a model on the CPU; for one on the
-    # GPU a DLPack array in GPU memory (torch.from_dlpack(out.logits) is a CUDA tensor).
+    # GPU a torch CUDA tensor over the model's own buffer (without torch installed, the DLPack array
+    # itself, which a DLPack consumer such as cupy.from_dlpack takes once).
     logits: Optional[Any]
     aux_loss: Optional[float] = None
     loss_tokens: int = 0
@@ -70,6 +80,8 @@ class CausalLM:
             raise Error("attention_mask with zeros is not supported: pad on the right and set those labels to -100")
         lab = None if labels is None else _ids(labels, "labels")
         loss, logits, aux, n = self._m.forward(ids, lab, return_logits or labels is None)
+        if logits is not None and self.device == "cuda":
+            logits = _from_device_array(logits)
         return CausalLMOutput(loss=loss, logits=logits, aux_loss=aux, loss_tokens=n)
 
     forward = __call__

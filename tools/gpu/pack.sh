@@ -19,7 +19,11 @@ if [ -f .gpu_check/moeforge_baseline ]; then
   cp .gpu_check/moeforge_baseline "$stage/bin/moeforge_baseline" && strip "$stage/bin/moeforge_baseline"
   cp .gpu_check/moeforge_baseline.commit "$stage/"
 fi
-for b in "$stage"/bin/*; do ldd "$b" | awk '/=>/ {print $3}'; done | sort -u | while read -r lib; do
+# The Python extension built for the GPU machine's Python 3.12 (tools/gpu/build_python_ext.sh), for
+# run.sh python.
+ext=$(ls build-py312/_moeforge*.so 2>/dev/null | head -n 1 || true)
+if [ -n "$ext" ]; then mkdir -p "$stage/python" && cp "$ext" "$stage/python/" && strip "$stage/python/$(basename "$ext")"; fi
+for b in "$stage"/bin/* "$stage"/python/*.so; do [ -f "$b" ] && ldd "$b" | awk '/=>/ {print $3}'; done | sort -u | while read -r lib; do
   case "$lib" in
     */libc.so*|*/libm.so*|*/libpthread*|*/libdl.so*|*/librt.so*|*/ld-linux*|*/libcuda.so*|/usr/local/cuda*|*/libgcc_s*|*/libstdc++*) ;;
     */libcudnn*) ;;  # the GPU machine's torch venv has cuDNN (run.sh puts it first on LD_LIBRARY_PATH)

@@ -3,6 +3,8 @@
 # tools/gpu/pack.sh's tarball and
 #   tests               runs the GPU tests (summary lines in $OUT/summary.txt, logs beside it); with
 #                       2+ GPUs the multi-GPU ones again with MOEFORGE_EP_CHUNKS=2
+#   python              the Python package's pytest suite (GPU cases included) with the packed
+#                       extension for the machine's Python 3.12 (tools/gpu/build_python_ext.sh)
 #   roundtrip           tools/check_hf_roundtrip.py: every fixture through `moeforge convert`, loaded
 #                       by the machine's Transformers next to its source (log in $OUT/roundtrip.log);
 #                       then tools/check_peft_roundtrip.py (LoRA adapters into PEFT; $OUT/peft_roundtrip.log)
@@ -62,6 +64,16 @@ case "${1:-tests}" in
     python3 -c "import json,sys; a,b=(json.load(open(sys.argv[i]))['generated_ids'] for i in (1,2)); print('generate fp32 cuda == cpu:', a==b)" \
       "$OUT/generate_fp32.json" "$OUT/generate_cpu.json" >> "$OUT/summary.txt"
     cat "$OUT/summary.txt" ;;
+  python)
+    # The Python package's tests with the GPU (python/tests/test_cuda.py) and without, on the
+    # machine's Python 3.12 and torch: the packed extension beside python/moeforge/*.py.
+    ext=$(ls "$P"/python/_moeforge*.so 2>/dev/null | head -n 1)
+    [ -n "$ext" ] || { echo "run.sh python: the pack has no Python extension (tools/gpu/build_python_ext.sh)" >&2; exit 2; }
+    rm -rf /tmp/pypkg && mkdir -p /tmp/pypkg/moeforge && cp python/moeforge/*.py "$ext" /tmp/pypkg/moeforge/
+    PYTHONPATH=/tmp/pypkg:${PYTHONPATH:-} MOEFORGE_BIN=$P/bin/moeforge timeout 500 /opt/torch/.venv/bin/python -m pytest -q -rs \
+      -p no:cacheprovider python/tests > "$OUT/pytest.log" 2>&1
+    echo "pytest python/tests rc=$?" >> "$OUT/summary.txt"
+    tail -n 25 "$OUT/pytest.log" ;;
   roundtrip)
     /opt/torch/.venv/bin/python tools/check_hf_roundtrip.py --moeforge "$P/bin/moeforge" --fixtures tests/fixtures \
       --work /tmp/roundtrip 2>&1 | grep -v -E "Loading weights|Writing model" | tee "$OUT/roundtrip.log"
@@ -123,5 +135,5 @@ for label, r in rows.items():
     print("%-22s %12.0f %12.0f %6.3fx %10.2f %10.2f %6.3fx" % (label, ta, tb, tb / ta, ma, mb, mb / ma))
 PY
     ;;
-  *) echo "run.sh: unknown part '$1' (tests | only | bench | roundtrip | compare | ab)" >&2; exit 2 ;;
+  *) echo "run.sh: unknown part '$1' (tests | python | only | bench | roundtrip | compare | ab)" >&2; exit 2 ;;
 esac
