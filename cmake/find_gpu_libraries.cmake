@@ -1,5 +1,5 @@
 # Where cuDNN (with its frontend headers) and NCCL are looked for, in this order: the folder given
-# to CMake, the usual environment variables, scripts/install-cudnn.sh's .deps/cudnn, the CUDA
+# to CMake, the usual environment variables, scripts/install-{cudnn,nccl}.sh's .deps/, the CUDA
 # toolkit, Python environments' NVIDIA wheels (the pip layout nvidia/<lib>/{include,lib}: the active
 # virtual environment's and the GPU machine's torch venv), then the system's usual places
 # (/usr/include, /usr/lib/x86_64-linux-gnu, /usr/local, ...); the first folder holding any of a
@@ -35,7 +35,8 @@ endmacro()
 
 macro(moeforge_find_nccl)
   moeforge_wheel_dirs(nccl _nccl_wheels)
-  set(_nccl_hints ${MOEFORGE_NCCL_ROOT} $ENV{NCCL_ROOT} $ENV{NCCL_HOME} ${CUDAToolkit_LIBRARY_ROOT} ${_nccl_wheels})
+  set(_nccl_hints ${MOEFORGE_NCCL_ROOT} $ENV{NCCL_ROOT} $ENV{NCCL_HOME} ${CMAKE_SOURCE_DIR}/.deps/nccl
+      ${CUDAToolkit_LIBRARY_ROOT} ${_nccl_wheels})
   find_path(MOEFORGE_NCCL_INCLUDE nccl.h HINTS ${_nccl_hints} ${CUDAToolkit_INCLUDE_DIRS} PATH_SUFFIXES include NO_DEFAULT_PATH)
   find_path(MOEFORGE_NCCL_INCLUDE nccl.h PATH_SUFFIXES include)
   # The pip wheel ships libnccl.so.2 without the unversioned link.

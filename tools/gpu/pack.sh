@@ -26,7 +26,7 @@ if [ -n "$ext" ]; then mkdir -p "$stage/python" && cp "$ext" "$stage/python/" &&
 for b in "$stage"/bin/* "$stage"/python/*.so; do [ -f "$b" ] && ldd "$b" | awk '/=>/ {print $3}'; done | sort -u | while read -r lib; do
   case "$lib" in
     */libc.so*|*/libm.so*|*/libpthread*|*/libdl.so*|*/librt.so*|*/ld-linux*|*/libcuda.so*|/usr/local/cuda*|*/libgcc_s*|*/libstdc++*) ;;
-    */libcudnn*) ;;  # the GPU machine's torch venv has cuDNN (run.sh puts it first on LD_LIBRARY_PATH)
+    */libcudnn*|*/libnccl*) ;;  # the GPU machine's torch venv has cuDNN and NCCL (run.sh puts them first on LD_LIBRARY_PATH)
     *) cp -L "$lib" "$stage/lib/" ;;
   esac
 done
