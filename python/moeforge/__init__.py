@@ -97,29 +97,13 @@ class CausalLM:
         ids = _ids(input_ids, "input_ids")
         if ids.shape[0] != 1:
             raise Error(f"generate takes one sequence (batch 1), got a batch of {ids.shape[0]}")
-        gen = self._generation_config()
-        if eos_token_id is None:
-            eos = gen.get("eos_token_id", self.config.get("eos_token_id"))
-        else:
-            eos = eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        sample = gen.get("do_sample", False) if do_sample is None else do_sample
+        eos = None if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         new, _ = self._m.generate(
-            ids[0].tolist(), int(max_new_tokens if max_new_tokens is not None else gen.get("max_new_tokens", 20)),
-            int(min_new_tokens), eos, bool(sample),
-            float(temperature if temperature is not None else gen.get("temperature", 1.0)),
-            int(top_k if top_k is not None else gen.get("top_k", 50)),
-            float(top_p if top_p is not None else gen.get("top_p", 1.0)),
-            float(repetition_penalty if repetition_penalty is not None else gen.get("repetition_penalty", 1.0)),
-            int(seed), streamer)
+            ids[0].tolist(), None if max_new_tokens is None else int(max_new_tokens), int(min_new_tokens), eos,
+            None if do_sample is None else bool(do_sample), None if temperature is None else float(temperature),
+            None if top_k is None else int(top_k), None if top_p is None else float(top_p),
+            None if repetition_penalty is None else float(repetition_penalty), int(seed), streamer)
         return np.asarray([ids[0].tolist() + list(new)], dtype=np.int64)
-
-    def _generation_config(self) -> dict:
-        path = os.path.join(self.name_or_path, "generation_config.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                return {k: v for k, v in json.load(f).items() if v is not None}
-        return {}
 
     def save_pretrained(self, save_directory: str, max_shard_size: str = "5GB") -> None:
         """A standard Hugging Face folder: the source's tensor names, layout and dtypes (atomic)."""

@@ -18,6 +18,7 @@
 #include "gpu/inference.h"
 #include "hf/chat/chat_template.h"
 #include "hf/fs_util.h"
+#include "hf/generation_config.h"
 #include "hf/safetensors.h"
 #include "hf/tokenizer/tokenizer.h"
 #include "models/generate.h"
@@ -143,16 +144,25 @@ NB_MODULE(_moeforge, mod) {
           nb::arg("input_ids"), nb::arg("labels") = nb::none(), nb::arg("logits") = true)
       .def(
           "generate",
-          [](Model& m, const std::vector<int64_t>& prompt, int64_t max_new_tokens, int64_t min_new_tokens,
-             const std::vector<int64_t>& eos, bool sample, double temperature, int64_t top_k, double top_p,
-             double repetition_penalty, uint64_t seed, std::optional<nb::callable> streamer) {
+          [](Model& m, const std::vector<int64_t>& prompt, std::optional<int64_t> max_new_tokens, int64_t min_new_tokens,
+             std::optional<std::vector<int64_t>> eos, std::optional<bool> sample, std::optional<double> temperature,
+             std::optional<int64_t> top_k, std::optional<double> top_p, std::optional<double> repetition_penalty,
+             uint64_t seed, std::optional<nb::callable> streamer) {
             MF_CHECK(!m.groups, "generate: a model loaded with ep_size > 1 does not generate yet; load it with "
                      "ep_size=1 (one process holds every expert)");
-            models::GenerateOptions o;
-            o.max_new_tokens = max_new_tokens;
-            o.min_new_tokens = min_new_tokens;
-            o.eos_token_ids = eos;
-            o.sampling = {sample, temperature, top_k, top_p, repetition_penalty, seed};
+            // The arguments over the folder's generation_config.json, as Transformers' generate.
+            models::GenerationRequest asked;
+            asked.max_new_tokens = max_new_tokens;
+            asked.min_new_tokens = min_new_tokens;
+            asked.eos_token_ids = eos;
+            asked.do_sample = sample;
+            asked.temperature = temperature;
+            asked.top_k = top_k;
+            asked.top_p = top_p;
+            asked.repetition_penalty = repetition_penalty;
+            asked.seed = seed;
+            const models::GenerateOptions o =
+                models::resolve_generation(asked, hf::load_generation_config(m.loaded.source_dir));
             nb::gil_scoped_release release;
             std::function<bool(int64_t)> on_token;
             if (streamer)
@@ -164,9 +174,9 @@ NB_MODULE(_moeforge, mod) {
             const auto res = models::generate(*m.loaded.model, m.params(), prompt, o, on_token);
             return std::make_pair(res.ids, res.stop_reason);
           },
-          nb::arg("prompt"), nb::arg("max_new_tokens"), nb::arg("min_new_tokens"), nb::arg("eos_token_ids"),
-          nb::arg("sample"), nb::arg("temperature"), nb::arg("top_k"), nb::arg("top_p"), nb::arg("repetition_penalty"),
-          nb::arg("seed"), nb::arg("streamer") = nb::none())
+          nb::arg("prompt"), nb::arg("max_new_tokens").none(), nb::arg("min_new_tokens"), nb::arg("eos_token_ids").none(),
+          nb::arg("sample").none(), nb::arg("temperature").none(), nb::arg("top_k").none(), nb::arg("top_p").none(),
+          nb::arg("repetition_penalty").none(), nb::arg("seed"), nb::arg("streamer") = nb::none())
       .def(
           "save_pretrained",
           [](Model& m, const std::string& dir, const std::string& max_shard_size, bool overwrite) {

@@ -160,10 +160,21 @@ int cmd_generate(const std::vector<std::string>& argv) {
   const auto& cfg = loaded.model->config();
   const hf::GenerationConfig gc = hf::load_generation_config(model_dir);
 
-  models::GenerateOptions go;
-  go.max_new_tokens = *o_max ? max_new : gc.max_new_tokens.value_or(256);
-  go.min_new_tokens = min_new;
-  if (!ignore_eos) go.eos_token_ids = gc.eos_token_ids;
+  // The flags over generation_config.json (models::resolve_generation). Sampling flags sample even
+  // where the file says do_sample: false; --temperature 0 or --greedy never samples.
+  models::GenerationRequest asked;
+  if (*o_max) asked.max_new_tokens = max_new;
+  asked.default_max_new_tokens = 256;
+  asked.min_new_tokens = min_new;
+  if (ignore_eos) asked.eos_token_ids = std::vector<int64_t>{};
+  if (greedy || (*o_temp && temperature == 0)) asked.do_sample = false;
+  else if ((*o_temp && temperature > 0) || *o_top_k || *o_top_p) asked.do_sample = true;
+  if (*o_temp && temperature > 0) asked.temperature = temperature;
+  if (*o_top_k) asked.top_k = top_k;
+  if (*o_top_p) asked.top_p = top_p;
+  if (*o_rep) asked.repetition_penalty = repetition_penalty;
+  asked.seed = seed;
+  models::GenerateOptions go = models::resolve_generation(asked, gc);
   for (int64_t id : ids)
     MF_CHECK(id >= 0 && id < cfg.vocab_size, "prompt token id ", id, " is outside the vocabulary (", cfg.vocab_size,
              " tokens) of ", cfg.source);
@@ -175,15 +186,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
     std::fprintf(stderr, "generate: at most %lld new tokens fit under max_position_embeddings (%lld)\n",
                  static_cast<long long>(go.max_new_tokens), static_cast<long long>(cfg.max_position_embeddings));
   }
-  // Greedy or sampled: the flags decide, else generation_config.json's do_sample (Transformers' rule).
-  auto& so = go.sampling;
-  const bool sampling_flags = (*o_temp && temperature > 0) || *o_top_k || *o_top_p;
-  so.sample = !greedy && !(*o_temp && temperature == 0) && (sampling_flags || gc.do_sample);
-  so.temperature = *o_temp && temperature > 0 ? temperature : gc.temperature.value_or(1.0);
-  so.top_k = *o_top_k ? top_k : gc.top_k.value_or(50);  // Transformers' default top_k is 50
-  so.top_p = *o_top_p ? top_p : gc.top_p.value_or(1.0);
-  so.repetition_penalty = *o_rep ? repetition_penalty : gc.repetition_penalty.value_or(1.0);
-  so.seed = seed;
+  const auto& so = go.sampling;
 
   std::unique_ptr<nn::ParamAccess> on_device;
   nn::ParamAccess* ps = &run.params_for(*loaded.model, on_device);

@@ -52,6 +52,21 @@ void warp(std::vector<float>& s, const SamplingOptions& o) {
 
 }  // namespace
 
+GenerateOptions resolve_generation(const GenerationRequest& asked, const hf::GenerationConfig& file) {
+  GenerateOptions o;
+  o.max_new_tokens = asked.max_new_tokens.value_or(file.max_new_tokens.value_or(asked.default_max_new_tokens));
+  o.min_new_tokens = asked.min_new_tokens;
+  o.eos_token_ids = asked.eos_token_ids.value_or(file.eos_token_ids);
+  SamplingOptions& so = o.sampling;
+  so.sample = asked.do_sample.value_or(file.do_sample);
+  so.temperature = asked.temperature.value_or(file.temperature.value_or(1.0));
+  so.top_k = asked.top_k.value_or(file.top_k.value_or(50));
+  so.top_p = asked.top_p.value_or(file.top_p.value_or(1.0));
+  so.repetition_penalty = asked.repetition_penalty.value_or(file.repetition_penalty.value_or(1.0));
+  so.seed = asked.seed;
+  return o;
+}
+
 int64_t next_token(const Tensor& logits, const std::vector<int64_t>& context, const SamplingOptions& o,
                    std::mt19937_64& rng, const std::vector<int64_t>& banned) {
   MF_CHECK(logits.dtype() == DType::F32 && logits.device().is_cpu(), "internal: next_token takes host F32 logits");

@@ -6,11 +6,13 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "core/tensor.h"
+#include "hf/generation_config.h"
 #include "models/causal_lm.h"
 #include "nn/params.h"
 
@@ -37,6 +39,20 @@ struct GenerateResult {
   std::string stop_reason;    // "eos", "stopped" (the callback asked), "length"
   double prefill_seconds = 0, decode_seconds = 0;  // the prompt's step; the other steps together
 };
+
+// What a caller asked for; every unset field comes from the checkpoint's generation_config.json
+// (Transformers' rule: the call's arguments over the file's values over the library defaults).
+struct GenerationRequest {
+  std::optional<int64_t> max_new_tokens;  // else the file's, else `default_max_new_tokens`
+  int64_t default_max_new_tokens = 20;    // Transformers' (max_length 20); the CLI passes its own
+  int64_t min_new_tokens = 0;
+  std::optional<bool> do_sample;          // else the file's do_sample (false without one)
+  std::optional<double> temperature, top_p, repetition_penalty;  // else the file's, else 1
+  std::optional<int64_t> top_k;           // else the file's, else 50 (Transformers' default)
+  std::optional<std::vector<int64_t>> eos_token_ids;  // else the file's (config.json's as fallback)
+  uint64_t seed = 0;
+};
+GenerateOptions resolve_generation(const GenerationRequest& asked, const hf::GenerationConfig& file);
 
 // Picks the next token from logits [V] (F32, host) given the tokens so far (for the repetition
 // penalty). `rng` is only drawn from when sampling.

@@ -203,4 +203,51 @@ TEST(GenerationConfig, ReadsIdsAndDefaultsAndNamesBadFields) {
   EXPECT_NE(e.find("top_k"), std::string::npos) << e;
 }
 
+// The caller's arguments over generation_config.json over Transformers' defaults, field by field.
+TEST(GenerationConfig, ArgumentsOverTheFileOverTheDefaults) {
+  hf::GenerationConfig file;
+  models::GenerationRequest asked;
+  auto o = models::resolve_generation(asked, file);  // nothing anywhere: Transformers' defaults
+  EXPECT_EQ(o.max_new_tokens, 20);
+  EXPECT_FALSE(o.sampling.sample);
+  EXPECT_EQ(o.sampling.top_k, 50);
+  EXPECT_DOUBLE_EQ(o.sampling.temperature, 1.0);
+  EXPECT_DOUBLE_EQ(o.sampling.top_p, 1.0);
+  EXPECT_DOUBLE_EQ(o.sampling.repetition_penalty, 1.0);
+  EXPECT_TRUE(o.eos_token_ids.empty());
+  file.do_sample = true;
+  file.temperature = 0.6;
+  file.top_k = 20;
+  file.top_p = 0.95;
+  file.repetition_penalty = 1.1;
+  file.max_new_tokens = 64;
+  file.eos_token_ids = {3, 4};
+  asked.default_max_new_tokens = 256;
+  o = models::resolve_generation(asked, file);  // the file's values
+  EXPECT_EQ(o.max_new_tokens, 64);
+  EXPECT_TRUE(o.sampling.sample);
+  EXPECT_EQ(o.sampling.top_k, 20);
+  EXPECT_DOUBLE_EQ(o.sampling.temperature, 0.6);
+  EXPECT_DOUBLE_EQ(o.sampling.top_p, 0.95);
+  EXPECT_DOUBLE_EQ(o.sampling.repetition_penalty, 1.1);
+  EXPECT_EQ(o.eos_token_ids, std::vector<int64_t>({3, 4}));
+  asked.do_sample = false;
+  asked.temperature = 0.9;
+  asked.top_k = 5;
+  asked.max_new_tokens = 7;
+  asked.eos_token_ids = std::vector<int64_t>{};
+  asked.seed = 11;
+  o = models::resolve_generation(asked, file);  // the arguments win, one by one
+  EXPECT_EQ(o.max_new_tokens, 7);
+  EXPECT_FALSE(o.sampling.sample);
+  EXPECT_EQ(o.sampling.top_k, 5);
+  EXPECT_DOUBLE_EQ(o.sampling.temperature, 0.9);
+  EXPECT_DOUBLE_EQ(o.sampling.top_p, 0.95);
+  EXPECT_TRUE(o.eos_token_ids.empty());
+  EXPECT_EQ(o.sampling.seed, 11u);
+  file.max_new_tokens.reset();
+  asked.max_new_tokens.reset();
+  EXPECT_EQ(models::resolve_generation(asked, file).max_new_tokens, 256);  // the caller's default
+}
+
 }  // namespace
