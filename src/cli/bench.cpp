@@ -14,6 +14,7 @@
 #ifdef MOEFORGE_HAVE_CUDA
 #include "gpu/bench.h"
 #include "gpu/fast_paths.h"
+#include "ops/cuda/runtime.h"
 #endif
 
 namespace moeforge::cli {
@@ -83,6 +84,8 @@ int cmd_bench(const std::vector<std::string>& argv) {
     }
     o.lora = lo;
   }
+  // Before any note about the GPU's fast paths: on a machine without one, only the error.
+  MF_CHECK(cuda::available(), "bench: no CUDA device is available on this machine (bench measures the GPU path)");
   if (main_rank)
     for (const std::string& n : gpu::fast_path_notes(cfg, o.precision != gpu::Precision::FP32, false))
       std::fprintf(stderr, "note: %s\n", n.c_str());
