@@ -1,6 +1,7 @@
 #include "hf/config.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <filesystem>
 
 #include "core/error.h"
@@ -227,9 +228,12 @@ void check_sizes(const ConfigReader& r, const ModelConfig& c) {
   const double mlp = 3.0 * h * (static_cast<double>(c.intermediate_size) +
                                 static_cast<double>(c.num_experts) * static_cast<double>(c.moe_intermediate_size));
   const double total = layers * (attention + mlp) + 2.0 * static_cast<double>(c.vocab_size) * h;
-  if (total > 0x1p50)
-    r.fail("num_hidden_layers", "with these sizes the model has about " + std::to_string(total) +
-                                    " parameters, beyond what moeforge can hold (2^50)");
+  if (total > 0x1p50) {
+    char about[32];
+    std::snprintf(about, sizeof about, "%.2g", total);
+    r.fail("num_hidden_layers", std::string("with these sizes the model has about ") + about +
+                                    " parameters, beyond what moeforge can hold (2^50, about 1.1e+15)");
+  }
 }
 
 }  // namespace
