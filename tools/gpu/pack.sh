@@ -5,25 +5,28 @@
 # shared/configs, into .gpu_check/gpu_pack.tar.xz (git-ignored; the device tool's carry limit is
 # 64 MiB, this is ~15 MB). Then: run(command="bash tools/gpu/run.sh tests", carry=[".gpu_check"]).
 # usage: tools/gpu/pack.sh [BUILD_DIR=build]
+#   PACK_BINS="moeforge" packs only those binaries (a slim pack beside other carried files, e.g.
+#   NeMo AutoModel's wheels: tools/gpu/fetch_nemo_wheels.sh); PACK_DIR puts it elsewhere than .gpu_check.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 build=${1:-build}
-stage=.gpu_check/stage
+dir=${PACK_DIR:-.gpu_check}
+stage=$dir/stage
 rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/lib" "$stage/configs"
-for b in tests/test_backend_ops tests/test_cuda_ops tests/test_cuda_model tests/test_cuda_training tests/test_cuda_dist moeforge cuda_ops_bench; do
+for b in ${PACK_BINS:-tests/test_backend_ops tests/test_cuda_ops tests/test_cuda_model tests/test_cuda_training tests/test_cuda_dist moeforge cuda_ops_bench}; do
   if [ -f "$build/$b" ]; then cp "$build/$b" "$stage/bin/" && strip "$stage/bin/$(basename "$b")"; fi
 done
 [ -f "$stage/bin/moeforge" ] || { echo "pack: $build/moeforge not found (build with the CUDA backend first)" >&2; exit 1; }
 # A baseline build of another commit (tools/gpu/build_baseline.sh), for run.sh ab.
-if [ -f .gpu_check/moeforge_baseline ]; then
+if [ -z "${PACK_BINS:-}" ] && [ -f .gpu_check/moeforge_baseline ]; then
   cp .gpu_check/moeforge_baseline "$stage/bin/moeforge_baseline" && strip "$stage/bin/moeforge_baseline"
   cp .gpu_check/moeforge_baseline.commit "$stage/"
 fi
 # The Python extension built for the GPU machine's Python 3.12 (tools/gpu/build_python_ext.sh), for
 # run.sh python.
 ext=$(ls build-py312/_moeforge*.so 2>/dev/null | head -n 1 || true)
-if [ -n "$ext" ]; then mkdir -p "$stage/python" && cp "$ext" "$stage/python/" && strip "$stage/python/$(basename "$ext")"; fi
-for b in "$stage"/bin/* "$stage"/python/*.so; do [ -f "$b" ] && ldd "$b" | awk '/=>/ {print $3}'; done | sort -u | while read -r lib; do
+if [ -z "${PACK_BINS:-}" ] && [ -n "$ext" ]; then mkdir -p "$stage/python" && cp "$ext" "$stage/python/" && strip "$stage/python/$(basename "$ext")"; fi
+for b in "$stage"/bin/* "$stage"/python/*.so; do [ -f "$b" ] || continue; ldd "$b" | awk '/=>/ {print $3}'; done | sort -u | while read -r lib; do
   case "$lib" in
     */libc.so*|*/libm.so*|*/libpthread*|*/libdl.so*|*/librt.so*|*/ld-linux*|*/libcuda.so*|/usr/local/cuda*|*/libgcc_s*|*/libstdc++*) ;;
     */libcudnn*|*/libnccl*) ;;  # the GPU machine's torch venv has cuDNN and NCCL (run.sh puts them first on LD_LIBRARY_PATH)
@@ -31,6 +34,6 @@ for b in "$stage"/bin/* "$stage"/python/*.so; do [ -f "$b" ] && ldd "$b" | awk '
   esac
 done
 if [ -d ../shared/configs ]; then cp ../shared/configs/*.json "$stage/configs/"; fi
-tar -C "$stage" -cJf .gpu_check/gpu_pack.tar.xz .
+tar -C "$stage" -cJf "$dir/gpu_pack.tar.xz" .
 rm -rf "$stage"
-ls -la .gpu_check/gpu_pack.tar.xz
+ls -la "$dir/gpu_pack.tar.xz"

@@ -5,6 +5,10 @@
 #                       2+ GPUs the multi-GPU ones again with MOEFORGE_EP_CHUNKS=2
 #   python              the Python package's pytest suite (GPU cases included) with the packed
 #                       extension for the machine's Python 3.12 (tools/gpu/build_python_ext.sh)
+#   nemo NAME ARGS...   moeforge, Transformers and NeMo AutoModel (bench/nemo_baseline.py) on one
+#                       workload, both routings ($OUT/nemo.txt); with PACK_DIR=.gpu_nemo
+#                       (tools/gpu/fetch_nemo_wheels.sh), e.g. PACK_DIR=.gpu_nemo bash tools/gpu/run.sh
+#                       nemo qwen3-30b-a3b --layers 4 --seq 4096 --steps 6 --warmup 2
 #   roundtrip           tools/check_hf_roundtrip.py: every fixture through `moeforge convert`, loaded
 #                       by the machine's Transformers next to its source (log in $OUT/roundtrip.log);
 #                       then tools/check_peft_roundtrip.py (LoRA adapters into PEFT; $OUT/peft_roundtrip.log)
@@ -24,8 +28,9 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
-P=$PWD/.gpu_check/p
-rm -rf "$P" && mkdir -p "$P" && tar -C "$P" -xJf .gpu_check/gpu_pack.tar.xz
+PACK=${PACK_DIR:-.gpu_check}  # what tools/gpu/pack.sh made (PACK_DIR=.gpu_nemo: the slim pack + NeMo's wheels)
+P=$PWD/$PACK/p
+rm -rf "$P" && mkdir -p "$P" && tar -C "$P" -xJf "$PACK/gpu_pack.tar.xz"
 V=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
 export LD_LIBRARY_PATH=$V/cudnn/lib:$V/nccl/lib:$V/cublas/lib:$V/cu13/lib:$P/lib:${LD_LIBRARY_PATH:-}
 export MOEFORGE_FIXTURES_DIR=$PWD/tests/fixtures MOEFORGE_BIN_PATH=$P/bin/moeforge
@@ -74,6 +79,43 @@ case "${1:-tests}" in
       -p no:cacheprovider python/tests > "$OUT/pytest.log" 2>&1
     echo "pytest python/tests rc=$?" >> "$OUT/summary.txt"
     tail -n 25 "$OUT/pytest.log" ;;
+  nemo)
+    # moeforge, Transformers and NeMo AutoModel on the same workload, both routings, one GPU:
+    # bench/nemo_baseline.py with NeMo's wheels (tools/gpu/fetch_nemo_wheels.sh; PACK_DIR=.gpu_nemo)
+    # on PYTHONPATH for its run only (it brings Transformers 5.18; the Transformers row keeps the
+    # machine's). One JSON row per run in $OUT/nemo.log, the table in $OUT/nemo.txt.
+    shift
+    name=$1; shift
+    cfg=$P/configs/$name.json
+    py=/opt/torch/.venv/bin/python
+    rm -rf /tmp/nemo_site && mkdir -p /tmp/nemo_site
+    for w in "$PACK"/wheels/*.whl; do $py -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/nemo_site')" "$w"; done
+    for routing in native balanced; do
+      row=$(timeout 240 "$P/bin/moeforge" bench "$cfg" --routing "$routing" --precision bf16 --optimizer-in-backward "$@" 2>>"$OUT/nemo.err" | tail -n 1)
+      echo "moeforge $routing $row" >> "$OUT/nemo.log"
+      row=$(timeout 300 $py bench/hf_baseline.py "$cfg" --routing "$routing" "$@" 2>>"$OUT/nemo.err" | tail -n 1)
+      echo "transformers $routing $row" >> "$OUT/nemo.log"
+      row=$(PYTHONPATH=/tmp/nemo_site timeout 300 $py bench/nemo_baseline.py "$cfg" --routing "$routing" "$@" 2>>"$OUT/nemo.err" | tail -n 1)
+      echo "nemo_automodel $routing $row" >> "$OUT/nemo.log"
+    done
+    $py - "$OUT/nemo.log" <<'PY' | tee "$OUT/nemo.txt"
+import json, sys
+rows = []
+for line in open(sys.argv[1]):
+    impl, routing, js = (line.rstrip("\n").split(" ", 2) + [""])[:3]
+    try:
+        rows.append((impl, routing, json.loads(js)))
+    except ValueError:
+        rows.append((impl, routing, None))
+print("%-16s %-9s %10s %8s %9s %9s %8s %8s" % ("impl", "routing", "tok/s/GPU", "TFLOP/s", "peak GiB", "fwd ms", "bwd ms", "step ms"))
+for impl, routing, r in rows:
+    if r is None:
+        print("%-16s %-9s failed (nemo.err)" % (impl, routing))
+        continue
+    print("%-16s %-9s %10.0f %8.1f %9.2f %9.1f %8.1f %8.1f" % (impl, routing, r["tokens_per_s_per_gpu"], r["model_tflops_per_gpu"],
+          r["peak_allocated_gib"], r["fwd_loss_ms"], r["bwd_ms"], r["step_ms"]))
+PY
+    ;;
   roundtrip)
     /opt/torch/.venv/bin/python tools/check_hf_roundtrip.py --moeforge "$P/bin/moeforge" --fixtures tests/fixtures \
       --work /tmp/roundtrip 2>&1 | grep -v -E "Loading weights|Writing model" | tee "$OUT/roundtrip.log"
@@ -135,5 +177,5 @@ for label, r in rows.items():
     print("%-22s %12.0f %12.0f %6.3fx %10.2f %10.2f %6.3fx" % (label, ta, tb, tb / ta, ma, mb, mb / ma))
 PY
     ;;
-  *) echo "run.sh: unknown part '$1' (tests | python | only | bench | roundtrip | compare | ab)" >&2; exit 2 ;;
+  *) echo "run.sh: unknown part '$1' (tests | python | nemo | only | bench | roundtrip | compare | ab)" >&2; exit 2 ;;
 esac
