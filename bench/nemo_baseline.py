@@ -115,6 +115,8 @@ def main():
         "impl": "nemo_automodel", "nemo_automodel": nemo_automodel.__version__, "transformers": transformers.__version__,
         "torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "config": a.config,
         "layers": cfg.num_hidden_layers, "params": sum(p.numel() for p in model.parameters()),
+        "param_dtypes": {str(d).replace("torch.", ""): sum(p.numel() for p in model.parameters() if p.dtype == d)
+                         for d in {p.dtype for p in model.parameters()}},
         "seq": a.seq, "batch": a.batch, "routing": a.routing, "precision": "bf16",
         "backends": {"attn": be.attn, "linear": be.linear, "rms_norm": be.rms_norm, "experts": be.experts,
                      "dispatcher": be.dispatcher, "fake_balanced_gate": be.fake_balanced_gate},
