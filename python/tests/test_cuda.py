@@ -68,3 +68,44 @@ def test_cuda_train_tracks_the_cpu_run(tmp_path):
     gpu = moeforge.train(dict(recipe, output_dir=str(tmp_path / "gpu"), device="cuda", precision="fp32"))
     assert gpu["steps_done"] == 4
     assert gpu["losses"] == pytest.approx(cpu["losses"], rel=1e-4)
+
+
+@pytest.mark.skipif(moeforge.cuda_device_count() < 2, reason="needs two GPUs")
+def test_cuda_two_ranks_split_the_experts(tmp_path):
+    """Two processes, one GPU each (moeforge launch): from_pretrained(ep_size=2, device="cuda") gives
+    Transformers' logits on each rank's own batch, and train() with the experts split over the two
+    GPUs gives the one-GPU run's losses."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    case = os.path.join(FIXTURES, "qwen3_moe_a")
+    recipe = {"model": os.path.join(FIXTURES, "qwen3_moe_aux"), "data": os.path.join(ROOT, "tests", "data", "arith64.jsonl"),
+              "seq_len": 16, "micro_batch": 2, "global_batch": 4, "steps": 3, "optimizer": {"lr": 2e-3}, "seed": 3,
+              "threads": 1, "device": "cuda", "precision": "fp32"}
+    one = moeforge.train(dict(recipe, output_dir=str(tmp_path / "one")))
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import json, sys, numpy as np, torch, moeforge\n"
+        "from safetensors.numpy import load_file\n"
+        "case, out, recipe = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])\n"
+        "ref = load_file(case + '/reference.safetensors')\n"
+        "m = moeforge.AutoModelForCausalLM.from_pretrained(case, device='cuda', ep_size=2)\n"
+        "ids = ref['input_ids'] if m.rank == 0 else ref['input_ids'][::-1].copy()\n"
+        "want = ref['logits'] if m.rank == 0 else ref['logits'][::-1]\n"
+        "err = float(np.abs(m(ids).logits.cpu().numpy() - want).max())\n"
+        "json.dump({'rank': m.rank, 'err': err}, open(out + '/rank%d.json' % m.rank, 'w'))\n"
+        "del m\n"
+        "moeforge.train(recipe, ep_size=2)\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_path = os.environ.get("MOEFORGE_BIN", os.path.join(ROOT, "build", "moeforge"))
+    r = subprocess.run([bin_path, "launch", "--nproc-per-node", "2", "--master-port", str(port), "--", sys.executable,
+                        str(script), case, str(tmp_path), json.dumps(dict(recipe, output_dir=str(tmp_path / "two")))],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        assert json.load(open(tmp_path / f"rank{rank}.json"))["err"] < 1e-4
+    two = [json.loads(l)["loss"] for l in open(tmp_path / "two" / "metrics.jsonl") if '"loss"' in l]
+    assert two == pytest.approx(one["losses"], rel=1e-4)

@@ -159,7 +159,8 @@ def _launch(script_text, tmp_path, *args):
 def test_from_pretrained_with_experts_split_over_ranks(tmp_path):
     """from_pretrained(ep_size=2) under a launcher: each rank holds half the experts, exchanges its
     tokens with the other, and gets Transformers' logits and loss for its own batch; the model counts
-    all its parameters; save_pretrained from both ranks writes the source's tensors."""
+    all its parameters; save_pretrained from both ranks writes the source's tensors; train() in the
+    same processes afterwards (a second rendezvous) gives the one-process run's losses."""
     case = os.path.join(FIXTURES, "qwen3_moe_a")
     whole = moeforge.AutoModelForCausalLM.from_pretrained(case)
     script = ("import json, sys, numpy as np, moeforge\n"
@@ -174,8 +175,15 @@ def test_from_pretrained_with_experts_split_over_ranks(tmp_path):
               "want = ref['logits'] if m.rank == 0 else ref['logits'][::-1]\n"
               "json.dump({'rank': m.rank, 'world': m.world_size, 'params': m.num_parameters(), 'loss': o.loss,\n"
               "           'err': float(np.abs(o.logits - want).max())}, open(out + '/rank%d.json' % m.rank, 'w'))\n"
-              "m.save_pretrained(out + '/saved')\n")
-    _launch(script, tmp_path, case, str(tmp_path))
+              "m.save_pretrained(out + '/saved')\n"
+              "del m\n"  # then training in the same processes: a second rendezvous on the same port
+              "moeforge.train(json.loads(sys.argv[3]), ep_size=2)\n")
+    recipe = {"model": case, "data": os.path.join(ROOT, "tests", "data", "arith64.jsonl"), "seq_len": 16,
+              "micro_batch": 2, "global_batch": 4, "steps": 2, "seed": 3, "threads": 1}
+    _launch(script, tmp_path, case, str(tmp_path), json.dumps(dict(recipe, output_dir=str(tmp_path / "two"))))
+    one = moeforge.train(dict(recipe, output_dir=str(tmp_path / "one")))
+    two = [json.loads(l)["loss"] for l in open(tmp_path / "two" / "metrics.jsonl") if '"loss"' in l]
+    assert two == pytest.approx(one["losses"], rel=1e-5)
     ref = load_file(os.path.join(case, "reference.safetensors"))
     for rank in (0, 1):
         got = json.load(open(tmp_path / f"rank{rank}.json"))

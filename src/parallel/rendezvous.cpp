@@ -3,8 +3,11 @@
 #include <algorithm>
 #include <chrono>
 #include <exception>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <sstream>
+#include <thread>
 
 #include "core/error.h"
 
@@ -27,6 +30,16 @@ void raise_if_error(const std::string& verdict) {
   if (verdict != kOk) MF_THROW(verdict.substr(verdict.find('\n') + 1));
 }
 
+// Which rendezvous this is for this rank and port, counted from 1: every rank makes the same
+// sequence of them (a Python script's from_pretrained(ep_size=...) then train(...), say). Keyed by
+// rank and port so that tests running ranks as threads of one process count per rank.
+int next_generation(int rank, int port) {
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, int> count;
+  std::lock_guard<std::mutex> lock(mu);
+  return ++count[{rank, port}];
+}
+
 }  // namespace
 
 std::string ranks_phrase(const std::vector<int>& ranks) {
@@ -42,9 +55,27 @@ std::string ranks_phrase(const std::vector<int>& ranks) {
 Rendezvous::Rendezvous(const DistEnv& env, const std::string& fingerprint, milliseconds timeout)
     : env_(env), timeout_(timeout) {
   const std::string where = env.master_addr + ":" + std::to_string(env.master_port);
-  if (env.rank == 0) server_ = std::make_unique<TcpStoreServer>(env.master_port);
-  client_ = std::make_unique<TcpStoreClient>(env.rank == 0 ? "127.0.0.1" : env.master_addr,
-                                             env.rank == 0 ? server_->port() : env.master_port, timeout);
+  // A rank done with one rendezvous can reach rank 0's store of that one before rank 0 has closed it
+  // (rank 0 keeps it until every rank has left): each store says which rendezvous it serves, and a
+  // client of a later one lets go and comes back until rank 0's new store answers.
+  const std::string generation = std::to_string(next_generation(env.rank, env.master_port));
+  if (env.rank == 0) {
+    server_ = std::make_unique<TcpStoreServer>(env.master_port);
+    client_ = std::make_unique<TcpStoreClient>("127.0.0.1", server_->port(), timeout);
+    client_->set("generation", generation);
+  } else {
+    const auto deadline = steady_clock::now() + timeout;
+    for (;;) {
+      client_ = std::make_unique<TcpStoreClient>(env.master_addr, env.master_port, std::max(left_until(deadline), milliseconds(1)));
+      const auto served = client_->get("generation", std::min(left_until(deadline), milliseconds(2000)));
+      if (served == generation) break;
+      client_.reset();
+      MF_CHECK(steady_clock::now() < deadline, "rendezvous at ", where, ": rank 0's store still serves an earlier "
+               "rendezvous (", served.value_or("none"), "; this is number ", generation, ") after ",
+               timeout.count() / 1000.0, " s");
+      std::this_thread::sleep_for(milliseconds(20));
+    }
+  }
   client_->set("join/" + std::to_string(env.rank), fingerprint);
   if (env.rank != 0) {
     // Rank 0 answers within its own timeout after it started; allow as long again.

@@ -115,6 +115,32 @@ TEST(Rendezvous, ARankThatNeverJoinsIsNamedOnEveryRank) {
     EXPECT_NE(errors[r].find("ranks 2 and 3 of 4 never joined within 0.8 s"), std::string::npos) << r << ": " << errors[r];
 }
 
+// A second rendezvous in the same processes (from_pretrained(ep_size=2), then train): a rank that
+// left the first one early must not join it again through rank 0's first store, still open while
+// rank 0 finishes; it waits for rank 0's second store.
+TEST(Rendezvous, ASecondRendezvousFindsRankZerosNewStore) {
+  const int port = free_port();
+  std::vector<std::string> errors(2), got(2);
+  std::vector<std::thread> ts;
+  for (int r = 0; r < 2; ++r)
+    ts.emplace_back([&, r] {
+      errors[r] = test::error_of([&] {
+        {
+          parallel::Rendezvous first(local_env(r, 2, port), "first", 3s);
+          first.broadcast("x", "1");
+          if (r == 0) std::this_thread::sleep_for(600ms);  // rank 0 still holds the first store
+        }
+        parallel::Rendezvous second(local_env(r, 2, port), "second", 3s);
+        got[r] = second.broadcast("y", r == 0 ? "from the second" : "not this");
+      });
+    });
+  for (auto& t : ts) t.join();
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(errors[r], "") << "rank " << r;
+    EXPECT_EQ(got[r], "from the second") << "rank " << r;
+  }
+}
+
 TEST(Rendezvous, MismatchedRecipesAreNamed) {
   const auto errors = run_ranks(3, 3, 10s, [](int r) { return std::string(r == 2 ? "other" : "same"); });
   for (int r = 0; r < 3; ++r)
