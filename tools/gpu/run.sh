@@ -90,13 +90,13 @@ case "${1:-tests}" in
     py=/opt/torch/.venv/bin/python
     rm -rf /tmp/nemo_site && mkdir -p /tmp/nemo_site
     for w in "$PACK"/wheels/*.whl; do $py -c "import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall('/tmp/nemo_site')" "$w"; done
-    for routing in native balanced; do
+    for routing in native balanced; do  # NeMo first: the row no earlier run has
+      row=$(PYTHONPATH=/tmp/nemo_site timeout 300 $py bench/nemo_baseline.py "$cfg" --routing "$routing" "$@" 2>>"$OUT/nemo.err" | tail -n 1)
+      echo "nemo_automodel $routing $row" >> "$OUT/nemo.log"
       row=$(timeout 240 "$P/bin/moeforge" bench "$cfg" --routing "$routing" --precision bf16 --optimizer-in-backward "$@" 2>>"$OUT/nemo.err" | tail -n 1)
       echo "moeforge $routing $row" >> "$OUT/nemo.log"
       row=$(timeout 300 $py bench/hf_baseline.py "$cfg" --routing "$routing" "$@" 2>>"$OUT/nemo.err" | tail -n 1)
       echo "transformers $routing $row" >> "$OUT/nemo.log"
-      row=$(PYTHONPATH=/tmp/nemo_site timeout 300 $py bench/nemo_baseline.py "$cfg" --routing "$routing" "$@" 2>>"$OUT/nemo.err" | tail -n 1)
-      echo "nemo_automodel $routing $row" >> "$OUT/nemo.log"
     done
     $py - "$OUT/nemo.log" <<'PY' | tee "$OUT/nemo.txt"
 import json, sys
