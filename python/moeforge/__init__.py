@@ -124,7 +124,8 @@ class AutoModelForCausalLM:
         'cpu' (float32) or 'cuda' (float32 or bfloat16 weights for inference). `adapter`: a PEFT
         LoRA folder applied unmerged. ep_size > 1: run the same script under torchrun / srun /
         `moeforge launch`; each rank loads only its share of the experts (world size / ep_size
-        groups), every rank calls the model (each with its own batch) and save_pretrained together,
+        groups), every rank calls the model (each with its own batch), generate (its own prompt; the
+        ranks step together until all are done) and save_pretrained together,
         which writes one standard folder. zero_stage shards optimizer state for training (moeforge.train);
         a model loaded here keeps its dense weights whole (1)."""
         if kwargs:

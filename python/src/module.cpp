@@ -148,8 +148,6 @@ NB_MODULE(_moeforge, mod) {
              std::optional<std::vector<int64_t>> eos, std::optional<bool> sample, std::optional<double> temperature,
              std::optional<int64_t> top_k, std::optional<double> top_p, std::optional<double> repetition_penalty,
              uint64_t seed, std::optional<nb::callable> streamer) {
-            MF_CHECK(!m.groups, "generate: a model loaded with ep_size > 1 does not generate yet; load it with "
-                     "ep_size=1 (one process holds every expert)");
             // The arguments over the folder's generation_config.json, as Transformers' generate.
             models::GenerationRequest asked;
             asked.max_new_tokens = max_new_tokens;
@@ -171,7 +169,8 @@ NB_MODULE(_moeforge, mod) {
                 nb::object r = (*streamer)(id);
                 return r.is_none() || nb::cast<bool>(r);
               };
-            const auto res = models::generate(*m.loaded.model, m.params(), prompt, o, on_token);
+            // With ep_size > 1 every rank generates (its own prompt) and the ranks step together.
+            const auto res = models::generate(*m.loaded.model, m.params(), prompt, o, on_token, m.parallel());
             return std::make_pair(res.ids, res.stop_reason);
           },
           nb::arg("prompt"), nb::arg("max_new_tokens").none(), nb::arg("min_new_tokens"), nb::arg("eos_token_ids").none(),

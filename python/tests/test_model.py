@@ -193,3 +193,25 @@ def test_from_pretrained_with_experts_split_over_ranks(tmp_path):
         assert got["loss"] == pytest.approx(float(ref["loss"]), abs=1e-5)  # the same tokens, rows reordered
     again = moeforge.AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert np.array_equal(again(ref["input_ids"]).logits, whole(ref["input_ids"]).logits)
+
+
+def test_generate_with_experts_split_over_ranks(tmp_path):
+    """generate() on a model loaded with ep_size=2: each rank its own prompt and length (rank 1 stops
+    early and keeps stepping with rank 0), each getting what one process holding every expert gets
+    (rank 0: Transformers' greedy ids)."""
+    case = os.path.join(FIXTURES, "qwen3_moe_b")
+    ref = load_file(os.path.join(case, "generate_reference.safetensors"))
+    prompt0, n0 = ref["prompt_ids"].tolist(), len(ref["generated_ids"])
+    prompt1, n1 = prompt0[::-1][:3], 2
+    whole = moeforge.AutoModelForCausalLM.from_pretrained(case)
+    want1 = whole.generate([prompt1], max_new_tokens=n1, do_sample=False, eos_token_id=[])[0].tolist()
+    script = ("import json, sys, moeforge\n"
+              "case, out = sys.argv[1], sys.argv[2]\n"
+              "prompts = json.loads(sys.argv[3])\n"
+              "m = moeforge.AutoModelForCausalLM.from_pretrained(case, ep_size=2)\n"
+              "p, n = prompts[m.rank]\n"
+              "ids = m.generate([p], max_new_tokens=n, do_sample=False, eos_token_id=[])[0].tolist()\n"
+              "json.dump(ids, open(out + '/gen%d.json' % m.rank, 'w'))\n")
+    _launch(script, tmp_path, case, str(tmp_path), json.dumps([[prompt0, n0], [prompt1, n1]]))
+    assert json.load(open(tmp_path / "gen0.json")) == prompt0 + ref["generated_ids"].tolist()
+    assert json.load(open(tmp_path / "gen1.json")) == want1

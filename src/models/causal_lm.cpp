@@ -9,7 +9,7 @@ std::vector<std::string> CausalLM::add_lora(int64_t, float, const std::function<
   MF_THROW(cfg_.model_type, ": this model has no LoRA support");
 }
 
-std::unique_ptr<GenerationCache> CausalLM::start_generation(int64_t) const {
+std::unique_ptr<GenerationCache> CausalLM::start_generation(int64_t, const Parallel&) const {
   MF_THROW(cfg_.model_type, ": this model cannot generate");
 }
 

@@ -97,6 +97,7 @@ struct GenerationCache {
   virtual ~GenerationCache() = default;
   int64_t capacity = 0;
   int64_t length = 0;  // positions consumed so far
+  Parallel par;        // the groups every step runs over (experts split over ranks: all step together)
 };
 
 class CausalLM {
@@ -125,7 +126,9 @@ class CausalLM {
   // cache has seen, through the layers on `ps` (the host store or a device copy), and returns the
   // logits [V] of its last token as host F32 ([ids, V]: every token's, when `all_positions`).
   // The logits equal forward()'s over the whole sequence at the same positions.
-  virtual std::unique_ptr<GenerationCache> start_generation(int64_t capacity) const;
+  // `par`: a model whose experts are split over ranks generates on every rank of its expert group
+  // at once (models::generate keeps them in step).
+  virtual std::unique_ptr<GenerationCache> start_generation(int64_t capacity, const Parallel& par = {}) const;
   virtual Tensor generation_step(nn::ParamAccess& ps, const std::vector<int64_t>& ids, GenerationCache& cache,
                                  bool all_positions = false) const;
   // Parameters touched per token: everything except the experts a token is not routed to.

@@ -8,6 +8,7 @@
 #include <unordered_set>
 
 #include "core/error.h"
+#include "parallel/communicator.h"
 
 namespace moeforge::models {
 
@@ -99,8 +100,22 @@ int64_t next_token(const Tensor& logits, const std::vector<int64_t>& context, co
   return last;  // u rounded to the total
 }
 
+namespace {
+
+// The sum over the ranks of a generation's groups of one number per rank (the number itself alone).
+double sum_over_ranks(const Parallel& par, double v) {
+  parallel::Communicator* group = par.world ? par.world : par.ep;
+  if (!group || group->size() == 1) return v;
+  Tensor t = Tensor::empty({1}, DType::F64);
+  t.data<double>()[0] = v;
+  group->all_reduce_sum(t);
+  return t.data<double>()[0];
+}
+
+}  // namespace
+
 GenerateResult generate(const CausalLM& model, nn::ParamAccess& ps, const std::vector<int64_t>& prompt,
-                        const GenerateOptions& opts, const std::function<bool(int64_t)>& on_token) {
+                        const GenerateOptions& opts, const std::function<bool(int64_t)>& on_token, const Parallel& par) {
   const auto& cfg = model.config();
   MF_CHECK(!prompt.empty(), "generation: the prompt has no tokens");
   MF_CHECK(opts.max_new_tokens >= 0, "generation: max_new_tokens must be >= 0, got ", opts.max_new_tokens);
@@ -116,28 +131,33 @@ GenerateResult generate(const CausalLM& model, nn::ParamAccess& ps, const std::v
   res.stop_reason = "length";
   std::mt19937_64 rng(so.seed);
   std::vector<int64_t> context = prompt;
-  const int64_t capacity = static_cast<int64_t>(prompt.size()) + std::max<int64_t>(opts.max_new_tokens, 1);
-  auto cache = model.start_generation(capacity);
+  // Room for this rank's tokens, and for the filler steps it may run while others finish theirs
+  // (at most the others' new tokens: their sum bounds their largest).
+  const int64_t own = std::max<int64_t>(opts.max_new_tokens, 1);
+  const int64_t others = static_cast<int64_t>(sum_over_ranks(par, static_cast<double>(own))) - own;
+  auto cache = model.start_generation(static_cast<int64_t>(prompt.size()) + own + others, par);
   auto t0 = std::chrono::steady_clock::now();
   Tensor logits = model.generation_step(ps, prompt, *cache);
   res.prefill_seconds = seconds_since(t0);
   t0 = std::chrono::steady_clock::now();
-  for (int64_t i = 0; i < opts.max_new_tokens; ++i) {
-    const std::vector<int64_t> none, &banned = i < opts.min_new_tokens ? opts.eos_token_ids : none;
-    const int64_t id = next_token(logits, context, so, rng, banned);
-    res.ids.push_back(id);
-    context.push_back(id);
-    const bool eos = std::find(opts.eos_token_ids.begin(), opts.eos_token_ids.end(), id) != opts.eos_token_ids.end();
-    const bool go_on = !on_token || on_token(id);
-    if (eos) {
-      res.stop_reason = "eos";
-      break;
+  bool running = opts.max_new_tokens > 0;
+  int64_t last = prompt.back();
+  for (int64_t i = 0;; ++i) {
+    if (running) {
+      const std::vector<int64_t> none, &banned = i < opts.min_new_tokens ? opts.eos_token_ids : none;
+      const int64_t id = next_token(logits, context, so, rng, banned);
+      res.ids.push_back(id);
+      context.push_back(id);
+      last = id;
+      const bool eos = std::find(opts.eos_token_ids.begin(), opts.eos_token_ids.end(), id) != opts.eos_token_ids.end();
+      const bool go_on = !on_token || on_token(id);
+      if (eos) res.stop_reason = "eos";
+      else if (!go_on) res.stop_reason = "stopped";
+      running = !eos && go_on && i + 1 < opts.max_new_tokens;
     }
-    if (!go_on) {
-      res.stop_reason = "stopped";
-      break;
-    }
-    if (i + 1 < opts.max_new_tokens) logits = model.generation_step(ps, {id}, *cache);
+    // Another step where this rank, or any rank stepping with it, still needs one.
+    if (sum_over_ranks(par, running ? 1.0 : 0.0) == 0) break;
+    logits = model.generation_step(ps, {last}, *cache);  // a finished rank's filler: its logits unused
   }
   res.decode_seconds = seconds_since(t0);
   return res;

@@ -61,8 +61,12 @@ int64_t next_token(const Tensor& logits, const std::vector<int64_t>& context, co
 
 // Generates after `prompt` on the parameters `ps` (the model's host store or a device copy).
 // `on_token` (optional) sees each new token as it is chosen and returns false to stop there (stop
-// strings, a consumer that has enough).
+// strings, a consumer that has enough). `par`: a model whose experts are split over ranks; every
+// rank of the run calls this (each with its own prompt and options) and the ranks step together:
+// one whose sequence has ended keeps stepping on a filler token, its output unchanged, until every
+// rank's has (their MoE layers exchange tokens at every step).
 GenerateResult generate(const CausalLM& model, nn::ParamAccess& ps, const std::vector<int64_t>& prompt,
-                        const GenerateOptions& opts, const std::function<bool(int64_t)>& on_token = {});
+                        const GenerateOptions& opts, const std::function<bool(int64_t)>& on_token = {},
+                        const Parallel& par = {});
 
 }  // namespace moeforge::models

@@ -469,10 +469,11 @@ Tensor Decoder::main_forward(nn::ParamAccess& ps, Batch& bt, std::vector<LayerCa
   return x;
 }
 
-std::unique_ptr<GenerationCache> Decoder::start_generation(int64_t capacity) const {
+std::unique_ptr<GenerationCache> Decoder::start_generation(int64_t capacity, const Parallel& par) const {
   MF_CHECK(capacity > 0, "generation: the cache needs room for at least one position");
   auto g = std::make_unique<Generation>();
   g->capacity = capacity;
+  g->par = par;
   g->kv.resize(main_layers_);
   for (auto& kv : g->kv) kv.capacity = capacity;
   g->mamba.resize(main_layers_);
@@ -492,7 +493,7 @@ Tensor Decoder::generation_step(nn::ParamAccess& ps, const std::vector<int64_t>&
   const Tensor input_ids = Tensor::from_i64(ids, {1, n}), position_ids = Tensor::from_i64(positions, {1, n});
   ForwardInputs in{input_ids};
   in.position_ids = &position_ids;
-  Batch bt = prepare(ps, in, Parallel{});
+  Batch bt = prepare(ps, in, gen->par);
   bt.gen = gen;
   std::vector<nn::SparseMoE::RouterOut> routers;
   Tensor h = main_forward(ps, bt, nullptr, false, routers);

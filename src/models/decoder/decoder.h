@@ -51,7 +51,7 @@ class Decoder : public CausalLM {
   TrainStepResult forward_backward(nn::ParamAccess& ps, const ForwardInputs& in, const TrainStepOptions& opts,
                                    const Parallel& par) const override;
   int64_t active_parameters() const override;
-  std::unique_ptr<GenerationCache> start_generation(int64_t capacity) const override;
+  std::unique_ptr<GenerationCache> start_generation(int64_t capacity, const Parallel& par = {}) const override;
   Tensor generation_step(nn::ParamAccess& ps, const std::vector<int64_t>& ids, GenerationCache& cache,
                          bool all_positions = false) const override;
   int64_t mtp_depths() const override { return static_cast<int64_t>(mtp_.size()); }
