@@ -301,6 +301,10 @@ void resolve_paths(Recipe& r, const std::set<std::string>& from_file, const fs::
 void flatten(const YAML::Node& node, const std::string& prefix, Recipe& r, const std::string& where,
              std::set<std::string>& seen) {
   for (auto it = node.begin(); it != node.end(); ++it) {
+    // YAML allows any node as a key ("? [a, b]" or "? {x: 1}"); a recipe's keys are names.
+    MF_CHECK(it->first.IsScalar(), where, ": ", prefix.empty() ? "a key" : "a key under '" + prefix.substr(0, prefix.size() - 1) + "'",
+             " at line ", it->first.Mark().line + 1, " is a ", it->first.IsMap() ? "mapping" : it->first.IsSequence() ? "list" : "null",
+             ", not a name");
     const std::string key = prefix + it->first.as<std::string>();
     if (!seen.insert(key).second) MF_THROW(where, ": key '", key, "' is given twice");
     if (it->second.IsMap()) flatten(it->second, key + ".", r, where, seen);

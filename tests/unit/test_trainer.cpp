@@ -491,6 +491,14 @@ TEST(RecipeBadInput, WrongType) {
   EXPECT_NE(e3.find("'global_batch' (3) must be a multiple of 'micro_batch' (2)"), std::string::npos) << e3;
   const std::string e4 = test::error_of([&] { train::load_recipe(write_recipe(dir), {"precision=bf16"}); });
   EXPECT_NE(e4.find("'precision' value 'bf16' is not available on the CPU backend"), std::string::npos) << e4;
+  // YAML's complex keys (found by fuzz_recipe: the key's conversion escaped as a YAML exception).
+  const std::string e5 = test::error_of([&] { train::load_recipe(write_recipe(dir, "? [a, b]\n: 1\n"), {}); });
+  EXPECT_NE(e5.find("a key at line"), std::string::npos) << e5;
+  EXPECT_NE(e5.find("is a list, not a name"), std::string::npos) << e5;
+  const std::string e6 =
+      test::error_of([&] { train::load_recipe(write_recipe(dir, "peft:\n  ? {x: 1}\n  : 2\n"), {}); });
+  EXPECT_NE(e6.find("a key under 'peft' at line"), std::string::npos) << e6;
+  EXPECT_NE(e6.find("is a mapping, not a name"), std::string::npos) << e6;
 }
 
 // device and precision: the allowed values, the device's default policy, and device: cuda where
