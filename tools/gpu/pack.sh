@@ -18,9 +18,9 @@ for b in ${PACK_BINS:-tests/test_backend_ops tests/test_cuda_ops tests/test_cuda
 done
 [ -f "$stage/bin/moeforge" ] || { echo "pack: $build/moeforge not found (build with the CUDA backend first)" >&2; exit 1; }
 # A baseline build of another commit (tools/gpu/build_baseline.sh), for run.sh ab.
-if [ -z "${PACK_BINS:-}" ] && [ -f .gpu_check/moeforge_baseline ]; then
-  cp .gpu_check/moeforge_baseline "$stage/bin/moeforge_baseline" && strip "$stage/bin/moeforge_baseline"
-  cp .gpu_check/moeforge_baseline.commit "$stage/"
+if [ -z "${PACK_BINS:-}" ] && [ -f build-baseline/moeforge_baseline ]; then
+  cp build-baseline/moeforge_baseline "$stage/bin/moeforge_baseline" && strip "$stage/bin/moeforge_baseline"
+  cp build-baseline/moeforge_baseline.commit "$stage/"
 fi
 # The Python extension built for the GPU machine's Python 3.12 (tools/gpu/build_python_ext.sh), for
 # run.sh python.
