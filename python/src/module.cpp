@@ -78,11 +78,7 @@ std::unique_ptr<train::RankGroups> join_for_experts(const std::string& path, con
   const parallel::DistEnv env = parallel::dist_env();
   MF_CHECK(env.world_size > 1, "from_pretrained: ep_size ", ep_size, " splits the experts over ", ep_size,
            " ranks, but this process runs alone: start one per rank (torchrun, srun or moeforge launch)");
-  if (device == "cuda") {
-    MF_CHECK(cuda::device_count() >= env.local_world_size, "from_pretrained: device='cuda' with ", env.local_world_size,
-             " ranks on this node, but it has ", cuda::device_count(), " GPU(s)");
-    cuda::set_device(env.local_rank);
-  }
+  if (device == "cuda") train::use_local_gpu(env, "from_pretrained: device='cuda'");
   const hf::ModelConfig cfg = hf::load_config(path);
   return train::join_ranks(env, ep_size, cfg.num_experts,
                            "from_pretrained " + path + " " + device + " " + dtype + " ep " + std::to_string(ep_size),

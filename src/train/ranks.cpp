@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "core/error.h"
+#include "ops/cuda/runtime.h"
 
 namespace moeforge::train {
 
@@ -59,6 +60,12 @@ std::unique_ptr<RankGroups> join_ranks(const parallel::DistEnv& env, int64_t ep_
     g->dev_edp = parallel::connect_nccl(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, timeout);
   }
   return g;
+}
+
+void use_local_gpu(const parallel::DistEnv& env, const std::string& where) {
+  MF_CHECK(cuda::device_count() >= env.local_world_size, where, ": cuda with ", env.local_world_size,
+           " ranks on this node, but it has ", cuda::device_count(), " GPU(s)");
+  cuda::set_device(env.local_rank);
 }
 
 double sum_over_world(RankGroups& g, double v) {

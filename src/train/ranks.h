@@ -48,6 +48,10 @@ struct RankGroups {
 std::unique_ptr<RankGroups> join_ranks(const parallel::DistEnv& env, int64_t ep_size, int64_t experts,
                                        const std::string& recipe_hash, const std::string& where, bool gpus = false);
 
+// One GPU per rank, by its place on this node (LOCAL_RANK), chosen before anything touches a
+// device; an error naming `where` when the node has fewer GPUs than ranks.
+void use_local_gpu(const parallel::DistEnv& env, const std::string& where);
+
 // A sum over the world of one number per rank (the cross-entropy sums of the micro-batches).
 double sum_over_world(RankGroups& g, double v);
 

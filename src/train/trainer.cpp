@@ -145,10 +145,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
 #endif
   if (multi) {
     if (r.device == Device::Kind::CUDA) {
-      // One GPU per rank, by its place on this node, before anything touches a device.
-      MF_CHECK(cuda::device_count() >= denv.local_world_size, r.source, ": key 'device': cuda with ",
-               denv.local_world_size, " ranks on this node, but it has ", cuda::device_count(), " GPU(s)");
-      cuda::set_device(denv.local_rank);
+      use_local_gpu(denv, r.source + ": key 'device'");
     }
     MF_CHECK(r.micro_batch % denv.world_size == 0, r.source, ": key 'micro_batch': ", r.micro_batch,
              " rows cannot be split evenly over ", denv.world_size, " ranks");
