@@ -54,12 +54,13 @@ def main():
     ap.add_argument("--work", required=True)
     ap.add_argument("--data", default=None, help="training jsonl (default: tests/data/arith64.jsonl)")
     a = ap.parse_args()
-    data = a.data or os.path.join(os.path.dirname(os.path.abspath(a.fixtures)), "data", "arith64.jsonl")
+    data = os.path.abspath(a.data or os.path.join(os.path.dirname(os.path.abspath(a.fixtures)), "data", "arith64.jsonl"))
     os.makedirs(a.work, exist_ok=True)
     failed = []
     for name, targets in CASES.items():
-        base = os.path.join(a.fixtures, name)
-        work = os.path.join(a.work, name)
+        # Absolute paths: the recipe's relative paths resolve from the recipe's folder.
+        base = os.path.abspath(os.path.join(a.fixtures, name))
+        work = os.path.abspath(os.path.join(a.work, name))
         os.makedirs(work, exist_ok=True)
         recipe = os.path.join(work, "recipe.yaml")
         with open(recipe, "w") as f:
