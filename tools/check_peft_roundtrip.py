@@ -3,7 +3,8 @@
 
     python3 tools/check_peft_roundtrip.py --moeforge build/moeforge --fixtures tests/fixtures --work /tmp/prt
 
-For each case (a fixture and its targets, experts included where PEFT loads per-expert adapters):
+For each case (a fixture and its targets, experts included: per expert where PEFT maps per-expert
+names onto the fused experts, else PEFT's target_parameters on the fused 3-D weights):
 train a few LoRA steps with `moeforge train` (its final/ is a PEFT adapter folder), then
   - load base + adapter with PeftModel.from_pretrained (fp32) and compare its logits with
     `moeforge eval --adapter` on the same tokens (1e-4 of the largest logit);
@@ -28,7 +29,10 @@ CASES = {
     "deepseek_v3_a": "[q_a_proj, kv_b_proj, o_proj, experts]",
     "mixtral_a": "[q_proj, k_proj, experts]",
     "olmoe_a": "[q_proj, experts]",
-    "nemotron_h_a": "[in_proj, q_proj, shared_experts]",
+    "nemotron_h_a": "[in_proj, q_proj, shared_experts, experts]",
+    # Fused expert adapters (PEFT's target_parameters on the 3-D expert weights)
+    "gpt_oss_a": "[q_proj, experts]",
+    "qwen2_moe_a": "[o_proj, experts]",
 }
 
 

@@ -10,7 +10,11 @@ per-expert modules in vLLM, e.g. Qwen3-MoE, Mixtral, DeepSeek-V3, OLMoE, "expert
 "experts.<i>.<gate|down|up>"). Then every adapter module must be among the loaded ones, with its
 rank and scaling, and B @ A as in the file; the routed experts' adapters are packed per layer with
 vLLM's own PackedLoRALayerWeights.pack_moe in vLLM's expert order (w1 gate, w2 down, w3 up), as its
-LoRA manager does before serving. With --merged (the folder `moeforge merge` wrote from the same
+LoRA manager does before serving. On models vLLM marks `is_3d_moe_weight` (GPT-OSS) the experts'
+adapters are PEFT's target_parameters tensors (`experts.base_layer` = gate_up, `experts` = down),
+which vLLM's manager reshapes per expert in LoRAModelManager._stack_moe_lora_weights: that very
+method is run here (on stand-ins for the manager and the MoE layer) to get vLLM's per-expert A and B.
+With --merged (the folder `moeforge merge` wrote from the same
 base and adapter), every delta vLLM would add (scaling B A, per expert and projection from the
 packed tensors) must equal merged - base for the weight it adapts.
 
@@ -23,6 +27,7 @@ import json
 import os
 import re
 import sys
+import types
 
 
 def main():
@@ -40,6 +45,7 @@ def main():
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
     from vllm.lora.lora_weights import PackedLoRALayerWeights
+    from vllm.lora.model_manager import LoRAModelManager
     from vllm.lora.utils import get_supported_lora_modules, process_packed_modules_mapping
     from vllm.model_executor.models.registry import ModelRegistry
 
@@ -51,8 +57,19 @@ def main():
                                      backend="gloo")
         initialize_model_parallel(1, 1)
         cls, _ = ModelRegistry.resolve_model_cls(mc.architectures, mc)
-        with torch.device("meta"):
-            model = cls(vllm_config=vc, prefix="")
+        try:
+            with torch.device("meta"):
+                model = cls(vllm_config=vc, prefix="")
+        except NotImplementedError as e:
+            # vLLM picks a MoE kernel backend while it builds the experts and finds none for the CPU
+            # (GPT-OSS): the class is built again with that choice stubbed out, which changes no
+            # module or name (only the kernel a forward would run, and nothing runs here).
+            print(f"note: vLLM on the CPU: {e} -- building {cls.__name__} with its MoE kernel choice stubbed")
+            import vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method as um
+            um.select_unquantized_moe_backend = lambda moe_config: (None, None)
+            vc = VllmConfig(model_config=mc, device_config=DeviceConfig(device="cpu"))  # (the first try registered layers)
+            with set_current_vllm_config(vc), torch.device("meta"):
+                model = cls(vllm_config=vc, prefix="")
     supported = get_supported_lora_modules(model)
     packed = process_packed_modules_mapping(model)  # as vLLM's LoRA model manager builds it
     expected = set()
@@ -75,12 +92,22 @@ def main():
                                            skip_prefixes=getattr(model, "lora_skip_prefixes", None))
     tensors = load_file(os.path.join(a.adapter, "adapter_model.safetensors"))
     modules = sorted({k[len("base_model.model."):].rsplit(".lora_", 1)[0] for k in tensors})
-    missing = [m for m in modules if m not in lora.loras]
+    rename = mapper.get_rename_mapper() if mapper else None
+
+    def vname(m):  # the module's name in vLLM (its hf_to_vllm_mapper's renames, e.g. GPT-OSS's self_attn -> attn)
+        return rename._map_name(m) if rename else m
+
+    missing = [m for m in modules if vname(m) not in lora.loras]
     if missing:
         sys.exit(f"FAIL: vLLM loaded {len(lora.loras)} modules; not these of the adapter: {missing[:5]}")
     scale = cfg["lora_alpha"] / (cfg["r"] ** 0.5 if cfg.get("use_rslora") else cfg["r"])
+    is_3d = bool(getattr(model, "is_3d_moe_weight", False))
+    # PEFT's target_parameters adapters on the fused experts (one tensor for all experts of a layer)
+    fused = [m for m in modules if m.endswith(".experts") or m.endswith(".experts.base_layer")]
     for m in modules:
-        w = lora.loras[m]
+        if m in fused:  # one tensor for all experts: checked per expert below
+            continue
+        w = lora.loras[vname(m)]
         a_file, b_file = tensors[f"base_model.model.{m}.lora_A.weight"], tensors[f"base_model.model.{m}.lora_B.weight"]
         if w.rank != cfg["r"]:
             sys.exit(f"FAIL: {m}: rank {w.rank} in vLLM, {cfg['r']} in adapter_config.json")
@@ -91,15 +118,15 @@ def main():
             sys.exit(f"FAIL: {m}: vLLM's B @ A differs from the file's (max {float((got - want).abs().max()):.3g})")
     deltas = {}  # HF weight name -> the delta vLLM adds to it
     for m in modules:
-        if ".experts." not in m:
-            w = lora.loras[m]
+        if ".experts." not in m and m not in fused:
+            w = lora.loras[vname(m)]
             deltas[m + ".weight"] = (w.lora_b.float() @ w.lora_a.float()) * w.scaling
     # The routed experts, packed per layer as vLLM's manager does (_create_merged_loras_inplace).
-    layers = sorted({m.split(".experts.")[0] + ".experts" for m in modules if ".experts." in m})
+    layers = sorted({m.split(".experts.")[0] + ".experts" for m in modules if ".experts." in m and m not in fused})
     for layer in layers:
         prefix = layer[: -len(".experts")]
         names = [prefix + "." + r for r in packed["experts"]]
-        subs = [lora.loras.get(n) for n in names]
+        subs = [lora.loras.get(vname(n)) for n in names]
         missing = [n for n, w in zip(names, subs) if w is None]
         if missing:
             sys.exit(f"FAIL: {layer}: vLLM's packing needs every expert's three projections; missing {missing[:3]}")
@@ -112,6 +139,42 @@ def main():
             deltas[n + ".weight"] = got * pk.scaling[which]
         print(f"ok: {layer}: vLLM packs {len(names) // 3} experts x (w1, w2, w3), A {tuple(pk.lora_a[0].shape)}, "
               f"B {tuple(pk.lora_b[0].shape)}")
+    # 3-D expert adapters through vLLM's own reshaping (the scaling folded into B first, as vLLM's
+    # _create_merged_loras_inplace does before it stacks).
+    transposed = model.config.model_type == "gpt_oss"  # Transformers keeps these [E, in, out] (is_transposed)
+    experts_n = getattr(model.config, "num_local_experts", None) or getattr(model.config, "num_experts", None)
+    for layer in sorted({m[: -len(".base_layer")] if m.endswith(".base_layer") else m for m in fused}):
+        for m in (layer, layer + ".base_layer"):
+            lora.loras[vname(m)].optimize()
+        manager = types.SimpleNamespace(_is_3d_moe_model=is_3d, model=model,
+                                        _get_lora_layer_weights=lambda lm, name: lm.get_lora(name),
+                                        _pop_lora_weights=lambda lm, names: [lm.loras.pop(n, None) for n in names])
+        moe = types.SimpleNamespace(w13_lora_a_stacked=[torch.empty(1, experts_n)], global_num_experts=experts_n,
+                                    local_num_experts=experts_n, ep_rank=0)
+        if not is_3d:
+            # A model whose experts vLLM keeps per expert takes these only with
+            # --enable-mixed-moe-lora-format and is_3d_lora_weight=True on the request: its manager
+            # converts them per expert (w1 gate, w2 down, w3 up) in _convert_3d_to_2d_moe_lora.
+            LoRAModelManager._convert_3d_to_2d_moe_lora(manager, lora, moe, vname(layer))
+            w = lora.loras[vname(layer)]
+            prefix = layer[: -len(".experts")]
+            names = [prefix + "." + r for r in packed["experts"]]  # per expert: w1, w2, w3
+            for i, n in enumerate(names):
+                which, expert = i % 3, i // 3
+                deltas[n + ".weight"] = w.lora_b[which][expert].float() @ w.lora_a[which][expert].float()
+            print(f"ok: {layer}: with enable_mixed_moe_lora_format vLLM converts the 3-D adapters to {experts_n} "
+                  f"experts x (w1, w2, w3), A {tuple(w.lora_a[0].shape)}, B {tuple(w.lora_b[0].shape)}")
+            continue
+        LoRAModelManager._stack_moe_lora_weights(manager, lora, moe, vname(layer))
+        w = lora.loras[vname(layer)]
+        for which, name in ((0, "gate_up_proj"), (1, "down_proj")):
+            a_e, b_e = w.lora_a[which].float(), w.lora_b[which].float()  # (E, r, in), (E, out, r)
+            if a_e.shape[1] != cfg["r"]:
+                sys.exit(f"FAIL: {layer}: vLLM's per-expert rank is {a_e.shape[1]}, the adapter's {cfg['r']}")
+            d = b_e @ a_e  # (E, out, in)
+            deltas[f"{layer}.{name}"] = d.transpose(1, 2) if transposed else d
+        print(f"ok: {layer}: vLLM stacks {experts_n} experts' 3-D adapters: gate_up A {tuple(w.lora_a[0].shape)}, "
+              f"B {tuple(w.lora_b[0].shape)}; down A {tuple(w.lora_a[1].shape)}, B {tuple(w.lora_b[1].shape)}")
     if a.merged:
         base, merged = read_weights(a.base), read_weights(a.merged)
         worst = 0.0

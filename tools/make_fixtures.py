@@ -794,6 +794,54 @@ def make_lora_experts_case(name, out_dir, seed=2468):
     return {"targets": ["q_proj", gate, up, down], "rank": r, "alpha": alpha, "seed": seed}
 
 
+# LoRA on the routed experts of the families PEFT has no per-expert mapping for: one adapter per
+# fused 3-D expert weight, as PEFT's target_parameters puts it (and vLLM's 3-D MoE LoRA reads it),
+# plus q_proj. Trained by PEFT itself (B random at the start, so the first step moves A too) and saved
+# by PEFT; writes <base>/lora_experts/ like make_lora_case's lora/.
+LORA_FUSED_EXPERT_CASES = {
+    "gpt_oss_a": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    "qwen2_moe_a": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    "nemotron_h_a": ["mixer.experts.up_proj", "mixer.experts.down_proj"],
+}
+
+
+def make_lora_fused_experts_case(name, out_dir, seed=1357):
+    from peft import LoraConfig, get_peft_model
+    folder = os.path.join(out_dir, name)
+    lora_dir = os.path.join(folder, "lora_experts")
+    shutil.rmtree(lora_dir, ignore_errors=True)
+    os.makedirs(lora_dir)
+    base_ref = load_file(os.path.join(folder, "reference.safetensors"))
+    ids, labels = base_ref["input_ids"], base_ref["labels"]
+    torch.manual_seed(seed)
+    targets = LORA_FUSED_EXPERT_CASES[name]
+    model = get_peft_model(load_fp32(folder), LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                                         target_modules=["q_proj"], target_parameters=targets))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+    model.save_pretrained(os.path.join(lora_dir, "adapter_init"))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float().contiguous()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=labels).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+    model.save_pretrained(os.path.join(lora_dir, "adapter_after"))
+    save_file({"input_ids": ids, "labels": labels, "logits": logits,
+               "train_losses": torch.tensor(losses, dtype=torch.float32)},
+              os.path.join(lora_dir, "reference.safetensors"))
+    print(name, "fused expert LoRA losses", losses, flush=True)
+    return {"targets": ["q_proj"], "target_parameters": targets, "rank": LORA_RANK, "alpha": LORA_ALPHA, "seed": seed}
+
+
 # Greedy generation references: Transformers' generate(do_sample=False) from a random prompt, no
 # stop token (a fixed count, so a random model's chance eos does not end it early), with the gap
 # between the best and second-best logit at every step (a step whose gap is tiny could flip on
@@ -848,14 +896,18 @@ def main():
         return 0
     if args.lora_cases is not None:
         import peft
-        wanted = list(LORA_CASES) if args.lora_cases == "all" else [c for c in args.lora_cases.split(",") if c]
+        wanted = list(dict.fromkeys(list(LORA_CASES) + list(LORA_FUSED_EXPERT_CASES))) if args.lora_cases == "all" \
+            else [c for c in args.lora_cases.split(",") if c]
         path = os.path.join(args.out, "MANIFEST.json")
         with open(path) as f:
             manifest = json.load(f)
         manifest.setdefault("lora", {"peft_version": peft.__version__})
         manifest["lora"]["peft_version"] = peft.__version__
         for name in wanted:
-            manifest["lora"][name] = make_lora_case(name, args.out)
+            if name in LORA_CASES:
+                manifest["lora"][name] = make_lora_case(name, args.out)
+            if name in LORA_FUSED_EXPERT_CASES:
+                manifest["lora"][name + "/experts"] = make_lora_fused_experts_case(name, args.out)
             if name in LORA_EXPERT_CASES:
                 manifest["lora"][name + "/experts"] = make_lora_experts_case(name, args.out)
         with open(path, "w") as f:

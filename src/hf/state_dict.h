@@ -33,6 +33,9 @@ struct ExpertGroup {
   bool per_expert = true;
   // More fused tensors of the group, expert-major like gate_up/down (GPT-OSS's biases).
   std::vector<std::string> fused_extra;
+  // The fused weights are stored [E, in, out] (GPT-OSS's), not [E, out, in] as Transformers 5's
+  // other families hold them.
+  bool transposed = false;
 };
 
 struct LoadReport {

@@ -5,7 +5,8 @@
 
 namespace moeforge::models {
 
-std::vector<std::string> CausalLM::add_lora(int64_t, float, const std::function<bool(const std::string&)>&, bool, float) {
+std::vector<std::string> CausalLM::add_lora(int64_t, float, const std::function<bool(const std::string&)>&,
+                                            nn::ExpertAdapters, float) {
   MF_THROW(cfg_.model_type, ": this model has no LoRA support");
 }
 

@@ -11,6 +11,7 @@
 #include "parallel/communicator.h"
 #include "hf/config.h"
 #include "hf/state_dict.h"
+#include "nn/lora.h"
 #include "nn/params.h"
 
 namespace moeforge::models {
@@ -139,11 +140,12 @@ class CausalLM {
   virtual void set_mtp_trainable(bool) {}
   // LoRA (models/lora.h): every projection of the main layers whose module name `wants` returns
   // true for gets an adapter of `rank` and `scale`, and with `experts` every MoE layer's routed
-  // experts too (nn::ExpertLora); registered in the ParamStore (and in its layer's ZeRO-3 residency
-  // group). Returns the adapted modules' names (for experts, the experts' internal prefix).
+  // experts too (nn::ExpertLora, in that layout); registered in the ParamStore (and in its layer's
+  // ZeRO-3 residency group). Returns the adapted modules' names (for experts, the experts' internal
+  // prefix).
   virtual std::vector<std::string> add_lora(int64_t rank, float scale,
                                             const std::function<bool(const std::string& module)>& wants,
-                                            bool experts = false, float dropout = 0.f);
+                                            nn::ExpertAdapters experts = nn::ExpertAdapters::None, float dropout = 0.f);
 
  protected:
   hf::ModelConfig cfg_;

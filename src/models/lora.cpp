@@ -72,7 +72,69 @@ std::vector<ExpertPiece> expert_pieces(const CausalLM& model, const nn::Param& p
   return out;
 }
 
+const std::string kLoraA = ".lora_A.weight", kLoraB = ".lora_B.weight";
+
+// The fused weight a 3-D LoRA parameter adapts ("<fused>.lora_A.weight" -> "<fused>").
+std::string fused_of(const std::string& lora_name) { return lora_name.substr(0, lora_name.size() - kLoraA.size()); }
+
+// A fused expert adapter's one PEFT tensor (target_parameters): PEFT nests the wrapper of the
+// experts' first parameter (gate_up) inside the other's, as `base_layer`, whatever the order the
+// config lists them in.
+std::string fused_key(const CausalLM& model, const nn::Param& p) {
+  const std::string fused = fused_of(p.name);
+  const hf::ExpertGroup* g = model.adapter().group_of(fused);
+  MF_CHECK(g, "internal: expert LoRA parameter ", p.name, " belongs to no expert group");
+  return kPeftPrefix + fused.substr(0, fused.rfind('.')) + (fused == g->gate_up ? ".base_layer" : "") +
+         (ends_with(p.name, kLoraA) ? kLoraA : kLoraB);
+}
+
+// PEFT's layout of a fused adapter for `experts` experts: A [E*r, in] (expert-major rows: the same
+// memory as ours [E, r, in]); B [out, r*E] with column j*E + e (ours [E, out, r]).
+Shape fused_file_shape(const nn::Param& p, int64_t experts) {
+  return ends_with(p.name, kLoraA) ? Shape{experts * p.shape[1], p.shape[2]} : Shape{p.shape[1], p.shape[2] * experts};
+}
+
+// Ours [E, rows, cols] (all of the model's experts) -> PEFT's.
+Tensor fused_to_file(const nn::Param& p, const Tensor& v) {
+  const int64_t e_n = v.size(0), out = v.size(1), r = v.size(2);
+  if (ends_with(p.name, kLoraA)) return v.view({e_n * out, r}).clone();
+  Tensor t = Tensor::empty({out, r * e_n}, DType::F32);
+  for (int64_t e = 0; e < e_n; ++e)
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t j = 0; j < r; ++j) t.f32()[o * r * e_n + j * e_n + e] = v.f32()[(e * out + o) * r + j];
+  return t;
+}
+
+// PEFT's tensor `t` (all `experts` of the model) -> ours for experts [first, first + p.shape[0]).
+Tensor fused_from_file(const nn::Param& p, const Tensor& t, int64_t experts, int64_t first) {
+  const int64_t here = p.shape[0], rows = p.shape[1], cols = p.shape[2];
+  Tensor v = Tensor::empty(p.shape, DType::F32);
+  for (int64_t x = 0; x < here; ++x)
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j)
+        v.f32()[(x * rows + i) * cols + j] = ends_with(p.name, kLoraA)
+                                                 ? t.f32()[((first + x) * rows + i) * cols + j]
+                                                 : t.f32()[i * cols * experts + j * experts + first + x];
+  return v;
+}
+
+// The fused weight's path inside its layer ("model.layers.3.mlp.experts.gate_up_proj" ->
+// "mlp.experts.gate_up_proj"), as target_parameters names it.
+std::string in_layer(const std::string& name) {
+  const size_t at = name.find("layers.");
+  if (at == std::string::npos) return name;
+  const size_t dot = name.find('.', at + 7);
+  return dot == std::string::npos ? name : name.substr(dot + 1);
+}
+
 }  // namespace
+
+nn::ExpertAdapters expert_adapter_layout(const std::string& type) {
+  if (type == "mixtral" || type == "qwen3_moe" || type == "deepseek_v3" || type == "olmoe")
+    return nn::ExpertAdapters::PerExpert;
+  if (type == "gpt_oss" || type == "qwen2_moe" || type == "nemotron_h") return nn::ExpertAdapters::Fused;
+  return nn::ExpertAdapters::None;
+}
 
 float LoraOptions::scale() const {
   return static_cast<float>(rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank));
@@ -88,15 +150,16 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
   MF_CHECK(o.rank > 0, source, ": key 'peft.rank': ", o.rank, " must be positive");
   MF_CHECK(std::isfinite(o.alpha) && o.alpha > 0, source, ": key 'peft.alpha': ", o.alpha, " must be positive");
   MF_CHECK(o.dropout >= 0 && o.dropout < 1, source, ": key 'peft.dropout': ", o.dropout, " must be in [0, 1)");
-  MF_CHECK(!o.targets.empty(), source, ": key 'peft.target_modules' is empty");
+  MF_CHECK(!o.targets.empty() || !o.target_parameters.empty(), source, ": key 'peft.target_modules' is empty");
   MF_CHECK(!has_lora(model), source, ": the model has LoRA adapters already");
   const std::string type = model.config().model_type;
-  // The families whose routed experts PEFT (0.21, on Transformers 5) loads per-expert adapters into:
-  // it maps the per-expert projection names onto the fused experts, so on these families those names
-  // mean the routed experts (and only them: the same names on dense or shared-expert MLPs are never
-  // adapted, since PEFT would put them on the experts too).
+  // Where PEFT (0.21, on Transformers 5) loads per-expert adapters, it maps the per-expert projection
+  // names onto the fused experts, so on those families the names mean the routed experts (and only
+  // them: the same names on dense or shared-expert MLPs are never adapted, since PEFT would put them
+  // on the experts too). Elsewhere the experts take fused adapters (target_parameters).
+  const nn::ExpertAdapters layout = expert_adapter_layout(type);
+  const bool expert_family = layout == nn::ExpertAdapters::PerExpert;
   const bool mixtral = type == "mixtral";
-  const bool expert_family = mixtral || type == "qwen3_moe" || type == "deepseek_v3" || type == "olmoe";
   const std::set<std::string> expert_leaves =
       mixtral ? std::set<std::string>{"w1", "w2", "w3"} : std::set<std::string>{"gate_proj", "up_proj", "down_proj"};
   std::set<std::string> expert_named;
@@ -104,9 +167,8 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
   for (const std::string& t : o.targets) {
     const std::string leaf = t.substr(t.rfind('.') + 1);
     if (t == "experts" || (expert_family && expert_leaves.count(leaf))) {
-      MF_CHECK(expert_family, source, ": key 'peft.target_modules': '", t, "': LoRA on the routed experts of ", type,
-               " is not built (PEFT cannot load per-expert adapters of this family into Transformers 5's fused "
-               "experts); the attention and other projections can be adapted");
+      MF_CHECK(layout != nn::ExpertAdapters::None, source, ": key 'peft.target_modules': '", t, "': ", type,
+               " has no routed experts");
       if (t == "experts") expert_named = expert_leaves;
       else expert_named.insert(leaf);
       experts = true;
@@ -116,10 +178,38 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
     MF_CHECK(type != "nemotron_h" || (t != "out_proj" && t != "conv1d"), source, ": key 'peft.target_modules': '",
              t, "' cannot be adapted on nemotron_h (PEFT refuses out_proj and conv1d on Mamba models)");
   }
+  // target_parameters: the fused experts' weights by name, both of them.
+  std::set<std::string> fused_named;
+  if (!o.target_parameters.empty()) {
+    MF_CHECK(layout == nn::ExpertAdapters::Fused, source, ": key 'peft.target_parameters': ", type,
+             layout == nn::ExpertAdapters::None ? " has no routed experts"
+                                                : "'s routed experts take per-expert adapters (PEFT and vLLM load those): "
+                                                  "give 'experts' in target_modules instead");
+    std::set<std::string> fused_weights;  // in-layer paths of the experts' gate_up and down weights
+    for (const auto& p : model.params().all())
+      if (const hf::ExpertGroup* g = model.adapter().group_of(p.name); g && (p.name == g->gate_up || p.name == g->down))
+        fused_weights.insert(in_layer(p.name));
+    for (const std::string& t : o.target_parameters) {
+      std::string hit;
+      for (const std::string& w : fused_weights)
+        if (w == t || ends_with(w, "." + t)) hit = w;
+      MF_CHECK(!hit.empty(), source, ": key 'peft.target_parameters': '", t, "' names none of the experts' weights of this ",
+               type, " model (", [&] {
+                 std::string s;
+                 for (const std::string& w : fused_weights) s += (s.empty() ? "" : ", ") + w;
+                 return s;
+               }(), ")");
+      fused_named.insert(hit);
+    }
+    MF_CHECK(fused_named == fused_weights, source, ": key 'peft.target_parameters': LoRA on the routed experts "
+             "takes both of their weights (gate_up and down)");
+    experts = true;
+  }
   MF_CHECK(!experts || o.dropout == 0, source, ": key 'peft.dropout': ", o.dropout, " with the routed experts "
            "targeted (PEFT's LoRA on fused experts has no dropout; set 0.0)");
-  MF_CHECK(!experts || expert_named == expert_leaves, source, ": key 'peft.target_modules': LoRA on the routed experts "
-           "takes all of their projections (give 'experts', or all of the per-expert names)");
+  MF_CHECK(!experts || layout != nn::ExpertAdapters::PerExpert || expert_named == expert_leaves, source,
+           ": key 'peft.target_modules': LoRA on the routed experts takes all of their projections (give 'experts', "
+           "or all of the per-expert names)");
   std::set<std::string> written;
   std::vector<bool> used(o.targets.size(), false);
   LoraState st;
@@ -141,17 +231,28 @@ LoraState apply_lora(CausalLM& model, const LoraOptions& o, uint64_t seed, const
         }
         return hit;
       },
-      experts, static_cast<float>(o.dropout));
+      experts ? layout : nn::ExpertAdapters::None, static_cast<float>(o.dropout));
   if (experts) {
-    bool any = false;
-    for (const auto& p : model.params().all()) any = any || (p.lora && p.shape.size() == 3);
-    MF_CHECK(any, source, ": key 'peft.target_modules' names the routed experts, but this ", type,
+    std::set<std::string> fused_params;
+    for (const auto& p : model.params().all())
+      if (p.lora && p.shape.size() == 3) fused_params.insert(in_layer(fused_of(p.name)));
+    MF_CHECK(!fused_params.empty(), source, ": key 'peft.target_modules' names the routed experts, but this ", type,
              " model has no MoE layers");
     for (size_t i = 0; i < o.targets.size(); ++i) {
       const std::string leaf = o.targets[i].substr(o.targets[i].rfind('.') + 1);
-      if (o.targets[i] == "experts" || expert_leaves.count(leaf)) used[i] = true;
+      if (o.targets[i] == "experts" || (expert_family && expert_leaves.count(leaf))) used[i] = true;
     }
-    written.insert(expert_leaves.begin(), expert_leaves.end());
+    if (expert_family) {
+      written.insert(expert_leaves.begin(), expert_leaves.end());
+    } else {  // gate_up first: the order PEFT nests them in
+      for (const auto& p : model.params().all()) {
+        const hf::ExpertGroup* g = p.lora ? nullptr : model.adapter().group_of(p.name);
+        if (g && p.name == g->gate_up) {
+          st.written_parameters = {in_layer(g->gate_up), in_layer(g->down)};
+          break;
+        }
+      }
+    }
   }
   for (size_t i = 0; i < o.targets.size(); ++i)
     MF_CHECK(used[i], source, ": key 'peft.target_modules': '", o.targets[i], "' matches no projection of this ",
@@ -197,6 +298,11 @@ hf::NamedTensors adapter_tensors(const CausalLM& model, const std::vector<Tensor
     const Tensor v = src.dtype() == DType::F32 ? src : src.to(DType::F32);
     if (p.shape.size() != 3) {
       tensors.emplace_back(adapter_key(p.name), v);
+      continue;
+    }
+    if (expert_adapter_layout(model.config().model_type) == nn::ExpertAdapters::Fused) {
+      MF_CHECK(v.size(0) == model.adapter().group_of(p.name)->experts, "internal: ", p.name, " is not whole");
+      tensors.emplace_back(fused_key(model, p), fused_to_file(p, v));
       continue;
     }
     for (const ExpertPiece& piece : expert_pieces(model, p, whole)) {  // per expert, as PEFT and vLLM name them
@@ -252,6 +358,9 @@ void write_adapter_config(const LoraState& lora, const std::string& base_model, 
                               {"lora_alpha", o.alpha},
                               {"lora_dropout", o.dropout},
                               {"target_modules", lora.written_targets},
+                              {"target_parameters", lora.written_parameters.empty()
+                                                        ? nlohmann::ordered_json(nullptr)
+                                                        : nlohmann::ordered_json(lora.written_parameters)},
                               {"bias", "none"},
                               {"fan_in_fan_out", false},
                               {"use_rslora", o.rslora},
@@ -323,11 +432,21 @@ LoraOptions read_adapter_config(const std::string& dir) {
   o.targets.clear();
   if (t.is_string()) {
     o.targets.push_back(t.get<std::string>());
+  } else if (t.is_null() && j.contains("target_parameters") && j["target_parameters"].is_array()) {
+    // only the experts' weights (target_parameters)
   } else {
     MF_CHECK(t.is_array(), path, ": field 'target_modules' must be a list of names or a string");
     for (const auto& e : t) {
       MF_CHECK(e.is_string(), path, ": field 'target_modules' must hold strings");
       o.targets.push_back(e.get<std::string>());
+    }
+  }
+  if (j.contains("target_parameters") && !j["target_parameters"].is_null()) {
+    const auto& tp = j["target_parameters"];
+    MF_CHECK(tp.is_array(), path, ": field 'target_parameters' must be a list of parameter names");
+    for (const auto& e : tp) {
+      MF_CHECK(e.is_string(), path, ": field 'target_parameters' must hold strings");
+      o.target_parameters.push_back(e.get<std::string>());
     }
   }
   MF_CHECK(o.dropout >= 0 && o.dropout < 1, path, ": field 'lora_dropout' must be in [0, 1)");
@@ -341,6 +460,17 @@ void load_adapter_weights(CausalLM& model, const std::string& dir) {
   std::set<std::string> used;
   for (auto& p : model.params().all()) {
     if (!p.lora) continue;
+    if (p.shape.size() == 3 && expert_adapter_layout(model.config().model_type) == nn::ExpertAdapters::Fused) {
+      const std::string key = fused_key(model, p);
+      const hf::ExpertGroup* g = model.adapter().group_of(p.name);
+      MF_CHECK(file.contains(key), path, ": missing '", key, "' (the adapter does not cover this model's targets)");
+      const Tensor t = file.get(key).to(DType::F32);
+      MF_CHECK(t.shape() == fused_file_shape(p, g->experts), path, ": '", key, "' is ", shape_str(t.shape()),
+               ", the model needs ", shape_str(fused_file_shape(p, g->experts)));
+      p.value = fused_from_file(p, t, g->experts, g->first);
+      used.insert(key);
+      continue;
+    }
     if (p.shape.size() == 3) {  // a fused expert adapter, from its per-expert tensors
       Tensor v = Tensor::zeros(p.shape, DType::F32);
       for (const ExpertPiece& piece : expert_pieces(model, p)) {
@@ -366,7 +496,7 @@ void load_adapter_weights(CausalLM& model, const std::string& dir) {
   }
   // Under expert parallelism the other ranks' experts are in the file too.
   for (const auto& p : model.params().all())
-    if (p.lora && p.shape.size() == 3)
+    if (p.lora && p.shape.size() == 3 && expert_adapter_layout(model.config().model_type) != nn::ExpertAdapters::Fused)
       for (const ExpertPiece& piece : expert_pieces(model, p, /*whole=*/true)) used.insert(piece.key);
   for (const auto& e : file.entries())
     MF_CHECK(used.count(e.name), path, ": '", e.name, "' belongs to no adapted module of this model");
@@ -392,13 +522,17 @@ void merge_lora(CausalLM& model, const LoraState& lora) {
     MF_CHECK(w->value.defined() && w->value.dtype() == DType::F32, "merge: ", w->name, " is not on the host in F32");
     const int64_t experts = a.shape.size() == 3 ? a.shape[0] : 1;
     const int64_t out = b->shape[b->shape.size() - 2], in = a.shape.back(), r = a.shape[a.shape.size() - 2];
+    // GPT-OSS keeps its expert weights [E, in, out]: the delta goes in transposed.
+    const hf::ExpertGroup* g = a.shape.size() == 3 ? model.adapter().group_of(w->name) : nullptr;
+    const bool transposed = g && g->transposed;
     for (int64_t x = 0; x < experts; ++x) {  // W[x] += scale * B[x] A[x] (a block-diagonal B: gate and up apart)
       const Tensor bx = b->value.view({experts, out, r}).slice0(x, 1).view({out, r});
       const Tensor ax = a.value.view({experts, r, in}).slice0(x, 1).view({r, in});
-      Tensor delta = Tensor::zeros({out, in}, DType::F32);
-      ops::gemm(bx, false, ax, false, delta);
+      Tensor delta = Tensor::zeros(transposed ? Shape{in, out} : Shape{out, in}, DType::F32);
+      if (transposed) ops::gemm(ax, true, bx, true, delta);  // (B A)^T = A^T B^T
+      else ops::gemm(bx, false, ax, false, delta);
       ops::scale_inplace({delta}, scale);
-      Tensor wx = w->value.view({experts, out, in}).slice0(x, 1).view({out, in});
+      Tensor wx = w->value.view({experts, transposed ? in : out, transposed ? out : in}).slice0(x, 1).view(delta.shape());
       ops::add_inplace(wx, delta);
     }
     ops::zero(b->value);

@@ -20,6 +20,10 @@ struct LoraOptions {
   // components), "all-linear" for every projection, or a container module ("shared_expert",
   // "shared_experts") for the projections inside it.
   std::vector<std::string> targets = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  // PEFT's target_parameters: the routed experts' fused 3-D weights by name ("mlp.experts.gate_up_proj",
+  // "mlp.experts.down_proj"; both), on the families whose experts take fused adapters
+  // (expert_adapter_layout); "experts" in `targets` means the same there.
+  std::vector<std::string> target_parameters;
   std::string init_adapter;  // a PEFT adapter folder to start from ("": A random, B zero, as PEFT)
 
   float scale() const;
@@ -31,7 +35,16 @@ struct LoraState {
   LoraOptions options;
   std::vector<std::string> modules;
   std::vector<std::string> written_targets;
+  std::vector<std::string> written_parameters;  // target_parameters to write (fused expert adapters)
 };
+
+// How a family's routed experts take LoRA so that PEFT loads it into Transformers 5 (and vLLM
+// serves it): PerExpert where PEFT maps per-expert module names (experts.{e}.gate_proj, ...) onto
+// the fused experts (qwen3_moe, deepseek_v3, olmoe, mixtral); Fused, one adapter per fused 3-D
+// weight as PEFT's target_parameters puts it (keys `<experts>.base_layer.lora_A.weight` for
+// gate_up, `<experts>.lora_A.weight` for down; A [E*r, in] expert-major, B [out, r*E] with column
+// j*E + e), where it has no per-expert mapping (gpt_oss, qwen2_moe, nemotron_h); None without experts.
+nn::ExpertAdapters expert_adapter_layout(const std::string& model_type);
 
 // Adds the adapters to `model` (after its weights are loaded), initialises them (A uniform in
 // +-1/sqrt(in) as PEFT's Kaiming init, B zero; or from options.init_adapter) and freezes every

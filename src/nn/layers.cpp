@@ -485,8 +485,9 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     if (gpt_oss) {
       if (ps.trainable(gate_up)) ops::grouped_linear_weight_grad(xs, d_h, off, ps.grad(gate_up), true);
       if (ps.trainable(*gate_up_bias)) ops::grouped_bias_grad(d_h, off, ps.grad(*gate_up_bias));
-      xs = Tensor();
       ops::grouped_linear(d_h, ps.value(gate_up), off, d_xs);
+      if (lora) lora->gate_up_backward(ps, xs, off, d_h, d_xs);
+      xs = Tensor();
     } else {
       if (ps.trainable(gate_up)) ops::grouped_linear_weight_grad(d_h, xs, off, ps.grad(gate_up), true);
       ops::grouped_linear_input_grad(d_h, ps.value(gate_up), off, d_xs);

@@ -67,14 +67,14 @@ void lowrank_forward(const ParamAccess& ps, size_t a, size_t b, float scale, con
   ops::add_inplace(out, u);
 }
 
-void lowrank_backward(ParamAccess& ps, size_t a, size_t b, float scale, int64_t parts, const Tensor& x,
+void lowrank_backward(ParamAccess& ps, size_t a, size_t b, float scale, int64_t blocks, const Tensor& x,
                       const std::vector<int64_t>& off, const Tensor& dy, Tensor& dx) {
   const int64_t rows = x.size(0);
   Tensor t = ops::empty({rows, ps.value(a).size(1)}, x.dtype(), x.device(), "expert LoRA inner");
   ops::grouped_linear(x, ps.value(a), off, t);  // recomputed, [rows, R]
   ops::scale_inplace({t}, scale);
   ops::grouped_linear_weight_grad(dy, t, off, ps.grad(b), /*accumulate=*/true);
-  if (parts > 1) ops::zero_off_diagonal_blocks(ps.grad(b), parts);
+  if (blocks > 1) ops::zero_off_diagonal_blocks(ps.grad(b), blocks);
   Tensor dt = ops::empty(t.shape(), dy.dtype(), dy.device(), "expert LoRA inner gradient");
   ops::grouped_linear_input_grad(dy, ps.value(b), off, dt);
   ops::scale_inplace({dt}, scale);
@@ -87,11 +87,11 @@ void lowrank_backward(ParamAccess& ps, size_t a, size_t b, float scale, int64_t 
 }  // namespace
 
 void ExpertLora::init(ParamStore& ps, const std::string& gate_up_name, const std::string& down_name, int64_t experts,
-                      int64_t width, int64_t inter, int64_t parts_, int64_t rank, float scale_) {
-  parts = parts_;
+                      int64_t width, int64_t inter, int64_t gate_up_rows, int64_t blocks_, int64_t rank, float scale_) {
+  blocks = blocks_;
   scale = scale_;
-  gate_up_a = ps.add(gate_up_name + ".lora_A.weight", {experts, parts * rank, width});
-  gate_up_b = ps.add(gate_up_name + ".lora_B.weight", {experts, parts * inter, parts * rank});
+  gate_up_a = ps.add(gate_up_name + ".lora_A.weight", {experts, blocks * rank, width});
+  gate_up_b = ps.add(gate_up_name + ".lora_B.weight", {experts, gate_up_rows, blocks * rank});
   down_a = ps.add(down_name + ".lora_A.weight", {experts, rank, inter});
   down_b = ps.add(down_name + ".lora_B.weight", {experts, width, rank});
   for (size_t i : {gate_up_a, gate_up_b, down_a, down_b}) ps.all()[i].lora = true;
@@ -109,7 +109,7 @@ void ExpertLora::down_forward(const ParamAccess& ps, const Tensor& act, const st
 
 void ExpertLora::gate_up_backward(ParamAccess& ps, const Tensor& xs, const std::vector<int64_t>& off,
                                   const Tensor& d_h, Tensor& d_xs) const {
-  lowrank_backward(ps, gate_up_a, gate_up_b, scale, parts, xs, off, d_h, d_xs);
+  lowrank_backward(ps, gate_up_a, gate_up_b, scale, blocks, xs, off, d_h, d_xs);
 }
 
 void ExpertLora::down_backward(ParamAccess& ps, const Tensor& act, const std::vector<int64_t>& off, const Tensor& d_y,

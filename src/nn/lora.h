@@ -48,24 +48,28 @@ struct LoraAdapter {
   Tensor dropped(const Tensor& x) const;
 };
 
-// LoRA on a MoE layer's local experts, per expert and projection as PEFT names them for checkpoints
-// with per-expert modules (experts.{e}.gate_proj / up_proj / down_proj: A [r, in], B [out, r]),
-// held fused for the grouped GEMMs (no per-expert loop):
-//   `<gate_up>.lora_A.weight` [E, parts*r, width]  (gate rows, then up rows)
-//   `<gate_up>.lora_B.weight` [E, parts*I, parts*r] block-diagonal: the off-diagonal
-//       blocks stay zero (their gradient is zeroed), so gate and up adapt apart as PEFT's per-expert
-//       modules do (costing (parts-1)/parts of B's memory more than separate tensors)
+// LoRA on a MoE layer's local experts, held fused for the grouped GEMMs (no per-expert loop):
+//   `<gate_up>.lora_A.weight` [E, blocks*r, width]
+//   `<gate_up>.lora_B.weight` [E, gate_up rows, blocks*r]
 //   `<down>.lora_A.weight` [E, r, I], `<down>.lora_B.weight` [E, width, r]
-// (<gate_up>, <down>: the fused expert weights' internal names).
-// parts: 2 for gated experts (gate|up), 1 for relu^2 experts (up only).
+// (<gate_up>, <down>: the fused expert weights' internal names; the gate_up rows in the order of the
+// fused weight's outputs: gate then up, GPT-OSS's interleaved, or up alone for relu^2 experts).
+// blocks = 2: per expert and projection as PEFT names them for checkpoints with per-expert modules
+// (experts.{e}.gate_proj / up_proj: A [r, in], B [I, r] each): A stacks gate's rows then up's, and
+// B is block-diagonal, its off-diagonal blocks held at zero (their gradient is zeroed), so gate and
+// up adapt apart (costing half of gate_up's B more memory than separate tensors).
+// blocks = 1: one rank-r adapter on the whole fused parameter, as PEFT's `target_parameters` puts
+// it on Transformers 5's 3-D expert weights (gate and up share A).
+enum class ExpertAdapters { None, PerExpert, Fused };
 struct ExpertLora {
   size_t gate_up_a = 0, gate_up_b = 0, down_a = 0, down_b = 0;
-  int64_t parts = 2;
+  int64_t blocks = 2;
   float scale = 1.f;
   // gate_up_name, down_name: the fused expert weights' internal names (the adapters are named after
-  // them: "<gate_up_name>.lora_A.weight", ...); experts: this rank's.
+  // them: "<gate_up_name>.lora_A.weight", ...); experts: this rank's; gate_up_rows: the fused
+  // gate_up weight's outputs (2I gated, I ungated).
   void init(ParamStore& ps, const std::string& gate_up_name, const std::string& down_name, int64_t experts,
-            int64_t width, int64_t inter, int64_t parts_, int64_t rank, float scale_);
+            int64_t width, int64_t inter, int64_t gate_up_rows, int64_t blocks_, int64_t rank, float scale_);
   // h [rows, parts*I] += the adapters' gate|up output for the expert rows xs; y [rows, width] likewise for down.
   void gate_up_forward(const ParamAccess& ps, const Tensor& xs, const std::vector<int64_t>& off, Tensor& h) const;
   void down_forward(const ParamAccess& ps, const Tensor& act, const std::vector<int64_t>& off, Tensor& y) const;

@@ -227,11 +227,23 @@ std::vector<Key> make_keys() {
          } else {
            MF_THROW(w, ": key 'peft.target_modules' must be a list of module names or all-linear");
          }
-         if (r.lora.targets.empty()) MF_THROW(w, ": key 'peft.target_modules' is empty");
+         // (empty: only the experts' weights, given by peft.target_parameters; apply_lora checks that)
        },
        [](const Recipe& r) {
          std::string s = "[";
          for (size_t i = 0; i < r.lora.targets.size(); ++i) s += (i ? ", " : "") + r.lora.targets[i];
+         return s + "]";
+       }},
+      {"peft.target_parameters",
+       [](Recipe& r, const YAML::Node& n, const std::string& w) {
+         r.lora.target_parameters.clear();
+         if (!n.IsSequence()) MF_THROW(w, ": key 'peft.target_parameters' must be a list of parameter names");
+         for (const auto& e : n)
+           r.lora.target_parameters.push_back(as<std::string>(e, "peft.target_parameters", w, "a parameter name"));
+       },
+       [](const Recipe& r) {
+         std::string s = "[";
+         for (size_t i = 0; i < r.lora.target_parameters.size(); ++i) s += (i ? ", " : "") + r.lora.target_parameters[i];
          return s + "]";
        }},
       {"peft.adapter",

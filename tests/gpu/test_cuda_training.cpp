@@ -181,7 +181,8 @@ TEST_P(CudaLoraMemory, FrozenBaseKeepsNoF32MasterUnderBf16Mixed) {
 
 INSTANTIATE_TEST_SUITE_P(Families, CudaLoraMemory, ::testing::Values("llama_a", "qwen3_moe_a", "deepseek_v3_a", "nemotron_h_a"));
 INSTANTIATE_TEST_SUITE_P(Families, CudaLora,
-                         ::testing::Values("llama_a", "qwen3_moe_a", "deepseek_v3_a", "nemotron_h_a", "qwen3_moe_a/experts"),
+                         ::testing::Values("llama_a", "qwen3_moe_a", "deepseek_v3_a", "nemotron_h_a", "qwen3_moe_a/experts",
+                                           "gpt_oss_a/experts", "qwen2_moe_a/experts", "nemotron_h_a/experts"),
                          [](const auto& info) {
                            std::string n = info.param;
                            std::replace(n.begin(), n.end(), '/', '_');

@@ -161,10 +161,8 @@ TEST(Lora, TargetsItCannotAdaptAreErrorsNamingTheKey) {
     o.dropout = dropout;
     return test::error_of([&] { models::apply_lora(*m.model, o, 1, "recipe.yaml"); });
   };
-  // Experts where PEFT cannot load per-expert adapters; a partial set of the experts' projections.
-  EXPECT_NE(error_for("nemotron_h_a", {"q_proj", "experts"}).find("routed experts of nemotron_h is not built"),
-            std::string::npos);
-  EXPECT_NE(error_for("qwen2_moe_a", {"experts"}).find("routed experts of qwen2_moe"), std::string::npos);
+  // Experts where there are none; a partial set of the experts' projections.
+  EXPECT_NE(error_for("llama_a", {"q_proj", "experts"}).find("'experts': llama has no routed experts"), std::string::npos);
   EXPECT_NE(error_for("qwen3_moe_a", {"gate_proj", "up_proj"}).find("takes all of their projections"),
             std::string::npos);
   EXPECT_NE(error_for("llama_a", {"q_proj", "qq_proj"}).find("'qq_proj' matches no projection"), std::string::npos);
@@ -308,6 +306,97 @@ TEST(LoraExperts, PerExpertAdapterMatchesPeftLogitsAndThreeAdamWSteps) {
   const Tensor before = model.forward({ids}).logits;
   models::merge_lora(model, st);
   EXPECT_LT(test::max_abs_diff(model.forward({ids}).logits, before), 1e-4f * scale);
+}
+
+// LoRA on the routed experts of the families PEFT has no per-expert mapping for: one adapter per
+// fused 3-D expert weight (PEFT's target_parameters; the fixtures' lora_experts/ trained and saved by
+// PEFT itself): GPT-OSS's transposed, interleaved gate_up with biases, Qwen2-MoE's gate|up beside a
+// shared expert, Nemotron-H's ungated relu^2 experts.
+class FusedExpertLora : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(FusedExpertLora, MatchesPeftLogitsThreeAdamWStepsAndWritesPeftsKeys) {
+  const std::string dir = test::fixture(GetParam()), lora_dir = dir + "/lora_experts";
+  auto ref = hf::SafetensorsFile::open(lora_dir + "/reference.safetensors");
+  auto m = models::from_pretrained(dir);
+  const models::LoraState st = models::apply_adapter_folder(*m.model, lora_dir + "/adapter_init");
+  auto& model = *m.model;
+  int fused = 0;
+  for (const auto& p : model.params().all()) fused += p.lora && p.shape.size() == 3;
+  EXPECT_GE(fused, 4);  // gate_up A, B and down A, B in every MoE layer
+  EXPECT_EQ(fused % 4, 0);
+  const Tensor want = ref.get("logits");
+  float scale = 1.f;
+  for (float v : want.to_f32_vector()) scale = std::max(scale, std::abs(v));
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  EXPECT_LT(test::max_abs_diff(model.forward({ids}).logits.view(want.shape()), want), 1e-4f * scale);
+  {  // the experts' adapters matter: without them (q_proj's kept) the logits differ
+    auto q_only = models::from_pretrained(dir);
+    models::LoraOptions o = models::read_adapter_config(lora_dir + "/adapter_init");
+    EXPECT_EQ(o.targets, std::vector<std::string>{"q_proj"});
+    EXPECT_EQ(o.target_parameters.size(), 2u);
+    o.target_parameters.clear();
+    models::apply_lora(*q_only.model, o, 1, "test");
+    for (auto& p : q_only.model->params().all())
+      if (p.lora) p.value = model.params().find(p.name)->value.clone();
+    EXPECT_GT(test::max_abs_diff(q_only.model->forward({ids}).logits.view(want.shape()), want), 1e-3f);
+  }
+  const double lr = 1e-3;
+  train::AdamW opt(model.params(), {lr, 0.9, 0.95, 1e-8, 0.1, true});
+  const std::vector<float> want_losses = ref.get("train_losses").to_f32_vector();
+  for (int step = 0; step < 3; ++step) {
+    model.params().zero_grad();
+    auto r = model.forward_backward({ids, &labels}, test::step_options(model, labels, false, 0.0));
+    EXPECT_NEAR(test::reference_loss(model, r, 0.0), want_losses[step], 1e-5) << "step " << step;
+    for (const auto& p : model.params().all())
+      if (p.frozen) EXPECT_FALSE(p.grad.defined()) << p.name << ": a frozen weight got a gradient";
+    opt.step(lr);
+  }
+  // Written in PEFT's own keys and layout (the same set of tensors as PEFT saved), each within 1e-5
+  // of its largest or (at most 1%) the Adam step bound.
+  test::TempDir tmp;
+  models::save_adapter(model, st, dir, tmp / "after", false);
+  test::expect_adapters_match(tmp / "after/adapter_model.safetensors",
+                              lora_dir + "/adapter_after/adapter_model.safetensors", 2 * 3 * lr / (1 - 0.9));
+  auto j = nlohmann::json::parse(test::read_text(tmp / "after/adapter_config.json"));
+  auto peft = nlohmann::json::parse(test::read_text(lora_dir + "/adapter_after/adapter_config.json"));
+  EXPECT_EQ(j["target_modules"], nlohmann::json({"q_proj"}));
+  EXPECT_EQ(j["target_parameters"], peft["target_parameters"]);
+  // Read back, the same model; merged into the experts' weights, the same function.
+  auto again = models::from_pretrained(dir);
+  models::apply_adapter_folder(*again.model, tmp / "after");
+  const Tensor before = model.forward({ids}).logits;
+  EXPECT_EQ(test::max_abs_diff(again.model->forward({ids}).logits, before), 0.f);
+  models::merge_lora(model, st);
+  EXPECT_LT(test::max_abs_diff(model.forward({ids}).logits, before), 1e-4f * scale);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, FusedExpertLora, ::testing::Values("gpt_oss_a", "qwen2_moe_a", "nemotron_h_a"));
+
+TEST(FusedExpertLora, TargetParametersAreChecked) {
+  const auto error_for = [](const char* fixture, std::vector<std::string> params, std::vector<std::string> targets = {"q_proj"}) {
+    auto m = models::from_pretrained(test::fixture(fixture));
+    models::LoraOptions o;
+    o.targets = std::move(targets);
+    o.target_parameters = std::move(params);
+    return test::error_of([&] { models::apply_lora(*m.model, o, 1, "recipe.yaml"); });
+  };
+  EXPECT_NE(error_for("gpt_oss_a", {"mlp.experts.gate_up_proj"}).find("takes both of their weights"), std::string::npos);
+  EXPECT_NE(error_for("gpt_oss_a", {"mlp.experts.gate_proj", "mlp.experts.down_proj"}).find("'mlp.experts.gate_proj' names none"),
+            std::string::npos);
+  EXPECT_NE(error_for("qwen3_moe_a", {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}).find("per-expert adapters"),
+            std::string::npos);
+  EXPECT_NE(error_for("llama_a", {"mlp.experts.down_proj"}).find("has no routed experts"), std::string::npos);
+  EXPECT_NE(error_for("gpt_oss_a", {}, {}).find("is empty"), std::string::npos);
+  // "experts" and the parameters' short names mean the same; the experts alone are enough.
+  for (const auto& [params, targets] : std::vector<std::pair<std::vector<std::string>, std::vector<std::string>>>{
+           {{}, {"q_proj", "experts"}}, {{"gate_up_proj", "down_proj"}, {}}}) {
+    auto m = models::from_pretrained(test::fixture("gpt_oss_a"));
+    models::LoraOptions o;
+    o.targets = targets;
+    o.target_parameters = params;
+    const models::LoraState st = models::apply_lora(*m.model, o, 1, "recipe.yaml");
+    EXPECT_EQ(st.written_parameters, (std::vector<std::string>{"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}));
+  }
 }
 
 // LoRA dropout (PEFT's lora_dropout on the adapter's input): active only inside a training step with

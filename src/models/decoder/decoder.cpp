@@ -97,6 +97,7 @@ void Decoder::add_layer(int64_t l, const ExpertNaming& naming, size_t& moe_layer
   group.first = moe.shard.first;
   if (gpt_oss) {  // stored fused only (and MXFP4-quantised in hub checkpoints), biases beside
     group.per_expert = false;
+    group.transposed = true;
     group.fused_extra = {pre + ".mlp.experts.gate_up_proj_bias", pre + ".mlp.experts.down_proj_bias"};
   }
   adapter_.add_expert_group(group);
@@ -218,19 +219,22 @@ std::vector<nn::Linear*> Decoder::projections(Layer& L) {
 }
 
 std::vector<std::string> Decoder::add_lora(int64_t rank, float scale,
-                                           const std::function<bool(const std::string& module)>& wants, bool experts,
-                                           float dropout) {
+                                           const std::function<bool(const std::string& module)>& wants,
+                                           nn::ExpertAdapters experts, float dropout) {
   std::vector<std::string> adapted;
-  for (size_t l = 0; l < main_layers_ && experts; ++l) {
+  for (size_t l = 0; l < main_layers_ && experts != nn::ExpertAdapters::None; ++l) {
     auto* moe = std::get_if<nn::SparseMoE>(&layers_[l].mlp);
     if (!moe || (layers_[l].block && *layers_[l].block != hf::ModelConfig::Block::Moe)) continue;
-    MF_CHECK(!moe->gpt_oss, cfg_.model_type, ": LoRA on GPT-OSS's experts (their transposed, interleaved layout) is not built");
     MF_CHECK(!moe->lora, "internal: the experts of layer ", l, " have LoRA adapters already");
+    MF_CHECK(experts == nn::ExpertAdapters::Fused || !moe->gpt_oss, "internal: GPT-OSS's experts take fused adapters only");
     const nn::Param& gu = params_.all()[moe->gate_up];
     const std::string prefix = gu.name.substr(0, gu.name.rfind('.'));
+    // The gate_up weight's outputs: [E, rows, in], or [E, in, rows] in GPT-OSS's transposed layout.
+    const int64_t rows = moe->gpt_oss ? gu.shape[2] : gu.shape[1];
+    const int64_t blocks = experts == nn::ExpertAdapters::PerExpert && !moe->relu2 ? 2 : 1;
     moe->lora.emplace();
     moe->lora->init(params_, gu.name, params_.all()[moe->down].name, gu.shape[0], moe->expert_width, moe->inter,
-                    moe->relu2 ? 1 : 2, rank, scale);
+                    rows, blocks, rank, scale);
     for (size_t i : {moe->lora->gate_up_a, moe->lora->gate_up_b, moe->lora->down_a, moe->lora->down_b})
       layer_params_[l].push_back(i);
     adapted.push_back(prefix);

@@ -58,7 +58,8 @@ class Decoder : public CausalLM {
   void set_mtp_trainable(bool on) override;
   std::vector<std::string> add_lora(int64_t rank, float scale,
                                     const std::function<bool(const std::string& module)>& wants,
-                                    bool experts = false, float dropout = 0.f) override;
+                                    nn::ExpertAdapters experts = nn::ExpertAdapters::None,
+                                    float dropout = 0.f) override;
 
  private:
   struct Layer {
