@@ -239,6 +239,42 @@ TEST(LoraTraining, WritesAPeftAdapterAndResumesBitExactly) {
   EXPECT_EQ(o.targets, (std::vector<std::string>{"o_proj", "q_proj", "v_proj"}));
 }
 
+// The experts alone, by PEFT's target_parameters in the recipe (GPT-OSS): trained, checkpointed
+// and resumed bit for bit, the adapter folder naming them as PEFT does.
+TEST(LoraTraining, FusedExpertAdaptersByTargetParametersResumeBitExactly) {
+  const auto recipe = [](const test::TempDir& dir) {
+    std::ofstream f(dir / "recipe.yaml");
+    f << "model: " << test::fixture("gpt_oss_a") << "\n"
+      << "data: " << kData << "\n"
+      << "output_dir: " << (dir / "out") << "\n"
+      << "seq_len: 16\nmicro_batch: 2\nglobal_batch: 4\nsteps: 4\nlog_every: 1\nsave_every: 2\n"
+      << "optimizer:\n  lr: 1.0e-2\nmax_grad_norm: 1.0\nseed: 3\n"
+      << "peft:\n  method: lora\n  rank: 2\n  alpha: 4\n  target_modules: []\n"
+      << "  target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]\n";
+    return dir / "recipe.yaml";
+  };
+  test::TempDir full, half;
+  const train::Recipe r = train::load_recipe(recipe(full), {});
+  EXPECT_NE(r.to_yaml().find("peft.target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]"),
+            std::string::npos);
+  auto straight = train::run_training(r);
+  ASSERT_EQ(straight.losses.size(), 4u);
+  EXPECT_NE(straight.losses[0], straight.losses[3]);
+  auto j = nlohmann::json::parse(test::read_text(full / "out/final/adapter_config.json"));
+  EXPECT_EQ(j["target_modules"], nlohmann::json::array());
+  EXPECT_EQ(j["target_parameters"], nlohmann::json({"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}));
+  auto file = hf::SafetensorsFile::open(full / "out/final/adapter_model.safetensors");
+  EXPECT_EQ(file.entries().size(), 4u * 2);  // two layers: gate_up (as base_layer) and down, A and B
+  EXPECT_TRUE(file.contains("base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"));
+  auto first = train::run_training(train::load_recipe(recipe(half), {"steps=2"}));
+  auto second = train::run_training(train::load_recipe(recipe(half), {"resume=true"}));
+  ASSERT_EQ(second.losses.size(), 2u);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(first.losses[i], straight.losses[i]) << i;
+    EXPECT_EQ(second.losses[i], straight.losses[2 + i]) << 2 + i;
+  }
+}
+
 TEST(LoraTraining, RecipeKeysAreChecked) {
   test::TempDir d;
   const auto error_with = [&](const std::string& extra) {
