@@ -667,51 +667,55 @@ void grouped_case(DType dt, DType dw_dtype, const std::vector<int64_t>& off, Gro
 TEST_P(CudaOps, RoutingPermuteUnpermuteAndBackward) {
   REQUIRE_GPU();
   const DType dt = GetParam();
-  const int64_t t = 300, k = 4, e = 16, h = 72;
-  std::mt19937 g(91);
-  std::vector<int64_t> idx(t * k);
-  for (int64_t i = 0; i < t; ++i) {
-    std::vector<int64_t> pool(e);
-    for (int64_t j = 0; j < e; ++j) pool[j] = j;
-    std::shuffle(pool.begin(), pool.end(), g);
-    for (int64_t j = 0; j < k; ++j) idx[i * k + j] = (i % 3 == 0 && j == 0) ? 5 : pool[j] == 5 ? 6 : pool[j];
-  }
-  for (int64_t i = 0; i < t * k; ++i) idx[i] = idx[i] == 9 ? 10 : idx[i];  // expert 9 gets no tokens
-  // Reference plan: rows grouped by expert, token order inside.
-  std::vector<int64_t> off(e + 1, 0), dest(t * k);
-  for (int64_t a : idx) ++off[a + 1];
-  for (int64_t i = 0; i < e; ++i) off[i + 1] += off[i];
-  std::vector<int64_t> fill(off.begin(), off.end() - 1);
-  for (int64_t a = 0; a < t * k; ++a) dest[a] = fill[idx[a]]++;
-  Tensor x = randn({t, h}, 92), w = randn({t, k}, 93, 0.5f), dy = randn({t, h}, 94), yp = randn({t * k, h}, 95);
-  Tensor xr = rounded(x, dt), ypr = rounded(yp, dt), dyr = rounded(dy, dt);
-
-  const auto plan = cuda::plan_routing(cuda::to_device(Tensor::from_i64(idx, {t, k}), DType::I64), e);
-  EXPECT_EQ(plan.offsets, off);
-  Tensor got_dest = cuda::to_host_f32(plan.dest_row);
-  EXPECT_EQ(std::vector<int64_t>(got_dest.i64(), got_dest.i64() + t * k), dest);
-
-  Tensor xp_want = Tensor::zeros({t * k, h}, DType::F32), y_want = Tensor::zeros({t, h}, DType::F32);
-  Tensor dx_want = Tensor::zeros({t, h}, DType::F32), dyp_want = Tensor::zeros({t * k, h}, DType::F32);
-  Tensor dw_want = Tensor::zeros({t, k}, DType::F32);
-  for (int64_t a = 0; a < t * k; ++a) {
-    const int64_t tok = a / k;
-    for (int64_t c = 0; c < h; ++c) {
-      xp_want.f32()[dest[a] * h + c] = xr.f32()[tok * h + c];
-      y_want.f32()[tok * h + c] += w.f32()[a] * ypr.f32()[dest[a] * h + c];
-      dyp_want.f32()[dest[a] * h + c] = w.f32()[a] * dyr.f32()[tok * h + c];
-      dw_want.f32()[a] += dyr.f32()[tok * h + c] * ypr.f32()[dest[a] * h + c];
-      dx_want.f32()[tok * h + c] += ypr.f32()[dest[a] * h + c];  // permute backward of d_xp = yp
+  const int64_t t = 300, k = 4, e = 16;
+  // h = 72: rows of whole 16-byte packs (the vectorised kernels); 70: the element-wise path.
+  for (const int64_t h : {int64_t{72}, int64_t{70}}) {
+    SCOPED_TRACE("h = " + std::to_string(h));
+    std::mt19937 g(91);
+    std::vector<int64_t> idx(t * k);
+    for (int64_t i = 0; i < t; ++i) {
+      std::vector<int64_t> pool(e);
+      for (int64_t j = 0; j < e; ++j) pool[j] = j;
+      std::shuffle(pool.begin(), pool.end(), g);
+      for (int64_t j = 0; j < k; ++j) idx[i * k + j] = (i % 3 == 0 && j == 0) ? 5 : pool[j] == 5 ? 6 : pool[j];
     }
+    for (int64_t i = 0; i < t * k; ++i) idx[i] = idx[i] == 9 ? 10 : idx[i];  // expert 9 gets no tokens
+    // Reference plan: rows grouped by expert, token order inside.
+    std::vector<int64_t> off(e + 1, 0), dest(t * k);
+    for (int64_t a : idx) ++off[a + 1];
+    for (int64_t i = 0; i < e; ++i) off[i + 1] += off[i];
+    std::vector<int64_t> fill(off.begin(), off.end() - 1);
+    for (int64_t a = 0; a < t * k; ++a) dest[a] = fill[idx[a]]++;
+    Tensor x = randn({t, h}, 92), w = randn({t, k}, 93, 0.5f), dy = randn({t, h}, 94), yp = randn({t * k, h}, 95);
+    Tensor xr = rounded(x, dt), ypr = rounded(yp, dt), dyr = rounded(dy, dt);
+
+    const auto plan = cuda::plan_routing(cuda::to_device(Tensor::from_i64(idx, {t, k}), DType::I64), e);
+    EXPECT_EQ(plan.offsets, off);
+    Tensor got_dest = cuda::to_host_f32(plan.dest_row);
+    EXPECT_EQ(std::vector<int64_t>(got_dest.i64(), got_dest.i64() + t * k), dest);
+
+    Tensor xp_want = Tensor::zeros({t * k, h}, DType::F32), y_want = Tensor::zeros({t, h}, DType::F32);
+    Tensor dx_want = Tensor::zeros({t, h}, DType::F32), dyp_want = Tensor::zeros({t * k, h}, DType::F32);
+    Tensor dw_want = Tensor::zeros({t, k}, DType::F32);
+    for (int64_t a = 0; a < t * k; ++a) {
+      const int64_t tok = a / k;
+      for (int64_t c = 0; c < h; ++c) {
+        xp_want.f32()[dest[a] * h + c] = xr.f32()[tok * h + c];
+        y_want.f32()[tok * h + c] += w.f32()[a] * ypr.f32()[dest[a] * h + c];
+        dyp_want.f32()[dest[a] * h + c] = w.f32()[a] * dyr.f32()[tok * h + c];
+        dw_want.f32()[a] += dyr.f32()[tok * h + c] * ypr.f32()[dest[a] * h + c];
+        dx_want.f32()[tok * h + c] += ypr.f32()[dest[a] * h + c];  // permute backward of d_xp = yp
+      }
+    }
+    Tensor wd = cuda::to_device(w, DType::F32), ypd = cuda::to_device(yp, dt);
+    expect_close(cuda::permute_tokens(cuda::to_device(x, dt), plan), xp_want, {0, 0}, "permute");
+    expect_close(cuda::unpermute_tokens(ypd, wd, plan), y_want, tol_for(dt), "unpermute");
+    Tensor dyp, dwt;
+    cuda::unpermute_tokens_backward(cuda::to_device(dy, dt), ypd, wd, plan, dyp, dwt);
+    expect_close(dyp, dyp_want, tol_for(dt), "unpermute backward d_yp");
+    expect_close(dwt, dw_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{0.1f, 2e-2f}, "unpermute backward d_weights");
+    expect_close(cuda::permute_tokens_backward(ypd, plan), dx_want, tol_for(dt), "permute backward");
   }
-  Tensor wd = cuda::to_device(w, DType::F32), ypd = cuda::to_device(yp, dt);
-  expect_close(cuda::permute_tokens(cuda::to_device(x, dt), plan), xp_want, {0, 0}, "permute");
-  expect_close(cuda::unpermute_tokens(ypd, wd, plan), y_want, tol_for(dt), "unpermute");
-  Tensor dyp, dwt;
-  cuda::unpermute_tokens_backward(cuda::to_device(dy, dt), ypd, wd, plan, dyp, dwt);
-  expect_close(dyp, dyp_want, tol_for(dt), "unpermute backward d_yp");
-  expect_close(dwt, dw_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{0.1f, 2e-2f}, "unpermute backward d_weights");
-  expect_close(cuda::permute_tokens_backward(ypd, plan), dx_want, tol_for(dt), "permute backward");
   EXPECT_THROW(cuda::plan_routing(cuda::to_device(Tensor::from_i64({0, 16}, {1, 2}), DType::I64), e), Error);
 }
 

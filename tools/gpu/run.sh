@@ -18,7 +18,7 @@
 #                       (CONFIG-NAME: a file of shared/configs without .json)
 #   only BIN [FILTER]   one packed test binary, with an optional gtest filter ($OUT/BIN.log)
 #   bench ARGS...       the packed `moeforge bench ARGS` (configs by name: $P/configs/NAME.json), with
-#                       MOEFORGE_PHASE_TIMES=1 for the per-phase times ($OUT/bench.log)
+#                       MOEFORGE_PHASE_TIMES=1 for the per-phase times unless PHASES=0 ($OUT/bench.log)
 #   ab [BENCH FLAGS]    the packed moeforge against the packed baseline build of another commit
 #                       (tools/gpu/build_baseline.sh), alternating per case: q30 cut to 4 and 8 layers,
 #                       native and balanced routing, bf16, optimizer in backward, seq 4096; with 2+
@@ -127,7 +127,7 @@ PY
   bench)
     shift
     name=$1; shift
-    MOEFORGE_PHASE_TIMES=1 timeout 500 "$P/bin/moeforge" bench "$P/configs/$name.json" "$@" 2>&1 | tee -a "$OUT/bench.log" ;;
+    MOEFORGE_PHASE_TIMES=${PHASES:-1} timeout 500 "$P/bin/moeforge" bench "$P/configs/$name.json" "$@" 2>&1 | tee -a "$OUT/bench.log" ;;
   compare)
     shift
     name=$1; shift

@@ -91,22 +91,49 @@ __global__ void gather_rows_kernel(const T* in, const int64_t* index, T* out, in
     out[i] = in[index[i / h] * h + i % h];
 }
 
-// One block per (token, slot): d_yp row = w * dy row, and d_w = <dy, yp row>.
-template <typename T>
+// One warp per (token, slot): d_yp row = w * dy row, and d_w = <dy, yp row>. A warp and 16-byte
+// loads: the rows are 2-8 KB, so a block per row (as first written) spent its time in block
+// scheduling and two barriers per row (3.3 ms per q30-L4 step for ~0.3 GB of traffic,
+// docs/perf-notes.md). `vec`: elements per 16-byte load (rows and pointers 16-byte aligned), or 1.
+template <typename T, int kVec>
 __global__ void unpermute_backward_kernel(const T* dy, const T* yp, const float* w, const int64_t* dest, T* dyp,
-                                          float* dw, int64_t k, int64_t h) {
-  const int64_t a = blockIdx.x, tok = a / k, row = dest[a];
+                                          float* dw, int64_t tk, int64_t k, int64_t h) {
+  const int lane = threadIdx.x & 31;
+  const int64_t a = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (a >= tk) return;
+  const int64_t tok = a / k, row = dest[a];
   const float wa = w[a];
+  const T* g_row = dy + tok * h;
+  const T* y_row = yp + row * h;
+  T* d_row = dyp + row * h;
   float dot = 0.f;
-  for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
-    const float g = load(dy, tok * h + c);
-    store(dyp, row * h + c, wa * g);
-    dot += g * load(yp, row * h + c);
+  if constexpr (kVec > 1) {
+    using Pack = uint4;  // kVec elements of T
+    for (int64_t c = lane * kVec; c < h; c += 32 * kVec) {
+      const Pack gp = *reinterpret_cast<const Pack*>(g_row + c);
+      const Pack yq = *reinterpret_cast<const Pack*>(y_row + c);
+      const T* ge = reinterpret_cast<const T*>(&gp);
+      const T* ye = reinterpret_cast<const T*>(&yq);
+      Pack out;
+      T* oe = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const float g = load(ge, e);
+        store(oe, e, wa * g);
+        dot += g * load(ye, e);
+      }
+      *reinterpret_cast<Pack*>(d_row + c) = out;
+    }
+  } else {
+    for (int64_t c = lane; c < h; c += 32) {
+      const float g = load(g_row, c);
+      store(d_row, c, wa * g);
+      dot += g * load(y_row, c);
+    }
   }
-  dot = block_sum(dot);
-  if (threadIdx.x == 0) dw[a] = dot;
+  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+  if (lane == 0) dw[a] = dot;
 }
-
 
 void check_plan(const RoutingPlan& p, const Tensor& x, int64_t rows_expected, const char* op) {
   MF_CHECK(p.dest_row.defined(), op, ": empty routing plan");
@@ -182,11 +209,18 @@ void unpermute_tokens_backward(const Tensor& dy, const Tensor& yp, const Tensor&
   d_yp = empty(yp.shape(), yp.dtype(), "permuted output gradient");
   d_weights = empty({t, p.top_k}, DType::F32, "routing weight gradient");
   if (t == 0) return;
+  const int64_t tk = t * p.top_k;
+  constexpr int kWarps = 8;  // (token, slot) pairs per block
+  const unsigned blocks = static_cast<unsigned>((tk + kWarps - 1) / kWarps);
   dispatch_float(dy.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    unpermute_backward_kernel<<<t * p.top_k, threads_for(std::min<int64_t>(h, 1024)), 0, current_stream()>>>(
-        dy.data<T>(), yp.data<T>(), weights.data<float>(), p.dest_row.data<int64_t>(), d_yp.data<T>(), d_weights.data<float>(),
-        p.top_k, h);
+    constexpr int vec = 16 / sizeof(T);
+    const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
+    const bool vectorised = h % vec == 0 && aligned(dy.data<T>()) && aligned(yp.data<T>()) && aligned(d_yp.data<T>());
+    auto* kernel = vectorised ? unpermute_backward_kernel<T, vec> : unpermute_backward_kernel<T, 1>;
+    kernel<<<blocks, 32 * kWarps, 0, current_stream()>>>(dy.data<T>(), yp.data<T>(), weights.data<float>(),
+                                                          p.dest_row.data<int64_t>(), d_yp.data<T>(),
+                                                          d_weights.data<float>(), tk, p.top_k, h);
   });
   MF_CUDA_CHECK_LAUNCH("unpermute backward");
 }
