@@ -10,14 +10,15 @@ Balanced routing replaces each router's top-k choice with the round-robin assign
 (token t's slot j -> expert (t*k + j) mod E); the weights are still the router's probabilities
 at those experts, so the router trains, as in moeforge."""
 import argparse
-import json
-import statistics
+import os
 import sys
-import time
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_timing import print_row, time_steps, with_flops  # noqa: E402
 
 
 def mamba_path():
@@ -127,6 +128,7 @@ def main():
     ap.add_argument("--routing", choices=["native", "balanced"], default="native")
     ap.add_argument("--experts", default="grouped_mm", help="experts_implementation")
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (a smoke test of this script)")
     ap.add_argument("--lora-rank", type=int, help="LoRA through PEFT (the base frozen) instead of full fine-tuning")
     ap.add_argument("--lora-alpha", type=int)
     ap.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,experts",
@@ -137,7 +139,7 @@ def main():
     if a.layers:
         cut_layers(cfg, a.layers)
     torch.manual_seed(a.seed)
-    with torch.device("cuda"):
+    with torch.device(a.device):
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=best_attention(cfg), experts_implementation=a.experts,
                                                  dtype=torch.bfloat16)
     model.train()
@@ -150,69 +152,29 @@ def main():
         assert n > 0, "no router found to patch"
     if a.lora_rank:
         from peft import LoraConfig, get_peft_model
-        import peft
         targets = []
         for t in a.lora_targets.split(","):
             targets += ["gate_proj", "up_proj", "down_proj"] if t == "experts" else [t]
         model = get_peft_model(model, LoraConfig(r=a.lora_rank, lora_alpha=a.lora_alpha or 2 * a.lora_rank,
                                                  lora_dropout=0.0, target_modules=targets))
         model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    gen = torch.Generator(device="cuda").manual_seed(a.seed)
-    fwd, bwd, optm, step = [], [], [], []
-    first = last = None
-    torch.cuda.reset_peak_memory_stats()
-    peak_used = 0
-    for i in range(a.warmup + a.steps):
-        ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device="cuda", generator=gen)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        loss.backward()
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        free, total = torch.cuda.mem_get_info()
-        peak_used = max(peak_used, total - free)
-        lv = loss.item()
-        first = lv if first is None else first
-        last = lv
-        print(f"  step {i + 1}/{a.warmup + a.steps}  loss {lv:.4f}  {(t3 - t0) * 1e3:.1f} ms", file=sys.stderr)
-        if i >= a.warmup:
-            fwd.append((t1 - t0) * 1e3)
-            bwd.append((t2 - t1) * 1e3)
-            optm.append((t3 - t2) * 1e3)
-            step.append((t3 - t0) * 1e3)
-    step_ms = statistics.median(step)
-    tps = a.batch * a.seq / (step_ms / 1e3)
-    gib = 1024 ** 3
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=a.device == "cuda")
+    timing = time_steps(lambda ids: model(input_ids=ids, labels=ids).loss, opt, cfg.vocab_size, a.batch, a.seq,
+                        a.warmup, a.steps, a.device, a.seed)
     r = {
         "impl": "transformers", "transformers": transformers.__version__, "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(), "config": a.config, "layers": cfg.num_hidden_layers,
+        "device": torch.cuda.get_device_name() if a.device == "cuda" else a.device, "config": a.config,
+        "layers": cfg.num_hidden_layers,
         "params": sum(p.numel() for p in model.parameters() if not a.lora_rank or not p.requires_grad),
         **({"lora_rank": a.lora_rank, "lora_targets": a.lora_targets.split(","), "peft": __import__("peft").__version__,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)} if a.lora_rank else {}),
         "seq": a.seq, "batch": a.batch,
         "routing": a.routing, "precision": "bf16", "experts_implementation": a.experts,
-        "attn_implementation": best_attention(cfg), "steps": a.steps,
+        "attn_implementation": best_attention(cfg),
         **({"mamba_path": mamba_path()} if cfg.model_type == "nemotron_h" else {}),
-        "warmup": a.warmup, "tokens_per_s_per_gpu": tps, "model_tflops_per_gpu": flops_per_token(cfg, a.seq) * tps / 1e12,
-        "flops_per_token": flops_per_token(cfg, a.seq),
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / gib,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / gib, "device_used_gib": peak_used / gib,
-        "fwd_loss_ms": statistics.median(fwd), "bwd_ms": statistics.median(bwd),
-        "optimizer_ms": statistics.median(optm), "step_ms": step_ms, "first_loss": first, "last_loss": last,
+        **timing,
     }
-    print(f"{'transformers':<14} {tps:10.0f} {r['model_tflops_per_gpu']:8.1f} {r['peak_allocated_gib']:9.2f} "
-          f"{r['peak_reserved_gib']:9.2f} {r['device_used_gib']:9.2f} {r['fwd_loss_ms']:9.1f} {r['bwd_ms']:8.1f} "
-          f"{r['optimizer_ms']:8.1f} {step_ms:8.1f}")
-    print(json.dumps(r))
-
+    print_row("transformers", with_flops(r, flops_per_token(cfg, a.seq)))
 
 if __name__ == "__main__":
     main()

@@ -12,15 +12,14 @@ On the GPU machine (no PyPI) NeMo AutoModel and what it needs beyond the machine
 wheels: tools/gpu/fetch_nemo_wheels.sh, then `bash tools/gpu/run.sh nemo CONFIG ARGS`."""
 import argparse
 import importlib.util
-import json
-import statistics
+import os
 import sys
-import time
 
 import torch
 
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hf_baseline import flops_per_token  # noqa: E402  (the same FLOP count as every other row)
+from step_timing import print_row, time_steps, with_flops  # noqa: E402
 
 
 def backends(device):
@@ -72,45 +71,12 @@ def main():
     model.initialize_weights(buffer_device=dev, dtype=torch.bfloat16)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=on_gpu)
-    gen = torch.Generator(device=dev).manual_seed(a.seed)
-    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    fwd, bwd, optm, step = [], [], [], []
-    first = last = None
-    if on_gpu:
-        torch.cuda.reset_peak_memory_stats()
-    peak_used = 0
-    for i in range(a.warmup + a.steps):
-        ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq), device=dev, generator=gen)
-        sync()
-        t0 = time.perf_counter()
+
+    def forward_loss(ids):  # Transformers' causal-LM loss: position t predicts token t + 1, in fp32
         logits = model(ids).logits
-        # Transformers' causal-LM loss: position t predicts token t + 1, in fp32.
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        t3 = time.perf_counter()
-        if on_gpu:
-            free, total = torch.cuda.mem_get_info()
-            peak_used = max(peak_used, total - free)
-        lv = loss.item()
-        first = lv if first is None else first
-        last = lv
-        print(f"  step {i + 1}/{a.warmup + a.steps}  loss {lv:.4f}  {(t3 - t0) * 1e3:.1f} ms", file=sys.stderr)
-        if i >= a.warmup:
-            fwd.append((t1 - t0) * 1e3)
-            bwd.append((t2 - t1) * 1e3)
-            optm.append((t3 - t2) * 1e3)
-            step.append((t3 - t0) * 1e3)
-    step_ms = statistics.median(step)
-    tps = a.batch * a.seq / (step_ms / 1e3)
-    gib = 1024 ** 3
-    fpt = flops_per_token(cfg, a.seq)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+    timing = time_steps(forward_loss, opt, cfg.vocab_size, a.batch, a.seq, a.warmup, a.steps, dev, a.seed)
     r = {
         "impl": "nemo_automodel", "nemo_automodel": nemo_automodel.__version__, "transformers": transformers.__version__,
         "torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu", "config": a.config,
@@ -120,18 +86,9 @@ def main():
         "seq": a.seq, "batch": a.batch, "routing": a.routing, "precision": "bf16",
         "backends": {"attn": be.attn, "linear": be.linear, "rms_norm": be.rms_norm, "experts": be.experts,
                      "dispatcher": be.dispatcher, "fake_balanced_gate": be.fake_balanced_gate},
-        "steps": a.steps, "warmup": a.warmup, "tokens_per_s_per_gpu": tps, "model_tflops_per_gpu": fpt * tps / 1e12,
-        "flops_per_token": fpt,
-        "peak_allocated_gib": torch.cuda.max_memory_allocated() / gib if on_gpu else 0.0,
-        "peak_reserved_gib": torch.cuda.max_memory_reserved() / gib if on_gpu else 0.0, "device_used_gib": peak_used / gib,
-        "fwd_loss_ms": statistics.median(fwd), "bwd_ms": statistics.median(bwd),
-        "optimizer_ms": statistics.median(optm), "step_ms": step_ms, "first_loss": first, "last_loss": last,
+        **timing,
     }
-    print(f"{'nemo_automodel':<14} {tps:10.0f} {r['model_tflops_per_gpu']:8.1f} {r['peak_allocated_gib']:9.2f} "
-          f"{r['peak_reserved_gib']:9.2f} {r['device_used_gib']:9.2f} {r['fwd_loss_ms']:9.1f} {r['bwd_ms']:8.1f} "
-          f"{r['optimizer_ms']:8.1f} {step_ms:8.1f}")
-    print(json.dumps(r))
-
+    print_row("nemo_automodel", with_flops(r, flops_per_token(cfg, a.seq)))
 
 if __name__ == "__main__":
     main()
