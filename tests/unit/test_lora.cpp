@@ -190,6 +190,19 @@ TEST(Lora, ABrokenAdapterFolderIsAnErrorNamingTheFile) {
   o.init_adapter = test::fixture("llama_a") + "/lora/adapter_init";
   EXPECT_NE(test::error_of([&] { models::apply_lora(*other.model, o, 1, "t"); }).find("the model needs"),
             std::string::npos);
+  // target_parameters that is not a list of names; a fused expert tensor of the wrong shape.
+  for (const char* bad : {R"("mlp.experts.down_proj")", R"([1, 2])"}) {
+    std::ofstream(tmp / "a/adapter_config.json")
+        << R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": [], "target_parameters": )" << bad << "}";
+    EXPECT_NE(test::error_of([&] { models::read_adapter_config(tmp / "a"); }).find("field 'target_parameters'"),
+              std::string::npos) << bad;
+  }
+  auto gpt = models::from_pretrained(test::fixture("gpt_oss_a"));
+  models::LoraOptions g = models::read_adapter_config(test::fixture("gpt_oss_a") + "/lora_experts/adapter_init");
+  g.rank = 3;  // the file's tensors are rank 4
+  g.init_adapter = test::fixture("gpt_oss_a") + "/lora_experts/adapter_init";
+  const std::string e = test::error_of([&] { models::apply_lora(*gpt.model, g, 1, "t"); });
+  EXPECT_NE(e.find("experts.base_layer.lora_A.weight' is [16, 32], the model needs [12, 32]"), std::string::npos) << e;
 }
 
 namespace {
