@@ -145,6 +145,45 @@ TEST_P(MultiGpuTraining, TwoGpusMatchOneGpuInFp32) {
   for (const auto& name : a.names()) EXPECT_LT(test::tensor_rel_diff(a.get(name), b.get(name)), 1e-5) << name;
 }
 
+// LoRA on attention and the routed experts on 2 GPUs, the experts (and their adapters) split over
+// both and the frozen dense weights under ZeRO-1 or ZeRO-3: the one-GPU run's losses and the same
+// adapter file (per expert for Qwen3-MoE; PEFT's fused target_parameters tensors for GPT-OSS).
+class MultiGpuLora : public ::testing::TestWithParam<std::tuple<const char*, int>> {};
+
+TEST_P(MultiGpuLora, TwoGpusMatchOneGpuInFp32) {
+  REQUIRE_NCCL_GPU();
+  if (cuda::device_count() < 2) GTEST_SKIP() << "needs 2 GPUs; this machine has " << cuda::device_count();
+  if (!parallel::gloo_available()) GTEST_SKIP() << "built without gloo";
+  const auto [fixture, zero] = GetParam();
+  test::TempDir dir;
+  const std::string recipe = write_gpu_recipe(dir);
+  const std::vector<std::string> lora = {"model=" + test::fixture(fixture), "peft.method=lora", "peft.rank=2",
+                                         "peft.alpha=4", "peft.target_modules=[q_proj, experts]"};
+  const auto one = train::run_training(train::load_recipe(recipe, lora));
+  const std::string out = dir / "two";
+  std::string args = "ep_size=2 zero_stage=" + std::to_string(zero) + " output_dir=" + out;
+  for (const auto& o : lora) args += " '" + o + "'";
+  const LaunchRun run = launch_two(dir, recipe, args);
+  ASSERT_TRUE(run.ok) << run.text;
+  const auto losses = losses_of(out + "/metrics.jsonl");
+  ASSERT_EQ(losses.size(), one.losses.size());
+  for (size_t i = 0; i < losses.size(); ++i)
+    EXPECT_NEAR(losses[i], one.losses[i], 1e-5 * std::abs(one.losses[i])) << "step " << i + 1;
+  auto x = hf::SafetensorsFile::open(out + "/final/adapter_model.safetensors");
+  auto y = hf::SafetensorsFile::open(one.final_dir + "/adapter_model.safetensors");
+  ASSERT_EQ(x.entries().size(), y.entries().size());
+  for (const auto& e : y.entries()) {
+    ASSERT_TRUE(x.contains(e.name)) << e.name;
+    EXPECT_LT(test::tensor_rel_diff(x.get(e.name), y.get(e.name)), 1e-4) << e.name;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(FixtureAndZero, MultiGpuLora,
+                         ::testing::Combine(::testing::Values("qwen3_moe_aux", "gpt_oss_a"), ::testing::Values(1, 3)),
+                         [](const auto& info) {
+                           return std::string(std::get<0>(info.param)) + "_zero" + std::to_string(std::get<1>(info.param));
+                         });
+
 // bf16-mixed on 2 GPUs (experts split; ZeRO-1 exchanging both the F32 masters and the BF16 copies,
 // or ZeRO-3 keeping blocks of both)
 // tracks the one-GPU bf16-mixed run: the same updates up to BF16 rounding of differently ordered
