@@ -5,6 +5,7 @@
 // names the collective and the group, within the group's timeout, never a hang.
 #pragma once
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -66,6 +67,16 @@ class Communicator {
   // its own block. NCCL does it as one group of reduces; the default sums the whole tensor.
   virtual void reduce_scatter_blocks(const std::vector<Tensor>& ts);
   virtual void barrier() = 0;
+
+  // What a collective's timeout message adds about the other ranks (which one stopped answering:
+  // Rendezvous::stalled_peers), where the job has a way to tell; "" otherwise.
+  void set_timeout_diagnosis(std::function<std::string()> f) { diagnose_ = std::move(f); }
+
+ protected:
+  std::string timeout_diagnosis() const { return diagnose_ ? diagnose_() : std::string(); }
+
+ private:
+  std::function<std::string()> diagnose_;
 };
 
 // Rank `rank`'s block of `n` elements split over `ranks`: ceil(n / ranks) each, the last ones

@@ -59,6 +59,7 @@ Rendezvous::Rendezvous(const DistEnv& env, const std::string& fingerprint, milli
   // (rank 0 keeps it until every rank has left): each store says which rendezvous it serves, and a
   // client of a later one lets go and comes back until rank 0's new store answers.
   const std::string generation = std::to_string(next_generation(env.rank, env.master_port));
+  generation_ = generation;
   if (env.rank == 0) {
     server_ = std::make_unique<TcpStoreServer>(env.master_port);
     client_ = std::make_unique<TcpStoreClient>("127.0.0.1", server_->port(), timeout);
@@ -85,6 +86,7 @@ Rendezvous::Rendezvous(const DistEnv& env, const std::string& fingerprint, milli
     client_->set("seen/" + std::to_string(env.rank), "1");
     raise_if_error(*v);
     barrier("joined");
+    start_heartbeat();
     return;
   }
   // Rank 0 rules on who joined and whether they agree, and tells everyone.
@@ -116,9 +118,11 @@ Rendezvous::Rendezvous(const DistEnv& env, const std::string& fingerprint, milli
     raise_if_error(verdict);
   }
   barrier("joined");
+  start_heartbeat();
 }
 
 Rendezvous::~Rendezvous() {
+  stop_heartbeat();
   client_.reset();
   // A normal end keeps the store up until the other ranks have left. Unwinding from an error (a peer
   // that died or froze, whose connection would never close) must not wait out a second timeout:
@@ -144,6 +148,69 @@ void Rendezvous::barrier(const std::string& key) {
     MF_CHECK(v, "rendezvous: rank ", env_.rank, " heard nothing from rank 0 within ", 2 * timeout_.count() / 1000.0,
              " s (", key, ")");
     raise_if_error(*v);
+  }
+}
+
+namespace {
+
+const milliseconds kBeatEvery(500);
+std::string beat_key(int rank) { return "beat/" + std::to_string(rank); }
+
+}  // namespace
+
+void Rendezvous::start_heartbeat() {
+  // Its own connection: the main one is busy in the rank's own waits, and a heartbeat must go on
+  // while the rank computes or waits in a collective.
+  const std::string addr = server_ ? "127.0.0.1" : env_.master_addr;
+  const int port = server_ ? server_->port() : env_.master_port;
+  beating_ = true;
+  heartbeat_ = std::thread([this, addr, port] {
+    try {
+      TcpStoreClient beat(addr, port, milliseconds(2000));
+      beat.set_io_timeout(milliseconds(2000));
+      for (uint64_t n = 1; beating_; ++n) {
+        beat.set(beat_key(env_.rank), std::to_string(n));
+        for (auto slept = milliseconds(0); beating_ && slept < kBeatEvery; slept += milliseconds(50))
+          std::this_thread::sleep_for(milliseconds(50));
+      }
+    } catch (const std::exception&) {
+      // The store went away (rank 0 ended or died): nothing to beat into; the collectives report it.
+    }
+  });
+}
+
+void Rendezvous::stop_heartbeat() {
+  beating_ = false;
+  if (heartbeat_.joinable()) heartbeat_.join();
+}
+
+std::string Rendezvous::stalled_peers(milliseconds window) const {
+  const std::string where = env_.master_addr + ":" + std::to_string(env_.master_port);
+  const std::string addr = server_ ? "127.0.0.1" : env_.master_addr;
+  const int port = server_ ? server_->port() : env_.master_port;
+  const std::string no_store = "rank 0, which hosts the job's store at " + where + ", does not answer";
+  try {
+    TcpStoreClient c(addr, port, milliseconds(1000));
+    c.set_io_timeout(milliseconds(1000));
+    const auto read = [&] {
+      std::vector<std::string> beats(static_cast<size_t>(env_.world_size));
+      for (int r = 0; r < env_.world_size; ++r) beats[r] = c.get(beat_key(r), milliseconds(0)).value_or("");
+      return beats;
+    };
+    const std::vector<std::string> first = read();
+    std::this_thread::sleep_for(window);
+    const std::vector<std::string> second = read();
+    std::vector<int> stalled;
+    for (int r = 0; r < env_.world_size; ++r)
+      if (r != env_.rank && first[r] == second[r]) stalled.push_back(r);
+    if (stalled.empty()) return "";
+    std::ostringstream os;
+    os << ranks_phrase(stalled) << " stopped answering: no heartbeat for "
+       << window.count() / 1000.0 << " s (a stopped, hung or dead process";
+    os << (std::find(stalled.begin(), stalled.end(), 0) != stalled.end() ? "; rank 0 hosts the job's store" : "") << ")";
+    return os.str();
+  } catch (const std::exception&) {
+    return no_store;
   }
 }
 

@@ -4,8 +4,10 @@
 // names the ranks that never joined or disagree, which every rank then raises. Afterwards rank 0
 // can broadcast bytes (the NCCL unique id) the same way.
 #pragma once
+#include <atomic>
 #include <chrono>
 #include <memory>
+#include <thread>
 #include <string>
 #include <vector>
 
@@ -23,8 +25,16 @@ class Rendezvous {
   std::string broadcast(const std::string& key, const std::string& value);
   // This rank's connection to rank 0's store (the communicators set up through it).
   TcpStoreClient& store() { return *client_; }
+  // After start-up every rank beats (a counter in rank 0's store, twice a second, from its own
+  // thread and connection) until this object goes. Which ranks stopped: every beat read twice,
+  // `window` apart; the ranks whose count did not move are named ("rank 1 stopped answering: no
+  // heartbeat for 1.5 s"), or rank 0 when its store does not answer (it hosts the store). For a
+  // collective's timeout message (Communicator::set_timeout_diagnosis); "" when every rank beats.
+  std::string stalled_peers(std::chrono::milliseconds window = std::chrono::milliseconds(1500)) const;
 
  private:
+  void start_heartbeat();
+  void stop_heartbeat();
   // Every rank announces `key`; rank 0 waits for them all (listing absentees in the error).
   void barrier(const std::string& key);
   DistEnv env_;
@@ -32,6 +42,9 @@ class Rendezvous {
   std::unique_ptr<TcpStoreServer> server_;
   std::unique_ptr<TcpStoreClient> client_;
   int round_ = 0;
+  std::string generation_;
+  std::atomic<bool> beating_{false};
+  std::thread heartbeat_;
 };
 
 // "rank 2" or "ranks 2, 3 and 7", for messages.

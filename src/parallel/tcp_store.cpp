@@ -196,6 +196,14 @@ void TcpStoreClient::set(const std::string& key, const std::string& value) {
            where_, " while writing '", key, "'");
 }
 
+void TcpStoreClient::set_io_timeout(std::chrono::milliseconds timeout) {
+  timeval tv{};
+  tv.tv_sec = static_cast<time_t>(timeout.count() / 1000);
+  tv.tv_usec = static_cast<suseconds_t>((timeout.count() % 1000) * 1000);
+  ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
 std::optional<std::string> TcpStoreClient::get(const std::string& key, std::chrono::milliseconds timeout) {
   const char op = 'G';
   char tag = 0;

@@ -52,6 +52,9 @@ class TcpStoreClient {
   TcpStoreClient(const TcpStoreClient&) = delete;
   TcpStoreClient& operator=(const TcpStoreClient&) = delete;
   void set(const std::string& key, const std::string& value);
+  // Every later send or receive on this connection fails (throws) after `timeout` without progress,
+  // instead of waiting for a peer that may never answer (a store whose process is stopped).
+  void set_io_timeout(std::chrono::milliseconds timeout);
   // The key's value, or nullopt if it was not set within `timeout`.
   std::optional<std::string> get(const std::string& key, std::chrono::milliseconds timeout);
 

@@ -59,6 +59,9 @@ std::unique_ptr<RankGroups> join_ranks(const parallel::DistEnv& env, int64_t ep_
     g->dev_ep = parallel::connect_nccl(store, "ep" + std::to_string(dp_index), ep_index, ep, timeout);
     g->dev_edp = parallel::connect_nccl(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, timeout);
   }
+  // A collective that times out says which rank stopped answering (the rendezvous' heartbeats).
+  for (auto* c : {&g->world_group, &g->ep, &g->edp, &g->dev_world, &g->dev_ep, &g->dev_edp})
+    if (*c) (*c)->set_timeout_diagnosis([rv = g->rendezvous.get()] { return rv->stalled_peers(); });
   return g;
 }
 

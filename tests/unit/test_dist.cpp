@@ -7,8 +7,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <map>
+#include <optional>
 #include <thread>
 
 #include "core/error.h"
@@ -139,6 +141,32 @@ TEST(Rendezvous, ASecondRendezvousFindsRankZerosNewStore) {
     EXPECT_EQ(errors[r], "") << "rank " << r;
     EXPECT_EQ(got[r], "from the second") << "rank " << r;
   }
+}
+
+// After start-up every rank beats into rank 0's store: while all do, no rank is named; a rank that
+// is gone (its heartbeat ended with it) is named by the others.
+TEST(Rendezvous, HeartbeatsNameTheRankThatStoppedAnswering) {
+  const int port = free_port();
+  std::vector<std::string> while_all(2, "unset"), after(2, "unset");
+  std::atomic<bool> rank1_gone{false};
+  std::vector<std::thread> ts;
+  for (int r = 0; r < 2; ++r)
+    ts.emplace_back([&, r] {
+      std::optional<parallel::Rendezvous> rv(std::in_place, local_env(r, 2, port), "same", 5s);
+      while_all[r] = rv->stalled_peers(1200ms);
+      rv->broadcast("checked", "1");  // both have looked before rank 1 leaves
+      if (r == 1) {
+        rv.reset();
+        rank1_gone = true;
+        return;
+      }
+      while (!rank1_gone) std::this_thread::sleep_for(10ms);
+      after[r] = rv->stalled_peers(1200ms);
+    });
+  for (auto& t : ts) t.join();
+  EXPECT_EQ(while_all[0], "");
+  EXPECT_EQ(while_all[1], "");
+  EXPECT_EQ(after[0], "rank 1 stopped answering: no heartbeat for 1.2 s (a stopped, hung or dead process)");
 }
 
 TEST(Rendezvous, MismatchedRecipesAreNamed) {

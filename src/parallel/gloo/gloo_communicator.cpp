@@ -174,8 +174,10 @@ class GlooCommunicator final : public Communicator {
     } catch (const Error&) {
       throw;
     } catch (const std::exception& e) {
+      const std::string peers = timeout_diagnosis();
       MF_THROW("collective ", op, " on group '", name_, "' failed at rank ", rank_, " of ", size_,
-               " (a peer died, or did not take part within ", timeout_.count() / 1000.0, " s): ", e.what());
+               " (a peer died, or did not take part within ", timeout_.count() / 1000.0, " s", peers.empty() ? "" : "; ",
+               peers, "): ", e.what());
     }
   }
 

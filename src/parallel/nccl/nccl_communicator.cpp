@@ -319,8 +319,10 @@ class NcclCommunicator final : public Communicator {
 
   [[noreturn]] void timed_out(const char* op) {
     abort_all();
+    const std::string peers = timeout_diagnosis();
     MF_THROW("collective ", op, " on group '", name_, "' did not complete within ", timeout_.count() / 1000.0,
-             " s at rank ", rank_, " of ", size_, " (a peer died or is not taking part)");
+             " s at rank ", rank_, " of ", size_, " (a peer died or is not taking part", peers.empty() ? "" : "; ", peers,
+             ")");
   }
 
   std::string name_;
