@@ -69,14 +69,24 @@ class Communicator {
   virtual void barrier() = 0;
 
   // What a collective's timeout message adds about the other ranks (which one stopped answering:
-  // Rendezvous::stalled_peers), where the job has a way to tell; "" otherwise.
-  void set_timeout_diagnosis(std::function<std::string()> f) { diagnose_ = std::move(f); }
+  // Rendezvous::stalled_peers), where the job has a way to tell; "" otherwise. `takes`: how long
+  // finding out takes; collectives then wait that much less, so that the error still comes within
+  // the stated timeout (when the timeout is over twice as long).
+  void set_timeout_diagnosis(std::function<std::string()> f, std::chrono::milliseconds takes) {
+    diagnose_ = std::move(f);
+    diagnosis_takes_ = takes;
+  }
 
  protected:
   std::string timeout_diagnosis() const { return diagnose_ ? diagnose_() : std::string(); }
+  // How long a collective waits for its peers, of the stated `timeout`.
+  std::chrono::milliseconds wait_within(std::chrono::milliseconds timeout) const {
+    return diagnose_ && timeout > 2 * diagnosis_takes_ ? timeout - diagnosis_takes_ : timeout;
+  }
 
  private:
   std::function<std::string()> diagnose_;
+  std::chrono::milliseconds diagnosis_takes_{0};
 };
 
 // Rank `rank`'s block of `n` elements split over `ranks`: ceil(n / ranks) each, the last ones

@@ -59,9 +59,12 @@ std::unique_ptr<RankGroups> join_ranks(const parallel::DistEnv& env, int64_t ep_
     g->dev_ep = parallel::connect_nccl(store, "ep" + std::to_string(dp_index), ep_index, ep, timeout);
     g->dev_edp = parallel::connect_nccl(store, "edp" + std::to_string(ep_index), dp_index, env.world_size / ep, timeout);
   }
-  // A collective that times out says which rank stopped answering (the rendezvous' heartbeats).
+  // A collective that times out says which rank stopped answering (the rendezvous' heartbeats,
+  // watched for kDiagnosisWindow, plus connecting and reading: the collectives wait that much less).
+  constexpr std::chrono::milliseconds kDiagnosisWindow(1500);
   for (auto* c : {&g->world_group, &g->ep, &g->edp, &g->dev_world, &g->dev_ep, &g->dev_edp})
-    if (*c) (*c)->set_timeout_diagnosis([rv = g->rendezvous.get()] { return rv->stalled_peers(); });
+    if (*c) (*c)->set_timeout_diagnosis([rv = g->rendezvous.get()] { return rv->stalled_peers(kDiagnosisWindow); },
+                                        kDiagnosisWindow + std::chrono::milliseconds(500));
   return g;
 }
 

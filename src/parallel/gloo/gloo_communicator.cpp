@@ -82,7 +82,7 @@ class GlooCommunicator final : public Communicator {
       gloo::AllreduceOptions opts(context_);
       set_typed_output(opts, t);  // in place: no inputs set
       opts.setReduceFunction(fn);
-      opts.setTimeout(timeout_);
+      opts.setTimeout(wait_within(timeout_));
       gloo::allreduce(opts);
     });
   }
@@ -134,7 +134,7 @@ class GlooCommunicator final : public Communicator {
       gloo::AllgatherOptions opts(context_);
       opts.setInput(static_cast<char*>(in.raw()), in.nbytes());
       opts.setOutput(static_cast<char*>(out.raw()), out.nbytes());
-      opts.setTimeout(timeout_);
+      opts.setTimeout(wait_within(timeout_));
       gloo::allgather(opts);
     });
   }
@@ -152,7 +152,7 @@ class GlooCommunicator final : public Communicator {
       gloo::BroadcastOptions opts(context_);
       opts.setOutput(static_cast<char*>(t.raw()), t.nbytes());
       opts.setRoot(root);
-      opts.setTimeout(timeout_);
+      opts.setTimeout(wait_within(timeout_));
       gloo::broadcast(opts);
     });
   }
@@ -160,7 +160,7 @@ class GlooCommunicator final : public Communicator {
   void barrier() override {
     guard("barrier", [&] {
       gloo::BarrierOptions opts(context_);
-      opts.setTimeout(timeout_);
+      opts.setTimeout(wait_within(timeout_));
       gloo::barrier(opts);
     });
   }
@@ -220,7 +220,7 @@ class GlooCommunicator final : public Communicator {
       gloo::AlltoallvOptions opts(context_);
       opts.setInput(src, send_b);
       opts.setOutput(dst, recv_b);
-      opts.setTimeout(timeout_);
+      opts.setTimeout(wait_within(timeout_));
       gloo::alltoallv(opts);
     });
   }

@@ -146,7 +146,7 @@ class NcclCommunicator final : public Communicator {
       if (done_) cudaEventDestroy(done_);
     }
     void wait() override {
-      const auto start = Clock::now(), deadline = start + c_.timeout_;
+      const auto start = Clock::now(), deadline = start + c_.wait_within(c_.timeout_);
       for (;;) {
         const cudaError_t q = cudaEventQuery(done_);
         if (q == cudaSuccess) return;
@@ -259,7 +259,7 @@ class NcclCommunicator final : public Communicator {
 
   // Polls the communicator until it is ready (ncclInProgress while a non-blocking call runs).
   void wait_comm(const char* op) {
-    const auto start = Clock::now(), deadline = start + timeout_;
+    const auto start = Clock::now(), deadline = start + wait_within(timeout_);
     for (;;) {
       ncclResult_t st = ncclSuccess;
       ncclCommGetAsyncError(comm_, &st);
@@ -298,7 +298,7 @@ class NcclCommunicator final : public Communicator {
     if (!comm_) MF_THROW("collective ", op, " on group '", name_, "': the communicator was aborted by an earlier failure");
     if (r != ncclSuccess && r != ncclInProgress) fail(op, r);
     wait_comm(op);
-    const auto start = Clock::now(), deadline = start + timeout_;
+    const auto start = Clock::now(), deadline = start + wait_within(timeout_);
     for (;;) {
       const cudaError_t q = cudaStreamQuery(stream_);
       if (q == cudaSuccess) return;
