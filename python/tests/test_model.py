@@ -215,3 +215,17 @@ def test_generate_with_experts_split_over_ranks(tmp_path):
     _launch(script, tmp_path, case, str(tmp_path), json.dumps([[prompt0, n0], [prompt1, n1]]))
     assert json.load(open(tmp_path / "gen0.json")) == prompt0 + ref["generated_ids"].tolist()
     assert json.load(open(tmp_path / "gen1.json")) == want1
+
+
+# PEFT's adapters through from_pretrained(adapter=...): per-expert (qwen3_moe_a's lora_experts/) and
+# PEFT's fused target_parameters tensors (gpt_oss_a, qwen2_moe_a, nemotron_h_a), against PEFT's logits.
+@pytest.mark.parametrize("case", ["qwen3_moe_a", "gpt_oss_a", "qwen2_moe_a", "nemotron_h_a"])
+def test_expert_adapters_give_pefts_logits(case):
+    folder = os.path.join(FIXTURES, case)
+    ref = load_file(os.path.join(folder, "lora_experts", "reference.safetensors"))
+    model = moeforge.AutoModelForCausalLM.from_pretrained(folder, adapter=os.path.join(folder, "lora_experts", "adapter_init"))
+    got = model(ref["input_ids"]).logits
+    scale = max(1.0, float(np.abs(ref["logits"]).max()))
+    assert np.abs(got - ref["logits"]).max() < 1e-4 * scale
+    plain = moeforge.AutoModelForCausalLM.from_pretrained(folder)(ref["input_ids"]).logits
+    assert np.abs(plain - ref["logits"]).max() > 1e-3  # the adapter is what moved them
