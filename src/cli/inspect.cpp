@@ -78,16 +78,22 @@ int cmd_inspect(const std::vector<std::string>& argv) {
   auto app = make_app("inspect", "Architecture, total and active parameters, checkpoint tensors found vs expected, and "
                       "the memory\nweights + gradients + AdamW state take under each precision policy (per GPU with --gpus).",
                       "\nExamples:\n  moeforge inspect examples/configs/qwen3-30b-a3b.json\n"
-                      "  moeforge inspect MODEL_DIR --gpus 8 --json");
-  std::string path;
+                      "  moeforge inspect MODEL_DIR --gpus 8 --json\n"
+                      "  moeforge inspect RUN/final --base MODEL_DIR    # a LoRA adapter folder, checked against its base");
+  std::string path, base;
   int64_t gpus = 1, ep_flag = 0;
   bool json = false;
-  app->add_option("path", path, "model folder or config.json")->required();
+  app->add_option("path", path, "model folder, config.json, or a PEFT LoRA adapter folder")->required();
+  app->add_option("--base", base, "for an adapter folder: the base model folder to check it against "
+                                  "(default: its base_model_name_or_path, where that folder exists)");
   app->add_option("--gpus", gpus, "estimate the memory of each of this many GPUs")->check(at_least(1));
   app->add_option("--ep-size", ep_flag, "experts split over this many GPUs (default: --gpus)")->check(at_least(1));
   app->add_flag("--json", json, "one JSON object instead of the report");
   if (auto code = parse(*app, argv)) return *code;
   MF_CHECK(fs::exists(path), path, ": no such file or folder");
+  if (fs::is_directory(path) && fs::exists(fs::path(path) / "adapter_config.json") && !fs::exists(fs::path(path) / "config.json"))
+    return inspect_adapter(path, base, json);
+  MF_CHECK(base.empty(), "inspect --base: ", path, " is not a LoRA adapter folder (no adapter_config.json)");
   const hf::ModelConfig cfg = hf::load_config(path);
   auto model = models::build_model(cfg);
   const int64_t total = model->params().numel(), active = model->active_parameters();

@@ -94,6 +94,32 @@ TEST(Cli, InspectEstimatesMemoryPerGpu) {
                         {"--ep-size 16 does not divide the model's 8 experts"});
 }
 
+// inspect on a PEFT adapter folder: its config and tensors, how the experts are adapted, and whether
+// a base model takes it (shapes checked, no base weights read).
+TEST(Cli, InspectDescribesAnAdapterAndChecksItAgainstItsBase) {
+  const std::string fused = test::fixture("gpt_oss_a") + "/lora_experts/adapter_after";
+  CmdResult r = run("inspect " + fused + " --base " + test::fixture("gpt_oss_a") + " --json");
+  ASSERT_EQ(r.status, 0) << r.err;
+  auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["r"], 4);
+  EXPECT_EQ(j["scaling"], 2.0);
+  EXPECT_EQ(j["target_parameters"], nlohmann::json({"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}));
+  EXPECT_EQ(j["tensors"], 12);  // q_proj, gate_up (base_layer) and down: A and B, in 2 layers
+  EXPECT_NE(j["routed_experts"].get<std::string>().find("fused"), std::string::npos);
+  EXPECT_EQ(j["base"]["takes_it"], true);
+  CmdResult per = run("inspect " + test::fixture("qwen3_moe_a") + "/lora_experts/adapter_after --base " +
+                      test::fixture("qwen3_moe_a"));
+  ASSERT_EQ(per.status, 0) << per.err;
+  EXPECT_NE(per.out.find("routed experts: per expert"), std::string::npos) << per.out;
+  EXPECT_NE(per.out.find("takes it"), std::string::npos) << per.out;
+  // An adapter for another model: one error naming the adapter's config and what does not fit.
+  expect_one_line_error(run("inspect " + test::fixture("qwen3_moe_a") + "/lora_experts/adapter_after --base " +
+                            test::fixture("gpt_oss_a")),
+                        {"adapter_config.json", "'gate_proj' matches no projection of this gpt_oss model"});
+  expect_one_line_error(run("inspect " + test::fixture("gpt_oss_a") + " --base " + test::fixture("gpt_oss_a")),
+                        {"is not a LoRA adapter folder"});
+}
+
 TEST(Cli, InspectWorksOnABareConfig) {
   // The published parameter counts (total, activated) of the real configs in ../shared/configs.
   // GPT-OSS's card counts active parameters without the input embedding table. DeepSeek-V3 is
