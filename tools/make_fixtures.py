@@ -661,17 +661,17 @@ LORA_CASES = {
 LORA_RANK, LORA_ALPHA = 4, 8
 
 
-def make_lora_case(name, out_dir, seed=4321):
-    from peft import LoraConfig, get_peft_model
-    folder = os.path.join(out_dir, name)
-    lora_dir = os.path.join(folder, "lora")
+def train_peft_case(folder, lora_dir, config, seed):
+    """PEFT's LoRA `config` on the fixture in `folder`, into `lora_dir`: adapter_init/ (A as PEFT
+    initialises it, B random so the first step moves A too), the logits with it and three AdamW
+    steps' losses (reference.safetensors), adapter_after/. Returns the losses."""
+    from peft import get_peft_model
     shutil.rmtree(lora_dir, ignore_errors=True)
     os.makedirs(lora_dir)
     base_ref = load_file(os.path.join(folder, "reference.safetensors"))
     ids, labels = base_ref["input_ids"], base_ref["labels"]
     torch.manual_seed(seed)
-    model = get_peft_model(load_fp32(folder), LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                                         target_modules=LORA_CASES[name]))
+    model = get_peft_model(load_fp32(folder), config)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -693,6 +693,15 @@ def make_lora_case(name, out_dir, seed=4321):
     save_file({"input_ids": ids, "labels": labels, "logits": logits,
                "train_losses": torch.tensor(losses, dtype=torch.float32)},
               os.path.join(lora_dir, "reference.safetensors"))
+    return losses
+
+
+def make_lora_case(name, out_dir, seed=4321):
+    from peft import LoraConfig
+    folder = os.path.join(out_dir, name)
+    train_peft_case(folder, os.path.join(folder, "lora"),
+                    LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=LORA_CASES[name]),
+                    seed)
     return {"targets": LORA_CASES[name], "rank": LORA_RANK, "alpha": LORA_ALPHA, "seed": seed}
 
 
@@ -806,38 +815,12 @@ LORA_FUSED_EXPERT_CASES = {
 
 
 def make_lora_fused_experts_case(name, out_dir, seed=1357):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     folder = os.path.join(out_dir, name)
-    lora_dir = os.path.join(folder, "lora_experts")
-    shutil.rmtree(lora_dir, ignore_errors=True)
-    os.makedirs(lora_dir)
-    base_ref = load_file(os.path.join(folder, "reference.safetensors"))
-    ids, labels = base_ref["input_ids"], base_ref["labels"]
-    torch.manual_seed(seed)
     targets = LORA_FUSED_EXPERT_CASES[name]
-    model = get_peft_model(load_fp32(folder), LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                                                         target_modules=["q_proj"], target_parameters=targets))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0.0, 0.05)
-    model.save_pretrained(os.path.join(lora_dir, "adapter_init"))
-    model.eval()
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.float().contiguous()
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=labels).loss
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-    model.save_pretrained(os.path.join(lora_dir, "adapter_after"))
-    save_file({"input_ids": ids, "labels": labels, "logits": logits,
-               "train_losses": torch.tensor(losses, dtype=torch.float32)},
-              os.path.join(lora_dir, "reference.safetensors"))
+    losses = train_peft_case(folder, os.path.join(folder, "lora_experts"),
+                             LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["q_proj"],
+                                        target_parameters=targets), seed)
     print(name, "fused expert LoRA losses", losses, flush=True)
     return {"targets": ["q_proj"], "target_parameters": targets, "rank": LORA_RANK, "alpha": LORA_ALPHA, "seed": seed}
 

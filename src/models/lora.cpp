@@ -108,13 +108,12 @@ Tensor fused_to_file(const nn::Param& p, const Tensor& v) {
 // PEFT's tensor `t` (all `experts` of the model) -> ours for experts [first, first + p.shape[0]).
 Tensor fused_from_file(const nn::Param& p, const Tensor& t, int64_t experts, int64_t first) {
   const int64_t here = p.shape[0], rows = p.shape[1], cols = p.shape[2];
+  if (ends_with(p.name, kLoraA))  // expert-major rows: this rank's experts are one contiguous run
+    return t.view({experts, rows, cols}).slice0(first, here).clone();
   Tensor v = Tensor::empty(p.shape, DType::F32);
   for (int64_t x = 0; x < here; ++x)
     for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j)
-        v.f32()[(x * rows + i) * cols + j] = ends_with(p.name, kLoraA)
-                                                 ? t.f32()[((first + x) * rows + i) * cols + j]
-                                                 : t.f32()[i * cols * experts + j * experts + first + x];
+      for (int64_t j = 0; j < cols; ++j) v.f32()[(x * rows + i) * cols + j] = t.f32()[i * cols * experts + j * experts + first + x];
   return v;
 }
 

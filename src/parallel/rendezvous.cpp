@@ -158,11 +158,15 @@ std::string beat_key(int rank) { return "beat/" + std::to_string(rank); }
 
 }  // namespace
 
+std::pair<std::string, int> Rendezvous::store_address() const {
+  return server_ ? std::pair<std::string, int>{"127.0.0.1", server_->port()}
+                 : std::pair<std::string, int>{env_.master_addr, env_.master_port};
+}
+
 void Rendezvous::start_heartbeat() {
   // Its own connection: the main one is busy in the rank's own waits, and a heartbeat must go on
   // while the rank computes or waits in a collective.
-  const std::string addr = server_ ? "127.0.0.1" : env_.master_addr;
-  const int port = server_ ? server_->port() : env_.master_port;
+  const auto [addr, port] = store_address();
   beating_ = true;
   heartbeat_ = std::thread([this, addr, port] {
     try {
@@ -186,8 +190,7 @@ void Rendezvous::stop_heartbeat() {
 
 std::string Rendezvous::stalled_peers(milliseconds window) const {
   const std::string where = env_.master_addr + ":" + std::to_string(env_.master_port);
-  const std::string addr = server_ ? "127.0.0.1" : env_.master_addr;
-  const int port = server_ ? server_->port() : env_.master_port;
+  const auto [addr, port] = store_address();
   const std::string no_store = "rank 0, which hosts the job's store at " + where + ", does not answer";
   try {
     TcpStoreClient c(addr, port, milliseconds(1000));

@@ -9,6 +9,7 @@
 #include <memory>
 #include <thread>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "parallel/env.h"
@@ -33,6 +34,8 @@ class Rendezvous {
   std::string stalled_peers(std::chrono::milliseconds window = std::chrono::milliseconds(1500)) const;
 
  private:
+  // Where this rank reaches rank 0's store (rank 0 itself: its own server, on the loopback).
+  std::pair<std::string, int> store_address() const;
   void start_heartbeat();
   void stop_heartbeat();
   // Every rank announces `key`; rank 0 waits for them all (listing absentees in the error).

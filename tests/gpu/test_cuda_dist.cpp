@@ -169,13 +169,8 @@ TEST_P(MultiGpuLora, TwoGpusMatchOneGpuInFp32) {
   ASSERT_EQ(losses.size(), one.losses.size());
   for (size_t i = 0; i < losses.size(); ++i)
     EXPECT_NEAR(losses[i], one.losses[i], 1e-5 * std::abs(one.losses[i])) << "step " << i + 1;
-  auto x = hf::SafetensorsFile::open(out + "/final/adapter_model.safetensors");
-  auto y = hf::SafetensorsFile::open(one.final_dir + "/adapter_model.safetensors");
-  ASSERT_EQ(x.entries().size(), y.entries().size());
-  for (const auto& e : y.entries()) {
-    ASSERT_TRUE(x.contains(e.name)) << e.name;
-    EXPECT_LT(test::tensor_rel_diff(x.get(e.name), y.get(e.name)), 1e-4) << e.name;
-  }
+  test::expect_same_adapter_files(out + "/final/adapter_model.safetensors", one.final_dir + "/adapter_model.safetensors",
+                                  1e-4);
 }
 
 INSTANTIATE_TEST_SUITE_P(FixtureAndZero, MultiGpuLora,

@@ -209,15 +209,16 @@ namespace {
 
 const std::string kData = std::string(MOEFORGE_FIXTURES) + "/../data/arith64.jsonl";
 
-std::string lora_recipe(const test::TempDir& dir, const std::string& extra = "") {
+// `peft`: the lines of the peft: block after its method.
+std::string lora_recipe(const test::TempDir& dir, const std::string& extra = "", const std::string& model = "qwen3_moe_aux",
+                        const std::string& peft = "  rank: 4\n  alpha: 8\n  target_modules: [q_proj, v_proj, o_proj]\n") {
   std::ofstream f(dir / "recipe.yaml");
-  f << "model: " << test::fixture("qwen3_moe_aux") << "\n"
+  f << "model: " << test::fixture(model) << "\n"
     << "data: " << kData << "\n"
     << "output_dir: " << (dir / "out") << "\n"
     << "seq_len: 16\nmicro_batch: 2\nglobal_batch: 4\nsteps: 6\nlog_every: 1\nsave_every: 3\n"
     << "optimizer:\n  lr: 1.0e-2\nmax_grad_norm: 1.0\nseed: 3\n"
-    << "peft:\n  method: lora\n  rank: 4\n  alpha: 8\n  target_modules: [q_proj, v_proj, o_proj]\n"
-    << extra;
+    << "peft:\n  method: lora\n" << peft << extra;
   return dir / "recipe.yaml";
 }
 
@@ -256,18 +257,12 @@ TEST(LoraTraining, WritesAPeftAdapterAndResumesBitExactly) {
 // and resumed bit for bit, the adapter folder naming them as PEFT does.
 TEST(LoraTraining, FusedExpertAdaptersByTargetParametersResumeBitExactly) {
   const auto recipe = [](const test::TempDir& dir) {
-    std::ofstream f(dir / "recipe.yaml");
-    f << "model: " << test::fixture("gpt_oss_a") << "\n"
-      << "data: " << kData << "\n"
-      << "output_dir: " << (dir / "out") << "\n"
-      << "seq_len: 16\nmicro_batch: 2\nglobal_batch: 4\nsteps: 4\nlog_every: 1\nsave_every: 2\n"
-      << "optimizer:\n  lr: 1.0e-2\nmax_grad_norm: 1.0\nseed: 3\n"
-      << "peft:\n  method: lora\n  rank: 2\n  alpha: 4\n  target_modules: []\n"
-      << "  target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]\n";
-    return dir / "recipe.yaml";
+    return lora_recipe(dir, "", "gpt_oss_a",
+                       "  rank: 2\n  alpha: 4\n  target_modules: []\n"
+                       "  target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]\n");
   };
   test::TempDir full, half;
-  const train::Recipe r = train::load_recipe(recipe(full), {});
+  const train::Recipe r = train::load_recipe(recipe(full), {"steps=4", "save_every=2"});
   EXPECT_NE(r.to_yaml().find("peft.target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]"),
             std::string::npos);
   auto straight = train::run_training(r);
@@ -279,8 +274,8 @@ TEST(LoraTraining, FusedExpertAdaptersByTargetParametersResumeBitExactly) {
   auto file = hf::SafetensorsFile::open(full / "out/final/adapter_model.safetensors");
   EXPECT_EQ(file.entries().size(), 4u * 2);  // two layers: gate_up (as base_layer) and down, A and B
   EXPECT_TRUE(file.contains("base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"));
-  auto first = train::run_training(train::load_recipe(recipe(half), {"steps=2"}));
-  auto second = train::run_training(train::load_recipe(recipe(half), {"resume=true"}));
+  auto first = train::run_training(train::load_recipe(recipe(half), {"steps=2", "save_every=2"}));
+  auto second = train::run_training(train::load_recipe(recipe(half), {"steps=4", "save_every=2", "resume=true"}));
   ASSERT_EQ(second.losses.size(), 2u);
   for (int i = 0; i < 2; ++i) {
     EXPECT_EQ(first.losses[i], straight.losses[i]) << i;

@@ -199,6 +199,18 @@ inline void expect_adapters_match(const std::string& got_file, const std::string
   EXPECT_LT(off, total / 100 + 1);
 }
 
+// Two adapter files (a multi-rank run's against one rank's): the same tensors, each within `rel` of
+// the other relative to its largest entry (the ranks sum in another order).
+inline void expect_same_adapter_files(const std::string& got_file, const std::string& want_file, double rel) {
+  auto got = hf::SafetensorsFile::open(got_file);
+  auto want = hf::SafetensorsFile::open(want_file);
+  ASSERT_EQ(got.entries().size(), want.entries().size());
+  for (const auto& e : want.entries()) {
+    ASSERT_TRUE(got.contains(e.name)) << e.name;
+    EXPECT_LT(tensor_rel_diff(got.get(e.name), want.get(e.name)), rel) << e.name;
+  }
+}
+
 inline std::vector<double> losses_of(const std::string& metrics) {
   std::ifstream in(metrics);
   std::vector<double> v;
