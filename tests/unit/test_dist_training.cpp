@@ -114,7 +114,8 @@ TEST_P(DistTrainingLora, ExpertAdaptersSplitOverTwoRanksMatchTheOneRankRun) {
   test::expect_same_adapter_files(out + "/final/adapter_model.safetensors", one.final_dir + "/adapter_model.safetensors",
                                   1e-4);
   int experts = 0;
-  for (const auto& e : hf::SafetensorsFile::open(out + "/final/adapter_model.safetensors").entries())
+  const auto written = hf::SafetensorsFile::open(out + "/final/adapter_model.safetensors");
+  for (const auto& e : written.entries())
     experts += e.name.find(fused ? ".experts.lora_B" : ".experts.3.down_proj.lora_B") != std::string::npos;
   EXPECT_GT(experts, 0);  // the second rank's experts are in the file
 }
