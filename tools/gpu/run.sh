@@ -24,6 +24,9 @@
 #                       native and balanced routing, bf16, optimizer in backward, seq 4096; with 2+
 #                       GPUs also the 48-layer EP 2 run. One JSON row per run in $OUT/ab.log and a
 #                       table of ratios (issue 16: within 2%, peak memory not higher).
+#   kernels NAME ARGS   Nsight Compute's duration of every kernel of `moeforge bench NAME ARGS`
+#                       (give it --warmup 0 --steps 1: ncu serialises every launch), summed by
+#                       kernel name by tools/gpu/kernel_table.py ($OUT/kernels-*.txt, raw CSV beside)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -128,6 +131,18 @@ PY
     shift
     name=$1; shift
     MOEFORGE_PHASE_TIMES=${PHASES:-1} timeout 500 "$P/bin/moeforge" bench "$P/configs/$name.json" "$@" 2>&1 | tee -a "$OUT/bench.log" ;;
+  kernels)
+    shift
+    name=$1; shift
+    ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    [ -n "$ncu" ] || { echo "run.sh kernels: ncu not found" >&2; exit 2; }
+    tag=$(echo "$name $*" | tr -c 'A-Za-z0-9.-' '_' | cut -c1-80)
+    # Caches and clocks left alone (the numbers are the step's, not a cold-cache replay's).
+    timeout "${KTIMEOUT:-560}" "$ncu" --csv --print-units base --print-kernel-base function --metrics gpu__time_duration.sum \
+      --cache-control none --clock-control none "$P/bin/moeforge" bench "$P/configs/$name.json" "$@" \
+      > "$OUT/kernels-$tag.csv" 2> "$OUT/kernels-$tag.err"
+    echo "ncu rc=$?" | tee -a "$OUT/summary.txt"
+    python3 tools/gpu/kernel_table.py "$OUT/kernels-$tag.csv" | tee "$OUT/kernels-$tag.txt" | head -n 60 ;;
   compare)
     shift
     name=$1; shift
@@ -177,5 +192,5 @@ for label, r in rows.items():
     print("%-22s %12.0f %12.0f %6.3fx %10.2f %10.2f %6.3fx" % (label, ta, tb, tb / ta, ma, mb, mb / ma))
 PY
     ;;
-  *) echo "run.sh: unknown part '$1' (tests | python | nemo | only | bench | roundtrip | compare | ab)" >&2; exit 2 ;;
+  *) echo "run.sh: unknown part '$1' (tests | python | nemo | only | bench | kernels | roundtrip | compare | ab)" >&2; exit 2 ;;
 esac

@@ -57,31 +57,51 @@ __global__ void rank_kernel(const int64_t* idx, int64_t n, const int64_t* offset
   }
 }
 
-template <typename T>
+// The row kernels below give each row (a (token, slot) pair, or a token) to one warp, which moves
+// it in packs of V elements: 16 bytes when the rows and pointers allow (V = 16 / sizeof(T)), else
+// one element. A block per row, or a thread per element with a 64-bit division each, spent their
+// time on scheduling and index arithmetic rather than on the 2-8 KB rows (docs/perf-notes.md).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+constexpr int kRowWarps = 8;  // rows per block
+
+__device__ __forceinline__ int64_t warp_row() {
+  return blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5);
+}
+
+// xp[dest[a]] = x[a / k] for every (token, slot) pair a.
+template <typename T, int V>
 __global__ void permute_kernel(const T* x, const int64_t* dest, T* xp, int64_t tk, int64_t k, int64_t h) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < tk * h; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t a = i / h, c = i % h;  // assignment a = t * k + j
-    xp[dest[a] * h + c] = x[(a / k) * h + c];
-  }
+  const int64_t a = warp_row();
+  if (a >= tk) return;
+  const auto* src = reinterpret_cast<const Pack<T, V>*>(x + (a / k) * h);
+  auto* dst = reinterpret_cast<Pack<T, V>*>(xp + dest[a] * h);
+  for (int64_t c = threadIdx.x & 31; c < h / V; c += 32) dst[c] = src[c];
 }
 
-template <typename T>
-__global__ void unpermute_kernel(const T* yp, const float* w, const int64_t* dest, T* y, int64_t t, int64_t k, int64_t h) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < t * h; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t tok = i / h, c = i % h;
-    float acc = 0.f;
-    for (int64_t j = 0; j < k; ++j) acc += w[tok * k + j] * load(yp, dest[tok * k + j] * h + c);
-    store(y, i, acc);
-  }
-}
-
-template <typename T>
-__global__ void permute_backward_kernel(const T* dxp, const int64_t* dest, T* dx, int64_t t, int64_t k, int64_t h) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < t * h; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t tok = i / h, c = i % h;
-    float acc = 0.f;
-    for (int64_t j = 0; j < k; ++j) acc += load(dxp, dest[tok * k + j] * h + c);
-    store(dx, i, acc);
+// y[tok] = sum_j w[tok, j] yp[dest[tok, j]] (w null: weight 1, permute's backward), in F32, in slot order.
+template <typename T, int V>
+__global__ void combine_rows_kernel(const T* yp, const float* w, const int64_t* dest, T* y, int64_t t, int64_t k,
+                                    int64_t h) {
+  const int64_t tok = warp_row();
+  if (tok >= t) return;
+  auto* out = reinterpret_cast<Pack<T, V>*>(y + tok * h);
+  for (int64_t c = threadIdx.x & 31; c < h / V; c += 32) {
+    float acc[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[e] = 0.f;
+    for (int64_t j = 0; j < k; ++j) {
+      const float wj = w ? w[tok * k + j] : 1.f;
+      const Pack<T, V> in = reinterpret_cast<const Pack<T, V>*>(yp + dest[tok * k + j] * h)[c];
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] += wj * load(in.v, e);
+    }
+    Pack<T, V> o;
+#pragma unroll
+    for (int e = 0; e < V; ++e) store(o.v, e, acc[e]);
+    out[c] = o;
   }
 }
 
@@ -91,48 +111,48 @@ __global__ void gather_rows_kernel(const T* in, const int64_t* index, T* out, in
     out[i] = in[index[i / h] * h + i % h];
 }
 
-// One warp per (token, slot): d_yp row = w * dy row, and d_w = <dy, yp row>. A warp and 16-byte
-// loads: the rows are 2-8 KB, so a block per row (as first written) spent its time in block
-// scheduling and two barriers per row (3.3 ms per q30-L4 step for ~0.3 GB of traffic,
-// docs/perf-notes.md). `vec`: elements per 16-byte load (rows and pointers 16-byte aligned), or 1.
-template <typename T, int kVec>
+// d_yp[dest[a]] = w[a] dy[a / k] and d_w[a] = <dy[a / k], yp[dest[a]]> for every pair a.
+template <typename T, int V>
 __global__ void unpermute_backward_kernel(const T* dy, const T* yp, const float* w, const int64_t* dest, T* dyp,
                                           float* dw, int64_t tk, int64_t k, int64_t h) {
-  const int lane = threadIdx.x & 31;
-  const int64_t a = blockIdx.x * (int64_t)(blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int64_t a = warp_row();
   if (a >= tk) return;
-  const int64_t tok = a / k, row = dest[a];
+  const int64_t row = dest[a];
   const float wa = w[a];
-  const T* g_row = dy + tok * h;
-  const T* y_row = yp + row * h;
-  T* d_row = dyp + row * h;
+  const auto* g_row = reinterpret_cast<const Pack<T, V>*>(dy + (a / k) * h);
+  const auto* y_row = reinterpret_cast<const Pack<T, V>*>(yp + row * h);
+  auto* d_row = reinterpret_cast<Pack<T, V>*>(dyp + row * h);
   float dot = 0.f;
-  if constexpr (kVec > 1) {
-    using Pack = uint4;  // kVec elements of T
-    for (int64_t c = lane * kVec; c < h; c += 32 * kVec) {
-      const Pack gp = *reinterpret_cast<const Pack*>(g_row + c);
-      const Pack yq = *reinterpret_cast<const Pack*>(y_row + c);
-      const T* ge = reinterpret_cast<const T*>(&gp);
-      const T* ye = reinterpret_cast<const T*>(&yq);
-      Pack out;
-      T* oe = reinterpret_cast<T*>(&out);
+  for (int64_t c = threadIdx.x & 31; c < h / V; c += 32) {
+    const Pack<T, V> g = g_row[c], yv = y_row[c];
+    Pack<T, V> o;
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        const float g = load(ge, e);
-        store(oe, e, wa * g);
-        dot += g * load(ye, e);
-      }
-      *reinterpret_cast<Pack*>(d_row + c) = out;
+    for (int e = 0; e < V; ++e) {
+      const float ge = load(g.v, e);
+      store(o.v, e, wa * ge);
+      dot += ge * load(yv.v, e);
     }
-  } else {
-    for (int64_t c = lane; c < h; c += 32) {
-      const float g = load(g_row, c);
-      store(d_row, c, wa * g);
-      dot += g * load(y_row, c);
-    }
+    d_row[c] = o;
   }
   for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-  if (lane == 0) dw[a] = dot;
+  if ((threadIdx.x & 31) == 0) dw[a] = dot;
+}
+
+// Whether rows of width h at these addresses can move in 16-byte packs of T.
+template <typename T>
+bool packs_fit(int64_t h, std::initializer_list<const void*> rows) {
+  bool fit = h % (16 / sizeof(T)) == 0;
+  for (const void* q : rows) fit = fit && reinterpret_cast<uintptr_t>(q) % 16 == 0;
+  return fit;
+}
+
+// `rows` rows, one warp each: the packed kernel where packs fit, else the element one.
+template <typename... Params, typename... Args>
+void launch_rows(int64_t rows, bool packed, void (*packed_kernel)(Params...), void (*element_kernel)(Params...),
+                 Args... args) {
+  if (rows == 0) return;
+  const unsigned blocks = static_cast<unsigned>((rows + kRowWarps - 1) / kRowWarps);
+  (packed ? packed_kernel : element_kernel)<<<blocks, 32 * kRowWarps, 0, current_stream()>>>(args...);
 }
 
 void check_plan(const RoutingPlan& p, const Tensor& x, int64_t rows_expected, const char* op) {
@@ -178,8 +198,9 @@ Tensor permute_tokens(const Tensor& x, const RoutingPlan& p) {
   if (t * h == 0) return xp;
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    permute_kernel<<<grid_stride_blocks(t * p.top_k * h), kGridStrideThreads, 0, current_stream()>>>(x.data<T>(), p.dest_row.data<int64_t>(),
-                                                                                  xp.data<T>(), t * p.top_k, p.top_k, h);
+    constexpr int V = 16 / sizeof(T);
+    launch_rows(t * p.top_k, packs_fit<T>(h, {x.raw(), xp.raw()}), permute_kernel<T, V>, permute_kernel<T, 1>,
+                x.data<T>(), static_cast<const int64_t*>(p.dest_row.data<int64_t>()), xp.data<T>(), t * p.top_k, p.top_k, h);
   });
   MF_CUDA_CHECK_LAUNCH("permute");
   return xp;
@@ -194,8 +215,10 @@ Tensor unpermute_tokens(const Tensor& yp, const Tensor& weights, const RoutingPl
   if (t * h == 0) return y;
   dispatch_float(yp.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    unpermute_kernel<<<grid_stride_blocks(t * h), kGridStrideThreads, 0, current_stream()>>>(yp.data<T>(), weights.data<float>(),
-                                                                          p.dest_row.data<int64_t>(), y.data<T>(), t, p.top_k, h);
+    constexpr int V = 16 / sizeof(T);
+    launch_rows(t, packs_fit<T>(h, {yp.raw(), y.raw()}), combine_rows_kernel<T, V>, combine_rows_kernel<T, 1>,
+                static_cast<const T*>(yp.data<T>()), static_cast<const float*>(weights.data<float>()),
+                static_cast<const int64_t*>(p.dest_row.data<int64_t>()), y.data<T>(), t, p.top_k, h);
   });
   MF_CUDA_CHECK_LAUNCH("unpermute");
   return y;
@@ -209,18 +232,13 @@ void unpermute_tokens_backward(const Tensor& dy, const Tensor& yp, const Tensor&
   d_yp = empty(yp.shape(), yp.dtype(), "permuted output gradient");
   d_weights = empty({t, p.top_k}, DType::F32, "routing weight gradient");
   if (t == 0) return;
-  const int64_t tk = t * p.top_k;
-  constexpr int kWarps = 8;  // (token, slot) pairs per block
-  const unsigned blocks = static_cast<unsigned>((tk + kWarps - 1) / kWarps);
   dispatch_float(dy.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    constexpr int vec = 16 / sizeof(T);
-    const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-    const bool vectorised = h % vec == 0 && aligned(dy.data<T>()) && aligned(yp.data<T>()) && aligned(d_yp.data<T>());
-    auto* kernel = vectorised ? unpermute_backward_kernel<T, vec> : unpermute_backward_kernel<T, 1>;
-    kernel<<<blocks, 32 * kWarps, 0, current_stream()>>>(dy.data<T>(), yp.data<T>(), weights.data<float>(),
-                                                          p.dest_row.data<int64_t>(), d_yp.data<T>(),
-                                                          d_weights.data<float>(), tk, p.top_k, h);
+    constexpr int V = 16 / sizeof(T);
+    launch_rows(t * p.top_k, packs_fit<T>(h, {dy.raw(), yp.raw(), d_yp.raw()}), unpermute_backward_kernel<T, V>,
+                unpermute_backward_kernel<T, 1>, static_cast<const T*>(dy.data<T>()), static_cast<const T*>(yp.data<T>()),
+                static_cast<const float*>(weights.data<float>()), static_cast<const int64_t*>(p.dest_row.data<int64_t>()),
+                d_yp.data<T>(), d_weights.data<float>(), t * p.top_k, p.top_k, h);
   });
   MF_CUDA_CHECK_LAUNCH("unpermute backward");
 }
@@ -233,8 +251,10 @@ Tensor permute_tokens_backward(const Tensor& d_xp, const RoutingPlan& p) {
   if (t * h == 0) return dx;
   dispatch_float(d_xp.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    permute_backward_kernel<<<grid_stride_blocks(t * h), kGridStrideThreads, 0, current_stream()>>>(d_xp.data<T>(), p.dest_row.data<int64_t>(),
-                                                                                 dx.data<T>(), t, p.top_k, h);
+    constexpr int V = 16 / sizeof(T);
+    launch_rows(t, packs_fit<T>(h, {d_xp.raw(), dx.raw()}), combine_rows_kernel<T, V>, combine_rows_kernel<T, 1>,
+                static_cast<const T*>(d_xp.data<T>()), static_cast<const float*>(nullptr),
+                static_cast<const int64_t*>(p.dest_row.data<int64_t>()), dx.data<T>(), t, p.top_k, h);
   });
   MF_CUDA_CHECK_LAUNCH("permute backward");
   return dx;
