@@ -79,14 +79,21 @@ Tensor& DeviceParams::master(size_t i) {
   return masters_.empty() ? values_.at(i) : masters_.at(i);
 }
 
-Tensor& DeviceParams::grad(size_t i) {
+Tensor& DeviceParams::grad_for_write(size_t i, bool& accumulate) {
   Tensor& g = grads_.at(i);
+  accumulate = g.defined();
   if (!g.defined()) {
     // 1-D parameters (norm weights, biases) keep F32 gradients: their kernels accumulate in F32.
     const Shape& shape = shapes_.at(i);
     g = cuda::empty(shape, shape.size() == 1 ? DType::F32 : gpu::compute_dtype(precision_), "a parameter gradient");
-    cuda::zero(g);
   }
+  return g;
+}
+
+Tensor& DeviceParams::grad(size_t i) {
+  bool accumulate = false;
+  Tensor& g = grad_for_write(i, accumulate);
+  if (!accumulate) cuda::zero(g);
   return g;
 }
 
@@ -237,13 +244,12 @@ void DeviceParams::release_grads(const std::vector<size_t>& indices) {
   }
 }
 
+// Dropping the gradients is zeroing them: grad() allocates zeroed, and grad_for_write() lets the
+// next step's first GEMM write them without a memset and without reading them (and between steps
+// the allocator can hand their memory to activations).
 void DeviceParams::zero_grad() {
-  for (const auto* list : {&grads_, &shard_grads_})
-    for (const Tensor& t : *list)
-      if (t.defined()) {
-        Tensor g = t;
-        cuda::zero(g);
-      }
+  for (auto* list : {&grads_, &shard_grads_})
+    for (Tensor& t : *list) t = Tensor();
 }
 
 void DeviceParams::copy_to_host(nn::ParamStore& host) const {

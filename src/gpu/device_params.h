@@ -37,6 +37,8 @@ class DeviceParams : public nn::ParamAccess {
   const Tensor& value(size_t i) const override;
   // The gradient, allocated (zeroed) on first use: F32 for 1-D parameters, the compute dtype else.
   Tensor& grad(size_t i) override;
+  // Not yet allocated: allocated unzeroed, accumulate = false (nn::ParamAccess).
+  Tensor& grad_for_write(size_t i, bool& accumulate) override;
   // The F32 master under bf16-mixed (whole parameters only), else the value.
   const Tensor& exact(size_t i) const override;
   Device device() const override;
@@ -53,6 +55,7 @@ class DeviceParams : public nn::ParamAccess {
   // A base weight frozen under LoRA: no master, no moments, not copied back to the host.
   bool frozen(size_t i) const { return frozen_.at(i); }  // false: a buffer AdamW leaves alone
 
+  // Frees every gradient (the next backward writes them afresh; grad() of an unwritten one is zeros).
   void zero_grad();
   // Every parameter's current value into the host store (F32 from the master when there is one);
   // with sharded parameters a collective over their group (every rank calls it).

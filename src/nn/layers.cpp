@@ -66,7 +66,11 @@ void Linear::backward_into(ParamAccess& ps, const Tensor& x, const Tensor& dy, T
 }
 
 void Linear::weight_grads(ParamAccess& ps, const Tensor& x, const Tensor& dy) const {
-  if (ps.trainable(weight)) ops::linear_weight_grad(dy, x, ps.grad(weight));
+  if (ps.trainable(weight)) {
+    bool accumulate = true;
+    Tensor& dw = ps.grad_for_write(weight, accumulate);
+    ops::linear_weight_grad(dy, x, dw, accumulate);
+  }
   if (bias && ps.trainable(*bias)) ops::bias_grad(dy, ps.grad(*bias));
 }
 
@@ -314,6 +318,14 @@ Tensor rows_of(const Tensor& whole, size_t chunks, const SparseMoE::Chunk& ch) {
   return chunks == 1 ? whole : whole.slice0(ch.t0, ch.tc);
 }
 
+// dW[e] (+)= dy[e]^T x[e] for every expert: the first contribution of a step overwrites the
+// gradient (no zeroing pass, no read of it), later ones (other chunks, micro-batches) add.
+void expert_weight_grad(ParamAccess& ps, size_t weight, const Tensor& dy, const Tensor& x, const std::vector<int64_t>& off) {
+  bool accumulate = true;
+  Tensor& dw = ps.grad_for_write(weight, accumulate);
+  ops::grouped_linear_weight_grad(dy, x, off, dw, accumulate);
+}
+
 }  // namespace
 
 Tensor SparseMoE::activation(const Tensor& h) const {
@@ -467,11 +479,11 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     Tensor act = activation(ch.h);
     Tensor d_act = ops::empty({rows, inter}, dt, dev, "expert activation gradient");
     if (gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y, d(act) = d_y W^T; likewise for gate_up
-      if (ps.trainable(down)) ops::grouped_linear_weight_grad(act, d_y, off, ps.grad(down), /*accumulate=*/true);
+      if (ps.trainable(down)) expert_weight_grad(ps, down, act, d_y, off);
       if (ps.trainable(*down_bias)) ops::grouped_bias_grad(d_y, off, ps.grad(*down_bias));
       ops::grouped_linear(d_y, ps.value(down), off, d_act);
     } else {
-      if (ps.trainable(down)) ops::grouped_linear_weight_grad(d_y, act, off, ps.grad(down), true);
+      if (ps.trainable(down)) expert_weight_grad(ps, down, d_y, act, off);
       ops::grouped_linear_input_grad(d_y, ps.value(down), off, d_act);
     }
     if (lora) lora->down_backward(ps, act, off, d_y, d_act);
@@ -483,13 +495,13 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     ch.xs = Tensor();
     Tensor d_xs = ops::empty({rows, expert_width}, dt, dev, "expert input gradient");
     if (gpt_oss) {
-      if (ps.trainable(gate_up)) ops::grouped_linear_weight_grad(xs, d_h, off, ps.grad(gate_up), true);
+      if (ps.trainable(gate_up)) expert_weight_grad(ps, gate_up, xs, d_h, off);
       if (ps.trainable(*gate_up_bias)) ops::grouped_bias_grad(d_h, off, ps.grad(*gate_up_bias));
       ops::grouped_linear(d_h, ps.value(gate_up), off, d_xs);
       if (lora) lora->gate_up_backward(ps, xs, off, d_h, d_xs);
       xs = Tensor();
     } else {
-      if (ps.trainable(gate_up)) ops::grouped_linear_weight_grad(d_h, xs, off, ps.grad(gate_up), true);
+      if (ps.trainable(gate_up)) expert_weight_grad(ps, gate_up, d_h, xs, off);
       ops::grouped_linear_input_grad(d_h, ps.value(gate_up), off, d_xs);
       if (lora) lora->gate_up_backward(ps, xs, off, d_h, d_xs);
       xs = Tensor();
@@ -517,7 +529,11 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     dlogits = ops::router_backward(c.probs, c.chosen, c.weights, dweights, renormalised(), dprobs_extra, dt);
   }
   ops::gemm(dlogits, false, ps.value(router), false, dx, /*accumulate=*/true);
-  if (ps.trainable(router)) ops::linear_weight_grad(dlogits, c.x, ps.grad(router));
+  if (ps.trainable(router)) {
+    bool accumulate = true;
+    Tensor& dw = ps.grad_for_write(router, accumulate);
+    ops::linear_weight_grad(dlogits, c.x, dw, accumulate);
+  }
   if (router_bias && ps.trainable(*router_bias)) ops::bias_grad(dlogits, ps.grad(*router_bias));
   ctx.phase("bwd: permute + router");
   return dx;

@@ -20,6 +20,15 @@ class ParamAccess {
   virtual const Tensor& value(size_t i) const = 0;
   // The gradient, allocated zeroed on first use; gradients accumulate.
   virtual Tensor& grad(size_t i) = 0;
+  // The gradient for a site that writes all of it in one op (a GEMM's output). `accumulate` comes
+  // back false when nothing has been added to it yet: the storage may then hand it out unzeroed and
+  // the site must overwrite every element (no memset, and the GEMM reads no C: on a GPU step these
+  // were ~2 bytes written and ~2 read per parameter for nothing); true when it holds contributions
+  // to add to. Storages that keep gradients zeroed (the host's) always say true.
+  virtual Tensor& grad_for_write(size_t i, bool& accumulate) {
+    accumulate = true;
+    return grad(i);
+  }
   // The value at full precision: the F32 master where the storage keeps one beside a BF16 compute
   // copy (a buffer Transformers keeps in F32 under autocast, such as DeepSeek's correction bias).
   virtual const Tensor& exact(size_t i) const { return value(i); }

@@ -78,15 +78,15 @@ Tensor linear(const Tensor& x, const Tensor& weight) {
   MF_DISPATCH("linear", MF_T(x, weight), linear(x, weight));
 }
 
-void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw) {
+void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw, bool accumulate) {
 #ifdef MOEFORGE_HAVE_CUDA
   if (same_device("linear_weight_grad", dy, x, dw)) {
     const int64_t n = dy.size(-1), k = x.size(-1);
     Tensor dw2 = dw.view({n, k});
-    return cuda::gemm(dy.view({-1, n}), true, x.view({-1, k}), false, dw2, /*accumulate=*/true);
+    return cuda::gemm(dy.view({-1, n}), true, x.view({-1, k}), false, dw2, accumulate);
   }
 #endif
-  cpu::linear_weight_grad(dy, x, dw);
+  cpu::linear_weight_grad(dy, x, dw, accumulate);
 }
 
 Tensor linear_input_grad(const Tensor& dy, const Tensor& weight) {
@@ -415,9 +415,10 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
 
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                   int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
-                                  int64_t chunk_rows) {
+                                  int64_t chunk_rows, bool accumulate_dw) {
   MF_DISPATCH("fused_linear_cross_entropy", MF_T(hidden, weight, targets, dw ? *dw : Tensor()),
-              fused_linear_cross_entropy(hidden, weight, targets, ignore_index, scale, d_hidden, dw, counted, chunk_rows));
+              fused_linear_cross_entropy(hidden, weight, targets, ignore_index, scale, d_hidden, dw, counted, chunk_rows,
+                                         accumulate_dw));
 }
 
 namespace {

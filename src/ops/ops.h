@@ -41,8 +41,8 @@ void synchronize(Device device);
 void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, bool accumulate = false);
 // y = x W^T: nn.Linear's layout (x [..., K], weight [N, K] -> [..., N]).
 Tensor linear(const Tensor& x, const Tensor& weight);
-// dW [N,K] += dy[M,N]^T x[M,K]
-void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw);
+// dW [N,K] += dy[M,N]^T x[M,K] (accumulate false: dW = ..., what dW held is not read)
+void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw, bool accumulate = true);
 // dx [M,K] = dy[M,N] W[N,K]
 Tensor linear_input_grad(const Tensor& dy, const Tensor& weight);
 
@@ -228,10 +228,12 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
 // The LM head and cross-entropy fused over chunks of `chunk_rows` tokens: per chunk, logits = h W^T,
 // the softmax gradient, d_hidden = dlogits W and dW += dlogits^T h; only one chunk's logits ever
 // exist. targets [N] I64 (already shifted); `scale` multiplies the gradient. Returns the summed loss.
-// `dw` null: no weight gradient (a frozen LM head).
+// `dw` null: no weight gradient (a frozen LM head); `accumulate_dw` false: dW = the sum (what it
+// held is not read).
+constexpr int64_t kCrossEntropyChunkRows = 1024;
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                   int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
-                                  int64_t chunk_rows = 1024);
+                                  int64_t chunk_rows = kCrossEntropyChunkRows, bool accumulate_dw = true);
 
 // ---- Optimizer
 

@@ -93,35 +93,52 @@ TEST_P(CudaOps, RmsNormForwardBackwardAndFusedAdd) {
   REQUIRE_GPU();
   const DType dt = GetParam();
   const float eps = 1e-6f;
-  Tensor x = randn({45, 384}, 11), w = randn({384}, 12, 0.5f), dy = randn({45, 384}, 13), res = randn({45, 384}, 14);
-  Tensor xr = rounded(x, dt), wr = rounded(w, dt), dyr = rounded(dy, dt);
-  Tensor rstd;
-  Tensor y = cuda::rms_norm(cuda::to_device(x, dt), cuda::to_device(w, dt), eps, &rstd);
-  expect_close(y, ops::rms_norm(xr, wr, eps), tol_for(dt), "rms_norm");
-  Tensor dw_want = Tensor::zeros({384}, DType::F32);
-  Tensor dx_want = ops::rms_norm_backward(xr, wr, eps, dyr, dw_want);
-  Tensor dw = cuda::to_device(Tensor::zeros({384}, DType::F32), DType::F32);
-  Tensor dx = cuda::rms_norm_backward(cuda::to_device(x, dt), cuda::to_device(w, dt), rstd, cuda::to_device(dy, dt), dw);
-  expect_close(dx, dx_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{5e-2f, 5e-2f}, "rms_norm_backward dx");
-  expect_close(dw, dw_want, dt == DType::F32 ? Tol{1e-3f, 1e-4f} : Tol{0.5f, 5e-2f}, "rms_norm_backward dw");
-  // Fused: residual += x, y = norm(residual).
-  Tensor resd = cuda::to_device(res, dt);
-  Tensor yf = cuda::add_rms_norm(cuda::to_device(x, dt), resd, cuda::to_device(w, dt), eps);
-  Tensor sum = rounded(res, dt);
-  ops::add_inplace(sum, xr);
-  expect_close(resd, rounded(sum, dt), tol_for(dt), "add_rms_norm residual");
-  expect_close(yf, ops::rms_norm(rounded(sum, dt), wr, eps), tol_for(dt), "add_rms_norm output");
+  // Widths that take each launch shape of the row-group kernels (norm.cu; BF16 packs of 8, F32 of 4):
+  // 128 with more rows than a block holds (per-head q/k norms), 2048 (a warp a row forward, two
+  // warps backward: the shared-memory row sum), 7168 (a block a row backward: atomics straight
+  // into dw), 72 (lanes with fewer packs than their registers hold), 384 (the original case), and
+  // 70, which no pack divides (the element kernels).
+  struct Shape2 { int64_t rows, d; };
+  for (const Shape2 sh : {Shape2{45, 384}, Shape2{300, 128}, Shape2{37, 2048}, Shape2{9, 7168}, Shape2{20, 72}, Shape2{11, 70}}) {
+    const int64_t rows = sh.rows, d = sh.d;
+    const std::string at = " (rows " + std::to_string(rows) + ", d " + std::to_string(d) + ")";
+    const uint32_t seed = static_cast<uint32_t>(d);
+    Tensor x = randn({rows, d}, 11 + seed), w = randn({d}, 12 + seed, 0.5f), dy = randn({rows, d}, 13 + seed),
+           res = randn({rows, d}, 14 + seed), dw0 = randn({d}, 15 + seed, 0.1f);
+    Tensor xr = rounded(x, dt), wr = rounded(w, dt), dyr = rounded(dy, dt);
+    Tensor rstd;
+    Tensor y = cuda::rms_norm(cuda::to_device(x, dt), cuda::to_device(w, dt), eps, &rstd);
+    expect_close(y, ops::rms_norm(xr, wr, eps), tol_for(dt), "rms_norm" + at);
+    // dw accumulates into what it holds, on both devices.
+    Tensor dw_want = dw0.clone();
+    Tensor dx_want = ops::rms_norm_backward(xr, wr, eps, dyr, dw_want);
+    Tensor dw = cuda::to_device(dw0, DType::F32);
+    Tensor dx = cuda::rms_norm_backward(cuda::to_device(x, dt), cuda::to_device(w, dt), rstd, cuda::to_device(dy, dt), dw);
+    expect_close(dx, dx_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{5e-2f, 5e-2f}, "rms_norm_backward dx" + at);
+    expect_close(dw, dw_want, dt == DType::F32 ? Tol{1e-3f, 1e-4f} : Tol{0.5f, 5e-2f}, "rms_norm_backward dw" + at);
+    // Fused: residual += x, y = norm(residual).
+    Tensor resd = cuda::to_device(res, dt);
+    Tensor yf = cuda::add_rms_norm(cuda::to_device(x, dt), resd, cuda::to_device(w, dt), eps);
+    Tensor sum = rounded(res, dt);
+    ops::add_inplace(sum, xr);
+    expect_close(resd, rounded(sum, dt), tol_for(dt), "add_rms_norm residual" + at);
+    expect_close(yf, ops::rms_norm(rounded(sum, dt), wr, eps), tol_for(dt), "add_rms_norm output" + at);
+  }
 }
 
 TEST_P(CudaOps, SwigluForwardBackward) {
   REQUIRE_GPU();
   const DType dt = GetParam();
-  Tensor gu = randn({33, 2 * 96}, 21, 2.f), dout = randn({33, 96}, 22);
-  Tensor gur = rounded(gu, dt);
-  expect_close(cuda::swiglu(cuda::to_device(gu, dt)), ops::swiglu(gur), tol_for(dt), "swiglu");
-  expect_close(cuda::swiglu_backward(cuda::to_device(gu, dt), cuda::to_device(dout, dt)),
-               ops::swiglu_backward(gur, rounded(dout, dt)), dt == DType::F32 ? Tol{1e-5f, 1e-4f} : tol_for(dt),
-               "swiglu_backward");
+  // 96 moves in 16-byte packs (elementwise.cu), 9 element by element.
+  for (const int64_t inter : {int64_t{96}, int64_t{9}}) {
+    Tensor gu = randn({33, 2 * inter}, 21, 2.f), dout = randn({33, inter}, 22);
+    Tensor gur = rounded(gu, dt);
+    const std::string at = " (inter " + std::to_string(inter) + ")";
+    expect_close(cuda::swiglu(cuda::to_device(gu, dt)), ops::swiglu(gur), tol_for(dt), "swiglu" + at);
+    expect_close(cuda::swiglu_backward(cuda::to_device(gu, dt), cuda::to_device(dout, dt)),
+                 ops::swiglu_backward(gur, rounded(dout, dt)), dt == DType::F32 ? Tol{1e-5f, 1e-4f} : tol_for(dt),
+                 "swiglu_backward" + at);
+  }
 }
 
 TEST_P(CudaOps, BiasRowsAndBiasGradient) {
@@ -271,19 +288,24 @@ TEST_P(CudaOps, SigmoidGatedAddAndBackward) {
 TEST_P(CudaOps, RopeForwardAndInverse) {
   REQUIRE_GPU();
   const DType dt = GetParam();
-  Tensor x = randn({19, 4, 128}, 31), ang = randn({19, 128}, 32, 3.f);
-  std::vector<float> c(ang.numel()), s(ang.numel());
-  for (int64_t i = 0; i < ang.numel(); ++i) {
-    c[i] = std::cos(ang.f32()[i]);
-    s[i] = std::sin(ang.f32()[i]);
-  }
-  Tensor cos = Tensor::from_vector(c, {19, 128}), sin = Tensor::from_vector(s, {19, 128});
-  for (bool inverse : {false, true}) {
-    Tensor want = rounded(x, dt);
-    ops::rope_inplace(want, cos, sin, inverse);
-    Tensor xd = cuda::to_device(x, dt);
-    cuda::rope_inplace(xd, cuda::to_device(cos, DType::F32), cuda::to_device(sin, DType::F32), inverse);
-    expect_close(xd, want, tol_for(dt), inverse ? "rope inverse" : "rope");
+  // Full rotation of 128 and partial rotation (64 of 128) in packs of pairs; 12 of 20 pair by pair.
+  struct Case { int64_t d, rot; };
+  for (const Case cs : {Case{128, 128}, Case{128, 64}, Case{20, 12}}) {
+    Tensor x = randn({19, 4, cs.d}, 31), ang = randn({19, cs.rot}, 32, 3.f);
+    std::vector<float> c(ang.numel()), s(ang.numel());
+    for (int64_t i = 0; i < ang.numel(); ++i) {
+      c[i] = std::cos(ang.f32()[i]);
+      s[i] = std::sin(ang.f32()[i]);
+    }
+    Tensor cos = Tensor::from_vector(c, {19, cs.rot}), sin = Tensor::from_vector(s, {19, cs.rot});
+    const std::string at = " (d " + std::to_string(cs.d) + ", rot " + std::to_string(cs.rot) + ")";
+    for (bool inverse : {false, true}) {
+      Tensor want = rounded(x, dt);
+      ops::rope_inplace(want, cos, sin, inverse);
+      Tensor xd = cuda::to_device(x, dt);
+      cuda::rope_inplace(xd, cuda::to_device(cos, DType::F32), cuda::to_device(sin, DType::F32), inverse);
+      expect_close(xd, want, tol_for(dt), (inverse ? "rope inverse" : "rope") + at);
+    }
   }
 }
 
@@ -437,6 +459,21 @@ TEST(CudaHelpers, AddCopyConvertFill) {
   for (int64_t i = 0; i < 1000; ++i) want.f32()[i] += b.f32()[i];
   expect_close(c, want, {1e-6f, 1e-6f}, "add_inplace");
   expect_close(ad, a, {0.f, 0.f}, "copy leaves the source");
+  // In packs (BF16, 1000 elements) and element by element (F32, 1001: no pack of 4 divides it).
+  {
+    Tensor x = randn({1000}, 83), y = randn({1000}, 84);
+    Tensor yd = cuda::to_device(y, DType::BF16);
+    cuda::add_inplace(yd, cuda::to_device(x, DType::BF16));
+    Tensor sum = rounded(y, DType::BF16);
+    ops::add_inplace(sum, rounded(x, DType::BF16));
+    expect_close(yd, rounded(sum, DType::BF16), {0.f, 0.f}, "add_inplace bf16");
+    Tensor x1 = randn({1001}, 85), y1 = randn({1001}, 86);
+    Tensor y1d = cuda::to_device(y1, DType::F32);
+    cuda::add_inplace(y1d, cuda::to_device(x1, DType::F32));
+    Tensor sum1 = y1.clone();
+    ops::add_inplace(sum1, x1);
+    expect_close(y1d, sum1, {1e-6f, 1e-6f}, "add_inplace odd length");
+  }
   Tensor h = cuda::empty({1000}, DType::BF16);
   cuda::convert(ad, h);
   expect_close(h, rounded(a, DType::BF16), {0.f, 0.f}, "convert to bf16");

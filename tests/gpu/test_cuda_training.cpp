@@ -16,6 +16,7 @@
 #include "models/lora.h"
 #include "models/pretrained.h"
 #include "ops/cuda/runtime.h"
+#include "ops/ops.h"
 #include "test_util.h"
 #include "train/trainer.h"
 
@@ -80,6 +81,42 @@ TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
     ++checked;
   }
   EXPECT_GT(checked, 10);
+}
+
+// A step's first contribution to a weight gradient overwrites it (DeviceParams::grad_for_write
+// hands it out unzeroed), later ones add: the first backward matches torch above, so a second
+// backward of the same batch without zero_grad must give exactly twice the gradients -- every
+// gradient site, including the chunked LM head and the experts' grouped GEMMs, takes the adding path
+// the second time. Then released gradients start over from the overwrite.
+TEST_P(CudaTraining, SecondBackwardAddsToTheFirst) {
+  REQUIRE_GPU();
+  const auto [name, ckpt] = GetParam();
+  const std::string dir = test::fixture(name);
+  auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
+  auto m = models::from_pretrained(dir);
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  const models::TrainStepOptions opts = test::step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref));
+  auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+  gm->forward_backward({ids, &labels}, opts);
+  const auto& params = m.model->params().all();
+  std::vector<Tensor> once(params.size());
+  std::vector<size_t> with_grad;
+  for (size_t i = 0; i < params.size(); ++i)
+    if (gm->params().has_grad(i)) {
+      once[i] = cuda::to_host_f32(gm->params().grad(i));
+      with_grad.push_back(i);
+    }
+  ASSERT_FALSE(with_grad.empty());
+  gm->forward_backward({ids, &labels}, opts);
+  for (size_t i : with_grad) {
+    Tensor twice = once[i].clone();
+    ops::add_inplace(twice, once[i]);
+    EXPECT_LT(test::tensor_rel_diff(cuda::to_host_f32(gm->params().grad(i)), twice), 1e-6) << params[i].name;
+  }
+  gm->params().release_grads(with_grad);
+  gm->forward_backward({ids, &labels}, opts);
+  for (size_t i : with_grad)
+    EXPECT_LT(test::tensor_rel_diff(cuda::to_host_f32(gm->params().grad(i)), once[i]), 1e-6) << params[i].name;
 }
 
 // Losses within 1e-5 and weights within 1e-5 of each tensor's largest, with the CPU test's

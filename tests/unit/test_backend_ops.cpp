@@ -94,6 +94,13 @@ void expect_match(const Tensor& got, const Tensor& want, float tol, const std::s
                                 << scale;
 }
 
+// NaN of `shape` (F32) on `like`'s device: a buffer whose old contents must not leak into a result.
+Tensor nans_like_shape(const Tensor& like, Shape shape) {
+  const int64_t n = shape_numel(shape);
+  return ops::to_device(Tensor::from_vector(std::vector<float>(static_cast<size_t>(n), NAN), std::move(shape)), like.device(),
+                        DType::F32);
+}
+
 // Zeros of `shape` on `like`'s device.
 Tensor zeros_like_shape(const Tensor& like, Shape shape, DType dt = DType::F32) {
   return ops::to_device(Tensor::zeros(std::move(shape), dt), like.device(), dt);
@@ -135,6 +142,24 @@ std::vector<OpCase> cases() {
                  Tensor dw = zeros_like_shape(in[0], {6, 11});
                  ops::linear_weight_grad(as(in[2], act), as(in[0], act), dw);
                  return Tensors{y, dw, ops::linear_input_grad(as(in[2], act), as(in[1], act))};
+               }});
+
+  // Weight gradients written rather than added (a step's first contribution, nn::ParamAccess::
+  // grad_for_write): what dW held -- NaN here -- must not reach the result; an empty sum writes zeros.
+  c.push_back({"linear_weight_grad_overwrite/odd_and_empty",
+               [=](uint32_t s) { return Tensors{rnd({9, 6}, s), rnd({9, 11}, s + 1)}; },
+               [](const Tensors& in, DType act) {
+                 Tensor dw = nans_like_shape(in[0], {6, 11}), empty_dw = nans_like_shape(in[0], {6, 11});
+                 ops::linear_weight_grad(as(in[0], act), as(in[1], act), dw, /*accumulate=*/false);
+                 ops::linear_weight_grad(as(in[0].slice0(0, 0), act), as(in[1].slice0(0, 0), act), empty_dw, false);
+                 return Tensors{dw, empty_dw};
+               },
+               [](const Tensors& in) {
+                 Tensor dw = Tensor::zeros({6, 11}, DType::F32);
+                 for (int64_t r = 0; r < 9; ++r)
+                   for (int64_t i = 0; i < 6; ++i)
+                     for (int64_t j = 0; j < 11; ++j) dw.f32()[i * 11 + j] += in[0].f32()[r * 6 + i] * in[1].f32()[r * 11 + j];
+                 return Tensors{dw, Tensor::zeros({6, 11}, DType::F32)};
                }});
 
   c.push_back({"rms_norm_with_rstd_and_backward/odd",
@@ -322,7 +347,10 @@ std::vector<OpCase> cases() {
                  ops::grouped_linear_input_grad(dy, w, off, dx);
                  ops::grouped_linear_weight_grad(dy, x, off, dw, /*accumulate=*/true);
                  ops::grouped_bias_grad(dy, off, db);
-                 return Tensors{y, dx, dw, db};
+                 // Written rather than added: the empty experts' blocks too (zeros, not the NaN held).
+                 Tensor dw_written = nans_like_shape(x, {6, 5, 7});
+                 ops::grouped_linear_weight_grad(dy, x, off, dw_written, /*accumulate=*/false);
+                 return Tensors{y, dx, dw, db, dw_written};
                },
                [=](const Tensors& in) {  // expert by expert through the plain linear ops
                  const auto off = offsets_of(counts);
@@ -342,7 +370,7 @@ std::vector<OpCase> cases() {
                    Tensor dbe = db.slice0(e, 1).view({5});
                    ops::bias_grad(in[2].slice0(off[e], n), dbe);
                  }
-                 return Tensors{y, dx, dw, db};
+                 return Tensors{y, dx, dw, db, dw};
                }});
 
   c.push_back({"permute_unpermute_and_backward/top3_unused_expert",
@@ -438,6 +466,22 @@ std::vector<OpCase> cases() {
     };
     c.push_back(a);
   }
+
+  c.push_back({"fused_linear_cross_entropy/dw_overwritten",
+               [=](uint32_t s) { return Tensors{rnd({11, 8}, s), rnd({19, 8}, s + 1), ids({3, -100, 18, 0, 5, 5, 1, -100, 2, 7, 11}, {11})}; },
+               [](const Tensors& in, DType act) {
+                 Tensor dh, dw = nans_like_shape(in[0], {19, 8});
+                 ops::fused_linear_cross_entropy(as(in[0], act), as(in[1], act), in[2], -100, 0.5f, dh, &dw, nullptr,
+                                                 /*chunk_rows=*/4, /*accumulate_dw=*/false);
+                 return Tensors{dw};
+               },
+               [](const Tensors& in) {
+                 Tensor logits = ops::linear(in[0], in[1]), d;
+                 ops::cross_entropy_backward(logits, in[2], -100, 0.5f, d, nullptr);
+                 Tensor dw = Tensor::zeros({19, 8}, DType::F32);
+                 ops::linear_weight_grad(d, in[0], dw);
+                 return Tensors{dw};
+               }});
 
   c.push_back({"latent_attention_columns/broadcast_and_sums",
                [=](uint32_t s) { return Tensors{rnd({4, 10}, s), rnd({12, 9}, s + 1), rnd({6, 8}, s + 2)}; },

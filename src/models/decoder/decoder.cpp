@@ -643,8 +643,11 @@ TrainStepResult Decoder::forward_backward(nn::ParamAccess& ps, const ForwardInpu
   // The LM head and the loss fused over chunks of tokens: the [T, V] logits never exist whole.
   TrainStepResult res;
   Tensor d_xf;
-  res.ce_sum = ops::fused_linear_cross_entropy(xf, ps.value(lm_head_), targets, -100, opts.ce_scale, d_xf,
-                                               head_grad(ps), &res.tokens);
+  // The step's first contribution to the LM head's gradient: written, not added (nothing to zero or read).
+  bool head_accumulate = true;
+  Tensor* head_dw = ps.trainable(lm_head_) ? &ps.grad_for_write(lm_head_, head_accumulate) : nullptr;
+  res.ce_sum = ops::fused_linear_cross_entropy(xf, ps.value(lm_head_), targets, -100, opts.ce_scale, d_xf, head_dw,
+                                               &res.tokens, ops::kCrossEntropyChunkRows, head_accumulate);
   bt.ctx.phase("fused LM head + loss (fwd and its grads)");
   // Parameters whose gradients are complete: ZeRO-3 sums them into this rank's blocks and frees
   // the whole values; then the optimizer-in-backward callback, if any.

@@ -12,11 +12,15 @@
 namespace moeforge::ops::cpu {
 
 
-void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw) {
+void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw, bool accumulate) {
   const int64_t n = dy.size(-1), k = x.size(-1), m = dy.numel() / std::max<int64_t>(n, 1);
   MF_CHECK(x.numel() == m * k && dw.numel() == n * k, "linear_weight_grad: dy ", shape_str(dy.shape()), " x ",
            shape_str(x.shape()), " -> dw ", shape_str(dw.shape()));
-  gemm_f32(true, false, n, k, m, 1.f, dy.f32(), n, x.f32(), k, 1.f, dw.f32(), k);
+  if (m == 0) {  // no rows: nothing to add, or a zero sum to write
+    if (!accumulate) std::fill(dw.f32(), dw.f32() + dw.numel(), 0.f);
+    return;
+  }
+  gemm_f32(true, false, n, k, m, 1.f, dy.f32(), n, x.f32(), k, accumulate ? 1.f : 0.f, dw.f32(), k);
 }
 
 Tensor linear_input_grad(const Tensor& dy, const Tensor& weight) {

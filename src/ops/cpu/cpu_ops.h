@@ -19,7 +19,7 @@ void gemm_f32(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float
               const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, bool accumulate);
 Tensor linear(const Tensor& x, const Tensor& weight);
-void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw);
+void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw, bool accumulate = true);
 Tensor linear_input_grad(const Tensor& dy, const Tensor& weight);
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd = nullptr);
@@ -74,7 +74,7 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
                               Tensor& dlogits, int64_t* counted);
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                   int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
-                                  int64_t chunk_rows);
+                                  int64_t chunk_rows, bool accumulate_dw = true);
 
 // Expert token flow and grouped GEMMs (ops/cpu/experts.cpp).
 void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y);

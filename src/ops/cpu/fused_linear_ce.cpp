@@ -9,7 +9,7 @@ namespace moeforge::ops::cpu {
 
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                   int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
-                                  int64_t chunk_rows) {
+                                  int64_t chunk_rows, bool accumulate_dw) {
   MF_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
            "fused_linear_cross_entropy: hidden ", shape_str(hidden.shape()), " and lm_head ",
            shape_str(weight.shape()), " do not agree");
@@ -30,8 +30,9 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
     count += c;
     Tensor dh = linear_input_grad(dlogits, weight);
     std::copy(dh.f32(), dh.f32() + dh.numel(), d_hidden.f32() + r0 * hidden.size(1));
-    if (dw) linear_weight_grad(dlogits, h, *dw);
+    if (dw) linear_weight_grad(dlogits, h, *dw, /*accumulate=*/accumulate_dw || r0 > 0);
   }
+  if (dw && !accumulate_dw && n == 0) std::fill(dw->f32(), dw->f32() + dw->numel(), 0.f);
   if (counted) *counted = count;
   return total;
 }

@@ -1,5 +1,8 @@
 // Element-wise and gather/scatter kernels: SwiGLU (forward, backward), RoPE in place, embedding
-// lookup and its scatter-add backward. All memory-bound; grid-stride loops over the elements.
+// lookup and its scatter-add backward. All memory-bound; grid-stride loops over the elements, or
+// over 16-byte packs of them (V elements) where the widths and pointers allow: one element per
+// thread with 2-byte BF16 accesses and a 64-bit division each ran these at about half their
+// bandwidth floor (docs/perf-notes.md). V = 1 is the element path.
 #include "ops/cuda/check.h"
 #include "ops/cuda/kernel_util.cuh"
 #include "ops/cuda/ops_cuda.h"
@@ -18,42 +21,79 @@ __device__ __forceinline__ float round_like(float v) {
   else return __bfloat162float(__float2bfloat16(v));
 }
 
-template <typename T>
+template <typename T, int V>
 __global__ void swiglu_kernel(const T* gu, T* out, int64_t rows, int64_t inter) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * inter; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = i / inter, j = i % inter;
-    const float g = load(gu, r * 2 * inter + j), u = load(gu, r * 2 * inter + inter + j);
-    // act_fn(gate) is a tensor of the activation dtype before it multiplies up.
-    const float s = round_like<T>(g / (1.f + __expf(-g)));
-    store(out, i, s * u);
+  using P = Pack<T, V>;
+  const int64_t per_row = inter / V;
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < rows * per_row; q += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = q / per_row, c = q % per_row;
+    const P g = reinterpret_cast<const P*>(gu + r * 2 * inter)[c], u = reinterpret_cast<const P*>(gu + r * 2 * inter + inter)[c];
+    P o;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float gv = load(g.v, e);
+      // act_fn(gate) is a tensor of the activation dtype before it multiplies up.
+      const float sv = round_like<T>(gv / (1.f + __expf(-gv)));
+      store(o.v, e, sv * load(u.v, e));
+    }
+    reinterpret_cast<P*>(out + r * inter)[c] = o;
   }
 }
 
-template <typename T>
+template <typename T, int V>
 __global__ void swiglu_backward_kernel(const T* gu, const T* dout, T* dgu, int64_t rows, int64_t inter) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * inter; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = i / inter, j = i % inter;
-    const float g = load(gu, r * 2 * inter + j), u = load(gu, r * 2 * inter + inter + j), d = load(dout, i);
-    const float sig = 1.f / (1.f + __expf(-g));
-    const float silu = g * sig;
-    store(dgu, r * 2 * inter + j, d * u * sig * (1.f + g * (1.f - sig)));
-    store(dgu, r * 2 * inter + inter + j, d * silu);
+  using P = Pack<T, V>;
+  const int64_t per_row = inter / V;
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < rows * per_row; q += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = q / per_row, c = q % per_row;
+    const P g = reinterpret_cast<const P*>(gu + r * 2 * inter)[c], u = reinterpret_cast<const P*>(gu + r * 2 * inter + inter)[c];
+    const P d = reinterpret_cast<const P*>(dout + r * inter)[c];
+    P dg, du;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float gv = load(g.v, e), uv = load(u.v, e), dv = load(d.v, e);
+      const float sig = 1.f / (1.f + __expf(-gv));
+      store(dg.v, e, dv * uv * sig * (1.f + gv * (1.f - sig)));
+      store(du.v, e, dv * gv * sig);
+    }
+    reinterpret_cast<P*>(dgu + r * 2 * inter)[c] = dg;
+    reinterpret_cast<P*>(dgu + r * 2 * inter + inter)[c] = du;
   }
 }
 
-template <typename T>
+// Rotates pairs (j, j + rot/2) of each head's first `rot` dimensions; V consecutive pairs per step.
+template <typename T, int V>
 __global__ void rope_kernel(T* x, const float* cos, const float* sin, int64_t t, int64_t h, int64_t d, int64_t rot,
                             float sign) {
-  const int64_t half = rot / 2;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < t * h * half; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t j = i % half, th = i / half, tok = th / h;
-    T* v = x + th * d;
-    const float* c = cos + tok * rot;
-    const float* s = sin + tok * rot;
-    const float a = load(v, j), b = load(v, j + half);
-    store(v, j, a * c[j] - sign * b * s[j]);
-    store(v, j + half, b * c[j + half] + sign * a * s[j + half]);
+  using P = Pack<T, V>;
+  const int64_t half = rot / 2, per_row = half / V;
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < t * h * per_row; q += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t c = q % per_row, th = q / per_row, tok = th / h;
+    P* lo = reinterpret_cast<P*>(x + th * d) + c;
+    P* hi = reinterpret_cast<P*>(x + th * d + half) + c;
+    float cl[V], ch[V], sl[V], sh[V];
+    load_f32<V>(cos + tok * rot + c * V, cl);
+    load_f32<V>(cos + tok * rot + half + c * V, ch);
+    load_f32<V>(sin + tok * rot + c * V, sl);
+    load_f32<V>(sin + tok * rot + half + c * V, sh);
+    const P a = *lo, b = *hi;
+    P oa, ob;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const float av = load(a.v, e), bv = load(b.v, e);
+      store(oa.v, e, av * cl[e] - sign * bv * sl[e]);
+      store(ob.v, e, bv * ch[e] + sign * av * sh[e]);
+    }
+    *lo = oa;
+    *hi = ob;
   }
+}
+
+// Launches kernel<T, 16 / sizeof(T)> over n / V packs when `packed`, else kernel<T, 1> over n elements.
+template <typename T, typename... Params, typename... Args>
+void launch_packed(bool packed, int64_t n, void (*by_pack)(Params...), void (*by_element)(Params...), Args... args) {
+  const int64_t units = packed ? n / static_cast<int64_t>(16 / sizeof(T)) : n;
+  (packed ? by_pack : by_element)<<<grid_stride_blocks(units), kGridStrideThreads, 0, current_stream()>>>(args...);
 }
 
 template <typename T, typename S>
@@ -84,10 +124,16 @@ __global__ void embedding_backward_kernel(const int64_t* ids, const T* dx, G* gr
 }
 
 // y += x elementwise (same dtype and size), and a device copy.
-template <typename T>
+template <typename T, int V>
 __global__ void add_kernel(T* y, const T* x, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
-    store(y, i, load(y, i) + load(x, i));
+  using P = Pack<T, V>;
+  for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < n / V; q += (int64_t)gridDim.x * blockDim.x) {
+    P a = reinterpret_cast<P*>(y)[q];
+    const P b = reinterpret_cast<const P*>(x)[q];
+#pragma unroll
+    for (int e = 0; e < V; ++e) store(a.v, e, load(a.v, e) + load(b.v, e));
+    reinterpret_cast<P*>(y)[q] = a;
+  }
 }
 
 // Counter-based normal samples: element i's two uniforms come from splitmix64(seed, i), so the
@@ -168,7 +214,9 @@ Tensor swiglu(const Tensor& gate_up) {
   if (rows * inter == 0) return out;
   dispatch_float(gate_up.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    swiglu_kernel<<<grid_stride_blocks(rows * inter), kGridStrideThreads, 0, current_stream()>>>(gate_up.data<T>(), out.data<T>(), rows, inter);
+    constexpr int V = 16 / sizeof(T);
+    launch_packed<T>(packs_fit<T>(inter, {gate_up.raw(), out.raw()}), rows * inter, swiglu_kernel<T, V>, swiglu_kernel<T, 1>,
+                     gate_up.data<T>(), out.data<T>(), rows, inter);
   });
   MF_CUDA_CHECK_LAUNCH("swiglu");
   return out;
@@ -182,8 +230,9 @@ Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout) {
   if (rows * inter == 0) return dgu;
   dispatch_float(gate_up.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    swiglu_backward_kernel<<<grid_stride_blocks(rows * inter), kGridStrideThreads, 0, current_stream()>>>(gate_up.data<T>(), dout.data<T>(),
-                                                                                       dgu.data<T>(), rows, inter);
+    constexpr int V = 16 / sizeof(T);
+    launch_packed<T>(packs_fit<T>(inter, {gate_up.raw(), dout.raw(), dgu.raw()}), rows * inter, swiglu_backward_kernel<T, V>,
+                     swiglu_backward_kernel<T, 1>, gate_up.data<T>(), dout.data<T>(), dgu.data<T>(), rows, inter);
   });
   MF_CUDA_CHECK_LAUNCH("swiglu_backward");
   return dgu;
@@ -199,8 +248,11 @@ void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse)
   if (t * h == 0) return;
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    rope_kernel<<<grid_stride_blocks(t * h * rot / 2), kGridStrideThreads, 0, current_stream()>>>(
-        x.data<T>(), cos.data<float>(), sin.data<float>(), t, h, d, rot, inverse ? -1.f : 1.f);
+    constexpr int V = 16 / sizeof(T);
+    // Packs of V pairs: half a rotation and every head's row start on a pack boundary.
+    const bool packed = (rot / 2) % V == 0 && d % V == 0 && packs_fit<T>(d, {x.raw()}) && packs_fit<float>(rot, {cos.raw(), sin.raw()});
+    launch_packed<T>(packed, t * h * (rot / 2), rope_kernel<T, V>, rope_kernel<T, 1>, x.data<T>(), cos.data<float>(),
+                     sin.data<float>(), t, h, d, rot, inverse ? -1.f : 1.f);
   });
   MF_CUDA_CHECK_LAUNCH("rope");
 }
@@ -254,7 +306,9 @@ void add_inplace(Tensor& y, const Tensor& x) {
   if (y.numel() == 0) return;
   dispatch_float(y.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    add_kernel<<<grid_stride_blocks(y.numel()), kGridStrideThreads, 0, current_stream()>>>(y.data<T>(), x.data<T>(), y.numel());
+    constexpr int V = 16 / sizeof(T);
+    launch_packed<T>(packs_fit<T>(y.numel(), {y.raw(), x.raw()}), y.numel(), add_kernel<T, V>, add_kernel<T, 1>, y.data<T>(),
+                     x.data<T>(), y.numel());
   });
   MF_CUDA_CHECK_LAUNCH("add_inplace");
 }

@@ -8,7 +8,8 @@
 namespace moeforge::cuda {
 
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t ignore_index,
-                                  float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted, int64_t chunk_rows) {
+                                  float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted, int64_t chunk_rows,
+                                  bool accumulate_dw) {
   MF_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.shape()[1] == weight.shape()[1],
            "fused_linear_cross_entropy: hidden ", shape_str(hidden.shape()), " and lm_head ", shape_str(weight.shape()),
            " do not agree");
@@ -30,8 +31,10 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
     count += c;
     Tensor dh = d_hidden.slice0(r0, rows);
     gemm(dlogits, false, weight, false, dh);
-    if (dw) gemm(dlogits, true, h, false, *dw, /*accumulate=*/true);
+    // The first chunk writes dW when it is not to be accumulated into; the rest add to it.
+    if (dw) gemm(dlogits, true, h, false, *dw, /*accumulate=*/accumulate_dw || r0 > 0);
   }
+  if (dw && !accumulate_dw && n == 0) zero(*dw);
   if (counted) *counted = count;
   return total;
 }

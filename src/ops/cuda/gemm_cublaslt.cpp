@@ -134,6 +134,10 @@ void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& 
   const int64_t n = trans_b ? b.shape()[0] : b.shape()[1];
   MF_CHECK(k == kb && c.shape()[0] == m && c.shape()[1] == n, "gemm: shapes do not match: A ", shape_str(a.shape()),
            trans_a ? "^T" : "", " B ", shape_str(b.shape()), trans_b ? "^T" : "", " C ", shape_str(c.shape()));
+  if (k == 0) {  // an empty sum: C is kept (accumulating) or zero
+    if (!accumulate) zero(c);
+    return;
+  }
   GemmArgs g;
   g.m = m;
   g.n = n;

@@ -2,6 +2,8 @@
 // reductions, and dispatch over the activation dtypes (F32, BF16).
 #pragma once
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -70,6 +72,32 @@ void dispatch_float(DType t, F&& f) {
 constexpr int kGridStrideThreads = 256;
 inline int grid_stride_blocks(int64_t n) {
   return static_cast<int>(std::min<int64_t>((n + kGridStrideThreads - 1) / kGridStrideThreads, 65535));
+}
+
+// V elements of T moved as one load or store (16 bytes for V = 16 / sizeof(T)).
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// Whether rows of width h at these addresses can move in 16-byte packs of T.
+template <typename T>
+bool packs_fit(int64_t h, std::initializer_list<const void*> rows) {
+  bool fit = h % (16 / sizeof(T)) == 0;
+  for (const void* q : rows) fit = fit && reinterpret_cast<uintptr_t>(q) % 16 == 0;
+  return fit;
+}
+
+// V consecutive elements of T from p (aligned to the loads' size) as F32, in loads of at most 16 bytes.
+template <int V, typename T>
+__device__ __forceinline__ void load_f32(const T* p, float (&out)[V]) {
+  constexpr int C = static_cast<int>(16 / sizeof(T)) < V ? static_cast<int>(16 / sizeof(T)) : V;
+#pragma unroll
+  for (int c = 0; c < V / C; ++c) {
+    const Pack<T, C> q = reinterpret_cast<const Pack<T, C>*>(p)[c];
+#pragma unroll
+    for (int e = 0; e < C; ++e) out[c * C + e] = load(q.v, e);
+  }
 }
 
 inline int threads_for(int64_t n) {

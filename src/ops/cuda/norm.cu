@@ -1,6 +1,14 @@
-// RMSNorm forward (optionally fused with the residual add) and backward: one block per row, the
-// row's sum of squares reduced in F32. Memory-bound: forward reads x and w and writes y (plus the
-// residual when fused), so its floor is those bytes at HBM bandwidth.
+// RMSNorm forward (optionally fused with the residual add) and backward. Memory-bound: the forward
+// reads x and w and writes y (plus the residual when fused), the backward reads x, dy and w and
+// writes dx, so their floors are those bytes at HBM bandwidth.
+//
+// Rows that move in 16-byte packs take the row-group kernels: a group of L lanes per row (L a power
+// of two, from 1 for short rows to 1024), each lane holding its packs in registers, so x is read
+// once. The per-head q/k norms (rows of 128) get 4 lanes a row, the hidden norm (2048) a warp; a
+// block per row with one element per thread, as before, spent 3-5x its floor on these shapes
+// (docs/perf-notes.md). Other rows (odd widths, unaligned views) keep the element kernels.
+#include <cuda_runtime.h>
+
 #include "ops/cuda/check.h"
 #include "ops/cuda/kernel_util.cuh"
 #include "ops/cuda/ops_cuda.h"
@@ -22,8 +30,8 @@ __global__ void rms_norm_kernel(const T* x, T* residual, const W* w, T* y, float
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     float v = load(xr, i);
     if (fused_add) {
-      v += load(rr, i);
-      store(rr, i, v);
+      store(rr, i, v + load(rr, i));
+      v = load(rr, i);  // the sum as stored (rounded to T): Transformers normalises that tensor
     }
     ss += v * v;
   }
@@ -75,6 +83,199 @@ __global__ void rms_norm_backward_kernel(const T* x, const W* w, const float* rs
   }
 }
 
+// ---- row-group kernels -------------------------------------------------------------------------
+
+// Sum over the `lanes` lanes of a row group (groups are aligned runs of lanes). Up to a warp: xor
+// shuffles; wider: shuffles, then the group's warps through `scratch` (blockDim.x / 32 floats).
+// Every thread of the block calls it (the wide case synchronises the block).
+__device__ __forceinline__ float group_sum(float v, int lanes, float* scratch) {
+  for (int o = (lanes < 32 ? lanes : 32) / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lanes > 32) {
+    const int warp = threadIdx.x >> 5, first = warp & ~(lanes / 32 - 1);
+    __syncthreads();  // scratch is free again after the previous call
+    if ((threadIdx.x & 31) == 0) scratch[warp] = v;
+    __syncthreads();
+    v = 0.f;
+    for (int i = 0; i < lanes / 32; ++i) v += scratch[first + i];
+  }
+  return v;
+}
+
+// One row per group of `lanes` lanes; lane l holds packs l, l + lanes, ... (at most NP of them).
+template <typename T, typename W, int NP>
+__global__ void rms_norm_rows_kernel(const T* x, T* residual, const W* w, T* y, float* rstd, int64_t rows,
+                                     int64_t d, int lanes, float eps) {
+  extern __shared__ float scratch[];
+  constexpr int V = 16 / sizeof(T);
+  using P = Pack<T, V>;
+  const int64_t packs = d / V;
+  const int lane = threadIdx.x & (lanes - 1);
+  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x / lanes) + threadIdx.x / lanes;
+  const bool live = row < rows;
+  float v[NP][V];
+  float ss = 0.f;
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    const int64_t p = lane + static_cast<int64_t>(j) * lanes;
+    if (!live || p >= packs) continue;
+    const P xp = reinterpret_cast<const P*>(x + row * d)[p];
+    if (residual) {
+      P* rp = reinterpret_cast<P*>(residual + row * d) + p;
+      const P r0 = *rp;
+      P sum;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        store(sum.v, e, load(xp.v, e) + load(r0.v, e));
+        v[j][e] = load(sum.v, e);  // rounded to T, as stored and as Transformers normalises it
+      }
+      *rp = sum;
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[j][e] = load(xp.v, e);
+    }
+#pragma unroll
+    for (int e = 0; e < V; ++e) ss += v[j][e] * v[j][e];
+  }
+  ss = group_sum(ss, lanes, scratch);
+  const float r = rsqrtf(ss / static_cast<float>(d) + eps);
+  if (live && lane == 0 && rstd) rstd[row] = r;
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    const int64_t p = lane + static_cast<int64_t>(j) * lanes;
+    if (!live || p >= packs) continue;
+    float wv[V];
+    load_f32<V>(w + p * V, wv);
+    P o;
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      float n = v[j][e] * r;
+      if constexpr (!std::is_same_v<T, float>) n = __bfloat162float(__float2bfloat16(n));  // as the element kernel
+      store(o.v, e, n * wv[e]);
+    }
+    reinterpret_cast<P*>(y + row * d)[p] = o;
+  }
+}
+
+// Backward: the block's row groups walk rows block-strided, each lane keeping its elements' share of
+// dw in registers; at the end the groups' shares are summed in shared memory and added to dw with one
+// atomic per block and element. Shared memory: max(blockDim.x / 32, rows per block * d) floats.
+template <typename T, typename W, int NP>
+__global__ void rms_norm_backward_rows_kernel(const T* x, const W* w, const float* rstd, const T* dy, T* dx, float* dw,
+                                              int64_t rows, int64_t d, int lanes) {
+  extern __shared__ float scratch[];
+  constexpr int V = 16 / sizeof(T);
+  using P = Pack<T, V>;
+  const int64_t packs = d / V;
+  const int per_block = blockDim.x / lanes, group = threadIdx.x / lanes, lane = threadIdx.x & (lanes - 1);
+  float dw_part[NP][V];
+#pragma unroll
+  for (int j = 0; j < NP; ++j)
+#pragma unroll
+    for (int e = 0; e < V; ++e) dw_part[j][e] = 0.f;
+  for (int64_t first = blockIdx.x * static_cast<int64_t>(per_block); first < rows;
+       first += static_cast<int64_t>(gridDim.x) * per_block) {
+    const int64_t row = first + group;
+    const bool live = row < rows;
+    const float r = live ? rstd[row] : 0.f;
+    float xv[NP][V], gv[NP][V];
+    float dot = 0.f;
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int64_t p = lane + static_cast<int64_t>(j) * lanes;
+      if (!live || p >= packs) continue;
+      const P xp = reinterpret_cast<const P*>(x + row * d)[p], gp = reinterpret_cast<const P*>(dy + row * d)[p];
+      float wv[V];
+      load_f32<V>(w + p * V, wv);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        xv[j][e] = load(xp.v, e);
+        gv[j][e] = load(gp.v, e);
+        dot += gv[j][e] * wv[e] * xv[j][e];
+      }
+    }
+    dot = group_sum(dot, lanes, scratch);
+    // dx = r * (dy*w) - x * r^3 * mean(dy*w*x)
+    const float c = dot * r * r * r / static_cast<float>(d);
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int64_t p = lane + static_cast<int64_t>(j) * lanes;
+      if (!live || p >= packs) continue;
+      float wv[V];
+      load_f32<V>(w + p * V, wv);
+      P o;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        store(o.v, e, r * gv[j][e] * wv[e] - xv[j][e] * c);
+        dw_part[j][e] += gv[j][e] * xv[j][e] * r;
+      }
+      reinterpret_cast<P*>(dx + row * d)[p] = o;
+    }
+  }
+  if (per_block == 1) {
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      const int64_t p = lane + static_cast<int64_t>(j) * lanes;
+      if (p >= packs) continue;
+#pragma unroll
+      for (int e = 0; e < V; ++e) atomicAdd(dw + p * V + e, dw_part[j][e]);
+    }
+    return;
+  }
+  __syncthreads();  // scratch held group_sum's partials
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    const int64_t p = lane + static_cast<int64_t>(j) * lanes;
+    if (p >= packs) continue;
+#pragma unroll
+    for (int e = 0; e < V; ++e) scratch[group * d + p * V + e] = dw_part[j][e];
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    float s = 0.f;
+    for (int g = 0; g < per_block; ++g) s += scratch[g * d + i];
+    atomicAdd(dw + i, s);
+  }
+}
+
+// Launch shape of the row-group kernels: the fewest lanes per row (a power of two) that leave each
+// lane at most `max_packs` packs, and blocks of at least 256 threads.
+struct RowGroups {
+  int lanes, threads, packs_per_lane;
+  int64_t rows_per_block;
+};
+
+RowGroups row_groups(int64_t packs, int max_packs) {
+  RowGroups g{};
+  g.lanes = 1;
+  while (g.lanes < 1024 && static_cast<int64_t>(g.lanes) * max_packs < packs) g.lanes <<= 1;
+  g.packs_per_lane = static_cast<int>((packs + g.lanes - 1) / g.lanes);
+  g.threads = std::max(g.lanes, 256);
+  g.rows_per_block = g.threads / g.lanes;
+  return g;
+}
+
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, count = 0;
+    MF_CUDA_CHECK(cudaGetDevice(&dev));
+    MF_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
+    return count;
+  }();
+  return n;
+}
+
+// Calls fn with the compile-time packs per lane (1, 2, 4 or 8, at most Max) that covers `need`.
+template <int Max, typename Fn>
+void with_packs_per_lane(int need, Fn&& fn) {
+  if (need <= 1) fn(std::integral_constant<int, 1>{});
+  else if (need <= 2) fn(std::integral_constant<int, 2>{});
+  else if (need <= 4 || Max < 8) fn(std::integral_constant<int, 4>{});
+  else if constexpr (Max >= 8) fn(std::integral_constant<int, 8>{});
+}
+
+// Per lane at most 8 packs forward (only x is held) and 4 backward (x, dy and dw's share).
+constexpr int kForwardPacks = 8, kBackwardPacks = 4;
+
 template <typename Fn>
 void with_weight(const Tensor& w, Fn&& fn) {
   MF_CHECK(w.dtype() == DType::F32 || w.dtype() == DType::BF16, "rms_norm: weight must be F32 or BF16");
@@ -94,6 +295,19 @@ Tensor norm_impl(const Tensor& x, Tensor* residual, const Tensor& w, float eps, 
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_weight(w, [&](auto* wp) {
+      const int64_t packs = d / (16 / sizeof(T));
+      if (packs_fit<T>(d, {x.raw(), w.raw(), y.raw(), residual ? residual->raw() : nullptr}) &&
+          packs <= 1024 * kForwardPacks) {
+        const RowGroups g = row_groups(packs, kForwardPacks);
+        const auto blocks = static_cast<unsigned>((rows + g.rows_per_block - 1) / g.rows_per_block);
+        with_packs_per_lane<kForwardPacks>(g.packs_per_lane, [&](auto np) {
+          rms_norm_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, decltype(np)::value>
+              <<<blocks, g.threads, g.threads / 32 * sizeof(float), current_stream()>>>(
+                  x.data<T>(), residual ? residual->data<T>() : nullptr, wp, y.data<T>(), rstd.data<float>(), rows, d,
+                  g.lanes, eps);
+        });
+        return;
+      }
       rms_norm_kernel<<<rows, threads, 0, current_stream()>>>(x.data<T>(), residual ? residual->data<T>() : nullptr, wp,
                                                               y.data<T>(), rstd.data<float>(), d, eps, residual != nullptr);
     });
@@ -126,6 +340,22 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rs
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_weight(weight, [&](auto* wp) {
+      const int64_t packs = d / (16 / sizeof(T));
+      if (packs_fit<T>(d, {x.raw(), dy.raw(), dx.raw(), weight.raw()}) && packs <= 1024 * kBackwardPacks) {
+        const RowGroups g = row_groups(packs, kBackwardPacks);
+        // Enough blocks to fill the GPU; more would only add atomics on dw.
+        const auto grid = static_cast<unsigned>(
+            std::min<int64_t>((rows + g.rows_per_block - 1) / g.rows_per_block, 4 * static_cast<int64_t>(sm_count())));
+        // One row per block adds its share to dw directly; more rows sum theirs in shared memory first.
+        const int64_t smem_floats = g.rows_per_block == 1 ? g.threads / 32 : std::max<int64_t>(g.threads / 32, g.rows_per_block * d);
+        const size_t smem = sizeof(float) * static_cast<size_t>(smem_floats);
+        with_packs_per_lane<kBackwardPacks>(g.packs_per_lane, [&](auto np) {
+          rms_norm_backward_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, decltype(np)::value>
+              <<<grid, g.threads, smem, current_stream()>>>(x.data<T>(), wp, rstd.data<float>(), dy.data<T>(),
+                                                            dx.data<T>(), dw.data<float>(), rows, d, g.lanes);
+        });
+        return;
+      }
       rms_norm_backward_kernel<<<blocks, threads, 0, current_stream()>>>(x.data<T>(), wp, rstd.data<float>(), dy.data<T>(),
                                                                          dx.data<T>(), dw.data<float>(), rows, d);
     });

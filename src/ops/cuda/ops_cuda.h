@@ -74,7 +74,8 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
                               Tensor& dlogits, int64_t* counted);
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted);
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t ignore_index,
-                                  float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted, int64_t chunk_rows = 1024);
+                                  float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted, int64_t chunk_rows = 1024,
+                                  bool accumulate_dw = true);
 
 // Multi-tensor AdamW: one launch for every parameter. BF16 moments are the `bf16` policy (torch
 // AdamW on a BF16 model); F32 masters with a BF16 working copy refreshed in the same pass are

@@ -61,10 +61,6 @@ __global__ void rank_kernel(const int64_t* idx, int64_t n, const int64_t* offset
 // it in packs of V elements: 16 bytes when the rows and pointers allow (V = 16 / sizeof(T)), else
 // one element. A block per row, or a thread per element with a 64-bit division each, spent their
 // time on scheduling and index arithmetic rather than on the 2-8 KB rows (docs/perf-notes.md).
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
 constexpr int kRowWarps = 8;  // rows per block
 
 __device__ __forceinline__ int64_t warp_row() {
@@ -136,14 +132,6 @@ __global__ void unpermute_backward_kernel(const T* dy, const T* yp, const float*
   }
   for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
   if ((threadIdx.x & 31) == 0) dw[a] = dot;
-}
-
-// Whether rows of width h at these addresses can move in 16-byte packs of T.
-template <typename T>
-bool packs_fit(int64_t h, std::initializer_list<const void*> rows) {
-  bool fit = h % (16 / sizeof(T)) == 0;
-  for (const void* q : rows) fit = fit && reinterpret_cast<uintptr_t>(q) % 16 == 0;
-  return fit;
 }
 
 // `rows` rows, one warp each: the packed kernel where packs fit, else the element one.
