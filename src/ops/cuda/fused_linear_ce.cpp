@@ -18,25 +18,24 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
   MF_CHECK(!dw || dw->shape() == weight.shape(), "fused_linear_cross_entropy: dw must have the lm_head's shape");
   MF_CHECK(chunk_rows > 0, "fused_linear_cross_entropy: chunk_rows must be positive");
   d_hidden = empty(hidden.shape(), hidden.dtype(), "fused cross-entropy hidden gradient");
-  double total = 0;
-  int64_t count = 0;
+  // Row losses stay on the device until the end: one synchronisation per call, not one per chunk
+  // (each left the GPU idle until the host had launched the chunk's next GEMM).
+  Tensor losses = empty({n}, DType::F32, "fused cross-entropy row losses");
   for (int64_t r0 = 0; r0 < n; r0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, n - r0);
     const Tensor h = hidden.slice0(r0, rows);
     Tensor logits = empty({rows, v}, hidden.dtype(), "a chunk of logits");
     gemm(h, false, weight, true, logits);
     Tensor dlogits = logits;  // in place: one chunk-sized buffer
-    int64_t c = 0;
-    total += cross_entropy_backward(logits, targets.slice0(r0, rows), ignore_index, scale, dlogits, &c);
-    count += c;
+    Tensor chunk_losses = losses.slice0(r0, rows);
+    cross_entropy_backward_rows(logits, targets.slice0(r0, rows), ignore_index, scale, dlogits, chunk_losses);
     Tensor dh = d_hidden.slice0(r0, rows);
     gemm(dlogits, false, weight, false, dh);
     // The first chunk writes dW when it is not to be accumulated into; the rest add to it.
     if (dw) gemm(dlogits, true, h, false, *dw, /*accumulate=*/accumulate_dw || r0 > 0);
   }
   if (dw && !accumulate_dw && n == 0) zero(*dw);
-  if (counted) *counted = count;
-  return total;
+  return sum_row_losses(losses, counted);
 }
 
 }  // namespace moeforge::cuda

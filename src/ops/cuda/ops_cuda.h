@@ -72,6 +72,11 @@ Tensor grouped_sigmoid_route_backward(const Tensor& scores, const Tensor& indice
 // instead of 1.2 GB at 4096 tokens and a 151936 vocabulary in BF16).
 double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
                               Tensor& dlogits, int64_t* counted);
+// The same without waiting for the device: the row losses (NaN for ignored rows) into `losses`
+// (F32 [rows]); sum_row_losses copies them back once (one synchronisation for many chunks).
+void cross_entropy_backward_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
+                                 Tensor& dlogits, Tensor& losses);
+double sum_row_losses(const Tensor& losses, int64_t* counted);
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted);
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t ignore_index,
                                   float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted, int64_t chunk_rows = 1024,

@@ -434,16 +434,16 @@ Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor&
   return dlogits;
 }
 
-double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
-                              Tensor& dlogits, int64_t* counted) {
+void cross_entropy_backward_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
+                                 Tensor& dlogits, Tensor& losses) {
   require_float(logits, "cross_entropy");
   MF_CHECK(targets.dtype() == DType::I64, "cross_entropy: targets must be I64");
   const int64_t v = logits.shape().back(), rows = logits.numel() / v;
   MF_CHECK(targets.numel() == rows, "cross_entropy: ", targets.numel(), " targets for ", rows, " rows");
+  MF_CHECK(losses.dtype() == DType::F32 && losses.numel() == rows, "cross_entropy: row losses must be F32 [", rows, "]");
   const bool in_place = dlogits.defined() && dlogits.raw() == logits.raw() && dlogits.numel() == logits.numel() &&
                         dlogits.dtype() == logits.dtype();
   if (!in_place) dlogits = empty(logits.shape(), logits.dtype(), "cross-entropy logit gradient");
-  Tensor losses = empty({rows}, DType::F32, "cross-entropy row losses");
   if (rows > 0) {
     dispatch_float(logits.dtype(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
@@ -455,6 +455,10 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
     });
     MF_CUDA_CHECK_LAUNCH("cross_entropy");
   }
+}
+
+double sum_row_losses(const Tensor& losses, int64_t* counted) {
+  const int64_t rows = losses.numel();
   std::vector<float> host(static_cast<size_t>(rows));
   if (rows > 0)
     MF_CUDA_CHECK(cudaMemcpyAsync(host.data(), losses.raw(), rows * sizeof(float), cudaMemcpyDeviceToHost, current_stream()));
@@ -468,6 +472,14 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
     }
   if (counted) *counted = n;
   return total;
+}
+
+double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
+                              Tensor& dlogits, int64_t* counted) {
+  const int64_t v = logits.shape().back(), rows = v > 0 ? logits.numel() / v : 0;
+  Tensor losses = empty({rows}, DType::F32, "cross-entropy row losses");
+  cross_entropy_backward_rows(logits, targets, ignore_index, scale, dlogits, losses);
+  return sum_row_losses(losses, counted);
 }
 
 }  // namespace moeforge::cuda
