@@ -1,7 +1,6 @@
 // Every CUDA op against its CPU reference (ops/cpu) on fresh random inputs, in F32 (tight) and BF16
 // (loose: inputs are rounded to BF16 for the reference too, so the difference is the kernels' own
 // rounding). Outputs are poisoned with NaN bytes before each call. Skipped without a GPU.
-#include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -11,7 +10,6 @@
 #include "core/error.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
-#include "ops/cuda/upload.h"
 #include "ops/cpu/cpu_ops.h"
 #include "ops/ops.h"
 
@@ -451,36 +449,6 @@ TEST(CudaOptimizer, Bf16MomentsAndMasterCopy) {
 
 // The small device helpers the training step uses: add, copy, convert, fill, and the normal
 // generator's moments (and its determinism for one seed).
-// upload_bytes through the pinned staging ring: far more copies than the ring holds (it wraps and
-// waits for the copies that used a region before writing it again), the host buffer rewritten right
-// after each call, copies queued behind device work, and one copy too large for the ring.
-TEST(CudaHelpers, UploadsSurviveRingWrapsAndHostReuse) {
-  REQUIRE_GPU();
-  constexpr size_t kWords = 200000;  // 800 KB a copy, ~80 copies a 64 MB lap of a 16 MB ring
-  std::vector<uint32_t> host(kWords);
-  std::vector<Tensor> copies;
-  Tensor busy = cuda::to_device(randn({1 << 22}, 91), DType::F32);
-  for (uint32_t c = 0; c < 100; ++c) {
-    if (c % 10 == 0) cuda::add_inplace(busy, busy);  // device work ahead of the copies
-    for (size_t i = 0; i < kWords; ++i) host[i] = c * 2654435761u + static_cast<uint32_t>(i);
-    copies.push_back(cuda::upload_bytes(host.data(), kWords * sizeof(uint32_t), "test upload"));
-    std::fill(host.begin(), host.end(), 0xDEADBEEFu);  // the call returned: the source may change
-  }
-  std::vector<uint32_t> large(8u << 20);  // 32 MB: larger than a quarter of the ring
-  for (size_t i = 0; i < large.size(); ++i) large[i] = static_cast<uint32_t>(i * 7u);
-  Tensor big = cuda::upload_bytes(large.data(), large.size() * sizeof(uint32_t), "test upload (large)");
-  cuda::synchronize();
-  std::vector<uint32_t> back(kWords);
-  for (uint32_t c = 0; c < 100; ++c) {
-    ASSERT_EQ(cudaMemcpy(back.data(), copies[c].raw(), kWords * sizeof(uint32_t), cudaMemcpyDeviceToHost), cudaSuccess);
-    for (size_t i = 0; i < kWords; i += 997) ASSERT_EQ(back[i], c * 2654435761u + static_cast<uint32_t>(i)) << "copy " << c;
-    ASSERT_EQ(back[kWords - 1], c * 2654435761u + static_cast<uint32_t>(kWords - 1)) << "copy " << c;
-  }
-  std::vector<uint32_t> big_back(large.size());
-  ASSERT_EQ(cudaMemcpy(big_back.data(), big.raw(), big_back.size() * sizeof(uint32_t), cudaMemcpyDeviceToHost), cudaSuccess);
-  EXPECT_EQ(big_back, large);
-}
-
 TEST(CudaHelpers, AddCopyConvertFill) {
   REQUIRE_GPU();
   Tensor a = randn({1000}, 81), b = randn({1000}, 82);

@@ -11,7 +11,6 @@
 
 #include "ops/cuda/check.h"
 #include "ops/cuda/runtime.h"
-#include "ops/cuda/upload.h"
 
 namespace moeforge::cuda {
 
@@ -184,9 +183,10 @@ Tensor empty(const Shape& shape, DType dtype, const char* what) {
 Tensor to_device(const Tensor& host, DType dtype) {
   MF_CHECK(host.device().is_cpu(), "to_device: tensor is already on ", host.device().str());
   Tensor converted = host.dtype() == dtype ? host : host.to(dtype);
-  // Through the staging ring (small copies: the host does not wait) or waited for (large ones).
-  Tensor bytes = upload_bytes(converted.raw(), converted.nbytes(), "a host-to-device copy");
-  return Tensor(bytes.storage(), 0, host.shape(), dtype);
+  Tensor d = empty(host.shape(), dtype, "a host-to-device copy");
+  MF_CUDA_CHECK(cudaMemcpyAsync(d.raw(), converted.raw(), d.nbytes(), cudaMemcpyHostToDevice, current_stream()));
+  MF_CUDA_CHECK(cudaStreamSynchronize(current_stream()));  // `converted` may be a temporary
+  return d;
 }
 
 Tensor to_host_f32(const Tensor& d) {

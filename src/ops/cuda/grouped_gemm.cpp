@@ -17,7 +17,6 @@
 #include "ops/cuda/grouped_product.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
-#include "ops/cuda/upload.h"
 
 namespace moeforge::cuda {
 
@@ -172,13 +171,14 @@ void run_grouped_call(const std::vector<Product>& ps, cudaDataType_t ta, cudaDat
     ldc[i] = p.ldc;
   }
   // The pointer arrays live in device memory.
+  Tensor dev_ptrs = empty({static_cast<int64_t>(3 * g * sizeof(void*))}, DType::U8, "grouped gemm pointer arrays");
   std::vector<const void*> all(3 * g);
   for (size_t i = 0; i < g; ++i) {
     all[i] = pa[i];
     all[g + i] = pb[i];
     all[2 * g + i] = pc[i];
   }
-  Tensor dev_ptrs = upload_bytes(all.data(), all.size() * sizeof(void*), "grouped gemm pointer arrays");
+  MF_CUDA_CHECK(cudaMemcpyAsync(dev_ptrs.raw(), all.data(), all.size() * sizeof(void*), cudaMemcpyHostToDevice, current_stream()));
   auto** base = static_cast<const void**>(dev_ptrs.raw());
   auto* const* c_ptrs = static_cast<void* const*>(static_cast<void*>(static_cast<char*>(dev_ptrs.raw()) + 2 * g * sizeof(void*)));
   MF_CUBLAS_CHECK(cublasGemmGroupedBatchedEx_64(handle(), opa.data(), opb.data(), m.data(), n.data(), k.data(), alpha.data(),

@@ -9,7 +9,6 @@
 #include "ops/cuda/kernel_util.cuh"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
-#include "ops/cuda/upload.h"
 
 namespace moeforge::cuda {
 
@@ -138,8 +137,10 @@ Tables upload(const std::vector<TensorRef>& refs) {
   Tables out;
   out.n_chunks = static_cast<int64_t>(chunks.size());
   if (chunks.empty()) return out;
-  out.refs = upload_bytes(refs.data(), refs.size() * sizeof(TensorRef), "optimizer tensor table");
-  out.chunks = upload_bytes(chunks.data(), chunks.size() * sizeof(Chunk), "optimizer chunk table");
+  out.refs = empty({static_cast<int64_t>(refs.size() * sizeof(TensorRef))}, DType::U8, "optimizer tensor table");
+  out.chunks = empty({static_cast<int64_t>(chunks.size() * sizeof(Chunk))}, DType::U8, "optimizer chunk table");
+  MF_CUDA_CHECK(cudaMemcpyAsync(out.refs.raw(), refs.data(), refs.size() * sizeof(TensorRef), cudaMemcpyHostToDevice, current_stream()));
+  MF_CUDA_CHECK(cudaMemcpyAsync(out.chunks.raw(), chunks.data(), chunks.size() * sizeof(Chunk), cudaMemcpyHostToDevice, current_stream()));
   return out;
 }
 

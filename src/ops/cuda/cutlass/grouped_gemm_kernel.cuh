@@ -23,7 +23,6 @@
 #include "ops/cuda/check.h"
 #include "ops/cuda/grouped_product.h"
 #include "ops/cuda/runtime.h"
-#include "ops/cuda/upload.h"
 
 namespace moeforge::cuda::cutlass_grouped {
 
@@ -111,7 +110,8 @@ struct GroupedGemm {
       std::memcpy(slot(at.sb, i, sizeof(StrideB)), &sb, sizeof(StrideB));
       std::memcpy(slot(at.sd, i, sizeof(StrideD)), &sd, sizeof(StrideD));
     }
-    Tensor dev = upload_bytes(host.data(), at.total, "CUTLASS grouped GEMM problem arrays");
+    Tensor dev = empty({static_cast<int64_t>(at.total)}, DType::U8, "CUTLASS grouped GEMM problem arrays");
+    MF_CUDA_CHECK(cudaMemcpyAsync(dev.raw(), host.data(), at.total, cudaMemcpyHostToDevice, current_stream()));
     auto* base = static_cast<unsigned char*>(dev.raw());
     const auto as = [&](size_t o) { return static_cast<void*>(base + o); };
 
