@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cstdio>
 #include <chrono>
-#include <memory>
 #include <random>
 #include <vector>
 
@@ -15,7 +14,6 @@
 #include "models/flops.h"
 #include "models/registry.h"
 #include "ops/cuda/runtime.h"
-#include "ops/cuda/side_stream.h"
 #include "train/gradients.h"
 #include "train/ranks.h"
 
@@ -115,9 +113,6 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   std::vector<double> fwd, bwd, optm, step;
   BenchResult r;
   const int64_t total = o.warmup + o.steps;
-  // One GPU: each layer's update runs on a side stream beside the next layers' backward (with
-  // several ranks the update's collectives keep everything on the main stream).
-  std::unique_ptr<cuda::SideStream> side = o.optimizer_in_backward && !groups ? std::make_unique<cuda::SideStream>() : nullptr;
   for (int64_t i = 0; i < total; ++i) {
     std::vector<int64_t> ids(static_cast<size_t>(n));
     for (auto& t : ids) t = tok(rng);
@@ -131,14 +126,12 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
       opt.begin_step(o.lr);
       so.on_grads_ready = [&](const std::vector<size_t>& idx) {
         sum_grads(idx);
-        if (side) side->run([&] { opt.update(idx); }, device.grads_of(idx));
-        else opt.update(idx);
+        opt.update(idx);
         device.release_grads(idx);
       };
     }
     phases.start();
     const models::TrainStepResult sr = model->forward_backward(device, in, so, par);
-    if (side) side->join();
     const auto t1 = std::chrono::steady_clock::now();
     if (!o.optimizer_in_backward) {
       sum_grads(every);

@@ -237,15 +237,6 @@ void DeviceParams::scatter_grads(const std::vector<size_t>& indices) {
   }
 }
 
-std::vector<Tensor> DeviceParams::grads_of(const std::vector<size_t>& indices) const {
-  std::vector<Tensor> out;
-  for (size_t i : indices) {
-    if (grads_.at(i).defined()) out.push_back(grads_[i]);
-    if (sharded(i) && shard_grads_.at(i).defined()) out.push_back(shard_grads_[i]);
-  }
-  return out;
-}
-
 void DeviceParams::release_grads(const std::vector<size_t>& indices) {
   for (size_t i : indices) {
     grads_.at(i) = Tensor();

@@ -46,9 +46,6 @@ class DeviceParams : public nn::ParamAccess {
   bool has_grad(size_t i) const { return grads_.at(i).defined(); }
   // Frees these gradients (the optimizer-in-backward path, once they have been applied).
   void release_grads(const std::vector<size_t>& indices);
-  // The gradients (whole and block) these parameters hold now: handles that keep their memory alive
-  // past release_grads while an update queued on another stream still reads them.
-  std::vector<Tensor> grads_of(const std::vector<size_t>& indices) const;
   // What the optimizer updates: the F32 master under bf16-mixed, the compute copy otherwise (of a
   // sharded parameter: its block).
   Tensor& master(size_t i);

@@ -4,7 +4,6 @@
 // the gradients are summed over NCCL before the norm: dense ones over the world, expert shards over
 // the expert-data-parallel group.
 #include <cmath>
-#include <memory>
 
 #include "core/error.h"
 #include "ops/ops.h"
@@ -13,7 +12,6 @@
 #include "gpu/device_params.h"
 #include "parallel/env.h"
 #include "ops/cuda/runtime.h"
-#include "ops/cuda/side_stream.h"
 #include "train/backend.h"
 #include "train/gradients.h"
 
@@ -53,19 +51,13 @@ class GpuBackend : public StepBackend {
   std::function<void(const std::vector<size_t>&)> begin_step_in_backward(double lr) override {
     opt_.begin_step(lr);
     squares_ = {};
-    // One GPU: each layer's update on a side stream beside the next layers' backward (bench.cpp).
-    if (!groups_ && !side_) side_ = std::make_unique<cuda::SideStream>();
     return [this](const std::vector<size_t>& idx) {
       sum_gradients(groups_, params_, idx, &squares_);
-      if (side_) side_->run([&] { opt_.update(idx); }, params_.grads_of(idx));
-      else opt_.update(idx);
+      opt_.update(idx);
       params_.release_grads(idx);  // applied: all the gradients never exist at once
     };
   }
-  double end_step_in_backward() override {
-    if (side_) side_->join();  // the next forward, a save or an evaluation reads the updated weights
-    return whole_norm(groups_, squares_);
-  }
+  double end_step_in_backward() override { return whole_norm(groups_, squares_); }
   void sync_to_host() override {
     params_.copy_to_host(model_.params());
     for (size_t i = 0; i < params_.size(); ++i) {  // collectives for split moments: same order on every rank
@@ -107,8 +99,6 @@ class GpuBackend : public StepBackend {
   gpu::DeviceAdamW opt_;
   gpu::Precision precision_;
   GradSquares squares_;  // this step's, under optimizer_in_backward
-  // The optimizer-in-backward updates' stream (one GPU). Last: destroyed first, after its runs.
-  std::unique_ptr<cuda::SideStream> side_;
 };
 
 }  // namespace

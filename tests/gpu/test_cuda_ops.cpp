@@ -10,7 +10,6 @@
 #include "core/error.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
-#include "ops/cuda/side_stream.h"
 #include "ops/cpu/cpu_ops.h"
 #include "ops/ops.h"
 
@@ -450,38 +449,6 @@ TEST(CudaOptimizer, Bf16MomentsAndMasterCopy) {
 
 // The small device helpers the training step uses: add, copy, convert, fill, and the normal
 // generator's moments (and its determinism for one seed).
-// SideStream: a run sees everything the main stream queued before it (here 12 doublings of a 16 MB
-// tensor), a tensor handed to `keep` stays intact while the main stream allocates and writes after
-// the host dropped it, and after join() the main stream sees what the runs wrote.
-TEST(CudaHelpers, SideStreamRunsAfterTheMainStreamAndKeepsWhatItReads) {
-  REQUIRE_GPU();
-  Tensor a0 = randn({1 << 22}, 95);
-  Tensor a = cuda::to_device(a0, DType::F32);
-  for (int i = 0; i < 12; ++i) cuda::add_inplace(a, a);
-  Tensor want = a0.clone();
-  for (int64_t i = 0; i < want.numel(); ++i) want.f32()[i] *= 4096.f;
-  cuda::SideStream side;
-  Tensor copied, kept_copy;
-  side.run([&] { copied = cuda::copy(a); }, {});
-  // The host drops its handle to g at once; the run that reads it must still see its values while
-  // the main stream allocates and fills same-sized tensors.
-  Tensor g = cuda::to_device(randn({1 << 22}, 96), DType::F32);
-  Tensor g_host = cuda::to_host_f32(g);
-  side.run([&] {
-    kept_copy = cuda::empty(g.shape(), DType::F32);
-    for (int i = 0; i < 4; ++i) cuda::fill(kept_copy, 0.f), cuda::add_inplace(kept_copy, g);  // slow enough to overlap
-  }, {g});
-  g = Tensor();
-  for (int i = 0; i < 4; ++i) {
-    Tensor scratch = cuda::empty({1 << 22}, DType::F32);
-    cuda::fill(scratch, -1.f);
-  }
-  side.join();
-  cuda::synchronize();
-  expect_close(copied, want, {0.f, 0.f}, "a side run after 12 doublings on the main stream");
-  expect_close(kept_copy, g_host, {0.f, 0.f}, "a kept tensor read by a side run");
-}
-
 TEST(CudaHelpers, AddCopyConvertFill) {
   REQUIRE_GPU();
   Tensor a = randn({1000}, 81), b = randn({1000}, 82);

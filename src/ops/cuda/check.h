@@ -25,11 +25,6 @@
   } while (0)
 
 namespace moeforge::cuda {
-// The stream moeforge's kernels run on: the legacy default stream, except inside a SideStream's run
-// (ops/cuda/side_stream.h), which points this thread's launches at its own stream.
-inline cudaStream_t& current_stream_slot() {
-  thread_local cudaStream_t stream = nullptr;
-  return stream;
-}
-inline cudaStream_t current_stream() { return current_stream_slot(); }
+// The stream moeforge's kernels run on (the legacy default stream for now; one per device).
+inline cudaStream_t current_stream() { return nullptr; }
 }  // namespace moeforge::cuda
