@@ -1,6 +1,7 @@
 #include "models/decoder/decoder.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <chrono>
 
 #include "core/error.h"
@@ -349,6 +350,21 @@ Tensor Decoder::moe_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const
 }
 
 namespace {
+// Tokens per chunk of the fused LM head + loss: one chunk's [rows, vocab] logits exist at a time.
+// MOEFORGE_CE_CHUNK_ROWS (1..65536) overrides the default, for measuring the memory / speed trade.
+int64_t lm_head_chunk_rows() {
+  static const int64_t rows = [] {
+    const char* v = std::getenv("MOEFORGE_CE_CHUNK_ROWS");
+    if (!v) return ops::kCrossEntropyChunkRows;
+    const long long n = std::atoll(v);
+    MF_CHECK(n >= 1 && n <= 65536, "MOEFORGE_CE_CHUNK_ROWS must be 1..65536, got '", v, "'");
+    return static_cast<int64_t>(n);
+  }();
+  return rows;
+}
+}  // namespace
+
+namespace {
 // The phase a hybrid block's time is charged to (MOEFORGE_PHASE_TIMES), by its kind.
 const char* block_phase(hf::ModelConfig::Block b, bool forward) {
   switch (b) {
@@ -647,7 +663,7 @@ TrainStepResult Decoder::forward_backward(nn::ParamAccess& ps, const ForwardInpu
   bool head_accumulate = true;
   Tensor* head_dw = ps.trainable(lm_head_) ? &ps.grad_for_write(lm_head_, head_accumulate) : nullptr;
   res.ce_sum = ops::fused_linear_cross_entropy(xf, ps.value(lm_head_), targets, -100, opts.ce_scale, d_xf, head_dw,
-                                               &res.tokens, ops::kCrossEntropyChunkRows, head_accumulate);
+                                               &res.tokens, lm_head_chunk_rows(), head_accumulate);
   bt.ctx.phase("fused LM head + loss (fwd and its grads)");
   // Parameters whose gradients are complete: ZeRO-3 sums them into this rank's blocks and frees
   // the whole values; then the optimizer-in-backward callback, if any.
