@@ -230,7 +230,10 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
 // exist. targets [N] I64 (already shifted); `scale` multiplies the gradient. Returns the summed loss.
 // `dw` null: no weight gradient (a frozen LM head); `accumulate_dw` false: dW = the sum (what it
 // held is not read).
-constexpr int64_t kCrossEntropyChunkRows = 1024;
+// 2048: against 1024, +1.2-1.5% tokens/s on q30-L4 (one H100) at the same peak memory (fewer
+// accumulations of the head's weight gradient, larger GEMMs); 4096 gave +0.7% more for +0.41 GiB
+// (docs/perf-notes.md).
+constexpr int64_t kCrossEntropyChunkRows = 2048;
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                   int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
                                   int64_t chunk_rows = kCrossEntropyChunkRows, bool accumulate_dw = true);

@@ -79,7 +79,7 @@ void cross_entropy_backward_rows(const Tensor& logits, const Tensor& targets, in
 double sum_row_losses(const Tensor& losses, int64_t* counted);
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted);
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t ignore_index,
-                                  float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted, int64_t chunk_rows = 1024,
+                                  float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted, int64_t chunk_rows = 2048,
                                   bool accumulate_dw = true);
 
 // Multi-tensor AdamW: one launch for every parameter. BF16 moments are the `bf16` policy (torch
