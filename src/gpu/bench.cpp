@@ -83,7 +83,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   const std::vector<parallel::Communicator*> copy_group =
       groups ? groups->device_copy_groups() : std::vector<parallel::Communicator*>{};
   if (groups && o.zero_stage == 3) device.shard(copy_group);
-  PhaseTimes phases;  // MOEFORGE_PHASE_TIMES=1
+  PhaseTimes phases;  // MOEFORGE_PHASE_TIMES=1 or events
   // Sums gradients over the ranks holding copies of them (nothing on one GPU; ZeRO-3 blocks were
   // summed in backward); no norm (the benchmark does not clip).
   auto sum_grads = [&](const std::vector<size_t>& idx) { train::sum_gradients(groups.get(), device, idx, nullptr); };
@@ -140,6 +140,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     }
     cuda::synchronize();
     const auto t2 = std::chrono::steady_clock::now();
+    phases.finish_step();
     const double loss = sr.ce_sum / static_cast<double>(std::max<int64_t>(sr.tokens, 1));
     const double step_ms = std::chrono::duration<double, std::milli>(t2 - t0).count();
     if (i == 0) r.first_loss = loss;
@@ -154,11 +155,21 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     if (i + 1 == o.warmup) phases.clear();  // phases count the timed steps only
   }
   if (phases.enabled()) {
-    std::fprintf(stderr, "phase times (MOEFORGE_PHASE_TIMES=1; ms per step, mean of the %lld timed steps):\n",
+    const bool events = phases.mode() == PhaseMode::Events;
+    const double steps = static_cast<double>(o.steps);
+    std::fprintf(stderr, "phase times (MOEFORGE_PHASE_TIMES=%s; ms per step, mean of the %lld timed steps):\n",
+                 events ? "events: device time, no synchronisation" : "1: wall time, synchronised at each mark",
                  static_cast<long long>(o.steps));
-    for (const auto& [phase, ms] : phases.totals())
-      std::fprintf(stderr, "  %8.2f  %s (allocated at its end, at most %.2f GiB)\n", ms / static_cast<double>(o.steps),
-                   phase.c_str(), phases.allocated_gib().at(phase));
+    for (const auto& [phase, ms] : phases.totals()) {
+      if (events) {
+        // Near 0: the device had caught up with the host there (it waited for launches).
+        std::fprintf(stderr, "  %8.2f  %s (device behind the host at its marks: %.3f ms mean; allocated at most %.2f GiB)\n",
+                     ms / steps, phase.c_str(), phases.mean_lag_ms(phase), phases.allocated_gib().at(phase));
+      } else {
+        std::fprintf(stderr, "  %8.2f  %s (allocated at its end, at most %.2f GiB)\n", ms / steps, phase.c_str(),
+                     phases.allocated_gib().at(phase));
+      }
+    }
     for (const auto& [key, text] : phases.notes()) std::fprintf(stderr, "  %s: %s\n", key.c_str(), text.c_str());
   }
   r.forward_ms = median(fwd);

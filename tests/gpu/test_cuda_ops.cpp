@@ -6,8 +6,11 @@
 #include <cmath>
 #include <algorithm>
 #include <random>
+#include <thread>
+#include <chrono>
 
 #include "core/error.h"
+#include "gpu/phase_times.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
 #include "ops/cpu/cpu_ops.h"
@@ -449,6 +452,27 @@ TEST(CudaOptimizer, Bf16MomentsAndMasterCopy) {
 
 // The small device helpers the training step uses: add, copy, convert, fill, and the normal
 // generator's moments (and its determinism for one seed).
+// MOEFORGE_PHASE_TIMES=events: a phase's device time runs from mark to mark on the device's clock
+// (here it includes 20 ms the device sat idle while the host slept), and the lag at a mark tells
+// whether the device was behind the host there (milliseconds of queued work) or had caught up.
+TEST(CudaHelpers, PhaseTimesEventsSeeDeviceTimeAndLag) {
+  REQUIRE_GPU();
+  gpu::PhaseTimes p(gpu::PhaseMode::Events);
+  Tensor a = cuda::to_device(randn({1 << 24}, 97), DType::F32);  // 64 MB
+  p.start();
+  for (int i = 0; i < 40; ++i) cuda::add_inplace(a, a);  // ~5 GB moved: milliseconds of queued work
+  p.mark("busy");
+  std::this_thread::sleep_for(std::chrono::milliseconds(60));  // the device catches up and idles
+  cuda::add_inplace(a, a);
+  p.mark("starved");
+  p.finish_step();
+  EXPECT_GT(p.totals().at("busy"), 0.5);
+  EXPECT_GT(p.totals().at("starved"), 20.0);  // mostly the host's sleep, seen on the device's clock
+  EXPECT_GT(p.mean_lag_ms("busy"), 0.5);
+  EXPECT_LT(p.mean_lag_ms("starved"), p.mean_lag_ms("busy"));
+  EXPECT_LT(p.mean_lag_ms("starved"), 1.0);
+}
+
 TEST(CudaHelpers, AddCopyConvertFill) {
   REQUIRE_GPU();
   Tensor a = randn({1000}, 81), b = randn({1000}, 82);
