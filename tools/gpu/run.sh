@@ -18,7 +18,8 @@
 #                       (CONFIG-NAME: a file of shared/configs without .json)
 #   only BIN [FILTER]   one packed test binary, with an optional gtest filter ($OUT/BIN.log)
 #   bench ARGS...       the packed `moeforge bench ARGS` (configs by name: $P/configs/NAME.json), with
-#                       MOEFORGE_PHASE_TIMES=1 for the per-phase times unless PHASES=0 ($OUT/bench.log)
+#                       MOEFORGE_PHASE_TIMES=1 for the per-phase times unless PHASES=0 (PHASES=events:
+#                       device times without synchronising) ($OUT/bench.log)
 #   ab [BENCH FLAGS]    the packed moeforge against the packed baseline build of another commit
 #                       (tools/gpu/build_baseline.sh), alternating per case: q30 cut to 4 and 8 layers,
 #                       native and balanced routing, bf16, optimizer in backward, seq 4096; with 2+
