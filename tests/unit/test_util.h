@@ -1,6 +1,7 @@
 // Helpers shared by the tests: temporary folders, the fixtures' paths, and the parity comparisons.
 #pragma once
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <netinet/in.h>
@@ -234,17 +235,29 @@ inline std::vector<double> losses_of(const std::string& metrics) {
   return v;
 }
 
-// A TCP port that was free a moment ago on the loopback interface (for stores and launches).
+// A TCP port that was free a moment ago on the loopback interface (for stores and launches). Taken
+// below the kernel's ephemeral range: a port the kernel hands out for port 0 (gloo's pair
+// listeners, other tests' connections) could be taken between this call and the launched process's
+// bind -- two multi-rank tests running side by side under ctest -j collided that way.
 inline int free_port() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a);
-  socklen_t len = sizeof a;
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
+  int ephemeral_low = 32768;
+  if (std::ifstream range("/proc/sys/net/ipv4/ip_local_port_range"); range) range >> ephemeral_low;
+  const int low = 10000, high = std::max(low + 1000, ephemeral_low);  // [low, high)
+  static std::mt19937 gen(static_cast<uint32_t>(::getpid()) * 2654435761u ^
+                          static_cast<uint32_t>(std::chrono::steady_clock::now().time_since_epoch().count()));
+  for (int attempt = 0; attempt < 200; ++attempt) {
+    const int port = low + static_cast<int>(gen() % static_cast<uint32_t>(high - low));
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+    ::close(fd);
+    if (free) return port;
+  }
+  ADD_FAILURE() << "no free TCP port below " << high << " on the loopback interface";
+  return 0;
 }
 
 }  // namespace moeforge::test
