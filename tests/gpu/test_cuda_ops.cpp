@@ -473,6 +473,24 @@ TEST(CudaHelpers, PhaseTimesEventsSeeDeviceTimeAndLag) {
   EXPECT_LT(p.mean_lag_ms("starved"), 1.0);
 }
 
+// zero_blocks: listed blocks zeroed, the others untouched; 16-byte words (more blocks than one
+// launch lists: 600 of 700) and odd block sizes (one memset each).
+TEST(CudaHelpers, ZeroBlocksClearsOnlyTheListedBlocks) {
+  REQUIRE_GPU();
+  for (const int64_t block : {int64_t{48}, int64_t{13}}) {  // F32 elements per block: 192 bytes, 52 bytes
+    const int64_t blocks = 700;
+    Tensor host = randn({blocks, block}, 98);
+    Tensor d = cuda::to_device(host, DType::F32);
+    std::vector<int32_t> listed;
+    for (int32_t b = 0; b < blocks; ++b)
+      if (b % 7 != 3) listed.push_back(b);  // 600 blocks
+    cuda::zero_blocks(d.raw(), block * 4, listed);
+    Tensor want = host.clone();
+    for (int32_t b : listed) std::fill(want.f32() + b * block, want.f32() + (b + 1) * block, 0.f);
+    expect_close(d, want, {0.f, 0.f}, "zero_blocks, blocks of " + std::to_string(block) + " floats");
+  }
+}
+
 TEST(CudaHelpers, AddCopyConvertFill) {
   REQUIRE_GPU();
   Tensor a = randn({1000}, 81), b = randn({1000}, 82);

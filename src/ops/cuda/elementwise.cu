@@ -320,6 +320,45 @@ Tensor copy(const Tensor& x, const char* what) {
   return y;
 }
 
+namespace {
+
+// Up to kMaxZeroBlocks block indices by value (kernel parameters: no upload, no synchronisation).
+constexpr int kMaxZeroBlocks = 512;
+struct BlockIndices {
+  int32_t index[kMaxZeroBlocks];
+};
+
+// Block blockIdx.y of the list: its 16-byte words, grid-stride over x.
+__global__ void zero_blocks_kernel(uint4* base, BlockIndices list, int64_t words_per_block) {
+  uint4* block = base + static_cast<int64_t>(list.index[blockIdx.y]) * words_per_block;
+  for (int64_t w = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; w < words_per_block; w += (int64_t)gridDim.x * blockDim.x)
+    block[w] = make_uint4(0, 0, 0, 0);
+}
+
+}  // namespace
+
+void zero_blocks(void* base, int64_t block_bytes, const std::vector<int32_t>& blocks) {
+  if (blocks.empty() || block_bytes == 0) return;
+  const bool words = block_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
+  if (!words) {  // odd sizes: one memset per block
+    for (int32_t b : blocks)
+      MF_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(base) + static_cast<int64_t>(b) * block_bytes, 0,
+                                    static_cast<size_t>(block_bytes), current_stream()));
+    return;
+  }
+  const int64_t words_per_block = block_bytes / 16;
+  // Enough x-blocks to keep the GPU busy over all listed blocks together.
+  const auto per_block = static_cast<unsigned>(std::clamp<int64_t>((words_per_block + 255) / 256, 1, 64));
+  for (size_t first = 0; first < blocks.size(); first += kMaxZeroBlocks) {
+    BlockIndices list{};
+    const size_t n = std::min(blocks.size() - first, static_cast<size_t>(kMaxZeroBlocks));
+    for (size_t i = 0; i < n; ++i) list.index[i] = blocks[first + i];
+    zero_blocks_kernel<<<dim3(per_block, static_cast<unsigned>(n)), 256, 0, current_stream()>>>(static_cast<uint4*>(base), list,
+                                                                                             words_per_block);
+    MF_CUDA_CHECK_LAUNCH("zero_blocks");
+  }
+}
+
 void zero(Tensor& x) {
   if (x.nbytes() > 0) MF_CUDA_CHECK(cudaMemsetAsync(x.raw(), 0, x.nbytes(), current_stream()));
 }

@@ -233,14 +233,16 @@ void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::ve
   check_offsets(offsets, e, rows, "grouped_linear_weight_grad");
   MF_CHECK(dy.shape()[1] == n && x.shape()[0] == rows && x.shape()[1] == k, "grouped_linear_weight_grad: shapes");
   std::vector<Product> ps;
+  std::vector<int32_t> empty_experts;  // their gradient is written as zeros (when not accumulating)
   for (int64_t i = 0; i < e; ++i) {
     const int64_t r = offsets[i + 1] - offsets[i];
     if (r == 0) {
-      if (!accumulate) MF_CUDA_CHECK(cudaMemsetAsync(at(dw, i * n * k), 0, n * k * dtype_size(dw.dtype()), current_stream()));
+      if (!accumulate) empty_experts.push_back(static_cast<int32_t>(i));
       continue;
     }
     ps.push_back({at(dy, offsets[i] * n), n, true, at(x, offsets[i] * k), k, false, at(dw, i * n * k), k, n, k, r});
   }
+  zero_blocks(dw.raw(), n * k * static_cast<int64_t>(dtype_size(dw.dtype())), empty_experts);
   run_grouped(ps, dtype_of(dy), dtype_of(x), dtype_of(dw), accumulate ? 1.f : 0.f, /*split_large_k=*/true);
 }
 

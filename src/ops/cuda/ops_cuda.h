@@ -28,6 +28,9 @@ void convert(const Tensor& src, Tensor& dst);
 void add_inplace(Tensor& y, const Tensor& x);
 Tensor copy(const Tensor& x, const char* what = "copy");
 void zero(Tensor& x);
+// Zeroes the blocks base + b * block_bytes for every b in `blocks` in one launch (the weight
+// gradients of experts that got no rows: one memset each cost a few microseconds of device time).
+void zero_blocks(void* base, int64_t block_bytes, const std::vector<int32_t>& blocks);
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd = nullptr);
 Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor* rstd = nullptr);
