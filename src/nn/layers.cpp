@@ -12,6 +12,13 @@ namespace moeforge::nn {
 
 namespace {
 
+// dW (+)= dy^T x for a weight: the step's first contribution writes the gradient (no zeroing pass,
+// no read of it; ParamAccess::grad_for_write), later ones add.
+void weight_grad(ParamAccess& ps, size_t weight, const Tensor& dy, const Tensor& x) {
+  bool accumulate = true;
+  Tensor& dw = ps.grad_for_write(weight, accumulate);
+  ops::linear_weight_grad(dy, x, dw, accumulate);
+}
 
 // Without expert parallelism the dispatch runs over a group of one (stateless, shared).
 parallel::Communicator& one_rank_group() {
@@ -66,11 +73,7 @@ void Linear::backward_into(ParamAccess& ps, const Tensor& x, const Tensor& dy, T
 }
 
 void Linear::weight_grads(ParamAccess& ps, const Tensor& x, const Tensor& dy) const {
-  if (ps.trainable(weight)) {
-    bool accumulate = true;
-    Tensor& dw = ps.grad_for_write(weight, accumulate);
-    ops::linear_weight_grad(dy, x, dw, accumulate);
-  }
+  if (ps.trainable(weight)) weight_grad(ps, weight, dy, x);
   if (bias && ps.trainable(*bias)) ops::bias_grad(dy, ps.grad(*bias));
 }
 
@@ -318,8 +321,7 @@ Tensor rows_of(const Tensor& whole, size_t chunks, const SparseMoE::Chunk& ch) {
   return chunks == 1 ? whole : whole.slice0(ch.t0, ch.tc);
 }
 
-// dW[e] (+)= dy[e]^T x[e] for every expert: the first contribution of a step overwrites the
-// gradient (no zeroing pass, no read of it), later ones (other chunks, micro-batches) add.
+// weight_grad for every expert's dW[e] (other chunks and micro-batches add to the first).
 void expert_weight_grad(ParamAccess& ps, size_t weight, const Tensor& dy, const Tensor& x, const std::vector<int64_t>& off) {
   bool accumulate = true;
   Tensor& dw = ps.grad_for_write(weight, accumulate);
@@ -529,11 +531,7 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     dlogits = ops::router_backward(c.probs, c.chosen, c.weights, dweights, renormalised(), dprobs_extra, dt);
   }
   ops::gemm(dlogits, false, ps.value(router), false, dx, /*accumulate=*/true);
-  if (ps.trainable(router)) {
-    bool accumulate = true;
-    Tensor& dw = ps.grad_for_write(router, accumulate);
-    ops::linear_weight_grad(dlogits, c.x, dw, accumulate);
-  }
+  if (ps.trainable(router)) weight_grad(ps, router, dlogits, c.x);
   if (router_bias && ps.trainable(*router_bias)) ops::bias_grad(dlogits, ps.grad(*router_bias));
   ctx.phase("bwd: permute + router");
   return dx;
