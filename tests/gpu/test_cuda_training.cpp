@@ -29,6 +29,31 @@ namespace {
 
 // Call before the model is uploaded: the MTP layers' parameters train only when mtp_scale > 0.
 
+// What the fp32 parity tests start from: a fixture's model, its reference batch and step options,
+// and the model's fp32 device copy.
+struct Fp32Run {
+  std::string dir;
+  hf::SafetensorsFile ref;
+  models::LoadedModel m;
+  Tensor ids, labels;
+  double mtp_scale = 0;
+  models::TrainStepOptions opts;
+  std::unique_ptr<test::DeviceRun> gm;
+};
+
+Fp32Run fp32_run(const char* name, bool ckpt) {
+  Fp32Run r;
+  r.dir = test::fixture(name);
+  r.ref = hf::SafetensorsFile::open(r.dir + "/reference.safetensors");
+  r.m = models::from_pretrained(r.dir);
+  r.ids = r.ref.get("input_ids").clone();
+  r.labels = r.ref.get("labels").clone();
+  r.mtp_scale = test::mtp_loss_scale(r.ref);
+  r.opts = test::step_options(*r.m.model, r.labels, ckpt, r.mtp_scale);
+  r.gm = test::on_device(*r.m.model, gpu::DeviceParams(r.m.model->params(), gpu::Precision::FP32));
+  return r;
+}
+
 }  // namespace
 
 class CudaTraining : public ::testing::TestWithParam<std::tuple<const char*, bool>> {};
@@ -36,13 +61,8 @@ class CudaTraining : public ::testing::TestWithParam<std::tuple<const char*, boo
 TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
   REQUIRE_GPU();
   const auto [name, ckpt] = GetParam();
-  const std::string dir = test::fixture(name);
-  auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
+  auto [dir, ref, m, ids, labels, mtp_scale, opts, gm] = fp32_run(name, ckpt);
   auto grads = hf::SafetensorsFile::open(dir + "/reference_grads.safetensors");
-  auto m = models::from_pretrained(dir);
-  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  const models::TrainStepOptions opts = test::step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref));
-  auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
   gm->forward_backward({ids, &labels}, opts);
   const auto& params = m.model->params().all();
   // The CPU model's gradients too: where the GPU's distance to torch exceeds the CPU's by far, the
@@ -91,12 +111,7 @@ TEST_P(CudaTraining, Fp32FirstStepGradientsMatchTorch) {
 TEST_P(CudaTraining, SecondBackwardAddsToTheFirst) {
   REQUIRE_GPU();
   const auto [name, ckpt] = GetParam();
-  const std::string dir = test::fixture(name);
-  auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
-  auto m = models::from_pretrained(dir);
-  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  const models::TrainStepOptions opts = test::step_options(*m.model, labels, ckpt, test::mtp_loss_scale(ref));
-  auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+  auto [dir, ref, m, ids, labels, mtp_scale, opts, gm] = fp32_run(name, ckpt);
   gm->forward_backward({ids, &labels}, opts);
   const auto& params = m.model->params().all();
   std::vector<Tensor> once(params.size());
@@ -124,13 +139,7 @@ TEST_P(CudaTraining, SecondBackwardAddsToTheFirst) {
 TEST_P(CudaTraining, Fp32ThreeAdamWStepsMatchTorch) {
   REQUIRE_GPU();
   const auto [name, ckpt] = GetParam();
-  const std::string dir = test::fixture(name);
-  auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
-  auto m = models::from_pretrained(dir);
-  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
-  const double mtp_scale = test::mtp_loss_scale(ref);
-  const models::TrainStepOptions opts = test::step_options(*m.model, labels, ckpt, mtp_scale);
-  auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::FP32));
+  auto [dir, ref, m, ids, labels, mtp_scale, opts, gm] = fp32_run(name, ckpt);
   const double lr = 1e-3;
   gpu::DeviceAdamW opt(gm->params(), {lr, 0.9, 0.95, 1e-8, 0.1, true});
   Tensor want_losses = ref.get("train_losses");

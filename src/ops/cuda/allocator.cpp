@@ -10,6 +10,7 @@
 #include <unordered_map>
 
 #include "ops/cuda/check.h"
+#include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
 
 namespace moeforge::cuda {
@@ -144,6 +145,16 @@ std::string device_name() {
   cudaDeviceProp p{};
   MF_CUDA_CHECK(cudaGetDeviceProperties(&p, dev));
   return p.name;
+}
+
+int sm_count() {
+  static const int n = [] {
+    int dev = 0, count = 0;
+    MF_CUDA_CHECK(cudaGetDevice(&dev));
+    MF_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
+    return count;
+  }();
+  return n;
 }
 
 int device_count() {

@@ -254,16 +254,6 @@ RowGroups row_groups(int64_t packs, int max_packs) {
   return g;
 }
 
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, count = 0;
-    MF_CUDA_CHECK(cudaGetDevice(&dev));
-    MF_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
-    return count;
-  }();
-  return n;
-}
-
 // Calls fn with the compile-time packs per lane (1, 2, 4 or 8, at most Max) that covers `need`.
 template <int Max, typename Fn>
 void with_packs_per_lane(int need, Fn&& fn) {
@@ -291,7 +281,6 @@ Tensor norm_impl(const Tensor& x, Tensor* residual, const Tensor& w, float eps, 
   Tensor y = empty(x.shape(), x.dtype(), "rms_norm output");
   Tensor rstd = empty({rows}, DType::F32, "rms_norm rstd");
   if (rows == 0) return y;
-  const int threads = std::min(threads_for(d), 1024);
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_weight(w, [&](auto* wp) {
@@ -308,8 +297,10 @@ Tensor norm_impl(const Tensor& x, Tensor* residual, const Tensor& w, float eps, 
         });
         return;
       }
-      rms_norm_kernel<<<rows, threads, 0, current_stream()>>>(x.data<T>(), residual ? residual->data<T>() : nullptr, wp,
-                                                              y.data<T>(), rstd.data<float>(), d, eps, residual != nullptr);
+      // The element kernel: a block per row.
+      rms_norm_kernel<<<rows, std::min(threads_for(d), 1024), 0, current_stream()>>>(
+          x.data<T>(), residual ? residual->data<T>() : nullptr, wp, y.data<T>(), rstd.data<float>(), d, eps,
+          residual != nullptr);
     });
   });
   MF_CUDA_CHECK_LAUNCH("rms_norm");
@@ -334,9 +325,6 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rs
   const int64_t d = x.shape().back(), rows = x.numel() / d;
   Tensor dx = empty(x.shape(), x.dtype(), "rms_norm input gradient");
   if (rows == 0) return dx;
-  const int threads = std::min(threads_for(d), 1024);
-  MF_CHECK(d <= static_cast<int64_t>(kMaxPerThread) * threads, "rms_norm_backward: rows of ", d, " are too long");
-  const int64_t blocks = std::min<int64_t>(rows, 1024);
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_weight(weight, [&](auto* wp) {
@@ -356,8 +344,11 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rs
         });
         return;
       }
-      rms_norm_backward_kernel<<<blocks, threads, 0, current_stream()>>>(x.data<T>(), wp, rstd.data<float>(), dy.data<T>(),
-                                                                         dx.data<T>(), dw.data<float>(), rows, d);
+      // The element kernel: each thread holds at most kMaxPerThread of a row's dw shares.
+      const int threads = std::min(threads_for(d), 1024);
+      MF_CHECK(d <= static_cast<int64_t>(kMaxPerThread) * threads, "rms_norm_backward: rows of ", d, " are too long");
+      rms_norm_backward_kernel<<<std::min<int64_t>(rows, 1024), threads, 0, current_stream()>>>(
+          x.data<T>(), wp, rstd.data<float>(), dy.data<T>(), dx.data<T>(), dw.data<float>(), rows, d);
     });
   });
   MF_CUDA_CHECK_LAUNCH("rms_norm_backward");

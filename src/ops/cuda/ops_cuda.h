@@ -14,6 +14,9 @@ namespace moeforge::cuda {
 using AdamWTensors = ops::AdamWTensors;
 using RoutingPlan = ops::RoutingPlan;
 
+// The current device's multiprocessors (read once): launch sizes of persistent kernels.
+int sm_count();
+
 // cuBLASLt with F32 accumulation; C may be F32 with BF16 inputs.
 void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, bool accumulate = false);
 Tensor linear(const Tensor& x, const Tensor& weight);

@@ -12,16 +12,6 @@
 
 namespace moeforge::cuda::cutlass_grouped {
 
-int sm_count() {
-  static const int n = [] {
-    int dev = 0, count = 0;
-    MF_CUDA_CHECK(cudaGetDevice(&dev));
-    MF_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
-    return count;
-  }();
-  return n;
-}
-
 namespace {
 
 // The kernels are built for sm_90a only; anything else keeps the cuBLAS path.

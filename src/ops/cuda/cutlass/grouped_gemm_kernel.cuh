@@ -22,11 +22,10 @@
 #include "core/tensor.h"
 #include "ops/cuda/check.h"
 #include "ops/cuda/grouped_product.h"
+#include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
 
 namespace moeforge::cuda::cutlass_grouped {
-
-int sm_count();  // grouped_gemm_cutlass.cu
 
 // LayoutA/LayoutB in CUTLASS's terms (A is M x K, B is K x N): RowMajor A is K-contiguous,
 // ColumnMajor B is K-contiguous. The tile (128 x 256 x 64, two consumer warp groups sharing it) is
@@ -128,7 +127,7 @@ struct GroupedGemm {
     args.epilogue.dD = static_cast<StrideD*>(as(at.sd));
     args.hw_info.device_id = 0;
     MF_CUDA_CHECK(cudaGetDevice(&args.hw_info.device_id));
-    args.hw_info.sm_count = sm_count();
+    args.hw_info.sm_count = cuda::sm_count();
 
     Gemm gemm;
     const cutlass::Status ok = gemm.can_implement(args);
