@@ -25,6 +25,8 @@
 #                       native and balanced routing, bf16, optimizer in backward, seq 4096; with 2+
 #                       GPUs also the 48-layer EP 2 run. One JSON row per run in $OUT/ab.log and a
 #                       table of ratios (issue 16: within 2%, peak memory not higher).
+#   envab VAR=VALUE [BENCH FLAGS]  `ab`'s cases with one binary: the packed moeforge with VAR=VALUE
+#                       as the baseline against it without (e.g. envab MOEFORGE_FUSED_ADAMW=0)
 #   kernels NAME ARGS   Nsight Compute's duration of every kernel of `moeforge bench NAME ARGS`
 #                       (give it --warmup 0 --steps 1: ncu serialises every launch), summed by
 #                       kernel name by tools/gpu/kernel_table.py ($OUT/kernels-*.txt, raw CSV beside)
@@ -149,8 +151,15 @@ PY
     name=$1; shift
     MOEFORGE=$P/bin/moeforge PYTHON=/opt/torch/.venv/bin/python MF_FLAGS=${MF_FLAGS:---optimizer-in-backward} \
       bash bench/compare.sh "$P/configs/$name.json" "$@" 2>&1 | tee -a "$OUT/compare.log" ;;
-  ab)
-    shift
+  ab|envab)
+    mode=$1; shift
+    if [ "$mode" = envab ]; then
+      # The baseline is the same binary under an environment setting: a wrapper script stands in for it.
+      setting=$1; shift
+      printf '#!/usr/bin/env bash\nexport %s\nexec "%s" "$@"\n' "$setting" "$P/bin/moeforge" > "$P/bin/moeforge_baseline"
+      chmod +x "$P/bin/moeforge_baseline"
+      echo "moeforge with $setting" > "$P/moeforge_baseline.commit"
+    fi
     [ -x "$P/bin/moeforge_baseline" ] || { echo "run.sh ab: the pack has no moeforge_baseline (tools/gpu/build_baseline.sh)" >&2; exit 2; }
     cfg=$P/configs/qwen3-30b-a3b.json
     common=(--seq 4096 --steps 6 --warmup 2 --precision bf16 --optimizer-in-backward "$@")
@@ -193,5 +202,5 @@ for label, r in rows.items():
     print("%-22s %12.0f %12.0f %6.3fx %10.2f %10.2f %6.3fx" % (label, ta, tb, tb / ta, ma, mb, mb / ma))
 PY
     ;;
-  *) echo "run.sh: unknown part '$1' (tests | python | nemo | only | bench | kernels | roundtrip | compare | ab)" >&2; exit 2 ;;
+  *) echo "run.sh: unknown part '$1' (tests | python | nemo | only | bench | kernels | roundtrip | compare | ab | envab)" >&2; exit 2 ;;
 esac
