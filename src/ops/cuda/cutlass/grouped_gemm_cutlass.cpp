@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <string>
 
 #include "ops/cuda/check.h"
 #include "ops/cuda/cutlass/grouped_gemm_instances.h"
@@ -71,16 +70,7 @@ void run(const std::vector<GroupedProduct>& ps, DType ab, DType c, float beta) {
   switch (kind_of(ps)) {
     case Product::Forward: return run_forward_bf16(ps, beta);
     case Product::InputGrad: return run_input_grad_bf16(ps, beta);
-    case Product::WeightGrad: {
-      if (c == DType::F32) return run_weight_grad_f32(ps, beta);
-      static const std::string variant = [] {
-        const char* v = std::getenv("MOEFORGE_CUTLASS_WGRAD");
-        return std::string(v ? v : "");
-      }();
-      if (variant == "cluster2") return run_weight_grad_bf16_cluster2(ps, beta);
-      if (variant == "pingpong") return run_weight_grad_bf16_pingpong(ps, beta);
-      return run_weight_grad_bf16(ps, beta);
-    }
+    case Product::WeightGrad: return c == DType::F32 ? run_weight_grad_f32(ps, beta) : run_weight_grad_bf16(ps, beta);
     case Product::Other: break;
   }
   MF_THROW("CUTLASS grouped GEMM: unsupported transposes");

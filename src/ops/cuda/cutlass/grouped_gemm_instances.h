@@ -14,9 +14,5 @@ void run_input_grad_bf16(const std::vector<GroupedProduct>& ps, float beta);
 // Weight gradient, dW = dY^T X: A transposed. BF16 or F32 out (F32 grads under bf16-mixed).
 void run_weight_grad_bf16(const std::vector<GroupedProduct>& ps, float beta);
 void run_weight_grad_f32(const std::vector<GroupedProduct>& ps, float beta);
-// The same product under other schedules (grouped_gemm_weight_grad_bf16_variants.cu;
-// MOEFORGE_CUTLASS_WGRAD=cluster2 | pingpong).
-void run_weight_grad_bf16_cluster2(const std::vector<GroupedProduct>& ps, float beta);
-void run_weight_grad_bf16_pingpong(const std::vector<GroupedProduct>& ps, float beta);
 
 }  // namespace moeforge::cuda::cutlass_grouped

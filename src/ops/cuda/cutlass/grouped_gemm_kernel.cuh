@@ -31,31 +31,26 @@ namespace moeforge::cuda::cutlass_grouped {
 // ColumnMajor B is K-contiguous. The tile (128 x 256 x 64, two consumer warp groups sharing it) is
 // the shape that reaches dense-GEMM speed on H100 for BF16; experts with few rows waste part of a
 // tile, which the persistent scheduler absorbs by handing the next tile to whichever SM is free.
-// The schedule is a parameter for measured alternatives (a 2 x 1 cluster that multicasts the shared
-// operand, or ping-pong consumer warp groups whose epilogue overlaps the other's math).
-template <class LayoutA, class LayoutB, class ElementD, class TileShape_ = cute::Shape<cute::_128, cute::_256, cute::_64>,
-          class ClusterShape_ = cute::Shape<cute::_1, cute::_1, cute::_1>,
-          class KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative,
-          class EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative>
+template <class LayoutA, class LayoutB, class ElementD>
 struct GroupedGemm {
   using ElementAB = cutlass::bfloat16_t;
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
-  using TileShape = TileShape_;
-  using ClusterShape = ClusterShape_;
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr int kAlignAB = 8;                             // 16 bytes of BF16
   static constexpr int kAlignD = 16 / static_cast<int>(sizeof(ElementD));
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float, ElementD, cutlass::layout::RowMajor*, kAlignD,
-      ElementD, cutlass::layout::RowMajor*, kAlignD, EpilogueSchedule,
+      ElementD, cutlass::layout::RowMajor*, kAlignD, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
       cutlass::epilogue::fusion::LinearCombination<ElementD, float>>::CollectiveOp;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementAB, LayoutA*, kAlignAB, ElementAB, LayoutB*, kAlignAB,
       float, TileShape, ClusterShape,
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-      KernelSchedule>::CollectiveOp;
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
