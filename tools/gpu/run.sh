@@ -27,6 +27,9 @@
 #                       table of ratios (issue 16: within 2%, peak memory not higher).
 #   envab VAR=VALUE [BENCH FLAGS]  `ab`'s cases with one binary: the packed moeforge with VAR=VALUE
 #                       as the baseline against it without (e.g. envab MOEFORGE_FUSED_ADAMW=0)
+#   profile NAME ARGS   Nsight Compute's full report (speed of light, memory chart, warp stalls) of one
+#                       launch of `moeforge bench NAME ARGS`: KERNEL=regex (default device_kernel, the
+#                       CUTLASS GEMMs) SKIP=n (launches of it skipped first) ($OUT/profile-*.txt)
 #   kernels NAME ARGS   Nsight Compute's duration of every kernel of `moeforge bench NAME ARGS`
 #                       (give it --warmup 0 --steps 1: ncu serialises every launch), summed by
 #                       kernel name by tools/gpu/kernel_table.py ($OUT/kernels-*.txt, raw CSV beside)
@@ -146,6 +149,17 @@ PY
       > "$OUT/kernels-$tag.csv" 2> "$OUT/kernels-$tag.err"
     echo "ncu rc=$?" | tee -a "$OUT/summary.txt"
     python3 tools/gpu/kernel_table.py "$OUT/kernels-$tag.csv" | tee "$OUT/kernels-$tag.txt" | head -n 60 ;;
+  profile)
+    shift
+    name=$1; shift
+    ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+    [ -n "$ncu" ] || { echo "run.sh profile: ncu not found" >&2; exit 2; }
+    tag=$(echo "${KERNEL:-device_kernel}-${SKIP:-0} $name $*" | tr -c 'A-Za-z0-9.-' '_' | cut -c1-80)
+    timeout "${KTIMEOUT:-560}" "$ncu" --set full --kernel-name "regex:${KERNEL:-device_kernel}" --launch-skip "${SKIP:-0}" \
+      --launch-count 1 --cache-control none --clock-control none "$P/bin/moeforge" bench "$P/configs/$name.json" "$@" \
+      > "$OUT/profile-$tag.txt" 2> "$OUT/profile-$tag.err"
+    echo "ncu rc=$?" | tee -a "$OUT/summary.txt"
+    grep -v -E "^==PROF==|^  *-+ *$" "$OUT/profile-$tag.txt" | grep -E "Duration|Throughput|Busy|Pipe|Stall|stall|Warp Cycles|Eligible|Issued|Occupancy|Registers|Shared Memory|L2 Hit|L1/TEX Hit|DRAM|Bandwidth|Block Size|Grid Size|bound|OPT" | head -n 80 ;;
   compare)
     shift
     name=$1; shift
@@ -202,5 +216,5 @@ for label, r in rows.items():
     print("%-22s %12.0f %12.0f %6.3fx %10.2f %10.2f %6.3fx" % (label, ta, tb, tb / ta, ma, mb, mb / ma))
 PY
     ;;
-  *) echo "run.sh: unknown part '$1' (tests | python | nemo | only | bench | kernels | roundtrip | compare | ab | envab)" >&2; exit 2 ;;
+  *) echo "run.sh: unknown part '$1' (tests | python | nemo | only | bench | kernels | profile | roundtrip | compare | ab | envab)" >&2; exit 2 ;;
 esac
