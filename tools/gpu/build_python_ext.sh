@@ -11,6 +11,7 @@ cd "$(dirname "$0")/../.."
 root=${1:?usage: build_python_ext.sh PY312_INCLUDE_ROOT [PYTHON_WITH_NANOBIND]}
 py=${2:-python3}
 [ -f "$root/python3.12/Python.h" ] || { echo "build_python_ext: $root/python3.12/Python.h not found" >&2; exit 1; }
+root=$(cd "$root" && pwd)  # absolute: the compiler runs inside build-py312
 "$py" -m nanobind --cmake_dir > /dev/null || { echo "build_python_ext: $py has no nanobind (pip install nanobind)" >&2; exit 1; }
 cmake -S . -B build-py312 -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_PYTHON=ON -DMOEFORGE_TESTS=OFF \
   -DPython_EXECUTABLE="$(command -v "$py")" -DMOEFORGE_PYTHON_INCLUDE_DIR="$root/python3.12" \
