@@ -478,38 +478,49 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     going[i] = {};
     const std::vector<int64_t>& off = ch.exchange->local_offsets();
     const int64_t rows = d_y.size(0);
+    // Under expert parallelism the weight gradients wait until the input gradient is on its way
+    // back: they are what the combine's all-to-all runs under (Megatron's and DeepSeek's overlap of
+    // the backward's exchange). Within a chunk the order of the sums is unchanged.
+    const bool defer = ch.exchange->crosses_ranks();
     Tensor act = activation(ch.h);
+    const auto down_weight_grads = [&](const Tensor& act_rows, const Tensor& d_y_rows) {
+      if (gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y
+        if (ps.trainable(down)) expert_weight_grad(ps, down, act_rows, d_y_rows, off);
+        if (ps.trainable(*down_bias)) ops::grouped_bias_grad(d_y_rows, off, ps.grad(*down_bias));
+      } else if (ps.trainable(down)) {
+        expert_weight_grad(ps, down, d_y_rows, act_rows, off);
+      }
+    };
+    const auto gate_up_weight_grads = [&](const Tensor& xs_rows, const Tensor& d_h_rows) {
+      if (gpt_oss) {
+        if (ps.trainable(gate_up)) expert_weight_grad(ps, gate_up, xs_rows, d_h_rows, off);
+        if (ps.trainable(*gate_up_bias)) ops::grouped_bias_grad(d_h_rows, off, ps.grad(*gate_up_bias));
+      } else if (ps.trainable(gate_up)) {
+        expert_weight_grad(ps, gate_up, d_h_rows, xs_rows, off);
+      }
+    };
     Tensor d_act = ops::empty({rows, inter}, dt, dev, "expert activation gradient");
-    if (gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y, d(act) = d_y W^T; likewise for gate_up
-      if (ps.trainable(down)) expert_weight_grad(ps, down, act, d_y, off);
-      if (ps.trainable(*down_bias)) ops::grouped_bias_grad(d_y, off, ps.grad(*down_bias));
-      ops::grouped_linear(d_y, ps.value(down), off, d_act);
-    } else {
-      if (ps.trainable(down)) expert_weight_grad(ps, down, d_y, act, off);
-      ops::grouped_linear_input_grad(d_y, ps.value(down), off, d_act);
-    }
+    if (!defer) down_weight_grads(act, d_y);
+    if (gpt_oss) ops::grouped_linear(d_y, ps.value(down), off, d_act);  // d(act) = d_y W^T; likewise for gate_up
+    else ops::grouped_linear_input_grad(d_y, ps.value(down), off, d_act);
     if (lora) lora->down_backward(ps, act, off, d_y, d_act);
-    act = d_y = Tensor();
+    if (!defer) act = d_y = Tensor();
     Tensor d_h = activation_backward(ch.h, d_act);
     d_act = ch.h = Tensor();
     // The expert inputs: kept when they came from other ranks, else the permute again.
     Tensor xs = ch.xs.defined() ? ch.xs : ops::permute_tokens(rows_of(xe, n, ch), ch.plan);
     ch.xs = Tensor();
     Tensor d_xs = ops::empty({rows, expert_width}, dt, dev, "expert input gradient");
-    if (gpt_oss) {
-      if (ps.trainable(gate_up)) expert_weight_grad(ps, gate_up, xs, d_h, off);
-      if (ps.trainable(*gate_up_bias)) ops::grouped_bias_grad(d_h, off, ps.grad(*gate_up_bias));
-      ops::grouped_linear(d_h, ps.value(gate_up), off, d_xs);
-      if (lora) lora->gate_up_backward(ps, xs, off, d_h, d_xs);
-      xs = Tensor();
-    } else {
-      if (ps.trainable(gate_up)) expert_weight_grad(ps, gate_up, d_h, xs, off);
-      ops::grouped_linear_input_grad(d_h, ps.value(gate_up), off, d_xs);
-      if (lora) lora->gate_up_backward(ps, xs, off, d_h, d_xs);
-      xs = Tensor();
-    }
-    d_h = Tensor();
+    if (!defer) gate_up_weight_grads(xs, d_h);
+    if (gpt_oss) ops::grouped_linear(d_h, ps.value(gate_up), off, d_xs);
+    else ops::grouped_linear_input_grad(d_h, ps.value(gate_up), off, d_xs);
+    if (lora) lora->gate_up_backward(ps, xs, off, d_h, d_xs);
+    if (!defer) xs = d_h = Tensor();  // freed before the combine's buffers are made
     coming[i] = ch.exchange->start_combine(d_xs);  // dispatch's backward
+    if (defer) {
+      down_weight_grads(act, d_y);
+      gate_up_weight_grads(xs, d_h);
+    }
   }
   if (fine_phases) ctx.phase("bwd: expert GEMMs + SwiGLU");
   Tensor dx = n == 1 ? Tensor() : ops::empty({t, expert_width}, dt, dev, "MoE input gradient");

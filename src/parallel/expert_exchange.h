@@ -49,6 +49,8 @@ class ExpertExchange {
   const std::vector<int64_t>& local_offsets() const { return local_offsets_; }
   const ExpertShard& shard() const { return shard_; }
   int64_t received() const { return local_offsets_.back(); }
+  // Whether rows travel to other ranks (an expert-parallel group of more than one).
+  bool crosses_ranks() const { return ep_->size() > 1; }
 
  private:
   Communicator* ep_;

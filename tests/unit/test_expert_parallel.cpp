@@ -146,5 +146,7 @@ TEST(ExpertParallel, AnEpSizeThatDoesNotDivideTheExpertsIsRefused) {
 
 // Nemotron-H's relu^2 experts (ungated up [E, I, H]) and, in nemotron_h_b, grouped routing and the
 // latent projections around the exchanged experts.
+// GPT-OSS's expert biases: their gradients, like the weights', are summed after the combine starts.
+TEST(ExpertParallel, GptOssExpertBiasesTwoRanksEpTwo) { expect_parallel_matches_one_rank("gpt_oss_a", 2, 2); }
 TEST(ExpertParallel, NemotronHTwoRanksEpTwo) { expect_parallel_matches_one_rank("nemotron_h_a", 2, 2); }
 TEST(ExpertParallel, NemotronHLatentFourRanksDpTwoByEpTwo) { expect_parallel_matches_one_rank("nemotron_h_b", 4, 2); }
