@@ -231,14 +231,19 @@ void GatedSharedExpert::init(ParamStore& ps, const std::string& prefix, int64_t 
 }
 
 void GatedSharedExpert::forward_add(const ParamAccess& ps, const Tensor& x, Tensor& out, Cache* cache) const {
-  Tensor y = mlp.forward(ps, x, cache ? &cache->mlp : nullptr);
-  Tensor logit = gate.forward(ps, x);  // [T, 1]
-  ops::add_sigmoid_gated(out, y, logit);
-  if (cache) {
-    cache->y = y;
-    cache->logit = logit;
-  }
+  add_to(out, compute(ps, x, cache));
 }
+
+GatedSharedExpert::Parts GatedSharedExpert::compute(const ParamAccess& ps, const Tensor& x, Cache* cache) const {
+  Parts p{mlp.forward(ps, x, cache ? &cache->mlp : nullptr), gate.forward(ps, x)};  // y [T, H], logit [T, 1]
+  if (cache) {
+    cache->y = p.y;
+    cache->logit = p.logit;
+  }
+  return p;
+}
+
+void GatedSharedExpert::add_to(Tensor& out, const Parts& p) { ops::add_sigmoid_gated(out, p.y, p.logit); }
 
 Tensor GatedSharedExpert::backward(ParamAccess& ps, Cache& c, const Tensor& dy) const {
   Tensor dmlp, dlogit;
@@ -341,7 +346,7 @@ Tensor SparseMoE::activation_backward(const Tensor& h, const Tensor& d_act) cons
 }
 
 Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Tensor& x, RouterOut* router_out,
-                          Cache* cache, const Tensor* forced) const {
+                          Cache* cache, const Tensor* forced, const std::function<void()>& alongside) const {
   const int64_t t = x.size(0);
   const Device dev = x.device();
   const DType dt = x.dtype();
@@ -388,6 +393,7 @@ Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Te
   const Tensor xe = latent_in ? latent_in->forward(ps, x) : x;  // the experts' input
   std::vector<parallel::ExpertExchange::InFlight> going(n), coming(n);
   for (size_t i = 0; i < n; ++i) going[i] = chunks[i].exchange->start_dispatch(ops::permute_tokens(rows_of(xe, n, chunks[i]), chunks[i].plan));
+  if (remote && alongside) alongside();  // the shared experts while the rows travel
   if (fine_phases) ctx.phase("fwd: router + plan + permute");
   for (size_t i = 0; i < n; ++i) {
     Chunk& ch = chunks[i];
@@ -446,11 +452,12 @@ Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Te
     cache->weights = weights;
     cache->chunks = std::move(chunks);
   }
+  if (!remote && alongside) alongside();  // one rank: where it always ran, after the experts
   return out;
 }
 
 Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, const Tensor& dy,
-                           const Tensor* dprobs_extra) const {
+                           const Tensor* dprobs_extra, const std::function<void()>& alongside) const {
   // The same trips as forward: gradients to the experts' ranks, input gradients back.
   const size_t n = c.chunks.size();
   const bool fine_phases = n == 1;
@@ -471,6 +478,8 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     put_chunk(dweights, dw, n, ch);
     going[i] = ch.exchange->start_dispatch(d_yperm);  // combine's backward
   }
+  const bool remote = !c.chunks.empty() && c.chunks.front().exchange->crosses_ranks();
+  if (remote && alongside) alongside();  // the shared experts' backward while the gradients travel
   if (fine_phases) ctx.phase("bwd: unpermute");
   for (size_t i = 0; i < n; ++i) {
     Chunk& ch = c.chunks[i];
@@ -545,6 +554,7 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
   if (ps.trainable(router)) weight_grad(ps, router, dlogits, c.x);
   if (router_bias && ps.trainable(*router_bias)) ops::bias_grad(dlogits, ps.grad(*router_bias));
   ctx.phase("bwd: permute + router");
+  if (!remote && alongside) alongside();  // one rank: where it always ran, after the experts
   return dx;
 }
 

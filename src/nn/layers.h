@@ -135,6 +135,13 @@ struct GatedSharedExpert {
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t inter);
   // Adds the gated expert's output for x to `out` (the routed experts' output).
   void forward_add(const ParamAccess& ps, const Tensor& x, Tensor& out, Cache* cache = nullptr) const;
+  // forward_add in its two parts, so that the expert can run while the routed experts' rows travel:
+  // the MLP's output and the gate's logit, then their gated sum into `out` (the same arithmetic).
+  struct Parts {
+    Tensor y, logit;
+  };
+  Parts compute(const ParamAccess& ps, const Tensor& x, Cache* cache = nullptr) const;
+  static void add_to(Tensor& out, const Parts& p);
   Tensor backward(ParamAccess& ps, Cache& c, const Tensor& dy) const;
 };
 
@@ -216,11 +223,15 @@ struct SparseMoE {
     Tensor probs, chosen;
     std::vector<int64_t> expert_rows;
   };
+  // `alongside`: work that does not depend on the routed experts (the layer's shared experts): run
+  // while the rows travel when they go to other ranks (right after the dispatches start), else after
+  // everything else, as if called after forward (or backward) returned.
   Tensor forward(const ParamAccess& ps, const RunContext& ctx, const Tensor& x, RouterOut* router,
-                 Cache* cache = nullptr, const Tensor* forced = nullptr) const;
+                 Cache* cache = nullptr, const Tensor* forced = nullptr, const std::function<void()>& alongside = {}) const;
   // `dprobs_extra` [E] F32 (optional) is a gradient on every row's router probabilities from
   // elsewhere (the load-balancing loss).
-  Tensor backward(ParamAccess& ps, const RunContext& ctx, Cache& c, const Tensor& dy, const Tensor* dprobs_extra) const;
+  Tensor backward(ParamAccess& ps, const RunContext& ctx, Cache& c, const Tensor& dy, const Tensor* dprobs_extra,
+                  const std::function<void()>& alongside = {}) const;
   // The experts' activation on their gate_up (or up) output, and its backward.
   Tensor activation(const Tensor& h) const;
   Tensor activation_backward(const Tensor& h, const Tensor& d_act) const;

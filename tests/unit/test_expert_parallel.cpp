@@ -148,5 +148,9 @@ TEST(ExpertParallel, AnEpSizeThatDoesNotDivideTheExpertsIsRefused) {
 // latent projections around the exchanged experts.
 // GPT-OSS's expert biases: their gradients, like the weights', are summed after the combine starts.
 TEST(ExpertParallel, GptOssExpertBiasesTwoRanksEpTwo) { expect_parallel_matches_one_rank("gpt_oss_a", 2, 2); }
+// Shared experts run while the routed rows travel (forward) and while their gradients travel
+// (backward): Qwen2-MoE's gated one, DeepSeek-V3's plain ones (with MLA and grouped routing).
+TEST(ExpertParallel, Qwen2MoeGatedSharedExpertTwoRanksEpTwo) { expect_parallel_matches_one_rank("qwen2_moe_b", 2, 2); }
+TEST(ExpertParallel, DeepSeekV3SharedExpertsFourRanksDpTwoByEpTwo) { expect_parallel_matches_one_rank("deepseek_v3_a", 4, 2); }
 TEST(ExpertParallel, NemotronHTwoRanksEpTwo) { expect_parallel_matches_one_rank("nemotron_h_a", 2, 2); }
 TEST(ExpertParallel, NemotronHLatentFourRanksDpTwoByEpTwo) { expect_parallel_matches_one_rank("nemotron_h_b", 4, 2); }

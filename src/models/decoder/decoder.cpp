@@ -327,25 +327,44 @@ Tensor Decoder::moe_forward(const nn::ParamAccess& ps, size_t l, const Tensor& n
   if (!forced && bt.balanced.defined()) forced = &bt.balanced;
   nn::SparseMoE::RouterOut local;
   nn::SparseMoE::RouterOut* r = router ? router : &local;
-  Tensor m = moe.forward(ps, bt.ctx, n, r, c ? &c->moe : nullptr, forced);
+  // The shared experts depend only on n: the MoE layer runs them while its rows travel to other
+  // ranks (or after its experts, with one). Their sums into m keep their order.
+  nn::GatedSharedExpert::Parts gated;
+  Tensor plain, relu2;
+  const auto shared_work = [&] {
+    if (L.shared) gated = L.shared->compute(ps, n, c ? &c->shared : nullptr);
+    if (L.shared_experts) plain = L.shared_experts->forward(ps, n, c ? &c->shared_experts : nullptr);
+    if (L.relu2_shared) relu2 = L.relu2_shared->forward(ps, n, c ? &c->relu2_shared : nullptr);
+  };
+  const bool shared = L.shared || L.shared_experts || L.relu2_shared;
+  Tensor m = moe.forward(ps, bt.ctx, n, r, c ? &c->moe : nullptr, forced, shared ? shared_work : std::function<void()>{});
   if (!replay) bt.chosen[l] = r->chosen;
   if (bt.routing && bt.routing->mode == RoutingControl::Mode::Record && !replay) {
     if (bt.routing->chosen.size() <= slot) bt.routing->chosen.resize(slot + 1);
     bt.routing->chosen[slot] = r->chosen;
   }
-  if (L.shared) L.shared->forward_add(ps, n, m, c ? &c->shared : nullptr);
-  if (L.shared_experts) ops::add_inplace(m, L.shared_experts->forward(ps, n, c ? &c->shared_experts : nullptr));
-  if (L.relu2_shared) ops::add_inplace(m, L.relu2_shared->forward(ps, n, c ? &c->relu2_shared : nullptr));
+  if (L.shared) nn::GatedSharedExpert::add_to(m, gated);
+  if (L.shared_experts) ops::add_inplace(m, plain);
+  if (L.relu2_shared) ops::add_inplace(m, relu2);
   return m;
 }
 
 Tensor Decoder::moe_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const Batch& bt, const Tensor& dy,
                               const Tensor* dprobs_extra) const {
   const Layer& L = layers_[l];
-  Tensor dn = std::get<nn::SparseMoE>(L.mlp).backward(ps, bt.ctx, c.moe, dy, dprobs_extra);
-  if (L.shared) ops::add_inplace(dn, L.shared->backward(ps, c.shared, dy));
-  if (L.shared_experts) ops::add_inplace(dn, L.shared_experts->backward(ps, c.shared_experts, dy));
-  if (L.relu2_shared) ops::add_inplace(dn, L.relu2_shared->backward(ps, c.relu2_shared, dy));
+  // The shared experts' backward while the routed gradients travel (expert parallelism), as forward.
+  Tensor d_gated, d_plain, d_relu2;
+  const auto shared_work = [&] {
+    if (L.shared) d_gated = L.shared->backward(ps, c.shared, dy);
+    if (L.shared_experts) d_plain = L.shared_experts->backward(ps, c.shared_experts, dy);
+    if (L.relu2_shared) d_relu2 = L.relu2_shared->backward(ps, c.relu2_shared, dy);
+  };
+  const bool shared = L.shared || L.shared_experts || L.relu2_shared;
+  Tensor dn = std::get<nn::SparseMoE>(L.mlp).backward(ps, bt.ctx, c.moe, dy, dprobs_extra,
+                                                       shared ? shared_work : std::function<void()>{});
+  if (L.shared) ops::add_inplace(dn, d_gated);
+  if (L.shared_experts) ops::add_inplace(dn, d_plain);
+  if (L.relu2_shared) ops::add_inplace(dn, d_relu2);
   return dn;
 }
 
