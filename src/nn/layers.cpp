@@ -478,7 +478,8 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     put_chunk(dweights, dw, n, ch);
     going[i] = ch.exchange->start_dispatch(d_yperm);  // combine's backward
   }
-  const bool remote = !c.chunks.empty() && c.chunks.front().exchange->crosses_ranks();
+  // Every chunk's exchange runs over the same group: whether rows go to other ranks is the layer's.
+  const bool remote = n > 0 && c.chunks.front().exchange->crosses_ranks();
   if (remote && alongside) alongside();  // the shared experts' backward while the gradients travel
   if (fine_phases) ctx.phase("bwd: unpermute");
   for (size_t i = 0; i < n; ++i) {
@@ -487,10 +488,9 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     going[i] = {};
     const std::vector<int64_t>& off = ch.exchange->local_offsets();
     const int64_t rows = d_y.size(0);
-    // Under expert parallelism the weight gradients wait until the input gradient is on its way
-    // back: they are what the combine's all-to-all runs under (Megatron's and DeepSeek's overlap of
-    // the backward's exchange). Within a chunk the order of the sums is unchanged.
-    const bool defer = ch.exchange->crosses_ranks();
+    // Under expert parallelism (remote) the weight gradients wait until the input gradient is on its
+    // way back: they are what the combine's all-to-all runs under (Megatron's and DeepSeek's overlap
+    // of the backward's exchange). Within a chunk the order of the sums is unchanged.
     Tensor act = activation(ch.h);
     const auto down_weight_grads = [&](const Tensor& act_rows, const Tensor& d_y_rows) {
       if (gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y
@@ -509,24 +509,24 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
       }
     };
     Tensor d_act = ops::empty({rows, inter}, dt, dev, "expert activation gradient");
-    if (!defer) down_weight_grads(act, d_y);
+    if (!remote) down_weight_grads(act, d_y);
     if (gpt_oss) ops::grouped_linear(d_y, ps.value(down), off, d_act);  // d(act) = d_y W^T; likewise for gate_up
     else ops::grouped_linear_input_grad(d_y, ps.value(down), off, d_act);
     if (lora) lora->down_backward(ps, act, off, d_y, d_act);
-    if (!defer) act = d_y = Tensor();
+    if (!remote) act = d_y = Tensor();
     Tensor d_h = activation_backward(ch.h, d_act);
     d_act = ch.h = Tensor();
     // The expert inputs: kept when they came from other ranks, else the permute again.
     Tensor xs = ch.xs.defined() ? ch.xs : ops::permute_tokens(rows_of(xe, n, ch), ch.plan);
     ch.xs = Tensor();
     Tensor d_xs = ops::empty({rows, expert_width}, dt, dev, "expert input gradient");
-    if (!defer) gate_up_weight_grads(xs, d_h);
+    if (!remote) gate_up_weight_grads(xs, d_h);
     if (gpt_oss) ops::grouped_linear(d_h, ps.value(gate_up), off, d_xs);
     else ops::grouped_linear_input_grad(d_h, ps.value(gate_up), off, d_xs);
     if (lora) lora->gate_up_backward(ps, xs, off, d_h, d_xs);
-    if (!defer) xs = d_h = Tensor();  // freed before the combine's buffers are made
+    if (!remote) xs = d_h = Tensor();  // freed before the combine's buffers are made
     coming[i] = ch.exchange->start_combine(d_xs);  // dispatch's backward
-    if (defer) {
+    if (remote) {
       down_weight_grads(act, d_y);
       gate_up_weight_grads(xs, d_h);
     }

@@ -27,9 +27,8 @@ log=$OUT/owed-$part.txt
 echo "owed.sh $part on $gpus GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)" | tee "$log"
 run() { bash tools/gpu/run.sh "$@"; }
 # What run.sh sets for the packed binaries, for the parts that call them directly.
-V=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
-export LD_LIBRARY_PATH=$V/cudnn/lib:$V/nccl/lib:$V/cublas/lib:$V/cu13/lib:$PWD/.gpu_check/p/lib:${LD_LIBRARY_PATH:-}
-export NCCL_NVLS_ENABLE=0
+P=$PWD/.gpu_check/p
+source tools/gpu/env.sh
 case "$part" in
   tests)
     [ "$gpus" -ge 2 ] || echo "note: one GPU only, the multi-GPU tests will skip" | tee -a "$log"

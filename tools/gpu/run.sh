@@ -40,10 +40,7 @@ mkdir -p "$OUT"
 PACK=${PACK_DIR:-.gpu_check}  # what tools/gpu/pack.sh made (PACK_DIR=.gpu_nemo: the slim pack + NeMo's wheels)
 P=$PWD/$PACK/p
 rm -rf "$P" && mkdir -p "$P" && tar -C "$P" -xJf "$PACK/gpu_pack.tar.xz"
-V=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
-export LD_LIBRARY_PATH=$V/cudnn/lib:$V/nccl/lib:$V/cublas/lib:$V/cu13/lib:$P/lib:${LD_LIBRARY_PATH:-}
-export MOEFORGE_FIXTURES_DIR=$PWD/tests/fixtures MOEFORGE_BIN_PATH=$P/bin/moeforge
-export NCCL_NVLS_ENABLE=0  # NVLink multicast stays off on the shared machines
+source tools/gpu/env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/nvidia-smi.txt" 2>&1
 # Python packages the machine's venv lacks (tools/gpu/fetch_wheels.sh: PEFT for the LoRA baseline),
 # unpacked onto PYTHONPATH (wheels are zip files; these need no build step).
@@ -56,6 +53,12 @@ if [ -d .gpu_check/wheels ]; then
   done
   export PYTHONPATH=/tmp/pyextra${PYTHONPATH:+:$PYTHONPATH}
 fi
+# Nsight Compute, and a file-name tag for a run's arguments (ncu modes).
+find_ncu() {
+  ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
+  [ -n "$ncu" ] || { echo "run.sh $1: ncu not found" >&2; exit 2; }
+}
+tag_of() { echo "$*" | tr -c 'A-Za-z0-9.-' '_' | cut -c1-80; }
 case "${1:-tests}" in
   tests)
     for t in test_backend_ops test_cuda_dist test_cuda_ops test_cuda_training test_cuda_model; do
@@ -140,9 +143,8 @@ PY
   kernels)
     shift
     name=$1; shift
-    ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
-    [ -n "$ncu" ] || { echo "run.sh kernels: ncu not found" >&2; exit 2; }
-    tag=$(echo "$name $*" | tr -c 'A-Za-z0-9.-' '_' | cut -c1-80)
+    find_ncu kernels
+    tag=$(tag_of "$name $*")
     # Caches and clocks left alone (the numbers are the step's, not a cold-cache replay's).
     timeout "${KTIMEOUT:-560}" "$ncu" --csv --print-units base --print-kernel-base function --metrics gpu__time_duration.sum \
       --cache-control none --clock-control none "$P/bin/moeforge" bench "$P/configs/$name.json" "$@" \
@@ -152,9 +154,8 @@ PY
   profile)
     shift
     name=$1; shift
-    ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n 1)
-    [ -n "$ncu" ] || { echo "run.sh profile: ncu not found" >&2; exit 2; }
-    tag=$(echo "${KERNEL:-device_kernel}-${SKIP:-0} $name $*" | tr -c 'A-Za-z0-9.-' '_' | cut -c1-80)
+    find_ncu profile
+    tag=$(tag_of "${KERNEL:-device_kernel}-${SKIP:-0} $name $*")
     timeout "${KTIMEOUT:-560}" "$ncu" --set full --kernel-name "regex:${KERNEL:-device_kernel}" --launch-skip "${SKIP:-0}" \
       --launch-count 1 --cache-control none --clock-control none "$P/bin/moeforge" bench "$P/configs/$name.json" "$@" \
       > "$OUT/profile-$tag.txt" 2> "$OUT/profile-$tag.err"

@@ -336,8 +336,7 @@ Tensor Decoder::moe_forward(const nn::ParamAccess& ps, size_t l, const Tensor& n
     if (L.shared_experts) plain = L.shared_experts->forward(ps, n, c ? &c->shared_experts : nullptr);
     if (L.relu2_shared) relu2 = L.relu2_shared->forward(ps, n, c ? &c->relu2_shared : nullptr);
   };
-  const bool shared = L.shared || L.shared_experts || L.relu2_shared;
-  Tensor m = moe.forward(ps, bt.ctx, n, r, c ? &c->moe : nullptr, forced, shared ? shared_work : std::function<void()>{});
+  Tensor m = moe.forward(ps, bt.ctx, n, r, c ? &c->moe : nullptr, forced, shared_work);
   if (!replay) bt.chosen[l] = r->chosen;
   if (bt.routing && bt.routing->mode == RoutingControl::Mode::Record && !replay) {
     if (bt.routing->chosen.size() <= slot) bt.routing->chosen.resize(slot + 1);
@@ -359,9 +358,7 @@ Tensor Decoder::moe_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const
     if (L.shared_experts) d_plain = L.shared_experts->backward(ps, c.shared_experts, dy);
     if (L.relu2_shared) d_relu2 = L.relu2_shared->backward(ps, c.relu2_shared, dy);
   };
-  const bool shared = L.shared || L.shared_experts || L.relu2_shared;
-  Tensor dn = std::get<nn::SparseMoE>(L.mlp).backward(ps, bt.ctx, c.moe, dy, dprobs_extra,
-                                                       shared ? shared_work : std::function<void()>{});
+  Tensor dn = std::get<nn::SparseMoE>(L.mlp).backward(ps, bt.ctx, c.moe, dy, dprobs_extra, shared_work);
   if (L.shared) ops::add_inplace(dn, d_gated);
   if (L.shared_experts) ops::add_inplace(dn, d_plain);
   if (L.relu2_shared) ops::add_inplace(dn, d_relu2);
