@@ -17,6 +17,13 @@ for b in ${PACK_BINS:-tests/test_backend_ops tests/test_cuda_ops tests/test_cuda
   if [ -f "$build/$b" ]; then cp "$build/$b" "$stage/bin/" && strip "$stage/bin/$(basename "$b")"; fi
 done
 [ -f "$stage/bin/moeforge" ] || { echo "pack: $build/moeforge not found (build with the CUDA backend first)" >&2; exit 1; }
+# A build without cuDNN runs attention on the native kernels (q30-L4 steps took 679 ms on an H200 in
+# session 16, against ~46 ms with cuDNN on an H100): its bench numbers compare with nothing, and a
+# fresh machine configures without it (no GPU here to fetch it for).
+if "$build/moeforge" --version 2>/dev/null | grep -q "cuDNN fused attention off" && [ -z "${ALLOW_NO_CUDNN:-}" ]; then
+  echo "pack: $build was configured without cuDNN (reconfigure with -DMOEFORGE_CUDNN=ON; ALLOW_NO_CUDNN=1 packs it anyway)" >&2
+  exit 1
+fi
 # A baseline build of another commit (tools/gpu/build_baseline.sh), for run.sh ab.
 if [ -z "${PACK_BINS:-}" ] && [ -f build-baseline/moeforge_baseline ]; then
   cp build-baseline/moeforge_baseline "$stage/bin/moeforge_baseline" && strip "$stage/bin/moeforge_baseline"
