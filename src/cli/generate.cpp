@@ -1,12 +1,14 @@
 // moeforge generate: text from a model folder (optionally with a LoRA adapter), streamed as it is
 // produced. The prompt is text (tokenized as tokenizer(prompt) does), a conversation rendered by
 // the chat template with the generation prompt (as apply_chat_template(add_generation_prompt=True)),
-// or token ids. generation_config.json gives the stop tokens and sampling defaults.
+// or token ids; or many prompts from a JSON-lines file, one result line each, the model loaded
+// once. generation_config.json gives the stop tokens and sampling defaults.
 #include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "cli/app.h"
@@ -81,6 +83,78 @@ class TextStream {
   bool stopped_ = false;
 };
 
+// A prompt as the model takes it: its token ids, the text they came from (empty for ids), and where
+// it came from for errors.
+struct Prompt {
+  std::vector<int64_t> ids;
+  std::string text;
+  std::string where = "the prompt";
+};
+
+// Text as tokenizer(text) encodes it, or a conversation (a {role, content} list or a row holding
+// one) rendered by the chat template with the generation prompt.
+Prompt encode_text(const hf::Tokenizer& tok, const std::string& text) { return {tok.encode(text), text}; }
+
+Prompt encode_conversation(const hf::Tokenizer& tok, const std::string& tokenizer_dir, const Json& messages,
+                           const std::string& where) {
+  const Json row = hf::conversation_row(messages, where);
+  auto tmpl = hf::ChatTemplate::load(tokenizer_dir);
+  MF_CHECK(tmpl, tokenizer_dir, ": no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja)");
+  hf::ChatOptions co = hf::chat_options_of(row, where);
+  co.add_generation_prompt = true;
+  const auto enc = tmpl->encode(tok, row["messages"], co, /*with_mask=*/false);
+  return {enc.ids, enc.text, where};
+}
+
+// The prompts of a --prompts file: one JSON object per non-empty line with one of "prompt" (text;
+// a user message under --chat), "messages" (a conversation) or "prompt_ids" (token ids).
+std::vector<Prompt> read_prompts_file(const std::string& file, const hf::Tokenizer* tok, const std::string& tokenizer_dir,
+                                      bool chat) {
+  std::ifstream in(file);
+  MF_CHECK(in, file, ": cannot open the prompts file");
+  std::vector<Prompt> prompts;
+  std::string line;
+  for (int64_t n = 1; std::getline(in, line); ++n) {
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    const std::string where = file + ":" + std::to_string(n);
+    Json row;
+    try {
+      row = Json::parse(line);
+    } catch (const nlohmann::json::exception& e) {
+      MF_THROW(where, ": not a JSON object (", e.what(), ")");
+    }
+    MF_CHECK(row.is_object(), where, ": not a JSON object");
+    const int kinds = row.contains("prompt") + row.contains("messages") + row.contains("prompt_ids");
+    MF_CHECK(kinds == 1, where, ": needs exactly one of 'prompt', 'messages' or 'prompt_ids'");
+    if (row.contains("prompt_ids")) {
+      const Json& ids = row["prompt_ids"];
+      MF_CHECK(ids.is_array() && !ids.empty(), where, ": 'prompt_ids' must be a non-empty list of token ids");
+      Prompt p;
+      for (const Json& id : ids) {
+        MF_CHECK(id.is_number_integer(), where, ": 'prompt_ids' holds ", id.dump(), ", not a token id");
+        p.ids.push_back(id.get<int64_t>());
+      }
+      p.where = where;
+      prompts.push_back(std::move(p));
+      continue;
+    }
+    MF_CHECK(tok, tokenizer_dir, ": no tokenizer.json (", where, " needs one; pass --tokenizer DIR or use 'prompt_ids')");
+    if (row.contains("messages")) {
+      prompts.push_back(encode_conversation(*tok, tokenizer_dir, row, where));
+      prompts.back().where = where;
+    } else {
+      MF_CHECK(row["prompt"].is_string(), where, ": 'prompt' must be a string");
+      const std::string text = row["prompt"].get<std::string>();
+      prompts.push_back(chat ? encode_conversation(*tok, tokenizer_dir,
+                                                   Json::array({Json{{"role", "user"}, {"content", text}}}), where)
+                             : encode_text(*tok, text));
+      prompts.back().where = where;
+    }
+  }
+  MF_CHECK(!prompts.empty(), file, ": no prompts (one JSON object per line)");
+  return prompts;
+}
+
 }  // namespace
 
 int cmd_generate(const std::vector<std::string>& argv) {
@@ -89,9 +163,10 @@ int cmd_generate(const std::vector<std::string>& argv) {
                       "  moeforge generate --model out/final --prompt 'The capital of France is'\n"
                       "  moeforge generate --model BASE --adapter out/final --chat --prompt 'Hi!' --temperature 0.7\n"
                       "  moeforge generate --model DIR --messages conv.json --json\n"
+                      "  moeforge generate --model DIR --prompts prompts.jsonl --chat > out.jsonl\n"
                       "Sampling defaults come from the folder's generation_config.json (do_sample, temperature,\n"
                       "top_k, top_p); --temperature 0 or --greedy picks the most likely token each step.");
-  std::string model_dir, adapter, tokenizer_dir, prompt, messages_file, prompt_ids;
+  std::string model_dir, adapter, tokenizer_dir, prompt, messages_file, prompt_ids, prompts_file;
   int64_t max_new = 256, min_new = 0, top_k = 0;
   double temperature = 1.0, top_p = 1.0, repetition_penalty = 1.0;
   uint64_t seed = 0;
@@ -104,8 +179,12 @@ int cmd_generate(const std::vector<std::string>& argv) {
   auto* o_messages = app->add_option("--messages", messages_file,
                                      "conversation: a JSON list of {role, content} (or {\"messages\": [...]})");
   auto* o_ids = app->add_option("--prompt-ids", prompt_ids, "prompt as token ids, comma-separated");
-  o_prompt->excludes(o_messages)->excludes(o_ids);
-  o_messages->excludes(o_ids);
+  auto* o_prompts = app->add_option("--prompts", prompts_file,
+                                    "many prompts: a JSON-lines file, one {\"prompt\"}, {\"messages\"} or "
+                                    "{\"prompt_ids\"} object per line; prints one JSON line per prompt");
+  o_prompt->excludes(o_messages)->excludes(o_ids)->excludes(o_prompts);
+  o_messages->excludes(o_ids)->excludes(o_prompts);
+  o_ids->excludes(o_prompts);
   app->add_flag("--chat", chat, "wrap --prompt as one user message and render it with the chat template");
   auto* o_max = app->add_option("--max-new-tokens", max_new, "tokens to generate at most (default: "
                                 "generation_config.json's max_new_tokens, else 256)")->check(at_least(0));
@@ -125,35 +204,32 @@ int cmd_generate(const std::vector<std::string>& argv) {
   InferenceOptions run;
   run.add_to(*app);
   if (auto code = parse(*app, argv)) return *code;
-  MF_CHECK(*o_prompt || *o_messages || *o_ids, "generate needs a prompt: --prompt TEXT, --messages FILE.json or --prompt-ids IDS");
-  MF_CHECK(!chat || *o_prompt, "--chat wraps --prompt; with --messages the conversation is rendered already");
+  MF_CHECK(*o_prompt || *o_messages || *o_ids || *o_prompts,
+           "generate needs a prompt: --prompt TEXT, --messages FILE.json, --prompt-ids IDS or --prompts FILE.jsonl");
+  MF_CHECK(!chat || *o_prompt || *o_prompts, "--chat wraps --prompt; with --messages the conversation is rendered already");
   run.apply_threads();
 
   if (tokenizer_dir.empty()) tokenizer_dir = model_dir;
   std::optional<hf::Tokenizer> tok;
   if (fs::exists(fs::path(tokenizer_dir) / "tokenizer.json")) tok = hf::Tokenizer::load(tokenizer_dir);
-  MF_CHECK(tok || *o_ids, tokenizer_dir, ": no tokenizer.json (pass --tokenizer DIR, or the prompt as --prompt-ids)");
+  MF_CHECK(tok || *o_ids || *o_prompts, tokenizer_dir, ": no tokenizer.json (pass --tokenizer DIR, or the prompt as --prompt-ids)");
 
-  std::vector<int64_t> ids;
-  std::string prompt_text;
-  if (*o_ids) {
-    ids = parse_id_list(prompt_ids, "--prompt-ids");
-  } else if (*o_messages || chat) {
-    const std::string where = *o_messages ? messages_file : "--prompt";
-    const Json row = hf::conversation_row(
-        *o_messages ? Json(hf::read_json_file(messages_file)) : Json::array({Json{{"role", "user"}, {"content", prompt}}}),
-        where);
-    auto tmpl = hf::ChatTemplate::load(tokenizer_dir);
-    MF_CHECK(tmpl, tokenizer_dir, ": no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja)");
-    hf::ChatOptions co = hf::chat_options_of(row, where);
-    co.add_generation_prompt = true;
-    const auto enc = tmpl->encode(*tok, row["messages"], co, /*with_mask=*/false);
-    ids = enc.ids;
-    prompt_text = enc.text;
+  // Every prompt is read and encoded before the model loads: a bad line costs no load.
+  std::vector<Prompt> prompts;
+  if (*o_prompts) {
+    prompts = read_prompts_file(prompts_file, tok ? &*tok : nullptr, tokenizer_dir, chat);
+  } else if (*o_ids) {
+    prompts.push_back({parse_id_list(prompt_ids, "--prompt-ids"), "", "--prompt-ids"});
+  } else if (*o_messages) {
+    prompts.push_back(encode_conversation(*tok, tokenizer_dir, Json(hf::read_json_file(messages_file)), messages_file));
+  } else if (chat) {
+    prompts.push_back(encode_conversation(*tok, tokenizer_dir, Json::array({Json{{"role", "user"}, {"content", prompt}}}),
+                                          "--prompt"));
   } else {
-    ids = tok->encode(prompt);
-    prompt_text = prompt;
+    prompts.push_back(encode_text(*tok, prompt));
   }
+  const bool many = o_prompts->count() > 0;
+  if (many) json = true;  // one result line per prompt
 
   auto loaded = models::from_pretrained(model_dir);
   if (!adapter.empty()) models::apply_adapter_folder(*loaded.model, adapter);
@@ -174,52 +250,66 @@ int cmd_generate(const std::vector<std::string>& argv) {
   if (*o_top_p) asked.top_p = top_p;
   if (*o_rep) asked.repetition_penalty = repetition_penalty;
   asked.seed = seed;
-  models::GenerateOptions go = models::resolve_generation(asked, gc);
-  for (int64_t id : ids)
-    MF_CHECK(id >= 0 && id < cfg.vocab_size, "prompt token id ", id, " is outside the vocabulary (", cfg.vocab_size,
-             " tokens) of ", cfg.source);
-  const int64_t prompt_len = static_cast<int64_t>(ids.size());
-  MF_CHECK(prompt_len < cfg.max_position_embeddings, "the prompt's ", prompt_len,
-           " tokens leave no room under max_position_embeddings (", cfg.max_position_embeddings, ") of ", cfg.source);
-  if (prompt_len + go.max_new_tokens > cfg.max_position_embeddings) {
-    go.max_new_tokens = cfg.max_position_embeddings - prompt_len;
-    std::fprintf(stderr, "generate: at most %lld new tokens fit under max_position_embeddings (%lld)\n",
-                 static_cast<long long>(go.max_new_tokens), static_cast<long long>(cfg.max_position_embeddings));
+  const models::GenerateOptions resolved = models::resolve_generation(asked, gc);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::string& where = prompts[i].where;
+    for (int64_t id : prompts[i].ids)
+      MF_CHECK(id >= 0 && id < cfg.vocab_size, where, ": token id ", id, " is outside the vocabulary (", cfg.vocab_size,
+               " tokens) of ", cfg.source);
+    MF_CHECK(static_cast<int64_t>(prompts[i].ids.size()) < cfg.max_position_embeddings, where, ": its ",
+             prompts[i].ids.size(), " tokens leave no room under max_position_embeddings (", cfg.max_position_embeddings,
+             ") of ", cfg.source);
   }
-  const auto& so = go.sampling;
 
   std::unique_ptr<nn::ParamAccess> on_device;
   nn::ParamAccess* ps = &run.params_for(*loaded.model, on_device);
-  TextStream stream(tok ? &*tok : nullptr, stops, !json);
-  const auto res = models::generate(*loaded.model, *ps, ids, go, [&](int64_t id) { return stream.add(id); });
-  stream.finish();
-  const double decode_tps = res.decode_seconds > 0 ? static_cast<double>(res.ids.size()) / res.decode_seconds : 0;
-  const std::string reason = stream.stopped() ? "stop_string" : res.stop_reason;
-  if (json) {
-    Json out;
-    out["model"] = model_dir;
-    if (!adapter.empty()) out["adapter"] = adapter;
-    if (!prompt_text.empty()) out["prompt"] = prompt_text;
-    out["prompt_ids"] = ids;
-    out["generated_ids"] = res.ids;
-    if (tok) out["text"] = stream.text();
-    out["stop_reason"] = reason;
-    out["sampling"] = so.sample ? Json{{"temperature", so.temperature}, {"top_k", so.top_k}, {"top_p", so.top_p},
-                                       {"repetition_penalty", so.repetition_penalty}, {"seed", so.seed}}
-                                : Json("greedy");
-    out["prefill_seconds"] = res.prefill_seconds;
-    out["decode_seconds"] = res.decode_seconds;
-    out["tokens_per_second"] = decode_tps;
-    std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
-  } else {
-    if (!tok) {  // no tokenizer: the ids are the output
-      for (size_t i = 0; i < res.ids.size(); ++i) std::printf("%s%lld", i ? "," : "", static_cast<long long>(res.ids[i]));
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const std::vector<int64_t>& ids = prompts[i].ids;
+    const std::string& prompt_text = prompts[i].text;
+    models::GenerateOptions go = resolved;
+    const int64_t prompt_len = static_cast<int64_t>(ids.size());
+    if (prompt_len + go.max_new_tokens > cfg.max_position_embeddings) {
+      go.max_new_tokens = cfg.max_position_embeddings - prompt_len;
+      std::fprintf(stderr, "generate: at most %lld new tokens fit under max_position_embeddings (%lld)\n",
+                   static_cast<long long>(go.max_new_tokens), static_cast<long long>(cfg.max_position_embeddings));
     }
-    std::printf("\n");
-    std::fflush(stdout);  // the text's end before the summary on stderr
-    std::fprintf(stderr, "generate: %zu tokens in %.2f s (%.1f tokens/s; the %lld-token prompt in %.2f s), stopped: %s\n",
-                 res.ids.size(), res.decode_seconds, decode_tps, static_cast<long long>(prompt_len),
-                 res.prefill_seconds, reason.c_str());
+    const auto& so = go.sampling;
+    TextStream stream(tok ? &*tok : nullptr, stops, !json);
+    const auto res = models::generate(*loaded.model, *ps, ids, go, [&](int64_t id) { return stream.add(id); });
+    stream.finish();
+    const double decode_tps = res.decode_seconds > 0 ? static_cast<double>(res.ids.size()) / res.decode_seconds : 0;
+    const std::string reason = stream.stopped() ? "stop_string" : res.stop_reason;
+    if (json) {
+      Json out;
+      if (many) out["index"] = i;
+      out["model"] = model_dir;
+      if (!adapter.empty()) out["adapter"] = adapter;
+      if (!prompt_text.empty()) out["prompt"] = prompt_text;
+      out["prompt_ids"] = ids;
+      out["generated_ids"] = res.ids;
+      if (tok) out["text"] = stream.text();
+      out["stop_reason"] = reason;
+      out["sampling"] = so.sample ? Json{{"temperature", so.temperature}, {"top_k", so.top_k}, {"top_p", so.top_p},
+                                         {"repetition_penalty", so.repetition_penalty}, {"seed", so.seed}}
+                                  : Json("greedy");
+      out["prefill_seconds"] = res.prefill_seconds;
+      out["decode_seconds"] = res.decode_seconds;
+      out["tokens_per_second"] = decode_tps;
+      std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+      std::fflush(stdout);  // each line as soon as its prompt is done
+      if (many)
+        std::fprintf(stderr, "generate: prompt %zu/%zu: %zu tokens in %.2f s, stopped: %s\n", i + 1, prompts.size(),
+                     res.ids.size(), res.prefill_seconds + res.decode_seconds, reason.c_str());
+    } else {
+      if (!tok) {  // no tokenizer: the ids are the output
+        for (size_t j = 0; j < res.ids.size(); ++j) std::printf("%s%lld", j ? "," : "", static_cast<long long>(res.ids[j]));
+      }
+      std::printf("\n");
+      std::fflush(stdout);  // the text's end before the summary on stderr
+      std::fprintf(stderr, "generate: %zu tokens in %.2f s (%.1f tokens/s; the %lld-token prompt in %.2f s), stopped: %s\n",
+                   res.ids.size(), res.decode_seconds, decode_tps, static_cast<long long>(prompt_len),
+                   res.prefill_seconds, reason.c_str());
+    }
   }
   return 0;
 }

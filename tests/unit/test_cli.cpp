@@ -454,6 +454,59 @@ TEST(Cli, GenerateGreedyJsonStopsAndErrors) {
   expect_one_line_error(run("generate --model " + a + " --prompt-ids 1,99999"), {"99999", "vocabulary"});
 }
 
+// generate --prompts: one JSON line per prompt, in order, each the result the single-prompt form
+// gives (greedy), from text, a conversation and ids alike; a bad line is one error naming the file
+// and line, before the model loads.
+TEST(Cli, GeneratePromptsFileGivesEachPromptsOwnResult) {
+  test::TempDir tmp;
+  const std::string demo = std::string(MOEFORGE_SOURCE_DIR) + "/examples/demo_model";
+  const std::string flags = " --max-new-tokens 6 --ignore-eos --greedy";
+  const std::string file = tmp / "prompts.jsonl";
+  std::ofstream(file) << "{\"prompt\": \"Count from 3 to 7.\"}\n\n"
+                         "{\"prompt_ids\": [3, 1, 4, 1, 5]}\n"
+                         "{\"messages\": [{\"role\": \"user\", \"content\": \"Hi there\"}]}\n";
+  const CmdResult many = run("generate --model " + demo + " --prompts " + file + flags);
+  ASSERT_EQ(many.status, 0) << many.err;
+  std::vector<nlohmann::json> rows;
+  std::istringstream lines_in(many.out);
+  for (std::string line; std::getline(lines_in, line);) rows.push_back(nlohmann::json::parse(line));
+  ASSERT_EQ(rows.size(), 3u) << many.out;
+  const auto alone = [&](const std::string& how) {
+    const CmdResult r = run("generate --model " + demo + " " + how + flags + " --json");
+    EXPECT_EQ(r.status, 0) << r.err;
+    return nlohmann::json::parse(r.out);
+  };
+  const std::string conv = tmp / "conv.json";
+  std::ofstream(conv) << "[{\"role\": \"user\", \"content\": \"Hi there\"}]";
+  const nlohmann::json want[] = {alone("--prompt 'Count from 3 to 7.'"), alone("--prompt-ids 3,1,4,1,5"),
+                                 alone("--messages " + conv)};
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(rows[i]["index"], i);
+    EXPECT_EQ(rows[i]["prompt_ids"], want[i]["prompt_ids"]) << i;
+    EXPECT_EQ(rows[i]["generated_ids"], want[i]["generated_ids"]) << i;
+    EXPECT_EQ(rows[i].value("prompt", ""), want[i].value("prompt", "")) << i;
+  }
+  EXPECT_NE(many.err.find("prompt 3/3"), std::string::npos) << many.err;  // progress on stderr
+  // --chat wraps each text prompt as a user message.
+  std::ofstream(tmp / "chat.jsonl") << "{\"prompt\": \"Hi there\"}\n";
+  const CmdResult chat = run("generate --model " + demo + " --chat --prompts " + (tmp / "chat.jsonl") + flags);
+  ASSERT_EQ(chat.status, 0) << chat.err;
+  EXPECT_EQ(nlohmann::json::parse(chat.out)["generated_ids"], want[2]["generated_ids"]);
+
+  const auto bad = [&](const std::string& body) {
+    std::ofstream(tmp / "bad.jsonl") << body;
+    return run("generate --model " + demo + " --prompts " + (tmp / "bad.jsonl"));
+  };
+  expect_one_line_error(bad("{\"prompt\": \"a\"}\n{\"prompt\": 3}\n"), {"bad.jsonl:2", "'prompt'"});
+  expect_one_line_error(bad("{\"prompt\": \"a\", \"prompt_ids\": [1]}\n"), {"bad.jsonl:1", "exactly one"});
+  expect_one_line_error(bad("not json\n"), {"bad.jsonl:1", "JSON"});
+  expect_one_line_error(bad("{\"prompt_ids\": [1, \"x\"]}\n"), {"bad.jsonl:1", "token id"});
+  expect_one_line_error(bad("{\"prompt_ids\": [1, 99999]}\n"), {"bad.jsonl:1", "99999", "vocabulary"});
+  expect_one_line_error(bad("\n\n"), {"bad.jsonl", "no prompts"});
+  expect_one_line_error(run("generate --model " + demo + " --prompts " + (tmp / "missing.jsonl")), {"missing.jsonl"});
+  EXPECT_EQ(run("generate --model " + demo + " --prompts " + file + " --prompt hi").status, 2);
+}
+
 // Help everywhere: `moeforge help`, `help COMMAND`, `COMMAND --help` and -h exit 0 with the full
 // option list; --version names the commit; an unknown command or option is a usage error (2).
 TEST(Cli, HelpAndVersionForEveryCommand) {
