@@ -34,6 +34,14 @@ bool disabled_by_env() {
   return off;
 }
 
+// MOEFORGE_CUTLASS_TILE_RUNS=0 gives each SM one tile at a time (CUTLASS's own scheduler) instead
+// of runs of consecutive tiles: for measuring the one against the other (run.sh envab). Read at
+// every launch (a getenv beside a kernel launch), so a test can run both in one process.
+bool tile_runs() {
+  const char* v = std::getenv("MOEFORGE_CUTLASS_TILE_RUNS");
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
 enum class Product { Forward, InputGrad, WeightGrad, Other };
 
 Product kind_of(const std::vector<GroupedProduct>& ps) {
@@ -68,9 +76,11 @@ bool usable(const std::vector<GroupedProduct>& ps, DType ab, DType c) {
 void run(const std::vector<GroupedProduct>& ps, DType ab, DType c, float beta) {
   MF_CHECK(usable(ps, ab, c), "CUTLASS grouped GEMM: these products are not supported (check usable() first)");
   switch (kind_of(ps)) {
-    case Product::Forward: return run_forward_bf16(ps, beta);
-    case Product::InputGrad: return run_input_grad_bf16(ps, beta);
-    case Product::WeightGrad: return c == DType::F32 ? run_weight_grad_f32(ps, beta) : run_weight_grad_bf16(ps, beta);
+    case Product::Forward: return tile_runs() ? run_forward_bf16_runs(ps, beta) : run_forward_bf16(ps, beta);
+    case Product::InputGrad: return tile_runs() ? run_input_grad_bf16_runs(ps, beta) : run_input_grad_bf16(ps, beta);
+    case Product::WeightGrad:
+      if (c == DType::F32) return run_weight_grad_f32(ps, beta);
+      return tile_runs() ? run_weight_grad_bf16_runs(ps, beta) : run_weight_grad_bf16(ps, beta);
     case Product::Other: break;
   }
   MF_THROW("CUTLASS grouped GEMM: unsupported transposes");
