@@ -35,11 +35,15 @@ bool disabled_by_env() {
 }
 
 // MOEFORGE_CUTLASS_TILE_RUNS=0 gives each SM one tile at a time (CUTLASS's own scheduler) instead
-// of runs of consecutive tiles: for measuring the one against the other (run.sh envab). Read at
-// every launch (a getenv beside a kernel launch), so a test can run both in one process.
-bool tile_runs() {
+// of runs of consecutive tiles, =wgrad runs only the weight gradients in runs: for measuring the
+// one against the other (run.sh envab). Read at every launch (a getenv beside a kernel launch), so
+// a test can run every setting in one process.
+bool tile_runs(bool weight_grad) {
   const char* v = std::getenv("MOEFORGE_CUTLASS_TILE_RUNS");
-  return !(v && std::strcmp(v, "0") == 0);
+  if (!v) return true;
+  if (std::strcmp(v, "0") == 0) return false;
+  if (std::strcmp(v, "wgrad") == 0) return weight_grad;
+  return true;
 }
 
 enum class Product { Forward, InputGrad, WeightGrad, Other };
@@ -76,11 +80,11 @@ bool usable(const std::vector<GroupedProduct>& ps, DType ab, DType c) {
 void run(const std::vector<GroupedProduct>& ps, DType ab, DType c, float beta) {
   MF_CHECK(usable(ps, ab, c), "CUTLASS grouped GEMM: these products are not supported (check usable() first)");
   switch (kind_of(ps)) {
-    case Product::Forward: return tile_runs() ? run_forward_bf16_runs(ps, beta) : run_forward_bf16(ps, beta);
-    case Product::InputGrad: return tile_runs() ? run_input_grad_bf16_runs(ps, beta) : run_input_grad_bf16(ps, beta);
+    case Product::Forward: return tile_runs(false) ? run_forward_bf16_runs(ps, beta) : run_forward_bf16(ps, beta);
+    case Product::InputGrad: return tile_runs(false) ? run_input_grad_bf16_runs(ps, beta) : run_input_grad_bf16(ps, beta);
     case Product::WeightGrad:
       if (c == DType::F32) return run_weight_grad_f32(ps, beta);
-      return tile_runs() ? run_weight_grad_bf16_runs(ps, beta) : run_weight_grad_bf16(ps, beta);
+      return tile_runs(true) ? run_weight_grad_bf16_runs(ps, beta) : run_weight_grad_bf16(ps, beta);
     case Product::Other: break;
   }
   MF_THROW("CUTLASS grouped GEMM: unsupported transposes");
