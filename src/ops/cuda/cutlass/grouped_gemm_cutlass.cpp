@@ -34,14 +34,13 @@ bool disabled_by_env() {
   return off;
 }
 
-// MOEFORGE_CUTLASS_TILE_RUNS=0 gives each SM one tile at a time (CUTLASS's own scheduler) instead
-// of runs of consecutive tiles, =wgrad runs only the weight gradients in runs: for measuring the
-// one against the other (run.sh envab). Read at every launch (a getenv beside a kernel launch), so
-// a test can run every setting in one process.
+// Tile runs (tile_run_scheduler.cuh) are opt-in until measured (docs/perf-notes.md, session 16:
+// correct on an H200, not yet timed): MOEFORGE_CUTLASS_TILE_RUNS=1 runs all three products' tiles in
+// runs, =wgrad only the weight gradients'; unset or 0 keeps CUTLASS's one tile at a time. Read at
+// every launch (a getenv beside a kernel launch), so a test can run every setting in one process.
 bool tile_runs(bool weight_grad) {
   const char* v = std::getenv("MOEFORGE_CUTLASS_TILE_RUNS");
-  if (!v) return true;
-  if (std::strcmp(v, "0") == 0) return false;
+  if (!v || std::strcmp(v, "0") == 0 || *v == '\0') return false;
   if (std::strcmp(v, "wgrad") == 0) return weight_grad;
   return true;
 }

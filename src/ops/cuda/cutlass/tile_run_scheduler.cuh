@@ -15,6 +15,8 @@
 // round go round-robin, one at a time, as in CUTLASS's scheduler, so that the end of the launch is
 // as balanced as before. Every SM's sequence of tiles increases, which the group lookup it inherits
 // needs (it only searches forward from the group of the previous tile).
+//
+// Opt-in (MOEFORGE_CUTLASS_TILE_RUNS, grouped_gemm_cutlass.cpp) until its speed is measured.
 #pragma once
 #include "cutlass/gemm/group_array_problem_shape.hpp"
 #include "cutlass/gemm/kernel/sm90_tile_scheduler_group.hpp"
