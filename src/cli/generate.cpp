@@ -93,7 +93,9 @@ struct Prompt {
 
 // Text as tokenizer(text) encodes it, or a conversation (a {role, content} list or a row holding
 // one) rendered by the chat template with the generation prompt.
-Prompt encode_text(const hf::Tokenizer& tok, const std::string& text) { return {tok.encode(text), text}; }
+Prompt encode_text(const hf::Tokenizer& tok, const std::string& text, const std::string& where = "the prompt") {
+  return {tok.encode(text), text, where};
+}
 
 Prompt encode_conversation(const hf::Tokenizer& tok, const std::string& tokenizer_dir, const Json& messages,
                            const std::string& where) {
@@ -141,14 +143,12 @@ std::vector<Prompt> read_prompts_file(const std::string& file, const hf::Tokeniz
     MF_CHECK(tok, tokenizer_dir, ": no tokenizer.json (", where, " needs one; pass --tokenizer DIR or use 'prompt_ids')");
     if (row.contains("messages")) {
       prompts.push_back(encode_conversation(*tok, tokenizer_dir, row, where));
-      prompts.back().where = where;
     } else {
       MF_CHECK(row["prompt"].is_string(), where, ": 'prompt' must be a string");
       const std::string text = row["prompt"].get<std::string>();
       prompts.push_back(chat ? encode_conversation(*tok, tokenizer_dir,
                                                    Json::array({Json{{"role", "user"}, {"content", text}}}), where)
-                             : encode_text(*tok, text));
-      prompts.back().where = where;
+                             : encode_text(*tok, text, where));
     }
   }
   MF_CHECK(!prompts.empty(), file, ": no prompts (one JSON object per line)");
