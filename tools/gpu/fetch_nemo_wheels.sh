@@ -3,8 +3,8 @@
 # the GPU machine's torch venv, for Python 3.12, into .gpu_nemo/wheels (git-ignored), with a slim
 # pack of moeforge beside them (the device tool carries 64 MiB with the repository's ~18 MB: these
 # are ~22 MB). The list is nemo-automodel's dependency closure minus what the GPU machine has (its
-# package list: /work/.library/device/KINDS.md), resolved 2026-12-05, less what the Qwen3-MoE model
-# with torch backends never imports (checked: the model class imports without them): quack-kernels
+# package list: /work/.library/device/KINDS.md), resolved 2026-12-05, less what the Qwen3-MoE, DeepSeek-V3
+# and GPT-OSS models with torch backends never import (checked 2026-12-06: the three model classes import without them): quack-kernels
 # and the CUTLASS DSL (its "quack" linear/norm backends; 92 MB with the CUDA library), TVM FFI,
 # mistral-common and pycountry (Mistral's tokenizers; 15 MB). Then: run(command="bash tools/gpu/run.sh nemo qwen3-30b-a3b --layers 4", carry=[".gpu_nemo"])
 # with PACK_DIR=.gpu_nemo in the command's environment.

@@ -5,7 +5,8 @@
 #                       2+ GPUs the multi-GPU ones again with MOEFORGE_EP_CHUNKS=2
 #   python              the Python package's pytest suite (GPU cases included) with the packed
 #                       extension for the machine's Python 3.12 (tools/gpu/build_python_ext.sh)
-#   nemo NAME ARGS...   moeforge, Transformers and NeMo AutoModel (bench/nemo_baseline.py) on one
+#   nemo NAME ARGS...   moeforge, Transformers and NeMo AutoModel (bench/nemo_baseline.py: Qwen3-MoE,
+#                       DeepSeek-V3, GPT-OSS) on one
 #                       workload, both routings ($OUT/nemo.txt); with PACK_DIR=.gpu_nemo
 #                       (tools/gpu/fetch_nemo_wheels.sh), e.g. PACK_DIR=.gpu_nemo bash tools/gpu/run.sh
 #                       nemo qwen3-30b-a3b --layers 4 --seq 4096 --steps 6 --warmup 2

@@ -43,3 +43,22 @@ def test_the_same_seed_gives_the_same_first_loss():
     b, _ = run("--seed", "7")
     c, _ = run("--seed", "8")
     assert a["first_loss"] == b["first_loss"] != c["first_loss"]
+
+
+def nemo_baseline(fixture):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "nemo_baseline.py"),
+                           os.path.join(ROOT, "tests", "fixtures", fixture), "--device", "cpu"],
+                          capture_output=True, text=True)
+
+
+def test_nemo_baseline_refuses_nemotron_h_saying_why():
+    # Decided from the config alone, before NeMo AutoModel is imported (it need not be installed).
+    r = nemo_baseline("nemotron_h_a")
+    assert r.returncode != 0
+    assert "nemotron_h_a" in r.stderr and "'nemotron_h'" in r.stderr and "mamba_ssm" in r.stderr
+
+
+def test_nemo_baseline_names_the_families_it_covers():
+    r = nemo_baseline("llama_a")
+    assert r.returncode != 0
+    assert "'llama'" in r.stderr and "deepseek_v3, gpt_oss, qwen3_moe" in r.stderr
