@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
+#include <optional>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -172,6 +174,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
   uint64_t seed = 0;
   std::vector<std::string> stops;
   bool json = false, chat = false, greedy = false, ignore_eos = false;
+  int64_t batch_size = 8;
   app->add_option("--model", model_dir, "Hugging Face model folder")->required();
   app->add_option("--adapter", adapter, "PEFT LoRA adapter folder, applied unmerged");
   app->add_option("--tokenizer", tokenizer_dir, "folder with tokenizer.json (default: the model's)");
@@ -185,6 +188,9 @@ int cmd_generate(const std::vector<std::string>& argv) {
   o_prompt->excludes(o_messages)->excludes(o_ids)->excludes(o_prompts);
   o_messages->excludes(o_ids)->excludes(o_prompts);
   o_ids->excludes(o_prompts);
+  app->add_option("--batch-size", batch_size, "with --prompts: sequences generated together, each step reading the "
+                  "weights once for all of them (a finished one's place goes to the next prompt)")
+      ->check(at_least(1))->capture_default_str();
   app->add_flag("--chat", chat, "wrap --prompt as one user message and render it with the chat template");
   auto* o_max = app->add_option("--max-new-tokens", max_new, "tokens to generate at most (default: "
                                 "generation_config.json's max_new_tokens, else 256)")->check(at_least(0));
@@ -261,55 +267,91 @@ int cmd_generate(const std::vector<std::string>& argv) {
              ") of ", cfg.source);
   }
 
-  std::unique_ptr<nn::ParamAccess> on_device;
-  nn::ParamAccess* ps = &run.params_for(*loaded.model, on_device);
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    const std::vector<int64_t>& ids = prompts[i].ids;
-    const std::string& prompt_text = prompts[i].text;
+  // Each prompt's options: as many new tokens as fit under max_position_embeddings.
+  std::vector<models::GenerateOptions> options;
+  for (const Prompt& p : prompts) {
     models::GenerateOptions go = resolved;
-    const int64_t prompt_len = static_cast<int64_t>(ids.size());
+    const int64_t prompt_len = static_cast<int64_t>(p.ids.size());
     if (prompt_len + go.max_new_tokens > cfg.max_position_embeddings) {
       go.max_new_tokens = cfg.max_position_embeddings - prompt_len;
-      std::fprintf(stderr, "generate: at most %lld new tokens fit under max_position_embeddings (%lld)\n",
-                   static_cast<long long>(go.max_new_tokens), static_cast<long long>(cfg.max_position_embeddings));
+      std::fprintf(stderr, "generate: %s: at most %lld new tokens fit under max_position_embeddings (%lld)\n",
+                   p.where.c_str(), static_cast<long long>(go.max_new_tokens),
+                   static_cast<long long>(cfg.max_position_embeddings));
     }
-    const auto& so = go.sampling;
-    TextStream stream(tok ? &*tok : nullptr, stops, !json);
-    const auto res = models::generate(*loaded.model, *ps, ids, go, [&](int64_t id) { return stream.add(id); });
-    stream.finish();
+    options.push_back(go);
+  }
+
+  std::unique_ptr<nn::ParamAccess> on_device;
+  nn::ParamAccess* ps = &run.params_for(*loaded.model, on_device);
+  const auto& so = resolved.sampling;
+  // One result as a JSON line (the stream holds its text and whether a stop string ended it).
+  auto result_json = [&](size_t i, const models::GenerateResult& res, const TextStream& stream) {
     const double decode_tps = res.decode_seconds > 0 ? static_cast<double>(res.ids.size()) / res.decode_seconds : 0;
-    const std::string reason = stream.stopped() ? "stop_string" : res.stop_reason;
-    if (json) {
-      Json out;
-      if (many) out["index"] = i;
-      out["model"] = model_dir;
-      if (!adapter.empty()) out["adapter"] = adapter;
-      if (!prompt_text.empty()) out["prompt"] = prompt_text;
-      out["prompt_ids"] = ids;
-      out["generated_ids"] = res.ids;
-      if (tok) out["text"] = stream.text();
-      out["stop_reason"] = reason;
-      out["sampling"] = so.sample ? Json{{"temperature", so.temperature}, {"top_k", so.top_k}, {"top_p", so.top_p},
-                                         {"repetition_penalty", so.repetition_penalty}, {"seed", so.seed}}
-                                  : Json("greedy");
-      out["prefill_seconds"] = res.prefill_seconds;
-      out["decode_seconds"] = res.decode_seconds;
-      out["tokens_per_second"] = decode_tps;
-      std::printf("%s\n", out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
-      std::fflush(stdout);  // each line as soon as its prompt is done
-      if (many)
-        std::fprintf(stderr, "generate: prompt %zu/%zu: %zu tokens in %.2f s, stopped: %s\n", i + 1, prompts.size(),
-                     res.ids.size(), res.prefill_seconds + res.decode_seconds, reason.c_str());
-    } else {
-      if (!tok) {  // no tokenizer: the ids are the output
-        for (size_t j = 0; j < res.ids.size(); ++j) std::printf("%s%lld", j ? "," : "", static_cast<long long>(res.ids[j]));
-      }
-      std::printf("\n");
-      std::fflush(stdout);  // the text's end before the summary on stderr
-      std::fprintf(stderr, "generate: %zu tokens in %.2f s (%.1f tokens/s; the %lld-token prompt in %.2f s), stopped: %s\n",
-                   res.ids.size(), res.decode_seconds, decode_tps, static_cast<long long>(prompt_len),
-                   res.prefill_seconds, reason.c_str());
+    Json out;
+    if (many) out["index"] = i;
+    out["model"] = model_dir;
+    if (!adapter.empty()) out["adapter"] = adapter;
+    if (!prompts[i].text.empty()) out["prompt"] = prompts[i].text;
+    out["prompt_ids"] = prompts[i].ids;
+    out["generated_ids"] = res.ids;
+    if (tok) out["text"] = stream.text();
+    out["stop_reason"] = stream.stopped() ? "stop_string" : res.stop_reason;
+    out["sampling"] = so.sample ? Json{{"temperature", so.temperature}, {"top_k", so.top_k}, {"top_p", so.top_p},
+                                       {"repetition_penalty", so.repetition_penalty}, {"seed", so.seed}}
+                                : Json("greedy");
+    out["prefill_seconds"] = res.prefill_seconds;
+    out["decode_seconds"] = res.decode_seconds;
+    out["tokens_per_second"] = decode_tps;
+    return out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  };
+
+  if (many) {
+    // Many prompts, --batch-size at a time; each line printed once every earlier prompt's has been
+    // (the output keeps the file's order while sequences end in any order).
+    std::vector<std::unique_ptr<TextStream>> streams;
+    for (size_t i = 0; i < prompts.size(); ++i) streams.push_back(std::make_unique<TextStream>(tok ? &*tok : nullptr, stops, false));
+    std::vector<std::optional<std::string>> lines(prompts.size());
+    size_t printed = 0, done = 0, tokens = 0;
+    std::vector<std::vector<int64_t>> prompt_ids;
+    for (const Prompt& p : prompts) prompt_ids.push_back(p.ids);
+    const auto t0 = std::chrono::steady_clock::now();
+    models::generate_many(
+        *loaded.model, *ps, prompt_ids, options, batch_size,
+        [&](size_t i, int64_t id) { return streams[i]->add(id); },
+        [&](size_t i, models::GenerateResult res) {
+          streams[i]->finish();
+          lines[i] = result_json(i, res, *streams[i]);
+          tokens += res.ids.size();
+          std::fprintf(stderr, "generate: prompt %zu/%zu (%s): %zu tokens, stopped: %s\n", ++done, prompts.size(),
+                       prompts[i].where.c_str(), res.ids.size(),
+                       streams[i]->stopped() ? "stop_string" : res.stop_reason.c_str());
+          for (; printed < lines.size() && lines[printed]; ++printed) std::printf("%s\n", lines[printed]->c_str());
+          std::fflush(stdout);
+        });
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::fprintf(stderr, "generate: %zu prompts, %zu tokens in %.2f s (%.1f tokens/s, up to %lld sequences per step)\n",
+                 prompts.size(), tokens, seconds, seconds > 0 ? static_cast<double>(tokens) / seconds : 0.0,
+                 static_cast<long long>(batch_size));
+    return 0;
+  }
+
+  const std::vector<int64_t>& ids = prompts[0].ids;
+  TextStream stream(tok ? &*tok : nullptr, stops, !json);
+  const auto res = models::generate(*loaded.model, *ps, ids, options[0], [&](int64_t id) { return stream.add(id); });
+  stream.finish();
+  if (json) {
+    std::printf("%s\n", result_json(0, res, stream).c_str());
+    std::fflush(stdout);
+  } else {
+    if (!tok) {  // no tokenizer: the ids are the output
+      for (size_t j = 0; j < res.ids.size(); ++j) std::printf("%s%lld", j ? "," : "", static_cast<long long>(res.ids[j]));
     }
+    std::printf("\n");
+    std::fflush(stdout);  // the text's end before the summary on stderr
+    const double decode_tps = res.decode_seconds > 0 ? static_cast<double>(res.ids.size()) / res.decode_seconds : 0;
+    std::fprintf(stderr, "generate: %zu tokens in %.2f s (%.1f tokens/s; the %zu-token prompt in %.2f s), stopped: %s\n",
+                 res.ids.size(), res.decode_seconds, decode_tps, ids.size(), res.prefill_seconds,
+                 stream.stopped() ? "stop_string" : res.stop_reason.c_str());
   }
   return 0;
 }

@@ -18,6 +18,11 @@ Tensor CausalLM::generation_step(nn::ParamAccess&, const std::vector<int64_t>&, 
   MF_THROW(cfg_.model_type, ": this model cannot generate");
 }
 
+Tensor CausalLM::generation_step_batch(nn::ParamAccess&, const std::vector<std::vector<int64_t>>&,
+                                       const std::vector<GenerationCache*>&) const {
+  MF_THROW(cfg_.model_type, ": this model cannot generate");
+}
+
 ForwardOutputs CausalLM::forward(const ForwardInputs& in) const {
   // The host store is only read here (its residency hooks do nothing): the cast is for the
   // interface's non-const hooks, which device storage needs.

@@ -132,6 +132,13 @@ class CausalLM {
   virtual std::unique_ptr<GenerationCache> start_generation(int64_t capacity, const Parallel& par = {}) const;
   virtual Tensor generation_step(nn::ParamAccess& ps, const std::vector<int64_t>& ids, GenerationCache& cache,
                                  bool all_positions = false) const;
+  // Several sequences in one step (one process; not with experts split over ranks): sequence i runs
+  // ids[i] (its prompt, or its next token) after the positions caches[i] has seen. Returns the
+  // logits [B, V] of each sequence's last token (host F32), equal to one generation_step per
+  // sequence up to rounding: the projections and experts run over all the sequences' tokens at once,
+  // attention and the recurrent states per sequence.
+  virtual Tensor generation_step_batch(nn::ParamAccess& ps, const std::vector<std::vector<int64_t>>& ids,
+                                       const std::vector<GenerationCache*>& caches) const;
   // Parameters touched per token: everything except the experts a token is not routed to.
   virtual int64_t active_parameters() const = 0;
   // Multi-token prediction depths the model holds (DeepSeek-V3 checkpoints with their MTP layers),

@@ -102,6 +102,35 @@ int64_t next_token(const Tensor& logits, const std::vector<int64_t>& context, co
 
 namespace {
 
+void check_request(const hf::ModelConfig& cfg, const std::vector<int64_t>& prompt, const GenerateOptions& opts) {
+  MF_CHECK(!prompt.empty(), "generation: the prompt has no tokens");
+  MF_CHECK(opts.max_new_tokens >= 0, "generation: max_new_tokens must be >= 0, got ", opts.max_new_tokens);
+  const auto& so = opts.sampling;
+  MF_CHECK(!so.sample || so.temperature > 0, "generation: temperature must be > 0 when sampling, got ", so.temperature);
+  MF_CHECK(so.top_p > 0 && so.top_p <= 1, "generation: top_p must be in (0, 1], got ", so.top_p);
+  MF_CHECK(so.top_k >= 0, "generation: top_k must be >= 0, got ", so.top_k);
+  MF_CHECK(so.repetition_penalty > 0, "generation: repetition_penalty must be > 0, got ", so.repetition_penalty);
+  for (int64_t id : prompt)
+    MF_CHECK(id >= 0 && id < cfg.vocab_size, "generation: prompt token id ", id, " is outside the vocabulary (",
+             cfg.vocab_size, " tokens)");
+}
+
+// The token a sequence picks from its logits: eos ids banned before min_new_tokens. Records it in
+// `res` and `context`; returns whether the sequence goes on.
+bool pick_token(const Tensor& logits, const GenerateOptions& opts, std::mt19937_64& rng, std::vector<int64_t>& context,
+                GenerateResult& res, const std::function<bool(int64_t)>& on_token) {
+  const int64_t i = static_cast<int64_t>(res.ids.size());
+  const std::vector<int64_t> none, &banned = i < opts.min_new_tokens ? opts.eos_token_ids : none;
+  const int64_t id = next_token(logits, context, opts.sampling, rng, banned);
+  res.ids.push_back(id);
+  context.push_back(id);
+  const bool eos = std::find(opts.eos_token_ids.begin(), opts.eos_token_ids.end(), id) != opts.eos_token_ids.end();
+  const bool go_on = !on_token || on_token(id);
+  if (eos) res.stop_reason = "eos";
+  else if (!go_on) res.stop_reason = "stopped";
+  return !eos && go_on && i + 1 < opts.max_new_tokens;
+}
+
 // The sum over the ranks of a generation's groups of one number per rank (the number itself alone).
 double sum_over_ranks(const Parallel& par, double v) {
   parallel::Communicator* group = par.world ? par.world : par.ep;
@@ -116,17 +145,8 @@ double sum_over_ranks(const Parallel& par, double v) {
 
 GenerateResult generate(const CausalLM& model, nn::ParamAccess& ps, const std::vector<int64_t>& prompt,
                         const GenerateOptions& opts, const std::function<bool(int64_t)>& on_token, const Parallel& par) {
-  const auto& cfg = model.config();
-  MF_CHECK(!prompt.empty(), "generation: the prompt has no tokens");
-  MF_CHECK(opts.max_new_tokens >= 0, "generation: max_new_tokens must be >= 0, got ", opts.max_new_tokens);
+  check_request(model.config(), prompt, opts);
   const auto& so = opts.sampling;
-  MF_CHECK(!so.sample || so.temperature > 0, "generation: temperature must be > 0 when sampling, got ", so.temperature);
-  MF_CHECK(so.top_p > 0 && so.top_p <= 1, "generation: top_p must be in (0, 1], got ", so.top_p);
-  MF_CHECK(so.top_k >= 0, "generation: top_k must be >= 0, got ", so.top_k);
-  MF_CHECK(so.repetition_penalty > 0, "generation: repetition_penalty must be > 0, got ", so.repetition_penalty);
-  for (int64_t id : prompt)
-    MF_CHECK(id >= 0 && id < cfg.vocab_size, "generation: prompt token id ", id, " is outside the vocabulary (",
-             cfg.vocab_size, " tokens)");
   GenerateResult res;
   res.stop_reason = "length";
   std::mt19937_64 rng(so.seed);
@@ -142,18 +162,10 @@ GenerateResult generate(const CausalLM& model, nn::ParamAccess& ps, const std::v
   t0 = std::chrono::steady_clock::now();
   bool running = opts.max_new_tokens > 0;
   int64_t last = prompt.back();
-  for (int64_t i = 0;; ++i) {
+  for (;;) {
     if (running) {
-      const std::vector<int64_t> none, &banned = i < opts.min_new_tokens ? opts.eos_token_ids : none;
-      const int64_t id = next_token(logits, context, so, rng, banned);
-      res.ids.push_back(id);
-      context.push_back(id);
-      last = id;
-      const bool eos = std::find(opts.eos_token_ids.begin(), opts.eos_token_ids.end(), id) != opts.eos_token_ids.end();
-      const bool go_on = !on_token || on_token(id);
-      if (eos) res.stop_reason = "eos";
-      else if (!go_on) res.stop_reason = "stopped";
-      running = !eos && go_on && i + 1 < opts.max_new_tokens;
+      running = pick_token(logits, opts, rng, context, res, on_token);
+      last = res.ids.back();
     }
     // Another step where this rank, or any rank stepping with it, still needs one.
     if (sum_over_ranks(par, running ? 1.0 : 0.0) == 0) break;
@@ -161,6 +173,77 @@ GenerateResult generate(const CausalLM& model, nn::ParamAccess& ps, const std::v
   }
   res.decode_seconds = seconds_since(t0);
   return res;
+}
+
+namespace {
+// One sequence of generate_many between its steps.
+struct Sequence {
+  size_t index = 0;
+  std::unique_ptr<GenerationCache> cache;
+  std::mt19937_64 rng;
+  std::vector<int64_t> context;
+  GenerateResult res;
+  std::chrono::steady_clock::time_point decode_start;
+  bool prefilled = false;
+};
+}  // namespace
+
+void generate_many(const CausalLM& model, nn::ParamAccess& ps, const std::vector<std::vector<int64_t>>& prompts,
+                   const std::vector<GenerateOptions>& opts, int64_t max_batch,
+                   const std::function<bool(size_t, int64_t)>& on_token,
+                   const std::function<void(size_t, GenerateResult)>& on_done) {
+  MF_CHECK(opts.size() == prompts.size(), "internal: generate_many with ", prompts.size(), " prompts and ",
+           opts.size(), " option sets");
+  MF_CHECK(max_batch >= 1, "generation: the batch must hold at least one sequence, got ", max_batch);
+  for (size_t i = 0; i < prompts.size(); ++i) check_request(model.config(), prompts[i], opts[i]);
+  std::vector<Sequence> active;
+  size_t next = 0;
+  while (next < prompts.size() || !active.empty()) {
+    // Free places go to the next prompts, whose whole prompt runs in this step.
+    while (next < prompts.size() && static_cast<int64_t>(active.size()) < max_batch) {
+      Sequence s;
+      s.index = next;
+      s.cache = model.start_generation(static_cast<int64_t>(prompts[next].size()) +
+                                       std::max<int64_t>(opts[next].max_new_tokens, 1));
+      s.rng.seed(opts[next].sampling.seed);
+      s.context = prompts[next];
+      s.res.stop_reason = "length";
+      active.push_back(std::move(s));
+      ++next;
+    }
+    std::vector<std::vector<int64_t>> ids;
+    std::vector<GenerationCache*> caches;
+    for (const Sequence& s : active) {
+      ids.push_back(s.prefilled ? std::vector<int64_t>{s.context.back()} : prompts[s.index]);
+      caches.push_back(s.cache.get());
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    const Tensor logits = model.generation_step_batch(ps, ids, caches);
+    const double step_seconds = seconds_since(t0);
+    const int64_t vocab = logits.size(1);
+    std::vector<Sequence> still;
+    for (size_t b = 0; b < active.size(); ++b) {
+      Sequence& s = active[b];
+      const GenerateOptions& o = opts[s.index];
+      if (!s.prefilled) {
+        s.prefilled = true;
+        s.res.prefill_seconds = step_seconds;
+        s.decode_start = std::chrono::steady_clock::now();
+      }
+      const size_t index = s.index;
+      const bool going = o.max_new_tokens > 0 &&
+                         pick_token(logits.slice0(static_cast<int64_t>(b), 1).view({vocab}), o, s.rng, s.context, s.res,
+                                    on_token ? std::function<bool(int64_t)>([&](int64_t id) { return on_token(index, id); })
+                                             : std::function<bool(int64_t)>());
+      if (going) {
+        still.push_back(std::move(s));
+        continue;
+      }
+      s.res.decode_seconds = seconds_since(s.decode_start);
+      if (on_done) on_done(s.index, std::move(s.res));
+    }
+    active = std::move(still);
+  }
 }
 
 }  // namespace moeforge::models

@@ -1,5 +1,6 @@
-// Text generation from a causal LM, one sequence at a time: the prompt in one step through the
-// model's generation cache (CausalLM::start_generation), then one token per step. Greedy, or
+// Text generation from a causal LM: the prompt in one step through the model's generation cache
+// (CausalLM::start_generation), then one token per step; one sequence (generate), or many with
+// several per step (generate_many). Greedy, or
 // sampled as Transformers' generate(do_sample=True) transforms the logits: repetition penalty,
 // then temperature, top-k and top-p, then a draw from the softmax (a seeded generator: the same
 // seed gives the same tokens; not Transformers' torch generator, so sampled tokens differ from it).
@@ -68,5 +69,18 @@ int64_t next_token(const Tensor& logits, const std::vector<int64_t>& context, co
 GenerateResult generate(const CausalLM& model, nn::ParamAccess& ps, const std::vector<int64_t>& prompt,
                         const GenerateOptions& opts, const std::function<bool(int64_t)>& on_token = {},
                         const Parallel& par = {});
+
+// Many prompts on one process, `max_batch` sequences per model step (continuous batching: when a
+// sequence ends, the next prompt takes its place and runs its prompt in the same step as the
+// others' next tokens). Sequence i's tokens equal generate(prompts[i], opts[i]) alone up to
+// rounding (the same steps, its own generator seeded alike); what batching changes is that the
+// weights are read once per step for all of them. `on_token(i, id)` sees sequence i's tokens and
+// returns false to stop it; `on_done(i, result)` gets each result as its sequence ends (in the order
+// they end). Timing per result: prefill_seconds is the step that ran its prompt, decode_seconds the
+// time from then to its end (shared with the sequences beside it).
+void generate_many(const CausalLM& model, nn::ParamAccess& ps, const std::vector<std::vector<int64_t>>& prompts,
+                   const std::vector<GenerateOptions>& opts, int64_t max_batch,
+                   const std::function<bool(size_t, int64_t)>& on_token,
+                   const std::function<void(size_t, GenerateResult)>& on_done);
 
 }  // namespace moeforge::models

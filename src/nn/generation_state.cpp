@@ -29,4 +29,18 @@ void KvCache::append(const Tensor& k_new, const Tensor& v_new, Tensor& k_all, Te
   v_all = v.slice0(0, length).view({1, length, heads, v.size(2)});
 }
 
+Tensor per_sequence(const std::vector<int64_t>& offsets, int64_t width, DType dtype, Device device,
+                    const std::function<Tensor(size_t, int64_t, int64_t)>& fn) {
+  MF_CHECK(offsets.size() >= 2 && offsets.front() == 0, "internal: a generation step needs at least one sequence");
+  const int64_t t = offsets.back();
+  if (offsets.size() == 2) return fn(0, 0, t).view({t, width});  // one sequence: no gather
+  Tensor out = ops::empty({t, width}, dtype, device, "per-sequence outputs");
+  for (size_t i = 0; i + 1 < offsets.size(); ++i) {
+    const int64_t r0 = offsets[i], n = offsets[i + 1] - r0;
+    MF_CHECK(n > 0, "internal: sequence ", i, " of a generation step has no tokens");
+    copy_rows(fn(i, r0, n).view({n, width}), out, r0);
+  }
+  return out;
+}
+
 }  // namespace moeforge::nn

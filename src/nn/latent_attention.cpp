@@ -72,7 +72,7 @@ void LatentAttention::init(ParamStore& ps, const std::string& prefix, int64_t hi
 }
 
 Tensor LatentAttention::forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
-                                const Tensor& sin, const Tensor* doc_ids, Cache* cache, KvCache* kv) const {
+                                const Tensor& sin, const Tensor* doc_ids, Cache* cache, const KvCaches* kv) const {
   const int64_t t = batch * seq, qk = nope + rope;
   Tensor qa, qn, rstd_qa, q;
   if (q_proj) {
@@ -97,10 +97,18 @@ Tensor LatentAttention::forward(const ParamAccess& ps, const Tensor& x, int64_t 
   Tensor v = columns(kvb, t * heads, nope + v_dim, nope, v_dim);
   Tensor q4 = q.view({batch, seq, heads, qk}), k4 = kf.view({batch, seq, heads, qk}),
          v4 = v.view({batch, seq, heads, v_dim});
-  Tensor k_att = k4, v_att = v4;
-  if (kv) kv->append(kf.view({t, heads, qk}), v.view({t, heads, v_dim}), k_att, v_att);
+  if (kv) {  // generation: each sequence's rows against its own cache
+    const Tensor q3 = q.view({t, heads, qk}), k3 = kf.view({t, heads, qk}), v3 = v.view({t, heads, v_dim});
+    const Tensor o = per_sequence(kv->offsets, heads * v_dim, q.dtype(), q.device(), [&](size_t i, int64_t r0, int64_t n) {
+      Tensor k_att, v_att;
+      kv->states[i]->append(k3.slice0(r0, n), v3.slice0(r0, n), k_att, v_att);
+      return ops::attention(q3.slice0(r0, n).view({1, n, heads, qk}), k_att, v_att, scale, std::nullopt, nullptr,
+                            nullptr, nullptr);
+    });
+    return o_proj.forward(ps, o);
+  }
   Tensor lse;
-  Tensor o = ops::attention(q4, k_att, v_att, scale, std::nullopt, doc_ids, nullptr, cache ? &lse : nullptr)
+  Tensor o = ops::attention(q4, k4, v4, scale, std::nullopt, doc_ids, nullptr, cache ? &lse : nullptr)
                  .view({t, heads * v_dim});
   if (cache) *cache = {x, qa, qn, rstd_qa, latent, latent_n, rstd_kv, q4, k4, v4, o, lse};
   return o_proj.forward(ps, o);

@@ -34,10 +34,11 @@ struct LatentAttention {
   // `scale`: the softmax scale (DeepSeek-V3 multiplies qk_head_dim^-0.5 by YaRN's mscale squared).
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_,
             const hf::ModelConfig::LatentAttention& mla, bool bias, float scale_);
-  // x [B*S, hidden]; cos/sin [B*S, rope]; doc_ids [B,S] optional. `kv` (generation, batch 1): every
-  // earlier position's per-head keys [nope | rope] and values (Transformers' cache holds the same).
+  // x [B*S, hidden]; cos/sin [B*S, rope]; doc_ids [B,S] optional. `kv` (generation; x's rows are the
+  // new tokens of one or more sequences, batch 1): each sequence's per-head keys [nope | rope] and
+  // values of its earlier positions (Transformers' cache holds the same).
   Tensor forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
-                 const Tensor& sin, const Tensor* doc_ids, Cache* cache = nullptr, KvCache* kv = nullptr) const;
+                 const Tensor& sin, const Tensor* doc_ids, Cache* cache = nullptr, const KvCaches* kv = nullptr) const;
   Tensor backward(ParamAccess& ps, Cache& c, int64_t batch, int64_t seq, const Tensor& cos, const Tensor& sin,
                   const Tensor* doc_ids, const Tensor& dy) const;
 };

@@ -125,7 +125,7 @@ Tensor Attention::normalise_backward(ParamAccess& ps, const std::optional<RMSNor
 }
 
 Tensor Attention::forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
-                          const Tensor& sin, const Tensor* doc_ids, Cache* cache, KvCache* kv) const {
+                          const Tensor& sin, const Tensor* doc_ids, Cache* cache, const KvCaches* kv) const {
   const int64_t t = batch * seq;
   Tensor q_pre = q_proj.forward(ps, x), k_pre = k_proj.forward(ps, x);
   Tensor v = v_proj.forward(ps, x);
@@ -151,10 +151,18 @@ Tensor Attention::forward(const ParamAccess& ps, const Tensor& x, int64_t batch,
     ops::rope_inplace(k, cos, sin);
   }
   Tensor q4 = q.view({batch, seq, heads, head_dim}), k4 = k.view({batch, seq, kv_heads, head_dim});
-  Tensor k_att = k4, v_att = v;
-  if (kv) kv->append(k.view({t, kv_heads, head_dim}), v.view({t, kv_heads, head_dim}), k_att, v_att);
-  Tensor o = ops::attention(q4, k_att, v_att, scale(), window, doc_ids, sinks ? &ps.value(*sinks) : nullptr,
-                            c ? &c->lse : nullptr);
+  const Tensor* sink_logits = sinks ? &ps.value(*sinks) : nullptr;
+  if (kv) {  // generation: each sequence's rows against its own cache
+    const Tensor v3 = v.view({t, kv_heads, head_dim});
+    const Tensor o = per_sequence(kv->offsets, heads * head_dim, q.dtype(), q.device(), [&](size_t i, int64_t r0, int64_t n) {
+      Tensor k_att, v_att;
+      kv->states[i]->append(k.slice0(r0, n), v3.slice0(r0, n), k_att, v_att);
+      return ops::attention(q.slice0(r0, n).view({1, n, heads, head_dim}), k_att, v_att, scale(), window, nullptr,
+                            sink_logits, nullptr);
+    });
+    return o_proj.forward(ps, o);
+  }
+  Tensor o = ops::attention(q4, k4, v, scale(), window, doc_ids, sink_logits, c ? &c->lse : nullptr);
   if (c) {
     c->q = q4;
     c->k = k4;

@@ -91,10 +91,11 @@ struct Attention {
   bool rope = true;
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, int64_t heads_, int64_t kv_heads_,
             int64_t head_dim_, const AttentionOptions& opts);
-  // x [B*S, hidden]; cos/sin [B*S, rot]; doc_ids [B,S] optional. `kv` (generation, batch 1): the
-  // keys and values of the positions before x's, which x's are appended to and attended over.
+  // x [B*S, hidden]; cos/sin [B*S, rot]; doc_ids [B,S] optional. `kv` (generation; x's rows are
+  // the new tokens of one or more sequences, batch 1): each sequence's keys and values of the
+  // positions before its rows, which its rows' are appended to and attended over.
   Tensor forward(const ParamAccess& ps, const Tensor& x, int64_t batch, int64_t seq, const Tensor& cos,
-                 const Tensor& sin, const Tensor* doc_ids, Cache* cache = nullptr, KvCache* kv = nullptr) const;
+                 const Tensor& sin, const Tensor* doc_ids, Cache* cache = nullptr, const KvCaches* kv = nullptr) const;
   Tensor backward(ParamAccess& ps, Cache& c, int64_t batch, int64_t seq, const Tensor& cos, const Tensor& sin,
                   const Tensor* doc_ids, const Tensor& dy) const;
   float scale() const;

@@ -50,11 +50,16 @@ void Mamba2Mixer::init(ParamStore& ps, const std::string& prefix, int64_t hidden
 }
 
 Tensor Mamba2Mixer::forward(const ParamAccess& ps, const Tensor& x, int64_t batch, const Tensor* doc_ids,
-                            Cache* cache, MambaState* carried) const {
+                            Cache* cache, const MambaStates* carried) const {
   const int64_t t = x.size(0), gn = groups * state;
   const Tensor proj = in_proj.forward(ps, x);
   const Tensor z = columns(proj, 0, inner), dt = columns(proj, inner + conv_dim, heads);
-  if (carried) return out_proj.forward(ps, ops::gated_rms_norm(step(ps, proj, *carried), z, ps.value(norm_weight), groups, eps));
+  if (carried) {  // generation: each sequence's rows continue its own conv window and scan state
+    const Tensor y = per_sequence(carried->offsets, inner, proj.dtype(), proj.device(), [&](size_t i, int64_t r0, int64_t n) {
+      return step(ps, proj.slice0(r0, n), *carried->states[i]);
+    });
+    return out_proj.forward(ps, ops::gated_rms_norm(y, z, ps.value(norm_weight), groups, eps));
+  }
   const Tensor conv = ops::causal_conv1d(columns(proj, inner, conv_dim), ps.value(conv_weight),
                                          conv_bias ? &ps.value(*conv_bias) : nullptr, batch, doc_ids, /*silu=*/true);
   const Tensor y = ops::ssm_scan(columns(conv, 0, inner).view({t, heads, head_dim}), dt, ps.value(dt_bias),

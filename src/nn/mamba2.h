@@ -28,11 +28,12 @@ struct Mamba2Mixer {
   float dt_min = 0.f, eps = 1e-5f;
   // prefix: "model.layers.3.mixer"; eps: the gated norm's (layer_norm_epsilon).
   void init(ParamStore& ps, const std::string& prefix, int64_t hidden, const hf::ModelConfig::Mamba2& m, float eps_);
-  // x [B*S, hidden]; doc_ids [B, S] (optional). `state` (generation, batch 1): the conv window and
-  // scan state the sequence has reached, which x's tokens continue and update (Transformers' cached
-  // decode: causal_conv1d_update and selective_state_update); empty tensors: the sequence's start.
+  // x [B*S, hidden]; doc_ids [B, S] (optional). `states` (generation; x's rows are the new tokens
+  // of one or more sequences, batch 1): each sequence's conv window and scan state, which its rows
+  // continue and update (Transformers' cached decode: causal_conv1d_update and
+  // selective_state_update); empty tensors: the sequence's start.
   Tensor forward(const ParamAccess& ps, const Tensor& x, int64_t batch, const Tensor* doc_ids, Cache* cache = nullptr,
-                 MambaState* state = nullptr) const;
+                 const MambaStates* states = nullptr) const;
   Tensor backward(ParamAccess& ps, Cache& c, int64_t batch, const Tensor* doc_ids, const Tensor& dy) const;
 
  private:

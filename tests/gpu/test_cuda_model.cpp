@@ -93,6 +93,23 @@ INSTANTIATE_TEST_SUITE_P(Families, CudaGenerate,
                                            "mistral_a", "qwen3_a", "gpt_oss_a", "gpt_oss_b", "deepseek_v3_a",
                                            "deepseek_v3_b", "nemotron_h_a", "nemotron_h_b"));
 
+// Several sequences per step on the GPU (models::generate_many, continuous batching with a batch
+// of 2 over 3 prompts): each prompt's greedy ids equal generate() on it alone on the device.
+TEST_P(CudaGenerate, ManyPromptsPerStepEqualEachAlone) {
+  if (!cuda::available()) GTEST_SKIP() << "no CUDA device on this machine";
+  auto loaded = models::from_pretrained(test::fixture(GetParam()));
+  gpu::DeviceParams dp(loaded.model->params(), gpu::Precision::FP32);
+  const int64_t v = loaded.model->config().vocab_size;
+  const std::vector<std::vector<int64_t>> prompts = {{3 % v, 1, 4 % v, 1, 5 % v}, {9 % v}, {2, 6 % v, 5 % v, 3 % v}};
+  std::vector<models::GenerateOptions> opts(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) opts[i].max_new_tokens = 3 + static_cast<int64_t>(i);
+  std::vector<std::vector<int64_t>> got(prompts.size());
+  models::generate_many(*loaded.model, dp, prompts, opts, 2, {},
+                        [&](size_t i, models::GenerateResult r) { got[i] = r.ids; });
+  for (size_t i = 0; i < prompts.size(); ++i)
+    EXPECT_EQ(got[i], models::generate(*loaded.model, dp, prompts[i], opts[i]).ids) << GetParam() << ", prompt " << i;
+}
+
 // The notes a GPU run prints at its start about slower paths (needs no device: they come from the
 // build and the model's config).
 TEST(CudaFastPaths, NotesNameTheFallbackAndTheFix) {

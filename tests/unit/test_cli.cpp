@@ -487,6 +487,21 @@ TEST(Cli, GeneratePromptsFileGivesEachPromptsOwnResult) {
     EXPECT_EQ(rows[i].value("prompt", ""), want[i].value("prompt", "")) << i;
   }
   EXPECT_NE(many.err.find("prompt 3/3"), std::string::npos) << many.err;  // progress on stderr
+  // Two sequences per step (the third prompt joins when one ends) or one at a time: the same lines,
+  // in the file's order.
+  for (const char* batch : {" --batch-size 2", " --batch-size 1"}) {
+    const CmdResult r = run("generate --model " + demo + " --prompts " + file + flags + batch);
+    ASSERT_EQ(r.status, 0) << r.err;
+    std::istringstream in(r.out);
+    size_t i = 0;
+    for (std::string line; std::getline(in, line); ++i) {
+      const auto row = nlohmann::json::parse(line);
+      EXPECT_EQ(row["index"], i) << batch;
+      EXPECT_EQ(row["generated_ids"], want[std::min<size_t>(i, 2)]["generated_ids"]) << batch << ", prompt " << i;
+    }
+    EXPECT_EQ(i, 3u) << batch;
+  }
+  EXPECT_EQ(run("generate --model " + demo + " --prompts " + file + " --batch-size 0").status, 2);
   // --chat wraps each text prompt as a user message.
   std::ofstream(tmp / "chat.jsonl") << "{\"prompt\": \"Hi there\"}\n";
   const CmdResult chat = run("generate --model " + demo + " --chat --prompts " + (tmp / "chat.jsonl") + flags);

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <map>
+#include <optional>
 #include <random>
 
 #include "hf/generation_config.h"
@@ -91,6 +92,109 @@ INSTANTIATE_TEST_SUITE_P(Families, CachedEqualsRecompute,
                          ::testing::Values("qwen3_moe_b", "mistral_b", "olmoe_a", "gpt_oss_a", "gpt_oss_b",
                                            "deepseek_v3_a", "deepseek_v3_b", "qwen2_moe_a", "nemotron_h_a",
                                            "nemotron_h_b"));
+
+// Several sequences in one step (prompts of different lengths, then one token each, with a
+// sequence joining midway as generate_many's continuous batching does) give each sequence the
+// logits of its own steps alone: the per-sequence attention, latent attention, sliding windows,
+// sinks and Mamba2 states never see another sequence's rows.
+class BatchedGeneration : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(BatchedGeneration, EachSequenceAsAlone) {
+  auto m = models::from_pretrained(test::fixture(GetParam()));
+  const auto& cfg = m.model->config();
+  auto& ps = m.model->params();
+  std::mt19937 gen(11);
+  auto random_ids = [&](size_t n) {
+    std::vector<int64_t> v(n);
+    for (auto& id : v) id = std::uniform_int_distribution<int64_t>(0, cfg.vocab_size - 1)(gen);
+    return v;
+  };
+  // Sequence 2 starts at step 2, so steps mix a prompt with single tokens.
+  const std::vector<std::vector<int64_t>> prompts = {random_ids(7), random_ids(2), random_ids(5)};
+  const std::vector<size_t> start = {0, 0, 2};
+  const size_t steps = 5, n = prompts.size();
+  const int64_t capacity = 7 + static_cast<int64_t>(steps);
+  std::vector<std::unique_ptr<models::GenerationCache>> batched, alone;
+  for (size_t i = 0; i < n; ++i) {
+    batched.push_back(m.model->start_generation(capacity));
+    alone.push_back(m.model->start_generation(capacity));
+  }
+  std::vector<std::vector<int64_t>> next = prompts;  // each sequence's tokens for its next step
+  float worst = 0;
+  for (size_t step = 0; step < steps; ++step) {
+    std::vector<std::vector<int64_t>> ids;
+    std::vector<models::GenerationCache*> caches;
+    std::vector<size_t> which;
+    for (size_t i = 0; i < n; ++i)
+      if (step >= start[i]) {
+        ids.push_back(next[i]);
+        caches.push_back(batched[i].get());
+        which.push_back(i);
+      }
+    const Tensor got = m.model->generation_step_batch(ps, ids, caches);
+    ASSERT_EQ(got.shape(), (Shape{static_cast<int64_t>(which.size()), cfg.vocab_size}));
+    for (size_t b = 0; b < which.size(); ++b) {
+      const size_t i = which[b];
+      const Tensor want = m.model->generation_step(ps, next[i], *alone[i]);
+      worst = std::max(worst, test::max_abs_diff(got.slice0(static_cast<int64_t>(b), 1).view({cfg.vocab_size}), want));
+      next[i] = {(next[i].back() * 31 + static_cast<int64_t>(step)) % cfg.vocab_size};  // any next token
+    }
+  }
+  EXPECT_LT(worst, 1e-4f) << "max |batched - alone logits| (the same math, other GEMM blockings)";
+  EXPECT_EQ(batched[0]->length, 7 + static_cast<int64_t>(steps) - 1);
+  EXPECT_EQ(batched[2]->length, alone[2]->length);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, BatchedGeneration,
+                         ::testing::Values("qwen3_moe_b", "mistral_b", "gpt_oss_a", "deepseek_v3_b", "nemotron_h_a",
+                                           "nemotron_h_b"));
+
+// generate_many: each prompt's tokens and stop reason equal generate() on it alone, whatever the
+// batch (continuous batching admits the later prompts as earlier ones end), with per-prompt options.
+TEST(GenerateMany, EachPromptAsAloneWithAnyBatch) {
+  auto m = models::from_pretrained(test::fixture("qwen3_moe_b"));
+  auto& ps = m.model->params();
+  const std::vector<std::vector<int64_t>> prompts = {{3, 1, 4, 1, 5}, {9}, {2, 6, 5, 3}, {5, 8, 9, 7, 9, 3}, {2, 3}};
+  std::vector<models::GenerateOptions> opts(prompts.size());
+  for (size_t i = 0; i < prompts.size(); ++i) opts[i].max_new_tokens = 2 + static_cast<int64_t>(i) * 2;
+  opts[1].sampling.sample = true;  // its own generator, seeded as alone
+  opts[1].sampling.seed = 5;
+  opts[3].max_new_tokens = 0;      // the prompt alone
+  std::vector<models::GenerateResult> want;
+  for (size_t i = 0; i < prompts.size(); ++i) want.push_back(models::generate(*m.model, ps, prompts[i], opts[i]));
+  for (int64_t batch : {1, 2, 8}) {
+    std::vector<std::optional<models::GenerateResult>> got(prompts.size());
+    std::vector<std::vector<int64_t>> seen(prompts.size());
+    models::generate_many(
+        *m.model, ps, prompts, opts, batch,
+        [&](size_t i, int64_t id) {
+          seen[i].push_back(id);
+          return true;
+        },
+        [&](size_t i, models::GenerateResult r) {
+          EXPECT_FALSE(got[i]) << "prompt " << i << " finished twice";
+          got[i] = std::move(r);
+        });
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      ASSERT_TRUE(got[i]) << "batch " << batch << ", prompt " << i;
+      EXPECT_EQ(got[i]->ids, want[i].ids) << "batch " << batch << ", prompt " << i;
+      EXPECT_EQ(got[i]->ids, seen[i]);
+      EXPECT_EQ(got[i]->stop_reason, want[i].stop_reason);
+    }
+  }
+  // A sequence that its callback stops ends there, the others go on.
+  std::vector<size_t> lengths(prompts.size());
+  models::generate_many(
+      *m.model, ps, prompts, opts, 3, [&](size_t i, int64_t) { return i != 0; },
+      [&](size_t i, models::GenerateResult r) {
+        lengths[i] = r.ids.size();
+        if (i == 0) EXPECT_EQ(r.stop_reason, "stopped");
+      });
+  EXPECT_EQ(lengths[0], 1u);
+  EXPECT_EQ(lengths[4], want[4].ids.size());
+  EXPECT_NE(test::error_of([&] { models::generate_many(*m.model, ps, prompts, opts, 0, {}, {}); }).find("at least one"),
+            std::string::npos);
+}
 
 Tensor logits_of(const std::vector<float>& v) { return Tensor::from_vector(v, {static_cast<int64_t>(v.size())}); }
 

@@ -399,13 +399,17 @@ Tensor Decoder::block_forward(const nn::ParamAccess& ps, size_t l, const Tensor&
   const Tensor n = L.input_norm.forward(ps, x, c ? &c->rstd1 : nullptr);
   Tensor m;
   switch (*L.block) {
-    case hf::ModelConfig::Block::Mamba:
-      m = L.mamba->forward(ps, n, bt.b, bt.doc_ids, c ? &c->mamba : nullptr, bt.gen ? &bt.gen->mamba[l] : nullptr);
+    case hf::ModelConfig::Block::Mamba: {
+      const nn::MambaStates states = bt.mamba_states(l);
+      m = L.mamba->forward(ps, n, bt.b, bt.doc_ids, c ? &c->mamba : nullptr, bt.generating() ? &states : nullptr);
       break;
-    case hf::ModelConfig::Block::Attention:
+    }
+    case hf::ModelConfig::Block::Attention: {
+      const nn::KvCaches kv = bt.kv_caches(l);
       m = L.attn.forward(ps, n, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr,
-                         bt.gen ? &bt.gen->kv[l] : nullptr);
+                         bt.generating() ? &kv : nullptr);
       break;
+    }
     case hf::ModelConfig::Block::Mlp: m = L.relu2_mlp->forward(ps, n, c ? &c->relu2 : nullptr); break;
     case hf::ModelConfig::Block::Moe: m = moe_forward(ps, l, n, bt, c, router, replay); break;
   }
@@ -438,7 +442,8 @@ Tensor Decoder::layer_forward(const nn::ParamAccess& ps, size_t l, const Tensor&
   const Layer& L = layers_[l];
   if (L.block) return block_forward(ps, l, x_in, bt, c, router, replay);
   const Tensor n1 = L.input_norm.forward(ps, x_in, c ? &c->rstd1 : nullptr);
-  nn::KvCache* kv = bt.gen ? &bt.gen->kv[l] : nullptr;
+  const nn::KvCaches caches = bt.kv_caches(l);
+  const nn::KvCaches* kv = bt.generating() ? &caches : nullptr;
   Tensor a = L.mla ? L.mla->forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->mla : nullptr, kv)
                    : L.attn.forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr, kv);
   // The residual stream after attention, and the post-attention norm of it, in one pass.
@@ -516,29 +521,84 @@ std::unique_ptr<GenerationCache> Decoder::start_generation(int64_t capacity, con
   return g;
 }
 
-Tensor Decoder::generation_step(nn::ParamAccess& ps, const std::vector<int64_t>& ids, GenerationCache& cache,
-                                bool all_positions) const {
-  auto* gen = dynamic_cast<Generation*>(&cache);
+nn::KvCaches Decoder::Batch::kv_caches(size_t l) const {
+  nn::KvCaches c{gen_rows, {}};
+  for (Generation* g : gens) c.states.push_back(&g->kv[l]);
+  return c;
+}
+
+nn::MambaStates Decoder::Batch::mamba_states(size_t l) const {
+  nn::MambaStates c{gen_rows, {}};
+  for (Generation* g : gens) c.states.push_back(&g->mamba[l]);
+  return c;
+}
+
+Decoder::Generation* Decoder::generation_of(GenerationCache* cache) {
+  auto* gen = dynamic_cast<Generation*>(cache);
   MF_CHECK(gen, "internal: a generation cache made by another model");
-  const int64_t n = static_cast<int64_t>(ids.size());
-  MF_CHECK(n > 0, "generation: a step needs at least one token");
-  MF_CHECK(gen->length + n <= gen->capacity, "generation: ", gen->length + n, " positions exceed the cache's ",
-           gen->capacity);
-  std::vector<int64_t> positions(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) positions[i] = gen->length + i;
-  const Tensor input_ids = Tensor::from_i64(ids, {1, n}), position_ids = Tensor::from_i64(positions, {1, n});
+  return gen;
+}
+
+Tensor Decoder::run_generation(nn::ParamAccess& ps, const std::vector<std::vector<int64_t>>& ids,
+                               const std::vector<Generation*>& gens, bool all_positions) const {
+  MF_CHECK(!ids.empty() && ids.size() == gens.size(), "internal: a generation step of ", ids.size(), " sequences with ",
+           gens.size(), " caches");
+  const size_t nseq = ids.size();
+  std::vector<int64_t> flat, positions, rows{0};
+  for (size_t i = 0; i < nseq; ++i) {
+    Generation* gen = gens[i];
+    const int64_t n = static_cast<int64_t>(ids[i].size());
+    MF_CHECK(n > 0, "generation: a step needs at least one token");
+    MF_CHECK(gen->length + n <= gen->capacity, "generation: ", gen->length + n, " positions exceed the cache's ",
+             gen->capacity);
+    for (size_t j = 0; j < i; ++j) MF_CHECK(gens[j] != gen, "internal: one generation cache twice in a step");
+    flat.insert(flat.end(), ids[i].begin(), ids[i].end());
+    for (int64_t j = 0; j < n; ++j) positions.push_back(gen->length + j);
+    rows.push_back(rows.back() + n);
+  }
+  const int64_t t = rows.back();
+  const Tensor input_ids = Tensor::from_i64(flat, {1, t}), position_ids = Tensor::from_i64(positions, {1, t});
   ForwardInputs in{input_ids};
   in.position_ids = &position_ids;
-  Batch bt = prepare(ps, in, gen->par);
-  bt.gen = gen;
+  Batch bt = prepare(ps, in, gens.front()->par);
+  bt.gens = gens;
+  bt.gen_rows = rows;
   std::vector<nn::SparseMoE::RouterOut> routers;
   Tensor h = main_forward(ps, bt, nullptr, false, routers);
-  if (!all_positions) h = h.slice0(n - 1, 1);
+  if (!all_positions) {  // each sequence's last token
+    if (nseq == 1) {
+      h = h.slice0(t - 1, 1);
+    } else {
+      Tensor last = ops::empty({static_cast<int64_t>(nseq), cfg_.hidden_size}, h.dtype(), h.device(), "last tokens");
+      for (size_t i = 0; i < nseq; ++i) nn::copy_rows(h.slice0(rows[i + 1] - 1, 1), last, static_cast<int64_t>(i));
+      h = last;
+    }
+  }
   const Tensor x = final_norm_.forward(ps, h);
   Tensor logits = ops::to_device(ops::linear(x, ps.value(lm_head_)), Device::cpu(), DType::F32);
   ps.release({final_norm_.weight, lm_head_});
-  gen->length += n;
-  return all_positions ? logits.view({n, cfg_.vocab_size}) : logits.view({cfg_.vocab_size});
+  for (size_t i = 0; i < nseq; ++i) gens[i]->length += static_cast<int64_t>(ids[i].size());
+  return logits.view({all_positions ? t : static_cast<int64_t>(nseq), cfg_.vocab_size});
+}
+
+Tensor Decoder::generation_step(nn::ParamAccess& ps, const std::vector<int64_t>& ids, GenerationCache& cache,
+                                bool all_positions) const {
+  Tensor logits = run_generation(ps, {ids}, {generation_of(&cache)}, all_positions);
+  return all_positions ? logits : logits.view({cfg_.vocab_size});
+}
+
+Tensor Decoder::generation_step_batch(nn::ParamAccess& ps, const std::vector<std::vector<int64_t>>& ids,
+                                      const std::vector<GenerationCache*>& caches) const {
+  MF_CHECK(ids.size() == caches.size(), "internal: a generation step of ", ids.size(), " sequences with ",
+           caches.size(), " caches");
+  std::vector<Generation*> gens;
+  for (GenerationCache* c : caches) {
+    gens.push_back(generation_of(c));
+    const Parallel& par = gens.back()->par;
+    MF_CHECK(!(par.ep && par.ep->size() > 1) && !(par.world && par.world->size() > 1),
+             "generation: several sequences per step are not supported with experts split over ranks");
+  }
+  return run_generation(ps, ids, gens, false);
 }
 
 ForwardOutputs Decoder::forward(nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const {

@@ -52,6 +52,8 @@ class Decoder : public CausalLM {
                                    const Parallel& par) const override;
   int64_t active_parameters() const override;
   std::unique_ptr<GenerationCache> start_generation(int64_t capacity, const Parallel& par = {}) const override;
+  Tensor generation_step_batch(nn::ParamAccess& ps, const std::vector<std::vector<int64_t>>& ids,
+                               const std::vector<GenerationCache*>& caches) const override;
   Tensor generation_step(nn::ParamAccess& ps, const std::vector<int64_t>& ids, GenerationCache& cache,
                          bool all_positions = false) const override;
   int64_t mtp_depths() const override { return static_cast<int64_t>(mtp_.size()); }
@@ -108,6 +110,7 @@ class Decoder : public CausalLM {
     std::vector<nn::KvCache> kv;
     std::vector<nn::MambaState> mamba;
   };
+  static Generation* generation_of(GenerationCache* cache);
   // One step's inputs on the parameters' device, and what its layers share.
   struct Batch {
     int64_t b = 0, s = 0, t = 0;
@@ -117,9 +120,19 @@ class Decoder : public CausalLM {
     RoutingControl* routing = nullptr;
     nn::RunContext ctx;
     std::vector<Tensor> chosen;  // per layer, the expert choice of its first forward (replayed when recomputed)
-    Generation* gen = nullptr;   // a generation step: the layers read and extend its state
+    // A generation step: the sequences it runs (rows [gen_rows[i], gen_rows[i+1]) of its tokens
+    // are sequence i's), whose states the layers read and extend.
+    std::vector<Generation*> gens;
+    std::vector<int64_t> gen_rows;
+    bool generating() const { return !gens.empty(); }
+    nn::KvCaches kv_caches(size_t l) const;
+    nn::MambaStates mamba_states(size_t l) const;
   };
   Batch prepare(const nn::ParamAccess& ps, const ForwardInputs& in, const Parallel& par) const;
+  // A generation step of the sequences `gens` on their new tokens `ids`: the logits of every new
+  // token ([sum of tokens, V]) when `all_positions`, else of each sequence's last ([B, V]), host F32.
+  Tensor run_generation(nn::ParamAccess& ps, const std::vector<std::vector<int64_t>>& ids,
+                        const std::vector<Generation*>& gens, bool all_positions) const;
   // The embedding and the main layers, each gathered (the next one prefetched), run and released;
   // `caches` (null: inference) keeps each layer's state, or only its input when `ckpt`. Returns
   // the last layer's output with the final norm and LM head gathered.
