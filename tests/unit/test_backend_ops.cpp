@@ -206,6 +206,25 @@ std::vector<OpCase> cases() {
                                 ops::clamped_swiglu_backward(as(in[0], act), as(in[1], act), 1.702f, 7.f)};
                }});
 
+  // Widths of whole 16-byte packs (the CUDA kernels' vector paths; the cases above have odd widths).
+  c.push_back({"clamped_swiglu_and_backward/packed",
+               [=](uint32_t s) { return Tensors{rnd({5, 2 * 24}, s, 4.f), rnd({5, 24}, s + 1)}; },
+               [](const Tensors& in, DType act) {
+                 return Tensors{ops::clamped_swiglu(as(in[0], act), 1.702f, 7.f),
+                                ops::clamped_swiglu_backward(as(in[0], act), as(in[1], act), 1.702f, 7.f)};
+               }});
+  c.push_back({"bias_rows/packed_f32_and_act_biases",
+               [=](uint32_t s) { return Tensors{rnd({9, 64}, s), rnd({4, 64}, s + 1), rnd({64}, s + 2)}; },
+               [](const Tensors& in, DType act) {
+                 const std::vector<int64_t> off = {0, 3, 3, 8, 9};  // an empty expert, a one-row one
+                 Tensor a = ops::to_device(in[0], in[0].device(), act), b = ops::to_device(in[0], in[0].device(), act);
+                 ops::grouped_add_bias(a, in[1], off);          // F32 bias rows under `act` rows
+                 ops::grouped_add_bias(b, as(in[1], act), off);  // biases in the rows' dtype
+                 Tensor c = ops::to_device(in[0], in[0].device(), act);
+                 ops::add_bias_rows(c, in[2]);
+                 return Tensors{a, b, c};
+               }});
+
   c.push_back({"rope_and_inverse/partial_rotary",
                [=](uint32_t s) { return Tensors{rnd({6, 3, 16}, s), rnd({6, 8}, s + 1), rnd({6, 8}, s + 2)}; },
                [](const Tensors& in, DType act) {

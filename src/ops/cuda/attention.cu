@@ -215,31 +215,43 @@ __global__ void attention_dkv_kernel(const T* q, const T* k, const T* v, const T
 // rescaled by the keys' share exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink) and its
 // log-sum-exp grows to include the sink, so the standard backward (probabilities from the lse, the
 // row term from out) yields the sink-aware gradients.
-template <typename T, typename S>
-__global__ void attention_sink_fixup_kernel(T* out, float* lse, const S* sinks, Shape4 sh) {
-  const int64_t rows = sh.b * sh.hq * sh.s;
-  for (int64_t r = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; r < rows; r += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t i = r % sh.s, h = (r / sh.s) % sh.hq, b = r / (sh.s * sh.hq);
+template <typename T, typename S, int V>
+__global__ void attention_sink_fixup_kernel(T* out, const float* lse, float* lse_sink, const S* sinks, Shape4 sh) {
+  using P = Pack<T, V>;
+  const int64_t per_row = sh.dv / V, rows = sh.b * sh.s * sh.hq;
+  for (int64_t j = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; j < rows * per_row; j += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t m = j / per_row, p = j - m * per_row;  // m: the (b, i, h) row of out, in its order
+    const int64_t h = m % sh.hq, bi = m / sh.hq, b = bi / sh.s, i = bi - b * sh.s;
+    const int64_t r = (b * sh.hq + h) * sh.s + i;  // the same row in lse's [B, H, S] order
     const float l = lse[r], sink = load(sinks, h);
     const float share = 1.f / (1.f + exp_for<T>(sink - l));
-    lse[r] = fmaxf(l, sink) + log1pf(exp_for<T>(-fabsf(l - sink)));
-    T* o = out + ((b * sh.s + i) * sh.hq + h) * sh.dv;
-    for (int64_t x = 0; x < sh.dv; ++x) store(o, x, load(o, x) * share);
+    if (p == 0) lse_sink[r] = fmaxf(l, sink) + log1pf(exp_for<T>(-fabsf(l - sink)));
+    P* o = reinterpret_cast<P*>(out + m * sh.dv) + p;
+    P v = *o;
+#pragma unroll
+    for (int e = 0; e < V; ++e) store(v.v, e, load(v.v, e) * share);
+    *o = v;
   }
 }
 
-// d(sink_h) = -sum over (b, i) of p_sink * (dout . out), p_sink = exp(sink_h - lse): one block per head.
-template <typename T, typename S>
+// d(sink_h) = -sum over (b, i) of p_sink * (dout . out), p_sink = exp(sink_h - lse): one block per
+// head, its threads over the head's rows in packs (consecutive threads, consecutive 16 bytes of a row).
+constexpr int kSinkGradThreads = 1024;
+
+template <typename T, typename S, int V>
 __global__ void attention_sink_grad_kernel(const T* out, const T* dout, const float* lse, const S* sinks, float* dsinks,
                                            Shape4 sh) {
-  const int64_t h = blockIdx.x;
+  using P = Pack<T, V>;
+  const int64_t h = blockIdx.x, per_row = sh.dv / V, rows = sh.b * sh.s;
   const float sink = load(sinks, h);
   float acc = 0.f;
-  for (int64_t r = threadIdx.x; r < sh.b * sh.s; r += blockDim.x) {
-    const int64_t b = r / sh.s, i = r % sh.s;
-    const int64_t off = ((b * sh.s + i) * sh.hq + h) * sh.dv;
+  for (int64_t j = threadIdx.x; j < rows * per_row; j += blockDim.x) {
+    const int64_t bi = j / per_row, p = j - bi * per_row, b = bi / sh.s, i = bi - b * sh.s;
+    const int64_t off = (bi * sh.hq + h) * sh.dv + p * V;
+    const P a = *reinterpret_cast<const P*>(out + off), g = *reinterpret_cast<const P*>(dout + off);
     float d = 0.f;
-    for (int64_t x = 0; x < sh.dv; ++x) d += load(out, off + x) * load(dout, off + x);
+#pragma unroll
+    for (int e = 0; e < V; ++e) d += load(a.v, e) * load(g.v, e);
     acc -= exp_for<T>(sink - lse[(b * sh.hq + h) * sh.s + i]) * d;
   }
   acc = block_sum(acc);
@@ -336,15 +348,24 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale,
     MF_CUDA_CHECK_LAUNCH("attention forward");
   }
   if (sinks) {
+    // The sink-aware log-sum-exp goes to its own buffer: the fixup's threads of one row all read
+    // the row's attention-only value.
+    Tensor lse_sink = empty({sh.b, sh.hq, sh.s}, DType::F32, "attention log-sum-exp with sinks");
     dispatch_float(q.dtype(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       dispatch_float(sinks->dtype(), [&](auto* stag) {
         using S = std::remove_pointer_t<decltype(stag)>;
-        attention_sink_fixup_kernel<<<grid_stride_blocks(sh.b * sh.hq * sh.s), kGridStrideThreads, 0, current_stream()>>>(
-            out.data<T>(), lse.data<float>(), sinks->data<S>(), sh);
+        // A thread per 16 bytes of the output where rows allow (else per element), in its order.
+        constexpr int V = 16 / sizeof(T);
+        const bool packed = packs_fit<T>(sh.dv, {out.raw()});
+        const int64_t work = sh.b * sh.hq * sh.s * (packed ? sh.dv / V : sh.dv);
+        (packed ? attention_sink_fixup_kernel<T, S, V> : attention_sink_fixup_kernel<T, S, 1>)
+            <<<grid_stride_blocks(work), kGridStrideThreads, 0, current_stream()>>>(out.data<T>(), lse.data<float>(),
+                                                                                  lse_sink.data<float>(), sinks->data<S>(), sh);
       });
     });
     MF_CUDA_CHECK_LAUNCH("attention sinks");
+    lse = lse_sink;
   }
   if (lse_out) *lse_out = lse;
   return out;
@@ -372,8 +393,10 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
       using T = std::remove_pointer_t<decltype(tag)>;
       dispatch_float(sinks->dtype(), [&](auto* stag) {
         using S = std::remove_pointer_t<decltype(stag)>;
-        attention_sink_grad_kernel<<<static_cast<unsigned>(sh.hq), 256, 0, current_stream()>>>(
-            out.data<T>(), dout.data<T>(), lse.data<float>(), sinks->data<S>(), dsinks->data<float>(), sh);
+        constexpr int V = 16 / sizeof(T);
+        (packs_fit<T>(sh.dv, {out.raw(), dout.raw()}) ? attention_sink_grad_kernel<T, S, V> : attention_sink_grad_kernel<T, S, 1>)
+            <<<static_cast<unsigned>(sh.hq), kSinkGradThreads, 0, current_stream()>>>(
+                out.data<T>(), dout.data<T>(), lse.data<float>(), sinks->data<S>(), dsinks->data<float>(), sh);
       });
     });
     MF_CUDA_CHECK_LAUNCH("attention sink gradient");

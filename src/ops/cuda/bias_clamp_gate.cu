@@ -12,12 +12,6 @@ using namespace detail;
 
 namespace {
 
-template <typename T, typename B>
-__global__ void add_bias_rows_kernel(T* y, const B* b, int64_t rows, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * n; i += (int64_t)gridDim.x * blockDim.x)
-    store(y, i, load(y, i) + load(b, i % n));
-}
-
 // Bias gradients are deterministic (the same bits on every run, which the parity tests rely on):
 // rows are cut into chunks that never cross an expert boundary, each chunk's column sums go to its
 // own row of a scratch buffer, and a second pass adds each expert's chunks in order.
@@ -108,19 +102,57 @@ __global__ void sigmoid_gated_backward_kernel(const T* dy, const T* y, const L* 
   if (threadIdx.x == 0) store(d_logit, r, dot * g * (1.f - g));
 }
 
-// Rows grouped by expert (offsets [E+1]): each row adds its expert's bias row.
-template <typename T, typename B>
-__global__ void grouped_add_bias_kernel(T* y, const B* b, const int64_t* offsets, int64_t experts, int64_t rows, int64_t n) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < rows * n; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = i / n;
-    int64_t lo = 0, hi = experts;  // the expert e with offsets[e] <= r < offsets[e + 1]
-    while (hi - lo > 1) {
-      const int64_t mid = (lo + hi) / 2;
-      if (offsets[mid] <= r) lo = mid;
-      else hi = mid;
+// Rows grouped by expert (offsets [E+1]; null: one bias row for all): each row adds its expert's
+// bias row. A warp per row: the expert is looked up once per row, and the row moves in packs of V
+// elements (16 bytes where the width and addresses allow, else V = 1). The per-element grid-stride
+// form (a binary search and a 64-bit division per element, 2-byte accesses) took 541 us per
+// GPT-OSS gate_up call against a ~126 us floor (docs/perf-notes.md).
+constexpr int kBiasRowWarps = 8;
+
+template <typename T, typename B, int V>
+__global__ void add_bias_rows_packed_kernel(T* y, const B* b, const int64_t* offsets, int64_t experts, int64_t rows,
+                                            int64_t n) {
+  using P = Pack<T, V>;
+  const int lane = threadIdx.x & 31;
+  const int64_t packs = n / V;
+  for (int64_t r = blockIdx.x * (int64_t)kBiasRowWarps + (threadIdx.x >> 5); r < rows;
+       r += (int64_t)gridDim.x * kBiasRowWarps) {
+    int64_t lo = 0;
+    if (offsets) {
+      int64_t hi = experts;  // the expert e with offsets[e] <= r < offsets[e + 1]
+      while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (offsets[mid] <= r) lo = mid;
+        else hi = mid;
+      }
     }
-    store(y, i, load(y, i) + load(b, lo * n + i % n));
+    P* yr = reinterpret_cast<P*>(y + r * n);
+    const B* br = b + lo * n;
+    for (int64_t p = lane; p < packs; p += 32) {
+      P v = yr[p];
+      float bv[V];
+      if constexpr (V == 1) bv[0] = load(br, p);
+      else load_f32<V>(br + p * V, bv);
+#pragma unroll
+      for (int e = 0; e < V; ++e) store(v.v, e, load(v.v, e) + bv[e]);
+      yr[p] = v;
+    }
   }
+}
+
+// y [rows, n] += the bias row of each row's group.
+template <typename T, typename B>
+void launch_add_bias_rows(T* y, const B* b, const int64_t* offsets, int64_t experts, int64_t rows, int64_t n) {
+  constexpr int V = 16 / sizeof(T);
+  // Packs of the bias too: 16 / sizeof(B) divides V's bytes' worth when B is at most T's size;
+  // an F32 bias under BF16 rows is read as two 16-byte loads per pack (load_f32).
+  const bool packed = packs_fit<T>(n, {y}) && n % V == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0 &&
+                      (n * static_cast<int64_t>(sizeof(B))) % 16 == 0;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((rows + kBiasRowWarps - 1) / kBiasRowWarps, 65535));
+  if (packed)
+    add_bias_rows_packed_kernel<T, B, V><<<blocks, 32 * kBiasRowWarps, 0, current_stream()>>>(y, b, offsets, experts, rows, n);
+  else
+    add_bias_rows_packed_kernel<T, B, 1><<<blocks, 32 * kBiasRowWarps, 0, current_stream()>>>(y, b, offsets, experts, rows, n);
 }
 
 Tensor device_offsets(const std::vector<int64_t>& offsets) {
@@ -141,8 +173,7 @@ void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>&
     using T = std::remove_pointer_t<decltype(ty)>;
     dispatch_float(bias.dtype(), [&](auto* tb) {
       using B = std::remove_pointer_t<decltype(tb)>;
-      grouped_add_bias_kernel<<<grid_stride_blocks(y.numel()), kGridStrideThreads, 0, current_stream()>>>(
-          y.data<T>(), bias.data<B>(), off.data<int64_t>(), experts, offsets.back(), n);
+      launch_add_bias_rows(y.data<T>(), bias.data<B>(), off.data<int64_t>(), experts, offsets.back(), n);
     });
   });
   MF_CUDA_CHECK_LAUNCH("grouped_add_bias");
@@ -182,8 +213,7 @@ void add_bias_rows(Tensor& y, const Tensor& bias) {
     using T = std::remove_pointer_t<decltype(ty)>;
     dispatch_float(bias.dtype(), [&](auto* tb) {
       using B = std::remove_pointer_t<decltype(tb)>;
-      add_bias_rows_kernel<<<grid_stride_blocks(rows * n), kGridStrideThreads, 0, current_stream()>>>(
-          y.data<T>(), bias.data<B>(), rows, n);
+      launch_add_bias_rows(y.data<T>(), bias.data<B>(), nullptr, 1, rows, n);
     });
   });
   MF_CUDA_CHECK_LAUNCH("add_bias_rows");

@@ -34,17 +34,6 @@ bool disabled_by_env() {
   return off;
 }
 
-// Tile runs (tile_run_scheduler.cuh) are opt-in until measured (docs/perf-notes.md, session 16:
-// correct on an H200, not yet timed): MOEFORGE_CUTLASS_TILE_RUNS=1 runs all three products' tiles in
-// runs, =wgrad only the weight gradients'; unset or 0 keeps CUTLASS's one tile at a time. Read at
-// every launch (a getenv beside a kernel launch), so a test can run every setting in one process.
-bool tile_runs(bool weight_grad) {
-  const char* v = std::getenv("MOEFORGE_CUTLASS_TILE_RUNS");
-  if (!v || std::strcmp(v, "0") == 0 || *v == '\0') return false;
-  if (std::strcmp(v, "wgrad") == 0) return weight_grad;
-  return true;
-}
-
 enum class Product { Forward, InputGrad, WeightGrad, Other };
 
 Product kind_of(const std::vector<GroupedProduct>& ps) {
@@ -79,11 +68,9 @@ bool usable(const std::vector<GroupedProduct>& ps, DType ab, DType c) {
 void run(const std::vector<GroupedProduct>& ps, DType ab, DType c, float beta) {
   MF_CHECK(usable(ps, ab, c), "CUTLASS grouped GEMM: these products are not supported (check usable() first)");
   switch (kind_of(ps)) {
-    case Product::Forward: return tile_runs(false) ? run_forward_bf16_runs(ps, beta) : run_forward_bf16(ps, beta);
-    case Product::InputGrad: return tile_runs(false) ? run_input_grad_bf16_runs(ps, beta) : run_input_grad_bf16(ps, beta);
-    case Product::WeightGrad:
-      if (c == DType::F32) return run_weight_grad_f32(ps, beta);
-      return tile_runs(true) ? run_weight_grad_bf16_runs(ps, beta) : run_weight_grad_bf16(ps, beta);
+    case Product::Forward: return run_forward_bf16(ps, beta);
+    case Product::InputGrad: return run_input_grad_bf16(ps, beta);
+    case Product::WeightGrad: return c == DType::F32 ? run_weight_grad_f32(ps, beta) : run_weight_grad_bf16(ps, beta);
     case Product::Other: break;
   }
   MF_THROW("CUTLASS grouped GEMM: unsupported transposes");

@@ -14,10 +14,5 @@ void run_input_grad_bf16(const std::vector<GroupedProduct>& ps, float beta);
 // Weight gradient, dW = dY^T X: A transposed. BF16 or F32 out (F32 grads under bf16-mixed).
 void run_weight_grad_bf16(const std::vector<GroupedProduct>& ps, float beta);
 void run_weight_grad_f32(const std::vector<GroupedProduct>& ps, float beta);
-// The BF16 three with each SM taking runs of consecutive tiles (tile_run_scheduler.cuh): 4 for the
-// forward and input gradient, 8 for the weight gradient (an expert's dW has 48-96 tiles).
-void run_forward_bf16_runs(const std::vector<GroupedProduct>& ps, float beta);
-void run_input_grad_bf16_runs(const std::vector<GroupedProduct>& ps, float beta);
-void run_weight_grad_bf16_runs(const std::vector<GroupedProduct>& ps, float beta);
 
 }  // namespace moeforge::cuda::cutlass_grouped

@@ -24,7 +24,6 @@
 #include "ops/cuda/grouped_product.h"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
-#include "ops/cuda/cutlass/tile_run_scheduler.cuh"
 
 namespace moeforge::cuda::cutlass_grouped {
 
@@ -32,13 +31,10 @@ namespace moeforge::cuda::cutlass_grouped {
 // ColumnMajor B is K-contiguous. The tile (128 x 256 x 64, two consumer warp groups sharing it) is
 // the shape that reaches dense-GEMM speed on H100 for BF16; experts with few rows waste part of a
 // tile, which the persistent scheduler absorbs by handing the next tile to whichever SM is free.
-// TileRun > 0 hands each SM runs of that many consecutive tiles (tile_run_scheduler.cuh); 0 keeps
-// CUTLASS's one-tile round robin.
-template <class LayoutA, class LayoutB, class ElementD, int TileRun = 0>
+template <class LayoutA, class LayoutB, class ElementD>
 struct GroupedGemm {
   using ElementAB = cutlass::bfloat16_t;
-  using ProblemShape = cute::conditional_t<TileRun == 0, cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>,
-                                           TileRunProblemShape<TileRun>>;
+  using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
   static constexpr int kAlignAB = 8;                             // 16 bytes of BF16
@@ -120,9 +116,7 @@ struct GroupedGemm {
 
     typename Gemm::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
-    args.problem_shape.num_groups = static_cast<int>(g);
-    args.problem_shape.problem_shapes = static_cast<Shape3*>(as(at.shapes));
-    args.problem_shape.host_problem_shapes = host_shapes.data();
+    args.problem_shape = {static_cast<int>(g), static_cast<Shape3*>(as(at.shapes)), host_shapes.data()};
     args.mainloop = {static_cast<const ElementAB**>(as(at.a)), static_cast<StrideA*>(as(at.sa)),
                      static_cast<const ElementAB**>(as(at.b)), static_cast<StrideB*>(as(at.sb))};
     args.epilogue.thread.alpha = 1.f;
