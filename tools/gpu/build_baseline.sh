@@ -11,7 +11,12 @@ src=/tmp/moeforge-baseline-$commit
 if [ ! -d "$src" ]; then git worktree add --detach "$src" "$commit"; fi
 mkdir -p "$src/.deps"
 for d in cutlass cudnn; do [ -e "$src/.deps/$d" ] || ln -s "$PWD/.deps/$d" "$src/.deps/$d"; done
-cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_CUDA=ON -DMOEFORGE_TESTS=OFF >/dev/null
+launcher=()
+if command -v ccache >/dev/null 2>&1; then
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
+fi
+cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DMOEFORGE_CUDA=ON -DMOEFORGE_CUDNN=ON -DMOEFORGE_TESTS=OFF \
+  "${launcher[@]}" >/dev/null
 cmake --build "$src/build" --target moeforge -j "$(nproc)"
 mkdir -p build-baseline
 cp "$src/build/moeforge" build-baseline/moeforge_baseline
