@@ -25,7 +25,8 @@
 #                       (tools/gpu/build_baseline.sh), alternating per case: q30 cut to 4 and 8 layers,
 #                       native and balanced routing, bf16, optimizer in backward, seq 4096; with 2+
 #                       GPUs also the 48-layer EP 2 run. One JSON row per run in $OUT/ab.log and a
-#                       table of ratios (issue 16: within 2%, peak memory not higher).
+#                       table of ratios (issue 16: within 2%, peak memory not higher). AB_CONFIG=NAME and
+#                       AB_LAYERS="4" pick another config of shared/configs and other cuts.
 #   envab VAR=VALUE [BENCH FLAGS]  `ab`'s cases with one binary: the packed moeforge with VAR=VALUE
 #                       as the baseline against it without (e.g. envab MOEFORGE_FUSED_ADAMW=0)
 #   profile NAME ARGS   Nsight Compute's full report (speed of light, memory chart, warp stalls) of one
@@ -177,7 +178,11 @@ PY
       echo "moeforge with $setting" > "$P/moeforge_baseline.commit"
     fi
     [ -x "$P/bin/moeforge_baseline" ] || { echo "run.sh ab: the pack has no moeforge_baseline (tools/gpu/build_baseline.sh)" >&2; exit 2; }
-    cfg=$P/configs/qwen3-30b-a3b.json
+    # AB_CONFIG (a file of shared/configs without .json) and AB_LAYERS pick other cases, e.g.
+    # AB_CONFIG=gpt-oss-20b AB_LAYERS=4 bash tools/gpu/run.sh ab
+    ab_name=${AB_CONFIG:-qwen3-30b-a3b}
+    cfg=$P/configs/$ab_name.json
+    short=$([ "$ab_name" = qwen3-30b-a3b ] && echo q30 || echo "$ab_name")
     common=(--seq 4096 --steps 6 --warmup 2 --precision bf16 --optimizer-in-backward "$@")
     run_case() {  # label, then the bench arguments; baseline first, then the current build
       local label=$1; shift
@@ -187,14 +192,14 @@ PY
         set -- "${@/moeforge_baseline/moeforge}"
       done
     }
-    for layers in 4 8; do
+    for layers in ${AB_LAYERS:-4 8}; do
       for routing in native balanced; do
-        run_case "q30-L$layers-$routing" "$P/bin/moeforge_baseline" bench "$cfg" --layers "$layers" --routing "$routing" "${common[@]}"
+        run_case "$short-L$layers-$routing" "$P/bin/moeforge_baseline" bench "$cfg" --layers "$layers" --routing "$routing" "${common[@]}"
       done
     done
     if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
       for routing in native balanced; do
-        run_case "q30-48-ep2-$routing" "$P/bin/moeforge_baseline" launch --nproc-per-node 2 -- bench "$cfg" --routing "$routing" "${common[@]}"
+        run_case "$short-48-ep2-$routing" "$P/bin/moeforge_baseline" launch --nproc-per-node 2 -- bench "$cfg" --routing "$routing" "${common[@]}"
       done
     fi
     /opt/torch/.venv/bin/python - "$OUT/ab.log" "$(cat "$P/moeforge_baseline.commit" 2>/dev/null)" <<'PY' | tee "$OUT/ab.txt"
