@@ -89,21 +89,42 @@ class CausalLM:
     def generate(self, input_ids, max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
                  temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  repetition_penalty: Optional[float] = None, eos_token_id=None, min_new_tokens: int = 0,
-                 seed: int = 0, streamer: Optional[Callable[[int], Optional[bool]]] = None) -> np.ndarray:
-        """Transformers' generate for one sequence: returns [1, prompt + new] ids. Defaults come from
-        the folder's generation_config.json as in Transformers (do_sample, temperature, top_k 50,
-        top_p, repetition_penalty, eos_token_id, max_new_tokens, else 20 new tokens). `streamer(id)`
-        sees each new token; returning False stops."""
+                 seed: int = 0, streamer: Optional[Callable[[int], Optional[bool]]] = None, attention_mask=None,
+                 pad_token_id: Optional[int] = None, max_batch: int = 8) -> np.ndarray:
+        """Transformers' generate: returns [B, prompt + new] ids. Defaults come from the folder's
+        generation_config.json as in Transformers (do_sample, temperature, top_k 50, top_p,
+        repetition_penalty, eos_token_id, max_new_tokens, else 20 new tokens). A batch (B > 1, or an
+        `attention_mask` with zeros) is left-padded as for Transformers: each row's prompt is its
+        tokens under mask 1, generated as alone (up to `max_batch` rows per model step), and rows
+        that end early are filled with `pad_token_id` (default: the folder's pad token, else the
+        first eos id). `streamer(id)` (batch 1 only) sees each new token; returning False stops."""
         ids = _ids(input_ids, "input_ids")
-        if ids.shape[0] != 1:
-            raise Error(f"generate takes one sequence (batch 1), got a batch of {ids.shape[0]}")
         eos = None if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        new, _ = self._m.generate(
-            ids[0].tolist(), None if max_new_tokens is None else int(max_new_tokens), int(min_new_tokens), eos,
-            None if do_sample is None else bool(do_sample), None if temperature is None else float(temperature),
-            None if top_k is None else int(top_k), None if top_p is None else float(top_p),
-            None if repetition_penalty is None else float(repetition_penalty), int(seed), streamer)
-        return np.asarray([ids[0].tolist() + list(new)], dtype=np.int64)
+        args = (None if max_new_tokens is None else int(max_new_tokens), int(min_new_tokens), eos,
+                None if do_sample is None else bool(do_sample), None if temperature is None else float(temperature),
+                None if top_k is None else int(top_k), None if top_p is None else float(top_p),
+                None if repetition_penalty is None else float(repetition_penalty), int(seed))
+        mask = None if attention_mask is None else np.asarray(attention_mask)
+        if mask is not None and mask.shape != ids.shape:
+            raise Error(f"attention_mask {list(mask.shape)} must have input_ids' shape {list(ids.shape)}")
+        if ids.shape[0] == 1 and (mask is None or mask.all()):
+            new, _ = self._m.generate(ids[0].tolist(), *args, streamer)
+            return np.asarray([ids[0].tolist() + list(new)], dtype=np.int64)
+        if streamer is not None:
+            raise Error(f"generate: a streamer takes one sequence; got a batch of {ids.shape[0]}")
+        prompts = []
+        for i, row in enumerate(ids):
+            m = np.ones(row.shape, dtype=bool) if mask is None else mask[i].astype(bool)
+            first = int(np.argmax(m)) if m.any() else len(m)
+            if first == len(m) or not m[first:].all():
+                raise Error(f"attention_mask row {i}: pad on the left (zeros, then ones) with at least one token")
+            prompts.append(row[first:].tolist())
+        new, pad = self._m.generate_many(prompts, *args, int(max_batch))
+        pad = pad if pad_token_id is None else int(pad_token_id)
+        longest = max(len(n) for n in new)
+        if pad is None and any(len(n) < longest for n in new):
+            raise Error("generate: rows ended at different lengths and the model has no pad_token_id; pass pad_token_id")
+        return np.asarray([row.tolist() + list(n) + [pad] * (longest - len(n)) for row, n in zip(ids, new)], dtype=np.int64)
 
     def save_pretrained(self, save_directory: str, max_shard_size: str = "5GB") -> None:
         """A standard Hugging Face folder: the source's tensor names, layout and dtypes (atomic)."""

@@ -173,6 +173,41 @@ NB_MODULE(_moeforge, mod) {
           nb::arg("sample").none(), nb::arg("temperature").none(), nb::arg("top_k").none(), nb::arg("top_p").none(),
           nb::arg("repetition_penalty").none(), nb::arg("seed"), nb::arg("streamer") = nb::none())
       .def(
+          "generate_many",
+          [](Model& m, const std::vector<std::vector<int64_t>>& prompts, std::optional<int64_t> max_new_tokens,
+             int64_t min_new_tokens, std::optional<std::vector<int64_t>> eos, std::optional<bool> sample,
+             std::optional<double> temperature, std::optional<int64_t> top_k, std::optional<double> top_p,
+             std::optional<double> repetition_penalty, uint64_t seed, int64_t max_batch) {
+            // A batch of prompts, several sequences per model step (models::generate_many); each
+            // row as generate() on it alone. Also returns the pad id Transformers fills finished
+            // rows with: generation_config.json's pad_token_id, config.json's, else the first eos id.
+            models::GenerationRequest asked;
+            asked.max_new_tokens = max_new_tokens;
+            asked.min_new_tokens = min_new_tokens;
+            asked.eos_token_ids = eos;
+            asked.do_sample = sample;
+            asked.temperature = temperature;
+            asked.top_k = top_k;
+            asked.top_p = top_p;
+            asked.repetition_penalty = repetition_penalty;
+            asked.seed = seed;
+            const hf::GenerationConfig gc = hf::load_generation_config(m.loaded.source_dir);
+            const models::GenerateOptions o = models::resolve_generation(asked, gc);
+            std::optional<int64_t> pad = gc.pad_token_id ? gc.pad_token_id : m.loaded.model->config().pad_token_id;
+            if (!pad && !o.eos_token_ids.empty()) pad = o.eos_token_ids.front();
+            std::vector<std::vector<int64_t>> out(prompts.size());
+            {
+              nb::gil_scoped_release release;
+              models::generate_many(*m.loaded.model, m.params(), prompts,
+                                    std::vector<models::GenerateOptions>(prompts.size(), o), max_batch, {},
+                                    [&](size_t i, models::GenerateResult r) { out[i] = std::move(r.ids); });
+            }
+            return std::make_pair(out, pad);
+          },
+          nb::arg("prompts"), nb::arg("max_new_tokens").none(), nb::arg("min_new_tokens"), nb::arg("eos_token_ids").none(),
+          nb::arg("sample").none(), nb::arg("temperature").none(), nb::arg("top_k").none(), nb::arg("top_p").none(),
+          nb::arg("repetition_penalty").none(), nb::arg("seed"), nb::arg("max_batch"))
+      .def(
           "save_pretrained",
           [](Model& m, const std::string& dir, const std::string& max_shard_size, bool overwrite) {
             MF_CHECK(!m.device, "save_pretrained: the model was loaded for inference on the GPU (its weights there "

@@ -69,6 +69,26 @@ def test_generate_matches_transformers_greedy():
     assert seen == ref["generated_ids"].tolist()
 
 
+def test_generate_a_left_padded_batch_as_each_row_alone():
+    ref = load_file(os.path.join(FIXTURES, "qwen3_moe_b", "generate_reference.safetensors"))
+    model = moeforge.AutoModelForCausalLM.from_pretrained(os.path.join(FIXTURES, "qwen3_moe_b"))
+    long, short = ref["prompt_ids"].reshape(-1).tolist(), [5, 9, 2]
+    pad = len(long) - len(short)
+    ids = np.asarray([long, [0] * pad + short])
+    mask = np.asarray([[1] * len(long), [0] * pad + [1] * len(short)])
+    n = len(ref["generated_ids"])
+    for max_batch in (1, 2):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=[],
+                             max_batch=max_batch)
+        assert out.tolist()[0] == long + ref["generated_ids"].tolist()
+        alone = model.generate([short], max_new_tokens=n, do_sample=False, eos_token_id=[])
+        assert out.tolist()[1] == [0] * pad + alone[0].tolist()
+    with pytest.raises(moeforge.Error, match="left"):
+        model.generate(ids, attention_mask=np.asarray([[1] * len(long), [1] * len(short) + [0] * pad]), max_new_tokens=2)
+    with pytest.raises(moeforge.Error, match="streamer"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, streamer=print)
+
+
 def test_train_equals_the_cli(tmp_path):
     recipe = {"model": os.path.join(FIXTURES, "qwen3_moe_aux"), "data": os.path.join(ROOT, "tests", "data", "arith64.jsonl"),
               "output_dir": str(tmp_path / "py"), "seq_len": 16, "micro_batch": 2, "global_batch": 4, "steps": 4,
