@@ -105,6 +105,26 @@ std::unique_ptr<Model> from_pretrained(const std::string& path, const std::strin
   return m;
 }
 
+// generate's keyword arguments as a request: the call's values over the folder's
+// generation_config.json, as Transformers' generate.
+models::GenerationRequest request_of(std::optional<int64_t> max_new_tokens, int64_t min_new_tokens,
+                                     std::optional<std::vector<int64_t>> eos, std::optional<bool> sample,
+                                     std::optional<double> temperature, std::optional<int64_t> top_k,
+                                     std::optional<double> top_p, std::optional<double> repetition_penalty,
+                                     uint64_t seed) {
+  models::GenerationRequest asked;
+  asked.max_new_tokens = max_new_tokens;
+  asked.min_new_tokens = min_new_tokens;
+  asked.eos_token_ids = std::move(eos);
+  asked.do_sample = sample;
+  asked.temperature = temperature;
+  asked.top_k = top_k;
+  asked.top_p = top_p;
+  asked.repetition_penalty = repetition_penalty;
+  asked.seed = seed;
+  return asked;
+}
+
 }  // namespace
 
 NB_MODULE(_moeforge, mod) {
@@ -144,19 +164,9 @@ NB_MODULE(_moeforge, mod) {
              std::optional<std::vector<int64_t>> eos, std::optional<bool> sample, std::optional<double> temperature,
              std::optional<int64_t> top_k, std::optional<double> top_p, std::optional<double> repetition_penalty,
              uint64_t seed, std::optional<nb::callable> streamer) {
-            // The arguments over the folder's generation_config.json, as Transformers' generate.
-            models::GenerationRequest asked;
-            asked.max_new_tokens = max_new_tokens;
-            asked.min_new_tokens = min_new_tokens;
-            asked.eos_token_ids = eos;
-            asked.do_sample = sample;
-            asked.temperature = temperature;
-            asked.top_k = top_k;
-            asked.top_p = top_p;
-            asked.repetition_penalty = repetition_penalty;
-            asked.seed = seed;
-            const models::GenerateOptions o =
-                models::resolve_generation(asked, hf::load_generation_config(m.loaded.source_dir));
+            const models::GenerateOptions o = models::resolve_generation(
+                request_of(max_new_tokens, min_new_tokens, eos, sample, temperature, top_k, top_p, repetition_penalty, seed),
+                hf::load_generation_config(m.loaded.source_dir));
             nb::gil_scoped_release release;
             std::function<bool(int64_t)> on_token;
             if (streamer)
@@ -181,18 +191,10 @@ NB_MODULE(_moeforge, mod) {
             // A batch of prompts, several sequences per model step (models::generate_many); each
             // row as generate() on it alone. Also returns the pad id Transformers fills finished
             // rows with: generation_config.json's pad_token_id, config.json's, else the first eos id.
-            models::GenerationRequest asked;
-            asked.max_new_tokens = max_new_tokens;
-            asked.min_new_tokens = min_new_tokens;
-            asked.eos_token_ids = eos;
-            asked.do_sample = sample;
-            asked.temperature = temperature;
-            asked.top_k = top_k;
-            asked.top_p = top_p;
-            asked.repetition_penalty = repetition_penalty;
-            asked.seed = seed;
             const hf::GenerationConfig gc = hf::load_generation_config(m.loaded.source_dir);
-            const models::GenerateOptions o = models::resolve_generation(asked, gc);
+            const models::GenerateOptions o = models::resolve_generation(
+                request_of(max_new_tokens, min_new_tokens, eos, sample, temperature, top_k, top_p, repetition_penalty, seed),
+                gc);
             std::optional<int64_t> pad = gc.pad_token_id ? gc.pad_token_id : m.loaded.model->config().pad_token_id;
             if (!pad && !o.eos_token_ids.empty()) pad = o.eos_token_ids.front();
             std::vector<std::vector<int64_t>> out(prompts.size());

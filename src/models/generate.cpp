@@ -184,7 +184,6 @@ struct Sequence {
   std::vector<int64_t> context;
   GenerateResult res;
   std::chrono::steady_clock::time_point decode_start;
-  bool prefilled = false;
 };
 }  // namespace
 
@@ -213,8 +212,10 @@ void generate_many(const CausalLM& model, nn::ParamAccess& ps, const std::vector
     }
     std::vector<std::vector<int64_t>> ids;
     std::vector<GenerationCache*> caches;
+    std::vector<bool> prompt_step;  // the sequences whose prompt runs in this step
     for (const Sequence& s : active) {
-      ids.push_back(s.prefilled ? std::vector<int64_t>{s.context.back()} : prompts[s.index]);
+      prompt_step.push_back(s.cache->length == 0);
+      ids.push_back(prompt_step.back() ? prompts[s.index] : std::vector<int64_t>{s.context.back()});
       caches.push_back(s.cache.get());
     }
     const auto t0 = std::chrono::steady_clock::now();
@@ -225,8 +226,7 @@ void generate_many(const CausalLM& model, nn::ParamAccess& ps, const std::vector
     for (size_t b = 0; b < active.size(); ++b) {
       Sequence& s = active[b];
       const GenerateOptions& o = opts[s.index];
-      if (!s.prefilled) {
-        s.prefilled = true;
+      if (prompt_step[b]) {
         s.res.prefill_seconds = step_seconds;
         s.decode_start = std::chrono::steady_clock::now();
       }

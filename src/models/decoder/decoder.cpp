@@ -589,9 +589,7 @@ Tensor Decoder::generation_step(nn::ParamAccess& ps, const std::vector<int64_t>&
 
 Tensor Decoder::generation_step_batch(nn::ParamAccess& ps, const std::vector<std::vector<int64_t>>& ids,
                                       const std::vector<GenerationCache*>& caches) const {
-  MF_CHECK(ids.size() == caches.size(), "internal: a generation step of ", ids.size(), " sequences with ",
-           caches.size(), " caches");
-  std::vector<Generation*> gens;
+  std::vector<Generation*> gens;  // run_generation checks that they match `ids`
   for (GenerationCache* c : caches) {
     gens.push_back(generation_of(c));
     const Parallel& par = gens.back()->par;

@@ -144,10 +144,8 @@ __global__ void add_bias_rows_packed_kernel(T* y, const B* b, const int64_t* off
 template <typename T, typename B>
 void launch_add_bias_rows(T* y, const B* b, const int64_t* offsets, int64_t experts, int64_t rows, int64_t n) {
   constexpr int V = 16 / sizeof(T);
-  // Packs of the bias too: 16 / sizeof(B) divides V's bytes' worth when B is at most T's size;
-  // an F32 bias under BF16 rows is read as two 16-byte loads per pack (load_f32).
-  const bool packed = packs_fit<T>(n, {y}) && n % V == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0 &&
-                      (n * static_cast<int64_t>(sizeof(B))) % 16 == 0;
+  // The bias rows in 16-byte packs too (an F32 bias under BF16 rows: two loads per pack, load_f32).
+  const bool packed = packs_fit<T>(n, {y}) && packs_fit<B>(n, {b});
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((rows + kBiasRowWarps - 1) / kBiasRowWarps, 65535));
   if (packed)
     add_bias_rows_packed_kernel<T, B, V><<<blocks, 32 * kBiasRowWarps, 0, current_stream()>>>(y, b, offsets, experts, rows, n);
