@@ -67,8 +67,16 @@ Rendezvous::Rendezvous(const DistEnv& env, const std::string& fingerprint, milli
   } else {
     const auto deadline = steady_clock::now() + timeout;
     for (;;) {
-      client_ = std::make_unique<TcpStoreClient>(env.master_addr, env.master_port, std::max(left_until(deadline), milliseconds(1)));
-      const auto served = client_->get("generation", std::min(left_until(deadline), milliseconds(2000)));
+      std::optional<std::string> served;
+      try {
+        client_ = std::make_unique<TcpStoreClient>(env.master_addr, env.master_port, std::max(left_until(deadline), milliseconds(1)));
+        served = client_->get("generation", std::min(left_until(deadline), milliseconds(2000)));
+      } catch (const std::exception&) {
+        // Rank 0 closed its earlier store under this probe (a connection its kernel had queued but
+        // the store never served is reset): not an error, its new store comes on the same port. A
+        // store that never answers at all still ends in the deadline's error below.
+        if (steady_clock::now() >= deadline) throw;
+      }
       if (served == generation) break;
       client_.reset();
       MF_CHECK(steady_clock::now() < deadline, "rendezvous at ", where, ": rank 0's store still serves an earlier "

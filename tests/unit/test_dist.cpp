@@ -145,6 +145,43 @@ TEST(Rendezvous, ASecondRendezvousFindsRankZerosNewStore) {
   }
 }
 
+// The race behind the test above, made certain: rank 1 reaches a store on the port that closes while
+// rank 1 waits to read which rendezvous it serves (rank 0's earlier store going away, the connection
+// cut mid-read). That is "not yet", not an error: rank 1 comes back and meets rank 0's store.
+TEST(Rendezvous, AStoreClosingUnderTheProbeIsNotAnError) {
+  const int port = free_port();
+  std::string error0, error1, got1;
+  std::thread rank1([&] {
+    error1 = test::error_of([&] {
+      parallel::Rendezvous rv(local_env(1, 2, port), "h", 20s);
+      got1 = rv.broadcast("y", "not this");
+    });
+  });
+  {
+    // A listener that never serves: the kernel completes rank 1's connection, its probe waits for
+    // an answer, and closing the listener resets it mid-read.
+    const int stale = ::socket(AF_INET, SOCK_STREAM, 0);
+    const int one = 1;
+    ::setsockopt(stale, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_ANY);
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    EXPECT_EQ(::bind(stale, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    EXPECT_EQ(::listen(stale, 8), 0);
+    std::this_thread::sleep_for(400ms);
+    ::close(stale);
+  }
+  error0 = test::error_of([&] {
+    parallel::Rendezvous rv(local_env(0, 2, port), "h", 20s);
+    rv.broadcast("y", "from rank 0");
+  });
+  rank1.join();
+  EXPECT_EQ(error0, "");
+  EXPECT_EQ(error1, "");
+  EXPECT_EQ(got1, "from rank 0");
+}
+
 // After start-up every rank beats into rank 0's store: while all do, no rank is named; a rank that
 // is gone (its heartbeat ended with it) is named by the others.
 TEST(Rendezvous, HeartbeatsNameTheRankThatStoppedAnswering) {
