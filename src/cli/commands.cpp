@@ -11,7 +11,7 @@ const std::vector<Command>& commands() {
       {"train", cmd_train, "RECIPE.yaml [key=value ...]", "full or LoRA fine-tuning from a recipe (docs/training.md)"},
       {"generate", cmd_generate, "--model DIR (--prompt TEXT | --messages FILE | --prompt-ids IDS) [...]",
        "generate text, streamed (KV cache; greedy or sampled; --adapter LORA_DIR)"},
-      {"eval", cmd_eval, "--model DIR --data FILE.jsonl [--adapter DIR]",
+      {"eval", cmd_eval, "--model DIR --data FILE.jsonl|.parquet [--adapter DIR]",
        "loss and perplexity on a dataset in any training format"},
       {"plot", cmd_plot, "OUTPUT_DIR [-o loss.png]", "loss, eval loss, lr and grad norm against step, as a PNG"},
       {"inspect", cmd_inspect, "MODEL_DIR|CONFIG.json [--gpus N] [--json]",

@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/logging.h"
+#include "data/parquet_reader.h"
 #include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
 #include "hf/fs_util.h"
@@ -22,13 +23,20 @@ using nlohmann::json;
 
 namespace {
 
+bool is_parquet(const std::string& file) { return fs::path(file).extension() == ".parquet"; }
+
+// The top-level fields a row may use (the rest of a Parquet file's columns are not read).
+const std::vector<std::string> kRowFields = {"input_ids", "labels", "text", "prompt", "completion",
+                                             "messages", "tools", "chat_template_kwargs"};
+
 std::vector<std::string> resolve_files(const std::string& path) {
   std::vector<std::string> files;
   if (fs::is_directory(path)) {
     for (const auto& de : fs::directory_iterator(path))
-      if (de.is_regular_file() && de.path().extension() == ".jsonl") files.push_back(de.path().string());
+      if (de.is_regular_file() && (de.path().extension() == ".jsonl" || is_parquet(de.path().string())))
+        files.push_back(de.path().string());
     std::sort(files.begin(), files.end());
-    MF_CHECK(!files.empty(), path, ": folder has no *.jsonl files");
+    MF_CHECK(!files.empty(), path, ": folder has no *.jsonl or *.parquet files");
     return files;
   }
   if (path.find_first_of("*?[") != std::string::npos) {
@@ -82,17 +90,10 @@ TokenRow messages_row(const nlohmann::ordered_json& j, const std::string& where,
   return r;
 }
 
-TokenRow parse_row(const std::string& line, const std::string& where, const DatasetOptions& o) {
-  nlohmann::ordered_json j;  // ordered: chat templates see the keys in the file's order (tojson)
-  hf::check_json_depth(line, where);
-  try {
-    j = nlohmann::ordered_json::parse(line);
-  } catch (const nlohmann::ordered_json::exception& e) {
-    MF_THROW(where, ": invalid JSON (", e.what(), ")");
-  }
+TokenRow parse_row(const nlohmann::ordered_json& j, const std::string& where, const DatasetOptions& o) {
   MF_CHECK(j.is_object(), where, ": each line must be a JSON object");
   if (j.contains("input_ids")) {
-    TokenRow r = parse_token_line(line, where);
+    TokenRow r = token_row_of(j, where);
     if (!r.labels) r.labels = r.input_ids;
     return r;
   }
@@ -123,13 +124,44 @@ TokenRow parse_row(const std::string& line, const std::string& where, const Data
 }  // namespace
 
 TokenRow parse_dataset_line(const std::string& line, const std::string& where, const DatasetOptions& o) {
-  return parse_row(line, where, o);
+  nlohmann::ordered_json j;  // ordered: chat templates see the keys in the file's order (tojson)
+  hf::check_json_depth(line, where);
+  try {
+    j = nlohmann::ordered_json::parse(line);
+  } catch (const nlohmann::ordered_json::exception& e) {
+    MF_THROW(where, ": invalid JSON (", e.what(), ")");
+  }
+  return parse_row(j, where, o);
+}
+
+TokenRow parse_dataset_object(const nlohmann::ordered_json& row, const std::string& where, const DatasetOptions& o) {
+  return parse_row(row, where, o);
 }
 
 Dataset load_dataset(const DatasetOptions& o) {
   Dataset d;
   d.files = resolve_files(o.path);
+  // A malformed row is fatal, or skipped and counted (the first five named) with skip_bad_lines.
+  const auto add = [&](int64_t n, const auto& parse) {
+    try {
+      TokenRow r = parse();
+      r.line = n;
+      d.rows.push_back(std::move(r));
+    } catch (const Error& e) {
+      if (!o.skip_bad_lines) throw;
+      if (d.skipped_lines < 5) log::warn("skipping ", e.what());
+      ++d.skipped_lines;
+    }
+  };
   for (const auto& file : d.files) {
+    if (is_parquet(file)) {
+      // Rows counted from 1, as lines are.
+      parquet::ParquetFile::open(file).for_each_row(kRowFields, [&](int64_t row, nlohmann::ordered_json&& j) {
+        const std::string where = file + ": row " + std::to_string(row + 1);
+        add(row + 1, [&] { return parse_row(j, where, o); });
+      });
+      continue;
+    }
     std::ifstream in(file);
     MF_CHECK(in.good(), file, ": cannot open (", std::strerror(errno), ")");
     std::string line;
@@ -137,16 +169,7 @@ Dataset load_dataset(const DatasetOptions& o) {
     while (std::getline(in, line)) {
       ++n;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      const std::string where = file + ":" + std::to_string(n);
-      try {
-        TokenRow r = parse_dataset_line(line, where, o);
-        r.line = n;
-        d.rows.push_back(std::move(r));
-      } catch (const Error& e) {
-        if (!o.skip_bad_lines) throw;
-        if (d.skipped_lines < 5) log::warn("skipping ", e.what());
-        ++d.skipped_lines;
-      }
+      add(n, [&] { return parse_dataset_line(line, file + ":" + std::to_string(n), o); });
     }
   }
   MF_CHECK(!d.rows.empty(), o.path, ": no usable rows", d.skipped_lines ? " (all malformed lines were skipped)" : "");

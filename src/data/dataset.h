@@ -1,12 +1,14 @@
-// Training data from jsonl files: one row per line, in any of these forms
+// Training data from jsonl files (one row per line) or Parquet files (one row per row, its columns
+// read as the fields below: a Hugging Face dataset's parquet shards as they are), in any of these forms
 //   {"input_ids": [...], "labels": [...]?}   pre-tokenized (labels default to input_ids, -100 = no loss)
 //   {"text": "..."}                          every token trained
 //   {"prompt": "...", "completion": "..."}   loss on the completion only
 //   {"messages": [{"role": ..., "content": ...}, ...], "tools": [...]?, "chat_template_kwargs": {...}?}
 //                                            rendered by the chat template; loss on assistant tokens
 
-// `path` is a file, a folder (every *.jsonl in it, sorted) or a glob. Malformed lines are fatal, or
-// skipped and counted when `skip_bad_lines`; every error names file:line.
+// `path` is a file, a folder (every *.jsonl and *.parquet in it, sorted) or a glob. Malformed rows are
+// fatal, or skipped and counted when `skip_bad_lines`; every error names file:line (a Parquet file:
+// "file: row N", N counted from 1). Parquet columns other than the fields above are not read.
 #pragma once
 #include <cstdint>
 #include <optional>
@@ -40,6 +42,8 @@ struct Dataset {
 Dataset load_dataset(const DatasetOptions& opts);
 // One line of a dataset file as a row (labels set); `where` is "file:line" for errors.
 TokenRow parse_dataset_line(const std::string& line, const std::string& where, const DatasetOptions& opts);
+// The same for a row already parsed (a Parquet row).
+TokenRow parse_dataset_object(const nlohmann::ordered_json& row, const std::string& where, const DatasetOptions& opts);
 
 // Data parallelism: each optimizer step takes `global_batch` consecutive rows of the shuffled
 // stream; rank r of `world` trains rows [offset, offset + count) of them. The stream does not

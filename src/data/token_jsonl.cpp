@@ -11,7 +11,7 @@
 namespace moeforge::data {
 
 namespace {
-std::vector<int64_t> int_list(const nlohmann::json& j, const char* field, const std::string& where) {
+std::vector<int64_t> int_list(const nlohmann::ordered_json& j, const char* field, const std::string& where) {
   MF_CHECK(j.is_array(), where, ": field '", field, "' must be a list of integers");
   std::vector<int64_t> v;
   v.reserve(j.size());
@@ -24,13 +24,17 @@ std::vector<int64_t> int_list(const nlohmann::json& j, const char* field, const 
 }  // namespace
 
 TokenRow parse_token_line(const std::string& text, const std::string& where) {
-  nlohmann::json j;
+  nlohmann::ordered_json j;
   hf::check_json_depth(text, where);
   try {
-    j = nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
+    j = nlohmann::ordered_json::parse(text);
+  } catch (const nlohmann::ordered_json::exception& e) {
     MF_THROW(where, ": invalid JSON (", e.what(), ")");
   }
+  return token_row_of(j, where);
+}
+
+TokenRow token_row_of(const nlohmann::ordered_json& j, const std::string& where) {
   MF_CHECK(j.is_object(), where, ": each line must be a JSON object");
   MF_CHECK(j.contains("input_ids"), where, ": missing field 'input_ids'");
   TokenRow row;

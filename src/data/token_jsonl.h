@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 namespace moeforge::data {
 
 struct TokenRow {
@@ -17,5 +19,7 @@ struct TokenRow {
 std::vector<TokenRow> read_token_jsonl(const std::string& path);
 // Parses one line (for tests and streaming readers); `where` is "file:line".
 TokenRow parse_token_line(const std::string& text, const std::string& where);
+// The same from a parsed object (a Parquet row, say).
+TokenRow token_row_of(const nlohmann::ordered_json& j, const std::string& where);
 
 }  // namespace moeforge::data

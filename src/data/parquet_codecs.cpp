@@ -1,0 +1,160 @@
+#include "data/parquet_codecs.h"
+
+#include <zlib.h>
+#include <zstd.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/error.h"
+
+namespace moeforge::data::parquet {
+
+namespace {
+
+// Copies `len` bytes from `offset` back in `out` (they may overlap the bytes being written: a
+// run repeats its start, so byte by byte).
+void copy_back(std::vector<uint8_t>& out, size_t& n, size_t offset, size_t len, size_t out_size, const std::string& what,
+               const char* codec) {
+  MF_CHECK(offset > 0 && offset <= n, what, ": malformed ", codec, " data (a copy from before the start)");
+  MF_CHECK(len <= out_size - n, what, ": ", codec, " data decompresses past the page's uncompressed size");
+  for (size_t i = 0; i < len; ++i, ++n) out[n] = out[n - offset];
+}
+
+}  // namespace
+
+// Snappy's format: the uncompressed length as a varint, then elements. An element's tag's low two
+// bits say what it is: 0 a literal (length in the tag's upper six bits, or in 1-4 bytes after it
+// when those say 60-63), 1 a copy of 4-11 bytes with an 11-bit offset, 2 and 3 copies of 1-64
+// bytes with 2- and 4-byte offsets.
+std::vector<uint8_t> snappy_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
+  const char* codec = "SNAPPY";
+  size_t p = 0;
+  uint64_t declared = 0;
+  for (int shift = 0;; shift += 7) {
+    MF_CHECK(p < in_size && shift < 35, what, ": malformed SNAPPY data (its length)");
+    declared |= static_cast<uint64_t>(in[p] & 0x7f) << shift;
+    if (!(in[p++] & 0x80)) break;
+  }
+  MF_CHECK(declared == out_size, what, ": SNAPPY data holds ", declared, " bytes, the page header says ", out_size);
+  std::vector<uint8_t> out(out_size);
+  size_t n = 0;
+  const auto need = [&](size_t k) { MF_CHECK(k <= in_size - p, what, ": SNAPPY data ends early"); };
+  while (p < in_size) {
+    const uint8_t tag = in[p++];
+    const int kind = tag & 3;
+    if (kind == 0) {
+      size_t len = tag >> 2;
+      if (len >= 60) {
+        const size_t bytes = len - 59;
+        need(bytes);
+        len = 0;
+        for (size_t i = 0; i < bytes; ++i) len |= static_cast<size_t>(in[p + i]) << (8 * i);
+        p += bytes;
+      }
+      ++len;
+      need(len);
+      MF_CHECK(len <= out_size - n, what, ": SNAPPY data decompresses past the page's uncompressed size");
+      std::memcpy(out.data() + n, in + p, len);
+      p += len;
+      n += len;
+    } else if (kind == 1) {
+      need(1);
+      const size_t len = 4 + ((tag >> 2) & 7), offset = (static_cast<size_t>(tag >> 5) << 8) | in[p++];
+      copy_back(out, n, offset, len, out_size, what, codec);
+    } else {
+      const size_t bytes = kind == 2 ? 2 : 4;
+      need(bytes);
+      size_t offset = 0;
+      for (size_t i = 0; i < bytes; ++i) offset |= static_cast<size_t>(in[p + i]) << (8 * i);
+      p += bytes;
+      copy_back(out, n, offset, 1 + (tag >> 2), out_size, what, codec);
+    }
+  }
+  MF_CHECK(n == out_size, what, ": SNAPPY data gives ", n, " bytes, the page header says ", out_size);
+  return out;
+}
+
+// LZ4's block format: sequences of a token (literal length in its high four bits, match length - 4
+// in its low four; 15 means more length bytes follow, each added until one is below 255), the
+// literals, a 2-byte offset and the match. The last sequence has literals only.
+std::vector<uint8_t> lz4_block_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
+  const char* codec = "LZ4_RAW";
+  std::vector<uint8_t> out(out_size);
+  size_t p = 0, n = 0;
+  const auto length = [&](size_t base) {
+    size_t len = base;
+    if (base == 15) {
+      uint8_t b;
+      do {
+        MF_CHECK(p < in_size, what, ": LZ4_RAW data ends early");
+        b = in[p++];
+        len += b;
+        MF_CHECK(len <= out_size, what, ": LZ4_RAW data decompresses past the page's uncompressed size");
+      } while (b == 255);
+    }
+    return len;
+  };
+  while (p < in_size) {
+    const uint8_t token = in[p++];
+    const size_t lit = length(token >> 4);
+    MF_CHECK(lit <= in_size - p && lit <= out_size - n, what, ": malformed LZ4_RAW data (a literal run too long)");
+    std::memcpy(out.data() + n, in + p, lit);
+    p += lit;
+    n += lit;
+    if (p == in_size) break;  // the last sequence
+    MF_CHECK(in_size - p >= 2, what, ": LZ4_RAW data ends early");
+    const size_t offset = in[p] | (static_cast<size_t>(in[p + 1]) << 8);
+    p += 2;
+    copy_back(out, n, offset, length(token & 15) + 4, out_size, what, codec);
+  }
+  MF_CHECK(n == out_size, what, ": LZ4_RAW data gives ", n, " bytes, the page header says ", out_size);
+  return out;
+}
+
+namespace {
+
+std::vector<uint8_t> gzip_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
+  std::vector<uint8_t> out(out_size);
+  z_stream z{};
+  MF_CHECK(inflateInit2(&z, 15 + 32) == Z_OK, what, ": cannot start zlib");  // gzip or zlib header
+  z.next_in = const_cast<Bytef*>(in);
+  z.avail_in = static_cast<uInt>(std::min<size_t>(in_size, UINT32_MAX));
+  z.next_out = out.data();
+  z.avail_out = static_cast<uInt>(std::min<size_t>(out_size, UINT32_MAX));
+  const int rc = inflate(&z, Z_FINISH);
+  const size_t got = z.total_out;
+  inflateEnd(&z);
+  MF_CHECK(rc == Z_STREAM_END, what, ": malformed GZIP data (zlib: ", rc == Z_BUF_ERROR ? "longer than the page header says"
+                                                                      : (z.msg ? z.msg : "error"), ")");
+  MF_CHECK(got == out_size, what, ": GZIP data gives ", got, " bytes, the page header says ", out_size);
+  return out;
+}
+
+std::vector<uint8_t> zstd_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
+  std::vector<uint8_t> out(out_size);
+  const size_t got = ZSTD_decompress(out.data(), out_size, in, in_size);
+  MF_CHECK(!ZSTD_isError(got), what, ": malformed ZSTD data (", ZSTD_getErrorName(got), ")");
+  MF_CHECK(got == out_size, what, ": ZSTD data gives ", got, " bytes, the page header says ", out_size);
+  return out;
+}
+
+}  // namespace
+
+std::vector<uint8_t> decompress(Codec codec, const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
+  switch (codec) {
+    case Codec::Uncompressed:
+      MF_CHECK(in_size == out_size, what, ": an uncompressed page of ", in_size, " bytes, its header says ", out_size);
+      return std::vector<uint8_t>(in, in + in_size);
+    case Codec::Snappy: return snappy_decompress(in, in_size, out_size, what);
+    case Codec::Gzip: return gzip_decompress(in, in_size, out_size, what);
+    case Codec::Zstd: return zstd_decompress(in, in_size, out_size, what);
+    case Codec::Lz4Raw: return lz4_block_decompress(in, in_size, out_size, what);
+    default:
+      MF_THROW(what, ": compressed with ", codec_name(codec),
+               ", which moeforge does not read (SNAPPY, GZIP, ZSTD, LZ4_RAW and uncompressed are read); rewrite it, "
+               "e.g. pyarrow.parquet.write_table(table, path, compression='zstd')");
+  }
+}
+
+}  // namespace moeforge::data::parquet

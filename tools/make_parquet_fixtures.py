@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Writes the Parquet fixtures of tests/unit/test_parquet.cpp with pyarrow (PyPI), each beside the
+rows pyarrow reads back from it (NAME.expected.jsonl, top-level nulls left out), which is what
+moeforge's reader must give. The cases cover every codec, page kind and encoding the reader takes,
+nested lists and structs with nulls at every level, and columns a dataset does not read.
+
+    python3 -m venv /tmp/pa && /tmp/pa/bin/pip install pyarrow
+    /tmp/pa/bin/python tools/make_parquet_fixtures.py tests/fixtures/parquet
+"""
+import json
+import os
+import random
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def words(rng, n):
+    vocab = ["the", "cat", "sat", "on", "a", "mat", "é", "日本", "tokens", "loss", "expert", "router", ""]
+    return " ".join(rng.choice(vocab) for _ in range(n))
+
+
+MANIFEST = {}
+
+
+def write(out, name, table, unread=(), **options):
+    """`unread`: columns the test does not ask for (types the reader refuses)."""
+    path = os.path.join(out, name + ".parquet")
+    pq.write_table(table, path, **options)
+    fields = [f for f in table.column_names if f not in unread]
+    MANIFEST[name] = {"fields": fields}
+    with open(os.path.join(out, name + ".expected.jsonl"), "w", encoding="utf-8") as f:
+        for row in pq.read_table(path, columns=fields).to_pylist():
+            f.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
+    return path
+
+
+def main():
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    rng = random.Random(7)
+
+    # Text rows over two row groups and many small dictionary-encoded pages, SNAPPY.
+    texts = [words(rng, rng.randint(1, 30)) for _ in range(50)]
+    write(out, "text_snappy", pa.table({"text": texts}), compression="snappy", row_group_size=20,
+          data_page_size=256, dictionary_pagesize_limit=128)
+
+    # Prompt / completion with a null and a column of a type the reader does not take (INT96
+    # timestamps): a dataset reads only its fields. GZIP, plain values.
+    n = 12
+    prompts = [words(rng, 5) for _ in range(n)]
+    prompts[3] = None
+    table = pa.table({
+        "prompt": prompts,
+        "completion": [words(rng, 4) for _ in range(n)],
+        "created": pa.array([1700000000 + i for i in range(n)], pa.timestamp("ns")),
+    })
+    write(out, "prompt_completion_gzip", table, unread=["created"], compression="gzip", use_dictionary=False,
+          use_deprecated_int96_timestamps=True)
+
+    # Token rows: list<int64> with null and empty lists, data pages v2, ZSTD, no dictionary.
+    ids = [[rng.randint(0, 127) for _ in range(rng.randint(1, 40))] for _ in range(30)]
+    labels = [[x if rng.random() < 0.7 else -100 for x in row] for row in ids]
+    labels[2] = None
+    labels[5] = []
+    write(out, "tokens_zstd_v2", pa.table({"input_ids": ids, "labels": labels}), compression="zstd",
+          data_page_version="2.0", use_dictionary=False, data_page_size=512)
+
+    # Conversations: list<struct<role, content>> with a null content, a struct column, LZ4_RAW.
+    roles = ["system", "user", "assistant"]
+    conversations = []
+    for i in range(16):
+        turns = [{"role": roles[min(t, 2) if t < 2 else 1 + t % 2], "content": words(rng, rng.randint(0, 12))}
+                 for t in range(rng.randint(2, 6))]
+        if i == 4:
+            turns[1]["content"] = None
+        conversations.append(turns)
+    kwargs = [{"enable_thinking": bool(i % 2)} if i % 3 else None for i in range(16)]
+    write(out, "messages_lz4", pa.table({"messages": conversations, "chat_template_kwargs": kwargs}),
+          compression="lz4", row_group_size=7)
+
+    # The DELTA encodings (no dictionary), uncompressed, pages v1.
+    n = 300
+    ints = [[rng.randint(-2**31, 2**31 - 1) for _ in range(rng.randint(0, 5))] for _ in range(n)]
+    table = pa.table({
+        "input_ids": pa.array(ints, pa.list_(pa.int32())),
+        "text": [words(rng, rng.randint(0, 8)) for _ in range(n)],
+        "prompt": ["prefix shared " + str(i // 3) + words(rng, 2) for i in range(n)],
+        "big": pa.array([rng.randint(-2**62, 2**62) for _ in range(n)], pa.int64()),
+    })
+    write(out, "delta_plain", table, compression="none", use_dictionary=False,
+          column_encoding={"input_ids": "DELTA_BINARY_PACKED", "text": "DELTA_LENGTH_BYTE_ARRAY",
+                           "prompt": "DELTA_BYTE_ARRAY", "big": "DELTA_BINARY_PACKED"})
+
+    # Nesting with nulls at every level, maps, unsigned and floating values, booleans (v1 PLAIN
+    # bit-packed and v2 RLE).
+    n = 40
+    nested = []
+    for i in range(n):
+        r = rng.random()
+        nested.append(None if r < 0.1 else [] if r < 0.2 else
+                      [None if rng.random() < 0.2 else [rng.randint(0, 9) if rng.random() < 0.8 else None
+                                                         for _ in range(rng.randint(0, 3))]
+                       for _ in range(rng.randint(1, 3))])
+    table = pa.table({
+        "nested": pa.array(nested, pa.list_(pa.list_(pa.int64()))),
+        "record": pa.array([None if i % 7 == 0 else {"name": words(rng, 1), "scores": [rng.random() for _ in range(i % 3)],
+                                                      "flag": i % 2 == 0} for i in range(n)],
+                           pa.struct([("name", pa.string()), ("scores", pa.list_(pa.float64())), ("flag", pa.bool_())])),
+        "counts": pa.array([[(words(rng, 1) + str(k), k) for k in range(i % 4)] for i in range(n)],
+                           pa.map_(pa.string(), pa.int64())),
+        "unsigned": pa.array([2**32 - 1 - i for i in range(n)], pa.uint32()),
+        "ratio": pa.array([i / 8 for i in range(n)], pa.float32()),
+        "ok": [i % 3 == 0 for i in range(n)],
+    })
+    write(out, "nested_v1", table, compression="snappy", row_group_size=16)
+    write(out, "nested_v2", table, compression="zstd", data_page_version="2.0", row_group_size=25)
+    with open(os.path.join(out, "MANIFEST.json"), "w") as f:
+        json.dump({"pyarrow": pa.__version__, "cases": MANIFEST}, f, indent=1)
+        f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
