@@ -99,7 +99,7 @@ std::vector<uint8_t> lz4_block_decompress(const uint8_t* in, size_t in_size, siz
     const uint8_t token = in[p++];
     const size_t lit = length(token >> 4);
     MF_CHECK(lit <= in_size - p && lit <= out_size - n, what, ": malformed LZ4_RAW data (a literal run too long)");
-    std::memcpy(out.data() + n, in + p, lit);
+    if (lit > 0) std::memcpy(out.data() + n, in + p, lit);
     p += lit;
     n += lit;
     if (p == in_size) break;  // the last sequence

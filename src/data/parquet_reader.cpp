@@ -78,6 +78,7 @@ std::vector<uint8_t> ParquetFile::read_at(int64_t offset, int64_t size, const st
   MF_CHECK(offset >= 0 && size >= 0 && offset <= size_ && size <= size_ - offset, name_, ": ", what, " (bytes ", offset,
            " to ", offset + size, ") lies outside the file's ", size_, " bytes");
   std::vector<uint8_t> out(static_cast<size_t>(size));
+  if (out.empty()) return out;
   if (!file_) {
     std::memcpy(out.data(), bytes_.data() + offset, out.size());
     return out;
@@ -132,6 +133,9 @@ void ParquetFile::build_schema() {
     }
     path.push_back(index);
     for (int c = 0; c < e.num_children; ++c) {
+      // The subtrees before this child may have used up the elements its count promised.
+      MF_CHECK(next < s.size(), name_, ": schema element '", e.name, "' claims ", e.num_children,
+               " children, more than the schema holds");
       const int child = static_cast<int>(next++);
       n.children.push_back(child);
       build(child, depth + 1);
