@@ -331,7 +331,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::fprintf(stderr, "generate: %zu prompts, %zu tokens in %.2f s (%.1f tokens/s, up to %lld sequences per step)\n",
                  prompts.size(), tokens, seconds, seconds > 0 ? static_cast<double>(tokens) / seconds : 0.0,
-                 static_cast<long long>(batch_size));
+                 static_cast<long long>(std::min<int64_t>(batch_size, static_cast<int64_t>(prompts.size()))));
     return 0;
   }
 

@@ -487,6 +487,8 @@ TEST(Cli, GeneratePromptsFileGivesEachPromptsOwnResult) {
     EXPECT_EQ(rows[i].value("prompt", ""), want[i].value("prompt", "")) << i;
   }
   EXPECT_NE(many.err.find("prompt 3/3"), std::string::npos) << many.err;  // progress on stderr
+  // The summary names the sequences a step really ran: 3 prompts under the default batch of 8.
+  EXPECT_NE(many.err.find("up to 3 sequences per step"), std::string::npos) << many.err;
   // Two sequences per step (the third prompt joins when one ends) or one at a time: the same lines,
   // in the file's order.
   for (const char* batch : {" --batch-size 2", " --batch-size 1"}) {

@@ -195,6 +195,30 @@ TEST(Dataset, MessagesRowsTrainAssistantTokensOnly) {
   EXPECT_NE(tok.decode(d.rows[0].input_ids, false).find("<|im_start|>system\nBe brief."), std::string::npos);
 }
 
+// Tools as datasets often hold them, a JSON string per row, render as the same list would.
+TEST(Dataset, ToolsGivenAsAJsonStringRenderAsTheList) {
+  const std::string dir = test::fixture("chat/qwen3");
+  auto tok = hf::Tokenizer::load(dir);
+  auto chat = hf::ChatTemplate::load(dir);
+  const std::string tools = R"([{"type": "function", "function": {"name": "add", "description": "Adds", "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}])";
+  const std::string messages = R"("messages": [{"role": "user", "content": "1+2?"}, {"role": "assistant", "content": "3"}])";
+  const nlohmann::json as_string = tools;
+  test::TempDir tmp;
+  std::ofstream(tmp / "t.jsonl") << "{" << messages << ", \"tools\": " << tools << "}\n"
+                                 << "{" << messages << ", \"tools\": " << as_string.dump() << "}\n"
+                                 << "{" << messages << "}\n";
+  data::DatasetOptions o;
+  o.path = tmp / "t.jsonl";
+  o.tokenizer = &tok;
+  o.chat_template = &*chat;
+  const auto d = data::load_dataset(o);
+  ASSERT_EQ(d.rows.size(), 3u);
+  EXPECT_EQ(d.rows[1].input_ids, d.rows[0].input_ids);
+  EXPECT_EQ(d.rows[1].labels, d.rows[0].labels);
+  EXPECT_NE(d.rows[2].input_ids, d.rows[0].input_ids);  // the tools reached the template
+  EXPECT_NE(tok.decode(d.rows[0].input_ids, false).find("\"name\": \"add\""), std::string::npos);
+}
+
 TEST(DatasetBadInput, MessagesRows) {
   const std::string dir = test::fixture("chat/qwen3");
   auto tok = hf::Tokenizer::load(dir);
@@ -215,6 +239,9 @@ TEST(DatasetBadInput, MessagesRows) {
     }
   };
   expect_error(R"({"messages": []})", "field 'messages' must be a non-empty list");
+  const std::string qa = R"("messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])";
+  expect_error("{" + qa + R"(, "tools": "not json"})", "field 'tools' is a string that is not JSON");
+  expect_error("{" + qa + R"(, "tools": "{\"a\": 1}"})", "field 'tools' must be a list (or a JSON string of one)");
   expect_error(R"({"messages": [{"content": "no role"}]})", "messages[0] must be an object with a string 'role'");
   expect_error(R"({"messages": [{"role": "user", "content": 5}]})", "messages[0].content must be a string");
   expect_error(R"({"messages": [{"role": "user", "content": "only a question"}]})", "the conversation has no assistant tokens to train on");

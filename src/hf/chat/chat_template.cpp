@@ -246,8 +246,20 @@ nlohmann::ordered_json conversation_row(nlohmann::ordered_json value, const std:
 ChatOptions chat_options_of(const nlohmann::ordered_json& row, const std::string& where) {
   ChatOptions opts;
   if (row.contains("tools") && !row["tools"].is_null()) {
-    MF_CHECK(row["tools"].is_array(), where, ": field 'tools' must be a list");
-    opts.tools = row["tools"];
+    nlohmann::ordered_json tools = row["tools"];
+    if (tools.is_string()) {
+      // Hugging Face datasets often keep tool schemas as a JSON string (their shapes differ from
+      // row to row, which a table column cannot hold otherwise): read it as the list it spells.
+      const std::string text = tools.get<std::string>();
+      check_json_depth(text, where + ": field 'tools'");
+      try {
+        tools = nlohmann::ordered_json::parse(text);
+      } catch (const nlohmann::ordered_json::exception& e) {
+        MF_THROW(where, ": field 'tools' is a string that is not JSON (", e.what(), ")");
+      }
+    }
+    MF_CHECK(tools.is_array(), where, ": field 'tools' must be a list (or a JSON string of one)");
+    opts.tools = std::move(tools);
   }
   if (row.contains("chat_template_kwargs")) {
     MF_CHECK(row["chat_template_kwargs"].is_object(), where, ": field 'chat_template_kwargs' must be an object");
