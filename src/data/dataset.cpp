@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -141,8 +142,22 @@ TokenRow parse_dataset_object(const nlohmann::ordered_json& row, const std::stri
 Dataset load_dataset(const DatasetOptions& o) {
   Dataset d;
   d.files = resolve_files(o.path);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto last_report = t0;
+  LoadProgress progress;
+  progress.files = d.files.size();
   // A malformed row is fatal, or skipped and counted (the first five named) with skip_bad_lines.
   const auto add = [&](int64_t n, const auto& parse) {
+    if (o.on_progress) {
+      const auto now = std::chrono::steady_clock::now();
+      if (std::chrono::duration<double>(now - last_report).count() >= o.progress_seconds) {
+        last_report = now;
+        progress.rows = static_cast<int64_t>(d.rows.size());
+        progress.skipped = d.skipped_lines;
+        progress.seconds = std::chrono::duration<double>(now - t0).count();
+        o.on_progress(progress);
+      }
+    }
     try {
       TokenRow r = parse();
       r.line = n;
@@ -154,6 +169,8 @@ Dataset load_dataset(const DatasetOptions& o) {
     }
   };
   for (const auto& file : d.files) {
+    progress.file = file;
+    ++progress.file_number;
     if (is_parquet(file)) {
       // Rows counted from 1, as lines are.
       parquet::ParquetFile::open(file).for_each_row(kRowFields, [&](int64_t row, nlohmann::ordered_json&& j) {

@@ -11,6 +11,7 @@
 // "file: row N", N counted from 1). Parquet columns other than the fields above are not read.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -24,6 +25,15 @@ class ChatTemplate;
 
 namespace moeforge::data {
 
+// How far a load has come (DatasetOptions::on_progress): rows read so far over every file, the
+// file being read (counted from 1), and the seconds since the load began.
+struct LoadProgress {
+  std::string file;
+  size_t file_number = 0, files = 0;
+  int64_t rows = 0, skipped = 0;
+  double seconds = 0;
+};
+
 struct DatasetOptions {
   std::string path;
   const hf::Tokenizer* tokenizer = nullptr;  // needed for text, prompt/completion and messages rows
@@ -31,6 +41,10 @@ struct DatasetOptions {
   std::string chat_template_origin;  // where a template was looked for, for the error when there is none
   bool skip_bad_lines = false;
   std::optional<int64_t> eos_id;  // appended to text and completion rows when set
+  // Called at most every progress_seconds while rows are read (tokenizing and rendering a large
+  // dataset takes minutes), and not at all for loads that end sooner.
+  std::function<void(const LoadProgress&)> on_progress;
+  double progress_seconds = 5;
 };
 
 struct Dataset {

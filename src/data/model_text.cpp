@@ -1,8 +1,10 @@
 #include "data/model_text.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include "core/error.h"
+#include "core/logging.h"
 #include "hf/fs_util.h"
 #include "hf/generation_config.h"
 
@@ -29,7 +31,7 @@ ModelText load_model_text(const std::string& model_dir, const std::string& token
   return t;
 }
 
-Dataset load_model_dataset(const std::string& path, const ModelText& text, bool skip_bad_lines) {
+Dataset load_model_dataset(const std::string& path, const ModelText& text, bool skip_bad_lines, bool report_progress) {
   DatasetOptions o;
   o.path = path;
   o.tokenizer = text.tokenizer ? &*text.tokenizer : nullptr;
@@ -37,6 +39,12 @@ Dataset load_model_dataset(const std::string& path, const ModelText& text, bool 
   o.chat_template_origin = text.tokenizer_dir;
   o.skip_bad_lines = skip_bad_lines;
   o.eos_id = text.eos_id;
+  if (report_progress)
+    o.on_progress = [](const LoadProgress& p) {
+      log::info("data: ", p.rows, " rows in ", static_cast<int64_t>(p.seconds), " s (",
+                static_cast<int64_t>(p.rows / std::max(p.seconds, 1e-9)), " rows/s), reading ", p.file, " (file ",
+                p.file_number, " of ", p.files, ")", p.skipped ? ", " + std::to_string(p.skipped) + " skipped" : "");
+    };
   return load_dataset(o);
 }
 

@@ -24,7 +24,8 @@ struct ModelText {
 ModelText load_model_text(const std::string& model_dir, const std::string& tokenizer_dir,
                           const std::string& chat_template_file, bool add_eos, const std::string& where);
 
-// A dataset file, folder or glob in any of dataset.h's row forms, tokenized for the model.
-Dataset load_model_dataset(const std::string& path, const ModelText& text, bool skip_bad_lines);
+// A dataset file, folder or glob in any of dataset.h's row forms, tokenized for the model; with
+// `report_progress`, a line every 5 s while it reads (one rank of a job reports for all).
+Dataset load_model_dataset(const std::string& path, const ModelText& text, bool skip_bad_lines, bool report_progress = true);
 
 }  // namespace moeforge::data

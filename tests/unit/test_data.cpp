@@ -124,6 +124,35 @@ TEST(Dataset, FoldersAndGlobs) {
   EXPECT_EQ(data::load_dataset(o).rows.size(), 1u);
 }
 
+// A long load reports how far it has come: here every row (progress_seconds 0), counting the rows
+// kept and skipped over both files, naming the file being read.
+TEST(Dataset, ALoadReportsItsProgress) {
+  test::TempDir tmp;
+  std::ofstream(tmp / "a.jsonl") << "{\"input_ids\": [1, 2]}\n{\"input_ids\": [3]}\n";
+  std::ofstream(tmp / "b.jsonl") << "{\"input_ids\": [4, 5]}\nnot json\n{\"input_ids\": [6]}\n";
+  data::DatasetOptions o;
+  o.path = tmp.path.string();
+  o.skip_bad_lines = true;
+  std::vector<data::LoadProgress> seen;
+  o.progress_seconds = 0;
+  o.on_progress = [&](const data::LoadProgress& p) { seen.push_back(p); };
+  const auto d = data::load_dataset(o);
+  ASSERT_EQ(d.rows.size(), 4u);
+  ASSERT_EQ(seen.size(), 5u);  // before each row is added
+  EXPECT_EQ(seen[0].rows, 0);
+  EXPECT_EQ(seen[0].file_number, 1u);
+  EXPECT_EQ(seen[0].files, 2u);
+  EXPECT_EQ(seen[2].file, tmp / "b.jsonl");
+  EXPECT_EQ(seen[2].file_number, 2u);
+  EXPECT_EQ(seen[2].rows, 2);
+  EXPECT_EQ(seen[4].rows, 3);
+  EXPECT_EQ(seen[4].skipped, 1);
+  o.progress_seconds = 3600;  // a load that ends sooner reports nothing
+  seen.clear();
+  data::load_dataset(o);
+  EXPECT_TRUE(seen.empty());
+}
+
 TEST(DatasetBadInput, MalformedLinesFailOrAreSkippedAndCounted) {
   test::TempDir dir;
   std::ofstream(dir / "d.jsonl") << R"({"input_ids": [1, 2]})" << "\n"
