@@ -88,10 +88,13 @@ def main():
         "text": [words(rng, rng.randint(0, 8)) for _ in range(n)],
         "prompt": ["prefix shared " + str(i // 3) + words(rng, 2) for i in range(n)],
         "big": pa.array([rng.randint(-2**62, 2**62) for _ in range(n)], pa.int64()),
+        # int32 deltas that wrap (the writer's arithmetic is 32-bit), without drawing from rng.
+        "small": pa.array([(-1) ** i * (2**31 - 1 - 7919 * i) for i in range(n)], pa.int32()),
     })
     write(out, "delta_plain", table, compression="none", use_dictionary=False,
           column_encoding={"input_ids": "DELTA_BINARY_PACKED", "text": "DELTA_LENGTH_BYTE_ARRAY",
-                           "prompt": "DELTA_BYTE_ARRAY", "big": "DELTA_BINARY_PACKED"})
+                           "prompt": "DELTA_BYTE_ARRAY", "big": "DELTA_BINARY_PACKED",
+                           "small": "DELTA_BINARY_PACKED"})
 
     # Nesting with nulls at every level, maps, unsigned and floating values, booleans (v1 PLAIN
     # bit-packed and v2 RLE).
