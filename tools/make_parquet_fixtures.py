@@ -36,6 +36,125 @@ def write(out, name, table, unread=(), **options):
     return path
 
 
+# --- A file in the older list forms, which pyarrow reads but does not write: a repeated field
+# without a LIST annotation, two-level lists (the repeated node is the element: a primitive named
+# "array", a group named "<list>_tuple") and a three-level list with other names (Hive's "bag").
+# Written here byte by byte (Thrift's compact protocol, one uncompressed v1 page per column); the
+# expected rows are still pyarrow's reading of it.
+
+def varint(n):
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def zigzag(n):
+    return varint((n << 1) ^ (n >> 63))
+
+
+I32, I64, BINARY, LIST, STRUCT = 5, 6, 8, 9, 12
+
+
+def struct(fields):
+    """fields: [(id, type, value)], value already encoded for I32/I64/BINARY/LIST/STRUCT."""
+    out, last = bytearray(), 0
+    for fid, ftype, value in fields:
+        delta = fid - last
+        out += bytes([(delta << 4) | ftype]) if 0 < delta <= 15 else bytes([ftype]) + zigzag(fid)
+        last = fid
+        out += value
+    return bytes(out) + b"\0"
+
+
+def i32(v): return zigzag(v)
+def i64(v): return zigzag(v)
+def binary(b): return varint(len(b)) + b
+
+
+def tlist(elem_type, items):
+    head = bytes([(len(items) << 4) | elem_type]) if len(items) < 15 else bytes([0xF0 | elem_type]) + varint(len(items))
+    return head + b"".join(items)
+
+
+def hybrid(levels, width):
+    """Levels as one bit-packed run (padded to a multiple of 8 values)."""
+    if width == 0:
+        return b""
+    padded = list(levels) + [0] * (-len(levels) % 8)
+    bits = 0
+    for i, v in enumerate(padded):
+        bits |= v << (i * width)
+    return varint((len(padded) // 8) << 1 | 1) + bits.to_bytes(len(padded) * width // 8, "little")
+
+
+def plain(ptype, values):
+    if ptype == "int64":
+        return b"".join(v.to_bytes(8, "little", signed=True) for v in values)
+    if ptype == "int32":
+        return b"".join(v.to_bytes(4, "little", signed=True) for v in values)
+    return b"".join(len(v).to_bytes(4, "little") + v for v in values)
+
+
+def write_legacy_lists(path):
+    REQ, OPT, REP = 0, 1, 2
+    T_I32, T_I64, T_BYTES = 1, 2, 6
+    schema = [  # (name, repetition, physical type or None, children, converted type)
+        ("schema", None, None, 4, None),
+        ("input_ids", REP, T_I64, 0, None),
+        ("labels", OPT, None, 1, 3), ("array", REP, T_I64, 0, None),
+        ("words", OPT, None, 1, 3), ("bag", REP, None, 1, None), ("array_element", OPT, T_BYTES, 0, 0),
+        ("pairs", OPT, None, 1, 3), ("pairs_tuple", REP, None, 2, None), ("a", REQ, T_I32, 0, None),
+        ("b", REQ, T_I32, 0, None),
+    ]
+    # Per column: path, type, (max rep, max def), [(rep, def, value or None)] over 3 rows.
+    columns = [
+        (["input_ids"], T_I64, "int64", (1, 1), [(0, 1, 1), (1, 1, 2), (1, 1, 3), (0, 0, None), (0, 1, 7)]),
+        (["labels", "array"], T_I64, "int64", (1, 2), [(0, 2, 4), (1, 2, 5), (0, 0, None), (0, 1, None)]),
+        (["words", "bag", "array_element"], T_BYTES, "bytes", (1, 3),
+         [(0, 3, b"x"), (1, 2, None), (1, 3, b"y"), (0, 1, None), (0, 0, None)]),
+        (["pairs", "pairs_tuple", "a"], T_I32, "int32", (1, 2), [(0, 2, 1), (0, 0, None), (0, 2, 3), (1, 2, 5)]),
+        (["pairs", "pairs_tuple", "b"], T_I32, "int32", (1, 2), [(0, 2, 2), (0, 0, None), (0, 2, 4), (1, 2, 6)]),
+    ]
+    body, chunks = bytearray(b"PAR1"), []
+    for path_names, ptype, kind, (max_rep, max_def), entries in columns:
+        reps = hybrid([e[0] for e in entries], max_rep.bit_length())
+        defs = hybrid([e[1] for e in entries], max_def.bit_length())
+        page = (len(reps).to_bytes(4, "little") + reps + len(defs).to_bytes(4, "little") + defs +
+                plain(kind, [e[2] for e in entries if e[1] == max_def]))
+        header = struct([(1, I32, i32(0)), (2, I32, i32(len(page))), (3, I32, i32(len(page))),
+                         (5, STRUCT, struct([(1, I32, i32(len(entries))), (2, I32, i32(0)), (3, I32, i32(3)),
+                                             (4, I32, i32(3))]))])
+        offset = len(body)
+        body += header + page
+        size = len(header) + len(page)
+        meta = struct([(1, I32, i32(ptype)), (2, LIST, tlist(I32, [i32(0), i32(3)])),
+                       (3, LIST, tlist(BINARY, [binary(n.encode()) for n in path_names])), (4, I32, i32(0)),
+                       (5, I64, i64(len(entries))), (6, I64, i64(size)), (7, I64, i64(size)), (9, I64, i64(offset))])
+        chunks.append(struct([(2, I64, i64(offset)), (3, STRUCT, meta)]))
+    elements = []
+    for name, rep, ptype, children, converted in schema:
+        f = []
+        if ptype is not None:
+            f.append((1, I32, i32(ptype)))
+        if rep is not None:
+            f.append((3, I32, i32(rep)))
+        f.append((4, BINARY, binary(name.encode())))
+        if children:
+            f.append((5, I32, i32(children)))
+        if converted is not None:
+            f.append((6, I32, i32(converted)))
+        elements.append(struct(f))
+    row_group = struct([(1, LIST, tlist(STRUCT, chunks)), (2, I64, i64(len(body) - 4)), (3, I64, i64(3))])
+    footer = struct([(1, I32, i32(1)), (2, LIST, tlist(STRUCT, elements)), (3, I64, i64(3)),
+                     (4, LIST, tlist(STRUCT, [row_group]))])
+    with open(path, "wb") as f:
+        f.write(bytes(body) + footer + len(footer).to_bytes(4, "little") + b"PAR1")
+
+
 def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
@@ -119,6 +238,13 @@ def main():
     })
     write(out, "nested_v1", table, compression="snappy", row_group_size=16)
     write(out, "nested_v2", table, compression="zstd", data_page_version="2.0", row_group_size=25)
+    legacy = os.path.join(out, "legacy_lists.parquet")
+    write_legacy_lists(legacy)
+    MANIFEST["legacy_lists"] = {"fields": ["input_ids", "labels", "words", "pairs"]}
+    with open(os.path.join(out, "legacy_lists.expected.jsonl"), "w", encoding="utf-8") as f:
+        for row in pq.read_table(legacy).to_pylist():
+            row = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in row.items()}
+            f.write(json.dumps({k: v for k, v in row.items() if v is not None}, ensure_ascii=False) + "\n")
     with open(os.path.join(out, "MANIFEST.json"), "w") as f:
         json.dump({"pyarrow": pa.__version__, "cases": MANIFEST}, f, indent=1)
         f.write("\n")
