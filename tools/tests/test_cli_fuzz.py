@@ -40,7 +40,14 @@ def _bases(tmp):
     rows = os.path.join(tmp, "rows.jsonl")
     with open(rows, "w") as f:
         f.write(json.dumps({"text": "Count from 3 to 5."}) + "\n")
+    prompts = os.path.join(tmp, "prompts.jsonl")
+    with open(prompts, "w") as f:
+        f.write(json.dumps({"prompt": "Count from 3 to 5."}) + "\n" + json.dumps({"prompt_ids": [5, 6, 7]}) + "\n")
+    parquet = os.path.join(ROOT, "tests", "fixtures", "parquet", "text_snappy.parquet")
     return [
+        (["eval", "--model", DEMO, "--data", parquet, "--summary", "--threads", "1"], ["--model", "--data", "--threads"]),
+        (["generate", "--model", DEMO, "--prompts", prompts, "--batch-size", "2", "--max-new-tokens", "3", "--threads", "1"],
+         ["--prompts", "--batch-size", "--max-new-tokens", "--threads"]),
         (["inspect", FIXTURE, "--gpus", "2", "--ep-size", "2"], ["--gpus", "--ep-size"]),
         (["convert", "--model", FIXTURE, "--out", os.path.join(tmp, "conv"), "--max-shard-size", "10KB", "--overwrite"],
          ["--model", "--out", "--max-shard-size"]),
