@@ -238,6 +238,19 @@ def main():
     })
     write(out, "nested_v1", table, compression="snappy", row_group_size=16)
     write(out, "nested_v2", table, compression="zstd", data_page_version="2.0", row_group_size=25)
+    # ShareGPT conversations (from / value) with a system column, and Alpaca rows, as datasets on
+    # the hub hold them; SNAPPY.
+    speakers = ["human", "gpt"]
+    sharegpt = [[{"from": speakers[t % 2], "value": words(rng, rng.randint(1, 9))} for t in range(rng.randint(1, 3) * 2)]
+                for _ in range(10)]
+    systems = [words(rng, 4) if i % 3 == 0 else None for i in range(10)]
+    write(out, "sharegpt_snappy", pa.table({"conversations": sharegpt, "system": systems}), compression="snappy")
+    alpaca = pa.table({
+        "instruction": [words(rng, 6) for _ in range(10)],
+        "input": [words(rng, 3) if i % 2 else "" for i in range(10)],
+        "output": [words(rng, 5) for _ in range(10)],
+    })
+    write(out, "alpaca_zstd", alpaca, compression="zstd")
     legacy = os.path.join(out, "legacy_lists.parquet")
     write_legacy_lists(legacy)
     MANIFEST["legacy_lists"] = {"fields": ["input_ids", "labels", "words", "pairs"]}

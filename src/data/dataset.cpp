@@ -13,6 +13,7 @@
 #include "core/error.h"
 #include "core/logging.h"
 #include "data/parquet_reader.h"
+#include "data/row_formats.h"
 #include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
 #include "hf/fs_util.h"
@@ -27,8 +28,9 @@ namespace {
 bool is_parquet(const std::string& file) { return fs::path(file).extension() == ".parquet"; }
 
 // The top-level fields a row may use (the rest of a Parquet file's columns are not read).
-const std::vector<std::string> kRowFields = {"input_ids", "labels", "text", "prompt", "completion",
-                                             "messages", "tools", "chat_template_kwargs"};
+const std::vector<std::string> kRowFields = {"input_ids", "labels", "text", "prompt", "completion", "messages",
+                                             "tools", "chat_template_kwargs", "conversations", "system",
+                                             "instruction", "input", "output", "history"};
 
 std::vector<std::string> resolve_files(const std::string& path) {
   std::vector<std::string> files;
@@ -99,8 +101,13 @@ TokenRow parse_row(const nlohmann::ordered_json& j, const std::string& where, co
     return r;
   }
   if (j.contains("messages")) return messages_row(j, where, o);
+  if (auto conversation = sharegpt_conversation(j, where)) return messages_row(*conversation, where, o);
   const bool text = j.contains("text"), pc = j.contains("prompt") || j.contains("completion");
-  MF_CHECK(text || pc, where, ": row has none of the known fields (input_ids, text, prompt/completion, messages)");
+  // An Alpaca row that also holds its formatted "text" (as some do) trains on that text, as before.
+  if (!text && !pc)
+    if (auto conversation = alpaca_conversation(j, where)) return messages_row(*conversation, where, o);
+  MF_CHECK(text || pc, where, ": row has none of the known fields (input_ids, messages, conversations, text, "
+           "prompt/completion, instruction/output)");
   MF_CHECK(o.tokenizer, where, ": text rows need a tokenizer (the model folder's tokenizer.json, or set 'tokenizer')");
   TokenRow r;
   if (text) {

@@ -5,6 +5,8 @@
 //   {"prompt": "...", "completion": "..."}   loss on the completion only
 //   {"messages": [{"role": ..., "content": ...}, ...], "tools": [...]?, "chat_template_kwargs": {...}?}
 //                                            rendered by the chat template; loss on assistant tokens
+//   {"conversations": [{"from", "value"}, ...]} (ShareGPT) and {"instruction", "input"?, "output"}
+//   (Alpaca): read as conversations (data/row_formats.h); a row with "text" or "prompt" is that kind
 
 // `path` is a file, a folder (every *.jsonl and *.parquet in it, sorted) or a glob. Malformed rows are
 // fatal, or skipped and counted when `skip_bad_lines`; every error names file:line (a Parquet file:

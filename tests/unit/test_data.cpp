@@ -248,6 +248,38 @@ TEST(Dataset, ToolsGivenAsAJsonStringRenderAsTheList) {
   EXPECT_NE(tok.decode(d.rows[0].input_ids, false).find("\"name\": \"add\""), std::string::npos);
 }
 
+// ShareGPT and Alpaca rows train exactly as the messages rows they stand for.
+TEST(Dataset, ShareGptAndAlpacaRowsTrainAsTheirConversations) {
+  const std::string dir = test::fixture("chat/qwen3");
+  auto tok = hf::Tokenizer::load(dir);
+  auto chat = hf::ChatTemplate::load(dir);
+  test::TempDir tmp;
+  const auto rows = [&](const std::string& jsonl) {
+    std::ofstream(tmp / "r.jsonl") << jsonl;
+    data::DatasetOptions o;
+    o.path = tmp / "r.jsonl";
+    o.tokenizer = &tok;
+    o.chat_template = &*chat;
+    return data::load_dataset(o).rows;
+  };
+  const auto same = [&](const std::string& row, const std::string& messages_row) {
+    const auto a = rows(row + "\n"), b = rows(messages_row + "\n");
+    ASSERT_EQ(a.size(), 1u);
+    EXPECT_EQ(a[0].input_ids, b[0].input_ids) << row;
+    EXPECT_EQ(a[0].labels, b[0].labels) << row;
+  };
+  same(R"({"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}, {"from": "human", "value": "and 3+3?"}, {"from": "gpt", "value": "6"}], "system": "Be brief."})",
+       R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}]})");
+  same(R"({"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "chat_template_kwargs": {"enable_thinking": false}})",
+       R"({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "chat_template_kwargs": {"enable_thinking": false}})");
+  same(R"({"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "history": [["1+1?", "2"]]})",
+       R"({"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}, {"role": "user", "content": "Add the numbers.\n2 and 3"}, {"role": "assistant", "content": "5"}]})");
+  same(R"({"instruction": "Say hi.", "input": "", "output": "hi", "system": "You are kind."})",
+       R"({"messages": [{"role": "system", "content": "You are kind."}, {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]})");
+  // An Alpaca row with its formatted text trains on the text, as text rows do.
+  same(R"({"instruction": "Say hi.", "output": "hi", "text": "### Say hi. ### hi"})", R"({"text": "### Say hi. ### hi"})");
+}
+
 TEST(DatasetBadInput, MessagesRows) {
   const std::string dir = test::fixture("chat/qwen3");
   auto tok = hf::Tokenizer::load(dir);
@@ -268,6 +300,11 @@ TEST(DatasetBadInput, MessagesRows) {
     }
   };
   expect_error(R"({"messages": []})", "field 'messages' must be a non-empty list");
+  expect_error(R"({"conversations": [{"from": "robot", "value": "x"}]})", "conversations[0]: 'from' is 'robot', expected one of");
+  expect_error(R"({"conversations": [{"value": "x"}]})", "conversations[0] must be an object with a string 'from' (or 'role')");
+  expect_error(R"({"conversations": "x"})", "field 'conversations' must be a non-empty list");
+  expect_error(R"({"instruction": "x", "output": "y", "history": [["only one"]]})", "history[0] must be a [question, answer] pair");
+  expect_error(R"({"instruction": 5, "output": "y"})", "field 'instruction' must be a string");
   const std::string qa = R"("messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}])";
   expect_error("{" + qa + R"(, "tools": "not json"})", "field 'tools' is a string that is not JSON");
   expect_error("{" + qa + R"(, "tools": "{\"a\": 1}"})", "field 'tools' must be a list (or a JSON string of one)");

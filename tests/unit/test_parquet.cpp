@@ -107,7 +107,8 @@ struct Chat {
 // (pyarrow's reading of the file, written as lines), skipped rows included.
 TEST(ParquetDataset, RowsTrainAsTheSameRowsInJsonl) {
   const Chat chat;
-  for (const std::string name : {"messages_lz4", "tokens_zstd_v2", "text_snappy", "prompt_completion_gzip"}) {
+  for (const std::string name :
+       {"messages_lz4", "tokens_zstd_v2", "text_snappy", "prompt_completion_gzip", "sharegpt_snappy", "alpaca_zstd"}) {
     test::TempDir tmp;
     std::filesystem::copy_file(dir() + "/" + name + ".expected.jsonl", tmp / (name + ".jsonl"));
     const auto from_parquet = data::load_dataset(chat.options(dir() + "/" + name + ".parquet"));
