@@ -13,6 +13,8 @@ const std::vector<Command>& commands() {
        "generate text, streamed (KV cache; greedy or sampled; --adapter LORA_DIR)"},
       {"eval", cmd_eval, "--model DIR --data FILE.jsonl|.parquet [--adapter DIR]",
        "loss and perplexity on a dataset in any training format"},
+      {"dataset", cmd_dataset, "--model DIR --data FILE.jsonl|.parquet [--seq-len N] [--show K]",
+       "a dataset as training sees it: rows, tokens, trained share, rows rendered with the loss marked"},
       {"plot", cmd_plot, "OUTPUT_DIR [-o loss.png]", "loss, eval loss, lr and grad norm against step, as a PNG"},
       {"inspect", cmd_inspect, "MODEL_DIR|CONFIG.json [--gpus N] [--json]",
        "parameters (total, active), tensors found vs expected, training memory"},

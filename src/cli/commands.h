@@ -8,6 +8,7 @@ int cmd_inspect(const std::vector<std::string>& args);
 // inspect on a PEFT adapter folder (cli/inspect_adapter.cpp); `base`: a model folder to check it against.
 int inspect_adapter(const std::string& dir, const std::string& base, bool json);
 int cmd_eval(const std::vector<std::string>& args);
+int cmd_dataset(const std::vector<std::string>& args);
 int cmd_generate(const std::vector<std::string>& args);
 int cmd_convert(const std::vector<std::string>& args);
 int cmd_merge(const std::vector<std::string>& args);

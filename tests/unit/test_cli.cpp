@@ -616,3 +616,49 @@ TEST(CliFaults, AKillAtAnyPointOfASaveLosesNothing) {
   EXPECT_GT(killed * stride, 60) << "the saves should pass many fault points";
   RecordProperty("fault_points_tried", killed);
 }
+
+// `moeforge dataset`: the rows, tokens and trained tokens that training's own loading gives, a
+// seq_len's cut, and samples whose marked runs are exactly the row's tokens with and without loss.
+TEST(Cli, DatasetReportsWhatTrainingLoads) {
+  const std::string demo = std::string(MOEFORGE_SOURCE_DIR) + "/examples/demo_model";
+  const std::string file = std::string(MOEFORGE_SOURCE_DIR) + "/examples/data/count_chat.jsonl";
+  const CmdResult r = run("dataset --model " + demo + " --data " + file + " --seq-len 30 --show 3 --json");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  const data::ModelText text = data::load_model_text(demo, "", "", true, "test");
+  const data::Dataset ds = data::load_model_dataset(file, text, false, false);
+  int64_t total = 0, trained = 0, longer = 0, cut = 0;
+  for (const auto& row : ds.rows) {
+    const auto n = static_cast<int64_t>(row.input_ids.size());
+    total += n;
+    for (const int64_t l : *row.labels) trained += l != -100;
+    if (n > 30) ++longer, cut += n - 30;
+  }
+  EXPECT_EQ(j["rows"], ds.rows.size());
+  EXPECT_EQ(j["tokens"]["total"], total);
+  EXPECT_EQ(j["trained_tokens"], trained);
+  EXPECT_EQ(j["seq_len"]["rows_longer"], longer);
+  EXPECT_EQ(j["seq_len"]["tokens_cut"], cut);
+  EXPECT_GT(longer, 0);  // the cut is exercised
+  ASSERT_EQ(j["samples"].size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    const auto& row = ds.rows[i];
+    std::vector<int64_t> kept, lost;
+    for (size_t k = 0; k < row.input_ids.size(); ++k) ((*row.labels)[k] != -100 ? kept : lost).push_back(row.input_ids[k]);
+    std::string all, marked;
+    for (const auto& s : j["samples"][i]["segments"]) {
+      all += s["text"].get<std::string>();
+      if (s["trained"]) marked += s["text"].get<std::string>();
+    }
+    EXPECT_EQ(all, text.tokenizer->decode(row.input_ids, false)) << i;
+    EXPECT_EQ(marked, text.tokenizer->decode(kept, false)) << i;  // the assistant's answer and its end
+  }
+  const CmdResult human = run("dataset --model " + demo + " --data " + file + " --show 1");
+  ASSERT_EQ(human.status, 0) << human.err;
+  EXPECT_NE(human.out.find("[[" + j["samples"][0]["segments"][1]["text"].get<std::string>() + "]]"), std::string::npos)
+      << human.out;
+  EXPECT_EQ(run("dataset --model " + demo).status, 2);
+  const CmdResult missing = run("dataset --model " + demo + " --data /nonexistent/x.parquet");
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.err.find("/nonexistent/x.parquet: no such file"), std::string::npos) << missing.err;
+}

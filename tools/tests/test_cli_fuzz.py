@@ -46,6 +46,8 @@ def _bases(tmp):
     parquet = os.path.join(ROOT, "tests", "fixtures", "parquet", "text_snappy.parquet")
     return [
         (["eval", "--model", DEMO, "--data", parquet, "--summary", "--threads", "1"], ["--model", "--data", "--threads"]),
+        (["dataset", "--model", DEMO, "--data", parquet, "--seq-len", "16", "--show", "1", "--json"],
+         ["--model", "--data", "--seq-len", "--show"]),
         (["generate", "--model", DEMO, "--prompts", prompts, "--batch-size", "2", "--max-new-tokens", "3", "--threads", "1"],
          ["--prompts", "--batch-size", "--max-new-tokens", "--threads"]),
         (["inspect", FIXTURE, "--gpus", "2", "--ep-size", "2"], ["--gpus", "--ep-size"]),
