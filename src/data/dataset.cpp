@@ -101,11 +101,12 @@ TokenRow parse_row(const nlohmann::ordered_json& j, const std::string& where, co
     return r;
   }
   if (j.contains("messages")) return messages_row(j, where, o);
-  if (auto conversation = sharegpt_conversation(j, where)) return messages_row(*conversation, where, o);
   const bool text = j.contains("text"), pc = j.contains("prompt") || j.contains("completion");
-  // An Alpaca row that also holds its formatted "text" (as some do) trains on that text, as before.
-  if (!text && !pc)
+  // A ShareGPT or Alpaca row that also holds its formatted "text" (as some do) trains on that text.
+  if (!text && !pc) {
+    if (auto conversation = sharegpt_conversation(j, where)) return messages_row(*conversation, where, o);
     if (auto conversation = alpaca_conversation(j, where)) return messages_row(*conversation, where, o);
+  }
   MF_CHECK(text || pc, where, ": row has none of the known fields (input_ids, messages, conversations, text, "
            "prompt/completion, instruction/output)");
   MF_CHECK(o.tokenizer, where, ": text rows need a tokenizer (the model folder's tokenizer.json, or set 'tokenizer')");

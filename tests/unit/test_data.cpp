@@ -278,6 +278,7 @@ TEST(Dataset, ShareGptAndAlpacaRowsTrainAsTheirConversations) {
        R"({"messages": [{"role": "system", "content": "You are kind."}, {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]})");
   // An Alpaca row with its formatted text trains on the text, as text rows do.
   same(R"({"instruction": "Say hi.", "output": "hi", "text": "### Say hi. ### hi"})", R"({"text": "### Say hi. ### hi"})");
+  same(R"({"conversations": [{"from": "human", "value": "a"}], "text": "rendered"})", R"({"text": "rendered"})");
 }
 
 TEST(DatasetBadInput, MessagesRows) {
