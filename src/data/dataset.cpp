@@ -8,6 +8,8 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <regex>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -32,14 +34,38 @@ const std::vector<std::string> kRowFields = {"input_ids", "labels", "text", "pro
                                              "tools", "chat_template_kwargs", "conversations", "system",
                                              "instruction", "input", "output", "history"};
 
+// The split a file of a Hugging Face dataset folder belongs to, from its name: "train" for
+// train-00000-of-00003.parquet or train.jsonl, "test_sft" for test_sft-00001-of-00002.parquet; ""
+// for a name that says none.
+std::string split_of(const fs::path& file) {
+  static const std::regex shard(R"(^(.+)-\d{5}-of-\d{5}$)");
+  static const std::vector<std::string> splits = {"train", "test", "validation", "valid", "val", "dev", "eval"};
+  const std::string stem = file.stem().string();
+  std::smatch m;
+  if (std::regex_match(stem, m, shard)) return m[1].str();
+  return std::find(splits.begin(), splits.end(), stem) != splits.end() ? stem : "";
+}
+
 std::vector<std::string> resolve_files(const std::string& path) {
   std::vector<std::string> files;
   if (fs::is_directory(path)) {
+    std::set<std::string> splits;
     for (const auto& de : fs::directory_iterator(path))
-      if (de.is_regular_file() && (de.path().extension() == ".jsonl" || is_parquet(de.path().string())))
+      if (de.is_regular_file() && (de.path().extension() == ".jsonl" || is_parquet(de.path().string()))) {
         files.push_back(de.path().string());
+        if (const std::string split = split_of(de.path()); !split.empty()) splits.insert(split);
+      }
     std::sort(files.begin(), files.end());
     MF_CHECK(!files.empty(), path, ": folder has no *.jsonl or *.parquet files");
+    // A dataset folder as the hub lays it out holds every split: training on all of them would
+    // train on the test rows. One is chosen with a glob.
+    if (splits.size() > 1) {
+      std::string names;
+      for (const auto& sp : splits) names += (names.empty() ? "" : ", ") + sp;
+      const std::string first = splits.count("train") ? "train" : *splits.begin();
+      MF_THROW(path, ": folder holds the splits ", names, " (by their file names); choose one with a glob, e.g. ",
+               (fs::path(path) / (first + "*")).string());
+    }
     return files;
   }
   if (path.find_first_of("*?[") != std::string::npos) {

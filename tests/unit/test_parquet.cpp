@@ -135,6 +135,31 @@ TEST(ParquetDataset, AFolderReadsItsJsonlAndParquetFilesInOrder) {
   EXPECT_EQ(d.rows.size(), 51u);
 }
 
+// A dataset folder as the hub lays it out (data/train-*.parquet beside data/test-*.parquet) is not
+// read whole: that would train on the test split. A glob picks one.
+TEST(ParquetDataset, AFolderOfSeveralSplitsIsRefusedAndAGlobPicksOne) {
+  const Chat chat;
+  test::TempDir tmp;
+  std::filesystem::copy_file(dir() + "/text_snappy.parquet", tmp / "train-00000-of-00002.parquet");
+  std::filesystem::copy_file(dir() + "/text_snappy.parquet", tmp / "train-00001-of-00002.parquet");
+  std::filesystem::copy_file(dir() + "/text_snappy.parquet", tmp / "test-00000-of-00001.parquet");
+  const std::string err = test::error_of([&] { data::load_dataset(chat.options(tmp.path.string())); });
+  EXPECT_NE(err.find("folder holds the splits test, train (by their file names); choose one with a glob, e.g. " +
+                     (tmp / "train*")),
+            std::string::npos)
+      << err;
+  EXPECT_EQ(data::load_dataset(chat.options(tmp / "train-*.parquet")).rows.size(), 100u);
+  // jsonl splits by name too; one split alone (or names that say none) is read whole.
+  test::TempDir plain;
+  std::ofstream(plain / "train.jsonl") << "{\"text\": \"a\"}\n";
+  std::ofstream(plain / "validation.jsonl") << "{\"text\": \"b\"}\n";
+  EXPECT_NE(test::error_of([&] { data::load_dataset(chat.options(plain.path.string())); }).find("splits train, validation"),
+            std::string::npos);
+  std::filesystem::remove(plain / "validation.jsonl");
+  std::ofstream(plain / "more.jsonl") << "{\"text\": \"c\"}\n";
+  EXPECT_EQ(data::load_dataset(chat.options(plain.path.string())).rows.size(), 2u);
+}
+
 TEST(ParquetDataset, BadRowsAreNamedByFileAndRow) {
   const Chat chat;
   auto o = chat.options(dir() + "/messages_lz4.parquet");
