@@ -4,6 +4,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
+#include <numeric>
+#include <random>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -225,6 +228,23 @@ Dataset load_dataset(const DatasetOptions& o) {
   }
   MF_CHECK(!d.rows.empty(), o.path, ": no usable rows", d.skipped_lines ? " (all malformed lines were skipped)" : "");
   return d;
+}
+
+HeldOut hold_out(std::vector<TokenRow> rows, double fraction, uint64_t seed, const std::string& where) {
+  const auto n = static_cast<int64_t>(rows.size());
+  const int64_t k = std::max<int64_t>(1, std::llround(fraction * static_cast<double>(n)));
+  MF_CHECK(fraction > 0 && fraction < 1 && k < n, where, ": eval_split ", fraction, " of ", n,
+           " rows leaves no row to train on");
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  std::mt19937_64 gen(seed * 1000003ull + 7919);
+  // Fisher-Yates with our own index draw, so the split does not depend on the standard library.
+  for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[gen() % i]);
+  std::vector<char> held(static_cast<size_t>(n), 0);
+  for (int64_t i = 0; i < k; ++i) held[static_cast<size_t>(order[static_cast<size_t>(i)])] = 1;
+  HeldOut out;
+  for (int64_t i = 0; i < n; ++i) (held[static_cast<size_t>(i)] ? out.eval : out.train).push_back(std::move(rows[static_cast<size_t>(i)]));
+  return out;
 }
 
 RankSlice rank_slice(int64_t global_batch, int64_t rank, int64_t world) {

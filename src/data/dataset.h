@@ -61,6 +61,14 @@ TokenRow parse_dataset_line(const std::string& line, const std::string& where, c
 // The same for a row already parsed (a Parquet row).
 TokenRow parse_dataset_object(const nlohmann::ordered_json& row, const std::string& where, const DatasetOptions& opts);
 
+// Validation rows held out of a training set (the recipe's eval_split): round(fraction x rows),
+// at least one, chosen by a seeded draw of our own (the same rows on every machine and every
+// resume), both parts in their file order. Errors when no training row would be left.
+struct HeldOut {
+  std::vector<TokenRow> train, eval;
+};
+HeldOut hold_out(std::vector<TokenRow> rows, double fraction, uint64_t seed, const std::string& where);
+
 // Data parallelism: each optimizer step takes `global_batch` consecutive rows of the shuffled
 // stream; rank r of `world` trains rows [offset, offset + count) of them. The stream does not
 // depend on the world size, so a run resumes on a different number of ranks at the same place.

@@ -102,6 +102,7 @@ std::vector<Key> make_keys() {
        },
        [](const Recipe& r) { return std::to_string(r.seq_len); }},
       str("eval_data", &Recipe::eval_data),
+      dbl("eval_split", [](Recipe& r) -> double& { return r.eval_split; }, 0, 1, true),
       int_key("eval_every", &Recipe::eval_every, 0),
       int_key("eval_max_batches", &Recipe::eval_max_batches, 0),
       boolean("save_best", &Recipe::save_best),
@@ -425,7 +426,10 @@ Recipe recipe_from(const YAML::Node& root, const std::string& path, const fs::pa
            ", epochs ", r.epochs, ")");
   MF_CHECK(r.schedule.warmup_steps == 0 || r.schedule.warmup_ratio == 0, path,
            ": set one of 'schedule.warmup_steps' and 'schedule.warmup_ratio', not both");
-  MF_CHECK(!r.save_best || !r.eval_data.empty(), path, ": key 'save_best' needs 'eval_data' (the loss it keeps the best of)");
+  MF_CHECK(!r.save_best || !r.eval_data.empty() || r.eval_split > 0, path,
+           ": key 'save_best' needs 'eval_data' or 'eval_split' (the loss it keeps the best of)");
+  MF_CHECK(r.eval_data.empty() || r.eval_split == 0, path,
+           ": set one of 'eval_data' and 'eval_split' (a file of validation rows, or a share of data held out), not both");
   MF_CHECK(r.global_batch % r.micro_batch == 0, path, ": key 'global_batch' (", r.global_batch,
            ") must be a multiple of 'micro_batch' (", r.micro_batch, ")");
   MF_CHECK(r.peft_method.empty() || r.mtp_loss_scale == 0, path,

@@ -54,6 +54,8 @@ struct Recipe {
   // progress line and metrics.jsonl. save_best writes output_dir/best (as final/) whenever the
   // validation loss is the lowest so far.
   std::string eval_data;
+  // Or this fraction of data's rows held out for validation instead (data::hold_out; 0: none).
+  double eval_split = 0;
   int64_t eval_every = 0;
   int64_t eval_max_batches = 0;
   bool save_best = false;

@@ -181,7 +181,17 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   data::Dataset dataset = data::load_model_dataset(r.data, text, r.skip_bad_lines, denv.rank == 0);
   // Validation rows, batched as the training rows are.
   std::optional<data::TokenBatches> eval_data;
-  if (!r.eval_data.empty()) {
+  std::string eval_source = r.eval_data;
+  if (r.eval_split > 0) {
+    data::HeldOut split = data::hold_out(std::move(dataset.rows), r.eval_split, r.seed, r.source + ": key 'eval_split'");
+    dataset.rows = std::move(split.train);
+    std::ostringstream held;
+    held << split.eval.size() << " rows held out of " << r.data << " (eval_split " << r.eval_split << ")";
+    eval_source = held.str();
+    eval_data.emplace(std::move(split.eval), r.seq_len, r.seed, r.packing);
+    MF_CHECK(eval_data->rows() > 0, r.source, ": key 'eval_split': the held-out rows have no row of 2 or more tokens");
+    check_vocabulary(*eval_data, r.data, cfg);
+  } else if (!r.eval_data.empty()) {
     MF_CHECK(fs::exists(r.eval_data) || r.eval_data.find_first_of("*?[") != std::string::npos, r.source,
              ": key 'eval_data': ", r.eval_data, " does not exist");
     eval_data.emplace(data::load_model_dataset(r.eval_data, text, r.skip_bad_lines, denv.rank == 0).rows, r.seq_len, r.seed,
@@ -272,7 +282,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   if (r.device == Device::Kind::CUDA)
     for (const std::string& n : gpu::fast_path_notes(cfg, r.precision != "fp32", r.packing)) intro << "\nnote: " << n;
   if (eval_data)
-    intro << "\nvalidation: " << eval_data->rows() << " rows of " << r.eval_data << ", every "
+    intro << "\nvalidation: " << (r.eval_split > 0 ? eval_source : std::to_string(eval_data->rows()) + " rows of " + r.eval_data) << ", every "
           << (r.eval_every > 0 ? std::to_string(r.eval_every) + " steps and " : std::string()) << "at the end"
           << (r.save_best ? "; the best kept in " + (fs::path(r.output_dir) / "best").string() : std::string());
   if (lora) {

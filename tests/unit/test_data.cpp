@@ -316,6 +316,36 @@ TEST(DatasetBadInput, MessagesRows) {
                "messages rows need a chat template, and somewhere has none", false);
 }
 
+// Held-out validation rows: a seeded share of the rows (at least one), the rest for training, both
+// in file order, the same for the same seed.
+TEST(Dataset, HoldOutPartitionsTheRowsBySeed) {
+  std::vector<data::TokenRow> rows(100);
+  for (int64_t i = 0; i < 100; ++i) rows[i].line = i + 1;
+  const auto a = data::hold_out(rows, 0.1, 7, "t"), b = data::hold_out(rows, 0.1, 7, "t"), c = data::hold_out(rows, 0.1, 8, "t");
+  ASSERT_EQ(a.eval.size(), 10u);
+  ASSERT_EQ(a.train.size(), 90u);
+  std::vector<int64_t> seen;
+  for (const auto* part : {&a.eval, &a.train}) {
+    for (size_t i = 0; i < part->size(); ++i) {
+      seen.push_back((*part)[i].line);
+      if (i > 0) EXPECT_LT((*part)[i - 1].line, (*part)[i].line);  // file order kept
+    }
+  }
+  std::sort(seen.begin(), seen.end());
+  for (int64_t i = 0; i < 100; ++i) EXPECT_EQ(seen[i], i + 1);
+  std::vector<int64_t> la, lb, lc;
+  for (const auto& r : a.eval) la.push_back(r.line);
+  for (const auto& r : b.eval) lb.push_back(r.line);
+  for (const auto& r : c.eval) lc.push_back(r.line);
+  EXPECT_EQ(la, lb);
+  EXPECT_NE(la, lc);
+  EXPECT_EQ(data::hold_out(rows, 0.001, 7, "t").eval.size(), 1u);  // at least one
+  std::vector<data::TokenRow> two(2);
+  EXPECT_NE(test::error_of([&] { data::hold_out(two, 0.9, 7, "r.yaml: key 'eval_split'"); })
+                .find("r.yaml: key 'eval_split': eval_split 0.9 of 2 rows leaves no row to train on"),
+            std::string::npos);
+}
+
 TEST(DataParallel, RankSlicesPartitionEachGlobalBatch) {
   for (int64_t world : {1, 2, 4, 8}) {
     std::vector<int> seen(16, 0);

@@ -322,6 +322,37 @@ TEST(Trainer, ValidationLossIsRecordedAndTheBestIsKept) {
   EXPECT_TRUE(fs::exists(dir / "out/best/model.safetensors") || fs::exists(dir / "out/best/model.safetensors.index.json"));
 }
 
+// eval_split: the held-out rows are validated on (their loss is the final model's on exactly
+// those rows) and never trained on (the training set is the rest), the same split on every run.
+TEST(Trainer, EvalSplitValidatesOnRowsHeldOutOfData) {
+  test::TempDir dir;
+  const std::string recipe = write_recipe(dir, "eval_split: 0.25\n");
+  auto r = train::run_training(train::load_recipe(recipe, {"steps=2", "save_every=0"}));
+  double last = -1;
+  std::ifstream in(dir / "out/metrics.jsonl");
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("eval_loss")) last = j["eval_loss"].get<double>();
+  }
+  ASSERT_GE(last, 0) << "no eval_loss in metrics.jsonl";
+  const auto all = data::load_model_dataset(kData, data::ModelText{}, false, false).rows;
+  const auto split = data::hold_out(all, 0.25, 3, "test");  // the recipe's seed
+  EXPECT_EQ(split.eval.size() + split.train.size(), all.size());
+  auto m = models::from_pretrained(r.final_dir);
+  data::TokenBatches rows(split.eval, 16, 3);
+  double ce = 0;
+  int64_t tokens = 0;
+  for (int64_t b = 0; b * 2 < rows.rows(); ++b) {
+    auto mb = rows.micro_batch(b * 2, std::min<int64_t>(2, rows.rows() - b * 2));
+    const auto o = m.model->forward({mb.input_ids, &mb.labels});
+    ce += o.ce_sum;
+    tokens += o.loss_tokens;
+  }
+  EXPECT_NEAR(last, ce / tokens, 1e-5);
+  const std::string both = test::error_of([&] { train::load_recipe(write_recipe(dir, "eval_split: 0.25\neval_data: x.jsonl\n"), {}); });
+  EXPECT_NE(both.find("set one of 'eval_data' and 'eval_split'"), std::string::npos) << both;
+}
+
 // Recipe paths are relative to the recipe's folder; command-line overrides to the current one.
 TEST(Recipe, PathsResolveFromTheRecipeFolder) {
   test::TempDir dir;
@@ -420,6 +451,8 @@ TEST(RecipeBadInput, OutOfRangeNonFiniteAndRepeatedKeys) {
   EXPECT_NE(e.find("key 'optimizer.beta2' must be >= 0"), std::string::npos) << e;
   e = error({"schedule.min_lr_ratio=1.5"});
   EXPECT_NE(e.find("key 'schedule.min_lr_ratio' must be <= 1, got 1.5"), std::string::npos) << e;
+  e = error({"eval_split=1"});
+  EXPECT_NE(e.find("key 'eval_split' must be < 1, got 1"), std::string::npos) << e;
   e = error({"max_grad_norm=.nan"});
   EXPECT_NE(e.find("key 'max_grad_norm' must be a finite number"), std::string::npos) << e;
   e = error({"epochs=2"});
