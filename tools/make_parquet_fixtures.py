@@ -251,6 +251,10 @@ def main():
         "output": [words(rng, 5) for _ in range(10)],
     })
     write(out, "alpaca_zstd", alpaca, compression="zstd")
+    # Prompts for `generate --prompts`: text prompts, and conversations where the prompt is null.
+    prompts = ["Count from %d to %d." % (i, i + 3) if i % 3 else None for i in range(6)]
+    convs = [None if p else [{"role": "user", "content": "Count from %d to %d." % (i, i + 2)}] for i, p in enumerate(prompts)]
+    write(out, "prompts_snappy", pa.table({"prompt": prompts, "messages": convs}), compression="snappy")
     legacy = os.path.join(out, "legacy_lists.parquet")
     write_legacy_lists(legacy)
     MANIFEST["legacy_lists"] = {"fields": ["input_ids", "labels", "words", "pairs"]}

@@ -17,6 +17,7 @@
 #include "cli/commands.h"
 #include "cli/inference_options.h"
 #include "core/error.h"
+#include "data/parquet_reader.h"
 #include "hf/chat/chat_template.h"
 #include "hf/fs_util.h"
 #include "hf/generation_config.h"
@@ -110,13 +111,48 @@ Prompt encode_conversation(const hf::Tokenizer& tok, const std::string& tokenize
   return {enc.ids, enc.text, where};
 }
 
-// The prompts of a --prompts file: one JSON object per non-empty line with one of "prompt" (text;
-// a user message under --chat), "messages" (a conversation) or "prompt_ids" (token ids).
+// One prompt of a --prompts file: an object with one of "prompt" (text; a user message under
+// --chat), "messages" (a conversation) or "prompt_ids" (token ids).
+Prompt prompt_of_row(const Json& row, const std::string& where, const hf::Tokenizer* tok, const std::string& tokenizer_dir,
+                     bool chat) {
+  MF_CHECK(row.is_object(), where, ": not a JSON object");
+  const int kinds = row.contains("prompt") + row.contains("messages") + row.contains("prompt_ids");
+  MF_CHECK(kinds == 1, where, ": needs exactly one of 'prompt', 'messages' or 'prompt_ids'");
+  if (row.contains("prompt_ids")) {
+    const Json& ids = row["prompt_ids"];
+    MF_CHECK(ids.is_array() && !ids.empty(), where, ": 'prompt_ids' must be a non-empty list of token ids");
+    Prompt p;
+    for (const Json& id : ids) {
+      MF_CHECK(id.is_number_integer(), where, ": 'prompt_ids' holds ", id.dump(), ", not a token id");
+      p.ids.push_back(id.get<int64_t>());
+    }
+    p.where = where;
+    return p;
+  }
+  MF_CHECK(tok, tokenizer_dir, ": no tokenizer.json (", where, " needs one; pass --tokenizer DIR or use 'prompt_ids')");
+  if (row.contains("messages")) return encode_conversation(*tok, tokenizer_dir, row, where);
+  MF_CHECK(row["prompt"].is_string(), where, ": 'prompt' must be a string");
+  const std::string text = row["prompt"].get<std::string>();
+  return chat ? encode_conversation(*tok, tokenizer_dir, Json::array({Json{{"role", "user"}, {"content", text}}}), where)
+              : encode_text(*tok, text, where);
+}
+
+// The prompts of a --prompts file: a JSON-lines file (one object per non-empty line) or a Parquet
+// file (one row each, its prompt / messages / prompt_ids columns read; a held-out split of a hub
+// dataset as it is).
 std::vector<Prompt> read_prompts_file(const std::string& file, const hf::Tokenizer* tok, const std::string& tokenizer_dir,
                                       bool chat) {
+  std::vector<Prompt> prompts;
+  if (std::filesystem::path(file).extension() == ".parquet") {
+    data::parquet::ParquetFile::open(file).for_each_row(
+        {"prompt", "messages", "prompt_ids", "tools", "chat_template_kwargs"}, [&](int64_t row, Json&& j) {
+          prompts.push_back(prompt_of_row(j, file + ": row " + std::to_string(row + 1), tok, tokenizer_dir, chat));
+        });
+    MF_CHECK(!prompts.empty(), file, ": no prompts (no rows)");
+    return prompts;
+  }
   std::ifstream in(file);
   MF_CHECK(in, file, ": cannot open the prompts file");
-  std::vector<Prompt> prompts;
   std::string line;
   for (int64_t n = 1; std::getline(in, line); ++n) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
@@ -127,31 +163,7 @@ std::vector<Prompt> read_prompts_file(const std::string& file, const hf::Tokeniz
     } catch (const nlohmann::json::exception& e) {
       MF_THROW(where, ": not a JSON object (", e.what(), ")");
     }
-    MF_CHECK(row.is_object(), where, ": not a JSON object");
-    const int kinds = row.contains("prompt") + row.contains("messages") + row.contains("prompt_ids");
-    MF_CHECK(kinds == 1, where, ": needs exactly one of 'prompt', 'messages' or 'prompt_ids'");
-    if (row.contains("prompt_ids")) {
-      const Json& ids = row["prompt_ids"];
-      MF_CHECK(ids.is_array() && !ids.empty(), where, ": 'prompt_ids' must be a non-empty list of token ids");
-      Prompt p;
-      for (const Json& id : ids) {
-        MF_CHECK(id.is_number_integer(), where, ": 'prompt_ids' holds ", id.dump(), ", not a token id");
-        p.ids.push_back(id.get<int64_t>());
-      }
-      p.where = where;
-      prompts.push_back(std::move(p));
-      continue;
-    }
-    MF_CHECK(tok, tokenizer_dir, ": no tokenizer.json (", where, " needs one; pass --tokenizer DIR or use 'prompt_ids')");
-    if (row.contains("messages")) {
-      prompts.push_back(encode_conversation(*tok, tokenizer_dir, row, where));
-    } else {
-      MF_CHECK(row["prompt"].is_string(), where, ": 'prompt' must be a string");
-      const std::string text = row["prompt"].get<std::string>();
-      prompts.push_back(chat ? encode_conversation(*tok, tokenizer_dir,
-                                                   Json::array({Json{{"role", "user"}, {"content", text}}}), where)
-                             : encode_text(*tok, text, where));
-    }
+    prompts.push_back(prompt_of_row(row, where, tok, tokenizer_dir, chat));
   }
   MF_CHECK(!prompts.empty(), file, ": no prompts (one JSON object per line)");
   return prompts;
@@ -183,7 +195,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
                                      "conversation: a JSON list of {role, content} (or {\"messages\": [...]})");
   auto* o_ids = app->add_option("--prompt-ids", prompt_ids, "prompt as token ids, comma-separated");
   auto* o_prompts = app->add_option("--prompts", prompts_file,
-                                    "many prompts: a JSON-lines file, one {\"prompt\"}, {\"messages\"} or "
+                                    "many prompts: a JSON-lines or Parquet file, one {\"prompt\"}, {\"messages\"} or "
                                     "{\"prompt_ids\"} object per line; prints one JSON line per prompt");
   o_prompt->excludes(o_messages)->excludes(o_ids)->excludes(o_prompts);
   o_messages->excludes(o_ids)->excludes(o_prompts);

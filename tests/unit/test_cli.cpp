@@ -662,3 +662,24 @@ TEST(Cli, DatasetReportsWhatTrainingLoads) {
   EXPECT_EQ(missing.status, 1);
   EXPECT_NE(missing.err.find("/nonexistent/x.parquet: no such file"), std::string::npos) << missing.err;
 }
+
+// generate --prompts takes a Parquet file (a hub dataset's held-out split as it is): the same
+// result lines as the same rows in jsonl (pyarrow's reading of the file).
+TEST(Cli, GeneratePromptsFromParquetEqualTheirJsonl) {
+  const std::string demo = std::string(MOEFORGE_SOURCE_DIR) + "/examples/demo_model";
+  const std::string base = test::fixture("parquet/prompts_snappy");
+  const std::string flags = " --max-new-tokens 4 --greedy --threads 1";
+  const CmdResult pq = run("generate --model " + demo + " --prompts " + base + ".parquet" + flags);
+  const CmdResult jl = run("generate --model " + demo + " --prompts " + base + ".expected.jsonl" + flags);
+  ASSERT_EQ(pq.status, 0) << pq.err;
+  ASSERT_EQ(jl.status, 0) << jl.err;
+  std::istringstream a(pq.out), b(jl.out);
+  size_t n = 0;
+  for (std::string la, lb; std::getline(a, la) && std::getline(b, lb); ++n) {
+    const auto ja = nlohmann::json::parse(la), jb = nlohmann::json::parse(lb);
+    EXPECT_EQ(ja["prompt_ids"], jb["prompt_ids"]) << n;
+    EXPECT_EQ(ja["generated_ids"], jb["generated_ids"]) << n;
+  }
+  EXPECT_EQ(n, 6u);
+  EXPECT_NE(pq.err.find("prompts_snappy.parquet: row 6"), std::string::npos) << pq.err;  // progress names rows
+}
