@@ -4,10 +4,8 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cmath>
-#include <numeric>
-#include <random>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -19,6 +17,7 @@
 #include "core/logging.h"
 #include "data/parquet_reader.h"
 #include "data/row_formats.h"
+#include "data/seeded_order.h"
 #include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
 #include "hf/fs_util.h"
@@ -172,9 +171,6 @@ TokenRow parse_dataset_line(const std::string& line, const std::string& where, c
   return parse_row(j, where, o);
 }
 
-TokenRow parse_dataset_object(const nlohmann::ordered_json& row, const std::string& where, const DatasetOptions& o) {
-  return parse_row(row, where, o);
-}
 
 Dataset load_dataset(const DatasetOptions& o) {
   Dataset d;
@@ -235,11 +231,7 @@ HeldOut hold_out(std::vector<TokenRow> rows, double fraction, uint64_t seed, con
   const int64_t k = std::max<int64_t>(1, std::llround(fraction * static_cast<double>(n)));
   MF_CHECK(fraction > 0 && fraction < 1 && k < n, where, ": eval_split ", fraction, " of ", n,
            " rows leaves no row to train on");
-  std::vector<int64_t> order(static_cast<size_t>(n));
-  std::iota(order.begin(), order.end(), 0);
-  std::mt19937_64 gen(seed * 1000003ull + 7919);
-  // Fisher-Yates with our own index draw, so the split does not depend on the standard library.
-  for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[gen() % i]);
+  const std::vector<int64_t> order = seeded_order(rows.size(), seed * 1000003ull + 7919);
   std::vector<char> held(static_cast<size_t>(n), 0);
   for (int64_t i = 0; i < k; ++i) held[static_cast<size_t>(order[static_cast<size_t>(i)])] = 1;
   HeldOut out;

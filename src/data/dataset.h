@@ -58,8 +58,6 @@ struct Dataset {
 Dataset load_dataset(const DatasetOptions& opts);
 // One line of a dataset file as a row (labels set); `where` is "file:line" for errors.
 TokenRow parse_dataset_line(const std::string& line, const std::string& where, const DatasetOptions& opts);
-// The same for a row already parsed (a Parquet row).
-TokenRow parse_dataset_object(const nlohmann::ordered_json& row, const std::string& where, const DatasetOptions& opts);
 
 // Validation rows held out of a training set (the recipe's eval_split): round(fraction x rows),
 // at least one, chosen by a seeded draw of our own (the same rows on every machine and every

@@ -117,6 +117,52 @@ RowGroup read_row_group(ThriftReader& r) {
   return g;
 }
 
+DataPageHeader read_data_page_header(ThriftReader& r) {
+  DataPageHeader d;
+  const char* in = "DataPageHeader";
+  read_struct(r, [&](int16_t id, ThriftType t) {
+    switch (id) {
+      case 1: d.num_values = i32_field(r, t, id, in); return true;
+      case 2: d.encoding = static_cast<Encoding>(i32_field(r, t, id, in)); return true;
+      case 3: d.definition_level_encoding = static_cast<Encoding>(i32_field(r, t, id, in)); return true;
+      case 4: d.repetition_level_encoding = static_cast<Encoding>(i32_field(r, t, id, in)); return true;
+      default: return false;
+    }
+  });
+  return d;
+}
+
+DictionaryPageHeader read_dictionary_page_header(ThriftReader& r) {
+  DictionaryPageHeader d;
+  const char* in = "DictionaryPageHeader";
+  read_struct(r, [&](int16_t id, ThriftType t) {
+    switch (id) {
+      case 1: d.num_values = i32_field(r, t, id, in); return true;
+      case 2: d.encoding = static_cast<Encoding>(i32_field(r, t, id, in)); return true;
+      default: return false;
+    }
+  });
+  return d;
+}
+
+DataPageHeaderV2 read_data_page_header_v2(ThriftReader& r) {
+  DataPageHeaderV2 d;
+  const char* in = "DataPageHeaderV2";
+  read_struct(r, [&](int16_t id, ThriftType t) {
+    switch (id) {
+      case 1: d.num_values = i32_field(r, t, id, in); return true;
+      case 2: d.num_nulls = i32_field(r, t, id, in); return true;
+      case 3: d.num_rows = i32_field(r, t, id, in); return true;
+      case 4: d.encoding = static_cast<Encoding>(i32_field(r, t, id, in)); return true;
+      case 5: d.definition_levels_byte_length = i32_field(r, t, id, in); return true;
+      case 6: d.repetition_levels_byte_length = i32_field(r, t, id, in); return true;
+      case 7: d.is_compressed = r.read_bool(t); return true;
+      default: return false;
+    }
+  });
+  return d;
+}
+
 }  // namespace
 
 const char* codec_name(Codec c) {
@@ -165,58 +211,15 @@ FileMetaData read_file_metadata(ThriftReader& r) {
 PageHeader read_page_header(ThriftReader& r) {
   PageHeader h;
   const char* in = "PageHeader";
+  const auto sub = [&](ThriftType t, int16_t id) { expect(r, t, T::Struct, id, in, "a struct"); };
   read_struct(r, [&](int16_t id, ThriftType t) {
     switch (id) {
       case 1: h.type = static_cast<PageType>(i32_field(r, t, id, in)); return true;
       case 2: h.uncompressed_page_size = i32_field(r, t, id, in); return true;
       case 3: h.compressed_page_size = i32_field(r, t, id, in); return true;
-      case 5: {
-        expect(r, t, T::Struct, id, in, "a struct");
-        DataPageHeader d;
-        read_struct(r, [&](int16_t f, ThriftType ft) {
-          switch (f) {
-            case 1: d.num_values = i32_field(r, ft, f, "DataPageHeader"); return true;
-            case 2: d.encoding = static_cast<Encoding>(i32_field(r, ft, f, "DataPageHeader")); return true;
-            case 3: d.definition_level_encoding = static_cast<Encoding>(i32_field(r, ft, f, "DataPageHeader")); return true;
-            case 4: d.repetition_level_encoding = static_cast<Encoding>(i32_field(r, ft, f, "DataPageHeader")); return true;
-            default: return false;
-          }
-        });
-        h.data = d;
-        return true;
-      }
-      case 7: {
-        expect(r, t, T::Struct, id, in, "a struct");
-        DictionaryPageHeader d;
-        read_struct(r, [&](int16_t f, ThriftType ft) {
-          switch (f) {
-            case 1: d.num_values = i32_field(r, ft, f, "DictionaryPageHeader"); return true;
-            case 2: d.encoding = static_cast<Encoding>(i32_field(r, ft, f, "DictionaryPageHeader")); return true;
-            default: return false;
-          }
-        });
-        h.dictionary = d;
-        return true;
-      }
-      case 8: {
-        expect(r, t, T::Struct, id, in, "a struct");
-        DataPageHeaderV2 d;
-        const char* v2 = "DataPageHeaderV2";
-        read_struct(r, [&](int16_t f, ThriftType ft) {
-          switch (f) {
-            case 1: d.num_values = i32_field(r, ft, f, v2); return true;
-            case 2: d.num_nulls = i32_field(r, ft, f, v2); return true;
-            case 3: d.num_rows = i32_field(r, ft, f, v2); return true;
-            case 4: d.encoding = static_cast<Encoding>(i32_field(r, ft, f, v2)); return true;
-            case 5: d.definition_levels_byte_length = i32_field(r, ft, f, v2); return true;
-            case 6: d.repetition_levels_byte_length = i32_field(r, ft, f, v2); return true;
-            case 7: d.is_compressed = r.read_bool(ft); return true;
-            default: return false;
-          }
-        });
-        h.data_v2 = d;
-        return true;
-      }
+      case 5: sub(t, id); h.data = read_data_page_header(r); return true;
+      case 7: sub(t, id); h.dictionary = read_dictionary_page_header(r); return true;
+      case 8: sub(t, id); h.data_v2 = read_data_page_header_v2(r); return true;
       default: return false;
     }
   });

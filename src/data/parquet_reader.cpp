@@ -162,10 +162,15 @@ struct ColumnReader {
   const std::vector<ParquetFile::Node>& nodes;
   const std::vector<int>& path;  // node indices, top-level field first
 
+  // The column's path of names, as the chunk metadata spells it.
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    for (const int i : path) out.push_back(nodes[i].element->name);
+    return out;
+  }
+
   std::string where(size_t group) const {
-    std::vector<std::string> names;
-    for (const int i : path) names.push_back(nodes[i].element->name);
-    return file + ": column '" + column_name(names) + "', row group " + std::to_string(group);
+    return file + ": column '" + column_name(names()) + "', row group " + std::to_string(group);
   }
 
   // Levels of one page: v1 prefixes each run with its byte length; v2 gives the lengths in its header.
@@ -432,8 +437,7 @@ void ParquetFile::for_each_row(const std::vector<std::string>& fields, const std
         MF_CHECK(chunk.meta, what, ": has no column metadata");
         const ColumnMeta& m = *chunk.meta;
         MF_CHECK(m.type == *nodes_[leaf_paths_[l].back()].element->type, what, ": its chunk's type differs from the schema's");
-        std::vector<std::string> names;
-        for (const int i : leaf_paths_[l]) names.push_back(nodes_[i].element->name);
+        const std::vector<std::string> names = reader.names();
         MF_CHECK(m.path == names, what, ": its chunk is for column '", column_name(m.path), "'");
         int64_t start = m.data_page_offset;
         if (m.dictionary_page_offset && *m.dictionary_page_offset > 0 && *m.dictionary_page_offset < start)

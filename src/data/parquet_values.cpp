@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "core/error.h"
 
@@ -138,8 +139,18 @@ void decode_hybrid(Bytes& in, int bit_width, size_t count, std::vector<uint32_t>
 
 void decode_values(Encoding encoding, const LeafType& type, Bytes& in, size_t count, std::vector<Json>& out,
                    const std::string& what) {
-  // `count` values of `width` bytes must be in what is left (compared without multiplying).
-  const auto need = [&](size_t width) { MF_CHECK(count <= in.left() / width, what, ": its values run past the page"); };
+  // `count` little-endian values of type V (an integer or a float type), each given to `add`.
+  const auto fixed = [&](auto type_tag, auto&& add) {
+    using V = decltype(type_tag);
+    using U = std::conditional_t<sizeof(V) == 4, uint32_t, uint64_t>;
+    MF_CHECK(count <= in.left() / sizeof(V), what, ": its values run past the page");  // without multiplying
+    for (size_t i = 0; i < count; ++i, in.p += sizeof(V)) {
+      const U bits = little_endian<U>(in.p);
+      V v;
+      std::memcpy(&v, &bits, sizeof(V));
+      add(v);
+    }
+  };
   switch (encoding) {
     case Encoding::Plain:
       switch (type.physical) {
@@ -148,32 +159,10 @@ void decode_values(Encoding encoding, const LeafType& type, Bytes& in, size_t co
           for (size_t i = 0; i < count; ++i) out.emplace_back(((in.p[i >> 3] >> (i & 7)) & 1) != 0);
           in.p += (count + 7) / 8;
           return;
-        case PhysicalType::Int32:
-          need(4);
-          for (size_t i = 0; i < count; ++i, in.p += 4) out.push_back(integer(static_cast<int32_t>(little_endian<uint32_t>(in.p)), type));
-          return;
-        case PhysicalType::Int64:
-          need(8);
-          for (size_t i = 0; i < count; ++i, in.p += 8) out.push_back(integer(static_cast<int64_t>(little_endian<uint64_t>(in.p)), type));
-          return;
-        case PhysicalType::Float:
-          need(4);
-          for (size_t i = 0; i < count; ++i, in.p += 4) {
-            float f;
-            const uint32_t bits = little_endian<uint32_t>(in.p);
-            std::memcpy(&f, &bits, 4);
-            out.emplace_back(f);
-          }
-          return;
-        case PhysicalType::Double:
-          need(8);
-          for (size_t i = 0; i < count; ++i, in.p += 8) {
-            double d;
-            const uint64_t bits = little_endian<uint64_t>(in.p);
-            std::memcpy(&d, &bits, 8);
-            out.emplace_back(d);
-          }
-          return;
+        case PhysicalType::Int32: fixed(int32_t{}, [&](int32_t v) { out.push_back(integer(v, type)); }); return;
+        case PhysicalType::Int64: fixed(int64_t{}, [&](int64_t v) { out.push_back(integer(v, type)); }); return;
+        case PhysicalType::Float: fixed(float{}, [&](float v) { out.emplace_back(v); }); return;
+        case PhysicalType::Double: fixed(double{}, [&](double v) { out.emplace_back(v); }); return;
         case PhysicalType::ByteArray:
           for (size_t i = 0; i < count; ++i) {
             MF_CHECK(in.left() >= 4, what, ": its values run past the page");

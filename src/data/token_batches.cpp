@@ -1,10 +1,9 @@
 #include "data/token_batches.h"
 
 #include <algorithm>
-#include <numeric>
-#include <random>
 
 #include "core/error.h"
+#include "data/seeded_order.h"
 
 namespace moeforge::data {
 
@@ -27,10 +26,7 @@ TokenBatches::TokenBatches(std::vector<TokenRow> rows, int64_t seq_len, uint64_t
   MF_CHECK(!rows_.empty(), "dataset: no row has the 2 tokens a causal-LM loss needs");
   if (!packing_) return;
   // Pack in a seeded order (epoch -1 of the shuffle), then shuffle the packed rows each epoch.
-  std::vector<int64_t> order(rows_.size());
-  std::iota(order.begin(), order.end(), 0);
-  std::mt19937_64 gen(seed_ * 1000003ull - 1);
-  for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[gen() % i]);
+  const std::vector<int64_t> order = seeded_order(rows_.size(), seed_ * 1000003ull - 1);
   std::vector<TokenRow> packed;
   for (int64_t idx : order) {
     TokenRow& d = rows_[idx];
@@ -55,11 +51,7 @@ TokenBatches::TokenBatches(std::vector<TokenRow> rows, int64_t seq_len, uint64_t
 
 const std::vector<int64_t>& TokenBatches::order(int64_t epoch) const {
   if (epoch != cached_epoch_) {
-    cached_order_.resize(rows_.size());
-    std::iota(cached_order_.begin(), cached_order_.end(), 0);
-    std::mt19937_64 gen(seed_ * 1000003ull + static_cast<uint64_t>(epoch));
-    // Fisher-Yates with our own index draw, so the order does not depend on the standard library.
-    for (size_t i = cached_order_.size(); i > 1; --i) std::swap(cached_order_[i - 1], cached_order_[gen() % i]);
+    cached_order_ = seeded_order(rows_.size(), seed_ * 1000003ull + static_cast<uint64_t>(epoch));
     cached_epoch_ = epoch;
   }
   return cached_order_;

@@ -181,13 +181,11 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   data::Dataset dataset = data::load_model_dataset(r.data, text, r.skip_bad_lines, denv.rank == 0);
   // Validation rows, batched as the training rows are.
   std::optional<data::TokenBatches> eval_data;
-  std::string eval_source = r.eval_data;
+  std::ostringstream eval_source;  // for the start-up lines
   if (r.eval_split > 0) {
     data::HeldOut split = data::hold_out(std::move(dataset.rows), r.eval_split, r.seed, r.source + ": key 'eval_split'");
     dataset.rows = std::move(split.train);
-    std::ostringstream held;
-    held << split.eval.size() << " rows held out of " << r.data << " (eval_split " << r.eval_split << ")";
-    eval_source = held.str();
+    eval_source << split.eval.size() << " rows held out of " << r.data << " (eval_split " << r.eval_split << ")";
     eval_data.emplace(std::move(split.eval), r.seq_len, r.seed, r.packing);
     MF_CHECK(eval_data->rows() > 0, r.source, ": key 'eval_split': the held-out rows have no row of 2 or more tokens");
     check_vocabulary(*eval_data, r.data, cfg);
@@ -198,6 +196,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
                       r.packing);
     MF_CHECK(eval_data->rows() > 0, r.source, ": key 'eval_data': ", r.eval_data, " has no rows of 2 or more tokens");
     check_vocabulary(*eval_data, r.eval_data, cfg);
+    eval_source << eval_data->rows() << " rows of " << r.eval_data;
   }
   data::TokenBatches data(std::move(dataset.rows), r.seq_len, r.seed, r.packing);
   // A step larger than the dataset would repeat rows inside it (and an absurd value would allocate or
@@ -282,7 +281,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   if (r.device == Device::Kind::CUDA)
     for (const std::string& n : gpu::fast_path_notes(cfg, r.precision != "fp32", r.packing)) intro << "\nnote: " << n;
   if (eval_data)
-    intro << "\nvalidation: " << (r.eval_split > 0 ? eval_source : std::to_string(eval_data->rows()) + " rows of " + r.eval_data) << ", every "
+    intro << "\nvalidation: " << eval_source.str() << ", every "
           << (r.eval_every > 0 ? std::to_string(r.eval_every) + " steps and " : std::string()) << "at the end"
           << (r.save_best ? "; the best kept in " + (fs::path(r.output_dir) / "best").string() : std::string());
   if (lora) {

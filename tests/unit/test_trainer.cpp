@@ -288,6 +288,23 @@ TEST(Optimizer, WarmupStableDecayMatchesTransformers) {
   EXPECT_DOUBLE_EQ(train::lr_multiplier(c, 5, 100), 1.0);
 }
 
+// A model's token-weighted loss over rows batched as the recipe of write_recipe batches them
+// (seq_len 16, seed 3, micro_batch 2): what the trainer's validation reports.
+namespace {
+double validation_loss(const models::CausalLM& model, std::vector<data::TokenRow> rows_in) {
+  data::TokenBatches rows(std::move(rows_in), 16, 3);
+  double ce = 0;
+  int64_t tokens = 0;
+  for (int64_t b = 0; b * 2 < rows.rows(); ++b) {
+    auto mb = rows.micro_batch(b * 2, std::min<int64_t>(2, rows.rows() - b * 2));
+    const auto o = model.forward({mb.input_ids, &mb.labels});
+    ce += o.ce_sum;
+    tokens += o.loss_tokens;
+  }
+  return ce / tokens;
+}
+}  // namespace
+
 // Validation: eval_data's token-weighted loss in metrics.jsonl at every eval_every steps and at the
 // end (equal to the loss of the saved model on those rows), the progress line carrying it, and
 // save_best keeping the folder of the lowest one.
@@ -306,16 +323,7 @@ TEST(Trainer, ValidationLossIsRecordedAndTheBestIsKept) {
   EXPECT_EQ(evals[2].first, 5);
   // The last one is the final model's loss on the rows, as training batches them (seq_len 16).
   auto m = models::from_pretrained(r.final_dir);
-  data::TokenBatches rows(data::load_model_dataset(kData, data::ModelText{}, false).rows, 16, 3);
-  double ce = 0;
-  int64_t tokens = 0;
-  for (int64_t b = 0; b * 2 < rows.rows(); ++b) {
-    auto mb = rows.micro_batch(b * 2, std::min<int64_t>(2, rows.rows() - b * 2));
-    const auto o = m.model->forward({mb.input_ids, &mb.labels});
-    ce += o.ce_sum;
-    tokens += o.loss_tokens;
-  }
-  EXPECT_NEAR(evals[2].second, ce / tokens, 1e-5);
+  EXPECT_NEAR(evals[2].second, validation_loss(*m.model, data::load_model_dataset(kData, data::ModelText{}, false).rows), 1e-5);
   auto best = std::min_element(evals.begin(), evals.end(), [](auto& a, auto& b) { return a.second < b.second; });
   const auto saved = nlohmann::json::parse(test::read_text((dir / "out/best/best.json")));
   EXPECT_EQ(saved["step"].template get<int64_t>(), best->first);
@@ -339,16 +347,7 @@ TEST(Trainer, EvalSplitValidatesOnRowsHeldOutOfData) {
   const auto split = data::hold_out(all, 0.25, 3, "test");  // the recipe's seed
   EXPECT_EQ(split.eval.size() + split.train.size(), all.size());
   auto m = models::from_pretrained(r.final_dir);
-  data::TokenBatches rows(split.eval, 16, 3);
-  double ce = 0;
-  int64_t tokens = 0;
-  for (int64_t b = 0; b * 2 < rows.rows(); ++b) {
-    auto mb = rows.micro_batch(b * 2, std::min<int64_t>(2, rows.rows() - b * 2));
-    const auto o = m.model->forward({mb.input_ids, &mb.labels});
-    ce += o.ce_sum;
-    tokens += o.loss_tokens;
-  }
-  EXPECT_NEAR(last, ce / tokens, 1e-5);
+  EXPECT_NEAR(last, validation_loss(*m.model, split.eval), 1e-5);
   const std::string both = test::error_of([&] { train::load_recipe(write_recipe(dir, "eval_split: 0.25\neval_data: x.jsonl\n"), {}); });
   EXPECT_NE(both.find("set one of 'eval_data' and 'eval_split'"), std::string::npos) << both;
 }
