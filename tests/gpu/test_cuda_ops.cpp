@@ -367,6 +367,56 @@ TEST_P(CudaOps, RouterSoftmaxTopk) {
   }
 }
 
+// The warp-per-token router against the block-per-token one on the same inputs: bit for bit (the
+// same sums in the same order), plain, renormalised and forced, with ties among the logits; and the
+// block kernel (over 1,024 experts) against the CPU.
+TEST_P(CudaOps, RouterWarpKernelEqualsBlockKernel) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const auto bits = [](const Tensor& t) {
+    Tensor h = cuda::to_host_f32(t);
+    return std::vector<float>(h.f32(), h.f32() + h.numel());
+  };
+  for (auto [e, k] : {std::pair<int64_t, int64_t>{128, 8}, {100, 5}, {1024, 16}, {8, 2}}) {
+    const int64_t rows = 203;  // not a multiple of the warp kernel's 8 rows per block
+    Tensor logits = randn({rows, e}, 71 + static_cast<uint32_t>(e), 2.f);
+    for (int64_t r = 0; r < rows; r += 3) logits.f32()[r * e + e - 1] = logits.f32()[r * e];  // ties
+    std::vector<int64_t> forced(static_cast<size_t>(rows * k));
+    for (int64_t i = 0; i < rows * k; ++i) forced[i] = (i * 7 + 1) % e;
+    Tensor forced_d = cuda::to_device(Tensor::from_i64(forced, {rows, k}), DType::I64);
+    for (int variant = 0; variant < 3; ++variant) {
+      const bool normalize = variant != 0;
+      const Tensor* f = variant == 2 ? &forced_d : nullptr;
+      Tensor dev = cuda::to_device(logits, dt);
+      Tensor p1, w1, i1, p2, w2, i2;
+      cuda::router_softmax_topk(dev, k, normalize, p1, w1, i1, f);
+      const int64_t limit = cuda::set_router_warp_max_experts(0);
+      cuda::router_softmax_topk(dev, k, normalize, p2, w2, i2, f);
+      cuda::set_router_warp_max_experts(limit);
+      const std::string what = "e=" + std::to_string(e) + " variant " + std::to_string(variant);
+      EXPECT_EQ(bits(p1), bits(p2)) << what;
+      EXPECT_EQ(bits(w1), bits(w2)) << what;
+      Tensor h1 = cuda::to_host_f32(i1), h2 = cuda::to_host_f32(i2);
+      EXPECT_EQ(std::vector<int64_t>(h1.i64(), h1.i64() + h1.numel()), std::vector<int64_t>(h2.i64(), h2.i64() + h2.numel()))
+          << what;
+    }
+  }
+  // Over the warp kernel's limit: the block kernel against the CPU.
+  const int64_t e = 1500, k = 4;
+  Tensor logits = randn({37, e}, 81, 2.f);
+  Tensor want_p = rounded(logits, dt);
+  ops::cpu::softmax_rows_inplace(want_p);
+  Tensor want_v, want_i;
+  ops::cpu::topk_rows(want_p, k, want_v, want_i);
+  Tensor probs, weights, indices;
+  cuda::router_softmax_topk(cuda::to_device(logits, dt), k, false, probs, weights, indices);
+  expect_close(probs, want_p, {1e-6f, 1e-5f}, "router probs e=1500");
+  expect_close(weights, want_v, {1e-6f, 1e-5f}, "router weights e=1500");
+  Tensor got_i = cuda::to_host_f32(indices);
+  EXPECT_EQ(std::vector<int64_t>(got_i.i64(), got_i.i64() + got_i.numel()),
+            std::vector<int64_t>(want_i.i64(), want_i.i64() + want_i.numel()));
+}
+
 // Forced routing (the weights are the router's probabilities at the given experts) and the
 // router backward (renormalisation, an extra per-expert gradient, softmax) against a host
 // computation through ops::cpu::softmax_backward.

@@ -64,6 +64,9 @@ void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad,
 // Routers. E <= 1024 and k <= 64 for DeepSeek's grouped routing.
 void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor& probs, Tensor& weights,
                          Tensor& indices, const Tensor* forced = nullptr);
+// Tests: the most experts router_softmax_topk routes a warp per token (1,024 by default; below that
+// a block per token), so both kernels can be compared on one input. Returns the previous limit.
+int64_t set_router_warp_max_experts(int64_t experts);
 Tensor router_backward(const Tensor& probs, const Tensor& indices, const Tensor& weights, const Tensor& d_weights,
                        bool normalize, DType dtype, const Tensor* dprobs_extra = nullptr);
 void grouped_sigmoid_route(const Tensor& logits, const Tensor& bias, int64_t n_group, int64_t topk_group, int64_t k,
