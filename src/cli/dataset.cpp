@@ -48,7 +48,7 @@ int cmd_dataset(const std::vector<std::string>& argv) {
   bool no_eos = false, skip_bad = false, json = false;
   app->add_option("--model", model_dir, "Hugging Face model folder (its tokenizer, chat template, eos and vocabulary)")
       ->required();
-  app->add_option("--data", data, "dataset: a .jsonl or .parquet file, a folder of them or a glob")->required();
+  app->add_option("--data", data, "dataset: a .jsonl, .parquet or .arrow file, a folder of them (or one written by datasets' save_to_disk) or a glob")->required();
   app->add_option("--tokenizer", tokenizer, "folder with tokenizer.json (default: the model's)");
   app->add_option("--chat-template", chat_template, "a chat template file for conversation rows (default: the tokenizer's)");
   app->add_flag("--no-eos", no_eos, "do not append the end-of-sequence token to text and completion rows");

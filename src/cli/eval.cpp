@@ -30,7 +30,7 @@ int cmd_eval(const std::vector<std::string>& argv) {
   std::string model_dir, data, adapter, tokenizer, chat_template, logits_out;
   bool no_eos = false, summary = false;
   app->add_option("--model", model_dir, "Hugging Face model folder")->required();
-  auto* o_data = app->add_option("--data", data, "dataset: a .jsonl or .parquet file, a folder of them or a glob");
+  auto* o_data = app->add_option("--data", data, "dataset: a .jsonl, .parquet or .arrow file, a folder of them (or one written by datasets' save_to_disk) or a glob");
   auto* o_tokens = app->add_option("--tokens", data, "the same as --data (its older name)");
   o_data->excludes(o_tokens);
   app->add_option("--adapter", adapter, "PEFT LoRA adapter folder, applied unmerged");
@@ -42,7 +42,7 @@ int cmd_eval(const std::vector<std::string>& argv) {
   InferenceOptions run;
   run.add_to(*app);
   if (auto code = parse(*app, argv)) return *code;
-  MF_CHECK(*o_data || *o_tokens, "eval needs --data FILE (.jsonl or .parquet)");
+  MF_CHECK(*o_data || *o_tokens, "eval needs --data FILE (.jsonl, .parquet or .arrow)");
   run.apply_threads();
   const data::ModelText text = data::load_model_text(model_dir, tokenizer, chat_template, !no_eos, "eval");
   const data::Dataset ds = data::load_model_dataset(data, text, /*skip_bad_lines=*/false);

@@ -17,7 +17,7 @@
 #include "cli/commands.h"
 #include "cli/inference_options.h"
 #include "core/error.h"
-#include "data/parquet_reader.h"
+#include "data/table_files.h"
 #include "hf/chat/chat_template.h"
 #include "hf/fs_util.h"
 #include "hf/generation_config.h"
@@ -137,15 +137,15 @@ Prompt prompt_of_row(const Json& row, const std::string& where, const hf::Tokeni
               : encode_text(*tok, text, where);
 }
 
-// The prompts of a --prompts file: a JSON-lines file (one object per non-empty line) or a Parquet
-// file (one row each, its prompt / messages / prompt_ids columns read; a held-out split of a hub
-// dataset as it is).
+// The prompts of a --prompts file: a JSON-lines file (one object per non-empty line), a Parquet or
+// an Arrow file (one row each, its prompt / messages / prompt_ids columns read; a held-out split of
+// a hub dataset as it is).
 std::vector<Prompt> read_prompts_file(const std::string& file, const hf::Tokenizer* tok, const std::string& tokenizer_dir,
                                       bool chat) {
   std::vector<Prompt> prompts;
-  if (std::filesystem::path(file).extension() == ".parquet") {
-    data::parquet::ParquetFile::open(file).for_each_row(
-        {"prompt", "messages", "prompt_ids", "tools", "chat_template_kwargs"}, [&](int64_t row, Json&& j) {
+  if (data::is_table_file(file)) {
+    data::for_each_table_row(
+        file, {"prompt", "messages", "prompt_ids", "tools", "chat_template_kwargs"}, [&](int64_t row, Json&& j) {
           prompts.push_back(prompt_of_row(j, file + ": row " + std::to_string(row + 1), tok, tokenizer_dir, chat));
         });
     MF_CHECK(!prompts.empty(), file, ": no prompts (no rows)");
@@ -195,7 +195,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
                                      "conversation: a JSON list of {role, content} (or {\"messages\": [...]})");
   auto* o_ids = app->add_option("--prompt-ids", prompt_ids, "prompt as token ids, comma-separated");
   auto* o_prompts = app->add_option("--prompts", prompts_file,
-                                    "many prompts: a JSON-lines or Parquet file, one {\"prompt\"}, {\"messages\"} or "
+                                    "many prompts: a JSON-lines, Parquet or Arrow file, one {\"prompt\"}, {\"messages\"} or "
                                     "{\"prompt_ids\"} object per line; prints one JSON line per prompt");
   o_prompt->excludes(o_messages)->excludes(o_ids)->excludes(o_prompts);
   o_messages->excludes(o_ids)->excludes(o_prompts);

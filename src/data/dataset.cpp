@@ -9,15 +9,16 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <regex>
 #include <set>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "core/logging.h"
-#include "data/parquet_reader.h"
 #include "data/row_formats.h"
 #include "data/seeded_order.h"
+#include "data/table_files.h"
 #include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
 #include "hf/fs_util.h"
@@ -29,9 +30,7 @@ using nlohmann::json;
 
 namespace {
 
-bool is_parquet(const std::string& file) { return fs::path(file).extension() == ".parquet"; }
-
-// The top-level fields a row may use (the rest of a Parquet file's columns are not read).
+// The top-level fields a row may use (the rest of a Parquet or Arrow file's columns are not read).
 const std::vector<std::string> kRowFields = {"input_ids", "labels", "text", "prompt", "completion", "messages",
                                              "tools", "chat_template_kwargs", "conversations", "system",
                                              "instruction", "input", "output", "history"};
@@ -45,20 +44,57 @@ std::string split_of(const fs::path& file) {
   const std::string stem = file.stem().string();
   std::smatch m;
   if (std::regex_match(stem, m, shard)) return m[1].str();
-  return std::find(splits.begin(), splits.end(), stem) != splits.end() ? stem : "";
+  if (std::find(splits.begin(), splits.end(), stem) != splits.end()) return stem;
+  // The datasets cache's single-file splits: NAME-train.arrow beside NAME-test.arrow.
+  for (const auto& sp : splits)
+    if (stem.size() > sp.size() + 1 && stem.compare(stem.size() - sp.size() - 1, std::string::npos, "-" + sp) == 0)
+      return stem;
+  return "";
+}
+
+// A folder written by `datasets`' save_to_disk: state.json lists its Arrow files in order; a
+// DatasetDict's folder holds one such folder per split (dataset_dict.json names them).
+std::optional<std::vector<std::string>> saved_dataset_files(const fs::path& dir) {
+  if (fs::exists(dir / "dataset_dict.json")) {
+    const auto dict = hf::read_json_file((dir / "dataset_dict.json").string());
+    MF_CHECK(dict.contains("splits") && dict["splits"].is_array() && !dict["splits"].empty(), (dir / "dataset_dict.json").string(),
+             ": field 'splits' must be a non-empty list");
+    std::string names;
+    for (const auto& sp : dict["splits"]) names += (names.empty() ? "" : ", ") + (sp.is_string() ? sp.get<std::string>() : sp.dump());
+    const std::string first = dict["splits"][0].is_string() ? dict["splits"][0].get<std::string>() : "train";
+    MF_THROW(dir.string(), ": a saved DatasetDict with the splits ", names, " (dataset_dict.json); choose one, e.g. ",
+             (dir / first).string());
+  }
+  if (!fs::exists(dir / "state.json")) return std::nullopt;
+  const std::string state_path = (dir / "state.json").string();
+  const auto state = hf::read_json_file(state_path);
+  MF_CHECK(state.contains("_data_files") && state["_data_files"].is_array() && !state["_data_files"].empty(), state_path,
+           ": field '_data_files' must be a non-empty list (a folder written by datasets' save_to_disk)");
+  std::vector<std::string> files;
+  for (size_t i = 0; i < state["_data_files"].size(); ++i) {
+    const auto& f = state["_data_files"][i];
+    MF_CHECK(f.is_object() && f.contains("filename") && f["filename"].is_string(), state_path, ": _data_files[", i,
+             "] must be an object with a string 'filename'");
+    const std::string name = f["filename"].get<std::string>();
+    MF_CHECK(name.find('/') == std::string::npos && name != ".." && fs::exists(dir / name), state_path, ": _data_files[", i,
+             "]: ", (dir / name).string(), " is missing");
+    files.push_back((dir / name).string());
+  }
+  return files;
 }
 
 std::vector<std::string> resolve_files(const std::string& path) {
   std::vector<std::string> files;
   if (fs::is_directory(path)) {
+    if (auto saved = saved_dataset_files(path)) return *saved;
     std::set<std::string> splits;
     for (const auto& de : fs::directory_iterator(path))
-      if (de.is_regular_file() && (de.path().extension() == ".jsonl" || is_parquet(de.path().string()))) {
+      if (de.is_regular_file() && (de.path().extension() == ".jsonl" || is_table_file(de.path().string()))) {
         files.push_back(de.path().string());
         if (const std::string split = split_of(de.path()); !split.empty()) splits.insert(split);
       }
     std::sort(files.begin(), files.end());
-    MF_CHECK(!files.empty(), path, ": folder has no *.jsonl or *.parquet files");
+    MF_CHECK(!files.empty(), path, ": folder has no *.jsonl, *.parquet or *.arrow files");
     // A dataset folder as the hub lays it out holds every split: training on all of them would
     // train on the test rows. One is chosen with a glob.
     if (splits.size() > 1) {
@@ -204,9 +240,9 @@ Dataset load_dataset(const DatasetOptions& o) {
   for (const auto& file : d.files) {
     progress.file = file;
     ++progress.file_number;
-    if (is_parquet(file)) {
+    if (is_table_file(file)) {
       // Rows counted from 1, as lines are.
-      parquet::ParquetFile::open(file).for_each_row(kRowFields, [&](int64_t row, nlohmann::ordered_json&& j) {
+      for_each_table_row(file, kRowFields, [&](int64_t row, nlohmann::ordered_json&& j) {
         const std::string where = file + ": row " + std::to_string(row + 1);
         add(row + 1, [&] { return parse_row(j, where, o); });
       });

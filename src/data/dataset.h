@@ -1,5 +1,6 @@
-// Training data from jsonl files (one row per line) or Parquet files (one row per row, its columns
-// read as the fields below: a Hugging Face dataset's parquet shards as they are), in any of these forms
+// Training data from jsonl files (one row per line), Parquet files (one row per row, its columns
+// read as the fields below: a Hugging Face dataset's parquet shards as they are) or Arrow IPC files
+// (.arrow: a folder written by `datasets`' save_to_disk, or its cache's files), in any of these forms
 //   {"input_ids": [...], "labels": [...]?}   pre-tokenized (labels default to input_ids, -100 = no loss)
 //   {"text": "..."}                          every token trained
 //   {"prompt": "...", "completion": "..."}   loss on the completion only
@@ -8,9 +9,10 @@
 //   {"conversations": [{"from", "value"}, ...]} (ShareGPT) and {"instruction", "input"?, "output"}
 //   (Alpaca): read as conversations (data/row_formats.h); a row with "text" or "prompt" is that kind
 
-// `path` is a file, a folder (every *.jsonl and *.parquet in it, sorted) or a glob. Malformed rows are
-// fatal, or skipped and counted when `skip_bad_lines`; every error names file:line (a Parquet file:
-// "file: row N", N counted from 1). Parquet columns other than the fields above are not read.
+// `path` is a file, a folder (every *.jsonl, *.parquet and *.arrow in it, sorted; a save_to_disk
+// folder's files in its state.json order) or a glob. Malformed rows are fatal, or skipped and
+// counted when `skip_bad_lines`; every error names file:line (a Parquet or Arrow file: "file: row
+// N", N counted from 1). Columns other than the fields above are not read.
 #pragma once
 #include <cstdint>
 #include <functional>

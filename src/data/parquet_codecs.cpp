@@ -17,7 +17,7 @@ namespace {
 void copy_back(std::vector<uint8_t>& out, size_t& n, size_t offset, size_t len, size_t out_size, const std::string& what,
                const char* codec) {
   MF_CHECK(offset > 0 && offset <= n, what, ": malformed ", codec, " data (a copy from before the start)");
-  MF_CHECK(len <= out_size - n, what, ": ", codec, " data decompresses past the page's uncompressed size");
+  MF_CHECK(len <= out_size - n, what, ": ", codec, " data decompresses past its declared size");
   for (size_t i = 0; i < len; ++i, ++n) out[n] = out[n - offset];
 }
 
@@ -36,7 +36,7 @@ std::vector<uint8_t> snappy_decompress(const uint8_t* in, size_t in_size, size_t
     declared |= static_cast<uint64_t>(in[p] & 0x7f) << shift;
     if (!(in[p++] & 0x80)) break;
   }
-  MF_CHECK(declared == out_size, what, ": SNAPPY data holds ", declared, " bytes, the page header says ", out_size);
+  MF_CHECK(declared == out_size, what, ": SNAPPY data holds ", declared, " bytes, the header says ", out_size);
   std::vector<uint8_t> out(out_size);
   size_t n = 0;
   const auto need = [&](size_t k) { MF_CHECK(k <= in_size - p, what, ": SNAPPY data ends early"); };
@@ -54,7 +54,7 @@ std::vector<uint8_t> snappy_decompress(const uint8_t* in, size_t in_size, size_t
       }
       ++len;
       need(len);
-      MF_CHECK(len <= out_size - n, what, ": SNAPPY data decompresses past the page's uncompressed size");
+      MF_CHECK(len <= out_size - n, what, ": SNAPPY data decompresses past its declared size");
       std::memcpy(out.data() + n, in + p, len);
       p += len;
       n += len;
@@ -71,26 +71,27 @@ std::vector<uint8_t> snappy_decompress(const uint8_t* in, size_t in_size, size_t
       copy_back(out, n, offset, 1 + (tag >> 2), out_size, what, codec);
     }
   }
-  MF_CHECK(n == out_size, what, ": SNAPPY data gives ", n, " bytes, the page header says ", out_size);
+  MF_CHECK(n == out_size, what, ": SNAPPY data gives ", n, " bytes, the header says ", out_size);
   return out;
 }
 
 // LZ4's block format: sequences of a token (literal length in its high four bits, match length - 4
 // in its low four; 15 means more length bytes follow, each added until one is below 255), the
-// literals, a 2-byte offset and the match. The last sequence has literals only.
-std::vector<uint8_t> lz4_block_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
-  const char* codec = "LZ4_RAW";
-  std::vector<uint8_t> out(out_size);
-  size_t p = 0, n = 0;
+// literals, a 2-byte offset and the match. The last sequence has literals only. Decodes one block
+// into out[n..out_size); matches may reach back into what earlier blocks wrote (LZ4 frames).
+void lz4_block_decode(const uint8_t* in, size_t in_size, std::vector<uint8_t>& out, size_t& n, size_t out_size,
+                      const std::string& what) {
+  const char* codec = "LZ4";
+  size_t p = 0;
   const auto length = [&](size_t base) {
     size_t len = base;
     if (base == 15) {
       uint8_t b;
       do {
-        MF_CHECK(p < in_size, what, ": LZ4_RAW data ends early");
+        MF_CHECK(p < in_size, what, ": LZ4 data ends early");
         b = in[p++];
         len += b;
-        MF_CHECK(len <= out_size, what, ": LZ4_RAW data decompresses past the page's uncompressed size");
+        MF_CHECK(len <= out_size, what, ": LZ4 data decompresses past its declared size");
       } while (b == 255);
     }
     return len;
@@ -98,17 +99,64 @@ std::vector<uint8_t> lz4_block_decompress(const uint8_t* in, size_t in_size, siz
   while (p < in_size) {
     const uint8_t token = in[p++];
     const size_t lit = length(token >> 4);
-    MF_CHECK(lit <= in_size - p && lit <= out_size - n, what, ": malformed LZ4_RAW data (a literal run too long)");
+    MF_CHECK(lit <= in_size - p && lit <= out_size - n, what, ": malformed LZ4 data (a literal run too long)");
     if (lit > 0) std::memcpy(out.data() + n, in + p, lit);
     p += lit;
     n += lit;
     if (p == in_size) break;  // the last sequence
-    MF_CHECK(in_size - p >= 2, what, ": LZ4_RAW data ends early");
+    MF_CHECK(in_size - p >= 2, what, ": LZ4 data ends early");
     const size_t offset = in[p] | (static_cast<size_t>(in[p + 1]) << 8);
     p += 2;
     copy_back(out, n, offset, length(token & 15) + 4, out_size, what, codec);
   }
-  MF_CHECK(n == out_size, what, ": LZ4_RAW data gives ", n, " bytes, the page header says ", out_size);
+}
+
+std::vector<uint8_t> lz4_block_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
+  std::vector<uint8_t> out(out_size);
+  size_t n = 0;
+  lz4_block_decode(in, in_size, out, n, out_size, what);
+  MF_CHECK(n == out_size, what, ": LZ4 data gives ", n, " bytes, the header says ", out_size);
+  return out;
+}
+
+// LZ4's frame format (Arrow's LZ4_FRAME buffers): a magic number, a descriptor (flags: version 01,
+// block checksums, content size, content checksum, dictionary id; the block size byte; a header
+// checksum byte), then blocks, each a 32-bit size (high bit: stored uncompressed) and its bytes
+// (plus a 4-byte checksum when flagged), up to a zero size; then an optional 4-byte content
+// checksum. Checksums are skipped, not verified (the sizes are).
+std::vector<uint8_t> lz4_frame_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
+  const auto u32 = [&](size_t at) {
+    MF_CHECK(at <= in_size && in_size - at >= 4, what, ": LZ4 frame ends early");
+    return static_cast<uint32_t>(in[at]) | (static_cast<uint32_t>(in[at + 1]) << 8) |
+           (static_cast<uint32_t>(in[at + 2]) << 16) | (static_cast<uint32_t>(in[at + 3]) << 24);
+  };
+  MF_CHECK(u32(0) == 0x184D2204u, what, ": not an LZ4 frame (magic number)");
+  MF_CHECK(in_size >= 7, what, ": LZ4 frame ends early");
+  const uint8_t flags = in[4];
+  MF_CHECK((flags >> 6) == 1, what, ": LZ4 frame of an unknown version");
+  MF_CHECK(!(flags & 1), what, ": LZ4 frame with a dictionary (not read)");
+  const bool block_checksums = flags & 0x10, content_size = flags & 0x08, content_checksum = flags & 0x04;
+  size_t p = 6 + (content_size ? 8 : 0) + 1;  // magic, flags, block size byte, [content size], header checksum
+  std::vector<uint8_t> out(out_size);
+  size_t n = 0;
+  for (;;) {
+    const uint32_t word = u32(p);
+    p += 4;
+    if (word == 0) break;
+    const size_t size = word & 0x7fffffffu;
+    MF_CHECK(size <= in_size - p, what, ": an LZ4 frame block runs past the buffer");
+    if (word & 0x80000000u) {
+      MF_CHECK(size <= out_size - n, what, ": LZ4 data decompresses past its declared size");
+      std::memcpy(out.data() + n, in + p, size);
+      n += size;
+    } else {
+      lz4_block_decode(in + p, size, out, n, out_size, what);
+    }
+    p += size + (block_checksums ? 4 : 0);
+    MF_CHECK(p <= in_size, what, ": LZ4 frame ends early");
+  }
+  MF_CHECK(p + (content_checksum ? 4 : 0) <= in_size, what, ": LZ4 frame ends early");
+  MF_CHECK(n == out_size, what, ": LZ4 data gives ", n, " bytes, the header says ", out_size);
   return out;
 }
 
@@ -125,9 +173,9 @@ std::vector<uint8_t> gzip_decompress(const uint8_t* in, size_t in_size, size_t o
   const int rc = inflate(&z, Z_FINISH);
   const size_t got = z.total_out;
   inflateEnd(&z);
-  MF_CHECK(rc == Z_STREAM_END, what, ": malformed GZIP data (zlib: ", rc == Z_BUF_ERROR ? "longer than the page header says"
+  MF_CHECK(rc == Z_STREAM_END, what, ": malformed GZIP data (zlib: ", rc == Z_BUF_ERROR ? "longer than the header says"
                                                                       : (z.msg ? z.msg : "error"), ")");
-  MF_CHECK(got == out_size, what, ": GZIP data gives ", got, " bytes, the page header says ", out_size);
+  MF_CHECK(got == out_size, what, ": GZIP data gives ", got, " bytes, the header says ", out_size);
   return out;
 }
 
@@ -135,7 +183,7 @@ std::vector<uint8_t> zstd_decompress(const uint8_t* in, size_t in_size, size_t o
   std::vector<uint8_t> out(out_size);
   const size_t got = ZSTD_decompress(out.data(), out_size, in, in_size);
   MF_CHECK(!ZSTD_isError(got), what, ": malformed ZSTD data (", ZSTD_getErrorName(got), ")");
-  MF_CHECK(got == out_size, what, ": ZSTD data gives ", got, " bytes, the page header says ", out_size);
+  MF_CHECK(got == out_size, what, ": ZSTD data gives ", got, " bytes, the header says ", out_size);
   return out;
 }
 
@@ -144,7 +192,7 @@ std::vector<uint8_t> zstd_decompress(const uint8_t* in, size_t in_size, size_t o
 std::vector<uint8_t> decompress(Codec codec, const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
   switch (codec) {
     case Codec::Uncompressed:
-      MF_CHECK(in_size == out_size, what, ": an uncompressed page of ", in_size, " bytes, its header says ", out_size);
+      MF_CHECK(in_size == out_size, what, ": ", in_size, " uncompressed bytes, the header says ", out_size);
       return std::vector<uint8_t>(in, in + in_size);
     case Codec::Snappy: return snappy_decompress(in, in_size, out_size, what);
     case Codec::Gzip: return gzip_decompress(in, in_size, out_size, what);

@@ -1,6 +1,6 @@
 // Page decompression for Parquet: UNCOMPRESSED, SNAPPY and LZ4_RAW (decoders of our own), GZIP
-// (zlib) and ZSTD (libzstd). The output must be exactly the page header's uncompressed size; a
-// stream that is shorter, longer or malformed is an error naming `what`.
+// (zlib) and ZSTD (libzstd); and LZ4 frames for Arrow IPC buffers. The output must be exactly the
+// header's uncompressed size; a stream that is shorter, longer or malformed is an error naming `what`.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -16,5 +16,7 @@ std::vector<uint8_t> decompress(Codec codec, const uint8_t* in, size_t in_size, 
 // The decoders of our own, for tests.
 std::vector<uint8_t> snappy_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what);
 std::vector<uint8_t> lz4_block_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what);
+// LZ4's frame format (Arrow IPC's LZ4_FRAME buffers), blocks linked or independent.
+std::vector<uint8_t> lz4_frame_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what);
 
 }  // namespace moeforge::data::parquet

@@ -663,13 +663,16 @@ TEST(Cli, DatasetReportsWhatTrainingLoads) {
   EXPECT_NE(missing.err.find("/nonexistent/x.parquet: no such file"), std::string::npos) << missing.err;
 }
 
-// generate --prompts takes a Parquet file (a hub dataset's held-out split as it is): the same
-// result lines as the same rows in jsonl (pyarrow's reading of the file).
-TEST(Cli, GeneratePromptsFromParquetEqualTheirJsonl) {
+// generate --prompts takes a Parquet or an Arrow file (a hub dataset's held-out split as it is):
+// the same result lines as the same rows in jsonl (pyarrow's reading of the file).
+class CliTablePrompts : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(CliTablePrompts, GeneratePromptsEqualTheirJsonl) {
   const std::string demo = std::string(MOEFORGE_SOURCE_DIR) + "/examples/demo_model";
-  const std::string base = test::fixture("parquet/prompts_snappy");
+  const std::string base = test::fixture(GetParam());
+  const std::string file = base + (GetParam().find("parquet") == 0 ? ".parquet" : ".arrow");
   const std::string flags = " --max-new-tokens 4 --greedy --threads 1";
-  const CmdResult pq = run("generate --model " + demo + " --prompts " + base + ".parquet" + flags);
+  const CmdResult pq = run("generate --model " + demo + " --prompts " + file + flags);
   const CmdResult jl = run("generate --model " + demo + " --prompts " + base + ".expected.jsonl" + flags);
   ASSERT_EQ(pq.status, 0) << pq.err;
   ASSERT_EQ(jl.status, 0) << jl.err;
@@ -681,5 +684,10 @@ TEST(Cli, GeneratePromptsFromParquetEqualTheirJsonl) {
     EXPECT_EQ(ja["generated_ids"], jb["generated_ids"]) << n;
   }
   EXPECT_EQ(n, 6u);
-  EXPECT_NE(pq.err.find("prompts_snappy.parquet: row 6"), std::string::npos) << pq.err;  // progress names rows
+  EXPECT_NE(pq.err.find(std::filesystem::path(file).filename().string() + ": row 6"), std::string::npos)
+      << pq.err;  // progress names rows
 }
+
+INSTANTIATE_TEST_SUITE_P(Formats, CliTablePrompts,
+                         ::testing::Values("parquet/prompts_snappy", "arrow/prompts_stream"),
+                         [](const auto& info) { return info.param.substr(0, info.param.find('/')); });

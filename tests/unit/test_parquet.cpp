@@ -81,7 +81,7 @@ TEST(ParquetCodecs, SnappyAndLz4BlocksWithOverlappingCopies) {
                 .find("f.parquet: malformed SNAPPY data"),
             std::string::npos);
   EXPECT_NE(test::error_of([&] { data::parquet::snappy_decompress(snappy, sizeof snappy, 13, "f.parquet"); })
-                .find("SNAPPY data holds 12 bytes, the page header says 13"),
+                .find("SNAPPY data holds 12 bytes, the header says 13"),
             std::string::npos);
 }
 

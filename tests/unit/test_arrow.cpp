@@ -1,0 +1,190 @@
+// Arrow IPC datasets: every fixture (tools/make_arrow_fixtures.py: stream and file formats, the
+// legacy framing and metadata V4, LZ4_FRAME and ZSTD bodies, every value type a row holds, columns of
+// other types stepped over) reads as pyarrow reads it; a folder written by datasets' save_to_disk
+// trains as the same rows in jsonl; a DatasetDict folder asks for a split; bad files are one error
+// naming the file.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "core/error.h"
+#include "data/arrow_ipc.h"
+#include "data/dataset.h"
+#include "data/parquet_codecs.h"
+#include "hf/tokenizer/tokenizer.h"
+#include "test_util.h"
+
+using namespace moeforge;
+using data::arrow::ArrowFile;
+using data::arrow::Json;
+
+namespace {
+
+std::string dir() { return test::fixture("arrow"); }
+
+std::vector<Json> rows_of(const ArrowFile& f, const std::vector<std::string>& fields) {
+  std::vector<Json> rows;
+  int64_t expected_index = 0;
+  f.for_each_row(fields, [&](int64_t i, Json&& row) {
+    EXPECT_EQ(i, expected_index++);
+    rows.push_back(std::move(row));
+  });
+  return rows;
+}
+
+std::vector<Json> expected_rows(const std::string& name) {
+  std::ifstream in(dir() + "/" + name + ".expected.jsonl");
+  std::vector<Json> rows;
+  for (std::string line; std::getline(in, line);) rows.push_back(Json::parse(line));
+  return rows;
+}
+
+Json manifest() { return Json::parse(test::read_text(dir() + "/MANIFEST.json")); }
+
+data::DatasetOptions text_options(const std::string& path, const hf::Tokenizer& tok) {
+  data::DatasetOptions o;
+  o.path = path;
+  o.tokenizer = &tok;
+  o.eos_id = 2;
+  return o;
+}
+
+}  // namespace
+
+TEST(ArrowRead, EveryFixtureReadsAsPyarrowReadsIt) {
+  const Json m = manifest();
+  ASSERT_GE(m["cases"].size(), 4u);
+  for (const auto& [file, c] : m["cases"].items()) {
+    const std::string name = std::filesystem::path(file).stem().string();
+    const auto fields = c["fields"].get<std::vector<std::string>>();
+    const auto f = ArrowFile::open(dir() + "/" + file);
+    const auto got = rows_of(f, fields);
+    const auto want = expected_rows(name);
+    ASSERT_EQ(got.size(), want.size()) << name;
+    EXPECT_EQ(f.num_rows(), static_cast<int64_t>(want.size())) << name;
+    for (size_t r = 0; r < want.size(); ++r) ASSERT_EQ(got[r], want[r]) << name << " row " << r;
+  }
+}
+
+// The columns beside a dataset's (dictionary-encoded, timestamp, decimal, union, string view, run-end
+// encoded) are stepped over by counting their buffers; asked for, each is one error naming it.
+TEST(ArrowRead, OnlyTheFieldsAskedForAreRead) {
+  const auto f = ArrowFile::open(dir() + "/messages_stream.arrow");
+  EXPECT_EQ(f.top_level_fields(),
+            (std::vector<std::string>{"source", "messages", "created", "tools", "score", "prompt", "tag", "text", "note",
+                                      "completion", "lang", "chat_template_kwargs"}));
+  EXPECT_EQ(rows_of(f, {"tools", "nothing_like_this"}).size(), 23u);
+  const std::string dict = test::error_of([&] { rows_of(f, {"source"}); });
+  EXPECT_NE(dict.find("messages_stream.arrow: record batch 0: column 'source' is dictionary-encoded"), std::string::npos)
+      << dict;
+  for (const auto& [column, type] : std::vector<std::pair<std::string, std::string>>{
+           {"created", "timestamp"}, {"score", "decimal"}, {"tag", "union"}, {"note", "utf8 view"}, {"lang", "run-end encoded"}}) {
+    const std::string err = test::error_of([&] { rows_of(f, {column}); });
+    EXPECT_NE(err.find("column '" + column + "' has type " + type + ", which a dataset row does not hold"),
+              std::string::npos)
+        << err;
+  }
+  const std::string none = test::error_of([&] { rows_of(f, {"labels", "input_ids"}); });
+  EXPECT_NE(none.find("messages_stream.arrow: has none of the columns labels, input_ids (its columns: source, messages"),
+            std::string::npos)
+      << none;
+}
+
+// LZ4 frames: linked blocks whose matches reach into the previous block, a block stored
+// uncompressed, block checksums and the content size flagged (skipped), and a bad magic number.
+TEST(ArrowCodecs, Lz4FramesWithLinkedAndStoredBlocks) {
+  const std::vector<uint8_t> frame = {
+      0x04, 0x22, 0x4d, 0x18,  // magic
+      0x40 | 0x10 | 0x08, 0x40,  // version 01, block checksums, content size; 64 KB blocks
+      14, 0, 0, 0, 0, 0, 0, 0,   // content size
+      0xaa,                      // header checksum (not verified)
+      5, 0, 0, 0, (4 << 4), 'a', 'b', 'c', 'd', 1, 2, 3, 4,  // block 1: 4 literals "abcd" + checksum
+      3, 0, 0, 0, (0 << 4) | 2, 4, 0, 9, 9, 9, 9,  // block 2: a match of 6 from 4 back (into block 1) + checksum
+      4, 0, 0, 0x80, 'w', 'x', 'y', 'z', 7, 7, 7, 7,  // block 3: stored, "wxyz" + checksum
+      0, 0, 0, 0};  // end mark
+  const auto out = data::parquet::lz4_frame_decompress(frame.data(), frame.size(), 14, "f");
+  EXPECT_EQ(std::string(out.begin(), out.end()), "abcdabcdabwxyz");
+  std::vector<uint8_t> bad = frame;
+  bad[0] = 0x05;
+  EXPECT_NE(test::error_of([&] { data::parquet::lz4_frame_decompress(bad.data(), bad.size(), 14, "f.arrow"); })
+                .find("f.arrow: not an LZ4 frame"),
+            std::string::npos);
+  EXPECT_NE(test::error_of([&] { data::parquet::lz4_frame_decompress(frame.data(), frame.size(), 15, "f.arrow"); })
+                .find("LZ4 data gives 14 bytes, the header says 15"),
+            std::string::npos);
+}
+
+// A folder written by datasets' save_to_disk reads its Arrow files in state.json's order, as the
+// same rows in jsonl do; a DatasetDict's folder names its splits and asks for one.
+TEST(ArrowDataset, ASavedDatasetFolderTrainsAsTheSameRowsInJsonl) {
+  const hf::Tokenizer tok = hf::Tokenizer::load(test::fixture("chat/qwen3"));
+  test::TempDir tmp;
+  std::filesystem::copy_file(dir() + "/saved.expected.jsonl", tmp / "saved.jsonl");
+  const auto from_arrow = data::load_dataset(text_options(dir() + "/saved", tok));
+  const auto from_jsonl = data::load_dataset(text_options(tmp / "saved.jsonl", tok));
+  ASSERT_EQ(from_arrow.files.size(), 2u);
+  EXPECT_EQ(std::filesystem::path(from_arrow.files[0]).filename(), "data-00000-of-00002.arrow");
+  ASSERT_EQ(from_arrow.rows.size(), 12u);
+  ASSERT_EQ(from_arrow.rows.size(), from_jsonl.rows.size());
+  for (size_t r = 0; r < from_jsonl.rows.size(); ++r) {
+    EXPECT_EQ(from_arrow.rows[r].input_ids, from_jsonl.rows[r].input_ids) << r;
+    EXPECT_EQ(from_arrow.rows[r].labels, from_jsonl.rows[r].labels) << r;
+  }
+  // The second file's rows count from 1 again, as a second jsonl file's lines do.
+  EXPECT_EQ(from_arrow.rows[6].line, 1);
+
+  const std::string err = test::error_of([&] { data::load_dataset(text_options(dir() + "/saved_dict", tok)); });
+  EXPECT_NE(err.find("saved_dict: a saved DatasetDict with the splits train, test (dataset_dict.json); choose one, e.g. " +
+                     dir() + "/saved_dict/train"),
+            std::string::npos)
+      << err;
+  EXPECT_EQ(data::load_dataset(text_options(dir() + "/saved_dict/test", tok)).rows.size(), 3u);
+
+  // A state.json naming a file that is not there is one error naming it.
+  test::TempDir broken;
+  std::filesystem::copy_file(dir() + "/saved/state.json", broken / "state.json");
+  std::filesystem::copy_file(dir() + "/saved/data-00000-of-00002.arrow", broken / "data-00000-of-00002.arrow");
+  const std::string missing = test::error_of([&] { data::load_dataset(text_options(broken.path.string(), tok)); });
+  EXPECT_NE(missing.find("state.json: _data_files[1]: " + (broken / "data-00001-of-00002.arrow") + " is missing"),
+            std::string::npos)
+      << missing;
+}
+
+// The datasets cache keeps one file per split (NAME-train.arrow beside NAME-test.arrow): a folder of
+// them asks for one, as a hub folder of Parquet shards does.
+TEST(ArrowDataset, ACacheFolderOfSeveralSplitsIsRefused) {
+  const hf::Tokenizer tok = hf::Tokenizer::load(test::fixture("chat/qwen3"));
+  test::TempDir tmp;
+  std::filesystem::copy_file(dir() + "/saved/data-00000-of-00002.arrow", tmp / "squad-train.arrow");
+  std::filesystem::copy_file(dir() + "/saved/data-00001-of-00002.arrow", tmp / "squad-validation.arrow");
+  const std::string err = test::error_of([&] { data::load_dataset(text_options(tmp.path.string(), tok)); });
+  EXPECT_NE(err.find("folder holds the splits squad-train, squad-validation"), std::string::npos) << err;
+  EXPECT_EQ(data::load_dataset(text_options(tmp / "squad-train.arrow", tok)).rows.size(), 6u);
+}
+
+// Damaged files: every truncation and every single-byte change of a fixture either reads or is one
+// moeforge error naming the file, never a crash or a read out of bounds (the sanitizer build runs
+// this too; tests/fuzz/fuzz_arrow.cpp goes further).
+TEST(ArrowBadInput, EveryTruncationAndByteChangeIsOneErrorOrARead) {
+  const Json m = manifest();
+  for (const std::string file : {"messages_stream.arrow", "tokens_zstd.arrow", "text_file_lz4.feather", "all_types_legacy.arrow"}) {
+    const std::string bytes = test::read_text(dir() + "/" + file);
+    const auto fields = m["cases"][file]["fields"].get<std::vector<std::string>>();
+    const auto attempt = [&](std::string b) {
+      try {
+        rows_of(ArrowFile::from_bytes(std::move(b), "damaged.arrow"), fields);
+      } catch (const Error& e) {
+        EXPECT_EQ(std::string(e.what()).rfind("damaged.arrow", 0), 0u) << e.what();
+      }
+    };
+    for (size_t n = 0; n < bytes.size(); n += 61) attempt(bytes.substr(0, n));
+    for (size_t i = 0; i < bytes.size(); i += 3) {
+      std::string b = bytes;
+      b[i] = static_cast<char>(b[i] ^ (0x55 + i % 7));
+      attempt(b);
+    }
+  }
+  EXPECT_NE(test::error_of([] { ArrowFile::from_bytes("PAR1 not arrow at all", "t.arrow"); }).find("t.arrow: not an Arrow IPC file"),
+            std::string::npos);
+}
