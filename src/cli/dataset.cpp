@@ -63,13 +63,12 @@ int cmd_dataset(const std::vector<std::string>& argv) {
   const hf::ModelConfig cfg = hf::load_config(model_dir);
   const data::ModelText text = data::load_model_text(model_dir, tokenizer, chat_template, !no_eos, "dataset");
   const data::Dataset ds = data::load_model_dataset(data, text, skip_bad);
-  const std::string file = ds.files.size() == 1 ? ds.files.front() : data;
 
   int64_t total = 0, trained = 0, longest = 0, shortest = INT64_MAX, longer = 0, cut = 0;
   for (const auto& r : ds.rows) {
     const auto n = static_cast<int64_t>(r.input_ids.size());
     for (const int64_t id : r.input_ids)
-      MF_CHECK(id >= 0 && id < cfg.vocab_size, file, ":", r.line, ": token id ", id, " is outside the vocabulary (",
+      MF_CHECK(id >= 0 && id < cfg.vocab_size, ds.where(r), ": token id ", id, " is outside the vocabulary (",
                cfg.vocab_size, " tokens) of ", cfg.source);
     total += n;
     longest = std::max(longest, n);
@@ -94,7 +93,7 @@ int cmd_dataset(const std::vector<std::string>& argv) {
   for (int64_t i = 0; i < std::min(show, rows); ++i) {
     const auto& r = ds.rows[static_cast<size_t>(i)];
     nlohmann::ordered_json s;
-    s["where"] = file + ":" + std::to_string(r.line);
+    s["where"] = ds.where(r);
     s["tokens"] = r.input_ids.size();
     s["segments"] = segments_of(r, *text.tokenizer);
     out["samples"].push_back(std::move(s));

@@ -63,10 +63,9 @@ int cmd_eval(const std::vector<std::string>& argv) {
   hf::NamedTensors logits_rows;
   double weighted = 0;
   int64_t total_tokens = 0;
-  const std::string file = ds.files.size() == 1 ? ds.files.front() : data;
   for (size_t i = 0; i < ds.rows.size(); ++i) {
     const auto& r = ds.rows[i];
-    const std::string where = file + ":" + std::to_string(r.line);
+    const std::string where = ds.where(r);
     const int64_t s = static_cast<int64_t>(r.input_ids.size());
     MF_CHECK(s <= cfg.max_position_embeddings, where, ": ", s, " tokens exceed max_position_embeddings (",
              cfg.max_position_embeddings, ") of ", cfg.source);

@@ -230,6 +230,7 @@ Dataset load_dataset(const DatasetOptions& o) {
     try {
       TokenRow r = parse();
       r.line = n;
+      r.file = static_cast<int32_t>(progress.file_number - 1);
       d.rows.push_back(std::move(r));
     } catch (const Error& e) {
       if (!o.skip_bad_lines) throw;
@@ -260,6 +261,11 @@ Dataset load_dataset(const DatasetOptions& o) {
   }
   MF_CHECK(!d.rows.empty(), o.path, ": no usable rows", d.skipped_lines ? " (all malformed lines were skipped)" : "");
   return d;
+}
+
+std::string Dataset::where(const TokenRow& r) const {
+  const std::string& file = files.at(static_cast<size_t>(r.file));
+  return is_table_file(file) ? file + ": row " + std::to_string(r.line) : file + ":" + std::to_string(r.line);
 }
 
 HeldOut hold_out(std::vector<TokenRow> rows, double fraction, uint64_t seed, const std::string& where) {

@@ -55,6 +55,8 @@ struct Dataset {
   std::vector<TokenRow> rows;  // labels always set
   std::vector<std::string> files;
   int64_t skipped_lines = 0;
+  // Where a row came from, as errors name it: "file:line", or "file: row N" for Parquet and Arrow.
+  std::string where(const TokenRow& r) const;
 };
 
 Dataset load_dataset(const DatasetOptions& opts);

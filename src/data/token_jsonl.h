@@ -11,7 +11,8 @@
 namespace moeforge::data {
 
 struct TokenRow {
-  int64_t line = 0;  // 1-based line number in the file
+  int64_t line = 0;  // 1-based line number in the file (a Parquet or Arrow file: its row, from 1)
+  int32_t file = 0;  // which of a dataset's files (data::Dataset::files) it came from
   std::vector<int64_t> input_ids;
   std::optional<std::vector<int64_t>> labels;
 };

@@ -131,8 +131,10 @@ TEST(ArrowDataset, ASavedDatasetFolderTrainsAsTheSameRowsInJsonl) {
     EXPECT_EQ(from_arrow.rows[r].input_ids, from_jsonl.rows[r].input_ids) << r;
     EXPECT_EQ(from_arrow.rows[r].labels, from_jsonl.rows[r].labels) << r;
   }
-  // The second file's rows count from 1 again, as a second jsonl file's lines do.
+  // The second file's rows count from 1 again, as a second jsonl file's lines do, and name their file.
   EXPECT_EQ(from_arrow.rows[6].line, 1);
+  EXPECT_EQ(from_arrow.where(from_arrow.rows[6]), dir() + "/saved/data-00001-of-00002.arrow: row 1");
+  EXPECT_EQ(from_jsonl.where(from_jsonl.rows[6]), tmp / "saved.jsonl:7");
 
   const std::string err = test::error_of([&] { data::load_dataset(text_options(dir() + "/saved_dict", tok)); });
   EXPECT_NE(err.find("saved_dict: a saved DatasetDict with the splits train, test (dataset_dict.json); choose one, e.g. " +
