@@ -72,8 +72,9 @@ int cmd_eval(const std::vector<std::string>& argv) {
     for (auto id : r.input_ids)
       MF_CHECK(id >= 0 && id < cfg.vocab_size, where, ": token id ", id, " is outside the vocabulary (", cfg.vocab_size,
                " tokens)");
-    Tensor ids = Tensor::from_i64(r.input_ids, {1, s});
-    Tensor labels = Tensor::from_i64(r.labels.value_or(r.input_ids), {1, s});
+    const auto& lab = r.labels ? *r.labels : r.input_ids;
+    Tensor ids = Tensor::from_i64(std::vector<int64_t>(r.input_ids.begin(), r.input_ids.end()), {1, s});
+    Tensor labels = Tensor::from_i64(std::vector<int64_t>(lab.begin(), lab.end()), {1, s});
     models::ForwardInputs in{ids, &labels};
     in.logits = !logits_out.empty();  // without them: the fused LM head + loss, no [S, V] logits
     auto o = loaded.model->forward(*ps, in, loaded.model->parallel());

@@ -145,8 +145,8 @@ TokenRow messages_row(const nlohmann::ordered_json& j, const std::string& where,
     MF_THROW(where, ": ", e.what());
   }
   TokenRow r;
-  r.input_ids = std::move(enc.ids);
-  r.labels = std::vector<int64_t>(r.input_ids.size(), -100);
+  r.input_ids.assign(enc.ids.begin(), enc.ids.end());
+  r.labels = std::vector<TokenId>(r.input_ids.size(), -100);
   int64_t trained = 0;
   for (size_t k = 0; k < r.input_ids.size(); ++k)
     if (enc.assistant_mask[k]) {
@@ -160,9 +160,7 @@ TokenRow messages_row(const nlohmann::ordered_json& j, const std::string& where,
 TokenRow parse_row(const nlohmann::ordered_json& j, const std::string& where, const DatasetOptions& o) {
   MF_CHECK(j.is_object(), where, ": each line must be a JSON object");
   if (j.contains("input_ids")) {
-    TokenRow r = token_row_of(j, where);
-    if (!r.labels) r.labels = r.input_ids;
-    return r;
+    return token_row_of(j, where);  // without labels: every token trained
   }
   if (j.contains("messages")) return messages_row(j, where, o);
   const bool text = j.contains("text"), pc = j.contains("prompt") || j.contains("completion");
@@ -176,18 +174,18 @@ TokenRow parse_row(const nlohmann::ordered_json& j, const std::string& where, co
   MF_CHECK(o.tokenizer, where, ": text rows need a tokenizer (the model folder's tokenizer.json, or set 'tokenizer')");
   TokenRow r;
   if (text) {
-    r.input_ids = o.tokenizer->encode(string_field(j, "text", where), true);
-    if (o.eos_id) r.input_ids.push_back(*o.eos_id);
-    r.labels = r.input_ids;
+    const auto ids = o.tokenizer->encode(string_field(j, "text", where), true);
+    r.input_ids.assign(ids.begin(), ids.end());
+    if (o.eos_id) r.input_ids.push_back(static_cast<TokenId>(*o.eos_id));  // every token trained: no labels
   } else {
     MF_CHECK(j.contains("prompt") && j.contains("completion"), where, ": a prompt row needs both 'prompt' and 'completion'");
     // The prompt gets the tokenizer's special tokens (BOS), the completion none; loss on the completion.
     auto p = o.tokenizer->encode(string_field(j, "prompt", where), true);
     auto c = o.tokenizer->encode(string_field(j, "completion", where), false);
     if (o.eos_id) c.push_back(*o.eos_id);
-    r.input_ids = p;
+    r.input_ids.assign(p.begin(), p.end());
     r.input_ids.insert(r.input_ids.end(), c.begin(), c.end());
-    r.labels = std::vector<int64_t>(p.size(), -100);
+    r.labels = std::vector<TokenId>(p.size(), -100);
     r.labels->insert(r.labels->end(), c.begin(), c.end());
   }
   MF_CHECK(!r.input_ids.empty(), where, ": row encodes to no tokens");
@@ -229,6 +227,8 @@ Dataset load_dataset(const DatasetOptions& o) {
     }
     try {
       TokenRow r = parse();
+      r.input_ids.shrink_to_fit();  // a dataset's rows are most of a large load's memory
+      if (r.labels) r.labels->shrink_to_fit();
       r.line = n;
       r.file = static_cast<int32_t>(progress.file_number - 1);
       d.rows.push_back(std::move(r));

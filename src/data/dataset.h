@@ -52,7 +52,7 @@ struct DatasetOptions {
 };
 
 struct Dataset {
-  std::vector<TokenRow> rows;  // labels always set
+  std::vector<TokenRow> rows;  // labels unset where every token is trained
   std::vector<std::string> files;
   int64_t skipped_lines = 0;
   // Where a row came from, as errors name it: "file:line", or "file: row N" for Parquet and Arrow.

@@ -1,6 +1,7 @@
 #include "data/token_jsonl.h"
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -11,13 +12,16 @@
 namespace moeforge::data {
 
 namespace {
-std::vector<int64_t> int_list(const nlohmann::ordered_json& j, const char* field, const std::string& where) {
+std::vector<TokenId> int_list(const nlohmann::ordered_json& j, const char* field, const std::string& where) {
   MF_CHECK(j.is_array(), where, ": field '", field, "' must be a list of integers");
-  std::vector<int64_t> v;
+  std::vector<TokenId> v;
   v.reserve(j.size());
   for (const auto& x : j) {
     MF_CHECK(x.is_number_integer(), where, ": field '", field, "' must be a list of integers, found ", x.dump());
-    v.push_back(x.get<int64_t>());
+    const bool fits = x.is_number_unsigned() ? x.get<uint64_t>() <= static_cast<uint64_t>(INT32_MAX)
+                                             : x.get<int64_t>() >= INT32_MIN && x.get<int64_t>() <= INT32_MAX;
+    MF_CHECK(fits, where, ": field '", field, "' holds ", x.dump(), ", outside the range of token ids");
+    v.push_back(static_cast<TokenId>(x.get<int64_t>()));
   }
   return v;
 }

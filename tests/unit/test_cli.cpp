@@ -385,7 +385,7 @@ TEST(Cli, EvalTakesEveryTrainingFormat) {
   for (size_t i = 0; i < 4; ++i) {
     const auto& row = ds.rows[i];
     const int64_t s = static_cast<int64_t>(row.input_ids.size());
-    Tensor ids = Tensor::from_i64(row.input_ids, {1, s}), labels = Tensor::from_i64(*row.labels, {1, s});
+    Tensor ids = Tensor::from_i64(test::ids64(row.input_ids), {1, s}), labels = Tensor::from_i64(test::ids64(row.labels.value_or(row.input_ids)), {1, s});
     const auto o = m.model->forward({ids, &labels});
     EXPECT_NEAR(j["rows"][i]["loss"].get<double>(), o.loss, 1e-5) << "row " << i;
     EXPECT_EQ(j["rows"][i]["tokens"].get<int64_t>(), o.loss_tokens) << "row " << i;
@@ -650,7 +650,7 @@ TEST(Cli, DatasetReportsWhatTrainingLoads) {
       all += s["text"].get<std::string>();
       if (s["trained"]) marked += s["text"].get<std::string>();
     }
-    EXPECT_EQ(all, text.tokenizer->decode(row.input_ids, false)) << i;
+    EXPECT_EQ(all, text.tokenizer->decode(test::ids64(row.input_ids), false)) << i;
     EXPECT_EQ(marked, text.tokenizer->decode(kept, false)) << i;  // the assistant's answer and its end
   }
   const CmdResult human = run("dataset --model " + demo + " --data " + file + " --show 1");

@@ -100,14 +100,32 @@ TEST(Dataset, TextAndPromptCompletionRows) {
   ASSERT_EQ(d.rows.size(), 3u);
   auto want = tok.encode("Hello world", true);
   want.push_back(1);
-  EXPECT_EQ(d.rows[0].input_ids, want);
-  EXPECT_EQ(*d.rows[0].labels, want);
+  EXPECT_EQ(test::ids64(d.rows[0].input_ids), want);
+  EXPECT_FALSE(d.rows[0].labels) << "a text row trains every token: no labels of its own";
   const auto p = tok.encode("Question: 2+2?", true), c = tok.encode(" 4", false);
   ASSERT_EQ(d.rows[1].input_ids.size(), p.size() + c.size() + 1);
   for (size_t i = 0; i < p.size(); ++i) EXPECT_EQ((*d.rows[1].labels)[i], -100);
   EXPECT_EQ((*d.rows[1].labels)[p.size()], c[0]);
   EXPECT_EQ(d.rows[1].input_ids.back(), 1);
-  EXPECT_EQ(*d.rows[2].labels, std::vector<int64_t>({-100, 6, 7}));
+  EXPECT_EQ(*d.rows[2].labels, std::vector<data::TokenId>({-100, 6, 7}));
+}
+
+// A dataset holds 32-bit token ids: an id outside that range is an error naming the row, not a
+// silently wrapped id.
+TEST(Dataset, TokenIdsOutsideThirtyTwoBitsAreNamed) {
+  test::TempDir dir;
+  std::ofstream(dir / "t.jsonl") << R"({"input_ids": [1, 2]})" << "\n" << R"({"input_ids": [1, 4294967297]})" << "\n"
+                                 << R"({"input_ids": [1, 2], "labels": [-100, -2147483649]})" << "\n";
+  data::DatasetOptions o;
+  o.path = dir / "t.jsonl";
+  const std::string err = test::error_of([&] { data::load_dataset(o); });
+  EXPECT_NE(err.find("t.jsonl:2: field 'input_ids' holds 4294967297, outside the range of token ids"), std::string::npos)
+      << err;
+  o.skip_bad_lines = true;
+  const auto d = data::load_dataset(o);
+  EXPECT_EQ(d.rows.size(), 1u);
+  EXPECT_EQ(d.skipped_lines, 2);
+  EXPECT_FALSE(d.rows[0].labels) << "token rows without labels train every token: no copy";
 }
 
 TEST(Dataset, FoldersAndGlobs) {
@@ -221,7 +239,7 @@ TEST(Dataset, MessagesRowsTrainAssistantTokensOnly) {
     EXPECT_EQ(text.find("user"), std::string::npos) << text;
     EXPECT_NE(text.find("<|im_end|>"), std::string::npos) << text;  // the model learns to stop
   }
-  EXPECT_NE(tok.decode(d.rows[0].input_ids, false).find("<|im_start|>system\nBe brief."), std::string::npos);
+  EXPECT_NE(tok.decode(test::ids64(d.rows[0].input_ids), false).find("<|im_start|>system\nBe brief."), std::string::npos);
 }
 
 // Tools as datasets often hold them, a JSON string per row, render as the same list would.
@@ -245,7 +263,7 @@ TEST(Dataset, ToolsGivenAsAJsonStringRenderAsTheList) {
   EXPECT_EQ(d.rows[1].input_ids, d.rows[0].input_ids);
   EXPECT_EQ(d.rows[1].labels, d.rows[0].labels);
   EXPECT_NE(d.rows[2].input_ids, d.rows[0].input_ids);  // the tools reached the template
-  EXPECT_NE(tok.decode(d.rows[0].input_ids, false).find("\"name\": \"add\""), std::string::npos);
+  EXPECT_NE(tok.decode(test::ids64(d.rows[0].input_ids), false).find("\"name\": \"add\""), std::string::npos);
 }
 
 // ShareGPT and Alpaca rows train exactly as the messages rows they stand for.

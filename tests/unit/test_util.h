@@ -25,6 +25,12 @@
 
 namespace moeforge::test {
 
+// Token ids of another width (a dataset's 32-bit rows) as the 64-bit ids tokenizers and tensors take.
+template <typename T>
+std::vector<int64_t> ids64(const std::vector<T>& v) {
+  return std::vector<int64_t>(v.begin(), v.end());
+}
+
 // MOEFORGE_FIXTURES_DIR overrides the compiled-in path (test binaries run from another checkout, as
 // on the GPU machine).
 inline std::string fixture(const std::string& name) {
