@@ -411,40 +411,76 @@ bool ArrowFile::message_at(int64_t at, Batch& m) const {
   return true;
 }
 
+void ArrowFile::read_schema(const flatbuf::Table& schema, int16_t version, const std::string& what) {
+  MF_CHECK(version >= kV4, what, ": Arrow metadata version ", version + 1,
+           " (before Arrow 0.8) is not read; rewrite the file with a current pyarrow");
+  MF_CHECK(schema.i16(0) == 0, what, ": a big-endian Arrow file is not read");
+  const auto fields = schema.vector(1, 4);
+  for (uint32_t i = 0; i < fields.length; ++i) fields_.push_back(read_field(schema.table_at(fields, i), 0));
+  version_ = version;
+}
+
+void ArrowFile::add_batch(const Batch& m, int64_t at) {
+  const auto meta = read_at(m.metadata_at, m.metadata_size, "a message's metadata");
+  const std::string what = name_ + ": message at byte " + std::to_string(at);
+  const auto msg = flatbuf::Table::root(meta.data(), meta.size(), what);
+  MF_CHECK(msg.u8(1) == kRecordBatch, what, ": not a record batch");
+  const int64_t rows = msg.table(2).i64(0);
+  MF_CHECK(rows >= 0 && rows <= (int64_t{1} << 40) - rows_, what, ": a record batch of ", rows, " rows");
+  rows_ += rows;
+  batches_.push_back(m);
+}
+
 void ArrowFile::index() {
   MF_CHECK(size_ >= 8, name_, ": not an Arrow IPC file (", size_, " bytes)");
   const auto head = read_at(0, 8, "its start");
-  int64_t at = 0;
-  if (std::memcmp(head.data(), "ARROW1", 6) == 0) at = 8;  // the file format: the stream follows the magic
-  else
-    MF_CHECK(read_le<uint32_t>(head.data()) == 0xFFFFFFFFu || read_le<uint32_t>(head.data()) < kMaxMetadata, name_,
-             ": not an Arrow IPC file (neither the ARROW1 magic nor a stream message at its start)");
-  // Messages in order: the schema first, dictionary batches, record batches. In the file format the
-  // stream part ends with its end-of-stream marker before the footer.
+  if (std::memcmp(head.data(), "ARROW1", 6) == 0) {
+    // The file format: "ARROW1", padding, the stream's messages, a footer (FlatBuffers: version,
+    // schema, dictionary and record batch blocks), its length (4 bytes) and "ARROW1". The footer's
+    // blocks say where each record batch lies (a writer need not end the stream part with its
+    // end-of-stream marker).
+    MF_CHECK(size_ >= 18, name_, ": an Arrow file of ", size_, " bytes has no room for its footer");
+    const auto tail = read_at(size_ - 10, 10, "its footer's length");
+    MF_CHECK(std::memcmp(tail.data() + 4, "ARROW1", 6) == 0, name_, ": an Arrow file without ARROW1 at its end (cut short?)");
+    const int64_t len = read_le<int32_t>(tail.data());
+    MF_CHECK(len > 0 && len <= size_ - 18 && len <= kMaxMetadata, name_, ": its footer length ", len, " does not fit the file");
+    const auto bytes = read_at(size_ - 10 - len, len, "its footer");
+    const std::string what = name_ + ": footer";
+    const auto footer = flatbuf::Table::root(bytes.data(), bytes.size(), what);
+    read_schema(footer.table(1), footer.i16(0), what);
+    const auto blocks = footer.vector(3, 24);  // Block: offset (8), metadata length (4), padding (4), body length (8)
+    for (uint32_t i = 0; i < blocks.length; ++i) {
+      const uint8_t* b = blocks.data + 24 * static_cast<size_t>(i);
+      const int64_t offset = read_le<int64_t>(b);
+      const int64_t meta = read_le<int32_t>(b + 8), body = read_le<int64_t>(b + 16);
+      Batch m;
+      MF_CHECK(offset >= 8 && offset < size_ && message_at(offset, m), what, ": record batch block ", i,
+               " points at no message (byte ", offset, ")");
+      MF_CHECK(m.body_at == offset + meta && m.body_size == body, what, ": record batch block ", i,
+               " disagrees with the message it points at");
+      add_batch(m, offset);
+    }
+    return;
+  }
+  MF_CHECK(read_le<uint32_t>(head.data()) == 0xFFFFFFFFu || read_le<uint32_t>(head.data()) < kMaxMetadata, name_,
+           ": not an Arrow IPC file (neither the ARROW1 magic nor a stream message at its start)");
+  // The stream format: the schema first, then dictionary and record batches, up to the
+  // end-of-stream marker (or the end of the file).
   bool have_schema = false;
   Batch m;
+  int64_t at = 0;
   while (message_at(at, m)) {
     const auto meta = read_at(m.metadata_at, m.metadata_size, "a message's metadata");
     const std::string what = name_ + ": message at byte " + std::to_string(at);
     const auto msg = flatbuf::Table::root(meta.data(), meta.size(), what);
-    const int16_t version = msg.i16(0);
-    MF_CHECK(version >= kV4, what, ": Arrow metadata version ", version + 1,
-             " (before Arrow 0.8) is not read; rewrite the file with a current pyarrow");
     const uint8_t kind = msg.u8(1);
     if (kind == kSchemaMessage) {
       MF_CHECK(!have_schema, what, ": a second schema");
-      const auto schema = msg.table(2);
-      MF_CHECK(schema.i16(0) == 0, what, ": a big-endian Arrow file is not read");
-      const auto fields = schema.vector(1, 4);
-      for (uint32_t i = 0; i < fields.length; ++i) fields_.push_back(read_field(schema.table_at(fields, i), 0));
-      version_ = version;
+      read_schema(msg.table(2), msg.i16(0), what);
       have_schema = true;
     } else if (kind == kRecordBatch) {
       MF_CHECK(have_schema, what, ": a record batch before the schema");
-      const int64_t rows = msg.table(2).i64(0);
-      MF_CHECK(rows >= 0 && rows <= (int64_t{1} << 40) - rows_, what, ": a record batch of ", rows, " rows");
-      rows_ += rows;
-      batches_.push_back(m);
+      add_batch(m, at);
     } else {
       MF_CHECK(kind == kDictionaryBatch, what, ": a message of unknown kind ", int(kind), " (tensors are not read)");
     }

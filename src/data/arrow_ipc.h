@@ -20,6 +20,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "data/flatbuffer_view.h"
+
 namespace moeforge::data::arrow {
 
 using Json = nlohmann::ordered_json;
@@ -58,6 +60,8 @@ class ArrowFile {
  private:
   ArrowFile() = default;
   void index();  // reads the schema and finds the record batches
+  void read_schema(const flatbuf::Table& schema, int16_t version, const std::string& what);
+  void add_batch(const Batch& m, int64_t at);
   std::vector<uint8_t> read_at(int64_t offset, int64_t size, const std::string& what) const;
   // The message at `at`: its metadata's position and size, its body's size; false at the end.
   bool message_at(int64_t at, Batch& m) const;

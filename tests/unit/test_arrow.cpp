@@ -165,6 +165,22 @@ TEST(ArrowDataset, ACacheFolderOfSeveralSplitsIsRefused) {
   EXPECT_EQ(data::load_dataset(text_options(tmp / "squad-train.arrow", tok)).rows.size(), 6u);
 }
 
+// The file format is read through its footer's blocks: without the end-of-stream marker before
+// the footer (which writers need not put there) it reads the same.
+TEST(ArrowRead, TheFileFormatIsReadThroughItsFooter) {
+  const std::string bytes = test::read_text(dir() + "/text_file_lz4.feather");
+  const size_t n = bytes.size();
+  const auto footer_len = static_cast<size_t>(static_cast<uint8_t>(bytes[n - 10])) |
+                          (static_cast<size_t>(static_cast<uint8_t>(bytes[n - 9])) << 8);
+  const size_t footer_at = n - 10 - footer_len;
+  ASSERT_EQ(bytes.substr(footer_at - 8, 8), std::string("\xff\xff\xff\xff\0\0\0\0", 8));
+  const std::string without_eos = bytes.substr(0, footer_at - 8) + bytes.substr(footer_at);
+  const auto want = expected_rows("text_file_lz4");
+  EXPECT_EQ(rows_of(ArrowFile::from_bytes(without_eos, "t.feather"), {"text"}), want);
+  const std::string cut = test::error_of([&] { ArrowFile::from_bytes(bytes.substr(0, n - 3), "t.feather"); });
+  EXPECT_NE(cut.find("t.feather: an Arrow file without ARROW1 at its end (cut short?)"), std::string::npos) << cut;
+}
+
 // Damaged files: every truncation and every single-byte change of a fixture either reads or is one
 // moeforge error naming the file, never a crash or a read out of bounds (the sanitizer build runs
 // this too; tests/fuzz/fuzz_arrow.cpp goes further).
