@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "data/model_text.h"
+#include "data/token_batches.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
 #include "test_util.h"
@@ -657,10 +658,50 @@ TEST(Cli, DatasetReportsWhatTrainingLoads) {
   ASSERT_EQ(human.status, 0) << human.err;
   EXPECT_NE(human.out.find("[[" + j["samples"][0]["segments"][1]["text"].get<std::string>() + "]]"), std::string::npos)
       << human.out;
-  EXPECT_EQ(run("dataset --model " + demo).status, 2);
+  const CmdResult no_data = run("dataset --model " + demo);
+  EXPECT_EQ(no_data.status, 2);
+  EXPECT_NE(no_data.err.find("--model and --data are required without --recipe"), std::string::npos) << no_data.err;
   const CmdResult missing = run("dataset --model " + demo + " --data /nonexistent/x.parquet");
   EXPECT_EQ(missing.status, 1);
   EXPECT_NE(missing.err.find("/nonexistent/x.parquet: no such file"), std::string::npos) << missing.err;
+}
+
+// `moeforge dataset --recipe`: the recipe's model, data and data settings, its eval_split's held-out
+// rows and its packing as train computes them (data::hold_out and TokenBatches on the same rows);
+// a flag given beside the recipe wins.
+TEST(Cli, DatasetTakesARecipe) {
+  const std::string demo = std::string(MOEFORGE_SOURCE_DIR) + "/examples/demo_model";
+  const std::string file = std::string(MOEFORGE_SOURCE_DIR) + "/examples/data/count_chat.jsonl";
+  const std::string other = std::string(MOEFORGE_SOURCE_DIR) + "/examples/data/count_chat_eval.jsonl";
+  test::TempDir tmp;
+  std::ofstream(tmp / "r.yaml") << "model: " << demo << "\ndata: " << file
+                                << "\nseq_len: 128\npacking: true\neval_split: 0.1\nseed: 7\nsteps: 10\n"
+                                   "micro_batch: 2\nglobal_batch: 2\noutput_dir: "
+                                << (tmp / "out") << "\n";
+  const CmdResult r = run("dataset --recipe " + (tmp / "r.yaml") + " --show 0 --json");
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  const data::ModelText text = data::load_model_text(demo, "", "", true, "test");
+  data::Dataset ds = data::load_model_dataset(file, text, false, false);
+  EXPECT_EQ(j["rows"], ds.rows.size());
+  EXPECT_EQ(j["seq_len"]["value"], 128);
+  data::HeldOut split = data::hold_out(std::move(ds.rows), 0.1, 7, "test");
+  EXPECT_EQ(j["eval_split"]["rows_held_out"], split.eval.size());
+  EXPECT_EQ(j["eval_split"]["rows_trained"], split.train.size());
+  const data::TokenBatches packed(std::move(split.train), 128, 7, true);
+  EXPECT_EQ(j["packing"]["rows"], packed.stats().packed_rows);
+  EXPECT_LT(packed.stats().packed_rows, static_cast<int64_t>(j["eval_split"]["rows_trained"].get<size_t>()));
+  // --data beside the recipe wins; the human form names the split and the packing.
+  const CmdResult flag = run("dataset --recipe " + (tmp / "r.yaml") + " --data " + other + " --show 0");
+  ASSERT_EQ(flag.status, 0) << flag.err;
+  const data::Dataset eval_rows = data::load_model_dataset(other, text, false, false);
+  EXPECT_NE(flag.out.find("dataset: " + std::to_string(eval_rows.rows.size()) + " rows from 1 file"), std::string::npos)
+      << flag.out;
+  EXPECT_NE(flag.out.find("rows held out for validation"), std::string::npos) << flag.out;
+  EXPECT_NE(flag.out.find("packing: "), std::string::npos) << flag.out;
+  const CmdResult bad = run("dataset --recipe " + (tmp / "nothing.yaml"));
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.err.find("nothing.yaml"), std::string::npos) << bad.err;
 }
 
 // generate --prompts takes a Parquet or an Arrow file (a hub dataset's held-out split as it is):
