@@ -57,8 +57,6 @@ Field read_field(const flatbuf::Table& t, int depth) {
       case kInt:
         f.bit_width = type.i32(0);
         f.is_signed = type.boolean(1);
-        MF_CHECK(f.bit_width == 8 || f.bit_width == 16 || f.bit_width == 32 || f.bit_width == 64, t.what(),
-                 ": field '", f.name, "' is an integer of ", f.bit_width, " bits");
         break;
       case kFloatingPoint: f.precision = type.i16(0); break;
       case kFixedSizeList:
@@ -67,6 +65,10 @@ Field read_field(const flatbuf::Table& t, int depth) {
       default: break;
     }
   }
+  // An integer's width sizes every read of its values: it must be one the format has (a type table
+  // missing from the field leaves it 0).
+  MF_CHECK(f.type != kInt || f.bit_width == 8 || f.bit_width == 16 || f.bit_width == 32 || f.bit_width == 64, t.what(),
+           ": field '", f.name, "' is an integer of ", f.bit_width, " bits");
   f.dictionary = t.present(4);
   const auto children = t.vector(5, 4);
   for (uint32_t i = 0; i < children.length; ++i) f.children.push_back(read_field(t.table_at(children, i), depth + 1));

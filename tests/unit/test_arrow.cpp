@@ -5,6 +5,7 @@
 // naming the file.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -179,6 +180,35 @@ TEST(ArrowRead, TheFileFormatIsReadThroughItsFooter) {
   EXPECT_EQ(rows_of(ArrowFile::from_bytes(without_eos, "t.feather"), {"text"}), want);
   const std::string cut = test::error_of([&] { ArrowFile::from_bytes(bytes.substr(0, n - 3), "t.feather"); });
   EXPECT_NE(cut.find("t.feather: an Arrow file without ARROW1 at its end (cut short?)"), std::string::npos) << cut;
+}
+
+// A schema written by hand (FlatBuffers laid out byte by byte): an integer field whose type table is
+// missing has no width to read its values with, and is refused when the file is opened.
+TEST(ArrowBadInput, AnIntegerFieldWithoutItsWidthIsRefused) {
+  std::string meta(84, '\0');
+  const auto u16 = [&](size_t at, uint16_t v) { std::memcpy(&meta[at], &v, 2); };
+  const auto u32 = [&](size_t at, uint32_t v) { std::memcpy(&meta[at], &v, 4); };
+  u32(0, 16);                                              // root: the Message table at 16
+  u16(4, 10), u16(6, 12), u16(8, 4), u16(10, 6), u16(12, 8);  // its vtable: version, header type, header
+  u32(16, 16 - 4);                                         // Message: soffset to its vtable
+  u16(20, 4);                                              // version V5
+  meta[22] = 1;                                            // header type: Schema
+  u32(24, 36 - 24);                                        // header -> the Schema table at 36
+  u16(28, 8), u16(30, 8), u16(32, 0), u16(34, 4);          // Schema's vtable: fields at +4
+  u32(36, 36 - 28);
+  u32(40, 44 - 40);                                        // fields -> the vector at 44
+  u32(44, 1), u32(48, 64 - 48);                            // one field, at 64
+  u16(52, 10), u16(54, 12), u16(56, 4), u16(58, 0), u16(60, 8);  // Field's vtable: name, type_type (no type)
+  u32(64, 64 - 52);
+  u32(68, 76 - 68);                                        // name -> the string at 76
+  meta[72] = 2;                                            // type_type: Int
+  u32(76, 1), meta[80] = 'x';
+  std::string file = "\xff\xff\xff\xff";
+  const uint32_t len = static_cast<uint32_t>(meta.size());
+  file.append(reinterpret_cast<const char*>(&len), 4);
+  file += meta + std::string("\xff\xff\xff\xff\0\0\0\0", 8);
+  const std::string err = test::error_of([&] { ArrowFile::from_bytes(file, "hand.arrow"); });
+  EXPECT_NE(err.find("hand.arrow: message at byte 0: field 'x' is an integer of 0 bits"), std::string::npos) << err;
 }
 
 // Damaged files: every truncation and every single-byte change of a fixture either reads or is one
