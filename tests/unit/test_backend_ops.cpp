@@ -225,6 +225,33 @@ std::vector<OpCase> cases() {
                  return Tensors{a, b, c};
                }});
 
+  // Bias gradients over more rows than one chunk (the CUDA kernel's 256), experts crossing chunk
+  // boundaries, an empty and a one-row expert.
+  c.push_back({"bias_grad/over_chunks",
+               [=](uint32_t s) { return Tensors{rnd({700, 24}, s)}; },
+               [](const Tensors& in, DType act) {
+                 const std::vector<int64_t> off = {0, 100, 100, 450, 699, 700};
+                 Tensor grouped = zeros_like_shape(in[0], {5, 24}), all = zeros_like_shape(in[0], {24});
+                 ops::grouped_bias_grad(as(in[0], act), off, grouped);
+                 ops::bias_grad(as(in[0], act), all);
+                 return Tensors{grouped, all};
+               },
+               [](const Tensors& in) {  // column sums in double
+                 const std::vector<int64_t> off = {0, 100, 100, 450, 699, 700};
+                 Tensor grouped = Tensor::zeros({5, 24}, DType::F32), all = Tensor::zeros({24}, DType::F32);
+                 for (int64_t col = 0; col < 24; ++col) {
+                   double total = 0;
+                   for (int64_t e = 0; e < 5; ++e) {
+                     double sum = 0;
+                     for (int64_t r = off[e]; r < off[e + 1]; ++r) sum += in[0].f32()[r * 24 + col];
+                     grouped.f32()[e * 24 + col] = static_cast<float>(sum);
+                     total += sum;
+                   }
+                   all.f32()[col] = static_cast<float>(total);
+                 }
+                 return Tensors{grouped, all};
+               }});
+
   c.push_back({"rope_and_inverse/partial_rotary",
                [=](uint32_t s) { return Tensors{rnd({6, 3, 16}, s), rnd({6, 8}, s + 1), rnd({6, 8}, s + 2)}; },
                [](const Tensors& in, DType act) {
