@@ -19,16 +19,45 @@ constexpr int kBiasRowsPerChunk = 256;
 
 // `chunk_rows` [2 * chunks] holds each chunk's [begin, end) rows; null: one group of `rows`, cut
 // every kBiasRowsPerChunk (bias_grad, which then needs no upload and no host synchronisation).
-template <typename T>
+// A block takes 32 packs of V columns (16 bytes where the width and address allow) of one chunk;
+// its 8 warps each sum every 8th row of the chunk (row group g: rows r0 + g, r0 + g + 8, ...), and
+// the 8 partial sums of a column are added in group order. A thread per column walking all 256 rows
+// (the first form) was bound by that chain of dependent loads: 0.90 ms per GPT-OSS L4 step
+// against a ~0.42 ms floor; packs alone made the chain no shorter (1.18 ms); this form 0.62 ms
+// (docs/perf-notes.md).
+constexpr int kBiasRowGroups = 8;
+
+template <typename T, int V>
 __global__ void chunk_column_sums_kernel(const T* dy, const int64_t* chunk_rows, int64_t rows, float* partial,
                                          int64_t n) {
-  const int64_t col = blockIdx.x * (int64_t)blockDim.x + threadIdx.x, c = blockIdx.y;
-  if (col >= n) return;
+  using P = Pack<T, V>;
+  __shared__ float group_sums[kBiasRowGroups][32 * V];
+  const int lane = threadIdx.x & 31, g = threadIdx.x >> 5;
+  const int64_t pack = blockIdx.x * 32LL + lane, c = blockIdx.y;
   const int64_t r0 = chunk_rows ? chunk_rows[2 * c] : c * kBiasRowsPerChunk;
   const int64_t r1 = chunk_rows ? chunk_rows[2 * c + 1] : min(rows, r0 + kBiasRowsPerChunk);
-  float s = 0.f;
-  for (int64_t r = r0; r < r1; ++r) s += load(dy, r * n + col);
-  partial[c * n + col] = s;
+  float s[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) s[e] = 0.f;
+  if (pack * V < n) {
+#pragma unroll 4
+    for (int64_t r = r0 + g; r < r1; r += kBiasRowGroups) {
+      const P p = reinterpret_cast<const P*>(dy + r * n)[pack];
+#pragma unroll
+      for (int e = 0; e < V; ++e) s[e] += load(p.v, e);
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) group_sums[g][lane * V + e] = s[e];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 32 * V; i += blockDim.x) {
+    const int64_t col = blockIdx.x * 32LL * V + i;
+    if (col >= n) continue;
+    float t = 0.f;
+#pragma unroll
+    for (int q = 0; q < kBiasRowGroups; ++q) t += group_sums[q][i];
+    partial[c * n + col] = t;
+  }
 }
 
 // `expert_chunks` [experts + 1]: each expert's chunk range; null: one expert owning all `chunks`.
@@ -51,10 +80,17 @@ void column_sums_in_chunks(const Tensor& dy, const Tensor& plan, int64_t rows, i
   Tensor partial = empty({chunks, n}, DType::F32, "bias gradient partial sums");
   const int64_t* chunk_rows = plan.defined() ? plan.data<int64_t>() : nullptr;
   const int64_t* expert_chunks = plan.defined() ? plan.data<int64_t>() + 2 * chunks : nullptr;
-  const dim3 grid(static_cast<unsigned>((n + 255) / 256), static_cast<unsigned>(chunks));
   dispatch_float(dy.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    chunk_column_sums_kernel<<<grid, 256, 0, current_stream()>>>(dy.data<T>(), chunk_rows, rows, partial.data<float>(), n);
+    constexpr int V = 16 / sizeof(T);
+    const bool packed = packs_fit<T>(n, {dy.raw()});
+    const int64_t cols_per_block = 32 * (packed ? V : 1);
+    const dim3 grid(static_cast<unsigned>((n + cols_per_block - 1) / cols_per_block), static_cast<unsigned>(chunks));
+    const int threads = 32 * kBiasRowGroups;
+    if (packed)
+      chunk_column_sums_kernel<T, V><<<grid, threads, 0, current_stream()>>>(dy.data<T>(), chunk_rows, rows, partial.data<float>(), n);
+    else
+      chunk_column_sums_kernel<T, 1><<<grid, threads, 0, current_stream()>>>(dy.data<T>(), chunk_rows, rows, partial.data<float>(), n);
   });
   dispatch_float(db.dtype(), [&](auto* tag) {
     using G = std::remove_pointer_t<decltype(tag)>;
