@@ -17,6 +17,7 @@
 #include "cli/commands.h"
 #include "cli/inference_options.h"
 #include "core/error.h"
+#include "data/dataset.h"
 #include "data/table_files.h"
 #include "hf/chat/chat_template.h"
 #include "hf/fs_util.h"
@@ -195,7 +196,7 @@ int cmd_generate(const std::vector<std::string>& argv) {
                                      "conversation: a JSON list of {role, content} (or {\"messages\": [...]})");
   auto* o_ids = app->add_option("--prompt-ids", prompt_ids, "prompt as token ids, comma-separated");
   auto* o_prompts = app->add_option("--prompts", prompts_file,
-                                    "many prompts: a JSON-lines, Parquet or Arrow file, one {\"prompt\"}, {\"messages\"} or "
+                                    "many prompts: a JSON-lines, Parquet or Arrow file (or a folder or glob of them), one {\"prompt\"}, {\"messages\"} or "
                                     "{\"prompt_ids\"} object per line; prints one JSON line per prompt");
   o_prompt->excludes(o_messages)->excludes(o_ids)->excludes(o_prompts);
   o_messages->excludes(o_ids)->excludes(o_prompts);
@@ -235,7 +236,11 @@ int cmd_generate(const std::vector<std::string>& argv) {
   // Every prompt is read and encoded before the model loads: a bad line costs no load.
   std::vector<Prompt> prompts;
   if (*o_prompts) {
-    prompts = read_prompts_file(prompts_file, tok ? &*tok : nullptr, tokenizer_dir, chat);
+    // A file, or a folder or glob of them (a save_to_disk folder too), as a dataset's --data is read.
+    for (const auto& file : data::dataset_files(prompts_file)) {
+      auto more = read_prompts_file(file, tok ? &*tok : nullptr, tokenizer_dir, chat);
+      prompts.insert(prompts.end(), std::make_move_iterator(more.begin()), std::make_move_iterator(more.end()));
+    }
   } else if (*o_ids) {
     prompts.push_back({parse_id_list(prompt_ids, "--prompt-ids"), "", "--prompt-ids"});
   } else if (*o_messages) {

@@ -83,7 +83,9 @@ std::optional<std::vector<std::string>> saved_dataset_files(const fs::path& dir)
   return files;
 }
 
-std::vector<std::string> resolve_files(const std::string& path) {
+}  // namespace
+
+std::vector<std::string> dataset_files(const std::string& path) {
   std::vector<std::string> files;
   if (fs::is_directory(path)) {
     if (auto saved = saved_dataset_files(path)) return *saved;
@@ -118,6 +120,8 @@ std::vector<std::string> resolve_files(const std::string& path) {
   MF_CHECK(fs::exists(path), path, ": no such file");
   return {path};
 }
+
+namespace {
 
 std::string string_field(const nlohmann::ordered_json& j, const char* key, const std::string& where) {
   MF_CHECK(j[key].is_string(), where, ": field '", key, "' must be a string");
@@ -208,7 +212,7 @@ TokenRow parse_dataset_line(const std::string& line, const std::string& where, c
 
 Dataset load_dataset(const DatasetOptions& o) {
   Dataset d;
-  d.files = resolve_files(o.path);
+  d.files = dataset_files(o.path);
   const auto t0 = std::chrono::steady_clock::now();
   auto last_report = t0;
   LoadProgress progress;

@@ -60,6 +60,11 @@ struct Dataset {
 };
 
 Dataset load_dataset(const DatasetOptions& opts);
+// The files a dataset path names, in the order they are read: a file; a folder's *.jsonl, *.parquet
+// and *.arrow files, sorted (a folder holding several splits by its file names is refused with the
+// glob that picks one); a save_to_disk folder's files in its state.json's order (a DatasetDict's
+// folder is refused with the split to name); or a glob's matches, sorted.
+std::vector<std::string> dataset_files(const std::string& path);
 // One line of a dataset file as a row (labels set); `where` is "file:line" for errors.
 TokenRow parse_dataset_line(const std::string& line, const std::string& where, const DatasetOptions& opts);
 

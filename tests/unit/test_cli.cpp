@@ -732,3 +732,34 @@ TEST_P(CliTablePrompts, GeneratePromptsEqualTheirJsonl) {
 INSTANTIATE_TEST_SUITE_P(Formats, CliTablePrompts,
                          ::testing::Values("parquet/prompts_snappy", "arrow/prompts_stream"),
                          [](const auto& info) { return info.param.substr(0, info.param.find('/')); });
+
+// generate --prompts takes a folder or a glob as --data does: a save_to_disk folder (its files in
+// state.json's order) gives the lines its files give one after the other, and a glob the same.
+TEST(Cli, GeneratePromptsFromAFolderOrAGlob) {
+  const std::string demo = std::string(MOEFORGE_SOURCE_DIR) + "/examples/demo_model";
+  const std::string flags = " --max-new-tokens 3 --greedy --threads 1";
+  test::TempDir saved;
+  std::filesystem::copy_file(test::fixture("arrow/prompts_stream.arrow"), saved / "data-00000-of-00002.arrow");
+  std::filesystem::copy_file(test::fixture("parquet/prompts_snappy.parquet"), saved / "data-00001-of-00002.parquet");
+  std::ofstream(saved / "state.json") << R"({"_data_files": [{"filename": "data-00001-of-00002.parquet"},)"
+                                      << R"( {"filename": "data-00000-of-00002.arrow"}]})";
+  const CmdResult folder = run("generate --model " + demo + " --prompts " + saved.path.string() + flags);
+  const CmdResult one = run("generate --model " + demo + " --prompts " + test::fixture("parquet/prompts_snappy.expected.jsonl") + flags);
+  ASSERT_EQ(folder.status, 0) << folder.err;
+  ASSERT_EQ(one.status, 0) << one.err;
+  const auto ids_of = [](const std::string& out) {
+    std::vector<nlohmann::json> ids;
+    std::istringstream in(out);
+    for (std::string line; std::getline(in, line);) ids.push_back(nlohmann::json::parse(line)["generated_ids"]);
+    return ids;
+  };
+  const auto both = ids_of(folder.out), single = ids_of(one.out);
+  ASSERT_EQ(both.size(), 2 * single.size());  // the Parquet file first (state.json's order), then the Arrow one
+  for (size_t i = 0; i < single.size(); ++i) {
+    EXPECT_EQ(both[i], single[i]) << i;
+    EXPECT_EQ(both[single.size() + i], single[i]) << i;  // the same rows in Arrow
+  }
+  const CmdResult glob = run("generate --model " + demo + " --prompts '" + (saved / "data-*") + "'" + flags);
+  ASSERT_EQ(glob.status, 0) << glob.err;
+  EXPECT_EQ(ids_of(glob.out).size(), 2 * single.size());
+}
