@@ -1,7 +1,6 @@
 #include "data/arrow_ipc.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstring>
 
@@ -39,12 +38,6 @@ const char* type_name(uint8_t t) {
   return t < sizeof(names) / sizeof(names[0]) ? names[t] : "unknown";
 }
 
-template <typename T>
-T read_le(const uint8_t* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));
-  return v;
-}
 
 Field read_field(const flatbuf::Table& t, int depth) {
   MF_CHECK(depth <= kMaxFieldDepth, t.what(), ": the schema nests deeper than ", kMaxFieldDepth, " levels");
@@ -354,61 +347,40 @@ Json value_of(const Column& c, int64_t i, const std::string& where, int64_t& bud
 
 ArrowFile ArrowFile::open(const std::string& path) {
   ArrowFile f;
-  f.name_ = path;
-  std::FILE* fp = std::fopen(path.c_str(), "rb");
-  MF_CHECK(fp, path, ": cannot open (", std::strerror(errno), ")");
-  f.file_.reset(fp, [](std::FILE* p) { std::fclose(p); });
-  MF_CHECK(std::fseek(fp, 0, SEEK_END) == 0, path, ": cannot seek (", std::strerror(errno), ")");
-  f.size_ = std::ftell(fp);
+  f.file_ = FileBytes::open(path);
   f.index();
   return f;
 }
 
 ArrowFile ArrowFile::from_bytes(std::string bytes, const std::string& name) {
   ArrowFile f;
-  f.name_ = name;
-  f.bytes_ = std::move(bytes);
-  f.size_ = static_cast<int64_t>(f.bytes_.size());
+  f.file_ = FileBytes::from_bytes(std::move(bytes), name);
   f.index();
   return f;
 }
 
-std::vector<uint8_t> ArrowFile::read_at(int64_t offset, int64_t size, const std::string& what) const {
-  MF_CHECK(offset >= 0 && size >= 0 && offset <= size_ && size <= size_ - offset, name_, ": ", what, " (bytes ", offset,
-           " to ", offset + size, ") lies outside the file's ", size_, " bytes");
-  std::vector<uint8_t> out(static_cast<size_t>(size));
-  if (out.empty()) return out;
-  if (!file_) {
-    std::memcpy(out.data(), bytes_.data() + offset, out.size());
-    return out;
-  }
-  MF_CHECK(std::fseek(file_.get(), offset, SEEK_SET) == 0 && std::fread(out.data(), 1, out.size(), file_.get()) == out.size(),
-           name_, ": cannot read ", what, " (", std::strerror(errno), ")");
-  return out;
-}
-
 // A message: 0xFFFFFFFF, the metadata's length (4 bytes; before Arrow 0.15 the length alone), the
 // metadata (a FlatBuffers Message, padded to 8 bytes), then the body. A length of 0 ends the stream.
-bool ArrowFile::message_at(int64_t at, Batch& m) const {
-  if (at == size_) return false;  // a stream may end without its end-of-stream marker
-  auto word = read_at(at, 4, "a message's length");
+bool ArrowFile::message_at(int64_t at, Batch& m, std::vector<uint8_t>& meta) const {
+  if (at == file_.size()) return false;  // a stream may end without its end-of-stream marker
+  auto word = file_.read_at(at, 4, "a message's length");
   int64_t start = at + 4;
   uint32_t len = read_le<uint32_t>(word.data());
   if (len == 0xFFFFFFFFu) {
-    word = read_at(start, 4, "a message's length");
+    word = file_.read_at(start, 4, "a message's length");
     len = read_le<uint32_t>(word.data());
     start += 4;
   }
   if (len == 0) return false;
-  MF_CHECK(len <= kMaxMetadata, name_, ": a message at byte ", at, " claims ", len, " bytes of metadata");
+  MF_CHECK(len <= kMaxMetadata, file_.name(), ": a message at byte ", at, " claims ", len, " bytes of metadata");
   m.metadata_at = start;
   m.metadata_size = len;
-  const auto meta = read_at(start, len, "a message's metadata");
-  const std::string what = name_ + ": message at byte " + std::to_string(at);
+  meta = file_.read_at(start, len, "a message's metadata");
+  const std::string what = message_name(at);
   const auto msg = flatbuf::Table::root(meta.data(), meta.size(), what);
   m.body_size = msg.i64(3);
   m.body_at = start + len;
-  MF_CHECK(m.body_size >= 0 && m.body_at <= size_ && m.body_size <= size_ - m.body_at, what, ": its body of ",
+  MF_CHECK(m.body_size >= 0 && m.body_at <= file_.size() && m.body_size <= file_.size() - m.body_at, what, ": its body of ",
            m.body_size, " bytes runs past the file");
   return true;
 }
@@ -422,10 +394,10 @@ void ArrowFile::read_schema(const flatbuf::Table& schema, int16_t version, const
   version_ = version;
 }
 
-void ArrowFile::add_batch(const Batch& m, int64_t at) {
-  const auto meta = read_at(m.metadata_at, m.metadata_size, "a message's metadata");
-  const std::string what = name_ + ": message at byte " + std::to_string(at);
-  const auto msg = flatbuf::Table::root(meta.data(), meta.size(), what);
+std::string ArrowFile::message_name(int64_t at) const { return file_.name() + ": message at byte " + std::to_string(at); }
+
+void ArrowFile::add_batch(const Batch& m, const flatbuf::Table& msg) {
+  const std::string& what = msg.what();
   MF_CHECK(msg.u8(1) == kRecordBatch, what, ": not a record batch");
   const int64_t rows = msg.table(2).i64(0);
   MF_CHECK(rows >= 0 && rows <= (int64_t{1} << 40) - rows_, what, ": a record batch of ", rows, " rows");
@@ -434,20 +406,20 @@ void ArrowFile::add_batch(const Batch& m, int64_t at) {
 }
 
 void ArrowFile::index() {
-  MF_CHECK(size_ >= 8, name_, ": not an Arrow IPC file (", size_, " bytes)");
-  const auto head = read_at(0, 8, "its start");
+  MF_CHECK(file_.size() >= 8, file_.name(), ": not an Arrow IPC file (", file_.size(), " bytes)");
+  const auto head = file_.read_at(0, 8, "its start");
   if (std::memcmp(head.data(), "ARROW1", 6) == 0) {
     // The file format: "ARROW1", padding, the stream's messages, a footer (FlatBuffers: version,
     // schema, dictionary and record batch blocks), its length (4 bytes) and "ARROW1". The footer's
     // blocks say where each record batch lies (a writer need not end the stream part with its
     // end-of-stream marker).
-    MF_CHECK(size_ >= 18, name_, ": an Arrow file of ", size_, " bytes has no room for its footer");
-    const auto tail = read_at(size_ - 10, 10, "its footer's length");
-    MF_CHECK(std::memcmp(tail.data() + 4, "ARROW1", 6) == 0, name_, ": an Arrow file without ARROW1 at its end (cut short?)");
+    MF_CHECK(file_.size() >= 18, file_.name(), ": an Arrow file of ", file_.size(), " bytes has no room for its footer");
+    const auto tail = file_.read_at(file_.size() - 10, 10, "its footer's length");
+    MF_CHECK(std::memcmp(tail.data() + 4, "ARROW1", 6) == 0, file_.name(), ": an Arrow file without ARROW1 at its end (cut short?)");
     const int64_t len = read_le<int32_t>(tail.data());
-    MF_CHECK(len > 0 && len <= size_ - 18 && len <= kMaxMetadata, name_, ": its footer length ", len, " does not fit the file");
-    const auto bytes = read_at(size_ - 10 - len, len, "its footer");
-    const std::string what = name_ + ": footer";
+    MF_CHECK(len > 0 && len <= file_.size() - 18 && len <= kMaxMetadata, file_.name(), ": its footer length ", len, " does not fit the file");
+    const auto bytes = file_.read_at(file_.size() - 10 - len, len, "its footer");
+    const std::string what = file_.name() + ": footer";
     const auto footer = flatbuf::Table::root(bytes.data(), bytes.size(), what);
     read_schema(footer.table(1), footer.i16(0), what);
     const auto blocks = footer.vector(3, 24);  // Block: offset (8), metadata length (4), padding (4), body length (8)
@@ -456,24 +428,26 @@ void ArrowFile::index() {
       const int64_t offset = read_le<int64_t>(b);
       const int64_t meta = read_le<int32_t>(b + 8), body = read_le<int64_t>(b + 16);
       Batch m;
-      MF_CHECK(offset >= 8 && offset < size_ && message_at(offset, m), what, ": record batch block ", i,
+      std::vector<uint8_t> message;
+      MF_CHECK(offset >= 8 && offset < file_.size() && message_at(offset, m, message), what, ": record batch block ", i,
                " points at no message (byte ", offset, ")");
       MF_CHECK(m.body_at == offset + meta && m.body_size == body, what, ": record batch block ", i,
                " disagrees with the message it points at");
-      add_batch(m, offset);
+      const std::string message_what = message_name(offset);
+      add_batch(m, flatbuf::Table::root(message.data(), message.size(), message_what));
     }
     return;
   }
-  MF_CHECK(read_le<uint32_t>(head.data()) == 0xFFFFFFFFu || read_le<uint32_t>(head.data()) < kMaxMetadata, name_,
+  MF_CHECK(read_le<uint32_t>(head.data()) == 0xFFFFFFFFu || read_le<uint32_t>(head.data()) < kMaxMetadata, file_.name(),
            ": not an Arrow IPC file (neither the ARROW1 magic nor a stream message at its start)");
   // The stream format: the schema first, then dictionary and record batches, up to the
   // end-of-stream marker (or the end of the file).
   bool have_schema = false;
   Batch m;
+  std::vector<uint8_t> meta;
   int64_t at = 0;
-  while (message_at(at, m)) {
-    const auto meta = read_at(m.metadata_at, m.metadata_size, "a message's metadata");
-    const std::string what = name_ + ": message at byte " + std::to_string(at);
+  while (message_at(at, m, meta)) {
+    const std::string what = message_name(at);
     const auto msg = flatbuf::Table::root(meta.data(), meta.size(), what);
     const uint8_t kind = msg.u8(1);
     if (kind == kSchemaMessage) {
@@ -482,13 +456,13 @@ void ArrowFile::index() {
       have_schema = true;
     } else if (kind == kRecordBatch) {
       MF_CHECK(have_schema, what, ": a record batch before the schema");
-      add_batch(m, at);
+      add_batch(m, msg);
     } else {
       MF_CHECK(kind == kDictionaryBatch, what, ": a message of unknown kind ", int(kind), " (tensors are not read)");
     }
     at = m.body_at + m.body_size;
   }
-  MF_CHECK(have_schema, name_, ": not an Arrow IPC file (no schema message)");
+  MF_CHECK(have_schema, file_.name(), ": not an Arrow IPC file (no schema message)");
 }
 
 std::vector<std::string> ArrowFile::top_level_fields() const {
@@ -501,7 +475,7 @@ void ArrowFile::for_each_row(const std::vector<std::string>& fields, const std::
   const bool any = std::any_of(fields_.begin(), fields_.end(), [&](const Field& f) {
     return std::find(fields.begin(), fields.end(), f.name) != fields.end();
   });
-  MF_CHECK(any, name_, ": has none of the columns ", [&] {
+  MF_CHECK(any, file_.name(), ": has none of the columns ", [&] {
     std::string list;
     for (const auto& f : fields) list += (list.empty() ? "" : ", ") + f;
     return list;
@@ -513,9 +487,9 @@ void ArrowFile::for_each_row(const std::vector<std::string>& fields, const std::
   int64_t row = 0;
   for (size_t b = 0; b < batches_.size(); ++b) {
     const Batch& m = batches_[b];
-    const std::string where = name_ + ": record batch " + std::to_string(b);
-    const auto meta = read_at(m.metadata_at, m.metadata_size, "a record batch's metadata");
-    const auto body = read_at(m.body_at, m.body_size, "a record batch's body");
+    const std::string where = file_.name() + ": record batch " + std::to_string(b);
+    const auto meta = file_.read_at(m.metadata_at, m.metadata_size, "a record batch's metadata");
+    const auto body = file_.read_at(m.body_at, m.body_size, "a record batch's body");
     const auto msg = flatbuf::Table::root(meta.data(), meta.size(), where);
     BatchReader reader(msg.table(2), body, version_, where);
     // Every row takes at least a bit of some buffer, unless all its columns are of the null type.

@@ -12,14 +12,13 @@
 // the file, and the column and record batch where there is one.
 #pragma once
 #include <cstdint>
-#include <cstdio>
 #include <functional>
-#include <memory>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "data/file_bytes.h"
 #include "data/flatbuffer_view.h"
 
 namespace moeforge::data::arrow {
@@ -61,15 +60,13 @@ class ArrowFile {
   ArrowFile() = default;
   void index();  // reads the schema and finds the record batches
   void read_schema(const flatbuf::Table& schema, int16_t version, const std::string& what);
-  void add_batch(const Batch& m, int64_t at);
-  std::vector<uint8_t> read_at(int64_t offset, int64_t size, const std::string& what) const;
-  // The message at `at`: its metadata's position and size, its body's size; false at the end.
-  bool message_at(int64_t at, Batch& m) const;
+  void add_batch(const Batch& m, const flatbuf::Table& message);  // a record batch's message, parsed
+  std::string message_name(int64_t at) const;                        // "FILE: message at byte N", for errors
+  // The message at `at`: its metadata's position and size (and bytes, in `meta`), its body's
+  // position and size; false at the end of the stream.
+  bool message_at(int64_t at, Batch& m, std::vector<uint8_t>& meta) const;
 
-  std::string name_;
-  std::string bytes_;  // the whole file, when read from memory
-  std::shared_ptr<std::FILE> file_;
-  int64_t size_ = 0;
+  FileBytes file_;
   int16_t version_ = 0;  // the metadata version (V4 = 3, V5 = 4)
   std::vector<Field> fields_;
   std::vector<Batch> batches_;

@@ -1,8 +1,7 @@
 #include "data/flatbuffer_view.h"
 
-#include <cstring>
-
 #include "core/error.h"
+#include "data/file_bytes.h"
 
 namespace moeforge::data::flatbuf {
 
@@ -10,13 +9,6 @@ namespace {
 
 // Arrow's schemas nest a table per field level; far deeper than any dataset's types.
 constexpr int kMaxDepth = 96;
-
-template <typename T>
-T read_le(const uint8_t* p) {
-  T v;
-  std::memcpy(&v, p, sizeof(T));  // little-endian hosts only (checked at build time by the project)
-  return v;
-}
 
 }  // namespace
 

@@ -1,7 +1,6 @@
 #include "data/parquet_reader.h"
 
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
 #include <cstring>
 
@@ -55,77 +54,56 @@ struct LeafData {
 
 ParquetFile ParquetFile::open(const std::string& path) {
   ParquetFile f;
-  f.name_ = path;
-  std::FILE* fp = std::fopen(path.c_str(), "rb");
-  MF_CHECK(fp, path, ": cannot open (", std::strerror(errno), ")");
-  f.file_.reset(fp, [](std::FILE* p) { std::fclose(p); });
-  MF_CHECK(std::fseek(fp, 0, SEEK_END) == 0, path, ": cannot seek (", std::strerror(errno), ")");
-  f.size_ = std::ftell(fp);
+  f.file_ = FileBytes::open(path);
   f.read_footer();
   return f;
 }
 
 ParquetFile ParquetFile::from_bytes(std::string bytes, const std::string& name) {
   ParquetFile f;
-  f.name_ = name;
-  f.bytes_ = std::move(bytes);
-  f.size_ = static_cast<int64_t>(f.bytes_.size());
+  f.file_ = FileBytes::from_bytes(std::move(bytes), name);
   f.read_footer();
   return f;
 }
 
-std::vector<uint8_t> ParquetFile::read_at(int64_t offset, int64_t size, const std::string& what) const {
-  MF_CHECK(offset >= 0 && size >= 0 && offset <= size_ && size <= size_ - offset, name_, ": ", what, " (bytes ", offset,
-           " to ", offset + size, ") lies outside the file's ", size_, " bytes");
-  std::vector<uint8_t> out(static_cast<size_t>(size));
-  if (out.empty()) return out;
-  if (!file_) {
-    std::memcpy(out.data(), bytes_.data() + offset, out.size());
-    return out;
-  }
-  MF_CHECK(std::fseek(file_.get(), offset, SEEK_SET) == 0 && std::fread(out.data(), 1, out.size(), file_.get()) == out.size(),
-           name_, ": cannot read ", what, " (", std::strerror(errno), ")");
-  return out;
-}
-
 void ParquetFile::read_footer() {
   // "PAR1", the data, the footer, the footer's length (4 bytes, little-endian), "PAR1".
-  MF_CHECK(size_ >= 12, name_, ": not a Parquet file (", size_, " bytes)");
-  const auto head = read_at(0, 4, "its magic"), tail = read_at(size_ - 8, 8, "its footer's length");
-  MF_CHECK(std::memcmp(head.data(), "PAR1", 4) == 0 && std::memcmp(tail.data() + 4, "PAR1", 4) == 0, name_,
+  MF_CHECK(file_.size() >= 12, file_.name(), ": not a Parquet file (", file_.size(), " bytes)");
+  const auto head = file_.read_at(0, 4, "its magic"), tail = file_.read_at(file_.size() - 8, 8, "its footer's length");
+  MF_CHECK(std::memcmp(head.data(), "PAR1", 4) == 0 && std::memcmp(tail.data() + 4, "PAR1", 4) == 0, file_.name(),
            ": not a Parquet file (no PAR1 magic at its start and end", std::memcmp(tail.data() + 4, "PARE", 4) == 0
                ? "; PARE: its footer is encrypted, which moeforge does not read)" : ")");
-  const uint32_t len = tail[0] | (tail[1] << 8) | (tail[2] << 16) | (static_cast<uint32_t>(tail[3]) << 24);
-  MF_CHECK(len <= size_ - 12, name_, ": its footer length ", len, " is larger than the file");
-  const auto footer = read_at(size_ - 8 - len, len, "its footer");
-  ThriftReader r(footer.data(), footer.size(), name_ + ": footer");
+  const auto len = read_le<uint32_t>(tail.data());
+  MF_CHECK(len <= file_.size() - 12, file_.name(), ": its footer length ", len, " is larger than the file");
+  const auto footer = file_.read_at(file_.size() - 8 - len, len, "its footer");
+  ThriftReader r(footer.data(), footer.size(), file_.name() + ": footer");
   meta_ = read_file_metadata(r);
   build_schema();
 }
 
 void ParquetFile::build_schema() {
   const auto& s = meta_.schema;
-  MF_CHECK(!s.empty() && s[0].num_children > 0, name_, ": its schema has no columns");
+  MF_CHECK(!s.empty() && s[0].num_children > 0, file_.name(), ": its schema has no columns");
   nodes_.resize(s.size());
   size_t next = 1;
   int leaves = 0;
   std::vector<int> path;
   // Depth-first: each element is followed by its num_children subtrees.
   std::function<void(int, int)> build = [&](int index, int depth) {
-    MF_CHECK(depth <= kMaxSchemaDepth, name_, ": its schema nests deeper than ", kMaxSchemaDepth);
+    MF_CHECK(depth <= kMaxSchemaDepth, file_.name(), ": its schema nests deeper than ", kMaxSchemaDepth);
     Node& n = nodes_[index];
     n.element = &s[index];
     const SchemaElement& e = s[index];
     if (index > 0) {
-      MF_CHECK(e.repetition, name_, ": schema element '", e.name, "' has no repetition type");
+      MF_CHECK(e.repetition, file_.name(), ": schema element '", e.name, "' has no repetition type");
       const Node& parent = nodes_[path.back()];
       n.def_level = parent.def_level + (*e.repetition != Repetition::Required);
       n.rep_level = parent.rep_level + (*e.repetition == Repetition::Repeated);
     }
-    MF_CHECK(e.num_children >= 0 && static_cast<size_t>(e.num_children) <= s.size() - next, name_,
+    MF_CHECK(e.num_children >= 0 && static_cast<size_t>(e.num_children) <= s.size() - next, file_.name(),
              ": schema element '", e.name, "' claims ", e.num_children, " children, more than the schema holds");
     if (e.num_children == 0) {
-      MF_CHECK(index > 0 && e.type, name_, ": schema element '", e.name, "' is neither a group nor a typed column");
+      MF_CHECK(index > 0 && e.type, file_.name(), ": schema element '", e.name, "' is neither a group nor a typed column");
       n.leaf = leaves++;
       leaf_paths_.push_back(std::vector<int>(path.begin() + 1, path.end()));
       leaf_paths_.back().push_back(index);
@@ -134,7 +112,7 @@ void ParquetFile::build_schema() {
     path.push_back(index);
     for (int c = 0; c < e.num_children; ++c) {
       // The subtrees before this child may have used up the elements its count promised.
-      MF_CHECK(next < s.size(), name_, ": schema element '", e.name, "' claims ", e.num_children,
+      MF_CHECK(next < s.size(), file_.name(), ": schema element '", e.name, "' claims ", e.num_children,
                " children, more than the schema holds");
       const int child = static_cast<int>(next++);
       n.children.push_back(child);
@@ -143,9 +121,9 @@ void ParquetFile::build_schema() {
     path.pop_back();
   };
   build(0, 0);
-  MF_CHECK(next == s.size(), name_, ": its schema has ", s.size() - next, " elements outside the tree");
+  MF_CHECK(next == s.size(), file_.name(), ": its schema has ", s.size() - next, " elements outside the tree");
   for (size_t g = 0; g < meta_.row_groups.size(); ++g)
-    MF_CHECK(meta_.row_groups[g].columns.size() == static_cast<size_t>(leaves), name_, ": row group ", g, " has ",
+    MF_CHECK(meta_.row_groups[g].columns.size() == static_cast<size_t>(leaves), file_.name(), ": row group ", g, " has ",
              meta_.row_groups[g].columns.size(), " columns, the schema ", leaves);
 }
 
@@ -183,7 +161,7 @@ struct ColumnReader {
     Bytes run = in;
     if (length_prefixed) {
       MF_CHECK(in.left() >= 4, what, ": ends inside its levels' length");
-      const uint32_t n = in.p[0] | (in.p[1] << 8) | (in.p[2] << 16) | (static_cast<uint32_t>(in.p[3]) << 24);
+      const auto n = read_le<uint32_t>(in.p);
       MF_CHECK(n <= in.left() - 4, what, ": its levels run past the page");
       run = Bytes{in.p + 4, in.p + 4 + n};
       in.p += 4 + n;
@@ -418,7 +396,7 @@ void ParquetFile::for_each_row(const std::vector<std::string>& fields, const std
         if (leaf_paths_[l].front() == c) columns.push_back(static_cast<int>(l));
       wanted.emplace_back(c, std::move(columns));
     }
-  MF_CHECK(!wanted.empty(), name_, ": has none of the columns ", [&] {
+  MF_CHECK(!wanted.empty(), file_.name(), ": has none of the columns ", [&] {
     std::string list;
     for (const auto& f : fields) list += (list.empty() ? "" : ", ") + f;
     return list;
@@ -430,7 +408,7 @@ void ParquetFile::for_each_row(const std::vector<std::string>& fields, const std
     for (const auto& [top, columns] : wanted) {
       std::vector<Json> values;
       for (const int l : columns) {
-        const ColumnReader reader{name_, nodes_, leaf_paths_[l]};
+        const ColumnReader reader{file_.name(), nodes_, leaf_paths_[l]};
         const std::string what = reader.where(g);
         const ColumnChunk& chunk = group.columns[static_cast<size_t>(l)];
         MF_CHECK(!chunk.file_path, what, ": lives in another file (", chunk.file_path.value_or(""), "), which moeforge does not follow");
@@ -442,7 +420,7 @@ void ParquetFile::for_each_row(const std::vector<std::string>& fields, const std
         int64_t start = m.data_page_offset;
         if (m.dictionary_page_offset && *m.dictionary_page_offset > 0 && *m.dictionary_page_offset < start)
           start = *m.dictionary_page_offset;
-        const auto bytes = read_at(start, m.total_compressed_size, "column chunk '" + column_name(names) + "'");
+        const auto bytes = file_.read_at(start, m.total_compressed_size, "column chunk '" + column_name(names) + "'");
         const LeafData d = reader.read(bytes, m, g);
         // Records start where the repetition level is 0.
         const auto records = static_cast<size_t>(std::count(d.rep.begin(), d.rep.end(), int16_t{0}));

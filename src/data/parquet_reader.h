@@ -11,10 +11,10 @@
 #pragma once
 #include <cstdint>
 #include <functional>
-#include <memory>
 #include <string>
 #include <vector>
 
+#include "data/file_bytes.h"
 #include "data/parquet_format.h"
 #include "data/parquet_values.h"
 
@@ -43,12 +43,8 @@ class ParquetFile {
   ParquetFile() = default;
   void read_footer();
   void build_schema();
-  std::vector<uint8_t> read_at(int64_t offset, int64_t size, const std::string& what) const;
 
-  std::string name_;
-  std::string bytes_;             // the whole file, when read from memory
-  std::shared_ptr<std::FILE> file_;
-  int64_t size_ = 0;
+  FileBytes file_;
   FileMetaData meta_;
   std::vector<Node> nodes_;       // nodes_[0] is the root
   std::vector<std::vector<int>> leaf_paths_;  // per column: node indices from its top-level field down

@@ -1,10 +1,9 @@
 #include "data/parquet_values.h"
 
 #include <algorithm>
-#include <cstring>
-#include <type_traits>
 
 #include "core/error.h"
+#include "data/file_bytes.h"
 
 namespace moeforge::data::parquet {
 
@@ -24,13 +23,6 @@ uint64_t uleb128(Bytes& in, const std::string& what) {
 int64_t zigzag(Bytes& in, const std::string& what) {
   const uint64_t v = uleb128(in, what);
   return static_cast<int64_t>(v >> 1) ^ -static_cast<int64_t>(v & 1);
-}
-
-template <typename U>
-U little_endian(const uint8_t* p) {
-  U v = 0;
-  for (size_t i = 0; i < sizeof(U); ++i) v |= static_cast<U>(p[i]) << (8 * i);
-  return v;
 }
 
 // Value i of a run packed LSB first at `width` bits (width <= 64).
@@ -142,14 +134,8 @@ void decode_values(Encoding encoding, const LeafType& type, Bytes& in, size_t co
   // `count` little-endian values of type V (an integer or a float type), each given to `add`.
   const auto fixed = [&](auto type_tag, auto&& add) {
     using V = decltype(type_tag);
-    using U = std::conditional_t<sizeof(V) == 4, uint32_t, uint64_t>;
     MF_CHECK(count <= in.left() / sizeof(V), what, ": its values run past the page");  // without multiplying
-    for (size_t i = 0; i < count; ++i, in.p += sizeof(V)) {
-      const U bits = little_endian<U>(in.p);
-      V v;
-      std::memcpy(&v, &bits, sizeof(V));
-      add(v);
-    }
+    for (size_t i = 0; i < count; ++i, in.p += sizeof(V)) add(read_le<V>(in.p));
   };
   switch (encoding) {
     case Encoding::Plain:
@@ -166,7 +152,7 @@ void decode_values(Encoding encoding, const LeafType& type, Bytes& in, size_t co
         case PhysicalType::ByteArray:
           for (size_t i = 0; i < count; ++i) {
             MF_CHECK(in.left() >= 4, what, ": its values run past the page");
-            const uint32_t n = little_endian<uint32_t>(in.p);
+            const uint32_t n = read_le<uint32_t>(in.p);
             in.p += 4;
             MF_CHECK(n <= in.left(), what, ": a string of ", n, " bytes runs past the page");
             out.push_back(bytes(in.p, n));
@@ -186,7 +172,7 @@ void decode_values(Encoding encoding, const LeafType& type, Bytes& in, size_t co
     case Encoding::Rle: {
       MF_CHECK(type.physical == PhysicalType::Boolean, what, ": RLE values that are not booleans");
       MF_CHECK(in.left() >= 4, what, ": ends inside the booleans' length");
-      const uint32_t n = little_endian<uint32_t>(in.p);
+      const uint32_t n = read_le<uint32_t>(in.p);
       in.p += 4;
       MF_CHECK(n <= in.left(), what, ": the booleans run past the page");
       Bytes run{in.p, in.p + n};

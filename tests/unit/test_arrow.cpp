@@ -24,22 +24,8 @@ namespace {
 
 std::string dir() { return test::fixture("arrow"); }
 
-std::vector<Json> rows_of(const ArrowFile& f, const std::vector<std::string>& fields) {
-  std::vector<Json> rows;
-  int64_t expected_index = 0;
-  f.for_each_row(fields, [&](int64_t i, Json&& row) {
-    EXPECT_EQ(i, expected_index++);
-    rows.push_back(std::move(row));
-  });
-  return rows;
-}
-
-std::vector<Json> expected_rows(const std::string& name) {
-  std::ifstream in(dir() + "/" + name + ".expected.jsonl");
-  std::vector<Json> rows;
-  for (std::string line; std::getline(in, line);) rows.push_back(Json::parse(line));
-  return rows;
-}
+std::vector<Json> rows_of(const ArrowFile& f, const std::vector<std::string>& fields) { return test::table_rows(f, fields); }
+std::vector<Json> expected_rows(const std::string& name) { return test::jsonl_objects(dir() + "/" + name + ".expected.jsonl"); }
 
 Json manifest() { return Json::parse(test::read_text(dir() + "/MANIFEST.json")); }
 

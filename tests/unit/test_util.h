@@ -13,6 +13,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -24,6 +25,27 @@
 #include "nn/params.h"
 
 namespace moeforge::test {
+
+// A columnar file's rows (data::parquet::ParquetFile, data::arrow::ArrowFile) in order, each row's
+// number checked to count from 0.
+template <typename File>
+std::vector<nlohmann::ordered_json> table_rows(const File& f, const std::vector<std::string>& fields) {
+  std::vector<nlohmann::ordered_json> rows;
+  int64_t expected_index = 0;
+  f.for_each_row(fields, [&](int64_t i, nlohmann::ordered_json&& row) {
+    EXPECT_EQ(i, expected_index++);
+    rows.push_back(std::move(row));
+  });
+  return rows;
+}
+
+// The objects of a JSON-lines file (a fixture's NAME.expected.jsonl).
+inline std::vector<nlohmann::ordered_json> jsonl_objects(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<nlohmann::ordered_json> rows;
+  for (std::string line; std::getline(in, line);) rows.push_back(nlohmann::ordered_json::parse(line));
+  return rows;
+}
 
 // Token ids of another width (a dataset's 32-bit rows) as the 64-bit ids tokenizers and tensors take.
 template <typename T>

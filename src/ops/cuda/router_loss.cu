@@ -49,6 +49,35 @@ __device__ void block_argmax(float& v, int& idx) {
   warp_argmax(v, idx);
 }
 
+// A forced routing's choices for one row (one thread): the given experts (range-checked on the
+// host, clamped here) with the router's probabilities as weights; returns their sum.
+__device__ float take_forced_choices(const int64_t* forced, const float* p, float* weights, int64_t* indices, int64_t row,
+                                     int e, int k) {
+  float chosen_sum = 0.f;
+  for (int j = 0; j < k; ++j) {
+    int64_t idx = forced[row * k + j];
+    idx = idx < 0 ? 0 : (idx >= e ? e - 1 : idx);
+    weights[row * k + j] = p[idx];
+    indices[row * k + j] = idx;
+    chosen_sum += p[idx];
+  }
+  return chosen_sum;
+}
+
+// The best of p[first], p[first + stride], ... (ties to the lower index; -inf values still give an
+// index), a thread's share of one arg-max round.
+__device__ __forceinline__ void best_of_strided(const float* p, int first, int stride, int e, float& v, int& idx) {
+  v = -INFINITY;
+  idx = -1;
+  for (int i = first; i < e; i += stride) {
+    const float x = p[i];
+    if (x > v || (x == v && idx == -1)) {
+      v = x;
+      idx = i;
+    }
+  }
+}
+
 template <typename T>
 __global__ void router_kernel(const T* logits, const int64_t* forced, float* probs, float* weights, int64_t* indices, int e,
                               int k, bool normalize) {
@@ -75,28 +104,15 @@ __global__ void router_kernel(const T* logits, const int64_t* forced, float* pro
   if (threadIdx.x == 0) chosen_sum = 0.f;
   if (forced) {  // the assignment is given (balanced or replayed routing); the weights are still the router's
     __syncthreads();
-    if (threadIdx.x == 0)
-      for (int j = 0; j < k; ++j) {
-        int64_t idx = forced[row * k + j];
-        idx = idx < 0 ? 0 : (idx >= e ? e - 1 : idx);  // range-checked on the host
-        weights[row * k + j] = p[idx];
-        indices[row * k + j] = idx;
-        chosen_sum += p[idx];
-      }
+    if (threadIdx.x == 0) chosen_sum = take_forced_choices(forced, p, weights, indices, row, e, k);
     __syncthreads();
     if (normalize && threadIdx.x < k) weights[row * k + threadIdx.x] /= chosen_sum;
     return;
   }
   for (int j = 0; j < k; ++j) {
-    float v = -INFINITY;
-    int idx = -1;
-    for (int i = threadIdx.x; i < e; i += blockDim.x) {
-      const float x = p[i];
-      if (x > v || (x == v && idx == -1)) {
-        v = x;
-        idx = i;
-      }
-    }
+    float v;
+    int idx;
+    best_of_strided(p, threadIdx.x, blockDim.x, e, v, idx);
     block_argmax(v, idx);
     if (threadIdx.x == 0) {
       weights[row * k + j] = v;
@@ -157,25 +173,12 @@ __global__ void router_warp_kernel(const T* logits, const int64_t* forced, float
   __syncwarp();
   float chosen_sum = 0.f;  // lane 0's
   if (forced) {  // the assignment is given (balanced or replayed routing); the weights are still the router's
-    if (lane == 0)
-      for (int j = 0; j < k; ++j) {
-        int64_t idx = forced[row * k + j];
-        idx = idx < 0 ? 0 : (idx >= e ? e - 1 : idx);  // range-checked on the host
-        weights[row * k + j] = p[idx];
-        indices[row * k + j] = idx;
-        chosen_sum += p[idx];
-      }
+    if (lane == 0) chosen_sum = take_forced_choices(forced, p, weights, indices, row, e, k);
   } else {
     for (int j = 0; j < k; ++j) {
-      float v = -INFINITY;
-      int idx = -1;
-      for (int i = lane; i < e; i += 32) {
-        const float x = p[i];
-        if (x > v || (x == v && idx == -1)) {
-          v = x;
-          idx = i;
-        }
-      }
+      float v;
+      int idx;
+      best_of_strided(p, lane, 32, e, v, idx);
       warp_argmax(v, idx);
       if (lane == 0) {
         weights[row * k + j] = v;
