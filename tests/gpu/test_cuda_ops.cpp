@@ -730,6 +730,16 @@ std::string ragged_path(DType dt) {
   return "";  // cuBLAS's grouped call or the loop; not pinned
 }
 
+// The path written weight gradients of ragged experts take: the ragged-K kernel for BF16 when the
+// build has CUTLASS (the test machine is an H100); empty when it is not pinned.
+std::string ragged_weight_grad_path(DType dt) {
+#ifdef MOEFORGE_HAVE_CUTLASS
+  if (dt == DType::BF16) return "cutlass-ragged";
+#endif
+  (void)dt;
+  return "";
+}
+
 // Ragged experts (some empty), equal ones (one strided-batched GEMM), a large one among small ones,
 // and native routing's skew at shapes that span several 128 x 256 tiles with partial edge tiles;
 // weight gradients into F32 and (BF16) into the weights' dtype.
@@ -761,6 +771,19 @@ TEST(CudaOpsGrouped, ManyTilesOfManyRaggedExperts) {
   grouped_case(DType::BF16, DType::BF16, off, {512, 1024}, "many tiles");
 }
 
+// The ragged-K weight gradient's boundaries: experts that start and end inside a 64-row k tile,
+// several experts inside one tile, a one-row expert at a tile's last row, an expert of exactly
+// one aligned tile, empty experts first, between and last (their gradient written as zeros over
+// poison), a row count that ends inside a tile, and n, k that leave partial 128 x 256 tiles.
+TEST(CudaOpsGrouped, RaggedWeightGradAtTileBoundaries) {
+  REQUIRE_GPU();
+  const std::vector<int64_t> off = {0, 0, 5, 63, 64, 128, 128, 129, 200, 201, 330, 331, 331, 395, 600, 600};
+  for (DType dw_dtype : {DType::BF16, DType::F32}) {
+    SCOPED_TRACE(dtype_name(dw_dtype));
+    grouped_case(DType::BF16, dw_dtype, off, {136, 264}, "tile boundaries");
+  }
+}
+
 void grouped_case(DType dt, DType dw_dtype, const std::vector<int64_t>& off, GroupedShape shape, const std::string& kind) {
   const int64_t e = static_cast<int64_t>(off.size()) - 1, n = shape.n, k = shape.k;
   const int64_t rows = off.back();
@@ -787,15 +810,15 @@ void grouped_case(DType dt, DType dw_dtype, const std::vector<int64_t>& off, Gro
   cuda::poison(dw);
   const bool equal_experts = kind.rfind("uniform", 0) == 0;
   const std::string want_path = equal_experts ? "strided" : ragged_path(dt);
-  const auto check_path = [&](const char* what) {
-    if (!want_path.empty()) EXPECT_EQ(cuda::last_grouped_gemm_path(), want_path) << what << " " << kind;
+  const auto check_path = [&](const char* what, const std::string& want) {
+    if (!want.empty()) EXPECT_EQ(cuda::last_grouped_gemm_path(), want) << what << " " << kind;
   };
   cuda::grouped_linear(xd, wd, off, y);
-  check_path("forward");
+  check_path("forward", want_path);
   cuda::grouped_linear_input_grad(dyd, wd, off, dx);
-  check_path("input grad");
+  check_path("input grad", want_path);
   cuda::grouped_linear_weight_grad(dyd, xd, off, dw, /*accumulate=*/false);
-  check_path("weight grad");
+  check_path("weight grad", equal_experts || ragged_weight_grad_path(dt).empty() ? want_path : ragged_weight_grad_path(dt));
   expect_close(y, y_want, t, "grouped forward " + kind);
   expect_close(dx, dx_want, t, "grouped input grad " + kind);
   expect_close(dw, dw_want, tw, "grouped weight grad (empty experts zeroed) " + kind);

@@ -1,4 +1,5 @@
-// Grouped expert GEMMs. Four paths: experts of equal size at constant strides (balanced routing)
+// Grouped expert GEMMs. Weight gradients that are written (not accumulated) of ragged BF16 experts
+// on Hopper take one ragged-K kernel (cutlass/ragged_weight_grad_kernel.cuh). Otherwise four paths: experts of equal size at constant strides (balanced routing)
 // as one strided-batched cuBLASLt GEMM; ragged BF16 experts as one CUTLASS grouped GEMM on Hopper
 // (cutlass/, when the build has it); otherwise ragged experts through cublasGemmGroupedBatchedEx,
 // one call for every expert's product (each a group of one with its own row count); and, when the
@@ -243,6 +244,17 @@ void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::ve
     ps.push_back({at(dy, offsets[i] * n), n, true, at(x, offsets[i] * k), k, false, at(dw, i * n * k), k, n, k, r});
   }
   zero_blocks(dw.raw(), n * k * static_cast<int64_t>(dtype_size(dw.dtype())), empty_experts);
+  // Written gradients of ragged BF16 experts on Hopper: one ragged-K launch over all experts' rows
+  // (docs/perf-notes.md, session 20). Equal experts keep cuBLAS's strided batch, 5% faster there.
+  bool equal = true;
+  for (size_t i = 1; i < ps.size() && equal; ++i) equal = ps[i].k == ps[0].k;
+  if (!accumulate && forced_mode().empty() && !(equal && empty_experts.empty() && ps.size() >= 2)) {
+    const cutlass_grouped::RaggedWeightGradArgs ragged{dy.raw(), n, x.raw(), k, dw.raw(), rows, n, k, offsets};
+    if (cutlass_grouped::ragged_weight_grad_usable(ragged, dy.dtype() == x.dtype() ? dy.dtype() : DType::F32, dw.dtype())) {
+      g_last_path = "cutlass-ragged";
+      return cutlass_grouped::ragged_weight_grad(ragged, dw.dtype());
+    }
+  }
   run_grouped(ps, dtype_of(dy), dtype_of(x), dtype_of(dw), accumulate ? 1.f : 0.f, /*split_large_k=*/true);
 }
 

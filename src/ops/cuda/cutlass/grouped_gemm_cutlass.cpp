@@ -48,6 +48,14 @@ Product kind_of(const std::vector<GroupedProduct>& ps) {
 
 bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
+bool ragged_disabled_by_env() {
+  static const bool off = [] {
+    const char* v = std::getenv("MOEFORGE_RAGGED_WGRAD");
+    return v && std::strcmp(v, "0") == 0;
+  }();
+  return off;
+}
+
 }  // namespace
 
 bool usable(const std::vector<GroupedProduct>& ps, DType ab, DType c) {
@@ -63,6 +71,28 @@ bool usable(const std::vector<GroupedProduct>& ps, DType ab, DType c) {
     if ((p.lda * 2) % 16 || (p.ldb * 2) % 16 || (p.ldc * esize_c) % 16) return false;
   }
   return true;
+}
+
+bool ragged_weight_grad_usable(const RaggedWeightGradArgs& a, DType ab, DType dw) {
+  if (ab != DType::BF16 || (dw != DType::BF16 && dw != DType::F32)) return false;
+  if (disabled_by_env() || ragged_disabled_by_env() || !device_is_sm90()) return false;
+  if (a.offsets.size() < 2 || a.rows < 1 || a.rows > INT32_MAX || a.n < 1 || a.n > INT32_MAX || a.k < 1 || a.k > INT32_MAX)
+    return false;
+  // One launch's tiles (128 x 256 per expert's dW) are counted in 32 bits.
+  const int64_t tiles = (a.n + 127) / 128 * ((a.k + 255) / 256) * static_cast<int64_t>(a.offsets.size() - 1);
+  if (tiles > INT32_MAX) return false;
+  const int64_t esize_dw = dw == DType::F32 ? 4 : 2;
+  if (!aligned16(a.dy) || !aligned16(a.x) || !aligned16(a.dw)) return false;
+  return (a.ld_dy * 2) % 16 == 0 && (a.ld_x * 2) % 16 == 0 && (a.k * esize_dw) % 16 == 0 && (a.n * 2) % 16 == 0 &&
+         (a.k * 2) % 16 == 0;
+}
+
+void ragged_weight_grad(const RaggedWeightGradArgs& a, DType dw) {
+  MF_CHECK(ragged_weight_grad_usable(a, DType::BF16, dw), "ragged weight gradient: not supported here (check usable first)");
+  if (dw == DType::F32)
+    run_ragged_weight_grad_f32(a);
+  else
+    run_ragged_weight_grad_bf16(a);
 }
 
 void run(const std::vector<GroupedProduct>& ps, DType ab, DType c, float beta) {

@@ -21,4 +21,24 @@ bool usable(const std::vector<GroupedProduct>& ps, DType ab, DType c);
 // C = op(A) op(B) + beta * C for every product, in one launch on the current stream.
 void run(const std::vector<GroupedProduct>& ps, DType ab, DType c, float beta);
 
+// The experts' weight gradients when their rows are consecutive ranges of two tensors:
+// dW[e] = dY[offsets[e]:offsets[e+1]]^T X[offsets[e]:offsets[e+1]], written (not accumulated);
+// experts without rows are left as they are (the caller zeroes them). One descriptor per operand
+// for all experts (no per-expert descriptor rewrites, ragged_weight_grad_kernel.cuh).
+struct RaggedWeightGradArgs {
+  const void* dy;  // rows x n, row stride ld_dy
+  int64_t ld_dy;
+  const void* x;   // rows x k, row stride ld_x
+  int64_t ld_x;
+  void* dw;        // experts x n x k, contiguous
+  int64_t rows, n, k;
+  std::vector<int64_t> offsets;  // experts + 1, from 0 to rows
+};
+
+// Whether ragged_weight_grad takes these: the build has CUTLASS, the device is sm_90, dY and X
+// are BF16, dW BF16 or F32, every pointer and stride 16-byte aligned, 1 <= rows < 2^31, and
+// MOEFORGE_RAGGED_WGRAD is not 0 (the switch measures it against the grouped path).
+bool ragged_weight_grad_usable(const RaggedWeightGradArgs& a, DType ab, DType dw);
+void ragged_weight_grad(const RaggedWeightGradArgs& a, DType dw);
+
 }  // namespace moeforge::cuda::cutlass_grouped

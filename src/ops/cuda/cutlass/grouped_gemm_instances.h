@@ -15,4 +15,9 @@ void run_input_grad_bf16(const std::vector<GroupedProduct>& ps, float beta);
 void run_weight_grad_bf16(const std::vector<GroupedProduct>& ps, float beta);
 void run_weight_grad_f32(const std::vector<GroupedProduct>& ps, float beta);
 
+struct RaggedWeightGradArgs;
+// The ragged-K weight gradient (ragged_weight_grad_kernel.cuh) into BF16 or F32.
+void run_ragged_weight_grad_bf16(const RaggedWeightGradArgs& a);
+void run_ragged_weight_grad_f32(const RaggedWeightGradArgs& a);
+
 }  // namespace moeforge::cuda::cutlass_grouped

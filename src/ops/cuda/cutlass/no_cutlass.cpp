@@ -9,4 +9,9 @@ void run(const std::vector<GroupedProduct>&, DType, DType, float) {
   MF_THROW("this moeforge was built without CUTLASS (scripts/install-cutlass.sh)");
 }
 
+bool ragged_weight_grad_usable(const RaggedWeightGradArgs&, DType, DType) { return false; }
+void ragged_weight_grad(const RaggedWeightGradArgs&, DType) {
+  MF_THROW("this moeforge was built without CUTLASS (scripts/install-cutlass.sh)");
+}
+
 }  // namespace moeforge::cuda::cutlass_grouped
