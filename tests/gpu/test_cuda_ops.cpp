@@ -773,11 +773,12 @@ TEST(CudaOpsGrouped, ManyTilesOfManyRaggedExperts) {
 
 // The ragged-K weight gradient's boundaries: experts that start and end inside a 64-row k tile,
 // several experts inside one tile, a one-row expert at a tile's last row, an expert of exactly
-// one aligned tile, empty experts first, between and last (their gradient written as zeros over
-// poison), a row count that ends inside a tile, and n, k that leave partial 128 x 256 tiles.
+// one aligned tile, of four, of 301 rows, empty experts first, between and last (their gradient
+// written as zeros over poison), a row count that ends inside a tile, and n, k that leave partial
+// 128 x 256 tiles.
 TEST(CudaOpsGrouped, RaggedWeightGradAtTileBoundaries) {
   REQUIRE_GPU();
-  const std::vector<int64_t> off = {0, 0, 5, 63, 64, 128, 128, 129, 200, 201, 330, 331, 331, 395, 600, 600};
+  const std::vector<int64_t> off = {0, 0, 5, 63, 64, 128, 128, 129, 200, 201, 330, 331, 331, 395, 600, 600, 856, 1157};
   for (DType dw_dtype : {DType::BF16, DType::F32}) {
     SCOPED_TRACE(dtype_name(dw_dtype));
     grouped_case(DType::BF16, dw_dtype, off, {136, 264}, "tile boundaries");

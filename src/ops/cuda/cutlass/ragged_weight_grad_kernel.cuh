@@ -37,6 +37,7 @@
 #include "core/tensor.h"
 #include "ops/cuda/check.h"
 #include "ops/cuda/cutlass/grouped_gemm_cutlass.h"
+#include "ops/cuda/cutlass/tile_queue.cuh"
 #include "ops/cuda/ops_cuda.h"
 #include "ops/cuda/runtime.h"
 
@@ -77,13 +78,10 @@ struct RaggedWeightGrad {
   using PipelineState = typename Mainloop::PipelineState;
   using EpiLoadPipeline = typename Epilogue::LoadPipeline;
   using EpiStorePipeline = typename Epilogue::StorePipeline;
-  // Tiles are handed out at run time (an atomic counter read by the producer warp, passed to the
-  // consumers through a small ring in shared memory), longest expert first: with native routing's
-  // skew the tiles differ in length by 100x, and a static stride over that order would give the
-  // first CTAs the longest tile of every wave.
-  static constexpr int kSchedStages = 4;
-  using SchedPipeline = cutlass::PipelineAsync<kSchedStages>;
-  using SchedState = cutlass::PipelineState<kSchedStages>;
+  // Tiles are handed out at run time (tile_queue.cuh), longest expert first: with native
+  // routing's skew the tiles differ in length by 100x, and a static stride over that order would
+  // give the first CTAs the longest tile of every wave.
+  using Queue = TileQueue<4>;
   static constexpr int kMmaThreads = 256;  // two consumer warp groups share a 128 x 256 tile
   static constexpr int kThreads = 384;     // plus one producer warp group
   static_assert(cute::size(TiledMma{}) == kMmaThreads, "two consumer warp groups");
@@ -92,8 +90,7 @@ struct RaggedWeightGrad {
     struct Pipelines : cute::aligned_struct<16, cute::_1> {
       alignas(16) typename Mainloop::PipelineStorage mainloop;
       alignas(16) typename Epilogue::PipelineStorage epi_load;
-      alignas(16) typename SchedPipeline::SharedStorage sched;
-      int tile_ids[kSchedStages];
+      alignas(16) typename Queue::SharedStorage queue;
     } pipelines;
     struct Tensors : cute::aligned_struct<128, cute::_1> {
       typename Epilogue::TensorStorage epilogue;
@@ -259,13 +256,7 @@ struct RaggedWeightGrad {
     typename EpiStorePipeline::Params sp;
     sp.always_wait = true;
     EpiStorePipeline epi_store(sp);
-    typename SchedPipeline::Params schp;
-    schp.role = producer_group ? (warp_in_group == 0 ? SchedPipeline::ThreadCategory::Producer
-                                                    : SchedPipeline::ThreadCategory::NonParticipant)
-                               : SchedPipeline::ThreadCategory::Consumer;
-    schp.producer_arv_count = 1;
-    schp.consumer_arv_count = kMmaThreads;
-    SchedPipeline sched(smem.pipelines.sched, schp);
+    auto queue = Queue::make(smem.pipelines.queue, producer_group && warp_in_group == 0, !producer_group, kMmaThreads);
     __syncthreads();  // barriers initialised before anyone waits on them
 
     const auto epilogue_shape = make_shape(params.m, params.n, params.rows, params.experts);
@@ -285,23 +276,14 @@ struct RaggedWeightGrad {
       auto mA = params.mainloop.tma_load_a.get_tma_tensor(make_shape(params.m, params.rows, 1));  // (M, K, L)
       auto mB = params.mainloop.tma_load_b.get_tma_tensor(make_shape(params.n, params.rows, 1));  // (N, K, L)
       PipelineState write = cutlass::make_producer_start_state<MainloopPipeline>();
-      SchedState sched_write = cutlass::make_producer_start_state<SchedPipeline>();
-      for (int t = static_cast<int>(blockIdx.x);; ) {
-        // Publish the tile (or, past the last, the end) to the consumers.
-        if (lane_idx == 0) {
-          sched.producer_acquire(sched_write);
-          smem.pipelines.tile_ids[sched_write.index()] = t;
-          sched.producer_commit(sched_write);
-        }
-        ++sched_write;
+      typename Queue::State published = cutlass::make_producer_start_state<typename Queue::Pipeline>();
+      for (int t = static_cast<int>(blockIdx.x);; t = Queue::next(params.next_tile, lane_idx)) {
+        Queue::publish(queue, smem.pipelines.queue, published, t, lane_idx);  // past the last: the end
         if (t >= tiles) break;
         int m_blk, n_blk;
         const ExpertRowSpan span = tile_of(t, m_blk, n_blk);
         load_tile(params, pipeline, write, mA, mB, m_blk, n_blk, span, smem.tensors.mainloop);
         write.advance(span.k_tile_count);
-        int next = 0;
-        if (lane_idx == 0) next = atomicAdd(params.next_tile, 1);
-        t = __shfl_sync(0xffffffff, next, 0) + static_cast<int>(gridDim.x);
       }
       mainloop.load_tail(pipeline, write);
       return;
@@ -314,12 +296,9 @@ struct RaggedWeightGrad {
     typename Epilogue::LoadPipelineState epi_load_state;
     typename Epilogue::StorePipelineState epi_store_state = cutlass::make_producer_start_state<EpiStorePipeline>();
     bool stored = false;
-    SchedState sched_read;
+    typename Queue::State taken;
     for (;;) {
-      sched.consumer_wait(sched_read);
-      const int t = smem.pipelines.tile_ids[sched_read.index()];
-      sched.consumer_release(sched_read);
-      ++sched_read;
+      const int t = Queue::take(queue, smem.pipelines.queue, taken);
       if (t >= tiles) break;
       int m_blk, n_blk;
       const ExpertRowSpan span = tile_of(t, m_blk, n_blk);
