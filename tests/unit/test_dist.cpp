@@ -192,7 +192,9 @@ TEST(Rendezvous, HeartbeatsNameTheRankThatStoppedAnswering) {
   for (int r = 0; r < 2; ++r)
     ts.emplace_back([&, r] {
       std::optional<parallel::Rendezvous> rv(std::in_place, local_env(r, 2, port), "same", 5s);
-      while_all[r] = rv->stalled_peers(1200ms);
+      // Six beat periods: a loaded machine (CI's two cores under ASan) can delay one beat by far
+      // more than the 0.7 s a 1.2 s window leaves; a live rank must never be named.
+      while_all[r] = rv->stalled_peers(3000ms);
       rv->broadcast("checked", "1");  // both have looked before rank 1 leaves
       if (r == 1) {
         rv.reset();
