@@ -3,8 +3,9 @@
 beside the rows pyarrow reads back from it (NAME.expected.jsonl, top-level nulls left out, binary
 values as UTF-8 text), which is what moeforge's reader must give. The cases cover both IPC formats
 (stream and file), the legacy framing and metadata version V4, LZ4_FRAME and ZSTD bodies, several
-record batches, every type a dataset row holds (nested with nulls at each level), columns of the
-other types beside them (which the reader must skip by counting their buffers), and a folder
+record batches, every type a dataset row holds (nested with nulls at each level), dictionary-encoded
+columns (deltas and replacements) and string/binary views, columns of the other types beside them
+(which the reader must skip by counting their buffers), and a folder
 written by `datasets`' save_to_disk (saved/) and by DatasetDict.save_to_disk (saved_dict/).
 
     python3 -m venv /tmp/pa && /tmp/pa/bin/pip install pyarrow datasets
@@ -146,6 +147,46 @@ def main():
         "nested": [[[i], None, []] if i % 2 else None for i in range(n)],
     })
     write(out, "all_types_legacy", table, use_legacy_format=True, metadata_version=pa.ipc.MetadataVersion.V4)
+
+    # Dictionary-encoded columns and string/binary views (what pandas categoricals and polars'
+    # text become), stream format over three record batches: the second extends the first's
+    # dictionaries with a delta, the third replaces them; int8, uint16 and (nested in a list)
+    # int32 indices, null indices and null dictionary values; views inline (<= 12 bytes) and in
+    # data buffers, with nulls.
+    def dict_batch(rng, n, sources, langs):
+        return pa.record_batch({
+            "source": pa.DictionaryArray.from_arrays(
+                pa.array([rng.randrange(len(sources)) if rng.random() > 0.2 else None for _ in range(n)], pa.int8()),
+                pa.array(sources)),
+            "lang": pa.DictionaryArray.from_arrays(
+                pa.array([rng.randrange(len(langs)) for _ in range(n)], pa.uint16()), pa.array(langs)),
+            "tags": pa.array([[rng.choice(["a", "bb", "ccc"]) for _ in range(rng.randint(0, 3))] for _ in range(n)],
+                             pa.list_(pa.dictionary(pa.int32(), pa.string()))),
+            "text": pa.array([words(rng, rng.randint(0, 9)) if rng.random() > 0.15 else None for _ in range(n)],
+                             pa.string_view()),
+            "raw": pa.array([("r%d" % rng.randint(0, 10 ** rng.randint(1, 20))).encode() for _ in range(n)],
+                            pa.binary_view()),
+        })
+
+    drng = random.Random(12)  # its own, so the cases after these keep their rows
+    batches = [dict_batch(drng, 7, ["web", "book"], ["en", None]),
+               dict_batch(drng, 6, ["web", "book", "code"], ["en", None, "de"]),
+               dict_batch(drng, 5, ["forum", "wiki"], ["fr"])]
+    path = os.path.join(out, "dictionaries_views.arrow")
+    with pa.OSFile(path, "wb") as sink:
+        writer = pa.ipc.new_stream(sink, batches[0].schema, options=pa.ipc.IpcWriteOptions(emit_dictionary_deltas=True))
+        for b in batches:
+            writer.write_batch(b)
+        writer.close()
+    back = pa.ipc.open_stream(path).read_all()
+    assert back.equals(pa.Table.from_batches(batches)), "dictionaries_views"
+    fields = back.column_names
+    MANIFEST["dictionaries_views.arrow"] = {"fields": fields, "unread": []}
+    expected(out, "dictionaries_views", back, fields)
+
+    # The same columns in the file format (its dictionaries in the footer, one per column), ZSTD.
+    table = pa.Table.from_batches([dict_batch(drng, 9, ["web", "book", "code"], ["en", "de"]) for _ in range(2)])
+    write(out, "dictionaries_file", table.unify_dictionaries(), file_format=True, compression="zstd")
 
     # Prompts for `generate --prompts`: text prompts, and conversations where the prompt is null
     # (the rows of tests/fixtures/parquet/prompts_snappy).

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
+#include <set>
 
 #include "core/error.h"
 #include "data/flatbuffer_view.h"
@@ -62,7 +64,18 @@ Field read_field(const flatbuf::Table& t, int depth) {
   // missing from the field leaves it 0).
   MF_CHECK(f.type != kInt || f.bit_width == 8 || f.bit_width == 16 || f.bit_width == 32 || f.bit_width == 64, t.what(),
            ": field '", f.name, "' is an integer of ", f.bit_width, " bits");
-  f.dictionary = t.present(4);
+  if (t.present(4)) {  // DictionaryEncoding: id, the indices' Int type (default int32), ordered, kind
+    const flatbuf::Table enc = t.table(4);
+    f.dictionary = true;
+    f.dictionary_id = enc.i64(0);
+    if (enc.present(1)) {
+      const flatbuf::Table index = enc.table(1);
+      f.index_width = index.i32(0);
+      f.index_signed = index.boolean(1);
+    }
+    MF_CHECK(f.index_width == 8 || f.index_width == 16 || f.index_width == 32 || f.index_width == 64, t.what(),
+             ": field '", f.name, "' has dictionary indices of ", f.index_width, " bits");
+  }
   const auto children = t.vector(5, 4);
   for (uint32_t i = 0; i < children.length; ++i) f.children.push_back(read_field(t.table_at(children, i), depth + 1));
   return f;
@@ -142,12 +155,19 @@ class BatchReader {
   uint8_t codec_ = 0;
 };
 
+struct Column;
+// The values of each dictionary in effect, by id: one column per dictionary batch (a replacement
+// starts a new list, a delta appends), an index counting through them in order.
+using Dictionaries = std::map<int64_t, std::vector<Column>>;
+
 // A column of one batch, its buffers read, ready to give row i as JSON.
 struct Column {
   const Field* field = nullptr;
   std::string path;  // a.b.c, for errors
   BatchReader::Node node;
-  std::vector<uint8_t> validity, offsets, data;
+  std::vector<uint8_t> validity, offsets, data;     // views: data holds the 16-byte views
+  std::vector<std::vector<uint8_t>> variadic;       // views: the buffers long values point into
+  const std::vector<Column>* dictionary = nullptr;  // dictionary-encoded: data holds the indices
   std::vector<Column> children;
 
   bool valid(int64_t i) const {
@@ -189,16 +209,17 @@ void skip_field(const Field& f, BatchReader& r) {
   for (const Field& c : f.children) skip_field(c, r);
 }
 
-// Reads a field's buffers for decoding, checking each against the values it must hold.
-Column read_column(const Field& f, const std::string& path, BatchReader& r) {
+// Reads a field's buffers for decoding, checking each against the values it must hold. A
+// dictionary-encoded field reads its indices and finds its values in `dicts`; `as_values`: the
+// field's own type (a dictionary batch's column).
+Column read_column(const Field& f, const std::string& path, BatchReader& r, const Dictionaries& dicts,
+                   bool as_values = false) {
   Column c;
   c.field = &f;
   c.path = path;
   c.node = r.next_node(path);
   const int64_t n = c.node.length;
   const std::string& where = r.where();
-  MF_CHECK(!f.dictionary, where, ": column '", path, "' is dictionary-encoded, which moeforge does not read; write it ",
-           "with plain values (e.g. pyarrow.compute.cast(column, column.type.value_type))");
   const auto take_validity = [&] {
     c.validity = r.next_buffer(path, true);
     if (c.validity.empty())
@@ -213,6 +234,17 @@ Column read_column(const Field& f, const std::string& path, BatchReader& r) {
     MF_CHECK(static_cast<int64_t>(c.offsets.size()) >= (n + 1) * width, where, ": column '", path,
              "' has an offsets buffer too short for ", n, " values");
   };
+  if (f.dictionary && !as_values) {
+    take_validity();
+    c.data = r.next_buffer(path, true);
+    MF_CHECK(static_cast<int64_t>(c.data.size()) >= n * (f.index_width / 8), where, ": column '", path,
+             "' has a dictionary index buffer too short for ", n, " values");
+    const auto d = dicts.find(f.dictionary_id);
+    MF_CHECK(d != dicts.end(), where, ": column '", path, "' is dictionary-encoded, but no dictionary batch (id ",
+             f.dictionary_id, ") comes before this record batch");
+    c.dictionary = &d->second;
+    return c;
+  }
   switch (f.type) {
     case kNull: break;
     case kInt:
@@ -235,6 +267,16 @@ Column read_column(const Field& f, const std::string& path, BatchReader& r) {
       take_offsets(f.type == kLargeBinary || f.type == kLargeUtf8 ? 8 : 4);
       c.data = r.next_buffer(path, true);
       break;
+    case kBinaryView:
+    case kUtf8View: {
+      take_validity();
+      c.data = r.next_buffer(path, true);
+      MF_CHECK(static_cast<int64_t>(c.data.size()) >= 16 * n, where, ": column '", path,
+               "' has a views buffer too short for ", n, " values");
+      const int64_t k = r.next_variadic(path);
+      for (int64_t i = 0; i < k; ++i) c.variadic.push_back(r.next_buffer(path, true));
+      break;
+    }
     case kList:
     case kLargeList:
     case kMap:
@@ -244,26 +286,27 @@ Column read_column(const Field& f, const std::string& path, BatchReader& r) {
                f.children.size(), " child fields");
       MF_CHECK(f.type != kMap || (f.children[0].type == kStruct && f.children[0].children.size() == 2), where,
                ": column '", path, "' is a map whose entries are not (key, value) structs");
-      c.children.push_back(read_column(f.children[0], path + "." + f.children[0].name, r));
+      c.children.push_back(read_column(f.children[0], path + "." + f.children[0].name, r, dicts));
       break;
     case kFixedSizeList:
       take_validity();
       MF_CHECK(f.children.size() == 1 && f.fixed_size >= 0, where, ": column '", path, "' is a malformed fixed-size list");
-      c.children.push_back(read_column(f.children[0], path + "." + f.children[0].name, r));
+      c.children.push_back(read_column(f.children[0], path + "." + f.children[0].name, r, dicts));
       MF_CHECK(c.children[0].node.length / std::max<int64_t>(1, f.fixed_size) >= n || f.fixed_size == 0, where,
                ": column '", path, "' holds fewer values than its ", n, " lists of ", f.fixed_size);
       break;
     case kStruct:
       take_validity();
       for (const Field& ch : f.children) {
-        c.children.push_back(read_column(ch, path + "." + ch.name, r));
+        c.children.push_back(read_column(ch, path + "." + ch.name, r, dicts));
         MF_CHECK(c.children.back().node.length >= n, where, ": column '", path + "." + ch.name, "' has ",
                  c.children.back().node.length, " values for ", n, " structs");
       }
       break;
     default:
       MF_THROW(where, ": column '", path, "' has type ", type_name(f.type),
-               ", which a dataset row does not hold (text, numbers, booleans, lists and structs are read)");
+               ", which a dataset row does not hold (text, numbers, booleans, lists, structs, maps, string views "
+               "and dictionary-encoded columns of these are read)");
   }
   return c;
 }
@@ -281,10 +324,32 @@ float half_to_float(uint16_t h) {
   return sign ? -v : v;
 }
 
-Json value_of(const Column& c, int64_t i, const std::string& where, int64_t& budget) {
+// `depth`: values nest no deeper than the schema does, except through dictionaries, whose values may
+// hold dictionary-encoded fields again; a file whose dictionaries refer to each other in a cycle
+// would recurse without end.
+Json value_of(const Column& c, int64_t i, const std::string& where, int64_t& budget, int depth = 0) {
   const Field& f = *c.field;
   MF_CHECK(--budget >= 0, where, ": a row of column '", c.path, "' holds more than ", kMaxRowValues, " values");
+  MF_CHECK(depth <= 2 * kMaxFieldDepth, where, ": a value of column '", c.path, "' nests deeper than ",
+           2 * kMaxFieldDepth, " levels (dictionaries that refer to each other?)");
   if (f.type == kNull || !c.valid(i)) return nullptr;
+  if (c.dictionary) {
+    const uint8_t* p = c.data.data() + i * (f.index_width / 8);
+    int64_t index = 0;
+    switch (f.index_width) {
+      case 8: index = f.index_signed ? static_cast<int64_t>(static_cast<int8_t>(*p)) : *p; break;
+      case 16: index = f.index_signed ? int64_t{read_le<int16_t>(p)} : int64_t{read_le<uint16_t>(p)}; break;
+      case 32: index = f.index_signed ? int64_t{read_le<int32_t>(p)} : int64_t{read_le<uint32_t>(p)}; break;
+      default: index = read_le<int64_t>(p); break;
+    }
+    int64_t k = index, size = 0;
+    for (const Column& chunk : *c.dictionary) {
+      if (k >= 0 && k < chunk.node.length) return value_of(chunk, k, where, budget, depth + 1);
+      k -= chunk.node.length;
+      size += chunk.node.length;
+    }
+    MF_THROW(where, ": column '", c.path, "' has dictionary index ", index, " outside its dictionary of ", size, " values");
+  }
   const auto range = [&](int width, int64_t limit) {
     const int64_t a = offset_at(c, i, width), b = offset_at(c, i + 1, width);
     MF_CHECK(a >= 0 && a <= b && b <= limit, where, ": column '", c.path, "' has offsets ", a, "..", b,
@@ -313,6 +378,22 @@ Json value_of(const Column& c, int64_t i, const std::string& where, int64_t& bud
       const auto [a, b] = range(f.type == kLargeBinary || f.type == kLargeUtf8 ? 8 : 4, static_cast<int64_t>(c.data.size()));
       return std::string(reinterpret_cast<const char*>(c.data.data() + a), static_cast<size_t>(b - a));
     }
+    case kBinaryView:
+    case kUtf8View: {
+      // A view: its length, then up to 12 bytes inline, or a 4-byte prefix, a buffer index and an
+      // offset into that variadic buffer.
+      const uint8_t* v = c.data.data() + 16 * i;
+      const int32_t len = read_le<int32_t>(v);
+      MF_CHECK(len >= 0, where, ": column '", c.path, "' has a view of ", len, " bytes");
+      if (len <= 12) return std::string(reinterpret_cast<const char*>(v + 4), static_cast<size_t>(len));
+      const int32_t buf = read_le<int32_t>(v + 8), off = read_le<int32_t>(v + 12);
+      MF_CHECK(buf >= 0 && static_cast<size_t>(buf) < c.variadic.size() && off >= 0 &&
+                   static_cast<int64_t>(off) + len <= static_cast<int64_t>(c.variadic[static_cast<size_t>(buf)].size()),
+               where, ": column '", c.path, "' has a view of ", len, " bytes at ", off, " in buffer ", buf,
+               " outside its ", c.variadic.size(), " data buffers");
+      return std::string(reinterpret_cast<const char*>(c.variadic[static_cast<size_t>(buf)].data() + off),
+                         static_cast<size_t>(len));
+    }
     case kList:
     case kLargeList:
     case kMap: {
@@ -321,26 +402,42 @@ Json value_of(const Column& c, int64_t i, const std::string& where, int64_t& bud
       Json out = Json::array();
       for (int64_t k = a; k < b; ++k) {
         if (f.type != kMap) {
-          out.push_back(value_of(child, k, where, budget));
+          out.push_back(value_of(child, k, where, budget, depth + 1));
           continue;
         }
         MF_CHECK(child.valid(k), where, ": column '", c.path, "' has a null map entry");
-        out.push_back(Json::array({value_of(child.children[0], k, where, budget), value_of(child.children[1], k, where, budget)}));
+        out.push_back(Json::array({value_of(child.children[0], k, where, budget, depth + 1), value_of(child.children[1], k, where, budget, depth + 1)}));
       }
       return out;
     }
     case kFixedSizeList: {
       Json out = Json::array();
-      for (int64_t k = i * f.fixed_size; k < (i + 1) * f.fixed_size; ++k) out.push_back(value_of(c.children[0], k, where, budget));
+      for (int64_t k = i * f.fixed_size; k < (i + 1) * f.fixed_size; ++k) out.push_back(value_of(c.children[0], k, where, budget, depth + 1));
       return out;
     }
     case kStruct: {
       Json out = Json::object();
-      for (const Column& ch : c.children) out[ch.field->name] = value_of(ch, i, where, budget);
+      for (const Column& ch : c.children) out[ch.field->name] = value_of(ch, i, where, budget, depth + 1);
       return out;
     }
     default: MF_THROW(where, ": column '", c.path, "' has type ", type_name(f.type));
   }
+}
+
+// The field (anywhere in the schema) whose dictionary is `id`; null when none is.
+const Field* dictionary_field(const std::vector<Field>& fields, int64_t id) {
+  for (const Field& f : fields) {
+    if (f.dictionary && f.dictionary_id == id) return &f;
+    if (const Field* c = dictionary_field(f.children, id)) return c;
+  }
+  return nullptr;
+}
+
+// The dictionaries a field's values need: its own and those inside it (a dictionary's values may
+// themselves hold dictionary-encoded fields).
+void dictionaries_of(const Field& f, std::set<int64_t>& ids) {
+  if (f.dictionary) ids.insert(f.dictionary_id);
+  for (const Field& c : f.children) dictionaries_of(c, ids);
 }
 
 }  // namespace
@@ -405,6 +502,19 @@ void ArrowFile::add_batch(const Batch& m, const flatbuf::Table& msg) {
   batches_.push_back(m);
 }
 
+void ArrowFile::add_dictionary(const Batch& m, const flatbuf::Table& msg, size_t from_batch) {
+  const std::string& what = msg.what();
+  MF_CHECK(msg.u8(1) == kDictionaryBatch, what, ": not a dictionary batch");
+  const flatbuf::Table header = msg.table(2);  // DictionaryBatch: id, data (a record batch), isDelta
+  DictionaryMessage d;
+  d.at = m;
+  d.id = header.i64(0);
+  d.delta = header.boolean(2);
+  d.from_batch = from_batch;
+  MF_CHECK(dictionary_field(fields_, d.id), what, ": a dictionary batch for id ", d.id, ", which no field of the schema uses");
+  dictionaries_.push_back(d);
+}
+
 void ArrowFile::index() {
   MF_CHECK(file_.size() >= 8, file_.name(), ": not an Arrow IPC file (", file_.size(), " bytes)");
   const auto head = file_.read_at(0, 8, "its start");
@@ -422,19 +532,28 @@ void ArrowFile::index() {
     const std::string what = file_.name() + ": footer";
     const auto footer = flatbuf::Table::root(bytes.data(), bytes.size(), what);
     read_schema(footer.table(1), footer.i16(0), what);
-    const auto blocks = footer.vector(3, 24);  // Block: offset (8), metadata length (4), padding (4), body length (8)
-    for (uint32_t i = 0; i < blocks.length; ++i) {
-      const uint8_t* b = blocks.data + 24 * static_cast<size_t>(i);
-      const int64_t offset = read_le<int64_t>(b);
-      const int64_t meta = read_le<int32_t>(b + 8), body = read_le<int64_t>(b + 16);
-      Batch m;
-      std::vector<uint8_t> message;
-      MF_CHECK(offset >= 8 && offset < file_.size() && message_at(offset, m, message), what, ": record batch block ", i,
-               " points at no message (byte ", offset, ")");
-      MF_CHECK(m.body_at == offset + meta && m.body_size == body, what, ": record batch block ", i,
-               " disagrees with the message it points at");
-      const std::string message_what = message_name(offset);
-      add_batch(m, flatbuf::Table::root(message.data(), message.size(), message_what));
+    // Blocks: offset (8), metadata length (4), padding (4), body length (8); the dictionaries'
+    // (field 2) apply to every record batch (the file format has no replacements), in order.
+    for (const int kind : {2, 3}) {
+      const auto blocks = footer.vector(kind, 24);
+      const char* name = kind == 2 ? "dictionary block " : "record batch block ";
+      for (uint32_t i = 0; i < blocks.length; ++i) {
+        const uint8_t* b = blocks.data + 24 * static_cast<size_t>(i);
+        const int64_t offset = read_le<int64_t>(b);
+        const int64_t meta = read_le<int32_t>(b + 8), body = read_le<int64_t>(b + 16);
+        Batch m;
+        std::vector<uint8_t> message;
+        MF_CHECK(offset >= 8 && offset < file_.size() && message_at(offset, m, message), what, ": ", name, i,
+                 " points at no message (byte ", offset, ")");
+        MF_CHECK(m.body_at == offset + meta && m.body_size == body, what, ": ", name, i,
+                 " disagrees with the message it points at");
+        const std::string message_what = message_name(offset);
+        const auto parsed = flatbuf::Table::root(message.data(), message.size(), message_what);
+        if (kind == 2)
+          add_dictionary(m, parsed, 0);
+        else
+          add_batch(m, parsed);
+      }
     }
     return;
   }
@@ -459,6 +578,8 @@ void ArrowFile::index() {
       add_batch(m, msg);
     } else {
       MF_CHECK(kind == kDictionaryBatch, what, ": a message of unknown kind ", int(kind), " (tensors are not read)");
+      MF_CHECK(have_schema, what, ": a dictionary batch before the schema");
+      add_dictionary(m, msg, batches_.size());
     }
     at = m.body_at + m.body_size;
   }
@@ -484,8 +605,33 @@ void ArrowFile::for_each_row(const std::vector<std::string>& fields, const std::
     for (const auto& f : fields_) list += (list.empty() ? "" : ", ") + f.name;
     return list;
   }(), ")");
+  // The dictionaries the asked-for columns need, decoded as their batches come into effect.
+  std::set<int64_t> needed;
+  for (const Field& f : fields_)
+    if (std::find(fields.begin(), fields.end(), f.name) != fields.end()) dictionaries_of(f, needed);
+  Dictionaries dicts;
+  size_t next_dictionary = 0;
+  const auto apply_dictionaries = [&](size_t batch) {
+    for (; next_dictionary < dictionaries_.size() && dictionaries_[next_dictionary].from_batch <= batch; ++next_dictionary) {
+      const DictionaryMessage& d = dictionaries_[next_dictionary];
+      if (!needed.count(d.id)) continue;
+      const std::string where = message_name(d.at.metadata_at) + " (dictionary " + std::to_string(d.id) + ")";
+      const auto meta = file_.read_at(d.at.metadata_at, d.at.metadata_size, "a dictionary batch's metadata");
+      const auto body = file_.read_at(d.at.body_at, d.at.body_size, "a dictionary batch's body");
+      const auto msg = flatbuf::Table::root(meta.data(), meta.size(), where);
+      BatchReader reader(msg.table(2).table(1), body, version_, where);
+      const Field& f = *dictionary_field(fields_, d.id);
+      Column values = read_column(f, f.name + " (dictionary)", reader, dicts, /*as_values=*/true);
+      MF_CHECK(values.node.length == reader.length(), where, ": ", values.node.length, " values in a batch of ",
+               reader.length());
+      std::vector<Column>& chunks = dicts[d.id];
+      if (!d.delta) chunks.clear();
+      chunks.push_back(std::move(values));
+    }
+  };
   int64_t row = 0;
   for (size_t b = 0; b < batches_.size(); ++b) {
+    apply_dictionaries(b);
     const Batch& m = batches_[b];
     const std::string where = file_.name() + ": record batch " + std::to_string(b);
     const auto meta = file_.read_at(m.metadata_at, m.metadata_size, "a record batch's metadata");
@@ -501,15 +647,18 @@ void ArrowFile::for_each_row(const std::vector<std::string>& fields, const std::
         skip_field(f, reader);
         continue;
       }
-      columns.push_back(read_column(f, f.name, reader));
+      columns.push_back(read_column(f, f.name, reader, dicts));
       MF_CHECK(columns.back().node.length >= reader.length(), where, ": column '", f.name, "' has ",
                columns.back().node.length, " values for ", reader.length(), " rows");
     }
     for (int64_t i = 0; i < reader.length(); ++i, ++row) {
       Json obj = Json::object();
       int64_t budget = kMaxRowValues;
-      for (const Column& c : columns)
-        if (c.field->type != kNull && c.valid(i)) obj[c.field->name] = value_of(c, i, where, budget);
+      for (const Column& c : columns) {
+        if (c.field->type == kNull || !c.valid(i)) continue;
+        Json v = value_of(c, i, where, budget);
+        if (!v.is_null()) obj[c.field->name] = std::move(v);  // a null dictionary value: absent, as a null
+      }
       fn(row, std::move(obj));
     }
   }

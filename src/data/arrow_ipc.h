@@ -7,7 +7,10 @@
 // null (a top-level null is an absent field).
 //
 // Only the top-level fields asked for are decoded; the others only have their buffers counted, so
-// any type may sit beside them. Buffers compressed with LZ4_FRAME or ZSTD are read. Every length,
+// any type may sit beside them. Dictionary-encoded columns (their values from the dictionary
+// batches: replacements and deltas, in either format) and string/binary views (inline or in the
+// batch's variadic buffers, as polars writes text) are read as their values. Buffers compressed
+// with LZ4_FRAME or ZSTD are read. Every length,
 // offset and count is checked against the bytes it points into before it is used; every error names
 // the file, and the column and record batch where there is one.
 #pragma once
@@ -36,6 +39,9 @@ struct Field {
   int32_t fixed_size = 0;   // FixedSizeList's list size, FixedSizeBinary's byte width
   int16_t union_mode = 0;   // Union: 0 sparse, 1 dense
   bool dictionary = false;  // dictionary-encoded (the values travel in dictionary batches)
+  int64_t dictionary_id = 0;
+  int index_width = 32;     // the dictionary indices' integer type
+  bool index_signed = true;
   std::vector<Field> children;
 };
 
@@ -55,12 +61,22 @@ class ArrowFile {
   struct Batch {
     int64_t metadata_at = 0, metadata_size = 0, body_at = 0, body_size = 0;
   };
+  // A dictionary batch: the values of the dictionary `id` (replacing the ones before, or appended
+  // to them when a delta), in effect from record batch `from_batch` on (the stream format may
+  // replace a dictionary between record batches; the file format's apply to all).
+  struct DictionaryMessage {
+    Batch at;
+    int64_t id = 0;
+    bool delta = false;
+    size_t from_batch = 0;
+  };
 
  private:
   ArrowFile() = default;
   void index();  // reads the schema and finds the record batches
   void read_schema(const flatbuf::Table& schema, int16_t version, const std::string& what);
   void add_batch(const Batch& m, const flatbuf::Table& message);  // a record batch's message, parsed
+  void add_dictionary(const Batch& m, const flatbuf::Table& message, size_t from_batch);
   std::string message_name(int64_t at) const;                        // "FILE: message at byte N", for errors
   // The message at `at`: its metadata's position and size (and bytes, in `meta`), its body's
   // position and size; false at the end of the stream.
@@ -70,6 +86,7 @@ class ArrowFile {
   int16_t version_ = 0;  // the metadata version (V4 = 3, V5 = 4)
   std::vector<Field> fields_;
   std::vector<Batch> batches_;
+  std::vector<DictionaryMessage> dictionaries_;
   int64_t rows_ = 0;
 };
 
