@@ -4,9 +4,11 @@
 //
 // Rows that move in 16-byte packs take the row-group kernels: a group of L lanes per row (L a power
 // of two, from 1 for short rows to 1024), each lane holding its packs in registers, so x is read
-// once. The per-head q/k norms (rows of 128) get 4 lanes a row, the hidden norm (2048) a warp; a
-// block per row with one element per thread, as before, spent 3-5x its floor on these shapes
-// (docs/perf-notes.md). Other rows (odd widths, unaligned views) keep the element kernels.
+// once. Forward, the per-head q/k norms (rows of 128) get 2 lanes a row and the hidden norm (2048) a
+// warp; backward, where a lane also holds dy and its share of dw, 16 and 128 lanes (one and two
+// packs a lane, for occupancy); a block per row with one element per thread, as before, spent 3-5x
+// its floor on these shapes (docs/perf-notes.md). Other rows (odd widths, unaligned views) keep the
+// element kernels.
 #include <cuda_runtime.h>
 
 #include "ops/cuda/check.h"
@@ -264,7 +266,7 @@ void with_packs_per_lane(int need, Fn&& fn) {
 }
 
 // Per lane at most 8 packs forward (only x is held) and 4 backward (x, dy and dw's share).
-constexpr int kForwardPacks = 8, kBackwardPacks = 4;
+constexpr int kForwardPacks = 8, kBackwardPacks = 4;  // the most; the backward picks fewer per shape
 
 template <typename Fn>
 void with_weight(const Tensor& w, Fn&& fn) {
@@ -329,8 +331,13 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rs
     using T = std::remove_pointer_t<decltype(tag)>;
     with_weight(weight, [&](auto* wp) {
       const int64_t packs = d / (16 / sizeof(T));
-      if (packs_fit<T>(d, {x.raw(), dy.raw(), dx.raw(), weight.raw()}) && packs <= 1024 * kBackwardPacks) {
-        const RowGroups g = row_groups(packs, kBackwardPacks);
+      // Registers bound this kernel (a lane holds x, dy and dw's share of each of its packs: at 4
+      // packs a lane, 156 registers left one 256-thread block per SM, 12.5% occupancy): one pack a
+      // lane while a row fits in a warp, else two (measured against 1, 2 and 4 on q30's shapes,
+      // docs/perf-notes.md), four only for rows too long for 1024 lanes of two.
+      const int max_packs = packs <= 32 ? 1 : packs <= 2048 ? 2 : 4;
+      if (packs_fit<T>(d, {x.raw(), dy.raw(), dx.raw(), weight.raw()}) && packs <= 1024 * max_packs) {
+        const RowGroups g = row_groups(packs, max_packs);
         // Enough blocks to fill the GPU; more would only add atomics on dw.
         const auto grid = static_cast<unsigned>(
             std::min<int64_t>((rows + g.rows_per_block - 1) / g.rows_per_block, 4 * static_cast<int64_t>(sm_count())));
