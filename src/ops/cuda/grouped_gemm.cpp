@@ -1,11 +1,13 @@
 // Grouped expert GEMMs. Weight gradients that are written (not accumulated) of ragged BF16 experts
-// on Hopper take one ragged-K kernel (cutlass/ragged_weight_grad_kernel.cuh). Otherwise four paths: experts of equal size at constant strides (balanced routing)
-// as one strided-batched cuBLASLt GEMM; ragged BF16 experts as one CUTLASS grouped GEMM on Hopper
-// (cutlass/, when the build has it); otherwise ragged experts through cublasGemmGroupedBatchedEx,
-// one call for every expert's product (each a group of one with its own row count); and, when the
-// operand dtypes differ and CUTLASS cannot take them, one cuBLASLt GEMM per expert. Row-major products are issued as their column-major
-// transposes, as in gemm_cublaslt.cpp. Experts without rows are left out (cuBLAS requires m, n,
-// k > 0): an empty expert's weight gradient is zeroed, or left as it is when accumulating.
+// on Hopper take one ragged-K kernel (cutlass/ragged_weight_grad_kernel.cuh). Otherwise four paths:
+// experts of equal size at constant strides (balanced routing) as one strided-batched cuBLASLt GEMM;
+// ragged BF16 experts as one CUTLASS grouped GEMM on Hopper (cutlass/, when the build has it);
+// otherwise ragged experts through cublasGemmGroupedBatchedEx, one call for every expert's product
+// (each a group of one with its own row count); and, when the operand dtypes differ and CUTLASS
+// cannot take them, one cuBLASLt GEMM per expert. Row-major products are issued as their
+// column-major transposes, as in gemm_cublaslt.cpp. Experts without rows are left out (cuBLAS
+// requires m, n, k > 0): an empty expert's weight gradient is zeroed, or left as it is when
+// accumulating.
 #include <cublas_v2.h>
 
 #include <cstdlib>

@@ -8,13 +8,13 @@
 // experts: dY and X are described whole (rows = the reduction), and an expert's tile walks
 // ceil(rows / 64) k tiles starting at its first row (TMA boxes start at any row); the last k tile
 // can hold rows of the next experts, which each consumer warp group zeroes in its part of A (dY)
-// in shared memory before its tensor-core MMAs read it. D is dW as a batch of E matrices (one descriptor,
-// L = E). Experts without rows have no tiles (the caller zeroes their gradient).
+// in shared memory before its tensor-core MMAs read it. D is dW as a batch of E matrices (one
+// descriptor, L = E). Experts without rows have no tiles (the caller zeroes their gradient).
 //
-// Building blocks are CUTLASS's Hopper collectives (the TMA + WGMMA mainloop's loads and shared
-// memory layouts, the TMA epilogue); the kernel body (roles, persistent CTAs taking tiles longest
-// expert first from a counter, the masked consumer loop) is ours. Overwrites dW (beta = 0); accumulating
-// into an existing gradient keeps the grouped path.
+// Building blocks are CUTLASS's Hopper collectives (the mainloop's shared-memory layouts and TMA
+// descriptors, the TMA epilogue); the kernel body (roles, the producer's loads from each expert's
+// first row, persistent CTAs taking tiles longest expert first from a counter, the masked consumer
+// loop) is ours. Overwrites dW (beta = 0); accumulating into a gradient keeps the grouped path.
 #pragma once
 #include <cuda_runtime.h>
 
