@@ -3,6 +3,7 @@
 #include <glob.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -12,6 +13,7 @@
 #include <optional>
 #include <regex>
 #include <set>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
@@ -210,6 +212,25 @@ TokenRow parse_dataset_line(const std::string& line, const std::string& where, c
 }
 
 
+namespace {
+
+// Rows waiting to be parsed and tokenized: a jsonl line or a table row's JSON, with its number and
+// where errors name it.
+struct PendingRow {
+  int64_t n = 0;
+  std::string where, line;
+  nlohmann::ordered_json json;
+  bool from_table = false;
+};
+
+int worker_count(int asked) {
+  if (asked > 0) return asked;
+  const unsigned cores = std::thread::hardware_concurrency();
+  return static_cast<int>(std::clamp(cores == 0 ? 1u : cores, 1u, 16u));
+}
+
+}  // namespace
+
 Dataset load_dataset(const DatasetOptions& o) {
   Dataset d;
   d.files = dataset_files(o.path);
@@ -217,8 +238,57 @@ Dataset load_dataset(const DatasetOptions& o) {
   auto last_report = t0;
   LoadProgress progress;
   progress.files = d.files.size();
+  const int workers = worker_count(o.workers);
+  // Rows are parsed and tokenized in batches, each split over the workers, and taken in file
+  // order: the rows, their errors and what is skipped are those of one thread.
+  constexpr size_t kBatch = 4096;
+  std::vector<PendingRow> pending;
+  pending.reserve(kBatch);
+  std::vector<std::optional<TokenRow>> parsed;
+  std::vector<std::exception_ptr> failed;
+  const auto parse_one = [&](size_t i) {
+    PendingRow& p = pending[i];
+    try {
+      TokenRow r = p.from_table ? parse_row(p.json, p.where, o) : parse_dataset_line(p.line, p.where, o);
+      r.input_ids.shrink_to_fit();  // a dataset's rows are most of a large load's memory
+      if (r.labels) r.labels->shrink_to_fit();
+      r.line = p.n;
+      parsed[i] = std::move(r);
+    } catch (...) {
+      failed[i] = std::current_exception();
+    }
+  };
   // A malformed row is fatal, or skipped and counted (the first five named) with skip_bad_lines.
-  const auto add = [&](int64_t n, const auto& parse) {
+  const auto flush = [&] {
+    parsed.assign(pending.size(), std::nullopt);
+    failed.assign(pending.size(), nullptr);
+    const size_t threads = std::min<size_t>(static_cast<size_t>(workers), pending.size());
+    if (threads <= 1) {
+      for (size_t i = 0; i < pending.size(); ++i) parse_one(i);
+    } else {
+      std::atomic<size_t> next{0};
+      std::vector<std::thread> pool;
+      for (size_t w = 0; w < threads; ++w)
+        pool.emplace_back([&] {
+          for (size_t i = next++; i < pending.size(); i = next++) parse_one(i);
+        });
+      for (auto& t : pool) t.join();
+    }
+    for (size_t i = 0; i < pending.size(); ++i) {
+      if (failed[i]) {
+        try {
+          std::rethrow_exception(failed[i]);
+        } catch (const Error& e) {
+          if (!o.skip_bad_lines) throw;
+          if (d.skipped_lines < 5) log::warn("skipping ", e.what());
+          ++d.skipped_lines;
+        }
+        continue;
+      }
+      parsed[i]->file = static_cast<int32_t>(progress.file_number - 1);
+      d.rows.push_back(std::move(*parsed[i]));
+    }
+    pending.clear();
     if (o.on_progress) {
       const auto now = std::chrono::steady_clock::now();
       if (std::chrono::duration<double>(now - last_report).count() >= o.progress_seconds) {
@@ -229,18 +299,6 @@ Dataset load_dataset(const DatasetOptions& o) {
         o.on_progress(progress);
       }
     }
-    try {
-      TokenRow r = parse();
-      r.input_ids.shrink_to_fit();  // a dataset's rows are most of a large load's memory
-      if (r.labels) r.labels->shrink_to_fit();
-      r.line = n;
-      r.file = static_cast<int32_t>(progress.file_number - 1);
-      d.rows.push_back(std::move(r));
-    } catch (const Error& e) {
-      if (!o.skip_bad_lines) throw;
-      if (d.skipped_lines < 5) log::warn("skipping ", e.what());
-      ++d.skipped_lines;
-    }
   };
   for (const auto& file : d.files) {
     progress.file = file;
@@ -248,9 +306,15 @@ Dataset load_dataset(const DatasetOptions& o) {
     if (is_table_file(file)) {
       // Rows counted from 1, as lines are.
       for_each_table_row(file, kRowFields, [&](int64_t row, nlohmann::ordered_json&& j) {
-        const std::string where = file + ": row " + std::to_string(row + 1);
-        add(row + 1, [&] { return parse_row(j, where, o); });
+        PendingRow p;
+        p.n = row + 1;
+        p.where = file + ": row " + std::to_string(row + 1);
+        p.json = std::move(j);
+        p.from_table = true;
+        pending.push_back(std::move(p));
+        if (pending.size() == kBatch) flush();
       });
+      flush();  // a file's rows carry its number
       continue;
     }
     std::ifstream in(file);
@@ -260,8 +324,14 @@ Dataset load_dataset(const DatasetOptions& o) {
     while (std::getline(in, line)) {
       ++n;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      add(n, [&] { return parse_dataset_line(line, file + ":" + std::to_string(n), o); });
+      PendingRow p;
+      p.n = n;
+      p.where = file + ":" + std::to_string(n);
+      p.line = std::move(line);
+      pending.push_back(std::move(p));
+      if (pending.size() == kBatch) flush();
     }
+    flush();
   }
   MF_CHECK(!d.rows.empty(), o.path, ": no usable rows", d.skipped_lines ? " (all malformed lines were skipped)" : "");
   return d;

@@ -156,19 +156,67 @@ TEST(Dataset, ALoadReportsItsProgress) {
   o.on_progress = [&](const data::LoadProgress& p) { seen.push_back(p); };
   const auto d = data::load_dataset(o);
   ASSERT_EQ(d.rows.size(), 4u);
-  ASSERT_EQ(seen.size(), 5u);  // before each row is added
-  EXPECT_EQ(seen[0].rows, 0);
+  ASSERT_EQ(seen.size(), 2u);  // after each batch of rows (here: each file's)
+  EXPECT_EQ(seen[0].rows, 2);
   EXPECT_EQ(seen[0].file_number, 1u);
   EXPECT_EQ(seen[0].files, 2u);
-  EXPECT_EQ(seen[2].file, tmp / "b.jsonl");
-  EXPECT_EQ(seen[2].file_number, 2u);
-  EXPECT_EQ(seen[2].rows, 2);
-  EXPECT_EQ(seen[4].rows, 3);
-  EXPECT_EQ(seen[4].skipped, 1);
+  EXPECT_EQ(seen[1].file, tmp / "b.jsonl");
+  EXPECT_EQ(seen[1].file_number, 2u);
+  EXPECT_EQ(seen[1].rows, 4);
+  EXPECT_EQ(seen[1].skipped, 1);
   o.progress_seconds = 3600;  // a load that ends sooner reports nothing
   seen.clear();
   data::load_dataset(o);
   EXPECT_TRUE(seen.empty());
+}
+
+// Rows are parsed and tokenized on several threads in batches: any number of workers gives the
+// same rows in the same order (over batch and file boundaries, text, prompt/completion, messages
+// and pre-tokenized rows), the same skipped lines, and the same first error.
+TEST(Dataset, ParallelLoadsEqualOneThread) {
+  test::TempDir dir;
+  const std::string model = test::fixture("chat/qwen3");
+  auto tok = hf::Tokenizer::load(model);
+  auto chat = hf::ChatTemplate::load(model);
+  ASSERT_TRUE(chat.has_value());
+  const std::vector<std::string> words = {"the", "cat", "sat", "on", "a", "mat", "é", "日本", "expert", "router"};
+  for (const char* name : {"a.jsonl", "b.jsonl"}) {
+    std::ofstream f(dir / name);
+    for (int i = 0; i < 5000; ++i) {
+      std::string text;
+      for (int w = 0; w < 3 + i % 17; ++w) text += (w ? " " : "") + words[(i * 7 + w * 3) % words.size()];
+      if (i % 997 == 13) f << "not json\n";
+      if (i % 4 == 0) f << R"({"text": ")" << text << "\"}\n";
+      else if (i % 4 == 1) f << R"({"prompt": ")" << text << R"(", "completion": " )" << i << "\"}\n";
+      else if (i % 4 == 2) f << R"({"messages": [{"role": "user", "content": ")" << text << R"("}, {"role": "assistant", "content": "ok"}]})" << "\n";
+      else f << R"({"input_ids": [)" << i << ", " << i + 1 << "]}\n";
+    }
+  }
+  data::DatasetOptions o;
+  o.path = dir.path.string();
+  o.tokenizer = &tok;
+  o.chat_template = &*chat;
+  o.eos_id = 1;
+  o.skip_bad_lines = true;
+  o.workers = 1;
+  const auto one = data::load_dataset(o);
+  o.workers = 4;
+  const auto four = data::load_dataset(o);
+  EXPECT_EQ(one.skipped_lines, 12);  // the "not json" lines, six a file
+  EXPECT_EQ(four.skipped_lines, one.skipped_lines);
+  ASSERT_EQ(four.rows.size(), one.rows.size());
+  for (size_t i = 0; i < one.rows.size(); ++i) {
+    ASSERT_EQ(four.rows[i].input_ids, one.rows[i].input_ids) << i;
+    ASSERT_EQ(four.rows[i].labels, one.rows[i].labels) << i;
+    ASSERT_EQ(four.rows[i].line, one.rows[i].line) << i;
+    ASSERT_EQ(four.rows[i].file, one.rows[i].file) << i;
+  }
+  EXPECT_EQ(one.rows.back().file, 1);
+  o.skip_bad_lines = false;
+  for (int workers : {1, 4}) {
+    o.workers = workers;
+    EXPECT_NE(test::error_of([&] { data::load_dataset(o); }).find("a.jsonl:14: invalid JSON"), std::string::npos) << workers;
+  }
 }
 
 TEST(DatasetBadInput, MalformedLinesFailOrAreSkippedAndCounted) {

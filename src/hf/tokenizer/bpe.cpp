@@ -117,10 +117,11 @@ void Bpe::encode_word(const std::string& word, std::vector<int64_t>& out) const 
       return;
     }
   }
+  CacheShard& shard = cache_[std::hash<std::string>()(word) % kCacheShards];
   {
-    std::lock_guard<std::mutex> lock(cache_mutex_);
-    auto it = cache_.find(word);
-    if (it != cache_.end()) {
+    std::lock_guard<std::mutex> lock(shard.mutex);
+    auto it = shard.words.find(word);
+    if (it != shard.words.end()) {
       out.insert(out.end(), it->second.begin(), it->second.end());
       return;
     }
@@ -156,8 +157,8 @@ void Bpe::encode_word(const std::string& word, std::vector<int64_t>& out) const 
   }
   merge_word(sym);
   out.insert(out.end(), sym.begin(), sym.end());
-  std::lock_guard<std::mutex> lock(cache_mutex_);
-  if (cache_.size() < 200000 && word.size() < 256) cache_.emplace(word, std::move(sym));
+  std::lock_guard<std::mutex> lock(shard.mutex);
+  if (shard.words.size() < kCachedWordsPerShard && word.size() < 256) shard.words.emplace(word, std::move(sym));
 }
 
 }  // namespace moeforge::hf::tok

@@ -1,6 +1,7 @@
 // The BPE model of tokenizer.json: vocabulary, ranked merges, unknown-token and byte-fallback
-// handling, `ignore_merges`, subword prefix/suffix, and a cache of encoded words.
+// handling, `ignore_merges`, subword prefix/suffix, and a cache of encoded words (thread-safe).
 #pragma once
+#include <array>
 #include <cstdint>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -34,8 +35,15 @@ class Bpe {
   std::string prefix_, suffix_;
   bool fuse_unk_ = false, byte_fallback_ = false, ignore_merges_ = false;
   int64_t byte_ids_[256];
-  mutable std::mutex cache_mutex_;
-  mutable std::unordered_map<std::string, std::vector<int64_t>> cache_;
+  // Encoded words, in shards by the word's hash so that datasets tokenized on many threads
+  // (data::load_dataset) do not queue on one lock.
+  struct CacheShard {
+    std::mutex mutex;
+    std::unordered_map<std::string, std::vector<int64_t>> words;
+  };
+  static constexpr size_t kCacheShards = 32;
+  static constexpr size_t kCachedWordsPerShard = 200000 / kCacheShards;
+  mutable std::array<CacheShard, kCacheShards> cache_;
 };
 
 }  // namespace moeforge::hf::tok
