@@ -179,15 +179,23 @@ Regex::~Regex() { pcre2_code_free(static_cast<pcre2_code*>(code_)); }
 std::vector<std::pair<size_t, size_t>> Regex::find_all(std::string_view s) const {
   std::vector<std::pair<size_t, size_t>> out;
   auto* code = static_cast<pcre2_code*>(code_);
-  thread_local pcre2_match_data* md = nullptr;
-  thread_local uint32_t md_size = 0;
+  // Match data per thread (datasets are tokenized on several), freed when its thread ends.
+  struct ThreadMatchData {
+    pcre2_match_data* data = nullptr;
+    uint32_t size = 0;
+    ~ThreadMatchData() {
+      if (data) pcre2_match_data_free(data);
+    }
+  };
+  thread_local ThreadMatchData mine;
   uint32_t need = 0;
   pcre2_pattern_info(code, PCRE2_INFO_CAPTURECOUNT, &need);
-  if (!md || md_size < need + 1) {
-    if (md) pcre2_match_data_free(md);
-    md = pcre2_match_data_create(need + 1, nullptr);
-    md_size = need + 1;
+  if (!mine.data || mine.size < need + 1) {
+    if (mine.data) pcre2_match_data_free(mine.data);
+    mine.data = pcre2_match_data_create(need + 1, nullptr);
+    mine.size = need + 1;
   }
+  pcre2_match_data* md = mine.data;
   size_t pos = 0;
   while (pos <= s.size()) {
     const int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), pos, PCRE2_NO_UTF_CHECK, md, nullptr);
