@@ -315,6 +315,18 @@ int64_t offset_at(const Column& c, int64_t i, int width) {
   return width == 8 ? read_le<int64_t>(c.offsets.data() + 8 * i) : read_le<int32_t>(c.offsets.data() + 4 * i);
 }
 
+// fn(the little-endian integer at p, as its own type): 8-64 bits, signed or not (a column's values
+// and a dictionary's indices).
+template <class Fn>
+auto with_integer(const uint8_t* p, int bits, bool is_signed, Fn&& fn) {
+  switch (bits) {
+    case 8: return is_signed ? fn(static_cast<int8_t>(*p)) : fn(*p);
+    case 16: return is_signed ? fn(read_le<int16_t>(p)) : fn(read_le<uint16_t>(p));
+    case 32: return is_signed ? fn(read_le<int32_t>(p)) : fn(read_le<uint32_t>(p));
+    default: return is_signed ? fn(read_le<int64_t>(p)) : fn(read_le<uint64_t>(p));
+  }
+}
+
 float half_to_float(uint16_t h) {
   const int sign = h >> 15, exp = (h >> 10) & 31, mant = h & 1023;
   float v;
@@ -334,14 +346,8 @@ Json value_of(const Column& c, int64_t i, const std::string& where, int64_t& bud
            2 * kMaxFieldDepth, " levels (dictionaries that refer to each other?)");
   if (f.type == kNull || !c.valid(i)) return nullptr;
   if (c.dictionary) {
-    const uint8_t* p = c.data.data() + i * (f.index_width / 8);
-    int64_t index = 0;
-    switch (f.index_width) {
-      case 8: index = f.index_signed ? static_cast<int64_t>(static_cast<int8_t>(*p)) : *p; break;
-      case 16: index = f.index_signed ? int64_t{read_le<int16_t>(p)} : int64_t{read_le<uint16_t>(p)}; break;
-      case 32: index = f.index_signed ? int64_t{read_le<int32_t>(p)} : int64_t{read_le<uint32_t>(p)}; break;
-      default: index = read_le<int64_t>(p); break;
-    }
+    const int64_t index = with_integer(c.data.data() + i * (f.index_width / 8), f.index_width, f.index_signed,
+                                       [](auto v) { return static_cast<int64_t>(v); });
     int64_t k = index, size = 0;
     for (const Column& chunk : *c.dictionary) {
       if (k >= 0 && k < chunk.node.length) return value_of(chunk, k, where, budget, depth + 1);
@@ -358,15 +364,8 @@ Json value_of(const Column& c, int64_t i, const std::string& where, int64_t& bud
   };
   switch (f.type) {
     case kBool: return static_cast<bool>((c.data[static_cast<size_t>(i >> 3)] >> (i & 7)) & 1);
-    case kInt: {
-      const uint8_t* p = c.data.data() + i * (f.bit_width / 8);
-      switch (f.bit_width) {
-        case 8: return f.is_signed ? Json(static_cast<int8_t>(*p)) : Json(*p);
-        case 16: return f.is_signed ? Json(read_le<int16_t>(p)) : Json(read_le<uint16_t>(p));
-        case 32: return f.is_signed ? Json(read_le<int32_t>(p)) : Json(read_le<uint32_t>(p));
-        default: return f.is_signed ? Json(read_le<int64_t>(p)) : Json(read_le<uint64_t>(p));
-      }
-    }
+    case kInt:
+      return with_integer(c.data.data() + i * (f.bit_width / 8), f.bit_width, f.is_signed, [](auto v) { return Json(v); });
     case kFloatingPoint:
       if (f.precision == 0) return half_to_float(read_le<uint16_t>(c.data.data() + 2 * i));
       if (f.precision == 1) return read_le<float>(c.data.data() + 4 * i);
