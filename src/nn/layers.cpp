@@ -388,19 +388,30 @@ Tensor SparseMoE::forward(const ParamAccess& ps, const RunContext& ctx, const Te
   // weights.
   const size_t n = static_cast<size_t>(std::max<int64_t>(1, std::min<int64_t>(ctx.ep_chunks, t)));
   std::vector<Chunk> chunks(n);
-  std::vector<int64_t> expert_rows(static_cast<size_t>(experts), 0);
+  const Tensor xe = latent_in ? latent_in->forward(ps, x) : x;  // the experts' input
+  // The plans' device work and the permutations are queued before the host waits for the experts'
+  // row counts (on a GPU they run while the counts travel), then the exchanges are set up.
+  std::vector<Tensor> permuted(n);
   for (size_t i = 0; i < n; ++i) {
     Chunk& ch = chunks[i];
     ch.t0 = t * static_cast<int64_t>(i) / static_cast<int64_t>(n);
     ch.tc = t * static_cast<int64_t>(i + 1) / static_cast<int64_t>(n) - ch.t0;
-    ch.plan = ops::plan_routing(rows_of(chosen, n, ch), experts);
+    ch.plan = ops::plan_routing_started(rows_of(chosen, n, ch), experts);
+    permuted[i] = ops::permute_tokens(rows_of(xe, n, ch), ch.plan);
+  }
+  std::vector<int64_t> expert_rows(static_cast<size_t>(experts), 0);
+  for (size_t i = 0; i < n; ++i) {
+    Chunk& ch = chunks[i];
+    ops::finish_plan(ch.plan);
     for (int64_t e = 0; e < experts; ++e) expert_rows[e] += ch.plan.offsets[e + 1] - ch.plan.offsets[e];
     ch.exchange = std::make_shared<parallel::ExpertExchange>(group, ch.plan.offsets, dev);
   }
   const bool remote = group.size() > 1, fine_phases = n == 1;  // phase marks synchronise: not while overlapping
-  const Tensor xe = latent_in ? latent_in->forward(ps, x) : x;  // the experts' input
   std::vector<parallel::ExpertExchange::InFlight> going(n), coming(n);
-  for (size_t i = 0; i < n; ++i) going[i] = chunks[i].exchange->start_dispatch(ops::permute_tokens(rows_of(xe, n, chunks[i]), chunks[i].plan));
+  for (size_t i = 0; i < n; ++i) {
+    going[i] = chunks[i].exchange->start_dispatch(std::move(permuted[i]));
+    permuted[i] = Tensor();
+  }
   if (remote && alongside) alongside();  // the shared experts while the rows travel
   if (fine_phases) ctx.phase("fwd: router + plan + permute");
   for (size_t i = 0; i < n; ++i) {

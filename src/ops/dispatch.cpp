@@ -334,6 +334,18 @@ RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts) {
   MF_DISPATCH("plan_routing", expert_indices, plan_routing(expert_indices, num_experts));
 }
 
+RoutingPlan plan_routing_started(const Tensor& expert_indices, int64_t num_experts) {
+  MF_ON_CUDA("plan_routing", expert_indices, cuda::plan_routing_started(expert_indices, num_experts));
+  return cpu::plan_routing(expert_indices, num_experts);  // complete: nothing to overlap on the CPU
+}
+
+void finish_plan(RoutingPlan& plan) {
+  if (!plan.finish_offsets) return;
+  const auto finish = std::move(plan.finish_offsets);
+  plan.finish_offsets = nullptr;
+  finish(plan);
+}
+
 Tensor permute_tokens(const Tensor& x, const RoutingPlan& plan) {
   MF_DISPATCH("permute_tokens", MF_T(x, plan.dest_row), permute_tokens(x, plan));
 }

@@ -2,6 +2,7 @@
 // two implementations (ops/cpu/cpu_ops.h, ops/cuda/ops_cuda.h). C++17-clean: CUDA units include it.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "core/tensor.h"
@@ -14,8 +15,11 @@ namespace moeforge::ops {
 // indices; the offsets are always on the host, since the grouped GEMMs take them there.
 struct RoutingPlan {
   Tensor dest_row;               // [T,k] I64: row of (t, j) in the permuted buffer
-  std::vector<int64_t> offsets;  // [E+1] on the host
+  std::vector<int64_t> offsets;  // [E+1] on the host (after ops::finish_plan)
   int64_t num_experts = 0, top_k = 0;
+  // Set while the offsets are still on their way from the GPU (ops::plan_routing_started): the
+  // device's own work on the plan (dest_row, permute) can be queued before the host waits for them.
+  std::function<void(RoutingPlan&)> finish_offsets;
 };
 
 // One parameter of a multi-tensor AdamW step (ops::adamw_multi_tensor).

@@ -168,6 +168,12 @@ void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Te
 
 // The plan of a routing (ops/op_types.h) from expert indices [T,k] (I64).
 RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts);
+// The same, its host offsets left to finish_plan: on a GPU dest_row (and what is queued after it,
+// e.g. permute_tokens) runs while the counts travel to the host, instead of after the host has
+// waited for them. An expert index out of range is reported by finish_plan (permute_tokens skips
+// the pairs it could not place meanwhile).
+RoutingPlan plan_routing_started(const Tensor& expert_indices, int64_t num_experts);
+void finish_plan(RoutingPlan& plan);
 // xp[dest_row(t,j)] = x[t]: x [T,H] -> xp [T*k,H]
 Tensor permute_tokens(const Tensor& x, const RoutingPlan& plan);
 // y[t] = sum_j weights[t,j] * yp[dest_row(t,j)] (summed in F32, in slot order) -> y [T,H]

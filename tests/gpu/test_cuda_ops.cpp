@@ -885,6 +885,46 @@ TEST_P(CudaOps, RoutingPermuteUnpermuteAndBackward) {
   EXPECT_THROW(cuda::plan_routing(cuda::to_device(Tensor::from_i64({0, 16}, {1, 2}), DType::I64), e), Error);
 }
 
+// A started plan: its permutation queued before the host has the offsets gives what the finished
+// plan gives, the offsets arrive at finish_plan, and several plans can be in flight at once (each
+// its own pinned slot). An expert index out of range: the permutation skips the pair it could not
+// place (no write outside the buffer) and finish_plan names the error.
+TEST(CudaOpsRouting, StartedPlansPermuteBeforeTheirOffsetsArrive) {
+  REQUIRE_GPU();
+  const int64_t t = 257, k = 4, e = 37, h = 64;
+  std::mt19937 g(3);
+  std::vector<std::vector<int64_t>> indices(3, std::vector<int64_t>(t * k));
+  for (auto& idx : indices)
+    for (auto& a : idx) a = static_cast<int64_t>(g() % (e - 3));  // the last three experts get nothing
+  const Tensor x = randn({t, h}, 4);
+  const Tensor xd = cuda::to_device(x, DType::BF16);
+  std::vector<ops::RoutingPlan> started;
+  std::vector<Tensor> permuted;
+  for (const auto& idx : indices) {
+    started.push_back(ops::plan_routing_started(cuda::to_device(Tensor::from_i64(idx, {t, k}), DType::I64), e));
+    EXPECT_TRUE(started.back().offsets.empty());
+    permuted.push_back(ops::permute_tokens(xd, started.back()));
+  }
+  for (size_t i = 0; i < indices.size(); ++i) {
+    ops::finish_plan(started[i]);
+    const auto plan = cuda::plan_routing(cuda::to_device(Tensor::from_i64(indices[i], {t, k}), DType::I64), e);
+    EXPECT_EQ(started[i].offsets, plan.offsets) << i;
+    expect_close(permuted[i], cuda::to_host_f32(cuda::permute_tokens(xd, plan)), {0, 0}, "started permute");
+  }
+  std::vector<int64_t> bad(t * k, 1);
+  bad[5] = e + 2;
+  auto plan = ops::plan_routing_started(cuda::to_device(Tensor::from_i64(bad, {t, k}), DType::I64), e);
+  const Tensor unplaced = ops::permute_tokens(xd, plan);  // runs on the device before the check
+  try {
+    ops::finish_plan(plan);
+    ADD_FAILURE() << "an out-of-range expert index passed";
+  } catch (const Error& err) {
+    EXPECT_NE(std::string(err.what()).find("plan_routing: an expert index is outside [0, 37)"), std::string::npos)
+        << err.what();
+  }
+  EXPECT_NO_THROW(cuda::synchronize());  // no fault on the device
+}
+
 // The row gather of the expert-parallel exchange: repeats, skipped rows, reversed order; exact.
 TEST_P(CudaOps, GatherRowsMatchesAHostGather) {
   REQUIRE_GPU();

@@ -110,6 +110,7 @@ void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Te
 // Hopper), "cublas-grouped", "split" (large weight gradients alone, the rest grouped) or "loop".
 const char* last_grouped_gemm_path();
 RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts);
+RoutingPlan plan_routing_started(const Tensor& expert_indices, int64_t num_experts);
 Tensor permute_tokens(const Tensor& x, const RoutingPlan& plan);
 Tensor unpermute_tokens(const Tensor& yp, const Tensor& weights, const RoutingPlan& plan);
 void unpermute_tokens_backward(const Tensor& dy, const Tensor& yp, const Tensor& weights, const RoutingPlan& plan,

@@ -3,6 +3,10 @@
 // block-wide prefix count, so rows are grouped by expert and in token order within an expert,
 // identically on every run. The gathers (permute, unpermute and their backward) read whole rows;
 // unpermute sums a token's k expert outputs in slot order in F32, with no atomics.
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "ops/cuda/check.h"
@@ -18,14 +22,35 @@ namespace {
 
 constexpr int kPlanThreads = 1024;
 
-__global__ void count_kernel(const int64_t* idx, int64_t n, int64_t experts, int64_t* counts, int* bad) {
+// counts[e] += 1 for every assignment to e; counts[experts] flags an index out of range.
+__global__ void count_kernel(const int64_t* idx, int64_t n, int64_t experts, int64_t* counts) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t e = idx[i];
     if (e < 0 || e >= experts) {
-      atomicExch(bad, 1);
+      atomicExch(reinterpret_cast<unsigned long long*>(counts + experts), 1ull);
       continue;
     }
     atomicAdd(reinterpret_cast<unsigned long long*>(counts + e), 1ull);
+  }
+}
+
+// offsets[0] = 0, offsets[e + 1] = counts[0] + ... + counts[e], by one warp: each lane sums a run
+// of consecutive experts, the lanes' sums are scanned with shuffles, then each lane writes its run.
+__global__ void offsets_kernel(const int64_t* counts, int64_t experts, int64_t* offsets) {
+  const int lane = threadIdx.x;
+  const int64_t per = (experts + 31) / 32, first = lane * per, last = first + per < experts ? first + per : experts;
+  int64_t sum = 0;
+  for (int64_t e = first; e < last; ++e) sum += counts[e];
+  int64_t before = sum;  // inclusive scan over lanes, then made exclusive
+  for (int d = 1; d < 32; d <<= 1) {
+    const int64_t other = __shfl_up_sync(0xffffffffu, before, d);
+    if (lane >= d) before += other;
+  }
+  before -= sum;
+  if (lane == 0) offsets[0] = 0;
+  for (int64_t e = first; e < last; ++e) {
+    before += counts[e];
+    offsets[e + 1] = before;
   }
 }
 
@@ -67,13 +92,17 @@ __device__ __forceinline__ int64_t warp_row() {
   return blockIdx.x * (int64_t)kRowWarps + (threadIdx.x >> 5);
 }
 
-// xp[dest[a]] = x[a / k] for every (token, slot) pair a.
+// xp[dest[a]] = x[a / k] for every (token, slot) pair a. A pair the plan could not place (an expert
+// index out of range: dest -1, reported when the plan's offsets are finished) is skipped, since a
+// started plan's permute may run before that check.
 template <typename T, int V>
 __global__ void permute_kernel(const T* x, const int64_t* dest, T* xp, int64_t tk, int64_t k, int64_t h) {
   const int64_t a = warp_row();
   if (a >= tk) return;
+  const int64_t row = dest[a];
+  if (row < 0 || row >= tk) return;
   const auto* src = reinterpret_cast<const Pack<T, V>*>(x + (a / k) * h);
-  auto* dst = reinterpret_cast<Pack<T, V>*>(xp + dest[a] * h);
+  auto* dst = reinterpret_cast<Pack<T, V>*>(xp + row * h);
   for (int64_t c = threadIdx.x & 31; c < h / V; c += 32) dst[c] = src[c];
 }
 
@@ -148,33 +177,87 @@ void check_plan(const RoutingPlan& p, const Tensor& x, int64_t rows_expected, co
   MF_CHECK(x.dim() == 2 && x.shape()[0] == rows_expected, op, ": expected ", rows_expected, " rows, got ", shape_str(x.shape()));
 }
 
+// Pinned host memory for the counts' trip to the host (a copy into pageable memory would hold the
+// host at the call until it is done, which a started plan is there to avoid): slots reused once no
+// plan refers to them, kept for the life of the process (as the cuBLAS handle is).
+struct PinnedCounts {
+  int64_t* host = nullptr;
+  size_t capacity = 0;  // int64 values
+  cudaEvent_t copied = nullptr;
+};
+
+std::shared_ptr<PinnedCounts> pinned_counts(size_t values) {
+  static std::mutex mu;
+  static std::vector<std::shared_ptr<PinnedCounts>> slots;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& s : slots)
+    if (s.use_count() == 1 && s->capacity >= values) return s;
+  auto s = std::make_shared<PinnedCounts>();
+  s->capacity = values < 1024 ? 1024 : values;
+  MF_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&s->host), s->capacity * sizeof(int64_t)));
+  MF_CUDA_CHECK(cudaEventCreateWithFlags(&s->copied, cudaEventDisableTiming));
+  slots.push_back(s);
+  return s;
+}
+
+// MOEFORGE_PLAN_SYNC=1: finish every plan where it starts (the host waits before dest_row is
+// computed), as before started plans; for measuring them.
+bool plans_finish_at_once() {
+  static const bool yes = [] {
+    const char* v = std::getenv("MOEFORGE_PLAN_SYNC");
+    return v && std::strcmp(v, "1") == 0;
+  }();
+  return yes;
+}
+
 }  // namespace
 
-RoutingPlan plan_routing(const Tensor& idx, int64_t experts) {
+// The counts, their offsets (scanned on the device) and dest_row are queued back to back; the
+// counts travel to pinned host memory in between, and finish_offsets waits for that copy only.
+RoutingPlan plan_routing_started(const Tensor& idx, int64_t experts) {
   MF_CHECK(idx.dtype() == DType::I64 && idx.dim() == 2, "plan_routing: expert indices must be I64 [T,k]");
   RoutingPlan p;
   p.num_experts = experts;
   p.top_k = idx.shape()[1];
   const int64_t n = idx.numel();
-  Tensor counts = empty({experts + 1}, DType::I64, "routing counts");
+  Tensor counts = empty({experts + 1}, DType::I64, "routing counts");  // and the range flag, last
   MF_CUDA_CHECK(cudaMemsetAsync(counts.raw(), 0, counts.nbytes(), current_stream()));
-  Tensor bad = empty({1}, DType::I32, "routing range flag");
-  MF_CUDA_CHECK(cudaMemsetAsync(bad.raw(), 0, sizeof(int), current_stream()));
-  if (n > 0) count_kernel<<<grid_stride_blocks(n), kGridStrideThreads, 0, current_stream()>>>(idx.data<int64_t>(), n, experts, counts.data<int64_t>(), bad.data<int>());
+  if (n > 0)
+    count_kernel<<<grid_stride_blocks(n), kGridStrideThreads, 0, current_stream()>>>(idx.data<int64_t>(), n, experts,
+                                                                                      counts.data<int64_t>());
+  Tensor offsets = empty({experts + 1}, DType::I64, "routing offsets");
+  offsets_kernel<<<1, 32, 0, current_stream()>>>(counts.data<int64_t>(), experts, offsets.data<int64_t>());
   MF_CUDA_CHECK_LAUNCH("routing count");
-  std::vector<int64_t> host(static_cast<size_t>(experts));
-  int flag = 0;
-  MF_CUDA_CHECK(cudaMemcpyAsync(host.data(), counts.raw(), experts * sizeof(int64_t), cudaMemcpyDeviceToHost, current_stream()));
-  MF_CUDA_CHECK(cudaMemcpyAsync(&flag, bad.raw(), sizeof(int), cudaMemcpyDeviceToHost, current_stream()));
-  synchronize();
-  MF_CHECK(flag == 0, "plan_routing: an expert index is outside [0, ", experts, ")");
-  p.offsets.assign(static_cast<size_t>(experts + 1), 0);
-  for (int64_t e = 0; e < experts; ++e) p.offsets[e + 1] = p.offsets[e] + host[e];
-  Tensor offsets = to_device(Tensor::from_i64(p.offsets, {experts + 1}), DType::I64);
+  std::shared_ptr<PinnedCounts> slot = pinned_counts(static_cast<size_t>(experts + 1));
+  MF_CUDA_CHECK(cudaMemcpyAsync(slot->host, counts.raw(), counts.nbytes(), cudaMemcpyDeviceToHost, current_stream()));
+  MF_CUDA_CHECK(cudaEventRecord(slot->copied, current_stream()));
   p.dest_row = empty(idx.shape(), DType::I64, "routing destination rows");
+  if (n > 0) MF_CUDA_CHECK(cudaMemsetAsync(p.dest_row.raw(), 0xFF, p.dest_row.nbytes(), current_stream()));  // -1
   if (n > 0 && experts > 0)
-    rank_kernel<<<experts, kPlanThreads, 0, current_stream()>>>(idx.data<int64_t>(), n, offsets.data<int64_t>(), p.dest_row.data<int64_t>());
+    rank_kernel<<<experts, kPlanThreads, 0, current_stream()>>>(idx.data<int64_t>(), n, offsets.data<int64_t>(),
+                                                                 p.dest_row.data<int64_t>());
   MF_CUDA_CHECK_LAUNCH("routing rank");
+  p.finish_offsets = [slot, experts](RoutingPlan& plan) {
+    MF_CUDA_CHECK(cudaEventSynchronize(slot->copied));
+    MF_CHECK(slot->host[experts] == 0, "plan_routing: an expert index is outside [0, ", experts, ")");
+    plan.offsets.assign(static_cast<size_t>(experts + 1), 0);
+    for (int64_t e = 0; e < experts; ++e) plan.offsets[e + 1] = plan.offsets[e] + slot->host[e];
+  };
+  if (plans_finish_at_once()) {
+    const auto finish = std::move(p.finish_offsets);
+    p.finish_offsets = nullptr;
+    finish(p);
+  }
+  return p;
+}
+
+RoutingPlan plan_routing(const Tensor& idx, int64_t experts) {
+  RoutingPlan p = plan_routing_started(idx, experts);
+  if (p.finish_offsets) {
+    const auto finish = std::move(p.finish_offsets);
+    p.finish_offsets = nullptr;
+    finish(p);
+  }
   return p;
 }
 
