@@ -94,8 +94,11 @@ void DeviceAdamW::update(const std::vector<size_t>& indices) {
     const bool decay = opts_.decay_norms_and_biases || params_.decay(i);
     ops::AdamWTensors t;
     t.param = params_.master(i);
-    // zeros if backward never wrote it (an unused parameter)
-    t.grad = params_.sharded(i) ? params_.shard_grad(i) : params_.grad(i);
+    // zeros if backward never wrote it (an unused parameter); a whole parameter's gradient as its
+    // sites left it, rows they did not write read as zeros (a split one is made whole first)
+    if (params_.sharded(i)) t.grad = params_.shard_grad(i);
+    else if (split_[i]) t.grad = params_.grad(i);
+    else t.grad = params_.grad_as_written(i, t.grad_written_rows);
     t.exp_avg = exp_avg_[i];
     t.exp_avg_sq = exp_avg_sq_[i];
     t.weight_decay_mul = static_cast<float>(1.0 - lr_ * (decay ? opts_.weight_decay : 0.0));

@@ -1,6 +1,8 @@
 #include "gpu/device_params.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "core/error.h"
 #include "ops/cuda/ops_cuda.h"
@@ -49,6 +51,7 @@ DeviceParams DeviceParams::random(const nn::ParamStore& shapes, Precision precis
 
 void DeviceParams::add_param_slot(bool decay, bool trainable, bool frozen) {
   grads_.emplace_back();
+  written_rows_.emplace_back();
   decay_.push_back(decay);
   trainable_.push_back(trainable);
   frozen_.push_back(frozen);
@@ -80,6 +83,7 @@ Tensor& DeviceParams::master(size_t i) {
 }
 
 Tensor& DeviceParams::grad_for_write(size_t i, bool& accumulate) {
+  zero_unwritten(i);  // a second contribution adds to every row
   Tensor& g = grads_.at(i);
   accumulate = g.defined();
   if (!g.defined()) {
@@ -95,6 +99,39 @@ Tensor& DeviceParams::grad(size_t i) {
   Tensor& g = grad_for_write(i, accumulate);
   if (!accumulate) cuda::zero(g);
   return g;
+}
+
+namespace {
+// MOEFORGE_GRAD_ROW_FLAGS=0: every site writes its whole gradient (zeros included), as before row
+// flags; for measuring them.
+bool row_flags_enabled() {
+  static const bool yes = [] {
+    const char* v = std::getenv("MOEFORGE_GRAD_ROW_FLAGS");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return yes;
+}
+}  // namespace
+
+Tensor* DeviceParams::written_rows(size_t i, int64_t rows) {
+  MF_CHECK(grads_.at(i).defined() && !written_rows_.at(i).defined(),
+           "internal: row flags asked for a gradient that was not just handed out for writing");
+  if (!row_flags_enabled() || sharded(i) || rows < 1 || numel(i) % rows != 0) return nullptr;
+  written_rows_[i] = cuda::empty({rows}, DType::U8, "a gradient's written-row flags");
+  return &written_rows_[i];
+}
+
+void DeviceParams::zero_unwritten(size_t i) {
+  Tensor& flags = written_rows_.at(i);
+  if (!flags.defined()) return;
+  cuda::zero_unwritten_rows(grads_.at(i), flags);
+  flags = Tensor();
+}
+
+Tensor& DeviceParams::grad_as_written(size_t i, Tensor& written) {
+  written = written_rows_.at(i);
+  if (!grads_.at(i).defined()) return grad(i);
+  return grads_[i];
 }
 
 Tensor& DeviceParams::shard_grad(size_t i) {
@@ -138,6 +175,7 @@ void DeviceParams::shard(const std::vector<parallel::Communicator*>& group_of) {
     values_[i] = Tensor();
     if (!masters_.empty()) masters_[i] = Tensor();
     grads_[i] = Tensor();
+    written_rows_[i] = Tensor();
   }
   cuda::synchronize();
   cuda::empty_cache();
@@ -240,6 +278,7 @@ void DeviceParams::scatter_grads(const std::vector<size_t>& indices) {
 void DeviceParams::release_grads(const std::vector<size_t>& indices) {
   for (size_t i : indices) {
     grads_.at(i) = Tensor();
+    written_rows_.at(i) = Tensor();
     if (sharded(i)) shard_grads_.at(i) = Tensor();
   }
 }
@@ -248,7 +287,7 @@ void DeviceParams::release_grads(const std::vector<size_t>& indices) {
 // next step's first GEMM write them without a memset and without reading them (and between steps
 // the allocator can hand their memory to activations).
 void DeviceParams::zero_grad() {
-  for (auto* list : {&grads_, &shard_grads_})
+  for (auto* list : {&grads_, &shard_grads_, &written_rows_})
     for (Tensor& t : *list) t = Tensor();
 }
 

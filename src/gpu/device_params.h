@@ -39,6 +39,12 @@ class DeviceParams : public nn::ParamAccess {
   Tensor& grad(size_t i) override;
   // Not yet allocated: allocated unzeroed, accumulate = false (nn::ParamAccess).
   Tensor& grad_for_write(size_t i, bool& accumulate) override;
+  // Row flags for a gradient just handed out unzeroed (nn::ParamAccess::written_rows); null for a
+  // ZeRO-3 parameter, rows that do not divide it, or under MOEFORGE_GRAD_ROW_FLAGS=0.
+  Tensor* written_rows(size_t i, int64_t rows) override;
+  // The gradient as its sites left it, for the optimizer: `written` gets its row flags (undefined:
+  // every row written), and the unwritten rows are not zeroed. Never written: zeros, as grad().
+  Tensor& grad_as_written(size_t i, Tensor& written);
   // The F32 master under bf16-mixed (whole parameters only), else the value.
   const Tensor& exact(size_t i) const override;
   Device device() const override;
@@ -93,6 +99,8 @@ class DeviceParams : public nn::ParamAccess {
   Precision precision_;
   std::vector<Shape> shapes_;
   std::vector<Tensor> values_, grads_, masters_;
+  std::vector<Tensor> written_rows_;  // per gradient: its row flags while some rows are unwritten
+  void zero_unwritten(size_t i);      // makes grads_[i] whole (its unwritten rows zeros)
   std::vector<bool> decay_, trainable_, frozen_;
   std::vector<parallel::Communicator*> group_of_;  // ZeRO-3: per parameter, its group (null: whole)
   std::vector<parallel::Communicator*> groups_;    // the distinct groups, in first-use order

@@ -334,11 +334,13 @@ Tensor rows_of(const Tensor& whole, size_t chunks, const SparseMoE::Chunk& ch) {
   return chunks == 1 ? whole : whole.slice0(ch.t0, ch.tc);
 }
 
-// weight_grad for every expert's dW[e] (other chunks and micro-batches add to the first).
+// weight_grad for every expert's dW[e] (other chunks and micro-batches add to the first). The
+// first leaves experts without rows unwritten where the storage keeps row flags (one row per expert).
 void expert_weight_grad(ParamAccess& ps, size_t weight, const Tensor& dy, const Tensor& x, const std::vector<int64_t>& off) {
   bool accumulate = true;
   Tensor& dw = ps.grad_for_write(weight, accumulate);
-  ops::grouped_linear_weight_grad(dy, x, off, dw, accumulate);
+  Tensor* written = accumulate ? nullptr : ps.written_rows(weight, dw.size(0));
+  ops::grouped_linear_weight_grad(dy, x, off, dw, accumulate, written);
 }
 
 }  // namespace

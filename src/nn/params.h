@@ -29,6 +29,14 @@ class ParamAccess {
     accumulate = true;
     return grad(i);
   }
+  // For a site that writes only some rows of a gradient (an expert weight's experts that got
+  // tokens, an embedding's rows of the batch's tokens), right after grad_for_write came back with
+  // accumulate false: flags for the gradient viewed as [rows, numel / rows], U8 [rows] on its
+  // device, for the site to fill (1: written). The storage then takes the unwritten rows as zeros
+  // without their being written: its optimizer reads no gradient there, and any other read of the
+  // gradient (grad(), a later grad_for_write) zeroes them first. Null where the storage keeps
+  // gradients whole: the site then writes every row, zeros included.
+  virtual Tensor* written_rows(size_t /*i*/, int64_t /*rows*/) { return nullptr; }
   // The value at full precision: the F32 master where the storage keeps one beside a BF16 compute
   // copy (a buffer Transformers keeps in F32 under autocast, such as DeepSeek's correction bias).
   virtual const Tensor& exact(size_t i) const { return value(i); }

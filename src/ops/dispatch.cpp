@@ -128,8 +128,21 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
   MF_DISPATCH("embedding", MF_T(ids, table), embedding(ids, table));
 }
 
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx) {
-  MF_DISPATCH("embedding_backward", MF_T(ids, dx, table_grad), embedding_backward(ids, dx, table_grad, padding_idx));
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx,
+                        Tensor* written_rows) {
+  if (written_rows)
+    MF_CHECK(written_rows->dtype() == DType::U8 && written_rows->numel() == table_grad.size(0) &&
+                 written_rows->device() == table_grad.device(),
+             "embedding_backward: the written-rows flags must be U8 [", table_grad.size(0), "] beside the gradient");
+  MF_DISPATCH("embedding_backward", MF_T(ids, dx, table_grad),
+              embedding_backward(ids, dx, table_grad, padding_idx, written_rows));
+}
+
+void zero_unwritten_rows(Tensor& t, const Tensor& written) {
+  MF_CHECK(written.dtype() == DType::U8 && written.numel() > 0 && t.numel() % written.numel() == 0,
+           "zero_unwritten_rows: U8 flags whose count divides the tensor's ", t.numel(), " elements, got ",
+           shape_str(written.shape()), " ", dtype_name(written.dtype()));
+  MF_DISPATCH("zero_unwritten_rows", MF_T(t, written), zero_unwritten_rows(t, written));
 }
 
 void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse) {
@@ -317,9 +330,14 @@ void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vec
 }
 
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate) {
+                                bool accumulate, Tensor* written_experts) {
+  if (written_experts)
+    MF_CHECK(!accumulate && written_experts->dtype() == DType::U8 && dw.dim() == 3 &&
+                 written_experts->numel() == dw.size(0) && written_experts->device() == dw.device(),
+             "grouped_linear_weight_grad: the written-experts flags must be U8 [E] beside dW, and only when it is "
+             "written, not accumulated");
   MF_DISPATCH("grouped_linear_weight_grad", MF_T(dy, x, dw),
-              grouped_linear_weight_grad(dy, x, offsets, dw, accumulate));
+              grouped_linear_weight_grad(dy, x, offsets, dw, accumulate, written_experts));
 }
 
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets) {
@@ -444,7 +462,8 @@ bool list_on_device(const char* op, const std::vector<Tensor>& ts) {
 void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWScalars& scalars) {
   [[maybe_unused]] bool dev = false;
   for (const AdamWTensors& t : tensors)
-    dev = same_device("adamw", tensors.front().param, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.param_bf16_copy);
+    dev = same_device("adamw", tensors.front().param, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.param_bf16_copy,
+                          t.grad_written_rows);
 #ifdef MOEFORGE_HAVE_CUDA
   if (dev) return cuda::adamw_multi_tensor(tensors, scalars);
 #endif

@@ -27,6 +27,9 @@ struct AdamWTensors {
   Tensor param, grad, exp_avg, exp_avg_sq;
   float weight_decay_mul = 1.f;  // 1 - lr * weight_decay, or 1 where no decay applies
   Tensor param_bf16_copy;        // optional: the BF16 copy of an F32 `param` that the model computes with
+  // Optional U8 [rows] (grad viewed as [rows, numel / rows]): 1 for the rows its sites wrote; the
+  // others were left unwritten (nn::ParamAccess::written_rows) and count as zeros, never read.
+  Tensor grad_written_rows;
 };
 
 // The gradients ops::ssm_scan_backward returns (F32): of x [T,H,P], of the raw dt [T,H] and the

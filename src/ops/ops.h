@@ -61,7 +61,13 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const
 Tensor embedding(const Tensor& ids, const Tensor& table);
 // table_grad [V, D] += rows of dx [N, D] at ids [N]. Rows whose id is `padding_idx` (when >= 0) add
 // nothing, as torch's nn.Embedding(padding_idx=...) that Transformers builds from pad_token_id.
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1);
+// With `written_rows` (U8 [V] on table_grad's device) table_grad may hold anything: the op zeroes
+// and then adds to only the rows of `ids` (the padding row excepted) and flags them 1, the others 0
+// (unwritten: zeros to whoever reads them through the flags, nn::ParamAccess::written_rows).
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1,
+                        Tensor* written_rows = nullptr);
+// Zeroes the rows of t (viewed as [written.numel(), rest]) whose flag in `written` (U8) is 0.
+void zero_unwritten_rows(Tensor& t, const Tensor& written);
 
 // x [T, H, D] rotated in place by cos/sin [T, rot] (F32) over the first `rot` dims (rotate_half
 // convention). `inverse` rotates by the opposite angle: the backward of the rotation (orthogonal).
@@ -160,8 +166,10 @@ void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vec
 // diagonal is set to zero (LoRA's fused gate|up B stays block-diagonal: gate and up adapt apart).
 void zero_off_diagonal_blocks(Tensor& b, int64_t parts);
 // dW[e] (+)= dy[rows of e]^T x[rows of e]      dW [E,N,K] (F32 or the weights' dtype)
+// Not accumulating, experts without rows get zeros; with `written_experts` (U8 [E] on dW's device,
+// only when not accumulating) they are left unwritten instead and flagged 0, the others 1.
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate);
+                                bool accumulate, Tensor* written_experts = nullptr);
 // y [rows, n] += bias [E, n] of each row's expert; db [E, n] += each expert's column sums of dy.
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets);
 void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db);

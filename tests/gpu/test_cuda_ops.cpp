@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <cmath>
 #include <algorithm>
 #include <random>
@@ -334,6 +335,25 @@ TEST_P(CudaOps, EmbeddingAndBackward) {
   cuda::embedding_backward(cuda::to_device(ids, DType::I64), cuda::to_device(dx, dt), grad_pad, 3);
   expect_close(grad_pad, want_pad, {1e-5f, 1e-5f}, "embedding_backward with padding_idx");
   for (int64_t j = 0; j < 72; ++j) EXPECT_EQ(want_pad.f32()[3 * 72 + j], 0.f);
+  // With row flags into an unzeroed gradient (poisoned: NaN): the batch's rows (id 3 three times,
+  // the padding row 17 excepted) are zeroed and summed and flagged, every other row is left as it
+  // was; zeroing the unwritten rows then gives the gradient written whole.
+  {
+    Tensor want_rows = Tensor::zeros({50, 72}, DType::F32);
+    ops::embedding_backward(ids, rounded(dx, dt), want_rows, 17);
+    Tensor g = cuda::empty({50, 72}, DType::F32), written = cuda::empty({50}, DType::U8);
+    cuda::poison(g);
+    cuda::poison(written);
+    cuda::embedding_backward(cuda::to_device(ids, DType::I64), cuda::to_device(dx, dt), g, 17, &written);
+    const Tensor flags = cuda::to_host_f32(written), got = cuda::to_host_f32(g);
+    for (int64_t r = 0; r < 50; ++r) {
+      const bool in_batch = r != 17 && std::find(idv.begin(), idv.end(), r) != idv.end();
+      EXPECT_EQ(flags.f32()[r], in_batch ? 1.f : 0.f) << "row " << r;
+      if (!in_batch) EXPECT_TRUE(std::isnan(got.f32()[r * 72]) && std::isnan(got.f32()[r * 72 + 71])) << "row " << r;
+    }
+    cuda::zero_unwritten_rows(g, written);
+    expect_close(g, want_rows, {1e-5f, 1e-5f}, "embedding_backward with row flags, then unwritten rows zeroed");
+  }
   Tensor bad_ids = Tensor::from_i64({1, 50}, {2});
   EXPECT_THROW(cuda::embedding(cuda::to_device(bad_ids, DType::I64), cuda::to_device(table, dt)), Error);
 }
@@ -456,6 +476,39 @@ TEST_P(CudaOps, RouterForcedAndBackward) {
     Tensor dl = cuda::router_backward(probs, indices, weights, cuda::to_device(dw, DType::F32), normalize, dt, &extra_d);
     const Tol tl = dt == DType::F32 ? Tol{1e-6f, 1e-5f} : Tol{1e-2f, 1e-2f};
     expect_close(dl, ops::cpu::softmax_backward(p, want_dp), tl, normalize ? "router backward (renormalised)" : "router backward");
+  }
+}
+
+// A gradient's unwritten rows (flag 0) are read as zeros, never loaded: the same update bit for bit
+// as a gradient holding zeros there, though it holds NaN. Rows of 10,008 elements (16-byte vectors,
+// rows inside and across the 64K chunks) and of 13 (the element-wise path).
+TEST(CudaOptimizer, UnwrittenGradientRowsReadAsZeros) {
+  REQUIRE_GPU();
+  for (const int64_t row : {int64_t{10008}, int64_t{13}}) {
+    const int64_t rows = 7, n = rows * row;
+    SCOPED_TRACE("row " + std::to_string(row));
+    Tensor w = randn({n}, 91), g = randn({n}, 92, 0.1f), m = randn({n}, 93, 0.01f), v = randn({n}, 94, 0.001f);
+    for (int64_t i = 0; i < n; ++i) v.f32()[i] = std::abs(v.f32()[i]);
+    const std::vector<uint8_t> flags = {1, 0, 0, 1, 0, 1, 0};
+    Tensor g_nan = g.clone(), g_zero = g.clone();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < row && !flags[r]; ++j) {
+        g_nan.f32()[r * row + j] = NAN;
+        g_zero.f32()[r * row + j] = 0.f;
+      }
+    Tensor flag_host = Tensor::empty({rows}, DType::U8);
+    std::copy(flags.begin(), flags.end(), flag_host.data<uint8_t>());
+    const ops::AdamWScalars sc{0.1f, 0.95f, 0.05f, std::sqrt(1 - 0.95f), 1e-8f, 1e-3f / 0.1f};
+    auto run = [&](const Tensor& grad, bool flagged) {
+      cuda::AdamWTensors t{cuda::to_device(w, DType::BF16), cuda::to_device(grad, DType::BF16),
+                           cuda::to_device(m, DType::BF16), cuda::to_device(v, DType::BF16), 0.999f, Tensor()};
+      if (flagged) t.grad_written_rows = cuda::to_device(flag_host, DType::U8);
+      cuda::adamw_multi_tensor({t}, sc);
+      return std::vector<Tensor>{cuda::to_host_f32(t.param), cuda::to_host_f32(t.exp_avg), cuda::to_host_f32(t.exp_avg_sq)};
+    };
+    const auto got = run(g_nan, true), want = run(g_zero, false);
+    for (size_t k = 0; k < got.size(); ++k)
+      EXPECT_EQ(std::memcmp(got[k].raw(), want[k].raw(), got[k].nbytes()), 0) << "output " << k;
   }
 }
 
@@ -828,6 +881,23 @@ void grouped_case(DType dt, DType dw_dtype, const std::vector<int64_t>& off, Gro
   Tensor twice = dw_want.clone();
   ops::add_inplace(twice, dw_want);
   expect_close(dw, twice, Tol{2 * tw.atol, tw.rtol}, "grouped weight grad accumulate " + kind);
+  // With row flags the empty experts are left as they were (the poison: all bits set, NaN) and
+  // flagged 0; zeroing the unwritten rows then gives the gradient written whole.
+  Tensor dw_flagged = cuda::empty({e, n, k}, dw_dtype), written = cuda::empty({e}, DType::U8);
+  cuda::poison(dw_flagged);
+  cuda::poison(written);
+  cuda::grouped_linear_weight_grad(dyd, xd, off, dw_flagged, /*accumulate=*/false, &written);
+  check_path("weight grad with row flags",
+             equal_experts || ragged_weight_grad_path(dt).empty() ? want_path : ragged_weight_grad_path(dt));
+  const Tensor flags = cuda::to_host_f32(written), got = cuda::to_host_f32(dw_flagged);
+  for (int64_t i = 0; i < e; ++i) {
+    const bool has_rows = off[i + 1] > off[i];
+    EXPECT_EQ(flags.f32()[i], has_rows ? 1.f : 0.f) << "expert " << i << " " << kind;
+    const float first = got.f32()[i * n * k], last = got.f32()[(i + 1) * n * k - 1];
+    if (!has_rows) EXPECT_TRUE(std::isnan(first) && std::isnan(last)) << "empty expert " << i << " was written " << kind;
+  }
+  cuda::zero_unwritten_rows(dw_flagged, written);
+  expect_close(dw_flagged, dw_want, tw, "grouped weight grad, empty experts flagged then zeroed " + kind);
 }
 
 TEST_P(CudaOps, RoutingPermuteUnpermuteAndBackward) {

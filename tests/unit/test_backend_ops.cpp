@@ -101,6 +101,13 @@ Tensor nans_like_shape(const Tensor& like, Shape shape) {
                         DType::F32);
 }
 
+// `value` everywhere, F32 of `shape` on `like`'s device.
+Tensor filled_like_shape(const Tensor& like, Shape shape, float value) {
+  const int64_t n = shape_numel(shape);
+  return ops::to_device(Tensor::from_vector(std::vector<float>(static_cast<size_t>(n), value), std::move(shape)),
+                        like.device(), DType::F32);
+}
+
 // Zeros of `shape` on `like`'s device.
 Tensor zeros_like_shape(const Tensor& like, Shape shape, DType dt = DType::F32) {
   return ops::to_device(Tensor::zeros(std::move(shape), dt), like.device(), dt);
@@ -331,6 +338,38 @@ std::vector<OpCase> cases() {
                  return Tensors{out, grad};
                }});
 
+  // Into an unzeroed gradient with row flags (nn::ParamAccess::written_rows): only the batch's rows
+  // (id 3 twice, the padding row 7 excepted) are zeroed, summed and flagged; the rest keep what was
+  // there (5 here) until zero_unwritten_rows.
+  c.push_back({"embedding_backward/written_rows",
+               [=](uint32_t s) { return Tensors{ids({3, 0, 7, 3, 1}, {5}), rnd({5, 12}, s)}; },
+               [](const Tensors& in, DType act) {
+                 Tensor grad = filled_like_shape(in[1], {8, 12}, 5.f);
+                 Tensor written = ops::empty({8}, DType::U8, in[1].device());
+                 ops::embedding_backward(in[0], as(in[1], act), grad, /*padding_idx=*/7, &written);
+                 Tensor as_left = ops::copy(grad);
+                 ops::zero_unwritten_rows(grad, written);
+                 return Tensors{as_left, written, grad};
+               },
+               [](const Tensors& in) {
+                 Tensor left = Tensor::empty({8, 12}, DType::F32), zeroed = Tensor::zeros({8, 12}, DType::F32);
+                 std::fill(left.f32(), left.f32() + left.numel(), 5.f);
+                 Tensor flags = Tensor::zeros({8}, DType::F32);
+                 for (int64_t r : {0, 1, 3}) {
+                   flags.f32()[r] = 1.f;
+                   std::fill(left.f32() + r * 12, left.f32() + (r + 1) * 12, 0.f);
+                 }
+                 for (int64_t i = 0; i < 5; ++i) {
+                   const int64_t id = in[0].i64()[i];
+                   if (id == 7) continue;
+                   for (int64_t d = 0; d < 12; ++d) {
+                     left.f32()[id * 12 + d] += in[1].f32()[i * 12 + d];
+                     zeroed.f32()[id * 12 + d] += in[1].f32()[i * 12 + d];
+                   }
+                 }
+                 return Tensors{left, flags, zeroed};
+               }});
+
   // Routers: softmax top-k (plain, renormalised, forced) and DeepSeek's grouped sigmoid.
   for (int variant = 0; variant < 3; ++variant) {
     const char* names[] = {"router_softmax_topk/plain", "router_softmax_topk/renormalised", "router_softmax_topk/forced"};
@@ -509,6 +548,83 @@ std::vector<OpCase> cases() {
       const ops::AdamWScalars sc{0.1f, 0.999f, 0.001f, std::sqrt(1.f - 0.999f * 0.999f), 1e-8f, 1e-3f / (1.f - 0.81f)};
       ops::adamw_multi_tensor({{w1, g1, m1, v1, 0.99f, Tensor()}, {w2, g2, m2, v2, 1.f, Tensor()}}, sc);
       return Tensors{w1, m1, v1, w2, m2, v2, g1, Tensor::from_vector({static_cast<float>(norm)}, {1})};
+    };
+    c.push_back(a);
+  }
+
+  // Experts written with row flags: the empty ones (1 and 4) keep what dW held (5) and are flagged 0.
+  c.push_back({"grouped_linear_weight_grad/written_experts",
+               [=](uint32_t s) { return Tensors{rnd({13, 7}, s), rnd({13, 5}, s + 1)}; },
+               [=](const Tensors& in, DType act) {
+                 const auto off = offsets_of(counts);
+                 Tensor dw = filled_like_shape(in[0], {6, 5, 7}, 5.f);
+                 Tensor written = ops::empty({6}, DType::U8, in[0].device());
+                 ops::grouped_linear_weight_grad(as(in[1], act), as(in[0], act), off, dw, /*accumulate=*/false, &written);
+                 return Tensors{dw, written};
+               },
+               [=](const Tensors& in) {
+                 const auto off = offsets_of(counts);
+                 Tensor dw = Tensor::empty({6, 5, 7}, DType::F32), flags = Tensor::zeros({6}, DType::F32);
+                 std::fill(dw.f32(), dw.f32() + dw.numel(), 5.f);
+                 for (int64_t e = 0; e < 6; ++e) {
+                   const int64_t n = off[e + 1] - off[e];
+                   if (n == 0) continue;
+                   flags.f32()[e] = 1.f;
+                   Tensor dwe = dw.slice0(e, 1).view({5, 7});
+                   ops::linear_weight_grad(in[1].slice0(off[e], n), in[0].slice0(off[e], n), dwe, /*accumulate=*/false);
+                 }
+                 return Tensors{dw, flags};
+               }});
+
+  {
+    // A gradient's unwritten rows are read as zeros: here they hold NaN, which must not reach the
+    // update. Rows of 8 (whole vectors on a GPU) and of 3 (element by element).
+    OpCase a;
+    a.name = "adamw/unwritten_gradient_rows";
+    a.device_dtypes = {DType::F32};
+    a.inputs = [=](uint32_t s) {
+      Tensors t;
+      for (const Shape& sh : {Shape{6, 8}, Shape{5, 3}}) {
+        Tensor v = rnd(sh, s + 3, 0.1f);
+        for (int64_t i = 0; i < v.numel(); ++i) v.f32()[i] *= v.f32()[i];
+        Tensor g = rnd(sh, s + 1);
+        for (int64_t r = 1; r < sh[0]; r += 2)
+          for (int64_t j = 0; j < sh[1]; ++j) g.f32()[r * sh[1] + j] = NAN;  // odd rows unwritten
+        t.insert(t.end(), {rnd(sh, s), g, rnd(sh, s + 2, 0.1f), v});
+        s += 10;
+      }
+      return t;
+    };
+    const ops::AdamWScalars sc{0.1f, 0.999f, 0.001f, std::sqrt(1.f - 0.999f * 0.999f), 1e-8f, 1e-3f / (1.f - 0.81f)};
+    auto even_rows = [](int64_t rows) {
+      Tensor f = Tensor::zeros({rows}, DType::U8);
+      for (int64_t r = 0; r < rows; r += 2) f.data<uint8_t>()[r] = 1;
+      return f;
+    };
+    a.run = [=](const Tensors& in, DType) {
+      auto copy = [](const Tensor& t) { return ops::to_device(t, t.device(), t.dtype()); };
+      Tensors out;
+      std::vector<ops::AdamWTensors> ts;
+      for (size_t p = 0; p < 2; ++p) {
+        ops::AdamWTensors t{copy(in[4 * p]), in[4 * p + 1], copy(in[4 * p + 2]), copy(in[4 * p + 3]), 0.99f, Tensor()};
+        t.grad_written_rows = ops::to_device(even_rows(in[4 * p].size(0)), in[0].device(), DType::U8);
+        ts.push_back(t);
+      }
+      ops::adamw_multi_tensor(ts, sc);
+      for (const auto& t : ts) out.insert(out.end(), {t.param, t.exp_avg, t.exp_avg_sq});
+      return out;
+    };
+    a.direct = [=](const Tensors& in) {  // the same update with zeros in the unwritten rows
+      Tensors out;
+      for (size_t p = 0; p < 2; ++p) {
+        Tensor g = in[4 * p + 1].clone();
+        for (int64_t i = 0; i < g.numel(); ++i)
+          if (std::isnan(g.f32()[i])) g.f32()[i] = 0.f;
+        ops::AdamWTensors t{in[4 * p].clone(), g, in[4 * p + 2].clone(), in[4 * p + 3].clone(), 0.99f, Tensor()};
+        ops::adamw_multi_tensor({t}, sc);
+        out.insert(out.end(), {t.param, t.exp_avg, t.exp_avg_sq});
+      }
+      return out;
     };
     c.push_back(a);
   }

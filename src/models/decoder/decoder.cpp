@@ -774,7 +774,15 @@ TrainStepResult Decoder::forward_backward(nn::ParamAccess& ps, const ForwardInpu
     ready(layer_params_[l]);
     bt.ctx.phase("bwd: layer's gradients ready (optimizer in backward)");
   }
-  if (ps.trainable(embed_)) ops::embedding_backward(bt.ids, dx, ps.grad(embed_), cfg_.pad_token_id.value_or(-1));
+  if (ps.trainable(embed_)) {
+    // The step's first contribution (untied) writes only the batch's rows where the storage keeps
+    // row flags; else the whole table's gradient is zeroed first (grad()) or added to (tied).
+    bool accumulate = true;
+    Tensor& g = ps.grad_for_write(embed_, accumulate);
+    Tensor* written = accumulate ? nullptr : ps.written_rows(embed_, g.size(0));
+    if (!accumulate && !written) ops::zero(g);
+    ops::embedding_backward(bt.ids, dx, g, cfg_.pad_token_id.value_or(-1), written);
+  }
   ready({embed_});
   bt.ctx.phase("bwd: embedding");
   ops::synchronize(bt.device);

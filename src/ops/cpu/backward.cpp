@@ -2,6 +2,7 @@
 // forwards in norm_rope.cpp).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -118,15 +119,33 @@ Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout) {
   return dgu;
 }
 
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx) {
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx,
+                        Tensor* written_rows) {
   const int64_t n = ids.numel(), d = table_grad.size(1);
   const int64_t* id = ids.i64();
   float* g = table_grad.f32();
   const float* x = dx.f32();
+  if (written_rows) {  // the rows about to be added to start from zero; only they are flagged
+    uint8_t* flag = written_rows->data<uint8_t>();
+    std::fill(flag, flag + written_rows->numel(), uint8_t{0});
+    for (int64_t i = 0; i < n; ++i) {
+      if (id[i] == padding_idx || flag[id[i]]) continue;
+      flag[id[i]] = 1;
+      std::fill(g + id[i] * d, g + (id[i] + 1) * d, 0.f);
+    }
+  }
   for (int64_t i = 0; i < n; ++i) {
     if (id[i] == padding_idx) continue;
     for (int64_t j = 0; j < d; ++j) g[id[i] * d + j] += x[i * d + j];
   }
+}
+
+void zero_unwritten_rows(Tensor& t, const Tensor& written) {
+  const int64_t rows = written.numel(), per = t.numel() / rows, esize = static_cast<int64_t>(dtype_size(t.dtype()));
+  const uint8_t* flag = written.data<uint8_t>();
+  char* base = static_cast<char*>(t.raw());
+  for (int64_t r = 0; r < rows; ++r)
+    if (!flag[r]) std::memset(base + r * per * esize, 0, static_cast<size_t>(per * esize));
 }
 
 Tensor softmax_backward(const Tensor& probs, const Tensor& dprobs) {

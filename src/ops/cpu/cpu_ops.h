@@ -27,7 +27,9 @@ Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, flo
 Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy, Tensor& dw);
 
 Tensor embedding(const Tensor& ids, const Tensor& table);
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1);
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1,
+                        Tensor* written_rows = nullptr);
+void zero_unwritten_rows(Tensor& t, const Tensor& written);
 void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse = false);
 
 Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, float scale, std::optional<int64_t> window,
@@ -80,7 +82,7 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
 void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y);
 void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& dx);
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate);
+                                bool accumulate, Tensor* written_experts = nullptr);
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets);
 void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db);
 RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts);

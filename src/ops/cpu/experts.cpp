@@ -54,7 +54,7 @@ void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vec
 }
 
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate) {
+                                bool accumulate, Tensor* written_experts) {
   MF_CHECK(dy.dim() == 2 && x.dim() == 2 && dw.dim() == 3, "grouped_linear_weight_grad: expected dW [E,N,K]");
   MF_CHECK(dy.size(1) == dw.size(1) && x.size(0) == dy.size(0) && x.size(1) == dw.size(2),
            "grouped_linear_weight_grad: shapes");
@@ -65,6 +65,17 @@ void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::ve
     Tensor de = expert_matrix(acc, e);
     gemm(dy.slice0(r0, r), true, x.slice0(r0, r), false, de, true);
   });
+  if (written_experts) {  // only the experts with rows are stored; the others keep what dW held
+    const int64_t per = dw.size(1) * dw.size(2);
+    uint8_t* flag = written_experts->data<uint8_t>();
+    for (int64_t e = 0; e < dw.size(0); ++e) {
+      flag[e] = offsets[e + 1] > offsets[e] ? 1 : 0;
+      if (flag[e])
+        convert_elements(acc.f32() + e * per, DType::F32, static_cast<char*>(dw.raw()) + e * per * dtype_size(dw.dtype()),
+                         dw.dtype(), per);
+    }
+    return;
+  }
   if (acc.raw() != dw.raw()) convert_elements(acc.raw(), DType::F32, dw.raw(), dw.dtype(), dw.numel());
 }
 

@@ -123,6 +123,28 @@ __global__ void embedding_backward_kernel(const int64_t* ids, const T* dx, G* gr
   }
 }
 
+// Before an embedding backward into an unzeroed gradient: the rows of the batch's ids are zeroed
+// and flagged as written (two tokens of one id zero the same row twice: harmless, the adds come in
+// the next launch).
+template <typename G>
+__global__ void zero_id_rows_kernel(const int64_t* ids, G* grad, uint8_t* written, int64_t n, int64_t d, int64_t vocab,
+                                    int64_t padding_idx) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n * d; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t id = ids[i / d];
+    if (id < 0 || id >= vocab || id == padding_idx) continue;
+    grad[id * d + i % d] = G(0.f);
+    if (i % d == 0) written[id] = 1;
+  }
+}
+
+// Zeroes the rows whose flag is 0, in words of W bytes (grid-stride over every word of the tensor:
+// the flags are read from cache, only unwritten rows are stored to).
+template <typename W>
+__global__ void zero_unwritten_rows_kernel(W* base, const uint8_t* written, int64_t words, int64_t words_per_row) {
+  for (int64_t w = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; w < words; w += (int64_t)gridDim.x * blockDim.x)
+    if (!written[w / words_per_row]) base[w] = W{};
+}
+
 // y += x elementwise (same dtype and size), and a device copy.
 template <typename T, int V>
 __global__ void add_kernel(T* y, const T* x, int64_t n) {
@@ -280,12 +302,27 @@ Tensor embedding(const Tensor& ids, const Tensor& table) {
   return out;
 }
 
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx) {
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx,
+                        Tensor* written_rows) {
   MF_CHECK(ids.dtype() == DType::I64 && (table_grad.dtype() == DType::F32 || table_grad.dtype() == DType::BF16),
            "embedding_backward: ids I64, grad F32 or BF16");
   require_float(dx, "embedding_backward");
   const int64_t n = ids.numel(), vocab = table_grad.shape()[0], d = table_grad.shape()[1];
   MF_CHECK(dx.numel() == n * d, "embedding_backward: dx has ", dx.numel(), " elements, expected ", n * d);
+  if (written_rows) {
+    // Only the batch's rows are written: the rest of the table's gradient (all but a few thousand
+    // of ~150K rows) is neither zeroed here nor read by the optimizer (docs/perf-notes.md).
+    MF_CUDA_CHECK(cudaMemsetAsync(written_rows->raw(), 0, written_rows->nbytes(), current_stream()));
+    if (n == 0) return;
+    if (table_grad.dtype() == DType::F32)
+      zero_id_rows_kernel<<<grid_stride_blocks(n * d), kGridStrideThreads, 0, current_stream()>>>(
+          ids.data<int64_t>(), table_grad.data<float>(), written_rows->data<uint8_t>(), n, d, vocab, padding_idx);
+    else
+      zero_id_rows_kernel<<<grid_stride_blocks(n * d), kGridStrideThreads, 0, current_stream()>>>(
+          ids.data<int64_t>(), table_grad.data<__nv_bfloat16>(), written_rows->data<uint8_t>(), n, d, vocab,
+          padding_idx);
+    MF_CUDA_CHECK_LAUNCH("embedding_backward (zero the batch's rows)");
+  }
   if (n == 0) return;
   dispatch_float(dx.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -357,6 +394,21 @@ void zero_blocks(void* base, int64_t block_bytes, const std::vector<int32_t>& bl
                                                                                              words_per_block);
     MF_CUDA_CHECK_LAUNCH("zero_blocks");
   }
+}
+
+void zero_unwritten_rows(Tensor& t, const Tensor& written) {
+  const int64_t rows = written.numel(), row_bytes = static_cast<int64_t>(t.nbytes()) / rows;
+  if (t.numel() == 0) return;
+  if (row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(t.raw()) % 16 == 0) {
+    const int64_t words = static_cast<int64_t>(t.nbytes()) / 16;
+    zero_unwritten_rows_kernel<<<grid_stride_blocks(words), kGridStrideThreads, 0, current_stream()>>>(
+        static_cast<uint4*>(t.raw()), written.data<uint8_t>(), words, row_bytes / 16);
+  } else {
+    const int64_t bytes = static_cast<int64_t>(t.nbytes());
+    zero_unwritten_rows_kernel<<<grid_stride_blocks(bytes), kGridStrideThreads, 0, current_stream()>>>(
+        static_cast<uint8_t*>(t.raw()), written.data<uint8_t>(), bytes, row_bytes);
+  }
+  MF_CUDA_CHECK_LAUNCH("zero_unwritten_rows");
 }
 
 void zero(Tensor& x) {

@@ -196,6 +196,14 @@ void check_offsets(const std::vector<int64_t>& offsets, int64_t experts, int64_t
   for (size_t e = 0; e + 1 < offsets.size(); ++e) MF_CHECK(offsets[e] <= offsets[e + 1], op, ": offsets must not decrease");
 }
 
+// Every expert has the same, non-zero row count (balanced routing; no empty expert).
+bool equal_experts(const std::vector<int64_t>& offsets) {
+  const int64_t first = offsets.size() > 1 ? offsets[1] - offsets[0] : 0;
+  for (size_t i = 1; i < offsets.size(); ++i)
+    if (offsets[i] - offsets[i - 1] != first) return false;
+  return first > 0;
+}
+
 const char* at(const Tensor& t, int64_t elem) { return static_cast<const char*>(t.raw()) + elem * dtype_size(t.dtype()); }
 char* at(Tensor& t, int64_t elem) { return static_cast<char*>(t.raw()) + elem * dtype_size(t.dtype()); }
 
@@ -231,12 +239,12 @@ void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vec
 }
 
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate) {
+                                bool accumulate, Tensor* written_experts) {
   const int64_t e = dw.shape()[0], n = dw.shape()[1], k = dw.shape()[2], rows = dy.shape()[0];
   check_offsets(offsets, e, rows, "grouped_linear_weight_grad");
   MF_CHECK(dy.shape()[1] == n && x.shape()[0] == rows && x.shape()[1] == k, "grouped_linear_weight_grad: shapes");
   std::vector<Product> ps;
-  std::vector<int32_t> empty_experts;  // their gradient is written as zeros (when not accumulating)
+  std::vector<int32_t> empty_experts;  // their gradient is zeros (when not accumulating)
   for (int64_t i = 0; i < e; ++i) {
     const int64_t r = offsets[i + 1] - offsets[i];
     if (r == 0) {
@@ -245,14 +253,23 @@ void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::ve
     }
     ps.push_back({at(dy, offsets[i] * n), n, true, at(x, offsets[i] * k), k, false, at(dw, i * n * k), k, n, k, r});
   }
-  zero_blocks(dw.raw(), n * k * static_cast<int64_t>(dtype_size(dw.dtype())), empty_experts);
+  if (written_experts) {
+    // The empty experts are left unwritten, flagged for whoever reads dW (the optimizer reads no
+    // gradient there: docs/perf-notes.md, session 21).
+    std::vector<uint8_t> flags(static_cast<size_t>(e), 1);
+    for (int32_t i : empty_experts) flags[static_cast<size_t>(i)] = 0;
+    MF_CUDA_CHECK(cudaMemcpyAsync(written_experts->raw(), flags.data(), flags.size(), cudaMemcpyHostToDevice,
+                                  current_stream()));
+  } else {
+    zero_blocks(dw.raw(), n * k * static_cast<int64_t>(dtype_size(dw.dtype())), empty_experts);
+  }
   // Written gradients of ragged BF16 experts on Hopper: one ragged-K launch over all experts' rows
   // (docs/perf-notes.md, session 20). Equal experts keep cuBLAS's strided batch, 5% faster there.
-  bool equal = true;
-  for (size_t i = 1; i < ps.size() && equal; ++i) equal = ps[i].k == ps[0].k;
-  if (!accumulate && forced_mode().empty() && !(equal && empty_experts.empty() && ps.size() >= 2)) {
+  if (!accumulate && forced_mode().empty() && !(equal_experts(offsets) && ps.size() >= 2)) {
     const cutlass_grouped::RaggedWeightGradArgs ragged{dy.raw(), n, x.raw(), k, dw.raw(), rows, n, k, offsets};
-    if (cutlass_grouped::ragged_weight_grad_usable(ragged, dy.dtype() == x.dtype() ? dy.dtype() : DType::F32, dw.dtype())) {
+    // The kernel reads dy and x in one dtype (F32 stands for "mixed": not taken).
+    const DType operands = dy.dtype() == x.dtype() ? dy.dtype() : DType::F32;
+    if (cutlass_grouped::ragged_weight_grad_usable(ragged, operands, dw.dtype())) {
       g_last_path = "cutlass-ragged";
       return cutlass_grouped::ragged_weight_grad(ragged, dw.dtype());
     }

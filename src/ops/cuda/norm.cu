@@ -335,7 +335,7 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rs
       // packs a lane, 156 registers left one 256-thread block per SM, 12.5% occupancy): one pack a
       // lane while a row fits in a warp, else two (measured against 1, 2 and 4 on q30's shapes,
       // docs/perf-notes.md), four only for rows too long for 1024 lanes of two.
-      const int max_packs = packs <= 32 ? 1 : packs <= 2048 ? 2 : 4;
+      const int max_packs = packs <= 32 ? 1 : packs <= 2048 ? 2 : kBackwardPacks;
       if (packs_fit<T>(d, {x.raw(), dy.raw(), dx.raw(), weight.raw()}) && packs <= 1024 * max_packs) {
         const RowGroups g = row_groups(packs, max_packs);
         // Enough blocks to fill the GPU; more would only add atomics on dw.

@@ -59,7 +59,9 @@ void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse 
 
 // Ids are checked on the device: one out of range sets an error flag that is reported here.
 Tensor embedding(const Tensor& ids, const Tensor& table);
-void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1);
+void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad, int64_t padding_idx = -1,
+                        Tensor* written_rows = nullptr);
+void zero_unwritten_rows(Tensor& t, const Tensor& written);
 
 // Routers. E <= 1024 and k <= 64 for DeepSeek's grouped routing.
 void router_softmax_topk(const Tensor& logits, int64_t k, bool normalize, Tensor& probs, Tensor& weights,
@@ -103,7 +105,7 @@ void scale_inplace(const std::vector<Tensor>& tensors, float factor);
 void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y);
 void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& dx);
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate);
+                                bool accumulate, Tensor* written_experts = nullptr);
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets);
 void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db);
 // Which path the last grouped GEMM took: "strided" (equal experts), "cutlass" (ragged BF16 on

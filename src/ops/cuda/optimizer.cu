@@ -25,6 +25,11 @@ struct TensorRef {
   void* m;
   void* v;
   __nv_bfloat16* w_copy;  // optional BF16 working copy of F32 master weights, refreshed after the update
+  // Optional: per row of row_elems elements, whether the gradient was written there (0: it counts
+  // as zeros and is not read, which saves its 2-4 bytes per element where whole experts or most of
+  // an embedding's rows got no tokens).
+  const uint8_t* written;
+  int64_t row_elems;
   int64_t n;
   float wd_mul;
   uint8_t w_bf16, g_bf16, mv_bf16;
@@ -80,7 +85,12 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
       const int64_t i = c.begin + gi * 8;
       float w[8], g[8], m[8], v[8];
       ld8(r.w, r.w_bf16, i, w);
-      ld8(r.g, r.g_bf16, i, g);
+      if (r.written && !r.written[i / r.row_elems]) {  // rows are whole groups of 8 here (vec_ok)
+#pragma unroll
+        for (int k = 0; k < 8; ++k) g[k] = 0.f;
+      } else {
+        ld8(r.g, r.g_bf16, i, g);
+      }
       ld8(r.m, r.mv_bf16, i, m);
       ld8(r.v, r.mv_bf16, i, v);
 #pragma unroll
@@ -94,7 +104,8 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
   }
   for (int64_t i = tail + threadIdx.x; i < c.end; i += blockDim.x) {
     float w = ld(r.w, r.w_bf16, i), m = ld(r.m, r.mv_bf16, i), v = ld(r.v, r.mv_bf16, i);
-    ops::adamw_element(w, ld(r.g, r.g_bf16, i), m, v, r.wd_mul, s);
+    const float g = r.written && !r.written[i / r.row_elems] ? 0.f : ld(r.g, r.g_bf16, i);
+    ops::adamw_element(w, g, m, v, r.wd_mul, s);
     st(r.w, r.w_bf16, i, w);
     st(r.m, r.mv_bf16, i, m);
     st(r.v, r.mv_bf16, i, v);
@@ -146,7 +157,8 @@ Tables upload(const std::vector<TensorRef>& refs) {
 
 std::vector<TensorRef> grad_refs(const std::vector<Tensor>& ts) {
   std::vector<TensorRef> refs;
-  for (const auto& t : ts) refs.push_back({nullptr, t.raw(), nullptr, nullptr, nullptr, t.numel(), 1.f, 0, is_bf16(t, "gradient"), 0, 0});
+  for (const auto& t : ts)
+    refs.push_back({nullptr, t.raw(), nullptr, nullptr, nullptr, nullptr, 1, t.numel(), 1.f, 0, is_bf16(t, "gradient"), 0, 0});
   return refs;
 }
 
@@ -164,10 +176,20 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& ts, const ops::AdamWSca
                "adamw: the working copy must be BF16 of an F32 master parameter");
       copy = t.param_bf16_copy.data<__nv_bfloat16>();
     }
+    const uint8_t* written = nullptr;
+    int64_t row_elems = 1;
+    if (t.grad_written_rows.defined()) {
+      const Tensor& f = t.grad_written_rows;
+      MF_CHECK(f.dtype() == DType::U8 && f.numel() > 0 && n % f.numel() == 0 && f.device() == t.grad.device(),
+               "adamw: the gradient's written-rows flags must be U8 on its device and divide its ", n, " values");
+      written = f.data<uint8_t>();
+      row_elems = n / f.numel();
+    }
     auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
     const bool vec_ok = aligned(t.param.raw()) && aligned(t.grad.raw()) && aligned(t.exp_avg.raw()) &&
-                        aligned(t.exp_avg_sq.raw()) && (!copy || aligned(copy));
-    refs.push_back({t.param.raw(), t.grad.raw(), t.exp_avg.raw(), t.exp_avg_sq.raw(), copy, n, t.weight_decay_mul,
+                        aligned(t.exp_avg_sq.raw()) && (!copy || aligned(copy)) && (!written || row_elems % 8 == 0);
+    refs.push_back({t.param.raw(), t.grad.raw(), t.exp_avg.raw(), t.exp_avg_sq.raw(), copy, written, row_elems, n,
+                    t.weight_decay_mul,
                     is_bf16(t.param, "parameter"), is_bf16(t.grad, "gradient"), is_bf16(t.exp_avg, "exp_avg"),
                     static_cast<uint8_t>(vec_ok)});
   }
