@@ -44,7 +44,7 @@ class DeviceParams : public nn::ParamAccess {
   Tensor* written_rows(size_t i, int64_t rows) override;
   // The gradient as its sites left it, for the optimizer: `written` gets its row flags (undefined:
   // every row written), and the unwritten rows are not zeroed. Never written: zeros, as grad().
-  Tensor& grad_as_written(size_t i, Tensor& written);
+  Tensor& grad_as_written(size_t i, Tensor& written) override;
   // The F32 master under bf16-mixed (whole parameters only), else the value.
   const Tensor& exact(size_t i) const override;
   Device device() const override;

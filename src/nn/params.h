@@ -37,6 +37,12 @@ class ParamAccess {
   // gradient (grad(), a later grad_for_write) zeroes them first. Null where the storage keeps
   // gradients whole: the site then writes every row, zeros included.
   virtual Tensor* written_rows(size_t /*i*/, int64_t /*rows*/) { return nullptr; }
+  // The gradient as its sites left it, for readers that take row flags (the optimizer, the norm):
+  // `written` gets its flags, undefined where every row was written (always, by default).
+  virtual Tensor& grad_as_written(size_t i, Tensor& written) {
+    written = Tensor();
+    return grad(i);
+  }
   // The value at full precision: the F32 master where the storage keeps one beside a BF16 compute
   // copy (a buffer Transformers keeps in F32 under autocast, such as DeepSeek's correction bias).
   virtual const Tensor& exact(size_t i) const { return value(i); }

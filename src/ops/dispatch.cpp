@@ -470,12 +470,21 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
   cpu::adamw_multi_tensor(tensors, scalars);
 }
 
-double global_grad_norm(const std::vector<Tensor>& grads) {
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows) {
   [[maybe_unused]] const bool dev = list_on_device("global_grad_norm", grads);
+  MF_CHECK(written_rows.empty() || written_rows.size() == grads.size(), "global_grad_norm: ", written_rows.size(),
+           " row-flag entries for ", grads.size(), " gradients");
+  for (size_t i = 0; i < written_rows.size(); ++i) {
+    const Tensor& f = written_rows[i];
+    if (!f.defined()) continue;
+    same_device("global_grad_norm", grads[i], f);
+    MF_CHECK(f.dtype() == DType::U8 && f.numel() > 0 && grads[i].numel() % f.numel() == 0,
+             "global_grad_norm: row flags must be U8 and divide their gradient's ", grads[i].numel(), " values");
+  }
 #ifdef MOEFORGE_HAVE_CUDA
-  if (dev) return cuda::global_grad_norm(grads);
+  if (dev) return cuda::global_grad_norm(grads, written_rows);
 #endif
-  return cpu::global_grad_norm(grads);
+  return cpu::global_grad_norm(grads, written_rows);
 }
 
 void scale_inplace(const std::vector<Tensor>& tensors, float factor) {

@@ -258,7 +258,9 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
 // moments F32 or BF16, read into F32); refreshes param_bf16_copy when given (bf16-mixed).
 void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWScalars& scalars);
 // sqrt of the sum of squares of every gradient (F64 across tensors); and every tensor scaled in place.
-double global_grad_norm(const std::vector<Tensor>& grads);
+// `written_rows`, when given, is one entry per gradient: its row flags (AdamWTensors::
+// grad_written_rows; rows flagged 0 count as zeros and are not read) or undefined (all written).
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows = {});
 void scale_inplace(const std::vector<Tensor>& tensors, float factor);
 
 }  // namespace moeforge::ops

@@ -16,8 +16,8 @@ std::vector<size_t> every_param(const nn::ParamAccess& ps) {
   return idx;
 }
 
-double squared(const std::vector<Tensor>& grads) {
-  const double n = ops::global_grad_norm(grads);
+double squared(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows) {
+  const double n = ops::global_grad_norm(grads, written_rows);
   return n * n;
 }
 
@@ -32,15 +32,31 @@ std::vector<Tensor> held_gradients(nn::ParamAccess& ps, const std::vector<size_t
 
 void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>& idx, GradSquares* sq) {
   if (!g && !sq) return;
-  std::vector<Tensor> dense, experts, blocks;
+  const bool device = !ps.device().is_cpu();
+  // A list summed over ranks needs its gradients whole (an all-reduce reads every row); one that is
+  // only squared keeps unwritten rows unwritten (the norm reads them as zeros).
+  auto summed = [&](bool experts) {
+    if (!g) return false;
+    parallel::Communicator& group = experts ? (device ? *g->dev_edp : *g->edp) : (device ? *g->dev_world : *g->world_group);
+    return group.size() > 1;
+  };
+  const bool sum_dense = summed(false), sum_experts = summed(true);
+  std::vector<Tensor> dense, experts, blocks, dense_rows, expert_rows;
   for (const size_t i : idx) {
     if (!ps.trainable(i)) continue;
-    if (Tensor* b = ps.block_grad(i)) blocks.push_back(*b);
-    else (g && g->expert_sharded.at(i) ? experts : dense).push_back(ps.grad(i));
+    if (Tensor* b = ps.block_grad(i)) {
+      blocks.push_back(*b);
+      continue;
+    }
+    const bool expert = g && g->expert_sharded.at(i);
+    std::vector<Tensor>& list = expert ? experts : dense;
+    std::vector<Tensor>& rows = expert ? expert_rows : dense_rows;
+    Tensor written;
+    list.push_back((expert ? sum_experts : sum_dense) ? ps.grad(i) : ps.grad_as_written(i, written));
+    rows.push_back(written);
   }
   if (g) {
     // One collective per group for all of them (per-tensor collectives cost a round trip each).
-    const bool device = !ps.device().is_cpu();
     parallel::Communicator& world = device ? *g->dev_world : *g->world_group;
     parallel::Communicator& edp = device ? *g->dev_edp : *g->edp;
     for (auto [list, group] : {std::pair{&dense, &world}, std::pair{&experts, &edp}}) {
@@ -51,9 +67,9 @@ void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>
     }
   }
   if (!sq) return;
-  sq->dense += squared(dense);
-  sq->experts += squared(experts);
-  sq->blocks += squared(blocks);
+  sq->dense += squared(dense, dense_rows);
+  sq->experts += squared(experts, expert_rows);
+  sq->blocks += squared(blocks, {});
 }
 
 double whole_norm(RankGroups* g, const GradSquares& sq) {

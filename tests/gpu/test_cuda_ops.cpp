@@ -509,6 +509,9 @@ TEST(CudaOptimizer, UnwrittenGradientRowsReadAsZeros) {
     const auto got = run(g_nan, true), want = run(g_zero, false);
     for (size_t k = 0; k < got.size(); ++k)
       EXPECT_EQ(std::memcmp(got[k].raw(), want[k].raw(), got[k].nbytes()), 0) << "output " << k;
+    // The norm skips the same rows (adding nothing where the zeros would add 0: the same sum).
+    EXPECT_EQ(cuda::global_grad_norm({cuda::to_device(g_nan, DType::BF16)}, {cuda::to_device(flag_host, DType::U8)}),
+              cuda::global_grad_norm({cuda::to_device(g_zero, DType::BF16)}));
   }
 }
 

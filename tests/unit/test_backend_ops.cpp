@@ -580,7 +580,7 @@ std::vector<OpCase> cases() {
     // A gradient's unwritten rows are read as zeros: here they hold NaN, which must not reach the
     // update. Rows of 8 (whole vectors on a GPU) and of 3 (element by element).
     OpCase a;
-    a.name = "adamw/unwritten_gradient_rows";
+    a.name = "adamw_and_norm/unwritten_gradient_rows";
     a.device_dtypes = {DType::F32};
     a.inputs = [=](uint32_t s) {
       Tensors t;
@@ -610,20 +610,26 @@ std::vector<OpCase> cases() {
         t.grad_written_rows = ops::to_device(even_rows(in[4 * p].size(0)), in[0].device(), DType::U8);
         ts.push_back(t);
       }
+      const double norm = ops::global_grad_norm({ts[0].grad, ts[1].grad}, {ts[0].grad_written_rows, ts[1].grad_written_rows});
       ops::adamw_multi_tensor(ts, sc);
       for (const auto& t : ts) out.insert(out.end(), {t.param, t.exp_avg, t.exp_avg_sq});
+      out.push_back(Tensor::from_vector({static_cast<float>(norm)}, {1}));
       return out;
     };
     a.direct = [=](const Tensors& in) {  // the same update with zeros in the unwritten rows
       Tensors out;
+      double ss = 0;
       for (size_t p = 0; p < 2; ++p) {
         Tensor g = in[4 * p + 1].clone();
-        for (int64_t i = 0; i < g.numel(); ++i)
+        for (int64_t i = 0; i < g.numel(); ++i) {
           if (std::isnan(g.f32()[i])) g.f32()[i] = 0.f;
+          ss += static_cast<double>(g.f32()[i]) * g.f32()[i];
+        }
         ops::AdamWTensors t{in[4 * p].clone(), g, in[4 * p + 2].clone(), in[4 * p + 3].clone(), 0.99f, Tensor()};
         ops::adamw_multi_tensor({t}, sc);
         out.insert(out.end(), {t.param, t.exp_avg, t.exp_avg_sq});
       }
+      out.push_back(Tensor::from_vector({static_cast<float>(std::sqrt(ss))}, {1}));
       return out;
     };
     c.push_back(a);

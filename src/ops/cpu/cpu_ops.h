@@ -95,7 +95,7 @@ Tensor gather_rows(const Tensor& in, const Tensor& index);
 
 // Optimizer (ops/cpu/optimizer.cpp).
 void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWScalars& scalars);
-double global_grad_norm(const std::vector<Tensor>& grads);
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows = {});
 void scale_inplace(const std::vector<Tensor>& tensors, float factor);
 
 

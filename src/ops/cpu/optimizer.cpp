@@ -41,14 +41,18 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
   }
 }
 
-double global_grad_norm(const std::vector<Tensor>& grads) {
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows) {
   double ss = 0;
-  for (const Tensor& g : grads) {
-    const Tensor f = as_f32(g);
+  for (size_t t = 0; t < grads.size(); ++t) {
+    const Tensor f = as_f32(grads[t]);
     const float* p = f.f32();
     const int64_t n = f.numel();
+    const bool flagged = t < written_rows.size() && written_rows[t].defined();
+    const uint8_t* written = flagged ? written_rows[t].data<uint8_t>() : nullptr;
+    const int64_t row = flagged ? n / written_rows[t].numel() : 1;
 #pragma omp parallel for reduction(+ : ss) if (n > 65536)
-    for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(p[i]) * p[i];
+    for (int64_t i = 0; i < n; ++i)
+      if (!written || written[i / row]) ss += static_cast<double>(p[i]) * p[i];
   }
   return std::sqrt(ss);
 }

@@ -97,7 +97,7 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
 // AdamW on a BF16 model); F32 masters with a BF16 working copy refreshed in the same pass are
 // `bf16-mixed`. The grad norm accumulates in F32 per block and F64 across blocks.
 void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const ops::AdamWScalars& scalars);
-double global_grad_norm(const std::vector<Tensor>& grads);
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows = {});
 void scale_inplace(const std::vector<Tensor>& tensors, float factor);
 
 // Mixture-of-experts token flow: a deterministic plan (rows grouped by expert, in token order

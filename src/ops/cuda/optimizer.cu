@@ -74,6 +74,27 @@ __device__ __forceinline__ void st8(void* p, bool bf16, int64_t i, const float* 
   }
 }
 
+// Whether element i's gradient row was written, for a thread whose i only grows: one division when
+// the thread starts, then a step over each row boundary i passes (a division per element would cost
+// more issue slots than the memory-bound kernels have to spare). Always true without flags.
+struct RowWalk {
+  const uint8_t* written;
+  int64_t row_elems, row = 0, next = 0;  // the current row, and the first element after it
+  __device__ RowWalk(const TensorRef& r, int64_t first) : written(r.written), row_elems(r.row_elems) {
+    if (!written) return;
+    row = first / row_elems;
+    next = (row + 1) * row_elems;
+  }
+  __device__ __forceinline__ bool at(int64_t i) {
+    if (!written) return true;
+    while (i >= next) {
+      ++row;
+      next += row_elems;
+    }
+    return written[row] != 0;
+  }
+};
+
 __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::AdamWScalars s) {
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
@@ -81,11 +102,12 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
   if (r.vec_ok) {
     // Chunks start at multiples of kChunk, so every group of 8 below is aligned.
     const int64_t groups = (c.end - c.begin) / 8;
+    RowWalk rows(r, c.begin + threadIdx.x * 8);
     for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
       const int64_t i = c.begin + gi * 8;
       float w[8], g[8], m[8], v[8];
       ld8(r.w, r.w_bf16, i, w);
-      if (r.written && !r.written[i / r.row_elems]) {  // rows are whole groups of 8 here (vec_ok)
+      if (!rows.at(i)) {  // a group of 8 lies in one row here (vec_ok: rows are multiples of 8)
 #pragma unroll
         for (int k = 0; k < 8; ++k) g[k] = 0.f;
       } else {
@@ -102,9 +124,10 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
     }
     tail = c.begin + groups * 8;
   }
+  RowWalk rows(r, tail + threadIdx.x);
   for (int64_t i = tail + threadIdx.x; i < c.end; i += blockDim.x) {
     float w = ld(r.w, r.w_bf16, i), m = ld(r.m, r.mv_bf16, i), v = ld(r.v, r.mv_bf16, i);
-    const float g = r.written && !r.written[i / r.row_elems] ? 0.f : ld(r.g, r.g_bf16, i);
+    const float g = rows.at(i) ? ld(r.g, r.g_bf16, i) : 0.f;
     ops::adamw_element(w, g, m, v, r.wd_mul, s);
     st(r.w, r.w_bf16, i, w);
     st(r.m, r.mv_bf16, i, m);
@@ -117,7 +140,9 @@ __global__ void sumsq_kernel(const TensorRef* refs, const Chunk* chunks, float* 
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
   float acc = 0.f;
+  RowWalk rows(r, c.begin + threadIdx.x);
   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
+    if (!rows.at(i)) continue;  // an unwritten row: zeros, not read
     const float g = ld(r.g, r.g_bf16, i);
     acc += g * g;
   }
@@ -155,10 +180,14 @@ Tables upload(const std::vector<TensorRef>& refs) {
   return out;
 }
 
-std::vector<TensorRef> grad_refs(const std::vector<Tensor>& ts) {
+std::vector<TensorRef> grad_refs(const std::vector<Tensor>& ts, const std::vector<Tensor>& written_rows = {}) {
   std::vector<TensorRef> refs;
-  for (const auto& t : ts)
-    refs.push_back({nullptr, t.raw(), nullptr, nullptr, nullptr, nullptr, 1, t.numel(), 1.f, 0, is_bf16(t, "gradient"), 0, 0});
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const Tensor& t = ts[i];
+    const bool flagged = i < written_rows.size() && written_rows[i].defined();
+    refs.push_back({nullptr, t.raw(), nullptr, nullptr, nullptr, flagged ? written_rows[i].data<uint8_t>() : nullptr,
+                    flagged ? t.numel() / written_rows[i].numel() : 1, t.numel(), 1.f, 0, is_bf16(t, "gradient"), 0, 0});
+  }
   return refs;
 }
 
@@ -202,8 +231,8 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& ts, const ops::AdamWSca
   // source is read) and their device blocks are reused only by later work on the same stream.
 }
 
-double global_grad_norm(const std::vector<Tensor>& grads) {
-  Tables tab = upload(grad_refs(grads));
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows) {
+  Tables tab = upload(grad_refs(grads, written_rows));
   if (tab.n_chunks == 0) return 0.0;
   Tensor partial = empty({tab.n_chunks}, DType::F32, "grad-norm partial sums");
   sumsq_kernel<<<tab.n_chunks, kThreads, 0, current_stream()>>>(static_cast<const TensorRef*>(tab.refs.raw()),
