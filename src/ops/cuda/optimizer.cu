@@ -117,12 +117,58 @@ struct RowWalk {
 
 // V elements a thread moves at once (8: 16-byte BF16 vectors; 4: 8-byte ones, fewer registers),
 // and at least MinBlocks blocks per SM (a register cap for the compiler: 2 leaves it 64 registers).
-template <int V, int MinBlocks>
+// The bf16 policy's chunk (w, g, m, v all BF16, no working copy, aligned), software-pipelined:
+// each thread loads its next group's four vectors before it computes the current one, so its loads
+// stay in flight through the arithmetic (two IEEE divisions and a square root per element).
+// Returns the first element it left to the element-wise tail.
+template <int V>
+__device__ __forceinline__ int64_t adamw_bf16_pipelined(const TensorRef& r, const Chunk& c, const ops::AdamWScalars& s) {
+  using Raw = typename Bf16Pack<V>::Raw;
+  const auto base = [&](const void* p) { return reinterpret_cast<const Raw*>(static_cast<const __nv_bfloat16*>(p) + c.begin); };
+  const Raw *pw = base(r.w), *pg = base(r.g), *pm = base(r.m), *pv = base(r.v);
+  const int64_t groups = (c.end - c.begin) / V;
+  RowWalk rows(r, c.begin + threadIdx.x * V);
+  Raw w{}, g{}, m{}, v{};
+  const auto fetch = [&](int64_t gi) {
+    w = pw[gi];
+    g = rows.at(c.begin + gi * V) ? pg[gi] : Raw{};  // BF16 zeros are zero bits
+    m = pm[gi];
+    v = pv[gi];
+  };
+  int64_t gi = threadIdx.x;
+  if (gi < groups) fetch(gi);
+  for (; gi < groups; gi += blockDim.x) {
+    const Raw cw = w, cg = g, cm = m, cv = v;
+    if (gi + blockDim.x < groups) fetch(gi + blockDim.x);
+    const __nv_bfloat16 *hw = reinterpret_cast<const __nv_bfloat16*>(&cw), *hg = reinterpret_cast<const __nv_bfloat16*>(&cg),
+                        *hm = reinterpret_cast<const __nv_bfloat16*>(&cm), *hv = reinterpret_cast<const __nv_bfloat16*>(&cv);
+    Raw ow, om, ov;
+    __nv_bfloat16 *qw = reinterpret_cast<__nv_bfloat16*>(&ow), *qm = reinterpret_cast<__nv_bfloat16*>(&om),
+                  *qv = reinterpret_cast<__nv_bfloat16*>(&ov);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      float fw = __bfloat162float(hw[k]), fm = __bfloat162float(hm[k]), fv = __bfloat162float(hv[k]);
+      ops::adamw_element(fw, __bfloat162float(hg[k]), fm, fv, r.wd_mul, s);
+      qw[k] = __float2bfloat16(fw);
+      qm[k] = __float2bfloat16(fm);
+      qv[k] = __float2bfloat16(fv);
+    }
+    const int64_t i = c.begin + gi * V;
+    *reinterpret_cast<Raw*>(static_cast<__nv_bfloat16*>(r.w) + i) = ow;
+    *reinterpret_cast<Raw*>(static_cast<__nv_bfloat16*>(r.m) + i) = om;
+    *reinterpret_cast<Raw*>(static_cast<__nv_bfloat16*>(r.v) + i) = ov;
+  }
+  return c.begin + groups * V;
+}
+
+template <int V, int MinBlocks, bool Pipelined = false>
 __global__ void __launch_bounds__(kThreads, MinBlocks) adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::AdamWScalars s) {
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
   int64_t tail = c.begin;
-  if (r.vec_ok) {
+  if (Pipelined && r.vec_ok && r.w_bf16 && r.g_bf16 && r.mv_bf16 && !r.w_copy) {
+    tail = adamw_bf16_pipelined<V>(r, c, s);
+  } else if (r.vec_ok) {
     // Chunks start at multiples of kChunk, so every group of V below is aligned.
     const int64_t groups = (c.end - c.begin) / V;
     RowWalk rows(r, c.begin + threadIdx.x * V);
@@ -160,7 +206,8 @@ __global__ void __launch_bounds__(kThreads, MinBlocks) adamw_kernel(const Tensor
 }
 
 // MOEFORGE_ADAMW_KERNEL=VxB picks the vector width and the blocks per SM the registers must allow
-// (8x2, the default: 54 registers, two blocks; 8x3, 4x3, 4x4), for measuring them
+// (8x2, the default: 58 registers, two blocks; 8x3, 4x3, 4x4; p8x2, p4x3, p4x2 pipelined), for
+// measuring them
 // (docs/perf-notes.md).
 using AdamWLaunch = void (*)(const TensorRef*, const Chunk*, ops::AdamWScalars);
 AdamWLaunch adamw_variant() {
@@ -168,6 +215,9 @@ AdamWLaunch adamw_variant() {
     const char* v = std::getenv("MOEFORGE_ADAMW_KERNEL");
     const std::string name = v ? v : "";
     if (name == "8x3") return &adamw_kernel<8, 3>;
+    if (name == "p8x2") return &adamw_kernel<8, 2, true>;
+    if (name == "p4x3") return &adamw_kernel<4, 3, true>;
+    if (name == "p4x2") return &adamw_kernel<4, 2, true>;
     if (name == "4x3") return &adamw_kernel<4, 3>;
     if (name == "4x4") return &adamw_kernel<4, 4>;
     return &adamw_kernel<8, 2>;
