@@ -31,8 +31,10 @@ ModelText load_model_text(const std::string& model_dir, const std::string& token
   return t;
 }
 
-Dataset load_model_dataset(const std::string& path, const ModelText& text, bool skip_bad_lines, bool report_progress) {
+Dataset load_model_dataset(const std::string& path, const ModelText& text, bool skip_bad_lines, bool report_progress,
+                           int workers) {
   DatasetOptions o;
+  o.workers = workers;
   o.path = path;
   o.tokenizer = text.tokenizer ? &*text.tokenizer : nullptr;
   o.chat_template = text.chat ? &*text.chat : nullptr;

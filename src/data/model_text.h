@@ -25,7 +25,9 @@ ModelText load_model_text(const std::string& model_dir, const std::string& token
                           const std::string& chat_template_file, bool add_eos, const std::string& where);
 
 // A dataset file, folder or glob in any of dataset.h's row forms, tokenized for the model; with
-// `report_progress`, a line every 5 s while it reads (one rank of a job reports for all).
-Dataset load_model_dataset(const std::string& path, const ModelText& text, bool skip_bad_lines, bool report_progress = true);
+// `report_progress`, a line every 5 s while it reads (one rank of a job reports for all). `workers`:
+// the threads that tokenize (DatasetOptions::workers; 0: the machine's cores, at most 16).
+Dataset load_model_dataset(const std::string& path, const ModelText& text, bool skip_bad_lines, bool report_progress = true,
+                           int workers = 0);
 
 }  // namespace moeforge::data

@@ -178,7 +178,9 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   // The tokenizer when there is one (text rows need it; pre-tokenized rows do not), the chat template
   // for messages rows, the eos id for text rows.
   const data::ModelText text = data::load_model_text(r.model, r.tokenizer, r.chat_template, r.add_eos, r.source);
-  data::Dataset dataset = data::load_model_dataset(r.data, text, r.skip_bad_lines, denv.rank == 0);
+  // Every rank of a node tokenizes at once: each with its share of the CPUs, as its compute threads.
+  const int load_workers = static_cast<int>(std::min<int64_t>(threads, 16));
+  data::Dataset dataset = data::load_model_dataset(r.data, text, r.skip_bad_lines, denv.rank == 0, load_workers);
   // Validation rows, batched as the training rows are.
   std::optional<data::TokenBatches> eval_data;
   std::ostringstream eval_source;  // for the start-up lines
@@ -192,7 +194,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   } else if (!r.eval_data.empty()) {
     MF_CHECK(fs::exists(r.eval_data) || r.eval_data.find_first_of("*?[") != std::string::npos, r.source,
              ": key 'eval_data': ", r.eval_data, " does not exist");
-    eval_data.emplace(data::load_model_dataset(r.eval_data, text, r.skip_bad_lines, denv.rank == 0).rows, r.seq_len, r.seed,
+    eval_data.emplace(data::load_model_dataset(r.eval_data, text, r.skip_bad_lines, denv.rank == 0, load_workers).rows, r.seq_len, r.seed,
                       r.packing);
     MF_CHECK(eval_data->rows() > 0, r.source, ": key 'eval_data': ", r.eval_data, " has no rows of 2 or more tokens");
     check_vocabulary(*eval_data, r.eval_data, cfg);
