@@ -6,7 +6,6 @@
 
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <functional>
 #include <random>
 #include <string>
@@ -47,36 +46,14 @@ void report(const std::string& op, const std::string& shape, double ms, double f
               op.c_str(), shape.c_str(), ms, tflops, gbs, flops > 0 ? tflops / 989.0 : gbs / 3350.0);
 }
 
-// AdamW under the bf16 policy over one q30 layer's experts (gate_up [128, 1536, 2048] and down
-// [128, 2048, 768]: 604M parameters; w, g, m, v BF16: 14 bytes an element, 8 read and 6 written).
-// MOEFORGE_ADAMW_KERNEL picks the kernel variant (ops/cuda/optimizer.cu).
-void bench_adamw() {
-  std::vector<cuda::AdamWTensors> ts;
-  int64_t n = 0;
-  for (const Shape& s : {Shape{128, 1536, 2048}, Shape{128, 2048, 768}}) {
-    cuda::AdamWTensors t{dev_randn(s, DType::BF16, 0.02f), dev_randn(s, DType::BF16, 1e-3f), dev_randn(s, DType::BF16, 1e-3f),
-                         dev_randn(s, DType::BF16, 1e-6f), 0.9999f, Tensor()};
-    ts.push_back(t);
-    n += shape_numel(s);
-  }
-  const ops::AdamWScalars sc{0.1f, 0.999f, 0.001f, 0.0447f, 1e-8f, 1e-4f};
-  const char* variant = std::getenv("MOEFORGE_ADAMW_KERNEL");
-  report(std::string("adamw_bf16 ") + (variant ? variant : "8x2"), "604M", time_ms([&] { cuda::adamw_multi_tensor(ts, sc); }, 10),
-         0, 14.0 * static_cast<double>(n));
-}
-
 }  // namespace
 
-int main(int argc, char** argv) {
+int main() {
   if (!cuda::available()) {
     std::printf("{\"skipped\": \"no CUDA device\"}\n");
     return 0;
   }
   std::fprintf(stderr, "device: %s\n", cuda::device_name().c_str());
-  if (argc > 1 && std::string(argv[1]) == "adamw") {  // only AdamW (variants compared in one call)
-    bench_adamw();
-    return 0;
-  }
   const int64_t T = 4096, H = 2048, I = 768, V = 151936;
   const DType bf = DType::BF16;
   // Dense GEMMs at the model's shapes (x W^T).

@@ -3,8 +3,6 @@
 // cost one launch instead of one each. AdamW reads w, g, m, v and writes w, m, v: 16-28 bytes per
 // element, so its floor is the parameter count times that at HBM bandwidth. Aligned tensors move
 // in 16-byte vectors (8 elements per thread per iteration).
-#include <cstdlib>
-#include <string>
 #include <vector>
 
 #include "ops/cuda/check.h"
@@ -50,47 +48,29 @@ __device__ __forceinline__ void st(void* p, bool bf16, int64_t i, float v) {
   else static_cast<float*>(p)[i] = v;
 }
 
-// V consecutive elements at i (a multiple of V in a 16-byte aligned tensor) as F32: one 16-byte
-// (V = 8) or 8-byte (V = 4) load of BF16, V / 4 16-byte loads of F32.
-template <int V>
-struct Bf16Pack;
-template <>
-struct Bf16Pack<8> {
-  using Raw = uint4;
-};
-template <>
-struct Bf16Pack<4> {
-  using Raw = uint2;
-};
-
-template <int V>
-__device__ __forceinline__ void ldv(const void* p, bool bf16, int64_t i, float* out) {
+// Eight consecutive elements at i (a multiple of 8 in a 16-byte aligned tensor) as F32.
+__device__ __forceinline__ void ld8(const void* p, bool bf16, int64_t i, float* out) {
   if (bf16) {
-    const auto raw = *reinterpret_cast<const typename Bf16Pack<V>::Raw*>(static_cast<const __nv_bfloat16*>(p) + i);
+    const uint4 raw = *reinterpret_cast<const uint4*>(static_cast<const __nv_bfloat16*>(p) + i);
     const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
 #pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = __bfloat162float(h[k]);
+    for (int k = 0; k < 8; ++k) out[k] = __bfloat162float(h[k]);
   } else {
-#pragma unroll
-    for (int q = 0; q < V / 4; ++q) {
-      const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i + 4 * q);
-      out[4 * q] = a.x, out[4 * q + 1] = a.y, out[4 * q + 2] = a.z, out[4 * q + 3] = a.w;
-    }
+    const float4 a = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i);
+    const float4 b = *reinterpret_cast<const float4*>(static_cast<const float*>(p) + i + 4);
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
   }
 }
-template <int V>
-__device__ __forceinline__ void stv(void* p, bool bf16, int64_t i, const float* v) {
+__device__ __forceinline__ void st8(void* p, bool bf16, int64_t i, const float* v) {
   if (bf16) {
-    typename Bf16Pack<V>::Raw raw;
+    uint4 raw;
     __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(&raw);
 #pragma unroll
-    for (int k = 0; k < V; ++k) h[k] = __float2bfloat16(v[k]);
-    *reinterpret_cast<typename Bf16Pack<V>::Raw*>(static_cast<__nv_bfloat16*>(p) + i) = raw;
+    for (int k = 0; k < 8; ++k) h[k] = __float2bfloat16(v[k]);
+    *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p) + i) = raw;
   } else {
-#pragma unroll
-    for (int q = 0; q < V / 4; ++q)
-      *reinterpret_cast<float4*>(static_cast<float*>(p) + i + 4 * q) =
-          make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
+    *reinterpret_cast<float4*>(static_cast<float*>(p) + i) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4*>(static_cast<float*>(p) + i + 4) = make_float4(v[4], v[5], v[6], v[7]);
   }
 }
 
@@ -115,83 +95,34 @@ struct RowWalk {
   }
 };
 
-// V elements a thread moves at once (8: 16-byte BF16 vectors; 4: 8-byte ones, fewer registers),
-// and at least MinBlocks blocks per SM (a register cap for the compiler: 2 leaves it 64 registers).
-// The bf16 policy's chunk (w, g, m, v all BF16, no working copy, aligned), software-pipelined:
-// each thread loads its next group's four vectors before it computes the current one, so its loads
-// stay in flight through the arithmetic (two IEEE divisions and a square root per element).
-// Returns the first element it left to the element-wise tail.
-template <int V>
-__device__ __forceinline__ int64_t adamw_bf16_pipelined(const TensorRef& r, const Chunk& c, const ops::AdamWScalars& s) {
-  using Raw = typename Bf16Pack<V>::Raw;
-  const auto base = [&](const void* p) { return reinterpret_cast<const Raw*>(static_cast<const __nv_bfloat16*>(p) + c.begin); };
-  const Raw *pw = base(r.w), *pg = base(r.g), *pm = base(r.m), *pv = base(r.v);
-  const int64_t groups = (c.end - c.begin) / V;
-  RowWalk rows(r, c.begin + threadIdx.x * V);
-  Raw w{}, g{}, m{}, v{};
-  const auto fetch = [&](int64_t gi) {
-    w = pw[gi];
-    g = rows.at(c.begin + gi * V) ? pg[gi] : Raw{};  // BF16 zeros are zero bits
-    m = pm[gi];
-    v = pv[gi];
-  };
-  int64_t gi = threadIdx.x;
-  if (gi < groups) fetch(gi);
-  for (; gi < groups; gi += blockDim.x) {
-    const Raw cw = w, cg = g, cm = m, cv = v;
-    if (gi + blockDim.x < groups) fetch(gi + blockDim.x);
-    const __nv_bfloat16 *hw = reinterpret_cast<const __nv_bfloat16*>(&cw), *hg = reinterpret_cast<const __nv_bfloat16*>(&cg),
-                        *hm = reinterpret_cast<const __nv_bfloat16*>(&cm), *hv = reinterpret_cast<const __nv_bfloat16*>(&cv);
-    Raw ow, om, ov;
-    __nv_bfloat16 *qw = reinterpret_cast<__nv_bfloat16*>(&ow), *qm = reinterpret_cast<__nv_bfloat16*>(&om),
-                  *qv = reinterpret_cast<__nv_bfloat16*>(&ov);
-#pragma unroll
-    for (int k = 0; k < V; ++k) {
-      float fw = __bfloat162float(hw[k]), fm = __bfloat162float(hm[k]), fv = __bfloat162float(hv[k]);
-      ops::adamw_element(fw, __bfloat162float(hg[k]), fm, fv, r.wd_mul, s);
-      qw[k] = __float2bfloat16(fw);
-      qm[k] = __float2bfloat16(fm);
-      qv[k] = __float2bfloat16(fv);
-    }
-    const int64_t i = c.begin + gi * V;
-    *reinterpret_cast<Raw*>(static_cast<__nv_bfloat16*>(r.w) + i) = ow;
-    *reinterpret_cast<Raw*>(static_cast<__nv_bfloat16*>(r.m) + i) = om;
-    *reinterpret_cast<Raw*>(static_cast<__nv_bfloat16*>(r.v) + i) = ov;
-  }
-  return c.begin + groups * V;
-}
-
-template <int V, int MinBlocks, bool Pipelined = false>
-__global__ void __launch_bounds__(kThreads, MinBlocks) adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::AdamWScalars s) {
+__global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::AdamWScalars s) {
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
   int64_t tail = c.begin;
-  if (Pipelined && r.vec_ok && r.w_bf16 && r.g_bf16 && r.mv_bf16 && !r.w_copy) {
-    tail = adamw_bf16_pipelined<V>(r, c, s);
-  } else if (r.vec_ok) {
-    // Chunks start at multiples of kChunk, so every group of V below is aligned.
-    const int64_t groups = (c.end - c.begin) / V;
-    RowWalk rows(r, c.begin + threadIdx.x * V);
+  if (r.vec_ok) {
+    // Chunks start at multiples of kChunk, so every group of 8 below is aligned.
+    const int64_t groups = (c.end - c.begin) / 8;
+    RowWalk rows(r, c.begin + threadIdx.x * 8);
     for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-      const int64_t i = c.begin + gi * V;
-      float w[V], g[V], m[V], v[V];
-      ldv<V>(r.w, r.w_bf16, i, w);
-      if (!rows.at(i)) {  // a group lies in one row here (vec_ok: rows are multiples of 8)
+      const int64_t i = c.begin + gi * 8;
+      float w[8], g[8], m[8], v[8];
+      ld8(r.w, r.w_bf16, i, w);
+      if (!rows.at(i)) {  // a group of 8 lies in one row here (vec_ok: rows are multiples of 8)
 #pragma unroll
-        for (int k = 0; k < V; ++k) g[k] = 0.f;
+        for (int k = 0; k < 8; ++k) g[k] = 0.f;
       } else {
-        ldv<V>(r.g, r.g_bf16, i, g);
+        ld8(r.g, r.g_bf16, i, g);
       }
-      ldv<V>(r.m, r.mv_bf16, i, m);
-      ldv<V>(r.v, r.mv_bf16, i, v);
+      ld8(r.m, r.mv_bf16, i, m);
+      ld8(r.v, r.mv_bf16, i, v);
 #pragma unroll
-      for (int k = 0; k < V; ++k) ops::adamw_element(w[k], g[k], m[k], v[k], r.wd_mul, s);
-      stv<V>(r.w, r.w_bf16, i, w);
-      stv<V>(r.m, r.mv_bf16, i, m);
-      stv<V>(r.v, r.mv_bf16, i, v);
-      if (r.w_copy) stv<V>(r.w_copy, true, i, w);
+      for (int k = 0; k < 8; ++k) ops::adamw_element(w[k], g[k], m[k], v[k], r.wd_mul, s);
+      st8(r.w, r.w_bf16, i, w);
+      st8(r.m, r.mv_bf16, i, m);
+      st8(r.v, r.mv_bf16, i, v);
+      if (r.w_copy) st8(r.w_copy, true, i, w);
     }
-    tail = c.begin + groups * V;
+    tail = c.begin + groups * 8;
   }
   RowWalk rows(r, tail + threadIdx.x);
   for (int64_t i = tail + threadIdx.x; i < c.end; i += blockDim.x) {
@@ -203,26 +134,6 @@ __global__ void __launch_bounds__(kThreads, MinBlocks) adamw_kernel(const Tensor
     st(r.v, r.mv_bf16, i, v);
     if (r.w_copy) r.w_copy[i] = __float2bfloat16(w);
   }
-}
-
-// MOEFORGE_ADAMW_KERNEL=VxB picks the vector width and the blocks per SM the registers must allow
-// (8x2, the default: 58 registers, two blocks; 8x3, 4x3, 4x4; p8x2, p4x3, p4x2 pipelined), for
-// measuring them
-// (docs/perf-notes.md).
-using AdamWLaunch = void (*)(const TensorRef*, const Chunk*, ops::AdamWScalars);
-AdamWLaunch adamw_variant() {
-  static const AdamWLaunch k = [] {
-    const char* v = std::getenv("MOEFORGE_ADAMW_KERNEL");
-    const std::string name = v ? v : "";
-    if (name == "8x3") return &adamw_kernel<8, 3>;
-    if (name == "p8x2") return &adamw_kernel<8, 2, true>;
-    if (name == "p4x3") return &adamw_kernel<4, 3, true>;
-    if (name == "p4x2") return &adamw_kernel<4, 2, true>;
-    if (name == "4x3") return &adamw_kernel<4, 3>;
-    if (name == "4x4") return &adamw_kernel<4, 4>;
-    return &adamw_kernel<8, 2>;
-  }();
-  return k;
 }
 
 __global__ void sumsq_kernel(const TensorRef* refs, const Chunk* chunks, float* partial) {
@@ -313,8 +224,8 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& ts, const ops::AdamWSca
   }
   Tables tab = upload(refs);
   if (tab.n_chunks == 0) return;
-  adamw_variant()<<<tab.n_chunks, kThreads, 0, current_stream()>>>(static_cast<const TensorRef*>(tab.refs.raw()),
-                                                                  static_cast<const Chunk*>(tab.chunks.raw()), s);
+  adamw_kernel<<<tab.n_chunks, kThreads, 0, current_stream()>>>(static_cast<const TensorRef*>(tab.refs.raw()),
+                                                               static_cast<const Chunk*>(tab.chunks.raw()), s);
   MF_CUDA_CHECK_LAUNCH("adamw");
   // No synchronisation: the tables were copied from pageable memory (the copy returns once the
   // source is read) and their device blocks are reused only by later work on the same stream.
