@@ -291,7 +291,8 @@ struct Assembler {
   Json instance(size_t k, size_t a, size_t b) const {  // node path[k], defined
     if (k + 1 == path.size()) {
       single(a, b);
-      return d.values.at(d.value_at[a]);
+      MF_CHECK(d.value_at[a] < d.values.size(), what, ": fewer values than its definition levels promise");
+      return d.values[d.value_at[a]];
     }
     Json o = Json::object();
     o[nodes[path[k + 1]].element->name] = child(k + 1, a, b);
@@ -309,6 +310,10 @@ struct Assembler {
     size_t s = a;
     for (size_t t = a + 1; t <= b; ++t)
       if (t == b || d.rep[t] <= n.rep_level) {
+        // Every instance after the first begins where the repetition level comes back to n, so n
+        // is defined there; a file whose definition level says otherwise is malformed (found by
+        // fuzz_parquet: a leaf entry counted as a value that no value backs).
+        MF_CHECK(d.def[s] >= n.def_level, what, ": inconsistent repetition and definition levels");
         list.push_back(instance(k, s, t));
         s = t;
       }

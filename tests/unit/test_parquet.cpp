@@ -156,6 +156,23 @@ TEST(ParquetDataset, BadRowsAreNamedByFileAndRow) {
   EXPECT_NE(none.find("nested_v1.parquet: has none of the columns input_ids, labels, text"), std::string::npos) << none;
 }
 
+// Inputs fuzz_parquet found crashing (tests/data/parquet_fuzz): each is one moeforge error naming the
+// file. The first (session 21): a list entry whose definition level said its element was absent,
+// read as a value past the column's values (std::out_of_range, not an Error).
+TEST(ParquetBadInput, FuzzFoundInputsAreOneError) {
+  const std::string folder = test::fixture("../data/parquet_fuzz");
+  size_t seen = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(folder)) {
+    ++seen;
+    const std::string err = test::error_of([&] {
+      const auto f = ParquetFile::from_bytes(test::read_text(entry.path().string()), "found.parquet");
+      f.for_each_row(f.top_level_fields(), [](int64_t, Json&&) {});
+    });
+    EXPECT_EQ(err.rfind("found.parquet", 0), 0u) << entry.path() << ": " << err;
+  }
+  EXPECT_GE(seen, 1u);
+}
+
 // Damaged files: every truncation and every single-byte change of a fixture either reads or is one
 // moeforge error naming the file, never a crash or a read out of bounds (the sanitizer build runs
 // this too; tests/fuzz/fuzz_parquet.cpp goes further).
