@@ -16,6 +16,7 @@
 #include <thread>
 #include <nlohmann/json.hpp>
 
+#include "core/cpus.h"
 #include "core/error.h"
 #include "core/logging.h"
 #include "data/row_formats.h"
@@ -225,8 +226,7 @@ struct PendingRow {
 
 int worker_count(int asked) {
   if (asked > 0) return asked;
-  const unsigned cores = std::thread::hardware_concurrency();
-  return static_cast<int>(std::clamp(cores == 0 ? 1u : cores, 1u, 16u));
+  return static_cast<int>(std::clamp<int64_t>(core::idle_cpus(), 1, 16));
 }
 
 }  // namespace

@@ -49,8 +49,8 @@ struct DatasetOptions {
   // dataset takes minutes), and not at all for loads that end sooner.
   std::function<void(const LoadProgress&)> on_progress;
   double progress_seconds = 5;
-  // Threads that parse and tokenize rows (0: the machine's cores, at most 16); the rows, errors and
-  // skipped counts are the same for any number.
+  // Threads that parse and tokenize rows (0: the idle CPUs, core::idle_cpus, at most 16); the rows,
+  // errors and skipped counts are the same for any number.
   int workers = 0;
 };
 

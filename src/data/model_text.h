@@ -26,7 +26,7 @@ ModelText load_model_text(const std::string& model_dir, const std::string& token
 
 // A dataset file, folder or glob in any of dataset.h's row forms, tokenized for the model; with
 // `report_progress`, a line every 5 s while it reads (one rank of a job reports for all). `workers`:
-// the threads that tokenize (DatasetOptions::workers; 0: the machine's cores, at most 16).
+// the threads that tokenize (DatasetOptions::workers; 0: the idle CPUs, at most 16).
 Dataset load_model_dataset(const std::string& path, const ModelText& text, bool skip_bad_lines, bool report_progress = true,
                            int workers = 0);
 

@@ -32,6 +32,16 @@ bool same_device(const char* op, const Tensor& first, const Ts&... rest) {
   return on_device(first);
 }
 
+// A gradient's row flags (AdamWTensors::grad_written_rows), when given: U8 beside it, one per row
+// of a whole number of its elements.
+void check_row_flags(const char* op, const Tensor& grad, const Tensor& flags) {
+  if (!flags.defined()) return;
+  same_device(op, grad, flags);
+  MF_CHECK(flags.dtype() == DType::U8 && flags.numel() > 0 && grad.numel() % flags.numel() == 0, op,
+           ": row flags must be U8 and their count divide the gradient's ", grad.numel(), " values, got ",
+           shape_str(flags.shape()), " ", dtype_name(flags.dtype()));
+}
+
 }  // namespace
 
 #ifdef MOEFORGE_HAVE_CUDA
@@ -139,9 +149,8 @@ void embedding_backward(const Tensor& ids, const Tensor& dx, Tensor& table_grad,
 }
 
 void zero_unwritten_rows(Tensor& t, const Tensor& written) {
-  MF_CHECK(written.dtype() == DType::U8 && written.numel() > 0 && t.numel() % written.numel() == 0,
-           "zero_unwritten_rows: U8 flags whose count divides the tensor's ", t.numel(), " elements, got ",
-           shape_str(written.shape()), " ", dtype_name(written.dtype()));
+  MF_CHECK(written.defined(), "zero_unwritten_rows: no row flags");
+  check_row_flags("zero_unwritten_rows", t, written);
   MF_DISPATCH("zero_unwritten_rows", MF_T(t, written), zero_unwritten_rows(t, written));
 }
 
@@ -357,12 +366,7 @@ RoutingPlan plan_routing_started(const Tensor& expert_indices, int64_t num_exper
   return cpu::plan_routing(expert_indices, num_experts);  // complete: nothing to overlap on the CPU
 }
 
-void finish_plan(RoutingPlan& plan) {
-  if (!plan.finish_offsets) return;
-  const auto finish = std::move(plan.finish_offsets);
-  plan.finish_offsets = nullptr;
-  finish(plan);
-}
+void finish_plan(RoutingPlan& plan) { plan.finish(); }
 
 Tensor permute_tokens(const Tensor& x, const RoutingPlan& plan) {
   MF_DISPATCH("permute_tokens", MF_T(x, plan.dest_row), permute_tokens(x, plan));
@@ -461,9 +465,10 @@ bool list_on_device(const char* op, const std::vector<Tensor>& ts) {
 
 void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWScalars& scalars) {
   [[maybe_unused]] bool dev = false;
-  for (const AdamWTensors& t : tensors)
-    dev = same_device("adamw", tensors.front().param, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.param_bf16_copy,
-                          t.grad_written_rows);
+  for (const AdamWTensors& t : tensors) {
+    dev = same_device("adamw", tensors.front().param, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.param_bf16_copy);
+    check_row_flags("adamw", t.grad, t.grad_written_rows);
+  }
 #ifdef MOEFORGE_HAVE_CUDA
   if (dev) return cuda::adamw_multi_tensor(tensors, scalars);
 #endif
@@ -474,13 +479,7 @@ double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tens
   [[maybe_unused]] const bool dev = list_on_device("global_grad_norm", grads);
   MF_CHECK(written_rows.empty() || written_rows.size() == grads.size(), "global_grad_norm: ", written_rows.size(),
            " row-flag entries for ", grads.size(), " gradients");
-  for (size_t i = 0; i < written_rows.size(); ++i) {
-    const Tensor& f = written_rows[i];
-    if (!f.defined()) continue;
-    same_device("global_grad_norm", grads[i], f);
-    MF_CHECK(f.dtype() == DType::U8 && f.numel() > 0 && grads[i].numel() % f.numel() == 0,
-             "global_grad_norm: row flags must be U8 and divide their gradient's ", grads[i].numel(), " values");
-  }
+  for (size_t i = 0; i < written_rows.size(); ++i) check_row_flags("global_grad_norm", grads[i], written_rows[i]);
 #ifdef MOEFORGE_HAVE_CUDA
   if (dev) return cuda::global_grad_norm(grads, written_rows);
 #endif

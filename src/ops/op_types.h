@@ -15,11 +15,18 @@ namespace moeforge::ops {
 // indices; the offsets are always on the host, since the grouped GEMMs take them there.
 struct RoutingPlan {
   Tensor dest_row;               // [T,k] I64: row of (t, j) in the permuted buffer
-  std::vector<int64_t> offsets;  // [E+1] on the host (after ops::finish_plan)
+  std::vector<int64_t> offsets;  // [E+1] on the host (after finish(), ops::finish_plan)
   int64_t num_experts = 0, top_k = 0;
   // Set while the offsets are still on their way from the GPU (ops::plan_routing_started): the
   // device's own work on the plan (dest_row, permute) can be queued before the host waits for them.
   std::function<void(RoutingPlan&)> finish_offsets;
+  // Waits for the offsets and fills them in, once (nothing when they are there already).
+  void finish() {
+    if (!finish_offsets) return;
+    const auto fill = std::move(finish_offsets);
+    finish_offsets = nullptr;
+    fill(*this);
+  }
 };
 
 // One parameter of a multi-tensor AdamW step (ops::adamw_multi_tensor).

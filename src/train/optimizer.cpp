@@ -60,8 +60,12 @@ void AdamW::update(const std::vector<size_t>& indices) {
     MF_CHECK(p.value.dtype() == DType::F32, "AdamW: parameter '", p.name, "' must be F32 (the CPU policy is fp32)");
     MF_CHECK(p.grad.defined(), "AdamW: parameter '", p.name, "' has no gradient");
     const bool decay = opts_.decay_norms_and_biases || p.decay;
-    ops::AdamWTensors t{p.value, p.grad, exp_avg_[i], exp_avg_sq_[i],
-                        static_cast<float>(1.0 - lr_ * (decay ? opts_.weight_decay : 0.0)), Tensor()};
+    ops::AdamWTensors t;
+    t.param = p.value;
+    t.grad = p.grad;
+    t.exp_avg = exp_avg_[i];
+    t.exp_avg_sq = exp_avg_sq_[i];
+    t.weight_decay_mul = static_cast<float>(1.0 - lr_ * (decay ? opts_.weight_decay : 0.0));
     ts.push_back(t);
   }
   ops::adamw_multi_tensor(ts, scalars_);

@@ -24,12 +24,9 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
     const float* gp = g.f32();
     float* mp = m.f32();
     float* vp = v.f32();
-    // Rows the gradient's sites left unwritten count as zeros (their values are not read).
+    // Rows the gradient's sites left unwritten count as zeros (their values are not read; the flags
+    // were checked by ops::adamw_multi_tensor).
     const uint8_t* written = t.grad_written_rows.defined() ? t.grad_written_rows.data<uint8_t>() : nullptr;
-    if (written)
-      MF_CHECK(t.grad_written_rows.dtype() == DType::U8 && t.grad_written_rows.numel() > 0 &&
-                   n % t.grad_written_rows.numel() == 0,
-               "adamw: the gradient's written-rows flags must be U8 and divide its ", n, " values");
     const int64_t row = written ? n / t.grad_written_rows.numel() : 1;
 #pragma omp parallel for if (n > 65536)
     for (int64_t i = 0; i < n; ++i)

@@ -6,8 +6,8 @@
 // (each a group of one with its own row count); and, when the operand dtypes differ and CUTLASS
 // cannot take them, one cuBLASLt GEMM per expert. Row-major products are issued as their
 // column-major transposes, as in gemm_cublaslt.cpp. Experts without rows are left out (cuBLAS
-// requires m, n, k > 0): an empty expert's weight gradient is zeroed, or left as it is when
-// accumulating.
+// requires m, n, k > 0): an empty expert's weight gradient is zeroed, left as it is when
+// accumulating, or left unwritten and flagged 0 when the caller keeps row flags.
 #include <cublas_v2.h>
 
 #include <cstdlib>

@@ -9,7 +9,7 @@
 // ceil(rows / 64) k tiles starting at its first row (TMA boxes start at any row); the last k tile
 // can hold rows of the next experts, which each consumer warp group zeroes in its part of A (dY)
 // in shared memory before its tensor-core MMAs read it. D is dW as a batch of E matrices (one
-// descriptor, L = E). Experts without rows have no tiles (the caller zeroes their gradient).
+// descriptor, L = E). Experts without rows have no tiles (the caller zeroes or flags them).
 //
 // Building blocks are CUTLASS's Hopper collectives (the mainloop's shared-memory layouts and TMA
 // descriptors, the TMA epilogue); the kernel body (roles, the producer's loads from each expert's
