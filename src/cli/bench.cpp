@@ -28,6 +28,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
   int64_t layers = 0, seq = 4096, batch = 1, steps = 10, warmup = 3, ep_size = 0, zero_stage = 1, lora_rank = 0,
           lora_alpha = 0;
   uint64_t seed = 1234;
+  double max_grad_norm = 0;
   bool ckpt = false, in_backward = false;
   app->add_option("config", path, "config.json or model folder")->required();
   app->add_option("--layers", layers, "cut the model to its first N layers (0: all)")->check(at_least(0));
@@ -44,11 +45,16 @@ int cmd_bench(const std::vector<std::string>& argv) {
       ->check(CLI::IsMember({1, 3}));
   app->add_flag("--activation-checkpointing", ckpt, "keep only each layer's input; recompute in backward");
   app->add_flag("--optimizer-in-backward", in_backward, "apply AdamW layer by layer during backward");
+  app->add_option("--max-grad-norm", max_grad_norm,
+                  "clip gradients to this norm before AdamW, as `train` does (0: no clipping, as the Transformers baseline)")
+      ->check(CLI::NonNegativeNumber);
   auto* o_rank = app->add_option("--lora-rank", lora_rank, "train LoRA adapters of this rank instead of every weight")
                      ->check(at_least(1));
   app->add_option("--lora-alpha", lora_alpha, "LoRA alpha (default: 2 x rank)")->check(at_least(1));
   app->add_option("--lora-targets", lora_targets, "comma-separated LoRA target modules ('experts': the routed experts)");
   if (auto code = parse(*app, argv)) return *code;
+  MF_CHECK(!in_backward || max_grad_norm <= 0, "bench: --max-grad-norm needs the whole gradient norm before the update, "
+           "which --optimizer-in-backward applies layer by layer: drop one of them");
   MF_CHECK(std::filesystem::exists(path), path, ": no such file or folder");
   hf::ModelConfig cfg = hf::load_config(path);
   if (layers > 0) {
@@ -71,6 +77,7 @@ int cmd_bench(const std::vector<std::string>& argv) {
   o.precision = gpu::parse_precision(precision, "bench --precision");
   o.activation_checkpointing = ckpt;
   o.optimizer_in_backward = in_backward;
+  o.max_grad_norm = max_grad_norm;
   o.zero_stage = static_cast<int>(zero_stage);
   if (*o_rank) {
     models::LoraOptions lo;
@@ -127,6 +134,8 @@ int cmd_bench(const std::vector<std::string>& argv) {
   j["precision"] = precision;
   j["activation_checkpointing"] = o.activation_checkpointing;
   j["optimizer_in_backward"] = o.optimizer_in_backward;
+  j["max_grad_norm"] = o.max_grad_norm;
+  if (o.max_grad_norm > 0) j["last_grad_norm"] = r.last_grad_norm;
   j["zero_stage"] = o.zero_stage;
   j["steps"] = o.steps;
   j["warmup"] = o.warmup;

@@ -85,7 +85,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
   if (groups && o.zero_stage == 3) device.shard(copy_group);
   PhaseTimes phases;  // MOEFORGE_PHASE_TIMES=1 or events
   // Sums gradients over the ranks holding copies of them (nothing on one GPU; ZeRO-3 blocks were
-  // summed in backward); no norm (the benchmark does not clip).
+  // summed in backward); no norm unless --max-grad-norm asks for clipping.
   auto sum_grads = [&](const std::vector<size_t>& idx) { train::sum_gradients(groups.get(), device, idx, nullptr); };
   std::vector<size_t> every(device.size());
   for (size_t i = 0; i < every.size(); ++i) every[i] = i;
@@ -134,7 +134,11 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     const models::TrainStepResult sr = model->forward_backward(device, in, so, par);
     const auto t1 = std::chrono::steady_clock::now();
     if (!o.optimizer_in_backward) {
-      sum_grads(every);
+      if (o.max_grad_norm > 0) {
+        r.last_grad_norm = train::finish_gradients(groups.get(), device, o.max_grad_norm);
+      } else {
+        sum_grads(every);
+      }
       opt.step(o.lr);
       device.zero_grad();
     }

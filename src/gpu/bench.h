@@ -25,6 +25,9 @@ struct BenchOptions {
   // AdamW applied layer by layer during backward, each layer's gradients freed once applied (the
   // same update as a step after backward when, as here, there is no clipping or accumulation).
   bool optimizer_in_backward = false;
+  // Gradient clipping as `moeforge train` does it (torch's clip_grad_norm_ rule; 0: none, as the
+  // Transformers baseline, which does not clip). Not with optimizer_in_backward.
+  double max_grad_norm = 0;
   int64_t ep_size = 0;  // several ranks: experts split over this many (0: all of them)
   int zero_stage = 1;   // several ranks: 1 splits dense AdamW moments; 3 also dense weights and gradients
   uint64_t seed = 1234;
@@ -38,6 +41,7 @@ struct BenchResult {
   double forward_ms = 0, backward_ms = 0, optimizer_ms = 0, step_ms = 0;  // medians
   double peak_allocated_gib = 0, peak_reserved_gib = 0, device_used_gib = 0;
   double first_loss = 0, last_loss = 0;
+  double last_grad_norm = 0;  // the last step's whole gradient norm (when clipping)
   int64_t params = 0;            // of the whole model (the base's, with LoRA)
   int64_t trainable_params = 0;  // those trained (LoRA: the adapters')
   std::string device;

@@ -525,6 +525,14 @@ TEST(Cli, GeneratePromptsFileGivesEachPromptsOwnResult) {
   EXPECT_EQ(run("generate --model " + demo + " --prompts " + file + " --prompt hi").status, 2);
 }
 
+// Clipping needs the whole norm before any update: with the optimizer in backward, bench refuses it
+// (one line, before it looks for a GPU or the config).
+TEST(Cli, BenchRefusesClippingWithOptimizerInBackward) {
+  expect_one_line_error(run("bench no_such_config.json --optimizer-in-backward --max-grad-norm 1"),
+                        {"--max-grad-norm", "--optimizer-in-backward"});
+  EXPECT_EQ(run("bench no_such_config.json --max-grad-norm -1").status, 2);  // a usage error
+}
+
 // Help everywhere: `moeforge help`, `help COMMAND`, `COMMAND --help` and -h exit 0 with the full
 // option list; --version names the commit; an unknown command or option is a usage error (2).
 TEST(Cli, HelpAndVersionForEveryCommand) {

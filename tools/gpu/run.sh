@@ -27,6 +27,7 @@
 #                       GPUs also the 48-layer EP 2 run. One JSON row per run in $OUT/ab.log and a
 #                       table of ratios (issue 16: within 2%, peak memory not higher). AB_CONFIG=NAME and
 #                       AB_LAYERS="4" pick another config of shared/configs and other cuts.
+#                       AB_IN_BACKWARD=0 runs AdamW after the backward (for --max-grad-norm).
 #   envab VAR=VALUE [BENCH FLAGS]  `ab`'s cases with one binary: the packed moeforge with VAR=VALUE
 #                       as the baseline against it without (e.g. envab MOEFORGE_FUSED_ADAMW=0)
 #   profile NAME ARGS   Nsight Compute's full report (speed of light, memory chart, warp stalls) of one
@@ -183,7 +184,9 @@ PY
     ab_name=${AB_CONFIG:-qwen3-30b-a3b}
     cfg=$P/configs/$ab_name.json
     short=$([ "$ab_name" = qwen3-30b-a3b ] && echo q30 || echo "$ab_name")
-    common=(--seq 4096 --steps 6 --warmup 2 --precision bf16 --optimizer-in-backward "$@")
+    # AB_IN_BACKWARD=0: AdamW after the backward instead (e.g. with --max-grad-norm, which needs it).
+    in_backward=(--optimizer-in-backward); [ "${AB_IN_BACKWARD:-1}" = 1 ] || in_backward=()
+    common=(--seq 4096 --steps 6 --warmup 2 --precision bf16 "${in_backward[@]}" "$@")
     run_case() {  # label, then the bench arguments; baseline first, then the current build
       local label=$1; shift
       for bin in moeforge_baseline moeforge; do
