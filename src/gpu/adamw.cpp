@@ -65,17 +65,18 @@ void DeviceAdamW::load_moments(size_t i, const Tensor& exp_avg, const Tensor& ex
   upload(exp_avg_sq, exp_avg_sq_.at(i));
 }
 
-void DeviceAdamW::step(double lr) {
-  begin_step(lr);
+void DeviceAdamW::step(double lr, float grad_scale) {
+  begin_step(lr, grad_scale);
   std::vector<size_t> all(params_.size());
   for (size_t i = 0; i < all.size(); ++i) all[i] = i;
   update(all);
 }
 
-void DeviceAdamW::begin_step(double lr) {
+void DeviceAdamW::begin_step(double lr, float grad_scale) {
   ++step_;
   lr_ = lr;
   scalars_ = train::adamw_scalars(opts_, lr, step_);
+  scalars_.grad_scale = grad_scale;
 }
 
 void DeviceAdamW::update(const std::vector<size_t>& indices) {

@@ -28,11 +28,12 @@ struct OptimizerSharding {
 class DeviceAdamW {
  public:
   DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, OptimizerSharding sharding = {});
-  // One full step: begin_step(lr) then update(every parameter).
-  void step(double lr);
+  // One full step: begin_step(lr) then update(every parameter). `grad_scale`: gradient clipping's
+  // coefficient, applied as the gradients are read (1: none).
+  void step(double lr, float grad_scale = 1.f);
   // A step applied in pieces (optimizer in backward): begin_step counts the step and fixes its
   // scalars; update applies them to the given parameters, each exactly once per step.
-  void begin_step(double lr);
+  void begin_step(double lr, float grad_scale = 1.f);
   void update(const std::vector<size_t>& indices);
   int64_t steps() const { return step_; }
   // Parameter i's whole moments, F32 on the host (gathered from every rank's block when split: a

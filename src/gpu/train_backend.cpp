@@ -45,9 +45,14 @@ class GpuBackend : public StepBackend {
     run.ep_chunks = par_.ep && par_.ep->size() > 1 ? parallel::ep_chunks_from_env() : 1;
     return model_.forward_backward(params_, in, run, par_);
   }
-  double finish_gradients(double max_norm) override { return train::finish_gradients(groups_, params_, max_norm); }
+  double finish_gradients(double max_norm) override {
+    return train::finish_gradients(groups_, params_, max_norm, &clip_scale_);
+  }
   models::ForwardOutputs evaluate(const models::ForwardInputs& in) override { return model_.forward(params_, in, par_); }
-  void step(double lr) override { opt_.step(lr); }
+  void step(double lr) override {
+    opt_.step(lr, clip_scale_);  // the clipping finish_gradients decided
+    clip_scale_ = 1.f;
+  }
   std::function<void(const std::vector<size_t>&)> begin_step_in_backward(double lr) override {
     opt_.begin_step(lr);
     squares_ = {};
@@ -99,6 +104,7 @@ class GpuBackend : public StepBackend {
   gpu::DeviceAdamW opt_;
   gpu::Precision precision_;
   GradSquares squares_;  // this step's, under optimizer_in_backward
+  float clip_scale_ = 1.f;  // from finish_gradients, applied by the next step
 };
 
 }  // namespace

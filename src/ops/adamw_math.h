@@ -11,6 +11,10 @@ namespace moeforge::ops {
 struct AdamWScalars {
   float one_minus_beta1, beta2, one_minus_beta2;
   float bias_correction2_sqrt, eps, step_size;  // step_size = lr / bias_correction1
+  // Gradient clipping's coefficient (torch.nn.utils.clip_grad_norm_), applied by the optimizer to
+  // each gradient as it reads it, rounded to the gradient's dtype as the in-place scaling would
+  // store it: the same update without a pass that reads and rewrites every gradient. 1: none.
+  float grad_scale = 1.f;
 };
 
 MF_HOST_DEVICE void adamw_element(float& w, float g, float& m, float& v, float wd_mul, const AdamWScalars& s) {

@@ -19,7 +19,9 @@ class StepBackend {
   // One micro-batch; gradients accumulate.
   virtual models::TrainStepResult forward_backward(const models::ForwardInputs& in, const models::TrainStepOptions& o) = 0;
   // Ends the step's gradients: sums them over the ranks (when several share the run), returns
-  // the whole model's gradient norm and scales them to max_norm when above it (<= 0: no clipping).
+  // the whole model's gradient norm, and clips them to max_norm when above it (<= 0: no clipping).
+  // The clipping is applied by the next step(), as AdamW reads the gradients (one pass over them
+  // fewer than scaling them in place first; the same update).
   virtual double finish_gradients(double max_norm) = 0;
   // A forward without gradients (validation): the summed cross-entropy of the micro-batch's
   // counted tokens and their count (ForwardOutputs::ce_sum, loss_tokens; no host logits).

@@ -14,9 +14,14 @@ class CpuBackend : public StepBackend {
   models::TrainStepResult forward_backward(const models::ForwardInputs& in, const models::TrainStepOptions& o) override {
     return model_.forward_backward(in, o);
   }
-  double finish_gradients(double max_norm) override { return train::finish_gradients(groups_, model_.params(), max_norm); }
+  double finish_gradients(double max_norm) override {
+    return train::finish_gradients(groups_, model_.params(), max_norm, &clip_scale_);
+  }
   models::ForwardOutputs evaluate(const models::ForwardInputs& in) override { return model_.forward(in); }
-  void step(double lr) override { opt_.step(lr); }
+  void step(double lr) override {
+    opt_.step(lr, clip_scale_);  // the clipping finish_gradients decided
+    clip_scale_ = 1.f;
+  }
   std::function<void(const std::vector<size_t>&)> begin_step_in_backward(double lr) override {
     opt_.begin_step(lr);
     squares_ = {};
@@ -34,6 +39,7 @@ class CpuBackend : public StepBackend {
   AdamW& opt_;
   RankGroups* groups_;
   GradSquares squares_;  // this step's, under optimizer_in_backward
+  float clip_scale_ = 1.f;  // from finish_gradients, applied by the next step
 };
 
 }  // namespace

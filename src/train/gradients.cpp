@@ -87,13 +87,15 @@ double whole_norm(RankGroups* g, const GradSquares& sq) {
   return std::sqrt(total);
 }
 
-double finish_gradients(RankGroups* g, nn::ParamAccess& ps, double max_norm) {
+double finish_gradients(RankGroups* g, nn::ParamAccess& ps, double max_norm, float* deferred_scale) {
   const std::vector<size_t> idx = every_param(ps);
   GradSquares sq;
   sum_gradients(g, ps, idx, &sq);
   const double norm = whole_norm(g, sq);
   const double coef = max_norm / (norm + 1e-6);
-  if (max_norm > 0 && coef < 1.0) ops::scale_inplace(held_gradients(ps, idx), static_cast<float>(coef));
+  const bool clip = max_norm > 0 && coef < 1.0;
+  if (deferred_scale) *deferred_scale = clip ? static_cast<float>(coef) : 1.f;
+  else if (clip) ops::scale_inplace(held_gradients(ps, idx), static_cast<float>(coef));
   return norm;
 }
 

@@ -26,7 +26,9 @@ void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>
 double whole_norm(RankGroups* g, const GradSquares& sq);
 // Every gradient: sum_gradients, whole_norm, and torch.nn.utils.clip_grad_norm_'s rule (scaled by
 // max_norm / (norm + 1e-6) when that is below 1; max_norm <= 0: no clipping). Returns the norm.
-double finish_gradients(RankGroups* g, nn::ParamAccess& ps, double max_norm);
+// With `deferred_scale` the gradients are left as they are and the coefficient (1: none) is
+// written there for the optimizer to apply as it reads them (AdamWScalars::grad_scale).
+double finish_gradients(RankGroups* g, nn::ParamAccess& ps, double max_norm, float* deferred_scale = nullptr);
 // The same on one process (the reference the tests hold the rest to).
 double clip_grad_norm(nn::ParamAccess& ps, double max_norm);
 double global_grad_norm(nn::ParamAccess& ps);

@@ -36,18 +36,19 @@ ops::AdamWScalars adamw_scalars(const AdamWOptions& o, double lr, int64_t step) 
           static_cast<float>(std::sqrt(bc2)), static_cast<float>(o.eps), static_cast<float>(lr / bc1)};
 }
 
-void AdamW::step(double lr) {
-  begin_step(lr);
+void AdamW::step(double lr, float grad_scale) {
+  begin_step(lr, grad_scale);
   std::vector<size_t> every(params_.all().size());
   for (size_t i = 0; i < every.size(); ++i) every[i] = i;
   update(every);
 }
 
-void AdamW::begin_step(double lr) {
+void AdamW::begin_step(double lr, float grad_scale) {
   ensure_state();
   ++step_;
   lr_ = lr;
   scalars_ = adamw_scalars(opts_, lr, step_);
+  scalars_.grad_scale = grad_scale;
 }
 
 void AdamW::update(const std::vector<size_t>& indices) {

@@ -35,8 +35,9 @@ class AdamW {
   // update(every parameter). A step applied in pieces (optimizer in backward): begin_step counts
   // the step and fixes its scalars; update applies them to the given parameters (each exactly once
   // per step). The arithmetic is ops::adamw_multi_tensor's, the same op the GPU optimizer runs.
-  void step(double lr);
-  void begin_step(double lr);
+  // `grad_scale`: gradient clipping's coefficient, applied as the gradients are read (1: none).
+  void step(double lr, float grad_scale = 1.f);
+  void begin_step(double lr, float grad_scale = 1.f);
   void update(const std::vector<size_t>& indices);
   int64_t steps() const { return step_; }
   const AdamWOptions& options() const { return opts_; }

@@ -515,6 +515,28 @@ TEST(CudaOptimizer, UnwrittenGradientRowsReadAsZeros) {
   }
 }
 
+// Clipping applied as AdamW reads the gradients equals scaling them in place first, bit for bit,
+// under the bf16 policy (BF16 gradients: the scaled value rounded as scale_inplace stores it), over
+// more than one chunk and an element-wise tail.
+TEST(CudaOptimizer, ClipScaleAsReadEqualsScaledGradients) {
+  REQUIRE_GPU();
+  const int64_t n = 70003;
+  Tensor w = randn({n}, 95), g = randn({n}, 96, 0.1f), m = randn({n}, 97, 0.01f), v = randn({n}, 98, 0.001f);
+  for (int64_t i = 0; i < n; ++i) v.f32()[i] = std::abs(v.f32()[i]);
+  const ops::AdamWScalars sc{0.1f, 0.95f, 0.05f, std::sqrt(1 - 0.95f), 1e-8f, 1e-3f / 0.1f};
+  auto run = [&](bool in_adamw) {
+    cuda::AdamWTensors t{cuda::to_device(w, DType::BF16), cuda::to_device(g, DType::BF16), cuda::to_device(m, DType::BF16),
+                         cuda::to_device(v, DType::BF16), 0.999f, Tensor()};
+    ops::AdamWScalars s = sc;
+    if (in_adamw) s.grad_scale = 0.413f;
+    else cuda::scale_inplace({t.grad}, 0.413f);
+    cuda::adamw_multi_tensor({t}, s);
+    return std::vector<Tensor>{cuda::to_host_f32(t.param), cuda::to_host_f32(t.exp_avg), cuda::to_host_f32(t.exp_avg_sq)};
+  };
+  const auto got = run(true), want = run(false);
+  for (size_t k = 0; k < got.size(); ++k) EXPECT_EQ(std::memcmp(got[k].raw(), want[k].raw(), got[k].nbytes()), 0) << k;
+}
+
 // AdamW with BF16 moments (the bf16 policy) and with F32 masters refreshing a BF16 copy
 // (bf16-mixed), against adamw_element on the host with the same roundings.
 TEST(CudaOptimizer, Bf16MomentsAndMasterCopy) {

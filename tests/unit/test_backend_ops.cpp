@@ -635,6 +635,36 @@ std::vector<OpCase> cases() {
     c.push_back(a);
   }
 
+  {
+    // Clipping applied by AdamW as it reads each gradient (AdamWScalars::grad_scale) is the same
+    // update as scaling the gradients in place first, BF16 gradients rounded alike.
+    OpCase a;
+    a.name = "adamw/clip_scale_as_read";
+    a.device_dtypes = {DType::F32};
+    a.inputs = [=](uint32_t s) {
+      Tensor v = rnd({5, 24}, s + 3, 0.1f);
+      for (int64_t i = 0; i < v.numel(); ++i) v.f32()[i] *= v.f32()[i];
+      return Tensors{rnd({5, 24}, s), rnd({5, 24}, s + 1), rnd({5, 24}, s + 2, 0.1f), v};
+    };
+    const ops::AdamWScalars sc{0.1f, 0.999f, 0.001f, std::sqrt(1.f - 0.999f * 0.999f), 1e-8f, 1e-3f / (1.f - 0.81f)};
+    auto update = [=](const Tensors& in, bool scale_in_adamw) {
+      auto copy = [](const Tensor& t) { return ops::to_device(t, t.device(), t.dtype()); };
+      Tensors out;
+      for (DType gdt : {DType::F32, DType::BF16}) {
+        Tensor w = copy(in[0]), g = ops::to_device(in[1], in[1].device(), gdt), m = copy(in[2]), v = copy(in[3]);
+        ops::AdamWScalars s = sc;
+        if (scale_in_adamw) s.grad_scale = 0.37f;
+        else ops::scale_inplace({g}, 0.37f);
+        ops::adamw_multi_tensor({{w, g, m, v, 0.99f, Tensor()}}, s);
+        out.insert(out.end(), {w, m, v});
+      }
+      return out;
+    };
+    a.run = [=](const Tensors& in, DType) { return update(in, true); };
+    a.direct = [=](const Tensors& in) { return update(in, false); };
+    c.push_back(a);
+  }
+
   c.push_back({"fused_linear_cross_entropy/dw_overwritten",
                [=](uint32_t s) { return Tensors{rnd({11, 8}, s), rnd({19, 8}, s + 1), ids({3, -100, 18, 0, 5, 5, 1, -100, 2, 7, 11}, {11})}; },
                [](const Tensors& in, DType act) {

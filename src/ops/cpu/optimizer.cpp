@@ -28,9 +28,18 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
     // were checked by ops::adamw_multi_tensor).
     const uint8_t* written = t.grad_written_rows.defined() ? t.grad_written_rows.data<uint8_t>() : nullptr;
     const int64_t row = written ? n / t.grad_written_rows.numel() : 1;
+    // Clipping's scale, rounded as the gradient's dtype would store the scaled value.
+    const float scale = scalars.grad_scale;
+    const DType gdt = t.grad.dtype();
+    MF_CHECK(scale == 1.f || gdt == DType::F32 || gdt == DType::BF16, "adamw: a clipped gradient must be F32 or BF16");
+    const auto read = [&](int64_t i) {
+      if (written && !written[i / row]) return 0.f;
+      if (scale == 1.f) return gp[i];
+      const float g = gp[i] * scale;
+      return gdt == DType::BF16 ? bf16_to_f32(f32_to_bf16(g)) : g;
+    };
 #pragma omp parallel for if (n > 65536)
-    for (int64_t i = 0; i < n; ++i)
-      adamw_element(wp[i], written && !written[i / row] ? 0.f : gp[i], mp[i], vp[i], t.weight_decay_mul, scalars);
+    for (int64_t i = 0; i < n; ++i) adamw_element(wp[i], read(i), mp[i], vp[i], t.weight_decay_mul, scalars);
     store(w, t.param);
     store(m, t.exp_avg);
     store(v, t.exp_avg_sq);

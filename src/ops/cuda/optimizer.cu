@@ -74,6 +74,14 @@ __device__ __forceinline__ void st8(void* p, bool bf16, int64_t i, const float* 
   }
 }
 
+// Clipping's scale applied as the gradient is read, rounded as scale_kernel would have stored it
+// (the same update as scaling every gradient in place first, without that pass over them).
+__device__ __forceinline__ float scaled_grad(float g, float scale, bool bf16) {
+  if (scale == 1.f) return g;
+  const float v = g * scale;
+  return bf16 ? __bfloat162float(__float2bfloat16(v)) : v;
+}
+
 // Whether element i's gradient row was written, for a thread whose i only grows: one division when
 // the thread starts, then a step over each row boundary i passes (a division per element would cost
 // more issue slots than the memory-bound kernels have to spare). Always true without flags.
@@ -112,6 +120,10 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
         for (int k = 0; k < 8; ++k) g[k] = 0.f;
       } else {
         ld8(r.g, r.g_bf16, i, g);
+        if (s.grad_scale != 1.f) {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) g[k] = scaled_grad(g[k], s.grad_scale, r.g_bf16);
+        }
       }
       ld8(r.m, r.mv_bf16, i, m);
       ld8(r.v, r.mv_bf16, i, v);
@@ -127,7 +139,7 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
   RowWalk rows(r, tail + threadIdx.x);
   for (int64_t i = tail + threadIdx.x; i < c.end; i += blockDim.x) {
     float w = ld(r.w, r.w_bf16, i), m = ld(r.m, r.mv_bf16, i), v = ld(r.v, r.mv_bf16, i);
-    const float g = rows.at(i) ? ld(r.g, r.g_bf16, i) : 0.f;
+    const float g = rows.at(i) ? scaled_grad(ld(r.g, r.g_bf16, i), s.grad_scale, r.g_bf16) : 0.f;
     ops::adamw_element(w, g, m, v, r.wd_mul, s);
     st(r.w, r.w_bf16, i, w);
     st(r.m, r.mv_bf16, i, m);
