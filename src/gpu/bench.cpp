@@ -134,12 +134,13 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
     const models::TrainStepResult sr = model->forward_backward(device, in, so, par);
     const auto t1 = std::chrono::steady_clock::now();
     if (!o.optimizer_in_backward) {
+      float clip_scale = 1.f;  // applied by AdamW as it reads the gradients, as in `train`
       if (o.max_grad_norm > 0) {
-        r.last_grad_norm = train::finish_gradients(groups.get(), device, o.max_grad_norm);
+        r.last_grad_norm = train::finish_gradients(groups.get(), device, o.max_grad_norm, &clip_scale);
       } else {
         sum_grads(every);
       }
-      opt.step(o.lr);
+      opt.step(o.lr, clip_scale);
       device.zero_grad();
     }
     cuda::synchronize();

@@ -243,21 +243,13 @@ RoutingPlan plan_routing_started(const Tensor& idx, int64_t experts) {
     plan.offsets.assign(static_cast<size_t>(experts + 1), 0);
     for (int64_t e = 0; e < experts; ++e) plan.offsets[e + 1] = plan.offsets[e] + slot->host[e];
   };
-  if (plans_finish_at_once()) {
-    const auto finish = std::move(p.finish_offsets);
-    p.finish_offsets = nullptr;
-    finish(p);
-  }
+  if (plans_finish_at_once()) p.finish();
   return p;
 }
 
 RoutingPlan plan_routing(const Tensor& idx, int64_t experts) {
   RoutingPlan p = plan_routing_started(idx, experts);
-  if (p.finish_offsets) {
-    const auto finish = std::move(p.finish_offsets);
-    p.finish_offsets = nullptr;
-    finish(p);
-  }
+  p.finish();
   return p;
 }
 
