@@ -1,6 +1,8 @@
 #include "train/gradients.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "ops/ops.h"
 
@@ -19,6 +21,16 @@ std::vector<size_t> every_param(const nn::ParamAccess& ps) {
 double squared(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows) {
   const double n = ops::global_grad_norm(grads, written_rows);
   return n * n;
+}
+
+// MOEFORGE_CLIP_IN_PLACE=1: clipping scales the gradients in place even where the optimizer could
+// apply it as it reads them (the pass the deferred form saves, for `run.sh envab` to measure).
+bool clip_in_place_forced() {
+  static const bool yes = [] {
+    const char* v = std::getenv("MOEFORGE_CLIP_IN_PLACE");
+    return v && std::string(v) == "1";
+  }();
+  return yes;
 }
 
 // Each gradient of `idx` this rank holds: its ZeRO-3 block, or the whole.
@@ -94,8 +106,12 @@ double finish_gradients(RankGroups* g, nn::ParamAccess& ps, double max_norm, flo
   const double norm = whole_norm(g, sq);
   const double coef = max_norm / (norm + 1e-6);
   const bool clip = max_norm > 0 && coef < 1.0;
-  if (deferred_scale) *deferred_scale = clip ? static_cast<float>(coef) : 1.f;
-  else if (clip) ops::scale_inplace(held_gradients(ps, idx), static_cast<float>(coef));
+  if (deferred_scale && !clip_in_place_forced()) {
+    *deferred_scale = clip ? static_cast<float>(coef) : 1.f;
+    return norm;
+  }
+  if (deferred_scale) *deferred_scale = 1.f;
+  if (clip) ops::scale_inplace(held_gradients(ps, idx), static_cast<float>(coef));
   return norm;
 }
 
