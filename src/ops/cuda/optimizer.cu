@@ -3,9 +3,6 @@
 // cost one launch instead of one each. AdamW reads w, g, m, v and writes w, m, v: 16-28 bytes per
 // element, so its floor is the parameter count times that at HBM bandwidth. Aligned tensors move
 // in 16-byte vectors (8 elements per thread per iteration).
-#include <cstdlib>
-#include <cstring>
-#include <numeric>
 #include <vector>
 
 #include "ops/cuda/check.h"
@@ -181,35 +178,10 @@ struct Tables {
   Tensor refs, chunks;
   int64_t n_chunks = 0;
 };
-// MOEFORGE_ADAMW_CHUNKS=spread: the chunks handed to blocks in a strided order, so the blocks
-// resident at once work on chunks far apart instead of one contiguous window of each operand (a
-// test of whether the four streams at equal offsets contend for DRAM channels: docs/perf-notes.md,
-// "AdamW: issue slots"). Every chunk is still taken exactly once; the arithmetic is unchanged.
-bool chunks_spread() {
-  static const bool yes = [] {
-    const char* v = std::getenv("MOEFORGE_ADAMW_CHUNKS");
-    return v && std::strcmp(v, "spread") == 0;
-  }();
-  return yes;
-}
-
-// Block k takes chunk (k * stride) mod n, a stride coprime with n (so every chunk once) near n / 264
-// (two blocks on each of 132 SMs): consecutive blocks take chunks ~n/264 apart.
-void spread(std::vector<Chunk>& chunks) {
-  const size_t n = chunks.size();
-  if (n < 528) return;
-  size_t stride = n / 264;
-  while (std::gcd(stride, n) != 1) ++stride;
-  std::vector<Chunk> out(n);
-  for (size_t k = 0; k < n; ++k) out[k] = chunks[(k * stride) % n];
-  chunks.swap(out);
-}
-
 Tables upload(const std::vector<TensorRef>& refs) {
   std::vector<Chunk> chunks;
   for (size_t t = 0; t < refs.size(); ++t)
     for (int64_t b = 0; b < refs[t].n; b += kChunk) chunks.push_back({static_cast<int32_t>(t), b, std::min(refs[t].n, b + kChunk)});
-  if (chunks_spread()) spread(chunks);
   Tables out;
   out.n_chunks = static_cast<int64_t>(chunks.size());
   if (chunks.empty()) return out;
