@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <random>
 #include <string>
@@ -46,14 +47,63 @@ void report(const std::string& op, const std::string& shape, double ms, double f
               op.c_str(), shape.c_str(), ms, tflops, gbs, flops > 0 ? tflops / 989.0 : gbs / 3350.0);
 }
 
+// AdamW under the bf16 policy (w, g, m, v BF16: 14 bytes an element, 8 read and 6 written) over one
+// q30 layer's experts (gate_up [128, 1536, 2048] and down [128, 2048, 768]: 604M parameters, two
+// tensors) and over the LM head alone ([151936, 2048]: 311M, one tensor), with a device-to-device
+// copy of the same bytes as the floor for a mix of reads and writes.
+void bench_adamw() {
+  // Second moments must be >= 0 (a negative one sends sqrt down its slow path: session 21's first
+  // timing of kernel variants had them, and measured the arithmetic's special cases, not the step's).
+  // 2^20 random values repeated (drawing billions of normals on the host takes minutes).
+  const auto tiled = [](const Shape& s, float scale, bool positive) {
+    std::mt19937 gen(11);
+    std::normal_distribution<float> d(0.f, scale);
+    std::vector<float> block(1 << 20), all(static_cast<size_t>(shape_numel(s)));
+    for (auto& x : block) x = positive ? std::abs(d(gen)) : d(gen);
+    for (size_t i = 0; i < all.size(); ++i) all[i] = block[i & (block.size() - 1)];
+    return cuda::to_device(Tensor::from_vector(all, s), DType::BF16);
+  };
+  const ops::AdamWScalars sc{0.1f, 0.999f, 0.001f, 0.0447f, 1e-8f, 1e-4f};
+  for (const auto& [name, shapes] : std::vector<std::pair<std::string, std::vector<Shape>>>{
+           {"experts 604M", {Shape{128, 1536, 2048}, Shape{128, 2048, 768}}}, {"lm_head 311M", {Shape{151936, 2048}}}}) {
+    std::vector<cuda::AdamWTensors> ts;
+    std::vector<Tensor> grads;
+    int64_t n = 0;
+    for (const Shape& s : shapes) {
+      ts.push_back({tiled(s, 0.02f, false), tiled(s, 1e-3f, false), tiled(s, 1e-3f, false), tiled(s, 1e-6f, true), 0.9999f,
+                    Tensor(), Tensor()});
+      grads.push_back(ts.back().grad);
+      n += shape_numel(s);
+    }
+    const double bytes = 14.0 * static_cast<double>(n);
+    report("adamw_bf16", name, time_ms([&] { cuda::adamw_multi_tensor(ts, sc); }, 10), 0, bytes);
+    // The gradient norm (2 bytes read an element) and clipping's in-place scaling (2 read, 2 written).
+    report("grad_norm_bf16", name, time_ms([&] { cuda::global_grad_norm(grads); }, 10), 0, 2.0 * static_cast<double>(n));
+    report("scale_inplace_bf16", name, time_ms([&] { cuda::scale_inplace(grads, 1.f); }, 10), 0, 4.0 * static_cast<double>(n));
+    // The floor: half the bytes read, half written, by the copy engine's path through the SMs.
+    void *src = nullptr, *dst = nullptr;
+    const size_t half = static_cast<size_t>(bytes / 2);
+    if (cudaMalloc(&src, half) == cudaSuccess && cudaMalloc(&dst, half) == cudaSuccess) {
+      report("d2d_copy (floor)", name, time_ms([&] { cudaMemcpyAsync(dst, src, half, cudaMemcpyDeviceToDevice); }, 10), 0,
+             bytes);
+    }
+    cudaFree(src);
+    cudaFree(dst);
+  }
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   if (!cuda::available()) {
     std::printf("{\"skipped\": \"no CUDA device\"}\n");
     return 0;
   }
   std::fprintf(stderr, "device: %s\n", cuda::device_name().c_str());
+  if (argc > 1 && std::string(argv[1]) == "adamw") {  // only the optimizer's kernels and their floor
+    bench_adamw();
+    return 0;
+  }
   const int64_t T = 4096, H = 2048, I = 768, V = 151936;
   const DType bf = DType::BF16;
   // Dense GEMMs at the model's shapes (x W^T).
