@@ -512,7 +512,11 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
     // Under expert parallelism (remote) the weight gradients wait until the input gradient is on its
     // way back: they are what the combine's all-to-all runs under (Megatron's and DeepSeek's overlap
     // of the backward's exchange). Within a chunk the order of the sums is unchanged.
-    Tensor act = activation(ch.h);
+    // Plain SwiGLU on one rank without LoRA: the activation comes out of its backward kernel (after
+    // the input gradient, before the down projection's weight gradient) instead of a recompute
+    // pass over gate_up. Otherwise it is recomputed here, where LoRA and the remote order need it.
+    const bool act_from_backward = !relu2 && !gpt_oss && !lora && !remote;
+    Tensor act = act_from_backward ? Tensor() : activation(ch.h);
     const auto down_weight_grads = [&](const Tensor& act_rows, const Tensor& d_y_rows) {
       if (gpt_oss) {  // y = act @ W_down + b: dW += act^T d_y
         if (ps.trainable(down)) expert_weight_grad(ps, down, act_rows, d_y_rows, off);
@@ -530,13 +534,14 @@ Tensor SparseMoE::backward(ParamAccess& ps, const RunContext& ctx, Cache& c, con
       }
     };
     Tensor d_act = ops::empty({rows, inter}, dt, dev, "expert activation gradient");
-    if (!remote) down_weight_grads(act, d_y);
+    if (!remote && !act_from_backward) down_weight_grads(act, d_y);
     if (gpt_oss) ops::grouped_linear(d_y, ps.value(down), off, d_act);  // d(act) = d_y W^T; likewise for gate_up
     else ops::grouped_linear_input_grad(d_y, ps.value(down), off, d_act);
     if (lora) lora->down_backward(ps, act, off, d_y, d_act);
-    if (!remote) act = d_y = Tensor();
-    Tensor d_h = activation_backward(ch.h, d_act);
+    Tensor d_h = act_from_backward ? ops::swiglu_backward(ch.h, d_act, &act) : activation_backward(ch.h, d_act);
     d_act = ch.h = Tensor();
+    if (act_from_backward) down_weight_grads(act, d_y);
+    if (!remote) act = d_y = Tensor();
     // The expert inputs: kept when they came from other ranks, else the permute again.
     Tensor xs = ch.xs.defined() ? ch.xs : ops::permute_tokens(rows_of(xe, n, ch), ch.plan);
     ch.xs = Tensor();

@@ -243,8 +243,8 @@ Tensor swiglu(const Tensor& gate_up) {
   MF_DISPATCH("swiglu", gate_up, swiglu(gate_up));
 }
 
-Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout) {
-  MF_DISPATCH("swiglu_backward", MF_T(gate_up, dout), swiglu_backward(gate_up, dout));
+Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout, Tensor* act) {
+  MF_DISPATCH("swiglu_backward", MF_T(gate_up, dout), swiglu_backward(gate_up, dout, act));
 }
 
 Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit) {

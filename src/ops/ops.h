@@ -97,8 +97,10 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 // ---- Activations and small pieces of the family variants
 
 // out = silu(gate) * up, with gate_up [T, 2I] holding gate in the first half; and d(gate_up).
+// `act`, when given, receives swiglu(gate_up) as swiglu() computes it, bit for bit (the experts'
+// backward needs it for the down projection's weight gradient: one pass fewer than recomputing it).
 Tensor swiglu(const Tensor& gate_up);
-Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);
+Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout, Tensor* act = nullptr);
 // GPT-OSS's expert activation: gate_up [T, 2I] with gate and up interleaved (columns 2j and 2j+1)
 // -> (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha g), g = min(gate, limit); [T, I]. And back.
 Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit);

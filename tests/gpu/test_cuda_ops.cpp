@@ -143,6 +143,14 @@ TEST_P(CudaOps, SwigluForwardBackward) {
     expect_close(cuda::swiglu_backward(cuda::to_device(gu, dt), cuda::to_device(dout, dt)),
                  ops::swiglu_backward(gur, rounded(dout, dt)), dt == DType::F32 ? Tol{1e-5f, 1e-4f} : tol_for(dt),
                  "swiglu_backward" + at);
+    // The activation out of the backward kernel is the forward's, bit for bit; the gradient unchanged.
+    Tensor act;
+    const Tensor with_act = cuda::swiglu_backward(cuda::to_device(gu, dt), cuda::to_device(dout, dt), &act);
+    const Tensor fwd = cuda::to_host_f32(cuda::swiglu(cuda::to_device(gu, dt))), got = cuda::to_host_f32(act);
+    ASSERT_EQ(got.shape(), fwd.shape());
+    EXPECT_EQ(std::memcmp(got.raw(), fwd.raw(), got.nbytes()), 0) << "swiglu_backward's act" << at;
+    const Tensor plain = cuda::to_host_f32(cuda::swiglu_backward(cuda::to_device(gu, dt), cuda::to_device(dout, dt)));
+    EXPECT_EQ(std::memcmp(cuda::to_host_f32(with_act).raw(), plain.raw(), plain.nbytes()), 0) << "dgu with act" << at;
   }
 }
 
@@ -535,6 +543,28 @@ TEST(CudaOptimizer, ClipScaleAsReadEqualsScaledGradients) {
   };
   const auto got = run(true), want = run(false);
   for (size_t k = 0; k < got.size(); ++k) EXPECT_EQ(std::memcmp(got[k].raw(), want[k].raw(), got[k].nbytes()), 0) << k;
+}
+
+// The gradient norm and clipping's in-place scaling on 16-byte vectors and on the element-wise path
+// (a view one element in, not 16-byte aligned), BF16 and F32: the scaled values as the CPU stores
+// them, bit for bit; the norm within float summation order.
+TEST(CudaOptimizer, NormAndScaleMatchTheCpuOnVectorsAndTails) {
+  REQUIRE_GPU();
+  const int64_t n = 70003;  // more than one chunk, and a tail that is not a whole vector
+  for (const DType dt : {DType::BF16, DType::F32}) {
+    for (const int64_t skip : {int64_t{0}, int64_t{1}}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " skip " + std::to_string(skip));
+      const Tensor host = ops::to_device(randn({n + skip}, 131, 0.3f), Device::cpu(), dt);
+      Tensor dev_whole = cuda::to_device(host, dt);
+      Tensor dev = dev_whole.slice0(skip, n);
+      Tensor cpu = host.clone().slice0(skip, n);
+      EXPECT_NEAR(cuda::global_grad_norm({dev}), ops::global_grad_norm({cpu}), 1e-5 * ops::global_grad_norm({cpu}));
+      cuda::scale_inplace({dev}, 0.377f);
+      ops::scale_inplace({cpu}, 0.377f);
+      const Tensor got = cuda::to_host_f32(dev), want = ops::to_device(cpu, Device::cpu(), DType::F32);
+      EXPECT_EQ(std::memcmp(got.raw(), want.raw(), got.nbytes()), 0);
+    }
+  }
 }
 
 // AdamW with BF16 moments (the bf16 policy) and with F32 masters refreshing a BF16 copy

@@ -203,7 +203,9 @@ std::vector<OpCase> cases() {
   c.push_back({"swiglu_and_backward/odd",
                [=](uint32_t s) { return Tensors{rnd({7, 2 * 9}, s), rnd({7, 9}, s + 1)}; },
                [](const Tensors& in, DType act) {
-                 return Tensors{ops::swiglu(as(in[0], act)), ops::swiglu_backward(as(in[0], act), as(in[1], act))};
+                 Tensor a;  // the activation as the backward hands it out (the experts' backward reads it)
+                 Tensor dgu = ops::swiglu_backward(as(in[0], act), as(in[1], act), &a);
+                 return Tensors{ops::swiglu(as(in[0], act)), dgu, a};
                }});
 
   c.push_back({"clamped_swiglu_and_backward/odd",

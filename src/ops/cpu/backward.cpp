@@ -101,9 +101,10 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   }
 }
 
-Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout) {
+Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout, Tensor* act) {
   const int64_t t = gate_up.size(0), two_i = gate_up.size(1), inter = two_i / 2;
   Tensor dgu = Tensor::empty({t, two_i}, DType::F32);
+  if (act) *act = swiglu(gate_up);  // the forward's own arithmetic (F32 on the CPU: no pass to save)
   const float* g = gate_up.f32();
   const float* d = dout.f32();
   float* o = dgu.f32();

@@ -39,7 +39,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
                         const Tensor* sinks = nullptr, Tensor* dsinks = nullptr);
 
 Tensor swiglu(const Tensor& gate_up);
-Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);
+Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout, Tensor* act = nullptr);
 Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit);
 Tensor clamped_swiglu_backward(const Tensor& gate_up, const Tensor& dout, float alpha, float limit);
 

@@ -40,24 +40,27 @@ __global__ void swiglu_kernel(const T* gu, T* out, int64_t rows, int64_t inter) 
   }
 }
 
+// `act` (optional): the forward's output too, computed as swiglu_kernel does.
 template <typename T, int V>
-__global__ void swiglu_backward_kernel(const T* gu, const T* dout, T* dgu, int64_t rows, int64_t inter) {
+__global__ void swiglu_backward_kernel(const T* gu, const T* dout, T* dgu, T* act, int64_t rows, int64_t inter) {
   using P = Pack<T, V>;
   const int64_t per_row = inter / V;
   for (int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; q < rows * per_row; q += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = q / per_row, c = q % per_row;
     const P g = reinterpret_cast<const P*>(gu + r * 2 * inter)[c], u = reinterpret_cast<const P*>(gu + r * 2 * inter + inter)[c];
     const P d = reinterpret_cast<const P*>(dout + r * inter)[c];
-    P dg, du;
+    P dg, du, a;
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const float gv = load(g.v, e), uv = load(u.v, e), dv = load(d.v, e);
       const float sig = 1.f / (1.f + __expf(-gv));
       store(dg.v, e, dv * uv * sig * (1.f + gv * (1.f - sig)));
       store(du.v, e, dv * gv * sig);
+      if (act) store(a.v, e, round_like<T>(gv / (1.f + __expf(-gv))) * uv);
     }
     reinterpret_cast<P*>(dgu + r * 2 * inter)[c] = dg;
     reinterpret_cast<P*>(dgu + r * 2 * inter + inter)[c] = du;
+    if (act) reinterpret_cast<P*>(act + r * inter)[c] = a;
   }
 }
 
@@ -244,17 +247,24 @@ Tensor swiglu(const Tensor& gate_up) {
   return out;
 }
 
-Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout) {
+Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout, Tensor* act) {
   require_float(gate_up, "swiglu_backward");
   const int64_t two_i = gate_up.shape().back(), rows = gate_up.numel() / two_i, inter = two_i / 2;
   MF_CHECK(dout.numel() == rows * inter && dout.dtype() == gate_up.dtype(), "swiglu_backward: dout does not match");
   Tensor dgu = empty(gate_up.shape(), gate_up.dtype(), "swiglu input gradient");
+  if (act) {
+    Shape s = gate_up.shape();
+    s.back() = inter;
+    *act = empty(s, gate_up.dtype(), "swiglu output");
+  }
   if (rows * inter == 0) return dgu;
   dispatch_float(gate_up.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     constexpr int V = 16 / sizeof(T);
-    launch_packed<T>(packs_fit<T>(inter, {gate_up.raw(), dout.raw(), dgu.raw()}), rows * inter, swiglu_backward_kernel<T, V>,
-                     swiglu_backward_kernel<T, 1>, gate_up.data<T>(), dout.data<T>(), dgu.data<T>(), rows, inter);
+    T* act_out = act ? act->data<T>() : nullptr;
+    launch_packed<T>(packs_fit<T>(inter, {gate_up.raw(), dout.raw(), dgu.raw(), act ? act->raw() : dgu.raw()}), rows * inter,
+                     swiglu_backward_kernel<T, V>, swiglu_backward_kernel<T, 1>, gate_up.data<T>(), dout.data<T>(),
+                     dgu.data<T>(), act_out, rows, inter);
   });
   MF_CUDA_CHECK_LAUNCH("swiglu_backward");
   return dgu;

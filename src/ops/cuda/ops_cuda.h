@@ -52,7 +52,7 @@ Tensor sum_row_groups(const Tensor& src, int64_t src_width, int64_t src_c0, int6
 Tensor deinterleave_pairs(const Tensor& x, int64_t d);
 Tensor interleave_pairs(const Tensor& x, int64_t d);
 Tensor swiglu(const Tensor& gate_up);
-Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout);
+Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout, Tensor* act = nullptr);
 Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit);
 Tensor clamped_swiglu_backward(const Tensor& gate_up, const Tensor& dout, float alpha, float limit);
 void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse = false);
