@@ -106,12 +106,9 @@ double finish_gradients(RankGroups* g, nn::ParamAccess& ps, double max_norm, flo
   const double norm = whole_norm(g, sq);
   const double coef = max_norm / (norm + 1e-6);
   const bool clip = max_norm > 0 && coef < 1.0;
-  if (deferred_scale && !clip_in_place_forced()) {
-    *deferred_scale = clip ? static_cast<float>(coef) : 1.f;
-    return norm;
-  }
-  if (deferred_scale) *deferred_scale = 1.f;
-  if (clip) ops::scale_inplace(held_gradients(ps, idx), static_cast<float>(coef));
+  const bool defer = deferred_scale && !clip_in_place_forced();
+  if (deferred_scale) *deferred_scale = clip && defer ? static_cast<float>(coef) : 1.f;
+  if (clip && !defer) ops::scale_inplace(held_gradients(ps, idx), static_cast<float>(coef));
   return norm;
 }
 
