@@ -103,53 +103,71 @@ struct RowWalk {
   }
 };
 
-__global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::AdamWScalars s) {
-  const Chunk c = chunks[blockIdx.x];
-  const TensorRef r = refs[c.tensor];
+// Walks this thread's share of one chunk: aligned groups of 8 elements as 16-byte vectors where the
+// tensor allows (chunks start at multiples of kChunk, so every group is aligned), then the element
+// tail, telling each step whether its gradient row was written (vec_ok: rows are multiples of 8, so
+// a group lies in one row). The optimizer kernels differ only in what they do with a group or an
+// element.
+template <class Group, class Element>
+__device__ __forceinline__ void walk_chunk(const TensorRef& r, const Chunk& c, Group&& group, Element&& element) {
   int64_t tail = c.begin;
   if (r.vec_ok) {
-    // Chunks start at multiples of kChunk, so every group of 8 below is aligned.
     const int64_t groups = (c.end - c.begin) / 8;
     RowWalk rows(r, c.begin + threadIdx.x * 8);
     for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
       const int64_t i = c.begin + gi * 8;
-      float w[8], g[8], m[8], v[8];
-      ld8(r.w, r.w_bf16, i, w);
-      if (!rows.at(i)) {  // a group of 8 lies in one row here (vec_ok: rows are multiples of 8)
-#pragma unroll
-        for (int k = 0; k < 8; ++k) g[k] = 0.f;
-      } else {
-        ld8(r.g, r.g_bf16, i, g);
-        if (s.grad_scale != 1.f) {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) g[k] = scaled_grad(g[k], s.grad_scale, r.g_bf16);
-        }
-      }
-      ld8(r.m, r.mv_bf16, i, m);
-      ld8(r.v, r.mv_bf16, i, v);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) ops::adamw_element(w[k], g[k], m[k], v[k], r.wd_mul, s);
-      st8(r.w, r.w_bf16, i, w);
-      st8(r.m, r.mv_bf16, i, m);
-      st8(r.v, r.mv_bf16, i, v);
-      if (r.w_copy) st8(r.w_copy, true, i, w);
+      group(i, rows.at(i));
     }
     tail = c.begin + groups * 8;
   }
   RowWalk rows(r, tail + threadIdx.x);
-  for (int64_t i = tail + threadIdx.x; i < c.end; i += blockDim.x) {
-    float w = ld(r.w, r.w_bf16, i), m = ld(r.m, r.mv_bf16, i), v = ld(r.v, r.mv_bf16, i);
-    const float g = rows.at(i) ? scaled_grad(ld(r.g, r.g_bf16, i), s.grad_scale, r.g_bf16) : 0.f;
-    ops::adamw_element(w, g, m, v, r.wd_mul, s);
-    st(r.w, r.w_bf16, i, w);
-    st(r.m, r.mv_bf16, i, m);
-    st(r.v, r.mv_bf16, i, v);
-    if (r.w_copy) r.w_copy[i] = __float2bfloat16(w);
-  }
+  for (int64_t i = tail + threadIdx.x; i < c.end; i += blockDim.x) element(i, rows.at(i));
+}
+
+__global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::AdamWScalars s) {
+  const Chunk c = chunks[blockIdx.x];
+  const TensorRef r = refs[c.tensor];
+  walk_chunk(
+      r, c,
+      [&](int64_t i, bool written) {
+        float w[8], g[8], m[8], v[8];
+        ld8(r.w, r.w_bf16, i, w);
+        if (!written) {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) g[k] = 0.f;
+        } else {
+          ld8(r.g, r.g_bf16, i, g);
+          if (s.grad_scale != 1.f) {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) g[k] = scaled_grad(g[k], s.grad_scale, r.g_bf16);
+          }
+        }
+        ld8(r.m, r.mv_bf16, i, m);
+        ld8(r.v, r.mv_bf16, i, v);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) ops::adamw_element(w[k], g[k], m[k], v[k], r.wd_mul, s);
+        st8(r.w, r.w_bf16, i, w);
+        st8(r.m, r.mv_bf16, i, m);
+        st8(r.v, r.mv_bf16, i, v);
+        if (r.w_copy) st8(r.w_copy, true, i, w);
+      },
+      [&](int64_t i, bool written) {
+        float w = ld(r.w, r.w_bf16, i), m = ld(r.m, r.mv_bf16, i), v = ld(r.v, r.mv_bf16, i);
+        const float g = written ? scaled_grad(ld(r.g, r.g_bf16, i), s.grad_scale, r.g_bf16) : 0.f;
+        ops::adamw_element(w, g, m, v, r.wd_mul, s);
+        st(r.w, r.w_bf16, i, w);
+        st(r.m, r.mv_bf16, i, m);
+        st(r.v, r.mv_bf16, i, v);
+        if (r.w_copy) r.w_copy[i] = __float2bfloat16(w);
+      });
 }
 
 // The gradient norm's and clipping's passes move 16-byte vectors like AdamW (one element a thread
-// per iteration ran at ~1.3 TB/s: session 22's kernel table) and walk row flags the same way.
+// per iteration ran at ~1.3 TB/s: session 22's kernel table) and skip unwritten rows the same way
+// (zeros, not read). The norm only reads, so one load a thread in flight left it at 2.3 TB/s
+// against 3.0 for a copy: its vector part issues kNormLoads groups' loads before it adds any of
+// them (the same order of additions as one group at a time, so the same sum).
+constexpr int kNormLoads = 4;
 __global__ void sumsq_kernel(const TensorRef* refs, const Chunk* chunks, float* partial) {
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
@@ -158,13 +176,21 @@ __global__ void sumsq_kernel(const TensorRef* refs, const Chunk* chunks, float* 
   if (r.vec_ok) {
     const int64_t groups = (c.end - c.begin) / 8;
     RowWalk rows(r, c.begin + threadIdx.x * 8);
-    for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-      const int64_t i = c.begin + gi * 8;
-      if (!rows.at(i)) continue;  // an unwritten row: zeros, not read (a group lies in one row)
-      float g[8];
-      ld8(r.g, r.g_bf16, i, g);
+    for (int64_t g0 = threadIdx.x; g0 < groups; g0 += static_cast<int64_t>(blockDim.x) * kNormLoads) {
+      float g[kNormLoads][8];
+      bool live[kNormLoads];
 #pragma unroll
-      for (int k = 0; k < 8; ++k) acc += g[k] * g[k];
+      for (int k = 0; k < kNormLoads; ++k) {
+        const int64_t gi = g0 + static_cast<int64_t>(k) * blockDim.x;
+        live[k] = gi < groups && rows.at(c.begin + gi * 8);
+        if (live[k]) ld8(r.g, r.g_bf16, c.begin + gi * 8, g[k]);
+      }
+#pragma unroll
+      for (int k = 0; k < kNormLoads; ++k) {
+        if (!live[k]) continue;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc += g[k][j] * g[k][j];
+      }
     }
     tail = c.begin + groups * 8;
   }
@@ -181,20 +207,16 @@ __global__ void sumsq_kernel(const TensorRef* refs, const Chunk* chunks, float* 
 __global__ void scale_kernel(const TensorRef* refs, const Chunk* chunks, float factor) {
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
-  int64_t tail = c.begin;
-  if (r.vec_ok) {
-    const int64_t groups = (c.end - c.begin) / 8;
-    for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-      const int64_t i = c.begin + gi * 8;
-      float g[8];
-      ld8(r.g, r.g_bf16, i, g);
+  walk_chunk(
+      r, c,
+      [&](int64_t i, bool) {
+        float g[8];
+        ld8(r.g, r.g_bf16, i, g);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) g[k] *= factor;
-      st8(r.g, r.g_bf16, i, g);
-    }
-    tail = c.begin + groups * 8;
-  }
-  for (int64_t i = tail + threadIdx.x; i < c.end; i += blockDim.x) st(r.g, r.g_bf16, i, ld(r.g, r.g_bf16, i) * factor);
+        for (int k = 0; k < 8; ++k) g[k] *= factor;
+        st8(r.g, r.g_bf16, i, g);
+      },
+      [&](int64_t i, bool) { st(r.g, r.g_bf16, i, ld(r.g, r.g_bf16, i) * factor); });
 }
 
 bool is_bf16(const Tensor& t, const char* what) {
