@@ -72,6 +72,11 @@ void Linear::backward_into(ParamAccess& ps, const Tensor& x, const Tensor& dy, T
   if (lora) lora->backward(ps, x, dy, dx);
 }
 
+Tensor Linear::input_grad(const ParamAccess& ps, const Tensor& dy) const {
+  MF_CHECK(!lora, "Linear::input_grad: a LoRA-adapted projection needs backward (its adapter's gradients)");
+  return ops::linear_input_grad(dy, ps.value(weight));
+}
+
 void Linear::weight_grads(ParamAccess& ps, const Tensor& x, const Tensor& dy) const {
   if (ps.trainable(weight)) weight_grad(ps, weight, dy, x);
   if (bias && ps.trainable(*bias)) ops::bias_grad(dy, ps.grad(*bias));
@@ -218,9 +223,19 @@ Tensor DenseMLP::forward(const ParamAccess& ps, const Tensor& x, Cache* cache) c
 }
 
 Tensor DenseMLP::backward(ParamAccess& ps, Cache& c, const Tensor& dy) const {
-  Tensor dact = down_proj.backward(ps, ops::swiglu(c.gate_up), dy);
-  const Tensor dgu = ops::swiglu_backward(c.gate_up, dact);
-  dact = Tensor();
+  Tensor dgu;
+  if (down_proj.lora) {
+    // The adapter's gradients need the activation with d_y: recompute it first.
+    const Tensor dact = down_proj.backward(ps, ops::swiglu(c.gate_up), dy);
+    dgu = ops::swiglu_backward(c.gate_up, dact);
+  } else {
+    // d(act) first; SwiGLU's backward then gives the activation for the down weight's gradient
+    // (one pass over gate_up fewer than recomputing it; the same values).
+    const Tensor dact = down_proj.input_grad(ps, dy);
+    Tensor act;
+    dgu = ops::swiglu_backward(c.gate_up, dact, &act);
+    down_proj.weight_grads(ps, act, dy);
+  }
   c.gate_up = Tensor();
   const int64_t t = dgu.size(0), inter = dgu.size(1) / 2;
   Tensor dg = ops::empty({t, inter}, dgu.dtype(), dgu.device(), "dense gate gradient");

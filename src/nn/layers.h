@@ -57,8 +57,9 @@ struct Linear {
   Tensor backward(ParamAccess& ps, const Tensor& x, const Tensor& dy) const;
   // The backward with d(x) written into `dx` (added to it when `accumulate`), saving a buffer.
   void backward_into(ParamAccess& ps, const Tensor& x, const Tensor& dy, Tensor& dx, bool accumulate) const;
-
- private:
+  // The backward in two halves, for a caller that gets x only after d(x) (SwiGLU's activation out
+  // of its backward); without LoRA, whose gradients these halves leave out.
+  Tensor input_grad(const ParamAccess& ps, const Tensor& dy) const;
   void weight_grads(ParamAccess& ps, const Tensor& x, const Tensor& dy) const;  // of the trainable ones
 };
 
