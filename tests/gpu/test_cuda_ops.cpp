@@ -1049,6 +1049,29 @@ TEST_P(CudaOps, RoutingPermuteUnpermuteAndBackward) {
   EXPECT_THROW(cuda::plan_routing(cuda::to_device(Tensor::from_i64({0, 16}, {1, 2}), DType::I64), e), Error);
 }
 
+// More assignments than one tile of the rank kernel (1024 threads x 32 = 32,768), the last tile
+// partial, skewed toward a few experts (one with nearly all of a tile) and some experts empty: the
+// plan numbers each expert's rows in token order across the tiles.
+TEST(CudaOpsRouting, PlansOverSeveralRankTiles) {
+  REQUIRE_GPU();
+  const int64_t t = 9001, k = 8, e = 128;
+  std::mt19937 g(17);
+  std::vector<int64_t> idx(t * k);
+  for (int64_t a = 0; a < t * k; ++a) {
+    const uint32_t r = g();
+    idx[a] = a < 30000 && r % 4 != 0 ? 7 : (r % 8 == 0 ? 3 : static_cast<int64_t>(r % 100));
+  }
+  std::vector<int64_t> off(e + 1, 0), dest(t * k);
+  for (int64_t x : idx) ++off[x + 1];
+  for (int64_t i = 0; i < e; ++i) off[i + 1] += off[i];
+  std::vector<int64_t> fill(off.begin(), off.end() - 1);
+  for (int64_t a = 0; a < t * k; ++a) dest[a] = fill[idx[a]]++;
+  const auto plan = cuda::plan_routing(cuda::to_device(Tensor::from_i64(idx, {t, k}), DType::I64), e);
+  EXPECT_EQ(plan.offsets, off);
+  Tensor got = cuda::to_host_f32(plan.dest_row);
+  EXPECT_EQ(std::vector<int64_t>(got.i64(), got.i64() + t * k), dest);
+}
+
 // A started plan: its permutation queued before the host has the offsets gives what the finished
 // plan gives, the offsets arrive at finish_plan, and several plans can be in flight at once (each
 // its own pinned slot). An expert index out of range: the permutation skips the pair it could not

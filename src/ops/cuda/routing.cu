@@ -54,29 +54,43 @@ __global__ void offsets_kernel(const int64_t* counts, int64_t experts, int64_t* 
   }
 }
 
-// Block e numbers the assignments to expert e in order: rank = offsets[e] + (earlier matches).
+// Block e numbers the assignments to expert e in order: rank = offsets[e] + (earlier matches). A
+// thread takes kRankRun consecutive assignments at once (all its loads in flight), marks its
+// matches in a bit mask, and one block-wide scan of the threads' counts places them: one barrier
+// round per 32K assignments. (Stepping 1024 assignments at a time with three barriers each took
+// 41 us per q30 layer, session 19's kernel table.)
+constexpr int kRankRun = 32;
 __global__ void rank_kernel(const int64_t* idx, int64_t n, const int64_t* offsets, int64_t* dest) {
   const int64_t e = blockIdx.x;
-  __shared__ int64_t base;
-  __shared__ int warp_counts[kPlanThreads / 32];
-  if (threadIdx.x == 0) base = offsets[e];
-  __syncthreads();
-  for (int64_t start = 0; start < n; start += blockDim.x) {
-    const int64_t i = start + threadIdx.x;
-    const bool mine = i < n && idx[i] == e;
-    const unsigned ballot = __ballot_sync(0xffffffffu, mine);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
-    __syncthreads();
-    int64_t before = 0;
-    for (int w = 0; w < warp; ++w) before += warp_counts[w];
-    before += __popc(ballot & ((1u << lane) - 1u));
-    if (mine) dest[i] = base + before;
-    __syncthreads();
+  __shared__ int64_t carry;  // this expert's assignments numbered in earlier tiles, plus offsets[e]
+  __shared__ int warp_sums[kPlanThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  if (threadIdx.x == 0) carry = offsets[e];
+  const int64_t tile = static_cast<int64_t>(blockDim.x) * kRankRun;
+  for (int64_t start = 0; start < n; start += tile) {
+    const int64_t first = start + static_cast<int64_t>(threadIdx.x) * kRankRun;
+    uint32_t mask = 0;
+#pragma unroll
+    for (int j = 0; j < kRankRun; ++j) {
+      const int64_t i = first + j;
+      if (i < n && idx[i] == e) mask |= 1u << j;
+    }
+    const int count = __popc(mask);
+    int inclusive = count;  // over the warp's lanes
+    for (int d = 1; d < 32; d <<= 1) {
+      const int other = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d) inclusive += other;
+    }
+    if (lane == 31) warp_sums[warp] = inclusive;
+    __syncthreads();  // the warps' sums (and, on the first tile, carry) are visible
+    int64_t next = carry + inclusive - count;
+    for (int w = 0; w < warp; ++w) next += warp_sums[w];
+    for (uint32_t m = mask; m != 0; m &= m - 1) dest[first + __ffs(m) - 1] = next++;  // lowest bit first
+    __syncthreads();  // every thread has read carry and the warps' sums
     if (threadIdx.x == 0) {
       int64_t total = 0;
-      for (int w = 0; w < static_cast<int>(blockDim.x >> 5); ++w) total += warp_counts[w];
-      base += total;
+      for (int w = 0; w < warps; ++w) total += warp_sums[w];
+      carry += total;
     }
     __syncthreads();
   }
