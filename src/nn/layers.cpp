@@ -44,6 +44,18 @@ Tensor RMSNorm::backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, con
   return ops::rms_norm_backward(x, ps.value(weight), eps, dy, unused, rstd);
 }
 
+Tensor RMSNorm::forward_rope(const ParamAccess& ps, const Tensor& x, const Tensor& cos, const Tensor& sin,
+                             Tensor* rstd) const {
+  return ops::rms_norm_rope(x, ps.value(weight), eps, cos, sin, rstd);
+}
+
+Tensor RMSNorm::backward_rope(ParamAccess& ps, const Tensor& x, Tensor& dy, const Tensor& cos, const Tensor& sin,
+                              const Tensor* rstd) const {
+  if (ps.trainable(weight)) return ops::rms_norm_rope_backward(x, ps.value(weight), eps, dy, cos, sin, ps.grad(weight), rstd);
+  Tensor unused = ops::zeros({ps.value(weight).numel()}, DType::F32, x.device());  // a frozen weight's gradient
+  return ops::rms_norm_rope_backward(x, ps.value(weight), eps, dy, cos, sin, unused, rstd);
+}
+
 void Linear::init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t out, bool with_bias) {
   weight = ps.add(prefix + ".weight", {out, in});
   if (with_bias) {
@@ -142,16 +154,22 @@ Tensor Attention::forward(const ParamAccess& ps, const Tensor& x, int64_t batch,
       c->k_pre = k_pre;
     }
   }
-  Tensor q = normalise(ps, q_norm, q_pre, heads, c ? &c->rstd_q : nullptr, c ? &c->q_unclipped : nullptr)
-                 .view({t, heads, head_dim});
-  Tensor k = normalise(ps, k_norm, k_pre, kv_heads, c ? &c->rstd_k : nullptr, c ? &c->k_unclipped : nullptr)
-                 .view({t, kv_heads, head_dim});
+  Tensor q, k;
+  if (norm_then_rope()) {  // Qwen3: the per-head norms and the rotation in one pass each
+    q = q_norm->forward_rope(ps, q_pre.view({t, heads, head_dim}), cos, sin, c ? &c->rstd_q : nullptr);
+    k = k_norm->forward_rope(ps, k_pre.view({t, kv_heads, head_dim}), cos, sin, c ? &c->rstd_k : nullptr);
+  } else {
+    q = normalise(ps, q_norm, q_pre, heads, c ? &c->rstd_q : nullptr, c ? &c->q_unclipped : nullptr)
+            .view({t, heads, head_dim});
+    k = normalise(ps, k_norm, k_pre, kv_heads, c ? &c->rstd_k : nullptr, c ? &c->k_unclipped : nullptr)
+            .view({t, kv_heads, head_dim});
+  }
   if (clip) {
     if (c) c->v_unclipped = ops::copy(v);
     ops::clamp_inplace(v, *clip);
   }
   v = v.view({batch, seq, kv_heads, head_dim});
-  if (rope) {
+  if (rope && !norm_then_rope()) {
     ops::rope_inplace(q, cos, sin);
     ops::rope_inplace(k, cos, sin);
   }
@@ -190,12 +208,19 @@ Tensor Attention::backward(ParamAccess& ps, Cache& c, int64_t batch, int64_t seq
   c.q = c.k = c.v = c.o = c.lse = Tensor();
   dq = dq.view({t, heads, head_dim});
   dk = dk.view({t, kv_heads, head_dim});
-  if (rope) {
-    ops::rope_inplace(dq, cos, sin, /*inverse=*/true);
-    ops::rope_inplace(dk, cos, sin, /*inverse=*/true);
+  if (norm_then_rope()) {
+    const Tensor* rq = c.rstd_q.defined() ? &c.rstd_q : nullptr;
+    const Tensor* rk = c.rstd_k.defined() ? &c.rstd_k : nullptr;
+    dq = q_norm->backward_rope(ps, c.q_pre.view({t, heads, head_dim}), dq, cos, sin, rq).view({t, heads * head_dim});
+    dk = k_norm->backward_rope(ps, c.k_pre.view({t, kv_heads, head_dim}), dk, cos, sin, rk).view({t, kv_heads * head_dim});
+  } else {
+    if (rope) {
+      ops::rope_inplace(dq, cos, sin, /*inverse=*/true);
+      ops::rope_inplace(dk, cos, sin, /*inverse=*/true);
+    }
+    dq = normalise_backward(ps, q_norm, c.q_pre, c.rstd_q, c.q_unclipped, dq.view({t, heads * head_dim}), heads);
+    dk = normalise_backward(ps, k_norm, c.k_pre, c.rstd_k, c.k_unclipped, dk.view({t, kv_heads * head_dim}), kv_heads);
   }
-  dq = normalise_backward(ps, q_norm, c.q_pre, c.rstd_q, c.q_unclipped, dq.view({t, heads * head_dim}), heads);
-  dk = normalise_backward(ps, k_norm, c.k_pre, c.rstd_k, c.k_unclipped, dk.view({t, kv_heads * head_dim}), kv_heads);
   dv = dv.view({t, kv_heads * head_dim});
   if (clip) ops::clamp_backward_inplace(c.v_unclipped, dv, *clip);
   Tensor dx = ops::empty({t, c.x.size(1)}, dy.dtype(), dy.device(), "attention input gradient");

@@ -46,6 +46,12 @@ struct RMSNorm {
   // `rstd` (optional) keeps the per-row statistics for the backward, which recomputes them without.
   Tensor forward(const ParamAccess& ps, const Tensor& x, Tensor* rstd = nullptr) const;
   Tensor backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, const Tensor* rstd = nullptr) const;
+  // Per-head norm then RoPE in one op (ops::rms_norm_rope) on x [T, H, D], and its backward (dy in
+  // the rotated space; may be overwritten).
+  Tensor forward_rope(const ParamAccess& ps, const Tensor& x, const Tensor& cos, const Tensor& sin,
+                      Tensor* rstd = nullptr) const;
+  Tensor backward_rope(ParamAccess& ps, const Tensor& x, Tensor& dy, const Tensor& cos, const Tensor& sin,
+                       const Tensor* rstd = nullptr) const;
 };
 
 struct Linear {
@@ -110,6 +116,8 @@ struct Attention {
   // d(pre) from d(q or k) [T, n * head_dim] (which the clamp's backward modifies in place).
   Tensor normalise_backward(ParamAccess& ps, const std::optional<RMSNorm>& norm, const Tensor& pre,
                             const Tensor& rstd, const Tensor& unclipped, Tensor dy, int64_t n) const;
+  // Per-head q/k norms followed directly by RoPE (no clamp between): one fused op each way.
+  bool norm_then_rope() const { return q_norm && !full_qk_norm && !clip && rope; }
 };
 
 // SwiGLU MLP: down(silu(gate(x)) * up(x)). Keeps its input and the [T, 2I] gate|up projection;

@@ -158,6 +158,32 @@ void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse)
   MF_DISPATCH("rope", MF_T(x, cos, sin), rope_inplace(x, cos, sin, inverse));
 }
 
+Tensor rms_norm_rope(const Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin, Tensor* rstd) {
+#ifdef MOEFORGE_HAVE_CUDA
+  if (same_device("rms_norm_rope", x, weight, cos, sin)) return cuda::rms_norm_rope(x, weight, eps, cos, sin, rstd);
+#endif
+  MF_CHECK(x.dim() == 3, "rms_norm_rope: expected [T, H, D], got ", shape_str(x.shape()));
+  Tensor y = cpu::rms_norm(x.view({-1, x.shape()[2]}), weight, eps, rstd).view(x.shape());
+  cpu::rope_inplace(y, cos, sin);
+  return y;
+}
+
+Tensor rms_norm_rope_backward(const Tensor& x, const Tensor& weight, float eps, Tensor& dy, const Tensor& cos,
+                              const Tensor& sin, Tensor& dw, const Tensor* rstd) {
+  MF_CHECK(x.dim() == 3 && dy.shape() == x.shape(), "rms_norm_rope_backward: dy ", shape_str(dy.shape()), " must match x ",
+           shape_str(x.shape()));
+  const int64_t d = x.shape()[2];
+#ifdef MOEFORGE_HAVE_CUDA
+  if (same_device("rms_norm_rope_backward", x, weight, dy, dw, cos, sin)) {
+    Tensor own;
+    if (!rstd) cuda::rms_norm(x.view({-1, d}), weight, eps, &own);  // the statistics the kernel takes
+    return cuda::rms_norm_rope_backward(x, weight, rstd ? *rstd : own, dy, cos, sin, dw);
+  }
+#endif
+  cpu::rope_inplace(dy, cos, sin, /*inverse=*/true);
+  return cpu::rms_norm_backward(x.view({-1, d}), weight, eps, dy.view({-1, d}), dw).view(x.shape());
+}
+
 Tensor copy(const Tensor& x) { return to_device(x, x.device(), x.dtype()); }
 
 Tensor zeros(const Shape& shape, DType dtype, Device device, const char* what) {

@@ -72,6 +72,16 @@ void zero_unwritten_rows(Tensor& t, const Tensor& written);
 // x [T, H, D] rotated in place by cos/sin [T, rot] (F32) over the first `rot` dims (rotate_half
 // convention). `inverse` rotates by the opposite angle: the backward of the rotation (orthogonal).
 void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse = false);
+// Per-head RMSNorm then RoPE (Qwen3's q_norm / k_norm before apply_rotary_pos_emb): x [T, H, D]
+// normalised per head of D, then rotated by cos/sin [T, rot]. The values of rms_norm (rounded to
+// x's dtype as it stores them) then rope_inplace, in one pass where the backend has a fused kernel
+// (CUDA, rot = D). `rstd` as rms_norm's ([T * H]).
+Tensor rms_norm_rope(const Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin,
+                     Tensor* rstd = nullptr);
+// Its backward: dy [T, H, D] (in the rotated space) rotated back, then rms_norm_backward; dw (F32
+// [D]) accumulates. dy may be overwritten.
+Tensor rms_norm_rope_backward(const Tensor& x, const Tensor& weight, float eps, Tensor& dy, const Tensor& cos,
+                              const Tensor& sin, Tensor& dw, const Tensor* rstd = nullptr);
 
 // ---- Attention
 

@@ -322,6 +322,52 @@ TEST_P(CudaOps, RopeForwardAndInverse) {
   }
 }
 
+// The fused per-head norm + RoPE (Qwen3's q/k norms) against the two kernels it replaces, bit for
+// bit (y, rstd, dx; dw sums through atomics in any order: close), and both against the CPU: heads of
+// 128 and 64 (fused), and a partial rotation (64 of 128) that falls back to the two kernels.
+TEST_P(CudaOps, NormRopeFusedEqualsNormThenRope) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  struct Case { int64_t d, rot; };
+  for (const Case cs : {Case{128, 128}, Case{64, 64}, Case{128, 64}}) {
+    const int64_t t = 37, heads = 5;
+    const std::string at = " (d " + std::to_string(cs.d) + ", rot " + std::to_string(cs.rot) + ")";
+    Tensor x = randn({t, heads, cs.d}, 71, 2.f), w = randn({cs.d}, 72, 0.5f), dy = randn({t, heads, cs.d}, 73);
+    Tensor ang = randn({t, cs.rot}, 74, 3.f);
+    std::vector<float> c(ang.numel()), s(ang.numel());
+    for (int64_t i = 0; i < ang.numel(); ++i) {
+      c[i] = std::cos(ang.f32()[i]);
+      s[i] = std::sin(ang.f32()[i]);
+    }
+    Tensor cos = Tensor::from_vector(c, {t, cs.rot}), sin = Tensor::from_vector(s, {t, cs.rot});
+    Tensor cos_d = cuda::to_device(cos, DType::F32), sin_d = cuda::to_device(sin, DType::F32);
+    Tensor xd = cuda::to_device(x, dt), wd = cuda::to_device(w, DType::F32);
+    // The two kernels.
+    Tensor rstd_two;
+    Tensor y_two = cuda::rms_norm(xd.view({t * heads, cs.d}), wd, 1e-6f, &rstd_two).view({t, heads, cs.d});
+    cuda::rope_inplace(y_two, cos_d, sin_d);
+    Tensor dy_two = cuda::to_device(dy, dt), dw_two = cuda::to_device(Tensor::zeros({cs.d}, DType::F32), DType::F32);
+    cuda::rope_inplace(dy_two, cos_d, sin_d, /*inverse=*/true);
+    Tensor dx_two = cuda::rms_norm_backward(xd.view({t * heads, cs.d}), wd, rstd_two, dy_two.view({t * heads, cs.d}), dw_two);
+    // The fused op.
+    Tensor rstd;
+    Tensor y = cuda::rms_norm_rope(xd, wd, 1e-6f, cos_d, sin_d, &rstd);
+    Tensor dyd = cuda::to_device(dy, dt), dw = cuda::to_device(Tensor::zeros({cs.d}, DType::F32), DType::F32);
+    Tensor dx = cuda::rms_norm_rope_backward(xd, wd, rstd, dyd, cos_d, sin_d, dw);
+    EXPECT_EQ(cuda::to_host_f32(y).to_f32_vector(), cuda::to_host_f32(y_two).to_f32_vector()) << "y" << at;
+    EXPECT_EQ(cuda::to_host_f32(rstd).to_f32_vector(), cuda::to_host_f32(rstd_two).to_f32_vector()) << "rstd" << at;
+    EXPECT_EQ(cuda::to_host_f32(dx).to_f32_vector(), cuda::to_host_f32(dx_two).to_f32_vector()) << "dx" << at;
+    expect_close(dw, cuda::to_host_f32(dw_two), {1e-5f, 1e-5f}, "dw" + at);
+    // The CPU's composition.
+    Tensor y_want = ops::rms_norm_rope(rounded(x, dt), w, 1e-6f, cos, sin);
+    Tensor dy_want = rounded(dy, dt), dw_want = Tensor::zeros({cs.d}, DType::F32);
+    Tensor dx_want = ops::rms_norm_rope_backward(rounded(x, dt), w, 1e-6f, dy_want, cos, sin, dw_want);
+    expect_close(y, y_want, tol_for(dt), "y against the CPU" + at);
+    expect_close(dx, dx_want, dt == DType::F32 ? Tol{1e-4f, 1e-4f} : Tol{5e-2f, 3e-2f}, "dx against the CPU" + at);
+    expect_close(dw, dw_want, dt == DType::F32 ? Tol{1e-3f, 1e-4f} : Tol{0.5f, 3e-2f}, "dw against the CPU" + at);
+  }
+}
+
 TEST_P(CudaOps, EmbeddingAndBackward) {
   REQUIRE_GPU();
   const DType dt = GetParam();

@@ -84,8 +84,8 @@ __global__ void rope_kernel(T* x, const float* cos, const float* sin, int64_t t,
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const float av = load(a.v, e), bv = load(b.v, e);
-      store(oa.v, e, av * cl[e] - sign * bv * sl[e]);
-      store(ob.v, e, bv * ch[e] + sign * av * sh[e]);
+      store(oa.v, e, rope_first(av, bv, cl[e], sl[e], sign));
+      store(ob.v, e, rope_second(av, bv, ch[e], sh[e], sign));
     }
     *lo = oa;
     *hi = ob;

@@ -100,6 +100,17 @@ __device__ __forceinline__ void load_f32(const T* p, float (&out)[V]) {
   }
 }
 
+// RoPE on the pair (a, b) = (x[i], x[i + rot/2]) (Transformers' rotate_half), sign -1 for the
+// inverse (the backward): a' = a cos - sign b sin, b' = b cos' + sign a sin' (cos' and sin' at
+// i + rot/2). Each product rounded on its own (no contraction into FMAs), so the fused norm + RoPE
+// kernels and rope_kernel give the same bits.
+__device__ __forceinline__ float rope_first(float a, float b, float c, float s, float sign) {
+  return __fsub_rn(__fmul_rn(a, c), __fmul_rn(__fmul_rn(sign, b), s));
+}
+__device__ __forceinline__ float rope_second(float a, float b, float c, float s, float sign) {
+  return __fadd_rn(__fmul_rn(b, c), __fmul_rn(__fmul_rn(sign, a), s));
+}
+
 inline int threads_for(int64_t n) {
   int t = 32;
   while (t < n && t < 1024) t <<= 1;

@@ -11,6 +11,9 @@
 // element kernels.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "ops/cuda/check.h"
 #include "ops/cuda/kernel_util.cuh"
 #include "ops/cuda/ops_cuda.h"
@@ -103,10 +106,27 @@ __device__ __forceinline__ float group_sum(float v, int lanes, float* scratch) {
   return v;
 }
 
+// RoPE after a per-head norm (Qwen3's q_norm and k_norm): cos and sin [tokens, d] F32, rows of
+// `heads` consecutive norm rows per token. Null cos: no rotation.
+struct RopeTable {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t heads = 1;
+};
+
+template <typename T>
+__device__ __forceinline__ float rounded_to(float v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return __bfloat162float(__float2bfloat16(v));
+}
+
 // One row per group of `lanes` lanes; lane l holds packs l, l + lanes, ... (at most NP of them).
-template <typename T, typename W, int NP>
+// ROPE: the normalised row, rounded to T as stored, is rotated before it is stored (the launcher
+// checks NP * lanes == packs with NP even, so pack j's partner half a row away is pack j + NP/2 of
+// the same lane).
+template <typename T, typename W, int NP, bool ROPE = false>
 __global__ void rms_norm_rows_kernel(const T* x, T* residual, const W* w, T* y, float* rstd, int64_t rows,
-                                     int64_t d, int lanes, float eps) {
+                                     int64_t d, int lanes, float eps, RopeTable rope = {}) {
   extern __shared__ float scratch[];
   constexpr int V = 16 / sizeof(T);
   using P = Pack<T, V>;
@@ -141,6 +161,36 @@ __global__ void rms_norm_rows_kernel(const T* x, T* residual, const W* w, T* y, 
   ss = group_sum(ss, lanes, scratch);
   const float r = rsqrtf(ss / static_cast<float>(d) + eps);
   if (live && lane == 0 && rstd) rstd[row] = r;
+  if constexpr (ROPE && NP % 2 == 0) {
+    if (!live) return;
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      float wv[V];
+      load_f32<V>(w + (lane + static_cast<int64_t>(j) * lanes) * V, wv);
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[j][e] = rounded_to<T>(rounded_to<T>(v[j][e] * r) * wv[e]);  // the norm's output
+    }
+    const float* cr = rope.cos + (row / rope.heads) * d;
+    const float* sr = rope.sin + (row / rope.heads) * d;
+#pragma unroll
+    for (int j = 0; j < NP / 2; ++j) {
+      const int64_t p = lane + static_cast<int64_t>(j) * lanes, q = p + packs / 2;
+      float cl[V], ch[V], sl[V], sh[V];
+      load_f32<V>(cr + p * V, cl);
+      load_f32<V>(cr + q * V, ch);
+      load_f32<V>(sr + p * V, sl);
+      load_f32<V>(sr + q * V, sh);
+      P oa, ob;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        store(oa.v, e, rope_first(v[j][e], v[j + NP / 2][e], cl[e], sl[e], 1.f));
+        store(ob.v, e, rope_second(v[j][e], v[j + NP / 2][e], ch[e], sh[e], 1.f));
+      }
+      reinterpret_cast<P*>(y + row * d)[p] = oa;
+      reinterpret_cast<P*>(y + row * d)[q] = ob;
+    }
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < NP; ++j) {
     const int64_t p = lane + static_cast<int64_t>(j) * lanes;
@@ -161,9 +211,12 @@ __global__ void rms_norm_rows_kernel(const T* x, T* residual, const W* w, T* y, 
 // Backward: the block's row groups walk rows block-strided, each lane keeping its elements' share of
 // dw in registers; at the end the groups' shares are summed in shared memory and added to dw with one
 // atomic per block and element. Shared memory: max(blockDim.x / 32, rows per block * d) floats.
-template <typename T, typename W, int NP>
+// ROPE: dy is in the rotated space and is rotated back first, rounded to T as rope_inplace stores it
+// (the launcher checks NP == 1 and lanes == packs <= 32, so a pack's partner half a row away is in
+// lane ^ lanes/2 of the same warp).
+template <typename T, typename W, int NP, bool ROPE = false>
 __global__ void rms_norm_backward_rows_kernel(const T* x, const W* w, const float* rstd, const T* dy, T* dx, float* dw,
-                                              int64_t rows, int64_t d, int lanes) {
+                                              int64_t rows, int64_t d, int lanes, RopeTable rope = {}) {
   extern __shared__ float scratch[];
   constexpr int V = 16 / sizeof(T);
   using P = Pack<T, V>;
@@ -181,18 +234,46 @@ __global__ void rms_norm_backward_rows_kernel(const T* x, const W* w, const floa
     const float r = live ? rstd[row] : 0.f;
     float xv[NP][V], gv[NP][V];
     float dot = 0.f;
-#pragma unroll
-    for (int j = 0; j < NP; ++j) {
-      const int64_t p = lane + static_cast<int64_t>(j) * lanes;
-      if (!live || p >= packs) continue;
-      const P xp = reinterpret_cast<const P*>(x + row * d)[p], gp = reinterpret_cast<const P*>(dy + row * d)[p];
-      float wv[V];
-      load_f32<V>(w + p * V, wv);
+    if constexpr (ROPE && NP == 1) {
+      // Every lane shuffles (rows past the end with zeros), so the warp's shuffles stay converged.
+      float g[V], other[V], c[V], sn[V];
+      P gp;
+      if (live) gp = reinterpret_cast<const P*>(dy + row * d)[lane];
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        xv[j][e] = load(xp.v, e);
-        gv[j][e] = load(gp.v, e);
-        dot += gv[j][e] * wv[e] * xv[j][e];
+        g[e] = live ? load(gp.v, e) : 0.f;
+        other[e] = __shfl_xor_sync(0xffffffffu, g[e], lanes / 2);
+      }
+      if (live) {
+        load_f32<V>(rope.cos + (row / rope.heads) * d + lane * V, c);
+        load_f32<V>(rope.sin + (row / rope.heads) * d + lane * V, sn);
+        const P xp = reinterpret_cast<const P*>(x + row * d)[lane];
+        float wv[V];
+        load_f32<V>(w + lane * V, wv);
+        const bool first_half = lane < lanes / 2;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const float back = first_half ? rope_first(g[e], other[e], c[e], sn[e], -1.f)
+                                        : rope_second(other[e], g[e], c[e], sn[e], -1.f);
+          xv[0][e] = load(xp.v, e);
+          gv[0][e] = rounded_to<T>(back);
+          dot += gv[0][e] * wv[e] * xv[0][e];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < NP; ++j) {
+        const int64_t p = lane + static_cast<int64_t>(j) * lanes;
+        if (!live || p >= packs) continue;
+        const P xp = reinterpret_cast<const P*>(x + row * d)[p], gp = reinterpret_cast<const P*>(dy + row * d)[p];
+        float wv[V];
+        load_f32<V>(w + p * V, wv);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          xv[j][e] = load(xp.v, e);
+          gv[j][e] = load(gp.v, e);
+          dot += gv[j][e] * wv[e] * xv[j][e];
+        }
       }
     }
     dot = group_sum(dot, lanes, scratch);
@@ -310,7 +391,110 @@ Tensor norm_impl(const Tensor& x, Tensor* residual, const Tensor& w, float eps, 
   return y;
 }
 
+// MOEFORGE_NORM_ROPE=0 keeps the two kernels (for A/B runs of the fusion).
+bool norm_rope_fusion_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOEFORGE_NORM_ROPE");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
+// The fused launches' shapes: rows of d elements whose packs the norm's row groups cover exactly,
+// with cos and sin [tokens, d] (a rotation over the whole head) in 16-byte packs.
+bool rope_fits(const Tensor& x, const Tensor& w, const Tensor& cos, const Tensor& sin, std::initializer_list<const void*> rows) {
+  const int64_t d = x.shape().back();
+  if (cos.shape().back() != d) return false;
+  if (!packs_fit<float>(d, {cos.raw(), sin.raw()})) return false;
+  bool fit = false;
+  dispatch_float(x.dtype(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    fit = packs_fit<T>(d, rows) && packs_fit<T>(d, {w.raw()});
+  });
+  return fit;
+}
+
 }  // namespace
+
+Tensor rms_norm_rope(const Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin, Tensor* rstd_out) {
+  require_float(x, "rms_norm_rope");
+  MF_CHECK(x.dim() == 3, "rms_norm_rope: expected [T, H, D], got ", shape_str(x.shape()));
+  const int64_t t = x.shape()[0], heads = x.shape()[1], d = x.shape()[2], rows = t * heads;
+  MF_CHECK(weight.numel() == d, "rms_norm_rope: weight has ", weight.numel(), " elements for heads of ", d);
+  MF_CHECK(cos.dtype() == DType::F32 && sin.dtype() == DType::F32 && cos.shape()[0] == t && sin.shape() == cos.shape(),
+           "rms_norm_rope: cos/sin ", shape_str(cos.shape()), " do not fit x ", shape_str(x.shape()));
+  Tensor y = empty(x.shape(), x.dtype(), "rms_norm_rope output");
+  Tensor rstd = empty({rows}, DType::F32, "rms_norm rstd");
+  bool fused = false;
+  if (rows > 0 && norm_rope_fusion_on() && rope_fits(x, weight, cos, sin, {x.raw(), y.raw()})) {
+    dispatch_float(x.dtype(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const int64_t packs = d / (16 / sizeof(T));
+      if (packs > 1024 * kForwardPacks) return;
+      const RowGroups g = row_groups(packs, kForwardPacks);
+      with_packs_per_lane<kForwardPacks>(g.packs_per_lane, [&](auto np) {
+        constexpr int NP = decltype(np)::value;
+        if (NP % 2 != 0 || NP * static_cast<int64_t>(g.lanes) != packs) return;
+        with_weight(weight, [&](auto* wp) {
+          const auto blocks = static_cast<unsigned>((rows + g.rows_per_block - 1) / g.rows_per_block);
+          rms_norm_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, NP, true>
+              <<<blocks, g.threads, g.threads / 32 * sizeof(float), current_stream()>>>(
+                  x.data<T>(), nullptr, wp, y.data<T>(), rstd.data<float>(), rows, d, g.lanes, eps,
+                  RopeTable{cos.data<float>(), sin.data<float>(), heads});
+        });
+        fused = true;
+      });
+    });
+  }
+  if (fused) {
+    MF_CUDA_CHECK_LAUNCH("rms_norm_rope");
+    if (rstd_out) *rstd_out = rstd;
+    return y;
+  }
+  // Other shapes (partial rotation, rows the row groups do not cover exactly): the two kernels.
+  y = rms_norm(x.view({rows, d}), weight, eps, rstd_out).view(x.shape());
+  rope_inplace(y, cos, sin);
+  return y;
+}
+
+Tensor rms_norm_rope_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, Tensor& dy, const Tensor& cos,
+                              const Tensor& sin, Tensor& dw) {
+  require_float(x, "rms_norm_rope_backward");
+  MF_CHECK(x.dim() == 3 && dy.shape() == x.shape() && dy.dtype() == x.dtype(),
+           "rms_norm_rope_backward: dy ", shape_str(dy.shape()), " must match x ", shape_str(x.shape()));
+  const int64_t t = x.shape()[0], heads = x.shape()[1], d = x.shape()[2], rows = t * heads;
+  MF_CHECK(dw.dtype() == DType::F32 && dw.numel() == d && weight.numel() == d, "rms_norm_rope_backward: dw must be F32 [", d, "]");
+  MF_CHECK(cos.dtype() == DType::F32 && sin.dtype() == DType::F32 && cos.shape()[0] == t && sin.shape() == cos.shape(),
+           "rms_norm_rope_backward: cos/sin ", shape_str(cos.shape()), " do not fit x ", shape_str(x.shape()));
+  MF_CHECK(rstd.dtype() == DType::F32 && rstd.numel() == rows, "rms_norm_rope_backward: rstd must be F32 [", rows, "]");
+  Tensor dx = empty(x.shape(), x.dtype(), "rms_norm_rope input gradient");
+  bool fused = false;
+  if (rows > 0 && norm_rope_fusion_on() && rope_fits(x, weight, cos, sin, {x.raw(), dy.raw(), dx.raw()})) {
+    dispatch_float(x.dtype(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      const int64_t packs = d / (16 / sizeof(T));
+      // One pack a lane, a row within a warp, its halves in lanes l and l ^ packs/2.
+      if (packs < 2 || packs > 32 || (packs & (packs - 1)) != 0) return;
+      const RowGroups g = row_groups(packs, 1);
+      const auto grid = static_cast<unsigned>(
+          std::min<int64_t>((rows + g.rows_per_block - 1) / g.rows_per_block, 4 * static_cast<int64_t>(sm_count())));
+      const int64_t smem_floats = std::max<int64_t>(g.threads / 32, g.rows_per_block * d);
+      with_weight(weight, [&](auto* wp) {
+        rms_norm_backward_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, 1, true>
+            <<<grid, g.threads, sizeof(float) * static_cast<size_t>(smem_floats), current_stream()>>>(
+                x.data<T>(), wp, rstd.data<float>(), dy.data<T>(), dx.data<T>(), dw.data<float>(), rows, d, g.lanes,
+                RopeTable{cos.data<float>(), sin.data<float>(), heads});
+      });
+      fused = true;
+    });
+  }
+  if (fused) {
+    MF_CUDA_CHECK_LAUNCH("rms_norm_rope_backward");
+    return dx;
+  }
+  rope_inplace(dy, cos, sin, /*inverse=*/true);
+  return rms_norm_backward(x.view({rows, d}), weight, rstd, dy.view({rows, d}), dw).view(x.shape());
+}
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd) {
   return norm_impl(x, nullptr, weight, eps, rstd);

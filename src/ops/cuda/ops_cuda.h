@@ -56,6 +56,12 @@ Tensor swiglu_backward(const Tensor& gate_up, const Tensor& dout, Tensor* act = 
 Tensor clamped_swiglu(const Tensor& gate_up, float alpha, float limit);
 Tensor clamped_swiglu_backward(const Tensor& gate_up, const Tensor& dout, float alpha, float limit);
 void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse = false);
+// Per-head RMSNorm then RoPE in one pass (rows that fit its kernel; others take the two kernels):
+// ops::rms_norm_rope. The backward takes the forward's rstd.
+Tensor rms_norm_rope(const Tensor& x, const Tensor& weight, float eps, const Tensor& cos, const Tensor& sin,
+                     Tensor* rstd = nullptr);
+Tensor rms_norm_rope_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, Tensor& dy, const Tensor& cos,
+                              const Tensor& sin, Tensor& dw);
 
 // Ids are checked on the device: one out of range sets an error flag that is reported here.
 Tensor embedding(const Tensor& ids, const Tensor& table);
