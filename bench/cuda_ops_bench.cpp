@@ -105,7 +105,7 @@ void bench_cross_entropy() {
   Tensor targets = cuda::to_device(Tensor::from_i64(t, {rows}), DType::I64);
   Tensor losses = cuda::empty({rows}, DType::F32);
   for (const auto& [name, cluster, reads] : std::vector<std::tuple<std::string, int64_t, double>>{
-           {"two-pass", -1, 2.0}, {"on-chip", 0, 1.0}}) {
+           {"two-pass", -1, 2.0}, {"on-chip, 2 CTAs", 2, 1.0}, {"on-chip, 4 CTAs", 4, 1.0}, {"on-chip, 8 CTAs", 8, 1.0}}) {
     const int64_t before = cuda::set_cross_entropy_cluster_for_testing(cluster);
     // The gradient written over the logits is a valid input again (finite values), so the
     // repeated in-place calls time the same work.
@@ -114,6 +114,46 @@ void bench_cross_entropy() {
     cuda::set_cross_entropy_cluster_for_testing(before);
     report("cross_entropy " + name, "2048x151936 bf16 in place", ms, 0, (reads + 1.0) * 2.0 * rows * v);
   }
+}
+
+// Qwen3's per-head q and k norms with RoPE (q [4096, 32, 128], k [4096, 4, 128], BF16), forward and
+// backward: the fused kernels against the norm and rotation kernels apart (MOEFORGE_NORM_ROPE=0 in
+// the same binary is the other way to see them). Bytes: what the fused kernels move (forward x in,
+// y out; backward x, dy in, dx out).
+void bench_norm_rope() {
+  const int64_t t = 4096, d = 128;
+  Tensor ang = dev_randn({t, d}, DType::F32, 3.f);
+  Tensor cos = dev_randn({t, d}, DType::F32, 0.7f), sin = dev_randn({t, d}, DType::F32, 0.7f);
+  for (const int64_t heads : {int64_t{32}, int64_t{4}}) {
+    Tensor x = dev_randn({t, heads, d}, DType::BF16), w = dev_randn({d}, DType::BF16, 0.5f);
+    Tensor dy = dev_randn({t, heads, d}, DType::BF16), dw = cuda::empty({d}, DType::F32), rstd;
+    const std::string shape = std::to_string(t) + "x" + std::to_string(heads) + "x128 bf16";
+    const double bytes = 2.0 * t * heads * d;
+    double ms = time_ms([&] { cuda::rms_norm_rope(x, w, 1e-6f, cos, sin, &rstd); });
+    report("norm+rope fused forward", shape, ms, 0, 2 * bytes);
+    ms = time_ms([&] {
+      Tensor y = cuda::rms_norm(x.view({t * heads, d}), w, 1e-6f, &rstd).view({t, heads, d});
+      cuda::rope_inplace(y, cos, sin);
+    });
+    report("norm, then rope forward", shape, ms, 0, 2 * bytes);
+    ms = time_ms([&] { cuda::rms_norm_rope_backward(x, w, rstd, dy, cos, sin, dw); });
+    report("norm+rope fused backward", shape, ms, 0, 3 * bytes);
+    ms = time_ms([&] {
+      cuda::rope_inplace(dy, cos, sin, true);
+      cuda::rms_norm_backward(x.view({t * heads, d}), w, rstd, dy.view({t * heads, d}), dw);
+    });
+    report("rope, then norm backward", shape, ms, 0, 3 * bytes);
+  }
+}
+
+// The routing plan of one q30 layer (4096 tokens, top-8 of 128 experts), its host wait included.
+void bench_plan() {
+  std::vector<int64_t> idx(4096 * 8);
+  std::mt19937 g(5);
+  for (auto& e : idx) e = static_cast<int64_t>(g() % 128);
+  Tensor indices = cuda::to_device(Tensor::from_i64(idx, {4096, 8}), DType::I64);
+  const double ms = time_ms([&] { cuda::plan_routing(indices, 128); });
+  report("plan_routing", "4096x8 of 128 experts", ms, 0, 0);
 }
 
 }  // namespace
@@ -130,6 +170,11 @@ int main(int argc, char** argv) {
   }
   if (argc > 1 && std::string(argv[1]) == "ce") {  // only the cross-entropy kernels
     bench_cross_entropy();
+    return 0;
+  }
+  if (argc > 1 && std::string(argv[1]) == "small") {  // the fused norm + RoPE and the routing plan
+    bench_norm_rope();
+    bench_plan();
     return 0;
   }
   const int64_t T = 4096, H = 2048, I = 768, V = 151936;

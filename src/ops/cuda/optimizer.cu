@@ -164,42 +164,26 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
 
 // The gradient norm's and clipping's passes move 16-byte vectors like AdamW (one element a thread
 // per iteration ran at ~1.3 TB/s: session 22's kernel table) and skip unwritten rows the same way
-// (zeros, not read). The norm only reads, so one load a thread in flight left it at 2.3 TB/s
-// against 3.0 for a copy: its vector part issues kNormLoads groups' loads before it adds any of
-// them (the same order of additions as one group at a time, so the same sum).
-constexpr int kNormLoads = 4;
+// (zeros, not read). (Four groups' loads issued before any is summed measured slower, 2.0 against
+// 2.3 TB/s: session 23.)
 __global__ void sumsq_kernel(const TensorRef* refs, const Chunk* chunks, float* partial) {
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
   float acc = 0.f;
-  int64_t tail = c.begin;
-  if (r.vec_ok) {
-    const int64_t groups = (c.end - c.begin) / 8;
-    RowWalk rows(r, c.begin + threadIdx.x * 8);
-    for (int64_t g0 = threadIdx.x; g0 < groups; g0 += static_cast<int64_t>(blockDim.x) * kNormLoads) {
-      float g[kNormLoads][8];
-      bool live[kNormLoads];
+  walk_chunk(
+      r, c,
+      [&](int64_t i, bool written) {
+        if (!written) return;
+        float g[8];
+        ld8(r.g, r.g_bf16, i, g);
 #pragma unroll
-      for (int k = 0; k < kNormLoads; ++k) {
-        const int64_t gi = g0 + static_cast<int64_t>(k) * blockDim.x;
-        live[k] = gi < groups && rows.at(c.begin + gi * 8);
-        if (live[k]) ld8(r.g, r.g_bf16, c.begin + gi * 8, g[k]);
-      }
-#pragma unroll
-      for (int k = 0; k < kNormLoads; ++k) {
-        if (!live[k]) continue;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc += g[k][j] * g[k][j];
-      }
-    }
-    tail = c.begin + groups * 8;
-  }
-  RowWalk rows(r, tail + threadIdx.x);
-  for (int64_t i = tail + threadIdx.x; i < c.end; i += blockDim.x) {
-    if (!rows.at(i)) continue;
-    const float g = ld(r.g, r.g_bf16, i);
-    acc += g * g;
-  }
+        for (int k = 0; k < 8; ++k) acc += g[k] * g[k];
+      },
+      [&](int64_t i, bool written) {
+        if (!written) return;
+        const float g = ld(r.g, r.g_bf16, i);
+        acc += g * g;
+      });
   acc = block_sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
