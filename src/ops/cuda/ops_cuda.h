@@ -94,10 +94,6 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
 void cross_entropy_backward_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
                                  Tensor& dlogits, Tensor& losses);
 double sum_row_losses(const Tensor& losses, int64_t* counted);
-// Tests: which cross-entropy kernel takes 16-byte aligned rows: -1 the two-pass one (a block per
-// row, read twice), 1, 2, 4 or 8 CTAs a cluster holding a row on chip, 0 (the default) the smallest
-// cluster that holds it. Returns the previous setting.
-int64_t set_cross_entropy_cluster_for_testing(int64_t ctas);
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted);
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t ignore_index,
                                   float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted, int64_t chunk_rows = 2048,
