@@ -120,8 +120,9 @@ struct Attention {
   bool norm_then_rope() const { return q_norm && !full_qk_norm && !clip && rope; }
 };
 
-// SwiGLU MLP: down(silu(gate(x)) * up(x)). Keeps its input and the [T, 2I] gate|up projection;
-// the activation is recomputed in backward (one elementwise pass, against [T, I] kept per layer).
+// SwiGLU MLP: down(silu(gate(x)) * up(x)). Keeps its input and the [T, 2I] gate|up projection,
+// not the [T, I] activation: backward gets it from SwiGLU's backward kernel after d(act) (with
+// LoRA on down_proj, whose gradients need it first, it is recomputed).
 struct DenseMLP {
   struct Cache {
     Tensor x, gate_up;
