@@ -93,6 +93,29 @@ void bench_adamw() {
   }
 }
 
+// The fused LM head's cross-entropy on one 2048-row chunk of Qwen3's 151,936-wide BF16 logits, in
+// place as the LM head runs it: the two-pass kernel (a block per row: reads the row twice, writes
+// it once) against the on-chip one (a cluster holds the row: one read, one write). Each row's GB/s
+// counts the bytes its kernel moves; the time is what to compare.
+void bench_cross_entropy() {
+  const int64_t rows = 2048, v = 151936;
+  Tensor logits = dev_randn({rows, v}, DType::BF16, 2.f);
+  std::vector<int64_t> t(rows);
+  for (int64_t i = 0; i < rows; ++i) t[i] = (i * 7919) % v;
+  Tensor targets = cuda::to_device(Tensor::from_i64(t, {rows}), DType::I64);
+  Tensor losses = cuda::empty({rows}, DType::F32);
+  for (const auto& [name, cluster, reads] : std::vector<std::tuple<std::string, int64_t, double>>{
+           {"two-pass", -1, 2.0}, {"on-chip, 2 CTAs", 2, 1.0}, {"on-chip, 4 CTAs", 4, 1.0}, {"on-chip, 8 CTAs", 8, 1.0}}) {
+    const int64_t before = cuda::set_cross_entropy_cluster_for_testing(cluster);
+    // The gradient written over the logits is a valid input again (finite values), so the
+    // repeated in-place calls time the same work.
+    Tensor dl = logits;
+    const double ms = time_ms([&] { cuda::cross_entropy_backward_rows(logits, targets, -100, 1.f / rows, dl, losses); }, 10);
+    cuda::set_cross_entropy_cluster_for_testing(before);
+    report("cross_entropy " + name, "2048x151936 bf16 in place", ms, 0, (reads + 1.0) * 2.0 * rows * v);
+  }
+}
+
 // Qwen3's per-head q and k norms with RoPE (q [4096, 32, 128], k [4096, 4, 128], BF16), forward and
 // backward: the fused kernels against the norm and rotation kernels apart (MOEFORGE_NORM_ROPE=0 in
 // the same binary is the other way to see them). Bytes: what the fused kernels move (forward x in,
@@ -143,6 +166,10 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "device: %s\n", cuda::device_name().c_str());
   if (argc > 1 && std::string(argv[1]) == "adamw") {  // only the optimizer's kernels and their floor
     bench_adamw();
+    return 0;
+  }
+  if (argc > 1 && std::string(argv[1]) == "ce") {  // only the cross-entropy kernels
+    bench_cross_entropy();
     return 0;
   }
   if (argc > 1 && std::string(argv[1]) == "small") {  // the fused norm + RoPE and the routing plan

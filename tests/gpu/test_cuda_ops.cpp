@@ -744,33 +744,71 @@ TEST(CudaHelpers, AddCopyConvertFill) {
   EXPECT_EQ(cuda::to_host_f32(n1).item_f32(12345), 3.f);
 }
 
-// Rows of 5003 (scalar path) and 5008 (16-byte vector path); out of place and in place.
+// Rows of 5003 (scalar path) and 5008 (16-byte vector path), out of place and in place; the
+// aligned rows through the two-pass kernel (-1, and 0: the default) and held on chip by clusters
+// of every size (8 CTAs over 16 elements leave six with nothing), targets at the ends of the rows
+// and of the clusters' slices.
 TEST_P(CudaOps, CrossEntropyFusedGradient) {
   REQUIRE_GPU();
   const DType dt = GetParam();
   const int64_t n = 29;
-  for (int64_t v : {5003, 5008})
+  struct Case {
+    int64_t v, cluster;
+  };
+  for (Case c : {Case{5003, 0}, Case{5008, -1}, Case{5008, 0}, Case{5008, 1}, Case{5008, 2}, Case{5008, 4}, Case{5008, 8},
+                 Case{16, 8}})
     for (bool in_place : {false, true}) {
-      Tensor logits = randn({n, v}, 61, 3.f);
+      const int64_t v = c.v;
+      Tensor logits = randn({n, v}, 61 + v, 3.f);
       std::vector<int64_t> t(n);
       for (int64_t i = 0; i < n; ++i) t[i] = (i * 977) % v;
       t[4] = -100;
       t[11] = -100;
       t[12] = v - 1;  // the last element, in the vector path's final group
+      t[13] = 0;
+      if (c.cluster > 1) {
+        const int64_t slice = ((v + c.cluster - 1) / c.cluster + 7) / 8 * 8;
+        t[14] = slice - 1;  // the first CTA's last element and the second's first
+        t[15] = std::min(slice, v - 1);
+      }
       Tensor targets = Tensor::from_i64(t, {n});
       Tensor want_d = Tensor::zeros({n, v}, DType::F32);
       int64_t want_n = 0, got_n = 0;
       const double want = ops::cross_entropy_backward(rounded(logits, dt), targets, -100, 0.25f, want_d, &want_n);
       Tensor dev_logits = cuda::to_device(logits, dt);
       Tensor dlogits = in_place ? dev_logits : Tensor();
+      const int64_t before = cuda::set_cross_entropy_cluster_for_testing(c.cluster);
       const double got =
           cuda::cross_entropy_backward(dev_logits, cuda::to_device(targets, DType::I64), -100, 0.25f, dlogits, &got_n);
+      cuda::set_cross_entropy_cluster_for_testing(before);
       if (in_place) EXPECT_EQ(dlogits.raw(), dev_logits.raw()) << "in place means no new buffer";
-      const std::string what = "cross_entropy v=" + std::to_string(v) + (in_place ? " in place" : "");
+      const std::string what = "cross_entropy v=" + std::to_string(v) + " cluster " + std::to_string(c.cluster) +
+                               (in_place ? " in place" : "");
       EXPECT_EQ(got_n, want_n) << what;
       EXPECT_NEAR(got, want, 1e-4 * std::fabs(want) + 1e-4) << what;
       expect_close(dlogits, want_d, dt == DType::F32 ? Tol{1e-6f, 1e-4f} : Tol{2e-3f, 2e-2f}, what);
     }
+}
+
+// A row as long as Qwen3's vocabulary (151,936) on chip: two CTAs of BF16 or four of F32 hold it
+// (the smallest cluster of at least one CTA that does).
+TEST_P(CudaOps, CrossEntropyOnChipAtAVocabularyOfQwen3) {
+  REQUIRE_GPU();
+  const DType dt = GetParam();
+  const int64_t before = cuda::set_cross_entropy_cluster_for_testing(1);
+  const int64_t n = 3, v = 151936;
+  Tensor logits = randn({n, v}, 67, 4.f);
+  Tensor targets = Tensor::from_i64({5, v - 1, 75968}, {n});
+  Tensor want_d = Tensor::zeros({n, v}, DType::F32);
+  int64_t want_n = 0, got_n = 0;
+  const double want = ops::cross_entropy_backward(rounded(logits, dt), targets, -100, 1.f / 3, want_d, &want_n);
+  Tensor dev_logits = cuda::to_device(logits, dt);
+  const double got =
+      cuda::cross_entropy_backward(dev_logits, cuda::to_device(targets, DType::I64), -100, 1.f / 3, dev_logits, &got_n);
+  cuda::set_cross_entropy_cluster_for_testing(before);
+  EXPECT_EQ(got_n, want_n);
+  EXPECT_NEAR(got, want, 1e-4 * std::fabs(want) + 1e-4);
+  expect_close(dev_logits, want_d, dt == DType::F32 ? Tol{1e-6f, 1e-4f} : Tol{2e-3f, 2e-2f}, "cross_entropy v=151936");
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CudaOps, ::testing::Values(DType::F32, DType::BF16),
