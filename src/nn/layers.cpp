@@ -38,10 +38,17 @@ Tensor RMSNorm::forward(const ParamAccess& ps, const Tensor& x, Tensor* rstd) co
   return ops::rms_norm(x, ps.value(weight), eps, rstd);
 }
 
+// Where the norm's backward adds the weight's gradient: the parameter's, or `scratch` (zeros) for a
+// frozen weight.
+Tensor& RMSNorm::grad_target(ParamAccess& ps, Tensor& scratch, Device device) const {
+  if (ps.trainable(weight)) return ps.grad(weight);
+  scratch = ops::zeros({ps.value(weight).numel()}, DType::F32, device);
+  return scratch;
+}
+
 Tensor RMSNorm::backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, const Tensor* rstd) const {
-  if (ps.trainable(weight)) return ops::rms_norm_backward(x, ps.value(weight), eps, dy, ps.grad(weight), rstd);
-  Tensor unused = ops::zeros({ps.value(weight).numel()}, DType::F32, x.device());  // a frozen weight's gradient
-  return ops::rms_norm_backward(x, ps.value(weight), eps, dy, unused, rstd);
+  Tensor scratch;
+  return ops::rms_norm_backward(x, ps.value(weight), eps, dy, grad_target(ps, scratch, x.device()), rstd);
 }
 
 Tensor RMSNorm::forward_rope(const ParamAccess& ps, const Tensor& x, const Tensor& cos, const Tensor& sin,
@@ -51,9 +58,8 @@ Tensor RMSNorm::forward_rope(const ParamAccess& ps, const Tensor& x, const Tenso
 
 Tensor RMSNorm::backward_rope(ParamAccess& ps, const Tensor& x, Tensor& dy, const Tensor& cos, const Tensor& sin,
                               const Tensor* rstd) const {
-  if (ps.trainable(weight)) return ops::rms_norm_rope_backward(x, ps.value(weight), eps, dy, cos, sin, ps.grad(weight), rstd);
-  Tensor unused = ops::zeros({ps.value(weight).numel()}, DType::F32, x.device());  // a frozen weight's gradient
-  return ops::rms_norm_rope_backward(x, ps.value(weight), eps, dy, cos, sin, unused, rstd);
+  Tensor scratch;
+  return ops::rms_norm_rope_backward(x, ps.value(weight), eps, dy, cos, sin, grad_target(ps, scratch, x.device()), rstd);
 }
 
 void Linear::init(ParamStore& ps, const std::string& prefix, int64_t in, int64_t out, bool with_bias) {

@@ -52,6 +52,9 @@ struct RMSNorm {
                       Tensor* rstd = nullptr) const;
   Tensor backward_rope(ParamAccess& ps, const Tensor& x, Tensor& dy, const Tensor& cos, const Tensor& sin,
                        const Tensor* rstd = nullptr) const;
+
+ private:
+  Tensor& grad_target(ParamAccess& ps, Tensor& scratch, Device device) const;
 };
 
 struct Linear {

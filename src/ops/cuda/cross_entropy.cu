@@ -303,7 +303,7 @@ bool cross_entropy_on_chip(const T* logits, const int64_t* targets, T* dlogits, 
 }  // namespace
 
 int64_t set_cross_entropy_cluster_for_testing(int64_t ctas) {
-  MF_CHECK(ctas == -1 || ctas == 0 || ctas == 1 || ctas == 2 || ctas == 4 || ctas == 8, "cross-entropy cluster size must be -1 (two-pass), 0 (auto), 1, 2, 4 or 8");
+  MF_CHECK(ctas == -1 || ctas == 0 || ctas == 1 || ctas == 2 || ctas == 4 || ctas == 8, "cross-entropy cluster size must be -1 (two-pass), 0 (MOEFORGE_CE_KERNEL), 1, 2, 4 or 8");
   const int64_t before = g_ce_cluster_override;
   g_ce_cluster_override = static_cast<int>(ctas);
   return before;

@@ -106,8 +106,8 @@ __device__ __forceinline__ float group_sum(float v, int lanes, float* scratch) {
   return v;
 }
 
-// RoPE after a per-head norm (Qwen3's q_norm and k_norm): cos and sin [tokens, d] F32, rows of
-// `heads` consecutive norm rows per token. Null cos: no rotation.
+// RoPE after a per-head norm (Qwen3's q_norm and k_norm), read by the kernels' ROPE instances:
+// cos and sin [tokens, d] F32, `heads` consecutive norm rows per token.
 struct RopeTable {
   const float* cos = nullptr;
   const float* sin = nullptr;
