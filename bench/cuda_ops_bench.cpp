@@ -146,6 +146,17 @@ void bench_norm_rope() {
   }
 }
 
+// The hidden-size RMSNorm's backward (4096 x 2048 BF16, two rows a block): its grid is one wave of
+// resident blocks (session 24; a fixed 4 blocks an SM before). Bytes: x, dy in, dx out.
+void bench_hidden_norm_backward() {
+  const int64_t t = 4096, h = 2048;
+  Tensor x = dev_randn({t, h}, DType::BF16), dy = dev_randn({t, h}, DType::BF16), w = dev_randn({h}, DType::BF16);
+  Tensor rstd, dw = cuda::empty({h}, DType::F32);
+  cuda::rms_norm(x, w, 1e-6f, &rstd);
+  const double ms = time_ms([&] { cuda::rms_norm_backward(x, w, rstd, dy, dw); });
+  report("rms_norm_backward", "4096x2048 bf16", ms, 0, 3.0 * 2.0 * t * h);
+}
+
 // The routing plan of one q30 layer (4096 tokens, top-8 of 128 experts), its host wait included.
 void bench_plan() {
   std::vector<int64_t> idx(4096 * 8);
@@ -172,8 +183,9 @@ int main(int argc, char** argv) {
     bench_cross_entropy();
     return 0;
   }
-  if (argc > 1 && std::string(argv[1]) == "small") {  // the fused norm + RoPE and the routing plan
+  if (argc > 1 && std::string(argv[1]) == "small") {  // the fused norm + RoPE, the norm's backward, the routing plan
     bench_norm_rope();
+    bench_hidden_norm_backward();
     bench_plan();
     return 0;
   }

@@ -157,6 +157,19 @@ int sm_count() {
   return n;
 }
 
+int resident_grid(const void* kernel, int threads, size_t dynamic_smem) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, size_t>, int> cache;
+  const auto key = std::make_tuple(kernel, threads, dynamic_smem);
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  int per_sm = 0;
+  MF_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, dynamic_smem));
+  const int grid = std::max(per_sm, 1) * sm_count();
+  cache.emplace(key, grid);
+  return grid;
+}
+
 int device_count() {
   if (!available()) return 0;
   int n = 0;

@@ -61,6 +61,21 @@ __device__ __forceinline__ void online_merge(float& m, float& s, float m2, float
   m = mm;
 }
 
+// The (max, sum) of a block's threads, merged in warp order; every thread gets the result.
+__device__ __forceinline__ void block_online_merge(float& m, float& s) {
+  __shared__ float wm[32], ws[32];
+  for (int o = 16; o > 0; o >>= 1) online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    wm[warp] = m;
+    ws[warp] = s;
+  }
+  __syncthreads();
+  m = lane < (blockDim.x >> 5) ? wm[lane] : -INFINITY;
+  s = lane < (blockDim.x >> 5) ? ws[lane] : 0.f;
+  for (int o = 16; o > 0; o >>= 1) online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+}
+
 // One block per row, two passes over it: the online (max, sum) in one read, then the gradient
 // written once. `dlogits` may alias `logits` (in place): the target's logit is read before any
 // write. With VEC, rows are 16-byte aligned and a multiple of 8 elements: 16-byte accesses.
@@ -87,18 +102,10 @@ __global__ void cross_entropy_kernel(const T* logits, const int64_t* targets, T*
   } else {
     for (int64_t i = threadIdx.x; i < v; i += blockDim.x) online_add(m, s, load(x, i));
   }
-  for (int o = 16; o > 0; o >>= 1) online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
-  __shared__ float wm[32], ws[32], x_target;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    wm[warp] = m;
-    ws[warp] = s;
-  }
-  if (threadIdx.x == 0) x_target = load(x, target);
-  __syncthreads();
-  m = lane < (blockDim.x >> 5) ? wm[lane] : -INFINITY;
-  s = lane < (blockDim.x >> 5) ? ws[lane] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+  // Thread 0 alone writes the loss; it reads the target's logit before the merge's barrier, so
+  // before any thread writes the gradient over it (in place).
+  const float x_target = threadIdx.x == 0 ? load(x, target) : 0.f;
+  block_online_merge(m, s);
   const float inv = 1.f / s;
   if constexpr (VEC) {
     for (int64_t i = threadIdx.x * 8; i < v; i += blockDim.x * 8) {
@@ -139,21 +146,6 @@ __device__ __forceinline__ uint4 pack16(const float* v) {
     raw = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
   }
   return raw;
-}
-
-// The (max, sum) of a block's threads, merged in warp order; every thread gets the result.
-__device__ __forceinline__ void block_online_merge(float& m, float& s) {
-  __shared__ float wm[32], ws[32];
-  for (int o = 16; o > 0; o >>= 1) online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    wm[warp] = m;
-    ws[warp] = s;
-  }
-  __syncthreads();
-  m = lane < (blockDim.x >> 5) ? wm[lane] : -INFINITY;
-  s = lane < (blockDim.x >> 5) ? ws[lane] : 0.f;
-  for (int o = 16; o > 0; o >>= 1) online_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
 }
 
 // The same row read once: a cluster of C CTAs holds it in their shared memory, each a slice of

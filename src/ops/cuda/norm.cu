@@ -423,36 +423,42 @@ Tensor rms_norm_rope(const Tensor& x, const Tensor& weight, float eps, const Ten
   MF_CHECK(weight.numel() == d, "rms_norm_rope: weight has ", weight.numel(), " elements for heads of ", d);
   MF_CHECK(cos.dtype() == DType::F32 && sin.dtype() == DType::F32 && cos.shape()[0] == t && sin.shape() == cos.shape(),
            "rms_norm_rope: cos/sin ", shape_str(cos.shape()), " do not fit x ", shape_str(x.shape()));
-  Tensor y = empty(x.shape(), x.dtype(), "rms_norm_rope output");
-  Tensor rstd = empty({rows}, DType::F32, "rms_norm rstd");
-  bool fused = false;
-  if (rows > 0 && norm_rope_fusion_on() && rope_fits(x, weight, cos, sin, {x.raw(), y.raw()})) {
-    dispatch_float(x.dtype(), [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
-      const int64_t packs = d / (16 / sizeof(T));
-      if (packs > 1024 * kForwardPacks) return;
-      const RowGroups g = row_groups(packs, kForwardPacks);
-      with_packs_per_lane<kForwardPacks>(g.packs_per_lane, [&](auto np) {
-        constexpr int NP = decltype(np)::value;
-        if (NP % 2 != 0 || NP * static_cast<int64_t>(g.lanes) != packs) return;
-        with_weight(weight, [&](auto* wp) {
-          const auto blocks = static_cast<unsigned>((rows + g.rows_per_block - 1) / g.rows_per_block);
-          rms_norm_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, NP, true>
-              <<<blocks, g.threads, g.threads / 32 * sizeof(float), current_stream()>>>(
-                  x.data<T>(), nullptr, wp, y.data<T>(), rstd.data<float>(), rows, d, g.lanes, eps,
-                  RopeTable{cos.data<float>(), sin.data<float>(), heads});
-        });
-        fused = true;
-      });
-    });
+  // Whether the fused kernel takes this shape is settled before anything is allocated (fresh
+  // allocations are 512-byte aligned, so only the inputs' alignment is in question): rows whose
+  // packs the row groups cover exactly, an even number of packs a lane (a lane holds both halves).
+  bool fused = rows > 0 && norm_rope_fusion_on() && rope_fits(x, weight, cos, sin, {x.raw()});
+  RowGroups g{};
+  if (fused) {
+    const int64_t packs = d / (16 / static_cast<int64_t>(dtype_size(x.dtype())));
+    g = row_groups(packs, kForwardPacks);
+    const int np = g.packs_per_lane;  // 2, 4 or 8: what with_packs_per_lane instantiates exactly
+    fused = packs <= 1024 * kForwardPacks && (np == 2 || np == 4 || np == 8) &&
+            static_cast<int64_t>(np) * g.lanes == packs;
   }
   if (fused) {
+    Tensor y = empty(x.shape(), x.dtype(), "rms_norm_rope output");
+    Tensor rstd = empty({rows}, DType::F32, "rms_norm rstd");
+    dispatch_float(x.dtype(), [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      with_packs_per_lane<kForwardPacks>(g.packs_per_lane, [&](auto np) {
+        constexpr int NP = decltype(np)::value;
+        if constexpr (NP % 2 == 0) {
+          with_weight(weight, [&](auto* wp) {
+            const auto blocks = static_cast<unsigned>((rows + g.rows_per_block - 1) / g.rows_per_block);
+            rms_norm_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, NP, true>
+                <<<blocks, g.threads, g.threads / 32 * sizeof(float), current_stream()>>>(
+                    x.data<T>(), nullptr, wp, y.data<T>(), rstd.data<float>(), rows, d, g.lanes, eps,
+                    RopeTable{cos.data<float>(), sin.data<float>(), heads});
+          });
+        }
+      });
+    });
     MF_CUDA_CHECK_LAUNCH("rms_norm_rope");
     if (rstd_out) *rstd_out = rstd;
     return y;
   }
   // Other shapes (partial rotation, rows the row groups do not cover exactly): the two kernels.
-  y = rms_norm(x.view({rows, d}), weight, eps, rstd_out).view(x.shape());
+  Tensor y = rms_norm(x.view({rows, d}), weight, eps, rstd_out).view(x.shape());
   rope_inplace(y, cos, sin);
   return y;
 }
@@ -467,28 +473,27 @@ Tensor rms_norm_rope_backward(const Tensor& x, const Tensor& weight, const Tenso
   MF_CHECK(cos.dtype() == DType::F32 && sin.dtype() == DType::F32 && cos.shape()[0] == t && sin.shape() == cos.shape(),
            "rms_norm_rope_backward: cos/sin ", shape_str(cos.shape()), " do not fit x ", shape_str(x.shape()));
   MF_CHECK(rstd.dtype() == DType::F32 && rstd.numel() == rows, "rms_norm_rope_backward: rstd must be F32 [", rows, "]");
-  Tensor dx = empty(x.shape(), x.dtype(), "rms_norm_rope input gradient");
-  bool fused = false;
-  if (rows > 0 && norm_rope_fusion_on() && rope_fits(x, weight, cos, sin, {x.raw(), dy.raw(), dx.raw()})) {
+  // One pack a lane, a row within a warp, its halves in lanes l and l ^ packs/2; settled before dx
+  // is allocated (fresh allocations are 512-byte aligned).
+  const int64_t packs = d / (16 / static_cast<int64_t>(dtype_size(x.dtype())));
+  const bool fused = rows > 0 && norm_rope_fusion_on() && packs >= 2 && packs <= 32 && (packs & (packs - 1)) == 0 &&
+                     rope_fits(x, weight, cos, sin, {x.raw(), dy.raw()});
+  if (fused) {
+    Tensor dx = empty(x.shape(), x.dtype(), "rms_norm_rope input gradient");
     dispatch_float(x.dtype(), [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
-      const int64_t packs = d / (16 / sizeof(T));
-      // One pack a lane, a row within a warp, its halves in lanes l and l ^ packs/2.
-      if (packs < 2 || packs > 32 || (packs & (packs - 1)) != 0) return;
       const RowGroups g = row_groups(packs, 1);
-      const auto grid = static_cast<unsigned>(
-          std::min<int64_t>((rows + g.rows_per_block - 1) / g.rows_per_block, 4 * static_cast<int64_t>(sm_count())));
       const int64_t smem_floats = std::max<int64_t>(g.threads / 32, g.rows_per_block * d);
+      const size_t smem = sizeof(float) * static_cast<size_t>(smem_floats);
       with_weight(weight, [&](auto* wp) {
-        rms_norm_backward_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, 1, true>
-            <<<grid, g.threads, sizeof(float) * static_cast<size_t>(smem_floats), current_stream()>>>(
+        const auto kernel = rms_norm_backward_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, 1, true>;
+        const auto grid = static_cast<unsigned>(std::min<int64_t>(
+            (rows + g.rows_per_block - 1) / g.rows_per_block, resident_grid(reinterpret_cast<const void*>(kernel), g.threads, smem)));
+        kernel<<<grid, g.threads, smem, current_stream()>>>(
                 x.data<T>(), wp, rstd.data<float>(), dy.data<T>(), dx.data<T>(), dw.data<float>(), rows, d, g.lanes,
                 RopeTable{cos.data<float>(), sin.data<float>(), heads});
       });
-      fused = true;
     });
-  }
-  if (fused) {
     MF_CUDA_CHECK_LAUNCH("rms_norm_rope_backward");
     return dx;
   }
@@ -522,16 +527,19 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rs
       const int max_packs = packs <= 32 ? 1 : packs <= 2048 ? 2 : kBackwardPacks;
       if (packs_fit<T>(d, {x.raw(), dy.raw(), dx.raw(), weight.raw()}) && packs <= 1024 * max_packs) {
         const RowGroups g = row_groups(packs, max_packs);
-        // Enough blocks to fill the GPU; more would only add atomics on dw.
-        const auto grid = static_cast<unsigned>(
-            std::min<int64_t>((rows + g.rows_per_block - 1) / g.rows_per_block, 4 * static_cast<int64_t>(sm_count())));
         // One row per block adds its share to dw directly; more rows sum theirs in shared memory first.
         const int64_t smem_floats = g.rows_per_block == 1 ? g.threads / 32 : std::max<int64_t>(g.threads / 32, g.rows_per_block * d);
         const size_t smem = sizeof(float) * static_cast<size_t>(smem_floats);
         with_packs_per_lane<kBackwardPacks>(g.packs_per_lane, [&](auto np) {
-          rms_norm_backward_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, decltype(np)::value>
-              <<<grid, g.threads, smem, current_stream()>>>(x.data<T>(), wp, rstd.data<float>(), dy.data<T>(),
-                                                            dx.data<T>(), dw.data<float>(), rows, d, g.lanes);
+          const auto kernel =
+              rms_norm_backward_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, decltype(np)::value>;
+          // One wave of resident blocks: more would only add atomics on dw and, past what fits, a
+          // partial wave (a grid of 4 blocks an SM where registers let 3 fit ran a fourth wave a
+          // quarter full, session 21's kernel table).
+          const auto grid = static_cast<unsigned>(std::min<int64_t>(
+              (rows + g.rows_per_block - 1) / g.rows_per_block, resident_grid(reinterpret_cast<const void*>(kernel), g.threads, smem)));
+          kernel<<<grid, g.threads, smem, current_stream()>>>(x.data<T>(), wp, rstd.data<float>(), dy.data<T>(),
+                                                            dx.data<T>(), dw.data<float>(), rows, d, g.lanes, RopeTable{});
         });
         return;
       }

@@ -16,6 +16,10 @@ using RoutingPlan = ops::RoutingPlan;
 
 // The current device's multiprocessors (read once): launch sizes of persistent kernels.
 int sm_count();
+// How many blocks of `kernel` at this size are resident on the whole device at once (its
+// occupancy times the SMs, at least the SM count; cached per kernel and size): the grid of a
+// grid-stride kernel, which any more blocks would leave a partial wave behind.
+int resident_grid(const void* kernel, int threads, size_t dynamic_smem);
 
 // cuBLASLt with F32 accumulation; C may be F32 with BF16 inputs.
 void gemm(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& c, bool accumulate = false);

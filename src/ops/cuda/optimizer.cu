@@ -163,33 +163,26 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
 }
 
 // The gradient norm's and clipping's passes move 16-byte vectors like AdamW (one element a thread
-// per iteration ran at ~1.3 TB/s: session 22's kernel table) and walk row flags the same way. The
-// norm keeps its own loop rather than walk_chunk until that version has run on a GPU; four groups'
-// loads issued before any is summed measured slower (2.0 against 2.3 TB/s, session 23).
+// per iteration ran at ~1.3 TB/s: session 22's kernel table) and walk row flags the same way. Four
+// groups' loads issued before any is summed measured slower (2.0 against 2.3 TB/s, session 23).
 __global__ void sumsq_kernel(const TensorRef* refs, const Chunk* chunks, float* partial) {
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
   float acc = 0.f;
-  int64_t tail = c.begin;
-  if (r.vec_ok) {
-    const int64_t groups = (c.end - c.begin) / 8;
-    RowWalk rows(r, c.begin + threadIdx.x * 8);
-    for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
-      const int64_t i = c.begin + gi * 8;
-      if (!rows.at(i)) continue;  // an unwritten row: zeros, not read (a group lies in one row)
-      float g[8];
-      ld8(r.g, r.g_bf16, i, g);
+  walk_chunk(
+      r, c,
+      [&](int64_t i, bool written) {
+        if (!written) return;  // an unwritten row: zeros, not read (a group lies in one row)
+        float g[8];
+        ld8(r.g, r.g_bf16, i, g);
 #pragma unroll
-      for (int k = 0; k < 8; ++k) acc += g[k] * g[k];
-    }
-    tail = c.begin + groups * 8;
-  }
-  RowWalk rows(r, tail + threadIdx.x);
-  for (int64_t i = tail + threadIdx.x; i < c.end; i += blockDim.x) {
-    if (!rows.at(i)) continue;
-    const float g = ld(r.g, r.g_bf16, i);
-    acc += g * g;
-  }
+        for (int k = 0; k < 8; ++k) acc += g[k] * g[k];
+      },
+      [&](int64_t i, bool written) {
+        if (!written) return;
+        const float g = ld(r.g, r.g_bf16, i);
+        acc += g * g;
+      });
   acc = block_sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
