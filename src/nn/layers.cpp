@@ -46,9 +46,10 @@ Tensor& RMSNorm::grad_target(ParamAccess& ps, Tensor& scratch, Device device) co
   return scratch;
 }
 
-Tensor RMSNorm::backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, const Tensor* rstd) const {
+Tensor RMSNorm::backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, const Tensor* rstd,
+                         const Tensor* residual_grad) const {
   Tensor scratch;
-  return ops::rms_norm_backward(x, ps.value(weight), eps, dy, grad_target(ps, scratch, x.device()), rstd);
+  return ops::rms_norm_backward(x, ps.value(weight), eps, dy, grad_target(ps, scratch, x.device()), rstd, residual_grad);
 }
 
 Tensor RMSNorm::forward_rope(const ParamAccess& ps, const Tensor& x, const Tensor& cos, const Tensor& sin,

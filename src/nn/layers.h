@@ -45,7 +45,9 @@ struct RMSNorm {
   void init(ParamStore& ps, const std::string& name, int64_t dim, float eps_);
   // `rstd` (optional) keeps the per-row statistics for the backward, which recomputes them without.
   Tensor forward(const ParamAccess& ps, const Tensor& x, Tensor* rstd = nullptr) const;
-  Tensor backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, const Tensor* rstd = nullptr) const;
+  // With `residual_grad`: dx + residual_grad (a pre-norm block's input gradient) in one pass.
+  Tensor backward(ParamAccess& ps, const Tensor& x, const Tensor& dy, const Tensor* rstd = nullptr,
+                  const Tensor* residual_grad = nullptr) const;
   // Per-head norm then RoPE in one op (ops::rms_norm_rope) on x [T, H, D], and its backward (dy in
   // the rotated space; may be overwritten).
   Tensor forward_rope(const ParamAccess& ps, const Tensor& x, const Tensor& cos, const Tensor& sin,

@@ -118,20 +118,23 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd) 
   MF_DISPATCH("rms_norm", MF_T(x, weight), rms_norm(x, weight, eps, rstd));
 }
 
-Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor* rstd) {
-  MF_DISPATCH("add_rms_norm", MF_T(x, residual, weight), add_rms_norm(x, residual, weight, eps, rstd));
+Tensor add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, float eps, Tensor& sum,
+                    Tensor* rstd) {
+  MF_DISPATCH("add_rms_norm", MF_T(x, residual, weight), add_rms_norm(x, residual, weight, eps, sum, rstd));
 }
 
 Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy, Tensor& dw,
-                         const Tensor* rstd) {
+                         const Tensor* rstd, const Tensor* residual_grad) {
 #ifdef MOEFORGE_HAVE_CUDA
-  if (same_device("rms_norm_backward", x, weight, dy, dw)) {
+  if (same_device("rms_norm_backward", x, weight, dy, dw, residual_grad ? *residual_grad : Tensor())) {
     Tensor own;
     if (!rstd) cuda::rms_norm(x, weight, eps, &own);  // the statistics the kernel takes
-    return cuda::rms_norm_backward(x, weight, rstd ? *rstd : own, dy, dw);
+    return cuda::rms_norm_backward(x, weight, rstd ? *rstd : own, dy, dw, residual_grad);
   }
 #endif
-  return cpu::rms_norm_backward(x, weight, eps, dy, dw);
+  Tensor dx = cpu::rms_norm_backward(x, weight, eps, dy, dw);
+  if (residual_grad) add_inplace(dx, *residual_grad);
+  return dx;
 }
 
 Tensor embedding(const Tensor& ids, const Tensor& table) {

@@ -51,11 +51,16 @@ Tensor linear_input_grad(const Tensor& dy, const Tensor& weight);
 // y = x * rsqrt(mean(x^2) + eps) * w over the last dimension (Transformers' RMSNorm, fp32 inside);
 // `rstd` (optional) receives the per-row 1/rms [rows] F32 that the backward can reuse.
 Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd = nullptr);
-// residual += x, then y = rms_norm(residual): a pre-norm block's add and norm in one pass.
-Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor* rstd = nullptr);
+// sum = residual + x (a new tensor, rounded to x's dtype; residual is not changed), then
+// y = rms_norm(sum): a pre-norm block's residual add and norm in one pass.
+Tensor add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, float eps, Tensor& sum,
+                    Tensor* rstd = nullptr);
 // dx from dy; dw (F32) accumulates. `rstd` (optional) is the forward's; without it it is recomputed.
+// With `residual_grad` (x's shape and dtype), dx + residual_grad is returned instead, the same
+// values as the gradient stored then add_inplace (a pre-norm block's input gradient: its residual
+// branch plus its norm's), in one pass where the backend fuses them (CUDA).
 Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy, Tensor& dw,
-                         const Tensor* rstd = nullptr);
+                         const Tensor* rstd = nullptr, const Tensor* residual_grad = nullptr);
 
 // out[i] = table[ids[i]]; ids are I64 and checked against the vocabulary.
 Tensor embedding(const Tensor& ids, const Tensor& table);

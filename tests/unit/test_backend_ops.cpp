@@ -195,10 +195,28 @@ std::vector<OpCase> cases() {
   c.push_back({"add_rms_norm/odd",
                [=](uint32_t s) { return Tensors{rnd({5, 23}, s), rnd({5, 23}, s + 1), rnd({23}, s + 2)}; },
                [](const Tensors& in, DType act) {
-                 Tensor residual = ops::to_device(in[1], in[1].device(), act);
-                 Tensor y = ops::add_rms_norm(as(in[0], act), residual, in[2], 1e-5f);
-                 return Tensors{y, residual};
+                 Tensor residual = ops::to_device(in[1], in[1].device(), act), sum;
+                 Tensor y = ops::add_rms_norm(as(in[0], act), residual, in[2], 1e-5f, sum);
+                 return Tensors{y, sum, residual};  // the residual comes back unchanged
                }});
+
+  // The norm's backward with a residual gradient added (CUDA: in the kernel, rows of 16 and 72
+  // take the row-group kernels, 23 the element kernel and a separate add).
+  for (const int64_t d : {int64_t{16}, int64_t{72}, int64_t{23}})
+    c.push_back({"rms_norm_backward_plus_residual_grad/" + std::to_string(d),
+                 [=](uint32_t s) { return Tensors{rnd({9, d}, s), rnd({d}, s + 1), rnd({9, d}, s + 2), rnd({9, d}, s + 3)}; },
+                 [d](const Tensors& in, DType act) {
+                   Tensor dw = zeros_like_shape(in[0], {d});
+                   Tensor plus = as(in[3], act);
+                   Tensor dx = ops::rms_norm_backward(as(in[0], act), in[1], 1e-6f, as(in[2], act), dw, nullptr, &plus);
+                   return Tensors{dx, dw};
+                 },
+                 [d](const Tensors& in) {
+                   Tensor dw = Tensor::zeros({d}, DType::F32);
+                   Tensor dx = ops::rms_norm_backward(in[0], in[1], 1e-6f, in[2], dw);
+                   ops::add_inplace(dx, in[3]);
+                   return Tensors{dx, dw};
+                 }});
 
   c.push_back({"swiglu_and_backward/odd",
                [=](uint32_t s) { return Tensors{rnd({7, 2 * 9}, s), rnd({7, 9}, s + 1)}; },

@@ -431,8 +431,8 @@ Tensor Decoder::block_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, con
     case hf::ModelConfig::Block::Mlp: dn = L.relu2_mlp->backward(ps, c.relu2, dy); break;
     case hf::ModelConfig::Block::Moe: dn = moe_backward(ps, l, c, bt, dy, dprobs_extra); break;
   }
-  Tensor dx = L.input_norm.backward(ps, c.x_in, dn, c.rstd1.defined() ? &c.rstd1 : nullptr);
-  ops::add_inplace(dx, dy);
+  // The block's input gradient: its norm's plus the residual branch's (dy), in one pass.
+  Tensor dx = L.input_norm.backward(ps, c.x_in, dn, c.rstd1.defined() ? &c.rstd1 : nullptr, &dy);
   bt.ctx.phase(block_phase(*L.block, false));
   return dx;
 }
@@ -446,9 +446,10 @@ Tensor Decoder::layer_forward(const nn::ParamAccess& ps, size_t l, const Tensor&
   const nn::KvCaches* kv = bt.generating() ? &caches : nullptr;
   Tensor a = L.mla ? L.mla->forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->mla : nullptr, kv)
                    : L.attn.forward(ps, n1, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, c ? &c->attn : nullptr, kv);
-  // The residual stream after attention, and the post-attention norm of it, in one pass.
-  Tensor x = ops::copy(x_in);
-  const Tensor n = ops::add_rms_norm(a, x, ps.value(L.post_attention_norm.weight), L.post_attention_norm.eps,
+  // The residual stream after attention (a new tensor: x_in stays for the backward), and the
+  // post-attention norm of it, in one pass.
+  Tensor x;
+  const Tensor n = ops::add_rms_norm(a, x_in, ps.value(L.post_attention_norm.weight), L.post_attention_norm.eps, x,
                                      c ? &c->rstd2 : nullptr);
   a = Tensor();
   if (c) {
@@ -470,15 +471,13 @@ Tensor Decoder::layer_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, con
   if (L.block) return block_backward(ps, l, c, bt, dy, dprobs_extra);
   Tensor dn = std::holds_alternative<nn::SparseMoE>(L.mlp) ? moe_backward(ps, l, c, bt, dy, dprobs_extra)
                                                            : std::get<nn::DenseMLP>(L.mlp).backward(ps, c.dense, dy);
-  Tensor dmid = L.post_attention_norm.backward(ps, c.x_mid, dn, c.rstd2.defined() ? &c.rstd2 : nullptr);
+  // The residual stream's gradient at mid-layer: the MLP's norm's plus the residual branch's (dy).
+  Tensor dmid = L.post_attention_norm.backward(ps, c.x_mid, dn, c.rstd2.defined() ? &c.rstd2 : nullptr, &dy);
   dn = Tensor();
-  ops::add_inplace(dmid, dy);
   Tensor da = L.mla ? L.mla->backward(ps, c.mla, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dmid)
                     : L.attn.backward(ps, c.attn, bt.b, bt.s, bt.cos, bt.sin, bt.doc_ids, dmid);
   bt.ctx.phase("bwd: attention block");
-  Tensor dx = L.input_norm.backward(ps, c.x_in, da, c.rstd1.defined() ? &c.rstd1 : nullptr);
-  ops::add_inplace(dx, dmid);
-  return dx;
+  return L.input_norm.backward(ps, c.x_in, da, c.rstd1.defined() ? &c.rstd1 : nullptr, &dmid);
 }
 
 Tensor Decoder::aux_gradient(const std::vector<nn::SparseMoE::RouterOut>& routers, const Parallel& par, float scale,

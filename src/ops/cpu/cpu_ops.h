@@ -23,7 +23,7 @@ void linear_weight_grad(const Tensor& dy, const Tensor& x, Tensor& dw, bool accu
 Tensor linear_input_grad(const Tensor& dy, const Tensor& weight);
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd = nullptr);
-Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor* rstd);
+Tensor add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, float eps, Tensor& sum, Tensor* rstd);
 Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy, Tensor& dw);
 
 Tensor embedding(const Tensor& ids, const Tensor& table);

@@ -30,9 +30,12 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd) 
   return out;
 }
 
-Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor* rstd) {
-  add_inplace(residual, x);
-  return rms_norm(residual, weight, eps, rstd);
+Tensor add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, float eps, Tensor& sum, Tensor* rstd) {
+  MF_CHECK(residual.shape() == x.shape(), "add_rms_norm: residual ", shape_str(residual.shape()), " must match x ",
+           shape_str(x.shape()));
+  sum = residual.clone();
+  add_inplace(sum, x);
+  return rms_norm(sum, weight, eps, rstd);
 }
 
 void rope_inplace(Tensor& x, const Tensor& cos, const Tensor& sin, bool inverse) {

@@ -1,14 +1,8 @@
 // Cross-entropy rows fused with their gradient (softmax - onehot, scaled, written once), for the
-// fused LM head: each row's (max, sum of exponentials) and then its gradient. By default one block
-// per row reads the row twice. MOEFORGE_CE_KERNEL=on-chip takes, for 16-byte aligned rows, a
-// kernel that holds each row on chip in a cluster of CTAs and reads it once: it measured no faster
-// with two CTAs a row (docs/perf-notes.md, session 23) and stays an opt-in until its larger
-// clusters (two CTAs an SM) are measured.
-#include <cooperative_groups.h>
-
-#include <algorithm>
-#include <cstdlib>
-#include <cstring>
+// fused LM head: one block per row finds the row's (max, sum of exponentials) in one read and
+// writes its gradient in a second. (A kernel that held each row on chip in a cluster of 2, 4 or 8
+// CTAs, reading it once, measured no faster: docs/perf-notes.md, sessions 23 and 24.)
+#include <cmath>
 #include <vector>
 
 #include "ops/cuda/check.h"
@@ -124,182 +118,7 @@ __global__ void cross_entropy_kernel(const T* logits, const int64_t* targets, T*
   if (threadIdx.x == 0) row_loss[row] = logf(s) + m - x_target;
 }
 
-// 16 bytes of a row (8 BF16 or 4 F32 elements) as F32, and back.
-template <typename T>
-__device__ __forceinline__ void unpack16(const uint4& raw, float* o) {
-  if constexpr (sizeof(T) == 2) {
-    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) o[k] = __bfloat162float(h[k]);
-  } else {
-    o[0] = __uint_as_float(raw.x), o[1] = __uint_as_float(raw.y), o[2] = __uint_as_float(raw.z), o[3] = __uint_as_float(raw.w);
-  }
-}
-template <typename T>
-__device__ __forceinline__ uint4 pack16(const float* v) {
-  uint4 raw;
-  if constexpr (sizeof(T) == 2) {
-    __nv_bfloat16* h = reinterpret_cast<__nv_bfloat16*>(&raw);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) h[k] = __float2bfloat16(v[k]);
-  } else {
-    raw = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-  }
-  return raw;
-}
-
-// The same row read once: a cluster of C CTAs holds it in their shared memory, each a slice of
-// `slice` elements (a multiple of 8). Each CTA loads its slice (four 16-byte loads a thread in
-// flight, the (max, sum) folded in as they arrive), the CTAs exchange their (max, sum) through
-// distributed shared memory, and each writes its slice's gradient from shared memory. DRAM moves
-// the row twice (read, write) instead of three times. In place is safe: a CTA writes only the
-// slice it has already read whole. The loss is written by the CTA whose slice holds the target
-// (+inf when no slice does: a target out of range).
-constexpr int kCeOnChipThreads = 1024;
-constexpr int kCeOnChipLoads = 4;
-template <typename T>
-__global__ void __launch_bounds__(kCeOnChipThreads) cross_entropy_on_chip_kernel(const T* logits, const int64_t* targets,
-                                                                               T* dlogits, float* row_loss, int64_t v,
-                                                                               int64_t slice, int64_t ignore, float scale) {
-  namespace cg = cooperative_groups;
-  cg::cluster_group cluster = cg::this_cluster();
-  extern __shared__ uint4 held[];  // this CTA's slice of the row
-  __shared__ float stats[2];
-  constexpr int kPer = 16 / sizeof(T);
-  const int64_t c = cluster.num_blocks(), rank = cluster.block_rank();
-  const int64_t row = blockIdx.x / c;
-  const int64_t first = rank * slice, end = first + slice < v ? first + slice : v;
-  const int64_t count = end > first ? end - first : 0;
-  const int64_t units = count / kPer;
-  const uint4* src = reinterpret_cast<const uint4*>(logits + row * v + first);
-  uint4* dst = reinterpret_cast<uint4*>(dlogits + row * v + first);
-  const int64_t target = targets[row];
-  if (target == ignore) {  // every CTA of the cluster sees the same target: none waits at a cluster barrier
-    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) dst[u] = make_uint4(0, 0, 0, 0);
-    if (rank == 0 && threadIdx.x == 0) row_loss[row] = nanf("");  // marks "not counted"
-    return;
-  }
-  float m = -INFINITY, s = 0.f;
-  for (int64_t u0 = threadIdx.x; u0 < units; u0 += static_cast<int64_t>(blockDim.x) * kCeOnChipLoads) {
-    uint4 raw[kCeOnChipLoads];
-#pragma unroll
-    for (int b = 0; b < kCeOnChipLoads; ++b) {
-      const int64_t u = u0 + static_cast<int64_t>(b) * blockDim.x;
-      if (u < units) raw[b] = __ldcs(src + u);  // read once: evict first
-    }
-#pragma unroll
-    for (int b = 0; b < kCeOnChipLoads; ++b) {
-      const int64_t u = u0 + static_cast<int64_t>(b) * blockDim.x;
-      if (u >= units) continue;
-      held[u] = raw[b];
-      float e[kPer];
-      unpack16<T>(raw[b], e);
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) online_add(m, s, e[k]);
-    }
-  }
-  block_online_merge(m, s);
-  if (threadIdx.x == 0) {
-    stats[0] = m;
-    stats[1] = s;
-  }
-  cluster.sync();  // every CTA's (max, sum) is in its shared memory
-  m = -INFINITY, s = 0.f;
-  for (int64_t r = 0; r < c; ++r) {  // the same order in every CTA: the same (max, sum) everywhere
-    const float* theirs = cluster.map_shared_rank(stats, static_cast<unsigned>(r));
-    online_merge(m, s, theirs[0], theirs[1]);
-  }
-  cluster.sync();  // no CTA leaves (its shared memory with it) while another still reads it
-  const float inv = 1.f / s;
-  for (int64_t u = threadIdx.x; u < units; u += blockDim.x) {
-    float e[kPer];
-    unpack16<T>(held[u], e);
-    const int64_t i0 = first + u * kPer;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) e[k] = scale * (__expf(e[k] - m) * inv - (i0 + k == target ? 1.f : 0.f));
-    __stcs(dst + u, pack16<T>(e));
-  }
-  if (threadIdx.x == 0) {
-    const bool mine = target >= first && target < first + count;
-    if (mine) {
-      float e[kPer];
-      unpack16<T>(held[(target - first) / kPer], e);
-      row_loss[row] = logf(s) + m - e[(target - first) % kPer];
-    } else if (rank == 0 && (target < 0 || target >= v)) {
-      row_loss[row] = INFINITY;
-    }
-  }
-}
-
-// Tests: -1 keeps rows on the two-pass kernel, N > 0 takes the on-chip one with the smallest
-// cluster of at least N CTAs that holds a row, 0 (the default) follows MOEFORGE_CE_KERNEL.
-int g_ce_cluster_override = 0;
-
-// MOEFORGE_CE_KERNEL=on-chip: the on-chip kernel where it applies (else the two-pass one).
-bool on_chip_requested() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOEFORGE_CE_KERNEL");
-    return v && std::strcmp(v, "on-chip") == 0;
-  }();
-  return on;
-}
-
-int64_t max_dynamic_smem() {
-  static const int64_t bytes = [] {
-    int dev = 0, optin = 0;
-    MF_CUDA_CHECK(cudaGetDevice(&dev));
-    MF_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    return static_cast<int64_t>(optin) - 1024;  // room for the kernel's static shared memory
-  }();
-  return bytes;
-}
-
-// Launches the on-chip kernel and returns true, or returns false where it does not apply (rows not
-// 16-byte aligned, or longer than 8 CTAs' shared memory).
-template <typename T>
-bool cross_entropy_on_chip(const T* logits, const int64_t* targets, T* dlogits, float* losses, int64_t rows, int64_t v,
-                           int64_t ignore, float scale, bool vec) {
-  const bool wanted = g_ce_cluster_override > 0 || (g_ce_cluster_override == 0 && on_chip_requested());
-  if (!vec || v % 8 != 0 || !wanted) return false;
-  int64_t c = 0, slice = 0;
-  for (int64_t cand : {1, 2, 4, 8}) {
-    if (cand < g_ce_cluster_override) continue;
-    const int64_t s = (v + cand - 1) / cand, s8 = (s + 7) / 8 * 8;
-    if (s8 * static_cast<int64_t>(sizeof(T)) <= max_dynamic_smem()) {
-      c = cand;
-      slice = s8;
-      break;
-    }
-  }
-  if (c == 0) return false;
-  const size_t smem = static_cast<size_t>(slice) * sizeof(T);
-  auto kernel = cross_entropy_on_chip_kernel<T>;
-  MF_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(rows * c));
-  cfg.blockDim = dim3(kCeOnChipThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = current_stream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(c);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  MF_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, logits, targets, dlogits, losses, v, slice, ignore, scale));
-  MF_CUDA_CHECK_LAUNCH("cross_entropy_on_chip");
-  return true;
-}
-
 }  // namespace
-
-int64_t set_cross_entropy_cluster_for_testing(int64_t ctas) {
-  MF_CHECK(ctas == -1 || ctas == 0 || ctas == 1 || ctas == 2 || ctas == 4 || ctas == 8, "cross-entropy cluster size must be -1 (two-pass), 0 (MOEFORGE_CE_KERNEL), 1, 2, 4 or 8");
-  const int64_t before = g_ce_cluster_override;
-  g_ce_cluster_override = static_cast<int>(ctas);
-  return before;
-}
 
 void cross_entropy_backward_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
                                  Tensor& dlogits, Tensor& losses) {
@@ -316,9 +135,6 @@ void cross_entropy_backward_rows(const Tensor& logits, const Tensor& targets, in
       using T = std::remove_pointer_t<decltype(tag)>;
       auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
       const bool vec = (v * static_cast<int64_t>(sizeof(T))) % 16 == 0 && aligned(logits.raw()) && aligned(dlogits.raw());
-      if (cross_entropy_on_chip<T>(logits.data<T>(), targets.data<int64_t>(), dlogits.data<T>(), losses.data<float>(), rows, v,
-                                   ignore_index, scale, vec))
-        return;
       auto kernel = vec ? cross_entropy_kernel<T, true> : cross_entropy_kernel<T, false>;
       kernel<<<rows, 1024, 0, current_stream()>>>(logits.data<T>(), targets.data<int64_t>(), dlogits.data<T>(),
                                                  losses.data<float>(), v, ignore_index, scale);

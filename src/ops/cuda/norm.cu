@@ -26,24 +26,25 @@ using namespace detail;
 namespace {
 
 template <typename T, typename W>
-__global__ void rms_norm_kernel(const T* x, T* residual, const W* w, T* y, float* rstd, int64_t d, float eps,
-                                bool fused_add) {
+__global__ void rms_norm_kernel(const T* x, const T* residual, T* sum, const W* w, T* y, float* rstd, int64_t d,
+                                float eps, bool fused_add) {
   const int64_t row = blockIdx.x;
   const T* xr = x + row * d;
-  T* rr = fused_add ? residual + row * d : nullptr;
+  const T* rr = fused_add ? residual + row * d : nullptr;
+  T* sr = fused_add ? sum + row * d : nullptr;
   float ss = 0.f;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     float v = load(xr, i);
     if (fused_add) {
-      store(rr, i, v + load(rr, i));
-      v = load(rr, i);  // the sum as stored (rounded to T): Transformers normalises that tensor
+      store(sr, i, v + load(rr, i));
+      v = load(sr, i);  // the sum as stored (rounded to T): Transformers normalises that tensor
     }
     ss += v * v;
   }
   ss = block_sum(ss);
   const float r = rsqrtf(ss / static_cast<float>(d) + eps);
   if (threadIdx.x == 0 && rstd) rstd[row] = r;
-  const T* src = fused_add ? rr : xr;
+  const T* src = fused_add ? sr : xr;
   // Transformers: (x * rstd).to(input dtype) * weight. With BF16 activations the normalised value
   // is rounded before the weight multiplies it.
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
@@ -125,8 +126,8 @@ __device__ __forceinline__ float rounded_to(float v) {
 // checks NP * lanes == packs with NP even, so pack j's partner half a row away is pack j + NP/2 of
 // the same lane).
 template <typename T, typename W, int NP, bool ROPE = false>
-__global__ void rms_norm_rows_kernel(const T* x, T* residual, const W* w, T* y, float* rstd, int64_t rows,
-                                     int64_t d, int lanes, float eps, RopeTable rope = {}) {
+__global__ void rms_norm_rows_kernel(const T* x, const T* residual, T* sum, const W* w, T* y, float* rstd,
+                                     int64_t rows, int64_t d, int lanes, float eps, RopeTable rope = {}) {
   extern __shared__ float scratch[];
   constexpr int V = 16 / sizeof(T);
   using P = Pack<T, V>;
@@ -142,15 +143,14 @@ __global__ void rms_norm_rows_kernel(const T* x, T* residual, const W* w, T* y, 
     if (!live || p >= packs) continue;
     const P xp = reinterpret_cast<const P*>(x + row * d)[p];
     if (residual) {
-      P* rp = reinterpret_cast<P*>(residual + row * d) + p;
-      const P r0 = *rp;
-      P sum;
+      const P r0 = reinterpret_cast<const P*>(residual + row * d)[p];
+      P sp;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        store(sum.v, e, load(xp.v, e) + load(r0.v, e));
-        v[j][e] = load(sum.v, e);  // rounded to T, as stored and as Transformers normalises it
+        store(sp.v, e, load(xp.v, e) + load(r0.v, e));
+        v[j][e] = load(sp.v, e);  // rounded to T, as stored and as Transformers normalises it
       }
-      *rp = sum;
+      reinterpret_cast<P*>(sum + row * d)[p] = sp;
     } else {
 #pragma unroll
       for (int e = 0; e < V; ++e) v[j][e] = load(xp.v, e);
@@ -215,8 +215,8 @@ __global__ void rms_norm_rows_kernel(const T* x, T* residual, const W* w, T* y, 
 // (the launcher checks NP == 1 and lanes == packs <= 32, so a pack's partner half a row away is in
 // lane ^ lanes/2 of the same warp).
 template <typename T, typename W, int NP, bool ROPE = false>
-__global__ void rms_norm_backward_rows_kernel(const T* x, const W* w, const float* rstd, const T* dy, T* dx, float* dw,
-                                              int64_t rows, int64_t d, int lanes, RopeTable rope = {}) {
+__global__ void rms_norm_backward_rows_kernel(const T* x, const W* w, const float* rstd, const T* dy, const T* plus, T* dx,
+                                              float* dw, int64_t rows, int64_t d, int lanes, RopeTable rope = {}) {
   extern __shared__ float scratch[];
   constexpr int V = 16 / sizeof(T);
   using P = Pack<T, V>;
@@ -285,10 +285,14 @@ __global__ void rms_norm_backward_rows_kernel(const T* x, const W* w, const floa
       if (!live || p >= packs) continue;
       float wv[V];
       load_f32<V>(w + p * V, wv);
-      P o;
+      P o, pp;
+      if (plus) pp = reinterpret_cast<const P*>(plus + row * d)[p];
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        store(o.v, e, r * gv[j][e] * wv[e] - xv[j][e] * c);
+        const float g = r * gv[j][e] * wv[e] - xv[j][e] * c;
+        // With `plus`: the gradient rounded to T as it would be stored, then the addend (the
+        // residual branch's gradient), as rms_norm_backward followed by add_inplace.
+        store(o.v, e, plus ? rounded_to<T>(g) + load(pp.v, e) : g);
         dw_part[j][e] += gv[j][e] * xv[j][e] * r;
       }
       reinterpret_cast<P*>(dx + row * d)[p] = o;
@@ -356,34 +360,38 @@ void with_weight(const Tensor& w, Fn&& fn) {
   else fn(w.data<__nv_bfloat16>());
 }
 
-Tensor norm_impl(const Tensor& x, Tensor* residual, const Tensor& w, float eps, Tensor* rstd_out) {
+// y = rms_norm(x), or with `residual`: *sum = residual + x (a new tensor; residual is left as it
+// is), y = rms_norm(*sum).
+Tensor norm_impl(const Tensor& x, const Tensor* residual, Tensor* sum, const Tensor& w, float eps, Tensor* rstd_out) {
   require_float(x, "rms_norm");
   const int64_t d = x.shape().back(), rows = x.numel() / d;
   MF_CHECK(w.numel() == d, "rms_norm: weight has ", w.numel(), " elements for rows of ", d);
-  if (residual) MF_CHECK(residual->shape() == x.shape() && residual->dtype() == x.dtype(), "add_rms_norm: residual must match x");
+  if (residual) {
+    MF_CHECK(residual->shape() == x.shape() && residual->dtype() == x.dtype(), "add_rms_norm: residual must match x");
+    *sum = empty(x.shape(), x.dtype(), "add_rms_norm sum");
+  }
   Tensor y = empty(x.shape(), x.dtype(), "rms_norm output");
   Tensor rstd = empty({rows}, DType::F32, "rms_norm rstd");
   if (rows == 0) return y;
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
+    const T* rp = residual ? residual->data<T>() : nullptr;
+    T* sp = residual ? sum->data<T>() : nullptr;
     with_weight(w, [&](auto* wp) {
       const int64_t packs = d / (16 / sizeof(T));
-      if (packs_fit<T>(d, {x.raw(), w.raw(), y.raw(), residual ? residual->raw() : nullptr}) &&
-          packs <= 1024 * kForwardPacks) {
+      if (packs_fit<T>(d, {x.raw(), w.raw(), y.raw(), rp, sp}) && packs <= 1024 * kForwardPacks) {
         const RowGroups g = row_groups(packs, kForwardPacks);
         const auto blocks = static_cast<unsigned>((rows + g.rows_per_block - 1) / g.rows_per_block);
         with_packs_per_lane<kForwardPacks>(g.packs_per_lane, [&](auto np) {
           rms_norm_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, decltype(np)::value>
               <<<blocks, g.threads, g.threads / 32 * sizeof(float), current_stream()>>>(
-                  x.data<T>(), residual ? residual->data<T>() : nullptr, wp, y.data<T>(), rstd.data<float>(), rows, d,
-                  g.lanes, eps);
+                  x.data<T>(), rp, sp, wp, y.data<T>(), rstd.data<float>(), rows, d, g.lanes, eps);
         });
         return;
       }
       // The element kernel: a block per row.
       rms_norm_kernel<<<rows, std::min(threads_for(d), 1024), 0, current_stream()>>>(
-          x.data<T>(), residual ? residual->data<T>() : nullptr, wp, y.data<T>(), rstd.data<float>(), d, eps,
-          residual != nullptr);
+          x.data<T>(), rp, sp, wp, y.data<T>(), rstd.data<float>(), d, eps, residual != nullptr);
     });
   });
   MF_CUDA_CHECK_LAUNCH("rms_norm");
@@ -447,7 +455,7 @@ Tensor rms_norm_rope(const Tensor& x, const Tensor& weight, float eps, const Ten
             const auto blocks = static_cast<unsigned>((rows + g.rows_per_block - 1) / g.rows_per_block);
             rms_norm_rows_kernel<T, std::remove_const_t<std::remove_pointer_t<decltype(wp)>>, NP, true>
                 <<<blocks, g.threads, g.threads / 32 * sizeof(float), current_stream()>>>(
-                    x.data<T>(), nullptr, wp, y.data<T>(), rstd.data<float>(), rows, d, g.lanes, eps,
+                    x.data<T>(), nullptr, nullptr, wp, y.data<T>(), rstd.data<float>(), rows, d, g.lanes, eps,
                     RopeTable{cos.data<float>(), sin.data<float>(), heads});
           });
         }
@@ -490,8 +498,8 @@ Tensor rms_norm_rope_backward(const Tensor& x, const Tensor& weight, const Tenso
         const auto grid = static_cast<unsigned>(std::min<int64_t>(
             (rows + g.rows_per_block - 1) / g.rows_per_block, resident_grid(reinterpret_cast<const void*>(kernel), g.threads, smem)));
         kernel<<<grid, g.threads, smem, current_stream()>>>(
-                x.data<T>(), wp, rstd.data<float>(), dy.data<T>(), dx.data<T>(), dw.data<float>(), rows, d, g.lanes,
-                RopeTable{cos.data<float>(), sin.data<float>(), heads});
+                x.data<T>(), wp, rstd.data<float>(), dy.data<T>(), nullptr, dx.data<T>(), dw.data<float>(), rows, d,
+                g.lanes, RopeTable{cos.data<float>(), sin.data<float>(), heads});
       });
     });
     MF_CUDA_CHECK_LAUNCH("rms_norm_rope_backward");
@@ -502,20 +510,25 @@ Tensor rms_norm_rope_backward(const Tensor& x, const Tensor& weight, const Tenso
 }
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd) {
-  return norm_impl(x, nullptr, weight, eps, rstd);
+  return norm_impl(x, nullptr, nullptr, weight, eps, rstd);
 }
 
-Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor* rstd) {
-  return norm_impl(x, &residual, weight, eps, rstd);
+Tensor add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, float eps, Tensor& sum, Tensor* rstd) {
+  return norm_impl(x, &residual, &sum, weight, eps, rstd);
 }
 
-Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy, Tensor& dw) {
+Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy, Tensor& dw,
+                         const Tensor* plus) {
   require_float(x, "rms_norm_backward");
   MF_CHECK(dy.shape() == x.shape() && dy.dtype() == x.dtype(), "rms_norm_backward: dy must match x");
   MF_CHECK(dw.dtype() == DType::F32 && dw.numel() == x.shape().back(), "rms_norm_backward: dw must be F32 [d]");
+  if (plus)
+    MF_CHECK(plus->shape() == x.shape() && plus->dtype() == x.dtype(), "rms_norm_backward: the addend ",
+             shape_str(plus->shape()), " must match x ", shape_str(x.shape()));
   const int64_t d = x.shape().back(), rows = x.numel() / d;
   Tensor dx = empty(x.shape(), x.dtype(), "rms_norm input gradient");
   if (rows == 0) return dx;
+  bool fused_plus = false;  // whether the kernel added `plus` (the element kernel does not)
   dispatch_float(x.dtype(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     with_weight(weight, [&](auto* wp) {
@@ -525,7 +538,8 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rs
       // lane while a row fits in a warp, else two (measured against 1, 2 and 4 on q30's shapes,
       // docs/perf-notes.md), four only for rows too long for 1024 lanes of two.
       const int max_packs = packs <= 32 ? 1 : packs <= 2048 ? 2 : kBackwardPacks;
-      if (packs_fit<T>(d, {x.raw(), dy.raw(), dx.raw(), weight.raw()}) && packs <= 1024 * max_packs) {
+      if (packs_fit<T>(d, {x.raw(), dy.raw(), dx.raw(), weight.raw(), plus ? plus->raw() : nullptr}) &&
+          packs <= 1024 * max_packs) {
         const RowGroups g = row_groups(packs, max_packs);
         // One row per block adds its share to dw directly; more rows sum theirs in shared memory first.
         const int64_t smem_floats = g.rows_per_block == 1 ? g.threads / 32 : std::max<int64_t>(g.threads / 32, g.rows_per_block * d);
@@ -539,8 +553,10 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rs
           const auto grid = static_cast<unsigned>(std::min<int64_t>(
               (rows + g.rows_per_block - 1) / g.rows_per_block, resident_grid(reinterpret_cast<const void*>(kernel), g.threads, smem)));
           kernel<<<grid, g.threads, smem, current_stream()>>>(x.data<T>(), wp, rstd.data<float>(), dy.data<T>(),
-                                                            dx.data<T>(), dw.data<float>(), rows, d, g.lanes, RopeTable{});
+                                                            plus ? plus->data<T>() : nullptr, dx.data<T>(),
+                                                            dw.data<float>(), rows, d, g.lanes, RopeTable{});
         });
+        fused_plus = plus != nullptr;
         return;
       }
       // The element kernel: each thread holds at most kMaxPerThread of a row's dw shares.
@@ -551,6 +567,7 @@ Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rs
     });
   });
   MF_CUDA_CHECK_LAUNCH("rms_norm_backward");
+  if (plus && !fused_plus) add_inplace(dx, *plus);
   return dx;
 }
 

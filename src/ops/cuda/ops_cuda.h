@@ -40,9 +40,13 @@ void zero(Tensor& x);
 void zero_blocks(void* base, int64_t block_bytes, const std::vector<int32_t>& blocks);
 
 Tensor rms_norm(const Tensor& x, const Tensor& weight, float eps, Tensor* rstd = nullptr);
-Tensor add_rms_norm(const Tensor& x, Tensor& residual, const Tensor& weight, float eps, Tensor* rstd = nullptr);
-// Takes the forward's statistics (the dispatch computes them when the caller has none).
-Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy, Tensor& dw);
+// sum = residual + x (a new tensor), then rms_norm(sum) (ops::add_rms_norm).
+Tensor add_rms_norm(const Tensor& x, const Tensor& residual, const Tensor& weight, float eps, Tensor& sum,
+                    Tensor* rstd = nullptr);
+// Takes the forward's statistics (the dispatch computes them when the caller has none). With
+// `plus`, dx + *plus in the same pass (ops::rms_norm_backward's residual gradient).
+Tensor rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dy, Tensor& dw,
+                         const Tensor* plus = nullptr);
 
 void add_bias_rows(Tensor& y, const Tensor& bias);
 void bias_grad(const Tensor& dy, Tensor& db);
@@ -98,11 +102,6 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
 void cross_entropy_backward_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, float scale,
                                  Tensor& dlogits, Tensor& losses);
 double sum_row_losses(const Tensor& losses, int64_t* counted);
-// Tests: which cross-entropy kernel takes 16-byte aligned rows: -1 the two-pass one (a block per
-// row, read twice), N > 0 the on-chip one with the smallest cluster of at least N CTAs that holds a
-// row, 0 (the default) whichever MOEFORGE_CE_KERNEL names (two-pass unless "on-chip"). Returns the
-// previous setting.
-int64_t set_cross_entropy_cluster_for_testing(int64_t ctas);
 Tensor cross_entropy_rows(const Tensor& logits, const Tensor& targets, int64_t ignore_index, int64_t* counted);
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets, int64_t ignore_index,
                                   float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted, int64_t chunk_rows = 2048,

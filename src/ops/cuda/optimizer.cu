@@ -3,6 +3,8 @@
 // cost one launch instead of one each. AdamW reads w, g, m, v and writes w, m, v: 16-28 bytes per
 // element, so its floor is the parameter count times that at HBM bandwidth. Aligned tensors move
 // in 16-byte vectors (8 elements per thread per iteration).
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "ops/cuda/check.h"
@@ -124,7 +126,15 @@ __device__ __forceinline__ void walk_chunk(const TensorRef& r, const Chunk& c, G
   for (int64_t i = tail + threadIdx.x; i < c.end; i += blockDim.x) element(i, rows.at(i));
 }
 
-__global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::AdamWScalars s) {
+// `zero_skip`: a group whose gradient and moments are all zero (an expert no token has reached
+// yet: at the random initialisation's native routing, about a third of q30's expert parameters)
+// takes a short path with the same bits. There torch's update leaves both moments +0 ((g - m) *
+// (1 - beta1) and v * beta2 + (1 - beta2) * g * g of signed zeros are +0) and the weight decayed
+// only (w * wd_mul + -step_size * (+0 / eps): adding -0 changes no value), so only what changes is
+// stored: no division or square root (whose zero operands take their slow paths) and, where the
+// moments already hold +0, no moment written. The launcher passes it only when eps > 0 and
+// step_size >= 0 (else 0 / eps or the zero's sign would differ).
+__global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::AdamWScalars s, bool zero_skip) {
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
   walk_chunk(
@@ -144,6 +154,29 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
         }
         ld8(r.m, r.mv_bf16, i, m);
         ld8(r.v, r.mv_bf16, i, v);
+        if (zero_skip) {
+          bool zero = true;
+          uint32_t moment_bits = 0;  // 0: both moments already +0 everywhere in the group
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            zero = zero && g[k] == 0.f && m[k] == 0.f && v[k] == 0.f;
+            moment_bits |= __float_as_uint(m[k]) | __float_as_uint(v[k]);
+          }
+          if (zero) {
+            if (r.wd_mul != 1.f || r.w_copy) {
+#pragma unroll
+              for (int k = 0; k < 8; ++k) w[k] *= r.wd_mul;
+              st8(r.w, r.w_bf16, i, w);
+              if (r.w_copy) st8(r.w_copy, true, i, w);
+            }
+            if (moment_bits != 0) {
+              const float zeros[8] = {};
+              st8(r.m, r.mv_bf16, i, zeros);
+              st8(r.v, r.mv_bf16, i, zeros);
+            }
+            return;
+          }
+        }
 #pragma unroll
         for (int k = 0; k < 8; ++k) ops::adamw_element(w[k], g[k], m[k], v[k], r.wd_mul, s);
         st8(r.w, r.w_bf16, i, w);
@@ -226,6 +259,15 @@ Tables upload(const std::vector<TensorRef>& refs) {
   return out;
 }
 
+// MOEFORGE_ADAMW_ZERO_SKIP=0: every group through the full update (the A/B of the short path).
+bool adamw_zero_skip_on() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOEFORGE_ADAMW_ZERO_SKIP");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
 std::vector<TensorRef> grad_refs(const std::vector<Tensor>& ts, const std::vector<Tensor>& written_rows = {}) {
   std::vector<TensorRef> refs;
   for (size_t i = 0; i < ts.size(); ++i) {
@@ -272,8 +314,9 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& ts, const ops::AdamWSca
   }
   Tables tab = upload(refs);
   if (tab.n_chunks == 0) return;
+  const bool zero_skip = adamw_zero_skip_on() && s.eps > 0.f && s.step_size >= 0.f;
   adamw_kernel<<<tab.n_chunks, kThreads, 0, current_stream()>>>(static_cast<const TensorRef*>(tab.refs.raw()),
-                                                               static_cast<const Chunk*>(tab.chunks.raw()), s);
+                                                               static_cast<const Chunk*>(tab.chunks.raw()), s, zero_skip);
   MF_CUDA_CHECK_LAUNCH("adamw");
   // No synchronisation: the tables were copied from pageable memory (the copy returns once the
   // source is read) and their device blocks are reused only by later work on the same stream.
