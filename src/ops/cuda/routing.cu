@@ -20,8 +20,6 @@ using namespace detail;
 
 namespace {
 
-constexpr int kPlanThreads = 1024;
-
 // counts[e] += 1 for every assignment to e; counts[experts] flags an index out of range.
 __global__ void count_kernel(const int64_t* idx, int64_t n, int64_t experts, int64_t* counts) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
@@ -60,11 +58,15 @@ __global__ void offsets_kernel(const int64_t* counts, int64_t experts, int64_t* 
 // places every match: a lane's rank in its row is the ballot's bits below it. (A thread reading 32
 // consecutive indices, its loads 256 bytes apart from its neighbours', took 23 us a q30 layer; 32
 // steps of 1024 with three barriers each took 41, session 19's kernel table.)
+// 512 threads: a lane keeps 32 ballots in registers, more than 1024 threads' 64 registers each
+// would hold.
 constexpr int kRankRows = 32;  // rows of 32 assignments a warp takes per tile
-__global__ void rank_kernel(const int64_t* idx, int64_t n, const int64_t* offsets, int64_t* dest) {
+constexpr int kRankThreads = 512;
+__global__ void __launch_bounds__(kRankThreads) rank_kernel(const int64_t* idx, int64_t n, const int64_t* offsets,
+                                                             int64_t* dest) {
   const int64_t e = blockIdx.x;
   __shared__ int64_t carry;  // this expert's assignments numbered in earlier tiles, plus offsets[e]
-  __shared__ int warp_sums[kPlanThreads / 32];
+  __shared__ int warp_sums[kRankThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   if (threadIdx.x == 0) carry = offsets[e];
   const int64_t per_warp = 32 * kRankRows, tile = per_warp * warps;
@@ -250,7 +252,7 @@ RoutingPlan plan_routing_started(const Tensor& idx, int64_t experts) {
   p.dest_row = empty(idx.shape(), DType::I64, "routing destination rows");
   if (n > 0) MF_CUDA_CHECK(cudaMemsetAsync(p.dest_row.raw(), 0xFF, p.dest_row.nbytes(), current_stream()));  // -1
   if (n > 0 && experts > 0)
-    rank_kernel<<<experts, kPlanThreads, 0, current_stream()>>>(idx.data<int64_t>(), n, offsets.data<int64_t>(),
+    rank_kernel<<<experts, kRankThreads, 0, current_stream()>>>(idx.data<int64_t>(), n, offsets.data<int64_t>(),
                                                                  p.dest_row.data<int64_t>());
   MF_CUDA_CHECK_LAUNCH("routing rank");
   p.finish_offsets = [slot, experts](RoutingPlan& plan) {
