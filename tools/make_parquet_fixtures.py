@@ -255,6 +255,20 @@ def main():
     prompts = ["Count from %d to %d." % (i, i + 3) if i % 3 else None for i in range(6)]
     convs = [None if p else [{"role": "user", "content": "Count from %d to %d." % (i, i + 2)}] for i, p in enumerate(prompts)]
     write(out, "prompts_snappy", pa.table({"prompt": prompts, "messages": convs}), compression="snappy")
+    # BYTE_STREAM_SPLIT (byte k of every value in stream k) on integer and floating columns, a
+    # list with nulls among them, over two pages; its own generator, so the cases above keep their
+    # draws. Floats are exact binary fractions (JSON round trips them).
+    bss = random.Random(11)
+    n = 60
+    split = pa.table({
+        "input_ids": pa.array([None if i % 9 == 4 else [bss.randint(-2**31, 2**31 - 1) for _ in range(bss.randint(0, 6))]
+                               for i in range(n)], pa.list_(pa.int32())),
+        "big": pa.array([bss.randint(-2**62, 2**62) for _ in range(n)], pa.int64()),
+        "ratio": pa.array([bss.randint(-4096, 4096) / 64 for _ in range(n)], pa.float32()),
+        "score": pa.array([None if i % 7 == 0 else bss.randint(-2**40, 2**40) / 1024 for i in range(n)], pa.float64()),
+    })
+    write(out, "byte_stream_split", split, compression="none", use_dictionary=False, data_page_size=256,
+          column_encoding={c: "BYTE_STREAM_SPLIT" for c in ["input_ids.list.element", "big", "ratio", "score"]})
     legacy = os.path.join(out, "legacy_lists.parquet")
     write_legacy_lists(legacy)
     MANIFEST["legacy_lists"] = {"fields": ["input_ids", "labels", "words", "pairs"]}

@@ -209,9 +209,36 @@ void decode_values(Encoding encoding, const LeafType& type, Bytes& in, size_t co
       }
       return;
     }
+    case Encoding::ByteStreamSplit: {
+      // Byte k of every value in stream k (streams of `count` bytes, back to back): the values'
+      // bytes gathered back, then read as PLAIN.
+      size_t width = 0;
+      switch (type.physical) {
+        case PhysicalType::Int32:
+        case PhysicalType::Float: width = 4; break;
+        case PhysicalType::Int64:
+        case PhysicalType::Double: width = 8; break;
+        case PhysicalType::FixedLenByteArray:
+          MF_CHECK(type.type_length > 0, what, ": BYTE_STREAM_SPLIT values of a zero-length FIXED_LEN_BYTE_ARRAY");
+          width = static_cast<size_t>(type.type_length);
+          break;
+        default:
+          MF_THROW(what, ": BYTE_STREAM_SPLIT values of physical type ", static_cast<int>(type.physical),
+                   " (it applies to INT32, INT64, FLOAT, DOUBLE and FIXED_LEN_BYTE_ARRAY)");
+      }
+      MF_CHECK(count <= in.left() / width, what, ": its values run past the page");  // without multiplying
+      std::string joined(count * width, '\0');
+      for (size_t k = 0; k < width; ++k)
+        for (size_t i = 0; i < count; ++i) joined[i * width + k] = static_cast<char>(in.p[k * count + i]);
+      in.p += count * width;
+      Bytes plain_values{reinterpret_cast<const uint8_t*>(joined.data()),
+                         reinterpret_cast<const uint8_t*>(joined.data()) + joined.size()};
+      decode_values(Encoding::Plain, type, plain_values, count, out, what);
+      return;
+    }
     default:
       MF_THROW(what, ": values encoded as ", encoding_name(encoding),
-               ", which moeforge does not read (PLAIN, dictionaries, RLE and the DELTA encodings are read)");
+               ", which moeforge does not read (PLAIN, dictionaries, RLE, the DELTA encodings and BYTE_STREAM_SPLIT are read)");
   }
 }
 

@@ -177,7 +177,7 @@ TEST(ParquetBadInput, FuzzFoundInputsAreOneError) {
 // moeforge error naming the file, never a crash or a read out of bounds (the sanitizer build runs
 // this too; tests/fuzz/fuzz_parquet.cpp goes further).
 TEST(ParquetBadInput, EveryTruncationAndByteChangeIsOneErrorOrARead) {
-  for (const std::string name : {"messages_lz4", "tokens_zstd_v2", "nested_v2"}) {
+  for (const std::string name : {"messages_lz4", "tokens_zstd_v2", "nested_v2", "byte_stream_split"}) {
     const std::string bytes = test::read_text(dir() + "/" + name + ".parquet");
     const Json manifest = Json::parse(test::read_text(dir() + "/MANIFEST.json"));
     const auto fields = manifest["cases"][name]["fields"].get<std::vector<std::string>>();
