@@ -32,7 +32,8 @@ struct LeafType {
 
 // `count` values of the RLE / bit-packed hybrid at `bit_width` (0-32) bits; reads only what they take.
 void decode_hybrid(Bytes& in, int bit_width, size_t count, std::vector<uint32_t>& out, const std::string& what);
-// `count` values of `encoding` (PLAIN, RLE for booleans, the DELTA encodings) appended to `out`.
+// `count` values of `encoding` (PLAIN, RLE for booleans, the DELTA encodings, BYTE_STREAM_SPLIT)
+// appended to `out`.
 void decode_values(Encoding encoding, const LeafType& type, Bytes& in, size_t count, std::vector<Json>& out,
                    const std::string& what);
 // The bits needed for levels up to `max_level`.

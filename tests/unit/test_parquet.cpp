@@ -11,6 +11,7 @@
 #include "data/dataset.h"
 #include "data/parquet_codecs.h"
 #include "data/parquet_reader.h"
+#include "data/parquet_values.h"
 #include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
 #include "test_util.h"
@@ -91,6 +92,28 @@ struct Chat {
 
 // The dataset side: a Parquet file's rows become the same token rows as the same rows in jsonl
 // (pyarrow's reading of the file, written as lines), skipped rows included.
+// BYTE_STREAM_SPLIT on FIXED_LEN_BYTE_ARRAY (the fixture's columns are numbers: pyarrow's rows of
+// bytes do not go through JSON): byte k of every value in stream k; a page too short is one error.
+TEST(ParquetValues, ByteStreamSplitFixedLengthValues) {
+  using namespace data::parquet;
+  const std::vector<std::string> want = {"abc", "XYZ", "123", std::string("\x01\x00\xff", 3)};
+  std::string split(12, '\0');
+  for (size_t k = 0; k < 3; ++k)
+    for (size_t i = 0; i < want.size(); ++i) split[k * want.size() + i] = want[i][k];
+  const auto* p = reinterpret_cast<const uint8_t*>(split.data());
+  Bytes in{p, p + split.size()};
+  std::vector<Json> out;
+  decode_values(Encoding::ByteStreamSplit, LeafType{PhysicalType::FixedLenByteArray, 3, false}, in, want.size(), out, "t");
+  ASSERT_EQ(out.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_EQ(out[i].get<std::string>(), want[i]) << i;
+  EXPECT_EQ(in.left(), 0u);
+  Bytes short_in{p, p + 11};
+  EXPECT_NE(test::error_of([&] {
+              decode_values(Encoding::ByteStreamSplit, LeafType{PhysicalType::FixedLenByteArray, 3, false}, short_in, 4, out, "t");
+            }).find("t: its values run past the page"),
+            std::string::npos);
+}
+
 TEST(ParquetDataset, RowsTrainAsTheSameRowsInJsonl) {
   const Chat chat;
   for (const std::string name :
