@@ -476,9 +476,23 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
               cross_entropy_backward(logits, targets, ignore_index, scale, dlogits, counted));
 }
 
+int64_t cross_entropy_chunk_rows(int64_t tokens, int64_t vocab, int64_t element_bytes, int64_t budget_bytes) {
+  MF_CHECK(tokens >= 0 && vocab > 0 && element_bytes > 0 && budget_bytes > 0,
+           "cross_entropy_chunk_rows: bad shape or budget");
+  if (tokens == 0) return 1;
+  const int64_t row_bytes = vocab * element_bytes;
+  const int64_t rows_in_budget = std::max<int64_t>(1, budget_bytes / row_bytes);
+  if (tokens <= rows_in_budget) return tokens;
+  const int64_t chunks = (tokens + rows_in_budget - 1) / rows_in_budget;
+  const int64_t rows = (tokens + chunks - 1) / chunks;
+  return std::min(tokens, (rows + 63) / 64 * 64);
+}
+
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                   int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
                                   int64_t chunk_rows, bool accumulate_dw) {
+  if (chunk_rows == 0 && hidden.dim() == 2 && weight.dim() == 2)
+    chunk_rows = cross_entropy_chunk_rows(hidden.shape()[0], weight.shape()[0], static_cast<int64_t>(dtype_size(hidden.dtype())));
   MF_DISPATCH("fused_linear_cross_entropy", MF_T(hidden, weight, targets, dw ? *dw : Tensor()),
               fused_linear_cross_entropy(hidden, weight, targets, ignore_index, scale, d_hidden, dw, counted, chunk_rows,
                                          accumulate_dw));

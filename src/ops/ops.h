@@ -261,13 +261,20 @@ double cross_entropy_backward(const Tensor& logits, const Tensor& targets, int64
 // exist. targets [N] I64 (already shifted); `scale` multiplies the gradient. Returns the summed loss.
 // `dw` null: no weight gradient (a frozen LM head); `accumulate_dw` false: dW = the sum (what it
 // held is not read).
-// 2048: against 1024, +1.2-1.5% tokens/s on q30-L4 (one H100) at the same peak memory (fewer
-// accumulations of the head's weight gradient, larger GEMMs); 4096 gave +0.7% more for +0.41 GiB
-// (docs/perf-notes.md).
-constexpr int64_t kCrossEntropyChunkRows = 2048;
+// `chunk_rows` 0: cross_entropy_chunk_rows's choice for these shapes.
 double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
                                   int64_t ignore_index, float scale, Tensor& d_hidden, Tensor* dw, int64_t* counted,
-                                  int64_t chunk_rows = kCrossEntropyChunkRows, bool accumulate_dw = true);
+                                  int64_t chunk_rows = 0, bool accumulate_dw = true);
+// The most bytes of logits one chunk holds by default: 1.25 GiB. Fewer chunks are faster (each
+// after the first reads and rewrites the head's whole weight gradient, and the GEMMs are larger):
+// on q30-L4 (one H100) 2048 rows a chunk ran +1.2-1.5% against 1024, and 4096 (one chunk of a
+// 4096-token micro-batch, 1.16 GiB of BF16 logits at 151,936 tokens of vocabulary) +0.7% more for
+// +0.41 GiB of peak (docs/perf-notes.md), still far under what the unfused logits would take.
+constexpr int64_t kCrossEntropyChunkBytes = int64_t{5} << 28;
+// Rows a chunk of the fused LM head + loss: all `tokens` when their logits fit the budget, else
+// the fewest equal chunks that do, rounded up to a multiple of 64 rows.
+int64_t cross_entropy_chunk_rows(int64_t tokens, int64_t vocab, int64_t element_bytes,
+                                 int64_t budget_bytes = kCrossEntropyChunkBytes);
 
 // ---- Optimizer
 

@@ -621,17 +621,17 @@ TEST(CudaOptimizer, ZeroGroupsKeepTorchsBits) {
         cuda::AdamWTensors t{cuda::to_device(w, dt), cuda::to_device(g, dt), cuda::to_device(m, dt), cuda::to_device(v, dt),
                              wd_mul, Tensor()};
         // The flagged rows as one tensor, the 5 elements after them as a second (the element path).
-        cuda::AdamWTensors tf = t;
-        tf.param = t.param.slice0(0, row * rows);
-        tf.grad = t.grad.slice0(0, row * rows);
-        tf.exp_avg = t.exp_avg.slice0(0, row * rows);
-        tf.exp_avg_sq = t.exp_avg_sq.slice0(0, row * rows);
+        const auto part = [&t](int64_t start, int64_t len) {
+          cuda::AdamWTensors p = t;
+          p.param = t.param.slice0(start, len);
+          p.grad = t.grad.slice0(start, len);
+          p.exp_avg = t.exp_avg.slice0(start, len);
+          p.exp_avg_sq = t.exp_avg_sq.slice0(start, len);
+          return p;
+        };
+        cuda::AdamWTensors tf = part(0, row * rows);
         tf.grad_written_rows = cuda::to_device(flag_host, DType::U8);
-        cuda::AdamWTensors tail = t;
-        tail.param = t.param.slice0(row * rows, n - row * rows);
-        tail.grad = t.grad.slice0(row * rows, n - row * rows);
-        tail.exp_avg = t.exp_avg.slice0(row * rows, n - row * rows);
-        tail.exp_avg_sq = t.exp_avg_sq.slice0(row * rows, n - row * rows);
+        const cuda::AdamWTensors tail = part(row * rows, n - row * rows);
         cuda::adamw_multi_tensor({tf, tail}, sc);
         const Tensor got_w = cuda::to_host_f32(t.param), got_m = cuda::to_host_f32(t.exp_avg),
                      got_v = cuda::to_host_f32(t.exp_avg_sq);

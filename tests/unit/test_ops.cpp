@@ -122,6 +122,21 @@ TEST(Ops, CrossEntropyIgnoresIndex) {
   EXPECT_EQ(l.f32()[1], 0.f);
 }
 
+// The fused LM head's default chunk: every token in one chunk while its logits fit the budget,
+// else the fewest equal chunks that fit, rounded up to 64 rows (never more rows than tokens).
+TEST(Ops, CrossEntropyChunkRowsByLogitBytes) {
+  const int64_t gib = int64_t{1} << 30;
+  EXPECT_EQ(ops::cross_entropy_chunk_rows(4096, 151936, 2), 4096);  // 1.16 GiB: one chunk
+  EXPECT_EQ(ops::cross_entropy_chunk_rows(4096, 151936, 4), 2048);  // F32 logits: two
+  EXPECT_EQ(ops::cross_entropy_chunk_rows(4096, 201088, 2), 2048);  // 1.53 GiB: two
+  // 2.83 GiB against 1 GiB (1766 rows fit): 3 chunks of 1667 rows, rounded up to 1728.
+  EXPECT_EQ(ops::cross_entropy_chunk_rows(5000, 151936, 4, gib), 1728);
+  EXPECT_EQ(ops::cross_entropy_chunk_rows(100, 10, 2), 100);
+  EXPECT_EQ(ops::cross_entropy_chunk_rows(0, 151936, 2), 1);  // no tokens: any positive chunk
+  EXPECT_EQ(ops::cross_entropy_chunk_rows(70, 1000, 2, 1), 64);  // a budget under one row: 64 rows
+  EXPECT_THROW(ops::cross_entropy_chunk_rows(10, 0, 2), Error);
+}
+
 TEST(Ops, SwigluAndEmbedding) {
   Tensor gu = Tensor::from_vector({1, -2, 3, 4}, {1, 4});
   Tensor y = ops::swiglu(gu);

@@ -6,6 +6,10 @@ gpu__time_duration.sum` writes (one row per launch). Output: one line per kernel
 launches, total and mean time and share of the sum, largest first; then the largest single
 launches with their grid and block sizes. ncu runs every launch alone (serialised), so the sum is
 the step's GPU work without overlap, not its wall time.
+
+--from-last NAME keeps only the launches from the last launch of a kernel whose name contains NAME
+on: with a marker that opens each step (the embedding's forward, `embedding_kernel`), the table of
+the last step of a run of several, where the moments are live (the first step's AdamW differs).
 """
 import argparse
 import csv
@@ -53,11 +57,19 @@ def main():
     ap.add_argument("--top", type=int, default=40, help="kernel names to list (default 40)")
     ap.add_argument("--top-launches", type=int, default=25, help="single launches to list (default 25)")
     ap.add_argument("--width", type=int, default=110, help="characters of each kernel name to print")
+    ap.add_argument("--from-last", metavar="NAME",
+                    help="only the launches from the last one whose kernel name contains NAME on (the last step)")
     args = ap.parse_args()
     text = sys.stdin.read() if args.csv == "-" else open(args.csv, encoding="utf-8", errors="replace").read()
     rows = list(launches(text))
     if not rows:
         raise SystemExit("kernel_table: no gpu__time_duration.sum rows in %s" % args.csv)
+    if args.from_last:
+        marks = [i for i, r in enumerate(rows) if args.from_last in r[0]]
+        if not marks:
+            raise SystemExit("kernel_table: no launch of a kernel named like %r in %s" % (args.from_last, args.csv))
+        print("from launch %d of %d (the last of %d launches of %s)" % (marks[-1], len(rows), len(marks), args.from_last))
+        rows = rows[marks[-1]:]
     print(table(rows, args.top, args.top_launches, args.width))
 
 

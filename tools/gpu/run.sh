@@ -35,7 +35,8 @@
 #                       CUTLASS GEMMs) SKIP=n (launches of it skipped first) ($OUT/profile-*.txt)
 #   kernels NAME ARGS   Nsight Compute's duration of every kernel of `moeforge bench NAME ARGS`
 #                       (give it --warmup 0 --steps 1: ncu serialises every launch), summed by
-#                       kernel name by tools/gpu/kernel_table.py ($OUT/kernels-*.txt, raw CSV beside)
+#                       kernel name by tools/gpu/kernel_table.py ($OUT/kernels-*.txt, raw CSV beside);
+#                       KFROM=embedding_kernel with --warmup 2 --steps 1: only the last step's launches
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -153,7 +154,7 @@ PY
       --cache-control none --clock-control none "$P/bin/moeforge" bench "$P/configs/$name.json" "$@" \
       > "$OUT/kernels-$tag.csv" 2> "$OUT/kernels-$tag.err"
     echo "ncu rc=$?" | tee -a "$OUT/summary.txt"
-    python3 tools/gpu/kernel_table.py "$OUT/kernels-$tag.csv" | tee "$OUT/kernels-$tag.txt" | head -n 60 ;;
+    python3 tools/gpu/kernel_table.py ${KFROM:+--from-last "$KFROM"} "$OUT/kernels-$tag.csv" | tee "$OUT/kernels-$tag.txt" | head -n 60 ;;
   profile)
     shift
     name=$1; shift

@@ -40,3 +40,17 @@ def test_sums_by_name_in_nanoseconds_largest_first():
 def test_input_without_a_csv_is_one_clear_error():
     rc, out, err = run("==PROF== No kernels were profiled.\n")
     assert rc != 0 and "no ncu CSV header" in err
+
+
+def test_from_last_keeps_the_launches_after_the_last_marker():
+    text = "\n".join([HEADER, row(0, "embedding_kernel", "nsecond", "1"), row(1, "adamw_kernel", "nsecond", "9000"),
+                      row(2, "embedding_kernel", "nsecond", "1"), row(3, "adamw_kernel", "nsecond", "5000")])
+    rc, out, err = run(text, "--from-last", "embedding")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "from launch 2 of 4 (the last of 2 launches of embedding)"
+    assert lines[1] == "2 launches, 0.005 ms of kernel time (serialised)"
+    adamw = next(l for l in lines if l.endswith("adamw_kernel"))
+    assert adamw.split()[:3] == ["0.005", "5.0", "1"]
+    rc, out, err = run(text, "--from-last", "no_such_kernel")
+    assert rc != 0 and "no launch of a kernel named like" in err

@@ -367,11 +367,12 @@ Tensor Decoder::moe_backward(nn::ParamAccess& ps, size_t l, LayerCache& c, const
 
 namespace {
 // Tokens per chunk of the fused LM head + loss: one chunk's [rows, vocab] logits exist at a time.
-// MOEFORGE_CE_CHUNK_ROWS (1..65536) overrides the default, for measuring the memory / speed trade.
+// 0: ops::cross_entropy_chunk_rows's budget decides. MOEFORGE_CE_CHUNK_ROWS (1..65536) overrides
+// it, for measuring the memory / speed trade.
 int64_t lm_head_chunk_rows() {
   static const int64_t rows = [] {
     const char* v = std::getenv("MOEFORGE_CE_CHUNK_ROWS");
-    if (!v) return ops::kCrossEntropyChunkRows;
+    if (!v) return int64_t{0};
     const long long n = std::atoll(v);
     MF_CHECK(n >= 1 && n <= 65536, "MOEFORGE_CE_CHUNK_ROWS must be 1..65536, got '", v, "'");
     return static_cast<int64_t>(n);
@@ -609,7 +610,7 @@ ForwardOutputs Decoder::forward(nn::ParamAccess& ps, const ForwardInputs& in, co
     const Tensor targets = ops::to_device(shifted_targets(*in.labels), bt.device, DType::I64);
     Tensor unused_grad;  // the fused op's input gradient, at scale 0
     out.ce_sum = ops::fused_linear_cross_entropy(x, ps.value(lm_head_), targets, -100, 0.f, unused_grad, nullptr,
-                                                 &out.loss_tokens);
+                                                 &out.loss_tokens, lm_head_chunk_rows());
     ps.release({final_norm_.weight, lm_head_});
     out.loss = out.loss_tokens ? static_cast<float>(out.ce_sum / out.loss_tokens) : NAN;
     if (cfg_.output_router_logits) out.loss += static_cast<float>(cfg_.router_aux_loss_coef) * out.aux_loss;
@@ -679,7 +680,7 @@ Tensor Decoder::mtp_train(nn::ParamAccess& ps, const ForwardInputs& in, Batch& b
     const Tensor targets = ops::to_device(mtp_targets(*in.labels, in.doc_ids, depth), bt.device, DType::I64);
     Tensor dh;
     res.mtp_ce_sums[k] = ops::fused_linear_cross_entropy(c.h, ps.value(lm_head_), targets, -100, opts.mtp_scales[k], dh,
-                                                         head_grad(ps), &res.mtp_tokens[k]);
+                                                         head_grad(ps), &res.mtp_tokens[k], lm_head_chunk_rows());
     if (d_next.defined()) ops::add_inplace(dh, d_next);
     const Tensor dy = d.head_norm.backward(ps, c.y, dh, &c.rstd_y);
     dh = Tensor();
