@@ -129,6 +129,24 @@ void decode_hybrid(Bytes& in, int bit_width, size_t count, std::vector<uint32_t>
   }
 }
 
+namespace {
+// The bytes of one value that BYTE_STREAM_SPLIT scatters over as many streams.
+size_t byte_stream_split_width(const LeafType& type, const std::string& what) {
+  switch (type.physical) {
+    case PhysicalType::Int32:
+    case PhysicalType::Float: return 4;
+    case PhysicalType::Int64:
+    case PhysicalType::Double: return 8;
+    case PhysicalType::FixedLenByteArray:
+      MF_CHECK(type.type_length > 0, what, ": BYTE_STREAM_SPLIT values of a zero-length FIXED_LEN_BYTE_ARRAY");
+      return static_cast<size_t>(type.type_length);
+    default:
+      MF_THROW(what, ": BYTE_STREAM_SPLIT values of physical type ", static_cast<int>(type.physical),
+               " (it applies to INT32, INT64, FLOAT, DOUBLE and FIXED_LEN_BYTE_ARRAY)");
+  }
+}
+}  // namespace
+
 void decode_values(Encoding encoding, const LeafType& type, Bytes& in, size_t count, std::vector<Json>& out,
                    const std::string& what) {
   // `count` little-endian values of type V (an integer or a float type), each given to `add`.
@@ -212,20 +230,7 @@ void decode_values(Encoding encoding, const LeafType& type, Bytes& in, size_t co
     case Encoding::ByteStreamSplit: {
       // Byte k of every value in stream k (streams of `count` bytes, back to back): the values'
       // bytes gathered back, then read as PLAIN.
-      size_t width = 0;
-      switch (type.physical) {
-        case PhysicalType::Int32:
-        case PhysicalType::Float: width = 4; break;
-        case PhysicalType::Int64:
-        case PhysicalType::Double: width = 8; break;
-        case PhysicalType::FixedLenByteArray:
-          MF_CHECK(type.type_length > 0, what, ": BYTE_STREAM_SPLIT values of a zero-length FIXED_LEN_BYTE_ARRAY");
-          width = static_cast<size_t>(type.type_length);
-          break;
-        default:
-          MF_THROW(what, ": BYTE_STREAM_SPLIT values of physical type ", static_cast<int>(type.physical),
-                   " (it applies to INT32, INT64, FLOAT, DOUBLE and FIXED_LEN_BYTE_ARRAY)");
-      }
+      const size_t width = byte_stream_split_width(type, what);
       MF_CHECK(count <= in.left() / width, what, ": its values run past the page");  // without multiplying
       std::string joined(count * width, '\0');
       for (size_t k = 0; k < width; ++k)
