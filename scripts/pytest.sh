@@ -21,7 +21,7 @@ CMAKE_GENERATOR="Unix Makefiles" CMAKE_BUILD_PARALLEL_LEVEL=${JOBS:-$(nproc)} \
   -C cmake.define.MOEFORGE_CUDA=OFF || { echo "pytest.sh: pip wheel . failed" >&2; exit 1; }
 "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps build-python/dist/moeforge-*.whl \
   || { echo "pytest.sh: installing the wheel failed" >&2; exit 1; }
-MOEFORGE_BIN=${MOEFORGE_BIN:-$build/moeforge} "$venv/bin/python" -m pytest -q python/tests tools/tests
+MOEFORGE_CACHE_DIR=${MOEFORGE_CACHE_DIR:-$build/test-cache} MOEFORGE_BIN=${MOEFORGE_BIN:-$build/moeforge} "$venv/bin/python" -m pytest -q python/tests tools/tests
 rc=$?
 if [ $rc -eq 5 ]; then
   echo "pytest.sh: no Python tests collected" >&2

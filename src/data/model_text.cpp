@@ -28,6 +28,15 @@ ModelText load_model_text(const std::string& model_dir, const std::string& token
     const hf::GenerationConfig g = hf::load_generation_config(model_dir);
     if (!g.eos_token_ids.empty()) t.eos_id = g.eos_token_ids.front();
   }
+  // Every file that could change a row's tokens (a superset: what is there of the tokenizer
+  // folder's files, the template given, the model's eos sources).
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                           "chat_template.jinja", "chat_template.json"})
+    if (const fs::path p = fs::path(t.tokenizer_dir) / name; fs::is_regular_file(p)) t.sources.push_back(p.string());
+  if (!chat_template_file.empty()) t.sources.push_back(chat_template_file);
+  if (t.eos_id)
+    for (const char* name : {"generation_config.json", "config.json"})
+      if (const fs::path p = fs::path(model_dir) / name; fs::is_regular_file(p)) t.sources.push_back(p.string());
   return t;
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "data/dataset.h"
 #include "hf/chat/chat_template.h"
@@ -17,6 +18,8 @@ struct ModelText {
   std::optional<hf::Tokenizer> tokenizer;   // when the folder has a tokenizer.json (pre-tokenized rows need none)
   std::optional<hf::ChatTemplate> chat;     // for messages rows
   std::optional<int64_t> eos_id;            // appended to text and completion rows (when asked)
+  // The files the above were read from (what a tokenized-data cache is keyed by, data/token_cache.h).
+  std::vector<std::string> sources;
 };
 
 // `tokenizer_dir` "" = the model's folder; `chat_template_file` "" = the tokenizer folder's

@@ -102,6 +102,7 @@ std::vector<Key> make_keys() {
        },
        [](const Recipe& r) { return std::to_string(r.seq_len); }},
       str("eval_data", &Recipe::eval_data),
+      str("data_cache", &Recipe::data_cache),
       dbl("eval_split", [](Recipe& r) -> double& { return r.eval_split; }, 0, 1, true),
       int_key("eval_every", &Recipe::eval_every, 0),
       int_key("eval_max_batches", &Recipe::eval_max_batches, 0),
@@ -307,6 +308,7 @@ void resolve_paths(Recipe& r, const std::set<std::string>& from_file, const fs::
   fix("tokenizer", r.tokenizer);
   fix("chat_template", r.chat_template);
   fix("eval_data", r.eval_data);
+  if (r.data_cache != "none") fix("data_cache", r.data_cache);
   fix("peft.adapter", r.lora.init_adapter);
   if (r.resume != "true") fix("resume", r.resume);
 }
@@ -352,7 +354,7 @@ std::vector<std::string> changed_training_keys(const std::string& old_yaml, cons
       "output_dir", "overwrite", "resume", "resume_allow_changes", "threads", "log_every", "save_every",
       "save_total_limit", "max_shard_size", "device", "precision", "ep_size", "zero_stage", "skip_bad_lines",
       "eval_data", "eval_every", "eval_max_batches", "save_best", "activation_checkpointing", "optimizer_in_backward",
-      "report_to",
+      "report_to", "data_cache",
       // A run may be extended (or cut short) on resume; the schedule then follows the new length.
       "steps", "epochs"};
   const auto a = yaml_lines(old_yaml), b = yaml_lines(new_yaml);

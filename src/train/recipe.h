@@ -21,6 +21,9 @@ struct Recipe {
   bool packing = false;    // pack documents into rows of seq_len (boundaries kept)
   bool skip_bad_lines = false;  // malformed data lines: skip and count instead of failing
   bool add_eos = true;     // append the tokenizer's EOS to text and completion rows
+  // Where tokenized data is cached between runs (data/token_cache.h): "" = the default folder
+  // (data::default_token_cache_dir), "none" = no cache.
+  std::string data_cache;
   std::string output_dir;  // checkpoints, metrics.jsonl and the final model (output_dir/final)
   // Rows longer than this are truncated; 0 = 2048 or the model's max_position_embeddings when
   // smaller (resolved by the trainer).

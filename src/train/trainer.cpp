@@ -15,6 +15,7 @@
 #include "core/logging.h"
 #include "data/dataset.h"
 #include "data/model_text.h"
+#include "data/token_cache.h"
 #include "data/token_batches.h"
 #include "hf/chat/chat_template.h"
 #include "hf/tokenizer/tokenizer.h"
@@ -180,7 +181,16 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   const data::ModelText text = data::load_model_text(r.model, r.tokenizer, r.chat_template, r.add_eos, r.source);
   // Every rank of a node tokenizes at once: each with its share of the CPUs, as its compute threads.
   const int load_workers = static_cast<int>(std::min<int64_t>(threads, 16));
-  data::Dataset dataset = data::load_model_dataset(r.data, text, r.skip_bad_lines, denv.rank == 0, load_workers);
+  // Through the tokenized-data cache unless the recipe turns it off: the first rank of a node to
+  // get there tokenizes, with the CPUs the others leave idle while they wait for its file (unless
+  // the recipe sets threads), and they (and the next run) read its tokens.
+  const std::string cache_dir = r.data_cache == "none" ? "" : r.data_cache.empty() ? data::default_token_cache_dir() : r.data_cache;
+  auto load = [&](const std::string& path) {
+    return cache_dir.empty() ? data::load_model_dataset(path, text, r.skip_bad_lines, denv.rank == 0, load_workers)
+                             : data::load_model_dataset_cached(path, text, r.skip_bad_lines, denv.rank == 0,
+                                                               r.threads > 0 ? load_workers : 0, cache_dir);
+  };
+  data::Dataset dataset = load(r.data);
   // Validation rows, batched as the training rows are.
   std::optional<data::TokenBatches> eval_data;
   std::ostringstream eval_source;  // for the start-up lines
@@ -194,8 +204,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   } else if (!r.eval_data.empty()) {
     MF_CHECK(fs::exists(r.eval_data) || r.eval_data.find_first_of("*?[") != std::string::npos, r.source,
              ": key 'eval_data': ", r.eval_data, " does not exist");
-    eval_data.emplace(data::load_model_dataset(r.eval_data, text, r.skip_bad_lines, denv.rank == 0, load_workers).rows, r.seq_len, r.seed,
-                      r.packing);
+    eval_data.emplace(load(r.eval_data).rows, r.seq_len, r.seed, r.packing);
     MF_CHECK(eval_data->rows() > 0, r.source, ": key 'eval_data': ", r.eval_data, " has no rows of 2 or more tokens");
     check_vocabulary(*eval_data, r.eval_data, cfg);
     eval_source << eval_data->rows() << " rows of " << r.eval_data;

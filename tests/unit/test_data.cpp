@@ -3,10 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "core/error.h"
 #include "data/dataset.h"
+#include "data/model_text.h"
+#include "data/token_cache.h"
 #include "data/token_batches.h"
 #include "hf/safetensors.h"
 #include "hf/chat/chat_template.h"
@@ -424,4 +428,131 @@ TEST(DataParallel, RankSlicesPartitionEachGlobalBatch) {
   }
   EXPECT_THROW(data::rank_slice(6, 0, 4), Error);  // 6 rows cannot split over 4 ranks
   EXPECT_THROW(data::rank_slice(8, 4, 4), Error);
+}
+
+namespace {
+
+// The demo model's tokenizer and template over a file of every row form.
+struct CacheCase {
+  test::TempDir dir;
+  std::string model = dir / "model", data = dir / "rows.jsonl", cache = dir / "cache";
+  CacheCase() {
+    std::filesystem::copy(std::string(MOEFORGE_SOURCE_DIR) + "/examples/demo_model", model,
+                          std::filesystem::copy_options::recursive);
+    std::ofstream(data) << R"({"text": "Count from 1 to 3."})" << "\n"
+                        << R"({"prompt": "Count from 4 to 6.", "completion": " 4 5 6"})" << "\n"
+                        << R"({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "7 8 9"}]})"
+                        << "\n"
+                        << R"({"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]})" << "\n";
+  }
+  data::ModelText text() const { return data::load_model_text(model, "", "", true, "test"); }
+  data::Dataset load() const { return data::load_model_dataset_cached(data, text(), false, false, 1, cache); }
+};
+
+void expect_same_rows(const data::Dataset& a, const data::Dataset& b) {
+  ASSERT_EQ(a.rows.size(), b.rows.size());
+  EXPECT_EQ(a.files, b.files);
+  EXPECT_EQ(a.skipped_lines, b.skipped_lines);
+  for (size_t i = 0; i < a.rows.size(); ++i) {
+    EXPECT_EQ(a.rows[i].input_ids, b.rows[i].input_ids) << "row " << i;
+    EXPECT_EQ(a.rows[i].labels, b.rows[i].labels) << "row " << i;
+    EXPECT_EQ(a.rows[i].line, b.rows[i].line) << "row " << i;
+    EXPECT_EQ(a.rows[i].file, b.rows[i].file) << "row " << i;
+  }
+}
+
+std::vector<std::string> cache_files(const std::string& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir))
+    if (e.path().extension() == ".mftok") out.push_back(e.path().string());
+  return out;
+}
+
+}  // namespace
+
+// A cache file gives back exactly the rows written (labels or none, lines, files, skipped count),
+// and only for the key it was written under.
+TEST(TokenCache, WritesAndReadsBackUnderItsKey) {
+  test::TempDir dir;
+  data::Dataset d;
+  d.files = {"a.jsonl", "b.parquet"};
+  d.skipped_lines = 3;
+  d.rows.resize(3);
+  d.rows[0] = {4, 0, {1, 2, 3}, std::nullopt};
+  d.rows[1] = {9, 1, {7}, std::vector<data::TokenId>{-100}};
+  d.rows[2] = {12, 1, {}, std::nullopt};
+  const std::string path = dir / "x.mftok";
+  data::write_token_cache(path, "key one", d);
+  const auto back = data::read_token_cache(path, "key one");
+  ASSERT_TRUE(back);
+  expect_same_rows(*back, d);
+  EXPECT_FALSE(data::read_token_cache(path, "key two")) << "another key is a miss";
+  EXPECT_FALSE(data::read_token_cache(dir / "absent.mftok", "key one"));
+  EXPECT_NE(data::token_cache_path(dir.path.string(), "key one"), data::token_cache_path(dir.path.string(), "key two"));
+}
+
+// A cut or foreign file is an error naming it (the cached load then tokenizes over it).
+TEST(TokenCache, DamagedFilesAreNamed) {
+  test::TempDir dir;
+  data::Dataset d;
+  d.files = {"a.jsonl"};
+  d.rows.push_back({1, 0, {1, 2, 3, 4, 5}, std::vector<data::TokenId>{1, 2, 3, 4, 5}});
+  const std::string path = dir / "x.mftok";
+  data::write_token_cache(path, "k", d);
+  const std::string whole = test::read_text(path);
+  for (size_t cut : {whole.size() - 1, whole.size() - 9, whole.size() / 2, size_t{20}}) {
+    std::ofstream(path, std::ios::binary) << whole.substr(0, cut);
+    const std::string e = test::error_of([&] { data::read_token_cache(path, "k"); });
+    EXPECT_NE(e.find(path + ": damaged tokenized-data cache"), std::string::npos) << "cut at " << cut << ": " << e;
+  }
+  std::ofstream(path, std::ios::binary) << "not a cache at all, just text";
+  EXPECT_NE(test::error_of([&] { data::read_token_cache(path, "k"); }).find("not a moeforge tokenized-data cache"),
+            std::string::npos);
+}
+
+// The first load tokenizes and writes; the next reads the file (shown by planting other rows under
+// the same key); a data file or tokenizer file changed, or the cache damaged, is tokenized again.
+TEST(TokenCache, ALoadReadsWhatTheLastWroteUntilAnInputChanges) {
+  CacheCase c;
+  const data::Dataset plain = data::load_model_dataset(c.data, c.text(), false, false, 1);
+  const data::Dataset first = c.load();
+  expect_same_rows(first, plain);
+  ASSERT_EQ(cache_files(c.cache).size(), 1u);
+  const std::string file = cache_files(c.cache)[0];
+  const std::string key = data::token_cache_key(data::dataset_files(c.data), c.text(), false);
+  EXPECT_EQ(file, data::token_cache_path(c.cache, key));
+
+  data::Dataset planted = plain;
+  planted.rows[0].input_ids = {42, 43};
+  data::write_token_cache(file, key, planted);
+  EXPECT_EQ(c.load().rows[0].input_ids, planted.rows[0].input_ids) << "a hit reads the file, it does not tokenize";
+
+  // A damaged file is loaded over and written again.
+  std::ofstream(file, std::ios::binary) << "garbage";
+  expect_same_rows(c.load(), plain);
+  ASSERT_TRUE(data::read_token_cache(file, key));
+
+  // Every input is in the key: the data file, the tokenizer's files, skip_bad_lines.
+  data::write_token_cache(file, key, planted);
+  std::ofstream(c.data, std::ios::app) << R"({"input_ids": [9, 9]})" << "\n";
+  const data::Dataset grown = c.load();
+  ASSERT_EQ(grown.rows.size(), plain.rows.size() + 1);
+  EXPECT_EQ(grown.rows[0].input_ids, plain.rows[0].input_ids);
+  const std::string before = data::token_cache_key(data::dataset_files(c.data), c.text(), false);
+  EXPECT_NE(before, data::token_cache_key(data::dataset_files(c.data), c.text(), true));
+  std::ofstream(c.model + "/tokenizer_config.json", std::ios::app) << "\n";
+  EXPECT_NE(before, data::token_cache_key(data::dataset_files(c.data), c.text(), false));
+}
+
+// Loads of the same data at once (the ranks of a node) take turns: every one gets the rows, and
+// one cache file is left.
+TEST(TokenCache, LoadsAtOnceAllGetTheRows) {
+  CacheCase c;
+  const data::Dataset plain = data::load_model_dataset(c.data, c.text(), false, false, 1);
+  std::vector<data::Dataset> got(4);
+  std::vector<std::thread> threads;
+  for (auto& g : got) threads.emplace_back([&c, &g] { g = c.load(); });
+  for (auto& t : threads) t.join();
+  for (const auto& g : got) expect_same_rows(g, plain);
+  EXPECT_EQ(cache_files(c.cache).size(), 1u);
 }

@@ -367,6 +367,23 @@ TEST(Recipe, PathsResolveFromTheRecipeFolder) {
   EXPECT_EQ(r.seq_len, 0);  // resolved by the trainer from the model
 }
 
+// The recipe's data_cache: tokenized rows are cached in that folder (relative to the recipe's
+// folder), the run that reads them trains exactly as the one that wrote them; "none" caches nothing.
+TEST(Trainer, DataCacheFolderIsUsedAndChangesNothing) {
+  test::TempDir dir;
+  const std::string recipe = write_recipe(dir, "data_cache: cache\n");
+  const auto first = train::run_training(train::load_recipe(recipe, {"steps=2", "save_every=0"}));
+  size_t cached = 0;
+  for (const auto& e : fs::directory_iterator(dir / "cache")) cached += e.path().extension() == ".mftok";
+  EXPECT_EQ(cached, 1u);
+  const auto second = train::run_training(train::load_recipe(recipe, {"steps=2", "save_every=0", "overwrite=true"}));
+  EXPECT_EQ(first.losses, second.losses);
+  test::TempDir none;
+  train::run_training(train::load_recipe(write_recipe(none, "data_cache: none\n"), {"steps=1"}));
+  EXPECT_FALSE(fs::exists(none / "none"));
+  EXPECT_FALSE(fs::exists(none / "cache"));
+}
+
 // seq_len unset: 2048 or the model's max_position_embeddings when smaller (64 for the fixture).
 TEST(Trainer, SeqLenDefaultsToTheModelsLength) {
   test::TempDir dir;
