@@ -342,16 +342,23 @@ std::string Dataset::where(const TokenRow& r) const {
   return is_table_file(file) ? file + ": row " + std::to_string(r.line) : file + ":" + std::to_string(r.line);
 }
 
-HeldOut hold_out(std::vector<TokenRow> rows, double fraction, uint64_t seed, const std::string& where) {
-  const auto n = static_cast<int64_t>(rows.size());
+HeldOutRows hold_out_rows(int64_t n, double fraction, uint64_t seed, const std::string& where) {
   const int64_t k = std::max<int64_t>(1, std::llround(fraction * static_cast<double>(n)));
   MF_CHECK(fraction > 0 && fraction < 1 && k < n, where, ": eval_split ", fraction, " of ", n,
            " rows leaves no row to train on");
-  const std::vector<int64_t> order = seeded_order(rows.size(), seed * 1000003ull + 7919);
+  const std::vector<int64_t> order = seeded_order(static_cast<size_t>(n), seed * 1000003ull + 7919);
   std::vector<char> held(static_cast<size_t>(n), 0);
   for (int64_t i = 0; i < k; ++i) held[static_cast<size_t>(order[static_cast<size_t>(i)])] = 1;
+  HeldOutRows out;
+  for (int64_t i = 0; i < n; ++i) (held[static_cast<size_t>(i)] ? out.eval : out.train).push_back(i);
+  return out;
+}
+
+HeldOut hold_out(std::vector<TokenRow> rows, double fraction, uint64_t seed, const std::string& where) {
+  const HeldOutRows split = hold_out_rows(static_cast<int64_t>(rows.size()), fraction, seed, where);
   HeldOut out;
-  for (int64_t i = 0; i < n; ++i) (held[static_cast<size_t>(i)] ? out.eval : out.train).push_back(std::move(rows[static_cast<size_t>(i)]));
+  for (int64_t i : split.train) out.train.push_back(std::move(rows[static_cast<size_t>(i)]));
+  for (int64_t i : split.eval) out.eval.push_back(std::move(rows[static_cast<size_t>(i)]));
   return out;
 }
 

@@ -78,6 +78,11 @@ struct HeldOut {
   std::vector<TokenRow> train, eval;
 };
 HeldOut hold_out(std::vector<TokenRow> rows, double fraction, uint64_t seed, const std::string& where);
+// The same split of rows 0..n-1 as indices (rows held in a TokenStore).
+struct HeldOutRows {
+  std::vector<int64_t> train, eval;
+};
+HeldOutRows hold_out_rows(int64_t n, double fraction, uint64_t seed, const std::string& where);
 
 // Data parallelism: each optimizer step takes `global_batch` consecutive rows of the shuffled
 // stream; rank r of `world` trains rows [offset, offset + count) of them. The stream does not

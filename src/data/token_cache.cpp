@@ -3,6 +3,7 @@
 #include <dlfcn.h>
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -25,7 +26,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr char kMagic[8] = {'M', 'F', 'T', 'O', 'K', 'C', '0', '1'};
+constexpr char kMagic[8] = {'M', 'F', 'T', 'O', 'K', 'C', '0', '2'};
 constexpr char kEnd[8] = {'M', 'F', 'T', 'O', 'K', 'E', 'N', 'D'};
 
 uint64_t fnv1a(const void* data, size_t n, uint64_t h = 1469598103934665603ull) {
@@ -77,12 +78,6 @@ class BufferedWriter {
     if (n >= kSize) return f_.write(p, n);
     buf_.append(static_cast<const char*>(p), n);
   }
-  template <typename T>
-  void value(T v) { put(&v, sizeof v); }
-  void text(const std::string& s) {
-    value<uint64_t>(s.size());
-    put(s.data(), s.size());
-  }
   void flush() {
     if (!buf_.empty()) f_.write(buf_.data(), buf_.size());
     buf_.clear();
@@ -94,54 +89,68 @@ class BufferedWriter {
   std::string buf_;
 };
 
-// Reads with every length checked against what the file has left.
-class Reader {
- public:
-  explicit Reader(const std::string& path) : path_(path), f_(std::fopen(path.c_str(), "rb"), &std::fclose) {
-    MF_CHECK(f_ != nullptr, path, ": cannot open (", std::strerror(errno), ")");
-    left_ = static_cast<uint64_t>(fs::file_size(path));
+// A read-only mapping of a whole file, unmapped when the last store over it goes.
+struct Mapping {
+  const uint8_t* data = nullptr;
+  size_t size = 0;
+  Mapping(const Mapping&) = delete;
+  Mapping() = default;
+  ~Mapping() {
+    if (data) ::munmap(const_cast<uint8_t*>(data), size);
   }
-  void get(void* p, uint64_t n, const char* what) {
-    MF_CHECK(n <= left_ && std::fread(p, 1, n, f_.get()) == n, path_, ": damaged tokenized-data cache (",
-             what, " runs past the end of the file)");
-    left_ -= n;
+};
+
+std::shared_ptr<const Mapping> map_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  MF_CHECK(fd >= 0, path, ": cannot open (", std::strerror(errno), ")");
+  struct stat st {};
+  const bool sized = ::fstat(fd, &st) == 0;
+  auto m = std::make_shared<Mapping>();
+  m->size = sized ? static_cast<size_t>(st.st_size) : 0;
+  void* p = m->size ? ::mmap(nullptr, m->size, PROT_READ, MAP_SHARED, fd, 0) : MAP_FAILED;
+  const int err = errno;
+  ::close(fd);
+  MF_CHECK(m->size > 0, path, ": damaged tokenized-data cache (an empty file)");
+  MF_CHECK(p != MAP_FAILED, path, ": cannot map (", std::strerror(err), ")");
+  m->data = static_cast<const uint8_t*>(p);
+  return m;
+}
+
+// Reads a mapped file front to back, every length checked against what is left.
+class Cursor {
+ public:
+  Cursor(const std::string& path, const Mapping& m) : path_(path), m_(m) {}
+  const uint8_t* take(uint64_t n, const char* what) {
+    MF_CHECK(n <= m_.size - at_, path_, ": damaged tokenized-data cache (", what, " runs past the end of the file)");
+    const uint8_t* p = m_.data + at_;
+    at_ += n;
+    return p;
   }
   template <typename T>
   T value(const char* what) {
     T v;
-    get(&v, sizeof v, what);
+    std::memcpy(&v, take(sizeof v, what), sizeof v);
     return v;
   }
   std::string text(const char* what) {
     const auto n = value<uint64_t>(what);
-    MF_CHECK(n <= left_, path_, ": damaged tokenized-data cache (", what, " of ", n, " bytes runs past the end)");
-    std::string s(n, '\0');
-    get(s.data(), n, what);
-    return s;
+    const uint8_t* p = take(n, what);
+    return std::string(reinterpret_cast<const char*>(p), n);
   }
-  // A count of items of `item_bytes` each, checked before anything of that size is allocated.
+  // A count of items of at least `item_bytes` each, checked before anything of that size is made.
   uint64_t count(uint64_t item_bytes, const char* what) {
     const auto n = value<uint64_t>(what);
-    MF_CHECK(n <= left_ / item_bytes, path_, ": damaged tokenized-data cache (", n, " ", what,
-             " do not fit the file)");
+    MF_CHECK(n <= left() / item_bytes, path_, ": damaged tokenized-data cache (", n, " ", what, " do not fit the file)");
     return n;
   }
-  uint64_t left() const { return left_; }
+  void align(size_t a) { take((a - at_ % a) % a, "padding"); }
+  uint64_t left() const { return m_.size - at_; }
 
  private:
   std::string path_;
-  std::unique_ptr<std::FILE, int (*)(std::FILE*)> f_;
-  uint64_t left_ = 0;
+  const Mapping& m_;
+  uint64_t at_ = 0;
 };
-
-// One row's place in the file: where it came from, and its token counts.
-struct RowRecord {
-  int64_t line;
-  int32_t file;
-  uint32_t has_labels;
-  uint64_t ids;
-};
-static_assert(sizeof(RowRecord) == 24);
 
 // An exclusive advisory lock on a file, held until destruction (and dropped by the kernel if the
 // process dies, so a crashed tokenizer never blocks the next run).
@@ -210,107 +219,118 @@ std::string token_cache_path(const std::string& dir, const std::string& key) {
   return (fs::path(dir) / (hex16(fnv1a(key.data(), key.size())) + ".mftok")).string();
 }
 
-void write_token_cache(const std::string& path, const std::string& key, const Dataset& d) {
+void write_token_cache(const std::string& path, const std::string& key, const TokenStore& store) {
   hf::AtomicFile file(path);
   BufferedWriter w(file);
-  w.put(kMagic, sizeof kMagic);
-  w.text(key);
-  w.value<uint64_t>(d.files.size());
-  for (const std::string& f : d.files) w.text(f);
-  w.value<int64_t>(d.skipped_lines);
-  w.value<uint64_t>(d.rows.size());
-  for (const TokenRow& r : d.rows) {
-    MF_CHECK(!r.labels || r.labels->size() == r.input_ids.size(), "internal: ", d.where(r),
-             " has labels of another length than its input_ids");
-    w.value(RowRecord{r.line, r.file, r.labels ? 1u : 0u, r.input_ids.size()});
-  }
-  for (const TokenRow& r : d.rows) {
-    w.put(r.input_ids.data(), r.input_ids.size() * sizeof(TokenId));
-    if (r.labels) w.put(r.labels->data(), r.labels->size() * sizeof(TokenId));
-  }
-  w.put(kEnd, sizeof kEnd);
+  uint64_t at = 0;
+  auto put = [&](const void* p, size_t n) {
+    w.put(p, n);
+    at += n;
+  };
+  auto text = [&](const std::string& t) {
+    const uint64_t n = t.size();
+    put(&n, sizeof n);
+    put(t.data(), t.size());
+  };
+  auto align = [&](size_t a) {
+    static const char zeros[8] = {};
+    put(zeros, (a - at % a) % a);
+  };
+  put(kMagic, sizeof kMagic);
+  text(key);
+  const uint64_t files = store.files().size(), rows = store.size(), tokens = store.tokens().size();
+  const int64_t skipped = store.skipped_lines();
+  put(&files, sizeof files);
+  for (const std::string& f : store.files()) text(f);
+  put(&skipped, sizeof skipped);
+  put(&rows, sizeof rows);
+  put(&tokens, sizeof tokens);
+  align(8);
+  put(store.rows().data(), store.rows().size_bytes());
+  put(store.tokens().data(), store.tokens().size_bytes());
+  align(8);
+  put(kEnd, sizeof kEnd);
   w.flush();
   file.commit();
 }
 
-std::optional<Dataset> read_token_cache(const std::string& path, const std::string& key) {
-  if (!fs::exists(path)) return std::nullopt;
-  Reader in(path);
-  char magic[8];
-  in.get(magic, sizeof magic, "the header");
-  MF_CHECK(std::memcmp(magic, kMagic, sizeof magic) == 0, path, ": not a moeforge tokenized-data cache (magic)");
-  if (in.text("the key") != key) return std::nullopt;
-  Dataset d;
-  d.files.resize(in.count(8, "file names"));
-  for (std::string& f : d.files) f = in.text("a file name");
-  d.skipped_lines = in.value<int64_t>("the skipped count");
-  std::vector<RowRecord> records(in.count(sizeof(RowRecord), "rows"));
-  in.get(records.data(), records.size() * sizeof(RowRecord), "the row table");
-  d.rows.resize(records.size());
-  for (size_t i = 0; i < records.size(); ++i) {
-    const RowRecord& rec = records[i];
-    TokenRow& r = d.rows[i];
-    MF_CHECK(rec.file >= 0 && static_cast<size_t>(rec.file) < d.files.size() && rec.has_labels <= 1 &&
-                 rec.ids <= in.left() / sizeof(TokenId) / (rec.has_labels ? 2 : 1),
+std::shared_ptr<const TokenStore> map_token_cache(const std::string& path, const std::string& key) {
+  if (!fs::exists(path)) return nullptr;
+  const std::shared_ptr<const Mapping> m = map_file(path);
+  Cursor in(path, *m);
+  MF_CHECK(std::memcmp(in.take(sizeof kMagic, "the header"), kMagic, sizeof kMagic) == 0, path,
+           ": not a moeforge tokenized-data cache (magic)");
+  if (in.text("the key") != key) return nullptr;
+  std::vector<std::string> files(in.count(8, "file names"));
+  for (std::string& f : files) f = in.text("a file name");
+  const auto skipped = in.value<int64_t>("the skipped count");
+  const uint64_t rows = in.value<uint64_t>("the row count"), tokens = in.value<uint64_t>("the token count");
+  in.align(8);
+  MF_CHECK(rows <= in.left() / sizeof(TokenStore::Row), path, ": damaged tokenized-data cache (", rows,
+           " rows do not fit the file)");
+  const auto* row = reinterpret_cast<const TokenStore::Row*>(in.take(rows * sizeof(TokenStore::Row), "the row table"));
+  MF_CHECK(tokens <= in.left() / sizeof(TokenId), path, ": damaged tokenized-data cache (", tokens,
+           " tokens do not fit the file)");
+  const auto* token = reinterpret_cast<const TokenId*>(in.take(tokens * sizeof(TokenId), "the tokens"));
+  in.align(8);
+  MF_CHECK(std::memcmp(in.take(sizeof kEnd, "the end marker"), kEnd, sizeof kEnd) == 0 && in.left() == 0, path,
+           ": damaged tokenized-data cache (no end marker where the tokens end)");
+  // Every row inside the tokens (a row read later must never reach past the mapping).
+  for (uint64_t i = 0; i < rows; ++i) {
+    const TokenStore::Row& r = row[i];
+    const uint64_t span = r.has_labels ? 2 : 1;
+    MF_CHECK(r.file >= 0 && static_cast<uint64_t>(r.file) < files.size() && r.has_labels <= 1 &&
+                 r.length <= tokens / span && r.offset <= tokens - r.length * span,
              path, ": damaged tokenized-data cache (row ", i, "'s record)");
-    r.line = rec.line;
-    r.file = rec.file;
-    r.input_ids.resize(rec.ids);
-    in.get(r.input_ids.data(), rec.ids * sizeof(TokenId), "a row's tokens");
-    if (rec.has_labels) {
-      r.labels.emplace(rec.ids);
-      in.get(r.labels->data(), rec.ids * sizeof(TokenId), "a row's labels");
-    }
   }
-  char end[8];
-  in.get(end, sizeof end, "the end marker");
-  MF_CHECK(std::memcmp(end, kEnd, sizeof end) == 0 && in.left() == 0, path,
-           ": damaged tokenized-data cache (no end marker where the rows end)");
-  return d;
+  return TokenStore::over(m, {row, rows}, {token, tokens}, std::move(files), skipped);
 }
 
-Dataset load_model_dataset_cached(const std::string& path, const ModelText& text, bool skip_bad_lines,
-                                  bool report_progress, int workers, const std::string& cache_dir) {
+std::shared_ptr<const TokenStore> load_model_tokens(const std::string& path, const ModelText& text, bool skip_bad_lines,
+                                                    bool report_progress, int workers, const std::string& cache_dir) {
+  auto tokenize = [&](bool report) {
+    Dataset d = load_model_dataset(path, text, skip_bad_lines, report, workers);
+    return TokenStore::from_rows(std::move(d.rows), std::move(d.files), d.skipped_lines);
+  };
+  if (cache_dir.empty()) return tokenize(report_progress);
   const std::vector<std::string> files = dataset_files(path);
   const std::string key = token_cache_key(files, text, skip_bad_lines);
   const std::string file = token_cache_path(cache_dir, key);
   std::error_code ec;
   fs::create_directories(cache_dir, ec);
   // Every rank of a node loads the same data at once: the first to take the lock tokenizes and
-  // writes, the others wait, then read.
+  // writes, the others wait, then map what it wrote.
   std::optional<FileLock> lock = FileLock::take(
       file.substr(0, file.size() - 6) + ".lock",
       report_progress ? "data: another process is tokenizing " + path + " into " + file + "; waiting to read it" : "");
-  if (!lock)
+  if (!lock) {
     log::warn("data: cannot lock the tokenized-data cache in ", cache_dir, " (", std::strerror(errno),
               "); tokenizing without it");
-  if (lock) {
-    try {
-      const auto t0 = std::chrono::steady_clock::now();
-      if (std::optional<Dataset> hit = read_token_cache(file, key)) {
-        if (report_progress)
-          log::info("data: ", hit->rows.size(), " tokenized rows of ", path, " read from the cache ", file, " in ",
-                    fixed(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 2), " s");
-        return std::move(*hit);
-      }
-    } catch (const std::exception& e) {
-      log::warn("data: ", e.what(), "; tokenizing again");
+    return tokenize(report_progress);
+  }
+  try {
+    if (auto hit = map_token_cache(file, key)) {
+      if (report_progress)
+        log::info("data: ", hit->size(), " tokenized rows of ", path, " mapped from the cache ", file);
+      return hit;
     }
+  } catch (const std::exception& e) {
+    log::warn("data: ", e.what(), "; tokenizing again");
   }
   // The process holding the lock tokenizes for every rank waiting on it: it reports its progress,
   // whichever rank it is.
-  const bool tokenizes_for_all = report_progress || lock.has_value();
-  Dataset d = load_model_dataset(path, text, skip_bad_lines, tokenizes_for_all, workers);
-  if (lock) {
-    try {
-      write_token_cache(file, key, d);
-      if (tokenizes_for_all)
-        log::info("data: tokenized rows cached in ", file, " (", fixed(static_cast<double>(fs::file_size(file)) / (1 << 20), 1), " MiB)");
-    } catch (const std::exception& e) {
-      log::warn("data: the tokenized-data cache was not written: ", e.what());
-    }
+  std::shared_ptr<const TokenStore> store = tokenize(true);
+  try {
+    write_token_cache(file, key, *store);
+    log::info("data: tokenized rows cached in ", file, " (",
+              fixed(static_cast<double>(fs::file_size(file)) / (1 << 20), 1), " MiB)");
+    // Mapped from the file it was just written to: its pages are shared with the ranks that map
+    // it next, and this process's copy is freed.
+    if (auto mapped = map_token_cache(file, key)) return mapped;
+  } catch (const std::exception& e) {
+    log::warn("data: the tokenized-data cache was not written: ", e.what());
   }
-  return d;
+  return store;
 }
 
 }  // namespace moeforge::data

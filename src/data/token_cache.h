@@ -1,6 +1,7 @@
 // A tokenized dataset kept on disk, so that a second run over the same data (a resume, the next
-// experiment, every rank of a node after the first) reads tokens instead of tokenizing again: a
-// 10 GB conversation set takes minutes to render and tokenize and seconds to read back.
+// experiment, every rank of a node after the first) maps tokens instead of tokenizing again: a
+// 10 GB conversation set takes minutes to render and tokenize, and a mapped file is read as the
+// batches touch it, one copy in the page cache for all the ranks of a node.
 //
 // A cache file answers for exactly one load: its key (token_cache_key) names every input the
 // tokens depend on (each data file by path, size and modification time; the tokenizer, chat
@@ -10,12 +11,13 @@
 // temporary name and renamed; processes that load the same data at once take turns through an
 // advisory lock on `<key hash>.lock`, so one tokenizes and the rest read what it wrote.
 #pragma once
-#include <optional>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "data/dataset.h"
 #include "data/model_text.h"
+#include "data/token_store.h"
 
 namespace moeforge::data {
 
@@ -28,16 +30,20 @@ std::string token_cache_key(const std::vector<std::string>& files, const ModelTe
 // The file a key is cached in, inside `dir`: a hash of the key, `<16 hex digits>.mftok`.
 std::string token_cache_path(const std::string& dir, const std::string& key);
 
-// Writes `d` under `key` (temporary name, then renamed over `path`).
-void write_token_cache(const std::string& path, const std::string& key, const Dataset& d);
-// The dataset cached at `path` when the file holds `key`; nullopt when there is no file or it was
-// written for another key. A damaged file (truncated, not a cache) throws naming it.
-std::optional<Dataset> read_token_cache(const std::string& path, const std::string& key);
+// Writes a store under `key` (temporary name, then renamed over `path`). The file's layout:
+// "MFTOKC02", the key, the data file names, the skipped count, the row and token counts, then
+// (8-byte aligned) TokenStore::Row records and the int32 tokens they point into, and "MFTOKEND".
+void write_token_cache(const std::string& path, const std::string& key, const TokenStore& store);
+// The store cached at `path`, mapped read-only (nothing copied), when the file holds `key`; null
+// when there is no file or it was written for another key. A damaged file (truncated, not a
+// cache, a row pointing outside its tokens) throws naming it.
+std::shared_ptr<const TokenStore> map_token_cache(const std::string& path, const std::string& key);
 
-// load_model_dataset through a cache in `cache_dir` (created when missing): read when a file for
-// the same inputs is there, else loaded, then written for the next run. The cache only ever saves
-// time: a damaged file is loaded over, and a folder that cannot be written or locked is a warning.
-Dataset load_model_dataset_cached(const std::string& path, const ModelText& text, bool skip_bad_lines,
-                                  bool report_progress, int workers, const std::string& cache_dir);
+// A dataset file, folder or glob tokenized for the model (load_model_dataset), through a cache in
+// `cache_dir` (created when missing; "" = no cache): mapped when a file for the same inputs is
+// there, else loaded, written for the next run, and mapped. The cache only ever saves time: a
+// damaged file is loaded over, and a folder that cannot be written or locked is a warning.
+std::shared_ptr<const TokenStore> load_model_tokens(const std::string& path, const ModelText& text, bool skip_bad_lines,
+                                                    bool report_progress, int workers, const std::string& cache_dir);
 
 }  // namespace moeforge::data

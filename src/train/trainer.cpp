@@ -92,12 +92,12 @@ std::string prepare_output(const Recipe& r) {
   return "";
 }
 
-// Every token id of `rows` (read from `file`) is one the model has.
-void check_vocabulary(const data::TokenBatches& rows, const std::string& file, const hf::ModelConfig& cfg) {
-  for (int64_t i = 0; i < rows.rows(); ++i)
-    for (int64_t id : rows.row_at(i).input_ids)
-      MF_CHECK(id >= 0 && id < cfg.vocab_size, file, ":", rows.row_at(i).line, ": token id ", id,
-               " is outside the model's vocabulary (", cfg.vocab_size, " tokens)");
+// Every token id trained on is one the model has; an error names the row's file and line.
+void check_vocabulary(const data::TokenBatches& rows, const hf::ModelConfig& cfg) {
+  for (int64_t d = 0; d < rows.documents(); ++d)
+    for (int64_t id : rows.document_ids(d))
+      MF_CHECK(id >= 0 && id < cfg.vocab_size, rows.store().where(static_cast<size_t>(rows.document_row(d))),
+               ": token id ", id, " is outside the model's vocabulary (", cfg.vocab_size, " tokens)");
 }
 
 // The whole model's parameter count from a model that may hold a slice of the experts.
@@ -186,36 +186,38 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   // the recipe sets threads), and they (and the next run) read its tokens.
   const std::string cache_dir = r.data_cache == "none" ? "" : r.data_cache.empty() ? data::default_token_cache_dir() : r.data_cache;
   auto load = [&](const std::string& path) {
-    return cache_dir.empty() ? data::load_model_dataset(path, text, r.skip_bad_lines, denv.rank == 0, load_workers)
-                             : data::load_model_dataset_cached(path, text, r.skip_bad_lines, denv.rank == 0,
-                                                               r.threads > 0 ? load_workers : 0, cache_dir);
+    return data::load_model_tokens(path, text, r.skip_bad_lines, denv.rank == 0,
+                                   cache_dir.empty() || r.threads > 0 ? load_workers : 0, cache_dir);
   };
-  data::Dataset dataset = load(r.data);
+  const std::shared_ptr<const data::TokenStore> tokens = load(r.data);
+  std::vector<int64_t> train_rows = tokens->every_row();
   // Validation rows, batched as the training rows are.
   std::optional<data::TokenBatches> eval_data;
   std::ostringstream eval_source;  // for the start-up lines
   if (r.eval_split > 0) {
-    data::HeldOut split = data::hold_out(std::move(dataset.rows), r.eval_split, r.seed, r.source + ": key 'eval_split'");
-    dataset.rows = std::move(split.train);
+    data::HeldOutRows split = data::hold_out_rows(static_cast<int64_t>(tokens->size()), r.eval_split, r.seed,
+                                                  r.source + ": key 'eval_split'");
+    train_rows = std::move(split.train);
     eval_source << split.eval.size() << " rows held out of " << r.data << " (eval_split " << r.eval_split << ")";
-    eval_data.emplace(std::move(split.eval), r.seq_len, r.seed, r.packing);
+    eval_data.emplace(tokens, std::move(split.eval), r.seq_len, r.seed, r.packing);
     MF_CHECK(eval_data->rows() > 0, r.source, ": key 'eval_split': the held-out rows have no row of 2 or more tokens");
-    check_vocabulary(*eval_data, r.data, cfg);
+    check_vocabulary(*eval_data, cfg);
   } else if (!r.eval_data.empty()) {
     MF_CHECK(fs::exists(r.eval_data) || r.eval_data.find_first_of("*?[") != std::string::npos, r.source,
              ": key 'eval_data': ", r.eval_data, " does not exist");
-    eval_data.emplace(load(r.eval_data).rows, r.seq_len, r.seed, r.packing);
+    const std::shared_ptr<const data::TokenStore> eval_tokens = load(r.eval_data);
+    eval_data.emplace(eval_tokens, eval_tokens->every_row(), r.seq_len, r.seed, r.packing);
     MF_CHECK(eval_data->rows() > 0, r.source, ": key 'eval_data': ", r.eval_data, " has no rows of 2 or more tokens");
-    check_vocabulary(*eval_data, r.eval_data, cfg);
+    check_vocabulary(*eval_data, cfg);
     eval_source << eval_data->rows() << " rows of " << r.eval_data;
   }
-  data::TokenBatches data(std::move(dataset.rows), r.seq_len, r.seed, r.packing);
+  data::TokenBatches data(tokens, std::move(train_rows), r.seq_len, r.seed, r.packing);
   // A step larger than the dataset would repeat rows inside it (and an absurd value would allocate or
   // loop for ever before the first line of output).
   MF_CHECK(r.global_batch <= data.rows(), r.source, ": key 'global_batch': ", r.global_batch,
            " rows per step, but the dataset has ", data.rows(), r.packing ? " packed" : "",
            " rows; lower global_batch (and micro_batch) to at most that");
-  check_vocabulary(data, r.data, cfg);
+  check_vocabulary(data, cfg);
 
   const std::string recipe_text = r.to_yaml();
   const std::string recipe_hash = hash_text(recipe_text);
@@ -282,7 +284,7 @@ TrainResult run_training(const Recipe& recipe, const TrainCallbacks& callbacks) 
   std::ostringstream intro;
   intro << "data: " << ds.documents << " documents, " << ds.tokens << " tokens, " << ds.truncated
         << " truncated to seq_len " << r.seq_len << ", " << ds.dropped << " dropped (under 2 tokens)";
-  if (dataset.skipped_lines) intro << ", " << dataset.skipped_lines << " malformed lines skipped";
+  if (tokens->skipped_lines()) intro << ", " << tokens->skipped_lines() << " malformed lines skipped";
   if (r.packing) intro << ", packed into " << ds.packed_rows << " rows";
   intro << "\n"
         << "model: " << cfg.model_type << ", " << whole_model_parameters(model) << " parameters; " << total_steps

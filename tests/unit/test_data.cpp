@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -446,18 +447,26 @@ struct CacheCase {
                         << R"({"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]})" << "\n";
   }
   data::ModelText text() const { return data::load_model_text(model, "", "", true, "test"); }
-  data::Dataset load() const { return data::load_model_dataset_cached(data, text(), false, false, 1, cache); }
+  std::shared_ptr<const data::TokenStore> load() const { return data::load_model_tokens(data, text(), false, false, 1, cache); }
+  data::Dataset plain() const { return data::load_model_dataset(data, text(), false, false, 1); }
 };
 
-void expect_same_rows(const data::Dataset& a, const data::Dataset& b) {
-  ASSERT_EQ(a.rows.size(), b.rows.size());
-  EXPECT_EQ(a.files, b.files);
-  EXPECT_EQ(a.skipped_lines, b.skipped_lines);
-  for (size_t i = 0; i < a.rows.size(); ++i) {
-    EXPECT_EQ(a.rows[i].input_ids, b.rows[i].input_ids) << "row " << i;
-    EXPECT_EQ(a.rows[i].labels, b.rows[i].labels) << "row " << i;
-    EXPECT_EQ(a.rows[i].line, b.rows[i].line) << "row " << i;
-    EXPECT_EQ(a.rows[i].file, b.rows[i].file) << "row " << i;
+std::vector<data::TokenId> ids_of(std::span<const data::TokenId> s) { return {s.begin(), s.end()}; }
+std::vector<int64_t> values(const Tensor& t) { return {t.i64(), t.i64() + t.numel()}; }
+
+// A store holds exactly the rows of a load (labels of their own or none, lines, files, skipped).
+void expect_same_rows(const data::TokenStore& got, const data::Dataset& want) {
+  ASSERT_EQ(got.size(), want.rows.size());
+  EXPECT_EQ(got.files(), want.files);
+  EXPECT_EQ(got.skipped_lines(), want.skipped_lines);
+  for (size_t i = 0; i < got.size(); ++i) {
+    const data::TokenRow& w = want.rows[i];
+    EXPECT_EQ(ids_of(got.input_ids(i)), w.input_ids) << "row " << i;
+    EXPECT_EQ(got.row(i).has_labels != 0, w.labels.has_value()) << "row " << i;
+    EXPECT_EQ(ids_of(got.labels(i)), w.labels.value_or(w.input_ids)) << "row " << i;
+    EXPECT_EQ(got.row(i).line, w.line) << "row " << i;
+    EXPECT_EQ(got.row(i).file, w.file) << "row " << i;
+    EXPECT_EQ(got.where(i), want.where(w)) << "row " << i;
   }
 }
 
@@ -468,91 +477,152 @@ std::vector<std::string> cache_files(const std::string& dir) {
   return out;
 }
 
-}  // namespace
-
-// A cache file gives back exactly the rows written (labels or none, lines, files, skipped count),
-// and only for the key it was written under.
-TEST(TokenCache, WritesAndReadsBackUnderItsKey) {
-  test::TempDir dir;
+data::Dataset three_rows() {
   data::Dataset d;
   d.files = {"a.jsonl", "b.parquet"};
   d.skipped_lines = 3;
   d.rows.resize(3);
   d.rows[0] = {4, 0, {1, 2, 3}, std::nullopt};
   d.rows[1] = {9, 1, {7}, std::vector<data::TokenId>{-100}};
-  d.rows[2] = {12, 1, {}, std::nullopt};
+  d.rows[2] = {12, 1, {8, 9, 10, 11, 12}, std::vector<data::TokenId>{-100, -100, 10, 11, 12}};
+  return d;
+}
+
+std::shared_ptr<const data::TokenStore> store_of(data::Dataset d) {
+  return data::TokenStore::from_rows(std::move(d.rows), d.files, d.skipped_lines);
+}
+
+}  // namespace
+
+// A cache file maps back to exactly the rows written (without copying them), and only for the key
+// it was written under.
+TEST(TokenCache, WritesAndMapsBackUnderItsKey) {
+  test::TempDir dir;
+  const data::Dataset d = three_rows();
+  const auto store = store_of(three_rows());
+  expect_same_rows(*store, d);
+  EXPECT_FALSE(store->mapped());
   const std::string path = dir / "x.mftok";
-  data::write_token_cache(path, "key one", d);
-  const auto back = data::read_token_cache(path, "key one");
+  data::write_token_cache(path, "key one", *store);
+  const auto back = data::map_token_cache(path, "key one");
   ASSERT_TRUE(back);
+  EXPECT_TRUE(back->mapped());
   expect_same_rows(*back, d);
-  EXPECT_FALSE(data::read_token_cache(path, "key two")) << "another key is a miss";
-  EXPECT_FALSE(data::read_token_cache(dir / "absent.mftok", "key one"));
+  EXPECT_FALSE(data::map_token_cache(path, "key two")) << "another key is a miss";
+  EXPECT_FALSE(data::map_token_cache(dir / "absent.mftok", "key one"));
   EXPECT_NE(data::token_cache_path(dir.path.string(), "key one"), data::token_cache_path(dir.path.string(), "key two"));
 }
 
-// A cut or foreign file is an error naming it (the cached load then tokenizes over it).
+// A cut, foreign or tampered file is an error naming it (the cached load then tokenizes over it).
 TEST(TokenCache, DamagedFilesAreNamed) {
   test::TempDir dir;
-  data::Dataset d;
-  d.files = {"a.jsonl"};
-  d.rows.push_back({1, 0, {1, 2, 3, 4, 5}, std::vector<data::TokenId>{1, 2, 3, 4, 5}});
   const std::string path = dir / "x.mftok";
-  data::write_token_cache(path, "k", d);
+  data::write_token_cache(path, "k", *store_of(three_rows()));
   const std::string whole = test::read_text(path);
-  for (size_t cut : {whole.size() - 1, whole.size() - 9, whole.size() / 2, size_t{20}}) {
+  for (size_t cut : {whole.size() - 1, whole.size() - 9, whole.size() / 2, size_t{20}, size_t{0}}) {
     std::ofstream(path, std::ios::binary) << whole.substr(0, cut);
-    const std::string e = test::error_of([&] { data::read_token_cache(path, "k"); });
+    const std::string e = test::error_of([&] { data::map_token_cache(path, "k"); });
     EXPECT_NE(e.find(path + ": damaged tokenized-data cache"), std::string::npos) << "cut at " << cut << ": " << e;
   }
   std::ofstream(path, std::ios::binary) << "not a cache at all, just text";
-  EXPECT_NE(test::error_of([&] { data::read_token_cache(path, "k"); }).find("not a moeforge tokenized-data cache"),
+  EXPECT_NE(test::error_of([&] { data::map_token_cache(path, "k"); }).find("not a moeforge tokenized-data cache"),
             std::string::npos);
+  // A row whose tokens would run past the file's: refused before anything reads them.
+  std::string tampered = whole;
+  // The file ends: row table, 15 tokens (3 + 1 x 2 + 5 x 2: ids and labels), padding to 8, end marker.
+  const size_t token_bytes = 15 * sizeof(data::TokenId), pad = (8 - token_bytes % 8) % 8;
+  const size_t table = whole.size() - 8 - pad - token_bytes - 3 * sizeof(data::TokenStore::Row);
+  const uint64_t huge = 1u << 20;
+  std::memcpy(&tampered[table + 2 * 32 + 16], &huge, sizeof huge);  // row 2's offset
+  std::ofstream(path, std::ios::binary) << tampered;
+  EXPECT_NE(test::error_of([&] { data::map_token_cache(path, "k"); }).find("row 2's record"), std::string::npos);
 }
 
-// The first load tokenizes and writes; the next reads the file (shown by planting other rows under
-// the same key); a data file or tokenizer file changed, or the cache damaged, is tokenized again.
-TEST(TokenCache, ALoadReadsWhatTheLastWroteUntilAnInputChanges) {
+// The first load tokenizes, writes and maps; the next maps the file (shown by planting other rows
+// under the same key); a data file or tokenizer file changed, or the cache damaged, is tokenized again.
+TEST(TokenCache, ALoadMapsWhatTheLastWroteUntilAnInputChanges) {
   CacheCase c;
-  const data::Dataset plain = data::load_model_dataset(c.data, c.text(), false, false, 1);
-  const data::Dataset first = c.load();
-  expect_same_rows(first, plain);
+  const data::Dataset plain = c.plain();
+  const auto first = c.load();
+  expect_same_rows(*first, plain);
+  EXPECT_TRUE(first->mapped()) << "the process that writes the file maps it too";
   ASSERT_EQ(cache_files(c.cache).size(), 1u);
   const std::string file = cache_files(c.cache)[0];
   const std::string key = data::token_cache_key(data::dataset_files(c.data), c.text(), false);
   EXPECT_EQ(file, data::token_cache_path(c.cache, key));
 
-  data::Dataset planted = plain;
+  data::Dataset planted = c.plain();
   planted.rows[0].input_ids = {42, 43};
-  data::write_token_cache(file, key, planted);
-  EXPECT_EQ(c.load().rows[0].input_ids, planted.rows[0].input_ids) << "a hit reads the file, it does not tokenize";
+  data::write_token_cache(file, key, *store_of(planted));
+  EXPECT_EQ(ids_of(c.load()->input_ids(0)), std::vector<data::TokenId>({42, 43}))
+      << "a hit maps the file, it does not tokenize";
+  EXPECT_EQ(ids_of(first->input_ids(0)), plain.rows[0].input_ids) << "a store mapped before keeps its file";
 
   // A damaged file is loaded over and written again.
   std::ofstream(file, std::ios::binary) << "garbage";
-  expect_same_rows(c.load(), plain);
-  ASSERT_TRUE(data::read_token_cache(file, key));
+  expect_same_rows(*c.load(), plain);
+  ASSERT_TRUE(data::map_token_cache(file, key));
 
   // Every input is in the key: the data file, the tokenizer's files, skip_bad_lines.
-  data::write_token_cache(file, key, planted);
+  data::write_token_cache(file, key, *store_of(planted));
   std::ofstream(c.data, std::ios::app) << R"({"input_ids": [9, 9]})" << "\n";
-  const data::Dataset grown = c.load();
-  ASSERT_EQ(grown.rows.size(), plain.rows.size() + 1);
-  EXPECT_EQ(grown.rows[0].input_ids, plain.rows[0].input_ids);
+  const auto grown = c.load();
+  ASSERT_EQ(grown->size(), plain.rows.size() + 1);
+  EXPECT_EQ(ids_of(grown->input_ids(0)), plain.rows[0].input_ids);
   const std::string before = data::token_cache_key(data::dataset_files(c.data), c.text(), false);
   EXPECT_NE(before, data::token_cache_key(data::dataset_files(c.data), c.text(), true));
   std::ofstream(c.model + "/tokenizer_config.json", std::ios::app) << "\n";
   EXPECT_NE(before, data::token_cache_key(data::dataset_files(c.data), c.text(), false));
+  // No cache folder: tokenized into memory.
+  const auto uncached = data::load_model_tokens(c.data, c.text(), false, false, 1, "");
+  EXPECT_FALSE(uncached->mapped());
+  EXPECT_EQ(uncached->size(), grown->size());
 }
 
 // Loads of the same data at once (the ranks of a node) take turns: every one gets the rows, and
 // one cache file is left.
 TEST(TokenCache, LoadsAtOnceAllGetTheRows) {
   CacheCase c;
-  const data::Dataset plain = data::load_model_dataset(c.data, c.text(), false, false, 1);
-  std::vector<data::Dataset> got(4);
+  const data::Dataset plain = c.plain();
+  std::vector<std::shared_ptr<const data::TokenStore>> got(4);
   std::vector<std::thread> threads;
   for (auto& g : got) threads.emplace_back([&c, &g] { g = c.load(); });
   for (auto& t : threads) t.join();
-  for (const auto& g : got) expect_same_rows(g, plain);
+  for (const auto& g : got) expect_same_rows(*g, plain);
   EXPECT_EQ(cache_files(c.cache).size(), 1u);
+}
+
+// Batches over a store's rows are the batches over the same rows loaded (truncation, drops,
+// packing, the shuffle), and a subset of the rows batches as those rows alone.
+TEST(TokenBatches, OverAStoreTheSameAsOverRows) {
+  std::vector<data::TokenRow> rows;
+  for (int d = 0; d < 9; ++d) {
+    data::TokenRow r;
+    r.line = d + 1;
+    for (int t = 0; t < 1 + 3 * d % 11; ++t) r.input_ids.push_back(100 * d + t);
+    if (d % 3 == 0) {
+      r.labels = r.input_ids;
+      (*r.labels)[0] = -100;
+    }
+    rows.push_back(r);
+  }
+  for (bool packing : {false, true}) {
+    const data::TokenBatches a(rows, 12, 5, packing);
+    const auto store = data::TokenStore::from_rows(rows);
+    const data::TokenBatches b(store, store->every_row(), 12, 5, packing);
+    ASSERT_EQ(a.rows(), b.rows());
+    EXPECT_EQ(a.stats().dropped, 1);  // the one-token row
+    for (int64_t c = 0; c < 3 * a.rows(); c += 2) {
+      const auto x = a.micro_batch(c, 2), y = b.micro_batch(c, 2);
+      EXPECT_EQ(values(x.input_ids), values(y.input_ids));
+      EXPECT_EQ(values(x.labels), values(y.labels));
+      EXPECT_EQ(x.loss_tokens, y.loss_tokens);
+    }
+    // Rows 2, 5 and 7 only: what those rows alone batch to.
+    const std::vector<data::TokenRow> some = {rows[2], rows[5], rows[7]};
+    const data::TokenBatches alone(some, 12, 5, packing), subset(store, {2, 5, 7}, 12, 5, packing);
+    ASSERT_EQ(alone.rows(), subset.rows());
+    for (int64_t c = 0; c < 2 * alone.rows(); ++c)
+      EXPECT_EQ(values(alone.micro_batch(c, 1).input_ids), values(subset.micro_batch(c, 1).input_ids));
+  }
 }
