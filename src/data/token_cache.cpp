@@ -303,11 +303,11 @@ std::shared_ptr<const TokenStore> load_model_tokens(const std::string& path, con
   std::optional<FileLock> lock = FileLock::take(
       file.substr(0, file.size() - 6) + ".lock",
       report_progress ? "data: another process is tokenizing " + path + " into " + file + "; waiting to read it" : "");
-  if (!lock) {
+  // A file system without locks (some parallel ones) only costs the turns: a file is complete
+  // whenever it is there (written aside and renamed), so every process still maps or writes one.
+  if (!lock && report_progress)
     log::warn("data: cannot lock the tokenized-data cache in ", cache_dir, " (", std::strerror(errno),
-              "); tokenizing without it");
-    return tokenize(report_progress);
-  }
+              "); every rank that finds no file there tokenizes");
   try {
     if (auto hit = map_token_cache(file, key)) {
       if (report_progress)
@@ -319,16 +319,18 @@ std::shared_ptr<const TokenStore> load_model_tokens(const std::string& path, con
   }
   // The process holding the lock tokenizes for every rank waiting on it: it reports its progress,
   // whichever rank it is.
-  std::shared_ptr<const TokenStore> store = tokenize(true);
+  const bool report = report_progress || lock.has_value();
+  std::shared_ptr<const TokenStore> store = tokenize(report);
   try {
     write_token_cache(file, key, *store);
-    log::info("data: tokenized rows cached in ", file, " (",
-              fixed(static_cast<double>(fs::file_size(file)) / (1 << 20), 1), " MiB)");
+    if (report)
+      log::info("data: tokenized rows cached in ", file, " (",
+                fixed(static_cast<double>(fs::file_size(file)) / (1 << 20), 1), " MiB)");
     // Mapped from the file it was just written to: its pages are shared with the ranks that map
     // it next, and this process's copy is freed.
     if (auto mapped = map_token_cache(file, key)) return mapped;
   } catch (const std::exception& e) {
-    log::warn("data: the tokenized-data cache was not written: ", e.what());
+    if (report) log::warn("data: the tokenized-data cache was not written: ", e.what());
   }
   return store;
 }
