@@ -15,6 +15,8 @@ const std::vector<Command>& commands() {
        "loss and perplexity on a dataset in any training format"},
       {"dataset", cmd_dataset, "--model DIR --data FILE.jsonl|.parquet|.arrow [--seq-len N] [--show K]",
        "a dataset as training sees it: rows, tokens, trained share, rows rendered with the loss marked"},
+      {"cache", cmd_cache, "[--dir DIR] [--clear [--older-than DAYS]] [--json]",
+       "the tokenized-data cache: what it holds, and removing it"},
       {"plot", cmd_plot, "OUTPUT_DIR [-o loss.png]", "loss, eval loss, lr and grad norm against step, as a PNG"},
       {"inspect", cmd_inspect, "MODEL_DIR|CONFIG.json [--gpus N] [--json]",
        "parameters (total, active), tensors found vs expected, training memory"},

@@ -9,6 +9,7 @@ int cmd_inspect(const std::vector<std::string>& args);
 int inspect_adapter(const std::string& dir, const std::string& base, bool json);
 int cmd_eval(const std::vector<std::string>& args);
 int cmd_dataset(const std::vector<std::string>& args);
+int cmd_cache(const std::vector<std::string>& args);
 int cmd_generate(const std::vector<std::string>& args);
 int cmd_convert(const std::vector<std::string>& args);
 int cmd_merge(const std::vector<std::string>& args);

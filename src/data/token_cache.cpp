@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -254,18 +255,39 @@ void write_token_cache(const std::string& path, const std::string& key, const To
   file.commit();
 }
 
+namespace {
+
+// A cache file's header, read from its mapping: everything before the row table.
+struct Header {
+  std::string key;
+  std::vector<std::string> files;
+  int64_t skipped = 0;
+  uint64_t rows = 0, tokens = 0;
+};
+
+Header read_header(Cursor& in, const std::string& path) {
+  MF_CHECK(std::memcmp(in.take(sizeof kMagic, "the header"), kMagic, sizeof kMagic) == 0, path,
+           ": not a moeforge tokenized-data cache (magic)");
+  Header h;
+  h.key = in.text("the key");
+  h.files.resize(in.count(8, "file names"));
+  for (std::string& f : h.files) f = in.text("a file name");
+  h.skipped = in.value<int64_t>("the skipped count");
+  h.rows = in.value<uint64_t>("the row count");
+  h.tokens = in.value<uint64_t>("the token count");
+  in.align(8);
+  return h;
+}
+
+}  // namespace
+
 std::shared_ptr<const TokenStore> map_token_cache(const std::string& path, const std::string& key) {
   if (!fs::exists(path)) return nullptr;
   const std::shared_ptr<const Mapping> m = map_file(path);
   Cursor in(path, *m);
-  MF_CHECK(std::memcmp(in.take(sizeof kMagic, "the header"), kMagic, sizeof kMagic) == 0, path,
-           ": not a moeforge tokenized-data cache (magic)");
-  if (in.text("the key") != key) return nullptr;
-  std::vector<std::string> files(in.count(8, "file names"));
-  for (std::string& f : files) f = in.text("a file name");
-  const auto skipped = in.value<int64_t>("the skipped count");
-  const uint64_t rows = in.value<uint64_t>("the row count"), tokens = in.value<uint64_t>("the token count");
-  in.align(8);
+  Header h = read_header(in, path);
+  if (h.key != key) return nullptr;
+  const uint64_t rows = h.rows, tokens = h.tokens;
   MF_CHECK(rows <= in.left() / sizeof(TokenStore::Row), path, ": damaged tokenized-data cache (", rows,
            " rows do not fit the file)");
   const auto* row = reinterpret_cast<const TokenStore::Row*>(in.take(rows * sizeof(TokenStore::Row), "the row table"));
@@ -279,11 +301,67 @@ std::shared_ptr<const TokenStore> map_token_cache(const std::string& path, const
   for (uint64_t i = 0; i < rows; ++i) {
     const TokenStore::Row& r = row[i];
     const uint64_t span = r.has_labels ? 2 : 1;
-    MF_CHECK(r.file >= 0 && static_cast<uint64_t>(r.file) < files.size() && r.has_labels <= 1 &&
+    MF_CHECK(r.file >= 0 && static_cast<uint64_t>(r.file) < h.files.size() && r.has_labels <= 1 &&
                  r.length <= tokens / span && r.offset <= tokens - r.length * span,
              path, ": damaged tokenized-data cache (row ", i, "'s record)");
   }
-  return TokenStore::over(m, {row, rows}, {token, tokens}, std::move(files), skipped);
+  // A hit marks the file used now (moeforge cache --older-than removes what no run has used).
+  ::utimensat(AT_FDCWD, path.c_str(), nullptr, 0);
+  return TokenStore::over(m, {row, rows}, {token, tokens}, std::move(h.files), h.skipped);
+}
+
+std::vector<TokenCacheEntry> list_token_caches(const std::string& dir) {
+  std::vector<TokenCacheEntry> out;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return out;
+  for (const auto& e : fs::directory_iterator(dir, ec)) {
+    if (e.path().extension() != ".mftok") continue;
+    TokenCacheEntry t;
+    t.path = e.path().string();
+    struct stat st {};
+    if (::stat(t.path.c_str(), &st) == 0) {
+      t.bytes = static_cast<uint64_t>(st.st_size);
+      t.last_used = st.st_mtim.tv_sec;
+    }
+    try {
+      const std::shared_ptr<const Mapping> m = map_file(t.path);
+      Cursor in(t.path, *m);
+      const Header h = read_header(in, t.path);
+      t.key = h.key;
+      t.rows = h.rows;
+      // Input tokens: the rows' lengths (the token array holds labels of their own too).
+      MF_CHECK(h.rows <= in.left() / sizeof(TokenStore::Row), t.path, ": damaged tokenized-data cache (", h.rows,
+               " rows do not fit the file)");
+      const auto* row = reinterpret_cast<const TokenStore::Row*>(in.take(h.rows * sizeof(TokenStore::Row), "the row table"));
+      for (uint64_t i = 0; i < h.rows; ++i) t.tokens += row[i].length;
+    } catch (const std::exception& x) {
+      t.error = x.what();
+    }
+    out.push_back(std::move(t));
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.last_used > b.last_used; });
+  return out;
+}
+
+bool remove_token_cache(const std::string& path) {
+  const std::string lock_path = path.substr(0, path.size() - 6) + ".lock";
+  const int fd = ::open(lock_path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd >= 0) {
+    const bool free = ::flock(fd, LOCK_EX | LOCK_NB) == 0;
+    if (!free) {
+      ::close(fd);
+      return false;
+    }
+    // Removed while held, so no process can take this lock and then find the file half gone.
+    std::error_code ec;
+    fs::remove(path, ec);
+    fs::remove(lock_path, ec);
+    ::close(fd);
+    return true;
+  }
+  std::error_code ec;
+  fs::remove(path, ec);
+  return !ec;
 }
 
 std::shared_ptr<const TokenStore> load_model_tokens(const std::string& path, const ModelText& text, bool skip_bad_lines,

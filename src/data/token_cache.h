@@ -39,6 +39,19 @@ void write_token_cache(const std::string& path, const std::string& key, const To
 // cache, a row pointing outside its tokens) throws naming it.
 std::shared_ptr<const TokenStore> map_token_cache(const std::string& path, const std::string& key);
 
+// What a cache folder holds (moeforge cache): each file's key (its inputs, one per line), its row
+// and token counts and size, and when it was last written or mapped (a hit touches the file). A
+// file that cannot be read is listed with `error` set.
+struct TokenCacheEntry {
+  std::string path, key, error;
+  uint64_t rows = 0, tokens = 0, bytes = 0;  // tokens: the rows' input ids
+  int64_t last_used = 0;  // seconds since the epoch
+};
+std::vector<TokenCacheEntry> list_token_caches(const std::string& dir);
+// Removes a cache file and its lock, unless a process holds the lock now (it is writing or
+// waiting): false then, and nothing removed.
+bool remove_token_cache(const std::string& path);
+
 // A dataset file, folder or glob tokenized for the model (load_model_dataset), through a cache in
 // `cache_dir` (created when missing; "" = no cache): mapped when a file for the same inputs is
 // there, else loaded, written for the next run, and mapped. The cache only ever saves time: a

@@ -1,7 +1,11 @@
 // The moeforge binary end to end: inspect and eval work on the fixtures, and each bad input gives
 // exactly one error line naming the file and field, exit status 1, and no crash.
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -10,6 +14,7 @@
 #include <sstream>
 
 #include "data/model_text.h"
+#include "data/token_cache.h"
 #include "data/token_batches.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
@@ -677,6 +682,60 @@ TEST(Cli, DatasetReportsWhatTrainingLoads) {
 // `moeforge dataset --recipe`: the recipe's model, data and data settings, its eval_split's held-out
 // rows and its packing as train computes them (data::hold_out and TokenBatches on the same rows);
 // a flag given beside the recipe wins.
+// moeforge cache lists each file (rows, input tokens, the data it holds) and --clear removes those
+// unused for --older-than days, keeping a file whose lock a running process holds.
+TEST(Cli, CacheListsAndClears) {
+  test::TempDir tmp;
+  const std::string dir = tmp / "cache";
+  fs::create_directories(dir);
+  std::vector<data::TokenRow> rows(2);
+  rows[0].input_ids = {1, 2, 3};
+  rows[1].input_ids = {4, 5};
+  rows[1].labels = std::vector<data::TokenId>{-100, 5};
+  const auto store = data::TokenStore::from_rows(rows, {"d.jsonl"});
+  std::vector<std::string> paths;
+  for (const char* name : {"old", "new", "held"}) {
+    const std::string key = std::string("moeforge tokenized dataset v1\ndata /data/") + name + ".jsonl 12 3.4\n";
+    paths.push_back(data::token_cache_path(dir, key));
+    data::write_token_cache(paths.back(), key, *store);
+  }
+  const struct timespec forty_days_ago[2] = {{time(nullptr) - 40 * 86400, 0}, {time(nullptr) - 40 * 86400, 0}};
+  ASSERT_EQ(::utimensat(AT_FDCWD, paths[0].c_str(), forty_days_ago, 0), 0);
+  ASSERT_EQ(::utimensat(AT_FDCWD, paths[2].c_str(), forty_days_ago, 0), 0);
+
+  const CmdResult list = run("cache --dir " + dir + " --json");
+  ASSERT_EQ(list.status, 0) << list.err;
+  const auto j = nlohmann::json::parse(list.out);
+  ASSERT_EQ(j["files"].size(), 3u);
+  EXPECT_EQ(j["files"][0]["path"], paths[1]) << "the most recently used first";
+  EXPECT_EQ(j["files"][0]["rows"], 2);
+  EXPECT_EQ(j["files"][0]["tokens"], 5) << "input tokens, not the labels stored beside them";
+  EXPECT_EQ(j["files"][0]["holds"], "/data/new.jsonl");
+
+  // A running process holds the third one's lock: --clear keeps it and says so.
+  const std::string lock = paths[2].substr(0, paths[2].size() - 6) + ".lock";
+  const int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX), 0);
+  const CmdResult clear = run("cache --dir " + dir + " --clear --older-than 30");
+  ::close(fd);
+  ASSERT_EQ(clear.status, 0) << clear.err;
+  EXPECT_FALSE(fs::exists(paths[0]));
+  EXPECT_TRUE(fs::exists(paths[1])) << "used today";
+  EXPECT_TRUE(fs::exists(paths[2])) << "in use";
+  EXPECT_NE(clear.out.find("[in use, kept]"), std::string::npos) << clear.out;
+  EXPECT_NE(clear.out.find("2 files"), std::string::npos) << clear.out;
+  // A mapped hit marks its file used now.
+  ASSERT_EQ(::utimensat(AT_FDCWD, paths[1].c_str(), forty_days_ago, 0), 0);
+  ASSERT_TRUE(data::map_token_cache(paths[1], std::string("moeforge tokenized dataset v1\ndata /data/new.jsonl 12 3.4\n")));
+  struct stat st {};
+  ASSERT_EQ(::stat(paths[1].c_str(), &st), 0);
+  EXPECT_GT(st.st_mtim.tv_sec, time(nullptr) - 3600);
+  EXPECT_EQ(run("cache --dir " + dir + " --clear").status, 0);
+  EXPECT_FALSE(fs::exists(paths[1]));
+  EXPECT_FALSE(fs::exists(paths[2]));
+}
+
 TEST(Cli, DatasetTakesARecipe) {
   const std::string demo = std::string(MOEFORGE_SOURCE_DIR) + "/examples/demo_model";
   const std::string file = std::string(MOEFORGE_SOURCE_DIR) + "/examples/data/count_chat.jsonl";
