@@ -8,7 +8,7 @@ have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok
 for cmd_pkg in cmake:cmake g++:g++ make:make clang++:clang; do
   command -v "${cmd_pkg%%:*}" >/dev/null 2>&1 || need+=("${cmd_pkg##*:}")
 done
-for pkg in nlohmann-json3-dev libopenblas-dev libgtest-dev libyaml-cpp-dev libpcre2-dev libutf8proc-dev pkg-config libclang-rt-14-dev libgloo-dev libcli11-dev zlib1g-dev libzstd-dev python3-venv python3-dev; do
+for pkg in nlohmann-json3-dev libopenblas-dev libgtest-dev libyaml-cpp-dev libpcre2-dev libutf8proc-dev pkg-config libclang-rt-14-dev libgloo-dev libcli11-dev zlib1g-dev libzstd-dev libbrotli-dev python3-venv python3-dev; do
   have_pkg "$pkg" || need+=("$pkg")
 done
 [ ${#need[@]} -eq 0 ] && exit 0

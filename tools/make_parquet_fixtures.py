@@ -269,6 +269,13 @@ def main():
     })
     write(out, "byte_stream_split", split, compression="none", use_dictionary=False, data_page_size=256,
           column_encoding={c: "BYTE_STREAM_SPLIT" for c in ["input_ids.list.element", "big", "ratio", "score"]})
+    # BROTLI pages (v1 and v2 row groups alike), ShareGPT rows; its own generator too.
+    br = random.Random(13)
+    convs = [[{"from": "human" if t % 2 == 0 else "gpt", "value": words(br, br.randint(1, 20))} for t in range(2 * br.randint(1, 3))]
+             for _ in range(40)]
+    write(out, "sharegpt_brotli", pa.table({"conversations": convs}), compression="brotli", row_group_size=15)
+    write(out, "text_brotli_v2", pa.table({"text": [words(br, br.randint(0, 30)) for _ in range(50)]}),
+          compression="brotli", data_page_version="2.0", row_group_size=20)
     legacy = os.path.join(out, "legacy_lists.parquet")
     write_legacy_lists(legacy)
     MANIFEST["legacy_lists"] = {"fields": ["input_ids", "labels", "words", "pairs"]}

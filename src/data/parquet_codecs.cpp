@@ -1,5 +1,6 @@
 #include "data/parquet_codecs.h"
 
+#include <brotli/decode.h>
 #include <zlib.h>
 #include <zstd.h>
 
@@ -187,6 +188,18 @@ std::vector<uint8_t> zstd_decompress(const uint8_t* in, size_t in_size, size_t o
   return out;
 }
 
+// BROTLI (RFC 7932) through libbrotlidec, whose one-shot call takes the exact output size the
+// page header declares: a stream that needs more is malformed here, as one that gives less.
+std::vector<uint8_t> brotli_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
+  std::vector<uint8_t> out(out_size);
+  size_t got = out_size;
+  const BrotliDecoderResult r = BrotliDecoderDecompress(in_size, in, &got, out.data());
+  MF_CHECK(r == BROTLI_DECODER_RESULT_SUCCESS, what, ": malformed BROTLI data",
+           r == BROTLI_DECODER_RESULT_NEEDS_MORE_OUTPUT ? " (it decompresses past its declared size)" : "");
+  MF_CHECK(got == out_size, what, ": BROTLI data gives ", got, " bytes, the header says ", out_size);
+  return out;
+}
+
 }  // namespace
 
 std::vector<uint8_t> decompress(Codec codec, const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
@@ -198,9 +211,10 @@ std::vector<uint8_t> decompress(Codec codec, const uint8_t* in, size_t in_size, 
     case Codec::Gzip: return gzip_decompress(in, in_size, out_size, what);
     case Codec::Zstd: return zstd_decompress(in, in_size, out_size, what);
     case Codec::Lz4Raw: return lz4_block_decompress(in, in_size, out_size, what);
+    case Codec::Brotli: return brotli_decompress(in, in_size, out_size, what);
     default:
       MF_THROW(what, ": compressed with ", codec_name(codec),
-               ", which moeforge does not read (SNAPPY, GZIP, ZSTD, LZ4_RAW and uncompressed are read); rewrite it, "
+               ", which moeforge does not read (SNAPPY, GZIP, ZSTD, LZ4_RAW, BROTLI and uncompressed are read); rewrite it, "
                "e.g. pyarrow.parquet.write_table(table, path, compression='zstd')");
   }
 }

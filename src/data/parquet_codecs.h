@@ -1,5 +1,5 @@
 // Page decompression for Parquet: UNCOMPRESSED, SNAPPY and LZ4_RAW (decoders of our own), GZIP
-// (zlib) and ZSTD (libzstd); and LZ4 frames for Arrow IPC buffers. The output must be exactly the
+// (zlib), ZSTD (libzstd) and BROTLI (libbrotlidec); and LZ4 frames for Arrow IPC buffers. The output must be exactly the
 // header's uncompressed size; a stream that is shorter, longer or malformed is an error naming `what`.
 #pragma once
 #include <cstddef>
