@@ -120,6 +120,38 @@ std::vector<uint8_t> lz4_block_decompress(const uint8_t* in, size_t in_size, siz
   return out;
 }
 
+// Parquet's deprecated LZ4 codec, as files hold it: Hadoop's framing (parquet-mr, Spark: blocks of
+// a big-endian decompressed size, a big-endian compressed size and an LZ4 block), or one bare LZ4
+// block (older parquet-cpp). Like Arrow's reader, the framing is tried first and the bare block
+// read when the sizes do not add up to it.
+std::vector<uint8_t> lz4_hadoop_decompress(const uint8_t* in, size_t in_size, size_t out_size, const std::string& what) {
+  const auto be32 = [&](size_t at) {
+    return (static_cast<uint32_t>(in[at]) << 24) | (static_cast<uint32_t>(in[at + 1]) << 16) |
+           (static_cast<uint32_t>(in[at + 2]) << 8) | static_cast<uint32_t>(in[at + 3]);
+  };
+  std::vector<uint8_t> out(out_size);
+  size_t p = 0, n = 0;
+  bool framed = in_size >= 8;
+  while (framed && in_size - p >= 8) {
+    const size_t raw = be32(p), packed = be32(p + 4);
+    if (packed > in_size - p - 8 || raw > out_size - n) {
+      framed = false;
+      break;
+    }
+    const size_t before = n;
+    try {
+      lz4_block_decode(in + p + 8, packed, out, n, before + raw, what);
+    } catch (const Error&) {
+      framed = false;
+      break;
+    }
+    framed = n - before == raw;
+    p += 8 + packed;
+  }
+  if (framed && p == in_size && n == out_size) return out;
+  return lz4_block_decompress(in, in_size, out_size, what);
+}
+
 // LZ4's frame format (Arrow's LZ4_FRAME buffers): a magic number, a descriptor (flags: version 01,
 // block checksums, content size, content checksum, dictionary id; the block size byte; a header
 // checksum byte), then blocks, each a 32-bit size (high bit: stored uncompressed) and its bytes
@@ -212,9 +244,10 @@ std::vector<uint8_t> decompress(Codec codec, const uint8_t* in, size_t in_size, 
     case Codec::Zstd: return zstd_decompress(in, in_size, out_size, what);
     case Codec::Lz4Raw: return lz4_block_decompress(in, in_size, out_size, what);
     case Codec::Brotli: return brotli_decompress(in, in_size, out_size, what);
+    case Codec::Lz4: return lz4_hadoop_decompress(in, in_size, out_size, what);
     default:
       MF_THROW(what, ": compressed with ", codec_name(codec),
-               ", which moeforge does not read (SNAPPY, GZIP, ZSTD, LZ4_RAW, BROTLI and uncompressed are read); rewrite it, "
+               ", which moeforge does not read (SNAPPY, GZIP, ZSTD, LZ4_RAW, LZ4, BROTLI and uncompressed are read); rewrite it, "
                "e.g. pyarrow.parquet.write_table(table, path, compression='zstd')");
   }
 }

@@ -63,6 +63,16 @@ TEST(ParquetCodecs, SnappyAndLz4BlocksWithOverlappingCopies) {
   const uint8_t lz4[] = {(3 << 4) | 5, 'x', 'y', 'z', 3, 0, (1 << 4), '!'};
   const auto l = data::parquet::lz4_block_decompress(lz4, sizeof lz4, 13, "l");
   EXPECT_EQ(std::string(l.begin(), l.end()), "xyzxyzxyzxyz!");
+  // The deprecated LZ4 codec: two Hadoop-framed blocks (sizes big-endian), or the bare block.
+  const uint8_t framed[] = {0, 0, 0, 13, 0, 0, 0, 8, (3 << 4) | 5, 'x', 'y', 'z', 3, 0, (1 << 4), '!',
+                            0, 0, 0, 2,  0, 0, 0, 3, (2 << 4), 'o', 'k'};
+  const auto h = data::parquet::lz4_hadoop_decompress(framed, sizeof framed, 15, "h");
+  EXPECT_EQ(std::string(h.begin(), h.end()), "xyzxyzxyzxyz!ok");
+  const auto bare = data::parquet::decompress(data::parquet::Codec::Lz4, lz4, sizeof lz4, 13, "b");
+  EXPECT_EQ(std::string(bare.begin(), bare.end()), "xyzxyzxyzxyz!");
+  EXPECT_NE(test::error_of([&] { data::parquet::lz4_hadoop_decompress(framed, sizeof framed, 16, "f.parquet"); })
+                .find("f.parquet: "),
+            std::string::npos);
   const uint8_t bad_offset[] = {12, (3 - 1) << 2, 'a', 'b', 'c', (0 << 5) | ((9 - 4) << 2) | 1, 4};
   EXPECT_NE(test::error_of([&] { data::parquet::snappy_decompress(bad_offset, sizeof bad_offset, 12, "f.parquet"); })
                 .find("f.parquet: malformed SNAPPY data"),
