@@ -9,12 +9,12 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <sstream>
 
 #include "core/error.h"
@@ -198,7 +198,7 @@ std::string default_token_cache_dir() {
 
 std::string token_cache_key(const std::vector<std::string>& files, const ModelText& text, bool skip_bad_lines) {
   std::ostringstream k;
-  k << "moeforge tokenized dataset v1\n";
+  k << "moeforge tokenized dataset v2\n";
   k << "build " << this_build() << "\n";
   k << "skip_bad_lines " << (skip_bad_lines ? 1 : 0) << "\n";
   k << "eos " << (text.eos_id ? std::to_string(*text.eos_id) : "none") << "\n";
