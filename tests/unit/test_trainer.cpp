@@ -378,10 +378,19 @@ TEST(Trainer, DataCacheFolderIsUsedAndChangesNothing) {
   EXPECT_EQ(cached, 1u);
   const auto second = train::run_training(train::load_recipe(recipe, {"steps=2", "save_every=0", "overwrite=true"}));
   EXPECT_EQ(first.losses, second.losses);
-  test::TempDir none;
+  // Without the key: the default folder ($MOEFORGE_CACHE_DIR/datasets here); "none": nothing.
+  test::TempDir env;
+  const char* before = std::getenv("MOEFORGE_CACHE_DIR");
+  const std::string saved = before ? before : "";
+  ::setenv("MOEFORGE_CACHE_DIR", (env / "c").c_str(), 1);
+  test::TempDir none, by_default;
   train::run_training(train::load_recipe(write_recipe(none, "data_cache: none\n"), {"steps=1"}));
+  EXPECT_FALSE(fs::exists(env / "c"));
   EXPECT_FALSE(fs::exists(none / "none"));
-  EXPECT_FALSE(fs::exists(none / "cache"));
+  train::run_training(train::load_recipe(write_recipe(by_default), {"steps=1"}));
+  EXPECT_TRUE(fs::exists(env / "c/datasets"));
+  if (before) ::setenv("MOEFORGE_CACHE_DIR", saved.c_str(), 1);
+  else ::unsetenv("MOEFORGE_CACHE_DIR");
 }
 
 // seq_len unset: 2048 or the model's max_position_embeddings when smaller (64 for the fixture).
