@@ -338,8 +338,7 @@ Dataset load_dataset(const DatasetOptions& o) {
 }
 
 std::string Dataset::where(const TokenRow& r) const {
-  const std::string& file = files.at(static_cast<size_t>(r.file));
-  return is_table_file(file) ? file + ": row " + std::to_string(r.line) : file + ":" + std::to_string(r.line);
+  return where_in_file(files.at(static_cast<size_t>(r.file)), r.line);
 }
 
 HeldOutRows hold_out_rows(int64_t n, double fraction, uint64_t seed, const std::string& where) {

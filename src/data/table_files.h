@@ -12,6 +12,8 @@
 namespace moeforge::data {
 
 bool is_table_file(const std::string& path);
+// A row of a dataset file as errors name it: "file:line", or "file: row N" for Parquet and Arrow.
+std::string where_in_file(const std::string& file, int64_t line);
 // fn(row, object) for every row in order (row counted from 0), the object holding those of
 // `fields` that the file has and that are not null in that row.
 void for_each_table_row(const std::string& path, const std::vector<std::string>& fields,

@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <span>
 #include <sstream>
 
 #include "core/error.h"
@@ -265,6 +266,18 @@ struct Header {
   uint64_t rows = 0, tokens = 0;
 };
 
+// The file's lock, beside it: `<key hash>.lock` for `<key hash>.mftok`.
+std::string lock_path_of(const std::string& cache_file) {
+  return cache_file.substr(0, cache_file.size() - fs::path(cache_file).extension().string().size()) + ".lock";
+}
+
+// The row table that follows a header, checked to fit the file.
+std::span<const TokenStore::Row> read_row_table(Cursor& in, const Header& h, const std::string& path) {
+  MF_CHECK(h.rows <= in.left() / sizeof(TokenStore::Row), path, ": damaged tokenized-data cache (", h.rows,
+           " rows do not fit the file)");
+  return {reinterpret_cast<const TokenStore::Row*>(in.take(h.rows * sizeof(TokenStore::Row), "the row table")), h.rows};
+}
+
 Header read_header(Cursor& in, const std::string& path) {
   MF_CHECK(std::memcmp(in.take(sizeof kMagic, "the header"), kMagic, sizeof kMagic) == 0, path,
            ": not a moeforge tokenized-data cache (magic)");
@@ -288,9 +301,7 @@ std::shared_ptr<const TokenStore> map_token_cache(const std::string& path, const
   Header h = read_header(in, path);
   if (h.key != key) return nullptr;
   const uint64_t rows = h.rows, tokens = h.tokens;
-  MF_CHECK(rows <= in.left() / sizeof(TokenStore::Row), path, ": damaged tokenized-data cache (", rows,
-           " rows do not fit the file)");
-  const auto* row = reinterpret_cast<const TokenStore::Row*>(in.take(rows * sizeof(TokenStore::Row), "the row table"));
+  const TokenStore::Row* row = read_row_table(in, h, path).data();
   MF_CHECK(tokens <= in.left() / sizeof(TokenId), path, ": damaged tokenized-data cache (", tokens,
            " tokens do not fit the file)");
   const auto* token = reinterpret_cast<const TokenId*>(in.take(tokens * sizeof(TokenId), "the tokens"));
@@ -330,10 +341,7 @@ std::vector<TokenCacheEntry> list_token_caches(const std::string& dir) {
       t.key = h.key;
       t.rows = h.rows;
       // Input tokens: the rows' lengths (the token array holds labels of their own too).
-      MF_CHECK(h.rows <= in.left() / sizeof(TokenStore::Row), t.path, ": damaged tokenized-data cache (", h.rows,
-               " rows do not fit the file)");
-      const auto* row = reinterpret_cast<const TokenStore::Row*>(in.take(h.rows * sizeof(TokenStore::Row), "the row table"));
-      for (uint64_t i = 0; i < h.rows; ++i) t.tokens += row[i].length;
+      for (const TokenStore::Row& r : read_row_table(in, h, t.path)) t.tokens += r.length;
     } catch (const std::exception& x) {
       t.error = x.what();
     }
@@ -344,7 +352,7 @@ std::vector<TokenCacheEntry> list_token_caches(const std::string& dir) {
 }
 
 bool remove_token_cache(const std::string& path) {
-  const std::string lock_path = path.substr(0, path.size() - 6) + ".lock";
+  const std::string lock_path = lock_path_of(path);
   const int fd = ::open(lock_path.c_str(), O_RDWR | O_CLOEXEC);
   if (fd >= 0) {
     const bool free = ::flock(fd, LOCK_EX | LOCK_NB) == 0;
@@ -379,7 +387,7 @@ std::shared_ptr<const TokenStore> load_model_tokens(const std::string& path, con
   // Every rank of a node loads the same data at once: the first to take the lock tokenizes and
   // writes, the others wait, then map what it wrote.
   std::optional<FileLock> lock = FileLock::take(
-      file.substr(0, file.size() - 6) + ".lock",
+      lock_path_of(file),
       report_progress ? "data: another process is tokenizing " + path + " into " + file + "; waiting to read it" : "");
   // A file system without locks (some parallel ones) only costs the turns: a file is complete
   // whenever it is there (written aside and renamed), so every process still maps or writes one.

@@ -49,8 +49,7 @@ std::vector<int64_t> TokenStore::every_row() const {
 std::string TokenStore::where(size_t i) const {
   const Row& r = rows_[i];
   if (r.file < 0 || static_cast<size_t>(r.file) >= files_.size()) return "row " + std::to_string(i + 1);
-  const std::string& file = files_[static_cast<size_t>(r.file)];
-  return is_table_file(file) ? file + ": row " + std::to_string(r.line) : file + ":" + std::to_string(r.line);
+  return where_in_file(files_[static_cast<size_t>(r.file)], r.line);
 }
 
 }  // namespace moeforge::data
