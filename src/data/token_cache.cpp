@@ -19,6 +19,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/fnv.h"
 #include "core/logging.h"
 #include "hf/fs_util.h"
 
@@ -31,21 +32,9 @@ namespace {
 constexpr char kMagic[8] = {'M', 'F', 'T', 'O', 'K', 'C', '0', '2'};
 constexpr char kEnd[8] = {'M', 'F', 'T', 'O', 'K', 'E', 'N', 'D'};
 
-uint64_t fnv1a(const void* data, size_t n, uint64_t h = 1469598103934665603ull) {
-  const auto* p = static_cast<const unsigned char*>(data);
-  for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
-  return h;
-}
-
 std::string fixed(double v, int digits) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.*f", digits, v);
-  return buf;
-}
-
-std::string hex16(uint64_t v) {
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
   return buf;
 }
 

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "core/error.h"
+#include "core/fnv.h"
 #include "hf/fs_util.h"
 #include "hf/safetensors.h"
 #include "models/pretrained.h"
@@ -36,11 +37,7 @@ std::string match(const std::string& module, const std::string& target) {
   return "";
 }
 
-uint64_t name_hash(const std::string& s) {
-  uint64_t h = 1469598103934665603ull;  // FNV-1a
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
-  return h;
-}
+uint64_t name_hash(const std::string& s) { return fnv1a(s); }
 
 std::string adapter_key(const std::string& param_name) { return kPeftPrefix + param_name; }
 

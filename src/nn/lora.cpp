@@ -1,5 +1,6 @@
 #include "nn/lora.h"
 
+#include "core/fnv.h"
 #include "ops/ops.h"
 
 namespace moeforge::nn {
@@ -21,8 +22,7 @@ void LoraAdapter::init(ParamStore& ps, const std::string& module, int64_t in, in
   for (size_t i : {a, b}) ps.all()[i].lora = true;
   scale = scale_;
   dropout = dropout_;
-  salt = 1469598103934665603ull;  // FNV-1a of the module's name
-  for (unsigned char c : module) salt = (salt ^ c) * 1099511628211ull;
+  salt = fnv1a(module);  // a stable per-module stream: the same masks on every run and rank
 }
 
 Tensor LoraAdapter::dropped(const Tensor& x) const {

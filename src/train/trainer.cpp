@@ -11,6 +11,7 @@
 
 #include "core/cpus.h"
 #include "core/error.h"
+#include "core/fnv.h"
 #include "ops/ops.h"
 #include "core/logging.h"
 #include "data/dataset.h"
@@ -42,13 +43,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string hash_text(const std::string& s) {
-  uint64_t h = 1469598103934665603ull;  // FNV-1a
-  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
-  return buf;
-}
+std::string hash_text(const std::string& s) { return hex16(fnv1a(s)); }
 
 // A seed from a run's seed, its step and a micro-batch index (splitmix64 steps).
 uint64_t hash_seed(uint64_t seed, uint64_t step, uint64_t micro) {
