@@ -100,6 +100,17 @@ void bench_adamw() {
         t.grad_written_rows = cuda::to_device(fh, DType::U8);
       }
       report("adamw_bf16 a third never routed", name, time_ms([&] { cuda::adamw_multi_tensor(tz, sc); }, 10), 0, bytes);
+      // And with the optimizer's zero-moment row flags on them (DeviceAdamW keeps these from its
+      // first update on): the never-routed experts read and write nothing (decay 0.9999 keeps
+      // every BF16 weight).
+      for (auto& t : tz) {
+        Tensor zh = cuda::to_host_f32(t.grad_written_rows);
+        Tensor z = Tensor::empty(t.grad_written_rows.shape(), DType::U8);
+        for (int64_t e = 0; e < z.numel(); ++e) z.data<uint8_t>()[e] = zh.f32()[e] == 0.f ? 1 : 0;
+        t.zero_moment_rows = cuda::to_device(z, DType::U8);
+      }
+      report("adamw_bf16 a third never routed, zero-moment rows", name,
+             time_ms([&] { cuda::adamw_multi_tensor(tz, sc); }, 10), 0, bytes);
     }
     // The gradient norm (2 bytes read an element) and clipping's in-place scaling (2 read, 2 written).
     report("grad_norm_bf16", name, time_ms([&] { cuda::global_grad_norm(grads); }, 10), 0, 2.0 * static_cast<double>(n));

@@ -1,5 +1,7 @@
 #include "gpu/adamw.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 #include "ops/ops.h"
 #include "ops/cuda/ops_cuda.h"
@@ -35,6 +37,24 @@ DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, Optimiz
     cuda::zero(exp_avg_.back());
     cuda::zero(exp_avg_sq_.back());
   }
+  moments_fresh_.assign(params.size(), true);
+  zero_moment_rows_.resize(params.size());
+}
+
+Tensor DeviceAdamW::zero_moment_flags(size_t i, const Tensor& written_rows) {
+  const bool fresh = moments_fresh_.at(i);
+  moments_fresh_[i] = false;
+  Tensor& flags = zero_moment_rows_.at(i);
+  if (!written_rows.defined() || (flags.defined() && flags.numel() != written_rows.numel())) {
+    flags = Tensor();  // this update touches every row (or other rows): the flags end here
+    return Tensor();
+  }
+  if (!flags.defined() && fresh) {
+    Tensor ones = Tensor::empty({written_rows.numel()}, DType::U8);
+    std::fill_n(ones.data<uint8_t>(), ones.numel(), uint8_t{1});
+    flags = cuda::to_device(ones, DType::U8);
+  }
+  return flags;
 }
 
 parallel::Block DeviceAdamW::block(size_t i) const {
@@ -63,6 +83,8 @@ void DeviceAdamW::load_moments(size_t i, const Tensor& exp_avg, const Tensor& ex
   };
   upload(exp_avg, exp_avg_.at(i));
   upload(exp_avg_sq, exp_avg_sq_.at(i));
+  moments_fresh_.at(i) = false;  // loaded values: no zero-moment flags for this parameter
+  zero_moment_rows_.at(i) = Tensor();
 }
 
 void DeviceAdamW::step(double lr, float grad_scale) {
@@ -100,6 +122,7 @@ void DeviceAdamW::update(const std::vector<size_t>& indices) {
     if (params_.sharded(i)) t.grad = params_.shard_grad(i);
     else if (split_[i]) t.grad = params_.grad(i);
     else t.grad = params_.grad_as_written(i, t.grad_written_rows);
+    t.zero_moment_rows = zero_moment_flags(i, t.grad_written_rows);
     t.exp_avg = exp_avg_[i];
     t.exp_avg_sq = exp_avg_sq_[i];
     t.weight_decay_mul = static_cast<float>(1.0 - lr_ * (decay ? opts_.weight_decay : 0.0));

@@ -9,6 +9,13 @@
 // rank keeping and updating only its block of each one (parallel::block_of over the flat elements); the
 // updated blocks are then exchanged in place (Communicator::all_gather_blocks), so every copy
 // again holds the same values. The same update as the unsharded optimizer, element for element.
+//
+// Rows nothing has reached yet: a parameter whose gradient comes with row flags (the experts'
+// weights, the embedding) gets per-row zero-moment flags when its first update finds its moments
+// as constructed (all +0), and the kernel keeps them (ops::AdamWTensors::zero_moment_rows): an
+// expert no token was ever routed to, or an embedding row of a token the data never held, then
+// costs its update no bytes. Moments loaded from a checkpoint, or an update without row flags,
+// end the parameter's flags for the run (they could no longer be trusted).
 #pragma once
 #include <vector>
 
@@ -48,6 +55,9 @@ class DeviceAdamW {
 
  private:
   Tensor moment_host(const Tensor& m, size_t i);
+  // Parameter i's zero-moment row flags for an update whose gradient has `written_rows` (undefined:
+  // none, and the flags end); made all ones while its moments are fresh.
+  Tensor zero_moment_flags(size_t i, const Tensor& written_rows);
   parallel::Block block(size_t i) const;
 
   DeviceParams& params_;
@@ -55,6 +65,10 @@ class DeviceAdamW {
   OptimizerSharding sharding_;
   std::vector<bool> split_;
   std::vector<Tensor> exp_avg_, exp_avg_sq_;  // the block of a split parameter, else the whole
+  // Per parameter: whether its moments are still as constructed (+0, never updated or loaded), and
+  // its zero-moment row flags once an update with row flags has made them.
+  std::vector<bool> moments_fresh_;
+  std::vector<Tensor> zero_moment_rows_;
   int64_t step_ = 0;
   double lr_ = 0;
   ops::AdamWScalars scalars_{};

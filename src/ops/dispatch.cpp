@@ -511,6 +511,11 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
   for (const AdamWTensors& t : tensors) {
     dev = same_device("adamw", tensors.front().param, t.param, t.grad, t.exp_avg, t.exp_avg_sq, t.param_bf16_copy);
     check_row_flags("adamw", t.grad, t.grad_written_rows);
+    if (t.zero_moment_rows.defined()) {
+      MF_CHECK(t.grad_written_rows.defined() && t.zero_moment_rows.numel() == t.grad_written_rows.numel(),
+               "adamw: zero-moment row flags need the gradient's written-row flags, one per row");
+      check_row_flags("adamw", t.grad, t.zero_moment_rows);
+    }
   }
 #ifdef MOEFORGE_HAVE_CUDA
   if (dev) return cuda::adamw_multi_tensor(tensors, scalars);

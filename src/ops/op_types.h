@@ -37,6 +37,13 @@ struct AdamWTensors {
   // Optional U8 [rows] (grad viewed as [rows, numel / rows]): 1 for the rows its sites wrote; the
   // others were left unwritten (nn::ParamAccess::written_rows) and count as zeros, never read.
   Tensor grad_written_rows;
+  // Optional, only with grad_written_rows (the same rows): U8 [rows] kept across steps by the
+  // optimizer, 1 where every moment of the row is known to be +0 (nothing has reached the row
+  // yet: an expert no token was routed to, an embedding row of a token the data never held). A
+  // flagged row whose gradient is unwritten again keeps its moments, so they are not read or
+  // written; a written row's flag is cleared by the update. A hint: the result is the full
+  // update's either way.
+  Tensor zero_moment_rows;
 };
 
 // The gradients ops::ssm_scan_backward returns (F32): of x [T,H,P], of the raw dt [T,H] and the

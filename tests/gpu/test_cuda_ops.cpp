@@ -660,6 +660,78 @@ TEST(CudaOptimizer, ZeroGroupsKeepTorchsBits) {
       }
 }
 
+// Zero-moment row flags (ops::AdamWTensors::zero_moment_rows): a flagged row whose gradient is
+// unwritten is skipped whole (its gradient NaN here, to show it is not read), a written row clears
+// its flag. Three steps writing different rows (some once and never again, some never), against
+// the host's full update of every element from the device's previous state: rows never written bit
+// for bit (the weight decayed where that changes a stored value: F32, or BF16 at 0.999; untouched
+// where it cannot: BF16 at 1 - 1e-7), the rest within rounding, and the flags left set exactly on
+// the rows never written. A view the vector path cannot take (not 16-byte aligned) drops its flags.
+TEST(CudaOptimizer, ZeroMomentRowsKeepTorchsBitsAcrossSteps) {
+  REQUIRE_GPU();
+  const int64_t row = 1024, rows = 72, n = row * rows;  // two chunks
+  const auto written = [](int64_t r, int s) { return r < 48 && (r + s) % 4 == 0; };  // r % 4 == 1, r >= 48: never
+  const ops::AdamWScalars sc{0.1f, 0.95f, 0.05f, std::sqrt(1 - 0.95f), 1e-8f, 1e-3f / 0.1f};
+  for (const DType dt : {DType::BF16, DType::F32})
+    for (const float wd_mul : {1.f - 1e-7f, 0.999f}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + " wd_mul " + std::to_string(wd_mul));
+      const auto rd = [&](float x) { return Tensor::from_vector({x}, {1}).to(dt).item_f32(); };
+      cuda::AdamWTensors t{cuda::to_device(randn({n}, 151), dt), Tensor(), cuda::to_device(Tensor::zeros({n}, DType::F32), dt),
+                           cuda::to_device(Tensor::zeros({n}, DType::F32), dt), wd_mul, Tensor()};
+      Tensor ones = Tensor::empty({rows}, DType::U8);
+      std::fill_n(ones.data<uint8_t>(), rows, uint8_t{1});
+      t.zero_moment_rows = cuda::to_device(ones, DType::U8);
+      for (int s = 0; s < 3; ++s) {
+        SCOPED_TRACE("step " + std::to_string(s));
+        const Tensor g = randn({n}, 152 + s, 0.1f);
+        Tensor g_dev = g.clone(), flags = Tensor::empty({rows}, DType::U8);
+        for (int64_t r = 0; r < rows; ++r) {
+          flags.data<uint8_t>()[r] = written(r, s);
+          if (!written(r, s)) std::fill_n(g_dev.f32() + r * row, row, NAN);
+        }
+        t.grad = cuda::to_device(g_dev, dt);
+        t.grad_written_rows = cuda::to_device(flags, DType::U8);
+        Tensor w = cuda::to_host_f32(t.param), m = cuda::to_host_f32(t.exp_avg), v = cuda::to_host_f32(t.exp_avg_sq);
+        cuda::adamw_multi_tensor({t}, sc);
+        const Tensor got_w = cuda::to_host_f32(t.param), got_m = cuda::to_host_f32(t.exp_avg),
+                     got_v = cuda::to_host_f32(t.exp_avg_sq);
+        int64_t untouched_mismatch = 0, other_far = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t r = i / row;
+          bool ever = false;
+          for (int k = 0; k <= s; ++k) ever = ever || written(r, k);
+          float wi = w.f32()[i], mi = m.f32()[i], vi = v.f32()[i];
+          ops::adamw_element(wi, written(r, s) ? rd(g.f32()[i]) : 0.f, mi, vi, wd_mul, sc);
+          wi = rd(wi), mi = rd(mi), vi = rd(vi);
+          if (!ever) {
+            if (std::memcmp(&wi, got_w.f32() + i, 4) != 0 || std::memcmp(&mi, got_m.f32() + i, 4) != 0 ||
+                std::memcmp(&vi, got_v.f32() + i, 4) != 0)
+              ++untouched_mismatch;
+          } else if (std::abs(got_w.f32()[i] - wi) > 8e-3f * std::abs(wi) + 1e-6f ||
+                     std::abs(got_m.f32()[i] - mi) > 8e-3f * std::abs(mi) + 1e-7f) {
+            ++other_far;
+          }
+        }
+        EXPECT_EQ(untouched_mismatch, 0) << "rows never written not bit for bit the full update";
+        EXPECT_EQ(other_far, 0) << "other elements off the host's update";
+      }
+      const Tensor left = cuda::to_host_f32(t.zero_moment_rows);
+      for (int64_t r = 0; r < rows; ++r) EXPECT_EQ(left.f32()[r], (r % 4 == 1 || r >= 48) ? 1.f : 0.f) << "row " << r;
+    }
+  // Not 16-byte aligned: the element path, which keeps no flags, so they all become 0.
+  Tensor buf = cuda::to_device(randn({4 * row + 1}, 153), DType::BF16);
+  cuda::AdamWTensors t{buf.slice0(1, 4 * row), cuda::to_device(randn({4 * row}, 154, 0.1f), DType::BF16),
+                       cuda::to_device(Tensor::zeros({4 * row}, DType::F32), DType::BF16),
+                       cuda::to_device(Tensor::zeros({4 * row}, DType::F32), DType::BF16), 1.f, Tensor()};
+  Tensor four = Tensor::empty({4}, DType::U8);
+  std::fill_n(four.data<uint8_t>(), 4, uint8_t{1});
+  t.grad_written_rows = cuda::to_device(four, DType::U8);
+  t.zero_moment_rows = cuda::to_device(four, DType::U8);
+  cuda::adamw_multi_tensor({t}, sc);
+  const Tensor left = cuda::to_host_f32(t.zero_moment_rows);
+  for (int64_t r = 0; r < 4; ++r) EXPECT_EQ(left.f32()[r], 0.f) << "row " << r;
+}
+
 // Clipping applied as AdamW reads the gradients equals scaling them in place first, bit for bit,
 // under the bf16 policy (BF16 gradients: the scaled value rounded as scale_inplace stores it), over
 // more than one chunk and an element-wise tail.

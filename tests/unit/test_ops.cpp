@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <vector>
 
 #include "core/error.h"
 #include "nn/rotary.h"
@@ -135,6 +137,38 @@ TEST(Ops, CrossEntropyChunkRowsByLogitBytes) {
   EXPECT_EQ(ops::cross_entropy_chunk_rows(0, 151936, 2), 1);  // no tokens: any positive chunk
   EXPECT_EQ(ops::cross_entropy_chunk_rows(70, 1000, 2, 1), 64);  // a budget under one row: 64 rows
   EXPECT_THROW(ops::cross_entropy_chunk_rows(10, 0, 2), Error);
+}
+
+// The reference AdamW with zero-moment row flags: the same update as without them (they are a hint
+// for the device), the flags of written rows cleared and the others kept; flags without row flags
+// for the gradient, or of another count, are one clear error.
+TEST(Ops, AdamwZeroMomentRowsClearedWhereWritten) {
+  const int64_t rows = 4, row = 3, n = rows * row;
+  std::vector<float> wv(n), gv(n);
+  for (int64_t i = 0; i < n; ++i) wv[i] = 0.1f * static_cast<float>(i) - 0.5f, gv[i] = 0.01f * static_cast<float>(i % 5) - 0.02f;
+  const ops::AdamWScalars sc{0.1f, 0.999f, 0.001f, std::sqrt(1.f - 0.999f), 1e-8f, 1e-3f / 0.1f};
+  const auto run = [&](bool with_flags, Tensor* zero_rows) {
+    ops::AdamWTensors t{Tensor::from_vector(wv, {n}), Tensor::from_vector(gv, {n}), Tensor::zeros({n}, DType::F32),
+                        Tensor::zeros({n}, DType::F32), 0.99f, Tensor()};
+    t.grad_written_rows = Tensor::from_vector({1, 0, 1, 0}, {rows}).to(DType::U8);
+    if (with_flags) t.zero_moment_rows = *zero_rows;
+    ops::adamw_multi_tensor({t}, sc);
+    return std::vector<Tensor>{t.param, t.exp_avg, t.exp_avg_sq};
+  };
+  Tensor zero_rows = Tensor::from_vector({1, 1, 0, 1}, {rows}).to(DType::U8);
+  const auto got = run(true, &zero_rows), want = run(false, nullptr);
+  for (size_t k = 0; k < got.size(); ++k) EXPECT_EQ(std::memcmp(got[k].raw(), want[k].raw(), got[k].nbytes()), 0) << k;
+  const uint8_t* z = zero_rows.data<uint8_t>();
+  EXPECT_EQ(z[0], 0);  // written: cleared
+  EXPECT_EQ(z[1], 1);  // unwritten: kept
+  EXPECT_EQ(z[2], 0);
+  EXPECT_EQ(z[3], 1);
+  ops::AdamWTensors bad{Tensor::from_vector(wv, {n}), Tensor::from_vector(gv, {n}), Tensor::zeros({n}, DType::F32),
+                        Tensor::zeros({n}, DType::F32), 1.f, Tensor()};
+  bad.zero_moment_rows = zero_rows;
+  EXPECT_THROW(ops::adamw_multi_tensor({bad}, sc), Error);  // no written-row flags
+  bad.grad_written_rows = Tensor::from_vector({1, 1, 1, 1, 1, 1}, {6}).to(DType::U8);
+  EXPECT_THROW(ops::adamw_multi_tensor({bad}, sc), Error);  // 6 row flags against 4
 }
 
 TEST(Ops, SwigluAndEmbedding) {

@@ -40,6 +40,13 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
     };
 #pragma omp parallel for if (n > 65536)
     for (int64_t i = 0; i < n; ++i) adamw_element(wp[i], read(i), mp[i], vp[i], t.weight_decay_mul, scalars);
+    // The reference takes the full update everywhere (the zero-moment flags only say where it
+    // changes no moment); a written row may have moments that are no longer zero.
+    if (t.zero_moment_rows.defined()) {
+      uint8_t* zero = t.zero_moment_rows.data<uint8_t>();
+      for (int64_t r = 0; r < t.zero_moment_rows.numel(); ++r)
+        if (written[r]) zero[r] = 0;
+    }
     store(w, t.param);
     store(m, t.exp_avg);
     store(v, t.exp_avg_sq);

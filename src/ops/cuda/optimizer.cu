@@ -3,6 +3,7 @@
 // cost one launch instead of one each. AdamW reads w, g, m, v and writes w, m, v: 16-28 bytes per
 // element, so its floor is the parameter count times that at HBM bandwidth. Aligned tensors move
 // in 16-byte vectors (8 elements per thread per iteration).
+#include <cmath>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -31,11 +32,15 @@ struct TensorRef {
   // as zeros and is not read, which saves its 2-4 bytes per element where whole experts or most of
   // an embedding's rows got no tokens).
   const uint8_t* written;
+  // Optional, with `written` and vec_ok: per row, 1 while every moment of the row is +0
+  // (ops::AdamWTensors::zero_moment_rows); cleared here where the row's gradient was written.
+  uint8_t* zero_moments;
   int64_t row_elems;
   int64_t n;
   float wd_mul;
   uint8_t w_bf16, g_bf16, mv_bf16;
   uint8_t vec_ok;  // every pointer 16-byte aligned: groups of 8 elements move as 16-byte vectors
+  uint8_t decay_keeps_w;  // w * wd_mul stores w again (see decay_keeps_weights): the decay needs no write
 };
 struct Chunk {
   int32_t tensor;
@@ -89,7 +94,7 @@ __device__ __forceinline__ float scaled_grad(float g, float scale, bool bf16) {
 // more issue slots than the memory-bound kernels have to spare). Always true without flags.
 struct RowWalk {
   const uint8_t* written;
-  int64_t row_elems, row = 0, next = 0;  // the current row, and the first element after it
+  int64_t row_elems, row = 0, next = 0;  // the current row, and the first element after it (with flags)
   __device__ RowWalk(const TensorRef& r, int64_t first) : written(r.written), row_elems(r.row_elems) {
     if (!written) return;
     row = first / row_elems;
@@ -108,8 +113,8 @@ struct RowWalk {
 // Walks this thread's share of one chunk: aligned groups of 8 elements as 16-byte vectors where the
 // tensor allows (chunks start at multiples of kChunk, so every group is aligned), then the element
 // tail, telling each step whether its gradient row was written (vec_ok: rows are multiples of 8, so
-// a group lies in one row). The optimizer kernels differ only in what they do with a group or an
-// element.
+// a group lies in one row; a group also gets the walk, for its row's index and end). The optimizer
+// kernels differ only in what they do with a group or an element.
 template <class Group, class Element>
 __device__ __forceinline__ void walk_chunk(const TensorRef& r, const Chunk& c, Group&& group, Element&& element) {
   int64_t tail = c.begin;
@@ -118,7 +123,8 @@ __device__ __forceinline__ void walk_chunk(const TensorRef& r, const Chunk& c, G
     RowWalk rows(r, c.begin + threadIdx.x * 8);
     for (int64_t gi = threadIdx.x; gi < groups; gi += blockDim.x) {
       const int64_t i = c.begin + gi * 8;
-      group(i, rows.at(i));
+      const bool written = rows.at(i);
+      group(i, written, rows);
     }
     tail = c.begin + groups * 8;
   }
@@ -131,21 +137,37 @@ __device__ __forceinline__ void walk_chunk(const TensorRef& r, const Chunk& c, G
 // takes a short path with the same bits. There torch's update leaves both moments +0 ((g - m) *
 // (1 - beta1) and v * beta2 + (1 - beta2) * g * g of signed zeros are +0) and the weight decayed
 // only (w * wd_mul + -step_size * (+0 / eps): adding -0 changes no value), so only what changes is
-// stored: no division or square root (whose zero operands take their slow paths) and, where the
-// moments already hold +0, no moment written. The launcher passes it only when eps > 0 and
-// step_size >= 0 (else 0 / eps or the zero's sign would differ).
+// stored: no division or square root (whose zero operands take their slow paths), no moment
+// written where the moments already hold +0, and no weight written where the decay stores the
+// same weight (decay_keeps_w). Where the row's zero-moment flag says its moments are +0 and its
+// gradient is unwritten, nothing is even read: such a group costs no bytes. The launcher passes
+// `zero_skip` only when eps > 0 and step_size >= 0 (else 0 / eps or the zero's sign would differ).
 __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::AdamWScalars s, bool zero_skip) {
   const Chunk c = chunks[blockIdx.x];
   const TensorRef r = refs[c.tensor];
   walk_chunk(
       r, c,
-      [&](int64_t i, bool written) {
+      [&](int64_t i, bool written, const RowWalk& rows) {
         float w[8], g[8], m[8], v[8];
-        ld8(r.w, r.w_bf16, i, w);
+        const auto decay_only = [&] {  // the short path's weight: decayed where that changes it
+          if (r.decay_keeps_w) return;
+          ld8(r.w, r.w_bf16, i, w);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) w[k] *= r.wd_mul;
+          st8(r.w, r.w_bf16, i, w);
+          if (r.w_copy) st8(r.w_copy, true, i, w);
+        };
         if (!written) {
+          if (zero_skip && r.zero_moments && r.zero_moments[rows.row]) {
+            decay_only();
+            return;
+          }
 #pragma unroll
           for (int k = 0; k < 8; ++k) g[k] = 0.f;
         } else {
+          // Its moments may stop being zero: the row's first group clears the flag (the flags of
+          // written rows are never read in this launch, so no other group races with it).
+          if (r.zero_moments && i == rows.next - rows.row_elems) r.zero_moments[rows.row] = 0;
           ld8(r.g, r.g_bf16, i, g);
           if (s.grad_scale != 1.f) {
 #pragma unroll
@@ -163,12 +185,7 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
             moment_bits |= __float_as_uint(m[k]) | __float_as_uint(v[k]);
           }
           if (zero) {
-            if (r.wd_mul != 1.f || r.w_copy) {
-#pragma unroll
-              for (int k = 0; k < 8; ++k) w[k] *= r.wd_mul;
-              st8(r.w, r.w_bf16, i, w);
-              if (r.w_copy) st8(r.w_copy, true, i, w);
-            }
+            decay_only();
             if (moment_bits != 0) {
               const float zeros[8] = {};
               st8(r.m, r.mv_bf16, i, zeros);
@@ -177,6 +194,7 @@ __global__ void adamw_kernel(const TensorRef* refs, const Chunk* chunks, ops::Ad
             return;
           }
         }
+        ld8(r.w, r.w_bf16, i, w);
 #pragma unroll
         for (int k = 0; k < 8; ++k) ops::adamw_element(w[k], g[k], m[k], v[k], r.wd_mul, s);
         st8(r.w, r.w_bf16, i, w);
@@ -204,7 +222,7 @@ __global__ void sumsq_kernel(const TensorRef* refs, const Chunk* chunks, float* 
   float acc = 0.f;
   walk_chunk(
       r, c,
-      [&](int64_t i, bool written) {
+      [&](int64_t i, bool written, const RowWalk&) {
         if (!written) return;  // an unwritten row: zeros, not read (a group lies in one row)
         float g[8];
         ld8(r.g, r.g_bf16, i, g);
@@ -225,7 +243,7 @@ __global__ void scale_kernel(const TensorRef* refs, const Chunk* chunks, float f
   const TensorRef r = refs[c.tensor];
   walk_chunk(
       r, c,
-      [&](int64_t i, bool) {
+      [&](int64_t i, bool, const RowWalk&) {
         float g[8];
         ld8(r.g, r.g_bf16, i, g);
 #pragma unroll
@@ -259,6 +277,16 @@ Tables upload(const std::vector<TensorRef>& refs) {
   return out;
 }
 
+// Whether w * wd_mul, computed in F32 and stored in the weights' dtype, is w again for every w (NaN
+// payloads aside): with no decay; and for BF16 weights when |1 - wd_mul| <= 2^-10. A BF16 weight's
+// half-ulp is more than 2^-9 of its magnitude (subnormals included), the decay moves it by at most
+// 2^-10 of it, and the F32 product's own rounding is 2^-24: round to nearest gives w back. At fine-
+// tuning's learning rates (lr * weight_decay ~1e-7) a BF16 model's decay never changes a weight, in
+// torch as here; the short path then writes nothing for a group whose update is decay alone.
+bool decay_keeps_weights(float wd_mul, bool w_bf16) {
+  return wd_mul == 1.f || (w_bf16 && std::abs(1.f - wd_mul) <= 1.f / 1024.f);
+}
+
 // MOEFORGE_ADAMW_ZERO_SKIP=0: every group through the full update (the A/B of the short path).
 bool adamw_zero_skip_on() {
   static const bool on = [] {
@@ -276,7 +304,7 @@ std::vector<TensorRef> grad_refs(const std::vector<Tensor>& ts, const std::vecto
     const int64_t row_elems = flagged ? t.numel() / written_rows[i].numel() : 1;
     const bool vec_ok = reinterpret_cast<uintptr_t>(t.raw()) % 16 == 0 && (!flagged || row_elems % 8 == 0);
     refs.push_back({nullptr, t.raw(), nullptr, nullptr, nullptr, flagged ? written_rows[i].data<uint8_t>() : nullptr,
-                    row_elems, t.numel(), 1.f, 0, is_bf16(t, "gradient"), 0, static_cast<uint8_t>(vec_ok)});
+                    nullptr, row_elems, t.numel(), 1.f, 0, is_bf16(t, "gradient"), 0, static_cast<uint8_t>(vec_ok), 0});
   }
   return refs;
 }
@@ -307,10 +335,19 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& ts, const ops::AdamWSca
     auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
     const bool vec_ok = aligned(t.param.raw()) && aligned(t.grad.raw()) && aligned(t.exp_avg.raw()) &&
                         aligned(t.exp_avg_sq.raw()) && (!copy || aligned(copy)) && (!written || row_elems % 8 == 0);
-    refs.push_back({t.param.raw(), t.grad.raw(), t.exp_avg.raw(), t.exp_avg_sq.raw(), copy, written, row_elems, n,
-                    t.weight_decay_mul,
-                    is_bf16(t.param, "parameter"), is_bf16(t.grad, "gradient"), is_bf16(t.exp_avg, "exp_avg"),
-                    static_cast<uint8_t>(vec_ok)});
+    uint8_t* zero_moments = nullptr;
+    if (t.zero_moment_rows.defined()) {
+      const Tensor& z = t.zero_moment_rows;
+      MF_CHECK(written && z.dtype() == DType::U8 && z.numel() == t.grad_written_rows.numel() && z.device() == t.grad.device(),
+               "adamw: zero-moment row flags must be U8 on the gradient's device, one per written-row flag");
+      // Only the vector path keeps the flags; elsewhere they become unknown (0), which is always true.
+      if (vec_ok) zero_moments = const_cast<uint8_t*>(z.data<uint8_t>());
+      else MF_CUDA_CHECK(cudaMemsetAsync(const_cast<uint8_t*>(z.data<uint8_t>()), 0, static_cast<size_t>(z.numel()), current_stream()));
+    }
+    const bool w_bf16 = is_bf16(t.param, "parameter");
+    refs.push_back({t.param.raw(), t.grad.raw(), t.exp_avg.raw(), t.exp_avg_sq.raw(), copy, written, zero_moments, row_elems,
+                    n, t.weight_decay_mul, w_bf16, is_bf16(t.grad, "gradient"), is_bf16(t.exp_avg, "exp_avg"),
+                    static_cast<uint8_t>(vec_ok), static_cast<uint8_t>(!copy && decay_keeps_weights(t.weight_decay_mul, w_bf16))});
   }
   Tables tab = upload(refs);
   if (tab.n_chunks == 0) return;
