@@ -39,11 +39,15 @@ DeviceAdamW::DeviceAdamW(DeviceParams& params, train::AdamWOptions opts, Optimiz
   }
   moments_fresh_.assign(params.size(), true);
   zero_moment_rows_.resize(params.size());
+  loaded_zero_rows_.resize(params.size());
 }
 
 Tensor DeviceAdamW::zero_moment_flags(size_t i, const Tensor& written_rows) {
+  // What the moments were known to be before this update: taken up by it, or never.
   const bool fresh = moments_fresh_.at(i);
   moments_fresh_[i] = false;
+  const Tensor loaded = std::move(loaded_zero_rows_.at(i));
+  loaded_zero_rows_[i] = Tensor();
   Tensor& flags = zero_moment_rows_.at(i);
   if (!written_rows.defined() || (flags.defined() && flags.numel() != written_rows.numel())) {
     flags = Tensor();  // this update touches every row (or other rows): the flags end here
@@ -53,6 +57,8 @@ Tensor DeviceAdamW::zero_moment_flags(size_t i, const Tensor& written_rows) {
     Tensor ones = Tensor::empty({written_rows.numel()}, DType::U8);
     std::fill_n(ones.data<uint8_t>(), ones.numel(), uint8_t{1});
     flags = cuda::to_device(ones, DType::U8);
+  } else if (!flags.defined() && loaded.defined() && loaded.numel() == written_rows.numel()) {
+    flags = cuda::to_device(loaded, DType::U8);
   }
   return flags;
 }
@@ -83,8 +89,13 @@ void DeviceAdamW::load_moments(size_t i, const Tensor& exp_avg, const Tensor& ex
   };
   upload(exp_avg, exp_avg_.at(i));
   upload(exp_avg_sq, exp_avg_sq_.at(i));
-  moments_fresh_.at(i) = false;  // loaded values: no zero-moment flags for this parameter
+  // Loaded values: the rows whose moments are all +0, for the next update with row flags.
+  moments_fresh_.at(i) = false;
   zero_moment_rows_.at(i) = Tensor();
+  const Shape& shape = params_.shape(i);
+  loaded_zero_rows_.at(i) = split_[i] || shape.empty() || shape[0] < 1
+                                ? Tensor()
+                                : train::zero_moment_rows(exp_avg, exp_avg_sq, shape[0]);
 }
 
 void DeviceAdamW::step(double lr, float grad_scale) {

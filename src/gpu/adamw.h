@@ -14,8 +14,8 @@
 // weights, the embedding) gets per-row zero-moment flags when its first update finds its moments
 // as constructed (all +0), and the kernel keeps them (ops::AdamWTensors::zero_moment_rows): an
 // expert no token was ever routed to, or an embedding row of a token the data never held, then
-// costs its update no bytes. Moments loaded from a checkpoint, or an update without row flags,
-// end the parameter's flags for the run (they could no longer be trusted).
+// costs its update no bytes. Moments loaded from a checkpoint give flags from their values (rows
+// by the first dimension); an update without row flags ends the parameter's flags for the run.
 #pragma once
 #include <vector>
 
@@ -69,6 +69,9 @@ class DeviceAdamW {
   // its zero-moment row flags once an update with row flags has made them.
   std::vector<bool> moments_fresh_;
   std::vector<Tensor> zero_moment_rows_;
+  // Per parameter, after load_moments: its rows (first dimension) whose loaded moments are all +0,
+  // on the host, for the first update with row flags of that count to take up.
+  std::vector<Tensor> loaded_zero_rows_;
   int64_t step_ = 0;
   double lr_ = 0;
   ops::AdamWScalars scalars_{};

@@ -28,6 +28,25 @@ void AdamW::release_state() {
     for (Tensor& t : *list) t = Tensor();
 }
 
+Tensor zero_moment_rows(const Tensor& exp_avg, const Tensor& exp_avg_sq, int64_t rows) {
+  MF_CHECK(exp_avg.device().is_cpu() && exp_avg_sq.device().is_cpu() && exp_avg.numel() == exp_avg_sq.numel() &&
+               rows > 0 && exp_avg.numel() % rows == 0,
+           "internal: zero_moment_rows needs two host moments of one size, cut into whole rows");
+  const Tensor& a = exp_avg;
+  const Tensor& b = exp_avg_sq;
+  const size_t bytes_a = a.nbytes() / static_cast<size_t>(rows), bytes_b = b.nbytes() / static_cast<size_t>(rows);
+  const auto all_zero = [](const uint8_t* p, size_t n) {
+    for (size_t i = 0; i < n; ++i)
+      if (p[i]) return false;
+    return true;
+  };
+  Tensor out = Tensor::empty({rows}, DType::U8);
+  for (int64_t r = 0; r < rows; ++r)
+    out.data<uint8_t>()[r] = all_zero(static_cast<const uint8_t*>(a.raw()) + r * bytes_a, bytes_a) &&
+                             all_zero(static_cast<const uint8_t*>(b.raw()) + r * bytes_b, bytes_b);
+  return out;
+}
+
 ops::AdamWScalars adamw_scalars(const AdamWOptions& o, double lr, int64_t step) {
   // As torch (single-tensor path): fp32 tensors, python-float scalars.
   const double bc1 = 1.0 - std::pow(o.beta1, static_cast<double>(step));

@@ -59,6 +59,12 @@ class AdamW {
   ops::AdamWScalars scalars_{};
 };
 
+// Per row of a parameter's moments cut into `rows` equal rows (its first dimension, as gradient row
+// flags count them): 1 where every value of both moments is +0 (all bytes zero), else 0; U8
+// [rows] on the host. The GPU optimizer's zero-moment flags for moments loaded from a checkpoint
+// (gpu/adamw.h).
+Tensor zero_moment_rows(const Tensor& exp_avg, const Tensor& exp_avg_sq, int64_t rows);
+
 // Learning-rate schedules as Transformers' get_scheduler builds them: a linear warmup, then
 // constant, linear or cosine decay to min_lr_ratio, or warmup-stable-decay (wsd: the peak held
 // until the last decay_steps -- or decay_ratio of the steps -- which decay as decay_type).

@@ -244,6 +244,23 @@ TEST(Trainer, PackingRunsAndResumesExactly) {
   for (double l : straight.losses) EXPECT_TRUE(std::isfinite(l));
 }
 
+// The rows of loaded moments that are all +0 (the GPU optimizer's zero-moment flags after a
+// resume): a -0 or any value in either moment makes the row not zero; BF16 and F32 alike.
+TEST(Optimizer, ZeroMomentRowsAreRowsOfPositiveZeros) {
+  for (const DType dt : {DType::F32, DType::BF16}) {
+    Tensor m = Tensor::zeros({4, 3}, DType::F32), v = Tensor::zeros({4, 3}, DType::F32);
+    m.f32()[1 * 3 + 2] = -0.f;  // row 1: a negative zero
+    v.f32()[2 * 3 + 0] = 1e-30f;  // row 2: a value in the second moment
+    const Tensor rows = train::zero_moment_rows(m.to(dt), v.to(dt), 4);
+    ASSERT_EQ(rows.numel(), 4);
+    EXPECT_EQ(rows.data<uint8_t>()[0], 1);
+    EXPECT_EQ(rows.data<uint8_t>()[1], 0);
+    EXPECT_EQ(rows.data<uint8_t>()[2], 0);  // 1e-30 is a BF16 value too (F32's exponent range)
+    EXPECT_EQ(rows.data<uint8_t>()[3], 1);
+  }
+  EXPECT_THROW(train::zero_moment_rows(Tensor::zeros({6}, DType::F32), Tensor::zeros({6}, DType::F32), 4), Error);
+}
+
 TEST(Optimizer, SchedulesMatchTransformers) {
   train::ScheduleOptions s{"linear", 10, 0.0};
   EXPECT_DOUBLE_EQ(train::lr_multiplier(s, 0, 110), 0.0);
