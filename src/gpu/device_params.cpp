@@ -52,6 +52,7 @@ DeviceParams DeviceParams::random(const nn::ParamStore& shapes, Precision precis
 void DeviceParams::add_param_slot(bool decay, bool trainable, bool frozen) {
   grads_.emplace_back();
   written_rows_.emplace_back();
+  squares_.emplace_back();
   decay_.push_back(decay);
   trainable_.push_back(trainable);
   frozen_.push_back(frozen);
@@ -84,6 +85,7 @@ Tensor& DeviceParams::master(size_t i) {
 
 Tensor& DeviceParams::grad_for_write(size_t i, bool& accumulate) {
   zero_unwritten(i);  // a second contribution adds to every row
+  squares_.at(i) = Tensor();  // and changes the sum of squares
   Tensor& g = grads_.at(i);
   accumulate = g.defined();
   if (!g.defined()) {
@@ -119,6 +121,30 @@ Tensor* DeviceParams::written_rows(size_t i, int64_t rows) {
   if (!row_flags_enabled() || sharded(i) || rows < 1 || numel(i) % rows != 0) return nullptr;
   written_rows_[i] = cuda::empty({rows}, DType::U8, "a gradient's written-row flags");
   return &written_rows_[i];
+}
+
+namespace {
+// MOEFORGE_GRAD_SQUARES=0: the gradient norm reads every gradient, as before the partial squares;
+// for measuring them (`run.sh envab`).
+bool squares_enabled() {
+  static const bool yes = [] {
+    const char* v = std::getenv("MOEFORGE_GRAD_SQUARES");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  return yes;
+}
+}  // namespace
+
+Tensor* DeviceParams::squares_out(size_t i) {
+  MF_CHECK(grads_.at(i).defined() && !squares_.at(i).defined(),
+           "internal: partial squares asked for a gradient that was not just handed out for writing");
+  if (!squares_enabled() || sharded(i)) return nullptr;
+  return &squares_[i];
+}
+
+const Tensor* DeviceParams::grad_squares(size_t i) const {
+  const Tensor& s = squares_.at(i);
+  return s.defined() && grads_.at(i).defined() ? &s : nullptr;
 }
 
 void DeviceParams::zero_unwritten(size_t i) {
@@ -176,6 +202,7 @@ void DeviceParams::shard(const std::vector<parallel::Communicator*>& group_of) {
     if (!masters_.empty()) masters_[i] = Tensor();
     grads_[i] = Tensor();
     written_rows_[i] = Tensor();
+    squares_[i] = Tensor();
   }
   cuda::synchronize();
   cuda::empty_cache();
@@ -271,6 +298,7 @@ void DeviceParams::scatter_grads(const std::vector<size_t>& indices) {
       const size_t i = which[k];
       cuda::add_inplace(shard_grad(i), flat_block(whole[k], block(i)));
       grads_[i] = Tensor();
+      squares_[i] = Tensor();
     }
   }
 }
@@ -279,6 +307,7 @@ void DeviceParams::release_grads(const std::vector<size_t>& indices) {
   for (size_t i : indices) {
     grads_.at(i) = Tensor();
     written_rows_.at(i) = Tensor();
+    squares_.at(i) = Tensor();
     if (sharded(i)) shard_grads_.at(i) = Tensor();
   }
 }
@@ -287,7 +316,7 @@ void DeviceParams::release_grads(const std::vector<size_t>& indices) {
 // next step's first GEMM write them without a memset and without reading them (and between steps
 // the allocator can hand their memory to activations).
 void DeviceParams::zero_grad() {
-  for (auto* list : {&grads_, &shard_grads_, &written_rows_})
+  for (auto* list : {&grads_, &shard_grads_, &written_rows_, &squares_})
     for (Tensor& t : *list) t = Tensor();
 }
 

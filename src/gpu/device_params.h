@@ -42,6 +42,10 @@ class DeviceParams : public nn::ParamAccess {
   // Row flags for a gradient just handed out unzeroed (nn::ParamAccess::written_rows); null for a
   // ZeRO-3 parameter, rows that do not divide it, or under MOEFORGE_GRAD_ROW_FLAGS=0.
   Tensor* written_rows(size_t i, int64_t rows) override;
+  // Partial squares of a gradient just handed out unzeroed (nn::ParamAccess::squares_out); null
+  // for a ZeRO-3 sharded parameter or under MOEFORGE_GRAD_SQUARES=0 (the A/B switch).
+  Tensor* squares_out(size_t i) override;
+  const Tensor* grad_squares(size_t i) const override;
   // The gradient as its sites left it, for the optimizer: `written` gets its row flags (undefined:
   // every row written), and the unwritten rows are not zeroed. Never written: zeros, as grad().
   Tensor& grad_as_written(size_t i, Tensor& written) override;
@@ -100,6 +104,7 @@ class DeviceParams : public nn::ParamAccess {
   std::vector<Shape> shapes_;
   std::vector<Tensor> values_, grads_, masters_;
   std::vector<Tensor> written_rows_;  // per gradient: its row flags while some rows are unwritten
+  std::vector<Tensor> squares_;       // per gradient: partial sums of its squares, while they hold
   void zero_unwritten(size_t i);      // makes grads_[i] whole (its unwritten rows zeros)
   std::vector<bool> decay_, trainable_, frozen_;
   std::vector<parallel::Communicator*> group_of_;  // ZeRO-3: per parameter, its group (null: whole)

@@ -382,12 +382,14 @@ Tensor rows_of(const Tensor& whole, size_t chunks, const SparseMoE::Chunk& ch) {
 }
 
 // weight_grad for every expert's dW[e] (other chunks and micro-batches add to the first). The
-// first leaves experts without rows unwritten where the storage keeps row flags (one row per expert).
+// first leaves experts without rows unwritten where the storage keeps row flags (one row per expert),
+// and dW's sum of squares where the storage takes it (the norm then need not read dW).
 void expert_weight_grad(ParamAccess& ps, size_t weight, const Tensor& dy, const Tensor& x, const std::vector<int64_t>& off) {
   bool accumulate = true;
   Tensor& dw = ps.grad_for_write(weight, accumulate);
   Tensor* written = accumulate ? nullptr : ps.written_rows(weight, dw.size(0));
-  ops::grouped_linear_weight_grad(dy, x, off, dw, accumulate, written);
+  Tensor* squares = accumulate ? nullptr : ps.squares_out(weight);
+  ops::grouped_linear_weight_grad(dy, x, off, dw, accumulate, written, squares);
 }
 
 }  // namespace

@@ -37,6 +37,14 @@ class ParamAccess {
   // gradient (grad(), a later grad_for_write) zeroes them first. Null where the storage keeps
   // gradients whole: the site then writes every row, zeros included.
   virtual Tensor* written_rows(size_t /*i*/, int64_t /*rows*/) { return nullptr; }
+  // Also right after grad_for_write came back with accumulate false: where a site whose op can
+  // leave the gradient's sum of squares as partial sums on the way (the experts' weight-gradient
+  // kernel, from the accumulators it already holds) puts them, for the gradient norm to add up
+  // instead of reading the gradient again. Any later write to the gradient (grad(), another
+  // grad_for_write) drops them. Null where the storage keeps none.
+  virtual Tensor* squares_out(size_t /*i*/) { return nullptr; }
+  // Those partial sums while they still describe the gradient as it is; null otherwise.
+  virtual const Tensor* grad_squares(size_t /*i*/) const { return nullptr; }
   // The gradient as its sites left it, for readers that take row flags (the optimizer, the norm):
   // `written` gets its flags, undefined where every row was written (always, by default).
   virtual Tensor& grad_as_written(size_t i, Tensor& written) {

@@ -368,14 +368,16 @@ void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vec
 }
 
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate, Tensor* written_experts) {
+                                bool accumulate, Tensor* written_experts, Tensor* squares) {
+  MF_CHECK(!squares || !accumulate, "grouped_linear_weight_grad: partial squares only of a gradient written, not accumulated");
+  if (squares) *squares = Tensor();
   if (written_experts)
     MF_CHECK(!accumulate && written_experts->dtype() == DType::U8 && dw.dim() == 3 &&
                  written_experts->numel() == dw.size(0) && written_experts->device() == dw.device(),
              "grouped_linear_weight_grad: the written-experts flags must be U8 [E] beside dW, and only when it is "
              "written, not accumulated");
   MF_DISPATCH("grouped_linear_weight_grad", MF_T(dy, x, dw),
-              grouped_linear_weight_grad(dy, x, offsets, dw, accumulate, written_experts));
+              grouped_linear_weight_grad(dy, x, offsets, dw, accumulate, written_experts, squares));
 }
 
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets) {
@@ -523,15 +525,20 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
   cpu::adamw_multi_tensor(tensors, scalars);
 }
 
-double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows) {
-  [[maybe_unused]] const bool dev = list_on_device("global_grad_norm", grads);
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows,
+                        const std::vector<Tensor>& partial_squares) {
+  std::vector<Tensor> every = grads;
+  every.insert(every.end(), partial_squares.begin(), partial_squares.end());
+  [[maybe_unused]] const bool dev = list_on_device("global_grad_norm", every);
   MF_CHECK(written_rows.empty() || written_rows.size() == grads.size(), "global_grad_norm: ", written_rows.size(),
            " row-flag entries for ", grads.size(), " gradients");
   for (size_t i = 0; i < written_rows.size(); ++i) check_row_flags("global_grad_norm", grads[i], written_rows[i]);
+  for (const Tensor& s : partial_squares)
+    MF_CHECK(s.dtype() == DType::F32, "global_grad_norm: partial squares must be F32, got ", dtype_name(s.dtype()));
 #ifdef MOEFORGE_HAVE_CUDA
-  if (dev) return cuda::global_grad_norm(grads, written_rows);
+  if (dev) return cuda::global_grad_norm(grads, written_rows, partial_squares);
 #endif
-  return cpu::global_grad_norm(grads, written_rows);
+  return cpu::global_grad_norm(grads, written_rows, partial_squares);
 }
 
 void scale_inplace(const std::vector<Tensor>& tensors, float factor) {

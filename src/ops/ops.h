@@ -185,8 +185,11 @@ void zero_off_diagonal_blocks(Tensor& b, int64_t parts);
 // dW[e] (+)= dy[rows of e]^T x[rows of e]      dW [E,N,K] (F32 or the weights' dtype)
 // Not accumulating, experts without rows get zeros; with `written_experts` (U8 [E] on dW's device,
 // only when not accumulating) they are left unwritten instead and flagged 0, the others 1.
+// `squares` (only when not accumulating): set to F32 partial sums on dW's device whose total is dW's
+// sum of squares as stored, where the backend computes them on the way (the CUDA ragged kernel's
+// epilogue, the host per expert), else left undefined; the gradient norm then need not read dW.
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate, Tensor* written_experts = nullptr);
+                                bool accumulate, Tensor* written_experts = nullptr, Tensor* squares = nullptr);
 // y [rows, n] += bias [E, n] of each row's expert; db [E, n] += each expert's column sums of dy.
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets);
 void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db);
@@ -284,7 +287,10 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
 // sqrt of the sum of squares of every gradient (F64 across tensors); and every tensor scaled in place.
 // `written_rows`, when given, is one entry per gradient: its row flags (AdamWTensors::
 // grad_written_rows; rows flagged 0 count as zeros and are not read) or undefined (all written).
-double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows = {});
+// `partial_squares`: more gradients' sums of squares as partial sums (F32, grouped_linear_weight_grad's
+// `squares`), added as they are.
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows = {},
+                        const std::vector<Tensor>& partial_squares = {});
 void scale_inplace(const std::vector<Tensor>& tensors, float factor);
 
 }  // namespace moeforge::ops

@@ -18,8 +18,10 @@ std::vector<size_t> every_param(const nn::ParamAccess& ps) {
   return idx;
 }
 
-double squared(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows) {
-  const double n = ops::global_grad_norm(grads, written_rows);
+double squared(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows,
+               const std::vector<Tensor>& partial_squares = {}) {
+  if (grads.empty() && partial_squares.empty()) return 0.0;
+  const double n = ops::global_grad_norm(grads, written_rows, partial_squares);
   return n * n;
 }
 
@@ -53,7 +55,7 @@ void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>
     return group.size() > 1;
   };
   const bool sum_dense = summed(false), sum_experts = summed(true);
-  std::vector<Tensor> dense, experts, blocks, dense_rows, expert_rows;
+  std::vector<Tensor> dense, experts, blocks, dense_rows, expert_rows, dense_squares, expert_squares;
   for (const size_t i : idx) {
     if (!ps.trainable(i)) continue;
     if (Tensor* b = ps.block_grad(i)) {
@@ -61,10 +63,18 @@ void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>
       continue;
     }
     const bool expert = g && g->expert_sharded.at(i);
+    const bool sum = expert ? sum_experts : sum_dense;
+    // A gradient whose writer left its sum of squares (and that no collective will change) is not
+    // read again for the norm.
+    if (sq && !sum)
+      if (const Tensor* s = ps.grad_squares(i)) {
+        (expert ? expert_squares : dense_squares).push_back(*s);
+        continue;
+      }
     std::vector<Tensor>& list = expert ? experts : dense;
     std::vector<Tensor>& rows = expert ? expert_rows : dense_rows;
     Tensor written;
-    list.push_back((expert ? sum_experts : sum_dense) ? ps.grad(i) : ps.grad_as_written(i, written));
+    list.push_back(sum ? ps.grad(i) : ps.grad_as_written(i, written));
     rows.push_back(written);
   }
   if (g) {
@@ -79,8 +89,8 @@ void sum_gradients(RankGroups* g, nn::ParamAccess& ps, const std::vector<size_t>
     }
   }
   if (!sq) return;
-  sq->dense += squared(dense, dense_rows);
-  sq->experts += squared(experts, expert_rows);
+  sq->dense += squared(dense, dense_rows, dense_squares);
+  sq->experts += squared(experts, expert_rows, expert_squares);
   sq->blocks += squared(blocks, {});
 }
 

@@ -1164,6 +1164,29 @@ void grouped_case(DType dt, DType dw_dtype, const std::vector<int64_t>& off, Gro
   }
   cuda::zero_unwritten_rows(dw_flagged, written);
   expect_close(dw_flagged, dw_want, tw, "grouped weight grad, empty experts flagged then zeroed " + kind);
+  // Asked for partial squares, the ragged kernel takes every written gradient (equal experts too)
+  // and leaves them; their total is dW's sum of squares as stored (the unwritten experts' poison
+  // not counted). Other paths leave none.
+  Tensor dw_sq = cuda::empty({e, n, k}, dw_dtype), written_sq = cuda::empty({e}, DType::U8), squares;
+  cuda::poison(dw_sq);
+  squares = cuda::empty({3}, DType::F32);  // whatever the caller held is replaced
+  cuda::grouped_linear_weight_grad(dyd, xd, off, dw_sq, /*accumulate=*/false, &written_sq, &squares);
+  const std::string sq_path = ragged_weight_grad_path(dt);
+  if (!sq_path.empty()) {
+    EXPECT_EQ(cuda::last_grouped_gemm_path(), sq_path) << "weight grad with partial squares " << kind;
+    ASSERT_TRUE(squares.defined()) << kind;
+    const Tensor stored = cuda::to_host_f32(dw_sq), partial = cuda::to_host_f32(squares);
+    double want = 0, got_sum = 0;
+    for (int64_t i = 0; i < e; ++i)
+      if (off[i + 1] > off[i])
+        for (int64_t j = i * n * k; j < (i + 1) * n * k; ++j) want += static_cast<double>(stored.f32()[j]) * stored.f32()[j];
+    for (int64_t j = 0; j < partial.numel(); ++j) got_sum += partial.f32()[j];
+    EXPECT_NEAR(got_sum, want, 1e-5 * want + 1e-30) << "partial squares " << kind;
+    cuda::zero_unwritten_rows(dw_sq, written_sq);
+    expect_close(dw_sq, dw_want, tw, "the gradient written beside its partial squares " + kind);
+  } else {
+    EXPECT_FALSE(squares.defined()) << "partial squares off the ragged kernel " << kind;
+  }
 }
 
 TEST_P(CudaOps, RoutingPermuteUnpermuteAndBackward) {

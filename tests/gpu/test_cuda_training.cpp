@@ -18,6 +18,7 @@
 #include "ops/cuda/runtime.h"
 #include "ops/ops.h"
 #include "test_util.h"
+#include "train/gradients.h"
 #include "train/trainer.h"
 
 using namespace moeforge;
@@ -433,6 +434,54 @@ TEST_P(CudaTrainingPolicies, OptimizerInBackwardMatchesStepAfterBackward) {
   b->params().copy_to_host(mb.model->params());
   const auto [noisy_total, total] = test::weights_match(mb.model->params().all(), ma.model->params().all(), noisy, 2 * 3 * 1e-3 / (1 - 0.9));
   EXPECT_LT(noisy_total, total / 100);
+}
+
+// The gradient norm as `train` takes it (train::sum_gradients, which adds the experts' partial
+// squares left by their weight-gradient kernel instead of reading those gradients) against every
+// gradient read (ops::global_grad_norm over all of them), BF16, where the ragged kernel runs (a
+// build with CUTLASS on sm_90: then at least one gradient must have come with partial squares). Both
+// sum F32 partials in F64, in other groupings: 1e-5 relative. Then a second backward that adds to
+// the gradients must drop the squares (they described the first backward's gradient alone).
+TEST_P(CudaTrainingPolicies, GradientNormFromPartialSquaresEqualsReadingEveryGradient) {
+  REQUIRE_GPU();
+  const std::string dir = test::fixture(GetParam());
+  auto ref = hf::SafetensorsFile::open(dir + "/reference.safetensors");
+  Tensor ids = ref.get("input_ids").clone(), labels = ref.get("labels").clone();
+  auto m = models::from_pretrained(dir);
+  auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::BF16));
+  gpu::DeviceParams& ps = gm->params();
+  std::vector<size_t> every;
+  for (size_t i = 0; i < ps.size(); ++i)
+    if (ps.trainable(i)) every.push_back(i);
+  const auto norms = [&](int* with_squares) {
+    *with_squares = 0;
+    for (size_t i : every) *with_squares += ps.grad_squares(i) != nullptr;
+    train::GradSquares sq;
+    train::sum_gradients(nullptr, ps, every, &sq);
+    const double from_squares = train::whole_norm(nullptr, sq);
+    std::vector<Tensor> grads, rows;
+    for (size_t i : every) {
+      Tensor written;
+      grads.push_back(ps.grad_as_written(i, written));
+      rows.push_back(written);
+    }
+    return std::pair{from_squares, ops::global_grad_norm(grads, rows)};
+  };
+  gm->forward_backward({ids, &labels}, test::step_options(*m.model, labels, false));
+  int with_squares = 0;
+  const auto [once_squares, once_read] = norms(&with_squares);
+  EXPECT_NEAR(once_squares, once_read, 1e-5 * once_read) << "first backward";
+#ifdef MOEFORGE_HAVE_CUTLASS
+  // The test machines are H100s and H200s (sm_90), where BF16 experts take the ragged kernel.
+  if (m.model->config().num_experts > 0) EXPECT_GT(with_squares, 0) << "no expert gradient came with partial squares";
+#endif
+  std::printf("  [%s] %d of %zu gradients with partial squares; norm %.6g (read: %.6g)\n", GetParam(), with_squares,
+              every.size(), once_squares, once_read);
+  gm->forward_backward({ids, &labels}, test::step_options(*m.model, labels, false));
+  const auto [twice_squares, twice_read] = norms(&with_squares);
+  EXPECT_EQ(with_squares, 0) << "a gradient added to kept the first backward's partial squares";
+  EXPECT_NEAR(twice_squares, twice_read, 1e-5 * twice_read) << "second backward";
+  EXPECT_NEAR(twice_read, 2 * once_read, 1e-2 * once_read) << "the second backward adds the same gradients";
 }
 
 INSTANTIATE_TEST_SUITE_P(Qwen3Moe, CudaTrainingPolicies, ::testing::Values("qwen3_moe_a", "qwen3_moe_b", "qwen3_moe_aux"));

@@ -171,6 +171,40 @@ TEST(Ops, AdamwZeroMomentRowsClearedWhereWritten) {
   EXPECT_THROW(ops::adamw_multi_tensor({bad}, sc), Error);  // 6 row flags against 4
 }
 
+// The experts' weight gradient written with its partial squares: their total is dW's sum of squares
+// as stored (rounded to BF16 where dW is BF16), experts without rows counting as zeros whatever dW
+// held there (with row flags they keep it); and the norm adds them as they are. Not when adding to
+// a gradient (the squares would describe only the part added).
+TEST(Ops, GroupedWeightGradPartialSquaresAddUpToTheStoredGradient) {
+  const std::vector<int64_t> off = {0, 3, 3, 8, 9, 9, 13};
+  const int64_t e = 6, n = 5, k = 7;
+  const Tensor dy = random_tensor({13, n}, 31), x = random_tensor({13, k}, 32);
+  for (DType dt : {DType::F32, DType::BF16})
+    for (bool flags : {false, true}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + (flags ? " with row flags" : ""));
+      Tensor dw = Tensor::from_vector(std::vector<float>(e * n * k, 5.f), {e, n, k}, dt), written = Tensor::empty({e}, DType::U8), squares;
+      ops::grouped_linear_weight_grad(dy, x, off, dw, /*accumulate=*/false, flags ? &written : nullptr, &squares);
+      ASSERT_TRUE(squares.defined());
+      EXPECT_EQ(squares.dtype(), DType::F32);
+      const Tensor stored = dw.to(DType::F32);
+      double want = 0, got = 0;
+      for (int64_t i = 0; i < e; ++i)
+        if (off[i + 1] > off[i])
+          for (int64_t j = i * n * k; j < (i + 1) * n * k; ++j) want += static_cast<double>(stored.f32()[j]) * stored.f32()[j];
+      for (int64_t j = 0; j < squares.numel(); ++j) got += squares.f32()[j];
+      EXPECT_NEAR(got, want, 1e-6 * want);
+      // The norm of the gradient read (its unwritten rows as zeros) and of its partial squares agree.
+      const double read = flags ? ops::global_grad_norm({dw}, {written}) : ops::global_grad_norm({dw});
+      EXPECT_NEAR(ops::global_grad_norm({}, {}, {squares}), read, 1e-6 * read);
+      // Both kinds in one call add up.
+      EXPECT_NEAR(ops::global_grad_norm({dw}, flags ? std::vector<Tensor>{written} : std::vector<Tensor>{}, {squares}),
+                  std::sqrt(2.0) * read, 1e-6 * read);
+    }
+  Tensor dw = Tensor::zeros({e, n, k}, DType::F32), squares;
+  EXPECT_THROW(ops::grouped_linear_weight_grad(dy, x, off, dw, /*accumulate=*/true, nullptr, &squares), Error);
+  EXPECT_THROW(ops::global_grad_norm({}, {}, {Tensor::zeros({2}, DType::BF16)}), Error);  // partial squares are F32
+}
+
 TEST(Ops, SwigluAndEmbedding) {
   Tensor gu = Tensor::from_vector({1, -2, 3, 4}, {1, 4});
   Tensor y = ops::swiglu(gu);

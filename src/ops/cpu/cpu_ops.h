@@ -82,7 +82,7 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
 void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y);
 void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& dx);
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate, Tensor* written_experts = nullptr);
+                                bool accumulate, Tensor* written_experts = nullptr, Tensor* squares = nullptr);
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets);
 void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db);
 RoutingPlan plan_routing(const Tensor& expert_indices, int64_t num_experts);
@@ -95,7 +95,8 @@ Tensor gather_rows(const Tensor& in, const Tensor& index);
 
 // Optimizer (ops/cpu/optimizer.cpp).
 void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWScalars& scalars);
-double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows = {});
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows = {},
+                        const std::vector<Tensor>& partial_squares = {});
 void scale_inplace(const std::vector<Tensor>& tensors, float factor);
 
 

@@ -53,8 +53,26 @@ void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vec
   });
 }
 
+namespace {
+
+// Per expert, the sum of squares of dW[e] as stored (experts without rows are zeros: 0).
+Tensor expert_squares(const Tensor& dw) {
+  const Tensor stored = as_f32(dw);
+  const int64_t experts = dw.size(0), per = dw.size(1) * dw.size(2);
+  Tensor out = Tensor::empty({experts}, DType::F32);
+  for (int64_t e = 0; e < experts; ++e) {
+    const float* p = stored.f32() + e * per;
+    double ss = 0;
+    for (int64_t i = 0; i < per; ++i) ss += static_cast<double>(p[i]) * p[i];
+    out.f32()[e] = static_cast<float>(ss);
+  }
+  return out;
+}
+
+}  // namespace
+
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate, Tensor* written_experts) {
+                                bool accumulate, Tensor* written_experts, Tensor* squares) {
   MF_CHECK(dy.dim() == 2 && x.dim() == 2 && dw.dim() == 3, "grouped_linear_weight_grad: expected dW [E,N,K]");
   MF_CHECK(dy.size(1) == dw.size(1) && x.size(0) == dy.size(0) && x.size(1) == dw.size(2),
            "grouped_linear_weight_grad: shapes");
@@ -74,9 +92,16 @@ void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::ve
         convert_elements(acc.f32() + e * per, DType::F32, static_cast<char*>(dw.raw()) + e * per * dtype_size(dw.dtype()),
                          dw.dtype(), per);
     }
-    return;
+  } else if (acc.raw() != dw.raw()) {
+    convert_elements(acc.raw(), DType::F32, dw.raw(), dw.dtype(), dw.numel());
   }
-  if (acc.raw() != dw.raw()) convert_elements(acc.raw(), DType::F32, dw.raw(), dw.dtype(), dw.numel());
+  if (squares) {
+    // Unwritten experts' rows count as zeros, whatever dW holds there.
+    Tensor sq = expert_squares(dw);
+    for (int64_t e = 0; e < dw.size(0); ++e)
+      if (offsets[e + 1] == offsets[e]) sq.f32()[e] = 0.f;
+    *squares = sq;
+  }
 }
 
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets) {

@@ -54,8 +54,11 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const AdamWSca
   }
 }
 
-double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows) {
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows,
+                        const std::vector<Tensor>& partial_squares) {
   double ss = 0;
+  for (const Tensor& s : partial_squares)
+    for (int64_t i = 0; i < s.numel(); ++i) ss += s.f32()[i];
   for (size_t t = 0; t < grads.size(); ++t) {
     const Tensor f = as_f32(grads[t]);
     const float* p = f.f32();

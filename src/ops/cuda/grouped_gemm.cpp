@@ -10,6 +10,7 @@
 // accumulating, or left unwritten and flagged 0 when the caller keeps row flags.
 #include <cublas_v2.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -239,7 +240,8 @@ void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vec
 }
 
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate, Tensor* written_experts) {
+                                bool accumulate, Tensor* written_experts, Tensor* squares) {
+  if (squares) *squares = Tensor();  // set below only where the ragged kernel computes them
   const int64_t e = dw.shape()[0], n = dw.shape()[1], k = dw.shape()[2], rows = dy.shape()[0];
   check_offsets(offsets, e, rows, "grouped_linear_weight_grad");
   MF_CHECK(dy.shape()[1] == n && x.shape()[0] == rows && x.shape()[1] == k, "grouped_linear_weight_grad: shapes");
@@ -264,13 +266,22 @@ void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::ve
     zero_blocks(dw.raw(), n * k * static_cast<int64_t>(dtype_size(dw.dtype())), empty_experts);
   }
   // Written gradients of ragged BF16 experts on Hopper: one ragged-K launch over all experts' rows
-  // (docs/perf-notes.md, session 20). Equal experts keep cuBLAS's strided batch, 5% faster there.
-  if (!accumulate && forced_mode().empty() && !(equal_experts(offsets) && ps.size() >= 2)) {
-    const cutlass_grouped::RaggedWeightGradArgs ragged{dy.raw(), n, x.raw(), k, dw.raw(), rows, n, k, offsets};
+  // (docs/perf-notes.md, session 20). Equal experts keep cuBLAS's strided batch, 5% faster there,
+  // unless the caller wants the partial squares, which only the ragged kernel leaves (the norm's
+  // read of dW it saves is ~10x those 5%: session 27).
+  if (!accumulate && forced_mode().empty() && !(equal_experts(offsets) && ps.size() >= 2 && !squares)) {
+    cutlass_grouped::RaggedWeightGradArgs ragged{dy.raw(), n, x.raw(), k, dw.raw(), rows, n, k, offsets};
     // The kernel reads dy and x in one dtype (F32 stands for "mixed": not taken).
     const DType operands = dy.dtype() == x.dtype() ? dy.dtype() : DType::F32;
     if (cutlass_grouped::ragged_weight_grad_usable(ragged, operands, dw.dtype())) {
       g_last_path = "cutlass-ragged";
+      if (squares) {
+        // Every tile writes its slots; no rows at all leaves one zero.
+        const int64_t slots = cutlass_grouped::ragged_weight_grad_square_slots(ragged);
+        *squares = empty({std::max<int64_t>(slots, 1)}, DType::F32, "a weight gradient's partial squares");
+        if (slots == 0) zero(*squares);
+        ragged.squares = squares->data<float>();
+      }
       return cutlass_grouped::ragged_weight_grad(ragged, dw.dtype());
     }
   }

@@ -111,7 +111,8 @@ double fused_linear_cross_entropy(const Tensor& hidden, const Tensor& weight, co
 // AdamW on a BF16 model); F32 masters with a BF16 working copy refreshed in the same pass are
 // `bf16-mixed`. The grad norm accumulates in F32 per block and F64 across blocks.
 void adamw_multi_tensor(const std::vector<AdamWTensors>& tensors, const ops::AdamWScalars& scalars);
-double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows = {});
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows = {},
+                        const std::vector<Tensor>& partial_squares = {});
 void scale_inplace(const std::vector<Tensor>& tensors, float factor);
 
 // Mixture-of-experts token flow: a deterministic plan (rows grouped by expert, in token order
@@ -119,7 +120,7 @@ void scale_inplace(const std::vector<Tensor>& tensors, float factor);
 void grouped_linear(const Tensor& x, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& y);
 void grouped_linear_input_grad(const Tensor& dy, const Tensor& w, const std::vector<int64_t>& offsets, Tensor& dx);
 void grouped_linear_weight_grad(const Tensor& dy, const Tensor& x, const std::vector<int64_t>& offsets, Tensor& dw,
-                                bool accumulate, Tensor* written_experts = nullptr);
+                                bool accumulate, Tensor* written_experts = nullptr, Tensor* squares = nullptr);
 void grouped_add_bias(Tensor& y, const Tensor& bias, const std::vector<int64_t>& offsets);
 void grouped_bias_grad(const Tensor& dy, const std::vector<int64_t>& offsets, Tensor& db);
 // Which path the last grouped GEMM took: "strided" (equal experts), "cutlass" (ragged BF16 on

@@ -41,6 +41,7 @@ struct TensorRef {
   uint8_t w_bf16, g_bf16, mv_bf16;
   uint8_t vec_ok;  // every pointer 16-byte aligned: groups of 8 elements move as 16-byte vectors
   uint8_t decay_keeps_w;  // w * wd_mul stores w again (see decay_keeps_weights): the decay needs no write
+  uint8_t presquared;     // the gradient norm's: g holds F32 partial sums of squares, added as they are
 };
 struct Chunk {
   int32_t tensor;
@@ -227,12 +228,12 @@ __global__ void sumsq_kernel(const TensorRef* refs, const Chunk* chunks, float* 
         float g[8];
         ld8(r.g, r.g_bf16, i, g);
 #pragma unroll
-        for (int k = 0; k < 8; ++k) acc += g[k] * g[k];
+        for (int k = 0; k < 8; ++k) acc += r.presquared ? g[k] : g[k] * g[k];
       },
       [&](int64_t i, bool written) {
         if (!written) return;
         const float g = ld(r.g, r.g_bf16, i);
-        acc += g * g;
+        acc += r.presquared ? g : g * g;
       });
   acc = block_sum(acc);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
@@ -359,8 +360,14 @@ void adamw_multi_tensor(const std::vector<AdamWTensors>& ts, const ops::AdamWSca
   // source is read) and their device blocks are reused only by later work on the same stream.
 }
 
-double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows) {
-  Tables tab = upload(grad_refs(grads, written_rows));
+double global_grad_norm(const std::vector<Tensor>& grads, const std::vector<Tensor>& written_rows,
+                        const std::vector<Tensor>& partial_squares) {
+  std::vector<TensorRef> refs = grad_refs(grads, written_rows);
+  for (TensorRef& r : grad_refs(partial_squares)) {
+    r.presquared = 1;
+    refs.push_back(r);
+  }
+  Tables tab = upload(refs);
   if (tab.n_chunks == 0) return 0.0;
   Tensor partial = empty({tab.n_chunks}, DType::F32, "grad-norm partial sums");
   sumsq_kernel<<<tab.n_chunks, kThreads, 0, current_stream()>>>(static_cast<const TensorRef*>(tab.refs.raw()),

@@ -79,12 +79,20 @@ bool ragged_weight_grad_usable(const RaggedWeightGradArgs& a, DType ab, DType dw
   if (a.offsets.size() < 2 || a.rows < 1 || a.rows > INT32_MAX || a.n < 1 || a.n > INT32_MAX || a.k < 1 || a.k > INT32_MAX)
     return false;
   // One launch's tiles (128 x 256 per expert's dW) are counted in 32 bits.
-  const int64_t tiles = (a.n + 127) / 128 * ((a.k + 255) / 256) * static_cast<int64_t>(a.offsets.size() - 1);
+  const int64_t tiles = (a.n + kRaggedTileM - 1) / kRaggedTileM * ((a.k + kRaggedTileN - 1) / kRaggedTileN) *
+                        static_cast<int64_t>(a.offsets.size() - 1);
   if (tiles > INT32_MAX) return false;
   const int64_t esize_dw = dw == DType::F32 ? 4 : 2;
   if (!aligned16(a.dy) || !aligned16(a.x) || !aligned16(a.dw)) return false;
   return (a.ld_dy * 2) % 16 == 0 && (a.ld_x * 2) % 16 == 0 && (a.k * esize_dw) % 16 == 0 && (a.n * 2) % 16 == 0 &&
          (a.k * 2) % 16 == 0;
+}
+
+int64_t ragged_weight_grad_square_slots(const RaggedWeightGradArgs& a) {
+  int64_t experts_with_rows = 0;
+  for (size_t e = 0; e + 1 < a.offsets.size(); ++e) experts_with_rows += a.offsets[e + 1] > a.offsets[e];
+  return (a.n + kRaggedTileM - 1) / kRaggedTileM * ((a.k + kRaggedTileN - 1) / kRaggedTileN) * experts_with_rows *
+         kRaggedSquaresPerTile;
 }
 
 void ragged_weight_grad(const RaggedWeightGradArgs& a, DType dw) {

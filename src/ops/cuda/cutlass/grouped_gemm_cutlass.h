@@ -4,6 +4,7 @@
 // cuBLAS's grouped call, which it replaces there, ran native routing's skewed groups at 137-258
 // TFLOP/s (docs/perf-notes.md).
 #pragma once
+#include <cstdint>
 #include <vector>
 
 #include "core/dtype.h"
@@ -33,7 +34,16 @@ struct RaggedWeightGradArgs {
   void* dw;        // experts x n x k, contiguous
   int64_t rows, n, k;
   std::vector<int64_t> offsets;  // experts + 1, from 0 to rows
+  // Optional, ragged_weight_grad_square_slots(*this) floats: partial sums of the squares of dW as
+  // stored (rounded to its dtype), which add up to its sum of squares. Computed from the
+  // accumulators each tile already holds, so the gradient norm need not read dW again
+  // (docs/perf-notes.md, session 27). Experts without rows add nothing (their dW is zeros).
+  float* squares = nullptr;
 };
+
+// Tiles of dW are 128 x 256 per expert with rows; each tile leaves one partial sum per consumer warp.
+constexpr int kRaggedTileM = 128, kRaggedTileN = 256, kRaggedSquaresPerTile = 8;
+int64_t ragged_weight_grad_square_slots(const RaggedWeightGradArgs& a);
 
 // Whether ragged_weight_grad takes these: the build has CUTLASS, the device is sm_90, dY and X
 // are BF16, dW BF16 or F32, every pointer and stride 16-byte aligned, 1 <= rows < 2^31, and

@@ -10,6 +10,7 @@ void run(const std::vector<GroupedProduct>&, DType, DType, float) {
 }
 
 bool ragged_weight_grad_usable(const RaggedWeightGradArgs&, DType, DType) { return false; }
+int64_t ragged_weight_grad_square_slots(const RaggedWeightGradArgs&) { return 0; }
 void ragged_weight_grad(const RaggedWeightGradArgs&, DType) {
   MF_THROW("this moeforge was built without CUTLASS (scripts/install-cutlass.sh)");
 }

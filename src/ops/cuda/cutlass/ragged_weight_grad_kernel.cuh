@@ -15,6 +15,8 @@
 // descriptors, the TMA epilogue); the kernel body (roles, the producer's loads from each expert's
 // first row, persistent CTAs taking tiles longest expert first from a counter, the masked consumer
 // loop) is ours. Overwrites dW (beta = 0); accumulating into a gradient keeps the grouped path.
+// Optionally each tile also leaves dW's sum of squares in partial sums (RaggedWeightGradArgs::
+// squares), from the accumulators as the epilogue rounds them, for the gradient norm.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -56,7 +58,7 @@ struct RaggedWeightGrad {
   using ElementAB = cutlass::bfloat16_t;
   using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
   using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
-  static constexpr int kTileM = 128, kTileN = 256, kTileK = 64;
+  static constexpr int kTileM = kRaggedTileM, kTileN = kRaggedTileN, kTileK = 64;
   static constexpr int kAlignAB = 8;  // 16 bytes of BF16
   static constexpr int kAlignD = 16 / static_cast<int>(sizeof(ElementD));
 
@@ -102,6 +104,7 @@ struct RaggedWeightGrad {
     typename Mainloop::Params mainloop;
     typename Epilogue::Params epilogue;
     const ExpertRowSpan* spans;
+    float* squares;  // null, or kRaggedSquaresPerTile partial sums per tile
     int* next_tile;  // zero at launch; tiles after the first gridDim.x are taken from it
     int m, n, rows, experts;
     int spans_count;  // experts with rows
@@ -221,6 +224,26 @@ struct RaggedWeightGrad {
     pipeline.consumer_release(release);
   }
 
+  // This tile's share of dW's sum of squares: each consumer warp squares its threads' accumulators as
+  // the epilogue stores them (rounded to ElementD by the same cvt.rn) and leaves one partial sum
+  // (fixed order: the same bits every run). Positions past dW's n rows or k columns hold zeros (TMA
+  // fills what lies outside dY and X with zeros, and rows of other experts are masked), so the
+  // tile's sum is its stored elements'. The accumulators are only read: the epilogue follows.
+  template <class Accum>
+  static __device__ void store_squares(float* squares, int tile, const Accum& accum, int mma_thread_idx) {
+    static_assert(kMmaThreads / cutlass::NumThreadsPerWarp == kRaggedSquaresPerTile, "one partial per consumer warp");
+    float s = 0.f;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < cute::size(accum); ++i) {
+      const float v = static_cast<float>(ElementD(accum(i)));
+      s += v * v;
+    }
+    CUTLASS_PRAGMA_UNROLL
+    for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffff, s, offset);
+    if (mma_thread_idx % cutlass::NumThreadsPerWarp == 0)
+      squares[static_cast<int64_t>(tile) * kRaggedSquaresPerTile + mma_thread_idx / cutlass::NumThreadsPerWarp] = s;
+  }
+
   static __device__ void device(const Params& params, char* smem_buf) {
     using namespace cute;
     SharedStorage& smem = *reinterpret_cast<SharedStorage*>(smem_buf);
@@ -304,6 +327,7 @@ struct RaggedWeightGrad {
       const ExpertRowSpan span = tile_of(t, m_blk, n_blk);
       auto accum = partition_fragment_C(tiled_mma, take<0, 2>(TileShape{}));
       mma(pipeline, read, accum, span, mma_thread_idx, smem.tensors.mainloop);
+      if (params.squares) store_squares(params.squares, t, accum, mma_thread_idx);
       auto [load_next, store_next] =
           epilogue.store(epi_load, epi_load_state, epi_store, epi_store_state, epilogue_shape, TileShape{},
                          make_coord(m_blk, n_blk, _, span.expert), accum, tiled_mma, mma_thread_idx, smem.tensors.epilogue);
@@ -361,6 +385,7 @@ struct RaggedWeightGrad {
     p.epilogue = Epilogue::to_underlying_arguments(epilogue_shape, ep, nullptr);
     p.next_tile = static_cast<int*>(dev.raw());
     p.spans = reinterpret_cast<const ExpertRowSpan*>(static_cast<unsigned char*>(dev.raw()) + 16);
+    p.squares = a.squares;
     p.m = m;
     p.n = n;
     p.rows = rows;
@@ -369,6 +394,8 @@ struct RaggedWeightGrad {
     p.m_tiles = (m + kTileM - 1) / kTileM;
     p.n_tiles = (n + kTileN - 1) / kTileN;
     const int tiles = p.m_tiles * p.n_tiles * p.spans_count;
+    MF_CHECK(!a.squares || ragged_weight_grad_square_slots(a) == static_cast<int64_t>(tiles) * kRaggedSquaresPerTile,
+             "internal: ragged weight gradient: square slots and tiles disagree");
     const int grid = std::min(tiles, cuda::sm_count());
     launch(p, grid);
     MF_CUDA_CHECK_LAUNCH("the ragged weight-gradient kernel");
