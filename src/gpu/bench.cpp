@@ -79,6 +79,7 @@ BenchResult run_bench(const hf::ModelConfig& cfg, const BenchOptions& o, void (*
                              : 0.02f;
   const models::Parallel par = groups ? groups->device_parallel() : models::Parallel{};
   DeviceParams device = DeviceParams::random(model->params(), o.precision, init_std, o.seed);
+  device.keep_squares(!o.optimizer_in_backward && o.max_grad_norm > 0);  // only that step takes the norm
   MF_CHECK(o.zero_stage == 1 || o.zero_stage == 3, "bench: --zero-stage must be 1 or 3, got ", o.zero_stage);
   const std::vector<parallel::Communicator*> copy_group =
       groups ? groups->device_copy_groups() : std::vector<parallel::Communicator*>{};

@@ -138,7 +138,7 @@ bool squares_enabled() {
 Tensor* DeviceParams::squares_out(size_t i) {
   MF_CHECK(grads_.at(i).defined() && !squares_.at(i).defined(),
            "internal: partial squares asked for a gradient that was not just handed out for writing");
-  if (!squares_enabled() || sharded(i)) return nullptr;
+  if (!keep_squares_ || !squares_enabled() || sharded(i)) return nullptr;
   return &squares_[i];
 }
 

@@ -43,8 +43,13 @@ class DeviceParams : public nn::ParamAccess {
   // ZeRO-3 parameter, rows that do not divide it, or under MOEFORGE_GRAD_ROW_FLAGS=0.
   Tensor* written_rows(size_t i, int64_t rows) override;
   // Partial squares of a gradient just handed out unzeroed (nn::ParamAccess::squares_out); null
-  // for a ZeRO-3 sharded parameter or under MOEFORGE_GRAD_SQUARES=0 (the A/B switch).
+  // unless keep_squares(true), for a ZeRO-3 sharded parameter, or under MOEFORGE_GRAD_SQUARES=0
+  // (the A/B switch).
   Tensor* squares_out(size_t i) override;
+  // Whether the steps' gradients will have their norm taken (train: always, for the log and
+  // clipping; the bench: with --max-grad-norm). Off, the kernels leave no partial squares: they
+  // cost ~1% of a q30-L4 step that takes no norm (docs/perf-notes.md, session 27).
+  void keep_squares(bool on) { keep_squares_ = on; }
   const Tensor* grad_squares(size_t i) const override;
   // The gradient as its sites left it, for the optimizer: `written` gets its row flags (undefined:
   // every row written), and the unwritten rows are not zeroed. Never written: zeros, as grad().
@@ -105,6 +110,7 @@ class DeviceParams : public nn::ParamAccess {
   std::vector<Tensor> values_, grads_, masters_;
   std::vector<Tensor> written_rows_;  // per gradient: its row flags while some rows are unwritten
   std::vector<Tensor> squares_;       // per gradient: partial sums of its squares, while they hold
+  bool keep_squares_ = false;
   void zero_unwritten(size_t i);      // makes grads_[i] whole (its unwritten rows zeros)
   std::vector<bool> decay_, trainable_, frozen_;
   std::vector<parallel::Communicator*> group_of_;  // ZeRO-3: per parameter, its group (null: whole)

@@ -33,6 +33,7 @@ class GpuBackend : public StepBackend {
     for (size_t i = 0; i < params_.size(); ++i)
       if (host_opt.exp_avg(i).defined()) opt_.load_moments(i, host_opt.exp_avg(i), host_opt.exp_avg_sq(i));
     opt_.set_steps(host_opt.steps());
+    params_.keep_squares(true);  // every step takes the norm (logged; clipping): experts' need no second read
     release_host_copies();  // the device holds the state now
   }
   void release_host_copies() override {

@@ -450,6 +450,7 @@ TEST_P(CudaTrainingPolicies, GradientNormFromPartialSquaresEqualsReadingEveryGra
   auto m = models::from_pretrained(dir);
   auto gm = test::on_device(*m.model, gpu::DeviceParams(m.model->params(), gpu::Precision::BF16));
   gpu::DeviceParams& ps = gm->params();
+  ps.keep_squares(true);
   std::vector<size_t> every;
   for (size_t i = 0; i < ps.size(); ++i)
     if (ps.trainable(i)) every.push_back(i);
@@ -472,8 +473,12 @@ TEST_P(CudaTrainingPolicies, GradientNormFromPartialSquaresEqualsReadingEveryGra
   const auto [once_squares, once_read] = norms(&with_squares);
   EXPECT_NEAR(once_squares, once_read, 1e-5 * once_read) << "first backward";
 #ifdef MOEFORGE_HAVE_CUTLASS
-  // The test machines are H100s and H200s (sm_90), where BF16 experts take the ragged kernel.
-  if (m.model->config().num_experts > 0) EXPECT_GT(with_squares, 0) << "no expert gradient came with partial squares";
+  // The test machines are H100s and H200s (sm_90), where BF16 experts take the ragged kernel when
+  // the gate_up gradient's rows and columns are whole 16-byte vectors (qwen2_moe_b's 10-wide
+  // experts are not).
+  const auto& cfg = m.model->config();
+  if (cfg.num_experts > 0 && cfg.hidden_size % 8 == 0 && cfg.moe_intermediate_size % 4 == 0)
+    EXPECT_GT(with_squares, 0) << "no expert gradient came with partial squares";
 #endif
   std::printf("  [%s] %d of %zu gradients with partial squares; norm %.6g (read: %.6g)\n", GetParam(), with_squares,
               every.size(), once_squares, once_read);
