@@ -37,6 +37,7 @@
 #                       (give it --warmup 0 --steps 1: ncu serialises every launch), summed by
 #                       kernel name by tools/gpu/kernel_table.py ($OUT/kernels-*.txt, raw CSV beside);
 #                       KFROM=embedding_kernel with --warmup 2 --steps 1: only the last step's launches
+#                       KBIN=moeforge_baseline: the packed baseline's kernels instead
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-out}
@@ -148,10 +149,10 @@ PY
     shift
     name=$1; shift
     find_ncu kernels
-    tag=$(tag_of "$name $*")
+    tag=$(tag_of "${KBIN:-moeforge} $name $*")
     # Caches and clocks left alone (the numbers are the step's, not a cold-cache replay's).
     timeout "${KTIMEOUT:-560}" "$ncu" --csv --print-units base --print-kernel-base function --metrics gpu__time_duration.sum \
-      --cache-control none --clock-control none "$P/bin/moeforge" bench "$P/configs/$name.json" "$@" \
+      --cache-control none --clock-control none "$P/bin/${KBIN:-moeforge}" bench "$P/configs/$name.json" "$@" \
       > "$OUT/kernels-$tag.csv" 2> "$OUT/kernels-$tag.err"
     echo "ncu rc=$?" | tee -a "$OUT/summary.txt"
     python3 tools/gpu/kernel_table.py ${KFROM:+--from-last "$KFROM"} "$OUT/kernels-$tag.csv" | tee "$OUT/kernels-$tag.txt" | head -n 60 ;;
