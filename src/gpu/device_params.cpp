@@ -104,13 +104,23 @@ Tensor& DeviceParams::grad(size_t i) {
 }
 
 namespace {
+// The A/B switches of this file: a saving is on unless its variable is set to 0.
+bool env_is_zero(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, "0") == 0;
+}
+
 // MOEFORGE_GRAD_ROW_FLAGS=0: every site writes its whole gradient (zeros included), as before row
 // flags; for measuring them.
 bool row_flags_enabled() {
-  static const bool yes = [] {
-    const char* v = std::getenv("MOEFORGE_GRAD_ROW_FLAGS");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
+  static const bool yes = !env_is_zero("MOEFORGE_GRAD_ROW_FLAGS");
+  return yes;
+}
+
+// MOEFORGE_GRAD_SQUARES=0: the gradient norm reads every gradient, as before the partial squares;
+// for measuring them (`run.sh envab`).
+bool squares_enabled() {
+  static const bool yes = !env_is_zero("MOEFORGE_GRAD_SQUARES");
   return yes;
 }
 }  // namespace
@@ -122,18 +132,6 @@ Tensor* DeviceParams::written_rows(size_t i, int64_t rows) {
   written_rows_[i] = cuda::empty({rows}, DType::U8, "a gradient's written-row flags");
   return &written_rows_[i];
 }
-
-namespace {
-// MOEFORGE_GRAD_SQUARES=0: the gradient norm reads every gradient, as before the partial squares;
-// for measuring them (`run.sh envab`).
-bool squares_enabled() {
-  static const bool yes = [] {
-    const char* v = std::getenv("MOEFORGE_GRAD_SQUARES");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
-  return yes;
-}
-}  // namespace
 
 Tensor* DeviceParams::squares_out(size_t i) {
   MF_CHECK(grads_.at(i).defined() && !squares_.at(i).defined(),
